@@ -1,0 +1,36 @@
+"""/threads"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from app.api.deps import RuntimeDep, respond
+from app.services import threads
+from app.wire.common import Deleted
+from app.wire.threads import Thread, ThreadCreate, ThreadUpdate
+
+router = APIRouter(tags=["threads"])
+
+
+@router.post("/threads", response_model=Thread)
+async def create_thread(runtime: RuntimeDep, body: ThreadCreate | None = None) -> Response:
+    async with runtime.transaction() as session:
+        return respond(threads.to_wire(await threads.create(session, body or ThreadCreate())))
+
+
+@router.get("/threads/{thread_id}", response_model=Thread)
+async def retrieve_thread(thread_id: str, runtime: RuntimeDep) -> Response:
+    async with runtime.transaction() as session:
+        return respond(threads.to_wire(await threads.get(session, thread_id)))
+
+
+@router.post("/threads/{thread_id}", response_model=Thread)
+async def update_thread(thread_id: str, body: ThreadUpdate, runtime: RuntimeDep) -> Response:
+    async with runtime.transaction() as session:
+        return respond(threads.to_wire(await threads.update(session, thread_id, body)))
+
+
+@router.delete("/threads/{thread_id}", response_model=Deleted)
+async def delete_thread(thread_id: str, runtime: RuntimeDep) -> Response:
+    async with runtime.transaction() as session:
+        return respond(await threads.delete(session, thread_id))

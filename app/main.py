@@ -1,0 +1,41 @@
+"""create_app(settings): the ASGI application."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api import build_router, handlers
+from app.runtime import Runtime
+from app.settings import Settings
+
+log = logging.getLogger("app")
+
+# OpenAI's own paths, Azure's (AzureOpenAI puts /openai before every path) and
+# Azure's newer v1 surface.
+API_PREFIXES = ("/v1", "/openai", "/openai/v1")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = await Runtime.start(settings)
+        app.state.runtime = runtime
+        if not settings.api_keys:
+            log.warning("no API keys configured: the server accepts every request (set ASSISTANTS_API_KEYS)")
+        try:
+            yield
+        finally:
+            await runtime.close()
+
+    app = FastAPI(title="Assistants API v2 compatible server", version="0.1.0", lifespan=lifespan)
+    handlers.install(app, settings.api_keys)
+    router = build_router()
+    for prefix in API_PREFIXES:
+        app.include_router(router, prefix=prefix)
+    return app

@@ -1,0 +1,138 @@
+"""Messages of a thread: create, retrieve, update (metadata), delete, list."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import delete as sql_delete
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import errors, ids, orm
+from app.services import pagination, thread_lock
+from app.services.common import metadata_or_empty, require_id
+from app.services.tool_resources import require_files
+from app.wire.common import Deleted, ListPage
+from app.wire.messages import ContentPart, ImageFilePart, ImageUrlPart, Message, MessageCreate, MessageUpdate
+
+
+def text_part(value: str) -> dict[str, Any]:
+    return {"type": "text", "text": {"value": value, "annotations": []}}
+
+
+def content_to_wire(content: str | list[ContentPart]) -> list[dict[str, Any]]:
+    """Request content (a string or request parts) in its response form."""
+    if isinstance(content, str):
+        return [text_part(content)]
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        if isinstance(part, ImageFilePart):
+            parts.append({"type": "image_file", "image_file": part.image_file.model_dump(exclude_none=True)})
+        elif isinstance(part, ImageUrlPart):
+            parts.append({"type": "image_url", "image_url": part.image_url.model_dump(exclude_none=True)})
+        else:
+            parts.append(text_part(part.text))
+    return parts
+
+
+def _referenced_files(body: MessageCreate) -> list[str]:
+    file_ids = [attachment.file_id for attachment in body.attachments or []]
+    if not isinstance(body.content, str):
+        file_ids += [part.image_file.file_id for part in body.content if isinstance(part, ImageFilePart)]
+    return file_ids
+
+
+async def add(
+    session: AsyncSession,
+    thread_id: str,
+    body: MessageCreate,
+    *,
+    assistant_id: str | None = None,
+    run_id: str | None = None,
+) -> orm.Message:
+    """Insert a completed message into a thread known to exist (no lock check)."""
+    await require_files(session, _referenced_files(body))
+    seq = ids.next_seq()
+    row = orm.Message(
+        id=ids.new_id(ids.MESSAGE, seq),
+        seq=seq,
+        created_at=ids.seconds(seq),
+        thread_id=thread_id,
+        role=body.role,
+        content=content_to_wire(body.content),
+        status="completed",
+        incomplete_details=None,
+        completed_at=ids.seconds(seq),
+        incomplete_at=None,
+        assistant_id=assistant_id,
+        run_id=run_id,
+        attachments=[attachment.model_dump() for attachment in body.attachments or []],
+        metadata_=metadata_or_empty(body.metadata),
+    )
+    session.add(row)
+    return row
+
+
+async def _require_thread(session: AsyncSession, thread_id: str) -> None:
+    require_id("thread_id", thread_id, ids.THREAD)
+    if await session.get(orm.Thread, thread_id) is None:
+        raise errors.not_found("thread", thread_id)
+
+
+async def create(session: AsyncSession, thread_id: str, body: MessageCreate) -> orm.Message:
+    await _require_thread(session, thread_id)
+    run = await thread_lock.active_run(session, thread_id)
+    if run is not None:
+        raise errors.invalid(f"Can't add messages to {thread_id} while a run {run.id} is active.")
+    return await add(session, thread_id, body)
+
+
+async def get(session: AsyncSession, thread_id: str, message_id: str) -> orm.Message:
+    await _require_thread(session, thread_id)
+    require_id("message_id", message_id, ids.MESSAGE)
+    row = await session.get(orm.Message, message_id)
+    if row is None or row.thread_id != thread_id:
+        raise errors.not_found("message", message_id)
+    return row
+
+
+async def update(session: AsyncSession, thread_id: str, message_id: str, body: MessageUpdate) -> orm.Message:
+    row = await get(session, thread_id, message_id)
+    if body.metadata is not None:
+        row.metadata_ = dict(body.metadata)
+    return row
+
+
+async def delete(session: AsyncSession, thread_id: str, message_id: str) -> Deleted:
+    await get(session, thread_id, message_id)
+    await session.execute(sql_delete(orm.Message).where(orm.Message.id == message_id))
+    return Deleted(id=message_id, object="thread.message.deleted")
+
+
+async def list_(
+    session: AsyncSession, thread_id: str, params: pagination.PageParams, run_id: str | None = None
+) -> ListPage[Any]:
+    await _require_thread(session, thread_id)
+    query = select(orm.Message).where(orm.Message.thread_id == thread_id)
+    if run_id is not None:
+        query = query.where(orm.Message.run_id == run_id)
+    rows, has_more = await pagination.fetch_page(session, query, orm.Message.seq, params, ids.MESSAGE)
+    return pagination.page([to_wire(row) for row in rows], has_more)
+
+
+def to_wire(row: orm.Message) -> Message:
+    return Message(
+        id=row.id,
+        created_at=row.created_at,
+        thread_id=row.thread_id,
+        status=row.status,  # type: ignore[arg-type]
+        incomplete_details=row.incomplete_details,
+        completed_at=row.completed_at,
+        incomplete_at=row.incomplete_at,
+        role=row.role,  # type: ignore[arg-type]
+        content=row.content,
+        assistant_id=row.assistant_id,
+        run_id=row.run_id,
+        attachments=row.attachments or [],
+        metadata=row.metadata_,
+    )

@@ -1,0 +1,249 @@
+"""Pieces shared by several resources: bases, metadata, tools, formats, pages."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, Union
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
+from pydantic_core import PydanticCustomError
+
+# Placeholder that validators put in their messages; the error translator
+# (app.errors) replaces it with the parameter path, e.g. ``thread.metadata``.
+PARAM = "\x00param\x00"
+
+
+class RequestModel(BaseModel):
+    """A request body: unknown parameters are an error, as on OpenAI."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class WireModel(BaseModel):
+    """A response object. Fields named in ``omit_when_none`` are left out
+    instead of sent as null (the spec marks them optional, not nullable)."""
+
+    model_config = ConfigDict(extra="forbid")
+    omit_when_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_nones(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if self.omit_when_none and isinstance(data, dict):
+            for key in self.omit_when_none:
+                if data.get(key, 0) is None:
+                    del data[key]
+        return data
+
+
+def custom_error(code: str, message: str, param_suffix: str = "") -> PydanticCustomError:
+    """An error whose message names the parameter through PARAM; param_suffix
+    extends the reported parameter (``metadata`` -> ``metadata.key``)."""
+    # Braces would be read as format fields by pydantic; PARAM has none.
+    template = message.replace("{", "{{").replace("}", "}}")
+    return PydanticCustomError(code, template, {"param_suffix": param_suffix})
+
+
+# --- metadata ---------------------------------------------------------------
+
+MAX_METADATA_KEYS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+
+
+def _check_metadata(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > MAX_METADATA_KEYS:
+        raise custom_error(
+            "object_above_max_properties",
+            f"Invalid '{PARAM}': too many properties. Expected an object with at most "
+            f"{MAX_METADATA_KEYS} properties, but got an object with {len(value)} properties instead.",
+        )
+    for key, item in value.items():
+        if len(key) > MAX_METADATA_KEY:
+            raise custom_error(
+                "string_above_max_length",
+                f"Invalid '{PARAM}': key too long. Expected a key with maximum length "
+                f"{MAX_METADATA_KEY}, but got a key with length {len(key)} instead.",
+            )
+        if len(item) > MAX_METADATA_VALUE:
+            raise custom_error(
+                "string_above_max_length",
+                f"Invalid '{PARAM}.{key}': string too long. Expected a string with maximum length "
+                f"{MAX_METADATA_VALUE}, but got a string with length {len(item)} instead.",
+                param_suffix=f".{key}",
+            )
+    return value
+
+
+Metadata = Annotated[dict[str, str], AfterValidator(_check_metadata)]
+
+
+# --- tools --------------------------------------------------------------------
+
+_FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+def _check_function_name(name: str) -> str:
+    if not _FUNCTION_NAME.match(name):
+        raise custom_error(
+            "invalid_value",
+            f"Invalid '{PARAM}': string does not match pattern. Expected a string that matches "
+            f"the pattern '^[a-zA-Z0-9_-]+$' with at most 64 characters.",
+        )
+    return name
+
+
+class RankingOptions(RequestModel):
+    ranker: Literal["auto", "default_2024_08_21"] = "auto"
+    score_threshold: float = Field(ge=0, le=1)
+
+
+class FileSearchOptions(RequestModel):
+    max_num_results: int | None = Field(default=None, ge=1, le=50)
+    ranking_options: RankingOptions | None = None
+
+
+class FunctionDefinition(RequestModel):
+    name: Annotated[str, AfterValidator(_check_function_name)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class CodeInterpreterTool(RequestModel):
+    type: Literal["code_interpreter"]
+
+
+class FileSearchTool(RequestModel):
+    type: Literal["file_search"]
+    file_search: FileSearchOptions | None = None
+
+
+class FunctionTool(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+Tool = Annotated[Union[CodeInterpreterTool, FileSearchTool, FunctionTool], Field(discriminator="type")]
+
+
+def tool_to_wire(tool: CodeInterpreterTool | FileSearchTool | FunctionTool) -> dict[str, Any]:
+    """The tool as OpenAI echoes it back, defaults filled in."""
+    if isinstance(tool, FunctionTool):
+        function = tool.function.model_dump(exclude_none=True)
+        function.setdefault("strict", False)
+        return {"type": "function", "function": function}
+    if isinstance(tool, FileSearchTool):
+        options = tool.file_search or FileSearchOptions()
+        ranking = options.ranking_options or RankingOptions(score_threshold=0.0)
+        file_search: dict[str, Any] = {"ranking_options": ranking.model_dump()}
+        if options.max_num_results is not None:
+            file_search["max_num_results"] = options.max_num_results
+        return {"type": "file_search", "file_search": file_search}
+    return {"type": "code_interpreter"}
+
+
+# --- response_format ---------------------------------------------------------
+
+
+class ResponseFormatText(RequestModel):
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(RequestModel):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(RequestModel):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ResponseFormatJsonSchema(RequestModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Union[
+    Literal["auto"],
+    Annotated[
+        Union[ResponseFormatText, ResponseFormatJsonObject, ResponseFormatJsonSchema],
+        Field(discriminator="type"),
+    ],
+]
+
+
+def response_format_to_wire(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value or "auto"
+    return value.model_dump(by_alias=True, exclude_none=True)
+
+
+# --- tool_resources ------------------------------------------------------------
+
+
+class CodeInterpreterResources(RequestModel):
+    file_ids: list[str] = Field(default_factory=list, max_length=20)
+
+
+class ChunkingStatic(RequestModel):
+    max_chunk_size_tokens: int = Field(ge=100, le=4096)
+    chunk_overlap_tokens: int = Field(ge=0)
+
+
+class AutoChunking(RequestModel):
+    type: Literal["auto"]
+
+
+class StaticChunking(RequestModel):
+    type: Literal["static"]
+    static: ChunkingStatic
+
+
+ChunkingStrategy = Annotated[Union[AutoChunking, StaticChunking], Field(discriminator="type")]
+
+
+class VectorStoreHelper(RequestModel):
+    file_ids: list[str] = Field(default_factory=list, max_length=10000)
+    chunking_strategy: ChunkingStrategy | None = None
+    metadata: Metadata | None = None
+
+
+class FileSearchResources(RequestModel):
+    vector_store_ids: list[str] | None = Field(default=None, max_length=1)
+    vector_stores: list[VectorStoreHelper] | None = Field(default=None, max_length=1)
+
+
+class ToolResources(RequestModel):
+    code_interpreter: CodeInterpreterResources | None = None
+    file_search: FileSearchResources | None = None
+
+
+# --- lists ---------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class ListPage(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class Deleted(WireModel):
+    id: str
+    object: str
+    deleted: bool = True

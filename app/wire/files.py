@@ -1,0 +1,34 @@
+"""File objects (openai.types.FileObject)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from app.wire.common import WireModel
+
+UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
+FilePurpose = Literal[
+    "assistants",
+    "assistants_output",
+    "batch",
+    "batch_output",
+    "fine-tune",
+    "fine-tune-results",
+    "vision",
+    "user_data",
+    "evals",
+]
+
+
+class FileObject(WireModel):
+    omit_when_none: ClassVar[frozenset[str]] = frozenset({"expires_at", "status_details"})
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    expires_at: int | None = None
+    filename: str
+    purpose: FilePurpose
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    status_details: str | None = None

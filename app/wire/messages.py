@@ -1,0 +1,83 @@
+"""Message objects and request bodies (openai.types.beta.threads.Message).
+
+Note the asymmetry: a request text part is ``{"type": "text", "text": "..."}``,
+a response text part is ``{"type": "text", "text": {"value", "annotations"}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field
+
+from app.wire.common import CodeInterpreterTool, Metadata, RequestModel, WireModel
+
+ImageDetail = Literal["auto", "low", "high"]
+
+
+class TextPart(RequestModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageFileRef(RequestModel):
+    file_id: str
+    detail: ImageDetail | None = None
+
+
+class ImageFilePart(RequestModel):
+    type: Literal["image_file"]
+    image_file: ImageFileRef
+
+
+class ImageUrlRef(RequestModel):
+    url: str
+    detail: ImageDetail | None = None
+
+
+class ImageUrlPart(RequestModel):
+    type: Literal["image_url"]
+    image_url: ImageUrlRef
+
+
+ContentPart = Annotated[Union[TextPart, ImageFilePart, ImageUrlPart], Field(discriminator="type")]
+
+
+class FileSearchTypeOnly(RequestModel):
+    type: Literal["file_search"]
+
+
+AttachmentTool = Annotated[Union[CodeInterpreterTool, FileSearchTypeOnly], Field(discriminator="type")]
+
+
+class Attachment(RequestModel):
+    file_id: str
+    tools: list[AttachmentTool] = Field(default_factory=list)
+
+
+class MessageCreate(RequestModel):
+    role: Literal["user", "assistant"]
+    content: Union[str, Annotated[list[ContentPart], Field(min_length=1)]]
+    attachments: list[Attachment] | None = None
+    metadata: Metadata | None = None
+
+
+class MessageUpdate(RequestModel):
+    metadata: Metadata | None = None
+
+
+class Message(WireModel):
+    id: str
+    object: Literal["thread.message"] = "thread.message"
+    created_at: int
+    thread_id: str
+    status: Literal["in_progress", "incomplete", "completed"]
+    incomplete_details: dict[str, Any] | None
+    completed_at: int | None
+    incomplete_at: int | None
+    role: Literal["user", "assistant"]
+    content: list[dict[str, Any]]
+    assistant_id: str | None
+    run_id: str | None
+    attachments: list[dict[str, Any]] | None
+    metadata: dict[str, str]

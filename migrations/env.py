@@ -1,0 +1,35 @@
+"""Alembic environment. The server calls it through app.db.migrate() with a
+connection in ``config.attributes``; ``python -m app migrate`` does the same."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import text
+
+from app.orm import Base
+
+target_metadata = Base.metadata
+
+# Any constant works; it only has to be the same for every server process.
+_MIGRATION_LOCK_ID = 7_410_431_022
+
+
+def run_migrations_online() -> None:
+    connection = context.config.attributes.get("connection")
+    if connection is None:
+        raise RuntimeError("run migrations with `python -m app migrate`")
+    if connection.dialect.name == "postgresql":
+        # Several replicas may start at once; only one migrates at a time.
+        connection.execute(text(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_ID})"))
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+if context.is_offline_mode():
+    raise RuntimeError("offline (SQL script) migrations are not supported")
+run_migrations_online()
