@@ -1,7 +1,8 @@
 """File bytes on disk, keyed by file id; filenames are never used as paths.
 
 Uploads stream into a temporary file in the same directory and are renamed
-into place once complete, so a half-written upload is never visible.
+into place once complete, so a half-written upload is never visible. Temporary
+names start with a dot, which no file id does, so the two never collide.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import BinaryIO
+
+TEMP_PREFIX = ".upload-"
 
 
 class Storage:
@@ -23,10 +27,19 @@ class Storage:
         return self.root / file_id
 
     def temp_path(self) -> Path:
-        return self.root / f".upload-{secrets.token_hex(12)}"
+        return self.root / f"{TEMP_PREFIX}{secrets.token_hex(12)}"
 
     def commit(self, temp: Path, file_id: str) -> None:
         os.replace(temp, self.path(file_id))
+
+    def open(self, file_id: str) -> BinaryIO:
+        """The stored bytes for reading; FileNotFoundError when they are gone.
+
+        Callers stream from the open handle, so a delete that lands while a
+        download is in flight cannot cut the download short (POSIX keeps the
+        inode alive until the handle closes).
+        """
+        return self.path(file_id).open("rb")
 
     def delete(self, file_id: str) -> None:
         self.path(file_id).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ FilePurpose = Literal[
     "user_data",
     "evals",
 ]
+FileStatus = Literal["uploaded", "processed", "error"]
 
 
 class FileObject(WireModel):
@@ -30,5 +31,6 @@ class FileObject(WireModel):
     expires_at: int | None = None
     filename: str
     purpose: FilePurpose
-    status: Literal["uploaded", "processed", "error"] = "processed"
+    # Deprecated by OpenAI but required by the Python SDK's type; always "processed" here.
+    status: FileStatus = "processed"
     status_details: str | None = None
