@@ -1,0 +1,120 @@
+"""A tiny OpenAI-compatible chat-completions server for tests, on loopback.
+
+It serves ``POST /v1/chat/completions`` as Server-Sent Events, and what it does
+is chosen by the requested model name (so a test picks a behaviour just by
+naming a model routed to it):
+
+- ``fake-chat``: "Hello", " world", then a get_weather tool call whose
+  arguments arrive in three fragments, finish ``tool_calls``, usage 11/7.
+- ``fake-no-usage``: "Plain", " answer", finish ``stop`` and no usage.
+- ``fake-429`` / ``fake-500`` / ``fake-400``: an OpenAI error body with that
+  status (400 is a context-length error).
+- ``fake-drop``: one text chunk, then the connection is cut mid-stream.
+
+Every request body and its Authorization header are recorded in ``requests``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+ERRORS = {
+    "fake-429": (429, "rate_limit_exceeded", "Rate limit reached for fake-429 (test)."),
+    "fake-500": (500, "server_error", "The fake server had an error."),
+    "fake-400": (400, "context_length_exceeded", "This model's maximum context length is 10 tokens."),
+}
+
+
+def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    body = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def _usage_chunk(model: str) -> bytes:
+    body = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model}
+    return b"data: " + json.dumps({**body, "choices": [], "usage": USAGE}).encode() + b"\n\n"
+
+
+def _tool_fragment(arguments: str, first: bool = False) -> dict[str, Any]:
+    call: dict[str, Any] = {"index": 0, "function": {"arguments": arguments}}
+    if first:
+        call.update(id="call_fake1", type="function")
+        call["function"]["name"] = "get_weather"
+    return {"tool_calls": [call]}
+
+
+def _script(model: str) -> list[bytes]:
+    if model == "fake-no-usage":
+        return [
+            _chunk(model, {"role": "assistant", "content": "Plain"}),
+            _chunk(model, {"content": " answer"}),
+            _chunk(model, {}, "stop"),
+        ]
+    return [
+        _chunk(model, {"role": "assistant", "content": "Hello"}),
+        _chunk(model, {"content": " world"}),
+        _chunk(model, _tool_fragment("", first=True)),
+        _chunk(model, _tool_fragment('{"ci')),
+        _chunk(model, _tool_fragment('ty": "To')),
+        _chunk(model, _tool_fragment('kyo"}')),
+        _chunk(model, {}, "tool_calls"),
+        _usage_chunk(model),
+    ]
+
+
+@dataclass
+class FakeOpenAI:
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+    port: int = 0
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append({"body": body, "authorization": request.headers.get("Authorization")})
+        model = body["model"]
+        if model in ERRORS:
+            status, code, message = ERRORS[model]
+            error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+            return web.json_response({"error": error}, status=status)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if model == "fake-drop":
+            await response.write(_chunk(model, {"role": "assistant", "content": "Partial"}))
+            assert request.transport is not None
+            request.transport.abort()  # cut the connection without ending the chunked body
+            return response
+        for chunk in _script(model):
+            await response.write(chunk)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
