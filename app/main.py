@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI
 
 from app.api import build_router, handlers
 from app.runtime import Runtime
 from app.settings import Settings
+from app.worker import Worker
 
 log = logging.getLogger("app")
 
@@ -28,9 +30,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.runtime = runtime
         if not settings.api_keys:
             log.warning("no API keys configured: the server accepts every request (set ASSISTANTS_API_KEYS)")
+        worker_task = None
+        if settings.embedded_worker:
+            worker = Worker(runtime)
+            runtime.wake_worker = worker.wake
+            worker_task = asyncio.create_task(worker.run_forever(), name="worker")
         try:
             yield
         finally:
+            if worker_task is not None:
+                worker_task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await worker_task
             await runtime.close()
 
     app = FastAPI(title="Assistants API v2 compatible server", version="0.1.0", lifespan=lifespan)

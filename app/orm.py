@@ -104,6 +104,12 @@ class Run(Base):
     parallel_tool_calls: Mapped[bool] = mapped_column(Boolean, default=True)
     response_format: Mapped[Any] = mapped_column(JSONType, nullable=True)
     reasoning_effort: Mapped[str | None] = mapped_column(String(16))
+    # Engine columns (not on the wire). tool_resources: the override given to
+    # POST /threads/runs. The lease says which worker executes the run and
+    # until when; a lapsed lease means that worker died (see app/worker.py).
+    tool_resources: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
 
 
 class RunStep(Base):

@@ -7,15 +7,18 @@ embedder here.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app import db
+from app.bus import EventBus
+from app.llm import LLM
 from app.settings import Settings
 from app.storage import Storage
+from app.wire.events import Event
 
 
 @dataclass
@@ -24,6 +27,10 @@ class Runtime:
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
     storage: Storage
+    bus: EventBus
+    llm: LLM
+    # Set by the worker when one runs in this process, so new runs start at once.
+    wake_worker: Callable[[], None] = lambda: None
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -35,10 +42,17 @@ class Runtime:
             engine=engine,
             sessionmaker=db.create_sessionmaker(engine),
             storage=Storage(settings.files_dir),
+            bus=EventBus(),
+            llm=LLM.from_config(settings.llm_config),
         )
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+    def announce(self, run_id: str, events: list[Event]) -> None:
+        """Publish a committed change of a run and let the worker know."""
+        self.bus.publish(run_id, events)
+        self.wake_worker()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:

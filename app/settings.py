@@ -27,6 +27,13 @@ class Settings(BaseSettings):
     # LiteLLM-proxy-style routing file (model_list); unset = built-in offline model.
     llm_config: Path | None = None
     run_expires_seconds: int = 600
+    # The worker: in-process with `serve` unless turned off (then run `worker`).
+    embedded_worker: bool = True
+    worker_concurrency: int = 32
+    worker_poll_seconds: float = 1.0
+    run_lease_seconds: float = 30.0
+    # Sent as openai-poll-after-ms on run retrieves; the SDK's pollers obey it.
+    poll_after_ms: int = 100
     log_level: str = "info"
 
     @field_validator("api_keys", mode="before")

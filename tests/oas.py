@@ -16,9 +16,22 @@ SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "openapi" / "assist
 _SPEC_URI = "urn:openai-openapi"
 
 
+def _honour_nullable(node: Any) -> Any:
+    """The spec is OpenAPI 3.1 but some schemas still use 3.0's
+    ``nullable: true``, which JSON Schema ignores: turn it into a null branch."""
+    if isinstance(node, list):
+        return [_honour_nullable(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _honour_nullable(value) for key, value in node.items()}
+    if node.pop("nullable", False) is True:
+        return {"anyOf": [node, {"type": "null"}]}
+    return node
+
+
 @cache
 def spec() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(SPEC_PATH.read_text())
+    data: dict[str, Any] = _honour_nullable(json.loads(SPEC_PATH.read_text()))
     return data
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api import assistants, files, messages, threads
+from app.api import assistants, files, messages, runs, threads
 
 
 def build_router() -> APIRouter:
     router = APIRouter()
-    for module in (assistants, threads, messages, files):
+    # runs before threads: POST /threads/runs must not match POST /threads/{thread_id}.
+    for module in (assistants, runs, threads, messages, files):
         router.include_router(module.router)
     return router

@@ -1,0 +1,1 @@
+"""The run executor: turns a queued run into steps, messages and events."""

@@ -1,0 +1,222 @@
+"""Executes one claimed run until it completes, fails, needs tool outputs, is
+cancelled or runs out of tokens (ARCHITECTURE section 4).
+
+Each step is a short transaction followed by publishing its events; the
+model is called with no session open. Status changes go through
+services.run_state (via services.runs.close_out for final states).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from app import llm, orm
+from app.runner import prompt
+from app.runner.turn import Turn, TurnResult, TurnStopped
+from app.runtime import Runtime
+from app.services import run_state, runs
+from app.wire.events import Event
+
+log = logging.getLogger("app.runner")
+
+# A run that keeps calling built-in tools without ever answering is stopped.
+MAX_MODEL_CALLS = 64
+# How often an executing run re-reads its row for a cancel from another process.
+CANCEL_POLL_SECONDS = 0.5
+
+
+class RunExecution:
+    def __init__(self, runtime: Runtime, run_id: str) -> None:
+        self.runtime = runtime
+        self.run_id = run_id
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def _publish(self, events: list[Event]) -> None:
+        self.runtime.bus.publish(self.run_id, events)
+
+    async def _load(self) -> orm.Run | None:
+        async with self.runtime.transaction() as session:
+            return await session.get(orm.Run, self.run_id)
+
+    async def _cancel_requested(self) -> bool:
+        run = await self._load()
+        return run is None or run.status != "in_progress"
+
+    async def _end(self, to: str, **fields: Any) -> None:
+        """Close the run out in final status ``to`` unless it already ended."""
+        async with self.runtime.transaction() as session:
+            run = await session.get(orm.Run, self.run_id)
+            if run is None or run.status in run_state.TERMINAL:
+                return
+            if run.status == "cancelling" or (to == "cancelled"):
+                to, fields = "cancelled", {}
+            fields.setdefault("usage", self._usage())
+            events = await runs.close_out(session, run, to, **fields)
+        self._publish(events)
+
+    def _usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+    async def start(self) -> orm.Run | None:
+        """queued -> in_progress; None if the run is not ours to execute."""
+        async with self.runtime.transaction() as session:
+            run = await session.get(orm.Run, self.run_id)
+            if run is None:
+                return None
+            if run.status == "cancelling":
+                events = await runs.close_out(session, run, "cancelled")
+            elif run.status != "queued":
+                return None
+            else:
+                usage = run.usage or {}
+                self.prompt_tokens = usage.get("prompt_tokens", 0)
+                self.completion_tokens = usage.get("completion_tokens", 0)
+                events = [Event.of(await run_state.transition(session, run, "in_progress"), runs.to_wire(run))]
+        self._publish(events)
+        return run if run.status == "in_progress" else None
+
+    async def execute(self) -> None:
+        try:
+            run = await self.start()
+            if run is None:
+                return
+            await self._loop(run)
+        except run_state.TransitionConflict:
+            await self._end("cancelled")  # only a cancel moves a run under its executor
+        except Exception:
+            log.exception("run %s failed unexpectedly", self.run_id)
+            await self._end(
+                "failed",
+                last_error={"code": "server_error", "message": "The server had an error while processing the run."},
+            )
+
+    def _budget(self, run: orm.Run) -> prompt.Budget:
+        return prompt.Budget(
+            prompt_tokens=None if run.max_prompt_tokens is None else run.max_prompt_tokens - self.prompt_tokens,
+            completion_tokens=None
+            if run.max_completion_tokens is None
+            else run.max_completion_tokens - self.completion_tokens,
+        )
+
+    async def _request(self, run: orm.Run, budget: prompt.Budget) -> llm.ChatRequest | None:
+        async with self.runtime.transaction() as session:
+            chat = await prompt.build(session, self.runtime.storage, self.runtime.llm, run, budget)
+        if budget.prompt_tokens is not None and self.runtime.llm.count_tokens(run.model, chat) > budget.prompt_tokens:
+            await self._end("incomplete", incomplete_details={"reason": "max_prompt_tokens"})
+            return None
+        tools = prompt.chat_tools(run.tools)
+        choice = run.tool_choice if run.tool_choice != "none" else "none"
+        return llm.ChatRequest(
+            model=run.model,
+            messages=chat,
+            tools=tools if choice != "none" else [],
+            tool_choice=prompt.chat_tool_choice(choice, tools) if choice != "none" else None,
+            parallel_tool_calls=run.parallel_tool_calls,
+            temperature=run.temperature,
+            top_p=run.top_p,
+            max_tokens=budget.completion_tokens,
+            response_format=run.response_format if isinstance(run.response_format, dict) else None,
+            reasoning_effort=run.reasoning_effort,
+        )
+
+    async def _loop(self, run: orm.Run) -> None:
+        for _ in range(MAX_MODEL_CALLS):
+            budget = self._budget(run)
+            if budget.completion_tokens is not None and budget.completion_tokens <= 0:
+                await self._end("incomplete", incomplete_details={"reason": "max_completion_tokens"})
+                return
+            request = await self._request(run, budget)
+            if request is None:
+                return
+            result = await self._call(run, request)
+            if result is None:
+                return
+            self.prompt_tokens += result.usage.prompt_tokens
+            self.completion_tokens += result.usage.completion_tokens
+            if not await self._after_turn(run, result, budget):
+                return
+        await self._end("failed", last_error={"code": "server_error", "message": "The run made too many model calls."})
+
+    async def _watch_for_cancel(self) -> None:
+        """Returns once the run is being cancelled. In this process the cancel
+        request arrives on the bus at once; from elsewhere, through the row."""
+        async with self.runtime.bus.subscribe(self.run_id) as events:
+            while True:
+                try:
+                    async with asyncio.timeout(CANCEL_POLL_SECONDS):
+                        event = await events.get()
+                except TimeoutError:
+                    if await self._cancel_requested():
+                        return
+                else:
+                    if event.name == "thread.run.cancelling":
+                        return
+
+    async def _consume(self, turn: Turn, request: llm.ChatRequest) -> TurnResult:
+        """The model's answer, unless a cancel arrives first (even while the
+        model is silent)."""
+        answer = asyncio.ensure_future(turn.consume(self.runtime.llm.stream(request)))
+        watcher = asyncio.ensure_future(self._watch_for_cancel())
+        try:
+            await asyncio.wait({answer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (answer, watcher):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(answer, watcher, return_exceptions=True)
+        if answer.cancelled() or not answer.done() or (watcher.done() and not watcher.cancelled()):
+            raise TurnStopped
+        return answer.result()
+
+    async def _call(self, run: orm.Run, request: llm.ChatRequest) -> TurnResult | None:
+        turn = Turn(self.runtime, run)
+        try:
+            return await self._consume(turn, request)
+        except TurnStopped:
+            await turn.save_partial()
+            await self._end("cancelled")
+        except llm.LLMError as error:
+            await turn.save_partial()
+            await self._end("failed", last_error={"code": error.code, "message": error.message})
+        return None
+
+    async def _after_turn(self, run: orm.Run, result: TurnResult, budget: prompt.Budget) -> bool:
+        """Record the turn's outcome; True if the model must be called again."""
+        if result.calls:
+            await self._require_action(result.calls)
+            return False
+        if result.finish_reason == "length" and budget.completion_tokens is not None:
+            await self._end("incomplete", incomplete_details={"reason": "max_completion_tokens"})
+        else:
+            await self._end("completed")
+        return False
+
+    async def _require_action(self, calls: list[dict[str, Any]]) -> None:
+        required = {
+            "type": "submit_tool_outputs",
+            "submit_tool_outputs": {
+                "tool_calls": [
+                    {"id": c["id"], "type": "function", "function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}}
+                    for c in calls
+                ]
+            },
+        }
+        async with self.runtime.transaction() as session:
+            run = await session.get(orm.Run, self.run_id)
+            assert run is not None
+            if run.status != "in_progress":
+                raise run_state.TransitionConflict(run.status)
+            name = await run_state.transition(session, run, "requires_action", required_action=required, usage=self._usage())
+            events = [Event.of(name, runs.to_wire(run))]
+        self._publish(events)
+
+
+async def execute(runtime: Runtime, run_id: str) -> None:
+    await RunExecution(runtime, run_id).execute()

@@ -1,0 +1,146 @@
+"""What the model is sent: instructions, the thread's history (truncated as the
+run's truncation_strategy and token limits say) and the run's own steps so far."""
+
+from __future__ import annotations
+
+import base64
+import mimetypes
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import orm
+from app.llm import LLM
+from app.services import run_steps
+from app.storage import Storage
+
+# Room left for the answer when fitting the prompt into the context window.
+DEFAULT_COMPLETION_RESERVE = 4096
+
+
+@dataclass
+class Budget:
+    """Token limits for one model call."""
+
+    prompt_tokens: int | None  # left under max_prompt_tokens (None: unlimited)
+    completion_tokens: int | None  # left under max_completion_tokens
+
+
+def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The run's function tools in chat-completions form. Built-in tools
+    (file_search, code_interpreter) are offered by their own modules."""
+    offered = []
+    for tool in tools:
+        if tool.get("type") != "function":
+            continue
+        function = {key: value for key, value in tool["function"].items() if key != "strict" or value}
+        offered.append({"type": "function", "function": function})
+    return offered
+
+
+def chat_tool_choice(choice: Any, offered: list[dict[str, Any]]) -> Any:
+    if not offered:
+        return None
+    if isinstance(choice, dict) and choice.get("type") != "function":
+        return "auto"  # a built-in tool that is not offered yet
+    return choice
+
+
+def _image_data_url(storage: Storage, file: orm.File | None, file_id: str) -> str | None:
+    if file is None or not storage.exists(file_id):
+        return None
+    mime = mimetypes.guess_type(file.filename)[0] or "image/png"
+    return f"data:{mime};base64,{base64.b64encode(storage.path(file_id).read_bytes()).decode()}"
+
+
+async def _message_content(session: AsyncSession, storage: Storage, message: orm.Message) -> Any:
+    parts: list[dict[str, Any]] = []
+    for part in message.content:
+        if part["type"] == "text":
+            parts.append({"type": "text", "text": part["text"]["value"]})
+        elif part["type"] == "image_url":
+            parts.append({"type": "image_url", "image_url": part["image_url"]})
+        elif part["type"] == "image_file":
+            file_id = part["image_file"]["file_id"]
+            url = _image_data_url(storage, await session.get(orm.File, file_id), file_id)
+            if url is not None:
+                detail = part["image_file"].get("detail")
+                parts.append({"type": "image_url", "image_url": {"url": url, **({"detail": detail} if detail else {})}})
+    if all(part["type"] == "text" for part in parts):
+        # Plain strings work with every provider, vision or not.
+        return "\n".join(part["text"] for part in parts)
+    return parts
+
+
+async def history(session: AsyncSession, storage: Storage, run: orm.Run) -> list[dict[str, Any]]:
+    """The thread's messages before this run, oldest first, in chat form."""
+    query = (
+        select(orm.Message)
+        .where(orm.Message.thread_id == run.thread_id, orm.Message.seq < run.seq)
+        .where(or_(orm.Message.run_id.is_(None), orm.Message.run_id != run.id))
+        .order_by(orm.Message.seq)
+    )
+    rows = list((await session.scalars(query)).all())
+    # additional_messages are inserted just before the run row, so seq < run.seq holds for them too.
+    return [{"role": row.role, "content": await _message_content(session, storage, row)} for row in rows]
+
+
+async def run_section(session: AsyncSession, storage: Storage, run: orm.Run) -> list[dict[str, Any]]:
+    """What the run itself has produced so far: its messages and tool rounds."""
+    section: list[dict[str, Any]] = []
+    for step in await run_steps.of_run(session, run.id):
+        details = step.step_details
+        if step.type == "message_creation":
+            message = await session.get(orm.Message, details["message_creation"]["message_id"])
+            if message is not None and message.content:
+                section.append({"role": "assistant", "content": await _message_content(session, storage, message)})
+            continue
+        calls = [call for call in details.get("tool_calls", []) if call.get("type") == "function"]
+        if not calls:
+            continue
+        section.append(
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": c["id"], "type": "function", "function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}}
+                    for c in calls
+                ],
+            }
+        )
+        for call in calls:
+            section.append({"role": "tool", "tool_call_id": call["id"], "content": call["function"].get("output") or ""})
+    return section
+
+
+def truncate(
+    llm: LLM,
+    run: orm.Run,
+    system: list[dict[str, Any]],
+    past: list[dict[str, Any]],
+    current: list[dict[str, Any]],
+    budget: Budget,
+) -> list[dict[str, Any]]:
+    """Apply truncation_strategy, then drop the oldest history until the prompt
+    fits the context window (and what is left of max_prompt_tokens)."""
+    strategy = run.truncation_strategy or {"type": "auto"}
+    if strategy.get("type") == "last_messages" and strategy.get("last_messages"):
+        past = past[-int(strategy["last_messages"]) :]
+    reserve = min(budget.completion_tokens or DEFAULT_COMPLETION_RESERVE, DEFAULT_COMPLETION_RESERVE)
+    limit = max(llm.context_window(run.model) - reserve, 1)
+    if budget.prompt_tokens is not None:
+        limit = min(limit, budget.prompt_tokens)
+    while past and llm.count_tokens(run.model, system + past + current) > limit:
+        past = past[1:]
+    return system + past + current
+
+
+async def build(
+    session: AsyncSession, storage: Storage, llm: LLM, run: orm.Run, budget: Budget
+) -> list[dict[str, Any]]:
+    system = [{"role": "system", "content": run.instructions}] if run.instructions else []
+    past = await history(session, storage, run)
+    current = await run_section(session, storage, run)
+    return truncate(llm, run, system, past, current, budget)

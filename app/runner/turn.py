@@ -1,0 +1,186 @@
+"""One model call of a run: consumes the LLM stream, creates the message and
+tool-call steps as output appears, and publishes the events OpenAI streams
+(wire notes 3.3/3.4). Rows are written in short transactions; no session is
+open while waiting on the model."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from app import ids, llm, orm
+from app.runtime import Runtime
+from app.services import messages, run_steps
+from app.wire.events import Event
+
+class TurnStopped(Exception):
+    """The run was cancelled while the model was answering."""
+
+
+@dataclass
+class TurnResult:
+    finish_reason: str
+    usage: llm.Usage
+    calls: list[dict[str, Any]]
+    message: orm.Message | None
+
+
+@dataclass
+class Turn:
+    runtime: Runtime
+    run: orm.Run
+    message: orm.Message | None = None
+    message_step: orm.RunStep | None = None
+    text: list[str] = field(default_factory=list)
+    tool_step: orm.RunStep | None = None
+    calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def _publish(self, events: list[Event]) -> None:
+        self.runtime.bus.publish(self.run.id, events)
+
+    async def consume(self, stream: AsyncIterator[llm.TextDelta | llm.ToolCallDelta | llm.Finish]) -> TurnResult:
+        async for item in stream:
+            if isinstance(item, llm.Finish):
+                return await self._finish(item)
+            if isinstance(item, llm.TextDelta):
+                await self._on_text(item.text)
+            else:
+                await self._on_tool_call(item)
+        raise llm.LLMError("server_error", "The model stream ended without finishing.")
+
+    async def _on_text(self, fragment: str) -> None:
+        if not fragment:
+            return
+        if self.message is None:
+            await self._open_message()
+        assert self.message is not None
+        part: dict[str, Any] = {"index": 0, "type": "text", "text": {"value": fragment}}
+        if not self.text:
+            part["text"]["annotations"] = []
+        self.text.append(fragment)
+        delta = {"id": self.message.id, "object": "thread.message.delta", "delta": {"content": [part]}}
+        self._publish([Event("thread.message.delta", delta)])
+
+    async def _open_message(self) -> None:
+        seq = ids.next_seq()
+        message = orm.Message(
+            id=ids.new_id(ids.MESSAGE, seq),
+            seq=seq,
+            created_at=ids.seconds(seq),
+            thread_id=self.run.thread_id,
+            role="assistant",
+            content=[],
+            status="in_progress",
+            assistant_id=self.run.assistant_id,
+            run_id=self.run.id,
+            attachments=[],
+            metadata_={},
+        )
+        step = run_steps.new(
+            self.run, "message_creation", {"type": "message_creation", "message_creation": {"message_id": message.id}}
+        )
+        async with self.runtime.transaction() as session:
+            session.add_all([step, message])
+        self.message, self.message_step = message, step
+        step_wire, message_wire = run_steps.to_wire(step), messages.to_wire(message)
+        self._publish(
+            [
+                Event.of("thread.run.step.created", step_wire),
+                Event.of("thread.run.step.in_progress", step_wire),
+                Event.of("thread.message.created", message_wire),
+                Event.of("thread.message.in_progress", message_wire),
+            ]
+        )
+
+    async def _close_message(self, status: str, usage: llm.Usage | None) -> None:
+        """Finish the open message (and its step) with the text so far."""
+        message, step = self.message, self.message_step
+        if message is None or step is None:
+            return
+        now = ids.now()
+        message.content = [messages.text_part("".join(self.text))]
+        message.status = status
+        if status == "completed":
+            message.completed_at = now
+        else:
+            message.incomplete_at = now
+            message.incomplete_details = {"reason": "max_tokens"}
+        step.status, step.completed_at = "completed", now
+        step.usage = _usage_dict(usage) if usage else None
+        async with self.runtime.transaction() as session:
+            session.add_all([message, step])
+        self.message, self.message_step = None, None
+        self._publish(
+            [
+                Event.of(f"thread.message.{status}", messages.to_wire(message)),
+                Event.of("thread.run.step.completed", run_steps.to_wire(step)),
+            ]
+        )
+
+    async def _on_tool_call(self, delta: llm.ToolCallDelta) -> None:
+        if self.message is not None:
+            # Text before a tool call is kept as its own completed message.
+            await self._close_message("completed", None)
+        if self.tool_step is None:
+            step = run_steps.new(self.run, "tool_calls", {"type": "tool_calls", "tool_calls": []})
+            async with self.runtime.transaction() as session:
+                session.add(step)
+            self.tool_step = step
+            wire = run_steps.to_wire(step)
+            self._publish([Event.of("thread.run.step.created", wire), Event.of("thread.run.step.in_progress", wire)])
+        call = self.calls.get(delta.index)
+        if call is None:
+            call = {"id": ids.new_id(ids.CALL), "type": "function", "function": {"name": delta.name or "", "arguments": "", "output": None}}
+            # The accumulators index a list: positions must be contiguous from 0.
+            position = len(self.calls)
+            self.calls[delta.index] = call
+            call["function"]["arguments"] += delta.arguments
+            first = {"index": position, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": delta.arguments, "output": None}}
+            self._publish_step_delta(first)
+            return
+        call["function"]["arguments"] += delta.arguments
+        if delta.arguments:
+            position = list(self.calls).index(delta.index)
+            self._publish_step_delta({"index": position, "type": "function", "function": {"arguments": delta.arguments}})
+
+    def _publish_step_delta(self, call_delta: dict[str, Any]) -> None:
+        assert self.tool_step is not None
+        data = {
+            "id": self.tool_step.id,
+            "object": "thread.run.step.delta",
+            "delta": {"step_details": {"type": "tool_calls", "tool_calls": [call_delta]}},
+        }
+        self._publish([Event("thread.run.step.delta", data)])
+
+    async def _finish(self, finish: llm.Finish) -> TurnResult:
+        calls = list(self.calls.values())
+        finished = self.message
+        if self.message is not None:
+            status = "incomplete" if finish.reason == "length" else "completed"
+            await self._close_message(status, None if calls else finish.usage)
+        if self.tool_step is not None:
+            self.tool_step.step_details = {"type": "tool_calls", "tool_calls": calls}
+            self.tool_step.usage = _usage_dict(finish.usage)
+            async with self.runtime.transaction() as session:
+                session.add(self.tool_step)
+        return TurnResult(finish.reason, finish.usage, calls, finished)
+
+    async def save_partial(self) -> None:
+        """Keep what was produced before a failure or cancel (close_out then
+        marks the message incomplete and the steps failed/cancelled)."""
+        async with self.runtime.transaction() as session:
+            if self.message is not None:
+                self.message.content = [messages.text_part("".join(self.text))] if self.text else []
+                session.add(self.message)
+            if self.tool_step is not None:
+                self.tool_step.step_details = {"type": "tool_calls", "tool_calls": list(self.calls.values())}
+                session.add(self.tool_step)
+
+
+def _usage_dict(usage: llm.Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    }

@@ -1,0 +1,102 @@
+"""Run steps: rows the executor creates, and retrieve/list for the API."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import errors, ids, orm
+from app.services import pagination
+from app.services.common import require_id
+from app.wire.common import ListPage
+from app.wire.runs import FILE_SEARCH_CONTENT_INCLUDE, RunStep
+
+
+def new(run: orm.Run, step_type: str, step_details: dict[str, Any]) -> orm.RunStep:
+    seq = ids.next_seq()
+    return orm.RunStep(
+        id=ids.new_id(ids.STEP, seq),
+        seq=seq,
+        created_at=ids.seconds(seq),
+        run_id=run.id,
+        thread_id=run.thread_id,
+        assistant_id=run.assistant_id,
+        type=step_type,
+        status="in_progress",
+        step_details=step_details,
+        last_error=None,
+        metadata_={},
+        usage=None,
+    )
+
+
+async def in_progress(session: AsyncSession, run_id: str) -> list[orm.RunStep]:
+    query = select(orm.RunStep).where(orm.RunStep.run_id == run_id, orm.RunStep.status == "in_progress")
+    return list((await session.scalars(query.order_by(orm.RunStep.seq))).all())
+
+
+async def of_run(session: AsyncSession, run_id: str) -> list[orm.RunStep]:
+    query = select(orm.RunStep).where(orm.RunStep.run_id == run_id).order_by(orm.RunStep.seq)
+    return list((await session.scalars(query)).all())
+
+
+async def get(session: AsyncSession, run: orm.Run, step_id: str, include: list[str]) -> RunStep:
+    require_id("step_id", step_id, ids.STEP)
+    row = await session.get(orm.RunStep, step_id)
+    if row is None or row.run_id != run.id:
+        raise errors.not_found("run step", step_id)
+    return to_wire(row, include)
+
+
+async def list_(
+    session: AsyncSession, run: orm.Run, params: pagination.PageParams, include: list[str]
+) -> ListPage[Any]:
+    query = select(orm.RunStep).where(orm.RunStep.run_id == run.id)
+    rows, has_more = await pagination.fetch_page(session, query, orm.RunStep.seq, params, ids.STEP)
+    return pagination.page([to_wire(row, include) for row in rows], has_more)
+
+
+def check_include(include: list[str]) -> list[str]:
+    for value in include:
+        if value != FILE_SEARCH_CONTENT_INCLUDE:
+            raise errors.invalid(
+                f"Invalid value: '{value}'. Supported values are: '{FILE_SEARCH_CONTENT_INCLUDE}'.",
+                param="include",
+                code="invalid_value",
+            )
+    return include
+
+
+def _without_result_content(details: dict[str, Any]) -> dict[str, Any]:
+    """file_search result content is only sent when asked for with include[]."""
+    details = copy.deepcopy(details)
+    for call in details.get("tool_calls", []):
+        for result in (call.get("file_search") or {}).get("results") or []:
+            result.pop("content", None)
+    return details
+
+
+def to_wire(row: orm.RunStep, include: list[str] | None = None) -> RunStep:
+    details = row.step_details
+    if FILE_SEARCH_CONTENT_INCLUDE not in (include or []) and row.type == "tool_calls":
+        details = _without_result_content(details)
+    return RunStep(
+        id=row.id,
+        created_at=row.created_at,
+        assistant_id=row.assistant_id,
+        thread_id=row.thread_id,
+        run_id=row.run_id,
+        type=row.type,  # type: ignore[arg-type]
+        status=row.status,  # type: ignore[arg-type]
+        step_details=details,
+        last_error=row.last_error,
+        expired_at=row.expired_at,
+        cancelled_at=row.cancelled_at,
+        failed_at=row.failed_at,
+        completed_at=row.completed_at,
+        metadata=row.metadata_ if row.metadata_ is not None else {},
+        usage=row.usage,
+    )

@@ -1,0 +1,274 @@
+"""Runs: create (and create thread-and-run), retrieve, list, update, cancel,
+submit_tool_outputs, and closing a run out in a final state.
+
+Functions that change a run return the events to publish; the caller
+publishes them after its transaction commits (never before: a listener must
+be able to read what an event announces).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import errors, ids, orm
+from app.services import assistants, messages, pagination, run_state, run_steps, thread_lock, threads, tool_resources
+from app.services.common import metadata_or_empty, require_id
+from app.wire.common import ListPage, response_format_to_wire, tool_to_wire
+from app.wire.events import Event
+from app.wire.runs import Run, RunCreate, RunUpdate, SubmitToolOutputs, ThreadAndRunCreate
+from app.wire.threads import ThreadCreate
+
+DEFAULT_TRUNCATION: dict[str, Any] = {"type": "auto", "last_messages": None}
+
+
+def _tool_choice_to_wire(body: RunCreate | ThreadAndRunCreate, tools: list[dict[str, Any]]) -> Any:
+    choice = body.tool_choice
+    if choice is None or isinstance(choice, str):
+        return choice or "auto"
+    wire = choice.model_dump()
+    if wire["type"] == "function":
+        names = {tool["function"]["name"] for tool in tools if tool["type"] == "function"}
+        if wire["function"]["name"] not in names:
+            raise errors.invalid(
+                f"Invalid 'tool_choice': function '{wire['function']['name']}' is not one of the run's tools.",
+                param="tool_choice",
+            )
+    return wire
+
+
+async def _new_run(
+    session: AsyncSession,
+    thread_id: str,
+    body: RunCreate | ThreadAndRunCreate,
+    *,
+    expires_in: int,
+    additional_instructions: str | None = None,
+) -> orm.Run:
+    assistant = await assistants.get(session, body.assistant_id)
+    tools = [tool_to_wire(tool) for tool in body.tools] if body.tools is not None else list(assistant.tools)
+    instructions = body.instructions if body.instructions is not None else (assistant.instructions or "")
+    if additional_instructions:
+        instructions = f"{instructions}\n\n{additional_instructions}" if instructions else additional_instructions
+    seq = ids.next_seq()
+    created_at = ids.seconds(seq)
+    pick = lambda override, default: override if override is not None else default  # noqa: E731
+    return orm.Run(
+        id=ids.new_id(ids.RUN, seq),
+        seq=seq,
+        created_at=created_at,
+        thread_id=thread_id,
+        assistant_id=assistant.id,
+        status="queued",
+        expires_at=created_at + expires_in,
+        model=body.model or assistant.model,
+        instructions=instructions,
+        tools=tools,
+        metadata_=metadata_or_empty(body.metadata),
+        temperature=pick(body.temperature, pick(assistant.temperature, 1.0)),
+        top_p=pick(body.top_p, pick(assistant.top_p, 1.0)),
+        max_prompt_tokens=body.max_prompt_tokens,
+        max_completion_tokens=body.max_completion_tokens,
+        truncation_strategy=body.truncation_strategy.model_dump() if body.truncation_strategy else DEFAULT_TRUNCATION,
+        tool_choice=_tool_choice_to_wire(body, tools),
+        parallel_tool_calls=pick(body.parallel_tool_calls, True),
+        response_format=response_format_to_wire(body.response_format)
+        if body.response_format is not None
+        else (assistant.response_format or "auto"),
+        reasoning_effort=body.reasoning_effort or assistant.reasoning_effort,
+    )
+
+
+def _queued_events(run: orm.Run) -> list[Event]:
+    wire = to_wire(run)
+    return [Event.of("thread.run.created", wire), Event.of("thread.run.queued", wire)]
+
+
+async def create(session: AsyncSession, thread_id: str, body: RunCreate, *, expires_in: int) -> tuple[orm.Run, list[Event]]:
+    await threads.get(session, thread_id)
+    active = await thread_lock.active_run(session, thread_id)
+    if active is not None:
+        raise errors.invalid(f"Thread {thread_id} already has an active run {active.id}.")
+    # additional_messages come before the run (the executor reads messages older than the run).
+    for message in body.additional_messages or []:
+        await messages.add(session, thread_id, message)
+    run = await _new_run(
+        session, thread_id, body, expires_in=expires_in, additional_instructions=body.additional_instructions
+    )
+    session.add(run)
+    return run, _queued_events(run)
+
+
+async def create_thread_and_run(
+    session: AsyncSession, body: ThreadAndRunCreate, *, expires_in: int
+) -> tuple[orm.Thread, orm.Run, list[Event]]:
+    thread = await threads.create(session, body.thread or ThreadCreate())
+    run = await _new_run(session, thread.id, body, expires_in=expires_in)
+    run.tool_resources = await tool_resources.to_stored(session, body.tool_resources) if body.tool_resources else None
+    session.add(run)
+    events = [Event.of("thread.created", threads.to_wire(thread)), *_queued_events(run)]
+    return thread, run, events
+
+
+async def get(session: AsyncSession, thread_id: str, run_id: str) -> orm.Run:
+    require_id("thread_id", thread_id, ids.THREAD)
+    require_id("run_id", run_id, ids.RUN)
+    run = await session.get(orm.Run, run_id)
+    if run is None or run.thread_id != thread_id:
+        if await session.get(orm.Thread, thread_id) is None:
+            raise errors.not_found("thread", thread_id)
+        raise errors.not_found("run", run_id)
+    return run
+
+
+async def list_(session: AsyncSession, thread_id: str, params: pagination.PageParams) -> ListPage[Any]:
+    await threads.get(session, thread_id)
+    query = select(orm.Run).where(orm.Run.thread_id == thread_id)
+    rows, has_more = await pagination.fetch_page(session, query, orm.Run.seq, params, ids.RUN)
+    return pagination.page([to_wire(row) for row in rows], has_more)
+
+
+async def update(session: AsyncSession, thread_id: str, run_id: str, body: RunUpdate) -> orm.Run:
+    run = await get(session, thread_id, run_id)
+    if body.metadata is not None:
+        run.metadata_ = dict(body.metadata)
+    return run
+
+
+def _lease_is_live(run: orm.Run) -> bool:
+    return run.lease_owner is not None and (run.lease_expires_at or 0) > time.time()
+
+
+async def cancel(session: AsyncSession, thread_id: str, run_id: str) -> tuple[Run, list[Event]]:
+    """Returns the run as the client sees it (``cancelling``) and the events."""
+    run = await get(session, thread_id, run_id)
+    if run.status not in run_state.CANCELLABLE:
+        raise errors.invalid(f"Cannot cancel run with status '{run.status}'.")
+    executing = run.status == "in_progress" or _lease_is_live(run)
+    events = [Event.of(await run_state.transition(session, run, "cancelling"), to_wire(run))]
+    answer = to_wire(run)
+    if not executing:
+        # Nobody is executing it, so nobody else will finish the cancel.
+        events += await close_out(session, run, "cancelled")
+    return answer, events
+
+
+def _pending_call_ids(run: orm.Run) -> list[str]:
+    calls = ((run.required_action or {}).get("submit_tool_outputs") or {}).get("tool_calls") or []
+    return [call["id"] for call in calls]
+
+
+async def submit_tool_outputs(
+    session: AsyncSession, thread_id: str, run_id: str, body: SubmitToolOutputs
+) -> tuple[orm.Run, list[Event]]:
+    run = await get(session, thread_id, run_id)
+    status = run.status
+    if status == "requires_action" and run.expires_at is not None and run.expires_at <= ids.now():
+        status = "expired"  # the reaper is about to record it; it is over either way
+    if status != "requires_action":
+        raise errors.invalid(f'Runs in status "{status}" do not accept tool outputs.')
+    events: list[Event] = []
+    expected = _pending_call_ids(run)
+    given = [output.tool_call_id for output in body.tool_outputs]
+    if sorted(given) != sorted(expected) or len(set(given)) != len(given):
+        raise errors.invalid(f"Expected tool outputs for call_ids {expected!r}, got {given!r}")
+    outputs = {item.tool_call_id: _output_text(item.output) for item in body.tool_outputs}
+    for step in await run_steps.in_progress(session, run.id):
+        if step.type != "tool_calls":
+            continue
+        details = dict(step.step_details)
+        details["tool_calls"] = [_with_output(call, outputs) for call in details.get("tool_calls", [])]
+        step.step_details = details
+        step.status = "completed"
+        step.completed_at = ids.now()
+        events.append(Event.of("thread.run.step.completed", run_steps.to_wire(step)))
+    events.append(Event.of(await run_state.transition(session, run, "queued"), to_wire(run)))
+    return run, events
+
+
+def _output_text(output: Any) -> str:
+    return output if isinstance(output, str) else json.dumps(output)
+
+
+def _with_output(call: dict[str, Any], outputs: dict[str, str]) -> dict[str, Any]:
+    if call.get("type") != "function" or call.get("id") not in outputs:
+        return call
+    return {**call, "function": {**call["function"], "output": outputs[call["id"]]}}
+
+
+_STEP_END = {"cancelled": "cancelled", "failed": "failed", "expired": "expired"}
+_MESSAGE_REASON = {"cancelled": "run_cancelled", "failed": "run_failed", "expired": "run_expired"}
+
+
+async def close_out(
+    session: AsyncSession,
+    run: orm.Run,
+    to: str,
+    *,
+    last_error: dict[str, Any] | None = None,
+    incomplete_details: dict[str, Any] | None = None,
+    usage: dict[str, int] | None = None,
+) -> list[Event]:
+    """End ``run`` in final status ``to`` together with its unfinished steps and
+    messages (cancelled/failed/expired steps; incomplete messages)."""
+    events: list[Event] = []
+    now = ids.now()
+    if to == "cancelled" and run.status != "cancelling":
+        events.append(Event.of(await run_state.transition(session, run, "cancelling"), to_wire(run)))
+    for step in await run_steps.in_progress(session, run.id):
+        step_status = _STEP_END.get(to, "completed")
+        step.status = step_status
+        setattr(step, f"{step_status}_at" if step_status != "expired" else "expired_at", now)
+        if to == "failed":
+            step.last_error = last_error
+        events.append(Event.of(f"thread.run.step.{step_status}", run_steps.to_wire(step)))
+    query = select(orm.Message).where(orm.Message.run_id == run.id, orm.Message.status == "in_progress")
+    for message in (await session.scalars(query)).all():
+        message.status = "incomplete"
+        message.incomplete_at = now
+        message.incomplete_details = {"reason": _MESSAGE_REASON.get(to, "max_tokens")}
+        events.append(Event.of("thread.message.incomplete", messages.to_wire(message)))
+    fields: dict[str, Any] = {}
+    if last_error is not None:
+        fields["last_error"] = last_error
+    if incomplete_details is not None:
+        fields["incomplete_details"] = incomplete_details
+    if usage is not None:
+        fields["usage"] = usage
+    events.append(Event.of(await run_state.transition(session, run, to, **fields), to_wire(run)))
+    return events
+
+
+def to_wire(run: orm.Run) -> Run:
+    return Run(
+        id=run.id,
+        created_at=run.created_at,
+        thread_id=run.thread_id,
+        assistant_id=run.assistant_id,
+        status=run.status,  # type: ignore[arg-type]
+        required_action=run.required_action,
+        last_error=run.last_error,
+        expires_at=run.expires_at,
+        started_at=run.started_at,
+        cancelled_at=run.cancelled_at,
+        failed_at=run.failed_at,
+        completed_at=run.completed_at,
+        incomplete_details=run.incomplete_details,
+        model=run.model,
+        instructions=run.instructions,
+        tools=run.tools,
+        metadata=run.metadata_,
+        usage=run.usage,
+        temperature=run.temperature,
+        top_p=run.top_p,
+        max_prompt_tokens=run.max_prompt_tokens,
+        max_completion_tokens=run.max_completion_tokens,
+        truncation_strategy=run.truncation_strategy,
+        tool_choice=run.tool_choice,
+        parallel_tool_calls=run.parallel_tool_calls,
+        response_format=run.response_format,
+    )

@@ -1,0 +1,131 @@
+"""Runs through the official SDK: the seed flows, function calling, cancel,
+locking; executed by the in-process worker with the built-in model."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from tests.conftest import error_of
+
+
+async def _assistant(client: openai.AsyncOpenAI, **kwargs: object) -> str:
+    assistant = await client.beta.assistants.create(model="gpt-4o", name="Math Tutor", **kwargs)  # type: ignore[arg-type]
+    return assistant.id
+
+
+async def test_math_tutor_flow(client: openai.AsyncOpenAI) -> None:
+    assistant_id = await _assistant(client, instructions="You are a personal math tutor.")
+    thread = await client.beta.threads.create()
+    await client.beta.threads.messages.create(thread.id, role="user", content="I need to solve 3x + 11 = 14.")
+    run = await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id)
+    assert run.status == "completed"
+    assert run.started_at is not None and run.completed_at is not None
+    assert run.expires_at is None
+    assert run.usage is not None and run.usage.total_tokens > 0
+    assert run.instructions == "You are a personal math tutor."
+    listed = await client.beta.threads.messages.list(thread.id, order="asc")
+    assert [m.role for m in listed.data] == ["user", "assistant"]
+    answer = listed.data[1]
+    assert answer.run_id == run.id and answer.assistant_id == assistant_id
+    assert answer.status == "completed"
+    assert answer.content[0].type == "text" and answer.content[0].text.value
+    by_run = await client.beta.threads.messages.list(thread.id, run_id=run.id)
+    assert [m.id for m in by_run.data] == [answer.id]
+    steps = await client.beta.threads.runs.steps.list(run.id, thread_id=thread.id)
+    assert len(steps.data) == 1
+    step = steps.data[0]
+    assert step.type == "message_creation" and step.status == "completed"
+    assert step.step_details.message_creation.message_id == answer.id  # type: ignore[union-attr]
+    runs = await client.beta.threads.runs.list(thread.id)
+    assert [r.id for r in runs.data] == [run.id]
+
+
+async def test_create_thread_and_run(client: openai.AsyncOpenAI) -> None:
+    assistant_id = await _assistant(client)
+    run = await client.beta.threads.create_and_run_poll(
+        assistant_id=assistant_id,
+        thread={"messages": [{"role": "user", "content": "Hello there"}]},
+    )
+    assert run.status == "completed"
+    messages = await client.beta.threads.messages.list(run.thread_id)
+    assert messages.data[0].role == "assistant"
+
+
+async def test_multi_round_function_calling(client: openai.AsyncOpenAI) -> None:
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+        {"type": "function", "function": {"name": "get_time"}},
+    ]
+    assistant_id = await _assistant(client, tools=tools)
+    thread = await client.beta.threads.create(
+        messages=[{"role": "user", "content": 'Weather? [[call get_weather {"city": "Tokyo"}]] [[call get_time]]'}]
+    )
+    run = await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id)
+    assert run.status == "requires_action", run.last_error
+    assert run.required_action is not None
+    calls = run.required_action.submit_tool_outputs.tool_calls
+    assert [c.function.name for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0].function.arguments) == {"city": "Tokyo"}
+    assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        await client.beta.threads.runs.submit_tool_outputs(
+            run.id, thread_id=thread.id, tool_outputs=[{"tool_call_id": calls[0].id, "output": "x"}]
+        )
+    assert error_of(exc)["message"] == f"Expected tool outputs for call_ids {[c.id for c in calls]!r}, got {[calls[0].id]!r}"
+
+    with pytest.raises(openai.BadRequestError) as exc:
+        await client.beta.threads.messages.create(thread.id, role="user", content="interrupt")
+    assert error_of(exc)["message"] == f"Can't add messages to {thread.id} while a run {run.id} is active."
+
+    run = await client.beta.threads.runs.submit_tool_outputs_and_poll(
+        run_id=run.id,
+        thread_id=thread.id,
+        tool_outputs=[{"tool_call_id": calls[0].id, "output": '{"temp": 22}'}, {"tool_call_id": calls[1].id, "output": "noon"}],
+    )
+    assert run.status == "completed", run.last_error
+    steps = (await client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc")).data
+    assert [s.type for s in steps] == ["tool_calls", "message_creation"]
+    tool_step = steps[0]
+    assert tool_step.status == "completed"
+    outputs = [c.function.output for c in tool_step.step_details.tool_calls]  # type: ignore[union-attr]
+    assert outputs == ['{"temp": 22}', "noon"]
+
+
+async def test_submit_when_not_waiting(client: openai.AsyncOpenAI) -> None:
+    assistant_id = await _assistant(client)
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "hi"}])
+    run = await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id)
+    with pytest.raises(openai.BadRequestError) as exc:
+        await client.beta.threads.runs.submit_tool_outputs(run.id, thread_id=thread.id, tool_outputs=[])
+    assert error_of(exc)["message"] == 'Runs in status "completed" do not accept tool outputs.'
+    with pytest.raises(openai.BadRequestError) as exc:
+        await client.beta.threads.runs.cancel(run.id, thread_id=thread.id)
+    assert error_of(exc)["message"] == "Cannot cancel run with status 'completed'."
+
+
+async def test_cancel_in_requires_action(client: openai.AsyncOpenAI) -> None:
+    assistant_id = await _assistant(client, tools=[{"type": "function", "function": {"name": "f"}}])
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "[[call f]]"}])
+    run = await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id)
+    assert run.status == "requires_action"
+    cancelled = await client.beta.threads.runs.cancel(run.id, thread_id=thread.id)
+    assert cancelled.status == "cancelling"
+    run = await client.beta.threads.runs.poll(run.id, thread_id=thread.id)
+    assert run.status == "cancelled" and run.cancelled_at is not None
+    step = (await client.beta.threads.runs.steps.list(run.id, thread_id=thread.id)).data[0]
+    assert step.status == "cancelled" and step.cancelled_at is not None
+    # the thread is free again
+    await client.beta.threads.messages.create(thread.id, role="user", content="again")
+
+
+async def test_second_run_on_locked_thread(client: openai.AsyncOpenAI) -> None:
+    assistant_id = await _assistant(client, tools=[{"type": "function", "function": {"name": "f"}}])
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "[[call f]]"}])
+    run = await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id)
+    with pytest.raises(openai.BadRequestError) as exc:
+        await client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id)
+    assert error_of(exc)["message"] == f"Thread {thread.id} already has an active run {run.id}."
