@@ -132,6 +132,10 @@ class RunStep(Base):
     completed_at: Mapped[int | None] = mapped_column(BigInteger)
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONType)
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # Not on the wire: per built-in tool call, the arguments the model sent and
+    # the output it was shown ({call_id: {"arguments", "output"}}), so later
+    # model calls of the run can be given the same history.
+    internal: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
 
 class File(Base):

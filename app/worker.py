@@ -23,6 +23,7 @@ from sqlalchemy import or_, select, update
 
 from app import ids, orm
 from app.runner import execute
+from app.runner.tools import registry
 from app.runtime import Runtime
 from app.services import runs
 from app.wire.events import Event
@@ -46,6 +47,7 @@ class Worker:
         self.owner = f"{socket.gethostname()[:32]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._wakeup = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.builtins = registry.builtin_tools(runtime)
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -93,7 +95,7 @@ class Worker:
     async def _execute(self, run_id: str) -> None:
         renewer = asyncio.create_task(self._renew_lease(run_id))
         try:
-            await execute.execute(self.runtime, run_id)
+            await execute.execute(self.runtime, run_id, self.builtins)
         except Exception:
             # execute() ends the run itself; this only guards the worker loop.
             log.exception("executing run %s", run_id)

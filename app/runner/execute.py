@@ -12,11 +12,12 @@ import asyncio
 import logging
 from typing import Any
 
-from app import llm, orm
+from app import ids, llm, orm
 from app.runner import prompt
+from app.runner.tools import BuiltinTool, ToolResult
 from app.runner.turn import Turn, TurnResult, TurnStopped
 from app.runtime import Runtime
-from app.services import run_state, runs
+from app.services import run_state, run_steps, runs
 from app.wire.events import Event
 
 log = logging.getLogger("app.runner")
@@ -28,11 +29,14 @@ CANCEL_POLL_SECONDS = 0.5
 
 
 class RunExecution:
-    def __init__(self, runtime: Runtime, run_id: str) -> None:
+    def __init__(self, runtime: Runtime, run_id: str, builtins: dict[str, BuiltinTool] | None = None) -> None:
         self.runtime = runtime
         self.run_id = run_id
+        self.builtins = builtins or {}
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        # Built-in tool results of this execution, by tool type (for decorate()).
+        self.results: dict[str, list[ToolResult]] = {}
 
     def _publish(self, events: list[Event]) -> None:
         self.runtime.bus.publish(self.run_id, events)
@@ -111,13 +115,13 @@ class RunExecution:
         if budget.prompt_tokens is not None and self.runtime.llm.count_tokens(run.model, chat) > budget.prompt_tokens:
             await self._end("incomplete", incomplete_details={"reason": "max_prompt_tokens"})
             return None
-        tools = prompt.chat_tools(run.tools)
+        tools = prompt.chat_tools(run.tools, self.builtins)
         choice = run.tool_choice if run.tool_choice != "none" else "none"
         return llm.ChatRequest(
             model=run.model,
             messages=chat,
             tools=tools if choice != "none" else [],
-            tool_choice=prompt.chat_tool_choice(choice, tools) if choice != "none" else None,
+            tool_choice=prompt.chat_tool_choice(choice, tools, self.builtins) if choice != "none" else None,
             parallel_tool_calls=run.parallel_tool_calls,
             temperature=run.temperature,
             top_p=run.top_p,
@@ -176,9 +180,12 @@ class RunExecution:
         return answer.result()
 
     async def _call(self, run: orm.Run, request: llm.ChatRequest) -> TurnResult | None:
-        turn = Turn(self.runtime, run)
+        turn = Turn(self.runtime, run, builtins=self.builtins, decorate=lambda content: self._decorate(run, content))
         try:
-            return await self._consume(turn, request)
+            result = await self._consume(turn, request)
+            if any(call["type"] in self.builtins for call in result.calls):
+                await self._run_builtins(run, turn, result)
+            return result
         except TurnStopped:
             await turn.save_partial()
             await self._end("cancelled")
@@ -187,16 +194,53 @@ class RunExecution:
             await self._end("failed", last_error={"code": error.code, "message": error.message})
         return None
 
+    def _decorate(self, run: orm.Run, content: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for tool_type, results in self.results.items():
+            content = self.builtins[tool_type].decorate(self.runtime, run, content, results)
+        return content
+
+    async def _run_builtins(self, run: orm.Run, turn: Turn, result: TurnResult) -> None:
+        """Execute the turn's built-in tool calls (no session held while they
+        run), record their outputs in the step and stream them as deltas."""
+        step = result.tool_step
+        assert step is not None
+        internal = dict(step.internal or {})
+        for index, call in enumerate(result.calls):
+            tool = self.builtins.get(call["type"])
+            if tool is None:
+                continue
+            arguments = result.arguments.get(call["id"], "")
+            outcome = await tool.execute(self.runtime, run, call["id"], arguments, turn.publisher(call["id"]))
+            result.calls[index] = outcome.call
+            self.results.setdefault(call["type"], []).append(outcome)
+            internal[call["id"]] = {"arguments": arguments or "{}", "output": outcome.output}
+        step.step_details = {"type": "tool_calls", "tool_calls": list(result.calls)}
+        step.internal = internal
+        async with self.runtime.transaction() as session:
+            session.add(step)
+
     async def _after_turn(self, run: orm.Run, result: TurnResult, budget: prompt.Budget) -> bool:
         """Record the turn's outcome; True if the model must be called again."""
-        if result.calls:
-            await self._require_action(result.calls)
+        functions = [call for call in result.calls if call["type"] == "function"]
+        if functions:
+            await self._require_action(functions)
             return False
+        if result.calls:
+            await self._complete_step(result.tool_step)
+            return True  # only built-in tools were called: the model goes on
         if result.finish_reason == "length" and budget.completion_tokens is not None:
             await self._end("incomplete", incomplete_details={"reason": "max_completion_tokens"})
         else:
             await self._end("completed")
         return False
+
+    async def _complete_step(self, step: orm.RunStep | None) -> None:
+        if step is None:
+            return
+        step.status, step.completed_at = "completed", ids.now()
+        async with self.runtime.transaction() as session:
+            session.add(step)
+        self._publish([Event.of("thread.run.step.completed", run_steps.to_wire(step))])
 
     async def _require_action(self, calls: list[dict[str, Any]]) -> None:
         required = {
@@ -218,5 +262,5 @@ class RunExecution:
         self._publish(events)
 
 
-async def execute(runtime: Runtime, run_id: str) -> None:
-    await RunExecution(runtime, run_id).execute()
+async def execute(runtime: Runtime, run_id: str, builtins: dict[str, BuiltinTool] | None = None) -> None:
+    await RunExecution(runtime, run_id, builtins).execute()

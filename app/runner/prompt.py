@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import orm
 from app.llm import LLM
+from app.runner.tools import BuiltinTool, chat_history
 from app.services import run_steps
 from app.storage import Storage
 
@@ -28,23 +29,26 @@ class Budget:
     completion_tokens: int | None  # left under max_completion_tokens
 
 
-def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The run's function tools in chat-completions form. Built-in tools
-    (file_search, code_interpreter) are offered by their own modules."""
+def chat_tools(tools: list[dict[str, Any]], builtins: dict[str, BuiltinTool]) -> list[dict[str, Any]]:
+    """The run's tools in chat-completions form; a built-in tool is a function
+    named after its type, defined by its own module."""
     offered = []
     for tool in tools:
-        if tool.get("type") != "function":
-            continue
-        function = {key: value for key, value in tool["function"].items() if key != "strict" or value}
-        offered.append({"type": "function", "function": function})
+        if tool.get("type") in builtins:
+            offered.append(builtins[tool["type"]].definition(tool))
+        elif tool.get("type") == "function":
+            function = {key: value for key, value in tool["function"].items() if key != "strict" or value}
+            offered.append({"type": "function", "function": function})
     return offered
 
 
-def chat_tool_choice(choice: Any, offered: list[dict[str, Any]]) -> Any:
+def chat_tool_choice(choice: Any, offered: list[dict[str, Any]], builtins: dict[str, BuiltinTool]) -> Any:
     if not offered:
         return None
     if isinstance(choice, dict) and choice.get("type") != "function":
-        return "auto"  # a built-in tool that is not offered yet
+        if choice.get("type") in builtins:
+            return {"type": "function", "function": {"name": choice["type"]}}
+        return "auto"  # a built-in tool this server does not run
     return choice
 
 
@@ -97,22 +101,34 @@ async def run_section(session: AsyncSession, storage: Storage, run: orm.Run) -> 
             if message is not None and message.content:
                 section.append({"role": "assistant", "content": await _message_content(session, storage, message)})
             continue
-        calls = [call for call in details.get("tool_calls", []) if call.get("type") == "function"]
+        calls = [_chat_call(call, step.internal or {}) for call in details.get("tool_calls", [])]
+        calls = [call for call in calls if call is not None]
         if not calls:
             continue
         section.append(
             {
                 "role": "assistant",
                 "content": None,
-                "tool_calls": [
-                    {"id": c["id"], "type": "function", "function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}}
-                    for c in calls
-                ],
+                "tool_calls": [{"id": c["id"], "type": "function", "function": c["function"]} for c in calls],
             }
         )
-        for call in calls:
-            section.append({"role": "tool", "tool_call_id": call["id"], "content": call["function"].get("output") or ""})
+        section.extend({"role": "tool", "tool_call_id": c["id"], "content": c["output"]} for c in calls)
     return section
+
+
+def _chat_call(call: dict[str, Any], internal: dict[str, Any]) -> dict[str, Any] | None:
+    """A step's tool call as the model made it (None if it never finished)."""
+    if call.get("type") == "function":
+        function = call["function"]
+        return {
+            "id": call["id"],
+            "function": {"name": function["name"], "arguments": function["arguments"]},
+            "output": function.get("output") or "",
+        }
+    if call["id"] not in internal:
+        return None
+    arguments, output = chat_history(call, internal)
+    return {"id": call["id"], "function": {"name": call["type"], "arguments": arguments}, "output": output}
 
 
 def truncate(

@@ -5,11 +5,13 @@ open while waiting on the model."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from app import ids, llm, orm
+from app.runner.tools import BuiltinTool, CallStream
 from app.runtime import Runtime
 from app.services import messages, run_steps
 from app.wire.events import Event
@@ -22,8 +24,10 @@ class TurnStopped(Exception):
 class TurnResult:
     finish_reason: str
     usage: llm.Usage
-    calls: list[dict[str, Any]]
+    calls: list[dict[str, Any]]  # step entries, in order
+    arguments: dict[str, str]  # raw arguments by call id
     message: orm.Message | None
+    tool_step: orm.RunStep | None
 
 
 @dataclass
@@ -34,7 +38,12 @@ class Turn:
     message_step: orm.RunStep | None = None
     text: list[str] = field(default_factory=list)
     tool_step: orm.RunStep | None = None
-    calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    builtins: dict[str, BuiltinTool] = field(default_factory=dict)
+    # Final content of a message from its text (built-in tools add citations).
+    decorate: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] = lambda content: content
+    calls: dict[int, dict[str, Any]] = field(default_factory=dict)  # by the model's call index
+    arguments: dict[int, str] = field(default_factory=dict)  # raw argument JSON, by call index
+    streams: dict[int, CallStream] = field(default_factory=dict)  # built-in calls only
 
     def _publish(self, events: list[Event]) -> None:
         self.runtime.bus.publish(self.run.id, events)
@@ -99,7 +108,7 @@ class Turn:
         if message is None or step is None:
             return
         now = ids.now()
-        message.content = [messages.text_part("".join(self.text))]
+        message.content = self.decorate([messages.text_part("".join(self.text))])
         message.status = status
         if status == "completed":
             message.completed_at = now
@@ -129,22 +138,39 @@ class Turn:
             self.tool_step = step
             wire = run_steps.to_wire(step)
             self._publish([Event.of("thread.run.step.created", wire), Event.of("thread.run.step.in_progress", wire)])
-        call = self.calls.get(delta.index)
-        if call is None:
-            call = {"id": ids.new_id(ids.CALL), "type": "function", "function": {"name": delta.name or "", "arguments": "", "output": None}}
-            # The accumulators index a list: positions must be contiguous from 0.
-            position = len(self.calls)
-            self.calls[delta.index] = call
+        if delta.index not in self.calls:
+            self._start_call(delta)
+        self.arguments[delta.index] += delta.arguments
+        position = list(self.calls).index(delta.index)
+        call = self.calls[delta.index]
+        stream = self.streams.get(delta.index)
+        if stream is not None:
+            body = stream.feed(delta.arguments) if delta.arguments else None
+        else:
             call["function"]["arguments"] += delta.arguments
-            first = {"index": position, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": delta.arguments, "output": None}}
-            self._publish_step_delta(first)
-            return
-        call["function"]["arguments"] += delta.arguments
-        if delta.arguments:
-            position = list(self.calls).index(delta.index)
-            self._publish_step_delta({"index": position, "type": "function", "function": {"arguments": delta.arguments}})
+            body = {"type": "function", "function": {"arguments": delta.arguments}} if delta.arguments else None
+        if body is not None:
+            self.publish_step_delta({"index": position, **body})
 
-    def _publish_step_delta(self, call_delta: dict[str, Any]) -> None:
+    def _start_call(self, delta: llm.ToolCallDelta) -> None:
+        """A new tool call: its step entry and its first delta (the only one
+        with the id; the accumulators index a list, so positions are
+        contiguous from 0)."""
+        call_id = ids.new_id(ids.CALL)
+        name = delta.name or ""
+        builtin = self.builtins.get(name)
+        if builtin is not None:
+            stream = builtin.start_call(call_id)
+            self.streams[delta.index] = stream
+            call = {"id": call_id, **stream.first()}
+        else:
+            call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": "", "output": None}}
+        self.calls[delta.index] = call
+        self.arguments[delta.index] = ""
+        first = {"index": len(self.calls) - 1, **json.loads(json.dumps(call))}
+        self.publish_step_delta(first)
+
+    def publish_step_delta(self, call_delta: dict[str, Any]) -> None:
         assert self.tool_step is not None
         data = {
             "id": self.tool_step.id,
@@ -152,6 +178,11 @@ class Turn:
             "delta": {"step_details": {"type": "tool_calls", "tool_calls": [call_delta]}},
         }
         self._publish([Event("thread.run.step.delta", data)])
+
+    def publisher(self, call_id: str) -> Callable[[dict[str, Any]], None]:
+        """Publishes step-delta bodies for one call (built-in tools' outputs)."""
+        position = [call["id"] for call in self.calls.values()].index(call_id)
+        return lambda body: self.publish_step_delta({"index": position, **body})
 
     async def _finish(self, finish: llm.Finish) -> TurnResult:
         calls = list(self.calls.values())
@@ -164,7 +195,8 @@ class Turn:
             self.tool_step.usage = _usage_dict(finish.usage)
             async with self.runtime.transaction() as session:
                 session.add(self.tool_step)
-        return TurnResult(finish.reason, finish.usage, calls, finished)
+        arguments = {self.calls[index]["id"]: text for index, text in self.arguments.items()}
+        return TurnResult(finish.reason, finish.usage, calls, arguments, finished, self.tool_step)
 
     async def save_partial(self) -> None:
         """Keep what was produced before a failure or cancel (close_out then
