@@ -148,7 +148,9 @@ def truncate(
     limit = max(llm.context_window(run.model) - reserve, 1)
     if budget.prompt_tokens is not None:
         limit = min(limit, budget.prompt_tokens)
-    while past and llm.count_tokens(run.model, system + past + current) > limit:
+    # The newest message always stays: without it there is nothing to answer
+    # (if even it does not fit, the executor ends the run incomplete).
+    while len(past) > 1 and llm.count_tokens(run.model, system + past + current) > limit:
         past = past[1:]
     return system + past + current
 
