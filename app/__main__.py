@@ -1,0 +1,198 @@
+"""Command line: ``python -m app serve | migrate | worker`` (also ``assistants-server``).
+
+Flags override the ``ASSISTANTS_*`` environment variables, which override the
+defaults in ``app.settings.Settings``: only flags actually given are passed to
+Settings, so an unset flag never masks an environment variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+import pydantic
+import uvicorn
+from sqlalchemy.engine import make_url
+from uvicorn.config import LOG_LEVELS
+
+from app import db
+from app.main import create_app
+from app.runtime import Runtime
+from app.settings import Settings
+from app.worker import Worker
+
+log = logging.getLogger("app")
+
+# How long open connections (SSE streams above all) may take to finish after
+# SIGTERM before uvicorn closes them; below Docker's default 10 s stop timeout
+# so the lifespan shutdown still runs before a SIGKILL.
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+# Flag destination -> Settings field, for the options every subcommand shares.
+_SETTINGS_FLAGS = {
+    "host": "host",
+    "port": "port",
+    "data_dir": "data_dir",
+    "database_url": "database_url",
+    "config": "llm_config",
+    "log_level": "log_level",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--host", help="interface to listen on (env ASSISTANTS_HOST, default 127.0.0.1)")
+    common.add_argument("--port", type=int, help="TCP port (env ASSISTANTS_PORT, default 8000)")
+    common.add_argument(
+        "--data-dir", help="SQLite database and uploaded files (env ASSISTANTS_DATA_DIR, default ./data)"
+    )
+    common.add_argument(
+        "--database-url",
+        help="SQLAlchemy URL, e.g. postgresql+asyncpg://user:pw@host/db "
+        "(env ASSISTANTS_DATABASE_URL, default a SQLite file in the data dir)",
+    )
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        help="LiteLLM-style model routing file (env ASSISTANTS_LLM_CONFIG, default the built-in offline model)",
+    )
+    common.add_argument(
+        "--log-level", choices=list(LOG_LEVELS), help="log verbosity (env ASSISTANTS_LOG_LEVEL, default info)"
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="assistants-server",
+        description="Self-hosted server compatible with the OpenAI Assistants API v2.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("serve", parents=[common], help="run the HTTP API (migrates the database first)")
+    commands.add_parser("migrate", parents=[common], help="bring the database schema up to date and exit")
+    commands.add_parser("worker", parents=[common], help="run the background run executor on its own")
+    return parser
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with the flags that were given on top."""
+    overrides: dict[str, Any] = {
+        field: getattr(args, flag) for flag, field in _SETTINGS_FLAGS.items() if getattr(args, flag) is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except pydantic.ValidationError as exc:
+        raise SystemExit(f"invalid configuration:\n{exc}") from None
+    if settings.log_level.lower() not in LOG_LEVELS:
+        raise SystemExit(f"invalid log level {settings.log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
+    if settings.llm_config is not None and not settings.llm_config.is_file():
+        raise SystemExit(f"model routing file not found: {settings.llm_config}")
+    return settings
+
+
+def configure_logging(settings: Settings) -> None:
+    # uvicorn configures only its own loggers; this gives ours (and
+    # SQLAlchemy's, alembic's) a handler at the chosen level.
+    logging.basicConfig(
+        level=LOG_LEVELS[settings.log_level.lower()],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def display_database(settings: Settings) -> str:
+    """The database URL without its password, for logs."""
+    return make_url(settings.resolved_database_url()).render_as_string(hide_password=True)
+
+
+def _exit_on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def serve(settings: Settings) -> int:
+    # uvicorn takes SIGTERM over while it runs, shuts down gracefully, then
+    # re-raises the signal. Handling it here turns that (and a SIGTERM during
+    # start-up) into a clean exit 0 instead of death by signal (143).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+    server = uvicorn.Server(config)
+    log.info(
+        "serving the Assistants API at http://%s:%d/v1 (database %s, data %s)",
+        settings.host,
+        settings.port,
+        display_database(settings),
+        settings.data_dir.resolve(),
+    )
+    # Ctrl-C: uvicorn shuts down gracefully, then re-raises SIGINT.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        log.error("the server did not start (see the errors above)")
+        return 1
+    return 0
+
+
+async def _migrate(settings: Settings) -> None:
+    engine = db.create_engine(settings.resolved_database_url())
+    try:
+        await db.migrate(engine)
+    finally:
+        await engine.dispose()
+
+
+def migrate(settings: Settings) -> int:
+    asyncio.run(_migrate(settings))
+    log.info("database schema is up to date: %s", display_database(settings))
+    return 0
+
+
+async def _work(settings: Settings) -> None:
+    runtime = await Runtime.start(settings)
+    worker = Worker(runtime)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    task = asyncio.create_task(worker.run_forever())
+    log.info("worker %s executing runs from %s", worker.owner, display_database(settings))
+    try:
+        await stop.wait()
+    finally:
+        # Runs this worker was executing are failed by the next reaper once
+        # their lease lapses (they cannot be resumed mid-answer).
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await runtime.close()
+
+
+def run_worker(settings: Settings) -> int:
+    """Execute runs without serving HTTP: scale workers apart from API replicas
+    (which then run with ASSISTANTS_EMBEDDED_WORKER=false) on one PostgreSQL."""
+    asyncio.run(_work(settings))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = load_settings(args)
+    configure_logging(settings)
+    if args.command == "serve":
+        return serve(settings)
+    if args.command == "migrate":
+        return migrate(settings)
+    return run_worker(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

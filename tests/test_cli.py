@@ -1,0 +1,295 @@
+"""The command line as users and CI run it: real processes, real sockets, the
+official SDK, SIGTERM, and a restart on the same data."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+from alembic.script import ScriptDirectory
+
+from app import db
+from app.__main__ import build_parser, load_settings
+from tests import pg
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without ASSISTANTS_* (so a developer's own
+    settings cannot leak into the test), plus ``extra``. PYTHONPATH makes the
+    child run this working tree even from another directory."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ASSISTANTS_")}
+    env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        cwd=cwd,
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        check=False,
+    )
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def sdk(self, api_key: str = "x") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=10)
+
+    def wait_ready(self) -> None:
+        """Poll until any HTTP answer comes back (401 counts: the server is up)."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"server exited with {self.process.returncode} before serving:\n{self.log()}")
+            try:
+                httpx2.get(f"{self.base_url}/assistants", timeout=1.0)
+                return
+            except httpx2.TransportError:
+                time.sleep(0.05)
+        pytest.fail(f"server not ready after {START_TIMEOUT} s:\n{self.log()}")
+
+    def terminate(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=STOP_TIMEOUT)
+
+
+@contextmanager
+def running_server(tmp_path: Path, *args: str, port: int, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """Start ``python -m app serve ARGS`` in ``tmp_path``, wait until it
+    answers on ``port``, and kill it on the way out if the test did not stop it."""
+    log_path = tmp_path / f"server-{secrets.token_hex(4)}.log"
+    command = [sys.executable, "-m", "app", "serve", *args]
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            command, cwd=tmp_path, env=env or clean_env(), stdout=log_file, stderr=subprocess.STDOUT
+        )
+    server = Server(process=process, port=port, log_path=log_path)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=STOP_TIMEOUT)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_args(request: pytest.FixtureRequest) -> Iterator[list[str]]:
+    """Extra serve flags: none for SQLite (the default file under --data-dir),
+    --database-url for a fresh embedded-PostgreSQL database."""
+    if request.param == "sqlite":
+        yield []
+        return
+    server: pg.EmbeddedPostgres = request.getfixturevalue("postgres")
+    name = "cli_" + secrets.token_hex(6)
+    server.create_database(name)
+    try:
+        yield ["--database-url", server.url(name)]
+    finally:
+        server.drop_database(name)
+
+
+def test_help_lists_commands_and_options() -> None:
+    top = run_cli("--help")
+    assert top.returncode == 0, top.stderr
+    for command in ("serve", "migrate", "worker"):
+        assert command in top.stdout
+    serve_help = run_cli("serve", "--help")
+    assert serve_help.returncode == 0, serve_help.stderr
+    for option in ("--host", "--port", "--data-dir", "--database-url", "--config", "--log-level"):
+        assert option in serve_help.stdout
+
+
+def test_serve_round_trip_sigterm_and_restart(tmp_path: Path, database_args: list[str]) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    args = ["--port", str(port), "--data-dir", str(data_dir), *database_args]
+    with running_server(tmp_path, *args, port=port) as server:
+        sdk = server.sdk()
+        assistant = sdk.beta.assistants.create(model="gpt-4o", name="CLI")
+        thread = sdk.beta.threads.create()
+        message = sdk.beta.threads.messages.create(thread.id, role="user", content="persist me")
+        assert [a.id for a in sdk.beta.assistants.list().data] == [assistant.id]
+        assert server.terminate() == 0, server.log()
+        log = server.log()
+    assert "no API keys configured" in log
+    assert f"http://127.0.0.1:{port}/v1" in log
+    assert "Application shutdown complete" in log
+
+    with running_server(tmp_path, *args, port=port) as server:
+        sdk = server.sdk()
+        assert sdk.beta.assistants.retrieve(assistant.id).name == "CLI"
+        messages = sdk.beta.threads.messages.list(thread.id).data
+        assert [m.id for m in messages] == [message.id]
+        assert messages[0].content[0].type == "text"
+        assert messages[0].content[0].text.value == "persist me"
+        assert server.terminate() == 0, server.log()
+    if not database_args:
+        assert (data_dir / "assistants.db").is_file()
+
+
+def test_serve_defaults_to_sqlite_under_dot_data(tmp_path: Path) -> None:
+    # Only the port is chosen (8000 may be taken here); the host and the data
+    # directory are the defaults a newcomer gets.
+    port = free_port()
+    with running_server(tmp_path, "--port", str(port), port=port) as server:
+        assert server.sdk().beta.assistants.list().data == []
+        assert server.terminate() == 0, server.log()
+    assert (tmp_path / "data" / "assistants.db").is_file()
+
+
+def test_env_vars_are_honoured(tmp_path: Path) -> None:
+    port = free_port()
+    env = clean_env(ASSISTANTS_PORT=str(port), ASSISTANTS_API_KEYS="sk-one, sk-two")
+    with running_server(tmp_path, port=port, env=env) as server:
+        with pytest.raises(openai.AuthenticationError):
+            server.sdk("sk-wrong").beta.assistants.list()
+        assert server.sdk("sk-two").beta.assistants.list().data == []
+        assert server.terminate() == 0, server.log()
+        assert "no API keys configured" not in server.log()
+
+
+def test_flags_override_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ASSISTANTS_PORT", "9001")
+    monkeypatch.setenv("ASSISTANTS_HOST", "0.0.0.0")  # noqa: S104 - a value under test, nothing binds it
+    routing = tmp_path / "models.yaml"
+    routing.write_text("model_list: []\n")
+    args = build_parser().parse_args(["serve", "--port", "9002", "--config", str(routing)])
+    settings = load_settings(args)
+    assert (settings.host, settings.port, settings.llm_config) == ("0.0.0.0", 9002, routing)  # noqa: S104
+
+
+def test_bad_configuration_fails_fast_with_a_message(tmp_path: Path) -> None:
+    bad_env = run_cli("serve", env=clean_env(ASSISTANTS_PORT="eighty"), cwd=tmp_path)
+    assert bad_env.returncode != 0
+    assert "invalid configuration" in bad_env.stderr and "port" in bad_env.stderr
+    missing = run_cli("serve", "--config", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert missing.returncode != 0
+    assert "model routing file not found" in missing.stderr
+    bad_flag = run_cli("serve", "--port", "eighty", cwd=tmp_path)
+    assert bad_flag.returncode == 2
+    assert "--port" in bad_flag.stderr
+
+
+def test_migrate_builds_a_fresh_sqlite_database(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "fresh.db"
+    for _ in range(2):  # the second run finds nothing to do
+        result = run_cli("migrate", "--database-url", f"sqlite+aiosqlite:///{path}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    head = ScriptDirectory(str(db.MIGRATIONS_DIR)).get_current_head()
+    with sqlite3.connect(path) as connection:
+        versions = connection.execute("SELECT version_num FROM alembic_version").fetchall()
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert versions == [(head,)]
+    assert {"assistants", "threads", "messages", "files"} <= tables
+    assert not (tmp_path / "data").exists(), "migrate with --database-url must not touch the default data dir"
+
+
+def _poll_run(sdk: openai.OpenAI, thread_id: str, run_id: str, statuses: set[str]) -> Any:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        run = sdk.beta.threads.runs.retrieve(run_id, thread_id=thread_id)
+        if run.status in statuses:
+            return run
+        time.sleep(0.02)
+    pytest.fail(f"run {run_id} never reached {statuses}")
+
+
+def _start_worker(tmp_path: Path, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with (tmp_path / "worker.log").open("wb") as log_file:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "app", "worker", *args], cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+
+
+def test_standalone_worker_executes_an_api_replicas_runs(tmp_path: Path, database_args: list[str]) -> None:
+    port = free_port()
+    data = ["--data-dir", str(tmp_path / "data"), *database_args]
+    api_env = clean_env(ASSISTANTS_EMBEDDED_WORKER="false")
+    with running_server(tmp_path, "--port", str(port), *data, port=port, env=api_env) as server:
+        sdk = server.sdk()
+        assistant = sdk.beta.assistants.create(model="gpt-4o")
+        run = sdk.beta.threads.create_and_run(
+            assistant_id=assistant.id, thread={"messages": [{"role": "user", "content": "hello"}]}
+        )
+        assert sdk.beta.threads.runs.retrieve(run.id, thread_id=run.thread_id).status == "queued"
+        worker = _start_worker(tmp_path, data, clean_env(ASSISTANTS_WORKER_POLL_SECONDS="0.05"))
+        try:
+            done = _poll_run(sdk, run.thread_id, run.id, {"completed", "failed"})
+            assert done.status == "completed", done.last_error
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=STOP_TIMEOUT) == 0
+        answer = sdk.beta.threads.messages.list(run.thread_id).data[0]
+        assert answer.content[0].text.value == "You said: hello"  # type: ignore[union-attr]
+
+
+def test_kill_9_mid_run_then_restart_fails_the_run_and_keeps_the_rest(tmp_path: Path, database_args: list[str]) -> None:
+    port = free_port()
+    args = ["--port", str(port), "--data-dir", str(tmp_path / "data"), *database_args]
+    env = clean_env(ASSISTANTS_RUN_LEASE_SECONDS="1", ASSISTANTS_WORKER_POLL_SECONDS="0.1")
+    with running_server(tmp_path, *args, port=port, env=env) as server:
+        sdk = server.sdk()
+        assistant = sdk.beta.assistants.create(model="gpt-4o")
+        thread = sdk.beta.threads.create(messages=[{"role": "user", "content": "first"}])
+        first = sdk.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=20)
+        assert first.status == "completed"
+        sdk.beta.threads.messages.create(thread.id, role="user", content="[[reply half an answer]] [[hang]]")
+        doomed = sdk.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant.id)
+        _poll_run(sdk, thread.id, doomed.id, {"in_progress"})
+        server.process.kill()  # SIGKILL: no shutdown code runs
+        server.process.wait(timeout=STOP_TIMEOUT)
+    with running_server(tmp_path, *args, port=port, env=env) as server:
+        sdk = server.sdk()
+        failed = _poll_run(sdk, thread.id, doomed.id, {"failed", "completed", "cancelled", "expired", "incomplete"})
+        assert failed.status == "failed"
+        assert failed.last_error is not None and "interrupted" in failed.last_error.message
+        messages = sdk.beta.threads.messages.list(thread.id, order="asc").data
+        assert [m.role for m in messages][:3] == ["user", "assistant", "user"]
+        assert messages[1].status == "completed" and messages[1].content[0].text.value == "You said: first"  # type: ignore[union-attr]
+        # the thread is usable again (a new user message: the last one says [[hang]])
+        sdk.beta.threads.messages.create(thread.id, role="user", content="after the crash")
+        again = sdk.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=20)
+        assert again.status == "completed"
