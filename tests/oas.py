@@ -42,7 +42,9 @@ def _registry() -> Registry:
 
 
 def _validator(schema: dict[str, Any]) -> Draft202012Validator:
-    return Draft202012Validator({"$ref": f"{_SPEC_URI}#{schema['$ref'][1:]}"} if "$ref" in schema else schema, registry=_registry())
+    return Draft202012Validator(
+        {"$ref": f"{_SPEC_URI}#{schema['$ref'][1:]}"} if "$ref" in schema else schema, registry=_registry()
+    )
 
 
 def validate(instance: Any, schema_name: str) -> None:

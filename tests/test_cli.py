@@ -240,7 +240,11 @@ def _poll_run(sdk: openai.OpenAI, thread_id: str, run_id: str, statuses: set[str
 def _start_worker(tmp_path: Path, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     with (tmp_path / "worker.log").open("wb") as log_file:  # the child keeps its own descriptor
         return subprocess.Popen(
-            [sys.executable, "-m", "app", "worker", *args], cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "app", "worker", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
 
 
@@ -274,7 +278,9 @@ def test_kill_9_mid_run_then_restart_fails_the_run_and_keeps_the_rest(tmp_path: 
         sdk = server.sdk()
         assistant = sdk.beta.assistants.create(model="gpt-4o")
         thread = sdk.beta.threads.create(messages=[{"role": "user", "content": "first"}])
-        first = sdk.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=20)
+        first = sdk.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=20
+        )
         assert first.status == "completed"
         sdk.beta.threads.messages.create(thread.id, role="user", content="[[reply half an answer]] [[hang]]")
         doomed = sdk.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant.id)
@@ -291,5 +297,7 @@ def test_kill_9_mid_run_then_restart_fails_the_run_and_keeps_the_rest(tmp_path: 
         assert messages[1].status == "completed" and messages[1].content[0].text.value == "You said: first"  # type: ignore[union-attr]
         # the thread is usable again (a new user message: the last one says [[hang]])
         sdk.beta.threads.messages.create(thread.id, role="user", content="after the crash")
-        again = sdk.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=20)
+        again = sdk.beta.threads.runs.create_and_poll(
+            thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=20
+        )
         assert again.status == "completed"

@@ -247,7 +247,11 @@ class RunExecution:
             "type": "submit_tool_outputs",
             "submit_tool_outputs": {
                 "tool_calls": [
-                    {"id": c["id"], "type": "function", "function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}}
+                    {
+                        "id": c["id"],
+                        "type": "function",
+                        "function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                    }
                     for c in calls
                 ]
             },
@@ -257,7 +261,9 @@ class RunExecution:
             assert run is not None
             if run.status != "in_progress":
                 raise run_state.TransitionConflict(run.status)
-            name = await run_state.transition(session, run, "requires_action", required_action=required, usage=self._usage())
+            name = await run_state.transition(
+                session, run, "requires_action", required_action=required, usage=self._usage()
+            )
             events = [Event.of(name, runs.to_wire(run))]
         self._publish(events)
 

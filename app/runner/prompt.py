@@ -101,8 +101,8 @@ async def run_section(session: AsyncSession, storage: Storage, run: orm.Run) -> 
             if message is not None and message.content:
                 section.append({"role": "assistant", "content": await _message_content(session, storage, message)})
             continue
-        calls = [_chat_call(call, step.internal or {}) for call in details.get("tool_calls", [])]
-        calls = [call for call in calls if call is not None]
+        made = (_chat_call(call, step.internal or {}) for call in details.get("tool_calls", []))
+        calls: list[dict[str, Any]] = [call for call in made if call is not None]
         if not calls:
             continue
         section.append(

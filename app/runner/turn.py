@@ -16,6 +16,7 @@ from app.runtime import Runtime
 from app.services import messages, run_steps
 from app.wire.events import Event
 
+
 class TurnStopped(Exception):
     """The run was cancelled while the model was answering."""
 

@@ -28,8 +28,10 @@ DEFAULT_TRUNCATION: dict[str, Any] = {"type": "auto", "last_messages": None}
 
 def _tool_choice_to_wire(body: RunCreate | ThreadAndRunCreate, tools: list[dict[str, Any]]) -> Any:
     choice = body.tool_choice
-    if choice is None or isinstance(choice, str):
-        return choice or "auto"
+    if choice is None:
+        return "auto"
+    if isinstance(choice, str):
+        return choice
     wire = choice.model_dump()
     if wire["type"] == "function":
         names = {tool["function"]["name"] for tool in tools if tool["type"] == "function"}
@@ -56,7 +58,6 @@ async def _new_run(
         instructions = f"{instructions}\n\n{additional_instructions}" if instructions else additional_instructions
     seq = ids.next_seq()
     created_at = ids.seconds(seq)
-    pick = lambda override, default: override if override is not None else default  # noqa: E731
     return orm.Run(
         id=ids.new_id(ids.RUN, seq),
         seq=seq,
@@ -69,13 +70,13 @@ async def _new_run(
         instructions=instructions,
         tools=tools,
         metadata_=metadata_or_empty(body.metadata),
-        temperature=pick(body.temperature, pick(assistant.temperature, 1.0)),
-        top_p=pick(body.top_p, pick(assistant.top_p, 1.0)),
+        temperature=_pick(body.temperature, _pick(assistant.temperature, 1.0)),
+        top_p=_pick(body.top_p, _pick(assistant.top_p, 1.0)),
         max_prompt_tokens=body.max_prompt_tokens,
         max_completion_tokens=body.max_completion_tokens,
         truncation_strategy=body.truncation_strategy.model_dump() if body.truncation_strategy else DEFAULT_TRUNCATION,
         tool_choice=_tool_choice_to_wire(body, tools),
-        parallel_tool_calls=pick(body.parallel_tool_calls, True),
+        parallel_tool_calls=_pick(body.parallel_tool_calls, True),
         response_format=response_format_to_wire(body.response_format)
         if body.response_format is not None
         else (assistant.response_format or "auto"),
@@ -83,12 +84,19 @@ async def _new_run(
     )
 
 
+def _pick(override: Any, default: Any) -> Any:
+    """A run field: the request's override if given, else the assistant's."""
+    return override if override is not None else default
+
+
 def _queued_events(run: orm.Run) -> list[Event]:
     wire = to_wire(run)
     return [Event.of("thread.run.created", wire), Event.of("thread.run.queued", wire)]
 
 
-async def create(session: AsyncSession, thread_id: str, body: RunCreate, *, expires_in: int) -> tuple[orm.Run, list[Event]]:
+async def create(
+    session: AsyncSession, thread_id: str, body: RunCreate, *, expires_in: int
+) -> tuple[orm.Run, list[Event]]:
     await threads.get(session, thread_id)
     active = await thread_lock.active_run(session, thread_id)
     if active is not None:

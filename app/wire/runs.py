@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -48,10 +48,10 @@ class FileSearchChoice(RequestModel):
     type: Literal["file_search"]
 
 
-ToolChoice = Union[
-    Literal["none", "auto", "required"],
-    Annotated[Union[FunctionChoice, CodeInterpreterChoice, FileSearchChoice], Field(discriminator="type")],
-]
+ToolChoice = (
+    Literal["none", "auto", "required"]
+    | Annotated[FunctionChoice | CodeInterpreterChoice | FileSearchChoice, Field(discriminator="type")]
+)
 
 
 class _RunOptions(RequestModel):

@@ -81,7 +81,11 @@ async def test_list_and_delete_everything_loop(client: openai.AsyncOpenAI) -> No
         ({"temperature": 3}, "temperature", "integer_above_max_value"),
         ({"tools": [{"type": "code_interpreter"}] * 129}, "tools", "array_above_max_length"),
         ({"tools": [{"type": "retrieval"}]}, "tools[0].type", "invalid_value"),
-        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name", "invalid_value"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "bad name!"}}]},
+            "tools[0].function.name",
+            "invalid_value",
+        ),
         ({"extra_body": {"file_ids": ["file-abc"]}}, "file_ids", "unknown_parameter"),
         ({"name": 5}, "name", "invalid_type"),
     ],

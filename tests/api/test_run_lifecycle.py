@@ -62,7 +62,7 @@ async def test_cancel_in_progress_run(client: openai.AsyncOpenAI) -> None:
     run = await client.beta.threads.runs.create(thread_id=thread_id, assistant_id=assistant_id)
     await _wait_for(client, thread_id, run.id, "in_progress")
     # wait until the partial answer has started (its message exists)
-    while not (await client.beta.threads.messages.list(thread_id, run_id=run.id)).data:
+    while not (await client.beta.threads.messages.list(thread_id, run_id=run.id)).data:  # noqa: ASYNC110 - polling the API
         await asyncio.sleep(0.01)
     await client.beta.threads.runs.cancel(run.id, thread_id=thread_id)
     final = await client.beta.threads.runs.poll(run.id, thread_id=thread_id)
@@ -96,7 +96,11 @@ async def test_requires_action_expires(client: openai.AsyncOpenAI, app: FastAPI)
 
 @pytest.mark.parametrize(
     ("directive", "code"),
-    [("[[fail rate_limit]]", "rate_limit_exceeded"), ("[[fail server_error]]", "server_error"), ("[[fail invalid_prompt]]", "invalid_prompt")],
+    [
+        ("[[fail rate_limit]]", "rate_limit_exceeded"),
+        ("[[fail server_error]]", "server_error"),
+        ("[[fail invalid_prompt]]", "invalid_prompt"),
+    ],
 )
 async def test_provider_failure_fails_the_run(client: openai.AsyncOpenAI, directive: str, code: str) -> None:
     thread_id, assistant_id = await _thread_and_assistant(client, directive)
@@ -106,7 +110,9 @@ async def test_provider_failure_fails_the_run(client: openai.AsyncOpenAI, direct
 
 
 async def test_failure_mid_answer_keeps_partial_text(client: openai.AsyncOpenAI) -> None:
-    thread_id, assistant_id = await _thread_and_assistant(client, "[[reply one two three four five]] [[fail server_error after 3]]")
+    thread_id, assistant_id = await _thread_and_assistant(
+        client, "[[reply one two three four five]] [[fail server_error after 3]]"
+    )
     run = await client.beta.threads.runs.create_and_poll(thread_id=thread_id, assistant_id=assistant_id)
     assert run.status == "failed"
     message = (await client.beta.threads.messages.list(thread_id, run_id=run.id)).data[0]
@@ -155,7 +161,9 @@ async def test_max_prompt_tokens_ends_incomplete(client: openai.AsyncOpenAI) -> 
 
 
 async def test_text_before_tool_call_is_kept(client: openai.AsyncOpenAI) -> None:
-    thread_id, assistant_id = await _thread_and_assistant(client, "[[reply Let me check.]] [[call f]]", tools=[FUNCTION_F])
+    thread_id, assistant_id = await _thread_and_assistant(
+        client, "[[reply Let me check.]] [[call f]]", tools=[FUNCTION_F]
+    )
     run = await client.beta.threads.runs.create_and_poll(thread_id=thread_id, assistant_id=assistant_id)
     assert run.status == "requires_action"
     steps = (await client.beta.threads.runs.steps.list(run.id, thread_id=thread_id, order="asc")).data
@@ -186,13 +194,19 @@ async def test_overrides_are_applied_and_reported(client: openai.AsyncOpenAI) ->
     assert run.truncation_strategy.type == "last_messages" and run.parallel_tool_calls is False  # type: ignore[union-attr]
     answer = (await client.beta.threads.messages.list(thread_id)).data[0]
     assert json.loads(answer.content[0].text.value) == {"message": "You said: second"}  # type: ignore[union-attr]
-    assert [m.role for m in (await client.beta.threads.messages.list(thread_id, order="asc")).data] == ["user", "user", "assistant"]
+    assert [m.role for m in (await client.beta.threads.messages.list(thread_id, order="asc")).data] == [
+        "user",
+        "user",
+        "assistant",
+    ]
 
 
 async def test_tool_choice(client: openai.AsyncOpenAI) -> None:
     tools = [FUNCTION_F, {"type": "function", "function": {"name": "g"}}]
     thread_id, assistant_id = await _thread_and_assistant(client, "no directives here", tools=tools)
-    run = await client.beta.threads.runs.create_and_poll(thread_id=thread_id, assistant_id=assistant_id, tool_choice="required")
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread_id, assistant_id=assistant_id, tool_choice="required"
+    )
     assert run.status == "requires_action"
     await client.beta.threads.runs.cancel(run.id, thread_id=thread_id)
     await client.beta.threads.runs.poll(run.id, thread_id=thread_id)
@@ -203,11 +217,15 @@ async def test_tool_choice(client: openai.AsyncOpenAI) -> None:
     await client.beta.threads.runs.cancel(run.id, thread_id=thread_id)
     await client.beta.threads.runs.poll(run.id, thread_id=thread_id)
     await client.beta.threads.messages.create(thread_id, role="user", content="[[call f]]")
-    run = await client.beta.threads.runs.create_and_poll(thread_id=thread_id, assistant_id=assistant_id, tool_choice="none")
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread_id, assistant_id=assistant_id, tool_choice="none"
+    )
     assert run.status == "completed"
     with pytest.raises(openai.BadRequestError):
         await client.beta.threads.runs.create(
-            thread_id=thread_id, assistant_id=assistant_id, tool_choice={"type": "function", "function": {"name": "nope"}}
+            thread_id=thread_id,
+            assistant_id=assistant_id,
+            tool_choice={"type": "function", "function": {"name": "nope"}},
         )
 
 
@@ -261,7 +279,12 @@ def routed_settings(settings: Settings, fake_backend: FakeOpenAI, tmp_path: Path
         "model_list": [
             {
                 "model_name": "*",
-                "litellm_params": {"model": "openai/*", "api_base": fake_backend.api_base, "api_key": "sk-fake", "max_retries": 0},
+                "litellm_params": {
+                    "model": "openai/*",
+                    "api_base": fake_backend.api_base,
+                    "api_key": "sk-fake",
+                    "max_retries": 0,
+                },
                 "model_info": {"max_input_tokens": 60},
             }
         ]
@@ -272,9 +295,15 @@ def routed_settings(settings: Settings, fake_backend: FakeOpenAI, tmp_path: Path
     return settings
 
 
-async def test_real_backend_through_litellm(routed_settings: Settings, client: openai.AsyncOpenAI, fake_backend: FakeOpenAI) -> None:
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
-    thread_id, assistant_id = await _thread_and_assistant(client, "Weather in Tokyo?", tools=tools, instructions="Be helpful.")
+async def test_real_backend_through_litellm(
+    routed_settings: Settings, client: openai.AsyncOpenAI, fake_backend: FakeOpenAI
+) -> None:
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+    ]
+    thread_id, assistant_id = await _thread_and_assistant(
+        client, "Weather in Tokyo?", tools=tools, instructions="Be helpful."
+    )
     run = await client.beta.threads.runs.create_and_poll(thread_id=thread_id, assistant_id=assistant_id)
     assert run.status == "requires_action", run.last_error
     call = run.required_action.submit_tool_outputs.tool_calls[0]  # type: ignore[union-attr]
@@ -283,11 +312,16 @@ async def test_real_backend_through_litellm(routed_settings: Settings, client: o
     assert steps[0].type == "message_creation"  # "Hello world" came before the call
     sent = fake_backend.requests[-1]["body"]
     assert sent["model"] == "gpt-4o"
-    assert sent["messages"] == [{"role": "system", "content": "Be helpful."}, {"role": "user", "content": "Weather in Tokyo?"}]
+    assert sent["messages"] == [
+        {"role": "system", "content": "Be helpful."},
+        {"role": "user", "content": "Weather in Tokyo?"},
+    ]
     assert sent["tools"][0]["function"]["name"] == "get_weather"
 
 
-async def test_auto_truncation_drops_oldest_messages(routed_settings: Settings, client: openai.AsyncOpenAI, fake_backend: FakeOpenAI) -> None:
+async def test_auto_truncation_drops_oldest_messages(
+    routed_settings: Settings, client: openai.AsyncOpenAI, fake_backend: FakeOpenAI
+) -> None:
     assistant = await client.beta.assistants.create(model="fake-no-usage")
     thread = await client.beta.threads.create(
         messages=[{"role": "user", "content": f"message number {i} " + "pad " * 10} for i in range(12)]

@@ -56,7 +56,13 @@ async def test_create_thread_and_run(client: openai.AsyncOpenAI) -> None:
 
 async def test_multi_round_function_calling(client: openai.AsyncOpenAI) -> None:
     tools = [
-        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        },
         {"type": "function", "function": {"name": "get_time"}},
     ]
     assistant_id = await _assistant(client, tools=tools)
@@ -75,7 +81,10 @@ async def test_multi_round_function_calling(client: openai.AsyncOpenAI) -> None:
         await client.beta.threads.runs.submit_tool_outputs(
             run.id, thread_id=thread.id, tool_outputs=[{"tool_call_id": calls[0].id, "output": "x"}]
         )
-    assert error_of(exc)["message"] == f"Expected tool outputs for call_ids {[c.id for c in calls]!r}, got {[calls[0].id]!r}"
+    assert (
+        error_of(exc)["message"]
+        == f"Expected tool outputs for call_ids {[c.id for c in calls]!r}, got {[calls[0].id]!r}"
+    )
 
     with pytest.raises(openai.BadRequestError) as exc:
         await client.beta.threads.messages.create(thread.id, role="user", content="interrupt")
@@ -84,7 +93,10 @@ async def test_multi_round_function_calling(client: openai.AsyncOpenAI) -> None:
     run = await client.beta.threads.runs.submit_tool_outputs_and_poll(
         run_id=run.id,
         thread_id=thread.id,
-        tool_outputs=[{"tool_call_id": calls[0].id, "output": '{"temp": 22}'}, {"tool_call_id": calls[1].id, "output": "noon"}],
+        tool_outputs=[
+            {"tool_call_id": calls[0].id, "output": '{"temp": 22}'},
+            {"tool_call_id": calls[1].id, "output": "noon"},
+        ],
     )
     assert run.status == "completed", run.last_error
     steps = (await client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc")).data

@@ -43,16 +43,30 @@ async def _make_runs(runtime: Runtime, count: int, status: str = "queued", text:
             seq = ids.next_seq()
             session.add(
                 orm.Message(
-                    id=ids.new_id(ids.MESSAGE, seq), seq=seq, created_at=ids.seconds(seq), thread_id=thread.id,
-                    role="user", content=[{"type": "text", "text": {"value": text, "annotations": []}}],
-                    status="completed", metadata_={},
+                    id=ids.new_id(ids.MESSAGE, seq),
+                    seq=seq,
+                    created_at=ids.seconds(seq),
+                    thread_id=thread.id,
+                    role="user",
+                    content=[{"type": "text", "text": {"value": text, "annotations": []}}],
+                    status="completed",
+                    metadata_={},
                 )
             )
             seq = ids.next_seq()
             run = orm.Run(
-                id=ids.new_id(ids.RUN, seq), seq=seq, created_at=ids.seconds(seq), thread_id=thread.id,
-                assistant_id=assistant.id, status=status, expires_at=ids.seconds(seq) + 600, model="m",
-                instructions="", tools=[], metadata_={}, parallel_tool_calls=True,
+                id=ids.new_id(ids.RUN, seq),
+                seq=seq,
+                created_at=ids.seconds(seq),
+                thread_id=thread.id,
+                assistant_id=assistant.id,
+                status=status,
+                expires_at=ids.seconds(seq) + 600,
+                model="m",
+                instructions="",
+                tools=[],
+                metadata_={},
+                parallel_tool_calls=True,
             )
             session.add(run)
             run_ids.append(run.id)
@@ -117,7 +131,9 @@ async def test_lapsed_lease_fails_the_run_and_keeps_completed_messages(runtime: 
         await session.execute(
             update(orm.Run)
             .where(orm.Run.id == run_id)
-            .values(status="in_progress", started_at=ids.now(), lease_owner="dead-worker", lease_expires_at=time.time() - 1)
+            .values(
+                status="in_progress", started_at=ids.now(), lease_owner="dead-worker", lease_expires_at=time.time() - 1
+            )
         )
     await Worker(runtime).reap()
     async with runtime.transaction() as session:
