@@ -9,6 +9,7 @@ for what really is retryable.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -100,7 +101,6 @@ _EXPECTED = {
 }
 
 
-
 def _describe(value: Any) -> str:
     if value is None:
         return "null"
@@ -119,29 +119,50 @@ def _describe(value: Any) -> str:
     return "an unknown type"
 
 
-def _param_path(loc: Sequence[Any], body: Any) -> str:
-    """Turn a pydantic location into OpenAI's ``messages[0].content`` form.
+_ABSENT_KEY_KINDS = ("missing", "extra_forbidden")
+
+
+def _param_parts(loc: Sequence[Any], body: Any, kind: str = "") -> list[str]:
+    """The parts of a pydantic location that name something in the request.
 
     Pydantic puts union member names and discriminator tags into locations;
     those do not exist in the request, so only parts that navigate the
-    actual input are kept.
+    actual input are kept, plus the final key of a missing or unknown
+    parameter (absent from the input, yet it is the parameter).
     """
+    if loc and loc[0] in ("query", "path", "header"):
+        return [str(part) for part in loc[1:2]]
     parts: list[str] = []
     current = body
     for index, part in enumerate(loc):
-        if index == 0 and part in ("body", "query", "path", "header"):
+        if index == 0 and part == "body":
             continue
         if isinstance(part, int) and isinstance(current, list) and 0 <= part < len(current):
             parts.append(f"[{part}]")
             current = current[part]
         elif isinstance(part, str) and isinstance(current, Mapping) and part in current:
-            parts.append(("." if parts else "") + part)
+            parts.append(part)
             current = current[part]
-        elif isinstance(part, str) and index == len(loc) - 1:
-            # a missing or unknown key: it is not in the input, but it is the parameter
-            parts.append(("." if parts else "") + part)
+        elif kind in _ABSENT_KEY_KINDS and index == len(loc) - 1 and isinstance(current, Mapping):
+            parts.append(str(part))
         # anything else is a union member or tag name: skip it
-    return "".join(parts)
+    return parts
+
+
+def _param_path(error: Mapping[str, Any], body: Any) -> str:
+    """OpenAI's ``messages[0].content`` form of an error's location."""
+    return _join_param(*_param_parts(list(error.get("loc", ())), body, str(error.get("type", ""))))
+
+
+def _join_param(*parts: str) -> str:
+    path = ""
+    for part in parts:
+        if part.startswith("["):
+            path += part
+        elif part:
+            part = part.lstrip(".")
+            path = f"{path}.{part}" if path else part
+    return path
 
 
 def _quote_list(values: Sequence[str]) -> str:
@@ -164,10 +185,8 @@ def _number_error(kind: str, ctx: Mapping[str, Any], value: Any, param: str) -> 
         try:
             value = int(value)
         except ValueError:
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
     is_int = isinstance(value, int) and not isinstance(value, bool)
     noun = "integer" if is_int else "decimal"
     if kind in ("less_than_equal", "less_than"):
@@ -177,8 +196,7 @@ def _number_error(kind: str, ctx: Mapping[str, Any], value: Any, param: str) -> 
         bound, op, side = ctx.get("ge", ctx.get("gt")), ">=" if kind == "greater_than_equal" else ">", "below"
         limit = "minimum"
     return invalid(
-        f"Invalid '{param}': {noun} {side} {limit} value. Expected a value {op} {bound}, "
-        f"but got {value} instead.",
+        f"Invalid '{param}': {noun} {side} {limit} value. Expected a value {op} {bound}, but got {value} instead.",
         param=param,
         code=f"{noun}_{side}_{'max' if side == 'above' else 'min'}_value",
     )
@@ -188,81 +206,155 @@ def _discriminator(ctx: Mapping[str, Any]) -> str:
     return str(ctx.get("discriminator", "type")).strip("'")
 
 
+def _type_error(kind: str, value: Any, param: str) -> APIError:
+    if not param:
+        # The body itself is not an object. FastAPI hands non-JSON content
+        # types over as raw bytes: to us that is a body that is not JSON.
+        if isinstance(value, (bytes, bytearray)):
+            return invalid(JSON_PARSE_MESSAGE)
+        return invalid(f"Invalid type: expected an object, but got {_describe(value)} instead.", code="invalid_type")
+    return invalid(
+        f"Invalid type for '{param}': expected {_EXPECTED[kind]}, but got {_describe(value)} instead.",
+        param=param,
+        code="invalid_type",
+    )
+
+
+def _length_error(kind: str, ctx: Mapping[str, Any], value: Any, param: str) -> APIError:
+    longer = kind.endswith("too_long")
+    noun = "string" if kind.startswith("string") else "array"
+    bound = ctx.get("max_length" if longer else "min_length")
+    if noun == "string":
+        actual: Any = len(value) if isinstance(value, str) else "?"
+    else:
+        actual = ctx.get("actual_length", len(value) if isinstance(value, Sequence) else "?")
+        if actual == 0:
+            return invalid(
+                f"Invalid '{param}': empty array. Expected an array with minimum length {bound}, "
+                "but got an empty array instead.",
+                param=param,
+                code="empty_array",
+            )
+    return invalid(
+        f"Invalid '{param}': {noun} too {'long' if longer else 'short'}. Expected a {noun} with "
+        f"{'maximum' if longer else 'minimum'} length {bound}, but got a {noun} with length "
+        f"{actual} instead.",
+        param=param,
+        code=f"{noun}_{'above_max' if longer else 'below_min'}_length",
+    )
+
+
+def _value_error(kind: str, ctx: Mapping[str, Any], value: Any, param: str) -> APIError:
+    if kind == "union_tag_invalid":
+        value = ctx.get("tag", value)
+        param = _join_param(param, _discriminator(ctx))
+    return invalid(
+        f"Invalid value: '{value}'. Supported values are: {_quote_list(_expected_values(ctx))}.",
+        param=param,
+        code="invalid_value",
+    )
+
+
+def _custom_error(error: Mapping[str, Any], ctx: Mapping[str, Any], param: str) -> APIError:
+    kind = str(error.get("type", ""))
+    message = str(error.get("msg", "Invalid request."))
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    if PARAM in message:
+        # PARAM stands for the full parameter: where the error was raised
+        # plus the suffix the validator named (see app.wire.common.custom_error).
+        param = _join_param(param, str(ctx.get("param_suffix", "")))
+        return invalid(message.replace(PARAM, param), param=param or None, code=kind if kind != "value_error" else None)
+    return invalid(f"Invalid '{param}': {message}", param=param or None, code="invalid_value")
+
+
 def _one(error: Mapping[str, Any], body: Any) -> APIError:
     kind = str(error.get("type", ""))
-    loc = list(error.get("loc", ()))
     ctx: Mapping[str, Any] = error.get("ctx") or {}
     value = error.get("input")
-    param = _param_path(loc, body)
+    param = _param_path(error, body)
     if kind == "json_invalid":
         return invalid(JSON_PARSE_MESSAGE)
     if kind in ("missing", "union_tag_not_found"):
         if kind == "union_tag_not_found":
-            param = f"{param}.{_discriminator(ctx)}".lstrip(".")
+            param = _join_param(param, _discriminator(ctx))
         if not param:
             return invalid(JSON_PARSE_MESSAGE)
         return invalid(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     if kind == "extra_forbidden":
         return invalid(f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter")
     if kind in _EXPECTED:
-        return invalid(
-            f"Invalid type for '{param}': expected {_EXPECTED[kind]}, but got {_describe(value)} instead.",
-            param=param,
-            code="invalid_type",
-        )
-    if kind in ("string_too_long", "string_too_short"):
-        longer = kind == "string_too_long"
-        bound = ctx.get("max_length" if longer else "min_length")
-        return invalid(
-            f"Invalid '{param}': string too {'long' if longer else 'short'}. Expected a string with "
-            f"{'maximum' if longer else 'minimum'} length {bound}, but got a string with length "
-            f"{len(value) if isinstance(value, str) else '?'} instead.",
-            param=param,
-            code=f"string_{'above_max' if longer else 'below_min'}_length",
-        )
-    if kind in ("too_long", "too_short"):
-        longer = kind == "too_long"
-        bound = ctx.get("max_length" if longer else "min_length")
-        actual = ctx.get("actual_length", len(value) if isinstance(value, Sequence) else "?")
-        return invalid(
-            f"Invalid '{param}': array too {'long' if longer else 'short'}. Expected an array with "
-            f"{'maximum' if longer else 'minimum'} length {bound}, but got an array with length "
-            f"{actual} instead.",
-            param=param,
-            code=f"array_{'above_max' if longer else 'below_min'}_length",
-        )
+        return _type_error(kind, value, param)
+    if kind in ("string_too_long", "string_too_short", "too_long", "too_short"):
+        return _length_error(kind, ctx, value, param)
     if kind in ("less_than_equal", "less_than", "greater_than_equal", "greater_than"):
         return _number_error(kind, ctx, value, param)
     if kind in ("literal_error", "enum", "union_tag_invalid"):
-        if kind == "union_tag_invalid":
-            value = ctx.get("tag", value)
-            param = f"{param}.{_discriminator(ctx)}".lstrip(".")
-        return invalid(
-            f"Invalid value: '{value}'. Supported values are: {_quote_list(_expected_values(ctx))}.",
-            param=param,
-            code="invalid_value",
-        )
-    message = str(error.get("msg", "Invalid request."))
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
-    if PARAM in message:
-        message = message.replace(PARAM, param)
-        param += str(ctx.get("param_suffix", ""))
-        return invalid(message, param=param, code=kind if kind != "value_error" else None)
-    return invalid(f"Invalid '{param}': {message}", param=param or None, code="invalid_value")
+        return _value_error(kind, ctx, value, param)
+    return _custom_error(error, ctx, param)
+
+
+# --- choosing among the errors of a union ---------------------------------
+
+
+def _is_type_mismatch(error: Mapping[str, Any]) -> bool:
+    """The input is not even of the member's type (every Literal we use is a
+    string literal, so a non-string input fails a literal on type)."""
+    kind = error.get("type")
+    return kind in _EXPECTED or (kind == "literal_error" and not isinstance(error.get("input"), str))
+
+
+def _member_noun(error: Mapping[str, Any]) -> str:
+    kind = str(error.get("type"))
+    if kind == "list_type":
+        member = str(list(error.get("loc", ("",)))[-1])
+        items = member[len("list[") : -1] if member.startswith("list[") else ""
+        return "array of objects" if items and items not in ("str", "int", "float", "bool") else "an array"
+    if kind == "literal_error":
+        return "a string"
+    return _EXPECTED.get(kind, "a value")
+
+
+def _union_type_error(errors: Sequence[Mapping[str, Any]], param: str) -> APIError:
+    """OpenAI's wording when a value matches none of a union's types:
+    ``expected one of a string or array of objects, but got an object instead``."""
+    nouns: list[str] = []
+    for error in errors:
+        noun = _member_noun(error)
+        if nouns:
+            noun = noun.removeprefix("an ").removeprefix("a ")
+        if noun not in nouns:
+            nouns.append(noun)
+    return invalid(
+        f"Invalid type for '{param}': expected one of {' or '.join(nouns)}, but got "
+        f"{_describe(errors[0].get('input'))} instead.",
+        param=param,
+        code="invalid_type",
+    )
 
 
 def from_validation_errors(errors: Sequence[Mapping[str, Any]], body: Any = None) -> APIError:
     """The one error to report for a failed validation.
 
-    A value that fails a union yields one error per member; the deepest one
-    (the member that got furthest) is the most useful to report.
+    A value that fails a union yields one error per member. The member that
+    got furthest into the input explains the problem best; among equally deep
+    ones, a member whose type did not even match explains it worst; when no
+    member's type matched, the value gets a union type error.
     """
     if not errors:
         return invalid("Invalid request.")
 
     def depth(error: Mapping[str, Any]) -> int:
-        return len(_param_path(list(error.get("loc", ())), body))
+        return len(_param_parts(list(error.get("loc", ())), body, str(error.get("type", ""))))
 
-    best = max(errors, key=depth)
-    return _one(best, body)
+    def param(error: Mapping[str, Any]) -> str:
+        return _param_path(error, body)
+
+    deepest = max(errors, key=depth)
+    candidates = [error for error in errors if param(error) == param(deepest)]
+    matching = [error for error in candidates if not _is_type_mismatch(error)]
+    if matching:
+        return _one(matching[0], body)
+    if len(candidates) > 1 and param(deepest):
+        return _union_type_error(candidates, param(deepest))
+    return _one(deepest, body)

@@ -44,7 +44,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await worker_task
             await runtime.close()
 
-    app = FastAPI(title="Assistants API v2 compatible server", version="0.1.0", lifespan=lifespan)
+    # No trailing-slash redirects: OpenAI answers those paths "Invalid URL".
+    app = FastAPI(
+        title="Assistants API v2 compatible server", version="0.1.0", lifespan=lifespan, redirect_slashes=False
+    )
     handlers.install(app, settings.api_keys)
     router = build_router()
     for prefix in API_PREFIXES:

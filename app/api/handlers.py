@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,40 +21,60 @@ from app import errors
 log = logging.getLogger("app.api")
 
 V1_DEPRECATED = (
-    "The v1 Assistants API has been deprecated. Please try again by setting the header "
-    "'OpenAI-Beta: assistants=v2'."
+    "The v1 Assistants API has been deprecated. Please try again by setting the header 'OpenAI-Beta: assistants=v2'."
 )
+# v1's file sub-resources, gone in v2; go-openai still calls them.
+V1_FILES_DEPRECATED = (
+    "The v1 Assistants API has been deprecated. See the migration guide for more information: "
+    "https://platform.openai.com/docs/assistants/migration."
+)
+_V1_FILE_PATHS = re.compile(r"/(assistants/[^/]+|threads/[^/]+/messages/[^/]+)/files(/[^/]+)?/?$")
 MISSING_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization "
     "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
 )
 
 
-def error_response(error: errors.APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+# FastAPI's words when the body is not decodable at all (bad UTF-8, nesting
+# too deep for the JSON parser): the same situation as malformed JSON to a client.
+_BODY_PARSE_FAILURE = "There was an error parsing the body"
 
 
-async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
+def _render(error: errors.APIError) -> bytes:
+    # An error may echo a client's value; never let one that cannot be encoded
+    # (a lone surrogate from a JSON escape) turn the error into a 5xx.
+    return json.dumps(error.body(), ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+
+
+def error_response(error: errors.APIError) -> Response:
+    return Response(_render(error), status_code=error.status, headers=error.headers, media_type="application/json")
+
+
+async def _api_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.APIError)
     return error_response(exc)
 
 
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     return error_response(errors.from_validation_errors(exc.errors(), getattr(exc, "body", None)))
 
 
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
-    if exc.status_code in (404, 405):
+    if exc.status_code in (404, 405) and _V1_FILE_PATHS.search(request.url.path):
+        error = errors.invalid(V1_FILES_DEPRECATED)
+    elif exc.status_code in (404, 405):
         # OpenAI answers unknown paths and wrong methods alike.
         error = errors.APIError(404, f"Invalid URL ({request.method} {request.url.path})")
+    elif exc.status_code == 400 and exc.detail == _BODY_PARSE_FAILURE:
+        error = errors.invalid(errors.JSON_PARSE_MESSAGE)
     else:
         error = errors.APIError(exc.status_code, str(exc.detail))
     return error_response(error)
 
 
-async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+async def _unexpected(_request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
     return error_response(errors.server_error())
 
@@ -71,7 +92,12 @@ def _mask(key: str) -> str:
 
 
 class RequestGate:
-    """Pure ASGI (no response buffering, so SSE streams pass straight through)."""
+    """Pure ASGI (no response buffering, so SSE streams pass straight through).
+
+    It sits outside FastAPI's exception handling but inside Starlette's
+    ServerErrorMiddleware, so it also turns an unexpected exception into the
+    500 envelope itself: that response then carries an x-request-id too.
+    """
 
     def __init__(self, app: ASGIApp, api_keys: list[str]) -> None:
         self.app = app
@@ -83,18 +109,27 @@ class RequestGate:
             return
         request_id = "req_" + secrets.token_hex(16)
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        started = False
 
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
-        rejection = self._check(headers)
+        rejection = self._check(headers) or _check_url(scope)
         if rejection is not None:
             await _send_error(rejection, send_with_id)
             return
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if started:  # a stream already under way: nothing left to answer with
+                raise
+            log.exception("unhandled error (request %s)", request_id, exc_info=exc)
+            await _send_error(errors.server_error(), send_with_id)
 
     def _check(self, headers: dict[str, str]) -> errors.APIError | None:
         if "assistants=v1" in headers.get("openai-beta", "").replace(" ", ""):
@@ -112,8 +147,20 @@ class RequestGate:
         return None
 
 
+def _check_url(scope: Scope) -> errors.APIError | None:
+    """A NUL character in a path id or query value can never name anything we
+    store, and PostgreSQL refuses it in any query: answer before the lookup."""
+    path: str = scope.get("path", "")
+    query: bytes = scope.get("query_string", b"")
+    if "\x00" not in path and b"%00" not in query:
+        return None
+    raw_path = scope.get("raw_path") or path.replace("\x00", "%00").encode()
+    url = raw_path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+    return errors.invalid(f"Invalid URL ({scope.get('method', 'GET')} {url}): null characters (%00) are not allowed.")
+
+
 async def _send_error(error: errors.APIError, send: Any) -> None:
-    body = json.dumps(error.body()).encode()
+    body = _render(error)
     await send(
         {
             "type": "http.response.start",

@@ -17,6 +17,8 @@ from app.wire.common import ListPage
 
 Row = TypeVar("Row")
 
+MAX_SEQ = 2**63 - 1
+
 
 @dataclass(frozen=True)
 class PageParams:
@@ -30,7 +32,7 @@ def _cursor(name: str, value: str | None, prefix: str) -> int | None:
     if value is None:
         return None
     seq = ids.seq_of(prefix, value)
-    if seq is None:
+    if seq is None or seq > MAX_SEQ:  # beyond BIGINT: not an id we could have issued
         raise errors.invalid_id(name, value, prefix)
     return seq
 

@@ -12,6 +12,10 @@ LIVE_RUN_STATUSES = ("queued", "in_progress", "requires_action", "cancelling")
 
 
 async def active_run(session: AsyncSession, thread_id: str) -> orm.Run | None:
+    """The thread's live run, if any. On PostgreSQL the thread row is locked
+    for the rest of the transaction, so a message and a run (or two runs)
+    created at the same moment cannot both pass this check."""
+    await session.execute(select(orm.Thread.id).where(orm.Thread.id == thread_id).with_for_update())
     query = (
         select(orm.Run)
         .where(orm.Run.thread_id == thread_id, orm.Run.status.in_(LIVE_RUN_STATUSES))

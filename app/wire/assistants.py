@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from app.wire.common import Metadata, RequestModel, ResponseFormat, Tool, ToolResources, WireModel
+from app.wire.common import Metadata, RequestModel, ResponseFormat, Tool, ToolResources, ToolResourcesUpdate, WireModel
 
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
@@ -28,6 +28,8 @@ class AssistantCreate(RequestModel):
 class AssistantUpdate(AssistantCreate):
     # go-openai sends "model": "" when the caller did not set it: "unchanged".
     model: str = ""
+    # Modify takes no vector_stores helper (OAS ModifyAssistantRequest).
+    tool_resources: ToolResourcesUpdate | None = None  # type: ignore[assignment]
 
 
 class Assistant(WireModel):

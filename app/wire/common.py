@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, Union
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -12,6 +12,7 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     model_serializer,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -21,9 +22,25 @@ PARAM = "\x00param\x00"
 
 
 class RequestModel(BaseModel):
-    """A request body: unknown parameters are an error, as on OpenAI."""
+    """A request body: unknown parameters are an error, as on OpenAI.
+
+    Every string must also be storable and echoable: PostgreSQL text and
+    JSONB refuse NUL characters and JSON's lone surrogate escapes cannot be
+    encoded as UTF-8, so both would otherwise surface as 5xx errors on one
+    engine and not the other. Nesting is capped below the serializer's limit.
+    """
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            problem = _first_unstorable(data)
+            if problem is not None:
+                path, reason = problem
+                raise custom_error("invalid_value", f"Invalid '{PARAM}': {reason}", param_suffix=path)
+        return data
 
 
 class WireModel(BaseModel):
@@ -44,11 +61,59 @@ class WireModel(BaseModel):
 
 
 def custom_error(code: str, message: str, param_suffix: str = "") -> PydanticCustomError:
-    """An error whose message names the parameter through PARAM; param_suffix
-    extends the reported parameter (``metadata`` -> ``metadata.key``)."""
+    """An error whose message names the parameter through PARAM.
+
+    The reported parameter (and PARAM in the message) is the location the
+    error was raised at, extended by param_suffix: ``metadata`` + ``.key``
+    -> ``metadata.key``, or the body root + ``messages[0].content``.
+    """
     # Braces would be read as format fields by pydantic; PARAM has none.
     template = message.replace("{", "{{").replace("}", "}}")
     return PydanticCustomError(code, template, {"param_suffix": param_suffix})
+
+
+# --- storable text -------------------------------------------------------------
+
+MAX_NESTING = 100  # pydantic's serializer gives up at about 250 levels
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _text_problem(text: str) -> str | None:
+    match = _UNSTORABLE.search(text)
+    if match is None:
+        return None
+    if match.group() == "\x00":
+        return "string contains a null character (\\u0000), which is not supported."
+    return "string contains an unpaired surrogate, which is not valid Unicode."
+
+
+def _first_unstorable(data: dict[str, Any]) -> tuple[str, str] | None:
+    """The path and reason of the first string that cannot be stored, or of
+    nesting deeper than MAX_NESTING (iterative: deep input must not recurse)."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            reason = _text_problem(value)
+            if reason is not None:
+                return path, reason
+            continue
+        if isinstance(value, dict):
+            items: list[tuple[Any, str]] = []
+            for key, item in value.items():
+                name = str(key)
+                reason = _text_problem(name)
+                if reason is not None:
+                    return f"{path}.{_UNSTORABLE.sub(chr(0xFFFD), name)}", reason.replace("string", "key", 1)
+                items.append((item, f"{path}.{name}"))
+        elif isinstance(value, list):
+            items = [(item, f"{path}[{index}]") for index, item in enumerate(value)]
+        else:
+            continue
+        if depth > MAX_NESTING:
+            return path, f"nesting too deep. Expected at most {MAX_NESTING} levels of nested objects and arrays."
+        stack.extend((item, item_path, depth + 1) for item, item_path in reversed(items))
+    return None
 
 
 # --- metadata ---------------------------------------------------------------
@@ -75,7 +140,7 @@ def _check_metadata(value: dict[str, str]) -> dict[str, str]:
         if len(item) > MAX_METADATA_VALUE:
             raise custom_error(
                 "string_above_max_length",
-                f"Invalid '{PARAM}.{key}': string too long. Expected a string with maximum length "
+                f"Invalid '{PARAM}': string too long. Expected a string with maximum length "
                 f"{MAX_METADATA_VALUE}, but got a string with length {len(item)} instead.",
                 param_suffix=f".{key}",
             )
@@ -131,7 +196,7 @@ class FunctionTool(RequestModel):
     function: FunctionDefinition
 
 
-Tool = Annotated[Union[CodeInterpreterTool, FileSearchTool, FunctionTool], Field(discriminator="type")]
+Tool = Annotated[CodeInterpreterTool | FileSearchTool | FunctionTool, Field(discriminator="type")]
 
 
 def tool_to_wire(tool: CodeInterpreterTool | FileSearchTool | FunctionTool) -> dict[str, Any]:
@@ -175,13 +240,13 @@ class ResponseFormatJsonSchema(RequestModel):
     json_schema: JsonSchemaFormat
 
 
-ResponseFormat = Union[
-    Literal["auto"],
-    Annotated[
-        Union[ResponseFormatText, ResponseFormatJsonObject, ResponseFormatJsonSchema],
+ResponseFormat = (
+    Literal["auto"]
+    | Annotated[
+        ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema,
         Field(discriminator="type"),
-    ],
-]
+    ]
+)
 
 
 def response_format_to_wire(value: Any) -> Any:
@@ -211,7 +276,7 @@ class StaticChunking(RequestModel):
     static: ChunkingStatic
 
 
-ChunkingStrategy = Annotated[Union[AutoChunking, StaticChunking], Field(discriminator="type")]
+ChunkingStrategy = Annotated[AutoChunking | StaticChunking, Field(discriminator="type")]
 
 
 class VectorStoreHelper(RequestModel):
@@ -220,13 +285,24 @@ class VectorStoreHelper(RequestModel):
     metadata: Metadata | None = None
 
 
-class FileSearchResources(RequestModel):
+class FileSearchResourcesUpdate(RequestModel):
     vector_store_ids: list[str] | None = Field(default=None, max_length=1)
+
+
+class FileSearchResources(FileSearchResourcesUpdate):
     vector_stores: list[VectorStoreHelper] | None = Field(default=None, max_length=1)
 
 
-class ToolResources(RequestModel):
+class ToolResourcesUpdate(RequestModel):
+    """tool_resources on modify: no ``vector_stores`` helper (OAS ModifyThreadRequest)."""
+
     code_interpreter: CodeInterpreterResources | None = None
+    file_search: FileSearchResourcesUpdate | None = None
+
+
+class ToolResources(ToolResourcesUpdate):
+    """tool_resources on create: file_search may build a store from file ids."""
+
     file_search: FileSearchResources | None = None
 
 

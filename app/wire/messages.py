@@ -6,7 +6,7 @@ a response text part is ``{"type": "text", "text": {"value", "annotations"}}``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -40,14 +40,14 @@ class ImageUrlPart(RequestModel):
     image_url: ImageUrlRef
 
 
-ContentPart = Annotated[Union[TextPart, ImageFilePart, ImageUrlPart], Field(discriminator="type")]
+ContentPart = Annotated[TextPart | ImageFilePart | ImageUrlPart, Field(discriminator="type")]
 
 
 class FileSearchTypeOnly(RequestModel):
     type: Literal["file_search"]
 
 
-AttachmentTool = Annotated[Union[CodeInterpreterTool, FileSearchTypeOnly], Field(discriminator="type")]
+AttachmentTool = Annotated[CodeInterpreterTool | FileSearchTypeOnly, Field(discriminator="type")]
 
 
 class Attachment(RequestModel):
@@ -57,7 +57,7 @@ class Attachment(RequestModel):
 
 class MessageCreate(RequestModel):
     role: Literal["user", "assistant"]
-    content: Union[str, Annotated[list[ContentPart], Field(min_length=1)]]
+    content: str | Annotated[list[ContentPart], Field(min_length=1)]
     attachments: list[Attachment] | None = None
     metadata: Metadata | None = None
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from app.wire.common import Metadata, RequestModel, ToolResources, WireModel
+from app.wire.common import Metadata, RequestModel, ToolResources, ToolResourcesUpdate, WireModel
 from app.wire.messages import MessageCreate
 
 
@@ -17,7 +17,8 @@ class ThreadCreate(RequestModel):
 
 
 class ThreadUpdate(RequestModel):
-    tool_resources: ToolResources | None = None
+    # Modify takes vector store ids only: the vector_stores helper is create-only.
+    tool_resources: ToolResourcesUpdate | None = None
     metadata: Metadata | None = None
 
 
