@@ -40,7 +40,9 @@ def create_engine(url: str) -> AsyncEngine:
         engine = create_async_engine(url, poolclass=NullPool if database == ":memory:" else None)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # No pool_pre_ping: it costs a round trip per transaction; recycling
+    # connections bounds how long a dead one can linger instead.
+    return create_async_engine(url, pool_size=10, max_overflow=20, pool_recycle=300)
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -15,7 +15,7 @@ from typing import Any
 from app import ids, llm, orm
 from app.runner import prompt
 from app.runner.tools import BuiltinTool, ToolResult
-from app.runner.turn import Turn, TurnResult, TurnStopped
+from app.runner.turn import Pending, Turn, TurnResult, TurnStopped
 from app.runtime import Runtime
 from app.services import run_state, run_steps, runs
 from app.wire.events import Event
@@ -49,16 +49,19 @@ class RunExecution:
         run = await self._load()
         return run is None or run.status != "in_progress"
 
-    async def _end(self, to: str, **fields: Any) -> None:
-        """Close the run out in final status ``to`` unless it already ended."""
+    async def _end(self, to: str, pending: Pending | None = None, **fields: Any) -> None:
+        """Close the run out in final status ``to`` unless it already ended
+        (writing the last turn's pending rows in the same transaction)."""
+        pending = pending or Pending()
         async with self.runtime.transaction() as session:
+            session.add_all(pending.rows)
             run = await session.get(orm.Run, self.run_id)
             if run is None or run.status in run_state.TERMINAL:
                 return
             if run.status == "cancelling" or (to == "cancelled"):
                 to, fields = "cancelled", {}
             fields.setdefault("usage", self._usage())
-            events = await runs.close_out(session, run, to, **fields)
+            events = [*pending.events, *await runs.close_out(session, run, to, **fields)]
         self._publish(events)
 
     def _usage(self) -> dict[str, int]:
@@ -68,8 +71,10 @@ class RunExecution:
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
 
-    async def start(self) -> orm.Run | None:
-        """queued -> in_progress; None if the run is not ours to execute."""
+    async def start(self) -> tuple[orm.Run, list[dict[str, Any]]] | None:
+        """queued -> in_progress, and the first prompt, in one transaction;
+        None if the run is not ours to execute."""
+        chat: list[dict[str, Any]] = []
         async with self.runtime.transaction() as session:
             run = await session.get(orm.Run, self.run_id)
             if run is None:
@@ -83,15 +88,16 @@ class RunExecution:
                 self.prompt_tokens = usage.get("prompt_tokens", 0)
                 self.completion_tokens = usage.get("completion_tokens", 0)
                 events = [Event.of(await run_state.transition(session, run, "in_progress"), runs.to_wire(run))]
+                chat = await prompt.build(session, self.runtime.storage, self.runtime.llm, run, self._budget(run))
         self._publish(events)
-        return run if run.status == "in_progress" else None
+        return (run, chat) if run.status == "in_progress" else None
 
     async def execute(self) -> None:
         try:
-            run = await self.start()
-            if run is None:
+            started = await self.start()
+            if started is None:
                 return
-            await self._loop(run)
+            await self._loop(*started)
         except run_state.TransitionConflict:
             await self._end("cancelled")  # only a cancel moves a run under its executor
         except Exception:
@@ -109,9 +115,12 @@ class RunExecution:
             else run.max_completion_tokens - self.completion_tokens,
         )
 
-    async def _request(self, run: orm.Run, budget: prompt.Budget) -> llm.ChatRequest | None:
-        async with self.runtime.transaction() as session:
-            chat = await prompt.build(session, self.runtime.storage, self.runtime.llm, run, budget)
+    async def _request(
+        self, run: orm.Run, budget: prompt.Budget, chat: list[dict[str, Any]] | None
+    ) -> llm.ChatRequest | None:
+        if chat is None:
+            async with self.runtime.transaction() as session:
+                chat = await prompt.build(session, self.runtime.storage, self.runtime.llm, run, budget)
         if budget.prompt_tokens is not None and self.runtime.llm.count_tokens(run.model, chat) > budget.prompt_tokens:
             await self._end("incomplete", incomplete_details={"reason": "max_prompt_tokens"})
             return None
@@ -130,13 +139,15 @@ class RunExecution:
             reasoning_effort=run.reasoning_effort,
         )
 
-    async def _loop(self, run: orm.Run) -> None:
+    async def _loop(self, run: orm.Run, first_chat: list[dict[str, Any]]) -> None:
+        chat: list[dict[str, Any]] | None = first_chat
         for _ in range(MAX_MODEL_CALLS):
             budget = self._budget(run)
             if budget.completion_tokens is not None and budget.completion_tokens <= 0:
                 await self._end("incomplete", incomplete_details={"reason": "max_completion_tokens"})
                 return
-            request = await self._request(run, budget)
+            request = await self._request(run, budget, chat)
+            chat = None  # later model calls see what this one added
             if request is None:
                 return
             result = await self._call(run, request)
@@ -205,6 +216,9 @@ class RunExecution:
         step = result.tool_step
         assert step is not None
         internal = dict(step.internal or {})
+        # A new list: the step's committed step_details holds the old one, and
+        # changing that in place would hide the change from the ORM.
+        result.calls = list(result.calls)
         for index, call in enumerate(result.calls):
             tool = self.builtins.get(call["type"])
             if tool is None:
@@ -217,32 +231,36 @@ class RunExecution:
         step.step_details = {"type": "tool_calls", "tool_calls": list(result.calls)}
         step.internal = internal
         async with self.runtime.transaction() as session:
+            session.add_all(result.pending.rows)
             session.add(step)
+        self._publish(result.pending.events)
+        result.pending = Pending()
 
     async def _after_turn(self, run: orm.Run, result: TurnResult, budget: prompt.Budget) -> bool:
         """Record the turn's outcome; True if the model must be called again."""
         functions = [call for call in result.calls if call["type"] == "function"]
         if functions:
-            await self._require_action(functions)
+            await self._require_action(functions, result.pending)
             return False
         if result.calls:
-            await self._complete_step(result.tool_step)
+            await self._complete_step(result.tool_step, result.pending)
             return True  # only built-in tools were called: the model goes on
         if result.finish_reason == "length" and budget.completion_tokens is not None:
-            await self._end("incomplete", incomplete_details={"reason": "max_completion_tokens"})
+            await self._end("incomplete", result.pending, incomplete_details={"reason": "max_completion_tokens"})
         else:
-            await self._end("completed")
+            await self._end("completed", result.pending)
         return False
 
-    async def _complete_step(self, step: orm.RunStep | None) -> None:
+    async def _complete_step(self, step: orm.RunStep | None, pending: Pending) -> None:
         if step is None:
             return
         step.status, step.completed_at = "completed", ids.now()
         async with self.runtime.transaction() as session:
+            session.add_all(pending.rows)
             session.add(step)
-        self._publish([Event.of("thread.run.step.completed", run_steps.to_wire(step))])
+        self._publish([*pending.events, Event.of("thread.run.step.completed", run_steps.to_wire(step))])
 
-    async def _require_action(self, calls: list[dict[str, Any]]) -> None:
+    async def _require_action(self, calls: list[dict[str, Any]], pending: Pending) -> None:
         required = {
             "type": "submit_tool_outputs",
             "submit_tool_outputs": {
@@ -257,6 +275,7 @@ class RunExecution:
             },
         }
         async with self.runtime.transaction() as session:
+            session.add_all(pending.rows)
             run = await session.get(orm.Run, self.run_id)
             assert run is not None
             if run.status != "in_progress":
@@ -264,7 +283,7 @@ class RunExecution:
             name = await run_state.transition(
                 session, run, "requires_action", required_action=required, usage=self._usage()
             )
-            events = [Event.of(name, runs.to_wire(run))]
+            events = [*pending.events, Event.of(name, runs.to_wire(run))]
         self._publish(events)
 
 

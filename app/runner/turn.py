@@ -22,6 +22,19 @@ class TurnStopped(Exception):
 
 
 @dataclass
+class Pending:
+    """Rows written and events published by the executor's next transaction,
+    so a run's last message and its ending cost one commit, not two."""
+
+    rows: list[Any] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+    def add(self, rows: list[Any], events: list[Event]) -> None:
+        self.rows.extend(rows)
+        self.events.extend(events)
+
+
+@dataclass
 class TurnResult:
     finish_reason: str
     usage: llm.Usage
@@ -29,6 +42,7 @@ class TurnResult:
     arguments: dict[str, str]  # raw arguments by call id
     message: orm.Message | None
     tool_step: orm.RunStep | None
+    pending: Pending
 
 
 @dataclass
@@ -45,6 +59,7 @@ class Turn:
     calls: dict[int, dict[str, Any]] = field(default_factory=dict)  # by the model's call index
     arguments: dict[int, str] = field(default_factory=dict)  # raw argument JSON, by call index
     streams: dict[int, CallStream] = field(default_factory=dict)  # built-in calls only
+    pending: Pending = field(default_factory=Pending)
 
     def _publish(self, events: list[Event]) -> None:
         self.runtime.bus.publish(self.run.id, events)
@@ -103,8 +118,10 @@ class Turn:
             ]
         )
 
-    async def _close_message(self, status: str, usage: llm.Usage | None) -> None:
-        """Finish the open message (and its step) with the text so far."""
+    async def _close_message(self, status: str, usage: llm.Usage | None, *, defer: bool = False) -> None:
+        """Finish the open message (and its step) with the text so far. With
+        ``defer`` the rows and events are left in ``pending`` for the
+        executor's next transaction (the one that also ends the run)."""
         message, step = self.message, self.message_step
         if message is None or step is None:
             return
@@ -118,15 +135,17 @@ class Turn:
             message.incomplete_details = {"reason": "max_tokens"}
         step.status, step.completed_at = "completed", now
         step.usage = _usage_dict(usage) if usage else None
+        self.message, self.message_step = None, None
+        events = [
+            Event.of(f"thread.message.{status}", messages.to_wire(message)),
+            Event.of("thread.run.step.completed", run_steps.to_wire(step)),
+        ]
+        if defer:
+            self.pending.add([message, step], events)
+            return
         async with self.runtime.transaction() as session:
             session.add_all([message, step])
-        self.message, self.message_step = None, None
-        self._publish(
-            [
-                Event.of(f"thread.message.{status}", messages.to_wire(message)),
-                Event.of("thread.run.step.completed", run_steps.to_wire(step)),
-            ]
-        )
+        self._publish(events)
 
     async def _on_tool_call(self, delta: llm.ToolCallDelta) -> None:
         if self.message is not None:
@@ -190,14 +209,13 @@ class Turn:
         finished = self.message
         if self.message is not None:
             status = "incomplete" if finish.reason == "length" else "completed"
-            await self._close_message(status, None if calls else finish.usage)
+            await self._close_message(status, None if calls else finish.usage, defer=True)
         if self.tool_step is not None:
             self.tool_step.step_details = {"type": "tool_calls", "tool_calls": calls}
             self.tool_step.usage = _usage_dict(finish.usage)
-            async with self.runtime.transaction() as session:
-                session.add(self.tool_step)
+            self.pending.add([self.tool_step], [])
         arguments = {self.calls[index]["id"]: text for index, text in self.arguments.items()}
-        return TurnResult(finish.reason, finish.usage, calls, arguments, finished, self.tool_step)
+        return TurnResult(finish.reason, finish.usage, calls, arguments, finished, self.tool_step, self.pending)
 
     async def save_partial(self) -> None:
         """Keep what was produced before a failure or cancel (close_out then
