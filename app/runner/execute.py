@@ -51,7 +51,9 @@ class RunExecution:
 
     async def _end(self, to: str, pending: Pending | None = None, **fields: Any) -> None:
         """Close the run out in final status ``to`` unless it already ended
-        (writing the last turn's pending rows in the same transaction)."""
+        (writing the last turn's pending rows in the same transaction). With
+        ``pending`` the turn finished normally: nothing is left open to sweep."""
+        fields.setdefault("sweep", pending is None)
         pending = pending or Pending()
         async with self.runtime.transaction() as session:
             session.add_all(pending.rows)
@@ -59,7 +61,7 @@ class RunExecution:
             if run is None or run.status in run_state.TERMINAL:
                 return
             if run.status == "cancelling" or (to == "cancelled"):
-                to, fields = "cancelled", {}
+                to, fields = "cancelled", {"sweep": True}
             fields.setdefault("usage", self._usage())
             events = [*pending.events, *await runs.close_out(session, run, to, **fields)]
         self._publish(events)
@@ -87,8 +89,12 @@ class RunExecution:
                 usage = run.usage or {}
                 self.prompt_tokens = usage.get("prompt_tokens", 0)
                 self.completion_tokens = usage.get("completion_tokens", 0)
+                # A run that never ran (no usage recorded yet) has no steps to read.
+                has_steps = run.usage is not None
                 events = [Event.of(await run_state.transition(session, run, "in_progress"), runs.to_wire(run))]
-                chat = await prompt.build(session, self.runtime.storage, self.runtime.llm, run, self._budget(run))
+                chat = await prompt.build(
+                    session, self.runtime.storage, self.runtime.llm, run, self._budget(run), has_steps=has_steps
+                )
         self._publish(events)
         return (run, chat) if run.status == "in_progress" else None
 

@@ -156,9 +156,9 @@ def truncate(
 
 
 async def build(
-    session: AsyncSession, storage: Storage, llm: LLM, run: orm.Run, budget: Budget
+    session: AsyncSession, storage: Storage, llm: LLM, run: orm.Run, budget: Budget, *, has_steps: bool = True
 ) -> list[dict[str, Any]]:
     system = [{"role": "system", "content": run.instructions}] if run.instructions else []
     past = await history(session, storage, run)
-    current = await run_section(session, storage, run)
+    current = await run_section(session, storage, run) if has_steps else []
     return truncate(llm, run, system, past, current, budget)

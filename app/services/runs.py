@@ -220,17 +220,37 @@ async def close_out(
     last_error: dict[str, Any] | None = None,
     incomplete_details: dict[str, Any] | None = None,
     usage: dict[str, int] | None = None,
+    sweep: bool = True,
 ) -> list[Event]:
     """End ``run`` in final status ``to`` together with its unfinished steps and
-    messages (cancelled/failed/expired steps; incomplete messages)."""
+    messages (cancelled/failed/expired steps; incomplete messages). An
+    executor that closed everything itself passes ``sweep=False``."""
     events: list[Event] = []
     now = ids.now()
     if to == "cancelled" and run.status != "cancelling":
         events.append(Event.of(await run_state.transition(session, run, "cancelling"), to_wire(run)))
+    if sweep:
+        events += await _sweep(session, run, to, now, last_error)
+    fields: dict[str, Any] = {}
+    if last_error is not None:
+        fields["last_error"] = last_error
+    if incomplete_details is not None:
+        fields["incomplete_details"] = incomplete_details
+    if usage is not None:
+        fields["usage"] = usage
+    events.append(Event.of(await run_state.transition(session, run, to, **fields), to_wire(run)))
+    return events
+
+
+async def _sweep(
+    session: AsyncSession, run: orm.Run, to: str, now: int, last_error: dict[str, Any] | None
+) -> list[Event]:
+    """Close the run's unfinished steps and messages to match its ending."""
+    events: list[Event] = []
     for step in await run_steps.in_progress(session, run.id):
         step_status = _STEP_END.get(to, "completed")
         step.status = step_status
-        setattr(step, f"{step_status}_at" if step_status != "expired" else "expired_at", now)
+        setattr(step, f"{step_status}_at", now)
         if to == "failed":
             step.last_error = last_error
         events.append(Event.of(f"thread.run.step.{step_status}", run_steps.to_wire(step)))
@@ -240,14 +260,6 @@ async def close_out(
         message.incomplete_at = now
         message.incomplete_details = {"reason": _MESSAGE_REASON.get(to, "max_tokens")}
         events.append(Event.of("thread.message.incomplete", messages.to_wire(message)))
-    fields: dict[str, Any] = {}
-    if last_error is not None:
-        fields["last_error"] = last_error
-    if incomplete_details is not None:
-        fields["incomplete_details"] = incomplete_details
-    if usage is not None:
-        fields["usage"] = usage
-    events.append(Event.of(await run_state.transition(session, run, to, **fields), to_wire(run)))
     return events
 
 
