@@ -45,6 +45,9 @@ in docs/offline-model.md; in short::
     [[delay MS]]             pause MS milliseconds before each delta
     [[hang]]                 never finish (until the consumer cancels)
 
+A ```python fenced block in a last user message without directives calls
+``code_interpreter`` with that code when the request offers it.
+
 Without directives it answers ``You said: <last user text>``, or after tool
 results ``Tool results: name -> output; ...``.
 """
@@ -401,6 +404,17 @@ def _litellm() -> Any:
     litellm.telemetry = False
     litellm.disable_hf_tokenizer_download = True  # token_counter must never download a tokenizer
     return litellm
+
+
+async def embed(params: dict[str, Any], texts: Sequence[str]) -> list[list[float]]:
+    """Embeddings through litellm's ``aembedding`` for one routing entry's
+    ``litellm_params`` (already resolved: ``model`` plus provider options).
+    Here because this module is the only one that imports litellm
+    (app/retrieval/embed.py chooses the model and batches)."""
+    options = dict(params)
+    model = options.pop("model")
+    response = await _litellm().aembedding(model=model, input=list(texts), **options)
+    return [[float(value) for value in item["embedding"]] for item in response.data]
 
 
 def _completion_kwargs(route: Route, request: ChatRequest) -> dict[str, Any]:
@@ -764,13 +778,28 @@ class _Conversation:
         return cls(_text_of(content), _images_of(content), "\n".join(system), rounds, trailing, len(messages))
 
 
+_CODE_TOOL = "code_interpreter"
+_FENCED_PYTHON = re.compile(r"```(?:python|py)[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def _fenced_python(text: str) -> str | None:
+    """The first ```python fenced block of a message: the code the built-in
+    tool runs when the model is offered code_interpreter (so it is testable offline)."""
+    match = _FENCED_PYTHON.search(text)
+    return match.group(1) if match else None
+
+
 class _OfflineModel:
     def __init__(self, rules: Sequence[_Rule]) -> None:
         self._rules = rules
 
-    def _script(self, conversation: _Conversation) -> tuple[_Script, str]:
-        """Directives of the last user message, else the system messages, else the first matching rule."""
+    def _script(self, conversation: _Conversation, request: ChatRequest) -> tuple[_Script, str]:
+        """Directives of the last user message, else its fenced Python for
+        code_interpreter, else the system messages, else the first matching rule."""
         directives, user_text = _scan(conversation.user_text)
+        code = _fenced_python(conversation.user_text)
+        if not directives and code is not None and _CODE_TOOL in _function_names(request):
+            directives = [("call", f"{_CODE_TOOL} {json.dumps({'code': code})}")]
         if not directives:
             directives = _scan(conversation.system_text)[0]
         for rule in [] if directives else self._rules:
@@ -782,7 +811,7 @@ class _OfflineModel:
 
     async def stream(self, request: ChatRequest, prompt_tokens: int) -> AsyncGenerator[Event, None]:
         conversation = _Conversation.read(request.messages)
-        script, user_text = self._script(conversation)
+        script, user_text = self._script(conversation, request)
         step = script.step(conversation.rounds)
         text, calls = _answer(request, conversation, script, step, user_text)
         deltas = _deltas(text, calls, conversation)

@@ -7,7 +7,7 @@ to create_app(), and tests build their own.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -35,6 +35,32 @@ class Settings(BaseSettings):
     # Sent as openai-poll-after-ms on run retrieves; the SDK's pollers obey it.
     poll_after_ms: int = 100
     log_level: str = "info"
+
+    # --- code_interpreter sandbox (app/sandbox) ---
+    # "bwrap": bubblewrap (no network, read-only system, private /mnt/data and
+    # /tmp, no server files or environment). "none" runs model code WITHOUT
+    # isolation as the server's user: only for development, and only when set
+    # explicitly (the server logs a loud warning at start-up).
+    sandbox: Literal["bwrap", "none"] = "bwrap"
+    # The sandbox's Python, made by scripts/sandbox-setup (numpy, pandas, matplotlib).
+    sandbox_python: Path = Path(".sandbox-venv")
+    # Per-session /mnt/data folders; default <system temp>/assistants-sandbox-<uid>.
+    # Must not be inside data_dir (the database and files live there).
+    sandbox_dir: Path | None = None
+    sandbox_idle_seconds: float = 3600.0  # a thread's session is reclaimed after this
+    sandbox_max_sessions: int = 32
+    sandbox_call_timeout_seconds: int = 60  # wall clock per call
+    sandbox_cpu_seconds: int = 60  # CPU per call
+    sandbox_session_cpu_seconds: int = 3600  # CPU over a session's life
+    sandbox_memory_bytes: int = 2 * 1024**3  # address space per process
+    sandbox_max_processes: int = 64
+    sandbox_max_open_files: int = 256
+    sandbox_max_file_bytes: int = 256 * 1024**2  # largest file the code may write
+    sandbox_max_data_bytes: int = 1024**3  # all of a session's /mnt/data (checked every second)
+    sandbox_max_output_bytes: int = 64 * 1024  # stdout+stderr kept per call
+    sandbox_tmp_bytes: int = 256 * 1024**2  # size of the private /tmp
+    # When the server runs as root, sessions run as uids from here upward.
+    sandbox_uid_base: int = 200_000
 
     @field_validator("api_keys", mode="before")
     @classmethod

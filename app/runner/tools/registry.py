@@ -12,4 +12,11 @@ if TYPE_CHECKING:
 
 def builtin_tools(runtime: Runtime) -> dict[str, BuiltinTool]:
     tools: dict[str, BuiltinTool] = {}
+    from app.runner.tools.file_search import FileSearch
+
+    tools["file_search"] = FileSearch()
+    from app.runner.tools.code_interpreter import CodeInterpreter
+    from app.sandbox import Sandboxes
+
+    tools["code_interpreter"] = CodeInterpreter(Sandboxes(runtime.settings))
     return tools

@@ -1,0 +1,312 @@
+"""Escape attempts against the bubblewrap sandbox, without HTTP. Each test
+fails if the sandbox leaks; none is skipped where bubblewrap is missing (a
+machine that should run code_interpreter must be able to run these)."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from app import sandbox
+from app.sandbox import Sandboxes, Session
+from app.settings import Settings
+
+CANARY = "canary-7f3a9c1e-do-not-leak"
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    assert shutil.which("bwrap"), "bubblewrap is required for code_interpreter: apt-get install -y bubblewrap"
+    assert Path(".sandbox-venv/bin/python").exists(), "the sandbox Python is missing: run scripts/sandbox-setup"
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "assistants.db").write_text(CANARY)
+    return Settings(
+        data_dir=data_dir,
+        sandbox_call_timeout_seconds=3,
+        sandbox_cpu_seconds=3,
+        sandbox_memory_bytes=768 * MiB,
+        sandbox_max_processes=32,
+        sandbox_max_output_bytes=4096,
+        sandbox_max_file_bytes=8 * MiB,
+        sandbox_max_data_bytes=24 * MiB,
+        sandbox_tmp_bytes=4 * MiB,
+    )
+
+
+@pytest.fixture
+async def sandboxes(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Sandboxes]:
+    monkeypatch.setenv("ASSISTANTS_TEST_SECRET", CANARY)  # as an API key in the server's environment would be
+    manager = Sandboxes(settings)
+    try:
+        yield manager
+    finally:
+        await manager.close()
+
+
+async def _session(sandboxes: Sandboxes, key: str = "thread_a") -> Session:
+    return await sandboxes.session(key)
+
+
+async def _logs(sandboxes: Sandboxes, code: str, key: str = "thread_a") -> str:
+    result = await (await _session(sandboxes, key)).run(code)
+    return result.logs
+
+
+async def test_code_runs_unprivileged_with_no_capabilities(sandboxes: Sandboxes) -> None:
+    logs = await _logs(
+        sandboxes,
+        "import os\n"
+        "lines = open('/proc/self/status').read().splitlines()\n"
+        "status = dict(line.split(':\\t', 1) for line in lines if ':\\t' in line)\n"
+        "print(os.getuid(), status['CapEff'].strip(), status['NoNewPrivs'].strip(), os.getcwd())",
+    )
+    assert logs == "1000 0000000000000000 1 /mnt/data\n"
+
+
+async def test_no_network_not_even_the_servers_port(sandboxes: Sandboxes) -> None:
+    accepted: list[bool] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(True)
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        logs = await _logs(
+            sandboxes,
+            "import socket\n"
+            f"for host, port in [('127.0.0.1', {port}), ('1.1.1.1', 53), ('10.0.2.2', 80)]:\n"
+            "    s = socket.socket(); s.settimeout(2)\n"
+            "    print(host, s.connect_ex((host, port)) != 0)\n"
+            "print(sorted(name for _, name in socket.if_nameindex()))",
+        )
+    assert logs == "127.0.0.1 True\n1.1.1.1 True\n10.0.2.2 True\n['lo']\n"
+    assert accepted == []
+
+
+async def test_no_server_environment_or_processes(sandboxes: Sandboxes) -> None:
+    logs = await _logs(
+        sandboxes,
+        "import os\n"
+        "seen = [open(f'/proc/{pid}/environ', 'rb').read() for pid in os.listdir('/proc') if pid.isdigit()]\n"
+        "print(len(seen) <= 3, b''.join(seen), dict(os.environ))",
+    )
+    assert CANARY not in logs
+    assert "ASSISTANTS_" not in logs
+    assert logs.startswith("True ")
+
+
+async def test_server_files_are_out_of_reach(sandboxes: Sandboxes, settings: Settings) -> None:
+    database = (settings.data_dir / "assistants.db").resolve()
+    logs = await _logs(
+        sandboxes,
+        "import os\n"
+        f"for path in [{str(database)!r}, '/etc/passwd', '/root', '/proc/1/root/{database}']:\n"
+        "    try:\n"
+        "        print(open(path).read())\n"
+        "    except OSError as error:\n"
+        "        print(type(error).__name__)\n"
+        "print(sorted(os.listdir('/')))",
+    )
+    assert CANARY not in logs
+    lines = logs.splitlines()
+    assert lines[:4] == ["FileNotFoundError", "FileNotFoundError", "FileNotFoundError", "FileNotFoundError"]
+    visible = set(ast.literal_eval(lines[4]))
+    assert visible <= {"bin", "dev", "lib", "lib32", "lib64", "libx32", "mnt", "opt", "proc", "sbin", "tmp", "usr"}
+
+
+async def test_writes_only_under_mnt_data_and_a_private_tmp(sandboxes: Sandboxes, tmp_path: Path) -> None:
+    host_tmp = Path(tempfile.gettempdir()) / f"sandbox-escape-{os.getpid()}"
+    logs = await _logs(
+        sandboxes,
+        "paths = ['/usr/evil', '/opt/venv/evil', '/evil', '/mnt/evil', '/dev/evil', '/proc/sys/kernel/hostname']\n"
+        f"paths.append({str(host_tmp)!r})\n"
+        "for path in [*paths, '/mnt/data/ok']:\n"
+        "    try:\n"
+        "        open(path, 'w').write('x'); print('wrote', path)\n"
+        "    except OSError as error:\n"
+        "        print('OSError')",
+    )
+    assert logs.splitlines()[:6] == ["OSError"] * 6
+    assert f"wrote {host_tmp}" in logs and "wrote /mnt/data/ok" in logs
+    assert not host_tmp.exists()
+    assert not Path("/usr/evil").exists() and not Path("/evil").exists()  # noqa: ASYNC240
+    session = await _session(sandboxes)
+    assert (session.directory / "ok").read_text() == "x"
+
+
+async def test_sessions_do_not_see_each_other(sandboxes: Sandboxes) -> None:
+    await _logs(sandboxes, "secret = 1\nopen('/mnt/data/a.txt', 'w').write('a')", key="thread_a")
+    logs = await _logs(sandboxes, "import os\nprint('secret' in globals(), os.listdir('/mnt/data'))", key="thread_b")
+    assert logs == "False []\n"
+    first, second = sandboxes.sessions["thread_a"], sandboxes.sessions["thread_b"]
+    if os.geteuid() == 0:
+        assert first.uid != second.uid and first.directory.stat().st_uid == first.uid
+
+
+async def test_a_fork_bomb_is_capped(sandboxes: Sandboxes, settings: Settings) -> None:
+    logs = await _logs(
+        sandboxes,
+        "import os, time\n"
+        "children = 0\n"
+        "try:\n"
+        "    for _ in range(10_000):\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(60); os._exit(0)\n"
+        "        children += 1\n"
+        "except OSError as error:\n"
+        "    print('refused', type(error).__name__)\n"
+        "print(children)",
+    )
+    refused, children = logs.splitlines()
+    assert refused == "refused BlockingIOError"
+    assert int(children) < settings.sandbox_max_processes
+    # The classic bomb ends (children die when fork fails), and the session still answers.
+    await _logs(sandboxes, "import os\nwhile True:\n    os.fork()")
+    assert await _logs(sandboxes, "print('alive')") == "alive\n"
+
+
+async def test_a_memory_hog_gets_memory_error(sandboxes: Sandboxes) -> None:
+    logs = await _logs(sandboxes, "kept = []\nwhile True:\n    kept.append(bytearray(50 * 1024 * 1024))")
+    assert "MemoryError" in logs
+    assert await _logs(sandboxes, "del kept\nprint('alive')") == "alive\n"
+
+
+async def test_an_infinite_loop_times_out_and_keeps_the_session(sandboxes: Sandboxes) -> None:
+    logs = await _logs(sandboxes, "x = 5\nwhile True:\n    pass")
+    assert "CallTimeout: Execution stopped" in logs
+    assert await _logs(sandboxes, "print(x)") == "5\n"
+
+
+async def test_code_that_defeats_the_timeout_is_killed_and_restarted(sandboxes: Sandboxes) -> None:
+    code = (
+        "import signal\n"
+        "for s in (signal.SIGALRM, signal.SIGXCPU):\n"
+        "    signal.signal(s, signal.SIG_IGN)\n"
+        "x = 1\n"
+        "while True:\n"
+        "    pass"
+    )
+    result = await (await _session(sandboxes)).run(code)
+    assert result.restarted and "timed out after 3 seconds and the session was restarted" in result.logs
+    logs = await _logs(sandboxes, "print('x' in globals())")
+    assert logs == "False\n"
+
+
+async def test_a_crash_restarts_the_session_and_keeps_files(sandboxes: Sandboxes) -> None:
+    await _logs(sandboxes, "open('/mnt/data/kept.txt', 'w').write('still here')")
+    result = await (await _session(sandboxes)).run("import os\nos.kill(os.getpid(), 9)")
+    assert result.restarted and "crashed" in result.logs
+    assert await _logs(sandboxes, "print(open('/mnt/data/kept.txt').read())") == "still here\n"
+
+
+async def test_huge_output_is_capped(sandboxes: Sandboxes) -> None:
+    logs = await _logs(
+        sandboxes, "import os, sys\nprint('x' * 10_000_000)\nos.write(2, b'y' * 1_000_000)\nprint('end')"
+    )
+    assert len(logs) < 4096 + 200
+    written = 10_000_001 + 1_000_000 + len("end\n")
+    assert logs.endswith(f"\n[output truncated: {written - 4096} more bytes not shown]")
+    assert await _logs(sandboxes, "print('next')") == "next\n"  # the next call starts clean
+
+
+async def test_files_are_capped_and_tmp_is_small(sandboxes: Sandboxes) -> None:
+    logs = await _logs(
+        sandboxes,
+        "import signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "for path in ['/mnt/data/big.bin', '/tmp/big.bin', '/dev/shm/big.bin']:\n"
+        "    try:\n"
+        "        with open(path, 'wb') as f:\n"
+        "            for _ in range(64): f.write(bytes(1024 * 1024))\n"
+        "        print('wrote', path)\n"
+        "    except OSError as error:\n"
+        "        print(path, error.errno)",
+    )
+    assert logs == "/mnt/data/big.bin 27\n/tmp/big.bin 28\n/dev/shm/big.bin 28\n"  # EFBIG, ENOSPC, ENOSPC
+
+
+async def test_symlinks_never_make_the_server_read_or_write_its_files(sandboxes: Sandboxes, tmp_path: Path) -> None:
+    secret = tmp_path / "server-secret.txt"
+    secret.write_text(CANARY)
+    session = await _session(sandboxes)
+    result = await session.run(
+        "import os\n"
+        f"os.symlink({str(secret)!r}, '/mnt/data/leak.txt')\n"
+        f"os.symlink({str(secret)!r}, '/mnt/data/input.csv')"
+    )
+    assert result.files == []  # links are not files: nothing is read through them
+    upload = tmp_path / "upload.csv"
+    upload.write_text("a,b\n")
+    session.add_input("file-1", "input.csv", upload)
+    assert secret.read_text() == CANARY  # the copy replaced the link instead of writing through it
+    assert await _logs(sandboxes, "print(open('/mnt/data/input.csv').read())") == "a,b\n\n"
+
+
+async def test_inputs_in_and_outputs_out(sandboxes: Sandboxes, tmp_path: Path) -> None:
+    session = await _session(sandboxes)
+    upload = tmp_path / "stored"
+    upload.write_text("1,2,3")
+    session.add_input("file-9", "../../numbers.csv", upload)
+    result = await session.run(
+        "import matplotlib.pyplot as plt\n"
+        "numbers = open('/mnt/data/numbers.csv').read().split(',')\n"
+        "plt.plot([int(n) for n in numbers]); plt.savefig('/mnt/data/chart.png')\n"
+        "open('/mnt/data/out.txt', 'w').write('done')"
+    )
+    assert len(result.images) == 1 and result.images[0].startswith(b"\x89PNG")
+    assert sorted(item.name for item in result.files) == ["chart.png", "out.txt"]
+    assert [item.data for item in result.files if item.name == "out.txt"] == [b"done"]
+
+
+async def test_idle_and_deleted_sessions_are_reclaimed(sandboxes: Sandboxes) -> None:
+    await _logs(sandboxes, "print(1)", key="thread_a")
+    await _logs(sandboxes, "print(1)", key="thread_b")
+    a, b = sandboxes.sessions["thread_a"], sandboxes.sessions["thread_b"]
+    await sandbox.forget("thread_a")  # the thread was deleted
+    assert "thread_a" not in sandboxes.sessions and not a.directory.exists() and a.process is None
+    sandboxes.idle_seconds = 0
+    await sandboxes.reap_idle()
+    assert sandboxes.sessions == {} and not b.directory.exists()
+
+
+async def test_no_isolation_only_when_chosen_and_loudly(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    unisolated = Sandboxes(settings.model_copy(update={"sandbox": "none"}))
+    try:
+        assert "WITHOUT ISOLATION" in caplog.text
+        assert await _logs(unisolated, "print(6 * 7)") == "42\n"
+    finally:
+        await unisolated.close()
+    caplog.clear()
+    isolated = Sandboxes(settings)
+    await isolated.close()
+    assert "WITHOUT ISOLATION" not in caplog.text
+
+
+async def test_the_sandbox_dir_may_not_hold_the_database(settings: Settings) -> None:
+    with pytest.raises(ValueError, match="must not be inside the data directory"):
+        Sandboxes(settings.model_copy(update={"sandbox_dir": settings.data_dir / "sandboxes"}))
+
+
+async def test_filling_mnt_data_stops_the_session_and_frees_the_disk(sandboxes: Sandboxes) -> None:
+    session = await _session(sandboxes)
+    result = await session.run(
+        "import itertools, time\n"
+        "for n in itertools.count():\n"
+        "    with open(f'/mnt/data/fill-{n}.bin', 'wb') as f:\n"
+        "        f.write(b'x' * 4 * 1024 * 1024)\n"
+        "    time.sleep(0.02)"
+    )
+    assert result.restarted and "/mnt/data grew beyond 25165824 bytes" in result.logs
+    assert result.files == []
+    assert session.usage() < 24 * MiB
+    assert await _logs(sandboxes, "import os\nprint(os.listdir('/mnt/data'))") == "[]\n"
