@@ -151,3 +151,77 @@ class File(Base):
     expires_at: Mapped[int | None] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(16), default="processed")
     status_details: Mapped[str | None] = mapped_column(Text)
+
+
+class VectorStore(Base):
+    """A vector store. ``file_counts``, ``usage_bytes`` and ``status`` are not
+    stored: they are counted from vector_store_files on every read, so they
+    are exact (the SDK's batch poller relies on ``in_progress``)."""
+
+    __tablename__ = "vector_stores"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    name: Mapped[str | None] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text)
+    last_active_at: Mapped[int] = mapped_column(BigInteger)
+    # {"anchor": "last_active_at", "days": n}; expires_at follows last_active_at.
+    expires_after: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    expires_at: Mapped[int | None] = mapped_column(BigInteger)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType)
+
+
+class VectorStoreFileBatch(Base):
+    __tablename__ = "vector_store_file_batches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    vector_store_id: Mapped[str] = mapped_column(ForeignKey("vector_stores.id", ondelete="CASCADE"), index=True)
+    # Only "cancelled" is ever stored; otherwise the status follows the files.
+    cancelled: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class VectorStoreFile(Base):
+    """A file in a store; also the ingestion job (claimed with a lease while
+    ``in_progress``, like runs). ``seq`` is the file id's sequence, so the
+    file id works as a page cursor."""
+
+    __tablename__ = "vector_store_files"
+    __table_args__ = (
+        Index("ix_vector_store_files_store_seq", "vector_store_id", "seq"),
+        Index("ix_vector_store_files_status", "status"),
+        Index("ix_vector_store_files_batch", "batch_id"),
+    )
+
+    vector_store_id: Mapped[str] = mapped_column(ForeignKey("vector_stores.id", ondelete="CASCADE"), primary_key=True)
+    file_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    filename: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    last_error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    usage_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    chunking_strategy: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    attributes: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    batch_id: Mapped[str | None] = mapped_column(String(64))
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
+
+
+class VectorStoreChunk(Base):
+    """One chunk of a file's text. The keyword index (SQLite FTS5 table /
+    PostgreSQL tsvector column) and the embedding column are created by the
+    migration per dialect and reached through app.retrieval.index only."""
+
+    __tablename__ = "vector_store_chunks"
+    __table_args__ = (Index("ix_vector_store_chunks_store_file", "vector_store_id", "file_id"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    vector_store_id: Mapped[str] = mapped_column(String(64))
+    file_id: Mapped[str] = mapped_column(String(64))
+    position: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)

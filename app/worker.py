@@ -22,6 +22,7 @@ from contextlib import suppress
 from sqlalchemy import or_, select, update
 
 from app import ids, orm
+from app.retrieval import ingest
 from app.runner import execute
 from app.runner.tools import registry
 from app.runtime import Runtime
@@ -46,8 +47,10 @@ class Worker:
         self.poll_seconds = settings.worker_poll_seconds
         self.owner = f"{socket.gethostname()[:32]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._wakeup = asyncio.Event()
+        self._next_reap = 0.0
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.builtins = registry.builtin_tools(runtime)
+        self.ingestion = ingest.Ingestion(runtime, self.owner, self.wake)
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -73,18 +76,24 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         self._tasks.clear()
+        await self.ingestion.stop()
 
     async def tick(self) -> None:
-        """One round: reap what needs reaping, then fill free slots."""
-        await self.reap()
+        """One round: reap (at most every poll interval: it costs queries and
+        only has work when something lapsed), then fill free slots."""
+        if time.monotonic() >= self._next_reap:
+            self._next_reap = time.monotonic() + self.poll_seconds
+            await self.reap()
         free = self.concurrency - len(self._tasks)
         if free > 0:
             for run_id in await self.claim(free):
                 self._tasks[run_id] = asyncio.create_task(self._execute(run_id), name=f"run {run_id}")
+        # Vector store files: after runs, in their own slots (see app/retrieval/ingest.py).
+        await self.ingestion.tick()
 
-    async def run_until_idle(self, timeout: float = 30.0) -> None:
+    async def run_until_idle(self, limit_seconds: float = 30.0) -> None:
         """Execute until no run is queued or executing (tests, benchmarks)."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + limit_seconds
         while time.monotonic() < deadline:
             await self.tick()
             if not self._tasks:
@@ -155,7 +164,9 @@ class Worker:
                 if run.id in self._tasks:
                     continue  # ours and alive; the renewal is just late
                 to = "cancelled" if run.status == "cancelling" else "failed"
-                events[run.id] = await runs.close_out(session, run, to, last_error=INTERRUPTED if to == "failed" else None)
+                events[run.id] = await runs.close_out(
+                    session, run, to, last_error=INTERRUPTED if to == "failed" else None
+                )
             for run in (await session.scalars(overdue.with_for_update(skip_locked=True))).all():
                 if run.status == "queued" and run.lease_expires_at is not None and run.lease_expires_at > now:
                     continue  # just claimed: its executor will start it

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api import assistants, files, messages, runs, threads
+from app.api import assistants, files, messages, runs, threads, vector_stores
 
 
 def build_router() -> APIRouter:
     router = APIRouter()
     # runs before threads: POST /threads/runs must not match POST /threads/{thread_id}.
-    for module in (assistants, runs, threads, messages, files):
+    for module in (assistants, runs, threads, messages, files, vector_stores):
         router.include_router(module.router)
     return router

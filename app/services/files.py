@@ -21,7 +21,7 @@ from sqlalchemy import delete as sql_delete
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
-from app.services import pagination
+from app.services import pagination, vector_store_files
 from app.services.common import require_id
 from app.storage import Storage
 from app.wire.common import Deleted, ListPage
@@ -157,6 +157,32 @@ async def create(
     return row
 
 
+async def create_output(session: AsyncSession, storage: Storage, filename: str, data: bytes) -> orm.File:
+    """A file a tool made (code_interpreter's charts and files): purpose
+    ``assistants_output``, bytes written aside and renamed in after the row is
+    accepted, as in create()."""
+    temp = storage.temp_path()
+    temp.write_bytes(data)
+    seq = ids.next_seq()
+    row = orm.File(
+        id=ids.new_id(ids.FILE, seq),
+        seq=seq,
+        created_at=ids.seconds(seq),
+        bytes=len(data),
+        filename=filename,
+        purpose="assistants_output",
+        status="processed",
+    )
+    session.add(row)
+    try:
+        await session.flush()
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    storage.commit(temp, row.id)
+    return row
+
+
 def _expired(row: orm.File) -> bool:
     return row.expires_at is not None and row.expires_at <= ids.now()
 
@@ -188,6 +214,7 @@ async def content_path(session: AsyncSession, storage: Storage, file_id: str) ->
 
 async def delete(session: AsyncSession, storage: Storage, file_id: str) -> Deleted:
     await get(session, storage, file_id)
+    await vector_store_files.forget_file(session, file_id)  # it leaves every vector store
     await session.execute(sql_delete(orm.File).where(orm.File.id == file_id))
     await session.flush()
     storage.delete(file_id)

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
-from app.services import pagination, thread_lock
+from app.services import pagination, thread_lock, vector_stores
 from app.services.common import metadata_or_empty, require_id
 from app.services.tool_resources import require_files
 from app.wire.common import Deleted, ListPage
@@ -52,6 +52,9 @@ async def add(
 ) -> orm.Message:
     """Insert a completed message into a thread known to exist (no lock check)."""
     await require_files(session, _referenced_files(body))
+    # Attachments for file_search go into the thread's vector store.
+    searched = [a.file_id for a in body.attachments or [] if any(tool.type == "file_search" for tool in a.tools)]
+    await vector_stores.add_to_thread_store(session, thread_id, searched)
     seq = ids.next_seq()
     row = orm.Message(
         id=ids.new_id(ids.MESSAGE, seq),

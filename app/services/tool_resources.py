@@ -8,7 +8,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, orm
-from app.wire.common import ToolResources
+from app.services import vector_stores
+from app.wire.common import FileSearchResources, ToolResourcesUpdate
 
 
 async def require_files(session: AsyncSession, file_ids: list[str]) -> None:
@@ -22,9 +23,12 @@ async def require_files(session: AsyncSession, file_ids: list[str]) -> None:
 
 
 async def to_stored(
-    session: AsyncSession, resources: ToolResources | None, *, param: str = "tool_resources"
+    session: AsyncSession, resources: ToolResourcesUpdate | None, *, param: str = "tool_resources"
 ) -> dict[str, Any]:
-    """The stored (and returned) form; ``{}`` when nothing was given."""
+    """The stored (and returned) form; ``{}`` when nothing was given.
+
+    Accepts the create form (ToolResources, with the ``vector_stores`` helper)
+    and the modify form (ToolResourcesUpdate, ids only)."""
     if resources is None:
         return {}
     stored: dict[str, Any] = {}
@@ -34,19 +38,18 @@ async def to_stored(
         stored["code_interpreter"] = {"file_ids": file_ids}
     if resources.file_search is not None:
         file_search = resources.file_search
-        if file_search.vector_stores is not None:
+        if isinstance(file_search, FileSearchResources) and file_search.vector_stores is not None:
             if file_search.vector_store_ids is not None:
                 raise errors.invalid(
                     f"Invalid '{param}.file_search': only one of 'vector_store_ids' or "
                     "'vector_stores' may be provided.",
                     param=f"{param}.file_search",
                 )
-            # Building a store from file ids is the vector store issue's job.
-            raise errors.invalid(
-                f"Invalid '{param}.file_search.vector_stores': creating vector stores is not "
-                "supported by this server yet; create the store first and pass its id in "
-                "'vector_store_ids'.",
-                param=f"{param}.file_search.vector_stores",
+            # The helper builds a store from file ids (ingested by the worker).
+            store = await vector_stores.create_from_helper(
+                session, file_search.vector_stores[0], f"{param}.file_search.vector_stores[0]"
             )
-        stored["file_search"] = {"vector_store_ids": list(file_search.vector_store_ids or [])}
+            stored["file_search"] = {"vector_store_ids": [store.id]}
+        else:
+            stored["file_search"] = {"vector_store_ids": list(file_search.vector_store_ids or [])}
     return stored

@@ -1,0 +1,184 @@
+"""/vector_stores, their files, file batches and search.
+
+Adding files only queues them (the worker ingests them), so each route that
+adds files wakes the worker after its transaction commits. Retrieves of
+files and batches carry ``openai-poll-after-ms`` for the SDK's pollers.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel
+
+from app.api.deps import PageDep, RuntimeDep, respond
+from app.retrieval import embed
+from app.services import vector_store_files, vector_store_search, vector_stores
+from app.wire.common import Deleted, ListPage
+from app.wire.vector_stores import (
+    FileBatch,
+    FileBatchCreate,
+    FileContentPage,
+    SearchRequest,
+    SearchResultsPage,
+    VectorStore,
+    VectorStoreCreate,
+    VectorStoreFile,
+    VectorStoreFileCreate,
+    VectorStoreFileUpdate,
+    VectorStoreUpdate,
+)
+
+router = APIRouter(tags=["vector_stores"])
+
+FileStatusFilter = Literal["in_progress", "completed", "failed", "cancelled"]
+
+
+def _polled(model: BaseModel, runtime: RuntimeDep) -> Response:
+    response = respond(model)
+    response.headers["openai-poll-after-ms"] = str(runtime.settings.poll_after_ms)
+    return response
+
+
+# --- stores ---------------------------------------------------------------------
+
+
+@router.post("/vector_stores", response_model=VectorStore)
+async def create_vector_store(body: VectorStoreCreate, runtime: RuntimeDep) -> Response:
+    async with runtime.transaction() as session:
+        row = await vector_stores.create(session, body)
+        wire = await vector_stores.to_wire(session, row)
+    runtime.wake_worker()
+    return respond(wire)
+
+
+@router.get("/vector_stores", response_model=ListPage[VectorStore])
+async def list_vector_stores(runtime: RuntimeDep, page: PageDep) -> Response:
+    async with runtime.transaction() as session:
+        return respond(await vector_stores.list_(session, page))
+
+
+@router.get("/vector_stores/{vector_store_id}", response_model=VectorStore)
+async def retrieve_vector_store(vector_store_id: str, runtime: RuntimeDep) -> Response:
+    async with runtime.transaction() as session:
+        return _polled(await vector_stores.to_wire(session, await vector_stores.get(session, vector_store_id)), runtime)
+
+
+@router.post("/vector_stores/{vector_store_id}", response_model=VectorStore)
+async def update_vector_store(vector_store_id: str, body: VectorStoreUpdate, runtime: RuntimeDep) -> Response:
+    async with runtime.transaction() as session:
+        row = await vector_stores.update(session, vector_store_id, body)
+        return respond(await vector_stores.to_wire(session, row))
+
+
+@router.delete("/vector_stores/{vector_store_id}", response_model=Deleted)
+async def delete_vector_store(vector_store_id: str, runtime: RuntimeDep) -> Response:
+    async with runtime.transaction() as session:
+        return respond(await vector_stores.delete(session, vector_store_id))
+
+
+@router.post("/vector_stores/{vector_store_id}/search", response_model=SearchResultsPage)
+async def search_vector_store(vector_store_id: str, body: SearchRequest, runtime: RuntimeDep) -> Response:
+    queries = vector_store_search.queries_of(body)
+    vectors = await embed.embed_queries(runtime.settings, queries)  # before the session: may be a remote call
+    async with runtime.transaction() as session:
+        return respond(await vector_store_search.search(session, vector_store_id, body, vectors))
+
+
+# --- files ----------------------------------------------------------------------
+
+
+@router.post("/vector_stores/{vector_store_id}/files", response_model=VectorStoreFile)
+async def create_vector_store_file(vector_store_id: str, body: VectorStoreFileCreate, runtime: RuntimeDep) -> Response:
+    async with runtime.transaction() as session:
+        store = await vector_stores.get_live(session, vector_store_id)
+        wire = vector_store_files.to_wire(await vector_store_files.create(session, store, body))
+    runtime.wake_worker()
+    return respond(wire)
+
+
+@router.get("/vector_stores/{vector_store_id}/files", response_model=ListPage[VectorStoreFile])
+async def list_vector_store_files(
+    vector_store_id: str, runtime: RuntimeDep, page: PageDep, filter: FileStatusFilter | None = None
+) -> Response:
+    async with runtime.transaction() as session:
+        await vector_stores.get(session, vector_store_id)
+        return respond(await vector_store_files.list_(session, vector_store_id, page, filter))
+
+
+@router.get("/vector_stores/{vector_store_id}/files/{file_id}", response_model=VectorStoreFile)
+async def retrieve_vector_store_file(vector_store_id: str, file_id: str, runtime: RuntimeDep) -> Response:
+    async with runtime.transaction() as session:
+        await vector_stores.get(session, vector_store_id)
+        return _polled(
+            vector_store_files.to_wire(await vector_store_files.get(session, vector_store_id, file_id)), runtime
+        )
+
+
+@router.post("/vector_stores/{vector_store_id}/files/{file_id}", response_model=VectorStoreFile)
+async def update_vector_store_file(
+    vector_store_id: str, file_id: str, body: VectorStoreFileUpdate, runtime: RuntimeDep
+) -> Response:
+    async with runtime.transaction() as session:
+        await vector_stores.get(session, vector_store_id)
+        row = await vector_store_files.update_attributes(session, vector_store_id, file_id, body.attributes)
+        return respond(vector_store_files.to_wire(row))
+
+
+@router.delete("/vector_stores/{vector_store_id}/files/{file_id}", response_model=Deleted)
+async def delete_vector_store_file(vector_store_id: str, file_id: str, runtime: RuntimeDep) -> Response:
+    async with runtime.transaction() as session:
+        await vector_stores.get(session, vector_store_id)
+        return respond(await vector_store_files.remove(session, vector_store_id, file_id))
+
+
+@router.get("/vector_stores/{vector_store_id}/files/{file_id}/content", response_model=FileContentPage)
+async def retrieve_vector_store_file_content(vector_store_id: str, file_id: str, runtime: RuntimeDep) -> Response:
+    async with runtime.transaction() as session:
+        await vector_stores.get(session, vector_store_id)
+        row = await vector_store_files.get(session, vector_store_id, file_id)
+    return respond(await vector_store_files.content(runtime.storage, row))
+
+
+# --- batches --------------------------------------------------------------------
+
+
+@router.post("/vector_stores/{vector_store_id}/file_batches", response_model=FileBatch)
+async def create_file_batch(vector_store_id: str, body: FileBatchCreate, runtime: RuntimeDep) -> Response:
+    async with runtime.transaction() as session:
+        store = await vector_stores.get_live(session, vector_store_id)
+        batch = await vector_store_files.create_batch(session, store, body)
+        wire = await vector_store_files.batch_to_wire(session, batch)
+    runtime.wake_worker()
+    return respond(wire)
+
+
+@router.get("/vector_stores/{vector_store_id}/file_batches/{batch_id}", response_model=FileBatch)
+async def retrieve_file_batch(vector_store_id: str, batch_id: str, runtime: RuntimeDep) -> Response:
+    async with runtime.transaction() as session:
+        await vector_stores.get(session, vector_store_id)
+        batch = await vector_store_files.get_batch(session, vector_store_id, batch_id)
+        return _polled(await vector_store_files.batch_to_wire(session, batch), runtime)
+
+
+@router.post("/vector_stores/{vector_store_id}/file_batches/{batch_id}/cancel", response_model=FileBatch)
+async def cancel_file_batch(vector_store_id: str, batch_id: str, runtime: RuntimeDep) -> Response:
+    async with runtime.transaction() as session:
+        await vector_stores.get(session, vector_store_id)
+        batch = await vector_store_files.cancel_batch(session, vector_store_id, batch_id)
+        return respond(await vector_store_files.batch_to_wire(session, batch))
+
+
+@router.get("/vector_stores/{vector_store_id}/file_batches/{batch_id}/files", response_model=ListPage[VectorStoreFile])
+async def list_file_batch_files(
+    vector_store_id: str,
+    batch_id: str,
+    runtime: RuntimeDep,
+    page: PageDep,
+    filter: FileStatusFilter | None = None,
+) -> Response:
+    async with runtime.transaction() as session:
+        await vector_stores.get(session, vector_store_id)
+        await vector_store_files.get_batch(session, vector_store_id, batch_id)
+        return respond(await vector_store_files.list_(session, vector_store_id, page, filter, batch_id))

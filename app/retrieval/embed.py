@@ -1,0 +1,127 @@
+"""Embeddings for hybrid search, chosen by the optional top-level key
+``embedding_model`` of the model routing config (``llm_config``):
+
+- a ``model_name`` of the config's ``model_list``: embedded through litellm's
+  ``aembedding`` with that entry's ``litellm_params`` (any provider);
+- ``hashing``: a built-in, dependency-free embedder (feature hashing of words
+  and character trigrams) that needs no model at all;
+- absent: no embeddings; search is keyword-only (BM25), which always works.
+
+The litellm call itself lives in app/llm.py, the only module importing litellm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from functools import cache, lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from app import llm
+from app.settings import Settings
+
+log = logging.getLogger("app.retrieval")
+
+DIMENSIONS = 384
+BATCH = 256
+_WORD = re.compile(r"\w+", re.UNICODE)
+ENV_REFERENCE = "os.environ/"
+
+
+class Embedder(Protocol):
+    name: str
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+
+
+class HashingEmbedder:
+    """Words and character trigrams hashed into a fixed-size, L2-normalised
+    vector: deterministic and offline; catches spelling variants and shared
+    word parts that whole-word keyword search misses."""
+
+    name = "hashing"
+
+    def vector(self, text: str) -> list[float]:
+        vector = [0.0] * DIMENSIONS
+        for word in _WORD.findall(text.lower()):
+            for slot, weight in _word_features(word):
+                vector[slot] += weight
+        norm = math.sqrt(sum(value * value for value in vector)) or 1.0
+        return [value / norm for value in vector]
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        return [self.vector(text) for text in texts]
+
+
+@lru_cache(maxsize=200_000)
+def _word_features(word: str) -> tuple[tuple[int, float], ...]:
+    """(slot, signed weight) of a word and its character trigrams (cached:
+    vocabularies repeat, hashing is the embedder's whole cost)."""
+    trigrams = [word[i : i + 3] for i in range(len(word) - 2)] if len(word) > 3 else []
+    features = []
+    for position, feature in enumerate([word, *trigrams]):
+        digest = hashlib.blake2b(feature.encode(), digest_size=8).digest()
+        sign = 1.0 if digest[4] & 1 else -1.0
+        features.append((int.from_bytes(digest[:4], "little") % DIMENSIONS, sign * (1.0 if position == 0 else 0.5)))
+    return tuple(features)
+
+
+class LiteLLMEmbedder:
+    def __init__(self, name: str, params: dict[str, Any]) -> None:
+        self.name = name
+        self.params = params
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        params = _resolve_env(self.params)
+        vectors: list[list[float]] = []
+        for start in range(0, len(texts), BATCH):
+            vectors.extend(await llm.embed(params, texts[start : start + BATCH]))
+        return vectors
+
+
+def _resolve_env(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith(ENV_REFERENCE):
+        return os.environ.get(value[len(ENV_REFERENCE) :], "")
+    if isinstance(value, dict):
+        return {key: _resolve_env(item) for key, item in value.items()}
+    return value
+
+
+@cache
+def _from_config(path: Path | None) -> Embedder | None:
+    if path is None:
+        return None
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    name = data.get("embedding_model") if isinstance(data, dict) else None
+    if not name:
+        return None
+    if name == "hashing":
+        return HashingEmbedder()
+    for entry in data.get("model_list") or []:
+        if isinstance(entry, dict) and entry.get("model_name") == name:
+            return LiteLLMEmbedder(name, dict(entry.get("litellm_params") or {}))
+    raise ValueError(f"{path}: embedding_model '{name}' is not a model_name of the model_list")
+
+
+def embedder(settings: Settings) -> Embedder | None:
+    return _from_config(settings.llm_config)
+
+
+async def embed_queries(settings: Settings, queries: Sequence[str]) -> list[list[float]] | None:
+    """Query vectors, or None: no embedder, or it failed (search then falls
+    back to keywords rather than failing the request or the run)."""
+    model = embedder(settings)
+    if model is None:
+        return None
+    try:
+        return await model.embed(queries)
+    except Exception:
+        log.exception("embedding the query with %s failed; searching by keywords only", model.name)
+        return None

@@ -1,0 +1,183 @@
+"""Background ingestion of vector store files, driven by the worker's tick.
+
+The vector_store_files row is the job: an ``in_progress`` row without a
+live lease is claimed with a compare-and-set UPDATE that stamps a lease (on
+PostgreSQL the candidates are locked FOR UPDATE SKIP LOCKED), so two workers
+never ingest the same file, and a file whose worker died is claimed again
+once its lease lapses. Parsing and chunking run in threads so the event loop
+stays free; embedding (if configured) runs with no session open. The result
+is committed only if the row is still ours and still ``in_progress`` (a
+cancelled batch or a removed file discards the work). A failure marks only
+its own file ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import or_, select, update
+
+from app import orm
+from app.retrieval import chunking, embed, index, parse
+from app.runtime import Runtime
+
+log = logging.getLogger("app.ingest")
+
+# OpenAI's per-file limit.
+MAX_FILE_TOKENS = 5_000_000
+Key = tuple[str, str]  # (vector_store_id, file_id)
+
+
+@dataclass
+class Parsed:
+    pieces: list[str]
+    usage_bytes: int
+
+
+def parse_and_chunk(path: Any, filename: str, strategy: dict[str, Any]) -> Parsed:
+    """CPU-bound part of an ingestion (run in a thread)."""
+    text = parse.extract_text(path, filename)
+    static = strategy.get("static") or {}
+    size = int(static.get("max_chunk_size_tokens", chunking.DEFAULT_MAX_TOKENS))
+    overlap = int(static.get("chunk_overlap_tokens", chunking.DEFAULT_OVERLAP_TOKENS))
+    pieces = chunking.chunk(text, size, overlap)
+    if not pieces:
+        raise parse.ParseError("invalid_file", "The file contains no text that could be extracted.")
+    if len(pieces) * (size - overlap) > MAX_FILE_TOKENS:
+        raise parse.ParseError("invalid_file", f"The file has more than {MAX_FILE_TOKENS} tokens.")
+    return Parsed(pieces, sum(len(piece.encode("utf-8")) for piece in pieces))
+
+
+class Ingestion:
+    def __init__(self, runtime: Runtime, owner: str, wake: Callable[[], None], concurrency: int | None = None) -> None:
+        self.runtime = runtime
+        self.owner = owner
+        self.wake = wake
+        # Parsing is CPU-bound: about one file per core at a time.
+        self.concurrency = concurrency or max(2, os.cpu_count() or 2)
+        self.lease_seconds = runtime.settings.run_lease_seconds
+        self.tasks: dict[Key, asyncio.Task[None]] = {}
+
+    async def tick(self) -> None:
+        free = self.concurrency - len(self.tasks)
+        if free <= 0:
+            return
+        for key in await self.claim(free):
+            self.tasks[key] = asyncio.create_task(self._run(key), name=f"ingest {key[1]} into {key[0]}")
+
+    async def stop(self) -> None:
+        for task in list(self.tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        self.tasks.clear()
+
+    def _claimable(self, now: float) -> Any:
+        table = orm.VectorStoreFile
+        return (table.status == "in_progress") & or_(table.lease_expires_at.is_(None), table.lease_expires_at < now)
+
+    async def claim(self, limit: int) -> list[Key]:
+        table = orm.VectorStoreFile
+        now = time.time()
+        candidates = (
+            select(table.vector_store_id, table.file_id)
+            .where(self._claimable(now))
+            .order_by(table.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        claimed: list[Key] = []
+        async with self.runtime.transaction() as session:
+            for store_id, file_id in (await session.execute(candidates)).all():
+                result = await session.execute(
+                    update(table)
+                    .where(table.vector_store_id == store_id, table.file_id == file_id, self._claimable(now))
+                    .values(lease_owner=self.owner, lease_expires_at=now + self.lease_seconds)
+                    .execution_options(synchronize_session=False)
+                )
+                if getattr(result, "rowcount", 0):
+                    claimed.append((store_id, file_id))
+        return claimed
+
+    async def _run(self, key: Key) -> None:
+        renewer = asyncio.create_task(self._renew(key))
+        try:
+            await self._ingest(key)
+        except Exception:
+            log.exception("ingesting file %s into %s", key[1], key[0])
+            await self._finish(
+                key, None, {"code": "server_error", "message": "The server had an error while processing the file."}
+            )
+        finally:
+            renewer.cancel()
+            with suppress(asyncio.CancelledError):
+                await renewer
+            self.tasks.pop(key, None)
+            self.wake()
+
+    async def _ingest(self, key: Key) -> None:
+        file_id = key[1]
+        async with self.runtime.transaction() as session:
+            row = await session.get(orm.VectorStoreFile, key)
+            if row is None or row.status != "in_progress" or row.lease_owner != self.owner:
+                return
+            filename, strategy = row.filename, dict(row.chunking_strategy)
+        path = self.runtime.storage.path(file_id)
+        try:
+            parsed = await asyncio.to_thread(parse_and_chunk, path, filename, strategy)
+        except parse.ParseError as error:
+            await self._finish(key, None, {"code": error.code, "message": error.message})
+            return
+        except FileNotFoundError:
+            await self._finish(
+                key, None, {"code": "invalid_file", "message": "The file's content is no longer available."}
+            )
+            return
+        vectors = await self._embed(parsed.pieces)
+        await self._finish(key, (parsed, vectors), None)
+
+    async def _embed(self, pieces: list[str]) -> list[list[float]] | None:
+        model = embed.embedder(self.runtime.settings)
+        if model is None:
+            return None
+        try:
+            return await model.embed(pieces)
+        except Exception:
+            # Keyword search still finds the file; say so in the log.
+            log.exception("embedding with %s failed; the file is indexed for keyword search only", model.name)
+            return None
+
+    async def _finish(
+        self, key: Key, result: tuple[Parsed, list[list[float]] | None] | None, error: dict[str, Any] | None
+    ) -> None:
+        """Commit the outcome if the job is still ours and still wanted."""
+        async with self.runtime.transaction() as session:
+            row = await session.get(orm.VectorStoreFile, key, with_for_update=True)
+            if row is None or row.status != "in_progress" or row.lease_owner != self.owner:
+                return  # cancelled, removed or taken over: discard
+            await index.remove_chunks(session, key[0], [key[1]])
+            if result is not None:
+                parsed, vectors = result
+                await index.add_chunks(session, key[0], key[1], parsed.pieces, vectors)
+                row.status, row.usage_bytes, row.last_error = "completed", parsed.usage_bytes, None
+            else:
+                row.status, row.last_error = "failed", error
+            row.lease_owner, row.lease_expires_at = None, None
+
+    async def _renew(self, key: Key) -> None:
+        table = orm.VectorStoreFile
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            async with self.runtime.transaction() as session:
+                await session.execute(
+                    update(table)
+                    .where(table.vector_store_id == key[0], table.file_id == key[1], table.lease_owner == self.owner)
+                    .values(lease_expires_at=time.time() + self.lease_seconds)
+                    .execution_options(synchronize_session=False)
+                )

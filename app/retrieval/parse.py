@@ -1,0 +1,214 @@
+"""Files to plain text: PDF (pypdf), DOCX (python-docx), PPTX (python-pptx),
+HTML, and text or source files in UTF-8, UTF-16 or single-byte encodings.
+
+Runs in a worker thread (it is CPU-bound and the libraries are synchronous).
+A file we cannot read raises ParseError with the code OpenAI reports in
+``last_error``: ``unsupported_file`` for a kind we do not handle,
+``invalid_file`` for a file of a known kind that is broken or has no text.
+"""
+
+from __future__ import annotations
+
+import codecs
+import html.parser
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+ErrorCode = Literal["unsupported_file", "invalid_file"]
+
+# Source and markup files are read as text (OpenAI's file_search list, abridged).
+TEXT_EXTENSIONS = frozenset(
+    {
+        ".txt",
+        ".md",
+        ".markdown",
+        ".rst",
+        ".csv",
+        ".tsv",
+        ".json",
+        ".jsonl",
+        ".xml",
+        ".yaml",
+        ".yml",
+        ".toml",
+        ".ini",
+        ".cfg",
+        ".log",
+        ".tex",
+        ".py",
+        ".pyi",
+        ".js",
+        ".mjs",
+        ".ts",
+        ".tsx",
+        ".jsx",
+        ".java",
+        ".kt",
+        ".scala",
+        ".c",
+        ".h",
+        ".cc",
+        ".cpp",
+        ".hpp",
+        ".cs",
+        ".go",
+        ".rs",
+        ".rb",
+        ".php",
+        ".pl",
+        ".sh",
+        ".bash",
+        ".zsh",
+        ".ps1",
+        ".sql",
+        ".swift",
+        ".m",
+        ".r",
+        ".lua",
+        ".dart",
+        ".css",
+        ".scss",
+        ".vue",
+        ".svelte",
+    }
+)
+HTML_EXTENSIONS = frozenset({".html", ".htm", ".xhtml"})
+
+
+class ParseError(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.message = message
+
+
+def extract_text(path: Path, filename: str) -> str:
+    """The file's text; ParseError if it has none we can read."""
+    suffix = Path(filename).suffix.lower()
+    reader = _READERS.get(suffix)
+    if reader is None:
+        if suffix in TEXT_EXTENSIONS or not suffix:
+            reader = _read_text
+        elif suffix in HTML_EXTENSIONS:
+            reader = _read_html
+        else:
+            raise ParseError("unsupported_file", f"Files with extension [{suffix}] are not supported for retrieval.")
+    try:
+        text = reader(path)
+    except ParseError:
+        raise
+    except Exception as exc:  # each library has its own error family
+        raise ParseError("invalid_file", f"The file could not be parsed: {type(exc).__name__}.") from exc
+    if not text.strip():
+        raise ParseError("invalid_file", "The file contains no text that could be extracted.")
+    return text
+
+
+def decode(data: bytes) -> str:
+    """Bytes to text: BOMs first, then UTF-8, then UTF-16 without a BOM
+    (recognised by its NUL bytes), then Windows-1252 for legacy text.
+    Binary data (NULs that are not UTF-16) is refused."""
+    for bom, encoding in (
+        (codecs.BOM_UTF8, "utf-8-sig"),
+        (codecs.BOM_UTF16_LE, "utf-16"),
+        (codecs.BOM_UTF16_BE, "utf-16"),
+    ):
+        if data.startswith(bom):
+            return data.decode(encoding, errors="replace")
+    sample = data[:4096]
+    if b"\x00" in sample:
+        even_nuls, odd_nuls = sample[0::2].count(0), sample[1::2].count(0)
+        if odd_nuls > len(sample) // 4 and even_nuls < odd_nuls // 8:
+            return data.decode("utf-16-le", errors="replace")
+        if even_nuls > len(sample) // 4 and odd_nuls < even_nuls // 8:
+            return data.decode("utf-16-be", errors="replace")
+        raise ParseError("invalid_file", "The file is binary, not text.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="replace")
+
+
+def _read_text(path: Path) -> str:
+    return decode(path.read_bytes())
+
+
+class _HTMLText(html.parser.HTMLParser):
+    SKIP = frozenset({"script", "style", "head", "noscript", "template"})
+    BLOCK = frozenset({"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "section", "dt", "dd"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skipping = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self.SKIP:
+            self.skipping += 1
+        elif tag in self.BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.SKIP and self.skipping:
+            self.skipping -= 1
+        elif tag in self.BLOCK:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self.skipping:
+            self.parts.append(data)
+
+
+def html_to_text(markup: str) -> str:
+    parser = _HTMLText()
+    parser.feed(markup)
+    parser.close()
+    lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+def _read_html(path: Path) -> str:
+    return html_to_text(decode(path.read_bytes()))
+
+
+def _read_pdf(path: Path) -> str:
+    import pypdf  # imported lazily: only the worker thread parsing a PDF pays for it
+
+    reader = pypdf.PdfReader(str(path))
+    if reader.is_encrypted:
+        raise ParseError("invalid_file", "The PDF is encrypted.")
+    return "\n\n".join(page.extract_text() or "" for page in reader.pages)
+
+
+def _require_zip(path: Path, kind: str) -> None:
+    if not zipfile.is_zipfile(path):
+        raise ParseError("invalid_file", f"The file is not a valid {kind} document.")
+
+
+def _read_docx(path: Path) -> str:
+    import docx
+
+    _require_zip(path, "DOCX")
+    document = docx.Document(str(path))
+    parts = [paragraph.text for paragraph in document.paragraphs]
+    for table in document.tables:
+        for row in table.rows:
+            parts.append(" | ".join(cell.text for cell in row.cells))
+    return "\n".join(parts)
+
+
+def _read_pptx(path: Path) -> str:
+    import pptx
+
+    _require_zip(path, "PPTX")
+    presentation = pptx.Presentation(str(path))
+    slides: list[str] = []
+    for slide in presentation.slides:
+        texts = [shape.text_frame.text for shape in slide.shapes if shape.has_text_frame]
+        slides.append("\n".join(texts))
+    return "\n\n".join(slides)
+
+
+_READERS: dict[str, Callable[[Path], str]] = {".pdf": _read_pdf, ".docx": _read_docx, ".pptx": _read_pptx}

@@ -1,0 +1,257 @@
+"""Files in vector stores and file batches.
+
+Adding a file inserts (or resets) its vector_store_files row as
+``in_progress``: that row is the ingestion job the worker claims
+(app.retrieval.ingest). Nothing is parsed inside the request. A file added
+again is ingested again with its new chunking strategy and attributes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import delete as sql_delete
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import errors, ids, orm
+from app.retrieval import chunking, index, parse
+from app.services import pagination
+from app.services.common import require_id
+from app.storage import Storage
+from app.wire.common import AutoChunking, ChunkingStrategy, Deleted, ListPage
+from app.wire.vector_stores import (
+    FileBatch,
+    FileBatchCreate,
+    FileContentPage,
+    FileCounts,
+    TextContent,
+    VectorStoreFile,
+    VectorStoreFileCreate,
+)
+
+
+def resolve_strategy(strategy: ChunkingStrategy | None, param: str) -> dict[str, Any]:
+    """The stored (response) form: ``auto`` becomes static 800/400; the
+    overlap may be at most half the chunk size."""
+    if strategy is None or isinstance(strategy, AutoChunking):
+        return chunking.static()
+    size, overlap = strategy.static.max_chunk_size_tokens, strategy.static.chunk_overlap_tokens
+    if overlap > size // 2:
+        raise errors.invalid(
+            f"Invalid '{param}.static.chunk_overlap_tokens': chunk_overlap_tokens must be less than or equal "
+            f"to half of max_chunk_size_tokens ({size // 2}), but got {overlap}.",
+            param=f"{param}.static.chunk_overlap_tokens",
+            code="invalid_value",
+        )
+    return chunking.static(size, overlap)
+
+
+def _live_file() -> Any:
+    return or_(orm.File.expires_at.is_(None), orm.File.expires_at > ids.now())
+
+
+async def require_files(session: AsyncSession, file_ids: Sequence[str]) -> dict[str, orm.File]:
+    """The files by id; 404 ``No such File object`` for the first one missing."""
+    if not file_ids:
+        return {}
+    for file_id in file_ids:
+        require_id("file_id", file_id, ids.FILE)
+    rows = (await session.scalars(select(orm.File).where(orm.File.id.in_(file_ids), _live_file()))).all()
+    found = {row.id: row for row in rows}
+    for file_id in file_ids:
+        if file_id not in found:
+            raise errors.file_not_found(file_id)
+    return found
+
+
+async def attach(
+    session: AsyncSession,
+    store: orm.VectorStore,
+    items: Sequence[tuple[orm.File, dict[str, Any], dict[str, Any] | None]],
+    batch_id: str | None = None,
+) -> list[orm.VectorStoreFile]:
+    """Queue (file, chunking strategy, attributes) for ingestion into the store."""
+    rows = []
+    for file, strategy, attributes in items:
+        row = await session.get(orm.VectorStoreFile, (store.id, file.id))
+        if row is None:
+            row = orm.VectorStoreFile(vector_store_id=store.id, file_id=file.id, seq=file.seq, created_at=ids.now())
+            session.add(row)
+        row.filename, row.status, row.last_error, row.usage_bytes = file.filename, "in_progress", None, 0
+        row.chunking_strategy, row.attributes, row.batch_id = strategy, attributes, batch_id
+        row.lease_owner, row.lease_expires_at = None, None
+        rows.append(row)
+    await session.flush()
+    return rows
+
+
+async def create(session: AsyncSession, store: orm.VectorStore, body: VectorStoreFileCreate) -> orm.VectorStoreFile:
+    strategy = resolve_strategy(body.chunking_strategy, "chunking_strategy")
+    files = await require_files(session, [body.file_id])
+    return (await attach(session, store, [(files[body.file_id], strategy, body.attributes)]))[0]
+
+
+async def get(session: AsyncSession, store_id: str, file_id: str) -> orm.VectorStoreFile:
+    require_id("file_id", file_id, ids.FILE)
+    row = await session.get(orm.VectorStoreFile, (store_id, file_id))
+    if row is None:
+        raise errors.not_found("vector store file", file_id)
+    return row
+
+
+async def update_attributes(
+    session: AsyncSession, store_id: str, file_id: str, attributes: dict[str, Any] | None
+) -> orm.VectorStoreFile:
+    row = await get(session, store_id, file_id)
+    row.attributes = attributes
+    return row
+
+
+async def remove(session: AsyncSession, store_id: str, file_id: str) -> Deleted:
+    """The file leaves the store (and its index); the file object survives."""
+    await get(session, store_id, file_id)
+    await index.remove_chunks(session, store_id, [file_id])
+    await session.execute(
+        sql_delete(orm.VectorStoreFile).where(
+            orm.VectorStoreFile.vector_store_id == store_id, orm.VectorStoreFile.file_id == file_id
+        )
+    )
+    return Deleted(id=file_id, object="vector_store.file.deleted")
+
+
+async def forget_file(session: AsyncSession, file_id: str) -> None:
+    """A deleted file leaves every store it was in."""
+    stores = (
+        await session.scalars(select(orm.VectorStoreFile.vector_store_id).where(orm.VectorStoreFile.file_id == file_id))
+    ).all()
+    for store_id in stores:
+        await index.remove_chunks(session, store_id, [file_id])
+    await session.execute(sql_delete(orm.VectorStoreFile).where(orm.VectorStoreFile.file_id == file_id))
+
+
+async def list_(
+    session: AsyncSession,
+    store_id: str,
+    params: pagination.PageParams,
+    status: str | None,
+    batch_id: str | None = None,
+) -> ListPage[Any]:
+    query = select(orm.VectorStoreFile).where(orm.VectorStoreFile.vector_store_id == store_id)
+    if status is not None:
+        query = query.where(orm.VectorStoreFile.status == status)
+    if batch_id is not None:
+        query = query.where(orm.VectorStoreFile.batch_id == batch_id)
+    rows, has_more = await pagination.fetch_page(session, query, orm.VectorStoreFile.seq, params, ids.FILE)
+    return pagination.page([to_wire(row) for row in rows], has_more)
+
+
+def to_wire(row: orm.VectorStoreFile) -> VectorStoreFile:
+    return VectorStoreFile(
+        id=row.file_id,
+        usage_bytes=row.usage_bytes,
+        created_at=row.created_at,
+        vector_store_id=row.vector_store_id,
+        status=row.status,  # type: ignore[arg-type]
+        last_error=row.last_error,
+        chunking_strategy=row.chunking_strategy,
+        attributes=row.attributes or {},
+    )
+
+
+# --- batches --------------------------------------------------------------------
+
+
+async def create_batch(
+    session: AsyncSession, store: orm.VectorStore, body: FileBatchCreate
+) -> orm.VectorStoreFileBatch:
+    if body.file_ids is None and body.files is None:
+        raise errors.invalid(
+            "Missing required parameter: 'file_ids'.", param="file_ids", code="missing_required_parameter"
+        )
+    if body.file_ids is not None and body.files is not None:
+        raise errors.invalid(
+            "Invalid request: only one of 'file_ids' or 'files' may be provided.", param="files", code="invalid_value"
+        )
+    default = resolve_strategy(body.chunking_strategy, "chunking_strategy")
+    wanted: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
+    if body.file_ids is not None:
+        wanted = [(file_id, default, body.attributes) for file_id in dict.fromkeys(body.file_ids)]
+    for position, item in enumerate(body.files or []):
+        strategy = (
+            resolve_strategy(item.chunking_strategy, f"files[{position}].chunking_strategy")
+            if item.chunking_strategy
+            else default
+        )
+        wanted.append((item.file_id, strategy, item.attributes if item.attributes is not None else body.attributes))
+    files = await require_files(session, [file_id for file_id, _, _ in wanted])
+    seq = ids.next_seq()
+    batch = orm.VectorStoreFileBatch(
+        id=ids.new_id(ids.FILE_BATCH, seq),
+        seq=seq,
+        created_at=ids.seconds(seq),
+        vector_store_id=store.id,
+        cancelled=False,
+    )
+    session.add(batch)
+    await attach(session, store, [(files[file_id], strategy, attrs) for file_id, strategy, attrs in wanted], batch.id)
+    return batch
+
+
+async def get_batch(session: AsyncSession, store_id: str, batch_id: str) -> orm.VectorStoreFileBatch:
+    require_id("batch_id", batch_id, ids.FILE_BATCH)
+    row = await session.get(orm.VectorStoreFileBatch, batch_id)
+    if row is None or row.vector_store_id != store_id:
+        raise errors.not_found("vector store file batch", batch_id)
+    return row
+
+
+async def cancel_batch(session: AsyncSession, store_id: str, batch_id: str) -> orm.VectorStoreFileBatch:
+    """Files of the batch not yet ingested become ``cancelled``; an ingestion
+    already under way notices at its commit and discards its work."""
+    batch = await get_batch(session, store_id, batch_id)
+    batch.cancelled = True
+    await session.execute(
+        update(orm.VectorStoreFile)
+        .where(orm.VectorStoreFile.batch_id == batch_id, orm.VectorStoreFile.status == "in_progress")
+        .values(status="cancelled", lease_owner=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return batch
+
+
+async def batch_to_wire(session: AsyncSession, batch: orm.VectorStoreFileBatch) -> FileBatch:
+    table = orm.VectorStoreFile
+    query = select(table.status, func.count()).where(table.batch_id == batch.id).group_by(table.status)
+    counts = FileCounts()
+    for status, count in (await session.execute(query)).all():
+        setattr(counts, status, int(count))
+        counts.total += int(count)
+    if batch.cancelled:
+        status = "cancelled"
+    elif counts.in_progress:
+        status = "in_progress"
+    else:
+        status = "failed" if counts.total and counts.failed == counts.total else "completed"
+    return FileBatch(
+        id=batch.id,
+        created_at=batch.created_at,
+        vector_store_id=batch.vector_store_id,
+        status=status,  # type: ignore[arg-type]
+        file_counts=counts,
+    )
+
+
+async def content(storage: Storage, row: orm.VectorStoreFile) -> FileContentPage:
+    """The file's parsed text (parsed again, in a thread: the index holds
+    overlapping chunks, not the text itself)."""
+    path = storage.path(row.file_id)
+    if not path.is_file():
+        raise errors.file_not_found(row.file_id)
+    try:
+        text = await asyncio.to_thread(parse.extract_text, path, row.filename)
+    except parse.ParseError:
+        text = ""
+    return FileContentPage(data=[TextContent(text=text)] if text else [])

@@ -1,0 +1,109 @@
+"""POST /vector_stores/{id}/search and the store lookups of the file_search tool.
+
+Attribute filters are evaluated against the store's completed files (one
+row per file, few compared with chunks); the chunk search is then limited
+in SQL to the files that pass, so a filter never starves the page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import orm
+from app.retrieval import search as ranking
+from app.retrieval.index import Hit
+from app.services import vector_stores
+from app.wire.vector_stores import (
+    ComparisonFilter,
+    CompoundFilter,
+    SearchRequest,
+    SearchResult,
+    SearchResultsPage,
+    TextContent,
+)
+
+
+def _compare(op: str, actual: Any, expected: Any) -> bool:
+    if op in ("in", "nin"):
+        found = isinstance(expected, list) and actual in expected
+        return found if op == "in" else not found
+    if op == "eq":
+        return bool(actual == expected)
+    if op == "ne":
+        return bool(actual != expected)
+    numeric = (int, float)
+    comparable = (isinstance(actual, numeric) and isinstance(expected, numeric)) or (
+        isinstance(actual, str) and isinstance(expected, str)
+    )
+    if not comparable or isinstance(actual, bool) or isinstance(expected, bool):
+        return False
+    return bool(
+        {"gt": actual > expected, "gte": actual >= expected, "lt": actual < expected, "lte": actual <= expected}[op]
+    )
+
+
+def matches(condition: ComparisonFilter | CompoundFilter, attributes: dict[str, Any]) -> bool:
+    """A missing key satisfies only the negative comparisons (ne, nin)."""
+    if isinstance(condition, CompoundFilter):
+        results = (matches(item, attributes) for item in condition.filters)
+        return all(results) if condition.type == "and" else any(results)
+    if condition.key not in attributes:
+        return condition.type in ("ne", "nin")
+    return _compare(condition.type, attributes[condition.key], condition.value)
+
+
+async def completed_files(
+    session: AsyncSession, store_ids: Sequence[str]
+) -> dict[tuple[str, str], orm.VectorStoreFile]:
+    rows = (
+        await session.scalars(
+            select(orm.VectorStoreFile).where(
+                orm.VectorStoreFile.vector_store_id.in_(store_ids), orm.VectorStoreFile.status == "completed"
+            )
+        )
+    ).all()
+    return {(row.vector_store_id, row.file_id): row for row in rows}
+
+
+def queries_of(body: SearchRequest) -> list[str]:
+    return [body.query] if isinstance(body.query, str) else list(body.query)
+
+
+async def search(
+    session: AsyncSession, vector_store_id: str, body: SearchRequest, query_vectors: Sequence[Sequence[float]] | None
+) -> SearchResultsPage:
+    store = await vector_stores.get_live(session, vector_store_id)
+    files = await completed_files(session, [store.id])
+    allowed = None
+    if body.filters is not None:
+        allowed = [file_id for (_, file_id), row in files.items() if matches(body.filters, row.attributes or {})]
+    options = body.ranking_options
+    hits = await ranking.search(
+        session,
+        [store.id],
+        queries_of(body),
+        body.max_num_results,
+        score_threshold=options.score_threshold if options else 0.0,
+        file_ids=allowed,
+        query_vectors=query_vectors,
+    )
+    vector_stores.touch(store)
+    return SearchResultsPage(
+        search_query=queries_of(body),
+        data=[_result(hit, files) for hit in hits if (hit.vector_store_id, hit.file_id) in files],
+    )
+
+
+def _result(hit: Hit, files: dict[tuple[str, str], orm.VectorStoreFile]) -> SearchResult:
+    row = files[(hit.vector_store_id, hit.file_id)]
+    return SearchResult(
+        file_id=hit.file_id,
+        filename=row.filename,
+        score=round(hit.score, 6),
+        attributes=row.attributes or {},
+        content=[TextContent(text=hit.text)],
+    )

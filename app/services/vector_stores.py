@@ -1,0 +1,217 @@
+"""Vector stores: create, retrieve, modify, delete, list, expiry and activity.
+
+``file_counts``, ``usage_bytes`` and ``status`` are counted from the store's
+files on every read, never cached, so they are exact at every poll.
+A store with ``expires_after`` expires ``days`` after it was last active
+(created, searched, or used by a run); an expired store is kept, reported
+``expired`` and refused by search and runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import delete as sql_delete
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import errors, ids, orm
+from app.retrieval import index
+from app.services import pagination, vector_store_files
+from app.services.common import metadata_or_empty, require_id
+from app.wire.common import Deleted, ListPage, VectorStoreHelper
+from app.wire.vector_stores import ExpiresAfter, FileCounts, VectorStore, VectorStoreCreate, VectorStoreUpdate
+
+DAY = 86400
+# Stores made by the thread helpers (tool_resources, message attachments).
+THREAD_STORE_EXPIRY = {"anchor": "last_active_at", "days": 7}
+
+
+def _expires_at(row: orm.VectorStore) -> int | None:
+    if not row.expires_after:
+        return None
+    return row.last_active_at + int(row.expires_after["days"]) * DAY
+
+
+def is_expired(row: orm.VectorStore) -> bool:
+    return row.expires_at is not None and row.expires_at <= ids.now()
+
+
+def touch(row: orm.VectorStore) -> None:
+    """The store was used: push its expiry back (an expired store stays expired)."""
+    if not is_expired(row):
+        row.last_active_at = ids.now()
+        row.expires_at = _expires_at(row)
+
+
+def new_store(
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    expires_after: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> orm.VectorStore:
+    seq = ids.next_seq()
+    row = orm.VectorStore(
+        id=ids.new_id(ids.VECTOR_STORE, seq),
+        seq=seq,
+        created_at=ids.seconds(seq),
+        name=name,
+        description=description,
+        last_active_at=ids.seconds(seq),
+        expires_after=expires_after,
+        metadata_=metadata_or_empty(metadata),
+    )
+    row.expires_at = _expires_at(row)
+    return row
+
+
+def _expiry(value: ExpiresAfter | None) -> dict[str, Any] | None:
+    return value.model_dump() if value is not None else None
+
+
+async def create(session: AsyncSession, body: VectorStoreCreate) -> orm.VectorStore:
+    row = new_store(
+        name=body.name, description=body.description, expires_after=_expiry(body.expires_after), metadata=body.metadata
+    )
+    strategy = vector_store_files.resolve_strategy(body.chunking_strategy, "chunking_strategy")
+    file_ids = list(dict.fromkeys(body.file_ids or []))
+    files = await vector_store_files.require_files(session, file_ids)
+    session.add(row)
+    await session.flush()
+    await vector_store_files.attach(session, row, [(files[file_id], strategy, None) for file_id in file_ids])
+    return row
+
+
+async def create_from_helper(session: AsyncSession, helper: VectorStoreHelper, param: str) -> orm.VectorStore:
+    """The ``tool_resources.file_search.vector_stores`` helper of assistant and thread create."""
+    row = new_store(metadata=helper.metadata)
+    strategy = vector_store_files.resolve_strategy(helper.chunking_strategy, f"{param}.chunking_strategy")
+    file_ids = list(dict.fromkeys(helper.file_ids))
+    files = await vector_store_files.require_files(session, file_ids)
+    session.add(row)
+    await session.flush()
+    await vector_store_files.attach(session, row, [(files[file_id], strategy, None) for file_id in file_ids])
+    return row
+
+
+async def add_to_thread_store(session: AsyncSession, thread_id: str, file_ids: list[str]) -> None:
+    """Message attachments for file_search: into the thread's store, which is
+    created (expiring 7 days after last activity) if the thread has none."""
+    if not file_ids:
+        return
+    thread = await session.get(orm.Thread, thread_id)
+    if thread is None:
+        return
+    resources = dict(thread.tool_resources or {})
+    store_ids = list((resources.get("file_search") or {}).get("vector_store_ids") or [])
+    store = await session.get(orm.VectorStore, store_ids[0]) if store_ids else None
+    if store is None or is_expired(store):
+        store = new_store(expires_after=dict(THREAD_STORE_EXPIRY))
+        session.add(store)
+        await session.flush()
+        resources["file_search"] = {"vector_store_ids": [store.id]}
+        thread.tool_resources = resources
+    present = set(
+        (
+            await session.scalars(
+                select(orm.VectorStoreFile.file_id).where(
+                    orm.VectorStoreFile.vector_store_id == store.id, orm.VectorStoreFile.file_id.in_(file_ids)
+                )
+            )
+        ).all()
+    )
+    wanted = [file_id for file_id in dict.fromkeys(file_ids) if file_id not in present]
+    files = await vector_store_files.require_files(session, wanted)
+    await vector_store_files.attach(
+        session, store, [(files[f], vector_store_files.resolve_strategy(None, ""), None) for f in wanted]
+    )
+    touch(store)
+
+
+async def get(session: AsyncSession, vector_store_id: str, *, for_update: bool = False) -> orm.VectorStore:
+    require_id("vector_store_id", vector_store_id, ids.VECTOR_STORE)
+    row = await session.get(orm.VectorStore, vector_store_id, with_for_update=for_update)
+    if row is None:
+        raise errors.not_found("vector store", vector_store_id)
+    return row
+
+
+async def get_live(session: AsyncSession, vector_store_id: str) -> orm.VectorStore:
+    """The store, refusing an expired one (400: the request cannot be served)."""
+    row = await get(session, vector_store_id)
+    if is_expired(row):
+        raise errors.invalid(f"Vector store {vector_store_id} is expired and can no longer be used.")
+    return row
+
+
+async def update(session: AsyncSession, vector_store_id: str, body: VectorStoreUpdate) -> orm.VectorStore:
+    row = await get(session, vector_store_id)
+    given = body.model_fields_set
+    if body.name is not None:
+        row.name = body.name
+    if "expires_after" in given:
+        row.expires_after = _expiry(body.expires_after)
+        row.expires_at = _expires_at(row)
+    if body.metadata is not None:
+        row.metadata_ = dict(body.metadata)
+    return row
+
+
+async def delete(session: AsyncSession, vector_store_id: str) -> Deleted:
+    await get(session, vector_store_id)
+    await index.remove_chunks(session, vector_store_id)
+    for table in (orm.VectorStoreFile, orm.VectorStoreFileBatch):
+        await session.execute(sql_delete(table).where(table.vector_store_id == vector_store_id))
+    await session.execute(sql_delete(orm.VectorStore).where(orm.VectorStore.id == vector_store_id))
+    return Deleted(id=vector_store_id, object="vector_store.deleted")
+
+
+async def list_(session: AsyncSession, params: pagination.PageParams) -> ListPage[Any]:
+    rows, has_more = await pagination.fetch_page(
+        session, select(orm.VectorStore), orm.VectorStore.seq, params, ids.VECTOR_STORE
+    )
+    return pagination.page(await to_wire_many(session, rows), has_more)
+
+
+async def _counts(session: AsyncSession, store_ids: Sequence[str]) -> dict[str, tuple[FileCounts, int]]:
+    """Per store: file counts by status and bytes used (of completed files)."""
+    table = orm.VectorStoreFile
+    query = (
+        select(table.vector_store_id, table.status, func.count(), func.coalesce(func.sum(table.usage_bytes), 0))
+        .where(table.vector_store_id.in_(store_ids))
+        .group_by(table.vector_store_id, table.status)
+    )
+    result: dict[str, tuple[FileCounts, int]] = {}
+    for store_id, status, count, usage in (await session.execute(query)).all():
+        counts, used = result.get(store_id, (FileCounts(), 0))
+        setattr(counts, status, getattr(counts, status) + int(count))
+        counts.total += int(count)
+        result[store_id] = (counts, used + int(usage))
+    return result
+
+
+async def to_wire_many(session: AsyncSession, rows: Sequence[orm.VectorStore]) -> list[VectorStore]:
+    counted = await _counts(session, [row.id for row in rows])
+    return [_render(row, *counted.get(row.id, (FileCounts(), 0))) for row in rows]
+
+
+async def to_wire(session: AsyncSession, row: orm.VectorStore) -> VectorStore:
+    return (await to_wire_many(session, [row]))[0]
+
+
+def _render(row: orm.VectorStore, counts: FileCounts, usage_bytes: int) -> VectorStore:
+    status = "expired" if is_expired(row) else "in_progress" if counts.in_progress else "completed"
+    return VectorStore(
+        id=row.id,
+        created_at=row.created_at,
+        name=row.name or "",
+        usage_bytes=usage_bytes,
+        file_counts=counts,
+        status=status,  # type: ignore[arg-type]
+        expires_after=row.expires_after,
+        expires_at=row.expires_at,
+        last_active_at=row.last_active_at,
+        metadata=row.metadata_,
+    )

@@ -1,0 +1,316 @@
+"""Vector stores through the official SDK, on both databases: files and
+batches ingested by the in-process worker (polled with the SDK helpers),
+exact file counts, search with filters, bad files, bad parameters, expiry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import update
+
+from app import orm
+from tests.conftest import error_of
+from tests.retrieval import documents
+
+ZEBRA = "Zebras sleep standing up in the savanna and graze on tall grasses."
+LLAMA = "Llamas carry loads across the Andes and hum to each other."
+QUOKKA = "Quokkas live on Rottnest Island and are known as the happiest animals."
+
+
+async def _upload(client: openai.AsyncOpenAI, name: str, data: bytes) -> str:
+    return (await client.files.create(file=(name, data), purpose="assistants")).id
+
+
+async def _mixed_batch(client: openai.AsyncOpenAI, store_id: str) -> Any:
+    return await client.vector_stores.file_batches.upload_and_poll(
+        store_id,
+        files=[
+            ("zebras.pdf", documents.pdf([ZEBRA])),
+            ("llamas.docx", documents.docx([LLAMA])),
+            ("quokkas.md", f"# Quokkas\n\n{QUOKKA}\n".encode()),
+        ],
+    )
+
+
+async def test_upload_and_poll_mixed_batch_then_search(client: openai.AsyncOpenAI) -> None:
+    store = await client.vector_stores.create(name="Animals")
+    assert store.status == "completed" and store.file_counts.total == 0 and store.name == "Animals"
+    batch = await _mixed_batch(client, store.id)
+    assert batch.object == "vector_store.files_batch"
+    assert batch.status == "completed"
+    assert batch.file_counts.model_dump() == {"in_progress": 0, "completed": 3, "failed": 0, "cancelled": 0, "total": 3}
+    store = await client.vector_stores.retrieve(store.id)
+    assert store.file_counts.completed == 3 and store.status == "completed" and store.usage_bytes > 0
+    files = await client.vector_stores.files.list(store.id)
+    assert {f.status for f in files.data} == {"completed"} and len(files.data) == 3
+    assert files.data[0].chunking_strategy is not None
+    assert files.data[0].chunking_strategy.model_dump() == {
+        "type": "static",
+        "static": {"max_chunk_size_tokens": 800, "chunk_overlap_tokens": 400},
+    }
+    page = await client.vector_stores.search(store.id, query="where do zebras sleep?")
+    assert page.data and page.search_query == ["where do zebras sleep?"]
+    top = page.data[0]
+    assert top.filename == "zebras.pdf" and 0 < top.score <= 1
+    assert "Zebras sleep standing up" in top.content[0].text
+    batch_files = await client.vector_stores.file_batches.list_files(batch.id, vector_store_id=store.id)
+    assert len(batch_files.data) == 3
+
+
+async def test_bad_files_fail_alone(client: openai.AsyncOpenAI) -> None:
+    store = await client.vector_stores.create(name="mixed")
+    good = await _upload(client, "good.txt", ZEBRA.encode())
+    exe = await _upload(client, "tool.exe", b"MZ\x90\x00binary")
+    broken = await _upload(client, "broken.pdf", b"%PDF-1.4 this is not really a pdf")
+    empty = await _upload(client, "empty.md", b"   \n")
+    batch = await client.vector_stores.file_batches.create_and_poll(store.id, file_ids=[good, exe, broken, empty])
+    assert batch.file_counts.model_dump() == {"in_progress": 0, "completed": 1, "failed": 3, "cancelled": 0, "total": 4}
+    assert batch.status == "completed"
+    errors = {
+        f.id: f.last_error.code if f.last_error else None
+        for f in (await client.vector_stores.files.list(store.id, filter="failed")).data
+    }
+    assert errors == {exe: "unsupported_file", broken: "invalid_file", empty: "invalid_file"}
+    done = await client.vector_stores.files.retrieve(good, vector_store_id=store.id)
+    assert done.status == "completed" and done.last_error is None and done.usage_bytes > 0
+    assert [f.id for f in (await client.vector_stores.files.list(store.id, filter="completed")).data] == [good]
+
+
+async def test_encodings(client: openai.AsyncOpenAI) -> None:
+    store = await client.vector_stores.create()
+    text = "Grüße aus München: Quokkas lächeln."
+    ids = [
+        await _upload(client, "utf8.txt", text.encode("utf-8")),
+        await _upload(client, "utf16.txt", text.encode("utf-16")),
+        await _upload(client, "utf16le.txt", text.encode("utf-16-le")),
+        await _upload(client, "page.html", f"<html><body><script>x()</script><p>{text}</p></body></html>".encode()),
+    ]
+    batch = await client.vector_stores.file_batches.create_and_poll(store.id, file_ids=ids)
+    assert batch.file_counts.completed == 4
+    for file_id in ids:
+        page = await client.vector_stores.files.content(file_id, vector_store_id=store.id)
+        assert [part.text for part in page.data] == [text]
+
+
+async def test_search_filters_threshold_and_queries(client: openai.AsyncOpenAI) -> None:
+    store = await client.vector_stores.create()
+    zebra = await _upload(client, "zebra.txt", ZEBRA.encode())
+    llama = await _upload(client, "llama.txt", f"{LLAMA} Zebras are not llamas.".encode())
+    await client.vector_stores.file_batches.create_and_poll(
+        store.id,
+        files=[
+            {"file_id": zebra, "attributes": {"region": "africa", "year": 2020, "wild": True}},
+            {"file_id": llama, "attributes": {"region": "america", "year": 2024, "wild": False}},
+        ],
+    )
+    both = await client.vector_stores.search(store.id, query="zebras")
+    assert {r.file_id for r in both.data} == {zebra, llama}
+    # Engine-independent scores: the best match of a one-word query scores 1.
+    assert both.data[0].score == 1 and 0 < both.data[1].score <= 1
+    assert both.data[0].file_id == zebra and both.data[0].attributes == {"region": "africa", "year": 2020, "wild": True}
+
+    async def ids(**kwargs: Any) -> list[str]:
+        return [r.file_id for r in (await client.vector_stores.search(store.id, query="zebras", **kwargs)).data]
+
+    assert await ids(filters={"type": "eq", "key": "region", "value": "america"}) == [llama]
+    assert await ids(filters={"type": "gte", "key": "year", "value": 2021}) == [llama]
+    assert await ids(filters={"type": "eq", "key": "wild", "value": True}) == [zebra]
+    assert await ids(filters={"type": "in", "key": "region", "value": ["europe", "africa"]}) == [zebra]
+    compound = {
+        "type": "or",
+        "filters": [
+            {"type": "lt", "key": "year", "value": 2000},
+            {
+                "type": "and",
+                "filters": [
+                    {"type": "ne", "key": "region", "value": "africa"},
+                    {"type": "nin", "key": "year", "value": [1]},
+                ],
+            },
+        ],
+    }
+    assert await ids(filters=compound) == [llama]
+    assert await ids(max_num_results=1) == [zebra]
+    half = await client.vector_stores.search(
+        store.id, query="zebras kangaroos", ranking_options={"score_threshold": 0.6}
+    )
+    assert half.data == []  # no chunk has both words: every score is at most 0.5
+    multi = await client.vector_stores.search(store.id, query=["andes", "savanna"])
+    assert multi.search_query == ["andes", "savanna"] and {r.file_id for r in multi.data} == {zebra, llama}
+    assert (await client.vector_stores.search(store.id, query="nothing-matches-this")).data == []
+
+
+async def test_batch_cancel(client: openai.AsyncOpenAI, app: FastAPI) -> None:
+    store = await client.vector_stores.create()
+    file_ids = [await _upload(client, f"doc{i}.txt", f"document number {i}".encode()) for i in range(3)]
+    # The worker must not pick the files up before the cancel: hold their
+    # leases as another worker would while parsing.
+    stop = app.state.runtime
+    batch = await client.vector_stores.file_batches.create(store.id, file_ids=file_ids)
+    async with stop.transaction() as session:
+        await session.execute(
+            update(orm.VectorStoreFile)
+            .where(orm.VectorStoreFile.batch_id == batch.id)
+            .values(lease_owner="someone-else", lease_expires_at=4102444800.0)
+        )
+    cancelled = await client.vector_stores.file_batches.cancel(batch.id, vector_store_id=store.id)
+    assert cancelled.status == "cancelled"
+    assert cancelled.file_counts.model_dump() == {
+        "in_progress": 0,
+        "completed": 0,
+        "failed": 0,
+        "cancelled": 3,
+        "total": 3,
+    }
+    listed = await client.vector_stores.file_batches.list_files(batch.id, vector_store_id=store.id, filter="cancelled")
+    assert len(listed.data) == 3
+    store_now = await client.vector_stores.retrieve(store.id)
+    assert store_now.file_counts.cancelled == 3 and store_now.status == "completed"
+
+
+async def test_store_lifecycle_files_and_pagination(client: openai.AsyncOpenAI) -> None:
+    first = await _upload(client, "a.txt", b"alpha text")
+    second = await _upload(client, "b.txt", b"beta text")
+    store = await client.vector_stores.create(
+        name="s",
+        file_ids=[first, second],
+        metadata={"k": "v"},
+        chunking_strategy={"type": "static", "static": {"max_chunk_size_tokens": 200, "chunk_overlap_tokens": 100}},
+    )
+    assert store.file_counts.total == 2 and store.metadata == {"k": "v"}
+    file = await client.vector_stores.files.create_and_poll(file_id=first, vector_store_id=store.id)
+    assert file.status == "completed" and file.chunking_strategy.model_dump() == {  # type: ignore[union-attr]
+        "type": "static",
+        "static": {"max_chunk_size_tokens": 800, "chunk_overlap_tokens": 400},
+    }
+    page = await client.vector_stores.files.list(store.id, limit=1, order="asc")
+    assert [f.id for f in page.data] == [first] and page.has_more
+    page = await client.vector_stores.files.list(store.id, limit=1, order="asc", after=first)
+    assert [f.id for f in page.data] == [second] and not page.has_more
+    updated = await client.vector_stores.files.update(first, vector_store_id=store.id, attributes={"tag": "x"})
+    assert updated.attributes == {"tag": "x"}
+    modified = await client.vector_stores.update(
+        store.id, name="renamed", expires_after={"anchor": "last_active_at", "days": 2}
+    )
+    assert modified.name == "renamed" and modified.expires_at == modified.last_active_at + 2 * 86400  # type: ignore[operator]
+    assert store.id in [s.id for s in (await client.vector_stores.list()).data]
+    removed = await client.vector_stores.files.delete(first, vector_store_id=store.id)
+    assert removed.deleted and removed.object == "vector_store.file.deleted"
+    assert (await client.files.retrieve(first)).id == first  # the file survives
+    assert (await client.vector_stores.retrieve(store.id)).file_counts.total == 1
+    deleted = await client.vector_stores.delete(store.id)
+    assert deleted.deleted and deleted.object == "vector_store.deleted"
+    with pytest.raises(openai.NotFoundError) as exc:
+        await client.vector_stores.retrieve(store.id)
+    assert error_of(exc)["message"] == f"No vector store found with id '{store.id}'."
+
+
+async def test_deleting_a_file_removes_it_from_every_store(client: openai.AsyncOpenAI) -> None:
+    doc = await _upload(client, "zebra.txt", ZEBRA.encode())
+    stores = [await client.vector_stores.create(file_ids=[doc]) for _ in range(2)]
+    for store in stores:
+        await client.vector_stores.files.poll(doc, vector_store_id=store.id)
+        assert (await client.vector_stores.search(store.id, query="zebras")).data
+    await client.files.delete(doc)
+    for store in stores:
+        assert (await client.vector_stores.retrieve(store.id)).file_counts.total == 0
+        assert (await client.vector_stores.search(store.id, query="zebras")).data == []
+
+
+async def test_expired_store(client: openai.AsyncOpenAI, app: FastAPI) -> None:
+    store = await client.vector_stores.create(expires_after={"anchor": "last_active_at", "days": 1})
+    assert store.expires_at == store.last_active_at + 86400  # type: ignore[operator]
+    async with app.state.runtime.transaction() as session:
+        await session.execute(update(orm.VectorStore).where(orm.VectorStore.id == store.id).values(expires_at=1))
+    assert (await client.vector_stores.retrieve(store.id)).status == "expired"
+    with pytest.raises(openai.BadRequestError):
+        await client.vector_stores.search(store.id, query="x")
+    doc = await _upload(client, "a.txt", b"a")
+    with pytest.raises(openai.BadRequestError):
+        await client.vector_stores.files.create(vector_store_id=store.id, file_id=doc)
+
+
+@pytest.mark.parametrize(
+    ("call", "param"),
+    [
+        (
+            lambda c, s, f: c.vector_stores.create(expires_after={"anchor": "last_active_at", "days": 0}),
+            "expires_after.days",
+        ),
+        (
+            lambda c, s, f: c.vector_stores.create(expires_after={"anchor": "created_at", "days": 1}),
+            "expires_after.anchor",
+        ),
+        (lambda c, s, f: c.vector_stores.create(file_ids=["nope"]), "file_id"),
+        (
+            lambda c, s, f: c.vector_stores.files.create(
+                vector_store_id=s,
+                file_id=f,
+                chunking_strategy={
+                    "type": "static",
+                    "static": {"max_chunk_size_tokens": 99, "chunk_overlap_tokens": 0},
+                },
+            ),
+            "chunking_strategy.static.max_chunk_size_tokens",
+        ),
+        (
+            lambda c, s, f: c.vector_stores.files.create(
+                vector_store_id=s,
+                file_id=f,
+                chunking_strategy={
+                    "type": "static",
+                    "static": {"max_chunk_size_tokens": 200, "chunk_overlap_tokens": 101},
+                },
+            ),
+            "chunking_strategy.static.chunk_overlap_tokens",
+        ),
+        (lambda c, s, f: c.vector_stores.file_batches.create(s, file_ids=[]), "file_ids"),
+        (lambda c, s, f: c.vector_stores.file_batches.create(s), "file_ids"),
+        (lambda c, s, f: c.vector_stores.search(s, query="x", max_num_results=51), "max_num_results"),
+        (
+            lambda c, s, f: c.vector_stores.search(s, query="x", ranking_options={"score_threshold": 2}),
+            "ranking_options.score_threshold",
+        ),
+        (
+            lambda c, s, f: c.vector_stores.search(s, query="x", filters={"type": "like", "key": "a", "value": 1}),
+            "filters",
+        ),
+        (lambda c, s, f: c.vector_stores.files.list(s, filter="done"), "filter"),  # type: ignore[arg-type]
+        (lambda c, s, f: c.vector_stores.retrieve("store"), "vector_store_id"),
+        (lambda c, s, f: c.vector_stores.file_batches.retrieve("batch", vector_store_id=s), "batch_id"),
+        (
+            lambda c, s, f: c.vector_stores.files.update(f, vector_store_id=s, attributes={"k": "x" * 513}),
+            "attributes.k",
+        ),
+    ],
+)
+async def test_bad_parameters_are_400_and_change_nothing(client: openai.AsyncOpenAI, call: Any, param: str) -> None:
+    store = await client.vector_stores.create(name="keep")
+    doc = await _upload(client, "a.txt", b"alpha")
+    await client.vector_stores.files.create_and_poll(file_id=doc, vector_store_id=store.id)
+    with pytest.raises(openai.BadRequestError) as exc:
+        await call(client, store.id, doc)
+    assert error_of(exc)["param"] is None or error_of(exc)["param"].startswith(param.split(".")[0])
+    after = await client.vector_stores.retrieve(store.id)
+    assert after.name == "keep" and after.file_counts.model_dump() == {
+        "in_progress": 0,
+        "completed": 1,
+        "failed": 0,
+        "cancelled": 0,
+        "total": 1,
+    }
+    assert [s.id for s in (await client.vector_stores.list()).data] == [store.id]
+
+
+async def test_unknown_ids_are_404(client: openai.AsyncOpenAI) -> None:
+    store = await client.vector_stores.create()
+    with pytest.raises(openai.NotFoundError):
+        await client.vector_stores.files.retrieve("file-missing", vector_store_id=store.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.vector_stores.file_batches.retrieve("vsfb_missing", vector_store_id=store.id)
+    with pytest.raises(openai.NotFoundError) as exc:
+        await client.vector_stores.files.create(vector_store_id=store.id, file_id="file-missing")
+    assert error_of(exc)["message"] == "No such File object: file-missing"
