@@ -17,7 +17,7 @@ JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSONType, list[Any]: JSONType, Any: JSONType}
+    pass
 
 
 class Assistant(Base):

@@ -197,7 +197,13 @@ class RunExecution:
         return answer.result()
 
     async def _call(self, run: orm.Run, request: llm.ChatRequest) -> TurnResult | None:
-        turn = Turn(self.runtime, run, builtins=self.builtins, decorate=lambda content: self._decorate(run, content))
+        turn = Turn(
+            self.runtime,
+            run,
+            builtins=self.builtins,
+            decorate=lambda content: self._decorate(run, content),
+            leading=self._leading_parts,
+        )
         try:
             result = await self._consume(turn, request)
             if any(call["type"] in self.builtins for call in result.calls):
@@ -210,6 +216,10 @@ class RunExecution:
             await turn.save_partial()
             await self._end("failed", last_error={"code": error.code, "message": error.message})
         return None
+
+    def _leading_parts(self) -> list[dict[str, Any]]:
+        """Parts built-in tools made that no message has carried yet."""
+        return [part for results in self.results.values() for result in results for part in result.message_parts]
 
     def _decorate(self, run: orm.Run, content: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for tool_type, results in self.results.items():

@@ -56,6 +56,9 @@ class Turn:
     builtins: dict[str, BuiltinTool] = field(default_factory=dict)
     # Final content of a message from its text (built-in tools add citations).
     decorate: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] = lambda content: content
+    # Content parts built-in tools made for the next message (put before its text).
+    leading: Callable[[], list[dict[str, Any]]] = lambda: []
+    text_index: int = 0  # the text's content index in the open message
     calls: dict[int, dict[str, Any]] = field(default_factory=dict)  # by the model's call index
     arguments: dict[int, str] = field(default_factory=dict)  # raw argument JSON, by call index
     streams: dict[int, CallStream] = field(default_factory=dict)  # built-in calls only
@@ -80,12 +83,11 @@ class Turn:
         if self.message is None:
             await self._open_message()
         assert self.message is not None
-        part: dict[str, Any] = {"index": 0, "type": "text", "text": {"value": fragment}}
+        part: dict[str, Any] = {"index": self.text_index, "type": "text", "text": {"value": fragment}}
         if not self.text:
             part["text"]["annotations"] = []
         self.text.append(fragment)
-        delta = {"id": self.message.id, "object": "thread.message.delta", "delta": {"content": [part]}}
-        self._publish([Event("thread.message.delta", delta)])
+        self._publish([Event("thread.message.delta", _message_delta(self.message.id, [part]))])
 
     async def _open_message(self) -> None:
         seq = ids.next_seq()
@@ -117,6 +119,13 @@ class Turn:
                 Event.of("thread.message.in_progress", message_wire),
             ]
         )
+        # Parts a built-in tool already made for this message (code_interpreter
+        # images) come first, as OpenAI orders them; the text follows them.
+        leading = self.leading()
+        self.text_index = len(leading)
+        if leading:
+            content = [{"index": index, **part} for index, part in enumerate(leading)]
+            self._publish([Event("thread.message.delta", _message_delta(message.id, content))])
 
     async def _close_message(self, status: str, usage: llm.Usage | None, *, defer: bool = False) -> None:
         """Finish the open message (and its step) with the text so far. With
@@ -137,15 +146,32 @@ class Turn:
         step.usage = _usage_dict(usage) if usage else None
         self.message, self.message_step = None, None
         events = [
+            *self._annotation_deltas(message),
             Event.of(f"thread.message.{status}", messages.to_wire(message)),
             Event.of("thread.run.step.completed", run_steps.to_wire(step)),
         ]
+        self.text = []
         if defer:
             self.pending.add([message, step], events)
             return
         async with self.runtime.transaction() as session:
             session.add_all([message, step])
         self._publish(events)
+
+    def _annotation_deltas(self, message: orm.Message) -> list[Event]:
+        """Annotations that built-in tools added to the text (citations, file
+        paths), streamed before the message completes (wire notes 3.3)."""
+        if self.text_index >= len(message.content) or message.content[self.text_index].get("type") != "text":
+            return []
+        annotations = message.content[self.text_index]["text"].get("annotations") or []
+        if not annotations:
+            return []
+        part = {
+            "index": self.text_index,
+            "type": "text",
+            "text": {"annotations": [{"index": index, **item} for index, item in enumerate(annotations)]},
+        }
+        return [Event("thread.message.delta", _message_delta(message.id, [part]))]
 
     async def _on_tool_call(self, delta: llm.ToolCallDelta) -> None:
         if self.message is not None:
@@ -227,6 +253,10 @@ class Turn:
             if self.tool_step is not None:
                 self.tool_step.step_details = {"type": "tool_calls", "tool_calls": list(self.calls.values())}
                 session.add(self.tool_step)
+
+
+def _message_delta(message_id: str, content: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"id": message_id, "object": "thread.message.delta", "delta": {"content": content}}
 
 
 def _usage_dict(usage: llm.Usage) -> dict[str, int]:
