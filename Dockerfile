@@ -30,6 +30,17 @@ COPY migrations ./migrations
 COPY app ./app
 RUN pip install --no-deps -e . && python -m compileall -q app migrations
 
+# The code interpreter's sandbox: bubblewrap, and a Python with the data stack
+# under /usr (the only system tree the sandbox mounts). The container needs
+# user namespaces: run it with `--security-opt seccomp=unconfined
+# --security-opt apparmor=unconfined` (or a seccomp profile allowing clone/
+# unshare/mount), or set ASSISTANTS_SANDBOX=none only if you accept running
+# model-written code unisolated (the server warns loudly).
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap && rm -rf /var/lib/apt/lists/*
+COPY scripts/sandbox-setup ./scripts/sandbox-setup
+RUN SANDBOX_BASE_PYTHON=/usr/local/bin/python3.11 SANDBOX_VENV=/srv/assistants/.sandbox-venv ./scripts/sandbox-setup
+ENV ASSISTANTS_SANDBOX_PYTHON=/srv/assistants/.sandbox-venv
+
 RUN useradd --system --uid 10001 --create-home assistants \
     && mkdir /data && chown assistants:assistants /data
 USER assistants
