@@ -19,7 +19,7 @@ async def create(session: AsyncSession, body: ThreadCreate) -> orm.Thread:
         id=ids.new_id(ids.THREAD, seq),
         seq=seq,
         created_at=ids.seconds(seq),
-        tool_resources=await tool_resources.to_stored(session, body.tool_resources),
+        tool_resources=await tool_resources.to_stored(session, body.tool_resources, for_thread=True),
         metadata_=metadata_or_empty(body.metadata),
     )
     session.add(row)

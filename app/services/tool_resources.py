@@ -23,7 +23,11 @@ async def require_files(session: AsyncSession, file_ids: list[str]) -> None:
 
 
 async def to_stored(
-    session: AsyncSession, resources: ToolResourcesUpdate | None, *, param: str = "tool_resources"
+    session: AsyncSession,
+    resources: ToolResourcesUpdate | None,
+    *,
+    param: str = "tool_resources",
+    for_thread: bool = False,
 ) -> dict[str, Any]:
     """The stored (and returned) form; ``{}`` when nothing was given.
 
@@ -47,7 +51,7 @@ async def to_stored(
                 )
             # The helper builds a store from file ids (ingested by the worker).
             store = await vector_stores.create_from_helper(
-                session, file_search.vector_stores[0], f"{param}.file_search.vector_stores[0]"
+                session, file_search.vector_stores[0], f"{param}.file_search.vector_stores[0]", for_thread=for_thread
             )
             stored["file_search"] = {"vector_store_ids": [store.id]}
         else:

@@ -84,9 +84,12 @@ async def create(session: AsyncSession, body: VectorStoreCreate) -> orm.VectorSt
     return row
 
 
-async def create_from_helper(session: AsyncSession, helper: VectorStoreHelper, param: str) -> orm.VectorStore:
-    """The ``tool_resources.file_search.vector_stores`` helper of assistant and thread create."""
-    row = new_store(metadata=helper.metadata)
+async def create_from_helper(
+    session: AsyncSession, helper: VectorStoreHelper, param: str, *, for_thread: bool = False
+) -> orm.VectorStore:
+    """The ``tool_resources.file_search.vector_stores`` helper of assistant and
+    thread create; a thread's store expires 7 days after it was last active."""
+    row = new_store(metadata=helper.metadata, expires_after=dict(THREAD_STORE_EXPIRY) if for_thread else None)
     strategy = vector_store_files.resolve_strategy(helper.chunking_strategy, f"{param}.chunking_strategy")
     file_ids = list(dict.fromkeys(helper.file_ids))
     files = await vector_store_files.require_files(session, file_ids)

@@ -134,6 +134,9 @@ async def test_thread_helper_creates_a_store(client: openai.AsyncOpenAI) -> None
     (store_id,) = thread.tool_resources.file_search.vector_store_ids or []
     store = await client.vector_stores.retrieve(store_id)
     assert store.metadata == {"k": "v"} and store.file_counts.total == 1
+    # A thread's helper store expires a week after it was last active (an assistant's never).
+    assert store.expires_after is not None and store.expires_after.days == 7
+    assert store.expires_after.anchor == "last_active_at" and store.expires_at is not None
     assert (await client.vector_stores.files.retrieve(doc, vector_store_id=store_id)).id == doc
 
 
