@@ -77,6 +77,10 @@ class Worker:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         self._tasks.clear()
         await self.ingestion.stop()
+        for tool in self.builtins.values():
+            close = getattr(tool, "close", None)
+            if close is not None:
+                await close()  # e.g. the code interpreter's sandbox sessions
 
     async def tick(self) -> None:
         """One round: reap (at most every poll interval: it costs queries and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
+from app import sandbox
 from app.api.deps import RuntimeDep, respond
 from app.services import threads
 from app.wire.common import Deleted
@@ -33,4 +34,8 @@ async def update_thread(thread_id: str, body: ThreadUpdate, runtime: RuntimeDep)
 @router.delete("/threads/{thread_id}", response_model=Deleted)
 async def delete_thread(thread_id: str, runtime: RuntimeDep) -> Response:
     async with runtime.transaction() as session:
-        return respond(await threads.delete(session, thread_id))
+        deleted = await threads.delete(session, thread_id)
+    # Its code interpreter session and files go too (in this process; a worker
+    # elsewhere reclaims them when they have been idle long enough).
+    await sandbox.forget(thread_id)
+    return respond(deleted)
