@@ -123,7 +123,9 @@ MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 512
 
 
-def _check_metadata(value: dict[str, str]) -> dict[str, str]:
+def check_key_values(value: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's limits on metadata and on vector store file attributes: at most
+    16 keys of at most 64 characters, string values of at most 512."""
     if len(value) > MAX_METADATA_KEYS:
         raise custom_error(
             "object_above_max_properties",
@@ -137,7 +139,7 @@ def _check_metadata(value: dict[str, str]) -> dict[str, str]:
                 f"Invalid '{PARAM}': key too long. Expected a key with maximum length "
                 f"{MAX_METADATA_KEY}, but got a key with length {len(key)} instead.",
             )
-        if len(item) > MAX_METADATA_VALUE:
+        if isinstance(item, str) and len(item) > MAX_METADATA_VALUE:
             raise custom_error(
                 "string_above_max_length",
                 f"Invalid '{PARAM}': string too long. Expected a string with maximum length "
@@ -147,7 +149,7 @@ def _check_metadata(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
-Metadata = Annotated[dict[str, str], AfterValidator(_check_metadata)]
+Metadata = Annotated[dict[str, str], AfterValidator(check_key_values)]
 
 
 # --- tools --------------------------------------------------------------------

@@ -6,41 +6,10 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import AfterValidator, Field
 
-from app.wire.common import PARAM, ChunkingStrategy, Metadata, RequestModel, WireModel, custom_error
-
-MAX_ATTRIBUTE_KEYS = 16
-MAX_ATTRIBUTE_KEY = 64
-MAX_ATTRIBUTE_VALUE = 512
-
-AttributeValue = str | float | bool
-
-
-def _check_attributes(value: dict[str, AttributeValue]) -> dict[str, AttributeValue]:
-    if len(value) > MAX_ATTRIBUTE_KEYS:
-        raise custom_error(
-            "object_above_max_properties",
-            f"Invalid '{PARAM}': too many properties. Expected an object with at most "
-            f"{MAX_ATTRIBUTE_KEYS} properties, but got an object with {len(value)} properties instead.",
-        )
-    for key, item in value.items():
-        if len(key) > MAX_ATTRIBUTE_KEY:
-            raise custom_error(
-                "string_above_max_length",
-                f"Invalid '{PARAM}': key too long. Expected a key with maximum length "
-                f"{MAX_ATTRIBUTE_KEY}, but got a key with length {len(key)} instead.",
-            )
-        if isinstance(item, str) and len(item) > MAX_ATTRIBUTE_VALUE:
-            raise custom_error(
-                "string_above_max_length",
-                f"Invalid '{PARAM}': string too long. Expected a string with maximum length "
-                f"{MAX_ATTRIBUTE_VALUE}, but got a string with length {len(item)} instead.",
-                param_suffix=f".{key}",
-            )
-    return value
-
+from app.wire.common import ChunkingStrategy, Metadata, RequestModel, WireModel, check_key_values
 
 # bool first: pydantic's smart union keeps JSON true/false as booleans.
-Attributes = Annotated[dict[str, bool | float | str], AfterValidator(_check_attributes)]
+Attributes = Annotated[dict[str, bool | float | str], AfterValidator(check_key_values)]
 
 
 class ExpiresAfter(RequestModel):
