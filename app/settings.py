@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     run_lease_seconds: float = 30.0
     # Sent as openai-poll-after-ms on run retrieves; the SDK's pollers obey it.
     poll_after_ms: int = 100
+    # A ": ping" comment line on a run's event stream after this long without events.
+    stream_keepalive_seconds: float = 15.0
     log_level: str = "info"
 
     # --- code_interpreter sandbox (app/sandbox) ---

@@ -1,14 +1,24 @@
-"""/threads/{thread_id}/runs, /threads/runs and run steps."""
+"""/threads/{thread_id}/runs, /threads/runs and run steps.
+
+Create run, create thread-and-run and submit_tool_outputs answer the run as
+JSON, or with ``"stream": true`` in the body its events as SSE (api/sse.py).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import orm
+from app.api import sse
 from app.api.deps import PageDep, RuntimeDep, respond
+from app.runtime import Runtime
 from app.services import run_steps, runs
 from app.wire.common import ListPage
+from app.wire.events import Event
 from app.wire.runs import Run, RunCreate, RunStep, RunUpdate, SubmitToolOutputs, ThreadAndRunCreate
 
 router = APIRouter(tags=["runs"])
@@ -22,23 +32,50 @@ def _polled(model: Run, poll_after_ms: int) -> Response:
     return response
 
 
+# A change that leaves a run queued, with the events that announce it.
+QueueRun = Callable[[AsyncSession], Awaitable[tuple[orm.Run, list[Event]]]]
+
+
+async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) -> Response:
+    """Commit ``change`` and wake the worker; answer the run, or stream it.
+
+    A stream subscribes to the run inside the transaction, before the commit
+    makes the run visible to a worker: every event from then on reaches it
+    (wire notes 3.4). Errors raised by ``change`` are ordinary JSON errors.
+    """
+    events_of_run = sse.RunEvents(runtime.bus)
+    try:
+        async with runtime.transaction() as session:
+            run, events = await change(session)
+            if stream:
+                await events_of_run.follow(run.id)
+    except BaseException:
+        await events_of_run.close()
+        raise
+    runtime.announce(run.id, events)
+    if not stream:
+        return respond(runs.to_wire(run))
+    return events_of_run.response(events, keepalive=runtime.settings.stream_keepalive_seconds)
+
+
 @router.post("/threads/{thread_id}/runs", response_model=Run)
 async def create_run(thread_id: str, body: RunCreate, runtime: RuntimeDep, include: IncludeDep = []) -> Response:  # noqa: B006
     run_steps.check_include(include)
-    async with runtime.transaction() as session:
-        run, events = await runs.create(session, thread_id, body, expires_in=runtime.settings.run_expires_seconds)
-    runtime.announce(run.id, events)
-    return respond(runs.to_wire(run))
+    expires_in = runtime.settings.run_expires_seconds
+    return await _queue_run(
+        runtime, body.stream, lambda session: runs.create(session, thread_id, body, expires_in=expires_in)
+    )
 
 
 @router.post("/threads/runs", response_model=Run)
 async def create_thread_and_run(body: ThreadAndRunCreate, runtime: RuntimeDep) -> Response:
-    async with runtime.transaction() as session:
+    async def change(session: AsyncSession) -> tuple[orm.Run, list[Event]]:
         _thread, run, events = await runs.create_thread_and_run(
             session, body, expires_in=runtime.settings.run_expires_seconds
         )
-    runtime.announce(run.id, events)
-    return respond(runs.to_wire(run))
+        return run, events
+
+    return await _queue_run(runtime, body.stream, change)
 
 
 @router.get("/threads/{thread_id}/runs", response_model=ListPage[Run])
@@ -70,15 +107,18 @@ async def cancel_run(thread_id: str, run_id: str, runtime: RuntimeDep) -> Respon
 
 @router.post("/threads/{thread_id}/runs/{run_id}/submit_tool_outputs", response_model=Run)
 async def submit_tool_outputs(thread_id: str, run_id: str, body: SubmitToolOutputs, runtime: RuntimeDep) -> Response:
-    async with runtime.transaction() as session:
-        run, events = await runs.submit_tool_outputs(session, thread_id, run_id, body)
-    runtime.announce(run.id, events)
-    return respond(runs.to_wire(run))
+    return await _queue_run(
+        runtime, body.stream, lambda session: runs.submit_tool_outputs(session, thread_id, run_id, body)
+    )
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}/steps", response_model=ListPage[RunStep])
 async def list_run_steps(
-    thread_id: str, run_id: str, runtime: RuntimeDep, page: PageDep, include: IncludeDep = []  # noqa: B006
+    thread_id: str,
+    run_id: str,
+    runtime: RuntimeDep,
+    page: PageDep,
+    include: IncludeDep = [],  # noqa: B006
 ) -> Response:
     run_steps.check_include(include)
     async with runtime.transaction() as session:
@@ -88,7 +128,11 @@ async def list_run_steps(
 
 @router.get("/threads/{thread_id}/runs/{run_id}/steps/{step_id}", response_model=RunStep)
 async def retrieve_run_step(
-    thread_id: str, run_id: str, step_id: str, runtime: RuntimeDep, include: IncludeDep = []  # noqa: B006
+    thread_id: str,
+    run_id: str,
+    step_id: str,
+    runtime: RuntimeDep,
+    include: IncludeDep = [],  # noqa: B006
 ) -> Response:
     run_steps.check_include(include)
     async with runtime.transaction() as session:

@@ -174,7 +174,9 @@ class RunExecution:
                     async with asyncio.timeout(CANCEL_POLL_SECONDS):
                         event = await events.get()
                 except TimeoutError:
-                    if await self._cancel_requested():
+                    # Shielded: cancelling this watcher must not cut a
+                    # database read short (the connection would be dropped).
+                    if await asyncio.shield(self._cancel_requested()):
                         return
                 else:
                     if event.name == "thread.run.cancelling":

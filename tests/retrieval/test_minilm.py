@@ -36,10 +36,3 @@ def test_paraphrases_are_closer_than_unrelated_text(model: minilm.MiniLM) -> Non
     # No shared words between the first two: only meaning links them.
     assert question @ paraphrase > 0.4
     assert abs(question @ unrelated) < 0.2
-
-
-def test_erf_matches_the_math_library() -> None:
-    import math
-
-    xs = np.linspace(-4, 4, 81, dtype=np.float32)
-    assert np.allclose(minilm._erf(xs), [math.erf(float(x)) for x in xs], atol=2e-7)

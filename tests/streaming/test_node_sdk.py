@@ -1,0 +1,100 @@
+"""The official Node SDK's AssistantStream against the live server: a text
+run and the weather flow with submitToolOutputsStream, through finalRun()
+and finalMessages(). Two releases from the npm registry (pinned in
+node/package-lock.json): 6.x, the last to declare Node 20 support, and 7.x,
+whose stream checks are the strictest (one active message and one active
+run step at a time)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.streaming.conftest import LiveServer
+
+pytestmark = pytest.mark.timeout(240)
+
+NODE_DIR = Path(__file__).parent / "node"
+INSTALL_TIMEOUT = 180
+# npm's words when the registry is out of reach (not when a package is wrong).
+UNREACHABLE = re.compile(r"E(NOTFOUND|AI_AGAIN|CONNREFUSED|CONNRESET|TIMEDOUT|NETUNREACH|HOSTUNREACH)|network")
+
+
+@pytest.fixture(scope="session")
+def node_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pinned SDKs installed with ``npm ci`` into a scratch copy of node/."""
+    npm = shutil.which("npm")
+    assert npm is not None and shutil.which("node"), "node and npm are needed for the Node SDK tests"
+    project = tmp_path_factory.mktemp("node-sdk")
+    for name in ("package.json", "package-lock.json", "stream_run.mjs"):
+        shutil.copy(NODE_DIR / name, project / name)
+    command = [npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts", "--loglevel=error"]
+    try:
+        done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"npm could not reach the registry within {INSTALL_TIMEOUT} s")
+    if done.returncode != 0:
+        if UNREACHABLE.search(done.stderr):
+            pytest.skip(f"npm cannot reach the registry: {done.stderr.strip()[-300:]}")
+        raise AssertionError(f"npm ci failed: {done.stderr}")
+    return project
+
+
+def _run_script(project: Path, live: LiveServer, package: str) -> dict[str, Any]:
+    node = shutil.which("node")
+    assert node is not None
+    command = [node, "stream_run.mjs", live.base_url, package]
+    done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _texts(messages: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    # Not the status: 6.x keeps the snapshot its deltas built (in_progress).
+    return [(m["id"], [part["text"]["value"] for part in m["content"]]) for m in messages]
+
+
+def text_events(text: str, words: list[str]) -> list[str]:
+    return [
+        "runStepCreated:message_creation",
+        "messageCreated",
+        "textCreated",
+        *[f"textDelta:{word}" for word in words],
+        f"textDone:{text}",
+        "messageDone",
+        "runStepDone:message_creation",
+    ]
+
+
+@pytest.mark.parametrize("package", ["openai6", "openai7"])
+def test_node_assistant_stream(node_project: Path, live: LiveServer, package: str) -> None:
+    result = _run_script(node_project, live, package)
+
+    text = result["text"]
+    assert text["run"]["status"] == "completed"
+    assert text["seen"] == text_events("You said: Hello from Node", ["You", " said:", " Hello", " from", " Node"])
+    (listed,) = text["listed"]
+    assert listed["run_id"] == text["run"]["id"] and listed["status"] == "completed"
+    assert _texts(text["messages"]) == [(listed["id"], ["You said: Hello from Node"])]
+
+    weather = result["weather"]
+    assert weather["paused"]["status"] == "requires_action"
+    assert weather["run"]["id"] == weather["paused"]["id"] and weather["run"]["status"] == "completed"
+    answer = 'Tool results: get_weather -> {"temp": 22}'
+    assert weather["seen"] == [
+        "runStepCreated:tool_calls",
+        "toolCallCreated:get_weather",
+        'toolCallDelta:{"city":',
+        'toolCallDelta: "Tokyo"}',
+        'toolCallDone:{"city": "Tokyo"}',
+        "runStepDone:tool_calls",
+        *text_events(answer, ["Tool", " results:", " get_weather", " ->", ' {"temp":', " 22}"]),
+    ]
+    assert [m["content"][0]["text"]["value"] for m in weather["messages"]] == [answer]
