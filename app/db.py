@@ -3,17 +3,26 @@ and migrating the schema with Alembic on start."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+log = logging.getLogger("app.db")
+
+# PostgreSQL LISTEN/NOTIFY channel: "there is work" (a queued run, a file to
+# ingest), from API replicas to standalone workers in other processes.
+WORK_CHANNEL = "assistants_work"
 
 
 def is_sqlite(url: str) -> bool:
@@ -60,3 +69,34 @@ async def migrate(engine: AsyncEngine) -> None:
     """Bring the schema to the newest revision (idempotent)."""
     async with engine.begin() as connection:
         await connection.run_sync(lambda sync: command.upgrade(_alembic_config(sync), "head"))
+
+
+async def notify_work(engine: AsyncEngine) -> None:
+    """Wake the workers of other processes (PostgreSQL only; best effort:
+    they also poll, so a lost signal only costs latency)."""
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": WORK_CHANNEL})
+            await connection.commit()
+    except Exception:
+        log.warning("could not signal the workers; they will find the work by polling", exc_info=True)
+
+
+async def listen_for_work(engine: AsyncEngine, on_work: Callable[[], None], retry_seconds: float = 1.0) -> None:
+    """Call ``on_work`` on every signal from notify_work(), until cancelled;
+    the listening connection is re-opened after a failure."""
+    while True:
+        try:
+            async with engine.connect() as connection:
+                raw = await connection.get_raw_connection()
+                listener = raw.driver_connection  # the asyncpg connection
+                assert listener is not None
+                await listener.add_listener(WORK_CHANNEL, lambda *_args: on_work())
+                closed = asyncio.Event()
+                listener.add_termination_listener(lambda *_args, done=closed: done.set())
+                await closed.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("listening for work failed; retrying", exc_info=True)
+        await asyncio.sleep(retry_seconds)

@@ -7,9 +7,10 @@ embedder here.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -30,7 +31,8 @@ class Runtime:
     bus: EventBus
     llm: LLM
     # Set by the worker when one runs in this process, so new runs start at once.
-    wake_worker: Callable[[], None] = lambda: None
+    wake_worker: Callable[[], None] | None = None
+    _signals: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -52,7 +54,18 @@ class Runtime:
     def announce(self, run_id: str, events: list[Event]) -> None:
         """Publish a committed change of a run and let the worker know."""
         self.bus.publish(run_id, events)
-        self.wake_worker()
+        self.wake()
+
+    def wake(self) -> None:
+        """There is new work: the worker of this process starts it at once;
+        without one (an API replica), PostgreSQL carries the signal to the
+        standalone workers (SQLite has no other processes to tell)."""
+        if self.wake_worker is not None:
+            self.wake_worker()
+        elif not db.is_sqlite(self.settings.resolved_database_url()):
+            task = asyncio.get_running_loop().create_task(db.notify_work(self.engine))
+            self._signals.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._signals.discard)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:

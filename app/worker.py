@@ -21,7 +21,7 @@ from contextlib import suppress
 
 from sqlalchemy import or_, select, update
 
-from app import ids, orm
+from app import db, ids, orm
 from app.retrieval import ingest
 from app.runner import execute
 from app.runner.tools import registry
@@ -61,6 +61,11 @@ class Worker:
 
     async def run_forever(self) -> None:
         log.info("worker %s started (concurrency %d)", self.owner, self.concurrency)
+        listener = None
+        if not db.is_sqlite(self.runtime.settings.resolved_database_url()):
+            # Runs queued by API replicas in other processes start at once,
+            # not at the next poll.
+            listener = asyncio.create_task(db.listen_for_work(self.runtime.engine, self.wake), name="listen")
         try:
             while True:
                 await self.tick()
@@ -69,6 +74,10 @@ class Worker:
                         await self._wakeup.wait()
                 self._wakeup.clear()
         finally:
+            if listener is not None:
+                listener.cancel()
+                with suppress(asyncio.CancelledError):
+                    await listener
             await self.stop()
 
     async def stop(self) -> None:

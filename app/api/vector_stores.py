@@ -49,7 +49,7 @@ async def create_vector_store(body: VectorStoreCreate, runtime: RuntimeDep) -> R
     async with runtime.transaction() as session:
         row = await vector_stores.create(session, body)
         wire = await vector_stores.to_wire(session, row)
-    runtime.wake_worker()
+    runtime.wake()
     return respond(wire)
 
 
@@ -94,7 +94,7 @@ async def create_vector_store_file(vector_store_id: str, body: VectorStoreFileCr
     async with runtime.transaction() as session:
         store = await vector_stores.get_live(session, vector_store_id)
         wire = vector_store_files.to_wire(await vector_store_files.create(session, store, body))
-    runtime.wake_worker()
+    runtime.wake()
     return respond(wire)
 
 
@@ -150,7 +150,7 @@ async def create_file_batch(vector_store_id: str, body: FileBatchCreate, runtime
         store = await vector_stores.get_live(session, vector_store_id)
         batch = await vector_store_files.create_batch(session, store, body)
         wire = await vector_store_files.batch_to_wire(session, batch)
-    runtime.wake_worker()
+    runtime.wake()
     return respond(wire)
 
 

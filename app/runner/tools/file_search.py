@@ -195,7 +195,7 @@ async def _wait_for_thread_store(runtime: Runtime, run: orm.Run) -> _Stores:
         stores, pending = await _stores(runtime, run)
         if not pending or stores.expired or time.monotonic() >= deadline:
             return stores
-        runtime.wake_worker()
+        runtime.wake()
         await asyncio.sleep(WAIT_POLL_SECONDS)
 
 
