@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import orm
+from app import errors, orm
 from app.api import sse
 from app.api.deps import PageDep, RuntimeDep, respond
 from app.runtime import Runtime
@@ -43,6 +43,14 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
     makes the run visible to a worker: every event from then on reaches it
     (wire notes 3.4). Errors raised by ``change`` are ordinary JSON errors.
     """
+    if stream and runtime.wake_worker is None:
+        # Events travel on this process's bus only: with the runs executed by
+        # standalone workers elsewhere, a stream here would never see them.
+        raise errors.invalid(
+            "Streaming is not available on this server: its runs are executed by standalone workers "
+            "(ASSISTANTS_EMBEDDED_WORKER=false). Create the run without 'stream' and poll it.",
+            param="stream",
+        )
     events_of_run = sse.RunEvents(runtime.bus)
     try:
         async with runtime.transaction() as session:
