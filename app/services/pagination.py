@@ -7,15 +7,13 @@ app.ids), so a cursor whose object was deleted still pages correctly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from sqlalchemy import Select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids
 from app.wire.common import ListPage
-
-Row = TypeVar("Row")
 
 MAX_SEQ = 2**63 - 1
 

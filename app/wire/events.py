@@ -20,12 +20,8 @@ class Event:
     def of(cls, name: str, model: BaseModel) -> Event:
         return cls(name, model.model_dump(mode="json"))
 
-    @property
-    def is_terminal_for_run(self) -> bool:
-        """The run stops here (for this stream): a final state or requires_action."""
-        return self.name in TERMINAL_RUN_EVENTS
 
-
+# A run stops here for its stream: a final state, or requires_action.
 TERMINAL_RUN_EVENTS = frozenset(
     {
         "thread.run.requires_action",
