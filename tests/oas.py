@@ -1,4 +1,4 @@
-"""Validate JSON against the official OpenAPI schemas (shared/openapi)."""
+"""Validate JSON against the official OpenAPI schemas (vendored in tests/openapi)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "openapi" / "assistants-v2.openapi.json"
+SPEC_PATH = Path(__file__).resolve().parent / "openapi" / "assistants-v2.openapi.json"
 _SPEC_URI = "urn:openai-openapi"
 
 
