@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -26,6 +28,7 @@ from app import db
 from app.main import create_app
 from app.runtime import Runtime
 from app.settings import Settings
+from app.testing import ephemeral
 from app.worker import Worker
 
 log = logging.getLogger("app")
@@ -72,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-hosted server compatible with the OpenAI Assistants API v2.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("serve", parents=[common], help="run the HTTP API (migrates the database first)")
+    serve = commands.add_parser("serve", parents=[common], help="run the HTTP API (migrates the database first)")
+    serve.add_argument(
+        "--ephemeral",
+        action="store_true",
+        help="for tests: a free port, a temporary data dir, the admin API; prints the URL as one JSON line",
+    )
+    serve.add_argument("--ready-file", metavar="PATH", help="with --ephemeral: also write that JSON line here")
     commands.add_parser("migrate", parents=[common], help="bring the database schema up to date and exit")
     commands.add_parser("worker", parents=[common], help="run the background run executor on its own")
     return parser
@@ -112,7 +121,30 @@ def _exit_on_sigterm(_signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def serve(settings: Settings) -> int:
+class _AnnouncingServer(uvicorn.Server):
+    """Calls ``on_started`` once the app has started and the socket accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit:
+            self._on_started()
+
+
+def serve_ephemeral(settings: Settings, args: argparse.Namespace) -> int:
+    """``serve --ephemeral``: see app/testing/ephemeral.py."""
+    with contextlib.ExitStack() as stack:
+        settings, sock = ephemeral.prepare(settings, stack, explicit_data_dir=args.data_dir is not None)
+        ready_file = Path(args.ready_file) if args.ready_file else None
+        return serve(settings, sock=sock, on_started=lambda: ephemeral.announce(settings, ready_file))
+
+
+def serve(
+    settings: Settings, *, sock: socket.socket | None = None, on_started: Callable[[], None] | None = None
+) -> int:
     # uvicorn takes SIGTERM over while it runs, shuts down gracefully, then
     # re-raises the signal. Handling it here turns that (and a SIGTERM during
     # start-up) into a clean exit 0 instead of death by signal (143).
@@ -125,7 +157,7 @@ def serve(settings: Settings) -> int:
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
-    server = uvicorn.Server(config)
+    server = _AnnouncingServer(config, on_started or (lambda: None))
     log.info(
         "serving the Assistants API at http://%s:%d/v1 (database %s, data %s)",
         settings.host,
@@ -135,7 +167,7 @@ def serve(settings: Settings) -> int:
     )
     # Ctrl-C: uvicorn shuts down gracefully, then re-raises SIGINT.
     with contextlib.suppress(KeyboardInterrupt):
-        server.run()
+        server.run(sockets=[sock] if sock is not None else None)
     if not server.started:
         log.error("the server did not start (see the errors above)")
         return 1
@@ -188,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(args)
     configure_logging(settings)
     if args.command == "serve":
-        return serve(settings)
+        return serve_ephemeral(settings, args) if args.ephemeral else serve(settings)
     if args.command == "migrate":
         return migrate(settings)
     return run_worker(settings)

@@ -57,16 +57,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import re
+import time
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import yaml
+
+from app import cassettes
+from app.scripting import RequestContext, ScriptBook
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 ErrorCode = Literal["rate_limit_exceeded", "server_error", "invalid_prompt"]
@@ -99,6 +104,9 @@ class ChatRequest:
     max_tokens: int | None = None
     response_format: dict[str, Any] | None = None
     reasoning_effort: str | None = None
+    # Whose completion this is (the run, its assistant and thread); scripted
+    # offline answers match on it. None outside runs.
+    context: RequestContext | None = None
 
 
 @dataclass
@@ -129,6 +137,83 @@ class Finish:
 
 
 Event = TextDelta | ToolCallDelta | Finish
+
+
+def chat_body(request: ChatRequest) -> dict[str, Any]:
+    """The request in chat-completions terms (what a provider receives)."""
+    body: dict[str, Any] = {"model": request.model, "messages": request.messages}
+    if request.tools:
+        body.update(tools=request.tools, parallel_tool_calls=request.parallel_tool_calls)
+    for name in ("tool_choice", "temperature", "top_p", "max_tokens", "response_format", "reasoning_effort"):
+        if getattr(request, name) is not None:
+            body[name] = getattr(request, name)
+    return body
+
+
+def _event_to_json(event: Event) -> dict[str, Any]:
+    if isinstance(event, TextDelta):
+        return {"text": event.text}
+    if isinstance(event, ToolCallDelta):
+        return {"tool_call": {"index": event.index, "id": event.id, "name": event.name, "arguments": event.arguments}}
+    usage = {"prompt_tokens": event.usage.prompt_tokens, "completion_tokens": event.usage.completion_tokens}
+    return {"finish": event.reason, "usage": usage}
+
+
+def _event_from_json(item: Mapping[str, Any]) -> Event:
+    if "text" in item:
+        return TextDelta(str(item["text"]))
+    if "tool_call" in item:
+        call = item["tool_call"]
+        return ToolCallDelta(int(call["index"]), call.get("id"), call.get("name"), str(call.get("arguments") or ""))
+    reason = _FINISH_REASONS.get(str(item.get("finish")), "stop")
+    usage = item.get("usage") or {}
+    return Finish(reason, Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))))
+
+
+@dataclass
+class Exchange:
+    """One completion as sent and as answered, assembled from its events."""
+
+    request: ChatRequest
+    started: float = field(default_factory=time.monotonic)
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    text: list[str] = field(default_factory=list)
+    calls: dict[int, dict[str, str]] = field(default_factory=dict)
+    finish: Finish | None = None
+    error: dict[str, str] | None = None
+
+    def observe(self, event: Event) -> None:
+        if isinstance(event, TextDelta):
+            self.text.append(event.text)
+        elif isinstance(event, ToolCallDelta):
+            call = self.calls.setdefault(event.index, {"id": "", "name": "", "arguments": ""})
+            call["id"] = event.id or call["id"]
+            call["name"] = event.name or call["name"]
+            call["arguments"] += event.arguments
+        else:
+            self.finish = event
+
+    def duration_ms(self) -> int:
+        return int((time.monotonic() - self.started) * 1000)
+
+    def request_body(self) -> dict[str, Any]:
+        return chat_body(self.request)
+
+    def response_body(self) -> dict[str, Any]:
+        finish = self.finish
+        return {
+            "text": "".join(self.text),
+            "tool_calls": [self.calls[index] for index in sorted(self.calls)],
+            "finish_reason": finish.reason if finish else None,
+            "usage": None
+            if finish is None
+            else {
+                "prompt_tokens": finish.usage.prompt_tokens,
+                "completion_tokens": finish.usage.completion_tokens,
+                "total_tokens": finish.usage.prompt_tokens + finish.usage.completion_tokens,
+            },
+            "error": self.error,
+        }
 
 
 class LLMError(Exception):
@@ -292,16 +377,24 @@ class LLM:
 
     def __init__(self, router: _Router, rules: Sequence[_Rule] = ()) -> None:
         self._router = router
-        self._offline = _OfflineModel(rules)
+        # Rules a test adds at run time (admin API, pytest plugin).
+        self.script = ScriptBook()
+        # Called with each finished (or failed) completion: the model-request log.
+        self.observer: Callable[[Exchange], Awaitable[None]] | None = None
+        # Record or replay provider answers (app/cassettes.py).
+        self.cassettes: cassettes.Cassettes | None = None
+        self._offline = _OfflineModel(rules, self.script)
         self._windows: dict[str, int] = {}
 
     @classmethod
-    def from_config(cls, path: Path | None) -> LLM:
-        """None (or a config without model_list) serves every model offline."""
+    def from_config(cls, path: Path | None, *, replaying: bool = False) -> LLM:
+        """None (or a config without model_list) serves every model offline.
+        ``replaying``: provider answers come from cassettes, so litellm is
+        neither needed nor imported."""
         if path is None:
             return cls(_Router.build(None))
         router, rules = _read_config(path)
-        if router.needs_litellm():
+        if router.needs_litellm() and not replaying:
             _litellm()  # pay the import at start-up, not inside the first run
         return cls(router, rules)
 
@@ -324,11 +417,56 @@ class LLM:
         if route.offline:
             prompt_tokens = self.count_tokens(request.model, request.messages, request.tools)
             source = self._offline.stream(request, prompt_tokens)
+        elif self.cassettes is not None and self.cassettes.mode == "replay":
+            source = self._replay(request)
         else:
             source = _provider_stream(route, request, self)
+            if self.cassettes is not None:
+                source = self._recording(request, source, self.cassettes)
+        exchange = Exchange(request) if self.observer is not None else None
+        async with aclosing(source):
+            try:
+                async for event in source:
+                    if exchange is not None:
+                        exchange.observe(event)
+                        if isinstance(event, Finish):
+                            # Recorded before the run can finish, so whoever
+                            # sees the run ended also sees what the model saw.
+                            await self._record(exchange)
+                    yield event
+            except LLMError as exc:
+                if exchange is not None:
+                    exchange.error = {"code": exc.code, "message": exc.message}
+                    await self._record(exchange)
+                raise
+
+    async def _replay(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
+        assert self.cassettes is not None
+        recorded, why = self.cassettes.lookup(request.model, chat_body(request))
+        if recorded is None:
+            self.cassettes.misses.append(cassettes.Miss(request.model, why))
+            raise LLMError("server_error", why)
+        for item in recorded:
+            await asyncio.sleep(0)
+            yield _event_from_json(item)
+
+    async def _recording(
+        self, request: ChatRequest, source: AsyncGenerator[Event, None], book: cassettes.Cassettes
+    ) -> AsyncGenerator[Event, None]:
+        events: list[dict[str, Any]] = []
         async with aclosing(source):
             async for event in source:
+                events.append(_event_to_json(event))
+                if isinstance(event, Finish):
+                    book.save(request.model, chat_body(request), events)
                 yield event
+
+    async def _record(self, exchange: Exchange) -> None:
+        assert self.observer is not None
+        try:
+            await self.observer(exchange)
+        except Exception:  # the log is a diagnostic: it never fails a run
+            logging.getLogger("app.llm").exception("could not record a model request")
 
     def context_window(self, model: str) -> int:
         """Input tokens the model accepts: config, then litellm's model map, then a default."""
@@ -790,13 +928,18 @@ def _fenced_python(text: str) -> str | None:
 
 
 class _OfflineModel:
-    def __init__(self, rules: Sequence[_Rule]) -> None:
+    def __init__(self, rules: Sequence[_Rule], script: ScriptBook) -> None:
         self._rules = rules
+        self._book = script
 
     def _script(self, conversation: _Conversation, request: ChatRequest) -> tuple[_Script, str]:
-        """Directives of the last user message, else its fenced Python for
-        code_interpreter, else the system messages, else the first matching rule."""
+        """Directives of the last user message, else the first scripted rule a
+        test added that matches, else its fenced Python for code_interpreter,
+        else the system messages, else the first matching config rule."""
         directives, user_text = _scan(conversation.user_text)
+        if not directives:
+            scripted = self._book.answer(request.model, user_text, conversation.rounds, request.context)
+            directives = scripted or []
         code = _fenced_python(conversation.user_text)
         if not directives and code is not None and _CODE_TOOL in _function_names(request):
             directives = [("call", f"{_CODE_TOOL} {json.dumps({'code': code})}")]

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI
 
-from app.api import build_router, handlers
+from app.api import admin, build_router, handlers
 from app.runtime import Runtime
 from app.settings import Settings
 from app.worker import Worker
@@ -52,4 +52,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     router = build_router()
     for prefix in API_PREFIXES:
         app.include_router(router, prefix=prefix)
+    if settings.admin_api:
+        app.include_router(admin.router)
     return app

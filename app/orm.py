@@ -225,3 +225,22 @@ class VectorStoreChunk(Base):
     file_id: Mapped[str] = mapped_column(String(64))
     position: Mapped[int] = mapped_column(Integer)
     text: Mapped[str] = mapped_column(Text)
+
+
+class ModelRequest(Base):
+    """One completion the server asked of a model, as sent and as answered:
+    what a test (or the console) reads to see what the model saw. Written
+    after the call, never during it."""
+
+    __tablename__ = "model_requests"
+    __table_args__ = (Index("ix_model_requests_run", "run_id", "id"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    run_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(Text)
+    request: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    response: Mapped[dict[str, Any]] = mapped_column(JSONType)

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app import db
+from app import cassettes, db
 from app.bus import EventBus
-from app.llm import LLM
+from app.llm import LLM, Exchange
+from app.services import model_requests
 from app.settings import Settings
 from app.storage import Storage
 from app.wire.events import Event
@@ -39,14 +40,25 @@ class Runtime:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = db.create_engine(settings.resolved_database_url())
         await db.migrate(engine)
-        return cls(
+        runtime = cls(
             settings=settings,
             engine=engine,
             sessionmaker=db.create_sessionmaker(engine),
             storage=Storage(settings.files_dir),
             bus=EventBus(),
-            llm=LLM.from_config(settings.llm_config),
+            llm=LLM.from_config(settings.llm_config, replaying=settings.llm_replay is not None),
         )
+        if settings.llm_replay is not None:
+            runtime.llm.cassettes = cassettes.Cassettes(settings.llm_replay, "replay")
+        elif settings.llm_record is not None:
+            runtime.llm.cassettes = cassettes.Cassettes(settings.llm_record, "record")
+        if settings.record_model_requests:
+            runtime.llm.observer = runtime._record_model_request
+        return runtime
+
+    async def _record_model_request(self, exchange: Exchange) -> None:
+        async with self.transaction() as session:
+            model_requests.add(session, exchange)
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -37,6 +37,16 @@ class Settings(BaseSettings):
     # A ": ping" comment line on a run's event stream after this long without events.
     stream_keepalive_seconds: float = 15.0
     log_level: str = "info"
+    # Keep every completion a run asks for (request and answer) in the
+    # model-request log (admin API, pytest plugin, console).
+    record_model_requests: bool = True
+    # The test-support API under /admin (reset, scripted offline answers, the
+    # model-request log); on for `serve --ephemeral`. Never on a shared server.
+    admin_api: bool = False
+    # Record provider answers into this directory / answer from it, offline
+    # (app/cassettes.py). Replay wins if both are set.
+    llm_record: Path | None = None
+    llm_replay: Path | None = None
 
     # --- code_interpreter sandbox (app/sandbox) ---
     # "bwrap": bubblewrap (no network, read-only system, private /mnt/data and

@@ -24,6 +24,9 @@ from app.main import API_PREFIXES, create_app
 from app.settings import Settings
 from tests import oas, pg
 
+# pytester runs the pytest plugin (app/testing) the way a user's project does.
+pytest_plugins = ["pytester"]
+
 DATABASES = ["sqlite", "postgres"]
 
 

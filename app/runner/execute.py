@@ -12,11 +12,14 @@ import asyncio
 import logging
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from app import ids, llm, orm
 from app.runner import prompt
 from app.runner.tools import BuiltinTool, ToolResult
 from app.runner.turn import Pending, Turn, TurnResult, TurnStopped
 from app.runtime import Runtime
+from app.scripting import RequestContext
 from app.services import run_state, run_steps, runs
 from app.wire.events import Event
 
@@ -37,6 +40,7 @@ class RunExecution:
         self.completion_tokens = 0
         # Built-in tool results of this execution, by tool type (for decorate()).
         self.results: dict[str, list[ToolResult]] = {}
+        self.context = RequestContext(run_id=run_id)
 
     def _publish(self, events: list[Event]) -> None:
         self.runtime.bus.publish(self.run_id, events)
@@ -66,6 +70,15 @@ class RunExecution:
             events = [*pending.events, *await runs.close_out(session, run, to, **fields)]
         self._publish(events)
 
+    async def _context(self, session: AsyncSession, run: orm.Run) -> RequestContext:
+        """Who the model answers, for scripted offline rules; the thread is
+        read only when some rule matches on its metadata."""
+        metadata: dict[str, str] = {}
+        if self.runtime.llm.script.needs_thread_metadata():
+            thread = await session.get(orm.Thread, run.thread_id)
+            metadata = dict(thread.metadata_) if thread is not None else {}
+        return RequestContext(self.run_id, run.thread_id, run.assistant_id, metadata)
+
     def _usage(self) -> dict[str, int]:
         return {
             "prompt_tokens": self.prompt_tokens,
@@ -92,6 +105,7 @@ class RunExecution:
                 # A run that never ran (no usage recorded yet) has no steps to read.
                 has_steps = run.usage is not None
                 events = [Event.of(await run_state.transition(session, run, "in_progress"), runs.to_wire(run))]
+                self.context = await self._context(session, run)
                 chat = await prompt.build(
                     session, self.runtime.storage, self.runtime.llm, run, self._budget(run), has_steps=has_steps
                 )
@@ -143,6 +157,7 @@ class RunExecution:
             max_tokens=budget.completion_tokens,
             response_format=run.response_format if isinstance(run.response_format, dict) else None,
             reasoning_effort=run.reasoning_effort,
+            context=self.context,
         )
 
     async def _loop(self, run: orm.Run, first_chat: list[dict[str, Any]]) -> None:
