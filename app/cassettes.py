@@ -26,10 +26,10 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 Mode = Literal["record", "replay"]
 
@@ -155,3 +155,39 @@ def _common_prefix(first: str, second: str) -> int:
             break
         length += 1
     return length
+
+
+class _Embedder(Protocol):
+    name: str
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+
+
+class RecordedEmbedder:
+    """Embeddings through a provider, recorded or replayed like chat
+    completions (one file per batch of texts)."""
+
+    def __init__(self, inner: _Embedder, book: Cassettes) -> None:
+        self.name = inner.name
+        self._inner = inner
+        self._book = book
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        body = {"model": self.name, "input": list(texts)}
+        path = self._book.path(f"embeddings-{self.name}", request_key(normalise(body)))
+        if self._book.mode == "replay":
+            if not path.is_file():
+                miss = Miss(
+                    self.name, f"No recorded embeddings for these {len(texts)} texts ({self.name}) in {path.parent}."
+                )
+                self._book.misses.append(miss)
+                raise RuntimeError(miss.message)
+            vectors: list[list[float]] = json.loads(path.read_text(encoding="utf-8"))["vectors"]
+            return vectors
+        vectors = await self._inner.embed(texts)
+        self._book.directory.mkdir(parents=True, exist_ok=True)
+        document = redact(json.dumps({"request": normalise(body), "vectors": vectors}, ensure_ascii=False))
+        temp = path.with_name(path.name + ".tmp")
+        temp.write_text(document + "\n", encoding="utf-8")
+        os.replace(temp, path)
+        return vectors

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from app import llm
+from app import cassettes, llm
 from app.retrieval import minilm
 from app.settings import Settings
 
@@ -117,7 +117,18 @@ def _from_config(path: Path | None) -> Embedder | None:
 
 
 def embedder(settings: Settings) -> Embedder | None:
-    return _from_config(settings.llm_config)
+    model = _from_config(settings.llm_config)
+    return _recorded(model, settings.llm_record, settings.llm_replay) if isinstance(model, LiteLLMEmbedder) else model
+
+
+@cache
+def _recorded(model: LiteLLMEmbedder, record: Path | None, replay: Path | None) -> Embedder:
+    """A provider's embeddings, recorded or replayed when the settings say so (app/cassettes.py)."""
+    if replay is not None:
+        return cassettes.RecordedEmbedder(model, cassettes.Cassettes(replay, "replay"))
+    if record is not None:
+        return cassettes.RecordedEmbedder(model, cassettes.Cassettes(record, "record"))
+    return model
 
 
 async def embed_queries(settings: Settings, queries: Sequence[str]) -> list[list[float]] | None:
