@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager, suppress
 from fastapi import FastAPI
 
 from app.api import admin, build_router, handlers
+from app.console import pages
 from app.runtime import Runtime
 from app.settings import Settings
 from app.worker import Worker
@@ -54,4 +55,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router, prefix=prefix)
     if settings.admin_api:
         app.include_router(admin.router)
+    app.include_router(pages.router)
+    pages.mount_static(app)
     return app
