@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI
 
-from app.api import admin, build_router, handlers
+from app.api import admin, build_router, handlers, v1compat
 from app.console import pages
 from app.runtime import Runtime
 from app.settings import Settings
@@ -49,6 +49,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="Assistants API v2 compatible server", version="0.1.0", lifespan=lifespan, redirect_slashes=False
     )
+    # Inside the key gate (middleware added first runs innermost): v1 clients.
+    app.add_middleware(v1compat.AssistantsV1)
     handlers.install(app, settings.api_keys)
     router = build_router()
     for prefix in API_PREFIXES:

@@ -78,6 +78,8 @@ async def _check_against_spec(response: httpx2.Response) -> None:
         return
     await response.aread()
     request = response.request
+    if "assistants=v1" in request.headers.get("openai-beta", "").replace(" ", ""):
+        return  # v1 answers have v1 shapes (tests/api/test_v1.py checks them against the v1 spec)
     oas.validate_response(request.method, _strip_prefix(request.url.path), response.status_code, response.json())
 
 

@@ -20,9 +20,6 @@ from app import errors
 
 log = logging.getLogger("app.api")
 
-V1_DEPRECATED = (
-    "The v1 Assistants API has been deprecated. Please try again by setting the header 'OpenAI-Beta: assistants=v2'."
-)
 # v1's file sub-resources, gone in v2; go-openai still calls them.
 V1_FILES_DEPRECATED = (
     "The v1 Assistants API has been deprecated. See the migration guide for more information: "
@@ -134,8 +131,6 @@ class RequestGate:
             await _send_error(errors.server_error(), send_with_id)
 
     def _check(self, headers: dict[str, str]) -> errors.APIError | None:
-        if "assistants=v1" in headers.get("openai-beta", "").replace(" ", ""):
-            return errors.invalid(V1_DEPRECATED, code="invalid_beta")
         if not self.api_keys:
             return None
         key = headers.get("api-key") or ""

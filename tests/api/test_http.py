@@ -27,9 +27,6 @@ MISSING_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization "
     "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
 )
-V1_BETA = (
-    "The v1 Assistants API has been deprecated. Please try again by setting the header 'OpenAI-Beta: assistants=v2'."
-)
 V1_FILES = (
     "The v1 Assistants API has been deprecated. See the migration guide for more information: "
     "https://platform.openai.com/docs/assistants/migration."
@@ -339,14 +336,13 @@ async def test_list_parameters_through_the_sdk(client: openai.AsyncOpenAI, threa
 # --- OpenAI-Beta -------------------------------------------------------------------
 
 
-async def test_v1_beta_header_is_refused(client: openai.AsyncOpenAI, http: httpx2.AsyncClient) -> None:
-    with pytest.raises(openai.BadRequestError) as exc:
-        await client.beta.threads.create(extra_headers={"OpenAI-Beta": "assistants=v1"})
-    assert error_of(exc) == envelope(V1_BETA, code="invalid_beta")["error"]
+async def test_v1_beta_header_is_served_in_v1_shapes(http: httpx2.AsyncClient) -> None:
+    """Assistants v1 clients are served (tests/api/test_v1.py has the rest)."""
     for value in ("assistants=v1", "assistants = v1", "other=1, assistants=v1"):
-        response = await http.get("/v1/assistants", headers={"OpenAI-Beta": value})
-        assert_error(response, 400, V1_BETA)
-    assert (await http.get("/v1/assistants", headers=BETA)).status_code == 200
+        response = await http.post("/v1/assistants", headers={"OpenAI-Beta": value}, json={"model": "gpt-4o"})
+        assert response.status_code == 200
+        assert response.json()["file_ids"] == [] and "tool_resources" not in response.json()
+    assert "tool_resources" in (await http.get("/v1/assistants", headers=BETA)).json()["data"][0]
 
 
 # --- API keys ----------------------------------------------------------------------

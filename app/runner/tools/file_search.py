@@ -25,14 +25,14 @@ from app import llm, orm
 from app.retrieval import embed
 from app.retrieval import search as ranking
 from app.runner.tools import PublishDelta, ToolResult
-from app.services import vector_store_search, vector_stores
+from app.services import v1_files, vector_store_search, vector_stores
 
 if TYPE_CHECKING:
     from app.runtime import Runtime
 
 DEFAULT_MAX_RESULTS = 20
 # A run waits this long for the thread store's files still being ingested (DOC-FS).
-THREAD_STORE_WAIT_SECONDS = 60.0
+THREAD_STORE_WAIT_SECONDS = 60.0  # also an assistant's v1 retrieval store
 WAIT_POLL_SECONDS = 0.1
 RANKER = "default_2024_08_21"
 _MARKER = re.compile(r"【\d+:\d+†[^】]*】")
@@ -173,12 +173,15 @@ async def _stores(runtime: Runtime, run: orm.Run) -> tuple[_Stores, int]:
         ids = list(dict.fromkeys(own + thread_ids))
         rows = (await session.scalars(select(orm.VectorStore).where(orm.VectorStore.id.in_(ids)))).all()
         expired = [row.id for row in rows if vector_stores.is_expired(row)]
+        # Waited for: the thread's store, and an assistant's v1 retrieval store
+        # (v1 clients cannot poll ingestion; their files are searchable once attached).
+        waited = thread_ids[:1] + [row.id for row in rows if v1_files.is_managed(row)]
         pending = 0
-        if thread_ids:
+        if waited:
             pending = int(
                 await session.scalar(
                     select(func.count()).where(
-                        orm.VectorStoreFile.vector_store_id == thread_ids[0],
+                        orm.VectorStoreFile.vector_store_id.in_(waited),
                         orm.VectorStoreFile.status == "in_progress",
                     )
                 )
