@@ -417,10 +417,29 @@ async def embed(params: dict[str, Any], texts: Sequence[str]) -> list[list[float
     return [[float(value) for value in item["embedding"]] for item in response.data]
 
 
+def explicit_params(request: ChatRequest) -> list[str]:
+    """Parameters the user set (issue 12): they must reach the provider, so
+    litellm's ``drop_params`` may not remove them. tool_choice "auto" and
+    parallel_tool_calls true are the defaults, which the server adds itself."""
+    names = [
+        name
+        for name in ("temperature", "top_p", "max_tokens", "response_format", "reasoning_effort")
+        if getattr(request, name) is not None
+    ]
+    if request.tools and request.tool_choice not in (None, "auto"):
+        names.append("tool_choice")
+    if request.tools and not request.parallel_tool_calls:
+        names.append("parallel_tool_calls")
+    return names
+
+
 def _completion_kwargs(route: Route, request: ChatRequest) -> dict[str, Any]:
     params = {k: v for k, v in _resolve_env(dict(route.params), request.model).items() if k not in _ROUTER_KEYS}
     # Defaults a config may override. drop_params: a parameter the provider does
-    # not support is left out rather than failing the run. timeout: litellm's own
+    # not support is left out rather than failing the run, but only one the
+    # server added: allowed_openai_params forwards what the user set, even
+    # where litellm's model table says the model lacks it (a user's vLLM
+    # serving "gpt-4" honours response_format). timeout: litellm's own
     # default is 6000 s, which would leave a run stuck on a silent provider.
     kwargs: dict[str, Any] = {"drop_params": True, "timeout": 600, **params}
     kwargs.update(messages=request.messages, stream=True, stream_options={"include_usage": True})
@@ -433,6 +452,9 @@ def _completion_kwargs(route: Route, request: ChatRequest) -> dict[str, Any]:
         value = getattr(request, name)
         if value is not None:
             kwargs[name] = value
+    explicit = explicit_params(request)
+    if explicit:
+        kwargs["allowed_openai_params"] = sorted({*explicit, *(params.get("allowed_openai_params") or [])})
     return kwargs
 
 
@@ -442,7 +464,7 @@ async def _provider_stream(route: Route, request: ChatRequest, llm: LLM) -> Asyn
     try:
         response = await litellm.acompletion(**kwargs)
     except Exception as exc:  # litellm maps every provider failure into its exception family
-        raise _provider_error(exc, route) from exc
+        raise _provider_error(exc, route, explicit_params(request)) from exc
     reader = _ChunkReader()
     async with aclosing(response):
         chunks = response.__aiter__()
@@ -513,8 +535,9 @@ class _ChunkReader:
 _CLASS_PREFIX = re.compile(r"\b(?:litellm\.)?[A-Za-z]*(?:Error|Exception)(?::\s+|\s+-\s+)")
 
 
-def _provider_error(exc: Exception, route: Route) -> LLMError:
-    """429 -> rate_limit_exceeded; 400/413/422 (bad or too long prompt) -> invalid_prompt; else server_error."""
+def _provider_error(exc: Exception, route: Route, explicit: Sequence[str] = ()) -> LLMError:
+    """429 -> rate_limit_exceeded; 400/413/422 (bad or too long prompt) -> invalid_prompt; else server_error.
+    A rejected request names the parameters the user set, since one of them may be the cause."""
     status = getattr(exc, "status_code", None)
     detail = _CLASS_PREFIX.sub("", str(exc)).strip() or type(exc).__name__
     head, _, cause = detail.partition(" Original exception: ")
@@ -523,7 +546,9 @@ def _provider_error(exc: Exception, route: Route) -> LLMError:
     if status == 429:
         return LLMError("rate_limit_exceeded", f"Rate limit reached for {where}: {detail}")
     if status in (400, 413, 422):
-        return LLMError("invalid_prompt", f"The provider rejected the prompt for {where}: {detail}")
+        named = [name for name in explicit if name in detail] or list(explicit)
+        sent = f" (parameters set for this request: {', '.join(named)})" if named else ""
+        return LLMError("invalid_prompt", f"The provider rejected the request for {where}{sent}: {detail}")
     kind = f"HTTP {status}" if isinstance(status, int) else type(exc).__name__
     return LLMError("server_error", f"The provider failed for {where} ({kind}): {detail}")
 

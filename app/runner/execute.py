@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from app import ids, llm, orm
-from app.runner import prompt
+from app.runner import markers, prompt
 from app.runner.tools import BuiltinTool, ToolResult
 from app.runner.turn import Pending, Turn, TurnResult, TurnStopped
 from app.runtime import Runtime
@@ -205,6 +205,7 @@ class RunExecution:
             builtins=self.builtins,
             decorate=lambda content: self._decorate(run, content),
             leading=self._leading_parts,
+            targets=markers.run_targets(self.builtins, self.results),
         )
         try:
             result = await self._consume(turn, request)
