@@ -99,6 +99,8 @@ class ChatRequest:
     max_tokens: int | None = None
     response_format: dict[str, Any] | None = None
     reasoning_effort: str | None = None
+    # Further OpenAI parameters a caller set (stop, seed, ...): passed to a provider as they are.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -318,6 +320,14 @@ class LLM:
     def is_configured(self, model: str) -> bool:
         return self._router.route(model) is not None
 
+    def model_names(self) -> list[str]:
+        """Names to list on ``GET /models``: the routing file's exact model
+        names, and ``offline`` (the built-in model) when a name routes to it."""
+        names = list(self._router.exact)
+        if OFFLINE not in names and self.is_configured(OFFLINE):
+            names.append(OFFLINE)
+        return names
+
     async def stream(self, request: ChatRequest) -> AsyncIterator[Event]:
         """Deltas as they come, then exactly one Finish; LLMError on any failure."""
         route = self.route(request.model)
@@ -430,7 +440,13 @@ def explicit_params(request: ChatRequest) -> list[str]:
         names.append("tool_choice")
     if request.tools and not request.parallel_tool_calls:
         names.append("parallel_tool_calls")
-    return names
+    return names + list(request.extra)
+
+
+def decode_tokens(tokens: Sequence[int]) -> str:
+    """Text of OpenAI token ids (cl100k_base, bundled with litellm: no network);
+    LangChain's OpenAIEmbeddings sends its inputs as token ids."""
+    return str(_litellm().decode(model="text-embedding-3-small", tokens=list(tokens)))
 
 
 def _completion_kwargs(route: Route, request: ChatRequest) -> dict[str, Any]:
@@ -452,6 +468,7 @@ def _completion_kwargs(route: Route, request: ChatRequest) -> dict[str, Any]:
         value = getattr(request, name)
         if value is not None:
             kwargs[name] = value
+    kwargs.update(request.extra)
     explicit = explicit_params(request)
     if explicit:
         kwargs["allowed_openai_params"] = sorted({*explicit, *(params.get("allowed_openai_params") or [])})
