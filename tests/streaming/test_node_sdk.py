@@ -32,7 +32,7 @@ def node_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     npm = shutil.which("npm")
     assert npm is not None and shutil.which("node"), "node and npm are needed for the Node SDK tests"
     project = tmp_path_factory.mktemp("node-sdk")
-    for name in ("package.json", "package-lock.json", "stream_run.mjs", "annotations.mjs"):
+    for name in ("package.json", "package-lock.json", "stream_run.mjs", "annotations.mjs", "chat.mjs"):
         shutil.copy(NODE_DIR / name, project / name)
     command = [npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts", "--loglevel=error"]
     try:
@@ -116,3 +116,16 @@ def test_node_textdelta_carries_whole_markers(node_project: Path, live: LiveServ
         assert {k: v for k, v in annotation.items() if k not in ("value", "index")} == {
             k: v for k, v in final.items() if k != "index"
         }
+
+
+@pytest.mark.parametrize("package", ["openai6", "openai7"])
+def test_node_chat_embeddings_and_models(node_project: Path, live: LiveServer, package: str) -> None:
+    """Issue 12: the calls frameworks make beside the Assistants API."""
+    result = _run_script(node_project, live, package, "chat.mjs")
+    assert result["completion"] == "You said: Hello from Node"
+    assert result["streamed"] == "You said: Streamed from Node"
+    assert result["usage"]["completion_tokens"] == 5
+    (call,) = result["toolCalls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert result["dimensions"] == 384
+    assert result["models"] == ["offline"]
