@@ -821,6 +821,7 @@ class _Conversation:
 
 
 _CODE_TOOL = "code_interpreter"
+_SEARCH_TOOL = "file_search"
 _FENCED_PYTHON = re.compile(r"```(?:python|py)[ \t]*\n(.*?)```", re.DOTALL)
 
 
@@ -849,6 +850,9 @@ class _OfflineModel:
             if respond is not None:
                 directives = _scan(respond)[0] or [("reply", respond)]
                 break
+        if not directives and user_text and _SEARCH_TOOL in _function_names(request) and request.tool_choice != "none":
+            # Offered file_search and told nothing else: search with the question (issue 12).
+            directives = [("call", _SEARCH_TOOL)]
         return _Script.parse(directives), user_text
 
     async def stream(self, request: ChatRequest, prompt_tokens: int) -> AsyncGenerator[Event, None]:
@@ -877,6 +881,7 @@ def _answer(
     request: ChatRequest, conversation: _Conversation, script: _Script, step: _Step | None, user_text: str
 ) -> tuple[str, list[tuple[str, str]]]:
     calls = _choose_calls(request, step.calls if step else [], conversation.rounds)
+    calls = [_with_query(name, arguments, user_text) for name, arguments in calls]
     offered = _function_names(request)
     for name, _ in calls:
         if name not in offered:
@@ -890,6 +895,17 @@ def _answer(
 
 def _function_names(request: ChatRequest) -> list[str]:
     return [str((tool.get("function") or {}).get("name")) for tool in request.tools]
+
+
+def _with_query(name: str, arguments: str, question: str) -> tuple[str, str]:
+    """A file_search call the script gave no query searches with the user's question."""
+    if name != _SEARCH_TOOL or not question:
+        return name, arguments
+    with suppress(ValueError):
+        parsed = json.loads(arguments or "{}")
+        if isinstance(parsed, dict) and not parsed.get("query"):
+            return name, json.dumps({**parsed, "query": question}, ensure_ascii=False)
+    return name, arguments
 
 
 def _choose_calls(request: ChatRequest, calls: list[tuple[str, str]], rounds: int) -> list[tuple[str, str]]:

@@ -135,3 +135,17 @@ async def test_a_rejected_parameter_fails_the_run_naming_it(client: openai.Async
     assert run.status == "failed" and run.last_error is not None
     assert run.last_error.code == "invalid_prompt"
     assert "response_format" in run.last_error.message
+
+
+async def test_the_model_is_told_the_code_interpreter_files(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> None:
+    data = await client.files.create(file=("sales.csv", b"month,total\njan,10\n"), purpose="assistants")
+    assistant = await client.beta.assistants.create(
+        model="fake-no-usage",
+        tools=[{"type": "code_interpreter"}],
+        tool_resources={"code_interpreter": {"file_ids": [data.id]}},
+    )
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "Sum the totals"}])
+    run = await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id)
+    assert run.status == "completed", run.last_error
+    system = [m["content"] for m in fake.requests[-1]["body"]["messages"] if m["role"] == "system"]
+    assert "Files available to code_interpreter in /mnt/data:\n- /mnt/data/sales.csv (19 bytes)" in system
