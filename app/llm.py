@@ -27,7 +27,8 @@ served by the offline model. Otherwise a name no entry matches fails with
 Unlike the proxy, duplicate names are not load-balanced: the first one wins.
 Other litellm_params go to ``litellm.acompletion`` as they are, over our
 defaults ``drop_params: true`` and ``timeout: 600``; retries are the provider
-SDK's own (set ``max_retries`` to change them).
+SDK's own (set ``max_retries`` to change them). drop_params only ever drops
+what the server adds: parameters the user set are always sent (issue 12).
 
 The offline model is deterministic and instant. Test authors steer it with
 ``[[directives]]`` in the last user message (or, if that has none, in the
@@ -46,7 +47,8 @@ in docs/offline-model.md; in short::
     [[hang]]                 never finish (until the consumer cancels)
 
 A ```python fenced block in a last user message without directives calls
-``code_interpreter`` with that code when the request offers it.
+``code_interpreter`` with that code when the request offers it; offered
+``file_search`` and given no directives, it searches with the user's text.
 
 Without directives it answers ``You said: <last user text>``, or after tool
 results ``Tool results: name -> output; ...``.
