@@ -6,6 +6,7 @@ offline model, so embeddings work with nothing configured."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import math
 import struct
@@ -36,8 +37,9 @@ def _embedder(settings: Settings, models: llm.LLM, model: str) -> embed.Embedder
     return embed.LiteLLMEmbedder(model, dict(route.params))
 
 
-def _texts(value: str | list[str] | list[int] | list[list[int]]) -> list[str]:
-    """The inputs as text; token ids (LangChain sends them) are decoded."""
+async def _texts(value: str | list[str] | list[int] | list[list[int]]) -> list[str]:
+    """The inputs as text; token ids (LangChain sends them) are decoded, in a
+    thread: the tokenizer's first use imports litellm, which takes seconds."""
     if isinstance(value, str):
         value = [value]
     if not value:
@@ -46,7 +48,7 @@ def _texts(value: str | list[str] | list[int] | list[list[int]]) -> list[str]:
         raise errors.invalid(f"'$.input' must have at most {wire.MAX_INPUTS} items.", param="input")
     texts = []
     for item in [value] if isinstance(value[0], int) else value:  # one input given as token ids
-        text = item if isinstance(item, str) else llm.decode_tokens([int(token) for token in item])
+        text = item if isinstance(item, str) else await asyncio.to_thread(llm.decode_tokens, [int(t) for t in item])
         if not text:
             raise errors.invalid("'$.input' is invalid. Please check the API reference.", param="input")
         texts.append(text)
@@ -80,7 +82,7 @@ async def create(
     if not model:
         raise errors.invalid("you must provide a model parameter")
     embedder = _embedder(settings, models, model)
-    texts = _texts(body.input)
+    texts = await _texts(body.input)
     try:
         vectors = await embedder.embed(texts)
     except errors.APIError:
