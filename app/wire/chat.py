@@ -6,10 +6,11 @@ the tests (tests/openapi)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Annotated, Any, Literal, TypedDict
 
 from pydantic import ConfigDict, Field
 
+from app.wire import common
 from app.wire.common import RequestModel
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -45,16 +46,11 @@ class NamedToolChoice(RequestModel):
     function: NamedFunction
 
 
-class JSONSchemaFormat(RequestModel):
-    name: str = Field(min_length=1, max_length=64)
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(RequestModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JSONSchemaFormat | None = None
+# The same three formats as runs, without runs' "auto".
+ResponseFormat = Annotated[
+    common.ResponseFormatText | common.ResponseFormatJsonObject | common.ResponseFormatJsonSchema,
+    Field(discriminator="type"),
+]
 
 
 class StreamOptions(RequestModel):

@@ -278,3 +278,14 @@ async def test_models_list_and_retrieve(client: openai.AsyncOpenAI) -> None:
     # With nothing configured every name routes to the offline model.
     model = await client.models.retrieve("gpt-4o")
     assert model.id == "gpt-4o" and model.object == "model"
+
+
+async def test_json_schema_format_needs_its_schema(http: httpx2.AsyncClient) -> None:
+    body = {
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema"},
+    }
+    response = await http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "response_format.json_schema"
