@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, suppress
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AsyncExitStack, aclosing, suppress
 
 import anyio
 from sse_starlette import EventSourceResponse
@@ -194,14 +194,15 @@ async def _interrupt_on_shutdown(queue: asyncio.Queue[Event], shutdown: anyio.Ev
     queue.put_nowait(SHUTTING_DOWN)
 
 
-def data_stream(chunks: AsyncIterator[object]) -> EventSourceResponse:
+def data_stream(chunks: AsyncGenerator[object, None]) -> EventSourceResponse:
     """The chat-completions form of SSE: ``data: {json}`` frames with no
     ``event:`` line, ended by ``data: [DONE]`` (wire notes 3.1 covers runs;
     chat completions are framed as OpenAI's /chat/completions)."""
 
     async def frames() -> AsyncIterator[bytes]:
-        async for chunk in chunks:
-            yield b"data: " + _ENCODE(chunk).encode() + b"\n\n"
+        async with aclosing(chunks):  # a client that leaves ends the model call at once
+            async for chunk in chunks:
+                yield b"data: " + _ENCODE(chunk).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
 
     return EventSourceResponse(frames(), ping=0, sep="\n")

@@ -10,7 +10,7 @@ first, content and tool-call pieces, the finish reason, then usage if asked).
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -177,7 +177,9 @@ class ChunkWriter:
 ChunkOrError = wire.ChatCompletionChunk | dict[Literal["error"], dict[str, Any]]
 
 
-async def open_stream(models: llm.LLM, call: llm.ChatRequest, include_usage: bool) -> AsyncIterator[ChunkOrError]:
+async def open_stream(
+    models: llm.LLM, call: llm.ChatRequest, include_usage: bool
+) -> AsyncGenerator[ChunkOrError, None]:
     """The chunks of a streamed completion. The model's first event is awaited
     here, so a call that fails at once is an HTTP error, as on OpenAI; a failure
     later ends the stream with OpenAI's ``{"error": {...}}`` object (the SDKs
@@ -193,7 +195,7 @@ async def open_stream(models: llm.LLM, call: llm.ChatRequest, include_usage: boo
 
 async def _chunks(
     events: AsyncGenerator[llm.Event, None], first: llm.Event, writer: ChunkWriter
-) -> AsyncIterator[ChunkOrError]:
+) -> AsyncGenerator[ChunkOrError, None]:
     answer = _Answer()
     yield writer.chunk({"role": "assistant", "content": "", "refusal": None})
     async with aclosing(events):
