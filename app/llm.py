@@ -429,14 +429,21 @@ async def embed(params: dict[str, Any], texts: Sequence[str]) -> list[list[float
     return [[float(value) for value in item["embedding"]] for item in response.data]
 
 
+# OpenAI's defaults: a run without its own values carries these (services/runs),
+# so they count as the server's, and a model that lacks the parameter (o-series
+# and temperature) still works.
+_DEFAULT_VALUES: Mapping[str, Any] = {"temperature": 1.0, "top_p": 1.0}
+
+
 def explicit_params(request: ChatRequest) -> list[str]:
     """Parameters the user set (issue 12): they must reach the provider, so
-    litellm's ``drop_params`` may not remove them. tool_choice "auto" and
-    parallel_tool_calls true are the defaults, which the server adds itself."""
+    litellm's ``drop_params`` may not remove them. tool_choice "auto",
+    parallel_tool_calls true and temperature/top_p 1 are the defaults, which
+    the server may add itself."""
     names = [
         name
         for name in ("temperature", "top_p", "max_tokens", "response_format", "reasoning_effort")
-        if getattr(request, name) is not None
+        if getattr(request, name) is not None and getattr(request, name) != _DEFAULT_VALUES.get(name)
     ]
     if request.tools and request.tool_choice not in (None, "auto"):
         names.append("tool_choice")

@@ -25,6 +25,7 @@ from app.llm import (
     TextDelta,
     ToolCallDelta,
     Usage,
+    explicit_params,
 )
 from tests.runner.fake_openai import USAGE, FakeOpenAI
 
@@ -697,3 +698,12 @@ async def test_a_rejected_parameter_is_named_in_the_error(routed: LLM, fake: Fak
     assert "'fake-no-format'" in failure.value.message
     # Without the parameter the same provider answers.
     assert text_of(await collect(routed, ChatRequest("fake-no-format", [user("hi")]))) == "Plain answer"
+
+
+def test_openai_defaults_are_not_forced_on_a_provider() -> None:
+    """A run without its own temperature/top_p carries OpenAI's defaults (1);
+    they may be dropped for a model without them, unlike a user's values."""
+    defaults = ChatRequest("o1", [user("hi")], tools=[WEATHER], tool_choice="auto", temperature=1.0, top_p=1.0)
+    assert explicit_params(defaults) == []
+    chosen = ChatRequest("o1", [user("hi")], tools=[WEATHER], tool_choice="none", temperature=0.2, max_tokens=9)
+    assert explicit_params(chosen) == ["temperature", "max_tokens", "tool_choice"]
