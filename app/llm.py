@@ -27,7 +27,8 @@ served by the offline model. Otherwise a name no entry matches fails with
 Unlike the proxy, duplicate names are not load-balanced: the first one wins.
 Other litellm_params go to ``litellm.acompletion`` as they are, over our
 defaults ``drop_params: true`` and ``timeout: 600``; retries are the provider
-SDK's own (set ``max_retries`` to change them).
+SDK's own (set ``max_retries`` to change them). drop_params only ever drops
+what the server adds: parameters the user set are always sent (issue 12).
 
 The offline model is deterministic and instant. Test authors steer it with
 ``[[directives]]`` in the last user message (or, if that has none, in the
@@ -46,7 +47,8 @@ in docs/offline-model.md; in short::
     [[hang]]                 never finish (until the consumer cancels)
 
 A ```python fenced block in a last user message without directives calls
-``code_interpreter`` with that code when the request offers it.
+``code_interpreter`` with that code when the request offers it; offered
+``file_search`` and given no directives, it searches with the user's text.
 
 Without directives it answers ``You said: <last user text>``, or after tool
 results ``Tool results: name -> output; ...``.
@@ -107,6 +109,8 @@ class ChatRequest:
     # Whose completion this is (the run, its assistant and thread); scripted
     # offline answers match on it. None outside runs.
     context: RequestContext | None = None
+    # Further OpenAI parameters a caller set (stop, seed, ...): passed to a provider as they are.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -147,7 +151,7 @@ def chat_body(request: ChatRequest) -> dict[str, Any]:
     for name in ("tool_choice", "temperature", "top_p", "max_tokens", "response_format", "reasoning_effort"):
         if getattr(request, name) is not None:
             body[name] = getattr(request, name)
-    return body
+    return {**body, **request.extra}
 
 
 def _event_to_json(event: Event) -> dict[str, Any]:
@@ -411,6 +415,14 @@ class LLM:
     def is_configured(self, model: str) -> bool:
         return self._router.route(model) is not None
 
+    def model_names(self) -> list[str]:
+        """Names to list on ``GET /models``: the routing file's exact model
+        names, and ``offline`` (the built-in model) when a name routes to it."""
+        names = list(self._router.exact)
+        if OFFLINE not in names and self.is_configured(OFFLINE):
+            names.append(OFFLINE)
+        return names
+
     async def stream(self, request: ChatRequest) -> AsyncIterator[Event]:
         """Deltas as they come, then exactly one Finish; LLMError on any failure."""
         route = self.route(request.model)
@@ -555,10 +567,42 @@ async def embed(params: dict[str, Any], texts: Sequence[str]) -> list[list[float
     return [[float(value) for value in item["embedding"]] for item in response.data]
 
 
+# OpenAI's defaults: a run without its own values carries these (services/runs),
+# so they count as the server's, and a model that lacks the parameter (o-series
+# and temperature) still works.
+_DEFAULT_VALUES: Mapping[str, Any] = {"temperature": 1.0, "top_p": 1.0}
+
+
+def explicit_params(request: ChatRequest) -> list[str]:
+    """Parameters the user set (issue 12): they must reach the provider, so
+    litellm's ``drop_params`` may not remove them. tool_choice "auto",
+    parallel_tool_calls true and temperature/top_p 1 are the defaults, which
+    the server may add itself."""
+    names = [
+        name
+        for name in ("temperature", "top_p", "max_tokens", "response_format", "reasoning_effort")
+        if getattr(request, name) is not None and getattr(request, name) != _DEFAULT_VALUES.get(name)
+    ]
+    if request.tools and request.tool_choice not in (None, "auto"):
+        names.append("tool_choice")
+    if request.tools and not request.parallel_tool_calls:
+        names.append("parallel_tool_calls")
+    return names + list(request.extra)
+
+
+def decode_tokens(tokens: Sequence[int]) -> str:
+    """Text of OpenAI token ids (cl100k_base, bundled with litellm: no network);
+    LangChain's OpenAIEmbeddings sends its inputs as token ids."""
+    return str(_litellm().decode(model="text-embedding-3-small", tokens=list(tokens)))
+
+
 def _completion_kwargs(route: Route, request: ChatRequest) -> dict[str, Any]:
     params = {k: v for k, v in _resolve_env(dict(route.params), request.model).items() if k not in _ROUTER_KEYS}
     # Defaults a config may override. drop_params: a parameter the provider does
-    # not support is left out rather than failing the run. timeout: litellm's own
+    # not support is left out rather than failing the run, but only one the
+    # server added: allowed_openai_params forwards what the user set, even
+    # where litellm's model table says the model lacks it (a user's vLLM
+    # serving "gpt-4" honours response_format). timeout: litellm's own
     # default is 6000 s, which would leave a run stuck on a silent provider.
     kwargs: dict[str, Any] = {"drop_params": True, "timeout": 600, **params}
     kwargs.update(messages=request.messages, stream=True, stream_options={"include_usage": True})
@@ -571,6 +615,10 @@ def _completion_kwargs(route: Route, request: ChatRequest) -> dict[str, Any]:
         value = getattr(request, name)
         if value is not None:
             kwargs[name] = value
+    kwargs.update(request.extra)
+    explicit = explicit_params(request)
+    if explicit:
+        kwargs["allowed_openai_params"] = sorted({*explicit, *(params.get("allowed_openai_params") or [])})
     return kwargs
 
 
@@ -580,7 +628,7 @@ async def _provider_stream(route: Route, request: ChatRequest, llm: LLM) -> Asyn
     try:
         response = await litellm.acompletion(**kwargs)
     except Exception as exc:  # litellm maps every provider failure into its exception family
-        raise _provider_error(exc, route) from exc
+        raise _provider_error(exc, route, explicit_params(request)) from exc
     reader = _ChunkReader()
     async with aclosing(response):
         chunks = response.__aiter__()
@@ -651,8 +699,9 @@ class _ChunkReader:
 _CLASS_PREFIX = re.compile(r"\b(?:litellm\.)?[A-Za-z]*(?:Error|Exception)(?::\s+|\s+-\s+)")
 
 
-def _provider_error(exc: Exception, route: Route) -> LLMError:
-    """429 -> rate_limit_exceeded; 400/413/422 (bad or too long prompt) -> invalid_prompt; else server_error."""
+def _provider_error(exc: Exception, route: Route, explicit: Sequence[str] = ()) -> LLMError:
+    """429 -> rate_limit_exceeded; 400/413/422 (bad or too long prompt) -> invalid_prompt; else server_error.
+    A rejected request names the parameters the user set, since one of them may be the cause."""
     status = getattr(exc, "status_code", None)
     detail = _CLASS_PREFIX.sub("", str(exc)).strip() or type(exc).__name__
     head, _, cause = detail.partition(" Original exception: ")
@@ -661,7 +710,9 @@ def _provider_error(exc: Exception, route: Route) -> LLMError:
     if status == 429:
         return LLMError("rate_limit_exceeded", f"Rate limit reached for {where}: {detail}")
     if status in (400, 413, 422):
-        return LLMError("invalid_prompt", f"The provider rejected the prompt for {where}: {detail}")
+        named = [name for name in explicit if name in detail] or list(explicit)
+        sent = f" (parameters set for this request: {', '.join(named)})" if named else ""
+        return LLMError("invalid_prompt", f"The provider rejected the request for {where}{sent}: {detail}")
     kind = f"HTTP {status}" if isinstance(status, int) else type(exc).__name__
     return LLMError("server_error", f"The provider failed for {where} ({kind}): {detail}")
 
@@ -917,6 +968,7 @@ class _Conversation:
 
 
 _CODE_TOOL = "code_interpreter"
+_SEARCH_TOOL = "file_search"
 _FENCED_PYTHON = re.compile(r"```(?:python|py)[ \t]*\n(.*?)```", re.DOTALL)
 
 
@@ -950,6 +1002,9 @@ class _OfflineModel:
             if respond is not None:
                 directives = _scan(respond)[0] or [("reply", respond)]
                 break
+        if not directives and user_text and _SEARCH_TOOL in _function_names(request) and request.tool_choice != "none":
+            # Offered file_search and told nothing else: search with the question (issue 12).
+            directives = [("call", _SEARCH_TOOL)]
         return _Script.parse(directives), user_text
 
     async def stream(self, request: ChatRequest, prompt_tokens: int) -> AsyncGenerator[Event, None]:
@@ -978,6 +1033,7 @@ def _answer(
     request: ChatRequest, conversation: _Conversation, script: _Script, step: _Step | None, user_text: str
 ) -> tuple[str, list[tuple[str, str]]]:
     calls = _choose_calls(request, step.calls if step else [], conversation.rounds)
+    calls = [_with_query(name, arguments, user_text) for name, arguments in calls]
     offered = _function_names(request)
     for name, _ in calls:
         if name not in offered:
@@ -991,6 +1047,17 @@ def _answer(
 
 def _function_names(request: ChatRequest) -> list[str]:
     return [str((tool.get("function") or {}).get("name")) for tool in request.tools]
+
+
+def _with_query(name: str, arguments: str, question: str) -> tuple[str, str]:
+    """A file_search call the script gave no query searches with the user's question."""
+    if name != _SEARCH_TOOL or not question:
+        return name, arguments
+    with suppress(ValueError):
+        parsed = json.loads(arguments or "{}")
+        if isinstance(parsed, dict) and not parsed.get("query"):
+            return name, json.dumps({**parsed, "query": question}, ensure_ascii=False)
+    return name, arguments
 
 
 def _choose_calls(request: ChatRequest, calls: list[tuple[str, str]], rounds: int) -> list[tuple[str, str]]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api import assistants, files, messages, runs, threads, vector_stores
+from app.api import assistants, chat, embeddings, files, messages, models, runs, threads, vector_stores
 
 
 def build_router() -> APIRouter:
     router = APIRouter()
     # runs before threads: POST /threads/runs must not match POST /threads/{thread_id}.
-    for module in (assistants, runs, threads, messages, files, vector_stores):
+    for module in (assistants, runs, threads, messages, files, vector_stores, chat, embeddings, models):
         router.include_router(module.router)
     return router

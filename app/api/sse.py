@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, suppress
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AsyncExitStack, aclosing, suppress
 
 import anyio
 from sse_starlette import EventSourceResponse
@@ -192,3 +192,17 @@ async def _interrupt_on_shutdown(queue: asyncio.Queue[Event], shutdown: anyio.Ev
     await shutdown.wait()
     await asyncio.sleep(SHUTDOWN_DRAIN_SECONDS)
     queue.put_nowait(SHUTTING_DOWN)
+
+
+def data_stream(chunks: AsyncGenerator[object, None]) -> EventSourceResponse:
+    """The chat-completions form of SSE: ``data: {json}`` frames with no
+    ``event:`` line, ended by ``data: [DONE]`` (wire notes 3.1 covers runs;
+    chat completions are framed as OpenAI's /chat/completions)."""
+
+    async def frames() -> AsyncIterator[bytes]:
+        async with aclosing(chunks):  # a client that leaves ends the model call at once
+            async for chunk in chunks:
+                yield b"data: " + _ENCODE(chunk).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    return EventSourceResponse(frames(), ping=0, sep="\n")

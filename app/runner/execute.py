@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import ids, llm, orm
-from app.runner import prompt
+from app.runner import markers, prompt
 from app.runner.tools import BuiltinTool, ToolResult
 from app.runner.turn import Pending, Turn, TurnResult, TurnStopped
 from app.runtime import Runtime
@@ -220,6 +220,7 @@ class RunExecution:
             builtins=self.builtins,
             decorate=lambda content: self._decorate(run, content),
             leading=self._leading_parts,
+            targets=markers.run_targets(self.builtins, self.results),
         )
         try:
             result = await self._consume(turn, request)

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import orm
 from app.llm import LLM
-from app.runner.tools import BuiltinTool, chat_history
+from app.runner.tools import BuiltinTool, chat_history, code_interpreter
 from app.services import run_steps
 from app.storage import Storage
 
@@ -155,10 +155,26 @@ def truncate(
     return system + past + current
 
 
+async def code_files_note(session: AsyncSession, run: orm.Run) -> str | None:
+    """What a model needs to know to use code_interpreter's input files: their
+    names and sizes under /mnt/data (issue 12). None if the run offers no
+    code_interpreter or gives it no files."""
+    if not any(tool.get("type") == code_interpreter.TYPE for tool in run.tools or []):
+        return None
+    rows = await code_interpreter.input_file_rows(session, run)
+    if not rows:
+        return None
+    listed = "\n".join(f"- /mnt/data/{row.filename} ({row.bytes} bytes)" for row in rows)
+    return f"Files available to code_interpreter in /mnt/data:\n{listed}"
+
+
 async def build(
     session: AsyncSession, storage: Storage, llm: LLM, run: orm.Run, budget: Budget, *, has_steps: bool = True
 ) -> list[dict[str, Any]]:
     system = [{"role": "system", "content": run.instructions}] if run.instructions else []
+    note = await code_files_note(session, run)
+    if note is not None:
+        system.append({"role": "system", "content": note})
     past = await history(session, storage, run)
     current = await run_section(session, storage, run) if has_steps else []
     return truncate(llm, run, system, past, current, budget)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app import ids, llm, orm
+from app.runner import markers
 from app.runner.tools import BuiltinTool, CallStream
 from app.runtime import Runtime
 from app.services import messages, run_steps
@@ -59,6 +60,9 @@ class Turn:
     # Content parts built-in tools made for the next message (put before its text).
     leading: Callable[[], list[dict[str, Any]]] = lambda: []
     text_index: int = 0  # the text's content index in the open message
+    # What this run's markers can be annotated with while streaming (issue 12).
+    targets: markers.TargetSource = markers.no_targets
+    marker_stream: markers.MarkerStream = field(default_factory=markers.MarkerStream)
     calls: dict[int, dict[str, Any]] = field(default_factory=dict)  # by the model's call index
     arguments: dict[int, str] = field(default_factory=dict)  # raw argument JSON, by call index
     streams: dict[int, CallStream] = field(default_factory=dict)  # built-in calls only
@@ -82,12 +86,15 @@ class Turn:
             return
         if self.message is None:
             await self._open_message()
-        assert self.message is not None
-        part: dict[str, Any] = {"index": self.text_index, "type": "text", "text": {"value": fragment}}
-        if not self.text:
-            part["text"]["annotations"] = []
         self.text.append(fragment)
-        self._publish([Event("thread.message.delta", _message_delta(self.message.id, [part]))])
+        self._publish_text(self.marker_stream.feed(fragment))
+
+    def _publish_text(self, pieces: list[markers.Piece]) -> None:
+        """Text deltas, a whole marker with its annotation in one (markers.py)."""
+        assert self.message is not None
+        for piece in pieces:
+            part = markers.text_delta(self.text_index, piece)
+            self._publish([Event("thread.message.delta", _message_delta(self.message.id, [part]))])
 
     async def _open_message(self) -> None:
         seq = ids.next_seq()
@@ -110,6 +117,7 @@ class Turn:
         async with self.runtime.transaction() as session:
             session.add_all([step, message])
         self.message, self.message_step = message, step
+        self.marker_stream = markers.MarkerStream(self.targets)
         step_wire, message_wire = run_steps.to_wire(step), messages.to_wire(message)
         self._publish(
             [
@@ -134,6 +142,7 @@ class Turn:
         message, step = self.message, self.message_step
         if message is None or step is None:
             return
+        self._publish_text(self.marker_stream.flush())
         now = ids.now()
         message.content = self.decorate([messages.text_part("".join(self.text))])
         message.status = status
@@ -146,7 +155,6 @@ class Turn:
         step.usage = _usage_dict(usage) if usage else None
         self.message, self.message_step = None, None
         events = [
-            *self._annotation_deltas(message),
             Event.of(f"thread.message.{status}", messages.to_wire(message)),
             Event.of("thread.run.step.completed", run_steps.to_wire(step)),
         ]
@@ -157,21 +165,6 @@ class Turn:
         async with self.runtime.transaction() as session:
             session.add_all([message, step])
         self._publish(events)
-
-    def _annotation_deltas(self, message: orm.Message) -> list[Event]:
-        """Annotations that built-in tools added to the text (citations, file
-        paths), streamed before the message completes (wire notes 3.3)."""
-        if self.text_index >= len(message.content) or message.content[self.text_index].get("type") != "text":
-            return []
-        annotations = message.content[self.text_index]["text"].get("annotations") or []
-        if not annotations:
-            return []
-        part = {
-            "index": self.text_index,
-            "type": "text",
-            "text": {"annotations": [{"index": index, **item} for index, item in enumerate(annotations)]},
-        }
-        return [Event("thread.message.delta", _message_delta(message.id, [part]))]
 
     async def _on_tool_call(self, delta: llm.ToolCallDelta) -> None:
         if self.message is not None:

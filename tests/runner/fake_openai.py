@@ -10,6 +10,8 @@ naming a model routed to it):
 - ``fake-429`` / ``fake-500`` / ``fake-400``: an OpenAI error body with that
   status (400 is a context-length error).
 - ``fake-drop``: one text chunk, then the connection is cut mid-stream.
+- ``fake-no-format``: a 400 naming ``response_format`` when the request has one
+  (a provider that rejects a parameter), else as ``fake-no-usage``.
 
 Every request body and its Authorization header are recorded in ``requests``.
 """
@@ -56,7 +58,7 @@ def _tool_fragment(arguments: str, first: bool = False) -> dict[str, Any]:
 
 
 def _script(model: str) -> list[bytes]:
-    if model == "fake-no-usage":
+    if model in ("fake-no-usage", "fake-no-format"):
         return [
             _chunk(model, {"role": "assistant", "content": "Plain"}),
             _chunk(model, {"content": " answer"}),
@@ -102,6 +104,14 @@ class FakeOpenAI:
         body = await request.json()
         self.requests.append({"body": body, "authorization": request.headers.get("Authorization")})
         model = body["model"]
+        if model == "fake-no-format" and "response_format" in body:
+            error = {
+                "message": "Unrecognized request argument supplied: response_format",
+                "type": "invalid_request_error",
+                "param": "response_format",
+                "code": None,
+            }
+            return web.json_response({"error": error}, status=400)
         if model in ERRORS:
             status, code, message = ERRORS[model]
             error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}

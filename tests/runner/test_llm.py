@@ -25,6 +25,7 @@ from app.llm import (
     TextDelta,
     ToolCallDelta,
     Usage,
+    explicit_params,
 )
 from tests.runner.fake_openai import USAGE, FakeOpenAI
 
@@ -663,3 +664,46 @@ async def test_unset_environment_key_is_a_server_error(
     assert failure.value.code == "server_error"
     assert "FAKE_OPENAI_KEY" in failure.value.message
     assert fake.requests == []
+
+
+async def test_parameters_the_user_sets_reach_the_provider(routed: LLM, fake: FakeOpenAI) -> None:
+    """litellm's model table says gpt-4 lacks response_format; drop_params
+    must not remove what the user set (issue 12), only the server's defaults."""
+    chat = ChatRequest(
+        "gpt-4",
+        [user("json please")],
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0.2,
+        top_p=0.9,
+        max_tokens=40,
+        response_format={"type": "json_object"},
+    )
+    await collect(routed, chat)
+    [sent] = fake.requests
+    body = sent["body"]
+    assert body["response_format"] == {"type": "json_object"}
+    assert body["tool_choice"] == "required" and body["parallel_tool_calls"] is False
+    assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.2, 0.9, 40)
+    assert "allowed_openai_params" not in body
+
+
+async def test_a_rejected_parameter_is_named_in_the_error(routed: LLM, fake: FakeOpenAI) -> None:
+    chat = ChatRequest("fake-no-format", [user("json please")], response_format={"type": "json_object"})
+    with pytest.raises(LLMError) as failure:
+        await collect(routed, chat)
+    assert failure.value.code == "invalid_prompt"
+    assert "parameters set for this request: response_format" in failure.value.message
+    assert "'fake-no-format'" in failure.value.message
+    # Without the parameter the same provider answers.
+    assert text_of(await collect(routed, ChatRequest("fake-no-format", [user("hi")]))) == "Plain answer"
+
+
+def test_openai_defaults_are_not_forced_on_a_provider() -> None:
+    """A run without its own temperature/top_p carries OpenAI's defaults (1);
+    they may be dropped for a model without them, unlike a user's values."""
+    defaults = ChatRequest("o1", [user("hi")], tools=[WEATHER], tool_choice="auto", temperature=1.0, top_p=1.0)
+    assert explicit_params(defaults) == []
+    chosen = ChatRequest("o1", [user("hi")], tools=[WEATHER], tool_choice="none", temperature=0.2, max_tokens=9)
+    assert explicit_params(chosen) == ["temperature", "max_tokens", "tool_choice"]

@@ -198,9 +198,15 @@ class StreamRules:
 
     def _text_delta(self, message: _Message, index: int, text: dict[str, Any]) -> None:
         accumulated = message.parts[index]
-        accumulated["value"] = accumulated.get("value", "") + text.get("value", "")
+        # Clients do `text += delta.value` (issue 12): a text delta always has one.
+        assert isinstance(text.get("value"), str) and text["value"], f"a text delta without value: {text}"
+        before = accumulated.get("value", "")
+        accumulated["value"] = before + text["value"]
         for annotation in text.get("annotations", []):
             assert annotation["index"] == len(message.annotations[index]), "annotations are sent whole, in index order"
+            # The marker arrives whole, in the delta that carries its annotation.
+            assert text["value"] == annotation["text"], f"annotation {annotation} came with {text['value']!r}"
+            assert (annotation["start_index"], annotation["end_index"]) == (len(before), len(accumulated["value"]))
             message.annotations[index].append(annotation)
 
     def _message_end(self, message: _Message, data: dict[str, Any]) -> None:

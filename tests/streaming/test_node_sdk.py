@@ -32,7 +32,7 @@ def node_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     npm = shutil.which("npm")
     assert npm is not None and shutil.which("node"), "node and npm are needed for the Node SDK tests"
     project = tmp_path_factory.mktemp("node-sdk")
-    for name in ("package.json", "package-lock.json", "stream_run.mjs"):
+    for name in ("package.json", "package-lock.json", "stream_run.mjs", "annotations.mjs", "chat.mjs"):
         shutil.copy(NODE_DIR / name, project / name)
     command = [npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts", "--loglevel=error"]
     try:
@@ -46,10 +46,10 @@ def node_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return project
 
 
-def _run_script(project: Path, live: LiveServer, package: str) -> dict[str, Any]:
+def _run_script(project: Path, live: LiveServer, package: str, script: str = "stream_run.mjs") -> dict[str, Any]:
     node = shutil.which("node")
     assert node is not None
-    command = [node, "stream_run.mjs", live.base_url, package]
+    command = [node, script, live.base_url, package]
     done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -98,3 +98,34 @@ def test_node_assistant_stream(node_project: Path, live: LiveServer, package: st
         *text_events(answer, ["Tool", " results:", " get_weather", " ->", ' {"temp":', " 22}"]),
     ]
     assert [m["content"][0]["text"]["value"] for m in weather["messages"]] == [answer]
+
+
+@pytest.mark.parametrize("package", ["openai6", "openai7"])
+def test_node_textdelta_carries_whole_markers(node_project: Path, live: LiveServer, package: str) -> None:
+    """A Node client concatenating textDelta values and collecting their
+    annotations gets the final text and every annotation, each on the delta
+    whose value is its marker (issue 12)."""
+    result = _run_script(node_project, live, package, "annotations.mjs")
+    for kind, marker in (("citation", "【1:0†policy.txt】"), ("link", "sandbox:/mnt/data/out.csv")):
+        seen = result[kind]
+        assert seen["status"] == "completed"
+        assert seen["text"] == seen["final"]["value"]
+        (annotation,) = seen["annotations"]
+        assert annotation["value"] == annotation["text"] == marker
+        (final,) = seen["final"]["annotations"]
+        assert {k: v for k, v in annotation.items() if k not in ("value", "index")} == {
+            k: v for k, v in final.items() if k != "index"
+        }
+
+
+@pytest.mark.parametrize("package", ["openai6", "openai7"])
+def test_node_chat_embeddings_and_models(node_project: Path, live: LiveServer, package: str) -> None:
+    """Issue 12: the calls frameworks make beside the Assistants API."""
+    result = _run_script(node_project, live, package, "chat.mjs")
+    assert result["completion"] == "You said: Hello from Node"
+    assert result["streamed"] == "You said: Streamed from Node"
+    assert result["usage"]["completion_tokens"] == 5
+    (call,) = result["toolCalls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert result["dimensions"] == 384
+    assert result["models"] == ["offline"]

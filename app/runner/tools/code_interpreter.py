@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import orm
 from app.runner.tools import PublishDelta, ToolResult
@@ -126,22 +127,28 @@ def code_of(arguments: str) -> str | None:
 async def input_files(runtime: Runtime, run: orm.Run) -> list[tuple[str, str, Path]]:
     """(file id, filename, stored path) of every file this run gives the tool."""
     async with runtime.transaction() as session:
-        assistant = await session.get(orm.Assistant, run.assistant_id)
-        thread = await session.get(orm.Thread, run.thread_id)
-        resources = run.tool_resources or (assistant.tool_resources if assistant else None) or {}
-        wanted = _file_ids(resources) + _file_ids(thread.tool_resources if thread else None)
-        attached = await session.scalars(
-            select(orm.Message.attachments).where(orm.Message.thread_id == run.thread_id).order_by(orm.Message.seq)
-        )
-        for attachments in attached:
-            for item in attachments or []:
-                if any(tool.get("type") == TYPE for tool in item.get("tools") or []):
-                    wanted.append(str(item.get("file_id")))
-        rows = (await session.scalars(select(orm.File).where(orm.File.id.in_(wanted)).where(files.live()))).all()
-    by_id = {row.id: row for row in rows}
-    ordered = dict.fromkeys(file_id for file_id in wanted if file_id in by_id)
-    found = [(file_id, by_id[file_id].filename, runtime.storage.path(file_id)) for file_id in ordered]
+        rows = await input_file_rows(session, run)
+    found = [(row.id, row.filename, runtime.storage.path(row.id)) for row in rows]
     return [item for item in found if item[2].is_file()]
+
+
+async def input_file_rows(session: AsyncSession, run: orm.Run) -> list[orm.File]:
+    """The files this run gives the tool (the assistant's or the run's
+    override, the thread's, and code_interpreter attachments), in that order."""
+    assistant = await session.get(orm.Assistant, run.assistant_id)
+    thread = await session.get(orm.Thread, run.thread_id)
+    resources = run.tool_resources or (assistant.tool_resources if assistant else None) or {}
+    wanted = _file_ids(resources) + _file_ids(thread.tool_resources if thread else None)
+    attached = await session.scalars(
+        select(orm.Message.attachments).where(orm.Message.thread_id == run.thread_id).order_by(orm.Message.seq)
+    )
+    for attachments in attached:
+        for item in attachments or []:
+            if any(tool.get("type") == TYPE for tool in item.get("tools") or []):
+                wanted.append(str(item.get("file_id")))
+    rows = (await session.scalars(select(orm.File).where(orm.File.id.in_(wanted)).where(files.live()))).all()
+    by_id = {row.id: row for row in rows}
+    return [by_id[file_id] for file_id in dict.fromkeys(wanted) if file_id in by_id]
 
 
 def _file_ids(resources: dict[str, Any] | None) -> list[str]:
