@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     sandbox: Literal["bwrap", "none"] = "bwrap"
     # The sandbox's Python, made by scripts/sandbox-setup (numpy, pandas, matplotlib).
     sandbox_python: Path = Path(".sandbox-venv")
-    # Per-session /mnt/data folders; default <system temp>/assistants-sandbox-<uid>.
+    # Per-session folders (staged input files); default <system temp>/assistants-sandbox-<uid>.
     # Must not be inside data_dir (the database and files live there).
     sandbox_dir: Path | None = None
     sandbox_idle_seconds: float = 3600.0  # a thread's session is reclaimed after this
@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     sandbox_max_processes: int = 64
     sandbox_max_open_files: int = 256
     sandbox_max_file_bytes: int = 256 * 1024**2  # largest file the code may write
-    sandbox_max_data_bytes: int = 1024**3  # all of a session's /mnt/data (checked every second)
+    sandbox_max_data_bytes: int = 1024**3  # size of a session's /mnt/data (a tmpfs: RAM or swap)
+    sandbox_session_memory_bytes: int = 2 * 1024**3  # all of a session's processes together
     sandbox_max_output_bytes: int = 64 * 1024  # stdout+stderr kept per call
     sandbox_tmp_bytes: int = 256 * 1024**2  # size of the private /tmp
     # When the server runs as root, sessions run as uids from here upward.
