@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI
 
-from app.api import build_router, handlers
+from app.api import build_router, handlers, limits
 from app.runtime import Runtime
 from app.settings import Settings
 from app.worker import Worker
@@ -47,6 +47,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # No trailing-slash redirects: OpenAI answers those paths "Invalid URL".
     app = FastAPI(
         title="Assistants API v2 compatible server", version="0.1.0", lifespan=lifespan, redirect_slashes=False
+    )
+    app.add_middleware(
+        limits.BodyLimit, max_bytes=settings.max_json_body_bytes, timeout_seconds=settings.http_body_timeout_seconds
     )
     handlers.install(app, settings.api_keys)
     router = build_router()

@@ -38,6 +38,14 @@ class Settings(BaseSettings):
     stream_keepalive_seconds: float = 15.0
     log_level: str = "info"
 
+    # --- bounds on requests and connections (app/api/limits.py) ---
+    max_json_body_bytes: int = 32 * 1024**2  # any body but a multipart upload; 413 beyond
+    http_body_timeout_seconds: float = 60.0  # a body must arrive within this (408)
+    http_header_timeout_seconds: float = 10.0  # request headers must arrive within this
+    http_keep_alive_seconds: int = 5  # an idle connection between requests is closed after this
+    http_max_connections: int = 1000  # more are closed when accepted (kept below the fd limit)
+    http_max_header_bytes: int = 64 * 1024
+
     # --- code_interpreter sandbox (app/sandbox) ---
     # "bwrap": bubblewrap (no network, read-only system, private /mnt/data and
     # /tmp, no server files or environment). "none" runs model code WITHOUT
