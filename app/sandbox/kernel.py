@@ -114,6 +114,18 @@ def _figures() -> list[bytes]:
     return images
 
 
+def _reap_children() -> None:
+    """Collect the children of earlier calls, all killed by the supervisor when
+    their call returned: unreaped, they would count against RLIMIT_NPROC."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -136,6 +148,7 @@ class Repl:
 
     def execute(self, code: str) -> tuple[bool, list[bytes]]:
         error = False
+        _reap_children()
         sys.stdout, sys.stderr = self.stdout, self.stderr  # undo redirections of the previous cell
         hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
         resource.setrlimit(resource.RLIMIT_CPU, (min(_cpu_used() + self.config["cpu_seconds"], hard), hard))
@@ -219,6 +232,7 @@ def _worker_main(config: dict[str, int], cpu_left: int, capture: int, requests: 
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGXCPU, _on_alarm)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the supervisor ignores it
     _set_limits(config, cpu_left)
     Repl(config, 3, 4).serve()
 
@@ -284,9 +298,14 @@ class Supervisor:
     # -- processes --
 
     def descendants(self) -> dict[int, Process]:
-        """Every process below the supervisor (it is their sub-reaper, so
-        orphans stay below it), zombies included."""
+        """Every process below the supervisor, zombies included. As PID 1 of
+        the sandbox's PID namespace, that is every other process it sees;
+        otherwise (no isolation) the tree below it: it is their sub-reaper,
+        so orphans stay below it."""
         table = _processes()
+        table.pop(self.pid, None)
+        if self.pid == 1:
+            return table
         children: dict[int, list[int]] = {}
         for process in table.values():
             children.setdefault(process.ppid, []).append(process.pid)
@@ -298,11 +317,11 @@ class Supervisor:
                 stack += children.get(pid, [])
         return found
 
-    def cpu_seconds(self) -> float:
+    def cpu_seconds(self, processes: dict[int, Process] | None = None) -> float:
         """CPU the session has used: live and unreaped processes, plus every
         process already reaped below the supervisor."""
         reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-        live = sum(process.cpu_seconds for process in self.descendants().values())
+        live = sum(process.cpu_seconds for process in (processes or self.descendants()).values())
         return live + reaped.ru_utime + reaped.ru_stime
 
     def reap(self) -> None:
@@ -317,18 +336,22 @@ class Supervisor:
                 self.worker = 0
 
     def kill_strays(self, keep_worker: bool = True) -> None:
-        """SIGKILL every descendant (but the worker, if asked), until none is left."""
+        """SIGKILL every descendant (but the worker, if asked), until two scans
+        in a row find none (one scan can miss a process being reparented)."""
         deadline = time.monotonic() + 5
+        clean = 0
         while time.monotonic() < deadline:
             self.reap()
             keep = {self.worker} if keep_worker else set()
             alive = [pid for pid, process in self.descendants().items() if pid not in keep and process.state != "Z"]
-            if not alive:
+            clean = 0 if alive else clean + 1
+            if clean == 2:
                 return
             for pid in alive:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            time.sleep(0.005)
+            if alive:
+                time.sleep(0.005)  # let them die before the next scan
         if keep_worker:
             self.kill_strays(keep_worker=False)
 
@@ -428,7 +451,7 @@ class Supervisor:
                 f"Execution stopped: the session's processes used more than {config['session_memory_bytes']} bytes "
                 "of memory together; the session was restarted (variables and imports are gone)."
             )
-        cpu = self.cpu_seconds()
+        cpu = self.cpu_seconds(processes)
         if cpu - started_cpu > config["cpu_seconds"] + KILL_GRACE_SECONDS or cpu > config["session_cpu_seconds"]:
             raise Budget(
                 "Execution stopped: the call's processes exceeded their CPU time limit; "
@@ -622,6 +645,9 @@ def main() -> None:
         _prctl(PR_SET_DUMPABLE, 0)  # no /proc/<pid>/fd, mem or environ of the supervisor for its children
         _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of the code stay below it, where it can find them
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        # As PID 1, the supervisor gets from inside the sandbox only the signals
+        # it handles: Python handles SIGINT, so model code could end it with one.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         _prepare_home()
         os.chdir(MNT_DATA)
         supervisor = Supervisor(config)

@@ -182,10 +182,16 @@ async def test_a_fork_bomb_is_capped(sandboxes: Sandboxes, settings: Settings) -
     assert await _logs(sandboxes, "print('alive')") == "alive\n"
 
 
-async def test_a_memory_hog_gets_memory_error(sandboxes: Sandboxes) -> None:
-    logs = await _logs(sandboxes, "kept = []\nwhile True:\n    kept.append(bytearray(50 * 1024 * 1024))")
-    assert "MemoryError" in logs
-    assert await _logs(sandboxes, "del kept\nprint('alive')") == "alive\n"
+async def test_a_memory_hog_gets_memory_error(settings: Settings) -> None:
+    # A smaller address space and a longer clock: zero-filling 768 MiB can take 3 s on a busy machine.
+    limits = {"sandbox_memory_bytes": 384 * MiB, "sandbox_call_timeout_seconds": 30}
+    manager = Sandboxes(settings.model_copy(update=limits))
+    try:
+        logs = await _logs(manager, "kept = []\nwhile True:\n    kept.append(bytearray(50 * 1024 * 1024))")
+        assert "MemoryError" in logs
+        assert await _logs(manager, "del kept\nprint('alive')") == "alive\n"
+    finally:
+        await manager.close()
 
 
 async def test_an_infinite_loop_times_out_and_keeps_the_session(sandboxes: Sandboxes) -> None:
@@ -370,10 +376,9 @@ async def test_every_process_a_call_started_is_gone_when_it_returns(sandboxes: S
         sandboxes,
         "import os\n"
         "alive = [pid for pid in os.listdir('/proc') if pid.isdigit()]\n"
-        "states = [open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0] for pid in alive]\n"
-        "print(sorted(int(pid) for pid, state in zip(alive, states) if state != 'Z'))",
+        "print(sorted(int(pid) for pid in alive))",
     )
-    assert logs == "[1, 2]\n"  # the supervisor and the worker (the REPL), nothing else
+    assert logs == "[1, 2]\n"  # the supervisor and the worker (the REPL), nothing else, not even a zombie
 
 
 async def test_processes_share_one_memory_budget(settings: Settings) -> None:
@@ -449,6 +454,19 @@ async def test_model_code_cannot_reach_the_tool_protocol(sandboxes: Sandboxes) -
     # What the code wrote to its stdout and stderr is plain data in the logs.
     assert result.logs.count("FORGED") == 2
     assert await _logs(sandboxes, "print('next')") == "next\n"  # still in step
+
+
+async def test_model_code_cannot_stop_the_supervisor(sandboxes: Sandboxes) -> None:
+    await _logs(sandboxes, "open('/mnt/data/kept.txt', 'w').write('kept')")
+    logs = await _logs(
+        sandboxes,
+        "import os, signal\n"
+        "for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGKILL):\n"
+        "    os.kill(1, sig)\n"
+        "print('sent')",
+    )
+    assert logs == "sent\n"
+    assert await _logs(sandboxes, "print(open('/mnt/data/kept.txt').read())") == "kept\n"
 
 
 async def test_seccomp_blocks_io_uring_ptrace_and_namespaces(sandboxes: Sandboxes) -> None:
