@@ -108,7 +108,12 @@ class Session:
         self.staging.mkdir(exist_ok=True)
         self._chown(self.staging)
         ids: dict[str, Any] = {} if self.uid is None else {"user": self.uid, "group": self.uid, "extra_groups": []}
-        filter_fd = _memfd(seccomp.program()) if self.launcher.mode == "bwrap" else -1
+        filter_fd = -1
+        if self.launcher.mode == "bwrap":
+            try:
+                filter_fd = _memfd(seccomp.program())
+            except seccomp.UnsupportedArchitecture as exc:
+                raise SandboxError(str(exc)) from None
         try:
             argv, env = self._command(filter_fd)
             self.process = await asyncio.create_subprocess_exec(
