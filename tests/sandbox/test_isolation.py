@@ -383,7 +383,8 @@ async def test_every_process_a_call_started_is_gone_when_it_returns(sandboxes: S
 
 async def test_processes_share_one_memory_budget(settings: Settings) -> None:
     # Each child stays far below its own 768 MiB address space; together they pass the session's 384 MiB.
-    manager = Sandboxes(settings.model_copy(update={"sandbox_session_memory_bytes": 384 * MiB}))
+    limits = {"sandbox_session_memory_bytes": 384 * MiB, "sandbox_call_timeout_seconds": 30}  # a busy machine
+    manager = Sandboxes(settings.model_copy(update=limits))
     try:
         await _check_memory_budget(manager)
     finally:
