@@ -177,7 +177,8 @@ async def _hello(scope: Scope, receive: Receive, send: Send) -> None:
 @contextlib.asynccontextmanager
 async def _server(max_connections: int, header_timeout: float) -> AsyncIterator[int]:
     protocol = limits.guarded_protocol(max_connections, header_timeout)
-    config = uvicorn.Config(_hello, host="127.0.0.1", port=0, http=protocol, log_config=None, lifespan="off")
+    app = limits.BodyLimit(_hello, max_bytes=LIMIT, timeout_seconds=30)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, http=protocol, log_config=None, lifespan="off")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
@@ -257,6 +258,20 @@ async def test_a_keep_alive_connection_gets_a_header_deadline_for_its_next_reque
             assert b"hello" in await reader.readuntil(b"\r\n0\r\n\r\n")
         writer.write(b"GET / HTTP/1.1\r\n")  # trickles in, never finished
         assert await _closed_by_server(reader, 5)
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_a_declared_oversized_body_is_refused_before_it_is_sent() -> None:
+    async with _server(max_connections=100, header_timeout=5) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 52428800\r\n\r\n"
+        )
+        async with asyncio.timeout(5):  # not one byte of the 50 MB was sent
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413 ")
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
