@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from uvicorn.config import LOG_LEVELS
 
 from app import db
+from app.api import limits
 from app.main import create_app
 from app.runtime import Runtime
 from app.settings import Settings
@@ -156,6 +157,10 @@ def serve(
         log_level=settings.log_level.lower(),
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        # Idle and slow clients cannot hold the server's connections (app/api/limits.py).
+        http=limits.guarded_protocol(settings.http_max_connections, settings.http_header_timeout_seconds),
+        timeout_keep_alive=settings.http_keep_alive_seconds,
+        h11_max_incomplete_event_size=settings.http_max_header_bytes,
     )
     server = _AnnouncingServer(config, on_started or (lambda: None))
     log.info(

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI
 
-from app.api import admin, build_router, handlers, v1compat
+from app.api import admin, build_router, handlers, limits, v1compat
 from app.console import pages
 from app.runtime import Runtime
 from app.settings import Settings
@@ -49,8 +49,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="Assistants API v2 compatible server", version="0.1.0", lifespan=lifespan, redirect_slashes=False
     )
-    # Inside the key gate (middleware added first runs innermost): v1 clients.
+    # Middleware added first runs innermost: the key gate, then the body
+    # limit, then the translation of v1 requests (which reads bodies).
     app.add_middleware(v1compat.AssistantsV1)
+    app.add_middleware(
+        limits.BodyLimit, max_bytes=settings.max_json_body_bytes, timeout_seconds=settings.http_body_timeout_seconds
+    )
     handlers.install(app, settings.api_keys)
     router = build_router()
     for prefix in API_PREFIXES:

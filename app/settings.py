@@ -48,6 +48,14 @@ class Settings(BaseSettings):
     llm_record: Path | None = None
     llm_replay: Path | None = None
 
+    # --- bounds on requests and connections (app/api/limits.py) ---
+    max_json_body_bytes: int = 32 * 1024**2  # any body but a multipart upload; 413 beyond
+    http_body_timeout_seconds: float = 60.0  # a body must arrive within this (408)
+    http_header_timeout_seconds: float = 10.0  # request headers must arrive within this
+    http_keep_alive_seconds: int = 5  # an idle connection between requests is closed after this
+    http_max_connections: int = 1000  # more are closed when accepted (kept below the fd limit)
+    http_max_header_bytes: int = 64 * 1024
+
     # --- code_interpreter sandbox (app/sandbox) ---
     # "bwrap": bubblewrap (no network, read-only system, private /mnt/data and
     # /tmp, no server files or environment). "none" runs model code WITHOUT
@@ -56,7 +64,7 @@ class Settings(BaseSettings):
     sandbox: Literal["bwrap", "none"] = "bwrap"
     # The sandbox's Python, made by scripts/sandbox-setup (numpy, pandas, matplotlib).
     sandbox_python: Path = Path(".sandbox-venv")
-    # Per-session /mnt/data folders; default <system temp>/assistants-sandbox-<uid>.
+    # Per-session folders (staged input files); default <system temp>/assistants-sandbox-<uid>.
     # Must not be inside data_dir (the database and files live there).
     sandbox_dir: Path | None = None
     sandbox_idle_seconds: float = 3600.0  # a thread's session is reclaimed after this
@@ -68,7 +76,8 @@ class Settings(BaseSettings):
     sandbox_max_processes: int = 64
     sandbox_max_open_files: int = 256
     sandbox_max_file_bytes: int = 256 * 1024**2  # largest file the code may write
-    sandbox_max_data_bytes: int = 1024**3  # all of a session's /mnt/data (checked every second)
+    sandbox_max_data_bytes: int = 1024**3  # size of a session's /mnt/data (a tmpfs: RAM or swap)
+    sandbox_session_memory_bytes: int = 2 * 1024**3  # all of a session's processes together
     sandbox_max_output_bytes: int = 64 * 1024  # stdout+stderr kept per call
     sandbox_tmp_bytes: int = 256 * 1024**2  # size of the private /tmp
     # When the server runs as root, sessions run as uids from here upward.

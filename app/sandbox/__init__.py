@@ -48,6 +48,7 @@ def launcher_from(settings: Settings) -> Launcher:
         max_output_bytes=settings.sandbox_max_output_bytes,
         tmp_bytes=settings.sandbox_tmp_bytes,
         max_data_bytes=settings.sandbox_max_data_bytes,
+        session_memory_bytes=settings.sandbox_session_memory_bytes,
     )
     # Root can give each session a uid of its own; then RLIMIT_NPROC (which
     # never binds root) applies and sessions cannot signal one another.

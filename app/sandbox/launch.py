@@ -2,12 +2,14 @@
 explicitly configured) with no isolation at all.
 
 The bubblewrap sandbox sees: /usr read-only (with the usual /bin, /lib
-symlinks), the sandbox venv and the REPL script read-only, its own /mnt/data
-(a host directory of this session only) and a size-capped private /tmp, a
-fresh /proc and minimal /dev. It has no network (a private, empty network
-namespace), no view of other processes (a PID namespace), an empty
-environment, a non-root uid and no capabilities. Resource limits are set by
-the REPL itself before any user code runs (see kernel.py).
+symlinks), the sandbox venv and the REPL script read-only, its own /mnt/data,
+/tmp and /dev/shm (each a private tmpfs whose size the kernel enforces), the
+files the server staged for it read-only under /opt/inputs, a fresh /proc and
+minimal /dev. It has no network (a private, empty network namespace), no view
+of other processes (a PID namespace whose PID 1 is the REPL's supervisor), an
+empty environment, a non-root uid, no capabilities, and a seccomp filter (see
+seccomp.py). Resource limits are set by the REPL itself before any user code
+runs (see kernel.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Literal
 KERNEL = Path(__file__).with_name("kernel.py")
 INSIDE_VENV = "/opt/venv"
 INSIDE_KERNEL = "/opt/kernel.py"
+INSIDE_INPUTS = "/opt/inputs"
 MNT_DATA = "/mnt/data"
 # The uid the code sees inside its user namespace (never root).
 INSIDE_UID = 1000
@@ -38,7 +41,8 @@ class Limits:
     max_file_bytes: int
     max_output_bytes: int
     tmp_bytes: int
-    max_data_bytes: int  # enforced by the server (Session), not inside
+    max_data_bytes: int  # the size of the /mnt/data tmpfs
+    session_memory_bytes: int  # all of a session's processes together
 
 
 def _env(mnt_data: str, tmp: str) -> dict[str, str]:
@@ -80,11 +84,12 @@ def _system_links() -> list[str]:
     return args
 
 
-def bwrap_argv(bwrap: str, venv: Path, session_dir: Path, limits: Limits) -> list[str]:
+def bwrap_argv(bwrap: str, venv: Path, inputs: Path, limits: Limits, seccomp_fd: int) -> list[str]:
     return [
         bwrap,
         "--unshare-all",  # network, pid, ipc, uts, cgroup namespaces
         "--unshare-user",
+        "--as-pid-1",  # the supervisor is PID 1: immune to SIGKILL from inside, reaper of orphans
         "--uid", str(INSIDE_UID),
         "--gid", str(INSIDE_UID),
         "--disable-userns",  # no nested namespaces to regain capabilities in
@@ -100,8 +105,11 @@ def bwrap_argv(bwrap: str, venv: Path, session_dir: Path, limits: Limits) -> lis
         "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp",
         "--ro-bind", str(venv.resolve()), INSIDE_VENV,
         "--ro-bind", str(KERNEL), INSIDE_KERNEL,
-        "--bind", str(session_dir), MNT_DATA,
+        # The kernel refuses writes beyond the size (ENOSPC), however deep the path.
+        "--size", str(limits.max_data_bytes), "--tmpfs", MNT_DATA,
+        "--ro-bind", str(inputs), INSIDE_INPUTS,
         "--chdir", MNT_DATA,
+        "--seccomp", str(seccomp_fd),
         # bwrap builds / and /dev as uncapped tmpfs: no writes (nor RAM) there.
         "--remount-ro", "/",
         "--remount-ro", "/dev",

@@ -1,14 +1,15 @@
-"""One code_interpreter session: a sandboxed REPL process and its /mnt/data.
+"""One code_interpreter session: a sandboxed REPL and its /mnt/data.
 
-The process keeps variables and imports between calls; the directory keeps
-files, and outlives a crash or a timeout (the process is restarted, the files
-stay, as in a notebook whose kernel died).
+The REPL's worker process keeps variables and imports between calls; its
+supervisor (kernel.py) keeps /mnt/data, a size-capped tmpfs that outlives a
+crash or a timeout of the worker (the worker is restarted, the files stay, as
+in a notebook whose kernel died). Only when the whole sandbox must be killed
+(it stopped answering) are the files lost with it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -16,29 +17,28 @@ import os
 import secrets
 import shutil
 import signal
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.sandbox import launch
+from app.sandbox import launch, seccomp
 
 log = logging.getLogger("app.sandbox")
 
 # Time to start the REPL and import nothing but the standard library.
 START_TIMEOUT_SECONDS = 30.0
-# Beyond the REPL's own timeout (which keeps the session), the server waits
-# this much longer before it kills the whole sandbox.
+# The supervisor inside ends a call that overruns (timeout + its own grace);
+# the server kills the whole sandbox only if even that answer does not come.
+SUPERVISOR_GRACE_SECONDS = 15.0
 KILL_GRACE_SECONDS = 5.0
-# The largest protocol line (a result with its base64 PNGs).
-MAX_RESULT_BYTES = 64 * 1024 * 1024
-# Files at the top of /mnt/data that a call may hand back.
-MAX_OUTPUT_FILES = 20
-# How often a live session's /mnt/data is measured against its quota (the
-# host disk is shared with the database; per-file RLIMIT_FSIZE alone does not
-# bound a loop writing many files).
-QUOTA_CHECK_SECONDS = 1.0
+# The largest protocol header line (a result with its logs).
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+# Images and files of one answer, as counted and bounded inside (kernel.py).
+MAX_BLOBS = 10 + 20
+MAX_IMAGE_BYTES = 16 * 1024 * 1024
+# Staged input files, bound read-only into the sandbox.
+INPUTS = ".inputs"
 
 
 class SandboxError(Exception):
@@ -69,7 +69,12 @@ class Launcher:
     uid: int | None  # the host uid sessions run as, when the server can switch users
 
 
-Snapshot = dict[str, tuple[int, int, int]]
+@dataclass
+class Message:
+    """One answer of the supervisor: its JSON header and the bytes after it."""
+
+    header: dict[str, Any]
+    blobs: list[bytes]
 
 
 class Session:
@@ -79,61 +84,85 @@ class Session:
         self.lock = asyncio.Lock()
         self.last_used = time.monotonic()
         self.inputs: dict[str, str] = {}  # file id -> name under /mnt/data
-        self.watcher: asyncio.Task[None] | None = None
-        self.notice: str | None = None  # what the next call's logs must say first
+        self.notices: list[str] = []  # what the next call's logs must say first
 
     @property
     def busy(self) -> bool:
         return self.lock.locked()
 
-    def _command(self) -> tuple[list[str], dict[str, str]]:
+    @property
+    def staging(self) -> Path:
+        return self.directory / INPUTS
+
+    def _command(self, seccomp_fd: int) -> tuple[list[str], dict[str, str]]:
         launcher = self.launcher
         if launcher.mode == "bwrap":
             assert launcher.bwrap is not None
-            argv = launch.bwrap_argv(launcher.bwrap, launcher.venv, self.directory, launcher.limits)
+            argv = launch.bwrap_argv(launcher.bwrap, launcher.venv, self.staging, launcher.limits, seccomp_fd)
             return argv, {"PATH": "/usr/bin:/bin"}  # bwrap's own environment: nothing of the server's either
         (self.directory / ".tmp").mkdir(exist_ok=True)
         self._chown(self.directory / ".tmp")
         return launch.unisolated_argv(launcher.venv, launcher.limits), launch.unisolated_env(self.directory)
 
     async def _spawn(self) -> None:
-        argv, env = self._command()
+        self.staging.mkdir(exist_ok=True)
+        self._chown(self.staging)
         ids: dict[str, Any] = {} if self.uid is None else {"user": self.uid, "group": self.uid, "extra_groups": []}
-        self.process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            cwd=str(self.directory),
-            start_new_session=True,
-            limit=MAX_RESULT_BYTES,
-            **ids,
-        )
-        self.watcher = asyncio.create_task(self._watch_quota())
+        filter_fd = -1
+        if self.launcher.mode == "bwrap":
+            try:
+                filter_fd = _memfd(seccomp.program())
+            except seccomp.UnsupportedArchitecture as exc:
+                raise SandboxError(str(exc)) from None
+        try:
+            argv, env = self._command(filter_fd)
+            self.process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd=str(self.directory),
+                start_new_session=True,
+                limit=MAX_HEADER_BYTES,
+                pass_fds=[filter_fd] if filter_fd >= 0 else [],
+                **ids,
+            )
+        finally:
+            if filter_fd >= 0:
+                os.close(filter_fd)
+        self.inputs.clear()  # a new sandbox has an empty /mnt/data
         try:
             ready = await asyncio.wait_for(self._read(), START_TIMEOUT_SECONDS)
         except (TimeoutError, SandboxError, ValueError) as exc:
             stderr = await self._kill()
             raise SandboxError(f"the sandbox did not start: {stderr or exc}") from None
-        if ready.get("type") != "ready":
+        if ready.header.get("type") != "ready":
             await self._kill()
-            raise SandboxError(f"the sandbox did not start: {ready.get('message', 'unexpected greeting')}")
+            raise SandboxError(f"the sandbox did not start: {ready.header.get('message', 'unexpected greeting')}")
 
-    async def _read(self) -> dict[str, Any]:
+    async def _read(self) -> Message:
         assert self.process is not None and self.process.stdout is not None
-        line = await self.process.stdout.readline()
+        stdout = self.process.stdout
+        line = await stdout.readline()
         if not line:
             raise SandboxError("the sandbox process exited")
-        message: dict[str, Any] = json.loads(line)
-        return message
+        header: dict[str, Any] = json.loads(line)
+        sizes = [int(size) for size in header.get("blobs", [])]
+        limit = max(MAX_IMAGE_BYTES, self.launcher.limits.max_file_bytes)
+        if len(sizes) > MAX_BLOBS or any(not 0 <= size <= limit for size in sizes):
+            raise SandboxError("the sandbox broke its protocol")
+        return Message(header, [await stdout.readexactly(size) for size in sizes])
+
+    async def _request(self, request: dict[str, Any], seconds: float) -> Message:
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.write(json.dumps(request).encode() + b"\n")
+        await self.process.stdin.drain()
+        return await asyncio.wait_for(self._read(), seconds)
 
     async def _kill(self) -> str:
-        """Kill the process (its PID namespace dies with it); returns what it wrote to stderr."""
+        """Kill the sandbox (its PID namespace dies with it); returns what it wrote to stderr."""
         process, self.process = self.process, None
-        watcher, self.watcher = self.watcher, None
-        if watcher is not None and watcher is not asyncio.current_task():
-            watcher.cancel()
         if process is None:
             return ""
         if process.stdin is not None:
@@ -153,43 +182,6 @@ class Session:
         stderr = stderr[-4096:]
         return stderr.decode("utf-8", "replace").strip()
 
-    def usage(self) -> int:
-        """Disk blocks /mnt/data uses (links are counted, never followed)."""
-        total = 0
-        for root, dirs, names in os.walk(self.directory):
-            for name in [*dirs, *names]:
-                with contextlib.suppress(OSError):
-                    total += os.lstat(os.path.join(root, name)).st_blocks * 512
-        return total
-
-    async def _watch_quota(self) -> None:
-        """Stop the session and delete its files once /mnt/data outgrows its quota."""
-        limit = self.launcher.limits.max_data_bytes
-        while True:
-            await asyncio.sleep(QUOTA_CHECK_SECONDS)
-            if await asyncio.to_thread(self.usage) > limit:
-                break
-        self.notice = (
-            f"The session was stopped because /mnt/data grew beyond {limit} bytes; "
-            "its files were deleted and variables are gone."
-        )
-        if self.busy and self.process is not None:
-            # A call is reading the process's output: kill it and let the call
-            # find the end of the output, clean up and report.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-        else:
-            await self._kill()
-        self._wipe()
-
-    def _wipe(self) -> None:
-        for entry in list(self.directory.iterdir()):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-        self.inputs.clear()
-
     async def close(self) -> None:
         await self._kill()
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -198,29 +190,46 @@ class Session:
         if self.uid is not None:
             os.chown(path, self.uid, self.uid)
 
-    def add_input(self, file_id: str, filename: str, source: Path) -> None:
-        """Copy an input file to /mnt/data/<filename> (once per session).
+    async def _ensure_started(self) -> bool:
+        """Start the sandbox if it is not running; whether it was running before and died."""
+        if self.process is not None and self.process.returncode is None:
+            return False
+        died = self.process is not None
+        await self._kill()
+        await self._spawn()
+        return died
 
-        Written beside the target and renamed over it, so a symlink the
-        sandboxed code left under that name is replaced, never followed."""
-        if file_id in self.inputs:
-            return
-        name = _safe_name(filename, file_id)
-        if name in self.inputs.values():
-            name = f"{file_id}-{name}"
-        temp = self.directory / f".input-{secrets.token_hex(8)}"
-        with (
-            source.open("rb") as reader,
-            open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as writer,
-        ):
-            shutil.copyfileobj(reader, writer)
-        self._chown(temp)
-        try:
-            os.replace(temp, self.directory / name)
-        except OSError:
-            temp.unlink(missing_ok=True)  # the code made a directory of that name
-            return
-        self.inputs[file_id] = name
+    async def add_input(self, file_id: str, filename: str, source: Path) -> None:
+        """Copy an input file to /mnt/data/<filename> (once per sandbox): the
+        server stages it read-only for the sandbox, the supervisor inside
+        copies it into its /mnt/data (which only it can see)."""
+        async with self.lock:
+            self.last_used = time.monotonic()
+            if await self._ensure_started():
+                self.notices.append(self._lost_notice())
+            if file_id in self.inputs:
+                return
+            name = _safe_name(filename, file_id)
+            if name in self.inputs.values():
+                name = f"{file_id}-{name}"
+            token = secrets.token_hex(8)
+            staged = self.staging / token
+            await asyncio.to_thread(_copy, source, staged)
+            self._chown(staged)
+            inside = f"{launch.INSIDE_INPUTS}/{token}" if self.launcher.mode == "bwrap" else str(staged)
+            try:
+                answer = await self._request({"type": "input", "source": inside, "name": name}, START_TIMEOUT_SECONDS)
+            except (TimeoutError, SandboxError, ValueError, ConnectionError, asyncio.IncompleteReadError) as exc:
+                await self._kill()
+                raise SandboxError(f"the sandbox stopped while receiving {name}: {exc}") from None
+            finally:
+                staged.unlink(missing_ok=True)
+            if answer.header.get("ok"):
+                self.inputs[file_id] = name
+            else:
+                self.notices.append(
+                    f"The file {name} could not be copied to /mnt/data: {answer.header.get('message')}."
+                )
 
     async def run(self, code: str) -> CallResult:
         async with self.lock:
@@ -231,94 +240,69 @@ class Session:
                 self.last_used = time.monotonic()
 
     async def _run(self, code: str) -> CallResult:
-        notice, self.notice = self.notice, None  # something happened since the last call
+        restarted = await self._ensure_started()
+        if restarted:
+            self.notices.append(self._lost_notice())
+        notices, self.notices = self.notices, []  # something happened since the last call
         result = await self._call(code)
-        if notice:
-            result.logs, result.restarted = f"{notice}\n{result.logs}", True
+        if notices:
+            result.logs = "\n".join([*notices, result.logs])
+        result.restarted = result.restarted or restarted
         return result
 
+    def _lost_notice(self) -> str:
+        return "The sandbox had stopped and was started again: variables, imports and files in /mnt/data are gone."
+
     async def _call(self, code: str) -> CallResult:
-        restarted = False
-        if self.process is None or self.process.returncode is not None:
-            restarted = self.process is not None
-            await self._kill()
-            await self._spawn()
-        assert self.process is not None and self.process.stdin is not None
-        before = self._snapshot()
-        self.process.stdin.write(json.dumps({"code": code}).encode() + b"\n")
         limits = self.launcher.limits
         try:
-            await self.process.stdin.drain()
-            reply = await asyncio.wait_for(self._read(), limits.timeout_seconds + KILL_GRACE_SECONDS)
+            answer = await self._request(
+                {"type": "run", "code": code}, limits.timeout_seconds + SUPERVISOR_GRACE_SECONDS
+            )
         except TimeoutError:
             await self._kill()
             logs = (
-                f"Execution timed out after {limits.timeout_seconds} seconds and the session was restarted: "
-                "variables and imports are gone, files in /mnt/data remain."
+                f"Execution timed out after {limits.timeout_seconds} seconds and the sandbox was restarted: "
+                "variables, imports and files in /mnt/data are gone."
             )
-            return CallResult(logs, True, files=self._collect(before), restarted=True)
-        except (SandboxError, ValueError, ConnectionError) as exc:
+            return CallResult(logs, True, restarted=True)
+        except (SandboxError, ValueError, ConnectionError, asyncio.IncompleteReadError) as exc:
             stderr = await self._kill()
-            if self.notice:  # stopped by the quota watch
-                self._wipe()  # again: the last writes may have landed after its wipe
-                logs, self.notice = self.notice, None
-                return CallResult(logs, True, restarted=True)
             logs = (
-                f"The Python session crashed ({stderr or exc}) and was restarted: "
-                "variables and imports are gone, files in /mnt/data remain."
+                f"The sandbox crashed ({stderr or exc}) and was restarted: "
+                "variables, imports and files in /mnt/data are gone."
             )
-            return CallResult(logs, True, files=self._collect(before), restarted=True)
-        return self._result(reply, before, restarted)
-
-    def _result(self, reply: dict[str, Any], before: Snapshot, restarted: bool) -> CallResult:
-        logs = str(reply.get("logs", ""))
-        total, kept = int(reply.get("total", 0)), len(logs.encode("utf-8"))
-        if total > kept:
-            logs += f"\n[output truncated: {total - kept} more bytes not shown]"
-        images = [base64.b64decode(image) for image in reply.get("images", [])]
-        return CallResult(logs, bool(reply.get("error")), images, self._collect(before), restarted)
-
-    def _snapshot(self) -> Snapshot:
-        """Regular files at the top of /mnt/data (never following links)."""
-        found: Snapshot = {}
-        try:
-            entries = list(os.scandir(self.directory))
-        except OSError:
-            return found
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            try:
-                info = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if stat.S_ISREG(info.st_mode):
-                found[entry.name] = (info.st_size, info.st_mtime_ns, info.st_ino)
-        return found
-
-    def _collect(self, before: Snapshot) -> list[OutputFile]:
-        """Files the call created or changed; read with O_NOFOLLOW so a link
-        swapped in meanwhile cannot make the server read its own files."""
-        changed = [name for name, mark in self._snapshot().items() if before.get(name) != mark]
-        files: list[OutputFile] = []
-        budget = self.launcher.limits.max_file_bytes  # for all of a call's files together
-        for name in sorted(changed)[:MAX_OUTPUT_FILES]:
-            data = _read_regular(self.directory / name, budget)
-            if data is not None and len(data) < budget:
-                files.append(OutputFile(name, data))
-                budget -= len(data)
-        return files
+            return CallResult(logs, True, restarted=True)
+        return _result(answer)
 
 
-def _read_regular(path: Path, limit: int) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    with open(fd, "rb") as reader:
-        if not stat.S_ISREG(os.fstat(reader.fileno()).st_mode):
-            return None
-        return reader.read(limit + 1)[:limit]
+def _result(answer: Message) -> CallResult:
+    header = answer.header
+    logs = str(header.get("logs", ""))
+    total, kept = int(header.get("total", 0)), len(logs.encode("utf-8"))
+    if total > kept:
+        logs += f"\n[output truncated: {total - kept} more bytes not shown]"
+    notes = [str(note) for note in header.get("notes", [])]
+    if notes:
+        logs = "\n".join([logs, *notes]) if logs else "\n".join(notes)
+    count = int(header.get("images", 0))
+    images, blobs = answer.blobs[:count], answer.blobs[count:]
+    names = [str(name) for name in header.get("files", [])]
+    files = [OutputFile(name, data) for name, data in zip(names, blobs, strict=False) if name == _safe_name(name, "")]
+    return CallResult(logs, bool(header.get("error")), images, files, bool(header.get("restarted")))
+
+
+def _memfd(data: bytes) -> int:
+    """An anonymous file holding ``data``, read from its start by bwrap."""
+    fd = os.memfd_create("sandbox-seccomp", os.MFD_CLOEXEC)  # pass_fds hands it to bwrap alone
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _copy(source: Path, target: Path) -> None:
+    with source.open("rb") as reader, target.open("xb") as writer:
+        shutil.copyfileobj(reader, writer)
 
 
 def _safe_name(filename: str, fallback: str) -> str:

@@ -6,16 +6,26 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from app.wire.common import Metadata, RequestModel, ResponseFormat, Tool, ToolResources, ToolResourcesUpdate, WireModel
+from app.wire.common import (
+    MAX_TEXT,
+    Metadata,
+    ModelName,
+    RequestModel,
+    ResponseFormat,
+    Tool,
+    ToolResources,
+    ToolResourcesUpdate,
+    WireModel,
+)
 
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 
 class AssistantCreate(RequestModel):
-    model: str
+    model: ModelName
     name: str | None = Field(default=None, max_length=256)
     description: str | None = Field(default=None, max_length=512)
-    instructions: str | None = Field(default=None, max_length=256000)
+    instructions: str | None = Field(default=None, max_length=MAX_TEXT)
     reasoning_effort: ReasoningEffort | None = None
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_resources: ToolResources | None = None
@@ -27,7 +37,7 @@ class AssistantCreate(RequestModel):
 
 class AssistantUpdate(AssistantCreate):
     # go-openai sends "model": "" when the caller did not set it: "unchanged".
-    model: str = ""
+    model: str = Field(default="", max_length=256)
     # Modify takes no vector_stores helper (OAS ModifyAssistantRequest).
     tool_resources: ToolResourcesUpdate | None = None  # type: ignore[assignment]
 

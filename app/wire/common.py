@@ -28,9 +28,13 @@ class RequestModel(BaseModel):
     JSONB refuse NUL characters and JSON's lone surrogate escapes cannot be
     encoded as UTF-8, so both would otherwise surface as 5xx errors on one
     engine and not the other. Nesting is capped below the serializer's limit.
+
+    Types are strict, as OpenAI's are: ``"5"`` is not an integer, ``0`` and
+    ``"true"`` are not booleans, ``true`` is not a number (an integer still
+    is one).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -114,6 +118,14 @@ def _first_unstorable(data: dict[str, Any]) -> tuple[str, str] | None:
             return path, f"nesting too deep. Expected at most {MAX_NESTING} levels of nested objects and arrays."
         stack.extend((item, item_path, depth + 1) for item, item_path in reversed(items))
     return None
+
+
+# --- field limits ----------------------------------------------------------------
+
+# OpenAI's limit on message text and instructions (characters).
+MAX_TEXT = 256_000
+# A model id; OpenAI's are far shorter, and an empty one is refused there too.
+ModelName = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 # --- metadata ---------------------------------------------------------------

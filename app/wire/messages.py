@@ -10,14 +10,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from app.wire.common import CodeInterpreterTool, Metadata, RequestModel, WireModel
+from app.wire.common import MAX_TEXT, CodeInterpreterTool, Metadata, RequestModel, WireModel
 
 ImageDetail = Literal["auto", "low", "high"]
 
 
 class TextPart(RequestModel):
     type: Literal["text"]
-    text: str
+    text: str = Field(max_length=MAX_TEXT)
 
 
 class ImageFileRef(RequestModel):
@@ -57,7 +57,9 @@ class Attachment(RequestModel):
 
 class MessageCreate(RequestModel):
     role: Literal["user", "assistant"]
-    content: str | Annotated[list[ContentPart], Field(min_length=1)]
+    content: (
+        Annotated[str, Field(min_length=1, max_length=MAX_TEXT)] | Annotated[list[ContentPart], Field(min_length=1)]
+    )
     attachments: list[Attachment] | None = None
     metadata: Metadata | None = None
 

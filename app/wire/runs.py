@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from app.wire.assistants import ReasoningEffort
-from app.wire.common import Metadata, RequestModel, ResponseFormat, Tool, ToolResources, WireModel
+from app.wire.common import MAX_TEXT, Metadata, ModelName, RequestModel, ResponseFormat, Tool, ToolResources, WireModel
 from app.wire.messages import MessageCreate
 from app.wire.threads import ThreadCreate
 
@@ -58,9 +58,9 @@ class _RunOptions(RequestModel):
     """Fields shared by create run and create thread-and-run."""
 
     assistant_id: str
-    model: str | None = None
+    model: ModelName | None = None
     reasoning_effort: ReasoningEffort | None = None
-    instructions: str | None = Field(default=None, max_length=256000)
+    instructions: str | None = Field(default=None, max_length=MAX_TEXT)
     tools: list[Tool] | None = Field(default=None, max_length=20)
     metadata: Metadata | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -75,7 +75,7 @@ class _RunOptions(RequestModel):
 
 
 class RunCreate(_RunOptions):
-    additional_instructions: str | None = None
+    additional_instructions: str | None = Field(default=None, max_length=MAX_TEXT)
     additional_messages: list[MessageCreate] | None = None
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from app import sandbox
-from app.sandbox import Sandboxes, Session
+from app.sandbox import Sandboxes, Session, seccomp
 from app.settings import Settings
 
 CANARY = "canary-7f3a9c1e-do-not-leak"
@@ -98,8 +98,14 @@ async def test_no_server_environment_or_processes(sandboxes: Sandboxes) -> None:
     logs = await _logs(
         sandboxes,
         "import os\n"
-        "seen = [open(f'/proc/{pid}/environ', 'rb').read() for pid in os.listdir('/proc') if pid.isdigit()]\n"
-        "print(len(seen) <= 3, b''.join(seen), dict(os.environ))",
+        "pids = [pid for pid in os.listdir('/proc') if pid.isdigit()]\n"
+        "seen = []\n"
+        "for pid in pids:\n"
+        "    try:\n"
+        "        seen.append(open(f'/proc/{pid}/environ', 'rb').read())\n"
+        "    except PermissionError:\n"
+        "        seen.append(b'denied')\n"
+        "print(len(pids) <= 3, b''.join(seen), dict(os.environ))",
     )
     assert CANARY not in logs
     assert "ASSISTANTS_" not in logs
@@ -120,7 +126,8 @@ async def test_server_files_are_out_of_reach(sandboxes: Sandboxes, settings: Set
     )
     assert CANARY not in logs
     lines = logs.splitlines()
-    assert lines[:4] == ["FileNotFoundError", "FileNotFoundError", "FileNotFoundError", "FileNotFoundError"]
+    assert lines[:3] == ["FileNotFoundError", "FileNotFoundError", "FileNotFoundError"]
+    assert lines[3] in {"FileNotFoundError", "PermissionError"}  # PID 1 is the non-dumpable supervisor
     visible = set(ast.literal_eval(lines[4]))
     assert visible <= {"bin", "dev", "lib", "lib32", "lib64", "libx32", "mnt", "opt", "proc", "sbin", "tmp", "usr"}
 
@@ -141,8 +148,7 @@ async def test_writes_only_under_mnt_data_and_a_private_tmp(sandboxes: Sandboxes
     assert f"wrote {host_tmp}" in logs and "wrote /mnt/data/ok" in logs
     assert not host_tmp.exists()
     assert not Path("/usr/evil").exists() and not Path("/evil").exists()  # noqa: ASYNC240
-    session = await _session(sandboxes)
-    assert (session.directory / "ok").read_text() == "x"
+    assert await _logs(sandboxes, "print(open('/mnt/data/ok').read())") == "x\n"
 
 
 async def test_sessions_do_not_see_each_other(sandboxes: Sandboxes) -> None:
@@ -176,10 +182,16 @@ async def test_a_fork_bomb_is_capped(sandboxes: Sandboxes, settings: Settings) -
     assert await _logs(sandboxes, "print('alive')") == "alive\n"
 
 
-async def test_a_memory_hog_gets_memory_error(sandboxes: Sandboxes) -> None:
-    logs = await _logs(sandboxes, "kept = []\nwhile True:\n    kept.append(bytearray(50 * 1024 * 1024))")
-    assert "MemoryError" in logs
-    assert await _logs(sandboxes, "del kept\nprint('alive')") == "alive\n"
+async def test_a_memory_hog_gets_memory_error(settings: Settings) -> None:
+    # A smaller address space and a longer clock: zero-filling 768 MiB can take 3 s on a busy machine.
+    limits = {"sandbox_memory_bytes": 384 * MiB, "sandbox_call_timeout_seconds": 30}
+    manager = Sandboxes(settings.model_copy(update=limits))
+    try:
+        logs = await _logs(manager, "kept = []\nwhile True:\n    kept.append(bytearray(50 * 1024 * 1024))")
+        assert "MemoryError" in logs
+        assert await _logs(manager, "del kept\nprint('alive')") == "alive\n"
+    finally:
+        await manager.close()
 
 
 async def test_an_infinite_loop_times_out_and_keeps_the_session(sandboxes: Sandboxes) -> None:
@@ -247,7 +259,7 @@ async def test_symlinks_never_make_the_server_read_or_write_its_files(sandboxes:
     assert result.files == []  # links are not files: nothing is read through them
     upload = tmp_path / "upload.csv"
     upload.write_text("a,b\n")
-    session.add_input("file-1", "input.csv", upload)
+    await session.add_input("file-1", "input.csv", upload)
     assert secret.read_text() == CANARY  # the copy replaced the link instead of writing through it
     assert await _logs(sandboxes, "print(open('/mnt/data/input.csv').read())") == "a,b\n\n"
 
@@ -256,7 +268,7 @@ async def test_inputs_in_and_outputs_out(sandboxes: Sandboxes, tmp_path: Path) -
     session = await _session(sandboxes)
     upload = tmp_path / "stored"
     upload.write_text("1,2,3")
-    session.add_input("file-9", "../../numbers.csv", upload)
+    await session.add_input("file-9", "../../numbers.csv", upload)
     result = await session.run(
         "import matplotlib.pyplot as plt\n"
         "numbers = open('/mnt/data/numbers.csv').read().split(',')\n"
@@ -297,16 +309,196 @@ async def test_the_sandbox_dir_may_not_hold_the_database(settings: Settings) -> 
         Sandboxes(settings.model_copy(update={"sandbox_dir": settings.data_dir / "sandboxes"}))
 
 
-async def test_filling_mnt_data_stops_the_session_and_frees_the_disk(sandboxes: Sandboxes) -> None:
-    session = await _session(sandboxes)
-    result = await session.run(
-        "import itertools, time\n"
-        "for n in itertools.count():\n"
-        "    with open(f'/mnt/data/fill-{n}.bin', 'wb') as f:\n"
-        "        f.write(b'x' * 4 * 1024 * 1024)\n"
-        "    time.sleep(0.02)"
+# --- the findings of the attack on the sandbox's limits (issue 15) ---
+
+
+async def test_mnt_data_is_a_size_limited_filesystem_even_under_paths_longer_than_path_max(
+    sandboxes: Sandboxes,
+) -> None:
+    # Directories nested past PATH_MAX (4,096 characters), which no walk of the tree can measure.
+    logs = await _logs(
+        sandboxes,
+        "import os\n"
+        "for _ in range(30):\n"
+        "    os.mkdir('d' * 200); os.chdir('d' * 200)\n"
+        "written = 0\n"
+        "try:\n"
+        "    for n in range(100):\n"
+        "        with open(f'fill-{n}.bin', 'wb') as f:\n"
+        "            for _ in range(4): f.write(b'x' * 1024 * 1024); written += 1024 * 1024\n"
+        "except OSError as error:\n"
+        "    print('refused', error.errno)\n"
+        "print(len(os.getcwd()) > 4096, written <= 24 * 1024 * 1024)\n"
+        "os.chdir('/mnt/data')",
     )
-    assert result.restarted and "/mnt/data grew beyond 25165824 bytes" in result.logs
-    assert result.files == []
-    assert session.usage() < 24 * MiB
-    assert await _logs(sandboxes, "import os\nprint(os.listdir('/mnt/data'))") == "[]\n"
+    assert logs == "refused 28\nTrue True\n"  # ENOSPC from the filesystem itself
+    logs = await _logs(
+        sandboxes,
+        "import shutil\nshutil.rmtree('/mnt/data/' + 'd' * 200)\n"
+        "open('/mnt/data/after.txt', 'w').write('ok')\nprint('ok')",
+    )
+    assert logs == "ok\n"  # deleting frees the space again
+
+
+async def test_files_are_read_back_up_to_their_real_size_and_the_output_cap(sandboxes: Sandboxes) -> None:
+    result = await (await _session(sandboxes)).run(
+        "import os\n"
+        "with open('/mnt/data/sparse.bin', 'wb') as f:\n"
+        "    f.truncate(7 * 1024 * 1024)\n"  # 7 MiB of holes: nothing stored
+        "for name in ('a.bin', 'b.bin'):\n"
+        "    open(f'/mnt/data/{name}', 'wb').write(os.urandom(5 * 1024 * 1024))",
+    )
+    assert [item.name for item in result.files] == ["a.bin"]
+    assert len(result.files[0].data) == 5 * MiB
+    assert (
+        "b.bin (5242880 bytes) was not returned: the files of one call may total at most 8388608 bytes" in result.logs
+    )
+    assert "sparse.bin was not returned: it is a sparse file of 7340032 bytes" in result.logs
+
+
+async def test_every_process_a_call_started_is_gone_when_it_returns(sandboxes: Sandboxes) -> None:
+    logs = await _logs(
+        sandboxes,
+        "import os, subprocess, sys\n"
+        "spin = 'while True: pass'\n"
+        "subprocess.Popen([sys.executable, '-c', spin])\n"
+        "subprocess.Popen([sys.executable, '-c', spin], start_new_session=True)\n"
+        "if os.fork() == 0:\n"  # a daemon: double fork, new session, parent gone
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        while True: pass\n"
+        "    os._exit(0)\n"
+        "os.wait()\n"
+        "print(len([pid for pid in os.listdir('/proc') if pid.isdigit()]) >= 5)",
+    )
+    assert logs == "True\n"
+    logs = await _logs(
+        sandboxes,
+        "import os\n"
+        "alive = [pid for pid in os.listdir('/proc') if pid.isdigit()]\n"
+        "print(sorted(int(pid) for pid in alive))",
+    )
+    assert logs == "[1, 2]\n"  # the supervisor and the worker (the REPL), nothing else, not even a zombie
+
+
+async def test_processes_share_one_memory_budget(settings: Settings) -> None:
+    # Each child stays far below its own 768 MiB address space; together they pass the session's 384 MiB.
+    limits = {"sandbox_session_memory_bytes": 384 * MiB, "sandbox_call_timeout_seconds": 30}  # a busy machine
+    manager = Sandboxes(settings.model_copy(update=limits))
+    try:
+        await _check_memory_budget(manager)
+    finally:
+        await manager.close()
+
+
+async def _check_memory_budget(sandboxes: Sandboxes) -> None:
+    result = await (await _session(sandboxes)).run(
+        "import os, time\n"
+        "x = 1\n"
+        "for _ in range(4):\n"
+        "    if os.fork() == 0:\n"
+        "        kept = b'x' * (150 * 1024 * 1024)\n"
+        "        time.sleep(30); os._exit(0)\n"
+        "time.sleep(30)"
+    )
+    assert result.restarted
+    assert "used more than 402653184 bytes of memory together" in result.logs
+    logs = await _logs(
+        sandboxes, "import os\nprint('x' in globals(), len([p for p in os.listdir('/proc') if p.isdigit()]))"
+    )
+    assert logs == "False 2\n"
+
+
+async def test_processes_share_one_cpu_budget_for_the_session(settings: Settings) -> None:
+    limits = {
+        "sandbox_session_cpu_seconds": 2,
+        "sandbox_call_timeout_seconds": 30,
+    }  # a busy machine: CPU, not wall clock
+    manager = Sandboxes(settings.model_copy(update=limits))
+    try:
+        spin = (
+            "import subprocess, sys\n"
+            "subprocess.run([sys.executable, '-c', 'import time\\nend = time.process_time() + 1.2\\n"
+            "while time.process_time() < end: pass']).returncode"
+        )
+        session = await manager.session("thread_a")
+        first = await session.run(spin)  # in a child process, not the REPL
+        assert first.logs == "0\n" and not first.error
+        await session.run(spin)
+        refused = await session.run("print('ran')")
+        assert "The session has used its CPU budget of 2 seconds" in refused.logs
+        assert "ran" not in refused.logs and refused.error
+    finally:
+        await manager.close()
+
+
+async def test_model_code_cannot_reach_the_tool_protocol(sandboxes: Sandboxes) -> None:
+    result = await (await _session(sandboxes)).run(
+        "import json, os\n"
+        "forged = json.dumps({'type': 'result', 'logs': 'FORGED', 'error': False, 'blobs': []}).encode() + b'\\n'\n"
+        "for fd in sorted(int(fd) for fd in os.listdir('/proc/self/fd')):\n"
+        "    try:\n"
+        "        os.write(fd, forged)\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "for path in ('/proc/1/fd', '/proc/1/mem', '/proc/1/environ'):\n"
+        "    try:\n"
+        "        os.listdir(path) if path.endswith('fd') else open(path, 'rb').read(1)\n"
+        "        print('reached', path)\n"
+        "    except OSError as error:\n"
+        "        print(type(error).__name__)\n"
+        "raise ValueError('real')"
+    )
+    assert result.error  # the real outcome, not the forged one
+    assert "PermissionError\nPermissionError\nPermissionError\n" in result.logs
+    assert "ValueError: real" in result.logs
+    # What the code wrote to its stdout and stderr is plain data in the logs.
+    assert result.logs.count("FORGED") == 2
+    assert await _logs(sandboxes, "print('next')") == "next\n"  # still in step
+
+
+async def test_model_code_cannot_stop_the_supervisor(sandboxes: Sandboxes) -> None:
+    await _logs(sandboxes, "open('/mnt/data/kept.txt', 'w').write('kept')")
+    logs = await _logs(
+        sandboxes,
+        "import os, signal\n"
+        "for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGKILL):\n"
+        "    os.kill(1, sig)\n"
+        "print('sent')",
+    )
+    assert logs == "sent\n"
+    assert await _logs(sandboxes, "print(open('/mnt/data/kept.txt').read())") == "kept\n"
+
+
+async def test_seccomp_blocks_io_uring_ptrace_and_namespaces(sandboxes: Sandboxes) -> None:
+    logs = await _logs(
+        sandboxes,
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "params = ctypes.create_string_buffer(120)\n"
+        "calls = {'io_uring_setup': (425, 8, params), 'ptrace': (101, 0, 0, 0, 0), 'unshare': (272, 0),\n"
+        "         'bpf': (321, 0, 0, 0), 'perf_event_open': (298, 0, 0, -1, -1, 0), 'keyctl': (250, 0),\n"
+        "         'process_vm_readv': (310, 1, 0, 0, 0, 0, 0)}\n"
+        "for name, args in calls.items():\n"
+        "    result = libc.syscall(*args)\n"
+        "    print(name, result, os.strerror(ctypes.get_errno()) if result == -1 else '')\n"
+        "print('getpid', libc.syscall(39))",
+    )
+    if os.uname().machine != "x86_64":
+        pytest.skip("the system call numbers in this test are x86_64's")
+    assert logs.splitlines() == [
+        "io_uring_setup -1 Operation not permitted",
+        "ptrace -1 Operation not permitted",
+        "unshare -1 Operation not permitted",
+        "bpf -1 Operation not permitted",
+        "perf_event_open -1 Operation not permitted",
+        "keyctl -1 Operation not permitted",
+        "process_vm_readv -1 Operation not permitted",
+        "getpid 2",
+    ]
+
+
+def test_the_seccomp_filter_refuses_unknown_architectures() -> None:
+    assert len(seccomp.program("x86_64")) % 8 == 0 and len(seccomp.program("aarch64")) % 8 == 0
+    with pytest.raises(seccomp.UnsupportedArchitecture):
+        seccomp.program("sparc64")

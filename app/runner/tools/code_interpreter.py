@@ -11,7 +11,6 @@ answer become ``file_path`` annotations.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections import OrderedDict
@@ -205,7 +204,7 @@ class CodeInterpreter:
             inputs = await input_files(runtime, run)
             session = await self.sandboxes.session(run.thread_id)
             for file_id, filename, path in inputs:
-                await asyncio.to_thread(session.add_input, file_id, filename, path)
+                await session.add_input(file_id, filename, path)
             return await session.run(code)
         except SandboxError as exc:
             return CallResult(f"The code could not run: {exc}.", True)

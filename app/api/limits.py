@@ -1,0 +1,195 @@
+"""Bounds on what one client can make the server hold.
+
+- ``BodyLimit`` (ASGI middleware): a request body other than a multipart
+  upload (files and upload parts have their own limits) may be at most
+  ``max_bytes``, and must arrive within ``timeout_seconds``. A declared
+  Content-Length above the limit is refused before a byte of the body is
+  read; a chunked body as soon as it passes the limit. So a 50 MB JSON body
+  costs neither memory nor event-loop time to refuse.
+- ``guarded_protocol`` (uvicorn's HTTP protocol, subclassed): at most
+  ``max_connections`` open connections (more are closed as soon as they are
+  accepted, so idle clients cannot exhaust the file descriptors), and a
+  deadline for a request's headers, also for a connection that never sends
+  any (uvicorn's own keep-alive timeout starts only after a first response).
+  Refusals are logged at most once a minute, never once per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from app import errors
+from app.api.handlers import error_response
+
+log = logging.getLogger("app.api")
+
+# How often at most a refusal is logged (with the count since the last line).
+LOG_EVERY_SECONDS = 60.0
+# File descriptors kept free for the database, stored files and sandboxes.
+RESERVED_FDS = 256
+
+
+def too_large(limit: int) -> errors.APIError:
+    return errors.APIError(
+        413,
+        f"Request body too large: the limit is {limit} bytes.",
+        code="request_too_large",
+    )
+
+
+def too_slow(seconds: float) -> errors.APIError:
+    return errors.APIError(408, f"The request body did not arrive within {seconds:g} seconds.", code="timeout")
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_seconds: float) -> None:
+        self.app, self.max_bytes, self.timeout_seconds = app, max_bytes, timeout_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _is_multipart(scope):
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await error_response(too_large(self.max_bytes))(scope, receive, send)
+            return
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                body = await self._read(receive)
+        except TimeoutError:
+            await error_response(too_slow(self.timeout_seconds))(scope, receive, send)
+            return
+        if body is None:  # the client went away
+            return
+        if len(body) > self.max_bytes:
+            await error_response(too_large(self.max_bytes))(scope, receive, send)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read(self, receive: Receive) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > self.max_bytes or not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body, read already, as one message; then the client's own messages
+    (a disconnect during a stream must still reach the app)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return bytes(value)
+    return None
+
+
+def _is_multipart(scope: Scope) -> bool:
+    value = _header(scope, b"content-type") or b""
+    return value.lower().startswith(b"multipart/")
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class _RateLimitedLog:
+    def __init__(self, message: str) -> None:
+        self.message, self.count, self.last = message, 0, float("-inf")
+
+    def note(self) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= LOG_EVERY_SECONDS:
+            log.warning(self.message, self.count)
+            self.count, self.last = 0, now
+
+
+def connection_cap(max_connections: int) -> int:
+    """The connection limit, kept below the process's file descriptor limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return max_connections
+    return min(max_connections, max(16, soft - RESERVED_FDS))
+
+
+def guarded_protocol(max_connections: int, header_timeout_seconds: float) -> type[H11Protocol]:
+    cap = connection_cap(max_connections)
+    refused = _RateLimitedLog(f"refused %d connection(s): {cap} connections are open (http_max_connections)")
+    timed_out = _RateLimitedLog("closed %d connection(s) that sent no complete request headers in time")
+
+    class GuardedH11Protocol(H11Protocol):
+        header_timer: asyncio.TimerHandle | None = None
+        waiting_after: object = None  # the cycle (request) before the headers awaited
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            if len(self.connections) >= cap:
+                refused.note()
+                transport.abort()  # frees the descriptor at once; nothing is sent
+                return
+            super().connection_made(transport)
+            self._await_headers()
+
+        def _await_headers(self) -> None:
+            self._stop_header_timer()
+            self.waiting_after = self.cycle
+            self.header_timer = self.loop.call_later(header_timeout_seconds, self._headers_too_slow)
+
+        def _stop_header_timer(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self.header_timer = None
+            if self.cycle is self.waiting_after and not self.transport.is_closing():
+                timed_out.note()
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not self.waiting_after:  # a request's headers are complete
+                self._stop_header_timer()
+
+        def on_response_complete(self) -> None:
+            finished = self.cycle
+            super().on_response_complete()
+            # The next request on this connection gets a deadline too (unless
+            # a pipelined one already started).
+            if self.cycle is finished and not self.transport.is_closing():
+                self._await_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_header_timer()
+            if self.transport is not None:  # not for a connection refused by the cap
+                super().connection_lost(exc)
+
+    return GuardedH11Protocol

@@ -1,0 +1,277 @@
+"""Bounded requests (issue 15): a body limit with a clear 413, a body
+deadline, OpenAI's field limits and strict types, and connections that idle
+or slow clients cannot exhaust."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
+
+from app.api import limits
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import error_of
+
+pytestmark = pytest.mark.timeout(60)
+
+BETA = {"OpenAI-Beta": "assistants=v2"}
+JSON = {**BETA, "content-type": "application/json"}
+LIMIT = 1024 * 1024
+
+
+@pytest.fixture
+async def small_app(settings: Settings) -> AsyncIterator[FastAPI]:
+    limited = settings.model_copy(update={"max_json_body_bytes": LIMIT, "http_body_timeout_seconds": 0.5})
+    application = create_app(limited)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def small(small_app: FastAPI) -> AsyncIterator[httpx2.AsyncClient]:
+    transport = httpx2.ASGITransport(app=small_app)
+    async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        yield http
+
+
+@pytest.fixture
+async def sdk(small: httpx2.AsyncClient) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url="http://testserver/v1", api_key="sk-test", http_client=small, max_retries=0)
+
+
+def _too_large() -> dict[str, Any]:
+    return {
+        "error": {
+            "message": f"Request body too large: the limit is {LIMIT} bytes.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "request_too_large",
+        }
+    }
+
+
+async def test_a_body_over_the_limit_is_a_413_in_openais_envelope(sdk: openai.AsyncOpenAI) -> None:
+    messages: Any = [{"role": "user", "content": "x" * 200_000} for _ in range(6)]  # 1.2 MB
+    with pytest.raises(openai.APIStatusError) as refused:
+        await sdk.beta.threads.create(messages=messages)
+    assert refused.value.status_code == 413
+    assert error_of(refused) == _too_large()["error"]  # the SDK unwraps the envelope
+    thread = await sdk.beta.threads.create(messages=messages[:4])  # 0.8 MB: under the limit
+    assert thread.id.startswith("thread_")
+
+
+async def test_a_chunked_body_is_cut_off_at_the_limit(small: httpx2.AsyncClient) -> None:
+    sent = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal sent
+        yield b'{"metadata": {"k": "'
+        while True:  # the server must stop reading, not the client stop sending
+            sent += 64 * 1024
+            yield b"x" * 64 * 1024
+
+    response = await small.post("/v1/threads", content=endless(), headers=JSON)
+    assert response.status_code == 413 and response.json() == _too_large()
+    assert sent <= LIMIT + 2 * 64 * 1024
+
+
+async def test_a_body_that_stops_arriving_is_a_408(small: httpx2.AsyncClient) -> None:
+    never = asyncio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b'{"metadata": '
+        await never.wait()  # a client that went quiet mid-body
+
+    response = await small.post("/v1/threads", content=stalled(), headers=JSON)
+    assert response.status_code == 408
+    assert response.json()["error"]["message"] == "The request body did not arrive within 0.5 seconds."
+
+
+async def test_multipart_uploads_are_not_held_to_the_json_limit(sdk: openai.AsyncOpenAI) -> None:
+    uploaded = await sdk.files.create(file=("big.txt", b"a" * (2 * LIMIT)), purpose="assistants")
+    assert uploaded.bytes == 2 * LIMIT
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "message"),
+    [
+        (
+            "/v1/assistants",
+            {"model": ""},
+            "model",
+            "Invalid 'model': string too short. Expected a string with minimum length 1, "
+            "but got a string with length 0 instead.",
+        ),
+        (
+            "/v1/assistants",
+            {"model": "m" * 1000},
+            "model",
+            "Invalid 'model': string too long. Expected a string with maximum length 256, "
+            "but got a string with length 1000 instead.",
+        ),
+        (
+            "/v1/assistants",
+            {"model": "gpt-4o", "tools": [{"type": "function", "function": {"name": "f", "strict": 0}}]},
+            "tools[0].function.strict",
+            "Invalid type for 'tools[0].function.strict': expected a boolean, but got an integer instead.",
+        ),
+        (
+            "/v1/assistants",
+            {"model": "gpt-4o", "temperature": True},
+            "temperature",
+            "Invalid type for 'temperature': expected a decimal, but got a boolean instead.",
+        ),
+        (
+            "/v1/assistants",
+            {"model": "gpt-4o", "tools": [{"type": "file_search", "file_search": {"max_num_results": "5"}}]},
+            "tools[0].file_search.max_num_results",
+            "Invalid type for 'tools[0].file_search.max_num_results': expected an integer, but got a string instead.",
+        ),
+        (
+            "/v1/threads",
+            {"messages": [{"role": "user", "content": "x" * 256_001}]},
+            "messages[0].content",
+            "Invalid 'messages[0].content': string too long. Expected a string with maximum length 256000, "
+            "but got a string with length 256001 instead.",
+        ),
+    ],
+)
+async def test_field_limits_and_strict_types_as_openai_has_them(
+    small: httpx2.AsyncClient, path: str, body: dict[str, Any], param: str, message: str
+) -> None:
+    response = await small.post(path, json=body, headers=BETA)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["param"], error["message"]) == (param, message)
+
+
+async def test_integers_are_still_numbers_and_limits_are_inclusive(small: httpx2.AsyncClient) -> None:
+    response = await small.post("/v1/assistants", json={"model": "m" * 256, "temperature": 1}, headers=BETA)
+    assert response.status_code == 200 and response.json()["temperature"] == 1
+    thread = (await small.post("/v1/threads", json={}, headers=BETA)).json()["id"]
+    response = await small.post(
+        f"/v1/threads/{thread}/messages", json={"role": "user", "content": "x" * 256_000}, headers=BETA
+    )
+    assert response.status_code == 200
+
+
+# --- connections: a real uvicorn server on a loopback port ---------------------------
+
+
+async def _hello(scope: Scope, receive: Receive, send: Send) -> None:
+    assert scope["type"] == "http"
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+@contextlib.asynccontextmanager
+async def _server(max_connections: int, header_timeout: float) -> AsyncIterator[int]:
+    protocol = limits.guarded_protocol(max_connections, header_timeout)
+    app = limits.BodyLimit(_hello, max_bytes=LIMIT, timeout_seconds=30)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, http=protocol, log_config=None, lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            while True:  # polled with a deadline: uvicorn offers no start-up event
+                if server.started:
+                    break
+                await asyncio.sleep(0.01)
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def _closed_by_server(reader: asyncio.StreamReader, seconds: float) -> bool:
+    try:
+        async with asyncio.timeout(seconds):
+            return await reader.read(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+async def _get(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    try:
+        return await reader.read()
+    except ConnectionResetError:  # refused by the cap
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_idle_connections_beyond_the_cap_are_closed_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="app.api")
+    async with _server(max_connections=4, header_timeout=30) as port:
+        opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(12)]
+        closed = [await _closed_by_server(reader, 2) for reader, _ in opened[4:]]
+        assert all(closed)
+        assert not await _closed_by_server(opened[0][0], 0.2)  # the first four are kept
+        for _, writer in opened:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        # Once those went away, a client gets through again.
+        async with asyncio.timeout(10):
+            while True:  # the server notices the closed connections on its own time
+                if b"hello" in await _get(port):
+                    break
+                await asyncio.sleep(0.05)
+    refusals = [record for record in caplog.records if "refused" in record.getMessage()]
+    assert len(refusals) == 1
+
+
+async def test_headers_that_never_complete_are_cut_off() -> None:
+    async with _server(max_connections=100, header_timeout=0.5) as port:
+        silent_reader, silent = await asyncio.open_connection("127.0.0.1", port)
+        slow_reader, slow = await asyncio.open_connection("127.0.0.1", port)
+        slow.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # ... and the rest never comes
+        assert await _closed_by_server(silent_reader, 5)
+        assert await _closed_by_server(slow_reader, 5)
+        for writer in (silent, slow):
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        assert b"hello" in await _get(port)
+
+
+async def test_a_keep_alive_connection_gets_a_header_deadline_for_its_next_request() -> None:
+    async with _server(max_connections=100, header_timeout=0.5) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            # The whole (chunked) response, up to its last chunk.
+            assert b"hello" in await reader.readuntil(b"\r\n0\r\n\r\n")
+        writer.write(b"GET / HTTP/1.1\r\n")  # trickles in, never finished
+        assert await _closed_by_server(reader, 5)
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_a_declared_oversized_body_is_refused_before_it_is_sent() -> None:
+    async with _server(max_connections=100, header_timeout=5) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 52428800\r\n\r\n"
+        )
+        async with asyncio.timeout(5):  # not one byte of the 50 MB was sent
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413 ")
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
