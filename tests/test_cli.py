@@ -345,28 +345,42 @@ def test_bad_routing_file_is_one_line(tmp_path: Path, routing: str, fragments: l
 
 
 @pytest.mark.parametrize(
-    ("url", "fragments"),
+    ("command", "url", "fragments"),
     [
-        ("postgresql://user:secret@127.0.0.1:5432/db", ["write postgresql+asyncpg:// instead of postgresql://"]),
-        ("postgres://user:secret@127.0.0.1/db", ["write postgresql+asyncpg:// instead of postgres://"]),
-        ("sqlite:///assistants.db", ["write sqlite+aiosqlite:// instead of sqlite://"]),
-        ("mysql://user@127.0.0.1/db", ["unsupported database 'mysql'"]),
+        (
+            "serve",
+            "postgresql://user:secret@127.0.0.1:5432/db",
+            ["write postgresql+asyncpg:// instead of postgresql://"],
+        ),
+        ("serve", "postgres://user:secret@127.0.0.1/db", ["write postgresql+asyncpg:// instead of postgres://"]),
+        ("serve", "sqlite:///assistants.db", ["write sqlite+aiosqlite:// instead of sqlite://"]),
+        ("serve", "mysql://user@127.0.0.1/db", ["unsupported database 'mysql'"]),
+        # The other commands share the check: one case each.
+        ("migrate", "sqlite:///assistants.db", ["write sqlite+aiosqlite:// instead of sqlite://"]),
+        ("worker", "postgresql://user:secret@127.0.0.1:5432/db", ["write postgresql+asyncpg://"]),
     ],
-    ids=["postgresql-without-asyncpg", "postgres-scheme", "sqlite-without-aiosqlite", "mysql"],
+    ids=[
+        "serve-postgresql-without-asyncpg",
+        "serve-postgres-scheme",
+        "serve-sqlite-without-aiosqlite",
+        "serve-mysql",
+        "migrate-sqlite-without-aiosqlite",
+        "worker-postgresql-without-asyncpg",
+    ],
 )
-@pytest.mark.parametrize("command", ["serve", "migrate", "worker"])
 def test_database_url_without_the_async_driver_says_what_to_write(
     tmp_path: Path, command: str, url: str, fragments: list[str]
 ) -> None:
     result = run_cli(command, "--port", str(free_port()), "--database-url", url, cwd=tmp_path)
     assert_one_line_failure(result, *fragments)
     assert "secret" not in result.stderr
+    assert not (tmp_path / "assistants.db").exists()
 
 
 def test_unreachable_postgresql_names_host_and_port(tmp_path: Path) -> None:
     closed = free_port()  # nothing listens there once the probe is closed
     url = f"postgresql+asyncpg://user:secret@127.0.0.1:{closed}/db"
-    for command in ("serve", "worker", "migrate"):
+    for command in ("serve", "worker"):  # migrate runs the same check as serve
         result = run_cli(command, "--port", str(free_port()), "--database-url", url, cwd=tmp_path)
         assert_one_line_failure(result, f"cannot reach PostgreSQL at 127.0.0.1:{closed}", "connection refused")
         assert "secret" not in result.stderr
