@@ -106,6 +106,13 @@ def check_models(settings: Settings) -> None:
         ) from None
     try:
         embed.embedder(settings)
+    except ModuleNotFoundError as exc:
+        if exc.name != "tokenizers":
+            raise
+        raise StartupError(
+            f"{settings.llm_config}: the local embedding model needs its tokenizer: "
+            'pip install "assistants-server[local-embeddings]"'
+        ) from None
     except (ValueError, ImportError) as exc:
         raise StartupError(_one_line(str(exc))) from None
 
