@@ -1,4 +1,4 @@
-"""Command line: ``python -m app serve | migrate | worker`` (also ``assistants-server``).
+"""Command line: ``python -m app serve | migrate | worker | sandbox-setup`` (also ``assistants-server``).
 
 Flags override the ``ASSISTANTS_*`` environment variables, which override the
 defaults in ``app.settings.Settings``: only flags actually given are passed to
@@ -24,7 +24,8 @@ import uvicorn
 from sqlalchemy.engine import make_url
 from uvicorn.config import LOG_LEVELS
 
-from app import db
+import app
+from app import preflight, sandbox_setup
 from app.api import limits
 from app.main import create_app
 from app.runtime import Runtime
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="assistants-server",
         description="Self-hosted server compatible with the OpenAI Assistants API v2.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {app.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", parents=[common], help="run the HTTP API (migrates the database first)")
     serve.add_argument(
@@ -85,23 +87,48 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ready-file", metavar="PATH", help="with --ephemeral: also write that JSON line here")
     commands.add_parser("migrate", parents=[common], help="bring the database schema up to date and exit")
     commands.add_parser("worker", parents=[common], help="run the background run executor on its own")
+    setup = commands.add_parser(
+        "sandbox-setup",
+        help="build the code interpreter's Python (numpy, pandas, matplotlib) and exit",
+        description="Build the code interpreter's Python: a virtualenv made from a system Python under /usr, "
+        "with numpy, pandas and matplotlib. Idempotent.",
+    )
+    setup.add_argument(
+        "--path",
+        type=Path,
+        help="where to build it (env ASSISTANTS_SANDBOX_PYTHON, default <prefix>/share/assistants-server/sandbox-venv "
+        "of the Python running the server)",
+    )
+    setup.add_argument(
+        "--base-python",
+        type=Path,
+        help="the system Python to build it from, under /usr (default /usr/bin/python3, else /usr/local/bin/python3)",
+    )
     return parser
 
 
 def load_settings(args: argparse.Namespace) -> Settings:
     """Settings from the environment, with the flags that were given on top."""
     overrides: dict[str, Any] = {
-        field: getattr(args, flag) for flag, field in _SETTINGS_FLAGS.items() if getattr(args, flag) is not None
+        field: getattr(args, flag) for flag, field in _SETTINGS_FLAGS.items() if getattr(args, flag, None) is not None
     }
     try:
         settings = Settings(**overrides)
     except pydantic.ValidationError as exc:
-        raise SystemExit(f"invalid configuration:\n{exc}") from None
+        raise SystemExit(f"invalid configuration: {_describe(exc)}") from None
     if settings.log_level.lower() not in LOG_LEVELS:
         raise SystemExit(f"invalid log level {settings.log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
     if settings.llm_config is not None and not settings.llm_config.is_file():
         raise SystemExit(f"model routing file not found: {settings.llm_config}")
     return settings
+
+
+def _describe(error: pydantic.ValidationError) -> str:
+    """Settings errors on one line, each named by its environment variable."""
+    return "; ".join(
+        f"{'.'.join(map(str, item['loc']))} (ASSISTANTS_{str(item['loc'][0]).upper()}): {item['msg']}"
+        for item in error.errors()
+    )
 
 
 def configure_logging(settings: Settings) -> None:
@@ -122,34 +149,44 @@ def _exit_on_sigterm(_signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-class _AnnouncingServer(uvicorn.Server):
-    """Calls ``on_started`` once the app has started and the socket accepts connections."""
+class _Server(uvicorn.Server):
+    """uvicorn's server, announcing itself only once start-up succeeded."""
 
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, announcement: str, on_started: Callable[[], None]) -> None:
         super().__init__(config)
+        self.announcement = announcement
         self._on_started = on_started
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started and not self.should_exit:
+            log.info("%s", self.announcement)
             self._on_started()
 
 
 def serve_ephemeral(settings: Settings, args: argparse.Namespace) -> int:
     """``serve --ephemeral``: see app/testing/ephemeral.py."""
     with contextlib.ExitStack() as stack:
-        settings, sock = ephemeral.prepare(settings, stack, explicit_data_dir=args.data_dir is not None)
+        settings, listener = ephemeral.prepare(settings, stack, explicit_data_dir=args.data_dir is not None)
         ready_file = Path(args.ready_file) if args.ready_file else None
-        return serve(settings, sock=sock, on_started=lambda: ephemeral.announce(settings, ready_file))
+        return serve(settings, listener=listener, on_started=lambda: ephemeral.announce(settings, ready_file))
 
 
 def serve(
-    settings: Settings, *, sock: socket.socket | None = None, on_started: Callable[[], None] | None = None
+    settings: Settings,
+    *,
+    listener: socket.socket | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> int:
     # uvicorn takes SIGTERM over while it runs, shuts down gracefully, then
     # re-raises the signal. Handling it here turns that (and a SIGTERM during
     # start-up) into a clean exit 0 instead of death by signal (143).
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # In this order: the port first, so a second server started by mistake on
+    # the same data touches nothing; then the models; then the database.
+    listener = listener or preflight.bind(settings.host, settings.port)
+    preflight.check_models(settings)
+    preflight.prepare_database(settings)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
@@ -162,33 +199,23 @@ def serve(
         timeout_keep_alive=settings.http_keep_alive_seconds,
         h11_max_incomplete_event_size=settings.http_max_header_bytes,
     )
-    server = _AnnouncingServer(config, on_started or (lambda: None))
-    log.info(
-        "serving the Assistants API at http://%s:%d/v1 (database %s, data %s)",
-        settings.host,
-        settings.port,
-        display_database(settings),
-        settings.data_dir.resolve(),
+    server = _Server(
+        config,
+        f"serving the Assistants API at http://{settings.host}:{settings.port}/v1 "
+        f"(database {display_database(settings)}, data {settings.data_dir.resolve()})",
+        on_started or (lambda: None),
     )
     # Ctrl-C: uvicorn shuts down gracefully, then re-raises SIGINT.
     with contextlib.suppress(KeyboardInterrupt):
-        server.run(sockets=[sock] if sock is not None else None)
+        server.run(sockets=[listener])
     if not server.started:
         log.error("the server did not start (see the errors above)")
         return 1
     return 0
 
 
-async def _migrate(settings: Settings) -> None:
-    engine = db.create_engine(settings.resolved_database_url())
-    try:
-        await db.migrate(engine)
-    finally:
-        await engine.dispose()
-
-
 def migrate(settings: Settings) -> int:
-    asyncio.run(_migrate(settings))
+    preflight.prepare_database(settings)
     log.info("database schema is up to date: %s", display_database(settings))
     return 0
 
@@ -216,6 +243,8 @@ async def _work(settings: Settings) -> None:
 def run_worker(settings: Settings) -> int:
     """Execute runs without serving HTTP: scale workers apart from API replicas
     (which then run with ASSISTANTS_EMBEDDED_WORKER=false) on one PostgreSQL."""
+    preflight.check_models(settings)
+    preflight.prepare_database(settings)
     asyncio.run(_work(settings))
     return 0
 
@@ -223,12 +252,19 @@ def run_worker(settings: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = load_settings(args)
+    if args.command == "sandbox-setup":
+        return sandbox_setup.main(args.path or settings.sandbox_python, args.base_python)
     configure_logging(settings)
-    if args.command == "serve":
-        return serve_ephemeral(settings, args) if args.ephemeral else serve(settings)
-    if args.command == "migrate":
-        return migrate(settings)
-    return run_worker(settings)
+    try:
+        if args.command == "serve":
+            return serve_ephemeral(settings, args) if args.ephemeral else serve(settings)
+        if args.command == "migrate":
+            return migrate(settings)
+        return run_worker(settings)
+    except preflight.StartupError as exc:
+        # One line, no traceback: what is wrong and, where we know, what to do.
+        print(f"assistants-server: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

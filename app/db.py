@@ -16,13 +16,47 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# Shipped inside the package, so an installed server migrates without the repository.
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 log = logging.getLogger("app.db")
 
 # PostgreSQL LISTEN/NOTIFY channel: "there is work" (a queued run, a file to
 # ingest), from API replicas to standalone workers in other processes.
 WORK_CHANNEL = "assistants_work"
+
+
+class DatabaseURLError(ValueError):
+    """A database URL the server cannot use; the message says what to write."""
+
+
+# The async drivers the server is built on, per backend.
+DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
+
+
+def validate_url(url: str) -> None:
+    """Refuse, with the URL to write instead, what create_engine would fail
+    on later (and less clearly): a missing async driver above all."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # SQLAlchemy's ArgumentError, or ValueError for a bad port
+        raise DatabaseURLError(
+            "cannot parse the database URL: write sqlite+aiosqlite:///PATH "
+            "or postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DATABASE"
+        ) from None
+    backend = "postgresql" if parsed.get_backend_name() in ("postgres", "postgresql") else parsed.get_backend_name()
+    if backend not in DRIVERS:
+        raise DatabaseURLError(
+            f"unsupported database {parsed.drivername!r}: use sqlite+aiosqlite:///PATH "
+            "or postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DATABASE"
+        )
+    driver = DRIVERS[backend]
+    if parsed.drivername != f"{backend}+{driver}":
+        fixed = parsed.set(drivername=f"{backend}+{driver}").render_as_string(hide_password=True)
+        raise DatabaseURLError(
+            f"the database URL must name the async driver {driver}: "
+            f"write {backend}+{driver}:// instead of {parsed.drivername}:// (e.g. {fixed})"
+        )
 
 
 def is_sqlite(url: str) -> bool:

@@ -6,11 +6,21 @@ to create_app(), and tests build their own.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def default_sandbox_python() -> Path:
+    """``<prefix>/share/assistants-server/sandbox-venv`` of the Python running
+    the server (its virtualenv, or /usr/local in the Docker image): an absolute
+    path that lives and goes with the installation, and sits beside the
+    package's own files (the sandbox's kernel script), so sessions running as
+    other users can reach both or neither."""
+    return Path(sys.prefix) / "share" / "assistants-server" / "sandbox-venv"
 
 
 class Settings(BaseSettings):
@@ -62,9 +72,11 @@ class Settings(BaseSettings):
     # isolation as the server's user: only for development, and only when set
     # explicitly (the server logs a loud warning at start-up).
     sandbox: Literal["bwrap", "none"] = "bwrap"
-    # The sandbox's Python, made by scripts/sandbox-setup (numpy, pandas, matplotlib).
-    sandbox_python: Path = Path(".sandbox-venv")
-    # Per-session folders (staged input files); default <system temp>/assistants-sandbox-<uid>.
+    # The sandbox's Python (numpy, pandas, matplotlib), made by
+    # `assistants-server sandbox-setup`; by default inside this installation
+    # (see default_sandbox_python), wherever the server is started from.
+    sandbox_python: Path = Field(default_factory=default_sandbox_python)
+    # Per-session /mnt/data folders; default <system temp>/assistants-sandbox-<uid>.
     # Must not be inside data_dir (the database and files live there).
     sandbox_dir: Path | None = None
     sandbox_idle_seconds: float = 3600.0  # a thread's session is reclaimed after this

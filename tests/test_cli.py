@@ -311,3 +311,109 @@ def test_kill_9_mid_run_then_restart_fails_the_run_and_keeps_the_rest(tmp_path: 
             thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=20
         )
         assert again.status == "completed"
+
+
+def assert_one_line_failure(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    """A start-up failure: non-zero, one line on stderr naming the problem,
+    no traceback, and never after the server said it was serving."""
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr and "serving the Assistants API" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("routing", "fragments"),
+    [
+        ("model_list: [\n  - model_name: x\n  bad", ["models.yaml", "malformed YAML at line 2, column 3"]),
+        ("model_list: []\nrouter_settings: {}\n", ["unknown key 'router_settings' at the top level"]),
+        (
+            "model_list:\n  - model_name: gpt-4o\n    litellm_params: {model: offline/x}\n    modelinfo: {}\n",
+            ["unknown key 'modelinfo' in model_list[0]"],
+        ),
+        ("model_list:\n  - model_name: gpt-4o\n", ["model_list[0]: litellm_params.model (a string) is required"]),
+    ],
+    ids=["malformed-yaml", "unknown-top-level-key", "unknown-entry-key", "entry-without-model"],
+)
+def test_bad_routing_file_is_one_line(tmp_path: Path, routing: str, fragments: list[str]) -> None:
+    (tmp_path / "models.yaml").write_text(routing)
+    result = run_cli("serve", "--port", str(free_port()), "--config", "models.yaml", cwd=tmp_path)
+    assert_one_line_failure(result, *fragments)
+    assert not (tmp_path / "data").exists(), "nothing may be created before the configuration is known good"
+
+
+@pytest.mark.parametrize(
+    ("command", "url", "fragments"),
+    [
+        (
+            "serve",
+            "postgresql://user:secret@127.0.0.1:5432/db",
+            ["write postgresql+asyncpg:// instead of postgresql://"],
+        ),
+        ("serve", "postgres://user:secret@127.0.0.1/db", ["write postgresql+asyncpg:// instead of postgres://"]),
+        ("serve", "sqlite:///assistants.db", ["write sqlite+aiosqlite:// instead of sqlite://"]),
+        ("serve", "mysql://user@127.0.0.1/db", ["unsupported database 'mysql'"]),
+        # The other commands share the check: one case each.
+        ("migrate", "sqlite:///assistants.db", ["write sqlite+aiosqlite:// instead of sqlite://"]),
+        ("worker", "postgresql://user:secret@127.0.0.1:5432/db", ["write postgresql+asyncpg://"]),
+    ],
+    ids=[
+        "serve-postgresql-without-asyncpg",
+        "serve-postgres-scheme",
+        "serve-sqlite-without-aiosqlite",
+        "serve-mysql",
+        "migrate-sqlite-without-aiosqlite",
+        "worker-postgresql-without-asyncpg",
+    ],
+)
+def test_database_url_without_the_async_driver_says_what_to_write(
+    tmp_path: Path, command: str, url: str, fragments: list[str]
+) -> None:
+    result = run_cli(command, "--port", str(free_port()), "--database-url", url, cwd=tmp_path)
+    assert_one_line_failure(result, *fragments)
+    assert "secret" not in result.stderr
+    assert not (tmp_path / "assistants.db").exists()
+
+
+def test_unreachable_postgresql_names_host_and_port(tmp_path: Path) -> None:
+    closed = free_port()  # nothing listens there once the probe is closed
+    url = f"postgresql+asyncpg://user:secret@127.0.0.1:{closed}/db"
+    for command in ("serve", "worker"):  # migrate runs the same check as serve
+        result = run_cli(command, "--port", str(free_port()), "--database-url", url, cwd=tmp_path)
+        assert_one_line_failure(result, f"cannot reach PostgreSQL at 127.0.0.1:{closed}", "connection refused")
+        assert "secret" not in result.stderr
+
+
+def test_port_in_use_is_refused_before_the_database_is_touched(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--port", str(port), cwd=tmp_path)
+    assert_one_line_failure(result, f"port {port} on 127.0.0.1 is already in use")
+    assert not (tmp_path / "data").exists(), "the database must not be created (nor migrated) first"
+
+
+def test_version_and_sandbox_setup_help() -> None:
+    import app
+
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"assistants-server {app.__version__}"
+    setup = run_cli("sandbox-setup", "--help")
+    assert setup.returncode == 0 and "--path" in setup.stdout and "--base-python" in setup.stdout
+
+
+def test_default_paths_do_not_depend_on_the_working_directory(tmp_path: Path) -> None:
+    # ./data is documented as relative; everything else resolves the same anywhere.
+    probe = "from app.settings import Settings; s = Settings(); print(s.sandbox_python, s.sandbox_python.is_absolute())"
+    seen = set()
+    for cwd in (REPO_ROOT, tmp_path):
+        done = subprocess.run(
+            [sys.executable, "-c", probe], cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        seen.add(done.stdout.strip())
+    (only,) = seen
+    assert only.endswith(" True") and str(Path(sys.prefix)) in only

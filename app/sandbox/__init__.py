@@ -104,7 +104,7 @@ class Sandboxes:
                     log.error("code_interpreter is unavailable: sessions run as other users and cannot read %s", path)
         if not (self.launcher.venv / "bin" / "python").exists():
             log.error(
-                "code_interpreter is unavailable: no sandbox Python at %s (run scripts/sandbox-setup)",
+                "code_interpreter is unavailable: no sandbox Python at %s (run: assistants-server sandbox-setup)",
                 self.launcher.venv,
             )
 

@@ -10,6 +10,8 @@ from app.retrieval import chunking
 def test_count_tokens_uses_cl100k() -> None:
     # cl100k_base: "hello world" is two tokens, so the real tokenizer is loaded offline.
     assert chunking.count_tokens("hello world") == 2
+    # The ranks shipped in the package are cl100k_base's own (these ids are).
+    assert chunking._encoding().encode("hello world") == [15339, 1917]
 
 
 def test_windows_have_the_size_and_overlap_asked_for() -> None:

@@ -25,7 +25,8 @@ MiB = 1024 * 1024
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     assert shutil.which("bwrap"), "bubblewrap is required for code_interpreter: apt-get install -y bubblewrap"
-    assert Path(".sandbox-venv/bin/python").exists(), "the sandbox Python is missing: run scripts/sandbox-setup"
+    venv = Settings().sandbox_python
+    assert (venv / "bin" / "python").exists(), f"no sandbox Python at {venv}: run `assistants-server sandbox-setup`"
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (data_dir / "assistants.db").write_text(CANARY)
