@@ -12,9 +12,11 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
+from sqlalchemy.util import await_only as await_
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -24,21 +26,63 @@ log = logging.getLogger("app.db")
 # ingest), from API replicas to standalone workers in other processes.
 WORK_CHANNEL = "assistants_work"
 
+# How long a SQLite transaction waits for another writer's lock before
+# failing with "database is locked".
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
 
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # SQLAlchemy, not the sqlite3 module, opens transactions (see
+    # _sqlite_begin): the module's own BEGIN comes only before the first
+    # write, which leaves a transaction's reads outside it.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    # WAL lets readers run while the worker writes; foreign keys make the
-    # thread -> messages/runs cascade real; the busy timeout turns a brief
-    # writer collision into a short wait instead of "database is locked".
+    # The busy timeout first, so that even the pragmas below wait for a
+    # writer instead of failing with "database is locked". WAL lets readers
+    # run while the worker writes; foreign keys make the thread ->
+    # messages/runs cascade real.
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    """Every transaction takes SQLite's write lock up front (issue 10).
+
+    A transaction that checks then writes ("no live run on this thread",
+    "the run is still requires_action") is then atomic: no other writer runs
+    between its check and its write. And it never fails halfway: a deferred
+    transaction that read first and writes later gets SQLITE_BUSY at once,
+    without waiting, when another writer committed in between, whereas
+    BEGIN IMMEDIATE waits for the lock under the busy timeout. SQLite has one
+    writer at a time anyway; readers queue behind short writes.
+    """
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _postgres_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Hand out only live connections: after a dropped connection (a server
+    restart, pg_terminate_backend, a failover) the next request reconnects
+    instead of answering 500 (issue 10).
+
+    One round trip (the simple query protocol) instead of SQLAlchemy's pool_pre_ping,
+    which costs three here (the asyncpg adapter wraps its ping in BEGIN and
+    ROLLBACK); bench/README.md has the figures. A dead connection means its
+    siblings are most likely dead too, so the whole pool is recycled.
+    """
+    driver = dbapi_connection.driver_connection  # the asyncpg connection
+    if driver.is_closed():  # its end was already seen: no round trip needed
+        raise sa_exc.InvalidatePoolError("connection closed by the server")
+    try:
+        await_(driver.execute("SELECT 1"))  # the simple protocol: one round trip
+    except Exception as error:  # whatever the cause, this connection cannot serve the request
+        raise sa_exc.InvalidatePoolError(f"stale connection: {error!r}") from error
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -47,11 +91,14 @@ def create_engine(url: str) -> AsyncEngine:
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, poolclass=NullPool if database == ":memory:" else None)
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "connect", _sqlite_connect)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
-    # No pool_pre_ping: it costs a round trip per transaction; recycling
-    # connections bounds how long a dead one can linger instead.
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_recycle=300)
+    # Recycling bounds how long an unused dead connection lingers; the
+    # checkout check catches the ones that died in between.
+    engine = create_async_engine(url, pool_size=10, max_overflow=20, pool_recycle=300)
+    event.listen(engine.sync_engine.pool, "checkout", _postgres_checkout)
+    return engine
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
