@@ -94,6 +94,16 @@ def tool_outputs_refused(status: str) -> APIError:
     return invalid(f'Runs in status "{status}" do not accept tool outputs.')
 
 
+def database_unavailable() -> APIError:
+    """503 (the SDKs retry it): the database stayed locked past the busy
+    timeout, or the connection dropped in the middle of the request."""
+    return APIError(
+        503,
+        "The server could not reach its database in time. Please retry your request.",
+        type="server_error",
+    )
+
+
 def server_error() -> APIError:
     return APIError(
         500,
