@@ -13,7 +13,6 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -117,25 +116,6 @@ class _SQLiteWriters:
         event.listen(sync.pool, "close", close)
 
 
-def _postgres_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-    """Hand out only live connections: after a dropped connection (a server
-    restart, pg_terminate_backend, a failover) the next request reconnects
-    instead of answering 500 (issue 10).
-
-    One round trip (the simple query protocol) instead of SQLAlchemy's pool_pre_ping,
-    which costs three here (the asyncpg adapter wraps its ping in BEGIN and
-    ROLLBACK); bench/README.md has the figures. A dead connection means its
-    siblings are most likely dead too, so the whole pool is recycled.
-    """
-    driver = dbapi_connection.driver_connection  # the asyncpg connection
-    if driver.is_closed():  # its end was already seen: no round trip needed
-        raise sa_exc.InvalidatePoolError("connection closed by the server")
-    try:
-        await_(driver.execute("SELECT 1"))  # the simple protocol: one round trip
-    except Exception as error:  # whatever the cause, this connection cannot serve the request
-        raise sa_exc.InvalidatePoolError(f"stale connection: {error!r}") from error
-
-
 def create_engine(url: str) -> AsyncEngine:
     if is_sqlite(url):
         database = make_url(url).database
@@ -145,11 +125,14 @@ def create_engine(url: str) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         _SQLiteWriters(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000).listen(engine)
         return engine
-    # Recycling bounds how long an unused dead connection lingers; the
-    # checkout check catches the ones that died in between.
-    engine = create_async_engine(url, pool_size=10, max_overflow=20, pool_recycle=300)
-    event.listen(engine.sync_engine.pool, "checkout", _postgres_checkout)
-    return engine
+    # pool_pre_ping: every connection handed out is checked first, so that
+    # after a dropped connection (a server restart, pg_terminate_backend, a
+    # failover) the next request reconnects instead of failing (issue 10); a
+    # dead one recycles the whole pool, its siblings being most likely dead
+    # too. It costs about 0.4 ms per transaction on a loaded 2-core machine
+    # (bench/connection_check.py). Recycling bounds how long an unused
+    # connection lingers.
+    return create_async_engine(url, pool_size=10, max_overflow=20, pool_recycle=300, pool_pre_ping=True)
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
