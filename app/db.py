@@ -67,6 +67,10 @@ class _SQLiteWriters:
     order, rather than polling SQLite's lock through the busy handler, whose
     naps grow to 100 ms (15 requests queued behind a held lock took a second
     to drain that way). Other processes still meet the busy timeout.
+
+    So on SQLite, code must never open a transaction while it holds another
+    (in the same task): the second would wait for the first, up to the
+    timeout, and then fail with "database is locked".
     """
 
     _HOLDS = "sqlite_write_lock"

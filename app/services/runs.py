@@ -116,14 +116,19 @@ async def _insert_live(session: AsyncSession, run: orm.Run) -> None:
     """Insert a new live run. The check before it makes a conflict rare (it
     takes a writer that skipped the thread lock); the live-run index makes it
     impossible, and its refusal is answered like the check's."""
-    try:
-        async with session.begin_nested():
-            session.add(run)
-    except IntegrityError as error:
-        if not thread_lock.is_live_run_conflict(error):
-            raise
-        winner = await thread_lock.active_run(session, run.thread_id)
-        raise errors.thread_has_active_run(run.thread_id, winner.id if winner else "") from error
+    for _attempt in range(3):
+        try:
+            async with session.begin_nested():
+                session.add(run)
+            return
+        except IntegrityError as error:
+            if not thread_lock.is_live_run_conflict(error):
+                raise
+            winner = await thread_lock.active_run(session, run.thread_id)
+            if winner is not None:
+                raise errors.thread_has_active_run(run.thread_id, winner.id) from error
+            # The run that was in the way has ended since: try again.
+    raise errors.thread_has_active_run(run.thread_id, "(a run that has just ended)")
 
 
 async def create_thread_and_run(
