@@ -13,6 +13,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -52,7 +53,7 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-class _SQLiteWriters:
+class SQLiteWriters:
     """Every SQLite transaction takes the write lock up front (issue 10).
 
     A transaction that checks then writes ("no live run on this thread",
@@ -83,7 +84,9 @@ class _SQLiteWriters:
         try:
             await_(asyncio.wait_for(self._lock.acquire(), self.timeout))
         except TimeoutError:
-            raise sqlite3.OperationalError("database is locked (by this process's other transactions)") from None
+            # Worded and typed like SQLite's own refusal, so that it is answered alike.
+            refusal = sqlite3.OperationalError("database is locked (by this process's other transactions)")
+            raise sa_exc.OperationalError("BEGIN IMMEDIATE", None, refusal) from None
         connection.info[self._HOLDS] = True
         try:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
@@ -127,7 +130,7 @@ def create_engine(url: str) -> AsyncEngine:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, poolclass=NullPool if database == ":memory:" else None)
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
-        _SQLiteWriters(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000).listen(engine)
+        SQLiteWriters(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000).listen(engine)
         return engine
     # pool_pre_ping: every connection handed out is checked first, so that
     # after a dropped connection (a server restart, pg_terminate_backend, a

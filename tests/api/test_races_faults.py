@@ -13,7 +13,9 @@ import openai
 import pytest
 import sqlalchemy
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from app import db
 from app.api import handlers
 from app.settings import Settings
 from tests import pg
@@ -122,3 +124,59 @@ def test_a_locked_database_is_a_retryable_503(tmp_path: Any) -> None:
     finally:
         engine.dispose()
         holder.close()
+
+
+async def test_sqlite_writers_queue_and_always_release(tmp_path: Any) -> None:
+    """The in-process queue in front of SQLite's write lock: transactions
+    wait their turn, give it up however they end (commit, error, a cancelled
+    task), and one that waits too long gets the retryable 503."""
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'queue.db'}")
+    db.SQLiteWriters(timeout=0.5).listen(engine)
+    try:
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql("CREATE TABLE t (x)")
+        order: list[str] = []
+        async with engine.begin() as first:
+            await first.exec_driver_sql("INSERT INTO t VALUES (1)")
+            second = asyncio.ensure_future(_insert(engine, order, "second"))
+            await asyncio.sleep(0.05)
+            assert not second.done()
+            order.append("first")
+        await second
+        assert order == ["first", "second"]
+
+        with pytest.raises(ZeroDivisionError):
+            async with engine.begin() as failing:
+                await failing.exec_driver_sql("INSERT INTO t VALUES (2)")
+                raise ZeroDivisionError
+        await _insert(engine, order, "after an error")
+
+        holding = asyncio.Event()
+
+        async def cancelled_midway() -> None:
+            async with engine.begin() as connection:
+                await connection.exec_driver_sql("INSERT INTO t VALUES (3)")
+                holding.set()
+                await asyncio.Event().wait()
+
+        task = asyncio.ensure_future(cancelled_midway())
+        await holding.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await _insert(engine, order, "after a cancel")
+
+        async with engine.begin() as blocking:
+            await blocking.exec_driver_sql("INSERT INTO t VALUES (4)")
+            with pytest.raises(sqlalchemy.exc.OperationalError) as caught:
+                await _insert(engine, order, "too late")
+        assert handlers.unexpected_error(caught.value).status == 503
+        assert order == ["first", "second", "after an error", "after a cancel"]
+    finally:
+        await engine.dispose()
+
+
+async def _insert(engine: Any, order: list[str], name: str) -> None:
+    async with engine.begin() as connection:
+        await connection.exec_driver_sql("INSERT INTO t VALUES (0)")
+        order.append(name)
