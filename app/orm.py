@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -69,11 +69,26 @@ class Message(Base):
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType)
 
 
+# A live run owns its thread: no second run, no new message, until it ends.
+# requires_action counts: the run still owns the thread until outputs arrive.
+LIVE_RUN_STATUSES = ("queued", "in_progress", "requires_action", "cancelling")
+_LIVE_RUN = text("status IN ('queued', 'in_progress', 'requires_action', 'cancelling')")
+
+
 class Run(Base):
     __tablename__ = "runs"
     __table_args__ = (
         Index("ix_runs_thread_seq", "thread_id", "seq"),
         Index("ix_runs_status", "status"),
+        # The database itself keeps "one live run per thread" (issue 10),
+        # whatever a check before the insert saw.
+        Index(
+            "ux_runs_live_thread",
+            "thread_id",
+            unique=True,
+            sqlite_where=_LIVE_RUN,
+            postgresql_where=_LIVE_RUN,
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)

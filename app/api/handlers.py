@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -71,9 +72,17 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(error)
 
 
+def unexpected_error(exc: Exception) -> errors.APIError:
+    """A database that is locked or whose connection dropped mid-request is a
+    clear, retryable 503 (issue 10); anything else is OpenAI's 500."""
+    if isinstance(exc, DBAPIError) and (exc.connection_invalidated or "database is locked" in str(exc.orig)):
+        return errors.database_unavailable()
+    return errors.server_error()
+
+
 async def _unexpected(_request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
-    return error_response(errors.server_error())
+    return error_response(unexpected_error(exc))
 
 
 def install(app: FastAPI, api_keys: Sequence[str]) -> None:
@@ -128,7 +137,7 @@ class RequestGate:
             if started:  # a stream already under way: nothing left to answer with
                 raise
             log.exception("unhandled error (request %s)", request_id, exc_info=exc)
-            await _send_error(errors.server_error(), send_with_id)
+            await _send_error(unexpected_error(exc), send_with_id)
 
     def _check(self, headers: dict[str, str]) -> errors.APIError | None:
         if not self.api_keys:

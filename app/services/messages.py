@@ -86,7 +86,7 @@ async def create(session: AsyncSession, thread_id: str, body: MessageCreate) -> 
     await _require_thread(session, thread_id)
     run = await thread_lock.active_run(session, thread_id)
     if run is not None:
-        raise errors.invalid(f"Can't add messages to {thread_id} while a run {run.id} is active.")
+        raise errors.thread_locked_for_messages(thread_id, run.id)
     return await add(session, thread_id, body)
 
 

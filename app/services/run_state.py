@@ -2,22 +2,26 @@
 that changes a run's status (DOC-DD lifecycle, wire notes 2.5).
 
 transition() is a compare-and-set UPDATE on (id, status): if another worker
-or request moved the run first, it raises TransitionConflict instead of
-overwriting. Timestamps are stamped here and nowhere else.
+or request moved the run first, it raises TransitionConflict, carrying the run
+as it is now, instead of overwriting. Timestamps are stamped here and nowhere
+else. apply() is how a request changes a run: its rule is re-evaluated against
+the fresh run when its transition loses a race (issue 10), so a request that
+loses answers what it would have answered a moment later, never a 500.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
-from app import ids, orm
+from app import errors, ids, orm
 
 TERMINAL = frozenset({"cancelled", "failed", "completed", "incomplete", "expired"})
-LIVE = frozenset({"queued", "in_progress", "requires_action", "cancelling"})
+LIVE = frozenset(orm.LIVE_RUN_STATUSES)
 CANCELLABLE = frozenset({"queued", "in_progress", "requires_action"})
 
 ALLOWED: dict[str, frozenset[str]] = {
@@ -37,7 +41,16 @@ _STAMP = {
 
 
 class TransitionConflict(Exception):
-    """The run was not in the expected status any more (someone else moved it)."""
+    """The run was not in the expected status any more (someone else moved it).
+
+    ``current`` is the run re-read after the conflict (the same object,
+    refreshed, when it was loaded by this session), or None if it is gone or
+    the raiser did not re-read it.
+    """
+
+    def __init__(self, message: str, current: orm.Run | None = None) -> None:
+        super().__init__(message)
+        self.current = current
 
 
 class InvalidTransition(Exception):
@@ -70,7 +83,37 @@ async def transition(session: AsyncSession, run: orm.Run, to: str, **fields: Any
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
-        raise TransitionConflict(f"{run.id} is no longer {source}")
+        # On PostgreSQL the winner has committed (the UPDATE waited for its
+        # row lock), so this read sees the status it left.
+        current = await session.get(orm.Run, run.id, populate_existing=True)
+        raise TransitionConflict(f"{run.id} is no longer {source}", current)
     for key, value in values.items():
         set_committed_value(run, key, value)
     return f"thread.run.{to}"
+
+
+T = TypeVar("T")
+
+# Every retry follows a change someone else committed, and a run makes few
+# moves before it ends (then rules answer 400 without a transition).
+_ATTEMPTS = 10
+
+
+async def apply(run: orm.Run, rule: Callable[[orm.Run], Awaitable[T]]) -> T:
+    """Apply a request's ``rule`` to ``run``: the rule checks the status (an
+    APIError if the request is not allowed in it) and transitions the run.
+
+    When its transition loses a race (a worker started or ended the run, a
+    second request got there first), the rule runs again against the run as
+    it is now. So the rule must write nothing before its first transition;
+    after it, on PostgreSQL the row stays locked by this transaction, and on
+    SQLite no other writer runs until the commit.
+    """
+    for _ in range(_ATTEMPTS - 1):
+        try:
+            return await rule(run)
+        except TransitionConflict as conflict:
+            if conflict.current is None:
+                raise errors.not_found("run", run.id) from conflict
+            run = conflict.current
+    return await rule(run)

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
@@ -100,15 +101,34 @@ async def create(
     await threads.get(session, thread_id)
     active = await thread_lock.active_run(session, thread_id)
     if active is not None:
-        raise errors.invalid(f"Thread {thread_id} already has an active run {active.id}.")
+        raise errors.thread_has_active_run(thread_id, active.id)
     # additional_messages come before the run (the executor reads messages older than the run).
     for message in body.additional_messages or []:
         await messages.add(session, thread_id, message)
     run = await _new_run(
         session, thread_id, body, expires_in=expires_in, additional_instructions=body.additional_instructions
     )
-    session.add(run)
+    await _insert_live(session, run)
     return run, _queued_events(run)
+
+
+async def _insert_live(session: AsyncSession, run: orm.Run) -> None:
+    """Insert a new live run. The check before it makes a conflict rare (it
+    takes a writer that skipped the thread lock); the live-run index makes it
+    impossible, and its refusal is answered like the check's."""
+    for _attempt in range(3):
+        try:
+            async with session.begin_nested():
+                session.add(run)
+            return
+        except IntegrityError as error:
+            if not thread_lock.is_live_run_conflict(error):
+                raise
+            winner = await thread_lock.active_run(session, run.thread_id)
+            if winner is not None:
+                raise errors.thread_has_active_run(run.thread_id, winner.id) from error
+            # The run that was in the way has ended since: try again.
+    raise errors.thread_has_active_run(run.thread_id, "(a run that has just ended)")
 
 
 async def create_thread_and_run(
@@ -153,16 +173,19 @@ def _lease_is_live(run: orm.Run) -> bool:
 
 async def cancel(session: AsyncSession, thread_id: str, run_id: str) -> tuple[Run, list[Event]]:
     """Returns the run as the client sees it (``cancelling``) and the events."""
-    run = await get(session, thread_id, run_id)
-    if run.status not in run_state.CANCELLABLE:
-        raise errors.invalid(f"Cannot cancel run with status '{run.status}'.")
-    executing = run.status == "in_progress" or _lease_is_live(run)
-    events = [Event.of(await run_state.transition(session, run, "cancelling"), to_wire(run))]
-    answer = to_wire(run)
-    if not executing:
-        # Nobody is executing it, so nobody else will finish the cancel.
-        events += await close_out(session, run, "cancelled")
-    return answer, events
+
+    async def rule(run: orm.Run) -> tuple[Run, list[Event]]:
+        if run.status not in run_state.CANCELLABLE:
+            raise errors.cannot_cancel(run.status)
+        executing = run.status == "in_progress" or _lease_is_live(run)
+        events = [Event.of(await run_state.transition(session, run, "cancelling"), to_wire(run))]
+        answer = to_wire(run)
+        if not executing:
+            # Nobody is executing it, so nobody else will finish the cancel.
+            events += await close_out(session, run, "cancelled")
+        return answer, events
+
+    return await run_state.apply(await get(session, thread_id, run_id), rule)
 
 
 def _pending_call_ids(run: orm.Run) -> list[str]:
@@ -173,18 +196,27 @@ def _pending_call_ids(run: orm.Run) -> list[str]:
 async def submit_tool_outputs(
     session: AsyncSession, thread_id: str, run_id: str, body: SubmitToolOutputs
 ) -> tuple[orm.Run, list[Event]]:
-    run = await get(session, thread_id, run_id)
-    status = run.status
-    if status == "requires_action" and run.expires_at is not None and run.expires_at <= ids.now():
-        status = "expired"  # the reaper is about to record it; it is over either way
-    if status != "requires_action":
-        raise errors.invalid(f'Runs in status "{status}" do not accept tool outputs.')
-    events: list[Event] = []
-    expected = _pending_call_ids(run)
-    given = [output.tool_call_id for output in body.tool_outputs]
-    if sorted(given) != sorted(expected) or len(set(given)) != len(given):
-        raise errors.invalid(f"Expected tool outputs for call_ids {expected!r}, got {given!r}")
     outputs = {item.tool_call_id: _output_text(item.output) for item in body.tool_outputs}
+
+    async def rule(run: orm.Run) -> tuple[orm.Run, list[Event]]:
+        status = run.status
+        if status == "requires_action" and run.expires_at is not None and run.expires_at <= ids.now():
+            status = "expired"  # the reaper is about to record it; it is over either way
+        if status != "requires_action":
+            raise errors.tool_outputs_refused(status)
+        expected = _pending_call_ids(run)
+        given = [output.tool_call_id for output in body.tool_outputs]
+        if sorted(given) != sorted(expected) or len(set(given)) != len(given):
+            raise errors.invalid(f"Expected tool outputs for call_ids {expected!r}, got {given!r}")
+        queued = Event.of(await run_state.transition(session, run, "queued"), to_wire(run))
+        return run, [*await _complete_tool_steps(session, run, outputs), queued]
+
+    return await run_state.apply(await get(session, thread_id, run_id), rule)
+
+
+async def _complete_tool_steps(session: AsyncSession, run: orm.Run, outputs: dict[str, str]) -> list[Event]:
+    """The waiting tool_calls steps, completed with the submitted outputs."""
+    events: list[Event] = []
     for step in await run_steps.in_progress(session, run.id):
         if step.type != "tool_calls":
             continue
@@ -194,8 +226,7 @@ async def submit_tool_outputs(
         step.status = "completed"
         step.completed_at = ids.now()
         events.append(Event.of("thread.run.step.completed", run_steps.to_wire(step)))
-    events.append(Event.of(await run_state.transition(session, run, "queued"), to_wire(run)))
-    return run, events
+    return events
 
 
 def _output_text(output: Any) -> str:

@@ -1,7 +1,7 @@
 """model requests: each completion as sent to the model and as answered
 
 Revision ID: 0007_model_requests
-Revises: 0004
+Revises: 0005_live_run_per_thread
 Create Date: 2026-11-29
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0007_model_requests"
-down_revision = "0004"
+down_revision = "0005_live_run_per_thread"
 branch_labels = None
 depends_on = None
 
