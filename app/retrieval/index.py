@@ -2,13 +2,16 @@
 
 SQLite: an FTS5 table (kept in step with vector_store_chunks by triggers)
 ranked by bm25(); embeddings as float32 blobs (app.retrieval.vectors).
-PostgreSQL: a generated tsvector column with a GIN index ranked by ts_rank()
-normalised by document length; embeddings in a pgvector column.
+PostgreSQL: a generated tsvector column with a GIN index; embeddings in a
+pgvector column.
 
-bm25 and ts_rank live on different scales (and bm25's IDF vanishes in tiny
-stores), so a keyword score is relative to the best match of the query times
-the share of query words the chunk contains: 0..1, and ``score_threshold``
-means the same on both engines.
+PostgreSQL's ranking (app.retrieval.postgres_keywords) adds what ts_rank
+lacks: the rarity of each word, and a bound on the chunks it scores.
+
+The engines' scores live on different scales, so a keyword score is relative
+to the best match of the query, scaled by the share of query words that best
+match contains (0..1): ``score_threshold`` means the same on both engines.
+Chunks stay in BM25 order (re-sorting by word coverage ranked worse).
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import BindParameter, bindparam, delete, text
+from sqlalchemy import bindparam, delete, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import orm
+from app.retrieval import postgres_keywords
+from app.retrieval.filters import Compiled
 
 MAX_QUERY_TERMS = 64
 _TERM = re.compile(r"\w+", re.UNICODE)
@@ -148,52 +152,65 @@ async def remove_chunks(session: AsyncSession, vector_store_id: str, file_ids: S
     await session.execute(statement.execution_options(synchronize_session=False))
 
 
-async def keyword_search(
-    session: AsyncSession, store_ids: Sequence[str], query: str, limit: int, file_ids: Sequence[str] | None = None
-) -> list[Hit]:
-    """Best chunks by BM25-like relevance to any of the query's words."""
+@dataclass
+class Scope:
+    """Where a search looks: these stores, optionally only chunks of files
+    whose row passes ``condition`` (an attribute filter compiled to SQL over
+    the file row aliased ``f``)."""
+
+    store_ids: Sequence[str]
+    condition: Compiled | None = None
+
+    def sql(self) -> str:
+        """The WHERE fragment for a chunk aliased ``c`` (bound: ``stores`` and the condition's names)."""
+        where = "c.vector_store_id IN :stores"
+        if self.condition is not None:
+            where += (
+                " AND EXISTS (SELECT 1 FROM vector_store_files f WHERE f.vector_store_id = c.vector_store_id "  # noqa: S608 (the condition is compiled with bound values)
+                f"AND f.file_id = c.file_id AND f.status = 'completed' AND {self.condition.sql})"
+            )
+        return where
+
+    def params(self) -> dict[str, object]:
+        return {"stores": list(self.store_ids), **(self.condition.params if self.condition else {})}
+
+
+async def keyword_search(session: AsyncSession, scope: Scope, query: str, limit: int) -> list[Hit]:
+    """The ``limit`` best chunks by BM25 relevance to the query's words; the
+    score is relative to the best match (0..1, the same meaning on both engines)."""
     words = terms(query)
-    if not words or not store_ids or (file_ids is not None and not file_ids):
+    if not words or not scope.store_ids:
         return []
     if _is_postgres(session):
-        sql = (
-            "SELECT c.id, c.vector_store_id, c.file_id, c.text, ts_rank(c.tsv, q, 1) AS score "
-            "FROM vector_store_chunks c, to_tsquery('english', :query) q "
-            "WHERE c.tsv @@ q AND c.vector_store_id IN :stores {files} ORDER BY score DESC LIMIT :limit"
-        )
-        match = " | ".join(words)
+        rows = await postgres_keywords.search(session, scope.sql(), scope.params(), words, limit)
     else:
         sql = (
-            "SELECT c.id, c.vector_store_id, c.file_id, c.text, -bm25(vector_store_chunks_fts) AS score "
+            "SELECT c.id, c.vector_store_id, c.file_id, c.text, -bm25(vector_store_chunks_fts) AS score "  # noqa: S608 (constant fragments only; values are bound)
             "FROM vector_store_chunks_fts JOIN vector_store_chunks c ON c.id = vector_store_chunks_fts.rowid "
-            "WHERE vector_store_chunks_fts MATCH :query AND c.vector_store_id IN :stores {files} "
+            f"WHERE vector_store_chunks_fts MATCH :query AND {scope.sql()} "
             "ORDER BY bm25(vector_store_chunks_fts) LIMIT :limit"
         )
-        match = " OR ".join(f'"{word}"' for word in words)
-    params: dict[str, object] = {"query": match, "stores": list(store_ids), "limit": limit}
-    binds: list[BindParameter[Any]] = [bindparam("stores", expanding=True)]
-    if file_ids is not None:
-        params["files"] = list(file_ids)
-        binds.append(bindparam("files", expanding=True))
-    statement = text(sql.format(files="AND c.file_id IN :files" if file_ids is not None else "")).bindparams(*binds)
-    rows = (await session.execute(statement, params)).all()
-    best = max((max(0.0, float(row.score)) for row in rows), default=0.0) or 1.0
+        params = {**scope.params(), "query": " OR ".join(f'"{word}"' for word in words), "limit": limit}
+        statement = text(sql).bindparams(bindparam("stores", expanding=True))
+        rows = [
+            (r.id, r.vector_store_id, r.file_id, r.text, float(r.score))
+            for r in await session.execute(statement, params)
+        ]
+    if not rows:
+        return []
+    best = max(0.0, rows[0][4]) or 1.0
+    # Monotone in BM25 (the order is the engine's): relative to the best
+    # chunk, scaled by the share of the query's words that chunk contains, so
+    # a query half of whose words occur nowhere never scores above 0.5.
+    scale = _coverage(words, rows[0][3])
     return [
-        Hit(
-            row.id,
-            row.vector_store_id,
-            row.file_id,
-            row.text,
-            _score(max(0.0, float(row.score)) / best, words, row.text),
-        )
-        for row in rows
+        Hit(c, store, file, body, max(1e-6, min(1.0, scale * max(0.0, score) / best)))
+        for c, store, file, body, score in rows
     ]
 
 
-def _score(relative: float, words: Sequence[str], chunk: str) -> float:
-    """Engine-independent 0..1: the rank score relative to the best match,
-    times the share of query words the chunk contains (a word counts when
-    its first five letters occur, which tolerates inflections)."""
+def _coverage(words: Sequence[str], chunk: str) -> float:
+    """Share of the words found in the chunk (a word counts when its first
+    five letters occur, which tolerates inflections)."""
     lowered = chunk.lower()
-    covered = sum(1 for word in words if word[:5] in lowered) / len(words)
-    return max(1e-6, min(1.0, relative * covered))
+    return sum(1 for word in words if word[:5] in lowered) / len(words)

@@ -136,36 +136,97 @@ def _read_text(path: Path) -> str:
 
 
 class _HTMLText(html.parser.HTMLParser):
-    SKIP = frozenset({"script", "style", "head", "noscript", "template"})
+    """Visible text of a page, without its navigation.
+
+    Generated sites repeat their navigation on every page (a Sphinx page has
+    its sidebar, a nav bar twice and a footer: 13% of the words of Python's
+    library docs). Indexed, that text matches every query about anything and
+    dilutes each page's own words. So regions marked as navigation (nav,
+    footer, aside, ARIA landmark roles, the usual Sphinx and theme classes)
+    are dropped, and when the page marks its main content (``<main>``,
+    ``role="main"``, ``<article>``) only that is kept.
+    """
+
+    SKIP = frozenset({"script", "style", "head", "noscript", "template", "nav", "footer", "aside", "svg", "button"})
+    SKIP_ROLES = frozenset({"navigation", "contentinfo", "banner", "search", "complementary"})
+    SKIP_CLASSES = frozenset(
+        {"sphinxsidebar", "related", "footer", "mobile-nav", "headerlink", "navbar", "breadcrumb", "breadcrumbs"}
+    )
+    MAIN_TAGS = frozenset({"main", "article"})
     BLOCK = frozenset({"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "section", "dt", "dd"})
+    # Elements without an end tag never open a region.
+    VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"})
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
-        self.skipping = 0
+        self.main_parts: list[str] = []
+        # (tag, depth of that tag name) of the region being skipped / of main.
+        self.skip: tuple[str, int] | None = None
+        self.main: tuple[str, int] | None = None
+        self.found_main = False
+
+    def _skipped(self, tag: str, attrs: list[tuple[str, str | None]]) -> bool:
+        if tag in self.SKIP:
+            return True
+        values = dict(attrs)
+        if (values.get("role") or "") in self.SKIP_ROLES:
+            return True
+        return not self.SKIP_CLASSES.isdisjoint((values.get("class") or "").split())
+
+    def _is_main(self, tag: str, attrs: list[tuple[str, str | None]]) -> bool:
+        return tag in self.MAIN_TAGS or dict(attrs).get("role") == "main"
+
+    def _emit(self, text: str) -> None:
+        self.parts.append(text)
+        if self.main is not None:
+            self.main_parts.append(text)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in self.SKIP:
-            self.skipping += 1
-        elif tag in self.BLOCK:
-            self.parts.append("\n")
+        if self.skip is not None:
+            if tag == self.skip[0]:
+                self.skip = (tag, self.skip[1] + 1)
+            return
+        if tag not in self.VOID and self._skipped(tag, attrs):
+            self.skip = (tag, 1)
+            return
+        if self.main is not None and tag == self.main[0]:
+            self.main = (tag, self.main[1] + 1)
+        elif self.main is None and tag not in self.VOID and self._is_main(tag, attrs):
+            self.main, self.found_main = (tag, 1), True
+        if tag in self.BLOCK:
+            self._emit("\n")
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self.skip is None and tag in self.BLOCK:
+            self._emit("\n")
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in self.SKIP and self.skipping:
-            self.skipping -= 1
-        elif tag in self.BLOCK:
-            self.parts.append("\n")
+        if self.skip is not None:
+            if tag == self.skip[0]:
+                depth = self.skip[1] - 1
+                self.skip = (tag, depth) if depth else None
+            return
+        if tag in self.BLOCK:
+            self._emit("\n")
+        if self.main is not None and tag == self.main[0]:
+            depth = self.main[1] - 1
+            self.main = (tag, depth) if depth else None
 
     def handle_data(self, data: str) -> None:
-        if not self.skipping:
-            self.parts.append(data)
+        if self.skip is None:
+            self._emit(data)
+
+    def text(self) -> str:
+        main = "".join(self.main_parts)
+        return main if self.found_main and main.strip() else "".join(self.parts)
 
 
 def html_to_text(markup: str) -> str:
     parser = _HTMLText()
     parser.feed(markup)
     parser.close()
-    lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
+    lines = (" ".join(line.split()) for line in parser.text().splitlines())
     return "\n".join(line for line in lines if line)
 
 

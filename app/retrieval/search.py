@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.retrieval import index, vectors
-from app.retrieval.index import Hit
+from app.retrieval.filters import Compiled
+from app.retrieval.index import Hit, Scope
 
 RRF_K = 60
 # Each ranked list contributes candidates beyond the page, so fusion can
@@ -44,16 +45,18 @@ async def search(
     limit: int,
     *,
     score_threshold: float = 0.0,
-    file_ids: Sequence[str] | None = None,
+    condition: Compiled | None = None,
     query_vectors: Sequence[Sequence[float]] | None = None,
 ) -> list[Hit]:
-    """The best ``limit`` chunks over all queries, each chunk once."""
+    """The best ``limit`` chunks over all queries, each chunk once; only
+    chunks of files whose row passes ``condition`` (a compiled filter)."""
+    scope = Scope(store_ids, condition)
     candidates = max(MIN_CANDIDATES, limit * CANDIDATE_FACTOR)
     best: dict[int, Hit] = {}
     for position, query in enumerate(queries):
-        lists = [await index.keyword_search(session, store_ids, query, candidates, file_ids)]
+        lists = [await index.keyword_search(session, scope, query, candidates)]
         if query_vectors is not None:
-            lists.append(await vectors.nearest(session, store_ids, query_vectors[position], candidates, file_ids))
+            lists.append(await vectors.nearest(session, scope, query_vectors[position], candidates))
         for hit in fuse(lists, candidates):
             if hit.chunk_id not in best or best[hit.chunk_id].score < hit.score:
                 best[hit.chunk_id] = hit

@@ -1,8 +1,8 @@
 """POST /vector_stores/{id}/search and the store lookups of the file_search tool.
 
-Attribute filters are evaluated against the store's completed files (one
-row per file, few compared with chunks); the chunk search is then limited
-in SQL to the files that pass, so a filter never starves the page.
+Attribute filters are compiled to SQL (app.retrieval.filters) and applied
+inside the chunk query, so a filter never starves the page; only the file
+rows of the hits are read. ``matches`` states the same semantics on one row.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import orm
 from app.retrieval import search as ranking
+from app.retrieval.filters import Dialect, compile_filter
 from app.retrieval.index import Hit
 from app.services import vector_stores
 from app.wire.vector_stores import (
@@ -56,17 +57,21 @@ def matches(condition: ComparisonFilter | CompoundFilter, attributes: dict[str, 
     return _compare(condition.type, attributes[condition.key], condition.value)
 
 
-async def completed_files(
-    session: AsyncSession, store_ids: Sequence[str]
-) -> dict[tuple[str, str], orm.VectorStoreFile]:
+async def files_of_hits(session: AsyncSession, hits: Sequence[Hit]) -> dict[tuple[str, str], orm.VectorStoreFile]:
+    """The completed file rows of these hits (only those: a store may hold thousands)."""
+    keys = {(hit.vector_store_id, hit.file_id) for hit in hits}
+    if not keys:
+        return {}
     rows = (
         await session.scalars(
             select(orm.VectorStoreFile).where(
-                orm.VectorStoreFile.vector_store_id.in_(store_ids), orm.VectorStoreFile.status == "completed"
+                orm.VectorStoreFile.vector_store_id.in_({store for store, _ in keys}),
+                orm.VectorStoreFile.file_id.in_({file for _, file in keys}),
+                orm.VectorStoreFile.status == "completed",
             )
         )
     ).all()
-    return {(row.vector_store_id, row.file_id): row for row in rows}
+    return {(row.vector_store_id, row.file_id): row for row in rows if (row.vector_store_id, row.file_id) in keys}
 
 
 def queries_of(body: SearchRequest) -> list[str]:
@@ -77,10 +82,8 @@ async def search(
     session: AsyncSession, vector_store_id: str, body: SearchRequest, query_vectors: Sequence[Sequence[float]] | None
 ) -> SearchResultsPage:
     store = await vector_stores.get_live(session, vector_store_id)
-    files = await completed_files(session, [store.id])
-    allowed = None
-    if body.filters is not None:
-        allowed = [file_id for (_, file_id), row in files.items() if matches(body.filters, row.attributes or {})]
+    dialect: Dialect = "postgresql" if session.get_bind().dialect.name == "postgresql" else "sqlite"
+    condition = compile_filter(body.filters, dialect) if body.filters is not None else None
     options = body.ranking_options
     hits = await ranking.search(
         session,
@@ -88,9 +91,10 @@ async def search(
         queries_of(body),
         body.max_num_results,
         score_threshold=options.score_threshold if options else 0.0,
-        file_ids=allowed,
+        condition=condition,
         query_vectors=query_vectors,
     )
+    files = await files_of_hits(session, hits)
     vector_stores.touch(store)
     return SearchResultsPage(
         search_query=queries_of(body),

@@ -99,7 +99,6 @@ class FileSearch:
             )
         vectors = await embed.embed_queries(runtime.settings, queries)
         async with runtime.transaction() as session:
-            files = await vector_store_search.completed_files(session, stores.searched)
             hits = await ranking.search(
                 session,
                 stores.searched,
@@ -108,6 +107,7 @@ class FileSearch:
                 score_threshold=options["score_threshold"],
                 query_vectors=vectors,
             )
+            files = await vector_store_search.files_of_hits(session, hits)
             await _touch(session, stores.searched)
             turn = await _turn(session, run)
         return _result(
