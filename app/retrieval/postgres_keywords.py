@@ -41,13 +41,15 @@ class _Stats:
     floor: float  # frequency below every listed lexeme (0 when unknown)
 
 
-_stats: _Stats | None = None
+# Per database (a process normally has one), read again after the TTL.
+_stats: dict[str, _Stats] = {}
 
 
 async def _frequencies(session: AsyncSession) -> _Stats:
-    global _stats
-    if _stats is not None and time.monotonic() - _stats.read_at < STATS_TTL_SECONDS:
-        return _stats
+    database = str(session.get_bind().engine.url)
+    cached = _stats.get(database)
+    if cached is not None and time.monotonic() - cached.read_at < STATS_TTL_SECONDS:
+        return cached
     row = (
         await session.execute(
             text(
@@ -62,8 +64,8 @@ async def _frequencies(session: AsyncSession) -> _Stats:
         # most_common_elem_freqs ends with the minimum, maximum and null share.
         frequencies = {str(word): float(share) for word, share in zip(row.words, row.freqs, strict=False)}
         floor = float(row.freqs[-3]) * _UNLISTED_SHARE
-    _stats = _Stats(time.monotonic(), frequencies, floor)
-    return _stats
+    _stats[database] = _Stats(time.monotonic(), frequencies, floor)
+    return _stats[database]
 
 
 def _lexeme_literal(lexeme: str) -> str:

@@ -28,14 +28,19 @@ from app.wire.vector_stores import (
 )
 
 
+def _equal(actual: Any, expected: Any) -> bool:
+    """Equal values of the same JSON kind (true is not 1)."""
+    return isinstance(actual, bool) == isinstance(expected, bool) and bool(actual == expected)
+
+
 def _compare(op: str, actual: Any, expected: Any) -> bool:
     if op in ("in", "nin"):
-        found = isinstance(expected, list) and actual in expected
+        found = isinstance(expected, list) and any(_equal(actual, item) for item in expected)
         return found if op == "in" else not found
     if op == "eq":
-        return bool(actual == expected)
+        return _equal(actual, expected)
     if op == "ne":
-        return bool(actual != expected)
+        return not _equal(actual, expected)
     numeric = (int, float)
     comparable = (isinstance(actual, numeric) and isinstance(expected, numeric)) or (
         isinstance(actual, str) and isinstance(expected, str)

@@ -68,3 +68,34 @@ def test_bad_files(tmp_path: Path, name: str, data: bytes, code: str) -> None:
     with pytest.raises(parse.ParseError) as exc:
         parse.extract_text(_write(tmp_path, name, data), name)
     assert exc.value.code == code and exc.value.message
+
+
+SPHINX_PAGE = b"""<html><head><title>bisect</title></head><body>
+<div class="mobile-nav"><nav class="nav-content" role="navigation">Python 3.11 Menu Search</nav></div>
+<div class="related" role="navigation"><ul><li>index</li><li>modules</li><li>next: heapq</li></ul></div>
+<div class="document"><div class="documentwrapper"><div class="bodywrapper"><div class="body" role="main">
+<section><h1>bisect \xe2\x80\x94 Array bisection algorithm<a class="headerlink" href="#x">\xc2\xb6</a></h1>
+<p>Keep a list in sorted order <img src="x.png"> without sorting it again.</p><br>
+<div class="highlight"><pre>bisect_left(a, x)</pre></div></section>
+</div></div></div>
+<div class="sphinxsidebar" role="navigation"><div class="sphinxsidebarwrapper"><h3>Table of Contents</h3>
+<p>Previous topic: heapq</p></div></div></div>
+<div class="footer">Copyright 2001-2023 Python Software Foundation</div>
+</body></html>"""
+
+
+def test_html_keeps_the_content_and_drops_the_navigation(tmp_path: Path) -> None:
+    text = parse.extract_text(_write(tmp_path, "bisect.html", SPHINX_PAGE), "bisect.html")
+    assert text == (
+        "bisect \u2014 Array bisection algorithm\n"
+        "Keep a list in sorted order without sorting it again.\n"
+        "bisect_left(a, x)"
+    )
+
+
+def test_html_without_a_marked_main_keeps_everything_but_navigation(tmp_path: Path) -> None:
+    page = (
+        b"<html><body><nav><a>Home</a><a>About</a></nav><h1>Title</h1><div><div>Nested</div> body</div>"
+        b"<aside>related links</aside><footer>fine print</footer><p>End</p></body></html>"
+    )
+    assert parse.extract_text(_write(tmp_path, "p.html", page), "p.html") == "Title\nNested\nbody\nEnd"
