@@ -65,6 +65,13 @@ def load_questions() -> list[dict[str, str]]:
 QUESTIONS = load_questions()
 
 
+def memory_mib() -> tuple[float, float]:
+    """This process's resident memory now and its peak so far (MiB): the
+    bench runs the server's code in process, so this is the server's memory."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -209,6 +216,7 @@ async def corpus_run(url: str, work: Path, embedding: str | None) -> dict[str, A
             "heldout": quality(rankings, "heldout"),
             "bm25_dev": quality(bm25_reference(chunks), "dev"),
             "bm25_heldout": quality(bm25_reference(chunks), "heldout"),
+            "rss": memory_mib(),
             "p50": percentile([t for _, t in results], 0.5) * 1000,
             "p95": percentile([t for _, t in results], 0.95) * 1000,
         }
@@ -292,7 +300,7 @@ async def latency_run(
                     request = SearchRequest.model_validate({**body, "query": question})
                     await vector_store_search.search(session, store.id, request, query_vectors)
                 timings[kind].append((time.perf_counter() - started) * 1000)
-        result: dict[str, Any] = {"load_s": loaded, "chunks": count}
+        result: dict[str, Any] = {"load_s": loaded, "chunks": count, "rss": memory_mib()}
         for kind, values in timings.items():
             warm = values[len(questions) :]  # the second pass: caches warm, as in a running server
             result[kind] = (percentile(warm, 0.5), percentile(warm, 0.95), max(values))
@@ -333,9 +341,9 @@ def main() -> None:
         if args.only in (None, "corpus"):
             print(
                 "| engine | mode | chunks | ingest s | failed | held-out MRR@10 | R@1 | R@5 | dev MRR@10 | R@5 "
-                "| search p50 ms | p95 ms |"
+                "| search p50 ms | p95 ms | RSS / peak MiB |"
             )
-            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             for engine in engines:
                 for mode in modes:
                     name = f"corpus_{engine}_{mode}"
@@ -345,20 +353,23 @@ def main() -> None:
                     print(
                         f"| {engine} | {mode} | {r['chunks']} | {r['seconds']:.1f} | {r['failed']} | {h['mrr']:.3f} | "
                         f"{h['r1']:.3f} | {h['r5']:.3f} | {d['mrr']:.3f} | {d['r5']:.3f} | {r['p50']:.1f} | "
-                        f"{r['p95']:.1f} |",
+                        f"{r['p95']:.1f} | {r['rss'][0]:.0f} / {r['rss'][1]:.0f} |",
                         flush=True,
                     )
                     h, d = r["bm25_heldout"], r["bm25_dev"]
                     print(
                         f"| (reference) | plain BM25 over the same chunks | | | | {h['mrr']:.3f} | {h['r1']:.3f} | "
-                        f"{h['r5']:.3f} | {d['mrr']:.3f} | {d['r5']:.3f} | | |",
+                        f"{h['r5']:.3f} | {d['mrr']:.3f} | {d['r5']:.3f} | | | |",
                         flush=True,
                     )
         if args.only in (None, "latency"):
             pages = corpus_chunks()
             print(f"\n{sum(len(p) for _, p in pages)} distinct chunks in {len(pages)} pages\n")
-            print("| engine | chunks | mode | load s | p50 ms | p95 ms | filtered p50 ms | p95 ms | slowest cold ms |")
-            print("|---|---|---|---|---|---|---|---|---|")
+            print(
+                "| engine | chunks | mode | load s | p50 ms | p95 ms | filtered p50 ms | p95 ms | slowest cold ms "
+                "| RSS / peak MiB |"
+            )
+            print("|---|---|---|---|---|---|---|---|---|---|")
             for engine in engines:
                 for size in (int(s) for s in args.sizes.split(",")):
                     for mode in modes:
@@ -369,7 +380,7 @@ def main() -> None:
                         print(
                             f"| {engine} | {r['chunks']} | {mode} | {r['load_s']:.1f} | {plain[0]:.1f} | "
                             f"{plain[1]:.1f} | {filtered[0]:.1f} | {filtered[1]:.1f} | "
-                            f"{max(plain[2], filtered[2]):.1f} |",
+                            f"{max(plain[2], filtered[2]):.1f} | {r['rss'][0]:.0f} / {r['rss'][1]:.0f} |",
                             flush=True,
                         )
     finally:

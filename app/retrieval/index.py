@@ -21,11 +21,11 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, delete, text
+from sqlalchemy import delete, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import orm
-from app.retrieval import postgres_keywords
+from app.retrieval import postgres_keywords, sqlite_keywords
 from app.retrieval.filters import Compiled
 
 MAX_QUERY_TERMS = 64
@@ -184,18 +184,7 @@ async def keyword_search(session: AsyncSession, scope: Scope, query: str, limit:
     if _is_postgres(session):
         rows = await postgres_keywords.search(session, scope.sql(), scope.params(), words, limit)
     else:
-        sql = (
-            "SELECT c.id, c.vector_store_id, c.file_id, c.text, -bm25(vector_store_chunks_fts) AS score "  # noqa: S608 (constant fragments only; values are bound)
-            "FROM vector_store_chunks_fts JOIN vector_store_chunks c ON c.id = vector_store_chunks_fts.rowid "
-            f"WHERE vector_store_chunks_fts MATCH :query AND {scope.sql()} "
-            "ORDER BY bm25(vector_store_chunks_fts) LIMIT :limit"
-        )
-        params = {**scope.params(), "query": " OR ".join(f'"{word}"' for word in words), "limit": limit}
-        statement = text(sql).bindparams(bindparam("stores", expanding=True))
-        rows = [
-            (r.id, r.vector_store_id, r.file_id, r.text, float(r.score))
-            for r in await session.execute(statement, params)
-        ]
+        rows = await sqlite_keywords.search(session, scope.sql(), scope.params(), words, limit)
     if not rows:
         return []
     best = max(0.0, rows[0][4]) or 1.0

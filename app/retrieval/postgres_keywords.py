@@ -8,9 +8,10 @@ word like "file" as much as "bisection". Here:
   of the tsv column (``pg_stats.most_common_elems``, kept by ANALYZE /
   autovacuum; a word absent from that list is rarer than all of it), read
   once a minute per process;
-- only the rare words select candidates through the GIN index (words in more
-  than ``COMMON_FRACTION`` of the chunks only add to the score), so the
-  scored set stays small as a store grows;
+- candidates are selected through the GIN index by the query's words while
+  their estimated row counts fit ``POSTING_BUDGET`` (the rarest first, at
+  least one word; the others only add to the score), so the scored set stays
+  bounded as a store grows, and a small store is ranked on every word;
 - the score is the sum over the query's words of IDF times ts_rank of that
   word (term frequency, normalised by the chunk's length), i.e. BM25's shape.
 
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-COMMON_FRACTION = 0.05
+from app.retrieval.sqlite_keywords import POSTING_BUDGET, within_budget
+
 STATS_TTL_SECONDS = 60.0
 # A word absent from most_common_elems is rarer than its least common entry.
 _UNLISTED_SHARE = 0.5
@@ -39,6 +41,7 @@ class _Stats:
     read_at: float
     frequencies: dict[str, float]
     floor: float  # frequency below every listed lexeme (0 when unknown)
+    rows: float  # the planner's estimate of the table's rows
 
 
 # Per database (a process normally has one), read again after the TTL.
@@ -53,18 +56,21 @@ async def _frequencies(session: AsyncSession) -> _Stats:
     row = (
         await session.execute(
             text(
-                "SELECT most_common_elems::text::text[] AS words, most_common_elem_freqs AS freqs FROM pg_stats "
-                "WHERE tablename = 'vector_store_chunks' AND attname = 'tsv' AND schemaname = current_schema()"
+                "SELECT s.most_common_elems::text::text[] AS words, s.most_common_elem_freqs AS freqs, "
+                "c.reltuples AS rows FROM pg_stats s JOIN pg_class c ON c.relname = s.tablename "
+                "AND c.relnamespace = to_regnamespace(s.schemaname) WHERE s.tablename = 'vector_store_chunks' "
+                "AND s.attname = 'tsv' AND s.schemaname = current_schema()"
             )
         )
     ).first()
     frequencies: dict[str, float] = {}
-    floor = 0.0
+    floor = rows = 0.0
     if row is not None and row.words and row.freqs:
+        rows = max(0.0, float(row.rows))
         # most_common_elem_freqs ends with the minimum, maximum and null share.
         frequencies = {str(word): float(share) for word, share in zip(row.words, row.freqs, strict=False)}
         floor = float(row.freqs[-3]) * _UNLISTED_SHARE
-    _stats[database] = _Stats(time.monotonic(), frequencies, floor)
+    _stats[database] = _Stats(time.monotonic(), frequencies, floor, rows)
     return _stats[database]
 
 
@@ -92,9 +98,8 @@ async def search(
     known = bool(stats.frequencies)
     share = {lexeme: stats.frequencies.get(lexeme, stats.floor) for lexeme in lexemes}
     ordered = sorted(lexemes, key=lambda lexeme: share[lexeme])
-    selecting = [lexeme for lexeme in ordered if share[lexeme] <= COMMON_FRACTION] or ordered[:1]
-    if not known:
-        selecting = ordered
+    counts = {lexeme: round(share[lexeme] * stats.rows) for lexeme in lexemes}
+    selecting = within_budget(ordered, counts, POSTING_BUDGET) if known else lexemes
     bound: dict[str, object] = {**params, "limit": limit}
     score_terms = []
     for position, lexeme in enumerate(lexemes):

@@ -7,6 +7,7 @@ import math
 from app.retrieval import embed, index
 from app.retrieval.index import Hit
 from app.retrieval.search import fuse
+from app.retrieval.sqlite_keywords import within_budget
 from app.services.vector_store_search import matches
 from app.wire.vector_stores import ComparisonFilter, CompoundFilter
 
@@ -59,3 +60,12 @@ def test_filters() -> None:
         CompoundFilter(type="and", filters=[either, ComparisonFilter(type="nin", key="region", value=["africa"])]),
         attributes,
     )
+
+
+def test_posting_budget_keeps_the_rarest_words() -> None:
+    counts = {"file": 900, "bisection": 3, "sorted": 120, "python": 2000}
+    words = ["python", "file", "sorted", "bisection"]
+    assert within_budget(words, counts, 5000) == words  # everything fits: plain BM25
+    assert within_budget(words, counts, 1100) == ["file", "sorted", "bisection"]  # query order kept
+    assert within_budget(words, counts, 10) == ["bisection"]
+    assert within_budget(["python"], counts, 10) == ["python"]  # at least one word
