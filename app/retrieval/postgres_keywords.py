@@ -106,13 +106,18 @@ async def search(
         bound[f"lex_{position}"] = _lexeme_literal(lexeme)
         frequency = max(share[lexeme], 1e-6) if known else 0.5
         weight = math.log(1.0 + (1.0 - frequency) / frequency) if known else 1.0
-        score_terms.append(f"{weight:.6f} * ts_rank(c.tsv, CAST(:lex_{position} AS tsquery), 1)")
+        score_terms.append(f"{weight:.6f} * ts_rank(m.tsv, CAST(:lex_{position} AS tsquery), 1)")
     bound["selecting"] = " | ".join(_lexeme_literal(lexeme) for lexeme in selecting)
     # Ranked on ids alone, then the text of the page's rows only.
     sql = (
         "SELECT c.id, c.vector_store_id, c.file_id, c.text, ranked.score FROM ("  # noqa: S608 (constant fragments only; values are bound)
-        f"SELECT c.id, {' + '.join(score_terms)} AS score FROM vector_store_chunks c "
-        f"WHERE c.tsv @@ CAST(:selecting AS tsquery) AND {where} ORDER BY score DESC LIMIT :limit"
+        f"SELECT m.id, {' + '.join(score_terms)} AS score FROM ("
+        # setweight copies each matching tsvector out of TOAST once (OFFSET 0
+        # keeps the subquery apart); the per-word ts_rank calls then share the
+        # copy instead of decompressing the stored value once per word.
+        "SELECT c.id, setweight(c.tsv, 'D') AS tsv FROM vector_store_chunks c "
+        f"WHERE c.tsv @@ CAST(:selecting AS tsquery) AND {where} OFFSET 0"
+        ") m ORDER BY score DESC LIMIT :limit"
         ") ranked JOIN vector_store_chunks c ON c.id = ranked.id ORDER BY ranked.score DESC, c.id"
     )
     statement = text(sql).bindparams(bindparam("stores", expanding=True))
