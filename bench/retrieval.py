@@ -7,18 +7,20 @@ PostgreSQL (the test suite's, with pgvector).
 * ingest: the 317 library pages of Debian's ``python3.11-doc`` (28 MB of
   HTML) are put in a vector store and ingested by the worker's Ingestion
   (parse, chunk at the default static 800/400, index; optionally embed);
-  pages and MB per second, wall time.
-* quality: a labelled set of paraphrased questions (below), each with the
-  library page that answers it; a search returns chunks, ranked files are the
-  chunks' files in order (first occurrence); recall@5 and MRR@10 per mode:
-  keyword only (BM25 / ts_rank) and hybrid (keyword + the hashing embedder,
-  reciprocal rank fusion).
-* latency: a store of N chunks (windows of the corpus text, repeated to
-  reach N) per engine; p50/p95 of one search over the labelled questions.
+  wall time and the process's memory (RSS / peak).
+* quality: the hand-written paraphrased questions of
+  ``retrieval_questions.json``, each with the library page that answers it;
+  a search returns chunks, ranked files are the chunks' files in order (first
+  occurrence); recall@1/5 and MRR@10 on the held-out and the development
+  split, per mode (``keyword``, or an ``embedding_model`` for hybrid), with a
+  plain BM25 over the same chunks as a reference.
+* latency: a store of about N chunks (the corpus's pages repeated as files
+  of their own) per engine; p50/p95 of one search through the search
+  service, without and with an attribute filter.
 
     apt-get install -y python3.11-doc
     .venv/bin/python bench/retrieval.py                     # everything, both engines
-    .venv/bin/python bench/retrieval.py --engines sqlite --only quality
+    .venv/bin/python bench/retrieval.py --engines sqlite --only corpus --modes keyword
 """
 
 from __future__ import annotations
