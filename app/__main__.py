@@ -223,20 +223,15 @@ def migrate(settings: Settings) -> int:
 async def _work(settings: Settings) -> None:
     runtime = await Runtime.start(settings)
     worker = Worker(runtime)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    task = asyncio.create_task(worker.run_forever())
+        # The first signal drains in-flight runs and releases the rest for
+        # another worker to resume; a second one skips the drain.
+        loop.add_signal_handler(signum, worker.request_stop)
     log.info("worker %s executing runs from %s", worker.owner, display_database(settings))
     try:
-        await stop.wait()
+        await worker.run_forever()
     finally:
-        # Runs this worker was executing are failed by the next reaper once
-        # their lease lapses (they cannot be resumed mid-answer).
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         await runtime.close()
 
 

@@ -40,7 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             if worker_task is not None:
-                worker_task.cancel()
+                # Drain in-flight runs, release the rest for the next start.
+                worker.request_stop()
                 with suppress(asyncio.CancelledError):
                     await worker_task
             await runtime.close()

@@ -42,6 +42,14 @@ class Settings(BaseSettings):
     worker_concurrency: int = 32
     worker_poll_seconds: float = 1.0
     run_lease_seconds: float = 30.0
+    # After a failed loop iteration (e.g. the database is unreachable) the
+    # worker retries with exponential backoff up to this pause.
+    worker_max_backoff_seconds: float = 5.0
+    # On SIGTERM/SIGINT in-flight runs get this long to finish; the rest are
+    # released (not failed) for another worker or the next start to resume.
+    worker_drain_seconds: float = 5.0
+    # A model stream that sends nothing for this long fails its run.
+    model_idle_timeout_seconds: float = 300.0
     # Sent as openai-poll-after-ms on run retrieves; the SDK's pollers obey it.
     poll_after_ms: int = 100
     # A ": ping" comment line on a run's event stream after this long without events.

@@ -1,12 +1,18 @@
-"""The worker: claims queued runs and executes them; reaps runs whose worker
-died and runs that expired.
+"""The worker: claims runs and executes them; reaps runs nobody can finish.
 
 The row is the job. A claim is a compare-and-set UPDATE that stamps a lease
-(on PostgreSQL the candidate rows are locked with FOR UPDATE SKIP LOCKED, so
-concurrent workers never pick the same run); the executor renews the lease
-while it works. A run whose lease lapsed while in_progress belonged to a
-worker that crashed or was killed: it is failed with a clear last_error,
-and what it had completed (messages, steps) stays.
+(services/run_execution.py); the executor renews the lease while it works.
+A run whose lease lapsed (or was released) while ``in_progress`` belonged to
+a worker that crashed, was killed or shut down: the next claim RESUMES it
+from its last committed step. Only a run that can no longer be resumed (past
+its ``expires_at``) is failed, with a clear last_error.
+
+The loop survives database errors (a dropped PostgreSQL connection, a SQLite
+lock held past the busy timeout): it logs the first error of a streak, backs
+off exponentially up to a cap and carries on; SQLAlchemy replaces the dead
+connections. ``last_loop_at`` / ``last_error`` let /readyz tell a loop that
+is not claiming. On shutdown it stops claiming, lets in-flight runs finish
+within a drain timeout and releases the leases of the rest at once.
 """
 
 from __future__ import annotations
@@ -19,23 +25,26 @@ import socket
 import time
 from contextlib import suppress
 
-from sqlalchemy import or_, select, update
+from sqlalchemy.exc import DBAPIError
 
-from app import db, ids, orm
+from app import db
 from app.retrieval import ingest
 from app.runner import execute
 from app.runner.tools import registry
 from app.runtime import Runtime
-from app.services import runs
+from app.services import run_execution, runs
 from app.wire.events import Event
 
 log = logging.getLogger("app.worker")
 
 INTERRUPTED = {
     "code": "server_error",
-    "message": "The run was interrupted because the worker executing it stopped (crash or restart). "
-    "Create a new run to continue.",
+    "message": "The run was interrupted because the worker executing it stopped (crash or restart), "
+    "and it could not be resumed before it expired. Create a new run to continue.",
 }
+
+# First pause after a failed loop iteration; doubles up to the setting's cap.
+FIRST_BACKOFF_SECONDS = 0.05
 
 
 class Worker:
@@ -45,12 +54,22 @@ class Worker:
         self.concurrency = concurrency or settings.worker_concurrency
         self.lease_seconds = settings.run_lease_seconds
         self.poll_seconds = settings.worker_poll_seconds
+        self.max_backoff_seconds = settings.worker_max_backoff_seconds
+        self.drain_seconds = settings.worker_drain_seconds
         self.owner = f"{socket.gethostname()[:32]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._wakeup = asyncio.Event()
         self._next_reap = 0.0
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.builtins = registry.builtin_tools(runtime)
         self.ingestion = ingest.Ingestion(runtime, self.owner, self.wake)
+        # Heartbeat, read by /readyz: when the loop last went round, and the
+        # error of the last iteration if it failed (None once one succeeds).
+        self.last_loop_at: float = time.monotonic()
+        self.last_error: str | None = None
+        self._failures = 0
+        self._unreleased: set[str] = set()
+        self._stopping = False
+        self._abandon = asyncio.Event()  # a second stop request: skip the drain
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -59,7 +78,17 @@ class Worker:
     def busy(self) -> int:
         return len(self._tasks)
 
+    def request_stop(self) -> None:
+        """Stop claiming and let run_forever() drain and return (a signal
+        handler calls this); asked twice, in-flight runs are not waited for."""
+        if self._stopping:
+            self._abandon.set()
+        self._stopping = True
+        self.wake()
+
     async def run_forever(self) -> None:
+        """Claim and execute until request_stop() (or cancellation), then shut
+        down: drain, release what is left, close the tools."""
         log.info("worker %s started (concurrency %d)", self.owner, self.concurrency)
         listener = None
         if not db.is_sqlite(self.runtime.settings.resolved_database_url()):
@@ -67,10 +96,10 @@ class Worker:
             # not at the next poll.
             listener = asyncio.create_task(db.listen_for_work(self.runtime.engine, self.wake), name="listen")
         try:
-            while True:
-                await self.tick()
+            while not self._stopping:
+                pause = self.poll_seconds if await self.guarded_tick() else self._backoff()
                 with suppress(TimeoutError):
-                    async with asyncio.timeout(self.poll_seconds):
+                    async with asyncio.timeout(pause):
                         await self._wakeup.wait()
                 self._wakeup.clear()
         finally:
@@ -78,31 +107,105 @@ class Worker:
                 listener.cancel()
                 with suppress(asyncio.CancelledError):
                     await listener
-            await self.stop()
+            await self.shutdown()
 
-    async def stop(self) -> None:
+    async def guarded_tick(self) -> bool:
+        """One tick that never raises: False (and last_error set) if it failed."""
+        try:
+            await self.tick()
+        except Exception as error:  # any failure must leave the loop alive
+            self._failures += 1
+            self.last_error = f"{type(error).__name__}: {error}"
+            if self._failures == 1:  # once per streak, not once per retry
+                log.exception("worker loop failed; backing off and retrying until the database answers")
+            return False
+        else:
+            if self._failures:
+                log.warning("worker loop recovered after %d failed attempts", self._failures)
+            self._failures = 0
+            self.last_error = None
+            return True
+        finally:
+            self.last_loop_at = time.monotonic()
+
+    def _backoff(self) -> float:
+        return float(min(self.max_backoff_seconds, FIRST_BACKOFF_SECONDS * 2 ** (self._failures - 1)))
+
+    async def shutdown(self, drain_seconds: float | None = None) -> None:
+        """Stop claiming; give in-flight runs ``drain_seconds`` to finish;
+        cancel the rest and release their leases so another worker (or the
+        next start) resumes them at once instead of after the lease."""
+        self._stopping = True
+        drain = self.drain_seconds if drain_seconds is None else drain_seconds
+        if self._tasks and drain > 0 and not self._abandon.is_set():
+            log.info("worker %s draining %d runs (up to %g s)", self.owner, len(self._tasks), drain)
+            # Until every run is done, the drain time is up, or a second signal.
+            finished = asyncio.ensure_future(self._drained())
+            abandon = asyncio.ensure_future(self._abandon.wait())
+            await asyncio.wait([finished, abandon], timeout=drain, return_when=asyncio.FIRST_COMPLETED)
+            finished.cancel()
+            abandon.cancel()
+        unfinished = list(self._tasks)
         for task in list(self._tasks.values()):
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         self._tasks.clear()
+        await self._release_leases(unfinished)
         await self.ingestion.stop()
         for tool in self.builtins.values():
             close = getattr(tool, "close", None)
             if close is not None:
                 await close()  # e.g. the code interpreter's sandbox sessions
 
+    async def _drained(self) -> bool:
+        """Returns once every run executing now has ended (cancelling this
+        wait leaves them running)."""
+        await asyncio.wait(list(self._tasks.values()))
+        return True
+
+    async def stop(self) -> None:
+        """Shut down at once, without draining (tests)."""
+        await self.shutdown(drain_seconds=0)
+
+    async def _release_leases_of(self, run_ids: list[str]) -> None:
+        try:
+            async with self.runtime.transaction() as session:
+                await run_execution.release(session, self.owner, run_ids)
+        except Exception:  # the database is still failing: the next good tick retries
+            self._unreleased.update(run_ids)
+        self.wake()  # this worker may resume them itself at once
+
+    async def _release_leases(self, unfinished: list[str]) -> None:
+        try:
+            async with self.runtime.transaction() as session:
+                released = await run_execution.release(session, self.owner)
+        except Exception:
+            log.exception("could not release this worker's leases; its runs resume when the leases lapse")
+            return
+        if released:
+            log.info("released %d runs for another worker to resume: %s", len(released), ", ".join(released))
+            if not db.is_sqlite(self.runtime.settings.resolved_database_url()):
+                await db.notify_work(self.runtime.engine)  # the other workers resume them now, not at their next poll
+        elif unfinished:
+            log.info("stopped %d runs that had already ended", len(unfinished))
+
     async def tick(self) -> None:
         """One round: reap (at most every poll interval: it costs queries and
         only has work when something lapsed), then fill free slots."""
+        if self._unreleased:  # runs stopped by a database error, not handed back yet
+            async with self.runtime.transaction() as session:
+                await run_execution.release(session, self.owner, sorted(self._unreleased))
+            self._unreleased.clear()
         if time.monotonic() >= self._next_reap:
-            self._next_reap = time.monotonic() + self.poll_seconds
             await self.reap()
+            self._next_reap = time.monotonic() + self.poll_seconds
         free = self.concurrency - len(self._tasks)
-        if free > 0:
+        if free > 0 and not self._stopping:
             for run_id in await self.claim(free):
                 self._tasks[run_id] = asyncio.create_task(self._execute(run_id), name=f"run {run_id}")
         # Vector store files: after runs, in their own slots (see app/retrieval/ingest.py).
-        await self.ingestion.tick()
+        if not self._stopping:
+            await self.ingestion.tick()
 
     async def run_until_idle(self, limit_seconds: float = 30.0) -> None:
         """Execute until no run is queued or executing (tests, benchmarks)."""
@@ -118,8 +221,14 @@ class Worker:
         renewer = asyncio.create_task(self._renew_lease(run_id))
         try:
             await execute.execute(self.runtime, run_id, self.builtins)
+        except DBAPIError as error:
+            # The run stays in_progress; released, it is resumed from its last
+            # committed step (by this worker's next claim if the database is back).
+            log.warning("run %s stopped by a database error (%s); it will be resumed", run_id, error)
+            await self._release_leases_of([run_id])
         except Exception:
-            # execute() ends the run itself; this only guards the worker loop.
+            # execute() ends the run itself (or leaves it to be resumed after a
+            # database failure); this only guards the worker loop.
             log.exception("executing run %s", run_id)
         finally:
             renewer.cancel()
@@ -129,61 +238,49 @@ class Worker:
             self.wake()  # a slot is free
 
     async def claim(self, limit: int) -> list[str]:
-        now = time.time()
-        candidates = (
-            select(orm.Run.id)
-            .where(orm.Run.status == "queued")
-            .where(or_(orm.Run.lease_expires_at.is_(None), orm.Run.lease_expires_at < now))
-            .order_by(orm.Run.seq)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        claim = (
-            update(orm.Run)
-            .where(orm.Run.id.in_(candidates.scalar_subquery()), orm.Run.status == "queued")
-            .where(or_(orm.Run.lease_expires_at.is_(None), orm.Run.lease_expires_at < now))
-            .values(lease_owner=self.owner, lease_expires_at=now + self.lease_seconds)
-            .returning(orm.Run.id)
-            .execution_options(synchronize_session=False)
-        )
         async with self.runtime.transaction() as session:
-            return list((await session.scalars(claim)).all())
+            return await run_execution.claim(session, self.owner, limit, self.lease_seconds)
 
     async def _renew_lease(self, run_id: str) -> None:
+        """Keep the lease on ``run_id`` while it executes. If the lease is lost
+        (renewals failed until it lapsed, or another worker claimed the run),
+        the execution is cancelled: two workers must never run it at once."""
+        renewed_at = time.monotonic()
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
-            async with self.runtime.transaction() as session:
-                await session.execute(
-                    update(orm.Run)
-                    .where(orm.Run.id == run_id, orm.Run.lease_owner == self.owner)
-                    .values(lease_expires_at=time.time() + self.lease_seconds)
-                    .execution_options(synchronize_session=False)
-                )
+            try:
+                async with self.runtime.transaction() as session:
+                    if await run_execution.renew(session, self.owner, [run_id], self.lease_seconds):
+                        renewed_at = time.monotonic()
+                        continue
+                    lost = await run_execution.taken_over(session, self.owner, run_id)
+            except Exception as error:  # retried at the next period
+                log.warning("renewing the lease of run %s failed (%s); retrying", run_id, error)
+                # Stop before the lease can lapse under us (others may claim it then).
+                lost = time.monotonic() - renewed_at > self.lease_seconds * 0.9
+            if lost:
+                log.warning("lost the lease of run %s; stopping its execution here", run_id)
+                task = self._tasks.get(run_id)
+                if task is not None:
+                    task.cancel()
+                return
 
     async def reap(self) -> None:
-        """Fail runs whose executor died; expire runs past expires_at."""
-        now = time.time()
-        lapsed = select(orm.Run).where(
-            orm.Run.status.in_(("in_progress", "cancelling")),
-            orm.Run.lease_expires_at < now,
-        )
-        overdue = select(orm.Run).where(
-            orm.Run.status.in_(("queued", "requires_action")),
-            orm.Run.expires_at <= ids.now(),
-        )
+        """End runs nobody can finish: cancels whose executor is gone, runs
+        whose worker died too late to resume them, and runs past expires_at
+        (an executing one is stopped by its executor, which watches the row)."""
         events: dict[str, list[Event]] = {}
         async with self.runtime.transaction() as session:
-            for run in (await session.scalars(lapsed.with_for_update(skip_locked=True))).all():
-                if run.id in self._tasks:
-                    continue  # ours and alive; the renewal is just late
-                to = "cancelled" if run.status == "cancelling" else "failed"
-                events[run.id] = await runs.close_out(
-                    session, run, to, last_error=INTERRUPTED if to == "failed" else None
-                )
-            for run in (await session.scalars(overdue.with_for_update(skip_locked=True))).all():
-                if run.status == "queued" and run.lease_expires_at is not None and run.lease_expires_at > now:
-                    continue  # just claimed: its executor will start it
-                events[run.id] = await runs.close_out(session, run, "expired")
+            found = await run_execution.reap_candidates(session)
+            for run in found.abandoned_cancels:
+                if run.id not in self._tasks:
+                    events[run.id] = await runs.close_out(session, run, "cancelled")
+            for run in found.unresumable:
+                if run.id not in self._tasks:
+                    events[run.id] = await runs.close_out(session, run, "failed", last_error=INTERRUPTED)
+            for run in found.overdue:
+                if run.id not in events:
+                    events[run.id] = await runs.close_out(session, run, "expired")
         for run_id, run_events in events.items():
             log.warning("run %s ended by the reaper: %s", run_id, run_events[-1].name)
             self.runtime.bus.publish(run_id, run_events)

@@ -56,7 +56,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
     # A brisk poll interval keeps create_and_poll fast; the worker is in-process.
-    return Settings(data_dir=tmp_path / "data", database_url=database_url, poll_after_ms=10)
+    return Settings(data_dir=tmp_path / "data", database_url=database_url, poll_after_ms=10, worker_drain_seconds=0.2)
 
 
 @pytest.fixture

@@ -280,7 +280,9 @@ def test_standalone_worker_executes_an_api_replicas_runs(tmp_path: Path, databas
         assert answer.content[0].text.value == "You said: hello"  # type: ignore[union-attr]
 
 
-def test_kill_9_mid_run_then_restart_fails_the_run_and_keeps_the_rest(tmp_path: Path, database_args: list[str]) -> None:
+def test_kill_9_mid_run_then_restart_resumes_the_run_and_keeps_the_rest(
+    tmp_path: Path, database_args: list[str]
+) -> None:
     port = free_port()
     args = ["--port", str(port), "--data-dir", str(tmp_path / "data"), *database_args]
     env = clean_env(ASSISTANTS_RUN_LEASE_SECONDS="1", ASSISTANTS_WORKER_POLL_SECONDS="0.1")
@@ -292,25 +294,25 @@ def test_kill_9_mid_run_then_restart_fails_the_run_and_keeps_the_rest(tmp_path: 
             thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=20
         )
         assert first.status == "completed"
-        sdk.beta.threads.messages.create(thread.id, role="user", content="[[reply half an answer]] [[hang]]")
-        doomed = sdk.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant.id)
-        _poll_run(sdk, thread.id, doomed.id, {"in_progress"})
+        sdk.beta.threads.messages.create(thread.id, role="user", content="[[delay 20]] [[tokens 100]]")
+        interrupted = sdk.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant.id)
+        started = _poll_run(sdk, thread.id, interrupted.id, {"in_progress"})
         server.process.kill()  # SIGKILL: no shutdown code runs
         server.process.wait(timeout=STOP_TIMEOUT)
     with running_server(tmp_path, *args, port=port, env=env) as server:
         sdk = server.sdk()
-        failed = _poll_run(sdk, thread.id, doomed.id, {"failed", "completed", "cancelled", "expired", "incomplete"})
-        assert failed.status == "failed"
-        assert failed.last_error is not None and "interrupted" in failed.last_error.message
-        messages = sdk.beta.threads.messages.list(thread.id, order="asc").data
-        assert [m.role for m in messages][:3] == ["user", "assistant", "user"]
-        assert messages[1].status == "completed" and messages[1].content[0].text.value == "You said: first"  # type: ignore[union-attr]
-        # the thread is usable again (a new user message: the last one says [[hang]])
-        sdk.beta.threads.messages.create(thread.id, role="user", content="after the crash")
-        again = sdk.beta.threads.runs.create_and_poll(
-            thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=20
+        resumed = _poll_run(
+            sdk, thread.id, interrupted.id, {"failed", "completed", "cancelled", "expired", "incomplete"}
         )
-        assert again.status == "completed"
+        assert resumed.status == "completed", resumed.last_error
+        assert resumed.started_at == started.started_at
+        messages = sdk.beta.threads.messages.list(thread.id, order="asc").data
+        assert [m.role for m in messages] == ["user", "assistant", "user", "assistant"]  # no duplicate answer
+        assert messages[1].status == "completed" and messages[1].content[0].text.value == "You said: first"  # type: ignore[union-attr]
+        assert len(messages[3].content[0].text.value.split()) == 100  # type: ignore[union-attr]
+        assert resumed.usage is not None and resumed.usage.completion_tokens == 100
+        steps = sdk.beta.threads.runs.steps.list(interrupted.id, thread_id=thread.id).data
+        assert [(s.type, s.status) for s in steps] == [("message_creation", "completed")]
 
 
 def assert_one_line_failure(result: subprocess.CompletedProcess[str], *fragments: str) -> None:

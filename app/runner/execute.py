@@ -2,16 +2,28 @@
 cancelled or runs out of tokens (ARCHITECTURE section 4).
 
 Each step is a short transaction followed by publishing its events; the
-model is called with no session open. Status changes go through
+model is called with no session open. While the model streams, turn.py
+writes the rows clients are told about (a message or a step being created);
+a turn's results and the run's move go through one method, _commit(), which
+is also where every cancellation ends. Status changes go through
 services.run_state (via services.runs.close_out for final states).
+
+A run picked up ``in_progress`` belonged to a worker that died or shut down:
+it is resumed from its last completed tool round (services/run_execution.py
+removes what the interrupted model call had written, and the call is made
+again). A database error is not the run's fault: it propagates, the run
+stays ``in_progress``, and the worker hands it on to be resumed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import ids, llm, orm
@@ -20,7 +32,7 @@ from app.runner.tools import BuiltinTool, ToolResult
 from app.runner.turn import Pending, Turn, TurnResult, TurnStopped
 from app.runtime import Runtime
 from app.scripting import RequestContext
-from app.services import run_state, run_steps, runs
+from app.services import run_execution, run_state, run_steps, runs
 from app.wire.events import Event
 
 log = logging.getLogger("app.runner")
@@ -29,6 +41,35 @@ log = logging.getLogger("app.runner")
 MAX_MODEL_CALLS = 64
 # How often an executing run re-reads its row for a cancel from another process.
 CANCEL_POLL_SECONDS = 0.5
+# Events that end an execution from outside: a cancel, or the reaper ending
+# the run (expired past its deadline).
+STOPPING_EVENTS = frozenset({"thread.run.cancelling", *(f"thread.run.{status}" for status in run_state.TERMINAL)})
+
+
+# Where the executor leaves a run (anything else is the API's or the reaper's).
+EndStatus = Literal["completed", "incomplete", "failed", "cancelled"]
+
+
+class LastError(TypedDict):
+    """A run's ``last_error`` (wire notes 2.5)."""
+
+    code: Literal["server_error", "rate_limit_exceeded", "invalid_prompt"]
+    message: str
+
+
+@dataclass(frozen=True)
+class Move:
+    """The run's move that ends a commit of the executor (see _commit)."""
+
+    to: EndStatus | Literal["requires_action"]
+    required_action: dict[str, Any] | None = None
+    last_error: LastError | None = None
+    incomplete_details: dict[str, str] | None = None
+    sweep: bool = False  # close the run's open steps and messages to match
+
+
+SERVER_ERROR = LastError(code="server_error", message="The server had an error while processing the run.")
+TOO_MANY_CALLS = LastError(code="server_error", message="The run made too many model calls.")
 
 
 class RunExecution:
@@ -50,24 +91,49 @@ class RunExecution:
             return await session.get(orm.Run, self.run_id)
 
     async def _cancel_requested(self) -> bool:
-        run = await self._load()
+        try:
+            run = await self._load()
+        except DBAPIError as error:
+            # Not a reason to stop the run: the model call goes on, and its
+            # own writes will tell if the database is really gone.
+            log.warning("run %s: checking for a cancel failed (%s)", self.run_id, error)
+            return False
         return run is None or run.status != "in_progress"
 
-    async def _end(self, to: str, pending: Pending | None = None, **fields: Any) -> None:
-        """Close the run out in final status ``to`` unless it already ended
-        (writing the last turn's pending rows in the same transaction). With
-        ``pending`` the turn finished normally: nothing is left open to sweep."""
-        fields.setdefault("sweep", pending is None)
-        pending = pending or Pending()
+    async def _commit(self, pending: Pending, move: Move | None = None) -> None:
+        """The one place that writes a turn's results: the turn's rows and,
+        with ``move``, the run's move out of the executor's hands, in one
+        transaction; then its events are published.
+
+        This is also the one cancellation path: a run found ``cancelling``
+        ends ``cancelled`` whatever ``move`` said (its open steps and
+        messages swept), and a run that already ended elsewhere (expired by
+        the reaper) is left as it is."""
+        events = list(pending.events)
         async with self.runtime.transaction() as session:
             session.add_all(pending.rows)
-            run = await session.get(orm.Run, self.run_id)
-            if run is None or run.status in run_state.TERMINAL:
-                return
-            if run.status == "cancelling" or (to == "cancelled"):
-                to, fields = "cancelled", {"sweep": True}
-            fields.setdefault("usage", self._usage())
-            events = [*pending.events, *await runs.close_out(session, run, to, **fields)]
+            # Locked (PostgreSQL), so a concurrent cancel waits for this move
+            # instead of making its compare-and-set fail.
+            run = await session.get(orm.Run, self.run_id, with_for_update=True) if move is not None else None
+            if move is None or run is None or run.status in run_state.TERMINAL:
+                pass
+            elif run.status == "cancelling" or move.to == "cancelled":
+                events += await runs.close_out(session, run, "cancelled", usage=self._usage())
+            elif move.to == "requires_action":
+                name = await run_state.transition(
+                    session, run, "requires_action", required_action=move.required_action, usage=self._usage()
+                )
+                events.append(Event.of(name, runs.to_wire(run)))
+            else:
+                events += await runs.close_out(
+                    session,
+                    run,
+                    move.to,
+                    last_error=dict(move.last_error) if move.last_error else None,
+                    incomplete_details=move.incomplete_details,
+                    usage=self._usage(),
+                    sweep=move.sweep,
+                )
         self._publish(events)
 
     async def _context(self, session: AsyncSession, run: orm.Run) -> RequestContext:
@@ -79,6 +145,20 @@ class RunExecution:
             metadata = dict(thread.metadata_) if thread is not None else {}
         return RequestContext(self.run_id, run.thread_id, run.assistant_id, metadata)
 
+    async def _end(
+        self,
+        to: EndStatus,
+        pending: Pending | None = None,
+        *,
+        last_error: LastError | None = None,
+        incomplete_details: dict[str, str] | None = None,
+    ) -> None:
+        """Close the run out in final status ``to`` unless it already ended.
+        With ``pending`` the turn finished normally: nothing is left open to
+        sweep; without, its open steps and messages are closed to match."""
+        move = Move(to, last_error=last_error, incomplete_details=incomplete_details, sweep=pending is None)
+        await self._commit(pending or Pending(), move)
+
     def _usage(self) -> dict[str, int]:
         return {
             "prompt_tokens": self.prompt_tokens,
@@ -87,21 +167,33 @@ class RunExecution:
         }
 
     async def start(self) -> tuple[orm.Run, list[dict[str, Any]]] | None:
-        """queued -> in_progress, and the first prompt, in one transaction;
-        None if the run is not ours to execute."""
+        """queued -> in_progress (or picking up an in_progress run whose worker
+        died), and the first prompt, in one transaction; None if the run is
+        not ours to execute."""
         chat: list[dict[str, Any]] = []
+        events: list[Event] = []
         async with self.runtime.transaction() as session:
             run = await session.get(orm.Run, self.run_id)
             if run is None:
                 return None
             if run.status == "cancelling":
                 events = await runs.close_out(session, run, "cancelled")
+            elif run.status == "queued" and run_execution.is_past_deadline(run):
+                events = await runs.close_out(session, run, "expired")  # claimed too late
+            elif run.status == "in_progress":
+                # Resumed: the interrupted model call is issued again; the
+                # client sees the run go on as if nothing happened.
+                usage = await run_execution.resume_point(session, run)
+                self.prompt_tokens, self.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+                log.info("resuming run %s from its last committed step", run.id)
+                self.context = await self._context(session, run)
+                chat = await prompt.build(session, self.runtime.storage, self.runtime.llm, run, self._budget(run))
             elif run.status != "queued":
                 return None
             else:
-                usage = run.usage or {}
-                self.prompt_tokens = usage.get("prompt_tokens", 0)
-                self.completion_tokens = usage.get("completion_tokens", 0)
+                usage_so_far = run.usage or {}
+                self.prompt_tokens = usage_so_far.get("prompt_tokens", 0)
+                self.completion_tokens = usage_so_far.get("completion_tokens", 0)
                 # A run that never ran (no usage recorded yet) has no steps to read.
                 has_steps = run.usage is not None
                 events = [Event.of(await run_state.transition(session, run, "in_progress"), runs.to_wire(run))]
@@ -120,12 +212,14 @@ class RunExecution:
             await self._loop(*started)
         except run_state.TransitionConflict:
             await self._end("cancelled")  # only a cancel moves a run under its executor
+        except DBAPIError:
+            # The database failed us (connection dropped, locked too long): the
+            # run is not at fault. It stays in_progress and is resumed from its
+            # last committed step once the worker releases (or loses) the lease.
+            raise
         except Exception:
             log.exception("run %s failed unexpectedly", self.run_id)
-            await self._end(
-                "failed",
-                last_error={"code": "server_error", "message": "The server had an error while processing the run."},
-            )
+            await self._end("failed", last_error=SERVER_ERROR)
 
     def _budget(self, run: orm.Run) -> prompt.Budget:
         return prompt.Budget(
@@ -178,7 +272,7 @@ class RunExecution:
             self.completion_tokens += result.usage.completion_tokens
             if not await self._after_turn(run, result, budget):
                 return
-        await self._end("failed", last_error={"code": "server_error", "message": "The run made too many model calls."})
+        await self._end("failed", last_error=TOO_MANY_CALLS)
 
     async def _watch_for_cancel(self) -> None:
         """Returns once the run is being cancelled. In this process the cancel
@@ -194,13 +288,14 @@ class RunExecution:
                     if await asyncio.shield(self._cancel_requested()):
                         return
                 else:
-                    if event.name == "thread.run.cancelling":
+                    if event.name in STOPPING_EVENTS:
                         return
 
     async def _consume(self, turn: Turn, request: llm.ChatRequest) -> TurnResult:
         """The model's answer, unless a cancel arrives first (even while the
         model is silent)."""
-        answer = asyncio.ensure_future(turn.consume(self.runtime.llm.stream(request)))
+        stream = _idle_limited(self.runtime.llm.stream(request), self.runtime.settings.model_idle_timeout_seconds)
+        answer = asyncio.ensure_future(turn.consume(stream))
         watcher = asyncio.ensure_future(self._watch_for_cancel())
         try:
             await asyncio.wait({answer, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -232,7 +327,7 @@ class RunExecution:
             await self._end("cancelled")
         except llm.LLMError as error:
             await turn.save_partial()
-            await self._end("failed", last_error={"code": error.code, "message": error.message})
+            await self._end("failed", last_error=LastError(code=error.code, message=error.message))
         return None
 
     def _leading_parts(self) -> list[dict[str, Any]]:
@@ -263,12 +358,7 @@ class RunExecution:
             self.results.setdefault(call["type"], []).append(outcome)
             internal[call["id"]] = {"arguments": arguments or "{}", "output": outcome.output}
         step.step_details = {"type": "tool_calls", "tool_calls": list(result.calls)}
-        step.internal = internal
-        async with self.runtime.transaction() as session:
-            session.add_all(result.pending.rows)
-            session.add(step)
-        self._publish(result.pending.events)
-        result.pending = Pending()
+        step.internal = internal  # written with the step's completion (_after_turn)
 
     async def _after_turn(self, run: orm.Run, result: TurnResult, budget: prompt.Budget) -> bool:
         """Record the turn's outcome; True if the model must be called again."""
@@ -286,13 +376,13 @@ class RunExecution:
         return False
 
     async def _complete_step(self, step: orm.RunStep | None, pending: Pending) -> None:
+        """A round of built-in tools is done: its step (with the tools'
+        outputs) completes, and the model is called again."""
         if step is None:
             return
         step.status, step.completed_at = "completed", ids.now()
-        async with self.runtime.transaction() as session:
-            session.add_all(pending.rows)
-            session.add(step)
-        self._publish([*pending.events, Event.of("thread.run.step.completed", run_steps.to_wire(step))])
+        pending.add([step], [Event.of("thread.run.step.completed", run_steps.to_wire(step))])
+        await self._commit(pending)
 
     async def _require_action(self, calls: list[dict[str, Any]], pending: Pending) -> None:
         required = {
@@ -308,17 +398,25 @@ class RunExecution:
                 ]
             },
         }
-        async with self.runtime.transaction() as session:
-            session.add_all(pending.rows)
-            run = await session.get(orm.Run, self.run_id)
-            assert run is not None
-            if run.status != "in_progress":
-                raise run_state.TransitionConflict(run.status)
-            name = await run_state.transition(
-                session, run, "requires_action", required_action=required, usage=self._usage()
-            )
-            events = [*pending.events, Event.of(name, runs.to_wire(run))]
-        self._publish(events)
+        await self._commit(pending, Move("requires_action", required_action=required))
+
+
+async def _idle_limited(stream: AsyncIterator[llm.Event], seconds: float) -> AsyncIterator[llm.Event]:
+    """``stream``, failing with a clear error once the model sends nothing
+    for ``seconds`` (a stalled provider must not hold a run and its worker
+    slot until the run expires)."""
+    iterator = aiter(stream)
+    while True:
+        try:
+            async with asyncio.timeout(seconds):
+                item = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise llm.LLMError(
+                "server_error", f"The model sent nothing for {seconds:g} seconds; the run was stopped."
+            ) from None
+        yield item
 
 
 async def execute(runtime: Runtime, run_id: str, builtins: dict[str, BuiltinTool] | None = None) -> None:

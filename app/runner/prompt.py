@@ -8,13 +8,12 @@ import mimetypes
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import orm
 from app.llm import LLM
 from app.runner.tools import BuiltinTool, chat_history, code_interpreter
-from app.services import run_steps
+from app.services import run_execution, run_steps
 from app.storage import Storage
 
 # Room left for the answer when fitting the prompt into the context window.
@@ -80,14 +79,7 @@ async def _message_content(session: AsyncSession, storage: Storage, message: orm
 
 async def history(session: AsyncSession, storage: Storage, run: orm.Run) -> list[dict[str, Any]]:
     """The thread's messages before this run, oldest first, in chat form."""
-    query = (
-        select(orm.Message)
-        .where(orm.Message.thread_id == run.thread_id, orm.Message.seq < run.seq)
-        .where(or_(orm.Message.run_id.is_(None), orm.Message.run_id != run.id))
-        .order_by(orm.Message.seq)
-    )
-    rows = list((await session.scalars(query)).all())
-    # additional_messages are inserted just before the run row, so seq < run.seq holds for them too.
+    rows = await run_execution.earlier_messages(session, run)
     return [{"role": row.role, "content": await _message_content(session, storage, row)} for row in rows]
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 
 from app import ids, orm
 from app.runtime import Runtime
-from app.services import run_state
+from app.services import run_state, run_steps
 from app.settings import Settings
 from app.worker import INTERRUPTED, Worker
 
@@ -125,23 +125,62 @@ async def test_workers_execute_everything_exactly_once(runtime: Runtime) -> None
     assert sorted(answers) == sorted(run_ids)  # one answer per run, never two
 
 
-async def test_lapsed_lease_fails_the_run_and_keeps_completed_messages(runtime: Runtime) -> None:
-    (run_id,) = await _make_runs(runtime, 1)
+async def _interrupt(runtime: Runtime, run_id: str, *, expires_at: int | None = None) -> int:
+    """Make ``run_id`` look like a run whose worker died mid-answer: in_progress,
+    a lapsed lease and a half-written assistant message. Returns started_at."""
+    started_at = ids.now() - 5
     async with runtime.transaction() as session:
-        await session.execute(
-            update(orm.Run)
-            .where(orm.Run.id == run_id)
-            .values(
-                status="in_progress", started_at=ids.now(), lease_owner="dead-worker", lease_expires_at=time.time() - 1
+        run = await session.get(orm.Run, run_id)
+        assert run is not None
+        run.status, run.started_at = "in_progress", started_at
+        run.lease_owner, run.lease_expires_at = "dead-worker", time.time() - 1
+        if expires_at is not None:
+            run.expires_at = expires_at
+        seq = ids.next_seq()
+        session.add(
+            orm.Message(
+                id=ids.new_id(ids.MESSAGE, seq),
+                seq=seq,
+                created_at=ids.seconds(seq),
+                thread_id=run.thread_id,
+                role="assistant",
+                content=[],
+                status="in_progress",
+                run_id=run.id,
+                metadata_={},
             )
         )
+        session.add(run_steps.new(run, "message_creation", {"type": "message_creation", "message_creation": {}}))
+    return started_at
+
+
+async def test_run_of_a_dead_worker_is_resumed_without_duplicates(runtime: Runtime) -> None:
+    (run_id,) = await _make_runs(runtime, 1)
+    started_at = await _interrupt(runtime, run_id)
+    await Worker(runtime).run_until_idle()
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+        assert run is not None
+        answers = (await session.scalars(select(orm.Message).where(orm.Message.run_id == run_id))).all()
+        steps = (await session.scalars(select(orm.RunStep).where(orm.RunStep.run_id == run_id))).all()
+    assert run.status == "completed" and run.last_error is None
+    assert run.started_at == started_at and run.lease_owner is None
+    assert [(m.status, m.content[0]["text"]["value"]) for m in answers] == [("completed", "You said: hi")]
+    assert [(s.type, s.status) for s in steps] == [("message_creation", "completed")]
+    assert run.usage is not None and run.usage["completion_tokens"] == steps[0].usage["completion_tokens"]  # type: ignore[index]
+
+
+async def test_run_of_a_dead_worker_past_its_deadline_fails_and_keeps_completed_messages(runtime: Runtime) -> None:
+    (run_id,) = await _make_runs(runtime, 1)
+    await _interrupt(runtime, run_id, expires_at=ids.now() - 1)
+    assert await Worker(runtime).claim(5) == []  # too late to resume
     await Worker(runtime).reap()
     async with runtime.transaction() as session:
         run = await session.get(orm.Run, run_id)
         messages = (await session.scalars(select(orm.Message).where(orm.Message.thread_id == run.thread_id))).all()  # type: ignore[union-attr]
     assert run is not None and run.status == "failed" and run.last_error == INTERRUPTED
     assert run.lease_owner is None
-    assert [m.role for m in messages] == ["user"]
+    assert [(m.role, m.status) for m in messages] == [("user", "completed"), ("assistant", "incomplete")]
 
 
 async def test_live_lease_is_left_alone(runtime: Runtime) -> None:

@@ -1,0 +1,170 @@
+"""The run engine's SQL: leases (claim, renew, release), what the reaper
+looks for, and picking up a run whose worker died (issue 10).
+
+A lease says which worker executes a run and until when. A run is
+*claimable* when it is ``queued``, or ``in_progress`` with no live lease
+(its worker died or shut down: it is resumed), and not past its deadline.
+Nothing here changes a run's status: that is run_state.transition()'s job.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import ids, orm
+
+
+def _lease_free(now: float) -> ColumnElement[bool]:
+    return or_(orm.Run.lease_expires_at.is_(None), orm.Run.lease_expires_at < now)
+
+
+def _claimable(now: float) -> ColumnElement[bool]:
+    resumable = and_(
+        orm.Run.status == "in_progress",
+        or_(orm.Run.expires_at.is_(None), orm.Run.expires_at > int(now)),
+    )
+    return and_(or_(orm.Run.status == "queued", resumable), _lease_free(now))
+
+
+async def claim(session: AsyncSession, owner: str, limit: int, lease_seconds: float) -> list[str]:
+    """Stamp ``owner``'s lease on up to ``limit`` claimable runs, oldest first.
+    On PostgreSQL the candidates are locked with SKIP LOCKED, so concurrent
+    workers pick different rows; on SQLite the single writer serialises
+    claims, and the UPDATE re-checks the condition either way."""
+    now = time.time()
+    candidates = (
+        select(orm.Run.id).where(_claimable(now)).order_by(orm.Run.seq).limit(limit).with_for_update(skip_locked=True)
+    )
+    statement = (
+        update(orm.Run)
+        .where(orm.Run.id.in_(candidates.scalar_subquery()), _claimable(now))
+        .values(lease_owner=owner, lease_expires_at=now + lease_seconds)
+        .returning(orm.Run.id)
+        .execution_options(synchronize_session=False)
+    )
+    return list((await session.scalars(statement)).all())
+
+
+async def renew(session: AsyncSession, owner: str, run_ids: list[str], lease_seconds: float) -> list[str]:
+    """Extend ``owner``'s leases on ``run_ids`` (one statement for all);
+    returns the runs whose lease ``owner`` still held."""
+    if not run_ids:
+        return []
+    statement = (
+        update(orm.Run)
+        .where(orm.Run.id.in_(run_ids), orm.Run.lease_owner == owner)
+        .values(lease_expires_at=time.time() + lease_seconds)
+        .returning(orm.Run.id)
+        .execution_options(synchronize_session=False)
+    )
+    return list((await session.scalars(statement)).all())
+
+
+async def taken_over(session: AsyncSession, owner: str, run_id: str) -> bool:
+    """True if another worker now executes ``run_id`` (``owner``'s lease
+    lapsed and the run was claimed again): ``owner`` must stop working on it.
+    A run whose lease was cleared because it left the executor's hands
+    (requires_action, a final status) is not taken over."""
+    row = (await session.execute(select(orm.Run.status, orm.Run.lease_owner).where(orm.Run.id == run_id))).first()
+    return row is not None and row.lease_owner is not None and row.lease_owner != owner
+
+
+async def release(session: AsyncSession, owner: str, run_ids: list[str] | None = None) -> list[str]:
+    """Give up ``owner``'s leases (all of them, or those on ``run_ids``) so
+    another worker resumes the runs at once; returns the runs released."""
+    statement = update(orm.Run).where(orm.Run.lease_owner == owner)
+    if run_ids is not None:
+        statement = statement.where(orm.Run.id.in_(run_ids))
+    statement = statement.values(lease_owner=None, lease_expires_at=None).returning(orm.Run.id)
+    return list((await session.scalars(statement.execution_options(synchronize_session=False))).all())
+
+
+@dataclass
+class ReapCandidates:
+    """Runs the reaper must end, each locked for this transaction."""
+
+    # cancelling, and nobody executes it any more: it becomes cancelled.
+    abandoned_cancels: list[orm.Run]
+    # in_progress, its worker gone, and too late to resume: it fails.
+    unresumable: list[orm.Run]
+    # past expires_at while queued, requires_action or executing: it expires.
+    overdue: list[orm.Run]
+
+
+async def reap_candidates(session: AsyncSession) -> ReapCandidates:
+    now = time.time()
+    deadline_passed = and_(orm.Run.expires_at.is_not(None), orm.Run.expires_at <= int(now))
+
+    async def rows(*conditions: ColumnElement[bool]) -> list[orm.Run]:
+        query = select(orm.Run).where(*conditions).order_by(orm.Run.seq).with_for_update(skip_locked=True)
+        return list((await session.scalars(query)).all())
+
+    return ReapCandidates(
+        abandoned_cancels=await rows(orm.Run.status == "cancelling", _lease_free(now)),
+        unresumable=await rows(orm.Run.status == "in_progress", _lease_free(now), deadline_passed),
+        overdue=await rows(
+            deadline_passed,
+            or_(
+                orm.Run.status == "requires_action",
+                # a queued run just claimed is left to its executor, which starts
+                # it or finds it expired; an executing one is stopped here
+                and_(orm.Run.status == "queued", _lease_free(now)),
+                and_(orm.Run.status == "in_progress", orm.Run.lease_expires_at >= now),
+            ),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+async def resume_point(session: AsyncSession, run: orm.Run) -> Usage:
+    """Prepare an ``in_progress`` run whose worker died for another worker.
+
+    What the run committed up to its last finished tool round stays; the rows
+    of the model call that was interrupted (its open message and steps, and a
+    message closed before a tool call in that same call) are removed, since
+    that call is issued again and would otherwise be answered twice. Returns
+    the usage of what stays (each finished model call recorded its usage on
+    its step)."""
+    boundary = await session.scalar(
+        select(func.max(orm.RunStep.seq)).where(
+            orm.RunStep.run_id == run.id, orm.RunStep.type == "tool_calls", orm.RunStep.status == "completed"
+        )
+    )
+    after = boundary or 0
+    await session.execute(delete(orm.RunStep).where(orm.RunStep.run_id == run.id, orm.RunStep.seq > after))
+    await session.execute(
+        delete(orm.Message).where(
+            orm.Message.thread_id == run.thread_id, orm.Message.run_id == run.id, orm.Message.seq > after
+        )
+    )
+    prompt_tokens = completion_tokens = 0
+    for usage in (await session.scalars(select(orm.RunStep.usage).where(orm.RunStep.run_id == run.id))).all():
+        if usage:
+            prompt_tokens += int(usage.get("prompt_tokens", 0))
+            completion_tokens += int(usage.get("completion_tokens", 0))
+    return Usage(prompt_tokens, completion_tokens)
+
+
+async def earlier_messages(session: AsyncSession, run: orm.Run) -> list[orm.Message]:
+    """The thread's messages from before ``run``, oldest first (its prompt's history)."""
+    query = (
+        select(orm.Message)
+        .where(orm.Message.thread_id == run.thread_id, orm.Message.seq < run.seq)
+        .where(or_(orm.Message.run_id.is_(None), orm.Message.run_id != run.id))
+        .order_by(orm.Message.seq)
+    )
+    # additional_messages are inserted just before the run row, so seq < run.seq holds for them too.
+    return list((await session.scalars(query)).all())
+
+
+def is_past_deadline(run: orm.Run) -> bool:
+    return run.expires_at is not None and run.expires_at <= ids.now()

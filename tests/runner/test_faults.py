@@ -1,0 +1,237 @@
+"""The worker against faults, in-process: dropped PostgreSQL connections, a
+SQLite database locked past the busy timeout, stalled model streams, runs
+past their deadline while executing, and shutdown with runs in flight
+(issue 10). Process-level faults (kill -9, SIGTERM) are in test_processes.py."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import event, select, update
+from sqlalchemy.engine import make_url
+
+from app import ids, orm
+from app.runtime import Runtime
+from app.settings import Settings
+from app.worker import Worker
+from tests.runner.test_worker import _make_runs, _statuses
+
+DEADLINE = 30.0
+FINAL = {"completed", "failed", "cancelled", "expired", "incomplete"}
+
+
+@pytest.fixture
+async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    settings = settings.model_copy(update={"worker_poll_seconds": 0.05, "run_lease_seconds": 1.0})
+    rt = await Runtime.start(settings)
+    try:
+        yield rt
+    finally:
+        await rt.close()
+
+
+async def _until(condition: Callable[[], Any], what: str, deadline: float = DEADLINE) -> None:
+    """Poll ``condition`` (sync or async) until true, or fail naming ``what``."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+async def _all_final(runtime: Runtime, run_ids: list[str]) -> bool:
+    return set((await _statuses(runtime, run_ids)).values()) <= FINAL
+
+
+async def _answers(runtime: Runtime, run_id: str) -> list[orm.Message]:
+    async with runtime.transaction() as session:
+        query = select(orm.Message).where(orm.Message.run_id == run_id).order_by(orm.Message.seq)
+        return list((await session.scalars(query)).all())
+
+
+async def _running_worker(runtime: Runtime, **kwargs: Any) -> tuple[Worker, asyncio.Task[None]]:
+    worker = Worker(runtime, **kwargs)
+    runtime.wake_worker = worker.wake
+    return worker, asyncio.create_task(worker.run_forever())
+
+
+async def _stop(worker: Worker, task: asyncio.Task[None]) -> None:
+    worker.request_stop()
+    worker.request_stop()  # no drain: whatever is left is released
+    await task
+
+
+async def _terminate_backends(runtime: Runtime) -> int:
+    """pg_terminate_backend on every connection to the test's database but
+    the one asking: what a PostgreSQL restart or a failover does to a pool."""
+    url = make_url(runtime.settings.resolved_database_url())
+    admin = await asyncpg.connect(user="postgres", database="postgres", host=url.query["host"])
+    try:
+        rows = await admin.fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            url.database,
+        )
+    finally:
+        await admin.close()
+    return len(rows)
+
+
+async def test_worker_survives_dropped_postgres_connections(runtime: Runtime) -> None:
+    if runtime.settings.resolved_database_url().startswith("sqlite"):
+        pytest.skip("PostgreSQL connections only")
+    worker, task = await _running_worker(runtime)
+    # The test's own reads and writes use a pool of their own, renewed after
+    # the drop: only the worker's connections are put to the test.
+    client = await Runtime.start(runtime.settings)
+    try:
+        # One run in flight while its connections are killed, more queued after.
+        (slow,) = await _make_runs(client, 1, text="[[delay 50]] [[tokens 20]]")
+        await _until(lambda: worker.busy == 1, "the slow run to start")
+        # Whoever meets a dead connection first (the loop, the executor, the
+        # listener) fails; the pool then reconnects. Nothing may stay stuck.
+        assert await _terminate_backends(runtime) > 0
+        await client.engine.dispose()
+        after = await _make_runs(client, 3)
+        await _until(lambda: _all_final(client, [slow, *after]), "the runs to finish")
+        assert set((await _statuses(client, [slow, *after])).values()) == {"completed"}
+        assert worker.last_error is None
+        answers = await _answers(client, slow)
+        assert [(m.status, len(m.content[0]["text"]["value"].split())) for m in answers] == [("completed", 20)]
+    finally:
+        await _stop(worker, task)
+        await client.close()
+
+
+def _short_busy_timeout(runtime: Runtime) -> None:
+    """Let "database is locked" come after 0.2 s instead of the server's 30 s
+    (the test's own PRAGMA runs after the server's on every new connection)."""
+
+    def pragma(connection: Any, _record: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA busy_timeout=200")
+        cursor.close()
+
+    event.listen(runtime.engine.sync_engine, "connect", pragma)
+
+
+async def test_worker_survives_a_sqlite_lock_held_past_the_busy_timeout(runtime: Runtime) -> None:
+    url = runtime.settings.resolved_database_url()
+    if not url.startswith("sqlite"):
+        pytest.skip("SQLite locking only")
+    _short_busy_timeout(runtime)
+    await runtime.engine.dispose()  # new connections get the short timeout
+    worker, task = await _running_worker(runtime)
+    locker = sqlite3.connect(make_url(url).database or "", isolation_level=None)
+    try:
+        (slow,) = await _make_runs(runtime, 1, text="[[delay 20]] [[tokens 50]]")
+        await _until(lambda: worker.busy == 1, "the slow run to start")
+        locker.execute("BEGIN IMMEDIATE")  # another process writing for too long
+        await _until(lambda: "locked" in (worker.last_error or ""), "the worker to hit the lock")
+        locker.execute("ROLLBACK")
+        run_ids = await _make_runs(runtime, 3)
+        await _until(lambda: _all_final(runtime, [slow, *run_ids]), "the runs to finish")
+        assert set((await _statuses(runtime, [slow, *run_ids])).values()) == {"completed"}
+        assert worker.last_error is None
+        answers = await _answers(runtime, slow)
+        assert [(m.status, len(m.content[0]["text"]["value"].split())) for m in answers] == [("completed", 50)]
+    finally:
+        locker.close()
+        await _stop(worker, task)
+
+
+async def test_a_silent_model_stream_fails_the_run(settings: Settings) -> None:
+    settings = settings.model_copy(update={"model_idle_timeout_seconds": 0.3})
+    rt = await Runtime.start(settings)
+    try:
+        (run_id,) = await _make_runs(rt, 1, text="[[reply partial]] [[hang]]")
+        await Worker(rt).run_until_idle()
+        async with rt.transaction() as session:
+            run = await session.get(orm.Run, run_id)
+        assert run is not None and run.status == "failed"
+        assert run.last_error == {
+            "code": "server_error",
+            "message": "The model sent nothing for 0.3 seconds; the run was stopped.",
+        }
+        assert [(m.status, m.content[0]["text"]["value"]) for m in await _answers(rt, run_id)] == [
+            ("incomplete", "partial")
+        ]
+    finally:
+        await rt.close()
+
+
+async def test_executing_runs_expire_and_free_their_slots(runtime: Runtime) -> None:
+    worker, task = await _running_worker(runtime, concurrency=2)
+    try:
+        hung = await _make_runs(runtime, 2, text="[[hang]]")
+        await _until(lambda: worker.busy == 2, "both hung runs to take a slot")
+        waiting = await _make_runs(runtime, 1)
+        async with runtime.transaction() as session:
+            await session.execute(update(orm.Run).where(orm.Run.id.in_(hung)).values(expires_at=ids.now() - 1))
+        await _until(lambda: _all_final(runtime, [*hung, *waiting]), "the runs to end")
+        statuses = await _statuses(runtime, [*hung, *waiting])
+        assert [statuses[run_id] for run_id in [*hung, *waiting]] == ["expired", "expired", "completed"]
+        await _until(lambda: worker.busy == 0, "the expired executions to stop")
+    finally:
+        await _stop(worker, task)
+
+
+async def test_shutdown_drains_then_releases_runs_for_another_worker(runtime: Runtime) -> None:
+    first, task = await _running_worker(runtime)
+    quick, slow = (
+        (await _make_runs(runtime, 1, text="[[delay 100]] [[tokens 3]]"))[0],
+        (await _make_runs(runtime, 1, text="[[delay 20]] [[tokens 200]]"))[0],
+    )
+    await _until(lambda: first.busy == 2, "both runs to start")
+    first.drain_seconds = 1.0
+    first.request_stop()
+    await task
+    statuses = await _statuses(runtime, [quick, slow])
+    assert statuses == {quick: "completed", slow: "in_progress"}  # drained / released, not failed
+    async with runtime.transaction() as session:
+        released = await session.get(orm.Run, slow)
+    assert released is not None and released.lease_owner is None and released.lease_expires_at is None
+    second, task = await _running_worker(runtime)
+    try:
+        assert second.owner != first.owner
+        await _until(lambda: _all_final(runtime, [slow]), "the released run to finish elsewhere")
+        assert (await _statuses(runtime, [slow]))[slow] == "completed"
+        answers = await _answers(runtime, slow)
+        assert [(m.status, len(m.content[0]["text"]["value"].split())) for m in answers] == [("completed", 200)]
+    finally:
+        await _stop(second, task)
+
+
+async def test_an_execution_whose_lease_was_taken_over_stops(runtime: Runtime) -> None:
+    worker, task = await _running_worker(runtime)
+    try:
+        (run_id,) = await _make_runs(runtime, 1, text="[[delay 20]] [[tokens 500]]")
+        await _until(lambda: worker.busy == 1, "the run to start")
+        async with runtime.transaction() as session:  # as if another worker claimed it after a lapse
+            await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(lease_owner="other-worker"))
+        await _until(lambda: worker.busy == 0, "the execution to stop")
+        async with runtime.transaction() as session:
+            run = await session.get(orm.Run, run_id)
+        assert run is not None and run.status == "in_progress" and run.lease_owner == "other-worker"
+    finally:
+        await _stop(worker, task)
+
+
+async def test_shutdown_returns_as_soon_as_the_runs_in_flight_are_done(runtime: Runtime) -> None:
+    worker, task = await _running_worker(runtime)
+    (run_id,) = await _make_runs(runtime, 1, text="[[delay 20]] [[tokens 20]]")
+    await _until(lambda: worker.busy == 1, "the run to start")
+    worker.drain_seconds = 600.0  # far longer than the test may take
+    worker.request_stop()
+    async with asyncio.timeout(DEADLINE):
+        await task
+    assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
