@@ -27,7 +27,8 @@ from uvicorn.config import LOG_LEVELS
 import app
 from app import preflight, sandbox_setup
 from app.api import limits
-from app.main import create_app
+from app.main import create_app, create_worker_app
+from app.observability import logs
 from app.runtime import Runtime
 from app.settings import Settings
 from app.testing import ephemeral
@@ -48,6 +49,8 @@ _SETTINGS_FLAGS = {
     "database_url": "database_url",
     "config": "llm_config",
     "log_level": "log_level",
+    "log_format": "log_format",
+    "metrics_port": "metrics_port",
 }
 
 
@@ -71,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--log-level", choices=list(LOG_LEVELS), help="log verbosity (env ASSISTANTS_LOG_LEVEL, default info)"
     )
+    common.add_argument(
+        "--log-format", choices=logs.LOG_FORMATS, help="text or json lines (env ASSISTANTS_LOG_FORMAT, default text)"
+    )
 
     parser = argparse.ArgumentParser(
         prog="assistants-server",
@@ -86,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--ready-file", metavar="PATH", help="with --ephemeral: also write that JSON line here")
     commands.add_parser("migrate", parents=[common], help="bring the database schema up to date and exit")
-    commands.add_parser("worker", parents=[common], help="run the background run executor on its own")
+    worker = commands.add_parser("worker", parents=[common], help="run the background run executor on its own")
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve /metrics, /healthz and /readyz on this port (env ASSISTANTS_METRICS_PORT)",
+    )
     setup = commands.add_parser(
         "sandbox-setup",
         help="build the code interpreter's Python (numpy, pandas, matplotlib) and exit",
@@ -132,12 +143,9 @@ def _describe(error: pydantic.ValidationError) -> str:
 
 
 def configure_logging(settings: Settings) -> None:
-    # uvicorn configures only its own loggers; this gives ours (and
-    # SQLAlchemy's, alembic's) a handler at the chosen level.
-    logging.basicConfig(
-        level=LOG_LEVELS[settings.log_level.lower()],
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # One handler and format for ours, uvicorn's (started with log_config=None),
+    # SQLAlchemy's, alembic's and litellm's lines.
+    logs.configure(LOG_LEVELS[settings.log_level.lower()], settings.log_format, settings.api_keys)
 
 
 def display_database(settings: Settings) -> str:
@@ -192,6 +200,8 @@ def serve(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        log_config=None,  # keep the handler configure_logging() installed
+        access_log=False,  # app/observability/http.py logs requests (redacted)
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         # Idle and slow clients cannot hold the server's connections (app/api/limits.py).
@@ -236,12 +246,35 @@ async def _work(settings: Settings) -> None:
 
 
 def run_worker(settings: Settings) -> int:
-    """Execute runs without serving HTTP: scale workers apart from API replicas
-    (which then run with ASSISTANTS_EMBEDDED_WORKER=false) on one PostgreSQL."""
+    """Execute runs without serving the API: scale workers apart from API replicas
+    (which then run with ASSISTANTS_EMBEDDED_WORKER=false) on one PostgreSQL.
+    With a metrics port, uvicorn serves /metrics and the probes beside it."""
     preflight.check_models(settings)
     preflight.prepare_database(settings)
-    asyncio.run(_work(settings))
-    return 0
+    if settings.metrics_port is None:
+        asyncio.run(_work(settings))
+        return 0
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    config = uvicorn.Config(
+        create_worker_app(settings),
+        host=settings.host,
+        port=settings.metrics_port,
+        log_level=settings.log_level.lower(),
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+    server = uvicorn.Server(config)
+    log.info(
+        "worker serving /metrics at http://%s:%d (database %s)",
+        settings.host,
+        settings.metrics_port,
+        display_database(settings),
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

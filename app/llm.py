@@ -74,6 +74,7 @@ import yaml
 
 from app import cassettes
 from app.scripting import RequestContext, ScriptBook
+from app.observability import logs
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 ErrorCode = Literal["rate_limit_exceeded", "server_error", "invalid_prompt"]
@@ -141,6 +142,9 @@ class Finish:
 
 
 Event = TextDelta | ToolCallDelta | Finish
+# Told of every completion when it ends: (model, outcome, seconds, usage);
+# outcome is "ok", an ErrorCode, "cancelled" or "error". Metrics set it.
+CallObserver = Callable[[str, str, float, "Usage | None"], None]
 
 
 def chat_body(request: ChatRequest) -> dict[str, Any]:
@@ -389,6 +393,7 @@ class LLM:
         self.cassettes: cassettes.Cassettes | None = None
         self._offline = _OfflineModel(rules, self.script)
         self._windows: dict[str, int] = {}
+        self.metrics_observer: CallObserver | None = None
 
     @classmethod
     def from_config(cls, path: Path | None, *, replaying: bool = False) -> LLM:
@@ -424,7 +429,26 @@ class LLM:
         return names
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[Event]:
-        """Deltas as they come, then exactly one Finish; LLMError on any failure."""
+        """Deltas as they come, then exactly one Finish; LLMError on any failure.
+        Each call is reported to ``metrics_observer`` when it ends."""
+        started, outcome, usage = time.monotonic(), "cancelled", None
+        try:
+            async with aclosing(self._stream(request)) as source:
+                async for event in source:
+                    if isinstance(event, Finish):
+                        outcome, usage = "ok", event.usage
+                    yield event
+        except LLMError as exc:
+            outcome = exc.code
+            raise
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            if self.metrics_observer is not None:
+                self.metrics_observer(request.model, outcome, time.monotonic() - started, usage)
+
+    async def _stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
         route = self.route(request.model)
         if route.offline:
             prompt_tokens = self.count_tokens(request.model, request.messages, request.tools)
@@ -550,6 +574,7 @@ def _litellm() -> Any:
     warnings.filterwarnings("ignore", message=r"Accessing the 'model_\w+' attribute on the instance is deprecated")
     import litellm
 
+    logs.adopt_litellm_loggers()  # its lines once, in our format
     litellm.suppress_debug_info = True
     litellm.telemetry = False
     litellm.disable_hf_tokenizer_download = True  # token_counter must never download a tokenizer

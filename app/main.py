@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 
 from fastapi import FastAPI
 
-from app.api import admin, build_router, handlers, limits, v1compat
+import app as package
+from app.api import admin, build_router, docs, handlers, health, limits, v1compat
 from app.console import pages
+from app.observability.http import RequestObserver
 from app.runtime import Runtime
 from app.settings import Settings
 from app.worker import Worker
@@ -18,23 +20,19 @@ from app.worker import Worker
 log = logging.getLogger("app")
 
 # OpenAI's own paths, Azure's (AzureOpenAI puts /openai before every path) and
-# Azure's newer v1 surface.
+# Azure's newer v1 surface. The OpenAPI document lists the first only.
 API_PREFIXES = ("/v1", "/openai", "/openai/v1")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
-
+def _lifespan(settings: Settings, *, with_worker: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await Runtime.start(settings)
         app.state.runtime = runtime
-        if not settings.api_keys:
-            log.warning("no API keys configured: the server accepts every request (set ASSISTANTS_API_KEYS)")
         worker_task = None
-        if settings.embedded_worker:
+        if with_worker:
             worker = Worker(runtime)
-            runtime.wake_worker = worker.wake
+            runtime.attach_worker(worker)
             worker_task = asyncio.create_task(worker.run_forever(), name="worker")
         try:
             yield
@@ -46,22 +44,57 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await worker_task
             await runtime.close()
 
+    return lifespan
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    if not settings.api_keys:
+        log.warning("no API keys configured: the server accepts every request (set ASSISTANTS_API_KEYS)")
     # No trailing-slash redirects: OpenAI answers those paths "Invalid URL".
+    # /docs is served by app/api/docs.py (local assets), ReDoc not at all.
     app = FastAPI(
-        title="Assistants API v2 compatible server", version="0.1.0", lifespan=lifespan, redirect_slashes=False
+        title="Assistants API v2 compatible server",
+        version=package.__version__,
+        lifespan=_lifespan(settings, with_worker=settings.embedded_worker),
+        redirect_slashes=False,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=docs.OPENAPI_PATH,
     )
     # Middleware added first runs innermost: the key gate, then the body
-    # limit, then the translation of v1 requests (which reads bodies).
+    # limit, then the translation of v1 requests (which reads bodies); the
+    # observer is outermost (request id, access log, HTTP metrics).
     app.add_middleware(v1compat.AssistantsV1)
     app.add_middleware(
         limits.BodyLimit, max_bytes=settings.max_json_body_bytes, timeout_seconds=settings.http_body_timeout_seconds
     )
-    handlers.install(app, settings.api_keys)
+    handlers.install(app, settings.api_keys, public_paths=health.PATHS | docs.PUBLIC_PATHS)
+    app.add_middleware(RequestObserver)
+    app.include_router(health.router)
+    docs.install(app, API_PREFIXES[0], settings.api_keys)
     router = build_router()
     for prefix in API_PREFIXES:
-        app.include_router(router, prefix=prefix)
+        app.include_router(router, prefix=prefix, include_in_schema=prefix == API_PREFIXES[0])
     if settings.admin_api:
         app.include_router(admin.router)
     app.include_router(pages.router)
     pages.mount_static(app)
+    return app
+
+
+def create_worker_app(settings: Settings) -> FastAPI:
+    """A standalone worker (``worker --metrics-port``): the run executor with
+    only /metrics, /healthz and /readyz over HTTP, no API."""
+    app = FastAPI(
+        title="assistants-server worker",
+        version=package.__version__,
+        lifespan=_lifespan(settings, with_worker=True),
+        redirect_slashes=False,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.add_middleware(RequestObserver)
+    app.include_router(health.router)
     return app

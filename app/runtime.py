@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -18,9 +19,13 @@ from app import cassettes, db
 from app.bus import EventBus
 from app.llm import LLM, Exchange
 from app.services import model_requests
+from app.observability.metrics import Metrics
 from app.settings import Settings
 from app.storage import Storage
 from app.wire.events import Event
+
+if TYPE_CHECKING:
+    from app.worker import Worker
 
 
 @dataclass
@@ -31,8 +36,11 @@ class Runtime:
     storage: Storage
     bus: EventBus
     llm: LLM
+    metrics: Metrics
     # Set by the worker when one runs in this process, so new runs start at once.
     wake_worker: Callable[[], None] | None = None
+    # The worker of this process, if any (its heartbeat and sandboxes feed /readyz and /metrics).
+    worker: Worker | None = None
     _signals: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
@@ -40,13 +48,19 @@ class Runtime:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = db.create_engine(settings.resolved_database_url())
         await db.migrate(engine)
+        metrics = Metrics()
+        bus = EventBus()
+        bus.taps.append(metrics.runs.observe)
+        llm = LLM.from_config(settings.llm_config, replaying=settings.llm_replay is not None)
+        llm.metrics_observer = metrics.observe_model_call
         runtime = cls(
             settings=settings,
             engine=engine,
             sessionmaker=db.create_sessionmaker(engine),
             storage=Storage(settings.files_dir),
-            bus=EventBus(),
-            llm=LLM.from_config(settings.llm_config, replaying=settings.llm_replay is not None),
+            bus=bus,
+            llm=llm,
+            metrics=metrics,
         )
         if settings.llm_replay is not None:
             runtime.llm.cassettes = cassettes.Cassettes(settings.llm_replay, "replay")
@@ -59,6 +73,11 @@ class Runtime:
     async def _record_model_request(self, exchange: Exchange) -> None:
         async with self.transaction() as session:
             model_requests.add(session, exchange)
+
+    def attach_worker(self, worker: Worker) -> None:
+        """The worker of this process: new runs wake it at once."""
+        self.worker = worker
+        self.wake_worker = worker.wake
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     http_keep_alive_seconds: int = 5  # an idle connection between requests is closed after this
     http_max_connections: int = 1000  # more are closed when accepted (kept below the fd limit)
     http_max_header_bytes: int = 64 * 1024
+    # "text" for people, "json" (one object per line) for log collectors; see docs/operations.md.
+    log_format: Literal["text", "json"] = "text"
+    # `worker` only: serve /metrics, /healthz and /readyz on this port (none by default).
+    metrics_port: int | None = None
 
     # --- code_interpreter sandbox (app/sandbox) ---
     # "bwrap": bubblewrap (no network, read-only system, private /mnt/data and

@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-import secrets
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import errors
+from app.observability import http, logs
 
 log = logging.getLogger("app.api")
 
@@ -85,12 +85,13 @@ async def _unexpected(_request: Request, exc: Exception) -> Response:
     return error_response(unexpected_error(exc))
 
 
-def install(app: FastAPI, api_keys: Sequence[str]) -> None:
+def install(app: FastAPI, api_keys: Sequence[str], public_paths: Collection[str] = ()) -> None:
+    """``public_paths`` answer without an API key (probes, metrics, docs)."""
     app.add_exception_handler(errors.APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
-    app.add_middleware(RequestGate, api_keys=list(api_keys))
+    app.add_middleware(RequestGate, api_keys=list(api_keys), public_paths=frozenset(public_paths))
 
 
 def _mask(key: str) -> str:
@@ -105,15 +106,17 @@ class RequestGate:
     500 envelope itself: that response then carries an x-request-id too.
     """
 
-    def __init__(self, app: ASGIApp, api_keys: list[str]) -> None:
+    def __init__(self, app: ASGIApp, api_keys: list[str], public_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.api_keys = set(api_keys)
+        self.public_paths = public_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = "req_" + secrets.token_hex(16)
+        # Made by app/observability/http.py, which logs and counts the request.
+        request_id = logs.current_request_id() or http.new_request_id()
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
         started = False
 
@@ -125,9 +128,10 @@ class RequestGate:
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
-        # The console (app/console) signs in with a cookie, not a header.
-        console = scope.get("path", "").startswith("/console")
-        rejection = (None if console else self._check(headers)) or _check_url(scope)
+        # The console (app/console) signs in with a cookie, not a header;
+        # probes, metrics and the docs are open (public_paths).
+        public = scope.get("path", "").startswith("/console") or scope.get("path") in self.public_paths
+        rejection = (None if public else self._check(headers)) or _check_url(scope)
         if rejection is not None:
             await _send_error(rejection, send_with_id)
             return

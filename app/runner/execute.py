@@ -27,6 +27,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import ids, llm, orm
+from app.observability import logs
 from app.runner import markers, prompt
 from app.runner.tools import BuiltinTool, ToolResult
 from app.runner.turn import Pending, Turn, TurnResult, TurnStopped
@@ -420,4 +421,5 @@ async def _idle_limited(stream: AsyncIterator[llm.Event], seconds: float) -> Asy
 
 
 async def execute(runtime: Runtime, run_id: str, builtins: dict[str, BuiltinTool] | None = None) -> None:
+    logs.bind_run(run_id)  # every line this task logs from here on names the run
     await RunExecution(runtime, run_id, builtins).execute()
