@@ -73,8 +73,8 @@ from typing import Any, Literal, cast
 import yaml
 
 from app import cassettes
-from app.scripting import RequestContext, ScriptBook
 from app.observability import logs
+from app.scripting import RequestContext, ScriptBook
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 ErrorCode = Literal["rate_limit_exceeded", "server_error", "invalid_prompt"]

@@ -18,8 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from app import cassettes, db
 from app.bus import EventBus
 from app.llm import LLM, Exchange
-from app.services import model_requests
 from app.observability.metrics import Metrics
+from app.services import model_requests
 from app.settings import Settings
 from app.storage import Storage
 from app.wire.events import Event
