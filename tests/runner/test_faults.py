@@ -86,9 +86,8 @@ async def _terminate_backends(runtime: Runtime) -> int:
     return len(rows)
 
 
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # PostgreSQL connections only
 async def test_worker_survives_dropped_postgres_connections(runtime: Runtime) -> None:
-    if runtime.settings.resolved_database_url().startswith("sqlite"):
-        pytest.skip("PostgreSQL connections only")
     worker, task = await _running_worker(runtime)
     # The test's own reads and writes use a pool of their own, renewed after
     # the drop: only the worker's connections are put to the test.
@@ -124,10 +123,9 @@ def _short_busy_timeout(runtime: Runtime) -> None:
     event.listen(runtime.engine.sync_engine, "connect", pragma)
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # SQLite locking only
 async def test_worker_survives_a_sqlite_lock_held_past_the_busy_timeout(runtime: Runtime) -> None:
     url = runtime.settings.resolved_database_url()
-    if not url.startswith("sqlite"):
-        pytest.skip("SQLite locking only")
     _short_busy_timeout(runtime)
     await runtime.engine.dispose()  # new connections get the short timeout
     worker, task = await _running_worker(runtime)
