@@ -114,9 +114,15 @@ class SQLiteWriters:
         self.timeout = timeout
         self._lock = asyncio.Lock()
 
+    async def _acquire(self) -> None:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+        # cancellation that arrives as the lock is granted.
+        async with asyncio.timeout(self.timeout):
+            await self._lock.acquire()
+
     def begin(self, connection: Connection) -> None:
         try:
-            await_(asyncio.wait_for(self._lock.acquire(), self.timeout))
+            await_(self._acquire())
         except TimeoutError:
             # Worded and typed like SQLite's own refusal, so that it is answered alike.
             refusal = sqlite3.OperationalError("database is locked (by this process's other transactions)")

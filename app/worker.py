@@ -282,5 +282,5 @@ class Worker:
                 if run.id not in events:
                     events[run.id] = await runs.close_out(session, run, "expired")
         for run_id, run_events in events.items():
-            log.warning("run %s ended by the reaper: %s", run_id, run_events[-1].name)
+            log.debug("run %s ended by the reaper: %s", run_id, run_events[-1].name)
             self.runtime.bus.publish(run_id, run_events)
