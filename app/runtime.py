@@ -71,7 +71,11 @@ class Runtime:
         return runtime
 
     async def _record_model_request(self, exchange: Exchange) -> None:
-        async with self.transaction() as session:
+        context = exchange.request.context
+        if context is not None and context.on_exchange is not None:
+            context.on_exchange(exchange)  # written with the run's next commit
+            return
+        async with self.transaction() as session:  # completions outside runs (chat completions)
             model_requests.add(session, exchange)
 
     def attach_worker(self, worker: Worker) -> None:

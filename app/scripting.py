@@ -23,7 +23,7 @@ import itertools
 import json
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -47,6 +47,9 @@ class RequestContext:
     thread_id: str | None = None
     assistant_id: str | None = None
     thread_metadata: Mapping[str, str] = field(default_factory=dict)
+    # Where the model-request log's record of this completion goes: a run's
+    # executor keeps it for its next commit (one transaction fewer per call).
+    on_exchange: Callable[[Any], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from app.runner.tools import BuiltinTool, ToolResult
 from app.runner.turn import Pending, Turn, TurnResult, TurnStopped
 from app.runtime import Runtime
 from app.scripting import RequestContext
-from app.services import run_execution, run_state, run_steps, runs
+from app.services import model_requests, run_execution, run_state, run_steps, runs
 from app.wire.events import Event
 
 log = logging.getLogger("app.runner")
@@ -82,7 +82,9 @@ class RunExecution:
         self.completion_tokens = 0
         # Built-in tool results of this execution, by tool type (for decorate()).
         self.results: dict[str, list[ToolResult]] = {}
-        self.context = RequestContext(run_id=run_id)
+        # Model-request log entries of this execution's calls, written by the next commit.
+        self._exchanges: list[llm.Exchange] = []
+        self.context = RequestContext(run_id=run_id, on_exchange=self._exchanges.append)
 
     def _publish(self, events: list[Event]) -> None:
         self.runtime.bus.publish(self.run_id, events)
@@ -113,6 +115,8 @@ class RunExecution:
         events = list(pending.events)
         async with self.runtime.transaction() as session:
             session.add_all(pending.rows)
+            for exchange in self._exchanges:
+                model_requests.add(session, exchange)
             # Locked (PostgreSQL), so a concurrent cancel waits for this move
             # instead of making its compare-and-set fail.
             run = await session.get(orm.Run, self.run_id, with_for_update=True) if move is not None else None
@@ -135,6 +139,7 @@ class RunExecution:
                     usage=self._usage(),
                     sweep=move.sweep,
                 )
+        self._exchanges.clear()
         self._publish(events)
 
     async def _context(self, session: AsyncSession, run: orm.Run) -> RequestContext:
@@ -144,7 +149,7 @@ class RunExecution:
         if self.runtime.llm.script.needs_thread_metadata():
             thread = await session.get(orm.Thread, run.thread_id)
             metadata = dict(thread.metadata_) if thread is not None else {}
-        return RequestContext(self.run_id, run.thread_id, run.assistant_id, metadata)
+        return RequestContext(self.run_id, run.thread_id, run.assistant_id, metadata, self._exchanges.append)
 
     async def _end(
         self,

@@ -108,3 +108,16 @@ async def test_without_the_setting_there_is_no_admin_api(database_url: str, tmp_
             response = await raw.post("/admin/reset")
     assert response.status_code == 404
     assert response.json()["error"]["message"] == "Invalid URL (POST /admin/reset)"
+
+
+async def test_a_failed_completion_is_logged_with_its_error(
+    client: openai.AsyncOpenAI, http: httpx2.AsyncClient
+) -> None:
+    assistant = await client.beta.assistants.create(model="gpt-4o")
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "[[fail rate_limit after 2]] hi"}])
+    run = await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id)
+    assert run.status == "failed"
+    # Written with the run's own ending (one commit), so it is there as soon as the run has ended.
+    (logged,) = (await http.get("/admin/model_requests", params={"run_id": run.id})).json()["data"]
+    assert logged["response"]["error"]["code"] == "rate_limit_exceeded"
+    assert logged["response"]["finish_reason"] is None
