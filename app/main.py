@@ -10,7 +10,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppres
 from fastapi import FastAPI
 
 import app as package
-from app.api import admin, build_router, docs, handlers, health, limits, v1compat
+from app.api import API_PREFIXES, admin, build_router, docs, handlers, health, limits, v1compat
 from app.console import pages
 from app.observability.http import RequestObserver
 from app.runtime import Runtime
@@ -18,10 +18,6 @@ from app.settings import Settings
 from app.worker import Worker
 
 log = logging.getLogger("app")
-
-# OpenAI's own paths, Azure's (AzureOpenAI puts /openai before every path) and
-# Azure's newer v1 surface. The OpenAPI document lists the first only.
-API_PREFIXES = ("/v1", "/openai", "/openai/v1")
 
 
 def _lifespan(settings: Settings, *, with_worker: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
@@ -74,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     docs.install(app, API_PREFIXES[0], settings.api_keys)
     router = build_router()
+    # The OpenAPI document lists the first prefix only.
     for prefix in API_PREFIXES:
         app.include_router(router, prefix=prefix, include_in_schema=prefix == API_PREFIXES[0])
     if settings.admin_api:

@@ -23,7 +23,7 @@ import itertools
 import json
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,6 +32,8 @@ Directive = tuple[str, str]
 
 _FAIL_CODES: tuple[FailCode, ...] = ("rate_limit", "server_error", "invalid_prompt")
 _FINISH = ("stop", "length", "content_filter")
+# Runs whose answering rule is remembered for their later tool rounds.
+_REMEMBERED_RUNS = 10_000
 
 
 class ScriptError(ValueError):
@@ -132,6 +134,7 @@ class ScriptBook:
     def __init__(self) -> None:
         self._rules: list[Rule] = []
         self._used: dict[str, int] = {}
+        self._answering: dict[str, str] = {}  # run id -> the rule that answered its first round
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
 
@@ -158,6 +161,7 @@ class ScriptBook:
         with self._lock:
             self._rules.clear()
             self._used.clear()
+            self._answering.clear()
 
     def needs_thread_metadata(self) -> bool:
         with self._lock:
@@ -172,8 +176,14 @@ class ScriptBook:
 
         ``rounds`` counts the tool rounds since the last user message: a
         rule's first completion is its use (later rounds of the same answer
-        do not count against ``times``)."""
+        do not count against ``times``, and come from the rule that answered
+        the run's first round, even once its ``times`` are spent)."""
+        run_id = context.run_id if context is not None else None
         with self._lock:
+            if rounds > 0 and run_id is not None:
+                chosen = next((rule for rule in self._rules if rule.id == self._answering.get(run_id)), None)
+                if chosen is not None:
+                    return chosen.directives()
             for rule in self._rules:
                 if not rule.match.holds(model, user_text, context):
                     continue
@@ -182,8 +192,16 @@ class ScriptBook:
                     if rule.times is not None and used >= rule.times:
                         continue
                     self._used[rule.id] = used + 1
+                    if run_id is not None:
+                        self._remember(run_id, rule.id)
                 return rule.directives()
         return None
+
+    def _remember(self, run_id: str, rule_id: str) -> None:
+        self._answering.pop(run_id, None)
+        self._answering[run_id] = rule_id
+        while len(self._answering) > _REMEMBERED_RUNS:  # oldest first: dicts keep insertion order
+            del self._answering[next(iter(self._answering))]
 
 
 # ------------------------------------------------------------------ parsing
@@ -309,8 +327,3 @@ def _non_negative(value: Any, where: str) -> int:
 def describe(rule: Rule, used: int) -> dict[str, Any]:
     """A rule as the admin API lists it."""
     return {"id": rule.id, "object": "offline.rule", "used": used, **rule.raw}
-
-
-def directive_text(directives: Sequence[Directive]) -> str:
-    """For logs: the directives as a test could have written them."""
-    return " ".join(f"[[{verb} {arg}]]".replace(" ]]", "]]") for verb, arg in directives)

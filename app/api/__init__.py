@@ -7,6 +7,10 @@ from fastapi import APIRouter
 
 from app.api import assistants, chat, embeddings, files, messages, models, runs, threads, vector_stores
 
+# OpenAI's own paths, Azure's (AzureOpenAI puts /openai before every path) and
+# Azure's newer v1 surface.
+API_PREFIXES = ("/v1", "/openai", "/openai/v1")
+
 
 def build_router() -> APIRouter:
     router = APIRouter()

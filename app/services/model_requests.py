@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import orm
@@ -41,10 +41,6 @@ async def list_for_run(session: AsyncSession, run_id: str | None, limit: int = 1
         query = query.order_by(orm.ModelRequest.id.desc()).limit(limit)
         rows = list(reversed((await session.scalars(query)).all()))
     return [to_wire(row) for row in rows]
-
-
-async def prune_run(session: AsyncSession, run_id: str) -> None:
-    await session.execute(delete(orm.ModelRequest).where(orm.ModelRequest.run_id == run_id))
 
 
 def to_wire(row: orm.ModelRequest) -> dict[str, Any]:

@@ -22,21 +22,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from app import preflight
 from app.settings import Settings
 
 # What clients send when the server checks no keys (any string works then).
 OPEN_KEY = "sk-assistants-server-test"
-
-
-def bind_free_port(host: str) -> socket.socket:
-    """A listening socket on a port the kernel picked: no race with another
-    process choosing the same "free" port between check and bind."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
 
 
 def prepare(settings: Settings, stack: ExitStack, explicit_data_dir: bool) -> tuple[Settings, socket.socket]:
@@ -47,7 +37,7 @@ def prepare(settings: Settings, stack: ExitStack, explicit_data_dir: bool) -> tu
         changes["data_dir"] = Path(temp)
         if settings.database_url is None or settings.database_url.startswith("sqlite"):
             changes["database_url"] = None  # the SQLite file inside the temporary directory
-    sock = bind_free_port(settings.host)
+    sock = preflight.bind(settings.host, 0)  # the kernel picks a free port: no check-then-bind race
     changes["port"] = sock.getsockname()[1]
     return settings.model_copy(update=changes), sock
 

@@ -19,10 +19,12 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import errors
+from app.api import API_PREFIXES
 from app.api.v1compat import handlers, shapes
 from app.api.v1compat.sse import EventRewriter
 
-_PREFIXES = ("/openai/v1", "/openai", "/v1")
+# Longest first: /openai/v1/... is not /openai + /v1/....
+_PREFIXES = sorted(API_PREFIXES, key=len, reverse=True)
 _BETA = "openai-beta"
 
 
