@@ -199,6 +199,24 @@ async def migrate(engine: AsyncEngine) -> None:
         await connection.run_sync(lambda sync: command.upgrade(_alembic_config(sync), "head"))
 
 
+async def read_rows(engine: AsyncEngine, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """A small read outside SQLAlchemy's transactions. On SQLite those begin by
+    taking the write lock (SQLiteWriters), so a read on the request path (the
+    API key lookup) would queue behind every writer; a plain read in WAL mode
+    does not. ``sql`` uses ``:name`` parameters, which both drivers accept
+    here (sqlite3 natively, PostgreSQL through SQLAlchemy's text())."""
+    async with engine.connect() as connection:
+        if connection.dialect.name != "sqlite":
+            return [tuple(row) for row in (await connection.execute(text(sql), params)).all()]
+        raw = (await connection.get_raw_connection()).driver_connection
+        assert raw is not None
+        cursor = await raw.execute(sql, params)
+        try:
+            return [tuple(row) for row in await cursor.fetchall()]
+        finally:
+            await cursor.close()
+
+
 async def notify_work(engine: AsyncEngine) -> None:
     """Wake the workers of other processes (PostgreSQL only; best effort:
     they also poll, so a lost signal only costs latency)."""

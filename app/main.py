@@ -20,11 +20,18 @@ from app.worker import Worker
 log = logging.getLogger("app")
 
 
-def _lifespan(settings: Settings, *, with_worker: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+def _lifespan(
+    settings: Settings, *, with_worker: bool, serves_api: bool = True
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await Runtime.start(settings)
         app.state.runtime = runtime
+        if serves_api and await runtime.keys.is_open():
+            log.warning(
+                "no API keys configured: the server accepts every request "
+                "(set ASSISTANTS_API_KEYS or create keys with `assistants-server keys create --project NAME`)"
+            )
         worker_task = None
         if with_worker:
             worker = Worker(runtime)
@@ -45,8 +52,6 @@ def _lifespan(settings: Settings, *, with_worker: bool) -> Callable[[FastAPI], A
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    if not settings.api_keys:
-        log.warning("no API keys configured: the server accepts every request (set ASSISTANTS_API_KEYS)")
     # No trailing-slash redirects: OpenAI answers those paths "Invalid URL".
     # /docs is served by app/api/docs.py (local assets), ReDoc not at all.
     app = FastAPI(
@@ -65,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         limits.BodyLimit, max_bytes=settings.max_json_body_bytes, timeout_seconds=settings.http_body_timeout_seconds
     )
-    handlers.install(app, settings.api_keys, public_paths=health.PATHS | docs.PUBLIC_PATHS)
+    handlers.install(app, public_paths=health.PATHS | docs.PUBLIC_PATHS)
     app.add_middleware(RequestObserver)
     app.include_router(health.router)
     docs.install(app, API_PREFIXES[0], settings.api_keys)
@@ -86,7 +91,7 @@ def create_worker_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="assistants-server worker",
         version=package.__version__,
-        lifespan=_lifespan(settings, with_worker=True),
+        lifespan=_lifespan(settings, with_worker=True, serves_api=False),
         redirect_slashes=False,
         docs_url=None,
         redoc_url=None,

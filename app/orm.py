@@ -20,10 +20,48 @@ class Base(DeclarativeBase):
     pass
 
 
-class Assistant(Base):
-    __tablename__ = "assistants"
+# Rows written before projects existed (and by an older server during a
+# rolling upgrade) belong to the default project: the column's server default.
+DEFAULT_PROJECT_ID = "proj_default"
+
+
+class Project(Base):
+    """An isolation boundary (OpenAI's projects): every top-level object
+    belongs to one, and a key of one project sees nothing of another."""
+
+    __tablename__ = "projects"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class ApiKey(Base):
+    """A key made with ``assistants-server keys create``: only its SHA-256 is
+    stored, with a short visible prefix to recognise it in listings."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+def _project_column() -> Mapped[str]:
+    # No foreign key: SQLite cannot add a referencing NOT NULL column to a
+    # table that has rows; projects are never deleted.
+    return mapped_column(String(64), server_default=DEFAULT_PROJECT_ID)
+
+
+class Assistant(Base):
+    __tablename__ = "assistants"
+    __table_args__ = (Index("ix_assistants_project_seq", "project_id", "seq"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[str] = _project_column()
     seq: Mapped[int] = mapped_column(BigInteger, index=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
     model: Mapped[str] = mapped_column(Text)
@@ -41,8 +79,10 @@ class Assistant(Base):
 
 class Thread(Base):
     __tablename__ = "threads"
+    __table_args__ = (Index("ix_threads_project_seq", "project_id", "seq"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[str] = _project_column()
     seq: Mapped[int] = mapped_column(BigInteger, index=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
     tool_resources: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
@@ -155,9 +195,13 @@ class RunStep(Base):
 
 class File(Base):
     __tablename__ = "files"
-    __table_args__ = (Index("ix_files_purpose_seq", "purpose", "seq"),)
+    __table_args__ = (
+        Index("ix_files_project_seq", "project_id", "seq"),
+        Index("ix_files_purpose_seq", "purpose", "seq"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[str] = _project_column()
     seq: Mapped[int] = mapped_column(BigInteger, index=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
     bytes: Mapped[int] = mapped_column(BigInteger)
@@ -174,8 +218,10 @@ class VectorStore(Base):
     are exact (the SDK's batch poller relies on ``in_progress``)."""
 
     __tablename__ = "vector_stores"
+    __table_args__ = (Index("ix_vector_stores_project_seq", "project_id", "seq"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[str] = _project_column()
     seq: Mapped[int] = mapped_column(BigInteger, index=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
     name: Mapped[str | None] = mapped_column(Text)

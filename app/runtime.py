@@ -19,7 +19,7 @@ from app import cassettes, db
 from app.bus import EventBus
 from app.llm import LLM, Exchange
 from app.observability.metrics import Metrics
-from app.services import model_requests
+from app.services import api_keys, model_requests
 from app.settings import Settings
 from app.storage import Storage
 from app.wire.events import Event
@@ -37,6 +37,8 @@ class Runtime:
     bus: EventBus
     llm: LLM
     metrics: Metrics
+    # API key -> project, for the request gate and the console.
+    keys: api_keys.KeyRing
     # Set by the worker when one runs in this process, so new runs start at once.
     wake_worker: Callable[[], None] | None = None
     # The worker of this process, if any (its heartbeat and sandboxes feed /readyz and /metrics).
@@ -61,6 +63,7 @@ class Runtime:
             bus=bus,
             llm=llm,
             metrics=metrics,
+            keys=api_keys.KeyRing(engine, settings.api_keys, settings.key_cache_seconds),
         )
         if settings.llm_replay is not None:
             runtime.llm.cassettes = cassettes.Cassettes(settings.llm_replay, "replay")

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     # Comma-separated in the environment; empty means the server is open.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # A key made with `keys create` is looked up once and remembered this long:
+    # a revoked key stops working at most this many seconds later (app/services/api_keys.py).
+    key_cache_seconds: float = 10.0
     max_upload_bytes: int = 512 * 1024 * 1024
     # LiteLLM-proxy-style routing file (model_list); unset = built-in offline model.
     llm_config: Path | None = None

@@ -6,9 +6,15 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, Query, Request, Response
 from pydantic import BaseModel
+from starlette.types import Scope
 
+from app import errors
 from app.runtime import Runtime
 from app.services.pagination import PageParams
+from app.services.projects import Project
+
+# Where the request gate (api/handlers.py) records the project a request acts for.
+_PROJECT = "assistants.project"
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -17,6 +23,25 @@ async def get_runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def set_project(scope: Scope, project: Project) -> None:
+    scope[_PROJECT] = project
+
+
+def project_of(scope: Scope) -> Project:
+    """The project of the request's key (every API route acts for one)."""
+    project = scope.get(_PROJECT)
+    if not isinstance(project, Project):  # the gate admits no API request without one
+        raise errors.APIError(401, "You didn't provide an API key.")
+    return project
+
+
+async def get_project(request: Request) -> Project:
+    return project_of(request.scope)
+
+
+ProjectDep = Annotated[Project, Depends(get_project)]
 
 
 async def page_params(

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from app.api import uploads
-from app.api.deps import RuntimeDep, respond
+from app.api.deps import ProjectDep, RuntimeDep, respond
 from app.services import files
 from app.services.pagination import PageParams
 from app.wire.common import Deleted, ListPage
@@ -28,7 +28,7 @@ def file_page_params(
 
 
 @router.post("/files", response_model=FileObject)
-async def create_file(request: Request, runtime: RuntimeDep) -> Response:
+async def create_file(request: Request, runtime: RuntimeDep, project: ProjectDep) -> Response:
     # The body is read by hand (no FastAPI Form/UploadFile) so it streams to disk.
     storage = runtime.storage
     async with (
@@ -41,38 +41,39 @@ async def create_file(request: Request, runtime: RuntimeDep) -> Response:
         ) as form,
         runtime.transaction() as session,
     ):
-        row = await files.create(session, storage, form.fields, form.file)
+        row = await files.create(session, storage, project, form.fields, form.file)
     return respond(files.to_wire(row))
 
 
 @router.get("/files", response_model=ListPage[FileObject])
 async def list_files(
     runtime: RuntimeDep,
+    project: ProjectDep,
     page: Annotated[PageParams, Depends(file_page_params)],
     purpose: str | None = None,
 ) -> Response:
     async with runtime.transaction() as session:
-        return respond(await files.list_(session, runtime.storage, page, purpose))
+        return respond(await files.list_(session, runtime.storage, project, page, purpose))
 
 
 @router.get("/files/{file_id}", response_model=FileObject)
-async def retrieve_file(file_id: str, runtime: RuntimeDep) -> Response:
+async def retrieve_file(file_id: str, runtime: RuntimeDep, project: ProjectDep) -> Response:
     async with runtime.transaction() as session:
-        return respond(files.to_wire(await files.get(session, runtime.storage, file_id)))
+        return respond(files.to_wire(await files.get(session, runtime.storage, project, file_id)))
 
 
 @router.delete("/files/{file_id}", response_model=Deleted)
-async def delete_file(file_id: str, runtime: RuntimeDep) -> Response:
+async def delete_file(file_id: str, runtime: RuntimeDep, project: ProjectDep) -> Response:
     async with runtime.transaction() as session:
-        return respond(await files.delete(session, runtime.storage, file_id))
+        return respond(await files.delete(session, runtime.storage, project, file_id))
 
 
 @router.get("/files/{file_id}/content")
-async def retrieve_file_content(file_id: str, runtime: RuntimeDep) -> Response:
+async def retrieve_file_content(file_id: str, runtime: RuntimeDep, project: ProjectDep) -> Response:
     # Allowed for every purpose: OpenAI refuses `assistants` files, but on a
     # self-hosted server the uploader owns the bytes anyway.
     async with runtime.transaction() as session:
-        row, path = await files.content_path(session, runtime.storage, file_id)
+        row, path = await files.content_path(session, runtime.storage, project, file_id)
     # filename* only (RFC 6266): the name is user input and may hold quotes or non-ASCII.
     disposition = f"attachment; filename*=utf-8''{quote(row.filename, safe='')}"
     return FileResponse(path, media_type="application/octet-stream", headers={"Content-Disposition": disposition})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,7 +17,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import errors
+from app.api import deps
 from app.observability import http, logs
+from app.services import api_keys, projects
 
 log = logging.getLogger("app.api")
 
@@ -85,13 +87,13 @@ async def _unexpected(_request: Request, exc: Exception) -> Response:
     return error_response(unexpected_error(exc))
 
 
-def install(app: FastAPI, api_keys: Sequence[str], public_paths: Collection[str] = ()) -> None:
+def install(app: FastAPI, public_paths: Collection[str] = ()) -> None:
     """``public_paths`` answer without an API key (probes, metrics, docs)."""
     app.add_exception_handler(errors.APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
-    app.add_middleware(RequestGate, api_keys=list(api_keys), public_paths=frozenset(public_paths))
+    app.add_middleware(RequestGate, public_paths=frozenset(public_paths))
 
 
 def _mask(key: str) -> str:
@@ -106,9 +108,8 @@ class RequestGate:
     500 envelope itself: that response then carries an x-request-id too.
     """
 
-    def __init__(self, app: ASGIApp, api_keys: list[str], public_paths: frozenset[str] = frozenset()) -> None:
+    def __init__(self, app: ASGIApp, public_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
-        self.api_keys = set(api_keys)
         self.public_paths = public_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -128,14 +129,14 @@ class RequestGate:
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
-        # The console (app/console) signs in with a cookie, not a header;
-        # probes, metrics and the docs are open (public_paths).
-        public = scope.get("path", "").startswith("/console") or scope.get("path") in self.public_paths
-        rejection = (None if public else self._check(headers)) or _check_url(scope)
-        if rejection is not None:
-            await _send_error(rejection, send_with_id)
-            return
         try:
+            # The console (app/console) signs in with a cookie, not a header;
+            # probes, metrics and the docs are open (public_paths).
+            public = scope.get("path", "").startswith("/console") or scope.get("path") in self.public_paths
+            rejection = (None if public else await _admit(scope, headers)) or _check_url(scope)
+            if rejection is not None:
+                await _send_error(rejection, send_with_id)
+                return
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
             if started:  # a stream already under way: nothing left to answer with
@@ -143,18 +144,31 @@ class RequestGate:
             log.exception("unhandled error (request %s)", request_id, exc_info=exc)
             await _send_error(unexpected_error(exc), send_with_id)
 
-    def _check(self, headers: dict[str, str]) -> errors.APIError | None:
-        if not self.api_keys:
-            return None
-        key = headers.get("api-key") or ""
-        authorization = headers.get("authorization", "")
-        if authorization.lower().startswith("bearer "):
-            key = authorization[7:].strip()
-        if not key:
-            return errors.APIError(401, MISSING_KEY)
-        if key not in self.api_keys:
-            return errors.APIError(401, f"Incorrect API key provided: {_mask(key)}.", code="invalid_api_key")
+
+def _key_of(headers: dict[str, str]) -> str:
+    key = headers.get("api-key") or ""
+    authorization = headers.get("authorization", "")
+    if authorization.lower().startswith("bearer "):
+        key = authorization[7:].strip()
+    return key
+
+
+async def _admit(scope: Scope, headers: dict[str, str]) -> errors.APIError | None:
+    """Let the request in for its key's project (recorded in the ASGI scope
+    for deps.project_of), or answer OpenAI's 401. An open server (no keys at
+    all) lets everyone in, for the default project."""
+    keys: api_keys.KeyRing = scope["app"].state.runtime.keys
+    if await keys.is_open():
+        deps.set_project(scope, projects.DEFAULT)
         return None
+    key = _key_of(headers)
+    if not key:
+        return errors.APIError(401, MISSING_KEY)
+    project = await keys.project_of(key)
+    if project is None:
+        return errors.APIError(401, f"Incorrect API key provided: {_mask(key)}.", code="invalid_api_key")
+    deps.set_project(scope, project)
+    return None
 
 
 def _check_url(scope: Scope) -> errors.APIError | None:

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, orm
 from app.api import sse
-from app.api.deps import PageDep, RuntimeDep, respond
+from app.api.deps import PageDep, ProjectDep, RuntimeDep, respond
 from app.runtime import Runtime
 from app.services import run_steps, runs
 from app.wire.common import ListPage
@@ -67,19 +67,25 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
 
 
 @router.post("/threads/{thread_id}/runs", response_model=Run)
-async def create_run(thread_id: str, body: RunCreate, runtime: RuntimeDep, include: IncludeDep = []) -> Response:  # noqa: B006
+async def create_run(
+    thread_id: str,
+    body: RunCreate,
+    runtime: RuntimeDep,
+    project: ProjectDep,
+    include: IncludeDep = [],  # noqa: B006
+) -> Response:
     run_steps.check_include(include)
     expires_in = runtime.settings.run_expires_seconds
     return await _queue_run(
-        runtime, body.stream, lambda session: runs.create(session, thread_id, body, expires_in=expires_in)
+        runtime, body.stream, lambda session: runs.create(session, project, thread_id, body, expires_in=expires_in)
     )
 
 
 @router.post("/threads/runs", response_model=Run)
-async def create_thread_and_run(body: ThreadAndRunCreate, runtime: RuntimeDep) -> Response:
+async def create_thread_and_run(body: ThreadAndRunCreate, runtime: RuntimeDep, project: ProjectDep) -> Response:
     async def change(session: AsyncSession) -> tuple[orm.Run, list[Event]]:
         _thread, run, events = await runs.create_thread_and_run(
-            session, body, expires_in=runtime.settings.run_expires_seconds
+            session, project, body, expires_in=runtime.settings.run_expires_seconds
         )
         return run, events
 
@@ -87,36 +93,40 @@ async def create_thread_and_run(body: ThreadAndRunCreate, runtime: RuntimeDep) -
 
 
 @router.get("/threads/{thread_id}/runs", response_model=ListPage[Run])
-async def list_runs(thread_id: str, runtime: RuntimeDep, page: PageDep) -> Response:
+async def list_runs(thread_id: str, runtime: RuntimeDep, project: ProjectDep, page: PageDep) -> Response:
     async with runtime.transaction() as session:
-        return respond(await runs.list_(session, thread_id, page))
+        return respond(await runs.list_(session, project, thread_id, page))
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}", response_model=Run)
-async def retrieve_run(thread_id: str, run_id: str, runtime: RuntimeDep) -> Response:
+async def retrieve_run(thread_id: str, run_id: str, runtime: RuntimeDep, project: ProjectDep) -> Response:
     async with runtime.transaction() as session:
-        run = await runs.get(session, thread_id, run_id)
+        run = await runs.get(session, project, thread_id, run_id)
     return _polled(runs.to_wire(run), runtime.settings.poll_after_ms)
 
 
 @router.post("/threads/{thread_id}/runs/{run_id}", response_model=Run)
-async def update_run(thread_id: str, run_id: str, body: RunUpdate, runtime: RuntimeDep) -> Response:
+async def update_run(
+    thread_id: str, run_id: str, body: RunUpdate, runtime: RuntimeDep, project: ProjectDep
+) -> Response:
     async with runtime.transaction() as session:
-        return respond(runs.to_wire(await runs.update(session, thread_id, run_id, body)))
+        return respond(runs.to_wire(await runs.update(session, project, thread_id, run_id, body)))
 
 
 @router.post("/threads/{thread_id}/runs/{run_id}/cancel", response_model=Run)
-async def cancel_run(thread_id: str, run_id: str, runtime: RuntimeDep) -> Response:
+async def cancel_run(thread_id: str, run_id: str, runtime: RuntimeDep, project: ProjectDep) -> Response:
     async with runtime.transaction() as session:
-        answer, events = await runs.cancel(session, thread_id, run_id)
+        answer, events = await runs.cancel(session, project, thread_id, run_id)
     runtime.announce(run_id, events)
     return respond(answer)
 
 
 @router.post("/threads/{thread_id}/runs/{run_id}/submit_tool_outputs", response_model=Run)
-async def submit_tool_outputs(thread_id: str, run_id: str, body: SubmitToolOutputs, runtime: RuntimeDep) -> Response:
+async def submit_tool_outputs(
+    thread_id: str, run_id: str, body: SubmitToolOutputs, runtime: RuntimeDep, project: ProjectDep
+) -> Response:
     return await _queue_run(
-        runtime, body.stream, lambda session: runs.submit_tool_outputs(session, thread_id, run_id, body)
+        runtime, body.stream, lambda session: runs.submit_tool_outputs(session, project, thread_id, run_id, body)
     )
 
 
@@ -125,12 +135,13 @@ async def list_run_steps(
     thread_id: str,
     run_id: str,
     runtime: RuntimeDep,
+    project: ProjectDep,
     page: PageDep,
     include: IncludeDep = [],  # noqa: B006
 ) -> Response:
     run_steps.check_include(include)
     async with runtime.transaction() as session:
-        run = await runs.get(session, thread_id, run_id)
+        run = await runs.get(session, project, thread_id, run_id)
         return respond(await run_steps.list_(session, run, page, include))
 
 
@@ -140,9 +151,10 @@ async def retrieve_run_step(
     run_id: str,
     step_id: str,
     runtime: RuntimeDep,
+    project: ProjectDep,
     include: IncludeDep = [],  # noqa: B006
 ) -> Response:
     run_steps.check_include(include)
     async with runtime.transaction() as session:
-        run = await runs.get(session, thread_id, run_id)
+        run = await runs.get(session, project, thread_id, run_id)
         return respond(await run_steps.get(session, run, step_id, include))

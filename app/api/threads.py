@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from app import sandbox
-from app.api.deps import RuntimeDep, respond
+from app.api.deps import ProjectDep, RuntimeDep, respond
 from app.services import threads
 from app.wire.common import Deleted
 from app.wire.threads import Thread, ThreadCreate, ThreadUpdate
@@ -14,27 +14,27 @@ router = APIRouter(tags=["threads"])
 
 
 @router.post("/threads", response_model=Thread)
-async def create_thread(runtime: RuntimeDep, body: ThreadCreate | None = None) -> Response:
+async def create_thread(runtime: RuntimeDep, project: ProjectDep, body: ThreadCreate | None = None) -> Response:
     async with runtime.transaction() as session:
-        return respond(threads.to_wire(await threads.create(session, body or ThreadCreate())))
+        return respond(threads.to_wire(await threads.create(session, project, body or ThreadCreate())))
 
 
 @router.get("/threads/{thread_id}", response_model=Thread)
-async def retrieve_thread(thread_id: str, runtime: RuntimeDep) -> Response:
+async def retrieve_thread(thread_id: str, runtime: RuntimeDep, project: ProjectDep) -> Response:
     async with runtime.transaction() as session:
-        return respond(threads.to_wire(await threads.get(session, thread_id)))
+        return respond(threads.to_wire(await threads.get(session, project, thread_id)))
 
 
 @router.post("/threads/{thread_id}", response_model=Thread)
-async def update_thread(thread_id: str, body: ThreadUpdate, runtime: RuntimeDep) -> Response:
+async def update_thread(thread_id: str, body: ThreadUpdate, runtime: RuntimeDep, project: ProjectDep) -> Response:
     async with runtime.transaction() as session:
-        return respond(threads.to_wire(await threads.update(session, thread_id, body)))
+        return respond(threads.to_wire(await threads.update(session, project, thread_id, body)))
 
 
 @router.delete("/threads/{thread_id}", response_model=Deleted)
-async def delete_thread(thread_id: str, runtime: RuntimeDep) -> Response:
+async def delete_thread(thread_id: str, runtime: RuntimeDep, project: ProjectDep) -> Response:
     async with runtime.transaction() as session:
-        deleted = await threads.delete(session, thread_id)
+        deleted = await threads.delete(session, project, thread_id)
     # Its code interpreter session and files go too (in this process; a worker
     # elsewhere reclaims them when they have been idle long enough).
     await sandbox.forget(thread_id)

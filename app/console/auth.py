@@ -1,15 +1,18 @@
 """Console sign-in: an API key in an HttpOnly, SameSite=Strict cookie.
 
 The API takes keys in headers, which a browser's page loads do not send;
-the console checks the cookie against the same configured keys instead.
+the console checks the cookie with the same key ring as the API instead, and
+shows the key's project only (an open server: the default project).
 """
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
+
+from app.services import api_keys, projects
+from app.services.projects import Project
 
 COOKIE = "assistants_console_key"
 
@@ -18,15 +21,19 @@ class SignInRequired(Exception):
     """Raised by the dependency; answered with a redirect to the sign-in page."""
 
 
-def key_is_valid(request: Request, key: str) -> bool:
-    keys: list[str] = request.app.state.runtime.settings.api_keys
-    return not keys or any(hmac.compare_digest(key.encode(), valid.encode()) for valid in keys)
+async def project_of_key(request: Request, key: str) -> Project | None:
+    """The key's project; None if the key lets nobody in."""
+    keys: api_keys.KeyRing = request.app.state.runtime.keys
+    if await keys.is_open():
+        return projects.DEFAULT
+    return await keys.project_of(key) if key else None
 
 
-async def require_key(request: Request) -> None:
-    keys: list[str] = request.app.state.runtime.settings.api_keys
-    if keys and not key_is_valid(request, request.cookies.get(COOKIE, "")):
+async def require_key(request: Request) -> Project:
+    project = await project_of_key(request, request.cookies.get(COOKIE, ""))
+    if project is None:
         raise SignInRequired
+    return project
 
 
-SignedIn = Annotated[None, Depends(require_key)]
+SignedIn = Annotated[Project, Depends(require_key)]

@@ -136,7 +136,7 @@ async def login_form(request: Request, next: str = "/console/assistants") -> HTM
 
 @router.post("/login")
 async def login(request: Request, key: Annotated[str, Form()], next: Annotated[str, Form()] = "") -> Response:
-    if not auth.key_is_valid(request, key):
+    if await auth.project_of_key(request, key) is None:
         return _render(request, "login.html", status_code=401, next=next, failed=True)
     target = next if next.startswith("/console") else "/console/assistants"
     response = RedirectResponse(target, status_code=303)
@@ -160,33 +160,36 @@ async def home(_: auth.SignedIn) -> Response:
 
 
 @router.get("/assistants")
-async def assistant_list(request: Request, _: auth.SignedIn, after: str | None = None) -> HTMLResponse:
+async def assistant_list(request: Request, project: auth.SignedIn, after: str | None = None) -> HTMLResponse:
     async with _runtime(request).transaction() as session:
-        page = await assistants.list_(session, _page(after))
+        page = await assistants.list_(session, project, _page(after))
     return _render(request, "assistants.html", items=page.data, has_more=page.has_more, last_id=page.last_id)
 
 
 @router.get("/assistants/{assistant_id}")
-async def assistant_detail(request: Request, assistant_id: str, _: auth.SignedIn) -> HTMLResponse:
+async def assistant_detail(request: Request, assistant_id: str, project: auth.SignedIn) -> HTMLResponse:
     async with _runtime(request).transaction() as session:
-        assistant = assistants.to_wire(await assistants.get(session, assistant_id))
+        assistant = assistants.to_wire(await assistants.get(session, project, assistant_id))
     return _render(request, "assistant.html", assistant=assistant)
 
 
 @router.get("/threads")
-async def thread_list(request: Request, _: auth.SignedIn, after: str | None = None) -> HTMLResponse:
+async def thread_list(request: Request, project: auth.SignedIn, after: str | None = None) -> HTMLResponse:
     async with _runtime(request).transaction() as session:
-        rows, has_more = await console.recent_threads(session, _page(after))
+        rows, has_more = await console.recent_threads(session, project, _page(after))
     items = [threads.to_wire(row) for row in rows]
     return _render(request, "threads.html", items=items, has_more=has_more, last_id=items[-1].id if items else None)
 
 
 @router.get("/threads/{thread_id}")
-async def thread_detail(request: Request, thread_id: str, _: auth.SignedIn, after: str | None = None) -> HTMLResponse:
+async def thread_detail(
+    request: Request, thread_id: str, project: auth.SignedIn, after: str | None = None
+) -> HTMLResponse:
     async with _runtime(request).transaction() as session:
-        thread = threads.to_wire(await threads.get(session, thread_id))
-        page = await messages.list_(session, thread_id, _page(after, "asc"))
-        run_rows, _more = await console.runs_of_thread(session, thread_id, _page(None))
+        row = await threads.get(session, project, thread_id)
+        thread = threads.to_wire(row)
+        page = await messages.list_(session, project, thread_id, _page(after, "asc"))
+        run_rows, _more = await console.runs_of_thread(session, row, _page(None))
     return _render(
         request,
         "thread.html",
@@ -200,10 +203,10 @@ async def thread_detail(request: Request, thread_id: str, _: auth.SignedIn, afte
 
 @router.get("/threads/{thread_id}/runs/{run_id}")
 async def run_detail(
-    request: Request, thread_id: str, run_id: str, _: auth.SignedIn, fragment: bool = False
+    request: Request, thread_id: str, run_id: str, project: auth.SignedIn, fragment: bool = False
 ) -> HTMLResponse:
     async with _runtime(request).transaction() as session:
-        run = await runs.get(session, thread_id, run_id)
+        run = await runs.get(session, project, thread_id, run_id)
         steps = [
             run_steps.to_wire(row, [FILE_SEARCH_CONTENT_INCLUDE]) for row in await run_steps.of_run(session, run.id)
         ]
@@ -214,17 +217,17 @@ async def run_detail(
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}/live")
-async def run_live(request: Request, thread_id: str, run_id: str, _: auth.SignedIn) -> StreamingResponse:
+async def run_live(request: Request, thread_id: str, run_id: str, project: auth.SignedIn) -> StreamingResponse:
     """Server-sent "update" events while the run changes, then "end": the
     page re-renders its timeline on each (console.js)."""
     runtime = _runtime(request)
     async with runtime.transaction() as session:
-        await runs.get(session, thread_id, run_id)  # 404 for a run that is not there
+        await runs.get(session, project, thread_id, run_id)  # 404 for a run that is not there
 
     async def events() -> AsyncIterator[bytes]:
         async with runtime.bus.subscribe(run_id) as queue:
             async with runtime.transaction() as session:  # it may have ended before we subscribed
-                status = (await runs.get(session, thread_id, run_id)).status
+                status = (await runs.get(session, project, thread_id, run_id)).status
             while status not in TERMINAL:
                 try:
                     event = await asyncio.wait_for(queue.get(), timeout=15)
@@ -242,9 +245,9 @@ async def run_live(request: Request, thread_id: str, run_id: str, _: auth.Signed
 
 
 @router.get("/vector_stores")
-async def store_list(request: Request, _: auth.SignedIn, after: str | None = None) -> HTMLResponse:
+async def store_list(request: Request, project: auth.SignedIn, after: str | None = None) -> HTMLResponse:
     async with _runtime(request).transaction() as session:
-        page = await vector_stores.list_(session, _page(after))
+        page = await vector_stores.list_(session, project, _page(after))
     return _render(request, "vector_stores.html", items=page.data, has_more=page.has_more, last_id=page.last_id)
 
 
@@ -252,15 +255,16 @@ async def store_list(request: Request, _: auth.SignedIn, after: str | None = Non
 async def store_detail(
     request: Request,
     store_id: str,
-    _: auth.SignedIn,
+    project: auth.SignedIn,
     q: Annotated[str, Query(max_length=4096)] = "",
     after: str | None = None,
 ) -> HTMLResponse:
     runtime = _runtime(request)
     async with runtime.transaction() as session:
-        store = await vector_stores.to_wire(session, await vector_stores.get(session, store_id))
-        page = await vector_store_files.list_(session, store_id, _page(after), None)
-        counts = await console.chunk_counts(session, store_id, [item.id for item in page.data])
+        store_row = await vector_stores.get(session, project, store_id)
+        store = await vector_stores.to_wire(session, store_row)
+        page = await vector_store_files.list_(session, store_row, _page(after), None)
+        counts = await console.chunk_counts(session, store_row, [item.id for item in page.data])
     results = None
     if q.strip():
         from app.retrieval import embed  # the embedder follows the routing file, as the search endpoint's does
@@ -268,7 +272,7 @@ async def store_detail(
         vectors = await embed.embed_queries(runtime.settings, [q])
         async with runtime.transaction() as session:
             results = await vector_store_search.search(
-                session, store_id, SearchRequest(query=q, max_num_results=10), vectors
+                session, project, store_id, SearchRequest(query=q, max_num_results=10), vectors
             )
     return _render(
         request,
@@ -284,18 +288,18 @@ async def store_detail(
 
 
 @router.get("/files")
-async def file_list(request: Request, _: auth.SignedIn, after: str | None = None) -> HTMLResponse:
+async def file_list(request: Request, project: auth.SignedIn, after: str | None = None) -> HTMLResponse:
     runtime = _runtime(request)
     async with runtime.transaction() as session:
-        page = await files.list_(session, runtime.storage, _page(after), None)
+        page = await files.list_(session, runtime.storage, project, _page(after), None)
     return _render(request, "files.html", items=page.data, has_more=page.has_more, last_id=page.last_id)
 
 
 @router.get("/files/{file_id}")
-async def file_download(request: Request, file_id: str, _: auth.SignedIn) -> Response:
+async def file_download(request: Request, file_id: str, project: auth.SignedIn) -> Response:
     runtime = _runtime(request)
     async with runtime.transaction() as session:
-        row, path = await files.content_path(session, runtime.storage, file_id)
+        row, path = await files.content_path(session, runtime.storage, project, file_id)
     inline = row.filename.lower().endswith((".png", ".jpg", ".jpeg", ".gif", ".webp", ".txt", ".md", ".csv"))
     return FileResponse(path, filename=row.filename, content_disposition_type="inline" if inline else "attachment")
 

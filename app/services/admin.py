@@ -12,8 +12,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 
-# Bookkeeping that must survive a reset.
-_KEEP = frozenset({"alembic_version"})
+# Bookkeeping and configuration that survive a reset: the schema version,
+# and the projects and their keys (a reset forgets objects, not who may call).
+_KEEP = frozenset({"alembic_version", "projects", "api_keys"})
 
 
 def _quote(name: str) -> str:

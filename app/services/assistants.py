@@ -5,20 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import delete as sql_delete
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
-from app.services import pagination, tool_resources
+from app.services import pagination, projects, tool_resources
 from app.services.common import metadata_or_empty, require_id
+from app.services.projects import Project
 from app.wire.assistants import Assistant, AssistantCreate, AssistantUpdate
 from app.wire.common import Deleted, ListPage, response_format_to_wire, tool_to_wire
 
 
-async def create(session: AsyncSession, body: AssistantCreate) -> orm.Assistant:
+async def create(session: AsyncSession, project: Project, body: AssistantCreate) -> orm.Assistant:
     seq = ids.next_seq()
     row = orm.Assistant(
         id=ids.new_id(ids.ASSISTANT, seq),
+        project_id=project.id,
         seq=seq,
         created_at=ids.seconds(seq),
         model=body.model,
@@ -27,7 +28,7 @@ async def create(session: AsyncSession, body: AssistantCreate) -> orm.Assistant:
         instructions=body.instructions,
         reasoning_effort=body.reasoning_effort,
         tools=[tool_to_wire(tool) for tool in body.tools or []],
-        tool_resources=await tool_resources.to_stored(session, body.tool_resources),
+        tool_resources=await tool_resources.to_stored(session, project, body.tool_resources),
         metadata_=metadata_or_empty(body.metadata),
         temperature=body.temperature,
         top_p=body.top_p,
@@ -37,16 +38,15 @@ async def create(session: AsyncSession, body: AssistantCreate) -> orm.Assistant:
     return row
 
 
-async def get(session: AsyncSession, assistant_id: str) -> orm.Assistant:
+async def get(session: AsyncSession, project: Project, assistant_id: str) -> orm.Assistant:
     require_id("assistant_id", assistant_id, ids.ASSISTANT)
-    row = await session.get(orm.Assistant, assistant_id)
-    if row is None:
-        raise errors.not_found("assistant", assistant_id)
-    return row
+    return await projects.lookup(
+        session, project, orm.Assistant, assistant_id, lambda: errors.not_found("assistant", assistant_id)
+    )
 
 
-async def update(session: AsyncSession, assistant_id: str, body: AssistantUpdate) -> orm.Assistant:
-    row = await get(session, assistant_id)
+async def update(session: AsyncSession, project: Project, assistant_id: str, body: AssistantUpdate) -> orm.Assistant:
+    row = await get(session, project, assistant_id)
     given = body.model_fields_set
     # A field sent as null means "unchanged" (go-openai sends nulls and "model": "").
     if body.model:
@@ -58,7 +58,7 @@ async def update(session: AsyncSession, assistant_id: str, body: AssistantUpdate
         row.tools = [tool_to_wire(tool) for tool in body.tools]
     if body.tool_resources is not None:
         # On modify, tool_resources replaces the whole object.
-        row.tool_resources = await tool_resources.to_stored(session, body.tool_resources)
+        row.tool_resources = await tool_resources.to_stored(session, project, body.tool_resources)
     if body.metadata is not None:
         row.metadata_ = dict(body.metadata)
     if body.response_format is not None:
@@ -66,15 +66,15 @@ async def update(session: AsyncSession, assistant_id: str, body: AssistantUpdate
     return row
 
 
-async def delete(session: AsyncSession, assistant_id: str) -> Deleted:
-    await get(session, assistant_id)
+async def delete(session: AsyncSession, project: Project, assistant_id: str) -> Deleted:
+    await get(session, project, assistant_id)
     await session.execute(sql_delete(orm.Assistant).where(orm.Assistant.id == assistant_id))
     return Deleted(id=assistant_id, object="assistant.deleted")
 
 
-async def list_(session: AsyncSession, params: pagination.PageParams) -> ListPage[Any]:
+async def list_(session: AsyncSession, project: Project, params: pagination.PageParams) -> ListPage[Any]:
     rows, has_more = await pagination.fetch_page(
-        session, select(orm.Assistant), orm.Assistant.seq, params, ids.ASSISTANT
+        session, projects.owned(project, orm.Assistant), orm.Assistant.seq, params, ids.ASSISTANT
     )
     return pagination.page([to_wire(row) for row in rows], has_more)
 

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from sqlalchemy import ColumnElement, or_, select
+from sqlalchemy import ColumnElement, or_
 from sqlalchemy import delete as sql_delete
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
-from app.services import pagination, vector_store_files
+from app.services import pagination, projects, vector_store_files
 from app.services.common import require_id
+from app.services.projects import Project
 from app.storage import Storage
 from app.wire.common import Deleted, ListPage
 from app.wire.files import UPLOAD_PURPOSES, FileObject, FilePurpose, FileStatus
@@ -128,7 +129,7 @@ def new_file(fields: Mapping[str, str], staged: StagedFile | None) -> NewFile:
 
 
 async def create(
-    session: AsyncSession, storage: Storage, fields: Mapping[str, str], staged: StagedFile | None
+    session: AsyncSession, storage: Storage, project: Project, fields: Mapping[str, str], staged: StagedFile | None
 ) -> orm.File:
     """Insert the row and move the staged bytes under the new id.
 
@@ -143,6 +144,7 @@ async def create(
     seconds = params.expires_after_seconds
     row = orm.File(
         id=ids.new_id(ids.FILE, seq),
+        project_id=project.id,
         seq=seq,
         created_at=created_at,
         bytes=staged.size,
@@ -157,15 +159,18 @@ async def create(
     return row
 
 
-async def create_output(session: AsyncSession, storage: Storage, filename: str, data: bytes) -> orm.File:
-    """A file a tool made (code_interpreter's charts and files): purpose
-    ``assistants_output``, bytes written aside and renamed in after the row is
-    accepted, as in create()."""
+async def create_output(
+    session: AsyncSession, storage: Storage, project_id: str, filename: str, data: bytes
+) -> orm.File:
+    """A file a tool made (code_interpreter's charts and files) in a run of
+    project ``project_id``: purpose ``assistants_output``, bytes written aside
+    and renamed in after the row is accepted, as in create()."""
     temp = storage.temp_path()
     temp.write_bytes(data)
     seq = ids.next_seq()
     row = orm.File(
         id=ids.new_id(ids.FILE, seq),
+        project_id=project_id,
         seq=seq,
         created_at=ids.seconds(seq),
         bytes=len(data),
@@ -192,11 +197,9 @@ def live() -> ColumnElement[bool]:
     return or_(orm.File.expires_at.is_(None), orm.File.expires_at > ids.now())
 
 
-async def get(session: AsyncSession, storage: Storage, file_id: str) -> orm.File:
+async def get(session: AsyncSession, storage: Storage, project: Project, file_id: str) -> orm.File:
     require_id("file_id", file_id, ids.FILE)
-    row = await session.get(orm.File, file_id)
-    if row is None:
-        raise errors.file_not_found(file_id)
+    row = await projects.lookup(session, project, orm.File, file_id, lambda: errors.file_not_found(file_id))
     if _expired(row):
         # Safe before any commit: an expired row is never served again.
         storage.delete(file_id)
@@ -204,16 +207,18 @@ async def get(session: AsyncSession, storage: Storage, file_id: str) -> orm.File
     return row
 
 
-async def content_path(session: AsyncSession, storage: Storage, file_id: str) -> tuple[orm.File, Path]:
+async def content_path(
+    session: AsyncSession, storage: Storage, project: Project, file_id: str
+) -> tuple[orm.File, Path]:
     """The file and where its bytes are; 404 if either is gone."""
-    row = await get(session, storage, file_id)
+    row = await get(session, storage, project, file_id)
     if not storage.exists(file_id):
         raise errors.file_not_found(file_id)
     return row, storage.path(file_id)
 
 
-async def delete(session: AsyncSession, storage: Storage, file_id: str) -> Deleted:
-    await get(session, storage, file_id)
+async def delete(session: AsyncSession, storage: Storage, project: Project, file_id: str) -> Deleted:
+    await get(session, storage, project, file_id)
     await vector_store_files.forget_file(session, file_id)  # it leaves every vector store
     await session.execute(sql_delete(orm.File).where(orm.File.id == file_id))
     await session.flush()
@@ -229,10 +234,10 @@ async def _purge_expired(session: AsyncSession, storage: Storage) -> None:
 
 
 async def list_(
-    session: AsyncSession, storage: Storage, params: pagination.PageParams, purpose: str | None
+    session: AsyncSession, storage: Storage, project: Project, params: pagination.PageParams, purpose: str | None
 ) -> ListPage[Any]:
-    await _purge_expired(session, storage)
-    query = select(orm.File).where(live())
+    await _purge_expired(session, storage)  # every project's: housekeeping of rows no one can see
+    query = projects.owned(project, orm.File).where(live())
     if purpose is not None:
         query = query.where(orm.File.purpose == purpose)
     rows, has_more = await pagination.fetch_page(session, query, orm.File.seq, params, ids.FILE)

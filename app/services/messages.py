@@ -9,8 +9,9 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
-from app.services import pagination, thread_lock, vector_stores
+from app.services import pagination, projects, thread_lock, vector_stores
 from app.services.common import metadata_or_empty, require_id
+from app.services.projects import Project
 from app.services.tool_resources import require_files
 from app.wire.common import Deleted, ListPage
 from app.wire.messages import ContentPart, ImageFilePart, ImageUrlPart, Message, MessageCreate, MessageUpdate
@@ -44,6 +45,7 @@ def _referenced_files(body: MessageCreate) -> list[str]:
 
 async def add(
     session: AsyncSession,
+    project: Project,
     thread_id: str,
     body: MessageCreate,
     *,
@@ -51,10 +53,10 @@ async def add(
     run_id: str | None = None,
 ) -> orm.Message:
     """Insert a completed message into a thread known to exist (no lock check)."""
-    await require_files(session, _referenced_files(body))
+    await require_files(session, project, _referenced_files(body))
     # Attachments for file_search go into the thread's vector store.
     searched = [a.file_id for a in body.attachments or [] if any(tool.type == "file_search" for tool in a.tools)]
-    await vector_stores.add_to_thread_store(session, thread_id, searched)
+    await vector_stores.add_to_thread_store(session, project, thread_id, searched)
     seq = ids.next_seq()
     row = orm.Message(
         id=ids.new_id(ids.MESSAGE, seq),
@@ -76,22 +78,22 @@ async def add(
     return row
 
 
-async def _require_thread(session: AsyncSession, thread_id: str) -> None:
+async def thread_of(session: AsyncSession, project: Project, thread_id: str) -> orm.Thread:
+    """The project's thread (threads.get; here because threads imports this module)."""
     require_id("thread_id", thread_id, ids.THREAD)
-    if await session.get(orm.Thread, thread_id) is None:
-        raise errors.not_found("thread", thread_id)
+    return await projects.lookup(session, project, orm.Thread, thread_id, lambda: errors.not_found("thread", thread_id))
 
 
-async def create(session: AsyncSession, thread_id: str, body: MessageCreate) -> orm.Message:
-    await _require_thread(session, thread_id)
+async def create(session: AsyncSession, project: Project, thread_id: str, body: MessageCreate) -> orm.Message:
+    await thread_of(session, project, thread_id)
     run = await thread_lock.active_run(session, thread_id)
     if run is not None:
         raise errors.thread_locked_for_messages(thread_id, run.id)
-    return await add(session, thread_id, body)
+    return await add(session, project, thread_id, body)
 
 
-async def get(session: AsyncSession, thread_id: str, message_id: str) -> orm.Message:
-    await _require_thread(session, thread_id)
+async def get(session: AsyncSession, project: Project, thread_id: str, message_id: str) -> orm.Message:
+    await thread_of(session, project, thread_id)
     require_id("message_id", message_id, ids.MESSAGE)
     row = await session.get(orm.Message, message_id)
     if row is None or row.thread_id != thread_id:
@@ -99,23 +101,25 @@ async def get(session: AsyncSession, thread_id: str, message_id: str) -> orm.Mes
     return row
 
 
-async def update(session: AsyncSession, thread_id: str, message_id: str, body: MessageUpdate) -> orm.Message:
-    row = await get(session, thread_id, message_id)
+async def update(
+    session: AsyncSession, project: Project, thread_id: str, message_id: str, body: MessageUpdate
+) -> orm.Message:
+    row = await get(session, project, thread_id, message_id)
     if body.metadata is not None:
         row.metadata_ = dict(body.metadata)
     return row
 
 
-async def delete(session: AsyncSession, thread_id: str, message_id: str) -> Deleted:
-    await get(session, thread_id, message_id)
+async def delete(session: AsyncSession, project: Project, thread_id: str, message_id: str) -> Deleted:
+    await get(session, project, thread_id, message_id)
     await session.execute(sql_delete(orm.Message).where(orm.Message.id == message_id))
     return Deleted(id=message_id, object="thread.message.deleted")
 
 
 async def list_(
-    session: AsyncSession, thread_id: str, params: pagination.PageParams, run_id: str | None = None
+    session: AsyncSession, project: Project, thread_id: str, params: pagination.PageParams, run_id: str | None = None
 ) -> ListPage[Any]:
-    await _require_thread(session, thread_id)
+    await thread_of(session, project, thread_id)
     query = select(orm.Message).where(orm.Message.thread_id == thread_id)
     if run_id is not None:
         query = query.where(orm.Message.run_id == run_id)

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import errors, ids, orm
 from app.services import assistants, messages, pagination, run_state, run_steps, thread_lock, threads, tool_resources
 from app.services.common import metadata_or_empty, require_id
+from app.services.projects import Project
 from app.wire.common import ListPage, response_format_to_wire, tool_to_wire
 from app.wire.events import Event
 from app.wire.runs import Run, RunCreate, RunUpdate, SubmitToolOutputs, ThreadAndRunCreate
@@ -46,13 +47,14 @@ def _tool_choice_to_wire(body: RunCreate | ThreadAndRunCreate, tools: list[dict[
 
 async def _new_run(
     session: AsyncSession,
+    project: Project,
     thread_id: str,
     body: RunCreate | ThreadAndRunCreate,
     *,
     expires_in: int,
     additional_instructions: str | None = None,
 ) -> orm.Run:
-    assistant = await assistants.get(session, body.assistant_id)
+    assistant = await assistants.get(session, project, body.assistant_id)
     tools = [tool_to_wire(tool) for tool in body.tools] if body.tools is not None else list(assistant.tools)
     instructions = body.instructions if body.instructions is not None else (assistant.instructions or "")
     if additional_instructions:
@@ -96,17 +98,17 @@ def _queued_events(run: orm.Run) -> list[Event]:
 
 
 async def create(
-    session: AsyncSession, thread_id: str, body: RunCreate, *, expires_in: int
+    session: AsyncSession, project: Project, thread_id: str, body: RunCreate, *, expires_in: int
 ) -> tuple[orm.Run, list[Event]]:
-    await threads.get(session, thread_id)
+    await threads.get(session, project, thread_id)
     active = await thread_lock.active_run(session, thread_id)
     if active is not None:
         raise errors.thread_has_active_run(thread_id, active.id)
     # additional_messages come before the run (the executor reads messages older than the run).
     for message in body.additional_messages or []:
-        await messages.add(session, thread_id, message)
+        await messages.add(session, project, thread_id, message)
     run = await _new_run(
-        session, thread_id, body, expires_in=expires_in, additional_instructions=body.additional_instructions
+        session, project, thread_id, body, expires_in=expires_in, additional_instructions=body.additional_instructions
     )
     await _insert_live(session, run)
     return run, _queued_events(run)
@@ -132,36 +134,46 @@ async def _insert_live(session: AsyncSession, run: orm.Run) -> None:
 
 
 async def create_thread_and_run(
-    session: AsyncSession, body: ThreadAndRunCreate, *, expires_in: int
+    session: AsyncSession, project: Project, body: ThreadAndRunCreate, *, expires_in: int
 ) -> tuple[orm.Thread, orm.Run, list[Event]]:
-    thread = await threads.create(session, body.thread or ThreadCreate())
-    run = await _new_run(session, thread.id, body, expires_in=expires_in)
-    run.tool_resources = await tool_resources.to_stored(session, body.tool_resources) if body.tool_resources else None
+    thread = await threads.create(session, project, body.thread or ThreadCreate())
+    run = await _new_run(session, project, thread.id, body, expires_in=expires_in)
+    run.tool_resources = (
+        await tool_resources.to_stored(session, project, body.tool_resources) if body.tool_resources else None
+    )
     session.add(run)
     events = [Event.of("thread.created", threads.to_wire(thread)), *_queued_events(run)]
     return thread, run, events
 
 
-async def get(session: AsyncSession, thread_id: str, run_id: str) -> orm.Run:
+async def get(session: AsyncSession, project: Project, thread_id: str, run_id: str) -> orm.Run:
+    """The run, if its thread is the project's (a run belongs to its thread's project)."""
     require_id("thread_id", thread_id, ids.THREAD)
     require_id("run_id", run_id, ids.RUN)
-    run = await session.get(orm.Run, run_id)
-    if run is None or run.thread_id != thread_id:
-        if await session.get(orm.Thread, thread_id) is None:
-            raise errors.not_found("thread", thread_id)
+    # One query on the polling path; the thread is looked up only to word a miss.
+    query = (
+        select(orm.Run)
+        .join(orm.Thread, orm.Thread.id == orm.Run.thread_id)
+        .where(orm.Run.id == run_id, orm.Run.thread_id == thread_id, orm.Thread.project_id == project.id)
+    )
+    run = (await session.scalars(query)).first()
+    if run is None:
+        await threads.get(session, project, thread_id)
         raise errors.not_found("run", run_id)
     return run
 
 
-async def list_(session: AsyncSession, thread_id: str, params: pagination.PageParams) -> ListPage[Any]:
-    await threads.get(session, thread_id)
+async def list_(
+    session: AsyncSession, project: Project, thread_id: str, params: pagination.PageParams
+) -> ListPage[Any]:
+    await threads.get(session, project, thread_id)
     query = select(orm.Run).where(orm.Run.thread_id == thread_id)
     rows, has_more = await pagination.fetch_page(session, query, orm.Run.seq, params, ids.RUN)
     return pagination.page([to_wire(row) for row in rows], has_more)
 
 
-async def update(session: AsyncSession, thread_id: str, run_id: str, body: RunUpdate) -> orm.Run:
-    run = await get(session, thread_id, run_id)
+async def update(session: AsyncSession, project: Project, thread_id: str, run_id: str, body: RunUpdate) -> orm.Run:
+    run = await get(session, project, thread_id, run_id)
     if body.metadata is not None:
         run.metadata_ = dict(body.metadata)
     return run
@@ -171,7 +183,7 @@ def _lease_is_live(run: orm.Run) -> bool:
     return run.lease_owner is not None and (run.lease_expires_at or 0) > time.time()
 
 
-async def cancel(session: AsyncSession, thread_id: str, run_id: str) -> tuple[Run, list[Event]]:
+async def cancel(session: AsyncSession, project: Project, thread_id: str, run_id: str) -> tuple[Run, list[Event]]:
     """Returns the run as the client sees it (``cancelling``) and the events."""
 
     async def rule(run: orm.Run) -> tuple[Run, list[Event]]:
@@ -185,7 +197,7 @@ async def cancel(session: AsyncSession, thread_id: str, run_id: str) -> tuple[Ru
             events += await close_out(session, run, "cancelled")
         return answer, events
 
-    return await run_state.apply(await get(session, thread_id, run_id), rule)
+    return await run_state.apply(await get(session, project, thread_id, run_id), rule)
 
 
 def _pending_call_ids(run: orm.Run) -> list[str]:
@@ -194,7 +206,7 @@ def _pending_call_ids(run: orm.Run) -> list[str]:
 
 
 async def submit_tool_outputs(
-    session: AsyncSession, thread_id: str, run_id: str, body: SubmitToolOutputs
+    session: AsyncSession, project: Project, thread_id: str, run_id: str, body: SubmitToolOutputs
 ) -> tuple[orm.Run, list[Event]]:
     outputs = {item.tool_call_id: _output_text(item.output) for item in body.tool_outputs}
 
@@ -211,7 +223,7 @@ async def submit_tool_outputs(
         queued = Event.of(await run_state.transition(session, run, "queued"), to_wire(run))
         return run, [*await _complete_tool_steps(session, run, outputs), queued]
 
-    return await run_state.apply(await get(session, thread_id, run_id), rule)
+    return await run_state.apply(await get(session, project, thread_id, run_id), rule)
 
 
 async def _complete_tool_steps(session: AsyncSession, run: orm.Run, outputs: dict[str, str]) -> list[Event]:

@@ -6,49 +6,47 @@ from sqlalchemy import delete as sql_delete
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import errors, ids, orm
+from app import ids, orm
 from app.services import messages, tool_resources
-from app.services.common import metadata_or_empty, require_id
+from app.services.common import metadata_or_empty
+from app.services.projects import Project
 from app.wire.common import Deleted
 from app.wire.threads import Thread, ThreadCreate, ThreadUpdate
 
 
-async def create(session: AsyncSession, body: ThreadCreate) -> orm.Thread:
+async def create(session: AsyncSession, project: Project, body: ThreadCreate) -> orm.Thread:
     seq = ids.next_seq()
     row = orm.Thread(
         id=ids.new_id(ids.THREAD, seq),
+        project_id=project.id,
         seq=seq,
         created_at=ids.seconds(seq),
-        tool_resources=await tool_resources.to_stored(session, body.tool_resources, for_thread=True),
+        tool_resources=await tool_resources.to_stored(session, project, body.tool_resources, for_thread=True),
         metadata_=metadata_or_empty(body.metadata),
     )
     session.add(row)
     await session.flush()  # the messages reference the thread
     for message in body.messages or []:
-        await messages.add(session, row.id, message)
+        await messages.add(session, project, row.id, message)
     return row
 
 
-async def get(session: AsyncSession, thread_id: str) -> orm.Thread:
-    require_id("thread_id", thread_id, ids.THREAD)
-    row = await session.get(orm.Thread, thread_id)
-    if row is None:
-        raise errors.not_found("thread", thread_id)
-    return row
+async def get(session: AsyncSession, project: Project, thread_id: str) -> orm.Thread:
+    return await messages.thread_of(session, project, thread_id)
 
 
-async def update(session: AsyncSession, thread_id: str, body: ThreadUpdate) -> orm.Thread:
-    row = await get(session, thread_id)
+async def update(session: AsyncSession, project: Project, thread_id: str, body: ThreadUpdate) -> orm.Thread:
+    row = await get(session, project, thread_id)
     # null means "unchanged": go-openai sends "metadata": null on every modify.
     if body.tool_resources is not None:
-        row.tool_resources = await tool_resources.to_stored(session, body.tool_resources)
+        row.tool_resources = await tool_resources.to_stored(session, project, body.tool_resources)
     if body.metadata is not None:
         row.metadata_ = dict(body.metadata)
     return row
 
 
-async def delete(session: AsyncSession, thread_id: str) -> Deleted:
-    await get(session, thread_id)
+async def delete(session: AsyncSession, project: Project, thread_id: str) -> Deleted:
+    await get(session, project, thread_id)
     # Explicit rather than trusting ON DELETE CASCADE alone (SQLite only
     # honours it with the foreign_keys pragma on).
     run_ids = select(orm.Run.id).where(orm.Run.thread_id == thread_id)

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, orm
 from app.services import tool_resources, vector_store_files, vector_stores
+from app.services.projects import Project
 
 MANAGED = ("assistants_v1", "retrieval")
 
@@ -68,10 +69,14 @@ def is_managed(store: orm.VectorStore) -> bool:
     return (store.metadata_ or {}).get(MANAGED[0]) == MANAGED[1]
 
 
+def _project_of(assistant: orm.Assistant) -> Project:
+    return Project(assistant.project_id, "")
+
+
 async def _managed_store(session: AsyncSession, assistant: orm.Assistant) -> orm.VectorStore | None:
     for store_id in _store_ids(assistant.tool_resources):
         store = await session.get(orm.VectorStore, store_id)
-        if store is not None and is_managed(store):
+        if store is not None and store.project_id == assistant.project_id and is_managed(store):
             return store
     return None
 
@@ -82,7 +87,7 @@ def _has_retrieval(assistant: orm.Assistant) -> bool:
 
 async def set_files(session: AsyncSession, assistant: orm.Assistant, file_ids: Sequence[str]) -> None:
     """Make ``file_ids`` the assistant's v1 files (and its managed store's, with retrieval on)."""
-    await tool_resources.require_files(session, list(file_ids))
+    await tool_resources.require_files(session, _project_of(assistant), list(file_ids))
     resources = dict(assistant.tool_resources or {})
     resources["code_interpreter"] = {"file_ids": list(file_ids)}
     assistant.tool_resources = resources
@@ -98,7 +103,7 @@ async def sync_store(session: AsyncSession, assistant: orm.Assistant) -> None:
     if store is None:
         if not file_ids and _store_ids(assistant.tool_resources):
             return  # a v2 client's own store: leave it alone
-        store = vector_stores.new_store(metadata=dict([MANAGED]), expires_after=None)
+        store = vector_stores.new_store(_project_of(assistant), metadata=dict([MANAGED]), expires_after=None)
         session.add(store)
         await session.flush()
         resources = dict(assistant.tool_resources or {})
@@ -112,15 +117,15 @@ async def sync_store(session: AsyncSession, assistant: orm.Assistant) -> None:
         ).all()
     )
     for file_id in present - set(file_ids):
-        await vector_store_files.remove(session, store.id, file_id)
+        await vector_store_files.remove(session, store, file_id)
     missing = [file_id for file_id in file_ids if file_id not in present]
-    files = await vector_store_files.require_files(session, missing)
+    files = await vector_store_files.require_files(session, _project_of(assistant), missing)
     strategy = vector_store_files.resolve_strategy(None, "")
     await vector_store_files.attach(session, store, [(files[file_id], strategy, None) for file_id in missing])
 
 
 async def add_file(session: AsyncSession, assistant: orm.Assistant, file_id: str, limit: int) -> orm.File:
-    await tool_resources.require_files(session, [file_id])
+    await tool_resources.require_files(session, _project_of(assistant), [file_id])
     current = code_interpreter_files(assistant.tool_resources)
     if file_id not in current:
         if len(current) >= limit:
@@ -141,8 +146,9 @@ async def remove_file(session: AsyncSession, assistant: orm.Assistant, file_id: 
     await set_files(session, assistant, [item for item in current if item != file_id])
 
 
-async def files_by_id(session: AsyncSession, file_ids: Sequence[str]) -> dict[str, orm.File]:
+async def files_by_id(session: AsyncSession, project: Project, file_ids: Sequence[str]) -> dict[str, orm.File]:
     if not file_ids:
         return {}
-    rows = (await session.scalars(select(orm.File).where(orm.File.id.in_(file_ids)))).all()
+    query = select(orm.File).where(orm.File.id.in_(file_ids), orm.File.project_id == project.id)
+    rows = (await session.scalars(query)).all()
     return {row.id: row for row in rows}

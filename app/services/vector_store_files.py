@@ -18,8 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
 from app.retrieval import chunking, index, parse
-from app.services import pagination
+from app.services import pagination, projects
 from app.services.common import require_id
+from app.services.projects import Project
 from app.storage import Storage
 from app.wire.common import AutoChunking, ChunkingStrategy, Deleted, ListPage
 from app.wire.vector_stores import (
@@ -53,13 +54,15 @@ def _live_file() -> Any:
     return or_(orm.File.expires_at.is_(None), orm.File.expires_at > ids.now())
 
 
-async def require_files(session: AsyncSession, file_ids: Sequence[str]) -> dict[str, orm.File]:
-    """The files by id; 404 ``No such File object`` for the first one missing."""
+async def require_files(session: AsyncSession, project: Project, file_ids: Sequence[str]) -> dict[str, orm.File]:
+    """The project's files by id; 404 ``No such File object`` for the first
+    one missing (or another project's: the same answer)."""
     if not file_ids:
         return {}
     for file_id in file_ids:
         require_id("file_id", file_id, ids.FILE)
-    rows = (await session.scalars(select(orm.File).where(orm.File.id.in_(file_ids), _live_file()))).all()
+    query = projects.owned(project, orm.File).where(orm.File.id.in_(file_ids), _live_file())
+    rows = (await session.scalars(query)).all()
     found = {row.id: row for row in rows}
     for file_id in file_ids:
         if file_id not in found:
@@ -88,35 +91,45 @@ async def attach(
     return rows
 
 
+def _project_of(store: orm.VectorStore) -> Project:
+    # Only the id matters to the queries (a store's files are its project's).
+    return Project(store.project_id, "")
+
+
 async def create(session: AsyncSession, store: orm.VectorStore, body: VectorStoreFileCreate) -> orm.VectorStoreFile:
     strategy = resolve_strategy(body.chunking_strategy, "chunking_strategy")
-    files = await require_files(session, [body.file_id])
+    files = await require_files(session, _project_of(store), [body.file_id])
     return (await attach(session, store, [(files[body.file_id], strategy, body.attributes)]))[0]
 
 
-async def get(session: AsyncSession, store_id: str, file_id: str) -> orm.VectorStoreFile:
+# The functions below take the store's row, which only vector_stores.get()
+# hands out (for the request's project): a store's files, batches and chunks
+# are reached through their store.
+
+
+async def get(session: AsyncSession, store: orm.VectorStore, file_id: str) -> orm.VectorStoreFile:
     require_id("file_id", file_id, ids.FILE)
-    row = await session.get(orm.VectorStoreFile, (store_id, file_id))
+    row = await session.get(orm.VectorStoreFile, (store.id, file_id))
     if row is None:
         raise errors.not_found("vector store file", file_id)
     return row
 
 
 async def update_attributes(
-    session: AsyncSession, store_id: str, file_id: str, attributes: dict[str, Any] | None
+    session: AsyncSession, store: orm.VectorStore, file_id: str, attributes: dict[str, Any] | None
 ) -> orm.VectorStoreFile:
-    row = await get(session, store_id, file_id)
+    row = await get(session, store, file_id)
     row.attributes = attributes
     return row
 
 
-async def remove(session: AsyncSession, store_id: str, file_id: str) -> Deleted:
+async def remove(session: AsyncSession, store: orm.VectorStore, file_id: str) -> Deleted:
     """The file leaves the store (and its index); the file object survives."""
-    await get(session, store_id, file_id)
-    await index.remove_chunks(session, store_id, [file_id])
+    await get(session, store, file_id)
+    await index.remove_chunks(session, store.id, [file_id])
     await session.execute(
         sql_delete(orm.VectorStoreFile).where(
-            orm.VectorStoreFile.vector_store_id == store_id, orm.VectorStoreFile.file_id == file_id
+            orm.VectorStoreFile.vector_store_id == store.id, orm.VectorStoreFile.file_id == file_id
         )
     )
     return Deleted(id=file_id, object="vector_store.file.deleted")
@@ -134,12 +147,12 @@ async def forget_file(session: AsyncSession, file_id: str) -> None:
 
 async def list_(
     session: AsyncSession,
-    store_id: str,
+    store: orm.VectorStore,
     params: pagination.PageParams,
     status: str | None,
     batch_id: str | None = None,
 ) -> ListPage[Any]:
-    query = select(orm.VectorStoreFile).where(orm.VectorStoreFile.vector_store_id == store_id)
+    query = select(orm.VectorStoreFile).where(orm.VectorStoreFile.vector_store_id == store.id)
     if status is not None:
         query = query.where(orm.VectorStoreFile.status == status)
     if batch_id is not None:
@@ -186,7 +199,7 @@ async def create_batch(
             else default
         )
         wanted.append((item.file_id, strategy, item.attributes if item.attributes is not None else body.attributes))
-    files = await require_files(session, [file_id for file_id, _, _ in wanted])
+    files = await require_files(session, _project_of(store), [file_id for file_id, _, _ in wanted])
     seq = ids.next_seq()
     batch = orm.VectorStoreFileBatch(
         id=ids.new_id(ids.FILE_BATCH, seq),
@@ -200,18 +213,18 @@ async def create_batch(
     return batch
 
 
-async def get_batch(session: AsyncSession, store_id: str, batch_id: str) -> orm.VectorStoreFileBatch:
+async def get_batch(session: AsyncSession, store: orm.VectorStore, batch_id: str) -> orm.VectorStoreFileBatch:
     require_id("batch_id", batch_id, ids.FILE_BATCH)
     row = await session.get(orm.VectorStoreFileBatch, batch_id)
-    if row is None or row.vector_store_id != store_id:
+    if row is None or row.vector_store_id != store.id:
         raise errors.not_found("vector store file batch", batch_id)
     return row
 
 
-async def cancel_batch(session: AsyncSession, store_id: str, batch_id: str) -> orm.VectorStoreFileBatch:
+async def cancel_batch(session: AsyncSession, store: orm.VectorStore, batch_id: str) -> orm.VectorStoreFileBatch:
     """Files of the batch not yet ingested become ``cancelled``; an ingestion
     already under way notices at its commit and discards its work."""
-    batch = await get_batch(session, store_id, batch_id)
+    batch = await get_batch(session, store, batch_id)
     batch.cancelled = True
     await session.execute(
         update(orm.VectorStoreFile)

@@ -18,6 +18,7 @@ from app.retrieval import search as ranking
 from app.retrieval.filters import Dialect, compile_filter
 from app.retrieval.index import Hit
 from app.services import vector_stores
+from app.services.projects import Project
 from app.wire.vector_stores import (
     ComparisonFilter,
     CompoundFilter,
@@ -84,9 +85,13 @@ def queries_of(body: SearchRequest) -> list[str]:
 
 
 async def search(
-    session: AsyncSession, vector_store_id: str, body: SearchRequest, query_vectors: Sequence[Sequence[float]] | None
+    session: AsyncSession,
+    project: Project,
+    vector_store_id: str,
+    body: SearchRequest,
+    query_vectors: Sequence[Sequence[float]] | None,
 ) -> SearchResultsPage:
-    store = await vector_stores.get_live(session, vector_store_id)
+    store = await vector_stores.get_live(session, project, vector_store_id)
     dialect: Dialect = "postgresql" if session.get_bind().dialect.name == "postgresql" else "sqlite"
     condition = compile_filter(body.filters, dialect) if body.filters is not None else None
     options = body.ranking_options

@@ -18,8 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
 from app.retrieval import index
-from app.services import pagination, vector_store_files
+from app.services import pagination, projects, vector_store_files
 from app.services.common import metadata_or_empty, require_id
+from app.services.projects import Project
 from app.wire.common import Deleted, ListPage, VectorStoreHelper
 from app.wire.vector_stores import ExpiresAfter, FileCounts, VectorStore, VectorStoreCreate, VectorStoreUpdate
 
@@ -46,6 +47,7 @@ def touch(row: orm.VectorStore) -> None:
 
 
 def new_store(
+    project: Project,
     *,
     name: str | None = None,
     description: str | None = None,
@@ -55,6 +57,7 @@ def new_store(
     seq = ids.next_seq()
     row = orm.VectorStore(
         id=ids.new_id(ids.VECTOR_STORE, seq),
+        project_id=project.id,
         seq=seq,
         created_at=ids.seconds(seq),
         name=name,
@@ -71,13 +74,17 @@ def _expiry(value: ExpiresAfter | None) -> dict[str, Any] | None:
     return value.model_dump() if value is not None else None
 
 
-async def create(session: AsyncSession, body: VectorStoreCreate) -> orm.VectorStore:
+async def create(session: AsyncSession, project: Project, body: VectorStoreCreate) -> orm.VectorStore:
     row = new_store(
-        name=body.name, description=body.description, expires_after=_expiry(body.expires_after), metadata=body.metadata
+        project,
+        name=body.name,
+        description=body.description,
+        expires_after=_expiry(body.expires_after),
+        metadata=body.metadata,
     )
     strategy = vector_store_files.resolve_strategy(body.chunking_strategy, "chunking_strategy")
     file_ids = list(dict.fromkeys(body.file_ids or []))
-    files = await vector_store_files.require_files(session, file_ids)
+    files = await vector_store_files.require_files(session, project, file_ids)
     session.add(row)
     await session.flush()
     await vector_store_files.attach(session, row, [(files[file_id], strategy, None) for file_id in file_ids])
@@ -85,21 +92,21 @@ async def create(session: AsyncSession, body: VectorStoreCreate) -> orm.VectorSt
 
 
 async def create_from_helper(
-    session: AsyncSession, helper: VectorStoreHelper, param: str, *, for_thread: bool = False
+    session: AsyncSession, project: Project, helper: VectorStoreHelper, param: str, *, for_thread: bool = False
 ) -> orm.VectorStore:
     """The ``tool_resources.file_search.vector_stores`` helper of assistant and
     thread create; a thread's store expires 7 days after it was last active."""
-    row = new_store(metadata=helper.metadata, expires_after=dict(THREAD_STORE_EXPIRY) if for_thread else None)
+    row = new_store(project, metadata=helper.metadata, expires_after=dict(THREAD_STORE_EXPIRY) if for_thread else None)
     strategy = vector_store_files.resolve_strategy(helper.chunking_strategy, f"{param}.chunking_strategy")
     file_ids = list(dict.fromkeys(helper.file_ids))
-    files = await vector_store_files.require_files(session, file_ids)
+    files = await vector_store_files.require_files(session, project, file_ids)
     session.add(row)
     await session.flush()
     await vector_store_files.attach(session, row, [(files[file_id], strategy, None) for file_id in file_ids])
     return row
 
 
-async def add_to_thread_store(session: AsyncSession, thread_id: str, file_ids: list[str]) -> None:
+async def add_to_thread_store(session: AsyncSession, project: Project, thread_id: str, file_ids: list[str]) -> None:
     """Message attachments for file_search: into the thread's store, which is
     created (expiring 7 days after last activity) if the thread has none."""
     if not file_ids:
@@ -110,8 +117,8 @@ async def add_to_thread_store(session: AsyncSession, thread_id: str, file_ids: l
     resources = dict(thread.tool_resources or {})
     store_ids = list((resources.get("file_search") or {}).get("vector_store_ids") or [])
     store = await session.get(orm.VectorStore, store_ids[0]) if store_ids else None
-    if store is None or is_expired(store):
-        store = new_store(expires_after=dict(THREAD_STORE_EXPIRY))
+    if store is None or store.project_id != project.id or is_expired(store):
+        store = new_store(project, expires_after=dict(THREAD_STORE_EXPIRY))
         session.add(store)
         await session.flush()
         resources["file_search"] = {"vector_store_ids": [store.id]}
@@ -126,31 +133,39 @@ async def add_to_thread_store(session: AsyncSession, thread_id: str, file_ids: l
         ).all()
     )
     wanted = [file_id for file_id in dict.fromkeys(file_ids) if file_id not in present]
-    files = await vector_store_files.require_files(session, wanted)
+    files = await vector_store_files.require_files(session, project, wanted)
     await vector_store_files.attach(
         session, store, [(files[f], vector_store_files.resolve_strategy(None, ""), None) for f in wanted]
     )
     touch(store)
 
 
-async def get(session: AsyncSession, vector_store_id: str, *, for_update: bool = False) -> orm.VectorStore:
+async def get(
+    session: AsyncSession, project: Project, vector_store_id: str, *, for_update: bool = False
+) -> orm.VectorStore:
     require_id("vector_store_id", vector_store_id, ids.VECTOR_STORE)
-    row = await session.get(orm.VectorStore, vector_store_id, with_for_update=for_update)
-    if row is None:
-        raise errors.not_found("vector store", vector_store_id)
-    return row
+    return await projects.lookup(
+        session,
+        project,
+        orm.VectorStore,
+        vector_store_id,
+        lambda: errors.not_found("vector store", vector_store_id),
+        for_update=for_update,
+    )
 
 
-async def get_live(session: AsyncSession, vector_store_id: str) -> orm.VectorStore:
+async def get_live(session: AsyncSession, project: Project, vector_store_id: str) -> orm.VectorStore:
     """The store, refusing an expired one (400: the request cannot be served)."""
-    row = await get(session, vector_store_id)
+    row = await get(session, project, vector_store_id)
     if is_expired(row):
         raise errors.invalid(f"Vector store {vector_store_id} is expired and can no longer be used.")
     return row
 
 
-async def update(session: AsyncSession, vector_store_id: str, body: VectorStoreUpdate) -> orm.VectorStore:
-    row = await get(session, vector_store_id)
+async def update(
+    session: AsyncSession, project: Project, vector_store_id: str, body: VectorStoreUpdate
+) -> orm.VectorStore:
+    row = await get(session, project, vector_store_id)
     given = body.model_fields_set
     if body.name is not None:
         row.name = body.name
@@ -162,8 +177,8 @@ async def update(session: AsyncSession, vector_store_id: str, body: VectorStoreU
     return row
 
 
-async def delete(session: AsyncSession, vector_store_id: str) -> Deleted:
-    await get(session, vector_store_id)
+async def delete(session: AsyncSession, project: Project, vector_store_id: str) -> Deleted:
+    await get(session, project, vector_store_id)
     await index.remove_chunks(session, vector_store_id)
     for table in (orm.VectorStoreFile, orm.VectorStoreFileBatch):
         await session.execute(sql_delete(table).where(table.vector_store_id == vector_store_id))
@@ -171,9 +186,9 @@ async def delete(session: AsyncSession, vector_store_id: str) -> Deleted:
     return Deleted(id=vector_store_id, object="vector_store.deleted")
 
 
-async def list_(session: AsyncSession, params: pagination.PageParams) -> ListPage[Any]:
+async def list_(session: AsyncSession, project: Project, params: pagination.PageParams) -> ListPage[Any]:
     rows, has_more = await pagination.fetch_page(
-        session, select(orm.VectorStore), orm.VectorStore.seq, params, ids.VECTOR_STORE
+        session, projects.owned(project, orm.VectorStore), orm.VectorStore.seq, params, ids.VECTOR_STORE
     )
     return pagination.page(await to_wire_many(session, rows), has_more)
 

@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from app import ids, orm
 from app.retrieval import chunking, ingest
 from app.runtime import Runtime
-from app.services import vector_store_files, vector_stores
+from app.services import projects, vector_store_files, vector_stores
 from app.settings import Settings
 
 
@@ -29,7 +29,7 @@ async def runtime(database_url: str, tmp_path: Path) -> AsyncIterator[Runtime]:
 
 async def _store_with_files(runtime: Runtime, texts: list[str]) -> str:
     async with runtime.transaction() as session:
-        store = vector_stores.new_store()
+        store = vector_stores.new_store(projects.DEFAULT)
         session.add(store)
         rows = []
         for number, content in enumerate(texts):

@@ -15,7 +15,7 @@ from app import ids, orm
 from app.retrieval import chunking, filters, index
 from app.retrieval import search as ranking
 from app.runtime import Runtime
-from app.services import vector_stores
+from app.services import projects, vector_stores
 from app.services.vector_store_search import matches
 from app.settings import Settings
 from app.wire.vector_stores import ComparisonFilter, CompoundFilter
@@ -36,7 +36,7 @@ async def _store(runtime: Runtime, files: list[tuple[list[str], dict[str, Any]]]
     """A store whose completed files hold these chunks and attributes."""
     file_ids = []
     async with runtime.transaction() as session:
-        store = vector_stores.new_store()
+        store = vector_stores.new_store(projects.DEFAULT)
         session.add(store)
         await session.flush()
         for pieces, attributes in files:

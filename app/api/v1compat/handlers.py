@@ -12,11 +12,13 @@ from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
 from app import errors, ids
+from app.api.deps import project_of
 from app.api.handlers import error_response
 from app.api.v1compat import shapes
 from app.runtime import Runtime
 from app.services import assistants, messages, v1_files
 from app.services.common import require_id
+from app.services.projects import Project
 from app.wire.assistants import AssistantUpdate
 
 Answer = tuple[int, Any]
@@ -118,18 +120,19 @@ def _list(scope: Scope, items: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def dispatch(runtime: Runtime, scope: Scope, path: str, receive: Receive) -> Answer | None:
     method = scope.get("method", "GET")
+    project = project_of(scope)
     if (match := _ASSISTANT_FILES.match(path)) is not None:
-        return await _assistant_files(runtime, scope, method, match["assistant"], match["file"], receive)
+        return await _assistant_files(runtime, scope, project, method, match["assistant"], match["file"], receive)
     if (match := _MESSAGE_FILES.match(path)) is not None:
         if method != "GET":
             raise errors.APIError(404, f"Invalid URL ({method} {scope.get('path')})")
-        return await _message_files(runtime, scope, match["thread"], match["message"], match["file"])
+        return await _message_files(runtime, scope, project, match["thread"], match["message"], match["file"])
     if method == "POST" and (match := _MODIFY.match(path)) is not None:
-        return await _modify_assistant(runtime, match["assistant"], await _json_body(receive))
+        return await _modify_assistant(runtime, project, match["assistant"], await _json_body(receive))
     return None
 
 
-async def _modify_assistant(runtime: Runtime, assistant_id: str, body: dict[str, Any]) -> Answer:
+async def _modify_assistant(runtime: Runtime, project: Project, assistant_id: str, body: dict[str, Any]) -> Answer:
     v2_body, file_ids = shapes.assistant_to_v2(body, creating=False)
     v2_body.pop("tool_resources", None)  # the files are set below, the managed store kept
     try:
@@ -137,7 +140,7 @@ async def _modify_assistant(runtime: Runtime, assistant_id: str, body: dict[str,
     except ValidationError as exc:
         raise errors.from_validation_errors(exc.errors(), v2_body) from None
     async with runtime.transaction() as session:
-        row = await assistants.update(session, assistant_id, update)
+        row = await assistants.update(session, project, assistant_id, update)
         if file_ids is not None:
             await v1_files.set_files(session, row, file_ids)
         else:
@@ -152,10 +155,16 @@ def _assistant_file(file_id: str, created_at: int, assistant_id: str) -> dict[st
 
 
 async def _assistant_files(
-    runtime: Runtime, scope: Scope, method: str, assistant_id: str, file_id: str | None, receive: Receive
+    runtime: Runtime,
+    scope: Scope,
+    project: Project,
+    method: str,
+    assistant_id: str,
+    file_id: str | None,
+    receive: Receive,
 ) -> Answer:
     async with runtime.transaction() as session:
-        assistant = await assistants.get(session, assistant_id)
+        assistant = await assistants.get(session, project, assistant_id)
         if method == "POST" and file_id is None:
             body = await _json_body(receive)
             wanted = body.get("file_id")
@@ -167,7 +176,7 @@ async def _assistant_files(
             file = await v1_files.add_file(session, assistant, wanted, shapes.MAX_ASSISTANT_FILES)
             return 200, _assistant_file(file.id, file.created_at, assistant.id)
         current = v1_files.code_interpreter_files(assistant.tool_resources)
-        files = await v1_files.files_by_id(session, current)
+        files = await v1_files.files_by_id(session, project, current)
         if file_id is None and method == "GET":
             items = [_assistant_file(f, files[f].created_at, assistant.id) for f in current if f in files]
             return 200, _list(scope, items)
@@ -182,10 +191,10 @@ async def _assistant_files(
 
 
 async def _message_files(
-    runtime: Runtime, scope: Scope, thread_id: str, message_id: str, file_id: str | None
+    runtime: Runtime, scope: Scope, project: Project, thread_id: str, message_id: str, file_id: str | None
 ) -> Answer:
     async with runtime.transaction() as session:
-        message = await messages.get(session, thread_id, message_id)
+        message = await messages.get(session, project, thread_id, message_id)
     attached = [item["file_id"] for item in message.attachments or []]
     items = [
         {"id": f, "object": "thread.message.file", "created_at": message.created_at, "message_id": message.id}

@@ -145,7 +145,10 @@ async def input_file_rows(session: AsyncSession, run: orm.Run) -> list[orm.File]
         for item in attachments or []:
             if any(tool.get("type") == TYPE for tool in item.get("tools") or []):
                 wanted.append(str(item.get("file_id")))
-    rows = (await session.scalars(select(orm.File).where(orm.File.id.in_(wanted)).where(files.live()))).all()
+    # Only the files of the run's project (its thread's), whatever ids are named.
+    project_id = thread.project_id if thread else None
+    query = select(orm.File).where(orm.File.id.in_(wanted), orm.File.project_id == project_id, files.live())
+    rows = (await session.scalars(query)).all()
     by_id = {row.id: row for row in rows}
     return [by_id[file_id] for file_id in dict.fromkeys(wanted) if file_id in by_id]
 
@@ -189,7 +192,7 @@ class CodeInterpreter:
             result = CallResult('The tool call\'s arguments must be JSON like {"code": "print(1)"}.', True)
         else:
             result = await self._run(runtime, run, code)
-        images, produced = await self._store(runtime, call_id, result)
+        images, produced = await self._store(runtime, run, call_id, result)
         outputs: list[dict[str, Any]] = [{"type": "logs", "logs": result.logs}] if result.logs else []
         outputs += [{"type": "image", "image": {"file_id": file_id}} for file_id in images]
         if outputs:
@@ -209,17 +212,24 @@ class CodeInterpreter:
         except SandboxError as exc:
             return CallResult(f"The code could not run: {exc}.", True)
 
-    async def _store(self, runtime: Runtime, call_id: str, result: CallResult) -> tuple[list[str], dict[str, str]]:
+    async def _store(
+        self, runtime: Runtime, run: orm.Run, call_id: str, result: CallResult
+    ) -> tuple[list[str], dict[str, str]]:
         """Save the call's images and files as assistants_output files."""
         if not result.images and not result.files:
             return [], {}
         async with runtime.transaction() as session:
+            # The files belong to the run's project: its thread's.
+            project_id = await session.scalar(select(orm.Thread.project_id).where(orm.Thread.id == run.thread_id))
+            if project_id is None:
+                return [], {}  # the thread was deleted meanwhile
+            storage = runtime.storage
             images = [
-                (await files.create_output(session, runtime.storage, f"{call_id}-{n}.png", data)).id
+                (await files.create_output(session, storage, project_id, f"{call_id}-{n}.png", data)).id
                 for n, data in enumerate(result.images)
             ]
             produced = {
-                item.name: (await files.create_output(session, runtime.storage, item.name, item.data)).id
+                item.name: (await files.create_output(session, storage, project_id, item.name, item.data)).id
                 for item in result.files
             }
         return images, produced

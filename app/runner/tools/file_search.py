@@ -171,7 +171,11 @@ async def _stores(runtime: Runtime, run: orm.Run) -> tuple[_Stores, int]:
         own = override if override is not None else _store_ids(assistant.tool_resources if assistant else None)
         thread_ids = _store_ids(thread.tool_resources if thread else None)
         ids = list(dict.fromkeys(own + thread_ids))
-        rows = (await session.scalars(select(orm.VectorStore).where(orm.VectorStore.id.in_(ids)))).all()
+        # Only the stores of the run's project (its thread's), whatever ids the
+        # resources name: attaching checks this too, this is the last word.
+        project_id = thread.project_id if thread else None
+        query = select(orm.VectorStore).where(orm.VectorStore.id.in_(ids), orm.VectorStore.project_id == project_id)
+        rows = (await session.scalars(query)).all()
         expired = [row.id for row in rows if vector_stores.is_expired(row)]
         # Waited for: the thread's store, and an assistant's v1 retrieval store
         # (v1 clients cannot poll ingestion; their files are searchable once attached).
