@@ -1,4 +1,4 @@
-"""Command line: ``python -m app serve | migrate | worker | sandbox-setup`` (also ``assistants-server``).
+"""Command line: ``python -m app serve | migrate | worker | keys | sandbox-setup`` (also ``assistants-server``).
 
 Flags override the ``ASSISTANTS_*`` environment variables, which override the
 defaults in ``app.settings.Settings``: only flags actually given are passed to
@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 from uvicorn.config import LOG_LEVELS
 
 import app
-from app import preflight, sandbox_setup
+from app import cli_keys, preflight, sandbox_setup
 from app.api import limits
 from app.main import create_app, create_worker_app
 from app.observability import logs
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="serve /metrics, /healthz and /readyz on this port (env ASSISTANTS_METRICS_PORT)",
     )
+    cli_keys.add_parser(commands, common)
     setup = commands.add_parser(
         "sandbox-setup",
         help="build the code interpreter's Python (numpy, pandas, matplotlib) and exit",
@@ -288,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve_ephemeral(settings, args) if args.ephemeral else serve(settings)
         if args.command == "migrate":
             return migrate(settings)
+        if args.command == "keys":
+            return cli_keys.main(settings, args)
         return run_worker(settings)
     except preflight.StartupError as exc:
         # One line, no traceback: what is wrong and, where we know, what to do.
