@@ -72,7 +72,8 @@ def _declare_keys(schema: dict[str, Any], api_prefix: str) -> None:
         BEARER_SCHEME: {
             "type": "http",
             "scheme": "bearer",
-            "description": "One of ASSISTANTS_API_KEYS, as the OpenAI SDK sends it (Authorization: Bearer <key>)",
+            "description": "An API key (ASSISTANTS_API_KEYS, or made with `assistants-server keys create`), "
+            "as the OpenAI SDK sends it (Authorization: Bearer <key>)",
         },
         AZURE_KEY_SCHEME: {
             "type": "apiKey",

@@ -33,6 +33,7 @@ async def require_key(request: Request) -> Project:
     project = await project_of_key(request, request.cookies.get(COOKIE, ""))
     if project is None:
         raise SignInRequired
+    request.state.console_project = project  # named in the page header (base.html)
     return project
 
 

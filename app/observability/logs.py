@@ -40,6 +40,9 @@ _QUIET_LOGGERS = (*LITELLM_LOGGERS, "httpx", "httpcore")
 
 _KEY_QUERY = re.compile(r"(?i)([?&](?:api[-_]?key|key|access[-_]?token)=)[^&\s\"'\\]+")
 _BEARER = re.compile(r"(?i)(\bbearer\s+)[^\s\"'\\,]+")
+# Keys made by `keys create` (app/services/api_keys.py): their visible prefix
+# stays readable, the rest is masked (the log cannot know them by value).
+_STORED_KEY = re.compile(r"(\bsk-proj-[A-Za-z0-9_-]{8})[A-Za-z0-9_-]{8,}")
 
 
 # --------------------------------------------------------------------- context
@@ -99,6 +102,7 @@ class Redactor:
             if secret in text:
                 text = text.replace(secret, REDACTED)
         text = _KEY_QUERY.sub(rf"\1{REDACTED}", text)
+        text = _STORED_KEY.sub(rf"\1{REDACTED}", text)
         return _BEARER.sub(rf"\1{REDACTED}", text)
 
 

@@ -421,7 +421,35 @@ async def test_the_console_shows_the_keys_project_only(app: FastAPI, http: httpx
     assert signed_in.status_code == 303
     http.cookies.set("assistants_console_key", key_a)
     page = (await http.get("/console/assistants")).text
-    assert "Alpha helper" in page and "Bravo helper" not in page
+    assert "Alpha helper" in page and "Bravo helper" not in page and "project team-a" in page
     assert (await http.get(f"/console/assistants/{other.id}")).status_code == 404
     assert (await http.get(f"/console/files/{upload.id}")).status_code == 404
     assert "bravo.txt" not in (await http.get("/console/files")).text
+
+
+async def test_v1_routes_keep_projects_apart(app: FastAPI, http: httpx2.AsyncClient) -> None:
+    key_a, key_b = await _new_key(app, "team-a"), await _new_key(app, "team-b")
+    a, b = _sdk(http, key_a), _sdk(http, key_b)
+    upload = await a.files.create(file=("a.txt", b"A"), purpose="assistants")
+    assistant = await a.beta.assistants.create(
+        model="gpt-4o", tool_resources={"code_interpreter": {"file_ids": [upload.id]}}
+    )
+    thread = await a.beta.threads.create(messages=[{"role": "user", "content": "hi"}])
+    message = (await a.beta.threads.messages.list(thread.id)).data[0]
+    own = await b.beta.assistants.create(model="gpt-4o")
+    v1 = {"OpenAI-Beta": "assistants=v1", "Authorization": f"Bearer {key_b}"}
+    for method, path, body, expected in [
+        ("GET", f"/v1/assistants/{assistant.id}/files", None, f"No assistant found with id '{assistant.id}'."),
+        ("POST", f"/v1/assistants/{assistant.id}", {"name": "x"}, f"No assistant found with id '{assistant.id}'."),
+        ("POST", f"/v1/assistants/{own.id}/files", {"file_id": upload.id}, f"No such File object: {upload.id}"),
+        (
+            "GET",
+            f"/v1/threads/{thread.id}/messages/{message.id}/files",
+            None,
+            f"No thread found with id '{thread.id}'.",
+        ),
+        ("GET", f"/v1/threads/{thread.id}/messages", None, f"No thread found with id '{thread.id}'."),
+    ]:
+        response = await http.request(method, path, json=body, headers=v1)
+        assert response.status_code == 404, (path, response.text)
+        assert response.json()["error"]["message"] == expected, path
