@@ -21,7 +21,9 @@ class Base(DeclarativeBase):
 
 
 # Rows written before projects existed (and by an older server during a
-# rolling upgrade) belong to the default project: the column's server default.
+# rolling upgrade) belong to the default project: migration 0009_projects
+# gives the column this server default. Not declared here, so that the ORM
+# neither relies on it (every insert names its project) nor reads it back.
 DEFAULT_PROJECT_ID = "proj_default"
 
 
@@ -53,7 +55,7 @@ class ApiKey(Base):
 def _project_column() -> Mapped[str]:
     # No foreign key: SQLite cannot add a referencing NOT NULL column to a
     # table that has rows; projects are never deleted.
-    return mapped_column(String(64), server_default=DEFAULT_PROJECT_ID)
+    return mapped_column(String(64))
 
 
 class Assistant(Base):

@@ -50,7 +50,7 @@ from app import ids, orm  # noqa: E402
 from app.retrieval import chunking, embed, index, ingest, parse  # noqa: E402
 from app.retrieval import search as ranking  # noqa: E402
 from app.runtime import Runtime  # noqa: E402
-from app.services import vector_store_files, vector_store_search, vector_stores  # noqa: E402
+from app.services import projects, vector_store_files, vector_store_search, vector_stores  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from app.wire.vector_stores import SearchRequest  # noqa: E402
 
@@ -91,13 +91,14 @@ async def start_runtime(url: str, data_dir: Path, embedding: str | None) -> Runt
 async def add_files(runtime: Runtime, paths: Sequence[Path]) -> str:
     """A store holding these files, queued for ingestion."""
     async with runtime.transaction() as session:
-        store = vector_stores.new_store(name="bench")
+        store = vector_stores.new_store(projects.DEFAULT, name="bench")
         session.add(store)
         files = []
         for path in paths:
             seq = ids.next_seq()
             row = orm.File(
                 id=ids.new_id(ids.FILE, seq),
+                project_id=orm.DEFAULT_PROJECT_ID,
                 seq=seq,
                 created_at=ids.seconds(seq),
                 bytes=path.stat().st_size,
@@ -199,7 +200,7 @@ async def corpus_run(url: str, work: Path, embedding: str | None) -> dict[str, A
             async with runtime.transaction() as session:  # as autovacuum would after the load
                 await session.execute(text("ANALYZE vector_store_chunks"))
         async with runtime.transaction() as session:
-            counts = await vector_stores.to_wire(session, await vector_stores.get(session, store_id))
+            counts = await vector_stores.to_wire(session, await vector_stores.get(session, projects.DEFAULT, store_id))
             rows = await session.scalars(
                 select(orm.VectorStoreFile).where(orm.VectorStoreFile.vector_store_id == store_id)
             )
@@ -254,7 +255,7 @@ async def latency_run(
     model = embed.embedder(runtime.settings)
     try:
         async with runtime.transaction() as session:
-            store = vector_stores.new_store(name=f"latency {size}")
+            store = vector_stores.new_store(projects.DEFAULT, name=f"latency {size}")
             session.add(store)
         # Embedded once per distinct chunk; copies reuse the vectors.
         vectors: dict[str, list[list[float]] | None] = {}
@@ -300,7 +301,7 @@ async def latency_run(
                 query_vectors = await embed.embed_queries(runtime.settings, [question])
                 async with runtime.transaction() as session:
                     request = SearchRequest.model_validate({**body, "query": question})
-                    await vector_store_search.search(session, store.id, request, query_vectors)
+                    await vector_store_search.search(session, projects.DEFAULT, store.id, request, query_vectors)
                 timings[kind].append((time.perf_counter() - started) * 1000)
         result: dict[str, Any] = {"load_s": loaded, "chunks": count, "rss": memory_mib()}
         for kind, values in timings.items():

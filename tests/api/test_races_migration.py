@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -45,11 +45,13 @@ async def test_upgrade_keeps_the_oldest_live_run_per_thread(database_url: str) -
         async with engine.begin() as connection:
             await connection.run_sync(_downgrade, "0004")
         seq = ids.next_seq()
-        thread = orm.Thread(id=ids.new_id(ids.THREAD, seq), seq=seq, created_at=ids.seconds(seq), metadata_={})
-        runs = [_run(thread.id, status) for status in ("completed", "in_progress", "queued", "requires_action")]
+        thread_id = ids.new_id(ids.THREAD, seq)
+        runs = [_run(thread_id, status) for status in ("completed", "in_progress", "queued", "requires_action")]
         async with sessionmaker() as session, session.begin():
-            session.add(thread)
-            await session.flush()
+            # The thread as its table was then (the ORM's has columns added since).
+            await session.execute(
+                insert(orm.Thread.__table__).values(id=thread_id, seq=seq, created_at=ids.seconds(seq), metadata={})
+            )
             session.add_all(runs)
         await db.migrate(engine)
         async with sessionmaker() as session:
@@ -61,6 +63,6 @@ async def test_upgrade_keeps_the_oldest_live_run_per_thread(database_url: str) -
             assert failed.last_error is not None and failed.last_error["code"] == "server_error"
         with pytest.raises(IntegrityError):
             async with sessionmaker() as session, session.begin():
-                session.add(_run(thread.id, "queued"))
+                session.add(_run(thread_id, "queued"))
     finally:
         await engine.dispose()

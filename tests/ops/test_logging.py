@@ -145,6 +145,12 @@ def test_json_lines_carry_exceptions_and_redact_them() -> None:
     assert entry["time"].endswith("Z") and entry["request_id"] is None
 
 
+def test_stored_keys_are_masked_but_their_prefix_stays() -> None:
+    redact = logs.Redactor([])
+    stored = "sk-proj-AbCd1234" + "x" * 40
+    assert redact(f"refused {stored}.") == "refused sk-proj-AbCd1234[redacted]."
+
+
 def test_litellm_lines_print_once(captured: Captured) -> None:
     llm._litellm()  # imports litellm, which adds a handler of its own to its loggers
     for name in logs.LITELLM_LOGGERS:

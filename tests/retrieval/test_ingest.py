@@ -36,6 +36,7 @@ async def _store_with_files(runtime: Runtime, texts: list[str]) -> str:
             seq = ids.next_seq()
             row = orm.File(
                 id=ids.new_id(ids.FILE, seq),
+                project_id=projects.DEFAULT_ID,
                 seq=seq,
                 created_at=ids.seconds(seq),
                 bytes=len(content),

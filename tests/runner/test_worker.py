@@ -32,12 +32,24 @@ async def _make_runs(runtime: Runtime, count: int, status: str = "queued", text:
     async with runtime.transaction() as session:
         seq = ids.next_seq()
         assistant = orm.Assistant(
-            id=ids.new_id(ids.ASSISTANT, seq), seq=seq, created_at=ids.seconds(seq), model="m", tools=[], metadata_={}
+            id=ids.new_id(ids.ASSISTANT, seq),
+            project_id=orm.DEFAULT_PROJECT_ID,
+            seq=seq,
+            created_at=ids.seconds(seq),
+            model="m",
+            tools=[],
+            metadata_={},
         )
         session.add(assistant)
         for _ in range(count):
             seq = ids.next_seq()
-            thread = orm.Thread(id=ids.new_id(ids.THREAD, seq), seq=seq, created_at=ids.seconds(seq), metadata_={})
+            thread = orm.Thread(
+                id=ids.new_id(ids.THREAD, seq),
+                project_id=orm.DEFAULT_PROJECT_ID,
+                seq=seq,
+                created_at=ids.seconds(seq),
+                metadata_={},
+            )
             session.add(thread)
             await session.flush()  # children reference it
             seq = ids.next_seq()
