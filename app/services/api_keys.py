@@ -130,7 +130,7 @@ class KeyRing:
         self._ttl = ttl
         self._clock = clock
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
-        self._open: _Cached | None = None
+        self._open: tuple[bool, float] | None = None  # (open, until)
 
     async def project_of(self, key: str) -> Project | None:
         """The key's project; None for a key that is unknown or revoked."""
@@ -153,10 +153,10 @@ class KeyRing:
         if self._configured:
             return False
         now = self._clock()
-        if self._open is None or self._open.until <= now:
+        if self._open is None or self._open[1] <= now:
             rows = await db.read_rows(self._engine, "SELECT 1 FROM api_keys LIMIT 1", {})
-            self._open = _Cached(None if rows else projects.DEFAULT, now + self._ttl)
-        return self._open.project is not None
+            self._open = (not rows, now + self._ttl)
+        return self._open[0]
 
     async def _read(self, digest: str) -> Project | None:
         rows = await db.read_rows(

@@ -63,6 +63,12 @@ def owned(project: Project, table: type[OwnedRow]) -> Select[OwnedRow]:
     return select(table).where(table.project_id == project.id)
 
 
+def owner_of(row: OwnedRow) -> Project:
+    """The project a stored object belongs to, for acting on its behalf (its
+    store's files, its assistant's managed store); only the id is known."""
+    return Project(row.project_id, "")
+
+
 async def ensure(session: AsyncSession, name: str) -> Project:
     """The project called ``name``, created if there is none (the CLI's ``keys create --project``)."""
     row = (await session.scalars(select(orm.Project).where(orm.Project.name == name))).first()

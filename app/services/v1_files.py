@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, orm
-from app.services import tool_resources, vector_store_files, vector_stores
+from app.services import projects, tool_resources, vector_store_files, vector_stores
 from app.services.projects import Project
 
 MANAGED = ("assistants_v1", "retrieval")
@@ -69,10 +69,6 @@ def is_managed(store: orm.VectorStore) -> bool:
     return (store.metadata_ or {}).get(MANAGED[0]) == MANAGED[1]
 
 
-def _project_of(assistant: orm.Assistant) -> Project:
-    return Project(assistant.project_id, "")
-
-
 async def _managed_store(session: AsyncSession, assistant: orm.Assistant) -> orm.VectorStore | None:
     for store_id in _store_ids(assistant.tool_resources):
         store = await session.get(orm.VectorStore, store_id)
@@ -87,7 +83,7 @@ def _has_retrieval(assistant: orm.Assistant) -> bool:
 
 async def set_files(session: AsyncSession, assistant: orm.Assistant, file_ids: Sequence[str]) -> None:
     """Make ``file_ids`` the assistant's v1 files (and its managed store's, with retrieval on)."""
-    await tool_resources.require_files(session, _project_of(assistant), list(file_ids))
+    await tool_resources.require_files(session, projects.owner_of(assistant), list(file_ids))
     resources = dict(assistant.tool_resources or {})
     resources["code_interpreter"] = {"file_ids": list(file_ids)}
     assistant.tool_resources = resources
@@ -103,7 +99,7 @@ async def sync_store(session: AsyncSession, assistant: orm.Assistant) -> None:
     if store is None:
         if not file_ids and _store_ids(assistant.tool_resources):
             return  # a v2 client's own store: leave it alone
-        store = vector_stores.new_store(_project_of(assistant), metadata=dict([MANAGED]), expires_after=None)
+        store = vector_stores.new_store(projects.owner_of(assistant), metadata=dict([MANAGED]), expires_after=None)
         session.add(store)
         await session.flush()
         resources = dict(assistant.tool_resources or {})
@@ -119,13 +115,13 @@ async def sync_store(session: AsyncSession, assistant: orm.Assistant) -> None:
     for file_id in present - set(file_ids):
         await vector_store_files.remove(session, store, file_id)
     missing = [file_id for file_id in file_ids if file_id not in present]
-    files = await vector_store_files.require_files(session, _project_of(assistant), missing)
+    files = await vector_store_files.require_files(session, projects.owner_of(assistant), missing)
     strategy = vector_store_files.resolve_strategy(None, "")
     await vector_store_files.attach(session, store, [(files[file_id], strategy, None) for file_id in missing])
 
 
 async def add_file(session: AsyncSession, assistant: orm.Assistant, file_id: str, limit: int) -> orm.File:
-    await tool_resources.require_files(session, _project_of(assistant), [file_id])
+    await tool_resources.require_files(session, projects.owner_of(assistant), [file_id])
     current = code_interpreter_files(assistant.tool_resources)
     if file_id not in current:
         if len(current) >= limit:

@@ -91,14 +91,9 @@ async def attach(
     return rows
 
 
-def _project_of(store: orm.VectorStore) -> Project:
-    # Only the id matters to the queries (a store's files are its project's).
-    return Project(store.project_id, "")
-
-
 async def create(session: AsyncSession, store: orm.VectorStore, body: VectorStoreFileCreate) -> orm.VectorStoreFile:
     strategy = resolve_strategy(body.chunking_strategy, "chunking_strategy")
-    files = await require_files(session, _project_of(store), [body.file_id])
+    files = await require_files(session, projects.owner_of(store), [body.file_id])
     return (await attach(session, store, [(files[body.file_id], strategy, body.attributes)]))[0]
 
 
@@ -199,7 +194,7 @@ async def create_batch(
             else default
         )
         wanted.append((item.file_id, strategy, item.attributes if item.attributes is not None else body.attributes))
-    files = await require_files(session, _project_of(store), [file_id for file_id, _, _ in wanted])
+    files = await require_files(session, projects.owner_of(store), [file_id for file_id, _, _ in wanted])
     seq = ids.next_seq()
     batch = orm.VectorStoreFileBatch(
         id=ids.new_id(ids.FILE_BATCH, seq),
