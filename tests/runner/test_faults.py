@@ -129,13 +129,16 @@ async def test_worker_survives_a_sqlite_lock_held_past_the_busy_timeout(runtime:
     _short_busy_timeout(runtime)
     await runtime.engine.dispose()  # new connections get the short timeout
     worker, task = await _running_worker(runtime)
-    locker = sqlite3.connect(make_url(url).database or "", isolation_level=None)
+    # The locker's calls block, so they run in a thread: on the event loop's
+    # thread, waiting for the lock would stall the executor's open transaction
+    # that holds it, and the two would wait on each other until the timeout.
+    locker = sqlite3.connect(make_url(url).database or "", isolation_level=None, check_same_thread=False)
     try:
         (slow,) = await _make_runs(runtime, 1, text="[[delay 20]] [[tokens 50]]")
         await _until(lambda: worker.busy == 1, "the slow run to start")
-        locker.execute("BEGIN IMMEDIATE")  # another process writing for too long
+        await asyncio.to_thread(locker.execute, "BEGIN IMMEDIATE")  # another process writing for too long
         await _until(lambda: "locked" in (worker.last_error or ""), "the worker to hit the lock")
-        locker.execute("ROLLBACK")
+        await asyncio.to_thread(locker.execute, "ROLLBACK")
         run_ids = await _make_runs(runtime, 3)
         await _until(lambda: _all_final(runtime, [slow, *run_ids]), "the runs to finish")
         assert set((await _statuses(runtime, [slow, *run_ids])).values()) == {"completed"}
