@@ -36,7 +36,10 @@ def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound now (uvicorn is handed it), so a port in
     use is found before anything touches the database."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on accepted sockets whose
+    # proto says TCP, and without it (Nagle + delayed ACK) every response written
+    # in two pieces waited about 40 ms (bench/README.md, issue 17).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

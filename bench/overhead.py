@@ -1,0 +1,332 @@
+"""Run overhead against the direct-to-model floor, in one run (issue 17).
+
+Three processes: this client, an instant OpenAI-compatible model stub (the
+one in bench/streaming.py, no delay between tokens) and the server
+(``python -m app serve``, API and embedded worker in one process), on SQLite
+and on an embedded PostgreSQL. The routing file sends ``gpt-4o`` to the stub
+through litellm and ``offline-bench`` to the built-in offline model.
+
+Measured, each as p50/p95 over sequential requests:
+
+* floor: a streamed chat completion sent straight to the stub, read to its end;
+* stream: ``POST /v1/threads/runs`` with ``stream: true`` until
+  ``thread.run.completed`` (through litellm, and with the offline model);
+* poll: what ``runs.create_and_poll`` does: the POST, then ``GET`` of the run
+  (with the SDK's ``X-Stainless-Poll-Helper`` header) until it is terminal,
+  sleeping ``openai-poll-after-ms`` between polls; the polls per run too;
+
+then runs/s with 1, 16 and 64 clients doing runs back to back, polling as
+the SDK does or streaming, and the server's RSS idle and at the end of the load.
+Prints markdown; asserts nothing.
+
+    .venv/bin/python bench/overhead.py                      # both databases, about 2 minutes
+    .venv/bin/python bench/overhead.py --db sqlite --runs 100 --duration 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import runs as base
+
+REPO = base.REPO
+TERMINAL = {"completed", "failed", "cancelled", "expired", "incomplete", "requires_action"}
+TOKENS = 5  # words in every answer
+
+
+class Client(base.Connection):
+    """The keep-alive client of bench/runs.py, with headers and streamed bodies."""
+
+    async def call(self, method: str, path: str, body: Any = None, headers: str = "") -> tuple[dict[str, str], bytes]:
+        if self.writer is None:
+            await self._connect()
+        assert self.reader is not None and self.writer is not None
+        payload = b"" if body is None else json.dumps(body).encode()
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"OpenAI-Beta: assistants=v2\r\nContent-Type: application/json\r\n{headers}"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        ).encode()
+        self.writer.write(head + payload)
+        status, response_headers = await self._read_head()
+        data = await self._read_body(response_headers)
+        if response_headers.get("connection", "").lower() == "close":
+            await self.close()
+        if not 200 <= status < 300:
+            raise base.HTTPError(f"{method} {path} -> {status}: {data[:300]!r}")
+        return response_headers, data
+
+
+@dataclass
+class Sample:
+    seconds: float
+    polls: int = 0
+    done_at: float = 0.0
+
+
+def _run_body(model: str, text: str, stream: bool) -> dict[str, Any]:
+    return {
+        "assistant_id": "",  # filled in by the caller
+        "model": model,
+        "stream": stream,
+        "thread": {"messages": [{"role": "user", "content": text}]},
+    }
+
+
+async def floor_once(client: Client) -> Sample:
+    body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": "Hello"}]}
+    started = time.perf_counter()
+    _, data = await client.call("POST", "/v1/chat/completions", body)
+    assert data.rstrip().endswith(b"[DONE]"), data[-200:]
+    return Sample(time.perf_counter() - started)
+
+
+async def stream_once(client: Client, assistant_id: str, model: str, text: str) -> Sample:
+    body = {**_run_body(model, text, True), "assistant_id": assistant_id}
+    started = time.perf_counter()
+    _, data = await client.call("POST", "/v1/threads/runs", body)
+    if b"event: thread.run.completed" not in data:
+        raise base.HTTPError(f"stream did not complete: {data[-300:]!r}")
+    return Sample(time.perf_counter() - started, done_at=time.monotonic())
+
+
+async def poll_once(client: Client, assistant_id: str, model: str, text: str) -> Sample:
+    """runs.create_and_poll as the Python SDK does it."""
+    body = {**_run_body(model, text, False), "assistant_id": assistant_id}
+    started = time.perf_counter()
+    _, data = await client.call("POST", "/v1/threads/runs", body)
+    run = json.loads(data)
+    path = f"/v1/threads/{run['thread_id']}/runs/{run['id']}"
+    polls, interval = 0, None
+    while True:
+        headers, data = await client.call("GET", path, headers="X-Stainless-Poll-Helper: true\r\n")
+        polls += 1
+        run = json.loads(data)
+        if run["status"] in TERMINAL:
+            break
+        if interval is None:
+            interval = int(headers.get("openai-poll-after-ms", "1000")) / 1000
+        await asyncio.sleep(interval)
+    if run["status"] != "completed":
+        raise base.HTTPError(f"run ended {run['status']}: {run.get('last_error')}")
+    return Sample(time.perf_counter() - started, polls, time.monotonic())
+
+
+def pct(samples: list[Sample], q: float) -> float:
+    values = sorted(sample.seconds for sample in samples)
+    return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
+
+
+async def sequential(port: int, count: int, once: Any) -> list[Sample]:
+    client = Client("127.0.0.1", port)
+    try:
+        for _ in range(max(5, count // 10)):  # warm-up
+            await once(client, -1)
+        return [await once(client, i) for i in range(count)]
+    finally:
+        await client.close()
+
+
+@dataclass
+class Load:
+    samples: list[Sample] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    peak_rss: float = 0.0
+    cpu: float = 0.0
+
+
+async def load(port: int, pid: int, clients: int, duration: float, warmup: float, once: Any) -> Load:
+    result = Load()
+    begin = time.monotonic()
+    window, stop = begin + warmup, begin + warmup + duration
+
+    async def client_loop(index: int) -> None:
+        client = Client("127.0.0.1", port)
+        n = 0
+        try:
+            while time.monotonic() < stop:
+                n += 1
+                try:
+                    result.samples.append(await once(client, index * 100_000 + n))
+                except (base.HTTPError, OSError, asyncio.IncompleteReadError) as error:
+                    result.errors.append(str(error)[:200])
+                    await client.close()
+        finally:
+            await client.close()
+
+    tasks = [asyncio.create_task(client_loop(i)) for i in range(clients)]
+    await asyncio.sleep(max(0.0, window - time.monotonic()))
+    cpu_before = base.process_cpu(pid)[1]
+    while time.monotonic() < stop:
+        result.peak_rss = max(result.peak_rss, rss_mib(pid))
+        await asyncio.sleep(0.2)
+    result.cpu = base.process_cpu(pid)[1] - cpu_before
+    await asyncio.gather(*tasks)
+    result.samples = [s for s in result.samples if window <= s.done_at <= stop]
+    return result
+
+
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+
+
+@contextmanager
+def stub(scratch: Path) -> Iterator[int]:
+    port = base.free_port()
+    command = [sys.executable, str(REPO / "bench" / "streaming.py"), "backend", "--port", str(port)]
+    process = subprocess.Popen([*command, "--delay-ms", "0", "--tokens", str(TOKENS)], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                asyncio.run(floor_once(Client("127.0.0.1", port)))
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+@contextmanager
+def server(database_url: str, scratch: Path, stub_port: int, extra_env: dict[str, str]) -> Iterator[tuple[int, int]]:
+    config = scratch / "routing.json"
+    stub_params = {"model": "openai/*", "api_base": f"http://127.0.0.1:{stub_port}/v1", "api_key": "x"}
+    entries = [
+        {"model_name": "offline-bench", "litellm_params": {"model": "offline"}},
+        {"model_name": "*", "litellm_params": {**stub_params, "max_retries": 0}},
+    ]
+    config.write_text(json.dumps({"model_list": entries}))
+    port = base.free_port()
+    data_dir = scratch / f"data-{port}"
+    data_dir.mkdir()
+    env = {**os.environ, "ASSISTANTS_API_KEYS": "", "LITELLM_LOCAL_MODEL_COST_MAP": "True", **extra_env}
+    env.setdefault("ASSISTANTS_WORKER_CONCURRENCY", "80")
+    command = [
+        sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port), "--config", str(config),
+        "--data-dir", str(data_dir), "--database-url", database_url, "--log-level", "warning",
+    ]  # fmt: skip
+    log = scratch / f"server-{port}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        asyncio.run(base.wait_ready(base.Server(process, port, log)))
+        yield port, process.pid
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def bench_database(db: str, port: int, pid: int, stub_port: int, args: argparse.Namespace) -> list[str]:
+    client = Client("127.0.0.1", port)
+    _, data = await client.call("POST", "/v1/assistants", {"model": "gpt-4o", "instructions": "Be brief."})
+    await client.close()
+    assistant_id = json.loads(data)["id"]
+    idle_rss = rss_mib(pid)
+
+    def streamed(model: str) -> Any:
+        return lambda c, i: stream_once(c, assistant_id, model, f"hello {i}")
+
+    def polled(model: str) -> Any:
+        return lambda c, i: poll_once(c, assistant_id, model, f"hello {i}")
+
+    floor = await sequential(stub_port, args.runs, lambda c, i: floor_once(c))
+    base_ms = pct(floor, 0.5)
+    rows = [
+        f"| {db} | floor: streamed completion straight to the stub | {base_ms:.2f} | {pct(floor, 0.95):.2f} | 1.0 | - |"
+    ]
+    for label, model, once in [
+        ("stream, litellm → stub", "gpt-4o", streamed),
+        ("stream, offline model", "offline-bench", streamed),
+        ("create_and_poll, litellm → stub", "gpt-4o", polled),
+        ("create_and_poll, offline model", "offline-bench", polled),
+    ]:
+        samples = await sequential(port, args.runs, once(model))
+        p50 = pct(samples, 0.5)
+        polls = f"{sum(s.polls for s in samples) / len(samples):.2f}" if samples[0].polls else "-"
+        rows.append(
+            f"| {db} | {label} | {p50:.2f} | {pct(samples, 0.95):.2f} | {p50 / base_ms:.1f} "
+            f"(+{p50 - base_ms:.1f} ms) | {polls} |"
+        )
+    load_rows = []
+    for mode, once in [("poll (SDK)", polled("gpt-4o")), ("stream", streamed("gpt-4o"))]:
+        for clients in args.clients:
+            result = await load(port, pid, clients, args.duration, args.load_warmup, once)
+            count = len(result.samples)
+            cpu_ms = result.cpu * 1000 / count if count else float("nan")
+            polls = f"{sum(s.polls for s in result.samples) / count:.2f}" if count and mode != "stream" else "-"
+            load_rows.append(
+                f"| {db} | {mode} | {clients} | **{count / args.duration:.0f}** | {pct(result.samples, 0.5):.1f} | "
+                f"{pct(result.samples, 0.95):.1f} | {polls} | {cpu_ms:.1f} | {result.peak_rss:.0f} | "
+                f"{len(result.errors)} |"
+            )
+    rss_after = rss_mib(pid)
+    return [*rows, "", *load_rows, "", f"{db}: RSS idle {idle_rss:.0f} MiB, after the load {rss_after:.0f} MiB"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--runs", type=int, default=200, help="sequential requests per latency figure")
+    parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
+    parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per load point")
+    parser.add_argument("--load-warmup", type=float, default=1.0)
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
+    args = parser.parse_args()
+    extra_env = dict(item.split("=", 1) for item in args.env)
+    databases = ["sqlite", "postgres"] if args.db == "both" else [args.db]
+    load_before = os.getloadavg()
+    latency, loads, notes = [], [], []
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as name:
+        scratch = Path(name)
+        with stub(scratch) as stub_port:
+            for db in databases:
+                with _database(db, scratch) as url, server(url, scratch, stub_port, extra_env) as (port, pid):
+                    lines = asyncio.run(bench_database(db, port, pid, stub_port, args))
+                    first_blank = lines.index("")
+                    latency += lines[:first_blank]
+                    loads += lines[first_blank + 1 : -2]
+                    notes.append(lines[-1])
+    print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)\n")
+    print("| db | what | p50 ms | p95 ms | p50 / floor | polls/run |\n|---|---|---:|---:|---:|---:|")
+    print("\n".join(latency))
+    print(
+        "\n| db | clients do | clients | runs/s | p50 ms | p95 ms | polls/run | server CPU ms/run | peak RSS MiB "
+        "| errors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    print("\n".join(loads))
+    print("\n" + "\n".join(notes))
+
+
+@contextmanager
+def _database(db: str, scratch: Path) -> Iterator[str]:
+    if db == "sqlite":
+        yield f"sqlite+aiosqlite:///{scratch / 'bench.db'}"
+        return
+    (scratch / "pg").mkdir(exist_ok=True)
+    with base.postgres_url(scratch / "pg") as (url, _postmaster):
+        yield url
+
+
+if __name__ == "__main__":
+    main()
