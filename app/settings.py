@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     model_idle_timeout_seconds: float = 300.0
     # Sent as openai-poll-after-ms on run retrieves; the SDK's pollers obey it.
     poll_after_ms: int = 100
+    # An SDK poller's GET of a run this process is executing (queued, in
+    # progress or cancelling) waits up to this long for the run to stop, so
+    # that create_and_poll needs one poll; 0 answers at once (issue 17).
+    poll_hold_ms: int = 1000
     # A ": ping" comment line on a run's event stream after this long without events.
     stream_keepalive_seconds: float = 15.0
     log_level: str = "info"

@@ -6,10 +6,11 @@ JSON, or with ``"stream": true`` in the body its events as SSE (api/sse.py).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, orm
@@ -17,8 +18,9 @@ from app.api import sse
 from app.api.deps import PageDep, ProjectDep, RuntimeDep, respond
 from app.runtime import Runtime
 from app.services import run_steps, runs
+from app.services.projects import Project
 from app.wire.common import ListPage
-from app.wire.events import Event
+from app.wire.events import TERMINAL_RUN_EVENTS, Event
 from app.wire.runs import Run, RunCreate, RunStep, RunUpdate, SubmitToolOutputs, ThreadAndRunCreate
 
 router = APIRouter(tags=["runs"])
@@ -98,10 +100,51 @@ async def list_runs(thread_id: str, runtime: RuntimeDep, project: ProjectDep, pa
         return respond(await runs.list_(session, project, thread_id, page))
 
 
-@router.get("/threads/{thread_id}/runs/{run_id}", response_model=Run)
-async def retrieve_run(thread_id: str, run_id: str, runtime: RuntimeDep, project: ProjectDep) -> Response:
+# Statuses an SDK poller keeps polling through (wire notes 6.2).
+_STILL_RUNNING = frozenset({"queued", "in_progress", "cancelling"})
+
+
+def _executed_here(runtime: Runtime, run: orm.Run) -> bool:
+    """Whether this process's bus carries the run's next move: its worker
+    holds the run's lease, or will claim it (queued)."""
+    worker = runtime.worker
+    return worker is not None and (run.status == "queued" or run.lease_owner == worker.owner)
+
+
+async def _retrieve_when_stopped(runtime: Runtime, project: Project, thread_id: str, run_id: str) -> orm.Run:
+    """The run, once it stops (its terminal or requires_action event is
+    published) or after ``poll_hold_ms``: what the SDK's poller waits for,
+    answered without its sleep-and-retry rounds. Subscribed before reading,
+    so an event published in between is not missed; no session is held
+    while waiting."""
+    async with runtime.bus.subscribe(run_id) as events:
+        async with runtime.transaction() as session:
+            run = await runs.get(session, project, thread_id, run_id)
+        if run.status not in _STILL_RUNNING or not _executed_here(runtime, run):
+            return run
+        try:
+            async with asyncio.timeout(runtime.settings.poll_hold_ms / 1000):
+                while (await events.get()).name not in TERMINAL_RUN_EVENTS:
+                    pass
+        except TimeoutError:
+            pass
     async with runtime.transaction() as session:
-        run = await runs.get(session, project, thread_id, run_id)
+        return await runs.get(session, project, thread_id, run_id)
+
+
+@router.get("/threads/{thread_id}/runs/{run_id}", response_model=Run)
+async def retrieve_run(
+    thread_id: str,
+    run_id: str,
+    runtime: RuntimeDep,
+    project: ProjectDep,
+    poll_helper: Annotated[str | None, Header(alias="x-stainless-poll-helper", include_in_schema=False)] = None,
+) -> Response:
+    if poll_helper == "true" and runtime.settings.poll_hold_ms > 0:
+        run = await _retrieve_when_stopped(runtime, project, thread_id, run_id)
+    else:
+        async with runtime.transaction() as session:
+            run = await runs.get(session, project, thread_id, run_id)
     return _polled(runs.to_wire(run), runtime.settings.poll_after_ms)
 
 
