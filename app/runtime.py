@@ -8,10 +8,10 @@ embedder here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -28,6 +28,11 @@ if TYPE_CHECKING:
     from app.worker import Worker
 
 
+class Wake(Protocol):
+    def __call__(self, *, files: bool = True) -> None:
+        """New work: runs, and with ``files`` vector store files to ingest."""
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -40,7 +45,7 @@ class Runtime:
     # API key -> project, for the request gate and the console.
     keys: api_keys.KeyRing
     # Set by the worker when one runs in this process, so new runs start at once.
-    wake_worker: Callable[[], None] | None = None
+    wake_worker: Wake | None = None
     # The worker of this process, if any (its heartbeat and sandboxes feed /readyz and /metrics).
     worker: Worker | None = None
     _signals: set[asyncio.Task[None]] = field(default_factory=set)
@@ -92,14 +97,14 @@ class Runtime:
     def announce(self, run_id: str, events: list[Event]) -> None:
         """Publish a committed change of a run and let the worker know."""
         self.bus.publish(run_id, events)
-        self.wake()
+        self.wake(files=False)
 
-    def wake(self) -> None:
+    def wake(self, *, files: bool = True) -> None:
         """There is new work: the worker of this process starts it at once;
         without one (an API replica), PostgreSQL carries the signal to the
         standalone workers (SQLite has no other processes to tell)."""
         if self.wake_worker is not None:
-            self.wake_worker()
+            self.wake_worker(files=files)
         elif not db.is_sqlite(self.settings.resolved_database_url()):
             task = asyncio.get_running_loop().create_task(db.notify_work(self.engine))
             self._signals.add(task)  # keep a reference until it is done

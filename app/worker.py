@@ -59,6 +59,14 @@ class Worker:
         self.owner = f"{socket.gethostname()[:32]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._wakeup = asyncio.Event()
         self._next_reap = 0.0
+        # The ingestion claim is a query of its own: made when a file was
+        # queued (a wake with files) or once per poll interval, not on every
+        # wake (each run wakes the worker twice; issue 17).
+        self._files_queued = True
+        self._next_ingestion = 0.0
+        # The last claim filled every free slot: more runs may be waiting,
+        # so a slot freed by a finished run is worth a claim at once.
+        self._claimed_to_capacity = False
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.builtins = registry.builtin_tools(runtime)
         self.ingestion = ingest.Ingestion(runtime, self.owner, self.wake)
@@ -71,7 +79,10 @@ class Worker:
         self._stopping = False
         self._abandon = asyncio.Event()  # a second stop request: skip the drain
 
-    def wake(self) -> None:
+    def wake(self, *, files: bool = True) -> None:
+        """New work: runs, and with ``files`` vector store files to ingest."""
+        if files:
+            self._files_queued = True
         self._wakeup.set()
 
     @property
@@ -97,7 +108,7 @@ class Worker:
             listener = asyncio.create_task(db.listen_for_work(self.runtime.engine, self.wake), name="listen")
         try:
             while not self._stopping:
-                pause = self.poll_seconds if await self.guarded_tick() else self._backoff()
+                pause = self.poll_seconds if await self.guarded_tick(ingest=self._ingestion_due()) else self._backoff()
                 with suppress(TimeoutError):
                     async with asyncio.timeout(pause):
                         await self._wakeup.wait()
@@ -109,10 +120,19 @@ class Worker:
                     await listener
             await self.shutdown()
 
-    async def guarded_tick(self) -> bool:
+    def _ingestion_due(self) -> bool:
+        """Whether this round claims files to ingest (see ``_files_queued``)."""
+        now = time.monotonic()
+        if not self._files_queued and now < self._next_ingestion:
+            return False
+        self._files_queued = False
+        self._next_ingestion = now + self.poll_seconds
+        return True
+
+    async def guarded_tick(self, *, ingest: bool = True) -> bool:
         """One tick that never raises: False (and last_error set) if it failed."""
         try:
-            await self.tick()
+            await self.tick(ingest=ingest)
         except Exception as error:  # any failure must leave the loop alive
             self._failures += 1
             self.last_error = f"{type(error).__name__}: {error}"
@@ -189,9 +209,10 @@ class Worker:
         elif unfinished:
             log.info("stopped %d runs that had already ended", len(unfinished))
 
-    async def tick(self) -> None:
+    async def tick(self, *, ingest: bool = True) -> None:
         """One round: reap (at most every poll interval: it costs queries and
-        only has work when something lapsed), then fill free slots."""
+        only has work when something lapsed), then fill free slots; with
+        ``ingest``, the free ingestion slots too."""
         if self._unreleased:  # runs stopped by a database error, not handed back yet
             async with self.runtime.transaction() as session:
                 await run_execution.release(session, self.owner, sorted(self._unreleased))
@@ -200,11 +221,14 @@ class Worker:
             await self.reap()
             self._next_reap = time.monotonic() + self.poll_seconds
         free = self.concurrency - len(self._tasks)
+        self._claimed_to_capacity = free <= 0
         if free > 0 and not self._stopping:
-            for run_id in await self.claim(free):
+            claimed = await self.claim(free)
+            self._claimed_to_capacity = len(claimed) == free
+            for run_id in claimed:
                 self._tasks[run_id] = asyncio.create_task(self._execute(run_id), name=f"run {run_id}")
         # Vector store files: after runs, in their own slots (see app/retrieval/ingest.py).
-        if not self._stopping:
+        if ingest and not self._stopping:
             await self.ingestion.tick()
 
     async def run_until_idle(self, limit_seconds: float = 30.0) -> None:
@@ -235,7 +259,8 @@ class Worker:
             with suppress(asyncio.CancelledError):
                 await renewer
             self._tasks.pop(run_id, None)
-            self.wake()  # a slot is free
+            if self._claimed_to_capacity:
+                self.wake(files=False)  # a slot is free for a run that may be waiting
 
     async def claim(self, limit: int) -> list[str]:
         async with self.runtime.transaction() as session:
