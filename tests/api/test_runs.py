@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import httpx2
 import openai
 import pytest
 
@@ -141,3 +142,24 @@ async def test_second_run_on_locked_thread(client: openai.AsyncOpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
         await client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id)
     assert error_of(exc)["message"] == f"Thread {thread.id} already has an active run {run.id}."
+
+
+async def test_create_and_poll_needs_one_poll(client: openai.AsyncOpenAI, http: httpx2.AsyncClient) -> None:
+    """The SDK's poller waits server-side for the run to stop (issue 17)
+    instead of sleeping openai-poll-after-ms between GETs; a plain retrieve
+    of a running run still answers at once."""
+    assistant_id = await _assistant(client)
+    polls: list[str] = []
+
+    async def count_polls(request: httpx2.Request) -> None:
+        if request.method == "GET" and "/runs/" in request.url.path:
+            polls.append(request.headers.get("x-stainless-poll-helper", ""))
+
+    http.event_hooks["request"].append(count_polls)
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "[[tokens 3]] [[delay 100]]"}])
+    run = await client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id)
+    running = await client.beta.threads.runs.retrieve(run.id, thread_id=thread.id)
+    assert running.status in ("queued", "in_progress")
+    run = await client.beta.threads.runs.poll(run.id, thread_id=thread.id)
+    assert run.status == "completed"
+    assert polls == ["", "true"]
