@@ -111,25 +111,28 @@ def _executed_here(runtime: Runtime, run: orm.Run) -> bool:
     return worker is not None and (run.status == "queued" or run.lease_owner == worker.owner)
 
 
-async def _retrieve_when_stopped(runtime: Runtime, project: Project, thread_id: str, run_id: str) -> orm.Run:
+async def _retrieve_when_stopped(runtime: Runtime, project: Project, thread_id: str, run_id: str) -> Run:
     """The run, once it stops (its terminal or requires_action event is
     published) or after ``poll_hold_ms``: what the SDK's poller waits for,
     answered without its sleep-and-retry rounds. Subscribed before reading,
     so an event published in between is not missed; no session is held
-    while waiting."""
+    while waiting. The stopping event carries the committed run as a GET
+    would render it, so it is answered without reading the row again."""
     async with runtime.bus.subscribe(run_id) as events:
         async with runtime.transaction() as session:
             run = await runs.get(session, project, thread_id, run_id)
         if run.status not in _STILL_RUNNING or not _executed_here(runtime, run):
-            return run
+            return runs.to_wire(run)
         try:
             async with asyncio.timeout(runtime.settings.poll_hold_ms / 1000):
-                while (await events.get()).name not in TERMINAL_RUN_EVENTS:
-                    pass
+                while True:
+                    event = await events.get()
+                    if event.name in TERMINAL_RUN_EVENTS and isinstance(event.data, dict):
+                        return Run.model_validate(event.data)
         except TimeoutError:
             pass
     async with runtime.transaction() as session:
-        return await runs.get(session, project, thread_id, run_id)
+        return runs.to_wire(await runs.get(session, project, thread_id, run_id))
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}", response_model=Run)
@@ -141,11 +144,11 @@ async def retrieve_run(
     poll_helper: Annotated[str | None, Header(alias="x-stainless-poll-helper", include_in_schema=False)] = None,
 ) -> Response:
     if poll_helper == "true" and runtime.settings.poll_hold_ms > 0:
-        run = await _retrieve_when_stopped(runtime, project, thread_id, run_id)
+        answer = await _retrieve_when_stopped(runtime, project, thread_id, run_id)
     else:
         async with runtime.transaction() as session:
-            run = await runs.get(session, project, thread_id, run_id)
-    return _polled(runs.to_wire(run), runtime.settings.poll_after_ms)
+            answer = runs.to_wire(await runs.get(session, project, thread_id, run_id))
+    return _polled(answer, runtime.settings.poll_after_ms)
 
 
 @router.post("/threads/{thread_id}/runs/{run_id}", response_model=Run)
