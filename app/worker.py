@@ -89,6 +89,13 @@ class Worker:
     def busy(self) -> int:
         return len(self._tasks)
 
+    async def wait_until_released(self, run_id: str) -> None:
+        """Returns once this worker no longer executes ``run_id`` (its task
+        has ended), without cancelling that execution if the wait is cancelled."""
+        task = self._tasks.get(run_id)
+        if task is not None:
+            await asyncio.wait({task})
+
     def request_stop(self) -> None:
         """Stop claiming and let run_forever() drain and return (a signal
         handler calls this); asked twice, in-flight runs are not waited for."""

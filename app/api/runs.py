@@ -128,6 +128,10 @@ async def _retrieve_when_stopped(runtime: Runtime, project: Project, thread_id: 
                 while True:
                     event = await events.get()
                     if event.name in TERMINAL_RUN_EVENTS and isinstance(event.data, dict):
+                        if runtime.worker is not None:
+                            # The executor publishes just before its task ends:
+                            # answer once the worker counts the run as done too.
+                            await runtime.worker.wait_until_released(run_id)
                         return Run.model_validate(event.data)
         except TimeoutError:
             pass
