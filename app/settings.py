@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     sandbox_tmp_bytes: int = 256 * 1024**2  # size of the private /tmp
     # When the server runs as root, sessions run as uids from here upward.
     sandbox_uid_base: int = 200_000
+    # SQLite: memory for the stores' embedding matrices kept between searches
+    # (float32: 1.5 KiB per 384-d chunk, ~150 MiB per 100k chunks).
+    vector_cache_mib: int = 512
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.retrieval.sqlite_keywords import POSTING_BUDGET, within_budget
+from app.retrieval.sqlite_keywords import within_budget
 
+# Rows scored per query (each reads a chunk's tsvector out of TOAST).
+POSTING_BUDGET = 8_000
 STATS_TTL_SECONDS = 60.0
 # A word absent from most_common_elems is rarer than its least common entry.
 _UNLISTED_SHARE = 0.5
