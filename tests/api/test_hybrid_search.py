@@ -79,3 +79,37 @@ async def test_local_sentence_model_finds_meaning_without_shared_words(
     # No word of the query appears in either document; only meaning links it to the llama text.
     page = await client.vector_stores.search(store_id, query="pack animals of South American mountains")
     assert page.data and page.data[0].file_id == ids["llama.txt"]
+
+
+async def test_the_index_follows_the_store_at_once(client: openai.AsyncOpenAI) -> None:
+    """A file removed from a store leaves its search at once, a new one joins
+    once completed, and filters stay exact; in hybrid mode, so the vector
+    side (SQLite's per-process matrix cache, pgvector on PostgreSQL) is held
+    to it as well as the keyword index."""
+    store_id, ids = await _store(client)
+    for query in ("zebbras savana", "zebras"):  # vectors only / both lists; the first search fills the cache
+        page = await client.vector_stores.search(store_id, query=query)
+        assert page.data and page.data[0].file_id == ids["zebra.txt"]
+    await client.vector_stores.files.delete(ids["zebra.txt"], vector_store_id=store_id)
+    for query in ("zebbras savana", "zebras"):
+        page = await client.vector_stores.search(store_id, query=query)
+        assert ids["zebra.txt"] not in {result.file_id for result in page.data}, query
+
+    okapi = await client.files.create(
+        file=("okapi.txt", b"Okapis browse the Ituri forest at dawn."), purpose="assistants"
+    )
+    attached = await client.vector_stores.files.create_and_poll(
+        file_id=okapi.id, vector_store_id=store_id, attributes={"kind": "forest"}
+    )
+    assert attached.status == "completed"
+    for query in ("okapies iturri", "okapis forest"):
+        page = await client.vector_stores.search(store_id, query=query)
+        assert page.data and page.data[0].file_id == okapi.id, query
+    forest = await client.vector_stores.search(
+        store_id, query="okapies llamas", filters={"type": "eq", "key": "kind", "value": "forest"}
+    )
+    assert [result.file_id for result in forest.data] == [okapi.id]
+    others = await client.vector_stores.search(
+        store_id, query="okapies llamas", filters={"type": "ne", "key": "kind", "value": "forest"}
+    )
+    assert {result.file_id for result in others.data} == {ids["llama.txt"]}

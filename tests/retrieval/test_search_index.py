@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from app import ids, orm
-from app.retrieval import chunking, filters, index
+from app.retrieval import chunking, embed, filters, index, sqlite_keywords, vectors
 from app.retrieval import search as ranking
 from app.runtime import Runtime
 from app.services import projects, vector_stores
@@ -32,35 +32,44 @@ async def runtime(database_url: str, tmp_path: Path) -> AsyncIterator[Runtime]:
         await started.close()
 
 
-async def _store(runtime: Runtime, files: list[tuple[list[str], dict[str, Any]]]) -> tuple[str, list[str]]:
-    """A store whose completed files hold these chunks and attributes."""
-    file_ids = []
+async def _store(
+    runtime: Runtime, files: list[tuple[list[str], dict[str, Any]]], *, embedded: bool = False
+) -> tuple[str, list[str]]:
+    """A store whose completed files hold these chunks and attributes (with
+    hashing embeddings if ``embedded``)."""
     async with runtime.transaction() as session:
         store = vector_stores.new_store(projects.DEFAULT)
         session.add(store)
         await session.flush()
-        for pieces, attributes in files:
-            seq = ids.next_seq()
-            file_id = ids.new_id(ids.FILE, seq)
-            session.add(
-                orm.VectorStoreFile(
-                    vector_store_id=store.id,
-                    file_id=file_id,
-                    seq=seq,
-                    created_at=ids.seconds(seq),
-                    filename=f"{file_id}.txt",
-                    status="completed",
-                    usage_bytes=0,
-                    chunking_strategy=chunking.static(),
-                    attributes=attributes,
-                )
+    return store.id, [await _add_file(runtime, store.id, pieces, attributes, embedded) for pieces, attributes in files]
+
+
+async def _add_file(
+    runtime: Runtime, store_id: str, pieces: list[str], attributes: dict[str, Any], embedded: bool = False
+) -> str:
+    """A completed file of the store holding these chunks."""
+    embeddings = await embed.HashingEmbedder().embed(pieces) if embedded else None
+    async with runtime.transaction() as session:
+        seq = ids.next_seq()
+        file_id = ids.new_id(ids.FILE, seq)
+        session.add(
+            orm.VectorStoreFile(
+                vector_store_id=store_id,
+                file_id=file_id,
+                seq=seq,
+                created_at=ids.seconds(seq),
+                filename=f"{file_id}.txt",
+                status="completed",
+                usage_bytes=0,
+                chunking_strategy=chunking.static(),
+                attributes=attributes,
             )
-            await index.add_chunks(session, store.id, file_id, pieces, None)
-            file_ids.append(file_id)
+        )
+        await index.add_chunks(session, store_id, file_id, pieces, embeddings)
     if runtime.engine.dialect.name == "postgresql":
         async with runtime.transaction() as session:  # word frequencies come from the planner's statistics
             await session.execute(text("ANALYZE vector_store_chunks"))
-    return store.id, file_ids
+    return file_id
 
 
 FILLER = [f"python module reference page number {n} about lists and functions" for n in range(40)]
@@ -150,3 +159,60 @@ async def test_filters_in_sql_agree_with_their_definition(runtime: Runtime) -> N
         }
         assert found == expected, condition
         assert {hit.file_id for hit in hits} == expected, condition
+
+
+async def _nearest_files(runtime: Runtime, store_id: str, query: str) -> list[str]:
+    """Files of the chunks nearest to the query's embedding (the vector side alone)."""
+    query_vector = embed.HashingEmbedder().vector(query)
+    async with runtime.transaction() as session:
+        hits = await vectors.nearest(session, index.Scope([store_id]), query_vector, 10)
+    return [hit.file_id for hit in hits]
+
+
+async def test_vector_search_sees_every_change_of_the_store_at_once(runtime: Runtime) -> None:
+    """SQLite keeps a store's vectors in memory between searches: a chunk
+    added or removed, also by a plain DELETE as another process would run
+    it, must show in the very next search (on PostgreSQL, pgvector's index)."""
+    store_id, (zebra, llama) = await _store(
+        runtime, [(["zebras sleep standing in the savanna"], {}), (["llamas hum in the andes"], {})], embedded=True
+    )
+    assert (await _nearest_files(runtime, store_id, "zebras savanna"))[0] == zebra
+    async with runtime.transaction() as session:
+        await index.remove_chunks(session, store_id, [zebra])
+    assert zebra not in await _nearest_files(runtime, store_id, "zebras savanna")
+    okapi = await _add_file(runtime, store_id, ["okapis browse the ituri forest"], {}, embedded=True)
+    assert (await _nearest_files(runtime, store_id, "okapis ituri"))[0] == okapi
+    async with runtime.transaction() as session:
+        await session.execute(text("DELETE FROM vector_store_chunks WHERE file_id = :file"), {"file": okapi})
+    assert await _nearest_files(runtime, store_id, "okapis ituri") == [llama]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_the_vector_cache_stays_within_its_budget(runtime: Runtime) -> None:
+    store_id, (zebra, _) = await _store(
+        runtime, [(["zebras sleep standing in the savanna"], {}), (["llamas hum in the andes"], {})], embedded=True
+    )
+    try:
+        vectors.set_cache_budget(0)  # nothing kept: each search reads the matrix for itself
+        assert (await _nearest_files(runtime, store_id, "zebras"))[0] == zebra
+        assert vectors.cached_bytes() == 0
+        vectors.set_cache_budget(1024**2)
+        assert (await _nearest_files(runtime, store_id, "zebras"))[0] == zebra
+        assert 0 < vectors.cached_bytes() <= 1024**2
+    finally:
+        vectors.set_cache_budget(runtime.settings.vector_cache_mib * 1024**2)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_word_rarity_is_read_for_the_indexed_stems(runtime: Runtime) -> None:
+    """The candidate budget must see "using" (stemmed "us") as common, not
+    as absent: absent words are the rarest, and would select every chunk."""
+    await _store(runtime, [([f"using tool number {n}" for n in range(6)] + ["a configuration file"], {})])
+    async with runtime.transaction() as session:
+        assert await sqlite_keywords.index_terms(session, ["using", "configuration", "may"]) == {
+            "using": ("us",),
+            "configuration": ("configur",),
+            "may": ("mai",),
+        }
+        counts = await sqlite_keywords.document_counts(session, ["using", "configuration", "zeppelin"])
+    assert counts == {"using": 6, "configuration": 1, "zeppelin": 0}
