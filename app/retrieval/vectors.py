@@ -33,6 +33,7 @@ DEFAULT_CACHE_BYTES = 512 * 1024**2
 # Candidates the HNSW scan gathers before filtering (pgvector's hnsw.ef_search;
 # iterative scanning goes on past it while filtered rows leave fewer than asked).
 EF_SEARCH = 100
+_LOAD_BATCH = 4096
 
 
 @dataclass
@@ -85,7 +86,11 @@ async def nearest(session: AsyncSession, scope: Scope, vector: Sequence[float], 
         matrix = await _store_matrix(session, store_id)
         if matrix is None or matrix.vectors.shape[1] != query.shape[0]:
             continue
-        scores = matrix.vectors @ query
+        # einsum, not BLAS: a matrix-vector product is bound by memory
+        # bandwidth, and OpenBLAS hands it to its threads, which on a busy
+        # machine wait to be scheduled: 8-30 ms for a 2.9k-chunk store whose
+        # product takes 0.05 ms, and a slower median at 100k (22 vs 14 ms).
+        scores = np.einsum("ij,j->i", matrix.vectors, query)
         if scope.condition is not None:
             allowed = await _allowed_files(session, store_id, scope)
             passing = np.fromiter(
@@ -128,32 +133,54 @@ async def _store_matrix(session: AsyncSession, store_id: str) -> _Matrix | None:
         _cache.move_to_end(store_id)
         return cached
     _cache.pop(store_id, None)
-    rows = (
-        await session.execute(
-            text(
-                "SELECT id, file_id, embedding FROM vector_store_chunks "
-                "WHERE vector_store_id = :store AND embedding IS NOT NULL"
-            ),
-            {"store": store_id},
-        )
-    ).all()
-    if not rows:
+    matrix = await _read_matrix(session, store_id, version)
+    if matrix is None:
         return None
-    width = len(rows[0].embedding) // 4
-    rows = [r for r in rows if len(r.embedding) == width * 4]
-    vectors = np.frombuffer(b"".join(r.embedding for r in rows), dtype="<f4").reshape(len(rows), width)
-    file_names, file_codes = np.unique(np.asarray([r.file_id for r in rows], dtype=object), return_inverse=True)
-    matrix = _Matrix(
-        version,
-        np.asarray([r.id for r in rows], dtype=np.int64),
-        file_codes.astype(np.int32),
-        file_names,
-        _normalised(vectors.astype(np.float32)),
-    )
     if matrix.nbytes <= _budget:
         _cache[store_id] = matrix
         _evict()
     return matrix
+
+
+async def _read_matrix(session: AsyncSession, store_id: str, version: int) -> _Matrix | None:
+    """The store's vectors, streamed in batches into one preallocated array and
+    normalised in place: the peak is about the matrix itself (reading all rows
+    at once, then joining and converting them, peaked at ~4x)."""
+    capacity = int(
+        (
+            await session.execute(
+                text("SELECT count(*) FROM vector_store_chunks WHERE vector_store_id = :store"), {"store": store_id}
+            )
+        ).scalar_one()
+    )
+    result = await session.stream(
+        text(
+            "SELECT id, file_id, embedding FROM vector_store_chunks "
+            "WHERE vector_store_id = :store AND embedding IS NOT NULL"
+        ),
+        {"store": store_id},
+    )
+    ids = np.empty(capacity, dtype=np.int64)
+    files: list[str] = []
+    vectors: Any = None
+    filled = 0
+    async for partition in result.partitions(_LOAD_BATCH):
+        if vectors is None:
+            vectors = np.empty((capacity, len(partition[0].embedding) // 4), dtype=np.float32)
+        rows = [r for r in partition if len(r.embedding) == vectors.shape[1] * 4][: capacity - filled]
+        batch = np.frombuffer(b"".join(r.embedding for r in rows), dtype="<f4").reshape(len(rows), vectors.shape[1])
+        vectors[filled : filled + len(rows)] = batch
+        ids[filled : filled + len(rows)] = [r.id for r in rows]
+        files.extend(r.file_id for r in rows)
+        filled += len(rows)
+    if vectors is None or filled == 0:
+        return None
+    vectors = vectors[:filled]
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    vectors /= norms
+    file_names, file_codes = np.unique(np.asarray(files, dtype=object), return_inverse=True)
+    return _Matrix(version, ids[:filled], file_codes.astype(np.int32), file_names, vectors)
 
 
 async def _texts(session: AsyncSession, chunk_ids: list[int]) -> dict[int, str]:
