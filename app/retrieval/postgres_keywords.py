@@ -46,6 +46,9 @@ class _Stats:
     rows: float  # the planner's estimate of the table's rows
 
 
+_CACHED_WORDS = 50_000
+_lexemes: dict[str, tuple[str, ...]] = {}  # query word -> its lexemes
+
 # Per database (a process normally has one), read again after the TTL.
 _stats: dict[str, _Stats] = {}
 
@@ -81,19 +84,31 @@ def _lexeme_literal(lexeme: str) -> str:
     return "'" + lexeme.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
+async def _lexemes_of(session: AsyncSession, words: Sequence[str]) -> list[str]:
+    """The words' lexemes under the 'english' configuration (stop words have
+    none), each word's kept per process: one round trip less per search."""
+    missing = [word for word in dict.fromkeys(words) if word not in _lexemes]
+    if missing:
+        if len(_lexemes) + len(missing) > _CACHED_WORDS:
+            _lexemes.clear()
+        rows = await session.execute(
+            text(
+                "SELECT w.word, tsvector_to_array(to_tsvector('english', w.word)) AS lexemes "
+                "FROM unnest(CAST(:words AS text[])) AS w(word)"
+            ),
+            {"words": missing},
+        )
+        for word, found in rows.all():
+            _lexemes[str(word)] = tuple(str(lexeme) for lexeme in found)
+    return list(dict.fromkeys(lexeme for word in words for lexeme in _lexemes.get(word, ())))
+
+
 async def search(
     session: AsyncSession, where: str, params: dict[str, object], words: Sequence[str], limit: int
 ) -> list[tuple[int, str, str, str, float]]:
     """(chunk id, store id, file id, text, score) of the best ``limit`` chunks;
     ``where`` restricts chunks aliased ``c``."""
-    lexemes = list(
-        (
-            await session.execute(
-                text("SELECT DISTINCT unnest(tsvector_to_array(to_tsvector('english', :words)))"),
-                {"words": " ".join(words)},
-            )
-        ).scalars()
-    )
+    lexemes = await _lexemes_of(session, words)
     if not lexemes:
         return []
     stats = await _frequencies(session)
