@@ -160,12 +160,14 @@ async def search(
     """(chunk id, store id, file id, text, score) of the best ``limit`` chunks;
     ``where`` restricts chunks aliased ``c``."""
     counts = await document_counts(session, words)
-    # FTS5's bm25() gives a word in half the rows or more an IDF of 1e-6 but
-    # still walks its whole posting list to find that out (per query): such
-    # words only cost time ("use", "function", "object" in the Python docs).
+    matched = within_budget(words, counts, POSTING_BUDGET)
+    # bm25() gives a word in half the rows or more an IDF of 1e-6 but still
+    # walks its whole posting list to find that out (per query), so such a
+    # word is left out where it only scores ("use", "function", "object" in
+    # the Python docs); as a selecting word it stays, so the matches are the
+    # same.
     total = await chunk_total(session)
-    scoring = [word for word in words if 2 * counts[word] < total] or list(words)
-    matched = within_budget(scoring, counts, POSTING_BUDGET)
+    scoring = [word for word in words if word in matched or 2 * counts[word] < total]
     # Ranked on ids alone, then the text of the page's rows only (sorting
     # rows with their text made SQLite carry every match's text).
     sql = (

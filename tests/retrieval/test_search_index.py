@@ -207,7 +207,7 @@ async def test_the_vector_cache_stays_within_its_budget(runtime: Runtime) -> Non
 async def test_word_rarity_is_read_for_the_indexed_stems(runtime: Runtime) -> None:
     """The candidate budget must see "using" (stemmed "us") as common, not
     as absent: absent words are the rarest, and would select every chunk."""
-    await _store(runtime, [([f"using tool number {n}" for n in range(6)] + ["a configuration file"], {})])
+    store_id, _ = await _store(runtime, [([f"using tool number {n}" for n in range(6)] + ["a configuration file"], {})])
     async with runtime.transaction() as session:
         assert await sqlite_keywords.index_terms(session, ["using", "configuration", "may"]) == {
             "using": ("us",),
@@ -216,3 +216,6 @@ async def test_word_rarity_is_read_for_the_indexed_stems(runtime: Runtime) -> No
         }
         counts = await sqlite_keywords.document_counts(session, ["using", "configuration", "zeppelin"])
     assert counts == {"using": 6, "configuration": 1, "zeppelin": 0}
+    async with runtime.transaction() as session:  # a word in most chunks still finds them
+        hits = await ranking.search(session, [store_id], ["using zeppelin"], 10)
+    assert len(hits) == 6
