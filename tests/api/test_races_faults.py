@@ -79,10 +79,12 @@ async def test_requests_wait_for_a_locked_sqlite(
     for it (under the busy timeout) and then succeed, reads and writes alike."""
     assistant = await client.beta.assistants.create(model="gpt-4o")
     thread = await client.beta.threads.create()
-    other = sqlite3.connect(make_url(database_url).database or "", isolation_level=None)
+    # Its calls run in a thread: waiting for the lock on the event loop's
+    # thread would stall a server transaction that holds it.
+    other = sqlite3.connect(make_url(database_url).database or "", isolation_level=None, check_same_thread=False)
     try:
         for trial in range(3):
-            other.execute("BEGIN IMMEDIATE")
+            await asyncio.to_thread(other.execute, "BEGIN IMMEDIATE")
             other.execute("UPDATE threads SET metadata = metadata WHERE id = ?", (thread.id,))
             calls: list[Any] = []
             for i in range(5):
@@ -98,7 +100,7 @@ async def test_requests_wait_for_a_locked_sqlite(
             outcomes = await requests
             assert outcomes.refused == [] and len(outcomes.ok) == 15
         run = await client.beta.threads.runs.create(thread.id, assistant_id=assistant.id)
-        other.execute("BEGIN IMMEDIATE")
+        await asyncio.to_thread(other.execute, "BEGIN IMMEDIATE")
         cancel = asyncio.ensure_future(client.beta.threads.runs.cancel(run.id, thread_id=thread.id))
         await asyncio.sleep(0.1)
         other.execute("COMMIT")

@@ -156,11 +156,13 @@ async def runs_table_locked(settings: Settings) -> AsyncIterator[None]:
     if _is_sqlite(settings):
         path = str(make_url(settings.resolved_database_url()).database)
         connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        connection.execute("BEGIN IMMEDIATE")  # the write lock: every writer waits
+        # In a thread: waiting for the lock on the event loop's thread would
+        # stall a server transaction that holds it (a deadlock until the timeout).
+        await asyncio.to_thread(connection.execute, "BEGIN IMMEDIATE")  # the write lock: every writer waits
         try:
             yield
         finally:
-            connection.execute("ROLLBACK")
+            await asyncio.to_thread(connection.execute, "ROLLBACK")
             connection.close()
         return
     postgres = await asyncpg.connect(_asyncpg_dsn(settings))
