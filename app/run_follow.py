@@ -21,9 +21,10 @@ from app.services import run_events
 
 Transaction = Callable[[], AbstractAsyncContextManager[AsyncSession]]
 
-# A follower that is handed nothing reads the log after this long anyway: a
-# safety net for a lost NOTIFY, and how a SQLite process sees runs another
-# process executes. After a read that found entries it looks again soon.
+# A follower that is handed nothing reads the log anyway, at intervals that
+# double from the first to the second while it finds nothing: a safety net
+# for a lost NOTIFY, and how a SQLite process sees runs another process
+# executes. A read that finds entries starts the intervals over.
 POLL_MIN_SECONDS = 0.05
 POLL_MAX_SECONDS = 2.0
 READ_LIMIT = 1000
@@ -44,7 +45,7 @@ class Follower:
         self._held: dict[int, Entry] = {}  # handed over by the bus, not yet in sequence
         self._queue: FollowerQueue | None = None
         self._stack = AsyncExitStack()
-        self._poll = POLL_MAX_SECONDS
+        self._poll = POLL_MIN_SECONDS
         self._interrupted = False
         # Read the log at the first call, unless subscribed before anything
         # after ``after`` could be logged (a stream opened by its own request).

@@ -283,16 +283,21 @@ class RunExecution:
     async def _watch_for_cancel(self) -> None:
         """Returns once the run is being cancelled. In this process the cancel
         request arrives on the bus at once; from elsewhere, through the row."""
+        loop = asyncio.get_running_loop()
         async with self.runtime.bus.subscribe(self.run_id) as events:
+            # A deadline, not a timeout per event: the run's own deltas keep
+            # arriving here, and must not put the row check off forever.
+            check_at = loop.time() + CANCEL_POLL_SECONDS
             while True:
                 try:
-                    async with asyncio.timeout(CANCEL_POLL_SECONDS):
+                    async with asyncio.timeout_at(check_at):
                         event = await events.get()
                 except TimeoutError:
                     # Shielded: cancelling this watcher must not cut a
                     # database read short (the connection would be dropped).
                     if await asyncio.shield(self._cancel_requested()):
                         return
+                    check_at = loop.time() + CANCEL_POLL_SECONDS
                 else:
                     if event.name in STOPPING_EVENTS:
                         return
