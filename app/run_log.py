@@ -28,11 +28,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.bus import Entry, EventBus
@@ -79,6 +77,7 @@ class RunLog:
         self._buffer: dict[str, list[tuple[int | None, Event]]] = {}
         self._dirty = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._channel = RUN_EVENTS_CHANNEL if postgres else None
         self.flushes = 0  # counters for the benchmark and /metrics-minded readers
         self.flushed_rows = 0
 
@@ -104,29 +103,31 @@ class RunLog:
         the run's next sequence number (an executor starting a run)."""
         if self.postgres:  # a SQLite transaction holds the write lock already
             await run_events.lock(session, [run_id])
-        last = (await run_events.last_seqs(session, [run_id]))[run_id]
         drained = self._buffer.pop(run_id, [])
-        rows, undelivered = self._number(run_id, last, drained)
-        entries = [Entry(last + len(drained) + 1 + offset, event) for offset, event in enumerate(events)]
-        await run_events.insert_rows(session, rows + [(run_id, entry.seq, entry.event) for entry in entries])
-        if self.postgres and (rows or entries):
-            await _notify(session, [run_id])
-        self._remember(run_id, last + len(rows) + len(entries) + 1)
+        batch = [event for _seq, event in drained] + list(events)
+        if batch:
+            first = (await run_events.insert(session, {run_id: batch}, notify=self._channel))[run_id]
+        else:  # an executor starting a run: where its deltas will go on
+            first = (await run_events.last_seqs(session, [run_id]))[run_id] + 1
+        _rows, undelivered = self._number(run_id, first, drained)
+        entries = [Entry(first + len(drained) + offset, event) for offset, event in enumerate(events)]
+        self._remember(run_id, first + len(batch))
         pending: list[_Pending] = session.info.setdefault(_SESSION_KEY, [])
         pending.append(_Pending(run_id, list(events), undelivered + entries, drained))
         return entries
 
     def _number(
-        self, run_id: str, last: int, buffered: list[tuple[int | None, Event]]
+        self, run_id: str, first: int, buffered: list[tuple[int | None, Event]]
     ) -> tuple[list[tuple[str, int, Event]], list[Entry]]:
-        """Rows for buffered deltas, numbered after ``last``, and the entries
-        followers have not been handed yet (all of them unless delivered early)."""
-        rows = [(run_id, last + 1 + offset, event) for offset, (_seq, event) in enumerate(buffered)]
-        if buffered and buffered[0][0] not in (None, last + 1):
+        """The seqs the buffered deltas were written with (from ``first``), and
+        the entries followers have not been handed yet (all of them unless
+        delivered early)."""
+        rows = [(run_id, first + offset, event) for offset, (_seq, event) in enumerate(buffered)]
+        if buffered and buffered[0][0] not in (None, first):
             # Only when several processes write one run's log on SQLite, which
             # streams do not support (README, deployment): its followers here
             # may have seen different ids for these deltas.
-            log.warning("run %s: its event log was written elsewhere; renumbering from %d", run_id, last + 1)
+            log.warning("run %s: its event log was written elsewhere; renumbered from %d", run_id, first)
         undelivered = [
             Entry(seq, event)
             for (_run, seq, event), (predicted, _event) in zip(rows, buffered, strict=True)
@@ -192,15 +193,13 @@ class RunLog:
                 # either went before (and drained) or waits for this commit.
                 live = set(await run_events.lock(session, wanted, live_only=True))
                 drained = {run_id: self._buffer.pop(run_id) for run_id in wanted if run_id in self._buffer}
-                lasts = await run_events.last_seqs(session, sorted(live & set(drained)))
-                for run_id, last in lasts.items():
-                    numbered, undelivered = self._number(run_id, last, drained[run_id])
+                batches = {run_id: [event for _seq, event in drained[run_id]] for run_id in sorted(live & set(drained))}
+                firsts = await run_events.insert(session, batches, notify=self._channel)
+                for run_id, first in firsts.items():
+                    numbered, undelivered = self._number(run_id, first, drained[run_id])
                     rows += numbered
-                    self._remember(run_id, last + len(numbered) + 1)
+                    self._remember(run_id, first + len(numbered))
                     delivered.append((run_id, undelivered))
-                await run_events.insert_rows(session, rows)
-                if self.postgres and lasts:
-                    await _notify(session, sorted(lasts))
         except BaseException:
             for run_id, items in drained.items():
                 self._buffer[run_id] = items + self._buffer.get(run_id, [])
@@ -221,14 +220,6 @@ class RunLog:
                 await self._flusher
         with suppress(Exception):
             await self.flush()
-
-
-async def _notify(session: AsyncSession, run_ids: Sequence[str]) -> None:
-    """Sent when the transaction commits (PostgreSQL holds it until then)."""
-    await session.execute(
-        text("SELECT pg_notify(:channel, run_id) FROM unnest(CAST(:run_ids AS text[])) AS run_id"),
-        {"channel": RUN_EVENTS_CHANNEL, "run_ids": list(run_ids)},
-    )
 
 
 async def listen(engine: AsyncEngine, bus: EventBus, retry_seconds: float = 1.0) -> None:

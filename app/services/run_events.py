@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, select, text
+from sqlalchemy import insert as sql_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import ids, orm
@@ -30,7 +31,9 @@ async def lock(session: AsyncSession, run_ids: Sequence[str], *, live_only: bool
     SQLite, whose transactions hold the write lock); returns the runs found.
     ``live_only`` leaves out runs that have ended (their executor's late
     deltas are dropped)."""
-    query = select(orm.Run.id).where(orm.Run.id.in_(run_ids)).order_by(orm.Run.id).with_for_update()
+    # NO KEY UPDATE: appends exclude each other, but the executor's inserts
+    # of steps and messages (whose foreign keys share-lock the run) go on.
+    query = select(orm.Run.id).where(orm.Run.id.in_(run_ids)).order_by(orm.Run.id).with_for_update(key_share=True)
     if live_only:
         query = query.where(orm.Run.status.in_(("in_progress", "cancelling")))
     return list((await session.scalars(query)).all())
@@ -47,16 +50,70 @@ async def last_seqs(session: AsyncSession, run_ids: Sequence[str]) -> dict[str, 
     return {run_id: found.get(run_id, 0) for run_id in run_ids}
 
 
-async def insert_rows(session: AsyncSession, rows: list[tuple[str, int, Event]]) -> None:
-    """One multi-row INSERT of (run_id, seq, event)."""
-    if not rows:
-        return
+async def insert(
+    session: AsyncSession, batches: dict[str, list[Event]], *, notify: str | None = None
+) -> dict[str, int]:
+    """Append each run's events after its last logged one (call under
+    lock()); returns the first ``seq`` given to each run's events. With
+    ``notify`` (PostgreSQL), a NOTIFY on that channel per run, sent when the
+    transaction commits.
+
+    On PostgreSQL one statement numbers, inserts and notifies (each
+    statement sees what committed before it, so under the lock ``max(seq)``
+    is the log's end); on SQLite, whose transactions are serial and local,
+    a read of the ends then one multi-row INSERT."""
+    batches = {run_id: events for run_id, events in batches.items() if events}
+    if not batches:
+        return {}
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        return await _insert_postgres(session, batches, notify)
+    firsts = {run_id: last + 1 for run_id, last in (await last_seqs(session, sorted(batches))).items()}
     now = time.time()
     values = [
-        {"run_id": run_id, "seq": seq, "event": event.name, "data": _payload(event), "created_at": now}
-        for run_id, seq, event in rows
+        {"run_id": run_id, "seq": firsts[run_id] + n, "event": event.name, "data": _payload(event), "created_at": now}
+        for run_id, events in batches.items()
+        for n, event in enumerate(events)
     ]
-    await session.execute(insert(orm.RunEvent), values)
+    await session.execute(sql_insert(orm.RunEvent), values)
+    return firsts
+
+
+_INSERT_POSTGRES = text(
+    """
+    WITH v AS (
+        SELECT * FROM unnest(
+            CAST(:run_ids AS text[]), CAST(:ns AS int[]), CAST(:names AS text[]), CAST(:datas AS text[])
+        ) AS v(run_id, n, event, data)
+    ), ins AS (
+        INSERT INTO run_events (run_id, seq, event, data, created_at)
+        SELECT v.run_id,
+               (SELECT coalesce(max(e.seq), 0) FROM run_events e WHERE e.run_id = v.run_id) + v.n,
+               v.event, CAST(v.data AS jsonb), :now
+        FROM v
+        RETURNING run_id, seq
+    )
+    SELECT run_id, min(seq) AS first, CASE WHEN :notify = '' THEN '' ELSE pg_notify(:notify, run_id) END
+    FROM ins GROUP BY run_id
+    """
+)
+
+
+async def _insert_postgres(
+    session: AsyncSession, batches: dict[str, list[Event]], notify: str | None
+) -> dict[str, int]:
+    params: dict[str, Any] = {"run_ids": [], "ns": [], "names": [], "datas": [], "now": time.time()}
+    for run_id, events in batches.items():
+        for n, event in enumerate(events, start=1):
+            params["run_ids"].append(run_id)
+            params["ns"].append(n)
+            params["names"].append(event.name)
+            params["datas"].append(_ENCODE(_payload(event)))
+    params["notify"] = notify or ""
+    rows = (await session.execute(_INSERT_POSTGRES, params)).all()
+    return {str(row[0]): int(row[1]) for row in rows}
+
+
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _payload(event: Event) -> dict[str, Any]:
