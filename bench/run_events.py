@@ -251,7 +251,8 @@ async def latency(args: argparse.Namespace, scratch: Path, pg_url: str) -> None:
         gaps = [gap for s in served for gap in s.gaps]
         print(f"\n[{label}] {args.repeats} sequential streams, {args.tokens} tokens {args.delay_ms:g} ms apart")
         print(
-            f"  TTFT  p50 {_ms(ttft, 0.5):6.1f} ms  p95 {_ms(ttft, 0.95):6.1f} ms (the model's own: {args.delay_ms:g} ms)"
+            f"  TTFT  p50 {_ms(ttft, 0.5):6.1f} ms  p95 {_ms(ttft, 0.95):6.1f} ms",
+            f"(the model's own: {args.delay_ms:g} ms)",
         )
         print(f"  gaps  p50 {_ms(gaps, 0.5):6.1f} ms  p95 {_ms(gaps, 0.95):6.1f} ms   (load {_load()})")
 
@@ -292,7 +293,8 @@ async def fanout(args: argparse.Namespace, scratch: Path, pg_url: str) -> None:
     print(f"  TTFT  p50 {_ms(ttft, 0.5):7.1f} ms  p95 {_ms(ttft, 0.95):7.1f} ms  max {_ms(ttft, 1.0):7.1f} ms")
     print(f"  gaps  p50 {_ms(gaps, 0.5):7.1f} ms  p95 {_ms(gaps, 0.95):7.1f} ms  max {_ms(gaps, 1.0):7.1f} ms")
     print(
-        f"  replica RSS before {', '.join(f'{v:.0f}' for v in rss_before)} MiB, peak {', '.join(f'{v:.0f}' for v in peak)} MiB"
+        f"  replica RSS before {', '.join(f'{v:.0f}' for v in rss_before)} MiB,",
+        f"peak {', '.join(f'{v:.0f}' for v in peak)} MiB",
     )
     print(f"  load average after: {_load()}")
 
