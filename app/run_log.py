@@ -9,8 +9,9 @@ Two ways in:
   calls ``committed()``).
 - ``publish(run_id, events)``: the deltas between commits (message and
   step deltas). They are buffered and written by one flusher task per
-  process: at once when it is idle, then at most every
-  ``run_events_flush_seconds``, all runs' deltas in one multi-row INSERT. An
+  process, all runs' deltas in one multi-row INSERT, at most every
+  ``run_events_flush_seconds``: on PostgreSQL at once when it is idle (other
+  processes wait for them), on SQLite only after that pause. An
   append drains the run's buffer first, in its own transaction, so the log
   never has a hole that a later commit could jump.
 
@@ -201,15 +202,20 @@ class RunLog:
     async def _flush_forever(self) -> None:
         while True:
             await self._dirty.wait()
+            if self.deliver_early:
+                # SQLite: followers here have the deltas already, so writing
+                # waits for more (a short run's go with its final commit).
+                await asyncio.sleep(self.flush_seconds)
             self._dirty.clear()
             try:
                 await self.flush()
             except Exception as error:  # the buffer is kept; the next round retries
                 log.warning("writing run events failed (%s); retrying", error)
                 self._dirty.set()
-            # Leading edge: the first delta after a pause is written at once;
+            # On PostgreSQL the first delta after a pause is written at once;
             # the ones that follow it gather for this long (one INSERT for all).
-            await asyncio.sleep(self.flush_seconds)
+            if not self.deliver_early:
+                await asyncio.sleep(self.flush_seconds)
 
     async def flush(self) -> None:
         """Write every buffered delta, all runs in one transaction."""

@@ -234,7 +234,7 @@ async def latency(args: argparse.Namespace, scratch: Path, pg_url: str) -> None:
         ("PostgreSQL, worker in the serving process", pg_url, True, 0),
         ("PostgreSQL, replica + standalone worker", pg_url, False, 1),
     ]
-    for label, url, embedded, workers in setups:
+    for label, url, embedded, workers in [setup for index, setup in enumerate(setups) if index in args.setups]:
         cluster = Cluster(url, scratch / "files", 8)
         await cluster.start(1, workers, embedded)
         try:
@@ -327,6 +327,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=50)
     parser.add_argument("--delay-ms", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--setups", type=int, nargs="+", default=[0, 1, 2], help="latency: which (0 1 2)")
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--embedded", action="store_true", help="fanout: one serve with its worker instead")
     args = parser.parse_args()
