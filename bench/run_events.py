@@ -72,19 +72,19 @@ class BusOnlyLog(RunLog):
 
 
 async def _make_runs(runtime: Runtime, count: int, prompt: str) -> list[str]:
-    from app.services import assistants, runs
+    from app.services import assistants, projects, runs
     from app.wire.assistants import AssistantCreate
     from app.wire.runs import ThreadAndRunCreate
 
     run_ids = []
     async with runtime.transaction() as session:
-        assistant = await assistants.create(session, AssistantCreate(model="gpt-4o"))
+        assistant = await assistants.create(session, projects.DEFAULT, AssistantCreate(model="gpt-4o"))
     for _ in range(count):
         async with runtime.transaction() as session:
             body = ThreadAndRunCreate.model_validate(
                 {"assistant_id": assistant.id, "thread": {"messages": [{"role": "user", "content": prompt}]}}
             )
-            _thread, run, _events = await runs.create_thread_and_run(session, body, expires_in=600)
+            _thread, run, _events = await runs.create_thread_and_run(session, projects.DEFAULT, body, expires_in=600)
             run_ids.append(run.id)
     return run_ids
 

@@ -1,7 +1,7 @@
 """run events: every run's stream events, in order, for SSE from any replica
 
 Revision ID: 0008_run_events
-Revises: 0007_model_requests
+Revises: 0009_projects
 Create Date: 2026-11-29
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0008_run_events"
-down_revision = "0007_model_requests"
+down_revision = "0009_projects"
 branch_labels = None
 depends_on = None
 
