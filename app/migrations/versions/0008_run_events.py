@@ -1,7 +1,7 @@
 """run events: every run's stream events, in order, for SSE from any replica
 
 Revision ID: 0008_run_events
-Revises: 0009_projects
+Revises: 0011_search_index
 Create Date: 2026-11-29
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0008_run_events"
-down_revision = "0009_projects"
+down_revision = "0011_search_index"
 branch_labels = None
 depends_on = None
 
