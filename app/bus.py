@@ -1,9 +1,18 @@
-"""EventBus: fan-out of run events to whoever is listening (SSE streams, tests).
+"""EventBus: in-process fan-out of run events. Topics are run ids.
 
-In-process for now: the executor and the HTTP server share one process when
-the worker runs inside `serve`. Topics are run ids. Publishing never blocks
-and never fails the publisher; a subscriber that stops reading only loses
-its own events.
+Two kinds of subscribers:
+
+- ``subscribe()``: the events as they happen in this process (the
+  executor's cancel watcher), and ``taps`` that see every batch (metrics and
+  the failed-run log, app/observability). Each event reaches them once, in
+  the process that made it.
+- ``follow()``: the run's *logged* events with their sequence numbers
+  (app/run_log.py), for streams. Besides entries a follower's queue gets
+  ``None``, a nudge that says "the log has news you were not handed" (a
+  PostgreSQL NOTIFY from another process, or a shutdown): it reads the log.
+
+Publishing never blocks and never fails the publisher; a subscriber that
+stops reading only loses its own events.
 """
 
 from __future__ import annotations
@@ -11,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from app.wire.events import Event
 
@@ -23,9 +33,23 @@ log = logging.getLogger("app.bus")
 Tap = Callable[[str, list[Event]], None]
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One logged event of a run: its sequence number in the run's log (from
+    1, the SSE ``id:``) and the event."""
+
+    seq: int
+    event: Event
+
+
+# What a follower's queue carries: logged entries, or None for "read the log".
+FollowerQueue = asyncio.Queue[Sequence[Entry] | None]
+
+
 class EventBus:
     def __init__(self) -> None:
         self._subscribers: defaultdict[str, set[asyncio.Queue[Event]]] = defaultdict(set)
+        self._followers: defaultdict[str, set[FollowerQueue]] = defaultdict(set)
         self.taps: list[Tap] = []
 
     def publish(self, topic: str, events: list[Event]) -> None:
@@ -38,6 +62,24 @@ class EventBus:
             for event in events:
                 queue.put_nowait(event)
 
+    def deliver(self, topic: str, entries: Sequence[Entry]) -> None:
+        """Hand logged entries to the run's followers in this process."""
+        if entries:
+            for queue in list(self._followers.get(topic, ())):
+                queue.put_nowait(entries)
+
+    def nudge(self, topic: str) -> None:
+        """Tell the run's followers that its log has entries they were not handed."""
+        for queue in list(self._followers.get(topic, ())):
+            queue.put_nowait(None)
+
+    def nudge_all(self) -> None:
+        for topic in list(self._followers):
+            self.nudge(topic)
+
+    def following(self, topic: str) -> bool:
+        return bool(self._followers.get(topic))
+
     @asynccontextmanager
     async def subscribe(self, topic: str) -> AsyncIterator[asyncio.Queue[Event]]:
         """Subscribe before triggering the work whose events you want."""
@@ -49,3 +91,14 @@ class EventBus:
             self._subscribers[topic].discard(queue)
             if not self._subscribers[topic]:
                 del self._subscribers[topic]
+
+    @asynccontextmanager
+    async def follow(self, topic: str) -> AsyncIterator[FollowerQueue]:
+        queue: FollowerQueue = asyncio.Queue()
+        self._followers[topic].add(queue)
+        try:
+            yield queue
+        finally:
+            self._followers[topic].discard(queue)
+            if not self._followers[topic]:
+                del self._followers[topic]

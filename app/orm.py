@@ -307,3 +307,19 @@ class ModelRequest(Base):
     model: Mapped[str] = mapped_column(Text)
     request: Mapped[dict[str, Any]] = mapped_column(JSONType)
     response: Mapped[dict[str, Any]] = mapped_column(JSONType)
+
+
+class RunEvent(Base):
+    """One stream event of a run, in order (issue 11): what SSE serves, on
+    any replica, from any sequence number. ``seq`` counts from 1 per run;
+    ``data`` is the event's payload as sent on the wire. Pruned some time
+    after the run ends (app/services/run_events.py)."""
+
+    __tablename__ = "run_events"
+    __table_args__ = (Index("ix_run_events_created_at", "created_at"),)
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    event: Mapped[str] = mapped_column(String(48))
+    data: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    created_at: Mapped[float] = mapped_column(Float)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app import cassettes, db
+from app import cassettes, db, run_log
 from app.bus import EventBus
 from app.llm import LLM, Exchange
 from app.observability.metrics import Metrics
@@ -23,7 +23,6 @@ from app.retrieval import vectors
 from app.services import api_keys, model_requests
 from app.settings import Settings
 from app.storage import Storage
-from app.wire.events import Event
 
 if TYPE_CHECKING:
     from app.worker import Worker
@@ -45,11 +44,14 @@ class Runtime:
     metrics: Metrics
     # API key -> project, for the request gate and the console.
     keys: api_keys.KeyRing
+    # Every run event, logged (app/run_log.py); built by start().
+    run_log: run_log.RunLog
     # Set by the worker when one runs in this process, so new runs start at once.
     wake_worker: Wake | None = None
     # The worker of this process, if any (its heartbeat and sandboxes feed /readyz and /metrics).
     worker: Worker | None = None
     _signals: set[asyncio.Task[None]] = field(default_factory=set)
+    _listener: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -62,16 +64,24 @@ class Runtime:
         bus.taps.append(metrics.runs.observe)
         llm = LLM.from_config(settings.llm_config, replaying=settings.llm_replay is not None)
         llm.metrics_observer = metrics.observe_model_call
+        sessionmaker = db.create_sessionmaker(engine)
+        postgres = not db.is_sqlite(settings.resolved_database_url())
         runtime = cls(
             settings=settings,
             engine=engine,
-            sessionmaker=db.create_sessionmaker(engine),
+            sessionmaker=sessionmaker,
             storage=Storage(settings.files_dir),
             bus=bus,
             llm=llm,
             metrics=metrics,
             keys=api_keys.KeyRing(engine, settings.api_keys, settings.key_cache_seconds),
+            run_log=run_log.RunLog(
+                bus, sessionmaker, postgres=postgres, flush_seconds=settings.run_events_flush_seconds
+            ),
         )
+        if postgres:
+            # Streams here follow runs that other processes execute.
+            runtime._listener = asyncio.create_task(run_log.listen(engine, bus), name="run-events-listener")
         if settings.llm_replay is not None:
             runtime.llm.cassettes = cassettes.Cassettes(settings.llm_replay, "replay")
         elif settings.llm_record is not None:
@@ -94,12 +104,12 @@ class Runtime:
         self.wake_worker = worker.wake
 
     async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._listener
+        await self.run_log.close()
         await self.engine.dispose()
-
-    def announce(self, run_id: str, events: list[Event]) -> None:
-        """Publish a committed change of a run and let the worker know."""
-        self.bus.publish(run_id, events)
-        self.wake(files=False)
 
     def wake(self, *, files: bool = True) -> None:
         """There is new work: the worker of this process starts it at once;
@@ -115,5 +125,11 @@ class Runtime:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """One short unit of work: commits on success, rolls back on error."""
-        async with self.sessionmaker() as session, session.begin():
-            yield session
+        async with self.sessionmaker() as session:
+            try:
+                async with session.begin():
+                    yield session
+            except BaseException:
+                self.run_log.rolled_back(session)
+                raise
+            self.run_log.committed(session)  # the run events it logged reach streams now

@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     poll_hold_ms: int = 1000
     # A ": ping" comment line on a run's event stream after this long without events.
     stream_keepalive_seconds: float = 15.0
+    # The run event log (issue 11, app/run_log.py): deltas between state
+    # changes are written at most this often, one INSERT for all runs; a
+    # finished run's log is kept this long (then pruned by the worker).
+    run_events_flush_seconds: float = 0.02
+    run_events_retention_seconds: float = 24 * 3600.0
     log_level: str = "info"
     # Keep every completion a run asks for (request and answer) in the
     # model-request log (admin API, pytest plugin, console).

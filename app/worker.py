@@ -32,7 +32,7 @@ from app.retrieval import ingest
 from app.runner import execute
 from app.runner.tools import registry
 from app.runtime import Runtime
-from app.services import run_execution, runs
+from app.services import run_events, run_execution, runs
 from app.wire.events import Event
 
 log = logging.getLogger("app.worker")
@@ -42,6 +42,9 @@ INTERRUPTED = {
     "message": "The run was interrupted because the worker executing it stopped (crash or restart), "
     "and it could not be resumed before it expired. Create a new run to continue.",
 }
+
+# How often the worker looks for run event logs past their retention.
+PRUNE_SECONDS = 60.0
 
 # First pause after a failed loop iteration; doubles up to the setting's cap.
 FIRST_BACKOFF_SECONDS = 0.05
@@ -67,6 +70,7 @@ class Worker:
         # The last claim filled every free slot: more runs may be waiting,
         # so a slot freed by a finished run is worth a claim at once.
         self._claimed_to_capacity = False
+        self._next_prune = 0.0
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.builtins = registry.builtin_tools(runtime)
         self.ingestion = ingest.Ingestion(runtime, self.owner, self.wake)
@@ -227,6 +231,8 @@ class Worker:
         if time.monotonic() >= self._next_reap:
             await self.reap()
             self._next_reap = time.monotonic() + self.poll_seconds
+        if time.monotonic() >= self._next_prune:
+            await self.prune_run_events()
         free = self.concurrency - len(self._tasks)
         self._claimed_to_capacity = free <= 0
         if free > 0 and not self._stopping:
@@ -297,6 +303,18 @@ class Worker:
                     task.cancel()
                 return
 
+    async def prune_run_events(self) -> None:
+        """Delete the event logs of runs that ended longer ago than the
+        retention (issue 11), a batch per tick until none is left, then
+        look again after PRUNE_SECONDS."""
+        older_than = time.time() - self.runtime.settings.run_events_retention_seconds
+        async with self.runtime.transaction() as session:
+            deleted = await run_events.prune(session, older_than)
+        if deleted:
+            log.info("pruned %d run events of runs ended before the retention", deleted)
+        else:
+            self._next_prune = time.monotonic() + PRUNE_SECONDS
+
     async def reap(self) -> None:
         """End runs nobody can finish: cancels whose executor is gone, runs
         whose worker died too late to resume them, and runs past expires_at
@@ -313,6 +331,6 @@ class Worker:
             for run in found.overdue:
                 if run.id not in events:
                     events[run.id] = await runs.close_out(session, run, "expired")
-        for run_id, run_events in events.items():
-            log.debug("run %s ended by the reaper: %s", run_id, run_events[-1].name)
-            self.runtime.bus.publish(run_id, run_events)
+            for run_id, ending in events.items():
+                log.debug("run %s ended by the reaper: %s", run_id, ending[-1].name)
+                await self.runtime.run_log.append(session, run_id, ending)

@@ -259,9 +259,6 @@ def test_standalone_worker_executes_an_api_replicas_runs(tmp_path: Path, databas
             assistant_id=assistant.id, thread={"messages": [{"role": "user", "content": "hello"}]}
         )
         assert sdk.beta.threads.runs.retrieve(run.id, thread_id=run.thread_id).status == "queued"
-        # This replica executes no runs, so it cannot stream one: a clear 400, not a silent stream.
-        with pytest.raises(openai.BadRequestError, match="standalone workers"):
-            sdk.beta.threads.create_and_run(assistant_id=assistant.id, stream=True)
         # On PostgreSQL the API's NOTIFY wakes the worker; SQLite has only polling.
         poll = "0.05" if not database_args else "600"
         worker = _start_worker(tmp_path, data, clean_env(ASSISTANTS_WORKER_POLL_SECONDS=poll))
@@ -273,6 +270,11 @@ def test_standalone_worker_executes_an_api_replicas_runs(tmp_path: Path, databas
                 thread_id=run.thread_id, assistant_id=assistant.id, poll_interval_ms=20
             )
             assert second.status == "completed", second.last_error
+            # This replica executes no runs, yet streams them, from the run event log (issue 11).
+            with sdk.beta.threads.runs.stream(thread_id=run.thread_id, assistant_id=assistant.id) as stream:
+                stream.until_done()
+                assert stream.get_final_run().status == "completed"
+                assert [m.role for m in stream.get_final_messages()] == ["assistant"]
         finally:
             worker.send_signal(signal.SIGTERM)
             assert worker.wait(timeout=STOP_TIMEOUT) == 0

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api import assistants, chat, embeddings, files, messages, models, runs, threads, vector_stores
+from app.api import (
+    assistants,
+    chat,
+    embeddings,
+    files,
+    messages,
+    models,
+    run_events,
+    runs,
+    threads,
+    vector_stores,
+)
 
 # OpenAI's own paths, Azure's (AzureOpenAI puts /openai before every path) and
 # Azure's newer v1 surface.
@@ -15,6 +26,6 @@ API_PREFIXES = ("/v1", "/openai", "/openai/v1")
 def build_router() -> APIRouter:
     router = APIRouter()
     # runs before threads: POST /threads/runs must not match POST /threads/{thread_id}.
-    for module in (assistants, runs, threads, messages, files, vector_stores, chat, embeddings, models):
+    for module in (assistants, runs, run_events, threads, messages, files, vector_stores, chat, embeddings, models):
         router.include_router(module.router)
     return router

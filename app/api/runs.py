@@ -1,7 +1,8 @@
 """/threads/{thread_id}/runs, /threads/runs and run steps.
 
 Create run, create thread-and-run and submit_tool_outputs answer the run as
-JSON, or with ``"stream": true`` in the body its events as SSE (api/sse.py).
+JSON, or with ``"stream": true`` in the body its events as SSE (api/sse.py),
+on any replica, with or without a worker in its process.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import errors, orm
+from app import orm
 from app.api import sse
 from app.api.deps import PageDep, ProjectDep, RuntimeDep, respond
+from app.run_follow import Follower
 from app.runtime import Runtime
 from app.services import run_steps, runs
 from app.services.projects import Project
@@ -39,33 +41,30 @@ QueueRun = Callable[[AsyncSession], Awaitable[tuple[orm.Run, list[Event]]]]
 
 
 async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) -> Response:
-    """Commit ``change`` and wake the worker; answer the run, or stream it.
+    """Commit ``change`` with its events logged and wake the workers; answer
+    the run, or stream it.
 
-    A stream subscribes to the run inside the transaction, before the commit
-    makes the run visible to a worker: every event from then on reaches it
-    (wire notes 3.4). Errors raised by ``change`` are ordinary JSON errors.
+    A stream follows the run's log (whichever process executes it) from the
+    events this transaction logged, subscribed before the commit makes the
+    run visible to a worker, so it reads the log only when another process
+    writes (wire notes 3.4). Errors raised by ``change`` are ordinary JSON errors.
     """
-    if stream and runtime.wake_worker is None:
-        # Events travel on this process's bus only: with the runs executed by
-        # standalone workers elsewhere, a stream here would never see them.
-        raise errors.invalid(
-            "Streaming is not available on this server: its runs are executed by standalone workers "
-            "(ASSISTANTS_EMBEDDED_WORKER=false). Create the run without 'stream' and poll it.",
-            param="stream",
-        )
-    events_of_run = sse.RunEvents(runtime.bus)
+    follower: Follower | None = None
     try:
         async with runtime.transaction() as session:
             run, events = await change(session)
+            opening = await runtime.run_log.append(session, run.id, events)
             if stream:
-                await events_of_run.follow(run.id)
+                follower = Follower(runtime.bus, runtime.transaction, run.id, opening[-1].seq, read_first=False)
+                await follower.open()
     except BaseException:
-        await events_of_run.close()
+        if follower is not None:
+            await follower.close()
         raise
-    runtime.announce(run.id, events)
-    if not stream:
+    runtime.wake(files=False)
+    if follower is None:
         return respond(runs.to_wire(run))
-    return events_of_run.response(events, keepalive=runtime.settings.stream_keepalive_seconds)
+    return sse.RunStream(follower, opening, keepalive=runtime.settings.stream_keepalive_seconds)
 
 
 @router.post("/threads/{thread_id}/runs", response_model=Run)
@@ -167,7 +166,8 @@ async def update_run(
 async def cancel_run(thread_id: str, run_id: str, runtime: RuntimeDep, project: ProjectDep) -> Response:
     async with runtime.transaction() as session:
         answer, events = await runs.cancel(session, project, thread_id, run_id)
-    runtime.announce(run_id, events)
+        await runtime.run_log.append(session, run_id, events)
+    runtime.wake(files=False)
     return respond(answer)
 
 

@@ -1,12 +1,14 @@
 """Server-Sent Events for streamed runs: the only SSE code (wire notes section 3).
 
-A streamed request subscribes to its run's topic on the bus *before* the
-transaction that queues the run commits, so not one event can slip past it
-(``RunEvents.follow``). The response then sends the events the service
-returned (``thread.created``, ``thread.run.created``, ``thread.run.queued``,
-or the continuation's ``step.completed`` + ``queued``), relays what the
-executor publishes until the run stops for this stream (requires_action or
-a final state), and ends with ``event: done`` / ``data: [DONE]``.
+Every stream is served from the run's event log (issue 11, app/run_log.py),
+whichever process executes the run: a streamed request follows its run from
+the events its own transaction logged (subscribed before that transaction
+commits, so nothing slips past), and ``GET .../runs/{run_id}/events``
+(api/run_events.py) from any sequence number. The response relays the
+run's events until the run stops for the stream (requires_action or a final
+state) and ends with ``event: done`` / ``data: [DONE]``. Each logged event's
+frame carries ``id: <seq>``, its place in the log, so a client can come back
+with ``Last-Event-ID``; the SDKs ignore the line (PY) or keep it (Node).
 
 sse-starlette carries the frames: it notices a client that goes away (only
 the subscription ends, never the run) and a server that shuts down.
@@ -17,14 +19,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import AsyncExitStack, aclosing, suppress
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing, suppress
+from typing import Protocol
 
 import anyio
 from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
-from app.bus import EventBus
+from app.bus import Entry
+from app.run_follow import Follower, Interrupted
 from app.wire.events import DONE, TERMINAL_RUN_EVENTS, Event
 
 log = logging.getLogger("app.api.sse")
@@ -37,7 +41,10 @@ KEEPALIVE_SECONDS = 15.0
 # stream is closed with an error event.
 SHUTDOWN_DRAIN_SECONDS = 2.0
 
-KEEPALIVE = b": ping\n\n"
+# A comment line with no blank line after it: once a stream has sent an
+# ``id:``, the Python SDK turns any blank line into an event (its decoder
+# keeps the last id, as the SSE spec says) and fails to parse its empty data.
+KEEPALIVE = b": ping\n"
 DONE_EVENT = Event(DONE, "[DONE]")
 
 
@@ -57,41 +64,40 @@ SHUTTING_DOWN = error_event(
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def frame(event: Event) -> bytes:
-    """One SSE frame: an ``event:`` line, one ``data:`` line of one-line JSON
-    (JSON escapes every newline inside strings), a blank line."""
+def frame(event: Event, seq: int | None = None) -> bytes:
+    """One SSE frame: an ``id:`` line for a logged event, an ``event:`` line,
+    one ``data:`` line of one-line JSON (JSON escapes every newline inside
+    strings), a blank line."""
     data = event.data if isinstance(event.data, str) else _ENCODE(event.data)
-    return f"event: {event.name}\ndata: {data}\n\n".encode()
+    head = f"id: {seq}\n" if seq is not None else ""
+    return f"{head}event: {event.name}\ndata: {data}\n\n".encode()
 
 
-class RunEvents:
-    """A subscription to one run's events that outlives the request handler:
-    opened inside the transaction, handed to the response, closed by it."""
-
-    def __init__(self, bus: EventBus) -> None:
-        self._bus = bus
-        self._stack = AsyncExitStack()
-        self.queue: asyncio.Queue[Event] | None = None
-
-    async def follow(self, run_id: str) -> None:
-        """Subscribe; call it before the transaction that queues the run commits."""
-        self.queue = await self._stack.enter_async_context(self._bus.subscribe(run_id))
-
-    async def close(self) -> None:
-        await self._stack.aclose()
-
-    def response(self, opening: list[Event], *, keepalive: float = KEEPALIVE_SECONDS) -> EventSourceResponse:
-        assert self.queue is not None, "follow() the run first"
-        return _RunStreamResponse(self, opening, keepalive)
+def stops_stream(event: Event) -> bool:
+    """The run stopped for this stream (or an error came): done follows."""
+    return event.name in TERMINAL_RUN_EVENTS or event.name == "error"
 
 
-class _RunStreamResponse(EventSourceResponse):
-    def __init__(self, events: RunEvents, opening: list[Event], keepalive: float) -> None:
-        assert events.queue is not None
-        self._events = events
+class EntrySource(Protocol):
+    """Where a stream's entries come from: a Follower (tests give their own)."""
+
+    async def next_batch(self, idle: float) -> list[Entry]: ...
+
+    def interrupt(self) -> None: ...
+
+
+class RunStream(EventSourceResponse):
+    """A run's stream from a follower that outlives the request handler:
+    opened inside the request, closed by this response when it ends (also
+    when the body never started because the client left first)."""
+
+    def __init__(
+        self, follower: Follower, opening: Sequence[Entry] = (), *, keepalive: float = KEEPALIVE_SECONDS
+    ) -> None:
+        self._follower = follower
         shutdown = anyio.Event()
         super().__init__(
-            relay(events.queue, opening, keepalive=keepalive, shutdown=shutdown),
+            relay(follower, opening, keepalive=keepalive, shutdown=shutdown),
             ping=0,  # relay() sends its own keep-alives, only when idle
             sep="\n",
             shutdown_event=shutdown,
@@ -102,26 +108,22 @@ class _RunStreamResponse(EventSourceResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            # Also when the body never started (the client left first).
-            await self._events.close()
+            await self._follower.close()
 
 
 async def relay(
-    queue: asyncio.Queue[Event],
-    opening: list[Event],
+    source: EntrySource,
+    opening: Sequence[Entry] = (),
     *,
     keepalive: float = KEEPALIVE_SECONDS,
     shutdown: anyio.Event | None = None,
 ) -> AsyncIterator[bytes]:
-    """The stream's bytes: ``opening``, then the run's events from ``queue``
-    up to the one that stops the run for this stream, then done.
-
-    ``opening`` was also published to the bus when its transaction committed;
-    those copies are skipped. Events that arrived together leave in one write.
-    """
-    watcher = asyncio.ensure_future(_interrupt_on_shutdown(queue, shutdown)) if shutdown is not None else None
+    """The stream's bytes: ``opening``, then the run's entries from
+    ``source`` up to the one that stops the run for this stream, then done.
+    Entries that arrived together leave in one write."""
+    watcher = asyncio.ensure_future(_interrupt_on_shutdown(source, shutdown)) if shutdown is not None else None
     try:
-        async for chunk in _frames(queue, opening, keepalive):
+        async for chunk in _frames(source, opening, keepalive):
             yield chunk
     finally:
         if watcher is not None:
@@ -130,9 +132,8 @@ async def relay(
                 await watcher
 
 
-async def _frames(queue: asyncio.Queue[Event], opening: list[Event], keepalive: float) -> AsyncIterator[bytes]:
-    unseen = list(opening)
-    batch = opening
+async def _frames(source: EntrySource, opening: Sequence[Entry], keepalive: float) -> AsyncIterator[bytes]:
+    batch = list(opening)
     try:
         while True:
             chunk, finished = _encode(batch)
@@ -141,57 +142,40 @@ async def _frames(queue: asyncio.Queue[Event], opening: list[Event], keepalive: 
                 return
             if chunk:
                 yield chunk
-            batch = await _next_batch(queue, keepalive)
+            batch = await source.next_batch(keepalive)
             if not batch:
                 yield KEEPALIVE
-            batch = _without(batch, unseen)
+    except Interrupted:
+        yield frame(SHUTTING_DOWN) + frame(DONE_EVENT)
     except Exception:
         log.exception("streaming a run failed")
         yield frame(STREAM_FAILED) + frame(DONE_EVENT)
 
 
-def _encode(events: list[Event]) -> tuple[bytes, bool]:
-    """The frames of ``events`` up to and including the first that ends the
-    stream (an error, or the run stopping), and whether one did."""
+def _encode(entries: Sequence[Entry]) -> tuple[bytes, bool]:
+    """The frames of ``entries`` up to and including the first that ends the
+    stream, and whether one did."""
     frames = []
-    for event in events:
-        frames.append(frame(event))
-        if event.name in TERMINAL_RUN_EVENTS or event.name == "error":
+    for entry in entries:
+        frames.append(frame(entry.event, entry.seq))
+        if stops_stream(entry.event):
             return b"".join(frames), True
     return b"".join(frames), False
 
 
-async def _next_batch(queue: asyncio.Queue[Event], keepalive: float) -> list[Event]:
-    """Everything queued once something is; [] if ``keepalive`` passed first."""
-    batch: list[Event] = []
-    if queue.empty():  # only then the timer: most wake-ups under load find events waiting
-        try:
-            async with asyncio.timeout(keepalive):
-                batch.append(await queue.get())
-        except TimeoutError:
-            return []
-    while not queue.empty():
-        batch.append(queue.get_nowait())
-    return batch
-
-
-def _without(batch: list[Event], unseen: list[Event]) -> list[Event]:
-    """``batch`` less the bus's copies of the opening events (each once)."""
-    if not unseen:
-        return batch
-    kept = []
-    for event in batch:
-        if event in unseen:
-            unseen.remove(event)
-        else:
-            kept.append(event)
-    return kept
-
-
-async def _interrupt_on_shutdown(queue: asyncio.Queue[Event], shutdown: anyio.Event) -> None:
+async def _interrupt_on_shutdown(source: EntrySource, shutdown: anyio.Event) -> None:
     await shutdown.wait()
     await asyncio.sleep(SHUTDOWN_DRAIN_SECONDS)
-    queue.put_nowait(SHUTTING_DOWN)
+    source.interrupt()
+
+
+def nothing_more() -> EventSourceResponse:
+    """The stream of a run that has ended and has nothing after the point asked for."""
+
+    async def frames() -> AsyncIterator[bytes]:
+        yield frame(DONE_EVENT)
+
+    return EventSourceResponse(frames(), ping=0, sep="\n")
 
 
 def data_stream(chunks: AsyncGenerator[object, None]) -> EventSourceResponse:

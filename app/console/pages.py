@@ -4,7 +4,6 @@ files. Thin handlers: read through the services, render a template."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -22,6 +21,7 @@ from markupsafe import Markup
 
 from app import errors
 from app.console import auth
+from app.run_follow import Follower
 from app.runtime import Runtime
 from app.services import (
     assistants,
@@ -219,27 +219,33 @@ async def run_detail(
 @router.get("/threads/{thread_id}/runs/{run_id}/live")
 async def run_live(request: Request, thread_id: str, run_id: str, project: auth.SignedIn) -> StreamingResponse:
     """Server-sent "update" events while the run changes, then "end": the
-    page re-renders its timeline on each (console.js)."""
+    page re-renders its timeline on each (console.js). Read from the run's
+    event log (issue 11), so it works whichever process executes the run."""
     runtime = _runtime(request)
     async with runtime.transaction() as session:
-        await runs.get(session, project, thread_id, run_id)  # 404 for a run that is not there
+        status = (await runs.get(session, project, thread_id, run_id)).status  # 404 for a run that is not there
 
     async def events() -> AsyncIterator[bytes]:
-        async with runtime.bus.subscribe(run_id) as queue:
-            async with runtime.transaction() as session:  # it may have ended before we subscribed
-                status = (await runs.get(session, project, thread_id, run_id)).status
-            while status not in TERMINAL:
-                try:
-                    event = await asyncio.wait_for(queue.get(), timeout=15)
-                except TimeoutError:
+        if status in TERMINAL:  # it ended before the page asked
+            yield b"event: end\ndata: done\n\n"
+            return
+        # From the log's start: whatever happened since the page was rendered shows.
+        follower = Follower(runtime.bus, runtime.transaction, run_id, 0)
+        await follower.open()
+        try:
+            while True:
+                batch = await follower.next_batch(15)
+                if not batch:
                     yield b": ping\n\n"
-                    continue
-                if event.name == "thread.message.delta" or event.name == "thread.run.step.delta":
-                    continue  # the timeline changes at step and status events
-                yield f"event: update\ndata: {event.name}\n\n".encode()
-                if event.name.startswith("thread.run.") and event.name.split(".")[-1] in TERMINAL:
+                names = [entry.event.name for entry in batch if not entry.event.name.endswith(".delta")]
+                # The timeline changes at step and status events, not at deltas.
+                if names:
+                    yield f"event: update\ndata: {names[-1]}\n\n".encode()
+                if any(name.startswith("thread.run.") and name.split(".")[-1] in TERMINAL for name in names):
                     break
             yield b"event: end\ndata: done\n\n"
+        finally:
+            await follower.close()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 

@@ -33,7 +33,7 @@ from app.runner.tools import BuiltinTool, ToolResult
 from app.runner.turn import Pending, Turn, TurnResult, TurnStopped
 from app.runtime import Runtime
 from app.scripting import RequestContext
-from app.services import model_requests, run_execution, run_state, run_steps, runs
+from app.services import model_requests, run_events, run_execution, run_state, run_steps, runs
 from app.wire.events import Event
 
 log = logging.getLogger("app.runner")
@@ -86,9 +86,6 @@ class RunExecution:
         self._exchanges: list[llm.Exchange] = []
         self.context = RequestContext(run_id=run_id, on_exchange=self._exchanges.append)
 
-    def _publish(self, events: list[Event]) -> None:
-        self.runtime.bus.publish(self.run_id, events)
-
     async def _load(self) -> orm.Run | None:
         async with self.runtime.transaction() as session:
             return await session.get(orm.Run, self.run_id)
@@ -106,7 +103,7 @@ class RunExecution:
     async def _commit(self, pending: Pending, move: Move | None = None) -> None:
         """The one place that writes a turn's results: the turn's rows and,
         with ``move``, the run's move out of the executor's hands, in one
-        transaction; then its events are published.
+        transaction, with its events logged; they are streamed once it commits.
 
         This is also the one cancellation path: a run found ``cancelling``
         ends ``cancelled`` whatever ``move`` said (its open steps and
@@ -139,8 +136,8 @@ class RunExecution:
                     usage=self._usage(),
                     sweep=move.sweep,
                 )
+            await self.runtime.run_log.append(session, self.run_id, events)  # streamed once committed
         self._exchanges.clear()
-        self._publish(events)
 
     async def _context(self, session: AsyncSession, run: orm.Run) -> RequestContext:
         """Who the model answers, for scripted offline rules; the thread is
@@ -190,6 +187,8 @@ class RunExecution:
                 # Resumed: the interrupted model call is issued again; the
                 # client sees the run go on as if nothing happened.
                 usage = await run_execution.resume_point(session, run)
+                # What the dead worker's stream left open is closed first (issue 11).
+                events = await run_events.close_abandoned(session, run.id)
                 self.prompt_tokens, self.completion_tokens = usage.prompt_tokens, usage.completion_tokens
                 log.info("resuming run %s from its last committed step", run.id)
                 self.context = await self._context(session, run)
@@ -207,7 +206,8 @@ class RunExecution:
                 chat = await prompt.build(
                     session, self.runtime.storage, self.runtime.llm, run, self._budget(run), has_steps=has_steps
                 )
-        self._publish(events)
+            # Also with no events: the log learns where this run's deltas go on.
+            await self.runtime.run_log.append(session, run.id, events)
         return (run, chat) if run.status == "in_progress" else None
 
     async def execute(self) -> None:
@@ -283,16 +283,21 @@ class RunExecution:
     async def _watch_for_cancel(self) -> None:
         """Returns once the run is being cancelled. In this process the cancel
         request arrives on the bus at once; from elsewhere, through the row."""
+        loop = asyncio.get_running_loop()
         async with self.runtime.bus.subscribe(self.run_id) as events:
+            # A deadline, not a timeout per event: the run's own deltas keep
+            # arriving here, and must not put the row check off forever.
+            check_at = loop.time() + CANCEL_POLL_SECONDS
             while True:
                 try:
-                    async with asyncio.timeout(CANCEL_POLL_SECONDS):
+                    async with asyncio.timeout_at(check_at):
                         event = await events.get()
                 except TimeoutError:
                     # Shielded: cancelling this watcher must not cut a
                     # database read short (the connection would be dropped).
                     if await asyncio.shield(self._cancel_requested()):
                         return
+                    check_at = loop.time() + CANCEL_POLL_SECONDS
                 else:
                     if event.name in STOPPING_EVENTS:
                         return

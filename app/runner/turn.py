@@ -69,7 +69,8 @@ class Turn:
     pending: Pending = field(default_factory=Pending)
 
     def _publish(self, events: list[Event]) -> None:
-        self.runtime.bus.publish(self.run.id, events)
+        """Deltas: streamed at once, logged in batches (app/run_log.py)."""
+        self.runtime.run_log.publish(self.run.id, events)
 
     async def consume(self, stream: AsyncIterator[llm.TextDelta | llm.ToolCallDelta | llm.Finish]) -> TurnResult:
         async for item in stream:
@@ -114,19 +115,18 @@ class Turn:
         step = run_steps.new(
             self.run, "message_creation", {"type": "message_creation", "message_creation": {"message_id": message.id}}
         )
+        step_wire, message_wire = run_steps.to_wire(step), messages.to_wire(message)
         async with self.runtime.transaction() as session:
             session.add_all([step, message])
-        self.message, self.message_step = message, step
-        self.marker_stream = markers.MarkerStream(self.targets)
-        step_wire, message_wire = run_steps.to_wire(step), messages.to_wire(message)
-        self._publish(
-            [
+            created = [
                 Event.of("thread.run.step.created", step_wire),
                 Event.of("thread.run.step.in_progress", step_wire),
                 Event.of("thread.message.created", message_wire),
                 Event.of("thread.message.in_progress", message_wire),
             ]
-        )
+            await self.runtime.run_log.append(session, self.run.id, created)
+        self.message, self.message_step = message, step
+        self.marker_stream = markers.MarkerStream(self.targets)
         # Parts a built-in tool already made for this message (code_interpreter
         # images) come first, as OpenAI orders them; the text follows them.
         leading = self.leading()
@@ -164,7 +164,7 @@ class Turn:
             return
         async with self.runtime.transaction() as session:
             session.add_all([message, step])
-        self._publish(events)
+            await self.runtime.run_log.append(session, self.run.id, events)
 
     async def _on_tool_call(self, delta: llm.ToolCallDelta) -> None:
         if self.message is not None:
@@ -172,11 +172,12 @@ class Turn:
             await self._close_message("completed", None)
         if self.tool_step is None:
             step = run_steps.new(self.run, "tool_calls", {"type": "tool_calls", "tool_calls": []})
+            wire = run_steps.to_wire(step)
             async with self.runtime.transaction() as session:
                 session.add(step)
+                created = [Event.of("thread.run.step.created", wire), Event.of("thread.run.step.in_progress", wire)]
+                await self.runtime.run_log.append(session, self.run.id, created)
             self.tool_step = step
-            wire = run_steps.to_wire(step)
-            self._publish([Event.of("thread.run.step.created", wire), Event.of("thread.run.step.in_progress", wire)])
         if delta.index not in self.calls:
             self._start_call(delta)
         self.arguments[delta.index] += delta.arguments

@@ -41,6 +41,7 @@ KEEPALIVE = object()
 class SSE:
     event: str
     data: Any  # the decoded JSON, or "[DONE]"
+    id: int | None = None  # the run event's sequence number in its log (issue 11)
 
 
 def frames(chunks: Iterable[bytes]) -> Iterator[SSE | object]:
@@ -48,9 +49,15 @@ def frames(chunks: Iterable[bytes]) -> Iterator[SSE | object]:
     buffer = b""
     for chunk in chunks:
         buffer += chunk
-        while b"\n\n" in buffer:
-            block, buffer = buffer.split(b"\n\n", 1)
-            yield _frame(block)
+        while True:
+            if buffer.startswith(b":") and b"\n" in buffer:  # a keep-alive: one comment line
+                _comment, buffer = buffer.split(b"\n", 1)
+                yield KEEPALIVE
+            elif b"\n\n" in buffer:
+                block, buffer = buffer.split(b"\n\n", 1)
+                yield _frame(block)
+            else:
+                break
     assert buffer == b"", f"the stream ended inside a frame: {buffer!r}"
 
 
@@ -59,10 +66,14 @@ def _frame(block: bytes) -> SSE | object:
     lines = block.decode("utf-8").split("\n")
     if all(line.startswith(":") for line in lines):
         return KEEPALIVE
-    assert len(lines) == 2, f"a frame is one event line and one data line: {block!r}"
+    seq = None
+    if lines[0].startswith("id: "):  # every logged event has one; done and error frames do not
+        seq = int(lines.pop(0)[len("id: ") :])
+    assert len(lines) == 2, f"a frame is an id line, one event line and one data line: {block!r}"
     assert lines[0].startswith("event: ") and lines[1].startswith("data: "), block
     name, data = lines[0][len("event: ") :], lines[1][len("data: ") :]
-    return SSE(name, data if name == "done" else json.loads(data))
+    assert (seq is None) == (name in ("done", "error")), f"only done and error frames have no id: {block!r}"
+    return SSE(name, data if name == "done" else json.loads(data), seq)
 
 
 def read(chunks: Iterable[bytes]) -> tuple[list[SSE], int]:
@@ -114,6 +125,10 @@ class StreamRules:
 
     def feed(self, event: SSE) -> None:
         assert not self.done, f"{event.event} after done"
+        if event.id is not None:
+            ids = [seen.id for seen in self.events if seen.id is not None]
+            # One run's log, in order, with nothing left out or repeated.
+            assert not ids or event.id == ids[-1] + 1, f"event id {event.id} after {ids[-1]}"
         self.events.append(event)
         if event.event == "done":
             assert event.data == "[DONE]"

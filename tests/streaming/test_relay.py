@@ -1,5 +1,5 @@
 """api/sse.py on its own: framing, the relay loop, keep-alives, errors,
-shutdown, and the subscription's lifetime (no server, no database)."""
+shutdown, and the follower's lifetime (no server, no database)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 from starlette.types import Message
 
 from app.api import sse
-from app.bus import EventBus
+from app.bus import Entry, EventBus
+from app.run_follow import Follower, Interrupted
 from app.wire.events import Event
 from tests.streaming import rules
 
@@ -34,6 +35,44 @@ def test_a_frame_is_one_event_line_and_one_data_line() -> None:
     assert lines[2:] == [b"", b""]
     assert json.loads(lines[1][len(b"data: ") :]) == event.data
     assert sse.frame(sse.DONE_EVENT) == DONE
+    assert sse.frame(event, 7).startswith(b"id: 7\nevent: thread.message.delta\n")
+
+
+class QueueSource:
+    """A stand-in for the follower: entries put in a queue, in order."""
+
+    def __init__(self, *events: Event) -> None:
+        self.queue: asyncio.Queue[Entry | None] = asyncio.Queue()
+        self.seq = 0
+        self.put(*events)
+
+    def put(self, *events: Event) -> list[Entry]:
+        entries = []
+        for event in events:
+            self.seq += 1
+            entries.append(Entry(self.seq, event))
+            self.queue.put_nowait(entries[-1])
+        return entries
+
+    async def next_batch(self, idle: float) -> list[Entry]:
+        try:
+            async with asyncio.timeout(idle):
+                first = await self.queue.get()
+        except TimeoutError:
+            return []
+        batch = [first]
+        while not self.queue.empty():
+            batch.append(self.queue.get_nowait())
+        if None in batch:
+            raise Interrupted
+        return [entry for entry in batch if entry is not None]
+
+    def interrupt(self) -> None:
+        self.queue.put_nowait(None)
+
+
+def _frames(*entries: Entry) -> bytes:
+    return b"".join(sse.frame(entry.event, entry.seq) for entry in entries)
 
 
 async def _chunks(stream: AsyncIterator[bytes]) -> list[bytes]:
@@ -41,40 +80,40 @@ async def _chunks(stream: AsyncIterator[bytes]) -> list[bytes]:
 
 
 async def test_relay_sends_the_opening_then_the_run_and_stops_at_its_end() -> None:
-    queue: asyncio.Queue[Event] = asyncio.Queue()
-    for event in (CREATED, QUEUED, STARTED, COMPLETED, Event("thread.run.step.created", {"id": "late"})):
-        queue.put_nowait(event)  # the bus's copies of the opening come first
-    chunks = await _chunks(sse.relay(queue, [CREATED, QUEUED], keepalive=5))
-    assert chunks[0] == sse.frame(CREATED) + sse.frame(QUEUED)
+    opening = [Entry(1, CREATED), Entry(2, QUEUED)]
+    source = QueueSource()
+    source.seq = 2
+    started, completed, _late = source.put(STARTED, COMPLETED, Event("thread.run.step.created", {"id": "late"}))
+    chunks = await _chunks(sse.relay(source, opening, keepalive=5))
+    assert chunks[0] == _frames(*opening)
     # What arrived together leaves together; nothing after the run stopped.
-    assert chunks[1:] == [sse.frame(STARTED) + sse.frame(COMPLETED) + DONE]
+    assert chunks[1:] == [_frames(started, completed) + DONE]
 
 
 async def test_every_stopping_event_ends_the_stream() -> None:
     for name in rules.TERMINAL_RUN:
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        queue.put_nowait(Event(name, {"id": "run_1"}))
-        chunks = await _chunks(sse.relay(queue, [], keepalive=5))
-        assert b"".join(chunks).endswith(sse.frame(Event(name, {"id": "run_1"})) + DONE)
+        source = QueueSource(Event(name, {"id": "run_1"}))
+        chunks = await _chunks(sse.relay(source, keepalive=5))
+        assert b"".join(chunks).endswith(sse.frame(Event(name, {"id": "run_1"}), 1) + DONE)
 
 
 async def test_keepalive_comments_while_idle() -> None:
-    queue: asyncio.Queue[Event] = asyncio.Queue()
-    stream = sse.relay(queue, [CREATED], keepalive=0.01)
-    assert await anext(stream) == sse.frame(CREATED)
-    assert await anext(stream) == b": ping\n\n"
-    assert await anext(stream) == b": ping\n\n"
-    queue.put_nowait(COMPLETED)
+    source = QueueSource()
+    stream = sse.relay(source, [Entry(1, CREATED)], keepalive=0.01)
+    assert await anext(stream) == sse.frame(CREATED, 1)
+    assert await anext(stream) == sse.KEEPALIVE
+    assert await anext(stream) == sse.KEEPALIVE
+    source.seq = 1
+    (completed,) = source.put(COMPLETED)
     rest = await _chunks(stream)
-    assert rest[-1].endswith(sse.frame(COMPLETED) + DONE)
-    parsed = list(rules.frames([sse.frame(CREATED), b": ping\n\n", *rest]))
+    assert rest[-1].endswith(_frames(completed) + DONE)
+    parsed = list(rules.frames([sse.frame(CREATED, 1), sse.KEEPALIVE, *rest]))
     assert parsed[1] is rules.KEEPALIVE
 
 
 async def test_a_failure_while_streaming_becomes_an_error_event(caplog: pytest.LogCaptureFixture) -> None:
-    queue: asyncio.Queue[Event] = asyncio.Queue()
-    queue.put_nowait(Event("thread.message.delta", {"not json": object()}))
-    chunks = await _chunks(sse.relay(queue, [CREATED], keepalive=5))
+    source = QueueSource(Event("thread.message.delta", {"not json": object()}))
+    chunks = await _chunks(sse.relay(source, [Entry(1, CREATED)], keepalive=5))
     assert chunks[-1] == sse.frame(sse.STREAM_FAILED) + DONE
     error = sse.STREAM_FAILED.data
     assert isinstance(error, dict) and set(error) == {"error"}  # the wrapped form (wire notes 3.6)
@@ -83,22 +122,22 @@ async def test_a_failure_while_streaming_becomes_an_error_event(caplog: pytest.L
 
 
 async def test_shutdown_ends_the_stream_with_an_error_after_a_grace() -> None:
-    queue: asyncio.Queue[Event] = asyncio.Queue()
     shutdown = anyio.Event()
-    stream = sse.relay(queue, [CREATED], keepalive=60, shutdown=shutdown)
-    assert await anext(stream) == sse.frame(CREATED)
+    stream = sse.relay(QueueSource(), [Entry(1, CREATED)], keepalive=60, shutdown=shutdown)
+    assert await anext(stream) == sse.frame(CREATED, 1)
     shutdown.set()
     assert await anext(stream) == sse.frame(sse.SHUTTING_DOWN) + DONE
 
 
 async def test_a_run_that_ends_during_the_shutdown_grace_ends_normally() -> None:
-    queue: asyncio.Queue[Event] = asyncio.Queue()
+    source = QueueSource()
     shutdown = anyio.Event()
-    stream = sse.relay(queue, [CREATED], keepalive=60, shutdown=shutdown)
-    assert await anext(stream) == sse.frame(CREATED)
+    stream = sse.relay(source, [Entry(1, CREATED)], keepalive=60, shutdown=shutdown)
+    assert await anext(stream) == sse.frame(CREATED, 1)
     shutdown.set()
-    queue.put_nowait(COMPLETED)
-    assert await _chunks(stream) == [sse.frame(COMPLETED) + DONE]
+    source.seq = 1
+    (completed,) = source.put(COMPLETED)
+    assert await _chunks(stream) == [_frames(completed) + DONE]
 
 
 async def _call(response: Any, send: Any) -> None:
@@ -111,35 +150,45 @@ async def _call(response: Any, send: Any) -> None:
     await response(scope, receive, send)
 
 
-async def test_the_response_closes_the_subscription_when_done() -> None:
+def _unused_transaction() -> Any:
+    raise AssertionError("the follower was handed everything: it never reads the log")
+
+
+async def test_the_response_closes_the_follower_when_done() -> None:
     bus = EventBus()
-    events = sse.RunEvents(bus)
-    await events.follow("run_1")
-    response = events.response([CREATED])
-    bus.publish("run_1", [CREATED, COMPLETED])
+    follower = Follower(bus, _unused_transaction, "run_1", 1, read_first=False)
+    await follower.open()
+    response = sse.RunStream(follower, [Entry(1, CREATED)])
+    bus.deliver("run_1", [Entry(2, STARTED), Entry(3, COMPLETED)])
     sent: list[bytes] = []
 
     async def send(message: Message) -> None:
         sent.append(message.get("body", b""))
 
     await _call(response, send)
-    assert b"".join(sent) == sse.frame(CREATED) + sse.frame(COMPLETED) + DONE
-    assert events.queue is not None
-    bus.publish("run_1", [STARTED])
-    assert events.queue.empty()
+    assert b"".join(sent) == _frames(Entry(1, CREATED), Entry(2, STARTED), Entry(3, COMPLETED)) + DONE
+    assert not bus.following("run_1")
 
 
-async def test_the_subscription_is_closed_even_if_the_body_never_starts() -> None:
+async def test_the_follower_is_closed_even_if_the_body_never_starts() -> None:
     bus = EventBus()
-    events = sse.RunEvents(bus)
-    await events.follow("run_1")
-    response = events.response([CREATED])
+    follower = Follower(bus, _unused_transaction, "run_1", 1, read_first=False)
+    await follower.open()
+    response = sse.RunStream(follower, [Entry(1, CREATED)])
 
     async def send(message: Message) -> None:
         raise OSError("the client is gone")
 
     with pytest.raises(OSError):
         await _call(response, send)
-    assert events.queue is not None
-    bus.publish("run_1", [STARTED])
-    assert events.queue.empty()
+    assert not bus.following("run_1")
+
+
+async def test_a_follower_hands_out_entries_in_sequence_whatever_order_they_arrive_in() -> None:
+    bus = EventBus()
+    follower = Follower(bus, _unused_transaction, "run_1", 0, read_first=False)
+    await follower.open()
+    bus.deliver("run_1", [Entry(2, QUEUED)])
+    bus.deliver("run_1", [Entry(1, CREATED), Entry(2, QUEUED), Entry(3, STARTED)])
+    assert [entry.seq for entry in await follower.next_batch(5)] == [1, 2, 3]
+    await follower.close()

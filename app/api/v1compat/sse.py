@@ -20,8 +20,12 @@ class EventRewriter:
     async def feed(self, chunk: bytes) -> bytes:
         """The complete frames of what arrived so far, rewritten; a partial frame waits."""
         self._pending += chunk
+        comments = b""
+        while self._pending.startswith(b":") and b"\n" in self._pending:  # keep-alives pass at once
+            line, self._pending = self._pending.split(b"\n", 1)
+            comments += line + b"\n"
         *frames, self._pending = self._pending.split(b"\n\n")
-        return b"".join([await self._frame(frame) + b"\n\n" for frame in frames])
+        return comments + b"".join([await self._frame(frame) + b"\n\n" for frame in frames])
 
     async def _frame(self, frame: bytes) -> bytes:
         lines = frame.split(b"\n")

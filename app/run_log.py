@@ -1,0 +1,292 @@
+"""RunLog: writes every run event to the run's event log and hands it to
+this process's followers (issue 11; the SQL is app/services/run_events.py).
+
+Two ways in:
+
+- ``append(session, run_id, events)``: events that accompany a state change,
+  logged in the change's own transaction, so state and log agree after any
+  crash. Followers and taps get them once it commits (Runtime.transaction
+  calls ``committed()``).
+- ``publish(run_id, events)``: the deltas between commits (message and
+  step deltas). They are buffered and written by one flusher task per
+  process, all runs' deltas in one multi-row INSERT, at most every
+  ``run_events_flush_seconds``: on PostgreSQL at once when it is idle (other
+  processes wait for them), on SQLite only after that pause. An
+  append drains the run's buffer first, in its own transaction, so the log
+  never has a hole that a later commit could jump.
+
+Sequence numbers are allocated under the run's row lock (``max(seq) + 1``),
+so appends to one run commit in order on every engine and across processes.
+On SQLite (one process, the embedded default) the deltas reach this
+process's followers the moment they are published, with the sequence number
+this process will write (every writer of the process shares the counter);
+on PostgreSQL they reach every follower once flushed, followers elsewhere
+woken by a NOTIFY on ``RUN_EVENTS_CHANNEL`` whose payload is only the run id
+(sent by one notifier task per process, after the commits, coalesced).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from contextlib import suppress
+from dataclasses import dataclass, field
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.bus import Entry, EventBus
+from app.services import run_events
+from app.wire.events import TERMINAL_RUN_EVENTS, Event
+
+log = logging.getLogger("app.run_log")
+
+RUN_EVENTS_CHANNEL = "assistants_run_events"
+# Runs whose next sequence number this process remembers (the rest are read
+# from the log at their next append).
+MAX_TRACKED_RUNS = 10_000
+_SESSION_KEY = "run_log"
+# A run's final event: nothing is appended after it but by a new writer, which reads the log.
+_FINAL = TERMINAL_RUN_EVENTS - {"thread.run.requires_action"}
+
+
+@dataclass
+class _Pending:
+    """What one transaction logged, delivered when it commits."""
+
+    run_id: str
+    events: list[Event]  # for the taps and the in-process subscribers
+    entries: list[Entry]  # for followers
+    drained: list[tuple[int | None, Event]] = field(default_factory=list)  # buffered deltas it took
+
+
+class RunLog:
+    def __init__(
+        self,
+        bus: EventBus,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        *,
+        postgres: bool,
+        flush_seconds: float,
+    ) -> None:
+        self.bus = bus
+        self._sessionmaker = sessionmaker
+        self.postgres = postgres
+        # SQLite: deltas go to followers at once, numbered by this process.
+        self.deliver_early = not postgres
+        self.flush_seconds = flush_seconds
+        self._next: OrderedDict[str, int] = OrderedDict()
+        self._buffer: dict[str, list[tuple[int | None, Event]]] = {}
+        self._dirty = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        # PostgreSQL: runs with news for other processes, told by one NOTIFY
+        # transaction at a time (a NOTIFY inside the writing transactions
+        # would serialise their commits on PostgreSQL's notification queue).
+        self._news: set[str] = set()
+        self._news_ready = asyncio.Event()
+        self._notifier: asyncio.Task[None] | None = None
+        self.flushes = 0  # counters for the benchmark and /metrics-minded readers
+        self.flushed_rows = 0
+
+    # ------------------------------------------------------------ writing
+
+    def publish(self, run_id: str, events: list[Event]) -> None:
+        """Deltas between commits: seen by taps at once, logged by the flusher."""
+        self.bus.publish(run_id, events)
+        seq = self._next.get(run_id) if self.deliver_early else None
+        buffered = self._buffer.setdefault(run_id, [])
+        if seq is None:
+            buffered.extend((None, event) for event in events)
+        else:
+            entries = [Entry(seq + offset, event) for offset, event in enumerate(events)]
+            self._next[run_id] = seq + len(events)
+            buffered.extend((entry.seq, entry.event) for entry in entries)
+            self.bus.deliver(run_id, entries)
+        self._wake_flusher()
+
+    async def append(self, session: AsyncSession, run_id: str, events: list[Event]) -> list[Entry]:
+        """Log ``events`` (after the run's buffered deltas) in ``session``'s
+        transaction; returns their entries. With no events it still learns
+        the run's next sequence number (an executor starting a run)."""
+        if self.postgres:  # a SQLite transaction holds the write lock already
+            await run_events.lock(session, [run_id])
+        drained = self._buffer.pop(run_id, [])
+        batch = [event for _seq, event in drained] + list(events)
+        if batch:
+            first = (await run_events.insert(session, {run_id: batch}))[run_id]
+        else:  # an executor starting a run: where its deltas will go on
+            first = (await run_events.last_seqs(session, [run_id]))[run_id] + 1
+        _rows, undelivered = self._number(run_id, first, drained)
+        entries = [Entry(first + len(drained) + offset, event) for offset, event in enumerate(events)]
+        self._remember(run_id, first + len(batch))
+        pending: list[_Pending] = session.info.setdefault(_SESSION_KEY, [])
+        pending.append(_Pending(run_id, list(events), undelivered + entries, drained))
+        return entries
+
+    def _number(
+        self, run_id: str, first: int, buffered: list[tuple[int | None, Event]]
+    ) -> tuple[list[tuple[str, int, Event]], list[Entry]]:
+        """The seqs the buffered deltas were written with (from ``first``), and
+        the entries followers have not been handed yet (all of them unless
+        delivered early)."""
+        rows = [(run_id, first + offset, event) for offset, (_seq, event) in enumerate(buffered)]
+        if buffered and buffered[0][0] not in (None, first):
+            # Only when several processes write one run's log on SQLite, which
+            # streams do not support (README, deployment): its followers here
+            # may have seen different ids for these deltas.
+            log.warning("run %s: its event log was written elsewhere; renumbered from %d", run_id, first)
+        undelivered = [
+            Entry(seq, event)
+            for (_run, seq, event), (predicted, _event) in zip(rows, buffered, strict=True)
+            if predicted is None or not self.deliver_early
+        ]
+        return rows, undelivered
+
+    def _remember(self, run_id: str, next_seq: int) -> None:
+        self._next[run_id] = max(next_seq, self._next.get(run_id, 0))
+        self._next.move_to_end(run_id)
+        while len(self._next) > MAX_TRACKED_RUNS:
+            self._next.popitem(last=False)
+
+    def committed(self, session: AsyncSession) -> None:
+        """After the transaction commits: taps, subscribers and followers,
+        here and (PostgreSQL) in other processes."""
+        for pending in session.info.pop(_SESSION_KEY, []):
+            if pending.events:
+                self.bus.publish(pending.run_id, pending.events)
+            self.bus.deliver(pending.run_id, pending.entries)
+            if pending.events or pending.drained:
+                self._tell_others(pending.run_id)
+            if pending.entries and pending.entries[-1].event.name in _FINAL:
+                self._next.pop(pending.run_id, None)
+
+    def rolled_back(self, session: AsyncSession) -> None:
+        """The transaction failed: the deltas it took go back to the buffer."""
+        for pending in reversed(session.info.pop(_SESSION_KEY, [])):
+            if pending.drained:
+                self._buffer[pending.run_id] = pending.drained + self._buffer.get(pending.run_id, [])
+                self._wake_flusher()
+            if not self.deliver_early:
+                self._next.pop(pending.run_id, None)  # re-read from the log at the next append
+
+    # ------------------------------------------------------------ other processes
+
+    def _tell_others(self, run_id: str) -> None:
+        if not self.postgres:
+            return
+        self._news.add(run_id)
+        self._news_ready.set()
+        if self._notifier is None or self._notifier.done():
+            self._notifier = asyncio.get_running_loop().create_task(self._notify_forever(), name="run-log-notifier")
+
+    async def _notify_forever(self) -> None:
+        """One NOTIFY transaction at a time for every run with news since
+        the last: under load the news of many commits share one."""
+        while True:
+            await self._news_ready.wait()
+            self._news_ready.clear()
+            news, self._news = sorted(self._news), set()
+            try:
+                async with self._sessionmaker() as session, session.begin():
+                    await run_events.notify(session, RUN_EVENTS_CHANNEL, news)
+            except Exception as error:  # followers elsewhere also poll: a lost signal costs latency only
+                log.warning("could not signal new run events to other processes (%s)", error)
+
+    # ------------------------------------------------------------ flushing
+
+    def _wake_flusher(self) -> None:
+        self._dirty.set()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_forever(), name="run-log-flusher")
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._dirty.wait()
+            if self.deliver_early:
+                # SQLite: followers here have the deltas already, so writing
+                # waits for more (a short run's go with its final commit).
+                await asyncio.sleep(self.flush_seconds)
+            self._dirty.clear()
+            try:
+                await self.flush()
+            except Exception as error:  # the buffer is kept; the next round retries
+                log.warning("writing run events failed (%s); retrying", error)
+                self._dirty.set()
+            # On PostgreSQL the first delta after a pause is written at once;
+            # the ones that follow it gather for this long (one INSERT for all).
+            if not self.deliver_early:
+                await asyncio.sleep(self.flush_seconds)
+
+    async def flush(self) -> None:
+        """Write every buffered delta, all runs in one transaction."""
+        wanted = sorted(self._buffer)
+        if not wanted:
+            return
+        delivered: list[tuple[str, list[Entry]]] = []
+        drained: dict[str, list[tuple[int | None, Event]]] = {}
+        rows: list[tuple[str, int, Event]] = []
+        try:
+            async with self._sessionmaker() as session, session.begin():
+                # Lock first, then take the buffer: an append running now
+                # either went before (and drained) or waits for this commit.
+                live = set(await run_events.lock(session, wanted, live_only=True))
+                drained = {run_id: self._buffer.pop(run_id) for run_id in wanted if run_id in self._buffer}
+                batches = {run_id: [event for _seq, event in drained[run_id]] for run_id in sorted(live & set(drained))}
+                firsts = await run_events.insert(session, batches)
+                for run_id, first in firsts.items():
+                    numbered, undelivered = self._number(run_id, first, drained[run_id])
+                    rows += numbered
+                    self._remember(run_id, first + len(numbered))
+                    delivered.append((run_id, undelivered))
+        except BaseException:
+            for run_id, items in drained.items():
+                self._buffer[run_id] = items + self._buffer.get(run_id, [])
+            raise
+        self.flushes += 1
+        self.flushed_rows += len(rows)
+        dropped = set(drained) - live
+        if dropped:  # the run ended under its executor (expired, say): late deltas have no place
+            log.debug("dropped late deltas of ended runs %s", ", ".join(sorted(dropped)))
+        for run_id, entries in delivered:
+            self.bus.deliver(run_id, entries)
+            self._tell_others(run_id)
+
+    async def close(self) -> None:
+        """Write what is buffered and stop the flusher and the notifier."""
+        for task in (self._flusher, self._notifier):
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+        with suppress(Exception):
+            await self.flush()
+        if self._news:
+            with suppress(Exception):
+                async with self._sessionmaker() as session, session.begin():
+                    await run_events.notify(session, RUN_EVENTS_CHANNEL, sorted(self._news))
+
+
+async def listen(engine: AsyncEngine, bus: EventBus, retry_seconds: float = 1.0) -> None:
+    """Nudge this process's followers of a run whenever another process logs
+    events for it (PostgreSQL), until cancelled. After the listening
+    connection is lost and re-opened every follower is nudged once (a
+    NOTIFY may have been missed meanwhile)."""
+    first = True
+    while True:
+        try:
+            async with engine.connect() as connection:
+                raw = await connection.get_raw_connection()
+                listener = raw.driver_connection  # the asyncpg connection
+                assert listener is not None
+                await listener.add_listener(RUN_EVENTS_CHANNEL, lambda *args: bus.nudge(str(args[3])))
+                if not first:
+                    bus.nudge_all()
+                first = False
+                closed = asyncio.Event()
+                listener.add_termination_listener(lambda *_args, done=closed: done.set())
+                await closed.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("listening for run events failed; retrying", exc_info=True)
+        await asyncio.sleep(retry_seconds)

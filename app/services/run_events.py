@@ -1,0 +1,257 @@
+"""The run event log's SQL (issue 11): append a run's events in order, read
+them from a sequence number, prune old logs, and close what a dead worker
+left open.
+
+Every append to a run's log takes the run's row lock first (PostgreSQL; on
+SQLite every transaction holds the write lock), so appends to one run are
+serialised, and commit in the order of their sequence numbers: a reader that
+has seen ``seq`` N never misses a later-committed N-1. Nothing here commits.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, func, select, text
+from sqlalchemy import insert as sql_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import ids, orm
+from app.bus import Entry
+from app.services import run_state
+from app.wire.events import Event
+
+
+async def lock(session: AsyncSession, run_ids: Sequence[str], *, live_only: bool = False) -> list[str]:
+    """Lock the runs' rows for this transaction (PostgreSQL; a no-op lock on
+    SQLite, whose transactions hold the write lock); returns the runs found.
+    ``live_only`` leaves out runs that have ended (their executor's late
+    deltas are dropped)."""
+    # NO KEY UPDATE: appends exclude each other, but the executor's inserts
+    # of steps and messages (whose foreign keys share-lock the run) go on.
+    query = select(orm.Run.id).where(orm.Run.id.in_(run_ids)).order_by(orm.Run.id).with_for_update(key_share=True)
+    if live_only:
+        query = query.where(orm.Run.status.in_(("in_progress", "cancelling")))
+    return list((await session.scalars(query)).all())
+
+
+async def last_seqs(session: AsyncSession, run_ids: Sequence[str]) -> dict[str, int]:
+    """The highest logged ``seq`` of each run (0 for an empty log); call under lock()."""
+    query = (
+        select(orm.RunEvent.run_id, func.max(orm.RunEvent.seq))
+        .where(orm.RunEvent.run_id.in_(run_ids))
+        .group_by(orm.RunEvent.run_id)
+    )
+    found = {run_id: int(seq) for run_id, seq in (await session.execute(query)).all()}
+    return {run_id: found.get(run_id, 0) for run_id in run_ids}
+
+
+async def insert(session: AsyncSession, batches: dict[str, list[Event]]) -> dict[str, int]:
+    """Append each run's events after its last logged one (call under
+    lock()); returns the first ``seq`` given to each run's events.
+
+    On PostgreSQL one statement numbers and inserts (each statement sees
+    what committed before it, so under the lock ``max(seq)`` is the log's
+    end); on SQLite, whose transactions are serial and local, a read of the
+    ends then one multi-row INSERT."""
+    batches = {run_id: events for run_id, events in batches.items() if events}
+    if not batches:
+        return {}
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        return await _insert_postgres(session, batches)
+    firsts = {run_id: last + 1 for run_id, last in (await last_seqs(session, sorted(batches))).items()}
+    now = time.time()
+    values = [
+        {"run_id": run_id, "seq": firsts[run_id] + n, "event": event.name, "data": _payload(event), "created_at": now}
+        for run_id, events in batches.items()
+        for n, event in enumerate(events)
+    ]
+    await session.execute(sql_insert(orm.RunEvent), values)
+    return firsts
+
+
+_INSERT_POSTGRES = text(
+    """
+    WITH v AS (
+        SELECT * FROM unnest(
+            CAST(:run_ids AS text[]), CAST(:ns AS int[]), CAST(:names AS text[]), CAST(:datas AS text[])
+        ) AS v(run_id, n, event, data)
+    ), ins AS (
+        INSERT INTO run_events (run_id, seq, event, data, created_at)
+        SELECT v.run_id,
+               (SELECT coalesce(max(e.seq), 0) FROM run_events e WHERE e.run_id = v.run_id) + v.n,
+               v.event, CAST(v.data AS jsonb), :now
+        FROM v
+        RETURNING run_id, seq
+    )
+    SELECT run_id, min(seq) AS first FROM ins GROUP BY run_id
+    """
+)
+
+
+async def _insert_postgres(session: AsyncSession, batches: dict[str, list[Event]]) -> dict[str, int]:
+    params: dict[str, Any] = {"run_ids": [], "ns": [], "names": [], "datas": [], "now": time.time()}
+    for run_id, events in batches.items():
+        for n, event in enumerate(events, start=1):
+            params["run_ids"].append(run_id)
+            params["ns"].append(n)
+            params["names"].append(event.name)
+            params["datas"].append(_ENCODE(_payload(event)))
+    rows = (await session.execute(_INSERT_POSTGRES, params)).all()
+    return {str(row[0]): int(row[1]) for row in rows}
+
+
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _payload(event: Event) -> dict[str, Any]:
+    # Every logged event carries an object; "[DONE]" is never logged (api/sse.py adds it).
+    assert isinstance(event.data, dict), event.name
+    return event.data
+
+
+async def notify(session: AsyncSession, channel: str, run_ids: Sequence[str]) -> None:
+    """NOTIFY ``channel`` once per run (PostgreSQL), sent when the transaction commits."""
+    statement = text("SELECT pg_notify(:channel, run_id) FROM unnest(CAST(:run_ids AS text[])) AS run_id")
+    await session.execute(statement, {"channel": channel, "run_ids": list(run_ids)})
+
+
+async def read(session: AsyncSession, run_id: str, after: int, limit: int = 1000) -> list[Entry]:
+    """The run's events with ``seq`` greater than ``after``, oldest first."""
+    query = (
+        select(orm.RunEvent.seq, orm.RunEvent.event, orm.RunEvent.data)
+        .where(orm.RunEvent.run_id == run_id, orm.RunEvent.seq > after)
+        .order_by(orm.RunEvent.seq)
+        .limit(limit)
+    )
+    return [Entry(seq, Event(name, data)) for seq, name, data in (await session.execute(query)).all()]
+
+
+async def size(session: AsyncSession, run_id: str) -> tuple[int, int]:
+    """(rows, bytes of event payload as JSON text) of a run's log (bench)."""
+    rows = (await session.execute(select(orm.RunEvent.data).where(orm.RunEvent.run_id == run_id))).scalars().all()
+    return len(rows), sum(len(json.dumps(row, separators=(",", ":"))) for row in rows)
+
+
+async def prune(session: AsyncSession, older_than: float, batch: int = 500) -> int:
+    """Delete the whole logs of up to ``batch`` ended runs whose last event is
+    older than ``older_than`` (unix seconds); returns the rows deleted.
+
+    Candidates come from the created_at index (only old rows are looked at),
+    so a prune that finds nothing costs one short index range."""
+    candidates = (
+        await session.scalars(
+            select(orm.RunEvent.run_id).where(orm.RunEvent.created_at < older_than).distinct().limit(batch)
+        )
+    ).all()
+    if not candidates:
+        return 0
+    ended = select(orm.Run.id).where(orm.Run.id.in_(candidates), orm.Run.status.in_(run_state.TERMINAL))
+    recent = (
+        select(orm.RunEvent.run_id)
+        .where(orm.RunEvent.run_id.in_(candidates))
+        .group_by(orm.RunEvent.run_id)
+        .having(func.max(orm.RunEvent.created_at) >= older_than)
+    )
+    # A run deleted with its thread takes its log with it (ON DELETE CASCADE);
+    # a log whose run row is gone anyway (SQLite without the cascade) goes too.
+    gone = select(orm.RunEvent.run_id).where(
+        orm.RunEvent.run_id.in_(candidates), ~orm.RunEvent.run_id.in_(select(orm.Run.id))
+    )
+    doomed = set((await session.scalars(ended)).all()) - set((await session.scalars(recent)).all())
+    doomed |= set((await session.scalars(gone)).all())
+    if not doomed:
+        return 0
+    result = await session.execute(delete(orm.RunEvent).where(orm.RunEvent.run_id.in_(doomed)))
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+# --- a resumed run: closing what the dead worker's stream left open ---------
+
+STEP_RETRIED = {
+    "code": "server_error",
+    "message": "The worker executing this step stopped; the run resumed from its last completed step.",
+}
+
+
+async def close_abandoned(session: AsyncSession, run_id: str) -> list[Event]:
+    """Events that close the message and steps a dead worker's stream opened
+    and never finished (issue 11): ``thread.message.incomplete`` with the text
+    its deltas had logged, then ``thread.run.step.failed``. The resumed run
+    then streams a new step and message, as OpenAI streams a retried step, so
+    a client holding the stream sees each delta once and every object it was
+    told about closed (what the SDKs' stream helpers require). The rows of
+    the interrupted call are removed by run_execution.resume_point()."""
+    tracker = OpenObjects()
+    for entry in await read(session, run_id, 0, limit=1_000_000):
+        tracker.feed(entry.event)
+    return tracker.closing_events(ids.now())
+
+
+@dataclass
+class _Open:
+    snapshot: dict[str, Any]
+    content: list[dict[str, Any]]
+
+
+class OpenObjects:
+    """Follows a run's logged events and remembers which messages and steps
+    were created and not yet closed, with the content their deltas streamed."""
+
+    def __init__(self) -> None:
+        self.messages: dict[str, _Open] = {}
+        self.steps: dict[str, _Open] = {}
+
+    def feed(self, event: Event) -> None:
+        data = event.data if isinstance(event.data, dict) else {}
+        name = event.name
+        if name == "thread.message.created":
+            self.messages[data["id"]] = _Open(dict(data), [])
+        elif name == "thread.message.delta" and data.get("id") in self.messages:
+            _merge_parts(self.messages[data["id"]].content, data.get("delta", {}).get("content") or [])
+        elif name in ("thread.message.completed", "thread.message.incomplete"):
+            self.messages.pop(data.get("id", ""), None)
+        elif name == "thread.run.step.created":
+            self.steps[data["id"]] = _Open(dict(data), [])
+        elif name.startswith("thread.run.step.") and name.rsplit(".", 1)[1] in _STEP_ENDS:
+            self.steps.pop(data.get("id", ""), None)
+
+    def closing_events(self, now: int) -> list[Event]:
+        events: list[Event] = []
+        for message in self.messages.values():
+            closed = {
+                **message.snapshot,
+                "status": "incomplete",
+                "incomplete_at": now,
+                "incomplete_details": {"reason": "run_failed"},
+                "content": [{k: v for k, v in part.items() if k != "index"} for part in message.content],
+            }
+            events.append(Event("thread.message.incomplete", closed))
+        for step in self.steps.values():
+            closed = {**step.snapshot, "status": "failed", "failed_at": now, "last_error": STEP_RETRIED}
+            events.append(Event("thread.run.step.failed", closed))
+        return events
+
+
+_STEP_ENDS = frozenset({"completed", "failed", "cancelled", "expired"})
+
+
+def _merge_parts(content: list[dict[str, Any]], parts: list[dict[str, Any]]) -> None:
+    """Accumulate message-delta content parts the way the SDKs do: by
+    ``index``; text values concatenated, annotations appended."""
+    for part in parts:
+        index = int(part.get("index", 0))
+        while len(content) <= index:
+            content.append({"index": len(content)})
+        target = content[index]
+        if part.get("type") == "text":
+            text = target.setdefault("text", {"value": "", "annotations": []})
+            target["type"] = "text"
+            text["value"] += part.get("text", {}).get("value", "")
+            text["annotations"] += part.get("text", {}).get("annotations") or []
+        else:
+            target.update({k: v for k, v in part.items()})

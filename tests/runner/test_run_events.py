@@ -1,0 +1,103 @@
+"""The run event log without HTTP (issue 11): what a run logs, pruning after
+the retention, and closing what a dead worker's stream left open."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import func, select, update
+
+from app import orm
+from app.runtime import Runtime
+from app.services import run_events
+from app.settings import Settings
+from app.wire.events import Event
+from app.worker import Worker
+from tests.runner.test_worker import _make_runs
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    rt = await Runtime.start(settings)
+    try:
+        yield rt
+    finally:
+        await rt.close()
+
+
+async def _log(runtime: Runtime, run_id: str) -> list[str]:
+    async with runtime.transaction() as session:
+        return [entry.event.name for entry in await run_events.read(session, run_id, 0)]
+
+
+async def test_a_run_logs_its_whole_stream_in_order(runtime: Runtime) -> None:
+    (run_id,) = await _make_runs(runtime, 1, text="[[tokens 30]]")
+    worker = Worker(runtime)
+    try:
+        await worker.run_until_idle()
+    finally:
+        await worker.stop()
+    await runtime.run_log.flush()
+    logged = await _log(runtime, run_id)
+    assert logged[:5] == [
+        "thread.run.in_progress",  # the run was inserted directly: no created/queued were logged
+        "thread.run.step.created",
+        "thread.run.step.in_progress",
+        "thread.message.created",
+        "thread.message.in_progress",
+    ]
+    assert logged.count("thread.message.delta") == 30
+    assert logged[-3:] == ["thread.message.completed", "thread.run.step.completed", "thread.run.completed"]
+
+
+async def test_finished_logs_are_pruned_after_the_retention_and_live_ones_kept(runtime: Runtime) -> None:
+    finished, live = await _make_runs(runtime, 2)
+    worker = Worker(runtime)
+    try:
+        async with runtime.transaction() as session:  # only the first is executed
+            await session.execute(update(orm.Run).where(orm.Run.id == live).values(status="requires_action"))
+        await worker.run_until_idle()
+        async with runtime.transaction() as session:
+            await runtime.run_log.append(session, live, [Event("thread.run.requires_action", {"id": live})])
+        assert await _log(runtime, finished) and await _log(runtime, live)
+        await worker.prune_run_events()  # within the retention (a day): nothing goes
+        assert await _log(runtime, finished)
+        runtime.settings.run_events_retention_seconds = -1  # "ended a second from now": everything is old
+        await worker.prune_run_events()
+        assert await _log(runtime, finished) == [] and await _log(runtime, live) != []
+    finally:
+        await worker.stop()
+    async with runtime.transaction() as session:
+        assert await session.scalar(select(func.count()).select_from(orm.RunEvent)) == 1
+
+
+def test_what_a_dead_worker_left_open_is_closed_with_what_it_had_streamed() -> None:
+    message = {"id": "msg_1", "object": "thread.message", "status": "in_progress", "content": []}
+    step = {"id": "step_1", "object": "thread.run.step", "status": "in_progress", "type": "message_creation"}
+    done_step = {"id": "step_0", "object": "thread.run.step", "status": "completed", "type": "tool_calls"}
+    tracker = run_events.OpenObjects()
+    for event in [
+        Event("thread.run.step.created", done_step),
+        Event("thread.run.step.completed", done_step),
+        Event("thread.run.step.created", step),
+        Event("thread.message.created", message),
+        Event("thread.message.delta", {"id": "msg_1", "delta": {"content": [_text(0, "Hel", [])]}}),
+        Event("thread.message.delta", {"id": "msg_1", "delta": {"content": [_text(0, "lo")]}}),
+    ]:
+        tracker.feed(event)
+    message_closed, step_closed = tracker.closing_events(now=100)
+    assert message_closed.name == "thread.message.incomplete" and isinstance(message_closed.data, dict)
+    assert message_closed.data["status"] == "incomplete" and message_closed.data["incomplete_at"] == 100
+    assert message_closed.data["content"] == [{"type": "text", "text": {"value": "Hello", "annotations": []}}]
+    assert step_closed.name == "thread.run.step.failed" and isinstance(step_closed.data, dict)
+    assert step_closed.data["id"] == "step_1" and step_closed.data["last_error"]["code"] == "server_error"
+
+
+def _text(index: int, value: str, annotations: list[object] | None = None) -> dict[str, object]:
+    text: dict[str, object] = {"value": value}
+    if annotations is not None:
+        text["annotations"] = annotations
+    return {"index": index, "type": "text", "text": text}
