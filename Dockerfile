@@ -35,6 +35,9 @@ RUN wheel=$(ls /wheels/assistants_server-*.whl) \
 # (/usr/local/share/assistants-server/sandbox-venv), built from the image's
 # Python under /usr/local: the sandbox mounts only /usr and this venv.
 RUN assistants-server sandbox-setup
+# The default embedder's token table (minilm-static), distilled from the MiniLM
+# weights installed above, so the first ingestion does not pay for it.
+RUN assistants-server embeddings-setup
 
 RUN useradd --system --uid 10001 --create-home assistants \
     && mkdir /data && chown assistants:assistants /data

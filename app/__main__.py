@@ -1,4 +1,5 @@
-"""Command line: ``python -m app serve | migrate | worker | keys | sandbox-setup`` (also ``assistants-server``).
+"""Command line: ``python -m app serve | migrate | worker | keys | sandbox-setup | embeddings-setup``
+(also ``assistants-server``).
 
 Flags override the ``ASSISTANTS_*`` environment variables, which override the
 defaults in ``app.settings.Settings``: only flags actually given are passed to
@@ -99,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve /metrics, /healthz and /readyz on this port (env ASSISTANTS_METRICS_PORT)",
     )
     cli_keys.add_parser(commands, common)
+    commands.add_parser(
+        "embeddings-setup",
+        help="distil the default embedder's static token table (minilm-static) and exit",
+        description="Distil minilm-static's token table from the installed all-MiniLM-L6-v2 weights "
+        "(about 1-2 minutes on two cores) and cache it beside the installation; otherwise the first "
+        "ingestion does it. Idempotent.",
+    )
     setup = commands.add_parser(
         "sandbox-setup",
         help="build the code interpreter's Python (numpy, pandas, matplotlib) and exit",
@@ -283,6 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(args)
     if args.command == "sandbox-setup":
         return sandbox_setup.main(args.path or settings.sandbox_python, args.base_python)
+    if args.command == "embeddings-setup":
+        from app.retrieval import static_minilm  # numpy and the model only for this command
+
+        return static_minilm.setup()
     configure_logging(settings)
     try:
         if args.command == "serve":

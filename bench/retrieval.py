@@ -79,6 +79,13 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+def embedding_of(mode: str) -> str | None:
+    """The routing file's embedding_model for a mode: ``default`` writes no
+    file (what a user gets: minilm-static when its model is installed),
+    ``keyword`` turns embeddings off."""
+    return {"default": None, "keyword": "none"}.get(mode, mode)
+
+
 async def start_runtime(url: str, data_dir: Path, embedding: str | None) -> Runtime:
     config = None
     if embedding:
@@ -260,7 +267,8 @@ async def latency_run(
         # Embedded once per distinct chunk; copies reuse the vectors.
         vectors: dict[str, list[list[float]] | None] = {}
         for name, pieces in pages:
-            vectors[name] = await model.embed(pieces) if model is not None else None
+            title = ingest.document_title(pieces[0], name)
+            vectors[name] = await embed.embed_document(model, pieces, title) if model is not None else None
         loaded = time.perf_counter()
         count = copy = 0
         while count < size:
@@ -331,8 +339,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="3000,100000")
     parser.add_argument(
         "--modes",
-        default="keyword,hashing",
-        help="keyword and/or embedding models for hybrid runs (hashing, all-minilm-l6-v2)",
+        default="default,keyword",
+        help="default (no configuration), keyword (embedding_model: none) and/or embedding models "
+        "for hybrid runs (minilm-static, hashing, all-minilm-l6-v2)",
     )
     args = parser.parse_args()
     modes = args.modes.split(",")
@@ -356,7 +365,7 @@ def main() -> None:
                 for mode in modes:
                     name = f"corpus_{engine}_{mode}"
                     url = engine_url(engine, work, pg, name)
-                    r = asyncio.run(corpus_run(url, work / name, None if mode == "keyword" else mode))
+                    r = asyncio.run(corpus_run(url, work / name, embedding_of(mode)))
                     h, d = r["heldout"], r["dev"]
                     print(
                         f"| {engine} | {mode} | {r['chunks']} | {r['seconds']:.1f} | {r['failed']} | {h['mrr']:.3f} | "
@@ -383,7 +392,7 @@ def main() -> None:
                     for mode in modes:
                         name = f"latency_{engine}_{size}_{mode}"
                         url = engine_url(engine, work, pg, name)
-                        r = asyncio.run(latency_run(url, work / name, pages, size, None if mode == "keyword" else mode))
+                        r = asyncio.run(latency_run(url, work / name, pages, size, embedding_of(mode)))
                         plain, filtered = r["plain"], r["filtered"]
                         print(
                             f"| {engine} | {r['chunks']} | {mode} | {r['load_s']:.1f} | {plain[0]:.1f} | "

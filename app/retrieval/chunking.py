@@ -42,6 +42,12 @@ def _read_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
+def cl100k_ranks() -> dict[bytes, int]:
+    """Every token of cl100k_base and its merge rank (lower = more frequent in
+    the text the encoding was trained on)."""
+    return _read_ranks(RANKS_FILE)
+
+
 @cache
 def _encoding() -> tiktoken.Encoding:
     # No special tokens: documents are plain text, so "<|endoftext|>" in a

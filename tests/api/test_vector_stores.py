@@ -4,6 +4,7 @@ exact file counts, search with filters, bad files, bad parameters, expiry."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -12,12 +13,30 @@ from fastapi import FastAPI
 from sqlalchemy import update
 
 from app import orm
+from app.settings import Settings
 from tests.conftest import error_of
 from tests.retrieval import documents
 
 ZEBRA = "Zebras sleep standing up in the savanna and graze on tall grasses."
 LLAMA = "Llamas carry loads across the Andes and hum to each other."
 QUOKKA = "Quokkas live on Rottnest Island and are known as the happiest animals."
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    """Keyword search (``embedding_model: none``): these tests pin its score
+    semantics (1 for the best match of a fully matched query, at most the
+    share of the query's words found); the default hybrid search is tested in
+    test_hybrid_search.py."""
+    config = tmp_path / "models.yaml"
+    config.write_text("embedding_model: none\n")
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        poll_after_ms=10,
+        worker_drain_seconds=0.2,
+        llm_config=config,
+    )
 
 
 async def _upload(client: openai.AsyncOpenAI, name: str, data: bytes) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 from app.retrieval import embed, index
+from app.retrieval.fusion import fuse
 from app.retrieval.index import Hit
-from app.retrieval.search import fuse
 from app.retrieval.sqlite_keywords import match_expression, within_budget
 from app.services.vector_store_search import matches
 from app.wire.vector_stores import ComparisonFilter, CompoundFilter
