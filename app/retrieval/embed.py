@@ -164,6 +164,9 @@ async def embed_queries(settings: Settings, queries: Sequence[str]) -> list[list
         return None
     try:
         return await model.embed(queries)
+    except static_minilm.NotReady as exc:
+        log.warning("%s", exc)
+        return None
     except Exception:
         log.exception("embedding the query with %s failed; searching by keywords only", model.name)
         return None

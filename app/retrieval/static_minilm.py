@@ -181,6 +181,10 @@ def _unit(matrix: Array) -> Array:
     return unit
 
 
+class NotReady(Exception):
+    """The token table is not distilled yet (it is being, in the background)."""
+
+
 class StaticMiniLM:
     """Chunk vectors: [transformer(document title), static(chunk)]; query
     vectors: [transformer(query), static(query)] (see the module's doc).
@@ -192,11 +196,13 @@ class StaticMiniLM:
     name = NAME
     dimensions = DIMENSIONS
 
-    def __init__(self, load_model: Callable[[], minilm.MiniLM], load_table: Callable[[minilm.MiniLM], Table]) -> None:
+    def __init__(self, load_model: Callable[[], minilm.MiniLM], table_path: Path) -> None:
         self._load_model = load_model
-        self._load_table = load_table
+        self.table_path = table_path
         self._loaded: tuple[minilm.MiniLM, Table, Any] | None = None
         self._loading = threading.Lock()
+        self._warming: threading.Thread | None = None
+        self._starting = threading.Lock()  # not _loading: that one is held while distilling
 
     def _parts(self) -> tuple[minilm.MiniLM, Table, Any]:
         with self._loading:
@@ -209,8 +215,28 @@ class StaticMiniLM:
                 tokenizer = Tokenizer.from_str(model.tokenizer.to_str())
                 tokenizer.no_truncation()
                 tokenizer.no_padding()
-                self._loaded = (model, self._load_table(model), tokenizer)
+                self._loaded = (model, ensure_table(model, self.table_path), tokenizer)
             return self._loaded
+
+    def _warm(self) -> None:
+        try:
+            self._parts()
+        except Exception:
+            log.exception("%s: distilling the token table failed; a later query tries again", NAME)
+            with self._starting:
+                self._warming = None
+
+    def _ready_for_queries(self) -> bool:
+        """Whether a query can be embedded now; if the table is still to be
+        distilled, that starts in the background (a search must not wait
+        minutes for it: it falls back to keywords meanwhile)."""
+        if self._loaded is not None or self.table_path.is_file():
+            return True
+        with self._starting:
+            if self._warming is None:
+                self._warming = threading.Thread(target=self._warm, name=f"{NAME} distillation", daemon=True)
+                self._warming.start()
+        return False
 
     def static_vectors(self, texts: Sequence[str]) -> Array:
         _, table, tokenizer = self._parts()
@@ -247,6 +273,9 @@ class StaticMiniLM:
         return self.combine(contextual, self.static_vectors(texts))
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Queries; NotReady while the table is being distilled."""
+        if not self._ready_for_queries():
+            raise NotReady(f"{NAME} is distilling its token table (once); searching by keywords meanwhile")
         return await asyncio.to_thread(self.embed_sync, list(texts))
 
     async def embed_documents(self, texts: Sequence[str], title: str) -> list[list[float]]:
@@ -263,7 +292,7 @@ def available() -> bool:
 @cache
 def load() -> StaticMiniLM:
     """The installed model's embedder (cheap: nothing is read until the first embedding)."""
-    return StaticMiniLM(minilm.load, lambda model: ensure_table(model, cache_path()))
+    return StaticMiniLM(minilm.load, cache_path())
 
 
 def setup(say: Callable[[str], None] = print) -> int:

@@ -4,6 +4,7 @@ and the embedder over the real MiniLM weights with the table that
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,26 @@ def test_it_is_the_default_embedder_and_none_turns_it_off(tmp_path: Path) -> Non
     config = tmp_path / "static.yaml"
     config.write_text("embedding_model: minilm-static\n")
     assert embed._from_config(config) is static_minilm.load()
+
+
+async def test_a_query_does_not_wait_for_the_distillation(tmp_path: Path) -> None:
+    """Without a cached table a query raises NotReady at once (search then
+    uses keywords) and the distillation starts once, in the background."""
+    release = threading.Event()
+    loads: list[int] = []
+
+    def slow_model() -> Any:
+        loads.append(1)
+        release.wait(timeout=30)
+        raise RuntimeError("stands in for minutes of distillation")
+
+    embedder = static_minilm.StaticMiniLM(slow_model, tmp_path / "missing.npz")
+    for _ in range(2):
+        with pytest.raises(static_minilm.NotReady):
+            await embedder.embed(["a question"])
+    warming = embedder._warming
+    assert warming is not None
+    release.set()
+    warming.join(timeout=30)
+    assert not warming.is_alive() and loads == [1]  # one distillation for both queries
+    assert embedder._warming is None  # it failed: the next query tries again
