@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "embeddings-setup",
         help="distil the default embedder's static token table (minilm-static) and exit",
         description="Distil minilm-static's token table from the installed all-MiniLM-L6-v2 weights "
-        "(about 1-2 minutes on two cores) and cache it beside the installation; otherwise the first "
+        "(2-5 minutes on two cores) and cache it beside the installation; otherwise the first "
         "ingestion does it. Idempotent.",
     )
     setup = commands.add_parser(

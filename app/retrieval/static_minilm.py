@@ -23,7 +23,7 @@ the development questions of bench/retrieval.py this added to BM25 (fused by
 reciprocal rank) lifted MRR@10 from 0.65 to about 0.74.
 
 The table is distilled once (``assistants-server embeddings-setup``, which
-bootstrap and the Docker image run; otherwise at first use, ~1-2 minutes on
+bootstrap and the Docker image run; otherwise at first use, ~2-5 minutes on
 two cores) and cached beside the installation, like the sandbox's Python.
 """
 
@@ -167,7 +167,7 @@ def ensure_table(model: minilm.MiniLM, path: Path, say: Callable[[str], None] = 
         fcntl.flock(lock, fcntl.LOCK_EX)
         table = read(path)
         if table is None:
-            say(f"{NAME}: distilling the static token table from all-MiniLM-L6-v2 (once; about 1-2 minutes)")
+            say(f"{NAME}: distilling the static token table from all-MiniLM-L6-v2 (once; a few minutes)")
             started = time.monotonic()
             table = distill(model, say)
             save(table, path)
