@@ -134,6 +134,7 @@ def _from_config(path: Path | None) -> Embedder | None:
     if local == minilm.MiniLM.name:
         return minilm.load()
     if local == static_minilm.NAME:
+        minilm.load()  # named explicitly: a missing package or tokenizer is a start-up error, as for the full model
         return static_minilm.load()
     for entry in data.get("model_list") or []:
         if isinstance(entry, dict) and entry.get("model_name") == name:
