@@ -231,18 +231,37 @@ async def notify_work(engine: AsyncEngine) -> None:
 async def listen_for_work(engine: AsyncEngine, on_work: Callable[[], None], retry_seconds: float = 1.0) -> None:
     """Call ``on_work`` on every signal from notify_work(), until cancelled;
     the listening connection is re-opened after a failure."""
+    await listen(engine, WORK_CHANNEL, lambda _payload: on_work(), retry_seconds=retry_seconds)
+
+
+async def listen(
+    engine: AsyncEngine,
+    channel: str,
+    on_notify: Callable[[str], None],
+    *,
+    on_reconnect: Callable[[], None] | None = None,
+    retry_seconds: float = 1.0,
+) -> None:
+    """Call ``on_notify(payload)`` for every PostgreSQL NOTIFY on ``channel``
+    until cancelled. The listening connection is re-opened after a failure,
+    and ``on_reconnect`` then runs once: notifications sent while nobody
+    listened are lost, so whoever relies on them must look again."""
+    first = True
     while True:
         try:
             async with engine.connect() as connection:
                 raw = await connection.get_raw_connection()
                 listener = raw.driver_connection  # the asyncpg connection
                 assert listener is not None
-                await listener.add_listener(WORK_CHANNEL, lambda *_args: on_work())
+                await listener.add_listener(channel, lambda *args: on_notify(str(args[3])))
+                if not first and on_reconnect is not None:
+                    on_reconnect()
+                first = False
                 closed = asyncio.Event()
                 listener.add_termination_listener(lambda *_args, done=closed: done.set())
                 await closed.wait()
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.warning("listening for work failed; retrying", exc_info=True)
+            log.warning("listening on %s failed; retrying", channel, exc_info=True)
         await asyncio.sleep(retry_seconds)

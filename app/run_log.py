@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app import db
 from app.bus import Entry, EventBus
 from app.services import run_events
 from app.wire.events import TERMINAL_RUN_EVENTS, Event
@@ -271,22 +272,4 @@ async def listen(engine: AsyncEngine, bus: EventBus, retry_seconds: float = 1.0)
     events for it (PostgreSQL), until cancelled. After the listening
     connection is lost and re-opened every follower is nudged once (a
     NOTIFY may have been missed meanwhile)."""
-    first = True
-    while True:
-        try:
-            async with engine.connect() as connection:
-                raw = await connection.get_raw_connection()
-                listener = raw.driver_connection  # the asyncpg connection
-                assert listener is not None
-                await listener.add_listener(RUN_EVENTS_CHANNEL, lambda *args: bus.nudge(str(args[3])))
-                if not first:
-                    bus.nudge_all()
-                first = False
-                closed = asyncio.Event()
-                listener.add_termination_listener(lambda *_args, done=closed: done.set())
-                await closed.wait()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.warning("listening for run events failed; retrying", exc_info=True)
-        await asyncio.sleep(retry_seconds)
+    await db.listen(engine, RUN_EVENTS_CHANNEL, bus.nudge, on_reconnect=bus.nudge_all, retry_seconds=retry_seconds)

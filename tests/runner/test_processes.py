@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,15 +34,6 @@ DEADLINE = 60.0
 FINAL = {"completed", "failed", "cancelled", "expired", "incomplete"}
 # 100 tokens, 20 ms apart: about 2 s of answer, long enough to interrupt.
 SLOW = "[[delay 20]] [[tokens 100]]"
-
-
-@pytest.fixture
-async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    rt = await Runtime.start(settings)
-    try:
-        yield rt
-    finally:
-        await rt.close()
 
 
 @contextmanager

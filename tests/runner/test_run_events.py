@@ -3,29 +3,17 @@ the retention, and closing what a dead worker's stream left open."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from sqlalchemy import func, select, update
 
 from app import orm
 from app.runtime import Runtime
 from app.services import run_events
-from app.settings import Settings
 from app.wire.events import Event
 from app.worker import Worker
 from tests.runner.test_worker import _make_runs
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    rt = await Runtime.start(settings)
-    try:
-        yield rt
-    finally:
-        await rt.close()
 
 
 async def _log(runtime: Runtime, run_id: str) -> list[str]:

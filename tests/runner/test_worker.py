@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import select, update
@@ -13,17 +12,7 @@ from sqlalchemy import select, update
 from app import ids, orm
 from app.runtime import Runtime
 from app.services import run_state, run_steps
-from app.settings import Settings
 from app.worker import INTERRUPTED, Worker
-
-
-@pytest.fixture
-async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    rt = await Runtime.start(settings)
-    try:
-        yield rt
-    finally:
-        await rt.close()
 
 
 async def _make_runs(runtime: Runtime, count: int, status: str = "queued", text: str = "hi") -> list[str]:
