@@ -260,7 +260,11 @@ async def latency(args: argparse.Namespace, scratch: Path, pg_url: str) -> None:
 async def fanout(args: argparse.Namespace, scratch: Path, pg_url: str) -> None:
     """N streams at once, spread over two replicas, runs executed by two workers."""
     prompt = f"[[tokens {args.tokens}]] [[delay {args.delay_ms:g}]]"
-    cluster = Cluster(pg_url, scratch / "files", args.streams // (1 if args.embedded else 2) + 8)
+    # --concurrency 0: every run of the burst executes at once (more runs per
+    # worker than its pool has connections); otherwise the runs past it queue
+    # while their streams stay open, as a deployment's defaults would have it.
+    per_worker = args.streams // (1 if args.embedded else 2) + 8
+    cluster = Cluster(pg_url, scratch / "files", args.concurrency or per_worker)
     if args.embedded:  # the baseline: one process serves and executes everything
         await cluster.start(1, 0, embedded=True)
     else:
@@ -330,6 +334,7 @@ def main() -> None:
     parser.add_argument("--setups", type=int, nargs="+", default=[0, 1, 2], help="latency: which (0 1 2)")
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--embedded", action="store_true", help="fanout: one serve with its worker instead")
+    parser.add_argument("--concurrency", type=int, default=0, help="fanout: runs per worker (0: all at once)")
     args = parser.parse_args()
     print(f"load average before: {_load()} on {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory(prefix="bench-run-events-") as directory:
