@@ -903,7 +903,7 @@ def _cue_error(problem: str) -> LLMError:
 
 
 def _count(verb: str, arg: str) -> int:
-    if not arg.isdigit():
+    if not (arg.isascii() and arg.isdigit()):  # isdigit() alone admits "²", which int() refuses
         raise _cue_error(f"[[{verb} N]] needs a whole number, got {arg!r}")
     return int(arg)
 

@@ -22,6 +22,8 @@ from app.services import run_events, run_state, runs
 
 router = APIRouter(tags=["runs"])
 
+MAX_SEQUENCE = 2**31 - 1
+
 DESCRIPTION = (
     "Extension (not part of OpenAI's API). Streams the run's events as server-sent events, the frames a "
     "streamed create or submit_tool_outputs sends, each with `id: <sequence number>`: from the start, or after "
@@ -66,7 +68,9 @@ async def stream_run_events(
 def _sequence(param: str, value: str | None) -> int:
     if value is None or value == "":
         return 0
-    if not value.isdigit():
+    # isascii: str.isdigit() also accepts digits int() refuses ("²"); the
+    # bound is the log's 32-bit seq column (a larger number would fail in SQL).
+    if not (value.isascii() and value.isdigit()) or int(value) > MAX_SEQUENCE:
         raise errors.invalid(
             f"Invalid '{param}': '{value}'. Expected the sequence number of a run event (a non-negative integer).",
             param=param,

@@ -97,6 +97,9 @@ async def test_assistant_files_crud_keeps_the_retrieval_store_in_step(
     await v1(http, "POST", base, {"file_id": two})
     listing = v1_valid(await v1(http, "GET", f"{base}?order=asc"), "ListAssistantFilesResponse")
     assert [item["id"] for item in listing["data"]] == [one, two]
+    for bad_limit in ("0", "101", "x", "%C2%B2"):  # "²" passes str.isdigit() but not int()
+        refused = await v1(http, "GET", f"{base}?limit={bad_limit}", status=400)
+        assert refused["error"]["param"] == "limit"
     assert v1_valid(await v1(http, "GET", f"{base}/{two}"), "AssistantFileObject")["id"] == two
     deleted = v1_valid(await v1(http, "DELETE", f"{base}/{one}"), "DeleteAssistantFileResponse")
     assert deleted == {"id": one, "object": "assistant.file.deleted", "deleted": True}

@@ -103,7 +103,9 @@ def test_a_cancelled_run_s_log_ends_with_the_cancel(raw: httpx2.Client, sdk: ope
     assert names(_events(raw, thread_id, run.id))[-2:] == ["thread.run.cancelled", "done"]
 
 
-@pytest.mark.parametrize("query", [{"after": "-1"}, {"after": "two"}, {"after": "1.5"}])
+@pytest.mark.parametrize(
+    "query", [{"after": "-1"}, {"after": "two"}, {"after": "1.5"}, {"after": "\u00b2"}, {"after": "9" * 30}]
+)
 def test_a_bad_sequence_number_is_a_400(raw: httpx2.Client, sdk: openai.OpenAI, assistant_id: str, query: Any) -> None:
     thread_id = thread_with(sdk, "hi")
     run = sdk.beta.threads.runs.create(thread_id=thread_id, assistant_id=assistant_id)

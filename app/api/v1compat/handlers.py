@@ -88,7 +88,7 @@ async def _json_body(receive: Receive) -> dict[str, Any]:
 def _page(scope: Scope) -> tuple[int, str, str | None, str | None]:
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     raw_limit = (query.get("limit") or ["20"])[0]
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 100:
         raise errors.invalid(
             f"Invalid 'limit': integer below minimum value. Expected a value >= 1 and <= 100, got {raw_limit}.",
             param="limit",
