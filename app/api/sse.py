@@ -10,8 +10,14 @@ state) and ends with ``event: done`` / ``data: [DONE]``. Each logged event's
 frame carries ``id: <seq>``, its place in the log, so a client can come back
 with ``Last-Event-ID``; the SDKs ignore the line (PY) or keep it (Node).
 
-sse-starlette carries the frames: it notices a client that goes away (only
-the subscription ends, never the run) and a server that shuts down.
+Run streams are written by ``RunStream``, a plain ASGI response (issue 17:
+sse-starlette's per-stream task group, ping task, send lock and per-send
+timeout scope cost more than the frames themselves): the frames go out from
+the request's own task, one watcher task notices a client that goes away
+(only the subscription ends, never the run), and one process-wide watcher
+(``_Shutdown``, one per event loop) notices a server that shuts down. The chat-completions form
+(``data_stream``) stays on sse-starlette, whose disconnect handling cancels
+the model call at once.
 """
 
 from __future__ import annotations
@@ -19,13 +25,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from contextlib import aclosing, suppress
+import signal
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from contextlib import aclosing, contextmanager, suppress
 from typing import Protocol
 
 import anyio
 from sse_starlette import EventSourceResponse
-from starlette.types import Receive, Scope, Send
+from sse_starlette.sse import AppStatus
+from starlette.background import BackgroundTask
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 from app.bus import Entry
 from app.run_follow import Follower, Interrupted
@@ -86,29 +97,138 @@ class EntrySource(Protocol):
     def interrupt(self) -> None: ...
 
 
-class RunStream(EventSourceResponse):
+# What every event stream answers with: sse-starlette's headers (no caching,
+# no proxy buffering), so clients and proxies see the same response as before.
+STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"connection", b"keep-alive"),
+    (b"x-accel-buffering", b"no"),
+]
+_END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+class _EventStream(Response):
+    """A Starlette response in name only (so FastAPI passes it through
+    unserialized): subclasses write the body themselves."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self) -> None:
+        self.status_code = 200
+        self.background: BackgroundTask | None = None
+        self.raw_headers = list(STREAM_HEADERS)
+
+    async def _after(self) -> None:
+        if self.background is not None:
+            await self.background()
+
+
+class RunStream(_EventStream):
     """A run's stream from a follower that outlives the request handler:
     opened inside the request, closed by this response when it ends (also
-    when the body never started because the client left first)."""
+    when the body never started because the client left first).
+
+    The frames are sent from the calling task; a client that goes away is
+    noticed by one small task waiting on ``receive`` (it stops the relay at
+    its next wait); a server shutdown by ``_Shutdown`` (the relay is
+    interrupted after ``SHUTDOWN_DRAIN_SECONDS``)."""
 
     def __init__(
         self, follower: Follower, opening: Sequence[Entry] = (), *, keepalive: float = KEEPALIVE_SECONDS
     ) -> None:
+        super().__init__()
         self._follower = follower
-        shutdown = anyio.Event()
-        super().__init__(
-            relay(follower, opening, keepalive=keepalive, shutdown=shutdown),
-            ping=0,  # relay() sends its own keep-alives, only when idle
-            sep="\n",
-            shutdown_event=shutdown,
-            shutdown_grace_period=SHUTDOWN_DRAIN_SECONDS + 1,
-        )
+        self._opening = opening
+        self._keepalive = keepalive
+        self._gone = False  # the client went away
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher: asyncio.Future[None] | None = None
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
+            if scope.get("method") == "HEAD":  # headers only: the stream never starts
+                await send(_END)
+                return
+            watcher = asyncio.ensure_future(self._watch_client(receive))
+            with _watching_shutdown(self._follower):
+                async with aclosing(relay(self._follower, self._opening, keepalive=self._keepalive)) as chunks:
+                    async for chunk in chunks:
+                        if self._gone:
+                            return
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send(_END)
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await self._follower.close()
+        await self._after()
+
+    async def _watch_client(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self._gone = True
+                self._follower.interrupt()  # wakes the relay, which then stops
+                return
+
+
+class _Shutdown:
+    """Ends the open streams of one event loop when the server shuts down:
+    one watcher task (only while a stream is open) looks every
+    ``POLL_SECONDS`` whether uvicorn is exiting, then interrupts each stream
+    after ``SHUTDOWN_DRAIN_SECONDS``, so runs about to finish end normally.
+    Nothing is remembered past one shutdown (tests start many servers)."""
+
+    POLL_SECONDS = 0.5
+
+    def __init__(self) -> None:
+        self._open: set[EntrySource] = set()
+        self._watcher: asyncio.Task[None] | None = None
+
+    def add(self, source: EntrySource) -> None:
+        self._open.add(source)
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="sse-shutdown-watch")
+
+    def discard(self, source: EntrySource) -> None:
+        self._open.discard(source)
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        interrupted: set[EntrySource] = set()
+        while self._open:
+            if server_is_exiting():
+                for source in self._open - interrupted:
+                    interrupted.add(source)
+                    loop.call_later(SHUTDOWN_DRAIN_SECONDS, source.interrupt)
+            await asyncio.sleep(self.POLL_SECONDS)
+
+
+_SHUTDOWNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Shutdown] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def _watching_shutdown(source: EntrySource) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    shutdown = _SHUTDOWNS.get(loop)
+    if shutdown is None:
+        shutdown = _SHUTDOWNS[loop] = _Shutdown()
+    shutdown.add(source)
+    try:
+        yield
+    finally:
+        shutdown.discard(source)
+
+
+def server_is_exiting() -> bool:
+    """Whether the uvicorn serving this process was told to exit: sse-starlette
+    records its signal in ``AppStatus``; uvicorn's own flag is reached through
+    the SIGTERM handler it installs while serving (a bound method)."""
+    if AppStatus.should_exit:
+        return True
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    return bool(getattr(server, "should_exit", False))
 
 
 async def relay(
@@ -117,7 +237,7 @@ async def relay(
     *,
     keepalive: float = KEEPALIVE_SECONDS,
     shutdown: anyio.Event | None = None,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The stream's bytes: ``opening``, then the run's entries from
     ``source`` up to the one that stops the run for this stream, then done.
     Entries that arrived together leave in one write."""
@@ -169,13 +289,22 @@ async def _interrupt_on_shutdown(source: EntrySource, shutdown: anyio.Event) -> 
     source.interrupt()
 
 
-def nothing_more() -> EventSourceResponse:
+class _Fixed(_EventStream):
+    """An event stream whose frames are known when it starts."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__()
+        self._body = body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
+        await send({"type": "http.response.body", "body": self._body if scope.get("method") != "HEAD" else b""})
+        await self._after()
+
+
+def nothing_more() -> _Fixed:
     """The stream of a run that has ended and has nothing after the point asked for."""
-
-    async def frames() -> AsyncIterator[bytes]:
-        yield frame(DONE_EVENT)
-
-    return EventSourceResponse(frames(), ping=0, sep="\n")
+    return _Fixed(frame(DONE_EVENT))
 
 
 def data_stream(chunks: AsyncGenerator[object, None]) -> EventSourceResponse:
