@@ -53,12 +53,34 @@ async def add(
     run_id: str | None = None,
 ) -> orm.Message:
     """Insert a completed message into a thread known to exist (no lock check)."""
+    row = await build(session, project, thread_id, body, assistant_id=assistant_id, run_id=run_id)
+    session.add(row)
+    return row
+
+
+def searches_files(body: MessageCreate) -> bool:
+    """Whether adding the message changes its thread (its file_search store)."""
+    return any(tool.type == "file_search" for attachment in body.attachments or [] for tool in attachment.tools)
+
+
+async def build(
+    session: AsyncSession,
+    project: Project,
+    thread_id: str,
+    body: MessageCreate,
+    *,
+    assistant_id: str | None = None,
+    run_id: str | None = None,
+) -> orm.Message:
+    """A completed message for a thread known to exist, checked (its files)
+    but not added to the session; its file_search attachments are added to
+    the thread's store already."""
     await require_files(session, project, _referenced_files(body))
     # Attachments for file_search go into the thread's vector store.
     searched = [a.file_id for a in body.attachments or [] if any(tool.type == "file_search" for tool in a.tools)]
     await vector_stores.add_to_thread_store(session, project, thread_id, searched)
     seq = ids.next_seq()
-    row = orm.Message(
+    return orm.Message(
         id=ids.new_id(ids.MESSAGE, seq),
         seq=seq,
         created_at=ids.seconds(seq),
@@ -74,8 +96,6 @@ async def add(
         attachments=[attachment.model_dump() for attachment in body.attachments or []],
         metadata_=metadata_or_empty(body.metadata),
     )
-    session.add(row)
-    return row
 
 
 async def thread_of(session: AsyncSession, project: Project, thread_id: str) -> orm.Thread:

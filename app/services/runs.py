@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
@@ -17,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
-from app.services import assistants, messages, pagination, run_state, run_steps, thread_lock, threads, tool_resources
+from app.services import core_rows, messages, pagination, run_state, run_steps, thread_lock, threads, tool_resources
 from app.services.common import metadata_or_empty, require_id
 from app.services.projects import Project
 from app.wire.common import ListPage, response_format_to_wire, tool_to_wire
@@ -54,7 +55,7 @@ async def _new_run(
     expires_in: int,
     additional_instructions: str | None = None,
 ) -> orm.Run:
-    assistant = await assistants.get(session, project, body.assistant_id)
+    assistant = await _run_defaults(session, project, body.assistant_id)
     tools = [tool_to_wire(tool) for tool in body.tools] if body.tools is not None else list(assistant.tools)
     instructions = body.instructions if body.instructions is not None else (assistant.instructions or "")
     if additional_instructions:
@@ -87,6 +88,44 @@ async def _new_run(
     )
 
 
+@dataclass(frozen=True)
+class _AssistantDefaults:
+    """What a new run takes from its assistant."""
+
+    id: str
+    model: str
+    instructions: str | None
+    tools: list[Any]
+    temperature: float | None
+    top_p: float | None
+    response_format: Any
+    reasoning_effort: str | None
+
+
+_ASSISTANT_DEFAULTS = select(
+    orm.Assistant.project_id,
+    orm.Assistant.id,
+    orm.Assistant.model,
+    orm.Assistant.instructions,
+    orm.Assistant.tools,
+    orm.Assistant.temperature,
+    orm.Assistant.top_p,
+    orm.Assistant.response_format,
+    orm.Assistant.reasoning_effort,
+)
+
+
+async def _run_defaults(session: AsyncSession, project: Project, assistant_id: str) -> _AssistantDefaults:
+    """The assistant's run defaults, read with one Core SELECT (no ORM
+    instance, no identity map: issue 17); missing for another project's
+    assistant as for none at all, as assistants.get answers."""
+    require_id("assistant_id", assistant_id, ids.ASSISTANT)
+    row = (await session.execute(_ASSISTANT_DEFAULTS.where(orm.Assistant.id == assistant_id))).first()
+    if row is None or row[0] != project.id:
+        raise errors.not_found("assistant", assistant_id)
+    return _AssistantDefaults(*row[1:])
+
+
 def _pick(override: Any, default: Any) -> Any:
     """A run field: the request's override if given, else the assistant's."""
     return override if override is not None else default
@@ -106,7 +145,7 @@ async def create(
         raise errors.thread_has_active_run(thread_id, active.id)
     # additional_messages come before the run (the executor reads messages older than the run).
     for message in body.additional_messages or []:
-        await messages.add(session, project, thread_id, message)
+        await core_rows.insert_row(session, await messages.build(session, project, thread_id, message))
     run = await _new_run(
         session, project, thread_id, body, expires_in=expires_in, additional_instructions=body.additional_instructions
     )
@@ -121,7 +160,7 @@ async def _insert_live(session: AsyncSession, run: orm.Run) -> None:
     for _attempt in range(3):
         try:
             async with session.begin_nested():
-                session.add(run)
+                await core_rows.insert_row(session, run)
             return
         except IntegrityError as error:
             if not thread_lock.is_live_run_conflict(error):
@@ -141,7 +180,7 @@ async def create_thread_and_run(
     run.tool_resources = (
         await tool_resources.to_stored(session, project, body.tool_resources) if body.tool_resources else None
     )
-    session.add(run)
+    await core_rows.insert_row(session, run)
     events = [Event.of("thread.created", threads.to_wire(thread)), *_queued_events(run)]
     return thread, run, events
 

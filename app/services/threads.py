@@ -7,7 +7,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import ids, orm
-from app.services import messages, tool_resources
+from app.services import core_rows, messages, tool_resources
 from app.services.common import metadata_or_empty
 from app.services.projects import Project
 from app.wire.common import Deleted
@@ -15,6 +15,8 @@ from app.wire.threads import Thread, ThreadCreate, ThreadUpdate
 
 
 async def create(session: AsyncSession, project: Project, body: ThreadCreate) -> orm.Thread:
+    """The thread and its messages, inserted with Core statements (issue 17:
+    this is half of every POST /threads/runs)."""
     seq = ids.next_seq()
     row = orm.Thread(
         id=ids.new_id(ids.THREAD, seq),
@@ -24,10 +26,15 @@ async def create(session: AsyncSession, project: Project, body: ThreadCreate) ->
         tool_resources=await tool_resources.to_stored(session, project, body.tool_resources, for_thread=True),
         metadata_=metadata_or_empty(body.metadata),
     )
-    session.add(row)
-    await session.flush()  # the messages reference the thread
+    await core_rows.insert_row(session, row)  # before the messages, which reference it
     for message in body.messages or []:
-        await messages.add(session, project, row.id, message)
+        await core_rows.insert_row(session, await messages.build(session, project, row.id, message))
+    if any(messages.searches_files(message) for message in body.messages or []):
+        # The messages' file_search attachments gave the thread a store: the
+        # session's own (changed) instance of the thread is the one to answer.
+        changed = await session.get(orm.Thread, row.id)
+        assert changed is not None
+        return changed
     return row
 
 
