@@ -118,22 +118,21 @@ class RequestGate:
             return
         # Made by app/observability/http.py, which logs and counts the request.
         request_id = logs.current_request_id() or http.new_request_id()
-        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        request_id_header = (b"x-request-id", request_id.encode())
         started = False
 
         async def send_with_id(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", ()), request_id_header]
             await send(message)
 
         try:
             # The console (app/console) signs in with a cookie, not a header;
             # probes, metrics and the docs are open (public_paths).
             public = scope.get("path", "").startswith("/console") or scope.get("path") in self.public_paths
-            rejection = (None if public else await _admit(scope, headers)) or _check_url(scope)
+            rejection = (None if public else await _admit(scope)) or _check_url(scope)
             if rejection is not None:
                 await _send_error(rejection, send_with_id)
                 return
@@ -145,15 +144,23 @@ class RequestGate:
             await _send_error(unexpected_error(exc), send_with_id)
 
 
-def _key_of(headers: dict[str, str]) -> str:
-    key = headers.get("api-key") or ""
-    authorization = headers.get("authorization", "")
+def _key_of(scope: Scope) -> str:
+    """The request's key: ``Authorization: Bearer`` or Azure's ``api-key``.
+    Only these two headers are decoded, not every header of every request;
+    a repeated one counts by its last value."""
+    api_key = authorization = ""
+    for name, value in scope["headers"]:
+        lowered = name.lower()
+        if lowered == b"authorization":
+            authorization = value.decode("latin-1")
+        elif lowered == b"api-key":
+            api_key = value.decode("latin-1")
     if authorization.lower().startswith("bearer "):
-        key = authorization[7:].strip()
-    return key
+        return authorization[7:].strip()
+    return api_key
 
 
-async def _admit(scope: Scope, headers: dict[str, str]) -> errors.APIError | None:
+async def _admit(scope: Scope) -> errors.APIError | None:
     """Let the request in for its key's project (recorded in the ASGI scope
     for deps.project_of), or answer OpenAI's 401. An open server (no keys at
     all) lets everyone in, for the default project."""
@@ -161,7 +168,7 @@ async def _admit(scope: Scope, headers: dict[str, str]) -> errors.APIError | Non
     if await keys.is_open():
         deps.set_project(scope, projects.DEFAULT)
         return None
-    key = _key_of(headers)
+    key = _key_of(scope)
     if not key:
         return errors.APIError(401, MISSING_KEY)
     project = await keys.project_of(key)

@@ -103,7 +103,7 @@ async def list_runs(thread_id: str, runtime: RuntimeDep, project: ProjectDep, pa
 _STILL_RUNNING = frozenset({"queued", "in_progress", "cancelling"})
 
 
-def _executed_here(runtime: Runtime, run: orm.Run) -> bool:
+def _executed_here(runtime: Runtime, run: orm.Run | runs.RunRow) -> bool:
     """Whether this process's bus carries the run's next move: its worker
     holds the run's lease, or will claim it (queued)."""
     worker = runtime.worker
@@ -119,7 +119,7 @@ async def _retrieve_when_stopped(runtime: Runtime, project: Project, thread_id: 
     would render it, so it is answered without reading the row again."""
     async with runtime.bus.subscribe(run_id) as events:
         async with runtime.transaction() as session:
-            run = await runs.get(session, project, thread_id, run_id)
+            run = await runs.get_row(session, project, thread_id, run_id)
         if run.status not in _STILL_RUNNING or not _executed_here(runtime, run):
             return runs.to_wire(run)
         try:
@@ -135,7 +135,7 @@ async def _retrieve_when_stopped(runtime: Runtime, project: Project, thread_id: 
         except TimeoutError:
             pass
     async with runtime.transaction() as session:
-        return runs.to_wire(await runs.get(session, project, thread_id, run_id))
+        return runs.to_wire(await runs.get_row(session, project, thread_id, run_id))
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}", response_model=Run)
@@ -150,7 +150,7 @@ async def retrieve_run(
         answer = await _retrieve_when_stopped(runtime, project, thread_id, run_id)
     else:
         async with runtime.transaction() as session:
-            answer = runs.to_wire(await runs.get(session, project, thread_id, run_id))
+            answer = runs.to_wire(await runs.get_row(session, project, thread_id, run_id))
     return _polled(answer, runtime.settings.poll_after_ms)
 
 

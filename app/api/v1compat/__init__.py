@@ -25,12 +25,13 @@ from app.api.v1compat.sse import EventRewriter
 
 # Longest first: /openai/v1/... is not /openai + /v1/....
 _PREFIXES = sorted(API_PREFIXES, key=len, reverse=True)
-_BETA = "openai-beta"
+_BETA = b"openai-beta"
 
 
 def is_v1(scope: Scope) -> bool:
+    # Bytes compared, nothing decoded: every request passes here.
     for name, value in scope.get("headers") or []:
-        if name.decode("latin-1").lower() == _BETA and "assistants=v1" in value.decode("latin-1").replace(" ", ""):
+        if name.lower() == _BETA and b"assistants=v1" in value.replace(b" ", b""):
             return True
     return False
 
