@@ -200,7 +200,7 @@ def configure(level: int, log_format: LogFormat, api_keys: Sequence[str] = ()) -
 def adopt_litellm_loggers() -> None:
     """Drop the handlers litellm adds to its loggers at import, so its lines
     print once, through ours. Called again right after litellm is imported
-    (app/llm.py), since that may happen after configure()."""
+    (app/llm/litellm_adapter.py), since that may happen after configure()."""
     for name in LITELLM_LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers.clear()

@@ -15,7 +15,7 @@ import openai
 import pytest
 from fastapi import FastAPI
 
-from app import llm
+from app.llm import litellm_adapter
 from app.main import create_app
 from app.observability import logs
 from app.settings import Settings
@@ -152,7 +152,7 @@ def test_stored_keys_are_masked_but_their_prefix_stays() -> None:
 
 
 def test_litellm_lines_print_once(captured: Captured) -> None:
-    llm._litellm()  # imports litellm, which adds a handler of its own to its loggers
+    litellm_adapter.load()  # imports litellm, which adds a handler of its own to its loggers
     for name in logs.LITELLM_LOGGERS:
         assert logging.getLogger(name).handlers == []
     logging.getLogger("LiteLLM").warning("provider hiccup")

@@ -1,0 +1,205 @@
+"""The facade: every chat completion the server makes goes through ``LLM``,
+which routes it to the offline model, a provider adapter or a cassette, and
+tells the model-request log and the metrics about it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing, suppress
+from pathlib import Path
+from typing import Any
+
+from app import cassettes
+from app.llm import litellm_adapter, offline
+from app.llm.interface import (
+    CallObserver,
+    ChatRequest,
+    Event,
+    Exchange,
+    Finish,
+    LLMError,
+    chat_body,
+    event_from_json,
+    event_to_json,
+)
+from app.llm.routing import OFFLINE, Route, Router, read_config
+from app.scripting import ScriptBook
+
+DEFAULT_CONTEXT_WINDOW = 8_192
+
+
+class LLM:
+    """Every chat completion the server makes goes through one of these."""
+
+    def __init__(self, router: Router, rules: Sequence[offline.Rule] = ()) -> None:
+        self._router = router
+        # Rules a test adds at run time (admin API, pytest plugin).
+        self.script = ScriptBook()
+        # Called with each finished (or failed) completion: the model-request log.
+        self.observer: Callable[[Exchange], Awaitable[None]] | None = None
+        # Record or replay provider answers (app/cassettes.py).
+        self.cassettes: cassettes.Cassettes | None = None
+        self._offline = offline.OfflineModel(rules, self.script)
+        self._windows: dict[str, int] = {}
+        self.metrics_observer: CallObserver | None = None
+
+    @classmethod
+    def from_config(cls, path: Path | None, *, replaying: bool = False) -> LLM:
+        """None (or a config without model_list) serves every model offline.
+        ``replaying``: provider answers come from cassettes, so litellm is
+        neither needed nor imported."""
+        if path is None:
+            return cls(Router.build(None))
+        router, rules = read_config(path)
+        if router.needs_litellm() and not replaying:
+            litellm_adapter.load()  # pay the import at start-up, not inside the first run
+        return cls(router, rules)
+
+    def route(self, model: str) -> Route:
+        route = self._router.route(model)
+        if route is None:
+            raise LLMError(
+                "invalid_prompt",
+                f"The model '{model}' is not configured on this server: "
+                "no model_list entry of the routing config matches it.",
+            )
+        return route
+
+    def is_configured(self, model: str) -> bool:
+        return self._router.route(model) is not None
+
+    def model_names(self) -> list[str]:
+        """Names to list on ``GET /models``: the routing file's exact model
+        names, and ``offline`` (the built-in model) when a name routes to it."""
+        names = list(self._router.exact)
+        if OFFLINE not in names and self.is_configured(OFFLINE):
+            names.append(OFFLINE)
+        return names
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Event]:
+        """Deltas as they come, then exactly one Finish; LLMError on any failure.
+        Each call is reported to ``metrics_observer`` when it ends."""
+        started, outcome, usage = time.monotonic(), "cancelled", None
+        try:
+            async with aclosing(self._stream(request)) as source:
+                async for event in source:
+                    if isinstance(event, Finish):
+                        outcome, usage = "ok", event.usage
+                    yield event
+        except LLMError as exc:
+            outcome = exc.code
+            raise
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            if self.metrics_observer is not None:
+                self.metrics_observer(request.model, outcome, time.monotonic() - started, usage)
+
+    async def _stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
+        route = self.route(request.model)
+        if route.offline:
+            prompt_tokens = self.count_tokens(request.model, request.messages, request.tools)
+            source = self._offline.stream(request, prompt_tokens)
+        elif self.cassettes is not None and self.cassettes.mode == "replay":
+            source = self._replay(request)
+        else:
+            source = litellm_adapter.stream(route, request, self)
+            if self.cassettes is not None:
+                source = self._recording(request, source, self.cassettes)
+        exchange = Exchange(request) if self.observer is not None else None
+        async with aclosing(source):
+            try:
+                async for event in source:
+                    if exchange is not None:
+                        exchange.observe(event)
+                        if isinstance(event, Finish):
+                            # Recorded before the run can finish, so whoever
+                            # sees the run ended also sees what the model saw.
+                            await self._record(exchange)
+                    yield event
+            except LLMError as exc:
+                if exchange is not None:
+                    exchange.error = {"code": exc.code, "message": exc.message}
+                    await self._record(exchange)
+                raise
+
+    async def _replay(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
+        assert self.cassettes is not None
+        recorded, why = self.cassettes.lookup(request.model, chat_body(request))
+        if recorded is None:
+            self.cassettes.misses.append(cassettes.Miss(request.model, why))
+            raise LLMError("server_error", why)
+        for item in recorded:
+            await asyncio.sleep(0)
+            yield event_from_json(item)
+
+    async def _recording(
+        self, request: ChatRequest, source: AsyncGenerator[Event, None], book: cassettes.Cassettes
+    ) -> AsyncGenerator[Event, None]:
+        events: list[dict[str, Any]] = []
+        async with aclosing(source):
+            async for event in source:
+                events.append(event_to_json(event))
+                if isinstance(event, Finish):
+                    book.save(request.model, chat_body(request), events)
+                yield event
+
+    async def _record(self, exchange: Exchange) -> None:
+        assert self.observer is not None
+        try:
+            await self.observer(exchange)
+        except Exception:  # the log is a diagnostic: it never fails a run
+            logging.getLogger("app.llm").exception("could not record a model request")
+
+    def context_window(self, model: str) -> int:
+        """Input tokens the model accepts: config, then litellm's model map, then a default."""
+        if model not in self._windows:
+            self._windows[model] = self._find_window(model)
+        return self._windows[model]
+
+    def _find_window(self, model: str) -> int:
+        route = self._router.route(model)
+        if route is None:
+            return DEFAULT_CONTEXT_WINDOW
+        configured = route.configured_window()
+        if configured:
+            return configured
+        if route.offline:
+            return offline.CONTEXT_WINDOW
+        return litellm_adapter.context_window(route.target) or DEFAULT_CONTEXT_WINDOW
+
+    def count_tokens(
+        self, model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> int:
+        """Prompt tokens, never using the network; exact for the offline model."""
+        route = self._router.route(model)
+        if route is not None and route.offline:
+            return offline.count_prompt_tokens(messages, tools)
+        if route is not None:
+            with suppress(Exception):  # odd message shapes; fall back to the estimate below
+                return litellm_adapter.count_tokens(route.target, messages, tools)
+        return _estimate_tokens(messages, tools)
+
+    def count_text_tokens(self, model: str, text: str) -> int:
+        route = self._router.route(model)
+        if route is None or route.offline:
+            return len(offline.tokens(text))
+        with suppress(Exception):
+            return litellm_adapter.count_text_tokens(route.target, text)
+        return _estimate_text(text)
+
+
+def _estimate_text(text: str) -> int:
+    # About 4 bytes per token for English and 3 per CJK character: dividing by 3
+    # over-estimates, which is the safe side for truncation.
+    return -(-len(text.encode("utf-8")) // 3)
+
+
+def _estimate_tokens(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
+    total = 3 + sum(4 + _estimate_text(json.dumps(message, ensure_ascii=False)) for message in messages)
+    return total + (_estimate_text(json.dumps(tools)) if tools else 0)

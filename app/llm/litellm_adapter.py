@@ -1,0 +1,132 @@
+"""The litellm adapter: the only module that imports litellm, lazily.
+
+The import costs about three seconds and 150 MiB, so it happens on first use:
+``LLM.from_config`` pays it at start-up when a route needs litellm, so the
+first run does not stall the event loop, and a server whose routes are all
+offline or direct never pays it. Before importing,
+``LITELLM_LOCAL_MODEL_COST_MAP`` is defaulted to ``True`` (no network at
+import) and HuggingFace tokenizer downloads are off, so token counting never
+touches the network either.
+
+Routes go to ``litellm.acompletion`` with their ``litellm_params`` as they
+are, over our defaults ``drop_params: true`` and ``timeout: 600``; retries are
+the provider SDK's own (set ``max_retries`` to change them). drop_params only
+ever drops what the server adds: parameters the user set are always sent
+(issue 12).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from typing import Any
+
+from app.llm.interface import ChatRequest, Event, TokenCounter, explicit_params
+from app.llm.provider import ChunkReader, provider_error
+from app.llm.routing import ROUTER_KEYS, Route, resolve_env
+from app.observability import logs
+
+
+def load() -> Any:
+    """litellm, imported on first use: offline at import, quiet, no telemetry."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    # litellm 1.100.5 walks dir() of streamed deltas and so touches pydantic
+    # attributes deprecated in pydantic 2.11. Harmless, but where warnings are
+    # errors (our test suite) it would abort the stream. Added on every use, not
+    # once, because test runners reset the warning filters for each test.
+    warnings.filterwarnings("ignore", message=r"Accessing the 'model_\w+' attribute on the instance is deprecated")
+    import litellm
+
+    logs.adopt_litellm_loggers()  # its lines once, in our format
+    litellm.suppress_debug_info = True
+    litellm.telemetry = False
+    litellm.disable_hf_tokenizer_download = True  # token_counter must never download a tokenizer
+    return litellm
+
+
+async def embed(params: dict[str, Any], texts: Sequence[str]) -> list[list[float]]:
+    """Embeddings through litellm's ``aembedding`` for one routing entry's
+    ``litellm_params`` (already resolved: ``model`` plus provider options).
+    Here because this module is the only one that imports litellm
+    (app/retrieval/embed.py chooses the model and batches)."""
+    options = dict(params)
+    model = options.pop("model")
+    response = await load().aembedding(model=model, input=list(texts), **options)
+    return [[float(value) for value in item["embedding"]] for item in response.data]
+
+
+def decode_tokens(tokens: Sequence[int]) -> str:
+    """Text of OpenAI token ids (cl100k_base, bundled with litellm: no network);
+    LangChain's OpenAIEmbeddings sends its inputs as token ids."""
+    return str(load().decode(model="text-embedding-3-small", tokens=list(tokens)))
+
+
+def completion_kwargs(route: Route, request: ChatRequest) -> dict[str, Any]:
+    params = {k: v for k, v in resolve_env(dict(route.params), request.model).items() if k not in ROUTER_KEYS}
+    # Defaults a config may override. drop_params: a parameter the provider does
+    # not support is left out rather than failing the run, but only one the
+    # server added: allowed_openai_params forwards what the user set, even
+    # where litellm's model table says the model lacks it (a user's vLLM
+    # serving "gpt-4" honours response_format). timeout: litellm's own
+    # default is 6000 s, which would leave a run stuck on a silent provider.
+    kwargs: dict[str, Any] = {"drop_params": True, "timeout": 600, **params}
+    kwargs.update(messages=request.messages, stream=True, stream_options={"include_usage": True})
+    if request.tools:
+        kwargs["tools"] = request.tools
+        kwargs["parallel_tool_calls"] = request.parallel_tool_calls
+        if request.tool_choice is not None:
+            kwargs["tool_choice"] = request.tool_choice
+    for name in ("temperature", "top_p", "max_tokens", "response_format", "reasoning_effort"):
+        value = getattr(request, name)
+        if value is not None:
+            kwargs[name] = value
+    kwargs.update(request.extra)
+    explicit = explicit_params(request)
+    if explicit:
+        kwargs["allowed_openai_params"] = sorted({*explicit, *(params.get("allowed_openai_params") or [])})
+    return kwargs
+
+
+async def stream(route: Route, request: ChatRequest, llm: TokenCounter) -> AsyncGenerator[Event, None]:
+    litellm = load()
+    kwargs = completion_kwargs(route, request)
+    try:
+        response = await litellm.acompletion(**kwargs)
+    except Exception as exc:  # litellm maps every provider failure into its exception family
+        raise provider_error(exc, route, explicit_params(request)) from exc
+    reader = ChunkReader()
+    async with aclosing(response):
+        chunks = response.__aiter__()
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except Exception as exc:
+                raise provider_error(exc, route) from exc
+            for event in reader.read(chunk):
+                yield event
+    yield reader.finish(request, llm)
+
+
+def context_window(target: str) -> int | None:
+    """Input tokens of a model in litellm's bundled model map; None if it does not know it."""
+    try:
+        info = load().get_model_info(target)
+    except Exception:  # litellm raises a bare Exception for models it does not know
+        return None
+    value = info.get("max_input_tokens") or info.get("max_tokens")
+    return int(value) if value else None
+
+
+def count_tokens(target: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
+    """litellm's count for the model (its tokenizer, else cl100k_base); raises on odd message shapes."""
+    return int(
+        load().token_counter(model=target, messages=messages, tools=tools or None, use_default_image_token_count=True)
+    )
+
+
+def count_text_tokens(target: str, text: str) -> int:
+    return int(load().token_counter(model=target, text=text))

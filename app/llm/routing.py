@@ -1,0 +1,163 @@
+"""The routing file: which provider (or the offline model) serves a model name.
+
+The one reader of the file's ``model_list`` (see app/llm/__init__.py for its
+format). A name resolves to a Route: the entry's ``litellm_params`` with the
+wildcard filled in, and how it is served (offline, direct, litellm).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from app.llm.interface import LLMConfigError, LLMError
+from app.llm.offline import Rule, read_rules
+
+OFFLINE = "offline"
+ENV_REFERENCE = "os.environ/"
+# Keys the LiteLLM proxy reads for its own routing; they are not completion
+# parameters, so they must not reach litellm.acompletion().
+ROUTER_KEYS = frozenset({"rpm", "tpm", "order", "weight", "max_parallel_requests", "max_input_tokens"})
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one requested model name goes: litellm_params with wildcards filled in."""
+
+    model: str
+    params: Mapping[str, Any]
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        return str(self.params["model"])
+
+    @property
+    def offline(self) -> bool:
+        return self.target == OFFLINE or self.target.startswith(OFFLINE + "/")
+
+    def configured_window(self) -> int | None:
+        value = self.info.get("max_input_tokens") or self.params.get("max_input_tokens")
+        return int(value) if value else None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One model_list entry; ``pattern`` is None for an exact model_name."""
+
+    name: str
+    params: Mapping[str, Any]
+    info: Mapping[str, Any]
+    pattern: re.Pattern[str] | None
+
+    @classmethod
+    def parse(cls, raw: Any, position: int) -> Entry:
+        where = f"model_list[{position}]"
+        if not isinstance(raw, dict) or not isinstance(raw.get("model_name"), str):
+            raise LLMConfigError(f"{where}: expected a mapping with a string model_name")
+        params, info = raw.get("litellm_params"), raw.get("model_info") or {}
+        if not isinstance(params, dict) or not isinstance(params.get("model"), str):
+            raise LLMConfigError(f"{where}: litellm_params.model (a string) is required")
+        if not isinstance(info, dict):
+            raise LLMConfigError(f"{where}: model_info must be a mapping")
+        name: str = raw["model_name"]
+        pattern = None
+        if "*" in name:
+            pattern = re.compile("(.*)".join(re.escape(part) for part in name.split("*")), re.DOTALL)
+        return cls(name, params, info, pattern)
+
+    def route(self, model: str) -> Route | None:
+        if self.pattern is None:
+            if model != self.name:
+                return None
+            captured: Sequence[str] = (model,)
+        else:
+            match = self.pattern.fullmatch(model)
+            if match is None:
+                return None
+            captured = match.groups()
+        params = dict(self.params)
+        params["model"] = _fill_stars(str(params["model"]), captured)
+        return Route(model, params, self.info)
+
+
+def _fill_stars(template: str, captured: Sequence[str]) -> str:
+    """``openai/*`` + ("gpt-4o",) -> ``openai/gpt-4o``; extra stars reuse the last capture."""
+    pieces = template.split("*")
+    out = [pieces[0]]
+    for position, piece in enumerate(pieces[1:]):
+        out += [captured[min(position, len(captured) - 1)], piece]
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class Router:
+    exact: Mapping[str, Entry]
+    wildcards: Sequence[Entry]  # most specific (longest literal text) first
+    everything_offline: bool  # no model_list at all
+
+    @classmethod
+    def build(cls, entries: Sequence[Entry] | None) -> Router:
+        if entries is None:
+            return cls({}, (), True)
+        exact: dict[str, Entry] = {}
+        for entry in entries:
+            if entry.pattern is None:
+                exact.setdefault(entry.name, entry)  # the first of duplicates wins (no load balancing)
+        wildcards = [entry for entry in entries if entry.pattern is not None]
+        wildcards.sort(key=lambda entry: -len(entry.name.replace("*", "")))  # stable: ties keep file order
+        return cls(exact, wildcards, False)
+
+    def route(self, model: str) -> Route | None:
+        if model in self.exact:
+            return self.exact[model].route(model)
+        for entry in self.wildcards:
+            route = entry.route(model)
+            if route is not None:
+                return route
+        return Route(model, {"model": f"{OFFLINE}/{model}"}) if self.everything_offline else None
+
+    def needs_litellm(self) -> bool:
+        entries = [*self.exact.values(), *self.wildcards]
+        return any(not Route(entry.name, entry.params).offline for entry in entries)
+
+
+def read_config(path: Path) -> tuple[Router, list[Rule]]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML also reads JSON
+    except (OSError, yaml.YAMLError) as exc:
+        raise LLMConfigError(f"cannot read the model routing config {path}: {exc}") from exc
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise LLMConfigError(f"{path}: expected a mapping with a model_list")
+    try:
+        raw_list = data.get("model_list")
+        if raw_list is not None and not isinstance(raw_list, list):
+            raise LLMConfigError("model_list must be a list")
+        entries = None if not raw_list else [Entry.parse(raw, n) for n, raw in enumerate(raw_list)]
+        return Router.build(entries), read_rules(data.get("offline"), path.parent)
+    except LLMConfigError as exc:
+        raise LLMConfigError(f"{path}: {exc}") from None
+
+
+def resolve_env(value: Any, model: str) -> Any:
+    """Replace ``os.environ/NAME`` strings, at call time so key rotation needs no restart."""
+    if isinstance(value, str) and value.startswith(ENV_REFERENCE):
+        name = value[len(ENV_REFERENCE) :]
+        if name not in os.environ:
+            raise LLMError(
+                "server_error",
+                f"The routing config for model '{model}' reads the environment variable {name}, which is not set.",
+            )
+        return os.environ[name]
+    if isinstance(value, dict):
+        return {key: resolve_env(item, model) for key, item in value.items()}
+    if isinstance(value, list):
+        return [resolve_env(item, model) for item in value]
+    return value
