@@ -24,7 +24,7 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 # The keys the routing file may have, per level (anything else is a typo or a
 # LiteLLM proxy setting this server does not apply: refused, not ignored).
 ROUTING_KEYS = frozenset({"model_list", "embedding_model", "offline"})
-ENTRY_KEYS = frozenset({"model_name", "litellm_params", "model_info"})
+ENTRY_KEYS = frozenset({"model_name", "litellm_params", "model_info", "direct"})
 OFFLINE_KEYS = frozenset({"rules"})
 
 

@@ -109,6 +109,7 @@ class Runtime:
             with suppress(asyncio.CancelledError):
                 await self._listener
         await self.run_log.close()
+        await self.llm.aclose()
         await self.engine.dispose()
 
     def wake(self, *, files: bool = True) -> None:

@@ -4,7 +4,9 @@
 - routing.py: the one reader of the routing file;
 - facade.py: ``LLM``, through which every completion goes;
 - provider.py: what the provider adapters share (chunk reading, error mapping);
-- litellm_adapter.py: any provider through litellm, the only module importing it (lazily);
+- direct.py: OpenAI-compatible routes over our own HTTP request (no litellm);
+- litellm_adapter.py: any other provider through litellm, the only module importing it (lazily);
+- tokens.py: token estimates and cl100k_base decoding, without litellm;
 - offline.py: the built-in offline model.
 
 Routing reads a LiteLLM-proxy-style config (YAML or JSON)::
@@ -67,8 +69,9 @@ from app.llm.interface import (
     chat_body,
     explicit_params,
 )
-from app.llm.litellm_adapter import decode_tokens, embed
+from app.llm.litellm_adapter import embed
 from app.llm.routing import Route
+from app.llm.tokens import decode as decode_tokens
 
 __all__ = [
     "DEFAULT_CONTEXT_WINDOW",

@@ -5,16 +5,15 @@ tells the model-request log and the metrics about it."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app import cassettes
-from app.llm import litellm_adapter, offline
+from app.llm import litellm_adapter, offline, tokens
 from app.llm.interface import (
     CallObserver,
     ChatRequest,
@@ -28,6 +27,9 @@ from app.llm.interface import (
 )
 from app.llm.routing import OFFLINE, Route, Router, read_config
 from app.scripting import ScriptBook
+
+if TYPE_CHECKING:
+    from app.llm import direct
 
 DEFAULT_CONTEXT_WINDOW = 8_192
 
@@ -45,19 +47,39 @@ class LLM:
         self.cassettes: cassettes.Cassettes | None = None
         self._offline = offline.OfflineModel(rules, self.script)
         self._windows: dict[str, int] = {}
+        self._bundled_windows: Mapping[str, int] | None = None  # litellm's model map, read without litellm
         self.metrics_observer: CallObserver | None = None
+        # The pooled HTTP client of direct routes (direct.py imports httpx, so
+        # only a routing file with direct routes pays for it).
+        self._direct: direct.DirectClient | None = None
 
     @classmethod
     def from_config(cls, path: Path | None, *, replaying: bool = False) -> LLM:
         """None (or a config without model_list) serves every model offline.
-        ``replaying``: provider answers come from cassettes, so litellm is
-        neither needed nor imported."""
+        litellm is imported (at start-up, not inside the first run) only if
+        some route needs it, and not when ``replaying``: then provider
+        answers come from cassettes."""
         if path is None:
             return cls(Router.build(None))
         router, rules = read_config(path)
         if router.needs_litellm() and not replaying:
-            litellm_adapter.load()  # pay the import at start-up, not inside the first run
-        return cls(router, rules)
+            litellm_adapter.load()
+        llm = cls(router, rules)
+        if router.has_direct() and not replaying:
+            llm._direct_client()
+        return llm
+
+    def _direct_client(self) -> direct.DirectClient:
+        if self._direct is None:
+            from app.llm import direct  # httpx, imported only where a route is direct
+
+            self._direct = direct.DirectClient()
+        return self._direct
+
+    async def aclose(self) -> None:
+        """Close the direct routes' connection pool (the Runtime's shutdown)."""
+        if self._direct is not None:
+            await self._direct.aclose()
 
     def route(self, model: str) -> Route:
         route = self._router.route(model)
@@ -108,7 +130,7 @@ class LLM:
         elif self.cassettes is not None and self.cassettes.mode == "replay":
             source = self._replay(request)
         else:
-            source = litellm_adapter.stream(route, request, self)
+            source = self._provider_stream(route, request)
             if self.cassettes is not None:
                 source = self._recording(request, source, self.cassettes)
         exchange = Exchange(request) if self.observer is not None else None
@@ -127,6 +149,13 @@ class LLM:
                     exchange.error = {"code": exc.code, "message": exc.message}
                     await self._record(exchange)
                 raise
+
+    def _provider_stream(self, route: Route, request: ChatRequest) -> AsyncGenerator[Event, None]:
+        if route.direct:
+            from app.llm import direct
+
+            return direct.stream(route, request, self, self._direct_client())
+        return litellm_adapter.stream(route, request, self)
 
     async def _replay(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
         assert self.cassettes is not None
@@ -171,35 +200,31 @@ class LLM:
             return configured
         if route.offline:
             return offline.CONTEXT_WINDOW
+        if route.direct:
+            if self._bundled_windows is None:
+                self._bundled_windows = litellm_adapter.bundled_windows()
+            name = route.target.partition("/")[2]
+            return self._bundled_windows.get(route.target) or self._bundled_windows.get(name) or DEFAULT_CONTEXT_WINDOW
         return litellm_adapter.context_window(route.target) or DEFAULT_CONTEXT_WINDOW
 
     def count_tokens(
         self, model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
     ) -> int:
-        """Prompt tokens, never using the network; exact for the offline model."""
+        """Prompt tokens, never using the network; exact for the offline model,
+        litellm's count for its routes, an estimate for direct routes (tokens.py)."""
         route = self._router.route(model)
         if route is not None and route.offline:
             return offline.count_prompt_tokens(messages, tools)
-        if route is not None:
+        if route is not None and not route.direct:
             with suppress(Exception):  # odd message shapes; fall back to the estimate below
                 return litellm_adapter.count_tokens(route.target, messages, tools)
-        return _estimate_tokens(messages, tools)
+        return tokens.estimate_prompt(messages, tools)
 
     def count_text_tokens(self, model: str, text: str) -> int:
         route = self._router.route(model)
         if route is None or route.offline:
             return len(offline.tokens(text))
-        with suppress(Exception):
-            return litellm_adapter.count_text_tokens(route.target, text)
-        return _estimate_text(text)
-
-
-def _estimate_text(text: str) -> int:
-    # About 4 bytes per token for English and 3 per CJK character: dividing by 3
-    # over-estimates, which is the safe side for truncation.
-    return -(-len(text.encode("utf-8")) // 3)
-
-
-def _estimate_tokens(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
-    total = 3 + sum(4 + _estimate_text(json.dumps(message, ensure_ascii=False)) for message in messages)
-    return total + (_estimate_text(json.dumps(tools)) if tools else 0)
+        if not route.direct:
+            with suppress(Exception):
+                return litellm_adapter.count_text_tokens(route.target, text)
+        return tokens.estimate_text(text)

@@ -17,16 +17,21 @@ ever drops what the server adds: parameters the user set are always sent
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import warnings
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 
 from app.llm.interface import ChatRequest, Event, TokenCounter, explicit_params
 from app.llm.provider import ChunkReader, provider_error
 from app.llm.routing import ROUTER_KEYS, Route, resolve_env
 from app.observability import logs
+
+_MODEL_MAP = "model_prices_and_context_window_backup.json"  # what LITELLM_LOCAL_MODEL_COST_MAP loads
 
 
 def load() -> Any:
@@ -55,12 +60,6 @@ async def embed(params: dict[str, Any], texts: Sequence[str]) -> list[list[float
     model = options.pop("model")
     response = await load().aembedding(model=model, input=list(texts), **options)
     return [[float(value) for value in item["embedding"]] for item in response.data]
-
-
-def decode_tokens(tokens: Sequence[int]) -> str:
-    """Text of OpenAI token ids (cl100k_base, bundled with litellm: no network);
-    LangChain's OpenAIEmbeddings sends its inputs as token ids."""
-    return str(load().decode(model="text-embedding-3-small", tokens=list(tokens)))
 
 
 def completion_kwargs(route: Route, request: ChatRequest) -> dict[str, Any]:
@@ -130,3 +129,22 @@ def count_tokens(target: str, messages: list[dict[str, Any]], tools: list[dict[s
 
 def count_text_tokens(target: str, text: str) -> int:
     return int(load().token_counter(model=target, text=text))
+
+
+def bundled_windows() -> dict[str, int]:
+    """Input tokens per model name from the model map litellm ships (a JSON
+    file), read without importing litellm; empty if litellm is not installed.
+    Direct routes use it where the routing file sets no max_input_tokens."""
+    spec = importlib.util.find_spec("litellm")  # finds the package without importing it
+    if spec is None or spec.origin is None:
+        return {}
+    try:
+        table = json.loads((Path(spec.origin).parent / _MODEL_MAP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    windows = {}
+    for name, info in table.items():
+        value = info.get("max_input_tokens") or info.get("max_tokens") if isinstance(info, dict) else None
+        if isinstance(value, int) and value > 0:
+            windows[name] = value
+    return windows

@@ -21,8 +21,15 @@ from app.llm.interface import (
 from app.llm.routing import Route
 
 
+def _field(item: Any, name: str) -> Any:
+    """A field of a chunk part: litellm gives objects, the direct adapter parsed JSON."""
+    if isinstance(item, dict):
+        return item.get(name)
+    return getattr(item, name, None)
+
+
 class ChunkReader:
-    """Turns litellm's chat.completion.chunk objects into our events."""
+    """Turns chat.completion.chunk objects (litellm's) or JSON (the direct adapter's) into our events."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
@@ -31,34 +38,36 @@ class ChunkReader:
         self.calls: dict[int, str | None] = {}  # index -> id
 
     def read(self, chunk: Any) -> Iterator[Event]:
-        usage = getattr(chunk, "usage", None)
-        if usage is not None and (usage.prompt_tokens or usage.completion_tokens):
-            self.usage = Usage(int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0))
-        for choice in getattr(chunk, "choices", None) or []:
-            if (getattr(choice, "index", 0) or 0) != 0:
+        usage = _field(chunk, "usage")
+        if usage is not None:
+            prompt, completion = _field(usage, "prompt_tokens"), _field(usage, "completion_tokens")
+            if prompt or completion:
+                self.usage = Usage(int(prompt or 0), int(completion or 0))
+        for choice in _field(chunk, "choices") or []:
+            if (_field(choice, "index") or 0) != 0:
                 continue  # n > 1 is never requested
-            self.reason = getattr(choice, "finish_reason", None) or self.reason
-            delta = getattr(choice, "delta", None)
-            content = getattr(delta, "content", None)
+            self.reason = _field(choice, "finish_reason") or self.reason
+            delta = _field(choice, "delta")
+            content = _field(delta, "content")
             if content:
                 self.output.append(content)
                 yield TextDelta(content)
-            for call in getattr(delta, "tool_calls", None) or []:
+            for call in _field(delta, "tool_calls") or []:
                 yield self._tool_delta(call)
 
     def _tool_delta(self, call: Any) -> ToolCallDelta:
-        call_id = getattr(call, "id", None)
-        index = getattr(call, "index", None)
+        call_id = _field(call, "id")
+        index = _field(call, "index")
         if not isinstance(index, int):  # some providers omit it: place the call by id
             known = [i for i, seen in self.calls.items() if seen == call_id]
             index = known[0] if known else (len(self.calls) if call_id or not self.calls else max(self.calls))
-        function = getattr(call, "function", None)
-        arguments = getattr(function, "arguments", None) or ""
+        function = _field(call, "function")
+        arguments = _field(function, "arguments") or ""
         self.output.append(arguments)
         if index in self.calls:  # repeated ids and names are dropped, as the interface promises
             return ToolCallDelta(index, arguments=arguments)
         self.calls[index] = call_id
-        return ToolCallDelta(index, id=call_id, name=getattr(function, "name", None), arguments=arguments)
+        return ToolCallDelta(index, id=call_id, name=_field(function, "name"), arguments=arguments)
 
     def finish(self, request: ChatRequest, llm: TokenCounter) -> Finish:
         reason = FINISH_REASONS.get(self.reason or "stop", "stop")
@@ -72,8 +81,19 @@ class ChunkReader:
 
 
 # litellm prefixes messages with class names, often several times over
-# ("litellm.BadRequestError: ContextWindowExceededError: OpenAIException - ...").
-_CLASS_PREFIX = re.compile(r"\b(?:litellm\.)?[A-Za-z]*(?:Error|Exception)(?::\s+|\s+-\s+)")
+# ("litellm.BadRequestError: ContextWindowExceededError: OpenAIException - ...",
+# "litellm.Timeout: Request timed out. Error_str: Request timed out.").
+_CLASS_PREFIX = re.compile(r"\b(?:litellm\.)?[A-Za-z]*(?:Error|Exception|Timeout)(?::\s+|\s+-\s+)")
+_REPEATS = (" Original exception: ", " Error_str: ")
+
+
+class ProviderFailure(Exception):
+    """A failure the direct adapter saw, in the terms litellm reports it
+    (a status code and a message), so both paths give the same LLMError."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 def provider_error(exc: Exception, route: Route, explicit: Sequence[str] = ()) -> LLMError:
@@ -81,8 +101,9 @@ def provider_error(exc: Exception, route: Route, explicit: Sequence[str] = ()) -
     A rejected request names the parameters the user set, since one of them may be the cause."""
     status = getattr(exc, "status_code", None)
     detail = _CLASS_PREFIX.sub("", str(exc)).strip() or type(exc).__name__
-    head, _, cause = detail.partition(" Original exception: ")
-    detail = head if cause.strip() == head.strip() else detail
+    for separator in _REPEATS:
+        head, _, cause = detail.partition(separator)
+        detail = head if cause.strip() == head.strip() else detail
     where = f"model '{route.model}' ({route.target})"
     if status == 429:
         return LLMError("rate_limit_exceeded", f"Rate limit reached for {where}: {detail}")

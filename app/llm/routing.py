@@ -2,7 +2,15 @@
 
 The one reader of the file's ``model_list`` (see app/llm/__init__.py for its
 format). A name resolves to a Route: the entry's ``litellm_params`` with the
-wildcard filled in, and how it is served (offline, direct, litellm).
+wildcard filled in, and how it is served:
+
+- ``offline`` or ``offline/...``: the built-in offline model (offline.py);
+- direct: an OpenAI-compatible server (``openai/`` or ``hosted_vllm/`` with an
+  ``api_base``) and no litellm_params beyond those the direct adapter
+  understands (direct.py): one HTTP request of our own, no litellm;
+- everything else, or an entry with ``direct: false``: litellm
+  (litellm_adapter.py). ``direct: true`` makes an entry the direct path cannot
+  serve a start-up error rather than a silent fallback.
 """
 
 from __future__ import annotations
@@ -24,6 +32,24 @@ ENV_REFERENCE = "os.environ/"
 # Keys the LiteLLM proxy reads for its own routing; they are not completion
 # parameters, so they must not reach litellm.acompletion().
 ROUTER_KEYS = frozenset({"rpm", "tpm", "order", "weight", "max_parallel_requests", "max_input_tokens"})
+# Providers whose API is OpenAI's chat completions as it is, given a base URL:
+# the direct adapter serves them. Others (azure/ with its api-version and
+# deployments, anthropic/, ...) need litellm's translation.
+DIRECT_PREFIXES = ("openai/", "hosted_vllm/")
+# litellm_params the direct adapter understands: connection settings, and
+# OpenAI request parameters (sent as the route's defaults, under what a
+# request sets). Any other key is litellm's to interpret, so it keeps an
+# entry on litellm.
+DIRECT_CONNECTION_KEYS = frozenset(
+    {"model", "api_base", "api_key", "timeout", "max_retries", "extra_headers", "organization", "extra_body"}
+    # meaningful to litellm only: every parameter is sent on the direct path
+    | {"drop_params", "allowed_openai_params"}
+)
+DIRECT_BODY_KEYS = frozenset(
+    {"temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "presence_penalty"}
+    | {"frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "user", "response_format"}
+    | {"reasoning_effort", "parallel_tool_calls", "tool_choice", "service_tier", "metadata", "store"}
+)
 
 
 @dataclass(frozen=True)
@@ -33,6 +59,8 @@ class Route:
     model: str
     params: Mapping[str, Any]
     info: Mapping[str, Any] = field(default_factory=dict)
+    # Served by the direct adapter (direct.py) rather than litellm.
+    direct: bool = False
 
     @property
     def target(self) -> str:
@@ -55,6 +83,7 @@ class Entry:
     params: Mapping[str, Any]
     info: Mapping[str, Any]
     pattern: re.Pattern[str] | None
+    direct: bool = False
 
     @classmethod
     def parse(cls, raw: Any, position: int) -> Entry:
@@ -70,7 +99,7 @@ class Entry:
         pattern = None
         if "*" in name:
             pattern = re.compile("(.*)".join(re.escape(part) for part in name.split("*")), re.DOTALL)
-        return cls(name, params, info, pattern)
+        return cls(name, params, info, pattern, _serves_directly(raw.get("direct"), params, where))
 
     def route(self, model: str) -> Route | None:
         if self.pattern is None:
@@ -84,7 +113,32 @@ class Entry:
             captured = match.groups()
         params = dict(self.params)
         params["model"] = _fill_stars(str(params["model"]), captured)
-        return Route(model, params, self.info)
+        return Route(model, params, self.info, self.direct)
+
+
+def direct_refusal(params: Mapping[str, Any]) -> str | None:
+    """Why the direct adapter cannot serve these litellm_params; None if it can."""
+    target = str(params.get("model", ""))
+    if not target.startswith(DIRECT_PREFIXES):
+        return f"{target} is not an OpenAI-compatible model ({', '.join(p + '...' for p in DIRECT_PREFIXES)})"
+    if not params.get("api_base"):
+        return "it has no api_base"
+    unknown = sorted(set(params) - DIRECT_CONNECTION_KEYS - DIRECT_BODY_KEYS - ROUTER_KEYS)
+    if unknown:
+        return f"litellm_params {', '.join(unknown)} need litellm"
+    return None
+
+
+def _serves_directly(choice: Any, params: Mapping[str, Any], where: str) -> bool:
+    if choice is not None and not isinstance(choice, bool):
+        raise LLMConfigError(f"{where}: direct must be true or false")
+    target = str(params["model"])
+    if choice is False or target == OFFLINE or target.startswith(OFFLINE + "/"):
+        return False
+    refusal = direct_refusal(params)
+    if choice is True and refusal is not None:
+        raise LLMConfigError(f"{where}: direct: true, but {refusal}")
+    return refusal is None
 
 
 def _fill_stars(template: str, captured: Sequence[str]) -> str:
@@ -123,9 +177,15 @@ class Router:
                 return route
         return Route(model, {"model": f"{OFFLINE}/{model}"}) if self.everything_offline else None
 
+    def _entries(self) -> list[Entry]:
+        return [*self.exact.values(), *self.wildcards]
+
     def needs_litellm(self) -> bool:
-        entries = [*self.exact.values(), *self.wildcards]
-        return any(not Route(entry.name, entry.params).offline for entry in entries)
+        """Some entry is served by litellm (neither offline nor direct)."""
+        return any(not entry.direct and not Route(entry.name, entry.params).offline for entry in self._entries())
+
+    def has_direct(self) -> bool:
+        return any(entry.direct for entry in self._entries())
 
 
 def read_config(path: Path) -> tuple[Router, list[Rule]]:

@@ -274,7 +274,12 @@ async def fake_backend() -> AsyncIterator[FakeOpenAI]:
 
 
 @pytest.fixture
-def routed_settings(settings: Settings, fake_backend: FakeOpenAI, tmp_path: Path) -> Settings:
+def routed_settings(
+    request: pytest.FixtureRequest, settings: Settings, fake_backend: FakeOpenAI, tmp_path: Path
+) -> Settings:
+    """Every model to the fake backend: by our own HTTP request (the default for
+    an openai/ route with an api_base), or through litellm when a test
+    parametrizes this fixture with "litellm"."""
     config = {
         "model_list": [
             {
@@ -286,6 +291,7 @@ def routed_settings(settings: Settings, fake_backend: FakeOpenAI, tmp_path: Path
                     "max_retries": 0,
                 },
                 "model_info": {"max_input_tokens": 60},
+                "direct": getattr(request, "param", "direct") == "direct",
             }
         ]
     }
@@ -295,7 +301,8 @@ def routed_settings(settings: Settings, fake_backend: FakeOpenAI, tmp_path: Path
     return settings
 
 
-async def test_real_backend_through_litellm(
+@pytest.mark.parametrize("routed_settings", ["direct", "litellm"], indirect=True)
+async def test_real_backend_direct_and_through_litellm(
     routed_settings: Settings, client: openai.AsyncOpenAI, fake_backend: FakeOpenAI
 ) -> None:
     tools = [

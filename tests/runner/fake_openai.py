@@ -7,9 +7,18 @@ naming a model routed to it):
 - ``fake-chat``: "Hello", " world", then a get_weather tool call whose
   arguments arrive in three fragments, finish ``tool_calls``, usage 11/7.
 - ``fake-no-usage``: "Plain", " answer", finish ``stop`` and no usage.
-- ``fake-429`` / ``fake-500`` / ``fake-400``: an OpenAI error body with that
-  status (400 is a context-length error).
+- ``fake-429`` / ``fake-500`` / ``fake-400`` (and ``fake-413``, ``fake-422``,
+  ``fake-503``): an OpenAI error body with that status (400 is a
+  context-length error).
+- ``fake-502``: a plain-text (not JSON) error body, as a proxy in front of a model sends.
 - ``fake-drop``: one text chunk, then the connection is cut mid-stream.
+- ``fake-stall``: one text chunk, then silence until the client gives up.
+- ``fake-stall-head``: no response at all until the client gives up.
+- ``fake-malformed``: one text chunk, then a ``data:`` line that is not JSON.
+- ``fake-stream-error``: one text chunk, then an error object in place of a chunk.
+- ``fake-sse-odd``: "Plain answer" as fake-no-usage, in legal but unusual
+  Server-Sent Events: CRLF line ends, comments, a chunk split over two data lines.
+- ``fake-flaky``: its first request answers 503 (``Retry-After-Ms: 1``), later ones as fake-no-usage.
 - ``fake-no-format``: a 400 naming ``response_format`` when the request has one
   (a provider that rejects a parameter), else as ``fake-no-usage``.
 
@@ -18,6 +27,7 @@ Every request body and its Authorization header are recorded in ``requests``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from dataclasses import dataclass, field
@@ -30,6 +40,9 @@ ERRORS = {
     "fake-429": (429, "rate_limit_exceeded", "Rate limit reached for fake-429 (test)."),
     "fake-500": (500, "server_error", "The fake server had an error."),
     "fake-400": (400, "context_length_exceeded", "This model's maximum context length is 10 tokens."),
+    "fake-413": (413, "request_too_large", "The request body of fake-413 exceeds 1 MB (test)."),
+    "fake-422": (422, "unprocessable_entity", "The fake server cannot process this request."),
+    "fake-503": (503, "service_unavailable", "The fake server is overloaded."),
 }
 
 
@@ -58,7 +71,7 @@ def _tool_fragment(arguments: str, first: bool = False) -> dict[str, Any]:
 
 
 def _script(model: str) -> list[bytes]:
-    if model in ("fake-no-usage", "fake-no-format"):
+    if model in ("fake-no-usage", "fake-no-format", "fake-flaky"):
         return [
             _chunk(model, {"role": "assistant", "content": "Plain"}),
             _chunk(model, {"content": " answer"}),
@@ -81,6 +94,7 @@ class FakeOpenAI:
     requests: list[dict[str, Any]] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     port: int = 0
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def api_base(self) -> str:
@@ -97,6 +111,7 @@ class FakeOpenAI:
         await web.SockSite(self._runner, sock).start()
 
     async def stop(self) -> None:
+        self._stopping.set()  # stalled answers end, so cleanup does not wait for them
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -112,6 +127,14 @@ class FakeOpenAI:
                 "code": None,
             }
             return web.json_response({"error": error}, status=400)
+        if model == "fake-stall-head":
+            await self._stopping.wait()  # silent until the client gives up and the server stops
+            return web.Response(status=503)
+        if model == "fake-flaky" and sum(1 for sent in self.requests if sent["body"]["model"] == model) == 1:
+            error = {"message": "Try again.", "type": "server_error", "param": None, "code": None}
+            return web.json_response({"error": error}, status=503, headers={"Retry-After-Ms": "1"})
+        if model == "fake-502":  # a proxy in front of the model answers in plain text
+            return web.Response(status=502, text="Bad gateway: upstream unavailable")
         if model in ERRORS:
             status, code, message = ERRORS[model]
             error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
@@ -122,6 +145,29 @@ class FakeOpenAI:
             await response.write(_chunk(model, {"role": "assistant", "content": "Partial"}))
             assert request.transport is not None
             request.transport.abort()  # cut the connection without ending the chunked body
+            return response
+        if model == "fake-sse-odd":
+            await response.write(b": keep-alive\r\n\r\n")
+            for chunk in _script("fake-no-usage"):
+                head, _, rest = chunk.decode().removeprefix("data: ").partition(", ")
+                await response.write(f"data: {head},\r\ndata: {rest.rstrip()}\r\n\r\n".encode())
+            await response.write(b"data: [DONE]\r\n\r\n")
+            await response.write_eof()
+            return response
+        if model == "fake-stream-error":
+            await response.write(_chunk(model, {"role": "assistant", "content": "Partial"}))
+            error = {"message": "The model crashed mid-answer.", "type": "server_error", "param": None, "code": None}
+            await response.write(b"data: " + json.dumps({"error": error}).encode() + b"\n\n")
+            await response.write_eof()
+            return response
+        if model in ("fake-stall", "fake-malformed"):
+            await response.write(_chunk(model, {"role": "assistant", "content": "Partial"}))
+            if model == "fake-stall":
+                await self._stopping.wait()
+                return response
+            await response.write(b"data: {not json\n\n")
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
             return response
         for chunk in _script(model):
             await response.write(chunk)

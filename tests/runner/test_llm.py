@@ -1,5 +1,6 @@
-"""app.llm: the offline model's cue language, routing, token counting, and litellm
-against a real OpenAI-compatible HTTP server on loopback (tests/runner/fake_openai.py)."""
+"""app.llm: the offline model's cue language, routing, token counting, and the
+provider paths (direct and litellm) against a real OpenAI-compatible HTTP server
+on loopback (tests/runner/fake_openai.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -559,7 +560,7 @@ def test_context_windows(tmp_path: Path, no_network: None) -> None:
     assert strict.context_window("unrouted") == 8192
 
 
-# --------------------------------------------- litellm against a loopback HTTP server
+# ------------------------------ direct and litellm against a loopback HTTP server
 
 
 @pytest.fixture
@@ -572,26 +573,38 @@ async def fake() -> AsyncIterator[FakeOpenAI]:
         await server.stop()
 
 
-@pytest.fixture
-def routed(fake: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LLM]:
-    config = {
-        "model_list": [
-            {
-                "model_name": "*",
-                "litellm_params": {
-                    "model": "openai/*",
-                    "api_base": fake.api_base,
-                    "api_key": "os.environ/FAKE_OPENAI_KEY",
-                    "max_retries": 0,  # the SDK's default retries would repeat every 429/500
-                },
-            }
-        ]
+@pytest.fixture(params=["direct", "litellm"])
+async def routed(
+    request: pytest.FixtureRequest, fake: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[LLM]:
+    """The same OpenAI-compatible route served by our own HTTP request and
+    (``direct: false``) through litellm: every provider test runs on both."""
+    params = {
+        "model": "openai/*",
+        "api_base": fake.api_base,
+        "api_key": "os.environ/FAKE_OPENAI_KEY",
+        "max_retries": 0,  # the SDK's default retries would repeat every 429/500
     }
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    entries: list[dict[str, Any]] = [
+        {"model_name": "*", "litellm_params": params},
+        {"model_name": "fake-stall*", "litellm_params": {**params, "model": "openai/fake-stall*", "timeout": 0.5}},
+        {"model_name": "fake-flaky", "litellm_params": {**params, "model": "openai/fake-flaky", "max_retries": 2}},
+        {"model_name": "dead", "litellm_params": {**params, "api_base": f"http://127.0.0.1:{closed_port}/v1"}},
+    ]
+    direct = request.param == "direct"
+    config = {"model_list": [{**entry, "direct": direct} for entry in entries]}
     monkeypatch.delenv("FAKE_OPENAI_KEY", raising=False)
     llm = LLM.from_config(write_config(tmp_path, config))
+    assert llm.route("gpt-4o").direct is (request.param == "direct")
     # Set after loading: os.environ/ references are resolved when a model is called.
     monkeypatch.setenv("FAKE_OPENAI_KEY", "sk-fake-123")
-    yield llm
+    try:
+        yield llm
+    finally:
+        await llm.aclose()
 
 
 async def test_provider_text_tool_call_and_usage(routed: LLM, fake: FakeOpenAI) -> None:
@@ -629,21 +642,58 @@ async def test_provider_without_usage_is_counted(routed: LLM) -> None:
     assert finish.usage.prompt_tokens > 0 and finish.usage.completion_tokens == 2
 
 
+REJECTED = "The provider rejected the request for model '{0}' (openai/{0}): "
+FAILED = "The provider failed for model '{0}' (openai/{0}) "
+
+
+# The direct path and litellm give the same code and text for each kind of
+# failure: what a run's last_error says does not depend on the path.
 @pytest.mark.parametrize(
-    ("model", "code", "needle"),
+    ("model", "code", "message", "partial"),
     [
-        ("fake-429", "rate_limit_exceeded", "Rate limit reached for fake-429 (test)."),
-        ("fake-500", "server_error", "The fake server had an error."),
-        ("fake-400", "invalid_prompt", "maximum context length is 10 tokens"),
+        ("fake-429", "rate_limit_exceeded", "Rate limit reached for model '{0}' (openai/{0}): "
+         "Rate limit reached for fake-429 (test).", 0),
+        ("fake-400", "invalid_prompt", REJECTED + "This model's maximum context length is 10 tokens.", 0),
+        ("fake-413", "invalid_prompt", REJECTED + "The request body of fake-413 exceeds 1 MB (test).", 0),
+        ("fake-422", "invalid_prompt", REJECTED + "The fake server cannot process this request.", 0),
+        ("fake-500", "server_error", FAILED + "(HTTP 500): The fake server had an error.", 0),
+        ("fake-503", "server_error", FAILED + "(HTTP 503): The fake server is overloaded.", 0),
+        ("fake-502", "server_error", FAILED + "(HTTP 502): Error code: 502", 0),  # a plain-text body
+        ("dead", "server_error", FAILED + "(HTTP 500): Connection error.", 0),
+        ("fake-stall-head", "server_error", FAILED + "(HTTP 408): Request timed out.", 0),
+        ("fake-stall", "server_error", FAILED + "(HTTP 408): Request timed out.", 1),
+        ("fake-drop", "server_error", FAILED + "(HTTP 500): Connection error.", 1),
+        ("fake-stream-error", "server_error", FAILED + "(HTTP 500): The model crashed mid-answer.", 1),
+        ("fake-malformed", "server_error", FAILED + "(HTTP 500): "
+         "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)", 1),
     ],
-)
-async def test_provider_errors_are_mapped(routed: LLM, fake: FakeOpenAI, model: str, code: str, needle: str) -> None:
+)  # fmt: skip
+async def test_provider_errors_are_mapped(
+    routed: LLM, fake: FakeOpenAI, model: str, code: str, message: str, partial: int
+) -> None:
+    seen: list[Event] = []
     with pytest.raises(LLMError) as failure:
-        await collect(routed, ChatRequest(model, [user("hi")]))
+        async for event in routed.stream(ChatRequest(model, [user("hi")])):
+            seen.append(event)
     assert failure.value.code == code
-    assert needle in failure.value.message and f"'{model}'" in failure.value.message
-    assert "litellm." not in failure.value.message
-    assert len(fake.requests) == 1
+    assert len(seen) == partial  # deltas that came before the failure reach the run
+    expected = message.format(model)
+    if model == "fake-502":  # the direct path also shows the body litellm drops
+        assert failure.value.message.startswith(expected), failure.value.message
+    else:
+        assert failure.value.message == expected
+    assert len(fake.requests) == (0 if model == "dead" else 1)  # max_retries: 0
+
+
+async def test_retries_before_the_answer_starts(routed: LLM, fake: FakeOpenAI) -> None:
+    """max_retries 2: a 503 with Retry-After-Ms is retried after that wait."""
+    assert text_of(await collect(routed, ChatRequest("fake-flaky", [user("hi")]))) == "Plain answer"
+    assert [sent["body"]["model"] for sent in fake.requests] == ["fake-flaky", "fake-flaky"]
+
+
+async def test_unusual_but_legal_server_sent_events(routed: LLM) -> None:
+    events = await collect(routed, ChatRequest("fake-sse-odd", [user("hi")]))
+    assert text_of(events) == "Plain answer" and finish_of(events).reason == "stop"
 
 
 async def test_provider_connection_cut_mid_stream(routed: LLM) -> None:

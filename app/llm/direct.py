@@ -1,0 +1,261 @@
+"""The direct adapter: OpenAI-compatible routes served by one streamed HTTP
+request of our own, without litellm (routing.py says which routes).
+
+Through litellm a 5-word streamed answer cost about 9 ms of CPU in its
+wrappers, per-chunk objects and end-of-stream bookkeeping, and importing it
+150 MiB (bench/README.md, issue 17). Here the request is
+``POST {api_base}/chat/completions`` with ``stream: true`` and
+``stream_options.include_usage``; the Server-Sent Events are read line by line
+into the same events as litellm's chunks (provider.ChunkReader).
+
+It keeps litellm's behaviour where a user could tell the difference:
+
+- the key: ``api_key`` (``os.environ/NAME`` resolved per call), else
+  ``OPENAI_API_KEY`` (``openai/``) or ``HOSTED_VLLM_API_KEY``
+  (``hosted_vllm/``); without one no Authorization header is sent;
+- ``timeout`` (default 600 s) bounds connecting and each read, as the openai
+  SDK under litellm does; ``max_retries`` (default 2) retries a refused or
+  timed-out connection and 408/409/429/5xx answers before any output, after
+  the server's ``Retry-After`` (up to 60 s) or 0.5 s doubling to 8 s;
+- failures become the LLMError litellm's would (provider.provider_error):
+  the same codes and texts (tests/runner/test_direct.py pins each).
+
+One pooled ``httpx.AsyncClient`` per process serves every direct route;
+``LLM.aclose`` (the Runtime's shutdown) closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from app.llm.interface import ChatRequest, Event, TokenCounter, chat_body, explicit_params
+from app.llm.provider import ChunkReader, ProviderFailure, provider_error
+from app.llm.routing import DIRECT_BODY_KEYS, DIRECT_PREFIXES, Route, resolve_env
+
+DEFAULT_TIMEOUT = 600.0  # litellm's own default is 6000 s: a silent provider would hold a run for 100 minutes
+DEFAULT_MAX_RETRIES = 2  # the openai SDK's, which litellm uses
+_KEY_VARIABLES = {"openai/": "OPENAI_API_KEY", "hosted_vllm/": "HOSTED_VLLM_API_KEY"}
+_RETRY_STATUSES = frozenset({408, 409, 429})
+_MAX_RETRY_AFTER = 60.0
+_ERROR_BODY_CHARS = 500
+# litellm's words for failures that have no HTTP answer (provider.provider_error turns them into texts).
+_TIMED_OUT = ProviderFailure(408, "Request timed out.")
+_CONNECTION = "Connection error."
+
+
+class DirectClient:
+    """The process's pooled HTTP client for direct routes, made on first use.
+
+    Pooled connections belong to the event loop that opened them, so a call
+    from another loop (a test's next event loop) gets a fresh client."""
+
+    def __init__(self) -> None:
+        self._client: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def get(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            # No overall pool cap: the worker's concurrency already bounds the
+            # streams; keep-alive connections make a run's request cheap.
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=100)
+            self._client, self._loop = httpx.AsyncClient(limits=limits), loop
+        return self._client
+
+    async def aclose(self) -> None:
+        client, self._client, self._loop = self._client, None, None
+        if client is not None:
+            await client.aclose()
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One completion request as sent: URL, headers, body and the route's limits."""
+
+    url: str
+    headers: Mapping[str, str]
+    body: bytes
+    timeout: float
+    max_retries: int
+
+    @classmethod
+    def build(cls, route: Route, request: ChatRequest) -> _Call:
+        params = resolve_env(dict(route.params), request.model)
+        prefix = next(prefix for prefix in DIRECT_PREFIXES if route.target.startswith(prefix))
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        key = params.get("api_key") or os.environ.get(_KEY_VARIABLES[prefix])
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        if params.get("organization"):
+            headers["OpenAI-Organization"] = str(params["organization"])
+        headers.update({str(name): str(value) for name, value in (params.get("extra_headers") or {}).items()})
+        # The route's OpenAI parameters are defaults; what the request sets wins.
+        body = {name: value for name, value in params.items() if name in DIRECT_BODY_KEYS}
+        body.update(chat_body(request))
+        body.update(model=route.target[len(prefix) :], stream=True, stream_options={"include_usage": True})
+        body.update(params.get("extra_body") or {})
+        return cls(
+            url=str(params["api_base"]).rstrip("/") + "/chat/completions",
+            headers=headers,
+            body=json.dumps(body, ensure_ascii=False).encode(),
+            timeout=float(params.get("timeout") or DEFAULT_TIMEOUT),
+            max_retries=int(params.get("max_retries", DEFAULT_MAX_RETRIES)),
+        )
+
+
+async def stream(
+    route: Route, request: ChatRequest, counter: TokenCounter, client: DirectClient
+) -> AsyncGenerator[Event, None]:
+    """Deltas as they arrive, then one Finish; LLMError on any failure."""
+    call = _Call.build(route, request)
+    reader = ChunkReader()
+    async with _opened(call, client.get(), route, explicit_params(request)) as response:
+        try:
+            async for data in _sse_data(response):
+                if data == "[DONE]":
+                    break
+                for event in reader.read(_chunk(data)):
+                    yield event
+        except httpx.TimeoutException as exc:
+            raise provider_error(_TIMED_OUT, route) from exc
+        except httpx.TransportError as exc:  # the connection broke mid-stream
+            raise provider_error(ProviderFailure(500, _CONNECTION), route) from exc
+        except ValueError as exc:  # a chunk that is not JSON
+            raise provider_error(ProviderFailure(500, str(exc)), route) from exc
+        except ProviderFailure as exc:  # an error the server streamed in place of a chunk
+            raise provider_error(exc, route) from exc
+    yield reader.finish(request, counter)
+
+
+@asynccontextmanager
+async def _opened(
+    call: _Call, client: httpx.AsyncClient, route: Route, explicit: Sequence[str]
+) -> AsyncIterator[httpx.Response]:
+    """The streamed response once it answered 2xx, after the retries its failures allow."""
+    timeout = httpx.Timeout(call.timeout)
+    for attempt in range(call.max_retries + 1):
+        last = attempt == call.max_retries
+        request = client.build_request("POST", call.url, headers=call.headers, content=call.body, timeout=timeout)
+        try:
+            response = await client.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            if last:
+                raise provider_error(_TIMED_OUT, route) from exc
+            await asyncio.sleep(_backoff(attempt, None))
+            continue
+        except httpx.TransportError as exc:
+            if last:
+                raise provider_error(ProviderFailure(500, _CONNECTION), route) from exc
+            await asyncio.sleep(_backoff(attempt, None))
+            continue
+        if response.is_success:
+            try:
+                yield response
+            finally:
+                await response.aclose()
+            return
+        failure = await _failure(response)
+        if last or not _retryable(response):
+            raise provider_error(failure, route, explicit) from failure
+        await asyncio.sleep(_backoff(attempt, response.headers))
+
+
+async def _failure(response: httpx.Response) -> ProviderFailure:
+    """An error answer in litellm's terms: the body's error message, else the body itself."""
+    try:
+        body = (await response.aread()).decode("utf-8", "replace")
+    except httpx.HTTPError:
+        body = ""
+    finally:
+        await response.aclose()
+    return ProviderFailure(response.status_code, _error_message(response.status_code, body))
+
+
+def _error_message(status: int, body: str) -> str:
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+        # vLLM and others answer {"object": "error", "message": ...} without the envelope.
+        message = message or parsed.get("message")
+        if isinstance(message, str) and message:
+            return message
+    shown = body.strip()[:_ERROR_BODY_CHARS]
+    return f"Error code: {status}" + (f" - {shown}" if shown else "")
+
+
+def _retryable(response: httpx.Response) -> bool:
+    verdict = str(response.headers.get("x-should-retry", ""))  # OpenAI's own hint, as its SDK reads it
+    if verdict in ("true", "false"):
+        return verdict == "true"
+    return response.status_code in _RETRY_STATUSES or response.status_code >= 500
+
+
+def _backoff(attempt: int, headers: httpx.Headers | None) -> float:
+    """The server's Retry-After if it gives a sane one, else 0.5 s doubling to 8 s, less up to a quarter."""
+    wait = _retry_after(headers) if headers is not None else None
+    if wait is not None:
+        return wait
+    return min(0.5 * 2.0**attempt, 8.0) * (1 - 0.25 * random.random())  # noqa: S311 (jitter, not security)
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    seconds: float | None = None
+    if "retry-after-ms" in headers:
+        try:
+            seconds = float(headers["retry-after-ms"]) / 1000
+        except ValueError:
+            seconds = None
+    elif "retry-after" in headers:
+        value = headers["retry-after"]
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:  # an HTTP date
+                seconds = parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError):
+                seconds = None
+    return seconds if seconds is not None and 0 <= seconds <= _MAX_RETRY_AFTER else None
+
+
+async def _sse_data(response: httpx.Response) -> AsyncIterator[str]:
+    """The ``data`` of each Server-Sent Event (several data lines joined by newlines)."""
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+        elif line.startswith("data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(" ") else value)
+        # event:, id:, retry: and ": comments" carry nothing a completion needs
+    if data:
+        yield "\n".join(data)
+
+
+def _chunk(data: str) -> Any:
+    """One chunk's JSON; an error object streamed in place of a chunk raises it."""
+    chunk = json.loads(data)
+    if not isinstance(chunk, dict):
+        raise ProviderFailure(500, f"malformed chunk: {data[:_ERROR_BODY_CHARS]}")
+    error = chunk.get("error")
+    if error:
+        message = error.get("message") if isinstance(error, dict) else str(error)
+        code = error.get("code") if isinstance(error, dict) else None
+        raise ProviderFailure(code if isinstance(code, int) else 500, str(message or error))
+    return chunk

@@ -1,0 +1,220 @@
+"""app.llm.direct: which routes go direct, what the request carries, that
+litellm stays unimported, and that cassettes and the model-request log see
+direct completions. Failures and stream shapes are pinned on both paths in
+test_llm.py (its ``routed`` fixture runs each provider test direct and
+through litellm)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app import cassettes
+from app.llm import LLM, ChatRequest, Exchange, Finish, LLMConfigError, LLMError, TextDelta
+from tests.runner.fake_openai import USAGE, FakeOpenAI
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def user(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": text}
+
+
+def config_file(tmp_path: Path, entries: list[dict[str, Any]], name: str = "models.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps({"model_list": entries}))
+    return path
+
+
+def entry(name: str, model: str, **params: Any) -> dict[str, Any]:
+    return {"model_name": name, "litellm_params": {"model": model, **params}}
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOpenAI]:
+    server = FakeOpenAI()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def llms() -> AsyncIterator[list[LLM]]:
+    """LLMs a test makes; their connection pools are closed after it."""
+    made: list[LLM] = []
+    try:
+        yield made
+    finally:
+        for llm in made:
+            await llm.aclose()
+
+
+def test_which_routes_go_direct(tmp_path: Path) -> None:
+    base = "http://127.0.0.1:9/v1"
+    llm = LLM.from_config(
+        config_file(
+            tmp_path,
+            [
+                entry("vllm", "hosted_vllm/llama", api_base=base),
+                entry("no-base", "openai/gpt-4o"),
+                entry("extra", "openai/x", api_base=base, input_cost_per_token=1e-6),
+                entry("defaults", "openai/x", api_base=base, temperature=0.1, timeout=5, extra_headers={"X": "1"}),
+                {**entry("forced", "openai/x", api_base=base), "direct": False},
+                entry("off", "offline"),
+                entry("*", "openai/*", api_base=base, api_key="k", max_retries=0),
+            ],
+        )
+    )
+    verdicts = {name: llm.route(name).direct for name in ("vllm", "no-base", "extra", "defaults", "forced", "off")}
+    assert verdicts == {
+        "vllm": True,
+        "no-base": False,  # api.openai.com's own quirks stay litellm's
+        "extra": False,  # a litellm_param only litellm understands
+        "defaults": True,
+        "forced": False,
+        "off": False,
+    }
+    assert llm.route("anything-else").direct
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({**entry("a", "anthropic/claude-3", api_base="http://x"), "direct": True}, "not an OpenAI-compatible model"),
+        ({**entry("a", "openai/x"), "direct": True}, "no api_base"),
+        ({**entry("a", "openai/x", api_base="http://x", mock_response="hi"), "direct": True}, "mock_response"),
+        ({**entry("a", "openai/x", api_base="http://x"), "direct": "yes"}, "direct must be true or false"),
+    ],
+)
+def test_direct_true_that_cannot_be_served_is_a_start_up_error(
+    tmp_path: Path, raw: dict[str, Any], needle: str
+) -> None:
+    with pytest.raises(LLMConfigError, match=needle):
+        LLM.from_config(config_file(tmp_path, [raw]))
+
+
+async def test_the_request_as_sent(
+    fake: FakeOpenAI, tmp_path: Path, llms: list[LLM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Route parameters are defaults under the request's; the provider prefix
+    is not part of the model name sent; headers and extra_body reach it."""
+    monkeypatch.setenv("HOSTED_VLLM_API_KEY", "sk-vllm")
+    params = {
+        "api_base": fake.api_base + "/",
+        "temperature": 0.1,
+        "seed": 7,
+        "extra_headers": {"X-Tenant": "t1"},
+        "extra_body": {"top_k": 5},
+        "drop_params": True,
+    }
+    llm = LLM.from_config(config_file(tmp_path, [entry("*", "hosted_vllm/*", **params)]))
+    llms.append(llm)
+    chat = ChatRequest("fake-chat", [user("hi")], temperature=0.5, extra={"stop": ["\n\n"]})
+    events = [event async for event in llm.stream(chat)]
+    assert events[-1] == Finish("tool_calls", usage=events[-1].usage)  # type: ignore[union-attr]
+    [sent] = fake.requests
+    assert sent["authorization"] == "Bearer sk-vllm"  # the provider's environment variable
+    assert sent["body"] == {
+        "model": "fake-chat",
+        "messages": [user("hi")],
+        "temperature": 0.5,
+        "seed": 7,
+        "stop": ["\n\n"],
+        "top_k": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def test_without_a_key_no_authorization_is_sent(
+    fake: FakeOpenAI, tmp_path: Path, llms: list[LLM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    llm = LLM.from_config(config_file(tmp_path, [entry("*", "openai/*", api_base=fake.api_base)]))
+    llms.append(llm)
+    assert [event async for event in llm.stream(ChatRequest("fake-no-usage", [user("hi")]))]
+    assert fake.requests[0]["authorization"] is None
+
+
+async def test_cassettes_and_the_model_request_log_see_direct_completions(
+    fake: FakeOpenAI, tmp_path: Path, llms: list[LLM]
+) -> None:
+    path = config_file(tmp_path, [entry("*", "openai/*", api_base=fake.api_base, api_key="k")])
+    recorder = LLM.from_config(path)
+    llms.append(recorder)
+    recorder.cassettes = cassettes.Cassettes(tmp_path / "tapes", "record")
+    logged: list[Exchange] = []
+
+    async def log(exchange: Exchange) -> None:
+        logged.append(exchange)
+
+    recorder.observer = log
+    chat = ChatRequest("fake-chat", [user("weather?")])
+    recorded = [event async for event in recorder.stream(chat)]
+    [exchange] = logged
+    assert exchange.response_body()["text"] == "Hello world"
+    assert exchange.response_body()["usage"] == USAGE
+    assert len(list((tmp_path / "tapes").glob("*.json"))) == 1
+
+    await fake.stop()  # replay needs no provider
+    player = LLM.from_config(path, replaying=True)
+    llms.append(player)
+    player.cassettes = cassettes.Cassettes(tmp_path / "tapes", "replay")
+    assert [event async for event in player.stream(chat)] == recorded
+    with pytest.raises(LLMError, match=r"No recorded answer|closest"):
+        [event async for event in player.stream(ChatRequest("fake-chat", [user("other")]))]
+
+
+async def test_a_closed_pool_is_reopened_on_next_use(fake: FakeOpenAI, tmp_path: Path, llms: list[LLM]) -> None:
+    llm = LLM.from_config(config_file(tmp_path, [entry("*", "openai/*", api_base=fake.api_base, api_key="k")]))
+    llms.append(llm)
+    chat = ChatRequest("fake-no-usage", [user("hi")])
+    first = [event async for event in llm.stream(chat)]
+    await llm.aclose()
+    assert [event async for event in llm.stream(chat)] == first
+    assert isinstance(first[0], TextDelta)
+
+
+def test_direct_and_offline_routes_never_import_litellm(tmp_path: Path) -> None:
+    """Start-up, token counting, context windows and token-id decoding: no litellm (150 MiB)."""
+    path = config_file(
+        tmp_path,
+        [
+            entry("offline-*", "offline/*"),
+            {
+                **entry("sized", "openai/local", api_base="http://127.0.0.1:9/v1"),
+                "model_info": {"max_input_tokens": 999},
+            },
+            entry("*", "openai/*", api_base="http://127.0.0.1:9/v1"),
+        ],
+    )
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from app.llm import LLM, decode_tokens\n"
+        f"llm = LLM.from_config(Path({str(path)!r}))\n"
+        "messages = [{'role': 'user', 'content': 'hello there'}]\n"
+        "assert 0 < llm.count_tokens('gpt-4o', messages) < 20\n"
+        "assert llm.count_text_tokens('gpt-4o', 'hello world') == 2\n"
+        "assert llm.context_window('sized') == 999\n"
+        "assert llm.context_window('my-finetune') == 8192\n"
+        "windows = llm.context_window('gpt-4o')\n"
+        "assert decode_tokens([15339, 1917]) == 'hello world'\n"
+        "assert 'litellm' not in sys.modules, 'litellm was imported'\n"
+        "print(windows)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=dict(os.environ), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    # From the model map litellm ships, read as data when litellm is installed (it is, in development).
+    assert done.stdout.strip() == "128000"
