@@ -122,11 +122,14 @@ async def stream(
     reader = ChunkReader()
     async with _opened(call, client.get(), route, explicit_params(request)) as response:
         try:
+            done = False
+            # Read to the end, past [DONE] (as the openai SDK does): a body read
+            # to its end leaves the connection in the pool for the next run.
             async for data in _sse_data(response):
-                if data == "[DONE]":
-                    break
-                for event in reader.read(_chunk(data)):
-                    yield event
+                done = done or data == "[DONE]"
+                if not done:
+                    for event in reader.read(_chunk(data)):
+                        yield event
         except httpx.TimeoutException as exc:
             raise provider_error(_TIMED_OUT, route) from exc
         except httpx.TransportError as exc:  # the connection broke mid-stream

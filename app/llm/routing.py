@@ -155,9 +155,11 @@ class Router:
     exact: Mapping[str, Entry]
     wildcards: Sequence[Entry]  # most specific (longest literal text) first
     everything_offline: bool  # no model_list at all
+    # The file's embedding_model names a routed provider: embeddings always go through litellm.
+    embeds_through_litellm: bool = False
 
     @classmethod
-    def build(cls, entries: Sequence[Entry] | None) -> Router:
+    def build(cls, entries: Sequence[Entry] | None, embedding_model: Any = None) -> Router:
         if entries is None:
             return cls({}, (), True)
         exact: dict[str, Entry] = {}
@@ -166,7 +168,10 @@ class Router:
                 exact.setdefault(entry.name, entry)  # the first of duplicates wins (no load balancing)
         wildcards = [entry for entry in entries if entry.pattern is not None]
         wildcards.sort(key=lambda entry: -len(entry.name.replace("*", "")))  # stable: ties keep file order
-        return cls(exact, wildcards, False)
+        # app/retrieval/embed.py embeds through litellm with the exact entry it names.
+        named = exact.get(embedding_model) if isinstance(embedding_model, str) else None
+        embeds = named is not None and not Route(named.name, named.params).offline
+        return cls(exact, wildcards, False, embeds)
 
     def route(self, model: str) -> Route | None:
         if model in self.exact:
@@ -181,8 +186,10 @@ class Router:
         return [*self.exact.values(), *self.wildcards]
 
     def needs_litellm(self) -> bool:
-        """Some entry is served by litellm (neither offline nor direct)."""
-        return any(not entry.direct and not Route(entry.name, entry.params).offline for entry in self._entries())
+        """Some entry is served by litellm (neither offline nor direct), or embeddings are."""
+        return self.embeds_through_litellm or any(
+            not entry.direct and not Route(entry.name, entry.params).offline for entry in self._entries()
+        )
 
     def has_direct(self) -> bool:
         return any(entry.direct for entry in self._entries())
@@ -201,7 +208,7 @@ def read_config(path: Path) -> tuple[Router, list[Rule]]:
         if raw_list is not None and not isinstance(raw_list, list):
             raise LLMConfigError("model_list must be a list")
         entries = None if not raw_list else [Entry.parse(raw, n) for n, raw in enumerate(raw_list)]
-        return Router.build(entries), read_rules(data.get("offline"), path.parent)
+        return Router.build(entries, data.get("embedding_model")), read_rules(data.get("offline"), path.parent)
     except LLMConfigError as exc:
         raise LLMConfigError(f"{path}: {exc}") from None
 

@@ -218,3 +218,25 @@ def test_direct_and_offline_routes_never_import_litellm(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     # From the model map litellm ships, read as data when litellm is installed (it is, in development).
     assert done.stdout.strip() == "128000"
+
+
+def test_litellm_is_imported_at_start_up_only_when_a_route_or_embeddings_need_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.llm import litellm_adapter
+
+    loads: list[str] = []
+    monkeypatch.setattr(litellm_adapter, "load", lambda: loads.append("litellm"))
+    base = "http://127.0.0.1:9/v1"
+    direct_only = [entry("emb", "openai/text-embedding-3-small", api_base=base), entry("*", "openai/*", api_base=base)]
+    for entries, extra, expected in [
+        (direct_only, {}, []),
+        (direct_only, {"embedding_model": "emb"}, ["litellm"]),  # embeddings always go through litellm
+        ([*direct_only, entry("claude", "anthropic/claude-3")], {}, ["litellm"]),
+        ([entry("*", "offline/*")], {"embedding_model": "hashing"}, []),
+    ]:
+        loads.clear()
+        path = tmp_path / "models.json"
+        path.write_text(json.dumps({"model_list": entries, **extra}))
+        LLM.from_config(path)
+        assert loads == expected, (entries, extra)
