@@ -4,7 +4,9 @@ Three processes: this client, an instant OpenAI-compatible model stub (the
 one in bench/streaming.py, no delay between tokens) and the server
 (``python -m app serve``, API and embedded worker in one process), on SQLite
 and on an embedded PostgreSQL. The routing file sends ``gpt-4o`` to the stub
-through litellm and ``offline-bench`` to the built-in offline model.
+by the server's own HTTP request (app/llm/direct.py), ``litellm-bench`` to the
+same stub through litellm (``direct: false``) and ``offline-bench`` to the
+built-in offline model.
 
 Measured, each as p50/p95 over sequential requests:
 
@@ -16,11 +18,13 @@ Measured, each as p50/p95 over sequential requests:
   sleeping ``openai-poll-after-ms`` between polls; the polls per run too;
 
 then runs/s with 1, 16 and 64 clients doing runs back to back, polling as
-the SDK does or streaming, and the server's RSS idle and at the end of the load.
-Prints markdown; asserts nothing.
+the SDK does or streaming, for each path (``--paths``), the server's CPU per
+run, and its RSS at the end of the load; last, the idle RSS of a server
+started with each routing file alone (offline only, direct routes only, a
+route through litellm). Prints markdown; asserts nothing.
 
-    .venv/bin/python bench/overhead.py                      # both databases, about 2 minutes
-    .venv/bin/python bench/overhead.py --db sqlite --runs 100 --duration 3
+    .venv/bin/python bench/overhead.py                      # both databases, about 4 minutes
+    .venv/bin/python bench/overhead.py --db sqlite --runs 100 --duration 3 --clients 1,16
 """
 
 from __future__ import annotations
@@ -204,22 +208,41 @@ def stub(scratch: Path) -> Iterator[int]:
         process.wait(timeout=15)
 
 
+MODELS = {"direct": "gpt-4o", "litellm": "litellm-bench", "offline": "offline-bench"}
+
+
+def routing(stub_port: int, paths: list[str]) -> list[dict[str, Any]]:
+    """Routing entries for the paths: the stub directly, through litellm, the offline model."""
+    stub = {"api_base": f"http://127.0.0.1:{stub_port}/v1", "api_key": "x", "max_retries": 0}
+    entries: dict[str, dict[str, Any]] = {
+        "offline": {"model_name": "offline-bench", "litellm_params": {"model": "offline"}},
+        "litellm": {
+            "model_name": "litellm-bench",
+            "litellm_params": {"model": "openai/litellm-bench", **stub},
+            "direct": False,
+        },
+        "direct": {"model_name": "*", "litellm_params": {"model": "openai/*", **stub}},
+    }
+    return [entries[path] for path in ("offline", "litellm", "direct") if path in paths]
+
+
 @contextmanager
-def server(database_url: str, scratch: Path, stub_port: int, extra_env: dict[str, str]) -> Iterator[tuple[int, int]]:
-    config = scratch / "routing.json"
-    stub_params = {"model": "openai/*", "api_base": f"http://127.0.0.1:{stub_port}/v1", "api_key": "x"}
-    entries = [
-        {"model_name": "offline-bench", "litellm_params": {"model": "offline"}},
-        {"model_name": "*", "litellm_params": {**stub_params, "max_retries": 0}},
-    ]
-    config.write_text(json.dumps({"model_list": entries}))
+def server(
+    database_url: str, scratch: Path, entries: list[dict[str, Any]] | None, extra_env: dict[str, str]
+) -> Iterator[tuple[int, int]]:
+    """The server with a routing file of these entries (None: no file, every model offline)."""
     port = base.free_port()
+    config = []
+    if entries is not None:
+        path = scratch / f"routing-{port}.json"
+        path.write_text(json.dumps({"model_list": entries}))
+        config = ["--config", str(path)]
     data_dir = scratch / f"data-{port}"
     data_dir.mkdir()
     env = {**os.environ, "ASSISTANTS_API_KEYS": "", "LITELLM_LOCAL_MODEL_COST_MAP": "True", **extra_env}
     env.setdefault("ASSISTANTS_WORKER_CONCURRENCY", "80")
     command = [
-        sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port), "--config", str(config),
+        sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port), *config,
         "--data-dir", str(data_dir), "--database-url", database_url, "--log-level", "warning",
     ]  # fmt: skip
     log = scratch / f"server-{port}.log"
@@ -237,12 +260,14 @@ def server(database_url: str, scratch: Path, stub_port: int, extra_env: dict[str
             process.wait()
 
 
+LABELS = {"direct": "direct → stub", "litellm": "litellm → stub", "offline": "offline model"}
+
+
 async def bench_database(db: str, port: int, pid: int, stub_port: int, args: argparse.Namespace) -> list[str]:
     client = Client("127.0.0.1", port)
-    _, data = await client.call("POST", "/v1/assistants", {"model": "gpt-4o", "instructions": "Be brief."})
+    _, data = await client.call("POST", "/v1/assistants", {"model": "offline-bench", "instructions": "Be brief."})
     await client.close()
     assistant_id = json.loads(data)["id"]
-    idle_rss = rss_mib(pid)
 
     def streamed(model: str) -> Any:
         return lambda c, i: stream_once(c, assistant_id, model, f"hello {i}")
@@ -255,33 +280,44 @@ async def bench_database(db: str, port: int, pid: int, stub_port: int, args: arg
     rows = [
         f"| {db} | floor: streamed completion straight to the stub | {base_ms:.2f} | {pct(floor, 0.95):.2f} | 1.0 | - |"
     ]
-    for label, model, once in [
-        ("stream, litellm → stub", "gpt-4o", streamed),
-        ("stream, offline model", "offline-bench", streamed),
-        ("create_and_poll, litellm → stub", "gpt-4o", polled),
-        ("create_and_poll, offline model", "offline-bench", polled),
-    ]:
-        samples = await sequential(port, args.runs, once(model))
-        p50 = pct(samples, 0.5)
-        polls = f"{sum(s.polls for s in samples) / len(samples):.2f}" if samples[0].polls else "-"
-        rows.append(
-            f"| {db} | {label} | {p50:.2f} | {pct(samples, 0.95):.2f} | {p50 / base_ms:.1f} "
-            f"(+{p50 - base_ms:.1f} ms) | {polls} |"
-        )
-    load_rows = []
-    for mode, once in [("poll (SDK)", polled("gpt-4o")), ("stream", streamed("gpt-4o"))]:
-        for clients in args.clients:
-            result = await load(port, pid, clients, args.duration, args.load_warmup, once)
-            count = len(result.samples)
-            cpu_ms = result.cpu * 1000 / count if count else float("nan")
-            polls = f"{sum(s.polls for s in result.samples) / count:.2f}" if count and mode != "stream" else "-"
-            load_rows.append(
-                f"| {db} | {mode} | {clients} | **{count / args.duration:.0f}** | {pct(result.samples, 0.5):.1f} | "
-                f"{pct(result.samples, 0.95):.1f} | {polls} | {cpu_ms:.1f} | {result.peak_rss:.0f} | "
-                f"{len(result.errors)} |"
+    for kind, once in [("stream", streamed), ("create_and_poll", polled)]:
+        for path in args.paths:
+            samples = await sequential(port, args.runs, once(MODELS[path]))
+            p50 = pct(samples, 0.5)
+            polls = f"{sum(s.polls for s in samples) / len(samples):.2f}" if samples[0].polls else "-"
+            rows.append(
+                f"| {db} | {kind}, {LABELS[path]} | {p50:.2f} | {pct(samples, 0.95):.2f} | {p50 / base_ms:.1f} "
+                f"(+{p50 - base_ms:.1f} ms) | {polls} |"
             )
-    rss_after = rss_mib(pid)
-    return [*rows, "", *load_rows, "", f"{db}: RSS idle {idle_rss:.0f} MiB, after the load {rss_after:.0f} MiB"]
+    load_rows = []
+    for path in args.paths:
+        for mode, once in [("poll (SDK)", polled(MODELS[path])), ("stream", streamed(MODELS[path]))]:
+            for clients in args.clients:
+                result = await load(port, pid, clients, args.duration, args.load_warmup, once)
+                count = len(result.samples)
+                cpu_ms = result.cpu * 1000 / count if count else float("nan")
+                polls = f"{sum(s.polls for s in result.samples) / count:.2f}" if count and mode != "stream" else "-"
+                load_rows.append(
+                    f"| {db} | {LABELS[path]} | {mode} | {clients} | **{count / args.duration:.0f}** | "
+                    f"{pct(result.samples, 0.5):.1f} | {pct(result.samples, 0.95):.1f} | {polls} | {cpu_ms:.1f} | "
+                    f"{result.peak_rss:.0f} | {len(result.errors)} |"
+                )
+    return [*rows, "", *load_rows, "", f"{db}: RSS after the load {rss_mib(pid):.0f} MiB"]
+
+
+def idle_rss(scratch: Path, stub_port: int, extra_env: dict[str, str]) -> list[str]:
+    """A fresh server per routing file, its RSS once ready (SQLite): what each path costs at rest."""
+    rows: list[str] = []
+    for label, entries in [
+        ("offline model only (no routing file)", None),
+        ("direct routes (+ offline)", routing(stub_port, ["direct", "offline"])),
+        ("a route through litellm (+ direct, offline)", routing(stub_port, ["direct", "litellm", "offline"])),
+    ]:
+        url = f"sqlite+aiosqlite:///{scratch / f'idle-{len(rows)}.db'}"
+        with server(url, scratch, entries, extra_env) as (_port, pid):
+            time.sleep(1.0)  # let start-up work settle
+            rows.append(f"| {label} | {rss_mib(pid):.0f} |")
+    return rows
 
 
 def main() -> None:
@@ -289,6 +325,7 @@ def main() -> None:
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--runs", type=int, default=200, help="sequential requests per latency figure")
     parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
+    parser.add_argument("--paths", type=lambda s: s.split(","), default=["direct", "litellm", "offline"])
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per load point")
     parser.add_argument("--load-warmup", type=float, default=1.0)
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
@@ -300,22 +337,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as name:
         scratch = Path(name)
         with stub(scratch) as stub_port:
+            entries = routing(stub_port, args.paths)
             for db in databases:
-                with _database(db, scratch) as url, server(url, scratch, stub_port, extra_env) as (port, pid):
+                with _database(db, scratch) as url, server(url, scratch, entries, extra_env) as (port, pid):
                     lines = asyncio.run(bench_database(db, port, pid, stub_port, args))
                     first_blank = lines.index("")
                     latency += lines[:first_blank]
                     loads += lines[first_blank + 1 : -2]
                     notes.append(lines[-1])
+            idle = idle_rss(scratch, stub_port, extra_env)
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)\n")
     print("| db | what | p50 ms | p95 ms | p50 / floor | polls/run |\n|---|---|---:|---:|---:|---:|")
     print("\n".join(latency))
     print(
-        "\n| db | clients do | clients | runs/s | p50 ms | p95 ms | polls/run | server CPU ms/run | peak RSS MiB "
-        "| errors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "\n| db | path | clients do | clients | runs/s | p50 ms | p95 ms | polls/run | server CPU ms/run "
+        "| peak RSS MiB | errors |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     print("\n".join(loads))
     print("\n" + "\n".join(notes))
+    print("\n| server started with | idle RSS MiB |\n|---|---:|")
+    print("\n".join(idle))
 
 
 @contextmanager
