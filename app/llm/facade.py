@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,7 +47,6 @@ class LLM:
         self.cassettes: cassettes.Cassettes | None = None
         self._offline = offline.OfflineModel(rules, self.script)
         self._windows: dict[str, int] = {}
-        self._bundled_windows: Mapping[str, int] | None = None  # litellm's model map, read without litellm
         self.metrics_observer: CallObserver | None = None
         # The pooled HTTP client of direct routes (direct.py imports httpx, so
         # only a routing file with direct routes pays for it).
@@ -201,10 +200,9 @@ class LLM:
         if route.offline:
             return offline.CONTEXT_WINDOW
         if route.direct:
-            if self._bundled_windows is None:
-                self._bundled_windows = litellm_adapter.bundled_windows()
-            name = route.target.partition("/")[2]
-            return self._bundled_windows.get(route.target) or self._bundled_windows.get(name) or DEFAULT_CONTEXT_WINDOW
+            return (
+                litellm_adapter.bundled_window(route.target, route.target.partition("/")[2]) or DEFAULT_CONTEXT_WINDOW
+            )
         return litellm_adapter.context_window(route.target) or DEFAULT_CONTEXT_WINDOW
 
     def count_tokens(

@@ -131,20 +131,30 @@ def count_text_tokens(target: str, text: str) -> int:
     return int(load().token_counter(model=target, text=text))
 
 
-def bundled_windows() -> dict[str, int]:
-    """Input tokens per model name from the model map litellm ships (a JSON
-    file), read without importing litellm; empty if litellm is not installed.
+def bundled_window(*names: str) -> int | None:
+    """Input tokens of the first of these model names found in the model map
+    litellm ships (a 2 MB JSON file), read without importing litellm: only
+    the named entries are decoded, so a lookup costs a few milliseconds and
+    keeps nothing. None if litellm is not installed or knows none of them.
     Direct routes use it where the routing file sets no max_input_tokens."""
     spec = importlib.util.find_spec("litellm")  # finds the package without importing it
     if spec is None or spec.origin is None:
-        return {}
+        return None
     try:
-        table = json.loads((Path(spec.origin).parent / _MODEL_MAP).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    windows = {}
-    for name, info in table.items():
+        text = (Path(spec.origin).parent / _MODEL_MAP).read_text(encoding="utf-8")
+    except OSError:
+        return None
+    decoder = json.JSONDecoder()
+    for name in names:
+        key = json.dumps(name) + ":"
+        start = text.find(key)
+        if start == -1:
+            continue
+        try:
+            info, _ = decoder.raw_decode(text[start + len(key) :].lstrip())
+        except ValueError:
+            continue
         value = info.get("max_input_tokens") or info.get("max_tokens") if isinstance(info, dict) else None
         if isinstance(value, int) and value > 0:
-            windows[name] = value
-    return windows
+            return value
+    return None
