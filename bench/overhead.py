@@ -25,6 +25,7 @@ route through litellm). Prints markdown; asserts nothing.
 
     .venv/bin/python bench/overhead.py                      # both databases, about 4 minutes
     .venv/bin/python bench/overhead.py --db sqlite --runs 100 --duration 3 --clients 1,16
+    .venv/bin/python bench/overhead.py --call-path 300      # the provider call path alone, in-process
 """
 
 from __future__ import annotations
@@ -305,6 +306,49 @@ async def bench_database(db: str, port: int, pid: int, stub_port: int, args: arg
     return [*rows, "", *load_rows, "", f"{db}: RSS after the load {rss_mib(pid):.0f} MiB"]
 
 
+async def call_path(stub_port: int, scratch: Path, count: int) -> list[str]:
+    """CPU per streamed completion of the provider call path alone, in this
+    process: a bare httpx stream (the floor), the direct path, litellm."""
+    import httpx
+
+    from app.llm import LLM, ChatRequest
+
+    path = scratch / "call-path.json"
+    path.write_text(json.dumps({"model_list": routing(stub_port, ["direct", "litellm"])}))
+    llm = LLM.from_config(path)
+    url = f"http://127.0.0.1:{stub_port}/v1/chat/completions"
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "hello"}]
+    body = {"model": "bench", "stream": True, "messages": messages, "stream_options": {"include_usage": True}}
+    payload = json.dumps(body).encode()
+
+    async with httpx.AsyncClient() as client:
+
+        async def bare() -> None:
+            async with client.stream("POST", url, content=payload, headers={"Content-Type": "application/json"}) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        json.loads(line[6:])
+
+        async def through(model: str) -> None:
+            async for _ in llm.stream(ChatRequest(model, messages)):
+                pass
+
+        rows = []
+        for label, once in [
+            ("bare httpx stream", bare),
+            ("direct", lambda: through(MODELS["direct"])),
+            ("litellm", lambda: through(MODELS["litellm"])),
+        ]:
+            for _ in range(20):
+                await once()
+            started = time.process_time()
+            for _ in range(count):
+                await once()
+            rows.append(f"| {label} | {(time.process_time() - started) * 1000 / count:.2f} |")
+    await llm.aclose()
+    return rows
+
+
 def idle_rss(scratch: Path, stub_port: int, extra_env: dict[str, str]) -> list[str]:
     """A fresh server per routing file, its RSS once ready (SQLite): what each path costs at rest."""
     rows: list[str] = []
@@ -329,7 +373,14 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per load point")
     parser.add_argument("--load-warmup", type=float, default=1.0)
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
+    parser.add_argument("--call-path", type=int, default=0, metavar="N", help="only: CPU of N completions in-process")
     args = parser.parse_args()
+    if args.call_path:
+        with tempfile.TemporaryDirectory(prefix="bench-overhead-") as name, stub(Path(name)) as stub_port:
+            rows = asyncio.run(call_path(stub_port, Path(name), args.call_path))
+        print(f"load average {os.getloadavg()[0]:.2f}\n\n| path | CPU ms per completion |\n|---|---:|")
+        print("\n".join(rows))
+        return
     extra_env = dict(item.split("=", 1) for item in args.env)
     databases = ["sqlite", "postgres"] if args.db == "both" else [args.db]
     load_before = os.getloadavg()
