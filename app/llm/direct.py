@@ -49,9 +49,9 @@ _KEY_VARIABLES = {"openai/": "OPENAI_API_KEY", "hosted_vllm/": "HOSTED_VLLM_API_
 _RETRY_STATUSES = frozenset({408, 409, 429})
 _MAX_RETRY_AFTER = 60.0
 _ERROR_BODY_CHARS = 500
-# litellm's words for failures that have no HTTP answer (provider.provider_error turns them into texts).
-_TIMED_OUT = ProviderFailure(408, "Request timed out.")
-_CONNECTION = "Connection error."
+# litellm's words (and status codes) for failures that have no HTTP answer.
+_TIMED_OUT = (408, "Request timed out.")
+_CONNECTION = (500, "Connection error.")
 
 
 class DirectClient:
@@ -105,12 +105,13 @@ class _Call:
         body.update(chat_body(request))
         body.update(model=route.target[len(prefix) :], stream=True, stream_options={"include_usage": True})
         body.update(params.get("extra_body") or {})
+        retries = params.get("max_retries")
         return cls(
             url=str(params["api_base"]).rstrip("/") + "/chat/completions",
             headers=headers,
             body=json.dumps(body, ensure_ascii=False).encode(),
             timeout=float(params.get("timeout") or DEFAULT_TIMEOUT),
-            max_retries=int(params.get("max_retries", DEFAULT_MAX_RETRIES)),
+            max_retries=DEFAULT_MAX_RETRIES if retries is None else max(0, int(retries)),
         )
 
 
@@ -131,9 +132,9 @@ async def stream(
                     for event in reader.read(_chunk(data)):
                         yield event
         except httpx.TimeoutException as exc:
-            raise provider_error(_TIMED_OUT, route) from exc
+            raise provider_error(ProviderFailure(*_TIMED_OUT), route) from exc
         except httpx.TransportError as exc:  # the connection broke mid-stream
-            raise provider_error(ProviderFailure(500, _CONNECTION), route) from exc
+            raise provider_error(ProviderFailure(*_CONNECTION), route) from exc
         except ValueError as exc:  # a chunk that is not JSON
             raise provider_error(ProviderFailure(500, str(exc)), route) from exc
         except ProviderFailure as exc:  # an error the server streamed in place of a chunk
@@ -154,12 +155,12 @@ async def _opened(
             response = await client.send(request, stream=True)
         except httpx.TimeoutException as exc:
             if last:
-                raise provider_error(_TIMED_OUT, route) from exc
+                raise provider_error(ProviderFailure(*_TIMED_OUT), route) from exc
             await asyncio.sleep(_backoff(attempt, None))
             continue
         except httpx.TransportError as exc:
             if last:
-                raise provider_error(ProviderFailure(500, _CONNECTION), route) from exc
+                raise provider_error(ProviderFailure(*_CONNECTION), route) from exc
             await asyncio.sleep(_backoff(attempt, None))
             continue
         if response.is_success:
