@@ -250,7 +250,7 @@ class StaticMiniLM:
     def contextual_vectors(self, texts: Sequence[str]) -> Array:
         """The transformer's sentence vectors, projected onto the table's principal axes."""
         model, table, _ = self._parts()
-        sentences = np.asarray(model.embed_sync(list(texts)), dtype=np.float32)
+        sentences = model.embed_array(list(texts))
         projected: Array = ((sentences - table.mean) @ table.title_basis.T).astype(np.float32)
         return _unit(projected)
 
