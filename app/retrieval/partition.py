@@ -112,6 +112,27 @@ def build(vectors: Array, centroids: Array | None = None, trained_rows: int = 0)
     return order, Partition(centroids, offsets, trained_rows)
 
 
+def permute_rows(matrix: Array, order: Indices) -> None:
+    """``matrix[i] = matrix[order[i]]`` for every row, in place, cycle by
+    cycle: reordering a 154 MB matrix by fancy indexing would hold a second
+    copy of it (~0.1 s of CPU at 100k rows this way)."""
+    targets = order.tolist()
+    done = bytearray(len(targets))
+    for start, first_source in enumerate(targets):
+        if done[start] or first_source == start:
+            continue
+        saved = matrix[start].copy()
+        position = start
+        while True:
+            done[position] = 1
+            source = targets[position]
+            if source == start:
+                matrix[position] = saved
+                break
+            matrix[position] = matrix[source]
+            position = source
+
+
 def worth_retraining(partition: Partition, rows: int) -> bool:
     """Whether the store has changed size so much that its clusters should be trained anew."""
     return not (partition.trained_rows / 2 <= rows <= partition.trained_rows * 2)

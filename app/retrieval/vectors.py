@@ -247,7 +247,7 @@ async def _read_matrix(
 def _partitioned(matrix: _Matrix, previous: Partition | None) -> _Matrix:
     """The matrix with its rows grouped by list (the store's previous
     centroids are reused unless its size changed past worth_retraining).
-    The reordering copies the matrix once: the peak is twice its size."""
+    The rows are reordered in place: ``matrix`` is consumed."""
     rows = len(matrix.ids)
     if previous is not None and partition.worth_retraining(previous, rows):
         previous = None
@@ -256,8 +256,10 @@ def _partitioned(matrix: _Matrix, previous: Partition | None) -> _Matrix:
         if previous is not None
         else partition.build(matrix.vectors)
     )
-    vectors = matrix.vectors[order]
-    return _Matrix(matrix.version, matrix.ids[order], matrix.file_codes[order], matrix.file_names, vectors, index)
+    partition.permute_rows(matrix.vectors, order)
+    return _Matrix(
+        matrix.version, matrix.ids[order], matrix.file_codes[order], matrix.file_names, matrix.vectors, index
+    )
 
 
 async def _texts(session: AsyncSession, chunk_ids: list[int]) -> dict[int, str]:

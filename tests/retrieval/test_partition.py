@@ -39,7 +39,14 @@ def matrices() -> tuple[Any, Any, Any]:
         1, np.arange(ROWS, dtype=np.int64) + 1000, rng.integers(FILES, size=ROWS).astype(np.int32), files, rows
     )
     queries = _unit(centres[rng.integers(TOPICS, size=60)] + 0.8 * rng.standard_normal((60, DIMENSIONS)) / 8)
-    return exact, vectors._partitioned(exact, None), queries
+    return exact, vectors._partitioned(_copy(exact), None), queries
+
+
+def _copy(matrix: Any) -> Any:
+    """_partitioned reorders the rows in place."""
+    return vectors._Matrix(
+        matrix.version, matrix.ids.copy(), matrix.file_codes.copy(), matrix.file_names, matrix.vectors.copy()
+    )
 
 
 def _top(matrix: Any, query: Any, limit: int, passing: Any = None) -> dict[int, float]:
@@ -100,7 +107,7 @@ def test_centroids_are_reused_until_the_store_doubles_or_halves(matrices: tuple[
     index = partitioned.partition
     assert index is not None
     assert not partition.worth_retraining(index, ROWS + 10) and partition.worth_retraining(index, ROWS * 3)
-    grown = vectors._Matrix(2, exact.ids[:-5], exact.file_codes[:-5], exact.file_names, exact.vectors[:-5])
+    grown = vectors._Matrix(2, exact.ids[:-5], exact.file_codes[:-5], exact.file_names, exact.vectors[:-5].copy())
     again = vectors._partitioned(grown, index)
     assert again.partition is not None and np.array_equal(again.partition.centroids, index.centroids)
     assert again.partition.offsets[-1] == ROWS - 5
@@ -144,3 +151,13 @@ async def test_a_large_store_is_searched_through_its_partition(
     finally:
         vectors._cache.clear()
         await started.close()
+
+
+def test_rows_are_permuted_in_place() -> None:
+    rng = np.random.default_rng(3)
+    matrix = rng.standard_normal((500, 8)).astype(np.float32)
+    for order in (rng.permutation(500), np.arange(500), np.roll(np.arange(500), 1)):
+        expected = matrix[order]
+        partition.permute_rows(matrix, order)
+        assert np.array_equal(matrix, expected)
+        matrix = expected.copy()
