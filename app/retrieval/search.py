@@ -9,6 +9,7 @@ then opens the short database session this runs in.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -38,12 +39,26 @@ async def search(
     scope = Scope(store_ids, condition)
     candidates = max(MIN_CANDIDATES, limit * CANDIDATE_FACTOR)
     best: dict[int, Hit] = {}
+    textless: set[int] = set()  # chunks only the vector side found: their text is read for the page alone
     for position, query in enumerate(queries):
         lists = [await index.keyword_search(session, scope, query, candidates)]
         if query_vectors is not None:
-            lists.append(await vectors.nearest(session, scope, query_vectors[position], candidates))
+            lists.append(await vectors.nearest(session, scope, query_vectors[position], candidates, with_texts=False))
+        with_text = {hit.chunk_id for hit in lists[0]}
         for hit in fuse(lists, candidates):
+            if hit.chunk_id not in with_text:
+                textless.add(hit.chunk_id)
             if hit.chunk_id not in best or best[hit.chunk_id].score < hit.score:
-                best[hit.chunk_id] = hit
+                # Keep a text already read (fusion keeps the keyword side's hit, which has it).
+                text = best[hit.chunk_id].text if hit.chunk_id in best and not hit.text else hit.text
+                best[hit.chunk_id] = replace(hit, text=text)
     ranked = sorted(best.values(), key=lambda hit: (-hit.score, hit.chunk_id))
-    return [hit for hit in ranked if hit.score >= score_threshold][:limit]
+    page = [hit for hit in ranked if hit.score >= score_threshold][:limit]
+    missing = [hit.chunk_id for hit in page if hit.chunk_id in textless and not hit.text]
+    if not missing:
+        return page
+    texts = await vectors.texts_of(session, missing)
+    return [
+        replace(hit, text=texts.get(hit.chunk_id, "")) if hit.chunk_id in textless and not hit.text else hit
+        for hit in page
+    ]

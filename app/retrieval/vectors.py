@@ -83,11 +83,16 @@ def _normalised(matrix: Any) -> Any:
     return matrix / norms
 
 
-async def nearest(session: AsyncSession, scope: Scope, vector: Sequence[float], limit: int) -> list[Hit]:
+async def nearest(
+    session: AsyncSession, scope: Scope, vector: Sequence[float], limit: int, *, with_texts: bool = True
+) -> list[Hit]:
+    """The ``limit`` chunks nearest the vector; without ``with_texts`` their
+    text is left empty (hybrid search reads the texts of its final page only:
+    each ranked list would otherwise read ``limit`` chunks of ~3 KB)."""
     if not scope.store_ids:
         return []
     if _is_postgres(session):
-        return await _pgvector(session, scope, vector, limit)
+        return await _pgvector(session, scope, vector, limit, with_texts)
     query = _normalised(np.asarray([vector], dtype=np.float32))[0]
     scored: list[tuple[float, int, str, str]] = []
     for store_id in scope.store_ids:
@@ -109,7 +114,7 @@ async def nearest(session: AsyncSession, scope: Scope, vector: Sequence[float], 
     scored = [item for item in scored if item[0] != -np.inf]
     scored.sort(key=lambda item: (-item[0], item[1]))
     best = scored[:limit]
-    texts = await _texts(session, [chunk_id for _, chunk_id, _, _ in best])
+    texts = await texts_of(session, [chunk_id for _, chunk_id, _, _ in best]) if with_texts else {}
     return [Hit(c, s, f, texts.get(c, ""), max(0.0, min(1.0, score))) for score, c, s, f in best]
 
 
@@ -262,7 +267,7 @@ def _partitioned(matrix: _Matrix, previous: Partition | None) -> _Matrix:
     )
 
 
-async def _texts(session: AsyncSession, chunk_ids: list[int]) -> dict[int, str]:
+async def texts_of(session: AsyncSession, chunk_ids: list[int]) -> dict[int, str]:
     if not chunk_ids:
         return {}
     statement = text("SELECT id, text FROM vector_store_chunks WHERE id IN :ids").bindparams(
@@ -271,14 +276,17 @@ async def _texts(session: AsyncSession, chunk_ids: list[int]) -> dict[int, str]:
     return {int(r.id): str(r.text) for r in (await session.execute(statement, {"ids": chunk_ids})).all()}
 
 
-async def _pgvector(session: AsyncSession, scope: Scope, vector: Sequence[float], limit: int) -> list[Hit]:
+async def _pgvector(
+    session: AsyncSession, scope: Scope, vector: Sequence[float], limit: int, with_texts: bool
+) -> list[Hit]:
     params: dict[str, object] = {**scope.params(), "limit": limit, "query": _vector_literal(vector)}
     # The HNSW index is on the expression embedding::vector(384) for rows of
     # that size; the query must use the same expression to be served by it.
     column = "c.embedding::vector(384)" if len(vector) == INDEXED_DIMENSIONS else "c.embedding"
     distance = f"{column} <=> CAST(:query AS vector({len(vector)}))"
+    text_column = "c.text" if with_texts else "''"
     sql = (
-        f"SELECT c.id, c.vector_store_id, c.file_id, c.text, 1 - ({distance}) AS score "  # noqa: S608 (constant fragments only; values are bound)
+        f"SELECT c.id, c.vector_store_id, c.file_id, {text_column} AS text, 1 - ({distance}) AS score "  # noqa: S608 (constant fragments only; values are bound)
         f"FROM vector_store_chunks c WHERE vector_dims(c.embedding) = {len(vector)} "
         f"AND {scope.sql()} ORDER BY {distance} LIMIT :limit"
     )

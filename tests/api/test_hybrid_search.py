@@ -39,6 +39,8 @@ async def test_embeddings_find_what_keywords_miss(client: openai.AsyncOpenAI) ->
     page = await client.vector_stores.search(store_id, query="zebbras savana")
     assert page.data and page.data[0].file_id == ids["zebra.txt"]
     assert all(0 <= result.score <= 1 for result in page.data)
+    # Found by the vector side alone, whose texts are read for the final page only: still there.
+    assert [part.text for part in page.data[0].content] == [ZEBRA]
     exact = await client.vector_stores.search(store_id, query="llamas andes")
     assert exact.data[0].file_id == ids["llama.txt"]
     filtered = await client.vector_stores.search(
@@ -79,6 +81,7 @@ async def test_local_sentence_model_finds_meaning_without_shared_words(
     # No word of the query appears in either document; only meaning links it to the llama text.
     page = await client.vector_stores.search(store_id, query="pack animals of South American mountains")
     assert page.data and page.data[0].file_id == ids["llama.txt"]
+    assert [part.text for part in page.data[0].content] == [LLAMA]
 
 
 async def test_the_index_follows_the_store_at_once(client: openai.AsyncOpenAI) -> None:
