@@ -19,6 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.pool import NullPool
 from sqlalchemy.util import await_only as await_
 
+from app import sqlite_driver
+
 # Shipped inside the package, so an installed server migrates without the repository.
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -168,7 +170,10 @@ def create_engine(url: str) -> AsyncEngine:
         database = make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, poolclass=NullPool if database == ":memory:" else None)
+        # One thread hop per statement instead of four (app/sqlite_driver.py).
+        engine = create_async_engine(
+            url, poolclass=NullPool if database == ":memory:" else None, module=sqlite_driver.OneHopDBAPI()
+        )
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         SQLiteWriters(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000).listen(engine)
         return engine
@@ -210,11 +215,8 @@ async def read_rows(engine: AsyncEngine, sql: str, params: dict[str, Any]) -> li
             return [tuple(row) for row in (await connection.execute(text(sql), params)).all()]
         raw = (await connection.get_raw_connection()).driver_connection
         assert raw is not None
-        cursor = await raw.execute(sql, params)
-        try:
-            return [tuple(row) for row in await cursor.fetchall()]
-        finally:
-            await cursor.close()
+        # One hop to aiosqlite's thread, not three (execute, fetch, close).
+        return [tuple(row) for row in await raw.execute_fetchall(sql, params)]
 
 
 async def notify_work(engine: AsyncEngine) -> None:

@@ -1,0 +1,130 @@
+"""SQLAlchemy's aiosqlite adapter, with one thread hop per statement (issue 17).
+
+aiosqlite runs sqlite3 on a thread of its own; every call is a hop there and
+back (a queue put, a thread wake-up, a wake-up of the event loop). The stock
+adapter makes four for each statement (open a cursor, execute, fetch, close)
+and one more for the pool's rollback after every commit: a run's 20-odd
+statements cost about 80 hops, a few milliseconds of CPU. Here a statement's
+execute, fetch and close go as one call to the sqlite3 thread, and the
+rollback is skipped when no transaction is open (sqlite3's own rollback does
+nothing then). sqlite3 still never runs on the event loop's thread, so a
+statement waiting for SQLite's lock (the busy timeout) freezes nothing.
+
+Built on aiosqlite's queue (``Connection._execute``, ``_conn``), as
+SQLAlchemy's adapter is; aiosqlite is pinned in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import collections
+import sqlite3
+from typing import Any
+
+import aiosqlite
+from sqlalchemy.dialects.sqlite.aiosqlite import (
+    AsyncAdapt_aiosqlite_connection,
+    AsyncAdapt_aiosqlite_cursor,
+    AsyncAdapt_aiosqlite_dbapi,
+)
+from sqlalchemy.util import await_only as await_
+
+# What a statement leaves for the cursor: description, rowcount, lastrowid, rows.
+_Outcome = tuple[Any, int, int | None, list[Any]]
+
+
+def _run(connection: sqlite3.Connection, operation: str, parameters: Any, many: bool) -> _Outcome:
+    """On aiosqlite's thread: the whole statement, its rows read and its cursor closed."""
+    cursor = connection.cursor()
+    try:
+        if many:
+            cursor.executemany(operation, parameters)
+        elif parameters is None:
+            cursor.execute(operation)
+        else:
+            cursor.execute(operation, parameters)
+        description = cursor.description
+        rows = cursor.fetchall() if description else []
+        return description, cursor.rowcount, cursor.lastrowid, rows
+    finally:
+        cursor.close()
+
+
+class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
+    """A buffered cursor: each execute is one hop and leaves every row here."""
+
+    __slots__ = ("_arraysize", "_outcome_description", "_outcome_lastrowid", "_outcome_rowcount")
+
+    def __init__(self, adapt_connection: Any) -> None:  # no aiosqlite cursor is opened
+        self._adapt_connection = adapt_connection
+        self._connection = adapt_connection._connection
+        self._cursor = None  # type: ignore[assignment]
+        self._soft_closed_memoized = {}  # type: ignore[assignment]
+        self._rows = collections.deque()
+        self._outcome_description: Any = None
+        self._outcome_rowcount = -1
+        self._outcome_lastrowid: int | None = None
+        self._arraysize = 1
+
+    @property
+    def description(self) -> Any:
+        return self._outcome_description
+
+    @property
+    def rowcount(self) -> int:
+        return self._outcome_rowcount
+
+    @property
+    def lastrowid(self) -> int:
+        return self._outcome_lastrowid  # type: ignore[return-value]
+
+    @property
+    def arraysize(self) -> int:
+        return self._arraysize
+
+    @arraysize.setter
+    def arraysize(self, value: int) -> None:
+        self._arraysize = value
+
+    async def _async_soft_close(self) -> None:
+        """Nothing to close: the statement's cursor closed on the sqlite3 thread."""
+
+    def close(self) -> None:
+        self._rows.clear()
+
+    async def _execute_async(self, operation: Any, parameters: Any) -> Any:
+        await self._send(operation, parameters, many=False)
+
+    async def _executemany_async(self, operation: Any, seq_of_parameters: Any) -> Any:
+        await self._send(operation, seq_of_parameters, many=True)
+
+    async def _send(self, operation: Any, parameters: Any, *, many: bool) -> None:
+        connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+        async with self._adapt_connection._execute_mutex:
+            outcome: _Outcome = await connection._execute(_run, connection._conn, operation, parameters, many)  # type: ignore[no-untyped-call]
+        self._outcome_description, self._outcome_rowcount, self._outcome_lastrowid, rows = outcome
+        self._rows = collections.deque(rows)
+
+
+class OneHopConnection(AsyncAdapt_aiosqlite_connection):
+    __slots__ = ()
+
+    _cursor_cls = OneHopCursor
+
+    def rollback(self) -> None:
+        # The pool rolls back every connection it gets back, even after a
+        # commit; sqlite3 does nothing then, so neither does the hop.
+        connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+        if connection._connection is not None and connection.in_transaction:
+            super().rollback()
+
+
+class OneHopDBAPI(AsyncAdapt_aiosqlite_dbapi):
+    """The DB-API module handed to create_async_engine(module=...)."""
+
+    def __init__(self) -> None:
+        super().__init__(aiosqlite, sqlite3)
+
+    def connect(self, *arg: Any, **kw: Any) -> OneHopConnection:
+        connection = aiosqlite.connect(*arg, **kw)
+        connection._thread.daemon = True  # as SQLAlchemy's adapter: never blocks the interpreter's exit
+        return OneHopConnection(self, await_(connection))  # type: ignore[arg-type]  # as SQLAlchemy's own adapter does
