@@ -10,13 +10,14 @@ has seen ``seq`` N never misses a later-committed N-1. Nothing here commits.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import TextClause, delete, func, select, text
 from sqlalchemy import insert as sql_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -63,6 +64,8 @@ async def insert(session: AsyncSession, batches: dict[str, list[Event]]) -> dict
         return {}
     if session.bind is not None and session.bind.dialect.name == "postgresql":
         return await _insert_postgres(session, batches)
+    if sum(len(events) for events in batches.values()) <= _SQLITE_ONE_STATEMENT_ROWS:
+        return await _insert_sqlite(session, batches)
     firsts = {run_id: last + 1 for run_id, last in (await last_seqs(session, sorted(batches))).items()}
     now = time.time()
     values = [
@@ -103,6 +106,39 @@ async def _insert_postgres(session: AsyncSession, batches: dict[str, list[Event]
             params["datas"].append(_ENCODE(_payload(event)))
     rows = (await session.execute(_INSERT_POSTGRES, params)).all()
     return {str(row[0]): int(row[1]) for row in rows}
+
+
+# Up to this many events, SQLite numbers and inserts them in one statement
+# (a run's append, most flushes); a larger flush reads the ends first.
+_SQLITE_ONE_STATEMENT_ROWS = 256
+
+
+@functools.cache
+def _insert_sqlite_statement(rows: int) -> TextClause:
+    """As _INSERT_POSTGRES, for ``rows`` events: SQLite runs the SELECT to
+    its end before inserting (it reads the table written), so every row's
+    ``max(seq)`` is the log's end before this statement (issue 17: one
+    statement and one thread hop per append instead of two)."""
+    values = ", ".join(f"(:r{i}, :n{i}, :e{i}, :d{i})" for i in range(rows))
+    return text(
+        f"WITH v(run_id, n, event, data) AS (VALUES {values}) "  # noqa: S608 (placeholders only)
+        "INSERT INTO run_events (run_id, seq, event, data, created_at) "
+        "SELECT v.run_id, (SELECT coalesce(max(e.seq), 0) FROM run_events e WHERE e.run_id = v.run_id) + v.n, "
+        "v.event, v.data, :now FROM v RETURNING run_id, seq"
+    )
+
+
+async def _insert_sqlite(session: AsyncSession, batches: dict[str, list[Event]]) -> dict[str, int]:
+    params: dict[str, Any] = {"now": time.time()}
+    row = 0
+    for run_id, events in batches.items():
+        for n, event in enumerate(events, start=1):
+            params |= {f"r{row}": run_id, f"n{row}": n, f"e{row}": event.name, f"d{row}": _ENCODE(_payload(event))}
+            row += 1
+    firsts: dict[str, int] = {}
+    for run_id, seq in (await session.execute(_insert_sqlite_statement(row), params)).all():
+        firsts[run_id] = min(seq, firsts.get(run_id, seq))
+    return firsts
 
 
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
