@@ -105,11 +105,16 @@ class RunLog:
             self.bus.deliver(run_id, entries)
         self._wake_flusher()
 
-    async def append(self, session: AsyncSession, run_id: str, events: list[Event]) -> list[Entry]:
+    async def append(
+        self, session: AsyncSession, run_id: str, events: list[Event], *, run_locked: bool = False
+    ) -> list[Entry]:
         """Log ``events`` (after the run's buffered deltas) in ``session``'s
         transaction; returns their entries. With no events it still learns
-        the run's next sequence number (an executor starting a run)."""
-        if self.postgres:  # a SQLite transaction holds the write lock already
+        the run's next sequence number (an executor starting a run).
+        ``run_locked``: this transaction already holds the run's row lock (it
+        updated the row, or read it FOR UPDATE), so on PostgreSQL the lock
+        is not asked for again (issue 17: a round trip per append)."""
+        if self.postgres and not run_locked:  # a SQLite transaction holds the write lock already
             await run_events.lock(session, [run_id])
         drained = self._buffer.pop(run_id, [])
         batch = [event for _seq, event in drained] + list(events)

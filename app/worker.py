@@ -236,10 +236,12 @@ class Worker:
         free = self.concurrency - len(self._tasks)
         self._claimed_to_capacity = free <= 0
         if free > 0 and not self._stopping:
-            claimed = await self.claim(free)
+            # Claimed and started in one transaction (issue 17).
+            claimed = await execute.claim_and_start(self.runtime, self.owner, free, self.lease_seconds, self.builtins)
             self._claimed_to_capacity = len(claimed) == free
-            for run_id in claimed:
-                self._tasks[run_id] = asyncio.create_task(self._execute(run_id), name=f"run {run_id}")
+            for execution in claimed:
+                run_id = execution.run_id
+                self._tasks[run_id] = asyncio.create_task(self._execute(execution), name=f"run {run_id}")
         # Vector store files: after runs, in their own slots (see app/retrieval/ingest.py).
         if ingest and not self._stopping:
             await self.ingestion.tick()
@@ -254,10 +256,11 @@ class Worker:
             await asyncio.wait(list(self._tasks.values()), return_when=asyncio.FIRST_COMPLETED)
         raise TimeoutError("runs still executing")
 
-    async def _execute(self, run_id: str) -> None:
+    async def _execute(self, execution: execute.RunExecution) -> None:
+        run_id = execution.run_id
         renewer = asyncio.create_task(self._renew_lease(run_id))
         try:
-            await execute.execute(self.runtime, run_id, self.builtins)
+            await execute.run(execution)
         except DBAPIError as error:
             # The run stays in_progress; released, it is resumed from its last
             # committed step (by this worker's next claim if the database is back).

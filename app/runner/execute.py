@@ -85,6 +85,8 @@ class RunExecution:
         # Model-request log entries of this execution's calls, written by the next commit.
         self._exchanges: list[llm.Exchange] = []
         self.context = RequestContext(run_id=run_id, on_exchange=self._exchanges.append)
+        # The run and its first prompt, when start_claimed() started it.
+        self._started: tuple[orm.Run, list[dict[str, Any]]] | None = None
 
     async def _load(self) -> orm.Run | None:
         async with self.runtime.transaction() as session:
@@ -136,7 +138,8 @@ class RunExecution:
                     usage=self._usage(),
                     sweep=move.sweep,
                 )
-            await self.runtime.run_log.append(session, self.run_id, events)  # streamed once committed
+            # Streamed once committed; the run's row was locked above when read.
+            await self.runtime.run_log.append(session, self.run_id, events, run_locked=run is not None)
         self._exchanges.clear()
 
     async def _context(self, session: AsyncSession, run: orm.Run) -> RequestContext:
@@ -210,9 +213,37 @@ class RunExecution:
             await self.runtime.run_log.append(session, run.id, events)
         return (run, chat) if run.status == "in_progress" else None
 
+    async def start_claimed(self, session: AsyncSession, run: orm.Run) -> None:
+        """Start a run just claimed, in the claim's own transaction (issue 17:
+        one transaction fewer per run): queued -> in_progress and its first
+        prompt, as start() does. Only a queued run on time is started here;
+        any other (resumed, cancelled or expired before it began) or one
+        whose prompt cannot be built here is left to start() in execute().
+        Nothing is written for the run before its prompt is built, so a run
+        left to start() leaves nothing behind in the shared transaction."""
+        if run.status != "queued" or run_execution.is_past_deadline(run):
+            return
+        usage_so_far = run.usage or {}
+        self.prompt_tokens = usage_so_far.get("prompt_tokens", 0)
+        self.completion_tokens = usage_so_far.get("completion_tokens", 0)
+        try:
+            context = await self._context(session, run)
+            chat = await prompt.build(
+                session, self.runtime.storage, self.runtime.llm, run, self._budget(run), has_steps=run.usage is not None
+            )
+        except DBAPIError:
+            raise  # the claim's transaction is lost: the runs stay claimable
+        except Exception:  # start() meets it again, in its own transaction, and fails the run
+            return
+        events = [Event.of(await run_state.transition(session, run, "in_progress"), runs.to_wire(run))]
+        self.context = context
+        # The claim's UPDATE (and the transition's) locked the run's row.
+        await self.runtime.run_log.append(session, run.id, events, run_locked=True)
+        self._started = (run, chat)
+
     async def execute(self) -> None:
         try:
-            started = await self.start()
+            started = self._started or await self.start()
             if started is None:
                 return
             await self._loop(*started)
@@ -431,5 +462,24 @@ async def _idle_limited(stream: AsyncIterator[llm.Event], seconds: float) -> Asy
 
 
 async def execute(runtime: Runtime, run_id: str, builtins: dict[str, BuiltinTool] | None = None) -> None:
-    logs.bind_run(run_id)  # every line this task logs from here on names the run
-    await RunExecution(runtime, run_id, builtins).execute()
+    await run(RunExecution(runtime, run_id, builtins))
+
+
+async def run(execution: RunExecution) -> None:
+    """Execute ``execution`` (started by start_claimed() or not) in this task."""
+    logs.bind_run(execution.run_id)  # every line this task logs from here on names the run
+    await execution.execute()
+
+
+async def claim_and_start(
+    runtime: Runtime, owner: str, limit: int, lease_seconds: float, builtins: dict[str, BuiltinTool]
+) -> list[RunExecution]:
+    """Claim up to ``limit`` runs for ``owner`` and start them, all in one
+    transaction; their executions go on with run()."""
+    executions = []
+    async with runtime.transaction() as session:
+        for claimed in await run_execution.claim_runs(session, owner, limit, lease_seconds):
+            execution = RunExecution(runtime, claimed.id, builtins)
+            await execution.start_claimed(session, claimed)
+            executions.append(execution)
+    return executions

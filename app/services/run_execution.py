@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Update, and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import ids, orm
@@ -30,23 +30,34 @@ def _claimable(now: float) -> ColumnElement[bool]:
     return and_(or_(orm.Run.status == "queued", resumable), _lease_free(now))
 
 
+def _claim(owner: str, limit: int, lease_seconds: float) -> Update:
+    now = time.time()
+    candidates = (
+        select(orm.Run.id).where(_claimable(now)).order_by(orm.Run.seq).limit(limit).with_for_update(skip_locked=True)
+    )
+    return (
+        update(orm.Run)
+        .where(orm.Run.id.in_(candidates.scalar_subquery()), _claimable(now))
+        .values(lease_owner=owner, lease_expires_at=now + lease_seconds)
+        .execution_options(synchronize_session=False)
+    )
+
+
 async def claim(session: AsyncSession, owner: str, limit: int, lease_seconds: float) -> list[str]:
     """Stamp ``owner``'s lease on up to ``limit`` claimable runs, oldest first.
     On PostgreSQL the candidates are locked with SKIP LOCKED, so concurrent
     workers pick different rows; on SQLite the single writer serialises
     claims, and the UPDATE re-checks the condition either way."""
-    now = time.time()
-    candidates = (
-        select(orm.Run.id).where(_claimable(now)).order_by(orm.Run.seq).limit(limit).with_for_update(skip_locked=True)
-    )
-    statement = (
-        update(orm.Run)
-        .where(orm.Run.id.in_(candidates.scalar_subquery()), _claimable(now))
-        .values(lease_owner=owner, lease_expires_at=now + lease_seconds)
-        .returning(orm.Run.id)
-        .execution_options(synchronize_session=False)
-    )
+    statement = _claim(owner, limit, lease_seconds).returning(orm.Run.id)
     return list((await session.scalars(statement)).all())
+
+
+async def claim_runs(session: AsyncSession, owner: str, limit: int, lease_seconds: float) -> list[orm.Run]:
+    """claim(), returning the claimed runs' rows (as the UPDATE left them),
+    so that the claim's transaction can start them without reading them again."""
+    statement = _claim(owner, limit, lease_seconds).returning(orm.Run)
+    runs = list((await session.scalars(statement.execution_options(populate_existing=True))).all())
+    return sorted(runs, key=lambda run: run.seq)  # RETURNING has no order; oldest first, as claimed
 
 
 async def renew(session: AsyncSession, owner: str, run_ids: list[str], lease_seconds: float) -> list[str]:
