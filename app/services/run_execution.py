@@ -32,12 +32,22 @@ def _claimable(now: float) -> ColumnElement[bool]:
 
 def _claim(owner: str, limit: int, lease_seconds: float) -> Update:
     now = time.time()
+    # MATERIALIZED: chosen once. As a plain IN (subquery) PostgreSQL may
+    # rescan it for each row it updates, and a rescan skips the rows this
+    # statement has just updated and picks the next ones: a claim took more
+    # runs than ``limit`` (issue 17).
     candidates = (
-        select(orm.Run.id).where(_claimable(now)).order_by(orm.Run.seq).limit(limit).with_for_update(skip_locked=True)
+        select(orm.Run.id)
+        .where(_claimable(now))
+        .order_by(orm.Run.seq)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("candidates")
+        .prefix_with("MATERIALIZED")
     )
     return (
         update(orm.Run)
-        .where(orm.Run.id.in_(candidates.scalar_subquery()), _claimable(now))
+        .where(orm.Run.id.in_(select(candidates.c.id)), _claimable(now))
         .values(lease_owner=owner, lease_expires_at=now + lease_seconds)
         .execution_options(synchronize_session=False)
     )
