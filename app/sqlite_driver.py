@@ -32,10 +32,13 @@ from sqlalchemy.util import await_only as await_
 _Outcome = tuple[Any, int, int | None, list[Any]]
 
 
-def _run(connection: sqlite3.Connection, operation: str, parameters: Any, many: bool) -> _Outcome:
-    """On aiosqlite's thread: the whole statement, its rows read and its cursor closed."""
+def _run(connection: sqlite3.Connection, begin: str | None, operation: str, parameters: Any, many: bool) -> _Outcome:
+    """On aiosqlite's thread: the transaction's deferred BEGIN if any, then the
+    whole statement, its rows read and its cursor closed."""
     cursor = connection.cursor()
     try:
+        if begin is not None:
+            cursor.execute(begin)
         if many:
             cursor.executemany(operation, parameters)
         elif parameters is None:
@@ -47,6 +50,10 @@ def _run(connection: sqlite3.Connection, operation: str, parameters: Any, many: 
         return description, cursor.rowcount, cursor.lastrowid, rows
     finally:
         cursor.close()
+
+
+# Statements that open a transaction, deferred to the transaction's first statement.
+_BEGINS = frozenset({"BEGIN", "BEGIN IMMEDIATE", "BEGIN DEFERRED", "BEGIN EXCLUSIVE"})
 
 
 class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
@@ -98,21 +105,46 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
         await self._send(operation, seq_of_parameters, many=True)
 
     async def _send(self, operation: Any, parameters: Any, *, many: bool) -> None:
+        adapted: OneHopConnection = self._adapt_connection  # type: ignore[assignment]
+        if not many and parameters in (None, ()) and operation in _BEGINS and adapted.begin_deferred is None:
+            # Sent with the transaction's first statement (one hop fewer per
+            # transaction); SQLite takes the lock before that statement runs.
+            adapted.begin_deferred = operation
+            self._outcome_description, self._outcome_rowcount, self._outcome_lastrowid = None, -1, None
+            self._rows = collections.deque()
+            return
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
-        async with self._adapt_connection._execute_mutex:
-            outcome: _Outcome = await connection._execute(_run, connection._conn, operation, parameters, many)  # type: ignore[no-untyped-call]
+        async with adapted._execute_mutex:
+            # A BEGIN that fails (SQLite busy past its timeout) fails this
+            # statement, and with it the transaction, as it would have alone.
+            begin, adapted.begin_deferred = adapted.begin_deferred, None
+            outcome: _Outcome = await connection._execute(  # type: ignore[no-untyped-call]
+                _run, connection._conn, begin, operation, parameters, many
+            )
         self._outcome_description, self._outcome_rowcount, self._outcome_lastrowid, rows = outcome
         self._rows = collections.deque(rows)
 
 
 class OneHopConnection(AsyncAdapt_aiosqlite_connection):
-    __slots__ = ()
+    __slots__ = ("begin_deferred",)
 
     _cursor_cls = OneHopCursor
+
+    def __init__(self, dbapi: Any, connection: Any) -> None:
+        super().__init__(dbapi, connection)
+        # A BEGIN not sent yet: it goes with the next statement.
+        self.begin_deferred: str | None = None
+
+    def commit(self) -> None:
+        if self.begin_deferred is not None:  # nothing ran: nothing to commit
+            self.begin_deferred = None
+            return
+        super().commit()
 
     def rollback(self) -> None:
         # The pool rolls back every connection it gets back, even after a
         # commit; sqlite3 does nothing then, so neither does the hop.
+        self.begin_deferred = None
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
         if connection._connection is not None and connection.in_transaction:
             super().rollback()
@@ -127,4 +159,4 @@ class OneHopDBAPI(AsyncAdapt_aiosqlite_dbapi):
     def connect(self, *arg: Any, **kw: Any) -> OneHopConnection:
         connection = aiosqlite.connect(*arg, **kw)
         connection._thread.daemon = True  # as SQLAlchemy's adapter: never blocks the interpreter's exit
-        return OneHopConnection(self, await_(connection))  # type: ignore[arg-type]  # as SQLAlchemy's own adapter does
+        return OneHopConnection(self, await_(connection))
