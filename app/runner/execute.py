@@ -69,6 +69,9 @@ class Move:
     sweep: bool = False  # close the run's open steps and messages to match
 
 
+# Moves _move_unread() makes without reading the run first.
+_UNREAD_MOVES = frozenset({"completed", "incomplete", "requires_action"})
+
 SERVER_ERROR = LastError(code="server_error", message="The server had an error while processing the run.")
 TOO_MANY_CALLS = LastError(code="server_error", message="The run made too many model calls.")
 
@@ -87,6 +90,8 @@ class RunExecution:
         self.context = RequestContext(run_id=run_id, on_exchange=self._exchanges.append)
         # The run and its first prompt, when start_claimed() started it.
         self._started: tuple[orm.Run, list[dict[str, Any]]] | None = None
+        # The run as this execution last wrote it (see _move_unread).
+        self._run: orm.Run | None = None
 
     async def _load(self) -> orm.Run | None:
         async with self.runtime.transaction() as session:
@@ -116,9 +121,19 @@ class RunExecution:
             session.add_all(pending.rows)
             for exchange in self._exchanges:
                 model_requests.add(session, exchange)
+            moved = await self._move_unread(session, move) if move is not None else None
+            if moved is not None:
+                events += moved
+                await self.runtime.run_log.append(session, self.run_id, events, run_locked=True)  # by the UPDATE
+                self._exchanges.clear()
+                return
             # Locked (PostgreSQL), so a concurrent cancel waits for this move
             # instead of making its compare-and-set fail.
-            run = await session.get(orm.Run, self.run_id, with_for_update=True) if move is not None else None
+            run = (
+                await session.get(orm.Run, self.run_id, with_for_update=True, populate_existing=True)
+                if move is not None
+                else None
+            )
             if move is None or run is None or run.status in run_state.TERMINAL:
                 pass
             elif run.status == "cancelling" or move.to == "cancelled":
@@ -141,6 +156,31 @@ class RunExecution:
             # Streamed once committed; the run's row was locked above when read.
             await self.runtime.run_log.append(session, self.run_id, events, run_locked=run is not None)
         self._exchanges.clear()
+
+    async def _move_unread(self, session: AsyncSession, move: Move) -> list[Event] | None:
+        """The usual move (the answer done, or tool outputs required), made
+        without reading the run first (issue 17): a compare-and-set from
+        ``in_progress`` that returns the row as it is now, so the event
+        carries the run as a read would have. None, with nothing changed, if
+        the move needs the run read first (a sweep, a cancel) or the run is
+        no longer ``in_progress`` (cancelling, ended by the reaper): _commit
+        then reads it, locked, and decides as it always did."""
+        run = self._run
+        if run is None or move.sweep or move.to not in _UNREAD_MOVES or run.status != "in_progress":
+            return None
+        fields: dict[str, Any] = {"usage": self._usage()}
+        if move.required_action is not None:
+            fields["required_action"] = move.required_action
+        if move.last_error is not None:
+            fields["last_error"] = dict(move.last_error)
+        if move.incomplete_details is not None:
+            fields["incomplete_details"] = move.incomplete_details
+        session.add(run)
+        try:
+            name = await run_state.transition(session, run, move.to, refresh=True, **fields)
+        except run_state.TransitionConflict:
+            return None
+        return [Event.of(name, runs.to_wire(run))]
 
     async def _context(self, session: AsyncSession, run: orm.Run) -> RequestContext:
         """Who the model answers, for scripted offline rules; the thread is
@@ -246,6 +286,7 @@ class RunExecution:
             started = self._started or await self.start()
             if started is None:
                 return
+            self._run = started[0]
             await self._loop(*started)
         except run_state.TransitionConflict:
             await self._end("cancelled")  # only a cancel moves a run under its executor

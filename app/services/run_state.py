@@ -57,8 +57,11 @@ class InvalidTransition(Exception):
     pass
 
 
-async def transition(session: AsyncSession, run: orm.Run, to: str, **fields: Any) -> str:
-    """Move ``run`` to status ``to``; returns the event name to publish."""
+async def transition(session: AsyncSession, run: orm.Run, to: str, *, refresh: bool = False, **fields: Any) -> str:
+    """Move ``run`` to status ``to``; returns the event name to publish.
+    With ``refresh`` (``run`` must be in ``session``) the UPDATE also returns
+    the whole row, so ``run`` is then as the database has it: a caller that
+    did not read the run in this transaction still publishes it as it is."""
     source = run.status
     if to not in ALLOWED.get(source, frozenset()):
         raise InvalidTransition(f"{run.id}: {source} -> {to}")
@@ -76,13 +79,18 @@ async def transition(session: AsyncSession, run: orm.Run, to: str, **fields: Any
         values["expires_at"] = None
     if to != "requires_action":
         values.setdefault("required_action", None)
-    result = await session.execute(
+    statement = (
         update(orm.Run)
         .where(orm.Run.id == run.id, orm.Run.status == source)
         .values(**values)
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if refresh:
+        returned = await session.scalars(statement.returning(orm.Run), execution_options={"populate_existing": True})
+        moved = len(returned.all())
+    else:
+        moved = (await session.execute(statement)).rowcount  # type: ignore[attr-defined]
+    if moved != 1:
         # On PostgreSQL the winner has committed (the UPDATE waited for its
         # row lock), so this read sees the status it left.
         current = await session.get(orm.Run, run.id, populate_existing=True)
