@@ -116,6 +116,19 @@ async def test_concurrent_workers_never_claim_the_same_run(runtime: Runtime) -> 
     assert await asyncio.gather(*(worker.claim(10) for worker in workers)) == [[], [], [], []]
 
 
+async def test_a_claim_takes_no_more_runs_than_its_limit(runtime: Runtime) -> None:
+    # PostgreSQL once rescanned the candidates per updated row and took them all.
+    run_ids = await _make_runs(runtime, 8)
+    worker = Worker(runtime, concurrency=8)
+    claims = [await worker.claim(limit) for limit in (1, 2, 3, 5)]
+    assert [set(claim) for claim in claims] == [
+        set(run_ids[:1]),
+        set(run_ids[1:3]),
+        set(run_ids[3:6]),
+        set(run_ids[6:]),
+    ]
+
+
 async def test_workers_execute_everything_exactly_once(runtime: Runtime) -> None:
     run_ids = await _make_runs(runtime, 20)
     workers = [Worker(runtime, concurrency=4) for _ in range(3)]
