@@ -1,0 +1,147 @@
+"""The run engine's own cost, in process: claim and execute offline-model runs
+(no HTTP, no API), per run: CPU of this process (event loop and aiosqlite's
+threads), transactions, SQL statements (BEGIN included) and, on SQLite,
+thread hops to aiosqlite (issue 17).
+
+Runs are inserted directly (a thread, a user message, a queued run each),
+then claimed ``--clients`` at a time and executed to completion as the
+worker does (app.runner.execute.claim_and_start, then run()). PostgreSQL is
+the embedded one of bench/runs.py; its backends' CPU is not counted here.
+Prints one line per round; asserts nothing.
+
+    .venv/bin/python bench/run_engine.py --db sqlite --runs 320 --clients 1,16
+    .venv/bin/python bench/run_engine.py --db postgres
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite.core
+from sqlalchemy import event
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import runs as base
+
+from app import ids, orm
+from app.runner import execute
+from app.runtime import Runtime
+from app.settings import Settings
+
+HOPS = [0]
+
+
+def count_hops() -> None:
+    """Every call aiosqlite hands to its thread goes through Connection._execute."""
+    original = aiosqlite.core.Connection._execute
+
+    async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        HOPS[0] += 1
+        return await original(self, fn, *args, **kwargs)
+
+    aiosqlite.core.Connection._execute = counted  # type: ignore[method-assign]
+
+
+async def make_runs(runtime: Runtime, count: int) -> None:
+    async with runtime.transaction() as session:
+        seq = ids.next_seq()
+        assistant = orm.Assistant(
+            id=ids.new_id(ids.ASSISTANT, seq), project_id=orm.DEFAULT_PROJECT_ID, seq=seq,
+            created_at=ids.seconds(seq), model="m", tools=[], metadata_={},
+        )  # fmt: skip
+        session.add(assistant)
+        for _ in range(count):
+            seq = ids.next_seq()
+            thread = orm.Thread(
+                id=ids.new_id(ids.THREAD, seq), project_id=orm.DEFAULT_PROJECT_ID, seq=seq,
+                created_at=ids.seconds(seq), metadata_={},
+            )  # fmt: skip
+            session.add(thread)
+            await session.flush()
+            seq = ids.next_seq()
+            session.add(
+                orm.Message(
+                    id=ids.new_id(ids.MESSAGE, seq), seq=seq, created_at=ids.seconds(seq), thread_id=thread.id,
+                    role="user", content=[{"type": "text", "text": {"value": "hello there", "annotations": []}}],
+                    status="completed", metadata_={},
+                )
+            )  # fmt: skip
+            seq = ids.next_seq()
+            session.add(
+                orm.Run(
+                    id=ids.new_id(ids.RUN, seq), seq=seq, created_at=ids.seconds(seq), thread_id=thread.id,
+                    assistant_id=assistant.id, status="queued", expires_at=ids.seconds(seq) + 600, model="m",
+                    instructions="", tools=[], metadata_={}, parallel_tool_calls=True,
+                )
+            )  # fmt: skip
+
+
+async def measure(url: str, data_dir: Path, runs: int, clients: list[int], rounds: int) -> None:
+    runtime = await Runtime.start(Settings(data_dir=data_dir, database_url=url))
+    counts = {"transactions": 0, "statements": 0}
+
+    def tally(name: str) -> Any:
+        return lambda *_args: counts.__setitem__(name, counts[name] + 1)
+
+    event.listen(runtime.engine.sync_engine, "begin", tally("transactions"))
+    event.listen(runtime.engine.sync_engine, "before_cursor_execute", tally("statements"))
+    owner = "bench:0:engine"
+    try:
+        for concurrency in clients:
+            for number in range(rounds):
+                await make_runs(runtime, runs)
+                counts.update(transactions=0, statements=0)
+                HOPS[0] = 0
+                wall, cpu = time.perf_counter(), time.process_time()
+                done = 0
+                while done < runs:
+                    claimed = await execute.claim_and_start(runtime, owner, concurrency, 60.0, {})
+                    await asyncio.gather(*(execute.run(execution) for execution in claimed))
+                    done += len(claimed)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                print(
+                    f"{concurrency:>2} at a time, round {number}: CPU {cpu * 1000 / runs:.2f} ms/run, "
+                    f"wall {wall * 1000 / runs:.2f} ms/run, {counts['transactions'] / runs:.2f} transactions, "
+                    f"{counts['statements'] / runs:.2f} statements, {HOPS[0] / runs:.1f} hops per run "
+                    f"(load average {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
+    finally:
+        await runtime.close()
+
+
+@contextmanager
+def database(db: str, scratch: Path) -> Iterator[str]:
+    if db == "sqlite":
+        yield f"sqlite+aiosqlite:///{scratch / 'bench.db'}"
+        return
+    with base.postgres_url(scratch / "pg") as (url, _postmaster):
+        yield url
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--runs", type=int, default=320, help="runs per round")
+    parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    count_hops()
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as name:
+        scratch = Path(name)
+        (scratch / "pg").mkdir()
+        with database(args.db, scratch) as url:
+            asyncio.run(measure(url, scratch / "data", args.runs, args.clients, args.rounds))
+
+
+if __name__ == "__main__":
+    main()
