@@ -25,6 +25,7 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_connection,
     AsyncAdapt_aiosqlite_cursor,
     AsyncAdapt_aiosqlite_dbapi,
+    AsyncAdapt_aiosqlite_ss_cursor,
 )
 from sqlalchemy.util import await_only as await_
 
@@ -125,10 +126,31 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
         self._rows = collections.deque(rows)
 
 
+def _begin(connection: sqlite3.Connection, begin: str) -> None:
+    connection.execute(begin).close()
+
+
+class ServerSideCursor(AsyncAdapt_aiosqlite_ss_cursor):
+    """SQLAlchemy's streaming cursor (``session.stream()``), which sends a
+    deferred BEGIN first: its statement must run inside the transaction."""
+
+    __slots__ = ()
+
+    async def _execute_async(self, operation: Any, parameters: Any) -> Any:
+        adapted: OneHopConnection = self._adapt_connection  # type: ignore[assignment]
+        if adapted.begin_deferred is not None:
+            connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+            async with adapted._execute_mutex:
+                begin, adapted.begin_deferred = adapted.begin_deferred, None
+                await connection._execute(_begin, connection._conn, begin)  # type: ignore[no-untyped-call]
+        return await super()._execute_async(operation, parameters)
+
+
 class OneHopConnection(AsyncAdapt_aiosqlite_connection):
     __slots__ = ("begin_deferred",)
 
     _cursor_cls = OneHopCursor
+    _ss_cursor_cls = ServerSideCursor
 
     def __init__(self, dbapi: Any, connection: Any) -> None:
         super().__init__(dbapi, connection)
