@@ -1,12 +1,12 @@
 """The chunk index, the one place that knows each engine's search SQL.
 
-SQLite: an FTS5 table (kept in step with vector_store_chunks by triggers)
-ranked by bm25(); embeddings as float32 blobs (app.retrieval.vectors).
-PostgreSQL: a generated tsvector column with a GIN index; embeddings in a
-pgvector column.
-
-PostgreSQL's ranking (app.retrieval.postgres_keywords) adds what ts_rank
-lacks: the rarity of each word, and a bound on the chunks it scores.
+Keywords, both engines: BM25 from an impact-ordered postings table
+(app.retrieval.keyword_postings), written with the chunks in the same
+transaction and removed with them; the engine's own tokenizer makes the
+terms (FTS5's porter on SQLite, app.retrieval.sqlite_keywords; the
+generated 'english' tsvector column on PostgreSQL,
+app.retrieval.postgres_keywords). Embeddings: float32 blobs on SQLite
+(app.retrieval.vectors), a pgvector column on PostgreSQL.
 
 The engines' scores live on different scales, so a keyword score is relative
 to the best match of the query, scaled by the share of query words that best
@@ -21,11 +21,11 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import delete, text
+from sqlalchemy import bindparam, delete, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import orm
-from app.retrieval import postgres_keywords, sqlite_keywords
+from app.retrieval import keyword_postings, postgres_keywords, sqlite_keywords
 from app.retrieval.filters import Compiled
 
 MAX_QUERY_TERMS = 64
@@ -142,10 +142,26 @@ async def add_chunks(
             {"store": vector_store_id, "file": file_id, "position": position, "text": piece, "embedding": encoded}
         )
     await session.execute(statement, rows)
+    if postgres:
+        await postgres_keywords.write_postings(session, vector_store_id, file_id)
+    else:
+        await sqlite_keywords.write_postings(session, vector_store_id, file_id)
 
 
 async def remove_chunks(session: AsyncSession, vector_store_id: str, file_ids: Sequence[str] | None = None) -> None:
     """Chunks of these files (all files if None) leave the store's index."""
+    # Postings first, found through their chunk index (chunk_id, term).
+    postings = (
+        f"DELETE FROM {keyword_postings.TABLE} WHERE chunk_id IN "  # noqa: S608 (constant fragments only; values are bound)
+        "(SELECT id FROM vector_store_chunks WHERE vector_store_id = :store"
+    )
+    if file_ids is None:
+        await session.execute(text(postings + ")"), {"store": vector_store_id})
+    elif file_ids:
+        await session.execute(
+            text(postings + " AND file_id IN :files)").bindparams(bindparam("files", expanding=True)),
+            {"store": vector_store_id, "files": list(file_ids)},
+        )
     statement = delete(orm.VectorStoreChunk).where(orm.VectorStoreChunk.vector_store_id == vector_store_id)
     if file_ids is not None:
         statement = statement.where(orm.VectorStoreChunk.file_id.in_(file_ids))
@@ -181,10 +197,10 @@ async def keyword_search(session: AsyncSession, scope: Scope, query: str, limit:
     words = terms(query)
     if not words or not scope.store_ids:
         return []
-    if _is_postgres(session):
-        rows = await postgres_keywords.search(session, scope.sql(), scope.params(), words, limit)
-    else:
-        rows = await sqlite_keywords.search(session, scope.sql(), scope.params(), words, limit)
+    # Without a filter the postings' store key is the whole scope: no join.
+    where = scope.sql() if scope.condition is not None else None
+    engine = postgres_keywords if _is_postgres(session) else sqlite_keywords
+    rows = await engine.search(session, scope.store_ids, where, scope.params(), words, limit)
     if not rows:
         return []
     best = max(0.0, rows[0][4]) or 1.0

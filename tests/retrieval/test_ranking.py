@@ -7,7 +7,6 @@ import math
 from app.retrieval import embed, index
 from app.retrieval.fusion import fuse
 from app.retrieval.index import Hit
-from app.retrieval.sqlite_keywords import match_expression, within_budget
 from app.services.vector_store_search import matches
 from app.wire.vector_stores import ComparisonFilter, CompoundFilter
 
@@ -60,17 +59,3 @@ def test_filters() -> None:
         CompoundFilter(type="and", filters=[either, ComparisonFilter(type="nin", key="region", value=["africa"])]),
         attributes,
     )
-
-
-def test_posting_budget_keeps_the_rarest_words() -> None:
-    counts = {"file": 900, "bisection": 3, "sorted": 120, "python": 2000}
-    words = ["python", "file", "sorted", "bisection"]
-    assert within_budget(words, counts, 5000) == words  # everything fits: plain BM25
-    assert within_budget(words, counts, 1100) == ["file", "sorted", "bisection"]  # query order kept
-    assert within_budget(words, counts, 10) == ["bisection"]
-    assert within_budget(["python"], counts, 10) == ["python"]  # at least one word
-
-
-def test_match_expression_scores_common_words_on_rare_candidates() -> None:
-    assert match_expression(["a", "b"], ["a", "b"]) == '"a" OR "b"'
-    assert match_expression(["file", "bisection"], ["bisection"]) == '("bisection") AND ("file" OR "bisection")'
