@@ -242,14 +242,16 @@ async def top_chunks(
         lists = await _read_lists(session, terms, keys, depth, where, params or {}, chunk_index_hint)
         floors = {term: weights[term] * lists.floors[term] for term in terms}
         unseen_bound = sum(floors.values())
-        known = {
-            chunk: sum(weights[term] * impact for term, impact in impacts.items())
-            for chunk, impacts in lists.impacts.items()
-        }
-        upper = {
-            chunk: score + sum(floors[term] for term in terms if term not in lists.impacts[chunk])
-            for chunk, score in known.items()
-        }
+        # A chunk's bounds: what was read of it, plus the floors of the terms not read.
+        known: dict[int, float] = {}
+        upper: dict[int, float] = {}
+        for chunk, impacts in lists.impacts.items():
+            score = floor = 0.0
+            for term, impact in impacts.items():
+                score += weights[term] * impact
+                floor += floors[term]
+            known[chunk] = score
+            upper[chunk] = score + unseen_bound - floor
         # Exact scores for the chunks that may still make the page (best
         # bound first, a bounded number: one lookup statement per round).
         lower = sorted(known.values(), reverse=True)

@@ -36,7 +36,7 @@ TABLE = "vector_store_keyword_postings"
 
 
 def _impact(tf: str, length: str, average: float) -> str:
-    return f"CAST(round(1000 * {tf} * 2.2 / ({tf} + 1.2 * (0.25 + 0.75 * {length} / {average})))) AS INTEGER)"
+    return f"CAST(round(1000 * {tf} * 2.2 / ({tf} + 1.2 * (0.25 + 0.75 * {length} / {average}))) AS INTEGER)"
 
 
 def _store_key(vector_store_id: str) -> int:
