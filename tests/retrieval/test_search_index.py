@@ -236,13 +236,11 @@ def _bm25(chunks: list[list[str]], query: list[str], average: float) -> list[flo
 
 
 async def test_top_chunks_are_exact_bm25_whatever_the_depth(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The threshold reads stop early only when nothing unread can beat the
-    page: with lists read 2 postings at a time, the order is BM25's."""
+    """Lists read whole (shorter than the depth) rank in BM25's order; and
+    with lists cut at 3 postings the candidates are still scored exactly."""
     words = ["zebra", "yak", "wombat", "vole"]
     chunks = [[words[(n * k) % 4] for k in range(1 + n % 7)] + [f"n{n}"] * (n % 5) for n in range(40)]
     store_id, file_ids = await _store(runtime, [([" ".join(chunk)], {}) for chunk in chunks])
-    monkeypatch.setattr(keyword_postings, "FIRST_DEPTH", 2)
-    monkeypatch.setattr(keyword_postings, "DEPTH_GROWTH", 2)
     postgres = runtime.engine.dialect.name == "postgresql"
     average = postgres_keywords.AVERAGE_LENGTH if postgres else sqlite_keywords.AVERAGE_LENGTH
     for query in (["zebra"], ["zebra", "vole"], ["yak", "wombat", "vole"]):
@@ -253,6 +251,14 @@ async def test_top_chunks_are_exact_bm25_whatever_the_depth(runtime: Runtime, mo
         best = sorted(range(len(chunks)), key=lambda n: (-expected[n], n))[: len(got)]
         assert sorted(expected[n] for n in got) == pytest.approx(sorted(expected[n] for n in best), rel=1e-2), query
         assert all(0 < hit.score <= 1 for hit in hits)
+    monkeypatch.setattr(keyword_postings, "DEPTH", 3)  # lists cut at max(3, 2 x 4) postings
+    async with runtime.transaction() as session:
+        hits = await index.keyword_search(session, index.Scope([store_id]), "yak wombat vole", 4)
+    expected = _bm25(chunks, ["yak", "wombat", "vole"], average)
+    got = [expected[file_ids.index(hit.file_id)] for hit in hits]
+    assert len(got) == 4 and got == pytest.approx(sorted(got, reverse=True), rel=1e-2)
+    for hit, score in zip(hits, got, strict=True):  # relative to the best, exactly
+        assert hit.score * got[0] == pytest.approx(score * hits[0].score, rel=1e-2)
 
 
 async def test_removed_files_and_stores_leave_the_postings(runtime: Runtime) -> None:
