@@ -19,7 +19,7 @@ from app import cassettes, db, run_log
 from app.bus import EventBus
 from app.llm import LLM, Exchange
 from app.observability.metrics import Metrics
-from app.retrieval import vectors
+from app.retrieval import cache_budget
 from app.services import api_keys, model_requests
 from app.settings import Settings
 from app.storage import Storage
@@ -58,7 +58,7 @@ class Runtime:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = db.create_engine(settings.resolved_database_url())
         await db.migrate(engine)
-        vectors.set_cache_budget(settings.vector_cache_mib * 1024**2)
+        cache_budget.set_limit(settings.vector_cache_mib * 1024**2)  # numpy waits for the first vector search
         metrics = Metrics()
         bus = EventBus()
         bus.taps.append(metrics.runs.observe)

@@ -33,7 +33,6 @@ from typing import Any, Protocol
 import yaml
 
 from app import cassettes, llm
-from app.retrieval import minilm, static_minilm
 from app.settings import Settings
 
 log = logging.getLogger("app.retrieval")
@@ -55,6 +54,8 @@ class Embedder(Protocol):
 
 async def embed_document(model: Embedder, texts: Sequence[str], title: str) -> list[list[float]]:
     """The chunks of one document: with its title, for embedders that use it."""
+    from app.retrieval import static_minilm  # the local models (numpy) only when something is embedded
+
     if isinstance(model, static_minilm.StaticMiniLM):
         return await model.embed_documents(texts, title)
     return await model.embed(texts)
@@ -115,11 +116,15 @@ def _resolve_env(value: Any) -> Any:
 
 def _default() -> Embedder | None:
     """With nothing configured: minilm-static if its model package is installed, else keyword-only."""
+    from app.retrieval import static_minilm
+
     return static_minilm.load() if static_minilm.available() else None
 
 
 @cache
 def _from_config(path: Path | None) -> Embedder | None:
+    from app.retrieval import minilm, static_minilm
+
     if path is None:
         return _default()
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -163,6 +168,8 @@ async def embed_queries(settings: Settings, queries: Sequence[str]) -> list[list
     model = embedder(settings)
     if model is None:
         return None
+    from app.retrieval import static_minilm
+
     try:
         return await model.embed(queries)
     except static_minilm.NotReady as exc:

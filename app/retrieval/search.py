@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.retrieval import index, vectors
+from app.retrieval import index
 from app.retrieval.filters import Compiled
 from app.retrieval.fusion import fuse
 from app.retrieval.index import Hit, Scope
@@ -36,6 +36,8 @@ async def search(
 ) -> list[Hit]:
     """The best ``limit`` chunks over all queries, each chunk once; only
     chunks of files whose row passes ``condition`` (a compiled filter)."""
+    from app.retrieval import vectors  # numpy, imported by the first search rather than by an idle server
+
     scope = Scope(store_ids, condition)
     candidates = max(MIN_CANDIDATES, limit * CANDIDATE_FACTOR)
     best: dict[int, Hit] = {}

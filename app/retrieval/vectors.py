@@ -30,12 +30,11 @@ import numpy as np
 from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.retrieval import partition
+from app.retrieval import cache_budget, partition
 from app.retrieval.index import Hit, Scope, _is_postgres, _vector_literal
 from app.retrieval.partition import Partition
 
 INDEXED_DIMENSIONS = 384
-DEFAULT_CACHE_BYTES = 512 * 1024**2
 # Candidates the HNSW scan gathers before filtering (pgvector's hnsw.ef_search;
 # iterative scanning goes on past it while filtered rows leave fewer than asked).
 EF_SEARCH = 100
@@ -58,13 +57,12 @@ class _Matrix:
 
 
 _cache: OrderedDict[str, _Matrix] = OrderedDict()
-_budget = DEFAULT_CACHE_BYTES
 
 
 def set_cache_budget(limit: int) -> None:
-    """Bytes the SQLite vector cache may hold (the server sets it from its settings)."""
-    global _budget
-    _budget = max(0, limit)
+    """Bytes the SQLite vector cache may hold (the Runtime sets it from its
+    settings through cache_budget, without importing this module)."""
+    cache_budget.set_limit(limit)
     _evict()
 
 
@@ -73,7 +71,7 @@ def cached_bytes() -> int:
 
 
 def _evict() -> None:
-    while _cache and cached_bytes() > _budget:
+    while _cache and cached_bytes() > cache_budget.limit():
         _cache.popitem(last=False)
 
 
@@ -196,7 +194,7 @@ async def _store_matrix(session: AsyncSession, store_id: str) -> _Matrix | None:
     matrix = await _read_matrix(session, store_id, version, previous)
     if matrix is None:
         return None
-    if matrix.nbytes <= _budget:
+    if matrix.nbytes <= cache_budget.limit():
         _cache[store_id] = matrix
         _evict()
     return matrix

@@ -12,7 +12,7 @@ import math
 import struct
 
 from app import errors, llm
-from app.retrieval import embed, minilm
+from app.retrieval import embed
 from app.services.chat import model_not_found
 from app.settings import Settings
 from app.wire import embeddings as wire
@@ -24,6 +24,8 @@ def _embedder(settings: Settings, models: llm.LLM, model: str) -> embed.Embedder
         return configured
     if model == embed.HashingEmbedder.name:
         return embed.HashingEmbedder()
+    from app.retrieval import minilm  # numpy and the weights only for a request that names the model
+
     if model.lower().removeprefix("local/") == minilm.MiniLM.name:
         try:
             return minilm.load()
