@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, make_url
@@ -20,6 +19,9 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.util import await_only as await_
 
 from app import sqlite_driver
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 # Shipped inside the package, so an installed server migrates without the repository.
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -192,14 +194,47 @@ def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]
 
 
 def _alembic_config(connection: Connection) -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.attributes["connection"] = connection
     return config
 
 
+_REVISION_LINE = re.compile(r"^(down_revision|revision)\s*=\s*(?:['\"]([^'\"]+)['\"]|None)", re.MULTILINE)
+
+
+def head_revision() -> str:
+    """The newest migration's id, read from the revision files' own
+    ``revision`` / ``down_revision`` lines: the one no other file names as
+    its parent (tests/ops/test_migration_head.py holds it to alembic's)."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (MIGRATIONS_DIR / "versions").glob("*.py"):
+        for name, value in _REVISION_LINE.findall(path.read_text(encoding="utf-8")):
+            if value:
+                (revisions if name == "revision" else parents).add(value)
+    (head,) = revisions - parents
+    return head
+
+
+async def _stamped_revisions(engine: AsyncEngine) -> list[str]:
+    """What alembic_version holds; nothing on a database never migrated."""
+    try:
+        return [str(row[0]) for row in await read_rows(engine, "SELECT version_num FROM alembic_version", {})]
+    except (sa_exc.DBAPIError, sqlite3.Error):  # no such table yet
+        return []
+
+
 async def migrate(engine: AsyncEngine) -> None:
-    """Bring the schema to the newest revision (idempotent)."""
+    """Bring the schema to the newest revision (idempotent). A database already
+    there is left alone without importing alembic, which would stay resident:
+    about 10 MiB of an idle server's memory (issue 17)."""
+    if await _stamped_revisions(engine) == [head_revision()]:
+        return
+    from alembic import command
+
     async with engine.begin() as connection:
         await connection.run_sync(lambda sync: command.upgrade(_alembic_config(sync), "head"))
 
