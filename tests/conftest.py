@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from app.main import API_PREFIXES, create_app
 from app.settings import Settings
 from tests import oas, pg
+from tests.runner.fake_openai import FakeOpenAI
 
 # pytester runs the pytest plugin (app/testing) the way a user's project does.
 pytest_plugins = ["pytester"]
@@ -51,6 +52,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield server.url(name)
     finally:
         server.drop_database(name)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOpenAI]:
+    """An OpenAI-compatible HTTP server on loopback (tests/runner/fake_openai.py)."""
+    server = FakeOpenAI()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 @pytest.fixture

@@ -4,15 +4,11 @@ databases, whichever list and query found it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from app.retrieval import embed
 from app.retrieval import search as ranking
 from app.runtime import Runtime
-from app.settings import Settings
 from tests.retrieval.test_search_index import _store
 
 pytestmark = pytest.mark.timeout(120)
@@ -23,15 +19,6 @@ PIECES = {
     "okapis browse the ituri forest at dawn": {},
     "herons wait motionless in shallow water": {},
 }
-
-
-@pytest.fixture
-async def runtime(database_url: str, tmp_path: Path) -> AsyncIterator[Runtime]:
-    started = await Runtime.start(Settings(data_dir=tmp_path / "data", database_url=database_url))
-    try:
-        yield started
-    finally:
-        await started.close()
 
 
 async def test_every_fused_hit_carries_its_chunk_text(runtime: Runtime) -> None:

@@ -5,26 +5,13 @@ commit only by the current lease holder."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
 from sqlalchemy import select, update
 
 from app import ids, orm
 from app.retrieval import chunking, ingest
 from app.runtime import Runtime
 from app.services import projects, vector_store_files, vector_stores
-from app.settings import Settings
-
-
-@pytest.fixture
-async def runtime(database_url: str, tmp_path: Path) -> AsyncIterator[Runtime]:
-    started = await Runtime.start(Settings(data_dir=tmp_path / "data", database_url=database_url))
-    try:
-        yield started
-    finally:
-        await started.close()
 
 
 async def _store_with_files(runtime: Runtime, texts: list[str]) -> str:

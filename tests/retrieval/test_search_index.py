@@ -4,8 +4,6 @@ with their definition on every row."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,19 +15,9 @@ from app.retrieval import search as ranking
 from app.runtime import Runtime
 from app.services import projects, vector_stores
 from app.services.vector_store_search import matches
-from app.settings import Settings
 from app.wire.vector_stores import ComparisonFilter, CompoundFilter
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def runtime(database_url: str, tmp_path: Path) -> AsyncIterator[Runtime]:
-    started = await Runtime.start(Settings(data_dir=tmp_path / "data", database_url=database_url))
-    try:
-        yield started
-    finally:
-        await started.close()
 
 
 async def _store(

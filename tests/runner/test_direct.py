@@ -38,16 +38,6 @@ def entry(name: str, model: str, **params: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeOpenAI]:
-    server = FakeOpenAI()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
 async def llms() -> AsyncIterator[list[LLM]]:
     """LLMs a test makes; their connection pools are closed after it."""
     made: list[LLM] = []

@@ -563,16 +563,6 @@ def test_context_windows(tmp_path: Path, no_network: None) -> None:
 # ------------------------------ direct and litellm against a loopback HTTP server
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeOpenAI]:
-    server = FakeOpenAI()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 @pytest.fixture(params=["direct", "litellm"])
 async def routed(
     request: pytest.FixtureRequest, fake: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
