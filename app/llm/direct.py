@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 
-from app.llm.interface import ChatRequest, Event, TokenCounter, chat_body, explicit_params
+from app.llm.interface import ChatRequest, Event, LLMError, TokenCounter, chat_body, explicit_params
 from app.llm.provider import ChunkReader, ProviderFailure, provider_error
 from app.llm.routing import DIRECT_BODY_KEYS, DIRECT_PREFIXES, Route, resolve_env
 
@@ -105,6 +105,9 @@ class _Call:
         body.update(chat_body(request))
         body.update(model=route.target[len(prefix) :], stream=True, stream_options={"include_usage": True})
         body.update(params.get("extra_body") or {})
+        if not request.tools:  # as through litellm: providers refuse these without tools
+            body.pop("tool_choice", None)
+            body.pop("parallel_tool_calls", None)
         retries = params.get("max_retries")
         return cls(
             url=str(params["api_base"]).rstrip("/") + "/chat/completions",
@@ -119,7 +122,12 @@ async def stream(
     route: Route, request: ChatRequest, counter: TokenCounter, client: DirectClient
 ) -> AsyncGenerator[Event, None]:
     """Deltas as they arrive, then one Finish; LLMError on any failure."""
-    call = _Call.build(route, request)
+    try:
+        call = _Call.build(route, request)
+    except (ValueError, TypeError, httpx.InvalidURL) as exc:  # e.g. timeout "30s", or an api_base from the environment
+        raise LLMError(
+            "server_error", f"The routing entry for model '{route.model}' ({route.target}) is not usable: {exc}"
+        ) from exc
     reader = ChunkReader()
     async with _opened(call, client.get(), route, explicit_params(request)) as response:
         try:
@@ -135,7 +143,9 @@ async def stream(
             raise provider_error(ProviderFailure(*_TIMED_OUT), route) from exc
         except httpx.TransportError as exc:  # the connection broke mid-stream
             raise provider_error(ProviderFailure(*_CONNECTION), route) from exc
-        except ValueError as exc:  # a chunk that is not JSON
+        except httpx.HTTPError as exc:  # e.g. a body its content-encoding cannot decode
+            raise provider_error(ProviderFailure(500, str(exc) or type(exc).__name__), route) from exc
+        except (ValueError, TypeError, AttributeError) as exc:  # a chunk that is not JSON, or not a chunk's shape
             raise provider_error(ProviderFailure(500, str(exc)), route) from exc
         except ProviderFailure as exc:  # an error the server streamed in place of a chunk
             raise provider_error(exc, route) from exc

@@ -28,6 +28,12 @@ def _field(item: Any, name: str) -> Any:
     return getattr(item, name, None)
 
 
+def _text(item: Any, name: str) -> str | None:
+    """A string field of a chunk part; anything else (a provider's odd JSON) is absent."""
+    value = _field(item, name)
+    return value if isinstance(value, str) else None
+
+
 class ChunkReader:
     """Turns chat.completion.chunk objects (litellm's) or JSON (the direct adapter's) into our events."""
 
@@ -46,9 +52,9 @@ class ChunkReader:
         for choice in _field(chunk, "choices") or []:
             if (_field(choice, "index") or 0) != 0:
                 continue  # n > 1 is never requested
-            self.reason = _field(choice, "finish_reason") or self.reason
+            self.reason = _text(choice, "finish_reason") or self.reason
             delta = _field(choice, "delta")
-            content = _field(delta, "content")
+            content = _text(delta, "content")
             if content:
                 self.output.append(content)
                 yield TextDelta(content)
@@ -56,18 +62,18 @@ class ChunkReader:
                 yield self._tool_delta(call)
 
     def _tool_delta(self, call: Any) -> ToolCallDelta:
-        call_id = _field(call, "id")
+        call_id = _text(call, "id")
         index = _field(call, "index")
         if not isinstance(index, int):  # some providers omit it: place the call by id
             known = [i for i, seen in self.calls.items() if seen == call_id]
             index = known[0] if known else (len(self.calls) if call_id or not self.calls else max(self.calls))
         function = _field(call, "function")
-        arguments = _field(function, "arguments") or ""
+        arguments = _text(function, "arguments") or ""
         self.output.append(arguments)
         if index in self.calls:  # repeated ids and names are dropped, as the interface promises
             return ToolCallDelta(index, arguments=arguments)
         self.calls[index] = call_id
-        return ToolCallDelta(index, id=call_id, name=_field(function, "name"), arguments=arguments)
+        return ToolCallDelta(index, id=call_id, name=_text(function, "name"), arguments=arguments)
 
     def finish(self, request: ChatRequest, llm: TokenCounter) -> Finish:
         reason = FINISH_REASONS.get(self.reason or "stop", "stop")

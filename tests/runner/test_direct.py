@@ -18,6 +18,7 @@ import pytest
 
 from app import cassettes
 from app.llm import LLM, ChatRequest, Exchange, Finish, LLMConfigError, LLMError, TextDelta
+from app.llm.provider import ChunkReader
 from tests.runner.fake_openai import USAGE, FakeOpenAI
 
 pytestmark = pytest.mark.timeout(60)
@@ -230,3 +231,45 @@ def test_litellm_is_imported_at_start_up_only_when_a_route_or_embeddings_need_it
         path.write_text(json.dumps({"model_list": entries, **extra}))
         LLM.from_config(path)
         assert loads == expected, (entries, extra)
+
+
+async def test_tool_choice_without_tools_is_not_sent(fake: FakeOpenAI, tmp_path: Path, llms: list[LLM]) -> None:
+    """As through litellm: providers refuse tool_choice and parallel_tool_calls
+    without tools, whether the request or the route sets them."""
+    params = {"api_base": fake.api_base, "tool_choice": "auto", "parallel_tool_calls": False}
+    llm = LLM.from_config(config_file(tmp_path, [entry("*", "openai/*", **params)]))
+    llms.append(llm)
+    assert [event async for event in llm.stream(ChatRequest("fake-no-usage", [user("hi")], tool_choice="none"))]
+    assert "tool_choice" not in fake.requests[0]["body"]
+    assert "parallel_tool_calls" not in fake.requests[0]["body"]
+
+
+async def test_an_unusable_route_setting_is_the_runs_error(fake: FakeOpenAI, tmp_path: Path, llms: list[LLM]) -> None:
+    """A value only a call can read (a typo, or one from the environment) fails the call as an LLMError."""
+    llm = LLM.from_config(config_file(tmp_path, [entry("*", "openai/*", api_base=fake.api_base, timeout="30s")]))
+    llms.append(llm)
+    with pytest.raises(LLMError) as failure:
+        [event async for event in llm.stream(ChatRequest("fake-no-usage", [user("hi")]))]
+    assert failure.value.code == "server_error"
+    assert "routing entry for model 'fake-no-usage'" in failure.value.message
+
+
+def test_odd_chunk_fields_are_ignored_not_crashed_on() -> None:
+    """The direct path reads providers' JSON as it is: a number where text
+    belongs must not reach the answer (litellm's objects never let it)."""
+    reader = ChunkReader()
+    chunk = {
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": ["stop"],
+                "delta": {
+                    "content": 5,
+                    "tool_calls": [{"index": 0, "id": 7, "function": {"name": 3, "arguments": {"a": 1}}}],
+                },
+            }
+        ]
+    }
+    events = list(reader.read(chunk))
+    assert all(not isinstance(event, TextDelta) for event in events)
+    assert reader.output == [""] and reader.reason is None
