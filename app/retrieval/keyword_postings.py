@@ -82,6 +82,8 @@ class _Counts:
     value: int
 
 
+MAX_LISTS = 256  # (term, store) lists one search reads at most
+
 _counts: dict[tuple[str, int, str], _Counts] = {}  # (database, store key, term) -> postings
 _totals: dict[tuple[str, int], _Counts] = {}  # (database, store key) -> chunks
 
@@ -110,7 +112,8 @@ async def _document_counts(
         if len(_counts) > _CACHED_COUNTS:
             _counts.clear()
         for term in stale:
-            _counts[(database, key, term)] = _Counts(now, read.get(term, 0))
+            if read.get(term, 0) > 0:  # an absent term is read again: a file ingested next may bring it
+                _counts[(database, key, term)] = _Counts(now, read[term])
             result[term] += read.get(term, 0)
     return result
 
@@ -124,6 +127,8 @@ async def _chunk_total(session: AsyncSession, database: str, store_ids: Sequence
             count = await session.execute(
                 text("SELECT count(*) FROM vector_store_chunks WHERE vector_store_id = :store"), {"store": store_id}
             )
+            if len(_totals) > _CACHED_COUNTS:
+                _totals.clear()
             cached = _totals[(database, store_key(store_id))] = _Counts(now, int(count.scalar_one()))
         total += cached.value
     return total
@@ -227,7 +232,11 @@ async def top_chunks(
     database = str(session.get_bind().engine.url)
     keys = [store_key(store_id) for store_id in stores]
     counts = await _document_counts(session, database, keys, terms)
-    terms = [term for term in terms if counts[term] > 0]
+    # The rarest terms, within what one statement may hold: SQLite's UNION ALL
+    # of a list per (term, store) allows 500 (a word like a_b_c... is split
+    # into many terms by the tokenizer).
+    terms = sorted((term for term in terms if counts[term] > 0), key=lambda term: counts[term])
+    terms = terms[: max(1, MAX_LISTS // len(keys))]
     if not terms:
         return []
     total = await _chunk_total(session, database, stores)

@@ -40,10 +40,10 @@ _WRITE_POSTINGS = (
 async def _lexemes_of(session: AsyncSession, words: Sequence[str]) -> list[str]:
     """The words' lexemes under the 'english' configuration (stop words have
     none), each word's kept per process: one round trip less per search."""
+    if len(_lexemes) + len(words) > _CACHED_WORDS:
+        _lexemes.clear()  # before ``missing`` is taken: this query's words are all read again
     missing = [word for word in dict.fromkeys(words) if word not in _lexemes]
     if missing:
-        if len(_lexemes) + len(missing) > _CACHED_WORDS:
-            _lexemes.clear()
         rows = await session.execute(
             text(
                 "SELECT w.word, tsvector_to_array(to_tsvector('english', w.word)) AS lexemes "

@@ -61,7 +61,8 @@ _stems = _Bounded()  # word -> its index terms (they never change)
 async def index_terms(session: AsyncSession, words: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """Each word's terms as the index stores them (usually one stem; none
     for a word the tokenizer drops, several for one it splits)."""
-    missing = [word for word in dict.fromkeys(words) if word not in _stems]
+    known = {word: _stems[word] for word in dict.fromkeys(words) if word in _stems}
+    missing = [word for word in dict.fromkeys(words) if word not in known]
     if missing:
         await session.execute(text(_SCRATCH))
         await session.execute(text(_SCRATCH_VOCAB))
@@ -76,8 +77,11 @@ async def index_terms(session: AsyncSession, words: Sequence[str]) -> dict[str, 
             found.setdefault(int(row), []).append(str(term))
         await session.execute(text("DELETE FROM temp.query_words"))
         for row, word in enumerate(missing):
-            _stems.remember(word, tuple(found.get(row, ())))
-    return {word: _stems[word] for word in words}
+            known[word] = tuple(found.get(row, ()))
+            _stems.remember(word, known[word])
+    # From ``known``, not the cache: remembering this query's new words may
+    # have evicted its older ones.
+    return {word: known[word] for word in words}
 
 
 async def write_postings(session: AsyncSession, vector_store_id: str, file_id: str) -> None:

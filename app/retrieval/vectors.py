@@ -241,8 +241,8 @@ async def _read_matrix(
     vectors /= norms
     file_names, file_codes = np.unique(np.asarray(files, dtype=object), return_inverse=True)
     matrix = _Matrix(version, ids[:filled], file_codes.astype(np.int32), file_names, vectors)
-    if filled < partition.MIN_ROWS:
-        return matrix
+    if filled < partition.MIN_ROWS or matrix.nbytes > cache_budget.limit():
+        return matrix  # small, or read for this search alone: a full product costs less than clustering
     # Clustering a large store takes about a second: off the event loop.
     return await asyncio.to_thread(_partitioned, matrix, previous)
 

@@ -273,3 +273,38 @@ async def test_removed_files_and_stores_leave_the_postings(runtime: Runtime) -> 
     assert await postings(store_id) == 0 and await postings(other_id) == 2
     async with runtime.transaction() as session:
         assert await ranking.search(session, [store_id], ["quokka"], 10) == []
+
+
+async def _keyword_files(runtime: Runtime, store_id: str, query: str) -> list[str]:
+    async with runtime.transaction() as session:
+        return [hit.file_id for hit in await index.keyword_search(session, index.Scope([store_id]), query, 10)]
+
+
+async def test_a_word_searched_before_its_file_arrived_is_found_after(runtime: Runtime) -> None:
+    """Word counts are cached, but a word's absence is not: upload, wait,
+    search again is the usual way to test an assistant."""
+    store_id, _ = await _store(runtime, [(["llamas hum in the andes"], {})])
+    assert await _keyword_files(runtime, store_id, "okapis") == []
+    okapi = await _add_file(runtime, store_id, ["okapis browse the ituri forest"], {})
+    assert await _keyword_files(runtime, store_id, "okapis") == [okapi]
+
+
+async def test_a_query_of_hundreds_of_indexed_terms_is_answered(runtime: Runtime) -> None:
+    """The tokenizer splits a_b_c into terms: a query may hold more of them
+    than one statement's lists allow (SQLite: 500 in a UNION ALL)."""
+    numbers = " ".join(str(n) for n in range(700))
+    store_id, (file_id,) = await _store(runtime, [([numbers], {})])
+    assert await _keyword_files(runtime, store_id, "_".join(str(n) for n in range(700))) == [file_id]
+
+
+async def test_a_full_word_cache_still_answers_every_query_word(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Remembering a query's new words may evict its older ones from the
+    bounded per-process cache of stems (lexemes on PostgreSQL)."""
+    monkeypatch.setattr(sqlite_keywords, "_CACHED_WORDS", 2)
+    monkeypatch.setattr(postgres_keywords, "_CACHED_WORDS", 2)
+    store_id, (file_id,) = await _store(runtime, [(["zebras sleep standing in the savanna"], {})])
+    assert await _keyword_files(runtime, store_id, "zebras") == [file_id]
+    assert await _keyword_files(runtime, store_id, "zebras savanna standing") == [file_id]
+    assert await _keyword_files(runtime, store_id, "savanna") == [file_id]
