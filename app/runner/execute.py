@@ -125,37 +125,42 @@ class RunExecution:
             if moved is not None:
                 events += moved
                 await self.runtime.run_log.append(session, self.run_id, events, run_locked=True)  # by the UPDATE
-                self._exchanges.clear()
-                return
-            # Locked (PostgreSQL), so a concurrent cancel waits for this move
-            # instead of making its compare-and-set fail.
-            run = (
-                await session.get(orm.Run, self.run_id, with_for_update=True, populate_existing=True)
-                if move is not None
-                else None
-            )
-            if move is None or run is None or run.status in run_state.TERMINAL:
-                pass
-            elif run.status == "cancelling" or move.to == "cancelled":
-                events += await runs.close_out(session, run, "cancelled", usage=self._usage())
-            elif move.to == "requires_action":
-                name = await run_state.transition(
-                    session, run, "requires_action", required_action=move.required_action, usage=self._usage()
-                )
-                events.append(Event.of(name, runs.to_wire(run)))
             else:
-                events += await runs.close_out(
-                    session,
-                    run,
-                    move.to,
-                    last_error=dict(move.last_error) if move.last_error else None,
-                    incomplete_details=move.incomplete_details,
-                    usage=self._usage(),
-                    sweep=move.sweep,
-                )
-            # Streamed once committed; the run's row was locked above when read.
-            await self.runtime.run_log.append(session, self.run_id, events, run_locked=run is not None)
-        self._exchanges.clear()
+                await self._move_read(session, move, events)
+        self._exchanges.clear()  # recorded: only once committed
+
+    async def _move_read(self, session: AsyncSession, move: Move | None, events: list[Event]) -> None:
+        """``_commit``'s path for a move that needs the run read first (and
+        for no move at all): the run's row locked, its events appended to
+        ``events`` and logged."""
+        # Locked (PostgreSQL), so a concurrent cancel waits for this move
+        # instead of making its compare-and-set fail.
+        run = (
+            await session.get(orm.Run, self.run_id, with_for_update=True, populate_existing=True)
+            if move is not None
+            else None
+        )
+        if move is None or run is None or run.status in run_state.TERMINAL:
+            pass
+        elif run.status == "cancelling" or move.to == "cancelled":
+            events += await runs.close_out(session, run, "cancelled", usage=self._usage())
+        elif move.to == "requires_action":
+            name = await run_state.transition(
+                session, run, "requires_action", required_action=move.required_action, usage=self._usage()
+            )
+            events.append(Event.of(name, runs.to_wire(run)))
+        else:
+            events += await runs.close_out(
+                session,
+                run,
+                move.to,
+                last_error=dict(move.last_error) if move.last_error else None,
+                incomplete_details=move.incomplete_details,
+                usage=self._usage(),
+                sweep=move.sweep,
+            )
+        # Streamed once committed; the run's row was locked above when read.
+        await self.runtime.run_log.append(session, self.run_id, events, run_locked=run is not None)
 
     async def _move_unread(self, session: AsyncSession, move: Move) -> list[Event] | None:
         """The usual move (the answer done, or tool outputs required), made
