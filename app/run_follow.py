@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 
 from sqlalchemy.exc import DBAPIError
@@ -133,9 +133,3 @@ class Follower:
         for seq in [seq for seq in self._held if seq <= self.last]:
             del self._held[seq]
         return batch
-
-
-async def entries(follower: Follower, idle: float) -> AsyncIterator[list[Entry]]:
-    """``next_batch`` forever: [] marks ``idle`` seconds without entries."""
-    while True:
-        yield await follower.next_batch(idle)
