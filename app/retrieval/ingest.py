@@ -39,17 +39,19 @@ Key = tuple[str, str]  # (vector_store_id, file_id)
 class Parsed:
     pieces: list[str]
     usage_bytes: int
-    # The document's first line (an HTML page's heading, a PDF's title line):
+    # The document's opening (its title line and first paragraphs):
     # embedders that take it (minilm-static) give every chunk its context.
-    title: str = ""
+    head: str = ""
 
 
-def document_title(text: str, filename: str) -> str:
-    """The first non-empty line of the text, else the file's name."""
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()[:200]
-    return filename
+# More than the 256 tokens the transformer reads of a document's head (about
+# 1,000-1,500 characters of prose): the tokenizer cuts the rest.
+HEAD_CHARS = 4_000
+
+
+def document_head(text: str, filename: str) -> str:
+    """The start of the text (title line first), else the file's name."""
+    return text[:HEAD_CHARS].strip() or filename
 
 
 def parse_and_chunk(path: Any, filename: str, strategy: dict[str, Any]) -> Parsed:
@@ -63,7 +65,7 @@ def parse_and_chunk(path: Any, filename: str, strategy: dict[str, Any]) -> Parse
         raise parse.ParseError("invalid_file", "The file contains no text that could be extracted.")
     if len(pieces) * (size - overlap) > MAX_FILE_TOKENS:
         raise parse.ParseError("invalid_file", f"The file has more than {MAX_FILE_TOKENS} tokens.")
-    return Parsed(pieces, sum(len(piece.encode("utf-8")) for piece in pieces), document_title(text, filename))
+    return Parsed(pieces, sum(len(piece.encode("utf-8")) for piece in pieces), document_head(text, filename))
 
 
 class Ingestion:
@@ -150,15 +152,15 @@ class Ingestion:
                 key, None, {"code": "invalid_file", "message": "The file's content is no longer available."}
             )
             return
-        vectors = await self._embed(parsed.pieces, parsed.title)
+        vectors = await self._embed(parsed.pieces, parsed.head)
         await self._finish(key, (parsed, vectors), None)
 
-    async def _embed(self, pieces: list[str], title: str) -> list[list[float]] | None:
+    async def _embed(self, pieces: list[str], head: str) -> list[list[float]] | None:
         model = embed.embedder(self.runtime.settings)
         if model is None:
             return None
         try:
-            return await embed.embed_document(model, pieces, title)
+            return await embed.embed_document(model, pieces, head)
         except Exception:
             # Keyword search still finds the file; say so in the log.
             log.exception("embedding with %s failed; the file is indexed for keyword search only", model.name)

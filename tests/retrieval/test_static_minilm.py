@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.retrieval import embed, static_minilm
+from app.retrieval import embed, ingest, static_minilm
 from app.retrieval.static_minilm import STATIC_DIMENSIONS, TITLE_DIMENSIONS, Table
 
 VOCABULARY_SIZE = 300
@@ -97,6 +97,32 @@ def test_a_paraphrased_question_finds_its_document_by_meaning(embedder: static_m
     ]
     scores = [float(np.array(embedder.embed_documents_sync([text], title)[0]) @ question) for title, text in documents]
     assert scores[0] == max(scores)
+
+
+def test_a_document_is_placed_by_its_opening_paragraph_not_its_title_alone(
+    embedder: static_minilm.StaticMiniLM,
+) -> None:
+    """The transformer reads the document's opening (title line and first
+    paragraphs): a page whose title is only a module name is found by what
+    its first paragraph says it is for."""
+    question = np.array(embedder.embed_sync(["keep a list in order while adding new items"])[0])
+    chunk = ["bisect.insort_left(a, x) inserts x in a."]
+    title_only = "bisect"
+    opening = "bisect\nThis module maintains a list in sorted order without sorting it again after each insertion."
+    unrelated = "smtplib\nThis module defines an SMTP client session object to send mail to any Internet machine."
+    by_title, by_opening, other = (
+        float(np.array(embedder.embed_documents_sync(chunk, head)[0]) @ question)
+        for head in (title_only, opening, unrelated)
+    )
+    assert by_opening > by_title and by_opening > other
+
+
+def test_the_head_of_a_parsed_document_is_its_opening_text() -> None:
+    text = "shutil - High-level file operations\n" + "Copies whole directory trees. " * 400
+    head = ingest.document_head(text, "shutil.html")
+    assert head.startswith("shutil - High-level file operations\nCopies whole directory trees.")
+    assert len(head) <= ingest.HEAD_CHARS
+    assert ingest.document_head("  \n ", "notes.txt") == "notes.txt"
 
 
 def test_it_is_the_default_embedder_and_none_turns_it_off(tmp_path: Path) -> None:
