@@ -4,6 +4,7 @@ and migrating the schema with Alembic on start."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import sqlite3
@@ -131,22 +132,38 @@ class SQLiteWriters:
             # Worded and typed like SQLite's own refusal, so that it is answered alike.
             refusal = sqlite3.OperationalError("database is locked (by this process's other transactions)")
             raise sa_exc.OperationalError("BEGIN IMMEDIATE", None, refusal) from None
-        connection.info[self._HOLDS] = True
+        holder = object()  # this transaction's hold, not a later one's on the same connection
+        connection.info[self._HOLDS] = holder
+        driver: object = connection.connection.dbapi_connection
+        if isinstance(driver, sqlite_driver.OneHopConnection):
+            # Handed on once the COMMIT or ROLLBACK has run, not before it
+            # is sent (see sqlite_driver.OneHopConnection.on_transaction_end).
+            driver.on_transaction_end = functools.partial(self.release, connection.info, holder)
         try:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
         except BaseException:
             self.release(connection.info)
             raise
 
-    def release(self, info: dict[Any, Any]) -> None:
+    def release(self, info: dict[Any, Any], holder: object | None = None) -> None:
         """At the transaction's end, however it ends (commit, rollback, or a
-        connection reset, invalidated or closed under it): idempotent."""
-        if info.pop(self._HOLDS, False):
+        connection reset, invalidated or closed under it): idempotent. With
+        ``holder``, only that transaction's hold is released."""
+        held = info.get(self._HOLDS)
+        if held is not None and (holder is None or held is holder):
+            del info[self._HOLDS]
             self._lock.release()
+
+    @staticmethod
+    def _released_by_driver(connection: Connection) -> bool:
+        driver: object = connection.connection.dbapi_connection
+        return isinstance(driver, sqlite_driver.OneHopConnection) and driver.on_transaction_end is not None
 
     def listen(self, engine: AsyncEngine) -> None:
         def at_end(connection: Connection) -> None:
-            if not connection.invalidated:  # else the pool's invalidate event releases
+            # Else the pool's invalidate event releases, or (our driver) the
+            # COMMIT or ROLLBACK itself once it has run.
+            if not connection.invalidated and not self._released_by_driver(connection):
                 self.release(connection.info)
 
         def reset(_dbapi: Any, record: Any, _state: Any) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 import aiosqlite
@@ -147,7 +148,7 @@ class ServerSideCursor(AsyncAdapt_aiosqlite_ss_cursor):
 
 
 class OneHopConnection(AsyncAdapt_aiosqlite_connection):
-    __slots__ = ("begin_deferred",)
+    __slots__ = ("begin_deferred", "on_transaction_end")
 
     _cursor_cls = OneHopCursor
     _ss_cursor_cls = ServerSideCursor
@@ -156,20 +157,38 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         super().__init__(dbapi, connection)
         # A BEGIN not sent yet: it goes with the next statement.
         self.begin_deferred: str | None = None
+        # Called once the transaction's COMMIT or ROLLBACK has run on the
+        # sqlite3 thread (or failed): app/db.py's SQLiteWriters hands the
+        # write lock on only then. SQLAlchemy's commit and rollback events
+        # fire *before* the statement is sent, and a transaction let in then
+        # met SQLite's lock still held and slept in its busy handler (naps of
+        # 1 to 100 ms; issue 17).
+        self.on_transaction_end: Callable[[], None] | None = None
+
+    def _ended(self) -> None:
+        callback, self.on_transaction_end = self.on_transaction_end, None
+        if callback is not None:
+            callback()
 
     def commit(self) -> None:
-        if self.begin_deferred is not None:  # nothing ran: nothing to commit
-            self.begin_deferred = None
-            return
-        super().commit()
+        try:
+            if self.begin_deferred is not None:  # nothing ran: nothing to commit
+                self.begin_deferred = None
+                return
+            super().commit()
+        finally:
+            self._ended()
 
     def rollback(self) -> None:
         # The pool rolls back every connection it gets back, even after a
         # commit; sqlite3 does nothing then, so neither does the hop.
         self.begin_deferred = None
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
-        if connection._connection is not None and connection.in_transaction:
-            super().rollback()
+        try:
+            if connection._connection is not None and connection.in_transaction:
+                super().rollback()
+        finally:
+            self._ended()
 
 
 class OneHopDBAPI(AsyncAdapt_aiosqlite_dbapi):

@@ -4,12 +4,17 @@ must still cover every statement of the transaction (issue 10), streamed or not.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
+from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.util import await_only as await_
 
+from app import db
 from app.runtime import Runtime
 
 
@@ -49,3 +54,39 @@ async def test_a_statement_reports_its_rowcount_and_rows(runtime: Runtime) -> No
         moved = await session.execute(text("UPDATE t SET n = n + 10 WHERE n >= 3"))
         assert moved.rowcount == 2  # type: ignore[attr-defined]  # compare-and-set relies on it
         assert (await session.execute(text("SELECT n FROM t ORDER BY n"))).scalars().all() == [0, 1, 2, 13, 14]
+
+
+async def test_the_write_lock_passes_on_only_once_the_commit_has_run(tmp_path: Any) -> None:
+    """This process's next transaction may begin only once the previous one's
+    COMMIT has run on its sqlite3 thread. SQLAlchemy's commit event fires
+    before the COMMIT is sent: handing the lock on there let the next
+    BEGIN IMMEDIATE meet SQLite's lock still held, and wait in SQLite's busy
+    handler, whose naps grow to 100 ms (issue 17). With no busy timeout at
+    all, such a BEGIN fails at once instead, and a slow COMMIT (a slow
+    disk, simulated by the trace hook) leaves it the time to."""
+    engine = db.create_engine(f"sqlite+aiosqlite:///{tmp_path / 'slow-commits.db'}")
+
+    def slow_commits_and_no_busy_wait(dbapi_connection: Any, _record: Any) -> None:
+        def trace(statement: str) -> None:
+            if statement == "COMMIT":
+                time.sleep(0.05)  # on the sqlite3 thread, before the COMMIT runs
+
+        await_(dbapi_connection.driver_connection.set_trace_callback(trace))
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout=0")
+        cursor.close()
+
+    event.listen(engine.sync_engine, "connect", slow_commits_and_no_busy_wait)
+    try:
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql("CREATE TABLE t (n INTEGER)")
+
+        async def insert(n: int) -> None:
+            async with engine.begin() as connection:
+                await connection.exec_driver_sql(f"INSERT INTO t (n) VALUES ({n})")
+
+        await asyncio.gather(*(insert(n) for n in range(4)))
+        async with engine.connect() as connection:
+            assert (await connection.exec_driver_sql("SELECT count(*) FROM t")).scalar() == 4
+    finally:
+        await engine.dispose()
