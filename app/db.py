@@ -33,6 +33,11 @@ log = logging.getLogger("app.db")
 # ingest), from API replicas to standalone workers in other processes.
 WORK_CHANNEL = "assistants_work"
 
+# Execution options of a write that may go to SQLite with its transaction's
+# next statement or COMMIT rather than alone (see sqlite_driver.WRITE_BEHIND):
+# ``statement.execution_options(**db.WRITE_BEHIND)``.
+WRITE_BEHIND = {sqlite_driver.WRITE_BEHIND: True}
+
 # How long a SQLite transaction waits for another writer's lock before
 # failing with "database is locked".
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -194,6 +199,7 @@ def create_engine(url: str) -> AsyncEngine:
             url, poolclass=NullPool if database == ":memory:" else None, module=sqlite_driver.OneHopDBAPI()
         )
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
+        event.listen(engine.sync_engine, "before_cursor_execute", sqlite_driver.hold_back_marked_writes)
         SQLiteWriters(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000).listen(engine)
         return engine
     # pool_pre_ping: every connection handed out is checked first, so that

@@ -32,26 +32,69 @@ from sqlalchemy.util import await_only as await_
 
 # What a statement leaves for the cursor: description, rowcount, lastrowid, rows.
 _Outcome = tuple[Any, int, int | None, list[Any]]
+# A statement sent later: operation, parameters, executemany.
+_Statement = tuple[str, Any, bool]
 
 
-def _run(connection: sqlite3.Connection, begin: str | None, operation: str, parameters: Any, many: bool) -> _Outcome:
-    """On aiosqlite's thread: the transaction's deferred BEGIN if any, then the
-    whole statement, its rows read and its cursor closed."""
+def _execute(cursor: sqlite3.Cursor, statement: _Statement) -> None:
+    operation, parameters, many = statement
+    if many:
+        cursor.executemany(operation, parameters)
+    elif parameters is None:
+        cursor.execute(operation)
+    else:
+        cursor.execute(operation, parameters)
+
+
+def _run(
+    connection: sqlite3.Connection, begin: str | None, earlier: list[_Statement], statement: _Statement
+) -> _Outcome:
+    """On aiosqlite's thread: the transaction's deferred BEGIN if any, the
+    writes held back for this hop (WRITE_BEHIND), then the whole statement,
+    its rows read and its cursor closed."""
     cursor = connection.cursor()
     try:
         if begin is not None:
             cursor.execute(begin)
-        if many:
-            cursor.executemany(operation, parameters)
-        elif parameters is None:
-            cursor.execute(operation)
-        else:
-            cursor.execute(operation, parameters)
+        for held in earlier:
+            _execute(cursor, held)
+        _execute(cursor, statement)
         description = cursor.description
         rows = cursor.fetchall() if description else []
         return description, cursor.rowcount, cursor.lastrowid, rows
     finally:
         cursor.close()
+
+
+def _commit(connection: sqlite3.Connection, begin: str | None, earlier: list[_Statement]) -> None:
+    """On aiosqlite's thread: what the transaction still holds back, then COMMIT."""
+    if earlier:
+        cursor = connection.cursor()
+        try:
+            if begin is not None:
+                cursor.execute(begin)
+            for held in earlier:
+                _execute(cursor, held)
+        finally:
+            cursor.close()
+    connection.commit()
+
+
+# The execution option that lets a write go to SQLite with the transaction's
+# next statement or its COMMIT instead of a hop of its own (issue 17): for
+# INSERTs and UPDATEs whose outcome (rowcount, lastrowid) nobody reads and
+# whose failure may surface at that later statement (it still fails the
+# transaction). PostgreSQL ignores it.
+WRITE_BEHIND = "sqlite_write_behind"
+
+
+def hold_back_marked_writes(
+    _connection: Any, cursor: Any, _statement: str, _parameters: Any, context: Any, _executemany: bool
+) -> None:
+    """A ``before_cursor_execute`` listener: marks the cursor of a statement
+    executed with WRITE_BEHIND (app/db.py registers it)."""
+    if isinstance(cursor, OneHopCursor) and context is not None and context.execution_options.get(WRITE_BEHIND):
+        cursor.write_behind = True
 
 
 # Statements that open a transaction, deferred to the transaction's first statement.
@@ -61,7 +104,7 @@ _BEGINS = frozenset({"BEGIN", "BEGIN IMMEDIATE", "BEGIN DEFERRED", "BEGIN EXCLUS
 class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
     """A buffered cursor: each execute is one hop and leaves every row here."""
 
-    __slots__ = ("_arraysize", "_outcome_description", "_outcome_lastrowid", "_outcome_rowcount")
+    __slots__ = ("_arraysize", "_outcome_description", "_outcome_lastrowid", "_outcome_rowcount", "write_behind")
 
     def __init__(self, adapt_connection: Any) -> None:  # no aiosqlite cursor is opened
         self._adapt_connection = adapt_connection
@@ -73,6 +116,7 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
         self._outcome_rowcount = -1
         self._outcome_lastrowid: int | None = None
         self._arraysize = 1
+        self.write_behind = False  # the next statement may wait for the next hop
 
     @property
     def description(self) -> Any:
@@ -112,43 +156,62 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
             # Sent with the transaction's first statement (one hop fewer per
             # transaction); SQLite takes the lock before that statement runs.
             adapted.begin_deferred = operation
-            self._outcome_description, self._outcome_rowcount, self._outcome_lastrowid = None, -1, None
-            self._rows = collections.deque()
+            self._set_outcome(None, -1, None, [])
             return
+        if self.write_behind:
+            self.write_behind = False
+            if adapted.begin_deferred is not None:  # inside a transaction: only there may it wait
+                adapted.held_back.append((operation, parameters, many))
+                self._set_outcome(None, -1, None, [])
+                return
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
         async with adapted._execute_mutex:
-            # A BEGIN that fails (SQLite busy past its timeout) fails this
-            # statement, and with it the transaction, as it would have alone.
+            # A BEGIN or held-back write that fails (SQLite busy past its
+            # timeout, a constraint) fails this statement, and with it the
+            # transaction, as it would have alone.
             begin, adapted.begin_deferred = adapted.begin_deferred, None
+            earlier, adapted.held_back = adapted.held_back, []
             outcome: _Outcome = await connection._execute(  # type: ignore[no-untyped-call]
-                _run, connection._conn, begin, operation, parameters, many
+                _run, connection._conn, begin, earlier, (operation, parameters, many)
             )
-        self._outcome_description, self._outcome_rowcount, self._outcome_lastrowid, rows = outcome
+        self._set_outcome(*outcome)
+
+    def _set_outcome(self, description: Any, rowcount: int, lastrowid: int | None, rows: list[Any]) -> None:
+        self._outcome_description, self._outcome_rowcount, self._outcome_lastrowid = description, rowcount, lastrowid
         self._rows = collections.deque(rows)
 
 
-def _begin(connection: sqlite3.Connection, begin: str) -> None:
-    connection.execute(begin).close()
+def _begin(connection: sqlite3.Connection, begin: str | None, earlier: list[_Statement]) -> None:
+    cursor = connection.cursor()
+    try:
+        if begin is not None:
+            cursor.execute(begin)
+        for held in earlier:
+            _execute(cursor, held)
+    finally:
+        cursor.close()
 
 
 class ServerSideCursor(AsyncAdapt_aiosqlite_ss_cursor):
     """SQLAlchemy's streaming cursor (``session.stream()``), which sends a
-    deferred BEGIN first: its statement must run inside the transaction."""
+    deferred BEGIN (and held-back writes) first: its statement must run
+    inside the transaction, after them."""
 
     __slots__ = ()
 
     async def _execute_async(self, operation: Any, parameters: Any) -> Any:
         adapted: OneHopConnection = self._adapt_connection  # type: ignore[assignment]
-        if adapted.begin_deferred is not None:
+        if adapted.begin_deferred is not None or adapted.held_back:
             connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
             async with adapted._execute_mutex:
                 begin, adapted.begin_deferred = adapted.begin_deferred, None
-                await connection._execute(_begin, connection._conn, begin)  # type: ignore[no-untyped-call]
+                earlier, adapted.held_back = adapted.held_back, []
+                await connection._execute(_begin, connection._conn, begin, earlier)  # type: ignore[no-untyped-call]
         return await super()._execute_async(operation, parameters)
 
 
 class OneHopConnection(AsyncAdapt_aiosqlite_connection):
-    __slots__ = ("begin_deferred", "on_transaction_end")
+    __slots__ = ("begin_deferred", "held_back", "on_transaction_end")
 
     _cursor_cls = OneHopCursor
     _ss_cursor_cls = ServerSideCursor
@@ -157,6 +220,9 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         super().__init__(dbapi, connection)
         # A BEGIN not sent yet: it goes with the next statement.
         self.begin_deferred: str | None = None
+        # Writes of this transaction not sent yet (WRITE_BEHIND): they go,
+        # in order, with the next statement or the COMMIT.
+        self.held_back: list[_Statement] = []
         # Called once the transaction's COMMIT or ROLLBACK has run on the
         # sqlite3 thread (or failed): app/db.py's SQLiteWriters hands the
         # write lock on only then. SQLAlchemy's commit and rollback events
@@ -171,11 +237,16 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
             callback()
 
     def commit(self) -> None:
+        begin, self.begin_deferred = self.begin_deferred, None
+        earlier, self.held_back = self.held_back, []
         try:
-            if self.begin_deferred is not None:  # nothing ran: nothing to commit
-                self.begin_deferred = None
+            if begin is not None and not earlier:  # nothing ran: nothing to commit
                 return
-            super().commit()
+            connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+            if connection._connection is not None:
+                await_(connection._execute(_commit, connection._conn, begin, earlier))  # type: ignore[no-untyped-call]
+        except Exception as error:
+            self._handle_exception(error)
         finally:
             self._ended()
 
@@ -183,6 +254,7 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         # The pool rolls back every connection it gets back, even after a
         # commit; sqlite3 does nothing then, so neither does the hop.
         self.begin_deferred = None
+        self.held_back = []
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
         try:
             if connection._connection is not None and connection.in_transaction:

@@ -30,10 +30,10 @@ from app import ids, llm, orm
 from app.observability import logs
 from app.runner import markers, prompt
 from app.runner.tools import BuiltinTool, ToolResult
-from app.runner.turn import Pending, Turn, TurnResult, TurnStopped
+from app.runner.turn import Pending, RowUpdate, Turn, TurnResult, TurnStopped, write_rows
 from app.runtime import Runtime
 from app.scripting import RequestContext
-from app.services import model_requests, run_events, run_execution, run_state, run_steps, runs
+from app.services import core_rows, model_requests, run_events, run_execution, run_state, run_steps, runs
 from app.wire.events import Event
 
 log = logging.getLogger("app.runner")
@@ -118,9 +118,10 @@ class RunExecution:
         the reaper) is left as it is."""
         events = list(pending.events)
         async with self.runtime.transaction() as session:
-            session.add_all(pending.rows)
+            # Core statements, each sent with the next one on SQLite (issue 17).
+            await write_rows(session, pending.rows)
             for exchange in self._exchanges:
-                model_requests.add(session, exchange)
+                await core_rows.insert_row(session, model_requests.row(exchange), write_behind=True)
             moved = await self._move_unread(session, move) if move is not None else None
             if moved is not None:
                 events += moved
@@ -469,7 +470,8 @@ class RunExecution:
         if step is None:
             return
         step.status, step.completed_at = "completed", ids.now()
-        pending.add([step], [Event.of("thread.run.step.completed", run_steps.to_wire(step))])
+        keys = ("status", "completed_at", "step_details", "internal")  # the tools' outputs too (_run_builtins)
+        pending.add([RowUpdate(step, keys)], [Event.of("thread.run.step.completed", run_steps.to_wire(step))])
         await self._commit(pending)
 
     async def _require_action(self, calls: list[dict[str, Any]], pending: Pending) -> None:

@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from app import ids, llm, orm
 from app.runner import markers
 from app.runner.tools import BuiltinTool, CallStream
 from app.runtime import Runtime
-from app.services import messages, run_steps
+from app.services import core_rows, messages, run_steps
 from app.wire.events import Event
 
 
@@ -22,17 +24,49 @@ class TurnStopped(Exception):
     """The run was cancelled while the model was answering."""
 
 
+# The executor's own rows: inserted with Core statements (never through a
+# session's unit of work, issue 17) and updated by naming what changed.
+ExecutorRow = orm.Message | orm.RunStep
+
+
+@dataclass
+class RowUpdate:
+    """Attributes of an executor's row to write (core_rows.update_row)."""
+
+    row: ExecutorRow
+    keys: tuple[str, ...]
+
+
 @dataclass
 class Pending:
-    """Rows written and events published by the executor's next transaction,
-    so a run's last message and its ending cost one commit, not two."""
+    """Row changes written and events published by the executor's next
+    transaction, so a run's last message and its ending cost one commit, not two."""
 
-    rows: list[Any] = field(default_factory=list)
+    rows: list[RowUpdate] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
 
-    def add(self, rows: list[Any], events: list[Event]) -> None:
-        self.rows.extend(rows)
+    def add(self, rows: list[RowUpdate], events: list[Event]) -> None:
+        for change in rows:
+            same = next((pending for pending in self.rows if pending.row is change.row), None)
+            if same is None:
+                self.rows.append(change)
+            else:  # one UPDATE per row
+                same.keys = tuple(dict.fromkeys(same.keys + change.keys))
         self.events.extend(events)
+
+
+async def write_rows(session: AsyncSession, changes: list[RowUpdate]) -> None:
+    """The changes, each one UPDATE that waits for the transaction's next
+    statement on SQLite (nothing reads their outcome)."""
+    for change in changes:
+        await core_rows.update_row(session, change.row, change.keys, write_behind=True)
+
+
+_MESSAGE_CLOSED = {
+    "completed": ("content", "status", "completed_at"),
+    "incomplete": ("content", "status", "incomplete_at", "incomplete_details"),
+}
+_STEP_CLOSED = ("status", "completed_at", "usage")
 
 
 @dataclass
@@ -117,7 +151,8 @@ class Turn:
         )
         step_wire, message_wire = run_steps.to_wire(step), messages.to_wire(message)
         async with self.runtime.transaction() as session:
-            session.add_all([step, message])
+            await core_rows.insert_row(session, step, write_behind=True)
+            await core_rows.insert_row(session, message, write_behind=True)
             created = [
                 Event.of("thread.run.step.created", step_wire),
                 Event.of("thread.run.step.in_progress", step_wire),
@@ -159,11 +194,12 @@ class Turn:
             Event.of("thread.run.step.completed", run_steps.to_wire(step)),
         ]
         self.text = []
+        changes = [RowUpdate(message, _MESSAGE_CLOSED[status]), RowUpdate(step, _STEP_CLOSED)]
         if defer:
-            self.pending.add([message, step], events)
+            self.pending.add(changes, events)
             return
         async with self.runtime.transaction() as session:
-            session.add_all([message, step])
+            await write_rows(session, changes)
             await self.runtime.run_log.append(session, self.run.id, events)
 
     async def _on_tool_call(self, delta: llm.ToolCallDelta) -> None:
@@ -174,7 +210,7 @@ class Turn:
             step = run_steps.new(self.run, "tool_calls", {"type": "tool_calls", "tool_calls": []})
             wire = run_steps.to_wire(step)
             async with self.runtime.transaction() as session:
-                session.add(step)
+                await core_rows.insert_row(session, step, write_behind=True)
                 created = [Event.of("thread.run.step.created", wire), Event.of("thread.run.step.in_progress", wire)]
                 await self.runtime.run_log.append(session, self.run.id, created)
             self.tool_step = step
@@ -233,20 +269,23 @@ class Turn:
         if self.tool_step is not None:
             self.tool_step.step_details = {"type": "tool_calls", "tool_calls": calls}
             self.tool_step.usage = _usage_dict(finish.usage)
-            self.pending.add([self.tool_step], [])
+            self.pending.add([RowUpdate(self.tool_step, ("step_details", "usage"))], [])
         arguments = {self.calls[index]["id"]: text for index, text in self.arguments.items()}
         return TurnResult(finish.reason, finish.usage, calls, arguments, finished, self.tool_step, self.pending)
 
     async def save_partial(self) -> None:
         """Keep what was produced before a failure or cancel (close_out then
         marks the message incomplete and the steps failed/cancelled)."""
-        async with self.runtime.transaction() as session:
-            if self.message is not None:
-                self.message.content = [messages.text_part("".join(self.text))] if self.text else []
-                session.add(self.message)
-            if self.tool_step is not None:
-                self.tool_step.step_details = {"type": "tool_calls", "tool_calls": list(self.calls.values())}
-                session.add(self.tool_step)
+        changes = []
+        if self.message is not None:
+            self.message.content = [messages.text_part("".join(self.text))] if self.text else []
+            changes.append(RowUpdate(self.message, ("content",)))
+        if self.tool_step is not None:
+            self.tool_step.step_details = {"type": "tool_calls", "tool_calls": list(self.calls.values())}
+            changes.append(RowUpdate(self.tool_step, ("step_details",)))
+        if changes:
+            async with self.runtime.transaction() as session:
+                await write_rows(session, changes)
 
 
 def _message_delta(message_id: str, content: list[dict[str, Any]]) -> dict[str, Any]:

@@ -6,7 +6,13 @@ map bookkeeping) cost more CPU than the statements themselves.
 
 Only attributes that were set go into the INSERT, so column defaults apply
 to the rest exactly as they would through the ORM. The objects stay
-transient: a later ``session.get`` of the same id loads a separate instance.
+transient: a later ``session.get`` of the same id loads a separate instance,
+and a change to one is written with update_row(), naming what changed (the
+executor's answer message and its steps, app/runner).
+
+``write_behind``: on SQLite the statement may wait for the transaction's
+next statement or COMMIT instead of a thread hop of its own (app/db.py
+WRITE_BEHIND): for rows nothing reads back in the same statement's outcome.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Insert, Table, insert, inspect
+from sqlalchemy import Insert, Table, insert, inspect, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import db
 from app.orm import Base
 
 
@@ -37,6 +44,22 @@ def values(row: Base) -> dict[str, Any]:
     return {column: state[key] for key, column in columns.items() if key in state}
 
 
-async def insert_row(session: AsyncSession, row: Base) -> None:
+async def insert_row(session: AsyncSession, row: Base, *, write_behind: bool = False) -> None:
     statement, _columns = _layout(type(row))
+    if write_behind:
+        statement = statement.execution_options(**db.WRITE_BEHIND)
     await session.execute(statement, values(row))
+
+
+async def update_row(session: AsyncSession, row: Base, keys: tuple[str, ...], *, write_behind: bool = False) -> None:
+    """Write the attributes ``keys`` of a row inserted by insert_row() (by
+    its primary key ``id``); the other columns are left as the database has
+    them (another writer may have changed them meanwhile: message metadata)."""
+    insert_statement, columns = _layout(type(row))
+    table = insert_statement.table
+    assert isinstance(table, Table)
+    state = row.__dict__
+    statement = update(table).where(table.c.id == state["id"]).values({columns[key]: state[key] for key in keys})
+    if write_behind:
+        statement = statement.execution_options(**db.WRITE_BEHIND)
+    await session.execute(statement)

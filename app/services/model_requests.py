@@ -18,16 +18,20 @@ from app.llm import Exchange
 
 
 def add(session: AsyncSession, exchange: Exchange) -> None:
+    session.add(row(exchange))
+
+
+def row(exchange: Exchange) -> orm.ModelRequest:
+    """The log's row for ``exchange``, not added to any session (the executor
+    inserts it with core_rows, issue 17)."""
     context = exchange.request.context
-    session.add(
-        orm.ModelRequest(
-            run_id=context.run_id if context else None,
-            created_at=exchange.created_at,
-            duration_ms=exchange.duration_ms(),
-            model=exchange.request.model,
-            request=exchange.request_body(),
-            response=exchange.response_body(),
-        )
+    return orm.ModelRequest(
+        run_id=context.run_id if context else None,
+        created_at=exchange.created_at,
+        duration_ms=exchange.duration_ms(),
+        model=exchange.request.model,
+        request=exchange.request_body(),
+        response=exchange.response_body(),
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.util import await_only as await_
 
 from app import db
@@ -90,3 +91,34 @@ async def test_the_write_lock_passes_on_only_once_the_commit_has_run(tmp_path: A
             assert (await connection.exec_driver_sql("SELECT count(*) FROM t")).scalar() == 4
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_held_back_writes_run_in_order_before_what_follows_them(runtime: Runtime) -> None:
+    """A write marked WRITE_BEHIND goes with the transaction's next statement
+    or its COMMIT: the next statement sees it, a rollback drops it, and a
+    held-back write that fails fails the transaction, whole."""
+    behind = text("INSERT INTO t (n) VALUES (:n)").execution_options(**db.WRITE_BEHIND)
+    async with runtime.transaction() as session:
+        await session.execute(text("CREATE TABLE t (n INTEGER PRIMARY KEY)"))
+    async with runtime.transaction() as session:
+        await session.execute(behind, {"n": 1})
+        await session.execute(behind, {"n": 2})
+        assert (await session.execute(text("SELECT group_concat(n) FROM t"))).scalar() == "1,2"
+        await session.execute(behind, {"n": 3})  # written by the COMMIT
+    with pytest.raises(ZeroDivisionError):
+        async with runtime.transaction() as session:
+            await session.execute(behind, {"n": 4})
+            raise ZeroDivisionError
+    with pytest.raises(IntegrityError):
+        async with runtime.transaction() as session:
+            await session.execute(behind, {"n": 5})
+            await session.execute(behind, {"n": 1})  # a duplicate: fails at the COMMIT
+    with pytest.raises(IntegrityError):
+        async with runtime.transaction() as session:
+            await session.execute(behind, {"n": 6})
+            await session.execute(behind, {"n": 2})  # fails with the next statement
+            await session.execute(text("SELECT 1"))
+    async with runtime.transaction() as session:
+        assert (await session.execute(text("SELECT group_concat(n) FROM t"))).scalar() == "1,2,3"
+        await session.execute(text("DROP TABLE t"))
