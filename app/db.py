@@ -8,6 +8,7 @@ import functools
 import logging
 import re
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -202,14 +203,51 @@ def create_engine(url: str) -> AsyncEngine:
         event.listen(engine.sync_engine, "before_cursor_execute", sqlite_driver.hold_back_marked_writes)
         SQLiteWriters(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000).listen(engine)
         return engine
-    # pool_pre_ping: every connection handed out is checked first, so that
-    # after a dropped connection (a server restart, pg_terminate_backend, a
-    # failover) the next request reconnects instead of failing (issue 10); a
-    # dead one recycles the whole pool, its siblings being most likely dead
-    # too. It costs about 0.4 ms per transaction on a loaded 2-core machine
-    # (bench/connection_check.py). Recycling bounds how long an unused
-    # connection lingers.
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_recycle=300, pool_pre_ping=True)
+    # Recycling bounds how long an unused connection lingers.
+    engine = create_async_engine(url, pool_size=10, max_overflow=20, pool_recycle=300)
+    ConnectionCheck(ping_after_idle_seconds=PING_AFTER_IDLE_SECONDS).listen(engine)
+    return engine
+
+
+# A PostgreSQL connection unused for this long is pinged before it is handed out.
+PING_AFTER_IDLE_SECONDS = 10.0
+
+
+class ConnectionCheck:
+    """Every PostgreSQL connection handed out by the pool is alive, so that
+    after a dropped connection (a server restart, pg_terminate_backend, a
+    failover) the next request reconnects instead of failing (issue 10).
+
+    SQLAlchemy's ``pool_pre_ping`` did this with three round trips per
+    transaction (BEGIN, an empty query, ROLLBACK; bench/connection_check.py).
+    Here: a connection whose socket the event loop has seen closed (what a
+    terminated backend or a restarted server leaves) is replaced at no cost,
+    and only one unused for ``ping_after_idle_seconds`` (where a silent
+    network drop may hide) is pinged; a failed ping replaces it too (issue 17).
+    """
+
+    _CHECKED_IN = "checked_in_at"
+
+    def __init__(self, ping_after_idle_seconds: float) -> None:
+        self.ping_after_idle_seconds = ping_after_idle_seconds
+
+    def checkout(self, dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if dbapi_connection.driver_connection.is_closed():
+            raise sa_exc.DisconnectionError("the connection was closed")  # the pool opens a new one
+        checked_in_at = record.info.get(self._CHECKED_IN)
+        if checked_in_at is not None and time.monotonic() - checked_in_at > self.ping_after_idle_seconds:
+            try:
+                dbapi_connection.ping()
+            except Exception as error:
+                raise sa_exc.DisconnectionError(f"the connection failed a ping: {error}") from error
+
+    def checkin(self, _dbapi_connection: Any, record: Any) -> None:
+        record.info[self._CHECKED_IN] = time.monotonic()
+
+    def listen(self, engine: AsyncEngine) -> None:
+        pool = engine.sync_engine.pool
+        event.listen(pool, "checkout", self.checkout)
+        event.listen(pool, "checkin", self.checkin)
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
