@@ -131,14 +131,19 @@ async def stream(
     reader = ChunkReader()
     async with _opened(call, client.get(), route, explicit_params(request)) as response:
         try:
-            done = False
-            # Read to the end, past [DONE] (as the openai SDK does): a body read
-            # to its end leaves the connection in the pool for the next run.
-            async for data in _sse_data(response):
-                done = done or data == "[DONE]"
-                if not done:
-                    for event in reader.read(_chunk(data)):
-                        yield event
+            if _is_json(response):  # a server that ignores ``stream``: its whole answer at once
+                body = (await response.aread()).decode("utf-8", "replace")
+                for event in reader.read(_as_chunk(_chunk(body))):
+                    yield event
+            else:
+                done = False
+                # Read to the end, past [DONE] (as the openai SDK does): a body read
+                # to its end leaves the connection in the pool for the next run.
+                async for data in _sse_data(response):
+                    done = done or data == "[DONE]"
+                    if not done:
+                        for event in reader.read(_chunk(data)):
+                            yield event
         except httpx.TimeoutException as exc:
             raise provider_error(ProviderFailure(*_TIMED_OUT), route) from exc
         except httpx.TransportError as exc:  # the connection broke mid-stream
@@ -244,6 +249,34 @@ def _retry_after(headers: httpx.Headers) -> float | None:
             except (TypeError, ValueError):
                 seconds = None
     return seconds if seconds is not None and 0 <= seconds <= _MAX_RETRY_AFTER else None
+
+
+def _is_json(response: httpx.Response) -> bool:
+    media_type = str(response.headers.get("content-type", "")).partition(";")[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+def _as_chunk(completion: dict[str, Any]) -> dict[str, Any]:
+    """A whole ``chat.completion`` as the one chunk that carries all of it:
+    each choice's ``message`` as its ``delta`` (tool calls numbered in order,
+    as chunks number them), with its finish_reason and the usage.
+
+    Some OpenAI-compatible servers answer ``stream: true`` with a plain JSON
+    completion. The openai SDK (and so litellm) finds no events in it and
+    reports an empty answer; the answer is there, so it is read."""
+    choices = []
+    for choice in completion.get("choices") or []:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            continue
+        calls = message.get("tool_calls")
+        delta = dict(message)
+        if isinstance(calls, list):
+            delta["tool_calls"] = [
+                {**call, "index": index} if isinstance(call, dict) else call for index, call in enumerate(calls)
+            ]
+        choices.append({**choice, "delta": delta})
+    return {"choices": choices, "usage": completion.get("usage")}
 
 
 async def _sse_data(response: httpx.Response) -> AsyncIterator[str]:

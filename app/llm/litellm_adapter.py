@@ -17,9 +17,12 @@ ever drops what the server adds: parameters the user set are always sent
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import importlib.util
 import json
 import os
+import threading
 import warnings
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
@@ -131,30 +134,40 @@ def count_text_tokens(target: str, text: str) -> int:
     return int(load().token_counter(model=target, text=text))
 
 
-def bundled_window(*names: str) -> int | None:
-    """Input tokens of the first of these model names found in the model map
-    litellm ships (a 2 MB JSON file), read without importing litellm: only
-    the named entries are decoded, so a lookup costs a few milliseconds and
-    keeps nothing. None if litellm is not installed or knows none of them.
-    Direct routes use it where the routing file sets no max_input_tokens."""
+@functools.cache
+def bundled_windows() -> concurrent.futures.Future[dict[str, int]]:
+    """Input tokens per model name in the model map litellm ships (a 2 MB
+    JSON file), read without importing litellm; empty if litellm is not
+    installed. Direct routes use it where the routing file sets no
+    max_input_tokens.
+
+    Read once per process, in a thread of its own started by the first call
+    (``LLM.from_config`` at start-up, for a routing file with direct routes):
+    parsing the file costs about 30 ms of CPU, which a run's prompt must not
+    wait for on the event loop. Only the ~3,000 numbers are kept (under 1 MiB)."""
+    future: concurrent.futures.Future[dict[str, int]] = concurrent.futures.Future()
+
+    def read() -> None:
+        try:
+            future.set_result(_read_windows())
+        except Exception as exc:  # handed to whoever waits for the windows
+            future.set_exception(exc)
+
+    threading.Thread(target=read, name="model-map", daemon=True).start()
+    return future
+
+
+def _read_windows() -> dict[str, int]:
     spec = importlib.util.find_spec("litellm")  # finds the package without importing it
     if spec is None or spec.origin is None:
-        return None
+        return {}
     try:
-        text = (Path(spec.origin).parent / _MODEL_MAP).read_text(encoding="utf-8")
-    except OSError:
-        return None
-    decoder = json.JSONDecoder()
-    for name in names:
-        key = json.dumps(name) + ":"
-        start = text.find(key)
-        if start == -1:
-            continue
-        try:
-            info, _ = decoder.raw_decode(text[start + len(key) :].lstrip())
-        except ValueError:
-            continue
+        entries = json.loads((Path(spec.origin).parent / _MODEL_MAP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    windows: dict[str, int] = {}
+    for name, info in entries.items() if isinstance(entries, dict) else ():
         value = info.get("max_input_tokens") or info.get("max_tokens") if isinstance(info, dict) else None
         if isinstance(value, int) and value > 0:
-            return value
-    return None
+            windows[name] = value
+    return windows

@@ -21,6 +21,10 @@ naming a model routed to it):
 - ``fake-flaky``: its first request answers 503 (``Retry-After-Ms: 1``), later ones as fake-no-usage.
 - ``fake-no-format``: a 400 naming ``response_format`` when the request has one
   (a provider that rejects a parameter), else as ``fake-no-usage``.
+- ``fake-json``: a plain ``chat.completion`` JSON body (200, application/json)
+  although the request asked for a stream: "Whole answer", a get_weather call,
+  finish ``tool_calls``, usage 11/7 (servers that ignore ``stream``);
+  ``fake-json-error``: an error object as that 200 JSON body.
 
 Every request body and its Authorization header are recorded in ``requests``.
 """
@@ -89,6 +93,23 @@ def _script(model: str) -> list[bytes]:
     ]
 
 
+def _completion(model: str) -> dict[str, Any]:
+    call = {
+        "id": "call_fake1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Tokyo"}'},
+    }
+    message = {"role": "assistant", "content": "Whole answer", "tool_calls": [call]}
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+        "usage": USAGE,
+    }
+
+
 @dataclass
 class FakeOpenAI:
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -135,6 +156,10 @@ class FakeOpenAI:
             return web.json_response({"error": error}, status=503, headers={"Retry-After-Ms": "1"})
         if model == "fake-502":  # a proxy in front of the model answers in plain text
             return web.Response(status=502, text="Bad gateway: upstream unavailable")
+        if model == "fake-json":
+            return web.json_response(_completion(model))
+        if model == "fake-json-error":
+            return web.json_response({"error": {"message": "The model is not loaded.", "type": "server_error"}})
         if model in ERRORS:
             status, code, message = ERRORS[model]
             error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}

@@ -27,6 +27,7 @@ from app.llm import (
     ToolCallDelta,
     Usage,
     explicit_params,
+    litellm_adapter,
 )
 from tests.runner.fake_openai import USAGE, FakeOpenAI
 
@@ -560,6 +561,32 @@ def test_context_windows(tmp_path: Path, no_network: None) -> None:
     assert strict.context_window("unrouted") == 8192
 
 
+def test_direct_routes_read_the_model_map_once_off_the_event_loop(tmp_path: Path) -> None:
+    """The 2 MB model map is parsed once per process, in a thread started by
+    from_config; a new model name's window is a dict lookup, no file read."""
+    params = {"model": "openai/*", "api_base": "http://127.0.0.1:9/v1"}
+    llm = LLM.from_config(write_config(tmp_path, {"model_list": [{"model_name": "*", "litellm_params": params}]}))
+    future = litellm_adapter.bundled_windows()
+    assert future is litellm_adapter.bundled_windows()
+    windows = future.result(timeout=30)
+    assert windows["gpt-4o"] == 128_000
+    opened: list[str] = []
+    watching = True
+
+    def audit(event: str, args: tuple[Any, ...]) -> None:
+        if watching and event == "open" and "model_prices" in str(args[0]):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(audit)  # hooks cannot be removed: this one stops watching at the end
+    try:
+        assert llm.context_window("gpt-4o-mini") == windows["gpt-4o-mini"]
+        assert llm.context_window("gpt-3.5-turbo") == windows["gpt-3.5-turbo"]
+        assert llm.context_window("my-own-finetune") == 8192
+    finally:
+        watching = False
+    assert opened == []
+
+
 # ------------------------------ direct and litellm against a loopback HTTP server
 
 
@@ -747,3 +774,24 @@ def test_openai_defaults_are_not_forced_on_a_provider() -> None:
     assert explicit_params(defaults) == []
     chosen = ChatRequest("o1", [user("hi")], tools=[WEATHER], tool_choice="none", temperature=0.2, max_tokens=9)
     assert explicit_params(chosen) == ["temperature", "max_tokens", "tool_choice"]
+
+
+async def test_a_whole_completion_answering_a_stream_request_is_read(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """A server that ignores ``stream: true`` and sends a plain chat.completion
+    (application/json): the direct path reads the answer, its tool call,
+    finish_reason and usage. (Through litellm the openai SDK finds no events in
+    such a body and the answer comes out empty.)"""
+    params = {"model": "openai/*", "api_base": fake.api_base, "max_retries": 0}
+    llm = LLM.from_config(write_config(tmp_path, {"model_list": [{"model_name": "*", "litellm_params": params}]}))
+    assert llm.route("fake-json").direct
+    try:
+        events = await collect(llm, ChatRequest("fake-json", [user("weather?")], tools=[WEATHER]))
+        assert text_of(events) == "Whole answer"
+        assert calls_of(events) == [{"id": "call_fake1", "name": "get_weather", "arguments": '{"city": "Tokyo"}'}]
+        assert finish_of(events) == Finish("tool_calls", Usage(USAGE["prompt_tokens"], USAGE["completion_tokens"]))
+        with pytest.raises(LLMError) as failure:  # an error object as that whole body is the provider's error
+            await collect(llm, ChatRequest("fake-json-error", [user("hi")]))
+        assert failure.value.code == "server_error"
+        assert failure.value.message == FAILED.format("fake-json-error") + "(HTTP 500): The model is not loaded."
+    finally:
+        await llm.aclose()
