@@ -162,6 +162,20 @@ def display_database(settings: Settings) -> str:
     return make_url(settings.resolved_database_url()).render_as_string(hide_password=True)
 
 
+def loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``worker`` runs on when uvicorn does not make it: uvloop
+    unless settings say asyncio (or ``auto`` finds no uvloop); None is asyncio's."""
+    if settings.event_loop == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if settings.event_loop == "uvloop":
+            raise
+        return None
+    return uvloop.new_event_loop
+
+
 def _exit_on_sigterm(_signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(0)
 
@@ -214,7 +228,13 @@ def serve(
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         # Idle and slow clients cannot hold the server's connections (app/api/limits.py).
-        http=limits.guarded_protocol(settings.http_max_connections, settings.http_header_timeout_seconds),
+        http=limits.guarded_protocol(
+            settings.http_max_connections,
+            settings.http_header_timeout_seconds,
+            max_header_bytes=settings.http_max_header_bytes,
+            parser=settings.http_parser,
+        ),
+        loop=settings.event_loop,
         timeout_keep_alive=settings.http_keep_alive_seconds,
         h11_max_incomplete_event_size=settings.http_max_header_bytes,
     )
@@ -261,7 +281,8 @@ def run_worker(settings: Settings) -> int:
     preflight.check_models(settings)
     preflight.prepare_database(settings)
     if settings.metrics_port is None:
-        asyncio.run(_work(settings))
+        with asyncio.Runner(loop_factory=loop_factory(settings)) as runner:
+            runner.run(_work(settings))
         return 0
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     config = uvicorn.Config(
@@ -273,6 +294,7 @@ def run_worker(settings: Settings) -> int:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        loop=settings.event_loop,
     )
     server = uvicorn.Server(config)
     log.info(

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     http_keep_alive_seconds: int = 5  # an idle connection between requests is closed after this
     http_max_connections: int = 1000  # more are closed when accepted (kept below the fd limit)
     http_max_header_bytes: int = 64 * 1024
+    # uvicorn's HTTP parser and event loop: "auto" takes httptools and uvloop
+    # (C; both core dependencies) and falls back to h11 and asyncio (issue 17).
+    http_parser: Literal["auto", "httptools", "h11"] = "auto"
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     # "text" for people, "json" (one object per line) for log collectors; see docs/operations.md.
     log_format: Literal["text", "json"] = "text"
     # `worker` only: serve /metrics, /healthz and /readyz on this port (none by default).

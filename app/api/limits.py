@@ -6,7 +6,7 @@
   Content-Length above the limit is refused before a byte of the body is
   read; a chunked body as soon as it passes the limit. So a 50 MB JSON body
   costs neither memory nor event-loop time to refuse.
-- ``guarded_protocol`` (uvicorn's HTTP protocol, subclassed): at most
+- ``guarded_protocol`` (uvicorn's HTTP protocol, httptools' or h11's, subclassed): at most
   ``max_connections`` open connections (more are closed as soon as they are
   accepted, so idle clients cannot exhaust the file descriptors), and a
   deadline for a request's headers, also for a connection that never sends
@@ -20,9 +20,13 @@ import asyncio
 import logging
 import resource
 import time
+from typing import TYPE_CHECKING, Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+if TYPE_CHECKING:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app import errors
 from app.api.handlers import error_response
@@ -141,16 +145,47 @@ def connection_cap(max_connections: int) -> int:
     return min(max_connections, max(16, soft - RESERVED_FDS))
 
 
-def guarded_protocol(max_connections: int, header_timeout_seconds: float) -> type[H11Protocol]:
+HttpParser = Literal["auto", "httptools", "h11"]
+
+
+def parser_protocol(parser: HttpParser) -> type[H11Protocol | HttpToolsProtocol]:
+    """uvicorn's protocol class for the parser: httptools (a C parser; what
+    ``auto`` picks when it is installed, as uvicorn does) or h11 (pure Python)."""
+    if parser == "h11":
+        return H11Protocol
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        if parser == "httptools":
+            raise
+        return H11Protocol
+    return HttpToolsProtocol
+
+
+def guarded_protocol(
+    max_connections: int,
+    header_timeout_seconds: float,
+    *,
+    max_header_bytes: int = 64 * 1024,
+    parser: HttpParser = "auto",
+) -> type[asyncio.Protocol]:
+    """The parser's protocol with the bounds of this module. h11 bounds a
+    request's head itself (uvicorn's h11_max_incomplete_event_size, which the
+    caller sets); httptools has no bound, so the bytes received while a
+    request's headers are incomplete are counted here, and past
+    ``max_header_bytes`` answered 400 and the connection closed, as h11 does."""
+    base = parser_protocol(parser)
+    counts_head = base is not H11Protocol
     cap = connection_cap(max_connections)
     refused = _RateLimitedLog(f"refused %d connection(s): {cap} connections are open (http_max_connections)")
     timed_out = _RateLimitedLog("closed %d connection(s) that sent no complete request headers in time")
 
-    class GuardedH11Protocol(H11Protocol):
+    class Guarded(base):  # type: ignore[valid-type,misc]
         header_timer: asyncio.TimerHandle | None = None
         waiting_after: object = None  # the cycle (request) before the headers awaited
+        head_bytes = 0  # httptools: bytes received while the current request's headers are incomplete
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:
             if len(self.connections) >= cap:
                 refused.note()
                 transport.abort()  # frees the descriptor at once; nothing is sent
@@ -175,9 +210,15 @@ def guarded_protocol(max_connections: int, header_timeout_seconds: float) -> typ
                 self.transport.close()
 
         def data_received(self, data: bytes) -> None:
+            awaiting_headers = self.cycle is self.waiting_after
             super().data_received(data)
             if self.cycle is not self.waiting_after:  # a request's headers are complete
                 self._stop_header_timer()
+                self.head_bytes = 0
+            elif awaiting_headers and counts_head:
+                self.head_bytes += len(data)
+                if self.head_bytes > max_header_bytes and not self.transport.is_closing():
+                    self.send_400_response("Request headers too large.")
 
         def on_response_complete(self) -> None:
             finished = self.cycle
@@ -192,4 +233,5 @@ def guarded_protocol(max_connections: int, header_timeout_seconds: float) -> typ
             if self.transport is not None:  # not for a connection refused by the cap
                 super().connection_lost(exc)
 
-    return GuardedH11Protocol
+    Guarded.__name__ = Guarded.__qualname__ = f"Guarded{base.__name__}"
+    return Guarded

@@ -174,11 +174,29 @@ async def _hello(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": b"hello"})
 
 
+@pytest.fixture(params=["httptools", "h11"])
+def parser(request: pytest.FixtureRequest) -> limits.HttpParser:
+    """Each connection test runs on both of uvicorn's HTTP parsers."""
+    return request.param  # type: ignore[no-any-return]
+
+
 @contextlib.asynccontextmanager
-async def _server(max_connections: int, header_timeout: float) -> AsyncIterator[int]:
-    protocol = limits.guarded_protocol(max_connections, header_timeout)
+async def _server(
+    max_connections: int, header_timeout: float, parser: limits.HttpParser, max_header_bytes: int = 64 * 1024
+) -> AsyncIterator[int]:
+    protocol = limits.guarded_protocol(
+        max_connections, header_timeout, max_header_bytes=max_header_bytes, parser=parser
+    )
     app = limits.BodyLimit(_hello, max_bytes=LIMIT, timeout_seconds=30)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, http=protocol, log_config=None, lifespan="off")
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        http=protocol,
+        log_config=None,
+        lifespan="off",
+        h11_max_incomplete_event_size=max_header_bytes,
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
@@ -214,9 +232,11 @@ async def _get(port: int) -> bytes:
         writer.close()
 
 
-async def test_idle_connections_beyond_the_cap_are_closed_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+async def test_idle_connections_beyond_the_cap_are_closed_and_logged_once(
+    caplog: pytest.LogCaptureFixture, parser: limits.HttpParser
+) -> None:
     caplog.set_level(logging.WARNING, logger="app.api")
-    async with _server(max_connections=4, header_timeout=30) as port:
+    async with _server(max_connections=4, header_timeout=30, parser=parser) as port:
         opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(12)]
         closed = [await _closed_by_server(reader, 2) for reader, _ in opened[4:]]
         assert all(closed)
@@ -235,8 +255,8 @@ async def test_idle_connections_beyond_the_cap_are_closed_and_logged_once(caplog
     assert len(refusals) == 1
 
 
-async def test_headers_that_never_complete_are_cut_off() -> None:
-    async with _server(max_connections=100, header_timeout=0.5) as port:
+async def test_headers_that_never_complete_are_cut_off(parser: limits.HttpParser) -> None:
+    async with _server(max_connections=100, header_timeout=0.5, parser=parser) as port:
         silent_reader, silent = await asyncio.open_connection("127.0.0.1", port)
         slow_reader, slow = await asyncio.open_connection("127.0.0.1", port)
         slow.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # ... and the rest never comes
@@ -249,8 +269,10 @@ async def test_headers_that_never_complete_are_cut_off() -> None:
         assert b"hello" in await _get(port)
 
 
-async def test_a_keep_alive_connection_gets_a_header_deadline_for_its_next_request() -> None:
-    async with _server(max_connections=100, header_timeout=0.5) as port:
+async def test_a_keep_alive_connection_gets_a_header_deadline_for_its_next_request(
+    parser: limits.HttpParser,
+) -> None:
+    async with _server(max_connections=100, header_timeout=0.5, parser=parser) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         async with asyncio.timeout(5):
@@ -263,8 +285,8 @@ async def test_a_keep_alive_connection_gets_a_header_deadline_for_its_next_reque
             await writer.wait_closed()
 
 
-async def test_a_declared_oversized_body_is_refused_before_it_is_sent() -> None:
-    async with _server(max_connections=100, header_timeout=5) as port:
+async def test_a_declared_oversized_body_is_refused_before_it_is_sent(parser: limits.HttpParser) -> None:
+    async with _server(max_connections=100, header_timeout=5, parser=parser) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 52428800\r\n\r\n"
@@ -275,3 +297,18 @@ async def test_a_declared_oversized_body_is_refused_before_it_is_sent() -> None:
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+async def test_a_request_head_past_the_limit_is_refused(parser: limits.HttpParser) -> None:
+    """http_max_header_bytes holds for both parsers: headers past it that have
+    not ended are answered 400 and the connection closed."""
+    async with _server(max_connections=100, header_timeout=5, parser=parser, max_header_bytes=4096) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n" + (b"X-Big: " + b"a" * 1000 + b"\r\n") * 5)
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:60]
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+        assert b"hello" in await _get(port)  # a request within the limit is served
