@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from uvicorn.config import LOG_LEVELS
 
 import app
-from app import cli_keys, preflight, sandbox_setup
+from app import cli_keys, preflight, sandbox_setup, supervisor
 from app.api import limits
 from app.main import create_app, create_worker_app
 from app.observability import logs
@@ -52,6 +52,7 @@ _SETTINGS_FLAGS = {
     "log_level": "log_level",
     "log_format": "log_format",
     "metrics_port": "metrics_port",
+    "workers": "workers",
 }
 
 
@@ -92,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="for tests: a free port, a temporary data dir, the admin API; prints the URL as one JSON line",
     )
     serve.add_argument("--ready-file", metavar="PATH", help="with --ephemeral: also write that JSON line here")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="serving processes (API and run executor each) sharing the port, to use N cores "
+        "(env ASSISTANTS_WORKERS, default 1)",
+    )
     commands.add_parser("migrate", parents=[common], help="bring the database schema up to date and exit")
     worker = commands.add_parser("worker", parents=[common], help="run the background run executor on its own")
     worker.add_argument(
@@ -163,16 +171,11 @@ def display_database(settings: Settings) -> str:
 
 
 def loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop ``worker`` runs on when uvicorn does not make it: uvloop
-    unless settings say asyncio (or ``auto`` finds no uvloop); None is asyncio's."""
-    if settings.event_loop == "asyncio":
+    """The event loop ``worker`` runs on when uvicorn does not make it (None: asyncio's)."""
+    if settings.resolved_event_loop() == "asyncio":
         return None
-    try:
-        import uvloop
-    except ImportError:
-        if settings.event_loop == "uvloop":
-            raise
-        return None
+    import uvloop
+
     return uvloop.new_event_loop
 
 
@@ -197,6 +200,8 @@ class _Server(uvicorn.Server):
 
 def serve_ephemeral(settings: Settings, args: argparse.Namespace) -> int:
     """``serve --ephemeral``: see app/testing/ephemeral.py."""
+    if settings.workers > 1:
+        raise preflight.StartupError("--ephemeral serves from one process: leave out --workers")
     with contextlib.ExitStack() as stack:
         settings, listener = ephemeral.prepare(settings, stack, explicit_data_dir=args.data_dir is not None)
         ready_file = Path(args.ready_file) if args.ready_file else None
@@ -208,16 +213,24 @@ def serve(
     *,
     listener: socket.socket | None = None,
     on_started: Callable[[], None] | None = None,
+    prepared: bool = False,
+    name: str | None = None,
 ) -> int:
+    """Serve until a signal. ``prepared``: a process of ``--workers N``, whose
+    supervisor bound the socket, checked the models and migrated the database."""
     # uvicorn takes SIGTERM over while it runs, shuts down gracefully, then
     # re-raises the signal. Handling it here turns that (and a SIGTERM during
     # start-up) into a clean exit 0 instead of death by signal (143).
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    # In this order: the port first, so a second server started by mistake on
-    # the same data touches nothing; then the models; then the database.
-    listener = listener or preflight.bind(settings.host, settings.port)
-    preflight.check_models(settings)
-    preflight.prepare_database(settings)
+    if not prepared:
+        # In this order: the port first, so a second server started by mistake on
+        # the same data touches nothing; then the models; then the database.
+        listener = listener or preflight.bind(settings.host, settings.port)
+        preflight.check_models(settings)
+        preflight.prepare_database(settings)
+        if settings.workers > 1:
+            return supervisor.Supervisor(settings, listener, settings.workers).run()
+    assert listener is not None
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
@@ -234,14 +247,14 @@ def serve(
             max_header_bytes=settings.http_max_header_bytes,
             parser=settings.http_parser,
         ),
-        loop=settings.event_loop,
+        loop=settings.resolved_event_loop(),
         timeout_keep_alive=settings.http_keep_alive_seconds,
         h11_max_incomplete_event_size=settings.http_max_header_bytes,
     )
     server = _Server(
         config,
         f"serving the Assistants API at http://{settings.host}:{settings.port}/v1 "
-        f"(database {display_database(settings)}, data {settings.data_dir.resolve()})",
+        f"(database {display_database(settings)}, data {settings.data_dir.resolve()}" + (f"; {name})" if name else ")"),
         on_started or (lambda: None),
     )
     # Ctrl-C: uvicorn shuts down gracefully, then re-raises SIGINT.
@@ -294,7 +307,7 @@ def run_worker(settings: Settings) -> int:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-        loop=settings.event_loop,
+        loop=settings.resolved_event_loop(),
     )
     server = uvicorn.Server(config)
     log.info(

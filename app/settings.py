@@ -6,6 +6,8 @@ to create_app(), and tests build their own.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -40,6 +42,9 @@ class Settings(BaseSettings):
     # LiteLLM-proxy-style routing file (model_list); unset = built-in offline model.
     llm_config: Path | None = None
     run_expires_seconds: int = 600
+    # `serve`: this many serving processes (API and executor each) on one
+    # listening socket, started and restarted by a supervisor (app/supervisor.py).
+    workers: int = Field(default=1, ge=1)
     # The worker: in-process with `serve` unless turned off (then run `worker`).
     embedded_worker: bool = True
     worker_concurrency: int = 32
@@ -86,7 +91,8 @@ class Settings(BaseSettings):
     http_max_connections: int = 1000  # more are closed when accepted (kept below the fd limit)
     http_max_header_bytes: int = 64 * 1024
     # uvicorn's HTTP parser and event loop: "auto" takes httptools and uvloop
-    # (C; both core dependencies) and falls back to h11 and asyncio (issue 17).
+    # (C; both core dependencies) and falls back to h11 and asyncio (issue 17);
+    # see resolved_event_loop for when auto keeps asyncio.
     http_parser: Literal["auto", "httptools", "h11"] = "auto"
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     # "text" for people, "json" (one object per line) for log collectors; see docs/operations.md.
@@ -137,6 +143,17 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'assistants.db').resolve()}"
+
+    def resolved_event_loop(self) -> Literal["uvloop", "asyncio"]:
+        """uvloop, unless set otherwise, not installed, or the server runs as
+        root: code_interpreter sessions then start as other users
+        (sandbox_uid_base), and uvloop's subprocesses cannot take the
+        ``user``/``group`` arguments that needs."""
+        if self.event_loop != "auto":
+            return self.event_loop
+        if os.geteuid() == 0 or importlib.util.find_spec("uvloop") is None:
+            return "asyncio"
+        return "uvloop"
 
     @property
     def files_dir(self) -> Path:

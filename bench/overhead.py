@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -175,19 +176,35 @@ async def load(port: int, pid: int, clients: int, duration: float, warmup: float
 
     tasks = [asyncio.create_task(client_loop(i)) for i in range(clients)]
     await asyncio.sleep(max(0.0, window - time.monotonic()))
-    cpu_before = base.process_cpu(pid)[1]
+    # The server and its children: the serving processes of `serve --workers N`.
+    cpu_before = base.tree_cpu(pid)
     while time.monotonic() < stop:
         result.peak_rss = max(result.peak_rss, rss_mib(pid))
         await asyncio.sleep(0.2)
-    result.cpu = base.process_cpu(pid)[1] - cpu_before
+    result.cpu = base.tree_cpu(pid) - cpu_before
     await asyncio.gather(*tasks)
     result.samples = [s for s in result.samples if window <= s.done_at <= stop]
     return result
 
 
 def rss_mib(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+    """VmRSS of the server and its children (`serve --workers N`'s processes), summed."""
+    total = 0.0
+    for process in [pid, *_children(pid)]:
+        with contextlib.suppress(OSError, StopIteration):
+            status = Path(f"/proc/{process}/status").read_text()
+            total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if base.process_cpu(int(entry.name))[0] == pid:
+                    found.append(int(entry.name))
+    return found
 
 
 @contextmanager

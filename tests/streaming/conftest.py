@@ -61,7 +61,11 @@ class LiveServer:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(create_app(self.settings), lifespan="on", log_config=None, timeout_graceful_shutdown=2)
+        # The event loop `serve` would pick (uvicorn's own "auto" takes uvloop even as root).
+        loop = self.settings.resolved_event_loop()
+        config = uvicorn.Config(
+            create_app(self.settings), lifespan="on", log_config=None, timeout_graceful_shutdown=2, loop=loop
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
         for name in ("app", "uvicorn.error", "sse_starlette"):

@@ -1,0 +1,154 @@
+"""``serve --workers N``: N serving processes, each the whole server (API and
+embedded run executor), accepting connections from one listening socket that
+this process bound (issue 17: one Python process uses one core).
+
+The supervisor (this process) binds the port, checks the routing file and
+migrates the database once, then starts the N processes (``spawn``: fresh
+interpreters, no state shared by fork) and watches them:
+
+- a process that dies is started again (its runs' leases lapse and any
+  process's reaper resumes them, as after any crash); one that dies within
+  ``QUICK_EXIT_SECONDS`` of starting, ``MAX_QUICK_EXITS`` times in a row, stops
+  the whole server with exit status 1 (a start-up failure, not a crash);
+- SIGTERM or SIGINT (Ctrl-C) is passed on to every process as SIGTERM: each
+  shuts down gracefully as a single server does (streams end, in-flight runs
+  drain or are released); stragglers are killed after ``STOP_SECONDS``.
+
+The processes share nothing but the database: runs are claimed with leases,
+each process's streams follow any run through the run event log (issue 11),
+and SQLite's writers in different processes meet its busy timeout. Each
+process sits in its own process group, so a terminal's Ctrl-C reaches them
+only through the supervisor, once, and the kernel sends it SIGTERM should the
+supervisor die.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from app.settings import Settings
+
+log = logging.getLogger("app")
+
+QUICK_EXIT_SECONDS = 10.0
+MAX_QUICK_EXITS = 3
+# How long the processes get to shut down after SIGTERM: uvicorn's graceful
+# shutdown (5 s) plus the worker's drain, with a margin.
+STOP_SECONDS = 20.0
+_PR_SET_PDEATHSIG = 1
+
+
+def serve_process(settings: Settings, listener: socket.socket, index: int, count: int) -> None:
+    """One serving process (the spawned child's entry point)."""
+    os.setpgid(0, 0)  # out of the terminal's process group: Ctrl-C reaches the supervisor only
+    with contextlib.suppress(OSError, AttributeError):  # Linux: SIGTERM when the supervisor dies
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    # Imported here: the CLI module imports this one.
+    from app import __main__ as cli
+
+    cli.configure_logging(settings)
+    status = cli.serve(
+        settings, listener=listener, prepared=True, name=f"process {index + 1}/{count}, pid {os.getpid()}"
+    )
+    raise SystemExit(status)
+
+
+@dataclass
+class _Child:
+    index: int
+    process: BaseProcess
+    started: float = field(default_factory=time.monotonic)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, listener: socket.socket, count: int) -> None:
+        self.settings, self.listener, self.count = settings, listener, count
+        self.context = multiprocessing.get_context("spawn")
+        self.children: dict[int, _Child] = {}
+        self.stopping = False
+        self.quick_exits = 0
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._wake_write.setblocking(False)
+
+    def run(self) -> int:
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for index in range(self.count):
+                self._start(index)
+            log.info("serving with %d processes (pids %s)", self.count, ", ".join(self._pids()))
+            failed = self._watch()
+        finally:
+            self._stop_all()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self._wake_read.close()
+            self._wake_write.close()
+        return 1 if failed else 0
+
+    def _pids(self) -> list[str]:
+        return [str(child.process.pid) for child in self.children.values()]
+
+    def _start(self, index: int) -> None:
+        process = self.context.Process(
+            target=serve_process,
+            args=(self.settings, self.listener, index, self.count),
+            name=f"assistants-server-{index + 1}",
+        )
+        process.start()
+        self.children[index] = _Child(index, process)
+
+    def _on_signal(self, _signum: int, _frame: FrameType | None) -> None:
+        self.stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"x")
+
+    def _watch(self) -> bool:
+        """Restart processes that die until a signal; True if they keep failing at start-up."""
+        while not self.stopping:
+            sentinels = {child.process.sentinel: child for child in self.children.values()}
+            ready = multiprocessing.connection.wait([*sentinels, self._wake_read])
+            for item in ready:
+                child = sentinels.get(item) if isinstance(item, int) else None
+                if child is None or self.stopping:
+                    continue
+                child.process.join()
+                lived = time.monotonic() - child.started
+                log.error(
+                    "serving process %d (pid %s) exited with status %s after %.1f s; starting another",
+                    child.index + 1,
+                    child.process.pid,
+                    child.process.exitcode,
+                    lived,
+                )
+                self.quick_exits = self.quick_exits + 1 if lived < QUICK_EXIT_SECONDS else 0
+                if self.quick_exits >= MAX_QUICK_EXITS:
+                    log.error("serving processes keep exiting at start-up: stopping the server")
+                    return True
+                self._start(child.index)
+        return False
+
+    def _stop_all(self) -> None:
+        alive = [child.process for child in self.children.values() if child.process.is_alive()]
+        for process in alive:
+            if process.pid:  # never 0: that would signal this whole process group
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_SECONDS
+        for process in alive:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.error("serving process pid %s did not stop in %.0f s: killed", process.pid, STOP_SECONDS)
+                process.kill()
+                process.join()

@@ -1,0 +1,148 @@
+"""``serve --workers 2`` (app/supervisor.py) with real processes: both serve
+runs and streams from the one port, a serving process killed mid-run is
+replaced while the other keeps answering and resumes its run, and SIGTERM
+stops them all."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests import test_cli
+from tests.test_cli import STOP_TIMEOUT, Server, clean_env, free_port, running_server
+
+pytestmark = pytest.mark.timeout(180)
+database_args = test_cli.database_args  # the fixture: SQLite, and a fresh embedded-PostgreSQL database
+
+DEADLINE = 60.0
+_SERVING = re.compile(r"serving the Assistants API at .*; process (\d)/2, pid (\d+)\)")
+TERMINAL = {"completed", "failed", "cancelled", "expired", "incomplete", "requires_action"}
+
+
+def _serving_pids(server: Server, count: int) -> list[int]:
+    """The pids of the serving processes announced so far, once there are ``count``."""
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        pids = [int(match.group(2)) for match in _SERVING.finditer(server.log())]
+        if len(pids) >= count:
+            return pids
+        assert server.process.poll() is None, server.log()
+        time.sleep(0.05)
+    pytest.fail(f"{count} serving processes did not start:\n{server.log()}")
+
+
+def _lease_owner(extra_args: list[str], data_dir: Path, run_id: str) -> str | None:
+    """The run's lease holder, read from the database (``host:pid:token``)."""
+    if not extra_args:
+        with sqlite3.connect(data_dir / "assistants.db") as connection:
+            row = connection.execute("SELECT lease_owner FROM runs WHERE id = ?", (run_id,)).fetchone()
+            return row[0] if row else None
+
+    import asyncpg  # type: ignore[import-untyped]  # the test's own look at the row
+
+    async def read() -> str | None:
+        connection = await asyncpg.connect(extra_args[1].replace("postgresql+asyncpg", "postgresql"))
+        try:
+            value: str | None = await connection.fetchval("SELECT lease_owner FROM runs WHERE id = $1", run_id)
+            return value
+        finally:
+            await connection.close()
+
+    return asyncio.run(read())
+
+
+def _poll(sdk: openai.OpenAI, thread_id: str, run_id: str, statuses: set[str]) -> openai.types.beta.threads.Run:
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        run = sdk.beta.threads.runs.retrieve(run_id, thread_id=thread_id)
+        if run.status in statuses:
+            return run
+        time.sleep(0.02)
+    pytest.fail(f"run {run_id} never reached {statuses}")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _streamed_answer(sdk: openai.OpenAI, assistant_id: str, text: str) -> str:
+    with sdk.beta.threads.create_and_run_stream(
+        assistant_id=assistant_id, thread={"messages": [{"role": "user", "content": text}]}
+    ) as stream:
+        stream.until_done()
+        [message] = stream.get_final_messages()
+    return message.content[0].text.value  # type: ignore[union-attr]
+
+
+def test_two_serving_processes_share_the_port_and_survive_a_killed_one(
+    tmp_path: Path, database_args: list[str]
+) -> None:
+    port = free_port()
+    data_dir = tmp_path / "data"
+    args = ["--port", str(port), "--data-dir", str(data_dir), "--workers", "2", *database_args]
+    env = clean_env(ASSISTANTS_RUN_LEASE_SECONDS="1", ASSISTANTS_WORKER_POLL_SECONDS="0.1")
+    with running_server(tmp_path, *args, port=port, env=env) as server:
+        first = _serving_pids(server, 2)
+        assert len(set(first)) == 2 and server.process.pid not in first
+        sdk = server.sdk()
+        assistant = sdk.beta.assistants.create(model="gpt-4o")
+        for number in range(6):  # new connections each: the kernel hands them to either process
+            with server.sdk() as client:
+                run = client.beta.threads.create_and_run_poll(
+                    assistant_id=assistant.id,
+                    thread={"messages": [{"role": "user", "content": f"run {number}"}]},
+                    poll_interval_ms=20,
+                )
+                assert run.status == "completed", run.last_error
+            with server.sdk() as client:
+                assert _streamed_answer(client, assistant.id, f"stream {number}") == f"You said: stream {number}"
+
+        # A long run; the process executing it is killed (SIGKILL: no shutdown code runs).
+        thread = sdk.beta.threads.create(messages=[{"role": "user", "content": "[[delay 20]] [[tokens 150]]"}])
+        slow = sdk.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant.id)
+        _poll(sdk, thread.id, slow.id, {"in_progress"})
+        owner = _lease_owner(database_args, data_dir, slow.id)
+        assert owner is not None
+        doomed = int(owner.split(":")[1])
+        assert doomed in first
+        os.kill(doomed, signal.SIGKILL)
+
+        # The other process answers at once, and its reaper resumes the run.
+        with server.sdk() as client:
+            assert _streamed_answer(client, assistant.id, "still there?") == "You said: still there?"
+            resumed = _poll(client, thread.id, slow.id, TERMINAL)
+            assert resumed.status == "completed", resumed.last_error
+            [answer] = [m for m in client.beta.threads.messages.list(thread.id).data if m.role == "assistant"]
+            assert len(answer.content[0].text.value.split()) == 150  # type: ignore[union-attr]
+
+        # The supervisor replaced the killed process.
+        replaced = _serving_pids(server, 3)
+        assert len(set(replaced)) == 3 and replaced[:2] == first
+        with server.sdk() as client:
+            assert _streamed_answer(client, assistant.id, "again") == "You said: again"
+        sdk.close()
+
+        assert server.terminate() == 0
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while not all(_gone(pid) for pid in replaced):
+            assert time.monotonic() < deadline, "serving processes outlived their supervisor"
+            time.sleep(0.05)
+        assert "Traceback" not in server.log()
+
+
+def test_ephemeral_serves_from_one_process(tmp_path: Path) -> None:
+    result = test_cli.run_cli("serve", "--ephemeral", "--workers", "2", "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 1
+    assert "--ephemeral serves from one process: leave out --workers" in result.stderr
