@@ -226,10 +226,12 @@ def serve(
         # In this order: the port first, so a second server started by mistake on
         # the same data touches nothing; then the models; then the database.
         listener = listener or preflight.bind(settings.host, settings.port)
-        preflight.check_models(settings)
-        preflight.prepare_database(settings)
         if settings.workers > 1:
+            # Checked in a process of its own, so that the supervisor never
+            # holds what they import (litellm: 150 MiB; alembic to migrate).
+            supervisor.prepare(settings)
             return supervisor.Supervisor(settings, listener, settings.workers).run()
+        preflight_checks(settings)
     assert listener is not None
     config = uvicorn.Config(
         create_app(settings),
@@ -264,6 +266,12 @@ def serve(
         log.error("the server did not start (see the errors above)")
         return 1
     return 0
+
+
+def preflight_checks(settings: Settings) -> None:
+    """The routing file and its models, then the database (reached and migrated)."""
+    preflight.check_models(settings)
+    preflight.prepare_database(settings)
 
 
 def migrate(settings: Settings) -> int:

@@ -2,8 +2,9 @@
 embedded run executor), accepting connections from one listening socket that
 this process bound (issue 17: one Python process uses one core).
 
-The supervisor (this process) binds the port, checks the routing file and
-migrates the database once, then starts the N processes (``spawn``: fresh
+The supervisor (this process) binds the port, has the routing file checked
+and the database migrated once (in a short-lived process, so that it never
+holds litellm or alembic), then starts the N processes (``spawn``: fresh
 interpreters, no state shared by fork) and watches them:
 
 - a process that dies is started again (its runs' leases lapse and any
@@ -24,6 +25,7 @@ supervisor die.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import logging
@@ -47,6 +49,21 @@ MAX_QUICK_EXITS = 3
 # shutdown (5 s) plus the worker's drain, with a margin.
 STOP_SECONDS = 20.0
 _PR_SET_PDEATHSIG = 1
+
+
+def prepare(settings: Settings) -> None:
+    """Run the start-up checks in a spawned process and wait for them; their
+    StartupError is raised here."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        pool.submit(_checks, settings).result()
+
+
+def _checks(settings: Settings) -> None:
+    from app import __main__ as cli  # the CLI module imports this one
+
+    cli.configure_logging(settings)
+    cli.preflight_checks(settings)
 
 
 def serve_process(settings: Settings, listener: socket.socket, index: int, count: int) -> None:
