@@ -2,8 +2,9 @@
 
 Keywords, both engines: BM25 from an impact-ordered postings table
 (app.retrieval.keyword_postings), written with the chunks in the same
-transaction and removed with them; the engine's own tokenizer makes the
-terms (FTS5's porter on SQLite, app.retrieval.sqlite_keywords; the
+transaction and removed with them by the database (triggers, migration
+0013); the engine's own tokenizer makes the terms (FTS5's porter on
+SQLite, app.retrieval.sqlite_keywords; the
 generated 'english' tsvector column on PostgreSQL,
 app.retrieval.postgres_keywords). Embeddings: float32 blobs on SQLite
 (app.retrieval.vectors), a pgvector column on PostgreSQL.
@@ -21,11 +22,11 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, delete, text
+from sqlalchemy import delete, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import orm
-from app.retrieval import keyword_postings, postgres_keywords, sqlite_keywords
+from app.retrieval import postgres_keywords, sqlite_keywords
 from app.retrieval.filters import Compiled
 
 MAX_QUERY_TERMS = 64
@@ -142,6 +143,9 @@ async def add_chunks(
             {"store": vector_store_id, "file": file_id, "position": position, "text": piece, "embedding": encoded}
         )
     await session.execute(statement, rows)
+    # The postings carry the file row's seq, read by the statement below: a
+    # row added to the session but not yet written must be there.
+    await session.flush()
     if postgres:
         await postgres_keywords.write_postings(session, vector_store_id, file_id)
     else:
@@ -149,19 +153,9 @@ async def add_chunks(
 
 
 async def remove_chunks(session: AsyncSession, vector_store_id: str, file_ids: Sequence[str] | None = None) -> None:
-    """Chunks of these files (all files if None) leave the store's index."""
-    # Postings first, found through their chunk index (chunk_id, term).
-    postings = (
-        f"DELETE FROM {keyword_postings.TABLE} WHERE chunk_id IN "  # noqa: S608 (constant fragments only; values are bound)
-        "(SELECT id FROM vector_store_chunks WHERE vector_store_id = :store"
-    )
-    if file_ids is None:
-        await session.execute(text(postings + ")"), {"store": vector_store_id})
-    elif file_ids:
-        await session.execute(
-            text(postings + " AND file_id IN :files)").bindparams(bindparam("files", expanding=True)),
-            {"store": vector_store_id, "files": list(file_ids)},
-        )
+    """Chunks of these files (all files if None) leave the store's index;
+    their postings go with them, by the database's own trigger (migration
+    0013), as they do when a file's row or the store is deleted."""
     statement = delete(orm.VectorStoreChunk).where(orm.VectorStoreChunk.vector_store_id == vector_store_id)
     if file_ids is not None:
         statement = statement.where(orm.VectorStoreChunk.file_id.in_(file_ids))
@@ -197,10 +191,8 @@ async def keyword_search(session: AsyncSession, scope: Scope, query: str, limit:
     words = terms(query)
     if not words or not scope.store_ids:
         return []
-    # Without a filter the postings' store key is the whole scope: no join.
-    where = scope.sql() if scope.condition is not None else None
     engine = postgres_keywords if _is_postgres(session) else sqlite_keywords
-    rows = await engine.search(session, scope.store_ids, where, scope.params(), words, limit)
+    rows = await engine.search(session, scope.store_ids, scope.condition, words, limit)
     if not rows:
         return []
     best = max(0.0, rows[0][4]) or 1.0

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.retrieval.filters import Compiled
+
 TABLE = "vector_store_keyword_postings"
 K1 = 1.2
 B = 0.75
@@ -51,6 +53,11 @@ RESCORED_PER_RESULT = 3
 MIN_RESCORED = 100
 COUNT_TTL_SECONDS = 60.0
 _CACHED_COUNTS = 100_000
+
+
+# The posting's file: its row's seq (unique per file), looked up once per
+# file written (0 for a chunk without a file row: no filter passes it).
+FILE_SEQ_SQL = "coalesce((SELECT seq FROM vector_store_files WHERE vector_store_id = :store AND file_id = :file), 0)"
 
 
 def store_key(vector_store_id: str) -> int:
@@ -134,60 +141,86 @@ async def _chunk_total(session: AsyncSession, database: str, store_ids: Sequence
     return total
 
 
-def _list_sql(position: int, store: int, where: str | None, chunk_index_hint: str) -> str:
+def _passing_sql(condition: Compiled, store: str) -> str:
+    """The seqs of the completed files of store ``store`` (a bound name)
+    whose row passes the filter: computed once per search."""
+    return (
+        f"SELECT f.seq FROM vector_store_files f WHERE f.vector_store_id = {store} "  # noqa: S608 (the condition is compiled with bound values)
+        f"AND f.status = 'completed' AND {condition.sql}"
+    )
+
+
+def _list_sql(position: int, store: int, filtered: bool) -> str:
     """The best ``:depth`` postings of term ``position`` in store ``store``
-    (numbered bind names) as weighted scores, of chunks passing ``where``
-    when one is given."""
-    select = f"SELECT p.chunk_id AS id, :weight_{position} * p.impact AS score FROM {TABLE} p "  # noqa: S608 (constant fragments only; values are bound)
+    (numbered bind names) as weighted scores; when ``filtered``, only
+    postings of the files in ``passing_{store}``, checked on the posting
+    itself (its file's seq: no lookup of its chunk)."""
     condition = f"p.term = :term_{position} AND p.store_key = :key_{store}"
-    if where is not None:
-        select += f"JOIN vector_store_chunks c{chunk_index_hint} ON c.id = p.chunk_id "
-        condition += f" AND {where}"
-    return f"{select}WHERE {condition} ORDER BY p.impact DESC LIMIT :depth"
+    if filtered:
+        condition += f" AND p.file_seq IN (SELECT seq FROM passing_{store})"  # noqa: S608 (constant fragments only)
+    return (
+        f"SELECT p.chunk_id AS id, :weight_{position} * p.impact AS score FROM {TABLE} p "  # noqa: S608 (constant fragments only; values are bound)
+        f"WHERE {condition} ORDER BY p.impact DESC LIMIT :depth"
+    )
 
 
 async def _candidates(
     session: AsyncSession,
     weights: dict[str, float],
-    keys: Sequence[int],
+    stores: Sequence[str],
     depth: int,
     count: int,
-    where: str | None,
-    params: dict[str, object],
-    chunk_index_hint: str,
+    condition: Compiled | None,
 ) -> list[int]:
     """The ``count`` chunks with the best partial scores over the top
     ``depth`` postings of each term, summed in the database (only the
     candidates' ids cross into Python)."""
     terms = list(weights)
-    bound: dict[str, object] = {**(params if where is not None else {}), "depth": depth, "count": count}
+    keys = [store_key(store_id) for store_id in stores]
+    bound: dict[str, object] = {**(condition.params if condition is not None else {}), "depth": depth, "count": count}
     if session.get_bind().dialect.name == "postgresql":
         # One statement whatever the number of words (asyncpg prepares each
-        # distinct text): a lateral top-k per (term, store).
-        bound.update({"terms": terms, "weights": [weights[term] for term in terms], "keys": list(keys)})
-        join = "" if where is None else "JOIN vector_store_chunks c ON c.id = p.chunk_id "
+        # distinct text): a lateral top-k per (term, store). A filter's
+        # passing (store, file) pairs are one hashed set, built once and
+        # probed per posting read from the lists index alone (file_seq is
+        # INCLUDEd in it).
+        bound.update(
+            {"terms": terms, "weights": [weights[term] for term in terms], "keys": keys, "stores": list(stores)}
+        )
+        prefix = check = ""
+        if condition is not None:
+            prefix = (
+                "WITH passing AS MATERIALIZED (SELECT s.key, f.seq FROM vector_store_files f "  # noqa: S608 (the condition is compiled with bound values)
+                "JOIN unnest(CAST(:stores AS text[]), CAST(:keys AS bigint[])) AS s(store, key) "
+                f"ON f.vector_store_id = s.store WHERE f.status = 'completed' AND {condition.sql}) "
+            )
+            check = " AND (p.store_key, p.file_seq) IN (SELECT key, seq FROM passing)"
         lists = (
             "SELECT l.id, l.score FROM unnest(CAST(:terms AS text[]), CAST(:weights AS float8[])) AS t(term, weight) "  # noqa: S608 (constant fragments only; values are bound)
             "CROSS JOIN unnest(CAST(:keys AS bigint[])) AS s(key) "
-            f"CROSS JOIN LATERAL (SELECT p.chunk_id AS id, t.weight * p.impact AS score FROM {TABLE} p {join}"
-            f"WHERE p.term = t.term AND p.store_key = s.key{'' if where is None else ' AND ' + where} "
-            "ORDER BY p.impact DESC LIMIT :depth) l"
+            f"CROSS JOIN LATERAL (SELECT p.chunk_id AS id, t.weight * p.impact AS score FROM {TABLE} p "
+            f"WHERE p.term = t.term AND p.store_key = s.key{check} ORDER BY p.impact DESC LIMIT :depth) l"
         )
     else:
         parts = []
+        ctes = []
+        for store, (store_id, key) in enumerate(zip(stores, keys, strict=True)):
+            bound[f"key_{store}"] = key
+            if condition is not None:
+                bound[f"store_{store}"] = store_id
+                # MATERIALIZED: computed once, however many lists read it.
+                ctes.append(f"passing_{store}(seq) AS MATERIALIZED ({_passing_sql(condition, f':store_{store}')})")
         for position, term in enumerate(terms):
             bound[f"term_{position}"] = term
             bound[f"weight_{position}"] = weights[term]
-            for store, key in enumerate(keys):
-                bound[f"key_{store}"] = key
-                sql = _list_sql(position, store, where, chunk_index_hint)
+            for store in range(len(keys)):
+                sql = _list_sql(position, store, condition is not None)
                 parts.append(f"SELECT * FROM ({sql}) AS l_{position}_{store}")  # noqa: S608 (constant fragments only)
         lists = " UNION ALL ".join(parts)
+        prefix = f"WITH {', '.join(ctes)} " if ctes else ""
     statement = text(
-        f"SELECT id FROM ({lists}) AS postings GROUP BY id ORDER BY sum(score) DESC, id LIMIT :count"  # noqa: S608 (constant fragments only; values are bound)
+        f"{prefix}SELECT id FROM ({lists}) AS postings GROUP BY id ORDER BY sum(score) DESC, id LIMIT :count"  # noqa: S608 (constant fragments only; values are bound)
     )
-    if where is not None and "stores" in params:
-        statement = statement.bindparams(bindparam("stores", expanding=True))
     return [int(chunk_id) for (chunk_id,) in (await session.execute(statement, bound)).all()]
 
 
@@ -218,13 +251,11 @@ async def top_chunks(
     terms: Sequence[str],
     limit: int,
     *,
-    where: str | None = None,
-    params: dict[str, object] | None = None,
-    chunk_index_hint: str = "",
+    condition: Compiled | None = None,
 ) -> list[tuple[int, float]]:
     """(chunk id, BM25 score) of the best ``limit`` chunks of these stores for
-    the (already tokenized) terms, best first. ``where`` restricts chunks
-    aliased ``c`` (an attribute filter; None reads the lists without a join)."""
+    the (already tokenized) terms, best first; only chunks of completed files
+    whose row (aliased ``f``) passes ``condition`` when one is given."""
     terms = list(dict.fromkeys(terms))
     stores = list(dict.fromkeys(store_ids))
     if not terms or not stores or limit <= 0:
@@ -244,7 +275,7 @@ async def top_chunks(
     weights = {term: idf(counts[term], max(total, counts[term])) / IMPACT_SCALE for term in terms}
     depth = max(DEPTH, 2 * limit)
     count = max(RESCORED_PER_RESULT * limit, MIN_RESCORED)
-    candidates = await _candidates(session, weights, keys, depth, count, where, params or {}, chunk_index_hint)
+    candidates = await _candidates(session, weights, stores, depth, count, condition)
     exact = await _exact_scores(session, weights, candidates)
     return sorted(exact.items(), key=lambda pair: (-pair[1], pair[0]))[:limit]
 

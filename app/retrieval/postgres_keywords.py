@@ -16,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.retrieval import keyword_postings
+from app.retrieval.filters import Compiled
 
 # Lexemes per chunk of the default static chunking (800 tokens, 400 overlap)
 # in its tsvector (stop words excluded): BM25's average length, fixed so that
@@ -28,8 +29,9 @@ _lexemes: dict[str, tuple[str, ...]] = {}  # query word -> its lexemes
 # A tsvector keeps at most 256 positions per lexeme: tf saturates there,
 # where BM25's tf part is flat anyway.
 _WRITE_POSTINGS = (
-    f"INSERT INTO {keyword_postings.TABLE} (term, store_key, impact, chunk_id) "  # noqa: S608 (constant fragments only; values are bound)
-    f"SELECT w.lexeme, :key, {keyword_postings.impact_sql('w.tf', 'l.dl', AVERAGE_LENGTH)}, c.id "
+    f"INSERT INTO {keyword_postings.TABLE} (term, store_key, impact, chunk_id, file_seq) "  # noqa: S608 (constant fragments only; values are bound)
+    f"SELECT w.lexeme, :key, {keyword_postings.impact_sql('w.tf', 'l.dl', AVERAGE_LENGTH)}, c.id, "
+    f"{keyword_postings.FILE_SEQ_SQL} "
     "FROM vector_store_chunks c "
     "CROSS JOIN LATERAL (SELECT lexeme, coalesce(array_length(positions, 1), 1) AS tf FROM unnest(c.tsv)) w "
     "CROSS JOIN LATERAL (SELECT sum(coalesce(array_length(positions, 1), 1)) AS dl FROM unnest(c.tsv)) l "
@@ -67,13 +69,12 @@ async def write_postings(session: AsyncSession, vector_store_id: str, file_id: s
 async def search(
     session: AsyncSession,
     store_ids: Sequence[str],
-    where: str | None,
-    params: dict[str, object],
+    condition: Compiled | None,
     words: Sequence[str],
     limit: int,
 ) -> list[tuple[int, str, str, str, float]]:
     """(chunk id, store id, file id, text, score) of the best ``limit`` chunks;
-    ``where`` (None: no filter) restricts chunks aliased ``c``."""
+    only chunks of files whose row passes ``condition`` when one is given."""
     lexemes = await _lexemes_of(session, words)
-    ranked = await keyword_postings.top_chunks(session, store_ids, lexemes, limit, where=where, params=params)
+    ranked = await keyword_postings.top_chunks(session, store_ids, lexemes, limit, condition=condition)
     return await keyword_postings.with_texts(session, store_ids, ranked)

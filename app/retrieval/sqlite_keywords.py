@@ -22,6 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.retrieval import keyword_postings
+from app.retrieval.filters import Compiled
 
 # Tokens per chunk of the default static chunking (800 tokens, 400 overlap)
 # as FTS5 counts them: BM25's average length, fixed so that a stored impact
@@ -37,11 +38,15 @@ _CHUNK_WORDS = "CREATE VIRTUAL TABLE IF NOT EXISTS temp.chunk_words USING fts5(t
 _CHUNK_WORDS_VOCAB = (
     "CREATE VIRTUAL TABLE IF NOT EXISTS temp.chunk_words_vocab USING fts5vocab(temp, chunk_words, instance)"
 )
+# Inserted in the table's key order: each page of the (term, store) lists
+# is visited once per file, not once per (chunk, term).
 _WRITE_POSTINGS = (
-    f"INSERT INTO {keyword_postings.TABLE} (term, store_key, impact, chunk_id) "  # noqa: S608 (constant fragments only; values are bound)
-    f"SELECT w.term, :key, {keyword_postings.impact_sql('w.tf', 'l.dl', AVERAGE_LENGTH)}, w.doc FROM "
+    f"INSERT INTO {keyword_postings.TABLE} (term, store_key, impact, chunk_id, file_seq) "  # noqa: S608 (constant fragments only; values are bound)
+    f"SELECT w.term, :key, {keyword_postings.impact_sql('w.tf', 'l.dl', AVERAGE_LENGTH)} AS impact, w.doc, "
+    f"{keyword_postings.FILE_SEQ_SQL} FROM "
     "(SELECT doc, term, count(*) AS tf FROM temp.chunk_words_vocab GROUP BY doc, term) w "
-    "JOIN (SELECT doc, count(*) AS dl FROM temp.chunk_words_vocab GROUP BY doc) l ON l.doc = w.doc"
+    "JOIN (SELECT doc, count(*) AS dl FROM temp.chunk_words_vocab GROUP BY doc) l ON l.doc = w.doc "
+    "ORDER BY w.term, impact DESC, w.doc"
 )
 
 
@@ -96,32 +101,23 @@ async def write_postings(session: AsyncSession, vector_store_id: str, file_id: s
         ),
         {"store": vector_store_id, "file": file_id},
     )
-    await session.execute(text(_WRITE_POSTINGS), {"key": keyword_postings.store_key(vector_store_id)})
+    await session.execute(
+        text(_WRITE_POSTINGS),
+        {"key": keyword_postings.store_key(vector_store_id), "store": vector_store_id, "file": file_id},
+    )
     await session.execute(text("DELETE FROM temp.chunk_words"))
 
 
 async def search(
     session: AsyncSession,
     store_ids: Sequence[str],
-    where: str | None,
-    params: dict[str, object],
+    condition: Compiled | None,
     words: Sequence[str],
     limit: int,
 ) -> list[tuple[int, str, str, str, float]]:
     """(chunk id, store id, file id, text, score) of the best ``limit`` chunks;
-    ``where`` (None: no filter) restricts chunks aliased ``c``."""
+    only chunks of files whose row passes ``condition`` when one is given."""
     stems = await index_terms(session, words)
     terms = [term for word in words for term in stems[word]]
-    ranked = await keyword_postings.top_chunks(
-        session,
-        store_ids,
-        terms,
-        limit,
-        where=where,
-        params=params,
-        # The store / filter check through the narrow covering index
-        # (migration 0011), which the planner would pass over for the wide
-        # table's rowid (one ~5 KB row per posting read).
-        chunk_index_hint=" INDEXED BY ix_vector_store_chunks_id_store_file",
-    )
+    ranked = await keyword_postings.top_chunks(session, store_ids, terms, limit, condition=condition)
     return await keyword_postings.with_texts(session, store_ids, ranked)

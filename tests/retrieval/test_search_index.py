@@ -275,6 +275,76 @@ async def test_removed_files_and_stores_leave_the_postings(runtime: Runtime) -> 
         assert await ranking.search(session, [store_id], ["quokka"], 10) == []
 
 
+async def test_the_database_removes_postings_with_their_chunks_files_and_stores(runtime: Runtime) -> None:
+    """Postings follow a plain DELETE of a chunk, of a file's row in the
+    store (its chunks go too) and of the store (its file rows go by their
+    foreign key): no application code needed."""
+    store_id, (first, second, third) = await _store(
+        runtime, [(["quokka habitat"], {}), (["quokka diet", "quokka sleep"], {}), (["quokka tail"], {})]
+    )
+    other_id, _ = await _store(runtime, [(["quokka elsewhere"], {})])
+
+    async def count(sql: str, **params: object) -> int:
+        async with runtime.transaction() as session:
+            return int((await session.execute(text(sql), params)).scalar_one())
+
+    def postings(store: str) -> int:
+        key = keyword_postings.store_key(store)
+        return count(f"SELECT count(*) FROM {keyword_postings.TABLE} WHERE store_key = :key", key=key)
+
+    assert await postings(store_id) == 8
+    async with runtime.transaction() as session:
+        await session.execute(
+            text("DELETE FROM vector_store_chunks WHERE file_id = :file AND position = 1"), {"file": second}
+        )
+    assert await postings(store_id) == 6
+    async with runtime.transaction() as session:
+        await session.execute(text("DELETE FROM vector_store_files WHERE file_id = :file"), {"file": first})
+    assert await postings(store_id) == 4
+    assert await count("SELECT count(*) FROM vector_store_chunks WHERE file_id = :file", file=first) == 0
+    assert await _keyword_files(runtime, store_id, "quokka") == [second, third]
+    async with runtime.transaction() as session:
+        await session.execute(text("DELETE FROM vector_stores WHERE id = :store"), {"store": store_id})
+    assert await postings(store_id) == 0 and await postings(other_id) == 2
+    assert await count("SELECT count(*) FROM vector_store_chunks WHERE vector_store_id = :s", s=store_id) == 0
+
+
+async def test_a_filter_is_checked_against_the_file_row_of_each_store(runtime: Runtime) -> None:
+    """The same file in two stores with different attributes passes a filter
+    in one store only; a file not completed never passes one."""
+    store_id, (shared, pending) = await _store(
+        runtime, [(["gecko lamps"], {"keep": True}), (["gecko food"], {"keep": True})]
+    )
+    other_id, _ = await _store(runtime, [])
+    async with runtime.transaction() as session:
+        row = await session.get(orm.VectorStoreFile, (store_id, shared))
+        assert row is not None
+        session.add(
+            orm.VectorStoreFile(
+                vector_store_id=other_id,
+                file_id=shared,
+                seq=row.seq,
+                created_at=row.created_at,
+                filename=row.filename,
+                status="completed",
+                usage_bytes=0,
+                chunking_strategy=chunking.static(),
+                attributes={"keep": False},
+            )
+        )
+        await index.add_chunks(session, other_id, shared, ["gecko lamps"], None)
+        pending_row = await session.get(orm.VectorStoreFile, (store_id, pending))
+        assert pending_row is not None
+        pending_row.status = "in_progress"
+    dialect: filters.Dialect = "postgresql" if runtime.engine.dialect.name == "postgresql" else "sqlite"
+    keep = filters.compile_filter(ComparisonFilter(type="eq", key="keep", value=True), dialect)
+    async with runtime.transaction() as session:
+        hits = await ranking.search(session, [store_id, other_id], ["gecko"], 10, condition=keep)
+        unfiltered = await ranking.search(session, [store_id, other_id], ["gecko"], 10)
+    assert [(hit.vector_store_id, hit.file_id) for hit in hits] == [(store_id, shared)]
+    assert len(unfiltered) == 3
+
+
 async def _keyword_files(runtime: Runtime, store_id: str, query: str) -> list[str]:
     async with runtime.transaction() as session:
         return [hit.file_id for hit in await index.keyword_search(session, index.Scope([store_id]), query, 10)]
