@@ -194,7 +194,12 @@ async def _candidates(
                 "JOIN unnest(CAST(:stores AS text[]), CAST(:keys AS bigint[])) AS s(store, key) "
                 f"ON f.vector_store_id = s.store WHERE f.status = 'completed' AND {condition.sql}) "
             )
-            check = " AND (p.store_key, p.file_seq) IN (SELECT key, seq FROM passing)"
+            # Wrapped in COALESCE so the planner keeps it a filter on the
+            # index scan (a hashed SubPlan, built once) rather than a semi
+            # join, which read each word's whole list before sorting it
+            # (EXPLAIN ANALYZE: 4,190 postings per word at 20k chunks
+            # against ~1,200 for the filtered top 512).
+            check = " AND COALESCE((p.store_key, p.file_seq) IN (SELECT key, seq FROM passing), FALSE)"
         lists = (
             "SELECT l.id, l.score FROM unnest(CAST(:terms AS text[]), CAST(:weights AS float8[])) AS t(term, weight) "  # noqa: S608 (constant fragments only; values are bound)
             "CROSS JOIN unnest(CAST(:keys AS bigint[])) AS s(key) "
