@@ -9,8 +9,11 @@ connection's temp schema, so a query word's stem is exactly the indexed one
 
 At ingest a file's chunks are copied into the scratch table, and fts5vocab's
 ``instance`` view of it gives each (chunk, term)'s frequency and each
-chunk's length: the postings are written by one INSERT ... SELECT, nothing
-crosses into Python. The scratch table is emptied in the same transaction.
+chunk's length (one pass: the length is a window sum of the frequencies):
+the postings are written by one INSERT ... SELECT in the table's key order,
+nothing crosses into Python. The scratch table is contentless and emptied
+with 'delete-all' in the same transaction (a plain DELETE re-tokenized
+every row: 3.7 of 66 s loading 20k chunks). Together ~15% off that load.
 """
 
 from __future__ import annotations
@@ -34,18 +37,20 @@ _SCRATCH = "CREATE VIRTUAL TABLE IF NOT EXISTS temp.query_words USING fts5(word,
 _SCRATCH_VOCAB = (
     "CREATE VIRTUAL TABLE IF NOT EXISTS temp.query_words_vocab USING fts5vocab(temp, query_words, instance)"
 )
-_CHUNK_WORDS = "CREATE VIRTUAL TABLE IF NOT EXISTS temp.chunk_words USING fts5(text, tokenize='porter unicode61')"
-_CHUNK_WORDS_VOCAB = (
-    "CREATE VIRTUAL TABLE IF NOT EXISTS temp.chunk_words_vocab USING fts5vocab(temp, chunk_words, instance)"
+_CHUNK_WORDS = (
+    "CREATE VIRTUAL TABLE IF NOT EXISTS temp.file_words USING fts5(text, content='', tokenize='porter unicode61')"
 )
-# Inserted in the table's key order: each page of the (term, store) lists
-# is visited once per file, not once per (chunk, term).
+_CHUNK_WORDS_VOCAB = (
+    "CREATE VIRTUAL TABLE IF NOT EXISTS temp.file_words_vocab USING fts5vocab(temp, file_words, instance)"
+)
+# Inserted in the table's key order (each page of the lists visited once
+# per file; no measurable gain at 20k chunks, kept as the natural order).
 _WRITE_POSTINGS = (
     f"INSERT INTO {keyword_postings.TABLE} (term, store_key, impact, chunk_id, file_seq) "  # noqa: S608 (constant fragments only; values are bound)
-    f"SELECT w.term, :key, {keyword_postings.impact_sql('w.tf', 'l.dl', AVERAGE_LENGTH)} AS impact, w.doc, "
+    f"SELECT w.term, :key, {keyword_postings.impact_sql('w.tf', 'w.dl', AVERAGE_LENGTH)} AS impact, w.doc, "
     f"{keyword_postings.FILE_SEQ_SQL} FROM "
-    "(SELECT doc, term, count(*) AS tf FROM temp.chunk_words_vocab GROUP BY doc, term) w "
-    "JOIN (SELECT doc, count(*) AS dl FROM temp.chunk_words_vocab GROUP BY doc) l ON l.doc = w.doc "
+    "(SELECT doc, term, tf, sum(tf) OVER (PARTITION BY doc) AS dl FROM "
+    "(SELECT doc, term, count(*) AS tf FROM temp.file_words_vocab GROUP BY doc, term)) w "
     "ORDER BY w.term, impact DESC, w.doc"
 )
 
@@ -93,10 +98,10 @@ async def write_postings(session: AsyncSession, vector_store_id: str, file_id: s
     """Postings of the file's chunks (just inserted: ingestion replaces a file's chunks whole)."""
     await session.execute(text(_CHUNK_WORDS))
     await session.execute(text(_CHUNK_WORDS_VOCAB))
-    await session.execute(text("DELETE FROM temp.chunk_words"))
+    await session.execute(text("INSERT INTO temp.file_words (file_words) VALUES ('delete-all')"))
     await session.execute(
         text(
-            "INSERT INTO temp.chunk_words (rowid, text) SELECT id, text FROM main.vector_store_chunks "
+            "INSERT INTO temp.file_words (rowid, text) SELECT id, text FROM main.vector_store_chunks "
             "WHERE vector_store_id = :store AND file_id = :file"
         ),
         {"store": vector_store_id, "file": file_id},
@@ -105,7 +110,7 @@ async def write_postings(session: AsyncSession, vector_store_id: str, file_id: s
         text(_WRITE_POSTINGS),
         {"key": keyword_postings.store_key(vector_store_id), "store": vector_store_id, "file": file_id},
     )
-    await session.execute(text("DELETE FROM temp.chunk_words"))
+    await session.execute(text("INSERT INTO temp.file_words (file_words) VALUES ('delete-all')"))
 
 
 async def search(
