@@ -166,13 +166,16 @@ def _scan(matrix: _Matrix, query: Any, passing: Any, limit: int) -> tuple[Any, A
 
 
 async def _allowed_files(session: AsyncSession, store_id: str, scope: Scope) -> set[str]:
-    """Files of the store whose row passes the scope's filter (one query over file rows, not chunks)."""
+    """Files of the store whose row passes the scope's filter (one query over
+    file rows, not chunks), read as one string: at 11k files a third of
+    which pass, ~1 ms less than as rows (file ids hold no comma)."""
     assert scope.condition is not None
     statement = text(
-        f"SELECT f.file_id FROM vector_store_files f WHERE f.vector_store_id = :store AND f.status = 'completed' "  # noqa: S608 (the condition is compiled with bound values)
-        f"AND {scope.condition.sql}"
+        f"SELECT group_concat(f.file_id, ',') FROM vector_store_files f "  # noqa: S608 (the condition is compiled with bound values)
+        f"WHERE f.vector_store_id = :store AND f.status = 'completed' AND {scope.condition.sql}"
     )
-    return set((await session.execute(statement, {"store": store_id, **scope.condition.params})).scalars())
+    joined = (await session.execute(statement, {"store": store_id, **scope.condition.params})).scalar_one()
+    return set(str(joined).split(",")) if joined else set()
 
 
 async def _store_matrix(session: AsyncSession, store_id: str) -> _Matrix | None:
