@@ -33,9 +33,11 @@ branch_labels = None
 depends_on = None
 
 TABLE = "vector_store_keyword_postings"
-_FILE_SEQ = (
-    "coalesce((SELECT f.seq FROM vector_store_files f "
-    "WHERE f.vector_store_id = c.vector_store_id AND f.file_id = c.file_id), 0)"
+# The posting's chunk, and its file row if any (a join: at 100k chunks the
+# table holds ~20M postings).
+_FROM = (
+    f"FROM {TABLE} p JOIN vector_store_chunks c ON c.id = p.chunk_id "
+    "LEFT JOIN vector_store_files f ON f.vector_store_id = c.vector_store_id AND f.file_id = c.file_id"
 )
 
 _SQLITE_UP = (
@@ -43,8 +45,8 @@ _SQLITE_UP = (
     "chunk_id INTEGER NOT NULL, file_seq INTEGER NOT NULL, "
     "PRIMARY KEY (term, store_key, impact DESC, chunk_id)) WITHOUT ROWID",
     f"INSERT INTO {TABLE}_new (term, store_key, impact, chunk_id, file_seq) "  # noqa: S608 (constant fragments only)
-    f"SELECT p.term, p.store_key, p.impact, p.chunk_id, {_FILE_SEQ} FROM {TABLE} p "
-    "JOIN vector_store_chunks c ON c.id = p.chunk_id ORDER BY p.term, p.store_key, p.impact DESC, p.chunk_id",
+    f"SELECT p.term, p.store_key, p.impact, p.chunk_id, coalesce(f.seq, 0) {_FROM} "
+    "ORDER BY p.term, p.store_key, p.impact DESC, p.chunk_id",
     f"DROP TABLE {TABLE}",
     f"ALTER TABLE {TABLE}_new RENAME TO {TABLE}",
     f"CREATE INDEX ix_{TABLE}_chunk ON {TABLE} (chunk_id, term)",
@@ -69,8 +71,7 @@ _POSTGRES_UP = (
     f"CREATE TABLE {TABLE}_new (term text NOT NULL, store_key bigint NOT NULL, impact smallint NOT NULL, "
     "chunk_id bigint NOT NULL, file_seq bigint NOT NULL)",
     f"INSERT INTO {TABLE}_new (term, store_key, impact, chunk_id, file_seq) "  # noqa: S608 (constant fragments only)
-    f"SELECT p.term, p.store_key, p.impact, p.chunk_id, {_FILE_SEQ} FROM {TABLE} p "
-    "JOIN vector_store_chunks c ON c.id = p.chunk_id",
+    f"SELECT p.term, p.store_key, p.impact, p.chunk_id, coalesce(f.seq, 0) {_FROM}",
     f"DROP TABLE {TABLE}",
     f"ALTER TABLE {TABLE}_new RENAME TO {TABLE}",
     f"CREATE INDEX ix_{TABLE}_lists ON {TABLE} (term, store_key, impact DESC, chunk_id) INCLUDE (file_seq)",
