@@ -316,6 +316,14 @@ def run_worker(settings: Settings) -> int:
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         loop=settings.resolved_event_loop(),
+        # The same connection bounds as the API's (httptools bounds no head itself).
+        http=limits.guarded_protocol(
+            settings.http_max_connections,
+            settings.http_header_timeout_seconds,
+            max_header_bytes=settings.http_max_header_bytes,
+            parser=settings.http_parser,
+        ),
+        h11_max_incomplete_event_size=settings.http_max_header_bytes,
     )
     server = uvicorn.Server(config)
     log.info(

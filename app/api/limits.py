@@ -172,7 +172,7 @@ def guarded_protocol(
     """The parser's protocol with the bounds of this module. h11 bounds a
     request's head itself (uvicorn's h11_max_incomplete_event_size, which the
     caller sets); httptools has no bound, so the bytes received while a
-    request's headers are incomplete are counted here, and past
+    request's head is incomplete are counted here, and past
     ``max_header_bytes`` answered 400 and the connection closed, as h11 does."""
     base = parser_protocol(parser)
     counts_head = base is not H11Protocol
@@ -183,7 +183,13 @@ def guarded_protocol(
     class Guarded(base):  # type: ignore[valid-type,misc]
         header_timer: asyncio.TimerHandle | None = None
         waiting_after: object = None  # the cycle (request) before the headers awaited
-        head_bytes = 0  # httptools: bytes received while the current request's headers are incomplete
+        # httptools: bytes of the current request's head received so far;
+        # counted only while a head is incomplete, whatever the cycle (a
+        # pipelined request's head may arrive while a response still runs,
+        # and a body left unread after an early 413 is not a head).
+        head_bytes = 0
+        in_head = True
+        heads_completed = 0
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             if len(self.connections) >= cap:
@@ -210,15 +216,29 @@ def guarded_protocol(
                 self.transport.close()
 
         def data_received(self, data: bytes) -> None:
-            awaiting_headers = self.cycle is self.waiting_after
+            was_in_head, heads_before = self.in_head, self.heads_completed
             super().data_received(data)
             if self.cycle is not self.waiting_after:  # a request's headers are complete
                 self._stop_header_timer()
-                self.head_bytes = 0
-            elif awaiting_headers and counts_head:
-                self.head_bytes += len(data)
-                if self.head_bytes > max_header_bytes and not self.transport.is_closing():
-                    self.send_400_response("Request headers too large.")
+            if counts_head and self.in_head and not self.transport.is_closing():
+                if was_in_head and self.heads_completed == heads_before:
+                    self.head_bytes += len(data)
+                    if self.head_bytes > max_header_bytes:
+                        self.send_400_response("Request headers too large.")
+                else:  # a head began within this read: what it holds is bounded by the read's size
+                    self.head_bytes = 0
+
+        # httptools' callbacks (h11 never calls them): a request's head is
+        # what arrives between the end of the previous message (or the
+        # connection's start) and the end of its headers.
+        def on_headers_complete(self) -> None:
+            self.in_head, self.head_bytes = False, 0
+            self.heads_completed += 1
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self.in_head = True
 
         def on_response_complete(self) -> None:
             finished = self.cycle

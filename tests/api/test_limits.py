@@ -15,7 +15,7 @@ import openai
 import pytest
 import uvicorn
 from fastapi import FastAPI
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api import limits
 from app.main import create_app
@@ -182,12 +182,16 @@ def parser(request: pytest.FixtureRequest) -> limits.HttpParser:
 
 @contextlib.asynccontextmanager
 async def _server(
-    max_connections: int, header_timeout: float, parser: limits.HttpParser, max_header_bytes: int = 64 * 1024
+    max_connections: int,
+    header_timeout: float,
+    parser: limits.HttpParser,
+    max_header_bytes: int = 64 * 1024,
+    inner: ASGIApp = _hello,
 ) -> AsyncIterator[int]:
     protocol = limits.guarded_protocol(
         max_connections, header_timeout, max_header_bytes=max_header_bytes, parser=parser
     )
-    app = limits.BodyLimit(_hello, max_bytes=LIMIT, timeout_seconds=30)
+    app = limits.BodyLimit(inner, max_bytes=LIMIT, timeout_seconds=30)
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
@@ -312,3 +316,53 @@ async def test_a_request_head_past_the_limit_is_refused(parser: limits.HttpParse
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
         assert b"hello" in await _get(port)  # a request within the limit is served
+
+
+@pytest.mark.parametrize("parser", ["httptools"])  # h11 stops reading until the response ends
+async def test_a_request_head_arriving_behind_a_running_response_is_bounded(parser: limits.HttpParser) -> None:
+    """httptools reads on while a response runs: the next request's head is
+    counted then too, and past the limit answered 400."""
+    released = asyncio.Event()
+
+    async def held(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+        await released.wait()  # the response runs until the test ends
+        await send({"type": "http.response.body", "body": b"hello"})
+
+    async with _server(
+        max_connections=100, header_timeout=30, parser=parser, max_header_bytes=4096, inner=held
+    ) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(5):  # well inside the 30 s header deadline
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+                writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+                writer.write((b"X-Big: " + b"a" * 1000 + b"\r\n") * 8)  # never ends
+                answer = await reader.read()
+            assert b"HTTP/1.1 400 " in answer, answer[-200:]
+        finally:
+            released.set()
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+async def test_a_body_sent_after_its_413_is_not_taken_for_a_request_head(parser: limits.HttpParser) -> None:
+    async with _server(max_connections=100, header_timeout=30, parser=parser, max_header_bytes=4096) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        size = LIMIT + 8192
+        writer.write(f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413 ")
+        # The client sends its body anyway, then another request.
+        writer.write(b"x" * size + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = b""
+        with contextlib.suppress(ConnectionError):
+            async with asyncio.timeout(5):
+                received = await reader.read()  # the rest: the 413's body, then "hello" or a close
+        assert b"HTTP/1.1 400 " not in received, received[-200:]
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
