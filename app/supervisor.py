@@ -13,7 +13,7 @@ interpreters, no state shared by fork) and watches them:
   the whole server with exit status 1 (a start-up failure, not a crash);
 - SIGTERM or SIGINT (Ctrl-C) is passed on to every process as SIGTERM: each
   shuts down gracefully as a single server does (streams end, in-flight runs
-  drain or are released); stragglers are killed after ``STOP_SECONDS``.
+  drain or are released); stragglers are killed after the graceful shutdown, the drain and ``STOP_MARGIN_SECONDS``.
 
 The processes share nothing but the database: runs are claimed with leases,
 each process's streams follow any run through the run event log (issue 11),
@@ -45,9 +45,12 @@ log = logging.getLogger("app")
 
 QUICK_EXIT_SECONDS = 10.0
 MAX_QUICK_EXITS = 3
-# How long the processes get to shut down after SIGTERM: uvicorn's graceful
-# shutdown (5 s) plus the worker's drain, with a margin.
-STOP_SECONDS = 20.0
+# How long the processes get to shut down after SIGTERM, beyond uvicorn's
+# graceful shutdown and the worker's drain (settings.worker_drain_seconds).
+STOP_MARGIN_SECONDS = 10.0
+# A process that died is replaced after this pause (a wake-up by a signal
+# ends it), so that one failing again at once does not spin the supervisor.
+RESTART_PAUSE_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -66,8 +69,19 @@ def _checks(settings: Settings) -> None:
     cli.preflight_checks(settings)
 
 
+def process_settings(settings: Settings, index: int) -> Settings:
+    """The settings of serving process ``index``: its own range of sandbox
+    uids, since a uid's process limit is what keeps one code_interpreter
+    session from starving another (app/sandbox) and each process picks uids
+    only among its own sessions."""
+    return settings.model_copy(
+        update={"sandbox_uid_base": settings.sandbox_uid_base + index * settings.sandbox_max_sessions}
+    )
+
+
 def serve_process(settings: Settings, listener: socket.socket, index: int, count: int) -> None:
     """One serving process (the spawned child's entry point)."""
+    settings = process_settings(settings, index)
     os.setpgid(0, 0)  # out of the terminal's process group: Ctrl-C reaches the supervisor only
     with contextlib.suppress(OSError, AttributeError):  # Linux: SIGTERM when the supervisor dies
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -153,8 +167,13 @@ class Supervisor:
                 if self.quick_exits >= MAX_QUICK_EXITS:
                     log.error("serving processes keep exiting at start-up: stopping the server")
                     return True
-                self._start(child.index)
+                self._restart(child.index)
         return False
+
+    def _restart(self, index: int) -> None:
+        multiprocessing.connection.wait([self._wake_read], timeout=RESTART_PAUSE_SECONDS)
+        if not self.stopping:  # a signal during the pause
+            self._start(index)
 
     def _stop_all(self) -> None:
         alive = [child.process for child in self.children.values() if child.process.is_alive()]
@@ -162,10 +181,13 @@ class Supervisor:
             if process.pid:  # never 0: that would signal this whole process group
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_SECONDS
+        from app.__main__ import GRACEFUL_SHUTDOWN_SECONDS  # the CLI module imports this one
+
+        stop_seconds = GRACEFUL_SHUTDOWN_SECONDS + self.settings.worker_drain_seconds + STOP_MARGIN_SECONDS
+        deadline = time.monotonic() + stop_seconds
         for process in alive:
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
-                log.error("serving process pid %s did not stop in %.0f s: killed", process.pid, STOP_SECONDS)
+                log.error("serving process pid %s did not stop in %.0f s: killed", process.pid, stop_seconds)
                 process.kill()
                 process.join()
