@@ -66,7 +66,6 @@ class LLM:
         llm = cls(router, rules)
         if router.has_direct() and not replaying:
             llm._direct_client()
-            litellm_adapter.bundled_windows()  # the direct routes' context windows, read in a thread
         return llm
 
     def _direct_client(self) -> direct.DirectClient:
@@ -201,9 +200,8 @@ class LLM:
         if route.offline:
             return offline.CONTEXT_WINDOW
         if route.direct:
-            # Read at start-up in a thread (from_config); waits only in a run that starts within ~30 ms of it.
-            windows = litellm_adapter.bundled_windows().result()
-            return windows.get(route.target) or windows.get(route.target.partition("/")[2]) or DEFAULT_CONTEXT_WINDOW
+            window = litellm_adapter.bundled_window(route.target, route.target.partition("/")[2])
+            return window or DEFAULT_CONTEXT_WINDOW
         return litellm_adapter.context_window(route.target) or DEFAULT_CONTEXT_WINDOW
 
     def count_tokens(

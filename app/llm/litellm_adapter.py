@@ -17,12 +17,10 @@ ever drops what the server adds: parameters the user set are always sent
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import importlib.util
 import json
 import os
-import threading
 import warnings
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
@@ -135,39 +133,47 @@ def count_text_tokens(target: str, text: str) -> int:
 
 
 @functools.cache
-def bundled_windows() -> concurrent.futures.Future[dict[str, int]]:
-    """Input tokens per model name in the model map litellm ships (a 2 MB
-    JSON file), read without importing litellm; empty if litellm is not
-    installed. Direct routes use it where the routing file sets no
-    max_input_tokens.
-
-    Read once per process, in a thread of its own started by the first call
-    (``LLM.from_config`` at start-up, for a routing file with direct routes):
-    parsing the file costs about 30 ms of CPU, which a run's prompt must not
-    wait for on the event loop. Only the ~2,900 numbers are kept (a dict of ~0.3 MiB)."""
-    future: concurrent.futures.Future[dict[str, int]] = concurrent.futures.Future()
-
-    def read() -> None:
-        try:
-            future.set_result(_read_windows())
-        except Exception as exc:  # handed to whoever waits for the windows
-            future.set_exception(exc)
-
-    threading.Thread(target=read, name="model-map", daemon=True).start()
-    return future
-
-
-def _read_windows() -> dict[str, int]:
+def _model_map_text() -> str:
+    """The model map litellm ships (a 2 MB JSON file), read once without
+    importing litellm; empty if litellm is not installed."""
     spec = importlib.util.find_spec("litellm")  # finds the package without importing it
     if spec is None or spec.origin is None:
-        return {}
+        return ""
     try:
-        entries = json.loads((Path(spec.origin).parent / _MODEL_MAP).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    windows: dict[str, int] = {}
-    for name, info in entries.items() if isinstance(entries, dict) else ():
+        return (Path(spec.origin).parent / _MODEL_MAP).read_text(encoding="utf-8")
+    except OSError:
+        return ""
+
+
+@functools.lru_cache(maxsize=1024)
+def bundled_window(*names: str) -> int | None:
+    """Input tokens of the first of these model names found in litellm's model
+    map; None if it knows none of them. Direct routes use it where the routing
+    file sets no max_input_tokens.
+
+    The file's text is kept (2 MB) and only the named entries are decoded
+    (about a millisecond per new name, then cached): parsing the whole map
+    would leave some 15 MiB more resident in every serving process (issue 17's
+    idle-memory aim)."""
+    text = _model_map_text()
+    decoder = json.JSONDecoder()
+    for name in names:
+        key = json.dumps(name) + ":"
+        start = text.find(key)
+        if start == -1:
+            continue
+        try:
+            info, _ = decoder.raw_decode(text, start + len(key) + _spaces(text, start + len(key)))
+        except ValueError:
+            continue
         value = info.get("max_input_tokens") or info.get("max_tokens") if isinstance(info, dict) else None
-        if isinstance(value, int) and value > 0:
-            windows[name] = value
-    return windows
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _spaces(text: str, at: int) -> int:
+    count = 0
+    while at + count < len(text) and text[at + count] in " \t\r\n":
+        count += 1
+    return count
