@@ -67,17 +67,24 @@ def _run(
 
 
 def _commit(connection: sqlite3.Connection, begin: str | None, earlier: list[_Statement]) -> None:
-    """On aiosqlite's thread: what the transaction still holds back, then COMMIT."""
-    if earlier:
-        cursor = connection.cursor()
-        try:
-            if begin is not None:
-                cursor.execute(begin)
-            for held in earlier:
-                _execute(cursor, held)
-        finally:
-            cursor.close()
-    connection.commit()
+    """On aiosqlite's thread: what the transaction still holds back, then
+    COMMIT; on failure rolled back here, so that SQLite's lock is gone by the
+    time the next transaction of this process is let in."""
+    try:
+        if earlier:
+            cursor = connection.cursor()
+            try:
+                if begin is not None:
+                    cursor.execute(begin)
+                for held in earlier:
+                    _execute(cursor, held)
+            finally:
+                cursor.close()
+        connection.commit()
+    except BaseException:
+        if connection.in_transaction:
+            connection.rollback()
+        raise
 
 
 # The execution option that lets a write go to SQLite with the transaction's
@@ -245,6 +252,8 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
             connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
             if connection._connection is not None:
                 await_(connection._execute(_commit, connection._conn, begin, earlier))  # type: ignore[no-untyped-call]
+            elif earlier:  # closed under us: its held-back writes are not silently lost
+                raise ValueError("no active connection")
         except Exception as error:
             self._handle_exception(error)
         finally:
