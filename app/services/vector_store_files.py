@@ -17,7 +17,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
-from app.retrieval import chunking, index, parse
+from app.retrieval import chunking, parse
 from app.services import pagination, projects
 from app.services.common import require_id
 from app.services.projects import Project
@@ -121,7 +121,10 @@ async def update_attributes(
 async def remove(session: AsyncSession, store: orm.VectorStore, file_id: str) -> Deleted:
     """The file leaves the store (and its index); the file object survives."""
     await get(session, store, file_id)
-    await index.remove_chunks(session, store.id, [file_id])
+    # The row alone: the database removes its chunks and their postings
+    # (migration 0013's triggers). Locking the file row before its chunks, as
+    # ingestion's _finish does, so that a removal during ingestion cannot
+    # deadlock with it on PostgreSQL.
     await session.execute(
         sql_delete(orm.VectorStoreFile).where(
             orm.VectorStoreFile.vector_store_id == store.id, orm.VectorStoreFile.file_id == file_id
@@ -132,11 +135,8 @@ async def remove(session: AsyncSession, store: orm.VectorStore, file_id: str) ->
 
 async def forget_file(session: AsyncSession, file_id: str) -> None:
     """A deleted file leaves every store it was in."""
-    stores = (
-        await session.scalars(select(orm.VectorStoreFile.vector_store_id).where(orm.VectorStoreFile.file_id == file_id))
-    ).all()
-    for store_id in stores:
-        await index.remove_chunks(session, store_id, [file_id])
+    # Its chunks and postings go with its rows (migration 0013's triggers),
+    # file row first as in remove().
     await session.execute(sql_delete(orm.VectorStoreFile).where(orm.VectorStoreFile.file_id == file_id))
 
 

@@ -179,9 +179,11 @@ async def update(
 
 async def delete(session: AsyncSession, project: Project, vector_store_id: str) -> Deleted:
     await get(session, project, vector_store_id)
-    await index.remove_chunks(session, vector_store_id)
+    # File rows before chunks (their triggers remove their chunks), the order
+    # ingestion's _finish locks them in; then any chunk without a file row.
     for table in (orm.VectorStoreFile, orm.VectorStoreFileBatch):
         await session.execute(sql_delete(table).where(table.vector_store_id == vector_store_id))
+    await index.remove_chunks(session, vector_store_id)
     await session.execute(sql_delete(orm.VectorStore).where(orm.VectorStore.id == vector_store_id))
     return Deleted(id=vector_store_id, object="vector_store.deleted")
 
