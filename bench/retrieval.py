@@ -380,7 +380,8 @@ async def latency_run(
                     pg_started = postgres_cpu_s(pg)
                 for question in questions:
                     started, cpu_started = time.perf_counter(), time.process_time()
-                    query_vectors = await embed.embed_queries(runtime.settings, [question])
+                    # As the endpoint does: an in-process embedder runs beside the keyword query.
+                    query_vectors = await embed.start_query_embedding(runtime.settings, [question])
                     async with runtime.transaction() as session:
                         request = SearchRequest.model_validate({**body, "query": question})
                         await vector_store_search.search(

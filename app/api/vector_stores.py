@@ -87,9 +87,12 @@ async def search_vector_store(
     vector_store_id: str, body: SearchRequest, runtime: RuntimeDep, project: ProjectDep
 ) -> Response:
     queries = vector_store_search.queries_of(body)
-    vectors = await embed.embed_queries(runtime.settings, queries)  # before the session: may be a remote call
-    async with runtime.transaction() as session:
-        return respond(await vector_store_search.search(session, project, vector_store_id, body, vectors))
+    vectors = await embed.start_query_embedding(runtime.settings, queries)
+    try:
+        async with runtime.transaction() as session:
+            return respond(await vector_store_search.search(session, project, vector_store_id, body, vectors))
+    finally:
+        vectors.cancel()  # not awaited when the store is missing or the filter invalid
 
 
 # --- files ----------------------------------------------------------------------

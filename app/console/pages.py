@@ -275,11 +275,14 @@ async def store_detail(
     if q.strip():
         from app.retrieval import embed  # the embedder follows the routing file, as the search endpoint's does
 
-        vectors = await embed.embed_queries(runtime.settings, [q])
-        async with runtime.transaction() as session:
-            results = await vector_store_search.search(
-                session, project, store_id, SearchRequest(query=q, max_num_results=10), vectors
-            )
+        vectors = await embed.start_query_embedding(runtime.settings, [q])
+        try:
+            async with runtime.transaction() as session:
+                results = await vector_store_search.search(
+                    session, project, store_id, SearchRequest(query=q, max_num_results=10), vectors
+                )
+        finally:
+            vectors.cancel()
     return _render(
         request,
         "vector_store.html",

@@ -2,12 +2,15 @@
 reciprocal rank, app/retrieval/fusion.py) when embeddings exist. Shared by POST
 /vector_stores/{id}/search and the file_search tool.
 
-The caller embeds the queries first (a model call, possibly remote) and only
-then opens the short database session this runs in.
+The caller starts embedding the queries first (app.retrieval.embed.
+start_query_embedding: a remote model is awaited before the short database
+session this runs in opens; an in-process one runs beside the first keyword
+query) and passes the future, or vectors already made.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -32,10 +35,12 @@ async def search(
     *,
     score_threshold: float = 0.0,
     condition: Compiled | None = None,
-    query_vectors: Sequence[Sequence[float]] | None = None,
+    query_vectors: Sequence[Sequence[float]] | asyncio.Future[list[list[float]] | None] | None = None,
 ) -> list[Hit]:
     """The best ``limit`` chunks over all queries, each chunk once; only
-    chunks of files whose row passes ``condition`` (a compiled filter)."""
+    chunks of files whose row passes ``condition`` (a compiled filter).
+    ``query_vectors`` (one per query) may still be computing: awaited after
+    the first keyword query."""
     from app.retrieval import vectors  # numpy, imported by the first search rather than by an idle server
 
     scope = Scope(store_ids, condition)
@@ -44,6 +49,8 @@ async def search(
     textless: set[int] = set()  # chunks only the vector side found: their text is read for the page alone
     for position, query in enumerate(queries):
         lists = [await index.keyword_search(session, scope, query, candidates)]
+        if isinstance(query_vectors, asyncio.Future):
+            query_vectors = await query_vectors
         if query_vectors is not None:
             lists.append(await vectors.nearest(session, scope, query_vectors[position], candidates, with_texts=False))
         with_text = {hit.chunk_id for hit in lists[0]}

@@ -7,6 +7,7 @@ rows of the hits are read. ``matches`` states the same semantics on one row.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,7 +90,7 @@ async def search(
     project: Project,
     vector_store_id: str,
     body: SearchRequest,
-    query_vectors: Sequence[Sequence[float]] | None,
+    query_vectors: Sequence[Sequence[float]] | asyncio.Future[list[list[float]] | None] | None,
 ) -> SearchResultsPage:
     store = await vector_stores.get_live(session, project, vector_store_id)
     dialect: Dialect = "postgresql" if session.get_bind().dialect.name == "postgresql" else "sqlite"

@@ -97,19 +97,22 @@ class FileSearch:
             raise llm.LLMError(
                 "server_error", f"Vector store {stores.expired[0]} is expired. Create a new vector store and try again."
             )
-        vectors = await embed.embed_queries(runtime.settings, queries)
-        async with runtime.transaction() as session:
-            hits = await ranking.search(
-                session,
-                stores.searched,
-                queries,
-                options["max_num_results"],
-                score_threshold=options["score_threshold"],
-                query_vectors=vectors,
-            )
-            files = await vector_store_search.files_of_hits(session, hits)
-            await _touch(session, stores.searched)
-            turn = await _turn(session, run)
+        vectors = await embed.start_query_embedding(runtime.settings, queries)
+        try:
+            async with runtime.transaction() as session:
+                hits = await ranking.search(
+                    session,
+                    stores.searched,
+                    queries,
+                    options["max_num_results"],
+                    score_threshold=options["score_threshold"],
+                    query_vectors=vectors,
+                )
+                files = await vector_store_search.files_of_hits(session, hits)
+                await _touch(session, stores.searched)
+                turn = await _turn(session, run)
+        finally:
+            vectors.cancel()
         return _result(
             call_id,
             ranking_options,
