@@ -72,14 +72,7 @@ def _commit(connection: sqlite3.Connection, begin: str | None, earlier: list[_St
     time the next transaction of this process is let in."""
     try:
         if earlier:
-            cursor = connection.cursor()
-            try:
-                if begin is not None:
-                    cursor.execute(begin)
-                for held in earlier:
-                    _execute(cursor, held)
-            finally:
-                cursor.close()
+            _begin(connection, begin, earlier)
         connection.commit()
     except BaseException:
         if connection.in_transaction:

@@ -60,3 +60,18 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         self.server.cleanup()
+
+
+def lease_owner(database_url: str, run_id: str) -> str | None:
+    """A run's lease holder (``host:pid:token``), read straight from a
+    PostgreSQL database by tests that watch which process executes it."""
+
+    async def read() -> str | None:
+        connection = await asyncpg.connect(database_url.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            value: str | None = await connection.fetchval("SELECT lease_owner FROM runs WHERE id = $1", run_id)
+            return value
+        finally:
+            await connection.close()
+
+    return asyncio.run(read())

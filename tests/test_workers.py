@@ -5,7 +5,6 @@ stops them all."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -16,8 +15,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests import test_cli
-from tests.test_cli import STOP_TIMEOUT, Server, clean_env, free_port, running_server
+from tests import pg, test_cli
+from tests.test_cli import STOP_TIMEOUT, Server, _poll_run, clean_env, free_port, running_server
 
 pytestmark = pytest.mark.timeout(180)
 database_args = test_cli.database_args  # the fixture: SQLite, and a fresh embedded-PostgreSQL database
@@ -46,27 +45,7 @@ def _lease_owner(extra_args: list[str], data_dir: Path, run_id: str) -> str | No
             row = connection.execute("SELECT lease_owner FROM runs WHERE id = ?", (run_id,)).fetchone()
             return row[0] if row else None
 
-    import asyncpg  # type: ignore[import-untyped]  # the test's own look at the row
-
-    async def read() -> str | None:
-        connection = await asyncpg.connect(extra_args[1].replace("postgresql+asyncpg", "postgresql"))
-        try:
-            value: str | None = await connection.fetchval("SELECT lease_owner FROM runs WHERE id = $1", run_id)
-            return value
-        finally:
-            await connection.close()
-
-    return asyncio.run(read())
-
-
-def _poll(sdk: openai.OpenAI, thread_id: str, run_id: str, statuses: set[str]) -> openai.types.beta.threads.Run:
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        run = sdk.beta.threads.runs.retrieve(run_id, thread_id=thread_id)
-        if run.status in statuses:
-            return run
-        time.sleep(0.02)
-    pytest.fail(f"run {run_id} never reached {statuses}")
+    return pg.lease_owner(extra_args[1], run_id)
 
 
 def _gone(pid: int) -> bool:
@@ -112,7 +91,7 @@ def test_two_serving_processes_share_the_port_and_survive_a_killed_one(
         # A long run; the process executing it is killed (SIGKILL: no shutdown code runs).
         thread = sdk.beta.threads.create(messages=[{"role": "user", "content": "[[delay 20]] [[tokens 150]]"}])
         slow = sdk.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant.id)
-        _poll(sdk, thread.id, slow.id, {"in_progress"})
+        _poll_run(sdk, thread.id, slow.id, {"in_progress"})
         owner = _lease_owner(database_args, data_dir, slow.id)
         assert owner is not None
         doomed = int(owner.split(":")[1])
@@ -122,7 +101,7 @@ def test_two_serving_processes_share_the_port_and_survive_a_killed_one(
         # The other process answers at once, and its reaper resumes the run.
         with server.sdk() as client:
             assert _streamed_answer(client, assistant.id, "still there?") == "You said: still there?"
-            resumed = _poll(client, thread.id, slow.id, TERMINAL)
+            resumed = _poll_run(client, thread.id, slow.id, TERMINAL)
             assert resumed.status == "completed", resumed.last_error
             [answer] = [m for m in client.beta.threads.messages.list(thread.id).data if m.role == "assistant"]
             assert len(answer.content[0].text.value.split()) == 150  # type: ignore[union-attr]

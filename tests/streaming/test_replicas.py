@@ -235,19 +235,7 @@ def _executing_worker(cluster: Cluster, run_id: str) -> subprocess.Popen[bytes]:
 
 
 def _lease_owner(cluster: Cluster, run_id: str) -> str | None:
-    import asyncio
-
-    import asyncpg  # type: ignore[import-untyped]  # the tests' own look at the row
-
-    async def read() -> str | None:
-        connection = await asyncpg.connect(cluster.database_url.replace("postgresql+asyncpg", "postgresql"))
-        try:
-            value: str | None = await connection.fetchval("SELECT lease_owner FROM runs WHERE id = $1", run_id)
-            return value
-        finally:
-            await connection.close()
-
-    return asyncio.run(read())
+    return pg.lease_owner(cluster.database_url, run_id)
 
 
 def test_a_worker_killed_mid_stream_the_stream_goes_on_and_a_client_comes_back(
