@@ -107,6 +107,8 @@ def check_models(settings: Settings) -> None:
             f"{settings.llm_config} routes models to providers, which needs litellm: "
             'pip install "assistants-server[litellm]"'
         ) from None
+    if not embed.names_a_model(settings.llm_config):
+        return
     try:
         embed.embedder(settings)
     except ModuleNotFoundError as exc:

@@ -122,14 +122,26 @@ def _default() -> Embedder | None:
     return static_minilm.load() if static_minilm.available() else None
 
 
+def _routing(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return data if isinstance(data, dict) else {}
+
+
+def names_a_model(path: Path | None) -> bool:
+    """Whether the routing file names an embedding model. The default needs
+    no start-up check, and resolving it would import numpy (~10 MiB of an
+    idle server) before anything is embedded."""
+    return path is not None and bool(_routing(path).get("embedding_model"))
+
+
 @cache
 def _from_config(path: Path | None) -> Embedder | None:
     from app.retrieval import minilm, static_minilm
 
     if path is None:
         return _default()
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    name = data.get("embedding_model") if isinstance(data, dict) else None
+    data = _routing(path)
+    name = data.get("embedding_model")
     if not name:
         return _default()
     local = str(name).lower().removeprefix("local/")

@@ -233,6 +233,23 @@ def test_litellm_is_imported_at_start_up_only_when_a_route_or_embeddings_need_it
         assert loads == expected, (entries, extra)
 
 
+def test_a_routing_file_naming_no_embedding_model_leaves_numpy_unloaded_at_start_up(tmp_path: Path) -> None:
+    """The default embedder needs no start-up check: resolving it would import
+    numpy (~10 MiB of an idle server) before anything is embedded."""
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"model_list": [entry("*", "openai/*", api_base="http://127.0.0.1:9/v1")]}))
+    script = (
+        "import sys; from pathlib import Path; from app import preflight; from app.settings import Settings; "
+        f"preflight.check_models(Settings(llm_config=Path({str(path)!r}), data_dir=Path({str(tmp_path / 'data')!r}))); "
+        "print('numpy' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=dict(os.environ), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
 async def test_tool_choice_without_tools_is_not_sent(fake: FakeOpenAI, tmp_path: Path, llms: list[LLM]) -> None:
     """As through litellm: providers refuse tool_choice and parallel_tool_calls
     without tools, whether the request or the route sets them."""
