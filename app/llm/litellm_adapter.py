@@ -157,7 +157,7 @@ def bundled_window(*names: str) -> int | None:
     idle-memory aim)."""
     text = _model_map_text()
     decoder = json.JSONDecoder()
-    for name in names:
+    for name in filter(None, names):  # a target without a provider prefix has no second name
         key = json.dumps(name) + ":"
         start = text.find(key)
         if start == -1:
