@@ -38,6 +38,12 @@ WORK_CHANNEL = "assistants_work"
 # next statement or COMMIT rather than alone (see sqlite_driver.WRITE_BEHIND):
 # ``statement.execution_options(**db.WRITE_BEHIND)``.
 WRITE_BEHIND = {sqlite_driver.WRITE_BEHIND: True}
+# With WRITE_BEHIND: a list that receives the rows the write returns once it
+# has run (by its transaction's COMMIT at the latest).
+RETURNED_ROWS_TO = sqlite_driver.RETURNED_ROWS_TO
+# With WRITE_BEHIND: the rows the write must change, else its transaction
+# fails (sqlite_driver.HeldBackWriteMismatch, an IntegrityError).
+EXPECT_ROWCOUNT = sqlite_driver.EXPECT_ROWCOUNT
 
 # How long a SQLite transaction waits for another writer's lock before
 # failing with "database is locked".

@@ -19,7 +19,9 @@ Sequence numbers are allocated under the run's row lock (``max(seq) + 1``),
 so appends to one run commit in order on every engine and across processes.
 On SQLite (one process, the embedded default) the deltas reach this
 process's followers the moment they are published, with the sequence number
-this process will write (every writer of the process shares the counter);
+this process will write (every writer of the process shares the counter),
+and an append numbered by that counter goes to SQLite with its
+transaction's COMMIT rather than in a hop of its own (``_predict``);
 on PostgreSQL they reach every follower once flushed, followers elsewhere
 woken by a NOTIFY on ``RUN_EVENTS_CHANNEL`` whose payload is only the run id
 (sent by one notifier task per process, after the commits, coalesced).
@@ -32,6 +34,7 @@ import logging
 from collections import OrderedDict
 from contextlib import suppress
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -52,6 +55,17 @@ _FINAL = TERMINAL_RUN_EVENTS - {"thread.run.requires_action"}
 
 
 @dataclass
+class _Prediction:
+    """An append numbered by this process's counter, its insert held back
+    to go with the transaction's COMMIT (SQLite; see RunLog._predict)."""
+
+    first: int  # the seq expected for the batch's first event
+    size: int  # events in the batch (buffered deltas included)
+    returned: list[Any]  # (run_id, seq) rows the insert wrote, once it has run
+    entries: list[Entry]  # what append() returned, corrected in place if the guess was wrong
+
+
+@dataclass
 class _Pending:
     """What one transaction logged, delivered when it commits."""
 
@@ -59,6 +73,7 @@ class _Pending:
     events: list[Event]  # for the taps and the in-process subscribers
     entries: list[Entry]  # for followers
     drained: list[tuple[int | None, Event]] = field(default_factory=list)  # buffered deltas it took
+    prediction: _Prediction | None = None
 
 
 class RunLog:
@@ -118,16 +133,65 @@ class RunLog:
             await run_events.lock(session, [run_id])
         drained = self._buffer.pop(run_id, [])
         batch = [event for _seq, event in drained] + list(events)
-        if batch:
+        predicted = self._predict(run_id, drained, events) if batch else None
+        prediction = None
+        if predicted is not None and run_events.can_insert_behind(session, len(batch)):
+            # No hop of its own: the insert goes with the COMMIT (issue 17).
+            first = predicted
+            prediction = _Prediction(first, len(batch), [], [])
+            await run_events.insert_behind(session, run_id, batch, prediction.returned)
+        elif batch:
             first = (await run_events.insert(session, {run_id: batch}))[run_id]
         else:  # an executor starting a run: where its deltas will go on
             first = (await run_events.last_seqs(session, [run_id]))[run_id] + 1
         _rows, undelivered = self._number(run_id, first, drained)
         entries = [Entry(first + len(drained) + offset, event) for offset, event in enumerate(events)]
+        if prediction is not None:
+            prediction.entries = entries
         self._remember(run_id, first + len(batch))
         pending: list[_Pending] = session.info.setdefault(_SESSION_KEY, [])
-        pending.append(_Pending(run_id, list(events), undelivered + entries, drained))
+        pending.append(_Pending(run_id, list(events), undelivered + entries, drained, prediction))
         return entries
+
+    def _predict(self, run_id: str, drained: list[tuple[int | None, Event]], events: list[Event]) -> int | None:
+        """The seq an append's batch will start at, if this process knows it
+        (SQLite): 1 for a run created in this very transaction (its creation
+        is among the events), else, where this process is the only writer
+        (``deliver_early``), its counter (the buffered deltas' numbers). None:
+        the insert tells (a hop of its own). A guess is checked once the
+        insert has run (_check); the log's numbers are the database's
+        either way."""
+        if self.postgres:
+            return None
+        if drained:
+            return drained[0][0] if self.deliver_early else None
+        if any(event.name == "thread.run.created" for event in events):
+            return 1
+        return self._next.get(run_id) if self.deliver_early else None
+
+    def _check(self, pending: _Pending) -> None:
+        """After the commit: a predicted append's numbers against those its
+        insert wrote. They differ only if another process wrote the run's
+        log meanwhile (SQLite serving processes sharing a file, which
+        streams do not support: README, deployment); the entries not yet
+        handed to followers are then renumbered as written."""
+        prediction = pending.prediction
+        if prediction is None:
+            return
+        written = [int(seq) for _run, seq in prediction.returned]
+        if not written:
+            log.warning("run %s: no sequence numbers came back from its event log insert", pending.run_id)
+            return
+        shift = min(written) - prediction.first
+        if shift == 0:
+            return
+        log.warning(
+            "run %s: its event log was written elsewhere; renumbered from %d", pending.run_id, prediction.first + shift
+        )
+        pending.entries = [Entry(entry.seq + shift, entry.event) for entry in pending.entries]
+        prediction.entries[:] = [Entry(entry.seq + shift, entry.event) for entry in prediction.entries]
+        if pending.run_id in self._next:
+            self._next[pending.run_id] += shift
 
     def _number(
         self, run_id: str, first: int, buffered: list[tuple[int | None, Event]]
@@ -158,6 +222,7 @@ class RunLog:
         """After the transaction commits: taps, subscribers and followers,
         here and (PostgreSQL) in other processes."""
         for pending in session.info.pop(_SESSION_KEY, []):
+            self._check(pending)
             if pending.events:
                 self.bus.publish(pending.run_id, pending.events)
             self.bus.deliver(pending.run_id, pending.entries)
@@ -174,6 +239,12 @@ class RunLog:
                 self._wake_flusher()
             if not self.deliver_early:
                 self._next.pop(pending.run_id, None)  # re-read from the log at the next append
+            elif pending.prediction is not None:
+                # The counter goes back to where the log still ends, unless
+                # deltas were numbered after this append meanwhile.
+                prediction = pending.prediction
+                if self._next.get(pending.run_id) == prediction.first + prediction.size:
+                    self._next[pending.run_id] = prediction.first
 
     # ------------------------------------------------------------ other processes
 

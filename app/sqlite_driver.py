@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import sqlite3
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiosqlite
 from sqlalchemy.dialects.sqlite.aiosqlite import (
@@ -32,18 +32,37 @@ from sqlalchemy.util import await_only as await_
 
 # What a statement leaves for the cursor: description, rowcount, lastrowid, rows.
 _Outcome = tuple[Any, int, int | None, list[Any]]
-# A statement sent later: operation, parameters, executemany.
-_Statement = tuple[str, Any, bool]
+
+
+class _Statement(NamedTuple):
+    """A statement for the sqlite3 thread; a held-back one (WRITE_BEHIND)
+    may say where its returned rows go and how many rows it must change."""
+
+    operation: str
+    parameters: Any
+    many: bool
+    rows_to: list[Any] | None = None
+    rowcount: int | None = None
+
+
+class HeldBackWriteMismatch(sqlite3.IntegrityError):
+    """A held-back write changed another number of rows than it was sent
+    with (EXPECT_ROWCOUNT): its transaction fails, as a compare-and-set
+    that finds nothing to change must."""
 
 
 def _execute(cursor: sqlite3.Cursor, statement: _Statement) -> None:
-    operation, parameters, many = statement
+    operation, parameters, many, rows_to, rowcount = statement
     if many:
         cursor.executemany(operation, parameters)
     elif parameters is None:
         cursor.execute(operation)
     else:
         cursor.execute(operation, parameters)
+    if rows_to is not None:
+        rows_to.extend(cursor.fetchall())
+    if rowcount is not None and cursor.rowcount != rowcount:
+        raise HeldBackWriteMismatch(f"a held-back write changed {cursor.rowcount} rows, not {rowcount}: {operation}")
 
 
 def _run(
@@ -86,6 +105,13 @@ def _commit(connection: sqlite3.Connection, begin: str | None, earlier: list[_St
 # whose failure may surface at that later statement (it still fails the
 # transaction). PostgreSQL ignores it.
 WRITE_BEHIND = "sqlite_write_behind"
+# With WRITE_BEHIND: a list that receives the rows the write returns
+# (RETURNING) once it has run, by the time its transaction commits.
+RETURNED_ROWS_TO = "sqlite_returned_rows_to"
+# With WRITE_BEHIND: the number of rows the write must change, else it fails
+# (HeldBackWriteMismatch) and its transaction with it: a compare-and-set
+# whose caller knows it cannot miss, checked all the same.
+EXPECT_ROWCOUNT = "sqlite_expect_rowcount"
 
 
 def hold_back_marked_writes(
@@ -93,18 +119,34 @@ def hold_back_marked_writes(
 ) -> None:
     """A ``before_cursor_execute`` listener: marks the cursor of a statement
     executed with WRITE_BEHIND (app/db.py registers it)."""
-    if isinstance(cursor, OneHopCursor) and context is not None and context.execution_options.get(WRITE_BEHIND):
-        cursor.write_behind = True
+    if isinstance(cursor, OneHopCursor) and context is not None:
+        options = context.execution_options
+        if options.get(WRITE_BEHIND):
+            cursor.write_behind = True
+            cursor.rows_to = options.get(RETURNED_ROWS_TO)
+            cursor.expect_rowcount = options.get(EXPECT_ROWCOUNT)
 
 
 # Statements that open a transaction, deferred to the transaction's first statement.
 _BEGINS = frozenset({"BEGIN", "BEGIN IMMEDIATE", "BEGIN DEFERRED", "BEGIN EXCLUSIVE"})
+# Savepoint statements whose outcome nobody reads: inside a transaction they
+# go with the next statement or the COMMIT (``session.begin_nested()`` around
+# one INSERT is then one hop, not three). ROLLBACK TO SAVEPOINT goes at once.
+_SAVEPOINT_STATEMENTS = ("SAVEPOINT ", "RELEASE SAVEPOINT ")
 
 
 class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
     """A buffered cursor: each execute is one hop and leaves every row here."""
 
-    __slots__ = ("_arraysize", "_outcome_description", "_outcome_lastrowid", "_outcome_rowcount", "write_behind")
+    __slots__ = (
+        "_arraysize",
+        "_outcome_description",
+        "_outcome_lastrowid",
+        "_outcome_rowcount",
+        "expect_rowcount",
+        "rows_to",
+        "write_behind",
+    )
 
     def __init__(self, adapt_connection: Any) -> None:  # no aiosqlite cursor is opened
         self._adapt_connection = adapt_connection
@@ -117,6 +159,8 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
         self._outcome_lastrowid: int | None = None
         self._arraysize = 1
         self.write_behind = False  # the next statement may wait for the next hop
+        self.rows_to: list[Any] | None = None  # with write_behind: RETURNED_ROWS_TO
+        self.expect_rowcount: int | None = None  # with write_behind: EXPECT_ROWCOUNT
 
     @property
     def description(self) -> Any:
@@ -152,18 +196,27 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
 
     async def _send(self, operation: Any, parameters: Any, *, many: bool) -> None:
         adapted: OneHopConnection = self._adapt_connection  # type: ignore[assignment]
-        if not many and parameters in (None, ()) and operation in _BEGINS and adapted.begin_deferred is None:
+        bare = not many and parameters in (None, ())
+        if bare and operation in _BEGINS and not adapted.transaction_open:
             # Sent with the transaction's first statement (one hop fewer per
             # transaction); SQLite takes the lock before that statement runs.
             adapted.begin_deferred = operation
+            adapted.transaction_open = True
             self._set_outcome(None, -1, None, [])
             return
+        statement = _Statement(operation, parameters, many)
         if self.write_behind:
             self.write_behind = False
-            if adapted.begin_deferred is not None:  # inside a transaction: only there may it wait
-                adapted.held_back.append((operation, parameters, many))
+            statement = statement._replace(rows_to=self.rows_to, rowcount=self.expect_rowcount)
+            self.rows_to = self.expect_rowcount = None
+            if adapted.transaction_open:  # inside a transaction: only there may it wait
+                adapted.held_back.append(statement)
                 self._set_outcome(None, -1, None, [])
                 return
+        elif bare and adapted.transaction_open and operation.startswith(_SAVEPOINT_STATEMENTS):
+            adapted.held_back.append(statement)
+            self._set_outcome(None, -1, None, [])
+            return
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
         async with adapted._execute_mutex:
             # A BEGIN or held-back write that fails (SQLite busy past its
@@ -172,7 +225,7 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
             begin, adapted.begin_deferred = adapted.begin_deferred, None
             earlier, adapted.held_back = adapted.held_back, []
             outcome: _Outcome = await connection._execute(  # type: ignore[no-untyped-call]
-                _run, connection._conn, begin, earlier, (operation, parameters, many)
+                _run, connection._conn, begin, earlier, statement
             )
         self._set_outcome(*outcome)
 
@@ -211,7 +264,7 @@ class ServerSideCursor(AsyncAdapt_aiosqlite_ss_cursor):
 
 
 class OneHopConnection(AsyncAdapt_aiosqlite_connection):
-    __slots__ = ("begin_deferred", "held_back", "on_transaction_end")
+    __slots__ = ("begin_deferred", "held_back", "on_transaction_end", "transaction_open")
 
     _cursor_cls = OneHopCursor
     _ss_cursor_cls = ServerSideCursor
@@ -220,6 +273,8 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         super().__init__(dbapi, connection)
         # A BEGIN not sent yet: it goes with the next statement.
         self.begin_deferred: str | None = None
+        # From the transaction's BEGIN (sent or not) to its COMMIT or ROLLBACK.
+        self.transaction_open = False
         # Writes of this transaction not sent yet (WRITE_BEHIND): they go,
         # in order, with the next statement or the COMMIT.
         self.held_back: list[_Statement] = []
@@ -239,6 +294,7 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
     def commit(self) -> None:
         begin, self.begin_deferred = self.begin_deferred, None
         earlier, self.held_back = self.held_back, []
+        self.transaction_open = False
         try:
             if begin is not None and not earlier:  # nothing ran: nothing to commit
                 return
@@ -257,6 +313,7 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         # commit; sqlite3 does nothing then, so neither does the hop.
         self.begin_deferred = None
         self.held_back = []
+        self.transaction_open = False
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
         try:
             if connection._connection is not None and connection.in_transaction:

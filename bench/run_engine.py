@@ -35,7 +35,9 @@ import runs as base
 from app import ids, orm
 from app.runner import execute
 from app.runtime import Runtime
+from app.services import runs
 from app.settings import Settings
+from app.wire.events import Event
 
 HOPS = [0]
 
@@ -76,13 +78,17 @@ async def make_runs(runtime: Runtime, count: int) -> None:
                 )
             )  # fmt: skip
             seq = ids.next_seq()
-            session.add(
-                orm.Run(
-                    id=ids.new_id(ids.RUN, seq), seq=seq, created_at=ids.seconds(seq), thread_id=thread.id,
-                    assistant_id=assistant.id, status="queued", expires_at=ids.seconds(seq) + 600, model="m",
-                    instructions="", tools=[], metadata_={}, parallel_tool_calls=True,
-                )
+            run = orm.Run(
+                id=ids.new_id(ids.RUN, seq), seq=seq, created_at=ids.seconds(seq), thread_id=thread.id,
+                assistant_id=assistant.id, status="queued", expires_at=ids.seconds(seq) + 600, model="m",
+                instructions="", tools=[], metadata_={}, parallel_tool_calls=True,
             )  # fmt: skip
+            session.add(run)
+            await session.flush()
+            # Logged as the API logs a new run, so this process knows where its log goes on.
+            wire = runs.to_wire(run)
+            created = [Event.of("thread.run.created", wire), Event.of("thread.run.queued", wire)]
+            await runtime.run_log.append(session, run.id, created)
 
 
 async def measure(url: str, data_dir: Path, runs: int, clients: list[int], rounds: int) -> None:

@@ -64,6 +64,9 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
     runtime.wake(files=False)
     if follower is None:
         return respond(runs.to_wire(run))
+    # As committed: on SQLite the run log numbers an append ahead of writing
+    # it, and corrects ``opening`` if another process had written meanwhile.
+    follower.last = opening[-1].seq
     return sse.RunStream(follower, opening, keepalive=runtime.settings.stream_keepalive_seconds)
 
 

@@ -281,9 +281,10 @@ class RunExecution:
             raise  # the claim's transaction is lost: the runs stay claimable
         except Exception:  # start() meets it again, in its own transaction, and fails the run
             return
-        events = [Event.of(await run_state.transition(session, run, "in_progress"), runs.to_wire(run))]
+        # The claim's UPDATE locked the run's row and returned its status.
+        moved = await run_state.transition(session, run, "in_progress", locked=True)
+        events = [Event.of(moved, runs.to_wire(run))]
         self.context = context
-        # The claim's UPDATE (and the transition's) locked the run's row.
         await self.runtime.run_log.append(session, run.id, events, run_locked=True)
         self._started = (run, chat)
 

@@ -21,7 +21,7 @@ from sqlalchemy import TextClause, delete, func, select, text
 from sqlalchemy import insert as sql_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import ids, orm
+from app import db, ids, orm
 from app.bus import Entry
 from app.services import run_state
 from app.wire.events import Event
@@ -128,17 +128,40 @@ def _insert_sqlite_statement(rows: int) -> TextClause:
     )
 
 
-async def _insert_sqlite(session: AsyncSession, batches: dict[str, list[Event]]) -> dict[str, int]:
+def _sqlite_params(batches: dict[str, list[Event]]) -> tuple[int, dict[str, Any]]:
+    """The rows of _insert_sqlite_statement and its parameters."""
     params: dict[str, Any] = {"now": time.time()}
     row = 0
     for run_id, events in batches.items():
         for n, event in enumerate(events, start=1):
             params |= {f"r{row}": run_id, f"n{row}": n, f"e{row}": event.name, f"d{row}": _ENCODE(_payload(event))}
             row += 1
+    return row, params
+
+
+async def _insert_sqlite(session: AsyncSession, batches: dict[str, list[Event]]) -> dict[str, int]:
+    rows, params = _sqlite_params(batches)
     firsts: dict[str, int] = {}
-    for run_id, seq in (await session.execute(_insert_sqlite_statement(row), params)).all():
+    for run_id, seq in (await session.execute(_insert_sqlite_statement(rows), params)).all():
         firsts[run_id] = min(seq, firsts.get(run_id, seq))
     return firsts
+
+
+def can_insert_behind(session: AsyncSession, events: int) -> bool:
+    """Whether insert_behind() may take ``events`` events (SQLite, one statement)."""
+    return session.bind is not None and session.bind.dialect.name == "sqlite" and events <= _SQLITE_ONE_STATEMENT_ROWS
+
+
+async def insert_behind(session: AsyncSession, run_id: str, events: list[Event], returned: list[Any]) -> None:
+    """insert() for one run on SQLite (see can_insert_behind), sent with the
+    transaction's next statement or its COMMIT rather than alone
+    (db.WRITE_BEHIND; issue 17). The same statement numbers the events after
+    the log's end, so the log is right whatever the caller expected; the
+    ``(run_id, seq)`` rows it wrote arrive in ``returned`` once it has run,
+    for the caller to check its expectation against."""
+    rows, params = _sqlite_params({run_id: events})
+    options = {**db.WRITE_BEHIND, db.RETURNED_ROWS_TO: returned}
+    await session.execute(_insert_sqlite_statement(rows), params, execution_options=options)
 
 
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode

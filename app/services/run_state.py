@@ -11,14 +11,15 @@ loses answers what it would have answered a moment later, never a 500.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import update
+from sqlalchemy import Table, Update, bindparam, inspect, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
-from app import errors, ids, orm
+from app import db, errors, ids, orm
 
 TERMINAL = frozenset({"cancelled", "failed", "completed", "incomplete", "expired"})
 LIVE = frozenset(orm.LIVE_RUN_STATUSES)
@@ -57,11 +58,41 @@ class InvalidTransition(Exception):
     pass
 
 
-async def transition(session: AsyncSession, run: orm.Run, to: str, *, refresh: bool = False, **fields: Any) -> str:
+_RUNS = cast(Table, orm.Run.__table__)
+# Each mapped attribute of a run and its column (``metadata_`` is "metadata").
+_COLUMNS = {attr.key: attr.columns[0].name for attr in inspect(orm.Run).column_attrs}
+
+
+@functools.cache
+def _update(keys: tuple[str, ...], refresh: bool) -> Update:
+    """The compare-and-set UPDATE setting the attributes ``keys``, as a Core
+    statement built once per shape (issue 17: SQLAlchemy's ORM-enabled UPDATE
+    and its RETURNING of ORM objects cost more CPU than the statement)."""
+    statement = (
+        update(_RUNS)
+        .where(_RUNS.c.id == bindparam("run_id"), _RUNS.c.status == bindparam("source"))
+        .values({_COLUMNS[key]: bindparam(f"set_{key}") for key in keys})
+    )
+    return statement.returning(*_RUNS.c) if refresh else statement
+
+
+# A compare-and-set whose caller knows it cannot miss: on SQLite it goes with
+# the transaction's next statement or COMMIT, and fails the transaction if
+# it changed no row after all.
+_CANNOT_MISS = {**db.WRITE_BEHIND, db.EXPECT_ROWCOUNT: 1}
+
+
+async def transition(
+    session: AsyncSession, run: orm.Run, to: str, *, refresh: bool = False, locked: bool = False, **fields: Any
+) -> str:
     """Move ``run`` to status ``to``; returns the event name to publish.
-    With ``refresh`` (``run`` must be in ``session``) the UPDATE also returns
-    the whole row, so ``run`` is then as the database has it: a caller that
-    did not read the run in this transaction still publishes it as it is."""
+    With ``refresh`` the UPDATE also returns the whole row, so ``run`` is
+    then as the database has it: a caller that did not read the run in this
+    transaction still publishes it as it is. ``locked``: the caller read the
+    run's status in this transaction, under the row's lock (the claim's
+    UPDATE), so the compare-and-set cannot miss; on SQLite the UPDATE is
+    then sent with the transaction's next statement (issue 17), and fails
+    the transaction if it changed no row."""
     source = run.status
     if to not in ALLOWED.get(source, frozenset()):
         raise InvalidTransition(f"{run.id}: {source} -> {to}")
@@ -79,17 +110,22 @@ async def transition(session: AsyncSession, run: orm.Run, to: str, *, refresh: b
         values["expires_at"] = None
     if to != "requires_action":
         values.setdefault("required_action", None)
-    statement = (
-        update(orm.Run)
-        .where(orm.Run.id == run.id, orm.Run.status == source)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
+    keys = tuple(values)
+    params = {"run_id": run.id, "source": source, **{f"set_{key}": value for key, value in values.items()}}
+    if session.new or session.dirty or session.deleted:
+        await session.flush()  # what an ORM-enabled UPDATE would have flushed first
     if refresh:
-        returned = await session.scalars(statement.returning(orm.Run), execution_options={"populate_existing": True})
-        moved = len(returned.all())
+        row = (await session.execute(_update(keys, True), params)).first()
+        moved = 0 if row is None else 1
+        if row is not None:
+            for key, column in _COLUMNS.items():
+                set_committed_value(run, key, row._mapping[column])
+    elif locked:
+        result = await session.execute(_update(keys, False), params, execution_options=_CANNOT_MISS)
+        rowcount: int = result.rowcount  # type: ignore[attr-defined]
+        moved = 1 if rowcount < 0 else rowcount  # held back (SQLite): the driver checks the count
     else:
-        moved = (await session.execute(statement)).rowcount  # type: ignore[attr-defined]
+        moved = (await session.execute(_update(keys, False), params)).rowcount  # type: ignore[attr-defined]
     if moved != 1:
         # On PostgreSQL the winner has committed (the UPDATE waited for its
         # row lock), so this read sees the status it left.

@@ -145,7 +145,8 @@ async def create(
         raise errors.thread_has_active_run(thread_id, active.id)
     # additional_messages come before the run (the executor reads messages older than the run).
     for message in body.additional_messages or []:
-        await core_rows.insert_row(session, await messages.build(session, project, thread_id, message))
+        message_row = await messages.build(session, project, thread_id, message)
+        await core_rows.insert_row(session, message_row, write_behind=True)  # sent with the next statement
     run = await _new_run(
         session, project, thread_id, body, expires_in=expires_in, additional_instructions=body.additional_instructions
     )
@@ -180,7 +181,8 @@ async def create_thread_and_run(
     run.tool_resources = (
         await tool_resources.to_stored(session, project, body.tool_resources) if body.tool_resources else None
     )
-    await core_rows.insert_row(session, run)
+    # A new thread has no live run to conflict with: the insert goes with the COMMIT (SQLite).
+    await core_rows.insert_row(session, run, write_behind=True)
     events = [Event.of("thread.created", threads.to_wire(thread)), *_queued_events(run)]
     return thread, run, events
 

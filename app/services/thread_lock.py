@@ -28,7 +28,9 @@ async def active_run(session: AsyncSession, thread_id: str) -> orm.Run | None:
     but not the foreign-key checks (FOR KEY SHARE) of rows the worker inserts
     into the thread meanwhile, so a run's own progress never waits on it.
     """
-    await session.execute(select(orm.Thread.id).where(orm.Thread.id == thread_id).with_for_update(key_share=True))
+    if session.bind is None or session.bind.dialect.name != "sqlite":
+        # (SQLite has no row locks, nor needs them: the transaction holds the write lock.)
+        await session.execute(select(orm.Thread.id).where(orm.Thread.id == thread_id).with_for_update(key_share=True))
     query = (
         select(orm.Run)
         .where(orm.Run.thread_id == thread_id, orm.Run.status.in_(LIVE_RUN_STATUSES))

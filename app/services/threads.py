@@ -26,9 +26,11 @@ async def create(session: AsyncSession, project: Project, body: ThreadCreate) ->
         tool_resources=await tool_resources.to_stored(session, project, body.tool_resources, for_thread=True),
         metadata_=metadata_or_empty(body.metadata),
     )
-    await core_rows.insert_row(session, row)  # before the messages, which reference it
+    # Before the messages, which reference it. Held back (SQLite): sent with
+    # the transaction's next statement, a thread hop fewer each (issue 17).
+    await core_rows.insert_row(session, row, write_behind=True)
     for message in body.messages or []:
-        await core_rows.insert_row(session, await messages.build(session, project, row.id, message))
+        await core_rows.insert_row(session, await messages.build(session, project, row.id, message), write_behind=True)
     if any(messages.searches_files(message) for message in body.messages or []):
         # The messages' file_search attachments gave the thread a store: the
         # session's own (changed) instance of the thread is the one to answer.

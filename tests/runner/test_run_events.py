@@ -4,7 +4,7 @@ the retention, and closing what a dead worker's stream left open."""
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 
 from app import orm
 from app.runtime import Runtime
@@ -89,3 +89,36 @@ def _text(index: int, value: str, annotations: list[object] | None = None) -> di
     if annotations is not None:
         text["annotations"] = annotations
     return {"index": index, "type": "text", "text": text}
+
+
+async def test_an_append_numbered_ahead_is_checked_against_what_the_log_wrote(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On SQLite this process numbers an append by its own counter and sends
+    the insert with the COMMIT (issue 17); the log numbers the rows itself.
+    When another process wrote the run's log meanwhile (a row put here
+    directly), the entries returned and handed to followers are the log's."""
+    (run_id,) = await _make_runs(runtime, 1)
+    created = [Event("thread.run.created", {"id": run_id}), Event("thread.run.queued", {"id": run_id})]
+    async with runtime.transaction() as session:
+        opening = await runtime.run_log.append(session, run_id, created)
+    assert [entry.seq for entry in opening] == [1, 2]
+    async with runtime.transaction() as session:  # another process's append
+        await session.execute(
+            insert(orm.RunEvent).values(run_id=run_id, seq=3, event="thread.run.cancelling", data={}, created_at=0.0)
+        )
+    async with runtime.bus.follow(run_id) as delivered:
+        async with runtime.transaction() as session:
+            entries = await runtime.run_log.append(session, run_id, [Event("thread.run.cancelled", {"id": run_id})])
+        assert [entry.seq for entry in entries] == [4]
+        assert [entry.seq for entry in delivered.get_nowait() or []] == [4]
+    # SQLite guessed 3 (PostgreSQL numbers in the statement and never guesses).
+    assert ("written elsewhere" in caplog.text) is not runtime.run_log.postgres
+    async with runtime.transaction() as session:
+        logged = await run_events.read(session, run_id, 0)
+    assert [(entry.seq, entry.event.name) for entry in logged] == [
+        (1, "thread.run.created"),
+        (2, "thread.run.queued"),
+        (3, "thread.run.cancelling"),
+        (4, "thread.run.cancelled"),
+    ]

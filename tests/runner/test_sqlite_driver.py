@@ -9,6 +9,7 @@ import sqlite3
 import time
 from typing import Any
 
+import aiosqlite
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
@@ -121,4 +122,59 @@ async def test_held_back_writes_run_in_order_before_what_follows_them(runtime: R
             await session.execute(text("SELECT 1"))
     async with runtime.transaction() as session:
         assert (await session.execute(text("SELECT group_concat(n) FROM t"))).scalar() == "1,2,3"
+        await session.execute(text("DROP TABLE t"))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_held_back_write_hands_back_its_rows_and_can_insist_on_its_rowcount(runtime: Runtime) -> None:
+    """RETURNED_ROWS_TO: the rows of a held-back INSERT … RETURNING arrive by
+    the COMMIT. EXPECT_ROWCOUNT: a held-back compare-and-set that changes
+    another number of rows fails its transaction."""
+    async with runtime.transaction() as session:
+        await session.execute(text("CREATE TABLE t (n INTEGER PRIMARY KEY, s TEXT)"))
+    returned: list[Any] = []
+    insert = text("INSERT INTO t (n, s) VALUES (:n, 'a') RETURNING n")
+    async with runtime.transaction() as session:
+        await session.execute(insert, {"n": 1}, execution_options={**db.WRITE_BEHIND, db.RETURNED_ROWS_TO: returned})
+        assert returned == []  # not sent yet
+    assert [tuple(row) for row in returned] == [(1,)]
+    cas = text("UPDATE t SET s = 'b' WHERE n = :n AND s = 'a'")
+    one_row = {**db.WRITE_BEHIND, db.EXPECT_ROWCOUNT: 1}
+    async with runtime.transaction() as session:
+        await session.execute(cas, {"n": 1}, execution_options=one_row)
+    with pytest.raises(IntegrityError, match="changed 0 rows, not 1"):
+        async with runtime.transaction() as session:
+            await session.execute(cas, {"n": 1}, execution_options=one_row)  # s is 'b' now
+            await session.execute(text("INSERT INTO t (n, s) VALUES (2, 'a')"))  # rolled back with it
+    async with runtime.transaction() as session:
+        assert (await session.execute(text("SELECT group_concat(n || s) FROM t"))).scalar() == "1b"
+        await session.execute(text("DROP TABLE t"))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_savepoint_goes_with_the_statement_it_guards(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SAVEPOINT and RELEASE wait for the next statement: a nested
+    transaction around one INSERT costs no hop of its own, and one whose
+    INSERT fails still rolls back to its savepoint alone."""
+    async with runtime.transaction() as session:
+        await session.execute(text("CREATE TABLE t (n INTEGER PRIMARY KEY)"))
+    hops: list[str] = []
+    original = aiosqlite.Connection._execute
+
+    async def counted(self: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(fn.__name__)
+        return await original(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+    insert = text("INSERT INTO t (n) VALUES (:n)")
+    async with runtime.transaction() as session, session.begin_nested():
+        await session.execute(insert, {"n": 1})
+    assert hops == ["_run", "_commit"]  # BEGIN, SAVEPOINT and INSERT; RELEASE and COMMIT
+    async with runtime.transaction() as session:
+        with pytest.raises(IntegrityError):
+            async with session.begin_nested():
+                await session.execute(insert, {"n": 1})
+        await session.execute(insert, {"n": 2})
+    async with runtime.transaction() as session:
+        assert (await session.execute(text("SELECT group_concat(n) FROM t"))).scalar() == "1,2"
         await session.execute(text("DROP TABLE t"))
