@@ -79,9 +79,8 @@ def frame(event: Event, seq: int | None = None) -> bytes:
     """One SSE frame: an ``id:`` line for a logged event, an ``event:`` line,
     one ``data:`` line of one-line JSON (JSON escapes every newline inside
     strings), a blank line."""
-    data = event.data if isinstance(event.data, str) else _ENCODE(event.data)
     head = f"id: {seq}\n" if seq is not None else ""
-    return f"{head}event: {event.name}\ndata: {data}\n\n".encode()
+    return f"{head}event: {event.name}\ndata: {event.json}\n\n".encode()
 
 
 def stops_stream(event: Event) -> bool:

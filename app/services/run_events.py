@@ -134,7 +134,8 @@ def _sqlite_params(batches: dict[str, list[Event]]) -> tuple[int, dict[str, Any]
     row = 0
     for run_id, events in batches.items():
         for n, event in enumerate(events, start=1):
-            params |= {f"r{row}": run_id, f"n{row}": n, f"e{row}": event.name, f"d{row}": _ENCODE(_payload(event))}
+            _payload(event)  # an object, never "[DONE]"
+            params |= {f"r{row}": run_id, f"n{row}": n, f"e{row}": event.name, f"d{row}": event.json}
             row += 1
     return row, params
 

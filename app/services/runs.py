@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, inspect, select
+from sqlalchemy import Row, bindparam, inspect, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -102,17 +102,20 @@ class _AssistantDefaults:
     reasoning_effort: str | None
 
 
+# The table's columns, not the mapped attributes: a Core statement skips the
+# ORM's compile and result set-up (issue 17).
+_ASSISTANTS = orm.Assistant.__table__.c
 _ASSISTANT_DEFAULTS = select(
-    orm.Assistant.project_id,
-    orm.Assistant.id,
-    orm.Assistant.model,
-    orm.Assistant.instructions,
-    orm.Assistant.tools,
-    orm.Assistant.temperature,
-    orm.Assistant.top_p,
-    orm.Assistant.response_format,
-    orm.Assistant.reasoning_effort,
-)
+    _ASSISTANTS.project_id,
+    _ASSISTANTS.id,
+    _ASSISTANTS.model,
+    _ASSISTANTS.instructions,
+    _ASSISTANTS.tools,
+    _ASSISTANTS.temperature,
+    _ASSISTANTS.top_p,
+    _ASSISTANTS.response_format,
+    _ASSISTANTS.reasoning_effort,
+).where(_ASSISTANTS.id == bindparam("assistant_id"))
 
 
 async def _run_defaults(session: AsyncSession, project: Project, assistant_id: str) -> _AssistantDefaults:
@@ -120,7 +123,7 @@ async def _run_defaults(session: AsyncSession, project: Project, assistant_id: s
     instance, no identity map: issue 17); missing for another project's
     assistant as for none at all, as assistants.get answers."""
     require_id("assistant_id", assistant_id, ids.ASSISTANT)
-    row = (await session.execute(_ASSISTANT_DEFAULTS.where(orm.Assistant.id == assistant_id))).first()
+    row = (await session.execute(_ASSISTANT_DEFAULTS, {"assistant_id": assistant_id})).first()
     if row is None or row[0] != project.id:
         raise errors.not_found("assistant", assistant_id)
     return _AssistantDefaults(*row[1:])

@@ -3,22 +3,32 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from pydantic import BaseModel
 
 DONE = "done"
 
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
 
 @dataclass(frozen=True)
 class Event:
     name: str  # e.g. "thread.run.created", "thread.message.delta", "done"
-    data: dict[str, Any] | str  # a wire object as JSON-ready dict; "[DONE]" for done
+    data: dict[str, Any] | str  # a wire object as JSON-ready dict (never changed once made); "[DONE]" for done
 
     @classmethod
     def of(cls, name: str, model: BaseModel) -> Event:
         return cls(name, model.model_dump(mode="json"))
+
+    @cached_property
+    def json(self) -> str:
+        """``data`` as one-line JSON (``[DONE]`` as it is), encoded once for
+        both the run's event log and its SSE frame (issue 17)."""
+        return self.data if isinstance(self.data, str) else _ENCODE(self.data)
 
 
 # A run stops here for its stream: a final state, or requires_action.
