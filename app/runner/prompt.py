@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import mimetypes
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -58,7 +58,14 @@ def _image_data_url(storage: Storage, file: orm.File | None, file_id: str) -> st
     return f"data:{mime};base64,{base64.b64encode(storage.path(file_id).read_bytes()).decode()}"
 
 
-async def _message_content(session: AsyncSession, storage: Storage, message: orm.Message) -> Any:
+class _Content(Protocol):
+    """A message as a prompt reads it: an orm.Message, or a row of its columns."""
+
+    @property
+    def content(self) -> list[dict[str, Any]]: ...
+
+
+async def _message_content(session: AsyncSession, storage: Storage, message: _Content) -> Any:
     parts: list[dict[str, Any]] = []
     for part in message.content:
         if part["type"] == "text":

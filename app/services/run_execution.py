@@ -10,9 +10,11 @@ Nothing here changes a run's status: that is run_state.transition()'s job.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import ColumnElement, Update, and_, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Row, Update, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import ids, orm
@@ -175,16 +177,24 @@ async def resume_point(session: AsyncSession, run: orm.Run) -> Usage:
     return Usage(prompt_tokens, completion_tokens)
 
 
-async def earlier_messages(session: AsyncSession, run: orm.Run) -> list[orm.Message]:
-    """The thread's messages from before ``run``, oldest first (its prompt's history)."""
-    query = (
-        select(orm.Message)
-        .where(orm.Message.thread_id == run.thread_id, orm.Message.seq < run.seq)
-        .where(or_(orm.Message.run_id.is_(None), orm.Message.run_id != run.id))
-        .order_by(orm.Message.seq)
-    )
+_MESSAGES = orm.Message.__table__.c
+# What a prompt takes from each earlier message, as a prebuilt Core SELECT:
+# no ORM object per message of the thread's history on every model call
+# (issue 17).
+_EARLIER_MESSAGES = (
+    select(_MESSAGES.role, _MESSAGES.content)
+    .where(_MESSAGES.thread_id == bindparam("thread_id"), _MESSAGES.seq < bindparam("run_seq"))
+    .where(or_(_MESSAGES.run_id.is_(None), _MESSAGES.run_id != bindparam("run_id")))
+    .order_by(_MESSAGES.seq)
+)
+
+
+async def earlier_messages(session: AsyncSession, run: orm.Run) -> Sequence[Row[tuple[str, list[dict[str, Any]]]]]:
+    """The thread's messages from before ``run``, oldest first (its prompt's
+    history): their ``role`` and ``content``."""
     # additional_messages are inserted just before the run row, so seq < run.seq holds for them too.
-    return list((await session.scalars(query)).all())
+    params = {"thread_id": run.thread_id, "run_seq": run.seq, "run_id": run.id}
+    return (await session.execute(_EARLIER_MESSAGES, params)).all()  # type: ignore[return-value]
 
 
 def is_past_deadline(run: orm.Run) -> bool:
