@@ -213,7 +213,16 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
                 adapted.held_back.append(statement)
                 self._set_outcome(None, -1, None, [])
                 return
-        elif bare and adapted.transaction_open and operation.startswith(_SAVEPOINT_STATEMENTS):
+        elif (
+            bare
+            and adapted.transaction_open
+            and operation.startswith(_SAVEPOINT_STATEMENTS)
+            and not (operation.startswith("SAVEPOINT ") and adapted.held_back)
+        ):
+            # A SAVEPOINT behind held-back writes goes at once with them: one
+            # of them failing must fail the begin_nested() outside the nested
+            # block, not its first statement, whose handler would then roll
+            # back to a savepoint SQLite never saw ("no such savepoint").
             adapted.held_back.append(statement)
             self._set_outcome(None, -1, None, [])
             return

@@ -178,3 +178,24 @@ async def test_a_savepoint_goes_with_the_statement_it_guards(runtime: Runtime, m
     async with runtime.transaction() as session:
         assert (await session.execute(text("SELECT group_concat(n) FROM t"))).scalar() == "1,2"
         await session.execute(text("DROP TABLE t"))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_savepoint_behind_a_failing_held_back_write_reports_that_write(runtime: Runtime) -> None:
+    """A SAVEPOINT that follows held-back writes is sent with them, so one of
+    them failing fails the SAVEPOINT itself: the caller sees that write's
+    IntegrityError, not an OperationalError from rolling back to a
+    savepoint SQLite never saw (the ORM emits SAVEPOINT lazily, with the
+    nested block's first statement)."""
+    behind = text("INSERT INTO t (n) VALUES (:n)").execution_options(**db.WRITE_BEHIND)
+    async with runtime.transaction() as session:
+        await session.execute(text("CREATE TABLE t (n INTEGER PRIMARY KEY)"))
+        await session.execute(text("INSERT INTO t (n) VALUES (1)"))
+    with pytest.raises(IntegrityError, match="UNIQUE"):
+        async with runtime.transaction() as session:
+            await session.execute(behind, {"n": 1})  # a duplicate, held back
+            async with session.begin_nested():
+                await session.execute(text("INSERT INTO t (n) VALUES (2)"))
+    async with runtime.transaction() as session:
+        assert (await session.execute(text("SELECT group_concat(n) FROM t"))).scalar() == "1"
+        await session.execute(text("DROP TABLE t"))
