@@ -169,29 +169,30 @@ class RunLog:
             return 1
         return self._next.get(run_id) if self.deliver_early else None
 
-    def _check(self, pending: _Pending) -> None:
+    def _check(self, pending: _Pending) -> int:
         """After the commit: a predicted append's numbers against those its
         insert wrote. They differ only if another process wrote the run's
         log meanwhile (SQLite serving processes sharing a file, which
         streams do not support: README, deployment); the entries not yet
-        handed to followers are then renumbered as written."""
+        handed to followers are then renumbered as written. Returns the
+        shift (0: the guess was right), which committed() applies to the
+        counter once per run."""
         prediction = pending.prediction
         if prediction is None:
-            return
+            return 0
         written = [int(seq) for _run, seq in prediction.returned]
         if not written:
             log.warning("run %s: no sequence numbers came back from its event log insert", pending.run_id)
-            return
+            return 0
         shift = min(written) - prediction.first
         if shift == 0:
-            return
+            return 0
         log.warning(
             "run %s: its event log was written elsewhere; renumbered from %d", pending.run_id, prediction.first + shift
         )
         pending.entries = [Entry(entry.seq + shift, entry.event) for entry in pending.entries]
         prediction.entries[:] = [Entry(entry.seq + shift, entry.event) for entry in prediction.entries]
-        if pending.run_id in self._next:
-            self._next[pending.run_id] += shift
+        return shift
 
     def _number(
         self, run_id: str, first: int, buffered: list[tuple[int | None, Event]]
@@ -221,8 +222,14 @@ class RunLog:
     def committed(self, session: AsyncSession) -> None:
         """After the transaction commits: taps, subscribers and followers,
         here and (PostgreSQL) in other processes."""
+        # The counter is where this transaction's last append for a run
+        # predicted its log to end (plus deltas numbered since): only that
+        # append's shift moves it (each earlier append of the run was off by
+        # the same or less, and adding every shift would count them twice).
+        shifts: dict[str, int] = {}
         for pending in session.info.pop(_SESSION_KEY, []):
-            self._check(pending)
+            if pending.prediction is not None:
+                shifts[pending.run_id] = self._check(pending)
             if pending.events:
                 self.bus.publish(pending.run_id, pending.events)
             self.bus.deliver(pending.run_id, pending.entries)
@@ -230,6 +237,10 @@ class RunLog:
                 self._tell_others(pending.run_id)
             if pending.entries and pending.entries[-1].event.name in _FINAL:
                 self._next.pop(pending.run_id, None)
+                shifts.pop(pending.run_id, None)
+        for run_id, shift in shifts.items():
+            if shift and run_id in self._next:
+                self._next[run_id] += shift
 
     def rolled_back(self, session: AsyncSession) -> None:
         """The transaction failed: the deltas it took go back to the buffer."""
@@ -240,11 +251,12 @@ class RunLog:
             if not self.deliver_early:
                 self._next.pop(pending.run_id, None)  # re-read from the log at the next append
             elif pending.prediction is not None:
-                # The counter goes back to where the log still ends, unless
-                # deltas were numbered after this append meanwhile.
+                # The counter goes back to just after the deltas this append
+                # took (they keep the numbers followers saw, back in the
+                # buffer), unless deltas were numbered after it meanwhile.
                 prediction = pending.prediction
                 if self._next.get(pending.run_id) == prediction.first + prediction.size:
-                    self._next[pending.run_id] = prediction.first
+                    self._next[pending.run_id] = prediction.first + len(pending.drained)
 
     # ------------------------------------------------------------ other processes
 

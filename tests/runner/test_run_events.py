@@ -122,3 +122,42 @@ async def test_an_append_numbered_ahead_is_checked_against_what_the_log_wrote(
         (3, "thread.run.cancelling"),
         (4, "thread.run.cancelled"),
     ]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_rolled_back_append_gives_back_only_the_numbers_it_did_not_hand_out(runtime: Runtime) -> None:
+    """Deltas handed to followers before they are written (SQLite, a sole
+    process) keep their numbers when the transaction that took them fails:
+    the next deltas are numbered after them, never over them, so what a
+    stream showed is what the log holds."""
+    assert runtime.run_log.deliver_early
+    runtime.run_log.flush_seconds = 60.0  # the deltas stay buffered until an append takes them
+    (run_id,) = await _make_runs(runtime, 1)
+    async with runtime.transaction() as session:
+        await runtime.run_log.append(session, run_id, [Event("thread.run.created", {"id": run_id})])
+
+    def delta(n: int) -> Event:
+        return Event("thread.message.delta", {"n": n})
+
+    async with runtime.bus.follow(run_id) as delivered:
+        runtime.run_log.publish(run_id, [delta(1), delta(2)])
+        with pytest.raises(ZeroDivisionError):
+            async with runtime.transaction() as session:
+                await runtime.run_log.append(session, run_id, [Event("thread.run.step.created", {})])
+                raise ZeroDivisionError
+        runtime.run_log.publish(run_id, [delta(3)])
+        async with runtime.transaction() as session:
+            await runtime.run_log.append(session, run_id, [Event("thread.run.step.completed", {})])
+        seen: list[tuple[int, object]] = []
+        while not delivered.empty():
+            seen += [(entry.seq, entry.event.data.get("n")) for entry in delivered.get_nowait() or []]
+    assert seen == [(2, 1), (3, 2), (4, 3), (5, None)]
+    async with runtime.transaction() as session:
+        logged = await run_events.read(session, run_id, 0)
+    assert [(entry.seq, entry.event.name, entry.event.data.get("n")) for entry in logged] == [
+        (1, "thread.run.created", None),
+        (2, "thread.message.delta", 1),
+        (3, "thread.message.delta", 2),
+        (4, "thread.message.delta", 3),
+        (5, "thread.run.step.completed", None),
+    ]
