@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
@@ -213,6 +214,45 @@ def create_engine(url: str) -> AsyncEngine:
     engine = create_async_engine(url, pool_size=10, max_overflow=20, pool_recycle=300)
     ConnectionCheck(ping_after_idle_seconds=PING_AFTER_IDLE_SECONDS).listen(engine)
     return engine
+
+
+def create_read_engine(url: str, engine: AsyncEngine) -> AsyncEngine:
+    """The engine of read-only transactions (searches), beside ``engine``.
+
+    On SQLite every transaction of ``engine`` takes the process's write lock
+    (SQLiteWriters), so a search would queue behind ingestion's writes and
+    hold the lock while it waits for its query's embedding. Here, instead:
+    connections of their own, opened read-only (a write through one fails
+    with "attempt to write a readonly database"; their temp schema stays
+    writable, for the keyword tokenizer's scratch tables), each transaction a
+    deferred BEGIN: a WAL reader's snapshot, beside the writer, taking no lock.
+    On PostgreSQL the same pool, each transaction begun READ ONLY (asyncpg
+    sends it with its BEGIN: no extra round trip). An in-memory SQLite
+    database exists only on its own connection: ``engine`` itself serves.
+    """
+    if not is_sqlite(url):
+        return engine.execution_options(postgresql_readonly=True)
+    parsed = make_url(url)
+    database = parsed.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return engine
+    readonly = parsed.set(
+        database="file:" + quote(str(Path(database).resolve())),
+        query={**parsed.query, "mode": "ro", "uri": "true"},
+    )
+    reader = create_async_engine(readonly, module=sqlite_driver.OneHopDBAPI())
+    event.listen(reader.sync_engine, "connect", _sqlite_read_connect)
+    # Sent with the transaction's first statement (sqlite_driver.OneHopCursor).
+    event.listen(reader.sync_engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN DEFERRED"))
+    return reader
+
+
+def _sqlite_read_connect(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # transactions are begun by the "begin" event, as for writers
+    cursor = dbapi_connection.cursor()
+    # A WAL reader waits only in rare cases (another connection recovering the WAL).
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.close()
 
 
 # A PostgreSQL connection unused for this long is pinged before it is handed out.

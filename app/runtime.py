@@ -38,6 +38,10 @@ class Runtime:
     settings: Settings
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
+    # Read-only transactions (searches): on SQLite outside the write lock
+    # (db.create_read_engine; on PostgreSQL and in-memory SQLite it shares engine's pool).
+    read_engine: AsyncEngine
+    readers: async_sessionmaker[AsyncSession]
     storage: Storage
     bus: EventBus
     llm: LLM
@@ -65,11 +69,14 @@ class Runtime:
         llm = LLM.from_config(settings.llm_config, replaying=settings.llm_replay is not None)
         llm.metrics_observer = metrics.observe_model_call
         sessionmaker = db.create_sessionmaker(engine)
+        read_engine = db.create_read_engine(settings.resolved_database_url(), engine)
         postgres = not db.is_sqlite(settings.resolved_database_url())
         runtime = cls(
             settings=settings,
             engine=engine,
             sessionmaker=sessionmaker,
+            read_engine=read_engine,
+            readers=db.create_sessionmaker(read_engine),
             storage=Storage(settings.files_dir),
             bus=bus,
             llm=llm,
@@ -110,6 +117,8 @@ class Runtime:
                 await self._listener
         await self.run_log.close()
         await self.llm.aclose()
+        if self.read_engine.sync_engine.pool is not self.engine.sync_engine.pool:
+            await self.read_engine.dispose()
         await self.engine.dispose()
 
     def wake(self, *, files: bool = True) -> None:
@@ -122,6 +131,15 @@ class Runtime:
             task = asyncio.get_running_loop().create_task(db.notify_work(self.engine))
             self._signals.add(task)  # keep a reference until it is done
             task.add_done_callback(self._signals.discard)
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncSession]:
+        """One read-only transaction, for searches: on SQLite a WAL reader
+        beside the writers (it neither takes nor waits for the process's
+        write lock), on PostgreSQL a READ ONLY transaction. A write through
+        it fails; one snapshot for all its reads."""
+        async with self.readers() as session, session.begin():
+            yield session
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:

@@ -89,10 +89,16 @@ async def search_vector_store(
     queries = vector_store_search.queries_of(body)
     vectors = await embed.start_query_embedding(runtime.settings, queries)
     try:
-        async with runtime.transaction() as session:
-            return respond(await vector_store_search.search(session, project, vector_store_id, body, vectors))
+        # Read-only: on SQLite it neither waits for nor holds the write lock,
+        # also while the query's embedding finishes beside the keyword query.
+        async with runtime.reading() as session:
+            found = await vector_store_search.search(session, project, vector_store_id, body, vectors)
     finally:
         vectors.cancel()  # not awaited when the store is missing or the filter invalid
+    if vector_stores.stale_activity(found.store):
+        async with runtime.transaction() as session:
+            await vector_stores.touch_ids(session, [found.store.id])
+    return respond(found.page)
 
 
 # --- files ----------------------------------------------------------------------

@@ -277,12 +277,16 @@ async def store_detail(
 
         vectors = await embed.start_query_embedding(runtime.settings, [q])
         try:
-            async with runtime.transaction() as session:
-                results = await vector_store_search.search(
+            async with runtime.reading() as session:  # as the search endpoint: outside SQLite's write lock
+                found = await vector_store_search.search(
                     session, project, store_id, SearchRequest(query=q, max_num_results=10), vectors
                 )
         finally:
             vectors.cancel()
+        results = found.page
+        if vector_stores.stale_activity(found.store):
+            async with runtime.transaction() as session:
+                await vector_stores.touch_ids(session, [store_id])
     return _render(
         request,
         "vector_store.html",

@@ -181,21 +181,18 @@ QueryVectors = list[list[float]] | None
 async def start_query_embedding(settings: Settings, queries: Sequence[str]) -> asyncio.Future[QueryVectors]:
     """The query vectors of a search, to be awaited once its keyword query ran.
 
-    On PostgreSQL an embedder of this process (numpy on a thread: ~7 ms for
-    the default's transformer pass) starts now and runs beside the keyword
-    query, on the other core, rather than before it (issue 18): the search's
-    transaction waits for it only if it outlasts the keyword side.
-
-    Awaited here, before the caller opens its database session: a provider's
-    embedder (a network call of unknown length), so that no transaction waits
-    on a remote call; and any embedder on SQLite, where every transaction
-    holds the process's write lock, which must not wait on a thread pool that
-    ingestion may be keeping busy. The caller cancels the future if it never
-    awaits it.
+    An embedder of this process (numpy on a thread: ~7 ms for the default's
+    transformer pass) starts now and runs beside the keyword query, on the
+    other core, rather than before it (issue 18): the search's transaction
+    waits for it only if it outlasts the keyword side. That transaction is
+    read-only (Runtime.reading): on SQLite it holds no write lock while it
+    waits. A provider's embedder (a network call of unknown length) is
+    awaited here, before the caller opens its database session, so that no
+    transaction waits on a remote call. The caller cancels the future if it
+    never awaits it.
     """
     model = embedder(settings)
-    remote = isinstance(model, (LiteLLMEmbedder, cassettes.RecordedEmbedder))
-    if remote or settings.resolved_database_url().startswith("sqlite"):
+    if isinstance(model, (LiteLLMEmbedder, cassettes.RecordedEmbedder)):
         done: asyncio.Future[QueryVectors] = asyncio.get_running_loop().create_future()
         done.set_result(await embed_queries(settings, queries))
         return done

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
@@ -85,13 +86,22 @@ def queries_of(body: SearchRequest) -> list[str]:
     return [body.query] if isinstance(body.query, str) else list(body.query)
 
 
+@dataclass
+class StoreSearch:
+    page: SearchResultsPage
+    # As the search read it: when vector_stores.stale_activity(store), the
+    # caller records the use (vector_stores.touch_ids) in a write transaction.
+    store: orm.VectorStore
+
+
 async def search(
     session: AsyncSession,
     project: Project,
     vector_store_id: str,
     body: SearchRequest,
     query_vectors: Sequence[Sequence[float]] | asyncio.Future[list[list[float]] | None] | None,
-) -> SearchResultsPage:
+) -> StoreSearch:
+    """Reads only: ``session`` may be a read-only transaction (Runtime.reading)."""
     store = await vector_stores.get_live(session, project, vector_store_id)
     dialect: Dialect = "postgresql" if session.get_bind().dialect.name == "postgresql" else "sqlite"
     condition = compile_filter(body.filters, dialect) if body.filters is not None else None
@@ -106,11 +116,11 @@ async def search(
         query_vectors=query_vectors,
     )
     files = await files_of_hits(session, hits)
-    vector_stores.touch(store)
-    return SearchResultsPage(
+    page = SearchResultsPage(
         search_query=queries_of(body),
         data=[_result(hit, files) for hit in hits if (hit.vector_store_id, hit.file_id) in files],
     )
+    return StoreSearch(page, store)
 
 
 def _result(hit: Hit, files: dict[tuple[str, str], orm.VectorStoreFile]) -> SearchResult:

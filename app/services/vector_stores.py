@@ -46,6 +46,21 @@ def touch(row: orm.VectorStore) -> None:
         row.expires_at = _expires_at(row)
 
 
+def stale_activity(row: orm.VectorStore) -> bool:
+    """Whether touch() would change the row: a store searched many times a
+    second is written once a second (its activity is kept in whole seconds)."""
+    return not is_expired(row) and row.last_active_at < ids.now()
+
+
+async def touch_ids(session: AsyncSession, store_ids: Sequence[str]) -> None:
+    """touch() these stores (a search read them in a read-only transaction:
+    their use is written in a transaction of its own)."""
+    for store_id in store_ids:
+        row = await session.get(orm.VectorStore, store_id)
+        if row is not None:
+            touch(row)
+
+
 def new_store(
     project: Project,
     *,

@@ -1,7 +1,7 @@
-"""A search's query vectors start before its transaction opens: on
-PostgreSQL an embedder of this process runs beside the keyword query (two
-cores); a provider's, and any on SQLite (whose transactions hold the write
-lock), are awaited first, so that no transaction waits on them."""
+"""A search's query vectors start before its transaction opens: an embedder
+of this process runs beside the keyword query (two cores; the search's
+transaction is read-only, so on SQLite it holds no write lock meanwhile), a
+provider's is awaited first, so that no transaction waits on a network call."""
 
 from __future__ import annotations
 
@@ -23,18 +23,12 @@ def _settings(tmp_path: Path, routing: str, database_url: str = POSTGRES) -> Set
     return Settings(data_dir=tmp_path / "data", llm_config=config, database_url=database_url)
 
 
-async def test_an_in_process_embedder_is_still_running_when_a_postgresql_search_starts(tmp_path: Path) -> None:
-    settings = _settings(tmp_path, "embedding_model: hashing\n")
+@pytest.mark.parametrize("url", [POSTGRES, ""], ids=["postgres", "sqlite"])
+async def test_an_in_process_embedder_is_still_running_when_the_search_starts(tmp_path: Path, url: str) -> None:
+    settings = _settings(tmp_path, "embedding_model: hashing\n", url)
     pending = await embed.start_query_embedding(settings, ["zebras in the savanna"])
     assert not pending.done()  # the caller's keyword query runs meanwhile
     assert await pending == await embed.embed_queries(settings, ["zebras in the savanna"])
-
-
-async def test_on_sqlite_the_vectors_are_ready_before_the_search_starts(tmp_path: Path) -> None:
-    """Every SQLite transaction holds the process's write lock: none waits on the embedder's thread."""
-    settings = _settings(tmp_path, "embedding_model: hashing\n", database_url="")
-    ready = await embed.start_query_embedding(settings, ["zebras in the savanna"])
-    assert ready.done() and ready.result() == await embed.embed_queries(settings, ["zebras in the savanna"])
 
 
 async def test_a_provider_embedder_has_answered_before_the_search_starts(

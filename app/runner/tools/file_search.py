@@ -15,7 +15,6 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -99,7 +98,8 @@ class FileSearch:
             )
         vectors = await embed.start_query_embedding(runtime.settings, queries)
         try:
-            async with runtime.transaction() as session:
+            # Read-only: on SQLite outside the write lock (Runtime.reading).
+            async with runtime.reading() as session:
                 hits = await ranking.search(
                     session,
                     stores.searched,
@@ -109,10 +109,11 @@ class FileSearch:
                     query_vectors=vectors,
                 )
                 files = await vector_store_search.files_of_hits(session, hits)
-                await _touch(session, stores.searched)
                 turn = await _turn(session, run)
         finally:
             vectors.cancel()
+        async with runtime.transaction() as session:
+            await vector_stores.touch_ids(session, stores.searched)
         return _result(
             call_id,
             ranking_options,
@@ -207,13 +208,6 @@ async def _wait_for_thread_store(runtime: Runtime, run: orm.Run) -> _Stores:
             return stores
         runtime.wake()
         await asyncio.sleep(WAIT_POLL_SECONDS)
-
-
-async def _touch(session: Any, store_ids: Sequence[str]) -> None:
-    for store_id in store_ids:
-        row = await session.get(orm.VectorStore, store_id)
-        if row is not None:
-            vector_stores.touch(row)
 
 
 async def _turn(session: Any, run: orm.Run) -> int:

@@ -1,0 +1,83 @@
+"""Searches run in read-only transactions (Runtime.reading): on SQLite a WAL
+reader beside the process's writers, never taking or waiting for the write
+lock that every other SQLite transaction holds; on both engines a write
+through one is refused rather than done."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from app.retrieval import embed, filters
+from app.retrieval import search as ranking
+from app.runtime import Runtime
+from app.services import projects, vector_store_search
+from app.wire.vector_stores import ComparisonFilter, SearchRequest
+from tests.retrieval.test_search_index import _store
+
+pytestmark = pytest.mark.timeout(60)
+
+ZEBRAS = ["zebras graze on the savanna in herds", "the striped coat of a zebra confuses lions"]
+LLAMAS = ["llamas carry loads across the andes", "a llama spits when annoyed"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_search_completes_while_another_transaction_holds_the_write_lock(runtime: Runtime) -> None:
+    store_id, (zebras, _) = await _store(
+        runtime, [(ZEBRAS, {"animal": "zebra"}), (LLAMAS, {"animal": "llama"})], embedded=True
+    )
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def writer() -> None:
+        async with runtime.transaction() as session:
+            await session.execute(text("UPDATE vector_stores SET name = 'busy' WHERE id = :id"), {"id": store_id})
+            holding.set()  # the process's write lock and SQLite's are held from here
+            await release.wait()
+
+    held = asyncio.create_task(writer())
+    try:
+        await asyncio.wait_for(holding.wait(), 10)
+        condition = filters.compile_filter(ComparisonFilter(type="eq", key="animal", value="zebra"), "sqlite")
+        vectors = embed.HashingEmbedder()
+        async with asyncio.timeout(10):  # the lock's own timeout is 30 s: waiting on it would fail here
+            async with runtime.reading() as session:
+                hits = await ranking.search(
+                    session,
+                    [store_id],
+                    ["striped savanna herds"],
+                    5,
+                    condition=condition,
+                    query_vectors=await vectors.embed(["striped savanna herds"]),
+                )
+        assert hits and {hit.file_id for hit in hits} == {zebras}
+        assert not held.done()  # the writer still holds the lock: the search never waited for it
+    finally:
+        release.set()
+        await held
+
+
+async def test_a_write_through_the_read_path_is_refused(runtime: Runtime) -> None:
+    store_id, _ = await _store(runtime, [(ZEBRAS, {})])
+    with pytest.raises(DBAPIError) as refused:
+        async with runtime.reading() as session:
+            await session.execute(text("UPDATE vector_stores SET name = 'written' WHERE id = :id"), {"id": store_id})
+    # SQLite: "attempt to write a readonly database"; PostgreSQL: "cannot execute UPDATE in a read-only transaction".
+    assert re.search(r"read-?only", str(refused.value.orig))
+    async with runtime.reading() as session:
+        name = (await session.execute(text("SELECT name FROM vector_stores WHERE id = :id"), {"id": store_id})).scalar()
+    assert name != "written"
+
+
+async def test_the_store_search_reads_only_and_its_use_is_recorded_after(runtime: Runtime) -> None:
+    """The service reads in the read-only transaction (its store's activity
+    is left to the caller's write transaction): it does not fail there."""
+    store_id, (zebras,) = await _store(runtime, [(ZEBRAS, {})])
+    async with runtime.reading() as session:
+        found = await vector_store_search.search(
+            session, projects.DEFAULT, store_id, SearchRequest(query="zebra savanna"), None
+        )
+    assert found.store.id == store_id and [item.file_id for item in found.page.data][:1] == [zebras]
