@@ -253,7 +253,8 @@ class VectorStoreFile(Base):
 
     __tablename__ = "vector_store_files"
     __table_args__ = (
-        Index("ix_vector_store_files_store_seq", "vector_store_id", "seq"),
+        # Unique (migration 0014): a filtered search knows a file by its seq.
+        Index("ix_vector_store_files_store_seq", "vector_store_id", "seq", unique=True),
         Index("ix_vector_store_files_status", "status"),
         Index("ix_vector_store_files_batch", "batch_id"),
     )

@@ -6,6 +6,7 @@ app.ids), so a cursor whose object was deleted still pages correctly.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,9 +27,11 @@ class PageParams:
     before: str | None = None
 
 
-def _cursor(name: str, value: str | None, prefix: str) -> int | None:
+def _cursor(name: str, value: str | None, prefix: str, positions: Mapping[str, int]) -> int | None:
     if value is None:
         return None
+    if value in positions:
+        return positions[value]
     seq = ids.seq_of(prefix, value)
     if seq is None or seq > MAX_SEQ:  # beyond BIGINT: not an id we could have issued
         raise errors.invalid_id(name, value, prefix)
@@ -41,10 +44,13 @@ async def fetch_page(
     seq_column: Any,
     params: PageParams,
     prefix: str,
+    *,
+    positions: Mapping[str, int] | None = None,
 ) -> tuple[list[Any], bool]:
-    """One page of ``query`` (already filtered) and whether more items follow."""
-    after = _cursor("after", params.after, prefix)
-    before = _cursor("before", params.before, prefix)
+    """One page of ``query`` (already filtered) and whether more items follow.
+    ``positions``: cursors whose seq is not the one in their id."""
+    after = _cursor("after", params.after, prefix, positions or {})
+    before = _cursor("before", params.before, prefix, positions or {})
     ascending = params.order == "asc"
     if after is not None:
         query = query.where(seq_column > after if ascending else seq_column < after)

@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
@@ -78,17 +79,59 @@ async def attach(
 ) -> list[orm.VectorStoreFile]:
     """Queue (file, chunking strategy, attributes) for ingestion into the store."""
     rows = []
+    new = []
     for file, strategy, attributes in items:
         row = await session.get(orm.VectorStoreFile, (store.id, file.id))
         if row is None:
             row = orm.VectorStoreFile(vector_store_id=store.id, file_id=file.id, seq=file.seq, created_at=ids.now())
-            session.add(row)
+            new.append(row)
         row.filename, row.status, row.last_error, row.usage_bytes = file.filename, "in_progress", None, 0
         row.chunking_strategy, row.attributes, row.batch_id = strategy, attributes, batch_id
         row.lease_owner, row.lease_expires_at = None, None
         rows.append(row)
-    await session.flush()
+    await session.flush()  # the rows already there: a failed attempt below discards only the new ones
+    await _add_with_free_seqs(session, store.id, new)
     return rows
+
+
+# Attempts at inserting a store's new file rows, each after another
+# process took one of their seqs (all but unheard of: see below).
+SEQ_ATTEMPTS = 5
+
+
+async def taken_seqs(session: AsyncSession, store_id: str, seqs: Sequence[int]) -> set[int]:
+    """Which of these seqs files of the store already hold."""
+    query = select(orm.VectorStoreFile.seq).where(
+        orm.VectorStoreFile.vector_store_id == store_id, orm.VectorStoreFile.seq.in_(seqs)
+    )
+    return set((await session.scalars(query)).all())
+
+
+async def _add_with_free_seqs(session: AsyncSession, store_id: str, rows: Sequence[orm.VectorStoreFile]) -> None:
+    """Insert the store's new file rows, each with a seq no other file of the
+    store holds (unique, migration 0014: a filtered search knows a file by
+    its seq). A row's seq is its file's, the id's sequence, which is unique
+    within a process; two processes can issue the same one in the same
+    nanosecond. The later file then takes the next free value (listing pages
+    by it: the file keeps its place but for that nanosecond). A conflict
+    with a file inserted by another transaction after the check rolls back
+    this savepoint alone and is retried: never a 500 for the request."""
+    if not rows:
+        return
+    for attempt in range(SEQ_ATTEMPTS):
+        used = await taken_seqs(session, store_id, [row.seq for row in rows])
+        for row in rows:
+            while row.seq in used:
+                row.seq += 1
+            used.add(row.seq)
+        try:
+            async with session.begin_nested():
+                session.add_all(rows)
+                await session.flush()
+            return
+        except IntegrityError:
+            if attempt == SEQ_ATTEMPTS - 1:
+                raise
 
 
 async def create(session: AsyncSession, store: orm.VectorStore, body: VectorStoreFileCreate) -> orm.VectorStoreFile:
@@ -152,7 +195,20 @@ async def list_(
         query = query.where(orm.VectorStoreFile.status == status)
     if batch_id is not None:
         query = query.where(orm.VectorStoreFile.batch_id == batch_id)
-    rows, has_more = await pagination.fetch_page(session, query, orm.VectorStoreFile.seq, params, ids.FILE)
+    # A cursor that is a file of the store pages from its row's seq, which
+    # differs from its id's for a file whose seq was taken (_add_with_free_seqs).
+    cursors = [cursor for cursor in (params.after, params.before) if cursor]
+    positions = {}
+    if cursors:
+        found = await session.execute(
+            select(orm.VectorStoreFile.file_id, orm.VectorStoreFile.seq).where(
+                orm.VectorStoreFile.vector_store_id == store.id, orm.VectorStoreFile.file_id.in_(cursors)
+            )
+        )
+        positions = {str(file_id): int(seq) for file_id, seq in found.all()}
+    rows, has_more = await pagination.fetch_page(
+        session, query, orm.VectorStoreFile.seq, params, ids.FILE, positions=positions
+    )
     return pagination.page([to_wire(row) for row in rows], has_more)
 
 

@@ -1,0 +1,150 @@
+"""A file's seq is unique within its vector store (migration 0014): files
+that share one (two processes created them in the same nanosecond) are both
+attached, each with its own seq, listed once each, and told apart by a
+filtered search; a conflict with another transaction's insert is retried,
+never a 500."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+import pytest
+from alembic import command
+from alembic.config import Config
+from fastapi import FastAPI
+from sqlalchemy import select, text, update
+from sqlalchemy.engine import Connection
+
+from app import db, ids, orm
+from app.retrieval import chunking, keyword_postings
+from app.services import projects, vector_store_files, vector_stores
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def _same_seq_files(client: openai.AsyncOpenAI, app: FastAPI) -> tuple[str, str]:
+    zebra = (await client.files.create(file=("zebra.txt", b"zebras graze the savanna"), purpose="assistants")).id
+    llama = (await client.files.create(file=("llama.txt", b"llamas cross the andes"), purpose="assistants")).id
+    async with app.state.runtime.transaction() as session:
+        seq = await session.scalar(select(orm.File.seq).where(orm.File.id == zebra))
+        await session.execute(update(orm.File).where(orm.File.id == llama).values(seq=seq))
+    return zebra, llama
+
+
+async def _store_seqs(app: FastAPI, store_id: str) -> dict[str, int]:
+    async with app.state.runtime.transaction() as session:
+        rows = await session.execute(
+            select(orm.VectorStoreFile.file_id, orm.VectorStoreFile.seq).where(
+                orm.VectorStoreFile.vector_store_id == store_id
+            )
+        )
+        return {str(file_id): int(seq) for file_id, seq in rows.all()}
+
+
+async def test_files_sharing_a_seq_are_both_attached_listed_and_filtered_apart(
+    client: openai.AsyncOpenAI, app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    zebra, llama = await _same_seq_files(client, app)
+    store = await client.vector_stores.create(name="animals")
+    await client.vector_stores.files.create_and_poll(file_id=zebra, vector_store_id=store.id, attributes={"k": "z"})
+
+    # Another process's insert lands between this request's check and its
+    # insert: the check sees nothing, the insert meets the unique index.
+    real = vector_store_files.taken_seqs
+    calls: list[int] = []
+
+    async def stale_once(*args: Any) -> set[int]:
+        calls.append(1)
+        return set() if len(calls) == 1 else await real(*args)
+
+    monkeypatch.setattr(vector_store_files, "taken_seqs", stale_once)
+    attached = await client.vector_stores.files.create_and_poll(
+        file_id=llama, vector_store_id=store.id, attributes={"k": "l"}
+    )
+    assert attached.status == "completed" and len(calls) == 2  # retried once, not a 500
+
+    seqs = await _store_seqs(app, store.id)
+    assert seqs[zebra] != seqs[llama]
+    # Paging one at a time (from either end) lists each file once.
+    for order in ("asc", "desc"):
+        listed, after = [], None
+        while True:
+            page = await client.vector_stores.files.list(
+                store.id, limit=1, order=order, **({"after": after} if after else {})
+            )  # type: ignore[arg-type]
+            listed += [item.id for item in page.data]
+            if not page.has_more:
+                break
+            after = page.data[-1].id
+        assert sorted(listed) == sorted([zebra, llama]), order
+    found = await client.vector_stores.search(
+        store.id, query="llamas andes zebras savanna", filters={"type": "eq", "key": "k", "value": "l"}
+    )
+    assert [item.file_id for item in found.data] == [llama]
+
+
+async def test_a_batch_of_files_sharing_a_seq_is_attached(client: openai.AsyncOpenAI, app: FastAPI) -> None:
+    zebra, llama = await _same_seq_files(client, app)
+    store = await client.vector_stores.create(name="animals")
+    batch = await client.vector_stores.file_batches.create_and_poll(store.id, file_ids=[zebra, llama])
+    assert batch.file_counts.completed == 2
+    assert len(set((await _store_seqs(app, store.id)).values())) == 2
+
+
+def _downgrade(connection: Connection, revision: str) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(db.MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    command.downgrade(config, revision)
+
+
+async def test_upgrade_separates_files_that_share_a_seq(database_url: str) -> None:
+    engine = db.create_engine(database_url)
+    sessionmaker = db.create_sessionmaker(engine)
+    try:
+        await db.migrate(engine)
+        async with engine.begin() as connection:
+            await connection.run_sync(_downgrade, "0013_postings_file")
+        seq = ids.next_seq()
+        async with sessionmaker() as session, session.begin():
+            store = vector_stores.new_store(projects.DEFAULT)
+            session.add(store)
+            for chunk_id, name in enumerate(("a", "b", "c"), 1):
+                session.add(
+                    orm.VectorStoreFile(
+                        vector_store_id=store.id,
+                        file_id=f"file-{name}",
+                        seq=seq + 1 if name == "c" else seq,  # b shares a's; the next value is c's
+                        created_at=ids.seconds(seq),
+                        filename=f"{name}.txt",
+                        status="completed",
+                        usage_bytes=0,
+                        chunking_strategy=chunking.static(),
+                    )
+                )
+                await session.flush()
+                await session.execute(
+                    text(
+                        "INSERT INTO vector_store_chunks (id, vector_store_id, file_id, position, text) "
+                        "VALUES (:id, :store, :file, 0, 'an axolotl')"
+                    ),
+                    {"id": chunk_id, "store": store.id, "file": f"file-{name}"},
+                )
+                await session.execute(
+                    text(
+                        f"INSERT INTO {keyword_postings.TABLE} (term, store_key, impact, chunk_id, file_seq) "
+                        "VALUES ('axolotl', :key, 1000, :chunk, :seq)"
+                    ),
+                    {"key": keyword_postings.store_key(store.id), "chunk": chunk_id, "seq": seq + (name == "c")},
+                )
+        await db.migrate(engine)
+        async with sessionmaker() as session:
+            files = await session.execute(
+                select(orm.VectorStoreFile.file_id, orm.VectorStoreFile.seq).order_by(orm.VectorStoreFile.file_id)
+            )
+            assert files.all() == [("file-a", seq), ("file-b", seq + 2), ("file-c", seq + 1)]
+            postings = await session.execute(text(f"SELECT chunk_id, file_seq FROM {keyword_postings.TABLE}"))
+            assert sorted(postings.all()) == [(1, seq), (2, seq + 2), (3, seq + 1)]
+    finally:
+        await engine.dispose()
