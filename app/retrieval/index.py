@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import delete, text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -162,6 +162,15 @@ async def remove_chunks(session: AsyncSession, vector_store_id: str, file_ids: S
     await session.execute(statement.execution_options(synchronize_session=False))
 
 
+@dataclass(frozen=True)
+class PassingFiles:
+    """The completed files of one store whose row passes a search's filter."""
+
+    # Their seqs as a JSON array, for the keyword lists (app.retrieval.keyword_postings).
+    seqs_json: str
+    file_ids: frozenset[str]
+
+
 @dataclass
 class Scope:
     """Where a search looks: these stores, optionally only chunks of files
@@ -170,6 +179,28 @@ class Scope:
 
     store_ids: Sequence[str]
     condition: Compiled | None = None
+    _passing: dict[str, PassingFiles] = field(default_factory=dict, repr=False)
+
+    async def passing(self, session: AsyncSession, store_id: str) -> PassingFiles:
+        """SQLite: the store's files that pass the filter, read once per
+        search (one pass over its file rows, ~11k at 100k chunks, where the
+        JSON tests cost ~2.5 ms) and shared by the keyword and the vector
+        side and by every query of the search. Read as two strings rather
+        than rows (file ids and seqs hold no comma): ~1 ms less at 11k files.
+        ``+f.status``: the store's index, not the status one (which holds
+        every store's files)."""
+        assert self.condition is not None
+        known = self._passing.get(store_id)
+        if known is not None:
+            return known
+        statement = text(
+            "SELECT group_concat(f.seq, ','), group_concat(f.file_id, ',') FROM vector_store_files f "  # noqa: S608 (the condition is compiled with bound values)
+            f"WHERE f.vector_store_id = :store AND +f.status = 'completed' AND {self.condition.sql}"
+        )
+        seqs, file_ids = (await session.execute(statement, {"store": store_id, **self.condition.params})).one()
+        passing = PassingFiles(f"[{seqs or ''}]", frozenset(str(file_ids).split(",")) if file_ids else frozenset())
+        self._passing[store_id] = passing
+        return passing
 
     def sql(self) -> str:
         """The WHERE fragment for a chunk aliased ``c`` (bound: ``stores`` and the condition's names)."""
@@ -191,8 +222,13 @@ async def keyword_search(session: AsyncSession, scope: Scope, query: str, limit:
     words = terms(query)
     if not words or not scope.store_ids:
         return []
-    engine = postgres_keywords if _is_postgres(session) else sqlite_keywords
-    rows = await engine.search(session, scope.store_ids, scope.condition, words, limit)
+    if _is_postgres(session):
+        rows = await postgres_keywords.search(session, scope.store_ids, scope.condition, words, limit)
+    else:
+        passing = None
+        if scope.condition is not None:
+            passing = {store_id: (await scope.passing(session, store_id)).seqs_json for store_id in scope.store_ids}
+        rows = await sqlite_keywords.search(session, scope.store_ids, passing, words, limit)
     if not rows:
         return []
     best = max(0.0, rows[0][4]) or 1.0

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam, text
@@ -141,20 +141,13 @@ async def _chunk_total(session: AsyncSession, database: str, store_ids: Sequence
     return total
 
 
-def _passing_sql(condition: Compiled, store: str) -> str:
-    """The seqs of the completed files of store ``store`` (a bound name)
-    whose row passes the filter: computed once per search."""
-    return (
-        f"SELECT f.seq FROM vector_store_files f WHERE f.vector_store_id = {store} "  # noqa: S608 (the condition is compiled with bound values)
-        f"AND f.status = 'completed' AND {condition.sql}"
-    )
-
-
 def _list_sql(position: int, store: int, filtered: bool) -> str:
     """The best ``:depth`` postings of term ``position`` in store ``store``
     (numbered bind names) as weighted scores; when ``filtered``, only
     postings of the files in ``passing_{store}``, checked on the posting
-    itself (its file's seq: no lookup of its chunk)."""
+    itself (its file's seq: no lookup of its chunk). SQLite builds an index
+    of ``passing_{store}`` per list (a temp table with its own key, probed by
+    every list, cost more in statements than it saved)."""
     condition = f"p.term = :term_{position} AND p.store_key = :key_{store}"
     if filtered:
         condition += f" AND p.file_seq IN (SELECT seq FROM passing_{store})"  # noqa: S608 (constant fragments only)
@@ -171,10 +164,12 @@ async def _candidates(
     depth: int,
     count: int,
     condition: Compiled | None,
+    passing: Mapping[str, str] | None,
 ) -> list[int]:
     """The ``count`` chunks with the best partial scores over the top
     ``depth`` postings of each term, summed in the database (only the
-    candidates' ids cross into Python)."""
+    candidates' ids cross into Python). A filter is ``condition`` on
+    PostgreSQL, ``passing`` on SQLite (see top_chunks)."""
     terms = list(weights)
     keys = [store_key(store_id) for store_id in stores]
     bound: dict[str, object] = {**(condition.params if condition is not None else {}), "depth": depth, "count": count}
@@ -211,15 +206,17 @@ async def _candidates(
         ctes = []
         for store, (store_id, key) in enumerate(zip(stores, keys, strict=True)):
             bound[f"key_{store}"] = key
-            if condition is not None:
-                bound[f"store_{store}"] = store_id
-                # MATERIALIZED: computed once, however many lists read it.
-                ctes.append(f"passing_{store}(seq) AS MATERIALIZED ({_passing_sql(condition, f':store_{store}')})")
+            if passing is not None:
+                bound[f"passing_{store}"] = passing[store_id]
+                # MATERIALIZED: read once, however many lists probe it.
+                ctes.append(
+                    f"passing_{store}(seq) AS MATERIALIZED (SELECT value FROM json_each(:passing_{store}))"  # noqa: S608 (constant fragments only)
+                )
         for position, term in enumerate(terms):
             bound[f"term_{position}"] = term
             bound[f"weight_{position}"] = weights[term]
             for store in range(len(keys)):
-                sql = _list_sql(position, store, condition is not None)
+                sql = _list_sql(position, store, passing is not None)
                 parts.append(f"SELECT * FROM ({sql}) AS l_{position}_{store}")  # noqa: S608 (constant fragments only)
         lists = " UNION ALL ".join(parts)
         prefix = f"WITH {', '.join(ctes)} " if ctes else ""
@@ -257,10 +254,14 @@ async def top_chunks(
     limit: int,
     *,
     condition: Compiled | None = None,
+    passing: Mapping[str, str] | None = None,
 ) -> list[tuple[int, float]]:
     """(chunk id, BM25 score) of the best ``limit`` chunks of these stores for
-    the (already tokenized) terms, best first; only chunks of completed files
-    whose row (aliased ``f``) passes ``condition`` when one is given."""
+    the (already tokenized) terms, best first. Filtered: on PostgreSQL only
+    chunks of completed files whose row (aliased ``f``) passes ``condition``;
+    on SQLite only chunks of the files in ``passing`` (per store, the JSON
+    array of their seqs: index.Scope.passing, read once per search and
+    shared with the vector side)."""
     terms = list(dict.fromkeys(terms))
     stores = list(dict.fromkeys(store_ids))
     if not terms or not stores or limit <= 0:
@@ -280,7 +281,7 @@ async def top_chunks(
     weights = {term: idf(counts[term], max(total, counts[term])) / IMPACT_SCALE for term in terms}
     depth = max(DEPTH, 2 * limit)
     count = max(RESCORED_PER_RESULT * limit, MIN_RESCORED)
-    candidates = await _candidates(session, weights, stores, depth, count, condition)
+    candidates = await _candidates(session, weights, stores, depth, count, condition, passing)
     exact = await _exact_scores(session, weights, candidates)
     return sorted(exact.items(), key=lambda pair: (-pair[1], pair[0]))[:limit]
 

@@ -19,13 +19,12 @@ every row: 3.7 of 66 s loading 20k chunks). Together ~15% off that load.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.retrieval import keyword_postings
-from app.retrieval.filters import Compiled
 
 # Tokens per chunk of the default static chunking (800 tokens, 400 overlap)
 # as FTS5 counts them: BM25's average length, fixed so that a stored impact
@@ -116,13 +115,14 @@ async def write_postings(session: AsyncSession, vector_store_id: str, file_id: s
 async def search(
     session: AsyncSession,
     store_ids: Sequence[str],
-    condition: Compiled | None,
+    passing: Mapping[str, str] | None,
     words: Sequence[str],
     limit: int,
 ) -> list[tuple[int, str, str, str, float]]:
     """(chunk id, store id, file id, text, score) of the best ``limit`` chunks;
-    only chunks of files whose row passes ``condition`` when one is given."""
+    with ``passing`` (a filtered search: per store, the JSON array of its
+    passing files' seqs, index.Scope.passing) only chunks of those files."""
     stems = await index_terms(session, words)
     terms = [term for word in words for term in stems[word]]
-    ranked = await keyword_postings.top_chunks(session, store_ids, terms, limit, condition=condition)
+    ranked = await keyword_postings.top_chunks(session, store_ids, terms, limit, passing=passing)
     return await keyword_postings.with_texts(session, store_ids, ranked)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 
 from app.retrieval import embed, filters
@@ -81,3 +82,33 @@ async def test_the_store_search_reads_only_and_its_use_is_recorded_after(runtime
             session, projects.DEFAULT, store_id, SearchRequest(query="zebra savanna"), None
         )
     assert found.store.id == store_id and [item.file_id for item in found.page.data][:1] == [zebras]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_filtered_hybrid_search_reads_the_passing_files_once(runtime: Runtime) -> None:
+    """SQLite: the filter is evaluated in one pass over the store's file
+    rows, shared by the keyword and the vector side and by every query."""
+    store_id, (zebras, _) = await _store(
+        runtime, [(ZEBRAS, {"animal": "zebra"}), (LLAMAS, {"animal": "llama"})], embedded=True
+    )
+    queries = ["striped savanna herds", "zebra coat lions"]
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(runtime.read_engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        async with runtime.reading() as session:
+            hits = await ranking.search(
+                session,
+                [store_id],
+                queries,
+                5,
+                condition=filters.compile_filter(ComparisonFilter(type="eq", key="animal", value="zebra"), "sqlite"),
+                query_vectors=await embed.HashingEmbedder().embed(queries),
+            )
+    finally:
+        event.remove(runtime.read_engine.sync_engine, "before_cursor_execute", seen)
+    assert hits and {hit.file_id for hit in hits} == {zebras}
+    assert sum("FROM vector_store_files f" in statement for statement in statements) == 1
