@@ -166,9 +166,14 @@ async def remove_chunks(session: AsyncSession, vector_store_id: str, file_ids: S
 class PassingFiles:
     """The completed files of one store whose row passes a search's filter."""
 
-    # Their seqs as a JSON array, for the keyword lists (app.retrieval.keyword_postings).
-    seqs_json: str
+    # A temp table of the search's connection holding their seqs as its key
+    # (probed by every keyword list: app.retrieval.keyword_postings).
+    table: str
     file_ids: frozenset[str]
+
+
+# Connection info key: the search_passing_N temp tables made on that connection.
+_PASSING_TABLES = "search_passing_tables"
 
 
 @dataclass
@@ -183,22 +188,35 @@ class Scope:
 
     async def passing(self, session: AsyncSession, store_id: str) -> PassingFiles:
         """SQLite: the store's files that pass the filter, read once per
-        search (one pass over its file rows, ~11k at 100k chunks, where the
-        JSON tests cost ~2.5 ms) and shared by the keyword and the vector
-        side and by every query of the search. Read as two strings rather
-        than rows (file ids and seqs hold no comma): ~1 ms less at 11k files.
-        ``+f.status``: the store's index, not the status one (which holds
-        every store's files)."""
+        search (one pass over its file rows: ~11k at 100k chunks, ~3 ms of
+        JSON tests) and shared by the keyword and the vector side and by
+        every query. Their seqs go to a temp table with the seq as its key,
+        which each keyword list probes (an ``IN (SELECT ...)`` of a CTE made
+        SQLite build an index of the set per list: 7.0 -> 3.8 ms for a
+        12-word query at 100k chunks, 3.5k passing files); the file ids come
+        back as one string (they hold no comma). ``+f.status``: the store's
+        index, not the status one, which holds every store's files."""
         assert self.condition is not None
         known = self._passing.get(store_id)
         if known is not None:
             return known
-        statement = text(
-            "SELECT group_concat(f.seq, ','), group_concat(f.file_id, ',') FROM vector_store_files f "  # noqa: S608 (the condition is compiled with bound values)
-            f"WHERE f.vector_store_id = :store AND +f.status = 'completed' AND {self.condition.sql}"
+        table = f"search_passing_{list(dict.fromkeys(self.store_ids)).index(store_id)}"
+        made = (await session.connection()).info.setdefault(_PASSING_TABLES, set())  # the DBAPI connection's
+        if table not in made:
+            await session.execute(
+                text(f"CREATE TEMP TABLE IF NOT EXISTS {table} (seq INTEGER PRIMARY KEY, file_id TEXT)")
+            )
+            made.add(table)
+        await session.execute(text(f"DELETE FROM temp.{table}"))  # noqa: S608 (constant fragments only)
+        await session.execute(
+            text(
+                f"INSERT INTO temp.{table} (seq, file_id) SELECT f.seq, f.file_id FROM vector_store_files f "  # noqa: S608 (the condition is compiled with bound values)
+                f"WHERE f.vector_store_id = :store AND +f.status = 'completed' AND {self.condition.sql}"
+            ),
+            {"store": store_id, **self.condition.params},
         )
-        seqs, file_ids = (await session.execute(statement, {"store": store_id, **self.condition.params})).one()
-        passing = PassingFiles(f"[{seqs or ''}]", frozenset(str(file_ids).split(",")) if file_ids else frozenset())
+        joined = (await session.execute(text(f"SELECT group_concat(file_id, ',') FROM temp.{table}"))).scalar()  # noqa: S608 (constant fragments only)
+        passing = PassingFiles(f"temp.{table}", frozenset(str(joined).split(",")) if joined else frozenset())
         self._passing[store_id] = passing
         return passing
 
@@ -227,7 +245,7 @@ async def keyword_search(session: AsyncSession, scope: Scope, query: str, limit:
     else:
         passing = None
         if scope.condition is not None:
-            passing = {store_id: (await scope.passing(session, store_id)).seqs_json for store_id in scope.store_ids}
+            passing = {store_id: (await scope.passing(session, store_id)).table for store_id in scope.store_ids}
         rows = await sqlite_keywords.search(session, scope.store_ids, passing, words, limit)
     if not rows:
         return []

@@ -141,16 +141,15 @@ async def _chunk_total(session: AsyncSession, database: str, store_ids: Sequence
     return total
 
 
-def _list_sql(position: int, store: int, filtered: bool) -> str:
+def _list_sql(position: int, store: int, passing: str | None) -> str:
     """The best ``:depth`` postings of term ``position`` in store ``store``
-    (numbered bind names) as weighted scores; when ``filtered``, only
-    postings of the files in ``passing_{store}``, checked on the posting
-    itself (its file's seq: no lookup of its chunk). SQLite builds an index
-    of ``passing_{store}`` per list (a temp table with its own key, probed by
-    every list, cost more in statements than it saved)."""
+    (numbered bind names) as weighted scores; with ``passing`` (a table
+    keyed by seq), only postings of the files in it, checked on the posting
+    itself (its file's seq: no lookup of its chunk)."""
     condition = f"p.term = :term_{position} AND p.store_key = :key_{store}"
-    if filtered:
-        condition += f" AND p.file_seq IN (SELECT seq FROM passing_{store})"  # noqa: S608 (constant fragments only)
+    if passing is not None:
+        # The table's own key (SQLite: "USING ROWID SEARCH ... FOR IN-OPERATOR").
+        condition += f" AND p.file_seq IN (SELECT seq FROM {passing})"  # noqa: S608 (constant fragments only)
     return (
         f"SELECT p.chunk_id AS id, :weight_{position} * p.impact AS score FROM {TABLE} p "  # noqa: S608 (constant fragments only; values are bound)
         f"WHERE {condition} ORDER BY p.impact DESC LIMIT :depth"
@@ -203,23 +202,16 @@ async def _candidates(
         )
     else:
         parts = []
-        ctes = []
-        for store, (store_id, key) in enumerate(zip(stores, keys, strict=True)):
+        for store, key in enumerate(keys):
             bound[f"key_{store}"] = key
-            if passing is not None:
-                bound[f"passing_{store}"] = passing[store_id]
-                # MATERIALIZED: read once, however many lists probe it.
-                ctes.append(
-                    f"passing_{store}(seq) AS MATERIALIZED (SELECT value FROM json_each(:passing_{store}))"  # noqa: S608 (constant fragments only)
-                )
         for position, term in enumerate(terms):
             bound[f"term_{position}"] = term
             bound[f"weight_{position}"] = weights[term]
-            for store in range(len(keys)):
-                sql = _list_sql(position, store, passing is not None)
+            for store, store_id in enumerate(stores):
+                sql = _list_sql(position, store, passing[store_id] if passing is not None else None)
                 parts.append(f"SELECT * FROM ({sql}) AS l_{position}_{store}")  # noqa: S608 (constant fragments only)
         lists = " UNION ALL ".join(parts)
-        prefix = f"WITH {', '.join(ctes)} " if ctes else ""
+        prefix = ""
     statement = text(
         f"{prefix}SELECT id FROM ({lists}) AS postings GROUP BY id ORDER BY sum(score) DESC, id LIMIT :count"  # noqa: S608 (constant fragments only; values are bound)
     )
@@ -259,8 +251,8 @@ async def top_chunks(
     """(chunk id, BM25 score) of the best ``limit`` chunks of these stores for
     the (already tokenized) terms, best first. Filtered: on PostgreSQL only
     chunks of completed files whose row (aliased ``f``) passes ``condition``;
-    on SQLite only chunks of the files in ``passing`` (per store, the JSON
-    array of their seqs: index.Scope.passing, read once per search and
+    on SQLite only chunks of the files in ``passing`` (per store, a table
+    keyed by their seqs: index.Scope.passing, filled once per search and
     shared with the vector side)."""
     terms = list(dict.fromkeys(terms))
     stores = list(dict.fromkeys(store_ids))

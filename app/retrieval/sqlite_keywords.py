@@ -120,8 +120,8 @@ async def search(
     limit: int,
 ) -> list[tuple[int, str, str, str, float]]:
     """(chunk id, store id, file id, text, score) of the best ``limit`` chunks;
-    with ``passing`` (a filtered search: per store, the JSON array of its
-    passing files' seqs, index.Scope.passing) only chunks of those files."""
+    with ``passing`` (a filtered search: per store, the table of its passing
+    files' seqs, index.Scope.passing) only chunks of those files."""
     stems = await index_terms(session, words)
     terms = [term for word in words for term in stems[word]]
     ranked = await keyword_postings.top_chunks(session, store_ids, terms, limit, passing=passing)

@@ -70,16 +70,22 @@ async def files_of_hits(session: AsyncSession, hits: Sequence[Hit]) -> dict[tupl
     keys = {(hit.vector_store_id, hit.file_id) for hit in hits}
     if not keys:
         return {}
+    # By primary key; the status is checked here: in the WHERE clause SQLite
+    # chose the status index, which holds every completed file of every
+    # store (1.5 ms at 11k files).
     rows = (
         await session.scalars(
             select(orm.VectorStoreFile).where(
                 orm.VectorStoreFile.vector_store_id.in_({store for store, _ in keys}),
                 orm.VectorStoreFile.file_id.in_({file for _, file in keys}),
-                orm.VectorStoreFile.status == "completed",
             )
         )
     ).all()
-    return {(row.vector_store_id, row.file_id): row for row in rows if (row.vector_store_id, row.file_id) in keys}
+    return {
+        (row.vector_store_id, row.file_id): row
+        for row in rows
+        if row.status == "completed" and (row.vector_store_id, row.file_id) in keys
+    }
 
 
 def queries_of(body: SearchRequest) -> list[str]:
