@@ -1,7 +1,8 @@
 """Searches run in read-only transactions (Runtime.reading): on SQLite a WAL
 reader beside the process's writers, never taking or waiting for the write
 lock that every other SQLite transaction holds; on both engines a write
-through one is refused rather than done."""
+through one is refused rather than done. On SQLite a filtered search reads
+each store's passing files once (index.Scope.passing)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 
-from app.retrieval import embed, filters
+from app import ids, orm
+from app.retrieval import chunking, embed, filters, index
 from app.retrieval import search as ranking
 from app.runtime import Runtime
-from app.services import projects, vector_store_search
+from app.services import projects, vector_store_search, vector_stores
 from app.wire.vector_stores import ComparisonFilter, SearchRequest
 from tests.retrieval.test_search_index import _store
 
@@ -112,3 +114,36 @@ async def test_a_filtered_hybrid_search_reads_the_passing_files_once(runtime: Ru
         event.remove(runtime.read_engine.sync_engine, "before_cursor_execute", seen)
     assert hits and {hit.file_id for hit in hits} == {zebras}
     assert sum("FROM vector_store_files f" in statement for statement in statements) == 1
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_filter_over_two_stores_tells_their_files_apart_by_store(runtime: Runtime) -> None:
+    """A file's seq is unique within its store only (one file may be in two
+    stores): each store's passing files are its own set."""
+    seq = ids.next_seq()
+    stores = []
+    for animal in ("zebra", "llama"):
+        async with runtime.transaction() as session:
+            store = vector_stores.new_store(projects.DEFAULT)
+            session.add(store)
+            file_id = ids.new_id(ids.FILE, seq)
+            session.add(
+                orm.VectorStoreFile(
+                    vector_store_id=store.id,
+                    file_id=file_id,
+                    seq=seq,  # the same in both stores
+                    created_at=ids.seconds(seq),
+                    filename=f"{animal}.txt",
+                    status="completed",
+                    usage_bytes=0,
+                    chunking_strategy=chunking.static(),
+                    attributes={"animal": animal},
+                )
+            )
+            await session.flush()
+            await index.add_chunks(session, store.id, file_id, ["animals of the savanna and the andes"], None)
+        stores.append(store.id)
+    condition = filters.compile_filter(ComparisonFilter(type="eq", key="animal", value="zebra"), "sqlite")
+    async with runtime.reading() as session:
+        hits = await ranking.search(session, stores, ["savanna andes animals"], 5, condition=condition)
+    assert [hit.vector_store_id for hit in hits] == [stores[0]]
