@@ -95,9 +95,8 @@ async def search_vector_store(
             found = await vector_store_search.search(session, project, vector_store_id, body, vectors)
     finally:
         vectors.cancel()  # not awaited when the store is missing or the filter invalid
-    if vector_stores.stale_activity(found.store):
-        async with runtime.transaction() as session:
-            await vector_stores.touch_ids(session, [found.store.id])
+    stale = [found.store.id] if vector_stores.stale_activity(found.store) else []
+    await vector_stores.record_activity(runtime.transaction, stale)
     return respond(found.page)
 
 

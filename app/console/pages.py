@@ -284,9 +284,8 @@ async def store_detail(
         finally:
             vectors.cancel()
         results = found.page
-        if vector_stores.stale_activity(found.store):
-            async with runtime.transaction() as session:
-                await vector_stores.touch_ids(session, [store_id])
+        stale = [store_id] if vector_stores.stale_activity(found.store) else []
+        await vector_stores.record_activity(runtime.transaction, stale)
     return _render(
         request,
         "vector_store.html",

@@ -172,10 +172,6 @@ class PassingFiles:
     file_ids: frozenset[str]
 
 
-# Connection info key: the search_passing_N temp tables made on that connection.
-_PASSING_TABLES = "search_passing_tables"
-
-
 @dataclass
 class Scope:
     """Where a search looks: these stores, optionally only chunks of files
@@ -201,12 +197,9 @@ class Scope:
         if known is not None:
             return known
         table = f"search_passing_{list(dict.fromkeys(self.store_ids)).index(store_id)}"
-        made = (await session.connection()).info.setdefault(_PASSING_TABLES, set())  # the DBAPI connection's
-        if table not in made:
-            await session.execute(
-                text(f"CREATE TEMP TABLE IF NOT EXISTS {table} (seq INTEGER PRIMARY KEY, file_id TEXT)")
-            )
-            made.add(table)
+        # Asked for every time: a rolled-back search (a cancelled run) also
+        # undoes its CREATE, so a note of the tables made would go stale.
+        await session.execute(text(f"CREATE TEMP TABLE IF NOT EXISTS {table} (seq INTEGER PRIMARY KEY, file_id TEXT)"))
         await session.execute(text(f"DELETE FROM temp.{table}"))  # noqa: S608 (constant fragments only)
         await session.execute(
             text(

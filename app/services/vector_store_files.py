@@ -79,18 +79,18 @@ async def attach(
 ) -> list[orm.VectorStoreFile]:
     """Queue (file, chunking strategy, attributes) for ingestion into the store."""
     rows = []
-    new = []
+    new: dict[str, orm.VectorStoreFile] = {}  # by file id: a batch may name a file twice (the last entry wins)
     for file, strategy, attributes in items:
-        row = await session.get(orm.VectorStoreFile, (store.id, file.id))
+        row = new.get(file.id) or await session.get(orm.VectorStoreFile, (store.id, file.id))
         if row is None:
             row = orm.VectorStoreFile(vector_store_id=store.id, file_id=file.id, seq=file.seq, created_at=ids.now())
-            new.append(row)
+            new[file.id] = row
         row.filename, row.status, row.last_error, row.usage_bytes = file.filename, "in_progress", None, 0
         row.chunking_strategy, row.attributes, row.batch_id = strategy, attributes, batch_id
         row.lease_owner, row.lease_expires_at = None, None
         rows.append(row)
     await session.flush()  # the rows already there: a failed attempt below discards only the new ones
-    await _add_with_free_seqs(session, store.id, new)
+    await _add_with_free_seqs(session, store.id, list(new.values()))
     return rows
 
 
@@ -119,11 +119,7 @@ async def _add_with_free_seqs(session: AsyncSession, store_id: str, rows: Sequen
     if not rows:
         return
     for attempt in range(SEQ_ATTEMPTS):
-        used = await taken_seqs(session, store_id, [row.seq for row in rows])
-        for row in rows:
-            while row.seq in used:
-                row.seq += 1
-            used.add(row.seq)
+        await _choose_free_seqs(session, store_id, rows)
         try:
             async with session.begin_nested():
                 session.add_all(rows)
@@ -132,6 +128,22 @@ async def _add_with_free_seqs(session: AsyncSession, store_id: str, rows: Sequen
         except IntegrityError:
             if attempt == SEQ_ATTEMPTS - 1:
                 raise
+
+
+async def _choose_free_seqs(session: AsyncSession, store_id: str, rows: Sequence[orm.VectorStoreFile]) -> None:
+    """Move each row's seq up past those the store's files hold and those
+    given to the rows before it. A seq moved to is checked too (a file moved
+    earlier may hold it): asked again until every row's seq is known free."""
+    checked: set[int] = set()
+    taken: set[int] = set()
+    while unknown := {row.seq for row in rows} - checked:
+        taken |= await taken_seqs(session, store_id, sorted(unknown))
+        checked |= unknown
+        given: set[int] = set()
+        for row in rows:
+            while row.seq in taken or row.seq in given:
+                row.seq += 1
+            given.add(row.seq)
 
 
 async def create(session: AsyncSession, store: orm.VectorStore, body: VectorStoreFileCreate) -> orm.VectorStoreFile:

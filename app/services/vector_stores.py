@@ -9,11 +9,14 @@ A store with ``expires_after`` expires ``days`` after it was last active
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
@@ -27,6 +30,8 @@ from app.wire.vector_stores import ExpiresAfter, FileCounts, VectorStore, Vector
 DAY = 86400
 # Stores made by the thread helpers (tool_resources, message attachments).
 THREAD_STORE_EXPIRY = {"anchor": "last_active_at", "days": 7}
+
+log = logging.getLogger(__name__)
 
 
 def _expires_at(row: orm.VectorStore) -> int | None:
@@ -59,6 +64,23 @@ async def touch_ids(session: AsyncSession, store_ids: Sequence[str]) -> None:
         row = await session.get(orm.VectorStore, store_id)
         if row is not None:
             touch(row)
+
+
+async def record_activity(
+    transaction: Callable[[], AbstractAsyncContextManager[AsyncSession]], store_ids: Sequence[str]
+) -> None:
+    """touch() the stores a search read (those stale_activity() named), in a
+    write transaction of its own after the read-only search. Best effort: a
+    search that found its chunks answers even if this write fails (SQLite's
+    lock busy past its timeout, a dropped connection); the next search of
+    the store writes its activity."""
+    if not store_ids:
+        return
+    try:
+        async with transaction() as session:
+            await touch_ids(session, store_ids)
+    except SQLAlchemyError as error:
+        log.warning("could not record the activity of vector stores %s (%s)", ", ".join(store_ids), error)
 
 
 def new_store(

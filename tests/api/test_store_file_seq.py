@@ -62,7 +62,7 @@ async def test_files_sharing_a_seq_are_both_attached_listed_and_filtered_apart(
     attached = await client.vector_stores.files.create_and_poll(
         file_id=llama, vector_store_id=store.id, attributes={"k": "l"}
     )
-    assert attached.status == "completed" and len(calls) == 2  # retried once, not a 500
+    assert attached.status == "completed" and len(calls) == 3  # retried once (the seq moved to checked too), not a 500
 
     seqs = await _store_seqs(app, store.id)
     assert seqs[zebra] != seqs[llama]
@@ -90,6 +90,39 @@ async def test_a_batch_of_files_sharing_a_seq_is_attached(client: openai.AsyncOp
     batch = await client.vector_stores.file_batches.create_and_poll(store.id, file_ids=[zebra, llama])
     assert batch.file_counts.completed == 2
     assert len(set((await _store_seqs(app, store.id)).values())) == 2
+
+
+async def test_a_seq_moved_past_a_taken_one_is_checked_before_the_insert(
+    client: openai.AsyncOpenAI, app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file whose seq is taken moves to the next free one, and the one it
+    moves to is checked too (a file moved earlier may hold it): with no
+    retry to spare, the attach still succeeds at once."""
+    zebra, llama = await _same_seq_files(client, app)
+    yak = (await client.files.create(file=("yak.txt", b"yaks roam the plateau"), purpose="assistants")).id
+    async with app.state.runtime.transaction() as session:
+        seq = await session.scalar(select(orm.File.seq).where(orm.File.id == zebra))
+        await session.execute(update(orm.File).where(orm.File.id == yak).values(seq=seq + 1))
+    store = await client.vector_stores.create(name="animals")
+    for file_id in (yak, zebra):
+        await client.vector_stores.files.create_and_poll(file_id=file_id, vector_store_id=store.id)
+    monkeypatch.setattr(vector_store_files, "SEQ_ATTEMPTS", 1)
+    await client.vector_stores.files.create_and_poll(file_id=llama, vector_store_id=store.id)
+    assert await _store_seqs(app, store.id) == {zebra: seq, yak: seq + 1, llama: seq + 2}
+
+
+async def test_a_batch_naming_one_file_twice_attaches_it_once(client: openai.AsyncOpenAI) -> None:
+    """files=[A, A] (each with its own attributes): one row, the last entry's
+    attributes, not a 500 from inserting the row twice."""
+    zebra = (await client.files.create(file=("zebra.txt", b"zebras graze the savanna"), purpose="assistants")).id
+    store = await client.vector_stores.create(name="animals")
+    batch = await client.vector_stores.file_batches.create_and_poll(
+        store.id,
+        files=[{"file_id": zebra, "attributes": {"k": "first"}}, {"file_id": zebra, "attributes": {"k": "last"}}],
+    )
+    assert batch.status == "completed"
+    listed = (await client.vector_stores.files.list(store.id)).data
+    assert [(item.id, item.attributes) for item in listed] == [(zebra, {"k": "last"})]
 
 
 def _downgrade(connection: Connection, revision: str) -> None:

@@ -7,12 +7,15 @@ each store's passing files once (index.Scope.passing)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import sqlite3
 from typing import Any
 
+import openai
 import pytest
 from sqlalchemy import event, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app import ids, orm
 from app.retrieval import chunking, embed, filters, index
@@ -147,3 +150,39 @@ async def test_a_filter_over_two_stores_tells_their_files_apart_by_store(runtime
     async with runtime.reading() as session:
         hits = await ranking.search(session, stores, ["savanna andes animals"], 5, condition=condition)
     assert [hit.vector_store_id for hit in hits] == [stores[0]]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_filtered_search_after_one_rolled_back_on_its_connection_still_works(runtime: Runtime) -> None:
+    """The temp table of passing files is created inside the search's
+    transaction, so a search that fails afterwards (a cancelled run) rolls
+    the table back too: the next filtered search on that connection must
+    make it again, not assume it is there."""
+    store_id, (zebras, _) = await _store(runtime, [(ZEBRAS, {"animal": "zebra"}), (LLAMAS, {"animal": "llama"})])
+    condition = filters.compile_filter(ComparisonFilter(type="eq", key="animal", value="zebra"), "sqlite")
+    for outcome in ("rolled back", "answered"):
+        with pytest.raises(ZeroDivisionError) if outcome == "rolled back" else contextlib.nullcontext():
+            async with runtime.reading() as session:
+                hits = await ranking.search(session, [store_id], ["striped savanna herds"], 5, condition=condition)
+                assert {hit.file_id for hit in hits} == {zebras}
+                if outcome == "rolled back":
+                    raise ZeroDivisionError
+
+
+async def test_a_search_answers_when_recording_its_store_activity_fails(
+    client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's last_active_at is written after the read-only search, best
+    effort: a failing write (SQLite's lock busy past its timeout) is logged
+    and the search's answer stands."""
+    zebra = (await client.files.create(file=("zebra.txt", ZEBRAS[0].encode()), purpose="assistants")).id
+    store = await client.vector_stores.create(name="animals")
+    await client.vector_stores.files.create_and_poll(file_id=zebra, vector_store_id=store.id)
+
+    async def busy(*_args: Any) -> None:
+        raise OperationalError("UPDATE vector_stores", {}, sqlite3.OperationalError("database is locked"))
+
+    monkeypatch.setattr(vector_stores, "touch_ids", busy)
+    monkeypatch.setattr(vector_stores, "stale_activity", lambda _row: True)
+    found = await client.vector_stores.search(store.id, query="zebras savanna")
+    assert [item.file_id for item in found.data] == [zebra]

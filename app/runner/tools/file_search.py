@@ -55,6 +55,7 @@ class _Stores:
     searched: list[str]
     thread_store: str | None
     expired: list[str]
+    stale: list[str]  # searched stores whose activity is older than a second (vector_stores.stale_activity)
 
 
 class FileSearch:
@@ -112,8 +113,7 @@ class FileSearch:
                 turn = await _turn(session, run)
         finally:
             vectors.cancel()
-        async with runtime.transaction() as session:
-            await vector_stores.touch_ids(session, stores.searched)
+        await vector_stores.record_activity(runtime.transaction, stores.stale)
         return _result(
             call_id,
             ranking_options,
@@ -166,7 +166,7 @@ def _store_ids(resources: dict[str, Any] | None) -> list[str]:
 
 async def _stores(runtime: Runtime, run: orm.Run) -> tuple[_Stores, int]:
     """The run's stores and how many files of the thread's store are still in progress."""
-    async with runtime.transaction() as session:
+    async with runtime.reading() as session:  # read-only: on SQLite outside the write lock
         assistant = await session.get(orm.Assistant, run.assistant_id)
         thread = await session.get(orm.Thread, run.thread_id)
         override = (
@@ -196,7 +196,8 @@ async def _stores(runtime: Runtime, run: orm.Run) -> tuple[_Stores, int]:
                 or 0
             )
     found = [row.id for row in rows]
-    return _Stores([i for i in ids if i in found], thread_ids[0] if thread_ids else None, expired), pending
+    stale = [row.id for row in rows if vector_stores.stale_activity(row)]
+    return _Stores([i for i in ids if i in found], thread_ids[0] if thread_ids else None, expired, stale), pending
 
 
 async def _wait_for_thread_store(runtime: Runtime, run: orm.Run) -> _Stores:
