@@ -23,14 +23,19 @@ this process will write (every writer of the process shares the counter),
 and an append numbered by that counter goes to SQLite with its
 transaction's COMMIT rather than in a hop of its own (``_predict``);
 on PostgreSQL they reach every follower once flushed, followers elsewhere
-woken by a NOTIFY on ``RUN_EVENTS_CHANNEL`` whose payload is only the run id
-(sent by one notifier task per process, after the commits, coalesced).
+woken by a NOTIFY on ``RUN_EVENTS_CHANNEL`` whose payload is only the run id.
+That NOTIFY is sent by the INSERT that logs the events, in their own
+transaction, when no other transaction of this process is NOTIFYing
+(PostgreSQL commits NOTIFYing transactions one at a time in the whole
+database); otherwise by one notifier task per process, after the commits,
+coalesced (issue 17: one at a time, a transaction fewer per commit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import OrderedDict
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -74,6 +79,7 @@ class _Pending:
     entries: list[Entry]  # for followers
     drained: list[tuple[int | None, Event]] = field(default_factory=list)  # buffered deltas it took
     prediction: _Prediction | None = None
+    notified: bool = False  # its INSERT NOTIFYed other processes (PostgreSQL)
 
 
 class RunLog:
@@ -96,8 +102,13 @@ class RunLog:
         self._dirty = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         # PostgreSQL: runs with news for other processes, told by one NOTIFY
-        # transaction at a time (a NOTIFY inside the writing transactions
-        # would serialise their commits on PostgreSQL's notification queue).
+        # transaction at a time. A transaction that NOTIFYs holds
+        # PostgreSQL's notification lock through its commit (one such commit
+        # at a time in the whole database), so at most one writing
+        # transaction of this process NOTIFYs itself (the one below: free
+        # once its transaction has ended); the rest leave it to the notifier.
+        self._notifying_session: weakref.ref[AsyncSession] | None = None
+        self._notifier_busy = False
         self._news: set[str] = set()
         self._news_ready = asyncio.Event()
         self._notifier: asyncio.Task[None] | None = None
@@ -135,13 +146,15 @@ class RunLog:
         batch = [event for _seq, event in drained] + list(events)
         predicted = self._predict(run_id, drained, events) if batch else None
         prediction = None
+        channel: str | None = None
         if predicted is not None and run_events.can_insert_behind(session, len(batch)):
             # No hop of its own: the insert goes with the COMMIT (issue 17).
             first = predicted
             prediction = _Prediction(first, len(batch), [], [])
             await run_events.insert_behind(session, run_id, batch, prediction.returned)
         elif batch:
-            first = (await run_events.insert(session, {run_id: batch}))[run_id]
+            channel = self._notify_channel(session)
+            first = (await run_events.insert(session, {run_id: batch}, notify_channel=channel))[run_id]
         else:  # an executor starting a run: where its deltas will go on
             first = (await run_events.last_seqs(session, [run_id]))[run_id] + 1
         _rows, undelivered = self._number(run_id, first, drained)
@@ -150,7 +163,9 @@ class RunLog:
             prediction.entries = entries
         self._remember(run_id, first + len(batch))
         pending: list[_Pending] = session.info.setdefault(_SESSION_KEY, [])
-        pending.append(_Pending(run_id, list(events), undelivered + entries, drained, prediction))
+        pending.append(
+            _Pending(run_id, list(events), undelivered + entries, drained, prediction, notified=channel is not None)
+        )
         return entries
 
     def _predict(self, run_id: str, drained: list[tuple[int | None, Event]], events: list[Event]) -> int | None:
@@ -194,6 +209,18 @@ class RunLog:
         prediction.entries[:] = [Entry(entry.seq + shift, entry.event) for entry in prediction.entries]
         return shift
 
+    def _notify_channel(self, session: AsyncSession) -> str | None:
+        """The channel ``session``'s transaction NOTIFYs itself (PostgreSQL),
+        or None: the notifier task tells other processes once it commits."""
+        if not self.postgres:
+            return None
+        holder = self._notifying_session() if self._notifying_session is not None else None
+        if holder is not session:
+            if self._notifier_busy or (holder is not None and holder.in_transaction()):
+                return None
+            self._notifying_session = weakref.ref(session)
+        return RUN_EVENTS_CHANNEL
+
     def _number(
         self, run_id: str, first: int, buffered: list[tuple[int | None, Event]]
     ) -> tuple[list[tuple[str, int, Event]], list[Entry]]:
@@ -233,7 +260,7 @@ class RunLog:
             if pending.events:
                 self.bus.publish(pending.run_id, pending.events)
             self.bus.deliver(pending.run_id, pending.entries)
-            if pending.events or pending.drained:
+            if (pending.events or pending.drained) and not pending.notified:
                 self._tell_others(pending.run_id)
             if pending.entries and pending.entries[-1].event.name in _FINAL:
                 self._next.pop(pending.run_id, None)
@@ -275,11 +302,14 @@ class RunLog:
             await self._news_ready.wait()
             self._news_ready.clear()
             news, self._news = sorted(self._news), set()
+            self._notifier_busy = True
             try:
                 async with self._sessionmaker() as session, session.begin():
                     await run_events.notify(session, RUN_EVENTS_CHANNEL, news)
             except Exception as error:  # followers elsewhere also poll: a lost signal costs latency only
                 log.warning("could not signal new run events to other processes (%s)", error)
+            finally:
+                self._notifier_busy = False
 
     # ------------------------------------------------------------ flushing
 
@@ -314,6 +344,7 @@ class RunLog:
         delivered: list[tuple[str, list[Entry]]] = []
         drained: dict[str, list[tuple[int | None, Event]]] = {}
         rows: list[tuple[str, int, Event]] = []
+        channel: str | None = None
         try:
             async with self._sessionmaker() as session, session.begin():
                 # Lock first, then take the buffer: an append running now
@@ -321,7 +352,8 @@ class RunLog:
                 live = set(await run_events.lock(session, wanted, live_only=True))
                 drained = {run_id: self._buffer.pop(run_id) for run_id in wanted if run_id in self._buffer}
                 batches = {run_id: [event for _seq, event in drained[run_id]] for run_id in sorted(live & set(drained))}
-                firsts = await run_events.insert(session, batches)
+                channel = self._notify_channel(session) if batches else None
+                firsts = await run_events.insert(session, batches, notify_channel=channel)
                 for run_id, first in firsts.items():
                     numbered, undelivered = self._number(run_id, first, drained[run_id])
                     rows += numbered
@@ -338,7 +370,8 @@ class RunLog:
             log.debug("dropped late deltas of ended runs %s", ", ".join(sorted(dropped)))
         for run_id, entries in delivered:
             self.bus.deliver(run_id, entries)
-            self._tell_others(run_id)
+            if channel is None:
+                self._tell_others(run_id)
 
     async def close(self) -> None:
         """Write what is buffered and stop the flusher and the notifier."""

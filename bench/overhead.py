@@ -153,9 +153,12 @@ class Load:
     errors: list[str] = field(default_factory=list)
     peak_rss: float = 0.0
     cpu: float = 0.0
+    database_cpu: float = 0.0  # PostgreSQL's backends (0 on SQLite)
 
 
-async def load(port: int, pid: int, clients: int, duration: float, warmup: float, once: Any) -> Load:
+async def load(
+    port: int, pid: int, clients: int, duration: float, warmup: float, once: Any, database_pid: int | None = None
+) -> Load:
     result = Load()
     begin = time.monotonic()
     window, stop = begin + warmup, begin + warmup + duration
@@ -178,10 +181,12 @@ async def load(port: int, pid: int, clients: int, duration: float, warmup: float
     await asyncio.sleep(max(0.0, window - time.monotonic()))
     # The server and its children: the serving processes of `serve --workers N`.
     cpu_before = base.tree_cpu(pid)
+    database_before = base.tree_cpu(database_pid) if database_pid else 0.0
     while time.monotonic() < stop:
         result.peak_rss = max(result.peak_rss, rss_mib(pid))
         await asyncio.sleep(0.2)
     result.cpu = base.tree_cpu(pid) - cpu_before
+    result.database_cpu = base.tree_cpu(database_pid) - database_before if database_pid else 0.0
     await asyncio.gather(*tasks)
     result.samples = [s for s in result.samples if window <= s.done_at <= stop]
     return result
@@ -281,7 +286,9 @@ def server(
 LABELS = {"direct": "direct → stub", "litellm": "litellm → stub", "offline": "offline model"}
 
 
-async def bench_database(db: str, port: int, pid: int, stub_port: int, args: argparse.Namespace) -> list[str]:
+async def bench_database(
+    db: str, port: int, pid: int, stub_port: int, args: argparse.Namespace, database_pid: int | None = None
+) -> list[str]:
     client = Client("127.0.0.1", port)
     _, data = await client.call("POST", "/v1/assistants", {"model": "offline-bench", "instructions": "Be brief."})
     await client.close()
@@ -311,13 +318,15 @@ async def bench_database(db: str, port: int, pid: int, stub_port: int, args: arg
     for path in args.paths:
         for mode, once in [("poll (SDK)", polled(MODELS[path])), ("stream", streamed(MODELS[path]))]:
             for clients in args.clients:
-                result = await load(port, pid, clients, args.duration, args.load_warmup, once)
+                result = await load(port, pid, clients, args.duration, args.load_warmup, once, database_pid)
                 count = len(result.samples)
                 cpu_ms = result.cpu * 1000 / count if count else float("nan")
+                database_ms = f"{result.database_cpu * 1000 / count:.1f}" if count and database_pid else "-"
                 polls = f"{sum(s.polls for s in result.samples) / count:.2f}" if count and mode != "stream" else "-"
                 load_rows.append(
                     f"| {db} | {LABELS[path]} | {mode} | {clients} | **{count / args.duration:.0f}** | "
                     f"{pct(result.samples, 0.5):.1f} | {pct(result.samples, 0.95):.1f} | {polls} | {cpu_ms:.1f} | "
+                    f"{database_ms} | "
                     f"{result.peak_rss:.0f} | {len(result.errors)} |"
                 )
     return [*rows, "", *load_rows, "", f"{db}: RSS after the load {rss_mib(pid):.0f} MiB"]
@@ -407,8 +416,14 @@ def main() -> None:
         with stub(scratch) as stub_port:
             entries = routing(stub_port, args.paths)
             for db in databases:
-                with _database(db, scratch) as url, server(url, scratch, entries, extra_env) as (port, pid):
-                    lines = asyncio.run(bench_database(db, port, pid, stub_port, args))
+                with (
+                    _database(db, scratch) as (url, database_pid),
+                    server(url, scratch, entries, extra_env) as (
+                        port,
+                        pid,
+                    ),
+                ):
+                    lines = asyncio.run(bench_database(db, port, pid, stub_port, args, database_pid))
                     first_blank = lines.index("")
                     latency += lines[:first_blank]
                     loads += lines[first_blank + 1 : -2]
@@ -419,7 +434,7 @@ def main() -> None:
     print("\n".join(latency))
     print(
         "\n| db | path | clients do | clients | runs/s | p50 ms | p95 ms | polls/run | server CPU ms/run "
-        "| peak RSS MiB | errors |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| PostgreSQL CPU ms/run | peak RSS MiB | errors |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     print("\n".join(loads))
     print("\n" + "\n".join(notes))
@@ -428,13 +443,14 @@ def main() -> None:
 
 
 @contextmanager
-def _database(db: str, scratch: Path) -> Iterator[str]:
+def _database(db: str, scratch: Path) -> Iterator[tuple[str, int | None]]:
+    """The database's URL, and PostgreSQL's postmaster (its CPU is counted per run)."""
     if db == "sqlite":
-        yield f"sqlite+aiosqlite:///{scratch / 'bench.db'}"
+        yield f"sqlite+aiosqlite:///{scratch / 'bench.db'}", None
         return
     (scratch / "pg").mkdir(exist_ok=True)
-    with base.postgres_url(scratch / "pg") as (url, _postmaster):
-        yield url
+    with base.postgres_url(scratch / "pg") as (url, postmaster):
+        yield url, postmaster
 
 
 if __name__ == "__main__":

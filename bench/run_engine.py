@@ -1,12 +1,12 @@
 """The run engine's own cost, in process: claim and execute offline-model runs
 (no HTTP, no API), per run: CPU of this process (event loop and aiosqlite's
-threads), transactions, SQL statements (BEGIN included) and, on SQLite,
-thread hops to aiosqlite (issue 17).
+threads), transactions, SQL statements (BEGIN included), on SQLite thread hops to
+aiosqlite, on PostgreSQL round trips by kind and the backends' CPU (issue 17).
 
 Runs are inserted directly (a thread, a user message, a queued run each),
 then claimed ``--clients`` at a time and executed to completion as the
 worker does (app.runner.execute.claim_and_start, then run()). PostgreSQL is
-the embedded one of bench/runs.py; its backends' CPU is not counted here.
+the embedded one of bench/runs.py; its backends' CPU is reported apart.
 Prints one line per round; asserts nothing.
 
     .venv/bin/python bench/run_engine.py --db sqlite --runs 320 --clients 1,16
@@ -40,6 +40,51 @@ from app.settings import Settings
 from app.wire.events import Event
 
 HOPS = [0]
+# PostgreSQL: round trips to the server, by kind (BEGIN, COMMIT, prepare, execute, ...).
+ROUND_TRIPS: dict[str, int] = {}
+# With BENCH_TRACE=1: every round trip of each round's last 3 runs (connection, kind, SQL).
+TRACE: list[str] | None = [] if os.environ.get("BENCH_TRACE") else None
+
+
+class CountingProtocol:
+    """Stands in for an asyncpg connection's protocol and counts the calls
+    that wait for the server's answer (each one round trip)."""
+
+    _WAITS = frozenset({"prepare", "bind_execute", "bind_execute_many", "bind", "execute", "query", "close_statement"})
+
+    def __init__(self, protocol: Any) -> None:
+        self._protocol = protocol
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._protocol, name)
+        if name not in self._WAITS:
+            return attribute
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            kind, sql = name, ""
+            if name == "query":
+                sql = str(args[0] if args else kwargs["query"])
+                kind = sql.split()[0].rstrip(";").upper()  # BEGIN, COMMIT, ROLLBACK, ...
+            elif name == "prepare":
+                sql = str(args[1] if len(args) > 1 else kwargs["query"])
+            elif name in ("bind_execute", "execute"):
+                sql = str((args[0] if args else kwargs["state"]).query)
+                kind = "statement+notify" if "pg_notify" in sql else "statement"
+            ROUND_TRIPS[kind] = ROUND_TRIPS.get(kind, 0) + 1
+            if TRACE is not None:
+                TRACE.append(f"{id(self._protocol):x} {kind:<16} {' '.join(sql.split())[:110]}")
+            return attribute(*args, **kwargs)
+
+        return counted
+
+
+def count_round_trips(engine: Any) -> None:
+    def wrap(dbapi_connection: Any, _record: Any) -> None:
+        ROUND_TRIPS["connect"] = ROUND_TRIPS.get("connect", 0) + 1  # and its set-up's round trips (not counted)
+        driver = dbapi_connection.driver_connection
+        driver._protocol = CountingProtocol(driver._protocol)
+
+    event.listen(engine.sync_engine, "connect", wrap)
 
 
 def count_hops() -> None:
@@ -91,7 +136,9 @@ async def make_runs(runtime: Runtime, count: int) -> None:
             await runtime.run_log.append(session, run.id, created)
 
 
-async def measure(url: str, data_dir: Path, runs: int, clients: list[int], rounds: int) -> None:
+async def measure(
+    url: str, data_dir: Path, runs: int, clients: list[int], rounds: int, postmaster: int | None = None
+) -> None:
     runtime = await Runtime.start(Settings(data_dir=data_dir, database_url=url))
     counts = {"transactions": 0, "statements": 0}
 
@@ -100,6 +147,10 @@ async def measure(url: str, data_dir: Path, runs: int, clients: list[int], round
 
     event.listen(runtime.engine.sync_engine, "begin", tally("transactions"))
     event.listen(runtime.engine.sync_engine, "before_cursor_execute", tally("statements"))
+    postgres = runtime.engine.dialect.name == "postgresql"
+    if postgres:
+        await runtime.engine.dispose()  # connections opened from here on are counted
+        count_round_trips(runtime.engine)
     owner = "bench:0:engine"
     try:
         for concurrency in clients:
@@ -107,18 +158,30 @@ async def measure(url: str, data_dir: Path, runs: int, clients: list[int], round
                 await make_runs(runtime, runs)
                 counts.update(transactions=0, statements=0)
                 HOPS[0] = 0
+                ROUND_TRIPS.clear()
                 wall, cpu = time.perf_counter(), time.process_time()
+                database_cpu = base.tree_cpu(postmaster) if postmaster else 0.0
                 done = 0
                 while done < runs:
                     claimed = await execute.claim_and_start(runtime, owner, concurrency, 60.0, {})
                     await asyncio.gather(*(execute.run(execution) for execution in claimed))
                     done += len(claimed)
-                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                await asyncio.sleep(0.2)  # the notifier's and flusher's last rounds
+                wall, cpu = time.perf_counter() - wall - 0.2, time.process_time() - cpu
+                trips = ""
+                if TRACE is not None:
+                    print("\n".join(TRACE[-int(3 * sum(ROUND_TRIPS.values()) / runs) :]))
+                    TRACE.clear()
+                if postmaster:
+                    trips += f"; PostgreSQL CPU {(base.tree_cpu(postmaster) - database_cpu) * 1000 / runs:.2f} ms/run"
+                if postgres:
+                    kinds = ", ".join(f"{kind} {n / runs:.2f}" for kind, n in sorted(ROUND_TRIPS.items()))
+                    trips += f"; round trips {sum(ROUND_TRIPS.values()) / runs:.2f} per run ({kinds})"
                 print(
                     f"{concurrency:>2} at a time, round {number}: CPU {cpu * 1000 / runs:.2f} ms/run, "
                     f"wall {wall * 1000 / runs:.2f} ms/run, {counts['transactions'] / runs:.2f} transactions, "
                     f"{counts['statements'] / runs:.2f} statements, {HOPS[0] / runs:.1f} hops per run "
-                    f"(load average {os.getloadavg()[0]:.1f})",
+                    f"(load average {os.getloadavg()[0]:.1f}){trips}",
                     flush=True,
                 )
     finally:
@@ -126,12 +189,12 @@ async def measure(url: str, data_dir: Path, runs: int, clients: list[int], round
 
 
 @contextmanager
-def database(db: str, scratch: Path) -> Iterator[str]:
+def database(db: str, scratch: Path) -> Iterator[tuple[str, int | None]]:
     if db == "sqlite":
-        yield f"sqlite+aiosqlite:///{scratch / 'bench.db'}"
+        yield f"sqlite+aiosqlite:///{scratch / 'bench.db'}", None
         return
-    with base.postgres_url(scratch / "pg") as (url, _postmaster):
-        yield url
+    with base.postgres_url(scratch / "pg") as (url, postmaster):
+        yield url, postmaster
 
 
 def main() -> None:
@@ -145,8 +208,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as name:
         scratch = Path(name)
         (scratch / "pg").mkdir()
-        with database(args.db, scratch) as url:
-            asyncio.run(measure(url, scratch / "data", args.runs, args.clients, args.rounds))
+        with database(args.db, scratch) as (url, postmaster):
+            asyncio.run(measure(url, scratch / "data", args.runs, args.clients, args.rounds, postmaster))
 
 
 if __name__ == "__main__":

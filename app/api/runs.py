@@ -53,7 +53,9 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
     try:
         async with runtime.transaction() as session:
             run, events = await change(session)
-            opening = await runtime.run_log.append(session, run.id, events)
+            # ``change`` inserted the run or moved it with a compare-and-set
+            # UPDATE: this transaction holds its row lock (PostgreSQL).
+            opening = await runtime.run_log.append(session, run.id, events, run_locked=True)
             if stream:
                 follower = Follower(runtime.bus, runtime.transaction, run.id, opening[-1].seq, read_first=False)
                 await follower.open()
@@ -169,7 +171,8 @@ async def update_run(
 async def cancel_run(thread_id: str, run_id: str, runtime: RuntimeDep, project: ProjectDep) -> Response:
     async with runtime.transaction() as session:
         answer, events = await runs.cancel(session, project, thread_id, run_id)
-        await runtime.run_log.append(session, run_id, events)
+        # runs.cancel moved the run (an UPDATE), which holds its row lock.
+        await runtime.run_log.append(session, run_id, events, run_locked=True)
     runtime.wake(files=False)
     return respond(answer)
 

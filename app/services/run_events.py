@@ -51,19 +51,24 @@ async def last_seqs(session: AsyncSession, run_ids: Sequence[str]) -> dict[str, 
     return {run_id: found.get(run_id, 0) for run_id in run_ids}
 
 
-async def insert(session: AsyncSession, batches: dict[str, list[Event]]) -> dict[str, int]:
+async def insert(
+    session: AsyncSession, batches: dict[str, list[Event]], *, notify_channel: str | None = None
+) -> dict[str, int]:
     """Append each run's events after its last logged one (call under
     lock()); returns the first ``seq`` given to each run's events.
 
     On PostgreSQL one statement numbers and inserts (each statement sees
     what committed before it, so under the lock ``max(seq)`` is the log's
-    end); on SQLite, whose transactions are serial and local, a read of the
-    ends then one multi-row INSERT."""
+    end), and with ``notify_channel`` the same statement NOTIFYs it once per
+    run (delivered when the transaction commits, as notify() does; issue 17:
+    no transaction of its own). On SQLite, whose transactions are serial and
+    local, a read of the ends then one multi-row INSERT; ``notify_channel``
+    is PostgreSQL's only."""
     batches = {run_id: events for run_id, events in batches.items() if events}
     if not batches:
         return {}
     if session.bind is not None and session.bind.dialect.name == "postgresql":
-        return await _insert_postgres(session, batches)
+        return await _insert_postgres(session, batches, notify_channel)
     if sum(len(events) for events in batches.values()) <= _SQLITE_ONE_STATEMENT_ROWS:
         return await _insert_sqlite(session, batches)
     firsts = {run_id: last + 1 for run_id, last in (await last_seqs(session, sorted(batches))).items()}
@@ -77,8 +82,7 @@ async def insert(session: AsyncSession, batches: dict[str, list[Event]]) -> dict
     return firsts
 
 
-_INSERT_POSTGRES = text(
-    """
+_INSERT_POSTGRES_ROWS = """
     WITH v AS (
         SELECT * FROM unnest(
             CAST(:run_ids AS text[]), CAST(:ns AS int[]), CAST(:names AS text[]), CAST(:datas AS text[])
@@ -90,21 +94,31 @@ _INSERT_POSTGRES = text(
                v.event, CAST(v.data AS jsonb), :now
         FROM v
         RETURNING run_id, seq
+    ), firsts AS (
+        SELECT run_id, min(seq) AS first FROM ins GROUP BY run_id
     )
-    SELECT run_id, min(seq) AS first FROM ins GROUP BY run_id
-    """
+"""
+_INSERT_POSTGRES = text(_INSERT_POSTGRES_ROWS + "SELECT run_id, first FROM firsts")  # noqa: S608 (constants)
+# pg_notify in the select list: once per run, sent at COMMIT (nothing if it rolls back).
+_INSERT_NOTIFY_POSTGRES = text(
+    _INSERT_POSTGRES_ROWS + "SELECT run_id, first, pg_notify(:channel, run_id) FROM firsts"  # noqa: S608 (constants)
 )
 
 
-async def _insert_postgres(session: AsyncSession, batches: dict[str, list[Event]]) -> dict[str, int]:
+async def _insert_postgres(
+    session: AsyncSession, batches: dict[str, list[Event]], notify_channel: str | None
+) -> dict[str, int]:
     params: dict[str, Any] = {"run_ids": [], "ns": [], "names": [], "datas": [], "now": time.time()}
+    if notify_channel is not None:
+        params["channel"] = notify_channel
     for run_id, events in batches.items():
         for n, event in enumerate(events, start=1):
             params["run_ids"].append(run_id)
             params["ns"].append(n)
             params["names"].append(event.name)
             params["datas"].append(_ENCODE(_payload(event)))
-    rows = (await session.execute(_INSERT_POSTGRES, params)).all()
+    statement = _INSERT_POSTGRES if notify_channel is None else _INSERT_NOTIFY_POSTGRES
+    rows = (await session.execute(statement, params)).all()
     return {str(row[0]): int(row[1]) for row in rows}
 
 
