@@ -37,15 +37,16 @@ import asyncio
 import logging
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app import db
+from app import db, orm
 from app.bus import Entry, EventBus
-from app.services import run_events
+from app.services import core_rows, run_events
 from app.wire.events import TERMINAL_RUN_EVENTS, Event
 
 log = logging.getLogger("app.run_log")
@@ -132,16 +133,27 @@ class RunLog:
         self._wake_flusher()
 
     async def append(
-        self, session: AsyncSession, run_id: str, events: list[Event], *, run_locked: bool = False
+        self,
+        session: AsyncSession,
+        run_id: str,
+        events: list[Event],
+        *,
+        run_locked: bool = False,
+        inserting: Sequence[orm.Base] = (),
     ) -> list[Entry]:
         """Log ``events`` (after the run's buffered deltas) in ``session``'s
         transaction; returns their entries. With no events it still learns
         the run's next sequence number (an executor starting a run).
         ``run_locked``: this transaction already holds the run's row lock (it
         updated the row, or read it FOR UPDATE), so on PostgreSQL the lock
-        is not asked for again (issue 17: a round trip per append)."""
+        is not asked for again (issue 17: a round trip per append).
+        ``inserting``: new rows the events announce, inserted first (on
+        PostgreSQL by the statement that takes the run's lock)."""
         if self.postgres and not run_locked:  # a SQLite transaction holds the write lock already
-            await run_events.lock(session, [run_id])
+            await run_events.lock_inserting(session, run_id, inserting)
+        else:
+            for row in inserting:  # each sent with the next statement on SQLite
+                await core_rows.insert_row(session, row, write_behind=True)
         drained = self._buffer.pop(run_id, [])
         batch = [event for _seq, event in drained] + list(events)
         predicted = self._predict(run_id, drained, events) if batch else None

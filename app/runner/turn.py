@@ -151,15 +151,13 @@ class Turn:
         )
         step_wire, message_wire = run_steps.to_wire(step), messages.to_wire(message)
         async with self.runtime.transaction() as session:
-            await core_rows.insert_row(session, step, write_behind=True)
-            await core_rows.insert_row(session, message, write_behind=True)
             created = [
                 Event.of("thread.run.step.created", step_wire),
                 Event.of("thread.run.step.in_progress", step_wire),
                 Event.of("thread.message.created", message_wire),
                 Event.of("thread.message.in_progress", message_wire),
             ]
-            await self.runtime.run_log.append(session, self.run.id, created)
+            await self.runtime.run_log.append(session, self.run.id, created, inserting=[step, message])
         self.message, self.message_step = message, step
         self.marker_stream = markers.MarkerStream(self.targets)
         # Parts a built-in tool already made for this message (code_interpreter
@@ -210,9 +208,8 @@ class Turn:
             step = run_steps.new(self.run, "tool_calls", {"type": "tool_calls", "tool_calls": []})
             wire = run_steps.to_wire(step)
             async with self.runtime.transaction() as session:
-                await core_rows.insert_row(session, step, write_behind=True)
                 created = [Event.of("thread.run.step.created", wire), Event.of("thread.run.step.in_progress", wire)]
-                await self.runtime.run_log.append(session, self.run.id, created)
+                await self.runtime.run_log.append(session, self.run.id, created, inserting=[step])
             self.tool_step = step
         if delta.index not in self.calls:
             self._start_call(delta)

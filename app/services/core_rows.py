@@ -44,6 +44,13 @@ def values(row: Base) -> dict[str, Any]:
     return {column: state[key] for key, column in columns.items() if key in state}
 
 
+def insert_statement(row: Base) -> Insert:
+    """The row's INSERT with its values bound (to be sent inside another
+    statement, as a data-modifying CTE on PostgreSQL)."""
+    statement, _columns = _layout(type(row))
+    return statement.values(values(row))
+
+
 async def insert_row(session: AsyncSession, row: Base, *, write_behind: bool = False) -> None:
     statement, _columns = _layout(type(row))
     if write_behind:

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import db, ids, orm
 from app.bus import Entry
-from app.services import run_state
+from app.services import core_rows, run_state
 from app.wire.events import Event
 
 
@@ -38,6 +38,19 @@ async def lock(session: AsyncSession, run_ids: Sequence[str], *, live_only: bool
     if live_only:
         query = query.where(orm.Run.status.in_(("in_progress", "cancelling")))
     return list((await session.scalars(query)).all())
+
+
+async def lock_inserting(session: AsyncSession, run_id: str, rows: Sequence[orm.Base]) -> None:
+    """lock() of one run on PostgreSQL, with ``rows`` inserted by the same
+    statement (issue 17: one round trip for both). The lock is taken by a
+    statement before the one that numbers the events, whose snapshot then
+    sees every append that committed before it: the lock cannot go in the
+    numbering statement itself (its snapshot is taken before it waits)."""
+    locked = select(orm.Run.id).where(orm.Run.id == run_id).with_for_update(key_share=True).subquery("locked_run")
+    statement = select(func.count()).select_from(locked)
+    for index, row in enumerate(rows):
+        statement = statement.add_cte(core_rows.insert_statement(row).cte(f"inserted_{index}"))
+    await session.execute(statement)
 
 
 async def last_seqs(session: AsyncSession, run_ids: Sequence[str]) -> dict[str, int]:
