@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
+from sqlalchemy import Insert, Update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -117,12 +118,19 @@ class RunExecution:
         messages swept), and a run that already ended elsewhere (expired by
         the reaper) is left as it is."""
         events = list(pending.events)
+        unread = move is not None and self._movable_unread(move)
         async with self.runtime.transaction() as session:
-            # Core statements, each sent with the next one on SQLite (issue 17).
-            await write_rows(session, pending.rows)
-            for exchange in self._exchanges:
-                await core_rows.insert_row(session, model_requests.row(exchange), write_behind=True)
-            moved = await self._move_unread(session, move) if move is not None else None
+            alongside: list[Insert | Update] = []
+            if unread and self.runtime.run_log.postgres:
+                # PostgreSQL: the turn's writes go in the run's UPDATE (issue 17).
+                alongside += [core_rows.update_statement(change.row, change.keys) for change in pending.rows]
+                alongside += [core_rows.insert_statement(model_requests.row(e)) for e in self._exchanges]
+            else:
+                # Core statements, each sent with the next one on SQLite (issue 17).
+                await write_rows(session, pending.rows)
+                for exchange in self._exchanges:
+                    await core_rows.insert_row(session, model_requests.row(exchange), write_behind=True)
+            moved = await self._move_unread(session, move, alongside) if move is not None and unread else None
             if moved is not None:
                 events += moved
                 await self.runtime.run_log.append(session, self.run_id, events, run_locked=True)  # by the UPDATE
@@ -163,17 +171,26 @@ class RunExecution:
         # Streamed once committed; the run's row was locked above when read.
         await self.runtime.run_log.append(session, self.run_id, events, run_locked=run is not None)
 
-    async def _move_unread(self, session: AsyncSession, move: Move) -> list[Event] | None:
-        """The usual move (the answer done, or tool outputs required), made
-        without reading the run first (issue 17): a compare-and-set from
-        ``in_progress`` that returns the row as it is now, so the event
-        carries the run as a read would have. None, with nothing changed, if
-        the move needs the run read first (a sweep, a cancel) or the run is
-        no longer ``in_progress`` (cancelling, ended by the reaper): _commit
-        then reads it, locked, and decides as it always did."""
+    def _movable_unread(self, move: Move) -> bool:
+        """Whether _move_unread() may make ``move``: not when it needs the
+        run read first (a sweep, a cancel) or the run is no longer
+        ``in_progress`` as this execution last wrote it."""
         run = self._run
-        if run is None or move.sweep or move.to not in _UNREAD_MOVES or run.status != "in_progress":
-            return None
+        return not (run is None or move.sweep or move.to not in _UNREAD_MOVES or run.status != "in_progress")
+
+    async def _move_unread(
+        self, session: AsyncSession, move: Move, alongside: list[Insert | Update]
+    ) -> list[Event] | None:
+        """The usual move (the answer done, or tool outputs required; see
+        _movable_unread), made without reading the run first (issue 17): a
+        compare-and-set from ``in_progress`` that returns the row as it is
+        now, so the event carries the run as a read would have; with
+        ``alongside`` written by the same statement (PostgreSQL), whatever
+        its outcome. None, with the run unchanged, if the run is no longer
+        ``in_progress`` (cancelling, ended by the reaper): _commit then reads
+        it, locked, and decides as it always did."""
+        run = self._run
+        assert run is not None
         fields: dict[str, Any] = {"usage": self._usage()}
         if move.required_action is not None:
             fields["required_action"] = move.required_action
@@ -183,7 +200,7 @@ class RunExecution:
             fields["incomplete_details"] = move.incomplete_details
         session.add(run)
         try:
-            name = await run_state.transition(session, run, move.to, refresh=True, **fields)
+            name = await run_state.transition(session, run, move.to, refresh=True, alongside=alongside, **fields)
         except run_state.TransitionConflict:
             return None
         return [Event.of(name, runs.to_wire(run))]

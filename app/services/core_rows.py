@@ -20,7 +20,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Insert, Table, insert, inspect, update
+from sqlalchemy import Insert, Table, Update, insert, inspect, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import db
@@ -58,15 +58,20 @@ async def insert_row(session: AsyncSession, row: Base, *, write_behind: bool = F
     await session.execute(statement, values(row))
 
 
-async def update_row(session: AsyncSession, row: Base, keys: tuple[str, ...], *, write_behind: bool = False) -> None:
-    """Write the attributes ``keys`` of a row inserted by insert_row() (by
-    its primary key ``id``); the other columns are left as the database has
-    them (another writer may have changed them meanwhile: message metadata)."""
+def update_statement(row: Base, keys: tuple[str, ...]) -> Update:
+    """The UPDATE of update_row(), values bound."""
     insert_statement, columns = _layout(type(row))
     table = insert_statement.table
     assert isinstance(table, Table)
     state = row.__dict__
-    statement = update(table).where(table.c.id == state["id"]).values({columns[key]: state[key] for key in keys})
+    return update(table).where(table.c.id == state["id"]).values({columns[key]: state[key] for key in keys})
+
+
+async def update_row(session: AsyncSession, row: Base, keys: tuple[str, ...], *, write_behind: bool = False) -> None:
+    """Write the attributes ``keys`` of a row inserted by insert_row() (by
+    its primary key ``id``); the other columns are left as the database has
+    them (another writer may have changed them meanwhile: message metadata)."""
+    statement = update_statement(row, keys)
     if write_behind:
         statement = statement.execution_options(**db.WRITE_BEHIND)
     await session.execute(statement)
