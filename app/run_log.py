@@ -10,10 +10,11 @@ Two ways in:
 - ``publish(run_id, events)``: the deltas between commits (message and
   step deltas). They are buffered and written by one flusher task per
   process, all runs' deltas in one multi-row INSERT, at most every
-  ``run_events_flush_seconds``: on PostgreSQL at once when it is idle (other
-  processes wait for them), on SQLite only after that pause. An
-  append drains the run's buffer first, in its own transaction, so the log
-  never has a hole that a later commit could jump.
+  ``run_events_flush_seconds``: on PostgreSQL within a millisecond when it
+  is idle (other processes wait for them), on SQLite only after that pause.
+  An append drains the run's buffer first, in its own transaction, so the
+  log never has a hole that a later commit could jump; while an executor
+  commits a turn (``holding``) the flusher leaves that run's deltas to it.
 
 Sequence numbers are allocated under the run's row lock (``max(seq) + 1``),
 so appends to one run commit in order on every engine and across processes.
@@ -37,8 +38,8 @@ import asyncio
 import logging
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
-from contextlib import suppress
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,11 @@ RUN_EVENTS_CHANNEL = "assistants_run_events"
 # from the log at their next append).
 MAX_TRACKED_RUNS = 10_000
 _SESSION_KEY = "run_log"
+# PostgreSQL: the first delta after a pause waits this long before its flush,
+# so that an executor whose turn ends at once takes it into its own commit
+# (see holding(); issue 17: a transaction per run fewer, a millisecond of a
+# stream's first delta).
+FIRST_FLUSH_GRACE_SECONDS = 0.001
 # A run's final event: nothing is appended after it but by a new writer, which reads the log.
 _FINAL = TERMINAL_RUN_EVENTS - {"thread.run.requires_action"}
 
@@ -101,6 +107,9 @@ class RunLog:
         self._next: OrderedDict[str, int] = OrderedDict()
         self._buffer: dict[str, list[tuple[int | None, Event]]] = {}
         self._dirty = asyncio.Event()
+        # Runs whose executor is in a transaction that logs their buffered
+        # deltas itself (see holding()): the flusher leaves them to it.
+        self._held: dict[str, int] = {}
         self._flusher: asyncio.Task[None] | None = None
         # PostgreSQL: runs with news for other processes, told by one NOTIFY
         # transaction at a time. A transaction that NOTIFYs holds
@@ -131,6 +140,21 @@ class RunLog:
             buffered.extend((entry.seq, entry.event) for entry in entries)
             self.bus.deliver(run_id, entries)
         self._wake_flusher()
+
+    @asynccontextmanager
+    async def holding(self, run_id: str) -> AsyncIterator[None]:
+        """Within: ``run_id``'s buffered deltas wait for an append (the
+        executor's commit of a turn) rather than go in a flush of their own,
+        so a run that ends at once costs no flusher transaction (issue 17)."""
+        self._held[run_id] = self._held.get(run_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._held[run_id] -= 1
+            if not self._held[run_id]:
+                del self._held[run_id]
+            if run_id in self._buffer:  # not appended after all
+                self._wake_flusher()
 
     async def append(
         self,
@@ -337,6 +361,8 @@ class RunLog:
                 # SQLite: followers here have the deltas already, so writing
                 # waits for more (a short run's go with its final commit).
                 await asyncio.sleep(self.flush_seconds)
+            else:
+                await asyncio.sleep(FIRST_FLUSH_GRACE_SECONDS)  # see holding()
             self._dirty.clear()
             try:
                 await self.flush()
@@ -350,7 +376,7 @@ class RunLog:
 
     async def flush(self) -> None:
         """Write every buffered delta, all runs in one transaction."""
-        wanted = sorted(self._buffer)
+        wanted = sorted(run_id for run_id in self._buffer if run_id not in self._held)
         if not wanted:
             return
         delivered: list[tuple[str, list[Entry]]] = []
@@ -362,7 +388,11 @@ class RunLog:
                 # Lock first, then take the buffer: an append running now
                 # either went before (and drained) or waits for this commit.
                 live = set(await run_events.lock(session, wanted, live_only=True))
-                drained = {run_id: self._buffer.pop(run_id) for run_id in wanted if run_id in self._buffer}
+                drained = {
+                    run_id: self._buffer.pop(run_id)
+                    for run_id in wanted
+                    if run_id in self._buffer and run_id not in self._held
+                }
                 batches = {run_id: [event for _seq, event in drained[run_id]] for run_id in sorted(live & set(drained))}
                 channel = self._notify_channel(session) if batches else None
                 firsts = await run_events.insert(session, batches, notify_channel=channel)

@@ -157,6 +157,7 @@ async def measure(
             for number in range(rounds):
                 await make_runs(runtime, runs)
                 counts.update(transactions=0, statements=0)
+                flushes = runtime.run_log.flushes
                 HOPS[0] = 0
                 ROUND_TRIPS.clear()
                 wall, cpu = time.perf_counter(), time.process_time()
@@ -180,7 +181,8 @@ async def measure(
                 print(
                     f"{concurrency:>2} at a time, round {number}: CPU {cpu * 1000 / runs:.2f} ms/run, "
                     f"wall {wall * 1000 / runs:.2f} ms/run, {counts['transactions'] / runs:.2f} transactions, "
-                    f"{counts['statements'] / runs:.2f} statements, {HOPS[0] / runs:.1f} hops per run "
+                    f"{counts['statements'] / runs:.2f} statements, {HOPS[0] / runs:.1f} hops per run, "
+                    f"{(runtime.run_log.flushes - flushes) / runs:.2f} delta flushes "
                     f"(load average {os.getloadavg()[0]:.1f}){trips}",
                     flush=True,
                 )

@@ -119,7 +119,7 @@ class RunExecution:
         the reaper) is left as it is."""
         events = list(pending.events)
         unread = move is not None and self._movable_unread(move)
-        async with self.runtime.transaction() as session:
+        async with self.runtime.transaction() as session, self.runtime.run_log.holding(self.run_id):
             alongside: list[Insert | Update] = []
             if unread and self.runtime.run_log.postgres:
                 # PostgreSQL: the turn's writes go in the run's UPDATE (issue 17).
