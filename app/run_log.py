@@ -434,5 +434,13 @@ async def listen(engine: AsyncEngine, bus: EventBus, retry_seconds: float = 1.0)
     """Nudge this process's followers of a run whenever another process logs
     events for it (PostgreSQL), until cancelled. After the listening
     connection is lost and re-opened every follower is nudged once (a
-    NOTIFY may have been missed meanwhile)."""
-    await db.listen(engine, RUN_EVENTS_CHANNEL, bus.nudge, on_reconnect=bus.nudge_all, retry_seconds=retry_seconds)
+    NOTIFY may have been missed meanwhile). This process's own NOTIFYs are
+    skipped: their events reached its followers at commit."""
+    await db.listen(
+        engine,
+        RUN_EVENTS_CHANNEL,
+        bus.nudge,
+        on_reconnect=bus.nudge_all,
+        retry_seconds=retry_seconds,
+        ignore_backends=db.own_backends(engine),
+    )
