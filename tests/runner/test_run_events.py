@@ -3,12 +3,17 @@ the retention, and closing what a dead worker's stream left open."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from sqlalchemy import func, insert, select, update
 
 from app import orm
+from app.bus import FollowerQueue
+from app.run_log import RUN_EVENTS_CHANNEL
 from app.runtime import Runtime
 from app.services import run_events
+from app.settings import Settings
 from app.wire.events import Event
 from app.worker import Worker
 from tests.runner.test_worker import _make_runs
@@ -161,3 +166,57 @@ async def test_a_rolled_back_append_gives_back_only_the_numbers_it_did_not_hand_
         (4, "thread.message.delta", 3),
         (5, "thread.run.step.completed", None),
     ]
+
+
+async def _notify(runtime: Runtime, topic: str) -> None:
+    async with runtime.transaction() as session:
+        await run_events.notify(session, RUN_EVENTS_CHANNEL, [topic])
+
+
+async def _nudged(queue: FollowerQueue, seconds: float) -> bool:
+    """Whether a nudge (None) comes within ``seconds``; entries handed over are skipped."""
+    try:
+        async with asyncio.timeout(seconds):
+            while await queue.get() is not None:
+                pass
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _until_listening(listener: Runtime, sender: Runtime) -> None:
+    """Until ``listener``'s process hears ``sender``'s NOTIFYs (its listening
+    connection is opened by a task of its own)."""
+    async with listener.bus.follow("marker") as marker:
+        async with asyncio.timeout(20):
+            while True:
+                await _notify(sender, "marker")
+                if await _nudged(marker, 0.1):
+                    return
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_commit_signals_other_processes_itself_and_not_its_own(runtime: Runtime, settings: Settings) -> None:
+    """PostgreSQL (issue 17): the INSERT that logs a run's events NOTIFYs
+    other processes in their own transaction (no notifier transaction), and
+    the writing process, whose followers are handed the entries at commit,
+    does not wake them to read the log back."""
+    other = await Runtime.start(settings)  # a second process on the same database
+    try:
+        await _until_listening(other, runtime)
+        await _until_listening(runtime, other)
+        (run_id,) = await _make_runs(runtime, 1)
+        async with runtime.bus.follow(run_id) as here, other.bus.follow(run_id) as there:
+            async with runtime.transaction() as session:
+                await runtime.run_log.append(session, run_id, [Event("thread.run.in_progress", {"id": run_id})])
+            assert await _nudged(there, 20)
+            assert runtime.run_log._notifier is None  # the INSERT told them
+            # A NOTIFY from the other process after that commit: heard here in
+            # commit order, so a nudge for our own would have come before it.
+            async with runtime.bus.follow("marker") as marker:
+                await _notify(other, "marker")
+                assert await _nudged(marker, 20)
+            assert [entry.seq for entry in here.get_nowait() or []] == [1]
+            assert here.empty()
+    finally:
+        await other.close()
