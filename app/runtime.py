@@ -142,6 +142,23 @@ class Runtime:
             yield session
 
     @asynccontextmanager
+    async def poll_read(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads that write nothing. On PostgreSQL its
+        statements run outside a transaction (autocommit: each sees what was
+        committed when it starts, as in a transaction of one statement),
+        which spares the BEGIN and the ROLLBACK, a round trip each (issue
+        17: a poll's read; reading() is the read-only transaction of
+        searches); on SQLite a transaction() as any other."""
+        if db.is_sqlite(self.settings.resolved_database_url()):
+            async with self.transaction() as session:
+                yield session
+            return
+        async with self.engine.connect() as connection:
+            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            async with AsyncSession(bind=autocommit, expire_on_commit=False) as session:
+                yield session
+
+    @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """One short unit of work: commits on success, rolls back on error."""
         async with self.sessionmaker() as session:

@@ -123,7 +123,7 @@ async def _retrieve_when_stopped(runtime: Runtime, project: Project, thread_id: 
     while waiting. The stopping event carries the committed run as a GET
     would render it, so it is answered without reading the row again."""
     async with runtime.bus.subscribe(run_id) as events:
-        async with runtime.transaction() as session:
+        async with runtime.poll_read() as session:
             run = await runs.get_row(session, project, thread_id, run_id)
         if run.status not in _STILL_RUNNING or not _executed_here(runtime, run):
             return runs.to_wire(run)
@@ -139,7 +139,7 @@ async def _retrieve_when_stopped(runtime: Runtime, project: Project, thread_id: 
                         return Run.model_validate(event.data)
         except TimeoutError:
             pass
-    async with runtime.transaction() as session:
+    async with runtime.poll_read() as session:
         return runs.to_wire(await runs.get_row(session, project, thread_id, run_id))
 
 
@@ -154,7 +154,7 @@ async def retrieve_run(
     if poll_helper == "true" and runtime.settings.poll_hold_ms > 0:
         answer = await _retrieve_when_stopped(runtime, project, thread_id, run_id)
     else:
-        async with runtime.transaction() as session:
+        async with runtime.poll_read() as session:
             answer = runs.to_wire(await runs.get_row(session, project, thread_id, run_id))
     return _polled(answer, runtime.settings.poll_after_ms)
 
