@@ -76,8 +76,16 @@ def _update(keys: tuple[str, ...], refresh: bool) -> Update:
     return statement.returning(*_RUNS.c) if refresh else statement
 
 
-def _with_writes(statement: Update, writes: Sequence[Insert | Update]) -> Update:
-    """``statement`` with ``writes`` as data-modifying CTEs (PostgreSQL)."""
+def _update_with(run_id: str, source: str, values: dict[str, Any], writes: Sequence[Insert | Update]) -> Update:
+    """The refreshing compare-and-set with its values bound in, and
+    ``writes`` as data-modifying CTEs (PostgreSQL; built per call: the
+    writes carry their own bound values)."""
+    statement = (
+        update(_RUNS)
+        .where(_RUNS.c.id == run_id, _RUNS.c.status == source)
+        .values({_COLUMNS[key]: value for key, value in values.items()})
+        .returning(*_RUNS.c)
+    )
     for index, write in enumerate(writes):
         statement = statement.add_cte(write.cte(f"alongside_{index}"))
     return statement
@@ -130,20 +138,22 @@ async def transition(
     params = {"run_id": run.id, "source": source, **{f"set_{key}": value for key, value in values.items()}}
     if session.new or session.dirty or session.deleted:
         await session.flush()  # what an ORM-enabled UPDATE would have flushed first
+    assert refresh or not alongside, "the writes go with a refreshing UPDATE only"
     if refresh:
-        row = (await session.execute(_with_writes(_update(keys, True), alongside), params)).first()
+        if alongside:
+            row = (await session.execute(_update_with(run.id, source, values, alongside))).first()
+        else:
+            row = (await session.execute(_update(keys, True), params)).first()
         moved = 0 if row is None else 1
         if row is not None:
             for key, column in _COLUMNS.items():
                 set_committed_value(run, key, row._mapping[column])
     elif locked:
-        assert not alongside, "held back on SQLite: nothing may go with it"
         result = await session.execute(_update(keys, False), params, execution_options=_CANNOT_MISS)
         rowcount: int = result.rowcount  # type: ignore[attr-defined]
         moved = 1 if rowcount < 0 else rowcount  # held back (SQLite): the driver checks the count
     else:
-        statement = _with_writes(_update(keys, False), alongside)
-        moved = (await session.execute(statement, params)).rowcount  # type: ignore[attr-defined]
+        moved = (await session.execute(_update(keys, False), params)).rowcount  # type: ignore[attr-defined]
     if moved != 1:
         # On PostgreSQL the winner has committed (the UPDATE waited for its
         # row lock), so this read sees the status it left.
