@@ -262,6 +262,7 @@ def _sqlite_read_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.close()
 
+
 # The most PostgreSQL connections a process opens (a transaction waits for one beyond).
 POSTGRES_CONNECTIONS = 30
 
