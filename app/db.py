@@ -198,7 +198,7 @@ class SQLiteWriters:
         event.listen(sync.pool, "close", close)
 
 
-def create_engine(url: str) -> AsyncEngine:
+def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
     if is_sqlite(url):
         database = make_url(url).database
         if database and database != ":memory:":
@@ -211,14 +211,17 @@ def create_engine(url: str) -> AsyncEngine:
         event.listen(engine.sync_engine, "before_cursor_execute", sqlite_driver.hold_back_marked_writes)
         SQLiteWriters(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000).listen(engine)
         return engine
-    # Up to POSTGRES_CONNECTIONS connections, all kept once opened: an
+    # Up to ``pool_size`` connections (default POSTGRES_CONNECTIONS), all
+    # kept once opened: an
     # overflow connection (opened above the pool's size, closed at check-in)
     # cost a backend's start, the connection's set-up queries and a prepare
     # of every statement it then ran (issue 17: 16 runs at a time opened one
     # every two runs with 10 kept and 20 overflow). (use_lifo left a
     # connection unreturned after backends were terminated: tests/api/
     # test_races_faults.py.) Recycling bounds a connection's age.
-    engine = create_async_engine(url, pool_size=POSTGRES_CONNECTIONS, max_overflow=0, pool_recycle=300)
+    engine = create_async_engine(
+        url, pool_size=pool_size if pool_size is not None else POSTGRES_CONNECTIONS, max_overflow=0, pool_recycle=300
+    )
     ConnectionCheck(ping_after_idle_seconds=PING_AFTER_IDLE_SECONDS).listen(engine)
     _BACKENDS[engine.sync_engine] = BackendPids(engine)
     return engine
@@ -263,7 +266,8 @@ def _sqlite_read_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-# The most PostgreSQL connections a process opens (a transaction waits for one beyond).
+# The most PostgreSQL connections a process opens unless told otherwise
+# (Settings.database_pool_size; a transaction waits for one beyond).
 POSTGRES_CONNECTIONS = 30
 
 # A PostgreSQL connection unused for this long is pinged before it is handed out.

@@ -60,7 +60,7 @@ class Runtime:
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        engine = db.create_engine(settings.resolved_database_url())
+        engine = db.create_engine(settings.resolved_database_url(), settings.database_pool_size)
         await db.migrate(engine)
         cache_budget.set_limit(settings.vector_cache_mib * 1024**2)  # numpy waits for the first vector search
         metrics = Metrics()

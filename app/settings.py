@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     # Default: a SQLite file inside data_dir (see resolved_database_url).
     database_url: str | None = None
+    # PostgreSQL: the connections a process keeps open (all of them once a
+    # burst opened them; issue 17). PostgreSQL's max_connections must cover
+    # every process's pool: serving processes, workers, replicas.
+    database_pool_size: int = Field(default=30, ge=2)
     # Comma-separated in the environment; empty means the server is open.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # A key made with `keys create` is looked up once and remembered this long:
