@@ -130,8 +130,13 @@ class Settings(BaseSettings):
     sandbox_session_memory_bytes: int = 2 * 1024**3  # all of a session's processes together
     sandbox_max_output_bytes: int = 64 * 1024  # stdout+stderr kept per call
     sandbox_tmp_bytes: int = 256 * 1024**2  # size of the private /tmp
-    # When the server runs as root, sessions run as uids from here upward.
+    # When the server runs as root, sessions run as uids from here upward:
+    # each server process on the machine takes a range of sandbox_max_sessions
+    # of them, the first that no other process holds (a lock on that range
+    # in sandbox_uid_lock_file; app/sandbox/uid_ranges.py), among this many.
     sandbox_uid_base: int = 200_000
+    sandbox_uid_ranges: int = Field(default=64, ge=1)
+    sandbox_uid_lock_file: Path = Path("/run/assistants-server/sandbox-uids.lock")
     # SQLite: memory for the stores' embedding matrices kept between searches
     # (float32: 1.5 KiB per 384-d chunk, ~150 MiB per 100k chunks).
     vector_cache_mib: int = 512

@@ -69,19 +69,10 @@ def _checks(settings: Settings) -> None:
     cli.preflight_checks(settings)
 
 
-def process_settings(settings: Settings, index: int) -> Settings:
-    """The settings of serving process ``index``: its own range of sandbox
-    uids, since a uid's process limit is what keeps one code_interpreter
-    session from starving another (app/sandbox) and each process picks uids
-    only among its own sessions."""
-    return settings.model_copy(
-        update={"sandbox_uid_base": settings.sandbox_uid_base + index * settings.sandbox_max_sessions}
-    )
-
-
 def serve_process(settings: Settings, listener: socket.socket, index: int, count: int) -> None:
-    """One serving process (the spawned child's entry point)."""
-    settings = process_settings(settings, index)
+    """One serving process (the spawned child's entry point). Its
+    code_interpreter sessions take uids no other process on the machine
+    holds (app/sandbox/uid_ranges.py)."""
     os.setpgid(0, 0)  # out of the terminal's process group: Ctrl-C reaches the supervisor only
     with contextlib.suppress(OSError, AttributeError):  # Linux: SIGTERM when the supervisor dies
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

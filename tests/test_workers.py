@@ -125,15 +125,3 @@ def test_ephemeral_serves_from_one_process(tmp_path: Path) -> None:
     result = test_cli.run_cli("serve", "--ephemeral", "--workers", "2", "--data-dir", str(tmp_path / "data"))
     assert result.returncode == 1
     assert "--ephemeral serves from one process: leave out --workers" in result.stderr
-
-
-def test_each_serving_process_gives_its_sandboxes_uids_of_its_own(tmp_path: Path) -> None:
-    from app.settings import Settings
-    from app.supervisor import process_settings
-
-    settings = Settings(data_dir=tmp_path, sandbox_uid_base=300_000, sandbox_max_sessions=8)
-    ranges = [
-        range(s.sandbox_uid_base, s.sandbox_uid_base + 8) for s in (process_settings(settings, i) for i in range(3))
-    ]
-    assert [r.start for r in ranges] == [300_000, 300_008, 300_016]
-    assert len(set().union(*ranges)) == 24  # no uid shared between two processes

@@ -21,7 +21,7 @@ import time
 import weakref
 from pathlib import Path
 
-from app.sandbox import launch
+from app.sandbox import launch, uid_ranges
 from app.sandbox.session import CallResult, Launcher, OutputFile, SandboxError, Session
 from app.settings import Settings
 
@@ -80,6 +80,10 @@ class Sandboxes:
         self.launcher = launcher or launcher_from(settings)
         self.idle_seconds = settings.sandbox_idle_seconds
         self.max_sessions = settings.sandbox_max_sessions
+        self.uid_lock_file = settings.sandbox_uid_lock_file
+        self.uid_range_count = settings.sandbox_uid_ranges
+        # This process's uids, claimed with its first session (uid_ranges.py).
+        self.uids: uid_ranges.UidRange | None = None
         base = settings.sandbox_dir or Path(tempfile.gettempdir()) / f"assistants-sandbox-{os.geteuid()}"
         self.root = base.resolve() / f"{os.getpid()}-{secrets.token_hex(4)}"
         self.sessions: dict[str, Session] = {}
@@ -117,12 +121,19 @@ class Sandboxes:
         _remove_stale(self.root.parent)
 
     def _free_uid(self) -> int | None:
-        """A uid no live session of this manager runs as (None: run as the server's user)."""
+        """A uid of this process's range that no live session runs as (None:
+        run as the server's user). The range is claimed on first use, so a
+        process that never runs code holds none."""
         base = self.launcher.uid
         if base is None:
             return None
+        if self.uids is None:
+            try:
+                self.uids = uid_ranges.claim(self.uid_lock_file, base, self.max_sessions, self.uid_range_count)
+            except (uid_ranges.NoFreeRange, OSError) as error:
+                raise SandboxError(f"no sandbox uids for a new session: {error}") from error
         used = {session.uid for session in self.sessions.values()}
-        return next(base + n for n in range(len(used) + 1) if base + n not in used)
+        return next(uid for uid in self.uids.uids if uid not in used)  # sessions <= max_sessions: one is free
 
     async def session(self, key: str) -> Session:
         """The live session for ``key``, created (not yet started) if needed."""
@@ -188,6 +199,9 @@ class Sandboxes:
         for key in list(self.sessions):
             await self.discard(key)
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.uids is not None:  # every session that ran as them has ended
+            uid_ranges.release(self.uids)
+            self.uids = None
 
 
 def _world_readable(path: Path) -> bool:
