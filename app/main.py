@@ -27,13 +27,6 @@ def _lifespan(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await Runtime.start(settings)
         app.state.runtime = runtime
-        if settings.workers > 1 and runtime.run_log.deliver_early:
-            # SQLite under `serve --workers N`: this process numbers the deltas
-            # it streams ahead of writing them, by its own counter, which an
-            # append by another process (a cancel, tool outputs) can overtake:
-            # a stream here would then repeat a delta and miss that event.
-            # Delivered once written instead, as on PostgreSQL.
-            runtime.run_log.deliver_early = False
         if serves_api and await runtime.keys.is_open():
             log.warning(
                 "no API keys configured: the server accepts every request "

@@ -101,8 +101,14 @@ class RunLog:
         self.bus = bus
         self._sessionmaker = sessionmaker
         self.postgres = postgres
-        # SQLite: deltas go to followers at once, numbered by this process.
+        # SQLite: deltas go to followers at once, numbered by this process,
+        # while it is the database's only server process (app/sqlite_peers.py).
         self.deliver_early = not postgres
+        # Deltas handed out early and not written yet (buffered, or in a
+        # transaction that has not committed): another process may write to
+        # the run only once there are none.
+        self._early_unwritten = 0
+        self._all_early_written = asyncio.Event()
         self.flush_seconds = flush_seconds
         self._next: OrderedDict[str, int] = OrderedDict()
         self._buffer: dict[str, list[tuple[int | None, Event]]] = {}
@@ -137,6 +143,7 @@ class RunLog:
         else:
             entries = [Entry(seq + offset, event) for offset, event in enumerate(events)]
             self._next[run_id] = seq + len(events)
+            self._early_unwritten += len(entries)
             buffered.extend((entry.seq, entry.event) for entry in entries)
             self.bus.deliver(run_id, entries)
         self._wake_flusher()
@@ -293,6 +300,7 @@ class RunLog:
         for pending in session.info.pop(_SESSION_KEY, []):
             if pending.prediction is not None:
                 shifts[pending.run_id] = self._check(pending)
+            self._written(pending.drained)
             if pending.events:
                 self.bus.publish(pending.run_id, pending.events)
             self.bus.deliver(pending.run_id, pending.entries)
@@ -321,7 +329,34 @@ class RunLog:
                 if self._next.get(pending.run_id) == prediction.first + prediction.size:
                     self._next[pending.run_id] = prediction.first + len(pending.drained)
 
+    def _written(self, items: list[tuple[int | None, Event]]) -> None:
+        early = sum(1 for seq, _event in items if seq is not None)
+        if early:
+            self._early_unwritten -= early
+            if self._early_unwritten <= 0:
+                self._all_early_written.set()
+
     # ------------------------------------------------------------ other processes
+
+    async def stop_early_delivery(self) -> None:
+        """Another process opened the SQLite database: from now on deltas
+        reach followers once written; returns once every delta handed out
+        ahead is written, so that no append elsewhere can take its number."""
+        self.deliver_early = False
+        while self._early_unwritten > 0:
+            self._all_early_written.clear()
+            await self.flush()
+            if self._early_unwritten > 0:  # in a transaction of this process that has not committed yet
+                with suppress(TimeoutError):
+                    async with asyncio.timeout(self.flush_seconds):
+                        await self._all_early_written.wait()
+
+    def start_early_delivery(self) -> None:
+        """This process is the SQLite database's only one again. The next
+        sequence numbers it remembers may be stale (others appended): each
+        run's is learnt again at its next append."""
+        self._next.clear()
+        self.deliver_early = True
 
     def _tell_others(self, run_id: str) -> None:
         if not self.postgres:
@@ -407,6 +442,8 @@ class RunLog:
             raise
         self.flushes += 1
         self.flushed_rows += len(rows)
+        for items in drained.values():
+            self._written(items)  # the dropped ones too: nothing is written in their place
         dropped = set(drained) - live
         if dropped:  # the run ended under its executor (expired, say): late deltas have no place
             log.debug("dropped late deltas of ended runs %s", ", ".join(sorted(dropped)))

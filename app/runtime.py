@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app import cassettes, db, run_log
+from app import cassettes, db, run_log, sqlite_peers
 from app.bus import EventBus
 from app.llm import LLM, Exchange
 from app.observability.metrics import Metrics
@@ -56,6 +56,8 @@ class Runtime:
     worker: Worker | None = None
     _signals: set[asyncio.Task[None]] = field(default_factory=set)
     _listener: asyncio.Task[None] | None = None
+    # SQLite: the other server processes on the file (early delivery needs none).
+    _peers: sqlite_peers.Peers | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -71,6 +73,9 @@ class Runtime:
         sessionmaker = db.create_sessionmaker(engine)
         read_engine = db.create_read_engine(settings.resolved_database_url(), engine)
         postgres = not db.is_sqlite(settings.resolved_database_url())
+        peers = None if postgres else sqlite_peers.for_url(settings.resolved_database_url())
+        if peers is not None:
+            await peers.join()  # before this process writes any run's log
         runtime = cls(
             settings=settings,
             engine=engine,
@@ -86,6 +91,10 @@ class Runtime:
                 bus, sessionmaker, postgres=postgres, flush_seconds=settings.run_events_flush_seconds
             ),
         )
+        if peers is not None:
+            runtime._peers = peers
+            runtime.run_log.deliver_early = peers.sole
+            peers.watch(runtime.run_log.stop_early_delivery, runtime.run_log.start_early_delivery)
         if postgres:
             # Streams here follow runs that other processes execute.
             runtime._listener = asyncio.create_task(run_log.listen(engine, bus), name="run-events-listener")
@@ -120,6 +129,8 @@ class Runtime:
         if self.read_engine.sync_engine.pool is not self.engine.sync_engine.pool:
             await self.read_engine.dispose()
         await self.engine.dispose()
+        if self._peers is not None:  # after this process's last write
+            await self._peers.close()
 
     def wake(self, *, files: bool = True) -> None:
         """There is new work: the worker of this process starts it at once;

@@ -1,0 +1,102 @@
+"""Hand-started server processes on one database (not `serve --workers N`):
+a stream in the process that executes a run stays true to the run's log
+when another process appends to the run (app/sqlite_peers.py, issue 17)."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+
+from tests import test_cli
+from tests.test_cli import STOP_TIMEOUT, Server, clean_env, free_port, running_server
+
+pytestmark = pytest.mark.timeout(120)
+database_args = test_cli.database_args  # the fixture: SQLite, and a fresh embedded-PostgreSQL database
+
+DEADLINE = 30.0
+Frame = tuple[int | None, str, Any]
+
+
+def _frames(lines: Any) -> Any:
+    """(id, event, data) of each server-sent event, as they arrive."""
+    fields: dict[str, str] = {}
+    for line in lines:
+        if line:
+            name, _, value = line.partition(":")
+            fields[name] = value[1:] if value.startswith(" ") else value
+            continue
+        if "event" in fields:
+            data = fields.get("data", "")
+            parsed = json.loads(data) if data.startswith("{") else data  # `done` carries [DONE]
+            yield (int(fields["id"]) if "id" in fields else None, fields["event"], parsed)
+        fields = {}
+
+
+def _wait_for_log(server: Server, pattern: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not re.search(pattern, server.log()):
+        assert time.monotonic() < deadline, f"never logged {pattern!r}:\n{server.log()}"
+        assert server.process.poll() is None, server.log()
+        time.sleep(0.02)
+
+
+def test_a_stream_stays_true_to_the_log_when_another_process_cancels_its_run(
+    tmp_path: Path, database_args: list[str]
+) -> None:
+    data = ["--data-dir", str(tmp_path / "data"), *database_args]
+    executor_port, replica_port = free_port(), free_port()
+    sqlite = not database_args
+    with running_server(tmp_path, "--port", str(executor_port), *data, port=executor_port) as executor:
+        sdk = executor.sdk()
+        assistant = sdk.beta.assistants.create(model="gpt-4o")
+        # The second process: an API replica on the same database (it executes nothing).
+        replica_env = clean_env(ASSISTANTS_EMBEDDED_WORKER="false")
+        with running_server(
+            tmp_path, "--port", str(replica_port), *data, port=replica_port, env=replica_env
+        ) as replica:
+            if sqlite:
+                _wait_for_log(executor, "another server process opened the SQLite database")
+            thread = sdk.beta.threads.create(messages=[{"role": "user", "content": "[[delay 5]] [[tokens 400]]"}])
+            streamed: list[Frame] = []
+            with httpx2.stream(
+                "POST",
+                f"{executor.base_url}/threads/{thread.id}/runs",
+                json={"assistant_id": assistant.id, "stream": True},
+                headers={"Authorization": "Bearer x", "OpenAI-Beta": "assistants=v2"},
+                timeout=DEADLINE,
+            ) as response:
+                assert response.status_code == 200, response.read()
+                for frame in _frames(response.iter_lines()):
+                    streamed.append(frame)
+                    if [name for _id, name, _data in streamed].count("thread.message.delta") == 30:
+                        run_id = next(data["id"] for _id, name, data in streamed if name == "thread.run.created")
+                        # Appended by the replica while the executor numbers and writes deltas.
+                        with replica.sdk() as client:
+                            client.beta.threads.runs.cancel(run_id, thread_id=thread.id)
+            log = httpx2.get(
+                f"{replica.base_url}/threads/{thread.id}/runs/{run_id}/events",
+                headers={"Authorization": "Bearer x"},
+                timeout=DEADLINE,
+            )
+            logged = list(_frames(log.iter_lines()))
+            names = [name for _id, name, _data in streamed]
+            assert "thread.run.cancelling" in names and names[-2:] == ["thread.run.cancelled", "done"], names
+            assert streamed == logged  # every event once, in the log's order, with the log's ids
+            replica.process.send_signal(signal.SIGTERM)
+            assert replica.process.wait(timeout=STOP_TIMEOUT) == 0
+        if sqlite:  # alone again: deltas reach this process's streams at once, as before
+            _wait_for_log(executor, "the only server process on the SQLite database again")
+            with sdk.beta.threads.create_and_run_stream(
+                assistant_id=assistant.id, thread={"messages": [{"role": "user", "content": "again"}]}
+            ) as stream:
+                stream.until_done()
+                assert stream.get_final_run().status == "completed"
+        assert executor.terminate() == 0
+        assert "Traceback" not in executor.log() + replica.log()
