@@ -20,7 +20,7 @@ from app.bus import EventBus
 from app.llm import LLM, Exchange
 from app.observability.metrics import Metrics
 from app.retrieval import cache_budget
-from app.services import api_keys, model_requests
+from app.services import api_keys, model_requests, run_execution
 from app.settings import Settings
 from app.storage import Storage
 
@@ -113,6 +113,11 @@ class Runtime:
             return
         async with self.transaction() as session:  # completions outside runs (chat completions)
             model_requests.add(session, exchange)
+
+    def run_reservation(self) -> run_execution.Reservation | None:
+        """What a run created here is stamped with, so that this process's
+        worker executes it (worker.reservation()); None without a worker."""
+        return self.worker.reservation() if self.worker is not None else None
 
     def attach_worker(self, worker: Worker) -> None:
         """The worker of this process: new runs wake it at once."""

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     embedded_worker: bool = True
     worker_concurrency: int = 32
     worker_poll_seconds: float = 1.0
+    # A run created through this process's API waits this long for this
+    # process's worker before other processes may claim it (0: no preference).
+    run_claim_affinity_seconds: float = Field(default=0.2, ge=0)
     run_lease_seconds: float = 30.0
     # After a failed loop iteration (e.g. the database is unreachable) the
     # worker retries with exponential backoff up to this pause.

@@ -72,6 +72,9 @@ class Worker:
         self._claimed_to_capacity = False
         self._next_prune = 0.0
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.affinity_seconds = settings.run_claim_affinity_seconds
+        # Runs reserved for this worker since its last claim (reservation()).
+        self._reserved = 0
         self.builtins = registry.builtin_tools(runtime)
         self.ingestion = ingest.Ingestion(runtime, self.owner, self.wake)
         # Heartbeat, read by /readyz: when the loop last went round, and the
@@ -92,6 +95,16 @@ class Worker:
     @property
     def busy(self) -> int:
         return len(self._tasks)
+
+    def reservation(self) -> run_execution.Reservation | None:
+        """For a run this process's API is creating: keep it for this worker
+        (which claims it at its next wake, in-process, so the run's stream
+        and polls are answered from this process's bus), unless this worker
+        has no slot for it; then any process may claim it at once."""
+        if self._stopping or self.affinity_seconds <= 0 or len(self._tasks) + self._reserved >= self.concurrency:
+            return None
+        self._reserved += 1
+        return run_execution.Reservation(run_execution.reserved_for(self.owner), time.time() + self.affinity_seconds)
 
     async def wait_until_released(self, run_id: str) -> None:
         """Returns once this worker no longer executes ``run_id`` (its task
@@ -235,6 +248,7 @@ class Worker:
             await self.prune_run_events()
         free = self.concurrency - len(self._tasks)
         self._claimed_to_capacity = free <= 0
+        self._reserved = 0  # this claim takes the runs reserved so far (if it has room)
         if free > 0 and not self._stopping:
             # Claimed and started in one transaction (issue 17).
             claimed = await execute.claim_and_start(self.runtime, self.owner, free, self.lease_seconds, self.builtins)

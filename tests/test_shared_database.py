@@ -8,6 +8,7 @@ import json
 import re
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,53 @@ def test_a_stream_stays_true_to_the_log_when_another_process_cancels_its_run(
                 assert stream.get_final_run().status == "completed"
         assert executor.terminate() == 0
         assert "Traceback" not in executor.log() + replica.log()
+
+
+def _executors(database_args: list[str], data_dir: Path, run_ids: list[str]) -> dict[str, int]:
+    """The pid of the process executing each run, watched while they execute."""
+    from tests.test_workers import _lease_owner
+
+    found: dict[str, int] = {}
+    deadline = time.monotonic() + DEADLINE
+    while len(found) < len(run_ids):
+        assert time.monotonic() < deadline, f"runs never seen executing: {set(run_ids) - set(found)}"
+        for run_id in set(run_ids) - set(found):
+            owner = _lease_owner(database_args, data_dir, run_id)
+            if owner is not None and not owner.startswith("reserved:"):
+                found[run_id] = int(owner.split(":")[1])
+        time.sleep(0.01)
+    return found
+
+
+def test_runs_are_executed_by_the_process_whose_api_created_them(tmp_path: Path, database_args: list[str]) -> None:
+    """Two serving processes on one database, each creating runs at once: each
+    run is executed where it was created (its stream and polls are then
+    answered in-process), though the other process's worker looks for work
+    every 50 ms and would otherwise take any queued run it finds."""
+    data_dir = tmp_path / "data"
+    data = ["--data-dir", str(data_dir), *database_args]
+    # A long reservation: the creator's claim may wait on a loaded machine's database.
+    env = clean_env(ASSISTANTS_WORKER_POLL_SECONDS="0.05", ASSISTANTS_RUN_CLAIM_AFFINITY_SECONDS="10")
+    ports = free_port(), free_port()
+    with (
+        running_server(tmp_path, "--port", str(ports[0]), *data, port=ports[0], env=env) as first,
+        running_server(tmp_path, "--port", str(ports[1]), *data, port=ports[1], env=env) as second,
+    ):
+        with first.sdk() as sdk:
+            assistant = sdk.beta.assistants.create(model="gpt-4o")
+
+        def create(server: Server) -> str:
+            with server.sdk() as client:
+                run = client.beta.threads.create_and_run(
+                    assistant_id=assistant.id,
+                    thread={"messages": [{"role": "user", "content": "[[delay 100]] [[tokens 10]]"}]},
+                )
+                return run.id
+
+        servers = [first, second] * 6
+        with ThreadPoolExecutor(len(servers)) as pool:
+            run_ids = list(pool.map(create, servers))
+        executors = _executors(database_args, data_dir, run_ids)
+        created_by = {run_id: server.process.pid for run_id, server in zip(run_ids, servers, strict=True)}
+        assert executors == created_by
+        assert first.terminate() == 0 and second.terminate() == 0

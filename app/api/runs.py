@@ -83,7 +83,11 @@ async def create_run(
     run_steps.check_include(include)
     expires_in = runtime.settings.run_expires_seconds
     return await _queue_run(
-        runtime, body.stream, lambda session: runs.create(session, project, thread_id, body, expires_in=expires_in)
+        runtime,
+        body.stream,
+        lambda session: runs.create(
+            session, project, thread_id, body, expires_in=expires_in, reservation=runtime.run_reservation()
+        ),
     )
 
 
@@ -91,7 +95,11 @@ async def create_run(
 async def create_thread_and_run(body: ThreadAndRunCreate, runtime: RuntimeDep, project: ProjectDep) -> Response:
     async def change(session: AsyncSession) -> tuple[orm.Run, list[Event]]:
         _thread, run, events = await runs.create_thread_and_run(
-            session, project, body, expires_in=runtime.settings.run_expires_seconds
+            session,
+            project,
+            body,
+            expires_in=runtime.settings.run_expires_seconds,
+            reservation=runtime.run_reservation(),
         )
         return run, events
 

@@ -19,6 +19,28 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import ids, orm
 
+# A queued run created by a process's API is reserved for that process's
+# worker for a moment (issue 17, claim affinity): its lease_owner is this
+# prefix and the worker's owner, its lease_expires_at when the reservation
+# lapses. That worker claims it at once; any other claims it only once the
+# reservation lapsed, as it would a lapsed lease (so a dead creator leaves
+# nothing unclaimed). Not a lease: nobody executes the run yet.
+RESERVED = "reserved:"
+
+
+@dataclass(frozen=True)
+class Reservation:
+    owner: str  # RESERVED + the worker's owner
+    until: float  # time.time() when other workers may claim the run
+
+
+def reserved_for(owner: str) -> str:
+    return RESERVED + owner
+
+
+def is_reservation(lease_owner: str | None) -> bool:
+    return lease_owner is not None and lease_owner.startswith(RESERVED)
+
 
 def _lease_free(now: float) -> ColumnElement[bool]:
     return or_(orm.Run.lease_expires_at.is_(None), orm.Run.lease_expires_at < now)
@@ -32,6 +54,11 @@ def _claimable(now: float) -> ColumnElement[bool]:
     return and_(or_(orm.Run.status == "queued", resumable), _lease_free(now))
 
 
+def _claimable_by(owner: str, now: float) -> ColumnElement[bool]:
+    """Claimable, or queued and reserved for ``owner`` (however long the reservation still runs)."""
+    return or_(_claimable(now), and_(orm.Run.status == "queued", orm.Run.lease_owner == reserved_for(owner)))
+
+
 def _claim(owner: str, limit: int, lease_seconds: float) -> Update:
     now = time.time()
     # MATERIALIZED: chosen once. As a plain IN (subquery) PostgreSQL may
@@ -40,7 +67,7 @@ def _claim(owner: str, limit: int, lease_seconds: float) -> Update:
     # runs than ``limit`` (issue 17).
     candidates = (
         select(orm.Run.id)
-        .where(_claimable(now))
+        .where(_claimable_by(owner, now))
         .order_by(orm.Run.seq)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -49,7 +76,7 @@ def _claim(owner: str, limit: int, lease_seconds: float) -> Update:
     )
     return (
         update(orm.Run)
-        .where(orm.Run.id.in_(select(candidates.c.id)), _claimable(now))
+        .where(orm.Run.id.in_(select(candidates.c.id)), _claimable_by(owner, now))
         .values(lease_owner=owner, lease_expires_at=now + lease_seconds)
         .execution_options(synchronize_session=False)
     )

@@ -18,7 +18,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
-from app.services import core_rows, messages, pagination, run_state, run_steps, thread_lock, threads, tool_resources
+from app.services import (
+    core_rows,
+    messages,
+    pagination,
+    run_execution,
+    run_state,
+    run_steps,
+    thread_lock,
+    threads,
+    tool_resources,
+)
 from app.services.common import metadata_or_empty, require_id
 from app.services.projects import Project
 from app.wire.common import ListPage, response_format_to_wire, tool_to_wire
@@ -54,6 +64,7 @@ async def _new_run(
     *,
     expires_in: int,
     additional_instructions: str | None = None,
+    reservation: run_execution.Reservation | None = None,
 ) -> orm.Run:
     assistant = await _run_defaults(session, project, body.assistant_id)
     tools = [tool_to_wire(tool) for tool in body.tools] if body.tools is not None else list(assistant.tools)
@@ -85,6 +96,8 @@ async def _new_run(
         if body.response_format is not None
         else (assistant.response_format or "auto"),
         reasoning_effort=body.reasoning_effort or assistant.reasoning_effort,
+        lease_owner=reservation.owner if reservation else None,
+        lease_expires_at=reservation.until if reservation else None,
     )
 
 
@@ -140,7 +153,13 @@ def _queued_events(run: orm.Run) -> list[Event]:
 
 
 async def create(
-    session: AsyncSession, project: Project, thread_id: str, body: RunCreate, *, expires_in: int
+    session: AsyncSession,
+    project: Project,
+    thread_id: str,
+    body: RunCreate,
+    *,
+    expires_in: int,
+    reservation: run_execution.Reservation | None = None,
 ) -> tuple[orm.Run, list[Event]]:
     await threads.get(session, project, thread_id)
     active = await thread_lock.active_run(session, thread_id)
@@ -151,7 +170,13 @@ async def create(
         message_row = await messages.build(session, project, thread_id, message)
         await core_rows.insert_row(session, message_row, write_behind=True)  # sent with the next statement
     run = await _new_run(
-        session, project, thread_id, body, expires_in=expires_in, additional_instructions=body.additional_instructions
+        session,
+        project,
+        thread_id,
+        body,
+        expires_in=expires_in,
+        additional_instructions=body.additional_instructions,
+        reservation=reservation,
     )
     await _insert_live(session, run)
     return run, _queued_events(run)
@@ -177,10 +202,15 @@ async def _insert_live(session: AsyncSession, run: orm.Run) -> None:
 
 
 async def create_thread_and_run(
-    session: AsyncSession, project: Project, body: ThreadAndRunCreate, *, expires_in: int
+    session: AsyncSession,
+    project: Project,
+    body: ThreadAndRunCreate,
+    *,
+    expires_in: int,
+    reservation: run_execution.Reservation | None = None,
 ) -> tuple[orm.Thread, orm.Run, list[Event]]:
     thread = await threads.create(session, project, body.thread or ThreadCreate())
-    run = await _new_run(session, project, thread.id, body, expires_in=expires_in)
+    run = await _new_run(session, project, thread.id, body, expires_in=expires_in, reservation=reservation)
     run.tool_resources = (
         await tool_resources.to_stored(session, project, body.tool_resources) if body.tool_resources else None
     )
@@ -244,7 +274,12 @@ async def update(session: AsyncSession, project: Project, thread_id: str, run_id
 
 
 def _lease_is_live(run: orm.Run) -> bool:
-    return run.lease_owner is not None and (run.lease_expires_at or 0) > time.time()
+    """A worker executes the run (a reservation is not that: see run_execution.RESERVED)."""
+    return (
+        run.lease_owner is not None
+        and not run_execution.is_reservation(run.lease_owner)
+        and (run.lease_expires_at or 0) > time.time()
+    )
 
 
 async def cancel(session: AsyncSession, project: Project, thread_id: str, run_id: str) -> tuple[Run, list[Event]]:
