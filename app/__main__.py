@@ -18,22 +18,24 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic
-import uvicorn
-from sqlalchemy.engine import make_url
-from uvicorn.config import LOG_LEVELS
 
 import app
 from app import cli_keys, preflight, sandbox_setup, supervisor
-from app.api import limits
-from app.main import create_app, create_worker_app
 from app.observability import logs
-from app.runtime import Runtime
 from app.settings import Settings
-from app.testing import ephemeral
-from app.worker import Worker
+
+if TYPE_CHECKING:
+    import uvicorn
+
+# What the supervisor of ``serve --workers N`` runs is imported here; the
+# server itself (FastAPI, SQLAlchemy, uvicorn, the run engine) only in the
+# functions that serve, so that the supervisor stays small (issue 17).
+
+# uvicorn's log levels (uvicorn.config.LOG_LEVELS), without importing uvicorn.
+LOG_LEVELS = {"critical": 50, "error": 40, "warning": 30, "info": 20, "debug": 10, "trace": 5}
 
 log = logging.getLogger("app")
 
@@ -167,6 +169,8 @@ def configure_logging(settings: Settings) -> None:
 
 def display_database(settings: Settings) -> str:
     """The database URL without its password, for logs."""
+    from sqlalchemy.engine import make_url
+
     return make_url(settings.resolved_database_url()).render_as_string(hide_password=True)
 
 
@@ -183,23 +187,24 @@ def _exit_on_sigterm(_signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-class _Server(uvicorn.Server):
+def _announcing_server(config: uvicorn.Config, announcement: str, on_started: Callable[[], None]) -> uvicorn.Server:
     """uvicorn's server, announcing itself only once start-up succeeded."""
+    import uvicorn
 
-    def __init__(self, config: uvicorn.Config, announcement: str, on_started: Callable[[], None]) -> None:
-        super().__init__(config)
-        self.announcement = announcement
-        self._on_started = on_started
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started and not self.should_exit:
+                log.info("%s", announcement)
+                on_started()
 
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started and not self.should_exit:
-            log.info("%s", self.announcement)
-            self._on_started()
+    return Server(config)
 
 
 def serve_ephemeral(settings: Settings, args: argparse.Namespace) -> int:
     """``serve --ephemeral``: see app/testing/ephemeral.py."""
+    from app.testing import ephemeral
+
     if settings.workers > 1:
         raise preflight.StartupError("--ephemeral serves from one process: leave out --workers")
     with contextlib.ExitStack() as stack:
@@ -233,6 +238,11 @@ def serve(
             return supervisor.Supervisor(settings, listener, settings.workers).run()
         preflight_checks(settings)
     assert listener is not None
+    import uvicorn
+
+    from app.api import limits
+    from app.main import create_app
+
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
@@ -253,7 +263,7 @@ def serve(
         timeout_keep_alive=settings.http_keep_alive_seconds,
         h11_max_incomplete_event_size=settings.http_max_header_bytes,
     )
-    server = _Server(
+    server = _announcing_server(
         config,
         f"serving the Assistants API at http://{settings.host}:{settings.port}/v1 "
         f"(database {display_database(settings)}, data {settings.data_dir.resolve()}" + (f"; {name})" if name else ")"),
@@ -281,6 +291,9 @@ def migrate(settings: Settings) -> int:
 
 
 async def _work(settings: Settings) -> None:
+    from app.runtime import Runtime
+    from app.worker import Worker
+
     runtime = await Runtime.start(settings)
     worker = Worker(runtime)
     loop = asyncio.get_running_loop()
@@ -299,6 +312,11 @@ def run_worker(settings: Settings) -> int:
     """Execute runs without serving the API: scale workers apart from API replicas
     (which then run with ASSISTANTS_EMBEDDED_WORKER=false) on one PostgreSQL.
     With a metrics port, uvicorn serves /metrics and the probes beside it."""
+    import uvicorn
+
+    from app.api import limits
+    from app.main import create_worker_app
+
     preflight.check_models(settings)
     preflight.prepare_database(settings)
     if settings.metrics_port is None:

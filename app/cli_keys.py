@@ -13,13 +13,17 @@ import asyncio
 import datetime
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from app import db, preflight
-from app.services import api_keys
+from app import preflight
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+# The database side (app.db, app.services) is imported by main() only: the CLI
+# module imports this one for add_parser(), and ``serve --workers N``'s
+# supervisor must stay small (issue 17).
 
 T = TypeVar("T")
 
@@ -46,6 +50,8 @@ def _when(value: int | None) -> str:
 
 
 async def _in_transaction(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    from app import db
+
     engine = db.create_engine(settings.resolved_database_url())
     try:
         async with db.create_sessionmaker(engine)() as session, session.begin():
@@ -55,6 +61,8 @@ async def _in_transaction(settings: Settings, work: Callable[[AsyncSession], Awa
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
+    from app.services import api_keys
+
     preflight.prepare_database(settings)  # the tables exist (and the default project)
     if args.keys_command == "create":
         name = args.project.strip()

@@ -12,11 +12,10 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import yaml
-from sqlalchemy.engine import make_url
-
-from app import db
 from app.settings import Settings
+
+# yaml, SQLAlchemy and app.db are imported in the checks that need them: the
+# supervisor of ``serve --workers N`` uses bind() only and stays small (issue 17).
 
 # How long to wait for the database to answer at start-up.
 CONNECT_TIMEOUT_SECONDS = 10.0
@@ -68,6 +67,8 @@ def _unknown(found: Any, known: frozenset[str], where: str, path: Path) -> None:
 
 def check_routing_file(path: Path) -> None:
     """Malformed YAML and unknown keys; the shapes are LLM.from_config's to check."""
+    import yaml
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -127,11 +128,15 @@ def _one_line(text: str) -> str:
 
 
 def _where(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
     parsed = make_url(url)
     return f"{parsed.host or 'localhost'}:{parsed.port or 5432}"
 
 
 async def _migrate(url: str) -> None:
+    from app import db
+
     engine = db.create_engine(url)
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
@@ -144,6 +149,8 @@ async def _migrate(url: str) -> None:
 
 def prepare_database(settings: Settings) -> None:
     """Validate the URL, reach the database and bring its schema up to date."""
+    from app import db
+
     url = settings.resolved_database_url()
     try:
         db.validate_url(url)
@@ -158,6 +165,10 @@ def prepare_database(settings: Settings) -> None:
 
 
 def _database_failure(url: str, exc: BaseException) -> str:
+    from sqlalchemy.engine import make_url
+
+    from app import db
+
     reason = _one_line(str(exc)) or type(exc).__name__
     if isinstance(exc, TimeoutError):
         reason = f"no answer within {CONNECT_TIMEOUT_SECONDS:g} s"

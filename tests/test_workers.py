@@ -9,6 +9,8 @@ import os
 import re
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -125,3 +127,18 @@ def test_ephemeral_serves_from_one_process(tmp_path: Path) -> None:
     result = test_cli.run_cli("serve", "--ephemeral", "--workers", "2", "--data-dir", str(tmp_path / "data"))
     assert result.returncode == 1
     assert "--ephemeral serves from one process: leave out --workers" in result.stderr
+
+
+def test_the_supervisor_imports_none_of_the_server() -> None:
+    """`serve --workers N`'s supervisor runs the CLI module and binds the port
+    (preflight.bind): neither may import the server, which only its serving
+    processes hold (~50 MiB of the supervisor's RSS otherwise)."""
+    probe = (
+        "import sys, app.__main__, app.preflight, app.supervisor; "
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'fastapi', 'starlette', 'sqlalchemy', 'uvicorn', 'yaml', 'litellm', 'alembic', 'numpy'})))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True, env=clean_env()
+    )
+    assert result.stdout.split() == [], result.stdout
