@@ -55,8 +55,16 @@ def _claimable(now: float) -> ColumnElement[bool]:
 
 
 def _claimable_by(owner: str, now: float) -> ColumnElement[bool]:
-    """Claimable, or queued and reserved for ``owner`` (however long the reservation still runs)."""
-    return or_(_claimable(now), and_(orm.Run.status == "queued", orm.Run.lease_owner == reserved_for(owner)))
+    """Claimable, or queued and reserved for ``owner`` (however long the
+    reservation still runs). Each branch of the OR tests the status, so that
+    SQLite still reads the status index (an OR around _claimable() scanned the table)."""
+    queued = and_(orm.Run.status == "queued", or_(_lease_free(now), orm.Run.lease_owner == reserved_for(owner)))
+    resumable = and_(
+        orm.Run.status == "in_progress",
+        or_(orm.Run.expires_at.is_(None), orm.Run.expires_at > int(now)),
+        _lease_free(now),
+    )
+    return or_(queued, resumable)
 
 
 def _claim(owner: str, limit: int, lease_seconds: float) -> Update:
