@@ -35,6 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
+from urllib.parse import unquote
 
 from sqlalchemy.engine import make_url
 
@@ -68,7 +69,12 @@ def for_url(url: str) -> Peers | None:
     database = parsed.database
     if not database or database == ":memory:" or parsed.query.get("mode") == "memory":
         return None
-    return Peers(Path(f"{database}-processes.lock"))
+    if database.startswith("file:"):  # a URI filename (?uri=true): its path, without the URI's query
+        database = unquote(database.removeprefix("file:").split("?", 1)[0])
+        if not database or database == ":memory:":
+            return None
+    # Resolved: processes started from different folders must meet on one file.
+    return Peers(Path(f"{Path(database).resolve()}-processes.lock"))
 
 
 class Peers:
@@ -167,6 +173,8 @@ class Peers:
                         await on_shared()
                     except Exception as error:  # the newcomer waits on; retried at the next look
                         log.warning("could not write the deltas numbered ahead (%s); retrying", error)
+                        if self._alone():  # the newcomer gave up or died meanwhile: early delivery back
+                            on_sole()
                         continue
                     self._share()
             else:

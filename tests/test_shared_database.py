@@ -11,10 +11,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx2
 import pytest
 
+from app import sqlite_peers
 from tests import test_cli
 from tests.test_cli import STOP_TIMEOUT, Server, clean_env, free_port, running_server
 
@@ -151,3 +153,25 @@ def test_runs_are_executed_by_the_process_whose_api_created_them(tmp_path: Path,
         created_by = {run_id: server.process.pid for run_id, server in zip(run_ids, servers, strict=True)}
         assert executors == created_by
         assert first.terminate() == 0 and second.terminate() == 0
+
+
+def test_every_spelling_of_one_sqlite_file_meets_on_one_lock_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Processes started from other folders, or naming the file as a URI
+    (?uri=true), must join the same lock file, or each would think itself
+    alone and hand deltas to streams before writing them."""
+    database = tmp_path / "one db.sqlite"
+    monkeypatch.chdir(tmp_path)
+    spellings = [
+        f"sqlite+aiosqlite:///{database}",
+        "sqlite+aiosqlite:///one db.sqlite",
+        f"sqlite+aiosqlite:///file:{quote(str(database))}?uri=true",
+    ]
+    paths = set()
+    for url in spellings:
+        peers = sqlite_peers.for_url(url)
+        assert peers is not None, url
+        paths.add(peers.path)
+    assert paths == {Path(f"{database}-processes.lock")}
+    assert sqlite_peers.for_url("sqlite+aiosqlite:///file::memory:?cache=shared&uri=true") is None

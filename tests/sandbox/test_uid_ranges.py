@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from app.sandbox import SandboxError, Sandboxes
+from app.sandbox import SandboxError, Sandboxes, uid_ranges
 from app.settings import Settings
 
 pytestmark = pytest.mark.timeout(60)
@@ -154,3 +154,18 @@ def test_two_managers_in_one_process_do_not_share_a_range(tmp_path: Path) -> Non
         await three.close()
 
     asyncio.run(scenario())
+
+
+def test_an_unusable_lock_folder_falls_back_to_one_every_process_shares(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock file whose folder cannot be made (a read-only /run) does not
+    cost code_interpreter its sessions: the machine-wide fallback is used."""
+    fallback = tmp_path / "fallback.lock"
+    monkeypatch.setattr(uid_ranges, "FALLBACK_LOCK_FILE", fallback)
+    (tmp_path / "run").write_text("not a folder")
+    held = uid_ranges.claim(tmp_path / "run" / "uids.lock", BASE, 4, 2)
+    try:
+        assert held.start == BASE and fallback.exists()
+    finally:
+        uid_ranges.release(held)
