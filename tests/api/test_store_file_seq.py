@@ -10,15 +10,13 @@ from typing import Any
 
 import openai
 import pytest
-from alembic import command
-from alembic.config import Config
 from fastapi import FastAPI
 from sqlalchemy import select, text, update
-from sqlalchemy.engine import Connection
 
 from app import db, ids, orm
 from app.retrieval import chunking, keyword_postings
 from app.services import projects, vector_store_files, vector_stores
+from tests.retrieval.test_postings_migration import _downgrade
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -123,13 +121,6 @@ async def test_a_batch_naming_one_file_twice_attaches_it_once(client: openai.Asy
     assert batch.status == "completed"
     listed = (await client.vector_stores.files.list(store.id)).data
     assert [(item.id, item.attributes) for item in listed] == [(zebra, {"k": "last"})]
-
-
-def _downgrade(connection: Connection, revision: str) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(db.MIGRATIONS_DIR))
-    config.attributes["connection"] = connection
-    command.downgrade(config, revision)
 
 
 async def test_upgrade_separates_files_that_share_a_seq(database_url: str) -> None:
