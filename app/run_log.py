@@ -298,8 +298,7 @@ class RunLog:
         # the same or less, and adding every shift would count them twice).
         shifts: dict[str, int] = {}
         for pending in session.info.pop(_SESSION_KEY, []):
-            if pending.prediction is not None:
-                shifts[pending.run_id] = self._check(pending)
+            shifts[pending.run_id] = self._check(pending)  # 0 for an append the insert numbered itself
             self._written(pending.drained)
             if pending.events:
                 self.bus.publish(pending.run_id, pending.events)

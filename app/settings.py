@@ -34,9 +34,11 @@ class Settings(BaseSettings):
     # Default: a SQLite file inside data_dir (see resolved_database_url).
     database_url: str | None = None
     # PostgreSQL: the connections a process keeps open (all of them once a
-    # burst opened them; issue 17). PostgreSQL's max_connections must cover
-    # every process's pool: serving processes, workers, replicas.
-    database_pool_size: int = Field(default=30, ge=2)
+    # burst opened them; issue 17). Two of them are held for good by the
+    # LISTEN connections (run events, the worker's wake-ups). PostgreSQL's
+    # max_connections must cover every process's pool: serving processes,
+    # workers, replicas.
+    database_pool_size: int = Field(default=30, ge=4)
     # Comma-separated in the environment; empty means the server is open.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # A key made with `keys create` is looked up once and remembered this long:

@@ -130,8 +130,14 @@ class Sandboxes:
         if self.uids is None:
             try:
                 self.uids = uid_ranges.claim(self.uid_lock_file, base, self.max_sessions, self.uid_range_count)
-            except (uid_ranges.NoFreeRange, OSError) as error:
+            except uid_ranges.NoFreeRange as error:
                 raise SandboxError(f"no sandbox uids for a new session: {error}") from error
+            except OSError as error:
+                raise SandboxError(
+                    f"no sandbox uids for a new session: the uid lock file {self.uid_lock_file} is unusable "
+                    f"({error}); set ASSISTANTS_SANDBOX_UID_LOCK_FILE to a path that every server process "
+                    "of this machine can write"
+                ) from error
         used = {session.uid for session in self.sessions.values()}
         return next(uid for uid in self.uids.uids if uid not in used)  # sessions <= max_sessions: one is free
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,27 +49,13 @@ _descriptors: dict[Path, int] = {}
 _held: set[UidRange] = set()
 
 
-# Where the lock file goes when its configured folder cannot be made or
-# written (a read-only /run, systemd's ProtectSystem=strict without a
-# RuntimeDirectory): every server process of the machine falls back alike.
-FALLBACK_LOCK_FILE = Path(tempfile.gettempdir()) / "assistants-server-sandbox-uids.lock"
-
-
-def _open(lock_file: Path) -> int:
-    lock_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    return os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-
-
 def _descriptor(lock_file: Path) -> int:
+    # No fallback elsewhere when this fails: processes that locked different
+    # files could hand one uid to two sessions (isolation fails closed).
     descriptor = _descriptors.get(lock_file)
     if descriptor is None:
-        try:
-            descriptor = _open(lock_file)
-        except OSError as error:
-            log.warning("sandbox uid lock file %s unusable (%s); using %s", lock_file, error, FALLBACK_LOCK_FILE)
-            descriptor = _descriptors.get(FALLBACK_LOCK_FILE)
-            if descriptor is None:
-                descriptor = _descriptors[FALLBACK_LOCK_FILE] = _open(FALLBACK_LOCK_FILE)
+        lock_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         _descriptors[lock_file] = descriptor
     return descriptor
 

@@ -16,7 +16,6 @@ from typing import Any
 
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import func, select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
@@ -79,7 +78,7 @@ async def record_activity(
     try:
         async with transaction() as session:
             await touch_ids(session, store_ids)
-    except SQLAlchemyError as error:
+    except Exception as error:  # any failure (a refused connection is an OSError, not SQLAlchemy's)
         log.warning("could not record the activity of vector stores %s (%s)", ", ".join(store_ids), error)
 
 

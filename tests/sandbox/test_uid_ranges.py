@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from app.sandbox import SandboxError, Sandboxes, uid_ranges
+from app.sandbox import SandboxError, Sandboxes
 from app.settings import Settings
 
 pytestmark = pytest.mark.timeout(60)
@@ -156,16 +156,22 @@ def test_two_managers_in_one_process_do_not_share_a_range(tmp_path: Path) -> Non
     asyncio.run(scenario())
 
 
-def test_an_unusable_lock_folder_falls_back_to_one_every_process_shares(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A lock file whose folder cannot be made (a read-only /run) does not
-    cost code_interpreter its sessions: the machine-wide fallback is used."""
-    fallback = tmp_path / "fallback.lock"
-    monkeypatch.setattr(uid_ranges, "FALLBACK_LOCK_FILE", fallback)
+def test_an_unusable_lock_file_refuses_sessions_and_names_the_setting(tmp_path: Path) -> None:
+    """A lock file whose folder cannot be made (a read-only /run) fails
+    closed, with an error that says what to set: a fallback elsewhere could
+    leave two processes on different files, handing one uid to two sessions."""
     (tmp_path / "run").write_text("not a folder")
-    held = uid_ranges.claim(tmp_path / "run" / "uids.lock", BASE, 4, 2)
-    try:
-        assert held.start == BASE and fallback.exists()
-    finally:
-        uid_ranges.release(held)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        sandbox_dir=tmp_path / "sandboxes",
+        sandbox_uid_base=BASE,
+        sandbox_max_sessions=4,
+        sandbox_uid_ranges=2,
+        sandbox_uid_lock_file=tmp_path / "run" / "uids.lock",
+    )
+    from app.sandbox import launcher_from
+
+    manager = Sandboxes(settings, dataclasses.replace(launcher_from(settings), uid=BASE))
+    with pytest.raises(SandboxError, match="ASSISTANTS_SANDBOX_UID_LOCK_FILE"):
+        manager._free_uid()
+    asyncio.run(manager.close())
