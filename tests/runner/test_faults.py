@@ -218,7 +218,14 @@ async def test_an_execution_whose_lease_was_taken_over_stops(runtime: Runtime) -
         (run_id,) = await _make_runs(runtime, 1, text="[[delay 20]] [[tokens 500]]")
         await _until(lambda: worker.busy == 1, "the run to start")
         async with runtime.transaction() as session:  # as if another worker claimed it after a lapse
-            await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(lease_owner="other-worker"))
+            # With a lease of its own, as a claim stamps: with the old one left
+            # to lapse, this worker could claim the run back (and finish it)
+            # before the check below, on a machine slow enough.
+            await session.execute(
+                update(orm.Run)
+                .where(orm.Run.id == run_id)
+                .values(lease_owner="other-worker", lease_expires_at=time.time() + 60)
+            )
         await _until(lambda: worker.busy == 0, "the execution to stop")
         async with runtime.transaction() as session:
             run = await session.get(orm.Run, run_id)
