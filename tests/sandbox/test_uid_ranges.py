@@ -128,23 +128,25 @@ def test_processes_take_disjoint_uid_ranges_and_a_dead_ones_range_is_reused(tmp_
         assert start(started, tmp_path, lock, count=3).uids == third.uids
 
 
-def test_two_managers_in_one_process_do_not_share_a_range(tmp_path: Path) -> None:
+def _manager(tmp_path: Path, lock_file: Path) -> Sandboxes:
+    """A sandbox manager of this process (as root would run it: uids from
+    BASE), 2 ranges of 4 uids locked in ``lock_file``."""
+    from app.sandbox import launcher_from
+
     settings = Settings(
         data_dir=tmp_path / "data",
         sandbox_dir=tmp_path / "sandboxes",
         sandbox_uid_base=BASE,
         sandbox_max_sessions=4,
         sandbox_uid_ranges=2,
-        sandbox_uid_lock_file=tmp_path / "uids.lock",
+        sandbox_uid_lock_file=lock_file,
     )
+    return Sandboxes(settings, dataclasses.replace(launcher_from(settings), uid=BASE))
 
-    def manager() -> Sandboxes:
-        from app.sandbox import launcher_from
 
-        return Sandboxes(settings, dataclasses.replace(launcher_from(settings), uid=BASE))
-
+def test_two_managers_in_one_process_do_not_share_a_range(tmp_path: Path) -> None:
     async def scenario() -> None:
-        one, two, three = manager(), manager(), manager()
+        one, two, three = (_manager(tmp_path, tmp_path / "uids.lock") for _ in range(3))
         assert one._free_uid() == BASE and two._free_uid() == BASE + 4  # POSIX locks are per process
         with pytest.raises(SandboxError, match="ASSISTANTS_SANDBOX_UID_RANGES"):
             three._free_uid()
@@ -161,17 +163,7 @@ def test_an_unusable_lock_file_refuses_sessions_and_names_the_setting(tmp_path: 
     closed, with an error that says what to set: a fallback elsewhere could
     leave two processes on different files, handing one uid to two sessions."""
     (tmp_path / "run").write_text("not a folder")
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        sandbox_dir=tmp_path / "sandboxes",
-        sandbox_uid_base=BASE,
-        sandbox_max_sessions=4,
-        sandbox_uid_ranges=2,
-        sandbox_uid_lock_file=tmp_path / "run" / "uids.lock",
-    )
-    from app.sandbox import launcher_from
-
-    manager = Sandboxes(settings, dataclasses.replace(launcher_from(settings), uid=BASE))
+    manager = _manager(tmp_path, tmp_path / "run" / "uids.lock")
     with pytest.raises(SandboxError, match="ASSISTANTS_SANDBOX_UID_LOCK_FILE"):
         manager._free_uid()
     asyncio.run(manager.close())
