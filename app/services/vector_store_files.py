@@ -115,7 +115,9 @@ async def _add_with_free_seqs(session: AsyncSession, store_id: str, rows: Sequen
     nanosecond. The later file then takes the next free value (listing pages
     by it: the file keeps its place but for that nanosecond). A conflict
     with a file inserted by another transaction after the check rolls back
-    this savepoint alone and is retried: never a 500 for the request."""
+    this savepoint alone and is retried: a seq clash is never a 500. (Two
+    requests attaching the same file to the same store at the same instant
+    on PostgreSQL still clash on the row's key, which no retry resolves.)"""
     if not rows:
         return
     for attempt in range(SEQ_ATTEMPTS):
