@@ -163,6 +163,14 @@ class RunLog:
             if run_id in self._buffer:  # not appended after all
                 self._wake_flusher()
 
+    def discard(self, run_id: str) -> None:
+        """Drop ``run_id``'s buffered deltas unwritten: their execution lost
+        the run to another worker, whose log they must not enter (call it
+        while ``holding`` the run, so the flusher has not taken them). The
+        run's next number is learnt from the log again at its next append."""
+        self._written(self._buffer.pop(run_id, []))
+        self._next.pop(run_id, None)
+
     async def append(
         self,
         session: AsyncSession,

@@ -73,14 +73,26 @@ class Move:
 # Moves _move_unread() makes without reading the run first.
 _UNREAD_MOVES = frozenset({"completed", "incomplete", "requires_action"})
 
+
+class LeaseLost(Exception):
+    """Another worker took the run over (this worker's lease lapsed and the
+    run was claimed again) before this execution's move: the execution stops
+    here, its transaction rolled back, and leaves the run to its new owner."""
+
+
 SERVER_ERROR = LastError(code="server_error", message="The server had an error while processing the run.")
 TOO_MANY_CALLS = LastError(code="server_error", message="The run made too many model calls.")
 
 
 class RunExecution:
-    def __init__(self, runtime: Runtime, run_id: str, builtins: dict[str, BuiltinTool] | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, run_id: str, builtins: dict[str, BuiltinTool] | None = None, *, owner: str
+    ) -> None:
         self.runtime = runtime
         self.run_id = run_id
+        # The worker whose lease this execution runs under: every move it
+        # makes requires that lease still on the run (run_state.transition).
+        self.owner = owner
         self.builtins = builtins or {}
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -116,7 +128,8 @@ class RunExecution:
         This is also the one cancellation path: a run found ``cancelling``
         ends ``cancelled`` whatever ``move`` said (its open steps and
         messages swept), and a run that already ended elsewhere (expired by
-        the reaper) is left as it is."""
+        the reaper) is left as it is. A move finding the run in another
+        worker's lease raises LeaseLost: nothing of the transaction stays."""
         events = list(pending.events)
         unread = move is not None and self._movable_unread(move)
         async with self.runtime.transaction() as session, self.runtime.run_log.holding(self.run_id):
@@ -151,11 +164,18 @@ class RunExecution:
         )
         if move is None or run is None or run.status in run_state.TERMINAL:
             pass
+        elif run.lease_owner != self.owner:
+            self._abandon()
         elif run.status == "cancelling" or move.to == "cancelled":
-            events += await runs.close_out(session, run, "cancelled", usage=self._usage())
+            events += await runs.close_out(session, run, "cancelled", usage=self._usage(), lease_owner=self.owner)
         elif move.to == "requires_action":
             name = await run_state.transition(
-                session, run, "requires_action", required_action=move.required_action, usage=self._usage()
+                session,
+                run,
+                "requires_action",
+                required_action=move.required_action,
+                usage=self._usage(),
+                lease_owner=self.owner,
             )
             events.append(Event.of(name, runs.to_wire(run)))
         else:
@@ -167,9 +187,17 @@ class RunExecution:
                 incomplete_details=move.incomplete_details,
                 usage=self._usage(),
                 sweep=move.sweep,
+                lease_owner=self.owner,
             )
         # Streamed once committed; the run's row was locked above when read.
         await self.runtime.run_log.append(session, self.run_id, events, run_locked=run is not None)
+
+    def _abandon(self) -> None:
+        """The run is in another worker's lease: raise LeaseLost, its
+        deltas not yet logged dropped (called within the commit, while the
+        flusher leaves them to it: the new owner's log must not get them)."""
+        self.runtime.run_log.discard(self.run_id)
+        raise LeaseLost(f"run {self.run_id} was taken over by another worker")
 
     def _movable_unread(self, move: Move) -> bool:
         """Whether _move_unread() may make ``move``: not when it needs the
@@ -200,7 +228,9 @@ class RunExecution:
             fields["incomplete_details"] = move.incomplete_details
         session.add(run)
         try:
-            name = await run_state.transition(session, run, move.to, refresh=True, alongside=alongside, **fields)
+            name = await run_state.transition(
+                session, run, move.to, refresh=True, alongside=alongside, lease_owner=self.owner, **fields
+            )
         except run_state.TransitionConflict:
             return None
         return [Event.of(name, runs.to_wire(run))]
@@ -243,12 +273,12 @@ class RunExecution:
         events: list[Event] = []
         async with self.runtime.transaction() as session:
             run = await session.get(orm.Run, self.run_id)
-            if run is None:
-                return None
+            if run is None or run.lease_owner != self.owner:
+                return None  # taken over since the claim
             if run.status == "cancelling":
-                events = await runs.close_out(session, run, "cancelled")
+                events = await runs.close_out(session, run, "cancelled", lease_owner=self.owner)
             elif run.status == "queued" and run_execution.is_past_deadline(run):
-                events = await runs.close_out(session, run, "expired")  # claimed too late
+                events = await runs.close_out(session, run, "expired", lease_owner=self.owner)  # claimed too late
             elif run.status == "in_progress":
                 # Resumed: the interrupted model call is issued again; the
                 # client sees the run go on as if nothing happened.
@@ -267,7 +297,8 @@ class RunExecution:
                 self.completion_tokens = usage_so_far.get("completion_tokens", 0)
                 # A run that never ran (no usage recorded yet) has no steps to read.
                 has_steps = run.usage is not None
-                events = [Event.of(await run_state.transition(session, run, "in_progress"), runs.to_wire(run))]
+                moved = await run_state.transition(session, run, "in_progress", lease_owner=self.owner)
+                events = [Event.of(moved, runs.to_wire(run))]
                 self.context = await self._context(session, run)
                 chat = await prompt.build(
                     session, self.runtime.storage, self.runtime.llm, run, self._budget(run), has_steps=has_steps
@@ -299,7 +330,7 @@ class RunExecution:
         except Exception:  # start() meets it again, in its own transaction, and fails the run
             return
         # The claim's UPDATE locked the run's row and returned its status.
-        moved = await run_state.transition(session, run, "in_progress", locked=True)
+        moved = await run_state.transition(session, run, "in_progress", locked=True, lease_owner=self.owner)
         events = [Event.of(moved, runs.to_wire(run))]
         self.context = context
         await self.runtime.run_log.append(session, run.id, events, run_locked=True)
@@ -307,13 +338,24 @@ class RunExecution:
 
     async def execute(self) -> None:
         try:
+            await self._execute()
+        except LeaseLost:
+            # Quietly, as a lost compare-and-set: the run goes on elsewhere.
+            log.warning(
+                "run %s: another worker took it over; this execution stops without its last writes", self.run_id
+            )
+
+    async def _execute(self) -> None:
+        try:
             started = self._started or await self.start()
             if started is None:
                 return
             self._run = started[0]
             await self._loop(*started)
         except run_state.TransitionConflict:
-            await self._end("cancelled")  # only a cancel moves a run under its executor
+            await self._end("cancelled")  # only a cancel moves a run under its executor (else LeaseLost)
+        except LeaseLost:
+            raise
         except DBAPIError:
             # The database failed us (connection dropped, locked too long): the
             # run is not at fault. It stays in_progress and is resumed from its
@@ -527,10 +569,6 @@ async def _idle_limited(stream: AsyncIterator[llm.Event], seconds: float) -> Asy
         yield item
 
 
-async def execute(runtime: Runtime, run_id: str, builtins: dict[str, BuiltinTool] | None = None) -> None:
-    await run(RunExecution(runtime, run_id, builtins))
-
-
 async def run(execution: RunExecution) -> None:
     """Execute ``execution`` (started by start_claimed() or not) in this task."""
     logs.bind_run(execution.run_id)  # every line this task logs from here on names the run
@@ -545,7 +583,7 @@ async def claim_and_start(
     executions = []
     async with runtime.transaction() as session:
         for claimed in await run_execution.claim_runs(session, owner, limit, lease_seconds):
-            execution = RunExecution(runtime, claimed.id, builtins)
+            execution = RunExecution(runtime, claimed.id, builtins, owner=owner)
             await execution.start_claimed(session, claimed)
             executions.append(execution)
     return executions

@@ -1,9 +1,10 @@
 """The run state machine: the one table of allowed moves and the one function
 that changes a run's status (DOC-DD lifecycle, wire notes 2.5).
 
-transition() is a compare-and-set UPDATE on (id, status): if another worker
-or request moved the run first, it raises TransitionConflict, carrying the run
-as it is now, instead of overwriting. Timestamps are stamped here and nowhere
+transition() is a compare-and-set UPDATE on (id, status), and for the
+executor's moves on the executor's lease too: if another worker or request
+moved the run first (or another worker took the run over), it raises
+TransitionConflict, carrying the run as it is now, instead of overwriting. Timestamps are stamped here and nowhere
 else. apply() is how a request changes a run: its rule is re-evaluated against
 the fresh run when its transition loses a race (issue 10), so a request that
 loses answers what it would have answered a moment later, never a 500.
@@ -64,19 +65,24 @@ _COLUMNS = {attr.key: attr.columns[0].name for attr in inspect(orm.Run).column_a
 
 
 @functools.cache
-def _update(keys: tuple[str, ...], refresh: bool) -> Update:
+def _update(keys: tuple[str, ...], refresh: bool, leased: bool) -> Update:
     """The compare-and-set UPDATE setting the attributes ``keys``, as a Core
     statement built once per shape (issue 17: SQLAlchemy's ORM-enabled UPDATE
-    and its RETURNING of ORM objects cost more CPU than the statement)."""
+    and its RETURNING of ORM objects cost more CPU than the statement).
+    ``leased``: it also requires the run's lease to be ``lease_holder``'s."""
     statement = (
         update(_RUNS)
         .where(_RUNS.c.id == bindparam("run_id"), _RUNS.c.status == bindparam("source"))
         .values({_COLUMNS[key]: bindparam(f"set_{key}") for key in keys})
     )
+    if leased:
+        statement = statement.where(_RUNS.c.lease_owner == bindparam("lease_holder"))
     return statement.returning(*_RUNS.c) if refresh else statement
 
 
-def _update_with(run_id: str, source: str, values: dict[str, Any], writes: Sequence[Insert | Update]) -> Update:
+def _update_with(
+    run_id: str, source: str, lease_owner: str | None, values: dict[str, Any], writes: Sequence[Insert | Update]
+) -> Update:
     """The refreshing compare-and-set with its values bound in, and
     ``writes`` as data-modifying CTEs (PostgreSQL; built per call: the
     writes carry their own bound values)."""
@@ -86,6 +92,8 @@ def _update_with(run_id: str, source: str, values: dict[str, Any], writes: Seque
         .values({_COLUMNS[key]: value for key, value in values.items()})
         .returning(*_RUNS.c)
     )
+    if lease_owner is not None:
+        statement = statement.where(_RUNS.c.lease_owner == lease_owner)
     for index, write in enumerate(writes):
         statement = statement.add_cte(write.cte(f"alongside_{index}"))
     return statement
@@ -105,6 +113,7 @@ async def transition(
     refresh: bool = False,
     locked: bool = False,
     alongside: Sequence[Insert | Update] = (),
+    lease_owner: str | None = None,
     **fields: Any,
 ) -> str:
     """Move ``run`` to status ``to``; returns the event name to publish.
@@ -116,7 +125,11 @@ async def transition(
     then sent with the transaction's next statement (issue 17), and fails
     the transaction if it changed no row. ``alongside`` (PostgreSQL): writes
     of other tables sent in the same statement as data-modifying CTEs, done
-    whether or not the run moves (issue 17: a round trip each fewer)."""
+    whether or not the run moves (issue 17: a round trip each fewer).
+    ``lease_owner``: the executor making the move; the run moves only while
+    that worker's lease is on it (a worker whose lease was taken over must
+    not end the run its successor executes), else TransitionConflict. The
+    API and the reaper move runs whoever holds the lease and pass None."""
     source = run.status
     if to not in ALLOWED.get(source, frozenset()):
         raise InvalidTransition(f"{run.id}: {source} -> {to}")
@@ -136,24 +149,27 @@ async def transition(
         values.setdefault("required_action", None)
     keys = tuple(values)
     params = {"run_id": run.id, "source": source, **{f"set_{key}": value for key, value in values.items()}}
+    leased = lease_owner is not None
+    if leased:
+        params["lease_holder"] = lease_owner
     if session.new or session.dirty or session.deleted:
         await session.flush()  # what an ORM-enabled UPDATE would have flushed first
     assert refresh or not alongside, "the writes go with a refreshing UPDATE only"
     if refresh:
         if alongside:
-            row = (await session.execute(_update_with(run.id, source, values, alongside))).first()
+            row = (await session.execute(_update_with(run.id, source, lease_owner, values, alongside))).first()
         else:
-            row = (await session.execute(_update(keys, True), params)).first()
+            row = (await session.execute(_update(keys, True, leased), params)).first()
         moved = 0 if row is None else 1
         if row is not None:
             for key, column in _COLUMNS.items():
                 set_committed_value(run, key, row._mapping[column])
     elif locked:
-        result = await session.execute(_update(keys, False), params, execution_options=_CANNOT_MISS)
+        result = await session.execute(_update(keys, False, leased), params, execution_options=_CANNOT_MISS)
         rowcount: int = result.rowcount  # type: ignore[attr-defined]
         moved = 1 if rowcount < 0 else rowcount  # held back (SQLite): the driver checks the count
     else:
-        moved = (await session.execute(_update(keys, False), params)).rowcount  # type: ignore[attr-defined]
+        moved = (await session.execute(_update(keys, False, leased), params)).rowcount  # type: ignore[attr-defined]
     if moved != 1:
         # On PostgreSQL the winner has committed (the UPDATE waited for its
         # row lock), so this read sees the status it left.

@@ -363,14 +363,17 @@ async def close_out(
     incomplete_details: dict[str, Any] | None = None,
     usage: dict[str, int] | None = None,
     sweep: bool = True,
+    lease_owner: str | None = None,
 ) -> list[Event]:
     """End ``run`` in final status ``to`` together with its unfinished steps and
     messages (cancelled/failed/expired steps; incomplete messages). An
-    executor that closed everything itself passes ``sweep=False``."""
+    executor that closed everything itself passes ``sweep=False``, and its
+    worker as ``lease_owner`` (see run_state.transition)."""
     events: list[Event] = []
     now = ids.now()
     if to == "cancelled" and run.status != "cancelling":
-        events.append(Event.of(await run_state.transition(session, run, "cancelling"), to_wire(run)))
+        cancelling = await run_state.transition(session, run, "cancelling", lease_owner=lease_owner)
+        events.append(Event.of(cancelling, to_wire(run)))
     if sweep:
         events += await _sweep(session, run, to, now, last_error)
     fields: dict[str, Any] = {}
@@ -380,7 +383,9 @@ async def close_out(
         fields["incomplete_details"] = incomplete_details
     if usage is not None:
         fields["usage"] = usage
-    events.append(Event.of(await run_state.transition(session, run, to, **fields), to_wire(run)))
+    events.append(
+        Event.of(await run_state.transition(session, run, to, lease_owner=lease_owner, **fields), to_wire(run))
+    )
     return events
 
 

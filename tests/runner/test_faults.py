@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import event, select, update
+from sqlalchemy import event, func, select, update
 from sqlalchemy.engine import make_url
 
 from app import ids, orm
@@ -243,3 +243,52 @@ async def test_shutdown_returns_as_soon_as_the_runs_in_flight_are_done(runtime: 
     async with asyncio.timeout(DEADLINE):
         await task
     assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
+
+
+@pytest.mark.parametrize(
+    ("cue", "move"), [("[[tokens 5]]", "completed"), ('[[call lookup {"q": 1}]]', "requires_action")]
+)
+async def test_a_move_after_a_takeover_writes_nothing(settings: Settings, cue: str, move: str) -> None:
+    """A worker whose lease was taken over between the model's answer and its
+    commit (before its renewer noticed: a lease far longer than the test)
+    leaves the run to the new owner: no move, no rows, no events of its own.
+    (The answer's deltas are logged before the takeover, and the flusher
+    waits far longer than the test after that: a flush between the takeover
+    and the commit would log deltas the worker could not know were late.)"""
+    slow_flushes = {"run_lease_seconds": 600.0, "run_events_flush_seconds": 600.0}
+    rt = await Runtime.start(settings.model_copy(update=slow_flushes))
+    try:
+        (run_id,) = await _make_runs(rt, 1, text=cue)
+        logged_at_takeover: list[int] = []
+
+        async def take_over(_exchange: Any) -> None:
+            # The LLM's completion hook, awaited before the answer's end
+            # reaches the executor: another worker claims the run now.
+            await rt.run_log.flush()
+            async with rt.transaction() as session:
+                await session.execute(
+                    update(orm.Run)
+                    .where(orm.Run.id == run_id)
+                    .values(lease_owner="other-worker", lease_expires_at=time.time() + 600)
+                )
+                logged = await session.scalar(select(func.max(orm.RunEvent.seq)).where(orm.RunEvent.run_id == run_id))
+            logged_at_takeover.append(logged or 0)
+
+        rt.llm.observer = take_over
+        async with asyncio.timeout(DEADLINE):
+            await Worker(rt).run_until_idle()
+        async with rt.transaction() as session:
+            run = await session.get(orm.Run, run_id)
+            late = (
+                await session.scalars(
+                    select(orm.RunEvent.event).where(
+                        orm.RunEvent.run_id == run_id, orm.RunEvent.seq > logged_at_takeover[0]
+                    )
+                )
+            ).all()
+        assert run is not None and (run.status, run.lease_owner) == ("in_progress", "other-worker")
+        assert run.required_action is None and run.usage is None, move
+        assert list(late) == []
+        assert [m.status for m in await _answers(rt, run_id)] == ["in_progress"]  # as the answer opened it
+    finally:
+        await rt.close()
