@@ -90,8 +90,8 @@ async def attach(
         row.lease_owner, row.lease_expires_at = None, None
         rows.append(row)
     await session.flush()  # the rows already there: a failed attempt below discards only the new ones
-    await _add_with_free_seqs(session, store.id, list(new.values()))
-    return rows
+    found = await _add_with_free_seqs(session, store.id, list(new.values()))
+    return [found.get(row.file_id, row) for row in rows]
 
 
 # Attempts at inserting a store's new file rows, each after another
@@ -107,7 +107,9 @@ async def taken_seqs(session: AsyncSession, store_id: str, seqs: Sequence[int]) 
     return set((await session.scalars(query)).all())
 
 
-async def _add_with_free_seqs(session: AsyncSession, store_id: str, rows: Sequence[orm.VectorStoreFile]) -> None:
+async def _add_with_free_seqs(
+    session: AsyncSession, store_id: str, rows: Sequence[orm.VectorStoreFile]
+) -> dict[str, orm.VectorStoreFile]:
     """Insert the store's new file rows, each with a seq no other file of the
     store holds (unique, migration 0014: a filtered search knows a file by
     its seq). A row's seq is its file's, the id's sequence, which is unique
@@ -115,21 +117,64 @@ async def _add_with_free_seqs(session: AsyncSession, store_id: str, rows: Sequen
     nanosecond. The later file then takes the next free value (listing pages
     by it: the file keeps its place but for that nanosecond). A conflict
     with a file inserted by another transaction after the check rolls back
-    this savepoint alone and is retried: a seq clash is never a 500. (Two
-    requests attaching the same file to the same store at the same instant
-    on PostgreSQL still clash on the row's key, which no retry resolves.)"""
-    if not rows:
-        return
+    this savepoint alone and is retried: a seq clash is never a 500.
+
+    So is a clash on the row's key: two requests attaching the same file to
+    the same store at the same instant (on PostgreSQL both can find no row;
+    the later insert waits for the earlier's commit, then meets its key).
+    The file is then attached already, and the later request does what
+    attaching an attached file does: it queues that row again with its own
+    settings. Returns those rows, by file id, to answer in place of the new
+    ones."""
+    found: dict[str, orm.VectorStoreFile] = {}
     for attempt in range(SEQ_ATTEMPTS):
+        if not rows:
+            break
         await _choose_free_seqs(session, store_id, rows)
         try:
             async with session.begin_nested():
                 session.add_all(rows)
                 await session.flush()
-            return
+            break
         except IntegrityError:
             if attempt == SEQ_ATTEMPTS - 1:
                 raise
+        attached = await _attached_meanwhile(session, store_id, rows)
+        found |= attached
+        rows = [row for row in rows if row.file_id not in attached]
+    return found
+
+
+_QUEUED_COLUMNS = (
+    "filename",
+    "status",
+    "last_error",
+    "usage_bytes",
+    "chunking_strategy",
+    "attributes",
+    "batch_id",
+    "lease_owner",
+    "lease_expires_at",
+)
+
+
+async def _attached_meanwhile(
+    session: AsyncSession, store_id: str, rows: Sequence[orm.VectorStoreFile]
+) -> dict[str, orm.VectorStoreFile]:
+    """Of the new ``rows`` (their insert rolled back), the files another
+    transaction attached to the store since this one looked: their rows as
+    committed, queued again with what ``rows`` asked (as attach() does to a
+    row it finds), by file id."""
+    query = select(orm.VectorStoreFile).where(
+        orm.VectorStoreFile.vector_store_id == store_id,
+        orm.VectorStoreFile.file_id.in_([row.file_id for row in rows]),
+    )
+    existing = {row.file_id: row for row in (await session.scalars(query)).all()}
+    for row in rows:
+        if row.file_id in existing:
+            for column in _QUEUED_COLUMNS:
+                setattr(existing[row.file_id], column, getattr(row, column))
+    return existing
 
 
 async def _choose_free_seqs(session: AsyncSession, store_id: str, rows: Sequence[orm.VectorStoreFile]) -> None:

@@ -6,6 +6,7 @@ never a 500."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import openai
@@ -172,3 +173,22 @@ async def test_upgrade_separates_files_that_share_a_seq(database_url: str) -> No
             assert sorted(postings.all()) == [(1, seq), (2, seq + 2), (3, seq + 1)]
     finally:
         await engine.dispose()
+
+
+async def test_one_file_attached_to_one_store_by_simultaneous_requests(
+    client: openai.AsyncOpenAI, app: FastAPI
+) -> None:
+    """Requests attaching the same file to the same store at once (on
+    PostgreSQL both may find no row, and the later insert meets the row's
+    key) each answer the attachment, as attaching an attached file does:
+    one row, never a 500. Single files and batches, several rounds."""
+    zebra = (await client.files.create(file=("zebra.txt", b"zebras graze the savanna"), purpose="assistants")).id
+    for _round in range(6):
+        store = await client.vector_stores.create(name="animals")
+        attaching = [client.vector_stores.files.create(file_id=zebra, vector_store_id=store.id) for _ in range(3)]
+        batches = [client.vector_stores.file_batches.create(store.id, file_ids=[zebra]) for _ in range(2)]
+        async with asyncio.timeout(60):
+            answers = await asyncio.gather(*attaching, *batches)
+        assert [answer.id for answer in answers[:3]] == [zebra] * 3
+        assert all(answer.vector_store_id == store.id for answer in answers)
+        assert list(await _store_seqs(app, store.id)) == [zebra]
