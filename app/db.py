@@ -9,15 +9,14 @@ import logging
 import re
 import sqlite3
 import time
-import weakref
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 from sqlalchemy.util import await_only as await_
@@ -223,7 +222,6 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
         url, pool_size=pool_size if pool_size is not None else POSTGRES_CONNECTIONS, max_overflow=0, pool_recycle=300
     )
     ConnectionCheck(ping_after_idle_seconds=PING_AFTER_IDLE_SECONDS).listen(engine)
-    _BACKENDS[engine.sync_engine] = BackendPids(engine)
     return engine
 
 
@@ -309,40 +307,6 @@ class ConnectionCheck:
         pool = engine.sync_engine.pool
         event.listen(pool, "checkout", self.checkout)
         event.listen(pool, "checkin", self.checkin)
-
-
-class BackendPids:
-    """The server process ids of an engine's open PostgreSQL connections, so
-    that a NOTIFY one of them sent is known to come from this process (the
-    run log's own, whose events this process delivered at commit; issue 17:
-    each read them back from the log in a transaction of its own)."""
-
-    _PID = "backend_pid"
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.pids: set[int] = set()
-        sync = engine.sync_engine
-        event.listen(sync, "connect", self._connect)
-        for name in ("close", "detach", "invalidate"):
-            event.listen(sync.pool, name, self._gone)
-
-    def _connect(self, dbapi_connection: Any, record: Any) -> None:
-        pid = int(dbapi_connection.driver_connection.get_server_pid())
-        record.info[self._PID] = pid
-        self.pids.add(pid)
-
-    def _gone(self, _dbapi_connection: Any, record: Any, *_args: Any) -> None:
-        self.pids.discard(record.info.pop(self._PID, None))
-
-
-_BACKENDS: weakref.WeakKeyDictionary[Engine, BackendPids] = weakref.WeakKeyDictionary()
-
-
-def own_backends(engine: AsyncEngine) -> set[int]:
-    """The backend pids of ``engine``'s open connections (none known for an
-    engine create_engine() did not make, or on SQLite)."""
-    backends = _BACKENDS.get(engine.sync_engine)
-    return backends.pids if backends is not None else set()
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -434,7 +398,6 @@ async def listen(
     *,
     on_reconnect: Callable[[], None] | None = None,
     retry_seconds: float = 1.0,
-    ignore_backends: Container[int] = frozenset(),
 ) -> None:
     """Call ``on_notify(payload)`` for every PostgreSQL NOTIFY on ``channel``
     until cancelled. The listening connection is re-opened after a failure,
@@ -448,10 +411,7 @@ async def listen(
                 listener = raw.driver_connection  # the asyncpg connection
                 assert listener is not None
                 await listener.add_listener(
-                    channel,
-                    lambda _connection, pid, _channel, payload: (
-                        None if pid in ignore_backends else on_notify(str(payload))
-                    ),
+                    channel, lambda _connection, _pid, _channel, payload: on_notify(str(payload))
                 )
                 if not first and on_reconnect is not None:
                     on_reconnect()

@@ -24,7 +24,8 @@ this process will write (every writer of the process shares the counter),
 and an append numbered by that counter goes to SQLite with its
 transaction's COMMIT rather than in a hop of its own (``_predict``);
 on PostgreSQL they reach every follower once flushed, followers elsewhere
-woken by a NOTIFY on ``RUN_EVENTS_CHANNEL`` whose payload is only the run id.
+woken by a NOTIFY on ``RUN_EVENTS_CHANNEL`` whose payload is only the run id
+and this process's token (``origin``: a process skips its own NOTIFYs).
 That NOTIFY is sent by the INSERT that logs the events, in their own
 transaction, when no other transaction of this process is NOTIFYing
 (PostgreSQL commits NOTIFYing transactions one at a time in the whole
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
@@ -53,6 +55,8 @@ from app.wire.events import TERMINAL_RUN_EVENTS, Event
 log = logging.getLogger("app.run_log")
 
 RUN_EVENTS_CHANNEL = "assistants_run_events"
+# The size of a process's token in its NOTIFYs (RunLog.origin): 12 hex digits.
+ORIGIN_BYTES = 6
 # Runs whose next sequence number this process remembers (the rest are read
 # from the log at their next append).
 MAX_TRACKED_RUNS = 10_000
@@ -128,6 +132,10 @@ class RunLog:
         self._news: set[str] = set()
         self._news_ready = asyncio.Event()
         self._notifier: asyncio.Task[None] | None = None
+        # This process's token in its NOTIFYs' payloads, by which its listener
+        # skips them (their events reached its followers at commit).
+        self.origin = secrets.token_hex(ORIGIN_BYTES)
+        self._signal = run_events.Signal(RUN_EVENTS_CHANNEL, self.origin)
         self.flushes = 0  # counters for the benchmark and /metrics-minded readers
         self.flushed_rows = 0
 
@@ -197,15 +205,15 @@ class RunLog:
         batch = [event for _seq, event in drained] + list(events)
         predicted = self._predict(run_id, drained, events) if batch else None
         prediction = None
-        channel: str | None = None
+        signal: run_events.Signal | None = None
         if predicted is not None and run_events.can_insert_behind(session, len(batch)):
             # No hop of its own: the insert goes with the COMMIT (issue 17).
             first = predicted
             prediction = _Prediction(first, len(batch), [], [])
             await run_events.insert_behind(session, run_id, batch, prediction.returned)
         elif batch:
-            channel = self._notify_channel(session)
-            first = (await run_events.insert(session, {run_id: batch}, notify_channel=channel))[run_id]
+            signal = self._notify_signal(session)
+            first = (await run_events.insert(session, {run_id: batch}, signal=signal))[run_id]
         else:  # an executor starting a run: where its deltas will go on
             first = (await run_events.last_seqs(session, [run_id]))[run_id] + 1
         _rows, undelivered = self._number(run_id, first, drained)
@@ -215,7 +223,7 @@ class RunLog:
         self._remember(run_id, first + len(batch))
         pending: list[_Pending] = session.info.setdefault(_SESSION_KEY, [])
         pending.append(
-            _Pending(run_id, list(events), undelivered + entries, drained, prediction, notified=channel is not None)
+            _Pending(run_id, list(events), undelivered + entries, drained, prediction, notified=signal is not None)
         )
         return entries
 
@@ -260,8 +268,8 @@ class RunLog:
         prediction.entries[:] = [Entry(entry.seq + shift, entry.event) for entry in prediction.entries]
         return shift
 
-    def _notify_channel(self, session: AsyncSession) -> str | None:
-        """The channel ``session``'s transaction NOTIFYs itself (PostgreSQL),
+    def _notify_signal(self, session: AsyncSession) -> run_events.Signal | None:
+        """The signal ``session``'s transaction NOTIFYs itself (PostgreSQL),
         or None: the notifier task tells other processes once it commits."""
         if not self.postgres:
             return None
@@ -270,7 +278,7 @@ class RunLog:
             if self._notifier_busy or (holder is not None and holder.in_transaction()):
                 return None
             self._notifying_session = weakref.ref(session)
-        return RUN_EVENTS_CHANNEL
+        return self._signal
 
     def _number(
         self, run_id: str, first: int, buffered: list[tuple[int | None, Event]]
@@ -383,7 +391,7 @@ class RunLog:
             self._notifier_busy = True
             try:
                 async with self._sessionmaker() as session, session.begin():
-                    await run_events.notify(session, RUN_EVENTS_CHANNEL, news)
+                    await run_events.notify(session, self._signal, news)
             except Exception as error:  # followers elsewhere also poll: a lost signal costs latency only
                 log.warning("could not signal new run events to other processes (%s)", error)
             finally:
@@ -424,7 +432,7 @@ class RunLog:
         delivered: list[tuple[str, list[Entry]]] = []
         drained: dict[str, list[tuple[int | None, Event]]] = {}
         rows: list[tuple[str, int, Event]] = []
-        channel: str | None = None
+        signal: run_events.Signal | None = None
         try:
             async with self._sessionmaker() as session, session.begin():
                 # Lock first, then take the buffer: an append running now
@@ -436,8 +444,8 @@ class RunLog:
                     if run_id in self._buffer and run_id not in self._held
                 }
                 batches = {run_id: [event for _seq, event in drained[run_id]] for run_id in sorted(live & set(drained))}
-                channel = self._notify_channel(session) if batches else None
-                firsts = await run_events.insert(session, batches, notify_channel=channel)
+                signal = self._notify_signal(session) if batches else None
+                firsts = await run_events.insert(session, batches, signal=signal)
                 for run_id, first in firsts.items():
                     numbered, undelivered = self._number(run_id, first, drained[run_id])
                     rows += numbered
@@ -456,7 +464,7 @@ class RunLog:
             log.debug("dropped late deltas of ended runs %s", ", ".join(sorted(dropped)))
         for run_id, entries in delivered:
             self.bus.deliver(run_id, entries)
-            if channel is None:
+            if signal is None:
                 self._tell_others(run_id)
 
     async def close(self) -> None:
@@ -471,20 +479,21 @@ class RunLog:
         if self._news:
             with suppress(Exception):
                 async with self._sessionmaker() as session, session.begin():
-                    await run_events.notify(session, RUN_EVENTS_CHANNEL, sorted(self._news))
+                    await run_events.notify(session, self._signal, sorted(self._news))
 
 
-async def listen(engine: AsyncEngine, bus: EventBus, retry_seconds: float = 1.0) -> None:
+async def listen(engine: AsyncEngine, run_log: RunLog, retry_seconds: float = 1.0) -> None:
     """Nudge this process's followers of a run whenever another process logs
     events for it (PostgreSQL), until cancelled. After the listening
     connection is lost and re-opened every follower is nudged once (a
-    NOTIFY may have been missed meanwhile). This process's own NOTIFYs are
-    skipped: their events reached its followers at commit."""
-    await db.listen(
-        engine,
-        RUN_EVENTS_CHANNEL,
-        bus.nudge,
-        on_reconnect=bus.nudge_all,
-        retry_seconds=retry_seconds,
-        ignore_backends=db.own_backends(engine),
-    )
+    NOTIFY may have been missed meanwhile). This process's own NOTIFYs
+    (its ``origin`` in their payload) are skipped: their events reached its
+    followers at commit."""
+    bus = run_log.bus
+
+    def heard(payload: str) -> None:
+        run_id, origin = run_events.parse_signal(payload)
+        if origin != run_log.origin:
+            bus.nudge(run_id)
+
+    await db.listen(engine, RUN_EVENTS_CHANNEL, heard, on_reconnect=bus.nudge_all, retry_seconds=retry_seconds)

@@ -97,7 +97,7 @@ class Runtime:
             peers.watch(runtime.run_log.stop_early_delivery, runtime.run_log.start_early_delivery)
         if postgres:
             # Streams here follow runs that other processes execute.
-            runtime._listener = asyncio.create_task(run_log.listen(engine, bus), name="run-events-listener")
+            runtime._listener = asyncio.create_task(run_log.listen(engine, runtime.run_log), name="run-events-listener")
         if settings.llm_replay is not None:
             runtime.llm.cassettes = cassettes.Cassettes(settings.llm_replay, "replay")
         elif settings.llm_record is not None:

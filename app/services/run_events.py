@@ -64,24 +64,44 @@ async def last_seqs(session: AsyncSession, run_ids: Sequence[str]) -> dict[str, 
     return {run_id: found.get(run_id, 0) for run_id in run_ids}
 
 
+@dataclass(frozen=True)
+class Signal:
+    """A NOTIFY per run on ``channel``, telling other processes that the
+    run has news. Its payload is the run id and ``origin``, the sending
+    process's token: a process knows its own signals by it (their events
+    reached its followers at commit), whichever server backend sent them (a
+    pooler in front of PostgreSQL hands one backend to many processes)."""
+
+    channel: str
+    origin: str
+
+
+def parse_signal(payload: str) -> tuple[str, str]:
+    """(run id, origin) of a Signal's payload, ``"<run id> <origin>"`` as
+    insert() and notify() send it; a payload of a run id alone (a process
+    of an earlier version) has no origin ("")."""
+    run_id, _space, origin = payload.partition(" ")
+    return run_id, origin
+
+
 async def insert(
-    session: AsyncSession, batches: dict[str, list[Event]], *, notify_channel: str | None = None
+    session: AsyncSession, batches: dict[str, list[Event]], *, signal: Signal | None = None
 ) -> dict[str, int]:
     """Append each run's events after its last logged one (call under
     lock()); returns the first ``seq`` given to each run's events.
 
     On PostgreSQL one statement numbers and inserts (each statement sees
     what committed before it, so under the lock ``max(seq)`` is the log's
-    end), and with ``notify_channel`` the same statement NOTIFYs it once per
-    run (delivered when the transaction commits, as notify() does; issue 17:
+    end), and with ``signal`` the same statement NOTIFYs it once per run
+    (delivered when the transaction commits, as notify() does; issue 17:
     no transaction of its own). On SQLite, whose transactions are serial and
-    local, a read of the ends then one multi-row INSERT; ``notify_channel``
-    is PostgreSQL's only."""
+    local, a read of the ends then one multi-row INSERT; ``signal`` is
+    PostgreSQL's only."""
     batches = {run_id: events for run_id, events in batches.items() if events}
     if not batches:
         return {}
     if session.bind is not None and session.bind.dialect.name == "postgresql":
-        return await _insert_postgres(session, batches, notify_channel)
+        return await _insert_postgres(session, batches, signal)
     if sum(len(events) for events in batches.values()) <= _SQLITE_ONE_STATEMENT_ROWS:
         return await _insert_sqlite(session, batches)
     firsts = {run_id: last + 1 for run_id, last in (await last_seqs(session, sorted(batches))).items()}
@@ -112,25 +132,27 @@ _INSERT_POSTGRES_ROWS = """
     )
 """
 _INSERT_POSTGRES = text(_INSERT_POSTGRES_ROWS + "SELECT run_id, first FROM firsts")  # noqa: S608 (constants)
-# pg_notify in the select list: once per run, sent at COMMIT (nothing if it rolls back).
+# pg_notify in the select list: once per run, sent at COMMIT (nothing if it
+# rolls back); its payload as parse_signal() reads it.
 _INSERT_NOTIFY_POSTGRES = text(
-    _INSERT_POSTGRES_ROWS + "SELECT run_id, first, pg_notify(:channel, run_id) FROM firsts"  # noqa: S608 (constants)
+    _INSERT_POSTGRES_ROWS  # noqa: S608 (constants)
+    + "SELECT run_id, first, pg_notify(:channel, run_id || ' ' || CAST(:origin AS text)) FROM firsts"
 )
 
 
 async def _insert_postgres(
-    session: AsyncSession, batches: dict[str, list[Event]], notify_channel: str | None
+    session: AsyncSession, batches: dict[str, list[Event]], signal: Signal | None
 ) -> dict[str, int]:
     params: dict[str, Any] = {"run_ids": [], "ns": [], "names": [], "datas": [], "now": time.time()}
-    if notify_channel is not None:
-        params["channel"] = notify_channel
+    if signal is not None:
+        params["channel"], params["origin"] = signal.channel, signal.origin
     for run_id, events in batches.items():
         for n, event in enumerate(events, start=1):
             params["run_ids"].append(run_id)
             params["ns"].append(n)
             params["names"].append(event.name)
             params["datas"].append(_ENCODE(_payload(event)))
-    statement = _INSERT_POSTGRES if notify_channel is None else _INSERT_NOTIFY_POSTGRES
+    statement = _INSERT_POSTGRES if signal is None else _INSERT_NOTIFY_POSTGRES
     rows = (await session.execute(statement, params)).all()
     return {str(row[0]): int(row[1]) for row in rows}
 
@@ -201,10 +223,13 @@ def _payload(event: Event) -> dict[str, Any]:
     return event.data
 
 
-async def notify(session: AsyncSession, channel: str, run_ids: Sequence[str]) -> None:
-    """NOTIFY ``channel`` once per run (PostgreSQL), sent when the transaction commits."""
-    statement = text("SELECT pg_notify(:channel, run_id) FROM unnest(CAST(:run_ids AS text[])) AS run_id")
-    await session.execute(statement, {"channel": channel, "run_ids": list(run_ids)})
+async def notify(session: AsyncSession, signal: Signal, run_ids: Sequence[str]) -> None:
+    """``signal`` once per run (PostgreSQL), sent when the transaction commits."""
+    statement = text(
+        "SELECT pg_notify(:channel, run_id || ' ' || CAST(:origin AS text)) "
+        "FROM unnest(CAST(:run_ids AS text[])) AS run_id"
+    )
+    await session.execute(statement, {"channel": signal.channel, "origin": signal.origin, "run_ids": list(run_ids)})
 
 
 async def read(session: AsyncSession, run_id: str, after: int, limit: int = 1000) -> list[Entry]:

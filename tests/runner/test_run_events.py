@@ -168,9 +168,11 @@ async def test_a_rolled_back_append_gives_back_only_the_numbers_it_did_not_hand_
     ]
 
 
-async def _notify(runtime: Runtime, topic: str) -> None:
-    async with runtime.transaction() as session:
-        await run_events.notify(session, RUN_EVENTS_CHANNEL, [topic])
+async def _notify(runtime: Runtime, topic: str, *, via: Runtime | None = None) -> None:
+    """``runtime``'s NOTIFY for ``topic``, sent by a connection of ``via``'s
+    pool (its own by default)."""
+    async with (via or runtime).transaction() as session:
+        await run_events.notify(session, run_events.Signal(RUN_EVENTS_CHANNEL, runtime.run_log.origin), [topic])
 
 
 async def _nudged(queue: FollowerQueue, seconds: float) -> bool:
@@ -182,6 +184,14 @@ async def _nudged(queue: FollowerQueue, seconds: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+def _nudges(queue: FollowerQueue) -> int:
+    """The nudges (None) waiting in ``queue``, taken out."""
+    taken = []
+    while not queue.empty():
+        taken.append(queue.get_nowait())
+    return taken.count(None)
 
 
 async def _until_listening(listener: Runtime, sender: Runtime) -> None:
@@ -218,5 +228,38 @@ async def test_a_commit_signals_other_processes_itself_and_not_its_own(runtime: 
                 assert await _nudged(marker, 20)
             assert [entry.seq for entry in here.get_nowait() or []] == [1]
             assert here.empty()
+    finally:
+        await other.close()
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_process_skips_its_own_notifies_whichever_backend_sends_them(
+    runtime: Runtime, settings: Settings
+) -> None:
+    """Two processes on one database, each NOTIFY sent by a server backend
+    of the other's pool (as a pooler in front of PostgreSQL may hand one
+    backend to both, or a backend's pid be reused): each process is woken
+    by the other's NOTIFYs only, told apart by the token in the payload."""
+    other = await Runtime.start(settings)  # a second process on the same database
+    try:
+        assert runtime.run_log.origin != other.run_log.origin
+        await _until_listening(other, runtime)
+        await _until_listening(runtime, other)
+        async with (
+            runtime.bus.follow("theirs") as theirs_here,
+            runtime.bus.follow("ours") as ours_here,
+            other.bus.follow("theirs") as theirs_there,
+            other.bus.follow("ours") as ours_there,
+        ):
+            await _notify(other, "theirs", via=runtime)  # the other's news, from this pool's backend
+            await _notify(runtime, "ours", via=other)  # this process's, from the other's backend
+            # NOTIFYs reach a listener in commit order: once a marker sent
+            # after them is heard, every nudge for them has come.
+            for listener, sender in ((runtime, other), (other, runtime)):
+                async with listener.bus.follow("marker") as marker:
+                    await _notify(sender, "marker")
+                    assert await _nudged(marker, 20)
+            # Each process is woken by the other's news only.
+            assert [_nudges(queue) for queue in (theirs_here, ours_here, theirs_there, ours_there)] == [1, 0, 0, 1]
     finally:
         await other.close()
