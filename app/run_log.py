@@ -20,7 +20,8 @@ Sequence numbers are allocated under the run's row lock (``max(seq) + 1``),
 so appends to one run commit in order on every engine and across processes.
 On SQLite (one process, the embedded default) the deltas reach this
 process's followers the moment they are published, with the sequence number
-this process will write (every writer of the process shares the counter),
+this process will write (every writer of the process shares the counter;
+not while an append of the run is uncommitted: see _early_seq),
 and an append numbered by that counter goes to SQLite with its
 transaction's COMMIT rather than in a hop of its own (``_predict``);
 on PostgreSQL they reach every follower once flushed, followers elsewhere
@@ -86,6 +87,8 @@ class _Pending:
     """What one transaction logged, delivered when it commits."""
 
     run_id: str
+    first: int  # the seq of the batch's first event (buffered deltas included), as this process expects it
+    size: int  # events in the batch
     events: list[Event]  # for the taps and the in-process subscribers
     entries: list[Entry]  # for followers
     drained: list[tuple[int | None, Event]] = field(default_factory=list)  # buffered deltas it took
@@ -120,6 +123,9 @@ class RunLog:
         # Runs whose executor is in a transaction that logs their buffered
         # deltas itself (see holding()): the flusher leaves them to it.
         self._held: dict[str, int] = {}
+        # Runs with an append in a transaction that has not ended: their
+        # deltas are not numbered early meanwhile (see _early_seq).
+        self._appending: dict[str, int] = {}
         self._flusher: asyncio.Task[None] | None = None
         # PostgreSQL: runs with news for other processes, told by one NOTIFY
         # transaction at a time. A transaction that NOTIFYs holds
@@ -144,8 +150,8 @@ class RunLog:
     def publish(self, run_id: str, events: list[Event]) -> None:
         """Deltas between commits: seen by taps at once, logged by the flusher."""
         self.bus.publish(run_id, events)
-        seq = self._next.get(run_id) if self.deliver_early else None
         buffered = self._buffer.setdefault(run_id, [])
+        seq = self._early_seq(run_id, buffered)
         if seq is None:
             buffered.extend((None, event) for event in events)
         else:
@@ -155,6 +161,18 @@ class RunLog:
             buffered.extend((entry.seq, entry.event) for entry in entries)
             self.bus.deliver(run_id, entries)
         self._wake_flusher()
+
+    def _early_seq(self, run_id: str, buffered: list[tuple[int | None, Event]]) -> int | None:
+        """The seq the run's next delta will be logged with, if known now
+        (SQLite, this process the only writer). Not while an append of the
+        run is uncommitted: the numbers it took are the log's only once it
+        commits, and deltas numbered after them would be logged under other
+        numbers if it failed (followers saw them with theirs). Nor behind
+        deltas without one: the log numbers those when it writes them. Such
+        deltas reach followers once written, with the log's numbers."""
+        if not self.deliver_early or run_id in self._appending or (buffered and buffered[-1][0] is None):
+            return None
+        return self._next.get(run_id)
 
     @asynccontextmanager
     async def holding(self, run_id: str) -> AsyncIterator[None]:
@@ -223,8 +241,18 @@ class RunLog:
         self._remember(run_id, first + len(batch))
         pending: list[_Pending] = session.info.setdefault(_SESSION_KEY, [])
         pending.append(
-            _Pending(run_id, list(events), undelivered + entries, drained, prediction, notified=signal is not None)
+            _Pending(
+                run_id,
+                first,
+                len(batch),
+                list(events),
+                undelivered + entries,
+                drained,
+                prediction,
+                notified=signal is not None,
+            )
         )
+        self._appending[run_id] = self._appending.get(run_id, 0) + 1
         return entries
 
     def _predict(self, run_id: str, drained: list[tuple[int | None, Event]], events: list[Event]) -> int | None:
@@ -314,6 +342,7 @@ class RunLog:
         # the same or less, and adding every shift would count them twice).
         shifts: dict[str, int] = {}
         for pending in session.info.pop(_SESSION_KEY, []):
+            self._ended(pending)
             shifts[pending.run_id] = self._check(pending)  # 0 for an append the insert numbered itself
             self._written(pending.drained)
             if pending.events:
@@ -331,18 +360,26 @@ class RunLog:
     def rolled_back(self, session: AsyncSession) -> None:
         """The transaction failed: the deltas it took go back to the buffer."""
         for pending in reversed(session.info.pop(_SESSION_KEY, [])):
+            self._ended(pending)
             if pending.drained:
                 self._buffer[pending.run_id] = pending.drained + self._buffer.get(pending.run_id, [])
                 self._wake_flusher()
             if not self.deliver_early:
                 self._next.pop(pending.run_id, None)  # re-read from the log at the next append
-            elif pending.prediction is not None:
+            elif self._next.get(pending.run_id) == pending.first + pending.size:
                 # The counter goes back to just after the deltas this append
                 # took (they keep the numbers followers saw, back in the
-                # buffer), unless deltas were numbered after it meanwhile.
-                prediction = pending.prediction
-                if self._next.get(pending.run_id) == prediction.first + prediction.size:
-                    self._next[pending.run_id] = prediction.first + len(pending.drained)
+                # buffer). No delta was numbered after the append meanwhile
+                # (_early_seq); the check guards a counter learnt again since.
+                self._next[pending.run_id] = pending.first + len(pending.drained)
+
+    def _ended(self, pending: _Pending) -> None:
+        """``pending``'s transaction committed or rolled back."""
+        left = self._appending.get(pending.run_id, 0) - 1
+        if left > 0:
+            self._appending[pending.run_id] = left
+        else:
+            self._appending.pop(pending.run_id, None)
 
     def _written(self, items: list[tuple[int | None, Event]]) -> None:
         early = sum(1 for seq, _event in items if seq is not None)

@@ -168,6 +168,58 @@ async def test_a_rolled_back_append_gives_back_only_the_numbers_it_did_not_hand_
     ]
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_deltas_published_while_an_append_is_uncommitted_get_the_numbers_the_log_gives_them(
+    runtime: Runtime,
+) -> None:
+    """Deltas published while an append numbered ahead (SQLite, a sole
+    process) is not committed yet, which then fails: a follower never sees
+    one number with two contents, and one that reconnects from any number
+    it saw resumes with exactly what follows it in the log."""
+    assert runtime.run_log.deliver_early
+    runtime.run_log.flush_seconds = 60.0  # the deltas stay buffered until an append takes them
+    (run_id,) = await _make_runs(runtime, 1, status="in_progress")  # live: a flush logs its deltas
+    async with runtime.transaction() as session:
+        await runtime.run_log.append(session, run_id, [Event("thread.run.created", {"id": run_id})])
+
+    def delta(n: int) -> Event:
+        return Event("thread.message.delta", {"n": n})
+
+    seen: list[tuple[int, str, object]] = []
+    async with runtime.bus.follow(run_id) as delivered:
+        runtime.run_log.publish(run_id, [delta(1)])
+        with pytest.raises(ZeroDivisionError):
+            async with runtime.transaction() as session:  # a cancel, say, whose COMMIT fails
+                await runtime.run_log.append(session, run_id, [Event("thread.run.cancelling", {})])
+                runtime.run_log.publish(run_id, [delta(2), delta(3)])  # the executor streams meanwhile
+                raise ZeroDivisionError
+        runtime.run_log.publish(run_id, [delta(4)])
+        async with runtime.transaction() as session:
+            await runtime.run_log.append(session, run_id, [Event("thread.run.step.completed", {})])
+        runtime.run_log.publish(run_id, [delta(5)])
+        await runtime.run_log.flush()
+        while not delivered.empty():
+            seen += [(e.seq, e.event.name, e.event.data.get("n")) for e in delivered.get_nowait() or []]
+    async with runtime.transaction() as session:
+        logged = [(e.seq, e.event.name, e.event.data.get("n")) for e in await run_events.read(session, run_id, 0)]
+    assert logged == [
+        (1, "thread.run.created", None),
+        (2, "thread.message.delta", 1),
+        (3, "thread.message.delta", 2),
+        (4, "thread.message.delta", 3),
+        (5, "thread.message.delta", 4),
+        (6, "thread.run.step.completed", None),
+        (7, "thread.message.delta", 5),
+    ]
+    assert sorted(seen) == logged[1:]  # each once, as logged
+    for seq, _name, _n in seen:  # a reconnect after each
+        async with runtime.transaction() as session:
+            resumed = [
+                (e.seq, e.event.name, e.event.data.get("n")) for e in await run_events.read(session, run_id, seq)
+            ]
+        assert resumed == [entry for entry in logged if entry[0] > seq]
+
+
 async def _notify(runtime: Runtime, topic: str, *, via: Runtime | None = None) -> None:
     """``runtime``'s NOTIFY for ``topic``, sent by a connection of ``via``'s
     pool (its own by default)."""
