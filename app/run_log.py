@@ -224,16 +224,24 @@ class RunLog:
         predicted = self._predict(run_id, drained, events) if batch else None
         prediction = None
         signal: run_events.Signal | None = None
-        if predicted is not None and run_events.can_insert_behind(session, len(batch)):
-            # No hop of its own: the insert goes with the COMMIT (issue 17).
-            first = predicted
-            prediction = _Prediction(first, len(batch), [], [])
-            await run_events.insert_behind(session, run_id, batch, prediction.returned)
-        elif batch:
-            signal = self._notify_signal(session)
-            first = (await run_events.insert(session, {run_id: batch}, signal=signal))[run_id]
-        else:  # an executor starting a run: where its deltas will go on
-            first = (await run_events.last_seqs(session, [run_id]))[run_id] + 1
+        try:
+            if predicted is not None and run_events.can_insert_behind(session, len(batch)):
+                # No hop of its own: the insert goes with the COMMIT (issue 17).
+                first = predicted
+                prediction = _Prediction(first, len(batch), [], [])
+                await run_events.insert_behind(session, run_id, batch, prediction.returned)
+            elif batch:
+                signal = self._notify_signal(session)
+                first = (await run_events.insert(session, {run_id: batch}, signal=signal))[run_id]
+            else:  # an executor starting a run: where its deltas will go on
+                first = (await run_events.last_seqs(session, [run_id]))[run_id] + 1
+        except BaseException:
+            # Not registered for rolled_back() yet: the drained deltas go
+            # back ahead of any published meanwhile, their numbers (those
+            # followers may have seen) with them; the counter is untouched.
+            if drained:
+                self._buffer[run_id] = drained + self._buffer.get(run_id, [])
+            raise
         _rows, undelivered = self._number(run_id, first, drained)
         entries = [Entry(first + len(drained) + offset, event) for offset, event in enumerate(events)]
         if prediction is not None:

@@ -75,9 +75,11 @@ _UNREAD_MOVES = frozenset({"completed", "incomplete", "requires_action"})
 
 
 class LeaseLost(Exception):
-    """Another worker took the run over (this worker's lease lapsed and the
-    run was claimed again) before this execution's move: the execution stops
-    here, its transaction rolled back, and leaves the run to its new owner."""
+    """The run stopped being this execution's before its move: another
+    worker took it over (this worker's lease lapsed and the run was claimed
+    again), or it ended elsewhere (the reaper, or that other worker). The
+    execution stops here, its transaction rolled back, and leaves the run
+    as it is."""
 
 
 SERVER_ERROR = LastError(code="server_error", message="The server had an error while processing the run.")
@@ -118,7 +120,10 @@ class RunExecution:
             # own writes will tell if the database is really gone.
             log.warning("run %s: checking for a cancel failed (%s)", self.run_id, error)
             return False
-        return run is None or run.status != "in_progress"
+        # Taken over by another worker (this one stalled past its lease):
+        # stop now; the commit that follows finds it so and writes nothing.
+        taken_over = run is not None and run.lease_owner is not None and run.lease_owner != self.owner
+        return run is None or run.status != "in_progress" or taken_over
 
     async def _commit(self, pending: Pending, move: Move | None = None) -> None:
         """The one place that writes a turn's results: the turn's rows and,
@@ -127,9 +132,9 @@ class RunExecution:
 
         This is also the one cancellation path: a run found ``cancelling``
         ends ``cancelled`` whatever ``move`` said (its open steps and
-        messages swept), and a run that already ended elsewhere (expired by
-        the reaper) is left as it is. A move finding the run in another
-        worker's lease raises LeaseLost: nothing of the transaction stays."""
+        messages swept). A move finding the run ended elsewhere (expired by
+        the reaper) or in another worker's lease raises LeaseLost: nothing
+        of the transaction stays."""
         events = list(pending.events)
         unread = move is not None and self._movable_unread(move)
         async with self.runtime.transaction() as session, self.runtime.run_log.holding(self.run_id):
@@ -162,10 +167,15 @@ class RunExecution:
             if move is not None
             else None
         )
-        if move is None or run is None or run.status in run_state.TERMINAL:
+        if move is None or run is None:
             pass
+        elif run.status in run_state.TERMINAL:
+            # Ended elsewhere (expired by the reaper, or finished by the
+            # worker that took it over): its log has its last event, so this
+            # turn's rows and events must not follow it.
+            self._abandon(f"run {self.run_id} already ended ({run.status})")
         elif run.lease_owner != self.owner:
-            self._abandon()
+            self._abandon(f"run {self.run_id} was taken over by another worker")
         elif run.status == "cancelling" or move.to == "cancelled":
             events += await runs.close_out(session, run, "cancelled", usage=self._usage(), lease_owner=self.owner)
         elif move.to == "requires_action":
@@ -192,12 +202,13 @@ class RunExecution:
         # Streamed once committed; the run's row was locked above when read.
         await self.runtime.run_log.append(session, self.run_id, events, run_locked=run is not None)
 
-    def _abandon(self) -> None:
-        """The run is in another worker's lease: raise LeaseLost, its
-        deltas not yet logged dropped (called within the commit, while the
-        flusher leaves them to it: the new owner's log must not get them)."""
+    def _abandon(self, reason: str) -> None:
+        """The run is no longer this execution's (in another worker's lease,
+        or ended): raise LeaseLost, its deltas not yet logged dropped (called
+        within the commit, while the flusher leaves them to it: the log must
+        not get them)."""
         self.runtime.run_log.discard(self.run_id)
-        raise LeaseLost(f"run {self.run_id} was taken over by another worker")
+        raise LeaseLost(reason)
 
     def _movable_unread(self, move: Move) -> bool:
         """Whether _move_unread() may make ``move``: not when it needs the
@@ -339,11 +350,9 @@ class RunExecution:
     async def execute(self) -> None:
         try:
             await self._execute()
-        except LeaseLost:
-            # Quietly, as a lost compare-and-set: the run goes on elsewhere.
-            log.warning(
-                "run %s: another worker took it over; this execution stops without its last writes", self.run_id
-            )
+        except LeaseLost as lost:
+            # Quietly, as a lost compare-and-set: the run is someone else's.
+            log.warning("%s; this execution stops without its last writes", lost)
 
     async def _execute(self) -> None:
         try:

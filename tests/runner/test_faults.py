@@ -234,6 +234,31 @@ async def test_an_execution_whose_lease_was_taken_over_stops(runtime: Runtime) -
         await _stop(worker, task)
 
 
+async def test_a_streaming_execution_stops_once_its_run_is_taken_over(settings: Settings) -> None:
+    """Its lease far longer than the test (so its renewer does not look in
+    time), an execution streaming an answer of minutes still stops within
+    the test once another worker holds the run: its cancel watcher reads the
+    row, and finds it in another lease."""
+    rt = await Runtime.start(settings.model_copy(update={"worker_poll_seconds": 0.05, "run_lease_seconds": 600.0}))
+    worker, task = await _running_worker(rt)
+    try:
+        (run_id,) = await _make_runs(rt, 1, text="[[delay 100]] [[tokens 3000]]")  # five minutes
+        await _until(lambda: worker.busy == 1, "the run to start")
+        async with rt.transaction() as session:
+            await session.execute(
+                update(orm.Run)
+                .where(orm.Run.id == run_id)
+                .values(lease_owner="other-worker", lease_expires_at=time.time() + 600)
+            )
+        await _until(lambda: worker.busy == 0, "the execution to stop")
+        async with rt.transaction() as session:
+            run = await session.get(orm.Run, run_id)
+        assert run is not None and (run.status, run.lease_owner) == ("in_progress", "other-worker")
+    finally:
+        await _stop(worker, task)
+        await rt.close()
+
+
 async def test_shutdown_returns_as_soon_as_the_runs_in_flight_are_done(runtime: Runtime) -> None:
     worker, task = await _running_worker(runtime)
     (run_id,) = await _make_runs(runtime, 1, text="[[delay 20]] [[tokens 20]]")
@@ -248,10 +273,19 @@ async def test_shutdown_returns_as_soon_as_the_runs_in_flight_are_done(runtime: 
 @pytest.mark.parametrize(
     ("cue", "move"), [("[[tokens 5]]", "completed"), ('[[call lookup {"q": 1}]]', "requires_action")]
 )
-async def test_a_move_after_a_takeover_writes_nothing(settings: Settings, cue: str, move: str) -> None:
+@pytest.mark.parametrize(
+    ("status", "owner"),
+    [("in_progress", "other-worker"), ("expired", None)],
+    ids=["taken-over", "ended-elsewhere"],
+)
+async def test_a_move_after_a_takeover_writes_nothing(
+    settings: Settings, cue: str, move: str, status: str, owner: str | None
+) -> None:
     """A worker whose lease was taken over between the model's answer and its
     commit (before its renewer noticed: a lease far longer than the test)
     leaves the run to the new owner: no move, no rows, no events of its own.
+    So does one whose run ended elsewhere meanwhile (the reaper, or the new
+    owner, finished it): nothing follows its last event.
     (The answer's deltas are logged before the takeover, and the flusher
     waits far longer than the test after that: a flush between the takeover
     and the commit would log deltas the worker could not know were late.)"""
@@ -269,7 +303,7 @@ async def test_a_move_after_a_takeover_writes_nothing(settings: Settings, cue: s
                 await session.execute(
                     update(orm.Run)
                     .where(orm.Run.id == run_id)
-                    .values(lease_owner="other-worker", lease_expires_at=time.time() + 600)
+                    .values(status=status, lease_owner=owner, lease_expires_at=owner and time.time() + 600)
                 )
                 logged = await session.scalar(select(func.max(orm.RunEvent.seq)).where(orm.RunEvent.run_id == run_id))
             logged_at_takeover.append(logged or 0)
@@ -286,7 +320,7 @@ async def test_a_move_after_a_takeover_writes_nothing(settings: Settings, cue: s
                     )
                 )
             ).all()
-        assert run is not None and (run.status, run.lease_owner) == ("in_progress", "other-worker")
+        assert run is not None and (run.status, run.lease_owner) == (status, owner)
         assert run.required_action is None and run.usage is None, move
         assert list(late) == []
         assert [m.status for m in await _answers(rt, run_id)] == ["in_progress"]  # as the answer opened it

@@ -220,6 +220,42 @@ async def test_deltas_published_while_an_append_is_uncommitted_get_the_numbers_t
         assert resumed == [entry for entry in logged if entry[0] > seq]
 
 
+async def test_deltas_an_append_took_are_kept_when_its_insert_fails(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append whose insert raises (a held-back write's failure surfacing,
+    a dropped connection, a cancelled task) gives the buffered deltas it
+    took back: the next append logs them, under the numbers followers saw."""
+    (run_id,) = await _make_runs(runtime, 1, status="in_progress")
+    async with runtime.transaction() as session:
+        await runtime.run_log.append(session, run_id, [Event("thread.run.created", {"id": run_id})])
+
+    async def refuse(*_args: object, **_kwargs: object) -> None:
+        raise ConnectionResetError("the insert is refused")
+
+    seen: list[tuple[int, int]] = []
+    async with runtime.bus.follow(run_id) as delivered, runtime.run_log.holding(run_id):  # no flush takes them
+        runtime.run_log.publish(run_id, [Event("thread.message.delta", {"n": n}) for n in (1, 2)])
+        with monkeypatch.context() as patch, pytest.raises(ConnectionResetError):
+            patch.setattr(run_events, "insert_behind", refuse)
+            patch.setattr(run_events, "insert", refuse)
+            async with runtime.transaction() as session:
+                await runtime.run_log.append(session, run_id, [Event("thread.run.step.completed", {})])
+        async with runtime.transaction() as session:
+            await runtime.run_log.append(session, run_id, [Event("thread.run.step.completed", {})])
+        while not delivered.empty():
+            seen += [(e.seq, e.event.data["n"]) for e in delivered.get_nowait() or [] if "n" in e.event.data]
+    async with runtime.transaction() as session:
+        logged = [(e.seq, e.event.name, e.event.data.get("n")) for e in await run_events.read(session, run_id, 0)]
+    assert logged == [
+        (1, "thread.run.created", None),
+        (2, "thread.message.delta", 1),
+        (3, "thread.message.delta", 2),
+        (4, "thread.run.step.completed", None),
+    ]
+    assert seen == [(2, 1), (3, 2)]
+
+
 async def _notify(runtime: Runtime, topic: str, *, via: Runtime | None = None) -> None:
     """``runtime``'s NOTIFY for ``topic``, sent by a connection of ``via``'s
     pool (its own by default)."""
