@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -77,74 +78,41 @@ async def attach(
     items: Sequence[tuple[orm.File, dict[str, Any], dict[str, Any] | None]],
     batch_id: str | None = None,
 ) -> list[orm.VectorStoreFile]:
-    """Queue (file, chunking strategy, attributes) for ingestion into the store."""
-    rows = []
-    new: dict[str, orm.VectorStoreFile] = {}  # by file id: a batch may name a file twice (the last entry wins)
+    """Queue (file, chunking strategy, attributes) for ingestion into the
+    store: each file's row inserted, or reset if the file is attached
+    already (a batch naming a file twice: its last entry wins). Returns the
+    rows in ``items``' order."""
+    now = ids.now()
+    wanted: dict[str, dict[str, Any]] = {}
     for file, strategy, attributes in items:
-        row = new.get(file.id) or await session.get(orm.VectorStoreFile, (store.id, file.id))
-        if row is None:
-            row = orm.VectorStoreFile(vector_store_id=store.id, file_id=file.id, seq=file.seq, created_at=ids.now())
-            new[file.id] = row
-        row.filename, row.status, row.last_error, row.usage_bytes = file.filename, "in_progress", None, 0
-        row.chunking_strategy, row.attributes, row.batch_id = strategy, attributes, batch_id
-        row.lease_owner, row.lease_expires_at = None, None
-        rows.append(row)
-    await session.flush()  # the rows already there: a failed attempt below discards only the new ones
-    found = await _add_with_free_seqs(session, store.id, list(new.values()))
-    return [found.get(row.file_id, row) for row in rows]
+        wanted[file.id] = {
+            "vector_store_id": store.id,
+            "file_id": file.id,
+            "seq": file.seq,
+            "created_at": now,
+            "filename": file.filename,
+            "status": "in_progress",
+            "last_error": None,
+            "usage_bytes": 0,
+            "chunking_strategy": strategy,
+            "attributes": attributes,
+            "batch_id": batch_id,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
+    attached = await _upsert_with_free_seqs(session, store.id, [wanted[file_id] for file_id in sorted(wanted)])
+    return [attached[file.id] for file, _strategy, _attributes in items]
 
 
 # Attempts at inserting a store's new file rows, each after another
 # process took one of their seqs (all but unheard of: see below).
 SEQ_ATTEMPTS = 5
 
+# Rows per upsert statement (its bound values stay far under either
+# engine's limit); a page follows the one before in file id order.
+UPSERT_PAGE_ROWS = 500
 
-async def taken_seqs(session: AsyncSession, store_id: str, seqs: Sequence[int]) -> set[int]:
-    """Which of these seqs files of the store already hold."""
-    query = select(orm.VectorStoreFile.seq).where(
-        orm.VectorStoreFile.vector_store_id == store_id, orm.VectorStoreFile.seq.in_(seqs)
-    )
-    return set((await session.scalars(query)).all())
-
-
-async def _add_with_free_seqs(
-    session: AsyncSession, store_id: str, rows: Sequence[orm.VectorStoreFile]
-) -> dict[str, orm.VectorStoreFile]:
-    """Insert the store's new file rows, each with a seq no other file of the
-    store holds (unique, migration 0014: a filtered search knows a file by
-    its seq). A row's seq is its file's, the id's sequence, which is unique
-    within a process; two processes can issue the same one in the same
-    nanosecond. The later file then takes the next free value (listing pages
-    by it: the file keeps its place but for that nanosecond). A conflict
-    with a file inserted by another transaction after the check rolls back
-    this savepoint alone and is retried: a seq clash is never a 500.
-
-    So is a clash on the row's key: two requests attaching the same file to
-    the same store at the same instant (on PostgreSQL both can find no row;
-    the later insert waits for the earlier's commit, then meets its key).
-    The file is then attached already, and the later request does what
-    attaching an attached file does: it queues that row again with its own
-    settings. Returns those rows, by file id, to answer in place of the new
-    ones."""
-    found: dict[str, orm.VectorStoreFile] = {}
-    for attempt in range(SEQ_ATTEMPTS):
-        if not rows:
-            break
-        await _choose_free_seqs(session, store_id, rows)
-        try:
-            async with session.begin_nested():
-                session.add_all(rows)
-                await session.flush()
-            break
-        except IntegrityError:
-            if attempt == SEQ_ATTEMPTS - 1:
-                raise
-        attached = await _attached_meanwhile(session, store_id, rows)
-        found |= attached
-        rows = [row for row in rows if row.file_id not in attached]
-    return found
-
-
+# What attaching a file again resets; its seq and created_at stay.
 _QUEUED_COLUMNS = (
     "filename",
     "status",
@@ -158,39 +126,81 @@ _QUEUED_COLUMNS = (
 )
 
 
-async def _attached_meanwhile(
-    session: AsyncSession, store_id: str, rows: Sequence[orm.VectorStoreFile]
-) -> dict[str, orm.VectorStoreFile]:
-    """Of the new ``rows`` (their insert rolled back), the files another
-    transaction attached to the store since this one looked: their rows as
-    committed, queued again with what ``rows`` asked (as attach() does to a
-    row it finds), by file id."""
-    query = select(orm.VectorStoreFile).where(
-        orm.VectorStoreFile.vector_store_id == store_id,
-        orm.VectorStoreFile.file_id.in_([row.file_id for row in rows]),
+async def taken_seqs(session: AsyncSession, store_id: str, seqs: Sequence[int]) -> set[int]:
+    """Which of these seqs files of the store already hold."""
+    query = select(orm.VectorStoreFile.seq).where(
+        orm.VectorStoreFile.vector_store_id == store_id, orm.VectorStoreFile.seq.in_(seqs)
     )
-    existing = {row.file_id: row for row in (await session.scalars(query)).all()}
-    for row in rows:
-        if row.file_id in existing:
-            for column in _QUEUED_COLUMNS:
-                setattr(existing[row.file_id], column, getattr(row, column))
-    return existing
+    return set((await session.scalars(query)).all())
 
 
-async def _choose_free_seqs(session: AsyncSession, store_id: str, rows: Sequence[orm.VectorStoreFile]) -> None:
-    """Move each row's seq up past those the store's files hold and those
-    given to the rows before it. A seq moved to is checked too (a file moved
-    earlier may hold it): asked again until every row's seq is known free."""
+async def _upsert_with_free_seqs(
+    session: AsyncSession, store_id: str, values: Sequence[dict[str, Any]]
+) -> dict[str, orm.VectorStoreFile]:
+    """Upsert the store's file rows (``values``, in file id order), a new
+    one with a seq no other file of the store holds (unique, migration 0014:
+    a filtered search knows a file by its seq). A row's seq is its file's,
+    the id's sequence, which is unique within a process; two processes can
+    issue the same one in the same nanosecond. The later file then takes the
+    next free value (listing pages by it: the file keeps its place but for
+    that nanosecond). A conflict with a file inserted by another transaction
+    after the check rolls back this savepoint alone and is retried: a seq
+    clash is never a 500.
+
+    One statement per page inserts the new rows and resets those already
+    there, so requests attaching the same files at once wait for each
+    other's rows in one order, file id order (on PostgreSQL, rows found
+    first and reset, then others inserted, took locks in two orders: two
+    overlapping batches deadlocked, a 500), and the later one resets the row
+    the earlier inserted (no clash on the row's key). Returns the rows by
+    file id."""
+    query = select(orm.VectorStoreFile.file_id).where(
+        orm.VectorStoreFile.vector_store_id == store_id,
+        orm.VectorStoreFile.file_id.in_([value["file_id"] for value in values]),
+    )
+    existing = set((await session.scalars(query)).all())  # their seqs stay: none to choose
+    new = [value for value in values if value["file_id"] not in existing]
+    for attempt in range(SEQ_ATTEMPTS):
+        await _choose_free_seqs(session, store_id, new)
+        try:
+            async with session.begin_nested():
+                rows: dict[str, orm.VectorStoreFile] = {}
+                for start in range(0, len(values), UPSERT_PAGE_ROWS):
+                    for row in await _upsert(session, values[start : start + UPSERT_PAGE_ROWS]):
+                        rows[row.file_id] = row
+                return rows
+        except IntegrityError:
+            if attempt == SEQ_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+async def _upsert(session: AsyncSession, values: Sequence[dict[str, Any]]) -> Sequence[orm.VectorStoreFile]:
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    statement = insert(orm.VectorStoreFile).values(list(values))
+    statement = statement.on_conflict_do_update(
+        index_elements=[orm.VectorStoreFile.vector_store_id, orm.VectorStoreFile.file_id],
+        set_={column: statement.excluded[column] for column in _QUEUED_COLUMNS},
+    )
+    returning = statement.returning(orm.VectorStoreFile)
+    return (await session.scalars(returning, execution_options={"populate_existing": True})).all()
+
+
+async def _choose_free_seqs(session: AsyncSession, store_id: str, values: Sequence[dict[str, Any]]) -> None:
+    """Move each new row's seq up past those the store's files hold and
+    those given to the rows before it. A seq moved to is checked too (a file
+    moved earlier may hold it): asked again until every row's seq is known
+    free."""
     checked: set[int] = set()
     taken: set[int] = set()
-    while unknown := {row.seq for row in rows} - checked:
+    while unknown := {value["seq"] for value in values} - checked:
         taken |= await taken_seqs(session, store_id, sorted(unknown))
         checked |= unknown
         given: set[int] = set()
-        for row in rows:
-            while row.seq in taken or row.seq in given:
-                row.seq += 1
-            given.add(row.seq)
+        for value in values:
+            while value["seq"] in taken or value["seq"] in given:
+                value["seq"] += 1
+            given.add(value["seq"])
 
 
 async def create(session: AsyncSession, store: orm.VectorStore, body: VectorStoreFileCreate) -> orm.VectorStoreFile:

@@ -192,3 +192,27 @@ async def test_one_file_attached_to_one_store_by_simultaneous_requests(
         assert [answer.id for answer in answers[:3]] == [zebra] * 3
         assert all(answer.vector_store_id == store.id for answer in answers)
         assert list(await _store_seqs(app, store.id)) == [zebra]
+
+
+async def test_batches_naming_the_same_new_files_in_other_orders_at_once(
+    client: openai.AsyncOpenAI, app: FastAPI
+) -> None:
+    """Batches attaching the same new files to a store at once, each naming
+    them in its own order: each answers its whole batch, every file attached
+    once (on PostgreSQL, a batch reset the rows it found, then inserted the
+    others or reset them once they appeared: row locks taken in two orders,
+    and overlapping batches deadlocked, a 500)."""
+    file_ids = [
+        (await client.files.create(file=(f"animal{n}.txt", b"an animal roams"), purpose="assistants")).id
+        for n in range(120)
+    ]
+    for _round in range(4):
+        store = await client.vector_stores.create(name="animals")
+        orders = [file_ids, file_ids[::-1], file_ids[60:] + file_ids[:60]]
+        async with asyncio.timeout(60):
+            batches = await asyncio.gather(
+                *(client.vector_stores.file_batches.create(store.id, file_ids=order) for order in orders)
+            )
+        assert all(batch.file_counts.total == len(file_ids) for batch in batches)
+        assert sorted(await _store_seqs(app, store.id)) == sorted(file_ids)
+
