@@ -215,4 +215,3 @@ async def test_batches_naming_the_same_new_files_in_other_orders_at_once(
             )
         assert all(batch.file_counts.total == len(file_ids) for batch in batches)
         assert sorted(await _store_seqs(app, store.id)) == sorted(file_ids)
-
