@@ -26,8 +26,9 @@ from sqlalchemy import delete, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import orm
-from app.retrieval import postgres_keywords, sqlite_keywords
+from app.retrieval import passing_files, postgres_keywords, sqlite_keywords
 from app.retrieval.filters import Compiled
+from app.retrieval.passing_files import PassingFiles
 
 MAX_QUERY_TERMS = 64
 _TERM = re.compile(r"\w+", re.UNICODE)
@@ -162,16 +163,6 @@ async def remove_chunks(session: AsyncSession, vector_store_id: str, file_ids: S
     await session.execute(statement.execution_options(synchronize_session=False))
 
 
-@dataclass(frozen=True)
-class PassingFiles:
-    """The completed files of one store whose row passes a search's filter."""
-
-    # A temp table of the search's connection holding their seqs as its key
-    # (probed by every keyword list: app.retrieval.keyword_postings).
-    table: str
-    file_ids: frozenset[str]
-
-
 @dataclass
 class Scope:
     """Where a search looks: these stores, optionally only chunks of files
@@ -184,34 +175,16 @@ class Scope:
 
     async def passing(self, session: AsyncSession, store_id: str) -> PassingFiles:
         """SQLite: the store's files that pass the filter, read once per
-        search (one pass over its file rows: ~11k at 100k chunks, ~3 ms of
-        JSON tests) and shared by the keyword and the vector side and by
-        every query. Their seqs go to a temp table with the seq as its key,
-        which each keyword list probes (an ``IN (SELECT ...)`` of a CTE made
-        SQLite build an index of the set per list: 7.0 -> 3.8 ms for a
-        12-word query at 100k chunks, 3.5k passing files); the file ids come
-        back as one string (they hold no comma). ``+f.status``: the store's
-        index, not the status one, which holds every store's files."""
+        search and shared by the keyword and the vector side and by every
+        query (app.retrieval.passing_files: a temp table of their seqs, which
+        each keyword list probes by its key, kept on the connection for the
+        next search while the database is unchanged)."""
         assert self.condition is not None
         known = self._passing.get(store_id)
-        if known is not None:
-            return known
-        table = f"search_passing_{list(dict.fromkeys(self.store_ids)).index(store_id)}"
-        # Asked for every time: a rolled-back search (a cancelled run) also
-        # undoes its CREATE, so a note of the tables made would go stale.
-        await session.execute(text(f"CREATE TEMP TABLE IF NOT EXISTS {table} (seq INTEGER PRIMARY KEY, file_id TEXT)"))
-        await session.execute(text(f"DELETE FROM temp.{table}"))  # noqa: S608 (constant fragments only)
-        await session.execute(
-            text(
-                f"INSERT INTO temp.{table} (seq, file_id) SELECT f.seq, f.file_id FROM vector_store_files f "  # noqa: S608 (the condition is compiled with bound values)
-                f"WHERE f.vector_store_id = :store AND +f.status = 'completed' AND {self.condition.sql}"
-            ),
-            {"store": store_id, **self.condition.params},
-        )
-        joined = (await session.execute(text(f"SELECT group_concat(file_id, ',') FROM temp.{table}"))).scalar()  # noqa: S608 (constant fragments only)
-        passing = PassingFiles(f"temp.{table}", frozenset(str(joined).split(",")) if joined else frozenset())
-        self._passing[store_id] = passing
-        return passing
+        if known is None:
+            slot = list(dict.fromkeys(self.store_ids)).index(store_id)
+            known = self._passing[store_id] = await passing_files.read(session, store_id, slot, self.condition)
+        return known
 
     def sql(self) -> str:
         """The WHERE fragment for a chunk aliased ``c`` (bound: ``stores`` and the condition's names)."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,12 +33,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.retrieval import cache_budget, partition
 from app.retrieval.index import Hit, Scope, _is_postgres, _vector_literal
 from app.retrieval.partition import Partition
+from app.retrieval.passing_files import PassingFiles
 
 INDEXED_DIMENSIONS = 384
 # Candidates the HNSW scan gathers before filtering (pgvector's hnsw.ef_search;
 # iterative scanning goes on past it while filtered rows leave fewer than asked).
 EF_SEARCH = 100
 _LOAD_BATCH = 4096
+_MASKS_PER_MATRIX = 4
 
 
 @dataclass
@@ -49,6 +51,28 @@ class _Matrix:
     file_names: Any  # object array of the distinct file ids
     vectors: Any  # float32, rows normalised (grouped by list when partitioned)
     partition: Partition | None = None  # large stores only (app/retrieval/partition.py)
+    # Per filter fill (PassingFiles.token): which rows pass, a bool per row.
+    # A few are kept (a byte per row each, beside ~1.5 KB per row of vectors).
+    _masks: OrderedDict[int, Any] = field(default_factory=OrderedDict, repr=False)
+    _code_of: dict[str, int] | None = field(default=None, repr=False)
+
+    def rows_passing(self, passing: PassingFiles) -> Any:
+        """A bool per row: whether its file is among the passing ones (built
+        once per matrix and passing set: a dict lookup per passing file and
+        one gather, instead of a set test per file of the store)."""
+        mask = self._masks.get(passing.token)
+        if mask is not None:
+            self._masks.move_to_end(passing.token)
+            return mask
+        if self._code_of is None:
+            self._code_of = {str(name): code for code, name in enumerate(self.file_names)}
+        files = np.zeros(len(self.file_names), dtype=bool)
+        files[[code for name in passing.file_ids if (code := self._code_of.get(name)) is not None]] = True
+        mask = files[self.file_codes]
+        self._masks[passing.token] = mask
+        while len(self._masks) > _MASKS_PER_MATRIX:
+            self._masks.popitem(last=False)
+        return mask
 
     @property
     def nbytes(self) -> int:
@@ -97,13 +121,11 @@ async def nearest(
         matrix = await _store_matrix(session, store_id)
         if matrix is None or matrix.vectors.shape[1] != query.shape[0]:
             continue
-        passing = None
+        passing_rows = None
         if scope.condition is not None:
-            allowed = (await scope.passing(session, store_id)).file_ids  # read once, shared with the keyword side
-            passing = np.fromiter(
-                (name in allowed for name in matrix.file_names), dtype=bool, count=len(matrix.file_names)
-            )
-        rows, scores = _scan(matrix, query, passing, limit)
+            # Read once, shared with the keyword side.
+            passing_rows = matrix.rows_passing(await scope.passing(session, store_id))
+        rows, scores = _scan(matrix, query, passing_rows, limit)
         top = np.argpartition(scores, -limit)[-limit:] if len(scores) > limit else np.arange(len(scores))
         scored.extend(
             (float(scores[i]), int(matrix.ids[rows[i]]), store_id, str(matrix.file_names[matrix.file_codes[rows[i]]]))
@@ -124,7 +146,7 @@ def _product(vectors: Any, query: Any) -> Any:
     return np.einsum("ij,j->i", vectors, query)
 
 
-def _scan(matrix: _Matrix, query: Any, passing: Any, limit: int) -> tuple[Any, Any]:
+def _scan(matrix: _Matrix, query: Any, passing_rows: Any, limit: int) -> tuple[Any, Any]:
     """(row numbers, their exact scores; -inf for rows the filter excludes).
 
     A small store: every row. A partitioned one: the rows of the lists
@@ -135,13 +157,11 @@ def _scan(matrix: _Matrix, query: Any, passing: Any, limit: int) -> tuple[Any, A
     would scan much of the store and still miss some."""
     if matrix.partition is None:
         scores = _product(matrix.vectors, query)
-        if passing is not None:
-            scores = np.where(passing[matrix.file_codes], scores, -np.inf)
+        if passing_rows is not None:
+            scores = np.where(passing_rows, scores, -np.inf)
         return np.arange(len(scores)), scores
     enough = partition.PROBE_FRACTION * len(matrix.ids)
-    passing_rows = None
-    if passing is not None:
-        passing_rows = passing[matrix.file_codes]
+    if passing_rows is not None:
         total = int(passing_rows.sum())
         if total <= max(enough, limit):
             rows = np.flatnonzero(passing_rows)

@@ -162,6 +162,32 @@ async def test_search_filters_threshold_and_queries(client: openai.AsyncOpenAI) 
     assert (await client.vector_stores.search(store.id, query="nothing-matches-this")).data == []
 
 
+async def test_a_filtered_search_sees_attribute_changes_at_once(client: openai.AsyncOpenAI) -> None:
+    """The same filtered search before and after a file's attributes change
+    (on SQLite the passing files are kept between searches while the
+    database is unchanged: the update must be seen by the next search)."""
+    store = await client.vector_stores.create()
+    zebra = await _upload(client, "zebra.txt", ZEBRA.encode())
+    llama = await _upload(client, "llama.txt", f"{LLAMA} Zebras are not llamas.".encode())
+    await client.vector_stores.file_batches.create_and_poll(
+        store.id,
+        files=[{"file_id": zebra, "attributes": {"keep": True}}, {"file_id": llama, "attributes": {"keep": False}}],
+    )
+    kept = {"type": "eq", "key": "keep", "value": True}
+
+    async def found() -> list[str]:
+        return [r.file_id for r in (await client.vector_stores.search(store.id, query="zebras", filters=kept)).data]
+
+    assert await found() == [zebra]
+    assert await found() == [zebra]
+    await client.vector_stores.files.update(llama, vector_store_id=store.id, attributes={"keep": True})
+    assert await found() == [zebra, llama]
+    await client.vector_stores.files.update(zebra, vector_store_id=store.id, attributes={"keep": "yes"})
+    assert await found() == [llama]
+    await client.vector_stores.files.delete(llama, vector_store_id=store.id)
+    assert await found() == []
+
+
 async def test_batch_cancel(client: openai.AsyncOpenAI, app: FastAPI) -> None:
     store = await client.vector_stores.create()
     file_ids = [await _upload(client, f"doc{i}.txt", f"document number {i}".encode()) for i in range(3)]

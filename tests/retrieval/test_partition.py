@@ -50,7 +50,8 @@ def _copy(matrix: Any) -> Any:
 
 
 def _top(matrix: Any, query: Any, limit: int, passing: Any = None) -> dict[int, float]:
-    rows, scores = vectors._scan(matrix, query, passing, limit)
+    """The scan's best rows; ``passing`` is a bool per file of the matrix."""
+    rows, scores = vectors._scan(matrix, query, None if passing is None else passing[matrix.file_codes], limit)
     best = np.argsort(-scores, kind="stable")[:limit]
     return {int(matrix.ids[rows[i]]): float(scores[i]) for i in best if scores[i] != -np.inf}
 
