@@ -211,7 +211,7 @@ async def keyword_search(session: AsyncSession, scope: Scope, query: str, limit:
     else:
         passing = None
         if scope.condition is not None:
-            passing = {store_id: (await scope.passing(session, store_id)).table for store_id in scope.store_ids}
+            passing = {store_id: await scope.passing(session, store_id) for store_id in scope.store_ids}
         rows = await sqlite_keywords.search(session, scope.store_ids, passing, words, limit)
     if not rows:
         return []

@@ -39,6 +39,7 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.retrieval.filters import Compiled
+from app.retrieval.passing_files import PassingFiles
 
 TABLE = "vector_store_keyword_postings"
 K1 = 1.2
@@ -141,15 +142,20 @@ async def _chunk_total(session: AsyncSession, database: str, store_ids: Sequence
     return total
 
 
-def _list_sql(position: int, store: int, passing: str | None) -> str:
+def _list_sql(position: int, store: int, passing: PassingFiles | None) -> str:
     """The best ``:depth`` postings of term ``position`` in store ``store``
-    (numbered bind names) as weighted scores; with ``passing`` (a table
-    keyed by seq), only postings of the files in it, checked on the posting
-    itself (its file's seq: no lookup of its chunk)."""
+    (numbered bind names) as weighted scores; with ``passing``, only
+    postings of those files, checked on the posting itself (its file's seq:
+    no lookup of its chunk)."""
     condition = f"p.term = :term_{position} AND p.store_key = :key_{store}"
     if passing is not None:
-        # The table's own key (SQLite: "USING ROWID SEARCH ... FOR IN-OPERATOR").
-        condition += f" AND p.file_seq IN (SELECT seq FROM {passing})"  # noqa: S608 (constant fragments only)
+        # The seq range first: a comparison, where the table is a probe
+        # (~0.1 us per posting read: a third of a filtered statement's time
+        # at 100k chunks); enough alone when every file in it passes.
+        condition += f" AND p.file_seq BETWEEN :lowest_{store} AND :highest_{store}"
+        if not passing.contiguous:
+            # The table's own key (SQLite: "USING ROWID SEARCH ... FOR IN-OPERATOR").
+            condition += f" AND p.file_seq IN (SELECT seq FROM {passing.table})"  # noqa: S608 (constant fragments only)
     return (
         f"SELECT p.chunk_id AS id, :weight_{position} * p.impact AS score FROM {TABLE} p "  # noqa: S608 (constant fragments only; values are bound)
         f"WHERE {condition} ORDER BY p.impact DESC LIMIT :depth"
@@ -163,7 +169,7 @@ async def _candidates(
     depth: int,
     count: int,
     condition: Compiled | None,
-    passing: Mapping[str, str] | None,
+    passing: Mapping[str, PassingFiles] | None,
 ) -> list[int]:
     """The ``count`` chunks with the best partial scores over the top
     ``depth`` postings of each term, summed in the database (only the
@@ -204,6 +210,9 @@ async def _candidates(
         parts = []
         for store, key in enumerate(keys):
             bound[f"key_{store}"] = key
+            if passing is not None:
+                bound[f"lowest_{store}"] = passing[stores[store]].lowest
+                bound[f"highest_{store}"] = passing[stores[store]].highest
         for position, term in enumerate(terms):
             bound[f"term_{position}"] = term
             bound[f"weight_{position}"] = weights[term]
@@ -246,14 +255,14 @@ async def top_chunks(
     limit: int,
     *,
     condition: Compiled | None = None,
-    passing: Mapping[str, str] | None = None,
+    passing: Mapping[str, PassingFiles] | None = None,
 ) -> list[tuple[int, float]]:
     """(chunk id, BM25 score) of the best ``limit`` chunks of these stores for
     the (already tokenized) terms, best first. Filtered: on PostgreSQL only
     chunks of completed files whose row (aliased ``f``) passes ``condition``;
-    on SQLite only chunks of the files in ``passing`` (per store, a table
-    keyed by their seqs: index.Scope.passing, filled once per search and
-    shared with the vector side)."""
+    on SQLite only chunks of the files in ``passing`` (per store: a table
+    keyed by their seqs and their range, index.Scope.passing, shared with
+    the vector side)."""
     terms = list(dict.fromkeys(terms))
     stores = list(dict.fromkeys(store_ids))
     if not terms or not stores or limit <= 0:

@@ -56,6 +56,13 @@ class PassingFiles:
     # This process's number for the fill that made the table: equal tokens,
     # equal sets (the vector side keys its per-matrix masks by it).
     token: int
+    # The smallest and largest passing seq (0, 0 when none passes), and
+    # whether every file of the store in that range passes (in any status:
+    # then a posting passes exactly when its seq is in the range, and the
+    # keyword lists test that instead of probing the table).
+    lowest: int
+    highest: int
+    contiguous: bool
 
 
 _remembered: OrderedDict[int, PassingFiles] = OrderedDict()
@@ -93,7 +100,7 @@ async def read(session: AsyncSession, store_id: str, slot: int, condition: Compi
             return known
         # The table is current but this process forgot its file ids (more
         # fills since than it remembers): read them back.
-        return _remember(await _file_ids(session, table, int(row[1])))
+        return _remember(await _summary(session, store_id, table, int(row[1])))
     await session.execute(text(f"CREATE TEMP TABLE IF NOT EXISTS {table} (seq INTEGER PRIMARY KEY, file_id TEXT)"))
     await session.execute(text(f"DELETE FROM temp.{table}"))  # noqa: S608 (constant fragments only)
     # ``+f.status``: the store's index, not the status one, which holds every store's files.
@@ -114,13 +121,34 @@ async def read(session: AsyncSession, store_id: str, slot: int, condition: Compi
         ),
         {"slot": slot, "key": key, "token": token},
     )
-    return _remember(await _file_ids(session, table, token))
+    return _remember(await _summary(session, store_id, table, token))
 
 
-async def _file_ids(session: AsyncSession, table: str, token: int) -> PassingFiles:
-    # One string rather than thousands of rows (file ids hold no comma).
-    joined = (await session.execute(text(f"SELECT group_concat(file_id, ',') FROM temp.{table}"))).scalar()  # noqa: S608 (constant fragments only)
-    return PassingFiles(f"temp.{table}", frozenset(str(joined).split(",")) if joined else frozenset(), token)
+async def _summary(session: AsyncSession, store_id: str, table: str, token: int) -> PassingFiles:
+    """The filled table's file ids (one string rather than thousands of rows:
+    file ids hold no comma), its seq range, and whether the store has files
+    in that range that do not pass (its seq index alone: a fraction of a
+    millisecond, once per fill)."""
+    row = (
+        await session.execute(
+            text(
+                "SELECT t.joined, t.lowest, t.highest, t.passing, (SELECT count(*) FROM vector_store_files AS in_range "  # noqa: S608 (constant fragments only)
+                "WHERE in_range.vector_store_id = :store AND in_range.seq BETWEEN t.lowest AND t.highest) "
+                "FROM (SELECT group_concat(file_id, ',') AS joined, coalesce(min(seq), 0) AS lowest, "
+                f"coalesce(max(seq), 0) AS highest, count(*) AS passing FROM temp.{table}) AS t"
+            ),
+            {"store": store_id},
+        )
+    ).one()
+    joined, lowest, highest, passing, in_range = row
+    return PassingFiles(
+        f"temp.{table}",
+        frozenset(str(joined).split(",")) if joined else frozenset(),
+        token,
+        int(lowest),
+        int(highest),
+        int(passing) > 0 and int(passing) == int(in_range),
+    )
 
 
 def _remember(passing: PassingFiles) -> PassingFiles:

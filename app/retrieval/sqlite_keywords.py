@@ -25,6 +25,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.retrieval import keyword_postings
+from app.retrieval.passing_files import PassingFiles
 
 # Tokens per chunk of the default static chunking (800 tokens, 400 overlap)
 # as FTS5 counts them: BM25's average length, fixed so that a stored impact
@@ -115,13 +116,13 @@ async def write_postings(session: AsyncSession, vector_store_id: str, file_id: s
 async def search(
     session: AsyncSession,
     store_ids: Sequence[str],
-    passing: Mapping[str, str] | None,
+    passing: Mapping[str, PassingFiles] | None,
     words: Sequence[str],
     limit: int,
 ) -> list[tuple[int, str, str, str, float]]:
     """(chunk id, store id, file id, text, score) of the best ``limit`` chunks;
-    with ``passing`` (a filtered search: per store, the table of its passing
-    files' seqs, index.Scope.passing) only chunks of those files."""
+    with ``passing`` (a filtered search: per store, its passing files,
+    index.Scope.passing) only chunks of those files."""
     stems = await index_terms(session, words)
     terms = [term for word in words for term in stems[word]]
     ranked = await keyword_postings.top_chunks(session, store_ids, terms, limit, passing=passing)
