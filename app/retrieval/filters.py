@@ -18,7 +18,7 @@ NULL, and NOT of it is true (two-valued logic, as in Python).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -77,6 +77,30 @@ class _Compiler:
             return f"({kind} = 'number' AND {as_number} = {self.bind(float(expected))})"
         return f"({kind} = 'string' AND {as_text} = {self.bind(expected)})"
 
+    def _one_of(self, key: str, items: Sequence[object]) -> str:
+        """Equal to one of the items (as ``_equal``; the wire allows booleans,
+        numbers and strings), the key's kind and value read once, with a SQL
+        ``IN`` per kind of item: an OR of an equality per item read them
+        again for each (a 12-value ``in`` over 11k file rows: ~40 ms of
+        SQLite)."""
+        booleans = [item for item in items if isinstance(item, bool)]
+        numbers = [float(item) for item in items if isinstance(item, int | float) and not isinstance(item, bool)]
+        strings = [item for item in items if isinstance(item, str)]
+        kind, as_text, as_number = self._kind_and_value(key)
+        parts: list[str] = []
+        if booleans:
+            if self.dialect == "postgresql":
+                values = ", ".join(self.bind("true" if item else "false") for item in booleans)
+                parts.append(f"({kind} = 'boolean' AND {as_text} IN ({values}))")
+            else:
+                values = ", ".join(self.bind(1 if item else 0) for item in booleans)
+                parts.append(f"({kind} = 'boolean' AND {as_number} IN ({values}))")
+        if numbers:
+            parts.append(f"({kind} = 'number' AND {as_number} IN ({', '.join(self.bind(n) for n in numbers)}))")
+        if strings:
+            parts.append(f"({kind} = 'string' AND {as_text} IN ({', '.join(self.bind(t) for t in strings)}))")
+        return "(" + " OR ".join(parts) + ")" if parts else "FALSE"
+
     def _order(self, key: str, op: str, expected: object) -> str:
         symbol = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}[op]
         kind, as_text, as_number = self._kind_and_value(key)
@@ -94,8 +118,7 @@ class _Compiler:
         if op in ("eq", "ne"):
             positive = self._equal(key, expected) if isinstance(expected, Scalar) else "FALSE"
         elif op in ("in", "nin"):
-            items = [self._equal(key, item) for item in expected] if isinstance(expected, list) else []
-            positive = "(" + " OR ".join(items) + ")" if items else "FALSE"
+            positive = self._one_of(key, expected) if isinstance(expected, list) else "FALSE"
         else:
             positive = self._order(key, op, expected)
         leaf = f"COALESCE({positive}, FALSE)"
