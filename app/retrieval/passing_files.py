@@ -15,15 +15,18 @@ database's data_version is still the same.
 
 Why that is exact: data_version changes whenever any other connection (of
 this process or another) commits to the database, and inside a transaction
-it is that of the transaction's snapshot (a read-only connection never
-commits itself). Equal values mean the same database, hence the same
-passing files. The fills row lives in the same temp schema as the table it
-describes and is written in the same transaction, so a search rolled back
-after filling (a cancelled run) takes both back together and the next one
-fills again. The cost: two small statements per filtered search when
-nothing was written since; otherwise seven with the filter's pass (four
-before), so a database under constant writes gains nothing here (the
-vector side's mask still does) and loses a few tenths of a millisecond.
+it is that of the transaction's snapshot: equal values, the same database,
+hence the same passing files. A connection's own commits leave its
+data_version as it was, so only the read-only connections of searches
+(Runtime.reading) keep the set; on one that writes (an in-memory database,
+a search inside a write transaction) the filter is evaluated every time.
+The fills row lives in the same temp schema as the table it describes and
+is written in the same transaction, so a search rolled back after filling
+(a cancelled run) takes both back together and the next one fills again.
+The cost: two small statements per filtered search when nothing was
+written since; otherwise seven with the filter's pass (four before), so a
+database under constant writes gains nothing here (the vector side's mask
+still does) and loses a few tenths of a millisecond.
 
 The set is a table keyed by seq because each keyword list probes it by its
 key (an ``IN`` over a CTE made SQLite index the set again for each of a
@@ -83,6 +86,8 @@ async def read(session: AsyncSession, store_id: str, slot: int, condition: Compi
     """The store's passing files in the temp table of ``slot``, filled anew
     unless it already holds them for an unchanged database."""
     table = f"search_passing_{slot}"
+    if not _read_only(session):
+        return await _fill(session, store_id, table, condition)
     key = _key(store_id, condition)
     await session.execute(
         text(
@@ -107,6 +112,29 @@ async def read(session: AsyncSession, store_id: str, slot: int, condition: Compi
         # The table is current but this process forgot its file ids (more
         # fills since than it remembers): read them back.
         return _remember(await _summary(session, store_id, table, int(row[1])))
+    passing = await _fill(session, store_id, table, condition)
+    await session.execute(
+        text(
+            f"INSERT INTO temp.{_FILLS} (slot, filled_for, data_version, token) "  # noqa: S608 (constant fragments only)
+            "SELECT :slot, :key, data_version, :token FROM pragma_data_version() WHERE true "
+            "ON CONFLICT (slot) DO UPDATE SET filled_for = excluded.filled_for, "
+            "data_version = excluded.data_version, token = excluded.token"
+        ),
+        {"slot": slot, "key": key, "token": passing.token},
+    )
+    return _remember(passing)
+
+
+def _read_only(session: AsyncSession) -> bool:
+    """Whether the session's connections are the read-only ones of searches
+    (db.create_read_engine: ``mode=ro``). A connection that writes does not
+    see its own commits in its data_version (an in-memory database's, or a
+    search inside a write transaction): there the set is evaluated every time."""
+    return session.get_bind().engine.url.query.get("mode") == "ro"
+
+
+async def _fill(session: AsyncSession, store_id: str, table: str, condition: Compiled) -> PassingFiles:
+    """The temp table of passing seqs evaluated anew (one pass over the store's file rows)."""
     await session.execute(text(f"CREATE TEMP TABLE IF NOT EXISTS {table} (seq INTEGER PRIMARY KEY, file_id TEXT)"))
     await session.execute(text(f"DELETE FROM temp.{table}"))  # noqa: S608 (constant fragments only)
     # ``+f.status``: the store's index, not the status one, which holds every store's files.
@@ -117,17 +145,7 @@ async def read(session: AsyncSession, store_id: str, slot: int, condition: Compi
         ),
         {"store": store_id, **condition.params},
     )
-    token = next(_tokens)
-    await session.execute(
-        text(
-            f"INSERT INTO temp.{_FILLS} (slot, filled_for, data_version, token) "  # noqa: S608 (constant fragments only)
-            "SELECT :slot, :key, data_version, :token FROM pragma_data_version() WHERE true "
-            "ON CONFLICT (slot) DO UPDATE SET filled_for = excluded.filled_for, "
-            "data_version = excluded.data_version, token = excluded.token"
-        ),
-        {"slot": slot, "key": key, "token": token},
-    )
-    return _remember(await _summary(session, store_id, table, token))
+    return await _summary(session, store_id, table, next(_tokens))
 
 
 async def _summary(session: AsyncSession, store_id: str, table: str, token: int) -> PassingFiles:

@@ -152,3 +152,21 @@ async def test_a_kept_passing_set_serves_only_while_the_database_is_unchanged(ru
         assert await found(every) == set(file_ids) - {zebras, llamas}
     finally:
         stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL filters inside its one statement
+async def test_a_search_on_a_connection_that_writes_sees_its_own_changes(runtime: Runtime) -> None:
+    """A connection's own commits do not move its data_version: a search in
+    a write transaction (or on an in-memory database, whose one connection
+    does everything) evaluates the filter every time."""
+    store_id, file_ids = await _store(runtime, FILES)
+    zebras, llamas = file_ids[:2]
+    zebra = filters.compile_filter(ComparisonFilter(type="eq", key="animal", value="zebra"), "sqlite")
+    for attributes, expected in (('{"animal": "llama"}', {zebras}), ('{"animal": "zebra"}', {zebras, llamas})):
+        async with runtime.transaction() as session:
+            await session.execute(
+                text("UPDATE vector_store_files SET attributes = :a WHERE vector_store_id = :s AND file_id = :f"),
+                {"a": attributes, "s": store_id, "f": llamas},
+            )
+            hits = await ranking.search(session, [store_id], [QUERY + " zebra llama"], 20, condition=zebra)
+            assert {hit.file_id for hit in hits} == expected
