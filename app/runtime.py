@@ -19,7 +19,7 @@ from app import cassettes, db, run_log, sqlite_peers
 from app.bus import EventBus
 from app.llm import LLM, Exchange
 from app.observability.metrics import Metrics
-from app.retrieval import cache_budget
+from app.retrieval import cache_budget, passing_files
 from app.services import api_keys, model_requests, run_execution
 from app.settings import Settings
 from app.storage import Storage
@@ -72,6 +72,7 @@ class Runtime:
         llm.metrics_observer = metrics.observe_model_call
         sessionmaker = db.create_sessionmaker(engine)
         read_engine = db.create_read_engine(settings.resolved_database_url(), engine)
+        passing_files.keep_sets_on(read_engine)
         postgres = not db.is_sqlite(settings.resolved_database_url())
         peers = None if postgres else sqlite_peers.for_url(settings.resolved_database_url())
         if peers is not None:

@@ -23,8 +23,8 @@ a search inside a write transaction) the filter is evaluated every time.
 The fills row lives in the same temp schema as the table it describes and
 is written in the same transaction, so a search rolled back after filling
 (a cancelled run) takes both back together and the next one fills again.
-The cost: two small statements per filtered search when nothing was
-written since; otherwise seven with the filter's pass (four before), so a
+The cost: one small statement per filtered search when nothing was
+written since; otherwise six with the filter's pass (four before), so a
 database under constant writes gains nothing here (the vector side's mask
 still does) and loses a few tenths of a millisecond.
 
@@ -39,19 +39,27 @@ from __future__ import annotations
 
 import itertools
 import json
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Engine, event, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from app.retrieval.filters import Compiled
 
 _FILLS = "search_passing_fills"
+_FILLS_TABLE = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {_FILLS} (slot INTEGER PRIMARY KEY, "
+    "filled_for TEXT NOT NULL, data_version INTEGER NOT NULL, token INTEGER NOT NULL)"
+)
 # Passing sets remembered in Python (their file ids), by fill: a few
 # connections times a few filters.
 _REMEMBERED = 64
 _tokens = itertools.count(1)
+# The (sync) engines whose connections keep passing sets: keep_sets_on.
+_keeping: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -89,12 +97,6 @@ async def read(session: AsyncSession, store_id: str, slot: int, condition: Compi
     if not _read_only(session):
         return await _fill(session, store_id, table, condition)
     key = _key(store_id, condition)
-    await session.execute(
-        text(
-            f"CREATE TEMP TABLE IF NOT EXISTS {_FILLS} (slot INTEGER PRIMARY KEY, "
-            "filled_for TEXT NOT NULL, data_version INTEGER NOT NULL, token INTEGER NOT NULL)"
-        )
-    )
     row = (
         await session.execute(
             text(
@@ -125,12 +127,30 @@ async def read(session: AsyncSession, store_id: str, slot: int, condition: Compi
     return _remember(passing)
 
 
+def keep_sets_on(engine: AsyncEngine) -> None:
+    """Searches on this engine keep their passing sets, if it is a read-only
+    SQLite one (db.create_read_engine: ``mode=ro``; the Runtime's). A
+    connection that writes does not see its own commits in its data_version
+    (an in-memory database's, a search inside a write transaction): there
+    the set is evaluated every time. Each new connection gets the fills
+    table at once, outside any transaction (no rollback takes it away), so
+    a search asks for no CREATE."""
+    sync = engine.sync_engine
+    if sync.dialect.name != "sqlite" or sync.url.query.get("mode") != "ro" or sync in _keeping:
+        return
+    event.listen(sync, "connect", _create_fills)
+    _keeping.add(sync)
+
+
+def _create_fills(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute(_FILLS_TABLE)
+    cursor.close()
+
+
 def _read_only(session: AsyncSession) -> bool:
-    """Whether the session's connections are the read-only ones of searches
-    (db.create_read_engine: ``mode=ro``). A connection that writes does not
-    see its own commits in its data_version (an in-memory database's, or a
-    search inside a write transaction): there the set is evaluated every time."""
-    return session.get_bind().engine.url.query.get("mode") == "ro"
+    """Whether the session's connections keep passing sets (keep_sets_on)."""
+    return session.get_bind().engine in _keeping
 
 
 async def _fill(session: AsyncSession, store_id: str, table: str, condition: Compiled) -> PassingFiles:
