@@ -241,6 +241,7 @@ class RunLog:
             # followers may have seen) with them; the counter is untouched.
             if drained:
                 self._buffer[run_id] = drained + self._buffer.get(run_id, [])
+                self._wake_flusher()  # outside holding(), no append may come to take them
             raise
         _rows, undelivered = self._number(run_id, first, drained)
         entries = [Entry(first + len(drained) + offset, event) for offset, event in enumerate(events)]

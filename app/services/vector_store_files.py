@@ -82,6 +82,8 @@ async def attach(
     store: each file's row inserted, or reset if the file is attached
     already (a batch naming a file twice: its last entry wins). Returns the
     rows in ``items``' order."""
+    if not items:
+        return []  # a store made without files: no statement at all
     now = ids.now()
     wanted: dict[str, dict[str, Any]] = {}
     for file, strategy, attributes in items:
