@@ -12,6 +12,7 @@
   deadline for a request's headers, also for a connection that never sends
   any (uvicorn's own keep-alive timeout starts only after a first response).
   Refusals are logged at most once a minute, never once per connection.
+  Its writes go out one send per event-loop turn (app/api/write_coalescing.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import asyncio
 import logging
 import resource
 import time
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 from app import errors
 from app.api.handlers import error_response
+from app.api.write_coalescing import CoalescingTransport
 
 log = logging.getLogger("app.api")
 
@@ -196,7 +198,9 @@ def guarded_protocol(
                 refused.note()
                 transport.abort()  # frees the descriptor at once; nothing is sent
                 return
-            super().connection_made(transport)
+            # Every write, the protocol's own included, goes through the
+            # coalescing transport, so their order is kept.
+            super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport, self.loop)))
             self._await_headers()
 
         def _await_headers(self) -> None:

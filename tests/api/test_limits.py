@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import httpx2
 import openai
@@ -17,7 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api import limits
+from app.api import limits, write_coalescing
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import error_of
@@ -366,3 +366,84 @@ async def test_a_body_sent_after_its_413_is_not_taken_for_a_request_head(parser:
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+# --- writes: one send per event-loop turn (app/api/write_coalescing.py) -------------
+
+
+class _RecordingTransport:
+    """What reaches the socket's transport."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes]] = []
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(("write", data))
+
+    def close(self) -> None:
+        self.calls.append(("close", b""))
+
+    def abort(self) -> None:
+        self.calls.append(("abort", b""))
+
+    def get_extra_info(self, name: str) -> str:
+        return f"info:{name}"
+
+
+def _coalescing(recording: _RecordingTransport) -> write_coalescing.CoalescingTransport:
+    transport = cast(asyncio.Transport, recording)  # duck-typed: only what the wrapper calls
+    return write_coalescing.CoalescingTransport(transport, asyncio.get_running_loop())
+
+
+async def test_the_writes_of_one_loop_turn_leave_in_one_send_in_order() -> None:
+    recording = _RecordingTransport()
+    transport = _coalescing(recording)
+    transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    transport.write(b"")  # nothing to send: no send of its own
+    transport.write(bytearray(b"body"))
+    assert recording.calls == []
+    await asyncio.sleep(0)  # one turn of the loop: the flush scheduled by the first write runs
+    assert recording.calls == [("write", b"HTTP/1.1 200 OK\r\n\r\nbody")]
+    transport.write(b"next")
+    await asyncio.sleep(0)
+    assert recording.calls[1:] == [("write", b"next")]
+    assert transport.get_extra_info("peername") == "info:peername"  # the rest goes through
+
+
+async def test_close_sends_what_is_held_first_and_abort_drops_it() -> None:
+    recording = _RecordingTransport()
+    transport = _coalescing(recording)
+    transport.write(b"last words")
+    transport.close()
+    assert recording.calls == [("write", b"last words"), ("close", b"")]
+    aborted = _RecordingTransport()
+    transport = _coalescing(aborted)
+    transport.write(b"never sent")
+    transport.abort()
+    await asyncio.sleep(0)  # the scheduled flush finds nothing held
+    assert aborted.calls == [("abort", b"")]
+
+
+async def test_a_streams_headers_are_not_held_until_its_first_event(parser: limits.HttpParser) -> None:
+    """The head goes out in the turn it is written, even when the body's first
+    bytes come much later (a stream waiting for a slow model)."""
+    first_event = asyncio.Event()
+
+    async def slow_stream(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await first_event.wait()
+        await send({"type": "http.response.body", "body": b"data: 1\n\n"})
+
+    async with _server(max_connections=8, header_timeout=30, parser=parser, inner=slow_stream) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+            first_event.set()
+            async with asyncio.timeout(10):
+                rest = await reader.read()
+            assert b"data: 1\n\n" in rest
+        finally:
+            writer.close()
