@@ -4,7 +4,9 @@ every stream reads, whichever process executes the run.
 Entries handed over by this process's RunLog (app/run_log.py) are used as
 they come when they continue the sequence; anything else (a nudge from a
 PostgreSQL NOTIFY, a gap, a quiet spell) is answered by reading the log.
-Reads are short transactions; none is held while waiting.
+Reads are short transactions; none is held while waiting. Streams read
+through Runtime.reading (on SQLite a WAL reader beside the writers: a
+stream's read neither takes nor waits for the process's write lock).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from app import cassettes, db, run_log, sqlite_peers
 from app.bus import EventBus
@@ -159,21 +159,22 @@ class Runtime:
             yield session
 
     @asynccontextmanager
-    async def poll_read(self) -> AsyncIterator[AsyncSession]:
-        """A session for reads that write nothing. On PostgreSQL its
-        statements run outside a transaction (autocommit: each sees what was
-        committed when it starts, as in a transaction of one statement),
-        which spares the BEGIN and the ROLLBACK, a round trip each (issue
-        17: a poll's read; reading() is the read-only transaction of
-        searches); on SQLite a transaction() as any other."""
+    async def poll_read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads that write nothing, with no ORM session
+        (issue 17: a poll's read). On PostgreSQL its statements run outside
+        a transaction (autocommit: each sees what was committed when it
+        starts, as in a transaction of one statement), which spares the
+        BEGIN and the ROLLBACK, a round trip each; on SQLite a WAL reader of
+        the read engine (db.create_read_engine), which neither takes nor
+        waits for this process's write lock, so a poll does not queue
+        behind the writers (in-memory SQLite: the one connection, as any
+        transaction)."""
         if db.is_sqlite(self.settings.resolved_database_url()):
-            async with self.transaction() as session:
-                yield session
+            async with self.read_engine.connect() as connection:
+                yield connection
             return
         async with self.engine.connect() as connection:
-            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-            async with AsyncSession(bind=autocommit, expire_on_commit=False) as session:
-                yield session
+            yield await connection.execution_options(isolation_level="AUTOCOMMIT")
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:

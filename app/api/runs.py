@@ -57,7 +57,7 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
             # UPDATE: this transaction holds its row lock (PostgreSQL).
             opening = await runtime.run_log.append(session, run.id, events, run_locked=True)
             if stream:
-                follower = Follower(runtime.bus, runtime.transaction, run.id, opening[-1].seq, read_first=False)
+                follower = Follower(runtime.bus, runtime.reading, run.id, opening[-1].seq, read_first=False)
                 await follower.open()
     except BaseException:
         if follower is not None:
@@ -131,8 +131,8 @@ async def _retrieve_when_stopped(runtime: Runtime, project: Project, thread_id: 
     while waiting. The stopping event carries the committed run as a GET
     would render it, so it is answered without reading the row again."""
     async with runtime.bus.subscribe(run_id) as events:
-        async with runtime.poll_read() as session:
-            run = await runs.get_row(session, project, thread_id, run_id)
+        async with runtime.poll_read() as connection:
+            run = await runs.get_row(connection, project, thread_id, run_id)
         if run.status not in _STILL_RUNNING or not _executed_here(runtime, run):
             return runs.to_wire(run)
         try:
@@ -147,8 +147,8 @@ async def _retrieve_when_stopped(runtime: Runtime, project: Project, thread_id: 
                         return Run.model_validate(event.data)
         except TimeoutError:
             pass
-    async with runtime.poll_read() as session:
-        return runs.to_wire(await runs.get_row(session, project, thread_id, run_id))
+    async with runtime.poll_read() as connection:
+        return runs.to_wire(await runs.get_row(connection, project, thread_id, run_id))
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}", response_model=Run)
@@ -162,8 +162,8 @@ async def retrieve_run(
     if poll_helper == "true" and runtime.settings.poll_hold_ms > 0:
         answer = await _retrieve_when_stopped(runtime, project, thread_id, run_id)
     else:
-        async with runtime.poll_read() as session:
-            answer = runs.to_wire(await runs.get_row(session, project, thread_id, run_id))
+        async with runtime.poll_read() as connection:
+            answer = runs.to_wire(await runs.get_row(connection, project, thread_id, run_id))
     return _polled(answer, runtime.settings.poll_after_ms)
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import TextClause, delete, func, select, text
+from sqlalchemy import TextClause, bindparam, delete, func, select, text
 from sqlalchemy import insert as sql_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -232,15 +232,20 @@ async def notify(session: AsyncSession, signal: Signal, run_ids: Sequence[str]) 
     await session.execute(statement, {"channel": signal.channel, "origin": signal.origin, "run_ids": list(run_ids)})
 
 
+# Built once with bound parameters: its cache key is memoized on the
+# statement (every stream reads through it).
+_READ = (
+    select(orm.RunEvent.seq, orm.RunEvent.event, orm.RunEvent.data)
+    .where(orm.RunEvent.run_id == bindparam("run_id"), orm.RunEvent.seq > bindparam("after"))
+    .order_by(orm.RunEvent.seq)
+    .limit(bindparam("limit"))
+)
+
+
 async def read(session: AsyncSession, run_id: str, after: int, limit: int = 1000) -> list[Entry]:
     """The run's events with ``seq`` greater than ``after``, oldest first."""
-    query = (
-        select(orm.RunEvent.seq, orm.RunEvent.event, orm.RunEvent.data)
-        .where(orm.RunEvent.run_id == run_id, orm.RunEvent.seq > after)
-        .order_by(orm.RunEvent.seq)
-        .limit(limit)
-    )
-    return [Entry(seq, Event(name, data)) for seq, name, data in (await session.execute(query)).all()]
+    found = await session.execute(_READ, {"run_id": run_id, "after": after, "limit": limit})
+    return [Entry(seq, Event(name, data)) for seq, name, data in found.all()]
 
 
 async def size(session: AsyncSession, run_id: str) -> tuple[int, int]:
