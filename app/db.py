@@ -203,9 +203,17 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         # One thread hop per statement instead of four (app/sqlite_driver.py).
-        engine = create_async_engine(
-            url, poolclass=NullPool if database == ":memory:" else None, module=sqlite_driver.OneHopDBAPI()
-        )
+        # Up to SQLITE_CONNECTIONS kept once opened: a transaction checks its
+        # connection out before it queues for the write lock, so under load
+        # (16 clients, the executor's runs) more than the default pool's 5
+        # are out at once, and each overflow connection was opened and
+        # closed again (a thread, the file, its pragmas: 0.3 per run).
+        if database == ":memory:":
+            engine = create_async_engine(url, poolclass=NullPool, module=sqlite_driver.OneHopDBAPI())
+        else:
+            engine = create_async_engine(
+                url, pool_size=SQLITE_CONNECTIONS, max_overflow=64, module=sqlite_driver.OneHopDBAPI()
+            )
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         event.listen(engine.sync_engine, "before_cursor_execute", sqlite_driver.hold_back_marked_writes)
         SQLiteWriters(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000).listen(engine)
@@ -249,7 +257,12 @@ def create_read_engine(url: str, engine: AsyncEngine) -> AsyncEngine:
         database="file:" + quote(str(Path(database).resolve())),
         query={**parsed.query, "mode": "ro", "uri": "true"},
     )
-    reader = create_async_engine(readonly, module=sqlite_driver.OneHopDBAPI())
+    # Kept open up to SQLITE_READERS: polls and streams read here at once, and
+    # with the default pool (5 kept) 16 streaming clients opened and closed an
+    # overflow connection (a thread, the file, its pragmas) every few reads.
+    reader = create_async_engine(
+        readonly, module=sqlite_driver.OneHopDBAPI(), pool_size=SQLITE_READERS, max_overflow=SQLITE_READERS
+    )
     event.listen(reader.sync_engine, "connect", _sqlite_read_connect)
     # Sent with the transaction's first statement (sqlite_driver.OneHopCursor).
     event.listen(reader.sync_engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN DEFERRED"))
@@ -263,6 +276,13 @@ def _sqlite_read_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.close()
 
+
+# SQLite connections (writers) a process keeps open once opened.
+SQLITE_CONNECTIONS = 32
+
+# SQLite read-only connections a process keeps open once opened (as many
+# again may open for a burst, closed when returned).
+SQLITE_READERS = 32
 
 # The most PostgreSQL connections a process opens unless told otherwise
 # (Settings.database_pool_size; a transaction waits for one beyond).
