@@ -212,7 +212,11 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
             engine = create_async_engine(url, poolclass=NullPool, module=sqlite_driver.OneHopDBAPI())
         else:
             engine = create_async_engine(
-                url, pool_size=SQLITE_CONNECTIONS, max_overflow=64, module=sqlite_driver.OneHopDBAPI()
+                url,
+                pool_size=SQLITE_CONNECTIONS,
+                max_overflow=64,
+                pool_use_lifo=True,  # the last used connection's page cache is the warm one
+                module=sqlite_driver.OneHopDBAPI(),
             )
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         event.listen(engine.sync_engine, "before_cursor_execute", sqlite_driver.hold_back_marked_writes)
@@ -261,7 +265,11 @@ def create_read_engine(url: str, engine: AsyncEngine) -> AsyncEngine:
     # with the default pool (5 kept) 16 streaming clients opened and closed an
     # overflow connection (a thread, the file, its pragmas) every few reads.
     reader = create_async_engine(
-        readonly, module=sqlite_driver.OneHopDBAPI(), pool_size=SQLITE_READERS, max_overflow=SQLITE_READERS
+        readonly,
+        module=sqlite_driver.OneHopDBAPI(),
+        pool_size=SQLITE_READERS,
+        max_overflow=SQLITE_READERS,
+        pool_use_lifo=True,
     )
     event.listen(reader.sync_engine, "connect", _sqlite_read_connect)
     # Sent with the transaction's first statement (sqlite_driver.OneHopCursor).
