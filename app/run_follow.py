@@ -34,6 +34,12 @@ Transaction = Callable[[], AbstractAsyncContextManager[AsyncSession]]
 POLL_MIN_SECONDS = 0.05
 POLL_MAX_SECONDS = 2.0
 READ_LIMIT = 1000
+# While the log's news is announced in this process (``announced``: every
+# append is handed over or nudged about), reading it is only a safety net:
+# at this interval. Under 16 streaming clients a run waits for a worker slot
+# longer than POLL_MIN_SECONDS, and each stream read the log once or twice
+# for nothing, a transaction each (issue 17).
+ANNOUNCED_POLL_SECONDS = POLL_MAX_SECONDS
 
 
 class Interrupted(Exception):
@@ -42,10 +48,21 @@ class Interrupted(Exception):
 
 class Follower:
     def __init__(
-        self, bus: EventBus, transaction: Transaction, run_id: str, after: int, *, read_first: bool = True
+        self,
+        bus: EventBus,
+        transaction: Transaction,
+        run_id: str,
+        after: int,
+        *,
+        read_first: bool = True,
+        announced: Callable[[], bool] = lambda: False,
     ) -> None:
         self.bus = bus
         self.transaction = transaction
+        # Whether every entry of the log reaches this follower through the
+        # bus (handed over, or a nudge to read): asked at each wait, since it
+        # can change (Runtime.log_news_announced).
+        self.announced = announced
         self.run_id = run_id
         self.last = after  # the last seq handed out
         self._held: dict[int, Entry] = {}  # handed over by the bus, not yet in sequence
@@ -88,7 +105,8 @@ class Follower:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
-            must_read = await self._wait(min(remaining, self._poll))
+            interval = max(self._poll, ANNOUNCED_POLL_SECONDS) if self.announced() else self._poll
+            must_read = await self._wait(min(remaining, interval))
 
     async def _wait(self, seconds: float) -> bool:
         """Take what the bus hands over; True if the log must be read."""

@@ -158,6 +158,15 @@ class Runtime:
         async with self.readers() as session, session.begin():
             yield session
 
+    def log_news_announced(self) -> bool:
+        """Whether every append to a run's log reaches this process's
+        followers through the bus, so that they read the log only as a safety
+        net (app/run_follow.py): on PostgreSQL (this process's appends are
+        handed over, other processes' NOTIFY, a reconnection of the listener
+        nudges every follower), and on SQLite while this process is the
+        file's only server process (every append is its own)."""
+        return self.run_log.postgres or self.run_log.deliver_early
+
     @asynccontextmanager
     async def poll_read(self) -> AsyncIterator[AsyncConnection]:
         """A connection for reads that write nothing, with no ORM session

@@ -49,7 +49,7 @@ async def stream_run_events(
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> Response:
     start = _sequence("after", after) if after is not None else _sequence("Last-Event-ID", last_event_id)
-    follower = Follower(runtime.bus, runtime.reading, run_id, start)
+    follower = Follower(runtime.bus, runtime.reading, run_id, start, announced=runtime.log_news_announced)
     try:
         async with runtime.transaction() as session:
             run = await runs.get(session, project, thread_id, run_id)

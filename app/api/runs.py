@@ -57,7 +57,14 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
             # UPDATE: this transaction holds its row lock (PostgreSQL).
             opening = await runtime.run_log.append(session, run.id, events, run_locked=True)
             if stream:
-                follower = Follower(runtime.bus, runtime.reading, run.id, opening[-1].seq, read_first=False)
+                follower = Follower(
+                    runtime.bus,
+                    runtime.reading,
+                    run.id,
+                    opening[-1].seq,
+                    read_first=False,
+                    announced=runtime.log_news_announced,
+                )
                 await follower.open()
     except BaseException:
         if follower is not None:

@@ -230,7 +230,7 @@ async def run_live(request: Request, thread_id: str, run_id: str, project: auth.
             yield b"event: end\ndata: done\n\n"
             return
         # From the log's start: whatever happened since the page was rendered shows.
-        follower = Follower(runtime.bus, runtime.reading, run_id, 0)
+        follower = Follower(runtime.bus, runtime.reading, run_id, 0, announced=runtime.log_news_announced)
         await follower.open()
         try:
             while True:

@@ -4,6 +4,7 @@ shutdown, and the follower's lifetime (no server, no database)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -192,3 +193,41 @@ async def test_a_follower_hands_out_entries_in_sequence_whatever_order_they_arri
     bus.deliver("run_1", [Entry(1, CREATED), Entry(2, QUEUED), Entry(3, STARTED)])
     assert [entry.seq for entry in await follower.next_batch(5)] == [1, 2, 3]
     await follower.close()
+
+
+class _CountingTransaction:
+    """A transaction factory whose sessions only count the log's reads (none finds anything)."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    @contextlib.asynccontextmanager
+    async def __call__(self) -> AsyncIterator[Any]:
+        self.reads += 1
+        yield _EmptyLog()
+
+
+class _EmptyLog:
+    async def execute(self, *_args: Any, **_kwargs: Any) -> Any:
+        return self
+
+    def all(self) -> list[Any]:
+        return []
+
+
+@pytest.mark.parametrize("announced", [False, True])
+async def test_a_follower_reads_the_log_while_waiting_only_when_news_is_not_announced(announced: bool) -> None:
+    """Waiting 0.4 s for entries that never come: without announcements the
+    follower reads the log at 0.05, 0.15 and 0.35 s (its safety net, and how a
+    SQLite process sees runs another process executes) and at the end; with
+    every append handed over or nudged about (Runtime.log_news_announced)
+    only at the end, its next read being ANNOUNCED_POLL_SECONDS away."""
+    transaction = _CountingTransaction()
+    follower = Follower(EventBus(), transaction, "run_1", 1, read_first=False, announced=lambda: announced)
+    await follower.open()
+    assert await follower.next_batch(0.4) == []
+    await follower.close()
+    if announced:
+        assert transaction.reads == 1
+    else:  # 4 on time; a starved event loop may fire the timers late
+        assert transaction.reads >= 2
