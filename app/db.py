@@ -10,6 +10,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -214,7 +215,7 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
             engine = create_async_engine(
                 url,
                 pool_size=SQLITE_CONNECTIONS,
-                max_overflow=64,
+                max_overflow=SQLITE_WRITER_OVERFLOW,
                 pool_use_lifo=True,  # the last used connection's page cache is the warm one
                 module=sqlite_driver.OneHopDBAPI(),
             )
@@ -288,9 +289,18 @@ def _sqlite_read_connect(dbapi_connection: Any, _record: Any) -> None:
 # SQLite connections (writers) a process keeps open once opened.
 SQLITE_CONNECTIONS = 32
 
+# SQLite connections (writers) a process may open beyond those for a burst
+# (closed when returned): they only queue for the write lock.
+SQLITE_WRITER_OVERFLOW = 32
+
 # SQLite read-only connections a process keeps open once opened (as many
 # again may open for a burst, closed when returned).
 SQLITE_READERS = 32
+
+# The most SQLite connections a process has open at once, each with two
+# file descriptors (the database and its WAL): app/api/limits.py keeps them
+# free of client connections.
+SQLITE_MOST_CONNECTIONS = SQLITE_CONNECTIONS + SQLITE_WRITER_OVERFLOW + 2 * SQLITE_READERS
 
 # The most PostgreSQL connections a process opens unless told otherwise
 # (Settings.database_pool_size; a transaction waits for one beyond).
@@ -419,36 +429,67 @@ async def listen_for_work(engine: AsyncEngine, on_work: Callable[[], None], retr
     await listen(engine, WORK_CHANNEL, lambda _payload: on_work(), retry_seconds=retry_seconds)
 
 
+# A listening connection is asked for a reply after this long without
+# news of its end, and given this long to answer: a connection that died
+# without a word (a half-open TCP connection after a partition or a
+# failover) would otherwise be listened on for ever, hearing nothing.
+LISTENER_CHECK_SECONDS = 10.0
+LISTENER_REPLY_SECONDS = 5.0
+LISTENER_CHECK = "SELECT 1"
+
+
 async def listen(
     engine: AsyncEngine,
     channel: str,
     on_notify: Callable[[str], None],
     *,
-    on_reconnect: Callable[[], None] | None = None,
+    on_listening: Callable[[bool], None] | None = None,
     retry_seconds: float = 1.0,
 ) -> None:
     """Call ``on_notify(payload)`` for every PostgreSQL NOTIFY on ``channel``
-    until cancelled. The listening connection is re-opened after a failure,
-    and ``on_reconnect`` then runs once: notifications sent while nobody
-    listened are lost, so whoever relies on them must look again."""
-    first = True
+    until cancelled. The listening connection is checked now and then, and
+    re-opened after a failure. ``on_listening(True)`` runs each time it
+    listens (the first time too), ``on_listening(False)`` each time it
+    stops: notifications sent while nobody listened are lost, so whoever
+    relies on them must look again."""
     while True:
         try:
             async with engine.connect() as connection:
                 raw = await connection.get_raw_connection()
                 listener = raw.driver_connection  # the asyncpg connection
                 assert listener is not None
+                closed = asyncio.Event()
+                listener.add_termination_listener(lambda *_args, done=closed: done.set())
                 await listener.add_listener(
                     channel, lambda _connection, _pid, _channel, payload: on_notify(str(payload))
                 )
-                if not first and on_reconnect is not None:
-                    on_reconnect()
-                first = False
-                closed = asyncio.Event()
-                listener.add_termination_listener(lambda *_args, done=closed: done.set())
-                await closed.wait()
+                try:
+                    if on_listening is not None:
+                        on_listening(True)
+                    await _until_lost(listener, closed)
+                finally:
+                    if on_listening is not None:
+                        on_listening(False)
+                # Ended without a word, or answered nothing: dropped, not
+                # returned to the pool (a reset would wait on it too).
+                await connection.invalidate()
         except asyncio.CancelledError:
             raise
         except Exception:
             log.warning("listening on %s failed; retrying", channel, exc_info=True)
         await asyncio.sleep(retry_seconds)
+
+
+async def _until_lost(listener: Any, closed: asyncio.Event) -> None:
+    """Returns once the listening connection has ended or no longer answers."""
+    while not closed.is_set():
+        with suppress(TimeoutError):
+            async with asyncio.timeout(LISTENER_CHECK_SECONDS):
+                await closed.wait()
+            return
+        try:
+            async with asyncio.timeout(LISTENER_REPLY_SECONDS):
+                await listener.fetchval(LISTENER_CHECK)
+        except Exception:  # no reply in time, or an error: listen again on a new connection
+            log.warning("the listening connection did not answer; opening another", exc_info=True)
+            return

@@ -142,6 +142,9 @@ class RunLog:
         # skips them (their events reached its followers at commit).
         self.origin = secrets.token_hex(ORIGIN_BYTES)
         self._signal = run_events.Signal(RUN_EVENTS_CHANNEL, self.origin)
+        # PostgreSQL: whether this process's listener for other processes'
+        # NOTIFYs is open (run_log.listen).
+        self.listening = False
         self.flushes = 0  # counters for the benchmark and /metrics-minded readers
         self.flushed_rows = 0
 
@@ -404,6 +407,9 @@ class RunLog:
         reach followers once written; returns once every delta handed out
         ahead is written, so that no append elsewhere can take its number."""
         self.deliver_early = False
+        # Followers waiting as if every append were told to them (a wait of
+        # seconds: Runtime.log_news_announced) look again now.
+        self.bus.nudge_all()
         while self._early_unwritten > 0:
             self._all_early_written.clear()
             await self.flush()
@@ -530,11 +536,13 @@ class RunLog:
 
 async def listen(engine: AsyncEngine, run_log: RunLog, retry_seconds: float = 1.0) -> None:
     """Nudge this process's followers of a run whenever another process logs
-    events for it (PostgreSQL), until cancelled. After the listening
-    connection is lost and re-opened every follower is nudged once (a
-    NOTIFY may have been missed meanwhile). This process's own NOTIFYs
-    (its ``origin`` in their payload) are skipped: their events reached its
-    followers at commit."""
+    events for it (PostgreSQL), until cancelled. Each time the listening
+    connection is opened (the first time too) every follower is nudged once
+    (a NOTIFY may have been missed while nobody listened), and
+    ``run_log.listening`` says whether one is open (followers rely on
+    NOTIFYs only then: Runtime.log_news_announced). This process's own
+    NOTIFYs (its ``origin`` in their payload) are skipped: their events
+    reached its followers at commit."""
     bus = run_log.bus
 
     def heard(payload: str) -> None:
@@ -542,4 +550,9 @@ async def listen(engine: AsyncEngine, run_log: RunLog, retry_seconds: float = 1.
         if origin != run_log.origin:
             bus.nudge(run_id)
 
-    await db.listen(engine, RUN_EVENTS_CHANNEL, heard, on_reconnect=bus.nudge_all, retry_seconds=retry_seconds)
+    def listening(now: bool) -> None:
+        run_log.listening = now
+        if now:
+            bus.nudge_all()
+
+    await db.listen(engine, RUN_EVENTS_CHANNEL, heard, on_listening=listening, retry_seconds=retry_seconds)

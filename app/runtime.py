@@ -161,11 +161,12 @@ class Runtime:
     def log_news_announced(self) -> bool:
         """Whether every append to a run's log reaches this process's
         followers through the bus, so that they read the log only as a safety
-        net (app/run_follow.py): on PostgreSQL (this process's appends are
-        handed over, other processes' NOTIFY, a reconnection of the listener
-        nudges every follower), and on SQLite while this process is the
-        file's only server process (every append is its own)."""
-        return self.run_log.postgres or self.run_log.deliver_early
+        net (app/run_follow.py): on PostgreSQL while the listener is open
+        (this process's appends are handed over, other processes' NOTIFY, and
+        every follower is nudged when the listener opens), and on SQLite
+        while this process is the file's only server process (every append
+        is its own)."""
+        return (self.run_log.postgres and self.run_log.listening) or self.run_log.deliver_early
 
     @asynccontextmanager
     async def poll_read(self) -> AsyncIterator[AsyncConnection]:

@@ -29,7 +29,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 if TYPE_CHECKING:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from app import errors
+from app import db, errors
 from app.api.handlers import error_response
 from app.api.write_coalescing import CoalescingTransport
 
@@ -37,8 +37,9 @@ log = logging.getLogger("app.api")
 
 # How often at most a refusal is logged (with the count since the last line).
 LOG_EVERY_SECONDS = 60.0
-# File descriptors kept free for the database, stored files and sandboxes.
-RESERVED_FDS = 256
+# File descriptors kept free for the database (SQLite: two per connection),
+# stored files and sandboxes.
+RESERVED_FDS = 256 + 2 * db.SQLITE_MOST_CONNECTIONS
 
 
 def too_large(limit: int) -> errors.APIError:

@@ -12,13 +12,20 @@ transport: the first write of a turn is held and a flush is scheduled with
 ``call_soon``; writes made before it runs (the body right after the head,
 frames that were ready together) join it. Nothing waits longer than the
 current turn of the loop, so a stream whose first event is slow still gets
-its headers at once, and the bytes and their order are unchanged.
+its headers at once, and the bytes and their order are unchanged. Once a
+turn's writes pass HOLD_AT_MOST_BYTES they go at once, so the socket's
+transport sees them and pauses the response for a slow reader (flow control)
+as it would have.
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
+
+# Held writes past this size are sent at once (well under the transport's
+# default high-water mark, 64 KiB).
+HOLD_AT_MOST_BYTES = 16 * 1024
 
 
 class CoalescingTransport:
@@ -28,21 +35,26 @@ class CoalescingTransport:
     transport; ``close`` sends what is held first, ``abort`` drops it as an
     abort drops the transport's own buffer."""
 
-    __slots__ = ("_held", "_loop", "_transport")
+    __slots__ = ("_held", "_held_bytes", "_loop", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._held: list[bytes] | None = None
+        self._held_bytes = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
         if self._held is None:
             self._held = [bytes(data)]
+            self._held_bytes = len(data)
             self._loop.call_soon(self.flush)
         else:
             self._held.append(bytes(data))
+            self._held_bytes += len(data)
+        if self._held_bytes > HOLD_AT_MOST_BYTES:
+            self.flush()  # the call_soon then finds nothing held
 
     def writelines(self, chunks: Any) -> None:
         for chunk in chunks:
@@ -56,6 +68,10 @@ class CoalescingTransport:
     def close(self) -> None:
         self.flush()
         self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
 
     def abort(self) -> None:
         self._held = None

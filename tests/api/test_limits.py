@@ -386,6 +386,9 @@ class _RecordingTransport:
     def abort(self) -> None:
         self.calls.append(("abort", b""))
 
+    def write_eof(self) -> None:
+        self.calls.append(("eof", b""))
+
     def get_extra_info(self, name: str) -> str:
         return f"info:{name}"
 
@@ -422,6 +425,23 @@ async def test_close_sends_what_is_held_first_and_abort_drops_it() -> None:
     transport.abort()
     await asyncio.sleep(0)  # the scheduled flush finds nothing held
     assert aborted.calls == [("abort", b"")]
+
+
+async def test_a_turns_writes_past_the_hold_limit_go_at_once_and_eof_sends_what_is_held() -> None:
+    """A turn writing much (a large answer, a backlog of events) reaches the
+    socket's transport at once, where flow control can see it and pause the
+    response for a slow reader; write_eof sends what is held first."""
+    recording = _RecordingTransport()
+    transport = _coalescing(recording)
+    big = b"x" * (write_coalescing.HOLD_AT_MOST_BYTES + 1)
+    transport.write(b"head")
+    transport.write(big)
+    assert recording.calls == [("write", b"head" + big)]
+    transport.write(b"tail")
+    transport.write_eof()
+    assert recording.calls[1:] == [("write", b"tail"), ("eof", b"")]
+    await asyncio.sleep(0)  # the scheduled flushes find nothing held
+    assert len(recording.calls) == 3
 
 
 async def test_a_streams_headers_are_not_held_until_its_first_event(parser: limits.HttpParser) -> None:

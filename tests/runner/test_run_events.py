@@ -4,11 +4,12 @@ the retention, and closing what a dead worker's stream left open."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from sqlalchemy import func, insert, select, update
 
-from app import orm
+from app import db, orm, run_log
 from app.bus import FollowerQueue
 from app.run_log import RUN_EVENTS_CHANNEL
 from app.runtime import Runtime
@@ -16,6 +17,7 @@ from app.services import run_events
 from app.settings import Settings
 from app.wire.events import Event
 from app.worker import Worker
+from tests.runner.test_faults import _until
 from tests.runner.test_worker import _make_runs
 
 pytestmark = pytest.mark.timeout(60)
@@ -351,3 +353,55 @@ async def test_a_process_skips_its_own_notifies_whichever_backend_sends_them(
             assert [_nudges(queue) for queue in (theirs_here, ours_here, theirs_there, ours_there)] == [1, 0, 0, 1]
     finally:
         await other.close()
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_followers_rely_on_notifies_only_while_a_listener_answers(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streams read the log as a mere safety net only while this process
+    listens (log_news_announced). A listening connection that stops
+    answering (a half-open connection after a partition: here its check
+    never returns) is given up and another opened, and each opening, the
+    first too, nudges every follower (a NOTIFY may have been missed while
+    nobody listened)."""
+    await _until(runtime.log_news_announced, "the runtime's listener to open")
+    runtime.run_log.listening = False
+    assert not runtime.log_news_announced()
+    monkeypatch.setattr(db, "LISTENER_CHECK_SECONDS", 0.05)
+    monkeypatch.setattr(db, "LISTENER_REPLY_SECONDS", 0.05)
+    monkeypatch.setattr(db, "LISTENER_CHECK", "SELECT pg_sleep(30)")  # no answer in time
+    states: list[bool] = []
+    async with runtime.bus.follow("a-run") as follower:
+        tasks = [
+            asyncio.create_task(
+                db.listen(
+                    runtime.engine, "test_channel", lambda _payload: None, on_listening=states.append, retry_seconds=0
+                )
+            ),
+            asyncio.create_task(run_log.listen(runtime.engine, runtime.run_log, retry_seconds=0)),
+        ]
+        try:
+            assert await _nudged(follower, 20)  # a listener opened
+            await _until(lambda: states.count(True) >= 3, "three listeners opened in turn")
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    assert states[:4] == [True, False, True, False]  # each one given up, then another opened
+    assert not runtime.log_news_announced()  # the one it cancelled stopped listening
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_followers_are_nudged_when_another_process_opens_the_sqlite_file(runtime: Runtime) -> None:
+    """Alone on its SQLite file, a process tells its followers of every
+    append, and they wait seconds between reads of the log; once another
+    process opens the file (stop_early_delivery), a follower already in such
+    a wait looks again at once: the newcomer's appends reach it only so."""
+    assert runtime.log_news_announced()
+    async with runtime.bus.follow("a-run") as follower:
+        await runtime.run_log.stop_early_delivery()
+        assert not runtime.log_news_announced()
+        assert await _nudged(follower, 0)
