@@ -21,6 +21,7 @@ from app.llm.interface import (
     Exchange,
     Finish,
     LLMError,
+    Usage,
     chat_body,
     event_from_json,
     event_to_json,
@@ -120,6 +121,42 @@ class LLM:
         finally:
             if self.metrics_observer is not None:
                 self.metrics_observer(request.model, outcome, time.monotonic() - started, usage)
+
+    async def answer_at_once(self, request: ChatRequest) -> list[Event] | None:
+        """The whole answer (deltas, then one Finish) when the built-in
+        offline model has it at once, recorded and reported as stream()
+        does; None when the model must be streamed (any other route, or an
+        offline answer cued to take time or fail). LLMError as stream()
+        raises it. Lets the executor write an instant answer in one
+        transaction instead of opening its message first (issue 17)."""
+        route = self.route(request.model)
+        if not route.offline:
+            return None
+        started = time.monotonic()
+        exchange = Exchange(request) if self.observer is not None else None
+        try:
+            prompt_tokens = self.count_tokens(request.model, request.messages, request.tools)
+            events = self._offline.answer(request, prompt_tokens)
+        except LLMError as exc:  # a cue the model cannot follow: failed as a stream fails
+            if exchange is not None:
+                exchange.error = {"code": exc.code, "message": exc.message}
+                await self._record(exchange)
+            self._observe_call(request, exc.code, started, None)
+            raise
+        if events is None:
+            return None
+        finish = events[-1]
+        assert isinstance(finish, Finish)
+        if exchange is not None:
+            for event in events:
+                exchange.observe(event)
+            await self._record(exchange)
+        self._observe_call(request, "ok", started, finish.usage)
+        return events
+
+    def _observe_call(self, request: ChatRequest, outcome: str, started: float, usage: Usage | None) -> None:
+        if self.metrics_observer is not None:
+            self.metrics_observer(request.model, outcome, time.monotonic() - started, usage)
 
     async def _stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
         route = self.route(request.model)

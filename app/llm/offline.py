@@ -320,7 +320,7 @@ class OfflineModel:
             directives = [("call", _SEARCH_TOOL)]
         return _Script.parse(directives), user_text
 
-    async def stream(self, request: ChatRequest, prompt_tokens: int) -> AsyncGenerator[Event, None]:
+    def _plan(self, request: ChatRequest, prompt_tokens: int) -> _Plan:
         conversation = _Conversation.read(request.messages)
         script, user_text = self._script(conversation, request)
         step = script.step(conversation.rounds)
@@ -328,18 +328,42 @@ class OfflineModel:
         deltas = _deltas(text, calls, conversation)
         truncated = request.max_tokens is not None and len(deltas) > request.max_tokens
         deltas = deltas[: request.max_tokens] if truncated else deltas
-        fail_at = min(step.fail[1], len(deltas)) if step and step.fail else None
-        for position, delta in enumerate([*deltas, None]):
+        reason: FinishReason = "tool_calls" if calls else "stop"
+        reason = "length" if truncated else (step.finish if step and step.finish else reason)
+        return _Plan(deltas, Finish(reason, Usage(prompt_tokens, len(deltas))), script.delay, step)
+
+    def answer(self, request: ChatRequest, prompt_tokens: int) -> list[Event] | None:
+        """The whole answer (its deltas, then its Finish) when nothing makes
+        it take time or fail (no delay, hang or failure cued): the executor
+        then writes it in one transaction (issue 17). None: stream() it."""
+        plan = self._plan(request, prompt_tokens)
+        if plan.delay or (plan.step is not None and (plan.step.fail or plan.step.hang)):
+            return None
+        return [*plan.deltas, plan.finish]
+
+    async def stream(self, request: ChatRequest, prompt_tokens: int) -> AsyncGenerator[Event, None]:
+        plan = self._plan(request, prompt_tokens)
+        step = plan.step
+        fail_at = min(step.fail[1], len(plan.deltas)) if step and step.fail else None
+        for position, delta in enumerate([*plan.deltas, None]):
             if position == fail_at and step and step.fail:
                 raise LLMError(step.fail[0], f"Offline model: failing on cue ([[fail {step.fail[0]}]]).")
-            await asyncio.sleep(script.delay)  # also yields to the loop between deltas
+            await asyncio.sleep(plan.delay)  # also yields to the loop between deltas
             if delta is not None:
                 yield delta
         if step and step.hang:
             await asyncio.Future()  # never resolves: the consumer cancels it
-        reason: FinishReason = "tool_calls" if calls else "stop"
-        reason = "length" if truncated else (step.finish if step and step.finish else reason)
-        yield Finish(reason, Usage(prompt_tokens, len(deltas)))
+        yield plan.finish
+
+
+@dataclass
+class _Plan:
+    """One completion's answer, worked out before anything is sent."""
+
+    deltas: list[Event]
+    finish: Finish
+    delay: float  # seconds before each delta (and the Finish)
+    step: _Step | None
 
 
 def _answer(

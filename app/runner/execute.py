@@ -141,10 +141,13 @@ class RunExecution:
             alongside: list[Insert | Update] = []
             if unread and self.runtime.run_log.postgres:
                 # PostgreSQL: the turn's writes go in the run's UPDATE (issue 17).
+                alongside += [core_rows.insert_statement(row) for row in pending.inserts]
                 alongside += [core_rows.update_statement(change.row, change.keys) for change in pending.rows]
                 alongside += [core_rows.insert_statement(model_requests.row(e)) for e in self._exchanges]
             else:
                 # Core statements, each sent with the next one on SQLite (issue 17).
+                for row in pending.inserts:
+                    await core_rows.insert_row(session, row, write_behind=True)
                 await write_rows(session, pending.rows)
                 for exchange in self._exchanges:
                     await core_rows.insert_row(session, model_requests.row(exchange), write_behind=True)
@@ -449,10 +452,23 @@ class RunExecution:
                     if event.name in STOPPING_EVENTS:
                         return
 
-    async def _consume(self, turn: Turn, request: llm.ChatRequest) -> TurnResult:
+    async def _answer(self, turn: Turn, request: llm.ChatRequest) -> TurnResult:
+        """The model's answer. One the model has whole at once (the offline
+        model, uncued) is taken in one go, its rows and events left for the
+        turn's commit, when it calls no built-in tool (those stream their
+        progress while they run, so their step must be written first)."""
+        whole = await self.runtime.llm.answer_at_once(request)
+        if whole is None:
+            return await self._consume(turn, self.runtime.llm.stream(request))
+        if any(isinstance(event, llm.ToolCallDelta) and event.name in self.builtins for event in whole):
+            return await self._consume(turn, _replay(whole))
+        turn.at_once = True
+        return await turn.consume(_replay(whole))
+
+    async def _consume(self, turn: Turn, source: AsyncIterator[llm.Event]) -> TurnResult:
         """The model's answer, unless a cancel arrives first (even while the
         model is silent)."""
-        stream = _idle_limited(self.runtime.llm.stream(request), self.runtime.settings.model_idle_timeout_seconds)
+        stream = _idle_limited(source, self.runtime.settings.model_idle_timeout_seconds)
         answer = asyncio.ensure_future(turn.consume(stream))
         watcher = asyncio.ensure_future(self._watch_for_cancel())
         try:
@@ -476,7 +492,7 @@ class RunExecution:
             targets=markers.run_targets(self.builtins, self.results),
         )
         try:
-            result = await self._consume(turn, request)
+            result = await self._answer(turn, request)
             if any(call["type"] in self.builtins for call in result.calls):
                 await self._run_builtins(run, turn, result)
             return result
@@ -558,6 +574,11 @@ class RunExecution:
             },
         }
         await self._commit(pending, Move("requires_action", required_action=required))
+
+
+async def _replay(events: list[llm.Event]) -> AsyncIterator[llm.Event]:
+    for event in events:
+        yield event
 
 
 async def _idle_limited(stream: AsyncIterator[llm.Event], seconds: float) -> AsyncIterator[llm.Event]:

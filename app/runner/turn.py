@@ -44,9 +44,18 @@ class Pending:
 
     rows: list[RowUpdate] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    # New rows (an instant answer's message and steps, Turn.at_once): each
+    # inserted as it is at the commit, so their updates are not written apart.
+    inserts: list[ExecutorRow] = field(default_factory=list)
+
+    def insert(self, rows: list[ExecutorRow], events: list[Event]) -> None:
+        self.inserts.extend(rows)
+        self.events.extend(events)
 
     def add(self, rows: list[RowUpdate], events: list[Event]) -> None:
         for change in rows:
+            if any(change.row is row for row in self.inserts):
+                continue  # its insert carries the change
             same = next((pending for pending in self.rows if pending.row is change.row), None)
             if same is None:
                 self.rows.append(change)
@@ -101,9 +110,16 @@ class Turn:
     arguments: dict[int, str] = field(default_factory=dict)  # raw argument JSON, by call index
     streams: dict[int, CallStream] = field(default_factory=dict)  # built-in calls only
     pending: Pending = field(default_factory=Pending)
+    # The whole answer is at hand (LLM.answer_at_once): its rows and events,
+    # deltas included, all wait for the executor's next commit (issue 17:
+    # one transaction for an instant answer instead of two and a flush).
+    at_once: bool = False
 
     def _publish(self, events: list[Event]) -> None:
         """Deltas: streamed at once, logged in batches (app/run_log.py)."""
+        if self.at_once:
+            self.pending.add([], events)
+            return
         self.runtime.run_log.publish(self.run.id, events)
 
     async def consume(self, stream: AsyncIterator[llm.TextDelta | llm.ToolCallDelta | llm.Finish]) -> TurnResult:
@@ -150,14 +166,17 @@ class Turn:
             self.run, "message_creation", {"type": "message_creation", "message_creation": {"message_id": message.id}}
         )
         step_wire, message_wire = run_steps.to_wire(step), messages.to_wire(message)
-        async with self.runtime.transaction() as session:
-            created = [
-                Event.of("thread.run.step.created", step_wire),
-                Event.of("thread.run.step.in_progress", step_wire),
-                Event.of("thread.message.created", message_wire),
-                Event.of("thread.message.in_progress", message_wire),
-            ]
-            await self.runtime.run_log.append(session, self.run.id, created, inserting=[step, message])
+        created = [
+            Event.of("thread.run.step.created", step_wire),
+            Event.of("thread.run.step.in_progress", step_wire),
+            Event.of("thread.message.created", message_wire),
+            Event.of("thread.message.in_progress", message_wire),
+        ]
+        if self.at_once:
+            self.pending.insert([step, message], created)
+        else:
+            async with self.runtime.transaction() as session:
+                await self.runtime.run_log.append(session, self.run.id, created, inserting=[step, message])
         self.message, self.message_step = message, step
         self.marker_stream = markers.MarkerStream(self.targets)
         # Parts a built-in tool already made for this message (code_interpreter
@@ -193,7 +212,7 @@ class Turn:
         ]
         self.text = []
         changes = [RowUpdate(message, _MESSAGE_CLOSED[status]), RowUpdate(step, _STEP_CLOSED)]
-        if defer:
+        if defer or self.at_once:
             self.pending.add(changes, events)
             return
         async with self.runtime.transaction() as session:
@@ -207,9 +226,12 @@ class Turn:
         if self.tool_step is None:
             step = run_steps.new(self.run, "tool_calls", {"type": "tool_calls", "tool_calls": []})
             wire = run_steps.to_wire(step)
-            async with self.runtime.transaction() as session:
-                created = [Event.of("thread.run.step.created", wire), Event.of("thread.run.step.in_progress", wire)]
-                await self.runtime.run_log.append(session, self.run.id, created, inserting=[step])
+            created = [Event.of("thread.run.step.created", wire), Event.of("thread.run.step.in_progress", wire)]
+            if self.at_once:
+                self.pending.insert([step], created)
+            else:
+                async with self.runtime.transaction() as session:
+                    await self.runtime.run_log.append(session, self.run.id, created, inserting=[step])
             self.tool_step = step
         if delta.index not in self.calls:
             self._start_call(delta)
