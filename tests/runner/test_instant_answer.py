@@ -1,0 +1,110 @@
+"""An answer the model has whole at once (the offline model, uncued) is
+written with the run's move in one transaction (issue 17), events in the
+order a streamed answer gives them."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import event, select
+
+from app import orm
+from app.runtime import Runtime
+from app.worker import Worker
+from tests.runner.test_worker import _make_runs
+
+
+@contextmanager
+def statements_by_transaction(runtime: Runtime) -> Iterator[list[tuple[int, str]]]:
+    """Every statement sent while inside, with a number telling its
+    transaction (connections interleave; each BEGIN takes a new number)."""
+    numbers = itertools.count()
+    current: dict[Any, int] = {}
+    seen: list[tuple[int, str]] = []
+
+    def begin(connection: Any) -> None:
+        current[connection] = next(numbers)
+
+    def before(connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append((current.get(connection, -1), " ".join(statement.split())))
+
+    engine = runtime.engine.sync_engine
+    event.listen(engine, "begin", begin)
+    event.listen(engine, "before_cursor_execute", before)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "begin", begin)
+        event.remove(engine, "before_cursor_execute", before)
+
+
+def _transactions_of(seen: list[tuple[int, str]], fragment: str) -> set[int]:
+    return {number for number, statement in seen if fragment in statement}
+
+
+async def _event_names(runtime: Runtime, run_id: str) -> list[str]:
+    """The run's logged events in order, each series of deltas as one name."""
+    async with runtime.transaction() as session:
+        query = select(orm.RunEvent.event).where(orm.RunEvent.run_id == run_id).order_by(orm.RunEvent.seq)
+        names = list((await session.scalars(query)).all())
+    return [name for name, _series in itertools.groupby(names)]
+
+
+async def test_an_instant_answer_and_the_runs_end_are_one_transaction(runtime: Runtime) -> None:
+    (run_id,) = await _make_runs(runtime, 1)
+    with statements_by_transaction(runtime) as seen:
+        await Worker(runtime, concurrency=1).run_until_idle()
+    inserts = _transactions_of(seen, "INSERT INTO messages") | _transactions_of(seen, "INSERT INTO run_steps")
+    ending = [number for number, statement in seen if "UPDATE runs SET status" in statement][-1:]
+    assert len(inserts) == 1 and list(inserts) == ending, seen
+    assert await _event_names(runtime, run_id) == [
+        "thread.run.in_progress",
+        "thread.run.step.created",
+        "thread.run.step.in_progress",
+        "thread.message.created",
+        "thread.message.in_progress",
+        "thread.message.delta",
+        "thread.message.completed",
+        "thread.run.step.completed",
+        "thread.run.completed",
+    ]
+
+
+async def test_an_instant_function_call_requires_action_in_one_transaction(runtime: Runtime) -> None:
+    # The offline model needs the function offered to call it.
+    (run_id,) = await _make_runs(runtime, 1, text='[[reply Looking.]] [[call lookup {"q": "x"}]]')
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+        assert run is not None
+        run.tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    with statements_by_transaction(runtime) as seen:
+        await Worker(runtime, concurrency=1).run_until_idle()
+    inserts = _transactions_of(seen, "INSERT INTO messages") | _transactions_of(seen, "INSERT INTO run_steps")
+    ending = [number for number, statement in seen if "UPDATE runs SET status" in statement][-1:]
+    assert len(inserts) == 1 and list(inserts) == ending, seen
+    names = await _event_names(runtime, run_id)
+    assert names[:7] == [
+        "thread.run.in_progress",
+        "thread.run.step.created",
+        "thread.run.step.in_progress",
+        "thread.message.created",
+        "thread.message.in_progress",
+        "thread.message.delta",
+        "thread.message.completed",
+    ]
+    assert names[7:] == [
+        "thread.run.step.completed",
+        "thread.run.step.created",
+        "thread.run.step.in_progress",
+        "thread.run.step.delta",
+        "thread.run.requires_action",
+    ]
+    async with runtime.transaction() as session:
+        steps = (await session.scalars(select(orm.RunStep).where(orm.RunStep.run_id == run_id))).all()
+    by_type = {step.type: step for step in steps}
+    assert by_type["tool_calls"].status == "in_progress"
+    assert by_type["tool_calls"].step_details["tool_calls"][0]["function"]["name"] == "lookup"
+    assert by_type["message_creation"].status == "completed"
