@@ -12,10 +12,28 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Row, Update, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Float,
+    Integer,
+    Row,
+    RowMapping,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    delete,
+    func,
+    inspect,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import make_transient_to_detached
 
 from app import ids, orm
 
@@ -42,7 +60,7 @@ def is_reservation(lease_owner: str | None) -> bool:
     return lease_owner is not None and lease_owner.startswith(RESERVED)
 
 
-def _lease_free(now: float) -> ColumnElement[bool]:
+def _lease_free(now: float | BindParameter[float]) -> ColumnElement[bool]:
     return or_(orm.Run.lease_expires_at.is_(None), orm.Run.lease_expires_at < now)
 
 
@@ -54,40 +72,65 @@ def _claimable(now: float) -> ColumnElement[bool]:
     return and_(or_(orm.Run.status == "queued", resumable), _lease_free(now))
 
 
-def _claimable_by(owner: str, now: float) -> ColumnElement[bool]:
-    """Claimable, or queued and reserved for ``owner`` (however long the
-    reservation still runs). Each branch of the OR tests the status, so that
-    SQLite still reads the status index (an OR around _claimable() scanned the table)."""
-    queued = and_(orm.Run.status == "queued", or_(_lease_free(now), orm.Run.lease_owner == reserved_for(owner)))
+def _claimable_by_owner() -> ColumnElement[bool]:
+    """Claimable, or queued and reserved for the claiming worker (however
+    long the reservation still runs); bound: ``now``, ``now_seconds`` (its
+    whole seconds) and ``reserved_owner``. Each branch of the OR tests the
+    status, so that SQLite still reads the status index (an OR around
+    _claimable() scanned the table)."""
+    now = bindparam("now", type_=Float)
+    queued = and_(orm.Run.status == "queued", or_(_lease_free(now), orm.Run.lease_owner == bindparam("reserved_owner")))
     resumable = and_(
         orm.Run.status == "in_progress",
-        or_(orm.Run.expires_at.is_(None), orm.Run.expires_at > int(now)),
+        or_(orm.Run.expires_at.is_(None), orm.Run.expires_at > bindparam("now_seconds", type_=Integer)),
         _lease_free(now),
     )
     return or_(queued, resumable)
 
 
-def _claim(owner: str, limit: int, lease_seconds: float) -> Update:
-    now = time.time()
+_RUNS = cast(Table, orm.Run.__table__)
+# Each mapped attribute of a run and its column (``metadata_`` is "metadata").
+_COLUMNS = {attr.key: attr.columns[0].name for attr in inspect(orm.Run).column_attrs}
+
+
+def _build_claim() -> Update:
+    """The claim, built once (issue 17: building it and its ORM RETURNING
+    cost more CPU than running it); bound: _claimable_by_owner()'s values,
+    ``limit``, ``owner`` and ``lease_until``; returns the claimed rows."""
     # MATERIALIZED: chosen once. As a plain IN (subquery) PostgreSQL may
     # rescan it for each row it updates, and a rescan skips the rows this
     # statement has just updated and picks the next ones: a claim took more
     # runs than ``limit`` (issue 17).
     candidates = (
-        select(orm.Run.id)
-        .where(_claimable_by(owner, now))
-        .order_by(orm.Run.seq)
-        .limit(limit)
+        select(_RUNS.c.id)
+        .where(_claimable_by_owner())
+        .order_by(_RUNS.c.seq)
+        .limit(bindparam("limit", type_=Integer))
         .with_for_update(skip_locked=True)
         .cte("candidates")
         .prefix_with("MATERIALIZED")
     )
     return (
-        update(orm.Run)
-        .where(orm.Run.id.in_(select(candidates.c.id)), _claimable_by(owner, now))
-        .values(lease_owner=owner, lease_expires_at=now + lease_seconds)
-        .execution_options(synchronize_session=False)
+        update(_RUNS)
+        .where(_RUNS.c.id.in_(select(candidates.c.id)), _claimable_by_owner())
+        .values(lease_owner=bindparam("owner"), lease_expires_at=bindparam("lease_until", type_=Float))
+        .returning(*_RUNS.c)
     )
+
+
+_CLAIM = _build_claim()
+
+
+def _claim_parameters(owner: str, limit: int, lease_seconds: float) -> dict[str, Any]:
+    now = time.time()
+    return {
+        "now": now,
+        "now_seconds": int(now),
+        "reserved_owner": reserved_for(owner),
+        "limit": limit,
+        "owner": owner,
+        "lease_until": now + lease_seconds,
+    }
 
 
 async def claim(session: AsyncSession, owner: str, limit: int, lease_seconds: float) -> list[str]:
@@ -95,16 +138,24 @@ async def claim(session: AsyncSession, owner: str, limit: int, lease_seconds: fl
     On PostgreSQL the candidates are locked with SKIP LOCKED, so concurrent
     workers pick different rows; on SQLite the single writer serialises
     claims, and the UPDATE re-checks the condition either way."""
-    statement = _claim(owner, limit, lease_seconds).returning(orm.Run.id)
-    return list((await session.scalars(statement)).all())
+    return [run.id for run in await claim_runs(session, owner, limit, lease_seconds)]
 
 
 async def claim_runs(session: AsyncSession, owner: str, limit: int, lease_seconds: float) -> list[orm.Run]:
-    """claim(), returning the claimed runs' rows (as the UPDATE left them),
-    so that the claim's transaction can start them without reading them again."""
-    statement = _claim(owner, limit, lease_seconds).returning(orm.Run)
-    runs = list((await session.scalars(statement.execution_options(populate_existing=True))).all())
+    """claim(), returning the claimed runs (as the UPDATE left them, oldest
+    first), so that the claim's transaction can start them without reading
+    them again. They are detached instances, as if loaded by a session
+    since closed: session.add() attaches one to another session as the row
+    it is (never a new row to insert)."""
+    result = await session.execute(_CLAIM, _claim_parameters(owner, limit, lease_seconds))
+    runs = [_detached_run(row._mapping) for row in result]
     return sorted(runs, key=lambda run: run.seq)  # RETURNING has no order; oldest first, as claimed
+
+
+def _detached_run(row: RowMapping) -> orm.Run:
+    run = orm.Run(**{key: row[column] for key, column in _COLUMNS.items()})
+    make_transient_to_detached(run)
+    return run
 
 
 async def renew(session: AsyncSession, owner: str, run_ids: list[str], lease_seconds: float) -> list[str]:
