@@ -253,9 +253,14 @@ class Worker:
             # Claimed and started in one transaction (issue 17).
             claimed = await execute.claim_and_start(self.runtime, self.owner, free, self.lease_seconds, self.builtins)
             self._claimed_to_capacity = len(claimed) == free
-            for execution in claimed:
+            running = [execution for execution in claimed if not execution.finished]
+            for execution in running:
                 run_id = execution.run_id
                 self._tasks[run_id] = asyncio.create_task(self._execute(execution), name=f"run {run_id}")
+            if self._claimed_to_capacity and len(running) < len(claimed):
+                # Runs answered at once in the claim left their slots free
+                # already: more may be waiting.
+                self.wake(files=False)
         # Vector store files: after runs, in their own slots (see app/retrieval/ingest.py).
         if ingest and not self._stopping:
             await self.ingestion.tick()
@@ -265,9 +270,10 @@ class Worker:
         deadline = time.monotonic() + limit_seconds
         while time.monotonic() < deadline:
             await self.tick()
-            if not self._tasks:
-                return
-            await asyncio.wait(list(self._tasks.values()), return_when=asyncio.FIRST_COMPLETED)
+            if not self._tasks and not self._claimed_to_capacity:
+                return  # (runs answered in their claim leave no task: claimed to capacity, more may wait)
+            if self._tasks:
+                await asyncio.wait(list(self._tasks.values()), return_when=asyncio.FIRST_COMPLETED)
         raise TimeoutError("runs still executing")
 
     async def _execute(self, execution: execute.RunExecution) -> None:

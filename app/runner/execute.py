@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
@@ -107,6 +108,14 @@ class RunExecution:
         self._started: tuple[orm.Run, list[dict[str, Any]]] | None = None
         # The run as this execution last wrote it (see _move_unread).
         self._run: orm.Run | None = None
+        # The first model call's outcome when start_claimed() asked for an
+        # instant answer and could not use it here: _answer() takes it
+        # rather than asking (and logging a model request) twice.
+        self._first_answer: list[llm.Event] | llm.LLMError | None = None
+        # The claim's transaction, while an instant answer is committed in it.
+        self._claim_session: AsyncSession | None = None
+        # Ended in the claim's transaction (start_claimed): nothing left to execute.
+        self.finished = False
 
     async def _load(self) -> orm.Run | None:
         async with self.runtime.transaction() as session:
@@ -137,7 +146,7 @@ class RunExecution:
         of the transaction stays."""
         events = list(pending.events)
         unread = move is not None and self._movable_unread(move)
-        async with self.runtime.transaction() as session, self.runtime.run_log.holding(self.run_id):
+        async with self._transaction() as session, self.runtime.run_log.holding(self.run_id):
             alongside: list[Insert | Update] = []
             if unread and self.runtime.run_log.postgres:
                 # PostgreSQL: the turn's writes go in the run's UPDATE (issue 17).
@@ -158,6 +167,15 @@ class RunExecution:
             else:
                 await self._move_read(session, move, events)
         self._exchanges.clear()  # recorded: only once committed
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncSession]:
+        """_commit()'s transaction: its own, or the claim's (see _claim_session)."""
+        if self._claim_session is not None:
+            yield self._claim_session
+            return
+        async with self.runtime.transaction() as session:
+            yield session
 
     async def _move_read(self, session: AsyncSession, move: Move | None, events: list[Event]) -> None:
         """``_commit``'s path for a move that needs the run read first (and
@@ -347,10 +365,56 @@ class RunExecution:
         moved = await run_state.transition(session, run, "in_progress", locked=True, lease_owner=self.owner)
         events = [Event.of(moved, runs.to_wire(run))]
         self.context = context
-        await self.runtime.run_log.append(session, run.id, events, run_locked=True)
         self._started = (run, chat)
+        self._run = run
+        if not await self._finish_at_once(session, run, chat, events):
+            await self.runtime.run_log.append(session, run.id, events, run_locked=True)
+
+    async def _finish_at_once(
+        self, session: AsyncSession, run: orm.Run, chat: list[dict[str, Any]], started: list[Event]
+    ) -> bool:
+        """A run whose model has its whole answer at once (the offline
+        model, uncued) ends in the claim's transaction (issue 17: one
+        transaction per run): ``started`` (its move to in_progress), the
+        answer's rows and events and the run's move, all in one append.
+        False, with nothing written, when the answer must be taken as
+        execute() takes it (streamed, calling built-in tools, over a
+        budget, or failed: a failure is kept for execute())."""
+        budget = self._budget(run)
+        if budget.completion_tokens is not None and budget.completion_tokens <= 0:
+            return False
+        request = self._chat_request(run, budget, chat)
+        if budget.prompt_tokens is not None and self.runtime.llm.count_tokens(run.model, chat) > budget.prompt_tokens:
+            return False
+        turn = self._turn(run)
+        try:
+            whole = await self.runtime.llm.answer_at_once(request)
+            if whole is None or self._calls_builtin(whole):
+                self._first_answer = whole
+                return False
+            turn.at_once = True
+            result = await turn.consume(_replay(whole))
+        except llm.LLMError as error:
+            self._first_answer = error
+            return False
+        except Exception:  # execute() meets it again and ends the run as it does
+            log.exception("run %s: its instant answer could not be taken in the claim's transaction", run.id)
+            return False
+        self.prompt_tokens += result.usage.prompt_tokens
+        self.completion_tokens += result.usage.completion_tokens
+        result.pending.events[:0] = started
+        self._claim_session = session
+        try:
+            more = await self._after_turn(run, result, budget)
+        finally:
+            self._claim_session = None
+        assert not more, "an answer with no built-in call ends the turn"
+        self.finished = True
+        return True
 
     async def execute(self) -> None:
+        if self.finished:
+            return
         try:
             await self._execute()
         except LeaseLost as lost:
@@ -394,6 +458,9 @@ class RunExecution:
         if budget.prompt_tokens is not None and self.runtime.llm.count_tokens(run.model, chat) > budget.prompt_tokens:
             await self._end("incomplete", incomplete_details={"reason": "max_prompt_tokens"})
             return None
+        return self._chat_request(run, budget, chat)
+
+    def _chat_request(self, run: orm.Run, budget: prompt.Budget, chat: list[dict[str, Any]]) -> llm.ChatRequest:
         tools = prompt.chat_tools(run.tools, self.builtins)
         choice = run.tool_choice if run.tool_choice != "none" else "none"
         return llm.ChatRequest(
@@ -457,13 +524,19 @@ class RunExecution:
         model, uncued) is taken in one go, its rows and events left for the
         turn's commit, when it calls no built-in tool (those stream their
         progress while they run, so their step must be written first)."""
-        whole = await self.runtime.llm.answer_at_once(request)
+        first, self._first_answer = self._first_answer, None
+        if isinstance(first, llm.LLMError):
+            raise first
+        whole = first if first is not None else await self.runtime.llm.answer_at_once(request)
         if whole is None:
             return await self._consume(turn, self.runtime.llm.stream(request))
-        if any(isinstance(event, llm.ToolCallDelta) and event.name in self.builtins for event in whole):
+        if self._calls_builtin(whole):
             return await self._consume(turn, _replay(whole))
         turn.at_once = True
         return await turn.consume(_replay(whole))
+
+    def _calls_builtin(self, answer: list[llm.Event]) -> bool:
+        return any(isinstance(event, llm.ToolCallDelta) and event.name in self.builtins for event in answer)
 
     async def _consume(self, turn: Turn, source: AsyncIterator[llm.Event]) -> TurnResult:
         """The model's answer, unless a cancel arrives first (even while the
@@ -482,8 +555,8 @@ class RunExecution:
             raise TurnStopped
         return answer.result()
 
-    async def _call(self, run: orm.Run, request: llm.ChatRequest) -> TurnResult | None:
-        turn = Turn(
+    def _turn(self, run: orm.Run) -> Turn:
+        return Turn(
             self.runtime,
             run,
             builtins=self.builtins,
@@ -491,6 +564,9 @@ class RunExecution:
             leading=self._leading_parts,
             targets=markers.run_targets(self.builtins, self.results),
         )
+
+    async def _call(self, run: orm.Run, request: llm.ChatRequest) -> TurnResult | None:
+        turn = self._turn(run)
         try:
             result = await self._answer(turn, request)
             if any(call["type"] in self.builtins for call in result.calls):

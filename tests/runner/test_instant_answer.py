@@ -60,6 +60,8 @@ async def test_an_instant_answer_and_the_runs_end_are_one_transaction(runtime: R
     inserts = _transactions_of(seen, "INSERT INTO messages") | _transactions_of(seen, "INSERT INTO run_steps")
     ending = [number for number, statement in seen if "UPDATE runs SET status" in statement][-1:]
     assert len(inserts) == 1 and list(inserts) == ending, seen
+    # Claimed, started and ended in the claim's transaction.
+    assert _transactions_of(seen, "UPDATE runs SET status") == inserts, seen
     assert await _event_names(runtime, run_id) == [
         "thread.run.in_progress",
         "thread.run.step.created",
