@@ -8,6 +8,12 @@ a turn's results and the run's move go through one method, _commit(), which
 is also where every cancellation ends. Status changes go through
 services.run_state (via services.runs.close_out for final states).
 
+An answer the built-in offline model has whole at once (LLM.answer_at_once:
+in-process, no I/O) needs no streaming: its rows and events wait for the
+turn's commit, and a run answered so right after its claim ends in the
+claim's own transaction (issue 17). Every other model is streamed with no
+transaction open.
+
 A run picked up ``in_progress`` belonged to a worker that died or shut down:
 it is resumed from its last completed tool round (services/run_execution.py
 removes what the interrupted model call had written, and the call is made
