@@ -265,9 +265,21 @@ class RunExecution:
         if move.incomplete_details is not None:
             fields["incomplete_details"] = move.incomplete_details
         session.add(run)
+        # SQLite, in the claim's transaction: the row has been this
+        # transaction's since the claim returned it, so the move cannot miss
+        # and the row is as this execution holds it: no RETURNING, and the
+        # UPDATE goes with the COMMIT (issue 17: a thread hop fewer).
+        known = self._claim_session is not None and not self.runtime.run_log.postgres
         try:
             name = await run_state.transition(
-                session, run, move.to, refresh=True, alongside=alongside, lease_owner=self.owner, **fields
+                session,
+                run,
+                move.to,
+                refresh=not known,
+                locked=known,
+                alongside=alongside,
+                lease_owner=self.owner,
+                **fields,
             )
         except run_state.TransitionConflict:
             return None
