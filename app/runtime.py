@@ -104,10 +104,10 @@ class Runtime:
         elif settings.llm_record is not None:
             runtime.llm.cassettes = cassettes.Cassettes(settings.llm_record, "record")
         if settings.record_model_requests:
-            runtime.llm.observer = runtime._record_model_request
+            runtime.llm.observer = runtime.record_model_request
         return runtime
 
-    async def _record_model_request(self, exchange: Exchange) -> None:
+    async def record_model_request(self, exchange: Exchange) -> None:
         context = exchange.request.context
         if context is not None and context.on_exchange is not None:
             context.on_exchange(exchange)  # written with the run's next commit

@@ -404,6 +404,8 @@ class RunExecution:
         request = self._chat_request(run, budget, chat)
         if budget.prompt_tokens is not None and self.runtime.llm.count_tokens(run.model, chat) > budget.prompt_tokens:
             return False
+        if not self._may_answer_at_once():
+            return False
         turn = self._turn(run)
         try:
             whole = await self.runtime.llm.answer_at_once(request)
@@ -545,13 +547,25 @@ class RunExecution:
         first, self._first_answer = self._first_answer, None
         if isinstance(first, llm.LLMError):
             raise first
-        whole = first if first is not None else await self.runtime.llm.answer_at_once(request)
+        whole = first
+        if whole is None and self._may_answer_at_once():
+            whole = await self.runtime.llm.answer_at_once(request)
         if whole is None:
             return await self._consume(turn, self.runtime.llm.stream(request))
         if self._calls_builtin(whole):
             return await self._consume(turn, _replay(whole))
         turn.at_once = True
         return await turn.consume(_replay(whole))
+
+    def _may_answer_at_once(self) -> bool:
+        """Whether an instant answer may be taken in one go: only while the
+        model-request observer is none or the Runtime's own, which hands a
+        run's exchange to the run (no I/O). Any other (a test's hook, a
+        diagnostic) may write or wait once the answer is complete, even on
+        the run's row: the answer is then streamed, its message opened
+        first, as from any model."""
+        observer = self.runtime.llm.observer
+        return observer is None or observer == self.runtime.record_model_request
 
     def _calls_builtin(self, answer: list[llm.Event]) -> bool:
         return any(isinstance(event, llm.ToolCallDelta) and event.name in self.builtins for event in answer)
