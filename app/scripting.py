@@ -171,13 +171,17 @@ class ScriptBook:
         with self._lock:
             return self._used.get(rule_id, 0)
 
-    def answer(self, model: str, user_text: str, rounds: int, context: RequestContext | None) -> list[Directive] | None:
+    def answer(
+        self, model: str, user_text: str, rounds: int, context: RequestContext | None, *, peek: bool = False
+    ) -> list[Directive] | None:
         """The directives of the first rule matching this completion.
 
         ``rounds`` counts the tool rounds since the last user message: a
         rule's first completion is its use (later rounds of the same answer
         do not count against ``times``, and come from the rule that answered
-        the run's first round, even once its ``times`` are spent)."""
+        the run's first round, even once its ``times`` are spent).
+        ``peek``: the same answer, its use not counted (the offline model
+        looking whether it can answer at once, before it does)."""
         run_id = context.run_id if context is not None else None
         with self._lock:
             if rounds > 0 and run_id is not None:
@@ -191,6 +195,8 @@ class ScriptBook:
                 if rounds == 0:
                     if rule.times is not None and used >= rule.times:
                         continue
+                    if peek:
+                        return rule.directives()
                     self._used[rule.id] = used + 1
                     if run_id is not None:
                         self._remember(run_id, rule.id)

@@ -129,10 +129,14 @@ class LLM:
         offline answer cued to take time or fail). LLMError as stream()
         raises it. Lets the executor write an instant answer in one
         transaction instead of opening its message first (issue 17)."""
-        route = self.route(request.model)
+        started = time.monotonic()
+        try:
+            route = self.route(request.model)
+        except LLMError as exc:  # no such model: reported as stream() reports it
+            self._observe_call(request, exc.code, started, None)
+            raise
         if not route.offline:
             return None
-        started = time.monotonic()
         exchange = Exchange(request) if self.observer is not None else None
         try:
             prompt_tokens = self.count_tokens(request.model, request.messages, request.tools)

@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 import json
 import re
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,18 +292,25 @@ def _fenced_python(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+# The longest answer (in deltas) the offline model hands over whole: a
+# longer one is streamed, as one from any model.
+AT_ONCE_MOST_DELTAS = 256
+
+
 class OfflineModel:
     def __init__(self, rules: Sequence[Rule], script: ScriptBook) -> None:
         self._rules = rules
         self._book = script
 
-    def _script(self, conversation: _Conversation, request: ChatRequest) -> tuple[_Script, str]:
+    def _script(self, conversation: _Conversation, request: ChatRequest, *, peek: bool) -> tuple[_Script, str, bool]:
         """Directives of the last user message, else the first scripted rule a
         test added that matches, else its fenced Python for code_interpreter,
-        else the system messages, else the first matching config rule."""
+        else the system messages, else the first matching config rule; and
+        whether a scripted rule answered (``peek``: its use not counted)."""
         directives, user_text = _scan(conversation.user_text)
+        scripted = None
         if not directives:
-            scripted = self._book.answer(request.model, user_text, conversation.rounds, request.context)
+            scripted = self._book.answer(request.model, user_text, conversation.rounds, request.context, peek=peek)
             directives = scripted or []
         code = _fenced_python(conversation.user_text)
         if not directives and code is not None and _CODE_TOOL in _function_names(request):
@@ -318,11 +325,11 @@ class OfflineModel:
         if not directives and user_text and _SEARCH_TOOL in _function_names(request) and request.tool_choice != "none":
             # Offered file_search and told nothing else: search with the question (issue 12).
             directives = [("call", _SEARCH_TOOL)]
-        return _Script.parse(directives), user_text
+        return _Script.parse(directives), user_text, scripted is not None
 
-    def _plan(self, request: ChatRequest, prompt_tokens: int) -> _Plan:
+    def _plan(self, request: ChatRequest, prompt_tokens: int, *, peek: bool = False) -> _Plan:
         conversation = _Conversation.read(request.messages)
-        script, user_text = self._script(conversation, request)
+        script, user_text, scripted = self._script(conversation, request, peek=peek)
         step = script.step(conversation.rounds)
         text, calls = _answer(request, conversation, script, step, user_text)
         deltas = _deltas(text, calls, conversation)
@@ -330,15 +337,26 @@ class OfflineModel:
         deltas = deltas[: request.max_tokens] if truncated else deltas
         reason: FinishReason = "tool_calls" if calls else "stop"
         reason = "length" if truncated else (step.finish if step and step.finish else reason)
-        return _Plan(deltas, Finish(reason, Usage(prompt_tokens, len(deltas))), script.delay, step)
+        taken = (
+            (lambda: self._book.answer(request.model, user_text, conversation.rounds, request.context))
+            if scripted and peek
+            else None
+        )
+        return _Plan(deltas, Finish(reason, Usage(prompt_tokens, len(deltas))), script.delay, step, taken)
 
     def answer(self, request: ChatRequest, prompt_tokens: int) -> list[Event] | None:
         """The whole answer (its deltas, then its Finish) when nothing makes
-        it take time or fail (no delay, hang or failure cued): the executor
-        then writes it in one transaction (issue 17). None: stream() it."""
-        plan = self._plan(request, prompt_tokens)
+        it take time or fail (no delay, hang or failure cued) and it is short
+        (at most AT_ONCE_MOST_DELTAS): the executor then writes it in one
+        transaction (issue 17). None: stream() it; a scripted rule's use is
+        then counted by stream(), once, as for any answer."""
+        plan = self._plan(request, prompt_tokens, peek=True)
         if plan.delay or (plan.step is not None and (plan.step.fail or plan.step.hang)):
             return None
+        if len(plan.deltas) > AT_ONCE_MOST_DELTAS:
+            return None  # built, encoded and written in one go, holding the write lock meanwhile
+        if plan.taken is not None:
+            plan.taken()  # the rule's use, counted now that its answer is taken
         return [*plan.deltas, plan.finish]
 
     async def stream(self, request: ChatRequest, prompt_tokens: int) -> AsyncGenerator[Event, None]:
@@ -364,6 +382,8 @@ class _Plan:
     finish: Finish
     delay: float  # seconds before each delta (and the Finish)
     step: _Step | None
+    # Counts the scripted rule's use, for a plan made with ``peek``.
+    taken: Callable[[], object] | None = None
 
 
 def _answer(

@@ -81,6 +81,13 @@ class Move:
 _UNREAD_MOVES = frozenset({"completed", "incomplete", "requires_action"})
 
 
+# Runs whose instant answer failed to be written in their claim's
+# transaction (RunExecution._finish_at_once), oldest first: taken the
+# streamed way from then on. A few, kept for as long as a retry takes.
+_NOT_AT_ONCE: dict[str, None] = {}
+_NOT_AT_ONCE_REMEMBERED = 1000
+
+
 class LeaseLost(Exception):
     """The run stopped being this execution's before its move: another
     worker took it over (this worker's lease lapsed and the run was claimed
@@ -404,7 +411,7 @@ class RunExecution:
         request = self._chat_request(run, budget, chat)
         if budget.prompt_tokens is not None and self.runtime.llm.count_tokens(run.model, chat) > budget.prompt_tokens:
             return False
-        if not self._may_answer_at_once():
+        if not self._may_answer_at_once() or run.id in _NOT_AT_ONCE:
             return False
         turn = self._turn(run)
         try:
@@ -417,8 +424,9 @@ class RunExecution:
         except llm.LLMError as error:
             self._first_answer = error
             return False
-        except Exception:  # execute() meets it again and ends the run as it does
+        except Exception:  # execute() meets it again (not asking the model twice) and ends the run as it does
             log.exception("run %s: its instant answer could not be taken in the claim's transaction", run.id)
+            self._first_answer = whole
             return False
         self.prompt_tokens += result.usage.prompt_tokens
         self.completion_tokens += result.usage.completion_tokens
@@ -426,6 +434,17 @@ class RunExecution:
         self._claim_session = session
         try:
             more = await self._after_turn(run, result, budget)
+        except DBAPIError:
+            raise  # the claim's transaction is lost: the runs stay claimable
+        except Exception:
+            # The claim's transaction is in no state to commit: it is rolled
+            # back, every run of the claim claimable again. This one then
+            # goes the streamed way, where the same failure fails it alone
+            # (not claimed and failing here again and again).
+            _NOT_AT_ONCE[run.id] = None
+            while len(_NOT_AT_ONCE) > _NOT_AT_ONCE_REMEMBERED:
+                del _NOT_AT_ONCE[next(iter(_NOT_AT_ONCE))]
+            raise
         finally:
             self._claim_session = None
         assert not more, "an answer with no built-in call ends the turn"

@@ -9,9 +9,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from sqlalchemy import event, select
 
 from app import orm
+from app.llm import offline
+from app.runner.execute import RunExecution
 from app.runtime import Runtime
 from app.worker import Worker
 from tests.runner.test_worker import _make_runs
@@ -110,3 +113,61 @@ async def test_an_instant_function_call_requires_action_in_one_transaction(runti
     assert by_type["tool_calls"].status == "in_progress"
     assert by_type["tool_calls"].step_details["tool_calls"][0]["function"]["name"] == "lookup"
     assert by_type["message_creation"].status == "completed"
+
+
+async def test_a_scripted_rule_that_takes_time_answers_the_runs_its_times_allow(runtime: Runtime) -> None:
+    """A rule with ``times`` whose answer takes time (not taken at once) is
+    used once per run it answers: looking whether an answer can be taken at
+    once counts no use (it did, and the run got the default answer)."""
+    rule = runtime.llm.script.add({"respond": "Slowly, from the rule.", "delay_ms": 1, "times": 1})
+    run_ids = await _make_runs(runtime, 2)
+    await Worker(runtime, concurrency=1).run_until_idle()
+    answers = []
+    for run_id in run_ids:
+        async with runtime.transaction() as session:
+            message = await session.scalar(select(orm.Message).where(orm.Message.run_id == run_id))
+        assert message is not None
+        answers.append(message.content[0]["text"]["value"])
+    assert answers[0] == "Slowly, from the rule." and answers[1] != answers[0]
+    assert runtime.llm.script.used(rule.id) == 1
+
+
+async def test_an_instant_answer_that_cannot_be_written_in_its_claim_fails_its_run_alone(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure writing an instant answer in the claim's transaction rolls
+    the claim back; the run is then taken the streamed way, where the same
+    failure fails it alone, and the other runs of the claim complete (it was
+    claimed and failed again and again, holding them back)."""
+    doomed, *others = await _make_runs(runtime, 3)
+    real = RunExecution._after_turn
+
+    async def after_turn(self: RunExecution, *args: Any) -> bool:
+        if self.run_id == doomed:
+            raise RuntimeError("the answer cannot be written")
+        return await real(self, *args)
+
+    monkeypatch.setattr(RunExecution, "_after_turn", after_turn)
+    worker = Worker(runtime, concurrency=4)
+    with pytest.raises(RuntimeError):
+        await worker.run_until_idle()  # the claim, rolled back
+    await worker.run_until_idle()
+    async with runtime.transaction() as session:
+        statuses = {run.id: run.status for run in await session.scalars(select(orm.Run))}
+    assert statuses == {doomed: "failed", **{run_id: "completed" for run_id in others}}
+
+
+async def test_a_long_instant_answer_is_streamed(runtime: Runtime) -> None:
+    """An answer longer than AT_ONCE_MOST_DELTAS is streamed as one from any
+    model (its message opened in a transaction of its own): built and
+    written in one go it would hold the write lock (and the claim's other
+    runs) meanwhile."""
+    (run_id,) = await _make_runs(runtime, 1, text=f"[[tokens {offline.AT_ONCE_MOST_DELTAS + 1}]]")
+    with statements_by_transaction(runtime) as seen:
+        await Worker(runtime, concurrency=1).run_until_idle()
+    opened = _transactions_of(seen, "INSERT INTO messages")
+    ended = {number for number, statement in seen if "UPDATE runs SET status" in statement}
+    assert opened and not opened & ended, seen
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+    assert run is not None and run.status == "completed"
