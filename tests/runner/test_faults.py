@@ -212,39 +212,22 @@ async def test_shutdown_drains_then_releases_runs_for_another_worker(runtime: Ru
         await _stop(second, task)
 
 
-async def test_an_execution_whose_lease_was_taken_over_stops(runtime: Runtime) -> None:
-    worker, task = await _running_worker(runtime)
-    try:
-        (run_id,) = await _make_runs(runtime, 1, text="[[delay 20]] [[tokens 500]]")
-        await _until(lambda: worker.busy == 1, "the run to start")
-        async with runtime.transaction() as session:  # as if another worker claimed it after a lapse
-            # With a lease of its own, as a claim stamps: with the old one left
-            # to lapse, this worker could claim the run back (and finish it)
-            # before the check below, on a machine slow enough.
-            await session.execute(
-                update(orm.Run)
-                .where(orm.Run.id == run_id)
-                .values(lease_owner="other-worker", lease_expires_at=time.time() + 60)
-            )
-        await _until(lambda: worker.busy == 0, "the execution to stop")
-        async with runtime.transaction() as session:
-            run = await session.get(orm.Run, run_id)
-        assert run is not None and run.status == "in_progress" and run.lease_owner == "other-worker"
-    finally:
-        await _stop(worker, task)
-
-
-async def test_a_streaming_execution_stops_once_its_run_is_taken_over(settings: Settings) -> None:
-    """Its lease far longer than the test (so its renewer does not look in
-    time), an execution streaming an answer of minutes still stops within
-    the test once another worker holds the run: its cancel watcher reads the
-    row, and finds it in another lease."""
-    rt = await Runtime.start(settings.model_copy(update={"worker_poll_seconds": 0.05, "run_lease_seconds": 600.0}))
+@pytest.mark.parametrize("lease_seconds", [1.0, 600.0], ids=["renewer", "cancel-watcher"])
+async def test_an_execution_whose_lease_was_taken_over_stops(settings: Settings, lease_seconds: float) -> None:
+    """An execution streaming an answer of minutes stops within the test once
+    another worker holds the run: with a short lease its renewer notices;
+    with one far longer than the test, its cancel watcher, reading the row,
+    finds it in another lease."""
+    update_settings = {"worker_poll_seconds": 0.05, "run_lease_seconds": lease_seconds}
+    rt = await Runtime.start(settings.model_copy(update=update_settings))
     worker, task = await _running_worker(rt)
     try:
         (run_id,) = await _make_runs(rt, 1, text="[[delay 100]] [[tokens 3000]]")  # five minutes
         await _until(lambda: worker.busy == 1, "the run to start")
-        async with rt.transaction() as session:
+        async with rt.transaction() as session:  # as if another worker claimed it after a lapse
+            # With a lease of its own, as a claim stamps: with the old one left
+            # to lapse, this worker could claim the run back (and finish it)
+            # before the check below, on a machine slow enough.
             await session.execute(
                 update(orm.Run)
                 .where(orm.Run.id == run_id)

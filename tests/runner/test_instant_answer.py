@@ -48,6 +48,18 @@ def _transactions_of(seen: list[tuple[int, str]], fragment: str) -> set[int]:
     return {number for number, statement in seen if fragment in statement}
 
 
+# A run's events as its message is answered, in the order a stream gives them.
+_ANSWERED = [
+    "thread.run.in_progress",
+    "thread.run.step.created",
+    "thread.run.step.in_progress",
+    "thread.message.created",
+    "thread.message.in_progress",
+    "thread.message.delta",
+    "thread.message.completed",
+]
+
+
 async def _event_names(runtime: Runtime, run_id: str) -> list[str]:
     """The run's logged events in order, each series of deltas as one name."""
     async with runtime.transaction() as session:
@@ -65,17 +77,7 @@ async def test_an_instant_answer_and_the_runs_end_are_one_transaction(runtime: R
     assert len(inserts) == 1 and list(inserts) == ending, seen
     # Claimed, started and ended in the claim's transaction.
     assert _transactions_of(seen, "UPDATE runs SET status") == inserts, seen
-    assert await _event_names(runtime, run_id) == [
-        "thread.run.in_progress",
-        "thread.run.step.created",
-        "thread.run.step.in_progress",
-        "thread.message.created",
-        "thread.message.in_progress",
-        "thread.message.delta",
-        "thread.message.completed",
-        "thread.run.step.completed",
-        "thread.run.completed",
-    ]
+    assert await _event_names(runtime, run_id) == [*_ANSWERED, "thread.run.step.completed", "thread.run.completed"]
 
 
 async def test_an_instant_function_call_requires_action_in_one_transaction(runtime: Runtime) -> None:
@@ -91,15 +93,7 @@ async def test_an_instant_function_call_requires_action_in_one_transaction(runti
     ending = [number for number, statement in seen if "UPDATE runs SET status" in statement][-1:]
     assert len(inserts) == 1 and list(inserts) == ending, seen
     names = await _event_names(runtime, run_id)
-    assert names[:7] == [
-        "thread.run.in_progress",
-        "thread.run.step.created",
-        "thread.run.step.in_progress",
-        "thread.message.created",
-        "thread.message.in_progress",
-        "thread.message.delta",
-        "thread.message.completed",
-    ]
+    assert names[:7] == _ANSWERED
     assert names[7:] == [
         "thread.run.step.completed",
         "thread.run.step.created",

@@ -170,6 +170,12 @@ async def test_a_rolled_back_append_gives_back_only_the_numbers_it_did_not_hand_
     ]
 
 
+async def _logged(runtime: Runtime, run_id: str, after: int = 0) -> list[tuple[int, str, object]]:
+    """The run's log after ``after``: (seq, event name, the test delta's "n")."""
+    async with runtime.transaction() as session:
+        return [(e.seq, e.event.name, e.event.data.get("n")) for e in await run_events.read(session, run_id, after)]
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_deltas_published_while_an_append_is_uncommitted_get_the_numbers_the_log_gives_them(
     runtime: Runtime,
@@ -202,8 +208,7 @@ async def test_deltas_published_while_an_append_is_uncommitted_get_the_numbers_t
         await runtime.run_log.flush()
         while not delivered.empty():
             seen += [(e.seq, e.event.name, e.event.data.get("n")) for e in delivered.get_nowait() or []]
-    async with runtime.transaction() as session:
-        logged = [(e.seq, e.event.name, e.event.data.get("n")) for e in await run_events.read(session, run_id, 0)]
+    logged = await _logged(runtime, run_id)
     assert logged == [
         (1, "thread.run.created", None),
         (2, "thread.message.delta", 1),
@@ -215,10 +220,7 @@ async def test_deltas_published_while_an_append_is_uncommitted_get_the_numbers_t
     ]
     assert sorted(seen) == logged[1:]  # each once, as logged
     for seq, _name, _n in seen:  # a reconnect after each
-        async with runtime.transaction() as session:
-            resumed = [
-                (e.seq, e.event.name, e.event.data.get("n")) for e in await run_events.read(session, run_id, seq)
-            ]
+        resumed = await _logged(runtime, run_id, after=seq)
         assert resumed == [entry for entry in logged if entry[0] > seq]
 
 
@@ -247,8 +249,7 @@ async def test_deltas_an_append_took_are_kept_when_its_insert_fails(
             await runtime.run_log.append(session, run_id, [Event("thread.run.step.completed", {})])
         while not delivered.empty():
             seen += [(e.seq, e.event.data["n"]) for e in delivered.get_nowait() or [] if "n" in e.event.data]
-    async with runtime.transaction() as session:
-        logged = [(e.seq, e.event.name, e.event.data.get("n")) for e in await run_events.read(session, run_id, 0)]
+    logged = await _logged(runtime, run_id)
     assert logged == [
         (1, "thread.run.created", None),
         (2, "thread.message.delta", 1),
