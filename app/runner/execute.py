@@ -147,7 +147,7 @@ class RunExecution:
         taken_over = run is not None and run.lease_owner is not None and run.lease_owner != self.owner
         return run is None or run.status != "in_progress" or taken_over
 
-    async def _commit(self, pending: Pending, move: Move | None = None) -> None:
+    async def _commit(self, pending: Pending, move: Move | None = None, *, checked: bool = False) -> None:
         """The one place that writes a turn's results: the turn's rows and,
         with ``move``, the run's move out of the executor's hands, in one
         transaction, with its events logged; they are streamed once it commits.
@@ -156,7 +156,9 @@ class RunExecution:
         ends ``cancelled`` whatever ``move`` said (its open steps and
         messages swept). A move finding the run ended elsewhere (expired by
         the reaper) or in another worker's lease raises LeaseLost: nothing
-        of the transaction stays."""
+        of the transaction stays. So does a commit with no move that is
+        ``checked`` (the end of a built-in tools' round, which may have taken
+        long enough for either)."""
         events = list(pending.events)
         unread = move is not None and self._movable_unread(move)
         async with self._transaction() as session, self.runtime.run_log.holding(self.run_id):
@@ -178,7 +180,7 @@ class RunExecution:
                 events += moved
                 await self.runtime.run_log.append(session, self.run_id, events, run_locked=True)  # by the UPDATE
             else:
-                await self._move_read(session, move, events)
+                await self._move_read(session, move, events, checked=checked)
         self._exchanges.clear()  # recorded: only once committed
 
     @asynccontextmanager
@@ -190,18 +192,20 @@ class RunExecution:
         async with self.runtime.transaction() as session:
             yield session
 
-    async def _move_read(self, session: AsyncSession, move: Move | None, events: list[Event]) -> None:
+    async def _move_read(
+        self, session: AsyncSession, move: Move | None, events: list[Event], *, checked: bool = False
+    ) -> None:
         """``_commit``'s path for a move that needs the run read first (and
-        for no move at all): the run's row locked, its events appended to
-        ``events`` and logged."""
+        for no move at all): the run's row locked (with a move, or
+        ``checked``), its events appended to ``events`` and logged."""
         # Locked (PostgreSQL), so a concurrent cancel waits for this move
         # instead of making its compare-and-set fail.
         run = (
             await session.get(orm.Run, self.run_id, with_for_update=True, populate_existing=True)
-            if move is not None
+            if move is not None or checked
             else None
         )
-        if move is None or run is None:
+        if run is None:
             pass
         elif run.status in run_state.TERMINAL:
             # Ended elsewhere (expired by the reaper, or finished by the
@@ -210,6 +214,8 @@ class RunExecution:
             self._abandon(f"run {self.run_id} already ended ({run.status})")
         elif run.lease_owner != self.owner:
             self._abandon(f"run {self.run_id} was taken over by another worker")
+        elif move is None:
+            pass  # still this execution's: only the rows and events of the turn
         elif run.status == "cancelling" or move.to == "cancelled":
             events += await runs.close_out(session, run, "cancelled", usage=self._usage(), lease_owner=self.owner)
         elif move.to == "requires_action":
@@ -684,7 +690,8 @@ class RunExecution:
         step.status, step.completed_at = "completed", ids.now()
         keys = ("status", "completed_at", "step_details", "internal")  # the tools' outputs too (_run_builtins)
         pending.add([RowUpdate(step, keys)], [Event.of("thread.run.step.completed", run_steps.to_wire(step))])
-        await self._commit(pending)
+        # The tools may have run long: the run may have ended or changed hands meanwhile.
+        await self._commit(pending, checked=True)
 
     async def _require_action(self, calls: list[dict[str, Any]], pending: Pending) -> None:
         required = {

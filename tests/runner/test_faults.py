@@ -17,7 +17,10 @@ from sqlalchemy import event, func, select, update
 from sqlalchemy.engine import make_url
 
 from app import ids, orm
+from app.runner.tools import ToolResult
+from app.runner.tools.file_search import FileSearch, FileSearchResult
 from app.runtime import Runtime
+from app.services import runs
 from app.settings import Settings
 from app.worker import Worker
 from tests.runner.test_worker import _make_runs, _statuses
@@ -309,3 +312,41 @@ async def test_a_move_after_a_takeover_writes_nothing(
         assert [m.status for m in await _answers(rt, run_id)] == ["in_progress"]  # as the answer opened it
     finally:
         await rt.close()
+
+
+async def test_a_run_ended_during_a_builtin_tool_gets_nothing_after_its_last_event(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reaper expires a run while a built-in tool (file_search here) is
+    still working for it: the round's end writes nothing (no step completed
+    after the run's expired event, no new message opened by another model
+    call), and every step and message stays as the reaper closed it."""
+
+    async def expire_meanwhile(self: FileSearch, rt: Runtime, run: orm.Run, call_id: str, *_args: Any) -> ToolResult:
+        async with rt.transaction() as session:  # as the reaper does to a run past its expires_at
+            locked = await session.get(orm.Run, run.id, with_for_update=True)
+            assert locked is not None
+            await rt.run_log.append(session, run.id, await runs.close_out(session, locked, "expired"))
+        call = {"id": call_id, "type": "file_search", "file_search": {"results": []}}
+        return FileSearchResult(call=call, output="nothing found")
+
+    monkeypatch.setattr(FileSearch, "execute", expire_meanwhile)
+    (run_id,) = await _make_runs(runtime, 1, text="what do zebras eat")
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+        assert run is not None
+        run.tools = [{"type": "file_search"}]
+    async with asyncio.timeout(DEADLINE):
+        await Worker(runtime).run_until_idle()
+    async with runtime.transaction() as session:
+        names = list(
+            (
+                await session.scalars(
+                    select(orm.RunEvent.event).where(orm.RunEvent.run_id == run_id).order_by(orm.RunEvent.seq)
+                )
+            ).all()
+        )
+        steps = list((await session.scalars(select(orm.RunStep.status).where(orm.RunStep.run_id == run_id))).all())
+    assert names[-1] == "thread.run.expired", names
+    assert (await _statuses(runtime, [run_id]))[run_id] == "expired"
+    assert "in_progress" not in steps and [m.status for m in await _answers(runtime, run_id)] != ["in_progress"]
