@@ -240,6 +240,7 @@ def serve(
     assert listener is not None
     import uvicorn
 
+    from app import db
     from app.api import limits
     from app.main import create_app
 
@@ -258,6 +259,9 @@ def serve(
             settings.http_header_timeout_seconds,
             max_header_bytes=settings.http_max_header_bytes,
             parser=settings.http_parser,
+            reserved_fds=limits.SQLITE_RESERVED_FDS
+            if db.is_sqlite(settings.resolved_database_url())
+            else limits.RESERVED_FDS,
         ),
         loop=settings.resolved_event_loop(),
         timeout_keep_alive=settings.http_keep_alive_seconds,
@@ -314,6 +318,7 @@ def run_worker(settings: Settings) -> int:
     With a metrics port, uvicorn serves /metrics and the probes beside it."""
     import uvicorn
 
+    from app import db
     from app.api import limits
     from app.main import create_worker_app
 
@@ -340,6 +345,9 @@ def run_worker(settings: Settings) -> int:
             settings.http_header_timeout_seconds,
             max_header_bytes=settings.http_max_header_bytes,
             parser=settings.http_parser,
+            reserved_fds=limits.SQLITE_RESERVED_FDS
+            if db.is_sqlite(settings.resolved_database_url())
+            else limits.RESERVED_FDS,
         ),
         h11_max_incomplete_event_size=settings.http_max_header_bytes,
     )

@@ -239,7 +239,8 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
 
 
 def create_read_engine(url: str, engine: AsyncEngine) -> AsyncEngine:
-    """The engine of read-only transactions (searches), beside ``engine``.
+    """The engine of read-only transactions (searches, polls, streams' log
+    reads), beside ``engine``.
 
     On SQLite every transaction of ``engine`` takes the process's write lock
     (SQLiteWriters), so a search would queue behind ingestion's writes and

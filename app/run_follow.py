@@ -105,7 +105,7 @@ class Follower:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
-            interval = max(self._poll, ANNOUNCED_POLL_SECONDS) if self.announced() else self._poll
+            interval = ANNOUNCED_POLL_SECONDS if self.announced() else self._poll
             must_read = await self._wait(min(remaining, interval))
 
     async def _wait(self, seconds: float) -> bool:

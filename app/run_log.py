@@ -25,8 +25,8 @@ not while an append of the run is uncommitted: see _early_seq),
 and an append numbered by that counter goes to SQLite with its
 transaction's COMMIT rather than in a hop of its own (``_predict``);
 on PostgreSQL they reach every follower once flushed, followers elsewhere
-woken by a NOTIFY on ``RUN_EVENTS_CHANNEL`` whose payload is only the run id
-and this process's token (``origin``: a process skips its own NOTIFYs).
+woken by a NOTIFY on ``RUN_EVENTS_CHANNEL`` whose payload is the run id and
+this process's token (``origin``: a process skips its own NOTIFYs).
 That NOTIFY is sent by the INSERT that logs the events, in their own
 transaction, when no other transaction of this process is NOTIFYing
 (PostgreSQL commits NOTIFYing transactions one at a time in the whole
@@ -77,7 +77,6 @@ class _Prediction:
     to go with the transaction's COMMIT (SQLite; see RunLog._predict)."""
 
     first: int  # the seq expected for the batch's first event
-    size: int  # events in the batch (buffered deltas included)
     returned: list[Any]  # (run_id, seq) rows the insert wrote, once it has run
     entries: list[Entry]  # what append() returned, corrected in place if the guess was wrong
 
@@ -231,7 +230,7 @@ class RunLog:
             if predicted is not None and run_events.can_insert_behind(session, len(batch)):
                 # No hop of its own: the insert goes with the COMMIT (issue 17).
                 first = predicted
-                prediction = _Prediction(first, len(batch), [], [])
+                prediction = _Prediction(first, [], [])
                 await run_events.insert_behind(session, run_id, batch, prediction.returned)
             elif batch:
                 signal = self._notify_signal(session)

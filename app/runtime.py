@@ -38,7 +38,7 @@ class Runtime:
     settings: Settings
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
-    # Read-only transactions (searches): on SQLite outside the write lock
+    # Read-only transactions (searches, polls, streams' log reads): on SQLite outside the write lock
     # (db.create_read_engine; on PostgreSQL and in-memory SQLite it shares engine's pool).
     read_engine: AsyncEngine
     readers: async_sessionmaker[AsyncSession]
@@ -151,9 +151,9 @@ class Runtime:
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncSession]:
-        """One read-only transaction, for searches: on SQLite a WAL reader
-        beside the writers (it neither takes nor waits for the process's
-        write lock), on PostgreSQL a READ ONLY transaction. A write through
+        """One read-only transaction, for searches and streams: on SQLite a
+        WAL reader beside the writers (it neither takes nor waits for the
+        process's write lock), on PostgreSQL a READ ONLY transaction. A write through
         it fails; one snapshot for all its reads."""
         async with self.readers() as session, session.begin():
             yield session

@@ -37,9 +37,10 @@ log = logging.getLogger("app.api")
 
 # How often at most a refusal is logged (with the count since the last line).
 LOG_EVERY_SECONDS = 60.0
-# File descriptors kept free for the database (SQLite: two per connection),
-# stored files and sandboxes.
-RESERVED_FDS = 256 + 2 * db.SQLITE_MOST_CONNECTIONS
+# File descriptors kept free for the database, stored files and sandboxes;
+# on SQLite two more per connection its pools may open (the file, its WAL).
+RESERVED_FDS = 256
+SQLITE_RESERVED_FDS = RESERVED_FDS + 2 * db.SQLITE_MOST_CONNECTIONS
 
 
 def too_large(limit: int) -> errors.APIError:
@@ -140,12 +141,13 @@ class _RateLimitedLog:
             self.count, self.last = 0, now
 
 
-def connection_cap(max_connections: int) -> int:
-    """The connection limit, kept below the process's file descriptor limit."""
+def connection_cap(max_connections: int, reserved_fds: int = RESERVED_FDS) -> int:
+    """The connection limit, kept ``reserved_fds`` below the process's file
+    descriptor limit."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return max_connections
-    return min(max_connections, max(16, soft - RESERVED_FDS))
+    return min(max_connections, max(16, soft - reserved_fds))
 
 
 HttpParser = Literal["auto", "httptools", "h11"]
@@ -171,6 +173,7 @@ def guarded_protocol(
     *,
     max_header_bytes: int = 64 * 1024,
     parser: HttpParser = "auto",
+    reserved_fds: int = RESERVED_FDS,
 ) -> type[asyncio.Protocol]:
     """The parser's protocol with the bounds of this module. h11 bounds a
     request's head itself (uvicorn's h11_max_incomplete_event_size, which the
@@ -179,7 +182,7 @@ def guarded_protocol(
     ``max_header_bytes`` answered 400 and the connection closed, as h11 does."""
     base = parser_protocol(parser)
     counts_head = base is not H11Protocol
-    cap = connection_cap(max_connections)
+    cap = connection_cap(max_connections, reserved_fds)
     refused = _RateLimitedLog(f"refused %d connection(s): {cap} connections are open (http_max_connections)")
     timed_out = _RateLimitedLog("closed %d connection(s) that sent no complete request headers in time")
 

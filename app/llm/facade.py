@@ -119,8 +119,7 @@ class LLM:
             outcome = "error"
             raise
         finally:
-            if self.metrics_observer is not None:
-                self.metrics_observer(request.model, outcome, time.monotonic() - started, usage)
+            self._observe_call(request, outcome, started, usage)
 
     async def answer_at_once(self, request: ChatRequest) -> list[Event] | None:
         """The whole answer (deltas, then one Finish) when the built-in

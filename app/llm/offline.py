@@ -350,7 +350,13 @@ class OfflineModel:
         (at most AT_ONCE_MOST_DELTAS): the executor then writes it in one
         transaction (issue 17). None: stream() it; a scripted rule's use is
         then counted by stream(), once, as for any answer."""
-        plan = self._plan(request, prompt_tokens, peek=True)
+        try:
+            plan = self._plan(request, prompt_tokens, peek=True)
+        except LLMError:
+            # A cue it cannot follow: the same error again, the rule's use
+            # counted as stream() would count it.
+            self._plan(request, prompt_tokens)
+            raise
         if plan.delay or (plan.step is not None and (plan.step.fail or plan.step.hang)):
             return None
         if len(plan.deltas) > AT_ONCE_MOST_DELTAS:

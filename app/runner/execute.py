@@ -144,7 +144,7 @@ class RunExecution:
             return False
         # Taken over by another worker (this one stalled past its lease):
         # stop now; the commit that follows finds it so and writes nothing.
-        taken_over = run is not None and run.lease_owner is not None and run.lease_owner != self.owner
+        taken_over = run is not None and run.lease_owner != self.owner  # (none: released, claimable again)
         return run is None or run.status != "in_progress" or taken_over
 
     async def _commit(self, pending: Pending, move: Move | None = None, *, checked: bool = False) -> None:
@@ -266,8 +266,9 @@ class RunExecution:
         now, so the event carries the run as a read would have; with
         ``alongside`` written by the same statement (PostgreSQL), whatever
         its outcome. None, with the run unchanged, if the run is no longer
-        ``in_progress`` (cancelling, ended by the reaper): _commit then reads
-        it, locked, and decides as it always did."""
+        ``in_progress`` as this execution's (cancelling, ended by the reaper,
+        in another worker's lease): _commit then reads it, locked, and
+        decides (LeaseLost if it ended or changed hands)."""
         run = self._run
         assert run is not None
         fields: dict[str, Any] = {"usage": self._usage()}
@@ -315,7 +316,8 @@ class RunExecution:
         last_error: LastError | None = None,
         incomplete_details: dict[str, str] | None = None,
     ) -> None:
-        """Close the run out in final status ``to`` unless it already ended.
+        """Close the run out in final status ``to`` (LeaseLost if it already
+        ended or changed hands).
         With ``pending`` the turn finished normally: nothing is left open to
         sweep; without, its open steps and messages are closed to match."""
         move = Move(to, last_error=last_error, incomplete_details=incomplete_details, sweep=pending is None)
@@ -420,6 +422,7 @@ class RunExecution:
         if not self._may_answer_at_once() or run.id in _NOT_AT_ONCE:
             return False
         turn = self._turn(run)
+        whole: list[llm.Event] | None = None
         try:
             whole = await self.runtime.llm.answer_at_once(request)
             if whole is None or self._calls_builtin(whole):
@@ -444,9 +447,10 @@ class RunExecution:
             raise  # the claim's transaction is lost: the runs stay claimable
         except Exception:
             # The claim's transaction is in no state to commit: it is rolled
-            # back, every run of the claim claimable again. This one then
-            # goes the streamed way, where the same failure fails it alone
-            # (not claimed and failing here again and again).
+            # back, every run of the claim claimable again. This one's answer
+            # is then written by execute(), in a transaction of its own, where
+            # the same failure fails it alone (not claimed and failing here
+            # again and again).
             _NOT_AT_ONCE[run.id] = None
             while len(_NOT_AT_ONCE) > _NOT_AT_ONCE_REMEMBERED:
                 del _NOT_AT_ONCE[next(iter(_NOT_AT_ONCE))]
@@ -743,7 +747,8 @@ async def claim_and_start(
     runtime: Runtime, owner: str, limit: int, lease_seconds: float, builtins: dict[str, BuiltinTool]
 ) -> list[RunExecution]:
     """Claim up to ``limit`` runs for ``owner`` and start them, all in one
-    transaction; their executions go on with run()."""
+    transaction; the executions not ``finished`` in it (an instant answer
+    ends its run there) go on with run()."""
     executions = []
     async with runtime.transaction() as session:
         for claimed in await run_execution.claim_runs(session, owner, limit, lease_seconds):

@@ -76,6 +76,11 @@ class Signal:
     origin: str
 
 
+# A Signal's NOTIFY for the run ``run_id`` (a column or a value), as SQL:
+# its payload as parse_signal() reads it.
+_SIGNAL_NOTIFY = "pg_notify(:channel, run_id || ' ' || CAST(:origin AS text))"
+
+
 def parse_signal(payload: str) -> tuple[str, str]:
     """(run id, origin) of a Signal's payload, ``"<run id> <origin>"`` as
     insert() and notify() send it; a payload of a run id alone (a process
@@ -136,7 +141,7 @@ _INSERT_POSTGRES = text(_INSERT_POSTGRES_ROWS + "SELECT run_id, first FROM first
 # rolls back); its payload as parse_signal() reads it.
 _INSERT_NOTIFY_POSTGRES = text(
     _INSERT_POSTGRES_ROWS  # noqa: S608 (constants)
-    + "SELECT run_id, first, pg_notify(:channel, run_id || ' ' || CAST(:origin AS text)) FROM firsts"
+    + f"SELECT run_id, first, {_SIGNAL_NOTIFY} FROM firsts"  # noqa: S608 (constants)
 )
 
 
@@ -226,8 +231,7 @@ def _payload(event: Event) -> dict[str, Any]:
 async def notify(session: AsyncSession, signal: Signal, run_ids: Sequence[str]) -> None:
     """``signal`` once per run (PostgreSQL), sent when the transaction commits."""
     statement = text(
-        "SELECT pg_notify(:channel, run_id || ' ' || CAST(:origin AS text)) "
-        "FROM unnest(CAST(:run_ids AS text[])) AS run_id"
+        f"SELECT {_SIGNAL_NOTIFY} FROM unnest(CAST(:run_ids AS text[])) AS run_id"  # noqa: S608 (constants)
     )
     await session.execute(statement, {"channel": signal.channel, "origin": signal.origin, "run_ids": list(run_ids)})
 

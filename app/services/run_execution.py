@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     BindParameter,
@@ -21,13 +21,11 @@ from sqlalchemy import (
     Integer,
     Row,
     RowMapping,
-    Table,
     Update,
     and_,
     bindparam,
     delete,
     func,
-    inspect,
     or_,
     select,
     update,
@@ -36,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
 
 from app import ids, orm
+from app.services import run_state
 
 # A queued run created by a process's API is reserved for that process's
 # worker for a moment (issue 17, claim affinity): its lease_owner is this
@@ -64,20 +63,12 @@ def _lease_free(now: float | BindParameter[float]) -> ColumnElement[bool]:
     return or_(orm.Run.lease_expires_at.is_(None), orm.Run.lease_expires_at < now)
 
 
-def _claimable(now: float) -> ColumnElement[bool]:
-    resumable = and_(
-        orm.Run.status == "in_progress",
-        or_(orm.Run.expires_at.is_(None), orm.Run.expires_at > int(now)),
-    )
-    return and_(or_(orm.Run.status == "queued", resumable), _lease_free(now))
-
-
 def _claimable_by_owner() -> ColumnElement[bool]:
     """Claimable, or queued and reserved for the claiming worker (however
     long the reservation still runs); bound: ``now``, ``now_seconds`` (its
     whole seconds) and ``reserved_owner``. Each branch of the OR tests the
-    status, so that SQLite still reads the status index (an OR around
-    _claimable() scanned the table)."""
+    status, so that SQLite still reads the status index (an OR around the
+    plain claimable test scanned the table)."""
     now = bindparam("now", type_=Float)
     queued = and_(orm.Run.status == "queued", or_(_lease_free(now), orm.Run.lease_owner == bindparam("reserved_owner")))
     resumable = and_(
@@ -86,11 +77,6 @@ def _claimable_by_owner() -> ColumnElement[bool]:
         _lease_free(now),
     )
     return or_(queued, resumable)
-
-
-_RUNS = cast(Table, orm.Run.__table__)
-# Each mapped attribute of a run and its column (``metadata_`` is "metadata").
-_COLUMNS = {attr.key: attr.columns[0].name for attr in inspect(orm.Run).column_attrs}
 
 
 def _build_claim() -> Update:
@@ -102,19 +88,19 @@ def _build_claim() -> Update:
     # statement has just updated and picks the next ones: a claim took more
     # runs than ``limit`` (issue 17).
     candidates = (
-        select(_RUNS.c.id)
+        select(run_state.RUNS.c.id)
         .where(_claimable_by_owner())
-        .order_by(_RUNS.c.seq)
+        .order_by(run_state.RUNS.c.seq)
         .limit(bindparam("limit", type_=Integer))
         .with_for_update(skip_locked=True)
         .cte("candidates")
         .prefix_with("MATERIALIZED")
     )
     return (
-        update(_RUNS)
-        .where(_RUNS.c.id.in_(select(candidates.c.id)), _claimable_by_owner())
+        update(run_state.RUNS)
+        .where(run_state.RUNS.c.id.in_(select(candidates.c.id)), _claimable_by_owner())
         .values(lease_owner=bindparam("owner"), lease_expires_at=bindparam("lease_until", type_=Float))
-        .returning(*_RUNS.c)
+        .returning(*run_state.RUNS.c)
     )
 
 
@@ -153,7 +139,7 @@ async def claim_runs(session: AsyncSession, owner: str, limit: int, lease_second
 
 
 def _detached_run(row: RowMapping) -> orm.Run:
-    run = orm.Run(**{key: row[column] for key, column in _COLUMNS.items()})
+    run = orm.Run(**{key: row[column] for key, column in run_state.RUN_COLUMNS.items()})
     make_transient_to_detached(run)
     return run
 

@@ -59,9 +59,9 @@ class InvalidTransition(Exception):
     pass
 
 
-_RUNS = cast(Table, orm.Run.__table__)
+RUNS = cast(Table, orm.Run.__table__)
 # Each mapped attribute of a run and its column (``metadata_`` is "metadata").
-_COLUMNS = {attr.key: attr.columns[0].name for attr in inspect(orm.Run).column_attrs}
+RUN_COLUMNS = {attr.key: attr.columns[0].name for attr in inspect(orm.Run).column_attrs}
 
 
 @functools.cache
@@ -71,13 +71,13 @@ def _update(keys: tuple[str, ...], refresh: bool, leased: bool) -> Update:
     and its RETURNING of ORM objects cost more CPU than the statement).
     ``leased``: it also requires the run's lease to be ``lease_holder``'s."""
     statement = (
-        update(_RUNS)
-        .where(_RUNS.c.id == bindparam("run_id"), _RUNS.c.status == bindparam("source"))
-        .values({_COLUMNS[key]: bindparam(f"set_{key}") for key in keys})
+        update(RUNS)
+        .where(RUNS.c.id == bindparam("run_id"), RUNS.c.status == bindparam("source"))
+        .values({RUN_COLUMNS[key]: bindparam(f"set_{key}") for key in keys})
     )
     if leased:
-        statement = statement.where(_RUNS.c.lease_owner == bindparam("lease_holder"))
-    return statement.returning(*_RUNS.c) if refresh else statement
+        statement = statement.where(RUNS.c.lease_owner == bindparam("lease_holder"))
+    return statement.returning(*RUNS.c) if refresh else statement
 
 
 def _update_with(
@@ -87,13 +87,13 @@ def _update_with(
     ``writes`` as data-modifying CTEs (PostgreSQL; built per call: the
     writes carry their own bound values)."""
     statement = (
-        update(_RUNS)
-        .where(_RUNS.c.id == run_id, _RUNS.c.status == source)
-        .values({_COLUMNS[key]: value for key, value in values.items()})
-        .returning(*_RUNS.c)
+        update(RUNS)
+        .where(RUNS.c.id == run_id, RUNS.c.status == source)
+        .values({RUN_COLUMNS[key]: value for key, value in values.items()})
+        .returning(*RUNS.c)
     )
     if lease_owner is not None:
-        statement = statement.where(_RUNS.c.lease_owner == lease_owner)
+        statement = statement.where(RUNS.c.lease_owner == lease_owner)
     for index, write in enumerate(writes):
         statement = statement.add_cte(write.cte(f"alongside_{index}"))
     return statement
@@ -162,7 +162,7 @@ async def transition(
             row = (await session.execute(_update(keys, True, leased), params)).first()
         moved = 0 if row is None else 1
         if row is not None:
-            for key, column in _COLUMNS.items():
+            for key, column in RUN_COLUMNS.items():
                 set_committed_value(run, key, row._mapping[column])
     elif locked:
         result = await session.execute(_update(keys, False, leased), params, execution_options=_CANNOT_MISS)

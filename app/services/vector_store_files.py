@@ -267,7 +267,7 @@ async def list_(
     if batch_id is not None:
         query = query.where(orm.VectorStoreFile.batch_id == batch_id)
     # A cursor that is a file of the store pages from its row's seq, which
-    # differs from its id's for a file whose seq was taken (_add_with_free_seqs).
+    # differs from its id's for a file whose seq was taken (_upsert_with_free_seqs).
     cursors = [cursor for cursor in (params.after, params.before) if cursor]
     positions = {}
     if cursors:

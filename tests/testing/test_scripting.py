@@ -3,8 +3,12 @@ that answered its first round, even when that rule's ``times`` are spent."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from app.llm.interface import ChatRequest, LLMError
+from app.llm.offline import OfflineModel
 from app.scripting import RequestContext, ScriptBook
 
 pytestmark = pytest.mark.timeout(10)
@@ -28,3 +32,34 @@ def test_later_rounds_follow_the_rule_that_answered_the_first() -> None:
     assert answered(1, first) == "From the one-off rule."
     assert answered(1, second) == "From the standing rule."
     assert [book.used(rule.id) for rule in book.rules()] == [1, 1]
+
+
+_LOOKUP = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+
+
+@pytest.mark.parametrize(
+    ("rule", "raises"),
+    [
+        ({"respond": "At once."}, False),  # taken at once
+        ({"respond": "Slowly.", "delay_ms": 1}, False),  # streamed: answer() gives None, stream() takes it
+        ({"rounds": [{"tool_calls": [{"function": "missing"}]}]}, True),  # a cue it cannot follow (not offered)
+    ],
+)
+async def test_the_offline_model_counts_a_rules_use_once_however_it_answers(rule: dict[str, Any], raises: bool) -> None:
+    """Looking whether it can answer at once counts no use of a scripted rule
+    with ``times``; the answer taken, streamed or failed counts one."""
+    book = ScriptBook()
+    added = book.add({**rule, "times": 1})
+    model = OfflineModel([], book)
+    request = ChatRequest(
+        model="m", messages=[{"role": "user", "content": "hi"}], tools=_LOOKUP, context=RequestContext(run_id="r")
+    )
+    try:
+        if model.answer(request, 1) is None:
+            assert book.used(added.id) == 0
+            assert [event async for event in model.stream(request, 1)]
+    except LLMError:
+        assert raises
+    else:
+        assert not raises
+    assert book.used(added.id) == 1
