@@ -88,6 +88,11 @@ _NOT_AT_ONCE: dict[str, None] = {}
 _NOT_AT_ONCE_REMEMBERED = 1000
 
 
+def _no_completion_left(budget: prompt.Budget) -> bool:
+    """Whether the run's max_completion_tokens are spent."""
+    return budget.completion_tokens is not None and budget.completion_tokens <= 0
+
+
 class LeaseLost(Exception):
     """The run stopped being this execution's before its move: another
     worker took it over (this worker's lease lapsed and the run was claimed
@@ -414,11 +419,9 @@ class RunExecution:
         execute() takes it (streamed, calling built-in tools, over a
         budget, or failed: a failure is kept for execute())."""
         budget = self._budget(run)
-        if budget.completion_tokens is not None and budget.completion_tokens <= 0:
+        if _no_completion_left(budget) or self._over_prompt_budget(run, budget, chat):
             return False
         request = self._chat_request(run, budget, chat)
-        if budget.prompt_tokens is not None and self.runtime.llm.count_tokens(run.model, chat) > budget.prompt_tokens:
-            return False
         if not self._may_answer_at_once() or run.id in _NOT_AT_ONCE:
             return False
         turn = self._turn(run)
@@ -504,10 +507,16 @@ class RunExecution:
         if chat is None:
             async with self.runtime.transaction() as session:
                 chat = await prompt.build(session, self.runtime.storage, self.runtime.llm, run, budget)
-        if budget.prompt_tokens is not None and self.runtime.llm.count_tokens(run.model, chat) > budget.prompt_tokens:
+        if self._over_prompt_budget(run, budget, chat):
             await self._end("incomplete", incomplete_details={"reason": "max_prompt_tokens"})
             return None
         return self._chat_request(run, budget, chat)
+
+    def _over_prompt_budget(self, run: orm.Run, budget: prompt.Budget, chat: list[dict[str, Any]]) -> bool:
+        """Whether the prompt is longer than the run's max_prompt_tokens leave."""
+        return (
+            budget.prompt_tokens is not None and self.runtime.llm.count_tokens(run.model, chat) > budget.prompt_tokens
+        )
 
     def _chat_request(self, run: orm.Run, budget: prompt.Budget, chat: list[dict[str, Any]]) -> llm.ChatRequest:
         tools = prompt.chat_tools(run.tools, self.builtins)
@@ -530,7 +539,7 @@ class RunExecution:
         chat: list[dict[str, Any]] | None = first_chat
         for _ in range(MAX_MODEL_CALLS):
             budget = self._budget(run)
-            if budget.completion_tokens is not None and budget.completion_tokens <= 0:
+            if _no_completion_left(budget):
                 await self._end("incomplete", incomplete_details={"reason": "max_completion_tokens"})
                 return
             request = await self._request(run, budget, chat)

@@ -172,11 +172,7 @@ class Turn:
             Event.of("thread.message.created", message_wire),
             Event.of("thread.message.in_progress", message_wire),
         ]
-        if self.at_once:
-            self.pending.insert([step, message], created)
-        else:
-            async with self.runtime.transaction() as session:
-                await self.runtime.run_log.append(session, self.run.id, created, inserting=[step, message])
+        await self._insert([step, message], created)
         self.message, self.message_step = message, step
         self.marker_stream = markers.MarkerStream(self.targets)
         # Parts a built-in tool already made for this message (code_interpreter
@@ -186,6 +182,15 @@ class Turn:
         if leading:
             content = [{"index": index, **part} for index, part in enumerate(leading)]
             self._publish([Event("thread.message.delta", _message_delta(message.id, content))])
+
+    async def _insert(self, rows: list[ExecutorRow], created: list[Event]) -> None:
+        """New rows (a step, a message) and the events announcing them: written
+        now, or, answering at once, left for the executor's commit."""
+        if self.at_once:
+            self.pending.insert(rows, created)
+            return
+        async with self.runtime.transaction() as session:
+            await self.runtime.run_log.append(session, self.run.id, created, inserting=rows)
 
     async def _close_message(self, status: str, usage: llm.Usage | None, *, defer: bool = False) -> None:
         """Finish the open message (and its step) with the text so far. With
@@ -227,11 +232,7 @@ class Turn:
             step = run_steps.new(self.run, "tool_calls", {"type": "tool_calls", "tool_calls": []})
             wire = run_steps.to_wire(step)
             created = [Event.of("thread.run.step.created", wire), Event.of("thread.run.step.in_progress", wire)]
-            if self.at_once:
-                self.pending.insert([step], created)
-            else:
-                async with self.runtime.transaction() as session:
-                    await self.runtime.run_log.append(session, self.run.id, created, inserting=[step])
+            await self._insert([step], created)
             self.tool_step = step
         if delta.index not in self.calls:
             self._start_call(delta)
