@@ -108,7 +108,7 @@ async def create_vector_store_file(
     vector_store_id: str, body: VectorStoreFileCreate, runtime: RuntimeDep, project: ProjectDep
 ) -> Response:
     async with runtime.transaction() as session:
-        store = await vector_stores.get_live(session, project, vector_store_id)
+        store = await vector_stores.get_live(session, project, vector_store_id, keep=True)
         wire = vector_store_files.to_wire(await vector_store_files.create(session, store, body))
     runtime.wake()
     return respond(wire)
@@ -173,7 +173,7 @@ async def create_file_batch(
     vector_store_id: str, body: FileBatchCreate, runtime: RuntimeDep, project: ProjectDep
 ) -> Response:
     async with runtime.transaction() as session:
-        store = await vector_stores.get_live(session, project, vector_store_id)
+        store = await vector_stores.get_live(session, project, vector_store_id, keep=True)
         batch = await vector_store_files.create_batch(session, store, body)
         wire = await vector_store_files.batch_to_wire(session, batch)
     runtime.wake()

@@ -49,10 +49,15 @@ async def lookup(
     missing: Callable[[], errors.APIError],
     *,
     for_update: bool = False,
+    key_share: bool = False,
 ) -> OwnedRow:
     """The row with this id if ``project`` owns it; ``missing()`` otherwise
-    (the same answer for another project's object as for none at all)."""
-    row = await session.get(table, object_id, with_for_update=for_update)
+    (the same answer for another project's object as for none at all).
+    ``for_update`` locks the row; ``key_share`` only keeps it from being
+    deleted until the transaction ends (PostgreSQL's FOR KEY SHARE, the
+    lock a foreign key takes; SQLite's transactions are serial)."""
+    lock: bool | dict[str, bool] = {"key_share": True, "read": True} if key_share else for_update
+    row = await session.get(table, object_id, with_for_update=lock)
     if row is None or row.project_id != project.id:
         raise missing()
     return row

@@ -177,8 +177,10 @@ async def add_to_thread_store(session: AsyncSession, project: Project, thread_id
 
 
 async def get(
-    session: AsyncSession, project: Project, vector_store_id: str, *, for_update: bool = False
+    session: AsyncSession, project: Project, vector_store_id: str, *, for_update: bool = False, keep: bool = False
 ) -> orm.VectorStore:
+    """The project's store (404 otherwise). ``keep``: not deleted before this
+    transaction ends (a request adding files to it; see delete())."""
     require_id("vector_store_id", vector_store_id, ids.VECTOR_STORE)
     return await projects.lookup(
         session,
@@ -187,12 +189,15 @@ async def get(
         vector_store_id,
         lambda: errors.not_found("vector store", vector_store_id),
         for_update=for_update,
+        key_share=keep,
     )
 
 
-async def get_live(session: AsyncSession, project: Project, vector_store_id: str) -> orm.VectorStore:
+async def get_live(
+    session: AsyncSession, project: Project, vector_store_id: str, *, keep: bool = False
+) -> orm.VectorStore:
     """The store, refusing an expired one (400: the request cannot be served)."""
-    row = await get(session, project, vector_store_id)
+    row = await get(session, project, vector_store_id, keep=keep)
     if is_expired(row):
         raise errors.invalid(f"Vector store {vector_store_id} is expired and can no longer be used.")
     return row
@@ -214,7 +219,13 @@ async def update(
 
 
 async def delete(session: AsyncSession, project: Project, vector_store_id: str) -> Deleted:
-    await get(session, project, vector_store_id)
+    # Locked first, before any of its rows: a request adding files holds the
+    # store (get(keep=True)) until it commits, and is waited for here, so its
+    # rows are deleted with the store instead of meeting a deleted store's
+    # foreign key (PostgreSQL: retried, then a 500) or, deleted row by row
+    # meanwhile, locking rows in the other order. A store deleted while this
+    # waited is a 404 on the other side.
+    await get(session, project, vector_store_id, for_update=True)
     # File rows before chunks (their triggers remove their chunks), the order
     # ingestion's _finish locks them in; then any chunk without a file row.
     for table in (orm.VectorStoreFile, orm.VectorStoreFileBatch):

@@ -215,3 +215,40 @@ async def test_batches_naming_the_same_new_files_in_other_orders_at_once(
             )
         assert all(batch.file_counts.total == len(file_ids) for batch in batches)
         assert sorted(await _store_seqs(app, store.id)) == sorted(file_ids)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_store_deleted_while_files_are_added_to_it(
+    client: openai.AsyncOpenAI, app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store deleted between an attaching request's read of it and its
+    insert (PostgreSQL; SQLite's transactions are serial): the delete waits
+    for the attach and deletes its rows with the store, where the insert met
+    the deleted store's foreign key, was retried as a seq clash and answered
+    500."""
+    zebra = (await client.files.create(file=("zebra.txt", b"zebras graze the savanna"), purpose="assistants")).id
+    store = await client.vector_stores.create(name="animals")
+    engine = app.state.runtime.engine
+    real = vector_store_files.require_files
+    deleting: list[asyncio.Task[Any]] = []
+
+    async def delete_meanwhile(*args: Any) -> Any:
+        deleting.append(asyncio.ensure_future(client.vector_stores.delete(store.id)))
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        async with asyncio.timeout(30):  # until the delete waits for this request, or has ended
+            while True:
+                if deleting[0].done() or (await db.read_rows(engine, waiting, {}))[0][0]:
+                    break
+                await asyncio.sleep(0.005)
+        return await real(*args)
+
+    monkeypatch.setattr(vector_store_files, "require_files", delete_meanwhile)
+    async with asyncio.timeout(60):
+        attached = await client.vector_stores.files.create(file_id=zebra, vector_store_id=store.id)
+        deleted = await deleting[0]
+    assert attached.id == zebra and deleted.deleted
+    with pytest.raises(openai.NotFoundError):
+        await client.vector_stores.retrieve(store.id)
+    assert await _store_seqs(app, store.id) == {}
