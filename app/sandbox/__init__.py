@@ -60,17 +60,26 @@ def launcher_from(settings: Settings) -> Launcher:
 _managers: weakref.WeakSet[Sandboxes] = weakref.WeakSet()
 
 
+def _on_this_loop() -> list[Sandboxes]:
+    """The live managers whose sessions run on the running event loop (or
+    that have none yet). A session's process and reaper belong to the loop
+    that started them; a server running in another thread of this process
+    ends its own (awaiting them here raised "attached to a different loop")."""
+    loop = asyncio.get_running_loop()
+    return [manager for manager in list(_managers) if manager.loop in (None, loop)]
+
+
 async def close_all() -> None:
-    """End every session of every manager in this process (server shutdown)."""
-    for manager in list(_managers):
+    """End every session of every manager of this event loop (server shutdown)."""
+    for manager in _on_this_loop():
         await manager.close()
 
 
 async def forget(key: str) -> None:
     """A thread was deleted: end its session (and delete its files) wherever
-    this process holds one. Sessions of a worker in another process are
+    this server holds one. Sessions of a worker in another process are
     reclaimed by their idle timeout instead."""
-    for manager in list(_managers):
+    for manager in _on_this_loop():
         await manager.discard(key)
 
 
@@ -89,6 +98,8 @@ class Sandboxes:
         self.sessions: dict[str, Session] = {}
         self._creating = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
+        # The event loop of this manager's sessions, from the first one on.
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._check(settings, base.resolve())
 
     def _check(self, settings: Settings, base: Path) -> None:
@@ -144,6 +155,7 @@ class Sandboxes:
     async def session(self, key: str) -> Session:
         """The live session for ``key``, created (not yet started) if needed."""
         async with self._creating:
+            self.loop = asyncio.get_running_loop()
             session = self.sessions.get(key)
             if session is None:
                 session = await self._create(key)

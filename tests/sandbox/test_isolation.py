@@ -9,6 +9,7 @@ import asyncio
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -503,3 +504,26 @@ def test_the_seccomp_filter_refuses_unknown_architectures() -> None:
     assert len(seccomp.program("x86_64")) % 8 == 0 and len(seccomp.program("aarch64")) % 8 == 0
     with pytest.raises(seccomp.UnsupportedArchitecture):
         seccomp.program("sparc64")
+
+
+async def test_a_manager_on_another_event_loop_is_left_to_it(settings: Settings) -> None:
+    """A second server in this process, on an event loop of its own thread
+    (a test harness's, an embedding application's): deleting a thread here,
+    or ending every session here, leaves that server's sessions to it. Its
+    session and reaper belong to its loop; awaiting them here raised
+    "attached to a different loop" (the thread delete a 500)."""
+    elsewhere = asyncio.new_event_loop()
+    thread = threading.Thread(target=elsewhere.run_forever, daemon=True)
+    thread.start()
+    other = Sandboxes(settings)
+    try:
+        started = asyncio.run_coroutine_threadsafe(other.session("thread_x"), elsewhere)
+        await asyncio.wrap_future(started)
+        await sandbox.forget("thread_x")
+        await sandbox.close_all()
+        assert list(other.sessions) == ["thread_x"]
+    finally:
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(other.close(), elsewhere))
+        elsewhere.call_soon_threadsafe(elsewhere.stop)
+        thread.join(timeout=10)
+        elsewhere.close()
