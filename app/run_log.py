@@ -192,6 +192,9 @@ class RunLog:
         its answer's opening back, app/runner/turn.py)."""
         self._held[run_id] = self._held.get(run_id, 0) + 1
 
+    def held(self, run_id: str) -> bool:
+        return run_id in self._held
+
     def release(self, run_id: str) -> None:
         """Ends one hold(): once none is left the flusher takes the run's deltas."""
         self._held[run_id] -= 1

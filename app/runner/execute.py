@@ -651,6 +651,7 @@ class RunExecution:
             self.runtime,
             run,
             hold_seconds=hold_seconds,
+            owner=self.owner,
             builtins=self.builtins,
             decorate=lambda content: self._decorate(run, content),
             leading=self._leading_parts,

@@ -22,7 +22,7 @@ from app import ids, llm, orm
 from app.runner import markers
 from app.runner.tools import BuiltinTool, CallStream
 from app.runtime import Runtime
-from app.services import core_rows, messages, run_steps
+from app.services import core_rows, messages, run_events, run_steps
 from app.wire.events import Event
 
 
@@ -99,9 +99,10 @@ class HeldOpening:
     model's ``in_progress`` message appears promptly for GETs and for
     followers in other processes."""
 
-    def __init__(self, runtime: Runtime, run_id: str, pending: Pending, seconds: float) -> None:
+    def __init__(self, runtime: Runtime, run_id: str, owner: str, pending: Pending, seconds: float) -> None:
         self._runtime = runtime
         self._run_id = run_id
+        self._owner = owner
         self._pending = pending
         self._rows: list[ExecutorRow] = []
         self._writing: asyncio.Task[None] | None = None
@@ -135,7 +136,14 @@ class HeldOpening:
         self._pending.inserts[:] = [row for row in self._pending.inserts if not any(row is held for held in rows)]
         try:
             async with self._runtime.transaction() as session:
-                await self._runtime.run_log.append(session, self._run_id, [], inserting=rows)
+                if await run_events.lock_owner(session, self._run_id) != self._owner:
+                    # Ended elsewhere (the reaper) or taken over meanwhile: as
+                    # the flusher drops an ended run's deltas, nothing of this
+                    # turn may follow its last event or enter another's run.
+                    # The execution's commit finds it so (LeaseLost).
+                    self._runtime.run_log.discard(self._run_id)
+                    return
+                await self._runtime.run_log.append(session, self._run_id, [], run_locked=True, inserting=rows)
         finally:
             self.release()
 
@@ -232,6 +240,7 @@ class Turn:
     # A streamed answer's opening waits this long for the turn's commit
     # before it is written on its own (HeldOpening); 0: written at once.
     hold_seconds: float = 0.0
+    owner: str = ""  # the lease the turn's execution runs under (with hold_seconds)
 
     def _publish(self, events: list[Event]) -> None:
         """Deltas: streamed at once, logged in batches (app/run_log.py)."""
@@ -309,7 +318,9 @@ class Turn:
             return
         opening = self.pending.opening
         if opening is None and self.hold_seconds > 0:
-            opening = self.pending.opening = HeldOpening(self.runtime, self.run.id, self.pending, self.hold_seconds)
+            opening = self.pending.opening = HeldOpening(
+                self.runtime, self.run.id, self.owner, self.pending, self.hold_seconds
+            )
         if opening is not None and opening.open:
             opening.add(rows, created)
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from sqlalchemy import func, select, update
 
 from app import orm
 from app.bus import Entry
@@ -142,5 +143,37 @@ async def test_followers_here_get_a_held_opening_at_once_on_sqlite(
             assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
         await _cancel(runtime, run_id)
         await _until(lambda: _is(runtime, run_id, "cancelled"), "the cancel")
+    finally:
+        await _stop(worker, task)
+
+
+async def test_an_opening_held_past_its_run_ending_elsewhere_is_dropped(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run ends elsewhere (the reaper expires it) while the answer's
+    opening is held: once the bound passes nothing of it is written, no
+    rows and no events after the run's last one (as the flusher drops an
+    ended run's deltas)."""
+    monkeypatch.setattr(execute, "OPENING_HOLD_SECONDS", 0.3)
+    published: list[str] = []
+    runtime.bus.taps.append(lambda _run, events: published.extend(event.name for event in events))
+    worker, task = await _running_worker(runtime)
+    try:
+        (run_id,) = await _make_runs(runtime, 1, text="[[reply partial]] [[hang]]")
+        await _until(lambda: "thread.message.delta" in published, "the answer to start")
+        async with runtime.transaction() as session:
+            await session.execute(
+                update(orm.Run).where(orm.Run.id == run_id).values(status="expired", lease_owner=None)
+            )
+            logged = await session.scalar(select(func.max(orm.RunEvent.seq)).where(orm.RunEvent.run_id == run_id))
+        assert runtime.run_log.held(run_id)
+        await _until(lambda: not runtime.run_log.held(run_id), "the bound to pass")
+        await _until(lambda: worker.busy == 0, "the execution to stop")
+        async with runtime.transaction() as session:
+            late = await session.scalar(
+                select(func.count()).where(orm.RunEvent.run_id == run_id, orm.RunEvent.seq > (logged or 0))
+            )
+        assert late == 0
+        assert await _answers(runtime, run_id) == []
     finally:
         await _stop(worker, task)
