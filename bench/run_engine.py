@@ -7,7 +7,9 @@ Runs are inserted directly (a thread, a user message, a queued run each),
 then claimed ``--clients`` at a time and executed to completion as the
 worker does (app.runner.execute.claim_and_start, then run()). PostgreSQL is
 the embedded one of bench/runs.py; its backends' CPU is reported apart.
-Prints one line per round; asserts nothing.
+Prints one line per round; asserts nothing. ``--text`` is the user's message:
+``"[[delay 1]] hello there"`` has the answer streamed as a provider's is (a
+millisecond between deltas), taking the provider path through the executor.
 
     .venv/bin/python bench/run_engine.py --db sqlite --runs 320 --clients 1,16
     .venv/bin/python bench/run_engine.py --db postgres
@@ -98,7 +100,7 @@ def count_hops() -> None:
     aiosqlite.core.Connection._execute = counted  # type: ignore[method-assign]
 
 
-async def make_runs(runtime: Runtime, count: int) -> None:
+async def make_runs(runtime: Runtime, count: int, text: str = "hello there") -> None:
     async with runtime.transaction() as session:
         seq = ids.next_seq()
         assistant = orm.Assistant(
@@ -118,7 +120,7 @@ async def make_runs(runtime: Runtime, count: int) -> None:
             session.add(
                 orm.Message(
                     id=ids.new_id(ids.MESSAGE, seq), seq=seq, created_at=ids.seconds(seq), thread_id=thread.id,
-                    role="user", content=[{"type": "text", "text": {"value": "hello there", "annotations": []}}],
+                    role="user", content=[{"type": "text", "text": {"value": text, "annotations": []}}],
                     status="completed", metadata_={},
                 )
             )  # fmt: skip
@@ -137,7 +139,13 @@ async def make_runs(runtime: Runtime, count: int) -> None:
 
 
 async def measure(
-    url: str, data_dir: Path, runs: int, clients: list[int], rounds: int, postmaster: int | None = None
+    url: str,
+    data_dir: Path,
+    runs: int,
+    clients: list[int],
+    rounds: int,
+    postmaster: int | None = None,
+    text: str = "hello there",
 ) -> None:
     runtime = await Runtime.start(Settings(data_dir=data_dir, database_url=url))
     counts = {"transactions": 0, "statements": 0}
@@ -155,7 +163,7 @@ async def measure(
     try:
         for concurrency in clients:
             for number in range(rounds):
-                await make_runs(runtime, runs)
+                await make_runs(runtime, runs, text)
                 counts.update(transactions=0, statements=0)
                 flushes = runtime.run_log.flushes
                 HOPS[0] = 0
@@ -205,13 +213,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=320, help="runs per round")
     parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--text", default="hello there", help="the user's message (offline model cues)")
     args = parser.parse_args()
     count_hops()
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as name:
         scratch = Path(name)
         (scratch / "pg").mkdir()
         with database(args.db, scratch) as (url, postmaster):
-            asyncio.run(measure(url, scratch / "data", args.runs, args.clients, args.rounds, postmaster))
+            asyncio.run(measure(url, scratch / "data", args.runs, args.clients, args.rounds, postmaster, args.text))
 
 
 if __name__ == "__main__":
