@@ -2,11 +2,10 @@
 
 Two kinds of subscribers:
 
-- ``subscribe()``: the events as they happen in this process, in a queue;
-  ``watch()``: the same handed to a callback as they are published (the
-  executor's cancel check: no queue, no task woken per delta); and ``taps``
-  that see every batch (metrics and the failed-run log, app/observability).
-  Each event reaches them once, in the process that made it.
+- ``subscribe()``: the events as they happen in this process (the
+  executor's cancel watcher), and ``taps`` that see every batch (metrics and
+  the failed-run log, app/observability). Each event reaches them once, in
+  the process that made it.
 - ``follow()``: the run's *logged* events with their sequence numbers
   (app/run_log.py), for streams. Besides entries a follower's queue gets
   ``None``, a nudge that says "the log has news you were not handed" (a
@@ -21,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from app.wire.events import Event
@@ -32,8 +31,6 @@ log = logging.getLogger("app.bus")
 # Sees every published batch (run id, events): metrics and the failed-run log
 # (app/observability/runs.py). Must be quick and never block.
 Tap = Callable[[str, list[Event]], None]
-# Sees every batch published on one topic (EventBus.watch). Same rules.
-Watcher = Callable[[list[Event]], None]
 
 
 @dataclass(frozen=True)
@@ -53,7 +50,6 @@ class EventBus:
     def __init__(self) -> None:
         self._subscribers: defaultdict[str, set[asyncio.Queue[Event]]] = defaultdict(set)
         self._followers: defaultdict[str, set[FollowerQueue]] = defaultdict(set)
-        self._watchers: dict[str, list[Watcher]] = {}
         self.taps: list[Tap] = []
 
     def publish(self, topic: str, events: list[Event]) -> None:
@@ -62,11 +58,6 @@ class EventBus:
                 tap(topic, events)
             except Exception:  # observing must never fail the publisher
                 log.exception("an event tap failed")
-        for watcher in self._watchers.get(topic, ()):
-            try:
-                watcher(events)
-            except Exception:
-                log.exception("an event watcher failed")
         for queue in list(self._subscribers.get(topic, ())):
             for event in events:
                 queue.put_nowait(event)
@@ -100,19 +91,6 @@ class EventBus:
             self._subscribers[topic].discard(queue)
             if not self._subscribers[topic]:
                 del self._subscribers[topic]
-
-    @contextmanager
-    def watch(self, topic: str, watcher: Watcher) -> Iterator[None]:
-        """Within: ``watcher`` is called with each batch published on
-        ``topic``, synchronously, in the publisher's call."""
-        watchers = self._watchers.setdefault(topic, [])
-        watchers.append(watcher)
-        try:
-            yield
-        finally:
-            watchers.remove(watcher)
-            if not watchers:
-                del self._watchers[topic]
 
     @asynccontextmanager
     async def follow(self, topic: str) -> AsyncIterator[FollowerQueue]:

@@ -181,27 +181,15 @@ class RunLog:
         """Within: ``run_id``'s buffered deltas wait for an append (the
         executor's commit of a turn) rather than go in a flush of their own,
         so a run that ends at once costs no flusher transaction (issue 17)."""
-        self.hold(run_id)
+        self._held[run_id] = self._held.get(run_id, 0) + 1
         try:
             yield
         finally:
-            self.release(run_id)
-
-    def hold(self, run_id: str) -> None:
-        """From now until release(): as within holding() (a turn holding
-        its answer's opening back, app/runner/turn.py)."""
-        self._held[run_id] = self._held.get(run_id, 0) + 1
-
-    def held(self, run_id: str) -> bool:
-        return run_id in self._held
-
-    def release(self, run_id: str) -> None:
-        """Ends one hold(): once none is left the flusher takes the run's deltas."""
-        self._held[run_id] -= 1
-        if not self._held[run_id]:
-            del self._held[run_id]
-        if run_id in self._buffer:  # not appended after all
-            self._wake_flusher()
+            self._held[run_id] -= 1
+            if not self._held[run_id]:
+                del self._held[run_id]
+            if run_id in self._buffer:  # not appended after all
+                self._wake_flusher()
 
     def discard(self, run_id: str) -> None:
         """Drop ``run_id``'s buffered deltas unwritten: their execution lost

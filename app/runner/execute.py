@@ -50,11 +50,6 @@ log = logging.getLogger("app.runner")
 MAX_MODEL_CALLS = 64
 # How often an executing run re-reads its row for a cancel from another process.
 CANCEL_POLL_SECONDS = 0.5
-# How long a streamed answer's opening (its step and message) may wait to be
-# written with the run's move rather than in a transaction of its own
-# (turn.HeldOpening; issue 17): a quick answer's run costs two transactions,
-# a slow one's message appears in the database this much later.
-OPENING_HOLD_SECONDS = 0.025
 # Events that end an execution from outside: a cancel, or the reaper ending
 # the run (expired past its deadline).
 STOPPING_EVENTS = frozenset({"thread.run.cancelling", *(f"thread.run.{status}" for status in run_state.TERMINAL)})
@@ -139,8 +134,6 @@ class RunExecution:
         self._claim_session: AsyncSession | None = None
         # Ended in the claim's transaction (start_claimed): nothing left to execute.
         self.finished = False
-        # The model call under way (its turn may hold its opening back: HeldOpening).
-        self._turn_now: Turn | None = None
 
     async def _load(self) -> orm.Run | None:
         async with self.runtime.transaction() as session:
@@ -171,11 +164,6 @@ class RunExecution:
         of the transaction stays. So does a commit with no move that is
         ``checked`` (the end of a built-in tools' round, which may have taken
         long enough for either)."""
-        if move is not None and move.sweep and self._turn_now is not None:
-            # A turn that stopped early: what it held back is written first,
-            # so the sweep closes it (a failed commit may have left it unwritten).
-            await self._turn_now.write_opening()
-        await pending.settle()
         events = list(pending.events)
         unread = move is not None and self._movable_unread(move)
         async with self._transaction() as session, self.runtime.run_log.holding(self.run_id):
@@ -198,7 +186,6 @@ class RunExecution:
                 await self.runtime.run_log.append(session, self.run_id, events, run_locked=True)  # by the UPDATE
             else:
                 await self._move_read(session, move, events, checked=checked)
-        pending.committed()
         self._exchanges.clear()  # recorded: only once committed
 
     @asynccontextmanager
@@ -505,15 +492,6 @@ class RunExecution:
         except Exception:
             log.exception("run %s failed unexpectedly", self.run_id)
             await self._end("failed", last_error=SERVER_ERROR)
-        finally:
-            self._release_turn()
-
-    def _release_turn(self) -> None:
-        """The last model call's turn holds nothing back any longer (kept
-        until here so that a sweep after a failure writes what it held)."""
-        if self._turn_now is not None:
-            self._turn_now.release()
-            self._turn_now = None
 
     def _budget(self, run: orm.Run) -> prompt.Budget:
         return prompt.Budget(
@@ -568,9 +546,7 @@ class RunExecution:
             chat = None  # later model calls see what this one added
             if request is None:
                 return
-            self._release_turn()
-            turn = self._turn_now = self._turn(run, hold_seconds=OPENING_HOLD_SECONDS)
-            result = await self._call(run, turn, request)
+            result = await self._call(run, request)
             if result is None:
                 return
             self.prompt_tokens += result.usage.prompt_tokens
@@ -578,6 +554,28 @@ class RunExecution:
             if not await self._after_turn(run, result, budget):
                 return
         await self._end("failed", last_error=TOO_MANY_CALLS)
+
+    async def _watch_for_cancel(self) -> None:
+        """Returns once the run is being cancelled. In this process the cancel
+        request arrives on the bus at once; from elsewhere, through the row."""
+        loop = asyncio.get_running_loop()
+        async with self.runtime.bus.subscribe(self.run_id) as events:
+            # A deadline, not a timeout per event: the run's own deltas keep
+            # arriving here, and must not put the row check off forever.
+            check_at = loop.time() + CANCEL_POLL_SECONDS
+            while True:
+                try:
+                    async with asyncio.timeout_at(check_at):
+                        event = await events.get()
+                except TimeoutError:
+                    # Shielded: cancelling this watcher must not cut a
+                    # database read short (the connection would be dropped).
+                    if await asyncio.shield(self._cancel_requested()):
+                        return
+                    check_at = loop.time() + CANCEL_POLL_SECONDS
+                else:
+                    if event.name in STOPPING_EVENTS:
+                        return
 
     async def _answer(self, turn: Turn, request: llm.ChatRequest) -> TurnResult:
         """The model's answer. One the model has whole at once (the offline
@@ -612,57 +610,36 @@ class RunExecution:
 
     async def _consume(self, turn: Turn, source: AsyncIterator[llm.Event]) -> TurnResult:
         """The model's answer, unless a cancel arrives first (even while the
-        model is silent). In this process the cancel request arrives on the
-        bus, seen by a callback as it is published; from elsewhere, through
-        the run's row, read every CANCEL_POLL_SECONDS while the answer lasts
-        (issue 17: no watcher task or queue per run, nothing woken per delta,
-        no read at all for an answer quicker than that)."""
+        model is silent)."""
         stream = _idle_limited(source, self.runtime.settings.model_idle_timeout_seconds)
         answer = asyncio.ensure_future(turn.consume(stream))
-        stopped = False
-
-        def stop() -> None:
-            nonlocal stopped
-            stopped = True
-            answer.cancel()
-
-        def on_events(events: list[Event]) -> None:
-            if not answer.done() and any(event.name in STOPPING_EVENTS for event in events):
-                stop()
-
+        watcher = asyncio.ensure_future(self._watch_for_cancel())
         try:
-            with self.runtime.bus.watch(self.run_id, on_events):
-                while not answer.done():
-                    await asyncio.wait((answer,), timeout=CANCEL_POLL_SECONDS)
-                    # Shielded: cancelling this task must not cut a database
-                    # read short (the connection would be dropped).
-                    if not answer.done() and await asyncio.shield(self._cancel_requested()):
-                        stop()
+            await asyncio.wait({answer, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if not answer.done():
-                answer.cancel()
-            await asyncio.gather(answer, return_exceptions=True)
-        if stopped or answer.cancelled():
+            for task in (answer, watcher):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(answer, watcher, return_exceptions=True)
+        if answer.cancelled() or not answer.done() or (watcher.done() and not watcher.cancelled()):
             raise TurnStopped
         return answer.result()
 
-    def _turn(self, run: orm.Run, *, hold_seconds: float = 0.0) -> Turn:
+    def _turn(self, run: orm.Run) -> Turn:
         return Turn(
             self.runtime,
             run,
-            hold_seconds=hold_seconds,
-            owner=self.owner,
             builtins=self.builtins,
             decorate=lambda content: self._decorate(run, content),
             leading=self._leading_parts,
             targets=markers.run_targets(self.builtins, self.results),
         )
 
-    async def _call(self, run: orm.Run, turn: Turn, request: llm.ChatRequest) -> TurnResult | None:
+    async def _call(self, run: orm.Run, request: llm.ChatRequest) -> TurnResult | None:
+        turn = self._turn(run)
         try:
             result = await self._answer(turn, request)
             if any(call["type"] in self.builtins for call in result.calls):
-                await turn.write_opening()  # the tools stream into their step while they run
                 await self._run_builtins(run, turn, result)
             return result
         except TurnStopped:

@@ -1,16 +1,10 @@
 """One model call of a run: consumes the LLM stream, creates the message and
 tool-call steps as output appears, and publishes the events OpenAI streams
 (wire notes 3.3/3.4). Rows are written in short transactions; no session is
-open while waiting on the model.
-
-The answer's opening (its step and message rows) is held back for up to
-``Turn.hold_seconds`` (HeldOpening): an answer that ends sooner writes it
-with the run's move, one transaction fewer per run (issue 17).
-"""
+open while waiting on the model."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -22,7 +16,7 @@ from app import ids, llm, orm
 from app.runner import markers
 from app.runner.tools import BuiltinTool, CallStream
 from app.runtime import Runtime
-from app.services import core_rows, messages, run_events, run_steps
+from app.services import core_rows, messages, run_steps
 from app.wire.events import Event
 
 
@@ -50,23 +44,9 @@ class Pending:
 
     rows: list[RowUpdate] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
-    # New rows (an instant answer's message and steps, Turn.at_once, or an
-    # opening held back, HeldOpening): each inserted as it is at the commit,
-    # so their updates are not written apart.
+    # New rows (an instant answer's message and steps, Turn.at_once): each
+    # inserted as it is at the commit, so their updates are not written apart.
     inserts: list[ExecutorRow] = field(default_factory=list)
-    # The turn's opening held back, if any: settle() it before the commit.
-    opening: HeldOpening | None = None
-
-    async def settle(self) -> None:
-        """Before the commit that writes these: a held opening's rows are
-        the commit's from here on (or, already being written in their own
-        transaction, written once this returns)."""
-        if self.opening is not None:
-            await self.opening.settle()
-
-    def committed(self) -> None:
-        if self.opening is not None:
-            self.opening.committed()
 
     def insert(self, rows: list[ExecutorRow], events: list[Event]) -> None:
         self.inserts.extend(rows)
@@ -82,109 +62,6 @@ class Pending:
             else:  # one UPDATE per row
                 same.keys = tuple(dict.fromkeys(same.keys + change.keys))
         self.events.extend(events)
-
-
-class HeldOpening:
-    """New rows of a streamed turn (the answer's step and message, and a
-    tool-call step that follows them soon enough) held back from a
-    transaction of their own for up to ``seconds``, so that an answer that
-    ends sooner has them inserted by its commit, with the run's move
-    (issue 17: a quick provider answer costs its claim and its end, two
-    transactions). Their events are published at once, as deltas are: to
-    this process's followers at once on SQLite (run_log.deliver_early), as
-    early as when they were committed first; meanwhile the run log holds the
-    run, so no flush writes them (or the deltas after them) ahead of their
-    rows. Once ``seconds`` pass the rows and the events so far are written
-    in a transaction of their own, as they always were before, so a slow
-    model's ``in_progress`` message appears promptly for GETs and for
-    followers in other processes."""
-
-    def __init__(self, runtime: Runtime, run_id: str, owner: str, pending: Pending, seconds: float) -> None:
-        self._runtime = runtime
-        self._run_id = run_id
-        self._owner = owner
-        self._pending = pending
-        self._rows: list[ExecutorRow] = []
-        self._writing: asyncio.Task[None] | None = None
-        self._holding = True
-        runtime.run_log.hold(run_id)
-        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(seconds, self._write_now)
-
-    @property
-    def open(self) -> bool:
-        """Whether new rows may still join (the bound has not passed, nothing wrote them yet)."""
-        return self._timer is not None
-
-    def add(self, rows: list[ExecutorRow], events: list[Event]) -> None:
-        self._rows += rows
-        self._pending.inserts.extend(rows)
-        self._runtime.run_log.publish(self._run_id, events)
-
-    def _write_now(self) -> None:
-        """The rows in a transaction of their own, from now (a task, so the
-        timer can start it)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._writing is None:
-            self._writing = asyncio.ensure_future(self._write())
-            self._writing.add_done_callback(_retrieved)
-
-    async def _write(self) -> None:
-        rows, self._rows = self._rows, []
-        # Changes from here on are written as updates, after this insert.
-        self._pending.inserts[:] = [row for row in self._pending.inserts if not any(row is held for held in rows)]
-        try:
-            async with self._runtime.transaction() as session:
-                if await run_events.lock_owner(session, self._run_id) != self._owner:
-                    # Ended elsewhere (the reaper) or taken over meanwhile: as
-                    # the flusher drops an ended run's deltas, nothing of this
-                    # turn may follow its last event or enter another's run.
-                    # The execution's commit finds it so (LeaseLost).
-                    self._runtime.run_log.discard(self._run_id)
-                    return
-                await self._runtime.run_log.append(session, self._run_id, [], run_locked=True, inserting=rows)
-        finally:
-            self.release()
-
-    async def written(self) -> None:
-        """Returns once the rows are in the database (a write of the turn's
-        own needs them: a message closed apart, a partial answer saved,
-        built-in tools about to stream into their step)."""
-        if self._rows:
-            self._write_now()
-        if self._writing is not None:
-            # Shielded: a cancel of the caller must not cut the transaction short.
-            await asyncio.shield(self._writing)
-
-    async def settle(self) -> None:
-        """The commit takes the rows not yet written (Pending.settle): they
-        are in its inserts; or, already being written, written on return."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._writing is not None:
-            await asyncio.shield(self._writing)
-
-    def committed(self) -> None:
-        """The commit that settled wrote the rows."""
-        self._rows = []
-
-    def release(self) -> None:
-        """The turn is over (or the rows written): the run log may flush the run again."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._holding:
-            self._holding = False
-            self._runtime.run_log.release(self._run_id)
-
-
-def _retrieved(task: asyncio.Task[None]) -> None:
-    """A held opening's own write failed with nobody waiting for it (the
-    turn ended meanwhile): its error is the next write's to meet."""
-    if not task.cancelled():
-        task.exception()
 
 
 async def write_rows(session: AsyncSession, changes: list[RowUpdate]) -> None:
@@ -237,10 +114,6 @@ class Turn:
     # deltas included, all wait for the executor's next commit (issue 17:
     # one transaction for an instant answer instead of two and a flush).
     at_once: bool = False
-    # A streamed answer's opening waits this long for the turn's commit
-    # before it is written on its own (HeldOpening); 0: written at once.
-    hold_seconds: float = 0.0
-    owner: str = ""  # the lease the turn's execution runs under (with hold_seconds)
 
     def _publish(self, events: list[Event]) -> None:
         """Deltas: streamed at once, logged in batches (app/run_log.py)."""
@@ -316,32 +189,8 @@ class Turn:
         if self.at_once:
             self.pending.insert(rows, created)
             return
-        opening = self.pending.opening
-        if opening is None and self.hold_seconds > 0:
-            opening = self.pending.opening = HeldOpening(
-                self.runtime, self.run.id, self.owner, self.pending, self.hold_seconds
-            )
-        if opening is not None and opening.open:
-            opening.add(rows, created)
-            return
-        await self._opening_written()
         async with self.runtime.transaction() as session:
             await self.runtime.run_log.append(session, self.run.id, created, inserting=rows)
-
-    async def _opening_written(self) -> None:
-        """Before a write of this turn's own: the held opening's rows (and
-        its events) are in the database."""
-        if self.pending.opening is not None:
-            await self.pending.opening.written()
-
-    async def write_opening(self) -> None:
-        """The held opening now (built-in tools are about to stream into their step)."""
-        await self._opening_written()
-
-    def release(self) -> None:
-        """The turn is over: nothing of it is held back any longer."""
-        if self.pending.opening is not None:
-            self.pending.opening.release()
 
     async def _close_message(self, status: str, usage: llm.Usage | None, *, defer: bool = False) -> None:
         """Finish the open message (and its step) with the text so far. With
@@ -371,7 +220,6 @@ class Turn:
         if defer or self.at_once:
             self.pending.add(changes, events)
             return
-        await self._opening_written()
         async with self.runtime.transaction() as session:
             await write_rows(session, changes)
             await self.runtime.run_log.append(session, self.run.id, events)
@@ -455,7 +303,6 @@ class Turn:
         if self.tool_step is not None:
             self.tool_step.step_details = {"type": "tool_calls", "tool_calls": list(self.calls.values())}
             changes.append(RowUpdate(self.tool_step, ("step_details",)))
-        await self._opening_written()  # the cancel's sweep closes them
         if changes:
             async with self.runtime.transaction() as session:
                 await write_rows(session, changes)

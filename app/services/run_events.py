@@ -40,18 +40,6 @@ async def lock(session: AsyncSession, run_ids: Sequence[str], *, live_only: bool
     return list((await session.scalars(query)).all())
 
 
-async def lock_owner(session: AsyncSession, run_id: str) -> str | None:
-    """lock() of one run that has not ended; returns its lease owner (None:
-    ended, gone, or in no worker's lease)."""
-    query = (
-        select(orm.Run.lease_owner)
-        .where(orm.Run.id == run_id, orm.Run.status.in_(("in_progress", "cancelling")))
-        .with_for_update(key_share=True)
-    )
-    owner: str | None = await session.scalar(query)
-    return owner
-
-
 async def lock_inserting(session: AsyncSession, run_id: str, rows: Sequence[orm.Base]) -> None:
     """lock() of one run on PostgreSQL, with ``rows`` inserted by the same
     statement (issue 17: one round trip for both). The lock is taken by a
