@@ -12,7 +12,9 @@ An answer the built-in offline model has whole at once (LLM.answer_at_once:
 in-process, no I/O) needs no streaming: its rows and events wait for the
 turn's commit, and a run answered so right after its claim ends in the
 claim's own transaction (issue 17). Every other model is streamed with no
-transaction open.
+transaction open; a streamed answer that arrives whole within
+QUICK_ANSWER_SECONDS of its first event (a stub, a cache) is then written as
+an instant one is, with the turn's commit (RunExecution._take).
 
 A run picked up ``in_progress`` belonged to a worker that died or shut down:
 it is resumed from its last completed tool round (services/run_execution.py
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
@@ -50,6 +52,10 @@ log = logging.getLogger("app.runner")
 MAX_MODEL_CALLS = 64
 # How often an executing run re-reads its row for a cancel from another process.
 CANCEL_POLL_SECONDS = 0.5
+# A streamed answer all of whose events arrive within this of its first is
+# taken whole and written with the run's move (RunExecution._take); a longer
+# one reaches clients this much later than its first event.
+QUICK_ANSWER_SECONDS = 0.005
 # Events that end an execution from outside: a cancel, or the reaper ending
 # the run (expired past its deadline).
 STOPPING_EVENTS = frozenset({"thread.run.cancelling", *(f"thread.run.{status}" for status in run_state.TERMINAL)})
@@ -605,14 +611,14 @@ class RunExecution:
         observer = self.runtime.llm.observer
         return observer is None or observer == self.runtime.record_model_request
 
-    def _calls_builtin(self, answer: list[llm.Event]) -> bool:
+    def _calls_builtin(self, answer: Sequence[object]) -> bool:
         return any(isinstance(event, llm.ToolCallDelta) and event.name in self.builtins for event in answer)
 
     async def _consume(self, turn: Turn, source: AsyncIterator[llm.Event]) -> TurnResult:
         """The model's answer, unless a cancel arrives first (even while the
         model is silent)."""
         stream = _idle_limited(source, self.runtime.settings.model_idle_timeout_seconds)
-        answer = asyncio.ensure_future(turn.consume(stream))
+        answer = asyncio.ensure_future(self._take(turn, stream))
         watcher = asyncio.ensure_future(self._watch_for_cancel())
         try:
             await asyncio.wait({answer, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -624,6 +630,36 @@ class RunExecution:
         if answer.cancelled() or not answer.done() or (watcher.done() and not watcher.cancelled()):
             raise TurnStopped
         return answer.result()
+
+    async def _take(self, turn: Turn, stream: AsyncIterator[llm.Event]) -> TurnResult:
+        """A streamed answer, taken whole when the model sends all of it
+        within QUICK_ANSWER_SECONDS of its first event (a stub, a cache, a
+        one-chunk reply): its rows and events then wait for the turn's
+        commit as an instant answer's do, one transaction fewer (no opening
+        of its own, no delta flush). Otherwise what came is replayed and the
+        rest streamed: the first events reach clients at most that much
+        later. The stream is read by a task of its own (an async generator
+        whose read is cut short by a timeout cannot go on)."""
+        if not self._may_answer_at_once():
+            return await turn.consume(stream)
+        arrived: asyncio.Queue[llm.Event | _StreamEnd] = asyncio.Queue()
+        reader = asyncio.ensure_future(_read_into(stream, arrived))
+        try:
+            gathered = [await arrived.get()]
+            try:
+                async with asyncio.timeout(QUICK_ANSWER_SECONDS):
+                    while not isinstance(gathered[-1], (llm.Finish, _StreamEnd)):
+                        gathered.append(await arrived.get())
+            except TimeoutError:
+                return await turn.consume(_arrivals(gathered, arrived))
+            if not isinstance(gathered[-1], llm.Finish) or self._calls_builtin(gathered):
+                return await turn.consume(_arrivals(gathered, arrived))
+            turn.at_once = True
+            return await turn.consume(_arrivals(gathered, arrived))
+        finally:
+            if not reader.done():
+                reader.cancel()
+            await asyncio.wait({reader})
 
     def _turn(self, run: orm.Run) -> Turn:
         return Turn(
@@ -726,6 +762,39 @@ class RunExecution:
 async def _replay(events: list[llm.Event]) -> AsyncIterator[llm.Event]:
     for event in events:
         yield event
+
+
+@dataclass(frozen=True)
+class _StreamEnd:
+    """The end of a stream read by _read_into: ``error`` if it failed."""
+
+    error: Exception | None = None
+
+
+async def _read_into(stream: AsyncIterator[llm.Event], arrived: asyncio.Queue[llm.Event | _StreamEnd]) -> None:
+    try:
+        async for event in stream:
+            arrived.put_nowait(event)
+    except Exception as error:  # raised by _arrivals where the stream failed
+        arrived.put_nowait(_StreamEnd(error))
+    else:
+        arrived.put_nowait(_StreamEnd())
+
+
+async def _arrivals(
+    gathered: list[llm.Event | _StreamEnd], arrived: asyncio.Queue[llm.Event | _StreamEnd]
+) -> AsyncIterator[llm.Event]:
+    """The stream again: what _take gathered, then what arrives."""
+    for item in gathered:
+        if isinstance(item, _StreamEnd):
+            if item.error is not None:
+                raise item.error
+            return
+        yield item
+    while not isinstance(item := await arrived.get(), _StreamEnd):
+        yield item
+    if item.error is not None:
+        raise item.error
 
 
 async def _idle_limited(stream: AsyncIterator[llm.Event], seconds: float) -> AsyncIterator[llm.Event]:

@@ -1,0 +1,136 @@
+"""A streamed answer all of which arrives within QUICK_ANSWER_SECONDS of its
+first event (a stub, a cache, a one-chunk reply) is written with the run's
+move, as an instant answer is (issue 17: no opening of its own, no delta
+flush); a slower one is streamed as before, its message written while the
+model is still silent; a failure is the run's, whenever it comes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from app import llm, orm
+from app.runner import execute
+from app.runtime import Runtime
+from app.worker import Worker
+from tests.runner.test_instant_answer import _ANSWERED, _event_names, _transactions_of, statements_by_transaction
+from tests.runner.test_worker import _make_runs
+
+pytestmark = pytest.mark.timeout(60)
+
+_USAGE = llm.Usage(prompt_tokens=3, completion_tokens=2)
+
+
+def _provider(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, script: Any) -> None:
+    """The model answers through ``script`` (an async generator function of
+    the request), streamed as a provider's answer is (never at once)."""
+
+    async def not_at_once(_request: llm.ChatRequest) -> None:
+        return None
+
+    monkeypatch.setattr(runtime.llm, "answer_at_once", not_at_once)
+    monkeypatch.setattr(runtime.llm, "stream", script)
+
+
+async def _message(runtime: Runtime, run_id: str) -> orm.Message | None:
+    async with runtime.transaction() as session:
+        return (await session.scalars(select(orm.Message).where(orm.Message.run_id == run_id))).first()
+
+
+async def _written_message(runtime: Runtime, run_id: str) -> orm.Message:
+    """The run's message once it is in the database (the model still silent)."""
+    async with asyncio.timeout(30):
+        while True:
+            message = await _message(runtime, run_id)
+            if message is not None:
+                return message
+            await asyncio.sleep(execute.QUICK_ANSWER_SECONDS)
+
+
+async def _run(runtime: Runtime, run_id: str) -> orm.Run:
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+    assert run is not None
+    return run
+
+
+async def test_an_answer_that_arrives_at_once_is_written_with_the_runs_end(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def quick(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        await asyncio.sleep(0)  # another read of the provider's socket
+        yield llm.TextDelta(" world")
+        yield llm.Finish("stop", _USAGE)
+
+    _provider(runtime, monkeypatch, quick)
+    (run_id,) = await _make_runs(runtime, 1)
+    with statements_by_transaction(runtime) as seen:
+        await Worker(runtime, concurrency=1).run_until_idle()
+    opened = _transactions_of(seen, "INSERT INTO messages")
+    moved = sorted({number for number, statement in seen if "UPDATE runs SET status" in statement})
+    assert len(opened) == 1 and opened == set(moved[-1:]), seen  # the message went with the end
+    assert "INSERT INTO run_events" not in " ".join(s for n, s in seen if n not in moved), seen  # no flush
+    assert await _event_names(runtime, run_id) == [*_ANSWERED, "thread.run.step.completed", "thread.run.completed"]
+    message = await _message(runtime, run_id)
+    assert message is not None and message.status == "completed"
+    assert message.content[0]["text"]["value"] == "Hello world"
+    assert (await _run(runtime, run_id)).usage == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
+async def test_a_slower_answer_is_streamed_its_message_written_while_the_model_is_silent(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    go_on = asyncio.Event()
+
+    async def slow(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        await go_on.wait()
+        yield llm.TextDelta(" world")
+        yield llm.Finish("stop", _USAGE)
+
+    _provider(runtime, monkeypatch, slow)
+    (run_id,) = await _make_runs(runtime, 1)
+    worker = asyncio.ensure_future(Worker(runtime, concurrency=1).run_until_idle())
+    try:
+        message = await _written_message(runtime, run_id)
+        assert message.status == "in_progress" and not worker.done()
+    finally:
+        go_on.set()
+        await worker
+    message = await _message(runtime, run_id)
+    assert message is not None and message.status == "completed"
+    assert message.content[0]["text"]["value"] == "Hello world"
+    assert (await _run(runtime, run_id)).status == "completed"
+    assert await _event_names(runtime, run_id) == [*_ANSWERED, "thread.run.step.completed", "thread.run.completed"]
+
+
+@pytest.mark.parametrize("pause", [False, True], ids=["at-once", "later"])
+async def test_a_failure_after_the_first_event_fails_the_run_and_keeps_the_text(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, pause: bool
+) -> None:
+    go_on = asyncio.Event()
+
+    async def failing(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        if pause:
+            await go_on.wait()
+        raise llm.LLMError("rate_limit_exceeded", "Slow down.")
+
+    _provider(runtime, monkeypatch, failing)
+    (run_id,) = await _make_runs(runtime, 1)
+    worker = asyncio.ensure_future(Worker(runtime, concurrency=1).run_until_idle())
+    if pause:
+        await _written_message(runtime, run_id)
+        go_on.set()
+    async with asyncio.timeout(30):
+        await worker
+    run = await _run(runtime, run_id)
+    assert run.status == "failed" and run.last_error == {"code": "rate_limit_exceeded", "message": "Slow down."}
+    message = await _message(runtime, run_id)
+    assert message is not None and message.status == "incomplete"
+    assert message.content[0]["text"]["value"] == "Hello"
