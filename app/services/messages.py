@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
-from app.services import pagination, projects, thread_lock, vector_stores
+from app.services import core_rows, pagination, projects, thread_lock, vector_stores
 from app.services.common import metadata_or_empty, require_id
 from app.services.projects import Project
 from app.services.tool_resources import require_files
@@ -41,21 +41,6 @@ def _referenced_files(body: MessageCreate) -> list[str]:
     if not isinstance(body.content, str):
         file_ids += [part.image_file.file_id for part in body.content if isinstance(part, ImageFilePart)]
     return file_ids
-
-
-async def add(
-    session: AsyncSession,
-    project: Project,
-    thread_id: str,
-    body: MessageCreate,
-    *,
-    assistant_id: str | None = None,
-    run_id: str | None = None,
-) -> orm.Message:
-    """Insert a completed message into a thread known to exist (no lock check)."""
-    row = await build(session, project, thread_id, body, assistant_id=assistant_id, run_id=run_id)
-    session.add(row)
-    return row
 
 
 def searches_files(body: MessageCreate) -> bool:
@@ -105,11 +90,14 @@ async def thread_of(session: AsyncSession, project: Project, thread_id: str) -> 
 
 
 async def create(session: AsyncSession, project: Project, thread_id: str, body: MessageCreate) -> orm.Message:
-    await thread_of(session, project, thread_id)
-    run = await thread_lock.active_run(session, thread_id)
-    if run is not None:
-        raise errors.thread_locked_for_messages(thread_id, run.id)
-    return await add(session, project, thread_id, body)
+    live_run = await thread_lock.live_run_of_owned_thread(session, project, thread_id)
+    if live_run is not None:
+        raise errors.thread_locked_for_messages(thread_id, live_run)
+    row = await build(session, project, thread_id, body)
+    # One Core INSERT, sent with the COMMIT on SQLite (issue 17: no ORM
+    # flush, one thread hop fewer); the row stays transient, as threads.create's.
+    await core_rows.insert_row(session, row, write_behind=True)
+    return row
 
 
 async def get(session: AsyncSession, project: Project, thread_id: str, message_id: str) -> orm.Message:

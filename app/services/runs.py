@@ -161,10 +161,9 @@ async def create(
     expires_in: int,
     reservation: run_execution.Reservation | None = None,
 ) -> tuple[orm.Run, list[Event]]:
-    await threads.get(session, project, thread_id)
-    active = await thread_lock.active_run(session, thread_id)
-    if active is not None:
-        raise errors.thread_has_active_run(thread_id, active.id)
+    live_run = await thread_lock.live_run_of_owned_thread(session, project, thread_id)
+    if live_run is not None:
+        raise errors.thread_has_active_run(thread_id, live_run)
     # additional_messages come before the run (the executor reads messages older than the run).
     for message in body.additional_messages or []:
         message_row = await messages.build(session, project, thread_id, message)
@@ -201,6 +200,18 @@ async def _insert_live(session: AsyncSession, run: orm.Run) -> None:
     raise errors.thread_has_active_run(run.thread_id, "(a run that has just ended)")
 
 
+@dataclass(frozen=True)
+class NewThreadAndRun:
+    """What create_thread_and_run() made: the rows still to insert, in order
+    (the thread, its messages, the run; run_log.append inserts them with the
+    events, on PostgreSQL in one statement), and the events to log."""
+
+    thread: orm.Thread
+    run: orm.Run
+    inserting: list[orm.Base]
+    events: list[Event]
+
+
 async def create_thread_and_run(
     session: AsyncSession,
     project: Project,
@@ -208,16 +219,19 @@ async def create_thread_and_run(
     *,
     expires_in: int,
     reservation: run_execution.Reservation | None = None,
-) -> tuple[orm.Thread, orm.Run, list[Event]]:
-    thread = await threads.create(session, project, body.thread or ThreadCreate())
+) -> NewThreadAndRun:
+    """A new thread and its run, not inserted yet (those rows but a thread
+    whose messages search files: threads.create). A new thread has no live
+    run to conflict with, so the run needs no check nor savepoint."""
+    inserting: list[orm.Base] = []
+    thread = await threads.create(session, project, body.thread or ThreadCreate(), inserting=inserting)
     run = await _new_run(session, project, thread.id, body, expires_in=expires_in, reservation=reservation)
     run.tool_resources = (
         await tool_resources.to_stored(session, project, body.tool_resources) if body.tool_resources else None
     )
-    # A new thread has no live run to conflict with: the insert goes with the COMMIT (SQLite).
-    await core_rows.insert_row(session, run, write_behind=True)
+    inserting.append(run)
     events = [Event.of("thread.created", threads.to_wire(thread)), *_queued_events(run)]
-    return thread, run, events
+    return NewThreadAndRun(thread, run, inserting, events)
 
 
 async def get(session: AsyncSession, project: Project, thread_id: str, run_id: str) -> orm.Run:

@@ -10,10 +10,12 @@ run whatever a check saw; is_live_run_conflict() recognises its error.
 
 from __future__ import annotations
 
-from sqlalchemy import exc, select
+from sqlalchemy import bindparam, exc, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import orm
+from app import errors, ids, orm
+from app.services.common import require_id
+from app.services.projects import Project
 
 LIVE_RUN_STATUSES = orm.LIVE_RUN_STATUSES
 LIVE_RUN_INDEX = "ux_runs_live_thread"
@@ -38,6 +40,47 @@ async def active_run(session: AsyncSession, thread_id: str) -> orm.Run | None:
         .limit(1)
     )
     return (await session.scalars(query)).first()
+
+
+# Core statements built once with bound parameters (issue 17: the checks
+# before a message or a run is added, with no ORM instance or identity map).
+_THREADS = orm.Thread.__table__.c
+_RUNS = orm.Run.__table__.c
+_LIVE_RUN = (
+    select(_RUNS.id)
+    .where(_RUNS.thread_id == bindparam("thread_id"), _RUNS.status.in_(LIVE_RUN_STATUSES))
+    .order_by(_RUNS.seq.desc())
+    .limit(1)
+)
+# SQLite: the thread's owner and its live run in one statement (one thread
+# hop): the transaction holds the write lock, nothing changes in between.
+_OWNER_AND_LIVE_RUN = select(_THREADS.project_id, _LIVE_RUN.scalar_subquery()).where(
+    _THREADS.id == bindparam("thread_id")
+)
+# PostgreSQL: the thread's owner, its row locked (see active_run); the live
+# run is read by the next statement, whose snapshot is taken after the lock
+# is granted: a subquery of this one would not see a run committed while it
+# waited.
+_LOCKED_OWNER = select(_THREADS.project_id).where(_THREADS.id == bindparam("thread_id")).with_for_update(key_share=True)
+
+
+async def live_run_of_owned_thread(session: AsyncSession, project: Project, thread_id: str) -> str | None:
+    """The id of the project's thread's live run, if any, as active_run()
+    finds it and with the thread locked as it does; 404 ``No thread found``
+    for a thread the project does not own, as threads.get answers. One
+    statement on SQLite, two on PostgreSQL (three with threads.get and
+    active_run: issue 17)."""
+    require_id("thread_id", thread_id, ids.THREAD)
+    parameters = {"thread_id": thread_id}
+    if session.bind is not None and session.bind.dialect.name == "sqlite":
+        found = (await session.execute(_OWNER_AND_LIVE_RUN, parameters)).first()
+        if found is None or found[0] != project.id:
+            raise errors.not_found("thread", thread_id)
+        return found[1]  # type: ignore[no-any-return]
+    owner = (await session.execute(_LOCKED_OWNER, parameters)).scalar()
+    if owner != project.id:
+        raise errors.not_found("thread", thread_id)
+    return (await session.execute(_LIVE_RUN, parameters)).scalar()
 
 
 def is_live_run_conflict(error: exc.IntegrityError) -> bool:

@@ -14,9 +14,15 @@ from app.wire.common import Deleted
 from app.wire.threads import Thread, ThreadCreate, ThreadUpdate
 
 
-async def create(session: AsyncSession, project: Project, body: ThreadCreate) -> orm.Thread:
+async def create(
+    session: AsyncSession, project: Project, body: ThreadCreate, *, inserting: list[orm.Base] | None = None
+) -> orm.Thread:
     """The thread and its messages, inserted with Core statements (issue 17:
-    this is half of every POST /threads/runs)."""
+    this is half of every POST /threads/runs). Given ``inserting``, the rows
+    are appended to it instead, for the caller to insert with what it adds
+    (POST /threads/runs: on PostgreSQL in the statement of the run's own
+    insert), unless a message's file_search attachment must find the thread
+    inserted already (its store is added to the thread's row)."""
     seq = ids.next_seq()
     row = orm.Thread(
         id=ids.new_id(ids.THREAD, seq),
@@ -26,12 +32,18 @@ async def create(session: AsyncSession, project: Project, body: ThreadCreate) ->
         tool_resources=await tool_resources.to_stored(session, project, body.tool_resources, for_thread=True),
         metadata_=metadata_or_empty(body.metadata),
     )
+    searches = any(messages.searches_files(message) for message in body.messages or [])
+    if inserting is not None and not searches:
+        inserting.append(row)
+        for message in body.messages or []:
+            inserting.append(await messages.build(session, project, row.id, message))
+        return row
     # Before the messages, which reference it. Held back (SQLite): sent with
     # the transaction's next statement, a thread hop fewer each (issue 17).
     await core_rows.insert_row(session, row, write_behind=True)
     for message in body.messages or []:
         await core_rows.insert_row(session, await messages.build(session, project, row.id, message), write_behind=True)
-    if any(messages.searches_files(message) for message in body.messages or []):
+    if searches:
         # The messages' file_search attachments gave the thread a store: the
         # session's own (changed) instance of the thread is the one to answer.
         changed = await session.get(orm.Thread, row.id)
