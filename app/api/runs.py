@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import orm
@@ -20,7 +21,7 @@ from app.api import sse
 from app.api.deps import PageDep, ProjectDep, RuntimeDep, respond
 from app.run_follow import Follower
 from app.runtime import Runtime
-from app.services import run_steps, runs
+from app.services import run_defaults, run_steps, runs
 from app.services.projects import Project
 from app.wire.common import ListPage
 from app.wire.events import TERMINAL_RUN_EVENTS, Event
@@ -119,17 +120,29 @@ async def create_run(
 
 @router.post("/threads/runs", response_model=Run)
 async def create_thread_and_run(body: ThreadAndRunCreate, runtime: RuntimeDep, project: ProjectDep) -> Response:
-    async def change(session: AsyncSession) -> Queued:
-        new = await runs.create_thread_and_run(
-            session,
-            project,
-            body,
-            expires_in=runtime.settings.run_expires_seconds,
-            reservation=runtime.run_reservation(),
-        )
-        return Queued(new.run, new.events, new.inserting)
+    def change(remembered: bool) -> QueueRun:
+        async def create(session: AsyncSession) -> Queued:
+            new = await runs.create_thread_and_run(
+                session,
+                project,
+                body,
+                expires_in=runtime.settings.run_expires_seconds,
+                reservation=runtime.run_reservation(),
+                remembered=remembered,
+            )
+            return Queued(new.run, new.events, new.inserting)
 
-    return await _queue_run(runtime, body.stream, change)
+        return create
+
+    try:
+        return await _queue_run(runtime, body.stream, change(remembered=True))
+    except IntegrityError as error:
+        if not run_defaults.is_stale(error):
+            raise
+    # The assistant changed since its defaults were remembered: nothing was
+    # written; again, from a fresh read.
+    run_defaults.forget(body.assistant_id)
+    return await _queue_run(runtime, body.stream, change(remembered=False))
 
 
 @router.get("/threads/{thread_id}/runs", response_model=ListPage[Run])

@@ -8,7 +8,7 @@ from sqlalchemy import delete as sql_delete
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
-from app.services import pagination, projects, tool_resources
+from app.services import pagination, projects, run_defaults, tool_resources
 from app.services.common import metadata_or_empty, require_id
 from app.services.projects import Project
 from app.wire.assistants import Assistant, AssistantCreate, AssistantUpdate
@@ -47,6 +47,7 @@ async def get(session: AsyncSession, project: Project, assistant_id: str) -> orm
 
 async def update(session: AsyncSession, project: Project, assistant_id: str, body: AssistantUpdate) -> orm.Assistant:
     row = await get(session, project, assistant_id)
+    run_defaults.forget(assistant_id)
     given = body.model_fields_set
     # A field sent as null means "unchanged" (go-openai sends nulls and "model": "").
     if body.model:
@@ -68,6 +69,7 @@ async def update(session: AsyncSession, project: Project, assistant_id: str, bod
 
 async def delete(session: AsyncSession, project: Project, assistant_id: str) -> Deleted:
     await get(session, project, assistant_id)
+    run_defaults.forget(assistant_id)
     await session.execute(sql_delete(orm.Assistant).where(orm.Assistant.id == assistant_id))
     return Deleted(id=assistant_id, object="assistant.deleted")
 

@@ -22,6 +22,7 @@ from app.services import (
     core_rows,
     messages,
     pagination,
+    run_defaults,
     run_execution,
     run_state,
     run_steps,
@@ -65,8 +66,11 @@ async def _new_run(
     expires_in: int,
     additional_instructions: str | None = None,
     reservation: run_execution.Reservation | None = None,
+    assistant: run_defaults.AssistantDefaults | None = None,
 ) -> orm.Run:
-    assistant = await _run_defaults(session, project, body.assistant_id)
+    """The new run, from ``body`` and its assistant's defaults (read unless given)."""
+    if assistant is None:
+        assistant = await run_defaults.read(session, project, body.assistant_id)
     tools = [tool_to_wire(tool) for tool in body.tools] if body.tools is not None else list(assistant.tools)
     instructions = body.instructions if body.instructions is not None else (assistant.instructions or "")
     if additional_instructions:
@@ -99,47 +103,6 @@ async def _new_run(
         lease_owner=reservation.owner if reservation else None,
         lease_expires_at=reservation.until if reservation else None,
     )
-
-
-@dataclass(frozen=True)
-class _AssistantDefaults:
-    """What a new run takes from its assistant."""
-
-    id: str
-    model: str
-    instructions: str | None
-    tools: list[Any]
-    temperature: float | None
-    top_p: float | None
-    response_format: Any
-    reasoning_effort: str | None
-
-
-# The table's columns, not the mapped attributes: a Core statement skips the
-# ORM's compile and result set-up (issue 17).
-_ASSISTANTS = orm.Assistant.__table__.c
-_ASSISTANT_DEFAULTS = select(
-    _ASSISTANTS.project_id,
-    _ASSISTANTS.id,
-    _ASSISTANTS.model,
-    _ASSISTANTS.instructions,
-    _ASSISTANTS.tools,
-    _ASSISTANTS.temperature,
-    _ASSISTANTS.top_p,
-    _ASSISTANTS.response_format,
-    _ASSISTANTS.reasoning_effort,
-).where(_ASSISTANTS.id == bindparam("assistant_id"))
-
-
-async def _run_defaults(session: AsyncSession, project: Project, assistant_id: str) -> _AssistantDefaults:
-    """The assistant's run defaults, read with one Core SELECT (no ORM
-    instance, no identity map: issue 17); missing for another project's
-    assistant as for none at all, as assistants.get answers."""
-    require_id("assistant_id", assistant_id, ids.ASSISTANT)
-    row = (await session.execute(_ASSISTANT_DEFAULTS, {"assistant_id": assistant_id})).first()
-    if row is None or row[0] != project.id:
-        raise errors.not_found("assistant", assistant_id)
-    return _AssistantDefaults(*row[1:])
 
 
 def _pick(override: Any, default: Any) -> Any:
@@ -219,19 +182,30 @@ async def create_thread_and_run(
     *,
     expires_in: int,
     reservation: run_execution.Reservation | None = None,
+    remembered: bool = True,
 ) -> NewThreadAndRun:
     """A new thread and its run, not inserted yet (those rows but a thread
-    whose messages search files: threads.create). A new thread has no live
-    run to conflict with, so the run needs no check nor savepoint."""
+    whose messages search files: threads.create), or, made from its
+    assistant's ``remembered`` defaults (SQLite: run_defaults), inserted
+    with the COMMIT, checked. A new thread has no live run to conflict
+    with, so the run needs no check nor savepoint."""
     inserting: list[orm.Base] = []
     thread = await threads.create(session, project, body.thread or ThreadCreate(), inserting=inserting)
-    run = await _new_run(session, project, thread.id, body, expires_in=expires_in, reservation=reservation)
+    assistant = run_defaults.remembered(session, project, body.assistant_id) if remembered else None
+    run = await _new_run(
+        session, project, thread.id, body, expires_in=expires_in, reservation=reservation, assistant=assistant
+    )
     run.tool_resources = (
         await tool_resources.to_stored(session, project, body.tool_resources) if body.tool_resources else None
     )
-    inserting.append(run)
     events = [Event.of("thread.created", threads.to_wire(thread)), *_queued_events(run)]
-    return NewThreadAndRun(thread, run, inserting, events)
+    if assistant is None:
+        inserting.append(run)
+        return NewThreadAndRun(thread, run, inserting, events)
+    for row in inserting:  # before the run, which references them
+        await core_rows.insert_row(session, row, write_behind=True)
+    await run_defaults.insert_checked(session, run, assistant)
+    return NewThreadAndRun(thread, run, [], events)
 
 
 async def get(session: AsyncSession, project: Project, thread_id: str, run_id: str) -> orm.Run:

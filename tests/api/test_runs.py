@@ -4,11 +4,15 @@ locking; executed by the in-process worker with the built-in model."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx2
 import openai
 import pytest
+from fastapi import FastAPI
+from sqlalchemy import delete, func, select, update
 
+from app import orm
 from tests.conftest import error_of
 
 
@@ -53,6 +57,43 @@ async def test_create_thread_and_run(client: openai.AsyncOpenAI) -> None:
     assert run.status == "completed"
     messages = await client.beta.threads.messages.list(run.thread_id)
     assert messages.data[0].role == "assistant"
+
+
+async def test_thread_and_run_takes_an_assistant_as_it_is_now(client: openai.AsyncOpenAI, app: FastAPI) -> None:
+    """The assistant changed or deleted behind this process's back (another
+    process sharing the database), after a run remembered its defaults
+    (app/services/run_defaults.py): the next run takes it as it is now,
+    and a deleted one is a 404; the attempt that found it changed left no
+    thread behind."""
+    assistant_id = await _assistant(client, instructions="Before.", temperature=0.5, tools=[{"type": "file_search"}])
+    body: Any = {"messages": [{"role": "user", "content": "Hello"}]}
+    first = await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=body)
+    assert (first.instructions, first.temperature) == ("Before.", 0.5)
+    runtime = app.state.runtime
+    for change in [
+        {"instructions": "After."},
+        {"temperature": 0.25},
+        {"tools": [{"type": "code_interpreter"}]},
+        {"response_format": {"type": "json_object"}},
+    ]:
+        async with runtime.transaction() as session:
+            await session.execute(update(orm.Assistant).where(orm.Assistant.id == assistant_id).values(**change))
+            threads_before = await session.scalar(select(func.count()).select_from(orm.Thread))
+        run = await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=body)
+        assert run.instructions == "After."
+        if "temperature" in change or run.temperature != 0.5:
+            assert run.temperature == 0.25
+        if "tools" in change:
+            assert [tool.type for tool in run.tools] == ["code_interpreter"]
+        if "response_format" in change:
+            assert run.response_format is not None and run.response_format.type == "json_object"  # type: ignore[union-attr]
+        async with runtime.transaction() as session:
+            assert await session.scalar(select(func.count()).select_from(orm.Thread)) == threads_before + 1
+    async with runtime.transaction() as session:
+        await session.execute(delete(orm.Assistant).where(orm.Assistant.id == assistant_id))
+    with pytest.raises(openai.NotFoundError) as refused:
+        await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=body)
+    assert error_of(refused.value)["message"] == f"No assistant found with id '{assistant_id}'."
 
 
 async def test_multi_round_function_calling(client: openai.AsyncOpenAI) -> None:

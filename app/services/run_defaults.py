@@ -1,0 +1,171 @@
+"""What a new run takes from its assistant: read, or on SQLite remembered
+from an earlier run and checked by the run's own INSERT (issue 17).
+
+A POST /threads/runs on SQLite is then one thread hop (its COMMIT, which
+carries every insert) instead of two: the run's row is written as ``INSERT
+INTO runs ... SELECT <the run's values> WHERE EXISTS (<the assistant, of this
+project, with exactly the remembered values>)``, held back to the COMMIT and
+required to add one row (db.EXPECT_ROWCOUNT). If the assistant was changed
+or deleted since (by this process or another one sharing the file), the
+insert adds none and the whole transaction fails (is_stale()): the caller
+creates the run again from a fresh read. The check runs inside the
+transaction, which holds SQLite's write lock: it compares with what a read
+there would have returned, so the run is the same either way.
+
+PostgreSQL reads the assistant as before: its held-back writes do not exist,
+and the read shares the transaction's round trips anyway.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Insert, String, Table, bindparam, exists, insert, select, type_coerce
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import db, errors, ids, orm, sqlite_driver
+from app.services import core_rows
+from app.services.common import require_id
+from app.services.projects import Project
+
+
+@dataclass(frozen=True)
+class AssistantDefaults:
+    """What a new run takes from its assistant, and the assistant's row as
+    stored (``stored``, the values the remembered path checks: its project,
+    then each column below, JSON columns as their stored text)."""
+
+    id: str
+    model: str
+    instructions: str | None
+    tools: list[Any]
+    temperature: float | None
+    top_p: float | None
+    response_format: Any
+    reasoning_effort: str | None
+    stored: tuple[Any, ...]
+
+
+_ASSISTANTS = orm.Assistant.__table__.c
+# The checked columns, in ``stored`` order; JSON columns as stored text, so
+# the check compares them exactly (and decoded here as SQLAlchemy would).
+_CHECKED = (
+    _ASSISTANTS.project_id,
+    _ASSISTANTS.model,
+    _ASSISTANTS.instructions,
+    type_coerce(_ASSISTANTS.tools, String),
+    _ASSISTANTS.temperature,
+    _ASSISTANTS.top_p,
+    type_coerce(_ASSISTANTS.response_format, String),
+    _ASSISTANTS.reasoning_effort,
+)
+# Built once with bound parameters: a Core statement, no ORM instance or
+# identity map, its cache key memoized on the statement. SQLite reads the
+# JSON columns' stored text (decoded here); PostgreSQL, which remembers
+# nothing, lets SQLAlchemy decode them (asyncpg decodes jsonb in any case).
+_READ_STORED = select(*_CHECKED).where(_ASSISTANTS.id == bindparam("assistant_id"))
+_READ = select(
+    _ASSISTANTS.project_id,
+    _ASSISTANTS.model,
+    _ASSISTANTS.instructions,
+    _ASSISTANTS.tools,
+    _ASSISTANTS.temperature,
+    _ASSISTANTS.top_p,
+    _ASSISTANTS.response_format,
+    _ASSISTANTS.reasoning_effort,
+).where(_ASSISTANTS.id == bindparam("assistant_id"))
+_GUARD_PARAMS = tuple(f"assistant_{index}" for index in range(len(_CHECKED)))
+_UNCHANGED = exists().where(
+    _ASSISTANTS.id == bindparam("assistant_id", type_=String),
+    *(
+        column.is_not_distinct_from(bindparam(name, type_=column.type))
+        for column, name in zip(_CHECKED, _GUARD_PARAMS, strict=True)
+    ),
+)
+
+
+def _decoded(stored: str | None) -> Any:
+    return None if stored is None else json.loads(stored)
+
+
+async def read(session: AsyncSession, project: Project, assistant_id: str) -> AssistantDefaults:
+    """The assistant's run defaults; missing for another project's assistant
+    as for none at all, as assistants.get answers. Remembered for the next
+    run on SQLite."""
+    require_id("assistant_id", assistant_id, ids.ASSISTANT)
+    remembers = _remembers(session)
+    row = (await session.execute(_READ_STORED if remembers else _READ, {"assistant_id": assistant_id})).first()
+    if row is None or row[0] != project.id:
+        raise errors.not_found("assistant", assistant_id)
+    _project, model, instructions, tools, temperature, top_p, response_format, reasoning_effort = row
+    if remembers:
+        tools, response_format = _decoded(tools), _decoded(response_format)
+    defaults = AssistantDefaults(
+        assistant_id, model, instructions, tools, temperature, top_p, response_format, reasoning_effort, tuple(row)
+    )
+    if remembers:
+        _REMEMBERED[assistant_id] = defaults
+        _REMEMBERED.move_to_end(assistant_id)
+        while len(_REMEMBERED) > REMEMBERED_ASSISTANTS:
+            _REMEMBERED.popitem(last=False)
+    return defaults
+
+
+# The assistants whose defaults this process remembers (most recently read last).
+REMEMBERED_ASSISTANTS = 1024
+_REMEMBERED: OrderedDict[str, AssistantDefaults] = OrderedDict()
+
+
+def _remembers(session: AsyncSession) -> bool:
+    return session.bind is not None and session.bind.dialect.name == "sqlite"
+
+
+def remembered(session: AsyncSession, project: Project, assistant_id: str) -> AssistantDefaults | None:
+    """The defaults read for an earlier run of this project (SQLite), to be
+    checked by insert_checked(); None: read() them."""
+    if not _remembers(session):
+        return None
+    defaults = _REMEMBERED.get(assistant_id)
+    if defaults is None or defaults.stored[0] != project.id:
+        return None
+    return defaults
+
+
+def forget(assistant_id: str) -> None:
+    """The assistant changed here: its next run reads it (the check would
+    catch it, at the price of a failed attempt)."""
+    _REMEMBERED.pop(assistant_id, None)
+
+
+@functools.cache
+def _checked_insert(columns: tuple[str, ...]) -> Insert:
+    """The run's INSERT for these columns, adding its row only while the
+    assistant is unchanged: built once per set of columns (a handful)."""
+    table = orm.Run.__table__
+    assert isinstance(table, Table)
+    values = select(*(bindparam(column, type_=table.c[column].type) for column in columns)).where(_UNCHANGED)
+    return insert(table).from_select(list(columns), values)
+
+
+async def insert_checked(session: AsyncSession, run: orm.Run, defaults: AssistantDefaults) -> None:
+    """Insert ``run``, made from remembered ``defaults``, with the COMMIT
+    (SQLite), which fails (is_stale()) if the assistant no longer has them."""
+    values = core_rows.values(run)
+    parameters = {**values, "assistant_id": defaults.id, **dict(zip(_GUARD_PARAMS, defaults.stored, strict=True))}
+    options = {**db.WRITE_BEHIND, db.EXPECT_ROWCOUNT: 1}
+    await session.execute(_checked_insert(tuple(values)), parameters, execution_options=options)
+
+
+def is_stale(error: BaseException) -> bool:
+    """Whether ``error`` (from a transaction's COMMIT) is insert_checked()
+    finding the assistant changed (the caller forgets it and reads again)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, sqlite_driver.HeldBackWriteMismatch) and "INSERT INTO runs" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
