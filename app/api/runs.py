@@ -8,8 +8,7 @@ on any replica, with or without a worker in its process.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
@@ -38,18 +37,8 @@ def _polled(model: Run, poll_after_ms: int) -> Response:
     return response
 
 
-@dataclass(frozen=True)
-class Queued:
-    """A change that leaves a run queued: the run, the events that announce
-    it, and the new rows it made but did not insert (the run among them, if
-    new), for run_log.append to insert with the events."""
-
-    run: orm.Run
-    events: list[Event]
-    inserting: Sequence[orm.Base] = ()
-
-
-QueueRun = Callable[[AsyncSession], Awaitable[Queued]]
+# A change that leaves a run queued, with the events that announce it.
+QueueRun = Callable[[AsyncSession], Awaitable[tuple[orm.Run, list[Event]]]]
 
 
 async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) -> Response:
@@ -64,17 +53,10 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
     follower: Follower | None = None
     try:
         async with runtime.transaction() as session:
-            queued = await change(session)
-            run = queued.run
+            run, events = await change(session)
             # ``change`` inserted the run or moved it with a compare-and-set
-            # UPDATE: this transaction holds its row lock (PostgreSQL). Or the
-            # run is among the rows to insert: the append's lock statement
-            # inserts them (issue 17: on PostgreSQL one statement for the
-            # thread, its messages and the run) and finds no row to lock,
-            # which no other transaction can see before this one commits.
-            opening = await runtime.run_log.append(
-                session, run.id, queued.events, run_locked=not queued.inserting, inserting=queued.inserting
-            )
+            # UPDATE: this transaction holds its row lock (PostgreSQL).
+            opening = await runtime.run_log.append(session, run.id, events, run_locked=True)
             if stream:
                 follower = Follower(
                     runtime.bus,
@@ -108,21 +90,20 @@ async def create_run(
 ) -> Response:
     run_steps.check_include(include)
     expires_in = runtime.settings.run_expires_seconds
-
-    async def change(session: AsyncSession) -> Queued:
-        run, events = await runs.create(
+    return await _queue_run(
+        runtime,
+        body.stream,
+        lambda session: runs.create(
             session, project, thread_id, body, expires_in=expires_in, reservation=runtime.run_reservation()
-        )
-        return Queued(run, events)
-
-    return await _queue_run(runtime, body.stream, change)
+        ),
+    )
 
 
 @router.post("/threads/runs", response_model=Run)
 async def create_thread_and_run(body: ThreadAndRunCreate, runtime: RuntimeDep, project: ProjectDep) -> Response:
     def change(remembered: bool) -> QueueRun:
-        async def create(session: AsyncSession) -> Queued:
-            new = await runs.create_thread_and_run(
+        async def create(session: AsyncSession) -> tuple[orm.Run, list[Event]]:
+            _thread, run, events = await runs.create_thread_and_run(
                 session,
                 project,
                 body,
@@ -130,7 +111,7 @@ async def create_thread_and_run(body: ThreadAndRunCreate, runtime: RuntimeDep, p
                 reservation=runtime.run_reservation(),
                 remembered=remembered,
             )
-            return Queued(new.run, new.events, new.inserting)
+            return run, events
 
         return create
 
@@ -228,11 +209,9 @@ async def cancel_run(thread_id: str, run_id: str, runtime: RuntimeDep, project: 
 async def submit_tool_outputs(
     thread_id: str, run_id: str, body: SubmitToolOutputs, runtime: RuntimeDep, project: ProjectDep
 ) -> Response:
-
-    async def change(session: AsyncSession) -> Queued:
-        return Queued(*await runs.submit_tool_outputs(session, project, thread_id, run_id, body))
-
-    return await _queue_run(runtime, body.stream, change)
+    return await _queue_run(
+        runtime, body.stream, lambda session: runs.submit_tool_outputs(session, project, thread_id, run_id, body)
+    )
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}/steps", response_model=ListPage[RunStep])

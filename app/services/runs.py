@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, bindparam, inspect, select
@@ -21,6 +20,7 @@ from app import errors, ids, orm
 from app.services import (
     core_rows,
     messages,
+    new_rows,
     pagination,
     run_defaults,
     run_execution,
@@ -163,18 +163,6 @@ async def _insert_live(session: AsyncSession, run: orm.Run) -> None:
     raise errors.thread_has_active_run(run.thread_id, "(a run that has just ended)")
 
 
-@dataclass(frozen=True)
-class NewThreadAndRun:
-    """What create_thread_and_run() made: the rows still to insert, in order
-    (the thread, its messages, the run; run_log.append inserts them with the
-    events, on PostgreSQL in one statement), and the events to log."""
-
-    thread: orm.Thread
-    run: orm.Run
-    inserting: list[orm.Base]
-    events: list[Event]
-
-
 async def create_thread_and_run(
     session: AsyncSession,
     project: Project,
@@ -183,14 +171,14 @@ async def create_thread_and_run(
     expires_in: int,
     reservation: run_execution.Reservation | None = None,
     remembered: bool = True,
-) -> NewThreadAndRun:
-    """A new thread and its run, not inserted yet (those rows but a thread
-    whose messages search files: threads.create), or, made from its
-    assistant's ``remembered`` defaults (SQLite: run_defaults), inserted
-    with the COMMIT, checked. A new thread has no live run to conflict
-    with, so the run needs no check nor savepoint."""
-    inserting: list[orm.Base] = []
-    thread = await threads.create(session, project, body.thread or ThreadCreate(), inserting=inserting)
+) -> tuple[orm.Thread, orm.Run, list[Event]]:
+    """A new thread and its run. A new thread has no live run to conflict
+    with, so the run needs no check nor savepoint, and its rows go together:
+    on SQLite held back to the COMMIT, the run made from its assistant's
+    ``remembered`` defaults if any (run_defaults: checked by its INSERT, no
+    read); on PostgreSQL in one statement (new_rows)."""
+    rows: list[orm.Base] = []
+    thread = await threads.create(session, project, body.thread or ThreadCreate(), inserting=rows)
     assistant = run_defaults.remembered(session, project, body.assistant_id) if remembered else None
     run = await _new_run(
         session, project, thread.id, body, expires_in=expires_in, reservation=reservation, assistant=assistant
@@ -198,14 +186,17 @@ async def create_thread_and_run(
     run.tool_resources = (
         await tool_resources.to_stored(session, project, body.tool_resources) if body.tool_resources else None
     )
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        await new_rows.insert_together(session, [*rows, run])
+    else:
+        for row in rows:  # before the run, which references them
+            await core_rows.insert_row(session, row, write_behind=True)
+        if assistant is not None:
+            await run_defaults.insert_checked(session, run, assistant)
+        else:
+            await core_rows.insert_row(session, run, write_behind=True)
     events = [Event.of("thread.created", threads.to_wire(thread)), *_queued_events(run)]
-    if assistant is None:
-        inserting.append(run)
-        return NewThreadAndRun(thread, run, inserting, events)
-    for row in inserting:  # before the run, which references them
-        await core_rows.insert_row(session, row, write_behind=True)
-    await run_defaults.insert_checked(session, run, assistant)
-    return NewThreadAndRun(thread, run, [], events)
+    return thread, run, events
 
 
 async def get(session: AsyncSession, project: Project, thread_id: str, run_id: str) -> orm.Run:

@@ -19,10 +19,10 @@ async def create(
 ) -> orm.Thread:
     """The thread and its messages, inserted with Core statements (issue 17:
     this is half of every POST /threads/runs). Given ``inserting``, the rows
-    are appended to it instead, for the caller to insert with what it adds
-    (POST /threads/runs: on PostgreSQL in the statement of the run's own
-    insert), unless a message's file_search attachment must find the thread
-    inserted already (its store is added to the thread's row)."""
+    are appended to it instead, for the caller to insert with its own
+    (runs.create_thread_and_run: on PostgreSQL in one statement), unless a
+    message's file_search attachment must find the thread inserted already
+    (its store is added to the thread's row)."""
     seq = ids.next_seq()
     row = orm.Thread(
         id=ids.new_id(ids.THREAD, seq),
