@@ -90,13 +90,19 @@ async def create_run(
 ) -> Response:
     run_steps.check_include(include)
     expires_in = runtime.settings.run_expires_seconds
-    return await _queue_run(
-        runtime,
-        body.stream,
-        lambda session: runs.create(
-            session, project, thread_id, body, expires_in=expires_in, reservation=runtime.run_reservation()
-        ),
-    )
+
+    def change(remembered: bool) -> QueueRun:
+        return lambda session: runs.create(
+            session,
+            project,
+            thread_id,
+            body,
+            expires_in=expires_in,
+            reservation=runtime.run_reservation(),
+            remembered=remembered,
+        )
+
+    return await _queue_remembering(runtime, body.stream, body.assistant_id, change)
 
 
 @router.post("/threads/runs", response_model=Run)
@@ -115,15 +121,23 @@ async def create_thread_and_run(body: ThreadAndRunCreate, runtime: RuntimeDep, p
 
         return create
 
+    return await _queue_remembering(runtime, body.stream, body.assistant_id, change)
+
+
+async def _queue_remembering(
+    runtime: Runtime, stream: bool | None, assistant_id: str, change: Callable[[bool], QueueRun]
+) -> Response:
+    """_queue_run() of a new run made from its assistant's remembered
+    defaults (``change(True)``; services/run_defaults.py), or, if the
+    assistant changed since, of one made from a fresh read: the first
+    attempt wrote nothing."""
     try:
-        return await _queue_run(runtime, body.stream, change(remembered=True))
-    except IntegrityError as error:
+        return await _queue_run(runtime, stream, change(True))
+    except (IntegrityError, run_defaults.StaleDefaults) as error:
         if not run_defaults.is_stale(error):
             raise
-    # The assistant changed since its defaults were remembered: nothing was
-    # written; again, from a fresh read.
-    run_defaults.forget(body.assistant_id)
-    return await _queue_run(runtime, body.stream, change(remembered=False))
+    run_defaults.forget(assistant_id)
+    return await _queue_run(runtime, stream, change(False))
 
 
 @router.get("/threads/{thread_id}/runs", response_model=ListPage[Run])

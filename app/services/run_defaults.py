@@ -160,11 +160,27 @@ async def insert_checked(session: AsyncSession, run: orm.Run, defaults: Assistan
     await session.execute(_checked_insert(tuple(values)), parameters, execution_options=options)
 
 
+class StaleDefaults(Exception):
+    """insert_checked_now() found the assistant changed: nothing was inserted."""
+
+
+async def insert_checked_now(session: AsyncSession, run: orm.Run, defaults: AssistantDefaults) -> None:
+    """insert_checked(), sent at once (its caller's savepoint must see the
+    live-run index refuse it there): StaleDefaults if it added no row."""
+    values = core_rows.values(run)
+    parameters = {**values, "assistant_id": defaults.id, **dict(zip(_GUARD_PARAMS, defaults.stored, strict=True))}
+    result = await session.execute(_checked_insert(tuple(values)), parameters)
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise StaleDefaults(defaults.id)
+
+
 def is_stale(error: BaseException) -> bool:
     """Whether ``error`` (from a transaction's COMMIT) is insert_checked()
     finding the assistant changed (the caller forgets it and reads again)."""
     seen: BaseException | None = error
     while seen is not None:
+        if isinstance(seen, StaleDefaults):
+            return True
         if isinstance(seen, sqlite_driver.HeldBackWriteMismatch) and "INSERT INTO runs" in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__

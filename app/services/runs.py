@@ -123,7 +123,11 @@ async def create(
     *,
     expires_in: int,
     reservation: run_execution.Reservation | None = None,
+    remembered: bool = True,
 ) -> tuple[orm.Run, list[Event]]:
+    """A run on an existing thread, made from its assistant's
+    ``remembered`` defaults if any (SQLite: run_defaults, checked by its
+    INSERT: StaleDefaults), else from a read."""
     live_run = await thread_lock.live_run_of_owned_thread(session, project, thread_id)
     if live_run is not None:
         raise errors.thread_has_active_run(thread_id, live_run)
@@ -131,6 +135,7 @@ async def create(
     for message in body.additional_messages or []:
         message_row = await messages.build(session, project, thread_id, message)
         await core_rows.insert_row(session, message_row, write_behind=True)  # sent with the next statement
+    assistant = run_defaults.remembered(session, project, body.assistant_id) if remembered else None
     run = await _new_run(
         session,
         project,
@@ -139,19 +144,24 @@ async def create(
         expires_in=expires_in,
         additional_instructions=body.additional_instructions,
         reservation=reservation,
+        assistant=assistant,
     )
-    await _insert_live(session, run)
+    await _insert_live(session, run, assistant)
     return run, _queued_events(run)
 
 
-async def _insert_live(session: AsyncSession, run: orm.Run) -> None:
-    """Insert a new live run. The check before it makes a conflict rare (it
+async def _insert_live(session: AsyncSession, run: orm.Run, assistant: run_defaults.AssistantDefaults | None) -> None:
+    """Insert a new live run (checked against ``assistant``, its remembered
+    defaults, if given). The check before it makes a conflict rare (it
     takes a writer that skipped the thread lock); the live-run index makes it
     impossible, and its refusal is answered like the check's."""
     for _attempt in range(3):
         try:
             async with session.begin_nested():
-                await core_rows.insert_row(session, run)
+                if assistant is None:
+                    await core_rows.insert_row(session, run)
+                else:
+                    await run_defaults.insert_checked_now(session, run, assistant)
             return
         except IntegrityError as error:
             if not thread_lock.is_live_run_conflict(error):
