@@ -46,6 +46,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import Update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app import db, orm
@@ -207,6 +208,7 @@ class RunLog:
         *,
         run_locked: bool = False,
         inserting: Sequence[orm.Base] = (),
+        carried_by: Update | None = None,
     ) -> list[Entry]:
         """Log ``events`` (after the run's buffered deltas) in ``session``'s
         transaction; returns their entries. With no events it still learns
@@ -215,7 +217,11 @@ class RunLog:
         updated the row, or read it FOR UPDATE), so on PostgreSQL the lock
         is not asked for again (issue 17: a round trip per append).
         ``inserting``: new rows the events announce, inserted first (on
-        PostgreSQL by the statement that takes the run's lock)."""
+        PostgreSQL by the statement that takes the run's lock).
+        ``carried_by`` (PostgreSQL, with ``run_locked``): the run's move
+        (run_state.carried_move), which the events' insert goes in
+        (run_events.insert_carrying), sent with it (a move has its event)."""
+        assert carried_by is None or (events and self.postgres and run_locked), "a move carried by its events"
         if self.postgres and not run_locked:  # a SQLite transaction holds the write lock already
             await run_events.lock_inserting(session, run_id, inserting)
         else:
@@ -232,6 +238,9 @@ class RunLog:
                 first = predicted
                 prediction = _Prediction(first, [], [])
                 await run_events.insert_behind(session, run_id, batch, prediction.returned)
+            elif batch and carried_by is not None:
+                signal = self._notify_signal(session)
+                first = await run_events.insert_carrying(session, run_id, batch, carried_by, signal=signal)
             elif batch:
                 signal = self._notify_signal(session)
                 first = (await run_events.insert(session, {run_id: batch}, signal=signal))[run_id]

@@ -138,6 +138,9 @@ class RunExecution:
         self._first_answer: list[llm.Event] | llm.LLMError | None = None
         # The claim's transaction, while an instant answer is committed in it.
         self._claim_session: AsyncSession | None = None
+        # The run's move to in_progress, made in memory by start_claimed()
+        # and not written yet: the run's next move writes it too (issue 17).
+        self._held_start: run_state.HeldMove | None = None
         # Ended in the claim's transaction (start_claimed): nothing left to execute.
         self.finished = False
 
@@ -172,9 +175,16 @@ class RunExecution:
         long enough for either)."""
         events = list(pending.events)
         unread = move is not None and self._movable_unread(move)
+        postgres = self.runtime.run_log.postgres
+        # PostgreSQL, in the claim's transaction: the claim locked the run's
+        # row and returned its status, so the move cannot miss; it goes in
+        # the events' insert, with the turn's rows (issue 17: one round trip).
+        carried = unread and postgres and self._claim_session is not None
         async with self._transaction() as session, self.runtime.run_log.holding(self.run_id):
+            if self._held_start is not None and not unread:
+                await self._write_held_start(session)  # before the run is read
             alongside: list[Insert | Update] = []
-            if unread and self.runtime.run_log.postgres:
+            if unread and postgres:
                 # PostgreSQL: the turn's writes go in the run's UPDATE (issue 17).
                 alongside += [core_rows.insert_statement(row) for row in pending.inserts]
                 alongside += [core_rows.update_statement(change.row, change.keys) for change in pending.rows]
@@ -186,6 +196,20 @@ class RunExecution:
                 await write_rows(session, pending.rows)
                 for exchange in self._exchanges:
                     await core_rows.insert_row(session, model_requests.row(exchange), write_behind=True)
+            if carried:
+                assert move is not None and self._run is not None
+                name, statement = run_state.carried_move(
+                    self._run,
+                    move.to,
+                    held=self._held_start,
+                    lease_owner=self.owner,
+                    alongside=alongside,
+                    **self._move_fields(move),
+                )
+                self._held_start = None
+                events.append(Event.of(name, runs.to_wire(self._run)))
+                await self.runtime.run_log.append(session, self.run_id, events, run_locked=True, carried_by=statement)
+                return
             moved = await self._move_unread(session, move, alongside) if move is not None and unread else None
             if moved is not None:
                 events += moved
@@ -193,6 +217,11 @@ class RunExecution:
             else:
                 await self._move_read(session, move, events, checked=checked)
         self._exchanges.clear()  # recorded: only once committed
+
+    async def _write_held_start(self, session: AsyncSession) -> None:
+        assert self._held_start is not None and self._run is not None
+        held, self._held_start = self._held_start, None
+        await run_state.write_held(session, self._run, held, lease_owner=self.owner)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncSession]:
@@ -282,13 +311,6 @@ class RunExecution:
         decides (LeaseLost if it ended or changed hands)."""
         run = self._run
         assert run is not None
-        fields: dict[str, Any] = {"usage": self._usage()}
-        if move.required_action is not None:
-            fields["required_action"] = move.required_action
-        if move.last_error is not None:
-            fields["last_error"] = dict(move.last_error)
-        if move.incomplete_details is not None:
-            fields["incomplete_details"] = move.incomplete_details
         session.add(run)
         # SQLite, in the claim's transaction: the row has been this
         # transaction's since the claim returned it, so the move cannot miss
@@ -304,11 +326,26 @@ class RunExecution:
                 locked=known,
                 alongside=alongside,
                 lease_owner=self.owner,
-                **fields,
+                held=self._held_start,
+                **self._move_fields(move),
             )
         except run_state.TransitionConflict:
+            if self._held_start is not None:  # (it cannot miss while held: the claim holds the row)
+                await self._write_held_start(session)
             return None
+        self._held_start = None
         return [Event.of(name, runs.to_wire(run))]
+
+    def _move_fields(self, move: Move) -> dict[str, Any]:
+        """What an unread move writes besides its status and stamps."""
+        fields: dict[str, Any] = {"usage": self._usage()}
+        if move.required_action is not None:
+            fields["required_action"] = move.required_action
+        if move.last_error is not None:
+            fields["last_error"] = dict(move.last_error)
+        if move.incomplete_details is not None:
+            fields["incomplete_details"] = move.incomplete_details
+        return fields
 
     async def _context(self, session: AsyncSession, run: orm.Run) -> RequestContext:
         """Who the model answers, for scripted offline rules; the thread is
@@ -405,13 +442,17 @@ class RunExecution:
             raise  # the claim's transaction is lost: the runs stay claimable
         except Exception:  # start() meets it again, in its own transaction, and fails the run
             return
-        # The claim's UPDATE locked the run's row and returned its status.
-        moved = await run_state.transition(session, run, "in_progress", locked=True, lease_owner=self.owner)
+        # The claim's UPDATE locked the run's row and returned its status:
+        # the move is held, for the run's end to write if it comes in this
+        # transaction (an instant answer), else written below.
+        moved, self._held_start = run_state.hold(run, "in_progress")
         events = [Event.of(moved, runs.to_wire(run))]
         self.context = context
         self._started = (run, chat)
         self._run = run
         if not await self._finish_at_once(session, run, chat, events):
+            if self._held_start is not None:
+                await self._write_held_start(session)
             await self.runtime.run_log.append(session, run.id, events, run_locked=True)
 
     async def _finish_at_once(

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import TextClause, bindparam, delete, func, select, text
+from sqlalchemy import ColumnElement, Text, TextClause, Update, bindparam, cast, column, delete, func, select, text
 from sqlalchemy import insert as sql_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -160,6 +160,53 @@ async def _insert_postgres(
     statement = _INSERT_POSTGRES if signal is None else _INSERT_NOTIFY_POSTGRES
     rows = (await session.execute(statement, params)).all()
     return {str(row[0]): int(row[1]) for row in rows}
+
+
+# The log's insert of _INSERT_POSTGRES as a data-modifying CTE of another
+# statement (insert_carrying), numbering as that one does.
+_LOGGED = (
+    text(
+        "INSERT INTO run_events (run_id, seq, event, data, created_at) "
+        "SELECT v.run_id, (SELECT coalesce(max(e.seq), 0) FROM run_events e WHERE e.run_id = v.run_id) + v.n, "
+        "v.event, CAST(v.data AS jsonb), :log_now "
+        "FROM unnest(CAST(:log_run_ids AS text[]), CAST(:log_ns AS int[]), CAST(:log_names AS text[]), "
+        "CAST(:log_datas AS text[])) AS v(run_id, n, event, data) "
+        "RETURNING seq"
+    )
+    .columns(column("seq"))
+    .cte("logged")
+)
+
+
+async def insert_carrying(
+    session: AsyncSession, run_id: str, events: list[Event], carrier: Update, *, signal: Signal | None = None
+) -> int:
+    """insert() of one run's events on PostgreSQL as part of ``carrier``, an
+    UPDATE of that run's row that returns its id and must change it
+    (run_state.carried_move: the run's move in the claim's transaction,
+    which locked the row in an earlier statement, so the numbering sees
+    every append committed before; issue 17: one round trip for the move,
+    its rows and its events). With ``signal``, NOTIFYs it as insert() does.
+    Returns the first ``seq``; raises run_state.TransitionConflict, the
+    transaction to be rolled back, if the UPDATE changed no row."""
+    first = select(func.min(_LOGGED.c.seq)).scalar_subquery()
+    returned: list[ColumnElement[Any]] = [first]
+    params: dict[str, Any] = {
+        "log_now": time.time(),
+        "log_run_ids": [run_id] * len(events),
+        "log_ns": list(range(1, len(events) + 1)),
+        "log_names": [event.name for event in events],
+        "log_datas": [_ENCODE(_payload(event)) for event in events],
+    }
+    if signal is not None:
+        returned.append(
+            func.pg_notify(bindparam("log_channel"), run_state.RUNS.c.id + " " + cast(bindparam("log_origin"), Text))
+        )
+        params["log_channel"], params["log_origin"] = signal.channel, signal.origin
+    row = (await session.execute(carrier.add_cte(_LOGGED).returning(*returned), params)).first()
+    if row is None:
+        raise run_state.TransitionConflict(f"{run_id} moved or changed hands under its transaction's lock")
+    return int(row[1])
 
 
 # Up to this many events, SQLite numbers and inserts them in one statement

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Insert, Table, Update, bindparam, inspect, update
@@ -105,6 +106,101 @@ def _update_with(
 _CANNOT_MISS = {**db.WRITE_BEHIND, db.EXPECT_ROWCOUNT: 1}
 
 
+@dataclass(frozen=True)
+class HeldMove:
+    """A move made in memory only (hold()): the run object shows it, the
+    database does not yet. The claim's transaction holds the run's first
+    move (queued -> in_progress) so that, when the run also ends in that
+    transaction (an instant answer), one UPDATE writes both (issue 17: a
+    statement, on PostgreSQL a round trip, fewer); else write_held() writes
+    it alone. ``source``: the status the database still has."""
+
+    source: str
+    values: dict[str, Any]
+
+
+def _values(run: orm.Run, to: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """What a move of ``run`` to ``to`` writes: ``fields`` and the stamps."""
+    if to not in ALLOWED.get(run.status, frozenset()):
+        raise InvalidTransition(f"{run.id}: {run.status} -> {to}")
+    now = ids.now()
+    values: dict[str, Any] = {"status": to, **fields}
+    if to == "in_progress" and run.started_at is None:
+        values["started_at"] = now
+    if to in _STAMP:
+        values[_STAMP[to]] = now
+    if to in TERMINAL or to == "requires_action":
+        # Nobody executes the run any more; its lease is released.
+        values.setdefault("lease_owner", None)
+        values.setdefault("lease_expires_at", None)
+    if to in TERMINAL and to != "expired":
+        values["expires_at"] = None
+    if to != "requires_action":
+        values.setdefault("required_action", None)
+    return values
+
+
+def _set(run: orm.Run, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        set_committed_value(run, key, value)
+
+
+def hold(run: orm.Run, to: str) -> tuple[str, HeldMove]:
+    """Move ``run`` to ``to`` in memory only (see HeldMove); the caller
+    holds the run's row (the claim's UPDATE locked it and returned its
+    status) and writes the move later, with the run's next move or alone.
+    Returns the event name to publish and the held move."""
+    source = run.status
+    values = _values(run, to, {})
+    _set(run, values)
+    return f"thread.run.{to}", HeldMove(source, values)
+
+
+async def write_held(session: AsyncSession, run: orm.Run, held: HeldMove, *, lease_owner: str) -> None:
+    """Write a held move alone: the compare-and-set that cannot miss (on
+    SQLite sent with the transaction's next statement)."""
+    keys = tuple(held.values)
+    params = {"run_id": run.id, "source": held.source, "lease_holder": lease_owner}
+    params |= {f"set_{key}": value for key, value in held.values.items()}
+    result = await session.execute(_update(keys, False, True), params, execution_options=_CANNOT_MISS)
+    rowcount: int = result.rowcount  # type: ignore[attr-defined]
+    if rowcount not in (-1, 1):  # -1: held back (SQLite), the driver checks the count
+        raise TransitionConflict(f"{run.id} is no longer {held.source}")
+
+
+def carried_move(
+    run: orm.Run,
+    to: str,
+    *,
+    held: HeldMove | None,
+    lease_owner: str,
+    alongside: Sequence[Insert | Update] = (),
+    **fields: Any,
+) -> tuple[str, Update]:
+    """transition() for a run whose row this transaction holds and whose
+    status it knows (the claim's, PostgreSQL), as a statement for another
+    to carry (the event log's insert, run_events.insert_carrying; issue 17:
+    one round trip for the move, the turn's rows and the events). The
+    compare-and-set and the lease are still in its WHERE, and it returns
+    the run's id: no row back means it missed, and the transaction must
+    fail. ``held``: the run's held first move, written by the same UPDATE.
+    ``run`` shows the move at once. Returns the event name and the UPDATE."""
+    values = _values(run, to, fields)
+    source = run.status
+    if held is not None:
+        source, values = held.source, {**held.values, **values}
+    statement = (
+        update(RUNS)
+        .where(RUNS.c.id == run.id, RUNS.c.status == source, RUNS.c.lease_owner == lease_owner)
+        .values({RUN_COLUMNS[key]: value for key, value in values.items()})
+        .returning(RUNS.c.id)
+    )
+    for index, write in enumerate(alongside):
+        statement = statement.add_cte(write.cte(f"alongside_{index}"))
+    _set(run, values)
+    return f"thread.run.{to}", statement
+
+
 async def transition(
     session: AsyncSession,
     run: orm.Run,
@@ -114,6 +210,7 @@ async def transition(
     locked: bool = False,
     alongside: Sequence[Insert | Update] = (),
     lease_owner: str | None = None,
+    held: HeldMove | None = None,
     **fields: Any,
 ) -> str:
     """Move ``run`` to status ``to``; returns the event name to publish.
@@ -129,24 +226,13 @@ async def transition(
     ``lease_owner``: the executor making the move; the run moves only while
     that worker's lease is on it (a worker whose lease was taken over must
     not end the run its successor executes), else TransitionConflict. The
-    API and the reaper move runs whoever holds the lease and pass None."""
+    API and the reaper move runs whoever holds the lease and pass None.
+    ``held``: the run's held move (hold()), written by this UPDATE too (the
+    compare-and-set is then from the status the database still has)."""
     source = run.status
-    if to not in ALLOWED.get(source, frozenset()):
-        raise InvalidTransition(f"{run.id}: {source} -> {to}")
-    now = ids.now()
-    values: dict[str, Any] = {"status": to, **fields}
-    if to == "in_progress" and run.started_at is None:
-        values["started_at"] = now
-    if to in _STAMP:
-        values[_STAMP[to]] = now
-    if to in TERMINAL or to == "requires_action":
-        # Nobody executes the run any more; its lease is released.
-        values.setdefault("lease_owner", None)
-        values.setdefault("lease_expires_at", None)
-    if to in TERMINAL and to != "expired":
-        values["expires_at"] = None
-    if to != "requires_action":
-        values.setdefault("required_action", None)
+    values = _values(run, to, fields)
+    if held is not None:
+        source, values = held.source, {**held.values, **values}
     keys = tuple(values)
     params = {"run_id": run.id, "source": source, **{f"set_{key}": value for key, value in values.items()}}
     leased = lease_owner is not None
@@ -162,8 +248,7 @@ async def transition(
             row = (await session.execute(_update(keys, True, leased), params)).first()
         moved = 0 if row is None else 1
         if row is not None:
-            for key, column in RUN_COLUMNS.items():
-                set_committed_value(run, key, row._mapping[column])
+            _set(run, {key: row._mapping[column] for key, column in RUN_COLUMNS.items()})
     elif locked:
         result = await session.execute(_update(keys, False, leased), params, execution_options=_CANNOT_MISS)
         rowcount: int = result.rowcount  # type: ignore[attr-defined]
@@ -175,8 +260,7 @@ async def transition(
         # row lock), so this read sees the status it left.
         current = await session.get(orm.Run, run.id, populate_existing=True)
         raise TransitionConflict(f"{run.id} is no longer {source}", current)
-    for key, value in values.items():
-        set_committed_value(run, key, value)
+    _set(run, values)
     return f"thread.run.{to}"
 
 

@@ -16,6 +16,8 @@ from app import orm
 from app.llm import offline
 from app.runner.execute import RunExecution
 from app.runtime import Runtime
+from app.services import run_events, run_state
+from app.wire.events import Event
 from app.worker import Worker
 from tests.runner.test_worker import _make_runs
 
@@ -166,3 +168,57 @@ async def test_a_long_instant_answer_is_streamed(runtime: Runtime) -> None:
     async with runtime.transaction() as session:
         run = await session.get(orm.Run, run_id)
     assert run is not None and run.status == "completed"
+
+
+async def test_a_run_answered_in_its_claim_is_moved_by_one_update(runtime: Runtime) -> None:
+    """Its move to in_progress is held and written by its end's UPDATE
+    (issue 17), which still compares and sets from the status the database
+    has (queued) under the worker's lease; the run reads as a streamed one
+    would (started, then completed)."""
+    (run_id,) = await _make_runs(runtime, 1)
+    with statements_by_transaction(runtime) as seen:
+        await Worker(runtime, concurrency=1).run_until_idle()
+    moves = [statement for _number, statement in seen if "UPDATE runs SET status" in statement]
+    assert len(moves) == 1, seen
+    assert "runs.status =" in moves[0] and "runs.lease_owner =" in moves[0]
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+    assert run is not None and run.status == "completed" and run.lease_owner is None
+    assert run.started_at is not None and run.completed_at is not None and run.started_at <= run.completed_at
+    names = await _event_names(runtime, run_id)
+    assert names == [*_ANSWERED, "thread.run.step.completed", "thread.run.completed"]
+
+
+async def test_a_run_streamed_after_its_claim_is_moved_to_in_progress_in_it(runtime: Runtime) -> None:
+    """A run whose answer is not taken at once (cued to take time) has its
+    held move written in the claim's transaction all the same: in_progress
+    once the claim commits, before its answer."""
+    (run_id,) = await _make_runs(runtime, 1, text="[[delay 1]] hello")
+    with statements_by_transaction(runtime) as seen:
+        await Worker(runtime, concurrency=1).run_until_idle()
+    claim = _transactions_of(seen, "WITH candidates")
+    started = _transactions_of(seen, "UPDATE runs SET status")
+    assert min(claim) in started, seen  # (a later claim found nothing)
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+    assert run is not None and run.status == "completed" and run.started_at is not None
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_carried_move_that_misses_fails_its_transaction(runtime: Runtime) -> None:
+    """PostgreSQL: a move carried by the events' insert (the claim's
+    transaction) that finds the run no longer as held raises, so nothing
+    of its statement (rows, events) can be committed."""
+    (run_id,) = await _make_runs(runtime, 1)
+    with pytest.raises(run_state.TransitionConflict):
+        async with runtime.transaction() as session:
+            run = await session.get(orm.Run, run_id)
+            assert run is not None
+            name, held = run_state.hold(run, "in_progress")  # the database still has it queued, no lease
+            _name, statement = run_state.carried_move(run, "completed", held=held, lease_owner="someone")
+            await run_events.insert_carrying(session, run_id, [Event(name, {"id": run_id})], statement)
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+        logged = (await session.scalars(select(orm.RunEvent.event).where(orm.RunEvent.run_id == run_id))).all()
+    assert run is not None and run.status == "queued"
+    assert "thread.run.in_progress" not in logged
