@@ -10,24 +10,27 @@ Nothing here changes a run's status: that is run_state.transition()'s job.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
+    JSON,
     BindParameter,
     ColumnElement,
     Float,
     Integer,
-    Row,
     RowMapping,
     Update,
     and_,
     bindparam,
     delete,
     func,
+    literal_column,
     or_,
     select,
+    type_coerce,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -79,10 +82,32 @@ def _claimable_by_owner() -> ColumnElement[bool]:
     return or_(queued, resumable)
 
 
-def _build_claim() -> Update:
-    """The claim, built once (issue 17: building it and its ORM RETURNING
-    cost more CPU than running it); bound: _claimable_by_owner()'s values,
-    ``limit``, ``owner`` and ``lease_until``; returns the claimed rows."""
+def _earlier_messages_column(dialect: str) -> ColumnElement[Any]:
+    """For a claimed run that is queued (one the claim's transaction may
+    start), the thread's messages before it as _EARLIER_MESSAGES selects
+    them, as one JSON array of ``[seq, role, content]`` (in no set order);
+    NULL for any other run (issue 17: the first prompt's read goes with
+    the claim, a round trip or a thread hop fewer). Written out: SQLite's
+    compiler leaves the table's name off the columns of a RETURNING, and
+    a subquery there would then compare the messages' columns with
+    themselves."""
+    if dialect == "postgresql":
+        aggregate = "json_agg(json_build_array(earlier.seq, earlier.role, earlier.content))"
+    else:
+        aggregate = "json_group_array(json_array(earlier.seq, earlier.role, json(earlier.content)))"
+    sql = (
+        f"CASE WHEN runs.status = 'queued' THEN (SELECT {aggregate} FROM messages AS earlier "  # noqa: S608 (constants)
+        "WHERE earlier.thread_id = runs.thread_id AND earlier.seq < runs.seq "
+        "AND (earlier.run_id IS NULL OR earlier.run_id != runs.id)) END"
+    )
+    return type_coerce(literal_column(sql), JSON).label("earlier_messages")
+
+
+def _build_claim(dialect: str) -> Update:
+    """The claim, built once per dialect (issue 17: building it and its ORM
+    RETURNING cost more CPU than running it); bound: _claimable_by_owner()'s
+    values, ``limit``, ``owner`` and ``lease_until``; returns the claimed
+    rows and each queued one's earlier messages (_earlier_messages_column)."""
     # MATERIALIZED: chosen once. As a plain IN (subquery) PostgreSQL may
     # rescan it for each row it updates, and a rescan skips the rows this
     # statement has just updated and picks the next ones: a claim took more
@@ -100,11 +125,23 @@ def _build_claim() -> Update:
         update(run_state.RUNS)
         .where(run_state.RUNS.c.id.in_(select(candidates.c.id)), _claimable_by_owner())
         .values(lease_owner=bindparam("owner"), lease_expires_at=bindparam("lease_until", type_=Float))
-        .returning(*run_state.RUNS.c)
+        .returning(*run_state.RUNS.c, _earlier_messages_column(dialect))
     )
 
 
-_CLAIM = _build_claim()
+_CLAIMS = {dialect: _build_claim(dialect) for dialect in ("postgresql", "sqlite")}
+
+
+class EarlierMessage(NamedTuple):
+    """A message of the thread from before a run, as its prompt takes it."""
+
+    role: str
+    content: list[dict[str, Any]]
+
+
+# The earlier messages the claim returned with each run it claimed, until
+# earlier_messages() takes them (once: a later prompt reads them again).
+_PREFETCHED: weakref.WeakKeyDictionary[orm.Run, list[EarlierMessage]] = weakref.WeakKeyDictionary()
 
 
 def _claim_parameters(owner: str, limit: int, lease_seconds: float) -> dict[str, Any]:
@@ -133,7 +170,9 @@ async def claim_runs(session: AsyncSession, owner: str, limit: int, lease_second
     them again. They are detached instances, as if loaded by a session
     since closed: session.add() attaches one to another session as the row
     it is (never a new row to insert)."""
-    result = await session.execute(_CLAIM, _claim_parameters(owner, limit, lease_seconds))
+    assert session.bind is not None
+    claim = _CLAIMS[session.bind.dialect.name]
+    result = await session.execute(claim, _claim_parameters(owner, limit, lease_seconds))
     runs = [_detached_run(row._mapping) for row in result]
     return sorted(runs, key=lambda run: run.seq)  # RETURNING has no order; oldest first, as claimed
 
@@ -141,6 +180,11 @@ async def claim_runs(session: AsyncSession, owner: str, limit: int, lease_second
 def _detached_run(row: RowMapping) -> orm.Run:
     run = orm.Run(**{key: row[column] for key, column in run_state.RUN_COLUMNS.items()})
     make_transient_to_detached(run)
+    earlier: list[list[Any]] | None = row["earlier_messages"]
+    if run.status == "queued":  # (PostgreSQL's json_agg of no rows is NULL)
+        _PREFETCHED[run] = [
+            EarlierMessage(role, content) for _seq, role, content in sorted(earlier or [], key=lambda m: m[0])
+        ]
     return run
 
 
@@ -261,12 +305,16 @@ _EARLIER_MESSAGES = (
 )
 
 
-async def earlier_messages(session: AsyncSession, run: orm.Run) -> Sequence[Row[tuple[str, list[dict[str, Any]]]]]:
+async def earlier_messages(session: AsyncSession, run: orm.Run) -> Sequence[EarlierMessage]:
     """The thread's messages from before ``run``, oldest first (its prompt's
-    history): their ``role`` and ``content``."""
+    history): their ``role`` and ``content``. Read by the claim in the same
+    transaction when ``run`` was claimed queued (claim_runs)."""
+    prefetched = _PREFETCHED.pop(run, None)
+    if prefetched is not None:
+        return prefetched
     # additional_messages are inserted just before the run row, so seq < run.seq holds for them too.
     params = {"thread_id": run.thread_id, "run_seq": run.seq, "run_id": run.id}
-    return (await session.execute(_EARLIER_MESSAGES, params)).all()  # type: ignore[return-value]
+    return [EarlierMessage(row.role, row.content) for row in await session.execute(_EARLIER_MESSAGES, params)]
 
 
 def is_past_deadline(run: orm.Run) -> bool:

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select
 
-from app import orm
+from app import ids, orm
 from app.llm import offline
 from app.runner.execute import RunExecution
 from app.runtime import Runtime
-from app.services import run_events, run_state
+from app.services import model_requests, run_events, run_state
 from app.wire.events import Event
 from app.worker import Worker
 from tests.runner.test_worker import _make_runs
@@ -222,3 +222,32 @@ async def test_a_carried_move_that_misses_fails_its_transaction(runtime: Runtime
         logged = (await session.scalars(select(orm.RunEvent.event).where(orm.RunEvent.run_id == run_id))).all()
     assert run is not None and run.status == "queued"
     assert "thread.run.in_progress" not in logged
+
+
+async def test_the_first_prompt_is_read_by_the_claim(runtime: Runtime) -> None:
+    """A queued run's earlier messages come back with its claim (issue 17:
+    no read of its own), oldest first, a message of another run of the
+    thread included; the prompt is the one a read would have built."""
+    (run_id,) = await _make_runs(runtime, 1, text="first")
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+        assert run is not None
+        thread_id, earlier_run = run.thread_id, ids.new_id(ids.RUN, ids.next_seq())
+        texts = [("assistant", "second", earlier_run), ("user", "third", None)]
+        for role, text, by_run in texts:
+            seq = ids.next_seq()  # after the first message, before the run (moved below)
+            session.add(
+                orm.Message(
+                    id=ids.new_id(ids.MESSAGE, seq), seq=seq, created_at=ids.seconds(seq), thread_id=thread_id,
+                    role=role, run_id=by_run, status="completed", metadata_={},
+                    content=[{"type": "text", "text": {"value": text, "annotations": []}}],
+                )
+            )  # fmt: skip
+        run.seq = ids.next_seq()  # the run comes after them
+    with statements_by_transaction(runtime) as seen:
+        await Worker(runtime, concurrency=1).run_until_idle()
+    assert not [statement for _n, statement in seen if statement.startswith("SELECT messages.role")], seen
+    async with runtime.transaction() as session:
+        (logged,) = await model_requests.list_for_run(session, run_id)
+    chat = [(message["role"], message["content"]) for message in logged["request"]["messages"]]
+    assert chat[-3:] == [("user", "first"), ("assistant", "second"), ("user", "third")]
