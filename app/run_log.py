@@ -46,12 +46,11 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app import db, orm
 from app.bus import Entry, EventBus
-from app.services import core_rows, run_events
+from app.services import core_rows, run_events, run_state
 from app.wire.events import TERMINAL_RUN_EVENTS, Event
 
 log = logging.getLogger("app.run_log")
@@ -208,7 +207,7 @@ class RunLog:
         *,
         run_locked: bool = False,
         inserting: Sequence[orm.Base] = (),
-        carried_by: Update | None = None,
+        carried_by: run_state.CarriedMove | None = None,
     ) -> list[Entry]:
         """Log ``events`` (after the run's buffered deltas) in ``session``'s
         transaction; returns their entries. With no events it still learns

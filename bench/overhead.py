@@ -154,6 +154,7 @@ class Load:
     peak_rss: float = 0.0
     cpu: float = 0.0
     database_cpu: float = 0.0  # PostgreSQL's backends (0 on SQLite)
+    client_cpu: float = 0.0  # this process's (the bench clients'), to tell whether they bound runs/s
 
 
 async def load(
@@ -182,10 +183,12 @@ async def load(
     # The server and its children: the serving processes of `serve --workers N`.
     cpu_before = base.tree_cpu(pid)
     database_before = base.tree_cpu(database_pid) if database_pid else 0.0
+    client_before = time.process_time()
     while time.monotonic() < stop:
         result.peak_rss = max(result.peak_rss, rss_mib(pid))
         await asyncio.sleep(0.2)
     result.cpu = base.tree_cpu(pid) - cpu_before
+    result.client_cpu = time.process_time() - client_before
     result.database_cpu = base.tree_cpu(database_pid) - database_before if database_pid else 0.0
     await asyncio.gather(*tasks)
     result.samples = [s for s in result.samples if window <= s.done_at <= stop]
@@ -321,13 +324,14 @@ async def bench_database(
                 result = await load(port, pid, clients, args.duration, args.load_warmup, once, database_pid)
                 count = len(result.samples)
                 cpu_ms = result.cpu * 1000 / count if count else float("nan")
+                client_ms = result.client_cpu * 1000 / count if count else float("nan")
                 database_ms = f"{result.database_cpu * 1000 / count:.1f}" if count and database_pid else "-"
                 polls = f"{sum(s.polls for s in result.samples) / count:.2f}" if count and mode != "stream" else "-"
                 load_rows.append(
                     f"| {db} | {LABELS[path]} | {mode} | {clients} | **{count / args.duration:.0f}** | "
                     f"{pct(result.samples, 0.5):.1f} | {pct(result.samples, 0.95):.1f} | {polls} | {cpu_ms:.1f} | "
                     f"{database_ms} | "
-                    f"{result.peak_rss:.0f} | {len(result.errors)} |"
+                    f"{result.peak_rss:.0f} | {len(result.errors)} | {client_ms:.1f} |"
                 )
     return [*rows, "", *load_rows, "", f"{db}: RSS after the load {rss_mib(pid):.0f} MiB"]
 
@@ -434,7 +438,8 @@ def main() -> None:
     print("\n".join(latency))
     print(
         "\n| db | path | clients do | clients | runs/s | p50 ms | p95 ms | polls/run | server CPU ms/run "
-        "| PostgreSQL CPU ms/run | peak RSS MiB | errors |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| PostgreSQL CPU ms/run | peak RSS MiB | errors | bench client CPU ms/run |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     print("\n".join(loads))
     print("\n" + "\n".join(notes))

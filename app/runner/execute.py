@@ -183,40 +183,65 @@ class RunExecution:
         async with self._transaction() as session, self.runtime.run_log.holding(self.run_id):
             if self._held_start is not None and not unread:
                 await self._write_held_start(session)  # before the run is read
-            alongside: list[Insert | Update] = []
-            if unread and postgres:
-                # PostgreSQL: the turn's writes go in the run's UPDATE (issue 17).
-                alongside += [core_rows.insert_statement(row) for row in pending.inserts]
-                alongside += [core_rows.update_statement(change.row, change.keys) for change in pending.rows]
-                alongside += [core_rows.insert_statement(model_requests.row(e)) for e in self._exchanges]
-            else:
-                # Core statements, each sent with the next one on SQLite (issue 17).
-                for row in pending.inserts:
-                    await core_rows.insert_row(session, row, write_behind=True)
-                await write_rows(session, pending.rows)
-                for exchange in self._exchanges:
-                    await core_rows.insert_row(session, model_requests.row(exchange), write_behind=True)
             if carried:
-                assert move is not None and self._run is not None
-                name, statement = run_state.carried_move(
-                    self._run,
-                    move.to,
-                    held=self._held_start,
-                    lease_owner=self.owner,
-                    alongside=alongside,
-                    **self._move_fields(move),
-                )
-                self._held_start = None
-                events.append(Event.of(name, runs.to_wire(self._run)))
-                await self.runtime.run_log.append(session, self.run_id, events, run_locked=True, carried_by=statement)
-                return
-            moved = await self._move_unread(session, move, alongside) if move is not None and unread else None
-            if moved is not None:
-                events += moved
-                await self.runtime.run_log.append(session, self.run_id, events, run_locked=True)  # by the UPDATE
+                await self._carried_move(session, pending, move, events)
             else:
-                await self._move_read(session, move, events, checked=checked)
+                await self._write_and_move(session, pending, move, events, unread=unread, checked=checked)
         self._exchanges.clear()  # recorded: only once committed
+
+    async def _write_and_move(
+        self,
+        session: AsyncSession,
+        pending: Pending,
+        move: Move | None,
+        events: list[Event],
+        *,
+        unread: bool,
+        checked: bool,
+    ) -> None:
+        """_commit()'s writes and move, but for the claim's transaction on PostgreSQL (_carried_move)."""
+        alongside: list[Insert | Update] = []
+        if unread and self.runtime.run_log.postgres:
+            # PostgreSQL: the turn's writes go in the run's UPDATE (issue 17).
+            alongside += [core_rows.insert_statement(row) for row in pending.inserts]
+            alongside += [core_rows.update_statement(change.row, change.keys) for change in pending.rows]
+            alongside += [core_rows.insert_statement(model_requests.row(e)) for e in self._exchanges]
+        else:
+            # Core statements, each sent with the next one on SQLite (issue 17).
+            for row in pending.inserts:
+                await core_rows.insert_row(session, row, write_behind=True)
+            await write_rows(session, pending.rows)
+            for exchange in self._exchanges:
+                await core_rows.insert_row(session, model_requests.row(exchange), write_behind=True)
+        moved = await self._move_unread(session, move, alongside) if move is not None and unread else None
+        if moved is not None:
+            events += moved
+            await self.runtime.run_log.append(session, self.run_id, events, run_locked=True)  # by the UPDATE
+        else:
+            await self._move_read(session, move, events, checked=checked)
+
+    async def _carried_move(
+        self, session: AsyncSession, pending: Pending, move: Move | None, events: list[Event]
+    ) -> None:
+        """_commit()'s move on PostgreSQL in the claim's transaction: the
+        turn's rows, the run's move and its events in one statement, each
+        write a statement built once per shape (issue 17)."""
+        assert move is not None and self._run is not None
+        writes = [core_rows.insert_write(row, f"w{index}_") for index, row in enumerate(pending.inserts)]
+        writes += [core_rows.update_write(change.row, change.keys, f"u{i}_") for i, change in enumerate(pending.rows)]
+        requests = [model_requests.row(exchange) for exchange in self._exchanges]
+        writes += [core_rows.insert_write(row, f"m{index}_") for index, row in enumerate(requests)]
+        name, carried = run_state.carried_move(
+            self._run,
+            move.to,
+            held=self._held_start,
+            lease_owner=self.owner,
+            alongside=writes,
+            **self._move_fields(move),
+        )
+        self._held_start = None
+        events.append(Event.of(name, runs.to_wire(self._run)))
+        await self.runtime.run_log.append(session, self.run_id, events, run_locked=True, carried_by=carried)
 
     async def _write_held_start(self, session: AsyncSession) -> None:
         assert self._held_start is not None and self._run is not None

@@ -17,10 +17,11 @@ WRITE_BEHIND): for rows nothing reads back in the same statement's outcome.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Insert, Table, Update, insert, inspect, update
+from sqlalchemy import Insert, Table, Update, bindparam, insert, inspect, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import db
@@ -75,3 +76,49 @@ async def update_row(session: AsyncSession, row: Base, keys: tuple[str, ...], *,
     if write_behind:
         statement = statement.execution_options(**db.WRITE_BEHIND)
     await session.execute(statement)
+
+
+@dataclass(frozen=True)
+class Write:
+    """A row's write for another statement to carry as a CTE (PostgreSQL):
+    a statement built once per table, columns and place (bound parameters
+    named ``<prefix><column>``: SQLAlchemy memoizes the cache key of a
+    statement it sees again, issue 17), and its values."""
+
+    statement: Insert | Update
+    params: dict[str, Any]
+
+
+@cache
+def _insert_template(model: type[Base], columns: tuple[str, ...], prefix: str) -> Insert:
+    statement, _columns = _layout(model)
+    return statement.values({column: bindparam(prefix + column) for column in columns})
+
+
+@cache
+def _update_template(model: type[Base], columns: tuple[str, ...], prefix: str) -> Update:
+    statement, _columns = _layout(model)
+    table = statement.table
+    assert isinstance(table, Table)
+    return (
+        update(table)
+        .where(table.c.id == bindparam(prefix + "id"))
+        .values({column: bindparam(prefix + column) for column in columns})
+    )
+
+
+def insert_write(row: Base, prefix: str) -> Write:
+    """insert_statement() as a Write (see there)."""
+    row_values = values(row)
+    statement = _insert_template(type(row), tuple(row_values), prefix)
+    return Write(statement, {prefix + column: value for column, value in row_values.items()})
+
+
+def update_write(row: Base, keys: tuple[str, ...], prefix: str) -> Write:
+    """update_statement() as a Write (see there)."""
+    _statement, columns = _layout(type(row))
+    state = row.__dict__
+    changed = {columns[key]: state[key] for key in keys}
+    params = {prefix + column: value for column, value in changed.items()}
+    params[prefix + "id"] = state["id"]
+    return Write(_update_template(type(row), tuple(changed), prefix), params)

@@ -178,8 +178,25 @@ _LOGGED = (
 )
 
 
+@functools.lru_cache(maxsize=256)
+def _carrying(carrier: Update, notify: bool) -> Update:
+    """``carrier`` (run_state.carried_move's) with the log's insert as a CTE,
+    returning the first seq written and, with ``notify``, NOTIFYing the
+    Signal bound as ``log_channel`` and ``log_origin``."""
+    returned: list[ColumnElement[Any]] = [select(func.min(_LOGGED.c.seq)).scalar_subquery()]
+    if notify:
+        origin = cast(bindparam("log_origin"), Text)
+        returned.append(func.pg_notify(bindparam("log_channel"), run_state.RUNS.c.id + " " + origin))
+    return carrier.add_cte(_LOGGED).returning(*returned)
+
+
 async def insert_carrying(
-    session: AsyncSession, run_id: str, events: list[Event], carrier: Update, *, signal: Signal | None = None
+    session: AsyncSession,
+    run_id: str,
+    events: list[Event],
+    carrier: run_state.CarriedMove,
+    *,
+    signal: Signal | None = None,
 ) -> int:
     """insert() of one run's events on PostgreSQL as part of ``carrier``, an
     UPDATE of that run's row that returns its id and must change it
@@ -189,9 +206,8 @@ async def insert_carrying(
     its rows and its events). With ``signal``, NOTIFYs it as insert() does.
     Returns the first ``seq``; raises run_state.TransitionConflict, the
     transaction to be rolled back, if the UPDATE changed no row."""
-    first = select(func.min(_LOGGED.c.seq)).scalar_subquery()
-    returned: list[ColumnElement[Any]] = [first]
     params: dict[str, Any] = {
+        **carrier.params,
         "log_now": time.time(),
         "log_run_ids": [run_id] * len(events),
         "log_ns": list(range(1, len(events) + 1)),
@@ -199,11 +215,8 @@ async def insert_carrying(
         "log_datas": [_ENCODE(_payload(event)) for event in events],
     }
     if signal is not None:
-        returned.append(
-            func.pg_notify(bindparam("log_channel"), run_state.RUNS.c.id + " " + cast(bindparam("log_origin"), Text))
-        )
         params["log_channel"], params["log_origin"] = signal.channel, signal.origin
-    row = (await session.execute(carrier.add_cte(_LOGGED).returning(*returned), params)).first()
+    row = (await session.execute(_carrying(carrier.statement, signal is not None), params)).first()
     if row is None:
         raise run_state.TransitionConflict(f"{run_id} moved or changed hands under its transaction's lock")
     return int(row[1])

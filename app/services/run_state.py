@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
 from app import db, errors, ids, orm
+from app.services import core_rows
 
 TERMINAL = frozenset({"cancelled", "failed", "completed", "incomplete", "expired"})
 LIVE = frozenset(orm.LIVE_RUN_STATUSES)
@@ -168,37 +169,64 @@ async def write_held(session: AsyncSession, run: orm.Run, held: HeldMove, *, lea
         raise TransitionConflict(f"{run.id} is no longer {held.source}")
 
 
+@dataclass(frozen=True)
+class CarriedMove:
+    """carried_move()'s UPDATE (built once per shape; it returns the run's
+    id) and its bound values."""
+
+    statement: Update
+    params: dict[str, Any]
+
+
+@functools.lru_cache(maxsize=256)
+def _carried(keys: tuple[str, ...], writes: tuple[Insert | Update, ...]) -> Update:
+    """The compare-and-set of carried_move() setting ``keys``, under the
+    lease, with ``writes`` (core_rows.Write statements) as CTEs."""
+    statement = (
+        update(RUNS)
+        .where(
+            RUNS.c.id == bindparam("run_id"),
+            RUNS.c.status == bindparam("source"),
+            RUNS.c.lease_owner == bindparam("lease_holder"),
+        )
+        .values({RUN_COLUMNS[key]: bindparam(f"set_{key}") for key in keys})
+        .returning(RUNS.c.id)
+    )
+    for index, write in enumerate(writes):
+        statement = statement.add_cte(write.cte(f"alongside_{index}"))
+    return statement
+
+
 def carried_move(
     run: orm.Run,
     to: str,
     *,
     held: HeldMove | None,
     lease_owner: str,
-    alongside: Sequence[Insert | Update] = (),
+    alongside: Sequence[core_rows.Write] = (),
     **fields: Any,
-) -> tuple[str, Update]:
+) -> tuple[str, CarriedMove]:
     """transition() for a run whose row this transaction holds and whose
     status it knows (the claim's, PostgreSQL), as a statement for another
     to carry (the event log's insert, run_events.insert_carrying; issue 17:
     one round trip for the move, the turn's rows and the events). The
     compare-and-set and the lease are still in its WHERE, and it returns
     the run's id: no row back means it missed, and the transaction must
-    fail. ``held``: the run's held first move, written by the same UPDATE.
-    ``run`` shows the move at once. Returns the event name and the UPDATE."""
+    fail. ``alongside``: rows written by the same statement (their
+    parameters named apart: core_rows.Write). ``held``: the run's held
+    first move, written by the same UPDATE. ``run`` shows the move at once.
+    Returns the event name and the move."""
     values = _values(run, to, fields)
     source = run.status
     if held is not None:
         source, values = held.source, {**held.values, **values}
-    statement = (
-        update(RUNS)
-        .where(RUNS.c.id == run.id, RUNS.c.status == source, RUNS.c.lease_owner == lease_owner)
-        .values({RUN_COLUMNS[key]: value for key, value in values.items()})
-        .returning(RUNS.c.id)
-    )
-    for index, write in enumerate(alongside):
-        statement = statement.add_cte(write.cte(f"alongside_{index}"))
+    params: dict[str, Any] = {"run_id": run.id, "source": source, "lease_holder": lease_owner}
+    params |= {f"set_{key}": value for key, value in values.items()}
+    for write in alongside:
+        params |= write.params
+    statement = _carried(tuple(values), tuple(write.statement for write in alongside))
     _set(run, values)
-    return f"thread.run.{to}", statement
+    return f"thread.run.{to}", CarriedMove(statement, params)
 
 
 async def transition(
