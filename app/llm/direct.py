@@ -4,15 +4,16 @@ request of our own, without litellm (routing.py says which routes).
 Through litellm a 5-word streamed answer cost about 9 ms of CPU in its
 wrappers, per-chunk objects and end-of-stream bookkeeping, and importing it
 150 MiB (bench/README.md, issue 17). Here the request is
-``POST {api_base}/chat/completions`` with ``stream: true`` and
+``POST {api_base}/chat/completions`` (Azure: its deployment URL) with ``stream: true`` and
 ``stream_options.include_usage``; the Server-Sent Events are read line by line
 into the same events as litellm's chunks (provider.ChunkReader).
 
 It keeps litellm's behaviour where a user could tell the difference:
 
-- the key: ``api_key`` (``os.environ/NAME`` resolved per call), else
-  ``OPENAI_API_KEY`` (``openai/``) or ``HOSTED_VLLM_API_KEY``
-  (``hosted_vllm/``); without one no Authorization header is sent;
+- the URL, the key and its header: ``api_key`` (``os.environ/NAME`` resolved
+  per call), else the provider's variables (providers.py: ``OPENAI_API_KEY``
+  for ``openai/``, ``AZURE_API_KEY`` and Azure's ``api-key`` header, ...);
+  without one no Authorization header is sent;
 - ``timeout`` (default 600 s) bounds connecting and each read, as the openai
   SDK under litellm does; ``max_retries`` (default 2) retries a refused or
   timed-out connection and 408/409/429/5xx answers before any output, after
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
@@ -39,13 +39,13 @@ from typing import Any
 
 import httpx
 
+from app.llm import providers
 from app.llm.interface import ChatRequest, Event, LLMError, TokenCounter, chat_body, explicit_params
 from app.llm.provider import ChunkReader, ProviderFailure, provider_error
-from app.llm.routing import DIRECT_BODY_KEYS, DIRECT_PREFIXES, Route, resolve_env
+from app.llm.routing import DIRECT_BODY_KEYS, Route, resolve_env
 
 DEFAULT_TIMEOUT = 600.0  # litellm's own default is 6000 s: a silent provider would hold a run for 100 minutes
 DEFAULT_MAX_RETRIES = 2  # the openai SDK's, which litellm uses
-_KEY_VARIABLES = {"openai/": "OPENAI_API_KEY", "hosted_vllm/": "HOSTED_VLLM_API_KEY"}
 _RETRY_STATUSES = frozenset({408, 409, 429})
 _MAX_RETRY_AFTER = 60.0
 _ERROR_BODY_CHARS = 500
@@ -92,25 +92,20 @@ class _Call:
     @classmethod
     def build(cls, route: Route, request: ChatRequest) -> _Call:
         params = resolve_env(dict(route.params), request.model)
-        prefix = next(prefix for prefix in DIRECT_PREFIXES if route.target.startswith(prefix))
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        key = params.get("api_key") or os.environ.get(_KEY_VARIABLES[prefix])
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        if params.get("organization"):
-            headers["OpenAI-Organization"] = str(params["organization"])
+        where = providers.endpoint(route.target, params)  # the provider's URL, credentials and model name
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **where.headers}
         headers.update({str(name): str(value) for name, value in (params.get("extra_headers") or {}).items()})
         # The route's OpenAI parameters are defaults; what the request sets wins.
         body = {name: value for name, value in params.items() if name in DIRECT_BODY_KEYS}
         body.update(chat_body(request))
-        body.update(model=route.target[len(prefix) :], stream=True, stream_options={"include_usage": True})
+        body.update(model=where.model, stream=True, stream_options={"include_usage": True})
         body.update(params.get("extra_body") or {})
         if not request.tools:  # as through litellm: providers refuse these without tools
             body.pop("tool_choice", None)
             body.pop("parallel_tool_calls", None)
         retries = params.get("max_retries")
         return cls(
-            url=str(params["api_base"]).rstrip("/") + "/chat/completions",
+            url=where.url,
             headers=headers,
             body=json.dumps(body, ensure_ascii=False).encode(),
             timeout=float(params.get("timeout") or DEFAULT_TIMEOUT),

@@ -90,7 +90,11 @@ class ChunkReader:
 # ("litellm.BadRequestError: ContextWindowExceededError: OpenAIException - ...",
 # "litellm.Timeout: Request timed out. Error_str: Request timed out.").
 _CLASS_PREFIX = re.compile(r"\b(?:litellm\.)?[A-Za-z]*(?:Error|Exception|Timeout)(?::\s+|\s+-\s+)")
+# Some providers' names lead without a separator ("AzureException Rate limit reached ...").
+_PROVIDER_PREFIX = re.compile(r"^[A-Z][A-Za-z]*Exception (?=\S)")
 _REPEATS = (" Original exception: ", " Error_str: ")
+# litellm appends the stream's traceback to some providers' mid-stream errors.
+_TRACEBACK = "\nTraceback (most recent call last):"
 
 
 class ProviderFailure(Exception):
@@ -106,10 +110,13 @@ def provider_error(exc: Exception, route: Route, explicit: Sequence[str] = ()) -
     """429 -> rate_limit_exceeded; 400/413/422 (bad or too long prompt) -> invalid_prompt; else server_error.
     A rejected request names the parameters the user set, since one of them may be the cause."""
     status = getattr(exc, "status_code", None)
-    detail = _CLASS_PREFIX.sub("", str(exc)).strip() or type(exc).__name__
+    text = str(exc).partition(_TRACEBACK)[0]
+    detail = _PROVIDER_PREFIX.sub("", _CLASS_PREFIX.sub("", text).strip()) or type(exc).__name__
     for separator in _REPEATS:
         head, _, cause = detail.partition(separator)
-        detail = head if cause.strip() == head.strip() else detail
+        # "Request timed out. Error_str: Request timed out. - timeout value=0.5, ...": said once
+        cause = _PROVIDER_PREFIX.sub("", cause.strip())
+        detail = head if head.strip() and cause.startswith(head.strip()) else detail
     where = f"model '{route.model}' ({route.target})"
     if status == 429:
         return LLMError("rate_limit_exceeded", f"Rate limit reached for {where}: {detail}")

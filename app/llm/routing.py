@@ -5,9 +5,11 @@ format). A name resolves to a Route: the entry's ``litellm_params`` with the
 wildcard filled in, and how it is served:
 
 - ``offline`` or ``offline/...``: the built-in offline model (offline.py);
-- direct: an OpenAI-compatible server (``openai/`` or ``hosted_vllm/`` with an
-  ``api_base``) and no litellm_params beyond those the direct adapter
-  understands (direct.py): one HTTP request of our own, no litellm;
+- direct: a provider whose API is OpenAI's chat completions as litellm sends
+  it (``openai/`` or ``hosted_vllm/`` with an ``api_base``, ``azure/``
+  deployments, and the OpenAI-compatible providers providers.py lists) and no
+  litellm_params beyond those the direct adapter understands: one HTTP request
+  of our own (direct.py), no litellm;
 - everything else, or an entry with ``direct: false``: litellm
   (litellm_adapter.py). ``direct: true`` makes an entry the direct path cannot
   serve a start-up error rather than a silent fallback.
@@ -24,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from app.llm import providers
 from app.llm.interface import LLMConfigError, LLMError
 from app.llm.offline import Rule, read_rules
 
@@ -32,24 +35,10 @@ ENV_REFERENCE = "os.environ/"
 # Keys the LiteLLM proxy reads for its own routing; they are not completion
 # parameters, so they must not reach litellm.acompletion().
 ROUTER_KEYS = frozenset({"rpm", "tpm", "order", "weight", "max_parallel_requests", "max_input_tokens"})
-# Providers whose API is OpenAI's chat completions as it is, given a base URL:
-# the direct adapter serves them. Others (azure/ with its api-version and
-# deployments, anthropic/, ...) need litellm's translation.
-DIRECT_PREFIXES = ("openai/", "hosted_vllm/")
-# litellm_params the direct adapter understands: connection settings, and
-# OpenAI request parameters (sent as the route's defaults, under what a
-# request sets). Any other key is litellm's to interpret, so it keeps an
-# entry on litellm.
-DIRECT_CONNECTION_KEYS = frozenset(
-    {"model", "api_base", "api_key", "timeout", "max_retries", "extra_headers", "organization", "extra_body"}
-    # meaningful to litellm only: every parameter is sent on the direct path
-    | {"drop_params", "allowed_openai_params"}
-)
-DIRECT_BODY_KEYS = frozenset(
-    {"temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "presence_penalty"}
-    | {"frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "user", "response_format"}
-    | {"reasoning_effort", "parallel_tool_calls", "tool_choice", "service_tier", "metadata", "store"}
-)
+# litellm_params sent as OpenAI request parameters on direct routes (the
+# route's defaults, under what a request sets); providers.py says which routes
+# are direct.
+DIRECT_BODY_KEYS = providers.BODY_KEYS
 
 
 @dataclass(frozen=True)
@@ -118,15 +107,7 @@ class Entry:
 
 def direct_refusal(params: Mapping[str, Any]) -> str | None:
     """Why the direct adapter cannot serve these litellm_params; None if it can."""
-    target = str(params.get("model", ""))
-    if not target.startswith(DIRECT_PREFIXES):
-        return f"{target} is not an OpenAI-compatible model ({', '.join(p + '...' for p in DIRECT_PREFIXES)})"
-    if not params.get("api_base"):
-        return "it has no api_base"
-    unknown = sorted(set(params) - DIRECT_CONNECTION_KEYS - DIRECT_BODY_KEYS - ROUTER_KEYS)
-    if unknown:
-        return f"litellm_params {', '.join(unknown)} need litellm"
-    return None
+    return providers.refusal(params, ROUTER_KEYS)
 
 
 def _serves_directly(choice: Any, params: Mapping[str, Any], where: str) -> bool:

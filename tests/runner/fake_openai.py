@@ -26,7 +26,10 @@ naming a model routed to it):
   finish ``tool_calls``, usage 11/7 (servers that ignore ``stream``);
   ``fake-json-error``: an error object as that 200 JSON body.
 
-Every request body and its Authorization header are recorded in ``requests``.
+It also answers Azure OpenAI's paths (``/openai/deployments/{deployment}/chat/completions``
+and ``/openai/v1/chat/completions``) the same way. Every request body, its
+Authorization and ``api-key`` headers and its path (with the query) are
+recorded in ``requests``.
 """
 
 from __future__ import annotations
@@ -124,6 +127,8 @@ class FakeOpenAI:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._chat)
+        app.router.add_post("/openai/v1/chat/completions", self._chat)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         sock = socket.socket()
@@ -138,7 +143,15 @@ class FakeOpenAI:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.requests.append({"body": body, "authorization": request.headers.get("Authorization")})
+        headers = request.headers
+        self.requests.append(
+            {
+                "body": body,
+                "authorization": headers.get("Authorization"),
+                "api-key": headers.get("api-key"),
+                "path": request.path_qs,
+            }
+        )
         model = body["model"]
         if model == "fake-no-format" and "response_format" in body:
             error = {

@@ -1,0 +1,233 @@
+"""Provider shapes for the direct adapter: which routes speak OpenAI's chat
+completions as they are, and where and with which credentials a request goes.
+
+routing.py asks ``refusal`` whether a route can be served directly;
+direct.py asks ``endpoint`` for the URL and headers of each call. Everything
+here is read off litellm 1.100's own provider configuration (its defaults,
+environment variable names and the translations it applies), so that a route
+served directly sends what litellm would have sent:
+
+- ``openai/`` and ``hosted_vllm/`` with an ``api_base``;
+- providers litellm routes to a fixed OpenAI-compatible base URL with no
+  translation of our requests (``PLAIN``): ``api_base`` is optional there,
+  and the key falls back to the provider's variable, then ``OPENAI_API_KEY``
+  (as litellm's openai client does);
+- ``azure/<deployment>``: Azure OpenAI's deployment URL with ``api-version``
+  and the ``api-key`` header (or ``Authorization: Bearer`` for an
+  ``azure_ad_token``). The deployments litellm translates for (o-series and
+  gpt-5 request shapes, gpt-3.5's JSON mode, API versions before 2024-08),
+  Entra ID sign-in and Cloudflare's gateway stay on litellm.
+
+Providers litellm does translate for stay on litellm; bench/README.md
+(branch ``routes``) lists them and why.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlencode
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One provider prefix served over OpenAI's chat completions as they are."""
+
+    prefix: str
+    # Environment variables for the key, tried in order after ``api_key``.
+    key_variables: tuple[str, ...]
+    # Where the base URL comes from without ``api_base``; None: it must be given.
+    base_variable: str | None = None
+    default_base: str | None = None
+    # litellm sends a route's max_completion_tokens as max_tokens (its
+    # OpenAI-like providers only know the older name), over the request's own
+    # max_tokens: such a route stays on litellm.
+    max_tokens_only: bool = False
+    # litellm passes ``organization`` on only for OpenAI's own client.
+    organization: bool = False
+
+
+def _plain(name: str, keys: tuple[str, ...], base: str, base_variable: str, *, max_tokens_only: bool = True) -> Shape:
+    # litellm's openai client reads OPENAI_API_KEY when the provider's own variables are unset.
+    return Shape(f"{name}/", (*keys, "OPENAI_API_KEY"), base_variable, base, max_tokens_only)
+
+
+# Served with an api_base only (their defaults point at api.openai.com or a
+# local server: what the routing file names is what is meant).
+OPENAI = Shape("openai/", ("OPENAI_API_KEY",), organization=True)
+HOSTED_VLLM = Shape("hosted_vllm/", ("HOSTED_VLLM_API_KEY",), organization=True)
+
+# litellm's OpenAI-compatible providers whose configuration changes nothing in
+# the requests this server makes (tools, tool_choice, parallel_tool_calls,
+# response_format, sampling parameters, stream_options; text, image and tool
+# messages) nor in the streamed chunks. The others translate: groq (JSON mode
+# through a tool, without streaming), deepseek and moonshot (messages
+# flattened, thinking), mistral, fireworks_ai (model names, tools),
+# together_ai (drops tools per model, reasoning), xai (reasoning models'
+# parameters, usage), perplexity, deepinfra, cerebras, sambanova, hyperbolic,
+# nvidia_nim (drop tools or stream_options), openrouter (adds usage and cache
+# controls), meta_llama (drops response_format), and more.
+PLAIN = (
+    _plain("nebius", ("NEBIUS_API_KEY",), "https://api.studio.nebius.ai/v1", "NEBIUS_API_BASE"),
+    _plain("novita", ("NOVITA_API_KEY",), "https://api.novita.ai/v3/openai", "NOVITA_API_BASE", max_tokens_only=False),
+    _plain("wandb", ("WANDB_API_KEY",), "https://api.inference.wandb.ai/v1", "WANDB_API_BASE"),
+    _plain("lambda_ai", ("LAMBDA_API_KEY",), "https://api.lambda.ai/v1", "LAMBDA_API_BASE"),
+    _plain("github", ("GITHUB_API_KEY",), "https://models.inference.ai.azure.com", "GITHUB_API_BASE"),
+    _plain("galadriel", ("GALADRIEL_API_KEY",), "https://api.galadriel.com/v1", "GALADRIEL_API_BASE"),
+    _plain("friendliai", ("FRIENDLIAI_API_KEY", "FRIENDLI_TOKEN"), "https://api.friendli.ai/serverless/v1",
+           "FRIENDLI_API_BASE"),
+    _plain("empower", ("EMPOWER_API_KEY",), "https://app.empower.dev/api/v1", "EMPOWER_API_BASE"),
+)  # fmt: skip
+_SHAPES = {shape.prefix: shape for shape in (OPENAI, HOSTED_VLLM, *PLAIN)}
+
+AZURE_PREFIX = "azure/"
+# litellm.AZURE_DEFAULT_API_VERSION in litellm 1.100 (litellm moves it to its latest).
+AZURE_DEFAULT_API_VERSION = "2025-02-01-preview"
+# Versions served by Azure's OpenAI-style v1 surface: /openai/v1, Bearer auth, no api-version.
+_AZURE_V1_VERSIONS = frozenset({"preview", "latest", "v1"})
+# Deployment names litellm sends through other request shapes (its o-series
+# and gpt-5 configurations rename max_tokens and drop sampling parameters;
+# gpt-3.5 gets JSON mode as a tool): they stay on litellm.
+_AZURE_TRANSLATED_NAMES = ("o1", "o3", "o4", "o_series/", "gpt-5", "gpt-6", "gpt5_series", "gpt-3.5", "gpt-35")
+# Before this version litellm rewrites response_format (as a tool) and may drop tool_choice.
+_AZURE_PLAIN_SINCE = (2024, 8)
+_DATED_VERSION = re.compile(r"(\d{4})-(\d{2})-\d{2}")
+
+# Route parameters every direct route understands.
+CONNECTION_KEYS = frozenset(
+    {"model", "api_base", "api_key", "timeout", "max_retries", "extra_headers", "extra_body"}
+    # meaningful to litellm only: every parameter is sent on the direct path
+    | {"drop_params", "allowed_openai_params"}
+)
+AZURE_CONNECTION_KEYS = frozenset({"api_version", "azure_ad_token"})
+# Route parameters sent as OpenAI request parameters (the route's defaults).
+BODY_KEYS = frozenset(
+    {"temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "presence_penalty"}
+    | {"frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "user", "response_format"}
+    | {"reasoning_effort", "parallel_tool_calls", "tool_choice", "service_tier", "metadata", "store"}
+)
+# Not among litellm's Azure parameters: with drop_params it would leave them out.
+_AZURE_UNSUPPORTED_BODY_KEYS = frozenset({"reasoning_effort", "service_tier", "metadata"})
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one call goes: the URL (with its query), the credential headers,
+    and the model name the body carries."""
+
+    url: str
+    headers: Mapping[str, str]
+    model: str
+
+
+def direct_prefixes() -> tuple[str, ...]:
+    return (*_SHAPES, AZURE_PREFIX)
+
+
+def refusal(params: Mapping[str, Any], extra_keys: frozenset[str] = frozenset()) -> str | None:
+    """Why these litellm_params cannot be served directly; None if they can.
+
+    ``extra_keys`` are route parameters the caller handles itself (the
+    proxy's routing keys). Azure's choice reads the environment litellm would
+    read (at start-up: it names the credentials and the API version)."""
+    target = str(params.get("model", ""))
+    known = CONNECTION_KEYS | BODY_KEYS | extra_keys
+    if target.startswith(AZURE_PREFIX):
+        return _azure_refusal(target[len(AZURE_PREFIX) :], params, known)
+    shape = _shape(target)
+    if shape is None:
+        names = ", ".join(prefix + "..." for prefix in direct_prefixes())
+        return f"{target} is not an OpenAI-compatible model litellm passes on as it is ({names})"
+    if shape.default_base is None and not params.get("api_base"):
+        return "it has no api_base"
+    unknown = sorted(set(params) - known - ({"organization"} if shape.organization else set()))
+    if unknown:
+        return f"litellm_params {', '.join(unknown)} need litellm"
+    if shape.max_tokens_only and "max_completion_tokens" in params:
+        return f"litellm sends max_completion_tokens as max_tokens for {shape.prefix}"
+    return None
+
+
+def _azure_refusal(deployment: str, params: Mapping[str, Any], known: frozenset[str]) -> str | None:
+    unknown = sorted(set(params) - known - AZURE_CONNECTION_KEYS)
+    if unknown:
+        return f"litellm_params {', '.join(unknown)} need litellm"
+    unsupported = sorted(_AZURE_UNSUPPORTED_BODY_KEYS & set(params))
+    if unsupported:
+        return f"litellm leaves {', '.join(unsupported)} out for Azure"
+    if any(name in deployment for name in _AZURE_TRANSLATED_NAMES):
+        return f"litellm translates requests for the Azure deployment {deployment}"
+    base = params.get("api_base") or os.environ.get("AZURE_API_BASE")
+    if not base:
+        return "it has no api_base (nor AZURE_API_BASE)"
+    if "gateway.ai.cloudflare.com" in str(base):
+        return "Cloudflare's AI gateway is litellm's"
+    version = str(_at_start_up(params.get("api_version")) or os.environ.get("AZURE_API_VERSION") or "")
+    dated = _DATED_VERSION.match(version)
+    if dated and (int(dated.group(1)), int(dated.group(2))) < _AZURE_PLAIN_SINCE:
+        return f"litellm translates response_format and tool_choice for api_version {version}"
+    token = _at_start_up(params.get("azure_ad_token"))
+    environment_key = _azure_environment_key()
+    if params.get("api_key") and token:
+        return "api_key and azure_ad_token are both set"
+    if token and environment_key:
+        return "azure_ad_token and a key variable are both set"  # litellm refuses the pair
+    if isinstance(token, str) and token.startswith("oidc/"):
+        return "OIDC tokens are litellm's"
+    if not (params.get("api_key") or token or environment_key):
+        return "no api_key, azure_ad_token or key variable (Entra ID sign-in is litellm's)"
+    return None
+
+
+def endpoint(target: str, params: Mapping[str, Any]) -> Endpoint:
+    """The URL and credential headers of a call, from resolved litellm_params."""
+    if target.startswith(AZURE_PREFIX):
+        return _azure_endpoint(target[len(AZURE_PREFIX) :], params)
+    shape = _shape(target)
+    if shape is None:  # routing.py only marks routes direct when refusal() is None
+        raise ValueError(f"{target} is not served directly")
+    base = params.get("api_base") or (shape.base_variable and os.environ.get(shape.base_variable))
+    base = base or shape.default_base
+    headers: dict[str, str] = {}
+    key = params.get("api_key") or next(filter(None, map(os.environ.get, shape.key_variables)), None)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    if shape.organization and params.get("organization"):
+        headers["OpenAI-Organization"] = str(params["organization"])
+    model = target[len(shape.prefix) :]
+    return Endpoint(str(base).rstrip("/") + "/chat/completions", headers, model)
+
+
+def _azure_endpoint(deployment: str, params: Mapping[str, Any]) -> Endpoint:
+    base = str(params.get("api_base") or os.environ.get("AZURE_API_BASE") or "").rstrip("/")
+    if not base:
+        raise ValueError("no api_base and AZURE_API_BASE is not set")
+    version = str(params.get("api_version") or os.environ.get("AZURE_API_VERSION") or AZURE_DEFAULT_API_VERSION)
+    key = params.get("api_key") or _azure_environment_key()
+    token = params.get("azure_ad_token")
+    if version in _AZURE_V1_VERSIONS:  # the OpenAI client on Azure's v1 surface
+        return Endpoint(f"{base}/openai/v1/chat/completions", {"Authorization": f"Bearer {key or token}"}, deployment)
+    headers = {"api-key": str(key)} if key else {"Authorization": f"Bearer {token}"}
+    # An api_base that already names a deployment is used as it is (as the openai SDK does).
+    path = "" if "/openai/deployments" in base else f"/openai/deployments/{quote(deployment, safe='')}"
+    url = f"{base}{path}/chat/completions?{urlencode({'api-version': version})}"
+    return Endpoint(url, headers, deployment)
+
+
+def _shape(target: str) -> Shape | None:
+    prefix = target.partition("/")[0] + "/"
+    return _SHAPES.get(prefix) if "/" in target else None
+
+
+def _azure_environment_key() -> str | None:
+    return os.environ.get("AZURE_OPENAI_API_KEY") or os.environ.get("AZURE_API_KEY")
+
+
+def _at_start_up(value: Any) -> Any:
+    """An ``os.environ/NAME`` value as the environment has it now (None if unset)."""
+    if isinstance(value, str) and value.startswith("os.environ/"):
+        return os.environ.get(value[len("os.environ/") :])
+    return value

@@ -1,0 +1,332 @@
+"""Providers served directly besides openai/ and hosted_vllm/ (app/llm/providers.py):
+Azure OpenAI deployments and the OpenAI-compatible providers litellm passes
+requests to as they are. Each request is sent through the direct path and
+through litellm (``direct: false``) to the same loopback server, and the two
+must match: URL, credential headers, body, streamed answer, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.llm import LLM, ChatRequest, Event, Finish, LLMConfigError, LLMError, TextDelta, ToolCallDelta, Usage
+from app.llm.direct import _Call
+from tests.runner.fake_openai import USAGE, FakeOpenAI
+
+pytestmark = pytest.mark.timeout(60)
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+# Every variable either path reads for these providers: a test sets the ones it means.
+CREDENTIAL_VARIABLES = (
+    "OPENAI_API_KEY",
+    "AZURE_API_KEY",
+    "AZURE_OPENAI_API_KEY",
+    "AZURE_API_BASE",
+    "AZURE_API_VERSION",
+    "AZURE_AD_TOKEN",
+    "AZURE_OPENAI_AD_TOKEN",
+    "AZURE_OPENAI_ENDPOINT",
+    "OPENAI_API_VERSION",
+    "NEBIUS_API_KEY",
+    "NEBIUS_API_BASE",
+    "LAMBDA_API_KEY",
+    "GITHUB_API_KEY",
+    "FRIENDLIAI_API_KEY",
+    "FRIENDLI_TOKEN",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in CREDENTIAL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def user(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": text}
+
+
+def load(tmp_path: Path, entries: list[dict[str, Any]], name: str = "models.json") -> LLM:
+    path = tmp_path / name
+    path.write_text(json.dumps({"model_list": entries}))
+    return LLM.from_config(path)
+
+
+def entry(name: str, model: str, direct: bool | None = None, **params: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {"model_name": name, "litellm_params": {"model": model, **params}}
+    if direct is not None:
+        raw["direct"] = direct
+    return raw
+
+
+async def collect(llm: LLM, chat: ChatRequest) -> list[Event]:
+    return [event async for event in llm.stream(chat)]
+
+
+async def both_paths(
+    tmp_path: Path, fake: FakeOpenAI, chat: ChatRequest, model: str, **params: Any
+) -> tuple[list[dict[str, Any]], list[Event]]:
+    """The request each path sent for one route (direct first) and the direct path's events."""
+    sent: list[dict[str, Any]] = []
+    events: list[Event] = []
+    for direct in (True, False):
+        fake.requests.clear()
+        llm = load(tmp_path, [entry("*", model, direct, max_retries=0, **params)], f"{direct}.json")
+        assert llm.route(chat.model).direct is direct
+        try:
+            answer = await collect(llm, chat)
+        finally:
+            await llm.aclose()
+        events = events or answer
+        [request] = fake.requests
+        sent.append(request)
+    return sent, events
+
+
+TOOL_CHAT = ChatRequest(
+    "fake-chat",
+    [{"role": "system", "content": "sys"}, user("weather in Tokyo?")],
+    tools=[WEATHER],
+    tool_choice="required",
+    parallel_tool_calls=False,
+    temperature=0.2,
+    top_p=0.9,
+    max_tokens=40,
+    response_format={"type": "json_object"},
+    extra={"seed": 7},
+)
+
+
+@pytest.mark.parametrize(
+    ("model", "params", "environment"),
+    [
+        ("azure/fake-chat", {"api_key": "az-key", "api_version": "2024-10-21"}, {}),
+        ("azure/fake-chat", {}, {"AZURE_API_KEY": "az-env", "AZURE_API_VERSION": "2024-08-01-preview"}),
+        ("azure/fake-chat", {}, {"AZURE_OPENAI_API_KEY": "az-first", "AZURE_API_KEY": "az-second"}),
+        ("azure/fake-chat", {"azure_ad_token": "os.environ/MY_TOKEN"}, {"MY_TOKEN": "entra-token"}),
+        ("azure/fake-chat", {"api_key": "az-key", "api_version": "v1"}, {}),
+        ("nebius/fake-chat", {"api_key": "nb-key", "stop": ["\n"], "presence_penalty": 0.5}, {}),
+        ("nebius/fake-chat", {}, {"NEBIUS_API_KEY": "nb-env", "OPENAI_API_KEY": "sk-openai"}),
+        ("lambda_ai/fake-chat", {}, {"OPENAI_API_KEY": "sk-openai"}),
+        ("novita/fake-chat", {"api_key": "nv-key", "max_completion_tokens": 99}, {}),
+        ("friendliai/fake-chat", {}, {"FRIENDLI_TOKEN": "fr-token"}),
+        ("github/fake-chat", {"api_key": "gh", "extra_headers": {"X-Tenant": "t1"}, "temperature": 0.1}, {}),
+    ],
+)
+async def test_the_direct_request_is_what_litellm_sends(
+    fake: FakeOpenAI,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    model: str,
+    params: dict[str, Any],
+    environment: dict[str, str],
+) -> None:
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    base = fake.api_base.removesuffix("/v1") if model.startswith("azure/") else fake.api_base
+    (direct, through_litellm), events = await both_paths(tmp_path, fake, TOOL_CHAT, model, api_base=base, **params)
+    assert direct["path"] == through_litellm["path"]
+    assert (direct["authorization"], direct["api-key"]) == (
+        through_litellm["authorization"],
+        through_litellm["api-key"],
+    )
+    assert direct["body"] == through_litellm["body"]
+    assert direct["authorization"] or direct["api-key"]  # each case names a credential
+    assert [event.text for event in events if isinstance(event, TextDelta)] == ["Hello", " world"]
+    assert [event.name for event in events if isinstance(event, ToolCallDelta) and event.name] == ["get_weather"]
+    assert events[-1] == Finish("tool_calls", Usage(USAGE["prompt_tokens"], USAGE["completion_tokens"]))
+
+
+async def test_azure_urls_and_credentials(fake: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the comparison above pins, spelled out: the deployment URL with
+    api-version (default litellm's), the api-key header, AZURE_API_BASE."""
+    monkeypatch.setenv("AZURE_API_BASE", fake.api_base.removesuffix("/v1") + "/")
+    monkeypatch.setenv("AZURE_API_KEY", "az-env")
+    llm = load(tmp_path, [entry("*", "azure/*", max_retries=0)])
+    try:
+        await collect(llm, ChatRequest("my deployment", [user("hi")]))
+    finally:
+        await llm.aclose()
+    [sent] = fake.requests
+    assert sent["path"] == "/openai/deployments/my%20deployment/chat/completions?api-version=2025-02-01-preview"
+    assert (sent["api-key"], sent["authorization"]) == ("az-env", None)
+    assert sent["body"]["model"] == "my deployment"
+
+
+def test_default_base_urls_need_no_api_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Providers with a fixed base URL are direct without api_base (no call is made here)."""
+    monkeypatch.setenv("NEBIUS_API_KEY", "nb")
+    llm = load(tmp_path, [entry("*", "nebius/*")])
+    route = llm.route("meta-llama/Llama-3.3-70B-Instruct")
+    assert route.direct
+    call = _Call.build(route, ChatRequest(route.model, [user("hi")]))
+    assert call.url == "https://api.studio.nebius.ai/v1/chat/completions"
+    assert call.headers["Authorization"] == "Bearer nb"
+    assert json.loads(call.body)["model"] == "meta-llama/Llama-3.3-70B-Instruct"
+    monkeypatch.setenv("NEBIUS_API_BASE", "http://127.0.0.1:9/nebius")
+    assert (
+        _Call.build(route, ChatRequest(route.model, [user("hi")])).url == "http://127.0.0.1:9/nebius/chat/completions"
+    )
+
+
+@pytest.fixture(params=["direct", "litellm"])
+async def azure(request: pytest.FixtureRequest, fake: FakeOpenAI, tmp_path: Path) -> AsyncIterator[LLM]:
+    """An Azure deployment route served directly and through litellm."""
+    params = {"api_base": fake.api_base.removesuffix("/v1"), "api_key": "az", "api_version": "2024-10-21"}
+    with_stall = {**params, "timeout": 0.5}
+    llm = load(
+        tmp_path,
+        [
+            entry("*", "azure/*", request.param == "direct", max_retries=0, **params),
+            entry("fake-stall*", "azure/fake-stall*", request.param == "direct", max_retries=0, **with_stall),
+            entry("fake-flaky", "azure/fake-flaky", request.param == "direct", max_retries=2, **params),
+        ],
+    )
+    assert llm.route("gpt-4o").direct is (request.param == "direct")
+    try:
+        yield llm
+    finally:
+        await llm.aclose()
+
+
+REJECTED = "The provider rejected the request for model '{0}' (azure/{0}): "
+FAILED = "The provider failed for model '{0}' (azure/{0}) "
+
+
+@pytest.mark.parametrize(
+    ("model", "code", "message", "partial"),
+    [
+        ("fake-429", "rate_limit_exceeded", "Rate limit reached for model '{0}' (azure/{0}): "
+         "Rate limit reached for fake-429 (test).", 0),
+        ("fake-400", "invalid_prompt", REJECTED + "This model's maximum context length is 10 tokens.", 0),
+        ("fake-422", "invalid_prompt", REJECTED + "The fake server cannot process this request.", 0),
+        ("fake-500", "server_error", FAILED + "(HTTP 500): The fake server had an error.", 0),
+        ("fake-502", "server_error", FAILED + "(HTTP 502): Error code: 502", 0),
+        ("fake-stall-head", "server_error", FAILED + "(HTTP 408): Request timed out.", 0),
+        ("fake-drop", "server_error", FAILED + "(HTTP 500): Connection error.", 1),
+        ("fake-stream-error", "server_error", FAILED + "(HTTP 500): The model crashed mid-answer.", 1),
+    ],
+)  # fmt: skip
+async def test_azure_errors_are_mapped_as_through_litellm(
+    azure: LLM, fake: FakeOpenAI, model: str, code: str, message: str, partial: int
+) -> None:
+    seen: list[Event] = []
+    with pytest.raises(LLMError) as failure:
+        async for event in azure.stream(ChatRequest(model, [user("hi")])):
+            seen.append(event)
+    assert failure.value.code == code
+    assert len(seen) == partial
+    expected = message.format(model)
+    if model == "fake-502":  # the direct path also shows the body litellm drops
+        assert failure.value.message.startswith(expected), failure.value.message
+    else:
+        assert failure.value.message == expected
+    assert len(fake.requests) == 1
+
+
+async def test_azure_retries_before_the_answer_starts(azure: LLM, fake: FakeOpenAI) -> None:
+    events = await collect(azure, ChatRequest("fake-flaky", [user("hi")]))
+    assert "".join(event.text for event in events if isinstance(event, TextDelta)) == "Plain answer"
+    assert len(fake.requests) == 2
+
+
+def test_which_routes_go_direct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = "http://127.0.0.1:9"
+    monkeypatch.setenv("AZURE_CLIENT_ID", "set-but-not-read-here")
+    llm = load(
+        tmp_path,
+        [
+            entry("az", "azure/gpt-4o-prod", api_base=base, api_key="k"),
+            entry("az-token", "azure/gpt-4o-prod", api_base=base, azure_ad_token="t"),  # noqa: S106
+            entry("az-o3", "azure/o3-mini", api_base=base, api_key="k"),
+            entry("az-gpt5", "azure/gpt-5-chat", api_base=base, api_key="k"),
+            entry("az-35", "azure/gpt-35-turbo", api_base=base, api_key="k"),
+            entry("az-old", "azure/gpt-4o", api_base=base, api_key="k", api_version="2024-02-01"),
+            entry("az-entra", "azure/gpt-4o", api_base=base, tenant_id="t", client_id="c", client_secret="s"),  # noqa: S106
+            entry("az-nocreds", "azure/gpt-4o", api_base=base),
+            entry("az-both", "azure/gpt-4o", api_base=base, api_key="k", azure_ad_token="t"),  # noqa: S106
+            entry("az-nobase", "azure/gpt-4o", api_key="k"),
+            entry("az-effort", "azure/gpt-4o", api_base=base, api_key="k", reasoning_effort="low"),
+            entry("az-forced", "azure/gpt-4o", False, api_base=base, api_key="k"),
+            entry("nebius", "nebius/llama"),
+            entry("novita-org", "novita/llama", organization="org"),
+            entry("nebius-renamed", "nebius/llama", max_completion_tokens=10),
+            entry("groq", "groq/llama-3.3-70b", api_base=base),
+            entry("deepseek", "deepseek/deepseek-chat"),
+            entry("mistral", "mistral/mistral-large"),
+            entry("together", "together_ai/meta-llama/Llama-3-70b"),
+            entry("xai", "xai/grok-3"),
+            entry("openrouter", "openrouter/openai/gpt-4o"),
+        ],
+    )
+    direct = {name for name in ("az", "az-token", "nebius") if llm.route(name).direct}
+    assert direct == {"az", "az-token", "nebius"}
+    others = [
+        "az-o3", "az-gpt5", "az-35", "az-old", "az-entra", "az-nocreds", "az-both", "az-nobase", "az-effort",
+        "az-forced", "novita-org", "nebius-renamed", "groq", "deepseek", "mistral", "together", "xai", "openrouter",
+    ]  # fmt: skip
+    assert [name for name in others if llm.route(name).direct] == []
+
+
+def test_azure_key_variables_make_a_route_without_api_key_direct(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = [entry("*", "azure/*", api_base="http://127.0.0.1:9")]
+    assert not load(tmp_path, raw).route("gpt-4o").direct  # Entra ID sign-in is litellm's
+    monkeypatch.setenv("AZURE_API_KEY", "k")
+    assert load(tmp_path, raw).route("gpt-4o").direct
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (entry("a", "azure/o1-preview", True, api_base="http://x", api_key="k"), "translates requests"),
+        (entry("a", "azure/gpt-4o", True, api_key="k"), "no api_base"),
+        (entry("a", "azure/gpt-4o", True, api_base="http://x"), "Entra ID"),
+        (entry("a", "azure/gpt-4o", True, api_base="http://x", api_key="k", api_version="2023-05-15"), "2023-05-15"),
+        (entry("a", "groq/llama-3.3-70b", True, api_base="http://x"), "not an OpenAI-compatible model"),
+        (entry("a", "nebius/llama", True, input_cost_per_token=1e-6), "input_cost_per_token"),
+    ],
+)
+def test_direct_true_that_cannot_be_served_is_a_start_up_error(
+    tmp_path: Path, raw: dict[str, Any], needle: str
+) -> None:
+    with pytest.raises(LLMConfigError, match=needle):
+        load(tmp_path, [raw])
+
+
+def test_azure_and_plain_provider_routes_never_import_litellm(tmp_path: Path) -> None:
+    path = tmp_path / "models.json"
+    entries = [
+        entry("gpt-4o", "azure/gpt-4o-prod", api_base="http://127.0.0.1:9", api_key="os.environ/AZURE_KEY"),
+        entry("*", "nebius/*"),
+    ]
+    path.write_text(json.dumps({"model_list": entries}))
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from app.llm import LLM\n"
+        f"llm = LLM.from_config(Path({str(path)!r}))\n"
+        "assert llm.route('gpt-4o').direct and llm.route('llama').direct\n"
+        "print(llm.context_window('gpt-4o'), llm.count_tokens('gpt-4o', [{'role': 'user', 'content': 'hi'}]) > 0)\n"
+        "assert 'litellm' not in sys.modules, 'litellm was imported'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=dict(os.environ), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["8192", "True"]  # azure/gpt-4o-prod is not in litellm's model map
