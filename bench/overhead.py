@@ -5,8 +5,9 @@ one in bench/streaming.py, no delay between tokens) and the server
 (``python -m app serve``, API and embedded worker in one process), on SQLite
 and on an embedded PostgreSQL. The routing file sends ``gpt-4o`` to the stub
 by the server's own HTTP request (app/llm/direct.py), ``litellm-bench`` to the
-same stub through litellm (``direct: false``) and ``offline-bench`` to the
-built-in offline model.
+same stub through litellm (``direct: false``), ``azure-bench`` to it as an
+Azure OpenAI deployment (``azure/``: direct since branch ``routes``) and
+``offline-bench`` to the built-in offline model.
 
 Measured, each as p50/p95 over sequential requests:
 
@@ -234,12 +235,13 @@ def stub(scratch: Path) -> Iterator[int]:
         process.wait(timeout=15)
 
 
-MODELS = {"direct": "gpt-4o", "litellm": "litellm-bench", "offline": "offline-bench"}
+MODELS = {"direct": "gpt-4o", "litellm": "litellm-bench", "azure": "azure-bench", "offline": "offline-bench"}
 
 
 def routing(stub_port: int, paths: list[str]) -> list[dict[str, Any]]:
-    """Routing entries for the paths: the stub directly, through litellm, the offline model."""
+    """Routing entries for the paths: the stub directly, through litellm, as an Azure deployment, the offline model."""
     stub = {"api_base": f"http://127.0.0.1:{stub_port}/v1", "api_key": "x", "max_retries": 0}
+    azure = {**stub, "api_base": f"http://127.0.0.1:{stub_port}", "api_version": "2024-10-21"}
     entries: dict[str, dict[str, Any]] = {
         "offline": {"model_name": "offline-bench", "litellm_params": {"model": "offline"}},
         "litellm": {
@@ -247,9 +249,10 @@ def routing(stub_port: int, paths: list[str]) -> list[dict[str, Any]]:
             "litellm_params": {"model": "openai/litellm-bench", **stub},
             "direct": False,
         },
+        "azure": {"model_name": "azure-bench", "litellm_params": {"model": "azure/azure-bench", **azure}},
         "direct": {"model_name": "*", "litellm_params": {"model": "openai/*", **stub}},
     }
-    return [entries[path] for path in ("offline", "litellm", "direct") if path in paths]
+    return [entries[path] for path in ("offline", "litellm", "azure", "direct") if path in paths]
 
 
 @contextmanager
@@ -286,7 +289,12 @@ def server(
             process.wait()
 
 
-LABELS = {"direct": "direct → stub", "litellm": "litellm → stub", "offline": "offline model"}
+LABELS = {
+    "direct": "direct → stub",
+    "litellm": "litellm → stub",
+    "azure": "azure/ route → stub",
+    "offline": "offline model",
+}
 
 
 async def bench_database(
@@ -386,6 +394,7 @@ def idle_rss(scratch: Path, stub_port: int, extra_env: dict[str, str]) -> list[s
         ("offline model only (no routing file)", None),
         ("direct routes (+ offline)", routing(stub_port, ["direct", "offline"])),
         ("a route through litellm (+ direct, offline)", routing(stub_port, ["direct", "litellm", "offline"])),
+        ("an azure/ route (+ offline)", routing(stub_port, ["azure", "offline"])),
     ]:
         url = f"sqlite+aiosqlite:///{scratch / f'idle-{len(rows)}.db'}"
         with server(url, scratch, entries, extra_env) as (_port, pid):

@@ -82,6 +82,7 @@ def serve_backend(port: int, delay_ms: float, tokens: int) -> None:
     app = web.Application()
     app["delay"], app["tokens"] = delay_ms / 1000, tokens
     app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_post("/openai/deployments/{deployment}/chat/completions", _chat)  # Azure OpenAI's shape
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
