@@ -5,6 +5,7 @@
 - facade.py: ``LLM``, through which every completion goes;
 - provider.py: what the provider adapters share (chunk reading, error mapping);
 - direct.py: OpenAI-compatible routes over our own HTTP request (no litellm);
+- providers.py: which providers that is (openai/, hosted_vllm/, azure/, ...), their URLs and keys;
 - litellm_adapter.py: any other provider through litellm, the only module importing it (lazily);
 - tokens.py: token estimates and cl100k_base decoding, without litellm;
 - offline.py: the built-in offline model.

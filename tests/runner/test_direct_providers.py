@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,7 @@ TOOL_CHAT = ChatRequest(
         ("azure/fake-chat", {}, {"AZURE_OPENAI_API_KEY": "az-first", "AZURE_API_KEY": "az-second"}),
         ("azure/fake-chat", {"azure_ad_token": "os.environ/MY_TOKEN"}, {"MY_TOKEN": "entra-token"}),
         ("azure/fake-chat", {"api_key": "az-key", "api_version": "v1"}, {}),
+        ("azure/other", {"api_key": "az-key", "api_base": "{root}/openai/deployments/fake-chat"}, {}),
         ("nebius/fake-chat", {"api_key": "nb-key", "stop": ["\n"], "presence_penalty": 0.5}, {}),
         ("nebius/fake-chat", {}, {"NEBIUS_API_KEY": "nb-env", "OPENAI_API_KEY": "sk-openai"}),
         ("lambda_ai/fake-chat", {}, {"OPENAI_API_KEY": "sk-openai"}),
@@ -137,8 +139,11 @@ async def test_the_direct_request_is_what_litellm_sends(
 ) -> None:
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    base = fake.api_base.removesuffix("/v1") if model.startswith("azure/") else fake.api_base
-    (direct, through_litellm), events = await both_paths(tmp_path, fake, TOOL_CHAT, model, api_base=base, **params)
+    root = fake.api_base.removesuffix("/v1")
+    params = dict(params)
+    base = params.pop("api_base", "{root}" if model.startswith("azure/") else "{root}/v1").format(root=root)
+    chat = TOOL_CHAT if model.endswith("/fake-chat") else replace(TOOL_CHAT, model=model.partition("/")[2])
+    (direct, through_litellm), events = await both_paths(tmp_path, fake, chat, model, api_base=base, **params)
     assert direct["path"] == through_litellm["path"]
     assert (direct["authorization"], direct["api-key"]) == (
         through_litellm["authorization"],
