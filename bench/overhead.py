@@ -346,13 +346,13 @@ async def bench_database(
 
 async def call_path(stub_port: int, scratch: Path, count: int) -> list[str]:
     """CPU per streamed completion of the provider call path alone, in this
-    process: a bare httpx stream (the floor), the direct path, litellm."""
+    process: a bare httpx stream (the floor), the direct path, litellm, an azure/ route."""
     import httpx
 
     from app.llm import LLM, ChatRequest
 
     path = scratch / "call-path.json"
-    path.write_text(json.dumps({"model_list": routing(stub_port, ["direct", "litellm"])}))
+    path.write_text(json.dumps({"model_list": routing(stub_port, ["direct", "litellm", "azure"])}))
     llm = LLM.from_config(path)
     url = f"http://127.0.0.1:{stub_port}/v1/chat/completions"
     messages: list[dict[str, Any]] = [{"role": "user", "content": "hello"}]
@@ -376,6 +376,7 @@ async def call_path(stub_port: int, scratch: Path, count: int) -> list[str]:
             ("bare httpx stream", bare),
             ("direct", lambda: through(MODELS["direct"])),
             ("litellm", lambda: through(MODELS["litellm"])),
+            ("azure/ route", lambda: through(MODELS["azure"])),
         ]:
             for _ in range(20):
                 await once()
