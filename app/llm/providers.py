@@ -191,6 +191,8 @@ def endpoint(target: str, params: Mapping[str, Any]) -> Endpoint:
         raise ValueError(f"{target} is not served directly")
     base = params.get("api_base") or (shape.base_variable and os.environ.get(shape.base_variable))
     base = base or shape.default_base
+    if not base:
+        raise ValueError("it has no api_base")
     headers: dict[str, str] = {}
     key = params.get("api_key") or next(filter(None, map(os.environ.get, shape.key_variables)), None)
     if key:
@@ -209,8 +211,10 @@ def _azure_endpoint(deployment: str, params: Mapping[str, Any]) -> Endpoint:
     key = params.get("api_key") or _azure_environment_key()
     token = params.get("azure_ad_token")
     if version in _AZURE_V1_VERSIONS:  # the OpenAI client on Azure's v1 surface
-        return Endpoint(f"{base}/openai/v1/chat/completions", {"Authorization": f"Bearer {key or token}"}, deployment)
-    headers = {"api-key": str(key)} if key else {"Authorization": f"Bearer {token}"}
+        credential = key or token
+        headers = {"Authorization": f"Bearer {credential}"} if credential else {}
+        return Endpoint(f"{base}/openai/v1/chat/completions", headers, deployment)
+    headers = {"api-key": str(key)} if key else ({"Authorization": f"Bearer {token}"} if token else {})
     # An api_base that already names a deployment is used as it is (as the openai SDK does).
     path = "" if "/openai/deployments" in base else f"/openai/deployments/{quote(deployment, safe='')}"
     url = f"{base}{path}/chat/completions?{urlencode({'api-version': version})}"

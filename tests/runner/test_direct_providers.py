@@ -335,3 +335,21 @@ def test_azure_and_plain_provider_routes_never_import_litellm(tmp_path: Path) ->
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["8192", "True"]  # azure/gpt-4o-prod is not in litellm's model map
+
+
+async def test_an_azure_base_gone_from_the_environment_fails_the_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chosen at start-up from AZURE_API_BASE, read again per call: unset since, the call fails clearly."""
+    monkeypatch.setenv("AZURE_API_BASE", "http://127.0.0.1:9")
+    monkeypatch.setenv("AZURE_API_KEY", "k")
+    llm = load(tmp_path, [entry("*", "azure/*")])
+    assert llm.route("gpt-4o").direct
+    monkeypatch.delenv("AZURE_API_BASE")
+    try:
+        with pytest.raises(LLMError) as failure:
+            await collect(llm, ChatRequest("gpt-4o", [user("hi")]))
+    finally:
+        await llm.aclose()
+    assert failure.value.code == "server_error"
+    assert failure.value.message.endswith("(azure/gpt-4o) is not usable: no api_base and AZURE_API_BASE is not set")
