@@ -7,7 +7,8 @@ here is read off litellm 1.100's own provider configuration (its defaults,
 environment variable names and the translations it applies), so that a route
 served directly sends what litellm would have sent:
 
-- ``openai/`` and ``hosted_vllm/`` with an ``api_base``;
+- ``openai/`` and ``hosted_vllm/`` with an ``api_base`` (OpenAI's o-series
+  and gpt-5 names excepted: litellm reshapes their requests);
 - providers litellm routes to a fixed OpenAI-compatible base URL with no
   translation of our requests (``PLAIN``): ``api_base`` is optional there,
   and the key falls back to the provider's variable, then ``OPENAI_API_KEY``
@@ -92,6 +93,9 @@ _AZURE_V1_VERSIONS = frozenset({"preview", "latest", "v1"})
 # and gpt-5 configurations rename max_tokens and drop sampling parameters;
 # gpt-3.5 gets JSON mode as a tool): they stay on litellm.
 _AZURE_TRANSLATED_NAMES = ("o1", "o3", "o4", "o_series/", "gpt-5", "gpt-6", "gpt5_series", "gpt-3.5", "gpt-35")
+# OpenAI model names litellm reshapes requests for (o1, o3-mini, gpt-5, ...).
+_OPENAI_O_SERIES = re.compile(r"o\d")
+_OPENAI_REASONING_MARKERS = ("gpt-5", "gpt-6")
 # Before this version litellm rewrites response_format (as a tool) and may drop tool_choice.
 _AZURE_PLAIN_SINCE = (2024, 8)
 _DATED_VERSION = re.compile(r"(\d{4})-(\d{2})-\d{2}")
@@ -146,6 +150,9 @@ def refusal(params: Mapping[str, Any], extra_keys: frozenset[str] = frozenset())
     unknown = sorted(set(params) - known - ({"organization"} if shape.organization else set()))
     if unknown:
         return f"litellm_params {', '.join(unknown)} need litellm"
+    translated = name_translated(target)
+    if translated:
+        return translated
     if shape.max_tokens_only and "max_completion_tokens" in params:
         return f"litellm sends max_completion_tokens as max_tokens for {shape.prefix}"
     return None
@@ -158,8 +165,9 @@ def _azure_refusal(deployment: str, params: Mapping[str, Any], known: frozenset[
     unsupported = sorted(_AZURE_UNSUPPORTED_BODY_KEYS & set(params))
     if unsupported:
         return f"litellm leaves {', '.join(unsupported)} out for Azure"
-    if any(name in deployment for name in _AZURE_TRANSLATED_NAMES):
-        return f"litellm translates requests for the Azure deployment {deployment}"
+    translated = name_translated(AZURE_PREFIX + deployment)
+    if translated:
+        return translated
     base = params.get("api_base") or os.environ.get("AZURE_API_BASE")
     if not base:
         return "it has no api_base (nor AZURE_API_BASE)"
@@ -179,6 +187,26 @@ def _azure_refusal(deployment: str, params: Mapping[str, Any], known: frozenset[
         return "OIDC tokens are litellm's"
     if not (params.get("api_key") or token or environment_key):
         return "no api_key, azure_ad_token or key variable (Entra ID sign-in is litellm's)"
+    return None
+
+
+def name_translated(target: str) -> str | None:
+    """Why litellm sends a request for this model through another shape, by its
+    name alone; None if it does not. Checked at start-up for an entry's target
+    and per request for what a wildcard fills in (``azure/*`` asked for
+    ``o3-mini``), since litellm decides by the name it is given."""
+    if target.startswith(AZURE_PREFIX):
+        deployment = target[len(AZURE_PREFIX) :]
+        if any(name in deployment for name in _AZURE_TRANSLATED_NAMES):
+            return f"litellm translates requests for the Azure deployment {deployment}"
+    elif target.startswith(OPENAI.prefix):
+        # litellm's OpenAI o-series and gpt-5 configurations: max_completion_tokens,
+        # system messages and sampling parameters reshaped.
+        name = target.rsplit("/", 1)[-1]
+        if _OPENAI_O_SERIES.match(name) or (
+            any(marker in name for marker in _OPENAI_REASONING_MARKERS) and not name.startswith("gpt-5-chat")
+        ):
+            return f"litellm translates requests for OpenAI's {name}"
     return None
 
 

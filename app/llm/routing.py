@@ -9,7 +9,9 @@ wildcard filled in, and how it is served:
   it (``openai/`` or ``hosted_vllm/`` with an ``api_base``, ``azure/``
   deployments, and the OpenAI-compatible providers providers.py lists) and no
   litellm_params beyond those the direct adapter understands: one HTTP request
-  of our own (direct.py), no litellm;
+  of our own (direct.py), no litellm; a name a direct wildcard fills in that
+  litellm translates for (``openai/*`` asked for ``o3-mini``) goes through
+  litellm, imported on its first use;
 - everything else, or an entry with ``direct: false``: litellm
   (litellm_adapter.py). ``direct: true`` makes an entry the direct path cannot
   serve a start-up error rather than a silent fallback.
@@ -102,7 +104,10 @@ class Entry:
             captured = match.groups()
         params = dict(self.params)
         params["model"] = _fill_stars(str(params["model"]), captured)
-        return Route(model, params, self.info, self.direct)
+        # A wildcard may fill in a name litellm translates for (``azure/*`` asked
+        # for ``o3-mini``): that model goes through litellm, imported on first use.
+        direct = self.direct and (self.pattern is None or providers.name_translated(params["model"]) is None)
+        return Route(model, params, self.info, direct)
 
 
 def direct_refusal(params: Mapping[str, Any]) -> str | None:

@@ -353,3 +353,40 @@ async def test_an_azure_base_gone_from_the_environment_fails_the_call(
         await llm.aclose()
     assert failure.value.code == "server_error"
     assert failure.value.message.endswith("(azure/gpt-4o) is not usable: no api_base and AZURE_API_BASE is not set")
+
+
+def test_a_wildcard_sends_names_litellm_translates_through_litellm(tmp_path: Path) -> None:
+    """litellm reshapes requests for OpenAI's and Azure's o-series and gpt-5
+    models by name (max_completion_tokens, system messages, sampling
+    parameters): what a direct wildcard fills in with such a name goes through
+    litellm; every other name stays direct."""
+    base = "http://127.0.0.1:9"
+    llm = load(
+        tmp_path,
+        [
+            entry("az-*", "azure/*", api_base=base, api_key="k"),
+            entry("*", "openai/*", api_base=base + "/v1"),
+        ],
+    )
+    names = ["gpt-4o", "o3-mini", "o1", "gpt-5-mini", "gpt-5-chat-latest", "gpt-4.1", "omni-moderation"]
+    assert [name for name in names if llm.route(name).direct] == [
+        "gpt-4o",
+        "gpt-5-chat-latest",
+        "gpt-4.1",
+        "omni-moderation",
+    ]
+    azure_names = ["az-gpt-4o", "az-o3-mini", "az-gpt-5", "az-gpt-35-turbo", "az-prod-4o"]
+    assert [name for name in azure_names if llm.route(name).direct] == ["az-gpt-4o", "az-prod-4o"]
+
+
+async def test_an_o_series_model_through_a_direct_wildcard_is_sent_as_litellm_sends_it(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """The request litellm makes for o3-mini: max_completion_tokens, not max_tokens."""
+    llm = load(tmp_path, [entry("*", "openai/*", api_base=fake.api_base, api_key="k", max_retries=0)])
+    try:
+        await collect(llm, ChatRequest("o3-mini", [user("hi")], max_tokens=30))
+    finally:
+        await llm.aclose()
+    [sent] = fake.requests
+    assert sent["body"].get("max_completion_tokens") == 30 and "max_tokens" not in sent["body"]
