@@ -9,6 +9,7 @@ Nothing here changes a run's status: that is run_state.transition()'s job.
 
 from __future__ import annotations
 
+import json
 import time
 import weakref
 from collections.abc import Sequence
@@ -82,23 +83,34 @@ def _claimable_by_owner() -> ColumnElement[bool]:
     return or_(queued, resumable)
 
 
+# A queued run's earlier messages come back with its claim only for a short
+# thread: the database encodes them into one value while the claim holds its
+# locks, and a prompt truncated to its last messages would not need the rest
+# (a longer thread's prompt reads them as before, prompt.build).
+PREFETCH_MOST_MESSAGES = 32
+
+
 def _earlier_messages_column(dialect: str) -> ColumnElement[Any]:
     """For a claimed run that is queued (one the claim's transaction may
-    start), the thread's messages before it as _EARLIER_MESSAGES selects
-    them, as one JSON array of ``[seq, role, content]`` (in no set order);
-    NULL for any other run (issue 17: the first prompt's read goes with
-    the claim, a round trip or a thread hop fewer). Written out: SQLite's
-    compiler leaves the table's name off the columns of a RETURNING, and
-    a subquery there would then compare the messages' columns with
-    themselves."""
+    start), the thread's last PREFETCH_MOST_MESSAGES + 1 messages before it
+    as _EARLIER_MESSAGES selects them, as one JSON array of ``[seq, role,
+    content]`` (in no set order; on SQLite each content as its stored text,
+    decoded in Python as the column's own read does: SQLite's json() refuses
+    what Python's JSON accepts, NaN, and one such message would fail every
+    claim); NULL for any other run (issue 17: the first prompt's read goes
+    with the claim, a round trip or a thread hop fewer). Written out:
+    SQLite's compiler leaves the table's name off the columns of a
+    RETURNING, and a subquery there would then compare the messages'
+    columns with themselves."""
     if dialect == "postgresql":
         aggregate = "json_agg(json_build_array(earlier.seq, earlier.role, earlier.content))"
     else:
-        aggregate = "json_group_array(json_array(earlier.seq, earlier.role, json(earlier.content)))"
+        aggregate = "json_group_array(json_array(earlier.seq, earlier.role, earlier.content))"
     sql = (
-        f"CASE WHEN runs.status = 'queued' THEN (SELECT {aggregate} FROM messages AS earlier "  # noqa: S608 (constants)
-        "WHERE earlier.thread_id = runs.thread_id AND earlier.seq < runs.seq "
-        "AND (earlier.run_id IS NULL OR earlier.run_id != runs.id)) END"
+        f"CASE WHEN runs.status = 'queued' THEN (SELECT {aggregate} FROM ("  # noqa: S608 (constants)
+        "SELECT m.seq, m.role, m.content FROM messages AS m "
+        "WHERE m.thread_id = runs.thread_id AND m.seq < runs.seq AND (m.run_id IS NULL OR m.run_id != runs.id) "
+        f"ORDER BY m.seq DESC LIMIT {PREFETCH_MOST_MESSAGES + 1}) AS earlier) END"
     )
     return type_coerce(literal_column(sql), JSON).label("earlier_messages")
 
@@ -181,9 +193,11 @@ def _detached_run(row: RowMapping) -> orm.Run:
     run = orm.Run(**{key: row[column] for key, column in run_state.RUN_COLUMNS.items()})
     make_transient_to_detached(run)
     earlier: list[list[Any]] | None = row["earlier_messages"]
-    if run.status == "queued":  # (PostgreSQL's json_agg of no rows is NULL)
+    # (PostgreSQL's json_agg of no rows is NULL.) A longer thread's are read by its prompt.
+    if run.status == "queued" and len(earlier or []) <= PREFETCH_MOST_MESSAGES:
         _PREFETCHED[run] = [
-            EarlierMessage(role, content) for _seq, role, content in sorted(earlier or [], key=lambda m: m[0])
+            EarlierMessage(role, json.loads(content) if isinstance(content, str) else content)
+            for _seq, role, content in sorted(earlier or [], key=lambda m: m[0])
         ]
     return run
 

@@ -4,7 +4,9 @@ order a streamed answer gives them."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,14 +14,14 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select
 
-from app import ids, orm
+from app import ids, llm, orm
 from app.llm import offline
 from app.runner.execute import RunExecution
 from app.runtime import Runtime
-from app.services import model_requests, run_events, run_state
+from app.services import model_requests, run_events, run_execution, run_state
 from app.wire.events import Event
 from app.worker import Worker
-from tests.runner.test_worker import _make_runs
+from tests.runner.test_worker import _make_runs, _statuses
 
 
 @contextmanager
@@ -251,3 +253,61 @@ async def test_the_first_prompt_is_read_by_the_claim(runtime: Runtime) -> None:
         (logged,) = await model_requests.list_for_run(session, run_id)
     chat = [(message["role"], message["content"]) for message in logged["request"]["messages"]]
     assert chat[-3:] == [("user", "first"), ("assistant", "second"), ("user", "third")]
+
+
+async def _add_earlier_messages(runtime: Runtime, run_id: str, contents: list[list[dict[str, Any]]]) -> None:
+    """Messages of the run's thread from before the run, oldest first."""
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+        assert run is not None
+        for content in contents:
+            seq = ids.next_seq()
+            session.add(
+                orm.Message(
+                    id=ids.new_id(ids.MESSAGE, seq),
+                    seq=seq,
+                    created_at=ids.seconds(seq),
+                    thread_id=run.thread_id,
+                    role="user",
+                    content=content,
+                    status="completed",
+                    metadata_={},
+                )
+            )
+        run.seq = ids.next_seq()  # the run comes after them
+
+
+def _text(value: str) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": {"value": value, "annotations": []}}]
+
+
+async def test_a_long_threads_prompt_has_every_earlier_message(runtime: Runtime) -> None:
+    """The claim brings a queued run's earlier messages only for a short
+    thread; a longer one's prompt reads them all, as before."""
+    (run_id,) = await _make_runs(runtime, 1, text="m-first")
+    count = run_execution.PREFETCH_MOST_MESSAGES + 3
+    await _add_earlier_messages(runtime, run_id, [_text(f"m{n}") for n in range(count)])
+    seen: list[llm.ChatRequest] = []
+
+    async def observe(exchange: llm.Exchange) -> None:
+        seen.append(exchange.request)
+
+    runtime.llm.observer = observe
+    await Worker(runtime, concurrency=1).run_until_idle()
+    users = [str(message["content"]) for message in seen[0].messages if message["role"] == "user"]
+    assert len(users) == count + 1, users
+    assert users == ["m-first", *(f"m{n}" for n in range(count))]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_message_sqlites_json_refuses_stops_no_claim(runtime: Runtime) -> None:
+    """A stored content SQLite's json() refuses (Python's JSON writes NaN):
+    the claim returns earlier messages as their stored text, decoded in
+    Python; through json() the claim itself failed, and no run moved."""
+    run_ids = await _make_runs(runtime, 2)
+    await _add_earlier_messages(
+        runtime, run_ids[0], [[{"type": "text", "text": {"value": "odd", "annotations": [{"score": math.nan}]}}]]
+    )
+    async with asyncio.timeout(30):
+        await Worker(runtime, concurrency=2).run_until_idle()
+    assert await _statuses(runtime, run_ids) == {run_id: "completed" for run_id in run_ids}
