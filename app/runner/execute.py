@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
@@ -56,6 +56,9 @@ CANCEL_POLL_SECONDS = 0.5
 # taken whole and written with the run's move (RunExecution._take); a longer
 # one reaches clients this much later than its first event.
 QUICK_ANSWER_SECONDS = 0.005
+# A longer answer is streamed however fast it comes: built and written in
+# one go it would hold the write lock meanwhile (as offline.AT_ONCE_MOST_DELTAS).
+QUICK_ANSWER_MOST_EVENTS = 256
 # Events that end an execution from outside: a cancel, or the reaper ending
 # the run (expired past its deadline).
 STOPPING_EVENTS = frozenset({"thread.run.cancelling", *(f"thread.run.{status}" for status in run_state.TERMINAL)})
@@ -697,35 +700,32 @@ class RunExecution:
             raise TurnStopped
         return answer.result()
 
-    async def _take(self, turn: Turn, stream: AsyncIterator[llm.Event]) -> TurnResult:
+    async def _take(self, turn: Turn, stream: AsyncGenerator[llm.Event, None]) -> TurnResult:
         """A streamed answer, taken whole when the model sends all of it
-        within QUICK_ANSWER_SECONDS of its first event (a stub, a cache, a
-        one-chunk reply): its rows and events then wait for the turn's
-        commit as an instant answer's do, one transaction fewer (no opening
-        of its own, no delta flush). Otherwise what came is replayed and the
-        rest streamed: the first events reach clients at most that much
-        later. The stream is read by a task of its own (an async generator
-        whose read is cut short by a timeout cannot go on)."""
+        (at most QUICK_ANSWER_MOST_EVENTS) within QUICK_ANSWER_SECONDS of its
+        first event (a stub, a cache, a one-chunk reply): its rows and events
+        then wait for the turn's commit as an instant answer's do, one
+        transaction fewer (no opening of its own, no delta flush). Otherwise
+        what came is replayed and the rest streamed: the first events reach
+        clients at most that much later. The stream is read by a task of its
+        own (an async generator whose read is cut short by a timeout cannot
+        go on); nothing is published before the choice is made."""
         if not self._may_answer_at_once():
             return await turn.consume(stream)
         arrived: asyncio.Queue[llm.Event | _StreamEnd] = asyncio.Queue()
         reader = asyncio.ensure_future(_read_into(stream, arrived))
         try:
             gathered = [await arrived.get()]
-            try:
-                async with asyncio.timeout(QUICK_ANSWER_SECONDS):
-                    while not isinstance(gathered[-1], (llm.Finish, _StreamEnd)):
-                        gathered.append(await arrived.get())
-            except TimeoutError:
-                return await turn.consume(_arrivals(gathered, arrived))
-            if not isinstance(gathered[-1], llm.Finish) or self._calls_builtin(gathered):
+            whole = await _gather_quickly(gathered, arrived)
+            if not whole or self._calls_builtin(gathered):
                 return await turn.consume(_arrivals(gathered, arrived))
             turn.at_once = True
             return await turn.consume(_arrivals(gathered, arrived))
+        except BaseException:
+            reader.cancel()  # (a normal end leaves it past the Finish, closing the stream)
+            raise
         finally:
-            if not reader.done():
-                reader.cancel()
-            await asyncio.wait({reader})
+            await _until_ended(reader)
 
     def _turn(self, run: orm.Run) -> Turn:
         return Turn(
@@ -834,17 +834,58 @@ async def _replay(events: list[llm.Event]) -> AsyncIterator[llm.Event]:
 class _StreamEnd:
     """The end of a stream read by _read_into: ``error`` if it failed."""
 
-    error: Exception | None = None
+    error: BaseException | None = None
 
 
-async def _read_into(stream: AsyncIterator[llm.Event], arrived: asyncio.Queue[llm.Event | _StreamEnd]) -> None:
+async def _read_into(stream: AsyncGenerator[llm.Event, None], arrived: asyncio.Queue[llm.Event | _StreamEnd]) -> None:
+    """The stream's events into ``arrived``, up to its Finish (nothing is
+    read after it, as a turn stops there), then an end: a failure too, so
+    that nobody waits on ``arrived`` for ever (a CancelledError from inside
+    the stream, not this task's own cancel, becomes a server error)."""
     try:
-        async for event in stream:
-            arrived.put_nowait(event)
+        async with aclosing(stream):
+            async for event in stream:
+                arrived.put_nowait(event)
+                if isinstance(event, llm.Finish):
+                    break
+    except asyncio.CancelledError:
+        arrived.put_nowait(_StreamEnd(llm.LLMError("server_error", "The model stream was interrupted.")))
+        raise
     except Exception as error:  # raised by _arrivals where the stream failed
         arrived.put_nowait(_StreamEnd(error))
     else:
         arrived.put_nowait(_StreamEnd())
+
+
+async def _gather_quickly(
+    gathered: list[llm.Event | _StreamEnd], arrived: asyncio.Queue[llm.Event | _StreamEnd]
+) -> bool:
+    """Add to ``gathered`` what arrives within QUICK_ANSWER_SECONDS, up to the
+    stream's Finish; whether the whole answer came (QUICK_ANSWER_MOST_EVENTS
+    at most)."""
+    try:
+        async with asyncio.timeout(QUICK_ANSWER_SECONDS):
+            while not isinstance(gathered[-1], (llm.Finish, _StreamEnd)):
+                if len(gathered) > QUICK_ANSWER_MOST_EVENTS:
+                    return False
+                gathered.append(await arrived.get())
+    except TimeoutError:
+        return False
+    return isinstance(gathered[-1], llm.Finish)
+
+
+async def _until_ended(task: asyncio.Task[None]) -> None:
+    """Wait for ``task`` to end; cancelled meanwhile, cancel it too, still
+    wait, then be cancelled (nothing of it left running unobserved)."""
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+            task.cancel()
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def _arrivals(
@@ -863,7 +904,7 @@ async def _arrivals(
         raise item.error
 
 
-async def _idle_limited(stream: AsyncIterator[llm.Event], seconds: float) -> AsyncIterator[llm.Event]:
+async def _idle_limited(stream: AsyncIterator[llm.Event], seconds: float) -> AsyncGenerator[llm.Event, None]:
     """``stream``, failing with a clear error once the model sends nothing
     for ``seconds`` (a stalled provider must not hold a run and its worker
     slot until the run expires)."""

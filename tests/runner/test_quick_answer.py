@@ -68,6 +68,7 @@ async def test_an_answer_that_arrives_at_once_is_written_with_the_runs_end(
         yield llm.Finish("stop", _USAGE)
 
     _provider(runtime, monkeypatch, quick)
+    monkeypatch.setattr(execute, "QUICK_ANSWER_SECONDS", 30)  # however loaded the machine
     (run_id,) = await _make_runs(runtime, 1)
     with statements_by_transaction(runtime) as seen:
         await Worker(runtime, concurrency=1).run_until_idle()
@@ -134,3 +135,42 @@ async def test_a_failure_after_the_first_event_fails_the_run_and_keeps_the_text(
     message = await _message(runtime, run_id)
     assert message is not None and message.status == "incomplete"
     assert message.content[0]["text"]["value"] == "Hello"
+
+
+async def test_a_stream_cancelled_from_inside_fails_the_run(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CancelledError out of the model's stream (a library's cancel scope
+    leaking), not the execution's own cancel: the run fails with a server
+    error; the answer's reader ended with nothing handed on, and the run
+    waited in_progress until its deadline."""
+
+    async def interrupted(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        raise asyncio.CancelledError
+
+    _provider(runtime, monkeypatch, interrupted)
+    (run_id,) = await _make_runs(runtime, 1)
+    async with asyncio.timeout(30):
+        await Worker(runtime, concurrency=1).run_until_idle()
+    run = await _run(runtime, run_id)
+    assert run.status == "failed" and run.last_error == {
+        "code": "server_error",
+        "message": "The model stream was interrupted.",
+    }
+
+
+async def test_nothing_is_read_after_the_finish(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A turn ends at the model's Finish: what the stream would do after it
+    is never asked for (read on, a failure after the Finish was recorded as
+    the call's outcome, a second model request logged)."""
+    read_after: list[bool] = []
+
+    async def finishing(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        yield llm.Finish("stop", _USAGE)
+        read_after.append(True)
+        raise llm.LLMError("server_error", "after the end")
+
+    _provider(runtime, monkeypatch, finishing)
+    (run_id,) = await _make_runs(runtime, 1)
+    await Worker(runtime, concurrency=1).run_until_idle()
+    assert (await _run(runtime, run_id)).status == "completed" and read_after == []
