@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
 from sqlalchemy import Insert, Update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import ids, llm, orm
@@ -95,6 +95,18 @@ _UNREAD_MOVES = frozenset({"completed", "incomplete", "requires_action"})
 # streamed way from then on. A few, kept for as long as a retry takes.
 _NOT_AT_ONCE: dict[str, None] = {}
 _NOT_AT_ONCE_REMEMBERED = 1000
+
+
+# Database errors the data causes, which a retry meets again (unlike a
+# dropped connection or a lock held too long).
+DATA_ERRORS = (IntegrityError, DataError)
+
+
+def not_at_once(run_id: str) -> None:
+    """Take this run the streamed way from now on (see _NOT_AT_ONCE)."""
+    _NOT_AT_ONCE[run_id] = None
+    while len(_NOT_AT_ONCE) > _NOT_AT_ONCE_REMEMBERED:
+        del _NOT_AT_ONCE[next(iter(_NOT_AT_ONCE))]
 
 
 def _no_completion_left(budget: prompt.Budget) -> bool:
@@ -521,17 +533,20 @@ class RunExecution:
         self._claim_session = session
         try:
             more = await self._after_turn(run, result, budget)
-        except DBAPIError:
-            raise  # the claim's transaction is lost: the runs stay claimable
+        except DBAPIError as error:
+            # The claim's transaction is lost: the runs stay claimable. A
+            # failure of the data, not of the database, would come back with
+            # every claim of this run, holding the claim's other runs back.
+            if isinstance(error, DATA_ERRORS):
+                not_at_once(run.id)
+            raise
         except Exception:
             # The claim's transaction is in no state to commit: it is rolled
             # back, every run of the claim claimable again. This one's answer
             # is then written by execute(), in a transaction of its own, where
             # the same failure fails it alone (not claimed and failing here
             # again and again).
-            _NOT_AT_ONCE[run.id] = None
-            while len(_NOT_AT_ONCE) > _NOT_AT_ONCE_REMEMBERED:
-                del _NOT_AT_ONCE[next(iter(_NOT_AT_ONCE))]
+            not_at_once(run.id)
             raise
         finally:
             self._claim_session = None
@@ -935,9 +950,18 @@ async def claim_and_start(
     transaction; the executions not ``finished`` in it (an instant answer
     ends its run there) go on with run()."""
     executions = []
-    async with runtime.transaction() as session:
-        for claimed in await run_execution.claim_runs(session, owner, limit, lease_seconds):
-            execution = RunExecution(runtime, claimed.id, builtins, owner=owner)
-            await execution.start_claimed(session, claimed)
-            executions.append(execution)
+    try:
+        async with runtime.transaction() as session:
+            for claimed in await run_execution.claim_runs(session, owner, limit, lease_seconds):
+                execution = RunExecution(runtime, claimed.id, builtins, owner=owner)
+                await execution.start_claimed(session, claimed)
+                executions.append(execution)
+    except DATA_ERRORS:
+        # Refused at COMMIT (a deferred constraint): by one of the answers
+        # written in the claim, which then go the streamed way, each in a
+        # transaction of its own, rather than fail every claim of them all.
+        for execution in executions:
+            if execution.finished:
+                not_at_once(execution.run_id)
+        raise
     return executions

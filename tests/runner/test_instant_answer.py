@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, select
+from sqlalchemy.exc import IntegrityError
 
 from app import ids, llm, orm
 from app.llm import offline
@@ -153,6 +154,44 @@ async def test_an_instant_answer_that_cannot_be_written_in_its_claim_fails_its_r
     async with runtime.transaction() as session:
         statuses = {run.id: run.status for run in await session.scalars(select(orm.Run))}
     assert statuses == {doomed: "failed", **{run_id: "completed" for run_id in others}}
+
+
+@pytest.mark.parametrize("where", ["answer", "commit"])
+async def test_a_data_error_writing_an_instant_answer_holds_no_claim_back(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A database error the data causes (an integrity error), writing an
+    instant answer in its claim's transaction or at its COMMIT, comes back
+    at every claim: the runs are then taken the streamed way, each in its own
+    transactions (the claim failed again and again, no run of it moving)."""
+    doomed, *others = await _make_runs(runtime, 3)
+    refused = IntegrityError("INSERT INTO run_events", {}, Exception("a constraint refused it"))
+    if where == "answer":
+        real = RunExecution._after_turn
+
+        async def after_turn(self: RunExecution, *args: Any) -> bool:
+            if self.run_id == doomed and self._claim_session is not None:
+                raise refused
+            return await real(self, *args)
+
+        monkeypatch.setattr(RunExecution, "_after_turn", after_turn)
+    else:
+        real_start = RunExecution.start_claimed
+
+        async def start_claimed(self: RunExecution, session: Any, run: orm.Run) -> None:
+            await real_start(self, session, run)
+            if self.finished and run.id == doomed:
+
+                @event.listens_for(session.sync_session, "before_commit", once=True)
+                def refuse(_session: Any) -> None:
+                    raise refused
+
+        monkeypatch.setattr(RunExecution, "start_claimed", start_claimed)
+    worker = Worker(runtime, concurrency=4)
+    with pytest.raises(IntegrityError):
+        await worker.run_until_idle()  # the claim, rolled back
+    await worker.run_until_idle()
+    assert await _statuses(runtime, [doomed, *others]) == {run_id: "completed" for run_id in [doomed, *others]}
 
 
 async def test_a_long_instant_answer_is_streamed(runtime: Runtime) -> None:
