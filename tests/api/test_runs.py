@@ -102,6 +102,27 @@ async def test_thread_and_run_takes_an_assistant_as_it_is_now(client: openai.Asy
     assert error_of(refused.value)["message"] == f"No assistant found with id '{assistant_id}'."
 
 
+@pytest.mark.timeout(30)
+async def test_thread_and_run_with_many_messages(client: openai.AsyncOpenAI, app: FastAPI) -> None:
+    """A new thread of 2,500 messages and its run (the wire allows 100,000):
+    on PostgreSQL not one statement of INSERT CTEs, which SQLAlchemy compiled
+    in time quadratic in its rows and asyncpg refused past 32,767 parameters
+    (a 500 after minutes of a frozen event loop): the run is queued and every
+    message stored, in order."""
+    assistant_id = await _assistant(client)
+    words = [f"word{index}" for index in range(2500)]
+    thread: Any = {"messages": [{"role": "user", "content": word} for word in words]}
+    run = await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=thread)
+    assert run.status == "queued"
+    async with app.state.runtime.transaction() as session:
+        stored = await session.scalars(
+            select(orm.Message.content)
+            .where(orm.Message.thread_id == run.thread_id, orm.Message.run_id.is_(None))
+            .order_by(orm.Message.seq)
+        )
+        assert [content[0]["text"]["value"] for content in stored] == words
+
+
 async def test_multi_round_function_calling(client: openai.AsyncOpenAI) -> None:
     tools = [
         {
