@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Row, bindparam, inspect, select
@@ -68,7 +69,13 @@ async def _new_run(
     reservation: run_execution.Reservation | None = None,
     assistant: run_defaults.AssistantDefaults | None = None,
 ) -> orm.Run:
-    """The new run, from ``body`` and its assistant's defaults (read unless given)."""
+    """The new run, from ``body`` and its assistant's defaults (read unless
+    given: remembered, run_defaults). A check of the request against
+    remembered defaults that fails may have met stale ones (changed by
+    another process): StaleDefaults, and the caller makes the run again
+    from a fresh read, which answers the error if it still holds (or the
+    assistant's 404)."""
+    remembered = assistant is not None
     if assistant is None:
         assistant = await run_defaults.read(session, project, body.assistant_id)
     tools = [tool_to_wire(tool) for tool in body.tools] if body.tools is not None else list(assistant.tools)
@@ -94,7 +101,7 @@ async def _new_run(
         max_prompt_tokens=body.max_prompt_tokens,
         max_completion_tokens=body.max_completion_tokens,
         truncation_strategy=body.truncation_strategy.model_dump() if body.truncation_strategy else DEFAULT_TRUNCATION,
-        tool_choice=_tool_choice_to_wire(body, tools),
+        tool_choice=_checked(lambda: _tool_choice_to_wire(body, tools), assistant if remembered else None),
         parallel_tool_calls=_pick(body.parallel_tool_calls, True),
         response_format=response_format_to_wire(body.response_format)
         if body.response_format is not None
@@ -103,6 +110,17 @@ async def _new_run(
         lease_owner=reservation.owner if reservation else None,
         lease_expires_at=reservation.until if reservation else None,
     )
+
+
+def _checked(check: Callable[[], Any], remembered: run_defaults.AssistantDefaults | None) -> Any:
+    """``check()``, whose refusal is StaleDefaults when it judged the
+    request against ``remembered`` defaults (see _new_run)."""
+    try:
+        return check()
+    except errors.APIError:
+        if remembered is None:
+            raise
+        raise run_defaults.StaleDefaults(remembered.id) from None
 
 
 def _pick(override: Any, default: Any) -> Any:

@@ -102,6 +102,40 @@ async def test_thread_and_run_takes_an_assistant_as_it_is_now(client: openai.Asy
     assert error_of(refused.value)["message"] == f"No assistant found with id '{assistant_id}'."
 
 
+async def test_tool_choice_is_checked_against_the_assistant_as_it_is_now(
+    client: openai.AsyncOpenAI, app: FastAPI
+) -> None:
+    """A tool_choice naming a function the assistant was given by another
+    process after a run remembered its defaults (app/services/run_defaults.py,
+    SQLite): checked against the assistant as it is now, not refused with
+    the remembered tools; and a deleted assistant is a 404, not that 400."""
+    assistant_id = await _assistant(client, tools=[{"type": "code_interpreter"}])
+    body: Any = {"messages": [{"role": "user", "content": "Hello"}]}
+    await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=body)
+    function = {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": {}}}}
+    runtime = app.state.runtime
+    async with runtime.transaction() as session:  # as another process would
+        await session.execute(update(orm.Assistant).where(orm.Assistant.id == assistant_id).values(tools=[function]))
+    choice: Any = {"type": "function", "function": {"name": "g"}}
+    run = await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=body, tool_choice=choice)
+    assert [tool.type for tool in run.tools] == ["function"] and run.tool_choice.function.name == "g"  # type: ignore[union-attr]
+    # A run on an existing thread, the function again new to what was remembered.
+    async with runtime.transaction() as session:
+        await session.execute(update(orm.Assistant).where(orm.Assistant.id == assistant_id).values(tools=[]))
+    run = await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=body)
+    assert run.tools == []
+    thread = await client.beta.threads.create(messages=body["messages"])
+    async with runtime.transaction() as session:
+        both = [function, {"type": "code_interpreter"}]
+        await session.execute(update(orm.Assistant).where(orm.Assistant.id == assistant_id).values(tools=both))
+    run = await client.beta.threads.runs.create(thread.id, assistant_id=assistant_id, tool_choice=choice)
+    assert [tool.type for tool in run.tools] == ["function", "code_interpreter"]
+    async with runtime.transaction() as session:
+        await session.execute(delete(orm.Assistant).where(orm.Assistant.id == assistant_id))
+    with pytest.raises(openai.NotFoundError):
+        await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=body, tool_choice=choice)
+
+
 @pytest.mark.timeout(30)
 async def test_thread_and_run_with_many_messages(client: openai.AsyncOpenAI, app: FastAPI) -> None:
     """A new thread of 2,500 messages and its run (the wire allows 100,000):
