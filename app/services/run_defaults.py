@@ -108,16 +108,32 @@ async def read(session: AsyncSession, project: Project, assistant_id: str) -> As
         assistant_id, model, instructions, tools, temperature, top_p, response_format, reasoning_effort, tuple(row)
     )
     if remembers:
-        _REMEMBERED[assistant_id] = defaults
-        _REMEMBERED.move_to_end(assistant_id)
-        while len(_REMEMBERED) > REMEMBERED_ASSISTANTS:
-            _REMEMBERED.popitem(last=False)
+        _remember(defaults)
     return defaults
 
 
-# The assistants whose defaults this process remembers (most recently read last).
+# The assistants whose defaults this process remembers (most recently read
+# last), at most this many, and none whose stored text is larger than
+# REMEMBERED_MAX_CHARS (instructions may be 256k characters, tools' schemas
+# as large): 1,024 such would keep gigabytes resident, decoded. A larger
+# assistant is read for each run, which costs one thread hop more.
 REMEMBERED_ASSISTANTS = 1024
+REMEMBERED_MAX_CHARS = 64 * 1024
 _REMEMBERED: OrderedDict[str, AssistantDefaults] = OrderedDict()
+
+
+def _stored_chars(defaults: AssistantDefaults) -> int:
+    return sum(len(value) for value in defaults.stored if isinstance(value, str))
+
+
+def _remember(defaults: AssistantDefaults) -> None:
+    if _stored_chars(defaults) > REMEMBERED_MAX_CHARS:
+        _REMEMBERED.pop(defaults.id, None)
+        return
+    _REMEMBERED[defaults.id] = defaults
+    _REMEMBERED.move_to_end(defaults.id)
+    while len(_REMEMBERED) > REMEMBERED_ASSISTANTS:
+        _REMEMBERED.popitem(last=False)
 
 
 def _remembers(session: AsyncSession) -> bool:

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from sqlalchemy import delete, func, select, update
 
 from app import orm
+from app.services import run_defaults
 from tests.conftest import error_of
 
 
@@ -134,6 +135,21 @@ async def test_tool_choice_is_checked_against_the_assistant_as_it_is_now(
         await session.execute(delete(orm.Assistant).where(orm.Assistant.id == assistant_id))
     with pytest.raises(openai.NotFoundError):
         await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=body, tool_choice=choice)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL remembers nothing
+async def test_a_large_assistant_is_not_remembered(client: openai.AsyncOpenAI) -> None:
+    """The remembered run defaults (app/services/run_defaults.py) keep no
+    assistant whose stored values are large (instructions up to 256k
+    characters, large tool schemas): a thousand of them would stay resident."""
+    small = await _assistant(client, instructions="Short.")
+    large = await _assistant(client, instructions="x" * (run_defaults.REMEMBERED_MAX_CHARS + 1))
+    body: Any = {"messages": [{"role": "user", "content": "Hello"}]}
+    for assistant_id in (small, large, large):
+        run = await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=body)
+        assert run.status == "queued" and run.assistant_id == assistant_id
+    assert small in run_defaults._REMEMBERED
+    assert large not in run_defaults._REMEMBERED
 
 
 @pytest.mark.timeout(30)
