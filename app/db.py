@@ -46,6 +46,9 @@ RETURNED_ROWS_TO = sqlite_driver.RETURNED_ROWS_TO
 # With WRITE_BEHIND: the rows the write must change, else its transaction
 # fails (sqlite_driver.HeldBackWriteMismatch, an IntegrityError).
 EXPECT_ROWCOUNT = sqlite_driver.EXPECT_ROWCOUNT
+# With EXPECT_ROWCOUNT: the sqlite_driver.HeldBackWriteMismatch subclass its
+# transaction fails with then, naming the write.
+ROWCOUNT_MISMATCH = sqlite_driver.ROWCOUNT_MISMATCH
 
 # How long a SQLite transaction waits for another writer's lock before
 # failing with "database is locked".

@@ -43,16 +43,18 @@ class _Statement(NamedTuple):
     many: bool
     rows_to: list[Any] | None = None
     rowcount: int | None = None
+    mismatch: type[HeldBackWriteMismatch] | None = None
 
 
 class HeldBackWriteMismatch(sqlite3.IntegrityError):
     """A held-back write changed another number of rows than it was sent
     with (EXPECT_ROWCOUNT): its transaction fails, as a compare-and-set
-    that finds nothing to change must."""
+    that finds nothing to change must. A subclass given as ROWCOUNT_MISMATCH
+    says which write it was."""
 
 
 def _execute(cursor: sqlite3.Cursor, statement: _Statement) -> None:
-    operation, parameters, many, rows_to, rowcount = statement
+    operation, parameters, many, rows_to, rowcount, mismatch = statement
     if many:
         cursor.executemany(operation, parameters)
     elif parameters is None:
@@ -62,7 +64,9 @@ def _execute(cursor: sqlite3.Cursor, statement: _Statement) -> None:
     if rows_to is not None:
         rows_to.extend(cursor.fetchall())
     if rowcount is not None and cursor.rowcount != rowcount:
-        raise HeldBackWriteMismatch(f"a held-back write changed {cursor.rowcount} rows, not {rowcount}: {operation}")
+        raise (mismatch or HeldBackWriteMismatch)(
+            f"a held-back write changed {cursor.rowcount} rows, not {rowcount}: {operation}"
+        )
 
 
 def _run(
@@ -112,6 +116,9 @@ RETURNED_ROWS_TO = "sqlite_returned_rows_to"
 # (HeldBackWriteMismatch) and its transaction with it: a compare-and-set
 # whose caller knows it cannot miss, checked all the same.
 EXPECT_ROWCOUNT = "sqlite_expect_rowcount"
+# With EXPECT_ROWCOUNT: the HeldBackWriteMismatch subclass raised instead,
+# by which the caller knows its own write's failure at the COMMIT.
+ROWCOUNT_MISMATCH = "sqlite_rowcount_mismatch"
 
 
 def hold_back_marked_writes(
@@ -125,6 +132,7 @@ def hold_back_marked_writes(
             cursor.write_behind = True
             cursor.rows_to = options.get(RETURNED_ROWS_TO)
             cursor.expect_rowcount = options.get(EXPECT_ROWCOUNT)
+            cursor.mismatch = options.get(ROWCOUNT_MISMATCH)
 
 
 # Statements that open a transaction, deferred to the transaction's first statement.
@@ -144,6 +152,7 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
         "_outcome_lastrowid",
         "_outcome_rowcount",
         "expect_rowcount",
+        "mismatch",
         "rows_to",
         "write_behind",
     )
@@ -161,6 +170,7 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
         self.write_behind = False  # the next statement may wait for the next hop
         self.rows_to: list[Any] | None = None  # with write_behind: RETURNED_ROWS_TO
         self.expect_rowcount: int | None = None  # with write_behind: EXPECT_ROWCOUNT
+        self.mismatch: type[HeldBackWriteMismatch] | None = None  # with write_behind: ROWCOUNT_MISMATCH
 
     @property
     def description(self) -> Any:
@@ -207,8 +217,8 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
         statement = _Statement(operation, parameters, many)
         if self.write_behind:
             self.write_behind = False
-            statement = statement._replace(rows_to=self.rows_to, rowcount=self.expect_rowcount)
-            self.rows_to = self.expect_rowcount = None
+            statement = statement._replace(rows_to=self.rows_to, rowcount=self.expect_rowcount, mismatch=self.mismatch)
+            self.rows_to = self.expect_rowcount = self.mismatch = None
             if adapted.transaction_open:  # inside a transaction: only there may it wait
                 adapted.held_back.append(statement)
                 self._set_outcome(None, -1, None, [])

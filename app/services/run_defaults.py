@@ -24,7 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Insert, String, Table, bindparam, exists, insert, select, type_coerce
+from sqlalchemy import JSON, Insert, String, Table, bindparam, exists, insert, select, type_coerce
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import db, errors, ids, orm, sqlite_driver
@@ -32,12 +32,19 @@ from app.services import core_rows
 from app.services.common import require_id
 from app.services.projects import Project
 
+# What a new run takes from its assistant: these columns of its row, each a
+# field of AssistantDefaults of the same name, in this order. The one list
+# the read, the remembered path's check and AssistantDefaults are built from
+# (tests/api/test_runs.py checks each is caught when changed).
+RUN_TAKES = ("model", "instructions", "tools", "temperature", "top_p", "response_format", "reasoning_effort")
+
 
 @dataclass(frozen=True)
 class AssistantDefaults:
-    """What a new run takes from its assistant, and the assistant's row as
-    stored (``stored``, the values the remembered path checks: its project,
-    then each column below, JSON columns as their stored text)."""
+    """What a new run takes from its assistant (RUN_TAKES), and the
+    assistant's row as stored (``stored``, the values the remembered path
+    checks: its project, then each of RUN_TAKES, JSON columns as their
+    stored text)."""
 
     id: str
     model: str
@@ -51,33 +58,21 @@ class AssistantDefaults:
 
 
 _ASSISTANTS = orm.Assistant.__table__.c
-# The checked columns, in ``stored`` order; JSON columns as stored text, so
-# the check compares them exactly (and decoded here as SQLAlchemy would).
+_TAKEN = tuple(_ASSISTANTS[name] for name in RUN_TAKES)
+_JSON_TAKEN = frozenset(column.name for column in _TAKEN if isinstance(column.type, JSON))
+# The checked columns, in ``stored`` order: the assistant's project, then
+# RUN_TAKES; JSON columns as stored text, so the check compares them exactly
+# (and decoded here as SQLAlchemy would).
 _CHECKED = (
     _ASSISTANTS.project_id,
-    _ASSISTANTS.model,
-    _ASSISTANTS.instructions,
-    type_coerce(_ASSISTANTS.tools, String),
-    _ASSISTANTS.temperature,
-    _ASSISTANTS.top_p,
-    type_coerce(_ASSISTANTS.response_format, String),
-    _ASSISTANTS.reasoning_effort,
+    *(type_coerce(column, String) if column.name in _JSON_TAKEN else column for column in _TAKEN),
 )
 # Built once with bound parameters: a Core statement, no ORM instance or
 # identity map, its cache key memoized on the statement. SQLite reads the
 # JSON columns' stored text (decoded here); PostgreSQL, which remembers
 # nothing, lets SQLAlchemy decode them (asyncpg decodes jsonb in any case).
 _READ_STORED = select(*_CHECKED).where(_ASSISTANTS.id == bindparam("assistant_id"))
-_READ = select(
-    _ASSISTANTS.project_id,
-    _ASSISTANTS.model,
-    _ASSISTANTS.instructions,
-    _ASSISTANTS.tools,
-    _ASSISTANTS.temperature,
-    _ASSISTANTS.top_p,
-    _ASSISTANTS.response_format,
-    _ASSISTANTS.reasoning_effort,
-).where(_ASSISTANTS.id == bindparam("assistant_id"))
+_READ = select(_ASSISTANTS.project_id, *_TAKEN).where(_ASSISTANTS.id == bindparam("assistant_id"))
 _GUARD_PARAMS = tuple(f"assistant_{index}" for index in range(len(_CHECKED)))
 _UNCHANGED = exists().where(
     _ASSISTANTS.id == bindparam("assistant_id", type_=String),
@@ -101,12 +96,10 @@ async def read(session: AsyncSession, project: Project, assistant_id: str) -> As
     row = (await session.execute(_READ_STORED if remembers else _READ, {"assistant_id": assistant_id})).first()
     if row is None or row[0] != project.id:
         raise errors.not_found("assistant", assistant_id)
-    _project, model, instructions, tools, temperature, top_p, response_format, reasoning_effort = row
+    taken = dict(zip(RUN_TAKES, row[1:], strict=True))
     if remembers:
-        tools, response_format = _decoded(tools), _decoded(response_format)
-    defaults = AssistantDefaults(
-        assistant_id, model, instructions, tools, temperature, top_p, response_format, reasoning_effort, tuple(row)
-    )
+        taken.update({name: _decoded(taken[name]) for name in _JSON_TAKEN})
+    defaults = AssistantDefaults(id=assistant_id, stored=tuple(row), **taken)
     if remembers:
         _remember(defaults)
     return defaults
@@ -172,8 +165,13 @@ async def insert_checked(session: AsyncSession, run: orm.Run, defaults: Assistan
     (SQLite), which fails (is_stale()) if the assistant no longer has them."""
     values = core_rows.values(run)
     parameters = {**values, "assistant_id": defaults.id, **dict(zip(_GUARD_PARAMS, defaults.stored, strict=True))}
-    options = {**db.WRITE_BEHIND, db.EXPECT_ROWCOUNT: 1}
+    options = {**db.WRITE_BEHIND, db.EXPECT_ROWCOUNT: 1, db.ROWCOUNT_MISMATCH: AssistantChanged}
     await session.execute(_checked_insert(tuple(values)), parameters, execution_options=options)
+
+
+class AssistantChanged(sqlite_driver.HeldBackWriteMismatch):
+    """insert_checked()'s run was not inserted at the COMMIT: the assistant
+    no longer has the remembered defaults."""
 
 
 class StaleDefaults(Exception):
@@ -195,9 +193,7 @@ def is_stale(error: BaseException) -> bool:
     finding the assistant changed (the caller forgets it and reads again)."""
     seen: BaseException | None = error
     while seen is not None:
-        if isinstance(seen, StaleDefaults):
-            return True
-        if isinstance(seen, sqlite_driver.HeldBackWriteMismatch) and "INSERT INTO runs" in str(seen):
+        if isinstance(seen, StaleDefaults | AssistantChanged):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

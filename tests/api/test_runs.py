@@ -3,6 +3,7 @@ locking; executed by the in-process worker with the built-in model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import delete, func, select, update
 
-from app import orm
+from app import orm, sqlite_driver
 from app.services import run_defaults
 from tests.conftest import error_of
 
@@ -150,6 +151,57 @@ async def test_a_large_assistant_is_not_remembered(client: openai.AsyncOpenAI) -
         assert run.status == "queued" and run.assistant_id == assistant_id
     assert small in run_defaults._REMEMBERED
     assert large not in run_defaults._REMEMBERED
+
+
+def test_every_default_a_run_takes_is_checked() -> None:
+    """What a run takes from its assistant is what the remembered path
+    checks (app/services/run_defaults.py): AssistantDefaults' fields are
+    RUN_TAKES, and the checked INSERT compares each (a field added to one
+    without the other would let a run take a stale value)."""
+    names = [field.name for field in dataclasses.fields(run_defaults.AssistantDefaults)]
+    assert names == ["id", *run_defaults.RUN_TAKES, "stored"]
+    assert [str(column).removeprefix("assistants.") for column in run_defaults._CHECKED] == [
+        "project_id",
+        *run_defaults.RUN_TAKES,
+    ]
+
+
+def test_only_the_checked_insert_is_stale() -> None:
+    """run_defaults.is_stale() knows the checked INSERT's failure by its
+    class, not by the statement's text: another held-back write into runs
+    that changed no row is no stale assistant."""
+    other = sqlite_driver.HeldBackWriteMismatch("a held-back write changed 0 rows, not 1: INSERT INTO runs ...")
+    assert not run_defaults.is_stale(other)
+    assert run_defaults.is_stale(run_defaults.AssistantChanged("a held-back write changed 0 rows, not 1"))
+    assert run_defaults.is_stale(run_defaults.StaleDefaults("asst_x"))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL remembers nothing
+async def test_a_change_of_any_default_is_caught(client: openai.AsyncOpenAI, app: FastAPI) -> None:
+    """Each column a run takes from its assistant, changed behind this
+    process's back after a run remembered it: the next run is made from the
+    assistant as it is now (its defaults read again), not refused."""
+    changes: dict[str, Any] = {
+        "model": "gpt-4.1",
+        "instructions": "Changed.",
+        "tools": [{"type": "code_interpreter"}],
+        "temperature": 0.25,
+        "top_p": 0.75,
+        "response_format": {"type": "json_object"},
+        "reasoning_effort": "low",
+    }
+    assert set(changes) == set(run_defaults.RUN_TAKES)
+    body: Any = {"messages": [{"role": "user", "content": "Hello"}]}
+    for column, value in changes.items():
+        assistant_id = await _assistant(client, instructions="Before.")
+        await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=body)
+        before = run_defaults._REMEMBERED[assistant_id]
+        async with app.state.runtime.transaction() as session:
+            await session.execute(update(orm.Assistant).where(orm.Assistant.id == assistant_id).values({column: value}))
+        run = await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=body)
+        assert run.status == "queued"
+        after = run_defaults._REMEMBERED[assistant_id]
+        assert getattr(after, column) == value != getattr(before, column), column
 
 
 @pytest.mark.timeout(30)
