@@ -115,8 +115,20 @@ REMEMBERED_MAX_CHARS = 64 * 1024
 _REMEMBERED: OrderedDict[str, AssistantDefaults] = OrderedDict()
 
 
+# What a JSON container costs decoded beyond its characters (a list or a
+# dict object each, ~60 bytes): "[{}, {}, ...]" is 4 characters an item
+# and ~70 bytes decoded.
+_CONTAINER_CHARS = 64
+
+
 def _stored_chars(defaults: AssistantDefaults) -> int:
-    return sum(len(value) for value in defaults.stored if isinstance(value, str))
+    """The remembered values' size in characters, a container counted as
+    _CONTAINER_CHARS: what they keep resident, decoded."""
+    return sum(
+        len(value) + _CONTAINER_CHARS * (value.count("[") + value.count("{"))
+        for value in defaults.stored
+        if isinstance(value, str)
+    )
 
 
 def _remember(defaults: AssistantDefaults) -> None:

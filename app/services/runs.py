@@ -101,7 +101,9 @@ async def _new_run(
         max_prompt_tokens=body.max_prompt_tokens,
         max_completion_tokens=body.max_completion_tokens,
         truncation_strategy=body.truncation_strategy.model_dump() if body.truncation_strategy else DEFAULT_TRUNCATION,
-        tool_choice=_checked(lambda: _tool_choice_to_wire(body, tools), assistant if remembered else None),
+        tool_choice=_checked(
+            lambda: _tool_choice_to_wire(body, tools), assistant if remembered and body.tools is None else None
+        ),
         parallel_tool_calls=_pick(body.parallel_tool_calls, True),
         response_format=response_format_to_wire(body.response_format)
         if body.response_format is not None

@@ -145,12 +145,15 @@ async def test_a_large_assistant_is_not_remembered(client: openai.AsyncOpenAI) -
     characters, large tool schemas): a thousand of them would stay resident."""
     small = await _assistant(client, instructions="Short.")
     large = await _assistant(client, instructions="x" * (run_defaults.REMEMBERED_MAX_CHARS + 1))
+    # Under the limit in characters, ~1 MB decoded: each "{}" is a dict.
+    wide_schema = {"type": "object", "examples": [{}] * (run_defaults.REMEMBERED_MAX_CHARS // 5)}
+    wide = await _assistant(client, tools=[{"type": "function", "function": {"name": "f", "parameters": wide_schema}}])
     body: Any = {"messages": [{"role": "user", "content": "Hello"}]}
-    for assistant_id in (small, large, large):
+    for assistant_id in (small, large, large, wide, wide):
         run = await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=body)
         assert run.status == "queued" and run.assistant_id == assistant_id
     assert small in run_defaults._REMEMBERED
-    assert large not in run_defaults._REMEMBERED
+    assert large not in run_defaults._REMEMBERED and wide not in run_defaults._REMEMBERED
 
 
 def test_every_default_a_run_takes_is_checked() -> None:
@@ -333,3 +336,32 @@ async def test_create_and_poll_needs_one_poll(client: openai.AsyncOpenAI, http: 
     run = await client.beta.threads.runs.poll(run.id, thread_id=thread.id)
     assert run.status == "completed"
     assert polls == ["", "true"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL remembers nothing
+async def test_a_tool_choice_refused_against_the_requests_own_tools_is_not_retried(
+    client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tool_choice refused against tools the request brings does not
+    depend on the assistant: answered 400 at once, not taken for stale
+    remembered defaults and the whole create made again from a fresh read."""
+    assistant_id = await _assistant(client, tools=[{"type": "code_interpreter"}])
+    body: Any = {"messages": [{"role": "user", "content": "Hello"}]}
+    await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=body)  # remembered
+    reads: list[str] = []
+    real = run_defaults.read
+
+    async def counted(*args: Any) -> Any:
+        reads.append(args[2])
+        return await real(*args)
+
+    monkeypatch.setattr(run_defaults, "read", counted)
+    h: Any = {"type": "function", "function": {"name": "h", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError):
+        await client.beta.threads.create_and_run(
+            assistant_id=assistant_id,
+            thread=body,
+            tools=[h],
+            tool_choice={"type": "function", "function": {"name": "g"}},
+        )
+    assert reads == []
