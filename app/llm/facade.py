@@ -239,7 +239,7 @@ class LLM:
             return configured
         if route.offline:
             return offline.CONTEXT_WINDOW
-        if route.direct:
+        if route.counted_as_direct:
             window = litellm_adapter.bundled_window(route.target, route.target.partition("/")[2])
             return window or DEFAULT_CONTEXT_WINDOW
         return litellm_adapter.context_window(route.target) or DEFAULT_CONTEXT_WINDOW
@@ -252,7 +252,7 @@ class LLM:
         route = self._router.route(model)
         if route is not None and route.offline:
             return offline.count_prompt_tokens(messages, tools)
-        if route is not None and not route.direct:
+        if route is not None and not route.counted_as_direct:
             with suppress(Exception):  # odd message shapes; fall back to the estimate below
                 return litellm_adapter.count_tokens(route.target, messages, tools)
         return tokens.estimate_prompt(messages, tools)
@@ -261,7 +261,7 @@ class LLM:
         route = self._router.route(model)
         if route is None or route.offline:
             return len(offline.tokens(text))
-        if not route.direct:
+        if not route.counted_as_direct:
             with suppress(Exception):
                 return litellm_adapter.count_text_tokens(route.target, text)
         return tokens.estimate_text(text)

@@ -17,22 +17,25 @@ ever drops what the server adds: parameters the user set are always sent
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib.util
 import json
 import os
+import sys
 import warnings
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-from app.llm.interface import ChatRequest, Event, TokenCounter, explicit_params
+from app.llm.interface import ChatRequest, Event, LLMError, TokenCounter, explicit_params
 from app.llm.provider import ChunkReader, provider_error
 from app.llm.routing import ROUTER_KEYS, Route, resolve_env
 from app.observability import logs
 
 _MODEL_MAP = "model_prices_and_context_window_backup.json"  # what LITELLM_LOCAL_MODEL_COST_MAP loads
+INSTALL_HINT = 'pip install "assistants-server[litellm]"'
 
 
 def load() -> Any:
@@ -50,6 +53,26 @@ def load() -> Any:
     litellm.telemetry = False
     litellm.disable_hf_tokenizer_download = True  # token_counter must never download a tokenizer
     return litellm
+
+
+async def load_off_the_loop(route: Route) -> Any:
+    """litellm for a request of a route: imported in a worker thread the first
+    time (about three seconds, during which other runs keep streaming), and an
+    LLMError naming the model when litellm is not installed.
+
+    Only a name a direct wildcard hands over (routing.Route.handed_to_litellm)
+    gets here before litellm is imported: ``LLM.from_config`` imports it at
+    start-up for every other route that needs it."""
+    if sys.modules.get("litellm") is not None:
+        return load()
+    try:
+        return await asyncio.to_thread(load)
+    except ImportError as exc:
+        raise LLMError(
+            "server_error",
+            f"The model '{route.model}' ({route.target}) needs litellm, which reshapes this model's requests, "
+            f"but it is not installed ({exc}): {INSTALL_HINT}",
+        ) from exc
 
 
 async def embed(params: dict[str, Any], texts: Sequence[str]) -> list[list[float]]:
@@ -90,7 +113,7 @@ def completion_kwargs(route: Route, request: ChatRequest) -> dict[str, Any]:
 
 
 async def stream(route: Route, request: ChatRequest, llm: TokenCounter) -> AsyncGenerator[Event, None]:
-    litellm = load()
+    litellm = await load_off_the_loop(route)
     kwargs = completion_kwargs(route, request)
     try:
         response = await litellm.acompletion(**kwargs)

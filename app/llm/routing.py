@@ -52,6 +52,14 @@ class Route:
     info: Mapping[str, Any] = field(default_factory=dict)
     # Served by the direct adapter (direct.py) rather than litellm.
     direct: bool = False
+    # A direct wildcard's entry that handed this name to litellm (which
+    # reshapes its requests): only the request goes through litellm, imported
+    # then; token counts and the context window are the direct routes'.
+    handed_to_litellm: bool = False
+
+    @property
+    def counted_as_direct(self) -> bool:
+        return self.direct or self.handed_to_litellm
 
     @property
     def target(self) -> str:
@@ -107,7 +115,7 @@ class Entry:
         # A wildcard may fill in a name litellm translates for (``azure/*`` asked
         # for ``o3-mini``): that model goes through litellm, imported on first use.
         direct = self.direct and (self.pattern is None or providers.name_translated(params["model"]) is None)
-        return Route(model, params, self.info, direct)
+        return Route(model, params, self.info, direct, handed_to_litellm=self.direct and not direct)
 
 
 def direct_refusal(params: Mapping[str, Any]) -> str | None:

@@ -10,15 +10,29 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
-from app.llm import LLM, ChatRequest, Event, Finish, LLMConfigError, LLMError, TextDelta, ToolCallDelta, Usage
+from app.llm import (
+    LLM,
+    ChatRequest,
+    Event,
+    Finish,
+    LLMConfigError,
+    LLMError,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+    litellm_adapter,
+)
 from app.llm.direct import _Call
+from app.settings import Settings
 from tests.runner.fake_openai import USAGE, FakeOpenAI
 
 pytestmark = pytest.mark.timeout(60)
@@ -390,3 +404,61 @@ async def test_an_o_series_model_through_a_direct_wildcard_is_sent_as_litellm_se
         await llm.aclose()
     [sent] = fake.requests
     assert sent["body"].get("max_completion_tokens") == 30 and "max_tokens" not in sent["body"]
+
+
+@pytest.fixture
+def without_litellm(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """``import litellm`` fails as where it is not installed (None in sys.modules
+    halts the import; restored after the test); the names of the threads
+    that tried to import it are collected."""
+    monkeypatch.setitem(sys.modules, "litellm", None)
+    threads: list[str] = []
+    real_load = litellm_adapter.load
+
+    def load() -> Any:
+        threads.append(threading.current_thread().name)
+        return real_load()
+
+    monkeypatch.setattr(litellm_adapter, "load", load)
+    return threads
+
+
+async def test_a_name_handed_to_litellm_without_litellm_fails_clearly_off_the_loop(
+    tmp_path: Path, without_litellm: list[str]
+) -> None:
+    """o3-mini behind a direct openai/* wildcard needs litellm: without it the
+    call fails with an LLMError saying so (not a bare ModuleNotFoundError),
+    and the import is tried in a worker thread, not on the event loop."""
+    llm = load(tmp_path, [entry("*", "openai/*", api_base="http://127.0.0.1:9/v1", api_key="k")])
+    route = llm.route("o3-mini")
+    assert not route.direct and route.handed_to_litellm
+    assert llm.count_tokens("o3-mini", [user("hi")]) > 0 and llm.context_window("o3-mini") > 0
+    try:
+        with pytest.raises(LLMError) as failure:
+            await collect(llm, ChatRequest("o3-mini", [user("hi")]))
+    finally:
+        await llm.aclose()
+    assert failure.value.code == "server_error"
+    message = failure.value.message
+    assert message.startswith("The model 'o3-mini' (openai/o3-mini) needs litellm, which reshapes"), message
+    assert message.endswith(': pip install "assistants-server[litellm]"'), message
+    assert without_litellm and threading.main_thread().name not in without_litellm
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    """The API's settings: a direct openai/* wildcard (to nowhere: its calls here never connect)."""
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"model_list": [entry("*", "openai/*", api_base="http://127.0.0.1:9/v1", api_key="k")]}))
+    return Settings(data_dir=tmp_path / "data", database_url=database_url, poll_after_ms=10, llm_config=path)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_the_chat_endpoint_answers_a_missing_litellm_as_a_provider_error(
+    client: openai.AsyncOpenAI, without_litellm: list[str]
+) -> None:
+    with pytest.raises(openai.InternalServerError) as failure:
+        await client.chat.completions.create(model="o3-mini", messages=[{"role": "user", "content": "hi"}])
+    assert failure.value.status_code == 500
+    assert failure.value.code == "server_error"
+    assert "needs litellm" in failure.value.message and "assistants-server[litellm]" in failure.value.message
