@@ -11,10 +11,11 @@ wildcard filled in, and how it is served:
   litellm_params beyond those the direct adapter understands: one HTTP request
   of our own (direct.py), no litellm; a name a direct wildcard fills in that
   litellm translates for (``openai/*`` asked for ``o3-mini``) goes through
-  litellm, imported on its first use;
+  litellm, imported on its first use, unless the entry says ``direct: true``;
 - everything else, or an entry with ``direct: false``: litellm
   (litellm_adapter.py). ``direct: true`` makes an entry the direct path cannot
-  serve a start-up error rather than a silent fallback.
+  serve a start-up error rather than a silent fallback, and sends every name
+  its wildcard fills in direct (the operator chose).
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ class Entry:
     info: Mapping[str, Any]
     pattern: re.Pattern[str] | None
     direct: bool = False
+    # ``direct: true``: no name the wildcard fills in is handed to litellm.
+    forced: bool = False
 
     @classmethod
     def parse(cls, raw: Any, position: int) -> Entry:
@@ -98,7 +101,8 @@ class Entry:
         pattern = None
         if "*" in name:
             pattern = re.compile("(.*)".join(re.escape(part) for part in name.split("*")), re.DOTALL)
-        return cls(name, params, info, pattern, _serves_directly(raw.get("direct"), params, where))
+        direct = _serves_directly(raw.get("direct"), params, where)
+        return cls(name, params, info, pattern, direct, forced=raw.get("direct") is True)
 
     def route(self, model: str) -> Route | None:
         if self.pattern is None:
@@ -113,8 +117,10 @@ class Entry:
         params = dict(self.params)
         params["model"] = _fill_stars(str(params["model"]), captured)
         # A wildcard may fill in a name litellm translates for (``azure/*`` asked
-        # for ``o3-mini``): that model goes through litellm, imported on first use.
-        direct = self.direct and (self.pattern is None or providers.name_translated(params["model"]) is None)
+        # for ``o3-mini``): that model goes through litellm, imported on first
+        # use, unless the entry says ``direct: true``.
+        translated = self.pattern is not None and not self.forced and providers.name_translated(params["model"])
+        direct = self.direct and not translated
         return Route(model, params, self.info, direct, handed_to_litellm=self.direct and not direct)
 
 

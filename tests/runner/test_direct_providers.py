@@ -462,3 +462,17 @@ async def test_the_chat_endpoint_answers_a_missing_litellm_as_a_provider_error(
     assert failure.value.status_code == 500
     assert failure.value.code == "server_error"
     assert "needs litellm" in failure.value.message and "assistants-server[litellm]" in failure.value.message
+
+
+async def test_direct_true_sends_every_name_its_wildcard_fills_in_direct(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """The operator chose the direct path: o3-mini is sent as configured
+    (max_tokens as the request set it), not handed to litellm."""
+    llm = load(tmp_path, [entry("*", "openai/*", True, api_base=fake.api_base, api_key="k", max_retries=0)])
+    route = llm.route("o3-mini")
+    assert route.direct and not route.handed_to_litellm
+    try:
+        await collect(llm, ChatRequest("o3-mini", [user("hi")], max_tokens=30))
+    finally:
+        await llm.aclose()
+    [sent] = fake.requests
+    assert sent["body"].get("max_tokens") == 30 and "max_completion_tokens" not in sent["body"]
