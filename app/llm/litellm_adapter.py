@@ -19,22 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib.util
-import json
 import os
 import sys
 import warnings
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
-from pathlib import Path
 from typing import Any
 
+from app.llm import model_map
 from app.llm.interface import ChatRequest, Event, LLMError, TokenCounter, explicit_params
 from app.llm.provider import ChunkReader, provider_error
 from app.llm.routing import ROUTER_KEYS, Route, resolve_env
 from app.observability import logs
 
-_MODEL_MAP = "model_prices_and_context_window_backup.json"  # what LITELLM_LOCAL_MODEL_COST_MAP loads
 INSTALL_HINT = 'pip install "assistants-server[litellm]"'
 
 
@@ -155,48 +152,14 @@ def count_text_tokens(target: str, text: str) -> int:
     return int(load().token_counter(model=target, text=text))
 
 
-@functools.cache
-def _model_map_text() -> str:
-    """The model map litellm ships (a 2 MB JSON file), read once without
-    importing litellm; empty if litellm is not installed."""
-    spec = importlib.util.find_spec("litellm")  # finds the package without importing it
-    if spec is None or spec.origin is None:
-        return ""
-    try:
-        return (Path(spec.origin).parent / _MODEL_MAP).read_text(encoding="utf-8")
-    except OSError:
-        return ""
-
-
 @functools.lru_cache(maxsize=1024)
 def bundled_window(*names: str) -> int | None:
     """Input tokens of the first of these model names found in litellm's model
-    map; None if it knows none of them. Direct routes use it where the routing
-    file sets no max_input_tokens.
-
-    The file's text is kept (2 MB) and only the named entries are decoded
-    (about a millisecond per new name, then cached): parsing the whole map
-    would leave some 15 MiB more resident in every serving process (issue 17's
-    idle-memory aim)."""
-    text = _model_map_text()
-    decoder = json.JSONDecoder()
+    map (read as data, model_map.py); None if it knows none of them. Direct
+    routes use it where the routing file sets no max_input_tokens."""
     for name in filter(None, names):  # a target without a provider prefix has no second name
-        key = json.dumps(name) + ":"
-        start = text.find(key)
-        if start == -1:
-            continue
-        try:
-            info, _ = decoder.raw_decode(text, start + len(key) + _spaces(text, start + len(key)))
-        except ValueError:
-            continue
-        value = info.get("max_input_tokens") or info.get("max_tokens") if isinstance(info, dict) else None
+        info = model_map.entry(name)
+        value = info.get("max_input_tokens") or info.get("max_tokens") if info is not None else None
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
-
-
-def _spaces(text: str, at: int) -> int:
-    count = 0
-    while at + count < len(text) and text[at + count] in " \t\r\n":
-        count += 1
-    return count

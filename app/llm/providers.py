@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from app.llm import model_map
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -93,9 +95,18 @@ _AZURE_V1_VERSIONS = frozenset({"preview", "latest", "v1"})
 # and gpt-5 configurations rename max_tokens and drop sampling parameters;
 # gpt-3.5 gets JSON mode as a tool): they stay on litellm.
 _AZURE_TRANSLATED_NAMES = ("o1", "o3", "o4", "o_series/", "gpt-5", "gpt-6", "gpt5_series", "gpt-3.5", "gpt-35")
-# OpenAI model names litellm reshapes requests for (o1, o3-mini, gpt-5, ...).
-_OPENAI_O_SERIES = re.compile(r"o\d")
+# OpenAI model names litellm reshapes requests for: its o-series (an "o<digit>"
+# name among its OpenAI models, which its model map lists) and gpt-5 (a marker
+# anywhere in the name, gpt-5-chat excepted).
 _OPENAI_REASONING_MARKERS = ("gpt-5", "gpt-6")
+# litellm 1.100's o-series names, for when litellm (and so its map) is not
+# installed: such a name then fails with "needs litellm" rather than going
+# direct with the parameters OpenAI refuses for it.
+_OPENAI_O_SERIES_1_100 = frozenset(
+    {"o1", "o1-2024-12-17", "o1-pro", "o1-pro-2025-03-19", "o3", "o3-2025-04-16", "o3-deep-research"}
+    | {"o3-deep-research-2025-06-26", "o3-mini", "o3-mini-2025-01-31", "o3-pro", "o3-pro-2025-06-10", "o4-mini"}
+    | {"o4-mini-2025-04-16", "o4-mini-deep-research", "o4-mini-deep-research-2025-06-26"}
+)
 # Before this version litellm rewrites response_format (as a tool) and may drop tool_choice.
 _AZURE_PLAIN_SINCE = (2024, 8)
 _DATED_VERSION = re.compile(r"(\d{4})-(\d{2})-\d{2}")
@@ -202,12 +213,24 @@ def name_translated(target: str) -> str | None:
     elif target.startswith(OPENAI.prefix):
         # litellm's OpenAI o-series and gpt-5 configurations: max_completion_tokens,
         # system messages and sampling parameters reshaped.
-        name = target.rsplit("/", 1)[-1]
-        if _OPENAI_O_SERIES.match(name) or (
-            any(marker in name for marker in _OPENAI_REASONING_MARKERS) and not name.startswith("gpt-5-chat")
+        name = target[len(OPENAI.prefix) :]
+        last = name.rsplit("/", 1)[-1]
+        if _openai_o_series(last) or (
+            any(marker in name for marker in _OPENAI_REASONING_MARKERS) and not last.startswith("gpt-5-chat")
         ):
-            return f"litellm translates requests for OpenAI's {name}"
+            return f"litellm translates requests for OpenAI's {last}"
     return None
+
+
+def _openai_o_series(name: str) -> bool:
+    """litellm's o-series rule: "o<digit>..." and one of its OpenAI models, so a
+    local ``o3-mini-distill`` behind ``openai/*`` is not one."""
+    if not (len(name) > 1 and name[0] == "o" and name[1].isdigit()):
+        return False
+    if not model_map.available():
+        return name in _OPENAI_O_SERIES_1_100
+    info = model_map.entry(name)
+    return info is not None and info.get("litellm_provider") == "openai"
 
 
 def endpoint(target: str, params: Mapping[str, Any]) -> Endpoint:

@@ -30,6 +30,7 @@ from app.llm import (
     ToolCallDelta,
     Usage,
     litellm_adapter,
+    model_map,
 )
 from app.llm.direct import _Call
 from app.settings import Settings
@@ -383,14 +384,26 @@ def test_a_wildcard_sends_names_litellm_translates_through_litellm(tmp_path: Pat
         ],
     )
     names = ["gpt-4o", "o3-mini", "o1", "gpt-5-mini", "gpt-5-chat-latest", "gpt-4.1", "omni-moderation"]
+    names += ["o3-mini-distill", "o4-local", "o1-2024-12-17"]  # o-series only as litellm lists OpenAI's models
     assert [name for name in names if llm.route(name).direct] == [
         "gpt-4o",
         "gpt-5-chat-latest",
         "gpt-4.1",
         "omni-moderation",
+        "o3-mini-distill",
+        "o4-local",
     ]
     azure_names = ["az-gpt-4o", "az-o3-mini", "az-gpt-5", "az-gpt-35-turbo", "az-prod-4o"]
     assert [name for name in azure_names if llm.route(name).direct] == ["az-gpt-4o", "az-prod-4o"]
+
+
+def test_without_litellm_s_model_map_its_own_o_series_names_are_known(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(model_map, "available", lambda: False)
+    llm = load(tmp_path, [entry("*", "openai/*", api_base="http://127.0.0.1:9/v1")])
+    names = ["o3-mini", "o1-pro", "o3-mini-distill", "gpt-4o"]
+    assert [name for name in names if llm.route(name).direct] == ["o3-mini-distill", "gpt-4o"]
 
 
 async def test_an_o_series_model_through_a_direct_wildcard_is_sent_as_litellm_sends_it(
