@@ -95,6 +95,7 @@ _AZURE_V1_VERSIONS = frozenset({"preview", "latest", "v1"})
 # and gpt-5 configurations rename max_tokens and drop sampling parameters;
 # gpt-3.5 gets JSON mode as a tool): they stay on litellm.
 _AZURE_TRANSLATED_NAMES = ("o1", "o3", "o4", "o_series/", "gpt-5", "gpt-6", "gpt5_series", "gpt-3.5", "gpt-35")
+_DIGIT_DASH_DIGIT = re.compile(r"(\d)-(\d)")
 # OpenAI model names litellm reshapes requests for: its o-series (an "o<digit>"
 # name among its OpenAI models, which its model map lists) and gpt-5 (a marker
 # anywhere in the name, gpt-5-chat excepted).
@@ -208,7 +209,9 @@ def name_translated(target: str) -> str | None:
     ``o3-mini``), since litellm decides by the name it is given."""
     if target.startswith(AZURE_PREFIX):
         deployment = target[len(AZURE_PREFIX) :]
-        if any(name in deployment for name in _AZURE_TRANSLATED_NAMES):
+        # litellm reads gpt-3-5-turbo as gpt-3.5-turbo (digit-dash-digit as a dot) for its gpt-3.5 check.
+        dotted = _DIGIT_DASH_DIGIT.sub(r"\1.\2", deployment)
+        if any(name in deployment for name in _AZURE_TRANSLATED_NAMES) or "gpt-3.5" in dotted:
             return f"litellm translates requests for the Azure deployment {deployment}"
     elif target.startswith(OPENAI.prefix):
         # litellm's OpenAI o-series and gpt-5 configurations: max_completion_tokens,

@@ -489,3 +489,22 @@ async def test_direct_true_sends_every_name_its_wildcard_fills_in_direct(fake: F
         await llm.aclose()
     [sent] = fake.requests
     assert sent["body"].get("max_tokens") == 30 and "max_completion_tokens" not in sent["body"]
+
+
+async def test_an_azure_gpt_3_5_deployment_with_dashes_stays_on_litellm(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """litellm reads the deployment gpt-3-5-turbo as gpt-3.5-turbo, whose
+    json_schema response_format it also sends as a forced tool: the name goes
+    through litellm, and the request is litellm's."""
+    params = {"api_base": fake.api_base.removesuffix("/v1"), "api_key": "az", "api_version": "2024-10-21"}
+    llm = load(tmp_path, [entry("*", "azure/*", max_retries=0, **params)])
+    route = llm.route("gpt-3-5-turbo")
+    assert not route.direct and route.handed_to_litellm
+    schema = {"name": "weather", "schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    chat = ChatRequest("gpt-3-5-turbo", [user("hi")], response_format={"type": "json_schema", "json_schema": schema})
+    try:
+        await collect(llm, chat)
+    finally:
+        await llm.aclose()
+    [sent] = fake.requests
+    assert sent["path"].startswith("/openai/deployments/gpt-3-5-turbo/chat/completions")
+    assert [tool["function"]["name"] for tool in sent["body"]["tools"]] == ["json_tool_call"]
