@@ -51,17 +51,28 @@ class Shape:
     max_tokens_only: bool = False
     # litellm passes ``organization`` on only for OpenAI's own client.
     organization: bool = False
+    # Route parameters litellm's drop_params leaves out of this provider's
+    # requests (always, or for most model names): such a route stays on litellm.
+    dropped: frozenset[str] = frozenset()
 
 
 def _plain(name: str, keys: tuple[str, ...], base: str, base_variable: str, *, max_tokens_only: bool = True) -> Shape:
     # litellm's openai client reads OPENAI_API_KEY when the provider's own variables are unset.
-    return Shape(f"{name}/", (*keys, "OPENAI_API_KEY"), base_variable, base, max_tokens_only)
+    return Shape(f"{name}/", (*keys, "OPENAI_API_KEY"), base_variable, base, max_tokens_only, dropped=_DROPPED)
 
+
+# metadata is litellm's own (its callbacks'), never sent. On openai/, user and
+# reasoning_effort are sent only for models its model map says take them (a
+# local server's names mostly are not there); hosted_vllm/ drops user; the
+# plain providers' parameter lists have none of the three.
+_DROPPED = frozenset({"user", "reasoning_effort", "metadata"})
 
 # Served with an api_base only (their defaults point at api.openai.com or a
 # local server: what the routing file names is what is meant).
-OPENAI = Shape("openai/", ("OPENAI_API_KEY",), organization=True)
-HOSTED_VLLM = Shape("hosted_vllm/", ("HOSTED_VLLM_API_KEY",), organization=True)
+OPENAI = Shape("openai/", ("OPENAI_API_KEY",), organization=True, dropped=_DROPPED)
+HOSTED_VLLM = Shape(
+    "hosted_vllm/", ("HOSTED_VLLM_API_KEY",), organization=True, dropped=frozenset({"user", "metadata"})
+)
 
 # litellm's OpenAI-compatible providers whose configuration changes nothing in
 # the requests this server makes (tools, tool_choice, parallel_tool_calls,
@@ -162,6 +173,9 @@ def refusal(params: Mapping[str, Any], extra_keys: frozenset[str] = frozenset())
     unknown = sorted(set(params) - known - ({"organization"} if shape.organization else set()))
     if unknown:
         return f"litellm_params {', '.join(unknown)} need litellm"
+    dropped = sorted(shape.dropped & set(params))
+    if dropped:
+        return f"litellm leaves {', '.join(dropped)} out for {shape.prefix}"
     translated = name_translated(target)
     if translated:
         return translated

@@ -94,15 +94,17 @@ async def collect(llm: LLM, chat: ChatRequest) -> list[Event]:
 
 
 async def both_paths(
-    tmp_path: Path, fake: FakeOpenAI, chat: ChatRequest, model: str, **params: Any
+    tmp_path: Path, fake: FakeOpenAI, chat: ChatRequest, model: str, *, served_direct: bool = True, **params: Any
 ) -> tuple[list[dict[str, Any]], list[Event]]:
-    """The request each path sent for one route (direct first) and the direct path's events."""
+    """The request each path sent for one route and the first path's events:
+    first as the route is served by default (direct, or litellm where
+    ``served_direct`` is False), then through litellm (``direct: false``)."""
     sent: list[dict[str, Any]] = []
     events: list[Event] = []
-    for direct in (True, False):
+    for direct in (None, False):
         fake.requests.clear()
         llm = load(tmp_path, [entry("*", model, direct, max_retries=0, **params)], f"{direct}.json")
-        assert llm.route(chat.model).direct is direct
+        assert llm.route(chat.model).direct is (served_direct and direct is None)
         try:
             answer = await collect(llm, chat)
         finally:
@@ -142,6 +144,14 @@ TOOL_CHAT = ChatRequest(
         ("novita/fake-chat", {"api_key": "nv-key", "max_completion_tokens": 99}, {}),
         ("friendliai/fake-chat", {}, {"FRIENDLI_TOKEN": "fr-token"}),
         ("github/fake-chat", {"api_key": "gh", "extra_headers": {"X-Tenant": "t1"}, "temperature": 0.1}, {}),
+        # litellm leaves these out for the plain providers (and metadata for
+        # openai/ and hosted_vllm/): such routes stay on litellm.
+        ("nebius/fake-chat", {"api_key": "nb", "user": "u1"}, {}),
+        ("novita/fake-chat", {"api_key": "nv", "reasoning_effort": "low"}, {}),
+        ("wandb/fake-chat", {"api_key": "wb", "metadata": {"team": "a"}}, {}),
+        ("openai/fake-chat", {"api_key": "sk", "metadata": {"team": "a"}}, {}),
+        ("openai/fake-chat", {"api_key": "sk", "user": "u1", "reasoning_effort": "low"}, {}),
+        ("hosted_vllm/fake-chat", {"api_key": "vl", "metadata": {"team": "a"}, "user": "u1"}, {}),
     ],
 )
 async def test_the_direct_request_is_what_litellm_sends(
@@ -158,7 +168,10 @@ async def test_the_direct_request_is_what_litellm_sends(
     params = dict(params)
     base = params.pop("api_base", "{root}" if model.startswith("azure/") else "{root}/v1").format(root=root)
     chat = TOOL_CHAT if model.endswith("/fake-chat") else replace(TOOL_CHAT, model=model.partition("/")[2])
-    (direct, through_litellm), events = await both_paths(tmp_path, fake, chat, model, api_base=base, **params)
+    served_direct = not {"user", "reasoning_effort", "metadata"} & set(params)
+    (direct, through_litellm), events = await both_paths(
+        tmp_path, fake, chat, model, served_direct=served_direct, api_base=base, **params
+    )
     assert direct["path"] == through_litellm["path"]
     assert (direct["authorization"], direct["api-key"]) == (
         through_litellm["authorization"],
