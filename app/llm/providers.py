@@ -49,8 +49,13 @@ class Shape:
     # OpenAI-like providers only know the older name), over the request's own
     # max_tokens: such a route stays on litellm.
     max_tokens_only: bool = False
-    # litellm passes ``organization`` on only for OpenAI's own client.
+    # The route's ``organization`` parameter: litellm sends it (as the
+    # OpenAI-Organization header) for openai/ only; elsewhere it needs litellm.
     organization: bool = False
+    # litellm's openai client sends OPENAI_ORGANIZATION as that header when the
+    # route names no organization: for openai/ and the plain providers, not
+    # for hosted_vllm/ (nor Azure).
+    organization_variable: bool = True
     # Route parameters litellm's drop_params leaves out of this provider's
     # requests (always, or for most model names): such a route stays on litellm.
     dropped: frozenset[str] = frozenset()
@@ -71,7 +76,7 @@ _DROPPED = frozenset({"user", "reasoning_effort", "metadata"})
 # local server: what the routing file names is what is meant).
 OPENAI = Shape("openai/", ("OPENAI_API_KEY",), organization=True, dropped=_DROPPED)
 HOSTED_VLLM = Shape(
-    "hosted_vllm/", ("HOSTED_VLLM_API_KEY",), organization=True, dropped=frozenset({"user", "metadata"})
+    "hosted_vllm/", ("HOSTED_VLLM_API_KEY",), organization_variable=False, dropped=frozenset({"user", "metadata"})
 )
 
 # litellm's OpenAI-compatible providers whose configuration changes nothing in
@@ -265,8 +270,10 @@ def endpoint(target: str, params: Mapping[str, Any]) -> Endpoint:
     key = params.get("api_key") or next(filter(None, map(os.environ.get, shape.key_variables)), None)
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    if shape.organization and params.get("organization"):
-        headers["OpenAI-Organization"] = str(params["organization"])
+    organization = shape.organization and params.get("organization")
+    organization = organization or (shape.organization_variable and os.environ.get("OPENAI_ORGANIZATION"))
+    if organization:
+        headers["OpenAI-Organization"] = str(organization)
     model = target[len(shape.prefix) :]
     return Endpoint(str(base).rstrip("/") + "/chat/completions", headers, model)
 

@@ -29,7 +29,8 @@ naming a model routed to it):
 It also answers Azure OpenAI's paths (``/openai/deployments/{deployment}/chat/completions``
 and ``/openai/v1/chat/completions``) the same way. Every request body, its
 Authorization and ``api-key`` headers and its path (with the query) are
-recorded in ``requests``.
+recorded in ``requests``, and under ``headers`` every header but the HTTP
+client's own (``CLIENT_HEADERS``, ``X-Stainless-*``), names in lower case.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ from typing import Any
 
 from aiohttp import web
 
+# Headers of the HTTP client itself, not of the request a provider route makes
+# (the openai SDK under litellm also names itself in X-Stainless-* headers).
+CLIENT_HEADERS = frozenset(
+    {"host", "content-length", "content-type", "accept", "accept-encoding", "connection", "user-agent"}
+)
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 ERRORS = {
     "fake-429": (429, "rate_limit_exceeded", "Rate limit reached for fake-429 (test)."),
@@ -150,6 +156,11 @@ class FakeOpenAI:
                 "authorization": headers.get("Authorization"),
                 "api-key": headers.get("api-key"),
                 "path": request.path_qs,
+                "headers": {
+                    name.lower(): value
+                    for name, value in headers.items()
+                    if name.lower() not in CLIENT_HEADERS and not name.lower().startswith("x-stainless-")
+                },
             }
         )
         model = body["model"]

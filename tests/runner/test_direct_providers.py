@@ -49,6 +49,7 @@ WEATHER = {
 # Every variable either path reads for these providers: a test sets the ones it means.
 CREDENTIAL_VARIABLES = (
     "OPENAI_API_KEY",
+    "OPENAI_ORGANIZATION",
     "AZURE_API_KEY",
     "AZURE_OPENAI_API_KEY",
     "AZURE_API_BASE",
@@ -152,6 +153,12 @@ TOOL_CHAT = ChatRequest(
         ("openai/fake-chat", {"api_key": "sk", "metadata": {"team": "a"}}, {}),
         ("openai/fake-chat", {"api_key": "sk", "user": "u1", "reasoning_effort": "low"}, {}),
         ("hosted_vllm/fake-chat", {"api_key": "vl", "metadata": {"team": "a"}, "user": "u1"}, {}),
+        # OpenAI-Organization: from OPENAI_ORGANIZATION (not for hosted_vllm/ nor Azure), or the route's.
+        ("nebius/fake-chat", {"api_key": "nb"}, {"OPENAI_ORGANIZATION": "org-env"}),
+        ("openai/fake-chat", {"api_key": "sk"}, {"OPENAI_ORGANIZATION": "org-env"}),
+        ("openai/fake-chat", {"api_key": "sk", "organization": "org-x"}, {"OPENAI_ORGANIZATION": "org-env"}),
+        ("hosted_vllm/fake-chat", {"api_key": "vl"}, {"OPENAI_ORGANIZATION": "org-env"}),
+        ("azure/fake-chat", {"api_key": "az", "api_version": "2024-10-21"}, {"OPENAI_ORGANIZATION": "org-env"}),
     ],
 )
 async def test_the_direct_request_is_what_litellm_sends(
@@ -173,10 +180,7 @@ async def test_the_direct_request_is_what_litellm_sends(
         tmp_path, fake, chat, model, served_direct=served_direct, api_base=base, **params
     )
     assert direct["path"] == through_litellm["path"]
-    assert (direct["authorization"], direct["api-key"]) == (
-        through_litellm["authorization"],
-        through_litellm["api-key"],
-    )
+    assert direct["headers"] == through_litellm["headers"]  # credentials, organization, extra_headers
     assert direct["body"] == through_litellm["body"]
     assert direct["authorization"] or direct["api-key"]  # each case names a credential
     assert [event.text for event in events if isinstance(event, TextDelta)] == ["Hello", " world"]
@@ -297,6 +301,7 @@ def test_which_routes_go_direct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
             entry("az-forced", "azure/gpt-4o", False, api_base=base, api_key="k"),
             entry("nebius", "nebius/llama"),
             entry("novita-org", "novita/llama", organization="org"),
+            entry("vllm-org", "hosted_vllm/llama", api_base=base, organization="org"),  # litellm drops it
             entry("nebius-renamed", "nebius/llama", max_completion_tokens=10),
             entry("groq", "groq/llama-3.3-70b", api_base=base),
             entry("deepseek", "deepseek/deepseek-chat"),
@@ -310,7 +315,8 @@ def test_which_routes_go_direct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert direct == {"az", "az-token", "nebius"}
     others = [
         "az-o3", "az-gpt5", "az-35", "az-old", "az-entra", "az-nocreds", "az-both", "az-nobase", "az-effort",
-        "az-forced", "novita-org", "nebius-renamed", "groq", "deepseek", "mistral", "together", "xai", "openrouter",
+        "az-forced", "novita-org", "vllm-org", "nebius-renamed", "groq", "deepseek", "mistral", "together", "xai",
+        "openrouter",
     ]  # fmt: skip
     assert [name for name in others if llm.route(name).direct] == []
 
