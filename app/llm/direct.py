@@ -52,6 +52,7 @@ _ERROR_BODY_CHARS = 500
 # litellm's words (and status codes) for failures that have no HTTP answer.
 _TIMED_OUT = (408, "Request timed out.")
 _CONNECTION = (500, "Connection error.")
+_AZURE_INTERNAL = "Internal server error"
 
 
 class DirectClient:
@@ -179,13 +180,13 @@ async def _opened(
             finally:
                 await response.aclose()
             return
-        failure = await _failure(response)
+        failure = await _failure(response, azure=route.target.startswith(providers.AZURE_PREFIX))
         if last or not _retryable(response):
             raise provider_error(failure, route, explicit) from failure
         await asyncio.sleep(_backoff(attempt, response.headers))
 
 
-async def _failure(response: httpx.Response) -> ProviderFailure:
+async def _failure(response: httpx.Response, *, azure: bool = False) -> ProviderFailure:
     """An error answer in litellm's terms: the body's error message, else the body itself."""
     try:
         body = (await response.aread()).decode("utf-8", "replace")
@@ -193,7 +194,11 @@ async def _failure(response: httpx.Response) -> ProviderFailure:
         body = ""
     finally:
         await response.aclose()
-    return ProviderFailure(response.status_code, _error_message(response.status_code, body))
+    message = _error_message(response.status_code, body)
+    if azure and _AZURE_INTERNAL in body:
+        # litellm reports every Azure answer that says so as its 500 "Internal server error - <message>".
+        return ProviderFailure(500, f"{_AZURE_INTERNAL} - {message}")
+    return ProviderFailure(response.status_code, message)
 
 
 def _error_message(status: int, body: str) -> str:
