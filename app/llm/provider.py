@@ -90,8 +90,18 @@ class ChunkReader:
 # ("litellm.BadRequestError: ContextWindowExceededError: OpenAIException - ...",
 # "litellm.Timeout: Request timed out. Error_str: Request timed out.").
 _CLASS_PREFIX = re.compile(r"\b(?:litellm\.)?[A-Za-z]*(?:Error|Exception|Timeout)(?::\s+|\s+-\s+)")
-# Some providers' names lead without a separator ("AzureException Rate limit reached ...").
-_PROVIDER_PREFIX = re.compile(r"^[A-Z][A-Za-z]*Exception (?=\S)")
+# litellm puts some providers' names first without a separator ("AzureException
+# Rate limit reached ..."), always as ``provider.capitalize() + "Exception"``:
+# only the route's provider's is taken off, so a provider's own text that
+# starts with a class name ("FooException raised by ...") is left whole.
+_LITELLM_NAMED = ("Azure", "Bedrock", "Anthropic")  # the names litellm also writes for other routes
+
+
+def _provider_prefix(route: Route) -> re.Pattern[str]:
+    names = {route.target.partition("/")[0].capitalize(), *_LITELLM_NAMED}
+    return re.compile(r"^(?:" + "|".join(map(re.escape, sorted(names))) + r")Exception (?=\S)")
+
+
 _REPEATS = (" Original exception: ", " Error_str: ")
 # litellm appends the stream's traceback to some providers' mid-stream errors.
 _TRACEBACK = "\nTraceback (most recent call last):"
@@ -111,11 +121,12 @@ def provider_error(exc: Exception, route: Route, explicit: Sequence[str] = ()) -
     A rejected request names the parameters the user set, since one of them may be the cause."""
     status = getattr(exc, "status_code", None)
     text = str(exc).partition(_TRACEBACK)[0]
-    detail = _PROVIDER_PREFIX.sub("", _CLASS_PREFIX.sub("", text).strip()) or type(exc).__name__
+    provider_prefix = _provider_prefix(route)
+    detail = provider_prefix.sub("", _CLASS_PREFIX.sub("", text).strip()) or type(exc).__name__
     for separator in _REPEATS:
         head, _, cause = detail.partition(separator)
         # "Request timed out. Error_str: Request timed out. - timeout value=0.5, ...": said once
-        cause = _PROVIDER_PREFIX.sub("", cause.strip())
+        cause = provider_prefix.sub("", cause.strip())
         detail = head if head.strip() and cause.startswith(head.strip()) else detail
     where = f"model '{route.model}' ({route.target})"
     if status == 429:

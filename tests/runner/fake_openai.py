@@ -11,6 +11,7 @@ naming a model routed to it):
   ``fake-503``): an OpenAI error body with that status (400 is a
   context-length error).
 - ``fake-internal``: a 500 whose message is Azure's "Internal server error".
+- ``fake-named``: a 500 whose message starts with a class name of the server's own.
 - ``fake-502``: a plain-text (not JSON) error body, as a proxy in front of a model sends.
 - ``fake-drop``: one text chunk, then the connection is cut mid-stream.
 - ``fake-stall``: one text chunk, then silence until the client gives up.
@@ -58,6 +59,7 @@ ERRORS = {
     "fake-422": (422, "unprocessable_entity", "The fake server cannot process this request."),
     "fake-503": (503, "service_unavailable", "The fake server is overloaded."),
     "fake-internal": (500, "internal_error", "Internal server error"),  # as Azure words its 500s
+    "fake-named": (500, "server_error", "FooException raised by the model worker."),
 }
 
 

@@ -254,6 +254,7 @@ FAILED = "The provider failed for model '{0}' (azure/{0}) "
         ("fake-500", "server_error", FAILED + "(HTTP 500): The fake server had an error.", 0),
         ("fake-502", "server_error", FAILED + "(HTTP 502): Error code: 502", 0),
         ("fake-internal", "server_error", FAILED + "(HTTP 500): Internal server error - Internal server error", 0),
+        ("fake-named", "server_error", FAILED + "(HTTP 500): FooException raised by the model worker.", 0),
         ("fake-stall-head", "server_error", FAILED + "(HTTP 408): Request timed out.", 0),
         ("fake-drop", "server_error", FAILED + "(HTTP 500): Connection error.", 1),
         ("fake-stream-error", "server_error", FAILED + "(HTTP 500): The model crashed mid-answer.", 1),
