@@ -175,6 +175,9 @@ def refusal(params: Mapping[str, Any], extra_keys: frozenset[str] = frozenset())
         return f"{target} is not an OpenAI-compatible model litellm passes on as it is ({names})"
     if shape.default_base is None and not params.get("api_base"):
         return "it has no api_base"
+    base = _at_start_up(params.get("api_base")) or (shape.base_variable and os.environ.get(shape.base_variable))
+    if _has_query(base):
+        return _QUERY_REFUSAL
     unknown = sorted(set(params) - known - ({"organization"} if shape.organization else set()))
     if unknown:
         return f"litellm_params {', '.join(unknown)} need litellm"
@@ -202,6 +205,8 @@ def _azure_refusal(deployment: str, params: Mapping[str, Any], known: frozenset[
     base = params.get("api_base") or os.environ.get("AZURE_API_BASE")
     if not base:
         return "it has no api_base (nor AZURE_API_BASE)"
+    if _has_query(_at_start_up(base)):
+        return _QUERY_REFUSAL
     if "gateway.ai.cloudflare.com" in str(base):
         return "Cloudflare's AI gateway is litellm's"
     version = str(_at_start_up(params.get("api_version")) or os.environ.get("AZURE_API_VERSION") or "")
@@ -266,6 +271,8 @@ def endpoint(target: str, params: Mapping[str, Any]) -> Endpoint:
     base = base or shape.default_base
     if not base:
         raise ValueError("it has no api_base")
+    if _has_query(base):
+        raise ValueError(_QUERY_REFUSAL)
     headers: dict[str, str] = {}
     key = params.get("api_key") or next(filter(None, map(os.environ.get, shape.key_variables)), None)
     if key:
@@ -282,6 +289,8 @@ def _azure_endpoint(deployment: str, params: Mapping[str, Any]) -> Endpoint:
     base = str(params.get("api_base") or os.environ.get("AZURE_API_BASE") or "").rstrip("/")
     if not base:
         raise ValueError("no api_base and AZURE_API_BASE is not set")
+    if _has_query(base):
+        raise ValueError(_QUERY_REFUSAL)
     version = str(params.get("api_version") or os.environ.get("AZURE_API_VERSION") or AZURE_DEFAULT_API_VERSION)
     key = params.get("api_key") or _azure_environment_key()
     token = params.get("azure_ad_token")
@@ -299,6 +308,14 @@ def _azure_endpoint(deployment: str, params: Mapping[str, Any]) -> Endpoint:
 def _shape(target: str) -> Shape | None:
     prefix = target.partition("/")[0] + "/"
     return _SHAPES.get(prefix) if "/" in target else None
+
+
+# The path is appended to the base URL: a query or fragment there would swallow it.
+_QUERY_REFUSAL = "its api_base has a query string or fragment (litellm's client places the path before it)"
+
+
+def _has_query(base: Any) -> bool:
+    return isinstance(base, str) and ("?" in base or "#" in base)
 
 
 def _azure_environment_key() -> str | None:

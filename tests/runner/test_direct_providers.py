@@ -529,3 +529,26 @@ async def test_an_azure_gpt_3_5_deployment_with_dashes_stays_on_litellm(fake: Fa
     [sent] = fake.requests
     assert sent["path"].startswith("/openai/deployments/gpt-3-5-turbo/chat/completions")
     assert [tool["function"]["name"] for tool in sent["body"]["tools"]] == ["json_tool_call"]
+
+
+def test_an_api_base_with_a_query_string_is_not_served_directly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The direct path appends /chat/completions to the base URL, which a query
+    would swallow (``...?tenant=a/chat/completions``): such routes stay on litellm."""
+    monkeypatch.setenv("NEBIUS_API_BASE", "http://127.0.0.1:9/v1?tenant=a")
+    monkeypatch.setenv("GW_BASE", "http://127.0.0.1:9/v1?tenant=a")
+    query = "http://127.0.0.1:9/v1?tenant=a"
+    llm = load(
+        tmp_path,
+        [
+            entry("openai", "openai/gpt-4o", api_base=query),
+            entry("vllm", "hosted_vllm/llama", api_base="os.environ/GW_BASE"),
+            entry("nebius", "nebius/llama", api_key="k"),
+            entry("azure", "azure/gpt-4o-prod", api_base="http://127.0.0.1:9/#frag", api_key="k"),
+            entry("plain", "openai/gpt-4o", api_base="http://127.0.0.1:9/v1"),
+        ],
+    )
+    assert [name for name in ("openai", "vllm", "nebius", "azure", "plain") if llm.route(name).direct] == ["plain"]
+    with pytest.raises(LLMConfigError, match="query string"):
+        load(tmp_path, [entry("openai", "openai/gpt-4o", True, api_base=query)])
