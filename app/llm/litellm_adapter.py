@@ -18,9 +18,10 @@ ever drops what the server adds: parameters the user set are always sent
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import os
-import sys
+import threading
 import warnings
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
@@ -33,6 +34,10 @@ from app.llm.routing import ROUTER_KEYS, Route, resolve_env
 from app.observability import logs
 
 INSTALL_HINT = 'pip install "assistants-server[litellm]"'
+# Set here, on the main thread, before any import of litellm (which may run
+# in a thread of its own: load_off_the_loop): glibc's setenv is not safe
+# against another thread's getenv.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
 def load() -> Any:
@@ -52,23 +57,57 @@ def load() -> Any:
     return litellm
 
 
+# The one import of litellm in a worker thread that every first caller
+# awaits (see load_off_the_loop); None before it starts or after it failed.
+_loading: concurrent.futures.Future[Any] | None = None
+_loading_lock = threading.Lock()
+_loaded = False
+
+
+def _load_once() -> concurrent.futures.Future[Any]:
+    """The shared import: started by the first caller in a thread of its own;
+    a failed one is forgotten, so that the next call tries again."""
+    global _loading
+    with _loading_lock:
+        if _loading is None:
+            loading: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+            def run() -> None:
+                global _loading, _loaded
+                try:
+                    loading.set_result(load())
+                    _loaded = True
+                except BaseException as exc:  # handed to every caller
+                    with _loading_lock:
+                        _loading = None
+                    loading.set_exception(exc)
+
+            _loading = loading
+            threading.Thread(target=run, name="litellm-import", daemon=True).start()
+        return _loading
+
+
 async def load_off_the_loop(route: Route) -> Any:
-    """litellm for a request of a route: imported in a worker thread the first
-    time (about three seconds, during which other runs keep streaming), and an
-    LLMError naming the model when litellm is not installed.
+    """litellm for a request of a route: imported in a thread of its own the
+    first time (about three seconds, during which other runs keep streaming;
+    calls meanwhile wait for the same import, never importing on the loop,
+    where a half-imported module in sys.modules made them block on the
+    import lock), and an LLMError naming the model when it cannot be
+    imported.
 
     Only a name a direct wildcard hands over (routing.Route.handed_to_litellm)
     gets here before litellm is imported: ``LLM.from_config`` imports it at
     start-up for every other route that needs it."""
-    if sys.modules.get("litellm") is not None:
+    if _loaded:
         return load()
     try:
-        return await asyncio.to_thread(load)
-    except ImportError as exc:
+        return await asyncio.wrap_future(_load_once())
+    except Exception as exc:
+        missing = isinstance(exc, ImportError)
         raise LLMError(
             "server_error",
             f"The model '{route.model}' ({route.target}) needs litellm, which reshapes this model's requests, "
-            f"but it is not installed ({exc}): {INSTALL_HINT}",
+            + (f"but it is not installed ({exc}): {INSTALL_HINT}" if missing else f"but it failed to import: {exc}"),
         ) from exc
 
 

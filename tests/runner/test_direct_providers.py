@@ -6,11 +6,14 @@ must match: URL, credential headers, body, streamed answer, errors."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import threading
+import time
+import types
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -446,6 +449,8 @@ def without_litellm(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     halts the import; restored after the test); the names of the threads
     that tried to import it are collected."""
     monkeypatch.setitem(sys.modules, "litellm", None)
+    monkeypatch.setattr(litellm_adapter, "_loading", None)  # however earlier tests left them
+    monkeypatch.setattr(litellm_adapter, "_loaded", False)
     threads: list[str] = []
     real_load = litellm_adapter.load
 
@@ -477,6 +482,34 @@ async def test_a_name_handed_to_litellm_without_litellm_fails_clearly_off_the_lo
     assert message.startswith("The model 'o3-mini' (openai/o3-mini) needs litellm, which reshapes"), message
     assert message.endswith(': pip install "assistants-server[litellm]"'), message
     assert without_litellm and threading.main_thread().name not in without_litellm
+
+
+async def test_calls_during_the_first_import_of_litellm_wait_for_it_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two first calls at once import litellm once, in a thread: the second
+    found the half-imported module in sys.modules and imported it on the
+    event loop, where it waited on the import lock (about three seconds)."""
+    monkeypatch.setattr(litellm_adapter, "_loading", None)
+    monkeypatch.setattr(litellm_adapter, "_loaded", False)
+    threads: list[str] = []
+    imported = types.ModuleType("litellm")
+
+    def slow_load() -> Any:
+        threads.append(threading.current_thread().name)
+        monkeypatch.setitem(sys.modules, "litellm", imported)  # as an import in progress does
+        time.sleep(0.3)
+        return imported
+
+    monkeypatch.setattr(litellm_adapter, "load", slow_load)
+    llm = load(tmp_path, [entry("*", "openai/*", api_base="http://127.0.0.1:9/v1", api_key="k")])
+    route = llm.route("o3-mini")
+    first = asyncio.ensure_future(litellm_adapter.load_off_the_loop(route))
+    await asyncio.sleep(0.05)  # the import has begun
+    async with asyncio.timeout(10):
+        loaded = await asyncio.gather(first, litellm_adapter.load_off_the_loop(route))
+    assert loaded == [imported, imported]
+    assert threads == ["litellm-import"]
 
 
 @pytest.fixture
