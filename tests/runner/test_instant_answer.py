@@ -22,7 +22,7 @@ from app.runtime import Runtime
 from app.services import model_requests, run_events, run_execution, run_state
 from app.wire.events import Event
 from app.worker import Worker
-from tests.runner.test_worker import _make_runs, _statuses
+from tests.runner.test_worker import _make_runs, _statuses, user_message
 
 
 @contextmanager
@@ -299,19 +299,7 @@ async def _add_earlier_messages(runtime: Runtime, run_id: str, contents: list[li
         run = await session.get(orm.Run, run_id)
         assert run is not None
         for content in contents:
-            seq = ids.next_seq()
-            session.add(
-                orm.Message(
-                    id=ids.new_id(ids.MESSAGE, seq),
-                    seq=seq,
-                    created_at=ids.seconds(seq),
-                    thread_id=run.thread_id,
-                    role="user",
-                    content=content,
-                    status="completed",
-                    metadata_={},
-                )
-            )
+            session.add(user_message(run.thread_id, content))
         run.seq = ids.next_seq()  # the run comes after them
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 from sqlalchemy import select, update
@@ -13,6 +14,21 @@ from app import ids, orm
 from app.runtime import Runtime
 from app.services import run_state, run_steps
 from app.worker import INTERRUPTED, Worker
+
+
+def user_message(thread_id: str, content: list[dict[str, Any]]) -> orm.Message:
+    """A completed user message of the thread, as the API would write it."""
+    seq = ids.next_seq()
+    return orm.Message(
+        id=ids.new_id(ids.MESSAGE, seq),
+        seq=seq,
+        created_at=ids.seconds(seq),
+        thread_id=thread_id,
+        role="user",
+        content=content,
+        status="completed",
+        metadata_={},
+    )
 
 
 async def _make_runs(runtime: Runtime, count: int, status: str = "queued", text: str = "hi") -> list[str]:
@@ -41,19 +57,7 @@ async def _make_runs(runtime: Runtime, count: int, status: str = "queued", text:
             )
             session.add(thread)
             await session.flush()  # children reference it
-            seq = ids.next_seq()
-            session.add(
-                orm.Message(
-                    id=ids.new_id(ids.MESSAGE, seq),
-                    seq=seq,
-                    created_at=ids.seconds(seq),
-                    thread_id=thread.id,
-                    role="user",
-                    content=[{"type": "text", "text": {"value": text, "annotations": []}}],
-                    status="completed",
-                    metadata_={},
-                )
-            )
+            session.add(user_message(thread.id, [{"type": "text", "text": {"value": text, "annotations": []}}]))
             seq = ids.next_seq()
             run = orm.Run(
                 id=ids.new_id(ids.RUN, seq),
