@@ -71,6 +71,7 @@ def _load_once() -> concurrent.futures.Future[Any]:
     with _loading_lock:
         if _loading is None:
             loading: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            loading.set_running_or_notify_cancel()  # a waiter's cancel must not cancel it for the others
 
             def run() -> None:
                 global _loading, _loaded

@@ -574,6 +574,13 @@ class RunExecution:
             await self._end("cancelled")  # only a cancel moves a run under its executor (else LeaseLost)
         except LeaseLost:
             raise
+        except DATA_ERRORS:
+            # The data of the run itself was refused (a value the database
+            # cannot store): a resumed run would meet it again, and again
+            # call the model, until the run expires. It fails (its end writes
+            # none of what was refused).
+            log.exception("run %s: the database refused its data", self.run_id)
+            await self._end("failed", last_error=SERVER_ERROR)
         except DBAPIError:
             # The database failed us (connection dropped, locked too long): the
             # run is not at fault. It stays in_progress and is resumed from its
@@ -717,7 +724,7 @@ class RunExecution:
 
     async def _take(self, turn: Turn, stream: AsyncGenerator[llm.Event, None]) -> TurnResult:
         """A streamed answer, taken whole when the model sends all of it
-        (at most QUICK_ANSWER_MOST_EVENTS) within QUICK_ANSWER_SECONDS of its
+        (QUICK_ANSWER_MOST_EVENTS deltas at most, and its Finish) within QUICK_ANSWER_SECONDS of its
         first event (a stub, a cache, a one-chunk reply): its rows and events
         then wait for the turn's commit as an instant answer's do, one
         transaction fewer (no opening of its own, no delta flush). Otherwise
@@ -922,19 +929,24 @@ async def _arrivals(
 async def _idle_limited(stream: AsyncIterator[llm.Event], seconds: float) -> AsyncGenerator[llm.Event, None]:
     """``stream``, failing with a clear error once the model sends nothing
     for ``seconds`` (a stalled provider must not hold a run and its worker
-    slot until the run expires)."""
+    slot until the run expires). Closed, it closes ``stream`` at once (the
+    provider's response, the call's metrics), not at garbage collection."""
     iterator = aiter(stream)
-    while True:
-        try:
-            async with asyncio.timeout(seconds):
-                item = await anext(iterator)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise llm.LLMError(
-                "server_error", f"The model sent nothing for {seconds:g} seconds; the run was stopped."
-            ) from None
-        yield item
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(seconds):
+                    item = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise llm.LLMError(
+                    "server_error", f"The model sent nothing for {seconds:g} seconds; the run was stopped."
+                ) from None
+            yield item
+    finally:
+        if isinstance(iterator, AsyncGenerator):
+            await iterator.aclose()
 
 
 async def run(execution: RunExecution) -> None:
@@ -957,9 +969,10 @@ async def claim_and_start(
                 await execution.start_claimed(session, claimed)
                 executions.append(execution)
     except DATA_ERRORS:
-        # Refused at COMMIT (a deferred constraint): by one of the answers
-        # written in the claim, which then go the streamed way, each in a
-        # transaction of its own, rather than fail every claim of them all.
+        # Refused in the claim or at its COMMIT (SQLite sends held-back
+        # writes then): by one of the answers written in the claim, which
+        # then go the streamed way, each in transactions of its own, rather
+        # than fail every claim of them all.
         for execution in executions:
             if execution.finished:
                 not_at_once(execution.run_id)

@@ -122,10 +122,11 @@ _CONTAINER_CHARS = 64
 
 
 def _stored_chars(defaults: AssistantDefaults) -> int:
-    """The remembered values' size in characters, a container counted as
+    """The remembered values' size in characters, a container of a JSON
+    value (tools, response_format; not the instructions' text) counted as
     _CONTAINER_CHARS: what they keep resident, decoded."""
     return sum(
-        len(value) + _CONTAINER_CHARS * (value.count("[") + value.count("{"))
+        len(value) + (_CONTAINER_CHARS * (value.count("[") + value.count("{")) if value[:1] in "[{" else 0)
         for value in defaults.stored
         if isinstance(value, str)
     )

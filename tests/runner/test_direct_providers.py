@@ -512,6 +512,34 @@ async def test_calls_during_the_first_import_of_litellm_wait_for_it_off_the_loop
     assert threads == ["litellm-import"]
 
 
+async def test_a_cancelled_call_leaves_the_first_import_of_litellm_to_the_others(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A call cancelled while litellm's first import runs (its run
+    cancelled) cancels its own wait only: the others get litellm (the
+    shared import was cancelled for all, its thread died, and the runs
+    waiting failed)."""
+    monkeypatch.setattr(litellm_adapter, "_loading", None)
+    monkeypatch.setattr(litellm_adapter, "_loaded", False)
+    release = threading.Event()
+    imported = types.ModuleType("litellm")
+
+    def blocked_load() -> Any:
+        release.wait(10)
+        return imported
+
+    monkeypatch.setattr(litellm_adapter, "load", blocked_load)
+    route = load(tmp_path, [entry("*", "openai/*", api_base="http://127.0.0.1:9/v1", api_key="k")]).route("o3-mini")
+    cancelled = asyncio.ensure_future(litellm_adapter.load_off_the_loop(route))
+    waiting = asyncio.ensure_future(litellm_adapter.load_off_the_loop(route))
+    await asyncio.sleep(0.05)  # both wait for the import
+    cancelled.cancel()
+    release.set()
+    async with asyncio.timeout(10):
+        assert await waiting is imported
+    assert cancelled.cancelled() and litellm_adapter._loaded
+
+
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
     """The API's settings: a direct openai/* wildcard (to nowhere: its calls here never connect)."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 
 from app import ids, llm, orm
 from app.llm import offline
@@ -192,6 +192,34 @@ async def test_a_data_error_writing_an_instant_answer_holds_no_claim_back(
         await worker.run_until_idle()  # the claim, rolled back
     await worker.run_until_idle()
     assert await _statuses(runtime, [doomed, *others]) == {run_id: "completed" for run_id in [doomed, *others]}
+
+
+async def test_a_run_whose_answer_the_database_refuses_fails_alone(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer the database refuses wherever it is written (a DataError:
+    PostgreSQL's JSON refuses a NUL character): after its claim, the run
+    fails in its own transactions, the claim's other runs complete. As a
+    database failure it was resumed again and again (the model asked again
+    each time) until it expired."""
+    doomed, *others = await _make_runs(runtime, 3)
+    real = RunExecution._after_turn
+
+    async def after_turn(self: RunExecution, *args: Any) -> bool:
+        if self.run_id == doomed:
+            raise DataError("INSERT INTO messages", {}, Exception("unsupported Unicode escape sequence"))
+        return await real(self, *args)
+
+    monkeypatch.setattr(RunExecution, "_after_turn", after_turn)
+    worker = Worker(runtime, concurrency=4)
+    with pytest.raises(DataError):
+        await worker.run_until_idle()  # the claim, rolled back
+    async with asyncio.timeout(30):
+        await worker.run_until_idle()
+    assert await _statuses(runtime, [doomed, *others]) == {
+        doomed: "failed",
+        **{run_id: "completed" for run_id in others},
+    }
 
 
 async def test_a_long_instant_answer_is_streamed(runtime: Runtime) -> None:
