@@ -250,8 +250,7 @@ class RunLog:
             # back ahead of any published meanwhile, their numbers (those
             # followers may have seen) with them; the counter is untouched.
             if drained:
-                self._buffer[run_id] = drained + self._buffer.get(run_id, [])
-                self._wake_flusher()  # outside holding(), no append may come to take them
+                self._put_back(run_id, drained)  # outside holding(), no append may come to take them
             raise
         _rows, undelivered = self._number(run_id, first, drained)
         entries = [Entry(first + len(drained) + offset, event) for offset, event in enumerate(events)]
@@ -376,13 +375,20 @@ class RunLog:
             if shift and run_id in self._next:
                 self._next[run_id] += shift
 
+    def _put_back(self, run_id: str, items: list[tuple[int | None, Event]], *, wake: bool = True) -> None:
+        """Deltas taken from the buffer and not written go back ahead of any
+        published since, their numbers (which followers may have seen) with
+        them; the flusher is woken for them unless it is the one putting back."""
+        self._buffer[run_id] = items + self._buffer.get(run_id, [])
+        if wake:
+            self._wake_flusher()
+
     def rolled_back(self, session: AsyncSession) -> None:
         """The transaction failed: the deltas it took go back to the buffer."""
         for pending in reversed(session.info.pop(_SESSION_KEY, [])):
             self._ended(pending)
             if pending.drained:
-                self._buffer[pending.run_id] = pending.drained + self._buffer.get(pending.run_id, [])
-                self._wake_flusher()
+                self._put_back(pending.run_id, pending.drained)
             if not self.deliver_early:
                 self._next.pop(pending.run_id, None)  # re-read from the log at the next append
             elif self._next.get(pending.run_id) == pending.first + pending.size:
@@ -512,7 +518,7 @@ class RunLog:
                     delivered.append((run_id, undelivered))
         except BaseException:
             for run_id, items in drained.items():
-                self._buffer[run_id] = items + self._buffer.get(run_id, [])
+                self._put_back(run_id, items, wake=False)  # (this is the flusher)
             raise
         self.flushes += 1
         self.flushed_rows += len(rows)

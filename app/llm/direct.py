@@ -42,7 +42,7 @@ import httpx
 from app.llm import providers
 from app.llm.interface import ChatRequest, Event, LLMError, TokenCounter, chat_body, explicit_params
 from app.llm.provider import ChunkReader, ProviderFailure, provider_error
-from app.llm.routing import DIRECT_BODY_KEYS, Route, resolve_env
+from app.llm.routing import Route, resolve_env
 
 DEFAULT_TIMEOUT = 600.0  # litellm's own default is 6000 s: a silent provider would hold a run for 100 minutes
 DEFAULT_MAX_RETRIES = 2  # the openai SDK's, which litellm uses
@@ -97,7 +97,7 @@ class _Call:
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **where.headers}
         headers.update({str(name): str(value) for name, value in (params.get("extra_headers") or {}).items()})
         # The route's OpenAI parameters are defaults; what the request sets wins.
-        body = {name: value for name, value in params.items() if name in DIRECT_BODY_KEYS}
+        body = {name: value for name, value in params.items() if name in providers.BODY_KEYS}
         body.update(chat_body(request))
         body.update(model=where.model, stream=True, stream_options={"include_usage": True})
         body.update(params.get("extra_body") or {})

@@ -3,7 +3,9 @@
 The import costs about three seconds and 150 MiB, so it happens on first use:
 ``LLM.from_config`` pays it at start-up when a route needs litellm, so the
 first run does not stall the event loop, and a server whose routes are all
-offline or direct never pays it. Before importing,
+offline or direct never pays it, unless a direct wildcard hands it a name
+litellm reshapes requests for (``openai/*`` asked for ``o3-mini``): that first
+call imports it in a thread of its own (load_off_the_loop). Before importing,
 ``LITELLM_LOCAL_MODEL_COST_MAP`` is defaulted to ``True`` (no network at
 import) and HuggingFace tokenizer downloads are off, so token counting never
 touches the network either.
@@ -41,8 +43,9 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
 def load() -> Any:
-    """litellm, imported on first use: offline at import, quiet, no telemetry."""
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    """litellm, imported on first use: offline at import (the variable set
+    above), quiet, no telemetry."""
+    global _loaded
     # litellm 1.100.5 walks dir() of streamed deltas and so touches pydantic
     # attributes deprecated in pydantic 2.11. Harmless, but where warnings are
     # errors (our test suite) it would abort the stream. Added on every use, not
@@ -54,6 +57,7 @@ def load() -> Any:
     litellm.suppress_debug_info = True
     litellm.telemetry = False
     litellm.disable_hf_tokenizer_download = True  # token_counter must never download a tokenizer
+    _loaded = True  # (imported at start-up too: load_off_the_loop then starts no thread)
     return litellm
 
 

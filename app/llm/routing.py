@@ -38,10 +38,6 @@ ENV_REFERENCE = "os.environ/"
 # Keys the LiteLLM proxy reads for its own routing; they are not completion
 # parameters, so they must not reach litellm.acompletion().
 ROUTER_KEYS = frozenset({"rpm", "tpm", "order", "weight", "max_parallel_requests", "max_input_tokens"})
-# litellm_params sent as OpenAI request parameters on direct routes (the
-# route's defaults, under what a request sets); providers.py says which routes
-# are direct.
-DIRECT_BODY_KEYS = providers.BODY_KEYS
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import ids, llm, orm
+from app.llm import offline
 from app.observability import logs
 from app.runner import markers, prompt
 from app.runner.tools import BuiltinTool, ToolResult
@@ -57,8 +58,8 @@ CANCEL_POLL_SECONDS = 0.5
 # one reaches clients this much later than its first event.
 QUICK_ANSWER_SECONDS = 0.005
 # A longer answer is streamed however fast it comes: built and written in
-# one go it would hold the write lock meanwhile (as offline.AT_ONCE_MOST_DELTAS).
-QUICK_ANSWER_MOST_EVENTS = 256
+# one go it would hold the write lock meanwhile (the offline model's limit).
+QUICK_ANSWER_MOST_EVENTS = offline.AT_ONCE_MOST_DELTAS
 # Events that end an execution from outside: a cancel, or the reaper ending
 # the run (expired past its deadline).
 STOPPING_EVENTS = frozenset({"thread.run.cancelling", *(f"thread.run.{status}" for status in run_state.TERMINAL)})
@@ -370,8 +371,8 @@ class RunExecution:
                 **self._move_fields(move),
             )
         except run_state.TransitionConflict:
-            if self._held_start is not None:  # (it cannot miss while held: the claim holds the row)
-                await self._write_held_start(session)
+            # (Never while the start is held: the claim's transaction holds the row.)
+            assert self._held_start is None
             return None
         self._held_start = None
         return [Event.of(name, runs.to_wire(run))]
@@ -505,12 +506,12 @@ class RunExecution:
         False, with nothing written, when the answer must be taken as
         execute() takes it (streamed, calling built-in tools, over a
         budget, or failed: a failure is kept for execute())."""
+        if not self._may_answer_at_once() or run.id in _NOT_AT_ONCE:
+            return False
         budget = self._budget(run)
         if _no_completion_left(budget) or self._over_prompt_budget(run, budget, chat):
             return False
         request = self._chat_request(run, budget, chat)
-        if not self._may_answer_at_once() or run.id in _NOT_AT_ONCE:
-            return False
         turn = self._turn(run)
         whole: list[llm.Event] | None = None
         try:
@@ -739,9 +740,7 @@ class RunExecution:
         try:
             gathered = [await arrived.get()]
             whole = await _gather_quickly(gathered, arrived)
-            if not whole or self._calls_builtin(gathered):
-                return await turn.consume(_arrivals(gathered, arrived))
-            turn.at_once = True
+            turn.at_once = whole and not self._calls_builtin(gathered)
             return await turn.consume(_arrivals(gathered, arrived))
         except BaseException:
             reader.cancel()  # (a normal end leaves it past the Finish, closing the stream)

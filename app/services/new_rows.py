@@ -70,10 +70,13 @@ async def _insert_by_table(session: AsyncSession, rows: Sequence[orm.Base]) -> N
     columns with one executemany INSERT (SQLAlchemy sends it in batches the
     driver accepts)."""
 
-    def shape(row: orm.Base) -> tuple[Table, tuple[str, ...]]:
+    def table_and_values(row: orm.Base) -> tuple[Table, dict[str, Any]]:
         table = type(row).__table__
         assert isinstance(table, Table)
-        return table, tuple(core_rows.values(row))
+        return table, core_rows.values(row)
 
-    for (table, _columns), same in itertools.groupby(rows, key=shape):
-        await session.execute(insert(table), [core_rows.values(row) for row in same])
+    def shape(item: tuple[Table, dict[str, Any]]) -> tuple[Table, tuple[str, ...]]:
+        return item[0], tuple(item[1])
+
+    for (table, _columns), same in itertools.groupby(map(table_and_values, rows), key=shape):
+        await session.execute(insert(table), [values for _table, values in same])

@@ -173,13 +173,19 @@ def _checked_insert(columns: tuple[str, ...]) -> Insert:
     return insert(table).from_select(list(columns), values)
 
 
+def _checked(run: orm.Run, defaults: AssistantDefaults) -> tuple[Insert, dict[str, Any]]:
+    """The checked INSERT of ``run`` and its parameters (the guard's too)."""
+    values = core_rows.values(run)
+    parameters = {**values, "assistant_id": defaults.id, **dict(zip(_GUARD_PARAMS, defaults.stored, strict=True))}
+    return _checked_insert(tuple(values)), parameters
+
+
 async def insert_checked(session: AsyncSession, run: orm.Run, defaults: AssistantDefaults) -> None:
     """Insert ``run``, made from remembered ``defaults``, with the COMMIT
     (SQLite), which fails (is_stale()) if the assistant no longer has them."""
-    values = core_rows.values(run)
-    parameters = {**values, "assistant_id": defaults.id, **dict(zip(_GUARD_PARAMS, defaults.stored, strict=True))}
+    statement, parameters = _checked(run, defaults)
     options = {**db.WRITE_BEHIND, db.EXPECT_ROWCOUNT: 1, db.ROWCOUNT_MISMATCH: AssistantChanged}
-    await session.execute(_checked_insert(tuple(values)), parameters, execution_options=options)
+    await session.execute(statement, parameters, execution_options=options)
 
 
 class AssistantChanged(sqlite_driver.HeldBackWriteMismatch):
@@ -194,9 +200,8 @@ class StaleDefaults(Exception):
 async def insert_checked_now(session: AsyncSession, run: orm.Run, defaults: AssistantDefaults) -> None:
     """insert_checked(), sent at once (its caller's savepoint must see the
     live-run index refuse it there): StaleDefaults if it added no row."""
-    values = core_rows.values(run)
-    parameters = {**values, "assistant_id": defaults.id, **dict(zip(_GUARD_PARAMS, defaults.stored, strict=True))}
-    result = await session.execute(_checked_insert(tuple(values)), parameters)
+    statement, parameters = _checked(run, defaults)
+    result = await session.execute(statement, parameters)
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise StaleDefaults(defaults.id)
 

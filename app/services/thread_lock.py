@@ -2,7 +2,8 @@
 
 The rule holds under concurrency because the check and the write that
 follows it are atomic on both engines: on PostgreSQL the thread row stays
-locked until the transaction ends (active_run() below), on SQLite every
+locked until the transaction ends (live_run_of_owned_thread() and
+active_run() below), on SQLite every
 transaction holds the write lock from its start (app/db.py). Behind both, a
 partial unique index (orm.Run, ``ux_runs_live_thread``) refuses a second live
 run whatever a check saw; is_live_run_conflict() recognises its error.
