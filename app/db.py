@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 from sqlalchemy.util import await_only as await_
@@ -261,14 +261,9 @@ def create_read_engine(url: str, engine: AsyncEngine) -> AsyncEngine:
     """
     if not is_sqlite(url):
         return engine.execution_options(postgresql_readonly=True)
-    parsed = make_url(url)
-    database = parsed.database
-    if not database or database == ":memory:" or database.startswith("file:"):
+    readonly = _sqlite_readonly_url(url)
+    if readonly is None:
         return engine
-    readonly = parsed.set(
-        database="file:" + quote(str(Path(database).resolve())),
-        query={**parsed.query, "mode": "ro", "uri": "true"},
-    )
     # Kept open up to SQLITE_READERS: polls and streams read here at once, and
     # with the default pool (5 kept) 16 streaming clients opened and closed an
     # overflow connection (a thread, the file, its pragmas) every few reads.
@@ -283,6 +278,50 @@ def create_read_engine(url: str, engine: AsyncEngine) -> AsyncEngine:
     # Sent with the transaction's first statement (sqlite_driver.OneHopCursor).
     event.listen(reader.sync_engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN DEFERRED"))
     return reader
+
+
+def _sqlite_readonly_url(url: str) -> URL | None:
+    """A SQLite file's URL opened read-only; None for a database that lives
+    only on its own connection (in memory, or a URI given as is)."""
+    parsed = make_url(url)
+    database = parsed.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return parsed.set(
+        database="file:" + quote(str(Path(database).resolve())),
+        query={**parsed.query, "mode": "ro", "uri": "true"},
+    )
+
+
+def create_poll_engine(url: str) -> AsyncEngine | None:
+    """SQLite (a file): the engine of a poll's reads (Runtime.poll_read),
+    whose statements run on the event loop's thread, no hop to a connection
+    thread and back (sqlite_driver's inline connections; issue 17: the two
+    hops were a third of a GET's CPU). Read-only connections of their own,
+    outside any transaction (each statement its own WAL snapshot, as
+    PostgreSQL's autocommit polls), SQLite's busy timeout 0: in the rare case
+    a WAL reader must wait, the statement waits on the connection's thread
+    instead, up to SQLITE_BUSY_TIMEOUT_MS. None where create_read_engine has
+    no engine of its own (PostgreSQL, in-memory SQLite)."""
+    readonly = _sqlite_readonly_url(url) if is_sqlite(url) else None
+    if readonly is None:
+        return None
+    poller = create_async_engine(
+        readonly,
+        module=sqlite_driver.OneHopDBAPI(inline_wait_ms=SQLITE_BUSY_TIMEOUT_MS),
+        pool_size=SQLITE_POLLERS,
+        max_overflow=SQLITE_READERS,
+        pool_use_lifo=True,
+    )
+    event.listen(poller.sync_engine, "connect", _sqlite_poll_connect)
+    return poller
+
+
+def _sqlite_poll_connect(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # no BEGIN: no "begin" listener either
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=0")  # never wait on the event loop's thread
+    cursor.close()
 
 
 def _sqlite_read_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -303,6 +342,9 @@ SQLITE_WRITER_OVERFLOW = 32
 # SQLite read-only connections a process keeps open once opened (as many
 # again may open for a burst, closed when returned).
 SQLITE_READERS = 32
+# ... and kept for polls (create_poll_engine): a poll's statement runs on the
+# event loop's thread, so only a busy wait (rare) keeps a second one out.
+SQLITE_POLLERS = 2
 
 # The most SQLite connections a process has open at once, each with two
 # file descriptors (the database and its WAL): app/api/limits.py keeps them

@@ -52,6 +52,8 @@ class Runtime:
     run_log: run_log.RunLog
     # Set by the worker when one runs in this process, so new runs start at once.
     wake_worker: Wake | None = None
+    # SQLite (a file): polls' reads, on the event loop's thread (db.create_poll_engine).
+    poll_engine: AsyncEngine | None = None
     # The worker of this process, if any (its heartbeat and sandboxes feed /readyz and /metrics).
     worker: Worker | None = None
     _signals: set[asyncio.Task[None]] = field(default_factory=set)
@@ -91,6 +93,7 @@ class Runtime:
             run_log=run_log.RunLog(
                 bus, sessionmaker, postgres=postgres, flush_seconds=settings.run_events_flush_seconds
             ),
+            poll_engine=db.create_poll_engine(settings.resolved_database_url()),
         )
         if peers is not None:
             runtime._peers = peers
@@ -134,6 +137,8 @@ class Runtime:
         await self.llm.aclose()
         if self.read_engine.sync_engine.pool is not self.engine.sync_engine.pool:
             await self.read_engine.dispose()
+        if self.poll_engine is not None:
+            await self.poll_engine.dispose()
         await self.engine.dispose()
         if self._peers is not None:  # after this process's last write
             await self._peers.close()
@@ -171,14 +176,18 @@ class Runtime:
     @asynccontextmanager
     async def poll_read(self) -> AsyncIterator[AsyncConnection]:
         """A connection for reads that write nothing, with no ORM session
-        (issue 17: a poll's read). On PostgreSQL its statements run outside
-        a transaction (autocommit: each sees what was committed when it
-        starts, as in a transaction of one statement), which spares the
-        BEGIN and the ROLLBACK, a round trip each; on SQLite a WAL reader of
-        the read engine (db.create_read_engine), which neither takes nor
-        waits for this process's write lock, so a poll does not queue
-        behind the writers (in-memory SQLite: the one connection, as any
-        transaction)."""
+        (issue 17: a poll's read). Its statements run outside a transaction
+        (autocommit: each sees what was committed when it starts, as in a
+        transaction of one statement), which spares the BEGIN and the
+        ROLLBACK, a round trip each on PostgreSQL. On SQLite a WAL reader
+        (db.create_poll_engine), which neither takes nor waits for this
+        process's write lock, so a poll does not queue behind the writers,
+        and runs on the event loop's thread (in-memory SQLite: the one
+        connection, as any transaction)."""
+        if self.poll_engine is not None:
+            async with self.poll_engine.connect() as connection:
+                yield connection
+            return
         if db.is_sqlite(self.settings.resolved_database_url()):
             async with self.read_engine.connect() as connection:
                 yield connection

@@ -12,6 +12,14 @@ statement waiting for SQLite's lock (the busy timeout) freezes nothing.
 
 Built on aiosqlite's queue (``Connection._execute``, ``_conn``), as
 SQLAlchemy's adapter is; aiosqlite is pinned in pyproject.toml.
+
+One exception (``OneHopDBAPI(inline_wait_ms=...)``, a poll's reads,
+db.create_poll_engine): a read-only connection whose statements run on the
+event loop's thread, no hop at all, with SQLite's busy timeout at 0. A WAL
+reader takes no lock and waits for nobody but in rare cases (another
+connection recovering the WAL, a writer in exclusive locking mode); there
+SQLite answers "busy" at once, and the statement is sent to the connection's
+own thread to wait as any other would.
 """
 
 from __future__ import annotations
@@ -87,6 +95,21 @@ def _run(
         return description, cursor.rowcount, cursor.lastrowid, rows
     finally:
         cursor.close()
+
+
+def _run_waiting(connection: sqlite3.Connection, statement: _Statement, wait_ms: int) -> _Outcome:
+    """On aiosqlite's thread: an inline connection's statement that SQLite
+    found busy, run again with a busy timeout, which is then set back to 0."""
+    connection.execute(f"PRAGMA busy_timeout={int(wait_ms)}")
+    try:
+        return _run(connection, None, [], statement)
+    finally:
+        connection.execute("PRAGMA busy_timeout=0")
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    # SQLITE_BUSY and its extended codes (_RECOVERY, _SNAPSHOT, _TIMEOUT).
+    return (getattr(error, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
 
 
 def _commit(connection: sqlite3.Connection, begin: str | None, earlier: list[_Statement]) -> None:
@@ -237,6 +260,9 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
             self._set_outcome(None, -1, None, [])
             return
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+        if adapted.inline_wait_ms is not None:
+            self._set_outcome(*await self._run_inline(adapted, connection, statement))
+            return
         async with adapted._execute_mutex:
             # A BEGIN or held-back write that fails (SQLite busy past its
             # timeout, a constraint) fails this statement, and with it the
@@ -247,6 +273,27 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
                 _run, connection._conn, begin, earlier, statement
             )
         self._set_outcome(*outcome)
+
+    async def _run_inline(
+        self, adapted: OneHopConnection, connection: aiosqlite.Connection, statement: _Statement
+    ) -> _Outcome:
+        """The statement on this thread (an inline connection: no hop); if
+        SQLite is busy, again on the connection's thread with a timeout."""
+        begin, adapted.begin_deferred = adapted.begin_deferred, None
+        earlier, adapted.held_back = adapted.held_back, []
+        wait_ms = adapted.inline_wait_ms
+        assert wait_ms is not None
+        try:
+            return _run(connection._conn, begin, earlier, statement)
+        except sqlite3.OperationalError as error:
+            # Outside a transaction a busy statement did nothing: safe to send again.
+            if not _is_busy(error) or begin is not None or earlier or connection._conn.in_transaction:
+                raise
+        async with adapted._execute_mutex:
+            outcome: _Outcome = await connection._execute(  # type: ignore[no-untyped-call]
+                _run_waiting, connection._conn, statement, wait_ms
+            )
+        return outcome
 
     def _set_outcome(self, description: Any, rowcount: int, lastrowid: int | None, rows: list[Any]) -> None:
         self._outcome_description, self._outcome_rowcount, self._outcome_lastrowid = description, rowcount, lastrowid
@@ -283,7 +330,7 @@ class ServerSideCursor(AsyncAdapt_aiosqlite_ss_cursor):
 
 
 class OneHopConnection(AsyncAdapt_aiosqlite_connection):
-    __slots__ = ("begin_deferred", "held_back", "on_transaction_end", "transaction_open")
+    __slots__ = ("begin_deferred", "held_back", "inline_wait_ms", "on_transaction_end", "transaction_open")
 
     _cursor_cls = OneHopCursor
     _ss_cursor_cls = ServerSideCursor
@@ -304,6 +351,9 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         # met SQLite's lock still held and slept in its busy handler (naps of
         # 1 to 100 ms; issue 17).
         self.on_transaction_end: Callable[[], None] | None = None
+        # Set for an inline connection (its statements run on the caller's
+        # thread; busy: sent to its own thread to wait this long).
+        self.inline_wait_ms: int | None = None
 
     def _ended(self) -> None:
         callback, self.on_transaction_end = self.on_transaction_end, None
@@ -318,7 +368,9 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
             if begin is not None and not earlier:  # nothing ran: nothing to commit
                 return
             connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
-            if connection._connection is not None:
+            if connection._connection is not None and self.inline_wait_ms is not None:
+                _commit(connection._conn, begin, earlier)
+            elif connection._connection is not None:
                 await_(connection._execute(_commit, connection._conn, begin, earlier))  # type: ignore[no-untyped-call]
             elif earlier:  # closed under us: its held-back writes are not silently lost
                 raise ValueError("no active connection")
@@ -336,18 +388,29 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
         try:
             if connection._connection is not None and connection.in_transaction:
-                super().rollback()
+                if self.inline_wait_ms is not None:
+                    connection._conn.rollback()
+                else:
+                    super().rollback()
         finally:
             self._ended()
 
 
 class OneHopDBAPI(AsyncAdapt_aiosqlite_dbapi):
-    """The DB-API module handed to create_async_engine(module=...)."""
+    """The DB-API module handed to create_async_engine(module=...). With
+    ``inline_wait_ms``, its connections run their statements on the calling
+    thread (for read-only connections with a busy timeout of 0: see the
+    module's docstring), waiting that long on their own thread when busy."""
 
-    def __init__(self) -> None:
+    def __init__(self, inline_wait_ms: int | None = None) -> None:
         super().__init__(aiosqlite, sqlite3)
+        self.inline_wait_ms = inline_wait_ms
 
     def connect(self, *arg: Any, **kw: Any) -> OneHopConnection:
+        if self.inline_wait_ms is not None:
+            kw["check_same_thread"] = False  # opened on aiosqlite's thread, used on the event loop's
         connection = aiosqlite.connect(*arg, **kw)
         connection._thread.daemon = True  # as SQLAlchemy's adapter: never blocks the interpreter's exit
-        return OneHopConnection(self, await_(connection))
+        adapted = OneHopConnection(self, await_(connection))
+        adapted.inline_wait_ms = self.inline_wait_ms
+        return adapted

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from typing import Any
 
@@ -199,3 +200,56 @@ async def test_a_savepoint_behind_a_failing_held_back_write_reports_that_write(r
     async with runtime.transaction() as session:
         assert (await session.execute(text("SELECT group_concat(n) FROM t"))).scalar() == "1"
         await session.execute(text("DROP TABLE t"))
+
+
+async def test_a_poll_reads_on_the_event_loop_thread_and_waits_for_a_busy_file_on_its_own(tmp_path: Any) -> None:
+    """db.create_poll_engine: a poll's statement runs on the calling thread
+    (no hop to a connection thread: issue 17), and never waits there. Where
+    a WAL reader must wait (here a writer in exclusive locking mode holds
+    the file), SQLite's busy timeout of 0 answers at once and the statement
+    waits on the connection's own thread while the event loop runs on; it
+    reads once the file is free."""
+    path = tmp_path / "polls.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    engine = db.create_engine(url)
+    poller = db.create_poll_engine(url)
+    assert poller is not None
+
+    def thread_ids(dbapi_connection: Any, _record: Any) -> None:
+        await_(dbapi_connection.driver_connection.create_function("thread_ident", 0, threading.get_ident))
+
+    event.listen(poller.sync_engine, "connect", thread_ids)
+    try:
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql("CREATE TABLE t (n INTEGER)")
+            await connection.exec_driver_sql("INSERT INTO t (n) VALUES (7)")
+        async with poller.connect() as connection:
+            assert (await connection.exec_driver_sql("SELECT thread_ident()")).scalar() == threading.get_ident()
+            assert (await connection.exec_driver_sql("SELECT n FROM t")).scalar() == 7
+
+        # Exclusive locking mode needs the file to itself: close the pools' connections.
+        await engine.dispose()
+        await poller.dispose()
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN IMMEDIATE")
+        holder.execute("UPDATE t SET n = 8")
+        holder.execute("COMMIT")  # the exclusive lock stays until the connection closes
+
+        async def read() -> int:
+            async with poller.connect() as connection:
+                return int((await connection.exec_driver_sql("SELECT n FROM t")).scalar_one())
+
+        reading = asyncio.create_task(read())
+        ticks = 0
+        async with asyncio.timeout(10):
+            while ticks < 5:  # the loop turns while the read waits
+                await asyncio.sleep(0.01)
+                assert not reading.done(), reading
+                ticks += 1
+        holder.close()
+        async with asyncio.timeout(10):
+            assert await reading == 8
+    finally:
+        await poller.dispose()
+        await engine.dispose()
