@@ -50,7 +50,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app import db, orm
 from app.bus import Entry, EventBus
-from app.services import core_rows, run_events, run_state
+from app.services import core_rows, new_rows, run_events, run_state
 from app.wire.events import TERMINAL_RUN_EVENTS, Event
 
 log = logging.getLogger("app.run_log")
@@ -216,14 +216,23 @@ class RunLog:
         updated the row, or read it FOR UPDATE), so on PostgreSQL the lock
         is not asked for again (issue 17: a round trip per append).
         ``inserting``: new rows the events announce, inserted first (on
-        PostgreSQL by the statement that takes the run's lock).
+        PostgreSQL by the statement that takes the run's lock, or with
+        ``run_locked`` by the one that logs the events: a new run among
+        them counts as locked, nobody else sees it before this commit).
         ``carried_by`` (PostgreSQL, with ``run_locked``): the run's move
         (run_state.carried_move), which the events' insert goes in
         (run_events.insert_carrying), sent with it (a move has its event)."""
         assert carried_by is None or (events and self.postgres and run_locked), "a move carried by its events"
+        # PostgreSQL, the run's row locked (or new among ``inserting``): the
+        # rows go in the statement that logs the events.
+        with_rows = (
+            bool(events) and carried_by is None and run_locked and run_events.can_insert_with_rows(session, inserting)
+        )
         if self.postgres and not run_locked:  # a SQLite transaction holds the write lock already
             await run_events.lock_inserting(session, run_id, inserting)
-        else:
+        elif self.postgres and inserting and not with_rows:  # many rows: by table
+            await new_rows.insert_together(session, inserting)
+        elif not with_rows:
             for row in inserting:  # each sent with the next statement on SQLite
                 await core_rows.insert_row(session, row, write_behind=True)
         drained = self._buffer.pop(run_id, [])
@@ -240,6 +249,9 @@ class RunLog:
             elif batch and carried_by is not None:
                 signal = self._notify_signal(session)
                 first = await run_events.insert_carrying(session, run_id, batch, carried_by, signal=signal)
+            elif with_rows:
+                signal = self._notify_signal(session)
+                first = await run_events.insert_with_rows(session, run_id, batch, inserting, signal=signal)
             elif batch:
                 signal = self._notify_signal(session)
                 first = (await run_events.insert(session, {run_id: batch}, signal=signal))[run_id]

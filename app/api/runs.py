@@ -37,8 +37,10 @@ def _polled(model: Run, poll_after_ms: int) -> Response:
     return response
 
 
-# A change that leaves a run queued, with the events that announce it.
-QueueRun = Callable[[AsyncSession], Awaitable[tuple[orm.Run, list[Event]]]]
+# A change that leaves a run queued, with the events that announce it. It
+# may leave new rows unwritten, in the list it is given: they are inserted
+# with the events (PostgreSQL: by the same statement).
+QueueRun = Callable[[AsyncSession, list[orm.Base]], Awaitable[tuple[orm.Run, list[Event]]]]
 
 
 async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) -> Response:
@@ -53,10 +55,12 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
     follower: Follower | None = None
     try:
         async with runtime.transaction() as session:
-            run, events = await change(session)
-            # ``change`` inserted the run or moved it with a compare-and-set
-            # UPDATE: this transaction holds its row lock (PostgreSQL).
-            opening = await runtime.run_log.append(session, run.id, events, run_locked=True)
+            unwritten: list[orm.Base] = []
+            run, events = await change(session, unwritten)
+            # ``change`` inserted the run (or left it to this insert) or moved
+            # it with a compare-and-set UPDATE: this transaction holds its row
+            # lock (PostgreSQL), or no other sees the run yet.
+            opening = await runtime.run_log.append(session, run.id, events, run_locked=True, inserting=unwritten)
             if stream:
                 follower = Follower(
                     runtime.bus,
@@ -92,7 +96,7 @@ async def create_run(
     expires_in = runtime.settings.run_expires_seconds
 
     def change(remembered: bool) -> QueueRun:
-        return lambda session: runs.create(
+        return lambda session, _unwritten: runs.create(
             session,
             project,
             thread_id,
@@ -108,7 +112,7 @@ async def create_run(
 @router.post("/threads/runs", response_model=Run)
 async def create_thread_and_run(body: ThreadAndRunCreate, runtime: RuntimeDep, project: ProjectDep) -> Response:
     def change(remembered: bool) -> QueueRun:
-        async def create(session: AsyncSession) -> tuple[orm.Run, list[Event]]:
+        async def create(session: AsyncSession, unwritten: list[orm.Base]) -> tuple[orm.Run, list[Event]]:
             _thread, run, events = await runs.create_thread_and_run(
                 session,
                 project,
@@ -116,6 +120,7 @@ async def create_thread_and_run(body: ThreadAndRunCreate, runtime: RuntimeDep, p
                 expires_in=runtime.settings.run_expires_seconds,
                 reservation=runtime.run_reservation(),
                 remembered=remembered,
+                unwritten=unwritten,
             )
             return run, events
 
@@ -224,7 +229,9 @@ async def submit_tool_outputs(
     thread_id: str, run_id: str, body: SubmitToolOutputs, runtime: RuntimeDep, project: ProjectDep
 ) -> Response:
     return await _queue_run(
-        runtime, body.stream, lambda session: runs.submit_tool_outputs(session, project, thread_id, run_id, body)
+        runtime,
+        body.stream,
+        lambda session, _unwritten: runs.submit_tool_outputs(session, project, thread_id, run_id, body),
     )
 
 

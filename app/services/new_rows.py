@@ -23,10 +23,11 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Select, Table, bindparam, insert, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.selectable import HasCTE
 
 from app import orm
 from app.services import core_rows
@@ -35,16 +36,38 @@ from app.services import core_rows
 MAX_ROWS_TOGETHER = 18
 
 # A statement's shape: each row's table and the columns it sets, in order.
-_Shape = tuple[tuple[Table, tuple[str, ...]], ...]
+Shape = tuple[tuple[Table, tuple[str, ...]], ...]
 
 
-@functools.lru_cache(maxsize=256)  # a shape per number of messages (at most 16), mostly
-def _statement(shape: _Shape) -> Select[Any]:
-    statement = select(literal(1))
+_Statement = TypeVar("_Statement", bound=HasCTE)
+
+
+def with_inserts(statement: _Statement, shape: Shape) -> _Statement:
+    """``statement`` with an INSERT CTE per row of ``shape``, its values the
+    parameters that shape_of() names."""
     for index, (table, columns) in enumerate(shape):
         values = {column: bindparam(f"r{index}_{column}", type_=table.c[column].type) for column in columns}
         statement = statement.add_cte(insert(table).values(values).cte(f"inserted_{index}"))
     return statement
+
+
+@functools.lru_cache(maxsize=256)  # a shape per number of messages (at most 16), mostly
+def _statement(shape: Shape) -> Select[Any]:
+    return with_inserts(select(literal(1)), shape)
+
+
+def shape_of(rows: Sequence[orm.Base]) -> tuple[Shape, dict[str, Any]]:
+    """The shape of ``rows`` (only the attributes set go in, as
+    core_rows.insert_row does) and the parameters of with_inserts()'s CTEs."""
+    shape: list[tuple[Table, tuple[str, ...]]] = []
+    parameters: dict[str, Any] = {}
+    for index, row in enumerate(rows):
+        table = type(row).__table__
+        assert isinstance(table, Table)
+        values = core_rows.values(row)
+        shape.append((table, tuple(values)))
+        parameters.update({f"r{index}_{column}": value for column, value in values.items()})
+    return tuple(shape), parameters
 
 
 async def insert_together(session: AsyncSession, rows: Sequence[orm.Base]) -> None:
@@ -54,15 +77,8 @@ async def insert_together(session: AsyncSession, rows: Sequence[orm.Base]) -> No
     if len(rows) > MAX_ROWS_TOGETHER:
         await _insert_by_table(session, rows)
         return
-    shape: list[tuple[Table, tuple[str, ...]]] = []
-    parameters: dict[str, Any] = {}
-    for index, row in enumerate(rows):
-        table = type(row).__table__
-        assert isinstance(table, Table)
-        values = core_rows.values(row)
-        shape.append((table, tuple(values)))
-        parameters.update({f"r{index}_{column}": value for column, value in values.items()})
-    await session.execute(_statement(tuple(shape)), parameters)
+    shape, parameters = shape_of(rows)
+    await session.execute(_statement(shape), parameters)
 
 
 async def _insert_by_table(session: AsyncSession, rows: Sequence[orm.Base]) -> None:

@@ -17,13 +17,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Text, TextClause, Update, bindparam, cast, column, delete, func, select, text
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Text,
+    TextClause,
+    Update,
+    bindparam,
+    cast,
+    column,
+    delete,
+    func,
+    select,
+    text,
+)
 from sqlalchemy import insert as sql_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import db, ids, orm
 from app.bus import Entry
-from app.services import core_rows, run_state
+from app.services import core_rows, new_rows, run_state
 from app.wire.events import Event
 
 
@@ -220,6 +233,58 @@ async def insert_carrying(
     if row is None:
         raise run_state.TransitionConflict(f"{run_id} moved or changed hands under its transaction's lock")
     return int(row[1])
+
+
+@functools.lru_cache(maxsize=256)  # a shape per number of new rows (new_rows.MAX_ROWS_TOGETHER at most), twice
+def _logging_rows(shape: new_rows.Shape, notify: bool) -> Select[Any]:
+    """The log's insert (as insert_carrying's) with an INSERT CTE per new
+    row of ``shape`` (new_rows.with_inserts), returning the first seq
+    written and, with ``notify``, NOTIFYing the Signal bound as
+    ``log_channel`` and ``log_origin`` for the run bound as ``log_run_id``."""
+    returned: list[ColumnElement[Any]] = [func.min(_LOGGED.c.seq)]
+    if notify:
+        origin = cast(bindparam("log_origin"), Text)
+        returned.append(func.pg_notify(bindparam("log_channel"), cast(bindparam("log_run_id"), Text) + " " + origin))
+    return new_rows.with_inserts(select(*returned).select_from(_LOGGED), shape)
+
+
+def can_insert_with_rows(session: AsyncSession, rows: Sequence[orm.Base]) -> bool:
+    """Whether insert_with_rows() takes ``rows`` (PostgreSQL, a few rows)."""
+    return (
+        session.bind is not None
+        and session.bind.dialect.name == "postgresql"
+        and 0 < len(rows) <= new_rows.MAX_ROWS_TOGETHER
+    )
+
+
+async def insert_with_rows(
+    session: AsyncSession,
+    run_id: str,
+    events: list[Event],
+    rows: Sequence[orm.Base],
+    *,
+    signal: Signal | None = None,
+) -> int:
+    """insert() of one run's events on PostgreSQL by the statement that
+    inserts ``rows``, the new rows they announce (see can_insert_with_rows;
+    issue 17: a new thread, its messages, its run and their opening events
+    in one round trip). Call it where the numbering needs no lock of its
+    own: the run's row is locked by this transaction, or is among ``rows``
+    (no other transaction sees the run before this one commits). Foreign
+    keys are checked at the statement's end, so an event may belong to the
+    run inserted beside it. Returns the first ``seq``."""
+    shape, params = new_rows.shape_of(rows)
+    params |= {
+        "log_now": time.time(),
+        "log_run_ids": [run_id] * len(events),
+        "log_ns": list(range(1, len(events) + 1)),
+        "log_names": [event.name for event in events],
+        "log_datas": [_ENCODE(_payload(event)) for event in events],
+    }
+    if signal is not None:
+        params |= {"log_channel": signal.channel, "log_origin": signal.origin, "log_run_id": run_id}
+    first = (await session.execute(_logging_rows(shape, signal is not None), params)).scalar_one()
+    return int(first)
 
 
 # Up to this many events, SQLite numbers and inserts them in one statement

@@ -201,12 +201,16 @@ async def create_thread_and_run(
     expires_in: int,
     reservation: run_execution.Reservation | None = None,
     remembered: bool = True,
+    unwritten: list[orm.Base] | None = None,
 ) -> tuple[orm.Thread, orm.Run, list[Event]]:
     """A new thread and its run. A new thread has no live run to conflict
     with, so the run needs no check nor savepoint, and its rows go together:
     on SQLite held back to the COMMIT, the run made from its assistant's
     ``remembered`` defaults if any (run_defaults: checked by its INSERT, no
-    read); on PostgreSQL in one statement (new_rows)."""
+    read); on PostgreSQL in one statement (new_rows), or, given
+    ``unwritten``, not at all: they are added to it for the caller to
+    insert with the events (run_log.append's ``inserting``: the same
+    statement, issue 17)."""
     rows: list[orm.Base] = []
     thread = await threads.create(session, project, body.thread or ThreadCreate(), inserting=rows)
     assistant = run_defaults.remembered(session, project, body.assistant_id) if remembered else None
@@ -217,7 +221,10 @@ async def create_thread_and_run(
         await tool_resources.to_stored(session, project, body.tool_resources) if body.tool_resources else None
     )
     if session.bind is not None and session.bind.dialect.name == "postgresql":
-        await new_rows.insert_together(session, [*rows, run])
+        if unwritten is not None:
+            unwritten += [*rows, run]
+        else:
+            await new_rows.insert_together(session, [*rows, run])
     else:
         for row in rows:  # before the run, which references them
             await core_rows.insert_row(session, row, write_behind=True)

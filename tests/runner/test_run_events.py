@@ -406,3 +406,50 @@ async def test_followers_are_nudged_when_another_process_opens_the_sqlite_file(r
         await runtime.run_log.stop_early_delivery()
         assert not runtime.log_news_announced()
         assert await _nudged(follower, 0)
+
+
+class _Abandon(Exception):
+    """Raised to roll a transaction back after its writes."""
+
+
+async def test_a_new_run_and_its_opening_events_are_written_together_or_not_at_all(runtime: Runtime) -> None:
+    """POST /threads/runs's path (issue 17): the new thread, its message
+    and its run left unwritten by create_thread_and_run, and inserted by
+    the append that logs their events (on PostgreSQL one statement, the
+    run's events beside the run they belong to); a rollback leaves none."""
+    from app.services import assistants, projects, runs
+    from app.wire.assistants import AssistantCreate
+    from app.wire.runs import ThreadAndRunCreate
+
+    async with runtime.transaction() as session:
+        assistant = await assistants.create(session, projects.DEFAULT, AssistantCreate(model="gpt-4o"))
+    body = ThreadAndRunCreate.model_validate(
+        {"assistant_id": assistant.id, "thread": {"messages": [{"role": "user", "content": "hello"}]}}
+    )
+
+    async def create() -> tuple[str, list[int]]:
+        async with runtime.transaction() as session:
+            unwritten: list[orm.Base] = []
+            _thread, run, events = await runs.create_thread_and_run(
+                session, projects.DEFAULT, body, expires_in=600, unwritten=unwritten
+            )
+            entries = await runtime.run_log.append(session, run.id, events, run_locked=True, inserting=unwritten)
+            if abandon:
+                raise _Abandon
+            return run.id, [entry.seq for entry in entries]
+
+    abandon = False
+    run_id, seqs = await create()
+    assert seqs == [1, 2, 3]
+    assert await _log(runtime, run_id) == ["thread.created", "thread.run.created", "thread.run.queued"]
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+        assert run is not None and run.status == "queued"
+        count = select(func.count()).select_from(orm.Message).where(orm.Message.thread_id == run.thread_id)
+        assert await session.scalar(count) == 1
+    abandon = True
+    with pytest.raises(_Abandon):
+        await create()
+    async with runtime.transaction() as session:
+        assert await session.scalar(select(func.count()).select_from(orm.Run)) == 1
+        assert await session.scalar(select(func.count()).select_from(orm.RunEvent)) == 3
