@@ -92,7 +92,7 @@ class _Pending:
     entries: list[Entry]  # for followers
     drained: list[tuple[int | None, Event]] = field(default_factory=list)  # buffered deltas it took
     prediction: _Prediction | None = None
-    notified: bool = False  # its INSERT NOTIFYed other processes (PostgreSQL)
+    notified: bool = False  # its INSERT NOTIFYed other processes, or none needs telling (PostgreSQL)
 
 
 class RunLog:
@@ -237,6 +237,12 @@ class RunLog:
                 await core_rows.insert_row(session, row, write_behind=True)
         drained = self._buffer.pop(run_id, [])
         batch = [event for _seq, event in drained] + list(events)
+        # PostgreSQL: a run created by this transaction has no followers in
+        # other processes to tell (none knows its id before this commit, and
+        # one that follows it later reads its log first): no NOTIFY, neither
+        # in the insert nor by the notifier (issue 17: a NOTIFYing commit
+        # takes the database's notification lock, and wakes every listener).
+        unknown_elsewhere = self.postgres and any(event.name == "thread.run.created" for event in events)
         predicted = self._predict(run_id, drained, events) if batch else None
         prediction = None
         signal: run_events.Signal | None = None
@@ -250,10 +256,10 @@ class RunLog:
                 signal = self._notify_signal(session)
                 first = await run_events.insert_carrying(session, run_id, batch, carried_by, signal=signal)
             elif with_rows:
-                signal = self._notify_signal(session)
+                signal = None if unknown_elsewhere else self._notify_signal(session)
                 first = await run_events.insert_with_rows(session, run_id, batch, inserting, signal=signal)
             elif batch:
-                signal = self._notify_signal(session)
+                signal = None if unknown_elsewhere else self._notify_signal(session)
                 first = (await run_events.insert(session, {run_id: batch}, signal=signal))[run_id]
             else:  # an executor starting a run: where its deltas will go on
                 first = (await run_events.last_seqs(session, [run_id]))[run_id] + 1
@@ -279,7 +285,7 @@ class RunLog:
                 undelivered + entries,
                 drained,
                 prediction,
-                notified=signal is not None,
+                notified=signal is not None or unknown_elsewhere,
             )
         )
         self._appending[run_id] = self._appending.get(run_id, 0) + 1

@@ -453,3 +453,32 @@ async def test_a_new_run_and_its_opening_events_are_written_together_or_not_at_a
     async with runtime.transaction() as session:
         assert await session.scalar(select(func.count()).select_from(orm.Run)) == 1
         assert await session.scalar(select(func.count()).select_from(orm.RunEvent)) == 3
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_run_created_by_a_commit_is_not_signalled_to_other_processes(
+    runtime: Runtime, settings: Settings
+) -> None:
+    """PostgreSQL (issue 17): the append that logs a run's creation sends
+    no NOTIFY, neither by its insert nor by the notifier: no other process
+    can follow a run before the commit that makes it known (a follower that
+    comes later reads the log first). The run's next append signals again."""
+    other = await Runtime.start(settings)  # a second process on the same database
+    try:
+        await _until_listening(other, runtime)
+        (run_id,) = await _make_runs(runtime, 1)
+        async with other.bus.follow(run_id) as there:
+            async with runtime.transaction() as session:
+                created = [Event("thread.run.created", {"id": run_id}), Event("thread.run.queued", {"id": run_id})]
+                await runtime.run_log.append(session, run_id, created)
+            # NOTIFYs arrive in commit order: a nudge for the creation would come before the marker.
+            async with other.bus.follow("marker") as marker:
+                await _notify(runtime, "marker")
+                assert await _nudged(marker, 20)
+            assert _nudges(there) == 0
+            assert runtime.run_log._notifier is None
+            async with runtime.transaction() as session:
+                await runtime.run_log.append(session, run_id, [Event("thread.run.in_progress", {"id": run_id})])
+            assert await _nudged(there, 20)
+    finally:
+        await other.close()
