@@ -114,7 +114,8 @@ class Message(Base):
 # A live run owns its thread: no second run, no new message, until it ends.
 # requires_action counts: the run still owns the thread until outputs arrive.
 LIVE_RUN_STATUSES = ("queued", "in_progress", "requires_action", "cancelling")
-_LIVE_RUN = text("status IN ('queued', 'in_progress', 'requires_action', 'cancelling')")
+# The live-run index's predicate (and an ON CONFLICT's that names the index).
+LIVE_RUN = text("status IN ('queued', 'in_progress', 'requires_action', 'cancelling')")
 
 
 class Run(Base):
@@ -128,8 +129,8 @@ class Run(Base):
             "ux_runs_live_thread",
             "thread_id",
             unique=True,
-            sqlite_where=_LIVE_RUN,
-            postgresql_where=_LIVE_RUN,
+            sqlite_where=LIVE_RUN,
+            postgresql_where=LIVE_RUN,
         ),
     )
 
