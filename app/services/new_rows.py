@@ -16,6 +16,9 @@ in time quadratic in its CTEs (on the event loop: 0.2 s for 100 messages,
 messages), and every shape would be a statement of its own in the caches.
 More rows go table by table, each run of rows of one table and columns in
 one executemany INSERT (a thread, then its messages, then its run).
+
+POST /threads/runs puts these CTEs in the statement that logs the run's
+opening events (run_events.insert_with_rows, through with_inserts()).
 """
 
 from __future__ import annotations
