@@ -15,6 +15,15 @@ are, over our defaults ``drop_params: true`` and ``timeout: 600``; retries are
 the provider SDK's own (set ``max_retries`` to change them). drop_params only
 ever drops what the server adds: parameters the user set are always sent
 (issue 12).
+
+What litellm does around each call for its own bookkeeping, the server never
+reads (it logs, counts usage and tokens itself: provider.ChunkReader), so two
+parts are skipped (issue 17; figures in bench/README.md, branch ``litecall``):
+a stream is closed once litellm has handed over its usage chunk, before the
+end-of-stream step that only assembles the answer again for litellm's success
+callbacks, cost and cache (see stream), and a stream's response metadata
+(headers, timings, a cost from the model map) is not computed (see
+_leave_streams_unpriced).
 """
 
 from __future__ import annotations
@@ -57,8 +66,33 @@ def load() -> Any:
     litellm.suppress_debug_info = True
     litellm.telemetry = False
     litellm.disable_hf_tokenizer_download = True  # token_counter must never download a tokenizer
+    _leave_streams_unpriced()
     _loaded = True  # (imported at start-up too: load_off_the_loop then starts no thread)
     return litellm
+
+
+def _leave_streams_unpriced() -> None:
+    """litellm's ``client`` decorator hands every response, a stream included,
+    to ``litellm.utils.update_response_metadata`` before the first chunk is
+    read: response headers, timings, and a cost from the model map (about a
+    tenth of a streamed call's CPU). Nothing reads a stream's metadata but its
+    consumer, and ours does not, so streams skip it; other responses
+    (embeddings) keep it. The decorator looks the function up on the module
+    at each call, which makes it the place to wrap."""
+    import litellm.utils
+    from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
+
+    utils: Any = litellm.utils  # its names are not re-exported for mypy
+    original = utils.update_response_metadata
+    if getattr(original, "leaves_streams_unpriced", False):
+        return
+
+    def update_response_metadata(result: Any, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(result, CustomStreamWrapper):
+            original(result, *args, **kwargs)
+
+    update_response_metadata.leaves_streams_unpriced = True  # type: ignore[attr-defined]
+    utils.update_response_metadata = update_response_metadata
 
 
 # The one import of litellm in a worker thread that every first caller
@@ -172,6 +206,12 @@ async def stream(route: Route, request: ChatRequest, llm: TokenCounter) -> Async
                 raise provider_error(exc, route) from exc
             for event in reader.read(chunk):
                 yield event
+            if getattr(response, "sent_stream_usage", False) is True:
+                # The usage chunk (asked for with stream_options) is litellm's
+                # last; reading on would only run its end-of-stream step:
+                # assembling the whole answer again, then success callbacks
+                # and a cost in a task of their own (a fifth of the call's CPU).
+                break
     yield reader.finish(request, llm)
 
 

@@ -655,6 +655,32 @@ async def test_provider_without_usage_is_counted(routed: LLM) -> None:
     assert finish.usage.prompt_tokens > 0 and finish.usage.completion_tokens == 2
 
 
+@pytest.mark.parametrize("routed", ["litellm"], indirect=True)
+async def test_litellm_does_no_bookkeeping_the_server_never_reads(
+    routed: LLM, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through litellm a streamed answer is priced by nobody (a stream's
+    response metadata is skipped) and starts none of litellm's success
+    callbacks (the stream is closed at its usage chunk, before the
+    end-of-stream step that assembles the answer again for them): issue 17."""
+    from litellm.litellm_core_utils.litellm_logging import Logging
+
+    priced: list[object] = []
+    calculate = Logging._response_cost_calculator
+
+    def counting(self: Logging, *args: Any, **kwargs: Any) -> Any:
+        priced.append(kwargs.get("result", args[0] if args else None))
+        return calculate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Logging, "_response_cost_calculator", counting)
+    before = asyncio.all_tasks()
+    events = await collect(routed, ChatRequest("fake-chat", [user("hi")]))
+    assert finish_of(events).usage == Usage(USAGE["prompt_tokens"], USAGE["completion_tokens"])
+    started = [task.get_coro().__qualname__ for task in asyncio.all_tasks() - before if not task.done()]  # type: ignore[union-attr]
+    assert "Logging.dispatch_success_handlers" not in started
+    assert priced == []
+
+
 REJECTED = "The provider rejected the request for model '{0}' (openai/{0}): "
 FAILED = "The provider failed for model '{0}' (openai/{0}) "
 
