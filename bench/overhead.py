@@ -27,6 +27,10 @@ route through litellm). Prints markdown; asserts nothing.
     .venv/bin/python bench/overhead.py                      # both databases, about 4 minutes
     .venv/bin/python bench/overhead.py --db sqlite --runs 100 --duration 3 --clients 1,16
     .venv/bin/python bench/overhead.py --call-path 300      # the provider call path alone, in-process
+
+``--call-path`` also sends an ``anthropic/`` route through litellm to an
+Anthropic Messages stub (``--anthropic-stub PORT``, this script in a child
+process), the provider family litellm is mostly there for.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -235,6 +240,45 @@ def stub(scratch: Path) -> Iterator[int]:
         process.wait(timeout=15)
 
 
+def _anthropic_answer() -> bytes:
+    """A streamed Messages answer of TOKENS words, as Anthropic's SSE events."""
+    message = {
+        "id": "msg_bench", "type": "message", "role": "assistant", "model": "claude-bench", "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1},
+    }  # fmt: skip
+    words = [{"index": 0, "delta": {"type": "text_delta", "text": f" word{i}"}} for i in range(TOKENS)]
+    end = {"delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": TOKENS}}
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("message_start", {"message": message}),
+        ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        *[("content_block_delta", word) for word in words],
+        ("content_block_stop", {"index": 0}),
+        ("message_delta", end),
+        ("message_stop", {}),
+    ]
+    return b"".join(f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode() for kind, data in events)
+
+
+async def anthropic_stub(port: int) -> None:
+    """Answers every POST on a keep-alive connection with the same streamed Messages answer."""
+    body = _anthropic_answer()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n" % len(body)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while headers := await reader.readuntil(b"\r\n\r\n"):
+                length = next((int(line.split(b":")[1]) for line in headers.lower().split(b"\r\n")
+                               if line.startswith(b"content-length:")), 0)  # fmt: skip
+                await reader.readexactly(length)
+                writer.write(head + body)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+
 MODELS = {"direct": "gpt-4o", "litellm": "litellm-bench", "azure": "azure-bench", "offline": "offline-bench"}
 
 
@@ -344,15 +388,21 @@ async def bench_database(
     return [*rows, "", *load_rows, "", f"{db}: RSS after the load {rss_mib(pid):.0f} MiB"]
 
 
-async def call_path(stub_port: int, scratch: Path, count: int) -> list[str]:
+async def call_path(stub_port: int, anthropic_port: int, scratch: Path, count: int) -> list[str]:
     """CPU per streamed completion of the provider call path alone, in this
-    process: a bare httpx stream (the floor), the direct path, litellm, an azure/ route."""
+    process: a bare httpx stream (the floor), the direct path, litellm, an
+    azure/ route, an anthropic/ route (litellm)."""
     import httpx
 
     from app.llm import LLM, ChatRequest
 
     path = scratch / "call-path.json"
-    path.write_text(json.dumps({"model_list": routing(stub_port, ["direct", "litellm", "azure"])}))
+    anthropic = {
+        "model_name": "claude-bench",
+        "litellm_params": {"model": "anthropic/claude-bench", "api_base": f"http://127.0.0.1:{anthropic_port}",
+                           "api_key": "x", "max_retries": 0},
+    }  # fmt: skip
+    path.write_text(json.dumps({"model_list": [*routing(stub_port, ["direct", "litellm", "azure"]), anthropic]}))
     llm = LLM.from_config(path)
     url = f"http://127.0.0.1:{stub_port}/v1/chat/completions"
     messages: list[dict[str, Any]] = [{"role": "user", "content": "hello"}]
@@ -377,6 +427,7 @@ async def call_path(stub_port: int, scratch: Path, count: int) -> list[str]:
             ("direct", lambda: through(MODELS["direct"])),
             ("litellm", lambda: through(MODELS["litellm"])),
             ("azure/ route", lambda: through(MODELS["azure"])),
+            ("anthropic/ route (litellm) → Anthropic stub", lambda: through("claude-bench")),
         ]:
             for _ in range(20):
                 await once()
@@ -414,10 +465,20 @@ def main() -> None:
     parser.add_argument("--load-warmup", type=float, default=1.0)
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
     parser.add_argument("--call-path", type=int, default=0, metavar="N", help="only: CPU of N completions in-process")
+    parser.add_argument("--anthropic-stub", type=int, default=0, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.anthropic_stub:
+        asyncio.run(anthropic_stub(args.anthropic_stub))
+        return
     if args.call_path:
-        with tempfile.TemporaryDirectory(prefix="bench-overhead-") as name, stub(Path(name)) as stub_port:
-            rows = asyncio.run(call_path(stub_port, Path(name), args.call_path))
+        anthropic_port = base.free_port()
+        command = [sys.executable, __file__, "--anthropic-stub", str(anthropic_port)]
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-overhead-") as name,
+            stub(Path(name)) as stub_port,
+            _child(command, anthropic_port),
+        ):
+            rows = asyncio.run(call_path(stub_port, anthropic_port, Path(name), args.call_path))
         print(f"load average {os.getloadavg()[0]:.2f}\n\n| path | CPU ms per completion |\n|---|---:|")
         print("\n".join(rows))
         return
@@ -455,6 +516,22 @@ def main() -> None:
     print("\n" + "\n".join(notes))
     print("\n| server started with | idle RSS MiB |\n|---|---:|")
     print("\n".join(idle))
+
+
+@contextmanager
+def _child(command: list[str], port: int) -> Iterator[None]:
+    """A child process serving on port, once it accepts connections."""
+    process = subprocess.Popen(command, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.05)
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
 
 
 @contextmanager
