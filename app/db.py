@@ -245,8 +245,8 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
 
 
 def create_read_engine(url: str, engine: AsyncEngine) -> AsyncEngine:
-    """The engine of read-only transactions (searches, polls, streams' log
-    reads), beside ``engine``.
+    """The engine of read-only transactions (searches, streams' log reads;
+    polls too, except on a SQLite file: create_poll_engine), beside ``engine``.
 
     On SQLite every transaction of ``engine`` takes the process's write lock
     (SQLiteWriters), so a search would queue behind ingestion's writes and
@@ -264,7 +264,7 @@ def create_read_engine(url: str, engine: AsyncEngine) -> AsyncEngine:
     readonly = _sqlite_readonly_url(url)
     if readonly is None:
         return engine
-    # Kept open up to SQLITE_READERS: polls and streams read here at once, and
+    # Kept open up to SQLITE_READERS: streams and searches read here at once, and
     # with the default pool (5 kept) 16 streaming clients opened and closed an
     # overflow connection (a thread, the file, its pragmas) every few reads.
     reader = create_async_engine(
@@ -349,7 +349,9 @@ SQLITE_POLLERS = 2
 # The most SQLite connections a process has open at once, each with two
 # file descriptors (the database and its WAL): app/api/limits.py keeps them
 # free of client connections.
-SQLITE_MOST_CONNECTIONS = SQLITE_CONNECTIONS + SQLITE_WRITER_OVERFLOW + 2 * SQLITE_READERS
+SQLITE_MOST_CONNECTIONS = (
+    SQLITE_CONNECTIONS + SQLITE_WRITER_OVERFLOW + 2 * SQLITE_READERS + SQLITE_POLLERS + SQLITE_READERS
+)
 
 # The most PostgreSQL connections a process opens unless told otherwise
 # (Settings.database_pool_size; a transaction waits for one beyond).

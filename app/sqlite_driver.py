@@ -16,15 +16,20 @@ SQLAlchemy's adapter is; aiosqlite is pinned in pyproject.toml.
 One exception (``OneHopDBAPI(inline_wait_ms=...)``, a poll's reads,
 db.create_poll_engine): a read-only connection whose statements run on the
 event loop's thread, no hop at all, with SQLite's busy timeout at 0. A WAL
-reader takes no lock and waits for nobody but in rare cases (another
-connection recovering the WAL, a writer in exclusive locking mode); there
-SQLite answers "busy" at once, and the statement is sent to the connection's
-own thread to wait as any other would.
+reader takes only a shared read mark and, but in rare cases (another
+connection recovering the WAL, a writer in exclusive locking mode), waits for
+nobody; there SQLite mostly answers "busy" at once, and the statement is sent
+to the connection's own thread to wait as any other would. Not absolute:
+SQLite's own short retries while it takes a read mark (walTryBeginRead) sleep
+on the calling thread whatever the busy timeout, and a reader can rebuild the
+WAL index after a crash; both are rare, and the writer, which opens the file
+first at start-up, normally does the rebuilding.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import sqlite3
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -104,7 +109,9 @@ def _run_waiting(connection: sqlite3.Connection, statement: _Statement, wait_ms:
     try:
         return _run(connection, None, [], statement)
     finally:
-        connection.execute("PRAGMA busy_timeout=0")
+        # A failed reset (a broken connection) must not hide the statement's own error.
+        with contextlib.suppress(sqlite3.Error):
+            connection.execute("PRAGMA busy_timeout=0")
 
 
 def _is_busy(error: sqlite3.OperationalError) -> bool:
