@@ -21,9 +21,12 @@ reads (it logs, counts usage and tokens itself: provider.ChunkReader), so two
 parts are skipped (issue 17; figures in bench/README.md, branch ``litecall``):
 a stream is closed once litellm has handed over its usage chunk, before the
 end-of-stream step that only assembles the answer again for litellm's success
-callbacks, cost and cache (see stream), and a stream's response metadata
+callbacks and their cost (see stream; its cache store still runs once, in the
+step that produces the usage chunk), and a stream's response metadata
 (headers, timings, a cost from the model map) is not computed (see
-_leave_streams_unpriced).
+_leave_streams_unpriced). Neither is skipped when a success callback is
+configured, for the process or in a route's litellm_params (_observed): the
+operator's Langfuse or Datadog sees every call, priced, as before.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import asyncio
 import concurrent.futures
 import functools
 import os
+import sys
 import threading
 import warnings
 from collections.abc import AsyncGenerator, Sequence
@@ -76,23 +80,40 @@ def _leave_streams_unpriced() -> None:
     to ``litellm.utils.update_response_metadata`` before the first chunk is
     read: response headers, timings, and a cost from the model map (about a
     tenth of a streamed call's CPU). Nothing reads a stream's metadata but its
-    consumer, and ours does not, so streams skip it; other responses
-    (embeddings) keep it. The decorator looks the function up on the module
-    at each call, which makes it the place to wrap."""
+    consumer and litellm's success callbacks; ours does not, so a stream with
+    no callback to serve skips it; other responses (embeddings) keep it. The
+    decorator looks the function up on the module at each call, which makes
+    it the place to wrap. A litellm without it (an upgrade) keeps its own."""
     import litellm.utils
     from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
 
     utils: Any = litellm.utils  # its names are not re-exported for mypy
-    original = utils.update_response_metadata
-    if getattr(original, "leaves_streams_unpriced", False):
+    original = getattr(utils, "update_response_metadata", None)
+    if original is None or getattr(original, "leaves_streams_unpriced", False):
         return
 
     def update_response_metadata(result: Any, *args: Any, **kwargs: Any) -> None:
-        if not isinstance(result, CustomStreamWrapper):
+        logging_obj = kwargs.get("logging_obj", args[0] if args else None)
+        if not isinstance(result, CustomStreamWrapper) or _observed(logging_obj):
             original(result, *args, **kwargs)
 
     update_response_metadata.leaves_streams_unpriced = True  # type: ignore[attr-defined]
     utils.update_response_metadata = update_response_metadata
+
+
+def _observed(logging_obj: Any) -> bool:
+    """Whether a litellm success callback will see this call: one set for the
+    process (``litellm.callbacks``, ``success_callback``: an operator's
+    Langfuse, Datadog, a CustomLogger) or for the call (a route's
+    ``litellm_params``). Such a call is read to its end and priced, as
+    litellm does, so that the callback gets it."""
+    litellm = sys.modules.get("litellm")  # imported: this runs inside its calls
+    if litellm is not None and (litellm.callbacks or litellm.success_callback or litellm._async_success_callback):
+        return True
+    return bool(
+        getattr(logging_obj, "dynamic_success_callbacks", None)
+        or getattr(logging_obj, "dynamic_async_success_callbacks", None)
+    )
 
 
 # The one import of litellm in a worker thread that every first caller
@@ -195,6 +216,7 @@ async def stream(route: Route, request: ChatRequest, llm: TokenCounter) -> Async
     except Exception as exc:  # litellm maps every provider failure into its exception family
         raise provider_error(exc, route, explicit_params(request)) from exc
     reader = ChunkReader()
+    stop_at_usage = not _observed(getattr(response, "logging_obj", None))
     async with aclosing(response):
         chunks = response.__aiter__()
         while True:
@@ -206,11 +228,14 @@ async def stream(route: Route, request: ChatRequest, llm: TokenCounter) -> Async
                 raise provider_error(exc, route) from exc
             for event in reader.read(chunk):
                 yield event
-            if getattr(response, "sent_stream_usage", False) is True:
-                # The usage chunk (asked for with stream_options) is litellm's
-                # last; reading on would only run its end-of-stream step:
-                # assembling the whole answer again, then success callbacks
-                # and a cost in a task of their own (a fifth of the call's CPU).
+            if stop_at_usage and getattr(response, "sent_stream_usage", False) is True:
+                # litellm builds the usage chunk (asked for with
+                # stream_options) itself, once the provider's stream has
+                # ended: nothing of the provider's can follow it, and the
+                # HTTP response is read to its end. Reading on would only run
+                # the end-of-stream step: assembling the whole answer again,
+                # then success callbacks and a cost in a task of their own (a
+                # fifth of the call's CPU), for callbacks there are none of.
                 break
     yield reader.finish(request, llm)
 

@@ -681,6 +681,47 @@ async def test_litellm_does_no_bookkeeping_the_server_never_reads(
     assert priced == []
 
 
+@pytest.mark.parametrize("routed", ["litellm"], indirect=True)
+async def test_litellm_success_callbacks_still_see_every_streamed_call(
+    routed: LLM, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator's litellm callback (Langfuse, Datadog, a CustomLogger)
+    gets every call, priced, as before the bookkeeping was skipped: with a
+    callback configured the stream is read to its end (review of litecall)."""
+    import litellm
+    from litellm.integrations.custom_logger import CustomLogger
+
+    from app.llm import litellm_adapter
+
+    # A callback set for one call only (a route's litellm_params) counts too.
+    class OneCall:
+        dynamic_success_callbacks = ("langfuse",)
+        dynamic_async_success_callbacks = None
+
+    assert litellm_adapter._observed(OneCall()) and not litellm_adapter._observed(None)
+
+    seen: list[object] = []
+
+    class Counting(CustomLogger):  # type: ignore[misc]
+        async def async_log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
+            seen.append(kwargs.get("response_cost"))
+
+    # litellm files a callback into its other lists at the first call: every
+    # list is put back after the test, or the callback outlives it.
+    for name in ("success_callback", "_async_success_callback", "failure_callback", "_async_failure_callback"):
+        monkeypatch.setattr(litellm, name, list(getattr(litellm, name)))
+    monkeypatch.setattr(litellm, "callbacks", [Counting()])
+    for _ in range(2):
+        events = await collect(routed, ChatRequest("fake-chat", [user("hi")]))
+        assert finish_of(events).usage == Usage(USAGE["prompt_tokens"], USAGE["completion_tokens"])
+    async with asyncio.timeout(10):
+        while True:
+            if len(seen) >= 2:
+                break
+            await asyncio.sleep(0.01)
+    assert len(seen) == 2
+
+
 REJECTED = "The provider rejected the request for model '{0}' (openai/{0}): "
 FAILED = "The provider failed for model '{0}' (openai/{0}) "
 
