@@ -114,7 +114,10 @@ class Message(Base):
 # A live run owns its thread: no second run, no new message, until it ends.
 # requires_action counts: the run still owns the thread until outputs arrive.
 LIVE_RUN_STATUSES = ("queued", "in_progress", "requires_action", "cancelling")
-# The live-run index's predicate (and an ON CONFLICT's that names the index).
+# The live-run index's predicate, which an ON CONFLICT (thread_id) WHERE ...
+# repeats for PostgreSQL to infer the index (services.runs). Migration 0005
+# keeps its own copy (_LIVE): the two must stay the same text, or every run
+# created on an existing thread on PostgreSQL fails to find its conflict target.
 LIVE_RUN = text("status IN ('queued', 'in_progress', 'requires_action', 'cancelling')")
 
 

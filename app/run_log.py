@@ -17,7 +17,9 @@ Two ways in:
   commits a turn (``holding``) the flusher leaves that run's deltas to it.
 
 Sequence numbers are allocated under the run's row lock (``max(seq) + 1``),
-so appends to one run commit in order on every engine and across processes.
+so appends to one run commit in order on every engine and across processes
+(a run created by the appending transaction needs no lock: nobody else sees
+it before that commit).
 On SQLite (one process, the embedded default) the deltas reach this
 process's followers the moment they are published, with the sequence number
 this process will write (every writer of the process shares the counter;
@@ -32,6 +34,8 @@ transaction, when no other transaction of this process is NOTIFYing
 (PostgreSQL commits NOTIFYing transactions one at a time in the whole
 database); otherwise by one notifier task per process, after the commits,
 coalesced (issue 17: one at a time, a transaction fewer per commit).
+The append that logs a run's creation sends none at all: no process can
+follow a run before the commit that makes its id known.
 """
 
 from __future__ import annotations
@@ -215,10 +219,12 @@ class RunLog:
         ``run_locked``: this transaction already holds the run's row lock (it
         updated the row, or read it FOR UPDATE), so on PostgreSQL the lock
         is not asked for again (issue 17: a round trip per append).
-        ``inserting``: new rows the events announce, inserted first (on
-        PostgreSQL by the statement that takes the run's lock, or with
-        ``run_locked`` by the one that logs the events: a new run among
-        them counts as locked, nobody else sees it before this commit).
+        ``inserting``: new rows the events announce, inserted before the
+        events or with them (on PostgreSQL by the statement that takes the
+        run's lock; with ``run_locked``, up to run_events' limit, in the very
+        statement that logs the events, else first, table by table: a new
+        run among them counts as locked, nobody else sees it before this
+        commit).
         ``carried_by`` (PostgreSQL, with ``run_locked``): the run's move
         (run_state.carried_move), which the events' insert goes in
         (run_events.insert_carrying), sent with it (a move has its event)."""
@@ -237,6 +243,11 @@ class RunLog:
                 await core_rows.insert_row(session, row, write_behind=True)
         drained = self._buffer.pop(run_id, [])
         batch = [event for _seq, event in drained] + list(events)
+        # ``thread.run.created`` is only ever logged by the transaction
+        # that inserts the run (services.runs._queued_events), which is what
+        # makes its name mean "created here"; a path logging it for a run
+        # that exists already would leave other processes' followers
+        # unnudged until their safety poll.
         # PostgreSQL: a run created by this transaction has no followers in
         # other processes to tell (none knows its id before this commit, and
         # one that follows it later reads its log first): no NOTIFY, neither
