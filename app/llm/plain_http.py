@@ -342,8 +342,11 @@ class _Connection(asyncio.Protocol):
                     await drained
             except TimeoutError:
                 raise WriteTimeout("timed out sending the request") from None
-        if self.lost:
+        if self._dropped_unanswered():  # (a server that answered early, a 413 say, is read as httpx reads it)
             raise WriteError(str(self.error or "the connection closed while sending"))
+
+    def _dropped_unanswered(self) -> bool:
+        return self.lost and not self.answered
 
     async def _more(self, seconds: float | None) -> None:
         """Wait for more bytes, EOF or the connection's end; ReadTimeout after ``seconds``."""

@@ -390,6 +390,21 @@ async def test_a_malformed_answer_is_a_provider_error_at_once(
     assert (failure.code, failure.message) == ("server_error", message)
 
 
+async def test_sequential_completions_of_the_direct_path_share_one_connection(
+    serve: Callable[[Answer], Awaitable[Server]], tmp_path: Path, llms: list[LLM]
+) -> None:
+    server = await serve(sse_answer())
+    llm = LLM.from_config(_config(tmp_path, server.base))
+    llms.append(llm)
+    chat = ChatRequest("m", [{"role": "user", "content": "hi"}])
+    for _ in range(4):
+        events = [event async for event in llm.stream(chat)]
+        assert [event.text for event in events if isinstance(event, TextDelta)] == ["Hello", " world"]
+    assert server.connections == 1 and len(server.exchanges) == 4
+    head = server.exchanges[0].head.decode().lower()
+    assert "authorization: bearer k\r\n" in head and "accept: text/event-stream\r\n" in head
+
+
 async def test_silent_headers_are_the_read_timeouts_error(
     serve: Callable[[Answer], Awaitable[Server]], tmp_path: Path, llms: list[LLM]
 ) -> None:
