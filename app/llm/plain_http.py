@@ -618,10 +618,7 @@ class Pool:
             # on a new one, whose failure is then the caller's.
             pass
         connection = await self._acquire(target, timeouts, fresh=True)
-        try:
-            return await self._exchange(connection, payload, timeouts)
-        except _StaleConnection as exc:
-            raise RemoteProtocolError("the server closed the connection without answering") from exc.__cause__
+        return await self._exchange(connection, payload, timeouts)  # (a fresh connection is never stale)
 
     async def _exchange(self, connection: _Connection, payload: bytes, timeouts: Timeouts) -> Response:
         reused = connection.used > 0
