@@ -162,6 +162,49 @@ async def test_search_filters_threshold_and_queries(client: openai.AsyncOpenAI) 
     assert (await client.vector_stores.search(store.id, query="nothing-matches-this")).data == []
 
 
+async def test_a_filter_listing_more_values_than_the_databases_bind(client: openai.AsyncOpenAI) -> None:
+    """``in`` / ``nin`` lists of 40,000 values (past asyncpg's 32,767
+    parameters, and SQLite's 32,766 where built with its default limit: they
+    were bound one parameter each and the search answered 500) keep their
+    semantics: strings, numbers, booleans. The last list is past the 250,000
+    of the SQLite Debian and Ubuntu build."""
+    store = await client.vector_stores.create()
+    zebra = await _upload(client, "zebra.txt", ZEBRA.encode())
+    llama = await _upload(client, "llama.txt", f"{LLAMA} Zebras are not llamas.".encode())
+    await client.vector_stores.file_batches.create_and_poll(
+        store.id,
+        files=[
+            {"file_id": zebra, "attributes": {"region": "africa", "year": 2020, "wild": True}},
+            {"file_id": llama, "attributes": {"region": "america", "year": 2024, "wild": False}},
+        ],
+    )
+    many = 40_000
+    strings: list[Any] = [f"region-{n}" for n in range(many)]
+    numbers: list[Any] = [n + 0.5 for n in range(many)]
+
+    async def ids(condition: dict[str, Any]) -> list[str]:
+        # Sent as extra_body: the SDK's typed transform of filters= costs
+        # ~3 s per 250k values (the first search goes through filters=).
+        found = await client.vector_stores.search(store.id, query="zebras", extra_body={"filters": condition})
+        return [r.file_id for r in found.data]
+
+    found = await client.vector_stores.search(
+        store.id, query="zebras", filters={"type": "in", "key": "region", "value": [*strings, "africa"]}
+    )
+    assert [r.file_id for r in found.data] == [zebra]
+    wild_in_2020 = {
+        "type": "and",
+        "filters": [
+            {"type": "nin", "key": "region", "value": [*strings, "europe"]},
+            {"type": "in", "key": "year", "value": [*numbers, 2020, "2024"]},
+            {"type": "in", "key": "wild", "value": [*strings, *numbers, True]},
+        ],
+    }
+    assert await ids(wild_in_2020) == [zebra]
+    past_debian_sqlite = [f"region-{n}" for n in range(250_001)]
+    assert await ids({"type": "in", "key": "region", "value": [*past_debian_sqlite, "america"]}) == [llama]
+
+
 async def test_a_filtered_search_sees_attribute_changes_at_once(client: openai.AsyncOpenAI) -> None:
     """The same filtered search before and after a file's attributes change
     (on SQLite the passing files are kept between searches while the
