@@ -10,6 +10,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import secrets
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -52,6 +53,26 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield server.url(name)
     finally:
         server.drop_database(name)
+
+
+# SQLite's bound-parameter limit as its own default build has it (3.32 on);
+# Debian and Ubuntu build it with 250,000.
+SQLITE_DEFAULT_MOST_PARAMETERS = 32_766
+
+
+@pytest.fixture
+def sqlite_default_parameter_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every SQLite connection opened from now on refuses more bound
+    parameters than SQLite's default build (the limit most platforms ship),
+    so a test of a long list fails on SQLite as it would there."""
+    real = sqlite3.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        connection = real(*args, **kwargs)
+        connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, SQLITE_DEFAULT_MOST_PARAMETERS)
+        return connection
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
 
 
 @pytest.fixture

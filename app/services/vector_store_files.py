@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import errors, ids, orm
 from app.retrieval import chunking, parse
 from app.services import pagination, projects
-from app.services.common import require_id
+from app.services.common import one_of, require_id
 from app.services.projects import Project
 from app.storage import Storage
 from app.wire.common import AutoChunking, ChunkingStrategy, Deleted, ListPage
@@ -63,7 +63,7 @@ async def require_files(session: AsyncSession, project: Project, file_ids: Seque
         return {}
     for file_id in file_ids:
         require_id("file_id", file_id, ids.FILE)
-    query = projects.owned(project, orm.File).where(orm.File.id.in_(file_ids), _live_file())
+    query = projects.owned(project, orm.File).where(one_of(session, orm.File.id, file_ids), _live_file())
     rows = (await session.scalars(query)).all()
     found = {row.id: row for row in rows}
     for file_id in file_ids:
@@ -131,7 +131,7 @@ _QUEUED_COLUMNS = (
 async def taken_seqs(session: AsyncSession, store_id: str, seqs: Sequence[int]) -> set[int]:
     """Which of these seqs files of the store already hold."""
     query = select(orm.VectorStoreFile.seq).where(
-        orm.VectorStoreFile.vector_store_id == store_id, orm.VectorStoreFile.seq.in_(seqs)
+        orm.VectorStoreFile.vector_store_id == store_id, one_of(session, orm.VectorStoreFile.seq, seqs)
     )
     return set((await session.scalars(query)).all())
 
@@ -158,7 +158,7 @@ async def _upsert_with_free_seqs(
     file id."""
     query = select(orm.VectorStoreFile.file_id).where(
         orm.VectorStoreFile.vector_store_id == store_id,
-        orm.VectorStoreFile.file_id.in_([value["file_id"] for value in values]),
+        one_of(session, orm.VectorStoreFile.file_id, [value["file_id"] for value in values]),
     )
     existing = set((await session.scalars(query)).all())  # their seqs stay: none to choose
     new = [value for value in values if value["file_id"] not in existing]

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import errors, ids, orm
 from app.retrieval import index
 from app.services import pagination, projects, vector_store_files
-from app.services.common import metadata_or_empty, require_id
+from app.services.common import metadata_or_empty, one_of, require_id
 from app.services.projects import Project
 from app.wire.common import Deleted, ListPage, VectorStoreHelper
 from app.wire.vector_stores import ExpiresAfter, FileCounts, VectorStore, VectorStoreCreate, VectorStoreUpdate
@@ -163,7 +163,8 @@ async def add_to_thread_store(session: AsyncSession, project: Project, thread_id
         (
             await session.scalars(
                 select(orm.VectorStoreFile.file_id).where(
-                    orm.VectorStoreFile.vector_store_id == store.id, orm.VectorStoreFile.file_id.in_(file_ids)
+                    orm.VectorStoreFile.vector_store_id == store.id,
+                    one_of(session, orm.VectorStoreFile.file_id, file_ids),
                 )
             )
         ).all()

@@ -518,3 +518,28 @@ async def test_unicode_round_trips(client: openai.AsyncOpenAI, thread_id: str, t
     assert fetched.model_dump() == listed.model_dump() == created.model_dump()
     updated = await client.beta.threads.messages.update(created.id, thread_id=thread_id, metadata={"v": text[:512]})
     assert updated.metadata == {"v": text[:512]}
+
+
+@pytest.mark.usefixtures("sqlite_default_parameter_limit")
+async def test_attachments_past_the_databases_parameter_limits_are_checked(
+    client: openai.AsyncOpenAI, thread_id: str
+) -> None:
+    """A message may list any number of attachments (the spec sets no
+    maxItems): 40,000 file ids, past asyncpg's 32,767 parameters and
+    SQLite's 32,766, answer the 404 of the first missing file (they were
+    bound one parameter each: a 500)."""
+    real = (await client.files.create(file=("notes.txt", b"notes"), purpose="assistants")).id
+    missing = [f"file-missing{n:05d}" for n in range(40_000)]
+    attachments: Any = [{"file_id": file_id, "tools": [{"type": "code_interpreter"}]} for file_id in [real, *missing]]
+    with pytest.raises(openai.NotFoundError) as exc:
+        await client.beta.threads.messages.create(
+            thread_id, role="user", content="Read these.", attachments=attachments
+        )
+    assert error_of(exc)["message"] == f"No such File object: {missing[0]}"
+    kept = await client.beta.threads.messages.create(
+        thread_id,
+        role="user",
+        content="Read this.",
+        attachments=[{"file_id": real, "tools": [{"type": "file_search"}]}],
+    )
+    assert [attachment.file_id for attachment in kept.attachments or []] == [real]

@@ -24,6 +24,7 @@ from app import orm
 from app.runner.tools import PublishDelta, ToolResult
 from app.sandbox import CallResult, SandboxError, Sandboxes
 from app.services import files
+from app.services.common import one_of
 
 if TYPE_CHECKING:
     from app.runtime import Runtime
@@ -147,7 +148,9 @@ async def input_file_rows(session: AsyncSession, run: orm.Run) -> list[orm.File]
                 wanted.append(str(item.get("file_id")))
     # Only the files of the run's project (its thread's), whatever ids are named.
     project_id = thread.project_id if thread else None
-    query = select(orm.File).where(orm.File.id.in_(wanted), orm.File.project_id == project_id, files.live())
+    query = select(orm.File).where(
+        one_of(session, orm.File.id, wanted), orm.File.project_id == project_id, files.live()
+    )
     rows = (await session.scalars(query)).all()
     by_id = {row.id: row for row in rows}
     return [by_id[file_id] for file_id in dict.fromkeys(wanted) if file_id in by_id]
