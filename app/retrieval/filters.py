@@ -29,6 +29,17 @@ from app.wire.vector_stores import ComparisonFilter, CompoundFilter
 Dialect = Literal["sqlite", "postgresql"]
 Scalar = str | int | float | bool
 
+# The most parameters a compiled filter may bind: below asyncpg's 32,767 and
+# SQLite's default 32,766, with room for the search's own. Past it the
+# search is refused (FilterTooLarge, a 400); it failed there with a 500.
+# (An ``in`` list is one per kind of value: an ``or`` of thousands of
+# ``eq`` is what reaches it, at about 30,000 on PostgreSQL, 7,500 on SQLite.)
+MOST_PARAMETERS = 30_000
+
+
+class FilterTooLarge(ValueError):
+    """A filter whose SQL would bind more than MOST_PARAMETERS values."""
+
 
 @dataclass
 class Compiled:
@@ -44,6 +55,8 @@ class _Compiler:
         self.alias = alias
         self.params: dict[str, object] = {}
         self._names: Iterator[int] = itertools.count()
+        # Each key's parameter, bound once however many comparisons name it.
+        self._keys: dict[str, str] = {}
 
     def bind(self, value: object) -> str:
         name = f"attr_{next(self._names)}"
@@ -55,12 +68,12 @@ class _Compiler:
         anything else as it is), its value as text, and as a number."""
         column = f"{self.alias}.attributes"
         if self.dialect == "postgresql":
-            key_param = self.bind(key)
+            key_param = self._key(key)
             kind = f"jsonb_typeof({column} -> {key_param})"
             as_text = f"({column} ->> {key_param})"
             as_number = f"CASE WHEN {kind} = 'number' THEN ({column} ->> {key_param})::float8 END"
             return kind, as_text, as_number
-        path = self.bind('$."' + key.replace('"', '\\"') + '"')
+        path = self._key('$."' + key.replace('"', '\\"') + '"')
         raw_kind = f"json_type({column}, {path})"
         kind = (
             f"CASE {raw_kind} WHEN 'integer' THEN 'number' WHEN 'real' THEN 'number' WHEN 'text' THEN 'string' "
@@ -143,12 +156,36 @@ class _Compiler:
         parts = [self.compile(item) for item in condition.filters]
         if not parts:
             return "TRUE" if condition.type == "and" else "FALSE"
-        return "(" + f" {condition.type.upper()} ".join(parts) + ")"
+        return _balanced(parts, f" {condition.type.upper()} ")
+
+    def _key(self, bound: str) -> str:
+        if bound not in self._keys:
+            self._keys[bound] = self.bind(bound)
+        return self._keys[bound]
+
+
+def _balanced(parts: Sequence[str], operator: str) -> str:
+    """The parts joined by ``operator`` as a balanced tree: a flat chain is
+    as deep as it is long, and SQLite refuses an expression deeper than
+    1,000 (a 500 for an ``or`` of 1,000 comparisons)."""
+    if len(parts) == 1:
+        return parts[0]
+    middle = len(parts) // 2
+    return f"({_balanced(parts[:middle], operator)}{operator}{_balanced(parts[middle:], operator)})"
 
 
 def compile_filter(condition: ComparisonFilter | CompoundFilter, dialect: Dialect, alias: str = "f") -> Compiled:
+    """FilterTooLarge if it would bind more than MOST_PARAMETERS values."""
     compiler = _Compiler(dialect, alias)
-    return Compiled(compiler.compile(condition), compiler.params)
+    compiled = Compiled(compiler.compile(condition), compiler.params)
+    # SQLite's driver takes positional parameters: each use of a name is one.
+    bound = len(compiled.params) if dialect == "postgresql" else compiled.sql.count(":attr_")
+    if bound > MOST_PARAMETERS:
+        raise FilterTooLarge(
+            f"Invalid 'filters': the filter is too large: it needs {bound:,} bound values, "
+            f"and at most {MOST_PARAMETERS:,} are supported. Compare long lists of values with 'in' or 'nin'."
+        )
+    return compiled
 
 
 def _json_array(values: Sequence[str | float | int]) -> str:

@@ -15,9 +15,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import orm
+from app import errors, orm
 from app.retrieval import search as ranking
-from app.retrieval.filters import Dialect, compile_filter
+from app.retrieval.filters import Dialect, FilterTooLarge, compile_filter
 from app.retrieval.index import Hit
 from app.services import vector_stores
 from app.services.projects import Project
@@ -110,7 +110,10 @@ async def search(
     """Reads only: ``session`` may be a read-only transaction (Runtime.reading)."""
     store = await vector_stores.get_live(session, project, vector_store_id)
     dialect: Dialect = "postgresql" if session.get_bind().dialect.name == "postgresql" else "sqlite"
-    condition = compile_filter(body.filters, dialect) if body.filters is not None else None
+    try:
+        condition = compile_filter(body.filters, dialect) if body.filters is not None else None
+    except FilterTooLarge as too_large:
+        raise errors.invalid(str(too_large), param="filters") from None
     options = body.ranking_options
     hits = await ranking.search(
         session,

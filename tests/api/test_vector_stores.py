@@ -203,6 +203,38 @@ async def test_a_filter_listing_more_values_than_the_databases_bind(client: open
     assert await ids(wild_in_2020) == [zebra]
 
 
+@pytest.mark.usefixtures("sqlite_default_parameter_limit")
+async def test_a_compound_filter_of_many_comparisons(client: openai.AsyncOpenAI) -> None:
+    """An ``or`` of 5,000 comparisons is answered (SQLite refused its chain
+    of ORs past a depth of 1,000: a 500); one needing more values than the
+    databases bind is a 400 (a 500 there too)."""
+    store = await client.vector_stores.create()
+    zebra = await _upload(client, "zebra.txt", ZEBRA.encode())
+    await client.vector_stores.file_batches.create_and_poll(
+        store.id, files=[{"file_id": zebra, "attributes": {"region": "africa"}}]
+    )
+
+    def any_of(count: int) -> dict[str, Any]:
+        others = [{"type": "eq", "key": "region", "value": f"region-{n}"} for n in range(count)]
+        return {"type": "or", "filters": [*others, {"type": "eq", "key": "region", "value": "africa"}]}
+
+    # As extra_body: the SDK's typed transform of filters= takes seconds at this size.
+    found = await client.vector_stores.search(store.id, query="zebras", extra_body={"filters": any_of(5_000)})
+    assert [r.file_id for r in found.data] == [zebra]
+    with pytest.raises(openai.BadRequestError) as exc:
+        await client.vector_stores.search(store.id, query="zebras", extra_body={"filters": any_of(40_000)})
+    error = error_of(exc)
+    assert error["message"].startswith("Invalid 'filters': the filter is too large: it needs ")
+    assert error["message"].endswith(
+        " bound values, and at most 30,000 are supported. Compare long lists of values with 'in' or 'nin'."
+    )
+    assert {key: error[key] for key in ("type", "param", "code")} == {
+        "type": "invalid_request_error",
+        "param": "filters",
+        "code": None,
+    }
+
+
 async def test_a_filtered_search_sees_attribute_changes_at_once(client: openai.AsyncOpenAI) -> None:
     """The same filtered search before and after a file's attributes change
     (on SQLite the passing files are kept between searches while the
