@@ -432,3 +432,25 @@ async def test_unknown_ids_are_404(client: openai.AsyncOpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as exc:
         await client.vector_stores.files.create(vector_store_id=store.id, file_id="file-missing")
     assert error_of(exc)["message"] == "No such File object: file-missing"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        # The spec's maxItems (CreateVectorStoreRequest.file_ids: 500;
+        # CreateVectorStoreFileBatchRequest.file_ids and .files: 2000): such
+        # lists are bound one parameter per id, far below the databases' limits.
+        ("/vector_stores", {"file_ids": [f"file-{n}" for n in range(501)]}, "file_ids"),
+        ("/vector_stores/{store}/file_batches", {"file_ids": [f"file-{n}" for n in range(2001)]}, "file_ids"),
+        ("/vector_stores/{store}/file_batches", {"files": [{"file_id": f"file-{n}"} for n in range(2001)]}, "files"),
+    ],
+    ids=["store-file-ids", "batch-file-ids", "batch-files"],
+)
+async def test_id_lists_past_the_specs_max_items_are_400(
+    client: openai.AsyncOpenAI, path: str, body: dict[str, Any], param: str
+) -> None:
+    store = await client.vector_stores.create()
+    with pytest.raises(openai.BadRequestError) as exc:
+        await client.post(path.format(store=store.id), body=body, cast_to=object)
+    error = error_of(exc)
+    assert (error["param"], error["code"]) == (param, "array_above_max_length"), error
