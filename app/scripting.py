@@ -181,12 +181,19 @@ class ScriptBook:
         do not count against ``times``, and come from the rule that answered
         the run's first round, even once its ``times`` are spent).
         ``peek``: the same answer, its use not counted (the offline model
-        looking whether it can answer at once, before it does)."""
+        looking whether it can answer at once, before it does).
+
+        A run's first round asked again is the same rule's answer, not
+        another use: its first answer was not kept (the claim's transaction
+        holding it rolled back, or the worker stopped before its commit) and
+        the run is retried. Counted in memory when the answer is taken, a use
+        is counted once per run, so a rule with ``times: 1`` answers that
+        one run, however often its claim is retried."""
         run_id = context.run_id if context is not None else None
         with self._lock:
-            if rounds > 0 and run_id is not None:
-                chosen = next((rule for rule in self._rules if rule.id == self._answering.get(run_id)), None)
-                if chosen is not None:
+            if run_id is not None and run_id in self._answering:
+                chosen = next((rule for rule in self._rules if rule.id == self._answering[run_id]), None)
+                if chosen is not None and (rounds > 0 or chosen.match.holds(model, user_text, context)):
                     return chosen.directives()
             for rule in self._rules:
                 if not rule.match.holds(model, user_text, context):

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, select
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from app import ids, llm, orm
 from app.llm import offline
@@ -192,6 +192,50 @@ async def test_a_data_error_writing_an_instant_answer_holds_no_claim_back(
         await worker.run_until_idle()  # the claim, rolled back
     await worker.run_until_idle()
     assert await _statuses(runtime, [doomed, *others]) == {run_id: "completed" for run_id in [doomed, *others]}
+
+
+@pytest.mark.parametrize("refusal", ["data", "serialization"])
+async def test_a_scripted_rule_answers_the_run_whose_claim_rolled_back(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, refusal: str
+) -> None:
+    """A rule with ``times: 1`` that answered a run at once in its claim,
+    whose COMMIT then failed (a data error: the run is retried streamed; a
+    serialization failure: retried as it was), answers that run again when
+    it is retried, not a use more: it was counted when taken, the run then
+    got the default answer and the rule answered no run at all."""
+    rule = runtime.llm.script.add({"respond": "From the rule.", "times": 1})
+    doomed, other = await _make_runs(runtime, 2)
+    error: Exception = (
+        IntegrityError("COMMIT", {}, Exception("a constraint refused it"))
+        if refusal == "data"
+        else OperationalError("COMMIT", {}, Exception("could not serialize access"))
+    )
+    real_start = RunExecution.start_claimed
+    refused: list[str] = []
+
+    async def start_claimed(self: RunExecution, session: Any, run: orm.Run) -> None:
+        await real_start(self, session, run)
+        if self.finished and run.id == doomed and not refused:
+            refused.append(run.id)  # the first claim only: the retry commits
+
+            @event.listens_for(session.sync_session, "before_commit", once=True)
+            def refuse(_session: Any) -> None:
+                raise error
+
+    monkeypatch.setattr(RunExecution, "start_claimed", start_claimed)
+    worker = Worker(runtime, concurrency=4)
+    with pytest.raises(type(error)):
+        await worker.run_until_idle()  # the claim, rolled back
+    async with asyncio.timeout(30):
+        await worker.run_until_idle()
+    answers = {}
+    for run_id in (doomed, other):
+        async with runtime.transaction() as session:
+            message = await session.scalar(select(orm.Message).where(orm.Message.run_id == run_id))
+        assert message is not None
+        answers[run_id] = message.content[0]["text"]["value"]
+    assert answers[doomed] == "From the rule." and answers[other] != "From the rule.", answers
+    assert runtime.llm.script.used(rule.id) == 1
 
 
 async def test_a_run_whose_answer_the_database_refuses_fails_alone(
