@@ -20,6 +20,7 @@ from app.llm.interface import (
     Event,
     Exchange,
     Finish,
+    LLMConfigError,
     LLMError,
     Usage,
     chat_body,
@@ -63,7 +64,7 @@ class LLM:
             return cls(Router.build(None))
         router, rules = read_config(path)
         if router.needs_litellm() and not replaying:
-            litellm_adapter.load()
+            _load_litellm_for(router, path)
         llm = cls(router, rules)
         if router.has_direct() and not replaying:
             llm._direct_client()
@@ -265,3 +266,19 @@ class LLM:
             with suppress(Exception):
                 return litellm_adapter.count_text_tokens(route.target, text)
         return tokens.estimate_text(text)
+
+
+def _load_litellm_for(router: Router, path: Path) -> None:
+    """litellm at start-up, or an LLMConfigError naming what needs it (each
+    entry's model_name and why it is not served directly) and how to do
+    without: a bare ModuleNotFoundError named no entry."""
+    try:
+        litellm_adapter.load()
+    except ImportError as exc:
+        needs = "\n".join(f"  - {line}" for line in router.why_litellm())
+        raise LLMConfigError(
+            f"{path}: these routes need litellm, which is not installed ({exc}):\n{needs}\n"
+            f"Install it ({litellm_adapter.INSTALL_HINT}), or make each entry one the direct path "
+            "serves: remove the litellm_params it names (user, metadata and reasoning_effort are "
+            "left out by litellm for these providers), or its direct: false."
+        ) from exc

@@ -82,6 +82,9 @@ class Entry:
     direct: bool = False
     # ``direct: true``: no name the wildcard fills in is handed to litellm.
     forced: bool = False
+    # Why the entry goes through litellm (None: it is direct or offline), for
+    # the start-up error when litellm cannot be imported.
+    needs_litellm_because: str | None = None
 
     @classmethod
     def parse(cls, raw: Any, position: int) -> Entry:
@@ -98,7 +101,14 @@ class Entry:
         if "*" in name:
             pattern = re.compile("(.*)".join(re.escape(part) for part in name.split("*")), re.DOTALL)
         direct = _serves_directly(raw.get("direct"), params, where)
-        return cls(name, params, info, pattern, direct, forced=raw.get("direct") is True)
+        because = None
+        if not direct and not Route(name, params).offline:
+            because = "it says direct: false" if raw.get("direct") is False else direct_refusal(params)
+        return cls(name, params, info, pattern, direct, forced=raw.get("direct") is True, needs_litellm_because=because)
+
+    @property
+    def target(self) -> str:
+        return str(self.params["model"])
 
     def route(self, model: str) -> Route | None:
         if self.pattern is None:
@@ -189,6 +199,18 @@ class Router:
 
     def has_direct(self) -> bool:
         return any(entry.direct for entry in self._entries())
+
+    def why_litellm(self) -> list[str]:
+        """What needs litellm, one line each: the entries it serves (their
+        model_name, target and why not direct) and the embeddings."""
+        lines = [
+            f"model_list entry '{entry.name}' ({entry.target}): {entry.needs_litellm_because}"
+            for entry in self._entries()
+            if entry.needs_litellm_because is not None
+        ]
+        if self.embeds_through_litellm:
+            lines.append("embedding_model names a routed provider: embeddings always go through litellm")
+        return lines
 
 
 def read_config(path: Path) -> tuple[Router, list[Rule]]:

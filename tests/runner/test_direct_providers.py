@@ -613,3 +613,28 @@ def test_an_api_base_with_a_query_string_is_not_served_directly(
     assert [name for name in ("openai", "vllm", "nebius", "azure", "plain") if llm.route(name).direct] == ["plain"]
     with pytest.raises(LLMConfigError, match="query string"):
         load(tmp_path, [entry("openai", "openai/gpt-4o", True, api_base=query)])
+
+
+@pytest.mark.usefixtures("without_litellm")
+def test_routes_that_need_litellm_without_it_are_named_at_start_up(tmp_path: Path) -> None:
+    """litellm leaves user, metadata and reasoning_effort out of an openai/
+    request to a model it does not list (a local server's): such an entry
+    goes through litellm, and without it start-up fails naming the entry,
+    its key and the ways out (it was a bare ModuleNotFoundError)."""
+    entries = [
+        entry("plain", "openai/llama", api_base="http://127.0.0.1:9/v1", api_key="k"),
+        entry("tagged", "openai/llama", api_base="http://127.0.0.1:9/v1", api_key="k", user="svc"),
+        entry("chosen", "openai/llama", direct=False, api_base="http://127.0.0.1:9/v1", api_key="k"),
+    ]
+    with pytest.raises(LLMConfigError) as failure:
+        load(tmp_path, entries)
+    lines = str(failure.value).splitlines()
+    assert lines[0].endswith(
+        "models.json: these routes need litellm, which is not installed "
+        "(import of litellm halted; None in sys.modules):"
+    ), lines
+    assert lines[1:3] == [
+        "  - model_list entry 'tagged' (openai/llama): litellm leaves user out for openai/",
+        "  - model_list entry 'chosen' (openai/llama): it says direct: false",
+    ]
+    assert lines[3].startswith('Install it (pip install "assistants-server[litellm]"), or make each entry one')
