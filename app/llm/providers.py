@@ -226,6 +226,22 @@ def _azure_refusal(deployment: str, params: Mapping[str, Any], known: frozenset[
     return None
 
 
+def base_with_query(params: Mapping[str, Any]) -> bool:
+    """Whether the base URL (as start-up reads it) of an OpenAI-compatible
+    route has a query string or fragment. Both paths append the endpoint's
+    path to the base, which a query swallows (``...?key=x/chat/completions``):
+    such a route is refused at start-up."""
+    target = str(params.get("model", ""))
+    if target.startswith(AZURE_PREFIX):
+        base = _at_start_up(params.get("api_base")) or os.environ.get("AZURE_API_BASE")
+    else:
+        shape = _shape(target)
+        if shape is None:
+            return False
+        base = _at_start_up(params.get("api_base")) or (shape.base_variable and os.environ.get(shape.base_variable))
+    return _has_query(base)
+
+
 def name_translated(target: str) -> str | None:
     """Why litellm sends a request for this model through another shape, by its
     name alone; None if it does not. Checked at start-up for an entry's target

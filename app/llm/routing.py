@@ -100,6 +100,13 @@ class Entry:
         pattern = None
         if "*" in name:
             pattern = re.compile("(.*)".join(re.escape(part) for part in name.split("*")), re.DOTALL)
+        if providers.base_with_query(params):
+            # (Not quoted: a query may hold a key.)
+            raise LLMConfigError(
+                f"{where} ('{name}'): its api_base has a query string or fragment, which the request's "
+                "path would follow (.../chat/completions goes after it, on litellm's path too): give the "
+                "base URL alone (a key goes in api_key or extra_headers, Azure's version in api_version)"
+            )
         direct = _serves_directly(raw.get("direct"), params, where)
         because = None
         if not direct and not Route(name, params).offline:

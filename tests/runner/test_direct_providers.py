@@ -592,27 +592,31 @@ async def test_an_azure_gpt_3_5_deployment_with_dashes_stays_on_litellm(fake: Fa
     assert [tool["function"]["name"] for tool in sent["body"]["tools"]] == ["json_tool_call"]
 
 
-def test_an_api_base_with_a_query_string_is_not_served_directly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "raw",
+    [
+        entry("openai", "openai/gpt-4o", api_base="http://127.0.0.1:9/v1?tenant=a"),
+        entry("vllm", "hosted_vllm/llama", api_base="os.environ/GW_BASE"),
+        entry("nebius", "nebius/llama", api_key="k"),
+        entry("azure", "azure/gpt-4o-prod", api_base="http://127.0.0.1:9/#frag", api_key="k"),
+        entry("chosen", "openai/gpt-4o", direct=False, api_base="http://127.0.0.1:9/v1?key=secret"),
+    ],
+    ids=lambda raw: raw["model_name"],
+)
+def test_an_api_base_with_a_query_string_is_refused_at_start_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raw: dict[str, Any]
 ) -> None:
-    """The direct path appends /chat/completions to the base URL, which a query
-    would swallow (``...?tenant=a/chat/completions``): such routes stay on litellm."""
+    """Both paths append /chat/completions to the base URL, which a query
+    would swallow (``...?tenant=a/chat/completions``): such an entry is a
+    start-up error naming it (it went to litellm, which built the same
+    wrong URL), without the URL (its query may hold a key)."""
     monkeypatch.setenv("NEBIUS_API_BASE", "http://127.0.0.1:9/v1?tenant=a")
     monkeypatch.setenv("GW_BASE", "http://127.0.0.1:9/v1?tenant=a")
-    query = "http://127.0.0.1:9/v1?tenant=a"
-    llm = load(
-        tmp_path,
-        [
-            entry("openai", "openai/gpt-4o", api_base=query),
-            entry("vllm", "hosted_vllm/llama", api_base="os.environ/GW_BASE"),
-            entry("nebius", "nebius/llama", api_key="k"),
-            entry("azure", "azure/gpt-4o-prod", api_base="http://127.0.0.1:9/#frag", api_key="k"),
-            entry("plain", "openai/gpt-4o", api_base="http://127.0.0.1:9/v1"),
-        ],
-    )
-    assert [name for name in ("openai", "vllm", "nebius", "azure", "plain") if llm.route(name).direct] == ["plain"]
-    with pytest.raises(LLMConfigError, match="query string"):
-        load(tmp_path, [entry("openai", "openai/gpt-4o", True, api_base=query)])
+    with pytest.raises(LLMConfigError) as failure:
+        load(tmp_path, [entry("plain", "openai/gpt-4o", api_base="http://127.0.0.1:9/v1"), raw])
+    message = str(failure.value)
+    assert f"model_list[1] ('{raw['model_name']}'): its api_base has a query string or fragment" in message
+    assert "tenant=a" not in message and "secret" not in message and "#frag" not in message
 
 
 @pytest.mark.usefixtures("without_litellm")
