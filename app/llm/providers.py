@@ -53,8 +53,10 @@ class Shape:
     # OpenAI-Organization header) for openai/ only; elsewhere it needs litellm.
     organization: bool = False
     # litellm's openai client sends OPENAI_ORGANIZATION as that header when the
-    # route names no organization: for openai/ and the plain providers, not
-    # for hosted_vllm/ (nor Azure).
+    # route names no organization (the openai SDK it builds then reads
+    # OPENAI_ORG_ID), and OPENAI_PROJECT_ID as the OpenAI-Project header (it
+    # passes no project): for openai/ and the plain providers, not for
+    # hosted_vllm/ (Azure's client reads only the SDK's two variables).
     organization_variable: bool = True
     # Route parameters litellm's drop_params leaves out of this provider's
     # requests (always, or for most model names): such a route stays on litellm.
@@ -294,7 +296,11 @@ def endpoint(target: str, params: Mapping[str, Any]) -> Endpoint:
     if key:
         headers["Authorization"] = f"Bearer {key}"
     organization = shape.organization and params.get("organization")
-    organization = organization or (shape.organization_variable and os.environ.get("OPENAI_ORGANIZATION"))
+    if shape.organization_variable:
+        organization = organization or os.environ.get("OPENAI_ORGANIZATION") or os.environ.get("OPENAI_ORG_ID")
+        project = os.environ.get("OPENAI_PROJECT_ID")
+        if project:
+            headers["OpenAI-Project"] = project
     if organization:
         headers["OpenAI-Organization"] = str(organization)
     model = target[len(shape.prefix) :]
@@ -313,12 +319,24 @@ def _azure_endpoint(deployment: str, params: Mapping[str, Any]) -> Endpoint:
     if version in _AZURE_V1_VERSIONS:  # the OpenAI client on Azure's v1 surface
         credential = key or token
         headers = {"Authorization": f"Bearer {credential}"} if credential else {}
-        return Endpoint(f"{base}/openai/v1/chat/completions", headers, deployment)
+        return Endpoint(f"{base}/openai/v1/chat/completions", {**headers, **_sdk_environment_headers()}, deployment)
     headers = {"api-key": str(key)} if key else ({"Authorization": f"Bearer {token}"} if token else {})
+    headers.update(_sdk_environment_headers())
     # An api_base that already names a deployment is used as it is (as the openai SDK does).
     path = "" if "/openai/deployments" in base else f"/openai/deployments/{quote(deployment, safe='')}"
     url = f"{base}{path}/chat/completions?{urlencode({'api-version': version})}"
     return Endpoint(url, headers, deployment)
+
+
+def _sdk_environment_headers() -> dict[str, str]:
+    """What the openai SDK's Azure client under litellm reads from the
+    environment itself (litellm passes it no organization nor project)."""
+    headers = {}
+    if os.environ.get("OPENAI_ORG_ID"):
+        headers["OpenAI-Organization"] = os.environ["OPENAI_ORG_ID"]
+    if os.environ.get("OPENAI_PROJECT_ID"):
+        headers["OpenAI-Project"] = os.environ["OPENAI_PROJECT_ID"]
+    return headers
 
 
 def _shape(target: str) -> Shape | None:

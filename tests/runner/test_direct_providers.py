@@ -53,6 +53,8 @@ WEATHER = {
 CREDENTIAL_VARIABLES = (
     "OPENAI_API_KEY",
     "OPENAI_ORGANIZATION",
+    "OPENAI_ORG_ID",
+    "OPENAI_PROJECT_ID",
     "AZURE_API_KEY",
     "AZURE_OPENAI_API_KEY",
     "AZURE_API_BASE",
@@ -162,6 +164,15 @@ TOOL_CHAT = ChatRequest(
         ("openai/fake-chat", {"api_key": "sk", "organization": "org-x"}, {"OPENAI_ORGANIZATION": "org-env"}),
         ("hosted_vllm/fake-chat", {"api_key": "vl"}, {"OPENAI_ORGANIZATION": "org-env"}),
         ("azure/fake-chat", {"api_key": "az", "api_version": "2024-10-21"}, {"OPENAI_ORGANIZATION": "org-env"}),
+        # The openai SDK under litellm reads OPENAI_ORG_ID when litellm passes
+        # no organization, and OPENAI_PROJECT_ID (OpenAI-Project) always.
+        ("openai/fake-chat", {"api_key": "sk"}, {"OPENAI_ORG_ID": "org-sdk", "OPENAI_PROJECT_ID": "proj-1"}),
+        ("openai/fake-chat", {"api_key": "sk"}, {"OPENAI_ORGANIZATION": "org-env", "OPENAI_ORG_ID": "org-sdk"}),
+        ("nebius/fake-chat", {"api_key": "nb"}, {"OPENAI_PROJECT_ID": "proj-1"}),
+        ("hosted_vllm/fake-chat", {"api_key": "vl"}, {"OPENAI_ORG_ID": "org-sdk", "OPENAI_PROJECT_ID": "proj-1"}),
+        ("azure/fake-chat", {"api_key": "az", "api_version": "2024-10-21"}, {"OPENAI_PROJECT_ID": "proj-1"}),
+        ("azure/fake-chat", {"api_key": "az", "api_version": "2024-10-21"}, {"OPENAI_ORG_ID": "org-sdk"}),
+        ("azure/fake-chat", {"api_key": "az", "api_version": "v1"}, {"OPENAI_ORG_ID": "o", "OPENAI_PROJECT_ID": "p"}),
     ],
 )
 async def test_the_direct_request_is_what_litellm_sends(
