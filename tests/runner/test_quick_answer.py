@@ -174,3 +174,43 @@ async def test_nothing_is_read_after_the_finish(runtime: Runtime, monkeypatch: p
     (run_id,) = await _make_runs(runtime, 1)
     await Worker(runtime, concurrency=1).run_until_idle()
     assert (await _run(runtime, run_id)).status == "completed" and read_after == []
+
+
+async def test_a_quick_answer_calling_a_built_in_tool_is_streamed(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file_search call arriving at once is not taken as a quick answer:
+    a built-in tool streams its progress while it runs, so its step is
+    written (and its events sent) before the tool executes, not held for
+    the turn's commit."""
+    calls: list[int] = []
+
+    async def searching(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            yield llm.ToolCallDelta(0, id="call_1", name="file_search", arguments='{"query": "zebras"}')
+            yield llm.Finish("tool_calls", _USAGE)
+        else:
+            yield llm.TextDelta("Nothing found.")
+            yield llm.Finish("stop", _USAGE)
+
+    _provider(runtime, monkeypatch, searching)
+    monkeypatch.setattr(execute, "QUICK_ANSWER_SECONDS", 30)  # however loaded the machine
+    (run_id,) = await _make_runs(runtime, 1)
+    worker = Worker(runtime, concurrency=1)
+    steps_when_searched: list[list[str]] = []
+    tool = worker.builtins["file_search"]
+    real_execute = tool.execute
+
+    async def execute_tool(*args: Any) -> Any:
+        async with runtime.transaction() as session:
+            steps = await session.scalars(select(orm.RunStep.type).where(orm.RunStep.run_id == run_id))
+            steps_when_searched.append(list(steps))
+        return await real_execute(*args)
+
+    monkeypatch.setattr(tool, "execute", execute_tool)
+    await worker.run_until_idle()
+    assert steps_when_searched == [["tool_calls"]]
+    assert (await _run(runtime, run_id)).status == "completed"
+    message = await _message(runtime, run_id)
+    assert message is not None and message.content[0]["text"]["value"] == "Nothing found."
