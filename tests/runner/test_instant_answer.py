@@ -397,6 +397,33 @@ async def test_a_long_threads_prompt_has_every_earlier_message(runtime: Runtime)
     assert users == ["m-first", *(f"m{n}" for n in range(count))]
 
 
+@pytest.mark.parametrize(
+    ("earlier", "read_by_the_prompt"),
+    [(run_execution.PREFETCH_MOST_MESSAGES, False), (run_execution.PREFETCH_MOST_MESSAGES + 1, True)],
+    ids=["prefetched", "one-more"],
+)
+async def test_the_prompt_has_every_earlier_message_at_the_prefetch_boundary(
+    runtime: Runtime, earlier: int, read_by_the_prompt: bool
+) -> None:
+    """At exactly PREFETCH_MOST_MESSAGES earlier messages the claim brings
+    them all; at one more the prompt reads them: either way the model gets
+    every message, in order."""
+    (run_id,) = await _make_runs(runtime, 1, text="m0")
+    await _add_earlier_messages(runtime, run_id, [_text(f"m{n}") for n in range(1, earlier)])
+    seen: list[llm.ChatRequest] = []
+
+    async def observe(exchange: llm.Exchange) -> None:
+        seen.append(exchange.request)
+
+    runtime.llm.observer = observe
+    with statements_by_transaction(runtime) as statements:
+        await Worker(runtime, concurrency=1).run_until_idle()
+    read = [statement for _n, statement in statements if statement.startswith("SELECT messages.role")]
+    assert bool(read) is read_by_the_prompt, read
+    users = [str(message["content"]) for message in seen[0].messages if message["role"] == "user"]
+    assert users == [f"m{n}" for n in range(earlier)]
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_message_sqlites_json_refuses_stops_no_claim(runtime: Runtime) -> None:
     """A stored content SQLite's json() refuses (Python's JSON writes NaN):
