@@ -99,15 +99,8 @@ def check_models(settings: Settings) -> None:
     check_routing_file(settings.llm_config)
     try:
         LLM.from_config(settings.llm_config)
-    except LLMConfigError as exc:
+    except LLMConfigError as exc:  # litellm missing too: the error names the routes that need it
         raise StartupError(_one_line(str(exc))) from None
-    except ModuleNotFoundError as exc:
-        if exc.name != "litellm":
-            raise
-        raise StartupError(
-            f"{settings.llm_config} routes models to providers, which needs litellm: "
-            'pip install "assistants-server[litellm]"'
-        ) from None
     if not embed.names_a_model(settings.llm_config):
         return
     try:

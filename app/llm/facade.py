@@ -275,10 +275,10 @@ def _load_litellm_for(router: Router, path: Path) -> None:
     try:
         litellm_adapter.load()
     except ImportError as exc:
-        needs = "\n".join(f"  - {line}" for line in router.why_litellm())
+        needs = "; ".join(router.why_litellm())
         raise LLMConfigError(
-            f"{path}: these routes need litellm, which is not installed ({exc}):\n{needs}\n"
+            f"{path}: litellm is not installed ({exc}), and these routes need it: {needs}. "
             f"Install it ({litellm_adapter.INSTALL_HINT}), or make each entry one the direct path "
-            "serves: remove the litellm_params it names (user, metadata and reasoning_effort are "
-            "left out by litellm for these providers), or its direct: false."
+            "serves: remove the litellm_params it names (litellm leaves user, metadata and "
+            "reasoning_effort out for these providers), or its direct: false."
         ) from exc
