@@ -230,7 +230,7 @@ def _azure_refusal(deployment: str, params: Mapping[str, Any], known: frozenset[
 
 def base_with_query(params: Mapping[str, Any]) -> bool:
     """Whether the base URL (as start-up reads it) of an OpenAI-compatible
-    route has a query string or fragment. Both paths append the endpoint's
+    route has a query string (a fragment is dropped). Both paths append the endpoint's
     path to the base, which a query swallows (``...?key=x/chat/completions``):
     such a route is refused at start-up."""
     target = str(params.get("model", ""))
@@ -291,6 +291,7 @@ def endpoint(target: str, params: Mapping[str, Any]) -> Endpoint:
         raise ValueError("it has no api_base")
     if _has_query(base):
         raise ValueError(_QUERY_REFUSAL)
+    base = _without_fragment(str(base))
     headers: dict[str, str] = {}
     key = params.get("api_key") or next(filter(None, map(os.environ.get, shape.key_variables)), None)
     if key:
@@ -308,7 +309,7 @@ def endpoint(target: str, params: Mapping[str, Any]) -> Endpoint:
 
 
 def _azure_endpoint(deployment: str, params: Mapping[str, Any]) -> Endpoint:
-    base = str(params.get("api_base") or os.environ.get("AZURE_API_BASE") or "").rstrip("/")
+    base = _without_fragment(str(params.get("api_base") or os.environ.get("AZURE_API_BASE") or "")).rstrip("/")
     if not base:
         raise ValueError("no api_base and AZURE_API_BASE is not set")
     if _has_query(base):
@@ -344,12 +345,19 @@ def _shape(target: str) -> Shape | None:
     return _SHAPES.get(prefix) if "/" in target else None
 
 
-# The path is appended to the base URL: a query or fragment there would swallow it.
-_QUERY_REFUSAL = "its api_base has a query string or fragment (litellm's client places the path before it)"
+# The path is appended to the base URL: a query there swallows it
+# (``...?key=x/chat/completions``), on our path and litellm's alike.
+_QUERY_REFUSAL = "its api_base has a query string, which the endpoint's path would be appended to"
 
 
 def _has_query(base: Any) -> bool:
-    return isinstance(base, str) and ("?" in base or "#" in base)
+    return isinstance(base, str) and "?" in base
+
+
+def _without_fragment(base: str) -> str:
+    # A fragment is never sent (httpx, under litellm, drops it): an entry
+    # whose base has one worked through litellm and is served the same here.
+    return base.partition("#")[0]
 
 
 def _azure_environment_key() -> str | None:

@@ -438,8 +438,8 @@ async def test_unknown_ids_are_404(client: openai.AsyncOpenAI) -> None:
     ("path", "body", "param"),
     [
         # The spec's maxItems (CreateVectorStoreRequest.file_ids: 500;
-        # CreateVectorStoreFileBatchRequest.file_ids and .files: 2000): such
-        # lists are bound one parameter per id, far below the databases' limits.
+        # CreateVectorStoreFileBatchRequest.file_ids and .files: 2000): far
+        # below the databases' limits, even where rows are written per id.
         ("/vector_stores", {"file_ids": [f"file-{n}" for n in range(501)]}, "file_ids"),
         ("/vector_stores/{store}/file_batches", {"file_ids": [f"file-{n}" for n in range(2001)]}, "file_ids"),
         ("/vector_stores/{store}/file_batches", {"files": [{"file_id": f"file-{n}"} for n in range(2001)]}, "files"),

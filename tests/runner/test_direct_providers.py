@@ -609,7 +609,7 @@ async def test_an_azure_gpt_3_5_deployment_with_dashes_stays_on_litellm(fake: Fa
         entry("openai", "openai/gpt-4o", api_base="http://127.0.0.1:9/v1?tenant=a"),
         entry("vllm", "hosted_vllm/llama", api_base="os.environ/GW_BASE"),
         entry("nebius", "nebius/llama", api_key="k"),
-        entry("azure", "azure/gpt-4o-prod", api_base="http://127.0.0.1:9/#frag", api_key="k"),
+        entry("azure", "azure/gpt-4o-prod", api_base="http://127.0.0.1:9/?tenant=a", api_key="k"),
         entry("chosen", "openai/gpt-4o", direct=False, api_base="http://127.0.0.1:9/v1?key=secret"),
     ],
     ids=lambda raw: raw["model_name"],
@@ -626,8 +626,29 @@ def test_an_api_base_with_a_query_string_is_refused_at_start_up(
     with pytest.raises(LLMConfigError) as failure:
         load(tmp_path, [entry("plain", "openai/gpt-4o", api_base="http://127.0.0.1:9/v1"), raw])
     message = str(failure.value)
-    assert f"model_list[1] ('{raw['model_name']}'): its api_base has a query string or fragment" in message
-    assert "tenant=a" not in message and "secret" not in message and "#frag" not in message
+    assert f"model_list[1] ('{raw['model_name']}'): its api_base has a query string" in message
+    assert "tenant=a" not in message and "secret" not in message
+
+
+@pytest.mark.parametrize("target", ["openai/gpt-4o", "azure/gpt-4o-prod"])
+async def test_an_api_base_with_a_fragment_is_served_without_it(fake: FakeOpenAI, tmp_path: Path, target: str) -> None:
+    """A fragment is never sent (httpx under litellm drops it, and the entry
+    worked there): the direct path drops it too, rather than refusing to
+    start (review of the query-string refusal)."""
+    azure = target.startswith("azure/")
+    base = fake.api_base.removesuffix("/v1") if azure else fake.api_base
+    params: dict[str, Any] = {"api_base": base + "#frag", "api_key": "k", "max_retries": 0}
+    if azure:
+        params["api_version"] = "2024-10-21"
+    llm = load(tmp_path, [entry("gpt-4o", target, **params)])
+    assert llm.route("gpt-4o").direct
+    try:
+        await collect(llm, ChatRequest("gpt-4o", [user("hi")]))
+    finally:
+        await llm.aclose()
+    [sent] = fake.requests
+    expected = "/openai/deployments/gpt-4o-prod/chat/completions" if azure else "/v1/chat/completions"
+    assert sent["path"].partition("?")[0] == expected
 
 
 @pytest.mark.usefixtures("without_litellm")
