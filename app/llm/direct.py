@@ -195,9 +195,7 @@ async def stream(
     try:
         call = _Call.build(route, request)
     except (ValueError, TypeError, httpx.InvalidURL) as exc:  # e.g. timeout "30s", or an api_base from the environment
-        raise LLMError(
-            "server_error", f"The routing entry for model '{route.model}' ({route.target}) is not usable: {exc}"
-        ) from exc
+        raise _unusable(route, exc) from exc
     reader = ChunkReader()
     async with _opened(call, client.here(), route, explicit_params(request)) as response:
         try:
@@ -227,6 +225,12 @@ async def stream(
     yield reader.finish(request, counter)
 
 
+def _unusable(route: Route, exc: Exception) -> LLMError:
+    return LLMError(
+        "server_error", f"The routing entry for model '{route.model}' ({route.target}) is not usable: {exc}"
+    )
+
+
 @asynccontextmanager
 async def _opened(
     call: _Call, clients: _LoopClients, route: Route, explicit: Sequence[str]
@@ -236,6 +240,8 @@ async def _opened(
         last = attempt == call.max_retries
         try:
             response = await clients.send(call)
+        except httpx.InvalidURL as exc:  # a URL httpx cannot send either (a port "²", say)
+            raise _unusable(route, exc) from exc
         except _TIMEOUTS as exc:
             if last:
                 raise provider_error(ProviderFailure(*_TIMED_OUT), route) from exc

@@ -15,24 +15,32 @@ What it does, as httpx does it:
   request past the cap waits up to the pool timeout), at most
   ``max_keepalive_connections`` idle, each idle one closed after
   ``keepalive_expiry`` seconds;
-- a reused connection the server closed while idle (EOF or reset before any
-  byte of the answer) is retried once on a fresh connection; a fresh
-  connection's failure is the caller's to handle (direct.py retries by its
-  own rules);
+- an idle connection is checked before it is reused: one the server closed
+  or sent bytes on while it sat idle (seen by the event loop, or still
+  waiting in the kernel's buffer, as httpcore polls its socket) is closed
+  and a fresh one opened, which is safe since nothing was sent on it. Once a
+  request is written it is never sent again here: the server may have
+  acted on it. A connection that then ends without an answer is a
+  RemoteProtocolError, which direct.py retries within ``max_retries`` like
+  any transport error (so ``max_retries: 0`` never sends a call twice);
 - Content-Length and chunked bodies (chunk extensions ignored, trailers
-  read and dropped), else the body read to EOF; HTTP/1.0 answers and
-  ``Connection: close`` close the connection after the body; 1xx interim
-  answers are skipped; gzip or deflate bodies are decoded (we ask for
+  read and dropped), else the body read to EOF; a Transfer-Encoding other
+  than exactly ``chunked`` is refused, as h11 refuses it; HTTP/1.0 answers
+  and ``Connection: close`` close the connection after the body; 1xx interim
+  answers are skipped, a ``101 Switching Protocols`` (never asked for) is a
+  RemoteProtocolError; gzip or deflate bodies are decoded (we ask for
   ``identity``, but a server may compress anyway);
 - timeouts as httpx's: connect, each read, each write (when the kernel
   buffer is full) and waiting for a pool slot;
-- a malformed status line, header or chunk, or a head past ``MAX_HEAD_BYTES``,
-  is a RemoteProtocolError at once, never a hang.
+- a malformed status line, header, Content-Length or chunk size, or a head
+  past ``MAX_HEAD_BYTES``, is a RemoteProtocolError at once, never a hang
+  (nor a bare ValueError).
 
 A response closed before its body was read to the end (a cancelled run, the
 idle limit) closes its connection: the rest of that body would otherwise be
 read as the next request's answer. A body read to its end returns the
-connection to the pool at once.
+connection to the pool at once. ``Pool.close`` during a read fails that read
+(a body read to EOF would otherwise look complete).
 
 What it does not do, so direct.py keeps httpx for it: TLS (``https://``),
 proxies (``HTTP_PROXY``/``ALL_PROXY`` not excepted by ``NO_PROXY``),
@@ -46,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import select
 import urllib.request
 import zlib
 from collections import deque
@@ -62,7 +71,9 @@ _USER_AGENT = "assistants-server"
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: .*)?")
-_HEX = re.compile(rb"[0-9A-Fa-f]+")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")  # a chunk size (64 bits at most)
+_DECIMAL = re.compile(r"[0-9]{1,19}")  # a Content-Length (ASCII digits only: str.isdigit takes "²")
+_PORT = re.compile(r"[0-9]{1,5}")
 _IPV4 = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+")
 # What a request target may hold without percent-encoding (RFC 3986): anything
 # else (spaces, non-ASCII) goes through httpx, which encodes it.
@@ -134,10 +145,6 @@ class DecodingError(HTTPError):
     """A body its Content-Encoding does not decode."""
 
 
-class _StaleConnection(Exception):
-    """A reused connection was closed by the server before it answered."""
-
-
 # ------------------------------------------------------------------ settings
 
 
@@ -194,12 +201,12 @@ def plain_target(url: str) -> Target | None:
         end = authority.find("]")
         host, after = authority[: end + 1], authority[end + 1 :]
         if after:
-            if not after.startswith(":") or not after[1:].isdigit():
+            if not after.startswith(":") or not _PORT.fullmatch(after[1:]):
                 return None
             port = int(after[1:])
     elif ":" in authority:
         host, _, digits = authority.partition(":")
-        if not digits.isdigit():
+        if not _PORT.fullmatch(digits):
             return None
         port = int(digits)
     if not host or not _PLAIN_HOST.fullmatch(host) or not 0 < port < 65536:
@@ -266,7 +273,6 @@ class _Connection(asyncio.Protocol):
         self.lost = False
         self.error: Exception | None = None  # why it was lost, if not a clean close
         self.answered = False  # a byte arrived since the last request went out
-        self.used = 0  # requests sent on it
         self.expiry: asyncio.TimerHandle | None = None  # while idle in the pool
         self._waiter: asyncio.Future[bool] | None = None
         self._drained: asyncio.Future[None] | None = None
@@ -292,7 +298,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        self.error = exc
+        if self.error is None:  # (an error set by abort() stays the reason)
+            self.error = exc
         self._wake()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
@@ -320,6 +327,17 @@ class _Connection(asyncio.Protocol):
         connection that received bytes or EOF is out of step or closing)."""
         return not self.ended and not self.buffer and self.transport is not None and not self.transport.is_closing()
 
+    def quiet_in_kernel(self) -> bool:
+        """Nothing waits in the socket's receive buffer: no EOF, reset or
+        byte the event loop has not handed us yet (httpcore's check of an
+        idle connection before reuse, one poll() that does not block)."""
+        socket = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if socket is None or not hasattr(select, "poll"):
+            return True
+        poller = select.poll()
+        poller.register(socket.fileno(), select.POLLIN)
+        return not poller.poll(0)
+
     def close(self) -> None:
         if self.expiry is not None:
             self.expiry.cancel()
@@ -327,13 +345,20 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self, reason: str) -> None:
+        """Closed by us mid-exchange: a read still to come fails with ``reason``
+        rather than taking the close for the server's end of the body."""
+        if self.error is None:
+            self.error = ConnectionAbortedError(reason)
+        self.close()
+        self._wake()
+
     # writing and reading
     async def send(self, data: bytes, seconds: float | None) -> None:
         transport = self.transport
         if transport is None or transport.is_closing() or self.lost:
             raise WriteError("the connection is closed")
         self.answered = False
-        self.used += 1
         transport.write(data)
         drained = self._drained
         if drained is not None and not drained.done():  # the kernel's buffer is full: wait, within the write timeout
@@ -389,8 +414,8 @@ class _Connection(asyncio.Protocol):
                 return line[:-2] if line.endswith(b"\r\n") else line[:-1]
             if len(self.buffer) > limit:
                 raise RemoteProtocolError(f"{what} is longer than {limit} bytes")
-            if self.ended:
-                raise self._ended_early(f"in the middle of the {what}")
+            if self.ended:  # (nothing at all before a status line: the server dropped the request unanswered)
+                raise self._ended_early(f"in the middle of the {what}" if self.buffer else f"before the {what}")
             start = len(self.buffer)
             await self._more(seconds)
 
@@ -611,27 +636,13 @@ class Pool:
             raise LocalProtocolError("the connection pool is closed")
         payload = _request_head(method, target, headers, len(body)) + body
         connection = await self._acquire(target, timeouts)
-        try:
-            return await self._exchange(connection, payload, timeouts)
-        except _StaleConnection:
-            # The server closed the idle connection as we reused it: once more
-            # on a new one, whose failure is then the caller's.
-            pass
-        connection = await self._acquire(target, timeouts, fresh=True)
-        return await self._exchange(connection, payload, timeouts)  # (a fresh connection is never stale)
-
-    async def _exchange(self, connection: _Connection, payload: bytes, timeouts: Timeouts) -> Response:
-        reused = connection.used > 0
+        # Never sent twice from here, even on a reused connection the server
+        # closed without a byte of answer: it may have read the request and
+        # acted on it (httpx: "Server disconnected without sending a
+        # response"). A retry is the caller's, counted in its max_retries.
         try:
             await connection.send(payload, timeouts.write)
             return await self._read_head(connection, timeouts.read)
-        except (ReadError, WriteError, RemoteProtocolError) as exc:
-            self._discard(connection)
-            # Closed (or reset) before any byte of an answer: the server had
-            # dropped the idle connection as we reused it.
-            if reused and connection.ended and not connection.answered:
-                raise _StaleConnection from exc
-            raise
         except BaseException:
             self._discard(connection)
             raise
@@ -644,7 +655,9 @@ class Pool:
                 raise RemoteProtocolError(f"malformed status line: {status_line[:100]!r}")
             http10, status = matched.group(1) == b"0", int(matched.group(2))
             headers = await _read_headers(connection, seconds, MAX_HEAD_BYTES - len(status_line))
-            if 100 <= status < 200 and status != 101:
+            if status == 101:  # we never ask to upgrade: what follows is not HTTP/1.1 (h11 refuses it too)
+                raise RemoteProtocolError("the server switched protocols unasked (101)")
+            if 100 <= status < 200:
                 continue  # an interim answer (103 Early Hints); the real one follows
             break
         keep_alive = not http10 and "close" not in _tokens(headers.get("connection", ""))
@@ -654,15 +667,17 @@ class Pool:
         if status < 200 or status in (204, 304):
             kind = "none"
         elif encoding is not None:
-            if _tokens(encoding)[-1:] != ["chunked"]:
-                kind, keep_alive = "eof", False  # no chunked framing: the body ends at EOF
-            else:
-                kind = "chunked"
-                if "content-length" in headers:  # both framings: a smuggling risk, not reused (RFC 9112 6.3)
-                    keep_alive = False
+            # Exactly "chunked", as h11 (under httpx) accepts: "gzip, chunked"
+            # would hand back compressed bytes as the text, and a coding we
+            # cannot undo leaves no way to find the body's end.
+            if encoding.strip().lower() != "chunked":
+                raise RemoteProtocolError(f"unsupported Transfer-Encoding: {encoding[:100]!r}")
+            kind = "chunked"
+            if "content-length" in headers:  # both framings: a smuggling risk, not reused (RFC 9112 6.3)
+                keep_alive = False
         elif "content-length" in headers:
             values = {value.strip() for value in headers["content-length"].split(",")}
-            if len(values) != 1 or not (value := values.pop()).isdigit():
+            if len(values) != 1 or not _DECIMAL.fullmatch(value := values.pop()):
                 raise RemoteProtocolError(f"malformed Content-Length: {headers['content-length'][:100]!r}")
             kind, length = "length", int(value)
         else:
@@ -671,14 +686,14 @@ class Pool:
             self, connection, status, headers, kind=kind, length=length, keep_alive=keep_alive, read_timeout=seconds
         )
 
-    async def _acquire(self, target: Target, timeouts: Timeouts, *, fresh: bool = False) -> _Connection:
-        """An idle connection to the target (unless ``fresh``), else a new one
-        once the pool has room for it (waiting up to the pool timeout)."""
+    async def _acquire(self, target: Target, timeouts: Timeouts) -> _Connection:
+        """An idle connection to the target, else a new one once the pool has
+        room for it (waiting up to the pool timeout)."""
         key = (target.host, target.port)
         limit = self.limits.max_connections
         deadline = None if timeouts.pool is None else self._loop.time() + timeouts.pool
         while True:
-            if not fresh and (connection := self._take_idle(key)) is not None:
+            if (connection := self._take_idle(key)) is not None:
                 return connection
             if limit is None or self.open_connections < limit:
                 return await self._connect(target, timeouts.connect)
@@ -704,10 +719,10 @@ class Pool:
             if connection.expiry is not None:
                 connection.expiry.cancel()
                 connection.expiry = None
-            if connection.reusable_idle():
+            if connection.reusable_idle() and connection.quiet_in_kernel():
                 self._active.add(connection)
                 return connection
-            connection.close()  # closed by the server while idle
+            connection.close()  # closed by the server while idle (or out of step with it): nothing was sent on it
             self._wake_slot_waiter()
         return None
 
@@ -789,7 +804,7 @@ class Pool:
         self._idle.clear()
         self._idle_count = 0
         for connection in list(self._active):
-            connection.close()
+            connection.abort("the connection pool was closed")
         self._active.clear()
         while self._slot_waiters:
             waiter = self._slot_waiters.popleft()
@@ -814,12 +829,16 @@ _OWN_HEADERS: tuple[tuple[str, str], ...] = (
 
 def _request_head(method: str, target: Target, headers: Mapping[str, str], length: int) -> bytes:
     """The request line and headers; the caller's headers win over our
-    defaults, as httpx's do (Host and Content-Length are always ours)."""
+    defaults, as httpx's do: a ``Host`` given (a virtual host behind a
+    gateway, via ``extra_headers``) is sent as given, else the URL's.
+    Content-Length is always ours (the body is)."""
     given = {name.lower() for name in headers}
-    lines = [f"{method} {target.path} HTTP/1.1", f"Host: {target.host_header}"]
+    lines = [f"{method} {target.path} HTTP/1.1"]
+    if "host" not in given:
+        lines.append(f"Host: {target.host_header}")
     for name, value in headers.items():
         _check_header(name, value)
-        if name.lower() not in ("host", "content-length", "transfer-encoding", "connection"):
+        if name.lower() not in ("content-length", "transfer-encoding", "connection"):
             lines.append(f"{name}: {value}")
     lines.extend(f"{name}: {value}" for name, value in _OWN_HEADERS if name not in given)
     lines.append(f"Content-Length: {length}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import select
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from app.llm import LLM, ChatRequest, LLMError, TextDelta, plain_http
+from app.llm import LLM, ChatRequest, LLMError, TextDelta, direct, plain_http
 from app.llm.plain_http import Limits, Pool, ProxyEnvironment, Target, Timeouts, plain_target
 
 pytestmark = pytest.mark.timeout(30)
@@ -279,23 +280,84 @@ async def test_the_pool_limit_makes_a_request_wait_for_a_slot(serve: Callable[[A
 # ------------------------------------------------------------------ reused connections closed by the server
 
 
-async def test_a_reused_connection_the_server_closed_is_retried_once_on_a_fresh_one(
+async def test_a_request_the_server_read_is_never_sent_again(
     serve: Callable[[Answer], Awaitable[Server]], pool: Pool
 ) -> None:
-    """The server reads the second request on a connection and closes it
-    without a byte (its idle timeout raced our request): sent again on a new
-    connection, where it is answered."""
+    """The server reads the second request on a reused connection and closes
+    it without a byte of answer (it may have acted on it): an error, never a
+    second send from the pool (as httpx); the next request opens a fresh
+    connection."""
     respond = sse_answer()
 
     async def answer(exchange: Exchange, writer: asyncio.StreamWriter) -> bool:
-        if exchange.number == 2:
+        if (exchange.connection, exchange.number) == (1, 2):
             return False
         return await respond(exchange, writer)
 
     server = await serve(answer)
     assert await text_of(pool, server) == "Hello world"
+    with pytest.raises(plain_http.RemoteProtocolError, match="closed the connection before the status line"):
+        await text_of(pool, server)
+    assert [(exchange.connection, exchange.number) for exchange in server.exchanges] == [(1, 1), (1, 2)]
+    assert pool.open_connections == 0
     assert await text_of(pool, server) == "Hello world"
-    assert [(exchange.connection, exchange.number) for exchange in server.exchanges] == [(1, 1), (1, 2), (2, 1)]
+    assert [(exchange.connection, exchange.number) for exchange in server.exchanges][2:] == [(2, 1)]
+
+
+@pytest.mark.parametrize(("max_retries", "sent"), [(0, 2), (1, 3)])
+async def test_the_direct_path_resends_a_dropped_request_only_within_max_retries(
+    serve: Callable[[Answer], Awaitable[Server]],
+    tmp_path: Path,
+    llms: list[LLM],
+    monkeypatch: pytest.MonkeyPatch,
+    max_retries: int,
+    sent: int,
+) -> None:
+    """``max_retries: 0`` never sends a call twice; with retries left, the
+    call is sent again (on a fresh connection) as for any connection error."""
+    monkeypatch.setattr(direct, "_backoff", lambda attempt, headers: 0.0)  # the wait is not what is tested
+    respond = sse_answer()
+
+    async def answer(exchange: Exchange, writer: asyncio.StreamWriter) -> bool:
+        if (exchange.connection, exchange.number) == (1, 2):
+            return False
+        return await respond(exchange, writer)
+
+    server = await serve(answer)
+    llm = LLM.from_config(_config(tmp_path, server.base, max_retries=max_retries))
+    llms.append(llm)
+    chat = ChatRequest("m", [{"role": "user", "content": "hi"}])
+    assert [event.text async for event in llm.stream(chat) if isinstance(event, TextDelta)] == ["Hello", " world"]
+    if max_retries == 0:
+        failure = await _failure(llm)
+        assert (failure.code, failure.message) == ("server_error", FAILED + "(HTTP 500): Connection error.")
+    else:
+        assert [event.text async for event in llm.stream(chat) if isinstance(event, TextDelta)] == ["Hello", " world"]
+    assert len(server.exchanges) == sent
+
+
+async def test_an_idle_connection_whose_close_is_still_in_the_kernel_is_not_reused(
+    serve: Callable[[Answer], Awaitable[Server]], pool: Pool
+) -> None:
+    """The server closed the idle connection and its FIN has reached our
+    socket, but the event loop has not read it yet: the pool's check before
+    reuse sees it, and the request goes on a fresh connection (nothing was
+    sent on the closed one, so this is safe)."""
+    respond = sse_answer("length")
+
+    async def answer(exchange: Exchange, writer: asyncio.StreamWriter) -> bool:
+        await respond(exchange, writer)
+        return False  # closes after answering, without saying so
+
+    server = await serve(answer)
+    assert await text_of(pool, server) == "Hello world"
+    [idle] = [connection for connections in pool._idle.values() for connection in connections]
+    assert idle.transport is not None
+    # Wait (blocking the loop, so it cannot read the EOF) until the FIN is in the kernel.
+    readable, _, _ = select.select([idle.transport.get_extra_info("socket").fileno()], [], [], 5.0)
+    assert readable and not idle.ended  # the loop has not seen it: only the kernel check can
+    assert await text_of(pool, server) == "Hello world"
+    assert [(exchange.connection, exchange.number) for exchange in server.exchanges] == [(1, 1), (2, 1)]
 
 
 async def test_a_fresh_connection_closed_without_an_answer_is_not_retried(
@@ -367,6 +429,15 @@ FAILED = "The provider failed for model 'm' (openai/m) "
         (b"HTTP/1.1 200 OK\r\nContent-Length: 12x\r\n\r\n", FAILED + "(HTTP 500): Connection error."),
         (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", FAILED + "(HTTP 500): Connection error."),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", FAILED + "(HTTP 500): Connection error."),
+        # digits str.isdigit() takes but int() does not; more digits than int() reads
+        (b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n", FAILED + "(HTTP 500): Connection error."),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: " + b"1" * 5000 + b"\r\n\r\n", FAILED + "(HTTP 500): Connection error."),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"f" * 17 + b"\r\n", FAILED + "(HTTP 500): "
+         "Connection error."),
+        # a coding under the chunks would hand compressed bytes back as the text
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", FAILED + "(HTTP 500): Connection error."),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", FAILED + "(HTTP 500): Connection error."),
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n", FAILED + "(HTTP 500): Connection error."),
         (b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: 1\r\n\r\nx", FAILED + "(HTTP 500): "
          "unsupported Content-Encoding: br"),
     ],
@@ -516,6 +587,9 @@ async def test_a_proxy_from_the_environment_sends_the_call_through_httpx(
         ("http://host/a b", None),  # needs percent-encoding: httpx
         ("http://hôst/x", None),  # IDNA: httpx
         ("http://host:port/x", None),
+        ("http://host:\u00b2/x", None),  # a digit to str.isdigit(), not to int()
+        ("http://[::1]:\u00b2/x", None),
+        ("http://host:" + "9" * 5000 + "/x", None),  # more digits than int() reads
     ],
 )  # fmt: skip
 def test_which_urls_plain_http_sends(url: str, expected: Target | None) -> None:
@@ -560,3 +634,71 @@ async def _until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.005)
+
+
+# ------------------------------------------------------------------ what the review found (issue 17)
+
+
+async def test_a_host_header_given_is_sent_as_given(
+    serve: Callable[[Answer], Awaitable[Server]], tmp_path: Path, llms: list[LLM]
+) -> None:
+    """``extra_headers: {"Host": ...}`` (a virtual host behind a gateway)
+    goes out as given, once, as httpx sends it."""
+    server = await serve(sse_answer())
+    llm = LLM.from_config(_config(tmp_path, server.base, extra_headers={"Host": "vhost.internal"}))
+    llms.append(llm)
+    events = [event async for event in llm.stream(ChatRequest("m", [{"role": "user", "content": "hi"}]))]
+    assert [event.text for event in events if isinstance(event, TextDelta)] == ["Hello", " world"]
+    hosts = [line for line in server.exchanges[0].head.split(b"\r\n") if line.lower().startswith(b"host:")]
+    assert hosts == [b"Host: vhost.internal"]
+
+
+async def test_a_port_int_cannot_read_is_an_unusable_routing_entry(tmp_path: Path, llms: list[LLM]) -> None:
+    llm = LLM.from_config(_config(tmp_path, "http://127.0.0.1:\u00b2/v1"))
+    llms.append(llm)
+    failure = await _failure(llm)
+    assert failure.code == "server_error"
+    assert failure.message.startswith("The routing entry for model 'm' (openai/m) is not usable: ")
+
+
+async def test_a_101_answer_is_an_error_and_its_connection_is_closed(
+    serve: Callable[[Answer], Awaitable[Server]], pool: Pool
+) -> None:
+    async def answer(exchange: Exchange, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n")
+        await writer.drain()
+        await server.release.wait()
+        return False
+
+    server = await serve(answer)
+    with pytest.raises(plain_http.RemoteProtocolError, match="101"):
+        await pool.request(target(server), {}, b"{}", TIMEOUTS)
+    assert pool.open_connections == 0  # what follows a 101 is not HTTP/1.1: never reused
+
+
+async def test_closing_the_pool_during_a_body_read_to_eof_fails_the_read(
+    serve: Callable[[Answer], Awaitable[Server]],
+) -> None:
+    """The server's shutdown closes a stream whose body ends at EOF: the
+    reader gets an error, not a body that looks complete."""
+
+    async def answer(exchange: Exchange, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\npart")
+        await writer.drain()
+        await server.release.wait()
+        return False
+
+    server = await serve(answer)
+    pool = Pool(Limits())
+    try:
+        response = await pool.request(target(server), {}, b"{}", TIMEOUTS)
+        pieces = response.aiter_raw()
+        assert await anext(pieces) == b"part"
+        reading = asyncio.ensure_future(anext(pieces))
+        connection = response._connection
+        await _until(lambda: connection is not None and connection._waiter is not None)  # waiting for the rest
+        pool.close()
+        with pytest.raises(plain_http.ReadError, match="the connection pool was closed"):
+            await reading
+    finally:
+        pool.close()
