@@ -8,13 +8,16 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
 import select
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from httpx._utils import URLPattern, get_environment_proxies  # what its client reads, to compare
 
 from app.llm import LLM, ChatRequest, LLMError, TextDelta, direct, plain_http
 from app.llm.plain_http import Limits, Pool, ProxyEnvironment, Target, Timeouts, plain_target
@@ -702,3 +705,40 @@ async def test_closing_the_pool_during_a_body_read_to_eof_fails_the_read(
             await reading
     finally:
         pool.close()
+
+
+_NO_PROXY_ENTRIES = [
+    "example.com", ".example.com", "*.example.com", "a.example.com", "ample.com", "com", ".com", "EXAMPLE.COM",
+    " example.com ", "example.com.", "xn--bcher-kva.example", "localhost", "LOCALHOST", "localhost:8000",
+    "127.0.0.1", "127.0.0.1:8000", "1.2.3", "0.0.1", "::1", "[::1]", "10.0.0.0/8", "http://example.com", "*",
+]  # fmt: skip
+_HOSTS = [
+    "example.com", "a.example.com", "a.b.example.com", "notexample.com", "example.com.", "localhost", "vllm",
+    "127.0.0.1", "10.0.0.1", "10.0.0.0", "::1",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("variables", [("NO_PROXY", "HTTP_PROXY"), ("no_proxy", "all_proxy")])
+@pytest.mark.parametrize("entry", _NO_PROXY_ENTRIES)
+def test_no_proxy_never_sends_plain_what_httpx_would_proxy(
+    monkeypatch: pytest.MonkeyPatch, entry: str, variables: tuple[str, str]
+) -> None:
+    """Against httpx's own reading of the environment: where the two differ,
+    it is always that we hand the URL to httpx (which then goes direct), never
+    that we send straight what httpx would send through the proxy."""
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy") or name == "REQUEST_METHOD":
+            monkeypatch.delenv(name)
+    no_proxy, proxy = variables
+    monkeypatch.setenv(proxy, "http://proxy:3128")
+    monkeypatch.setenv(no_proxy, entry)
+    ours = ProxyEnvironment.read()
+    try:
+        mounts = sorted((URLPattern(pattern), to) for pattern, to in get_environment_proxies().items())
+    except httpx.InvalidURL:  # httpx refuses the variable (its client would not start): ours must hand it over
+        assert all(ours.applies_to(host) for host in _HOSTS)
+        return
+    for host in _HOSTS:
+        url = httpx.URL(f"http://[{host}]:8000/x" if ":" in host else f"http://{host}:8000/x")
+        httpx_proxies = next((to for pattern, to in mounts if pattern.matches(url)), None) is not None
+        assert ours.applies_to(host) or not httpx_proxies, f"{host} goes straight, httpx would proxy it"
