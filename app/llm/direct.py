@@ -15,9 +15,11 @@ It keeps litellm's behaviour where a user could tell the difference:
   for ``openai/``, ``AZURE_API_KEY`` and Azure's ``api-key`` header, ...);
   without one no Authorization header is sent;
 - ``timeout`` (default 600 s) bounds connecting and each read, as the openai
-  SDK under litellm does; ``max_retries`` (default 2) retries a refused or
-  timed-out connection and 408/409/429/5xx answers before any output, after
-  the server's ``Retry-After`` (up to 60 s) or 0.5 s doubling to 8 s;
+  SDK under litellm does; ``max_retries`` (default 2) retries a refused,
+  dropped or timed-out connection and 408/409/429/5xx answers before any
+  output, after the server's ``Retry-After`` (up to 60 s) or 0.5 s doubling
+  to 8 s; no call is ever sent more than ``max_retries`` + 1 times (neither
+  client resends a written request on its own);
 - failures become the LLMError litellm's would (provider.provider_error):
   the same codes and texts (tests/runner/test_direct.py pins each).
 
