@@ -60,7 +60,7 @@ import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 MAX_HEAD_BYTES = 64 * 1024  # status line and headers (h11, under httpx, allows 16 KiB)
 MAX_HEADERS = 256
@@ -280,8 +280,9 @@ class _Connection(asyncio.Protocol):
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport, though not always an asyncio.Transport subclass:
+        # uvloop's TCPTransport (the server's loop unless run as root) is not.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvloop
 from httpx._utils import URLPattern, get_environment_proxies  # what its client reads, to compare
 
 from app.llm import LLM, ChatRequest, LLMError, TextDelta, direct, plain_http
@@ -742,3 +743,27 @@ def test_no_proxy_never_sends_plain_what_httpx_would_proxy(
         url = httpx.URL(f"http://[{host}]:8000/x" if ":" in host else f"http://{host}:8000/x")
         httpx_proxies = next((to for pattern, to in mounts if pattern.matches(url)), None) is not None
         assert ours.applies_to(host) or not httpx_proxies, f"{host} goes straight, httpx would proxy it"
+
+
+def test_completions_on_uvloop_share_one_connection(tmp_path: Path) -> None:
+    """The server's event loop is uvloop unless it runs as root
+    (settings.event_loop): its transports are not asyncio.Transport
+    subclasses and its sockets are pseudo-sockets, which the connection and
+    the check before reuse must take as they are."""
+
+    async def scenario() -> None:
+        server = Server(sse_answer())
+        await server.start()
+        llm = LLM.from_config(_config(tmp_path, server.base))
+        try:
+            chat = ChatRequest("m", [{"role": "user", "content": "hi"}])
+            for _ in range(3):
+                events = [event async for event in llm.stream(chat)]
+                assert [event.text for event in events if isinstance(event, TextDelta)] == ["Hello", " world"]
+            assert [(exchange.connection, exchange.number) for exchange in server.exchanges] == [(1, 1), (1, 2), (1, 3)]
+        finally:
+            await llm.aclose()
+            await server.stop()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
