@@ -706,11 +706,16 @@ class Pool:
             try:
                 async with asyncio.timeout_at(deadline):
                     await waiter
-            except TimeoutError:
-                raise PoolTimeout("timed out waiting for a connection from the pool") from None
-            finally:
+            except BaseException as exc:
                 if waiter in self._slot_waiters:
                     self._slot_waiters.remove(waiter)
+                elif waiter.done() and not waiter.cancelled():
+                    # Woken for a free slot but leaving (cancelled, or timed
+                    # out, in the same turn): the slot is the next waiter's.
+                    self._wake_slot_waiter()
+                if isinstance(exc, TimeoutError):
+                    raise PoolTimeout("timed out waiting for a connection from the pool") from None
+                raise
 
     def _take_idle(self, key: tuple[str, int]) -> _Connection | None:
         idle = self._idle.get(key)

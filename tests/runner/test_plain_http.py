@@ -767,3 +767,30 @@ def test_completions_on_uvloop_share_one_connection(tmp_path: Path) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
+
+
+async def test_a_waiter_cancelled_as_it_is_woken_passes_the_free_slot_on(
+    serve: Callable[[Answer], Awaitable[Server]],
+) -> None:
+    """Pool limit 1, two requests waiting: the first is woken for the freed
+    slot and cancelled in the same turn; the second must get the slot, not
+    wait out the pool timeout."""
+    pool = Pool(Limits(max_connections=1))
+    try:
+        server = await serve(sse_answer("length"))
+        first = await pool.request(target(server), {}, b"{}", TIMEOUTS)
+        patient = Timeouts(5.0, 5.0, 5.0, pool=5.0)
+        woken = asyncio.ensure_future(pool.request(target(server), {}, b"{}", patient))
+        waiting = asyncio.ensure_future(pool.request(target(server), {}, b"{}", patient))
+        connection = first._connection
+        await _until(
+            lambda: len(pool._slot_waiters) == 2 and connection is not None and len(connection.buffer) == first._left
+        )
+        await first.aread()  # all buffered: no await suspends, the release wakes ``woken``...
+        woken.cancel()  # ...which is cancelled before it runs
+        with pytest.raises(asyncio.CancelledError):
+            await woken
+        response = await asyncio.wait_for(waiting, 2.0)
+        assert b"Hello" in await response.aread()
+    finally:
+        pool.close()
