@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
@@ -180,12 +181,21 @@ class _Call:
         if not request.tools:  # as through litellm: providers refuse these without tools
             body.pop("tool_choice", None)
             body.pop("parallel_tool_calls", None)
+        for name, value in headers.items():
+            # HTTP header values are ASCII: a typographic quote pasted into a
+            # key failed in the client's encoder (a raw UnicodeEncodeError, on
+            # both clients). Named, not shown: the value may be a key.
+            if not (name.isascii() and value.isascii()):
+                raise ValueError(f"the header {name.encode('ascii', 'replace').decode()} is not ASCII")
+        timeout = float(params.get("timeout") or DEFAULT_TIMEOUT)
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout {timeout} is not a positive number of seconds")
         retries = params.get("max_retries")
         return cls(
             url=where.url,
             headers=headers,
             body=json.dumps(body, ensure_ascii=False).encode(),
-            timeout=float(params.get("timeout") or DEFAULT_TIMEOUT),
+            timeout=timeout,
             max_retries=DEFAULT_MAX_RETRIES if retries is None else max(0, int(retries)),
         )
 

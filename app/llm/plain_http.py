@@ -751,7 +751,7 @@ class Pool:
         except TimeoutError:
             self._discard(connection)
             raise ConnectTimeout(f"timed out connecting to {target.host_header}") from None
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a host name IDNA refuses (httpx: ConnectError too)
             self._discard(connection)
             raise ConnectError(str(exc) or type(exc).__name__) from exc
         except BaseException:

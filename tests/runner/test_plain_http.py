@@ -794,3 +794,34 @@ async def test_a_waiter_cancelled_as_it_is_woken_passes_the_free_slot_on(
         assert b"Hello" in await response.aread()
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"api_key": "sk-\u2019quoted"}, "is not usable: the header Authorization is not ASCII"),
+        ({"extra_headers": {"X-Team": "caf\u00e9"}}, "is not usable: the header X-Team is not ASCII"),
+        ({"timeout": float("nan")}, "is not usable: timeout nan is not a positive number of seconds"),
+    ],
+    ids=["key", "extra-header", "nan-timeout"],
+)
+async def test_a_routing_entry_the_client_cannot_send_is_named_not_raised(
+    tmp_path: Path, llms: list[LLM], params: dict[str, Any], expected: str
+) -> None:
+    """A header value outside ASCII (a typographic quote pasted into a key)
+    or a NaN timeout escaped llm.stream as a raw UnicodeEncodeError /
+    ValueError on both clients (review): the entry is named as unusable,
+    the key not shown."""
+    llm = LLM.from_config(_config(tmp_path, "http://127.0.0.1:9/v1", **params))
+    llms.append(llm)
+    message = (await _failure(llm)).message
+    assert message.endswith(expected)
+    assert "quoted" not in message and "caf" not in message
+
+
+async def test_a_host_name_idna_refuses_is_a_connection_error(tmp_path: Path, llms: list[LLM]) -> None:
+    """``http://a..b`` passed our URL check and the codec's UnicodeError
+    escaped llm.stream (review); httpx calls it a connection error, as we now do."""
+    llm = LLM.from_config(_config(tmp_path, "http://a..b:9/v1"))
+    llms.append(llm)
+    assert (await _failure(llm)).message == FAILED + "(HTTP 500): Connection error."
