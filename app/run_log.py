@@ -211,6 +211,7 @@ class RunLog:
         *,
         run_locked: bool = False,
         inserting: Sequence[orm.Base] = (),
+        inserting_only_if: new_rows.OnlyIf | None = None,
         carried_by: run_state.CarriedMove | None = None,
     ) -> list[Entry]:
         """Log ``events`` (after the run's buffered deltas) in ``session``'s
@@ -225,6 +226,10 @@ class RunLog:
         statement that logs the events, else first, table by table: a new
         run among them counts as locked, nobody else sees it before this
         commit).
+        ``inserting_only_if`` (PostgreSQL, with ``run_locked`` and a few
+        rows, the new run last): the rows and the events go in only if its
+        condition holds, else nothing does and its refusal is raised
+        (run_events.insert_with_rows).
         ``carried_by`` (PostgreSQL, with ``run_locked``): the run's move
         (run_state.carried_move), which the events' insert goes in
         (run_events.insert_carrying), sent with it (a move has its event)."""
@@ -234,6 +239,7 @@ class RunLog:
         with_rows = (
             bool(events) and carried_by is None and run_locked and run_events.can_insert_with_rows(session, inserting)
         )
+        assert inserting_only_if is None or with_rows, "rows inserted only if, in the events' statement"
         if self.postgres and not run_locked:  # a SQLite transaction holds the write lock already
             await run_events.lock_inserting(session, run_id, inserting)
         elif self.postgres and inserting and not with_rows:  # many rows: by table
@@ -268,7 +274,9 @@ class RunLog:
                 first = await run_events.insert_carrying(session, run_id, batch, carried_by, signal=signal)
             elif with_rows:
                 signal = None if unknown_elsewhere else self._notify_signal(session)
-                first = await run_events.insert_with_rows(session, run_id, batch, inserting, signal=signal)
+                first = await run_events.insert_with_rows(
+                    session, run_id, batch, inserting, signal=signal, only_if=inserting_only_if
+                )
             elif batch:
                 signal = None if unknown_elsewhere else self._notify_signal(session)
                 first = (await run_events.insert(session, {run_id: batch}, signal=signal))[run_id]

@@ -20,7 +20,7 @@ from app.api import sse
 from app.api.deps import PageDep, ProjectDep, RuntimeDep, respond
 from app.run_follow import Follower
 from app.runtime import Runtime
-from app.services import run_defaults, run_steps, runs
+from app.services import new_rows, run_defaults, run_steps, runs
 from app.services.projects import Project
 from app.wire.common import ListPage
 from app.wire.events import TERMINAL_RUN_EVENTS, Event
@@ -38,9 +38,9 @@ def _polled(model: Run, poll_after_ms: int) -> Response:
 
 
 # A change that leaves a run queued, with the events that announce it. It
-# may leave new rows unwritten, in the list it is given: they are inserted
-# with the events (PostgreSQL: by the same statement).
-QueueRun = Callable[[AsyncSession, list[orm.Base]], Awaitable[tuple[orm.Run, list[Event]]]]
+# may leave new rows unwritten, in what it is given: they are inserted with
+# the events (PostgreSQL: by the same statement, under their condition).
+QueueRun = Callable[[AsyncSession, new_rows.Unwritten], Awaitable[tuple[orm.Run, list[Event]]]]
 
 
 async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) -> Response:
@@ -55,12 +55,19 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
     follower: Follower | None = None
     try:
         async with runtime.transaction() as session:
-            unwritten: list[orm.Base] = []
+            unwritten = new_rows.Unwritten()
             run, events = await change(session, unwritten)
             # ``change`` inserted the run (or left it to this insert) or moved
             # it with a compare-and-set UPDATE: this transaction holds its row
             # lock (PostgreSQL), or no other sees the run yet.
-            opening = await runtime.run_log.append(session, run.id, events, run_locked=True, inserting=unwritten)
+            opening = await runtime.run_log.append(
+                session,
+                run.id,
+                events,
+                run_locked=True,
+                inserting=unwritten.rows,
+                inserting_only_if=unwritten.only_if,
+            )
             if stream:
                 follower = Follower(
                     runtime.bus,
@@ -112,7 +119,7 @@ async def create_run(
 @router.post("/threads/runs", response_model=Run)
 async def create_thread_and_run(body: ThreadAndRunCreate, runtime: RuntimeDep, project: ProjectDep) -> Response:
     def change(remembered: bool) -> QueueRun:
-        async def create(session: AsyncSession, unwritten: list[orm.Base]) -> tuple[orm.Run, list[Event]]:
+        async def create(session: AsyncSession, unwritten: new_rows.Unwritten) -> tuple[orm.Run, list[Event]]:
             _thread, run, events = await runs.create_thread_and_run(
                 session,
                 project,

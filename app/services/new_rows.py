@@ -19,16 +19,23 @@ one executemany INSERT (a thread, then its messages, then its run).
 
 POST /threads/runs puts these CTEs in the statement that logs the run's
 opening events (run_events.insert_with_rows, through with_inserts()).
+
+A Condition (a run made from remembered assistant defaults: run_defaults)
+makes the statement all or nothing: its last row (the run) is inserted
+``SELECT <values> WHERE <condition>`` and every other row, the events too,
+``SELECT <values> FROM <that insert's RETURNING>``: where the condition
+fails no row goes in and nothing fails (no foreign key left dangling).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, Table, bindparam, insert, literal, select
+from sqlalchemy import CTE, ColumnElement, Select, Table, bindparam, insert, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.selectable import HasCTE
 
@@ -42,16 +49,67 @@ MAX_ROWS_TOGETHER = 18
 Shape = tuple[tuple[Table, tuple[str, ...]], ...]
 
 
+@dataclass(frozen=True, eq=False)
+class Condition:
+    """A condition new rows go in under, built once with bound parameters
+    (a module's constant): the statement caches key on it by identity."""
+
+    clause: ColumnElement[bool]
+
+
+@dataclass(frozen=True)
+class OnlyIf:
+    """A statement's new rows go in only if ``condition`` holds, its
+    parameters ``parameters``; else none does and the caller raises
+    ``refused()``."""
+
+    condition: Condition
+    parameters: Mapping[str, Any]
+    refused: Callable[[], Exception]
+
+
+@dataclass
+class Unwritten:
+    """New rows a change left for its caller to insert with their events
+    (run_log.append's ``inserting``, in that order), and the condition they
+    go in under, if any (``inserting_only_if``)."""
+
+    rows: list[orm.Base] = field(default_factory=list)
+    only_if: OnlyIf | None = None
+
+
+# The CTE of a Condition's last row: every other insert of the statement
+# selects from it (run_events' log insert names it in its SQL text).
+GUARDED_CTE = "guarded_row"
+
 _Statement = TypeVar("_Statement", bound=HasCTE)
 
 
-def with_inserts(statement: _Statement, shape: Shape) -> _Statement:
+def with_inserts(statement: _Statement, shape: Shape, condition: Condition | None = None) -> _Statement:
     """``statement`` with an INSERT CTE per row of ``shape``, its values the
-    parameters that shape_of() names."""
+    parameters that shape_of() names; with ``condition``, the last row's
+    CTE (GUARDED_CTE) goes first, and every row goes in only if it holds
+    (see the module's docstring)."""
+    guarded: CTE | None = None
+    if condition is not None:
+        index, (table, columns) = len(shape) - 1, shape[-1]
+        values = select(*_parameters(index, table, columns)).where(condition.clause)
+        key = next(iter(table.primary_key.columns))
+        guarded = insert(table).from_select(list(columns), values).returning(key).cte(GUARDED_CTE)
+        statement = statement.add_cte(guarded)
+        shape = shape[:-1]
     for index, (table, columns) in enumerate(shape):
-        values = {column: bindparam(f"r{index}_{column}", type_=table.c[column].type) for column in columns}
-        statement = statement.add_cte(insert(table).values(values).cte(f"inserted_{index}"))
+        if guarded is None:
+            inserted = insert(table).values(dict(zip(columns, _parameters(index, table, columns), strict=True)))
+        else:
+            from_guarded = select(*_parameters(index, table, columns)).select_from(guarded)
+            inserted = insert(table).from_select(list(columns), from_guarded)
+        statement = statement.add_cte(inserted.cte(f"inserted_{index}"))
     return statement
+
+
+def _parameters(index: int, table: Table, columns: tuple[str, ...]) -> list[Any]:
+    return [bindparam(f"r{index}_{column}", type_=table.c[column].type) for column in columns]
 
 
 @functools.lru_cache(maxsize=256)  # a shape per number of messages (at most 16), mostly

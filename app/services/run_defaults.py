@@ -1,19 +1,22 @@
-"""What a new run takes from its assistant: read, or on SQLite remembered
-from an earlier run and checked by the run's own INSERT (issue 17).
+"""What a new run takes from its assistant: read, or remembered from an
+earlier run and checked by the run's own INSERT (issue 17).
 
-A POST /threads/runs on SQLite is then one thread hop (its COMMIT, which
-carries every insert) instead of two: the run's row is written as ``INSERT
-INTO runs ... SELECT <the run's values> WHERE EXISTS (<the assistant, of this
-project, with exactly the remembered values>)``, held back to the COMMIT and
-required to add one row (db.EXPECT_ROWCOUNT). If the assistant was changed
-or deleted since (by this process or another one sharing the file), the
-insert adds none and the whole transaction fails (is_stale()): the caller
-creates the run again from a fresh read. The check runs inside the
-transaction, which holds SQLite's write lock: it compares with what a read
-there would have returned, so the run is the same either way.
+A POST /threads/runs is then one round trip fewer: the run's row is written
+as ``INSERT INTO runs ... SELECT <the run's values> WHERE EXISTS (<the
+assistant, of this project, with exactly the remembered values>)``. If the
+assistant was changed or deleted since (by this process or another one
+sharing the database), the insert adds none and the create fails with
+nothing written (is_stale()): the caller makes it again from a fresh read.
+The check runs in the statement that inserts the run, so it compares with
+what a read there would have returned: the run is the same either way.
 
-PostgreSQL reads the assistant as before: its held-back writes do not exist,
-and the read shares the transaction's round trips anyway.
+SQLite holds that INSERT back to the COMMIT (one thread hop for the whole
+create), required to add one row (db.EXPECT_ROWCOUNT; under the write lock).
+PostgreSQL sends it as the run's CTE in the statement that inserts the
+thread, its messages and the opening events (new_rows.OnlyIf: every other
+row of it goes in only with the run, so a changed assistant is no row, not
+a half-written create), or, on an existing thread, with ON CONFLICT on the
+live-run index (runs._insert_live_postgres).
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import JSON, Insert, String, Table, bindparam, exists, insert, select, type_coerce
+from sqlalchemy import JSON, Insert, Table, Text, bindparam, cast, exists, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import db, errors, ids, orm, sqlite_driver
-from app.services import core_rows
+from app.services import core_rows, new_rows
 from app.services.common import require_id
 from app.services.projects import Project
 
@@ -61,26 +64,26 @@ _ASSISTANTS = orm.Assistant.__table__.c
 _TAKEN = tuple(_ASSISTANTS[name] for name in RUN_TAKES)
 _JSON_TAKEN = frozenset(column.name for column in _TAKEN if isinstance(column.type, JSON))
 # The checked columns, in ``stored`` order: the assistant's project, then
-# RUN_TAKES; JSON columns as stored text, so the check compares them exactly
-# (and decoded here as SQLAlchemy would).
+# RUN_TAKES; JSON columns as their stored text (PostgreSQL: jsonb's
+# canonical text), so the check compares them exactly (decoded here as
+# SQLAlchemy would). Each labelled with its column's name.
 _CHECKED = (
     _ASSISTANTS.project_id,
-    *(type_coerce(column, String) if column.name in _JSON_TAKEN else column for column in _TAKEN),
+    *(cast(column, Text).label(column.name) if column.name in _JSON_TAKEN else column for column in _TAKEN),
 )
 # Built once with bound parameters: a Core statement, no ORM instance or
-# identity map, its cache key memoized on the statement. SQLite reads the
-# JSON columns' stored text (decoded here); PostgreSQL, which remembers
-# nothing, lets SQLAlchemy decode them (asyncpg decodes jsonb in any case).
+# identity map, its cache key memoized on the statement.
 _READ_STORED = select(*_CHECKED).where(_ASSISTANTS.id == bindparam("assistant_id"))
-_READ = select(_ASSISTANTS.project_id, *_TAKEN).where(_ASSISTANTS.id == bindparam("assistant_id"))
 _GUARD_PARAMS = tuple(f"assistant_{index}" for index in range(len(_CHECKED)))
 _UNCHANGED = exists().where(
-    _ASSISTANTS.id == bindparam("assistant_id", type_=String),
+    _ASSISTANTS.id == bindparam("assistant_id", type_=Text),
     *(
         column.is_not_distinct_from(bindparam(name, type_=column.type))
         for column, name in zip(_CHECKED, _GUARD_PARAMS, strict=True)
     ),
 )
+# The same check, as the condition of a statement of new rows (new_rows.OnlyIf).
+UNCHANGED = new_rows.Condition(_UNCHANGED)
 
 
 def _decoded(stored: str | None) -> Any:
@@ -90,18 +93,15 @@ def _decoded(stored: str | None) -> Any:
 async def read(session: AsyncSession, project: Project, assistant_id: str) -> AssistantDefaults:
     """The assistant's run defaults; missing for another project's assistant
     as for none at all, as assistants.get answers. Remembered for the next
-    run on SQLite."""
+    run."""
     require_id("assistant_id", assistant_id, ids.ASSISTANT)
-    remembers = _remembers(session)
-    row = (await session.execute(_READ_STORED if remembers else _READ, {"assistant_id": assistant_id})).first()
+    row = (await session.execute(_READ_STORED, {"assistant_id": assistant_id})).first()
     if row is None or row[0] != project.id:
         raise errors.not_found("assistant", assistant_id)
     taken = dict(zip(RUN_TAKES, row[1:], strict=True))
-    if remembers:
-        taken.update({name: _decoded(taken[name]) for name in _JSON_TAKEN})
+    taken.update({name: _decoded(taken[name]) for name in _JSON_TAKEN})
     defaults = AssistantDefaults(id=assistant_id, stored=tuple(row), **taken)
-    if remembers:
-        _remember(defaults)
+    _remember(defaults)
     return defaults
 
 
@@ -142,15 +142,9 @@ def _remember(defaults: AssistantDefaults) -> None:
         _REMEMBERED.popitem(last=False)
 
 
-def _remembers(session: AsyncSession) -> bool:
-    return session.bind is not None and session.bind.dialect.name == "sqlite"
-
-
-def remembered(session: AsyncSession, project: Project, assistant_id: str) -> AssistantDefaults | None:
-    """The defaults read for an earlier run of this project (SQLite), to be
-    checked by insert_checked(); None: read() them."""
-    if not _remembers(session):
-        return None
+def remembered(project: Project, assistant_id: str) -> AssistantDefaults | None:
+    """The defaults read for an earlier run of this project, to be checked
+    by the run's INSERT (insert_checked(), only_if()); None: read() them."""
     defaults = _REMEMBERED.get(assistant_id)
     if defaults is None or defaults.stored[0] != project.id:
         return None
@@ -173,11 +167,22 @@ def _checked_insert(columns: tuple[str, ...]) -> Insert:
     return insert(table).from_select(list(columns), values)
 
 
+def guard_parameters(defaults: AssistantDefaults) -> dict[str, Any]:
+    """The parameters of the check that the assistant still has ``defaults``."""
+    return {"assistant_id": defaults.id, **dict(zip(_GUARD_PARAMS, defaults.stored, strict=True))}
+
+
+def only_if(defaults: AssistantDefaults) -> new_rows.OnlyIf:
+    """PostgreSQL: the new rows of a run made from remembered ``defaults``
+    go in only while the assistant has them; else StaleDefaults, nothing
+    written (run_events.insert_with_rows)."""
+    return new_rows.OnlyIf(UNCHANGED, guard_parameters(defaults), lambda: StaleDefaults(defaults.id))
+
+
 def _checked(run: orm.Run, defaults: AssistantDefaults) -> tuple[Insert, dict[str, Any]]:
     """The checked INSERT of ``run`` and its parameters (the guard's too)."""
     values = core_rows.values(run)
-    parameters = {**values, "assistant_id": defaults.id, **dict(zip(_GUARD_PARAMS, defaults.stored, strict=True))}
-    return _checked_insert(tuple(values)), parameters
+    return _checked_insert(tuple(values)), {**values, **guard_parameters(defaults)}
 
 
 async def insert_checked(session: AsyncSession, run: orm.Run, defaults: AssistantDefaults) -> None:
@@ -194,7 +199,8 @@ class AssistantChanged(sqlite_driver.HeldBackWriteMismatch):
 
 
 class StaleDefaults(Exception):
-    """insert_checked_now() found the assistant changed: nothing was inserted."""
+    """The run's checked INSERT (insert_checked_now(), only_if(), the live
+    insert on PostgreSQL) found the assistant changed: nothing was inserted."""
 
 
 async def insert_checked_now(session: AsyncSession, run: orm.Run, defaults: AssistantDefaults) -> None:

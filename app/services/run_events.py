@@ -176,19 +176,22 @@ async def _insert_postgres(
 
 
 # The log's insert of _INSERT_POSTGRES as a data-modifying CTE of another
-# statement (insert_carrying), numbering as that one does.
-_LOGGED = (
-    text(
-        "INSERT INTO run_events (run_id, seq, event, data, created_at) "
+# statement (insert_carrying), numbering as that one does; ``guarded``: only
+# with the row new_rows.with_inserts() guards (its CTE names it).
+def _logged_sql(guarded: bool) -> str:
+    only_with = f" WHERE EXISTS (SELECT FROM {new_rows.GUARDED_CTE})" if guarded else ""
+    return (
+        "INSERT INTO run_events (run_id, seq, event, data, created_at) "  # noqa: S608 (constants)
         "SELECT v.run_id, (SELECT coalesce(max(e.seq), 0) FROM run_events e WHERE e.run_id = v.run_id) + v.n, "
         "v.event, CAST(v.data AS jsonb), :log_now "
         "FROM unnest(CAST(:log_run_ids AS text[]), CAST(:log_ns AS int[]), CAST(:log_names AS text[]), "
-        "CAST(:log_datas AS text[])) AS v(run_id, n, event, data) "
+        f"CAST(:log_datas AS text[])) AS v(run_id, n, event, data){only_with} "
         "RETURNING seq"
     )
-    .columns(column("seq"))
-    .cte("logged")
-)
+
+
+_LOGGED = text(_logged_sql(False)).columns(column("seq")).cte("logged")
+_LOGGED_GUARDED = text(_logged_sql(True)).columns(column("seq")).cte("logged")
 
 
 @functools.lru_cache(maxsize=256)
@@ -235,17 +238,19 @@ async def insert_carrying(
     return int(row[1])
 
 
-@functools.lru_cache(maxsize=256)  # a shape per number of new rows (new_rows.MAX_ROWS_TOGETHER at most), twice
-def _logging_rows(shape: new_rows.Shape, notify: bool) -> Select[Any]:
+@functools.lru_cache(maxsize=256)  # a shape per number of new rows (new_rows.MAX_ROWS_TOGETHER at most), a few times
+def _logging_rows(shape: new_rows.Shape, notify: bool, condition: new_rows.Condition | None) -> Select[Any]:
     """The log's insert (as insert_carrying's) with an INSERT CTE per new
-    row of ``shape`` (new_rows.with_inserts), returning the first seq
-    written and, with ``notify``, NOTIFYing the Signal bound as
-    ``log_channel`` and ``log_origin`` for the run bound as ``log_run_id``."""
-    returned: list[ColumnElement[Any]] = [func.min(_LOGGED.c.seq)]
+    row of ``shape`` (new_rows.with_inserts, all only if ``condition``
+    holds), returning the first seq written (NULL: none) and, with
+    ``notify``, NOTIFYing the Signal bound as ``log_channel`` and
+    ``log_origin`` for the run bound as ``log_run_id``."""
+    logged = _LOGGED if condition is None else _LOGGED_GUARDED
+    returned: list[ColumnElement[Any]] = [func.min(logged.c.seq)]
     if notify:
         origin = cast(bindparam("log_origin"), Text)
         returned.append(func.pg_notify(bindparam("log_channel"), cast(bindparam("log_run_id"), Text) + " " + origin))
-    return new_rows.with_inserts(select(*returned).select_from(_LOGGED), shape)
+    return new_rows.with_inserts(select(*returned).select_from(logged), shape, condition)
 
 
 def can_insert_with_rows(session: AsyncSession, rows: Sequence[orm.Base]) -> bool:
@@ -264,6 +269,7 @@ async def insert_with_rows(
     rows: Sequence[orm.Base],
     *,
     signal: Signal | None = None,
+    only_if: new_rows.OnlyIf | None = None,
 ) -> int:
     """insert() of one run's events on PostgreSQL by the statement that
     inserts ``rows``, the new rows they announce (see can_insert_with_rows;
@@ -272,7 +278,10 @@ async def insert_with_rows(
     own: the run's row is locked by this transaction, or is among ``rows``
     (no other transaction sees the run before this one commits). Foreign
     keys are checked at the statement's end, so an event may belong to the
-    run inserted beside it. Returns the first ``seq``."""
+    run inserted beside it. Returns the first ``seq``. With ``only_if``,
+    nothing at all goes in unless its condition holds for the last row (the
+    run): else its ``refused()`` is raised, the transaction to be rolled
+    back (which drops a NOTIFY with it)."""
     shape, params = new_rows.shape_of(rows)
     params |= {
         "log_now": time.time(),
@@ -283,7 +292,14 @@ async def insert_with_rows(
     }
     if signal is not None:
         params |= {"log_channel": signal.channel, "log_origin": signal.origin, "log_run_id": run_id}
-    first = (await session.execute(_logging_rows(shape, signal is not None), params)).scalar_one()
+    condition = None
+    if only_if is not None:
+        condition = only_if.condition
+        params |= only_if.parameters
+    first = (await session.execute(_logging_rows(shape, signal is not None, condition), params)).scalar_one()
+    if first is None:
+        assert only_if is not None, "events logged"
+        raise only_if.refused()
     return int(first)
 
 

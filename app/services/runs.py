@@ -151,8 +151,8 @@ async def create(
     remembered: bool = True,
 ) -> tuple[orm.Run, list[Event]]:
     """A run on an existing thread, made from its assistant's
-    ``remembered`` defaults if any (SQLite: run_defaults, checked by its
-    INSERT: StaleDefaults), else from a read."""
+    ``remembered`` defaults if any (run_defaults, checked by its INSERT:
+    StaleDefaults), else from a read."""
     live_run = await thread_lock.live_run_of_owned_thread(session, project, thread_id)
     if live_run is not None:
         raise errors.thread_has_active_run(thread_id, live_run)
@@ -160,7 +160,7 @@ async def create(
     for message in body.additional_messages or []:
         message_row = await messages.build(session, project, thread_id, message)
         await core_rows.insert_row(session, message_row, write_behind=True)  # sent with the next statement
-    assistant = run_defaults.remembered(session, project, body.assistant_id) if remembered else None
+    assistant = run_defaults.remembered(project, body.assistant_id) if remembered else None
     run = await _new_run(
         session,
         project,
@@ -180,8 +180,8 @@ async def _insert_live(session: AsyncSession, run: orm.Run, assistant: run_defau
     defaults, if given). The check before it makes a conflict rare (it
     takes a writer that skipped the thread lock); the live-run index makes it
     impossible, and its refusal is answered like the check's."""
-    if assistant is None and session.bind is not None and session.bind.dialect.name == "postgresql":
-        await _insert_live_postgres(session, run)
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        await _insert_live_postgres(session, run, assistant)
         return
     for _attempt in range(3):
         try:
@@ -202,33 +202,45 @@ async def _insert_live(session: AsyncSession, run: orm.Run, assistant: run_defau
 
 
 @functools.cache
-def _live_insert(columns: tuple[str, ...]) -> Insert:
+def _live_insert(columns: tuple[str, ...], checked: bool) -> Insert:
     """PostgreSQL: the run's INSERT for these columns, adding no row (and
     raising nothing) where the live-run index already holds a run of its
-    thread; returns the id it added. Built once per set of columns."""
+    thread, or, ``checked``, where its assistant no longer has the
+    remembered defaults (run_defaults.UNCHANGED); returns the id it added.
+    Built once per set of columns."""
     table = orm.Run.__table__
     assert isinstance(table, Table)
-    values = {column: bindparam(column, type_=table.c[column].type) for column in columns}
+    values = [bindparam(column, type_=table.c[column].type) for column in columns]
+    guarded = select(*values).where(run_defaults.UNCHANGED.clause) if checked else select(*values)
     return (
         postgresql.insert(table)
-        .values(values)
+        .from_select(list(columns), guarded)
         .on_conflict_do_nothing(index_elements=[table.c.thread_id], index_where=orm.LIVE_RUN)
         .returning(table.c.id)
     )
 
 
-async def _insert_live_postgres(session: AsyncSession, run: orm.Run) -> None:
+async def _insert_live_postgres(
+    session: AsyncSession, run: orm.Run, assistant: run_defaults.AssistantDefaults | None
+) -> None:
     """_insert_live() on PostgreSQL: the live-run index's refusal is an
     INSERT that adds no row, not an error, so no savepoint is needed to go
     on in the transaction after it (issue 17: SAVEPOINT and RELEASE, two
-    round trips per run created on a thread)."""
+    round trips per run created on a thread). Made from remembered
+    defaults (``assistant``), the same INSERT checks them (no read of the
+    assistant: a round trip): no row and no live run in the way is
+    StaleDefaults, and the caller makes the run again from a fresh read."""
     values = core_rows.values(run)
+    parameters = values if assistant is None else {**values, **run_defaults.guard_parameters(assistant)}
+    statement = _live_insert(tuple(values), assistant is not None)
     for _attempt in range(3):
-        if (await session.execute(_live_insert(tuple(values)), values)).first() is not None:
+        if (await session.execute(statement, parameters)).first() is not None:
             return
         winner = await thread_lock.active_run(session, run.thread_id)
         if winner is not None:
             raise errors.thread_has_active_run(run.thread_id, winner.id)
+        if assistant is not None:  # changed, or the run in the way has ended since: read it again
+            raise run_defaults.StaleDefaults(assistant.id)
         # The run that was in the way has ended since: try again.
     raise errors.thread_has_active_run(run.thread_id, "(a run that has just ended)")
 
@@ -241,28 +253,34 @@ async def create_thread_and_run(
     expires_in: int,
     reservation: run_execution.Reservation | None = None,
     remembered: bool = True,
-    unwritten: list[orm.Base] | None = None,
+    unwritten: new_rows.Unwritten | None = None,
 ) -> tuple[orm.Thread, orm.Run, list[Event]]:
-    """A new thread and its run. A new thread has no live run to conflict
-    with, so the run needs no check nor savepoint, and its rows go together:
-    on SQLite held back to the COMMIT, the run made from its assistant's
-    ``remembered`` defaults if any (run_defaults: checked by its INSERT, no
-    read); on PostgreSQL in one statement (new_rows), or, given
-    ``unwritten``, not at all: they are added to it for the caller to
-    insert with the events (run_log.append's ``inserting``: the same
-    statement, issue 17)."""
+    """A new thread and its run, made from its assistant's ``remembered``
+    defaults if any (run_defaults: checked by the run's INSERT, no read;
+    StaleDefaults or AssistantChanged if they changed, nothing written). A
+    new thread has no live run to conflict with, so the run needs no check
+    nor savepoint, and its rows go together: on SQLite held back to the
+    COMMIT; on PostgreSQL in one statement (new_rows), or, given
+    ``unwritten``, not at all: they are added to it, with their condition,
+    for the caller to insert with the events (run_log.append's
+    ``inserting``: the same statement, issue 17)."""
     rows: list[orm.Base] = []
     thread = await threads.create(session, project, body.thread or ThreadCreate(), inserting=rows)
-    assistant = run_defaults.remembered(session, project, body.assistant_id) if remembered else None
+    postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
+    # PostgreSQL checks remembered defaults only in the statement of the
+    # run's rows and events (a few rows: run_events.can_insert_with_rows).
+    checkable = not postgres or (unwritten is not None and len(rows) < new_rows.MAX_ROWS_TOGETHER)
+    assistant = run_defaults.remembered(project, body.assistant_id) if remembered and checkable else None
     run = await _new_run(
         session, project, thread.id, body, expires_in=expires_in, reservation=reservation, assistant=assistant
     )
     run.tool_resources = (
         await tool_resources.to_stored(session, project, body.tool_resources) if body.tool_resources else None
     )
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
+    if postgres:
         if unwritten is not None:
-            unwritten += [*rows, run]
+            unwritten.rows += [*rows, run]
+            unwritten.only_if = run_defaults.only_if(assistant) if assistant is not None else None
         else:
             await new_rows.insert_together(session, [*rows, run])
     else:

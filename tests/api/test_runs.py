@@ -14,7 +14,9 @@ from fastapi import FastAPI
 from sqlalchemy import delete, func, select, update
 
 from app import orm, sqlite_driver
-from app.services import run_defaults
+from app.main import create_app
+from app.services import projects, run_defaults
+from app.settings import Settings
 from tests.conftest import error_of
 
 
@@ -138,7 +140,6 @@ async def test_tool_choice_is_checked_against_the_assistant_as_it_is_now(
         await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=body, tool_choice=choice)
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL remembers nothing
 async def test_a_large_assistant_is_not_remembered(client: openai.AsyncOpenAI) -> None:
     """The remembered run defaults (app/services/run_defaults.py) keep no
     assistant whose stored values are large (instructions up to 256k
@@ -156,6 +157,66 @@ async def test_a_large_assistant_is_not_remembered(client: openai.AsyncOpenAI) -
     assert large not in run_defaults._REMEMBERED and wide not in run_defaults._REMEMBERED
 
 
+async def test_another_runtimes_change_of_the_assistant_reaches_the_next_run(
+    client: openai.AsyncOpenAI, app: FastAPI, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runtimes on one database: the second updates, then deletes, the
+    assistant between the first's creates, after the first remembered its
+    defaults (app/services/run_defaults.py; the second's forget() cannot
+    reach the first's memory, as in two processes). Each run of the first
+    takes the assistant as it is now, on a new thread and on an existing
+    one; the attempt that met the change left nothing half-written; a busy
+    thread is still its 400; a deleted assistant is the documented 404."""
+    monkeypatch.setattr(run_defaults, "forget", lambda _assistant_id: None)
+    other = create_app(settings)
+    body: Any = {"messages": [{"role": "user", "content": "Hello"}]}
+    async with (
+        other.router.lifespan_context(other),
+        httpx2.AsyncClient(transport=httpx2.ASGITransport(app=other), base_url="http://testserver") as other_http,
+    ):
+        elsewhere = openai.AsyncOpenAI(
+            base_url="http://testserver/v1", api_key="sk-test", http_client=other_http, max_retries=0
+        )
+        assistant_id = await _assistant(
+            client, instructions="First.", tools=[{"type": "function", "function": {"name": "f"}}]
+        )
+        await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=body)
+        assert run_defaults.remembered(projects.DEFAULT, assistant_id) is not None
+        busy = await client.beta.threads.create(messages=[{"role": "user", "content": "[[call f]]"}])
+        live = await client.beta.threads.runs.create_and_poll(thread_id=busy.id, assistant_id=assistant_id)
+        assert live.status == "requires_action"
+        idle = await client.beta.threads.create(messages=body["messages"])
+        async with app.state.runtime.transaction() as session:
+            counts = [await session.scalar(select(func.count()).select_from(table)) for table in _CREATED]
+        await elsewhere.beta.assistants.update(assistant_id, instructions="Second.")
+        run = await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=body)
+        assert (run.assistant_id, run.instructions) == (assistant_id, "Second.")
+        await elsewhere.beta.assistants.update(assistant_id, instructions="Third.", model="gpt-4.1")
+        run = await client.beta.threads.runs.create(idle.id, assistant_id=assistant_id)
+        assert (run.instructions, run.model) == ("Third.", "gpt-4.1")
+        async with app.state.runtime.transaction() as session:
+            after = [await session.scalar(select(func.count()).select_from(table)) for table in _CREATED]
+        # Exactly what the two runs made: one thread and two runs (the attempts that met a change, none).
+        assert [b - a for a, b in zip(counts, after, strict=True)] == [1, 2]
+        await elsewhere.beta.assistants.update(assistant_id, instructions="Fourth.")
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.beta.threads.runs.create(busy.id, assistant_id=assistant_id)
+        assert error_of(refused.value)["message"] == f"Thread {busy.id} already has an active run {live.id}."
+        await elsewhere.beta.assistants.delete(assistant_id)
+        missing = f"No assistant found with id '{assistant_id}'."
+        with pytest.raises(openai.NotFoundError) as gone:
+            await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=body)
+        assert error_of(gone.value)["message"] == missing
+        fresh = await client.beta.threads.create()
+        with pytest.raises(openai.NotFoundError) as gone:
+            await client.beta.threads.runs.create(fresh.id, assistant_id=assistant_id)
+        assert error_of(gone.value)["message"] == missing
+
+
+# What a create writes, counted by the test above.
+_CREATED = (orm.Thread, orm.Run)
+
+
 def test_every_default_a_run_takes_is_checked() -> None:
     """What a run takes from its assistant is what the remembered path
     checks (app/services/run_defaults.py): AssistantDefaults' fields are
@@ -163,7 +224,7 @@ def test_every_default_a_run_takes_is_checked() -> None:
     without the other would let a run take a stale value)."""
     names = [field.name for field in dataclasses.fields(run_defaults.AssistantDefaults)]
     assert names == ["id", *run_defaults.RUN_TAKES, "stored"]
-    assert [str(column).removeprefix("assistants.") for column in run_defaults._CHECKED] == [
+    assert [column.name for column in run_defaults._CHECKED] == [
         "project_id",
         *run_defaults.RUN_TAKES,
     ]
@@ -179,7 +240,6 @@ def test_only_the_checked_insert_is_stale() -> None:
     assert run_defaults.is_stale(run_defaults.StaleDefaults("asst_x"))
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL remembers nothing
 async def test_a_change_of_any_default_is_caught(client: openai.AsyncOpenAI, app: FastAPI) -> None:
     """Each column a run takes from its assistant, changed behind this
     process's back after a run remembered it: the next run is made from the
@@ -338,7 +398,6 @@ async def test_create_and_poll_needs_one_poll(client: openai.AsyncOpenAI, http: 
     assert polls == ["", "true"]
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL remembers nothing
 async def test_a_tool_choice_refused_against_the_requests_own_tools_is_not_retried(
     client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -417,7 +417,7 @@ async def test_a_new_run_and_its_opening_events_are_written_together_or_not_at_a
     and its run left unwritten by create_thread_and_run, and inserted by
     the append that logs their events (on PostgreSQL one statement, the
     run's events beside the run they belong to); a rollback leaves none."""
-    from app.services import assistants, projects, runs
+    from app.services import assistants, new_rows, projects, runs
     from app.wire.assistants import AssistantCreate
     from app.wire.runs import ThreadAndRunCreate
 
@@ -429,11 +429,13 @@ async def test_a_new_run_and_its_opening_events_are_written_together_or_not_at_a
 
     async def create() -> tuple[str, list[int]]:
         async with runtime.transaction() as session:
-            unwritten: list[orm.Base] = []
+            unwritten = new_rows.Unwritten()
             _thread, run, events = await runs.create_thread_and_run(
                 session, projects.DEFAULT, body, expires_in=600, unwritten=unwritten
             )
-            entries = await runtime.run_log.append(session, run.id, events, run_locked=True, inserting=unwritten)
+            entries = await runtime.run_log.append(
+                session, run.id, events, run_locked=True, inserting=unwritten.rows, inserting_only_if=unwritten.only_if
+            )
             if abandon:
                 raise _Abandon
             return run.id, [entry.seq for entry in entries]
