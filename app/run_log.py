@@ -213,6 +213,7 @@ class RunLog:
         inserting: Sequence[orm.Base] = (),
         inserting_only_if: new_rows.OnlyIf | None = None,
         carried_by: run_state.CarriedMove | None = None,
+        wake_workers: bool = False,
     ) -> list[Entry]:
         """Log ``events`` (after the run's buffered deltas) in ``session``'s
         transaction; returns their entries. With no events it still learns
@@ -232,7 +233,11 @@ class RunLog:
         (run_events.insert_with_rows).
         ``carried_by`` (PostgreSQL, with ``run_locked``): the run's move
         (run_state.carried_move), which the events' insert goes in
-        (run_events.insert_carrying), sent with it (a move has its event)."""
+        (run_events.insert_carrying), sent with it (a move has its event).
+        ``wake_workers`` (PostgreSQL, with events and no ``carried_by``):
+        the statement that logs them also wakes other processes' workers
+        (db.notify_work(), delivered at this transaction's commit: issue
+        17, no transaction of its own after it)."""
         assert carried_by is None or (events and self.postgres and run_locked), "a move carried by its events"
         # PostgreSQL, the run's row locked (or new among ``inserting``): the
         # rows go in the statement that logs the events.
@@ -240,6 +245,7 @@ class RunLog:
             bool(events) and carried_by is None and run_locked and run_events.can_insert_with_rows(session, inserting)
         )
         assert inserting_only_if is None or with_rows, "rows inserted only if, in the events' statement"
+        assert not wake_workers or (self.postgres and events and carried_by is None), "woken by the events' statement"
         if self.postgres and not run_locked:  # a SQLite transaction holds the write lock already
             await run_events.lock_inserting(session, run_id, inserting)
         elif self.postgres and inserting and not with_rows:  # many rows: by table
@@ -275,11 +281,11 @@ class RunLog:
             elif with_rows:
                 signal = None if unknown_elsewhere else self._notify_signal(session)
                 first = await run_events.insert_with_rows(
-                    session, run_id, batch, inserting, signal=signal, only_if=inserting_only_if
+                    session, run_id, batch, inserting, signal=signal, wake=wake_workers, only_if=inserting_only_if
                 )
             elif batch:
                 signal = None if unknown_elsewhere else self._notify_signal(session)
-                first = (await run_events.insert(session, {run_id: batch}, signal=signal))[run_id]
+                first = (await run_events.insert(session, {run_id: batch}, signal=signal, wake=wake_workers))[run_id]
             else:  # an executor starting a run: where its deltas will go on
                 first = (await run_events.last_seqs(session, [run_id]))[run_id] + 1
         except BaseException:

@@ -143,6 +143,13 @@ class Runtime:
         if self._peers is not None:  # after this process's last write
             await self._peers.close()
 
+    def wakes_by_notify(self) -> bool:
+        """Whether new work is signalled to the workers of other processes
+        (PostgreSQL, no worker in this one): a transaction that queues work
+        may carry the signal itself (run_log.append's ``wake_workers``)
+        instead of wake()'s transaction after its commit."""
+        return self.wake_worker is None and not db.is_sqlite(self.settings.resolved_database_url())
+
     def wake(self, *, files: bool = True) -> None:
         """There is new work: the worker of this process starts it at once;
         without one (an API replica), PostgreSQL carries the signal to the

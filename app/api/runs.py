@@ -53,6 +53,9 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
     writes (wire notes 3.4). Errors raised by ``change`` are ordinary JSON errors.
     """
     follower: Follower | None = None
+    # An API replica's create wakes the workers with its own commit (issue
+    # 17: not a transaction of its own after it); a worker here is woken in-process.
+    notify = runtime.wakes_by_notify()
     try:
         async with runtime.transaction() as session:
             unwritten = new_rows.Unwritten()
@@ -67,6 +70,7 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
                 run_locked=True,
                 inserting=unwritten.rows,
                 inserting_only_if=unwritten.only_if,
+                wake_workers=notify,
             )
             if stream:
                 follower = Follower(
@@ -82,7 +86,8 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
         if follower is not None:
             await follower.close()
         raise
-    runtime.wake(files=False)
+    if not notify:
+        runtime.wake(files=False)
     if follower is None:
         return respond(runs.to_wire(run))
     # As committed: on SQLite the run log numbers an append ahead of writing

@@ -103,7 +103,7 @@ def parse_signal(payload: str) -> tuple[str, str]:
 
 
 async def insert(
-    session: AsyncSession, batches: dict[str, list[Event]], *, signal: Signal | None = None
+    session: AsyncSession, batches: dict[str, list[Event]], *, signal: Signal | None = None, wake: bool = False
 ) -> dict[str, int]:
     """Append each run's events after its last logged one (call under
     lock()); returns the first ``seq`` given to each run's events.
@@ -114,12 +114,15 @@ async def insert(
     (delivered when the transaction commits, as notify() does; issue 17:
     no transaction of its own). On SQLite, whose transactions are serial and
     local, a read of the ends then one multi-row INSERT; ``signal`` is
-    PostgreSQL's only."""
+    PostgreSQL's only, as is ``wake``: the statement wakes the workers of
+    other processes too (db.notify_work() at this transaction's commit,
+    without a transaction of its own; one batch)."""
     batches = {run_id: events for run_id, events in batches.items() if events}
     if not batches:
         return {}
     if session.bind is not None and session.bind.dialect.name == "postgresql":
-        return await _insert_postgres(session, batches, signal)
+        assert not wake or len(batches) == 1, "one wake-up per statement"
+        return await _insert_postgres(session, batches, signal, wake)
     if sum(len(events) for events in batches.values()) <= _SQLITE_ONE_STATEMENT_ROWS:
         return await _insert_sqlite(session, batches)
     firsts = {run_id: last + 1 for run_id, last in (await last_seqs(session, sorted(batches))).items()}
@@ -149,33 +152,38 @@ _INSERT_POSTGRES_ROWS = """
         SELECT run_id, min(seq) AS first FROM ins GROUP BY run_id
     )
 """
-_INSERT_POSTGRES = text(_INSERT_POSTGRES_ROWS + "SELECT run_id, first FROM firsts")  # noqa: S608 (constants)
-# pg_notify in the select list: once per run, sent at COMMIT (nothing if it
-# rolls back); its payload as parse_signal() reads it.
-_INSERT_NOTIFY_POSTGRES = text(
-    _INSERT_POSTGRES_ROWS  # noqa: S608 (constants)
-    + f"SELECT run_id, first, {_SIGNAL_NOTIFY} FROM firsts"  # noqa: S608 (constants)
-)
+# The select list of _INSERT_POSTGRES_ROWS's statement: with a Signal,
+# pg_notify once per run, sent at COMMIT (nothing if it rolls back), its
+# payload as parse_signal() reads it; with ``wake``, pg_notify on the
+# workers' channel (db.WORK_CHANNEL) once, as db.notify_work() does.
+_WAKE_WORKERS = "pg_notify(:work_channel, '')"
+
+
+@functools.cache
+def _insert_postgres_statement(notify: bool, wake: bool) -> TextClause:
+    returned = ["run_id", "first", *([_SIGNAL_NOTIFY] if notify else []), *([_WAKE_WORKERS] if wake else [])]
+    return text(_INSERT_POSTGRES_ROWS + f"SELECT {', '.join(returned)} FROM firsts")  # noqa: S608 (constants)
 
 
 async def _insert_postgres(
-    session: AsyncSession, batches: dict[str, list[Event]], signal: Signal | None
+    session: AsyncSession, batches: dict[str, list[Event]], signal: Signal | None, wake: bool
 ) -> dict[str, int]:
     params: dict[str, Any] = {"run_ids": [], "ns": [], "names": [], "datas": [], "now": time.time()}
     if signal is not None:
         params["channel"], params["origin"] = signal.channel, signal.origin
+    if wake:
+        params["work_channel"] = db.WORK_CHANNEL
     for run_id, events in batches.items():
         for n, event in enumerate(events, start=1):
             params["run_ids"].append(run_id)
             params["ns"].append(n)
             params["names"].append(event.name)
             params["datas"].append(_ENCODE(_payload(event)))
-    statement = _INSERT_POSTGRES if signal is None else _INSERT_NOTIFY_POSTGRES
-    rows = (await session.execute(statement, params)).all()
+    rows = (await session.execute(_insert_postgres_statement(signal is not None, wake), params)).all()
     return {str(row[0]): int(row[1]) for row in rows}
 
 
-# The log's insert of _INSERT_POSTGRES as a data-modifying CTE of another
+# The log's insert of _INSERT_POSTGRES_ROWS as a data-modifying CTE of another
 # statement (insert_carrying), numbering as that one does; ``guarded``: only
 # with the row new_rows.with_inserts() guards (its CTE names it).
 def _logged_sql(guarded: bool) -> str:
@@ -239,17 +247,20 @@ async def insert_carrying(
 
 
 @functools.lru_cache(maxsize=256)  # a shape per number of new rows (new_rows.MAX_ROWS_TOGETHER at most), a few times
-def _logging_rows(shape: new_rows.Shape, notify: bool, condition: new_rows.Condition | None) -> Select[Any]:
+def _logging_rows(shape: new_rows.Shape, notify: bool, wake: bool, condition: new_rows.Condition | None) -> Select[Any]:
     """The log's insert (as insert_carrying's) with an INSERT CTE per new
     row of ``shape`` (new_rows.with_inserts, all only if ``condition``
     holds), returning the first seq written (NULL: none) and, with
     ``notify``, NOTIFYing the Signal bound as ``log_channel`` and
-    ``log_origin`` for the run bound as ``log_run_id``."""
+    ``log_origin`` for the run bound as ``log_run_id``, and with ``wake``
+    the workers' channel bound as ``work_channel`` (see insert())."""
     logged = _LOGGED if condition is None else _LOGGED_GUARDED
     returned: list[ColumnElement[Any]] = [func.min(logged.c.seq)]
     if notify:
         origin = cast(bindparam("log_origin"), Text)
         returned.append(func.pg_notify(bindparam("log_channel"), cast(bindparam("log_run_id"), Text) + " " + origin))
+    if wake:
+        returned.append(func.pg_notify(bindparam("work_channel", type_=Text), ""))
     return new_rows.with_inserts(select(*returned).select_from(logged), shape, condition)
 
 
@@ -269,6 +280,7 @@ async def insert_with_rows(
     rows: Sequence[orm.Base],
     *,
     signal: Signal | None = None,
+    wake: bool = False,
     only_if: new_rows.OnlyIf | None = None,
 ) -> int:
     """insert() of one run's events on PostgreSQL by the statement that
@@ -281,7 +293,7 @@ async def insert_with_rows(
     run inserted beside it. Returns the first ``seq``. With ``only_if``,
     nothing at all goes in unless its condition holds for the last row (the
     run): else its ``refused()`` is raised, the transaction to be rolled
-    back (which drops a NOTIFY with it)."""
+    back (which drops a NOTIFY with it). ``wake``: as insert()'s."""
     shape, params = new_rows.shape_of(rows)
     params |= {
         "log_now": time.time(),
@@ -292,11 +304,14 @@ async def insert_with_rows(
     }
     if signal is not None:
         params |= {"log_channel": signal.channel, "log_origin": signal.origin, "log_run_id": run_id}
+    if wake:
+        params["work_channel"] = db.WORK_CHANNEL
     condition = None
     if only_if is not None:
         condition = only_if.condition
         params |= only_if.parameters
-    first = (await session.execute(_logging_rows(shape, signal is not None, condition), params)).scalar_one()
+    statement = _logging_rows(shape, signal is not None, wake, condition)
+    first = (await session.execute(statement, params)).one()[0]
     if first is None:
         assert only_if is not None, "events logged"
         raise only_if.refused()
@@ -310,7 +325,7 @@ _SQLITE_ONE_STATEMENT_ROWS = 256
 
 @functools.cache
 def _insert_sqlite_statement(rows: int) -> TextClause:
-    """As _INSERT_POSTGRES, for ``rows`` events: SQLite runs the SELECT to
+    """As _INSERT_POSTGRES_ROWS, for ``rows`` events: SQLite runs the SELECT to
     its end before inserting (it reads the table written), so every row's
     ``max(seq)`` is the log's end before this statement (issue 17: one
     statement and one thread hop per append instead of two)."""

@@ -3,6 +3,8 @@ locking; executed by the in-process worker with the built-in model."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 from typing import Any
@@ -13,7 +15,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import delete, func, select, update
 
-from app import orm, sqlite_driver
+from app import db, orm, sqlite_driver
 from app.main import create_app
 from app.services import projects, run_defaults
 from app.settings import Settings
@@ -215,6 +217,54 @@ async def test_another_runtimes_change_of_the_assistant_reaches_the_next_run(
 
 # What a create writes, counted by the test above.
 _CREATED = (orm.Thread, orm.Run)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has no other processes to wake
+async def test_an_api_replicas_create_wakes_the_workers_with_its_own_commit(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An API replica (no worker in its process) on PostgreSQL: each create
+    wakes the other processes' workers through the work channel, NOTIFYd by
+    the create's own statement (delivered at its commit), not by a
+    transaction of its own after it (db.notify_work: issue 17)."""
+    settings.embedded_worker = False
+    separately: list[object] = []
+
+    async def notify_work(engine: object) -> None:
+        separately.append(engine)
+
+    monkeypatch.setattr(db, "notify_work", notify_work)
+    replica = create_app(settings)
+    async with (
+        replica.router.lifespan_context(replica),
+        httpx2.AsyncClient(transport=httpx2.ASGITransport(app=replica), base_url="http://testserver") as http,
+    ):
+        sdk = openai.AsyncOpenAI(base_url="http://testserver/v1", api_key="sk-test", http_client=http, max_retries=0)
+        listening, all_woken, woken = asyncio.Event(), asyncio.Event(), []
+
+        def on_work(payload: str) -> None:
+            woken.append(payload)
+            if len(woken) == 4:
+                all_woken.set()
+
+        engine = replica.state.runtime.engine
+        on_listening = lambda up: listening.set() if up else None  # noqa: E731
+        listener = asyncio.create_task(db.listen(engine, db.WORK_CHANNEL, on_work, on_listening=on_listening))
+        try:
+            await asyncio.wait_for(listening.wait(), 10)
+            assistant_id = await _assistant(client=sdk)
+            body: Any = {"messages": [{"role": "user", "content": "Hello"}]}
+            for _remembered in range(2):  # read, then remembered defaults
+                await sdk.beta.threads.create_and_run(assistant_id=assistant_id, thread=body)
+                thread = await sdk.beta.threads.create()
+                await sdk.beta.threads.runs.create(thread.id, assistant_id=assistant_id)
+            await asyncio.wait_for(all_woken.wait(), 10)
+            assert woken == [""] * 4
+            assert separately == []
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
 
 
 def test_every_default_a_run_takes_is_checked() -> None:
