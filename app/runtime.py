@@ -147,7 +147,10 @@ class Runtime:
         """Whether new work is signalled to the workers of other processes
         (PostgreSQL, no worker in this one): a transaction that queues work
         may carry the signal itself (run_log.append's ``wake_workers``)
-        instead of wake()'s transaction after its commit."""
+        instead of wake()'s transaction after its commit. Unlike that one,
+        which was best effort, the signal is then part of the create's
+        commit: a full NOTIFY queue (a listener stuck in a transaction)
+        fails the create, as it already fails any append that NOTIFYs."""
         return self.wake_worker is None and not db.is_sqlite(self.settings.resolved_database_url())
 
     def wake(self, *, files: bool = True) -> None:

@@ -207,7 +207,7 @@ def _live_insert(columns: tuple[str, ...], checked: bool) -> Insert:
     raising nothing) where the live-run index already holds a run of its
     thread, or, ``checked``, where its assistant no longer has the
     remembered defaults (run_defaults.UNCHANGED); returns the id it added.
-    Built once per set of columns."""
+    Built once per (set of columns, checked or not)."""
     table = orm.Run.__table__
     assert isinstance(table, Table)
     values = [bindparam(column, type_=table.c[column].type) for column in columns]
