@@ -251,7 +251,9 @@ class Worker:
         self._reserved = 0  # this claim takes the runs reserved so far (if it has room)
         if free > 0 and not self._stopping:
             # Claimed and started in one transaction (issue 17).
-            claimed = await execute.claim_and_start(self.runtime, self.owner, free, self.lease_seconds, self.builtins)
+            claimed = await execute.claim_and_start(
+                self.runtime, self.owner, free, self.lease_seconds, self.builtins, executing=list(self._tasks)
+            )
             self._claimed_to_capacity = len(claimed) == free
             running = [execution for execution in claimed if not execution.finished]
             for execution in running:
@@ -279,6 +281,7 @@ class Worker:
     async def _execute(self, execution: execute.RunExecution) -> None:
         run_id = execution.run_id
         renewer = asyncio.create_task(self._renew_lease(run_id))
+        released = False
         try:
             await execute.run(execution)
         except DBAPIError as error:
@@ -286,6 +289,7 @@ class Worker:
             # committed step (by this worker's next claim if the database is back).
             log.warning("run %s stopped by a database error (%s); it will be resumed", run_id, error)
             await self._release_leases_of([run_id])
+            released = True
         except Exception:
             # execute() ends the run itself (or leaves it to be resumed after a
             # database failure); this only guards the worker loop.
@@ -295,12 +299,15 @@ class Worker:
             with suppress(asyncio.CancelledError):
                 await renewer
             self._tasks.pop(run_id, None)
-            if self._claimed_to_capacity:
-                self.wake(files=False)  # a slot is free for a run that may be waiting
+            # A slot is free for a run that may be waiting; or the run released
+            # above may be resumed here: a claim made while this task was still
+            # listed left it out (claim_and_start's ``executing``).
+            if self._claimed_to_capacity or released:
+                self.wake(files=False)
 
     async def claim(self, limit: int) -> list[str]:
         async with self.runtime.transaction() as session:
-            return await run_execution.claim(session, self.owner, limit, self.lease_seconds)
+            return await run_execution.claim(session, self.owner, limit, self.lease_seconds, list(self._tasks))
 
     async def _renew_lease(self, run_id: str) -> None:
         """Keep the lease on ``run_id`` while it executes. If the lease is lost

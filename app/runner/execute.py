@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
@@ -955,15 +955,21 @@ async def run(execution: RunExecution) -> None:
 
 
 async def claim_and_start(
-    runtime: Runtime, owner: str, limit: int, lease_seconds: float, builtins: dict[str, BuiltinTool]
+    runtime: Runtime,
+    owner: str,
+    limit: int,
+    lease_seconds: float,
+    builtins: dict[str, BuiltinTool],
+    executing: Collection[str] = (),
 ) -> list[RunExecution]:
-    """Claim up to ``limit`` runs for ``owner`` and start them, all in one
+    """Claim up to ``limit`` runs for ``owner`` (none of ``executing``, the
+    runs ``owner`` executes already) and start them, all in one
     transaction; the executions not ``finished`` in it (an instant answer
     ends its run there) go on with run()."""
     executions = []
     try:
         async with runtime.transaction() as session:
-            for claimed in await run_execution.claim_runs(session, owner, limit, lease_seconds):
+            for claimed in await run_execution.claim_runs(session, owner, limit, lease_seconds, executing):
                 execution = RunExecution(runtime, claimed.id, builtins, owner=owner)
                 await execution.start_claimed(session, claimed)
                 executions.append(execution)

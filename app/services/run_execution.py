@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -118,15 +118,23 @@ def _earlier_messages_column(dialect: str) -> ColumnElement[Any]:
 def _build_claim(dialect: str) -> Update:
     """The claim, built once per dialect (issue 17: building it and its ORM
     RETURNING cost more CPU than running it); bound: _claimable_by_owner()'s
-    values, ``limit``, ``owner`` and ``lease_until``; returns the claimed
+    values, ``executing``, ``limit``, ``owner`` and ``lease_until``; returns the claimed
     rows and each queued one's earlier messages (_earlier_messages_column)."""
     # MATERIALIZED: chosen once. As a plain IN (subquery) PostgreSQL may
     # rescan it for each row it updates, and a rescan skips the rows this
     # statement has just updated and picks the next ones: a claim took more
     # runs than ``limit`` (issue 17).
+    # ``executing``: the runs the claiming worker still executes. Its lease
+    # on one may have lapsed (renewals slower than the lease, or failing
+    # while the database was locked) with its execution still streaming; a
+    # claim of its own would start a second execution under the same owner,
+    # which no lease check tells apart from the first: the second's resume
+    # deletes the first's message, and whichever ends the run leaves the
+    # other's message in_progress. The first execution's renewer stamps the
+    # lease again instead.
     candidates = (
         select(run_state.RUNS.c.id)
-        .where(_claimable_by_owner())
+        .where(_claimable_by_owner(), run_state.RUNS.c.id.not_in(bindparam("executing", expanding=True)))
         .order_by(run_state.RUNS.c.seq)
         .limit(bindparam("limit", type_=Integer))
         .with_for_update(skip_locked=True)
@@ -156,27 +164,34 @@ class EarlierMessage(NamedTuple):
 _PREFETCHED: weakref.WeakKeyDictionary[orm.Run, list[EarlierMessage]] = weakref.WeakKeyDictionary()
 
 
-def _claim_parameters(owner: str, limit: int, lease_seconds: float) -> dict[str, Any]:
+def _claim_parameters(owner: str, limit: int, lease_seconds: float, executing: Collection[str]) -> dict[str, Any]:
     now = time.time()
     return {
         "now": now,
         "now_seconds": int(now),
         "reserved_owner": reserved_for(owner),
+        "executing": sorted(executing),
         "limit": limit,
         "owner": owner,
         "lease_until": now + lease_seconds,
     }
 
 
-async def claim(session: AsyncSession, owner: str, limit: int, lease_seconds: float) -> list[str]:
-    """Stamp ``owner``'s lease on up to ``limit`` claimable runs, oldest first.
+async def claim(
+    session: AsyncSession, owner: str, limit: int, lease_seconds: float, executing: Collection[str] = ()
+) -> list[str]:
+    """Stamp ``owner``'s lease on up to ``limit`` claimable runs, oldest first,
+    none of ``executing`` (the runs ``owner`` still executes, whatever their
+    lease says: see _build_claim).
     On PostgreSQL the candidates are locked with SKIP LOCKED, so concurrent
     workers pick different rows; on SQLite the single writer serialises
     claims, and the UPDATE re-checks the condition either way."""
-    return [run.id for run in await claim_runs(session, owner, limit, lease_seconds)]
+    return [run.id for run in await claim_runs(session, owner, limit, lease_seconds, executing)]
 
 
-async def claim_runs(session: AsyncSession, owner: str, limit: int, lease_seconds: float) -> list[orm.Run]:
+async def claim_runs(
+    session: AsyncSession, owner: str, limit: int, lease_seconds: float, executing: Collection[str] = ()
+) -> list[orm.Run]:
     """claim(), returning the claimed runs (as the UPDATE left them, oldest
     first), so that the claim's transaction can start them without reading
     them again. They are detached instances, as if loaded by a session
@@ -184,7 +199,7 @@ async def claim_runs(session: AsyncSession, owner: str, limit: int, lease_second
     it is (never a new row to insert)."""
     assert session.bind is not None
     claim = _CLAIMS[session.bind.dialect.name]
-    result = await session.execute(claim, _claim_parameters(owner, limit, lease_seconds))
+    result = await session.execute(claim, _claim_parameters(owner, limit, lease_seconds, executing))
     runs = [_detached_run(row._mapping) for row in result]
     return sorted(runs, key=lambda run: run.seq)  # RETURNING has no order; oldest first, as claimed
 

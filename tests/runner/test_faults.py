@@ -245,6 +245,38 @@ async def test_an_execution_whose_lease_was_taken_over_stops(settings: Settings,
         await rt.close()
 
 
+async def test_a_worker_leaves_alone_a_run_it_still_executes_whose_lease_lapsed(settings: Settings) -> None:
+    """A lease that lapsed under its own worker's execution (renewals slower
+    than the lease, or failing while the database was locked: the flaky
+    busy-timeout test above) does not make the run claimable by that same
+    worker: a second execution under the same owner passes every lease
+    check, its resume deletes the first's message, and whichever ends the
+    run leaves the other's message in_progress with part of its text. The
+    first execution goes on and finishes. (A lease far longer than the
+    test: no renewal stamps it again meanwhile.)"""
+    update_settings = {"worker_poll_seconds": 0.05, "run_lease_seconds": 600.0}
+    rt = await Runtime.start(settings.model_copy(update=update_settings))
+    worker, task = await _running_worker(rt)
+    try:
+        (run_id,) = await _make_runs(rt, 1, text="[[delay 20]] [[tokens 50]]")
+
+        async def streaming() -> bool:
+            return bool(await _answers(rt, run_id))
+
+        await _until(streaming, "the answer's message to open")
+        async with rt.transaction() as session:
+            lapsed = update(orm.Run).where(orm.Run.id == run_id).values(lease_expires_at=time.time() - 1)
+            await session.execute(lapsed)
+        worker.wake()  # a claim at once, while the answer still streams
+        await _until(lambda: _all_final(rt, [run_id]), "the run to finish")
+        assert await _statuses(rt, [run_id]) == {run_id: "completed"}
+        answers = await _answers(rt, run_id)
+        assert [(m.status, len(m.content[0]["text"]["value"].split())) for m in answers] == [("completed", 50)]
+    finally:
+        await _stop(worker, task)
+        await rt.close()
+
+
 async def test_shutdown_returns_as_soon_as_the_runs_in_flight_are_done(runtime: Runtime) -> None:
     worker, task = await _running_worker(runtime)
     (run_id,) = await _make_runs(runtime, 1, text="[[delay 20]] [[tokens 20]]")
