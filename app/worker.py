@@ -238,8 +238,9 @@ class Worker:
         only has work when something lapsed), then fill free slots; with
         ``ingest``, the free ingestion slots too."""
         if self._unreleased:  # runs stopped by a database error, not handed back yet
+            # (Not one this worker claimed again since and executes now: its lease is that execution's.)
             async with self.runtime.transaction() as session:
-                await run_execution.release(session, self.owner, sorted(self._unreleased))
+                await run_execution.release(session, self.owner, sorted(self._unreleased - self._tasks.keys()))
             self._unreleased.clear()
         if time.monotonic() >= self._next_reap:
             await self.reap()

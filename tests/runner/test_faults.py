@@ -277,6 +277,31 @@ async def test_a_worker_leaves_alone_a_run_it_still_executes_whose_lease_lapsed(
         await rt.close()
 
 
+async def test_a_late_release_spares_a_run_the_worker_executes_again(settings: Settings) -> None:
+    """A run whose release failed after a database error is handed back at a
+    later tick; if this worker has claimed it again meanwhile (its lease had
+    lapsed) and executes it, that release would take the new execution's
+    lease away (the execution then stops as if taken over): it is skipped."""
+    update_settings = {"worker_poll_seconds": 0.05, "run_lease_seconds": 600.0}
+    rt = await Runtime.start(settings.model_copy(update=update_settings))
+    worker, task = await _running_worker(rt)
+    try:
+        (run_id,) = await _make_runs(rt, 1, text="[[delay 20]] [[tokens 50]]")
+        await _until(lambda: worker.busy == 1, "the run to start")
+        worker._unreleased.add(run_id)  # as a failed release of an earlier execution of it left it
+        worker.wake()
+        await _until(lambda: not worker._unreleased, "a tick to hand back what it holds")
+        async with rt.transaction() as session:
+            run = await session.get(orm.Run, run_id)
+        assert run is not None and (run.status, run.lease_owner) in {("in_progress", worker.owner), ("completed", None)}
+        await _until(lambda: _all_final(rt, [run_id]), "the run to finish")
+        answers = await _answers(rt, run_id)
+        assert [(m.status, len(m.content[0]["text"]["value"].split())) for m in answers] == [("completed", 50)]
+    finally:
+        await _stop(worker, task)
+        await rt.close()
+
+
 async def test_shutdown_returns_as_soon_as_the_runs_in_flight_are_done(runtime: Runtime) -> None:
     worker, task = await _running_worker(runtime)
     (run_id,) = await _make_runs(runtime, 1, text="[[delay 20]] [[tokens 20]]")
