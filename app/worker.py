@@ -238,10 +238,14 @@ class Worker:
         only has work when something lapsed), then fill free slots; with
         ``ingest``, the free ingestion slots too."""
         if self._unreleased:  # runs stopped by a database error, not handed back yet
-            # (Not one this worker claimed again since and executes now: its lease is that execution's.)
+            # A run still listed is kept for a later tick, not released: it is
+            # either the failed execution that has not left the list yet (this
+            # very tick may be the one its own release's wake started) or one
+            # this worker claimed again since, whose lease is that execution's.
+            listed = self._unreleased & self._tasks.keys()
             async with self.runtime.transaction() as session:
-                await run_execution.release(session, self.owner, sorted(self._unreleased - self._tasks.keys()))
-            self._unreleased.clear()
+                await run_execution.release(session, self.owner, sorted(self._unreleased - listed))
+            self._unreleased = listed
         if time.monotonic() >= self._next_reap:
             await self.reap()
             self._next_reap = time.monotonic() + self.poll_seconds

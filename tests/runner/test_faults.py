@@ -15,12 +15,14 @@ import asyncpg
 import pytest
 from sqlalchemy import event, func, select, update
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from app import ids, orm
+from app.runner import execute
 from app.runner.tools import ToolResult
 from app.runner.tools.file_search import FileSearch, FileSearchResult
 from app.runtime import Runtime
-from app.services import runs
+from app.services import run_execution, runs
 from app.settings import Settings
 from app.worker import Worker
 from tests.runner.test_worker import _make_runs, _statuses
@@ -297,6 +299,49 @@ async def test_a_late_release_spares_a_run_the_worker_executes_again(settings: S
         await _until(lambda: _all_final(rt, [run_id]), "the run to finish")
         answers = await _answers(rt, run_id)
         assert [(m.status, len(m.content[0]["text"]["value"].split())) for m in answers] == [("completed", 50)]
+    finally:
+        await _stop(worker, task)
+        await rt.close()
+
+
+async def test_a_failed_release_is_not_dropped_by_the_tick_its_own_wake_starts(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An execution stops on a database error and its release fails too (the
+    database still locked): the run is left to a later tick. The tick that
+    the failed release's own wake starts runs while the task is still listed;
+    it used to subtract the run from the release and forget it, leaving the
+    run in_progress under this worker's lease until the lease lapsed (review
+    of the late-release fix)."""
+    rt = await Runtime.start(settings.model_copy(update={"worker_poll_seconds": 0.05, "run_lease_seconds": 600.0}))
+    original_run, original_release = execute.run, run_execution.release
+    failures = {"run": 1, "release": 1}
+
+    def locked() -> OperationalError:
+        return OperationalError("UPDATE runs ...", {}, sqlite3.OperationalError("database is locked"))
+
+    async def run(execution: execute.RunExecution) -> None:
+        if failures["run"]:
+            failures["run"] -= 1
+            await asyncio.sleep(0.3)  # mid-stream, the worker's loop idle
+            raise locked()
+        await original_run(execution)
+
+    async def release(session: Any, owner: str, run_ids: list[str] | None = None) -> Any:
+        if run_ids is not None and failures["release"]:
+            failures["release"] -= 1
+            raise locked()
+        return await original_release(session, owner, run_ids)
+
+    monkeypatch.setattr(execute, "run", run)
+    monkeypatch.setattr(run_execution, "release", release)
+    worker, task = await _running_worker(rt)
+    try:
+        (run_id,) = await _make_runs(rt, 1, text="[[delay 20]] [[tokens 5]]")  # streamed: not answered in its claim
+        await _until(lambda: failures["release"] == 0, "the failed release")
+        # Resumed at once (the wake after the task left its list), not after its 600 s lease.
+        await _until(lambda: _all_final(rt, [run_id]), "the run to be resumed and finish")
+        assert await _statuses(rt, [run_id]) == {run_id: "completed"}
     finally:
         await _stop(worker, task)
         await rt.close()
