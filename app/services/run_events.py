@@ -214,6 +214,18 @@ def _carrying(carrier: Update, notify: bool) -> Update:
     return carrier.add_cte(_LOGGED).returning(*returned)
 
 
+def _logged_params(run_id: str, events: Sequence[Event]) -> dict[str, Any]:
+    """The parameters of one run's events in the _LOGGED insert (its
+    ``log_*`` arrays), for the statements that carry it."""
+    return {
+        "log_now": time.time(),
+        "log_run_ids": [run_id] * len(events),
+        "log_ns": list(range(1, len(events) + 1)),
+        "log_names": [event.name for event in events],
+        "log_datas": [_ENCODE(_payload(event)) for event in events],
+    }
+
+
 async def insert_carrying(
     session: AsyncSession,
     run_id: str,
@@ -230,14 +242,7 @@ async def insert_carrying(
     its rows and its events). With ``signal``, NOTIFYs it as insert() does.
     Returns the first ``seq``; raises run_state.TransitionConflict, the
     transaction to be rolled back, if the UPDATE changed no row."""
-    params: dict[str, Any] = {
-        **carrier.params,
-        "log_now": time.time(),
-        "log_run_ids": [run_id] * len(events),
-        "log_ns": list(range(1, len(events) + 1)),
-        "log_names": [event.name for event in events],
-        "log_datas": [_ENCODE(_payload(event)) for event in events],
-    }
+    params: dict[str, Any] = {**carrier.params, **_logged_params(run_id, events)}
     if signal is not None:
         params["log_channel"], params["log_origin"] = signal.channel, signal.origin
     row = (await session.execute(_carrying(carrier.statement, signal is not None), params)).first()
@@ -295,13 +300,7 @@ async def insert_with_rows(
     run): else its ``refused()`` is raised, the transaction to be rolled
     back (which drops a NOTIFY with it). ``wake``: as insert()'s."""
     shape, params = new_rows.shape_of(rows)
-    params |= {
-        "log_now": time.time(),
-        "log_run_ids": [run_id] * len(events),
-        "log_ns": list(range(1, len(events) + 1)),
-        "log_names": [event.name for event in events],
-        "log_datas": [_ENCODE(_payload(event)) for event in events],
-    }
+    params |= _logged_params(run_id, events)
     if signal is not None:
         params |= {"log_channel": signal.channel, "log_origin": signal.origin, "log_run_id": run_id}
     if wake:
