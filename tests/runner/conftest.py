@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from app.llm import LLM
 from app.runtime import Runtime
 from app.settings import Settings
 
@@ -19,3 +20,14 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
         yield rt
     finally:
         await rt.close()
+
+
+@pytest.fixture
+async def llms() -> AsyncIterator[list[LLM]]:
+    """LLMs a test makes; their connection pools are closed after it."""
+    made: list[LLM] = []
+    try:
+        yield made
+    finally:
+        for llm in made:
+            await llm.aclose()

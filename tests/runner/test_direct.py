@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +35,6 @@ def config_file(tmp_path: Path, entries: list[dict[str, Any]], name: str = "mode
 
 def entry(name: str, model: str, **params: Any) -> dict[str, Any]:
     return {"model_name": name, "litellm_params": {"model": model, **params}}
-
-
-@pytest.fixture
-async def llms() -> AsyncIterator[list[LLM]]:
-    """LLMs a test makes; their connection pools are closed after it."""
-    made: list[LLM] = []
-    try:
-        yield made
-    finally:
-        for llm in made:
-            await llm.aclose()
 
 
 def test_which_routes_go_direct(tmp_path: Path) -> None:

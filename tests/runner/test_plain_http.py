@@ -284,13 +284,9 @@ async def test_the_pool_limit_makes_a_request_wait_for_a_slot(serve: Callable[[A
 # ------------------------------------------------------------------ reused connections closed by the server
 
 
-async def test_a_request_the_server_read_is_never_sent_again(
-    serve: Callable[[Answer], Awaitable[Server]], pool: Pool
-) -> None:
-    """The server reads the second request on a reused connection and closes
-    it without a byte of answer (it may have acted on it): an error, never a
-    second send from the pool (as httpx); the next request opens a fresh
-    connection."""
+def _dropping_the_second_request() -> Answer:
+    """An SSE answer, except to the second request on the first connection:
+    read, then the connection closed without a byte of answer."""
     respond = sse_answer()
 
     async def answer(exchange: Exchange, writer: asyncio.StreamWriter) -> bool:
@@ -298,7 +294,17 @@ async def test_a_request_the_server_read_is_never_sent_again(
             return False
         return await respond(exchange, writer)
 
-    server = await serve(answer)
+    return answer
+
+
+async def test_a_request_the_server_read_is_never_sent_again(
+    serve: Callable[[Answer], Awaitable[Server]], pool: Pool
+) -> None:
+    """The server reads the second request on a reused connection and closes
+    it without a byte of answer (it may have acted on it): an error, never a
+    second send from the pool (as httpx); the next request opens a fresh
+    connection."""
+    server = await serve(_dropping_the_second_request())
     assert await text_of(pool, server) == "Hello world"
     with pytest.raises(plain_http.RemoteProtocolError, match="closed the connection before the status line"):
         await text_of(pool, server)
@@ -320,14 +326,7 @@ async def test_the_direct_path_resends_a_dropped_request_only_within_max_retries
     """``max_retries: 0`` never sends a call twice; with retries left, the
     call is sent again (on a fresh connection) as for any connection error."""
     monkeypatch.setattr(direct, "_backoff", lambda attempt, headers: 0.0)  # the wait is not what is tested
-    respond = sse_answer()
-
-    async def answer(exchange: Exchange, writer: asyncio.StreamWriter) -> bool:
-        if (exchange.connection, exchange.number) == (1, 2):
-            return False
-        return await respond(exchange, writer)
-
-    server = await serve(answer)
+    server = await serve(_dropping_the_second_request())
     llm = LLM.from_config(_config(tmp_path, server.base, max_retries=max_retries))
     llms.append(llm)
     chat = ChatRequest("m", [{"role": "user", "content": "hi"}])
@@ -404,16 +403,6 @@ def _config(tmp_path: Path, base: str, **params: Any) -> Path:
     litellm_params = {"model": "openai/*", "api_base": base, "api_key": "k", "max_retries": 0, **params}
     path.write_text(json.dumps({"model_list": [{"model_name": "*", "litellm_params": litellm_params}]}))
     return path
-
-
-@pytest.fixture
-async def llms() -> AsyncIterator[list[LLM]]:
-    made: list[LLM] = []
-    try:
-        yield made
-    finally:
-        for llm in made:
-            await llm.aclose()
 
 
 async def _failure(llm: LLM) -> LLMError:
