@@ -151,7 +151,7 @@ class Runtime:
         which was best effort, the signal is then part of the create's
         commit: a full NOTIFY queue (a listener stuck in a transaction)
         fails the create, as it already fails any append that NOTIFYs."""
-        return self.wake_worker is None and not db.is_sqlite(self.settings.resolved_database_url())
+        return self.wake_worker is None and self.run_log.postgres
 
     def wake(self, *, files: bool = True) -> None:
         """There is new work: the worker of this process starts it at once;

@@ -217,7 +217,9 @@ class Worker:
                 await run_execution.release(session, self.owner, run_ids)
         except Exception:  # the database is still failing: the next good tick retries
             self._unreleased.update(run_ids)
-        self.wake()  # this worker may resume them itself at once
+        # The run itself is resumed by the wake _execute sends once its task
+        # has left the list (a claim skips the runs this worker executes).
+        self.wake()
 
     async def _release_leases(self, unfinished: list[str]) -> None:
         try:
@@ -243,8 +245,10 @@ class Worker:
             # very tick may be the one its own release's wake started) or one
             # this worker claimed again since, whose lease is that execution's.
             listed = self._unreleased & self._tasks.keys()
-            async with self.runtime.transaction() as session:
-                await run_execution.release(session, self.owner, sorted(self._unreleased - listed))
+            releasable = sorted(self._unreleased - listed)
+            if releasable:
+                async with self.runtime.transaction() as session:
+                    await run_execution.release(session, self.owner, releasable)
             self._unreleased = listed
         if time.monotonic() >= self._next_reap:
             await self.reap()

@@ -39,7 +39,8 @@ def _polled(model: Run, poll_after_ms: int) -> Response:
 
 # A change that leaves a run queued, with the events that announce it. It
 # may leave new rows unwritten, in what it is given: they are inserted with
-# the events (PostgreSQL: by the same statement, under their condition).
+# the events (PostgreSQL: by the same statement, under their condition, for
+# a few rows; more go first, table by table).
 QueueRun = Callable[[AsyncSession, new_rows.Unwritten], Awaitable[tuple[orm.Run, list[Event]]]]
 
 

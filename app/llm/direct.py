@@ -119,7 +119,7 @@ class _LoopClients:
     def __init__(self) -> None:
         # No overall pool cap: the worker's concurrency already bounds the
         # streams; keep-alive connections make a run's request cheap.
-        self.plain = plain_http.Pool(plain_http.Limits(max_connections=None, max_keepalive_connections=100))
+        self.plain = plain_http.Pool()  # Limits(): no cap, 100 kept alive
         self.proxies = plain_http.ProxyEnvironment.read()  # read once, as httpx reads it once per client
         self._targets: dict[str, plain_http.Target | None] = {}
         self._httpx: httpx.AsyncClient | None = None

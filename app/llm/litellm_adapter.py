@@ -70,7 +70,8 @@ def load() -> Any:
     litellm.suppress_debug_info = True
     litellm.telemetry = False
     litellm.disable_hf_tokenizer_download = True  # token_counter must never download a tokenizer
-    _leave_streams_unpriced()
+    if not _loaded:  # once: later calls find litellm patched already
+        _leave_streams_unpriced()
     _loaded = True  # (imported at start-up too: load_off_the_loop then starts no thread)
     return litellm
 

@@ -103,7 +103,7 @@ class Entry:
         if providers.base_with_query(params):
             # (Not quoted: a query may hold a key.)
             raise LLMConfigError(
-                f"{where} ('{name}'): its api_base has a query string or fragment, which the request's "
+                f"{where} ('{name}'): its api_base has a query string, which the request's "
                 "path would follow (.../chat/completions goes after it, on litellm's path too): give the "
                 "base URL alone (a key goes in api_key or extra_headers, Azure's version in api_version)"
             )

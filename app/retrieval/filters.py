@@ -29,9 +29,10 @@ from app.wire.vector_stores import ComparisonFilter, CompoundFilter
 Dialect = Literal["sqlite", "postgresql"]
 Scalar = str | int | float | bool
 
-# The most parameters a compiled filter may bind: below asyncpg's 32,767 and
-# SQLite's default 32,766, with room for the search's own. Past it the
-# search is refused (FilterTooLarge, a 400); it failed there with a 500.
+# The most parameters a compiled filter may bind: below asyncpg's 32,767
+# (and SQLite's default 32,766; Debian builds SQLite with 250,000), with room
+# for the search's own. Past it the search is refused (FilterTooLarge, a
+# 400); on PostgreSQL it failed with a 500.
 # (An ``in`` list is one per kind of value: an ``or`` of thousands of
 # ``eq`` is what reaches it, at about 30,000 on PostgreSQL, 7,500 on SQLite.)
 MOST_PARAMETERS = 30_000
