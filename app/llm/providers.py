@@ -166,7 +166,9 @@ def refusal(params: Mapping[str, Any], extra_keys: frozenset[str] = frozenset())
 
     ``extra_keys`` are route parameters the caller handles itself (the
     proxy's routing keys). Azure's choice reads the environment litellm would
-    read (at start-up: it names the credentials and the API version)."""
+    read (at start-up: it names the credentials and the API version). A base
+    URL with a query string is not judged here: Entry.parse refuses the
+    entry before (``base_with_query``)."""
     target = str(params.get("model", ""))
     known = CONNECTION_KEYS | BODY_KEYS | extra_keys
     if target.startswith(AZURE_PREFIX):
@@ -177,9 +179,6 @@ def refusal(params: Mapping[str, Any], extra_keys: frozenset[str] = frozenset())
         return f"{target} is not an OpenAI-compatible model litellm passes on as it is ({names})"
     if shape.default_base is None and not params.get("api_base"):
         return "it has no api_base"
-    base = _at_start_up(params.get("api_base")) or (shape.base_variable and os.environ.get(shape.base_variable))
-    if _has_query(base):
-        return _QUERY_REFUSAL
     unknown = sorted(set(params) - known - ({"organization"} if shape.organization else set()))
     if unknown:
         return f"litellm_params {', '.join(unknown)} need litellm"
@@ -207,8 +206,6 @@ def _azure_refusal(deployment: str, params: Mapping[str, Any], known: frozenset[
     base = params.get("api_base") or os.environ.get("AZURE_API_BASE")
     if not base:
         return "it has no api_base (nor AZURE_API_BASE)"
-    if _has_query(_at_start_up(base)):
-        return _QUERY_REFUSAL
     if "gateway.ai.cloudflare.com" in str(base):
         return "Cloudflare's AI gateway is litellm's"
     version = str(_at_start_up(params.get("api_version")) or os.environ.get("AZURE_API_VERSION") or "")
