@@ -107,11 +107,13 @@ class Entry:
                 "path would follow (.../chat/completions goes after it, on litellm's path too): give the "
                 "base URL alone (a key goes in api_key or extra_headers, Azure's version in api_version)"
             )
-        direct = _serves_directly(raw.get("direct"), params, where)
-        because = None
-        if not direct and not Route(name, params).offline:
-            because = "it says direct: false" if raw.get("direct") is False else direct_refusal(params)
-        return cls(name, params, info, pattern, direct, forced=raw.get("direct") is True, needs_litellm_because=because)
+        choice = raw.get("direct")
+        if choice is not None and not isinstance(choice, bool):
+            raise LLMConfigError(f"{where}: direct must be true or false")
+        offline = Route(name, params).offline
+        because = None if offline else _needs_litellm_because(choice, params, where)
+        direct = not offline and because is None
+        return cls(name, params, info, pattern, direct, forced=choice is True, needs_litellm_because=because)
 
     @property
     def target(self) -> str:
@@ -142,16 +144,15 @@ def direct_refusal(params: Mapping[str, Any]) -> str | None:
     return providers.refusal(params, ROUTER_KEYS)
 
 
-def _serves_directly(choice: Any, params: Mapping[str, Any], where: str) -> bool:
-    if choice is not None and not isinstance(choice, bool):
-        raise LLMConfigError(f"{where}: direct must be true or false")
-    target = str(params["model"])
-    if choice is False or target == OFFLINE or target.startswith(OFFLINE + "/"):
-        return False
+def _needs_litellm_because(choice: bool | None, params: Mapping[str, Any], where: str) -> str | None:
+    """Why a provider's entry goes through litellm; None if it is served
+    directly. ``direct: true`` with a reason is a start-up error."""
+    if choice is False:
+        return "it says direct: false"
     refusal = direct_refusal(params)
     if choice is True and refusal is not None:
         raise LLMConfigError(f"{where}: direct: true, but {refusal}")
-    return refusal is None
+    return refusal
 
 
 def _fill_stars(template: str, captured: Sequence[str]) -> str:
