@@ -276,7 +276,7 @@ async def _opened(
         await asyncio.sleep(_backoff(attempt, response.headers))
 
 
-async def _failure(response: StreamedResponse, *, azure: bool = False) -> ProviderFailure:
+async def _failure(response: StreamedResponse, *, azure: bool) -> ProviderFailure:
     """An error answer in litellm's terms: the body's error message, else the body itself."""
     try:
         body = (await response.aread()).decode("utf-8", "replace")
