@@ -629,13 +629,15 @@ class Pool:
     def open_connections(self) -> int:
         return self._idle_count + len(self._active)
 
-    async def request(
-        self, target: Target, headers: Mapping[str, str], body: bytes, timeouts: Timeouts, method: str = "POST"
-    ) -> Response:
-        """Send the request and read the answer's head; the body is read from the Response."""
+    async def request(self, target: Target, headers: Mapping[str, str], body: bytes, timeouts: Timeouts) -> Response:
+        """POST the body and read the answer's head; the body is read from the Response.
+
+        POST only: a completion is all direct.py sends, and the reading of
+        answers assumes it (a HEAD's answer, with no body after a
+        Content-Length, would be waited for)."""
         if self.closed:
             raise LocalProtocolError("the connection pool is closed")
-        payload = _request_head(method, target, headers, len(body)) + body
+        payload = _request_head(target, headers, len(body)) + body
         connection = await self._acquire(target, timeouts)
         # Never sent twice from here, even on a reused connection the server
         # closed without a byte of answer: it may have read the request and
@@ -833,13 +835,13 @@ _OWN_HEADERS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _request_head(method: str, target: Target, headers: Mapping[str, str], length: int) -> bytes:
+def _request_head(target: Target, headers: Mapping[str, str], length: int) -> bytes:
     """The request line and headers; the caller's headers win over our
     defaults, as httpx's do: a ``Host`` given (a virtual host behind a
     gateway, via ``extra_headers``) is sent as given, else the URL's.
     Content-Length is always ours (the body is)."""
     given = {name.lower() for name in headers}
-    lines = [f"{method} {target.path} HTTP/1.1"]
+    lines = [f"POST {target.path} HTTP/1.1"]
     if "host" not in given:
         lines.append(f"Host: {target.host_header}")
     for name, value in headers.items():
