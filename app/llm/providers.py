@@ -295,10 +295,9 @@ def endpoint(target: str, params: Mapping[str, Any]) -> Endpoint:
         headers["Authorization"] = f"Bearer {key}"
     organization = shape.organization and params.get("organization")
     if shape.organization_variable:
-        organization = organization or os.environ.get("OPENAI_ORGANIZATION") or os.environ.get("OPENAI_ORG_ID")
-        project = os.environ.get("OPENAI_PROJECT_ID")
-        if project:
-            headers["OpenAI-Project"] = project
+        # litellm's own variable first, else what the openai SDK under it reads.
+        headers.update(_sdk_environment_headers())
+        organization = organization or os.environ.get("OPENAI_ORGANIZATION")
     if organization:
         headers["OpenAI-Organization"] = str(organization)
     model = target[len(shape.prefix) :]
