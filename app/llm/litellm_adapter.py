@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import os
 import sys
 import threading
@@ -262,11 +261,12 @@ def count_text_tokens(target: str, text: str) -> int:
     return int(load().token_counter(model=target, text=text))
 
 
-@functools.lru_cache(maxsize=1024)
 def bundled_window(*names: str) -> int | None:
     """Input tokens of the first of these model names found in litellm's model
     map (read as data, model_map.py); None if it knows none of them. Direct
-    routes use it where the routing file sets no max_input_tokens."""
+    routes use it where the routing file sets no max_input_tokens. Not
+    cached here: model_map.entry keeps each name's entry, and the LLM keeps
+    each model's window (facade.context_window)."""
     for name in filter(None, names):  # a target without a provider prefix has no second name
         info = model_map.entry(name)
         value = info.get("max_input_tokens") or info.get("max_tokens") if info is not None else None
