@@ -122,7 +122,9 @@ class _Compiler:
         databases' limits (SQLite 32,766, asyncpg 32,767) at ~32k values and
         the search answered 500. SQLite reads them from a JSON array (its
         values keep their kind: text, integer, real); PostgreSQL gets an array
-        whose element type it infers from ``expression`` (text or float8)."""
+        whose element type it infers from ``expression`` (text or float8).
+        The same two forms as app.services.common.one_of, which builds them
+        from SQLAlchemy columns; this one writes SQL text (see there why two)."""
         if self.dialect == "postgresql":
             return f"{expression} = ANY({self.bind(list(values))})"
         listed = self.bind(_json_array(values))

@@ -32,7 +32,13 @@ def one_of(session: AsyncSession, column: InstrumentedAttribute[T], values: Iter
     many a request lists (message attachments, a thread's files): ``in_()``
     binds one per value, and past asyncpg's 32,767 (SQLite's 250,000 as
     Debian builds it) the statement fails, a 500. PostgreSQL gets an array
-    (``= ANY``), SQLite a JSON array it reads back with json_each."""
+    (``= ANY``), SQLite a JSON array it reads back with json_each.
+
+    app/retrieval/filters.py (``_Compiler._member``) writes the same two
+    forms as SQL text, for the filter it splices into the search's text
+    query; it stays apart: it binds by name into that text, infers the
+    array's type from a JSON expression rather than a column, and writes
+    infinities SQLite's JSON can read (ids and seqs here need none of it)."""
     listed = list(values)
     if session.get_bind().dialect.name == "postgresql":
         return column == any_(bindparam(None, listed, type_=ARRAY(column.type)))
