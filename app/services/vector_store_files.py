@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
@@ -109,6 +109,8 @@ async def attach(
 # Attempts at inserting a store's new file rows, each after another
 # process took one of their seqs (all but unheard of: see below).
 SEQ_ATTEMPTS = 5
+# PostgreSQL's deadlock_detected: see _retried_clash.
+_DEADLOCK_DETECTED = "40P01"
 
 # Rows per upsert statement (its bound values stay far under either
 # engine's limit); a page follows the one before in file id order.
@@ -147,7 +149,7 @@ async def _upsert_with_free_seqs(
     next free value (listing pages by it: the file keeps its place but for
     that nanosecond). A conflict with a file inserted by another transaction
     after the check rolls back this savepoint alone and is retried: a seq
-    clash is never a 500.
+    clash is never a 500 (nor a deadlock it leads to: _retried_clash).
 
     One statement per page inserts the new rows and resets those already
     there, so requests attaching the same files at once wait for each
@@ -171,10 +173,31 @@ async def _upsert_with_free_seqs(
                     for row in await _upsert(session, values[start : start + UPSERT_PAGE_ROWS]):
                         rows[row.file_id] = row
                 return rows
-        except IntegrityError:
-            if attempt == SEQ_ATTEMPTS - 1:
+        except DBAPIError as exc:
+            if attempt == SEQ_ATTEMPTS - 1 or not _retried_clash(exc):
                 raise
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _retried_clash(exc: DBAPIError) -> bool:
+    """Whether the upsert failed on a seq another transaction holds, which
+    another attempt, its seqs checked again, gets past:
+
+    - a unique violation: the other transaction's row committed after the check;
+    - on PostgreSQL, a deadlock. Attaches wait for each other's rows in
+      file id order (the upsert's key), which cannot cycle; but a new row
+      whose seq another transaction's uncommitted row holds waits for that
+      transaction (the seq index is checked, not the upsert's arbiter), in
+      any order: two attaches whose new rows share seqs in crossed file id
+      order wait for each other. PostgreSQL fails one; its savepoint rolled
+      back lets the other go on, and the retry waits for that one and then
+      meets its seqs as a unique violation.
+
+    Nothing else fails here for concurrency alone: the engine runs READ
+    COMMITTED, where no statement fails to serialize."""
+    if isinstance(exc, IntegrityError):
+        return True
+    return getattr(exc.orig, "sqlstate", None) == _DEADLOCK_DETECTED
 
 
 async def _upsert(session: AsyncSession, values: Sequence[dict[str, Any]]) -> Sequence[orm.VectorStoreFile]:

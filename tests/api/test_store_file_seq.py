@@ -7,7 +7,10 @@ never a 500."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
+import traceback
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import openai
 import pytest
@@ -21,6 +24,8 @@ from tests.retrieval.test_postings_migration import _downgrade
 
 pytestmark = pytest.mark.timeout(120)
 
+T = TypeVar("T")
+
 
 async def _same_seq_files(client: openai.AsyncOpenAI, app: FastAPI) -> tuple[str, str]:
     zebra = (await client.files.create(file=("zebra.txt", b"zebras graze the savanna"), purpose="assistants")).id
@@ -29,6 +34,50 @@ async def _same_seq_files(client: openai.AsyncOpenAI, app: FastAPI) -> tuple[str
         seq = await session.scalar(select(orm.File.seq).where(orm.File.id == zebra))
         await session.execute(update(orm.File).where(orm.File.id == llama).values(seq=seq))
     return zebra, llama
+
+
+async def _answered_at_once(*requests: Awaitable[T]) -> list[T]:
+    """The answers of requests sent at once. A failure names what each
+    request that failed met (its status, body and request id, or its
+    exception), which never answered, and the errors the server logged
+    meanwhile (a 500's cause), rather than the first error alone or a bare
+    timeout: a run of these tests once failed under load with no error text
+    to read."""
+    logged = _Collected()
+    logging.getLogger("app").addHandler(logged)
+    try:
+        tasks = [asyncio.ensure_future(request) for request in requests]
+        done, unanswered = await asyncio.wait(tasks, timeout=60)
+        for task in unanswered:
+            task.cancel()
+    finally:
+        logging.getLogger("app").removeHandler(logged)
+    problems = [f"request {number}: no answer in 60 s" for number, task in enumerate(tasks) if task in unanswered]
+    for number, task in enumerate(tasks):
+        if task in done and task.exception() is not None:
+            problems.append(f"request {number}: {_described(task.exception())}")
+    if problems:
+        problems += [f"the server logged: {text}" for text in logged.texts]
+    assert not problems, "\n".join(problems)
+    return [task.result() for task in tasks]
+
+
+class _Collected(logging.Handler):
+    """The server's error records, each with its traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        self.texts: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.texts.append(self.format(record))
+
+
+def _described(exc: BaseException | None) -> str:
+    if isinstance(exc, openai.APIStatusError):
+        return f"{exc.status_code} (x-request-id {exc.response.headers.get('x-request-id')}): {exc.body}"
+    return "".join(traceback.format_exception(exc)) if exc is not None else "no exception"
 
 
 async def _store_seqs(app: FastAPI, store_id: str) -> dict[str, int]:
@@ -187,8 +236,7 @@ async def test_one_file_attached_to_one_store_by_simultaneous_requests(
         store = await client.vector_stores.create(name="animals")
         attaching = [client.vector_stores.files.create(file_id=zebra, vector_store_id=store.id) for _ in range(3)]
         batches = [client.vector_stores.file_batches.create(store.id, file_ids=[zebra]) for _ in range(2)]
-        async with asyncio.timeout(60):
-            answers = await asyncio.gather(*attaching, *batches)
+        answers = await _answered_at_once(*attaching, *batches)
         assert [answer.id for answer in answers[:3]] == [zebra] * 3
         assert all(answer.vector_store_id == store.id for answer in answers)
         assert list(await _store_seqs(app, store.id)) == [zebra]
@@ -209,10 +257,9 @@ async def test_batches_naming_the_same_new_files_in_other_orders_at_once(
     for _round in range(4):
         store = await client.vector_stores.create(name="animals")
         orders = [file_ids, file_ids[::-1], file_ids[60:] + file_ids[:60]]
-        async with asyncio.timeout(60):
-            batches = await asyncio.gather(
-                *(client.vector_stores.file_batches.create(store.id, file_ids=order) for order in orders)
-            )
+        batches = await _answered_at_once(
+            *(client.vector_stores.file_batches.create(store.id, file_ids=order) for order in orders)
+        )
         assert all(batch.file_counts.total == len(file_ids) for batch in batches)
         assert sorted(await _store_seqs(app, store.id)) == sorted(file_ids)
 
@@ -252,3 +299,52 @@ async def test_a_store_deleted_while_files_are_added_to_it(
     with pytest.raises(openai.NotFoundError):
         await client.vector_stores.retrieve(store.id)
     assert await _store_seqs(app, store.id) == {}
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_batches_whose_new_files_share_seqs_in_crossed_order(
+    client: openai.AsyncOpenAI, app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two batches at once whose new files share seqs in crossed order (A's
+    is D's, B's is C's: files two processes made in the same nanoseconds).
+    PostgreSQL's check of the seq index (not the upsert's arbiter) waits for
+    the other transaction's row: A, C, then B waits for C and D for A, a
+    deadlock, and its victim answered 500. The victim's savepoint is rolled
+    back and retried: both batches are attached, each file with its own seq
+    (PostgreSQL only: SQLite's writers are serial)."""
+    a, b, c, d = [
+        (await client.files.create(file=(f"{name}.txt", b"an animal roams"), purpose="assistants")).id
+        for name in "abcd"
+    ]
+    async with app.state.runtime.transaction() as session:
+        seqs = {str(file_id): int(seq) for file_id, seq in (await session.execute(select(orm.File.id, orm.File.seq)))}
+        await session.execute(update(orm.File).where(orm.File.id == d).values(seq=seqs[a]))
+        await session.execute(update(orm.File).where(orm.File.id == c).values(seq=seqs[b]))
+    store = await client.vector_stores.create(name="animals")
+
+    # One row per statement, and the first rows of both batches inserted
+    # before either inserts its second.
+    monkeypatch.setattr(vector_store_files, "UPSERT_PAGE_ROWS", 1)
+    first_rows = {a: asyncio.Event(), c: asyncio.Event()}
+    real = vector_store_files._upsert
+
+    async def in_step(session: Any, values: Any) -> Any:
+        file_id = values[0]["file_id"]
+        if file_id == c:
+            await first_rows[a].wait()
+        if file_id in (b, d):
+            await asyncio.gather(*(event.wait() for event in first_rows.values()))
+            # Found in a tenth of a second rather than PostgreSQL's default second.
+            await session.execute(text("SET LOCAL deadlock_timeout = '100ms'"))
+        rows = await real(session, values)
+        if file_id in first_rows:
+            first_rows[file_id].set()
+        return rows
+
+    monkeypatch.setattr(vector_store_files, "_upsert", in_step)
+    await _answered_at_once(
+        client.vector_stores.file_batches.create(store.id, file_ids=[a, b]),
+        client.vector_stores.file_batches.create(store.id, file_ids=[c, d]),
+    )
+    attached = await _store_seqs(app, store.id)
+    assert sorted(attached) == sorted([a, b, c, d]) and len(set(attached.values())) == 4
