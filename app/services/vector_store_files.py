@@ -371,9 +371,16 @@ async def cancel_batch(session: AsyncSession, store: orm.VectorStore, batch_id: 
     already under way notices at its commit and discards its work."""
     batch = await get_batch(session, store, batch_id)
     batch.cancelled = True
+    table = orm.VectorStoreFile
+    waiting = (table.batch_id == batch_id) & (table.status == "in_progress")
+    # The rows locked in file id order first, the order attaching takes them
+    # in (_upsert_with_free_seqs): the UPDATE alone took them in the order it
+    # found them, and a cancel and an attach of the same files deadlocked on
+    # PostgreSQL (a 500).
+    await session.execute(select(table.file_id).where(waiting).order_by(table.file_id).with_for_update())
     await session.execute(
-        update(orm.VectorStoreFile)
-        .where(orm.VectorStoreFile.batch_id == batch_id, orm.VectorStoreFile.status == "in_progress")
+        update(table)
+        .where(waiting)
         .values(status="cancelled", lease_owner=None, lease_expires_at=None)
         .execution_options(synchronize_session=False)
     )

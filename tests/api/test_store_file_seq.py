@@ -348,3 +348,57 @@ async def test_batches_whose_new_files_share_seqs_in_crossed_order(
     )
     attached = await _store_seqs(app, store.id)
     assert sorted(attached) == sorted([a, b, c, d]) and len(set(attached.values())) == 4
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_batch_cancelled_while_its_files_are_attached_again(
+    client: openai.AsyncOpenAI, app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch cancelled while another batch attaches the same files again
+    (PostgreSQL; SQLite's writers are serial). The attach resets the rows in
+    file id order; the cancel took them in the order it found them (the
+    table's, which updates change): X reset, Y cancelled, then each waited
+    for the other's, a deadlock, and the cancel answered 500."""
+    x, y = [
+        (await client.files.create(file=(f"{name}.txt", b"an animal roams"), purpose="assistants")).id for name in "xy"
+    ]
+    store = await client.vector_stores.create(name="animals")
+    first = await client.vector_stores.file_batches.create_and_poll(store.id, file_ids=[x, y])
+    table = orm.VectorStoreFile
+    async with app.state.runtime.transaction() as session:
+        # Still in progress, leased far ahead (so the worker leaves them),
+        # and X's row written after Y's: Y's is found first by the cancel.
+        for file_id in (y, x):
+            await session.execute(
+                update(table)
+                .where(table.vector_store_id == store.id, table.file_id == file_id)
+                .values(status="in_progress", lease_owner="elsewhere", lease_expires_at=ids.now() + 3600)
+            )
+
+    monkeypatch.setattr(vector_store_files, "UPSERT_PAGE_ROWS", 1)
+    engine = app.state.runtime.engine
+    cancelling: list[asyncio.Task[Any]] = []
+    real = vector_store_files._upsert
+
+    async def cancel_between_rows(session: Any, values: Any) -> Any:
+        if values[0]["file_id"] == y and not cancelling:  # X reset: the cancel starts, and waits for X
+            cancelling.append(
+                asyncio.ensure_future(client.vector_stores.file_batches.cancel(first.id, vector_store_id=store.id))
+            )
+            waiting = (
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+            async with asyncio.timeout(30):
+                while True:  # until the cancel waits for this request, or has ended
+                    if cancelling[0].done() or (await db.read_rows(engine, waiting, {}))[0][0]:
+                        break
+                    await asyncio.sleep(0.005)
+        return await real(session, values)
+
+    monkeypatch.setattr(vector_store_files, "_upsert", cancel_between_rows)
+    [again] = await _answered_at_once(client.vector_stores.file_batches.create(store.id, file_ids=[x, y]))
+    [cancelled] = await _answered_at_once(cancelling[0])
+    assert cancelled.status == "cancelled"
+    async with app.state.runtime.transaction() as session:
+        rows = (await session.scalars(select(table).where(table.vector_store_id == store.id))).all()
+    assert {row.file_id: row.batch_id for row in rows} == {x: again.id, y: again.id}
