@@ -4,6 +4,7 @@ and migrating the schema with Alembic on start."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import re
@@ -112,6 +113,49 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+class _WriteLock:
+    """A first-come, first-served asyncio lock that can also be taken without
+    awaiting when free (``try_acquire``): SQLiteWriters.begin runs inside
+    SQLAlchemy's greenlet, where awaiting even an uncontended
+    ``asyncio.Lock.acquire()`` is a switch to the event loop's side and back
+    (issue 17). A release hands the lock straight to the first waiter, so a
+    newcomer's ``try_acquire`` never overtakes those queued."""
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def try_acquire(self) -> bool:
+        if self._held or self._waiters:
+            return False
+        self._held = True
+        return True
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed over, then cancelled before it ran: pass it on
+            else:
+                with suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        assert self._held, "the SQLite write lock released while not held"
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # a cancelled waiter is skipped
+                waiter.set_result(None)  # still held: now by that waiter
+                return
+        self._held = False
+
+
 class SQLiteWriters:
     """Every SQLite transaction takes the write lock up front (issue 10).
 
@@ -137,7 +181,7 @@ class SQLiteWriters:
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self._lock = asyncio.Lock()
+        self._lock = _WriteLock()
 
     async def _acquire(self) -> None:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
@@ -147,7 +191,8 @@ class SQLiteWriters:
 
     def begin(self, connection: Connection) -> None:
         try:
-            await_(self._acquire())
+            if not self._lock.try_acquire():
+                await_(self._acquire())
         except TimeoutError:
             # Worded and typed like SQLite's own refusal, so that it is answered alike.
             refusal = sqlite3.OperationalError("database is locked (by this process's other transactions)")
@@ -159,6 +204,11 @@ class SQLiteWriters:
             # Handed on once the COMMIT or ROLLBACK has run, not before it
             # is sent (see sqlite_driver.OneHopConnection.on_transaction_end).
             driver.on_transaction_end = functools.partial(self.release, connection.info, holder)
+            if not driver.transaction_open:
+                # Sent with the first statement, as an executed BEGIN would
+                # be, without SQLAlchemy's execution around it.
+                driver.begin_later("BEGIN IMMEDIATE")
+                return
         try:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
         except BaseException:

@@ -362,6 +362,16 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         # thread; busy: sent to its own thread to wait this long).
         self.inline_wait_ms: int | None = None
 
+    def begin_later(self, operation: str) -> None:
+        """Open a transaction whose BEGIN (``operation``) goes with its first
+        statement, as a BEGIN executed through SQLAlchemy would (OneHopCursor),
+        without that execution's cursor, context and events (issue 17: about
+        a tenth of a one-statement transaction's CPU; app/db.py's
+        SQLiteWriters.begin). Only outside a transaction (``transaction_open``
+        false): a BEGIN inside one is SQLite's to refuse, sent as usual."""
+        self.begin_deferred = operation
+        self.transaction_open = True
+
     def _ended(self) -> None:
         callback, self.on_transaction_end = self.on_transaction_end, None
         if callback is not None:
