@@ -78,6 +78,14 @@ async def _layers(runtime: Runtime, raw: object) -> dict[str, Transaction]:
         async with sessionmaker() as session, session.begin():
             await session.execute(_INSERT, _params())
 
+    async def session_plain_close_tx() -> None:  # the session closed without a task and shield around it
+        session = sessionmaker()
+        try:
+            async with session.begin():
+                await session.execute(_INSERT, _params())
+        finally:
+            await session.close()
+
     async def runtime_tx() -> None:
         async with runtime.transaction() as session:
             await session.execute(_INSERT, _params())
@@ -113,6 +121,7 @@ async def _layers(runtime: Runtime, raw: object) -> dict[str, Transaction]:
         "heldsess": held_session_tx,
         "core": core_tx,
         "session": session_tx,
+        "sessclose": session_plain_close_tx,
         "runtime": runtime_tx,
     }
 

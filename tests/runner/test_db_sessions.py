@@ -1,14 +1,18 @@
 """app/db.py's _WriteLock, the process's SQLite write lock: taken without
 awaiting when free, first come first served otherwise, and never lost to a
-waiter cancelled (a transaction's timeout) as the lock reached it."""
+waiter cancelled (a transaction's timeout) as the lock reached it; and
+app/db.py's Session, closed at once after its transaction."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from sqlalchemy import text
 
+from app import orm
 from app.db import _WriteLock
+from app.runtime import Runtime
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -67,3 +71,35 @@ async def test_a_waiter_cancelled_in_the_queue_leaves_it() -> None:
         await waiting
     lock.release()
     assert lock.try_acquire()  # no cancelled waiter stands in the way
+
+
+# app/db.py's Session, the sessions of Runtime.transaction, on both engines.
+
+
+def _checked_out(runtime: Runtime) -> int:
+    return int(runtime.engine.sync_engine.pool.checkedout())  # type: ignore[attr-defined]
+
+
+async def test_a_session_closed_after_its_transaction_forgets_its_objects(runtime: Runtime) -> None:
+    idle = _checked_out(runtime)  # PostgreSQL: the run log's listener holds one
+    async with runtime.transaction() as session:
+        assistant = await session.get(orm.Assistant, "asst_none")  # a read: the session's identity map
+        assert assistant is None
+        session.add(orm.Project(id="proj_sessiontest", name="session test", created_at=1))
+        await session.flush()
+        project = await session.get(orm.Project, "proj_sessiontest")
+        assert project is not None and project in session
+    assert project not in session  # closed: forgotten
+    assert _checked_out(runtime) == idle
+
+
+async def test_a_session_left_inside_a_transaction_is_rolled_back_and_returned(runtime: Runtime) -> None:
+    idle = _checked_out(runtime)
+    async with runtime.sessionmaker() as session:  # autobegun by the read, never committed
+        await session.execute(text("SELECT 1"))
+        session.add(orm.Project(id="proj_abandoned", name="abandoned", created_at=1))
+        await session.flush()
+        assert session.in_transaction()
+    assert _checked_out(runtime) == idle
+    async with asyncio.timeout(5), runtime.transaction() as session:  # the write lock (SQLite) was handed back
+        assert await session.get(orm.Project, "proj_abandoned") is None  # rolled back
