@@ -4,7 +4,8 @@ ORM objects as plain records, never adds them to the session, and inserts
 them here. The ORM's flush (change tracking, dependency sorting, identity
 map bookkeeping) cost more CPU than the statements themselves.
 
-Only attributes that were set go into the INSERT, so column defaults apply
+record() builds such an object without the mapped constructor's attribute
+events. Only attributes that were set go into the INSERT, so column defaults apply
 to the rest exactly as they would through the ORM. The objects stay
 transient: a later ``session.get`` of the same id loads a separate instance,
 and a change to one is written with update_row(), naming what changed (the
@@ -17,15 +18,41 @@ WRITE_BEHIND): for rows nothing reads back in the same statement's outcome.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Insert, Table, Update, bindparam, insert, inspect, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import db
 from app.orm import Base
+
+_Row = TypeVar("_Row", bound=Base)
+
+
+@cache
+def _maker(model: type[Base]) -> tuple[Callable[[], Any], frozenset[str]]:
+    """The mapped class's maker of bare instances (with their ORM state), and its attributes."""
+    mapper = inspect(model)
+    return mapper.class_manager.new_instance, frozenset(attr.key for attr in mapper.column_attrs)
+
+
+def record(model: type[_Row], /, **values: Any) -> _Row:
+    """A new row of ``model`` as a record for insert_row() and new_rows:
+    ``values`` (by attribute name) set straight into the instance, without
+    the mapped constructor's attribute events (issue 17: a run's 22 values
+    cost 19 µs of CPU that way, 2 µs here; a thread 9). The object is the
+    ORM's own, transient, unchanged as to what reads or writes it later (an
+    attribute set afterwards goes through the ORM as usual); a name that
+    is no mapped attribute is a TypeError, as the constructor's."""
+    new_instance, attributes = _maker(model)
+    if not attributes.issuperset(values):
+        raise TypeError(f"{sorted(values.keys() - attributes)!r} are not attributes of {model.__name__}")
+    row: _Row = new_instance()
+    row.__dict__.update(values)
+    return row
 
 
 @cache

@@ -65,7 +65,8 @@ async def build(
     searched = [a.file_id for a in body.attachments or [] if any(tool.type == "file_search" for tool in a.tools)]
     await vector_stores.add_to_thread_store(session, project, thread_id, searched)
     seq = ids.next_seq()
-    return orm.Message(
+    return core_rows.record(
+        orm.Message,
         id=ids.new_id(ids.MESSAGE, seq),
         seq=seq,
         created_at=ids.seconds(seq),

@@ -86,7 +86,8 @@ async def _new_run(
         instructions = f"{instructions}\n\n{additional_instructions}" if instructions else additional_instructions
     seq = ids.next_seq()
     created_at = ids.seconds(seq)
-    return orm.Run(
+    return core_rows.record(
+        orm.Run,
         id=ids.new_id(ids.RUN, seq),
         seq=seq,
         created_at=created_at,

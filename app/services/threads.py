@@ -24,7 +24,8 @@ async def create(
     message's file_search attachment must find the thread inserted already
     (its store is added to the thread's row)."""
     seq = ids.next_seq()
-    row = orm.Thread(
+    row = core_rows.record(
+        orm.Thread,
         id=ids.new_id(ids.THREAD, seq),
         project_id=project.id,
         seq=seq,
