@@ -16,10 +16,13 @@ the whole process (aiosqlite's thread included), wall time. Asserts nothing.
 - ``runtime``: ``Runtime.transaction()`` (the session plus the run log's
   committed()/rolled_back()).
 
-``--profile LAYER`` prints cProfile's top functions for that layer instead.
+``--profile LAYER`` prints cProfile's top functions for that layer instead;
+``--runs N [--clients C]`` measures whole streamed runs through the app
+instead (in process, offline model: process CPU per run).
 
     .venv/bin/python bench/sqlite_transaction.py --transactions 2000 --rounds 2
     .venv/bin/python bench/sqlite_transaction.py --profile session
+    .venv/bin/python bench/sqlite_transaction.py --runs 400 --clients 16
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiosqlite
-from sqlalchemy import Column, MetaData, Table, Text, insert
+from sqlalchemy import Column, MetaData, Table, Text, event, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import db, ids
@@ -77,6 +80,22 @@ async def _layers(runtime: Runtime, raw: object) -> dict[str, Transaction]:
     async def session_tx() -> None:
         async with sessionmaker() as session, session.begin():
             await session.execute(_INSERT, _params())
+
+    async def session_two_tx() -> None:  # a second held-back INSERT: what one more statement costs
+        async with sessionmaker() as session, session.begin():
+            await session.execute(_INSERT, _params())
+            await session.execute(_INSERT, _params())
+
+    async def raw_two_tx() -> None:
+        first, second = _params(), _params()
+
+        def on_thread(connection: sqlite3.Connection) -> None:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute(_RAW_INSERT, (first["id"], first["body"]))
+            connection.execute(_RAW_INSERT, (second["id"], second["body"]))
+            connection.commit()
+
+        await raw._execute(on_thread, raw._conn)  # type: ignore[attr-defined]
 
     async def session_plain_close_tx() -> None:  # the session closed without a task and shield around it
         session = sessionmaker()
@@ -122,6 +141,8 @@ async def _layers(runtime: Runtime, raw: object) -> dict[str, Transaction]:
         "core": core_tx,
         "session": session_tx,
         "sessclose": session_plain_close_tx,
+        "session2": session_two_tx,
+        "raw2": raw_two_tx,
         "runtime": runtime_tx,
     }
 
@@ -140,13 +161,64 @@ async def _measure(transaction: Transaction, count: int) -> tuple[float, float, 
     )
 
 
+async def _whole_runs(folder: str, runs: int, clients: int) -> None:
+    """``--runs``: streamed ``POST /v1/threads/runs`` (offline model, a new
+    thread each) through the whole app in process (httpx's ASGI transport;
+    the embedded worker), ``clients`` at a time; CPU of the process per run,
+    the client's share included (the same on both sides of a comparison)."""
+    import httpx2
+
+    from app.main import create_app
+
+    settings = Settings(data_dir=Path(folder) / "app", poll_after_ms=10)
+    application = create_app(settings)
+    async with (
+        application.router.lifespan_context(application),
+        httpx2.AsyncClient(transport=httpx2.ASGITransport(app=application), base_url="http://bench") as http,
+    ):
+        created = await http.post("/v1/assistants", json={"model": "offline"})
+        assistant_id = created.json()["id"]
+        body = {
+            "assistant_id": assistant_id,
+            "stream": True,
+            "thread": {"messages": [{"role": "user", "content": "hi"}]},
+        }
+
+        async def client(count: int) -> None:
+            for _ in range(count):
+                answer = await http.post("/v1/threads/runs", json=body)
+                assert b"event: thread.run.completed" in answer.content, answer.content[-300:]
+
+        await client(20)  # warm
+        begun = [0]
+        engine = application.state.runtime.engine.sync_engine
+        event.listen(engine, "begin", lambda _connection: begun.__setitem__(0, begun[0] + 1))
+        statements = [0]
+        event.listen(engine, "before_cursor_execute", lambda *_args: statements.__setitem__(0, statements[0] + 1))
+        process, wall = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(client(runs // clients) for _ in range(clients)))
+        done = runs // clients * clients
+        print(
+            f"{clients:2} at a time: process CPU {(time.process_time() - process) * 1e3 / done:.2f} ms/run, "
+            f"wall {(time.perf_counter() - wall) * 1e3 / done:.2f} ms/run, {begun[0] / done:.2f} write transactions "
+            f"and {statements[0] / done:.2f} statements in them per run (load {os.getloadavg()[0]:.1f})",
+            flush=True,
+        )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transactions", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--layers", default="params,raw,checkout,heldtext,held,heldsess,core,session,runtime")
     parser.add_argument("--profile", help="a layer: print cProfile's top functions for it")
+    parser.add_argument("--runs", type=int, default=0, help="only: whole streamed runs through the app, in process")
+    parser.add_argument("--clients", type=int, default=1, help="with --runs: runs at a time")
     args = parser.parse_args()
+    if args.runs:
+        with tempfile.TemporaryDirectory() as folder:
+            await _whole_runs(folder, args.runs, args.clients)
+        return
     with tempfile.TemporaryDirectory() as folder:
         settings = Settings(data_dir=Path(folder), database_url=f"sqlite+aiosqlite:///{folder}/bench.db")
         runtime = await Runtime.start(settings)
