@@ -193,8 +193,9 @@ def _retried_clash(exc: DBAPIError) -> bool:
       back lets the other go on, and the retry waits for that one and then
       meets its seqs as a unique violation.
 
-    Nothing else fails here for concurrency alone: the engine runs READ
-    COMMITTED, where no statement fails to serialize."""
+    Nothing else fails here for concurrency alone: transactions run READ
+    COMMITTED (PostgreSQL's default; the app does not change it), where no
+    statement fails to serialize."""
     if isinstance(exc, IntegrityError):
         return True
     return getattr(exc.orig, "sqlstate", None) == _DEADLOCK_DETECTED
