@@ -326,8 +326,9 @@ def _azure_endpoint(deployment: str, params: Mapping[str, Any]) -> Endpoint:
 
 
 def _sdk_environment_headers() -> dict[str, str]:
-    """What the openai SDK's Azure client under litellm reads from the
-    environment itself (litellm passes it no organization nor project)."""
+    """What the openai SDK's clients under litellm (its OpenAI and
+    OpenAI-compatible providers' as well as its Azure one) read from the
+    environment themselves: litellm passes them no organization nor project."""
     headers = {}
     if os.environ.get("OPENAI_ORG_ID"):
         headers["OpenAI-Organization"] = os.environ["OPENAI_ORG_ID"]
