@@ -50,6 +50,8 @@ async def _answered_at_once(*requests: Awaitable[T]) -> list[T]:
         done, unanswered = await asyncio.wait(tasks, timeout=60)
         for task in unanswered:
             task.cancel()
+        # Awaited once cancelled: none is left pending past the test.
+        await asyncio.gather(*unanswered, return_exceptions=True)
     finally:
         logging.getLogger("app").removeHandler(logged)
     problems = [f"request {number}: no answer in 60 s" for number, task in enumerate(tasks) if task in unanswered]
