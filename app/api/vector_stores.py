@@ -193,7 +193,10 @@ async def retrieve_file_batch(
 @router.post("/vector_stores/{vector_store_id}/file_batches/{batch_id}/cancel", response_model=FileBatch)
 async def cancel_file_batch(vector_store_id: str, batch_id: str, runtime: RuntimeDep, project: ProjectDep) -> Response:
     async with runtime.transaction() as session:
-        store = await vector_stores.get(session, project, vector_store_id)
+        # Kept (as when attaching) before the batch's rows are locked: a store
+        # delete locks the store first, then its file rows and batches, and
+        # waits for this request instead of deadlocking with it (a 500).
+        store = await vector_stores.get(session, project, vector_store_id, keep=True)
         batch = await vector_store_files.cancel_batch(session, store, batch_id)
         return respond(await vector_store_files.batch_to_wire(session, batch))
 

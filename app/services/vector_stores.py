@@ -181,7 +181,8 @@ async def get(
     session: AsyncSession, project: Project, vector_store_id: str, *, for_update: bool = False, keep: bool = False
 ) -> orm.VectorStore:
     """The project's store (404 otherwise). ``keep``: not deleted before this
-    transaction ends (a request adding files to it; see delete())."""
+    transaction ends (a request adding files to it or cancelling a batch of
+    it; see delete())."""
     require_id("vector_store_id", vector_store_id, ids.VECTOR_STORE)
     return await projects.lookup(
         session,
@@ -220,12 +221,13 @@ async def update(
 
 
 async def delete(session: AsyncSession, project: Project, vector_store_id: str) -> Deleted:
-    # Locked first, before any of its rows: a request adding files holds the
-    # store (get(keep=True)) until it commits, and is waited for here, so its
-    # rows are deleted with the store instead of meeting a deleted store's
-    # foreign key (PostgreSQL: retried, then a 500) or, deleted row by row
-    # meanwhile, locking rows in the other order. A store deleted while this
-    # waited is a 404 on the other side.
+    # Locked first, before any of its rows: a request adding files or
+    # cancelling a batch holds the store (get(keep=True)) until it commits,
+    # and is waited for here, so its rows are deleted with the store instead
+    # of meeting a deleted store's foreign key (PostgreSQL: retried, then a
+    # 500) or, deleted row by row meanwhile, locking rows in the other order
+    # (a cancel locks the batch, then its files: a deadlock). A store deleted
+    # while this waited is a 404 on the other side.
     await get(session, project, vector_store_id, for_update=True)
     # File rows before chunks (their triggers remove their chunks), the order
     # ingestion's _finish locks them in; then any chunk without a file row.

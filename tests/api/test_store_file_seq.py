@@ -82,6 +82,17 @@ def _described(exc: BaseException | None) -> str:
     return "".join(traceback.format_exception(exc)) if exc is not None else "no exception"
 
 
+async def _until_waiting(engine: Any, other: asyncio.Future[Any]) -> None:
+    """Until another transaction waits for a lock (PostgreSQL shows it in
+    pg_stat_activity), or ``other`` has ended without waiting; at most 30 s."""
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    async with asyncio.timeout(30):
+        while True:
+            if other.done() or (await db.read_rows(engine, waiting, {}))[0][0]:
+                return
+            await asyncio.sleep(0.005)
+
+
 async def _store_seqs(app: FastAPI, store_id: str) -> dict[str, int]:
     async with app.state.runtime.transaction() as session:
         rows = await session.execute(
@@ -283,14 +294,7 @@ async def test_a_store_deleted_while_files_are_added_to_it(
 
     async def delete_meanwhile(*args: Any) -> Any:
         deleting.append(asyncio.ensure_future(client.vector_stores.delete(store.id)))
-        waiting = (
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-        )
-        async with asyncio.timeout(30):  # until the delete waits for this request, or has ended
-            while True:
-                if deleting[0].done() or (await db.read_rows(engine, waiting, {}))[0][0]:
-                    break
-                await asyncio.sleep(0.005)
+        await _until_waiting(engine, deleting[0])  # the delete waits for this request
         return await real(*args)
 
     monkeypatch.setattr(vector_store_files, "require_files", delete_meanwhile)
@@ -387,14 +391,7 @@ async def test_a_batch_cancelled_while_its_files_are_attached_again(
             cancelling.append(
                 asyncio.ensure_future(client.vector_stores.file_batches.cancel(first.id, vector_store_id=store.id))
             )
-            waiting = (
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-            )
-            async with asyncio.timeout(30):
-                while True:  # until the cancel waits for this request, or has ended
-                    if cancelling[0].done() or (await db.read_rows(engine, waiting, {}))[0][0]:
-                        break
-                    await asyncio.sleep(0.005)
+            await _until_waiting(engine, cancelling[0])  # the cancel waits for this request
         return await real(session, values)
 
     monkeypatch.setattr(vector_store_files, "_upsert", cancel_between_rows)
@@ -404,3 +401,55 @@ async def test_a_batch_cancelled_while_its_files_are_attached_again(
     async with app.state.runtime.transaction() as session:
         rows = (await session.scalars(select(table).where(table.vector_store_id == store.id))).all()
     assert {row.file_id: row.batch_id for row in rows} == {x: again.id, y: again.id}
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_store_deleted_while_a_batch_of_it_is_cancelled(
+    client: openai.AsyncOpenAI, app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store deleted while one of its batches is cancelled (PostgreSQL;
+    SQLite's transactions are serial). The cancel locked the batch's row,
+    then its file rows; the delete locked the store, deleted its file rows,
+    then waited for the batch's: each waited for the other, a deadlock, a
+    500. The cancel now holds the store first (as attaching does): the
+    delete waits for it, and both answer."""
+    x, y = [
+        (await client.files.create(file=(f"{name}.txt", b"an animal roams"), purpose="assistants")).id for name in "xy"
+    ]
+    store = await client.vector_stores.create(name="animals")
+    batch = await client.vector_stores.file_batches.create_and_poll(store.id, file_ids=[x, y])
+    table = orm.VectorStoreFile
+    async with app.state.runtime.transaction() as session:
+        # Still in progress, leased far ahead (the worker leaves them): rows the cancel locks.
+        await session.execute(
+            update(table)
+            .where(table.vector_store_id == store.id)
+            .values(status="in_progress", lease_owner="elsewhere", lease_expires_at=ids.now() + 3600)
+        )
+
+    engine = app.state.runtime.engine
+    deleting: asyncio.Future[asyncio.Task[Any]] = asyncio.get_running_loop().create_future()
+    real = vector_store_files.get_batch
+
+    async def delete_meanwhile(session: Any, *args: Any) -> Any:
+        row = await real(session, *args)
+        row.cancelled = True
+        await session.flush()  # the batch's row locked, as the cancel's next statement would
+        # A deadlock found in a tenth of a second rather than PostgreSQL's default second.
+        await session.execute(text("SET LOCAL deadlock_timeout = '100ms'"))
+        deleting.set_result(asyncio.ensure_future(client.vector_stores.delete(store.id)))
+        await _until_waiting(engine, deleting.result())  # the delete waits for a lock the cancel holds
+        return row
+
+    async def deleted() -> openai.types.VectorStoreDeleted:
+        return await (await deleting)
+
+    monkeypatch.setattr(vector_store_files, "get_batch", delete_meanwhile)
+    cancelled, gone = await _answered_at_once(
+        client.vector_stores.file_batches.cancel(batch.id, vector_store_id=store.id), deleted()
+    )
+    assert cancelled.status == "cancelled" and cancelled.file_counts.cancelled == 2
+    assert gone.deleted
+    with pytest.raises(openai.NotFoundError):
+        await client.vector_stores.retrieve(store.id)
+    assert await _store_seqs(app, store.id) == {}
