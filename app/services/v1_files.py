@@ -112,7 +112,13 @@ async def sync_store(session: AsyncSession, assistant: orm.Assistant) -> None:
             )
         ).all()
     )
-    for file_id in present - set(file_ids):
+    # Removed in file id order, the order attaching locks a store's rows
+    # in: a concurrent attach of the same files waits for these rows in the
+    # same order (unsorted, the two could each hold a row the other wanted,
+    # on PostgreSQL a deadlock). These locks precede attach()'s savepoint,
+    # which its retry of a deadlock does not release: see
+    # vector_store_files._retried_clash.
+    for file_id in sorted(present - set(file_ids)):
         await vector_store_files.remove(session, store, file_id)
     missing = [file_id for file_id in file_ids if file_id not in present]
     files = await vector_store_files.require_files(session, projects.owner_of(assistant), missing)

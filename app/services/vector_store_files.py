@@ -149,7 +149,8 @@ async def _upsert_with_free_seqs(
     next free value (listing pages by it: the file keeps its place but for
     that nanosecond). A conflict with a file inserted by another transaction
     after the check rolls back this savepoint alone and is retried: a seq
-    clash is never a 500 (nor a deadlock it leads to: _retried_clash).
+    clash is never a 500, nor a deadlock it leads to (within the limits
+    _retried_clash gives).
 
     One statement per page inserts the new rows and resets those already
     there, so requests attaching the same files at once wait for each
@@ -192,6 +193,15 @@ def _retried_clash(exc: DBAPIError) -> bool:
       order wait for each other. PostgreSQL fails one; its savepoint rolled
       back lets the other go on, and the retry waits for that one and then
       meets its seqs as a unique violation.
+
+      That holds while the victim's part of the deadlock is inside the
+      savepoint: rolling it back releases the upsert's locks only, not rows
+      the transaction locked before attach(). v1_files.sync_store removes
+      rows of the store first (in file id order, as attaching takes them);
+      a request attaching at once a file it removes and, before that one in
+      file id order, a file it adds can deadlock with it; if sync_store is
+      the victim, each retry meets the same deadlock and the last one's
+      error is raised (a 500).
 
     Nothing else fails here for concurrency alone: transactions run READ
     COMMITTED (PostgreSQL's default; the app does not change it), where no

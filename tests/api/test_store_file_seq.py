@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+import httpx2
 import openai
 import pytest
 from fastapi import FastAPI
@@ -453,3 +454,61 @@ async def test_a_store_deleted_while_a_batch_of_it_is_cancelled(
     with pytest.raises(openai.NotFoundError):
         await client.vector_stores.retrieve(store.id)
     assert await _store_seqs(app, store.id) == {}
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_v1_files_dropped_while_a_batch_attaches_them_again(
+    client: openai.AsyncOpenAI, app: FastAPI, http: httpx2.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A v1 request dropping an assistant's files (removing its managed
+    store's rows) while a v2 batch attaches them to that store again
+    (PostgreSQL; SQLite's transactions are serial). The batch resets the
+    rows in file id order; the removal took them in a set's order: the batch
+    held a row the removal then wanted and waited for one it had removed, a
+    deadlock, and the v1 request answered 500 (unless the set yielded the
+    smallest of the 12 files first). The removal now goes in file id order
+    too: the batch waits for it."""
+    file_ids = sorted(
+        [(await client.files.create(file=(f"{n}.txt", b"an animal roams"), purpose="assistants")).id for n in range(12)]
+    )
+    v1 = {"OpenAI-Beta": "assistants=v1"}
+    created = await http.post(
+        "/v1/assistants", headers=v1, json={"model": "gpt-4", "tools": [{"type": "retrieval"}], "file_ids": file_ids}
+    )
+    assert created.status_code == 200, created.text
+    assistant = await client.beta.assistants.retrieve(created.json()["id"])
+    assert assistant.tool_resources is not None and assistant.tool_resources.file_search is not None
+    (store_id,) = assistant.tool_resources.file_search.vector_store_ids or []
+    async with asyncio.timeout(60):  # ingested: the worker locks none of the rows meanwhile
+        while True:
+            if (await client.vector_stores.retrieve(store_id)).file_counts.completed == len(file_ids):
+                break
+            await asyncio.sleep(0.05)
+
+    engine = app.state.runtime.engine
+    attaching: asyncio.Future[asyncio.Task[Any]] = asyncio.get_running_loop().create_future()
+    real = vector_store_files.remove
+
+    async def attach_after_the_first(session: Any, *args: Any) -> Any:
+        removed = await real(session, *args)
+        if not attaching.done():
+            # A deadlock found in a tenth of a second, by this request (the batch's retry would hide it).
+            await session.execute(text("SET LOCAL deadlock_timeout = '100ms'"))
+            attaching.set_result(
+                asyncio.ensure_future(client.vector_stores.file_batches.create(store_id, file_ids=file_ids))
+            )
+            await _until_waiting(engine, attaching.result())  # the batch waits for the removed row
+        return removed
+
+    async def dropped() -> httpx2.Response:
+        return await http.post(f"/v1/assistants/{assistant.id}", headers=v1, json={"file_ids": []})
+
+    async def attached() -> Any:
+        return await (await attaching)
+
+    monkeypatch.setattr(vector_store_files, "remove", attach_after_the_first)
+    answer, batch = await _answered_at_once(dropped(), attached())
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["file_ids"] == []
+    assert batch.file_counts.total == len(file_ids)
+    assert sorted(await _store_seqs(app, store_id)) == file_ids  # attached again, after the removal
