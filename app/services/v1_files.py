@@ -70,8 +70,11 @@ def is_managed(store: orm.VectorStore) -> bool:
 
 
 async def _managed_store(session: AsyncSession, assistant: orm.Assistant) -> orm.VectorStore | None:
+    # Kept until the transaction ends (as attaching through the API keeps
+    # its store): a delete of the store waits for sync_store's changes
+    # rather than their insert meeting its foreign key (a 500).
     for store_id in _store_ids(assistant.tool_resources):
-        store = await session.get(orm.VectorStore, store_id)
+        store = await vector_stores.kept(session, store_id)
         if store is not None and store.project_id == assistant.project_id and is_managed(store):
             return store
     return None

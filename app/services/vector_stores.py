@@ -144,7 +144,11 @@ async def create_from_helper(
 
 async def add_to_thread_store(session: AsyncSession, project: Project, thread_id: str, file_ids: list[str]) -> None:
     """Message attachments for file_search: into the thread's store, which is
-    created (expiring 7 days after last activity) if the thread has none."""
+    created (expiring 7 days after last activity) if the thread has none.
+    The store is kept (kept()) before its rows are touched: a delete of it
+    waits for this request, where the insert met the deleted store's foreign
+    key (PostgreSQL: retried as a seq clash, then a 500); a store deleted
+    first is none, and a new one is made."""
     if not file_ids:
         return
     thread = await session.get(orm.Thread, thread_id)
@@ -152,7 +156,7 @@ async def add_to_thread_store(session: AsyncSession, project: Project, thread_id
         return
     resources = dict(thread.tool_resources or {})
     store_ids = list((resources.get("file_search") or {}).get("vector_store_ids") or [])
-    store = await session.get(orm.VectorStore, store_ids[0]) if store_ids else None
+    store = await kept(session, store_ids[0]) if store_ids else None
     if store is None or store.project_id != project.id or is_expired(store):
         store = new_store(project, expires_after=dict(THREAD_STORE_EXPIRY))
         session.add(store)
@@ -193,6 +197,14 @@ async def get(
         for_update=for_update,
         key_share=keep,
     )
+
+
+async def kept(session: AsyncSession, vector_store_id: str) -> orm.VectorStore | None:
+    """The store with this id (of any project: the caller checks), kept as
+    get(keep=True) keeps it, for attaching files to a store the request
+    found by itself (a thread's, an assistant's); None if there is none, or
+    it was deleted while this waited."""
+    return await session.get(orm.VectorStore, vector_store_id, with_for_update={"key_share": True, "read": True})
 
 
 async def get_live(

@@ -512,3 +512,65 @@ async def test_v1_files_dropped_while_a_batch_attaches_them_again(
     assert answer.json()["file_ids"] == []
     assert batch.file_counts.total == len(file_ids)
     assert sorted(await _store_seqs(app, store_id)) == file_ids  # attached again, after the removal
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("adder", ["message", "v1 assistant file"])
+async def test_a_store_deleted_while_the_server_adds_files_to_it_itself(
+    client: openai.AsyncOpenAI, app: FastAPI, http: httpx2.AsyncClient, monkeypatch: pytest.MonkeyPatch, adder: str
+) -> None:
+    """A store deleted while the server adds a file to it on its own: a
+    message's file_search attachment into its thread's store, a v1
+    assistant's file into its managed store (PostgreSQL; SQLite's
+    transactions are serial). The store was read without a lock: the delete
+    went first, the insert met the deleted store's foreign key, was retried
+    as a seq clash and answered 500. The store is now kept first, as the
+    API's attaching routes keep it: the delete waits, and deletes the new
+    row with the store."""
+    zebra, llama = [
+        (await client.files.create(file=(f"{name}.txt", b"an animal roams"), purpose="assistants")).id
+        for name in ("zebra", "llama")
+    ]
+    v1 = {"OpenAI-Beta": "assistants=v1"}
+    searched = [{"file_id": zebra, "tools": [{"type": "file_search"}]}]
+    if adder == "message":
+        owner = await client.beta.threads.create(
+            messages=[{"role": "user", "content": "zebras", "attachments": searched}]
+        )
+        resources = (await client.beta.threads.retrieve(owner.id)).tool_resources
+    else:
+        body = {"model": "gpt-4", "tools": [{"type": "retrieval"}], "file_ids": [zebra]}
+        created = await http.post("/v1/assistants", headers=v1, json=body)
+        assert created.status_code == 200, created.text
+        resources = (await client.beta.assistants.retrieve(created.json()["id"])).tool_resources
+    assert resources is not None and resources.file_search is not None
+    (store_id,) = resources.file_search.vector_store_ids or []
+
+    engine = app.state.runtime.engine
+    deleting: asyncio.Future[asyncio.Task[Any]] = asyncio.get_running_loop().create_future()
+    real = vector_store_files.attach
+
+    async def delete_meanwhile(*args: Any) -> Any:
+        if not deleting.done():  # the store read, the new file's row not yet inserted
+            deleting.set_result(asyncio.ensure_future(client.vector_stores.delete(store_id)))
+            await _until_waiting(engine, deleting.result())  # the delete waits for this request
+        return await real(*args)
+
+    async def added() -> Any:
+        if adder == "message":
+            return await client.beta.threads.messages.create(
+                owner.id, role="user", content="llamas", attachments=[{**searched[0], "file_id": llama}]
+            )
+        answer = await http.post(f"/v1/assistants/{created.json()['id']}/files", headers=v1, json={"file_id": llama})
+        assert answer.status_code == 200, answer.text
+        return answer
+
+    async def deleted() -> Any:
+        return await (await deleting)
+
+    monkeypatch.setattr(vector_store_files, "attach", delete_meanwhile)
+    _added, gone = await _answered_at_once(added(), deleted())
+    assert gone.deleted
+    with pytest.raises(openai.NotFoundError):
+        await client.vector_stores.retrieve(store_id)
+    assert await _store_seqs(app, store_id) == {}  # the new row deleted with the store
