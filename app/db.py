@@ -190,6 +190,11 @@ class SQLiteWriters:
             await self._lock.acquire()
 
     def begin(self, connection: Connection) -> None:
+        # Read before the lock is taken: on a connection invalidated under it,
+        # either may reconnect and raise, and a lock taken before would then
+        # be held with no record of its holder, for good.
+        info = connection.info
+        driver: object = connection.connection.dbapi_connection
         try:
             if not self._lock.try_acquire():
                 await_(self._acquire())
@@ -198,12 +203,11 @@ class SQLiteWriters:
             refusal = sqlite3.OperationalError("database is locked (by this process's other transactions)")
             raise sa_exc.OperationalError("BEGIN IMMEDIATE", None, refusal) from None
         holder = object()  # this transaction's hold, not a later one's on the same connection
-        connection.info[self._HOLDS] = holder
-        driver: object = connection.connection.dbapi_connection
+        info[self._HOLDS] = holder
         if isinstance(driver, sqlite_driver.OneHopConnection):
             # Handed on once the COMMIT or ROLLBACK has run, not before it
             # is sent (see sqlite_driver.OneHopConnection.on_transaction_end).
-            driver.on_transaction_end = functools.partial(self.release, connection.info, holder)
+            driver.on_transaction_end = functools.partial(self.release, info, holder)
             if not driver.transaction_open:
                 # Sent with the first statement, as an executed BEGIN would
                 # be, without SQLAlchemy's execution around it.
@@ -212,7 +216,7 @@ class SQLiteWriters:
         try:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
         except BaseException:
-            self.release(connection.info)
+            self.release(info)
             raise
 
     def release(self, info: dict[Any, Any], holder: object | None = None) -> None:

@@ -6,6 +6,7 @@ app/db.py's Session, closed at once after its transaction."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -89,8 +90,23 @@ async def test_a_session_closed_after_its_transaction_forgets_its_objects(runtim
         await session.flush()
         project = await session.get(orm.Project, "proj_sessiontest")
         assert project is not None and project in session
+        started = _count_tasks_started()
+    asyncio.get_running_loop().set_task_factory(None)
+    assert started == []  # closed at once: the stock close runs in a task of its own
     assert project not in session  # closed: forgotten
     assert _checked_out(runtime) == idle
+
+
+def _count_tasks_started() -> list[object]:
+    """From now on, the coroutines of the tasks the loop starts."""
+    started: list[object] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        started.append(coro)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    asyncio.get_running_loop().set_task_factory(factory)
+    return started
 
 
 async def test_a_session_left_inside_a_transaction_is_rolled_back_and_returned(runtime: Runtime) -> None:
