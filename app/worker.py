@@ -1,7 +1,8 @@
 """The worker: claims runs and executes them; reaps runs nobody can finish.
 
 The row is the job. A claim is a compare-and-set UPDATE that stamps a lease
-(services/run_execution.py); the executor renews the lease while it works.
+(services/run_execution.py); the worker's one lease renewer renews the
+leases of all its executing runs while they work (lease_renewer.py).
 A run whose lease lapsed (or was released) while ``in_progress`` belonged to
 a worker that crashed, was killed or shut down: the next claim RESUMES it
 from its last committed step. Only a run that can no longer be resumed (past
@@ -28,6 +29,7 @@ from contextlib import suppress
 from sqlalchemy.exc import DBAPIError
 
 from app import db
+from app.lease_renewer import LeaseRenewer
 from app.retrieval import ingest
 from app.runner import execute
 from app.runner.tools import registry
@@ -72,6 +74,7 @@ class Worker:
         self._claimed_to_capacity = False
         self._next_prune = 0.0
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.leases = LeaseRenewer(runtime, self.owner, self.lease_seconds)
         self.affinity_seconds = settings.run_claim_affinity_seconds
         # Runs reserved for this worker since its last claim (reservation()).
         self._reserved = 0
@@ -194,6 +197,7 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         self._tasks.clear()
+        await self.leases.stop()  # (renewals went on through the drain)
         await self._release_leases(unfinished)
         await self.ingestion.stop()
         for tool in self.builtins.values():
@@ -267,7 +271,9 @@ class Worker:
             running = [execution for execution in claimed if not execution.finished]
             for execution in running:
                 run_id = execution.run_id
-                self._tasks[run_id] = asyncio.create_task(self._execute(execution), name=f"run {run_id}")
+                task = asyncio.create_task(self._execute(execution), name=f"run {run_id}")
+                self._tasks[run_id] = task
+                self.leases.hold(run_id, task)
             if self._claimed_to_capacity and len(running) < len(claimed):
                 # Runs answered at once in the claim left their slots free
                 # already: more may be waiting.
@@ -282,6 +288,7 @@ class Worker:
         while time.monotonic() < deadline:
             await self.tick()
             if not self._tasks and not self._claimed_to_capacity:
+                await self.leases.idle()  # no renewal left running behind the caller
                 return  # (runs answered in their claim leave no task: claimed to capacity, more may wait)
             if self._tasks:
                 await asyncio.wait(list(self._tasks.values()), return_when=asyncio.FIRST_COMPLETED)
@@ -289,7 +296,6 @@ class Worker:
 
     async def _execute(self, execution: execute.RunExecution) -> None:
         run_id = execution.run_id
-        renewer = asyncio.create_task(self._renew_lease(run_id))
         released = False
         try:
             await execute.run(execution)
@@ -304,10 +310,11 @@ class Worker:
             # database failure); this only guards the worker loop.
             log.exception("executing run %s", run_id)
         finally:
-            renewer.cancel()
-            with suppress(asyncio.CancelledError):
-                await renewer
-            self._tasks.pop(run_id, None)
+            task = asyncio.current_task()
+            if task is not None:
+                self.leases.drop(run_id, task)
+            if self._tasks.get(run_id) is task:
+                del self._tasks[run_id]
             # A slot is free for a run that may be waiting; or the run released
             # above may be resumed here: a claim made while this task was still
             # listed left it out (claim_and_start's ``executing``).
@@ -317,30 +324,6 @@ class Worker:
     async def claim(self, limit: int) -> list[str]:
         async with self.runtime.transaction() as session:
             return await run_execution.claim(session, self.owner, limit, self.lease_seconds, list(self._tasks))
-
-    async def _renew_lease(self, run_id: str) -> None:
-        """Keep the lease on ``run_id`` while it executes. If the lease is lost
-        (renewals failed until it lapsed, or another worker claimed the run),
-        the execution is cancelled: two workers must never run it at once."""
-        renewed_at = time.monotonic()
-        while True:
-            await asyncio.sleep(self.lease_seconds / 3)
-            try:
-                async with self.runtime.transaction() as session:
-                    if await run_execution.renew(session, self.owner, [run_id], self.lease_seconds):
-                        renewed_at = time.monotonic()
-                        continue
-                    lost = await run_execution.taken_over(session, self.owner, run_id)
-            except Exception as error:  # retried at the next period
-                log.warning("renewing the lease of run %s failed (%s); retrying", run_id, error)
-                # Stop before the lease can lapse under us (others may claim it then).
-                lost = time.monotonic() - renewed_at > self.lease_seconds * 0.9
-            if lost:
-                log.warning("lost the lease of run %s; stopping its execution here", run_id)
-                task = self._tasks.get(run_id)
-                if task is not None:
-                    task.cancel()
-                return
 
     async def prune_run_events(self) -> None:
         """Delete the event logs of runs that ended longer ago than the

@@ -232,13 +232,17 @@ async def renew(session: AsyncSession, owner: str, run_ids: list[str], lease_sec
     return list((await session.scalars(statement)).all())
 
 
-async def taken_over(session: AsyncSession, owner: str, run_id: str) -> bool:
-    """True if another worker now executes ``run_id`` (``owner``'s lease
-    lapsed and the run was claimed again): ``owner`` must stop working on it.
-    A run whose lease was cleared because it left the executor's hands
-    (requires_action, a final status) is not taken over."""
-    row = (await session.execute(select(orm.Run.status, orm.Run.lease_owner).where(orm.Run.id == run_id))).first()
-    return row is not None and row.lease_owner is not None and row.lease_owner != owner
+async def taken_over(session: AsyncSession, owner: str, run_ids: list[str]) -> list[str]:
+    """Those of ``run_ids`` another worker now executes (``owner``'s lease
+    lapsed and the run was claimed again): ``owner`` must stop working on
+    them. A run whose lease was cleared because it left the executor's hands
+    (requires_action, a final status) or was released is not taken over."""
+    if not run_ids:
+        return []
+    query = select(orm.Run.id).where(
+        orm.Run.id.in_(run_ids), orm.Run.lease_owner.is_not(None), orm.Run.lease_owner != owner
+    )
+    return list((await session.scalars(query)).all())
 
 
 async def release(session: AsyncSession, owner: str, run_ids: list[str] | None = None) -> list[str]:

@@ -1,0 +1,286 @@
+"""The worker's one lease renewer (app/lease_renewer.py): every period one
+statement renews the leases of all the runs the worker executes; a run
+whose lease is lost is stopped, one whose lease was cleared is left alone
+(never given a lease back); runs answered in their claim, and runs that end
+before their first renewal is due, cost no task and no statement."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import event, select, update
+
+from app import orm
+from app.lease_renewer import LeaseRenewer
+from app.runtime import Runtime
+from app.services import run_execution
+from app.settings import Settings
+from app.worker import Worker
+from tests.runner.test_worker import _make_runs, _statuses
+
+DEADLINE = 30.0
+LONG_RUN = "[[delay 100]] [[tokens 3000]]"  # five minutes: ended by the test
+
+
+@pytest.fixture
+async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    # A lease of 1.5 s: a renewal every 0.5 s.
+    rt = await Runtime.start(settings.model_copy(update={"worker_poll_seconds": 0.05, "run_lease_seconds": 1.5}))
+    try:
+        yield rt
+    finally:
+        await rt.close()
+
+
+async def _until(condition: Callable[[], Any], what: str, deadline: float = DEADLINE) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@contextmanager
+def renewal_statements(runtime: Runtime) -> Iterator[list[tuple[float, set[str]]]]:
+    """Each renewal UPDATE sent while inside: when, and the run ids it names."""
+    seen: list[tuple[float, set[str]]] = []
+
+    def before(_connection: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
+        if " ".join(statement.split()).startswith("UPDATE runs SET lease_expires_at"):
+            values = parameters.values() if isinstance(parameters, dict) else parameters
+            seen.append(
+                (time.time(), {value for value in values if isinstance(value, str) and value.startswith("run_")})
+            )
+
+    engine = runtime.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", before)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+
+
+async def _leases(runtime: Runtime, run_ids: list[str]) -> dict[str, tuple[str | None, float | None]]:
+    async with runtime.transaction() as session:
+        query = select(orm.Run.id, orm.Run.lease_owner, orm.Run.lease_expires_at).where(orm.Run.id.in_(run_ids))
+        return {row.id: (row.lease_owner, row.lease_expires_at) for row in (await session.execute(query)).all()}
+
+
+async def _started(runtime: Runtime) -> tuple[Worker, asyncio.Task[None]]:
+    worker = Worker(runtime)
+    runtime.wake_worker = worker.wake
+    return worker, asyncio.create_task(worker.run_forever())
+
+
+async def _stop(worker: Worker, task: asyncio.Task[None]) -> None:
+    worker.request_stop()
+    worker.request_stop()  # no drain
+    await task
+
+
+async def test_one_statement_renews_every_executing_run_before_its_lease_lapses(runtime: Runtime) -> None:
+    worker, task = await _started(runtime)
+    try:
+        with renewal_statements(runtime) as renewals:
+            first = await _make_runs(runtime, 2, text=LONG_RUN)
+            await _until(lambda: worker.busy == 2, "the first runs to start")
+            claimed = await _leases(runtime, first)
+            await _until(lambda: len(renewals) >= 1, "a renewal")
+            # A run claimed between two renewals is renewed within a period of its claim.
+            (late,) = await _make_runs(runtime, 1, text=LONG_RUN)
+            await _until(lambda: worker.busy == 3, "the late run to start")
+            (late_claim,) = (await _leases(runtime, [late])).values()
+            await _until(lambda: any(late in ids for _at, ids in renewals), "the late run's renewal")
+            await _until(lambda: sum(1 for _at, ids in renewals if ids == {*first, late}) >= 2, "renewals of all three")
+            leases = await _leases(runtime, [*first, late])
+    finally:
+        await _stop(worker, task)
+    assert all(ids for _at, ids in renewals)
+    assert {run_id for _at, ids in renewals for run_id in ids} == {*first, late}
+    assert worker.leases.rounds == len(renewals)  # one statement per round, whatever the number of runs
+    assert late_claim[1] is not None and next(at for at, ids in renewals if late in ids) < late_claim[1]
+    for run_id, (owner, expires_at) in leases.items():
+        assert owner == worker.owner and expires_at is not None
+        assert expires_at > (late_claim[1] if run_id == late else claimed[run_id][1] or 0)  # renewed, not lapsed
+    assert set((await _statuses(runtime, [*first, late])).values()) == {"in_progress"}
+
+
+async def test_only_the_run_another_worker_took_over_is_stopped(runtime: Runtime) -> None:
+    worker, task = await _started(runtime)
+    try:
+        kept, taken = await _make_runs(runtime, 2, text=LONG_RUN)
+        await _until(lambda: worker.busy == 2, "the runs to start")
+        async with runtime.transaction() as session:  # as if another worker claimed it after a lapse
+            await session.execute(
+                update(orm.Run)
+                .where(orm.Run.id == taken)
+                .values(lease_owner="other-worker", lease_expires_at=time.time() + 600)
+            )
+        await _until(lambda: worker.leases.held == {kept}, "the taken-over run to be given up")
+        await _until(lambda: worker.busy == 1, "its execution to stop")
+        before = (await _leases(runtime, [kept]))[kept][1] or 0
+        await _until(lambda: _renewed_since(runtime, kept, before), "the other run's lease to be renewed again")
+        assert worker.busy == 1
+    finally:
+        await _stop(worker, task)
+    assert await _leases(runtime, [taken]) == {taken: ("other-worker", pytest.approx(time.time() + 600, abs=60))}
+
+
+async def _renewed_since(runtime: Runtime, run_id: str, expires_at: float) -> bool:
+    return ((await _leases(runtime, [run_id]))[run_id][1] or 0) > expires_at
+
+
+async def test_a_failed_renewal_is_retried(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_renew = run_execution.renew
+    failures = [RuntimeError("database is locked")]
+
+    async def renew_failing_once(*args: Any, **kwargs: Any) -> list[str]:
+        if failures:
+            raise failures.pop()
+        return await real_renew(*args, **kwargs)
+
+    monkeypatch.setattr(run_execution, "renew", renew_failing_once)
+    worker, task = await _started(runtime)
+    try:
+        with caplog.at_level(logging.WARNING, logger="app.worker"):
+            (run_id,) = await _make_runs(runtime, 1, text=LONG_RUN)
+            await _until(lambda: worker.busy == 1, "the run to start")
+            claimed = (await _leases(runtime, [run_id]))[run_id][1] or 0
+            await _until(lambda: not failures, "the failed renewal")
+            await _until(lambda: _renewed_since(runtime, run_id, claimed), "the retried renewal")
+        assert worker.busy == 1 and worker.leases.held == {run_id}
+    finally:
+        await _stop(worker, task)
+    assert f"renewing the lease of run {run_id} failed (database is locked); retrying" in caplog.text
+    assert "lost the lease" not in caplog.text
+
+
+async def test_renewals_failing_until_the_lease_would_lapse_stop_the_execution(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def renew_failing(*_args: Any, **_kwargs: Any) -> list[str]:
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(run_execution, "renew", renew_failing)
+    worker, task = await _started(runtime)
+    try:
+        with caplog.at_level(logging.WARNING, logger="app.worker"):
+            (run_id,) = await _make_runs(runtime, 1, text=LONG_RUN)
+            await _until(lambda: worker.busy == 1, "the run to start")
+            claimed_at = time.time()
+            (_owner, first_lease) = (await _leases(runtime, [run_id]))[run_id]
+            execution = worker._tasks[run_id]
+            await _until(execution.done, "the execution to stop")
+    finally:
+        await _stop(worker, task)
+    assert execution.cancelled()
+    (lost, *_) = [record for record in caplog.records if record.getMessage().startswith("lost the lease")]
+    assert lost.getMessage() == f"lost the lease of run {run_id}; stopping its execution here"
+    assert first_lease is not None and claimed_at <= first_lease
+    assert lost.created < first_lease + 1.0  # about when the lease lapsed, not minutes later
+    # (This worker may have claimed the lapsed run again meanwhile: a resumption.)
+    assert (await _statuses(runtime, [run_id]))[run_id] == "in_progress"  # resumable, not failed
+
+
+async def test_one_round_renews_what_it_holds_and_never_revives_a_cleared_lease(runtime: Runtime) -> None:
+    """Three held runs, one statement: this owner's lease is renewed; a
+    cleared lease (released, or the run left the executor) stays cleared and
+    its execution runs on; another owner's lease stops its execution."""
+    owned, released, taken = await _make_runs(runtime, 3, status="in_progress")
+    owner = "this-worker"
+    stamped = time.time() + 1.0  # as a claim stamps a lease
+    async with runtime.transaction() as session:
+        for run_id, lease_owner in ((owned, owner), (released, None), (taken, "other-worker")):
+            await session.execute(
+                update(orm.Run)
+                .where(orm.Run.id == run_id)
+                .values(lease_owner=lease_owner, lease_expires_at=lease_owner and stamped)
+            )
+    renewer = LeaseRenewer(runtime, owner, lease_seconds=0.3)
+    executions = {run_id: asyncio.create_task(asyncio.sleep(DEADLINE)) for run_id in (owned, released, taken)}
+    try:
+        with renewal_statements(runtime) as renewals:
+            for run_id, execution in executions.items():
+                renewer.hold(run_id, execution)
+            await _until(lambda: executions[taken].done(), "the taken-over execution to be stopped")
+            await _until(lambda: renewer.rounds >= 2, "a second round")
+            await renewer.idle()
+            assert renewals[0][1] == {owned, released, taken}
+            assert renewer.held == {owned, released}
+            assert executions[taken].cancelled()
+            assert not executions[owned].done() and not executions[released].done()
+            leases = await _leases(runtime, [owned, released, taken])
+            assert leases[owned][0] == owner and leases[owned][1] != stamped  # renewed
+            assert leases[released] == (None, None)
+            assert leases[taken] == ("other-worker", stamped)
+            # Dropped (its execution ended): never named by a renewal again.
+            renewer.drop(owned, executions[owned])
+            rounds = renewer.rounds
+            renewals.clear()
+            await _until(lambda: renewer.rounds > rounds, "a round after the drop")
+            await renewer.idle()
+            assert renewals and all(ids == {released} for _at, ids in renewals)
+    finally:
+        await renewer.stop()
+        for execution in executions.values():
+            execution.cancel()
+        await asyncio.gather(*executions.values(), return_exceptions=True)
+    rounds = renewer.rounds
+    await asyncio.sleep(0)
+    assert renewer.rounds == rounds and renewer.held == frozenset()
+
+
+async def test_short_runs_and_instant_answers_start_no_lease_task(runtime: Runtime) -> None:
+    """Runs answered in their claim are never held; runs that end before a
+    renewal is due cost no task, no timer of their own, no statement."""
+    worker = Worker(runtime, concurrency=4)
+    held: list[str] = []
+    hold = worker.leases.hold
+
+    def recording_hold(run_id: str, execution: asyncio.Task[None]) -> None:
+        held.append(run_id)
+        hold(run_id, execution)
+
+    worker.leases.hold = recording_hold  # type: ignore[method-assign]
+    instant = await _make_runs(runtime, 4, text="hi")
+    streamed = await _make_runs(runtime, 4, text="[[delay 1]] hello there")  # streamed: 2 ms
+    try:
+        with renewal_statements(runtime) as renewals:
+            async with asyncio.timeout(DEADLINE):
+                await worker.run_until_idle()
+        renewal_tasks = [task for task in asyncio.all_tasks() if task.get_name() == "lease renewal"]
+    finally:
+        await worker.stop()
+    assert set((await _statuses(runtime, instant + streamed)).values()) == {"completed"}
+    assert sorted(held) == sorted(streamed)  # instant answers never registered
+    assert worker.leases.held == frozenset() and worker.leases.rounds == 0 and renewals == []
+    assert renewal_tasks == []
+
+
+async def test_renewals_go_on_through_the_drain_and_stop_with_the_worker(runtime: Runtime) -> None:
+    worker, task = await _started(runtime)
+    worker.drain_seconds = 600.0  # far longer than the test may take
+    with renewal_statements(runtime) as renewals:
+        (run_id,) = await _make_runs(runtime, 1, text="[[delay 100]] [[tokens 25]]")  # 2.5 s: past its lease
+        await _until(lambda: worker.busy == 1, "the run to start")
+        worker.request_stop()
+        stop_requested = time.time()
+        async with asyncio.timeout(DEADLINE):
+            await task
+        rounds = worker.leases.rounds
+    assert (await _statuses(runtime, [run_id]))[run_id] == "completed"
+    assert any(at > stop_requested and ids == {run_id} for at, ids in renewals)  # renewed while draining
+    assert worker.leases.rounds == rounds and worker.leases.held == frozenset()
+    assert await _leases(runtime, [run_id]) == {run_id: (None, None)}
