@@ -10,9 +10,13 @@ the embedded one of bench/runs.py; its backends' CPU is reported apart.
 Prints one line per round; asserts nothing. ``--text`` is the user's message:
 ``"[[delay 1]] hello there"`` has the answer streamed as a provider's is (a
 millisecond between deltas), taking the provider path through the executor.
+``--worker`` has a real Worker claim and execute them instead (its tasks,
+lease renewal, reaper and pruner included). Each line also gives the asyncio
+tasks created per run.
 
     .venv/bin/python bench/run_engine.py --db sqlite --runs 320 --clients 1,16
     .venv/bin/python bench/run_engine.py --db postgres
+    .venv/bin/python bench/run_engine.py --worker --text "[[delay 1]] hello there"
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ from app.runtime import Runtime
 from app.services import runs
 from app.settings import Settings
 from app.wire.events import Event
+from app.worker import Worker
 
 HOPS = [0]
+TASKS = [0]  # asyncio tasks created (a task factory counts them)
 # PostgreSQL: round trips to the server, by kind (BEGIN, COMMIT, prepare, execute, ...).
 ROUND_TRIPS: dict[str, int] = {}
 # With BENCH_TRACE=1: every round trip of each round's last 3 runs (connection, kind, SQL).
@@ -146,7 +152,13 @@ async def measure(
     rounds: int,
     postmaster: int | None = None,
     text: str = "hello there",
+    worker_mode: bool = False,
 ) -> None:
+    def counting_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        TASKS[0] += 1
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    asyncio.get_running_loop().set_task_factory(counting_factory)  # type: ignore[arg-type]
     runtime = await Runtime.start(Settings(data_dir=data_dir, database_url=url))
     counts = {"transactions": 0, "statements": 0}
 
@@ -166,11 +178,15 @@ async def measure(
                 await make_runs(runtime, runs, text)
                 counts.update(transactions=0, statements=0)
                 flushes = runtime.run_log.flushes
-                HOPS[0] = 0
+                HOPS[0] = TASKS[0] = 0
                 ROUND_TRIPS.clear()
                 wall, cpu = time.perf_counter(), time.process_time()
                 database_cpu = base.tree_cpu(postmaster) if postmaster else 0.0
-                done = 0
+                if worker_mode:
+                    worker = Worker(runtime, concurrency=concurrency)
+                    await worker.run_until_idle(limit_seconds=600)
+                    await worker.stop()
+                done = runs if worker_mode else 0
                 while done < runs:
                     claimed = await execute.claim_and_start(runtime, owner, concurrency, 60.0, {})
                     await asyncio.gather(*(execute.run(execution) for execution in claimed))
@@ -190,6 +206,7 @@ async def measure(
                     f"{concurrency:>2} at a time, round {number}: CPU {cpu * 1000 / runs:.2f} ms/run, "
                     f"wall {wall * 1000 / runs:.2f} ms/run, {counts['transactions'] / runs:.2f} transactions, "
                     f"{counts['statements'] / runs:.2f} statements, {HOPS[0] / runs:.1f} hops per run, "
+                    f"{TASKS[0] / runs:.2f} tasks per run, "
                     f"{(runtime.run_log.flushes - flushes) / runs:.2f} delta flushes "
                     f"(load average {os.getloadavg()[0]:.1f}){trips}",
                     flush=True,
@@ -214,13 +231,16 @@ def main() -> None:
     parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--text", default="hello there", help="the user's message (offline model cues)")
+    parser.add_argument("--worker", action="store_true", help="a real Worker claims and executes")
     args = parser.parse_args()
     count_hops()
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as name:
         scratch = Path(name)
         (scratch / "pg").mkdir()
         with database(args.db, scratch) as (url, postmaster):
-            asyncio.run(measure(url, scratch / "data", args.runs, args.clients, args.rounds, postmaster, args.text))
+            asyncio.run(
+                measure(url, scratch / "data", args.runs, args.clients, args.rounds, postmaster, args.text, args.worker)
+            )
 
 
 if __name__ == "__main__":
