@@ -7,13 +7,25 @@ renewer task per run (the previous design) cost every run a task, a sleep
 and a cancellation, though most runs end in milliseconds, long before their
 first renewal is due (issue 17). Here an executing run is an entry in a
 dict; a timer (a loop callback, no task) is armed while runs are held, and
-when it fires one task renews them all, then arms the next period.
+when it fires one task renews them all, then arms the next round.
 
 What an execution is told is unchanged: when its lease is lost (renewals
 failed until it was about to lapse, or another worker claimed the run), its
-task is cancelled, so two workers never execute a run at once. A run whose
-lease was cleared (it left the executor's hands, or was released) is not
-lost, and the compare-and-set on the owner never gives it a lease back.
+task is cancelled, so two workers never execute a run at once (a write that
+gets through anyway is refused by the owner check: ``execute.LeaseLost``).
+A run whose lease was cleared (it left the executor's hands, or was
+released) is not lost, and the compare-and-set on the owner never gives it
+a lease back.
+
+The margin: the database's lease runs ``lease_seconds`` from a moment taken
+before its statement (the claim's, or a renewal's) was sent, and this
+renewer counts from a moment taken earlier still, kept only once that
+statement's transaction committed. Each attempt is cut off well within the
+lease (ATTEMPT_FRACTION: an attempt waiting on SQLite's write lock or on
+the connection pool could otherwise take a whole lease), and a run is given
+up at GIVE_UP_FRACTION of its lease since then, by a round scheduled for
+that moment, not at the lapse: so this worker stops streaming a run before
+another worker may legitimately take it over and ask the model again.
 """
 
 from __future__ import annotations
@@ -31,12 +43,19 @@ log = logging.getLogger("app.worker")
 # Give a run up this far into its lease without a successful renewal: before
 # it can lapse under us (another worker may claim it then).
 GIVE_UP_FRACTION = 0.9
+# One renewal attempt is cut off after this share of the lease (5 s of the
+# default 30): the rounds of a lease (every third of it) each get a bounded
+# try, and the give-up round still comes before the lapse.
+ATTEMPT_FRACTION = 1 / 6
 
 
 @dataclass
 class _HeldLease:
     execution: asyncio.Task[None]  # cancelled if the lease is lost
-    renewed_at: float  # monotonic: the claim, then each successful renewal
+    # time.monotonic() before the statement that last stamped the lease (the
+    # claim, then each renewal that committed): the lease in the database
+    # runs at least lease_seconds from here.
+    renewed_at: float
 
 
 class LeaseRenewer:
@@ -46,8 +65,10 @@ class LeaseRenewer:
         self.lease_seconds = lease_seconds
         # Three renewals per lease: two may fail before it lapses.
         self.period = lease_seconds / 3
+        self.attempt_seconds = lease_seconds * ATTEMPT_FRACTION
         self._held: dict[str, _HeldLease] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when the armed timer fires (time.monotonic())
         self._round: asyncio.Task[None] | None = None
         self._stopped = False
         self.rounds = 0  # renewal rounds started (tests, benchmarks)
@@ -56,11 +77,18 @@ class LeaseRenewer:
     def held(self) -> frozenset[str]:
         return frozenset(self._held)
 
-    def hold(self, run_id: str, execution: asyncio.Task[None]) -> None:
-        """Renew ``run_id``'s lease (just stamped by its claim) while
-        ``execution`` runs; its first renewal comes within one period."""
-        self._held[run_id] = _HeldLease(execution, time.monotonic())
-        self._arm()
+    def renewed_at(self, run_id: str) -> float | None:
+        """When ``run_id``'s lease counts from (time.monotonic()), if held."""
+        held = self._held.get(run_id)
+        return None if held is None else held.renewed_at
+
+    def hold(self, run_id: str, execution: asyncio.Task[None], stamped_at: float) -> None:
+        """Renew ``run_id``'s lease while ``execution`` runs; ``stamped_at``
+        is time.monotonic() taken before the claim that stamped the lease was
+        sent. Its first renewal comes within one period."""
+        lease = _HeldLease(execution, stamped_at)
+        self._held[run_id] = lease
+        self._arm(min(time.monotonic() + self.period, self._give_up_at(lease)))
 
     def drop(self, run_id: str, execution: asyncio.Task[None]) -> None:
         """``execution`` ended: no renewal for its run from now on. (The timer
@@ -86,10 +114,20 @@ class LeaseRenewer:
         if self._round is not None:
             await asyncio.wait({self._round})
 
-    def _arm(self) -> None:
-        # A round in flight arms the next period itself when it ends.
-        if self._timer is None and self._round is None and not self._stopped:
-            self._timer = asyncio.get_running_loop().call_later(self.period, self._start_round)
+    def _give_up_at(self, lease: _HeldLease) -> float:
+        return lease.renewed_at + self.lease_seconds * GIVE_UP_FRACTION
+
+    def _arm(self, at: float) -> None:
+        """A round at ``at`` (time.monotonic()), or sooner if one is armed
+        for sooner. A round in flight arms the next one itself when it ends."""
+        if self._round is not None or self._stopped:
+            return
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, at - time.monotonic()), self._start_round)
 
     def _start_round(self) -> None:
         self._timer = None
@@ -99,37 +137,54 @@ class LeaseRenewer:
         self._round = asyncio.create_task(self._renew_all(), name="lease renewal")
         self._round.add_done_callback(self._round_ended)
 
-    def _round_ended(self, _round: asyncio.Task[None]) -> None:
+    def _round_ended(self, round_: asyncio.Task[None]) -> None:
         self._round = None
+        if not round_.cancelled() and (error := round_.exception()) is not None:
+            # (_renew_all catches the database's failures: this is a bug; the
+            # next round still comes, the give-up check with it.)
+            log.error("a lease renewal round failed", exc_info=error)
         if self._held:
-            self._arm()
+            # The next period, or sooner a run's give-up moment (its renewals
+            # failing): that round stops it before its lease can lapse.
+            earliest = min(self._give_up_at(lease) for lease in self._held.values())
+            self._arm(min(time.monotonic() + self.period, earliest))
 
     async def _renew_all(self) -> None:
+        self._give_up(time.monotonic())  # too late for any attempt to save them
         held = dict(self._held)  # runs held from now on wait for the next round
+        if not held:
+            return
         run_ids = sorted(held)
+        # Taken before the statement; kept once its transaction committed.
         started_at = time.monotonic()
+        # Bounded, and over before the first of these runs is given up.
+        limit = min(self.attempt_seconds, min(self._give_up_at(lease) for lease in held.values()) - started_at)
         try:
-            async with self.runtime.transaction() as session:
+            async with asyncio.timeout(limit), self.runtime.transaction() as session:
                 renewed = await run_execution.renew(session, self.owner, run_ids, self.lease_seconds)
                 # The rows the UPDATE did not return: ended, released, or claimed by another worker.
                 missed = sorted(set(run_ids) - set(renewed))
                 lost = await run_execution.taken_over(session, self.owner, missed)
-        except Exception as error:  # retried at the next period
+        except Exception as error:  # a dropped connection, a lock, the time limit: retried next round
+            why = f"no answer within {limit:.3g} s" if isinstance(error, TimeoutError) else str(error)
             for run_id in run_ids:
-                log.warning("renewing the lease of run %s failed (%s); retrying", run_id, error)
-            now = time.monotonic()
-            lost = [
-                run_id
-                for run_id, lease in held.items()
-                if now - lease.renewed_at > self.lease_seconds * GIVE_UP_FRACTION
-            ]
-        else:
-            for run_id in renewed:
-                held[run_id].renewed_at = started_at  # the lease runs from (after) the statement
+                log.warning("renewing the lease of run %s failed (%s); retrying", run_id, why)
+            self._give_up(time.monotonic())
+            return
+        for run_id in renewed:
+            held[run_id].renewed_at = started_at
         for run_id in lost:
-            lease = held[run_id]
-            if self._held.get(run_id) is not lease:
-                continue  # its execution ended meanwhile
-            log.warning("lost the lease of run %s; stopping its execution here", run_id)
-            del self._held[run_id]
-            lease.execution.cancel()
+            self._stop_execution(run_id, held[run_id])
+
+    def _give_up(self, now: float) -> None:
+        """Stop the executions whose leases were not renewed in time."""
+        for run_id, lease in list(self._held.items()):
+            if self._give_up_at(lease) <= now:
+                self._stop_execution(run_id, lease)
+
+    def _stop_execution(self, run_id: str, lease: _HeldLease) -> None:
+        if self._held.get(run_id) is not lease:
+            return  # its execution ended meanwhile
+        log.warning("lost the lease of run %s; stopping its execution here", run_id)
+        del self._held[run_id]
+        lease.execution.cancel()

@@ -263,7 +263,9 @@ class Worker:
         self._claimed_to_capacity = free <= 0
         self._reserved = 0  # this claim takes the runs reserved so far (if it has room)
         if free > 0 and not self._stopping:
-            # Claimed and started in one transaction (issue 17).
+            # Claimed and started in one transaction (issue 17). The leases
+            # it stamps count from before it (lease_renewer.py's margin).
+            claimed_at = time.monotonic()
             claimed = await execute.claim_and_start(
                 self.runtime, self.owner, free, self.lease_seconds, self.builtins, executing=list(self._tasks)
             )
@@ -273,7 +275,7 @@ class Worker:
                 run_id = execution.run_id
                 task = asyncio.create_task(self._execute(execution), name=f"run {run_id}")
                 self._tasks[run_id] = task
-                self.leases.hold(run_id, task)
+                self.leases.hold(run_id, task, claimed_at)
             if self._claimed_to_capacity and len(running) < len(claimed):
                 # Runs answered at once in the claim left their slots free
                 # already: more may be waiting.

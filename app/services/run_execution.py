@@ -23,7 +23,10 @@ from sqlalchemy import (
     Float,
     Integer,
     RowMapping,
+    Select,
+    String,
     Update,
+    all_,
     and_,
     bindparam,
     delete,
@@ -34,11 +37,12 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
 
 from app import ids, orm
-from app.services import run_state
+from app.services import common, run_state
 
 # A queued run created by a process's API is reserved for that process's
 # worker for a moment (issue 17, claim affinity): its lease_owner is this
@@ -115,11 +119,32 @@ def _earlier_messages_column(dialect: str) -> ColumnElement[Any]:
     return type_coerce(literal_column(sql), JSON).label("earlier_messages")
 
 
-def _build_claim(dialect: str) -> Update:
+def _not_executing(dialect: str) -> ColumnElement[bool]:
+    """Not one of the runs bound as ``executing``: one parameter however
+    many there are (an array on PostgreSQL, a JSON array on SQLite; see
+    _executing_parameter), so that the claim is one statement, prepared
+    once per connection on PostgreSQL (an expanding NOT IN list is another
+    statement for every length, each prepared again)."""
+    if dialect == "postgresql":
+        return run_state.RUNS.c.id != all_(bindparam("executing", type_=ARRAY(String)))
+    listed: Select[tuple[Any]] = select(literal_column("value")).select_from(
+        func.json_each(bindparam("executing", type_=String))
+    )
+    return run_state.RUNS.c.id.not_in(listed.scalar_subquery())
+
+
+def _executing_parameter(dialect: str, executing: Collection[str]) -> list[str] | str:
+    listed = sorted(executing)
+    return listed if dialect == "postgresql" else json.dumps(listed)
+
+
+def _build_claim(dialect: str, *, prefetch: bool) -> Update:
     """The claim, built once per dialect (issue 17: building it and its ORM
     RETURNING cost more CPU than running it); bound: _claimable_by_owner()'s
     values, ``executing``, ``limit``, ``owner`` and ``lease_until``; returns the claimed
-    rows and each queued one's earlier messages (_earlier_messages_column)."""
+    rows and, with ``prefetch``, each queued one's earlier messages
+    (_earlier_messages_column; a claim whose caller only wants the ids
+    leaves the database that work)."""
     # MATERIALIZED: chosen once. As a plain IN (subquery) PostgreSQL may
     # rescan it for each row it updates, and a rescan skips the rows this
     # statement has just updated and picks the next ones: a claim took more
@@ -134,22 +159,29 @@ def _build_claim(dialect: str) -> Update:
     # lease again instead.
     candidates = (
         select(run_state.RUNS.c.id)
-        .where(_claimable_by_owner(), run_state.RUNS.c.id.not_in(bindparam("executing", expanding=True)))
+        .where(_claimable_by_owner(), _not_executing(dialect))
         .order_by(run_state.RUNS.c.seq)
         .limit(bindparam("limit", type_=Integer))
         .with_for_update(skip_locked=True)
         .cte("candidates")
         .prefix_with("MATERIALIZED")
     )
-    return (
+    claim = (
         update(run_state.RUNS)
         .where(run_state.RUNS.c.id.in_(select(candidates.c.id)), _claimable_by_owner())
         .values(lease_owner=bindparam("owner"), lease_expires_at=bindparam("lease_until", type_=Float))
-        .returning(*run_state.RUNS.c, _earlier_messages_column(dialect))
     )
+    if prefetch:
+        return claim.returning(*run_state.RUNS.c, _earlier_messages_column(dialect))
+    return claim.returning(run_state.RUNS.c.id)
 
 
-_CLAIMS = {dialect: _build_claim(dialect) for dialect in ("postgresql", "sqlite")}
+# By (dialect, whether the claimed rows and their earlier messages come back).
+_CLAIMS = {
+    (dialect, prefetch): _build_claim(dialect, prefetch=prefetch)
+    for dialect in ("postgresql", "sqlite")
+    for prefetch in (True, False)
+}
 
 
 class EarlierMessage(NamedTuple):
@@ -164,13 +196,15 @@ class EarlierMessage(NamedTuple):
 _PREFETCHED: weakref.WeakKeyDictionary[orm.Run, list[EarlierMessage]] = weakref.WeakKeyDictionary()
 
 
-def _claim_parameters(owner: str, limit: int, lease_seconds: float, executing: Collection[str]) -> dict[str, Any]:
+def _claim_parameters(
+    dialect: str, owner: str, limit: int, lease_seconds: float, executing: Collection[str]
+) -> dict[str, Any]:
     now = time.time()
     return {
         "now": now,
         "now_seconds": int(now),
         "reserved_owner": reserved_for(owner),
-        "executing": sorted(executing),
+        "executing": _executing_parameter(dialect, executing),
         "limit": limit,
         "owner": owner,
         "lease_until": now + lease_seconds,
@@ -185,8 +219,12 @@ async def claim(
     lease says: see _build_claim).
     On PostgreSQL the candidates are locked with SKIP LOCKED, so concurrent
     workers pick different rows; on SQLite the single writer serialises
-    claims, and the UPDATE re-checks the condition either way."""
-    return [run.id for run in await claim_runs(session, owner, limit, lease_seconds, executing)]
+    claims, and the UPDATE re-checks the condition either way. Only the
+    ids come back (no rows, no earlier messages: see claim_runs)."""
+    assert session.bind is not None
+    dialect = session.bind.dialect.name
+    parameters = _claim_parameters(dialect, owner, limit, lease_seconds, executing)
+    return list((await session.scalars(_CLAIMS[dialect, False], parameters)).all())
 
 
 async def claim_runs(
@@ -198,8 +236,10 @@ async def claim_runs(
     since closed: session.add() attaches one to another session as the row
     it is (never a new row to insert)."""
     assert session.bind is not None
-    claim = _CLAIMS[session.bind.dialect.name]
-    result = await session.execute(claim, _claim_parameters(owner, limit, lease_seconds, executing))
+    dialect = session.bind.dialect.name
+    result = await session.execute(
+        _CLAIMS[dialect, True], _claim_parameters(dialect, owner, limit, lease_seconds, executing)
+    )
     runs = [_detached_run(row._mapping) for row in result]
     return sorted(runs, key=lambda run: run.seq)  # RETURNING has no order; oldest first, as claimed
 
@@ -224,7 +264,7 @@ async def renew(session: AsyncSession, owner: str, run_ids: list[str], lease_sec
         return []
     statement = (
         update(orm.Run)
-        .where(orm.Run.id.in_(run_ids), orm.Run.lease_owner == owner)
+        .where(common.one_of(session, orm.Run.id, run_ids), orm.Run.lease_owner == owner)
         .values(lease_expires_at=time.time() + lease_seconds)
         .returning(orm.Run.id)
         .execution_options(synchronize_session=False)
@@ -240,7 +280,7 @@ async def taken_over(session: AsyncSession, owner: str, run_ids: list[str]) -> l
     if not run_ids:
         return []
     query = select(orm.Run.id).where(
-        orm.Run.id.in_(run_ids), orm.Run.lease_owner.is_not(None), orm.Run.lease_owner != owner
+        common.one_of(session, orm.Run.id, run_ids), orm.Run.lease_owner.is_not(None), orm.Run.lease_owner != owner
     )
     return list((await session.scalars(query)).all())
 
@@ -250,7 +290,7 @@ async def release(session: AsyncSession, owner: str, run_ids: list[str] | None =
     another worker resumes the runs at once; returns the runs released."""
     statement = update(orm.Run).where(orm.Run.lease_owner == owner)
     if run_ids is not None:
-        statement = statement.where(orm.Run.id.in_(run_ids))
+        statement = statement.where(common.one_of(session, orm.Run.id, run_ids))
     statement = statement.values(lease_owner=None, lease_expires_at=None).returning(orm.Run.id)
     return list((await session.scalars(statement.execution_options(synchronize_session=False))).all())
 

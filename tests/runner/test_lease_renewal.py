@@ -2,19 +2,24 @@
 statement renews the leases of all the runs the worker executes; a run
 whose lease is lost is stopped, one whose lease was cleared is left alone
 (never given a lease back); runs answered in their claim, and runs that end
-before their first renewal is due, cost no task and no statement."""
+before their first renewal is due, cost no task and no statement. The
+margin: a lease counts from before the statement that stamped it, once its
+transaction committed; an attempt is cut off well within the lease; a run
+whose renewals keep failing is stopped before its lease lapses."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import pytest
 from sqlalchemy import event, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import orm
 from app.lease_renewer import LeaseRenewer
@@ -50,6 +55,16 @@ async def _until(condition: Callable[[], Any], what: str, deadline: float = DEAD
     pytest.fail(f"timed out waiting for {what}")
 
 
+def _run_ids(parameter: Any) -> list[str]:
+    """The run ids a statement's parameter binds: the ids are one parameter,
+    a list (PostgreSQL's array) or its JSON text (SQLite's json_each)."""
+    if isinstance(parameter, str) and parameter.startswith('["run_'):
+        parameter = json.loads(parameter)
+    if isinstance(parameter, list):
+        return [value for value in parameter if isinstance(value, str) and value.startswith("run_")]
+    return []
+
+
 @contextmanager
 def renewal_statements(runtime: Runtime) -> Iterator[list[tuple[float, set[str]]]]:
     """Each renewal UPDATE sent while inside: when, and the run ids it names."""
@@ -58,9 +73,7 @@ def renewal_statements(runtime: Runtime) -> Iterator[list[tuple[float, set[str]]
     def before(_connection: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
         if " ".join(statement.split()).startswith("UPDATE runs SET lease_expires_at"):
             values = parameters.values() if isinstance(parameters, dict) else parameters
-            seen.append(
-                (time.time(), {value for value in values if isinstance(value, str) and value.startswith("run_")})
-            )
+            seen.append((time.time(), {run_id for value in values for run_id in _run_ids(value)}))
 
     engine = runtime.engine.sync_engine
     event.listen(engine, "before_cursor_execute", before)
@@ -189,15 +202,16 @@ async def test_renewals_failing_until_the_lease_would_lapse_stop_the_execution(
     (lost, *_) = [record for record in caplog.records if record.getMessage().startswith("lost the lease")]
     assert lost.getMessage() == f"lost the lease of run {run_id}; stopping its execution here"
     assert first_lease is not None and claimed_at <= first_lease
-    assert lost.created < first_lease + 1.0  # about when the lease lapsed, not minutes later
-    # (This worker may have claimed the lapsed run again meanwhile: a resumption.)
+    assert lost.created < first_lease + 1.0  # about when the lease would lapse, not minutes later
     assert (await _statuses(runtime, [run_id]))[run_id] == "in_progress"  # resumable, not failed
 
 
 async def test_one_round_renews_what_it_holds_and_never_revives_a_cleared_lease(runtime: Runtime) -> None:
     """Three held runs, one statement: this owner's lease is renewed; a
     cleared lease (released, or the run left the executor) stays cleared and
-    its execution runs on; another owner's lease stops its execution."""
+    its execution is not stopped by that round (it is about to end; like any
+    lease not renewed, it would be given up at GIVE_UP_FRACTION of the
+    lease); another owner's lease stops its execution."""
     owned, released, taken = await _make_runs(runtime, 3, status="in_progress")
     owner = "this-worker"
     stamped = time.time() + 1.0  # as a claim stamps a lease
@@ -208,12 +222,13 @@ async def test_one_round_renews_what_it_holds_and_never_revives_a_cleared_lease(
                 .where(orm.Run.id == run_id)
                 .values(lease_owner=lease_owner, lease_expires_at=lease_owner and stamped)
             )
-    renewer = LeaseRenewer(runtime, owner, lease_seconds=0.3)
+    renewer = LeaseRenewer(runtime, owner, lease_seconds=3.0)
+    renewer.period = 0.1  # rounds every 0.1 s, the give-up of a 3 s lease far off
     executions = {run_id: asyncio.create_task(asyncio.sleep(DEADLINE)) for run_id in (owned, released, taken)}
     try:
         with renewal_statements(runtime) as renewals:
             for run_id, execution in executions.items():
-                renewer.hold(run_id, execution)
+                renewer.hold(run_id, execution, time.monotonic())
             await _until(lambda: executions[taken].done(), "the taken-over execution to be stopped")
             await _until(lambda: renewer.rounds >= 2, "a second round")
             await renewer.idle()
@@ -249,9 +264,9 @@ async def test_short_runs_and_instant_answers_start_no_lease_task(runtime: Runti
     held: list[str] = []
     hold = worker.leases.hold
 
-    def recording_hold(run_id: str, execution: asyncio.Task[None]) -> None:
+    def recording_hold(run_id: str, execution: asyncio.Task[None], stamped_at: float) -> None:
         held.append(run_id)
-        hold(run_id, execution)
+        hold(run_id, execution, stamped_at)
 
     worker.leases.hold = recording_hold  # type: ignore[method-assign]
     instant = await _make_runs(runtime, 4, text="hi")
@@ -284,3 +299,167 @@ async def test_renewals_go_on_through_the_drain_and_stop_with_the_worker(runtime
     assert any(at > stop_requested and ids == {run_id} for at, ids in renewals)  # renewed while draining
     assert worker.leases.rounds == rounds and worker.leases.held == frozenset()
     assert await _leases(runtime, [run_id]) == {run_id: (None, None)}
+
+
+async def test_a_lapsed_lease_of_a_run_this_worker_executes_is_renewed_not_claimed_again(runtime: Runtime) -> None:
+    """A lease that lapsed under its own worker's execution (renewals that
+    came too late) is stamped again by the next round; this worker's claims
+    leave the run out meanwhile (run_execution's ``executing``), so one
+    execution goes on, never a second one beside it."""
+    worker, task = await _started(runtime)
+    try:
+        (run_id,) = await _make_runs(runtime, 1, text=LONG_RUN)
+        await _until(lambda: worker.busy == 1, "the run to start")
+        first = worker._tasks[run_id]
+        async with runtime.transaction() as session:  # lapsed, as unrenewed leases do
+            await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(lease_expires_at=time.time() - 1))
+        await _until(lambda: _renewed_since(runtime, run_id, time.time()), "a renewal to stamp it again")
+        assert worker._tasks[run_id] is first and not first.done() and worker.busy == 1
+        assert (await _leases(runtime, [run_id]))[run_id][0] == worker.owner
+    finally:
+        await _stop(worker, task)
+
+
+async def _held_run(runtime: Runtime, owner: str) -> str:
+    """A run in ``owner``'s lease, as a claim leaves it."""
+    (run_id,) = await _make_runs(runtime, 1, status="in_progress")
+    async with runtime.transaction() as session:
+        stamp = update(orm.Run).where(orm.Run.id == run_id).values(lease_owner=owner, lease_expires_at=time.time() + 60)
+        await session.execute(stamp)
+    return run_id
+
+
+def _with_transaction(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, after_body: Callable[[], Any]) -> None:
+    """Every transaction of ``runtime`` awaits ``after_body()`` after its
+    statements, before its COMMIT (a slow, hanging or failing commit)."""
+    real = runtime.transaction
+
+    @asynccontextmanager
+    async def transaction() -> AsyncIterator[AsyncSession]:
+        async with real() as session:
+            yield session
+            await after_body()
+
+    monkeypatch.setattr(runtime, "transaction", transaction)
+
+
+async def _cancel(execution: asyncio.Task[None]) -> None:
+    execution.cancel()
+    await asyncio.gather(execution, return_exceptions=True)
+
+
+async def test_a_renewal_with_a_slow_commit_counts_from_before_its_statement(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease in the database runs from before the renewal's UPDATE was
+    sent: the renewer counts from no later, and only once it committed (a
+    commit that takes long, counted from its end, would make it believe the
+    lease runs longer than it does, and give the run up only after another
+    worker may have taken it over)."""
+    owner = "this-worker"
+    run_id = await _held_run(runtime, owner)
+    commits: list[float] = []
+
+    async def slow_commit() -> None:
+        await asyncio.sleep(0.3)
+        commits.append(time.monotonic())
+
+    _with_transaction(runtime, monkeypatch, slow_commit)
+    renewer = LeaseRenewer(runtime, owner, lease_seconds=3.0)
+    renewer.period = 0.05  # a round at once; the give-up and the time limit of a 3 s lease
+    execution = asyncio.create_task(asyncio.sleep(DEADLINE))
+    statements: list[float] = []
+
+    def before(_connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if " ".join(statement.split()).startswith("UPDATE runs SET lease_expires_at"):
+            statements.append(time.monotonic())
+
+    engine = runtime.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", before)
+    try:
+        held_at = time.monotonic()
+        renewer.hold(run_id, execution, held_at)
+        await _until(lambda: commits, "a renewal to commit")
+        await renewer.idle()
+        renewed_at = renewer.renewed_at(run_id)
+        assert renewed_at is not None and held_at < renewed_at <= statements[0] < commits[0]
+        assert (await _leases(runtime, [run_id]))[run_id][0] == owner and not execution.done()
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+        await renewer.stop()
+        await _cancel(execution)
+
+
+async def test_a_renewal_whose_commit_fails_is_not_counted(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its UPDATE ran, its COMMIT failed (the connection dropped): the lease
+    still counts from the claim, and the renewer goes on retrying."""
+    owner = "this-worker"
+    run_id = await _held_run(runtime, owner)
+    failed: list[float] = []
+
+    async def failing_commit() -> None:
+        failed.append(time.monotonic())
+        raise RuntimeError("the connection dropped")
+
+    _with_transaction(runtime, monkeypatch, failing_commit)
+    renewer = LeaseRenewer(runtime, owner, lease_seconds=3.0)
+    renewer.period = 0.05
+    execution = asyncio.create_task(asyncio.sleep(DEADLINE))
+    try:
+        with caplog.at_level(logging.WARNING, logger="app.worker"):
+            held_at = time.monotonic()
+            renewer.hold(run_id, execution, held_at)
+            await _until(lambda: len(failed) >= 2, "two renewals to fail at their commit")
+            await renewer.idle()
+        assert renewer.renewed_at(run_id) == held_at
+        assert not execution.done()  # retried, not given up: far from the lease's end
+    finally:
+        await renewer.stop()
+        await _cancel(execution)
+    assert f"renewing the lease of run {run_id} failed (the connection dropped); retrying" in caplog.text
+
+
+@pytest.mark.parametrize("failure", ["hangs", "fails at once"])
+async def test_failing_renewals_are_cut_off_and_the_run_stopped_before_its_lease_lapses(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, failure: str
+) -> None:
+    """Every attempt hangs (a lock or a pool that never answers) or fails at
+    once (the database is down): a hanging one is cut off well within the
+    lease, the renewer lives on, and the execution is stopped at
+    GIVE_UP_FRACTION of the lease by a round due then, before the lease in
+    the database lapses (not at the next period's round, which falls on the
+    lapse, when another worker may already have claimed the run and asked
+    the model again)."""
+    owner = "this-worker"
+    run_id = await _held_run(runtime, owner)
+    hanging: list[float] = []
+
+    async def hang() -> None:
+        hanging.append(time.monotonic())
+        if failure == "fails at once":
+            raise RuntimeError("the database is down")
+        await asyncio.Event().wait()
+
+    _with_transaction(runtime, monkeypatch, hang)
+    lease_seconds = 2.0
+    renewer = LeaseRenewer(runtime, owner, lease_seconds)
+    execution = asyncio.create_task(asyncio.sleep(DEADLINE))
+    stopped: list[float] = []
+    execution.add_done_callback(lambda _task: stopped.append(time.monotonic()))
+    try:
+        with caplog.at_level(logging.WARNING, logger="app.worker"):
+            held_at = time.monotonic()
+            renewer.hold(run_id, execution, held_at)
+            await _until(execution.done, "the execution to be stopped")
+            await renewer.idle()
+    finally:
+        await renewer.stop()
+        await _cancel(execution)
+    assert execution.cancelled() and renewer.held == frozenset()
+    assert len(hanging) >= 2  # the first attempt was cut off, not waited for
+    assert held_at + lease_seconds * 0.85 < stopped[0] < held_at + lease_seconds  # given up before the lapse
+    why = "no answer within" if failure == "hangs" else "the database is down"
+    assert f"renewing the lease of run {run_id} failed ({why}" in caplog.text
+    assert f"lost the lease of run {run_id}; stopping its execution here" in caplog.text
