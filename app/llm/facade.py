@@ -139,7 +139,7 @@ class LLM:
             return None
         exchange = Exchange(request) if self.observer is not None else None
         try:
-            prompt_tokens = self.count_tokens(request.model, request.messages, request.tools)
+            prompt_tokens = self._count_tokens(route, request.messages, request.tools)
             events = self._offline.answer(request, prompt_tokens)
         except LLMError as exc:  # a cue the model cannot follow: failed as a stream fails
             if exchange is not None:
@@ -165,7 +165,7 @@ class LLM:
     async def _stream(self, request: ChatRequest) -> AsyncGenerator[Event, None]:
         route = self.route(request.model)
         if route.offline:
-            prompt_tokens = self.count_tokens(request.model, request.messages, request.tools)
+            prompt_tokens = self._count_tokens(route, request.messages, request.tools)
             source = self._offline.stream(request, prompt_tokens)
         elif self.cassettes is not None and self.cassettes.mode == "replay":
             source = self._replay(request)
@@ -250,7 +250,13 @@ class LLM:
     ) -> int:
         """Prompt tokens, never using the network; exact for the offline model,
         litellm's count for its routes, an estimate for direct routes (tokens.py)."""
-        route = self._router.route(model)
+        return self._count_tokens(self._router.route(model), messages, tools)
+
+    def _count_tokens(
+        self, route: Route | None, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> int:
+        """count_tokens() for the route a call already looked up (issue 17:
+        a route lookup builds its Route, a dict copy and a pattern match)."""
         if route is not None and route.offline:
             return offline.count_prompt_tokens(messages, tools)
         if route is not None and not route.counted_as_direct:

@@ -26,6 +26,7 @@ stays ``in_progress``, and the worker hands it on to be resumed.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
 from contextlib import aclosing, asynccontextmanager
@@ -123,6 +124,15 @@ class LeaseLost(Exception):
     as it is."""
 
 
+class _Unasked(enum.Enum):
+    """RunExecution._first_answer before start_claimed() asked the model."""
+
+    UNASKED = enum.auto()
+
+
+_UNASKED = _Unasked.UNASKED
+
+
 SERVER_ERROR = LastError(code="server_error", message="The server had an error while processing the run.")
 TOO_MANY_CALLS = LastError(code="server_error", message="The run made too many model calls.")
 
@@ -150,8 +160,9 @@ class RunExecution:
         self._run: orm.Run | None = None
         # The first model call's outcome when start_claimed() asked for an
         # instant answer and could not use it here: _answer() takes it
-        # rather than asking (and logging a model request) twice.
-        self._first_answer: list[llm.Event] | llm.LLMError | None = None
+        # rather than asking (and logging a model request) twice; None when
+        # the model said it must be streamed (not asked again either).
+        self._first_answer: list[llm.Event] | llm.LLMError | _Unasked | None = _UNASKED
         # The claim's transaction, while an instant answer is committed in it.
         self._claim_session: AsyncSession | None = None
         # The run's move to in_progress, made in memory by start_claimed()
@@ -526,7 +537,7 @@ class RunExecution:
             return False
         except Exception:  # execute() meets it again (not asking the model twice) and ends the run as it does
             log.exception("run %s: its instant answer could not be taken in the claim's transaction", run.id)
-            self._first_answer = whole
+            self._first_answer = _UNASKED if whole is None else whole  # (None: the asking itself failed)
             return False
         self.prompt_tokens += result.usage.prompt_tokens
         self.completion_tokens += result.usage.completion_tokens
@@ -680,11 +691,11 @@ class RunExecution:
         model, uncued) is taken in one go, its rows and events left for the
         turn's commit, when it calls no built-in tool (those stream their
         progress while they run, so their step must be written first)."""
-        first, self._first_answer = self._first_answer, None
+        first, self._first_answer = self._first_answer, _UNASKED
         if isinstance(first, llm.LLMError):
             raise first
-        whole = first
-        if whole is None and self._may_answer_at_once():
+        whole = first if not isinstance(first, _Unasked) else None
+        if isinstance(first, _Unasked) and self._may_answer_at_once():
             whole = await self.runtime.llm.answer_at_once(request)
         if whole is None:
             return await self._consume(turn, self.runtime.llm.stream(request))

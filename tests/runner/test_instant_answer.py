@@ -316,6 +316,28 @@ async def test_a_run_streamed_after_its_claim_is_moved_to_in_progress_in_it(runt
     assert run is not None and run.status == "completed" and run.started_at is not None
 
 
+async def test_a_streamed_runs_model_is_asked_for_an_instant_answer_once(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim asks for an instant answer and learns the answer must be
+    streamed (cued to take time): the execution streams it without asking
+    again (the offline model parsed the prompt's cues and counted its tokens
+    twice). A run answered at once, and one whose claim asked nothing, are
+    asked once as well."""
+    asked: list[str] = []
+    answer_at_once = runtime.llm.answer_at_once
+
+    async def counting(request: llm.ChatRequest) -> list[llm.Event] | None:
+        asked.append(request.messages[-1]["content"])
+        return await answer_at_once(request)
+
+    monkeypatch.setattr(runtime.llm, "answer_at_once", counting)
+    streamed, instant = await _make_runs(runtime, 1, text="[[delay 1]] hello"), await _make_runs(runtime, 1)
+    await Worker(runtime, concurrency=2).run_until_idle()
+    assert await _statuses(runtime, streamed + instant) == dict.fromkeys(streamed + instant, "completed")
+    assert sorted(asked) == ["[[delay 1]] hello", "hi"]
+
+
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 async def test_a_carried_move_that_misses_fails_its_transaction(runtime: Runtime) -> None:
     """PostgreSQL: a move carried by the events' insert (the claim's
