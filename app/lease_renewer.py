@@ -88,7 +88,7 @@ class LeaseRenewer:
         sent. Its first renewal comes within one period."""
         lease = _HeldLease(execution, stamped_at)
         self._held[run_id] = lease
-        self._arm(min(time.monotonic() + self.period, self._give_up_at(lease)))
+        self._arm(self._next_round_at(self._give_up_at(lease)))
 
     def drop(self, run_id: str, execution: asyncio.Task[None]) -> None:
         """``execution`` ended: no renewal for its run from now on. (The timer
@@ -117,6 +117,15 @@ class LeaseRenewer:
     def _give_up_at(self, lease: _HeldLease) -> float:
         return lease.renewed_at + self.lease_seconds * GIVE_UP_FRACTION
 
+    def _next_round_at(self, give_up_at: float) -> float:
+        """The next period, or sooner when the earliest give-up moment of the
+        runs held is near (their renewals failing, or a claim that took
+        long): a last attempt that can end before it, then that moment
+        itself, when the round stops them before their leases can lapse."""
+        now = time.monotonic()
+        last_attempt_at = give_up_at - self.attempt_seconds
+        return min(now + self.period, last_attempt_at if last_attempt_at > now else give_up_at)
+
     def _arm(self, at: float) -> None:
         """A round at ``at`` (time.monotonic()), or sooner if one is armed
         for sooner. A round in flight arms the next one itself when it ends."""
@@ -144,10 +153,7 @@ class LeaseRenewer:
             # next round still comes, the give-up check with it.)
             log.error("a lease renewal round failed", exc_info=error)
         if self._held:
-            # The next period, or sooner a run's give-up moment (its renewals
-            # failing): that round stops it before its lease can lapse.
-            earliest = min(self._give_up_at(lease) for lease in self._held.values())
-            self._arm(min(time.monotonic() + self.period, earliest))
+            self._arm(self._next_round_at(min(self._give_up_at(lease) for lease in self._held.values())))
 
     async def _renew_all(self) -> None:
         self._give_up(time.monotonic())  # too late for any attempt to save them

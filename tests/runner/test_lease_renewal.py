@@ -463,3 +463,23 @@ async def test_failing_renewals_are_cut_off_and_the_run_stopped_before_its_lease
     why = "no answer within" if failure == "hangs" else "the database is down"
     assert f"renewing the lease of run {run_id} failed ({why}" in caplog.text
     assert f"lost the lease of run {run_id}; stopping its execution here" in caplog.text
+
+
+async def test_a_lease_near_its_give_up_gets_an_attempt_first(runtime: Runtime) -> None:
+    """A claim that took most of the lease (its transaction queued for the
+    write lock) leaves a lease near its give-up moment when the run is held:
+    the first round comes early enough for a whole attempt before that
+    moment, rather than at it, stopping a run whose renewal would have
+    worked."""
+    owner = "this-worker"
+    run_id = await _held_run(runtime, owner)
+    renewer = LeaseRenewer(runtime, owner, lease_seconds=3.0)  # give-up at 2.7 s, attempts of 0.5 s
+    execution = asyncio.create_task(asyncio.sleep(DEADLINE))
+    try:
+        stamped_at = time.monotonic() - 2.0  # the claim was sent 2 s ago
+        renewer.hold(run_id, execution, stamped_at)
+        await _until(lambda: renewer.renewed_at(run_id) != stamped_at or execution.done(), "a round")
+        assert not execution.done() and renewer.held == {run_id}
+    finally:
+        await renewer.stop()
+        await _cancel(execution)
