@@ -220,7 +220,8 @@ async def claim(
     On PostgreSQL the candidates are locked with SKIP LOCKED, so concurrent
     workers pick different rows; on SQLite the single writer serialises
     claims, and the UPDATE re-checks the condition either way. Only the
-    ids come back (no rows, no earlier messages: see claim_runs)."""
+    ids come back, in no set order (no rows, no earlier messages: see
+    claim_runs)."""
     assert session.bind is not None
     dialect = session.bind.dialect.name
     parameters = _claim_parameters(dialect, owner, limit, lease_seconds, executing)
