@@ -47,6 +47,10 @@ GIVE_UP_FRACTION = 0.9
 # default 30): the rounds of a lease (every third of it) each get a bounded
 # try, and the give-up round still comes before the lapse.
 ATTEMPT_FRACTION = 1 / 6
+# A loop timer may fire a little before its time (uvloop counts whole
+# milliseconds): a round due at a give-up moment gives up what is due this
+# close to it, rather than start an attempt with no time left.
+TIMER_SLACK_SECONDS = 0.01
 
 
 @dataclass
@@ -156,7 +160,7 @@ class LeaseRenewer:
             self._arm(self._next_round_at(min(self._give_up_at(lease) for lease in self._held.values())))
 
     async def _renew_all(self) -> None:
-        self._give_up(time.monotonic())  # too late for any attempt to save them
+        self._give_up(time.monotonic() + TIMER_SLACK_SECONDS)  # too late for any attempt to save them
         held = dict(self._held)  # runs held from now on wait for the next round
         if not held:
             return

@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import pytest
+import uvloop
 from sqlalchemy import event, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -483,3 +484,47 @@ async def test_a_lease_near_its_give_up_gets_an_attempt_first(runtime: Runtime) 
     finally:
         await renewer.stop()
         await _cancel(execution)
+
+
+def test_the_renewer_on_uvloop(settings: Settings) -> None:
+    """The server's loop is uvloop unless it runs as root (settings.event_loop;
+    the tests run on asyncio's): the renewer's timers and time limits there
+    too. A round renews; then, its commits failing, the run is given up
+    before its lease lapses."""
+
+    async def scenario() -> None:
+        runtime = await Runtime.start(settings)
+        real = runtime.transaction
+        failing = False
+
+        @asynccontextmanager
+        async def transaction() -> AsyncIterator[AsyncSession]:
+            async with real() as session:
+                yield session
+                if failing:
+                    raise RuntimeError("the connection dropped")
+
+        runtime.transaction = transaction  # type: ignore[method-assign]
+        owner = "this-worker"
+        run_id = await _held_run(runtime, owner)
+        renewer = LeaseRenewer(runtime, owner, lease_seconds=1.5)
+        execution = asyncio.create_task(asyncio.sleep(DEADLINE))
+        stopped: list[float] = []
+        execution.add_done_callback(lambda _task: stopped.append(time.monotonic()))
+        try:
+            held_at = time.monotonic()
+            renewer.hold(run_id, execution, held_at)
+            await _until(lambda: renewer.renewed_at(run_id) != held_at, "a renewal")
+            renewed_at = renewer.renewed_at(run_id)
+            assert renewed_at is not None
+            failing = True
+            await _until(execution.done, "the execution to be stopped")
+            await renewer.idle()
+        finally:
+            await renewer.stop()
+            await _cancel(execution)
+            await runtime.close()
+        assert execution.cancelled() and stopped[0] < renewed_at + 1.5
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
