@@ -36,8 +36,9 @@ LONG_RUN = "[[delay 100]] [[tokens 3000]]"  # five minutes: ended by the test
 
 @pytest.fixture
 async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    # A lease of 1.5 s: a renewal every 0.5 s.
-    rt = await Runtime.start(settings.model_copy(update={"worker_poll_seconds": 0.05, "run_lease_seconds": 1.5}))
+    # A lease of 3 s: a renewal every second, attempts cut off at 0.5 s (a
+    # shorter lease leaves a loaded machine's transactions too little).
+    rt = await Runtime.start(settings.model_copy(update={"worker_poll_seconds": 0.05, "run_lease_seconds": 3.0}))
     try:
         yield rt
     finally:
@@ -289,7 +290,7 @@ async def test_renewals_go_on_through_the_drain_and_stop_with_the_worker(runtime
     worker, task = await _started(runtime)
     worker.drain_seconds = 600.0  # far longer than the test may take
     with renewal_statements(runtime) as renewals:
-        (run_id,) = await _make_runs(runtime, 1, text="[[delay 100]] [[tokens 25]]")  # 2.5 s: past its lease
+        (run_id,) = await _make_runs(runtime, 1, text="[[delay 100]] [[tokens 40]]")  # 4 s: past its lease
         await _until(lambda: worker.busy == 1, "the run to start")
         worker.request_stop()
         stop_requested = time.time()
@@ -444,7 +445,7 @@ async def test_failing_renewals_are_cut_off_and_the_run_stopped_before_its_lease
         await asyncio.Event().wait()
 
     _with_transaction(runtime, monkeypatch, hang)
-    lease_seconds = 2.0
+    lease_seconds = 3.0
     renewer = LeaseRenewer(runtime, owner, lease_seconds)
     execution = asyncio.create_task(asyncio.sleep(DEADLINE))
     stopped: list[float] = []
@@ -507,7 +508,8 @@ def test_the_renewer_on_uvloop(settings: Settings) -> None:
         runtime.transaction = transaction  # type: ignore[method-assign]
         owner = "this-worker"
         run_id = await _held_run(runtime, owner)
-        renewer = LeaseRenewer(runtime, owner, lease_seconds=1.5)
+        renewer = LeaseRenewer(runtime, owner, lease_seconds=3.0)
+        renewer.period = 0.05  # the first renewal at once; the give-up and the time limit of a 3 s lease
         execution = asyncio.create_task(asyncio.sleep(DEADLINE))
         stopped: list[float] = []
         execution.add_done_callback(lambda _task: stopped.append(time.monotonic()))
@@ -524,7 +526,7 @@ def test_the_renewer_on_uvloop(settings: Settings) -> None:
             await renewer.stop()
             await _cancel(execution)
             await runtime.close()
-        assert execution.cancelled() and stopped[0] < renewed_at + 1.5
+        assert execution.cancelled() and stopped[0] < renewed_at + 3.0
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
