@@ -10,7 +10,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppres
 from fastapi import FastAPI
 
 import app as package
-from app.api import API_PREFIXES, admin, build_router, docs, handlers, health, limits, v1compat
+from app.api import API_PREFIXES, admin, build_router, docs, handlers, health, hot_routes, limits, v1compat
 from app.console import pages
 from app.observability.http import RequestObserver
 from app.runtime import Runtime
@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(admin.router)
     app.include_router(pages.router)
     pages.mount_static(app)
+    hot_routes.install(app)
     return app
 
 

@@ -1,0 +1,177 @@
+"""The run routes every SDK client calls on every run, served without
+FastAPI's per-request machinery (issue 17).
+
+``POST /threads/runs``, ``POST /threads/{thread_id}/runs`` and ``GET
+/threads/{thread_id}/runs/{run_id}`` (the SDK's poll) are declared in
+api/runs.py as ordinary FastAPI routes: that is what the OpenAPI document
+lists, and what answers every request this module does not. In front of
+them, as the application router's first route, ``HotRoute`` matches the
+request's method and path with one regular expression under each API
+prefix (FastAPI's included routers match a route two or three times, once
+per level of inclusion, each time walking the routers' version counters),
+and calls the same endpoint function with its arguments taken straight
+from the request: the runtime and the project from the scope, the path's
+ids, the poll-helper header, the body parsed with ``json.loads`` and
+validated by the route's own body field. No ``Depends`` tree is solved, no
+``Request`` object made, no exit stacks opened.
+
+Only the common case is taken here; a request that would make FastAPI
+answer an error of its own (a body that is not JSON, fails validation, or
+is sent without a JSON content type; a query string on ``create_run``,
+whose ``include[]`` FastAPI parses) is handed, body replayed, to the
+FastAPI route, so every 4xx keeps FastAPI's wording. The route sits inside
+FastAPI's exception middleware like any other: an ``APIError`` raised by
+the endpoint gets the same handler. ``scope["route"]`` is the FastAPI route,
+so access logs and metrics label the request by its template as before.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute, Match
+from starlette.types import Message, Receive, Scope, Send
+
+from app.api import API_PREFIXES, runs
+from app.api.deps import project_of
+from app.runtime import Runtime
+
+# The arguments of an endpoint, or None: FastAPI answers this request.
+Arguments = Callable[[Scope, dict[str, str], Any], dict[str, Any] | None]
+_NO_BODY = object()
+_POLL_HELPER = b"x-stainless-poll-helper"
+
+
+@dataclass(frozen=True)
+class _Hot:
+    method: str
+    endpoint: Callable[..., Awaitable[Any]]
+    arguments: Arguments
+
+
+def _thread_and_run(_scope: Scope, _path: dict[str, str], body: Any) -> dict[str, Any]:
+    return {"body": body}
+
+
+def _run(scope: Scope, path: dict[str, str], body: Any) -> dict[str, Any] | None:
+    if scope.get("query_string"):  # include[]: FastAPI's query parsing decides
+        return None
+    return {"thread_id": path["thread_id"], "body": body, "include": []}
+
+
+def _retrieve(scope: Scope, path: dict[str, str], _body: Any) -> dict[str, Any]:
+    # FastAPI's Header(alias=...) reads the first such header, decoded as latin-1.
+    helper = next((value for name, value in scope["headers"] if name.lower() == _POLL_HELPER), None)
+    return {
+        "thread_id": path["thread_id"],
+        "run_id": path["run_id"],
+        "poll_helper": None if helper is None else helper.decode("latin-1"),
+    }
+
+
+_HOT: tuple[_Hot, ...] = (
+    _Hot("POST", runs.create_thread_and_run, _thread_and_run),
+    _Hot("POST", runs.create_run, _run),
+    _Hot("GET", runs.retrieve_run, _retrieve),
+)
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    """The template under any API prefix; a parameter matches what Starlette's
+    ``str`` convertor does (one path segment)."""
+    prefixes = "|".join(re.escape(prefix) for prefix in API_PREFIXES)
+    path = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", re.escape(template).replace(r"\{", "{").replace(r"\}", "}"))
+    return re.compile(f"^(?:{prefixes}){path}$")
+
+
+def _is_json(scope: Scope) -> bool:
+    """The content type FastAPI parses as JSON in the common spelling
+    (``application/json``, with parameters or not); anything else goes to
+    FastAPI, which decides."""
+    for name, value in scope["headers"]:
+        if name.lower() == b"content-type":
+            media_type = value.split(b";", 1)[0].strip().lower()
+            return bool(media_type == b"application/json")
+    return False
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+class HotRoute(BaseRoute):
+    """One hot route under every API prefix (see the module's docstring)."""
+
+    def __init__(self, route: APIRoute, hot: _Hot) -> None:
+        self.route, self.hot = route, hot
+        self.pattern = _pattern(route.path)
+        self.body_field = route.body_field
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        # A root_path (a server mounted under a prefix) and HEAD go the usual way.
+        if scope["type"] != "http" or scope["method"] != self.hot.method or scope.get("root_path"):
+            return Match.NONE, {}
+        found = self.pattern.match(scope["path"])
+        if found is None:
+            return Match.NONE, {}
+        return Match.FULL, {"endpoint": self.route.endpoint, "path_params": found.groupdict(), "route": self.route}
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body: Any = _NO_BODY
+        if self.body_field is not None:
+            raw = await _read_body(receive)
+            receive = _replaying(raw, receive)
+            body = self._parsed(scope, raw)
+        arguments = None if body is None else self.hot.arguments(scope, scope["path_params"], body)
+        if arguments is None:
+            await self.route.handle(scope, receive, send)
+            return
+        runtime: Runtime = scope["app"].state.runtime
+        response = await self.hot.endpoint(runtime=runtime, project=project_of(scope), **arguments)
+        await response(scope, receive, send)
+
+    def _parsed(self, scope: Scope, raw: bytes) -> Any:
+        """The validated body, or None where FastAPI must answer (its own error)."""
+        if not raw or not _is_json(scope):
+            return None
+        try:
+            decoded = json.loads(raw)
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep: FastAPI's 400
+            return None
+        assert self.body_field is not None
+        value, errors = self.body_field.validate(decoded, {}, loc=("body",))
+        return None if errors else value
+
+
+def install(app: FastAPI) -> None:
+    """Put the hot routes first in the application's router."""
+    by_endpoint = {route.endpoint: route for route in runs.router.routes if isinstance(route, APIRoute)}
+    hot_routes = [HotRoute(by_endpoint[hot.endpoint], hot) for hot in _HOT]
+    app.router.routes[0:0] = hot_routes

@@ -1,0 +1,155 @@
+"""The three hot run routes (app/api/hot_routes.py) answer exactly as
+FastAPI's own routes do: every request below is sent twice to the same app,
+once with the hot routes in front and once with them taken out, and the two
+answers must match (status, headers that matter, body; ids aside)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx2
+import pytest
+from fastapi import FastAPI
+
+from app.api import hot_routes
+from app.api.runs import create_run, create_thread_and_run, retrieve_run
+
+pytestmark = pytest.mark.timeout(60)
+
+BETA = {"OpenAI-Beta": "assistants=v2"}
+JSON = {**BETA, "content-type": "application/json"}
+_IDS = re.compile(rb"(run|thread|msg|asst|step)_[0-9A-Za-z]+")
+_CREATED = re.compile(rb'"(created_at|expires_at)":\d+')
+
+
+@contextmanager
+def fastapi_only(app: FastAPI) -> Iterator[None]:
+    """The app with its hot routes taken out: FastAPI answers everything."""
+    hot = [route for route in app.router.routes if isinstance(route, hot_routes.HotRoute)]
+    assert len(hot) == 3
+    app.router.routes[:] = [route for route in app.router.routes if route not in hot]
+    try:
+        yield
+    finally:
+        app.router.routes[0:0] = hot
+
+
+def _comparable(response: httpx2.Response) -> tuple[int, str | None, bytes]:
+    body = _CREATED.sub(rb'"\1":0', _IDS.sub(rb"\1_x", response.content))
+    return response.status_code, response.headers.get("content-type"), body
+
+
+async def _both(
+    app: FastAPI, http: httpx2.AsyncClient, method: str, url: str, **kwargs: Any
+) -> tuple[httpx2.Response, httpx2.Response]:
+    hot = await http.request(method, url, **kwargs)
+    with fastapi_only(app):
+        plain = await http.request(method, url, **kwargs)
+    return hot, plain
+
+
+@pytest.fixture
+async def http(app: FastAPI) -> AsyncIterator[httpx2.AsyncClient]:
+    """A raw client: no spec check of the answers (HEAD answers have no body;
+    the error answers compared here are checked by tests/api/test_http.py)."""
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://testserver") as client:
+        yield client
+
+
+@pytest.fixture
+async def assistant_id(http: httpx2.AsyncClient) -> str:
+    response = await http.post("/v1/assistants", headers=BETA, json={"model": "gpt-4o"})
+    assistant: str = response.json()["id"]
+    return assistant
+
+
+async def _thread(http: httpx2.AsyncClient) -> str:
+    thread: str = (await http.post("/v1/threads", headers=BETA)).json()["id"]
+    return thread
+
+
+def _bodies(assistant_id: str) -> list[tuple[dict[str, str], bytes]]:
+    """Bodies FastAPI answers with its own errors, and a few it accepts."""
+    return [
+        (JSON, b"not json"),
+        (JSON, b""),
+        (JSON, b"   "),
+        (JSON, b"null"),
+        (JSON, b"[1]"),
+        (JSON, b"{}"),
+        (JSON, b'{"assistant_id": 5}'),
+        (JSON, b'{"assistant_id": "asst_nope"}'),
+        (JSON, b'{"assistant_id": "' + assistant_id.encode() + b'", "temperature": 9}'),
+        (JSON, b'{"assistant_id": "' + assistant_id.encode() + b'", "stream": "sure"}'),
+        (JSON, b'{"assistant_id": "\xff\xfe"}'),
+        (JSON, b"[" * 100_000 + b"]" * 100_000),
+        (BETA, b'{"assistant_id": "' + assistant_id.encode() + b'"}'),  # no content type
+        ({**BETA, "content-type": "text/plain"}, b'{"assistant_id": "' + assistant_id.encode() + b'"}'),
+        ({**BETA, "content-type": "application/vnd.api+json"}, b'{"assistant_id": "asst_nope"}'),
+        ({**BETA, "content-type": "Application/JSON; charset=utf-8"}, b'{"assistant_id": "asst_nope"}'),
+    ]
+
+
+async def test_create_thread_and_run_answers_as_fastapi(
+    app: FastAPI, http: httpx2.AsyncClient, assistant_id: str
+) -> None:
+    for prefix in ("/v1", "/openai", "/openai/v1"):
+        for headers, content in _bodies(assistant_id):
+            hot, plain = await _both(app, http, "POST", f"{prefix}/threads/runs", headers=headers, content=content)
+            assert _comparable(hot) == _comparable(plain), (prefix, content[:60])
+    hot, plain = await _both(app, http, "POST", "/v1/threads/runs", headers=BETA, json={"assistant_id": assistant_id})
+    assert hot.status_code == plain.status_code == 200
+    assert hot.json().keys() == plain.json().keys()
+
+
+async def test_create_run_answers_as_fastapi(app: FastAPI, http: httpx2.AsyncClient, assistant_id: str) -> None:
+    for headers, content in _bodies(assistant_id):
+        thread_id = await _thread(http)  # a run that is created keeps its thread busy
+        hot, plain = await _both(
+            app, http, "POST", f"/openai/threads/{thread_id}/runs", headers=headers, content=content
+        )
+        assert _comparable(hot) == _comparable(plain), content[:60]
+    good = {"assistant_id": assistant_id}
+    for query in ("", "?include[]=bogus", "?include[]=step_details.tool_calls[*].file_search.results[*].content"):
+        first, second = await _thread(http), await _thread(http)
+        hot = await http.post(f"/v1/threads/{first}/runs{query}", headers=BETA, json=good)
+        with fastapi_only(app):
+            plain = await http.post(f"/v1/threads/{second}/runs{query}", headers=BETA, json=good)
+        assert _comparable(hot) == _comparable(plain), query
+    for url in ("/v1/threads/thread_nope/runs", "/v1/threads/runs/runs"):
+        hot, plain = await _both(app, http, "POST", url, headers=BETA, json=good)
+        assert _comparable(hot) == _comparable(plain), url
+
+
+async def test_retrieve_run_answers_as_fastapi(app: FastAPI, http: httpx2.AsyncClient, assistant_id: str) -> None:
+    run = (await http.post("/v1/threads/runs", headers=BETA, json={"assistant_id": assistant_id})).json()
+    thread_id, run_id = run["thread_id"], run["id"]
+    # A stopped run answers at once, helper or not (a run still going would be
+    # held until it stops: the same either way, but not at the same moment).
+    cancelled = await http.post(f"/v1/threads/{thread_id}/runs/{run_id}/cancel", headers=BETA)
+    assert cancelled.status_code == 200
+    for url in (
+        f"/v1/threads/{thread_id}/runs/{run_id}",
+        f"/openai/v1/threads/{thread_id}/runs/{run_id}?api-version=2024-05-01-preview",
+        f"/v1/threads/{thread_id}/runs/run_nope",
+        f"/v1/threads/thread_nope/runs/{run_id}",
+        f"/v1/threads/{thread_id}/runs/{run_id}/",
+    ):
+        for extra in ({}, {"x-stainless-poll-helper": "true"}, {"x-stainless-poll-helper": "false"}):
+            for method in ("GET", "HEAD"):
+                hot, plain = await _both(app, http, method, url, headers={**BETA, **extra})
+                assert _comparable(hot) == _comparable(plain), (method, url, extra)
+                assert hot.headers.get("openai-poll-after-ms") == plain.headers.get("openai-poll-after-ms")
+
+
+async def test_the_hot_routes_are_the_fastapi_routes_endpoints(app: FastAPI, http: httpx2.AsyncClient) -> None:
+    """Same endpoint functions, labelled by the same templates in /metrics."""
+    hot = [route for route in app.router.routes if isinstance(route, hot_routes.HotRoute)]
+    assert [route.route.endpoint for route in hot] == [create_thread_and_run, create_run, retrieve_run]
+    assert app.router.routes[: len(hot)] == hot
+    await http.get("/v1/threads/thread_nope/runs/run_nope", headers=BETA)
+    metrics = (await http.get("/metrics")).text
+    assert 'route="/v1/threads/{thread_id}/runs/{run_id}"' in metrics
