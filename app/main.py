@@ -10,7 +10,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppres
 from fastapi import FastAPI
 
 import app as package
-from app.api import API_PREFIXES, admin, build_router, docs, handlers, health, hot_routes, limits, v1compat
+from app.api import API_PREFIXES, admin, build_router, docs, front, handlers, health, hot_routes
 from app.console import pages
 from app.observability.http import RequestObserver
 from app.runtime import Runtime
@@ -63,14 +63,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         openapi_url=docs.OPENAPI_PATH,
     )
-    # Middleware added first runs innermost: the key gate, then the body
-    # limit, then the translation of v1 requests (which reads bodies); the
-    # observer is outermost (request id, access log, HTTP metrics).
-    app.add_middleware(v1compat.AssistantsV1)
+    # Two layers before FastAPI's: the observer outermost (request id, access
+    # log, HTTP metrics), then the front (request id header, key gate, URL
+    # check, body limits, v1 translation; api/front.py).
+    handlers.install(app)
     app.add_middleware(
-        limits.BodyLimit, max_bytes=settings.max_json_body_bytes, timeout_seconds=settings.http_body_timeout_seconds
+        front.ApiFront,
+        public_paths=health.PATHS | docs.PUBLIC_PATHS,
+        max_body_bytes=settings.max_json_body_bytes,
+        body_timeout_seconds=settings.http_body_timeout_seconds,
     )
-    handlers.install(app, public_paths=health.PATHS | docs.PUBLIC_PATHS)
     app.add_middleware(RequestObserver)
     app.include_router(health.router)
     docs.install(app, API_PREFIXES[0], settings.api_keys)

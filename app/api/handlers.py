@@ -1,12 +1,11 @@
-"""Exception handlers and the ASGI middleware every request passes through:
-request ids, API-key checks and the OpenAI-Beta version check."""
+"""Exception handlers, and the answers api/front.py gives before a route
+runs: the API-key check, the URL check, the 500 envelope."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
-from collections.abc import Collection
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,11 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from app import errors
 from app.api import deps
-from app.observability import http, logs
 from app.services import api_keys, projects
 
 log = logging.getLogger("app.api")
@@ -87,88 +85,27 @@ async def _unexpected(_request: Request, exc: Exception) -> Response:
     return error_response(unexpected_error(exc))
 
 
-def install(app: FastAPI, public_paths: Collection[str] = ()) -> None:
-    """``public_paths`` answer without an API key (probes, metrics, docs)."""
+def install(app: FastAPI) -> None:
+    """FastAPI's exception handlers; api/front.py is the ASGI layer in front."""
     app.add_exception_handler(errors.APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
-    app.add_middleware(RequestGate, public_paths=frozenset(public_paths))
 
 
 def _mask(key: str) -> str:
     return key if len(key) <= 8 else f"{key[:3]}***{key[-4:]}"
 
 
-class RequestGate:
-    """Pure ASGI (no response buffering, so SSE streams pass straight through).
-
-    It sits outside FastAPI's exception handling but inside Starlette's
-    ServerErrorMiddleware, so it also turns an unexpected exception into the
-    500 envelope itself: that response then carries an x-request-id too.
-    """
-
-    def __init__(self, app: ASGIApp, public_paths: frozenset[str] = frozenset()) -> None:
-        self.app = app
-        self.public_paths = public_paths
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        # Made by app/observability/http.py, which logs and counts the request.
-        request_id = logs.current_request_id() or http.new_request_id()
-        request_id_header = (b"x-request-id", request_id.encode())
-        started = False
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                message["headers"] = [*message.get("headers", ()), request_id_header]
-            await send(message)
-
-        try:
-            # The console (app/console) signs in with a cookie, not a header;
-            # probes, metrics and the docs are open (public_paths).
-            public = scope.get("path", "").startswith("/console") or scope.get("path") in self.public_paths
-            rejection = (None if public else await _admit(scope)) or _check_url(scope)
-            if rejection is not None:
-                await _send_error(rejection, send_with_id)
-                return
-            await self.app(scope, receive, send_with_id)
-        except Exception as exc:
-            if started:  # a stream already under way: nothing left to answer with
-                raise
-            log.exception("unhandled error (request %s)", request_id, exc_info=exc)
-            await _send_error(unexpected_error(exc), send_with_id)
-
-
-def _key_of(scope: Scope) -> str:
-    """The request's key: ``Authorization: Bearer`` or Azure's ``api-key``.
-    Only these two headers are decoded, not every header of every request;
-    a repeated one counts by its last value."""
-    api_key = authorization = ""
-    for name, value in scope["headers"]:
-        lowered = name.lower()
-        if lowered == b"authorization":
-            authorization = value.decode("latin-1")
-        elif lowered == b"api-key":
-            api_key = value.decode("latin-1")
-    if authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
-    return api_key
-
-
-async def _admit(scope: Scope) -> errors.APIError | None:
+async def admit(scope: Scope, key: str) -> errors.APIError | None:
     """Let the request in for its key's project (recorded in the ASGI scope
     for deps.project_of), or answer OpenAI's 401. An open server (no keys at
-    all) lets everyone in, for the default project."""
+    all) lets everyone in, for the default project. ``key``: the request's
+    ``Authorization: Bearer`` or Azure ``api-key`` (api/front.py reads it)."""
     keys: api_keys.KeyRing = scope["app"].state.runtime.keys
     if await keys.is_open():
         deps.set_project(scope, projects.DEFAULT)
         return None
-    key = _key_of(scope)
     if not key:
         return errors.APIError(401, MISSING_KEY)
     project = await keys.project_of(key)
@@ -178,7 +115,7 @@ async def _admit(scope: Scope) -> errors.APIError | None:
     return None
 
 
-def _check_url(scope: Scope) -> errors.APIError | None:
+def check_url(scope: Scope) -> errors.APIError | None:
     """A NUL character in a path id or query value can never name anything we
     store, and PostgreSQL refuses it in any query: answer before the lookup."""
     path: str = scope.get("path", "")
@@ -190,7 +127,7 @@ def _check_url(scope: Scope) -> errors.APIError | None:
     return errors.invalid(f"Invalid URL ({scope.get('method', 'GET')} {url}): null characters (%00) are not allowed.")
 
 
-async def _send_error(error: errors.APIError, send: Any) -> None:
+async def send_error(error: errors.APIError, send: Any) -> None:
     body = _render(error)
     await send(
         {

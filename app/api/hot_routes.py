@@ -40,6 +40,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from app.api import API_PREFIXES, runs
 from app.api.deps import project_of
+from app.api.front import head_of
 from app.runtime import Runtime
 
 # The arguments of an endpoint, or None: FastAPI answers this request.
@@ -94,11 +95,8 @@ def _is_json(scope: Scope) -> bool:
     """The content type FastAPI parses as JSON in the common spelling
     (``application/json``, with parameters or not); anything else goes to
     FastAPI, which decides."""
-    for name, value in scope["headers"]:
-        if name.lower() == b"content-type":
-            media_type = value.split(b";", 1)[0].strip().lower()
-            return bool(media_type == b"application/json")
-    return False
+    content_type = head_of(scope).content_type
+    return content_type is not None and content_type.split(b";", 1)[0].strip().lower() == b"application/json"
 
 
 async def _read_body(receive: Receive) -> bytes:

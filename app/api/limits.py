@@ -1,6 +1,7 @@
 """Bounds on what one client can make the server hold.
 
-- ``BodyLimit`` (ASGI middleware): a request body other than a multipart
+- ``read_limited_body`` (applied by api/front.py; ``BodyLimit`` is the same
+  as an ASGI layer of its own): a request body other than a multipart
   upload (files and upload parts have their own limits) may be at most
   ``max_bytes``, and must arrive within ``timeout_seconds``. A declared
   Content-Length above the limit is refused before a byte of the body is
@@ -56,6 +57,9 @@ def too_slow(seconds: float) -> errors.APIError:
 
 
 class BodyLimit:
+    """The body limits alone, as an ASGI layer (the server applies them in
+    api/front.py, with the rest of what every request passes)."""
+
     def __init__(self, app: ASGIApp, max_bytes: int, timeout_seconds: float) -> None:
         self.app, self.max_bytes, self.timeout_seconds = app, max_bytes, timeout_seconds
 
@@ -63,35 +67,47 @@ class BodyLimit:
         if scope["type"] != "http" or _is_multipart(scope):
             await self.app(scope, receive, send)
             return
-        declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            await error_response(too_large(self.max_bytes))(scope, receive, send)
-            return
-        try:
-            async with asyncio.timeout(self.timeout_seconds):
-                body = await self._read(receive)
-        except TimeoutError:
-            await error_response(too_slow(self.timeout_seconds))(scope, receive, send)
-            return
-        if body is None:  # the client went away
-            return
-        if len(body) > self.max_bytes:
-            await error_response(too_large(self.max_bytes))(scope, receive, send)
-            return
-        await self.app(scope, _replay(body, receive), send)
+        declared = parse_length(_header(scope, b"content-length"))
+        replay = await read_limited_body(scope, receive, send, declared, self.max_bytes, self.timeout_seconds)
+        if replay is not None:
+            await self.app(scope, replay, send)
 
-    async def _read(self, receive: Receive) -> bytes | None:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > self.max_bytes or not message.get("more_body", False):
-                return b"".join(chunks)
+
+async def read_limited_body(
+    scope: Scope, receive: Receive, send: Send, declared: int | None, max_bytes: int, timeout_seconds: float
+) -> Receive | None:
+    """The request's body read whole within the limits, given back as a
+    ``receive`` that replays it; None when the request was answered here
+    (413, 408) or the client went away."""
+    if declared is not None and declared > max_bytes:
+        await error_response(too_large(max_bytes))(scope, receive, send)
+        return None
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            body = await _read(receive, max_bytes)
+    except TimeoutError:
+        await error_response(too_slow(timeout_seconds))(scope, receive, send)
+        return None
+    if body is None:  # the client went away
+        return None
+    if len(body) > max_bytes:
+        await error_response(too_large(max_bytes))(scope, receive, send)
+        return None
+    return _replay(body, receive)
+
+
+async def _read(receive: Receive, max_bytes: int) -> bytes | None:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > max_bytes or not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -121,8 +137,8 @@ def _is_multipart(scope: Scope) -> bool:
     return value.lower().startswith(b"multipart/")
 
 
-def _content_length(scope: Scope) -> int | None:
-    value = _header(scope, b"content-length")
+def parse_length(value: bytes | None) -> int | None:
+    """A Content-Length header's value; None when absent or not a number."""
     try:
         return int(value) if value is not None else None
     except ValueError:

@@ -97,6 +97,16 @@ async def test_a_body_that_stops_arriving_is_a_408(small: httpx2.AsyncClient) ->
     assert response.json()["error"]["message"] == "The request body did not arrive within 0.5 seconds."
 
 
+async def test_any_method_with_a_declared_body_is_held_to_the_limit(small: httpx2.AsyncClient) -> None:
+    """api/front.py skips the body's read only for a request that declares
+    none; a GET or DELETE that declares one is bounded like a POST."""
+    for method in ("GET", "DELETE", "POST"):
+        response = await small.request(method, "/v1/threads/thread_x", content=b"x" * (LIMIT + 1), headers=JSON)
+        assert response.status_code == 413 and response.json() == _too_large(), method
+    answered = await small.get("/v1/threads/thread_x", headers={"content-length": "0"})
+    assert answered.status_code == 404
+
+
 async def test_multipart_uploads_are_not_held_to_the_json_limit(sdk: openai.AsyncOpenAI) -> None:
     uploaded = await sdk.files.create(file=("big.txt", b"a" * (2 * LIMIT)), purpose="assistants")
     assert uploaded.bytes == 2 * LIMIT

@@ -2,7 +2,8 @@
 of early 2024, go-openai up to v1.25, AzureOpenAI with api_version
 2024-02-15-preview) are served in v1's shapes over the same store.
 
-A pure ASGI middleware inside the API-key gate: for a v1 request under
+A pure ASGI layer that api/front.py hands v1 requests to, after the API-key
+gate and the body limits: for a v1 request under
 /assistants or /threads it rewrites the JSON body to v2 (shapes.py), lets
 the v2 routes answer, and rewrites their JSON (or each server-sent event) to
 v1. The endpoints v2 removed (assistant files, message files) and v1's
@@ -28,12 +29,14 @@ _PREFIXES = sorted(API_PREFIXES, key=len, reverse=True)
 _BETA = b"openai-beta"
 
 
+def asks_for_v1(openai_beta: bytes) -> bool:
+    """Whether an OpenAI-Beta header's value asks for v1 (bytes compared,
+    nothing decoded: every request's header passes here)."""
+    return b"assistants=v1" in openai_beta.replace(b" ", b"")
+
+
 def is_v1(scope: Scope) -> bool:
-    # Bytes compared, nothing decoded: every request passes here.
-    for name, value in scope.get("headers") or []:
-        if name.lower() == _BETA and b"assistants=v1" in value.replace(b" ", b""):
-            return True
-    return False
+    return any(name.lower() == _BETA and asks_for_v1(value) for name, value in scope.get("headers") or [])
 
 
 def split_prefix(path: str) -> tuple[str, str]:
