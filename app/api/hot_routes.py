@@ -27,6 +27,7 @@ so access logs and metrics label the request by its template as before.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -54,6 +55,9 @@ class _Hot:
     method: str
     endpoint: Callable[..., Awaitable[Any]]
     arguments: Arguments
+    # The endpoint's parameters besides runtime and project, as ``arguments``
+    # gives them: a parameter added to the endpoint must be read here too.
+    parameters: frozenset[str]
 
 
 def _thread_and_run(_scope: Scope, _path: dict[str, str], body: Any) -> dict[str, Any]:
@@ -77,9 +81,9 @@ def _retrieve(scope: Scope, path: dict[str, str], _body: Any) -> dict[str, Any]:
 
 
 _HOT: tuple[_Hot, ...] = (
-    _Hot("POST", runs.create_thread_and_run, _thread_and_run),
-    _Hot("POST", runs.create_run, _run),
-    _Hot("GET", runs.retrieve_run, _retrieve),
+    _Hot("POST", runs.create_thread_and_run, _thread_and_run, frozenset({"body"})),
+    _Hot("POST", runs.create_run, _run, frozenset({"thread_id", "body", "include"})),
+    _Hot("GET", runs.retrieve_run, _retrieve, frozenset({"thread_id", "run_id", "poll_helper"})),
 )
 
 
@@ -128,6 +132,11 @@ class HotRoute(BaseRoute):
     """One hot route under every API prefix (see the module's docstring)."""
 
     def __init__(self, route: APIRoute, hot: _Hot) -> None:
+        declared = set(inspect.signature(route.endpoint).parameters)
+        if declared != {"runtime", "project", *hot.parameters} or hot.method not in (route.methods or ()):
+            raise RuntimeError(
+                f"hot route {route.path}: the endpoint's parameters or method changed; update api/hot_routes.py"
+            )
         self.route, self.hot = route, hot
         self.pattern = _pattern(route.path)
         self.body_field = route.body_field

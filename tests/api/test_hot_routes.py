@@ -159,3 +159,19 @@ async def test_the_hot_routes_are_the_fastapi_routes_endpoints(app: FastAPI, htt
     await http.get("/v1/threads/thread_nope/runs/run_nope", headers=BETA)
     metrics = (await http.get("/metrics")).text
     assert 'route="/v1/threads/{thread_id}/runs/{run_id}"' in metrics
+
+
+def test_an_endpoint_whose_parameters_change_stops_the_start() -> None:
+    """A parameter added to a hot endpoint must be read by its hot route too:
+    the app refuses to start rather than pass it its default silently."""
+    from fastapi.routing import APIRoute
+
+    async def changed_retrieve_run(
+        thread_id: str, run_id: str, runtime: Any, project: Any, poll_helper: Any, extra: int
+    ) -> Any:
+        raise AssertionError
+
+    hot = next(hot for hot in hot_routes._HOT if hot.endpoint is retrieve_run)
+    changed = APIRoute("/threads/{thread_id}/runs/{run_id}", changed_retrieve_run, methods=["GET"])
+    with pytest.raises(RuntimeError, match="parameters or method changed"):
+        hot_routes.HotRoute(changed, hot)
