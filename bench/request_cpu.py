@@ -138,7 +138,12 @@ async def main() -> None:
     )
     args = parser.parse_args()
 
-    folder = Path(tempfile.mkdtemp(prefix="request-cpu-"))
+    with tempfile.TemporaryDirectory(prefix="request-cpu-") as temporary:
+        await _measure(args, Path(temporary))
+    sys.stdout.flush()
+
+
+async def _measure(args: argparse.Namespace, folder: Path) -> None:
     settings = Settings(
         data_dir=folder,
         database_url=f"sqlite+aiosqlite:///{folder / 'db.sqlite'}",
@@ -279,7 +284,6 @@ async def main() -> None:
             ]
             print(f"| {upper} | " + " | ".join(cells) + " |")
         await _middlewares_alone(app, layers, args.rounds, args.stub_requests, create_body)
-    sys.stdout.flush()
 
 
 async def _middlewares_alone(app: Any, layers: list[tuple[str, Any]], rounds: int, requests: int, body: bytes) -> None:
