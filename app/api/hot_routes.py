@@ -23,11 +23,14 @@ FastAPI route, so every 4xx keeps FastAPI's wording. The route sits inside
 FastAPI's exception middleware like any other: an ``APIError`` raised by
 the endpoint gets the same handler. ``scope["route"]`` is the FastAPI route,
 so access logs and metrics label the request by its template as before.
+
+While ``app.dependency_overrides`` holds anything (a test or an embedding
+application replacing the key check, say), the hot routes stand aside and
+FastAPI's router serves these routes too, so that the overrides apply.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -35,8 +38,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.dependencies.utils import get_flat_params
 from fastapi.routing import APIRoute
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import Message, Receive, Scope, Send
 
 from app.api import API_PREFIXES, runs
@@ -48,6 +52,9 @@ from app.runtime import Runtime
 Arguments = Callable[[Scope, dict[str, str], Any], dict[str, Any] | None]
 _NO_BODY = object()
 _POLL_HELPER = b"x-stainless-poll-helper"
+# A body this large is parsed by FastAPI alone: one that fails validation
+# would otherwise be parsed twice (here, then by the FastAPI route).
+_LARGEST_BODY_PARSED_HERE = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -55,9 +62,10 @@ class _Hot:
     method: str
     endpoint: Callable[..., Awaitable[Any]]
     arguments: Arguments
-    # The endpoint's parameters besides runtime and project, as ``arguments``
-    # gives them: a parameter added to the endpoint must be read here too.
-    parameters: frozenset[str]
+    # What FastAPI reads for the endpoint (``_declared``), as ``arguments``
+    # reads it here: a parameter added or changed (its alias, type or
+    # default) must be read here too, or the app refuses to start.
+    declared: tuple[str, ...]
 
 
 def _thread_and_run(_scope: Scope, _path: dict[str, str], body: Any) -> dict[str, Any]:
@@ -80,11 +88,49 @@ def _retrieve(scope: Scope, path: dict[str, str], _body: Any) -> dict[str, Any]:
     }
 
 
+_DEPENDS = ("Depends get_runtime", "Depends get_project")
 _HOT: tuple[_Hot, ...] = (
-    _Hot("POST", runs.create_thread_and_run, _thread_and_run, frozenset({"body"})),
-    _Hot("POST", runs.create_run, _run, frozenset({"thread_id", "body", "include"})),
-    _Hot("GET", runs.retrieve_run, _retrieve, frozenset({"thread_id", "run_id", "poll_helper"})),
+    _Hot(
+        "POST",
+        runs.create_thread_and_run,
+        _thread_and_run,
+        (*_DEPENDS, "Body body: <class 'app.wire.runs.ThreadAndRunCreate'>"),
+    ),
+    _Hot(
+        "POST",
+        runs.create_run,
+        _run,
+        (
+            *_DEPENDS,
+            "Path thread_id: <class 'str'> = PydanticUndefined",
+            "Query include[]: list[str] = []",
+            "Body body: <class 'app.wire.runs.RunCreate'>",
+        ),
+    ),
+    _Hot(
+        "GET",
+        runs.retrieve_run,
+        _retrieve,
+        (
+            *_DEPENDS,
+            "Path thread_id: <class 'str'> = PydanticUndefined",
+            "Path run_id: <class 'str'> = PydanticUndefined",
+            "Header x-stainless-poll-helper: str | None = None",
+        ),
+    ),
 )
+
+
+def _declared(route: APIRoute) -> tuple[str, ...]:
+    """What FastAPI resolves for ``route``'s endpoint: its dependencies, its
+    parameters (kind, alias, type, default) and its body's type."""
+    depends = tuple(f"Depends {getattr(d.call, '__name__', d.call)}" for d in route.dependant.dependencies)
+    parameters = tuple(
+        f"{type(field.field_info).__name__} {field.alias}: {field.field_info.annotation} = {field.field_info.default!r}"
+        for field in get_flat_params(route.dependant)
+    )
+    body = () if route.body_field is None else (f"Body body: {route.body_field.field_info.annotation}",)
+    return depends + parameters + body
 
 
 def _pattern(template: str) -> re.Pattern[str]:
@@ -132,8 +178,7 @@ class HotRoute(BaseRoute):
     """One hot route under every API prefix (see the module's docstring)."""
 
     def __init__(self, route: APIRoute, hot: _Hot) -> None:
-        declared = set(inspect.signature(route.endpoint).parameters)
-        if declared != {"runtime", "project", *hot.parameters} or hot.method not in (route.methods or ()):
+        if _declared(route) != hot.declared or hot.method not in (route.methods or ()):
             raise RuntimeError(
                 f"hot route {route.path}: the endpoint's parameters or method changed; update api/hot_routes.py"
             )
@@ -142,8 +187,14 @@ class HotRoute(BaseRoute):
         self.body_field = route.body_field
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        # A root_path (a server mounted under a prefix) and HEAD go the usual way.
-        if scope["type"] != "http" or scope["method"] != self.hot.method or scope.get("root_path"):
+        # A root_path (a server mounted under a prefix), HEAD and dependency
+        # overrides go the usual way.
+        if (
+            scope["type"] != "http"
+            or scope["method"] != self.hot.method
+            or scope.get("root_path")
+            or scope["app"].dependency_overrides
+        ):
             return Match.NONE, {}
         found = self.pattern.match(scope["path"])
         if found is None:
@@ -164,9 +215,14 @@ class HotRoute(BaseRoute):
         response = await self.hot.endpoint(runtime=runtime, project=project_of(scope), **arguments)
         await response(scope, receive, send)
 
+    def url_path_for(self, name: str, /, **path_params: Any) -> Any:
+        # URLs are built from the FastAPI routes: not found here, so that
+        # the router goes on looking (it catches only NoMatchFound).
+        raise NoMatchFound(name, path_params)
+
     def _parsed(self, scope: Scope, raw: bytes) -> Any:
         """The validated body, or None where FastAPI must answer (its own error)."""
-        if not raw or not _is_json(scope):
+        if not raw or len(raw) > _LARGEST_BODY_PARSED_HERE or not _is_json(scope):
             return None
         try:
             decoded = json.loads(raw)

@@ -15,7 +15,9 @@ import httpx2
 import pytest
 from fastapi import FastAPI
 
+from app import errors
 from app.api import hot_routes
+from app.api.deps import ProjectDep, RuntimeDep, get_project
 from app.api.runs import create_run, create_thread_and_run, retrieve_run
 
 pytestmark = pytest.mark.timeout(60)
@@ -92,6 +94,7 @@ def _bodies(assistant_id: str) -> list[tuple[dict[str, str], bytes]]:
         ({**BETA, "content-type": "text/plain"}, b'{"assistant_id": "' + assistant_id.encode() + b'"}'),
         ({**BETA, "content-type": "application/vnd.api+json"}, b'{"assistant_id": "asst_nope"}'),
         ({**BETA, "content-type": "Application/JSON; charset=utf-8"}, b'{"assistant_id": "asst_nope"}'),
+        (JSON, b'{"assistant_id": "asst_nope", "instructions": "' + b"x" * 70_000 + b'"}'),  # parsed by FastAPI alone
     ]
 
 
@@ -175,3 +178,52 @@ def test_an_endpoint_whose_parameters_change_stops_the_start() -> None:
     changed = APIRoute("/threads/{thread_id}/runs/{run_id}", changed_retrieve_run, methods=["GET"])
     with pytest.raises(RuntimeError, match="parameters or method changed"):
         hot_routes.HotRoute(changed, hot)
+
+
+def test_an_endpoint_whose_header_alias_changes_stops_the_start() -> None:
+    """Same names, another header read: the hot route would read the old one."""
+    from typing import Annotated
+
+    from fastapi import Header
+    from fastapi.routing import APIRoute
+
+    async def renamed_header(
+        thread_id: str,
+        run_id: str,
+        runtime: RuntimeDep,
+        project: ProjectDep,
+        poll_helper: Annotated[str | None, Header(alias="x-poll-helper")] = None,
+    ) -> Any:
+        raise AssertionError
+
+    hot = next(hot for hot in hot_routes._HOT if hot.endpoint is retrieve_run)
+    changed = APIRoute("/threads/{thread_id}/runs/{run_id}", renamed_header, methods=["GET"])
+    with pytest.raises(RuntimeError, match="parameters or method changed"):
+        hot_routes.HotRoute(changed, hot)
+
+
+async def test_dependency_overrides_apply_to_the_hot_routes(
+    app: FastAPI, http: httpx2.AsyncClient, assistant_id: str
+) -> None:
+    """An override (a test's or an embedding app's) is honoured on the three
+    routes as on every other: the hot routes stand aside while any is set."""
+    thread = await _thread(http)
+
+    async def refused() -> None:
+        raise errors.APIError(403, "refused by an override")
+
+    app.dependency_overrides[get_project] = refused
+    try:
+        answers = [
+            await http.post("/v1/threads/runs", headers=JSON, json={"assistant_id": assistant_id}),
+            await http.post(f"/v1/threads/{thread}/runs", headers=JSON, json={"assistant_id": assistant_id}),
+            await http.get(f"/v1/threads/{thread}/runs/run_nope", headers=BETA),
+        ]
+    finally:
+        app.dependency_overrides.clear()
+    assert [answer.status_code for answer in answers] == [403, 403, 403]
+
+
+def test_urls_are_built_past_the_hot_routes(app: FastAPI) -> None:
+    """The router asks every route in turn; a hot route says "not mine"."""
+    assert app.url_path_for("retrieve_run", thread_id="a", run_id="b") == "/v1/threads/a/runs/b"
