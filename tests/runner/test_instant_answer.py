@@ -322,8 +322,7 @@ async def test_a_streamed_runs_model_is_asked_for_an_instant_answer_once(
     """The claim asks for an instant answer and learns the answer must be
     streamed (cued to take time): the execution streams it without asking
     again (the offline model parsed the prompt's cues and counted its tokens
-    twice). A run answered at once, and one whose claim asked nothing, are
-    asked once as well."""
+    twice). A run answered at once is asked once as well."""
     asked: list[str] = []
     answer_at_once = runtime.llm.answer_at_once
 
