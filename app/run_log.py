@@ -66,6 +66,10 @@ ORIGIN_BYTES = 6
 # from the log at their next append).
 MAX_TRACKED_RUNS = 10_000
 _SESSION_KEY = "run_log"
+# In a session's info: its one statement ran in autocommit (append's ``last_statement``).
+_AUTOCOMMITTED = "run_log_autocommitted"
+# A PostgreSQL connection's execution options for a statement that is its own transaction.
+_AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
 # PostgreSQL: the first delta after a pause waits this long before its flush,
 # so that an executor whose turn ends at once takes it into its own commit
 # (see holding(); issue 17: a transaction per run fewer, a millisecond of a
@@ -97,6 +101,12 @@ class _Pending:
     drained: list[tuple[int | None, Event]] = field(default_factory=list)  # buffered deltas it took
     prediction: _Prediction | None = None
     notified: bool = False  # its INSERT NOTIFYed other processes, or none needs telling (PostgreSQL)
+
+
+def autocommitted(session: AsyncSession) -> bool:
+    """Whether ``session``'s one statement ran in autocommit (RunLog.append's
+    ``last_statement``): committed already, nothing may follow it."""
+    return bool(session.info.get(_AUTOCOMMITTED))
 
 
 class RunLog:
@@ -214,6 +224,7 @@ class RunLog:
         inserting_only_if: new_rows.OnlyIf | None = None,
         carried_by: run_state.CarriedMove | None = None,
         wake_workers: bool = False,
+        last_statement: bool = False,
     ) -> list[Entry]:
         """Log ``events`` (after the run's buffered deltas) in ``session``'s
         transaction; returns their entries. With no events it still learns
@@ -237,7 +248,14 @@ class RunLog:
         ``wake_workers`` (PostgreSQL, with events and no ``carried_by``):
         the statement that logs them also wakes other processes' workers
         (db.notify_work(), delivered at this transaction's commit: issue
-        17, no transaction of its own after it)."""
+        17, no transaction of its own after it).
+        ``last_statement``: nothing follows this append in its transaction.
+        On PostgreSQL, if nothing preceded it either (a session not begun:
+        Runtime.unit_of_work) and it sends one statement (the run locked,
+        its few new rows and NOTIFYs in the statement that logs the
+        events), that statement runs in autocommit, its own transaction
+        (issue 17: no BEGIN, no COMMIT); it has committed when this returns
+        (a refusal of ``inserting_only_if`` wrote nothing)."""
         assert carried_by is None or (events and self.postgres and run_locked), "a move carried by its events"
         # PostgreSQL, the run's row locked (or new among ``inserting``): the
         # rows go in the statement that logs the events.
@@ -246,6 +264,18 @@ class RunLog:
         )
         assert inserting_only_if is None or with_rows, "rows inserted only if, in the events' statement"
         assert not wake_workers or (self.postgres and events and carried_by is None), "woken by the events' statement"
+        if (
+            last_statement
+            and self.postgres
+            and run_locked
+            and events
+            and (with_rows or carried_by is not None or not inserting)
+            and not session.in_transaction()
+        ):
+            # The whole transaction is the one statement below: PostgreSQL
+            # runs it alone as atomically as between BEGIN and COMMIT.
+            await session.connection(execution_options=_AUTOCOMMIT)
+            session.info[_AUTOCOMMITTED] = True
         if self.postgres and not run_locked:  # a SQLite transaction holds the write lock already
             await run_events.lock_inserting(session, run_id, inserting)
         elif self.postgres and inserting and not with_rows:  # many rows: by table

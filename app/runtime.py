@@ -216,3 +216,31 @@ class Runtime:
                 self.run_log.rolled_back(session)
                 raise
             self.run_log.committed(session)  # the run events it logged reach streams now
+
+    @asynccontextmanager
+    async def unit_of_work(self) -> AsyncIterator[AsyncSession]:
+        """transaction(), for work that may turn out to be a single
+        statement (issue 17). On PostgreSQL the session is begun by its
+        first statement rather than up front, so that a unit whose first
+        statement is also its last (run_log.append's ``last_statement``)
+        runs it outside a transaction block (autocommit): PostgreSQL then
+        runs it in an implicit transaction of its own, all or nothing, its
+        NOTIFYs delivered when it ends, without the BEGIN and the COMMIT (a
+        round trip each). A unit of more statements is one transaction, as
+        transaction()'s: the driver sends BEGIN with the first. On SQLite
+        transaction() itself (a transaction is already one thread hop)."""
+        if not self.run_log.postgres:
+            async with self.transaction() as session:
+                yield session
+            return
+        async with self.sessionmaker() as session:
+            try:
+                yield session
+                if run_log.autocommitted(session):
+                    # Its one statement has committed: nothing may follow it (no ORM flush either).
+                    assert not (session.new or session.dirty or session.deleted), "a statement after the last"
+                await session.commit()  # no round trip after an autocommitted statement
+            except BaseException:
+                self.run_log.rolled_back(session)
+                raise
+            self.run_log.committed(session)  # the run events it logged reach streams now

@@ -52,15 +52,27 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
     events this transaction logged, subscribed before the commit makes the
     run visible to a worker, so it reads the log only when another process
     writes (wire notes 3.4). Errors raised by ``change`` are ordinary JSON errors.
+
+    On PostgreSQL a ``change`` that sends no statement of its own (a new
+    thread and run from remembered defaults, left to the append) makes the
+    append the whole transaction: one statement in autocommit, no BEGIN or
+    COMMIT (Runtime.unit_of_work; issue 17).
     """
     follower: Follower | None = None
     # An API replica's create wakes the workers with its own commit (issue
     # 17: not a transaction of its own after it); a worker here is woken in-process.
     notify = runtime.wakes_by_notify()
     try:
-        async with runtime.transaction() as session:
+        async with runtime.unit_of_work() as session:
             unwritten = new_rows.Unwritten()
             run, events = await change(session, unwritten)
+            if stream:
+                # Subscribed before the append, which may be the commit
+                # itself; it reads from the opening events' end (set below).
+                follower = Follower(
+                    runtime.bus, runtime.reading, run.id, 0, read_first=False, announced=runtime.log_news_announced
+                )
+                await follower.open()
             # ``change`` inserted the run (or left it to this insert) or moved
             # it with a compare-and-set UPDATE: this transaction holds its row
             # lock (PostgreSQL), or no other sees the run yet.
@@ -72,17 +84,8 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
                 inserting=unwritten.rows,
                 inserting_only_if=unwritten.only_if,
                 wake_workers=notify,
+                last_statement=True,
             )
-            if stream:
-                follower = Follower(
-                    runtime.bus,
-                    runtime.reading,
-                    run.id,
-                    opening[-1].seq,
-                    read_first=False,
-                    announced=runtime.log_news_announced,
-                )
-                await follower.open()
     except BaseException:
         if follower is not None:
             await follower.close()

@@ -255,7 +255,7 @@ async def insert_carrying(
 def _logging_rows(shape: new_rows.Shape, notify: bool, wake: bool, condition: new_rows.Condition | None) -> Select[Any]:
     """The log's insert (as insert_carrying's) with an INSERT CTE per new
     row of ``shape`` (new_rows.with_inserts, all only if ``condition``
-    holds), returning the first seq written (NULL: none) and, with
+    holds), returning the first seq written (no row: none) and, with
     ``notify``, NOTIFYing the Signal bound as ``log_channel`` and
     ``log_origin`` for the run bound as ``log_run_id``, and with ``wake``
     the workers' channel bound as ``work_channel`` (see insert())."""
@@ -266,7 +266,13 @@ def _logging_rows(shape: new_rows.Shape, notify: bool, wake: bool, condition: ne
         returned.append(func.pg_notify(bindparam("log_channel"), cast(bindparam("log_run_id"), Text) + " " + origin))
     if wake:
         returned.append(func.pg_notify(bindparam("work_channel", type_=Text), ""))
-    return new_rows.with_inserts(select(*returned).select_from(logged), shape, condition)
+    statement = select(*returned).select_from(logged)
+    if condition is not None:
+        # Refused, it returns no row and so NOTIFYs nothing (the aggregate's
+        # one row would call pg_notify over no events): a statement run
+        # alone (autocommit) commits its NOTIFYs even when it writes nothing.
+        statement = statement.having(func.count() > 0)
+    return new_rows.with_inserts(statement, shape, condition)
 
 
 def can_insert_with_rows(session: AsyncSession, rows: Sequence[orm.Base]) -> bool:
@@ -297,8 +303,8 @@ async def insert_with_rows(
     keys are checked at the statement's end, so an event may belong to the
     run inserted beside it. Returns the first ``seq``. With ``only_if``,
     nothing at all goes in unless its condition holds for the last row (the
-    run): else its ``refused()`` is raised, the transaction to be rolled
-    back (which drops a NOTIFY with it). ``wake``: as insert()'s."""
+    run): else nothing is NOTIFYd either, and its ``refused()`` is raised,
+    the transaction to be rolled back. ``wake``: as insert()'s."""
     shape, params = new_rows.shape_of(rows)
     params |= _logged_params(run_id, events)
     if signal is not None:
@@ -310,11 +316,11 @@ async def insert_with_rows(
         condition = only_if.condition
         params |= only_if.parameters
     statement = _logging_rows(shape, signal is not None, wake, condition)
-    first = (await session.execute(statement, params)).one()[0]
-    if first is None:
+    found = (await session.execute(statement, params)).first()
+    if found is None:
         assert only_if is not None, "events logged"
         raise only_if.refused()
-    return int(first)
+    return int(found[0])
 
 
 # Up to this many events, SQLite numbers and inserts them in one statement

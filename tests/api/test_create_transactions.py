@@ -1,0 +1,277 @@
+"""A run's create as transactions (issue 17): a create made from remembered
+assistant defaults is one statement on PostgreSQL, run in autocommit (no
+BEGIN, no COMMIT); the live-run rule holds on that path and on the
+live-run index's retry; the workers are woken in-process or by the create's
+own statement, never both."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import httpx2
+import openai
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import event, func, insert, select, text, update
+
+from app import db, ids, orm
+from app.main import create_app
+from app.runtime import Runtime
+from app.services import projects, run_defaults, thread_lock
+from app.settings import Settings
+from tests.conftest import error_of
+
+_HELLO: Any = {"messages": [{"role": "user", "content": "Hello"}]}
+
+
+@pytest.fixture
+def no_worker(settings: Settings) -> Settings:
+    """Runs stay where the test leaves them (request this before `client`)."""
+    settings.embedded_worker = False
+    return settings
+
+
+async def _assistant(client: openai.AsyncOpenAI, **kwargs: Any) -> str:
+    return (await client.beta.assistants.create(model="gpt-4o", **kwargs)).id
+
+
+def _is_postgres(runtime: Runtime) -> bool:
+    return runtime.run_log.postgres
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has no autocommit path
+async def test_a_remembered_create_is_one_statement_outside_a_transaction(
+    no_worker: Settings, client: openai.AsyncOpenAI, app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST /threads/runs from remembered defaults: its one statement (thread,
+    message, run, events) runs with no BEGIN (a create that reads the
+    assistant first is still one transaction); the connection goes back to
+    the pool out of autocommit. (Streamed: test_a_process_with_a_worker_...)"""
+    runtime: Runtime = app.state.runtime
+    begins: list[object] = []
+    original = asyncpg.connection.Connection.transaction
+
+    def counted(self: asyncpg.connection.Connection, *args: Any, **kwargs: Any) -> Any:
+        begins.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "transaction", counted)
+    autocommitted: list[Any] = []
+
+    def before(connection: Any, *_args: Any) -> None:
+        if connection.connection.dbapi_connection.autocommit:  # the driver's, as SQLAlchemy set it
+            autocommitted.append(connection.connection.dbapi_connection)
+
+    event.listen(runtime.engine.sync_engine, "before_cursor_execute", before)
+    try:
+        assistant_id = await _assistant(client, instructions="Be brief.")
+        begins.clear()
+        read = await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=_HELLO)
+        assert len(begins) == 1 and not autocommitted  # the assistant read, then the rows: one transaction
+        assert run_defaults.remembered(projects.DEFAULT, assistant_id) is not None
+        begins.clear()
+        run = await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=_HELLO)
+        assert (run.status, run.instructions) == ("queued", "Be brief.")
+        assert not begins and len(autocommitted) == 1
+    finally:
+        event.remove(runtime.engine.sync_engine, "before_cursor_execute", before)
+    # Back in the pool as any connection: its next transaction is one again.
+    assert all(not connection.autocommit for connection in autocommitted)
+    async with runtime.transaction() as session:
+        threads = await session.scalar(select(func.count()).select_from(orm.Thread))
+        messages = await session.scalar(select(func.count()).select_from(orm.Message))
+        logged = await session.scalar(select(func.count()).select_from(orm.RunEvent))
+    assert (threads, messages, logged) == (2, 2, 6)
+    assert read.id != run.id
+
+
+async def test_a_busy_thread_refuses_a_run_made_from_remembered_defaults(
+    no_worker: Settings, client: openai.AsyncOpenAI
+) -> None:
+    """The busy-thread 400 on the remembered path, as the check finds it:
+    answered as such, not taken for stale defaults (which would forget them
+    and read the assistant again)."""
+    assistant_id = await _assistant(client)
+    busy = await client.beta.threads.create()
+    live = await client.beta.threads.runs.create(busy.id, assistant_id=assistant_id)  # reads, then remembers
+    assert run_defaults.remembered(projects.DEFAULT, assistant_id) is not None
+    for create in (
+        lambda: client.beta.threads.runs.create(busy.id, assistant_id=assistant_id),
+        lambda: client.beta.threads.runs.create(busy.id, assistant_id=assistant_id, stream=True),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await create()
+        assert error_of(refused.value)["message"] == f"Thread {busy.id} already has an active run {live.id}."
+        assert run_defaults.remembered(projects.DEFAULT, assistant_id) is not None
+
+
+@asynccontextmanager
+async def _aside(runtime: Runtime, session: Any) -> AsyncIterator[Any]:
+    """Where a concurrent writer writes: on PostgreSQL a transaction of its
+    own, committed at once (the create's thread lock does not exclude
+    inserting a run); on SQLite, whose write lock the create holds, the
+    create's own transaction (its statements still meet what is written)."""
+    if not _is_postgres(runtime):
+        yield session
+        return
+    async with runtime.transaction() as other:
+        yield other
+
+
+def _once(function: Callable[..., Any], hook: Callable[..., Any], *, after: bool = False) -> Callable[..., Any]:
+    """``function``, with ``hook(*args)`` awaited before (``after``: after)
+    its first call only."""
+    pending = [True]
+
+    async def wrapped(*args: Any, **kwargs: Any) -> Any:
+        first, pending[:] = bool(pending), []
+        if first and not after:
+            await hook(*args)
+        result = await function(*args, **kwargs)
+        if first and after:
+            await hook(*args)
+        return result
+
+    return wrapped
+
+
+async def test_a_run_refused_by_the_index_whose_winner_ended_is_created(
+    no_worker: Settings, client: openai.AsyncOpenAI, app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST /threads/{id}/runs that passed the live-run check, whose insert
+    the live-run index refused (a run inserted by a writer that skipped the
+    thread lock), and whose winner has ended by the time it looks for it:
+    the create tries again and succeeds, from read defaults and from
+    remembered ones (services/runs.py: on PostgreSQL the latter go round
+    again from a fresh read)."""
+    runtime: Runtime = app.state.runtime
+    assistant_id = await _assistant(client)
+    for remembered in (False, True):
+        assert (run_defaults.remembered(projects.DEFAULT, assistant_id) is not None) == remembered
+        thread = await client.beta.threads.create()
+        seq = ids.next_seq()
+        winner = ids.new_id(ids.RUN, seq)
+        rogue = {
+            "id": winner,
+            "seq": seq,
+            "created_at": ids.seconds(seq),
+            "thread_id": thread.id,
+            "assistant_id": assistant_id,
+            "status": "queued",
+            "model": "gpt-4o",
+            "instructions": "",
+            "tools": [],
+            "metadata": {},
+        }
+
+        ended: list[str] = []
+
+        async def win(session: Any, *_args: Any, rogue: dict[str, Any] = rogue) -> None:
+            async with _aside(runtime, session) as writer:
+                await writer.execute(insert(orm.Run.__table__).values(**rogue))
+
+        async def end(session: Any, *_args: Any, winner: str = winner, ended: list[str] = ended) -> None:
+            ended.append(winner)
+            async with _aside(runtime, session) as writer:
+                over = {"status": "completed", "completed_at": ids.now()}
+                await writer.execute(update(orm.Run).where(orm.Run.id == winner).values(**over))
+
+        checked = _once(thread_lock.live_run_of_owned_thread, win, after=True)
+        monkeypatch.setattr(thread_lock, "live_run_of_owned_thread", checked)
+        monkeypatch.setattr(thread_lock, "active_run", _once(thread_lock.active_run, end))
+        run = await client.beta.threads.runs.create(thread.id, assistant_id=assistant_id)
+        monkeypatch.undo()
+        assert ended == [winner]  # the insert was refused, and the winner had ended when looked for
+        assert run.status == "queued" and run.id != winner
+        async with runtime.transaction() as session:
+            found = await session.execute(select(orm.Run.id, orm.Run.status).where(orm.Run.thread_id == thread.id))
+            listed = {str(run_id): str(status) for run_id, status in found.all()}
+        assert listed.get(winner, "completed") == "completed"
+        assert [run_id for run_id, status in listed.items() if status == "queued"] == [run.id]
+
+
+@asynccontextmanager
+async def _heard_on_the_work_channel(engine: Any) -> AsyncIterator[list[str]]:
+    """The payloads NOTIFYd on the workers' channel while inside, up to a
+    marker NOTIFYd on leaving (a listener gets NOTIFYs in commit order)."""
+    heard: list[str] = []
+    listening, marked = asyncio.Event(), asyncio.Event()
+
+    def on_notify(payload: str) -> None:
+        heard.append(payload)
+        if payload == "marker":
+            marked.set()
+
+    on_listening = lambda up: listening.set() if up else None  # noqa: E731
+    listener = asyncio.create_task(db.listen(engine, db.WORK_CHANNEL, on_notify, on_listening=on_listening))
+    try:
+        await asyncio.wait_for(listening.wait(), 10)
+        yield heard
+        async with engine.connect() as connection:
+            await connection.execute(text("SELECT pg_notify(:channel, 'marker')"), {"channel": db.WORK_CHANNEL})
+            await connection.commit()
+        await asyncio.wait_for(marked.wait(), 10)
+        heard.remove("marker")
+    finally:
+        listener.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await listener
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has no other processes to wake
+async def test_a_process_with_a_worker_wakes_no_other_for_its_creates(client: openai.AsyncOpenAI, app: FastAPI) -> None:
+    """A process that runs a worker (Runtime.wakes_by_notify() False) wakes
+    it in-process for its own creates: nothing on the work channel, from
+    read or remembered defaults, on a new or an existing thread, streamed
+    or not."""
+    runtime: Runtime = app.state.runtime
+    assert runtime.worker is not None and not runtime.wakes_by_notify()
+    async with _heard_on_the_work_channel(runtime.engine) as heard:
+        assistant_id = await _assistant(client)
+        for _remembered in range(2):
+            run = await client.beta.threads.create_and_run_poll(assistant_id=assistant_id, thread=_HELLO)
+            assert run.status == "completed"
+            thread = await client.beta.threads.create(messages=_HELLO["messages"])
+            run = await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id)
+            assert run.status == "completed"
+        async with await client.beta.threads.create_and_run(
+            assistant_id=assistant_id, thread=_HELLO, stream=True
+        ) as stream:
+            assert [item.event async for item in stream][-1] == "thread.run.completed"
+    assert heard == []
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has no other processes to wake
+async def test_a_replicas_create_that_met_changed_defaults_wakes_the_workers_once(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An API replica's create from remembered defaults that another process
+    has changed: the attempt that met the change (one statement, committed
+    alone) wrote nothing and NOTIFYd nothing; the create made again from a
+    fresh read wakes the workers: one wake-up per create."""
+    settings.embedded_worker = False
+    monkeypatch.setattr(run_defaults, "forget", lambda _assistant_id: None)  # the change is made elsewhere
+    replica = create_app(settings)
+    async with (
+        replica.router.lifespan_context(replica),
+        httpx2.AsyncClient(transport=httpx2.ASGITransport(app=replica), base_url="http://testserver") as http,
+    ):
+        sdk = openai.AsyncOpenAI(base_url="http://testserver/v1", api_key="sk-test", http_client=http, max_retries=0)
+        runtime: Runtime = replica.state.runtime
+        assert runtime.wakes_by_notify()
+        async with _heard_on_the_work_channel(runtime.engine) as heard:
+            assistant_id = await _assistant(sdk, instructions="First.")
+            await sdk.beta.threads.create_and_run(assistant_id=assistant_id, thread=_HELLO)
+            await sdk.beta.threads.create_and_run(assistant_id=assistant_id, thread=_HELLO)
+            async with runtime.transaction() as session:
+                changed = {"instructions": "Second."}
+                await session.execute(update(orm.Assistant).where(orm.Assistant.id == assistant_id).values(**changed))
+            run = await sdk.beta.threads.create_and_run(assistant_id=assistant_id, thread=_HELLO)
+            assert run.instructions == "Second."
+        assert heard == [""] * 3
+        async with runtime.transaction() as session:
+            assert await session.scalar(select(func.count()).select_from(orm.Thread)) == 3
