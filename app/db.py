@@ -543,8 +543,9 @@ async def notify_work(engine: AsyncEngine) -> None:
     they also poll, so a lost signal only costs latency)."""
     try:
         async with engine.connect() as connection:
-            await connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": WORK_CHANNEL})
-            await connection.commit()
+            # One statement, its own transaction (issue 17: no BEGIN, no COMMIT).
+            alone = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            await alone.execute(text("SELECT pg_notify(:channel, '')"), {"channel": WORK_CHANNEL})
     except Exception:
         log.warning("could not signal the workers; they will find the work by polling", exc_info=True)
 

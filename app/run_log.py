@@ -528,7 +528,9 @@ class RunLog:
             news, self._news = sorted(self._news), set()
             self._notifier_busy = True
             try:
-                async with self._sessionmaker() as session, session.begin():
+                async with self._sessionmaker() as session:
+                    # One statement, its own transaction (issue 17: no BEGIN, no COMMIT).
+                    await session.connection(execution_options=_AUTOCOMMIT)
                     await run_events.notify(session, self._signal, news)
             except Exception as error:  # followers elsewhere also poll: a lost signal costs latency only
                 log.warning("could not signal new run events to other processes (%s)", error)

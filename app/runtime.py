@@ -173,6 +173,20 @@ class Runtime:
         async with self.readers() as session, session.begin():
             yield session
 
+    @asynccontextmanager
+    async def reading_once(self) -> AsyncIterator[AsyncSession]:
+        """reading(), for a read of one statement (a stream's read of its
+        run's log): on PostgreSQL outside a transaction (autocommit: the
+        statement's own snapshot, without BEGIN and COMMIT, a round trip
+        each; issue 17), on SQLite reading() itself."""
+        if not self.run_log.postgres:
+            async with self.reading() as session:
+                yield session
+            return
+        async with self.readers() as session:
+            await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+            yield session
+
     def log_news_announced(self) -> bool:
         """Whether every append to a run's log reaches this process's
         followers through the bus, so that they read the log only as a safety

@@ -19,9 +19,10 @@ from fastapi import FastAPI
 from sqlalchemy import event, func, insert, select, text, update
 
 from app import db, ids, orm
+from app import run_log as run_log_module
 from app.main import create_app
 from app.runtime import Runtime
-from app.services import projects, run_defaults, thread_lock
+from app.services import projects, run_defaults, run_events, thread_lock
 from app.settings import Settings
 from tests.conftest import error_of
 
@@ -275,3 +276,45 @@ async def test_a_replicas_create_that_met_changed_defaults_wakes_the_workers_onc
         assert heard == [""] * 3
         async with runtime.transaction() as session:
             assert await session.scalar(select(func.count()).select_from(orm.Thread)) == 3
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # NOTIFY is PostgreSQL's
+async def test_signals_to_other_processes_are_one_statement_outside_a_transaction(
+    no_worker: Settings, app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """db.notify_work() (a replica's wake-up after a cancel) and the run
+    log's notifier (news of commits that could not carry their own NOTIFY)
+    each send one statement with no BEGIN, and are heard."""
+    runtime: Runtime = app.state.runtime
+    begins: list[object] = []
+    original = asyncpg.connection.Connection.transaction
+
+    def counted(self: asyncpg.connection.Connection, *args: Any, **kwargs: Any) -> Any:
+        begins.append(self)
+        return original(self, *args, **kwargs)
+
+    async with _heard_on_the_work_channel(runtime.engine) as heard:
+        monkeypatch.setattr(asyncpg.connection.Connection, "transaction", counted)
+        await db.notify_work(runtime.engine)
+        monkeypatch.undo()
+    assert heard == [""] and not begins
+    listening, signalled, signals = asyncio.Event(), asyncio.Event(), []
+
+    def on_signal(payload: str) -> None:
+        signals.append(run_events.parse_signal(payload)[0])
+        signalled.set()
+
+    on_listening = lambda up: listening.set() if up else None  # noqa: E731
+    channel = run_log_module.RUN_EVENTS_CHANNEL
+    listener = asyncio.create_task(db.listen(runtime.engine, channel, on_signal, on_listening=on_listening))
+    try:
+        await asyncio.wait_for(listening.wait(), 10)
+        monkeypatch.setattr(asyncpg.connection.Connection, "transaction", counted)
+        runtime.run_log._tell_others("run_elsewhere")  # as committed() does for an append that sent no NOTIFY
+        await asyncio.wait_for(signalled.wait(), 10)
+        monkeypatch.undo()
+    finally:
+        listener.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await listener
+    assert signals == ["run_elsewhere"] and not begins
