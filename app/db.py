@@ -473,6 +473,40 @@ class Session(AsyncSession):
         self.sync_session.close()  # no transaction, no connection: no I/O (an await here would raise)
 
 
+_COMMITTED = "committed despite a cancellation"
+
+
+async def commit_seen_through(session: AsyncSession) -> None:
+    """``session.commit()``, carried to its end even if the calling task is
+    cancelled while it is in flight, so that the caller learns what it did.
+
+    A cancellation (a lost lease, shutdown) that reaches a task awaiting its
+    COMMIT does not stop the COMMIT: SQLite's thread runs it anyway, and
+    PostgreSQL may already have it. Told only "cancelled", a caller that
+    logged run events would hand back as unwritten the deltas the commit in
+    fact wrote (written twice later) and keep from streams the events it
+    committed. So the commit runs in a task of its own, shielded; on a
+    cancellation this waits for it and then raises the cancellation, with
+    ``committed_despite_cancellation(session)`` saying whether it committed.
+    A task per commit: used only where the outcome matters."""
+    commit = asyncio.ensure_future(session.commit())
+    try:
+        await asyncio.shield(commit)
+    except asyncio.CancelledError:
+        while not commit.done():
+            with suppress(asyncio.CancelledError):  # re-raised below, once the outcome is known
+                await asyncio.wait({commit})
+        if not commit.cancelled() and commit.exception() is None:
+            session.info[_COMMITTED] = True
+        raise
+
+
+def committed_despite_cancellation(session: AsyncSession) -> bool:
+    """After commit_seen_through() raised a cancellation: whether its commit
+    had committed."""
+    return bool(session.info.pop(_COMMITTED, False))
+
+
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, class_=Session, expire_on_commit=False)
 

@@ -103,6 +103,12 @@ class _Pending:
     notified: bool = False  # its INSERT NOTIFYed other processes, or none needs telling (PostgreSQL)
 
 
+def logged(session: AsyncSession) -> bool:
+    """Whether ``session`` logged run events (RunLog.append): its commit's
+    outcome decides what committed() or rolled_back() hands on."""
+    return bool(session.info.get(_SESSION_KEY))
+
+
 def autocommitted(session: AsyncSession) -> bool:
     """Whether ``session``'s one statement ran in autocommit (RunLog.append's
     ``last_statement``): committed already, nothing may follow it."""
@@ -257,6 +263,9 @@ class RunLog:
         (issue 17: no BEGIN, no COMMIT); it has committed when this returns
         (a refusal of ``inserting_only_if`` wrote nothing)."""
         assert carried_by is None or (events and self.postgres and run_locked), "a move carried by its events"
+        # After an autocommitted statement anything more would run as a
+        # transaction of its own, not atomic with it.
+        assert not autocommitted(session), "an append after the last statement"
         # PostgreSQL, the run's row locked (or new among ``inserting``): the
         # rows go in the statement that logs the events.
         with_rows = (
@@ -532,6 +541,9 @@ class RunLog:
                     # One statement, its own transaction (issue 17: no BEGIN, no COMMIT).
                     await session.connection(execution_options=_AUTOCOMMIT)
                     await run_events.notify(session, self._signal, news)
+                    # No round trip in autocommit; the session then closes
+                    # without a task of its own (db.Session).
+                    await session.commit()
             except Exception as error:  # followers elsewhere also poll: a lost signal costs latency only
                 log.warning("could not signal new run events to other processes (%s)", error)
             finally:
@@ -573,6 +585,9 @@ class RunLog:
         drained: dict[str, list[tuple[int | None, Event]]] = {}
         rows: list[tuple[str, int, Event]] = []
         signal: run_events.Signal | None = None
+        live: set[str] = set()
+        cancelled: asyncio.CancelledError | None = None
+        session: AsyncSession | None = None
         try:
             async with self._sessionmaker() as session, session.begin():
                 # Lock first, then take the buffer: an append running now
@@ -591,9 +606,15 @@ class RunLog:
                     rows += numbered
                     self._remember(run_id, first + len(numbered))
                     delivered.append((run_id, undelivered))
+                if drained:  # (close() cancels the flusher: its deltas are not to be written twice)
+                    await db.commit_seen_through(session)
+        except asyncio.CancelledError as error:
+            if session is None or not db.committed_despite_cancellation(session):
+                self._put_back_drained(drained)
+                raise
+            cancelled = error  # written: handed on below, then the cancellation goes on
         except BaseException:
-            for run_id, items in drained.items():
-                self._put_back(run_id, items, wake=False)  # (this is the flusher)
+            self._put_back_drained(drained)
             raise
         self.flushes += 1
         self.flushed_rows += len(rows)
@@ -606,6 +627,12 @@ class RunLog:
             self.bus.deliver(run_id, entries)
             if signal is None:
                 self._tell_others(run_id)
+        if cancelled is not None:
+            raise cancelled
+
+    def _put_back_drained(self, drained: dict[str, list[tuple[int | None, Event]]]) -> None:
+        for run_id, items in drained.items():
+            self._put_back(run_id, items, wake=False)  # (this is the flusher)
 
     async def close(self) -> None:
         """Write what is buffered and stop the flusher and the notifier."""

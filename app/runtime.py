@@ -174,11 +174,13 @@ class Runtime:
             yield session
 
     @asynccontextmanager
-    async def reading_once(self) -> AsyncIterator[AsyncSession]:
-        """reading(), for a read of one statement (a stream's read of its
-        run's log): on PostgreSQL outside a transaction (autocommit: the
-        statement's own snapshot, without BEGIN and COMMIT, a round trip
-        each; issue 17), on SQLite reading() itself."""
+    async def reading_statement(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads of one statement each (a stream's reads of
+        its run's log): on PostgreSQL outside a transaction (autocommit:
+        each statement its own snapshot, without BEGIN and COMMIT, a round
+        trip each; issue 17), on SQLite reading() itself. Unlike reading()
+        on PostgreSQL, not read-only (asyncpg sets that only in a BEGIN):
+        for reads only."""
         if not self.run_log.postgres:
             async with self.reading() as session:
                 yield session
@@ -186,6 +188,7 @@ class Runtime:
         async with self.readers() as session:
             await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
             yield session
+            await session.commit()  # no round trip in autocommit; the session then closes at once (db.Session)
 
     def log_news_announced(self) -> bool:
         """Whether every append to a run's log reaches this process's
@@ -226,10 +229,20 @@ class Runtime:
             try:
                 async with session.begin():
                     yield session
+                    if run_log.logged(session):
+                        await db.commit_seen_through(session)
             except BaseException:
-                self.run_log.rolled_back(session)
+                self._ended_badly(session)
                 raise
             self.run_log.committed(session)  # the run events it logged reach streams now
+
+    def _ended_badly(self, session: AsyncSession) -> None:
+        """The unit of work raised: rolled back, or (cancelled during its
+        COMMIT: db.commit_seen_through) committed all the same."""
+        if db.committed_despite_cancellation(session):
+            self.run_log.committed(session)
+        else:
+            self.run_log.rolled_back(session)
 
     @asynccontextmanager
     async def unit_of_work(self) -> AsyncIterator[AsyncSession]:
@@ -251,10 +264,17 @@ class Runtime:
             try:
                 yield session
                 if run_log.autocommitted(session):
-                    # Its one statement has committed: nothing may follow it (no ORM flush either).
+                    # Its one statement has committed: nothing may follow it
+                    # (no ORM flush either), and nothing may raise after it:
+                    # the except below would take committed events for
+                    # rolled back.
                     assert not (session.new or session.dirty or session.deleted), "a statement after the last"
-                await session.commit()  # no round trip after an autocommitted statement
+                    await session.commit()  # no round trip after an autocommitted statement
+                elif run_log.logged(session):
+                    await db.commit_seen_through(session)
+                else:
+                    await session.commit()
             except BaseException:
-                self.run_log.rolled_back(session)
+                self._ended_badly(session)
                 raise
             self.run_log.committed(session)  # the run events it logged reach streams now

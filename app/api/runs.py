@@ -70,7 +70,12 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
                 # Subscribed before the append, which may be the commit
                 # itself; it reads from the opening events' end (set below).
                 follower = Follower(
-                    runtime.bus, runtime.reading_once, run.id, 0, read_first=False, announced=runtime.log_news_announced
+                    runtime.bus,
+                    runtime.reading_statement,
+                    run.id,
+                    0,
+                    read_first=False,
+                    announced=runtime.log_news_announced,
                 )
                 await follower.open()
             # ``change`` inserted the run (or left it to this insert) or moved

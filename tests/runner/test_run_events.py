@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import pytest
 from sqlalchemy import func, insert, select, update
@@ -484,3 +485,75 @@ async def test_a_run_created_by_a_commit_is_not_signalled_to_other_processes(
             assert await _nudged(there, 20)
     finally:
         await other.close()
+
+
+def _commits_then_wait(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """The driver's next COMMIT commits, then waits for ``release``: a
+    cancellation that reaches the task awaiting it finds the transaction
+    committed (SQLite's thread runs a COMMIT it was sent whatever happens to
+    the task; PostgreSQL may have it)."""
+    from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
+    from sqlalchemy.util import await_only
+
+    from app import sqlite_driver
+
+    driver: Any = AsyncAdapt_asyncpg_connection if runtime.run_log.postgres else sqlite_driver.OneHopConnection
+    committed, release = asyncio.Event(), asyncio.Event()
+    real_commit = driver.commit
+
+    def commit(self: Any) -> None:
+        real_commit(self)
+        if not committed.is_set():  # the next one only
+            committed.set()
+            await_only(release.wait())
+
+    monkeypatch.setattr(driver, "commit", commit)
+    return committed, release
+
+
+async def test_a_transaction_cancelled_in_its_commit_hands_on_what_it_committed(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation (a lost lease, shutdown) that arrives while the COMMIT
+    is in flight: the events committed reach the run's followers, as after
+    any commit, and the cancellation still ends the task. (Told only
+    "cancelled", the run log handed nothing on and took the transaction for
+    rolled back.)"""
+    (run_id,) = await _make_runs(runtime, 1)
+    committed, release = _commits_then_wait(runtime, monkeypatch)
+
+    async def cancelling() -> None:
+        async with runtime.transaction() as session:
+            await runtime.run_log.append(session, run_id, [Event("thread.run.cancelling", {"id": run_id})])
+
+    async with runtime.bus.follow(run_id) as delivered:
+        task = asyncio.create_task(cancelling())
+        async with asyncio.timeout(10):
+            await committed.wait()
+        task.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [entry.event.name for entry in delivered.get_nowait() or []] == ["thread.run.cancelling"]
+    assert await _log(runtime, run_id) == ["thread.run.cancelling"]
+
+
+async def test_the_flusher_cancelled_in_its_commit_writes_its_deltas_once(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() (shutdown) cancels the flusher, then flushes what is
+    buffered: deltas whose COMMIT was in flight at the cancellation are not
+    put back and written a second time."""
+    (run_id,) = await _make_runs(runtime, 1)
+    async with runtime.transaction() as session:  # a live run: its deltas are logged
+        await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(status="in_progress"))
+        await runtime.run_log.append(session, run_id, [Event("thread.run.in_progress", {"id": run_id})])
+    committed, release = _commits_then_wait(runtime, monkeypatch)
+    runtime.run_log.publish(run_id, [Event("thread.message.delta", {"n": 1})])  # wakes the flusher
+    async with asyncio.timeout(10):
+        await committed.wait()
+        closing = asyncio.create_task(runtime.run_log.close())
+        await asyncio.sleep(0)  # close() has cancelled the flusher
+        release.set()
+        await closing
+    assert await _log(runtime, run_id) == ["thread.run.in_progress", "thread.message.delta"]
