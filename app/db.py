@@ -474,6 +474,11 @@ class Session(AsyncSession):
 
 
 _COMMITTED = "committed despite a cancellation"
+# How long a cancelled caller waits for its COMMIT's outcome. A COMMIT
+# normally ends in milliseconds; one that hangs (a synchronous standby
+# down, a connection black-holed) is then abandoned, its outcome unknown
+# and taken for a rollback, as any failed transaction's.
+COMMIT_OUTCOME_WAIT_SECONDS = 10.0
 
 
 async def commit_seen_through(session: AsyncSession) -> None:
@@ -486,17 +491,30 @@ async def commit_seen_through(session: AsyncSession) -> None:
     logged run events would hand back as unwritten the deltas the commit in
     fact wrote (written twice later) and keep from streams the events it
     committed. So the commit runs in a task of its own, shielded; on a
-    cancellation this waits for it and then raises the cancellation, with
-    ``committed_despite_cancellation(session)`` saying whether it committed.
-    A task per commit: used only where the outcome matters."""
+    cancellation this waits for it (up to COMMIT_OUTCOME_WAIT_SECONDS: an
+    enclosing asyncio.timeout is late by as much) and then raises the
+    cancellation, with ``committed_despite_cancellation(session)`` saying
+    whether it committed. A task per commit: used only where the outcome
+    matters."""
     commit = asyncio.ensure_future(session.commit())
     try:
         await asyncio.shield(commit)
     except asyncio.CancelledError:
-        while not commit.done():
+        deadline = time.monotonic() + COMMIT_OUTCOME_WAIT_SECONDS
+        while not commit.done() and time.monotonic() < deadline:
             with suppress(asyncio.CancelledError):  # re-raised below, once the outcome is known
-                await asyncio.wait({commit})
-        if not commit.cancelled() and commit.exception() is None:
+                await asyncio.wait({commit}, timeout=deadline - time.monotonic())
+        if not commit.done():
+            log.warning(
+                "a cancelled transaction's COMMIT did not end within %g s; abandoned", COMMIT_OUTCOME_WAIT_SECONDS
+            )
+            commit.cancel()
+            while not commit.done():  # its cancellation unwinds the session's commit first
+                with suppress(asyncio.CancelledError):
+                    await asyncio.wait({commit})
+        elif not commit.cancelled() and (error := commit.exception()) is not None:
+            log.warning("a cancelled transaction's COMMIT failed (%s)", error)
+        elif not commit.cancelled():
             session.info[_COMMITTED] = True
         raise
 

@@ -157,6 +157,7 @@ class RunLog:
         self._news: set[str] = set()
         self._news_ready = asyncio.Event()
         self._notifier: asyncio.Task[None] | None = None
+        self._closing = False  # close() began: news is kept for its own last NOTIFY
         # This process's token in its NOTIFYs' payloads, by which its listener
         # skips them (their events reached its followers at commit).
         self.origin = secrets.token_hex(ORIGIN_BYTES)
@@ -525,6 +526,8 @@ class RunLog:
             return
         self._news.add(run_id)
         self._news_ready.set()
+        if self._closing:  # close() sends the last news itself, and no notifier may outlive it
+            return
         if self._notifier is None or self._notifier.done():
             self._notifier = asyncio.get_running_loop().create_task(self._notify_forever(), name="run-log-notifier")
 
@@ -636,6 +639,7 @@ class RunLog:
 
     async def close(self) -> None:
         """Write what is buffered and stop the flusher and the notifier."""
+        self._closing = True
         for task in (self._flusher, self._notifier):
             if task is not None:
                 task.cancel()

@@ -267,7 +267,10 @@ class Runtime:
                     # Its one statement has committed: nothing may follow it
                     # (no ORM flush either), and nothing may raise after it:
                     # the except below would take committed events for
-                    # rolled back.
+                    # rolled back. (A cancellation while that statement is in
+                    # flight is such an unknown outcome too, taken for a
+                    # rollback: a create's run may exist, its events not
+                    # handed on here, the worker here finding it at its poll.)
                     assert not (session.new or session.dirty or session.deleted), "a statement after the last"
                     await session.commit()  # no round trip after an autocommitted statement
                 elif run_log.logged(session):

@@ -487,11 +487,14 @@ async def test_a_run_created_by_a_commit_is_not_signalled_to_other_processes(
         await other.close()
 
 
-def _commits_then_wait(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
+def _commits_then_wait(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, *, then_fails: bool = False
+) -> tuple[asyncio.Event, asyncio.Event]:
     """The driver's next COMMIT commits, then waits for ``release``: a
     cancellation that reaches the task awaiting it finds the transaction
     committed (SQLite's thread runs a COMMIT it was sent whatever happens to
-    the task; PostgreSQL may have it)."""
+    the task; PostgreSQL may have it). ``then_fails``: the COMMIT waits
+    first, then fails without committing."""
     from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
     from sqlalchemy.util import await_only
 
@@ -502,10 +505,16 @@ def _commits_then_wait(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> tup
     real_commit = driver.commit
 
     def commit(self: Any) -> None:
-        real_commit(self)
-        if not committed.is_set():  # the next one only
-            committed.set()
-            await_only(release.wait())
+        if committed.is_set():  # the next one only
+            real_commit(self)
+            return
+        if not then_fails:
+            real_commit(self)
+        committed.set()
+        await_only(release.wait())
+        if then_fails:  # as a failed COMMIT leaves it: rolled back
+            self.rollback()
+            raise OSError("disk I/O error")
 
     monkeypatch.setattr(driver, "commit", commit)
     return committed, release
@@ -552,8 +561,60 @@ async def test_the_flusher_cancelled_in_its_commit_writes_its_deltas_once(
     runtime.run_log.publish(run_id, [Event("thread.message.delta", {"n": 1})])  # wakes the flusher
     async with asyncio.timeout(10):
         await committed.wait()
+        flusher = runtime.run_log._flusher
         closing = asyncio.create_task(runtime.run_log.close())
         await asyncio.sleep(0)  # close() has cancelled the flusher
+        assert flusher is not None and flusher.cancelling()  # else the release came first: nothing tested
         release.set()
         await closing
     assert await _log(runtime, run_id) == ["thread.run.in_progress", "thread.message.delta"]
+
+
+async def test_a_cancelled_transaction_whose_commit_fails_is_rolled_back(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The COMMIT a cancellation waited for failed: nothing is handed on,
+    the failure is logged, the cancellation ends the task."""
+    (run_id,) = await _make_runs(runtime, 1)
+    started, release = _commits_then_wait(runtime, monkeypatch, then_fails=True)
+
+    async def cancelling() -> None:
+        async with runtime.transaction() as session:
+            await runtime.run_log.append(session, run_id, [Event("thread.run.cancelling", {"id": run_id})])
+
+    async with runtime.bus.follow(run_id) as delivered:
+        task = asyncio.create_task(cancelling())
+        async with asyncio.timeout(10):
+            await started.wait()
+        task.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert delivered.empty()
+    assert "a cancelled transaction's COMMIT failed (disk I/O error)" in caplog.text
+    assert await _log(runtime, run_id) == []
+
+
+async def test_a_cancelled_transaction_waits_for_a_hung_commit_only_so_long(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A COMMIT that never ends (a synchronous standby down) is abandoned
+    COMMIT_OUTCOME_WAIT_SECONDS after the cancellation: the task ends."""
+    (run_id,) = await _make_runs(runtime, 1)
+    monkeypatch.setattr(db, "COMMIT_OUTCOME_WAIT_SECONDS", 0.2)
+    started, release = _commits_then_wait(runtime, monkeypatch, then_fails=True)
+
+    async def cancelling() -> None:
+        async with runtime.transaction() as session:
+            await runtime.run_log.append(session, run_id, [Event("thread.run.cancelling", {"id": run_id})])
+
+    task = asyncio.create_task(cancelling())
+    try:
+        async with asyncio.timeout(10):
+            await started.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    finally:
+        release.set()
+    assert "a cancelled transaction's COMMIT did not end within 0.2 s; abandoned" in caplog.text
