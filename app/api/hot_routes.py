@@ -41,9 +41,10 @@ from fastapi import FastAPI
 from fastapi.dependencies.utils import get_flat_params
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute, Match, NoMatchFound
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from app.api import API_PREFIXES, runs
+from app.api.asgi_body import read_body, replaying
 from app.api.deps import project_of
 from app.api.front import head_of
 from app.runtime import Runtime
@@ -149,31 +150,6 @@ def _is_json(scope: Scope) -> bool:
     return content_type is not None and content_type.split(b";", 1)[0].strip().lower() == b"application/json"
 
 
-async def _read_body(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
-def _replaying(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay
-
-
 class HotRoute(BaseRoute):
     """One hot route under every API prefix (see the module's docstring)."""
 
@@ -204,8 +180,8 @@ class HotRoute(BaseRoute):
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         body: Any = _NO_BODY
         if self.body_field is not None:
-            raw = await _read_body(receive)
-            receive = _replaying(raw, receive)
+            raw = await read_body(receive)
+            receive = replaying(raw, receive)
             body = self._parsed(scope, raw)
         arguments = None if body is None else self.hot.arguments(scope, scope["path_params"], body)
         if arguments is None:

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import errors
 from app.api import API_PREFIXES
+from app.api.asgi_body import read_body, replaying
 from app.api.v1compat import handlers, shapes
 from app.api.v1compat.sse import EventRewriter
 
@@ -99,23 +100,14 @@ class AssistantsV1:
         kind = next((kind for verb, pattern, kind in _REQUEST_REWRITES if verb == method and pattern.match(path)), None)
         if kind is None:
             return receive
-        raw = await handlers.read_body(receive)
+        raw = await read_body(receive)
         try:
             body = json.loads(raw) if raw.strip() else None
         except ValueError:
             body = None  # not JSON: the v2 route answers with its own parse error
         if isinstance(body, dict):
             raw = json.dumps(_rewrite(kind, body)).encode()
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-
-        return replay
+        return replaying(raw, receive)
 
 
 class ResponseRewriter:

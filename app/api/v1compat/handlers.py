@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
 from app import errors, ids
+from app.api.asgi_body import read_body
 from app.api.deps import project_of
 from app.api.handlers import error_response
 from app.api.v1compat import shapes
@@ -26,18 +27,6 @@ Answer = tuple[int, Any]
 _MODIFY = re.compile(r"^/assistants/(?P<assistant>[^/]+)/?$")
 _ASSISTANT_FILES = re.compile(r"^/assistants/(?P<assistant>[^/]+)/files/?(?P<file>[^/]+)?/?$")
 _MESSAGE_FILES = re.compile(r"^/threads/(?P<thread>[^/]+)/messages/(?P<message>[^/]+)/files/?(?P<file>[^/]+)?/?$")
-
-
-async def read_body(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
 
 
 async def send_json(send: Send, status: int, value: Any) -> None:
