@@ -254,7 +254,8 @@ class Runtime:
         runs it in an implicit transaction of its own, all or nothing, its
         NOTIFYs delivered when it ends, without the BEGIN and the COMMIT (a
         round trip each). A unit of more statements is one transaction, as
-        transaction()'s: the driver sends BEGIN with the first. On SQLite
+        transaction()'s: BEGIN goes, a round trip of its own, before its
+        first statement. On SQLite
         transaction() itself (a transaction is already one thread hop)."""
         if not self.run_log.postgres:
             async with self.transaction() as session:

@@ -13,7 +13,7 @@ from app.runtime import Runtime
 from app.services.pagination import PageParams
 from app.services.projects import Project
 
-# Where the request gate (api/handlers.py) records the project a request acts for.
+# Where api/front.py (handlers.admit) records the project a request acts for.
 _PROJECT = "assistants.project"
 
 

@@ -27,12 +27,17 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api import handlers, limits, v1compat
+from app.api import API_PREFIXES, handlers, limits, v1compat
 from app.observability import http, logs
 
 log = logging.getLogger("app.api")
 
 _HEAD = "assistants.head"
+# The one route that takes a multipart body (POST /files, streamed to disk
+# with its own size limit): any other body, whatever its declared type, is
+# held to the JSON limit (a 1 GB body labelled multipart sent to a JSON
+# route would otherwise be read whole into memory).
+_UPLOAD_PATHS = frozenset(f"{prefix}/files" for prefix in API_PREFIXES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +130,8 @@ class ApiFront:
             if rejection is not None:
                 await handlers.send_error(rejection, send_with_id)
                 return
-            if head.has_body and not head.is_multipart:
+            upload = head.is_multipart and scope["method"] == "POST" and path.rstrip("/") in _UPLOAD_PATHS
+            if head.has_body and not upload:
                 receive_body = await limits.read_limited_body(
                     scope, receive, send_with_id, head.content_length, self.max_body_bytes, self.body_timeout_seconds
                 )

@@ -39,7 +39,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.dependencies.utils import get_flat_params
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, APIRouter
 from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import Receive, Scope, Send
 
@@ -213,4 +213,35 @@ def install(app: FastAPI) -> None:
     """Put the hot routes first in the application's router."""
     by_endpoint = {route.endpoint: route for route in runs.router.routes if isinstance(route, APIRoute)}
     hot_routes = [HotRoute(by_endpoint[hot.endpoint], hot) for hot in _HOT]
+    # An inclusion may add dependencies (``include_router(...,
+    # dependencies=...)``), which the hot routes would skip.
+    if _inclusion_adds_dependencies(app.router.routes, runs.router):
+        raise RuntimeError("hot routes: an inclusion of the runs' router adds what api/hot_routes.py does not do")
     app.router.routes[0:0] = hot_routes
+
+
+def _inclusion_adds_dependencies(routes: list[BaseRoute], target: APIRouter) -> bool:
+    """Whether a router inclusion on the way to ``target``'s routes adds
+    dependencies: as route copies (older FastAPI), or as included routers
+    (FastAPI's ``_IncludedRouter``, which keeps the inclusion's context)."""
+    declared = {hot.endpoint: hot.declared for hot in _HOT}
+    for route in routes:
+        if isinstance(route, APIRoute):
+            if route.endpoint in declared and _declared(route) != declared[route.endpoint]:
+                return True
+            continue
+        original = getattr(route, "original_router", None)
+        if not isinstance(original, APIRouter) or not _leads_to(original, target):
+            continue
+        if getattr(getattr(route, "include_context", None), "dependencies", None):
+            return True
+        if _inclusion_adds_dependencies(original.routes, target):
+            return True
+    return False
+
+
+def _leads_to(router: APIRouter, target: APIRouter) -> bool:
+    return router is target or any(
+        isinstance(original := getattr(route, "original_router", None), APIRouter) and _leads_to(original, target)
+        for route in router.routes
+    )

@@ -24,13 +24,14 @@ import resource
 import time
 from typing import TYPE_CHECKING, Literal, cast
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 if TYPE_CHECKING:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app import db, errors
+from app.api.asgi_body import replaying
 from app.api.handlers import error_response
 from app.api.write_coalescing import CoalescingTransport
 
@@ -93,7 +94,7 @@ async def read_limited_body(
     if len(body) > max_bytes:
         await error_response(too_large(max_bytes))(scope, receive, send)
         return None
-    return _replay(body, receive)
+    return replaying(body, receive)  # then the client's own messages: a disconnect during a stream
 
 
 async def _read(receive: Receive, max_bytes: int) -> bytes | None:
@@ -108,21 +109,6 @@ async def _read(receive: Receive, max_bytes: int) -> bytes | None:
         size += len(chunk)
         if size > max_bytes or not message.get("more_body", False):
             return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """The body, read already, as one message; then the client's own messages
-    (a disconnect during a stream must still reach the app)."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

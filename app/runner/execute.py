@@ -535,7 +535,7 @@ class RunExecution:
         except llm.LLMError as error:
             self._first_answer = error
             return False
-        except Exception:  # execute() meets it again (not asking the model twice) and ends the run as it does
+        except Exception:  # execute() meets it again and ends the run as it does (asking again if the asking failed)
             log.exception("run %s: its instant answer could not be taken in the claim's transaction", run.id)
             self._first_answer = _UNASKED if whole is None else whole  # (None: the asking itself failed)
             return False

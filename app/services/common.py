@@ -38,7 +38,10 @@ def one_of(session: AsyncSession, column: InstrumentedAttribute[T], values: Iter
     forms as SQL text, for the filter it splices into the search's text
     query; it stays apart: it binds by name into that text, infers the
     array's type from a JSON expression rather than a column, and writes
-    infinities SQLite's JSON can read (ids and seqs here need none of it)."""
+    infinities SQLite's JSON can read (ids and seqs here need none of it).
+    services/run_execution.py (``_not_executing``) writes the negated form
+    for the claim, with a named parameter the claim's statement is built
+    around once."""
     listed = list(values)
     if session.get_bind().dialect.name == "postgresql":
         return column == any_(bindparam(None, listed, type_=ARRAY(column.type)))

@@ -227,3 +227,19 @@ async def test_dependency_overrides_apply_to_the_hot_routes(
 def test_urls_are_built_past_the_hot_routes(app: FastAPI) -> None:
     """The router asks every route in turn; a hot route says "not mine"."""
     assert app.url_path_for("retrieve_run", thread_id="a", run_id="b") == "/v1/threads/a/runs/b"
+
+
+def test_a_dependency_added_where_the_routes_are_included_stops_the_start() -> None:
+    """The hot routes call the endpoints themselves: a dependency an
+    inclusion adds (a router's ``dependencies``) would be skipped."""
+    from fastapi import Depends
+
+    from app.api import runs
+
+    async def refuse() -> None:
+        raise AssertionError
+
+    application = FastAPI()
+    application.include_router(runs.router, prefix="/v1", dependencies=[Depends(refuse)])
+    with pytest.raises(RuntimeError, match="an inclusion of the runs' router adds"):
+        hot_routes.install(application)

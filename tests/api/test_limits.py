@@ -112,6 +112,15 @@ async def test_multipart_uploads_are_not_held_to_the_json_limit(sdk: openai.Asyn
     assert uploaded.bytes == 2 * LIMIT
 
 
+async def test_a_body_labelled_multipart_is_held_to_the_limit_on_every_other_route(small: httpx2.AsyncClient) -> None:
+    """Only POST /files takes a multipart body (with its own limit): sent
+    to a JSON route, one is bounded like any other body, not read whole."""
+    multipart = {**BETA, "content-type": "multipart/form-data; boundary=zz"}
+    for path in ("/v1/threads/runs", "/v1/threads", "/v1/assistants", "/v1/threads/thread_x/runs"):
+        response = await small.post(path, content=b"x" * (LIMIT + 1), headers=multipart)
+        assert response.status_code == 413 and response.json() == _too_large(), path
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param", "message"),
     [

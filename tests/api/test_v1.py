@@ -255,3 +255,17 @@ async def test_a_v2_client_sees_a_v1_thread_and_the_other_way_round(
     assert run.status == "completed"
     as_v1_run = v1_valid(await v1(http, "GET", f"/threads/{thread['id']}/runs/{run.id}"), "RunObject")
     assert as_v1_run["status"] == "completed"
+
+
+async def test_a_v1_request_is_counted_under_its_route(http: httpx2.AsyncClient) -> None:
+    """The v1 translation hands the route's scope on, not a copy: metrics
+    and access logs label the request by its template, not "unmatched"."""
+    await http.get("/v1/threads/thread_nope/runs/run_nope", headers=V1)
+    await http.get("/v1/threads/thread_nope/messages", headers=V1)
+    metrics = (await http.get("/metrics")).text
+    counted = [
+        line for line in metrics.splitlines() if line.startswith("assistants_http_requests_total{") and "404" in line
+    ]
+    assert any('route="/v1/threads/{thread_id}/runs/{run_id}"' in line for line in counted), counted
+    assert any('route="/v1/threads/{thread_id}/messages"' in line for line in counted), counted
+    assert not any('route="unmatched"' in line for line in counted), counted

@@ -92,7 +92,9 @@ class AssistantsV1:
         except errors.APIError as exc:
             await handlers.send_error(send, exc)
             return
-        scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"openai-beta"]}
+        # In place, not a copy: the route the router records in the scope
+        # labels the request in metrics and access logs (observability/http.py).
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"openai-beta"]
         await self.app(scope, receive, ResponseRewriter(runtime, send).send)
 
     async def _rewritten_body(self, scope: Scope, path: str, receive: Receive) -> Receive:
