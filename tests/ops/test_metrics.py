@@ -12,6 +12,7 @@ import pytest
 from fastapi import FastAPI
 
 import app as package
+from app.llm import Usage
 from app.main import create_app
 from app.observability import metrics
 from app.settings import Settings
@@ -123,5 +124,42 @@ def test_each_app_counts_only_its_own() -> None:
         second.registry.get_sample_value(
             "assistants_http_requests_total", {"method": "GET", "route": "/healthz", "status": "200"}
         )
+        is None
+    )
+
+
+def test_repeated_observations_all_count_and_names_past_the_cap_count_as_other() -> None:
+    registry = metrics.Metrics()
+    for _ in range(3):
+        registry.observe_request("POST", "/v1/threads/runs", 200, 0.01)
+    registry.observe_request("POST", "/v1/threads/runs", 400, 0.01)
+    sample = registry.registry.get_sample_value
+    assert (
+        sample("assistants_http_requests_total", {"method": "POST", "route": "/v1/threads/runs", "status": "200"}) == 3
+    )
+    assert (
+        sample("assistants_http_requests_total", {"method": "POST", "route": "/v1/threads/runs", "status": "400"}) == 1
+    )
+    assert (
+        sample("assistants_http_request_duration_seconds_count", {"method": "POST", "route": "/v1/threads/runs"}) == 4
+    )
+
+    usage = Usage(prompt_tokens=5, completion_tokens=2)
+    for n in range(metrics.MAX_MODEL_LABELS + 3):
+        registry.observe_model_call(f"model-{n}", "ok", 0.1, usage)
+        registry.observe_model_call(f"model-{n}", "ok", 0.1, None)
+    assert sample("assistants_model_calls_total", {"model": "model-0", "outcome": "ok"}) == 2
+    assert sample("assistants_model_tokens_total", {"model": "model-0", "kind": "prompt"}) == 5
+    assert sample("assistants_model_calls_total", {"model": metrics.OTHER_MODEL, "outcome": "ok"}) == 6
+    assert sample("assistants_model_tokens_total", {"model": metrics.OTHER_MODEL, "kind": "completion"}) == 6
+    # A model that never reported usage has no token series.
+    fresh = metrics.Metrics()
+    fresh.observe_model_call("quiet-model", "error", 0.1, None)
+    assert (
+        fresh.registry.get_sample_value("assistants_model_calls_total", {"model": "quiet-model", "outcome": "error"})
+        == 1
+    )
+    assert (
+        fresh.registry.get_sample_value("assistants_model_tokens_total", {"model": "quiet-model", "kind": "prompt"})
         is None
     )
