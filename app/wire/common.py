@@ -39,7 +39,10 @@ class RequestModel(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _storable(cls, data: Any) -> Any:
-        if isinstance(data, dict):
+        # Every nested request model walks its own part again, so the common
+        # case, nothing wrong, takes the quick check; only a body that fails it
+        # is walked again for the path and reason of its first problem.
+        if isinstance(data, dict) and not _all_storable(data, 1):
             problem = _first_unstorable(data)
             if problem is not None:
                 path, reason = problem
@@ -89,6 +92,23 @@ def _text_problem(text: str) -> str | None:
     if match.group() == "\x00":
         return "string contains a null character (\\u0000), which is not supported."
     return "string contains an unpaired surrogate, which is not valid Unicode."
+
+
+def _all_storable(container: dict[str, Any] | list[Any], depth: int) -> bool:
+    """Whether _first_unstorable finds nothing, without building paths (a
+    third of its time). Recursion stops at MAX_NESTING levels."""
+    if depth > MAX_NESTING:
+        return False
+    values = container.values() if isinstance(container, dict) else container
+    if isinstance(container, dict) and any(_UNSTORABLE.search(str(key)) for key in container):
+        return False
+    for value in values:
+        if isinstance(value, str):
+            if _UNSTORABLE.search(value):
+                return False
+        elif isinstance(value, (dict, list)) and not _all_storable(value, depth + 1):
+            return False
+    return True
 
 
 def _first_unstorable(data: dict[str, Any]) -> tuple[str, str] | None:

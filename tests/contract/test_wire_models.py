@@ -296,3 +296,30 @@ def test_empty_list_page_has_null_cursors() -> None:
     assert data == {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
     page = AsyncCursorPage[Message].model_validate(data)
     assert page.data == [] and page.has_more is False
+
+
+def _nested(levels: int, innermost: Any, container: str) -> Any:
+    value = innermost
+    for _ in range(levels):
+        value = {"k": value} if container == "dict" else [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "gpt-4o", "metadata": {"a": "b"}, "tools": [{"type": "code_interpreter"}], "n": 1, "x": None},
+        {"messages": [{"content": [{"type": "text", "text": "fine"}, {"text": "bad\x00"}]}]},
+        {"messages": [{"content": "half \ud800 surrogate"}]},
+        {"metadata": {"bad\x00key": "v"}},
+        {"deep": _nested(98, "ok", "dict")},
+        {"deep": _nested(99, "ok", "list")},
+        {"deep": _nested(99, {}, "dict")},
+        {"deep": _nested(100, [], "list")},
+        {"deep": _nested(100, "ok", "dict")},
+        {"deep": _nested(200, "bad\x00", "list")},
+        {"list": ["a", ["b", {"c": ["\udfff"]}]]},
+    ],
+)
+def test_the_quick_storable_check_agrees_with_the_walk_that_names_the_problem(body: dict[str, Any]) -> None:
+    assert common._all_storable(body, 1) == (common._first_unstorable(body) is None)
