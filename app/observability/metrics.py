@@ -14,7 +14,7 @@ import asyncio
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy import func, select
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from app.runtime import Runtime
 
 log = logging.getLogger("app.metrics")
+
+MetricT = TypeVar("MetricT", Counter, Histogram)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # A scrape must answer even when the database does not: its queries give up after this.
@@ -47,14 +49,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         registry = self.registry
         self._models: set[str] = set()
-        # prometheus_client's labels() takes a lock and builds its key on every
-        # call (about 5 µs each, twice per request): the children are kept here
-        # by their labels. Both key sets are bounded as the series are: route
-        # templates, model labels capped at MAX_MODEL_LABELS.
-        self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
-        self._model_call_series: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
-        # Made on a call's first usage only: a model that never reports any has no token series.
-        self._token_series: dict[str, tuple[Counter, Counter]] = {}
+        self._series: dict[tuple[object, ...], Counter | Histogram] = {}
         Gauge("assistants_build_info", "The server's version (value 1)", ["version"], registry=registry).labels(
             package.__version__
         ).set(1)
@@ -130,37 +125,28 @@ class Metrics:
         return model
 
     def observe_model_call(self, model: str, outcome: str, seconds: float, usage: Usage | None) -> None:
-        key = (model, outcome)
-        series = self._model_call_series.get(key)
-        if series is None:
-            label = self.model_label(model)
-            series = (self.model_calls.labels(label, outcome), self.model_call_duration.labels(label, outcome))
-            if label == model:  # a name counted as "other" is not kept, so the dict stays bounded
-                self._model_call_series[key] = series
-        calls, duration = series
-        calls.inc()
-        duration.observe(seconds)
+        label = self.model_label(model)
+        self.series(self.model_calls, label, outcome).inc()
+        self.series(self.model_call_duration, label, outcome).observe(seconds)
         if usage is not None:
-            tokens = self._token_series.get(model)
-            if tokens is None:
-                label = self.model_label(model)
-                tokens = (self.model_tokens.labels(label, "prompt"), self.model_tokens.labels(label, "completion"))
-                if label == model:
-                    self._token_series[model] = tokens
-            tokens[0].inc(usage.prompt_tokens)
-            tokens[1].inc(usage.completion_tokens)
+            self.series(self.model_tokens, label, "prompt").inc(usage.prompt_tokens)
+            self.series(self.model_tokens, label, "completion").inc(usage.completion_tokens)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        key = (method, route, status)
-        series = self._request_series.get(key)
-        if series is None:
-            series = self._request_series[key] = (
-                self.http_requests.labels(method, route, str(status)),
-                self.http_duration.labels(method, route),
-            )
-        requests, duration = series
-        requests.inc()
-        duration.observe(seconds)
+        self.series(self.http_requests, method, route, str(status)).inc()
+        self.series(self.http_duration, method, route).observe(seconds)
+
+    def series(self, metric: MetricT, *labels: str) -> MetricT:
+        """``metric.labels(*labels)``, kept: prometheus_client's takes a lock and
+        builds its key on every call (about 5 µs; a run observes several).
+        Bounded as the series are: labels are route templates, statuses and
+        model labels (capped at MAX_MODEL_LABELS). A series still appears the
+        first time it is observed."""
+        key = (id(metric), *labels)
+        child = self._series.get(key)
+        if child is None:
+            child = self._series[key] = metric.labels(*labels)
+        return cast(MetricT, child)
 
     async def render(self, runtime: Runtime) -> bytes:
         """The exposition text, with the scrape-time gauges brought up to date."""

@@ -67,16 +67,18 @@ class RunTracker:
         if clock is None or clock.first_token_seen:
             return
         clock.first_token_seen = True
-        self.metrics.run_ttft.labels(clock.model).observe(time.monotonic() - clock.started)
+        self.metrics.series(self.metrics.run_ttft, clock.model).observe(time.monotonic() - clock.started)
 
     def _finish(self, run_id: str, status: str, run: dict[str, Any]) -> None:
         clock = self._clocks.pop(run_id, None)
         model = clock.model if clock is not None else self.metrics.model_label(str(run.get("model", "")))
-        self.metrics.runs_total.labels(status, model).inc()
+        self.metrics.series(self.metrics.runs_total, status, model).inc()
         if clock is not None:
-            self.metrics.run_duration.labels(status, model).observe(time.monotonic() - clock.started)
+            self.metrics.series(self.metrics.run_duration, status, model).observe(time.monotonic() - clock.started)
         elif isinstance(run.get("started_at"), int):
-            self.metrics.run_duration.labels(status, model).observe(max(0.0, time.time() - run["started_at"]))
+            self.metrics.series(self.metrics.run_duration, status, model).observe(
+                max(0.0, time.time() - run["started_at"])
+            )
         if status in ("failed", "expired"):
             _log_unsuccessful(run_id, status, model, run.get("last_error"))
 
