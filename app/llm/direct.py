@@ -36,7 +36,7 @@ import json
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -245,9 +245,14 @@ def _unusable(route: Route, exc: Exception) -> LLMError:
 
 @asynccontextmanager
 async def _opened(
-    call: _Call, clients: _LoopClients, route: Route, explicit: Sequence[str]
+    call: _Call,
+    clients: _LoopClients,
+    route: Route,
+    explicit: Sequence[str],
+    read_failure: Callable[[StreamedResponse], Awaitable[ProviderFailure]] | None = None,
 ) -> AsyncIterator[StreamedResponse]:
-    """The streamed response once it answered 2xx, after the retries its failures allow."""
+    """The streamed response once it answered 2xx, after the retries its failures allow.
+    ``read_failure`` reads an error answer in the provider's terms (default: OpenAI's)."""
     for attempt in range(call.max_retries + 1):
         last = attempt == call.max_retries
         try:
@@ -270,7 +275,10 @@ async def _opened(
             finally:
                 await response.aclose()
             return
-        failure = await _failure(response, azure=route.target.startswith(providers.AZURE_PREFIX))
+        if read_failure is not None:
+            failure = await read_failure(response)
+        else:
+            failure = await _failure(response, azure=route.target.startswith(providers.AZURE_PREFIX))
         if last or not _retryable(response):
             raise provider_error(failure, route, explicit) from failure
         await asyncio.sleep(_backoff(attempt, response.headers))
@@ -396,3 +404,14 @@ def _chunk(data: str) -> Any:
         code = error.get("code") if isinstance(error, dict) else None
         raise ProviderFailure(code if isinstance(code, int) else 500, str(message or error))
     return chunk
+
+
+# What anthropic_messages.py (Anthropic's Messages API) shares: the clients,
+# the retries and the reading of Server-Sent Events.
+Call = _Call
+opened = _opened
+sse_data = _sse_data
+unusable = _unusable
+TIMEOUTS = _TIMEOUTS
+TRANSPORT = _TRANSPORT
+HTTP_ERRORS = _HTTP_ERRORS

@@ -191,6 +191,10 @@ class LLM:
                 raise
 
     def _provider_stream(self, route: Route, request: ChatRequest) -> AsyncGenerator[Event, None]:
+        if route.direct and route.target.startswith("anthropic/"):
+            from app.llm import anthropic_messages
+
+            return anthropic_messages.stream(route, request, self, self._direct_client())
         if route.direct:
             from app.llm import direct
 

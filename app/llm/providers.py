@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from app.llm import model_map
+from app.llm import anthropic_request, model_map
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class Endpoint:
 
 
 def direct_prefixes() -> tuple[str, ...]:
-    return (*_SHAPES, AZURE_PREFIX)
+    return (*_SHAPES, AZURE_PREFIX, anthropic_request.PREFIX)
 
 
 def refusal(params: Mapping[str, Any], extra_keys: frozenset[str] = frozenset()) -> str | None:
@@ -173,10 +173,12 @@ def refusal(params: Mapping[str, Any], extra_keys: frozenset[str] = frozenset())
     known = CONNECTION_KEYS | BODY_KEYS | extra_keys
     if target.startswith(AZURE_PREFIX):
         return _azure_refusal(target[len(AZURE_PREFIX) :], params, known)
+    if target.startswith(anthropic_request.PREFIX):  # Anthropic's Messages API (anthropic_messages.py)
+        return anthropic_request.route_refusal(params, extra_keys)
     shape = _shape(target)
     if shape is None:
         names = ", ".join(prefix + "..." for prefix in direct_prefixes())
-        return f"{target} is not an OpenAI-compatible model litellm passes on as it is ({names})"
+        return f"{target} is not a model the direct path serves ({names})"
     if shape.default_base is None and not params.get("api_base"):
         return "it has no api_base"
     unknown = sorted(set(params) - known - ({"organization"} if shape.organization else set()))

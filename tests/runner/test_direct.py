@@ -68,7 +68,7 @@ def test_which_routes_go_direct(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [
-        ({**entry("a", "anthropic/claude-3", api_base="http://x"), "direct": True}, "not an OpenAI-compatible model"),
+        ({**entry("a", "bedrock/claude-3", api_base="http://x"), "direct": True}, "not a model the direct path serves"),
         ({**entry("a", "openai/x"), "direct": True}, "no api_base"),
         ({**entry("a", "openai/x", api_base="http://x", mock_response="hi"), "direct": True}, "mock_response"),
         ({**entry("a", "openai/x", api_base="http://x"), "direct": "yes"}, "direct must be true or false"),
@@ -211,7 +211,7 @@ def test_litellm_is_imported_at_start_up_only_when_a_route_or_embeddings_need_it
     for entries, extra, expected in [
         (direct_only, {}, []),
         (direct_only, {"embedding_model": "emb"}, ["litellm"]),  # embeddings always go through litellm
-        ([*direct_only, entry("claude", "anthropic/claude-3")], {}, ["litellm"]),
+        ([*direct_only, entry("claude", "bedrock/anthropic.claude-3")], {}, ["litellm"]),
         ([entry("*", "offline/*")], {"embedding_model": "hashing"}, []),
     ]:
         loads.clear()

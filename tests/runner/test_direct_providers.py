@@ -353,7 +353,7 @@ def test_azure_key_variables_make_a_route_without_api_key_direct(
         (entry("a", "azure/gpt-4o", True, api_key="k"), "no api_base"),
         (entry("a", "azure/gpt-4o", True, api_base="http://x"), "Entra ID"),
         (entry("a", "azure/gpt-4o", True, api_base="http://x", api_key="k", api_version="2023-05-15"), "2023-05-15"),
-        (entry("a", "groq/llama-3.3-70b", True, api_base="http://x"), "not an OpenAI-compatible model"),
+        (entry("a", "groq/llama-3.3-70b", True, api_base="http://x"), "not a model the direct path serves"),
         (entry("a", "nebius/llama", True, input_cost_per_token=1e-6), "input_cost_per_token"),
     ],
 )

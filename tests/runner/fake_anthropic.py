@@ -1,0 +1,165 @@
+"""A tiny Anthropic Messages server for tests, on loopback.
+
+It serves ``POST /v1/messages`` (``stream: true``) as Anthropic's Server-Sent
+Events, and what it answers is chosen by the requested model name:
+
+- ``claude-text``: a ping, "Hello", " world", stop ``end_turn``, usage 25 in / 7 out;
+- ``claude-tool``: "Let me check.", a get_weather tool_use whose input arrives
+  in three fragments after an empty one, a second tool_use (get_time) with no input deltas at all,
+  stop ``tool_use``;
+- ``claude-cache``: "Cached", with cache creation and cache read input tokens (repeated in message_delta);
+- ``claude-max``: "Cut", stop ``max_tokens``; ``claude-stop-sequence``: stop ``stop_sequence``;
+- ``claude-<status>`` for the statuses in ERRORS (400 to 529): Anthropic's
+  error JSON with that status; ``claude-502``: a plain-text error body;
+- ``claude-stream-error``: "Partial", then an ``error`` event (overloaded);
+- ``claude-stall``: "Partial", then silence until the client gives up;
+- ``claude-drop``: "Partial", then the connection is cut mid-stream.
+
+Every request's body, path and headers (names in lower case, the HTTP
+client's own left out) are recorded in ``requests``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+# Headers of the HTTP client itself, not of the request a route makes.
+CLIENT_HEADERS = frozenset({"host", "content-length", "accept-encoding", "connection", "user-agent"})
+ERRORS = {
+    400: ("invalid_request_error", "messages.0.content: Input should be a valid list"),
+    401: ("authentication_error", "invalid x-api-key"),
+    403: ("permission_error", "Your API key does not have permission to use the specified resource."),
+    404: ("not_found_error", "model: claude-404"),
+    413: ("request_too_large", "Request exceeds the maximum allowed number of bytes."),
+    429: ("rate_limit_error", "Number of request tokens has exceeded your per-minute rate limit"),
+    500: ("api_error", "Internal server error"),
+    503: ("api_error", "Service unavailable"),
+    504: ("api_error", "Gateway timeout"),
+    422: ("invalid_request_error", "Unprocessable"),
+    529: ("overloaded_error", "Overloaded"),
+}
+
+
+def _event(kind: str, **data: Any) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode()
+
+
+def _start(model: str, usage: dict[str, Any]) -> bytes:
+    message = {
+        "id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": usage,
+    }  # fmt: skip
+    return _event("message_start", message=message)
+
+
+def _text_block(index: int, *pieces: str) -> list[bytes]:
+    deltas = [_event("content_block_delta", index=index, delta={"type": "text_delta", "text": p}) for p in pieces]
+    start = _event("content_block_start", index=index, content_block={"type": "text", "text": ""})
+    return [start, *deltas, _event("content_block_stop", index=index)]
+
+
+def _tool_block(index: int, tool_id: str, name: str, *fragments: str) -> list[bytes]:
+    block = {"type": "tool_use", "id": tool_id, "name": name, "input": {}}
+    deltas = [
+        _event("content_block_delta", index=index, delta={"type": "input_json_delta", "partial_json": fragment})
+        for fragment in fragments
+    ]
+    return [
+        _event("content_block_start", index=index, content_block=block),
+        *deltas,
+        _event("content_block_stop", index=index),
+    ]
+
+
+def _end(reason: str, output_tokens: int, sequence: str | None = None) -> list[bytes]:
+    delta = {"stop_reason": reason, "stop_sequence": sequence}
+    return [_event("message_delta", delta=delta, usage={"output_tokens": output_tokens}), _event("message_stop")]
+
+
+def script(model: str) -> list[bytes]:
+    """The streamed answer for a model name (see the module's docstring)."""
+    usage = {"input_tokens": 25, "output_tokens": 1}
+    if model == "claude-tool":
+        return [
+            _start(model, usage),
+            *_text_block(0, "Let me check."),
+            *_tool_block(1, "toolu_01", "get_weather", "", '{"city": ', '"Par', 'is"}'),
+            *_tool_block(2, "toolu_02", "get_time"),
+            *_end("tool_use", 31),
+        ]
+    if model == "claude-cache":
+        cached = {**usage, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 50}
+        end = _end("end_turn", 2)
+        end[0] = _event("message_delta", delta={"stop_reason": "end_turn"}, usage={**cached, "output_tokens": 2})
+        return [_start(model, cached), *_text_block(0, "Cached"), *end]
+    if model == "claude-max":
+        return [_start(model, usage), *_text_block(0, "Cut"), *_end("max_tokens", 1)]
+    if model == "claude-stop-sequence":
+        return [_start(model, usage), *_text_block(0, "Stopped"), *_end("stop_sequence", 1, "\n\n")]
+    return [_start(model, usage), _event("ping"), *_text_block(0, "Hello", " world"), *_end("end_turn", 7)]
+
+
+@dataclass
+class FakeAnthropic:
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+    port: int = 0
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/messages", self._messages)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock).start()
+
+    async def stop(self) -> None:
+        self._stopping.set()  # stalled answers end, so cleanup does not wait for them
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        headers = {name.lower(): value for name, value in request.headers.items() if name.lower() not in CLIENT_HEADERS}
+        self.requests.append({"body": body, "path": request.path_qs, "headers": headers})
+        model = str(body.get("model"))
+        status = model.removeprefix("claude-")
+        if status.isdigit() and int(status) in ERRORS:
+            kind, message = ERRORS[int(status)]
+            error = {"type": "error", "error": {"type": kind, "message": message}}
+            return web.json_response(error, status=int(status), headers={"request-id": "req_fake"})
+        if model == "claude-502":
+            return web.Response(status=502, text="Bad gateway: upstream unavailable")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if model in ("claude-stream-error", "claude-stall", "claude-drop"):
+            await response.write(_start(model, {"input_tokens": 25, "output_tokens": 1}))
+            for chunk in _text_block(0, "Partial")[:2]:
+                await response.write(chunk)
+            if model == "claude-stall":
+                await self._stopping.wait()
+            elif model == "claude-drop":
+                assert request.transport is not None
+                request.transport.abort()  # cut the connection without ending the chunked body
+            else:
+                error = {"type": "overloaded_error", "message": "Overloaded"}
+                await response.write(_event("error", error=error))
+                await response.write_eof()
+            return response
+        for chunk in script(model):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
