@@ -81,6 +81,8 @@ def route_refusal(params: Mapping[str, Any], extra_keys: frozenset[str] = frozen
     unknown = sorted(set(params) - CONNECTION_KEYS - BODY_KEYS - extra_keys)
     if unknown:
         return f"litellm_params {', '.join(unknown)} need litellm"
+    if params.get("drop_params") is False:
+        return "drop_params: false (litellm then refuses what it would drop)"
     headers = params.get("extra_headers") or {}
     if not isinstance(headers, Mapping):
         return "extra_headers is not a mapping"

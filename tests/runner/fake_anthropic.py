@@ -6,7 +6,7 @@ Events, and what it answers is chosen by the requested model name:
 - ``claude-text``: a ping, "Hello", " world", stop ``end_turn``, usage 25 in / 7 out;
 - ``claude-tool``: "Let me check.", a get_weather tool_use whose input arrives
   in three fragments after an empty one, a second tool_use (get_time) with no input deltas at all,
-  stop ``tool_use``;
+  stop ``tool_use``; asked with tool results last, it answers as ``claude-text``;
 - ``claude-cache``: "Cached", with cache creation and cache read input tokens (repeated in message_delta);
 - ``claude-max``: "Cut", stop ``max_tokens``; ``claude-stop-sequence``: stop ``stop_sequence``;
 - ``claude-<status>`` for the statuses in ERRORS (400 to 529): Anthropic's
@@ -82,10 +82,16 @@ def _end(reason: str, output_tokens: int, sequence: str | None = None) -> list[b
     return [_event("message_delta", delta=delta, usage={"output_tokens": output_tokens}), _event("message_stop")]
 
 
-def script(model: str) -> list[bytes]:
+def _answers_tool_results(body: dict[str, Any]) -> bool:
+    last = (body.get("messages") or [{}])[-1]
+    content = last.get("content")
+    return isinstance(content, list) and any(block.get("type") == "tool_result" for block in content)
+
+
+def script(model: str, body: dict[str, Any] | None = None) -> list[bytes]:
     """The streamed answer for a model name (see the module's docstring)."""
     usage = {"input_tokens": 25, "output_tokens": 1}
-    if model == "claude-tool":
+    if model == "claude-tool" and not (body and _answers_tool_results(body)):
         return [
             _start(model, usage),
             *_text_block(0, "Let me check."),
@@ -159,7 +165,7 @@ class FakeAnthropic:
                 await response.write(_event("error", error=error))
                 await response.write_eof()
             return response
-        for chunk in script(model):
+        for chunk in script(model, body):
             await response.write(chunk)
         await response.write_eof()
         return response

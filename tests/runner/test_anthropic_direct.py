@@ -7,14 +7,17 @@ the same LLMError: the proof that the direct path sends what litellm sends."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 from app.llm import LLM, ChatRequest, Event, LLMConfigError, LLMError, Route, litellm_adapter
 from app.llm.anthropic_request import request_refusal
+from app.settings import Settings
 from tests.runner.fake_anthropic import FakeAnthropic
 
 pytestmark = pytest.mark.timeout(120)
@@ -281,6 +284,7 @@ async def test_requests_it_does_not_translate_go_through_litellm(
     ("params", "needle"),
     [
         ({"top_k": 5}, "top_k"),
+        ({"drop_params": False}, "drop_params"),
         ({"extra_headers": {"anthropic-beta": "x"}}, "anthropic-beta"),
         ({"api_base": "http://x/?a=1"}, "query"),
     ],
@@ -312,3 +316,60 @@ async def test_max_retries_on_the_route_retries(fake_anthropic: FakeAnthropic, t
     code, _ = await outcome(llm, ChatRequest("claude-529", [user("hi")]))  # type: ignore[misc]
     assert code == "server_error"
     assert len(fake_anthropic.requests) == 2
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path, fake_anthropic: FakeAnthropic) -> Settings:
+    """The API's settings: every model to the Anthropic stub, by the direct path."""
+    params = {"api_base": fake_anthropic.api_base, "api_key": "sk-ant-test"}
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        poll_after_ms=10,
+        llm_config=routing(tmp_path, params, True),
+    )
+
+
+async def test_a_streamed_run_with_a_tool_call_through_the_sdk(
+    client: openai.AsyncOpenAI, fake_anthropic: FakeAnthropic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The official SDK streams a run on an anthropic/ route: text, the tool
+    calls, the tool outputs sent back as tool_result blocks, the answer; and
+    litellm is never imported (it cannot be, here)."""
+    monkeypatch.setitem(sys.modules, "litellm", None)
+    assistant = await client.beta.assistants.create(
+        model="claude-tool",
+        instructions="Use tools.",
+        tools=[WEATHER, TIME],  # type: ignore[list-item]
+    )
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "Weather in Paris?"}])
+    async with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id) as events:
+        async for _ in events:
+            pass
+        run = await events.get_final_run()
+    assert run.status == "requires_action", run.last_error
+    calls = run.required_action.submit_tool_outputs.tool_calls  # type: ignore[union-attr]
+    assert [(call.function.name, call.function.arguments) for call in calls] == [
+        ("get_weather", '{"city": "Paris"}'),
+        ("get_time", ""),
+    ]
+    outputs = [{"tool_call_id": call.id, "output": f"{call.function.name} ok"} for call in calls]
+    async with client.beta.threads.runs.submit_tool_outputs_stream(
+        run_id=run.id, thread_id=thread.id, tool_outputs=outputs
+    ) as events:
+        async for _ in events:
+            pass
+        run = await events.get_final_run()
+    assert run.status == "completed", run.last_error
+    assert run.usage is not None and run.usage.prompt_tokens == 50 and run.usage.completion_tokens == 38
+    messages = (await client.beta.threads.messages.list(thread.id, order="asc")).data
+    assert [block.text.value for block in messages[-1].content] == ["Hello world"]  # type: ignore[union-attr]
+    first, second = (sent["body"] for sent in fake_anthropic.requests)
+    assert first["system"] == [{"type": "text", "text": "Use tools."}]
+    assert second["messages"][-1] == {
+        "role": "user",
+        "content": [
+            {"type": "tool_result", "tool_use_id": calls[0].id, "content": "get_weather ok"},
+            {"type": "tool_result", "tool_use_id": calls[1].id, "content": "get_time ok"},
+        ],
+    }
