@@ -21,13 +21,12 @@ client's own left out) are recorded in ``requests``.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from tests.runner.fake_openai import FakeOpenAI
 
 # Headers of the HTTP client itself, not of the request a route makes.
 CLIENT_HEADERS = frozenset({"host", "content-length", "accept-encoding", "connection", "user-agent"})
@@ -51,7 +50,7 @@ def _event(kind: str, **data: Any) -> bytes:
 
 
 def _start(model: str, usage: dict[str, Any]) -> bytes:
-    message = {
+    message: dict[str, Any] = {
         "id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": [],
         "stop_reason": None, "stop_sequence": None, "usage": usage,
     }  # fmt: skip
@@ -111,31 +110,15 @@ def script(model: str, body: dict[str, Any] | None = None) -> list[bytes]:
     return [_start(model, usage), _event("ping"), *_text_block(0, "Hello", " world"), *_end("end_turn", 7)]
 
 
-@dataclass
-class FakeAnthropic:
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    _runner: web.AppRunner | None = None
-    port: int = 0
-    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+class FakeAnthropic(FakeOpenAI):
+    """FakeOpenAI's server (its requests, start and stop) answering Anthropic's Messages path instead."""
 
     @property
     def api_base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self) -> None:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self._messages)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
-
-    async def stop(self) -> None:
-        self._stopping.set()  # stalled answers end, so cleanup does not wait for them
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
