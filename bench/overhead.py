@@ -28,9 +28,13 @@ route through litellm). Prints markdown; asserts nothing.
     .venv/bin/python bench/overhead.py --db sqlite --runs 100 --duration 3 --clients 1,16
     .venv/bin/python bench/overhead.py --call-path 300      # the provider call path alone, in-process
 
-``--call-path`` also sends an ``anthropic/`` route through litellm to an
-Anthropic Messages stub (``--anthropic-stub PORT``, this script in a child
-process), the provider family litellm is mostly there for.
+``--call-path`` also sends an ``anthropic/`` route to an Anthropic Messages
+stub (``--anthropic-stub PORT``, this script in a child process), directly
+(app/llm/anthropic_messages.py, since branch ``anthropic``) and through
+litellm (``direct: false``). ``--idle-only`` measures the idle RSS alone,
+a server whose routing file has only anthropic/ routes among them.
+
+    .venv/bin/python bench/overhead.py --idle-only
 """
 
 from __future__ import annotations
@@ -397,12 +401,8 @@ async def call_path(stub_port: int, anthropic_port: int, scratch: Path, count: i
     from app.llm import LLM, ChatRequest
 
     path = scratch / "call-path.json"
-    anthropic = {
-        "model_name": "claude-bench",
-        "litellm_params": {"model": "anthropic/claude-bench", "api_base": f"http://127.0.0.1:{anthropic_port}",
-                           "api_key": "x", "max_retries": 0},
-    }  # fmt: skip
-    path.write_text(json.dumps({"model_list": [*routing(stub_port, ["direct", "litellm", "azure"]), anthropic]}))
+    anthropic = anthropic_routes(anthropic_port)
+    path.write_text(json.dumps({"model_list": [*routing(stub_port, ["direct", "litellm", "azure"]), *anthropic]}))
     llm = LLM.from_config(path)
     url = f"http://127.0.0.1:{stub_port}/v1/chat/completions"
     messages: list[dict[str, Any]] = [{"role": "user", "content": "hello"}]
@@ -427,7 +427,8 @@ async def call_path(stub_port: int, anthropic_port: int, scratch: Path, count: i
             ("direct", lambda: through(MODELS["direct"])),
             ("litellm", lambda: through(MODELS["litellm"])),
             ("azure/ route", lambda: through(MODELS["azure"])),
-            ("anthropic/ route (litellm) → Anthropic stub", lambda: through("claude-bench")),
+            ("anthropic/ route (direct) → Anthropic stub", lambda: through("claude-bench")),
+            ("anthropic/ route (litellm, direct: false) → Anthropic stub", lambda: through("claude-litellm")),
         ]:
             for _ in range(20):
                 await once()
@@ -439,6 +440,19 @@ async def call_path(stub_port: int, anthropic_port: int, scratch: Path, count: i
     return rows
 
 
+def anthropic_routes(port: int) -> list[dict[str, Any]]:
+    """claude-bench to an Anthropic Messages stub directly, claude-litellm to it through litellm."""
+    params = {"api_base": f"http://127.0.0.1:{port}", "api_key": "x"}
+    return [
+        {"model_name": "claude-bench", "litellm_params": {"model": "anthropic/claude-bench", **params}},
+        {
+            "model_name": "claude-litellm",
+            "litellm_params": {"model": "anthropic/claude-bench", **params},
+            "direct": False,
+        },
+    ]
+
+
 def idle_rss(scratch: Path, stub_port: int, extra_env: dict[str, str]) -> list[str]:
     """A fresh server per routing file, its RSS once ready (SQLite): what each path costs at rest."""
     rows: list[str] = []
@@ -447,6 +461,7 @@ def idle_rss(scratch: Path, stub_port: int, extra_env: dict[str, str]) -> list[s
         ("direct routes (+ offline)", routing(stub_port, ["direct", "offline"])),
         ("a route through litellm (+ direct, offline)", routing(stub_port, ["direct", "litellm", "offline"])),
         ("an azure/ route (+ offline)", routing(stub_port, ["azure", "offline"])),
+        ("anthropic/ routes only", anthropic_routes(stub_port)[:1]),
     ]:
         url = f"sqlite+aiosqlite:///{scratch / f'idle-{len(rows)}.db'}"
         with server(url, scratch, entries, extra_env) as (_port, pid):
@@ -466,7 +481,14 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
     parser.add_argument("--call-path", type=int, default=0, metavar="N", help="only: CPU of N completions in-process")
     parser.add_argument("--anthropic-stub", type=int, default=0, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--idle-only", action="store_true", help="only: idle RSS per routing file")
     args = parser.parse_args()
+    if args.idle_only:
+        with tempfile.TemporaryDirectory(prefix="bench-overhead-") as name:
+            rows = idle_rss(Path(name), base.free_port(), dict(item.split("=", 1) for item in args.env))
+        print(f"load average {os.getloadavg()[0]:.2f}\n\n| server started with | idle RSS MiB |\n|---|---:|")
+        print("\n".join(rows))
+        return
     if args.anthropic_stub:
         asyncio.run(anthropic_stub(args.anthropic_stub))
         return

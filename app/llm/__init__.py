@@ -6,6 +6,7 @@
 - provider.py: what the provider adapters share (chunk reading, error mapping);
 - direct.py: OpenAI-compatible routes over our own HTTP request (no litellm);
 - providers.py: which providers that is (openai/, hosted_vllm/, azure/, ...), their URLs and keys;
+- anthropic_request.py, anthropic_messages.py: anthropic/ routes over Anthropic's Messages API (no litellm);
 - litellm_adapter.py: any other provider through litellm, the only module importing it (lazily);
 - model_map.py: litellm's bundled model map read as data (context windows, OpenAI's o-series);
 - tokens.py: token estimates and cl100k_base decoding, without litellm;

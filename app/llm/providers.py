@@ -20,7 +20,8 @@ served directly sends what litellm would have sent:
   Entra ID sign-in and Cloudflare's gateway stay on litellm.
 
 Providers litellm does translate for stay on litellm; bench/README.md
-(branch ``routes``) lists them and why.
+(branch ``routes``) lists them and why. ``anthropic/`` is the exception:
+anthropic_request.py judges its routes and builds what litellm sends.
 """
 
 from __future__ import annotations

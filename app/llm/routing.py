@@ -7,7 +7,8 @@ wildcard filled in, and how it is served:
 - ``offline`` or ``offline/...``: the built-in offline model (offline.py);
 - direct: a provider whose API is OpenAI's chat completions as litellm sends
   it (``openai/`` or ``hosted_vllm/`` with an ``api_base``, ``azure/``
-  deployments, and the OpenAI-compatible providers providers.py lists) and no
+  deployments, the OpenAI-compatible providers providers.py lists, and
+  ``anthropic/`` over Anthropic's Messages API: anthropic_messages.py) and no
   litellm_params beyond those the direct adapter understands: one HTTP request
   of our own (direct.py), no litellm; a name a direct wildcard fills in that
   litellm translates for (``openai/*`` asked for ``o3-mini``) goes through
