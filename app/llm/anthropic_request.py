@@ -358,7 +358,8 @@ def _tool(tool: dict[str, Any]) -> dict[str, Any]:
 
 def _tool_choice(choice: str | dict[str, Any] | None, parallel: bool) -> dict[str, Any]:
     """OpenAI's tool_choice as litellm maps it: parallel_tool_calls, always
-    given with tools, becomes ``disable_parallel_tool_use`` except with "none"."""
+    given with tools, becomes ``disable_parallel_tool_use`` except with "none"
+    (a string or an object)."""
     kind: str | None = None
     mapped: dict[str, Any]
     if isinstance(choice, dict) and "type" in choice and "function" not in choice:
@@ -369,8 +370,8 @@ def _tool_choice(choice: str | dict[str, Any] | None, parallel: bool) -> dict[st
             return {"type": "tool", "name": name, "disable_parallel_tool_use": not parallel}
     elif choice is not None:
         kind = {"auto": "auto", "required": "any", "none": "none"}.get(choice)
-    if choice == "none":
-        return {"type": "none"}
+    if kind == "none":
+        return {"type": "none"}  # without disable_parallel_tool_use, as litellm sends it
     mapped = {"type": kind or "auto"}
     mapped["disable_parallel_tool_use"] = not parallel
     return mapped

@@ -117,6 +117,48 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
             ]
         },
     ),
+    "assistant parts, names, repeated ids": (
+        "claude-text",
+        {
+            "messages": [
+                {"role": "user", "content": "héllo ✓", "name": "ann"},
+                {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": " "}]},
+                {"role": "assistant", "content": None, "tool_calls": CALLS[:1]},
+                {"role": "assistant", "content": "again", "tool_calls": CALLS[:1]},
+                {"role": "tool", "tool_call_id": "toolu_01", "content": ""},
+                {"role": "assistant", "content": [{"type": "text", "text": "last  "}]},
+            ],
+            "tools": [WEATHER],
+        },
+    ),
+    "odd tool schemas and choices": (
+        "claude-tool",
+        {
+            "messages": [user("w")],
+            "tools": [
+                {"type": "function", "function": {"name": "a", "parameters": None}},
+                {"type": "function", "function": {"name": "b", "parameters": {"type": "string", "$defs": {"x": {}}}}},
+                {"type": "function", "function": {"name": "c", "parameters": {}, "strict": True}},
+            ],
+            "tool_choice": {"type": "required"},
+        },
+    ),
+    "tool_choice none as an object, no parallel calls": (
+        "claude-text",
+        {"messages": [user("w")], "tools": [WEATHER], "tool_choice": {"type": "none"}, "parallel_tool_calls": False},
+    ),
+    "tool_choice none, no parallel calls": (
+        "claude-text",
+        {"messages": [user("w")], "tools": [WEATHER], "tool_choice": "none", "parallel_tool_calls": False},
+    ),
+    "an image with its format": (
+        "claude-text",
+        {"messages": [user([{"type": "image_url", "image_url": {"url": PNG, "format": "image/webp"}}])]},
+    ),
+    "no sampling, temperature 1 and top_p": (
+        "claude-opus-4-7",
+        {"messages": [user("hi")], "temperature": 1.0, "top_p": 0.5, "max_tokens": 10},
+    ),
     "cache usage": ("claude-cache", {"messages": [user("again")]}),
     "a model the map knows": ("claude-3-5-sonnet-20240620", {"messages": [user("hi")]}),
     "a model without sampling": ("claude-opus-4-7", {"messages": [user("hi")], "temperature": 0.3}),
@@ -202,6 +244,9 @@ async def test_the_same_errors_as_litellm(
         {"temperature": 0.3, "max_tokens": 50, "stop": "STOP", "extra_headers": {"X-Tenant": "t1"}},
         {"api_base": "os.environ/TEST_ANTHROPIC_BASE", "api_key": "os.environ/TEST_ANTHROPIC_KEY"},
         {"api_key": "sk-ant-oat01-subscription"},
+        {"stop": ["A", "B"], "max_tokens": 7, "top_p": 0.5},
+        {"api_base": "os.environ/TEST_ANTHROPIC_MESSAGES_URL"},
+        {"api_key": None},
     ],
 )
 async def test_route_parameters_as_litellm_sends_them(
@@ -213,7 +258,10 @@ async def test_route_parameters_as_litellm_sends_them(
 ) -> None:
     monkeypatch.setenv("TEST_ANTHROPIC_BASE", fake_anthropic.api_base + "/")
     monkeypatch.setenv("TEST_ANTHROPIC_KEY", "sk-ant-from-env")
-    request = ChatRequest("claude-text", [user("hi")], tools=[WEATHER])
+    monkeypatch.setenv("TEST_ANTHROPIC_MESSAGES_URL", fake_anthropic.api_base + "/v1/messages")
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.setenv("ANTHROPIC_AUTH_TOKEN", "token-from-env")  # used only without a key
+    request = ChatRequest("claude-text", [user("hi")], tools=[WEATHER], max_tokens=20, extra={"stop": "C"})
     expected, got, sent_by_litellm, sent_directly = await both(tmp_path, fake_anthropic, llms, request, **params)
     assert [sent["body"] for sent in sent_directly] == [sent["body"] for sent in sent_by_litellm]
     assert [sent["headers"] for sent in sent_directly] == [sent["headers"] for sent in sent_by_litellm]
