@@ -8,7 +8,7 @@ each through both and requires the same body and headers. What it does not
 translate stays on litellm: a route whose litellm_params it does not know
 (``route_refusal``, decided at start-up), or one request whose shape it does
 not (``request_refusal``: images by http:// URL, which litellm downloads,
-response_format, reasoning_effort, cache_control, thinking blocks, documents,
+a response_format with a schema, reasoning_effort, cache_control, thinking blocks, documents,
 tools other than functions or with names litellm rewrites, ...).
 
 litellm's quirks kept because they are what it sends: an empty or blank user
@@ -45,6 +45,7 @@ _FALLBACK_MAX_TOKENS = 4096
 _FALLBACK_MAX_TOKENS_VARIABLE = "DEFAULT_ANTHROPIC_CHAT_MAX_TOKENS"
 # The placeholder litellm puts in place of an empty user or assistant text (Anthropic refuses empty text).
 EMPTY_TEXT = "[System: Empty message content sanitised to satisfy protocol]"
+_JSON_TOOL = "json_tool_call"  # the tool litellm's JSON mode turns into text
 _DUMMY_TOOL = {
     "name": "dummy_tool",
     "input_schema": {"type": "object", "properties": {}},
@@ -107,8 +108,8 @@ def _litellm_sets(name: str) -> bool:
 
 def request_refusal(request: ChatRequest) -> str | None:
     """Why this request goes through litellm although its route is direct; None if it need not."""
-    if request.response_format is not None:
-        return "response_format"  # litellm answers it through a tool, or native output_format per model
+    if request.response_format is not None and not _schemaless(request.response_format, request.tools):
+        return "response_format"  # a schema: litellm asks for it by a tool, or by output_format per model
     if request.reasoning_effort is not None:
         return "reasoning_effort"
     if "user" in request.extra:
@@ -131,6 +132,16 @@ def request_refusal(request: ChatRequest) -> str | None:
         if why:
             return why
     return None
+
+
+def _schemaless(response_format: dict[str, Any], tools: list[dict[str, Any]]) -> bool:
+    """A response_format litellm sends no translation for (text, json_object:
+    no schema), only the parameter itself, the user having set it. Its JSON
+    mode then reads a tool named json_tool_call as the answer: such a request
+    stays litellm's."""
+    if set(response_format) != {"type"} or response_format["type"] not in ("text", "json_object"):
+        return False
+    return not any((tool.get("function") or {}).get("name") == _JSON_TOOL for tool in tools)
 
 
 def _stop_values(stop: Any) -> bool:
@@ -301,7 +312,11 @@ def _body(model: str, params: Mapping[str, Any], request: ChatRequest) -> dict[s
             body[name] = given[name]
     # Parameters the user set that litellm forwards under their own names when
     # the translation did not produce that name (its allowed_openai_params).
-    forwarded = {**given, "parallel_tool_calls": request.parallel_tool_calls}
+    forwarded = {
+        **given,
+        "parallel_tool_calls": request.parallel_tool_calls,
+        "response_format": request.response_format,
+    }
     for name in explicit_params(request):
         if name not in body and name in forwarded:
             body[name] = forwarded[name]

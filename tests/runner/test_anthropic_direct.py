@@ -159,6 +159,18 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
         "claude-opus-4-7",
         {"messages": [user("hi")], "temperature": 1.0, "top_p": 0.5, "max_tokens": 10},
     ),
+    "response_format text": (
+        "claude-tool",
+        {"messages": [user("w")], "tools": [WEATHER], "response_format": {"type": "text"}},
+    ),
+    "response_format json_object": (
+        "claude-tool",
+        {"messages": [user("w")], "tools": [WEATHER], "response_format": {"type": "json_object"}},
+    ),
+    "response_format json_object, native structured output": (
+        "claude-sonnet-4-5",
+        {"messages": [user("w")], "response_format": {"type": "json_object"}},
+    ),
     "cache usage": ("claude-cache", {"messages": [user("again")]}),
     "a model the map knows": ("claude-3-5-sonnet-20240620", {"messages": [user("hi")]}),
     "a model without sampling": ("claude-opus-4-7", {"messages": [user("hi")], "temperature": 0.3}),
@@ -296,7 +308,14 @@ async def test_a_stalled_stream_times_out_as_through_litellm(
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}}, "response_format"),
+        (
+            {
+                "response_format": {"type": "json_object"},
+                "tools": [{"type": "function", "function": {"name": "json_tool_call"}}],
+            },
+            "response_format",
+        ),
         ({"reasoning_effort": "low"}, "reasoning_effort"),
         ({"messages": [user([{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}])]}, "http://"),
         ({"messages": [{"role": "user", "content": "x", "cache_control": {"type": "ephemeral"}}]}, "keys"),
