@@ -33,8 +33,10 @@ stub (``--anthropic-stub PORT``, this script in a child process), directly
 (app/llm/anthropic_messages.py, since branch ``anthropic``) and through
 litellm (``direct: false``). ``--idle-only`` measures the idle RSS alone,
 a server whose routing file has only anthropic/ routes among them.
+``--paths ...,anthropic`` adds runs on an anthropic/ route to that stub.
 
     .venv/bin/python bench/overhead.py --idle-only
+    .venv/bin/python bench/overhead.py --db sqlite --paths direct,anthropic
 """
 
 from __future__ import annotations
@@ -283,11 +285,18 @@ async def anthropic_stub(port: int) -> None:
         await server.serve_forever()
 
 
-MODELS = {"direct": "gpt-4o", "litellm": "litellm-bench", "azure": "azure-bench", "offline": "offline-bench"}
+MODELS = {
+    "direct": "gpt-4o",
+    "litellm": "litellm-bench",
+    "azure": "azure-bench",
+    "offline": "offline-bench",
+    "anthropic": "claude-bench",
+}
 
 
-def routing(stub_port: int, paths: list[str]) -> list[dict[str, Any]]:
-    """Routing entries for the paths: the stub directly, through litellm, as an Azure deployment, the offline model."""
+def routing(stub_port: int, paths: list[str], anthropic_port: int = 0) -> list[dict[str, Any]]:
+    """Routing entries for the paths: the stub directly, through litellm, as an Azure deployment, the offline
+    model; ``anthropic``: an anthropic/ route to the Anthropic stub on ``anthropic_port``."""
     stub = {"api_base": f"http://127.0.0.1:{stub_port}/v1", "api_key": "x", "max_retries": 0}
     azure = {**stub, "api_base": f"http://127.0.0.1:{stub_port}", "api_version": "2024-10-21"}
     entries: dict[str, dict[str, Any]] = {
@@ -300,7 +309,8 @@ def routing(stub_port: int, paths: list[str]) -> list[dict[str, Any]]:
         "azure": {"model_name": "azure-bench", "litellm_params": {"model": "azure/azure-bench", **azure}},
         "direct": {"model_name": "*", "litellm_params": {"model": "openai/*", **stub}},
     }
-    return [entries[path] for path in ("offline", "litellm", "azure", "direct") if path in paths]
+    chosen = [entries[path] for path in ("offline", "litellm", "azure", "direct") if path in paths]
+    return chosen + anthropic_routes(anthropic_port)[:1] if "anthropic" in paths else chosen
 
 
 @contextmanager
@@ -342,6 +352,7 @@ LABELS = {
     "litellm": "litellm → stub",
     "azure": "azure/ route → stub",
     "offline": "offline model",
+    "anthropic": "anthropic/ route → Anthropic stub",
 }
 
 
@@ -510,8 +521,13 @@ def main() -> None:
     latency, loads, notes = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as name:
         scratch = Path(name)
-        with stub(scratch) as stub_port:
-            entries = routing(stub_port, args.paths)
+        anthropic_port = base.free_port() if "anthropic" in args.paths else 0
+        anthropic = [sys.executable, __file__, "--anthropic-stub", str(anthropic_port)]
+        with (
+            stub(scratch) as stub_port,
+            _child(anthropic, anthropic_port) if anthropic_port else contextlib.nullcontext(),
+        ):
+            entries = routing(stub_port, args.paths, anthropic_port)
             for db in databases:
                 with (
                     _database(db, scratch) as (url, database_pid),
