@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app import cassettes
-from app.llm import litellm_adapter, offline, tokens
+from app.llm import anthropic_request, litellm_adapter, offline, tokens
 from app.llm.interface import (
     CallObserver,
     ChatRequest,
@@ -191,7 +191,7 @@ class LLM:
                 raise
 
     def _provider_stream(self, route: Route, request: ChatRequest) -> AsyncGenerator[Event, None]:
-        if route.direct and route.target.startswith("anthropic/"):
+        if route.direct and route.target.startswith(anthropic_request.PREFIX):
             from app.llm import anthropic_messages
 
             return anthropic_messages.stream(route, request, self, self._direct_client())
