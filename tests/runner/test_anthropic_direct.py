@@ -251,18 +251,20 @@ async def test_the_same_errors_as_litellm(
 
 
 @pytest.mark.parametrize(
-    "params",
+    ("params", "extra"),
     [
-        {"temperature": 0.3, "max_tokens": 50, "stop": "STOP", "extra_headers": {"X-Tenant": "t1"}},
-        {"api_base": "os.environ/TEST_ANTHROPIC_BASE", "api_key": "os.environ/TEST_ANTHROPIC_KEY"},
-        {"api_key": "sk-ant-oat01-subscription"},
-        {"stop": ["A", "B"], "max_tokens": 7, "top_p": 0.5},
-        {"api_base": "os.environ/TEST_ANTHROPIC_MESSAGES_URL"},
-        {"api_key": None},
+        ({"temperature": 0.3, "max_tokens": 50, "stop": "STOP", "extra_headers": {"X-Tenant": "t1"}}, {"stop": "C"}),
+        ({"api_base": "os.environ/TEST_ANTHROPIC_BASE", "api_key": "os.environ/TEST_ANTHROPIC_KEY"}, {}),
+        ({"api_key": "sk-ant-oat01-subscription"}, {}),
+        ({"stop": ["A", "B"], "max_tokens": 7, "top_p": 0.5}, {"stop": "C"}),
+        ({"stop": ["X", " "], "temperature": 0.7}, {}),  # the route's stop alone: stop_sequences only
+        ({"api_base": "os.environ/TEST_ANTHROPIC_MESSAGES_URL"}, {}),
+        ({"api_key": None}, {}),
     ],
 )
 async def test_route_parameters_as_litellm_sends_them(
     params: dict[str, Any],
+    extra: dict[str, Any],
     fake_anthropic: FakeAnthropic,
     tmp_path: Path,
     llms: list[LLM],
@@ -273,7 +275,7 @@ async def test_route_parameters_as_litellm_sends_them(
     monkeypatch.setenv("TEST_ANTHROPIC_MESSAGES_URL", fake_anthropic.api_base + "/v1/messages")
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     monkeypatch.setenv("ANTHROPIC_AUTH_TOKEN", "token-from-env")  # used only without a key
-    request = ChatRequest("claude-text", [user("hi")], tools=[WEATHER], max_tokens=20, extra={"stop": "C"})
+    request = ChatRequest("claude-text", [user("hi")], tools=[WEATHER], max_tokens=20, extra=extra)
     expected, got, sent_by_litellm, sent_directly = await both(tmp_path, fake_anthropic, llms, request, **params)
     assert [sent["body"] for sent in sent_directly] == [sent["body"] for sent in sent_by_litellm]
     assert [sent["headers"] for sent in sent_directly] == [sent["headers"] for sent in sent_by_litellm]
