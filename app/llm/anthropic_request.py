@@ -58,8 +58,8 @@ _TOOL_ID_INVALID = re.compile(r"[^a-zA-Z0-9_-]")
 # The input_schema keys litellm keeps (its AnthropicInputSchema); the rest it drops.
 _SCHEMA_KEYS = ("type", "properties", "additionalProperties", "required", "$defs", "strict")
 # Model names without sampling parameters, when the model map has no flag (litellm's list).
-_NO_SAMPLING_MARKERS = ("fable", "opus-4-7", "opus_4_7", "opus-4.7", "opus_4.7", "opus-4-8", "opus_4_8")
-_NO_SAMPLING_MARKERS_DOTTED = ("opus-4.8", "opus_4.8")
+_NO_SAMPLING_MARKERS: tuple[str, ...] = ("fable", "opus-4-7", "opus_4_7", "opus-4.7", "opus_4.7")
+_NO_SAMPLING_MARKERS += ("opus-4-8", "opus_4_8", "opus-4.8", "opus_4.8")
 
 # Route parameters understood here; the router's own keys come from the caller.
 CONNECTION_KEYS = frozenset({"model", "api_base", "api_key", "timeout", "max_retries", "extra_headers", "drop_params"})
@@ -339,7 +339,7 @@ def _samples(model: str) -> bool:
     if isinstance(flag, bool):
         return flag
     lowered = model.lower()
-    return not any(marker in lowered for marker in (*_NO_SAMPLING_MARKERS, *_NO_SAMPLING_MARKERS_DOTTED))
+    return not any(marker in lowered for marker in _NO_SAMPLING_MARKERS)
 
 
 def _default_max_tokens(model: str) -> int:
