@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.pool import NullPool
 from sqlalchemy.util import await_only as await_
 
-from app import sqlite_driver
+from app import held_back, sqlite_driver
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -50,6 +50,10 @@ EXPECT_ROWCOUNT = sqlite_driver.EXPECT_ROWCOUNT
 # With EXPECT_ROWCOUNT: the sqlite_driver.HeldBackWriteMismatch subclass its
 # transaction fails with then, naming the write.
 ROWCOUNT_MISMATCH = sqlite_driver.ROWCOUNT_MISMATCH
+# ``hold_back(session, statement, params, options)``: such a write added to
+# the SQLite transaction's held-back writes without SQLAlchemy's execution
+# (app/held_back.py); False where ``session.execute`` must send it.
+hold_back = held_back.hold_back
 
 # How long a SQLite transaction waits for another writer's lock before
 # failing with "database is locked".

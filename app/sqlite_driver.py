@@ -47,7 +47,7 @@ from sqlalchemy.util import await_only as await_
 _Outcome = tuple[Any, int, int | None, list[Any]]
 
 
-class _Statement(NamedTuple):
+class Statement(NamedTuple):
     """A statement for the sqlite3 thread; a held-back one (WRITE_BEHIND)
     may say where its returned rows go and how many rows it must change."""
 
@@ -66,7 +66,7 @@ class HeldBackWriteMismatch(sqlite3.IntegrityError):
     says which write it was."""
 
 
-def _execute(cursor: sqlite3.Cursor, statement: _Statement) -> None:
+def _execute(cursor: sqlite3.Cursor, statement: Statement) -> None:
     operation, parameters, many, rows_to, rowcount, mismatch = statement
     if many:
         cursor.executemany(operation, parameters)
@@ -82,9 +82,7 @@ def _execute(cursor: sqlite3.Cursor, statement: _Statement) -> None:
         )
 
 
-def _run(
-    connection: sqlite3.Connection, begin: str | None, earlier: list[_Statement], statement: _Statement
-) -> _Outcome:
+def _run(connection: sqlite3.Connection, begin: str | None, earlier: list[Statement], statement: Statement) -> _Outcome:
     """On aiosqlite's thread: the transaction's deferred BEGIN if any, the
     writes held back for this hop (WRITE_BEHIND), then the whole statement,
     its rows read and its cursor closed."""
@@ -102,7 +100,7 @@ def _run(
         cursor.close()
 
 
-def _run_waiting(connection: sqlite3.Connection, statement: _Statement, wait_ms: int) -> _Outcome:
+def _run_waiting(connection: sqlite3.Connection, statement: Statement, wait_ms: int) -> _Outcome:
     """On aiosqlite's thread: an inline connection's statement that SQLite
     found busy, run again with a busy timeout, which is then set back to 0."""
     connection.execute(f"PRAGMA busy_timeout={int(wait_ms)}")
@@ -119,7 +117,7 @@ def _is_busy(error: sqlite3.OperationalError) -> bool:
     return (getattr(error, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
 
 
-def _commit(connection: sqlite3.Connection, begin: str | None, earlier: list[_Statement]) -> None:
+def _commit(connection: sqlite3.Connection, begin: str | None, earlier: list[Statement]) -> None:
     """On aiosqlite's thread: what the transaction still holds back, then
     COMMIT; on failure rolled back here, so that SQLite's lock is gone by the
     time the next transaction of this process is let in."""
@@ -244,7 +242,7 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
             adapted.transaction_open = True
             self._set_outcome(None, -1, None, [])
             return
-        statement = _Statement(operation, parameters, many)
+        statement = Statement(operation, parameters, many)
         if self.write_behind:
             self.write_behind = False
             statement = statement._replace(rows_to=self.rows_to, rowcount=self.expect_rowcount, mismatch=self.mismatch)
@@ -282,7 +280,7 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
         self._set_outcome(*outcome)
 
     async def _run_inline(
-        self, adapted: OneHopConnection, connection: aiosqlite.Connection, statement: _Statement
+        self, adapted: OneHopConnection, connection: aiosqlite.Connection, statement: Statement
     ) -> _Outcome:
         """The statement on this thread (an inline connection: no hop); if
         SQLite is busy, again on the connection's thread with a timeout."""
@@ -307,7 +305,7 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
         self._rows = collections.deque(rows)
 
 
-def _begin(connection: sqlite3.Connection, begin: str | None, earlier: list[_Statement]) -> None:
+def _begin(connection: sqlite3.Connection, begin: str | None, earlier: list[Statement]) -> None:
     cursor = connection.cursor()
     try:
         if begin is not None:
@@ -350,7 +348,7 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         self.transaction_open = False
         # Writes of this transaction not sent yet (WRITE_BEHIND): they go,
         # in order, with the next statement or the COMMIT.
-        self.held_back: list[_Statement] = []
+        self.held_back: list[Statement] = []
         # Called once the transaction's COMMIT or ROLLBACK has run on the
         # sqlite3 thread (or failed): app/db.py's SQLiteWriters hands the
         # write lock on only then. SQLAlchemy's commit and rollback events

@@ -13,6 +13,8 @@ the whole process (aiosqlite's thread included), wall time. Asserts nothing.
   cache, execution context, result).
 - ``session``: ``sessionmaker()`` and ``session.begin()`` around the same
   execute (what services get).
+- ``straight``, ``straight2``: ``session`` and ``session2`` with the INSERTs
+  handed to the driver (``db.hold_back``, app/held_back.py) instead.
 - ``runtime``: ``Runtime.transaction()`` (the session plus the run log's
   committed()/rolled_back()).
 
@@ -86,6 +88,15 @@ async def _layers(runtime: Runtime, raw: object) -> dict[str, Transaction]:
             await session.execute(_INSERT, _params())
             await session.execute(_INSERT, _params())
 
+    async def session_straight_tx() -> None:  # the INSERT handed to the driver (app/held_back.py)
+        async with sessionmaker() as session, session.begin():
+            assert await db.hold_back(session, _INSERT, _params(), db.WRITE_BEHIND)
+
+    async def session_two_straight_tx() -> None:
+        async with sessionmaker() as session, session.begin():
+            assert await db.hold_back(session, _INSERT, _params(), db.WRITE_BEHIND)
+            assert await db.hold_back(session, _INSERT, _params(), db.WRITE_BEHIND)
+
     async def raw_two_tx() -> None:
         first, second = _params(), _params()
 
@@ -142,6 +153,8 @@ async def _layers(runtime: Runtime, raw: object) -> dict[str, Transaction]:
         "session": session_tx,
         "sessclose": session_plain_close_tx,
         "session2": session_two_tx,
+        "straight": session_straight_tx,
+        "straight2": session_two_straight_tx,
         "raw2": raw_two_tx,
         "runtime": runtime_tx,
     }

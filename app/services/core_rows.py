@@ -81,9 +81,12 @@ def insert_statement(row: Base) -> Insert:
 
 async def insert_row(session: AsyncSession, row: Base, *, write_behind: bool = False) -> None:
     statement, _columns = _layout(type(row))
+    row_values = values(row)
     if write_behind:
+        if await db.hold_back(session, statement, row_values, db.WRITE_BEHIND):
+            return
         statement = statement.execution_options(**db.WRITE_BEHIND)
-    await session.execute(statement, values(row))
+    await session.execute(statement, row_values)
 
 
 def update_statement(row: Base, keys: tuple[str, ...]) -> Update:
@@ -99,10 +102,20 @@ async def update_row(session: AsyncSession, row: Base, keys: tuple[str, ...], *,
     """Write the attributes ``keys`` of a row inserted by insert_row() (by
     its primary key ``id``); the other columns are left as the database has
     them (another writer may have changed them meanwhile: message metadata)."""
+    if write_behind:
+        # Held back as the statement built once per shape (update_write's),
+        # not one built per call with its values bound in.
+        write = update_write(row, keys, _HELD_BACK_PREFIX)
+        if await db.hold_back(session, write.statement, write.params, db.WRITE_BEHIND):
+            return
     statement = update_statement(row, keys)
     if write_behind:
         statement = statement.execution_options(**db.WRITE_BEHIND)
     await session.execute(statement)
+
+
+# The parameters' prefix of update_row's held-back UPDATE.
+_HELD_BACK_PREFIX = "behind_"
 
 
 @dataclass(frozen=True)

@@ -377,7 +377,9 @@ async def insert_behind(session: AsyncSession, run_id: str, events: list[Event],
     for the caller to check its expectation against."""
     rows, params = _sqlite_params({run_id: events})
     options = {**db.WRITE_BEHIND, db.RETURNED_ROWS_TO: returned}
-    await session.execute(_insert_sqlite_statement(rows), params, execution_options=options)
+    statement = _insert_sqlite_statement(rows)
+    if not await db.hold_back(session, statement, params, options):
+        await session.execute(statement, params, execution_options=options)
 
 
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode

@@ -1,0 +1,161 @@
+"""Held-back SQLite writes handed straight to the driver (issue 17).
+
+A write executed with ``db.WRITE_BEHIND`` inside a SQLite transaction only
+joins the driver's list of writes sent with the transaction's next
+statement or its COMMIT (app/sqlite_driver.py). Through ``session.execute``
+it still paid for SQLAlchemy's whole execution (the greenlet, the cache
+key, an execution context, a cursor, the events, a result): about 50 µs of
+CPU for a list append. hold_back() does the append from here: the
+statement compiled once per shape (the dialect's own compiler, qmark
+style), its parameters made as SQLAlchemy makes them (the compiled
+statement's ``construct_params``, scalar column defaults, each bind's
+type processor: JSON serialized by the dialect's serializer, booleans as
+integers), so the row stored is the same, byte for byte. The driver then
+runs it exactly as before: EXPECT_ROWCOUNT, RETURNED_ROWS_TO and
+ROWCOUNT_MISMATCH keep their meaning, and a failure still fails the
+statement or COMMIT that carried it.
+
+Whatever does not fit (PostgreSQL, a connection that is not the one-hop
+driver's, an inline poll connection, a statement with expanding or literal-execute parameters or a
+default that must be computed) is left to ``session.execute`` by a False
+answer. Listeners of ``before_cursor_execute`` (tests and benches that
+count statements) still see each held-back statement, with its SQL and
+parameters as sent and no cursor nor execution context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, cast
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql import ClauseElement, TextClause
+from sqlalchemy.sql.compiler import SQLCompiler
+
+from app import sqlite_driver
+
+
+class _Shape(NamedTuple):
+    """A statement compiled for SQLite, for one set of parameter names."""
+
+    compiled: SQLCompiler
+    sql: str
+    positions: tuple[str, ...]  # each ``?``'s parameter
+    processors: Mapping[str, Callable[[Any], Any]]  # bind processors by parameter
+    defaults: tuple[tuple[str, Any], ...]  # scalar column defaults (INSERT) or onupdates (UPDATE)
+
+
+# Shapes by (statement, parameter names); a text() statement by its text
+# (those are often built per call). None: the statement is not for this path.
+_SHAPES: dict[tuple[object, tuple[str, ...]], _Shape | None] = {}
+# Enough for every shape the server sends; beyond (a statement built per
+# call, by mistake), the cache starts again rather than grow.
+_MOST_SHAPES = 1024
+
+
+def _compile(dialect: Dialect, statement: ClauseElement, names: tuple[str, ...]) -> _Shape | None:
+    # As Connection.execute compiles it: the given parameters' names as the
+    # column keys (an INSERT without VALUES sets those columns), one row.
+    compiled = statement.compile(dialect=dialect, column_keys=sorted(names))
+    assert isinstance(compiled, SQLCompiler)
+    if compiled.literal_execute_params or compiled.post_compile_params or not compiled.positional:
+        return None  # rendered per call (IN lists): SQLAlchemy's to do
+    defaults = []
+    prefetch = compiled.insert_prefetch or compiled.update_prefetch  # the columns given a value per execution
+    for column in prefetch:
+        default = column.default if compiled.insert_prefetch else column.onupdate
+        if default is None or not default.is_scalar:
+            return None  # a callable or SQL default needs an execution context
+        defaults.append((compiled._within_exec_param_key_getter(column), default.arg))  # type: ignore[attr-defined]
+    processors = compiled._bind_processors
+    if not all(callable(processor) for processor in processors.values()):
+        return None  # a tuple type's processors, one per element: flattened per call by SQLAlchemy
+    return _Shape(
+        compiled,
+        compiled.string,
+        tuple(compiled.positiontup or ()),
+        cast(Mapping[str, Callable[[Any], Any]], processors),
+        tuple(defaults),
+    )
+
+
+def _shape(dialect: Dialect, statement: ClauseElement, names: tuple[str, ...]) -> _Shape | None:
+    if isinstance(statement, TextClause):
+        # Keyed by its text: only when none of its parameters carries a value or a type of its own.
+        if any(not bind.type._isnull or bind.value is not None for bind in statement._bindparams.values()):
+            return None
+        key: tuple[object, tuple[str, ...]] = (statement.text, names)
+    else:
+        key = (statement, names)
+    try:
+        return _SHAPES[key]
+    except KeyError:
+        pass
+    if len(_SHAPES) >= _MOST_SHAPES:
+        _SHAPES.clear()
+    shape = _SHAPES[key] = _compile(dialect, statement, names)
+    return shape
+
+
+def _parameters(shape: _Shape, params: dict[str, Any]) -> tuple[Any, ...]:
+    """The values for the shape's ``?``s, as DefaultExecutionContext makes them."""
+    values = shape.compiled.construct_params(params, escape_names=False)
+    for key, value in shape.defaults:
+        values[key] = value
+    processors = shape.processors
+    return tuple(processors[key](values[key]) if key in processors else values[key] for key in shape.positions)
+
+
+def _connection_of(session: AsyncSession, bind: Engine) -> Connection | None:
+    """The session's connection to ``bind`` in its open transaction, if it
+    has connected yet (found without the greenlet: no I/O)."""
+    transaction = session.sync_session.get_transaction()
+    held = None if transaction is None else transaction._connections.get(bind)  # (connection, transaction, ...)
+    return None if held is None else held[0]
+
+
+async def hold_back(
+    session: AsyncSession, statement: ClauseElement, params: dict[str, Any], options: Mapping[str, Any]
+) -> bool:
+    """Add ``statement`` with ``params``, executed with ``options``
+    (db.WRITE_BEHIND and its companions), to the writes the session's
+    SQLite transaction sends with its next statement or COMMIT; False, and
+    nothing done, where ``session.execute`` must do it (see the module).
+    ``statement`` must be built once (cached), or a text() construct.
+    The transaction's first statement connects as session.execute would
+    (the pool's checkout, the write lock), its BEGIN still sent with it."""
+    bind = session.sync_session.bind
+    if not isinstance(bind, Engine) or bind.dialect.name != "sqlite":
+        return False
+    shape = _shape(bind.dialect, statement, tuple(params))
+    if shape is None:
+        return False
+    connection = _connection_of(session, bind)
+    if connection is None:
+        connection = (await session.connection()).sync_connection
+    if connection is None or connection.closed or connection.invalidated:
+        return False
+    driver: object = connection.connection.dbapi_connection
+    if not isinstance(driver, sqlite_driver.OneHopConnection) or not driver.transaction_open:
+        return False
+    if driver.inline_wait_ms is not None:
+        return False  # a poll's connection writes nothing
+    try:
+        parameters = _parameters(shape, params)
+    except Exception as error:  # as SQLAlchemy reports a parameter it cannot bind
+        raise sa_exc.StatementError(str(error), shape.sql, params, error) from error
+    for listener in connection.dispatch.before_cursor_execute:
+        listener(connection, None, shape.sql, parameters, None, False)
+    driver.held_back.append(
+        sqlite_driver.Statement(
+            shape.sql,
+            parameters,
+            False,
+            options.get(sqlite_driver.RETURNED_ROWS_TO),
+            options.get(sqlite_driver.EXPECT_ROWCOUNT),
+            options.get(sqlite_driver.ROWCOUNT_MISMATCH),
+        )
+    )
+    return True

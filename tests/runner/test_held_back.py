@@ -1,0 +1,182 @@
+"""app/held_back.py: a held-back SQLite write handed straight to the driver
+stores exactly what SQLAlchemy's execution of it stores, keeps its
+rowcount check and returned rows, is seen by statement listeners, and
+leaves to SQLAlchemy what it cannot do (PostgreSQL above all)."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import pytest
+from sqlalchemy import bindparam, event, select, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+
+from app import db, orm
+from app.runtime import Runtime
+from app.services import core_rows, run_events, run_state
+from app.wire.events import Event
+
+pytestmark = pytest.mark.timeout(30)
+
+_THREAD = {"id": "thread_behind", "project_id": orm.DEFAULT_PROJECT_ID, "seq": 1, "created_at": 1, "metadata_": {}}
+# Values of every kind a run stores: JSON objects, lists, a JSON string,
+# None in a JSON column (stored as JSON null) and in others (SQL NULL),
+# floats, non-ASCII text; parallel_tool_calls left to its column default.
+_RUN = {
+    "seq": 2,
+    "created_at": 1_700_000_000,
+    "thread_id": "thread_behind",
+    "assistant_id": "asst_behind",
+    "status": "completed",
+    "required_action": None,
+    "expires_at": None,
+    "model": "offline",
+    "instructions": "Réponds brièvement ✓",
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"a": [1, 2.5, None, True]}}}],
+    "metadata_": {"k": "v", "ü": "\u2028"},
+    "temperature": 0.7,
+    "top_p": 1.0,
+    "truncation_strategy": {"type": "auto", "last_messages": None},
+    "tool_choice": "auto",
+    "response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": False}},
+}
+
+
+def _stored(path: str, table: str, row_id: str) -> list[tuple[str, Any]]:
+    """The row as SQLite stores it: each value's storage class and value."""
+    with sqlite3.connect(path) as connection:
+        names = [row[1] for row in connection.execute(f"PRAGMA table_info({table})")]
+        found = connection.execute(
+            f"SELECT {', '.join(f'typeof({name}), {name}' for name in names)} FROM {table} WHERE id = ?",
+            (row_id,),
+        ).fetchone()
+    pairs = list(zip(found[::2], found[1::2], strict=True))
+    return [pair for name, pair in zip(names, pairs, strict=True) if name != "id"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_row_written_straight_to_the_driver_is_stored_as_sqlalchemy_stores_it(runtime: Runtime) -> None:
+    path = make_url(runtime.settings.resolved_database_url()).database
+    assert path is not None
+    through_sqlalchemy = core_rows.record(orm.Run, id="run_sqlalchemy", **_RUN)
+    straight = core_rows.record(orm.Run, id="run_straight", **_RUN)
+    async with runtime.transaction() as session:
+        thread = core_rows.record(orm.Thread, **_THREAD)
+        statement, _columns = core_rows._layout(orm.Thread)
+        # The transaction's first statement: it connects (and takes the write lock) first.
+        assert await db.hold_back(session, statement, core_rows.values(thread), db.WRITE_BEHIND)
+        await core_rows.insert_row(session, through_sqlalchemy)  # not held back: sent through SQLAlchemy
+        statement, _columns = core_rows._layout(orm.Run)
+        assert await db.hold_back(session, statement, core_rows.values(straight), db.WRITE_BEHIND)
+    assert _stored(path, "runs", "run_straight") == _stored(path, "runs", "run_sqlalchemy")
+    async with runtime.transaction() as session:
+        read = {run.id: run for run in (await session.execute(select(orm.Run))).scalars()}
+    for key in (*_RUN, "parallel_tool_calls"):
+        assert getattr(read["run_straight"], key) == getattr(read["run_sqlalchemy"], key), key
+    assert read["run_straight"].parallel_tool_calls is True  # the column's default
+
+    # An update of JSON, None and a float both ways (update_row: straight once a connection is open).
+    changes = {"usage": {"total_tokens": 3}, "required_action": None, "last_error": None, "temperature": 0.25}
+    for run in (through_sqlalchemy, straight):
+        run.__dict__.update(changes)
+    async with runtime.transaction() as session:
+        await session.execute(text("SELECT 1"))
+        await core_rows.update_row(session, straight, tuple(changes), write_behind=True)
+        await core_rows.update_row(session, through_sqlalchemy, tuple(changes))
+    assert _stored(path, "runs", "run_straight") == _stored(path, "runs", "run_sqlalchemy")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_write_straight_to_the_driver_keeps_its_checks_rows_and_listeners(runtime: Runtime) -> None:
+    """EXPECT_ROWCOUNT with ROWCOUNT_MISMATCH fails the COMMIT with that
+    error; RETURNED_ROWS_TO receives the rows; listeners see the statement."""
+    seen: list[tuple[str, Any]] = []
+
+    def before(_connection: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
+        seen.append((statement, parameters))
+
+    class Missed(db.sqlite_driver.HeldBackWriteMismatch):
+        pass
+
+    runs = orm.Run.__table__
+    cas = update(runs).where(runs.c.id == bindparam("run_id"), runs.c.status == "queued").values(status="failed")
+    cannot_miss = {**db.WRITE_BEHIND, db.EXPECT_ROWCOUNT: 1, db.ROWCOUNT_MISMATCH: Missed}
+    async with runtime.transaction() as session:
+        await core_rows.insert_row(session, core_rows.record(orm.Thread, **_THREAD))
+        await core_rows.insert_row(session, core_rows.record(orm.Run, id="run_cas", **{**_RUN, "status": "queued"}))
+    event.listen(runtime.engine.sync_engine, "before_cursor_execute", before)
+    try:
+        returned: list[Any] = []
+        async with runtime.transaction() as session:
+            await session.execute(text("SELECT 1"))
+            assert await db.hold_back(session, cas, {"run_id": "run_cas"}, cannot_miss)
+            await run_events.insert_behind(
+                session, "run_cas", [Event("thread.run.failed", {"id": "run_cas"})], returned
+            )
+            assert returned == []  # not sent yet
+        assert [tuple(row) for row in returned] == [("run_cas", 1)]
+        assert [statement.split()[0] for statement, _parameters in seen] == ["SELECT", "UPDATE", "WITH"]
+        assert seen[1][1] == ("failed", "run_cas", "queued")
+        with pytest.raises(IntegrityError) as raised:
+            async with runtime.transaction() as session:  # held back as its first statement
+                assert await db.hold_back(session, cas, {"run_id": "run_cas"}, cannot_miss)  # failed already: no row
+        assert isinstance(raised.value.orig, Missed)
+    finally:
+        event.remove(runtime.engine.sync_engine, "before_cursor_execute", before)
+    async with runtime.transaction() as session:
+        assert (await session.execute(select(orm.Run.status).where(orm.Run.id == "run_cas"))).scalar() == "failed"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_held_move_goes_straight_to_the_driver_and_is_still_checked(runtime: Runtime) -> None:
+    """run_state.write_held's compare-and-set, held back without SQLAlchemy:
+    with the lease it moves the run; without, the COMMIT fails, nothing written."""
+    async with runtime.transaction() as session:
+        await core_rows.insert_row(session, core_rows.record(orm.Thread, **_THREAD))
+        queued = {**_RUN, "status": "queued", "lease_owner": "me"}
+        await core_rows.insert_row(session, core_rows.record(orm.Run, id="run_move", **queued))
+    for owner, moved in (("another", False), ("me", True)):
+        run = core_rows.record(orm.Run, id="run_move", **queued)
+        seen: list[str] = []
+
+        def listener(*args: Any, seen: list[str] = seen) -> None:
+            seen.append(args[2])
+
+        event.listen(runtime.engine.sync_engine, "before_cursor_execute", listener)
+        try:
+            if moved:
+                async with runtime.transaction() as session:
+                    await session.execute(text("SELECT 1"))
+                    await run_state.write_held(session, run, run_state.hold(run, "in_progress")[1], lease_owner=owner)
+            else:
+                with pytest.raises(IntegrityError, match="changed 0 rows, not 1"):
+                    async with runtime.transaction() as session:
+                        await session.execute(text("SELECT 1"))
+                        held = run_state.hold(run, "in_progress")[1]
+                        await run_state.write_held(session, run, held, lease_owner=owner)
+        finally:
+            event.remove(runtime.engine.sync_engine, "before_cursor_execute", listener)
+        assert len(seen) == 2 and seen[1].startswith("UPDATE runs SET status=?")
+        async with runtime.transaction() as session:
+            status = (await session.execute(select(orm.Run.status).where(orm.Run.id == "run_move"))).scalar()
+        assert status == ("in_progress" if moved else "queued")
+
+
+async def test_postgres_and_statements_it_cannot_send_are_left_to_sqlalchemy(runtime: Runtime) -> None:
+    runs = orm.Run.__table__
+    expanding = update(runs).where(runs.c.id.in_(bindparam("ids", expanding=True))).values(status="failed")
+    async with runtime.transaction() as session:
+        await session.execute(text("SELECT 1"))
+        assert not await db.hold_back(session, expanding, {"ids": ["a", "b"]}, db.WRITE_BEHIND)
+        thread = core_rows.record(orm.Thread, **_THREAD)
+        statement, _columns = core_rows._layout(orm.Thread)
+        held = await db.hold_back(session, statement, core_rows.values(thread), db.WRITE_BEHIND)
+        assert held is (runtime.engine.dialect.name == "sqlite")
+        if not held:
+            await core_rows.insert_row(session, thread, write_behind=True)
+    async with runtime.transaction() as session:
+        assert (
+            await session.execute(select(orm.Thread.metadata_).where(orm.Thread.id == "thread_behind"))
+        ).scalar() == {}
