@@ -18,9 +18,12 @@ statement or COMMIT that carried it.
 Whatever does not fit (PostgreSQL, a connection that is not the one-hop
 driver's, an inline poll connection, a statement with expanding or literal-execute parameters or a
 default that must be computed) is left to ``session.execute`` by a False
-answer. Listeners of ``before_cursor_execute`` (tests and benches that
-count statements) still see each held-back statement, with its SQL and
-parameters as sent and no cursor nor execution context.
+answer, as is a session or connection whose transaction is no longer
+active (session.execute raises then). Listeners of ``before_cursor_execute``
+(tests and benches that count statements) still see each held-back
+statement, with its SQL and parameters as sent and no cursor nor execution
+context; what a listener registered with ``retval=True`` returns is not
+applied (the server registers none).
 """
 
 from __future__ import annotations
@@ -132,10 +135,15 @@ async def hold_back(
     shape = _shape(bind.dialect, statement, tuple(params))
     if shape is None:
         return False
+    if not session.sync_session.is_active:
+        return False  # rolled back in part (a failed flush): session.execute says so
     connection = _connection_of(session, bind)
     if connection is None:
         connection = (await session.connection()).sync_connection
     if connection is None or connection.closed or connection.invalidated:
+        return False
+    transaction = connection.get_transaction()
+    if transaction is None or not transaction.is_active:
         return False
     driver: object = connection.connection.dbapi_connection
     if not isinstance(driver, sqlite_driver.OneHopConnection) or not driver.transaction_open:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import bindparam, event, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InvalidRequestError
 
 from app import db, orm
 from app.runtime import Runtime
@@ -180,3 +180,22 @@ async def test_postgres_and_statements_it_cannot_send_are_left_to_sqlalchemy(run
         assert (
             await session.execute(select(orm.Thread.metadata_).where(orm.Thread.id == "thread_behind"))
         ).scalar() == {}
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_session_rolled_back_in_part_holds_nothing_back(runtime: Runtime) -> None:
+    """After a failed flush, session.execute refuses the write (the
+    transaction was rolled back); hold_back must not take it instead."""
+    async with runtime.transaction() as session:
+        await core_rows.insert_row(session, core_rows.record(orm.Thread, **_THREAD))
+    statement, _columns = core_rows._layout(orm.Thread)
+    other = core_rows.values(core_rows.record(orm.Thread, **{**_THREAD, "id": "thread_other"}))
+    async with runtime.transaction() as session:
+        session.add(orm.Thread(**_THREAD))  # its id is taken
+        with pytest.raises(IntegrityError):
+            await session.flush()
+        assert not await db.hold_back(session, statement, other, db.WRITE_BEHIND)
+        with pytest.raises(InvalidRequestError, match="rolled back"):
+            await session.execute(statement.execution_options(**db.WRITE_BEHIND), other)
+    async with runtime.transaction() as session:
+        assert (await session.execute(select(orm.Thread.id))).scalars().all() == ["thread_behind"]
