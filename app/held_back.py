@@ -50,9 +50,11 @@ class _Shape(NamedTuple):
     defaults: tuple[tuple[str, Any], ...]  # scalar column defaults (INSERT) or onupdates (UPDATE)
 
 
-# Shapes by (statement, parameter names); a text() statement by its text
-# (those are often built per call). None: the statement is not for this path.
-_SHAPES: dict[tuple[object, tuple[str, ...]], _Shape | None] = {}
+# Shapes by (dialect, statement, parameter names): an engine's dialect
+# carries its JSON serializer, which the bind processors close over. A
+# text() statement by its text (those are often built per call). None: the
+# statement is not for this path.
+_SHAPES: dict[tuple[Dialect, object, tuple[str, ...]], _Shape | None] = {}
 # Enough for every shape the server sends; beyond (a statement built per
 # call, by mistake), the cache starts again rather than grow.
 _MOST_SHAPES = 1024
@@ -89,9 +91,9 @@ def _shape(dialect: Dialect, statement: ClauseElement, names: tuple[str, ...]) -
         # Keyed by its text: only when none of its parameters carries a value or a type of its own.
         if any(not bind.type._isnull or bind.value is not None for bind in statement._bindparams.values()):
             return None
-        key: tuple[object, tuple[str, ...]] = (statement.text, names)
+        key: tuple[Dialect, object, tuple[str, ...]] = (dialect, statement.text, names)
     else:
-        key = (statement, names)
+        key = (dialect, statement, names)
     try:
         return _SHAPES[key]
     except KeyError:

@@ -5,6 +5,7 @@ leaves to SQLAlchemy what it cannot do (PostgreSQL above all)."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from typing import Any
 
@@ -12,8 +13,9 @@ import pytest
 from sqlalchemy import bindparam, event, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, InvalidRequestError
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from app import db, orm
+from app import db, orm, sqlite_driver
 from app.runtime import Runtime
 from app.services import core_rows, run_events, run_state
 from app.wire.events import Event
@@ -199,3 +201,29 @@ async def test_a_session_rolled_back_in_part_holds_nothing_back(runtime: Runtime
             await session.execute(statement.execution_options(**db.WRITE_BEHIND), other)
     async with runtime.transaction() as session:
         assert (await session.execute(select(orm.Thread.id))).scalars().all() == ["thread_behind"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_each_engine_binds_with_its_own_json_serializer(runtime: Runtime) -> None:
+    """A shape is compiled per dialect: an engine made with another JSON
+    serializer stores its rows with that one, not the first engine's."""
+    url = runtime.settings.resolved_database_url()
+    other = create_async_engine(
+        url, module=sqlite_driver.OneHopDBAPI(), json_serializer=lambda value: json.dumps(value, indent=1)
+    )
+    event.listen(other.sync_engine, "connect", db._sqlite_connect)
+    db.SQLiteWriters(timeout=5).listen(other)
+    statement, _columns = core_rows._layout(orm.Thread)
+    metadata = {"a": 1}
+    try:
+        for engine, thread_id in ((runtime.engine, "thread_default"), (other, "thread_indented")):
+            async with db.create_sessionmaker(engine)() as session, session.begin():
+                thread = core_rows.record(orm.Thread, **{**_THREAD, "id": thread_id, "metadata_": metadata})
+                assert await db.hold_back(session, statement, core_rows.values(thread), db.WRITE_BEHIND)
+    finally:
+        await other.dispose()
+    path = make_url(url).database
+    assert path is not None
+    with sqlite3.connect(path) as connection:
+        stored = dict(connection.execute("SELECT id, metadata FROM threads").fetchall())
+    assert stored == {"thread_default": json.dumps(metadata), "thread_indented": json.dumps(metadata, indent=1)}
