@@ -16,10 +16,10 @@ ROWCOUNT_MISMATCH keep their meaning, and a failure still fails the
 statement or COMMIT that carried it.
 
 Whatever does not fit (PostgreSQL, a connection that is not the one-hop
-driver's, an inline poll connection, a statement with expanding or literal-execute parameters or a
-default that must be computed) is left to ``session.execute`` by a False
-answer, as is a session or connection whose transaction is no longer
-active (session.execute raises then). Listeners of ``before_cursor_execute``
+driver's, an inline poll connection, a statement with expanding or
+literal-execute parameters or a default that must be computed) is left to
+``session.execute`` by a False answer, as is a session or connection whose
+transaction is no longer active (session.execute raises then). Listeners of ``before_cursor_execute``
 (tests and benches that count statements) still see each held-back
 statement, with its SQL and parameters as sent and no cursor nor execution
 context; what a listener registered with ``retval=True`` returns is not
