@@ -11,18 +11,23 @@ Prints one line per round; asserts nothing. ``--text`` is the user's message:
 ``"[[delay 1]] hello there"`` has the answer streamed as a provider's is (a
 millisecond between deltas), taking the provider path through the executor.
 ``--worker`` has a real Worker claim and execute them instead (its tasks,
-lease renewal, reaper and pruner included). Each line also gives the asyncio
-tasks created per run.
+lease renewal, reaper and pruner included). ``--direct`` sends the runs'
+model to bench/overhead.py's OpenAI-compatible stub (another process, its CPU
+not counted) by a direct route (app/llm/direct.py) instead of the offline
+model. Each line also gives the asyncio tasks created per run.
 
     .venv/bin/python bench/run_engine.py --db sqlite --runs 320 --clients 1,16
     .venv/bin/python bench/run_engine.py --db postgres
     .venv/bin/python bench/run_engine.py --worker --text "[[delay 1]] hello there"
+    .venv/bin/python bench/run_engine.py --direct --clients 1,16
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -36,6 +41,7 @@ import aiosqlite.core
 from sqlalchemy import event
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import overhead
 import runs as base
 
 from app import ids, orm
@@ -153,13 +159,14 @@ async def measure(
     postmaster: int | None = None,
     text: str = "hello there",
     worker_mode: bool = False,
+    llm_config: Path | None = None,
 ) -> None:
     def counting_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
         TASKS[0] += 1
         return asyncio.Task(coro, loop=loop, **kwargs)
 
     asyncio.get_running_loop().set_task_factory(counting_factory)  # type: ignore[arg-type]
-    runtime = await Runtime.start(Settings(data_dir=data_dir, database_url=url))
+    runtime = await Runtime.start(Settings(data_dir=data_dir, database_url=url, llm_config=llm_config))
     counts = {"transactions": 0, "statements": 0}
 
     def tally(name: str) -> Any:
@@ -232,15 +239,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--text", default="hello there", help="the user's message (offline model cues)")
     parser.add_argument("--worker", action="store_true", help="a real Worker claims and executes")
+    parser.add_argument("--direct", action="store_true", help="a direct route to a stub, not the offline model")
     args = parser.parse_args()
     count_hops()
-    with tempfile.TemporaryDirectory(prefix="bench-engine-") as name:
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as name, contextlib.ExitStack() as stack:
         scratch = Path(name)
         (scratch / "pg").mkdir()
+        llm_config = None
+        if args.direct:
+            llm_config = scratch / "routing.json"
+            entries = overhead.routing(stack.enter_context(overhead.stub(scratch)), ["direct"])
+            llm_config.write_text(json.dumps({"model_list": entries}))
         with database(args.db, scratch) as (url, postmaster):
             asyncio.run(
-                measure(url, scratch / "data", args.runs, args.clients, args.rounds, postmaster, args.text, args.worker)
-            )
+                measure(
+                    url, scratch / "data", args.runs, args.clients, args.rounds, postmaster, args.text,
+                    args.worker, llm_config,
+                )
+            )  # fmt: skip
 
 
 if __name__ == "__main__":

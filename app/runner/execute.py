@@ -936,25 +936,90 @@ async def _arrivals(
         raise item.error
 
 
+class _IdleWatch:
+    """The idle limit of _idle_limited: one timer for the whole stream,
+    moved on lazily, where ``asyncio.timeout`` per event made, ordered and
+    cancelled a timer for each (about 10 per streamed answer, issue 17).
+
+    ``waiting()`` notes when a wait for the next event starts and which task
+    waits; the timer, when it fires, either finds that wait older than
+    ``seconds`` and cancels the task (``expired``), or sets itself for the
+    moment the current wait would be. A wait that ends in time costs two
+    clock reads."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.loop = asyncio.get_running_loop()
+        self.task: asyncio.Task[Any] | None = None  # the task waiting, None between waits
+        self.since = 0.0
+        self.cancelling = 0  # the task's cancel requests before the wait (as asyncio.timeout counts them)
+        self.expired = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def waiting(self) -> None:
+        self.task = asyncio.current_task()
+        self.since = self.loop.time()
+        if self.task is not None:
+            self.cancelling = self.task.cancelling()
+        if self.timer is None:
+            self.timer = self.loop.call_at(self.since + self.seconds, self._check)
+
+    def _check(self) -> None:
+        self.timer = None
+        if self.task is None:
+            return  # not waiting: the next wait sets the timer again
+        due = self.since + self.seconds
+        if self.loop.time() >= due:
+            self.expired = True
+            self.task.cancel()
+        else:
+            self.timer = self.loop.call_at(due, self._check)
+
+    def arrived(self) -> None:
+        """The wait ended in time (a cancel of the limit's that the stream
+        swallowed is taken back)."""
+        task, self.task = self.task, None
+        if self.expired and task is not None:
+            self.expired = False
+            task.uncancel()
+
+    def timed_out(self) -> bool:
+        """On a CancelledError out of the wait: whether it is the limit's
+        own (then taken back from the task), not a cancel from outside."""
+        task, self.task = self.task, None
+        return self.expired and task is not None and task.uncancel() <= self.cancelling
+
+    def close(self) -> None:
+        self.task = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
 async def _idle_limited(stream: AsyncIterator[llm.Event], seconds: float) -> AsyncGenerator[llm.Event, None]:
     """``stream``, failing with a clear error once the model sends nothing
     for ``seconds`` (a stalled provider must not hold a run and its worker
     slot until the run expires). Closed, it closes ``stream`` at once (the
     provider's response, the call's metrics), not at garbage collection."""
     iterator = aiter(stream)
+    watch = _IdleWatch(seconds)
     try:
         while True:
+            watch.waiting()
             try:
-                async with asyncio.timeout(seconds):
-                    item = await anext(iterator)
+                item = await anext(iterator)
             except StopAsyncIteration:
                 return
-            except TimeoutError:
-                raise llm.LLMError(
-                    "server_error", f"The model sent nothing for {seconds:g} seconds; the run was stopped."
-                ) from None
+            except asyncio.CancelledError:
+                if watch.timed_out():
+                    raise llm.LLMError(
+                        "server_error", f"The model sent nothing for {seconds:g} seconds; the run was stopped."
+                    ) from None
+                raise
+            watch.arrived()  # between waits the time is the consumer's own, not the model's
             yield item
     finally:
+        watch.close()
         if isinstance(iterator, AsyncGenerator):
             await iterator.aclose()
 
