@@ -1,0 +1,100 @@
+"""plain_http reads the whole chunks a chunked body already has in its
+buffer at once (issue 17): the body, and a malformed body's error, are the
+same whether the chunks come together in one write or a byte at a time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from app.llm import plain_http
+from app.llm.plain_http import Pool, Timeouts
+
+pytestmark = pytest.mark.timeout(30)
+
+_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+async def _read(framed: bytes, *, bytewise: bool) -> tuple[bytes, str | None]:
+    """The body a server answering ``_HEAD + framed`` gives (in one write, or
+    a byte per write), and the error reading it raised, if any."""
+
+    answered = asyncio.Event()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            if bytewise:
+                writer.write(_HEAD)
+                for index in range(len(framed)):
+                    writer.write(framed[index : index + 1])
+                    await writer.drain()
+                    await asyncio.sleep(0)
+            else:
+                writer.write(_HEAD + framed)
+            await writer.drain()
+        except ConnectionError:
+            pass  # the client gave up at a malformed chunk
+        finally:
+            writer.close()
+            answered.set()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = Pool()
+    body, error = b"", None
+    try:
+        target = plain_http.plain_target(f"http://127.0.0.1:{port}/v1/chat/completions")
+        assert target is not None
+        response = await pool.request(target, {"Content-Type": "application/json"}, b"{}", Timeouts.uniform(5.0))
+        try:
+            body = b"".join([piece async for piece in _raw(response)])
+        except plain_http.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        await response.aclose()
+        await answered.wait()
+    finally:
+        pool.close()
+        server.close()
+        await server.wait_closed()
+    return body, error
+
+
+async def _raw(response: plain_http.Response) -> AsyncIterator[bytes]:
+    async for piece in response.aiter_raw():
+        yield piece
+
+
+@pytest.mark.parametrize(
+    "framed",
+    [
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        b"5;name=v\r\nhello\r\n6 \r\n world\r\n0\r\nTrailer: x\r\n\r\n",  # extensions, trailers
+        b"5\nhello\n6\n world\n0\n\n",  # bare line feeds
+        b"A\r\n0123456789\r\n" * 40 + b"0\r\n\r\n",
+    ],
+)
+async def test_chunks_read_together_or_apart_give_the_same_body(framed: bytes) -> None:
+    together = await _read(framed, bytewise=False)
+    apart = await _read(framed, bytewise=True)
+    assert together == apart
+    assert together[1] is None and together[0].startswith(b"hello" if framed[:1] == b"5" else b"0123")
+
+
+@pytest.mark.parametrize(
+    "framed",
+    [
+        b"5\r\nhello\r\n3\r\nworld\r\n0\r\n\r\n",  # a chunk longer than its size line
+        b"5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n",  # not a size
+        b"5\r\nhello\r\n" + b"f" * 17 + b"\r\n",  # more than 64 bits
+        b"5\r\nhello\r\n6\r\n wor",  # the server closed mid-chunk
+    ],
+)
+async def test_a_malformed_chunk_after_whole_ones_fails_as_read_apart(framed: bytes) -> None:
+    together = await _read(framed, bytewise=False)
+    apart = await _read(framed, bytewise=True)
+    assert together[1] is not None
+    assert together[1] == apart[1]
+    assert together[0] == apart[0]
