@@ -278,6 +278,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[bool] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._reading_paused = False
+        self.aborted = False  # by abort(): what is still to send or read fails
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -349,11 +350,22 @@ class _Connection(asyncio.Protocol):
 
     def abort(self, reason: str) -> None:
         """Closed by us mid-exchange: a read still to come fails with ``reason``
-        rather than taking the close for the server's end of the body."""
+        rather than taking the close for the server's end of the body, and
+        so does a send waiting for the kernel's buffer to drain. The unsent
+        part of the request is dropped, not flushed first (a close would
+        wait for a server that stopped reading, and the send with it, for
+        its whole write timeout)."""
         if self.error is None:
             self.error = ConnectionAbortedError(reason)
-        self.close()
+        self.aborted = True
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        if self.transport is not None:
+            self.transport.abort()
         self._wake()
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
 
     # writing and reading
     async def send(self, data: bytes, seconds: float | None) -> None:
@@ -373,7 +385,7 @@ class _Connection(asyncio.Protocol):
             raise WriteError(str(self.error or "the connection closed while sending"))
 
     def _dropped_unanswered(self) -> bool:
-        return self.lost and not self.answered
+        return (self.lost or self.aborted) and not self.answered
 
     async def _more(self, seconds: float | None) -> None:
         """Wait for more bytes, EOF or the connection's end; ReadTimeout after ``seconds``."""

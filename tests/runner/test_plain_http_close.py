@@ -1,0 +1,50 @@
+"""plain_http's Pool.close() (the server's shutdown) while a request is
+still being sent to a server that stopped reading: the send fails at once
+with the pool's reason, instead of waiting out its write timeout (a close
+of the transport waited for the unsent bytes to be flushed first)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from app.llm import plain_http
+from app.llm.plain_http import Pool, Timeouts
+from tests.runner.test_plain_http import _until
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def test_closing_the_pool_fails_a_send_blocked_on_a_full_buffer() -> None:
+    accepted = asyncio.Event()
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_read(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # reads nothing: the client's send fills the kernel's buffers
+        accepted.set()
+
+    server = await asyncio.start_server(never_read, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = Pool()
+    target = plain_http.plain_target(f"http://127.0.0.1:{port}/v1/chat/completions")
+    assert target is not None
+    try:
+        body = b"x" * (64 * 1024 * 1024)  # more than the loopback's buffers hold
+        sending = asyncio.ensure_future(pool.request(target, {}, body, Timeouts.uniform(20.0)))
+        await accepted.wait()
+        connection = next(iter(pool._active))
+        # until the send waits for the kernel's buffer to drain
+        await _until(lambda: connection._drained is not None and not connection._drained.done(), 10.0)
+        started = time.monotonic()
+        pool.close()
+        with pytest.raises(plain_http.WriteError, match="the connection pool was closed"):
+            await asyncio.wait_for(sending, 5)
+        assert time.monotonic() - started < 5
+    finally:
+        pool.close()
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
