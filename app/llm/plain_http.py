@@ -341,12 +341,15 @@ class _Connection(asyncio.Protocol):
         poller.register(socket.fileno(), select.POLLIN)
         return not poller.poll(0)
 
-    def close(self) -> None:
+    def close(self, *, unsent: Literal["flush", "drop"] = "flush") -> None:
         if self.expiry is not None:
             self.expiry.cancel()
             self.expiry = None
         if self.transport is not None:
-            self.transport.close()
+            if unsent == "drop":
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def abort(self, reason: str) -> None:
         """Closed by us mid-exchange: a read still to come fails with ``reason``
@@ -358,11 +361,7 @@ class _Connection(asyncio.Protocol):
         if self.error is None:
             self.error = ConnectionAbortedError(reason)
         self.aborted = True
-        if self.expiry is not None:
-            self.expiry.cancel()
-            self.expiry = None
-        if self.transport is not None:
-            self.transport.abort()
+        self.close(unsent="drop")
         self._wake()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
