@@ -23,7 +23,10 @@ transaction is no longer active (session.execute raises then). Listeners of ``be
 (tests and benches that count statements) still see each held-back
 statement, with its SQL and parameters as sent and no cursor nor execution
 context; what a listener registered with ``retval=True`` returns is not
-applied (the server registers none).
+applied (the server registers none). The other execution events
+(``after_cursor_execute``, ``before_execute``, ``handle_error``,
+``do_orm_execute``) do not fire for them, and the engine's echo log does
+not show them.
 """
 
 from __future__ import annotations
@@ -89,7 +92,10 @@ def _compile(dialect: Dialect, statement: ClauseElement, names: tuple[str, ...])
 def _shape(dialect: Dialect, statement: ClauseElement, names: tuple[str, ...]) -> _Shape | None:
     if isinstance(statement, TextClause):
         # Keyed by its text: only when none of its parameters carries a value or a type of its own.
-        if any(not bind.type._isnull or bind.value is not None for bind in statement._bindparams.values()):
+        if any(
+            not bind.type._isnull or bind.value is not None or bind.expanding or bind.literal_execute or bind.callable
+            for bind in statement._bindparams.values()
+        ):
             return None
         key: tuple[Dialect, object, tuple[str, ...]] = (dialect, statement.text, names)
     else:
@@ -116,7 +122,12 @@ def _parameters(shape: _Shape, params: dict[str, Any]) -> tuple[Any, ...]:
 def _connection_of(session: AsyncSession, bind: Engine) -> Connection | None:
     """The session's connection to ``bind`` in its open transaction, if it
     has connected yet (found without the greenlet: no I/O)."""
-    transaction = session.sync_session.get_transaction()
+    # The innermost transaction: a savepoint that has not connected yet is
+    # begun by session.connection() (its SAVEPOINT sent first), so that its
+    # rollback undoes what is held back inside it. The outermost one's
+    # connection would skip the SAVEPOINT, and the write would outlive it.
+    sync = session.sync_session
+    transaction = sync.get_nested_transaction() or sync.get_transaction()
     held = None if transaction is None else transaction._connections.get(bind)  # (connection, transaction, ...)
     return None if held is None else held[0]
 
@@ -155,7 +166,9 @@ async def hold_back(
     try:
         parameters = _parameters(shape, params)
     except Exception as error:  # as SQLAlchemy reports a parameter it cannot bind
-        raise sa_exc.StatementError(str(error), shape.sql, params, error) from error
+        raise sa_exc.StatementError(
+            f"({type(error).__module__}.{type(error).__qualname__}) {error}", shape.sql, params, error
+        ) from error
     for listener in connection.dispatch.before_cursor_execute:
         listener(connection, None, shape.sql, parameters, None, False)
     driver.held_back.append(

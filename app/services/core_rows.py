@@ -106,12 +106,10 @@ async def update_row(session: AsyncSession, row: Base, keys: tuple[str, ...], *,
         # Held back as the statement built once per shape (update_write's),
         # not one built per call with its values bound in.
         write = update_write(row, keys, _HELD_BACK_PREFIX)
-        if await db.hold_back(session, write.statement, write.params, db.WRITE_BEHIND):
-            return
-    statement = update_statement(row, keys)
-    if write_behind:
-        statement = statement.execution_options(**db.WRITE_BEHIND)
-    await session.execute(statement)
+        if not await db.hold_back(session, write.statement, write.params, db.WRITE_BEHIND):
+            await session.execute(write.statement, write.params, execution_options=db.WRITE_BEHIND)
+        return
+    await session.execute(update_statement(row, keys))
 
 
 # The parameters' prefix of update_row's held-back UPDATE.

@@ -227,3 +227,40 @@ async def test_each_engine_binds_with_its_own_json_serializer(runtime: Runtime) 
     with sqlite3.connect(path) as connection:
         stored = dict(connection.execute("SELECT id, metadata FROM threads").fetchall())
     assert stored == {"thread_default": json.dumps(metadata), "thread_indented": json.dumps(metadata, indent=1)}
+
+
+class _Undo(Exception):
+    pass
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("connected_first", [True, False], ids=["connected", "unconnected"])
+async def test_a_write_held_back_in_a_savepoint_is_undone_with_it(runtime: Runtime, connected_first: bool) -> None:
+    """As session.execute's: the savepoint is begun before the write joins
+    the list, whether or not the outer transaction has connected."""
+    statement, _columns = core_rows._layout(orm.Thread)
+    async with runtime.transaction() as session:
+        if connected_first:
+            await session.execute(text("SELECT 1"))
+        with pytest.raises(_Undo):
+            async with session.begin_nested():
+                thread = core_rows.record(orm.Thread, **_THREAD)
+                assert await db.hold_back(session, statement, core_rows.values(thread), db.WRITE_BEHIND)
+                raise _Undo
+    async with runtime.transaction() as session:
+        assert (await session.execute(select(orm.Thread.id))).scalars().all() == []
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_text_statement_whose_parameters_are_not_plain_is_left_to_sqlalchemy(runtime: Runtime) -> None:
+    sql = "UPDATE runs SET status = 'failed' WHERE id IN (:ids)"
+    async with runtime.transaction() as session:
+        await session.execute(text("SELECT 1"))
+        plain = text(sql)
+        expanding = text(sql).bindparams(bindparam("ids", expanding=True))
+        literal = text(sql).bindparams(bindparam("ids", literal_execute=True))
+        assert not await db.hold_back(session, expanding, {"ids": ["a"]}, db.WRITE_BEHIND)
+        assert not await db.hold_back(session, literal, {"ids": "a"}, db.WRITE_BEHIND)
+        # The plain text's shape, cached under the same text, is not reused for the others.
+        assert await db.hold_back(session, plain, {"ids": "a"}, db.WRITE_BEHIND)
+        assert not await db.hold_back(session, expanding, {"ids": ["a"]}, db.WRITE_BEHIND)
