@@ -369,6 +369,8 @@ class _Connection(asyncio.Protocol):
     # writing and reading
     async def send(self, data: bytes, seconds: float | None) -> None:
         transport = self.transport
+        if self.aborted:  # Pool.close() while this connected: nothing is sent after it
+            raise WriteError("the connection pool was closed")
         if transport is None or transport.is_closing() or self.lost:
             raise WriteError("the connection is closed")
         self.answered = False
@@ -591,7 +593,7 @@ class Response:
         if self._left == 0:
             if await connection.read_line(self._timeout, 2, "end of a chunk"):
                 raise RemoteProtocolError("a chunk is longer than its size line says")
-            data += _whole_chunks(connection)
+            data += _whole_chunks(connection, _READ_PIECE - len(data))
         return data
 
     async def _read_trailers(self, connection: _Connection) -> None:
@@ -617,24 +619,25 @@ class Response:
             raise DecodingError(f"the body does not decode as {self.headers.get('content-encoding')}: {exc}") from exc
 
 
-def _whole_chunks(connection: _Connection) -> bytes:
+def _whole_chunks(connection: _Connection, room: int = _READ_PIECE) -> bytes:
     """The data of the whole chunks (size line, data, line end) that the
     buffer already holds, taken at once: a streamed completion's events
     usually arrive together, a chunk each, and taking them one read at a
     time cost three reads and three copies of the buffer per chunk (issue 17).
     Stops before the last chunk, anything incomplete, or anything not well
-    formed: the chunk-by-chunk reading meets those (and words their errors)."""
+    formed: the chunk-by-chunk reading meets those (and words their errors).
+    At most ``room`` bytes, so that a read hands back at most _READ_PIECE."""
     buffer = connection.buffer
     position, total = 0, 0
     pieces: list[bytearray] = []
-    while total < _READ_PIECE:
+    while True:
         end = buffer.find(b"\n", position, position + MAX_LINE_BYTES + 1)
         if end < 0:
             break
         line_end = end - 1 if end > position and buffer[end - 1] == _CR else end
         size = buffer[position:line_end].partition(b";")[0].strip()
-        if not _HEX.fullmatch(size) or (length := int(size, 16)) == 0:
-            break
+        if not _HEX.fullmatch(size) or (length := int(size, 16)) == 0 or total + length > room:
+            break  # the last chunk, or one this piece has no room for: read apart
         start = end + 1
         stop = start + length
         if buffer[stop : stop + 1] == b"\n":

@@ -944,8 +944,8 @@ class _IdleWatch:
     ``waiting()`` notes when a wait for the next event starts and which task
     waits; the timer, when it fires, either finds that wait older than
     ``seconds`` and cancels the task (``expired``), or sets itself for the
-    moment the current wait would be. A wait that ends in time costs two
-    clock reads."""
+    moment the current wait would be. A wait that ends in time costs one
+    clock read and the task's cancel count."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -1016,7 +1016,12 @@ async def _idle_limited(stream: AsyncIterator[llm.Event], seconds: float) -> Asy
                         "server_error", f"The model sent nothing for {seconds:g} seconds; the run was stopped."
                     ) from None
                 raise
-            watch.arrived()  # between waits the time is the consumer's own, not the model's
+            finally:
+                # Between waits the time is the consumer's own, not the model's.
+                # Also on the ways out without an event (the stream ended or
+                # raised on the limit's cancel): the cancel is taken back, as
+                # asyncio.timeout takes it back on every exit.
+                watch.arrived()
             yield item
     finally:
         watch.close()

@@ -44,13 +44,15 @@ async def _read(framed: bytes, *, bytewise: bool) -> tuple[bytes, str | None]:
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     pool = Pool()
-    body, error = b"", None
+    pieces: list[bytes] = []
+    error = None
     try:
         target = plain_http.plain_target(f"http://127.0.0.1:{port}/v1/chat/completions")
         assert target is not None
         response = await pool.request(target, {"Content-Type": "application/json"}, b"{}", Timeouts.uniform(5.0))
         try:
-            body = b"".join([piece async for piece in _raw(response)])
+            async for piece in _raw(response):
+                pieces.append(piece)  # kept as they come: a failing read keeps what came before
         except plain_http.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"
         await response.aclose()
@@ -59,7 +61,7 @@ async def _read(framed: bytes, *, bytewise: bool) -> tuple[bytes, str | None]:
         pool.close()
         server.close()
         await server.wait_closed()
-    return body, error
+    return b"".join(pieces), error
 
 
 async def _raw(response: plain_http.Response) -> AsyncIterator[bytes]:
@@ -97,4 +99,28 @@ async def test_a_malformed_chunk_after_whole_ones_fails_as_read_apart(framed: by
     apart = await _read(framed, bytewise=True)
     assert together[1] is not None
     assert together[1] == apart[1]
-    assert together[0] == apart[0]
+    # The whole chunks before the bad one are handed on first (how many of
+    # them a byte-at-a-time read has handed on when it fails is timing).
+    assert together[0].startswith(b"hello")
+
+
+async def test_whole_chunks_are_handed_on_at_most_a_read_piece_at_a_time() -> None:
+    """More whole chunks buffered than one read hands back (64 KiB): each
+    piece stays within it, and the body is whole."""
+    chunk = b"x" * 5000
+    framed = (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 40 + b"0\r\n\r\n"
+    sizes: list[int] = []
+    real_raw = plain_http.Response.aiter_raw
+
+    async def recorded(response: plain_http.Response) -> AsyncIterator[bytes]:
+        async for piece in real_raw(response):
+            sizes.append(len(piece))
+            yield piece
+
+    plain_http.Response.aiter_raw = recorded  # type: ignore[method-assign]
+    try:
+        body, error = await _read(framed, bytewise=False)
+    finally:
+        plain_http.Response.aiter_raw = real_raw  # type: ignore[method-assign]
+    assert error is None and body == chunk * 40
+    assert max(sizes) <= plain_http._READ_PIECE

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -31,7 +32,7 @@ async def test_closing_the_pool_fails_a_send_blocked_on_a_full_buffer() -> None:
     target = plain_http.plain_target(f"http://127.0.0.1:{port}/v1/chat/completions")
     assert target is not None
     try:
-        body = b"x" * (64 * 1024 * 1024)  # more than the loopback's buffers hold
+        body = b"x" * (16 * 1024 * 1024)  # more than the loopback's buffers hold
         sending = asyncio.ensure_future(pool.request(target, {}, body, Timeouts.uniform(20.0)))
         await accepted.wait()
         connection = next(iter(pool._active))
@@ -46,5 +47,48 @@ async def test_closing_the_pool_fails_a_send_blocked_on_a_full_buffer() -> None:
         pool.close()
         for writer in held:
             writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_closing_the_pool_while_a_connection_is_made_sends_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request whose connection was still being made when the pool closed
+    is not sent once it connects (the provider would get, and bill, a call
+    made after shutdown began)."""
+    received = bytearray()
+    closed = asyncio.Event()
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                received.extend(chunk)
+        finally:
+            writer.close()
+            closed.set()
+
+    server = await asyncio.start_server(record, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = Pool()
+    target = plain_http.plain_target(f"http://127.0.0.1:{port}/v1/chat/completions")
+    assert target is not None
+    loop = asyncio.get_running_loop()
+    connect, gate = loop.create_connection, asyncio.Event()
+
+    async def held_connect(*args: Any, **kwargs: Any) -> Any:
+        await gate.wait()  # the connection is still being made when the pool closes
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "create_connection", held_connect)
+    try:
+        sending = asyncio.ensure_future(pool.request(target, {}, b'{"model": "m"}', Timeouts.uniform(5.0)))
+        await _until(lambda: bool(pool._active), 10.0)
+        pool.close()
+        gate.set()
+        with pytest.raises(plain_http.WriteError, match="the connection pool was closed"):
+            await asyncio.wait_for(sending, 5)
+        await asyncio.wait_for(closed.wait(), 5)
+        assert bytes(received) == b""
+    finally:
+        pool.close()
         server.close()
         await server.wait_closed()
