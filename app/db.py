@@ -55,6 +55,13 @@ ROWCOUNT_MISMATCH = sqlite_driver.ROWCOUNT_MISMATCH
 # (app/held_back.py); False where ``session.execute`` must send it.
 hold_back = held_back.hold_back
 
+# Execution options of a PostgreSQL connection whose statements each run
+# as a transaction of their own (no BEGIN, no COMMIT: a round trip each;
+# issue 17): ``session.connection(execution_options=db.AUTOCOMMIT)`` or
+# ``connection.execution_options(**db.AUTOCOMMIT)``. SQLAlchemy resets the
+# connection's isolation level when it goes back to the pool.
+AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
+
 # How long a SQLite transaction waits for another writer's lock before
 # failing with "database is locked".
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -600,7 +607,7 @@ async def notify_work(engine: AsyncEngine) -> None:
     try:
         async with engine.connect() as connection:
             # One statement, its own transaction (issue 17: no BEGIN, no COMMIT).
-            alone = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            alone = await connection.execution_options(**AUTOCOMMIT)
             await alone.execute(text("SELECT pg_notify(:channel, '')"), {"channel": WORK_CHANNEL})
     except Exception:
         log.warning("could not signal the workers; they will find the work by polling", exc_info=True)

@@ -68,8 +68,6 @@ MAX_TRACKED_RUNS = 10_000
 _SESSION_KEY = "run_log"
 # In a session's info: its one statement ran in autocommit (append's ``last_statement``).
 _AUTOCOMMITTED = "run_log_autocommitted"
-# A PostgreSQL connection's execution options for a statement that is its own transaction.
-_AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
 # PostgreSQL: the first delta after a pause waits this long before its flush,
 # so that an executor whose turn ends at once takes it into its own commit
 # (see holding(); issue 17: a transaction per run fewer, a millisecond of a
@@ -284,7 +282,7 @@ class RunLog:
         ):
             # The whole transaction is the one statement below: PostgreSQL
             # runs it alone as atomically as between BEGIN and COMMIT.
-            await session.connection(execution_options=_AUTOCOMMIT)
+            await session.connection(execution_options=db.AUTOCOMMIT)
             session.info[_AUTOCOMMITTED] = True
         if self.postgres and not run_locked:  # a SQLite transaction holds the write lock already
             await run_events.lock_inserting(session, run_id, inserting)
@@ -540,17 +538,21 @@ class RunLog:
             news, self._news = sorted(self._news), set()
             self._notifier_busy = True
             try:
-                async with self._sessionmaker() as session:
-                    # One statement, its own transaction (issue 17: no BEGIN, no COMMIT).
-                    await session.connection(execution_options=_AUTOCOMMIT)
-                    await run_events.notify(session, self._signal, news)
-                    # No round trip in autocommit; the session then closes
-                    # without a task of its own (db.Session).
-                    await session.commit()
+                await self._send_news(news)
             except Exception as error:  # followers elsewhere also poll: a lost signal costs latency only
                 log.warning("could not signal new run events to other processes (%s)", error)
             finally:
                 self._notifier_busy = False
+
+    async def _send_news(self, run_ids: list[str]) -> None:
+        """NOTIFY other processes of news of ``run_ids``: one statement, its
+        own transaction (issue 17: no BEGIN, no COMMIT)."""
+        async with self._sessionmaker() as session:
+            await session.connection(execution_options=db.AUTOCOMMIT)
+            await run_events.notify(session, self._signal, run_ids)
+            # No round trip in autocommit; the session then closes without
+            # a task of its own (db.Session).
+            await session.commit()
 
     # ------------------------------------------------------------ flushing
 
@@ -649,8 +651,7 @@ class RunLog:
             await self.flush()
         if self._news:
             with suppress(Exception):
-                async with self._sessionmaker() as session, session.begin():
-                    await run_events.notify(session, self._signal, sorted(self._news))
+                await self._send_news(sorted(self._news))
 
 
 async def listen(engine: AsyncEngine, run_log: RunLog, retry_seconds: float = 1.0) -> None:

@@ -186,7 +186,7 @@ class Runtime:
                 yield session
             return
         async with self.readers() as session:
-            await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+            await session.connection(execution_options=db.AUTOCOMMIT)
             yield session
             await session.commit()  # no round trip in autocommit; the session then closes at once (db.Session)
 
@@ -220,7 +220,7 @@ class Runtime:
                 yield connection
             return
         async with self.engine.connect() as connection:
-            yield await connection.execution_options(isolation_level="AUTOCOMMIT")
+            yield await connection.execution_options(**db.AUTOCOMMIT)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:

@@ -282,9 +282,10 @@ async def test_a_replicas_create_that_met_changed_defaults_wakes_the_workers_onc
 async def test_signals_to_other_processes_are_one_statement_outside_a_transaction(
     no_worker: Settings, app: FastAPI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """db.notify_work() (a replica's wake-up after a cancel) and the run
-    log's notifier (news of commits that could not carry their own NOTIFY)
-    each send one statement with no BEGIN, and are heard."""
+    """db.notify_work() (a replica's wake-up after a cancel), the run log's
+    notifier (news of commits that could not carry their own NOTIFY) and
+    close()'s last NOTIFY each send one statement with no BEGIN, and are
+    heard."""
     runtime: Runtime = app.state.runtime
     begins: list[object] = []
     original = asyncpg.connection.Connection.transaction
@@ -312,9 +313,15 @@ async def test_signals_to_other_processes_are_one_statement_outside_a_transactio
         monkeypatch.setattr(asyncpg.connection.Connection, "transaction", counted)
         runtime.run_log._tell_others("run_elsewhere")  # as committed() does for an append that sent no NOTIFY
         await asyncio.wait_for(signalled.wait(), 10)
+        signalled.clear()
+        # News told once close() has begun waits for close()'s own last NOTIFY: sent the same way.
+        runtime.run_log._closing = True
+        runtime.run_log._tell_others("run_at_close")
+        await runtime.run_log.close()
+        await asyncio.wait_for(signalled.wait(), 10)
         monkeypatch.undo()
     finally:
         listener.cancel()
         with pytest.raises(asyncio.CancelledError):
             await listener
-    assert signals == ["run_elsewhere"] and not begins
+    assert signals == ["run_elsewhere", "run_at_close"] and not begins
