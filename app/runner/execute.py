@@ -502,10 +502,16 @@ class RunExecution:
         self.context = context
         self._started = (run, chat)
         self._run = run
-        if not await self._finish_at_once(session, run, chat, events):
-            if self._held_start is not None:
-                await self._write_held_start(session)
-            await self.runtime.run_log.append(session, run.id, events, run_locked=True)
+        if await self._finish_at_once(session, run, chat, events):
+            return
+        carried = None
+        if self._held_start is not None and self.runtime.run_log.postgres:
+            # The start goes in the events' insert (issue 17: a round trip fewer).
+            carried = run_state.carried_held(run, self._held_start, lease_owner=self.owner)
+            self._held_start = None
+        elif self._held_start is not None:
+            await self._write_held_start(session)  # SQLite: sent with the events' insert
+        await self.runtime.run_log.append(session, run.id, events, run_locked=True, carried_by=carried)
 
     async def _finish_at_once(
         self, session: AsyncSession, run: orm.Run, chat: list[dict[str, Any]], started: list[Event]

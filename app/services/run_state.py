@@ -228,13 +228,27 @@ def carried_move(
     source = run.status
     if held is not None:
         source, values = held.source, {**held.values, **values}
-    params: dict[str, Any] = {"run_id": run.id, "source": source, "lease_holder": lease_owner}
+    carried = _carried_values(run.id, source, values, lease_owner, alongside)
+    _set(run, values)
+    return f"thread.run.{to}", carried
+
+
+def carried_held(run: orm.Run, held: HeldMove, *, lease_owner: str) -> CarriedMove:
+    """write_held() as a statement for the event log's insert to carry
+    (PostgreSQL, the claim's transaction: a run started there and not ended
+    in it; issue 17: its start and its event in one round trip). As
+    carried_move()'s, no row back means it missed."""
+    return _carried_values(run.id, held.source, held.values, lease_owner, ())
+
+
+def _carried_values(
+    run_id: str, source: str, values: dict[str, Any], lease_owner: str, alongside: Sequence[core_rows.Write]
+) -> CarriedMove:
+    params: dict[str, Any] = {"run_id": run_id, "source": source, "lease_holder": lease_owner}
     params |= {f"set_{key}": value for key, value in values.items()}
     for write in alongside:
         params |= write.params
-    statement = _carried(tuple(values), tuple(write.statement for write in alongside))
-    _set(run, values)
-    return f"thread.run.{to}", CarriedMove(statement, params)
+    return CarriedMove(_carried(tuple(values), tuple(write.statement for write in alongside)), params)
 
 
 async def transition(
