@@ -49,9 +49,11 @@ async def stream_run_events(
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> Response:
     start = _sequence("after", after) if after is not None else _sequence("Last-Event-ID", last_event_id)
-    follower = Follower(runtime.bus, runtime.reading, run_id, start, announced=runtime.log_news_announced)
+    # Reads of one statement each (issue 17: on PostgreSQL no BEGIN or COMMIT,
+    # on SQLite a WAL reader beside the writers).
+    follower = Follower(runtime.bus, runtime.reading_statement, run_id, start, announced=runtime.log_news_announced)
     try:
-        async with runtime.transaction() as session:
+        async with runtime.reading_statement() as session:
             run = await runs.get(session, project, thread_id, run_id)
             await follower.open()  # before reading the log: nothing falls between
             ended = run.status in run_state.TERMINAL

@@ -222,7 +222,9 @@ async def run_live(request: Request, thread_id: str, run_id: str, project: auth.
     page re-renders its timeline on each (console.js). Read from the run's
     event log (issue 11), so it works whichever process executes the run."""
     runtime = _runtime(request)
-    async with runtime.transaction() as session:
+    # Reads of one statement each, here and the follower's (issue 17: on
+    # PostgreSQL no BEGIN or COMMIT, on SQLite a WAL reader beside the writers).
+    async with runtime.reading_statement() as session:
         status = (await runs.get(session, project, thread_id, run_id)).status  # 404 for a run that is not there
 
     async def events() -> AsyncIterator[bytes]:
@@ -230,7 +232,7 @@ async def run_live(request: Request, thread_id: str, run_id: str, project: auth.
             yield b"event: end\ndata: done\n\n"
             return
         # From the log's start: whatever happened since the page was rendered shows.
-        follower = Follower(runtime.bus, runtime.reading, run_id, 0, announced=runtime.log_news_announced)
+        follower = Follower(runtime.bus, runtime.reading_statement, run_id, 0, announced=runtime.log_news_announced)
         await follower.open()
         try:
             while True:

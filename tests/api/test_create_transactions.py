@@ -44,6 +44,18 @@ def _is_postgres(runtime: Runtime) -> bool:
     return runtime.run_log.postgres
 
 
+def _count_begins(monkeypatch: pytest.MonkeyPatch, begins: list[object]) -> None:
+    """Until ``monkeypatch.undo()``: every transaction asyncpg begins (its
+    BEGIN) is appended to ``begins``."""
+    original = asyncpg.connection.Connection.transaction
+
+    def counted(self: asyncpg.connection.Connection, *args: Any, **kwargs: Any) -> Any:
+        begins.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "transaction", counted)
+
+
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has no autocommit path
 async def test_a_remembered_create_is_one_statement_outside_a_transaction(
     no_worker: Settings, client: openai.AsyncOpenAI, app: FastAPI, monkeypatch: pytest.MonkeyPatch
@@ -54,13 +66,7 @@ async def test_a_remembered_create_is_one_statement_outside_a_transaction(
     the pool out of autocommit. (Streamed: test_a_process_with_a_worker_...)"""
     runtime: Runtime = app.state.runtime
     begins: list[object] = []
-    original = asyncpg.connection.Connection.transaction
-
-    def counted(self: asyncpg.connection.Connection, *args: Any, **kwargs: Any) -> Any:
-        begins.append(self)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(asyncpg.connection.Connection, "transaction", counted)
+    _count_begins(monkeypatch, begins)
     autocommitted: list[Any] = []
 
     def before(connection: Any, *_args: Any) -> None:
@@ -288,14 +294,8 @@ async def test_signals_to_other_processes_are_one_statement_outside_a_transactio
     heard."""
     runtime: Runtime = app.state.runtime
     begins: list[object] = []
-    original = asyncpg.connection.Connection.transaction
-
-    def counted(self: asyncpg.connection.Connection, *args: Any, **kwargs: Any) -> Any:
-        begins.append(self)
-        return original(self, *args, **kwargs)
-
     async with _heard_on_the_work_channel(runtime.engine) as heard:
-        monkeypatch.setattr(asyncpg.connection.Connection, "transaction", counted)
+        _count_begins(monkeypatch, begins)
         await db.notify_work(runtime.engine)
         monkeypatch.undo()
     assert heard == [""] and not begins
@@ -310,7 +310,7 @@ async def test_signals_to_other_processes_are_one_statement_outside_a_transactio
     listener = asyncio.create_task(db.listen(runtime.engine, channel, on_signal, on_listening=on_listening))
     try:
         await asyncio.wait_for(listening.wait(), 10)
-        monkeypatch.setattr(asyncpg.connection.Connection, "transaction", counted)
+        _count_begins(monkeypatch, begins)
         runtime.run_log._tell_others("run_elsewhere")  # as committed() does for an append that sent no NOTIFY
         await asyncio.wait_for(signalled.wait(), 10)
         signalled.clear()
@@ -325,3 +325,26 @@ async def test_signals_to_other_processes_are_one_statement_outside_a_transactio
         with pytest.raises(asyncio.CancelledError):
             await listener
     assert signals == ["run_elsewhere", "run_at_close"] and not begins
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has no autocommit path
+async def test_a_runs_event_log_is_read_outside_a_transaction(
+    client: openai.AsyncOpenAI, http: httpx2.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET /threads/{id}/runs/{id}/events reads the run and its log a
+    statement at a time, outside a transaction (no BEGIN, no COMMIT): from
+    the start, and after the last event (nothing more: an empty stream)."""
+    assistant_id = await _assistant(client)
+    run = await client.beta.threads.create_and_run_poll(assistant_id=assistant_id, thread=_HELLO)
+    assert run.status == "completed"
+    begins: list[object] = []
+    _count_begins(monkeypatch, begins)
+    whole = await http.get(f"/v1/threads/{run.thread_id}/runs/{run.id}/events")
+    assert whole.status_code == 200 and "event: thread.run.completed" in whole.text
+    last = max(int(line[len("id: ") :]) for line in whole.text.splitlines() if line.startswith("id: "))
+    after = await http.get(f"/v1/threads/{run.thread_id}/runs/{run.id}/events", params={"after": str(last)})
+    assert after.status_code == 200 and "thread.run" not in after.text
+    missing = await http.get(f"/v1/threads/{run.thread_id}/runs/run_missing/events")
+    assert missing.status_code == 404
+    monkeypatch.undo()
+    assert not begins

@@ -87,3 +87,19 @@ async def test_unknown_objects_are_404_pages(http: httpx2.AsyncClient) -> None:
     page = await http.get("/console/threads/thread_nope/runs/run_nope")
     assert page.status_code == 404 and "text/html" in page.headers["content-type"]
     assert "No run found with id" in page.text or "No thread found with id" in page.text
+
+
+async def test_a_runs_live_feed_ends_at_once_for_an_ended_run(
+    sdk: openai.AsyncOpenAI, http: httpx2.AsyncClient
+) -> None:
+    """The run page's feed (/live) of a run that ended before the page
+    asked: its end at once. A run that is not there: a 404 page."""
+    assistant = await sdk.beta.assistants.create(model="gpt-4o")
+    thread = {"messages": [{"role": "user", "content": "Hello"}]}
+    run = await sdk.beta.threads.create_and_run_poll(assistant_id=assistant.id, thread=thread)  # type: ignore[arg-type]
+    assert run.status == "completed"
+    await _signed_in(http)
+    feed = await http.get(f"/console/threads/{run.thread_id}/runs/{run.id}/live")
+    assert feed.status_code == 200 and feed.text == "event: end\ndata: done\n\n"
+    missing = await http.get(f"/console/threads/{run.thread_id}/runs/run_nope/live")
+    assert missing.status_code == 404 and "text/html" in missing.headers["content-type"]
