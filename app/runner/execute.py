@@ -200,13 +200,30 @@ class RunExecution:
         of the transaction stays. So does a commit with no move that is
         ``checked`` (the end of a built-in tools' round, which may have taken
         long enough for either)."""
-        events = list(pending.events)
         unread = move is not None and self._movable_unread(move)
         postgres = self.runtime.run_log.postgres
         # PostgreSQL, in the claim's transaction: the claim locked the run's
         # row and returned its status, so the move cannot miss; it goes in
         # the events' insert, with the turn's rows (issue 17: one round trip).
         carried = unread and postgres and self._claim_session is not None
+        if unread and postgres and not carried and not pending.rows:
+            # After the claim the same (a turn's new rows only), but the move
+            # may miss (cancelling, ended, in another lease, its metadata
+            # changed), and the statement may number the events before an
+            # append that committed while it waited for the run's row (its
+            # snapshot predates the lock): either fails the transaction,
+            # which is made again the way that reads the run first.
+            try:
+                await self._write(pending, move, carried=True, unread=True, checked=checked)
+                return
+            except (run_state.TransitionConflict, IntegrityError):
+                self._run = None  # as it stands, known again only by a read
+                unread = False
+        await self._write(pending, move, carried=carried, unread=unread, checked=checked)
+
+    async def _write(self, pending: Pending, move: Move | None, *, carried: bool, unread: bool, checked: bool) -> None:
+        """_commit()'s transaction: the move carried by the events' insert (_carried_move) or not."""
+        events = list(pending.events)
         async with self._transaction() as session, self.runtime.run_log.holding(self.run_id):
             if self._held_start is not None and not unread:
                 await self._write_held_start(session)  # before the run is read
@@ -250,9 +267,10 @@ class RunExecution:
     async def _carried_move(
         self, session: AsyncSession, pending: Pending, move: Move | None, events: list[Event]
     ) -> None:
-        """_commit()'s move on PostgreSQL in the claim's transaction: the
-        turn's rows, the run's move and its events in one statement, each
-        write a statement built once per shape (issue 17)."""
+        """_commit()'s move on PostgreSQL: the turn's rows, the run's move
+        and its events in one statement, each write a statement built once
+        per shape (issue 17). Outside the claim's transaction the move also
+        requires the run's metadata unchanged (run_state.carried_move)."""
         assert move is not None and self._run is not None
         writes = [core_rows.insert_write(row, f"w{index}_") for index, row in enumerate(pending.inserts)]
         writes += [core_rows.update_write(change.row, change.keys, f"u{i}_") for i, change in enumerate(pending.rows)]
@@ -264,6 +282,7 @@ class RunExecution:
             held=self._held_start,
             lease_owner=self.owner,
             alongside=writes,
+            unchanged=self._claim_session is None,
             **self._move_fields(move),
         )
         self._held_start = None

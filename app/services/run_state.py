@@ -187,9 +187,10 @@ class CarriedMove:
 
 
 @functools.lru_cache(maxsize=256)
-def _carried(keys: tuple[str, ...], writes: tuple[Insert | Update, ...]) -> Update:
+def _carried(keys: tuple[str, ...], writes: tuple[Insert | Update, ...], unchanged: bool = False) -> Update:
     """The compare-and-set of carried_move() setting ``keys``, under the
-    lease, with ``writes`` (core_rows.Write statements) as CTEs."""
+    lease, with ``writes`` (core_rows.Write statements) as CTEs; with
+    ``unchanged``, only if the run's metadata is still ``held_metadata``."""
     statement = (
         update(RUNS)
         .where(
@@ -200,6 +201,8 @@ def _carried(keys: tuple[str, ...], writes: tuple[Insert | Update, ...]) -> Upda
         .values({RUN_COLUMNS[key]: bindparam(f"set_{key}") for key in keys})
         .returning(RUNS.c.id)
     )
+    if unchanged:
+        statement = statement.where(RUNS.c.metadata == bindparam("held_metadata", type_=RUNS.c.metadata.type))
     for index, write in enumerate(writes):
         statement = statement.add_cte(write.cte(f"alongside_{index}"))
     return statement
@@ -212,6 +215,7 @@ def carried_move(
     held: HeldMove | None,
     lease_owner: str,
     alongside: Sequence[core_rows.Write] = (),
+    unchanged: bool = False,
     **fields: Any,
 ) -> tuple[str, CarriedMove]:
     """transition() for a run whose row this transaction holds and whose
@@ -222,13 +226,19 @@ def carried_move(
     the run's id: no row back means it missed, and the transaction must
     fail. ``alongside``: rows written by the same statement (their
     parameters named apart: core_rows.Write). ``held``: the run's held
-    first move, written by the same UPDATE. ``run`` shows the move at once.
-    Returns the event name and the move."""
+    first move, written by the same UPDATE. ``unchanged`` (a run whose row
+    this transaction does not hold): the move also requires the run's
+    metadata (the one column others change while it executes) to be as
+    ``run`` has it, so that ``run`` is the row the move leaves, as a read
+    would give it. ``run`` shows the move at once. Returns the event name
+    and the move."""
     values = _values(run, to, fields)
     source = run.status
     if held is not None:
         source, values = held.source, {**held.values, **values}
-    carried = _carried_values(run.id, source, values, lease_owner, alongside)
+    carried = _carried_values(run.id, source, values, lease_owner, alongside, unchanged)
+    if unchanged:
+        carried.params["held_metadata"] = run.metadata_
     _set(run, values)
     return f"thread.run.{to}", carried
 
@@ -242,13 +252,18 @@ def carried_held(run: orm.Run, held: HeldMove, *, lease_owner: str) -> CarriedMo
 
 
 def _carried_values(
-    run_id: str, source: str, values: dict[str, Any], lease_owner: str, alongside: Sequence[core_rows.Write]
+    run_id: str,
+    source: str,
+    values: dict[str, Any],
+    lease_owner: str,
+    alongside: Sequence[core_rows.Write],
+    unchanged: bool = False,
 ) -> CarriedMove:
     params: dict[str, Any] = {"run_id": run_id, "source": source, "lease_holder": lease_owner}
     params |= {f"set_{key}": value for key, value in values.items()}
     for write in alongside:
         params |= write.params
-    return CarriedMove(_carried(tuple(values), tuple(write.statement for write in alongside)), params)
+    return CarriedMove(_carried(tuple(values), tuple(write.statement for write in alongside), unchanged), params)
 
 
 async def transition(

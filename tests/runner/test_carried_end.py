@@ -1,0 +1,128 @@
+"""A run's end after its claim (issue 17): on PostgreSQL the turn's rows,
+the run's move and its events are one statement, the move a compare-and-set
+that also requires the run as the execution holds it; when it misses, the
+end is made again the way that reads the run first, and nothing is lost or
+numbered twice."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy import event, insert, select, text, update
+
+from app import llm, orm
+from app.runner import execute
+from app.runtime import Runtime
+from tests.runner.test_quick_answer import _provider
+from tests.runner.test_worker import _make_runs
+
+_OWNER = "test:0:carried"
+
+
+async def _started(runtime: Runtime, run_id: str) -> execute.RunExecution:
+    """The run claimed and started (in_progress committed), not ended: its
+    answer is streamed (cued to take time)."""
+    (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+    assert execution.run_id == run_id and not execution.finished
+    return execution
+
+
+async def _logged(runtime: Runtime, run_id: str) -> list[tuple[int, str, Any]]:
+    async with runtime.transaction() as session:
+        query = select(orm.RunEvent.seq, orm.RunEvent.event, orm.RunEvent.data).where(orm.RunEvent.run_id == run_id)
+        return [(seq, name, data) for seq, name, data in (await session.execute(query.order_by(orm.RunEvent.seq)))]
+
+
+def _reads_locked(runtime: Runtime) -> list[str]:
+    """Statements that read a run FOR UPDATE (the end's way that reads first), from now on."""
+    seen: list[str] = []
+
+    def before(_connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "FROM runs" in statement and "FOR UPDATE" in statement:
+            seen.append(statement)
+
+    event.listen(runtime.engine.sync_engine, "before_cursor_execute", before)
+    return seen
+
+
+def _carried_ends(runtime: Runtime) -> list[str]:
+    """Moves carried by the events' insert that require the run's metadata unchanged, from now on."""
+    seen: list[str] = []
+
+    def before(_connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "INSERT INTO run_events" in statement and "runs.metadata =" in statement:
+            seen.append(statement)
+
+    event.listen(runtime.engine.sync_engine, "before_cursor_execute", before)
+    return seen
+
+
+async def test_metadata_changed_while_a_run_executes_is_in_its_end_event(runtime: Runtime) -> None:
+    """The completed event carries the run as it is when it ends: metadata
+    updated during its execution included (on PostgreSQL the carried move
+    misses on it, and the end reads the run)."""
+    (run_id,) = await _make_runs(runtime, 1, text="[[delay 1]] hello")
+    execution = await _started(runtime, run_id)
+    async with runtime.transaction() as session:
+        await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(metadata_={"stage": "late"}))
+    reads, carried = _reads_locked(runtime), _carried_ends(runtime)
+    await execute.run(execution)
+    if runtime.run_log.postgres:
+        assert carried and reads  # tried carried, made again reading first
+    logged = await _logged(runtime, run_id)
+    assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
+    (completed,) = [data for _seq, name, data in logged if name == "thread.run.completed"]
+    assert completed["status"] == "completed" and completed["metadata"] == {"stage": "late"}
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has one writer at a time
+async def test_an_end_that_waited_for_a_concurrent_append_numbers_its_events_after_it(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append committed while the end's statement waited for the run's
+    row (its snapshot taken before): the statement's numbering collides with
+    it and fails, and the end is made again, reading first: every event
+    logged once, in order after the other append's, the run completed."""
+
+    async def quick(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        yield llm.Finish("stop", llm.Usage(3, 1))
+
+    _provider(runtime, monkeypatch, quick)
+    monkeypatch.setattr(execute, "QUICK_ANSWER_SECONDS", 30)  # the answer goes with the end, however loaded
+    (run_id,) = await _make_runs(runtime, 1)
+    execution = await _started(runtime, run_id)
+    reads, carried = _reads_locked(runtime), _carried_ends(runtime)
+    async with runtime.engine.connect() as other:
+        await other.execute(select(orm.Run.id).where(orm.Run.id == run_id).with_for_update())
+        next_seq = text("SELECT max(seq) + 1 FROM run_events WHERE run_id = :run_id")
+        seq = (await other.execute(next_seq, {"run_id": run_id})).scalar()
+        inserted = {"run_id": run_id, "seq": seq, "event": "thread.run.other", "data": {}, "created_at": 0}
+        await other.execute(insert(orm.RunEvent).values(**inserted))
+        ending = asyncio.create_task(execute.run(execution))
+        async with asyncio.timeout(20):
+            while not await _end_waits_for_the_row(runtime):  # noqa: ASYNC110 (another process's state)
+                await asyncio.sleep(0.01)
+        await other.commit()
+    async with asyncio.timeout(20):
+        await ending
+    logged = await _logged(runtime, run_id)
+    assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
+    names = [name for _seq, name, _data in logged]
+    assert names.index("thread.run.other") < names.index("thread.run.step.created")
+    assert names[-1] == "thread.run.completed" and names.count("thread.message.completed") == 1
+    assert carried and reads  # tried carried, made again reading first
+
+
+async def _end_waits_for_the_row(runtime: Runtime) -> bool:
+    """Whether the end's statement (its move carried by the events' insert,
+    after the turn's rows: the text pg_stat_activity keeps is cut short) waits
+    for a lock."""
+    async with runtime.engine.connect() as watcher:
+        waiting = text(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH alongside_0 AS%'"
+        )
+        return bool((await watcher.execute(waiting)).scalar())
