@@ -36,28 +36,23 @@ async def _logged(runtime: Runtime, run_id: str) -> list[tuple[int, str, Any]]:
         return [(seq, name, data) for seq, name, data in (await session.execute(query.order_by(orm.RunEvent.seq)))]
 
 
-def _reads_locked(runtime: Runtime) -> list[str]:
-    """Statements that read a run FOR UPDATE (the end's way that reads first), from now on."""
+def _sent(runtime: Runtime, *fragments: str) -> list[str]:
+    """The statements containing every one of ``fragments`` sent from now on
+    (until the runtime closes)."""
     seen: list[str] = []
 
     def before(_connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if "FROM runs" in statement and "FOR UPDATE" in statement:
+        if all(fragment in statement for fragment in fragments):
             seen.append(statement)
 
     event.listen(runtime.engine.sync_engine, "before_cursor_execute", before)
     return seen
 
 
-def _carried_ends(runtime: Runtime) -> list[str]:
-    """Moves carried by the events' insert that require the run's metadata unchanged, from now on."""
-    seen: list[str] = []
-
-    def before(_connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if "INSERT INTO run_events" in statement and "runs.metadata =" in statement:
-            seen.append(statement)
-
-    event.listen(runtime.engine.sync_engine, "before_cursor_execute", before)
-    return seen
+# The end's way that reads the run first; a move carried by the events'
+# insert that requires the run's metadata unchanged.
+_READ_LOCKED = ("FROM runs", "FOR UPDATE")
+_CARRIED_END = ("INSERT INTO run_events", "runs.metadata =")
 
 
 async def test_metadata_changed_while_a_run_executes_is_in_its_end_event(runtime: Runtime) -> None:
@@ -68,7 +63,7 @@ async def test_metadata_changed_while_a_run_executes_is_in_its_end_event(runtime
     execution = await _started(runtime, run_id)
     async with runtime.transaction() as session:
         await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(metadata_={"stage": "late"}))
-    reads, carried = _reads_locked(runtime), _carried_ends(runtime)
+    reads, carried = _sent(runtime, *_READ_LOCKED), _sent(runtime, *_CARRIED_END)
     await execute.run(execution)
     if runtime.run_log.postgres:
         assert carried and reads  # tried carried, made again reading first
@@ -95,7 +90,7 @@ async def test_an_end_that_waited_for_a_concurrent_append_numbers_its_events_aft
     monkeypatch.setattr(execute, "QUICK_ANSWER_SECONDS", 30)  # the answer goes with the end, however loaded
     (run_id,) = await _make_runs(runtime, 1)
     execution = await _started(runtime, run_id)
-    reads, carried = _reads_locked(runtime), _carried_ends(runtime)
+    reads, carried = _sent(runtime, *_READ_LOCKED), _sent(runtime, *_CARRIED_END)
     async with runtime.engine.connect() as other:
         await other.execute(select(orm.Run.id).where(orm.Run.id == run_id).with_for_update())
         next_seq = text("SELECT max(seq) + 1 FROM run_events WHERE run_id = :run_id")
