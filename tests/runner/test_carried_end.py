@@ -24,7 +24,7 @@ _OWNER = "test:0:carried"
 
 async def _started(runtime: Runtime, run_id: str) -> execute.RunExecution:
     """The run claimed and started (in_progress committed), not ended: its
-    answer is streamed (cued to take time)."""
+    answer is streamed."""
     (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
     assert execution.run_id == run_id and not execution.finished
     return execution
@@ -55,11 +55,27 @@ _READ_LOCKED = ("FROM runs", "FOR UPDATE")
 _CARRIED_END = ("INSERT INTO run_events", "runs.metadata =")
 
 
-async def test_metadata_changed_while_a_run_executes_is_in_its_end_event(runtime: Runtime) -> None:
+def _answers_quickly(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model streams its whole answer at once, as a provider's (never
+    answered in the claim): written with the run's end, however loaded the
+    machine (no message written while the model is silent)."""
+
+    async def quick(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        yield llm.Finish("stop", llm.Usage(3, 1))
+
+    _provider(runtime, monkeypatch, quick)
+    monkeypatch.setattr(execute, "QUICK_ANSWER_SECONDS", 30)
+
+
+async def test_metadata_changed_while_a_run_executes_is_in_its_end_event(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The completed event carries the run as it is when it ends: metadata
     updated during its execution included (on PostgreSQL the carried move
     misses on it, and the end reads the run)."""
-    (run_id,) = await _make_runs(runtime, 1, text="[[delay 1]] hello")
+    _answers_quickly(runtime, monkeypatch)
+    (run_id,) = await _make_runs(runtime, 1)
     execution = await _started(runtime, run_id)
     async with runtime.transaction() as session:
         await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(metadata_={"stage": "late"}))
@@ -81,13 +97,7 @@ async def test_an_end_that_waited_for_a_concurrent_append_numbers_its_events_aft
     row (its snapshot taken before): the statement's numbering collides with
     it and fails, and the end is made again, reading first: every event
     logged once, in order after the other append's, the run completed."""
-
-    async def quick(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
-        yield llm.TextDelta("Hello")
-        yield llm.Finish("stop", llm.Usage(3, 1))
-
-    _provider(runtime, monkeypatch, quick)
-    monkeypatch.setattr(execute, "QUICK_ANSWER_SECONDS", 30)  # the answer goes with the end, however loaded
+    _answers_quickly(runtime, monkeypatch)
     (run_id,) = await _make_runs(runtime, 1)
     execution = await _started(runtime, run_id)
     reads, carried = _sent(runtime, *_READ_LOCKED), _sent(runtime, *_CARRIED_END)
