@@ -54,6 +54,8 @@ log = logging.getLogger("app.runner")
 MAX_MODEL_CALLS = 64
 # How often an executing run re-reads its row for a cancel from another process.
 CANCEL_POLL_SECONDS = 0.5
+# How long a stopped execution waits for that read to end before cutting it short.
+CANCEL_CHECK_GRACE_SECONDS = 1.0
 # A streamed answer all of whose events arrive within this of its first is
 # taken whole and written with the run's move (RunExecution._take); a longer
 # one reaches clients this much later than its first event.
@@ -702,9 +704,17 @@ class RunExecution:
                     async with asyncio.timeout_at(check_at):
                         event = await events.get()
                 except TimeoutError:
-                    # Shielded: cancelling this watcher must not cut a
-                    # database read short (the connection would be dropped).
-                    if await asyncio.shield(self._cancel_requested()):
+                    # The watcher cancelled meanwhile (the answer came, the
+                    # execution was stopped) waits for the read to end
+                    # rather than cut it short (its connection would be
+                    # dropped), but does not end before it: a read left
+                    # running after its execution kept a connection past
+                    # the Runtime's close, which the pool disposed of
+                    # meanwhile then took back for good, unclosed (an
+                    # asyncpg ResourceWarning at garbage collection).
+                    check = asyncio.ensure_future(self._cancel_requested())
+                    await _until_ended(check, CANCEL_CHECK_GRACE_SECONDS)
+                    if check.result():
                         return
                     check_at = loop.time() + CANCEL_POLL_SECONDS
                 else:
@@ -931,16 +941,23 @@ async def _gather_quickly(
     return isinstance(gathered[-1], llm.Finish)
 
 
-async def _until_ended(task: asyncio.Task[None]) -> None:
-    """Wait for ``task`` to end; cancelled meanwhile, cancel it too, still
-    wait, then be cancelled (nothing of it left running unobserved)."""
+async def _until_ended(task: asyncio.Task[Any], grace_seconds: float = 0.0) -> None:
+    """Wait for ``task`` to end; cancelled meanwhile, give it ``grace_seconds``
+    to end by itself (a second cancellation cuts that short), then cancel it
+    too, still wait, then be cancelled (nothing of it left running unobserved)."""
     cancelled = False
+    timeout: float | None = None
     while not task.done():
         try:
-            await asyncio.wait({task})
+            await asyncio.wait({task}, timeout=timeout)
         except asyncio.CancelledError:
+            if not cancelled and grace_seconds > 0:
+                cancelled, timeout = True, grace_seconds
+                continue
             cancelled = True
+        if cancelled:
             task.cancel()
+            timeout = None
     if cancelled:
         raise asyncio.CancelledError
 

@@ -452,3 +452,39 @@ async def test_a_run_ended_during_a_builtin_tool_gets_nothing_after_its_last_eve
     assert names[-1] == "thread.run.expired", names
     assert (await _statuses(runtime, [run_id]))[run_id] == "expired"
     assert "in_progress" not in steps and [m.status for m in await _answers(runtime, run_id)] != ["in_progress"]
+
+
+async def _a_read_of_runs_waits(locker: asyncpg.Connection) -> bool:
+    """Whether a plain read of the runs table waits for ``locker``'s lock."""
+    query = (
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'runs'::regclass AND mode = 'AccessShareLock'"
+    )
+    return bool(await locker.fetchval(query))
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # a read held up by a table lock
+async def test_a_stopped_execution_leaves_no_read_of_its_run_behind(runtime: Runtime) -> None:
+    """An execution stopped (shutdown, a lost lease) while its cancel watcher
+    reads the run's row ends only once that read has ended. Left running on
+    its own, the read kept its connection past the execution, and past the
+    Runtime's close: the pool disposed of meanwhile took it back, for good,
+    unclosed (an asyncpg ResourceWarning in whichever test the garbage
+    collector ran in)."""
+    await _make_runs(runtime, 1, text="[[delay 100]] [[tokens 3000]]")  # five minutes
+    (execution,) = await execute.claim_and_start(runtime, "worker-1", 1, 600.0, {})
+    before = asyncio.all_tasks()
+    task = asyncio.create_task(execute.run(execution))
+    url = make_url(runtime.settings.resolved_database_url())
+    locker = await asyncpg.connect(user="postgres", database=url.database, host=url.query["host"])
+    try:
+        async with locker.transaction():
+            await locker.execute("LOCK TABLE runs IN ACCESS EXCLUSIVE MODE")
+            await _until(lambda: _a_read_of_runs_waits(locker), "the watcher's read to wait")
+            task.cancel()
+            await asyncio.wait({task}, timeout=DEADLINE)
+            assert task.done()
+            # (Named tasks are the Runtime's own: the run log's flusher.)
+            left = [t for t in asyncio.all_tasks() - before if not t.done() and t.get_name().startswith("Task-")]
+            assert left == []
+    finally:
+        await locker.close()
