@@ -20,12 +20,14 @@ a lease back.
 The margin: the database's lease runs ``lease_seconds`` from a moment taken
 before its statement (the claim's, or a renewal's) was sent, and this
 renewer counts from a moment taken earlier still, kept only once that
-statement's transaction committed. Each attempt is cut off well within the
-lease (ATTEMPT_FRACTION: an attempt waiting on SQLite's write lock or on
-the connection pool could otherwise take a whole lease), and a run is given
-up at GIVE_UP_FRACTION of its lease since then, by a round scheduled for
-that moment, not at the lapse: so this worker stops streaming a run before
-another worker may legitimately take it over and ask the model again.
+statement's transaction committed. Each attempt's statements are cut off
+well within the lease (ATTEMPT_FRACTION: a database that does not answer),
+its wait for this process's own queue (SQLite's write lock, a connection of
+the pool: other transactions here at work) only at the give-up moment; a
+run is given up at GIVE_UP_FRACTION of its lease since then, by a round
+scheduled for that moment, not at the lapse: so this worker stops
+streaming a run before another worker may legitimately take it over and
+ask the model again.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ log = logging.getLogger("app.worker")
 # Give a run up this far into its lease without a successful renewal: before
 # it can lapse under us (another worker may claim it then).
 GIVE_UP_FRACTION = 0.9
-# One renewal attempt is cut off after this share of the lease (5 s of the
-# default 30): the rounds of a lease (every third of it) each get a bounded
-# try, and the give-up round still comes before the lapse.
+# One renewal attempt's statements are cut off after this share of the
+# lease (5 s of the default 30): the rounds of a lease (every third of it)
+# each get a bounded try, and the give-up round still comes before the lapse.
 ATTEMPT_FRACTION = 1 / 6
 # A loop timer may fire a little before its time (uvloop counts whole
 # milliseconds): a round due at a give-up moment gives up what is due this
@@ -165,12 +167,22 @@ class LeaseRenewer:
         if not held:
             return
         run_ids = sorted(held)
-        # Taken before the statement; kept once its transaction committed.
-        started_at = time.monotonic()
-        # Bounded, and over before the first of these runs is given up.
-        limit = min(self.attempt_seconds, min(self._give_up_at(lease) for lease in held.values()) - started_at)
+        give_up_at = min(self._give_up_at(lease) for lease in held.values())
+        limit = give_up_at - time.monotonic()
         try:
-            async with asyncio.timeout(limit), self.runtime.transaction() as session:
+            async with asyncio.timeout(limit) as deadline, self.runtime.transaction() as session:
+                # This process's own queue first (SQLite's write lock, a
+                # connection of the pool), up to the give-up moment: a wait
+                # there is other transactions of this process at work, not
+                # a database gone silent, and cutting it at the attempt's
+                # limit gave runs up (their model asked again elsewhere)
+                # while the queue stayed slower than that.
+                await session.connection()
+                # Taken before the statement; kept once its transaction committed.
+                started_at = time.monotonic()
+                # The statements: bounded, and over before the first of these runs is given up.
+                limit = min(self.attempt_seconds, give_up_at - started_at)
+                deadline.reschedule(asyncio.get_running_loop().time() + limit)
                 renewed = await run_execution.renew(session, self.owner, run_ids, self.lease_seconds)
                 # The rows the UPDATE did not return: ended, released, or claimed by another worker.
                 missed = sorted(set(run_ids) - set(renewed))

@@ -474,6 +474,34 @@ async def test_failing_renewals_are_cut_off_and_the_run_stopped_before_its_lease
     assert f"lost the lease of run {run_id}; stopping its execution here" in caplog.text
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # this process's SQLite write lock
+async def test_a_renewal_queued_for_the_write_lock_longer_than_an_attempt_still_renews(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A renewal waiting for this process's SQLite write lock (other
+    transactions here at work) longer than an attempt's limit is not cut off
+    there, only at the give-up moment: once the lock is free it renews, and
+    the run goes on (cut off, a queue that stayed that slow gave runs up and
+    had their model asked again elsewhere)."""
+    worker, task = await _started(runtime)
+    try:
+        with caplog.at_level(logging.WARNING, logger="app.worker"):
+            (run_id,) = await _make_runs(runtime, 1, text=LONG_RUN)
+            await _until(lambda: worker.busy == 1, "the run to start")
+            rounds, claimed_at = worker.leases.rounds, worker.leases.renewed_at(run_id)
+            async with runtime.transaction() as session:  # takes the write lock, and holds it
+                await session.execute(select(orm.Run.id).where(orm.Run.id == run_id))
+                await _until(lambda: worker.leases.rounds > rounds, "a renewal round (queued for the lock)")
+                queued_at = time.monotonic()
+                limit = worker.leases.attempt_seconds
+                await _until(lambda: time.monotonic() > queued_at + limit * 1.2, "more than an attempt's limit")
+            await _until(lambda: worker.leases.renewed_at(run_id) != claimed_at, "the queued renewal")
+        assert worker.busy == 1 and worker.leases.held == {run_id}
+    finally:
+        await _stop(worker, task)
+    assert "renewing the lease" not in caplog.text and "lost the lease" not in caplog.text
+
+
 async def test_a_lease_near_its_give_up_gets_an_attempt_first(runtime: Runtime) -> None:
     """A claim that took most of the lease (its transaction queued for the
     write lock) leaves a lease near its give-up moment when the run is held:
