@@ -7,35 +7,27 @@ prepared again, for every length)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
-from sqlalchemy import event, update
+from sqlalchemy import update
 
 from app import orm
 from app.runtime import Runtime
 from app.services import run_execution
+from tests.runner.helpers import statements_sent
 from tests.runner.test_worker import _make_runs
 
 OWNER = "this-worker"
 
 
-@contextmanager
-def claim_statements(runtime: Runtime) -> Iterator[list[str]]:
+def claim_statements(runtime: Runtime) -> AbstractContextManager[list[str]]:
     """The SQL of each claim sent while inside."""
-    seen: list[str] = []
 
-    def before(_connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if "lease_owner=" in statement.replace(" ", "") and "candidates" in statement:
-            seen.append(statement)
+    def claim(statement: str, _parameters: Any) -> str | None:
+        return statement if "lease_owner=" in statement.replace(" ", "") and "candidates" in statement else None
 
-    engine = runtime.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", before)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", before)
+    return statements_sent(runtime, claim)
 
 
 async def _lapse(runtime: Runtime, run_ids: list[str]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -25,33 +25,16 @@ from app.runtime import Runtime
 from app.services import run_execution, runs
 from app.settings import Settings
 from app.worker import Worker
+from tests.runner.helpers import DEADLINE, running_worker, runtime_with_lease, stop_worker, until
 from tests.runner.test_worker import _make_runs, _statuses
 
-DEADLINE = 30.0
 FINAL = {"completed", "failed", "cancelled", "expired", "incomplete"}
 
 
 @pytest.fixture
 async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    settings = settings.model_copy(update={"worker_poll_seconds": 0.05, "run_lease_seconds": 1.0})
-    rt = await Runtime.start(settings)
-    try:
+    async with runtime_with_lease(settings, 1.0) as rt:
         yield rt
-    finally:
-        await rt.close()
-
-
-async def _until(condition: Callable[[], Any], what: str, deadline: float = DEADLINE) -> None:
-    """Poll ``condition`` (sync or async) until true, or fail naming ``what``."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 async def _all_final(runtime: Runtime, run_ids: list[str]) -> bool:
@@ -62,18 +45,6 @@ async def _answers(runtime: Runtime, run_id: str) -> list[orm.Message]:
     async with runtime.transaction() as session:
         query = select(orm.Message).where(orm.Message.run_id == run_id).order_by(orm.Message.seq)
         return list((await session.scalars(query)).all())
-
-
-async def _running_worker(runtime: Runtime, **kwargs: Any) -> tuple[Worker, asyncio.Task[None]]:
-    worker = Worker(runtime, **kwargs)
-    runtime.wake_worker = worker.wake
-    return worker, asyncio.create_task(worker.run_forever())
-
-
-async def _stop(worker: Worker, task: asyncio.Task[None]) -> None:
-    worker.request_stop()
-    worker.request_stop()  # no drain: whatever is left is released
-    await task
 
 
 async def _terminate_backends(runtime: Runtime) -> int:
@@ -93,26 +64,26 @@ async def _terminate_backends(runtime: Runtime) -> int:
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # PostgreSQL connections only
 async def test_worker_survives_dropped_postgres_connections(runtime: Runtime) -> None:
-    worker, task = await _running_worker(runtime)
+    worker, task = await running_worker(runtime)
     # The test's own reads and writes use a pool of their own, renewed after
     # the drop: only the worker's connections are put to the test.
     client = await Runtime.start(runtime.settings)
     try:
         # One run in flight while its connections are killed, more queued after.
         (slow,) = await _make_runs(client, 1, text="[[delay 50]] [[tokens 20]]")
-        await _until(lambda: worker.busy == 1, "the slow run to start")
+        await until(lambda: worker.busy == 1, "the slow run to start")
         # Whoever meets a dead connection first (the loop, the executor, the
         # listener) fails; the pool then reconnects. Nothing may stay stuck.
         assert await _terminate_backends(runtime) > 0
         await client.engine.dispose()
         after = await _make_runs(client, 3)
-        await _until(lambda: _all_final(client, [slow, *after]), "the runs to finish")
+        await until(lambda: _all_final(client, [slow, *after]), "the runs to finish")
         assert set((await _statuses(client, [slow, *after])).values()) == {"completed"}
         assert worker.last_error is None
         answers = await _answers(client, slow)
         assert [(m.status, len(m.content[0]["text"]["value"].split())) for m in answers] == [("completed", 20)]
     finally:
-        await _stop(worker, task)
+        await stop_worker(worker, task)
         await client.close()
 
 
@@ -133,26 +104,26 @@ async def test_worker_survives_a_sqlite_lock_held_past_the_busy_timeout(runtime:
     url = runtime.settings.resolved_database_url()
     _short_busy_timeout(runtime)
     await runtime.engine.dispose()  # new connections get the short timeout
-    worker, task = await _running_worker(runtime)
+    worker, task = await running_worker(runtime)
     # The locker's calls block, so they run in a thread: on the event loop's
     # thread, waiting for the lock would stall the executor's open transaction
     # that holds it, and the two would wait on each other until the timeout.
     locker = sqlite3.connect(make_url(url).database or "", isolation_level=None, check_same_thread=False)
     try:
         (slow,) = await _make_runs(runtime, 1, text="[[delay 20]] [[tokens 50]]")
-        await _until(lambda: worker.busy == 1, "the slow run to start")
+        await until(lambda: worker.busy == 1, "the slow run to start")
         await asyncio.to_thread(locker.execute, "BEGIN IMMEDIATE")  # another process writing for too long
-        await _until(lambda: "locked" in (worker.last_error or ""), "the worker to hit the lock")
+        await until(lambda: "locked" in (worker.last_error or ""), "the worker to hit the lock")
         await asyncio.to_thread(locker.execute, "ROLLBACK")
         run_ids = await _make_runs(runtime, 3)
-        await _until(lambda: _all_final(runtime, [slow, *run_ids]), "the runs to finish")
+        await until(lambda: _all_final(runtime, [slow, *run_ids]), "the runs to finish")
         assert set((await _statuses(runtime, [slow, *run_ids])).values()) == {"completed"}
         assert worker.last_error is None
         answers = await _answers(runtime, slow)
         assert [(m.status, len(m.content[0]["text"]["value"].split())) for m in answers] == [("completed", 50)]
     finally:
         locker.close()
-        await _stop(worker, task)
+        await stop_worker(worker, task)
 
 
 async def test_a_silent_model_stream_fails_the_run(settings: Settings) -> None:
@@ -176,28 +147,28 @@ async def test_a_silent_model_stream_fails_the_run(settings: Settings) -> None:
 
 
 async def test_executing_runs_expire_and_free_their_slots(runtime: Runtime) -> None:
-    worker, task = await _running_worker(runtime, concurrency=2)
+    worker, task = await running_worker(runtime, concurrency=2)
     try:
         hung = await _make_runs(runtime, 2, text="[[hang]]")
-        await _until(lambda: worker.busy == 2, "both hung runs to take a slot")
+        await until(lambda: worker.busy == 2, "both hung runs to take a slot")
         waiting = await _make_runs(runtime, 1)
         async with runtime.transaction() as session:
             await session.execute(update(orm.Run).where(orm.Run.id.in_(hung)).values(expires_at=ids.now() - 1))
-        await _until(lambda: _all_final(runtime, [*hung, *waiting]), "the runs to end")
+        await until(lambda: _all_final(runtime, [*hung, *waiting]), "the runs to end")
         statuses = await _statuses(runtime, [*hung, *waiting])
         assert [statuses[run_id] for run_id in [*hung, *waiting]] == ["expired", "expired", "completed"]
-        await _until(lambda: worker.busy == 0, "the expired executions to stop")
+        await until(lambda: worker.busy == 0, "the expired executions to stop")
     finally:
-        await _stop(worker, task)
+        await stop_worker(worker, task)
 
 
 async def test_shutdown_drains_then_releases_runs_for_another_worker(runtime: Runtime) -> None:
-    first, task = await _running_worker(runtime)
+    first, task = await running_worker(runtime)
     quick, slow = (
         (await _make_runs(runtime, 1, text="[[delay 100]] [[tokens 3]]"))[0],
         (await _make_runs(runtime, 1, text="[[delay 20]] [[tokens 200]]"))[0],
     )
-    await _until(lambda: first.busy == 2, "both runs to start")
+    await until(lambda: first.busy == 2, "both runs to start")
     first.drain_seconds = 1.0
     first.request_stop()
     await task
@@ -206,15 +177,15 @@ async def test_shutdown_drains_then_releases_runs_for_another_worker(runtime: Ru
     async with runtime.transaction() as session:
         released = await session.get(orm.Run, slow)
     assert released is not None and released.lease_owner is None and released.lease_expires_at is None
-    second, task = await _running_worker(runtime)
+    second, task = await running_worker(runtime)
     try:
         assert second.owner != first.owner
-        await _until(lambda: _all_final(runtime, [slow]), "the released run to finish elsewhere")
+        await until(lambda: _all_final(runtime, [slow]), "the released run to finish elsewhere")
         assert (await _statuses(runtime, [slow]))[slow] == "completed"
         answers = await _answers(runtime, slow)
         assert [(m.status, len(m.content[0]["text"]["value"].split())) for m in answers] == [("completed", 200)]
     finally:
-        await _stop(second, task)
+        await stop_worker(second, task)
 
 
 @pytest.mark.parametrize("lease_seconds", [1.0, 600.0], ids=["renewer", "cancel-watcher"])
@@ -225,10 +196,10 @@ async def test_an_execution_whose_lease_was_taken_over_stops(settings: Settings,
     finds it in another lease."""
     update_settings = {"worker_poll_seconds": 0.05, "run_lease_seconds": lease_seconds}
     rt = await Runtime.start(settings.model_copy(update=update_settings))
-    worker, task = await _running_worker(rt)
+    worker, task = await running_worker(rt)
     try:
         (run_id,) = await _make_runs(rt, 1, text="[[delay 100]] [[tokens 3000]]")  # five minutes
-        await _until(lambda: worker.busy == 1, "the run to start")
+        await until(lambda: worker.busy == 1, "the run to start")
         async with rt.transaction() as session:  # as if another worker claimed it after a lapse
             # With a lease of its own, as a claim stamps: with the old one left
             # to lapse, this worker could claim the run back (and finish it)
@@ -238,12 +209,12 @@ async def test_an_execution_whose_lease_was_taken_over_stops(settings: Settings,
                 .where(orm.Run.id == run_id)
                 .values(lease_owner="other-worker", lease_expires_at=time.time() + 600)
             )
-        await _until(lambda: worker.busy == 0, "the execution to stop")
+        await until(lambda: worker.busy == 0, "the execution to stop")
         async with rt.transaction() as session:
             run = await session.get(orm.Run, run_id)
         assert run is not None and (run.status, run.lease_owner) == ("in_progress", "other-worker")
     finally:
-        await _stop(worker, task)
+        await stop_worker(worker, task)
         await rt.close()
 
 
@@ -258,24 +229,24 @@ async def test_a_worker_leaves_alone_a_run_it_still_executes_whose_lease_lapsed(
     test: no renewal stamps it again meanwhile.)"""
     update_settings = {"worker_poll_seconds": 0.05, "run_lease_seconds": 600.0}
     rt = await Runtime.start(settings.model_copy(update=update_settings))
-    worker, task = await _running_worker(rt)
+    worker, task = await running_worker(rt)
     try:
         (run_id,) = await _make_runs(rt, 1, text="[[delay 20]] [[tokens 50]]")
 
         async def streaming() -> bool:
             return bool(await _answers(rt, run_id))
 
-        await _until(streaming, "the answer's message to open")
+        await until(streaming, "the answer's message to open")
         async with rt.transaction() as session:
             lapsed = update(orm.Run).where(orm.Run.id == run_id).values(lease_expires_at=time.time() - 1)
             await session.execute(lapsed)
         worker.wake()  # a claim at once, while the answer still streams
-        await _until(lambda: _all_final(rt, [run_id]), "the run to finish")
+        await until(lambda: _all_final(rt, [run_id]), "the run to finish")
         assert await _statuses(rt, [run_id]) == {run_id: "completed"}
         answers = await _answers(rt, run_id)
         assert [(m.status, len(m.content[0]["text"]["value"].split())) for m in answers] == [("completed", 50)]
     finally:
-        await _stop(worker, task)
+        await stop_worker(worker, task)
         await rt.close()
 
 
@@ -286,21 +257,21 @@ async def test_a_late_release_spares_a_run_the_worker_executes_again(settings: S
     lease away (the execution then stops as if taken over): it is skipped."""
     update_settings = {"worker_poll_seconds": 0.05, "run_lease_seconds": 600.0}
     rt = await Runtime.start(settings.model_copy(update=update_settings))
-    worker, task = await _running_worker(rt)
+    worker, task = await running_worker(rt)
     try:
         (run_id,) = await _make_runs(rt, 1, text="[[delay 20]] [[tokens 50]]")
-        await _until(lambda: worker.busy == 1, "the run to start")
+        await until(lambda: worker.busy == 1, "the run to start")
         worker._unreleased.add(run_id)  # as a failed release of an earlier execution of it left it
         worker.wake()
-        await _until(lambda: not worker._unreleased, "a tick to hand back what it holds")
+        await until(lambda: not worker._unreleased, "a tick to hand back what it holds")
         async with rt.transaction() as session:
             run = await session.get(orm.Run, run_id)
         assert run is not None and (run.status, run.lease_owner) in {("in_progress", worker.owner), ("completed", None)}
-        await _until(lambda: _all_final(rt, [run_id]), "the run to finish")
+        await until(lambda: _all_final(rt, [run_id]), "the run to finish")
         answers = await _answers(rt, run_id)
         assert [(m.status, len(m.content[0]["text"]["value"].split())) for m in answers] == [("completed", 50)]
     finally:
-        await _stop(worker, task)
+        await stop_worker(worker, task)
         await rt.close()
 
 
@@ -335,22 +306,22 @@ async def test_a_failed_release_is_not_dropped_by_the_tick_its_own_wake_starts(
 
     monkeypatch.setattr(execute, "run", run)
     monkeypatch.setattr(run_execution, "release", release)
-    worker, task = await _running_worker(rt)
+    worker, task = await running_worker(rt)
     try:
         (run_id,) = await _make_runs(rt, 1, text="[[delay 20]] [[tokens 5]]")  # streamed: not answered in its claim
-        await _until(lambda: failures["release"] == 0, "the failed release")
+        await until(lambda: failures["release"] == 0, "the failed release")
         # Resumed at once (the wake after the task left its list), not after its 600 s lease.
-        await _until(lambda: _all_final(rt, [run_id]), "the run to be resumed and finish")
+        await until(lambda: _all_final(rt, [run_id]), "the run to be resumed and finish")
         assert await _statuses(rt, [run_id]) == {run_id: "completed"}
     finally:
-        await _stop(worker, task)
+        await stop_worker(worker, task)
         await rt.close()
 
 
 async def test_shutdown_returns_as_soon_as_the_runs_in_flight_are_done(runtime: Runtime) -> None:
-    worker, task = await _running_worker(runtime)
+    worker, task = await running_worker(runtime)
     (run_id,) = await _make_runs(runtime, 1, text="[[delay 20]] [[tokens 20]]")
-    await _until(lambda: worker.busy == 1, "the run to start")
+    await until(lambda: worker.busy == 1, "the run to start")
     worker.drain_seconds = 600.0  # far longer than the test may take
     worker.request_stop()
     async with asyncio.timeout(DEADLINE):
@@ -479,7 +450,7 @@ async def test_a_stopped_execution_leaves_no_read_of_its_run_behind(runtime: Run
     try:
         async with locker.transaction():
             await locker.execute("LOCK TABLE runs IN ACCESS EXCLUSIVE MODE")
-            await _until(lambda: _a_read_of_runs_waits(locker), "the watcher's read to wait")
+            await until(lambda: _a_read_of_runs_waits(locker), "the watcher's read to wait")
             task.cancel()
             await asyncio.wait({task}, timeout=DEADLINE)
             assert task.done()

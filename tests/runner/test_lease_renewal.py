@@ -13,8 +13,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -28,9 +28,9 @@ from app.runtime import Runtime
 from app.services import run_execution
 from app.settings import Settings
 from app.worker import Worker
+from tests.runner.helpers import DEADLINE, running_worker, runtime_with_lease, statements_sent, stop_worker, until
 from tests.runner.test_worker import _make_runs, _statuses
 
-DEADLINE = 30.0
 LONG_RUN = "[[delay 100]] [[tokens 3000]]"  # five minutes: ended by the test
 
 
@@ -38,23 +38,8 @@ LONG_RUN = "[[delay 100]] [[tokens 3000]]"  # five minutes: ended by the test
 async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
     # A lease of 3 s: a renewal every second, attempts cut off at 0.5 s (a
     # shorter lease leaves a loaded machine's transactions too little).
-    rt = await Runtime.start(settings.model_copy(update={"worker_poll_seconds": 0.05, "run_lease_seconds": 3.0}))
-    try:
+    async with runtime_with_lease(settings, 3.0) as rt:
         yield rt
-    finally:
-        await rt.close()
-
-
-async def _until(condition: Callable[[], Any], what: str, deadline: float = DEADLINE) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def _run_ids(parameter: Any) -> list[str]:
@@ -67,22 +52,16 @@ def _run_ids(parameter: Any) -> list[str]:
     return []
 
 
-@contextmanager
-def renewal_statements(runtime: Runtime) -> Iterator[list[tuple[float, set[str]]]]:
+def renewal_statements(runtime: Runtime) -> AbstractContextManager[list[tuple[float, set[str]]]]:
     """Each renewal UPDATE sent while inside: when, and the run ids it names."""
-    seen: list[tuple[float, set[str]]] = []
 
-    def before(_connection: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
-        if " ".join(statement.split()).startswith("UPDATE runs SET lease_expires_at"):
-            values = parameters.values() if isinstance(parameters, dict) else parameters
-            seen.append((time.time(), {run_id for value in values for run_id in _run_ids(value)}))
+    def renewal(statement: str, parameters: Any) -> tuple[float, set[str]] | None:
+        if not " ".join(statement.split()).startswith("UPDATE runs SET lease_expires_at"):
+            return None
+        values = parameters.values() if isinstance(parameters, dict) else parameters
+        return time.time(), {run_id for value in values for run_id in _run_ids(value)}
 
-    engine = runtime.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", before)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", before)
+    return statements_sent(runtime, renewal)
 
 
 async def _leases(runtime: Runtime, run_ids: list[str]) -> dict[str, tuple[str | None, float | None]]:
@@ -91,39 +70,27 @@ async def _leases(runtime: Runtime, run_ids: list[str]) -> dict[str, tuple[str |
         return {row.id: (row.lease_owner, row.lease_expires_at) for row in (await session.execute(query)).all()}
 
 
-async def _started(runtime: Runtime) -> tuple[Worker, asyncio.Task[None]]:
-    worker = Worker(runtime)
-    runtime.wake_worker = worker.wake
-    return worker, asyncio.create_task(worker.run_forever())
-
-
-async def _stop(worker: Worker, task: asyncio.Task[None]) -> None:
-    worker.request_stop()
-    worker.request_stop()  # no drain
-    await task
-
-
 async def test_one_statement_renews_every_executing_run_before_its_lease_lapses(runtime: Runtime) -> None:
-    worker, task = await _started(runtime)
+    worker, task = await running_worker(runtime)
     try:
         with renewal_statements(runtime) as renewals:
             first = await _make_runs(runtime, 2, text=LONG_RUN)
-            await _until(lambda: worker.busy == 2, "the first runs to start")
+            await until(lambda: worker.busy == 2, "the first runs to start")
             claimed = await _leases(runtime, first)
-            await _until(lambda: len(renewals) >= 1, "a renewal")
+            await until(lambda: len(renewals) >= 1, "a renewal")
             # A run claimed between two renewals is renewed within a period of its claim.
             (late,) = await _make_runs(runtime, 1, text=LONG_RUN)
-            await _until(lambda: worker.busy == 3, "the late run to start")
+            await until(lambda: worker.busy == 3, "the late run to start")
             (late_claim,) = (await _leases(runtime, [late])).values()
-            await _until(lambda: any(late in ids for _at, ids in renewals), "the late run's renewal")
-            await _until(lambda: sum(1 for _at, ids in renewals if ids == {*first, late}) >= 2, "renewals of all three")
+            await until(lambda: any(late in ids for _at, ids in renewals), "the late run's renewal")
+            await until(lambda: sum(1 for _at, ids in renewals if ids == {*first, late}) >= 2, "renewals of all three")
             leases = await _leases(runtime, [*first, late])
             # Counted while its statements are recorded: a round after the
             # block and before the stop would otherwise count unrecorded.
             await worker.leases.idle()
             rounds, recorded = worker.leases.rounds, len(renewals)
     finally:
-        await _stop(worker, task)
+        await stop_worker(worker, task)
     assert all(ids for _at, ids in renewals)
     assert {run_id for _at, ids in renewals for run_id in ids} == {*first, late}
     assert rounds == recorded  # one statement per round, whatever the number of runs
@@ -135,23 +102,23 @@ async def test_one_statement_renews_every_executing_run_before_its_lease_lapses(
 
 
 async def test_only_the_run_another_worker_took_over_is_stopped(runtime: Runtime) -> None:
-    worker, task = await _started(runtime)
+    worker, task = await running_worker(runtime)
     try:
         kept, taken = await _make_runs(runtime, 2, text=LONG_RUN)
-        await _until(lambda: worker.busy == 2, "the runs to start")
+        await until(lambda: worker.busy == 2, "the runs to start")
         async with runtime.transaction() as session:  # as if another worker claimed it after a lapse
             await session.execute(
                 update(orm.Run)
                 .where(orm.Run.id == taken)
                 .values(lease_owner="other-worker", lease_expires_at=time.time() + 600)
             )
-        await _until(lambda: worker.leases.held == {kept}, "the taken-over run to be given up")
-        await _until(lambda: worker.busy == 1, "its execution to stop")
+        await until(lambda: worker.leases.held == {kept}, "the taken-over run to be given up")
+        await until(lambda: worker.busy == 1, "its execution to stop")
         before = (await _leases(runtime, [kept]))[kept][1] or 0
-        await _until(lambda: _renewed_since(runtime, kept, before), "the other run's lease to be renewed again")
+        await until(lambda: _renewed_since(runtime, kept, before), "the other run's lease to be renewed again")
         assert worker.busy == 1
     finally:
-        await _stop(worker, task)
+        await stop_worker(worker, task)
     assert await _leases(runtime, [taken]) == {taken: ("other-worker", pytest.approx(time.time() + 600, abs=60))}
 
 
@@ -171,17 +138,17 @@ async def test_a_failed_renewal_is_retried(
         return await real_renew(*args, **kwargs)
 
     monkeypatch.setattr(run_execution, "renew", renew_failing_once)
-    worker, task = await _started(runtime)
+    worker, task = await running_worker(runtime)
     try:
         with caplog.at_level(logging.WARNING, logger="app.worker"):
             (run_id,) = await _make_runs(runtime, 1, text=LONG_RUN)
-            await _until(lambda: worker.busy == 1, "the run to start")
+            await until(lambda: worker.busy == 1, "the run to start")
             claimed = (await _leases(runtime, [run_id]))[run_id][1] or 0
-            await _until(lambda: not failures, "the failed renewal")
-            await _until(lambda: _renewed_since(runtime, run_id, claimed), "the retried renewal")
+            await until(lambda: not failures, "the failed renewal")
+            await until(lambda: _renewed_since(runtime, run_id, claimed), "the retried renewal")
         assert worker.busy == 1 and worker.leases.held == {run_id}
     finally:
-        await _stop(worker, task)
+        await stop_worker(worker, task)
     assert f"renewing the lease of run {run_id} failed (database is locked); retrying" in caplog.text
     assert "lost the lease" not in caplog.text
 
@@ -193,17 +160,17 @@ async def test_renewals_failing_until_the_lease_would_lapse_stop_the_execution(
         raise RuntimeError("database is locked")
 
     monkeypatch.setattr(run_execution, "renew", renew_failing)
-    worker, task = await _started(runtime)
+    worker, task = await running_worker(runtime)
     try:
         with caplog.at_level(logging.WARNING, logger="app.worker"):
             (run_id,) = await _make_runs(runtime, 1, text=LONG_RUN)
-            await _until(lambda: worker.busy == 1, "the run to start")
+            await until(lambda: worker.busy == 1, "the run to start")
             claimed_at = time.time()
             (_owner, first_lease) = (await _leases(runtime, [run_id]))[run_id]
             execution = worker._tasks[run_id]
-            await _until(execution.done, "the execution to stop")
+            await until(execution.done, "the execution to stop")
     finally:
-        await _stop(worker, task)
+        await stop_worker(worker, task)
     assert execution.cancelled()
     (lost, *_) = [record for record in caplog.records if record.getMessage().startswith("lost the lease")]
     assert lost.getMessage() == f"lost the lease of run {run_id}; stopping its execution here"
@@ -235,8 +202,8 @@ async def test_one_round_renews_what_it_holds_and_never_revives_a_cleared_lease(
         with renewal_statements(runtime) as renewals:
             for run_id, execution in executions.items():
                 renewer.hold(run_id, execution, time.monotonic())
-            await _until(lambda: executions[taken].done(), "the taken-over execution to be stopped")
-            await _until(lambda: renewer.rounds >= 2, "a second round")
+            await until(lambda: executions[taken].done(), "the taken-over execution to be stopped")
+            await until(lambda: renewer.rounds >= 2, "a second round")
             await renewer.idle()
             assert renewals[0][1] == {owned, released, taken}
             assert renewer.held == {owned, released}
@@ -250,7 +217,7 @@ async def test_one_round_renews_what_it_holds_and_never_revives_a_cleared_lease(
             renewer.drop(owned, executions[owned])
             rounds = renewer.rounds
             renewals.clear()
-            await _until(lambda: renewer.rounds > rounds, "a round after the drop")
+            await until(lambda: renewer.rounds > rounds, "a round after the drop")
             await renewer.idle()
             assert renewals and all(ids == {released} for _at, ids in renewals)
     finally:
@@ -291,11 +258,11 @@ async def test_short_runs_and_instant_answers_start_no_lease_task(runtime: Runti
 
 
 async def test_renewals_go_on_through_the_drain_and_stop_with_the_worker(runtime: Runtime) -> None:
-    worker, task = await _started(runtime)
+    worker, task = await running_worker(runtime)
     worker.drain_seconds = 600.0  # far longer than the test may take
     with renewal_statements(runtime) as renewals:
         (run_id,) = await _make_runs(runtime, 1, text="[[delay 100]] [[tokens 40]]")  # 4 s: past its lease
-        await _until(lambda: worker.busy == 1, "the run to start")
+        await until(lambda: worker.busy == 1, "the run to start")
         worker.request_stop()
         stop_requested = time.time()
         async with asyncio.timeout(DEADLINE):
@@ -312,18 +279,18 @@ async def test_a_lapsed_lease_of_a_run_this_worker_executes_is_renewed_not_claim
     came too late) is stamped again by the next round; this worker's claims
     leave the run out meanwhile (run_execution's ``executing``), so one
     execution goes on, never a second one beside it."""
-    worker, task = await _started(runtime)
+    worker, task = await running_worker(runtime)
     try:
         (run_id,) = await _make_runs(runtime, 1, text=LONG_RUN)
-        await _until(lambda: worker.busy == 1, "the run to start")
+        await until(lambda: worker.busy == 1, "the run to start")
         first = worker._tasks[run_id]
         async with runtime.transaction() as session:  # lapsed, as unrenewed leases do
             await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(lease_expires_at=time.time() - 1))
-        await _until(lambda: _renewed_since(runtime, run_id, time.time()), "a renewal to stamp it again")
+        await until(lambda: _renewed_since(runtime, run_id, time.time()), "a renewal to stamp it again")
         assert worker._tasks[run_id] is first and not first.done() and worker.busy == 1
         assert (await _leases(runtime, [run_id]))[run_id][0] == worker.owner
     finally:
-        await _stop(worker, task)
+        await stop_worker(worker, task)
 
 
 async def _held_run(runtime: Runtime, owner: str) -> str:
@@ -385,7 +352,7 @@ async def test_a_renewal_with_a_slow_commit_counts_from_before_its_statement(
     try:
         held_at = time.monotonic()
         renewer.hold(run_id, execution, held_at)
-        await _until(lambda: commits, "a renewal to commit")
+        await until(lambda: commits, "a renewal to commit")
         await renewer.idle()
         renewed_at = renewer.renewed_at(run_id)
         # The statement of the attempt that committed (an earlier attempt
@@ -420,7 +387,7 @@ async def test_a_renewal_whose_commit_fails_is_not_counted(
         with caplog.at_level(logging.WARNING, logger="app.worker"):
             held_at = time.monotonic()
             renewer.hold(run_id, execution, held_at)
-            await _until(lambda: len(failed) >= 2, "two renewals to fail at their commit")
+            await until(lambda: len(failed) >= 2, "two renewals to fail at their commit")
             await renewer.idle()
         assert renewer.renewed_at(run_id) == held_at
         assert not execution.done()  # retried, not given up: far from the lease's end
@@ -461,7 +428,7 @@ async def test_failing_renewals_are_cut_off_and_the_run_stopped_before_its_lease
         with caplog.at_level(logging.WARNING, logger="app.worker"):
             held_at = time.monotonic()
             renewer.hold(run_id, execution, held_at)
-            await _until(execution.done, "the execution to be stopped")
+            await until(execution.done, "the execution to be stopped")
             await renewer.idle()
     finally:
         await renewer.stop()
@@ -483,22 +450,22 @@ async def test_a_renewal_queued_for_the_write_lock_longer_than_an_attempt_still_
     there, only at the give-up moment: once the lock is free it renews, and
     the run goes on (cut off, a queue that stayed that slow gave runs up and
     had their model asked again elsewhere)."""
-    worker, task = await _started(runtime)
+    worker, task = await running_worker(runtime)
     try:
         with caplog.at_level(logging.WARNING, logger="app.worker"):
             (run_id,) = await _make_runs(runtime, 1, text=LONG_RUN)
-            await _until(lambda: worker.busy == 1, "the run to start")
+            await until(lambda: worker.busy == 1, "the run to start")
             rounds, claimed_at = worker.leases.rounds, worker.leases.renewed_at(run_id)
             async with runtime.transaction() as session:  # takes the write lock, and holds it
                 await session.execute(select(orm.Run.id).where(orm.Run.id == run_id))
-                await _until(lambda: worker.leases.rounds > rounds, "a renewal round (queued for the lock)")
+                await until(lambda: worker.leases.rounds > rounds, "a renewal round (queued for the lock)")
                 queued_at = time.monotonic()
                 limit = worker.leases.attempt_seconds
-                await _until(lambda: time.monotonic() > queued_at + limit * 1.2, "more than an attempt's limit")
-            await _until(lambda: worker.leases.renewed_at(run_id) != claimed_at, "the queued renewal")
+                await until(lambda: time.monotonic() > queued_at + limit * 1.2, "more than an attempt's limit")
+            await until(lambda: worker.leases.renewed_at(run_id) != claimed_at, "the queued renewal")
         assert worker.busy == 1 and worker.leases.held == {run_id}
     finally:
-        await _stop(worker, task)
+        await stop_worker(worker, task)
     assert "renewing the lease" not in caplog.text and "lost the lease" not in caplog.text
 
 
@@ -515,7 +482,7 @@ async def test_a_lease_near_its_give_up_gets_an_attempt_first(runtime: Runtime) 
     try:
         stamped_at = time.monotonic() - 2.0  # the claim was sent 2 s ago
         renewer.hold(run_id, execution, stamped_at)
-        await _until(lambda: renewer.renewed_at(run_id) != stamped_at or execution.done(), "a round")
+        await until(lambda: renewer.renewed_at(run_id) != stamped_at or execution.done(), "a round")
         assert not execution.done() and renewer.held == {run_id}
     finally:
         await renewer.stop()
@@ -551,11 +518,11 @@ def test_the_renewer_on_uvloop(settings: Settings) -> None:
         try:
             held_at = time.monotonic()
             renewer.hold(run_id, execution, held_at)
-            await _until(lambda: renewer.renewed_at(run_id) != held_at, "a renewal")
+            await until(lambda: renewer.renewed_at(run_id) != held_at, "a renewal")
             renewed_at = renewer.renewed_at(run_id)
             assert renewed_at is not None
             failing = True
-            await _until(execution.done, "the execution to be stopped")
+            await until(execution.done, "the execution to be stopped")
             await renewer.idle()
         finally:
             await renewer.stop()

@@ -18,7 +18,7 @@ from app.services import run_events
 from app.settings import Settings
 from app.wire.events import Event
 from app.worker import Worker
-from tests.runner.test_faults import _until
+from tests.runner.helpers import until
 from tests.runner.test_worker import _make_runs
 
 pytestmark = pytest.mark.timeout(60)
@@ -367,7 +367,7 @@ async def test_followers_rely_on_notifies_only_while_a_listener_answers(
     never returns) is given up and another opened, and each opening, the
     first too, nudges every follower (a NOTIFY may have been missed while
     nobody listened)."""
-    await _until(runtime.log_news_announced, "the runtime's listener to open")
+    await until(runtime.log_news_announced, "the runtime's listener to open")
     runtime.run_log.listening = False
     assert not runtime.log_news_announced()
     monkeypatch.setattr(db, "LISTENER_CHECK_SECONDS", 0.05)
@@ -385,7 +385,7 @@ async def test_followers_rely_on_notifies_only_while_a_listener_answers(
         ]
         try:
             assert await _nudged(follower, 20)  # a listener opened
-            await _until(lambda: states.count(True) >= 3, "three listeners opened in turn")
+            await until(lambda: states.count(True) >= 3, "three listeners opened in turn")
         finally:
             for task in tasks:
                 task.cancel()
