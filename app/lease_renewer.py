@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from app.runtime import Runtime
@@ -65,8 +66,13 @@ class _HeldLease:
 
 
 class LeaseRenewer:
-    def __init__(self, runtime: Runtime, owner: str, lease_seconds: float) -> None:
+    def __init__(
+        self, runtime: Runtime, owner: str, lease_seconds: float, on_given_up: Callable[[str], None] | None = None
+    ) -> None:
         self.runtime = runtime
+        # Told each run whose execution was stopped because its renewals
+        # failed (not one taken over): its lease is still this owner's.
+        self.on_given_up = on_given_up
         self.owner = owner
         self.lease_seconds = lease_seconds
         # Three renewals per lease: two may fail before it lapses.
@@ -203,6 +209,8 @@ class LeaseRenewer:
         for run_id, lease in list(self._held.items()):
             if self._give_up_at(lease) <= now:
                 self._stop_execution(run_id, lease)
+                if self.on_given_up is not None:
+                    self.on_given_up(run_id)
 
     def _stop_execution(self, run_id: str, lease: _HeldLease) -> None:
         if self._held.get(run_id) is not lease:

@@ -74,7 +74,7 @@ class Worker:
         self._claimed_to_capacity = False
         self._next_prune = 0.0
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self.leases = LeaseRenewer(runtime, self.owner, self.lease_seconds)
+        self.leases = LeaseRenewer(runtime, self.owner, self.lease_seconds, on_given_up=self._given_up)
         self.affinity_seconds = settings.run_claim_affinity_seconds
         # Runs reserved for this worker since its last claim (reservation()).
         self._reserved = 0
@@ -225,6 +225,12 @@ class Worker:
         # has left the list (a claim skips the runs this worker executes).
         self.wake()
 
+    def _given_up(self, run_id: str) -> None:
+        """The renewer stopped ``run_id``'s execution, its renewals failing:
+        handed back at the next tick that reaches the database (once the
+        execution has ended), rather than left until its lease lapses."""
+        self._unreleased.add(run_id)
+
     async def _release_leases(self, unfinished: list[str]) -> None:
         try:
             async with self.runtime.transaction() as session:
@@ -243,7 +249,7 @@ class Worker:
         """One round: reap (at most every poll interval: it costs queries and
         only has work when something lapsed), then fill free slots; with
         ``ingest``, the free ingestion slots too."""
-        if self._unreleased:  # runs stopped by a database error, not handed back yet
+        if self._unreleased:  # runs stopped by a database error or given up, not handed back yet
             # A run still listed is kept for a later tick, not released: it is
             # either the failed execution that has not left the list yet (this
             # very tick may be the one its own release's wake started) or one

@@ -179,6 +179,34 @@ async def test_renewals_failing_until_the_lease_would_lapse_stop_the_execution(
     assert (await _statuses(runtime, [run_id]))[run_id] == "in_progress"  # resumable, not failed
 
 
+async def test_a_run_given_up_is_handed_back_at_the_next_tick_not_at_its_lapse(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose renewals kept failing is given up (its execution stopped)
+    and then released by the worker's next good tick, so that it is resumed
+    at once rather than when its lease lapses. (Its lease here runs far
+    beyond the test, as one a renewal stamped without the renewer learning
+    it did: left alone, it would not be resumed within the test.)"""
+
+    async def renew_failing(*_args: Any, **_kwargs: Any) -> list[str]:
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(run_execution, "renew", renew_failing)
+    worker, task = await running_worker(runtime)
+    try:
+        (run_id,) = await _make_runs(runtime, 1, text=LONG_RUN)
+        await until(lambda: worker.busy == 1, "the run to start")
+        first = worker._tasks[run_id]
+        async with runtime.transaction() as session:
+            await session.execute(
+                update(orm.Run).where(orm.Run.id == run_id).values(lease_expires_at=time.time() + 600)
+            )
+        await until(first.done, "the run to be given up")
+        await until(lambda: worker._tasks.get(run_id) not in (None, first), "the run to be resumed")
+    finally:
+        await stop_worker(worker, task)
+
+
 async def test_one_round_renews_what_it_holds_and_never_revives_a_cleared_lease(runtime: Runtime) -> None:
     """Three held runs, one statement: this owner's lease is renewed; a
     cleared lease (released, or the run left the executor) stays cleared and
