@@ -242,7 +242,11 @@ def test_a_worker_killed_mid_stream_the_stream_goes_on_and_a_client_comes_back(
     cluster: Cluster, replica_a: Server, replica_b: Server, assistant_id: str
 ) -> None:
     sdk = replica_a.sdk()
-    thread = sdk.beta.threads.create(messages=[{"role": "user", "content": "[[delay 20]] [[tokens 60]]"}])
+    # Three seconds of answer: the stream a client reads may run behind the
+    # run on a loaded machine, and the run must still be executing when its
+    # tenth delta reaches the test (at 1.2 s the run had ended by then once:
+    # no lease left to find its worker by).
+    thread = sdk.beta.threads.create(messages=[{"role": "user", "content": "[[delay 50]] [[tokens 60]]"}])
     rules, run_id, killed = StreamRules(), "", False
     with (
         _raw(replica_a) as raw,
