@@ -15,10 +15,11 @@ litellm's quirks kept because they are what it sends: an empty or blank user
 or assistant text becomes its placeholder sentence; consecutive user-side
 messages (tool results included) merge into one user turn, assistant turns
 likewise; tool_choice always carries ``disable_parallel_tool_use`` when the
-request has tools; a request parameter the user set that has no Anthropic
-name of its own (``stop`` besides ``stop_sequences``, ``parallel_tool_calls``
-false, ``seed``, ...) is also sent under its OpenAI name, as litellm's
-``allowed_openai_params`` forwards it.
+request has tools; a request parameter the user set that litellm does not
+translate (``seed``, ``frequency_penalty``, ..., and a response_format
+json_object) is sent under its OpenAI name, as litellm's
+``allowed_openai_params`` forwards it (litellm_adapter._untranslated), so
+Anthropic's 400 names it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ _NO_SAMPLING_MARKERS += ("opus-4-8", "opus_4_8", "opus-4.8", "opus_4.8")
 # Route parameters understood here; the router's own keys come from the caller.
 CONNECTION_KEYS = frozenset({"model", "api_base", "api_key", "timeout", "max_retries", "extra_headers", "drop_params"})
 BODY_KEYS = frozenset({"temperature", "top_p", "max_tokens", "stop"})
+# The OpenAI parameters litellm 1.100 translates for Anthropic (its
+# AnthropicConfig.get_supported_openai_params); the user's others are sent as they are.
+_TRANSLATED = frozenset(
+    {"stop", "temperature", "top_p", "max_tokens", "max_completion_tokens", "tools", "tool_choice"}
+    | {"parallel_tool_calls", "response_format", "user", "web_search_options", "speed", "context_management"}
+    | {"cache_control", "thinking", "reasoning_effort", "stream", "extra_headers"}
+)
 # Headers litellm sets itself over a route's extra_headers, or merges (anthropic-beta).
 _OWN_HEADERS = ("x-api-key", "authorization", "content-type", "accept")
 
@@ -310,15 +318,13 @@ def _body(model: str, params: Mapping[str, Any], request: ChatRequest) -> dict[s
     for name in ("temperature", "top_p"):
         if name in given and (sampling or (name == "temperature" and given[name] == 1)):
             body[name] = given[name]
-    # Parameters the user set that litellm forwards under their own names when
-    # the translation did not produce that name (its allowed_openai_params).
-    forwarded = {
-        **given,
-        "parallel_tool_calls": request.parallel_tool_calls,
-        "response_format": request.response_format,
-    }
+    # Parameters the user set that litellm has no Anthropic name for: it
+    # forwards them under their OpenAI names (litellm_adapter._untranslated),
+    # and Anthropic's 400 names them. A response_format without a schema is
+    # one: litellm's translation would ignore it.
+    forwarded = {**given, "response_format": request.response_format}
     for name in explicit_params(request):
-        if name not in body and name in forwarded:
+        if name in forwarded and (name not in _TRANSLATED or name == "response_format"):
             body[name] = forwarded[name]
     messages = list(request.messages)
     if "tools" not in body and any(message.get("tool_calls") is not None for message in messages):

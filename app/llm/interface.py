@@ -174,14 +174,15 @@ class LLMConfigError(ValueError):
 # OpenAI's defaults: a run without its own values carries these (services/runs),
 # so they count as the server's, and a model that lacks the parameter (o-series
 # and temperature) still works.
-_DEFAULT_VALUES: Mapping[str, Any] = {"temperature": 1.0, "top_p": 1.0}
+# response_format text is a default too (services/chat.py does not pass it on).
+_DEFAULT_VALUES: Mapping[str, Any] = {"temperature": 1.0, "top_p": 1.0, "response_format": {"type": "text"}}
 
 
 def explicit_params(request: ChatRequest) -> list[str]:
     """Parameters the user set (issue 12): they must reach the provider, so
     litellm's ``drop_params`` may not remove them. tool_choice "auto",
-    parallel_tool_calls true and temperature/top_p 1 are the defaults, which
-    the server may add itself."""
+    parallel_tool_calls true, temperature/top_p 1 and response_format text
+    are the defaults, which the server may add itself."""
     names = [
         name
         for name in ("temperature", "top_p", "max_tokens", "response_format", "reasoning_effort")

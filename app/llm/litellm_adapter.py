@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import os
 import sys
 import threading
@@ -202,10 +203,52 @@ def completion_kwargs(route: Route, request: ChatRequest) -> dict[str, Any]:
         if value is not None:
             kwargs[name] = value
     kwargs.update(request.extra)
-    explicit = explicit_params(request)
-    if explicit:
-        kwargs["allowed_openai_params"] = sorted({*explicit, *(params.get("allowed_openai_params") or [])})
+    forwarded = _untranslated(request, params)
+    if forwarded:
+        kwargs["allowed_openai_params"] = forwarded
     return kwargs
+
+
+def _untranslated(request: ChatRequest, params: dict[str, Any]) -> list[str]:
+    """What goes in litellm's ``allowed_openai_params``: the parameters the
+    user set that litellm does not translate for the model (it would drop
+    them), plus the route's own list. litellm adds each allowed parameter to
+    the provider's body under its OpenAI name wherever its translation did
+    not produce that name, so a translated one (Anthropic's ``stop`` as
+    ``stop_sequences``, ``parallel_tool_calls`` in tool_choice) would be sent
+    twice and refused ("Extra inputs are not permitted"). An untranslated
+    one still reaches the provider, whose error then names it (issue 12).
+    A response_format without a schema, which litellm's Anthropic
+    translation silently ignores (no JSON mode there), is forwarded as it
+    is: Anthropic refuses it, naming it, rather than answering in prose."""
+    provider, translated = _translation(
+        str(params["model"]), _text(params.get("custom_llm_provider")), _text(params.get("base_model"))
+    )
+    explicit = set(explicit_params(request)) - translated
+    if provider == "anthropic" and (request.response_format or {}).get("type") == "json_object":
+        explicit.add("response_format")
+    return sorted({*explicit, *(params.get("allowed_openai_params") or [])})
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+@functools.lru_cache(maxsize=512)
+def _translation(target: str, provider: str | None, base_model: str | None) -> tuple[str | None, frozenset[str]]:
+    """litellm's provider for a model and the OpenAI parameters it maps
+    itself there: the list its own check of a request's parameters uses.
+    (None, nothing) when litellm cannot say, so that everything the user set
+    is forwarded, as before."""
+    litellm = load()
+    try:
+        model, resolved, _, _ = litellm.get_llm_provider(model=target, custom_llm_provider=provider)
+        supported = litellm.get_supported_openai_params(
+            model=model, custom_llm_provider=resolved, base_model=base_model
+        )
+    except Exception:  # litellm raises bare exceptions for providers it does not know
+        return None, frozenset()
+    return str(resolved), frozenset(supported or ())
 
 
 async def stream(route: Route, request: ChatRequest, llm: TokenCounter) -> AsyncGenerator[Event, None]:

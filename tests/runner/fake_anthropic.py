@@ -15,6 +15,10 @@ Events, and what it answers is chosen by the requested model name:
 - ``claude-stall``: "Partial", then silence until the client gives up;
 - ``claude-drop``: "Partial", then the connection is cut mid-stream.
 
+A body with a top-level key the Messages API does not know is refused as
+Anthropic refuses it: 400 invalid_request_error "<key>: Extra inputs are not
+permitted".
+
 Every request's body, path and headers (names in lower case, the HTTP
 client's own left out) are recorded in ``requests``.
 """
@@ -43,6 +47,12 @@ ERRORS = {
     422: ("invalid_request_error", "Unprocessable"),
     529: ("overloaded_error", "Overloaded"),
 }
+# The Messages API's top-level body keys; any other is refused.
+BODY_KEYS = frozenset(
+    {"model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream", "temperature", "top_p"}
+    | {"top_k", "tools", "tool_choice", "thinking", "service_tier", "container", "mcp_servers", "output_format"}
+    | {"context_management"}
+)
 
 
 def _event(kind: str, **data: Any) -> bytes:
@@ -110,6 +120,11 @@ def script(model: str, body: dict[str, Any] | None = None) -> list[bytes]:
     return [_start(model, usage), _event("ping"), *_text_block(0, "Hello", " world"), *_end("end_turn", 7)]
 
 
+def _error(status: int, kind: str, message: str) -> web.Response:
+    error = {"type": "error", "error": {"type": kind, "message": message}}
+    return web.json_response(error, status=status, headers={"request-id": "req_fake"})
+
+
 class FakeAnthropic(FakeOpenAI):
     """FakeOpenAI's server (its requests, start and stop) answering Anthropic's Messages path instead."""
 
@@ -126,10 +141,11 @@ class FakeAnthropic(FakeOpenAI):
         self.requests.append({"body": body, "path": request.path_qs, "headers": headers})
         model = str(body.get("model"))
         status = model.removeprefix("claude-")
+        extra = sorted(set(body) - BODY_KEYS)
+        if extra:
+            return _error(400, "invalid_request_error", f"{extra[0]}: Extra inputs are not permitted")
         if status.isdigit() and int(status) in ERRORS:
-            kind, message = ERRORS[int(status)]
-            error = {"type": "error", "error": {"type": kind, "message": message}}
-            return web.json_response(error, status=int(status), headers={"request-id": "req_fake"})
+            return _error(int(status), *ERRORS[int(status)])
         if model == "claude-502":
             return web.Response(status=502, text="Bad gateway: upstream unavailable")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
