@@ -8,8 +8,9 @@ issue 17). Here the request is the one litellm 1.100 would send
 Server-Sent Events become the events litellm's stream gave:
 
 - text deltas as they come; a tool_use block's start is the call's id and
-  name, each input_json_delta a piece of its arguments (litellm adds
-  nothing for a call whose input never streams);
+  name, each input_json_delta a piece of its arguments, and "{}" at the
+  block's end when those pieces were all empty (a call without arguments;
+  litellm adds nothing for a call whose input never streams);
 - the finish reason from message_delta's stop_reason (end_turn and
   stop_sequence -> stop, tool_use -> tool_calls, max_tokens -> length,
   refusal -> content_filter), usage from message_start's input (cache
@@ -127,6 +128,7 @@ class _Reader:
         self.chunks = ChunkReader()
         self.tool_index = -1
         self.block: str | None = None  # the type of the content block being streamed
+        self.empty_input: bool | None = None  # whether the tool block's input is empty so far; None before any
         self.prompt_tokens = 0
         self.completion_tokens = 0
 
@@ -139,6 +141,7 @@ class _Reader:
                     self.chunks.output.append(delta["text"])
                     yield TextDelta(delta["text"])
             elif "partial_json" in delta and self.block in ("tool_use", "server_tool_use"):
+                self.empty_input = self.empty_input is not False and not delta["partial_json"]
                 self.chunks.output.append(delta["partial_json"])
                 yield ToolCallDelta(self.tool_index, arguments=delta["partial_json"])
         elif kind == "content_block_start":
@@ -152,7 +155,12 @@ class _Reader:
                 self.chunks.calls[self.tool_index] = block["id"]
                 yield ToolCallDelta(self.tool_index, id=block["id"], name=block["name"], arguments="")
         elif kind == "content_block_stop":
-            self.block = None
+            if self.empty_input:
+                # A call without arguments streams one empty fragment; litellm
+                # then gives "{}", which clients can json.loads.
+                self.chunks.output.append("{}")
+                yield ToolCallDelta(self.tool_index, arguments="{}")
+            self.block, self.empty_input = None, None
         elif kind == "message_start":
             self._usage(event["message"].get("usage"))
         elif kind == "message_delta":

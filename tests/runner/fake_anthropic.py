@@ -5,7 +5,7 @@ Events, and what it answers is chosen by the requested model name:
 
 - ``claude-text``: a ping, "Hello", " world", stop ``end_turn``, usage 25 in / 7 out;
 - ``claude-tool``: "Let me check.", a get_weather tool_use whose input arrives
-  in three fragments after an empty one, a second tool_use (get_time) with no input deltas at all,
+  in three fragments after an empty one, a second tool_use (get_time) whose input is one empty fragment,
   stop ``tool_use``; asked with tool results last, it answers as ``claude-text``;
 - ``claude-cache``: "Cached", with cache creation and cache read input tokens (repeated in message_delta);
 - ``claude-max``: "Cut", stop ``max_tokens``; ``claude-stop-sequence``: stop ``stop_sequence``;
@@ -105,7 +105,7 @@ def script(model: str, body: dict[str, Any] | None = None) -> list[bytes]:
             _start(model, usage),
             *_text_block(0, "Let me check."),
             *_tool_block(1, "toolu_01", "get_weather", "", '{"city": ', '"Par', 'is"}'),
-            *_tool_block(2, "toolu_02", "get_time"),
+            *_tool_block(2, "toolu_02", "get_time", ""),  # no arguments: one empty fragment, as Anthropic sends
             *_end("tool_use", 31),
         ]
     if model == "claude-cache":

@@ -432,7 +432,7 @@ async def test_a_streamed_run_with_a_tool_call_through_the_sdk(
     calls = run.required_action.submit_tool_outputs.tool_calls  # type: ignore[union-attr]
     assert [(call.function.name, call.function.arguments) for call in calls] == [
         ("get_weather", '{"city": "Paris"}'),
-        ("get_time", ""),
+        ("get_time", "{}"),  # litellm's arguments for a call without any (clients json.loads them)
     ]
     outputs = [{"tool_call_id": call.id, "output": f"{call.function.name} ok"} for call in calls]
     async with client.beta.threads.runs.submit_tool_outputs_stream(
