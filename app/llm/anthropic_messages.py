@@ -37,12 +37,11 @@ import httpx
 from app.llm import anthropic_request, litellm_adapter
 from app.llm.direct import (
     HTTP_ERRORS,
-    TIMEOUTS,
-    TRANSPORT,
     Call,
     DirectClient,
     StreamedResponse,
     opened,
+    reading,
     sse_data,
     unusable,
 )
@@ -68,9 +67,6 @@ _STOP_REASONS = {
     "refusal": "content_filter",
     "compaction": "length",
 }
-# litellm's words for failures with no answer (as direct.py's routes report them).
-_TIMED_OUT = (408, "Request timed out.")
-_CONNECTION = (500, "Connection error.")
 
 
 async def stream(
@@ -89,20 +85,10 @@ async def stream(
         raise unusable(route, exc) from exc
     reader = _Reader()
     async with opened(call, client.here(), route, explicit_params(request), _failure) as response:
-        try:
+        with reading(route):  # an error event, a broken stream, an event that is not JSON: as litellm reports them
             async for data in sse_data(response):
                 for event in reader.read(json.loads(data)):
                     yield event
-        except TIMEOUTS as exc:
-            raise provider_error(ProviderFailure(*_TIMED_OUT), route) from exc
-        except TRANSPORT as exc:
-            raise provider_error(ProviderFailure(*_CONNECTION), route) from exc
-        except HTTP_ERRORS as exc:
-            raise provider_error(ProviderFailure(500, str(exc) or type(exc).__name__), route) from exc
-        except (ValueError, TypeError, AttributeError, KeyError) as exc:  # not JSON, or not an event's shape
-            raise provider_error(ProviderFailure(500, str(exc)), route) from exc
-        except ProviderFailure as exc:  # an error event
-            raise provider_error(exc, route) from exc
     yield reader.finish(request, counter)
 
 

@@ -36,8 +36,8 @@ import json
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
@@ -210,7 +210,7 @@ async def stream(
         raise _unusable(route, exc) from exc
     reader = ChunkReader()
     async with _opened(call, client.here(), route, explicit_params(request)) as response:
-        try:
+        with _reading(route):
             if _is_json(response):  # a server that ignores ``stream``: its whole answer at once
                 body = (await response.aread()).decode("utf-8", "replace")
                 for event in reader.read(_as_chunk(_chunk(body))):
@@ -224,17 +224,24 @@ async def stream(
                     if not done:
                         for event in reader.read(_chunk(data)):
                             yield event
-        except _TIMEOUTS as exc:
-            raise provider_error(ProviderFailure(*_TIMED_OUT), route) from exc
-        except _TRANSPORT as exc:  # the connection broke mid-stream
-            raise provider_error(ProviderFailure(*_CONNECTION), route) from exc
-        except _HTTP_ERRORS as exc:  # e.g. a body its content-encoding cannot decode
-            raise provider_error(ProviderFailure(500, str(exc) or type(exc).__name__), route) from exc
-        except (ValueError, TypeError, AttributeError) as exc:  # a chunk that is not JSON, or not a chunk's shape
-            raise provider_error(ProviderFailure(500, str(exc)), route) from exc
-        except ProviderFailure as exc:  # an error the server streamed in place of a chunk
-            raise provider_error(exc, route) from exc
     yield reader.finish(request, counter)
+
+
+@contextmanager
+def _reading(route: Route) -> Iterator[None]:
+    """A failure while reading a streamed answer as litellm reports it."""
+    try:
+        yield
+    except _TIMEOUTS as exc:
+        raise provider_error(ProviderFailure(*_TIMED_OUT), route) from exc
+    except _TRANSPORT as exc:  # the connection broke mid-stream
+        raise provider_error(ProviderFailure(*_CONNECTION), route) from exc
+    except _HTTP_ERRORS as exc:  # e.g. a body its content-encoding cannot decode
+        raise provider_error(ProviderFailure(500, str(exc) or type(exc).__name__), route) from exc
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a chunk that is not JSON, or not its shape
+        raise provider_error(ProviderFailure(500, str(exc)), route) from exc
+    except ProviderFailure as exc:  # an error the server streamed in place of a chunk
+        raise provider_error(exc, route) from exc
 
 
 def _unusable(route: Route, exc: Exception) -> LLMError:
@@ -407,11 +414,10 @@ def _chunk(data: str) -> Any:
 
 
 # What anthropic_messages.py (Anthropic's Messages API) shares: the clients,
-# the retries and the reading of Server-Sent Events.
+# the retries and the reading of Server-Sent Events and their failures.
 Call = _Call
 opened = _opened
 sse_data = _sse_data
 unusable = _unusable
-TIMEOUTS = _TIMEOUTS
-TRANSPORT = _TRANSPORT
+reading = _reading
 HTTP_ERRORS = _HTTP_ERRORS
