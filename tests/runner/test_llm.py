@@ -23,10 +23,12 @@ from app.llm import (
     Finish,
     LLMConfigError,
     LLMError,
+    Route,
     TextDelta,
     ToolCallDelta,
     Usage,
     explicit_params,
+    litellm_adapter,
 )
 from tests.runner.fake_openai import USAGE, FakeOpenAI
 
@@ -837,6 +839,35 @@ def test_openai_defaults_are_not_forced_on_a_provider() -> None:
     assert explicit_params(defaults) == []
     chosen = ChatRequest("o1", [user("hi")], tools=[WEATHER], tool_choice="none", temperature=0.2, max_tokens=9)
     assert explicit_params(chosen) == ["temperature", "max_tokens", "tool_choice"]
+
+
+@pytest.mark.parametrize(
+    ("target", "forwarded"),
+    [
+        ("gemini/gemini-1.5-pro", ["seed"]),  # stop, max_tokens, the tool settings translated
+        ("mistral/mistral-large-latest", []),  # seed as random_seed
+        ("vertex_ai/claude-3-5-sonnet@20240620", ["seed"]),  # Anthropic's body has no seed
+        ("cohere_chat/command-r", ["parallel_tool_calls"]),
+        ("openai/gpt-4", ["response_format"]),  # litellm's table: gpt-4 lacks it (issue 12)
+    ],
+)
+def test_litellm_forwards_as_they_are_only_parameters_it_does_not_translate(target: str, forwarded: list[str]) -> None:
+    """litellm adds each allowed_openai_params entry to the provider's body
+    under its OpenAI name beside its own translation (``stop`` beside
+    stop_sequences, a raw ``seed`` beside Mistral's random_seed): providers
+    refuse the unknown field. Only what it does not translate is allowed."""
+    chat = ChatRequest(
+        "m",
+        [user("hi")],
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=9,
+        response_format={"type": "json_object"} if target.startswith("openai/") else {"type": "text"},
+        extra={"stop": ["X"], "seed": 1},
+    )
+    kwargs = litellm_adapter.completion_kwargs(Route("m", {"model": target}), chat)
+    assert kwargs.get("allowed_openai_params", []) == forwarded
 
 
 async def test_a_whole_completion_answering_a_stream_request_is_read(fake: FakeOpenAI, tmp_path: Path) -> None:
