@@ -856,15 +856,10 @@ def test_litellm_forwards_as_they_are_only_parameters_it_does_not_translate(targ
     under its OpenAI name beside its own translation (``stop`` beside
     stop_sequences, a raw ``seed`` beside Mistral's random_seed): providers
     refuse the unknown field. Only what it does not translate is allowed."""
+    fields: dict[str, Any] = {"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False}
+    json_mode = {"type": "json_object"} if target.startswith("openai/") else {"type": "text"}  # text: a default
     chat = ChatRequest(
-        "m",
-        [user("hi")],
-        tools=[WEATHER],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_tokens=9,
-        response_format={"type": "json_object"} if target.startswith("openai/") else {"type": "text"},
-        extra={"stop": ["X"], "seed": 1},
+        "m", [user("hi")], **fields, max_tokens=9, response_format=json_mode, extra={"stop": "X", "seed": 1}
     )
     kwargs = litellm_adapter.completion_kwargs(Route("m", {"model": target}), chat)
     assert kwargs.get("allowed_openai_params", []) == forwarded
