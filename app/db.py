@@ -10,9 +10,10 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -60,7 +61,7 @@ hold_back = held_back.hold_back
 # issue 17): ``session.connection(execution_options=db.AUTOCOMMIT)`` or
 # ``connection.execution_options(**db.AUTOCOMMIT)``. SQLAlchemy resets the
 # connection's isolation level when it goes back to the pool.
-AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
+AUTOCOMMIT: Mapping[str, str] = MappingProxyType({"isolation_level": "AUTOCOMMIT"})  # shared: read-only
 
 # How long a SQLite transaction waits for another writer's lock before
 # failing with "database is locked".
@@ -660,9 +661,11 @@ async def listen(
                 finally:
                     if on_listening is not None:
                         on_listening(False)
-                # Ended without a word, or answered nothing: dropped, not
-                # returned to the pool (a reset would wait on it too).
-                await connection.invalidate()
+                    # Ended without a word, or answered nothing: dropped, not
+                    # returned to the pool (a reset would wait on it too).
+                    # Cancelled too: back in the pool it would still LISTEN,
+                    # and hand the callback notifications meant for nobody.
+                    await connection.invalidate()
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -174,21 +174,26 @@ class LeaseRenewer:
             return
         run_ids = sorted(held)
         give_up_at = min(self._give_up_at(lease) for lease in held.values())
+        # On SQLite, the connection is this process's own write lock, queued
+        # for up to the give-up moment: a wait there is other transactions of
+        # this process at work, not a database gone silent, and cutting it at
+        # the attempt's limit gave runs up (their model asked again
+        # elsewhere) while the queue stayed slower than that. On PostgreSQL
+        # the checkout may open a connection or ping an idle one (a server
+        # gone silent): bounded by the attempt's limit like the statements.
+        local_queue = not self.runtime.run_log.postgres
         limit = give_up_at - time.monotonic()
+        if not local_queue:
+            limit = min(self.attempt_seconds, limit)
         try:
             async with asyncio.timeout(limit) as deadline, self.runtime.transaction() as session:
-                # This process's own queue first (SQLite's write lock, a
-                # connection of the pool), up to the give-up moment: a wait
-                # there is other transactions of this process at work, not
-                # a database gone silent, and cutting it at the attempt's
-                # limit gave runs up (their model asked again elsewhere)
-                # while the queue stayed slower than that.
                 await session.connection()
                 # Taken before the statement; kept once its transaction committed.
                 started_at = time.monotonic()
-                # The statements: bounded, and over before the first of these runs is given up.
-                limit = min(self.attempt_seconds, give_up_at - started_at)
-                deadline.reschedule(asyncio.get_running_loop().time() + limit)
+                if local_queue:
+                    # The statements: bounded, and over before the first of these runs is given up.
+                    limit = min(self.attempt_seconds, give_up_at - started_at)
+                    deadline.reschedule(asyncio.get_running_loop().time() + limit)
                 renewed = await run_execution.renew(session, self.owner, run_ids, self.lease_seconds)
                 # The rows the UPDATE did not return: ended, released, or claimed by another worker.
                 missed = sorted(set(run_ids) - set(renewed))

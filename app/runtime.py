@@ -27,6 +27,9 @@ from app.storage import Storage
 if TYPE_CHECKING:
     from app.worker import Worker
 
+# close() lets a wake's NOTIFY in flight (one statement) finish for this long, then cancels it.
+SIGNALS_CLOSE_SECONDS = 2.0
+
 
 class Wake(Protocol):
     def __call__(self, *, files: bool = True) -> None:
@@ -133,6 +136,14 @@ class Runtime:
             self._listener.cancel()
             with suppress(asyncio.CancelledError):
                 await self._listener
+        if self._signals:
+            # A wake's NOTIFY still in flight holds a pooled connection: one
+            # left running past the disposes below would be taken back by the
+            # disposed pool for good, unclosed.
+            await asyncio.wait(set(self._signals), timeout=SIGNALS_CLOSE_SECONDS)
+            for task in self._signals:
+                task.cancel()
+            await asyncio.gather(*self._signals, return_exceptions=True)
         await self.run_log.close()
         await self.llm.aclose()
         if self.read_engine.sync_engine.pool is not self.engine.sync_engine.pool:

@@ -194,6 +194,8 @@ class RunExecution:
         """The one place that writes a turn's results: the turn's rows and,
         with ``move``, the run's move out of the executor's hands, in one
         transaction, with its events logged; they are streamed once it commits.
+        (On PostgreSQL after the claim, a first attempt as one statement may
+        fail and roll back whole; the transaction is then made again.)
 
         This is also the one cancellation path: a run found ``cancelling``
         ends ``cancelled`` whatever ``move`` said (its open steps and
@@ -214,13 +216,18 @@ class RunExecution:
             # changed), and the statement may number the events before an
             # append that committed while it waited for the run's row (its
             # snapshot predates the lock): either fails the transaction,
-            # which is made again the way that reads the run first.
-            try:
-                await self._write(pending, move, carried=True, unread=True, checked=checked)
-                return
-            except (run_state.TransitionConflict, IntegrityError):
-                self._run = None  # as it stands, known again only by a read
-                unread = False
+            # which is made again the way that reads the run first. The
+            # run's buffered deltas stay held across both attempts: between
+            # them (the ROLLBACK in flight) the flusher must not write them
+            # into the log of a run another worker may have taken over.
+            async with self.runtime.run_log.holding(self.run_id):
+                try:
+                    await self._write(pending, move, carried=True, unread=True, checked=checked)
+                    return
+                except (run_state.TransitionConflict, IntegrityError):
+                    self._run = None  # as it stands, known again only by a read
+                await self._write(pending, move, carried=False, unread=False, checked=checked)
+            return
         await self._write(pending, move, carried=carried, unread=unread, checked=checked)
 
     async def _write(self, pending: Pending, move: Move | None, *, carried: bool, unread: bool, checked: bool) -> None:
@@ -959,6 +966,8 @@ async def _until_ended(task: asyncio.Task[Any], grace_seconds: float = 0.0) -> N
             task.cancel()
             timeout = None
     if cancelled:
+        if not task.cancelled():
+            task.exception()  # its failure is this cancellation's to drop, not left "never retrieved"
         raise asyncio.CancelledError
 
 

@@ -560,3 +560,40 @@ def test_the_renewer_on_uvloop(settings: Settings) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # a checkout there may wait on the server
+async def test_a_renewal_whose_checkout_hangs_on_postgres_is_cut_off_at_the_attempts_limit(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL a renewal's connection may have to be opened, or an
+    idle one pinged (a server gone silent after a failover): that wait is
+    bounded by an attempt's limit, so later rounds on a fresh connection
+    still get their try before the give-up (only SQLite's local write lock
+    is waited for up to the give-up moment)."""
+    owner = "this-worker"
+    run_id = await _held_run(runtime, owner)
+    checkouts: list[float] = []
+    real = runtime.transaction
+
+    @asynccontextmanager
+    async def transaction() -> AsyncIterator[AsyncSession]:
+        async with real() as session:
+
+            async def connection(**_kwargs: Any) -> Any:
+                checkouts.append(time.monotonic())
+                await asyncio.Event().wait()  # the server never answers
+
+            monkeypatch.setattr(session, "connection", connection)
+            yield session
+
+    monkeypatch.setattr(runtime, "transaction", transaction)
+    renewer = LeaseRenewer(runtime, owner, lease_seconds=3.0)  # give-up at 2.7 s, attempts of 0.5 s
+    execution = asyncio.create_task(asyncio.sleep(DEADLINE))
+    try:
+        renewer.hold(run_id, execution, time.monotonic())
+        await until(execution.done, "the execution to be given up")
+    finally:
+        await renewer.stop()
+        await _cancel(execution)
+    assert len(checkouts) >= 2  # the first checkout was cut off at the attempt's limit, not at the give-up
