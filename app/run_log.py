@@ -250,6 +250,9 @@ class RunLog:
         ``carried_by`` (PostgreSQL, with ``run_locked``): the run's move
         (run_state.carried_move), which the events' insert goes in
         (run_events.insert_carrying), sent with it (a move has its event).
+        The move's UPDATE takes the row's lock itself, so ``run_locked`` is
+        passed even where the row was not locked before (after the claim);
+        the numbering then relies on (run_id, seq) refusing a collision.
         ``wake_workers`` (PostgreSQL, with events and no ``carried_by``):
         the statement that logs them also wakes other processes' workers
         (db.notify_work(), delivered at this transaction's commit: issue

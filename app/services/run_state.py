@@ -218,8 +218,9 @@ def carried_move(
     unchanged: bool = False,
     **fields: Any,
 ) -> tuple[str, CarriedMove]:
-    """transition() for a run whose row this transaction holds and whose
-    status it knows (the claim's, PostgreSQL), as a statement for another
+    """transition() for a run whose status this transaction knows (the
+    claim's, which holds its row, or after it with ``unchanged``: see
+    below; PostgreSQL), as a statement for another
     to carry (the event log's insert, run_events.insert_carrying; issue 17:
     one round trip for the move, the turn's rows and the events). The
     compare-and-set and the lease are still in its WHERE, and it returns

@@ -131,3 +131,55 @@ async def _end_waits_for_the_row(runtime: Runtime) -> bool:
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH alongside_0 AS%'"
         )
         return bool((await watcher.execute(waiting)).scalar())
+
+
+async def test_an_end_after_the_claim_is_carried_when_nothing_changed(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The common case takes the one statement on PostgreSQL, with no read
+    of the run first (a guard that always missed would cost every run a
+    failed statement and a second transaction, unseen by the other tests)."""
+    _answers_quickly(runtime, monkeypatch)
+    (run_id,) = await _make_runs(runtime, 1)
+    execution = await _started(runtime, run_id)
+    reads, carried = _sent(runtime, *_READ_LOCKED), _sent(runtime, *_CARRIED_END)
+    await execute.run(execution)
+    logged = await _logged(runtime, run_id)
+    assert logged[-1][1] == "thread.run.completed"
+    if runtime.run_log.postgres:
+        assert len(carried) == 1 and reads == []
+
+
+async def test_a_cancel_requested_mid_run_ends_it_cancelled(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    _answers_quickly(runtime, monkeypatch)
+    (run_id,) = await _make_runs(runtime, 1)
+    execution = await _started(runtime, run_id)
+    async with runtime.transaction() as session:
+        await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(status="cancelling"))
+    await execute.run(execution)
+    logged = await _logged(runtime, run_id)
+    assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
+    assert logged[-1][1] == "thread.run.cancelled"
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+        assert run is not None and run.status == "cancelled"
+
+
+async def test_a_run_taken_over_mid_run_is_left_as_the_other_worker_has_it(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _answers_quickly(runtime, monkeypatch)
+    (run_id,) = await _make_runs(runtime, 1)
+    execution = await _started(runtime, run_id)
+    before = await _logged(runtime, run_id)
+    messages = select(orm.Message.id).join(orm.Run, orm.Run.thread_id == orm.Message.thread_id)
+    messages = messages.where(orm.Run.id == run_id)
+    async with runtime.transaction() as session:
+        await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(lease_owner="test:1:other"))
+        messages_before = (await session.execute(messages)).scalars().all()
+    await execute.run(execution)  # the lease lost: stopped here, nothing written
+    assert await _logged(runtime, run_id) == before
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+        assert run is not None and (run.status, run.lease_owner) == ("in_progress", "test:1:other")
+        assert (await session.execute(messages)).scalars().all() == messages_before
