@@ -16,8 +16,8 @@ or assistant text becomes its placeholder sentence; consecutive user-side
 messages (tool results included) merge into one user turn, assistant turns
 likewise; tool_choice always carries ``disable_parallel_tool_use`` when the
 request has tools; a request parameter the user set that litellm does not
-translate (``seed``, ``frequency_penalty``, ..., and a response_format
-json_object) is sent under its OpenAI name, as litellm's
+translate (``seed``, ``frequency_penalty``, ..., a response_format
+json_object, temperature and top_p on a model without sampling) is sent under its OpenAI name, as litellm's
 ``allowed_openai_params`` forwards it (litellm_adapter._untranslated), so
 Anthropic's 400 names it.
 """
@@ -324,7 +324,11 @@ def _body(model: str, params: Mapping[str, Any], request: ChatRequest) -> dict[s
     # one: litellm's translation would ignore it.
     forwarded = {**given, "response_format": request.response_format}
     for name in explicit_params(request):
-        if name in forwarded and (name not in _TRANSLATED or name == "response_format"):
+        if name not in forwarded:
+            continue
+        # temperature and top_p on a model without sampling: litellm's mapping drops them, so it forwards them.
+        dropped = name in ("temperature", "top_p") and name not in body
+        if name not in _TRANSLATED or name == "response_format" or dropped:
             body[name] = forwarded[name]
     messages = list(request.messages)
     if "tools" not in body and any(message.get("tool_calls") is not None for message in messages):

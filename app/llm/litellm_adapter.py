@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import json
 import os
 import sys
 import threading
@@ -211,44 +212,98 @@ def completion_kwargs(route: Route, request: ChatRequest) -> dict[str, Any]:
 
 def _untranslated(request: ChatRequest, params: dict[str, Any]) -> list[str]:
     """What goes in litellm's ``allowed_openai_params``: the parameters the
-    user set that litellm does not translate for the model (it would drop
-    them), plus the route's own list. litellm adds each allowed parameter to
-    the provider's body under its OpenAI name wherever its translation did
-    not produce that name, so a translated one (Anthropic's ``stop`` as
-    ``stop_sequences``, ``parallel_tool_calls`` in tool_choice) would be sent
-    twice and refused ("Extra inputs are not permitted"). An untranslated
-    one still reaches the provider, whose error then names it (issue 12).
-    A response_format without a schema, which litellm's Anthropic
-    translation silently ignores (no JSON mode there), is forwarded as it
-    is: Anthropic refuses it, naming it, rather than answering in prose."""
-    provider, translated = _translation(
-        str(params["model"]), _text(params.get("custom_llm_provider")), _text(params.get("base_model"))
-    )
-    explicit = set(explicit_params(request)) - translated
-    if provider == "anthropic" and (request.response_format or {}).get("type") == "json_object":
-        explicit.add("response_format")
-    return sorted({*explicit, *(params.get("allowed_openai_params") or [])})
+    user set that litellm's mapping for the provider does not turn into
+    anything (it would drop them), plus the route's own list. litellm adds
+    each allowed parameter to the provider's body under its OpenAI name
+    wherever its mapping did not produce that name, so one the mapping did
+    translate (Anthropic's ``stop`` as ``stop_sequences``,
+    ``parallel_tool_calls`` in tool_choice) would be sent twice and refused
+    ("Extra inputs are not permitted"). One it ignores (a named tool_choice
+    on mistral/, a json_object response_format on Anthropic models,
+    temperature on a model without sampling) still reaches the provider,
+    whose error then names it (issue 12), as before.
+
+    Asked of litellm's mapping itself (its parameter lists say what passes
+    its check, not what it sends), once per model, parameter and value."""
+    target = str(params["model"])
+    where = tuple(_text(params.get(key)) for key in ("custom_llm_provider", "api_base", "base_model", "api_version"))
+    tools = json.dumps(request.tools, sort_keys=True, default=str) if request.tools else None
+    values = _explicit_values(request)
+    forwarded = {
+        name
+        for name, value in values.items()
+        if not _mapped(target, *where, tools, name, json.dumps(value, sort_keys=True, default=str))
+    }
+    if (request.response_format or {}).get("type") == "json_object" and _anthropic_model(target):
+        # Mapped for Claude models with structured output, but only into a
+        # flag of litellm's that no body carries: forwarded, Anthropic's 400
+        # names it rather than the model answering in prose.
+        forwarded.add("response_format")
+    return sorted({*forwarded, *(params.get("allowed_openai_params") or [])})
+
+
+def _explicit_values(request: ChatRequest) -> dict[str, Any]:
+    fields = {
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "max_tokens": request.max_tokens,
+        "response_format": request.response_format,
+        "reasoning_effort": request.reasoning_effort,
+        "tool_choice": request.tool_choice,
+        "parallel_tool_calls": request.parallel_tool_calls,
+        **request.extra,
+    }
+    return {name: fields[name] for name in explicit_params(request)}
+
+
+def _anthropic_model(target: str) -> bool:
+    """Anthropic's models, on its API, Vertex AI or Bedrock (litellm's Anthropic translation)."""
+    lowered = target.lower()
+    return lowered.startswith("anthropic/") or "claude" in lowered
 
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-@functools.lru_cache(maxsize=512)
-def _translation(target: str, provider: str | None, base_model: str | None) -> tuple[str | None, frozenset[str]]:
-    """litellm's provider for a model and the OpenAI parameters it maps
-    itself there: the list its own check of a request's parameters uses.
-    (None, nothing) when litellm cannot say, so that everything the user set
-    is forwarded, as before."""
+@functools.lru_cache(maxsize=2048)
+def _mapped(
+    target: str,
+    provider: str | None,
+    api_base: str | None,
+    base_model: str | None,
+    api_version: str | None,
+    tools: str | None,
+    name: str,
+    value: str,
+) -> bool:
+    """Whether litellm's mapping for this model turns ``name`` = ``value``
+    (JSON) into something of the provider's request: its optional
+    parameters with it differ from those without it (drop_params on, as
+    litellm_params here have it). False, so that it is forwarded as before,
+    when litellm cannot say (a provider it does not know, a refusal)."""
     litellm = load()
+    from litellm.utils import get_optional_params
+
     try:
-        model, resolved, _, _ = litellm.get_llm_provider(model=target, custom_llm_provider=provider)
-        supported = litellm.get_supported_openai_params(
-            model=model, custom_llm_provider=resolved, base_model=base_model
-        )
-    except Exception:  # litellm raises bare exceptions for providers it does not know
-        return None, frozenset()
-    return str(resolved), frozenset(supported or ())
+        model, resolved, _, _ = litellm.get_llm_provider(model=target, custom_llm_provider=provider, api_base=api_base)
+        common: dict[str, Any] = {
+            "model": model,
+            "custom_llm_provider": resolved,
+            "base_model": base_model,
+            "api_version": api_version,
+            "drop_params": True,
+            "messages": [],
+        }
+        if tools is not None:
+            common["tools"] = json.loads(tools)
+        without = get_optional_params(**common)
+        if tools is not None:
+            common["tools"] = json.loads(tools)  # the mapping may change what it was given
+        with_it = get_optional_params(**common, **{name: json.loads(value)})
+    except Exception:  # litellm raises bare exceptions for providers and values it does not know
+        return False
+    return bool(with_it != without)
 
 
 async def stream(route: Route, request: ChatRequest, llm: TokenCounter) -> AsyncGenerator[Event, None]:

@@ -847,7 +847,7 @@ def test_openai_defaults_are_not_forced_on_a_provider() -> None:
         ("gemini/gemini-1.5-pro", ["seed"]),  # stop, max_tokens, the tool settings translated
         ("mistral/mistral-large-latest", []),  # seed as random_seed
         ("vertex_ai/claude-3-5-sonnet@20240620", ["seed"]),  # Anthropic's body has no seed
-        ("cohere_chat/command-r", ["parallel_tool_calls"]),
+        ("cohere_chat/command-r", ["parallel_tool_calls", "tool_choice"]),  # listed, but "required" not mapped
         ("openai/gpt-4", ["response_format"]),  # litellm's table: gpt-4 lacks it (issue 12)
     ],
 )
@@ -862,6 +862,32 @@ def test_litellm_forwards_as_they_are_only_parameters_it_does_not_translate(targ
         "m", [user("hi")], **fields, max_tokens=9, response_format=json_mode, extra={"stop": "X", "seed": 1}
     )
     kwargs = litellm_adapter.completion_kwargs(Route("m", {"model": target}), chat)
+    assert kwargs.get("allowed_openai_params", []) == forwarded
+
+
+@pytest.mark.parametrize(
+    ("params", "chosen", "forwarded"),
+    [
+        # litellm lists these as supported for the model, but its mapping makes nothing of the value
+        ({"model": "mistral/mistral-large-latest"}, {"tool_choice": {"type": "function", "function": {"name": "w"}}},
+         ["tool_choice"]),
+        ({"model": "anthropic/claude-opus-4-7"}, {"temperature": 0.3}, ["temperature"]),  # no sampling there
+        ({"model": "vertex_ai/claude-3-5-sonnet@20240620"}, {"response_format": {"type": "json_object"}},
+         ["response_format"]),
+        ({"model": "azure/gpt-4o", "api_version": "2023-05-15"}, {"response_format": {"type": "json_object"}},
+         ["response_format"]),
+        # and what it maps is not forwarded
+        ({"model": "anthropic/claude-sonnet-4-5"}, {"temperature": 0.3}, []),
+    ],
+)  # fmt: skip
+def test_a_parameter_litellm_lists_but_does_not_map_is_still_forwarded(
+    params: dict[str, Any], chosen: dict[str, Any], forwarded: list[str]
+) -> None:
+    """Its parameter lists say what passes its check, not what it sends
+    (issue 12: a value the user set reaches the provider, whose error names
+    it, rather than being silently dropped)."""
+    chat = ChatRequest("m", [user("hi")], tools=[WEATHER], **chosen)
+    kwargs = litellm_adapter.completion_kwargs(Route("m", params), chat)
     assert kwargs.get("allowed_openai_params", []) == forwarded
 
 
