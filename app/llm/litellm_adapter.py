@@ -224,15 +224,16 @@ def _untranslated(request: ChatRequest, params: dict[str, Any]) -> list[str]:
     whose error then names it (issue 12), as before.
 
     Asked of litellm's mapping itself (its parameter lists say what passes
-    its check, not what it sends), once per model, parameter and value."""
+    its check, not what it sends), once per model, parameter and value
+    (a number's kind only, but for temperature and top_p: max_tokens is
+    the run's remaining budget, different at every call)."""
     target = str(params["model"])
     where = tuple(_text(params.get(key)) for key in ("custom_llm_provider", "api_base", "base_model", "api_version"))
-    tools = json.dumps(request.tools, sort_keys=True, default=str) if request.tools else None
     values = _explicit_values(request)
     forwarded = {
         name
         for name, value in values.items()
-        if not _mapped(target, *where, tools, name, json.dumps(value, sort_keys=True, default=str))
+        if not _mapped(target, *where, bool(request.tools), name, _probe(name, value))
     }
     if (request.response_format or {}).get("type") == "json_object" and _anthropic_model(target):
         # Mapped for Claude models with structured output, but only into a
@@ -262,6 +263,28 @@ def _anthropic_model(target: str) -> bool:
     return lowered.startswith("anthropic/") or "claude" in lowered
 
 
+def _probe(name: str, value: Any) -> str:
+    """The value _mapped() asks about, as JSON: a number stands for its kind
+    (but temperature's and top_p's, whose value a mapping may look at)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in ("temperature", "top_p"):
+        value = type(value)(1)
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+# Keys of litellm's optional parameters that are flags for its own request
+# building, never sent as such (Bedrock's Converse drops json_mode and
+# _parallel_tool_use_config for most models): a parameter mapped only into
+# these reaches no body.
+_INTERNAL_FLAGS = frozenset({"json_mode", "fake_stream"})
+# A function tool for the mapping's sake: whether it maps tool_choice and
+# parallel_tool_calls depends on the request having tools, not on which.
+_PROBE_TOOL = {"type": "function", "function": {"name": "probe", "parameters": {"type": "object", "properties": {}}}}
+
+
+def _sent(optional: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in optional.items() if key not in _INTERNAL_FLAGS and not key.startswith("_")}
+
+
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -273,13 +296,14 @@ def _mapped(
     api_base: str | None,
     base_model: str | None,
     api_version: str | None,
-    tools: str | None,
+    tools: bool,
     name: str,
     value: str,
 ) -> bool:
     """Whether litellm's mapping for this model turns ``name`` = ``value``
     (JSON) into something of the provider's request: its optional
-    parameters with it differ from those without it (drop_params on, as
+    parameters with it differ from those without it, its own flags
+    aside (drop_params on, as
     litellm_params here have it). False, so that it is forwarded as before,
     when litellm cannot say (a provider it does not know, a refusal)."""
     litellm = load()
@@ -295,15 +319,15 @@ def _mapped(
             "drop_params": True,
             "messages": [],
         }
-        if tools is not None:
-            common["tools"] = json.loads(tools)
+        if tools:
+            common["tools"] = [json.loads(json.dumps(_PROBE_TOOL))]
         without = get_optional_params(**common)
-        if tools is not None:
-            common["tools"] = json.loads(tools)  # the mapping may change what it was given
+        if tools:
+            common["tools"] = [json.loads(json.dumps(_PROBE_TOOL))]  # the mapping may change what it was given
         with_it = get_optional_params(**common, **{name: json.loads(value)})
     except Exception:  # litellm raises bare exceptions for providers and values it does not know
         return False
-    return bool(with_it != without)
+    return bool(_sent(with_it) != _sent(without))
 
 
 async def stream(route: Route, request: ChatRequest, llm: TokenCounter) -> AsyncGenerator[Event, None]:

@@ -876,8 +876,14 @@ def test_litellm_forwards_as_they_are_only_parameters_it_does_not_translate(targ
          ["response_format"]),
         ({"model": "azure/gpt-4o", "api_version": "2023-05-15"}, {"response_format": {"type": "json_object"}},
          ["response_format"]),
+        # mapped only into a flag of litellm's own, which Bedrock's Converse body never carries
+        ({"model": "bedrock/meta.llama3-70b-instruct-v1:0"}, {"response_format": {"type": "json_object"}},
+         ["response_format"]),
+        ({"model": "bedrock/anthropic.claude-3-5-sonnet-20240620-v1:0"}, {"parallel_tool_calls": False},
+         ["parallel_tool_calls"]),
         # and what it maps is not forwarded
         ({"model": "anthropic/claude-sonnet-4-5"}, {"temperature": 0.3}, []),
+        ({"model": "anthropic/claude-sonnet-4-5"}, {"max_tokens": 123}, []),
     ],
 )  # fmt: skip
 def test_a_parameter_litellm_lists_but_does_not_map_is_still_forwarded(
