@@ -55,6 +55,8 @@ ROWCOUNT_MISMATCH = sqlite_driver.ROWCOUNT_MISMATCH
 # the SQLite transaction's held-back writes without SQLAlchemy's execution
 # (app/held_back.py); False where ``session.execute`` must send it.
 hold_back = held_back.hold_back
+# ``write_behind(...)``: the same write held back, or else executed; its rowcount (-1: held back).
+write_behind = held_back.write_behind
 
 # Execution options of a PostgreSQL connection whose statements each run
 # as a transaction of their own (no BEGIN, no COMMIT: a round trip each;

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple, cast
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.sql import ClauseElement, TextClause
+from sqlalchemy.sql import ClauseElement, Executable, TextClause
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from app import sqlite_driver
@@ -182,3 +182,15 @@ async def hold_back(
         )
     )
     return True
+
+
+async def write_behind(
+    session: AsyncSession, statement: ClauseElement, params: dict[str, Any], options: Mapping[str, Any]
+) -> int:
+    """The write, held back (hold_back) or else executed with ``options``
+    (``session.execute``: PostgreSQL, or what hold_back leaves to it); its
+    rowcount, -1 when held back."""
+    if await hold_back(session, statement, params, options):
+        return -1
+    result = await session.execute(cast(Executable, statement), params, execution_options=options)
+    return int(getattr(result, "rowcount", -1))

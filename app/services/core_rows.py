@@ -83,10 +83,9 @@ async def insert_row(session: AsyncSession, row: Base, *, write_behind: bool = F
     statement, _columns = _layout(type(row))
     row_values = values(row)
     if write_behind:
-        if await db.hold_back(session, statement, row_values, db.WRITE_BEHIND):
-            return
-        statement = statement.execution_options(**db.WRITE_BEHIND)
-    await session.execute(statement, row_values)
+        await db.write_behind(session, statement, row_values, db.WRITE_BEHIND)
+    else:
+        await session.execute(statement, row_values)
 
 
 def update_statement(row: Base, keys: tuple[str, ...]) -> Update:
@@ -106,8 +105,7 @@ async def update_row(session: AsyncSession, row: Base, keys: tuple[str, ...], *,
         # Held back as the statement built once per shape (update_write's),
         # not one built per call with its values bound in.
         write = update_write(row, keys, _HELD_BACK_PREFIX)
-        if not await db.hold_back(session, write.statement, write.params, db.WRITE_BEHIND):
-            await session.execute(write.statement, write.params, execution_options=db.WRITE_BEHIND)
+        await db.write_behind(session, write.statement, write.params, db.WRITE_BEHIND)
         return
     await session.execute(update_statement(row, keys))
 

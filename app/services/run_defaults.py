@@ -190,8 +190,7 @@ async def insert_checked(session: AsyncSession, run: orm.Run, defaults: Assistan
     (SQLite), which fails (is_stale()) if the assistant no longer has them."""
     statement, parameters = _checked(run, defaults)
     options = {**db.WRITE_BEHIND, db.EXPECT_ROWCOUNT: 1, db.ROWCOUNT_MISMATCH: AssistantChanged}
-    if not await db.hold_back(session, statement, parameters, options):
-        await session.execute(statement, parameters, execution_options=options)
+    await db.write_behind(session, statement, parameters, options)
 
 
 class AssistantChanged(sqlite_driver.HeldBackWriteMismatch):

@@ -381,8 +381,7 @@ async def insert_behind(session: AsyncSession, run_id: str, events: list[Event],
     rows, params = _sqlite_params({run_id: events})
     options = {**db.WRITE_BEHIND, db.RETURNED_ROWS_TO: returned}
     statement = _insert_sqlite_statement(rows)
-    if not await db.hold_back(session, statement, params, options):
-        await session.execute(statement, params, execution_options=options)
+    await db.write_behind(session, statement, params, options)
 
 
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode

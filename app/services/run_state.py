@@ -107,15 +107,6 @@ def _update_with(
 _CANNOT_MISS = {**db.WRITE_BEHIND, db.EXPECT_ROWCOUNT: 1}
 
 
-async def _write_cannot_miss(session: AsyncSession, statement: Update, params: dict[str, Any]) -> int:
-    """Send a _CANNOT_MISS write; its rowcount, -1 when held back (SQLite)."""
-    if await db.hold_back(session, statement, params, _CANNOT_MISS):
-        return -1
-    result = await session.execute(statement, params, execution_options=_CANNOT_MISS)
-    rowcount: int = result.rowcount  # type: ignore[attr-defined]
-    return rowcount
-
-
 @dataclass(frozen=True)
 class HeldMove:
     """A move made in memory only (hold()): the run object shows it, the
@@ -172,7 +163,7 @@ async def write_held(session: AsyncSession, run: orm.Run, held: HeldMove, *, lea
     keys = tuple(held.values)
     params = {"run_id": run.id, "source": held.source, "lease_holder": lease_owner}
     params |= {f"set_{key}": value for key, value in held.values.items()}
-    rowcount = await _write_cannot_miss(session, _update(keys, False, True), params)
+    rowcount = await db.write_behind(session, _update(keys, False, True), params, _CANNOT_MISS)
     if rowcount not in (-1, 1):  # -1: held back (SQLite), the driver checks the count
         raise TransitionConflict(f"{run.id} is no longer {held.source}")
 
@@ -316,7 +307,7 @@ async def transition(
         if row is not None:
             _set(run, {key: row._mapping[column] for key, column in RUN_COLUMNS.items()})
     elif locked:
-        rowcount = await _write_cannot_miss(session, _update(keys, False, leased), params)
+        rowcount = await db.write_behind(session, _update(keys, False, leased), params, _CANNOT_MISS)
         moved = 1 if rowcount < 0 else rowcount  # held back (SQLite): the driver checks the count
     else:
         moved = (await session.execute(_update(keys, False, leased), params)).rowcount  # type: ignore[attr-defined]

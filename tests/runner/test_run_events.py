@@ -530,6 +530,16 @@ async def test_a_transaction_cancelled_in_its_commit_hands_on_what_it_committed(
     rolled back.)"""
     (run_id,) = await _make_runs(runtime, 1)
     committed, release = _commits_then_wait(runtime, monkeypatch)
+    assert await _cancelled_in_its_commit(runtime, run_id, committed, release) == ["thread.run.cancelling"]
+    assert await _log(runtime, run_id) == ["thread.run.cancelling"]
+
+
+async def _cancelled_in_its_commit(
+    runtime: Runtime, run_id: str, reached: asyncio.Event, release: asyncio.Event
+) -> list[str] | None:
+    """A transaction logging the run's cancelling event, cancelled once its
+    COMMIT is ``reached`` (then ``release``d): the cancellation must end its
+    task. Returns the events handed to the run's followers (None: nothing)."""
 
     async def cancelling() -> None:
         async with runtime.transaction() as session:
@@ -538,13 +548,12 @@ async def test_a_transaction_cancelled_in_its_commit_hands_on_what_it_committed(
     async with runtime.bus.follow(run_id) as delivered:
         task = asyncio.create_task(cancelling())
         async with asyncio.timeout(10):
-            await committed.wait()
+            await reached.wait()
         task.cancel()
         release.set()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert [entry.event.name for entry in delivered.get_nowait() or []] == ["thread.run.cancelling"]
-    assert await _log(runtime, run_id) == ["thread.run.cancelling"]
+        return None if delivered.empty() else [entry.event.name for entry in delivered.get_nowait() or []]
 
 
 async def test_the_flusher_cancelled_in_its_commit_writes_its_deltas_once(
@@ -577,20 +586,7 @@ async def test_a_cancelled_transaction_whose_commit_fails_is_rolled_back(
     the failure is logged, the cancellation ends the task."""
     (run_id,) = await _make_runs(runtime, 1)
     started, release = _commits_then_wait(runtime, monkeypatch, then_fails=True)
-
-    async def cancelling() -> None:
-        async with runtime.transaction() as session:
-            await runtime.run_log.append(session, run_id, [Event("thread.run.cancelling", {"id": run_id})])
-
-    async with runtime.bus.follow(run_id) as delivered:
-        task = asyncio.create_task(cancelling())
-        async with asyncio.timeout(10):
-            await started.wait()
-        task.cancel()
-        release.set()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert delivered.empty()
+    assert await _cancelled_in_its_commit(runtime, run_id, started, release) is None
     assert "a cancelled transaction's COMMIT failed (disk I/O error)" in caplog.text
     assert await _log(runtime, run_id) == []
 
