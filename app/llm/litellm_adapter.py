@@ -235,11 +235,6 @@ def _untranslated(request: ChatRequest, params: dict[str, Any]) -> list[str]:
         for name, value in values.items()
         if not _mapped(target, *where, bool(request.tools), name, _probe(name, value))
     }
-    if (request.response_format or {}).get("type") == "json_object" and _anthropic_model(target):
-        # Mapped for Claude models with structured output, but only into a
-        # flag of litellm's that no body carries: forwarded, Anthropic's 400
-        # names it rather than the model answering in prose.
-        forwarded.add("response_format")
     return sorted({*forwarded, *(params.get("allowed_openai_params") or [])})
 
 
@@ -255,12 +250,6 @@ def _explicit_values(request: ChatRequest) -> dict[str, Any]:
         **request.extra,
     }
     return {name: fields[name] for name in explicit_params(request)}
-
-
-def _anthropic_model(target: str) -> bool:
-    """Anthropic's models, on its API, Vertex AI or Bedrock (litellm's Anthropic translation)."""
-    lowered = target.lower()
-    return lowered.startswith("anthropic/") or "claude" in lowered
 
 
 def _probe(name: str, value: Any) -> str:

@@ -51,7 +51,7 @@ async def _read(framed: bytes, *, bytewise: bool) -> tuple[bytes, str | None]:
         assert target is not None
         response = await pool.request(target, {"Content-Type": "application/json"}, b"{}", Timeouts.uniform(5.0))
         try:
-            async for piece in _raw(response):
+            async for piece in response.aiter_raw():
                 pieces.append(piece)  # kept as they come: a failing read keeps what came before
         except plain_http.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"
@@ -62,11 +62,6 @@ async def _read(framed: bytes, *, bytewise: bool) -> tuple[bytes, str | None]:
         server.close()
         await server.wait_closed()
     return b"".join(pieces), error
-
-
-async def _raw(response: plain_http.Response) -> AsyncIterator[bytes]:
-    async for piece in response.aiter_raw():
-        yield piece
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ of the transport waited for the unsent bytes to be flushed first)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
@@ -38,11 +37,9 @@ async def test_closing_the_pool_fails_a_send_blocked_on_a_full_buffer() -> None:
         connection = next(iter(pool._active))
         # until the send waits for the kernel's buffer to drain
         await _until(lambda: connection._drained is not None and not connection._drained.done(), 10.0)
-        started = time.monotonic()
         pool.close()
         with pytest.raises(plain_http.WriteError, match="the connection pool was closed"):
             await asyncio.wait_for(sending, 5)
-        assert time.monotonic() - started < 5
     finally:
         pool.close()
         for writer in held:
