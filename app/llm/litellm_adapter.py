@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import json
 import os
 import sys
@@ -41,7 +40,7 @@ import threading
 import warnings
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
-from typing import Any
+from typing import Any, NamedTuple
 
 from app.llm import model_map
 from app.llm.interface import ChatRequest, Event, LLMError, TokenCounter, explicit_params
@@ -185,7 +184,7 @@ async def embed(params: dict[str, Any], texts: Sequence[str]) -> list[list[float
 
 
 def completion_kwargs(route: Route, request: ChatRequest) -> dict[str, Any]:
-    params = {k: v for k, v in resolve_env(dict(route.params), request.model).items() if k not in ROUTER_KEYS}
+    params = _route_params(route, request)
     # Defaults a config may override. drop_params: a parameter the provider does
     # not support is left out rather than failing the run, but only one the
     # server added: allowed_openai_params forwards what the user set, even
@@ -210,6 +209,10 @@ def completion_kwargs(route: Route, request: ChatRequest) -> dict[str, Any]:
     return kwargs
 
 
+def _route_params(route: Route, request: ChatRequest) -> dict[str, Any]:
+    return {k: v for k, v in resolve_env(dict(route.params), request.model).items() if k not in ROUTER_KEYS}
+
+
 def _untranslated(request: ChatRequest, params: dict[str, Any]) -> list[str]:
     """What goes in litellm's ``allowed_openai_params``: the parameters the
     user set that litellm's mapping for the provider does not turn into
@@ -221,21 +224,66 @@ def _untranslated(request: ChatRequest, params: dict[str, Any]) -> list[str]:
     ("Extra inputs are not permitted"). One it ignores (a named tool_choice
     on mistral/, a json_object response_format on Anthropic models,
     temperature on a model without sampling) still reaches the provider,
-    whose error then names it (issue 12), as before.
-
-    Asked of litellm's mapping itself (its parameter lists say what passes
-    its check, not what it sends), once per model, parameter and value
-    (a number's kind only, but for temperature and top_p: max_tokens is
-    the run's remaining budget, different at every call)."""
-    target = str(params["model"])
-    where = tuple(_text(params.get(key)) for key in ("custom_llm_provider", "api_base", "base_model", "api_version"))
-    values = _explicit_values(request)
-    forwarded = {
-        name
-        for name, value in values.items()
-        if not _mapped(target, *where, bool(request.tools), name, _probe(name, value))
-    }
+    whose error then names it (issue 12), as before."""
+    forwarded = {question.name for question in _questions(request, params) if not _answer(question)}
     return sorted({*forwarded, *(params.get("allowed_openai_params") or [])})
+
+
+class _Question(NamedTuple):
+    """Does litellm's mapping for this model turn ``name`` = ``value`` (JSON)
+    into something of the provider's request? Asked of the mapping itself
+    (its parameter lists say what passes its check, not what it sends), once
+    per model, parameter and value (a number's kind only, but for temperature
+    and top_p: max_tokens is the run's remaining budget, different at every
+    call)."""
+
+    target: str
+    provider: str | None
+    api_base: str | None
+    base_model: str | None
+    api_version: str | None
+    tools: bool
+    name: str
+    value: str
+
+
+def _questions(request: ChatRequest, params: dict[str, Any]) -> list[_Question]:
+    target, tools = str(params["model"]), bool(request.tools)
+    provider, api_base = _text(params.get("custom_llm_provider")), _text(params.get("api_base"))
+    base_model, api_version = _text(params.get("base_model")), _text(params.get("api_version"))
+    return [
+        _Question(target, provider, api_base, base_model, api_version, tools, name, _probe(name, value))
+        for name, value in _explicit_values(request).items()
+    ]
+
+
+# The mapping's answers, kept (its first run for a provider imports that
+# provider's config: up to ~45 ms; 1-7 ms after). Bounded: a new question
+# past the bound forgets the oldest answer.
+_ANSWERS: dict[_Question, bool] = {}
+_ANSWERS_KEPT = 2048
+_ANSWERS_LOCK = threading.Lock()  # answers come from the loop and from threads
+
+
+def _answer(question: _Question) -> bool:
+    known = _ANSWERS.get(question)
+    if known is None:
+        known = _mapped(question)
+        with _ANSWERS_LOCK:
+            if len(_ANSWERS) >= _ANSWERS_KEPT:
+                del _ANSWERS[next(iter(_ANSWERS))]
+            _ANSWERS[question] = known
+    return known
+
+
+async def _kwargs_off_the_loop(route: Route, request: ChatRequest) -> dict[str, Any]:
+    """completion_kwargs, with the mapping's unanswered questions asked in a
+    thread: asked on the loop they would hold every other run's stream for
+    their milliseconds (the first one of a provider for tens of them)."""
+    unanswered = [q for q in _questions(request, _route_params(route, request)) if q not in _ANSWERS]
+    if unanswered:
+        await asyncio.to_thread(lambda: [_answer(question) for question in unanswered])
+    return completion_kwargs(route, request)
 
 
 def _explicit_values(request: ChatRequest) -> dict[str, Any]:
@@ -253,7 +301,7 @@ def _explicit_values(request: ChatRequest) -> dict[str, Any]:
 
 
 def _probe(name: str, value: Any) -> str:
-    """The value _mapped() asks about, as JSON: a number stands for its kind
+    """The value a _Question asks about, as JSON: a number stands for its kind
     (but temperature's and top_p's, whose value a mapping may look at)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in ("temperature", "top_p"):
         value = type(value)(1)
@@ -278,23 +326,13 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-@functools.lru_cache(maxsize=2048)
-def _mapped(
-    target: str,
-    provider: str | None,
-    api_base: str | None,
-    base_model: str | None,
-    api_version: str | None,
-    tools: bool,
-    name: str,
-    value: str,
-) -> bool:
-    """Whether litellm's mapping for this model turns ``name`` = ``value``
-    (JSON) into something of the provider's request: its optional
-    parameters with it differ from those without it, its own flags
-    aside (drop_params on, as
-    litellm_params here have it). False, so that it is forwarded as before,
-    when litellm cannot say (a provider it does not know, a refusal)."""
+def _mapped(question: _Question) -> bool:
+    """The answer to ``question``: whether litellm's optional parameters
+    with the parameter differ from those without it, its own flags aside
+    (drop_params on, as litellm_params here have it). False, so that it is
+    forwarded as before, when litellm cannot say (a provider it does not
+    know, a refusal)."""
+    target, provider, api_base, base_model, api_version, tools, name, value = question
     litellm = load()
     from litellm.utils import get_optional_params
 
@@ -321,7 +359,7 @@ def _mapped(
 
 async def stream(route: Route, request: ChatRequest, llm: TokenCounter) -> AsyncGenerator[Event, None]:
     litellm = await load_off_the_loop(route)
-    kwargs = completion_kwargs(route, request)
+    kwargs = await _kwargs_off_the_loop(route, request)
     try:
         response = await litellm.acompletion(**kwargs)
     except Exception as exc:  # litellm maps every provider failure into its exception family

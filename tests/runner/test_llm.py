@@ -897,6 +897,31 @@ def test_a_parameter_litellm_lists_but_does_not_map_is_still_forwarded(
     assert kwargs.get("allowed_openai_params", []) == forwarded
 
 
+@pytest.mark.parametrize("routed", ["litellm"], indirect=True)
+async def test_litellm_mapping_questions_are_asked_off_the_loop_once(
+    routed: LLM, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Which parameters to forward is asked of litellm's mapping, whose first
+    answer for a provider takes tens of milliseconds: never on the event
+    loop, where every other run's stream would wait; and once per question."""
+    import threading
+
+    asked: list[bool] = []
+    mapped = litellm_adapter._mapped
+
+    def recording(question: Any) -> bool:
+        asked.append(threading.current_thread() is threading.main_thread())
+        return mapped(question)
+
+    monkeypatch.setattr(litellm_adapter, "_mapped", recording)
+    monkeypatch.setattr(litellm_adapter, "_ANSWERS", {})
+    assert threading.current_thread() is threading.main_thread()  # the loop's thread
+    chat = ChatRequest("fake-chat", [user("hi")], temperature=0.25, max_tokens=7, extra={"seed": 3})
+    for _ in range(2):
+        assert text_of(await collect(routed, chat))
+    assert asked == [False, False, False]  # three questions, each asked once, in a thread
+
+
 async def test_a_whole_completion_answering_a_stream_request_is_read(fake: FakeOpenAI, tmp_path: Path) -> None:
     """A server that ignores ``stream: true`` and sends a plain chat.completion
     (application/json): the direct path reads the answer, its tool call,
