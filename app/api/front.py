@@ -27,17 +27,12 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api import API_PREFIXES, handlers, limits, v1compat
+from app.api import handlers, limits, v1compat
 from app.observability import http, logs
 
 log = logging.getLogger("app.api")
 
 _HEAD = "assistants.head"
-# The one route that takes a multipart body (POST /files, streamed to disk
-# with its own size limit): any other body, whatever its declared type, is
-# held to the JSON limit (a 1 GB body labelled multipart sent to a JSON
-# route would otherwise be read whole into memory).
-_UPLOAD_PATHS = frozenset(f"{prefix}/files" for prefix in API_PREFIXES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +72,6 @@ class RequestHead:
         length = limits.parse_length(content_length)
         has_body = chunked or (content_length is not None and length != 0)
         return RequestHead(key, content_type, length, has_body, v1)
-
-    @property
-    def is_multipart(self) -> bool:
-        return (self.content_type or b"").lower().startswith(b"multipart/")
 
 
 def head_of(scope: Scope) -> RequestHead:
@@ -130,8 +121,7 @@ class ApiFront:
             if rejection is not None:
                 await handlers.send_error(rejection, send_with_id)
                 return
-            upload = head.is_multipart and scope["method"] == "POST" and path.rstrip("/") in _UPLOAD_PATHS
-            if head.has_body and not upload:
+            if head.has_body and not limits.is_upload(scope, head.content_type):
                 receive_body = await limits.read_limited_body(
                     scope, receive, send_with_id, head.content_length, self.max_body_bytes, self.body_timeout_seconds
                 )

@@ -1,8 +1,8 @@
 """Bounds on what one client can make the server hold.
 
 - ``read_limited_body`` (applied by api/front.py; ``BodyLimit`` is the same
-  as an ASGI layer of its own): a request body other than a multipart
-  upload (files and upload parts have their own limits) may be at most
+  as an ASGI layer of its own): a request body other than a file upload
+  (``is_upload``: it has its own limit) may be at most
   ``max_bytes``, and must arrive within ``timeout_seconds``. A declared
   Content-Length above the limit is refused before a byte of the body is
   read; a chunked body as soon as it passes the limit. So a 50 MB JSON body
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app import db, errors
+from app.api import API_PREFIXES
 from app.api.asgi_body import replaying
 from app.api.handlers import error_response
 from app.api.write_coalescing import CoalescingTransport
@@ -43,6 +44,11 @@ LOG_EVERY_SECONDS = 60.0
 # on SQLite two more per connection its pools may open (the file, its WAL).
 RESERVED_FDS = 256
 SQLITE_RESERVED_FDS = RESERVED_FDS + 2 * db.SQLITE_MOST_CONNECTIONS
+# The one route that takes a multipart body (POST /files, streamed to disk
+# with its own size limit): any other body, whatever its declared type, is
+# held to the JSON limit (a 1 GB body labelled multipart sent to a JSON
+# route would otherwise be read whole into memory).
+_UPLOAD_PATHS = frozenset(f"{prefix}/files" for prefix in API_PREFIXES)
 
 
 def too_large(limit: int) -> errors.APIError:
@@ -65,7 +71,7 @@ class BodyLimit:
         self.app, self.max_bytes, self.timeout_seconds = app, max_bytes, timeout_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _is_multipart(scope):
+        if scope["type"] != "http" or is_upload(scope, _header(scope, b"content-type")):
             await self.app(scope, receive, send)
             return
         declared = parse_length(_header(scope, b"content-length"))
@@ -118,9 +124,14 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-def _is_multipart(scope: Scope) -> bool:
-    value = _header(scope, b"content-type") or b""
-    return value.lower().startswith(b"multipart/")
+def is_upload(scope: Scope, content_type: bytes | None) -> bool:
+    """Whether an HTTP request is a file upload, whose body is not held to
+    the JSON limit (``content_type``: its first Content-Type header)."""
+    return (
+        (content_type or b"").lower().startswith(b"multipart/")
+        and scope["method"] == "POST"
+        and scope.get("path", "").rstrip("/") in _UPLOAD_PATHS
+    )
 
 
 def parse_length(value: bytes | None) -> int | None:

@@ -121,6 +121,19 @@ async def test_a_body_labelled_multipart_is_held_to_the_limit_on_every_other_rou
         assert response.status_code == 413 and response.json() == _too_large(), path
 
 
+async def test_the_body_limit_layer_passes_the_same_uploads_as_the_server() -> None:
+    """``BodyLimit`` (the limits as a layer of their own) takes the server's
+    rule (``limits.is_upload``): only POST /files takes a multipart body unread."""
+    multipart = {"content-type": "multipart/form-data; boundary=zz"}
+    app = limits.BodyLimit(_hello, max_bytes=LIMIT, timeout_seconds=30)
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://testserver") as http:
+        uploaded = await http.post("/v1/files", content=b"x" * (LIMIT + 1), headers=multipart)
+        assert uploaded.status_code == 200 and uploaded.text == "hello"
+        for method, path in (("POST", "/v1/threads"), ("PUT", "/v1/files"), ("POST", "/v1/files/file-x")):
+            response = await http.request(method, path, content=b"x" * (LIMIT + 1), headers=multipart)
+            assert response.status_code == 413 and response.json() == _too_large(), (method, path)
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param", "message"),
     [
