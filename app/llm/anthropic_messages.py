@@ -40,6 +40,7 @@ from app.llm.direct import (
     Call,
     DirectClient,
     StreamedResponse,
+    call_limits,
     opened,
     reading,
     sse_data,
@@ -58,7 +59,6 @@ from app.llm.interface import (
 from app.llm.provider import ChunkReader, ProviderFailure, provider_error
 from app.llm.routing import Route, resolve_env
 
-DEFAULT_TIMEOUT = 600.0
 _STOP_REASONS = {
     "end_turn": "stop",
     "stop_sequence": "stop",
@@ -95,16 +95,10 @@ async def stream(
 def _call(route: Route, request: ChatRequest) -> Call:
     params = resolve_env(dict(route.params), request.model)
     sent = anthropic_request.build(params, request)
-    for name, value in sent.headers.items():
-        if not (name.isascii() and value.isascii()):  # named, not shown: the value may be a key
-            raise ValueError(f"the header {name.encode('ascii', 'replace').decode()} is not ASCII")
-    timeout = float(params.get("timeout") or DEFAULT_TIMEOUT)
-    if not timeout > 0 or timeout == float("inf"):
-        raise ValueError(f"timeout {timeout} is not a positive number of seconds")
-    retries = params.get("max_retries")
+    timeout, max_retries = call_limits(params, sent.headers, 0)  # litellm's Anthropic client makes no retries
     # litellm writes the body with json.dumps' defaults (ASCII escapes).
     body = json.dumps(sent.body).encode()
-    return Call(sent.url, sent.headers, body, timeout, 0 if retries is None else max(0, int(retries)))
+    return Call(sent.url, sent.headers, body, timeout, max_retries)
 
 
 class _Reader:

@@ -78,7 +78,7 @@ class StreamedResponse(Protocol):
 # Failures of either client, widest last (a timeout is a transport error in both).
 _TIMEOUTS = (httpx.TimeoutException, plain_http.TimeoutException)
 _TRANSPORT = (httpx.TransportError, plain_http.TransportError)
-_HTTP_ERRORS = (httpx.HTTPError, plain_http.HTTPError)
+HTTP_ERRORS = (httpx.HTTPError, plain_http.HTTPError)
 
 
 class DirectClient:
@@ -141,7 +141,7 @@ class _LoopClients:
             self._httpx = httpx.AsyncClient(limits=limits)
         return self._httpx
 
-    async def send(self, call: _Call) -> StreamedResponse:
+    async def send(self, call: Call) -> StreamedResponse:
         """POST the call; the answer once its head arrived (the body is read from it)."""
         target = self.plain_target(call.url)
         if target is not None:
@@ -158,7 +158,7 @@ class _LoopClients:
 
 
 @dataclass(frozen=True)
-class _Call:
+class Call:
     """One completion request as sent: URL, headers, body and the route's limits."""
 
     url: str
@@ -168,7 +168,7 @@ class _Call:
     max_retries: int
 
     @classmethod
-    def build(cls, route: Route, request: ChatRequest) -> _Call:
+    def build(cls, route: Route, request: ChatRequest) -> Call:
         params = resolve_env(dict(route.params), request.model)
         where = providers.endpoint(route.target, params)  # the provider's URL, credentials and model name
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **where.headers}
@@ -181,23 +181,31 @@ class _Call:
         if not request.tools:  # as through litellm: providers refuse these without tools
             body.pop("tool_choice", None)
             body.pop("parallel_tool_calls", None)
-        for name, value in headers.items():
-            # HTTP header values are ASCII: a typographic quote pasted into a
-            # key failed in the client's encoder (a raw UnicodeEncodeError, on
-            # both clients). Named, not shown: the value may be a key.
-            if not (name.isascii() and value.isascii()):
-                raise ValueError(f"the header {name.encode('ascii', 'replace').decode()} is not ASCII")
-        timeout = float(params.get("timeout") or DEFAULT_TIMEOUT)
-        if not (math.isfinite(timeout) and timeout > 0):
-            raise ValueError(f"timeout {timeout} is not a positive number of seconds")
-        retries = params.get("max_retries")
+        timeout, max_retries = call_limits(params, headers, DEFAULT_MAX_RETRIES)
         return cls(
             url=where.url,
             headers=headers,
             body=json.dumps(body, ensure_ascii=False).encode(),
             timeout=timeout,
-            max_retries=DEFAULT_MAX_RETRIES if retries is None else max(0, int(retries)),
+            max_retries=max_retries,
         )
+
+
+def call_limits(params: Mapping[str, Any], headers: Mapping[str, str], default_retries: int) -> tuple[float, int]:
+    """The route's ``timeout`` (default 600 s) and ``max_retries`` (default
+    ``default_retries``), after checking them and the request's headers;
+    ValueError or TypeError names what is not usable."""
+    for name, value in headers.items():
+        # HTTP header values are ASCII: a typographic quote pasted into a
+        # key failed in the client's encoder (a raw UnicodeEncodeError, on
+        # both clients). Named, not shown: the value may be a key.
+        if not (name.isascii() and value.isascii()):
+            raise ValueError(f"the header {name.encode('ascii', 'replace').decode()} is not ASCII")
+    timeout = float(params.get("timeout") or DEFAULT_TIMEOUT)
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout {timeout} is not a positive number of seconds")
+    retries = params.get("max_retries")
+    return timeout, default_retries if retries is None else max(0, int(retries))
 
 
 async def stream(
@@ -205,12 +213,12 @@ async def stream(
 ) -> AsyncGenerator[Event, None]:
     """Deltas as they arrive, then one Finish; LLMError on any failure."""
     try:
-        call = _Call.build(route, request)
+        call = Call.build(route, request)
     except (ValueError, TypeError, httpx.InvalidURL) as exc:  # e.g. timeout "30s", or an api_base from the environment
-        raise _unusable(route, exc) from exc
+        raise unusable(route, exc) from exc
     reader = ChunkReader()
-    async with _opened(call, client.here(), route, explicit_params(request)) as response:
-        with _reading(route):
+    async with opened(call, client.here(), route, explicit_params(request)) as response:
+        with reading(route):
             if _is_json(response):  # a server that ignores ``stream``: its whole answer at once
                 body = (await response.aread()).decode("utf-8", "replace")
                 for event in reader.read(_as_chunk(_chunk(body))):
@@ -219,7 +227,7 @@ async def stream(
                 done = False
                 # Read to the end, past [DONE] (as the openai SDK does): a body read
                 # to its end leaves the connection in the pool for the next run.
-                async for data in _sse_data(response):
+                async for data in sse_data(response):
                     done = done or data == "[DONE]"
                     if not done:
                         for event in reader.read(_chunk(data)):
@@ -228,7 +236,7 @@ async def stream(
 
 
 @contextmanager
-def _reading(route: Route) -> Iterator[None]:
+def reading(route: Route) -> Iterator[None]:
     """A failure while reading a streamed answer as litellm reports it."""
     try:
         yield
@@ -236,7 +244,7 @@ def _reading(route: Route) -> Iterator[None]:
         raise provider_error(ProviderFailure(*_TIMED_OUT), route) from exc
     except _TRANSPORT as exc:  # the connection broke mid-stream
         raise provider_error(ProviderFailure(*_CONNECTION), route) from exc
-    except _HTTP_ERRORS as exc:  # e.g. a body its content-encoding cannot decode
+    except HTTP_ERRORS as exc:  # e.g. a body its content-encoding cannot decode
         raise provider_error(ProviderFailure(500, str(exc) or type(exc).__name__), route) from exc
     except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a chunk that is not JSON, or not its shape
         raise provider_error(ProviderFailure(500, str(exc)), route) from exc
@@ -244,15 +252,15 @@ def _reading(route: Route) -> Iterator[None]:
         raise provider_error(exc, route) from exc
 
 
-def _unusable(route: Route, exc: Exception) -> LLMError:
+def unusable(route: Route, exc: Exception) -> LLMError:
     return LLMError(
         "server_error", f"The routing entry for model '{route.model}' ({route.target}) is not usable: {exc}"
     )
 
 
 @asynccontextmanager
-async def _opened(
-    call: _Call,
+async def opened(
+    call: Call,
     clients: _LoopClients,
     route: Route,
     explicit: Sequence[str],
@@ -265,7 +273,7 @@ async def _opened(
         try:
             response = await clients.send(call)
         except httpx.InvalidURL as exc:  # a URL httpx cannot send either (a port "²", say)
-            raise _unusable(route, exc) from exc
+            raise unusable(route, exc) from exc
         except _TIMEOUTS as exc:
             if last:
                 raise provider_error(ProviderFailure(*_TIMED_OUT), route) from exc
@@ -295,7 +303,7 @@ async def _failure(response: StreamedResponse, *, azure: bool) -> ProviderFailur
     """An error answer in litellm's terms: the body's error message, else the body itself."""
     try:
         body = (await response.aread()).decode("utf-8", "replace")
-    except _HTTP_ERRORS:
+    except HTTP_ERRORS:
         body = ""
     finally:
         await response.aclose()
@@ -384,7 +392,7 @@ def _as_chunk(completion: dict[str, Any]) -> dict[str, Any]:
     return {"choices": choices, "usage": completion.get("usage")}
 
 
-async def _sse_data(response: StreamedResponse) -> AsyncIterator[str]:
+async def sse_data(response: StreamedResponse) -> AsyncIterator[str]:
     """The ``data`` of each Server-Sent Event (several data lines joined by newlines)."""
     data: list[str] = []
     async for line in response.aiter_lines():
@@ -411,13 +419,3 @@ def _chunk(data: str) -> Any:
         code = error.get("code") if isinstance(error, dict) else None
         raise ProviderFailure(code if isinstance(code, int) else 500, str(message or error))
     return chunk
-
-
-# What anthropic_messages.py (Anthropic's Messages API) shares: the clients,
-# the retries and the reading of Server-Sent Events and their failures.
-Call = _Call
-opened = _opened
-sse_data = _sse_data
-unusable = _unusable
-reading = _reading
-HTTP_ERRORS = _HTTP_ERRORS

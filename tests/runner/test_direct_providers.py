@@ -35,7 +35,7 @@ from app.llm import (
     litellm_adapter,
     model_map,
 )
-from app.llm.direct import _Call
+from app.llm.direct import Call
 from app.settings import Settings
 from tests.runner.fake_openai import USAGE, FakeOpenAI
 
@@ -224,14 +224,12 @@ def test_default_base_urls_need_no_api_base(tmp_path: Path, monkeypatch: pytest.
     llm = load(tmp_path, [entry("*", "nebius/*")])
     route = llm.route("meta-llama/Llama-3.3-70B-Instruct")
     assert route.direct
-    call = _Call.build(route, ChatRequest(route.model, [user("hi")]))
+    call = Call.build(route, ChatRequest(route.model, [user("hi")]))
     assert call.url == "https://api.studio.nebius.ai/v1/chat/completions"
     assert call.headers["Authorization"] == "Bearer nb"
     assert json.loads(call.body)["model"] == "meta-llama/Llama-3.3-70B-Instruct"
     monkeypatch.setenv("NEBIUS_API_BASE", "http://127.0.0.1:9/nebius")
-    assert (
-        _Call.build(route, ChatRequest(route.model, [user("hi")])).url == "http://127.0.0.1:9/nebius/chat/completions"
-    )
+    assert Call.build(route, ChatRequest(route.model, [user("hi")])).url == "http://127.0.0.1:9/nebius/chat/completions"
 
 
 @pytest.fixture(params=["direct", "litellm"])
