@@ -109,8 +109,6 @@ class _Reader:
         self.tool_index = -1
         self.block: str | None = None  # the type of the content block being streamed
         self.empty_input: bool | None = None  # whether the tool block's input is empty so far; None before any
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
 
     def read(self, event: dict[str, Any]) -> Iterator[Event]:
         kind = event.get("type")
@@ -159,10 +157,12 @@ class _Reader:
             int(usage.get(name) or 0)
             for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
         )
-        self.prompt_tokens = prompt or self.prompt_tokens
-        self.completion_tokens = int(usage.get("output_tokens") or 0)
-        if self.prompt_tokens or self.completion_tokens:
-            self.chunks.usage = Usage(self.prompt_tokens, self.completion_tokens)
+        # message_delta's usage may leave the input out: message_start's count stands.
+        earlier = self.chunks.usage
+        prompt = prompt or (earlier.prompt_tokens if earlier is not None else 0)
+        completion = int(usage.get("output_tokens") or 0)
+        if prompt or completion:
+            self.chunks.usage = Usage(prompt, completion)
 
     def finish(self, request: ChatRequest, counter: TokenCounter) -> Finish:
         return self.chunks.finish(request, counter)
