@@ -5,7 +5,6 @@ same whether the chunks come together in one write or a byte at a time."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -20,6 +19,12 @@ _HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 async def _read(framed: bytes, *, bytewise: bool) -> tuple[bytes, str | None]:
     """The body a server answering ``_HEAD + framed`` gives (in one write, or
     a byte per write), and the error reading it raised, if any."""
+    pieces, error = await _pieces(framed, bytewise=bytewise)
+    return b"".join(pieces), error
+
+
+async def _pieces(framed: bytes, *, bytewise: bool) -> tuple[list[bytes], str | None]:
+    """The body's pieces as ``Response.aiter_raw`` hands them on, and the error, if any."""
 
     answered = asyncio.Event()
 
@@ -61,7 +66,7 @@ async def _read(framed: bytes, *, bytewise: bool) -> tuple[bytes, str | None]:
         pool.close()
         server.close()
         await server.wait_closed()
-    return b"".join(pieces), error
+    return pieces, error
 
 
 @pytest.mark.parametrize(
@@ -104,18 +109,6 @@ async def test_whole_chunks_are_handed_on_at_most_a_read_piece_at_a_time() -> No
     piece stays within it, and the body is whole."""
     chunk = b"x" * 5000
     framed = (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 40 + b"0\r\n\r\n"
-    sizes: list[int] = []
-    real_raw = plain_http.Response.aiter_raw
-
-    async def recorded(response: plain_http.Response) -> AsyncIterator[bytes]:
-        async for piece in real_raw(response):
-            sizes.append(len(piece))
-            yield piece
-
-    plain_http.Response.aiter_raw = recorded  # type: ignore[method-assign]
-    try:
-        body, error = await _read(framed, bytewise=False)
-    finally:
-        plain_http.Response.aiter_raw = real_raw  # type: ignore[method-assign]
-    assert error is None and body == chunk * 40
-    assert max(sizes) <= plain_http._READ_PIECE
+    pieces, error = await _pieces(framed, bytewise=False)
+    assert error is None and b"".join(pieces) == chunk * 40
+    assert max(len(piece) for piece in pieces) <= plain_http._READ_PIECE
