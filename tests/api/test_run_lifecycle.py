@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -264,19 +263,7 @@ async def test_run_bad_input(client: openai.AsyncOpenAI) -> None:
 
 
 @pytest.fixture
-async def fake_backend() -> AsyncIterator[FakeOpenAI]:
-    backend = FakeOpenAI()
-    await backend.start()
-    try:
-        yield backend
-    finally:
-        await backend.stop()
-
-
-@pytest.fixture
-def routed_settings(
-    request: pytest.FixtureRequest, settings: Settings, fake_backend: FakeOpenAI, tmp_path: Path
-) -> Settings:
+def routed_settings(request: pytest.FixtureRequest, settings: Settings, fake: FakeOpenAI, tmp_path: Path) -> Settings:
     """Every model to the fake backend: by our own HTTP request (the default for
     an openai/ route with an api_base), or through litellm when a test
     parametrizes this fixture with "litellm"."""
@@ -286,7 +273,7 @@ def routed_settings(
                 "model_name": "*",
                 "litellm_params": {
                     "model": "openai/*",
-                    "api_base": fake_backend.api_base,
+                    "api_base": fake.api_base,
                     "api_key": "sk-fake",
                     "max_retries": 0,
                 },
@@ -303,7 +290,7 @@ def routed_settings(
 
 @pytest.mark.parametrize("routed_settings", ["direct", "litellm"], indirect=True)
 async def test_real_backend_direct_and_through_litellm(
-    routed_settings: Settings, client: openai.AsyncOpenAI, fake_backend: FakeOpenAI
+    routed_settings: Settings, client: openai.AsyncOpenAI, fake: FakeOpenAI
 ) -> None:
     tools = [
         {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
@@ -317,7 +304,7 @@ async def test_real_backend_direct_and_through_litellm(
     assert call.function.name == "get_weather" and json.loads(call.function.arguments)
     steps = (await client.beta.threads.runs.steps.list(run.id, thread_id=thread_id, order="asc")).data
     assert steps[0].type == "message_creation"  # "Hello world" came before the call
-    sent = fake_backend.requests[-1]["body"]
+    sent = fake.requests[-1]["body"]
     assert sent["model"] == "gpt-4o"
     assert sent["messages"] == [
         {"role": "system", "content": "Be helpful."},
@@ -327,7 +314,7 @@ async def test_real_backend_direct_and_through_litellm(
 
 
 async def test_auto_truncation_drops_oldest_messages(
-    routed_settings: Settings, client: openai.AsyncOpenAI, fake_backend: FakeOpenAI
+    routed_settings: Settings, client: openai.AsyncOpenAI, fake: FakeOpenAI
 ) -> None:
     assistant = await client.beta.assistants.create(model="fake-no-usage")
     thread = await client.beta.threads.create(
@@ -335,7 +322,7 @@ async def test_auto_truncation_drops_oldest_messages(
     )
     run = await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id)
     assert run.status == "completed", run.last_error
-    sent = fake_backend.requests[-1]["body"]["messages"]
+    sent = fake.requests[-1]["body"]["messages"]
     assert 0 < len(sent) < 12
     assert "message number 11" in sent[-1]["content"]  # the newest survive, the oldest go
 

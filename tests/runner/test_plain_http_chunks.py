@@ -9,7 +9,8 @@ import asyncio
 import pytest
 
 from app.llm import plain_http
-from app.llm.plain_http import Pool, Timeouts
+from app.llm.plain_http import Timeouts
+from tests.runner.raw_server import serving
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -46,14 +47,9 @@ async def _pieces(framed: bytes, *, bytewise: bool) -> tuple[list[bytes], str | 
             writer.close()
             answered.set()
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    pool = Pool()
     pieces: list[bytes] = []
     error = None
-    try:
-        target = plain_http.plain_target(f"http://127.0.0.1:{port}/v1/chat/completions")
-        assert target is not None
+    async with serving(answer) as (pool, target):
         response = await pool.request(target, {"Content-Type": "application/json"}, b"{}", Timeouts.uniform(5.0))
         try:
             async for piece in response.aiter_raw():
@@ -62,10 +58,6 @@ async def _pieces(framed: bytes, *, bytewise: bool) -> tuple[list[bytes], str | 
             error = f"{type(exc).__name__}: {exc}"
         await response.aclose()
         await answered.wait()
-    finally:
-        pool.close()
-        server.close()
-        await server.wait_closed()
     return pieces, error
 
 

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from app.llm import plain_http
-from app.llm.plain_http import Pool, Timeouts
+from app.llm.plain_http import Timeouts
+from tests.runner.raw_server import serving
 from tests.runner.test_plain_http import _until
 
 pytestmark = pytest.mark.timeout(30)
@@ -25,27 +26,20 @@ async def test_closing_the_pool_fails_a_send_blocked_on_a_full_buffer() -> None:
         held.append(writer)  # reads nothing: the client's send fills the kernel's buffers
         accepted.set()
 
-    server = await asyncio.start_server(never_read, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    pool = Pool()
-    target = plain_http.plain_target(f"http://127.0.0.1:{port}/v1/chat/completions")
-    assert target is not None
-    try:
-        body = b"x" * (16 * 1024 * 1024)  # more than the loopback's buffers hold
-        sending = asyncio.ensure_future(pool.request(target, {}, body, Timeouts.uniform(20.0)))
-        await accepted.wait()
-        connection = next(iter(pool._active))
-        # until the send waits for the kernel's buffer to drain
-        await _until(lambda: connection._drained is not None and not connection._drained.done(), 10.0)
-        pool.close()
-        with pytest.raises(plain_http.WriteError, match="the connection pool was closed"):
-            await asyncio.wait_for(sending, 5)
-    finally:
-        pool.close()
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
+    async with serving(never_read) as (pool, target):
+        try:
+            body = b"x" * (16 * 1024 * 1024)  # more than the loopback's buffers hold
+            sending = asyncio.ensure_future(pool.request(target, {}, body, Timeouts.uniform(20.0)))
+            await accepted.wait()
+            connection = next(iter(pool._active))
+            # until the send waits for the kernel's buffer to drain
+            await _until(lambda: connection._drained is not None and not connection._drained.done(), 10.0)
+            pool.close()
+            with pytest.raises(plain_http.WriteError, match="the connection pool was closed"):
+                await asyncio.wait_for(sending, 5)
+        finally:
+            for writer in held:
+                writer.close()
 
 
 async def test_closing_the_pool_while_a_connection_is_made_sends_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -63,11 +57,6 @@ async def test_closing_the_pool_while_a_connection_is_made_sends_nothing(monkeyp
             writer.close()
             closed.set()
 
-    server = await asyncio.start_server(record, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    pool = Pool()
-    target = plain_http.plain_target(f"http://127.0.0.1:{port}/v1/chat/completions")
-    assert target is not None
     loop = asyncio.get_running_loop()
     connect, gate = loop.create_connection, asyncio.Event()
 
@@ -75,8 +64,8 @@ async def test_closing_the_pool_while_a_connection_is_made_sends_nothing(monkeyp
         await gate.wait()  # the connection is still being made when the pool closes
         return await connect(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "create_connection", held_connect)
-    try:
+    async with serving(record) as (pool, target):
+        monkeypatch.setattr(loop, "create_connection", held_connect)
         sending = asyncio.ensure_future(pool.request(target, {}, b'{"model": "m"}', Timeouts.uniform(5.0)))
         await _until(lambda: bool(pool._active), 10.0)
         pool.close()
@@ -85,7 +74,3 @@ async def test_closing_the_pool_while_a_connection_is_made_sends_nothing(monkeyp
             await asyncio.wait_for(sending, 5)
         await asyncio.wait_for(closed.wait(), 5)
         assert bytes(received) == b""
-    finally:
-        pool.close()
-        server.close()
-        await server.wait_closed()
