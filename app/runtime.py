@@ -60,6 +60,7 @@ class Runtime:
     # The worker of this process, if any (its heartbeat and sandboxes feed /readyz and /metrics).
     worker: Worker | None = None
     _signals: set[asyncio.Task[None]] = field(default_factory=set)
+    _closing: bool = False  # close() began: wake() starts no more NOTIFYs
     _listener: asyncio.Task[None] | None = None
     # SQLite: the other server processes on the file (early delivery needs none).
     _peers: sqlite_peers.Peers | None = None
@@ -132,6 +133,9 @@ class Runtime:
         self.wake_worker = worker.wake
 
     async def close(self) -> None:
+        """Stop and release everything; a close() cancelled midway leaves
+        none of its wakes' NOTIFYs running and may be called again."""
+        self._closing = True
         if self._listener is not None:
             self._listener.cancel()
             with suppress(asyncio.CancelledError):
@@ -140,10 +144,12 @@ class Runtime:
             # A wake's NOTIFY still in flight holds a pooled connection: one
             # left running past the disposes below would be taken back by the
             # disposed pool for good, unclosed.
-            await asyncio.wait(set(self._signals), timeout=SIGNALS_CLOSE_SECONDS)
-            for task in self._signals:
-                task.cancel()
-            await asyncio.gather(*self._signals, return_exceptions=True)
+            try:
+                await asyncio.wait(set(self._signals), timeout=SIGNALS_CLOSE_SECONDS)
+            finally:  # also when this close() is cancelled in the wait: none runs on alone
+                for task in self._signals:
+                    task.cancel()
+                await asyncio.gather(*self._signals, return_exceptions=True)
         await self.run_log.close()
         await self.llm.aclose()
         if self.read_engine.sync_engine.pool is not self.engine.sync_engine.pool:
@@ -170,7 +176,10 @@ class Runtime:
         standalone workers (SQLite has no other processes to tell)."""
         if self.wake_worker is not None:
             self.wake_worker(files=files)
-        elif not db.is_sqlite(self.settings.resolved_database_url()):
+        # Not once close() began: a NOTIFY started then could outlive its wait
+        # for the others and open a connection on the disposed engine's new
+        # pool, which nothing closes. The workers find the work by polling.
+        elif not self._closing and not db.is_sqlite(self.settings.resolved_database_url()):
             task = asyncio.get_running_loop().create_task(db.notify_work(self.engine))
             self._signals.add(task)  # keep a reference until it is done
             task.add_done_callback(self._signals.discard)
