@@ -54,6 +54,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app import db, orm
 from app.bus import Entry, EventBus
+from app.cancelling import cancel_and_wait
 from app.services import core_rows, new_rows, run_events, run_state
 from app.wire.events import TERMINAL_RUN_EVENTS, Event
 
@@ -647,9 +648,7 @@ class RunLog:
         self._closing = True
         for task in (self._flusher, self._notifier):
             if task is not None:
-                task.cancel()
-                with suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
         with suppress(Exception):
             await self.flush()
         if self._news:

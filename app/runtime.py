@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from app import cassettes, db, run_log, sqlite_peers
 from app.bus import EventBus
+from app.cancelling import cancel_and_wait
 from app.llm import LLM, Exchange
 from app.observability.metrics import Metrics
 from app.retrieval import cache_budget, passing_files
@@ -137,9 +138,7 @@ class Runtime:
         none of its wakes' NOTIFYs running and may be called again."""
         self._closing = True
         if self._listener is not None:
-            self._listener.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._listener
+            await cancel_and_wait(self._listener)
         if self._signals:
             # A wake's NOTIFY still in flight holds a pooled connection: one
             # left running past the disposes below would be taken back by the

@@ -33,11 +33,12 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
 from pathlib import Path
 from urllib.parse import unquote
 
 from sqlalchemy.engine import make_url
+
+from app.cancelling import cancel_and_wait
 
 log = logging.getLogger("app.sqlite_peers")
 
@@ -185,9 +186,7 @@ class Peers:
 
     async def close(self) -> None:
         if self._watcher is not None:
-            self._watcher.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._watcher
+            await cancel_and_wait(self._watcher)
         self.close_now()
 
     def close_now(self) -> None:

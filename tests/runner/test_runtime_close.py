@@ -96,3 +96,21 @@ async def test_a_cancelled_listener_leaves_no_listening_connection_in_the_pool(s
         assert heard == []
     finally:
         await engine.dispose()
+
+
+async def test_a_close_cancelled_while_it_stops_the_listener_is_cancelled(settings: Settings) -> None:
+    """The cancel of close() is its caller's: it goes on up, not swallowed
+    with the listener's own (close() would then run on to its end)."""
+    runtime = await Runtime.start(settings.model_copy(update={"embedded_worker": False}))
+    try:
+        await until(lambda: runtime.run_log.listening, "the run log's listener to hold its connection")
+        listener = runtime._listener
+        assert listener is not None
+        closing = asyncio.create_task(runtime.close())
+        await asyncio.sleep(0)  # close() has cancelled the listener and waits for it
+        assert not listener.done()
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(closing, 30)
+    finally:
+        await runtime.close()  # a cancelled close() may be called again
