@@ -25,6 +25,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.util import await_only as await_
 
 from app import held_back, sqlite_driver
+from app.wire import jsontext
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -272,6 +273,13 @@ class SQLiteWriters:
         event.listen(sync.pool, "close", close)
 
 
+# How every engine writes and reads JSON columns (jsonb's asyncpg codec
+# included): orjson, issue 17; app/wire/jsontext.py says what differs.
+JSON_CODEC: Mapping[str, Any] = MappingProxyType(
+    {"json_serializer": jsontext.dumps, "json_deserializer": jsontext.loads}
+)
+
+
 def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
     if is_sqlite(url):
         database = make_url(url).database
@@ -284,7 +292,7 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
         # are out at once, and each overflow connection was opened and
         # closed again (a thread, the file, its pragmas: 0.3 per run).
         if database == ":memory:":
-            engine = create_async_engine(url, poolclass=NullPool, module=sqlite_driver.OneHopDBAPI())
+            engine = create_async_engine(url, poolclass=NullPool, module=sqlite_driver.OneHopDBAPI(), **JSON_CODEC)
         else:
             engine = create_async_engine(
                 url,
@@ -292,6 +300,7 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
                 max_overflow=SQLITE_WRITER_OVERFLOW,
                 pool_use_lifo=True,  # the last used connection's page cache is the warm one
                 module=sqlite_driver.OneHopDBAPI(),
+                **JSON_CODEC,
             )
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         event.listen(engine.sync_engine, "before_cursor_execute", sqlite_driver.hold_back_marked_writes)
@@ -306,7 +315,11 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
     # connection unreturned after backends were terminated: tests/api/
     # test_races_faults.py.) Recycling bounds a connection's age.
     engine = create_async_engine(
-        url, pool_size=pool_size if pool_size is not None else POSTGRES_CONNECTIONS, max_overflow=0, pool_recycle=300
+        url,
+        pool_size=pool_size if pool_size is not None else POSTGRES_CONNECTIONS,
+        max_overflow=0,
+        pool_recycle=300,
+        **JSON_CODEC,
     )
     ConnectionCheck(ping_after_idle_seconds=PING_AFTER_IDLE_SECONDS).listen(engine)
     return engine
@@ -341,6 +354,7 @@ def create_read_engine(url: str, engine: AsyncEngine) -> AsyncEngine:
         pool_size=SQLITE_READERS,
         max_overflow=SQLITE_READERS,
         pool_use_lifo=True,
+        **JSON_CODEC,
     )
     event.listen(reader.sync_engine, "connect", _sqlite_read_connect)
     # Sent with the transaction's first statement (sqlite_driver.OneHopCursor).
@@ -380,6 +394,7 @@ def create_poll_engine(url: str) -> AsyncEngine | None:
         pool_size=SQLITE_POLLERS,
         max_overflow=SQLITE_READERS,
         pool_use_lifo=True,
+        **JSON_CODEC,
     )
     event.listen(poller.sync_engine, "connect", _sqlite_poll_connect)
     return poller

@@ -167,10 +167,8 @@ class Turn:
         )
         step_wire, message_wire = run_steps.to_wire(step), messages.to_wire(message)
         created = [
-            Event.of("thread.run.step.created", step_wire),
-            Event.of("thread.run.step.in_progress", step_wire),
-            Event.of("thread.message.created", message_wire),
-            Event.of("thread.message.in_progress", message_wire),
+            *Event.each(("thread.run.step.created", "thread.run.step.in_progress"), step_wire),
+            *Event.each(("thread.message.created", "thread.message.in_progress"), message_wire),
         ]
         await self._insert([step, message], created)
         self.message, self.message_step = message, step
@@ -231,7 +229,7 @@ class Turn:
         if self.tool_step is None:
             step = run_steps.new(self.run, "tool_calls", {"type": "tool_calls", "tool_calls": []})
             wire = run_steps.to_wire(step)
-            created = [Event.of("thread.run.step.created", wire), Event.of("thread.run.step.in_progress", wire)]
+            created = Event.each(("thread.run.step.created", "thread.run.step.in_progress"), wire)
             await self._insert([step], created)
             self.tool_step = step
         if delta.index not in self.calls:

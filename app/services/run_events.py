@@ -178,7 +178,7 @@ async def _insert_postgres(
             params["run_ids"].append(run_id)
             params["ns"].append(n)
             params["names"].append(event.name)
-            params["datas"].append(_ENCODE(_payload(event)))
+            params["datas"].append(_logged_text(event))
     rows = (await session.execute(_insert_postgres_statement(signal is not None, wake), params)).all()
     return {str(row[0]): int(row[1]) for row in rows}
 
@@ -222,7 +222,7 @@ def _logged_params(run_id: str, events: Sequence[Event]) -> dict[str, Any]:
         "log_run_ids": [run_id] * len(events),
         "log_ns": list(range(1, len(events) + 1)),
         "log_names": [event.name for event in events],
-        "log_datas": [_ENCODE(_payload(event)) for event in events],
+        "log_datas": [_logged_text(event) for event in events],
     }
 
 
@@ -352,8 +352,7 @@ def _sqlite_params(batches: dict[str, list[Event]]) -> tuple[int, dict[str, Any]
     row = 0
     for run_id, events in batches.items():
         for n, event in enumerate(events, start=1):
-            _payload(event)  # an object, never "[DONE]"
-            params |= {f"r{row}": run_id, f"n{row}": n, f"e{row}": event.name, f"d{row}": event.json}
+            params |= {f"r{row}": run_id, f"n{row}": n, f"e{row}": event.name, f"d{row}": _logged_text(event)}
             row += 1
     return row, params
 
@@ -384,7 +383,10 @@ async def insert_behind(session: AsyncSession, run_id: str, events: list[Event],
     await db.write_behind(session, statement, params, options)
 
 
-_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+def _logged_text(event: Event) -> str:
+    """The event's JSON as logged: the text its SSE frame sends too, encoded once."""
+    _payload(event)
+    return event.json
 
 
 def _payload(event: Event) -> dict[str, Any]:

@@ -137,8 +137,7 @@ def _queued_events(run: orm.Run) -> list[Event]:
     """A new run's opening events, logged only by the transaction that
     inserts it: run_log.append reads ``thread.run.created`` as "created
     here" (no NOTIFY on PostgreSQL, numbered from 1 on SQLite)."""
-    wire = to_wire(run)
-    return [Event.of("thread.run.created", wire), Event.of("thread.run.queued", wire)]
+    return Event.each(("thread.run.created", "thread.run.queued"), to_wire(run))
 
 
 async def create(

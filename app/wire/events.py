@@ -3,16 +3,16 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 from pydantic import BaseModel
 
-DONE = "done"
+from app.wire import jsontext
 
-_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+DONE = "done"
 
 
 @dataclass(frozen=True)
@@ -24,11 +24,23 @@ class Event:
     def of(cls, name: str, model: BaseModel) -> Event:
         return cls(name, model.model_dump(mode="json"))
 
+    @classmethod
+    def each(cls, names: Iterable[str], model: BaseModel) -> list[Event]:
+        """One event per name, all carrying ``model`` in one state (say
+        ``thread.message.created`` and ``.in_progress``): dumped and encoded
+        once for all of them (issue 17)."""
+        data = model.model_dump(mode="json")
+        text = jsontext.dumps(data)
+        events = [cls(name, data) for name in names]
+        for event in events:
+            event.__dict__["json"] = text  # the cached_property's value, as it would compute it
+        return events
+
     @cached_property
     def json(self) -> str:
         """``data`` as one-line JSON (``[DONE]`` as it is), encoded once for
         both the run's event log and its SSE frame (issue 17)."""
-        return self.data if isinstance(self.data, str) else _ENCODE(self.data)
+        return self.data if isinstance(self.data, str) else jsontext.dumps(self.data)
 
 
 # A run stops here for its stream: a final state, or requires_action.

@@ -124,3 +124,30 @@ async def test_update_with_nulls_changes_nothing(client: openai.AsyncOpenAI) -> 
         cast_to=openai.types.beta.Assistant,
     )
     assert updated.model == "gpt-4o" and updated.name == "keep" and updated.metadata == {"a": "b"}
+
+
+async def test_integers_beyond_64_bits_and_non_ascii_keep_their_values(client: openai.AsyncOpenAI) -> None:
+    """A function's free-form ``parameters`` may hold any integer: those
+    beyond 64 bits (which orjson neither writes nor reads back exactly) and
+    non-ASCII text come back unchanged from the stored row, in the response
+    and in the run's stream (app/wire/jsontext.py)."""
+    parameters = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "maximum": 2**70, "minimum": -(2**64), "title": "Zähler 数"}},
+        "examples": [18446744073709551615, -9223372036854775808, 12345678901234567890123],
+    }
+    created = await client.beta.assistants.create(
+        model="gpt-4o", tools=[{"type": "function", "function": {"name": "count", "parameters": parameters}}]
+    )
+    fetched = await client.beta.assistants.retrieve(created.id)
+    for assistant in (created, fetched):
+        function = assistant.tools[0].function  # type: ignore[union-attr]
+        assert function.parameters == parameters
+    async with await client.beta.threads.create_and_run(
+        assistant_id=created.id, thread={"messages": [{"role": "user", "content": "Grüße, 世界"}]}, stream=True
+    ) as stream:
+        events = [item async for item in stream]
+    assert events[-1].event == "thread.run.completed"
+    for item in events:
+        if item.event.startswith("thread.run.") and not item.event.startswith("thread.run.step"):
+            assert item.data.tools[0].function.parameters == parameters  # type: ignore[union-attr]

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from app import db, orm, sqlite_driver
 from app.runtime import Runtime
 from app.services import core_rows, run_events, run_state
+from app.wire import jsontext
 from app.wire.events import Event
 
 pytestmark = pytest.mark.timeout(30)
@@ -226,7 +227,7 @@ async def test_each_engine_binds_with_its_own_json_serializer(runtime: Runtime) 
     assert path is not None
     with sqlite3.connect(path) as connection:
         stored = dict(connection.execute("SELECT id, metadata FROM threads").fetchall())
-    assert stored == {"thread_default": json.dumps(metadata), "thread_indented": json.dumps(metadata, indent=1)}
+    assert stored == {"thread_default": jsontext.dumps(metadata), "thread_indented": json.dumps(metadata, indent=1)}
 
 
 class _Undo(Exception):

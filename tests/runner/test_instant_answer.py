@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, select, text
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from app import ids, llm, orm
@@ -452,13 +453,19 @@ async def test_the_prompt_has_every_earlier_message_at_the_prefetch_boundary(
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_message_sqlites_json_refuses_stops_no_claim(runtime: Runtime) -> None:
-    """A stored content SQLite's json() refuses (Python's JSON writes NaN):
-    the claim returns earlier messages as their stored text, decoded in
-    Python; through json() the claim itself failed, and no run moved."""
+    """A stored content SQLite's json() refuses (the stdlib's JSON, which
+    wrote the column before orjson, wrote NaN; orjson writes null, so the
+    text is stored here as the stdlib wrote it): the claim returns earlier
+    messages as their stored text, decoded in Python; through json() the
+    claim itself failed, and no run moved."""
     run_ids = await _make_runs(runtime, 2)
-    await _add_earlier_messages(
-        runtime, run_ids[0], [[{"type": "text", "text": {"value": "odd", "annotations": [{"score": math.nan}]}}]]
-    )
+    content = [{"type": "text", "text": {"value": "odd", "annotations": [{"score": math.nan}]}}]
+    await _add_earlier_messages(runtime, run_ids[0], [content])
+    async with runtime.transaction() as session:
+        await session.execute(
+            text("UPDATE messages SET content = :content WHERE content LIKE '%odd%'"), {"content": json.dumps(content)}
+        )
+        assert (await session.execute(text("SELECT count(*) FROM messages WHERE content LIKE '%NaN%'"))).scalar() == 1
     async with asyncio.timeout(30):
         await Worker(runtime, concurrency=2).run_until_idle()
     assert await _statuses(runtime, run_ids) == {run_id: "completed" for run_id in run_ids}
