@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     llm_replay: Path | None = None
 
     # --- bounds on requests and connections (app/api/limits.py) ---
-    max_json_body_bytes: int = 32 * 1024**2  # any body but a multipart upload; 413 beyond
+    max_json_body_bytes: int = 32 * 1024**2  # any body but a file upload (multipart POST …/files); 413 beyond
     http_body_timeout_seconds: float = 60.0  # a body must arrive within this (408)
     http_header_timeout_seconds: float = 10.0  # request headers must arrive within this
     http_keep_alive_seconds: int = 5  # an idle connection between requests is closed after this

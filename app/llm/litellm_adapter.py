@@ -38,6 +38,7 @@ import os
 import sys
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Any, NamedTuple
@@ -185,6 +186,10 @@ async def embed(params: dict[str, Any], texts: Sequence[str]) -> list[list[float
 
 def completion_kwargs(route: Route, request: ChatRequest) -> dict[str, Any]:
     params = _route_params(route, request)
+    return _kwargs(request, params, _questions(request, params))
+
+
+def _kwargs(request: ChatRequest, params: dict[str, Any], questions: list[_Question]) -> dict[str, Any]:
     # Defaults a config may override. drop_params: a parameter the provider does
     # not support is left out rather than failing the run, but only one the
     # server added: allowed_openai_params forwards what the user set, even
@@ -203,7 +208,7 @@ def completion_kwargs(route: Route, request: ChatRequest) -> dict[str, Any]:
         if value is not None:
             kwargs[name] = value
     kwargs.update(request.extra)
-    forwarded = _untranslated(request, params)
+    forwarded = _untranslated(questions, params)
     if forwarded:
         kwargs["allowed_openai_params"] = forwarded
     return kwargs
@@ -213,7 +218,7 @@ def _route_params(route: Route, request: ChatRequest) -> dict[str, Any]:
     return {k: v for k, v in resolve_env(dict(route.params), request.model).items() if k not in ROUTER_KEYS}
 
 
-def _untranslated(request: ChatRequest, params: dict[str, Any]) -> list[str]:
+def _untranslated(questions: list[_Question], params: dict[str, Any]) -> list[str]:
     """What goes in litellm's ``allowed_openai_params``: the parameters the
     user set that litellm's mapping for the provider does not turn into
     anything (it would drop them), plus the route's own list. litellm adds
@@ -225,7 +230,7 @@ def _untranslated(request: ChatRequest, params: dict[str, Any]) -> list[str]:
     on mistral/, a json_object response_format on Anthropic models,
     temperature on a model without sampling) still reaches the provider,
     whose error then names it (issue 12), as before."""
-    forwarded = {question.name for question in _questions(request, params) if not _answer(question)}
+    forwarded = {question.name for question in questions if not _answer(question)}
     return sorted({*forwarded, *(params.get("allowed_openai_params") or [])})
 
 
@@ -257,33 +262,48 @@ def _questions(request: ChatRequest, params: dict[str, Any]) -> list[_Question]:
     ]
 
 
-# The mapping's answers, kept (its first run for a provider imports that
-# provider's config: up to ~45 ms; 1-7 ms after). Bounded: a new question
-# past the bound forgets the oldest answer.
-_ANSWERS: dict[_Question, bool] = {}
+# The mapping's answers, the least recently used forgotten past the bound
+# (its first answer for a provider imports that provider's config: tens of
+# milliseconds; a few after). Read on the loop, written from the mapping's
+# thread too.
+_ANSWERS: OrderedDict[_Question, bool] = OrderedDict()
 _ANSWERS_KEPT = 2048
-_ANSWERS_LOCK = threading.Lock()  # answers come from the loop and from threads
+_ANSWERS_LOCK = threading.Lock()
+# The mapping's questions are asked on a thread of their own: the loop's
+# default executor also parses and embeds files, and a run's first call
+# would wait behind them for seconds.
+_MAPPING_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="litellm-mapping")
 
 
 def _answer(question: _Question) -> bool:
-    known = _ANSWERS.get(question)
-    if known is None:
-        known = _mapped(question)
-        with _ANSWERS_LOCK:
-            if len(_ANSWERS) >= _ANSWERS_KEPT:
-                del _ANSWERS[next(iter(_ANSWERS))]
-            _ANSWERS[question] = known
+    with _ANSWERS_LOCK:
+        known = _ANSWERS.get(question)
+        if known is not None:
+            _ANSWERS.move_to_end(question)
+            return known
+    known = _mapped(question)
+    with _ANSWERS_LOCK:
+        _ANSWERS[question] = known
+        if len(_ANSWERS) > _ANSWERS_KEPT:
+            _ANSWERS.popitem(last=False)
     return known
 
 
 async def _kwargs_off_the_loop(route: Route, request: ChatRequest) -> dict[str, Any]:
-    """completion_kwargs, with the mapping's unanswered questions asked in a
-    thread: asked on the loop they would hold every other run's stream for
-    their milliseconds (the first one of a provider for tens of them)."""
-    unanswered = [q for q in _questions(request, _route_params(route, request)) if q not in _ANSWERS]
+    """completion_kwargs, with the mapping's unanswered questions asked on
+    its thread: asked on the loop they would hold every other run's stream
+    for their milliseconds (the first one of a provider for tens of them)."""
+    params = _route_params(route, request)
+    questions = _questions(request, params)
+    unanswered = [question for question in questions if question not in _ANSWERS]
     if unanswered:
-        await asyncio.to_thread(lambda: [_answer(question) for question in unanswered])
-    return completion_kwargs(route, request)
+        await asyncio.get_running_loop().run_in_executor(_MAPPING_THREAD, _answer_all, unanswered)
+    return _kwargs(request, params, questions)
+
+
+def _answer_all(questions: list[_Question]) -> None:
+    for question in questions:
+        _answer(question)
 
 
 def _explicit_values(request: ChatRequest) -> dict[str, Any]:
@@ -333,7 +353,9 @@ def _mapped(question: _Question) -> bool:
     forwarded as before, when litellm cannot say (a provider it does not
     know, a refusal)."""
     target, provider, api_base, base_model, api_version, tools, name, value = question
-    litellm = load()
+    # load()'s set-up (warning filters, our loggers) edits process-wide state
+    # not safe from this thread; done already once litellm is loaded.
+    litellm = sys.modules["litellm"] if _loaded else load()
     from litellm.utils import get_optional_params
 
     try:

@@ -914,12 +914,30 @@ async def test_litellm_mapping_questions_are_asked_off_the_loop_once(
         return mapped(question)
 
     monkeypatch.setattr(litellm_adapter, "_mapped", recording)
-    monkeypatch.setattr(litellm_adapter, "_ANSWERS", {})
+    monkeypatch.setattr(litellm_adapter, "_ANSWERS", litellm_adapter.OrderedDict())
     assert threading.current_thread() is threading.main_thread()  # the loop's thread
     chat = ChatRequest("fake-chat", [user("hi")], temperature=0.25, max_tokens=7, extra={"seed": 3})
     for _ in range(2):
         assert text_of(await collect(routed, chat))
     assert asked == [False, False, False]  # three questions, each asked once, in a thread
+
+
+def test_litellm_mapping_answers_forget_the_least_recently_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bound on the kept answers: a question asked often (the route's usual
+    temperature) is kept past a stream of one-off ones (every other value)."""
+    asked: list[str] = []
+
+    def answering(question: Any) -> bool:
+        asked.append(question.value)
+        return True
+
+    monkeypatch.setattr(litellm_adapter, "_mapped", answering)
+    monkeypatch.setattr(litellm_adapter, "_ANSWERS", litellm_adapter.OrderedDict())
+    monkeypatch.setattr(litellm_adapter, "_ANSWERS_KEPT", 2)
+    params = {"model": "openai/gpt-4o"}
+    for value in (0.5, 0.1, 0.5, 0.2, 0.5, 0.3, 0.5):
+        litellm_adapter.completion_kwargs(Route("m", params), ChatRequest("m", [user("hi")], temperature=value))
+    assert asked == ["0.5", "0.1", "0.2", "0.3"]  # 0.5 asked once, the one-offs each once
 
 
 async def test_a_whole_completion_answering_a_stream_request_is_read(fake: FakeOpenAI, tmp_path: Path) -> None:

@@ -788,23 +788,27 @@ async def test_a_waiter_cancelled_as_it_is_woken_passes_the_free_slot_on(
 @pytest.mark.parametrize(
     ("params", "expected"),
     [
-        ({"api_key": "sk-\u2019quoted"}, "is not usable: the header Authorization is not ASCII"),
+        ({"api_key": "sk-\u2019quoted"}, "is not usable: the header {key_header} is not ASCII"),
         ({"extra_headers": {"X-Team": "caf\u00e9"}}, "is not usable: the header X-Team is not ASCII"),
         ({"timeout": float("nan")}, "is not usable: timeout nan is not a positive number of seconds"),
     ],
     ids=["key", "extra-header", "nan-timeout"],
 )
+@pytest.mark.parametrize("model", ["openai/*", "anthropic/*"])
 async def test_a_routing_entry_the_client_cannot_send_is_named_not_raised(
-    tmp_path: Path, llms: list[LLM], params: dict[str, Any], expected: str
+    tmp_path: Path, llms: list[LLM], params: dict[str, Any], expected: str, model: str
 ) -> None:
     """A header value outside ASCII (a typographic quote pasted into a key)
     or a NaN timeout escaped llm.stream as a raw UnicodeEncodeError /
     ValueError on both clients (review): the entry is named as unusable,
-    the key not shown."""
-    llm = LLM.from_config(_config(tmp_path, "http://127.0.0.1:9/v1", **params))
+    the key not shown; on the OpenAI-shaped and the Anthropic direct routes
+    alike (both check through direct.call_limits)."""
+    llm = LLM.from_config(_config(tmp_path, "http://127.0.0.1:9/v1", **{"model": model, **params}))
+    assert llm.route("m").direct
     llms.append(llm)
     message = (await _failure(llm)).message
-    assert message.endswith(expected)
+    key_header = "x-api-key" if model.startswith("anthropic/") else "Authorization"
+    assert message.endswith(expected.format(key_header=key_header))
     assert "quoted" not in message and "caf" not in message
 
 
