@@ -2,10 +2,11 @@
 
 Two kinds of subscribers:
 
-- ``subscribe()``: the events as they happen in this process (the
-  executor's cancel watcher), and ``taps`` that see every batch (metrics and
-  the failed-run log, app/observability). Each event reaches them once, in
-  the process that made it.
+- ``subscribe()``: the events as they happen in this process, ``watch()``:
+  the same handed to a callback (the executor's cancel watch, no task of its
+  own), and ``taps`` that see every batch (metrics and the failed-run log,
+  app/observability). Each event reaches them once, in the process that
+  made it.
 - ``follow()``: the run's *logged* events with their sequence numbers
   (app/run_log.py), for streams. Besides entries a follower's queue gets
   ``None``, a nudge that says "the log has news you were not handed" (a
@@ -20,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from app.wire.events import Event
@@ -50,6 +51,7 @@ class EventBus:
     def __init__(self) -> None:
         self._subscribers: defaultdict[str, set[asyncio.Queue[Event]]] = defaultdict(set)
         self._followers: defaultdict[str, set[FollowerQueue]] = defaultdict(set)
+        self._watchers: defaultdict[str, set[Callable[[Event], None]]] = defaultdict(set)
         self.taps: list[Tap] = []
 
     def publish(self, topic: str, events: list[Event]) -> None:
@@ -61,6 +63,12 @@ class EventBus:
         for queue in list(self._subscribers.get(topic, ())):
             for event in events:
                 queue.put_nowait(event)
+        for watcher in list(self._watchers.get(topic, ())):
+            for event in events:
+                try:
+                    watcher(event)
+                except Exception:  # as a tap: never the publisher's failure
+                    log.exception("an event watcher failed")
 
     def deliver(self, topic: str, entries: Sequence[Entry]) -> None:
         """Hand logged entries to the run's followers in this process."""
@@ -80,6 +88,9 @@ class EventBus:
     def following(self, topic: str) -> bool:
         return bool(self._followers.get(topic))
 
+    def watched(self, topic: str) -> bool:
+        return bool(self._watchers.get(topic))
+
     @asynccontextmanager
     async def subscribe(self, topic: str) -> AsyncIterator[asyncio.Queue[Event]]:
         """Subscribe before triggering the work whose events you want."""
@@ -91,6 +102,18 @@ class EventBus:
             self._subscribers[topic].discard(queue)
             if not self._subscribers[topic]:
                 del self._subscribers[topic]
+
+    @contextmanager
+    def watch(self, topic: str, callback: Callable[[Event], None]) -> Iterator[None]:
+        """Within: ``callback`` gets each event published on ``topic``, as it is
+        published (quick, never blocking: it runs in the publisher's call)."""
+        self._watchers[topic].add(callback)
+        try:
+            yield
+        finally:
+            self._watchers[topic].discard(callback)
+            if not self._watchers[topic]:
+                del self._watchers[topic]
 
     @asynccontextmanager
     async def follow(self, topic: str) -> AsyncIterator[FollowerQueue]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
@@ -698,36 +698,6 @@ class RunExecution:
                 return
         await self._end("failed", last_error=TOO_MANY_CALLS)
 
-    async def _watch_for_cancel(self) -> None:
-        """Returns once the run is being cancelled. In this process the cancel
-        request arrives on the bus at once; from elsewhere, through the row."""
-        loop = asyncio.get_running_loop()
-        async with self.runtime.bus.subscribe(self.run_id) as events:
-            # A deadline, not a timeout per event: the run's own deltas keep
-            # arriving here, and must not put the row check off forever.
-            check_at = loop.time() + CANCEL_POLL_SECONDS
-            while True:
-                try:
-                    async with asyncio.timeout_at(check_at):
-                        event = await events.get()
-                except TimeoutError:
-                    # The watcher cancelled meanwhile (the answer came, the
-                    # execution was stopped) waits for the read to end
-                    # rather than cut it short (its connection would be
-                    # dropped), but does not end before it: a read left
-                    # running after its execution kept a connection past
-                    # the Runtime's close, which the pool disposed of
-                    # meanwhile then took back for good, unclosed (an
-                    # asyncpg ResourceWarning at garbage collection).
-                    check = asyncio.ensure_future(self._cancel_requested())
-                    await _until_ended(check, CANCEL_CHECK_GRACE_SECONDS)
-                    if check.result():
-                        return
-                    check_at = loop.time() + CANCEL_POLL_SECONDS
-                else:
-                    if event.name in STOPPING_EVENTS:
-                        return
-
     async def _answer(self, turn: Turn, request: llm.ChatRequest) -> TurnResult:
         """The model's answer. One the model has whole at once (the offline
         model, uncued) is taken in one go, its rows and events left for the
@@ -764,15 +734,17 @@ class RunExecution:
         model is silent)."""
         stream = _idle_limited(source, self.runtime.settings.model_idle_timeout_seconds)
         answer = asyncio.ensure_future(self._take(turn, stream))
-        watcher = asyncio.ensure_future(self._watch_for_cancel())
+        watch = _CancelWatch(answer, self._cancel_requested)
         try:
-            await asyncio.wait({answer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            with self.runtime.bus.watch(self.run_id, watch.on_event):
+                await asyncio.wait({answer})
         finally:
-            for task in (answer, watcher):
-                if not task.done():
-                    task.cancel()
-            await asyncio.gather(answer, watcher, return_exceptions=True)
-        if answer.cancelled() or not answer.done() or (watcher.done() and not watcher.cancelled()):
+            watch.close()
+            if not answer.done():
+                answer.cancel()
+            await asyncio.gather(answer, return_exceptions=True)
+            await watch.until_checked()
+        if answer.cancelled() or not answer.done() or watch.stopped:
             raise TurnStopped
         return answer.result()
 
@@ -985,6 +957,70 @@ async def _arrivals(
         yield item
     if item.error is not None:
         raise item.error
+
+
+class _CancelWatch:
+    """Stops a model's answer (cancels its task) once the run is being
+    cancelled or has ended elsewhere: in this process the cancel arrives on
+    the bus (``on_event``, a bus watch: no task of its own, where a watcher
+    task made two tasks and four loop iterations per answer, issue 17); from
+    elsewhere, through the row, read every CANCEL_POLL_SECONDS (a deadline,
+    not a wait per event: the run's own deltas must not put it off)."""
+
+    def __init__(self, answer: asyncio.Task[Any], cancel_requested: Callable[[], Awaitable[bool]]) -> None:
+        self.answer = answer
+        self.cancel_requested = cancel_requested
+        self.loop = asyncio.get_running_loop()
+        self.stopped = False
+        self.check: asyncio.Future[bool] | None = None  # the row's read, while in flight
+        self.timer: asyncio.TimerHandle | None = self.loop.call_later(CANCEL_POLL_SECONDS, self._check)
+
+    def on_event(self, event: Event) -> None:
+        if event.name in STOPPING_EVENTS:
+            self._stop()
+
+    def _stop(self) -> None:
+        self.stopped = True
+        self.close()
+        self.answer.cancel()
+
+    def _check(self) -> None:
+        self.timer = None
+        self.check = asyncio.ensure_future(self.cancel_requested())
+        self.check.add_done_callback(self._checked)
+
+    def _checked(self, check: asyncio.Future[bool]) -> None:
+        self.check = None
+        # A failed read stops the answer, as the watcher task's failure did
+        # (retrieved whatever happens: the answer's end may have made it moot).
+        failed = check.cancelled() or check.exception() is not None
+        if self.stopped or self.answer.done():
+            return
+        if failed or check.result():
+            self._stop()
+        else:
+            self.timer = self.loop.call_later(CANCEL_POLL_SECONDS, self._check)
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    async def until_checked(self) -> None:
+        """Wait for a row read in flight to end rather than cut it short (its
+        connection would be dropped), CANCEL_CHECK_GRACE_SECONDS at most: a
+        read left running after its execution kept a connection past the
+        Runtime's close, which the pool disposed of meanwhile then took back
+        for good, unclosed (an asyncpg ResourceWarning at garbage collection)."""
+        check = self.check
+        if check is None:
+            return
+        try:
+            await asyncio.wait({check}, timeout=CANCEL_CHECK_GRACE_SECONDS)
+        finally:
+            if not check.done():
+                check.cancel()
+                await asyncio.wait({check})
 
 
 class _IdleWatch:
