@@ -39,8 +39,20 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ClauseElement, Executable, TextClause
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import BindParameter
 
 from app import sqlite_driver
+
+
+class _Source(NamedTuple):
+    """Where a ``?``'s value comes from, as construct_params would take it
+    for the shape's parameter names: the caller's parameter ``given``, else
+    ``value`` (a column default or the statement's own bound constant);
+    then ``process``, the bind's type processor, if any."""
+
+    given: str | None
+    value: Any
+    process: Callable[[Any], Any] | None
 
 
 class _Shape(NamedTuple):
@@ -51,6 +63,8 @@ class _Shape(NamedTuple):
     positions: tuple[str, ...]  # each ``?``'s parameter
     processors: Mapping[str, Callable[[Any], Any]]  # bind processors by parameter
     defaults: tuple[tuple[str, Any], ...]  # scalar column defaults (INSERT) or onupdates (UPDATE)
+    # Each ``?``'s source (_sources), or None: construct_params makes them per call.
+    sources: tuple[_Source, ...] | None
 
 
 # Shapes by (dialect, statement, parameter names): an engine's dialect
@@ -80,13 +94,59 @@ def _compile(dialect: Dialect, statement: ClauseElement, names: tuple[str, ...])
     processors = compiled._bind_processors
     if not all(callable(processor) for processor in processors.values()):
         return None  # a tuple type's processors, one per element: flattened per call by SQLAlchemy
+    positions = tuple(compiled.positiontup or ())
+    typed = cast(Mapping[str, Callable[[Any], Any]], processors)
     return _Shape(
         compiled,
         compiled.string,
-        tuple(compiled.positiontup or ()),
-        cast(Mapping[str, Callable[[Any], Any]], processors),
+        positions,
+        typed,
         tuple(defaults),
+        _sources(compiled, names, positions, typed, defaults),
     )
+
+
+def _sources(
+    compiled: SQLCompiler,
+    names: tuple[str, ...],
+    positions: tuple[str, ...],
+    processors: Mapping[str, Callable[[Any], Any]],
+    defaults: list[tuple[str, Any]],
+) -> tuple[_Source, ...] | None:
+    """Each ``?``'s source, resolved once per shape as construct_params
+    resolves it on every call (issue 17: that general walk over every bind
+    took about a fifth of a run INSERT's parameters, JSON encoding included,
+    and most of a compare-and-set's): a column default first (set
+    over what construct_params made), then the bind's key among ``names``,
+    then its name, then its own constant. None (construct_params per call)
+    where that is not plain: a value computed per call (callable), a
+    missing required value (construct_params raises its error), escaped or
+    shared names, parameters collected from elsewhere."""
+    if compiled.escaped_bind_names or getattr(compiled, "_collected_params", None):
+        return None
+    binds: dict[str, BindParameter[Any]] = {}
+    for bound, name in compiled.bind_names.items():
+        if name in binds:
+            return None
+        binds[name] = bound
+    given = set(names)
+    by_default = dict(defaults)
+    sources = []
+    for name in positions:
+        if name in by_default:
+            sources.append(_Source(None, by_default[name], processors.get(name)))
+            continue
+        bind = binds.get(name)
+        if bind is None:
+            return None
+        elif bind.key in given or name in given:
+            source = _Source(bind.key if bind.key in given else name, None, processors.get(name))
+        elif bind.required or bind.callable:
+            return None
+        else:
+            source = _Source(None, bind.value, processors.get(name))
+        sources.append(source)
+    return tuple(sources)
 
 
 def _shape(dialect: Dialect, statement: ClauseElement, names: tuple[str, ...]) -> _Shape | None:
@@ -112,11 +172,18 @@ def _shape(dialect: Dialect, statement: ClauseElement, names: tuple[str, ...]) -
 
 def _parameters(shape: _Shape, params: dict[str, Any]) -> tuple[Any, ...]:
     """The values for the shape's ``?``s, as DefaultExecutionContext makes them."""
-    values = shape.compiled.construct_params(params, escape_names=False)
-    for key, value in shape.defaults:
-        values[key] = value
+    if shape.sources is not None:
+        values = []
+        for given, value, process in shape.sources:
+            if given is not None:
+                value = params[given]
+            values.append(value if process is None else process(value))
+        return tuple(values)
+    made = shape.compiled.construct_params(params, escape_names=False)
+    for key, default in shape.defaults:
+        made[key] = default
     processors = shape.processors
-    return tuple(processors[key](values[key]) if key in processors else values[key] for key in shape.positions)
+    return tuple(processors[key](made[key]) if key in processors else made[key] for key in shape.positions)
 
 
 def _connection_of(session: AsyncSession, bind: Engine) -> Connection | None:

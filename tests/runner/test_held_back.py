@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, InvalidRequestError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app import db, orm, sqlite_driver
+from app import db, held_back, orm, sqlite_driver
 from app.runtime import Runtime
 from app.services import core_rows, run_events, run_state
 from app.wire import jsontext
@@ -265,3 +265,38 @@ async def test_a_text_statement_whose_parameters_are_not_plain_is_left_to_sqlalc
         # The plain text's shape, cached under the same text, is not reused for the others.
         assert await db.hold_back(session, plain, {"ids": "a"}, db.WRITE_BEHIND)
         assert not await db.hold_back(session, expanding, {"ids": ["a"]}, db.WRITE_BEHIND)
+
+
+def test_each_value_resolved_once_per_shape_is_what_construct_params_makes() -> None:
+    """A shape's ``?`` values, resolved once (held_back._sources), are those
+    SQLAlchemy's construct_params and the column defaults make per call: the
+    caller's parameters, the statement's own constants, a column default;
+    a value SQLAlchemy must compute or refuse per call is left to it."""
+    dialect = create_async_engine("sqlite+aiosqlite://", module=sqlite_driver.OneHopDBAPI()).dialect
+    runs = orm.Run.__table__
+    run = core_rows.record(orm.Run, id="run_resolved", **_RUN)
+    events = run_events._sqlite_params({"run_resolved": [Event("thread.run.failed", {"id": "run_resolved"})]})
+    cases: list[tuple[Any, dict[str, Any]]] = [
+        (core_rows._layout(orm.Run)[0], core_rows.values(run)),  # parallel_tool_calls by its default
+        (
+            update(runs).where(runs.c.id == bindparam("run_id"), runs.c.status == "queued").values(status="failed"),
+            {"run_id": "r"},
+        ),
+        (
+            run_state._update(("status", "usage"), False, True),
+            {"run_id": "r", "source": "queued", "lease_holder": "me", "set_status": "failed", "set_usage": {"a": 1.5}},
+        ),
+        (run_events._insert_sqlite_statement(events[0]), events[1]),
+    ]
+    for statement, params in cases:
+        shape = held_back._shape(dialect, statement, tuple(params))
+        assert shape is not None and shape.sources is not None, statement
+        assert held_back._parameters(shape, params) == held_back._parameters(shape._replace(sources=None), params)
+    computed = update(runs).where(runs.c.id == bindparam("run_id", callable_=lambda: "r")).values(status="failed")
+    shape = held_back._shape(dialect, computed, ())
+    assert shape is not None and shape.sources is None
+    assert held_back._parameters(shape, {}) == ("failed", "r")
+    required = held_back._shape(dialect, update(runs).where(runs.c.id == bindparam("run_id")).values(status="x"), ())
+    assert required is not None and required.sources is None
+    with pytest.raises(InvalidRequestError, match="A value is required for bind parameter 'run_id'"):
+        held_back._parameters(required, {})
