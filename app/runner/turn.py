@@ -149,7 +149,8 @@ class Turn:
 
     async def _open_message(self) -> None:
         seq = ids.next_seq()
-        message = orm.Message(
+        message = core_rows.record(  # a record (issue 17): written by the run log, never added to a session
+            orm.Message,
             id=ids.new_id(ids.MESSAGE, seq),
             seq=seq,
             created_at=ids.seconds(seq),

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import orm
 from app.llm import Exchange
+from app.services import core_rows
 
 
 def add(session: AsyncSession, exchange: Exchange) -> None:
@@ -23,9 +24,10 @@ def add(session: AsyncSession, exchange: Exchange) -> None:
 
 def row(exchange: Exchange) -> orm.ModelRequest:
     """The log's row for ``exchange``, not added to any session (the executor
-    inserts it with core_rows, issue 17)."""
+    inserts it with core_rows, issue 17), made as a record (core_rows.record)."""
     context = exchange.request.context
-    return orm.ModelRequest(
+    return core_rows.record(
+        orm.ModelRequest,
         run_id=context.run_id if context else None,
         created_at=exchange.created_at,
         duration_ms=exchange.duration_ms(),

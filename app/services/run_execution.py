@@ -42,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
 
 from app import ids, orm
-from app.services import common, run_state
+from app.services import common, core_rows, run_state
 
 # A queued run created by a process's API is reserved for that process's
 # worker for a moment (issue 17, claim affinity): its lease_owner is this
@@ -246,7 +246,10 @@ async def claim_runs(
 
 
 def _detached_run(row: RowMapping) -> orm.Run:
-    run = orm.Run(**{key: row[column] for key, column in run_state.RUN_COLUMNS.items()})
+    # A record (core_rows.record: none of the mapped constructor's attribute
+    # events, issue 17), then detached as a loaded row would be: its values
+    # are its committed state, a change made later is tracked as usual.
+    run = core_rows.record(orm.Run, **{key: row[column] for key, column in run_state.RUN_COLUMNS.items()})
     make_transient_to_detached(run)
     earlier: list[list[Any]] | None = row["earlier_messages"]
     # (PostgreSQL's json_agg of no rows is NULL.) A longer thread's are read by its prompt.

@@ -9,15 +9,18 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
-from app.services import pagination
+from app.services import core_rows, pagination
 from app.services.common import require_id
 from app.wire.common import ListPage
 from app.wire.runs import FILE_SEARCH_CONTENT_INCLUDE, RunStep
 
 
 def new(run: orm.Run, step_type: str, step_details: dict[str, Any]) -> orm.RunStep:
+    """A new step of ``run``, a record (core_rows.record: without the mapped
+    constructor's attribute events, issue 17) that the executor inserts."""
     seq = ids.next_seq()
-    return orm.RunStep(
+    return core_rows.record(
+        orm.RunStep,
         id=ids.new_id(ids.STEP, seq),
         seq=seq,
         created_at=ids.seconds(seq),
