@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from contextlib import suppress
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 from sqlalchemy import event, text
@@ -509,6 +509,8 @@ _COMMITTED = "committed despite a cancellation"
 # and taken for a rollback, as any failed transaction's.
 COMMIT_OUTCOME_WAIT_SECONDS = 10.0
 
+T = TypeVar("T")
+
 
 async def commit_seen_through(session: AsyncSession) -> None:
     """``session.commit()``, carried to its end even if the calling task is
@@ -519,32 +521,42 @@ async def commit_seen_through(session: AsyncSession) -> None:
     PostgreSQL may already have it. Told only "cancelled", a caller that
     logged run events would hand back as unwritten the deltas the commit in
     fact wrote (written twice later) and keep from streams the events it
-    committed. So the commit runs in a task of its own, shielded; on a
-    cancellation this waits for it (up to COMMIT_OUTCOME_WAIT_SECONDS: an
-    enclosing asyncio.timeout is late by as much) and then raises the
-    cancellation, with ``committed_despite_cancellation(session)`` saying
+    committed. So the commit runs in a task of its own (seen_through()); on
+    a cancellation, ``committed_despite_cancellation(session)`` then says
     whether it committed. A task per commit: used only where the outcome
     matters."""
     commit = asyncio.ensure_future(session.commit())
     try:
-        await asyncio.shield(commit)
+        await seen_through(commit, "a cancelled transaction's COMMIT")
+    except asyncio.CancelledError:
+        if commit.done() and not commit.cancelled() and commit.exception() is None:
+            session.info[_COMMITTED] = True
+        raise
+
+
+async def seen_through(work: asyncio.Future[T], what: str) -> T:
+    """``work``'s outcome, carried to its end even if the caller is
+    cancelled meanwhile: a unit of work whose outcome the caller must know
+    (commit_seen_through(); a statement that commits alone). On a
+    cancellation this waits for ``work`` (up to COMMIT_OUTCOME_WAIT_SECONDS:
+    an enclosing asyncio.timeout is late by as much; then ``work`` is
+    cancelled, its outcome unknown) and then raises the cancellation.
+    ``what`` names the work in the warnings."""
+    try:
+        return await asyncio.shield(work)
     except asyncio.CancelledError:
         deadline = time.monotonic() + COMMIT_OUTCOME_WAIT_SECONDS
-        while not commit.done() and time.monotonic() < deadline:
+        while not work.done() and time.monotonic() < deadline:
             with suppress(asyncio.CancelledError):  # re-raised below, once the outcome is known
-                await asyncio.wait({commit}, timeout=deadline - time.monotonic())
-        if not commit.done():
-            log.warning(
-                "a cancelled transaction's COMMIT did not end within %g s; abandoned", COMMIT_OUTCOME_WAIT_SECONDS
-            )
-            commit.cancel()
-            while not commit.done():  # its cancellation unwinds the session's commit first
+                await asyncio.wait({work}, timeout=deadline - time.monotonic())
+        if not work.done():
+            log.warning("%s did not end within %g s; abandoned", what, COMMIT_OUTCOME_WAIT_SECONDS)
+            work.cancel()
+            while not work.done():  # its cancellation unwinds the session's work first
                 with suppress(asyncio.CancelledError):
-                    await asyncio.wait({commit})
-        elif not commit.cancelled() and (error := commit.exception()) is not None:
-            log.warning("a cancelled transaction's COMMIT failed (%s)", error)
-        elif not commit.cancelled():
-            session.info[_COMMITTED] = True
+                    await asyncio.wait({work})
+        elif not work.cancelled() and (error := work.exception()) is not None:
+            log.warning("%s failed (%s)", what, error)
         raise
 
 

@@ -262,7 +262,8 @@ class RunLog:
         On PostgreSQL, if nothing preceded it either (a session not begun:
         Runtime.unit_of_work) and it sends one statement (the run locked,
         its few new rows and NOTIFYs in the statement that logs the
-        events), that statement runs in autocommit, its own transaction
+        events; a move ``carried_by`` only if it is carried alone, writing
+        nothing when it misses), that statement runs in autocommit, its own transaction
         (issue 17: no BEGIN, no COMMIT); it has committed when this returns
         (a refusal of ``inserting_only_if`` wrote nothing)."""
         assert carried_by is None or (events and self.postgres and run_locked), "a move carried by its events"
@@ -281,7 +282,7 @@ class RunLog:
             and self.postgres
             and run_locked
             and events
-            and (with_rows or carried_by is not None or not inserting)
+            and (carried_by.alone if carried_by is not None else with_rows or not inserting)
             and not session.in_transaction()
         ):
             # The whole transaction is the one statement below: PostgreSQL

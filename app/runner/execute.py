@@ -37,7 +37,7 @@ from sqlalchemy import Insert, Update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import ids, llm, orm
+from app import db, ids, llm, orm
 from app.llm import offline
 from app.observability import logs
 from app.runner import markers, prompt
@@ -210,19 +210,26 @@ class RunExecution:
         # row and returned its status, so the move cannot miss; it goes in
         # the events' insert, with the turn's rows (issue 17: one round trip).
         carried = unread and postgres and self._claim_session is not None
-        if unread and postgres and not carried and not pending.rows:
-            # After the claim the same (a turn's new rows only), but the move
+        if unread and postgres and not carried:
+            # After the claim the same (a turn's new rows and its updated
+            # ones: a message written mid-answer), but the move
             # may miss (cancelling, ended, in another lease, its metadata
             # changed), and the statement may number the events before an
             # append that committed while it waited for the run's row (its
-            # snapshot predates the lock): either fails the transaction,
-            # which is made again the way that reads the run first. The
-            # run's buffered deltas stay held across both attempts: between
-            # them (the ROLLBACK in flight) the flusher must not write them
-            # into the log of a run another worker may have taken over.
+            # snapshot predates the lock). The statement is its own
+            # transaction (autocommit: no BEGIN, no COMMIT; issue 17), its
+            # writes made only if the move is: a miss writes nothing, a
+            # collision fails it whole, and the end is made again the way
+            # that reads the run first. Its outcome is seen through a
+            # cancellation (a commit in flight: what it wrote must reach
+            # streams, and its deltas must not be written again). The run's
+            # buffered deltas stay held across both attempts: between them
+            # the flusher must not write them into the log of a run another
+            # worker may have taken over.
             async with self.runtime.run_log.holding(self.run_id):
+                alone = self._write(pending, move, carried=True, unread=True, checked=checked)
                 try:
-                    await self._write(pending, move, carried=True, unread=True, checked=checked)
+                    await db.seen_through(asyncio.ensure_future(alone), f"run {self.run_id}'s end")
                     return
                 except (run_state.TransitionConflict, IntegrityError):
                     self._run = None  # as it stands, known again only by a read
@@ -233,7 +240,7 @@ class RunExecution:
     async def _write(self, pending: Pending, move: Move | None, *, carried: bool, unread: bool, checked: bool) -> None:
         """_commit()'s transaction: the move carried by the events' insert (_carried_move) or not."""
         events = list(pending.events)
-        async with self._transaction() as session, self.runtime.run_log.holding(self.run_id):
+        async with self._transaction(carried) as session, self.runtime.run_log.holding(self.run_id):
             if self._held_start is not None and not unread:
                 await self._write_held_start(session)  # before the run is read
             if carried:
@@ -281,22 +288,31 @@ class RunExecution:
         per shape (issue 17). Outside the claim's transaction the move also
         requires the run's metadata unchanged (run_state.carried_move)."""
         assert move is not None and self._run is not None
-        writes = [core_rows.insert_write(row, f"w{index}_") for index, row in enumerate(pending.inserts)]
-        writes += [core_rows.update_write(change.row, change.keys, f"u{i}_") for i, change in enumerate(pending.rows)]
+        # After the claim the statement is the whole transaction: its writes
+        # are made only if the run moves (run_state.carried_move's ``unchanged``).
+        alone = self._claim_session is None
+        guard = run_state.MOVED_CTE if alone else None
+        writes = [core_rows.insert_write(row, f"w{i}_", guard=guard) for i, row in enumerate(pending.inserts)]
+        writes += [
+            core_rows.update_write(change.row, change.keys, f"u{i}_", guard=guard)
+            for i, change in enumerate(pending.rows)
+        ]
         requests = [model_requests.row(exchange) for exchange in self._exchanges]
-        writes += [core_rows.insert_write(row, f"m{index}_") for index, row in enumerate(requests)]
+        writes += [core_rows.insert_write(row, f"m{i}_", guard=guard) for i, row in enumerate(requests)]
         name, carried = run_state.carried_move(
             self._run,
             move.to,
             held=self._held_start,
             lease_owner=self.owner,
             alongside=writes,
-            unchanged=self._claim_session is None,
+            unchanged=alone,
             **self._move_fields(move),
         )
         self._held_start = None
         events.append(Event.of(name, runs.to_wire(self._run)))
-        await self.runtime.run_log.append(session, self.run_id, events, run_locked=True, carried_by=carried)
+        await self.runtime.run_log.append(
+            session, self.run_id, events, run_locked=True, carried_by=carried, last_statement=alone
+        )
 
     async def _write_held_start(self, session: AsyncSession) -> None:
         assert self._held_start is not None and self._run is not None
@@ -304,12 +320,14 @@ class RunExecution:
         await run_state.write_held(session, self._run, held, lease_owner=self.owner)
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[AsyncSession]:
-        """_commit()'s transaction: its own, or the claim's (see _claim_session)."""
+    async def _transaction(self, carried: bool) -> AsyncIterator[AsyncSession]:
+        """_commit()'s transaction: its own, or the claim's (see
+        _claim_session); after the claim, a ``carried`` move's is its one
+        statement (Runtime.unit_of_work)."""
         if self._claim_session is not None:
             yield self._claim_session
             return
-        async with self.runtime.transaction() as session:
+        async with self.runtime.unit_of_work() if carried else self.runtime.transaction() as session:
             yield session
 
     async def _move_read(

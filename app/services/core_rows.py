@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, TypeVar
 
-from sqlalchemy import Insert, Table, Update, bindparam, insert, inspect, update
+from sqlalchemy import Exists, Insert, Table, Update, bindparam, exists, insert, inspect, select, table, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import db
@@ -125,36 +125,51 @@ class Write:
     params: dict[str, Any]
 
 
-@cache
-def _insert_template(model: type[Base], columns: tuple[str, ...], prefix: str) -> Insert:
-    statement, _columns = _layout(model)
-    return statement.values({column: bindparam(prefix + column) for column in columns})
+def _only_with(guard: str) -> Exists:
+    """The condition that the statement's CTE named ``guard`` returned a row."""
+    return exists().select_from(table(guard))
 
 
 @cache
-def _update_template(model: type[Base], columns: tuple[str, ...], prefix: str) -> Update:
+def _insert_template(model: type[Base], columns: tuple[str, ...], prefix: str, guard: str | None = None) -> Insert:
     statement, _columns = _layout(model)
-    table = statement.table
-    assert isinstance(table, Table)
-    return (
-        update(table)
-        .where(table.c.id == bindparam(prefix + "id"))
+    if guard is None:
+        return statement.values({column: bindparam(prefix + column) for column in columns})
+    target = statement.table
+    assert isinstance(target, Table)
+    # Selected rather than VALUES, so that it may select nothing; typed, as
+    # a select list's parameters get no type from the column they go in.
+    selected = [bindparam(prefix + column, type_=target.c[column].type) for column in columns]
+    return statement.from_select(list(columns), select(*selected).where(_only_with(guard)))
+
+
+@cache
+def _update_template(model: type[Base], columns: tuple[str, ...], prefix: str, guard: str | None = None) -> Update:
+    statement, _columns = _layout(model)
+    target = statement.table
+    assert isinstance(target, Table)
+    changing = (
+        update(target)
+        .where(target.c.id == bindparam(prefix + "id"))
         .values({column: bindparam(prefix + column) for column in columns})
     )
+    return changing if guard is None else changing.where(_only_with(guard))
 
 
-def insert_write(row: Base, prefix: str) -> Write:
-    """insert_statement() as a Write (see there)."""
+def insert_write(row: Base, prefix: str, *, guard: str | None = None) -> Write:
+    """insert_statement() as a Write (see there); with ``guard``, a write
+    made only if the statement's CTE of that name returns a row (one the
+    carrying statement defines before it)."""
     row_values = values(row)
-    statement = _insert_template(type(row), tuple(row_values), prefix)
+    statement = _insert_template(type(row), tuple(row_values), prefix, guard)
     return Write(statement, {prefix + column: value for column, value in row_values.items()})
 
 
-def update_write(row: Base, keys: tuple[str, ...], prefix: str) -> Write:
-    """update_statement() as a Write (see there)."""
+def update_write(row: Base, keys: tuple[str, ...], prefix: str, *, guard: str | None = None) -> Write:
+    """update_statement() as a Write (see there); ``guard`` as insert_write()'s."""
     _statement, columns = _layout(type(row))
     state = row.__dict__
     changed = {columns[key]: state[key] for key in keys}
     params = {prefix + column: value for column, value in changed.items()}
     params[prefix + "id"] = state["id"]
-    return Write(_update_template(type(row), tuple(changed), prefix), params)
+    return Write(_update_template(type(row), tuple(changed), prefix, guard), params)

@@ -185,7 +185,8 @@ async def _insert_postgres(
 
 # The log's insert of _INSERT_POSTGRES_ROWS as a data-modifying CTE of another
 # statement (insert_carrying), numbering as that one does; ``guarded``: only
-# with the row new_rows.with_inserts() guards (its CTE names it).
+# with the row new_rows.with_inserts() guards, or the run a move carried
+# alone moved (run_state.MOVED_CTE: their CTE is named the same).
 def _logged_sql(guarded: bool) -> str:
     only_with = f" WHERE EXISTS (SELECT FROM {new_rows.GUARDED_CTE})" if guarded else ""
     return (
@@ -203,15 +204,21 @@ _LOGGED_GUARDED = text(_logged_sql(True)).columns(column("seq")).cte("logged")
 
 
 @functools.lru_cache(maxsize=256)
-def _carrying(carrier: Update, notify: bool) -> Update:
+def _carrying(carrier: Update | Select[Any], notify: bool) -> Update | Select[Any]:
     """``carrier`` (run_state.carried_move's) with the log's insert as a CTE,
     returning the first seq written and, with ``notify``, NOTIFYing the
-    Signal bound as ``log_channel`` and ``log_origin``."""
-    returned: list[ColumnElement[Any]] = [select(func.min(_LOGGED.c.seq)).scalar_subquery()]
+    Signal bound as ``log_channel`` and ``log_origin``. A carrier alone
+    (a SELECT of the moved run: CarriedMove.alone) logs only if the run
+    moved, and returns no row, NOTIFYing nothing, if it did not."""
+    logged = _LOGGED_GUARDED if isinstance(carrier, Select) else _LOGGED
+    moved_id = carrier.selected_columns[0] if isinstance(carrier, Select) else run_state.RUNS.c.id
+    returned: list[ColumnElement[Any]] = [select(func.min(logged.c.seq)).scalar_subquery()]
     if notify:
         origin = cast(bindparam("log_origin"), Text)
-        returned.append(func.pg_notify(bindparam("log_channel"), run_state.RUNS.c.id + " " + origin))
-    return carrier.add_cte(_LOGGED).returning(*returned)
+        returned.append(func.pg_notify(bindparam("log_channel"), moved_id + " " + origin))
+    if isinstance(carrier, Select):
+        return carrier.add_cte(logged).add_columns(*returned)
+    return carrier.add_cte(logged).returning(*returned)
 
 
 def _logged_params(run_id: str, events: Sequence[Event]) -> dict[str, Any]:

@@ -17,12 +17,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Insert, Table, Update, bindparam, inspect, update
+from sqlalchemy import Insert, Select, Table, Update, bindparam, inspect, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
 from app import db, errors, ids, orm
-from app.services import core_rows
+from app.services import core_rows, new_rows
 
 TERMINAL = frozenset({"cancelled", "failed", "completed", "incomplete", "expired"})
 LIVE = frozenset(orm.LIVE_RUN_STATUSES)
@@ -168,32 +168,60 @@ async def write_held(session: AsyncSession, run: orm.Run, held: HeldMove, *, lea
         raise TransitionConflict(f"{run.id} is no longer {held.source}")
 
 
+# The CTE of a move carried alone (carried_move()'s ``unchanged``): the
+# statement's other writes are made only if it returns the run (core_rows'
+# ``guard``; run_events' log insert names the same CTE in its SQL text).
+MOVED_CTE = new_rows.GUARDED_CTE
+
+
 @dataclass(frozen=True)
 class CarriedMove:
-    """carried_move()'s UPDATE (built once per shape; it returns the run's
-    id) and its bound values."""
+    """carried_move()'s statement (built once per shape; it returns the
+    run's id) and its bound values. ``alone``: a SELECT from the UPDATE as
+    its first CTE (MOVED_CTE), whose other writes are made only if the run
+    moves, so that a miss writes nothing even outside a transaction block
+    (PostgreSQL's autocommit); else the UPDATE itself, whose CTEs write
+    whatever it does (its transaction must then fail)."""
 
-    statement: Update
+    statement: Update | Select[Any]
     params: dict[str, Any]
+    alone: bool = False
+
+
+# carried_move()'s parameters are named as no column is: SQLAlchemy compiles
+# an INSERT or UPDATE with a SET or VALUES entry for every parameter that
+# names a column of its table, CTEs included (``run_id`` made each updated
+# row of a turn, a message or a step, an UPDATE of its run_id to a value
+# left unbound: the statement failed).
+_CARRIED_RUN_ID = "carried_run_id"
 
 
 @functools.lru_cache(maxsize=256)
-def _carried(keys: tuple[str, ...], writes: tuple[Insert | Update, ...], unchanged: bool = False) -> Update:
+def _carried(
+    keys: tuple[str, ...], writes: tuple[Insert | Update, ...], unchanged: bool = False
+) -> Update | Select[Any]:
     """The compare-and-set of carried_move() setting ``keys``, under the
     lease, with ``writes`` (core_rows.Write statements) as CTEs; with
-    ``unchanged``, only if the run's metadata is still ``held_metadata``."""
+    ``unchanged``, only if the run's metadata is still ``held_metadata``,
+    and carried alone (CarriedMove.alone: ``writes`` guarded by MOVED_CTE)."""
     statement = (
         update(RUNS)
         .where(
-            RUNS.c.id == bindparam("run_id"),
-            RUNS.c.status == bindparam("source"),
-            RUNS.c.lease_owner == bindparam("lease_holder"),
+            RUNS.c.id == bindparam(_CARRIED_RUN_ID),
+            RUNS.c.status == bindparam("carried_source"),
+            RUNS.c.lease_owner == bindparam("carried_lease_holder"),
         )
         .values({RUN_COLUMNS[key]: bindparam(f"set_{key}") for key in keys})
         .returning(RUNS.c.id)
     )
     if unchanged:
         statement = statement.where(RUNS.c.metadata == bindparam("held_metadata", type_=RUNS.c.metadata.type))
+        moved = statement.cte(MOVED_CTE)
+        # The move's CTE first: PostgreSQL's WITH names only what precedes.
+        alone = select(moved.c.id).add_cte(moved)
+        for index, write in enumerate(writes):
+            alone = alone.add_cte(write.cte(f"alongside_{index}"))
+        return alone
     for index, write in enumerate(writes):
         statement = statement.add_cte(write.cte(f"alongside_{index}"))
     return statement
@@ -217,13 +245,15 @@ def carried_move(
     compare-and-set and the lease are still in its WHERE, and it returns
     the run's id: no row back means it missed, and the transaction must
     fail. ``alongside``: rows written by the same statement (their
-    parameters named apart: core_rows.Write). ``held``: the run's held
+    parameters named apart: core_rows.Write; with ``unchanged``, guarded
+    by MOVED_CTE). ``held``: the run's held
     first move, written by the same UPDATE. ``unchanged`` (a run whose row
     this transaction does not hold): the move also requires the run's
     metadata (the one column others change while it executes) to be as
     ``run`` has it, so that ``run`` is the row the move leaves, as a read
-    would give it. ``run`` shows the move at once. Returns the event name
-    and the move."""
+    would give it; and it is carried alone (CarriedMove.alone: a miss
+    writes nothing, so the statement may be its own transaction). ``run``
+    shows the move at once. Returns the event name and the move."""
     values = _values(run, to, fields)
     source = run.status
     if held is not None:
@@ -251,11 +281,12 @@ def _carried_values(
     alongside: Sequence[core_rows.Write],
     unchanged: bool = False,
 ) -> CarriedMove:
-    params: dict[str, Any] = {"run_id": run_id, "source": source, "lease_holder": lease_owner}
+    params: dict[str, Any] = {_CARRIED_RUN_ID: run_id, "carried_source": source, "carried_lease_holder": lease_owner}
     params |= {f"set_{key}": value for key, value in values.items()}
     for write in alongside:
         params |= write.params
-    return CarriedMove(_carried(tuple(values), tuple(write.statement for write in alongside), unchanged), params)
+    statement = _carried(tuple(values), tuple(write.statement for write in alongside), unchanged)
+    return CarriedMove(statement, params, alone=unchanged)
 
 
 async def transition(

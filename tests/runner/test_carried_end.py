@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 from sqlalchemy import event, insert, select, text, update
 
-from app import llm, orm
+from app import db, ids, llm, orm
 from app.runner import execute
 from app.runtime import Runtime
-from tests.runner.test_quick_answer import _provider
+from app.services import core_rows, run_events, run_state
+from app.wire.events import Event
+from tests.runner.test_quick_answer import _provider, _written_message
 from tests.runner.test_worker import _make_runs
 
 _OWNER = "test:0:carried"
@@ -128,7 +130,7 @@ async def _end_waits_for_the_row(runtime: Runtime) -> bool:
     for a lock."""
     async with runtime.engine.connect() as watcher:
         waiting = text(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH alongside_0 AS%'"
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH guarded_row AS%'"
         )
         return bool((await watcher.execute(waiting)).scalar())
 
@@ -183,3 +185,150 @@ async def test_a_run_taken_over_mid_run_is_left_as_the_other_worker_has_it(
         run = await session.get(orm.Run, run_id)
         assert run is not None and (run.status, run.lease_owner) == ("in_progress", "test:1:other")
         assert (await session.execute(messages)).scalars().all() == messages_before
+
+
+def _autocommitted(runtime: Runtime, *fragments: str) -> list[bool]:
+    """For each statement containing every one of ``fragments`` sent from
+    now on (until the runtime closes): whether it was sent outside a
+    transaction block (autocommit: no BEGIN before it, no COMMIT after)."""
+    seen: list[bool] = []
+
+    def before(connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if all(fragment in statement for fragment in fragments):
+            seen.append(connection.connection.dbapi_connection.autocommit)
+
+    event.listen(runtime.engine.sync_engine, "before_cursor_execute", before)
+    return seen
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has no autocommit path
+async def test_an_end_after_the_claim_is_one_round_trip(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The end's one statement is its own transaction (autocommit): no
+    BEGIN, no COMMIT, no read of the run (issue 17: 3 round trips -> 1)."""
+    _answers_quickly(runtime, monkeypatch)
+    (run_id,) = await _make_runs(runtime, 1)
+    execution = await _started(runtime, run_id)
+    reads, carried = _sent(runtime, *_READ_LOCKED), _autocommitted(runtime, *_CARRIED_END)
+    await execute.run(execution)
+    assert (carried, reads) == ([True], [])
+    logged = await _logged(runtime, run_id)
+    assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
+    assert logged[-1][1] == "thread.run.completed"
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has no autocommit path
+async def test_a_move_carried_alone_that_misses_writes_nothing(runtime: Runtime) -> None:
+    """A move carried alone (after the claim), sent outside a transaction
+    block, that finds the run in another lease: its rows and its events are
+    not written, though nothing rolls the statement back."""
+    (run_id,) = await _make_runs(runtime, 1)
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+        assert run is not None
+        run_state.hold(run, "in_progress")  # as its execution holds it; the database has it queued
+    seq = ids.next_seq()
+    step = core_rows.record(
+        orm.RunStep, id=ids.new_id(ids.STEP, seq), seq=seq, run_id=run_id, thread_id=run.thread_id,
+        assistant_id=run.assistant_id, type="message_creation", status="completed", step_details={}, created_at=0,
+    )  # fmt: skip
+    write = core_rows.insert_write(step, "w0_", guard=run_state.MOVED_CTE)
+    name, carried = run_state.carried_move(
+        run, "completed", held=None, lease_owner=_OWNER, alongside=[write], unchanged=True
+    )
+    assert carried.alone
+    with pytest.raises(run_state.TransitionConflict):
+        async with runtime.unit_of_work() as session:
+            await session.connection(execution_options=db.AUTOCOMMIT)
+            await run_events.insert_carrying(session, run_id, [Event(name, {"id": run_id})], carried)
+    async with runtime.transaction() as session:
+        steps = (await session.scalars(select(orm.RunStep.id).where(orm.RunStep.run_id == run_id))).all()
+        logged = (await session.scalars(select(orm.RunEvent.event).where(orm.RunEvent.run_id == run_id))).all()
+    assert steps == [] and name not in logged
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has no autocommit path
+async def test_a_streamed_answers_end_is_one_round_trip(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer streamed while the model was slow (its message and step
+    written mid-answer, updated at the end) ends in one statement too, its
+    own transaction: the rows' updates carried (their parameters no longer
+    taken by SQLAlchemy for an update of their run_id column)."""
+    go_on = asyncio.Event()
+
+    async def slow(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        await go_on.wait()
+        yield llm.TextDelta(" world")
+        yield llm.Finish("stop", llm.Usage(3, 2))
+
+    _provider(runtime, monkeypatch, slow)
+    (run_id,) = await _make_runs(runtime, 1)
+    execution = await _started(runtime, run_id)
+    running = asyncio.ensure_future(execute.run(execution))
+    try:
+        await _written_message(runtime, run_id)
+        reads, carried = _sent(runtime, *_READ_LOCKED), _autocommitted(runtime, *_CARRIED_END)
+        updated = _sent(runtime, *_CARRIED_END, "UPDATE messages", "UPDATE run_steps")
+    finally:
+        go_on.set()
+    async with asyncio.timeout(20):
+        await running
+    assert (carried, reads, len(updated)) == ([True], [], 1)
+    logged = await _logged(runtime, run_id)
+    assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
+    assert logged[-1][1] == "thread.run.completed"
+    async with runtime.transaction() as session:
+        message = (await session.scalars(select(orm.Message).where(orm.Message.run_id == run_id))).one()
+    assert message.status == "completed" and message.content[0]["text"]["value"] == "Hello world"
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has no autocommit path
+async def test_an_end_cancelled_while_its_statement_commits_hands_on_what_it_wrote(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The execution cancelled (shutdown, a lost lease) while its end's
+    autocommitted statement is in flight: the statement's outcome is waited
+    for, so what it committed is handed on as committed; the deltas it
+    logged are not taken back and written again after the run's last event."""
+    go_on, committed, resume = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def slow(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        await go_on.wait()
+        yield llm.TextDelta(" world")
+        yield llm.Finish("stop", llm.Usage(3, 2))
+
+    original = run_events.insert_carrying
+
+    async def in_flight(*args: Any, **kwargs: Any) -> int:
+        first = await original(*args, **kwargs)
+        committed.set()
+        await resume.wait()  # as if the statement's answer were still on its way
+        return first
+
+    _provider(runtime, monkeypatch, slow)
+    (run_id,) = await _make_runs(runtime, 1)
+    execution = await _started(runtime, run_id)
+    running = asyncio.ensure_future(execute.run(execution))
+    await _written_message(runtime, run_id)
+    monkeypatch.setattr(run_events, "insert_carrying", in_flight)
+    delivered: list[str] = []
+    deliver = runtime.run_log.bus.deliver
+
+    def delivering(topic: str, entries: Any) -> None:
+        delivered.extend(entry.event.name for entry in entries if topic == run_id)
+        deliver(topic, entries)
+
+    monkeypatch.setattr(runtime.run_log.bus, "deliver", delivering)
+    go_on.set()
+    async with asyncio.timeout(20):
+        await committed.wait()
+        running.cancel()
+        await asyncio.sleep(0)  # the cancellation delivered
+        resume.set()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        await runtime.run_log.flush()
+    logged = await _logged(runtime, run_id)
+    assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
+    assert logged[-1][1] == "thread.run.completed"
+    assert delivered[-1:] == ["thread.run.completed"]  # handed to followers as committed
