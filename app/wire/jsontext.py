@@ -15,13 +15,21 @@ differences handled here:
   writes those values. Free-form objects from requests (a function's
   ``parameters``, a ``json_schema``) may hold any integer.
 * orjson reads an integer beyond 64 bits as a float. Any such integer has
-  at least 20 digits, so text with a run of 20 digits is read by the stdlib
-  (exactly, as before); so is what orjson refuses (``NaN``, ``1e400``).
+  20 digits or more, or is negative with 19 (-2**63-1 and below), so text
+  with such a run of digits is read by the stdlib (exactly, as before); so
+  is what orjson refuses (``NaN``, ``1e400``).
 
-Floats are written in their shortest form as before, spelled as JSON allows
-(``1e16``, not ``1e+16``); NaN and the infinities, which JSON has no words
-for, are written as ``null``, as pydantic writes them in response bodies
-(the stdlib wrote ``NaN``, which PostgreSQL's jsonb and JSON.parse refuse).
+U+2028, U+2029 and U+0085 stay escaped as the stdlib escaped them: readers
+that split lines as Python's ``str.splitlines`` does (httpx's
+``iter_lines``, Node's readline) would cut an SSE ``data:`` line at them.
+datetimes and dataclasses, which the stdlib refuses, are refused still
+(orjson would quietly write them as text).
+
+Floats are written in their shortest form as before (a small exponent
+without its leading zero: ``1e-7``, not ``1e-07``); NaN and the infinities,
+which JSON has no words for, are written as ``null``, as pydantic writes
+them in response bodies (the stdlib wrote ``NaN``, which PostgreSQL's jsonb
+and JSON.parse refuse).
 """
 
 from __future__ import annotations
@@ -33,17 +41,26 @@ from typing import Any
 import orjson
 
 _STDLIB_DUMPS = json.JSONEncoder(separators=(",", ":")).encode
-# Every integer beyond orjson's 64 bits (-2**63 .. 2**64-1) has 20 digits or more.
-_LONG_DIGITS = re.compile(r"[0-9]{20}")
-_LONG_DIGITS_BYTES = re.compile(rb"[0-9]{20}")
+# Every integer beyond orjson's 64 bits (-2**63 .. 2**64-1) has 20 digits
+# or more, or is negative with 19.
+_LONG_DIGITS = re.compile(r"-[0-9]{19}|[0-9]{20}")
+_LONG_DIGITS_BYTES = re.compile(rb"-[0-9]{19}|[0-9]{20}")
+_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS  # refused, as by the stdlib
+_LINE_BREAKS = ("\u2028", "\u2029", "\u0085")
 
 
 def dumps(value: Any) -> str:
     """``value`` as compact JSON text (no spaces after ``,`` and ``:``)."""
     try:
-        return orjson.dumps(value).decode()
+        text = orjson.dumps(value, option=_OPTIONS).decode()
     except orjson.JSONEncodeError:
         return _STDLIB_DUMPS(value)
+    if text.isascii():  # a flag's read: the common case costs nothing more
+        return text
+    for line_break in _LINE_BREAKS:
+        if line_break in text:
+            text = text.replace(line_break, f"\\u{ord(line_break):04x}")
+    return text
 
 
 def loads(text: str | bytes) -> Any:

@@ -134,7 +134,8 @@ async def test_integers_beyond_64_bits_and_non_ascii_keep_their_values(client: o
     parameters = {
         "type": "object",
         "properties": {"n": {"type": "integer", "maximum": 2**70, "minimum": -(2**64), "title": "Zähler 数"}},
-        "examples": [18446744073709551615, -9223372036854775808, 12345678901234567890123],
+        # (the last two: below -2**63 with 19 digits, read back as floats by orjson; review)
+        "examples": [18446744073709551615, -9223372036854775808, 12345678901234567890123, -(2**63) - 1, -(10**19) + 1],
     }
     created = await client.beta.assistants.create(
         model="gpt-4o", tools=[{"type": "function", "function": {"name": "count", "parameters": parameters}}]
