@@ -760,8 +760,10 @@ class RunExecution:
             watch.close()
             if not answer.done():
                 answer.cancel()
-            await asyncio.gather(answer, return_exceptions=True)
-            await watch.until_checked()
+            try:
+                await asyncio.gather(answer, return_exceptions=True)
+            finally:  # cancelled again meanwhile: the row's read still ends with it
+                await watch.until_checked()
         if answer.cancelled() or not answer.done() or watch.stopped:
             raise TurnStopped
         return answer.result()
@@ -990,11 +992,14 @@ class _CancelWatch:
         self.cancel_requested = cancel_requested
         self.loop = asyncio.get_running_loop()
         self.stopped = False
+        self.closed = False  # no more reads, no more cancels: the answer is ending
         self.check: asyncio.Future[bool] | None = None  # the row's read, while in flight
         self.timer: asyncio.TimerHandle | None = self.loop.call_later(CANCEL_POLL_SECONDS, self._check)
 
     def on_event(self, event: Event) -> None:
-        if event.name in STOPPING_EVENTS:
+        # Once closed, not again: a second cancel of the answer would raise
+        # its cancelling() count, which its timeouts read.
+        if not self.closed and event.name in STOPPING_EVENTS:
             self._stop()
 
     def _stop(self) -> None:
@@ -1004,6 +1009,8 @@ class _CancelWatch:
 
     def _check(self) -> None:
         self.timer = None
+        if self.answer.done():
+            return  # moot: until_checked() would only wait for it
         self.check = asyncio.ensure_future(self.cancel_requested())
         self.check.add_done_callback(self._checked)
 
@@ -1012,7 +1019,7 @@ class _CancelWatch:
         # A failed read stops the answer, as the watcher task's failure did
         # (retrieved whatever happens: the answer's end may have made it moot).
         failed = check.cancelled() or check.exception() is not None
-        if self.stopped or self.answer.done():
+        if self.closed or self.answer.done():  # (a read ending after close() arms no timer: no read after the answer)
             return
         if failed or check.result():
             self._stop()
@@ -1020,6 +1027,7 @@ class _CancelWatch:
             self.timer = self.loop.call_later(CANCEL_POLL_SECONDS, self._check)
 
     def close(self) -> None:
+        self.closed = True
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

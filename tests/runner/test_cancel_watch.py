@@ -87,3 +87,56 @@ def test_a_watch_sees_its_topic_only_and_a_failing_one_fails_nobody(caplog: pyte
     bus.publish("run_a", [Event("after", {})])
     assert seen == ["one", "two"] and not bus.watched("run_a")
     assert "an event watcher failed" in caplog.text
+
+
+async def _winding_down() -> asyncio.Task[None]:
+    """An answer still ending (its task not done yet)."""
+    return asyncio.ensure_future(asyncio.Event().wait())
+
+
+async def test_a_row_read_ending_after_the_watch_closed_starts_no_more_reads() -> None:
+    """The execution is cancelled (worker stop) while the row's read is in
+    flight: that read's end arms no timer for another, which would read the
+    run after its execution ended, past the Runtime's close (review)."""
+    gate = asyncio.Event()
+    reads: list[None] = []
+
+    async def cancel_requested() -> bool:
+        reads.append(None)
+        await gate.wait()
+        return False
+
+    answer = await _winding_down()
+    watch = execute._CancelWatch(answer, cancel_requested)
+    try:
+        assert watch.timer is not None
+        watch.timer.cancel()
+        watch._check()  # as its timer does: the read is in flight
+        check = watch.check
+        assert check is not None
+        watch.close()  # the answer is ending
+        gate.set()
+        await asyncio.wait_for(watch.until_checked(), _DEADLINE_SECONDS)
+        assert watch.timer is None and watch.check is None and len(reads) == 1
+    finally:
+        watch.close()
+        answer.cancel()
+        await asyncio.gather(answer, return_exceptions=True)
+
+
+async def test_stopping_events_after_the_first_cancel_the_answer_once() -> None:
+    """A batch with several stopping events (cancelling, then cancelled):
+    one cancel of the answer, whose cancelling() count its timeouts read."""
+
+    async def cancel_requested() -> bool:
+        return False
+
+    answer = await _winding_down()
+    watch = execute._CancelWatch(answer, cancel_requested)
+    try:
+        watch.on_event(Event("thread.run.cancelling", {}))
+        watch.on_event(Event("thread.run.cancelled", {}))
+        assert watch.stopped and answer.cancelling() == 1
+    finally:
+        watch.close()
+        await asyncio.gather(answer, return_exceptions=True)
