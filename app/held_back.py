@@ -7,10 +7,12 @@ it still paid for SQLAlchemy's whole execution (the greenlet, the cache
 key, an execution context, a cursor, the events, a result): about 50 µs of
 CPU for a list append. hold_back() does the append from here: the
 statement compiled once per shape (the dialect's own compiler, qmark
-style), its parameters made as SQLAlchemy makes them (the compiled
-statement's ``construct_params``, scalar column defaults, each bind's
-type processor: JSON serialized by the dialect's serializer, booleans as
-integers), so the row stored is the same, byte for byte. The driver then
+style), its parameters made as SQLAlchemy makes them (each ``?``'s source
+resolved once per shape as the compiled statement's ``construct_params``
+resolves it per call, ``_sources``, that call itself where a source is not
+plain; scalar column defaults; each bind's type processor: JSON serialized
+by the dialect's serializer, booleans as integers), so the row stored is
+the same, byte for byte. The driver then
 runs it exactly as before: EXPECT_ROWCOUNT, RETURNED_ROWS_TO and
 ROWCOUNT_MISMATCH keep their meaning, and a failure still fails the
 statement or COMMIT that carried it.
@@ -120,32 +122,36 @@ def _sources(
     over what construct_params made), then the bind's key among ``names``,
     then its name, then its own constant. None (construct_params per call)
     where that is not plain: a value computed per call (callable), a
-    missing required value (construct_params raises its error), escaped or
-    shared names, parameters collected from elsewhere."""
+    missing required value (construct_params raises its error), escaped
+    names, a name shared by binds that do not all take the same given
+    parameter, parameters collected from elsewhere.
+
+    A name shared by binds of one key the caller gives (the run's INSERT
+    checked against its assistant's remembered defaults binds
+    ``assistant_id`` for the column and for the check) is plain:
+    construct_params gives every one of them that parameter, and the
+    processors go by name."""
     if compiled.escaped_bind_names or getattr(compiled, "_collected_params", None):
         return None
+    given = set(names)
     binds: dict[str, BindParameter[Any]] = {}
     for bound, name in compiled.bind_names.items():
-        if name in binds:
+        first = binds.setdefault(name, bound)
+        if first is not bound and not (bound.key == first.key and (bound.key in given or name in given)):
             return None
-        binds[name] = bound
-    given = set(names)
     by_default = dict(defaults)
     sources = []
     for name in positions:
-        if name in by_default:
-            sources.append(_Source(None, by_default[name], processors.get(name)))
-            continue
+        process = processors.get(name)
         bind = binds.get(name)
-        if bind is None:
+        if name in by_default:
+            sources.append(_Source(None, by_default[name], process))
+        elif bind is None or (bind.key not in given and name not in given and (bind.required or bind.callable)):
             return None
         elif bind.key in given or name in given:
-            source = _Source(bind.key if bind.key in given else name, None, processors.get(name))
-        elif bind.required or bind.callable:
-            return None
+            sources.append(_Source(bind.key if bind.key in given else name, None, process))
         else:
-            source = _Source(None, bind.value, processors.get(name))
-        sources.append(source)
+            sources.append(_Source(None, bind.value, process))
     return tuple(sources)
 
 

@@ -421,3 +421,19 @@ def test_default_paths_do_not_depend_on_the_working_directory(tmp_path: Path) ->
         seen.add(done.stdout.strip())
     (only,) = seen
     assert only.endswith(" True") and str(Path(sys.prefix)) in only
+
+
+def test_start_up_objects_are_frozen_and_the_youngest_generation_collected_less_often() -> None:
+    """freeze_start_up_objects (issue 17): start-up's objects out of every
+    later collection, the youngest generation's threshold raised."""
+    import gc
+
+    from app.__main__ import YOUNGEST_GENERATION_THRESHOLD, freeze_start_up_objects
+
+    threshold = gc.get_threshold()
+    try:
+        freeze_start_up_objects()
+        assert gc.get_freeze_count() > 0 and gc.get_threshold()[0] == YOUNGEST_GENERATION_THRESHOLD
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

@@ -121,3 +121,11 @@ async def test_a_failed_completion_is_logged_with_its_error(
     (logged,) = (await http.get("/admin/model_requests", params={"run_id": run.id})).json()["data"]
     assert logged["response"]["error"]["code"] == "rate_limit_exceeded"
     assert logged["response"]["finish_reason"] is None
+
+
+async def test_a_chat_completion_outside_a_run_is_logged(client: openai.AsyncOpenAI, http: httpx2.AsyncClient) -> None:
+    """Logged by model_requests.add: a row built without the ORM's
+    constructor (core_rows.record), added to a session and flushed by it."""
+    await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hello there"}])
+    (logged,) = (await http.get("/admin/model_requests")).json()["data"]
+    assert logged["request"]["messages"] == [{"role": "user", "content": "Hello there"}]

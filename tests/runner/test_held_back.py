@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from app import db, held_back, orm, sqlite_driver
 from app.runtime import Runtime
-from app.services import core_rows, run_events, run_state
+from app.services import core_rows, run_defaults, run_events, run_state
 from app.wire import jsontext
 from app.wire.events import Event
 
@@ -287,6 +287,11 @@ def test_each_value_resolved_once_per_shape_is_what_construct_params_makes() -> 
             {"run_id": "r", "source": "queued", "lease_holder": "me", "set_status": "failed", "set_usage": {"a": 1.5}},
         ),
         (run_events._insert_sqlite_statement(events[0]), events[1]),
+        # assistant_id bound twice, for the column and for the check (review: it fell back per call)
+        (
+            run_defaults._checked_insert(tuple(core_rows.values(run))),
+            {**core_rows.values(run), **dict.fromkeys(run_defaults._GUARD_PARAMS)},
+        ),
     ]
     for statement, params in cases:
         shape = held_back._shape(dialect, statement, tuple(params))
