@@ -141,6 +141,9 @@ class RunLog:
         # Runs whose executor is in a transaction that logs their buffered
         # deltas itself (see holding()): the flusher leaves them to it.
         self._held: dict[str, int] = {}
+        # Runs whose deltas a flush has taken and not yet written (or put
+        # back): the future is done when that flush has ended (see holding()).
+        self._flushing: dict[str, asyncio.Future[None]] = {}
         # Runs with an append in a transaction that has not ended: their
         # deltas are not numbered early meanwhile (see _early_seq).
         self._appending: dict[str, int] = {}
@@ -203,6 +206,15 @@ class RunLog:
         so a run that ends at once costs no flusher transaction (issue 17)."""
         self._held[run_id] = self._held.get(run_id, 0) + 1
         try:
+            flushing = self._flushing.get(run_id)
+            if flushing is not None:
+                # A flush took the run's deltas before it was held: what is
+                # appended within must be numbered after them, so it waits
+                # for that flush's end (its statement would wait for the
+                # run's row anyway; PostgreSQL's one-statement end, whose
+                # snapshot predates that wait, numbered over them and failed
+                # into its fallback: review of pgend).
+                await asyncio.shield(flushing)
             yield
         finally:
             self._held[run_id] -= 1
@@ -588,6 +600,17 @@ class RunLog:
 
     async def flush(self) -> None:
         """Write every buffered delta, all runs in one transaction."""
+        taken: list[str] = []
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            await self._flush(taken, ended)
+        finally:
+            for run_id in taken:
+                if self._flushing.get(run_id) is ended:
+                    del self._flushing[run_id]
+            ended.set_result(None)
+
+    async def _flush(self, taken: list[str], ended: asyncio.Future[None]) -> None:
         wanted = sorted(run_id for run_id in self._buffer if run_id not in self._held)
         if not wanted:
             return
@@ -608,6 +631,9 @@ class RunLog:
                     for run_id in wanted
                     if run_id in self._buffer and run_id not in self._held
                 }
+                for run_id in drained:
+                    self._flushing[run_id] = ended
+                    taken.append(run_id)
                 batches = {run_id: [event for _seq, event in drained[run_id]] for run_id in sorted(live & set(drained))}
                 signal = self._notify_signal(session) if batches else None
                 firsts = await run_events.insert(session, batches, signal=signal)

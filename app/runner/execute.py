@@ -33,7 +33,6 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
-from sqlalchemy import Insert, Update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -259,21 +258,16 @@ class RunExecution:
         unread: bool,
         checked: bool,
     ) -> None:
-        """_commit()'s writes and move, but for the claim's transaction on PostgreSQL (_carried_move)."""
-        alongside: list[Insert | Update] = []
-        if unread and self.runtime.run_log.postgres:
-            # PostgreSQL: the turn's writes go in the run's UPDATE (issue 17).
-            alongside += [core_rows.insert_statement(row) for row in pending.inserts]
-            alongside += [core_rows.update_statement(change.row, change.keys) for change in pending.rows]
-            alongside += [core_rows.insert_statement(model_requests.row(e)) for e in self._exchanges]
-        else:
-            # Core statements, each sent with the next one on SQLite (issue 17).
-            for row in pending.inserts:
-                await core_rows.insert_row(session, row, write_behind=True)
-            await write_rows(session, pending.rows)
-            for exchange in self._exchanges:
-                await core_rows.insert_row(session, model_requests.row(exchange), write_behind=True)
-        moved = await self._move_unread(session, move, alongside) if move is not None and unread else None
+        """_commit()'s writes and move, but for a move carried by the events'
+        insert (_carried_move: PostgreSQL's unread moves, whose writes go in
+        that one statement)."""
+        # Core statements, each sent with the next one on SQLite (issue 17).
+        for row in pending.inserts:
+            await core_rows.insert_row(session, row, write_behind=True)
+        await write_rows(session, pending.rows)
+        for exchange in self._exchanges:
+            await core_rows.insert_row(session, model_requests.row(exchange), write_behind=True)
+        moved = await self._move_unread(session, move) if move is not None and unread else None
         if moved is not None:
             events += moved
             await self.runtime.run_log.append(session, self.run_id, events, run_locked=True)  # by the UPDATE
@@ -395,15 +389,12 @@ class RunExecution:
         run = self._run
         return not (run is None or move.sweep or move.to not in _UNREAD_MOVES or run.status != "in_progress")
 
-    async def _move_unread(
-        self, session: AsyncSession, move: Move, alongside: list[Insert | Update]
-    ) -> list[Event] | None:
+    async def _move_unread(self, session: AsyncSession, move: Move) -> list[Event] | None:
         """The usual move (the answer done, or tool outputs required; see
         _movable_unread), made without reading the run first (issue 17): a
         compare-and-set from ``in_progress`` that returns the row as it is
-        now, so the event carries the run as a read would have; with
-        ``alongside`` written by the same statement (PostgreSQL), whatever
-        its outcome. None, with the run unchanged, if the run is no longer
+        now, so the event carries the run as a read would have (SQLite:
+        PostgreSQL's is carried, _carried_move). None, with the run unchanged, if the run is no longer
         ``in_progress`` as this execution's (cancelling, ended by the reaper,
         in another worker's lease): _commit then reads it, locked, and
         decides (LeaseLost if it ended or changed hands)."""
@@ -422,7 +413,6 @@ class RunExecution:
                 move.to,
                 refresh=not known,
                 locked=known,
-                alongside=alongside,
                 lease_owner=self.owner,
                 held=self._held_start,
                 **self._move_fields(move),

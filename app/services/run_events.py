@@ -241,15 +241,19 @@ async def insert_carrying(
     *,
     signal: Signal | None = None,
 ) -> int:
-    """insert() of one run's events on PostgreSQL as part of ``carrier``, an
-    UPDATE of that run's row that returns its id and must change it
+    """insert() of one run's events on PostgreSQL as part of ``carrier``:
+    an UPDATE of that run's row that returns its id and must change it, or,
+    after the claim, a SELECT from that UPDATE as the statement's first CTE
+    (``guarded_row``), every other write guarded by it
     (run_state.carried_move; issue 17: one round trip for the move, its
     rows and its events). In the claim's transaction the row was locked in
     an earlier statement, so the numbering sees every append committed
     before. After the claim it is not: the statement's snapshot predates its
     wait for the row, and an append committed meanwhile collides with the
     numbers it takes on (run_id, seq), an IntegrityError the caller answers
-    by making the end again the way that locks the run first. With ``signal``, NOTIFYs it as insert() does.
+    by making the end again the way that locks the run first (a flush of
+    the run's own deltas in flight when the end began is waited for first:
+    RunLog.holding). With ``signal``, NOTIFYs it as insert() does.
     Returns the first ``seq``; raises run_state.TransitionConflict, the
     transaction to be rolled back, if the UPDATE changed no row."""
     params: dict[str, Any] = {**carrier.params, **_logged_params(run_id, events)}

@@ -82,25 +82,6 @@ def _update(keys: tuple[str, ...], refresh: bool, leased: bool) -> Update:
     return statement.returning(*RUNS.c) if refresh else statement
 
 
-def _update_with(
-    run_id: str, source: str, lease_owner: str | None, values: dict[str, Any], writes: Sequence[Insert | Update]
-) -> Update:
-    """The refreshing compare-and-set with its values bound in, and
-    ``writes`` as data-modifying CTEs (PostgreSQL; built per call: the
-    writes carry their own bound values)."""
-    statement = (
-        update(RUNS)
-        .where(RUNS.c.id == run_id, RUNS.c.status == source)
-        .values({RUN_COLUMNS[key]: value for key, value in values.items()})
-        .returning(*RUNS.c)
-    )
-    if lease_owner is not None:
-        statement = statement.where(RUNS.c.lease_owner == lease_owner)
-    for index, write in enumerate(writes):
-        statement = statement.add_cte(write.cte(f"alongside_{index}"))
-    return statement
-
-
 # A compare-and-set whose caller knows it cannot miss: on SQLite it goes with
 # the transaction's next statement or COMMIT, and fails the transaction if
 # it changed no row after all.
@@ -296,7 +277,6 @@ async def transition(
     *,
     refresh: bool = False,
     locked: bool = False,
-    alongside: Sequence[Insert | Update] = (),
     lease_owner: str | None = None,
     held: HeldMove | None = None,
     **fields: Any,
@@ -308,9 +288,7 @@ async def transition(
     run's status in this transaction, under the row's lock (the claim's
     UPDATE), so the compare-and-set cannot miss; on SQLite the UPDATE is
     then sent with the transaction's next statement (issue 17), and fails
-    the transaction if it changed no row. ``alongside`` (PostgreSQL): writes
-    of other tables sent in the same statement as data-modifying CTEs, done
-    whether or not the run moves (issue 17: a round trip each fewer).
+    the transaction if it changed no row.
     ``lease_owner``: the executor making the move; the run moves only while
     that worker's lease is on it (a worker whose lease was taken over must
     not end the run its successor executes), else TransitionConflict. The
@@ -328,12 +306,8 @@ async def transition(
         params["lease_holder"] = lease_owner
     if session.new or session.dirty or session.deleted:
         await session.flush()  # what an ORM-enabled UPDATE would have flushed first
-    assert refresh or not alongside, "the writes go with a refreshing UPDATE only"
     if refresh:
-        if alongside:
-            row = (await session.execute(_update_with(run.id, source, lease_owner, values, alongside))).first()
-        else:
-            row = (await session.execute(_update(keys, True, leased), params)).first()
+        row = (await session.execute(_update(keys, True, leased), params)).first()
         moved = 0 if row is None else 1
         if row is not None:
             _set(run, {key: row._mapping[column] for key, column in RUN_COLUMNS.items()})

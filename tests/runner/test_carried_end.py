@@ -18,6 +18,7 @@ from app.runner import execute
 from app.runtime import Runtime
 from app.services import core_rows, run_events, run_state
 from app.wire.events import Event
+from tests.runner.helpers import until
 from tests.runner.test_quick_answer import _provider, _written_message
 from tests.runner.test_worker import _make_runs
 
@@ -332,3 +333,53 @@ async def test_an_end_cancelled_while_its_statement_commits_hands_on_what_it_wro
     assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
     assert logged[-1][1] == "thread.run.completed"
     assert delivered[-1:] == ["thread.run.completed"]  # handed to followers as committed
+
+
+async def test_an_append_held_after_a_flush_took_the_runs_deltas_waits_for_that_flush(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flusher took a run's deltas (it holds the run's row) just before
+    the executor's end holds the run: the end waits for that flush, and
+    numbers its events after the deltas. Sent at once, PostgreSQL's
+    one-statement end, its snapshot taken before the row's lock, numbered
+    over them, failed and was made again the slow way (review of pgend: a
+    streamed answer's end usually comes right after its last delta)."""
+    (run_id,) = await _make_runs(runtime, 1, status="in_progress")
+    run_log = runtime.run_log
+    await run_log.flush()  # (nothing buffered yet: the run's log as it is)
+    inserting, go_on = asyncio.Event(), asyncio.Event()
+    original = run_events.insert
+
+    async def held_up(*args: Any, **kwargs: Any) -> Any:
+        inserting.set()
+        await go_on.wait()
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(run_events, "insert", held_up)
+    run_log.publish(run_id, [Event("thread.message.delta", {"id": "msg_x", "delta": {}})])
+    flushing = asyncio.ensure_future(run_log.flush())
+    entered = asyncio.Event()
+
+    async def end() -> None:
+        async with run_log.holding(run_id):
+            entered.set()
+            async with runtime.transaction() as session:
+                await run_log.append(session, run_id, [Event("thread.run.completed", {"id": run_id})])
+
+    tasks = [flushing]
+    try:
+        async with asyncio.timeout(20):
+            await inserting.wait()  # the deltas taken, the flush's statement on its way
+            tasks.append(asyncio.ensure_future(end()))
+            await until(lambda: run_id in run_log._held, "the end to hold the run")
+            assert not entered.is_set()  # waiting for the flush that took the deltas
+            go_on.set()
+            await asyncio.gather(*tasks)
+    finally:
+        go_on.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    logged = await _logged(runtime, run_id)
+    assert [(seq, name) for seq, name, _data in logged][-2:] == [
+        (logged[-2][0], "thread.message.delta"),
+        (logged[-2][0] + 1, "thread.run.completed"),
+    ]
