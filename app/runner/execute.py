@@ -234,7 +234,34 @@ class RunExecution:
                     self._run = None  # as it stands, known again only by a read
                 await self._write(pending, move, carried=False, unread=False, checked=checked)
             return
+        if unread and self._ends_held_back():
+            # SQLite after the claim: the move is sent with the COMMIT, with
+            # the turn's rows and the events (issue 17: the end in one
+            # thread hop), so its miss (cancelling, ended, in another
+            # lease, its metadata changed) is seen there: the transaction
+            # rolled back whole, the end is made again the way that reads
+            # the run first, as a miss seen before the commit is. The run's
+            # buffered deltas stay held across both attempts (put back by
+            # the rollback, not flushed between them).
+            async with self.runtime.run_log.holding(self.run_id):
+                try:
+                    await self._write(pending, move, carried=False, unread=True, checked=checked)
+                    return
+                except IntegrityError as error:
+                    if not run_state.moved_elsewhere(error):
+                        raise
+                    self._run = None  # as it stands, known again only by a read
+                await self._write(pending, move, carried=False, unread=False, checked=checked)
+            return
         await self._write(pending, move, carried=carried, unread=unread, checked=checked)
+
+    def _ends_held_back(self) -> bool:
+        """Whether an unread move's compare-and-set waits for the COMMIT
+        (run_state.transition's ``unchanged``): SQLite, after the claim
+        (whose transaction holds the row: the move cannot miss there), the
+        start written already (a held start rolled back with a missed move
+        would be lost)."""
+        return not self.runtime.run_log.postgres and self._claim_session is None and self._held_start is None
 
     async def _write(self, pending: Pending, move: Move | None, *, carried: bool, unread: bool, checked: bool) -> None:
         """_commit()'s transaction: the move carried by the events' insert (_carried_move) or not."""
@@ -406,13 +433,17 @@ class RunExecution:
         # and the row is as this execution holds it: no RETURNING, and the
         # UPDATE goes with the COMMIT (issue 17: a thread hop fewer).
         known = self._claim_session is not None and not self.runtime.run_log.postgres
+        # SQLite after the claim: held back too, but checked at the COMMIT
+        # against the run as this execution holds it (see _commit).
+        unchanged = self._ends_held_back()
         try:
             name = await run_state.transition(
                 session,
                 run,
                 move.to,
-                refresh=not known,
+                refresh=not (known or unchanged),
                 locked=known,
+                unchanged=unchanged,
                 lease_owner=self.owner,
                 held=self._held_start,
                 **self._move_fields(move),

@@ -21,7 +21,7 @@ from sqlalchemy import Insert, Select, Table, Update, bindparam, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
-from app import db, errors, ids, orm
+from app import db, errors, ids, orm, sqlite_driver
 from app.services import core_rows, new_rows
 
 TERMINAL = frozenset({"cancelled", "failed", "completed", "incomplete", "expired"})
@@ -67,11 +67,12 @@ RUN_COLUMNS = {attr.key: attr.columns[0].name for attr in inspect(orm.Run).colum
 
 
 @functools.cache
-def _update(keys: tuple[str, ...], refresh: bool, leased: bool) -> Update:
+def _update(keys: tuple[str, ...], refresh: bool, leased: bool, unchanged: bool = False) -> Update:
     """The compare-and-set UPDATE setting the attributes ``keys``, as a Core
     statement built once per shape (issue 17: SQLAlchemy's ORM-enabled UPDATE
     and its RETURNING of ORM objects cost more CPU than the statement).
-    ``leased``: it also requires the run's lease to be ``lease_holder``'s."""
+    ``leased``: it also requires the run's lease to be ``lease_holder``'s;
+    ``unchanged``: the run's metadata to be ``held_metadata``."""
     statement = (
         update(RUNS)
         .where(RUNS.c.id == bindparam("run_id"), RUNS.c.status == bindparam("source"))
@@ -79,6 +80,8 @@ def _update(keys: tuple[str, ...], refresh: bool, leased: bool) -> Update:
     )
     if leased:
         statement = statement.where(RUNS.c.lease_owner == bindparam("lease_holder"))
+    if unchanged:
+        statement = statement.where(RUNS.c.metadata == bindparam("held_metadata", type_=RUNS.c.metadata.type))
     return statement.returning(*RUNS.c) if refresh else statement
 
 
@@ -86,6 +89,28 @@ def _update(keys: tuple[str, ...], refresh: bool, leased: bool) -> Update:
 # the transaction's next statement or COMMIT, and fails the transaction if
 # it changed no row after all.
 _CANNOT_MISS = {**db.WRITE_BEHIND, db.EXPECT_ROWCOUNT: 1}
+
+
+class RunMoved(sqlite_driver.HeldBackWriteMismatch):
+    """A move made ``unchanged`` (transition()) changed no row at the
+    COMMIT: the run was no longer as its mover held it (moved by someone
+    else, in another lease, its metadata changed). The transaction failed
+    whole."""
+
+
+# transition()'s ``unchanged`` move: sent with the COMMIT, which it fails if it misses.
+_UNLESS_MOVED = {**db.WRITE_BEHIND, db.EXPECT_ROWCOUNT: 1, db.ROWCOUNT_MISMATCH: RunMoved}
+
+
+def moved_elsewhere(error: BaseException) -> bool:
+    """Whether ``error`` (from a transaction's COMMIT) is an ``unchanged``
+    move of transition() finding the run changed (RunMoved)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, RunMoved):
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
+    return False
 
 
 @dataclass(frozen=True)
@@ -279,6 +304,7 @@ async def transition(
     locked: bool = False,
     lease_owner: str | None = None,
     held: HeldMove | None = None,
+    unchanged: bool = False,
     **fields: Any,
 ) -> str:
     """Move ``run`` to status ``to``; returns the event name to publish.
@@ -294,7 +320,14 @@ async def transition(
     not end the run its successor executes), else TransitionConflict. The
     API and the reaper move runs whoever holds the lease and pass None.
     ``held``: the run's held move (hold()), written by this UPDATE too (the
-    compare-and-set is then from the status the database still has)."""
+    compare-and-set is then from the status the database still has).
+    ``unchanged`` (SQLite, not with ``refresh``: a run this transaction has
+    not read): the move also requires the run's metadata (the one column
+    others change while it executes) as ``run`` has it, so that ``run`` is
+    the row the move leaves, as a read would give it; the UPDATE is sent
+    with the COMMIT (issue 17: the end of an execution in one thread hop),
+    and a miss fails the COMMIT with RunMoved (moved_elsewhere()), the
+    whole transaction rolled back, rather than raise TransitionConflict."""
     source = run.status
     values = _values(run, to, fields)
     if held is not None:
@@ -304,15 +337,19 @@ async def transition(
     leased = lease_owner is not None
     if leased:
         params["lease_holder"] = lease_owner
+    if unchanged:
+        params["held_metadata"] = run.metadata_
     if session.new or session.dirty or session.deleted:
         await session.flush()  # what an ORM-enabled UPDATE would have flushed first
+    assert not (unchanged and refresh), "an unchanged move is checked at the COMMIT"
     if refresh:
         row = (await session.execute(_update(keys, True, leased), params)).first()
         moved = 0 if row is None else 1
         if row is not None:
             _set(run, {key: row._mapping[column] for key, column in RUN_COLUMNS.items()})
-    elif locked:
-        rowcount = await db.write_behind(session, _update(keys, False, leased), params, _CANNOT_MISS)
+    elif locked or unchanged:
+        options = _UNLESS_MOVED if unchanged else _CANNOT_MISS
+        rowcount = await db.write_behind(session, _update(keys, False, leased, unchanged), params, options)
         moved = 1 if rowcount < 0 else rowcount  # held back (SQLite): the driver checks the count
     else:
         moved = (await session.execute(_update(keys, False, leased), params)).rowcount  # type: ignore[attr-defined]

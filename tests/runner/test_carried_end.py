@@ -7,11 +7,13 @@ numbered twice."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiosqlite
 import pytest
-from sqlalchemy import event, insert, select, text, update
+from sqlalchemy import event, insert, make_url, select, text, update
 
 from app import db, ids, llm, orm
 from app.runner import execute
@@ -56,6 +58,9 @@ def _sent(runtime: Runtime, *fragments: str) -> list[str]:
 # insert that requires the run's metadata unchanged.
 _READ_LOCKED = ("FROM runs", "FOR UPDATE")
 _CARRIED_END = ("INSERT INTO run_events", "runs.metadata =")
+# SQLite: the end's compare-and-set, held back to the COMMIT, also requiring
+# the run's metadata as the execution holds it.
+_HELD_BACK_END = ("UPDATE runs", "runs.metadata =")
 
 
 def _answers_quickly(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,6 +76,21 @@ def _answers_quickly(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(execute, "QUICK_ANSWER_SECONDS", 30)
 
 
+def _answers_slowly(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """The model streams "Hello", then " world" once the returned event is
+    set: its message is written mid-answer, its deltas buffered."""
+    go_on = asyncio.Event()
+
+    async def slow(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        await go_on.wait()
+        yield llm.TextDelta(" world")
+        yield llm.Finish("stop", llm.Usage(3, 2))
+
+    _provider(runtime, monkeypatch, slow)
+    return go_on
+
+
 async def test_metadata_changed_while_a_run_executes_is_in_its_end_event(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -83,9 +103,12 @@ async def test_metadata_changed_while_a_run_executes_is_in_its_end_event(
     async with runtime.transaction() as session:
         await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(metadata_={"stage": "late"}))
     reads, carried = _sent(runtime, *_READ_LOCKED), _sent(runtime, *_CARRIED_END)
+    held, read = _sent(runtime, *_HELD_BACK_END), _sent(runtime, "FROM runs")
     await execute.run(execution)
     if runtime.run_log.postgres:
         assert carried and reads  # tried carried, made again reading first
+    else:
+        assert held and read  # tried held back, failed at the COMMIT, made again reading first
     logged = await _logged(runtime, run_id)
     assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
     (completed,) = [data for _seq, name, data in logged if name == "thread.run.completed"]
@@ -174,12 +197,27 @@ async def test_a_run_taken_over_mid_run_is_left_as_the_other_worker_has_it(
     _answers_quickly(runtime, monkeypatch)
     (run_id,) = await _make_runs(runtime, 1)
     execution = await _started(runtime, run_id)
+
+    async def take_over() -> None:
+        async with runtime.transaction() as session:
+            await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(lease_owner="test:1:other"))
+
+    await _runs_taken_over(runtime, execution, take_over)
+
+
+async def _runs_taken_over(
+    runtime: Runtime, execution: execute.RunExecution, take_over: Callable[[], Awaitable[None]]
+) -> None:
+    """``take_over()`` (the run's lease given to test:1:other, at once or
+    later), then ``execution`` run: the lease lost, it stops with nothing
+    written, the run as the other worker has it."""
+    run_id = execution.run_id
     before = await _logged(runtime, run_id)
     messages = select(orm.Message.id).join(orm.Run, orm.Run.thread_id == orm.Message.thread_id)
     messages = messages.where(orm.Run.id == run_id)
     async with runtime.transaction() as session:
-        await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(lease_owner="test:1:other"))
         messages_before = (await session.execute(messages)).scalars().all()
+    await take_over()
     await execute.run(execution)  # the lease lost: stopped here, nothing written
     assert await _logged(runtime, run_id) == before
     async with runtime.transaction() as session:
@@ -253,15 +291,7 @@ async def test_a_streamed_answers_end_is_one_round_trip(runtime: Runtime, monkey
     written mid-answer, updated at the end) ends in one statement too, its
     own transaction: the rows' updates carried (their parameters no longer
     taken by SQLAlchemy for an update of their run_id column)."""
-    go_on = asyncio.Event()
-
-    async def slow(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
-        yield llm.TextDelta("Hello")
-        await go_on.wait()
-        yield llm.TextDelta(" world")
-        yield llm.Finish("stop", llm.Usage(3, 2))
-
-    _provider(runtime, monkeypatch, slow)
+    go_on = _answers_slowly(runtime, monkeypatch)
     (run_id,) = await _make_runs(runtime, 1)
     execution = await _started(runtime, run_id)
     running = asyncio.ensure_future(execute.run(execution))
@@ -290,14 +320,7 @@ async def test_an_end_cancelled_while_its_statement_commits_hands_on_what_it_wro
     autocommitted statement is in flight: the statement's outcome is waited
     for, so what it committed is handed on as committed; the deltas it
     logged are not taken back and written again after the run's last event."""
-    go_on, committed, resume = asyncio.Event(), asyncio.Event(), asyncio.Event()
-
-    async def slow(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
-        yield llm.TextDelta("Hello")
-        await go_on.wait()
-        yield llm.TextDelta(" world")
-        yield llm.Finish("stop", llm.Usage(3, 2))
-
+    committed, resume = asyncio.Event(), asyncio.Event()
     original = run_events.insert_carrying
 
     async def in_flight(*args: Any, **kwargs: Any) -> int:
@@ -306,7 +329,7 @@ async def test_an_end_cancelled_while_its_statement_commits_hands_on_what_it_wro
         await resume.wait()  # as if the statement's answer were still on its way
         return first
 
-    _provider(runtime, monkeypatch, slow)
+    go_on = _answers_slowly(runtime, monkeypatch)
     (run_id,) = await _make_runs(runtime, 1)
     execution = await _started(runtime, run_id)
     running = asyncio.ensure_future(execute.run(execution))
@@ -383,3 +406,138 @@ async def test_an_append_held_after_a_flush_took_the_runs_deltas_waits_for_that_
         (logged[-2][0], "thread.message.delta"),
         (logged[-2][0] + 1, "thread.run.completed"),
     ]
+
+
+def _hops_during_commits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """For each RunExecution._commit from now on: the statements it sent to
+    aiosqlite's thread (hops: the deferred BEGIN and held-back writes go
+    with a statement or the COMMIT, not alone)."""
+    counts: list[int] = []
+    hop = aiosqlite.Connection._execute
+    commit = execute.RunExecution._commit
+    counting: list[int] = []
+
+    async def hopping(self: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if counting:
+            counting[-1] += 1
+        return await hop(self, fn, *args, **kwargs)
+
+    async def committing(self: execute.RunExecution, *args: Any, **kwargs: Any) -> None:
+        counting.append(0)
+        try:
+            await commit(self, *args, **kwargs)
+        finally:
+            counts.append(counting.pop())
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", hopping)
+    monkeypatch.setattr(execute.RunExecution, "_commit", committing)
+    monkeypatch.setattr(execute, "CANCEL_POLL_SECONDS", 60)  # no read of the watch among them
+    return counts
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL: one statement (above)
+async def test_an_end_after_the_claim_is_one_hop_on_sqlite(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The turn's rows, the run's move and its events go to aiosqlite's
+    thread with the COMMIT: one hop, no read of the run, no statement whose
+    outcome comes back before it (issue 17: 2 hops -> 1). The run's
+    metadata, as stored and as bound for the move's check, compares equal."""
+    _answers_quickly(runtime, monkeypatch)
+    (run_id,) = await _make_runs(runtime, 1)
+    metadata = {"stage": "early", "note": 'café \u2028 "quoted"', "n": "1"}
+    async with runtime.transaction() as session:
+        await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(metadata_=metadata))
+    execution = await _started(runtime, run_id)
+    hops = _hops_during_commits(monkeypatch)
+    reads, held = _sent(runtime, "FROM runs"), _sent(runtime, *_HELD_BACK_END)
+    await execute.run(execution)
+    assert (hops, reads, len(held)) == ([1], [], 1)
+    logged = await _logged(runtime, run_id)
+    assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
+    assert logged[-1][1] == "thread.run.completed"
+
+
+def _elsewhere_after_the_end_is_built(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, change: str) -> list[bool]:
+    """Another process's write (``change``, SQL on the runs table) made once,
+    when the end's events are added to its transaction (the end built, not
+    committed); the returned list gets True once it is made. It must not
+    wait for the end's transaction: SQLite's lock is not the end's before
+    its COMMIT (a second's busy timeout, else "database is locked")."""
+    made: list[bool] = []
+    original = run_events.insert_behind
+    path = make_url(runtime.settings.database_url).database
+    assert path is not None
+
+    async def then_elsewhere(*args: Any, **kwargs: Any) -> None:
+        await original(*args, **kwargs)
+        if made:
+            return
+        other = sqlite3.connect(path, timeout=1.0)
+        try:
+            other.execute(change)
+            other.commit()
+        finally:
+            other.close()
+        made.append(True)
+
+    monkeypatch.setattr(run_events, "insert_behind", then_elsewhere)
+    return made
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # another process's write to the file
+async def test_a_cancel_landing_before_the_ends_commit_ends_it_cancelled(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel committed between the end's build and its COMMIT (an
+    answer streamed while the model was slow: a message written, deltas
+    buffered): the COMMIT fails whole, and the end made again reading the
+    run ends it cancelled (the turn's rows written, as a cancel seen
+    before the commit leaves them), every delta logged once, in order."""
+    go_on = _answers_slowly(runtime, monkeypatch)
+    monkeypatch.setattr(execute, "CANCEL_POLL_SECONDS", 60)  # the cancel is not seen before the end
+    (run_id,) = await _make_runs(runtime, 1)
+    execution = await _started(runtime, run_id)
+    running = asyncio.ensure_future(execute.run(execution))
+    try:
+        await _written_message(runtime, run_id)
+        made = _elsewhere_after_the_end_is_built(
+            runtime, monkeypatch, f"UPDATE runs SET status = 'cancelling' WHERE id = '{run_id}'"
+        )
+        held, reads = _sent(runtime, *_HELD_BACK_END), _sent(runtime, "FROM runs")
+    finally:
+        go_on.set()
+    async with asyncio.timeout(20):
+        await running
+    assert made and len(held) == 1 and reads  # tried held back, made again reading first
+    logged = await _logged(runtime, run_id)
+    assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
+    names = [name for _seq, name, _data in logged]
+    assert names[-1] == "thread.run.cancelled" and "thread.run.completed" not in names
+    deltas = [data["delta"]["content"][0]["text"]["value"] for _s, name, data in logged if name.endswith(".delta")]
+    assert "".join(deltas) == "Hello world"
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+        assert run is not None and (run.status, run.lease_owner) == ("cancelled", None)
+        message = (await session.scalars(select(orm.Message).where(orm.Message.run_id == run_id))).one()
+    # The turn ended before the cancel was seen: its message is written whole, as before the move.
+    assert message.status == "completed" and message.content[0]["text"]["value"] == "Hello world"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # another process's write to the file
+async def test_a_takeover_landing_before_the_ends_commit_leaves_the_run_to_the_other_worker(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease taken over between the end's build and its COMMIT: nothing
+    of the end stays (its rows, its move, its events), the run as the
+    other worker has it."""
+    _answers_quickly(runtime, monkeypatch)
+    (run_id,) = await _make_runs(runtime, 1)
+    execution = await _started(runtime, run_id)
+    taking_over = f"UPDATE runs SET lease_owner = 'test:1:other' WHERE id = '{run_id}'"
+    made = _elsewhere_after_the_end_is_built(runtime, monkeypatch, taking_over)
+    held = _sent(runtime, *_HELD_BACK_END)
+
+    async def when_the_end_is_built() -> None:
+        pass  # the hook above takes the lease over then
+
+    await _runs_taken_over(runtime, execution, when_the_end_is_built)
+    assert made and len(held) == 1
