@@ -193,8 +193,9 @@ class RunExecution:
         """The one place that writes a turn's results: the turn's rows and,
         with ``move``, the run's move out of the executor's hands, in one
         transaction, with its events logged; they are streamed once it commits.
-        (On PostgreSQL after the claim, a first attempt as one statement may
-        fail and roll back whole; the transaction is then made again.)
+        (After the claim, a first attempt whose move is checked last (on
+        PostgreSQL one statement, on SQLite at the COMMIT) may fail and roll
+        back whole; the transaction is then made again, reading the run.)
 
         This is also the one cancellation path: a run found ``cancelling``
         ends ``cancelled`` whatever ``move`` said (its open steps and

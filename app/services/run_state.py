@@ -106,9 +106,11 @@ def moved_elsewhere(error: BaseException) -> bool:
     """Whether ``error`` (from a transaction's COMMIT) is an ``unchanged``
     move of transition() finding the run changed (RunMoved)."""
     seen: BaseException | None = error
-    while seen is not None:
+    walked: set[int] = set()  # a chain may loop back on itself
+    while seen is not None and id(seen) not in walked:
         if isinstance(seen, RunMoved):
             return True
+        walked.add(id(seen))
         seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
     return False
 
