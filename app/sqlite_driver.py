@@ -66,6 +66,20 @@ class HeldBackWriteMismatch(sqlite3.IntegrityError):
     says which write it was."""
 
 
+def raised_within(error: BaseException, kinds: type[BaseException] | tuple[type[BaseException], ...]) -> bool:
+    """Whether ``error`` (a failed COMMIT or statement, as SQLAlchemy wraps
+    it: the driver's exception as ``orig``, or as a cause or context) is or
+    carries one of ``kinds`` (a ROWCOUNT_MISMATCH subclass, say)."""
+    seen: BaseException | None = error
+    walked: set[int] = set()  # a chain may loop back on itself
+    while seen is not None and id(seen) not in walked:
+        if isinstance(seen, kinds):
+            return True
+        walked.add(id(seen))
+        seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
+    return False
+
+
 def _execute(cursor: sqlite3.Cursor, statement: Statement) -> None:
     operation, parameters, many, rows_to, rowcount, mismatch = statement
     if many:

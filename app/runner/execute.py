@@ -419,13 +419,17 @@ class RunExecution:
 
     async def _move_unread(self, session: AsyncSession, move: Move) -> list[Event] | None:
         """The usual move (the answer done, or tool outputs required; see
-        _movable_unread), made without reading the run first (issue 17): a
-        compare-and-set from ``in_progress`` that returns the row as it is
-        now, so the event carries the run as a read would have (SQLite:
-        PostgreSQL's is carried, _carried_move). None, with the run unchanged, if the run is no longer
-        ``in_progress`` as this execution's (cancelling, ended by the reaper,
-        in another worker's lease): _commit then reads it, locked, and
-        decides (LeaseLost if it ended or changed hands)."""
+        _movable_unread), made without reading the run first (issue 17), on
+        SQLite (PostgreSQL's is carried by the events' insert, _carried_move):
+        a compare-and-set from ``in_progress`` held back to the COMMIT. In
+        the claim's transaction it cannot miss (the row is that
+        transaction's); after it, it also requires the run's metadata as
+        this execution holds it (nothing else of the run changes under an
+        execution), so the event carries the run as a read would have, and
+        a miss (cancelling, ended by the reaper, in another worker's lease,
+        metadata changed) fails the COMMIT: _commit then makes the end again
+        reading the run (LeaseLost if it ended or changed hands). None, the
+        run unchanged, if the move was not held back after all and missed."""
         run = self._run
         assert run is not None
         session.add(run)

@@ -215,9 +215,4 @@ async def insert_checked_now(session: AsyncSession, run: orm.Run, defaults: Assi
 def is_stale(error: BaseException) -> bool:
     """Whether ``error`` (from a transaction's COMMIT) is insert_checked()
     finding the assistant changed (the caller forgets it and reads again)."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, StaleDefaults | AssistantChanged):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return sqlite_driver.raised_within(error, (StaleDefaults, AssistantChanged))

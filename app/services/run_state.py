@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Insert, Select, Table, Update, bindparam, inspect, select, update
+from sqlalchemy import Insert, Select, Table, Update, bindparam, func, inspect, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -72,7 +72,11 @@ def _update(keys: tuple[str, ...], refresh: bool, leased: bool, unchanged: bool 
     statement built once per shape (issue 17: SQLAlchemy's ORM-enabled UPDATE
     and its RETURNING of ORM objects cost more CPU than the statement).
     ``leased``: it also requires the run's lease to be ``lease_holder``'s;
-    ``unchanged``: the run's metadata to be ``held_metadata``."""
+    ``unchanged`` (SQLite): the run's metadata to be ``held_metadata``,
+    both as SQLite's ``json()`` spells them (rows written before orjson had
+    spaces after ``,`` and ``:``, and would never match the compact text
+    bound here: review of ``sqlend``; non-ASCII written then as ``\\uXXXX``
+    still does not, and such a run's end is made the way that reads it)."""
     statement = (
         update(RUNS)
         .where(RUNS.c.id == bindparam("run_id"), RUNS.c.status == bindparam("source"))
@@ -81,7 +85,8 @@ def _update(keys: tuple[str, ...], refresh: bool, leased: bool, unchanged: bool 
     if leased:
         statement = statement.where(RUNS.c.lease_owner == bindparam("lease_holder"))
     if unchanged:
-        statement = statement.where(RUNS.c.metadata == bindparam("held_metadata", type_=RUNS.c.metadata.type))
+        held = bindparam("held_metadata", type_=RUNS.c.metadata.type)
+        statement = statement.where(func.json(RUNS.c.metadata) == func.json(held))
     return statement.returning(*RUNS.c) if refresh else statement
 
 
@@ -105,14 +110,7 @@ _UNLESS_MOVED = {**db.WRITE_BEHIND, db.EXPECT_ROWCOUNT: 1, db.ROWCOUNT_MISMATCH:
 def moved_elsewhere(error: BaseException) -> bool:
     """Whether ``error`` (from a transaction's COMMIT) is an ``unchanged``
     move of transition() finding the run changed (RunMoved)."""
-    seen: BaseException | None = error
-    walked: set[int] = set()  # a chain may loop back on itself
-    while seen is not None and id(seen) not in walked:
-        if isinstance(seen, RunMoved):
-            return True
-        walked.add(id(seen))
-        seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
-    return False
+    return sqlite_driver.raised_within(error, RunMoved)
 
 
 @dataclass(frozen=True)
