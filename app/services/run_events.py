@@ -254,8 +254,9 @@ async def insert_carrying(
     by making the end again the way that locks the run first (a flush of
     the run's own deltas in flight when the end began is waited for first:
     RunLog.holding). With ``signal``, NOTIFYs it as insert() does.
-    Returns the first ``seq``; raises run_state.TransitionConflict, the
-    transaction to be rolled back, if the UPDATE changed no row."""
+    Returns the first ``seq``; raises run_state.TransitionConflict if the
+    UPDATE changed no row: in the claim's transaction, that transaction to
+    be rolled back; carried alone (autocommitted), nothing was written."""
     params: dict[str, Any] = {**carrier.params, **_logged_params(run_id, events)}
     if signal is not None:
         params["log_channel"], params["log_origin"] = signal.channel, signal.origin

@@ -29,7 +29,9 @@ Floats are written in their shortest form as before (a small exponent
 without its leading zero: ``1e-7``, not ``1e-07``); NaN and the infinities,
 which JSON has no words for, are written as ``null``, as pydantic writes
 them in response bodies (the stdlib wrote ``NaN``, which PostgreSQL's jsonb
-and JSON.parse refuse).
+and JSON.parse refuse). A value orjson refuses as a whole (an integer
+beyond 64 bits, a non-string key) is written by the stdlib, NaN and the
+infinities in it spelled as the stdlib always spelled them.
 """
 
 from __future__ import annotations
