@@ -966,23 +966,16 @@ async def _gather_quickly(
     return isinstance(gathered[-1], llm.Finish)
 
 
-async def _until_ended(task: asyncio.Task[Any], grace_seconds: float = 0.0) -> None:
-    """Wait for ``task`` to end; cancelled meanwhile, give it ``grace_seconds``
-    to end by itself (a second cancellation cuts that short), then cancel it
-    too, still wait, then be cancelled (nothing of it left running unobserved)."""
+async def _until_ended(task: asyncio.Task[Any]) -> None:
+    """Wait for ``task`` to end; cancelled meanwhile, cancel it too, still
+    wait, then be cancelled (nothing of it left running unobserved)."""
     cancelled = False
-    timeout: float | None = None
     while not task.done():
         try:
-            await asyncio.wait({task}, timeout=timeout)
+            await asyncio.wait({task})
         except asyncio.CancelledError:
-            if not cancelled and grace_seconds > 0:
-                cancelled, timeout = True, grace_seconds
-                continue
             cancelled = True
-        if cancelled:
             task.cancel()
-            timeout = None
     if cancelled:
         if not task.cancelled():
             task.exception()  # its failure is this cancellation's to drop, not left "never retrieved"
