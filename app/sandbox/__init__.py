@@ -53,7 +53,8 @@ def launcher_from(settings: Settings) -> Launcher:
     # Root can give each session a uid of its own; then RLIMIT_NPROC (which
     # never binds root) applies and sessions cannot signal one another.
     uid = settings.sandbox_uid_base if os.geteuid() == 0 else None
-    return Launcher(settings.sandbox, launch.find_bwrap(), settings.sandbox_python, limits, uid)
+    setpriv = launch.find_setpriv() if uid is not None else None
+    return Launcher(settings.sandbox, launch.find_bwrap(), settings.sandbox_python, limits, uid, setpriv)
 
 
 # Every live manager, so a shutdown (or a test) can end all sessions at once.
@@ -113,6 +114,11 @@ class Sandboxes:
             log.error(
                 "code_interpreter is unavailable: bubblewrap (bwrap) is not installed (apt-get install bubblewrap)"
             )
+        if self.launcher.uid is not None and self.launcher.setpriv is None:
+            log.error(
+                "code_interpreter is unavailable: sessions run as other users and setpriv is not installed "
+                "(apt-get install util-linux)"
+            )
         if self.launcher.uid is not None:
             for path in (self.launcher.venv, launch.KERNEL):
                 if not _world_readable(path.resolve()):
@@ -166,6 +172,8 @@ class Sandboxes:
     async def _create(self, key: str) -> Session:
         if self.launcher.mode == "bwrap" and self.launcher.bwrap is None:
             raise SandboxError("bubblewrap (bwrap) is not installed on the server")
+        if self.launcher.uid is not None and self.launcher.setpriv is None:
+            raise SandboxError("setpriv (util-linux) is not installed on the server: sessions cannot switch users")
         if len(self.sessions) >= self.max_sessions and not await self._evict():
             raise SandboxError(f"all {self.max_sessions} sandbox sessions are busy; try again shortly")
         self._prepare_root()

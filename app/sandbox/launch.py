@@ -130,4 +130,18 @@ def find_bwrap() -> str | None:
     return shutil.which("bwrap")
 
 
+def find_setpriv() -> str | None:
+    return shutil.which("setpriv")
+
+
+def as_user(setpriv: str, uid: int, argv: list[str]) -> list[str]:
+    """``argv`` run as ``uid`` (and the gid of that number) with no
+    supplementary groups: the credentials subprocess's user=/group=/
+    extra_groups=[] give, set by setpriv (util-linux) in the child before it
+    execs ``argv``. A program rather than those arguments, because uvloop's
+    subprocesses refuse them; preexec_fn would run Python between fork and
+    exec in a threaded server."""
+    return [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *argv]
+
+
 Mode = Literal["bwrap", "none"]

@@ -67,6 +67,7 @@ class Launcher:
     venv: Path
     limits: launch.Limits
     uid: int | None  # the host uid sessions run as, when the server can switch users
+    setpriv: str | None  # the program that switches to it (launch.as_user); None: not installed
 
 
 @dataclass
@@ -107,7 +108,6 @@ class Session:
     async def _spawn(self) -> None:
         self.staging.mkdir(exist_ok=True)
         self._chown(self.staging)
-        ids: dict[str, Any] = {} if self.uid is None else {"user": self.uid, "group": self.uid, "extra_groups": []}
         filter_fd = -1
         if self.launcher.mode == "bwrap":
             try:
@@ -117,7 +117,7 @@ class Session:
         try:
             argv, env = self._command(filter_fd)
             self.process = await asyncio.create_subprocess_exec(
-                *argv,
+                *self._as_session_user(argv),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -126,7 +126,6 @@ class Session:
                 start_new_session=True,
                 limit=MAX_HEADER_BYTES,
                 pass_fds=[filter_fd] if filter_fd >= 0 else [],
-                **ids,
             )
         finally:
             if filter_fd >= 0:
@@ -140,6 +139,12 @@ class Session:
         if ready.header.get("type") != "ready":
             await self._kill()
             raise SandboxError(f"the sandbox did not start: {ready.header.get('message', 'unexpected greeting')}")
+
+    def _as_session_user(self, argv: list[str]) -> list[str]:
+        if self.uid is None:
+            return argv
+        assert self.launcher.setpriv is not None  # Sandboxes refuses to create a session without it
+        return launch.as_user(self.launcher.setpriv, self.uid, argv)
 
     async def _read(self) -> Message:
         assert self.process is not None and self.process.stdout is not None
