@@ -7,7 +7,6 @@ to create_app(), and tests build their own.
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -100,8 +99,8 @@ class Settings(BaseSettings):
     http_max_connections: int = 1000  # more are closed when accepted (kept below the fd limit)
     http_max_header_bytes: int = 64 * 1024
     # uvicorn's HTTP parser and event loop: "auto" takes httptools and uvloop
-    # (C; both core dependencies) and falls back to h11 and asyncio (issue 17);
-    # see resolved_event_loop for when auto keeps asyncio.
+    # (C; both core dependencies) and falls back to h11 and asyncio when they
+    # are not installed (issue 17); see resolved_event_loop.
     http_parser: Literal["auto", "httptools", "h11"] = "auto"
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     # "text" for people, "json" (one object per line) for log collectors; see docs/operations.md.
@@ -159,15 +158,12 @@ class Settings(BaseSettings):
         return f"sqlite+aiosqlite:///{(self.data_dir / 'assistants.db').resolve()}"
 
     def resolved_event_loop(self) -> Literal["uvloop", "asyncio"]:
-        """uvloop, unless set otherwise, not installed, or the server runs as
-        root: code_interpreter sessions then start as other users
-        (sandbox_uid_base), and uvloop's subprocesses cannot take the
-        ``user``/``group`` arguments that needs."""
+        """uvloop, unless set otherwise or not installed. As root too:
+        code_interpreter sessions switch to their own users with setpriv
+        (app/sandbox/launch.py as_user), which any loop can start."""
         if self.event_loop != "auto":
             return self.event_loop
-        if os.geteuid() == 0 or importlib.util.find_spec("uvloop") is None:
-            return "asyncio"
-        return "uvloop"
+        return "asyncio" if importlib.util.find_spec("uvloop") is None else "uvloop"
 
     @property
     def files_dir(self) -> Path:

@@ -3,6 +3,7 @@ official SDK, SIGTERM, and a restart on the same data."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import signal
@@ -20,10 +21,12 @@ from typing import Any
 import httpx2
 import openai
 import pytest
+import uvloop
 from alembic.script import ScriptDirectory
 
 from app import db
-from app.__main__ import build_parser, load_settings
+from app.__main__ import build_parser, load_settings, loop_factory
+from app.settings import Settings
 from tests import pg
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -407,6 +410,19 @@ def test_version_and_sandbox_setup_help() -> None:
     assert version.returncode == 0 and version.stdout.strip() == f"assistants-server {app.__version__}"
     setup = run_cli("sandbox-setup", "--help")
     assert setup.returncode == 0 and "--path" in setup.stdout and "--base-python" in setup.stdout
+
+
+def test_auto_runs_on_uvloop_when_installed_as_root_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root used to keep asyncio (its subprocesses took the sandbox's
+    user/group arguments); sessions now switch users with setpriv."""
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    auto = Settings(event_loop="auto")
+    assert auto.resolved_event_loop() == "uvloop" and loop_factory(auto) is uvloop.new_event_loop
+    chosen = Settings(event_loop="asyncio")
+    assert chosen.resolved_event_loop() == "asyncio" and loop_factory(chosen) is None
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "uvloop" else find_spec(name))
+    assert auto.resolved_event_loop() == "asyncio"
 
 
 def test_default_paths_do_not_depend_on_the_working_directory(tmp_path: Path) -> None:

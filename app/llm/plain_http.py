@@ -283,7 +283,7 @@ class _Connection(asyncio.Protocol):
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport, though not always an asyncio.Transport subclass:
-        # uvloop's TCPTransport (the server's loop unless run as root) is not.
+        # uvloop's TCPTransport (the server's loop when installed) is not.
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:

@@ -518,8 +518,8 @@ async def test_a_lease_near_its_give_up_gets_an_attempt_first(runtime: Runtime) 
 
 
 def test_the_renewer_on_uvloop(settings: Settings) -> None:
-    """The server's loop is uvloop unless it runs as root (settings.event_loop;
-    the tests run on asyncio's): the renewer's timers and time limits there
+    """The server's loop is uvloop when installed (settings.event_loop; the
+    tests run on asyncio's): the renewer's timers and time limits there
     too. A round renews; then, its commits failing, the run is given up
     before its lease lapses."""
 

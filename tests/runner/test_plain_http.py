@@ -735,7 +735,7 @@ def test_no_proxy_never_sends_plain_what_httpx_would_proxy(
 
 
 def test_completions_on_uvloop_share_one_connection(tmp_path: Path) -> None:
-    """The server's event loop is uvloop unless it runs as root
+    """The server's event loop is uvloop when installed
     (settings.event_loop): its transports are not asyncio.Transport
     subclasses and its sockets are pseudo-sockets, which the connection and
     the check before reuse must take as they are."""

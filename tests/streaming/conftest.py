@@ -61,7 +61,7 @@ class LiveServer:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
-        # The event loop `serve` would pick (uvicorn's own "auto" takes uvloop even as root).
+        # The event loop `serve` would pick: uvloop when installed, root or not.
         loop = self.settings.resolved_event_loop()
         config = uvicorn.Config(
             create_app(self.settings), lifespan="on", log_config=None, timeout_graceful_shutdown=2, loop=loop
