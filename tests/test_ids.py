@@ -1,0 +1,55 @@
+"""Ids: the encoded sequence reads back, the random digits are base62 and
+not shared with a forked child."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from app import ids
+
+
+def _digit_by_digit(number: int, width: int) -> str:
+    """Base62 one digit at a time: what ``ids._encode`` must agree with."""
+    digits = []
+    for _ in range(width):
+        number, rem = divmod(number, 62)
+        digits.append(ids._ALPHABET[rem])
+    return "".join(reversed(digits))
+
+
+def test_encode_agrees_with_base62_digit_by_digit() -> None:
+    rng = random.Random(17)  # noqa: S311 (test inputs, not secrets)
+    for width in (1, 2, 11, 13):
+        for bits in (0, 6, 40, 64, 80, 120):
+            number = rng.getrandbits(bits) if bits else 0
+            assert ids._encode(number, width) == _digit_by_digit(number, width)
+
+
+def test_new_id_carries_its_sequence_and_random_base62_digits() -> None:
+    made = [ids.new_id(ids.RUN) for _ in range(2000)]
+    assert len(set(made)) == len(made)
+    seqs = [ids.seq_of(ids.RUN, made_id) for made_id in made]
+    assert all(seq is not None for seq in seqs) and seqs == sorted(seqs)
+    suffixes = "".join(made_id[len(ids.RUN) + ids._SEQ_WIDTH :] for made_id in made)
+    assert len(suffixes) == 2000 * ids._RANDOM_WIDTH
+    # 26,000 digits: every one of the 62 appears (each about 419 times).
+    assert set(suffixes) == set(ids._ALPHABET)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_reuse_the_parents_random_digits() -> None:
+    ids.new_id(ids.RUN)  # the pool now holds digits the parent has not used
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id's random digits, to the parent
+        os.close(read)
+        os.write(write, ids.new_id(ids.RUN, 0).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        child = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert child != ids.new_id(ids.RUN, 0)
