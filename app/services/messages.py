@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
-from app.services import core_rows, pagination, projects, thread_lock, vector_stores
+from app.services import core_rows, pagination, projects, row_reads, thread_lock, vector_stores
 from app.services.common import metadata_or_empty, require_id
 from app.services.projects import Project
 from app.services.tool_resources import require_files
@@ -136,19 +136,10 @@ async def list_(
     return pagination.page([to_wire(row) for row in rows], has_more)
 
 
+_MESSAGE_FIELDS = row_reads.fields(Message.model_fields)
+
+
 def to_wire(row: orm.Message) -> Message:
-    return Message(
-        id=row.id,
-        created_at=row.created_at,
-        thread_id=row.thread_id,
-        status=row.status,  # type: ignore[arg-type]
-        incomplete_details=row.incomplete_details,
-        completed_at=row.completed_at,
-        incomplete_at=row.incomplete_at,
-        role=row.role,  # type: ignore[arg-type]
-        content=row.content,
-        assistant_id=row.assistant_id,
-        run_id=row.run_id,
-        attachments=row.attachments or [],
-        metadata=row.metadata_,
-    )
+    found = row_reads.values(row, _MESSAGE_FIELDS)
+    found["attachments"] = found["attachments"] or []
+    return Message.model_validate(found)

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
-from app.services import core_rows, pagination
+from app.services import core_rows, pagination, row_reads
 from app.services.common import require_id
 from app.wire.common import ListPage
 from app.wire.runs import FILE_SEARCH_CONTENT_INCLUDE, RunStep
@@ -82,24 +82,13 @@ def _without_result_content(details: dict[str, Any]) -> dict[str, Any]:
     return details
 
 
+_STEP_FIELDS = row_reads.fields(RunStep.model_fields)
+
+
 def to_wire(row: orm.RunStep, include: list[str] | None = None) -> RunStep:
-    details = row.step_details
-    if FILE_SEARCH_CONTENT_INCLUDE not in (include or []) and row.type == "tool_calls":
-        details = _without_result_content(details)
-    return RunStep(
-        id=row.id,
-        created_at=row.created_at,
-        assistant_id=row.assistant_id,
-        thread_id=row.thread_id,
-        run_id=row.run_id,
-        type=row.type,  # type: ignore[arg-type]
-        status=row.status,  # type: ignore[arg-type]
-        step_details=details,
-        last_error=row.last_error,
-        expired_at=row.expired_at,
-        cancelled_at=row.cancelled_at,
-        failed_at=row.failed_at,
-        completed_at=row.completed_at,
-        metadata=row.metadata_ if row.metadata_ is not None else {},
-        usage=row.usage,
-    )
+    found = row_reads.values(row, _STEP_FIELDS)
+    if FILE_SEARCH_CONTENT_INCLUDE not in (include or []) and found["type"] == "tool_calls":
+        found["step_details"] = _without_result_content(found["step_details"])
+    if found["metadata"] is None:
+        found["metadata"] = {}
+    return RunStep.model_validate(found)

@@ -22,14 +22,14 @@ class Event:
 
     @classmethod
     def of(cls, name: str, model: BaseModel) -> Event:
-        return cls(name, model.model_dump(mode="json"))
+        return cls(name, _dumped(model))
 
     @classmethod
     def each(cls, names: Iterable[str], model: BaseModel) -> list[Event]:
         """One event per name, all carrying ``model`` in one state (say
         ``thread.message.created`` and ``.in_progress``): dumped and encoded
         once for all of them (issue 17)."""
-        data = model.model_dump(mode="json")
+        data = _dumped(model)
         text = jsontext.dumps(data)
         events = [cls(name, data) for name in names]
         for event in events:
@@ -41,6 +41,13 @@ class Event:
         """``data`` as one-line JSON (``[DONE]`` as it is), encoded once for
         both the run's event log and its SSE frame (issue 17)."""
         return self.data if isinstance(self.data, str) else jsontext.dumps(self.data)
+
+
+def _dumped(model: BaseModel) -> dict[str, Any]:
+    """``model.model_dump(mode="json")``, from its serializer directly
+    (issue 17: model_dump's own work was a quarter of a run's 9 µs)."""
+    data: dict[str, Any] = model.__pydantic_serializer__.to_python(model, mode="json")
+    return data
 
 
 # A run stops here for its stream: a final state, or requires_action.
