@@ -10,11 +10,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     SerializerFunctionWrapHandler,
     model_serializer,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
 
 # Placeholder that validators put in their messages; the error translator
 # (app.errors) replaces it with the parameter path, e.g. ``thread.metadata``.
@@ -51,10 +53,26 @@ class RequestModel(BaseModel):
 
 
 class WireModel(BaseModel):
-    """A response object. Fields named in ``omit_when_none`` are left out
-    instead of sent as null (the spec marks them optional, not nullable)."""
+    """A response object: every field sent, None as null."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        # /openapi.json shows response objects as they were when every one
+        # had the wrapping serializer (OmittingWireModel): as any value.
+        # Their fields' schemas would be new there; the wire notes and the
+        # SDKs are the reference for them.
+        return {} if handler.mode == "serialization" else handler(schema)
+
+
+class OmittingWireModel(WireModel):
+    """A response object whose fields named in ``omit_when_none`` are left
+    out instead of sent as null (the spec marks them optional, not
+    nullable). A class of its own (issue 17): the wrapping serializer is a
+    Python call on every dump, more than half of a run's dump, so the
+    models that omit nothing do without it."""
+
     omit_when_none: ClassVar[frozenset[str]] = frozenset()
 
     @model_serializer(mode="wrap")

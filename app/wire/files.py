@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from app.wire.common import WireModel
+from app.wire.common import OmittingWireModel
 
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 FilePurpose = Literal[
@@ -21,7 +21,7 @@ FilePurpose = Literal[
 FileStatus = Literal["uploaded", "processed", "error"]
 
 
-class FileObject(WireModel):
+class FileObject(OmittingWireModel):
     omit_when_none: ClassVar[frozenset[str]] = frozenset({"expires_at", "status_details"})
 
     id: str

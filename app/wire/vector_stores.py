@@ -6,7 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import AfterValidator, Field
 
-from app.wire.common import ChunkingStrategy, Metadata, RequestModel, WireModel, check_key_values
+from app.wire.common import ChunkingStrategy, Metadata, OmittingWireModel, RequestModel, WireModel, check_key_values
 
 # bool first: pydantic's smart union keeps JSON true/false as booleans.
 Attributes = Annotated[dict[str, bool | float | str], AfterValidator(check_key_values)]
@@ -96,7 +96,7 @@ class FileCounts(WireModel):
     total: int = 0
 
 
-class VectorStore(WireModel):
+class VectorStore(OmittingWireModel):
     omit_when_none: ClassVar[frozenset[str]] = frozenset({"expires_after"})
 
     id: str
