@@ -5,14 +5,31 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Any
+from typing import Any, overload
 
 from pydantic import BaseModel
 
 from app.wire import jsontext
 
 DONE = "done"
+
+
+class _EncodedOnce:
+    """``Event.json``: encoded on the first read and kept in the event's
+    dict, where later reads find it first, as functools.cached_property
+    does, without the lock it takes on every first read (Python 3.11: twice
+    the cost of encoding a text delta)."""
+
+    @overload
+    def __get__(self, event: None, owner: type[Event]) -> _EncodedOnce: ...
+    @overload
+    def __get__(self, event: Event, owner: type[Event]) -> str: ...
+    def __get__(self, event: Event | None, owner: type[Event]) -> _EncodedOnce | str:
+        if event is None:
+            return self
+        text = event.data if isinstance(event.data, str) else jsontext.dumps(event.data)
+        event.__dict__["json"] = text
+        return text
 
 
 @dataclass(frozen=True)
@@ -33,14 +50,12 @@ class Event:
         text = jsontext.dumps(data)
         events = [cls(name, data) for name in names]
         for event in events:
-            event.__dict__["json"] = text  # the cached_property's value, as it would compute it
+            event.__dict__["json"] = text  # what ``json`` would compute
         return events
 
-    @cached_property
-    def json(self) -> str:
-        """``data`` as one-line JSON (``[DONE]`` as it is), encoded once for
-        both the run's event log and its SSE frame (issue 17)."""
-        return self.data if isinstance(self.data, str) else jsontext.dumps(self.data)
+    # ``data`` as one-line JSON (``[DONE]`` as it is), encoded once for both
+    # the run's event log and its SSE frame (issue 17). Not annotated: no field.
+    json = _EncodedOnce()
 
 
 def _dumped(model: BaseModel) -> dict[str, Any]:
