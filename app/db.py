@@ -58,6 +58,10 @@ ROWCOUNT_MISMATCH = sqlite_driver.ROWCOUNT_MISMATCH
 hold_back = held_back.hold_back
 # ``write_behind(...)``: the same write held back, or else executed; its rowcount (-1: held back).
 write_behind = held_back.write_behind
+# ``run_now(session, statement, params)``: a statement whose rows are wanted
+# now, sent straight to the SQLite driver with the transaction's held-back
+# writes (app/held_back.py); None where ``session.execute`` must run it.
+run_now = held_back.run_now
 
 # Execution options of a PostgreSQL connection whose statements each run
 # as a transaction of their own (no BEGIN, no COMMIT: a round trip each;

@@ -33,6 +33,7 @@ not show them.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, cast
 
@@ -205,37 +206,44 @@ def _connection_of(session: AsyncSession, bind: Engine) -> Connection | None:
     return None if held is None else held[0]
 
 
-async def hold_back(
-    session: AsyncSession, statement: ClauseElement, params: dict[str, Any], options: Mapping[str, Any]
-) -> bool:
-    """Add ``statement`` with ``params``, executed with ``options``
-    (db.WRITE_BEHIND and its companions), to the writes the session's
-    SQLite transaction sends with its next statement or COMMIT; False, and
-    nothing done, where ``session.execute`` must do it (see the module).
-    ``statement`` must be built once (cached), or a text() construct.
-    The transaction's first statement connects as session.execute would
-    (the pool's checkout, the write lock), its BEGIN still sent with it."""
+class _Straight(NamedTuple):
+    """A statement ready for the driver: its shape, its parameters, and the
+    transaction's SQLAlchemy connection and driver connection."""
+
+    shape: _Shape
+    parameters: tuple[Any, ...]
+    connection: Connection
+    driver: sqlite_driver.OneHopConnection
+
+
+async def _straight(session: AsyncSession, statement: ClauseElement, params: dict[str, Any]) -> _Straight | None:
+    """``statement`` with ``params`` for the session's SQLite transaction's
+    driver connection, told to the ``before_cursor_execute`` listeners;
+    None, and nothing done, where ``session.execute`` must send it (see
+    the module). The transaction's first statement connects as
+    session.execute would (the pool's checkout, the write lock), its
+    BEGIN still sent with it."""
     bind = session.sync_session.bind
     if not isinstance(bind, Engine) or bind.dialect.name != "sqlite":
-        return False
+        return None
     shape = _shape(bind.dialect, statement, tuple(params))
     if shape is None:
-        return False
+        return None
     if not session.sync_session.is_active:
-        return False  # rolled back in part (a failed flush): session.execute says so
+        return None  # rolled back in part (a failed flush): session.execute says so
     connection = _connection_of(session, bind)
     if connection is None:
         connection = (await session.connection()).sync_connection
     if connection is None or connection.closed or connection.invalidated:
-        return False
+        return None
     transaction = connection.get_transaction()
     if transaction is None or not transaction.is_active:
-        return False
+        return None
     driver: object = connection.connection.dbapi_connection
     if not isinstance(driver, sqlite_driver.OneHopConnection) or not driver.transaction_open:
-        return False
+        return None
     if driver.inline_wait_ms is not None:
-        return False  # a poll's connection writes nothing
+        return None  # a poll's connection writes nothing
     try:
         parameters = _parameters(shape, params)
     except Exception as error:  # as SQLAlchemy reports a parameter it cannot bind
@@ -244,10 +252,24 @@ async def hold_back(
         ) from error
     for listener in connection.dispatch.before_cursor_execute:
         listener(connection, None, shape.sql, parameters, None, False)
-    driver.held_back.append(
+    return _Straight(shape, parameters, connection, driver)
+
+
+async def hold_back(
+    session: AsyncSession, statement: ClauseElement, params: dict[str, Any], options: Mapping[str, Any]
+) -> bool:
+    """Add ``statement`` with ``params``, executed with ``options``
+    (db.WRITE_BEHIND and its companions), to the writes the session's
+    SQLite transaction sends with its next statement or COMMIT; False, and
+    nothing done, where ``session.execute`` must do it (see the module).
+    ``statement`` must be built once (cached), or a text() construct."""
+    straight = await _straight(session, statement, params)
+    if straight is None:
+        return False
+    straight.driver.held_back.append(
         sqlite_driver.Statement(
-            shape.sql,
-            parameters,
+            straight.shape.sql,
+            straight.parameters,
             False,
             options.get(sqlite_driver.RETURNED_ROWS_TO),
             options.get(sqlite_driver.EXPECT_ROWCOUNT),
@@ -255,6 +277,63 @@ async def hold_back(
         )
     )
     return True
+
+
+# Each result column's name and its type's result processor, by shape.
+_RESULTS: dict[SQLCompiler, tuple[tuple[str, Callable[[Any], Any] | None], ...]] = {}
+
+
+def _results(dialect: Dialect, compiled: SQLCompiler) -> tuple[tuple[str, Callable[[Any], Any] | None], ...]:
+    """The statement's result columns (a RETURNING's or a SELECT's) as
+    SQLAlchemy's cursor result takes them: by name, each value through its
+    type's result processor (JSON decoded by the dialect's deserializer,
+    booleans from integers)."""
+    found = _RESULTS.get(compiled)
+    if found is None:
+        if len(_RESULTS) >= _MOST_SHAPES:
+            _RESULTS.clear()
+        found = _RESULTS[compiled] = tuple(
+            (column.keyname, column.type._cached_result_processor(dialect, None)) for column in compiled._result_columns
+        )
+    return found
+
+
+async def run_now(
+    session: AsyncSession, statement: ClauseElement, params: dict[str, Any]
+) -> list[dict[str, Any]] | None:
+    """``statement`` with ``params`` run at once in the session's SQLite
+    transaction straight on the driver, in the hop that carries the
+    transaction's deferred BEGIN and held-back writes, without SQLAlchemy's
+    execution (issue 17: the claim's UPDATE ... RETURNING): its rows, each
+    by column name, their values as SQLAlchemy's result gives them; None,
+    and nothing done, where ``session.execute`` must run it (see the
+    module). A failure is SQLAlchemy's error for it (sqlalchemy.exc's
+    IntegrityError, OperationalError...), as from ``session.execute``; the
+    transaction is then the caller's to roll back, as after any failed
+    statement. ``statement`` must be built once (cached)."""
+    straight = await _straight(session, statement, params)
+    if straight is None:
+        return None
+    shape = straight.shape
+    try:
+        _description, _rowcount, _lastrowid, rows = await straight.driver.send(
+            sqlite_driver.Statement(shape.sql, straight.parameters, False)
+        )
+    except (sqlite3.Error, ValueError) as error:
+        # ValueError: aiosqlite's connection closed under us, worded as SQLAlchemy's adapter words it.
+        orig = error if isinstance(error, sqlite3.Error) else sqlite3.OperationalError(*error.args)
+        dialect = straight.connection.dialect
+        raise sa_exc.DBAPIError.instance(
+            shape.sql, straight.parameters, orig, sqlite3.Error, dialect=dialect
+        ) from error
+    columns = _results(straight.connection.dialect, shape.compiled)
+    return [
+        {
+            name: value if process is None else process(value)
+            for (name, process), value in zip(columns, row, strict=True)
+        }
+        for row in rows
+    ]
 
 
 async def write_behind(

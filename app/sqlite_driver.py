@@ -278,20 +278,11 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
             adapted.held_back.append(statement)
             self._set_outcome(None, -1, None, [])
             return
-        connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
         if adapted.inline_wait_ms is not None:
+            connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
             self._set_outcome(*await self._run_inline(adapted, connection, statement))
             return
-        async with adapted._execute_mutex:
-            # A BEGIN or held-back write that fails (SQLite busy past its
-            # timeout, a constraint) fails this statement, and with it the
-            # transaction, as it would have alone.
-            begin, adapted.begin_deferred = adapted.begin_deferred, None
-            earlier, adapted.held_back = adapted.held_back, []
-            outcome: _Outcome = await connection._execute(  # type: ignore[no-untyped-call]
-                _run, connection._conn, begin, earlier, statement
-            )
-        self._set_outcome(*outcome)
+        self._set_outcome(*await adapted.send(statement))
 
     async def _run_inline(
         self, adapted: OneHopConnection, connection: aiosqlite.Connection, statement: Statement
@@ -383,6 +374,23 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         false): a BEGIN inside one is SQLite's to refuse, sent as usual."""
         self.begin_deferred = operation
         self.transaction_open = True
+
+    async def send(self, statement: Statement) -> _Outcome:
+        """``statement`` in one hop to the sqlite3 thread, after the
+        transaction's deferred BEGIN and held-back writes: its outcome, its
+        rows read and its cursor closed there. A BEGIN or held-back write
+        that fails (SQLite busy past its timeout, a constraint) fails this
+        statement, and with it the transaction, as it would have alone.
+        The cursor's execute, and app/held_back.py's run_now() without a
+        cursor (issue 17); not for an inline connection."""
+        connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+        async with self._execute_mutex:
+            begin, self.begin_deferred = self.begin_deferred, None
+            earlier, self.held_back = self.held_back, []
+            outcome: _Outcome = await connection._execute(  # type: ignore[no-untyped-call]
+                _run, connection._conn, begin, earlier, statement
+            )
+        return outcome
 
     def _ended(self) -> None:
         callback, self.on_transaction_end = self.on_transaction_end, None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import weakref
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -22,7 +22,6 @@ from sqlalchemy import (
     ColumnElement,
     Float,
     Integer,
-    RowMapping,
     Select,
     String,
     Update,
@@ -41,7 +40,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
 
-from app import ids, orm
+from app import db, ids, orm
 from app.services import common, core_rows, run_state
 
 # A queued run created by a process's API is reserved for that process's
@@ -238,14 +237,18 @@ async def claim_runs(
     it is (never a new row to insert)."""
     assert session.bind is not None
     dialect = session.bind.dialect.name
-    result = await session.execute(
-        _CLAIMS[dialect, True], _claim_parameters(dialect, owner, limit, lease_seconds, executing)
-    )
-    runs = [_detached_run(row._mapping) for row in result]
+    statement = _CLAIMS[dialect, True]
+    parameters = _claim_parameters(dialect, owner, limit, lease_seconds, executing)
+    # SQLite: straight to the driver, with the transaction's BEGIN, in one
+    # hop and without SQLAlchemy's execution and result (issue 17).
+    rows: Sequence[Mapping[Any, Any]] | None = await db.run_now(session, statement, parameters)
+    if rows is None:
+        rows = [row._mapping for row in await session.execute(statement, parameters)]
+    runs = [_detached_run(row) for row in rows]
     return sorted(runs, key=lambda run: run.seq)  # RETURNING has no order; oldest first, as claimed
 
 
-def _detached_run(row: RowMapping) -> orm.Run:
+def _detached_run(row: Mapping[Any, Any]) -> orm.Run:
     # A record (core_rows.record: none of the mapped constructor's attribute
     # events, issue 17), then detached as a loaded row would be: its values
     # are its committed state, a change made later is tracked as usual.

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from app import db, held_back, orm, sqlite_driver
 from app.runtime import Runtime
-from app.services import core_rows, run_defaults, run_events, run_state
+from app.services import core_rows, run_defaults, run_events, run_execution, run_state
 from app.wire import jsontext
 from app.wire.events import Event
 
@@ -305,3 +305,67 @@ def test_each_value_resolved_once_per_shape_is_what_construct_params_makes() -> 
     assert required is not None and required.sources is None
     with pytest.raises(InvalidRequestError, match="A value is required for bind parameter 'run_id'"):
         held_back._parameters(required, {})
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_statement_run_straight_on_the_driver_returns_what_sqlalchemy_returns(runtime: Runtime) -> None:
+    """run_now(): the claim's UPDATE ... RETURNING gives the rows
+    session.execute gives (JSON decoded, booleans, floats), sent in one hop
+    with the transaction's held-back writes, seen by listeners; a refusal
+    is SQLAlchemy's error, and its transaction rolls back."""
+    runs = orm.Run.__table__
+    returning = (
+        update(runs)
+        .where(runs.c.id == bindparam("run_id"))
+        .values(lease_owner=bindparam("owner"))
+        .returning(*runs.c, run_execution._earlier_messages_column("sqlite"))
+    )
+    async with runtime.transaction() as session:
+        await core_rows.insert_row(session, core_rows.record(orm.Thread, **_THREAD))
+        for seq, run_id in enumerate(("run_now_a", "run_now_b"), start=2):  # ended: no live run in the way
+            await core_rows.insert_row(session, core_rows.record(orm.Run, id=run_id, **{**_RUN, "seq": seq}))
+    seen: list[str] = []
+
+    def listener(*args: Any) -> None:
+        seen.append(args[2].split()[0])
+
+    event.listen(runtime.engine.sync_engine, "before_cursor_execute", listener)
+    try:
+        async with runtime.transaction() as session:
+            by_sqlalchemy = dict(
+                (await session.execute(returning, {"run_id": "run_now_a", "owner": "w"})).one()._mapping
+            )
+        async with runtime.transaction() as session:
+            statement, _columns = core_rows._layout(orm.Thread)
+            other = core_rows.values(core_rows.record(orm.Thread, **{**_THREAD, "id": "thread_now"}))
+            assert await db.hold_back(session, statement, other, db.WRITE_BEHIND)
+            straight = await db.run_now(session, returning, {"run_id": "run_now_b", "owner": "w"})
+    finally:
+        event.remove(runtime.engine.sync_engine, "before_cursor_execute", listener)
+    assert straight is not None and len(straight) == 1
+    assert seen == ["UPDATE", "INSERT", "UPDATE"]
+    row = straight[0]
+    assert row["id"] == "run_now_b" and row["lease_owner"] == "w"
+    assert {key: value for key, value in row.items() if key not in ("id", "seq")} == {
+        str(key): value for key, value in by_sqlalchemy.items() if key not in ("id", "seq")
+    }
+    assert row["parallel_tool_calls"] is True and row["earlier_messages"] is None  # (queued runs' only)
+    async with runtime.transaction() as session:
+        assert (await session.execute(select(orm.Thread.id).where(orm.Thread.id == "thread_now"))).scalar()
+    # A refusal: SQLAlchemy's IntegrityError, the held-back write with it rolled back.
+    clash = update(runs).where(runs.c.id == bindparam("run_id")).values(id="run_now_a").returning(runs.c.id)
+    with pytest.raises(IntegrityError):
+        async with runtime.transaction() as session:
+            other = core_rows.values(core_rows.record(orm.Thread, **{**_THREAD, "id": "thread_undone"}))
+            assert await db.hold_back(session, statement, other, db.WRITE_BEHIND)
+            await db.run_now(session, clash, {"run_id": "run_now_b"})
+    async with runtime.transaction() as session:
+        assert (await session.execute(select(orm.Thread.id).where(orm.Thread.id == "thread_undone"))).scalar() is None
+
+
+async def test_a_statement_to_run_now_on_postgres_is_left_to_sqlalchemy(runtime: Runtime) -> None:
+    runs = orm.Run.__table__
+    returning = update(runs).where(runs.c.id == bindparam("run_id")).values(lease_owner="w").returning(runs.c.id)
+    async with runtime.transaction() as session:
+        rows = await db.run_now(session, returning, {"run_id": "run_none"})
+    assert rows == ([] if runtime.engine.dialect.name == "sqlite" else None)
