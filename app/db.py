@@ -10,6 +10,7 @@ import logging
 import re
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from pathlib import Path
@@ -17,9 +18,9 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
-from sqlalchemy import event, text
+from sqlalchemy import event, orm, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 from sqlalchemy.util import await_only as await_
@@ -58,6 +59,9 @@ ROWCOUNT_MISMATCH = sqlite_driver.ROWCOUNT_MISMATCH
 hold_back = held_back.hold_back
 # ``write_behind(...)``: the same write held back, or else executed; its rowcount (-1: held back).
 write_behind = held_back.write_behind
+# Session.info key: a SQLite transaction's writes collected before it
+# connects (held_back.COLLECTED, Runtime.unit_of_work).
+COLLECTED = held_back.COLLECTED
 # ``run_now(session, statement, params)``: a statement whose rows are wanted
 # now, sent straight to the SQLite driver with the transaction's held-back
 # writes (app/held_back.py); None where ``session.execute`` must run it.
@@ -238,6 +242,19 @@ class SQLiteWriters:
             self.release(info)
             raise
 
+    async def hold(self) -> None:
+        """Take the write lock for a transaction SQLAlchemy does not run
+        (commit_collected), as begin() takes it; free() gives it back."""
+        try:
+            if not self._lock.try_acquire():
+                await self._acquire()
+        except TimeoutError:
+            refusal = sqlite3.OperationalError("database is locked (by this process's other transactions)")
+            raise sa_exc.OperationalError("BEGIN IMMEDIATE", None, refusal) from None
+
+    def free(self) -> None:
+        self._lock.release()
+
     def release(self, info: dict[Any, Any], holder: object | None = None) -> None:
         """At the transaction's end, however it ends (commit, rollback, or a
         connection reset, invalidated or closed under it): idempotent. With
@@ -284,6 +301,51 @@ JSON_CODEC: Mapping[str, Any] = MappingProxyType(
 )
 
 
+# Each SQLite file engine's write lock, for commit_collected().
+_WRITERS: weakref.WeakKeyDictionary[Engine, SQLiteWriters] = weakref.WeakKeyDictionary()
+
+
+def collects(engine: AsyncEngine) -> bool:
+    """Whether a transaction on ``engine`` may collect its held-back writes
+    until it connects (held_back.COLLECTED): a SQLite file's."""
+    return engine.sync_engine in _WRITERS
+
+
+async def commit_collected(engine: AsyncEngine, statements: list[sqlite_driver.Statement]) -> None:
+    """A SQLite transaction that never connected (held_back.COLLECTED):
+    its writes, between BEGIN IMMEDIATE and COMMIT, in one hop on a
+    connection checked out of the pool raw, under the process's write lock
+    as any transaction (issue 17: no Connection, SQLAlchemy transaction or
+    greenlet but the checkout's). Rolled back whole if one fails, with the
+    error SQLAlchemy would raise for it (an IntegrityError for a
+    ROWCOUNT_MISMATCH, say)."""
+    writers = _WRITERS[engine.sync_engine]
+    await writers.hold()
+    try:
+        pooled = await engine.raw_connection()
+        try:
+            driver: object = pooled.dbapi_connection
+            assert isinstance(driver, sqlite_driver.OneHopConnection)
+            await driver.commit_now("BEGIN IMMEDIATE", statements)
+        except (sqlite3.Error, ValueError) as error:
+            # ValueError: aiosqlite's connection closed under us, worded as SQLAlchemy's adapter words it.
+            orig = error if isinstance(error, sqlite3.Error) else sqlite3.OperationalError(*error.args)
+            raise sa_exc.DBAPIError.instance(
+                "COMMIT", None, orig, sqlite3.Error, dialect=engine.sync_engine.dialect
+            ) from error
+        finally:
+            pooled.close()  # back to the pool (its reset sends nothing: no transaction is open)
+    finally:
+        writers.free()
+
+
+async def commit_collected_seen_through(session: AsyncSession, engine: AsyncEngine) -> None:
+    """commit_collected() of the session's collected writes, carried to its
+    end through a cancellation as commit_seen_through() carries a commit
+    (committed_despite_cancellation() then says whether it committed)."""
+    await _commit_seen_through(session, asyncio.ensure_future(commit_collected(engine, session.info.pop(COLLECTED))))
+
+
 def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
     if is_sqlite(url):
         database = make_url(url).database
@@ -308,7 +370,10 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
             )
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         event.listen(engine.sync_engine, "before_cursor_execute", sqlite_driver.hold_back_marked_writes)
-        SQLiteWriters(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000).listen(engine)
+        writers = SQLiteWriters(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+        writers.listen(engine)
+        if database != ":memory:":  # (a pool to check a connection out of: see commit_collected)
+            _WRITERS[engine.sync_engine] = writers
         return engine
     # Up to ``pool_size`` connections (default POSTGRES_CONNECTIONS), all
     # kept once opened: an
@@ -485,6 +550,15 @@ class ConnectionCheck:
         event.listen(pool, "checkin", self.checkin)
 
 
+class SyncSession(orm.Session):
+    """The server's sessions' sync side: one that collected SQLite writes
+    before it connected hands them to its transaction as it begins
+    (held_back.COLLECTED)."""
+
+
+event.listen(SyncSession, "after_begin", held_back.hand_over)
+
+
 class Session(AsyncSession):
     """The server's AsyncSession: closed without a task of its own when it
     holds no transaction (issue 17).
@@ -498,6 +572,8 @@ class Session(AsyncSession):
     task, its shield and their turns of the event loop were about a tenth
     of a one-statement transaction's CPU. A session still in a transaction
     is closed as before."""
+
+    sync_session_class = SyncSession
 
     async def __aexit__(self, type_: Any, value: Any, traceback: Any) -> None:
         if self.sync_session.in_transaction():
@@ -529,7 +605,10 @@ async def commit_seen_through(session: AsyncSession) -> None:
     a cancellation, ``committed_despite_cancellation(session)`` then says
     whether it committed. A task per commit: used only where the outcome
     matters."""
-    commit = asyncio.ensure_future(session.commit())
+    await _commit_seen_through(session, asyncio.ensure_future(session.commit()))
+
+
+async def _commit_seen_through(session: AsyncSession, commit: asyncio.Future[None]) -> None:
     try:
         await seen_through(commit, "a cancelled transaction's COMMIT")
     except asyncio.CancelledError:

@@ -216,21 +216,40 @@ class _Straight(NamedTuple):
     driver: sqlite_driver.OneHopConnection
 
 
+def _bound(
+    session: AsyncSession, bind: Engine, statement: ClauseElement, params: dict[str, Any], connection: Connection | None
+) -> tuple[_Shape, tuple[Any, ...]] | None:
+    """``statement``'s shape and its values for ``params``, told to the
+    ``before_cursor_execute`` listeners (of ``connection``, else of the
+    engine: a session not connected yet); None where ``session.execute``
+    must send it."""
+    shape = _shape(bind.dialect, statement, tuple(params))
+    if shape is None or not session.sync_session.is_active:
+        return None  # (not active: rolled back in part, a failed flush: session.execute says so)
+    try:
+        parameters = _parameters(shape, params)
+    except Exception as error:  # as SQLAlchemy reports a parameter it cannot bind
+        raise sa_exc.StatementError(
+            f"({type(error).__module__}.{type(error).__qualname__}) {error}", shape.sql, params, error
+        ) from error
+    for listener in (connection or bind).dispatch.before_cursor_execute:
+        listener(connection, None, shape.sql, parameters, None, False)
+    return shape, parameters
+
+
 async def _straight(session: AsyncSession, statement: ClauseElement, params: dict[str, Any]) -> _Straight | None:
     """``statement`` with ``params`` for the session's SQLite transaction's
     driver connection, told to the ``before_cursor_execute`` listeners;
     None, and nothing done, where ``session.execute`` must send it (see
     the module). The transaction's first statement connects as
     session.execute would (the pool's checkout, the write lock), its
-    BEGIN still sent with it."""
+    BEGIN still sent with it (and the writes collected before it: see
+    COLLECTED)."""
     bind = session.sync_session.bind
     if not isinstance(bind, Engine) or bind.dialect.name != "sqlite":
         return None
-    shape = _shape(bind.dialect, statement, tuple(params))
-    if shape is None:
+    if _shape(bind.dialect, statement, tuple(params)) is None or not session.sync_session.is_active:
         return None
-    if not session.sync_session.is_active:
-        return None  # rolled back in part (a failed flush): session.execute says so
     connection = _connection_of(session, bind)
     if connection is None:
         connection = (await session.connection()).sync_connection
@@ -244,15 +263,64 @@ async def _straight(session: AsyncSession, statement: ClauseElement, params: dic
         return None
     if driver.inline_wait_ms is not None:
         return None  # a poll's connection writes nothing
-    try:
-        parameters = _parameters(shape, params)
-    except Exception as error:  # as SQLAlchemy reports a parameter it cannot bind
-        raise sa_exc.StatementError(
-            f"({type(error).__module__}.{type(error).__qualname__}) {error}", shape.sql, params, error
-        ) from error
-    for listener in connection.dispatch.before_cursor_execute:
-        listener(connection, None, shape.sql, parameters, None, False)
-    return _Straight(shape, parameters, connection, driver)
+    bound = _bound(session, bind, statement, params, connection)
+    if bound is None:
+        return None
+    return _Straight(*bound, connection, driver)
+
+
+# Session.info key of a SQLite write transaction that has not connected yet
+# (Runtime.unit_of_work): the list of its held-back writes so far. While the
+# session has no connection they are collected there, without the pool's
+# checkout, the write lock or SQLAlchemy's transaction (issue 17); if
+# nothing else connects it, db.commit_collected() sends them with BEGIN
+# IMMEDIATE and COMMIT in one hop. Anything that connects the session
+# (a read, a statement not held back, an ORM flush, a savepoint) first
+# hands them to its transaction (hand_over), in order, ahead of its own
+# statement: what it writes is then written as it would have been without.
+COLLECTED = "sqlite_collected"
+
+
+def _collect(
+    session: AsyncSession, statement: ClauseElement, params: dict[str, Any], options: Mapping[str, Any]
+) -> bool:
+    """hold_back() into the session's COLLECTED writes, if it collects and
+    has not connected yet."""
+    collected: list[sqlite_driver.Statement] | None = session.info.get(COLLECTED)
+    if collected is None or session.sync_session.in_transaction():
+        return False
+    bind = session.sync_session.bind
+    if not isinstance(bind, Engine) or bind.dialect.name != "sqlite":
+        return False
+    bound = _bound(session, bind, statement, params, None)
+    if bound is None:
+        return False
+    shape, parameters = bound
+    collected.append(_held(shape.sql, parameters, options))
+    return True
+
+
+def hand_over(session: Any, _transaction: Any, connection: Connection) -> None:
+    """An ``after_begin`` listener of the server's sessions (db.Session):
+    a session that collected writes (COLLECTED) connects; they go first in
+    its transaction's held-back writes, and it collects no more."""
+    collected: list[sqlite_driver.Statement] | None = session.info.pop(COLLECTED, None)
+    if not collected:
+        return
+    driver: object = connection.connection.dbapi_connection
+    assert isinstance(driver, sqlite_driver.OneHopConnection) and driver.transaction_open, "collected on SQLite"
+    driver.held_back[:0] = collected
+
+
+def _held(sql: str, parameters: tuple[Any, ...], options: Mapping[str, Any]) -> sqlite_driver.Statement:
+    return sqlite_driver.Statement(
+        sql,
+        parameters,
+        False,
+        options.get(sqlite_driver.RETURNED_ROWS_TO),
+        options.get(sqlite_driver.EXPECT_ROWCOUNT),
+        options.get(sqlite_driver.ROWCOUNT_MISMATCH),
+    )
 
 
 async def hold_back(
@@ -262,20 +330,14 @@ async def hold_back(
     (db.WRITE_BEHIND and its companions), to the writes the session's
     SQLite transaction sends with its next statement or COMMIT; False, and
     nothing done, where ``session.execute`` must do it (see the module).
-    ``statement`` must be built once (cached), or a text() construct."""
+    ``statement`` must be built once (cached), or a text() construct.
+    A session that collects (COLLECTED) and has not connected keeps it there."""
+    if _collect(session, statement, params, options):
+        return True
     straight = await _straight(session, statement, params)
     if straight is None:
         return False
-    straight.driver.held_back.append(
-        sqlite_driver.Statement(
-            straight.shape.sql,
-            straight.parameters,
-            False,
-            options.get(sqlite_driver.RETURNED_ROWS_TO),
-            options.get(sqlite_driver.EXPECT_ROWCOUNT),
-            options.get(sqlite_driver.ROWCOUNT_MISMATCH),
-        )
-    )
+    straight.driver.held_back.append(_held(straight.shape.sql, straight.parameters, options))
     return True
 
 

@@ -255,6 +255,31 @@ class Runtime:
                 raise
             self.run_log.committed(session)  # the run events it logged reach streams now
 
+    @asynccontextmanager
+    async def _collecting(self) -> AsyncIterator[AsyncSession]:
+        """unit_of_work() on a SQLite file: a session that collects its
+        held-back writes while it has not connected. Connected (a read, a
+        statement not held back) or with ORM changes to flush, it commits
+        as transaction()'s does, the collected writes first in its
+        transaction; else commit_collected() sends them in one hop."""
+        async with self.sessionmaker() as session:
+            session.info[db.COLLECTED] = []
+            try:
+                yield session
+                if session.in_transaction() or session.new or session.dirty or session.deleted:
+                    if run_log.logged(session):
+                        await db.commit_seen_through(session)
+                    else:
+                        await session.commit()
+                elif session.info.get(db.COLLECTED):
+                    await db.commit_collected_seen_through(session, self.engine)
+            except BaseException:
+                if session.in_transaction():
+                    await session.rollback()
+                self._ended_badly(session)
+                raise
+            self.run_log.committed(session)  # the run events it logged reach streams now
+
     def _ended_badly(self, session: AsyncSession) -> None:
         """The unit of work raised: rolled back, or (cancelled during its
         COMMIT: db.commit_seen_through) committed all the same."""
@@ -274,10 +299,18 @@ class Runtime:
         NOTIFYs delivered when it ends, without the BEGIN and the COMMIT (a
         round trip each). A unit of more statements is one transaction, as
         transaction()'s: BEGIN goes, a round trip of its own, before its
-        first statement. On SQLite
-        transaction() itself (a transaction is already one thread hop)."""
+        first statement. On SQLite a transaction is already one thread hop;
+        on a SQLite file the unit's held-back writes are collected until
+        something connects its session (held_back.COLLECTED): a unit of
+        held-back writes alone (a new thread and its run) never does, and is
+        committed as one function on aiosqlite's thread, without the
+        session's connection, transaction or commit (issue 17)."""
         if not self.run_log.postgres:
-            async with self.transaction() as session:
+            if not db.collects(self.engine):
+                async with self.transaction() as session:
+                    yield session
+                return
+            async with self._collecting() as session:
                 yield session
             return
         async with self.sessionmaker() as session:

@@ -392,6 +392,16 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
             )
         return outcome
 
+    async def commit_now(self, begin: str, statements: list[Statement]) -> None:
+        """A whole transaction in one hop, outside SQLAlchemy's: ``begin``,
+        ``statements``, COMMIT; rolled back there if any fails (its error
+        raised here). Only on a connection in no transaction (checked out
+        of the pool raw: db.commit_collected)."""
+        assert not self.transaction_open and not self.held_back, "a transaction of SQLAlchemy's is open"
+        connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+        async with self._execute_mutex:
+            await connection._execute(_commit, connection._conn, begin, statements)  # type: ignore[no-untyped-call]
+
     def _ended(self) -> None:
         callback, self.on_transaction_end = self.on_transaction_end, None
         if callback is not None:

@@ -369,3 +369,70 @@ async def test_a_statement_to_run_now_on_postgres_is_left_to_sqlalchemy(runtime:
     async with runtime.transaction() as session:
         rows = await db.run_now(session, returning, {"run_id": "run_none"})
     assert rows == ([] if runtime.engine.dialect.name == "sqlite" else None)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_unit_of_held_back_writes_alone_commits_without_connecting_its_session(runtime: Runtime) -> None:
+    """Runtime.unit_of_work on a SQLite file: writes held back before the
+    session connects are collected and committed in one hop, with no
+    SQLAlchemy transaction; statement listeners still see them."""
+    begins: list[object] = []
+    seen: list[str] = []
+
+    def listener(*args: Any) -> None:
+        seen.append(args[2].split()[0])
+
+    event.listen(runtime.engine.sync_engine, "begin", lambda *_args: begins.append(1))
+    event.listen(runtime.engine.sync_engine, "before_cursor_execute", listener)
+    statement, _columns = core_rows._layout(orm.Thread)
+    async with runtime.unit_of_work() as session:
+        assert await db.hold_back(session, statement, core_rows.values(core_rows.record(orm.Thread, **_THREAD)), {})
+        assert not session.in_transaction() and len(session.info[db.COLLECTED]) == 1
+    assert begins == [] and seen == ["INSERT"]
+    async with runtime.transaction() as session:
+        assert (await session.execute(select(orm.Thread.id).where(orm.Thread.id == "thread_behind"))).scalar()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_unit_that_connects_sends_its_collected_writes_first(runtime: Runtime) -> None:
+    """A read after collected writes connects the session: they go first in
+    its transaction (the read sees them), then the unit commits as any."""
+    statement, _columns = core_rows._layout(orm.Thread)
+    async with runtime.unit_of_work() as session:
+        assert await db.hold_back(session, statement, core_rows.values(core_rows.record(orm.Thread, **_THREAD)), {})
+        read = select(orm.Thread.id).where(orm.Thread.id == "thread_behind")
+        assert (await session.execute(read)).scalar() == "thread_behind"
+        assert db.COLLECTED not in session.info
+        other = core_rows.values(core_rows.record(orm.Thread, **{**_THREAD, "id": "thread_after"}))
+        assert await db.hold_back(session, statement, other, {})  # into the transaction's own held-back writes
+    async with runtime.transaction() as session:
+        found = (await session.execute(select(orm.Thread.id).order_by(orm.Thread.id))).scalars().all()
+    assert found == ["thread_after", "thread_behind"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_collected_write_that_misses_fails_the_unit_whole(runtime: Runtime) -> None:
+    """A collected compare-and-set that misses fails the one-hop commit with
+    SQLAlchemy's IntegrityError carrying its ROWCOUNT_MISMATCH (as
+    run_defaults.is_stale reads it); nothing of the unit is written, and the
+    write lock is free again."""
+
+    class Missed(db.sqlite_driver.HeldBackWriteMismatch):
+        pass
+
+    runs = orm.Run.__table__
+    cas = update(runs).where(runs.c.id == bindparam("run_id")).values(status="failed")
+    statement, _columns = core_rows._layout(orm.Thread)
+    with pytest.raises(IntegrityError) as raised:
+        async with runtime.unit_of_work() as session:
+            assert await db.hold_back(session, statement, core_rows.values(core_rows.record(orm.Thread, **_THREAD)), {})
+            missing = {db.EXPECT_ROWCOUNT: 1, db.ROWCOUNT_MISMATCH: Missed}
+            assert await db.hold_back(session, cas, {"run_id": "run_none"}, missing)
+    assert db.sqlite_driver.raised_within(raised.value, Missed)
+    async with runtime.transaction() as session:  # the lock was given back: this does not wait
+        assert (await session.execute(select(orm.Thread.id))).scalar() is None
+
+
+async def test_a_unit_collects_only_on_a_sqlite_file(runtime: Runtime) -> None:
+    async with runtime.unit_of_work() as session:
+        assert (db.COLLECTED in session.info) is (runtime.engine.dialect.name == "sqlite")
