@@ -85,9 +85,12 @@ def _random_digits(count: int) -> str:
 
 def _forget_pool() -> None:
     """A forked child draws its own digits: the parent's unused ones would
-    otherwise be used by both."""
-    global _pool, _taken
+    otherwise be used by both. Its lock is new too: another thread of the
+    parent may have held it at the fork, and no thread of the child will
+    ever release that copy."""
+    global _pool, _taken, _lock
     _pool, _taken = "", 0
+    _lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_pool)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 
 import pytest
 
@@ -45,11 +46,39 @@ def test_a_forked_child_does_not_reuse_the_parents_random_digits() -> None:
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: its next id's random digits, to the parent
-        os.close(read)
-        os.write(write, ids.new_id(ids.RUN, 0).encode())
-        os._exit(0)
+        status = 1  # whatever raises here, the child ends: never back into pytest
+        try:
+            os.close(read)
+            os.write(write, ids.new_id(ids.RUN, 0).encode())
+            status = 0
+        finally:
+            os._exit(status)
     os.close(write)
     with os.fdopen(read, "rb") as pipe:
         child = pipe.read().decode()
-    os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and child
     assert child != ids.new_id(ids.RUN, 0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_while_the_id_lock_is_held_still_makes_ids() -> None:
+    """Another thread of the parent holding the ids' lock at the fork (here
+    the test itself): the child's copy of that lock would never be released."""
+    read, write = os.pipe()
+    with ids._lock:
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                signal.alarm(10)  # a deadlocked child ends, and the parent sees no id
+                os.close(read)
+                os.write(write, ids.new_id(ids.RUN).encode())
+                status = 0
+            finally:
+                os._exit(status)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        child = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and child.startswith(ids.RUN)

@@ -56,6 +56,7 @@ class WireModel(BaseModel):
     """A response object: every field sent, None as null."""
 
     model_config = ConfigDict(extra="forbid")
+    serializes_omissions: ClassVar[bool] = False  # OmittingWireModel's serializer
 
     @classmethod
     def __get_pydantic_json_schema__(cls, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
@@ -65,6 +66,13 @@ class WireModel(BaseModel):
         # SDKs are the reference for them.
         return {} if handler.mode == "serialization" else handler(schema)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # omit_when_none works only under OmittingWireModel's serializer: on a
+        # plain WireModel it would send nulls without a word.
+        super().__init_subclass__(**kwargs)
+        if "omit_when_none" in cls.__dict__ and not cls.serializes_omissions:
+            raise TypeError(f"{cls.__name__} omits fields: derive it from OmittingWireModel")
+
 
 class OmittingWireModel(WireModel):
     """A response object whose fields named in ``omit_when_none`` are left
@@ -73,6 +81,7 @@ class OmittingWireModel(WireModel):
     Python call on every dump, more than half of a run's dump, so the
     models that omit nothing do without it."""
 
+    serializes_omissions: ClassVar[bool] = True
     omit_when_none: ClassVar[frozenset[str]] = frozenset()
 
     @model_serializer(mode="wrap")

@@ -20,6 +20,9 @@ class _EncodedOnce:
     does, without the lock it takes on every first read (Python 3.11: twice
     the cost of encoding a text delta)."""
 
+    def __set_name__(self, owner: type[Event], name: str) -> None:
+        self.name = name  # the instance-dict key where a read finds it first
+
     @overload
     def __get__(self, event: None, owner: type[Event]) -> _EncodedOnce: ...
     @overload
@@ -28,7 +31,7 @@ class _EncodedOnce:
         if event is None:
             return self
         text = event.data if isinstance(event.data, str) else jsontext.dumps(event.data)
-        event.__dict__["json"] = text
+        event.__dict__[self.name] = text
         return text
 
 
@@ -50,7 +53,7 @@ class Event:
         text = jsontext.dumps(data)
         events = [cls(name, data) for name in names]
         for event in events:
-            event.__dict__["json"] = text  # what ``json`` would compute
+            event.__dict__[cls.json.name] = text  # what ``json`` would compute
         return events
 
     # ``data`` as one-line JSON (``[DONE]`` as it is), encoded once for both

@@ -323,3 +323,22 @@ def _nested(levels: int, innermost: Any, container: str) -> Any:
 )
 def test_the_quick_storable_check_agrees_with_the_walk_that_names_the_problem(body: dict[str, Any]) -> None:
     assert common._all_storable(body, 1) == (common._first_unstorable(body) is None)
+
+
+def test_a_model_that_omits_fields_must_derive_from_the_omitting_base() -> None:
+    """omit_when_none does its work only under OmittingWireModel's
+    serializer: declared on a plain WireModel it is refused, rather than
+    quietly sending nulls."""
+    from typing import ClassVar
+
+    with pytest.raises(TypeError, match="derive it from OmittingWireModel"):
+
+        class Plain(common.WireModel):
+            omit_when_none: ClassVar[frozenset[str]] = frozenset({"note"})
+            note: str | None = None
+
+    class Omitting(common.OmittingWireModel):
+        omit_when_none: ClassVar[frozenset[str]] = frozenset({"note"})
+        note: str | None = None
+
+    assert Omitting().model_dump() == {}
