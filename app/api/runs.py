@@ -117,7 +117,7 @@ async def create_run(
     expires_in = runtime.settings.run_expires_seconds
 
     def change(remembered: bool) -> QueueRun:
-        return lambda session, _unwritten: runs.create(
+        return lambda session, unwritten: runs.create(
             session,
             project,
             thread_id,
@@ -125,6 +125,7 @@ async def create_run(
             expires_in=expires_in,
             reservation=runtime.run_reservation(),
             remembered=remembered,
+            unwritten=unwritten,
         )
 
     return await _queue_remembering(runtime, body.stream, body.assistant_id, change)

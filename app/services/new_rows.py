@@ -24,18 +24,23 @@ A Condition (a run made from remembered assistant defaults: run_defaults)
 makes the statement all or nothing: its last row (the run) is inserted
 ``SELECT <values> WHERE <condition>`` and every other row, the events too,
 ``SELECT <values> FROM <that insert's RETURNING>``: where the condition
-fails no row goes in and nothing fails (no foreign key left dangling).
+fails no row goes in and nothing fails (no foreign key left dangling). A
+Condition may also name a partial unique index of the last row's table
+(Unique) whose refusal counts as the condition failing: its insert is ``ON
+CONFLICT DO NOTHING`` on that index (POST /threads/{id}/runs: a run of the
+thread already live).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import CTE, ColumnElement, Select, Table, bindparam, insert, literal, select
+from sqlalchemy import CTE, ColumnElement, Select, Table, TextClause, bindparam, insert, literal, select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.selectable import HasCTE
 
@@ -49,23 +54,35 @@ MAX_ROWS_TOGETHER = 18
 Shape = tuple[tuple[Table, tuple[str, ...]], ...]
 
 
+@dataclass(frozen=True)
+class Unique:
+    """A partial unique index: its ``columns`` over the rows ``where`` holds."""
+
+    columns: tuple[str, ...]
+    where: ColumnElement[bool] | TextClause
+
+
 @dataclass(frozen=True, eq=False)
 class Condition:
     """A condition new rows go in under, built once with bound parameters
-    (a module's constant): the statement caches key on it by identity."""
+    (a module's constant): the statement caches key on it by identity.
+    ``unless_in``: nor where that index of the last row's table already
+    holds a row like it (its insert does nothing rather than fail)."""
 
     clause: ColumnElement[bool]
+    unless_in: Unique | None = None
 
 
 @dataclass(frozen=True)
 class OnlyIf:
     """A statement's new rows go in only if ``condition`` holds, its
-    parameters ``parameters``; else none does and the caller raises
-    ``refused()``."""
+    parameters ``parameters``; else none does and the caller raises what
+    ``refused(session)`` says (it may read in the session's transaction,
+    which the refusal leaves usable)."""
 
     condition: Condition
     parameters: Mapping[str, Any]
-    refused: Callable[[], Exception]
+    refused: Callable[[AsyncSession], Awaitable[Exception]]
 
 
 @dataclass
@@ -95,7 +112,7 @@ def with_inserts(statement: _Statement, shape: Shape, condition: Condition | Non
         index, (table, columns) = len(shape) - 1, shape[-1]
         values = select(*_parameters(index, table, columns)).where(condition.clause)
         key = next(iter(table.primary_key.columns))
-        guarded = insert(table).from_select(list(columns), values).returning(key).cte(GUARDED_CTE)
+        guarded = _guarded_insert(table, columns, values, condition.unless_in).returning(key).cte(GUARDED_CTE)
         statement = statement.add_cte(guarded)
         shape = shape[:-1]
     for index, (table, columns) in enumerate(shape):
@@ -106,6 +123,16 @@ def with_inserts(statement: _Statement, shape: Shape, condition: Condition | Non
             inserted = insert(table).from_select(list(columns), from_guarded)
         statement = statement.add_cte(inserted.cte(f"inserted_{index}"))
     return statement
+
+
+def _guarded_insert(
+    table: Table, columns: tuple[str, ...], values: Select[Any], unless_in: Unique | None
+) -> postgresql.Insert:
+    inserted = postgresql.insert(table).from_select(list(columns), values)
+    if unless_in is None:
+        return inserted
+    indexed = [table.c[column] for column in unless_in.columns]
+    return inserted.on_conflict_do_nothing(index_elements=indexed, index_where=unless_in.where)
 
 
 def _parameters(index: int, table: Table, columns: tuple[str, ...]) -> list[Any]:

@@ -176,7 +176,11 @@ def only_if(defaults: AssistantDefaults) -> new_rows.OnlyIf:
     """PostgreSQL: the new rows of a run made from remembered ``defaults``
     go in only while the assistant has them; else StaleDefaults, nothing
     written (run_events.insert_with_rows)."""
-    return new_rows.OnlyIf(UNCHANGED, guard_parameters(defaults), lambda: StaleDefaults(defaults.id))
+
+    async def refused(_session: AsyncSession) -> Exception:
+        return StaleDefaults(defaults.id)
+
+    return new_rows.OnlyIf(UNCHANGED, guard_parameters(defaults), refused)
 
 
 def _checked(run: orm.Run, defaults: AssistantDefaults) -> tuple[Insert, dict[str, Any]]:

@@ -318,8 +318,8 @@ async def insert_with_rows(
     keys are checked at the statement's end, so an event may belong to the
     run inserted beside it. Returns the first ``seq``. With ``only_if``,
     nothing at all goes in unless its condition holds for the last row (the
-    run): else nothing is NOTIFYd either, and its ``refused()`` is raised,
-    the transaction to be rolled back. ``wake``: as insert()'s."""
+    run): else nothing is NOTIFYd either, and what its ``refused()`` says is
+    raised, the transaction to be rolled back. ``wake``: as insert()'s."""
     shape, params = new_rows.shape_of(rows)
     params |= _logged_params(run_id, events)
     if signal is not None:
@@ -334,7 +334,7 @@ async def insert_with_rows(
     found = (await session.execute(statement, params)).first()
     if found is None:
         assert only_if is not None, "events logged"
-        raise only_if.refused()
+        raise await only_if.refused(session)
     return int(found[0])
 
 

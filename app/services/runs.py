@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Insert, Row, Table, bindparam, inspect, select
+from sqlalchemy import Insert, Row, Table, bindparam, inspect, select, true
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -150,17 +150,33 @@ async def create(
     expires_in: int,
     reservation: run_execution.Reservation | None = None,
     remembered: bool = True,
+    unwritten: new_rows.Unwritten | None = None,
 ) -> tuple[orm.Run, list[Event]]:
     """A run on an existing thread, made from its assistant's
     ``remembered`` defaults if any (run_defaults, checked by its INSERT:
-    StaleDefaults), else from a read."""
+    StaleDefaults), else from a read. On PostgreSQL, given ``unwritten``
+    and ``remembered`` (a first attempt), the run and its additional
+    messages (a few) are left to it, for the caller to insert with the
+    events (run_log.append's ``inserting``: issue 17, the same statement),
+    under the live-run index and the remembered defaults (_live_only_if);
+    a refusal that finds no live run is StaleDefaults, and the caller makes
+    the run again (from a fresh read, ``remembered`` False: the way that
+    inserts the run first)."""
     live_run = await thread_lock.live_run_of_owned_thread(session, project, thread_id)
     if live_run is not None:
         raise errors.thread_has_active_run(thread_id, live_run)
+    postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
+    rows: list[orm.Base] = []
+    together = postgres and unwritten is not None and remembered
+    if together and len(body.additional_messages or ()) >= new_rows.MAX_ROWS_TOGETHER:
+        together = False  # more rows than one statement takes (run_events.can_insert_with_rows)
     # additional_messages come before the run (the executor reads messages older than the run).
     for message in body.additional_messages or []:
         message_row = await messages.build(session, project, thread_id, message)
-        await core_rows.insert_row(session, message_row, write_behind=True)  # sent with the next statement
+        if together:
+            rows.append(message_row)
+        else:
+            await core_rows.insert_row(session, message_row, write_behind=True)  # sent with the next statement
     assistant = run_defaults.remembered(project, body.assistant_id) if remembered else None
     run = await _new_run(
         session,
@@ -172,8 +188,38 @@ async def create(
         reservation=reservation,
         assistant=assistant,
     )
-    await _insert_live(session, run, assistant)
+    if together and unwritten is not None:
+        unwritten.rows += [*rows, run]
+        unwritten.only_if = _live_only_if(run, body.assistant_id, assistant)
+    else:
+        await _insert_live(session, run, assistant)
     return run, _queued_events(run)
+
+
+# PostgreSQL: a new run's rows go in only where the live-run index holds no
+# run of its thread (as _live_insert's ON CONFLICT), and, made from
+# remembered defaults, only while its assistant has them (run_defaults).
+_LIVE_RUN_INDEX = new_rows.Unique(("thread_id",), orm.LIVE_RUN)
+_NO_LIVE_RUN = new_rows.Condition(true(), unless_in=_LIVE_RUN_INDEX)
+_NO_LIVE_RUN_AND_UNCHANGED = new_rows.Condition(run_defaults.UNCHANGED.clause, unless_in=_LIVE_RUN_INDEX)
+
+
+def _live_only_if(run: orm.Run, assistant_id: str, assistant: run_defaults.AssistantDefaults | None) -> new_rows.OnlyIf:
+    """The condition of create()'s rows left to the events' statement. Its
+    refusal is answered as _insert_live_postgres answers a miss: the live
+    run in the way (this transaction holds the thread's lock, so it stays),
+    or else StaleDefaults, the run made again by the caller from a fresh
+    read (the defaults changed, or the run in the way has ended since)."""
+
+    async def refused(session: AsyncSession) -> Exception:
+        winner = await thread_lock.active_run(session, run.thread_id)
+        if winner is not None:
+            return errors.thread_has_active_run(run.thread_id, winner.id)
+        return run_defaults.StaleDefaults(assistant_id)
+
+    if assistant is None:
+        return new_rows.OnlyIf(_NO_LIVE_RUN, {}, refused)
+    return new_rows.OnlyIf(_NO_LIVE_RUN_AND_UNCHANGED, run_defaults.guard_parameters(assistant), refused)
 
 
 async def _insert_live(session: AsyncSession, run: orm.Run, assistant: run_defaults.AssistantDefaults | None) -> None:

@@ -125,6 +125,55 @@ async def test_a_busy_thread_refuses_a_run_made_from_remembered_defaults(
         assert run_defaults.remembered(projects.DEFAULT, assistant_id) is not None
 
 
+def _statements(runtime: Runtime) -> list[str]:
+    """Each statement sent from now on (until the runtime closes), but
+    BEGIN and COMMIT (asyncpg sends those itself)."""
+    sent: list[str] = []
+
+    def before(_connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sent.append(statement)
+
+    event.listen(runtime.engine.sync_engine, "before_cursor_execute", before)
+    return sent
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite holds its writes back to the COMMIT
+async def test_a_run_on_a_thread_is_logged_by_the_statement_that_inserts_it(
+    no_worker: Settings, client: openai.AsyncOpenAI, app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST /threads/{id}/runs on PostgreSQL: the thread's lock, the live-run
+    read, then one statement for the run, its additional messages and its
+    opening events (issue 17: the events had a statement of their own),
+    in one transaction; from read defaults and from remembered ones; and
+    a thread whose run is live still refuses another."""
+    runtime: Runtime = app.state.runtime
+    assistant_id = await _assistant(client)
+    sent = _statements(runtime)
+    begins: list[object] = []
+    _count_begins(monkeypatch, begins)
+    for remembered, extra in ((False, []), (True, []), (True, _HELLO["messages"] * 2)):
+        assert (run_defaults.remembered(projects.DEFAULT, assistant_id) is not None) == remembered
+        thread = await client.beta.threads.create()
+        sent.clear()
+        begins.clear()
+        run = await client.beta.threads.runs.create(thread.id, assistant_id=assistant_id, additional_messages=extra)
+        assert len(begins) == 1
+        inserting = [statement for statement in sent if "INSERT INTO runs" in statement]
+        assert len(inserting) == 1 and "INSERT INTO run_events" in inserting[0]
+        assert ("INSERT INTO messages" in inserting[0]) == bool(extra)
+        assert len(sent) == 3 + (not remembered)  # lock, live run, (the assistant,) run + events
+        async with runtime.transaction() as session:
+            logged = await session.scalars(select(orm.RunEvent.event).where(orm.RunEvent.run_id == run.id))
+            assert list(logged) == ["thread.run.created", "thread.run.queued"]
+            found = await session.scalar(
+                select(func.count()).select_from(orm.Message).where(orm.Message.thread_id == thread.id)
+            )
+            assert found == len(extra)
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.beta.threads.runs.create(thread.id, assistant_id=assistant_id, additional_messages=extra)
+        assert error_of(refused.value)["message"] == f"Thread {thread.id} already has an active run {run.id}."
+
+
 @asynccontextmanager
 async def _aside(runtime: Runtime, session: Any) -> AsyncIterator[Any]:
     """Where a concurrent writer writes: on PostgreSQL a transaction of its
