@@ -161,15 +161,22 @@ async def create(
     under the live-run index and the remembered defaults (_live_only_if);
     a refusal that finds no live run is StaleDefaults, and the caller makes
     the run again (from a fresh read, ``remembered`` False: the way that
-    inserts the run first)."""
-    live_run = await thread_lock.live_run_of_owned_thread(session, project, thread_id)
-    if live_run is not None:
-        raise errors.thread_has_active_run(thread_id, live_run)
+    inserts the run first). With no additional messages the live run is
+    not read first either: the refusal finds it (issue 17: a round trip)."""
     postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
     rows: list[orm.Base] = []
     together = postgres and unwritten is not None and remembered
     if together and len(body.additional_messages or ()) >= new_rows.MAX_ROWS_TOGETHER:
         together = False  # more rows than one statement takes (run_events.can_insert_with_rows)
+    # Messages are checked (their files) and may write (a thread's store):
+    # not on a thread that has a live run, as before.
+    unread = together and not body.additional_messages
+    if unread:
+        await thread_lock.lock_owned_thread(session, project, thread_id)
+    else:
+        live_run = await thread_lock.live_run_of_owned_thread(session, project, thread_id)
+        if live_run is not None:
+            raise errors.thread_has_active_run(thread_id, live_run)
     # additional_messages come before the run (the executor reads messages older than the run).
     for message in body.additional_messages or []:
         message_row = await messages.build(session, project, thread_id, message)
@@ -178,16 +185,22 @@ async def create(
         else:
             await core_rows.insert_row(session, message_row, write_behind=True)  # sent with the next statement
     assistant = run_defaults.remembered(project, body.assistant_id) if remembered else None
-    run = await _new_run(
-        session,
-        project,
-        thread_id,
-        body,
-        expires_in=expires_in,
-        additional_instructions=body.additional_instructions,
-        reservation=reservation,
-        assistant=assistant,
-    )
+    try:
+        run = await _new_run(
+            session,
+            project,
+            thread_id,
+            body,
+            expires_in=expires_in,
+            additional_instructions=body.additional_instructions,
+            reservation=reservation,
+            assistant=assistant,
+        )
+    except errors.APIError:
+        # A busy thread is answered first, as when the live run was read before.
+        if unread and (live_run := await thread_lock.live_run(session, thread_id)) is not None:
+            raise errors.thread_has_active_run(thread_id, live_run) from None
+        raise
     if together and unwritten is not None:
         unwritten.rows += [*rows, run]
         unwritten.only_if = _live_only_if(run, body.assistant_id, assistant)

@@ -78,10 +78,28 @@ async def live_run_of_owned_thread(session: AsyncSession, project: Project, thre
         if found is None or found[0] != project.id:
             raise errors.not_found("thread", thread_id)
         return found[1]  # type: ignore[no-any-return]
+    await _lock_owned(session, project, parameters)
+    return (await session.execute(_LIVE_RUN, parameters)).scalar()
+
+
+async def lock_owned_thread(session: AsyncSession, project: Project, thread_id: str) -> None:
+    """PostgreSQL: live_run_of_owned_thread() without the read of the live
+    run, for a writer whose own statement finds it (runs.create: the
+    live-run index refuses its run; issue 17, a round trip)."""
+    require_id("thread_id", thread_id, ids.THREAD)
+    await _lock_owned(session, project, {"thread_id": thread_id})
+
+
+async def _lock_owned(session: AsyncSession, project: Project, parameters: dict[str, str]) -> None:
     owner = (await session.execute(_LOCKED_OWNER, parameters)).scalar()
     if owner != project.id:
-        raise errors.not_found("thread", thread_id)
-    return (await session.execute(_LIVE_RUN, parameters)).scalar()
+        raise errors.not_found("thread", parameters["thread_id"])
+
+
+async def live_run(session: AsyncSession, thread_id: str) -> str | None:
+    """The id of the thread's live run, if any (PostgreSQL: read under the
+    thread's lock, lock_owned_thread's)."""
+    return (await session.execute(_LIVE_RUN, {"thread_id": thread_id})).scalar()
 
 
 def is_live_run_conflict(error: exc.IntegrityError) -> bool:

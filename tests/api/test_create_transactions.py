@@ -141,11 +141,12 @@ def _statements(runtime: Runtime) -> list[str]:
 async def test_a_run_on_a_thread_is_logged_by_the_statement_that_inserts_it(
     no_worker: Settings, client: openai.AsyncOpenAI, app: FastAPI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """POST /threads/{id}/runs on PostgreSQL: the thread's lock, the live-run
-    read, then one statement for the run, its additional messages and its
-    opening events (issue 17: the events had a statement of their own),
-    in one transaction; from read defaults and from remembered ones; and
-    a thread whose run is live still refuses another."""
+    """POST /threads/{id}/runs on PostgreSQL: the thread's lock, then one
+    statement for the run, its additional messages and its opening events
+    (issue 17: the events had a statement of their own, and the live run was
+    read before; it still is before additional messages), in one
+    transaction; from read defaults and from remembered ones; and a thread
+    whose run is live still refuses another, naming it."""
     runtime: Runtime = app.state.runtime
     assistant_id = await _assistant(client)
     sent = _statements(runtime)
@@ -161,7 +162,7 @@ async def test_a_run_on_a_thread_is_logged_by_the_statement_that_inserts_it(
         inserting = [statement for statement in sent if "INSERT INTO runs" in statement]
         assert len(inserting) == 1 and "INSERT INTO run_events" in inserting[0]
         assert ("INSERT INTO messages" in inserting[0]) == bool(extra)
-        assert len(sent) == 3 + (not remembered)  # lock, live run, (the assistant,) run + events
+        assert len(sent) == 2 + bool(extra) + (not remembered)  # lock, (live run,) (assistant,) run + events
         async with runtime.transaction() as session:
             logged = await session.scalars(select(orm.RunEvent.event).where(orm.RunEvent.run_id == run.id))
             assert list(logged) == ["thread.run.created", "thread.run.queued"]
@@ -172,6 +173,26 @@ async def test_a_run_on_a_thread_is_logged_by_the_statement_that_inserts_it(
         with pytest.raises(openai.BadRequestError) as refused:
             await client.beta.threads.runs.create(thread.id, assistant_id=assistant_id, additional_messages=extra)
         assert error_of(refused.value)["message"] == f"Thread {thread.id} already has an active run {run.id}."
+
+
+async def test_a_busy_thread_is_answered_before_the_runs_other_errors(
+    no_worker: Settings, client: openai.AsyncOpenAI
+) -> None:
+    """A run asked of a thread whose run is live is refused as busy, whatever
+    else is wrong with it (an assistant that does not exist, a tool_choice
+    naming no tool): on PostgreSQL the live run is no longer read before the
+    run is made, only when making it fails."""
+    assistant_id = await _assistant(client)
+    busy = await client.beta.threads.create()
+    live = await client.beta.threads.runs.create(busy.id, assistant_id=assistant_id)
+    choice: Any = {"type": "function", "function": {"name": "nowhere"}}
+    for create in (
+        lambda: client.beta.threads.runs.create(busy.id, assistant_id="asst_missing"),
+        lambda: client.beta.threads.runs.create(busy.id, assistant_id=assistant_id, tool_choice=choice),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await create()
+        assert error_of(refused.value)["message"] == f"Thread {busy.id} already has an active run {live.id}."
 
 
 @asynccontextmanager
@@ -234,8 +255,12 @@ async def test_a_run_refused_by_the_index_whose_winner_ended_is_created(
         }
 
         ended: list[str] = []
+        won: list[str] = []
 
-        async def win(session: Any, *_args: Any, rogue: dict[str, Any] = rogue) -> None:
+        async def win(session: Any, *_args: Any, rogue: dict[str, Any] = rogue, won: list[str] = won) -> None:
+            if won:  # once, whichever check comes first
+                return
+            won.append(rogue["id"])
             async with _aside(runtime, session) as writer:
                 await writer.execute(insert(orm.Run.__table__).values(**rogue))
 
@@ -245,8 +270,10 @@ async def test_a_run_refused_by_the_index_whose_winner_ended_is_created(
                 over = {"status": "completed", "completed_at": ids.now()}
                 await writer.execute(update(orm.Run).where(orm.Run.id == winner).values(**over))
 
+        # After the check, or the lock where the live run is not read (PostgreSQL: runs.create).
         checked = _once(thread_lock.live_run_of_owned_thread, win, after=True)
         monkeypatch.setattr(thread_lock, "live_run_of_owned_thread", checked)
+        monkeypatch.setattr(thread_lock, "lock_owned_thread", _once(thread_lock.lock_owned_thread, win, after=True))
         monkeypatch.setattr(thread_lock, "active_run", _once(thread_lock.active_run, end))
         run = await client.beta.threads.runs.create(thread.id, assistant_id=assistant_id)
         monkeypatch.undo()
