@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import functools
 import logging
 import re
 import sqlite3
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from contextlib import suppress
 from pathlib import Path
 from types import MappingProxyType
@@ -391,6 +392,7 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
         **JSON_CODEC,
     )
     ConnectionCheck(ping_after_idle_seconds=PING_AFTER_IDLE_SECONDS).listen(engine)
+    event.listen(engine.sync_engine, "before_cursor_execute", _note_sending)
     return engine
 
 
@@ -592,6 +594,32 @@ COMMIT_OUTCOME_WAIT_SECONDS = 10.0
 T = TypeVar("T")
 
 
+class Sending:
+    """Whether a unit of work (watched()) has sent a statement yet: until it
+    has, it can have done nothing (on PostgreSQL: create_engine's listener)."""
+
+    sent = False
+
+
+_SENDING: contextvars.ContextVar[Sending | None] = contextvars.ContextVar("sending", default=None)
+
+
+def _note_sending(*_args: Any) -> None:
+    sending = _SENDING.get()
+    if sending is not None:
+        sending.sent = True
+
+
+def watched(work: Coroutine[Any, Any, T]) -> tuple[asyncio.Task[T], Sending]:
+    """``work`` in a task of its own, for seen_through(), with what tells
+    whether it has sent a statement yet (before, a cancellation need not
+    wait for it: it may be waiting for a pool's connection)."""
+    sending = Sending()
+    context = contextvars.copy_context()
+    context.run(_SENDING.set, sending)
+    return asyncio.get_running_loop().create_task(work, context=context), sending
+
+
 async def commit_seen_through(session: AsyncSession) -> None:
     """``session.commit()``, carried to its end even if the calling task is
     cancelled while it is in flight, so that the caller learns what it did.
@@ -617,30 +645,49 @@ async def _commit_seen_through(session: AsyncSession, commit: asyncio.Future[Non
         raise
 
 
-async def seen_through(work: asyncio.Future[T], what: str) -> T:
+async def seen_through(
+    work: asyncio.Future[T],
+    what: str,
+    *,
+    sending: Sending | None = None,
+    expected: tuple[type[BaseException], ...] = (),
+) -> T:
     """``work``'s outcome, carried to its end even if the caller is
     cancelled meanwhile: a unit of work whose outcome the caller must know
     (commit_seen_through(); a statement that commits alone). On a
     cancellation this waits for ``work`` (up to COMMIT_OUTCOME_WAIT_SECONDS:
     an enclosing asyncio.timeout is late by as much; then ``work`` is
-    cancelled, its outcome unknown) and then raises the cancellation.
-    ``what`` names the work in the warnings."""
+    cancelled, its outcome unknown) and then raises the cancellation; with
+    ``sending`` (watched()'s), only once it has sent a statement: before,
+    it is cancelled at once (it has done nothing, and may be waiting for a
+    connection as long as the pool's timeout). ``what`` names the work in
+    the log: its failure is a warning, but for one ``expected`` (an
+    outcome its caller would have handled), which is only noted."""
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
+        if sending is not None and not sending.sent and not work.done():
+            await _stopped(work)
+            raise
         deadline = time.monotonic() + COMMIT_OUTCOME_WAIT_SECONDS
         while not work.done() and time.monotonic() < deadline:
             with suppress(asyncio.CancelledError):  # re-raised below, once the outcome is known
                 await asyncio.wait({work}, timeout=deadline - time.monotonic())
         if not work.done():
             log.warning("%s did not end within %g s; abandoned", what, COMMIT_OUTCOME_WAIT_SECONDS)
-            work.cancel()
-            while not work.done():  # its cancellation unwinds the session's work first
-                with suppress(asyncio.CancelledError):
-                    await asyncio.wait({work})
+            await _stopped(work)
         elif not work.cancelled() and (error := work.exception()) is not None:
-            log.warning("%s failed (%s)", what, error)
+            log.log(logging.DEBUG if isinstance(error, expected) else logging.WARNING, "%s failed (%s)", what, error)
         raise
+
+
+async def _stopped(work: asyncio.Future[Any]) -> None:
+    """``work`` cancelled, once its cancellation has unwound (the session's
+    work first: its connection back in the pool)."""
+    work.cancel()
+    while not work.done():
+        with suppress(asyncio.CancelledError):
+            await asyncio.wait({work})
 
 
 def committed_despite_cancellation(session: AsyncSession) -> bool:

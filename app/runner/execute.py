@@ -229,7 +229,10 @@ class RunExecution:
             async with self.runtime.run_log.holding(self.run_id):
                 alone = self._write(pending, move, carried=True, unread=True, checked=checked)
                 try:
-                    await db.seen_through(asyncio.ensure_future(alone), f"run {self.run_id}'s end")
+                    work, sending = db.watched(alone)
+                    # A miss or a collision is answered below; if a cancel comes first, it wrote nothing.
+                    missed = (run_state.TransitionConflict, IntegrityError)
+                    await db.seen_through(work, f"run {self.run_id}'s end", sending=sending, expected=missed)
                     return
                 except (run_state.TransitionConflict, IntegrityError):
                     self._run = None  # as it stands, known again only by a read

@@ -7,6 +7,8 @@ numbered twice."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -562,3 +564,75 @@ async def test_a_takeover_landing_before_the_ends_commit_leaves_the_run_to_the_o
 
     await _runs_taken_over(runtime, execution, when_the_end_is_built)
     assert made and len(held) == 1
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite's end is held back to its COMMIT
+async def test_a_cancel_while_the_end_waits_for_a_connection_does_not_wait_for_it(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run cancelled (shutdown, a lost lease) while its end waits for a
+    pool's connection stops at once: nothing was sent, so there is no
+    outcome to wait for (db.seen_through waited for the checkout too, up to
+    COMMIT_OUTCOME_WAIT_SECONDS)."""
+    _answers_quickly(runtime, monkeypatch)
+    monkeypatch.setattr(db, "COMMIT_OUTCOME_WAIT_SECONDS", 5.0)
+    (run_id,) = await _make_runs(runtime, 1)
+    execution = await _started(runtime, run_id)
+    before = await _logged(runtime, run_id)
+    sent = _sent(runtime, *_CARRIED_END)
+    checking_out, never = asyncio.Event(), asyncio.Event()
+    connection = runtime.unit_of_work
+
+    @contextlib.asynccontextmanager
+    async def pool_exhausted() -> AsyncIterator[Any]:
+        # As a checkout queued behind a busy pool: it never gets a connection.
+        checking_out.set()
+        await never.wait()
+        async with connection() as session:
+            yield session
+
+    monkeypatch.setattr(runtime, "unit_of_work", pool_exhausted)
+    ending = asyncio.create_task(execute.run(execution))
+    async with asyncio.timeout(10):
+        await checking_out.wait()
+    started = asyncio.get_running_loop().time()
+    ending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(10):
+            await ending
+    assert asyncio.get_running_loop().time() - started < 2.5  # not COMMIT_OUTCOME_WAIT_SECONDS
+    assert sent == [] and await _logged(runtime, run_id) == before
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite's end is held back to its COMMIT
+async def test_a_cancel_during_an_end_that_misses_is_no_warning(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run cancelled while its end's statement is in flight waits for its
+    outcome; a miss (the run taken over meanwhile: written nothing) is the
+    routine outcome the end would have answered, not a warning (shutdown
+    logged one per such run); the run stays the other worker's."""
+    _answers_quickly(runtime, monkeypatch)
+    (run_id,) = await _make_runs(runtime, 1)
+    execution = await _started(runtime, run_id)
+    before = await _logged(runtime, run_id)
+    async with runtime.transaction() as session:
+        await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(lease_owner="test:1:other"))
+    carrying = run_events.insert_carrying
+    ending: list[asyncio.Task[Any]] = []
+
+    async def cancelled_in_flight(*args: Any, **kwargs: Any) -> int:
+        ending[0].cancel()  # delivered while the statement below is in flight
+        return await carrying(*args, **kwargs)
+
+    monkeypatch.setattr(run_events, "insert_carrying", cancelled_in_flight)
+    ending.append(asyncio.create_task(execute.run(execution)))
+    with caplog.at_level(logging.DEBUG, logger="app"), pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(10):
+            await ending[0]
+    assert f"run {run_id}'s end failed" in caplog.text  # seen through, and noted
+    assert [record for record in caplog.records if record.levelno >= logging.WARNING] == []
+    assert await _logged(runtime, run_id) == before
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+        assert run is not None and (run.status, run.lease_owner) == ("in_progress", "test:1:other")
