@@ -392,7 +392,6 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
         **JSON_CODEC,
     )
     ConnectionCheck(ping_after_idle_seconds=PING_AFTER_IDLE_SECONDS).listen(engine)
-    event.listen(engine.sync_engine, "before_cursor_execute", _note_sending)
     return engine
 
 
@@ -595,8 +594,8 @@ T = TypeVar("T")
 
 
 class Sending:
-    """Whether a unit of work (watched()) has sent a statement yet: until it
-    has, it can have done nothing (on PostgreSQL: create_engine's listener)."""
+    """Whether a unit of work (watched()) may have sent its statement: until
+    it has, it can have done nothing."""
 
     sent = False
 
@@ -604,7 +603,12 @@ class Sending:
 _SENDING: contextvars.ContextVar[Sending | None] = contextvars.ContextVar("sending", default=None)
 
 
-def _note_sending(*_args: Any) -> None:
+def sending_now() -> None:
+    """Called by a watched() unit of work once it holds its connection, with
+    nothing to await before its statement goes (run_log.append's
+    autocommitted statement): from here a cancellation waits for its
+    outcome. (Not an engine's before_cursor_execute listener: the first one
+    puts every statement of the engine through SQLAlchemy's event dispatch.)"""
     sending = _SENDING.get()
     if sending is not None:
         sending.sent = True
@@ -612,8 +616,9 @@ def _note_sending(*_args: Any) -> None:
 
 def watched(work: Coroutine[Any, Any, T]) -> tuple[asyncio.Task[T], Sending]:
     """``work`` in a task of its own, for seen_through(), with what tells
-    whether it has sent a statement yet (before, a cancellation need not
-    wait for it: it may be waiting for a pool's connection)."""
+    whether it has come to send its statement (sending_now(); before, a
+    cancellation need not wait for it: it may be waiting for a pool's
+    connection)."""
     sending = Sending()
     context = contextvars.copy_context()
     context.run(_SENDING.set, sending)

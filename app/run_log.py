@@ -301,6 +301,7 @@ class RunLog:
             # runs it alone as atomically as between BEGIN and COMMIT.
             await session.connection(execution_options=db.AUTOCOMMIT)
             session.info[_AUTOCOMMITTED] = True
+            db.sending_now()  # the connection held: its one statement goes next, nothing awaited before
         if self.postgres and not run_locked:  # a SQLite transaction holds the write lock already
             await run_events.lock_inserting(session, run_id, inserting)
         elif self.postgres and inserting and not with_rows:  # many rows: by table
