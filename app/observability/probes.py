@@ -124,9 +124,13 @@ def check_sandbox(settings: Settings) -> SandboxCheck:
     """What code_interpreter needs, checked without starting a session (the
     same launcher settings the sandbox manager uses)."""
     launcher = sandbox.launcher_from(settings)
-    if launcher.mode == "none":
-        return SandboxCheck(available=True, mode="none", detail="WITHOUT isolation (ASSISTANTS_SANDBOX=none)")
     problems = []
+    if launcher.uid is not None and launcher.setpriv is None:  # root: sessions switch uid with it
+        problems.append("setpriv (util-linux) is not installed")
+    if launcher.mode == "none":
+        if problems:
+            return SandboxCheck(available=False, mode="none", detail="; ".join(problems))
+        return SandboxCheck(available=True, mode="none", detail="WITHOUT isolation (ASSISTANTS_SANDBOX=none)")
     if launcher.bwrap is None:
         problems.append("bubblewrap (bwrap) is not installed")
     if not (launcher.venv / "bin" / "python").exists():

@@ -640,6 +640,11 @@ def _collect(before: Snapshot, budget: int) -> tuple[list[str], list[bytes], lis
 
 
 def main() -> None:
+    # Only stdin, stdout and stderr are the server's to give: uvloop's
+    # subprocesses ignore close_fds, so whatever the server holds inheritable
+    # (the listening socket `serve --workers N` hands each process, what its
+    # own launcher left open) arrives here; asyncio's closed them at the spawn.
+    os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     config = json.loads(sys.argv[1])
     try:
         _prctl(PR_SET_DUMPABLE, 0)  # no /proc/<pid>/fd, mem or environ of the supervisor for its children

@@ -139,8 +139,9 @@ def as_user(setpriv: str, uid: int, argv: list[str]) -> list[str]:
     supplementary groups: the credentials subprocess's user=/group=/
     extra_groups=[] give, set by setpriv (util-linux) in the child before it
     execs ``argv``. A program rather than those arguments, because uvloop's
-    subprocesses refuse them; preexec_fn would run Python between fork and
-    exec in a threaded server."""
+    subprocesses refuse them (``ValueError: unexpected kwargs``); a
+    preexec_fn doing the same would be code of ours between fork and exec
+    in a threaded server, and one more difference between the two loops."""
     return [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *argv]
 
 

@@ -4,6 +4,7 @@ the database or the worker of this process is not doing its job."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sqlite3
 import time
@@ -20,6 +21,7 @@ from sqlalchemy.engine import make_url
 
 import app as package
 from app.main import create_app
+from app.sandbox import launch
 from app.settings import Settings
 from tests import pg
 
@@ -187,3 +189,16 @@ async def test_sandbox_state_is_reported_not_required(settings: Settings, tmp_pa
     async with started(settings.model_copy(update={"sandbox": "none"})) as (_app, client):
         sandbox = (await client.get("/readyz")).json()["sandbox"]
         assert sandbox == {"available": True, "mode": "none", "detail": "WITHOUT isolation (ASSISTANTS_SANDBOX=none)"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root server switches sessions' users with setpriv")
+@pytest.mark.parametrize("mode", ["bwrap", "none"])
+async def test_a_root_server_without_setpriv_reports_the_sandbox_unavailable(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """Every session would be refused ("setpriv (util-linux) is not
+    installed"): /readyz says so rather than the sandbox being available."""
+    monkeypatch.setattr(launch, "find_setpriv", lambda: None)
+    async with started(settings.model_copy(update={"sandbox": mode})) as (_app, client):
+        sandbox = (await client.get("/readyz")).json()["sandbox"]
+    assert sandbox["available"] is False and "setpriv (util-linux) is not installed" in sandbox["detail"]

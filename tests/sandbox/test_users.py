@@ -84,8 +84,44 @@ def test_sessions_run_as_their_own_user_on_either_loop(settings: Settings, loop:
         finally:
             await manager.close()
 
-    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
-        runner.run(asyncio.wait_for(checked(), DEADLINE))
+    held = os.getgroups()
+    if os.geteuid() == 0:
+        os.setgroups([*held, 4242])  # a group the server holds and no session may keep
+    try:
+        with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+            runner.run(asyncio.wait_for(checked(), DEADLINE))
+    finally:
+        if os.geteuid() == 0:
+            os.setgroups(held)
+
+
+@pytest.mark.parametrize("mode", ["bwrap", "none"])
+@pytest.mark.parametrize("loop", list(LOOPS))
+def test_no_inheritable_fd_of_the_server_reaches_a_session(settings: Settings, loop: str, mode: str) -> None:
+    """uvloop's subprocesses ignore close_fds: an fd the server holds
+    inheritable (as `serve --workers N` holds its listening socket) must
+    still reach no process of a session, on either loop."""
+    read, write = os.pipe()
+    os.set_inheritable(read, True)
+    target = os.readlink(f"/proc/self/fd/{read}")
+
+    async def checked() -> None:
+        manager = Sandboxes(settings.model_copy(update={"sandbox": mode}))
+        try:
+            session = await manager.session("thread_a")
+            assert (await session.run("print(1)")).logs == "1\n"
+            for pid in _session_processes(session):
+                held = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+                assert target not in held, (pid, held)
+        finally:
+            await manager.close()
+
+    try:
+        with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+            runner.run(asyncio.wait_for(checked(), DEADLINE))
+    finally:
+        os.close(read)
+        os.close(write)
 
 
 async def test_without_setpriv_a_root_server_refuses_sessions_clearly(
