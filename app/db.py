@@ -655,7 +655,7 @@ async def seen_through(
     what: str,
     *,
     sending: Sending | None = None,
-    expected: tuple[type[BaseException], ...] = (),
+    expected: Callable[[BaseException], bool] = lambda _error: False,
 ) -> T:
     """``work``'s outcome, carried to its end even if the caller is
     cancelled meanwhile: a unit of work whose outcome the caller must know
@@ -666,8 +666,8 @@ async def seen_through(
     ``sending`` (watched()'s), only once it has sent a statement: before,
     it is cancelled at once (it has done nothing, and may be waiting for a
     connection as long as the pool's timeout). ``what`` names the work in
-    the log: its failure is a warning, but for one ``expected`` (an
-    outcome its caller would have handled), which is only noted."""
+    the log: its failure is a warning, but for one ``expected`` says its
+    caller would have handled, which is only noted."""
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
@@ -682,7 +682,7 @@ async def seen_through(
             log.warning("%s did not end within %g s; abandoned", what, COMMIT_OUTCOME_WAIT_SECONDS)
             await _stopped(work)
         elif not work.cancelled() and (error := work.exception()) is not None:
-            log.log(logging.DEBUG if isinstance(error, expected) else logging.WARNING, "%s failed (%s)", what, error)
+            log.log(logging.DEBUG if expected(error) else logging.WARNING, "%s failed (%s)", what, error)
         raise
 
 

@@ -138,6 +138,20 @@ SERVER_ERROR = LastError(code="server_error", message="The server had an error w
 TOO_MANY_CALLS = LastError(code="server_error", message="The run made too many model calls.")
 
 
+def _missed(error: BaseException) -> bool:
+    """A PostgreSQL end's outcome that its retry would have answered: the
+    move missed, or its events' numbers collided with an append's (the
+    run log's key; PostgreSQL's unique_violation). Any other constraint's
+    refusal (a turn's row's foreign key) is worth a warning."""
+    if isinstance(error, run_state.TransitionConflict):
+        return True
+    return (
+        isinstance(error, IntegrityError)
+        and getattr(error.orig, "pgcode", None) == "23505"
+        and "run_events" in str(error.orig)
+    )
+
+
 class RunExecution:
     def __init__(
         self, runtime: Runtime, run_id: str, builtins: dict[str, BuiltinTool] | None = None, *, owner: str
@@ -231,8 +245,7 @@ class RunExecution:
                 try:
                     work, sending = db.watched(alone)
                     # A miss or a collision is answered below; if a cancel comes first, it wrote nothing.
-                    missed = (run_state.TransitionConflict, IntegrityError)
-                    await db.seen_through(work, f"run {self.run_id}'s end", sending=sending, expected=missed)
+                    await db.seen_through(work, f"run {self.run_id}'s end", sending=sending, expected=_missed)
                     return
                 except (run_state.TransitionConflict, IntegrityError):
                     self._run = None  # as it stands, known again only by a read

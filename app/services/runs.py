@@ -220,14 +220,17 @@ _NO_LIVE_RUN_AND_UNCHANGED = new_rows.Condition(run_defaults.UNCHANGED.clause, u
 def _live_only_if(run: orm.Run, assistant_id: str, assistant: run_defaults.AssistantDefaults | None) -> new_rows.OnlyIf:
     """The condition of create()'s rows left to the events' statement. Its
     refusal is answered as _insert_live_postgres answers a miss: the live
-    run in the way (this transaction holds the thread's lock, so it stays),
+    run in the way (this transaction holds the thread's lock, which keeps
+    other creators out, not the worker: the run named may end meanwhile,
+    but it was live when read),
     or else StaleDefaults, the run made again by the caller from a fresh
     read (the defaults changed, or the run in the way has ended since)."""
 
     async def refused(session: AsyncSession) -> Exception:
-        winner = await thread_lock.active_run(session, run.thread_id)
+        # Its id alone (not the run), under the lock create() already holds: a round trip.
+        winner = await thread_lock.live_run(session, run.thread_id)
         if winner is not None:
-            return errors.thread_has_active_run(run.thread_id, winner.id)
+            return errors.thread_has_active_run(run.thread_id, winner)
         return run_defaults.StaleDefaults(assistant_id)
 
     if assistant is None:

@@ -22,7 +22,7 @@ from app import db, ids, orm
 from app import run_log as run_log_module
 from app.main import create_app
 from app.runtime import Runtime
-from app.services import projects, run_defaults, run_events, thread_lock
+from app.services import new_rows, projects, run_defaults, run_events, thread_lock
 from app.settings import Settings
 from tests.conftest import error_of
 
@@ -231,12 +231,18 @@ async def test_a_run_refused_by_the_index_whose_winner_ended_is_created(
     """POST /threads/{id}/runs that passed the live-run check, whose insert
     the live-run index refused (a run inserted by a writer that skipped the
     thread lock), and whose winner has ended by the time it looks for it:
-    the create tries again and succeeds, from read defaults and from
-    remembered ones (services/runs.py: on PostgreSQL the latter go round
-    again from a fresh read)."""
+    the create tries again and succeeds: with no defaults remembered yet,
+    with remembered ones (services/runs.py: on PostgreSQL both go round
+    again from a fresh read, the refusal being the events' statement's),
+    and, from read defaults, with more additional messages than that
+    statement takes (on PostgreSQL the insert's own retry,
+    _insert_live_postgres's loop)."""
     runtime: Runtime = app.state.runtime
     assistant_id = await _assistant(client)
-    for remembered in (False, True):
+    many = [{"role": "user", "content": f"m{index}"} for index in range(new_rows.MAX_ROWS_TOGETHER)]
+    for remembered, extra in ((False, []), (True, []), (False, many)):
+        if not remembered:
+            run_defaults.forget(assistant_id)  # read this time (remembered, a miss would read them again first)
         assert (run_defaults.remembered(projects.DEFAULT, assistant_id) is not None) == remembered
         thread = await client.beta.threads.create()
         seq = ids.next_seq()
@@ -274,8 +280,14 @@ async def test_a_run_refused_by_the_index_whose_winner_ended_is_created(
         checked = _once(thread_lock.live_run_of_owned_thread, win, after=True)
         monkeypatch.setattr(thread_lock, "live_run_of_owned_thread", checked)
         monkeypatch.setattr(thread_lock, "lock_owned_thread", _once(thread_lock.lock_owned_thread, win, after=True))
+        # Whichever looks for the winner: the refusal of the events' statement, or the insert's retry.
         monkeypatch.setattr(thread_lock, "active_run", _once(thread_lock.active_run, end))
-        run = await client.beta.threads.runs.create(thread.id, assistant_id=assistant_id)
+        monkeypatch.setattr(thread_lock, "live_run", _once(thread_lock.live_run, end))
+        run = await client.beta.threads.runs.create(
+            thread.id,
+            assistant_id=assistant_id,
+            additional_messages=extra,  # type: ignore[arg-type]
+        )
         monkeypatch.undo()
         assert ended == [winner]  # the insert was refused, and the winner had ended when looked for
         assert run.status == "queued" and run.id != winner

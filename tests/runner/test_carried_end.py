@@ -16,6 +16,7 @@ from typing import Any
 import aiosqlite
 import pytest
 from sqlalchemy import event, insert, make_url, select, text, update
+from sqlalchemy.exc import IntegrityError
 
 from app import db, ids, llm, orm
 from app.runner import execute
@@ -575,7 +576,8 @@ async def test_a_cancel_while_the_end_waits_for_a_connection_does_not_wait_for_i
     outcome to wait for (db.seen_through waited for the checkout too, up to
     COMMIT_OUTCOME_WAIT_SECONDS)."""
     _answers_quickly(runtime, monkeypatch)
-    monkeypatch.setattr(db, "COMMIT_OUTCOME_WAIT_SECONDS", 5.0)
+    # Beyond the deadline below: waiting for the checkout would fail the test there.
+    monkeypatch.setattr(db, "COMMIT_OUTCOME_WAIT_SECONDS", 30.0)
     (run_id,) = await _make_runs(runtime, 1)
     execution = await _started(runtime, run_id)
     before = await _logged(runtime, run_id)
@@ -595,12 +597,10 @@ async def test_a_cancel_while_the_end_waits_for_a_connection_does_not_wait_for_i
     ending = asyncio.create_task(execute.run(execution))
     async with asyncio.timeout(10):
         await checking_out.wait()
-    started = asyncio.get_running_loop().time()
     ending.cancel()
     with pytest.raises(asyncio.CancelledError):
         async with asyncio.timeout(10):
             await ending
-    assert asyncio.get_running_loop().time() - started < 2.5  # not COMMIT_OUTCOME_WAIT_SECONDS
     assert sent == [] and await _logged(runtime, run_id) == before
 
 
@@ -636,3 +636,31 @@ async def test_a_cancel_during_an_end_that_misses_is_no_warning(
     async with runtime.transaction() as session:
         run = await session.get(orm.Run, run_id)
         assert run is not None and (run.status, run.lease_owner) == ("in_progress", "test:1:other")
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # the end that is seen through is PostgreSQL's
+async def test_only_a_miss_or_a_numbering_collision_is_a_routine_end_failure(runtime: Runtime) -> None:
+    """What a cancelled end's failure is logged as: a move that missed, or
+    its events numbered over an append's (the retry's business: noted), but
+    any other constraint's refusal, a turn's row without its run, is a
+    warning."""
+    (run_id,) = await _make_runs(runtime, 1)
+    logged = insert(orm.RunEvent.__table__).values(
+        run_id=run_id, seq=99, event="thread.run.step.delta", data={}, created_at=0.0
+    )
+    async with runtime.transaction() as session:
+        await session.execute(logged)
+    refusals: list[IntegrityError] = []
+    for statement in (
+        logged,  # its number again
+        insert(orm.Message.__table__).values(
+            id="msg_x", seq=0, created_at=0, thread_id="thread_none", role="user", content=[], status="completed"
+        ),
+    ):
+        with pytest.raises(IntegrityError) as refused:
+            async with runtime.transaction() as session:
+                await session.execute(statement)
+        refusals.append(refused.value)
+    collision, orphan = refusals
+    assert execute._missed(run_state.TransitionConflict(run_id)) and execute._missed(collision)
+    assert not execute._missed(orphan) and not execute._missed(RuntimeError("the connection dropped"))
