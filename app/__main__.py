@@ -267,7 +267,7 @@ def serve(
             # holds what they import (litellm: 150 MiB; alembic to migrate).
             supervisor.prepare(settings)
             return supervisor.Supervisor(settings, listener, settings.workers).run()
-        preflight_checks(settings)
+        prepare_alone(settings)
     assert listener is not None
     import uvicorn
 
@@ -317,6 +317,15 @@ def preflight_checks(settings: Settings) -> None:
     """The routing file and its models, then the database (reached and migrated)."""
     preflight.check_models(settings)
     preflight.prepare_database(settings)
+
+
+def prepare_alone(settings: Settings) -> None:
+    """preflight_checks() for a single serving process: a database whose
+    schema is behind is migrated by a spawned process, so that this one
+    never imports alembic (issue 17: it stayed resident, about 9 MiB)."""
+    preflight.check_models(settings)
+    if not preflight.database_is_current(settings):
+        supervisor.migrate(settings)
 
 
 def migrate(settings: Settings) -> int:

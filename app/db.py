@@ -739,11 +739,16 @@ async def _stamped_revisions(engine: AsyncEngine) -> list[str]:
         return []
 
 
+async def schema_is_current(engine: AsyncEngine) -> bool:
+    """Whether the schema is at the newest revision, found without importing alembic."""
+    return await _stamped_revisions(engine) == [head_revision()]
+
+
 async def migrate(engine: AsyncEngine) -> None:
     """Bring the schema to the newest revision (idempotent). A database already
     there is left alone without importing alembic, which would stay resident:
     about 10 MiB of an idle server's memory (issue 17)."""
-    if await _stamped_revisions(engine) == [head_revision()]:
+    if await schema_is_current(engine):
         return
     from alembic import command
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 # yaml, SQLAlchemy and app.db are imported in the checks that need them: the
 # supervisor of ``serve --workers N`` uses bind() only and stays small (issue 17).
@@ -25,6 +29,9 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 ROUTING_KEYS = frozenset({"model_list", "embedding_model", "offline"})
 ENTRY_KEYS = frozenset({"model_name", "litellm_params", "model_info", "direct"})
 OFFLINE_KEYS = frozenset({"rules"})
+
+
+_T = TypeVar("_T")
 
 
 class StartupError(Exception):
@@ -127,7 +134,8 @@ def _where(url: str) -> str:
     return f"{parsed.host or 'localhost'}:{parsed.port or 5432}"
 
 
-async def _migrate(url: str) -> None:
+async def _on_database(url: str, work: Callable[[AsyncEngine], Awaitable[_T]]) -> _T:
+    """``work`` done on the database once it answered (within the connect timeout)."""
     from app import db
 
     engine = db.create_engine(url)
@@ -135,13 +143,13 @@ async def _migrate(url: str) -> None:
         async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
             async with engine.connect():
                 pass
-        await db.migrate(engine)
+        return await work(engine)
     finally:
         await engine.dispose()
 
 
-def prepare_database(settings: Settings) -> None:
-    """Validate the URL, reach the database and bring its schema up to date."""
+def _database(settings: Settings, work: Callable[[AsyncEngine], Awaitable[_T]]) -> _T:
+    """Validate the URL, reach the database and do ``work`` there; any failure a StartupError."""
     from app import db
 
     url = settings.resolved_database_url()
@@ -150,11 +158,26 @@ def prepare_database(settings: Settings) -> None:
     except db.DatabaseURLError as exc:
         raise StartupError(str(exc)) from None
     try:
-        asyncio.run(_migrate(url))
+        return asyncio.run(_on_database(url, work))
     except StartupError:
         raise
     except Exception as exc:
         raise StartupError(_database_failure(url, exc)) from None
+
+
+def prepare_database(settings: Settings) -> None:
+    """Validate the URL, reach the database and bring its schema up to date."""
+    from app import db
+
+    _database(settings, db.migrate)
+
+
+def database_is_current(settings: Settings) -> bool:
+    """Validate the URL, reach the database and say whether its schema is
+    already the newest, without importing alembic (app/supervisor.py migrate())."""
+    from app import db
+
+    return _database(settings, db.schema_is_current)
 
 
 def _database_failure(url: str, exc: BaseException) -> str:

@@ -35,6 +35,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -57,9 +58,22 @@ _PR_SET_PDEATHSIG = 1
 def prepare(settings: Settings) -> None:
     """Run the start-up checks in a spawned process and wait for them; their
     StartupError is raised here."""
+    _apart(_checks, settings)
+
+
+def migrate(settings: Settings) -> None:
+    """Migrate the database in a spawned process and wait for it; its
+    StartupError is raised here. For a single serving process: alembic,
+    imported for a migration only, would otherwise stay resident for the
+    process's life (about 9 MiB of the idle server on a new database, issue 17).
+    Costs a fresh interpreter's start (0.5-1.5 s) when the schema is behind."""
+    _apart(_migrate, settings)
+
+
+def _apart(check: Callable[[Settings], None], settings: Settings) -> None:
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        pool.submit(_checks, settings).result()
+        pool.submit(check, settings).result()
 
 
 def _checks(settings: Settings) -> None:
@@ -67,6 +81,14 @@ def _checks(settings: Settings) -> None:
 
     cli.configure_logging(settings)
     cli.preflight_checks(settings)
+
+
+def _migrate(settings: Settings) -> None:
+    from app import __main__ as cli
+    from app import preflight
+
+    cli.configure_logging(settings)
+    preflight.prepare_database(settings)
 
 
 def serve_process(settings: Settings, listener: socket.socket, index: int, count: int) -> None:

@@ -3,6 +3,7 @@ relies on db.head_revision() naming the same head as alembic itself."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,47 @@ def test_a_current_database_is_not_migrated_again(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'assistants.db'}"
     assert _migrate_in_a_process(url) is True  # a new database: alembic creates the schema
     assert _migrate_in_a_process(url) is False  # now current: nothing to import or run
+
+
+_SERVE_PREPARATION = """
+import sys
+from app import __main__ as cli, preflight
+from app.settings import Settings
+
+settings = Settings(database_url=sys.argv[1], data_dir=sys.argv[2])
+try:
+    cli.prepare_alone(settings)
+except preflight.StartupError as exc:
+    print("StartupError:", exc)
+print("alembic" in sys.modules)
+"""
+
+
+def _prepare_to_serve(url: str, data_dir: Path) -> list[str]:
+    """What a fresh process printed after a single server's start-up checks."""
+    done = subprocess.run(
+        [sys.executable, "-c", _SERVE_PREPARATION, url, str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return done.stdout.strip().splitlines()
+
+
+def test_a_single_server_migrates_a_new_database_in_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "assistants.db"
+    assert _prepare_to_serve(f"sqlite+aiosqlite:///{path}", tmp_path) == ["False"]
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [(db.head_revision(),)]
+
+
+def test_the_migrating_process_failure_is_the_servers_startup_error(tmp_path: Path) -> None:
+    path = tmp_path / "assistants.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        connection.execute("INSERT INTO alembic_version VALUES ('9999_from_the_future')")
+    printed = _prepare_to_serve(f"sqlite+aiosqlite:///{path}", tmp_path)
+    assert printed[-1] == "False"
+    assert printed[0].startswith(f"StartupError: cannot open the SQLite database {path}:"), printed
+    assert "9999_from_the_future" in printed[0]
