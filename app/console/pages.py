@@ -7,16 +7,16 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import AsyncIterator, Callable, Coroutine
+from functools import cache
 from html import escape
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
-from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
 from app import errors
@@ -40,11 +40,12 @@ from app.services.pagination import PageParams
 from app.wire.runs import FILE_SEARCH_CONTENT_INCLUDE
 from app.wire.vector_stores import SearchRequest
 
+if TYPE_CHECKING:
+    from fastapi.templating import Jinja2Templates
+
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
 TERMINAL = frozenset({"completed", "failed", "cancelled", "expired", "incomplete"})
-
-templates = Jinja2Templates(directory=HERE / "templates")
 
 
 class ConsoleRoute(APIRoute):
@@ -108,9 +109,18 @@ def _annotated(text: dict[str, Any]) -> Markup:
     return Markup("".join(out))  # noqa: S704 (every piece above is escaped)
 
 
-templates.env.filters["when"] = _when
-templates.env.filters["pretty"] = _pretty
-templates.env.filters["annotated"] = _annotated
+@cache
+def _templates() -> Jinja2Templates:
+    """The templates, made by the first page rendered: jinja2 is imported
+    then, not at start-up (about 2 MiB of an idle server that may never
+    serve the console; the first page takes the import's 30-60 ms, issue 17)."""
+    from fastapi.templating import Jinja2Templates
+
+    templates = Jinja2Templates(directory=HERE / "templates")
+    templates.env.filters["when"] = _when
+    templates.env.filters["pretty"] = _pretty
+    templates.env.filters["annotated"] = _annotated
+    return templates
 
 
 def _runtime(request: Request) -> Runtime:
@@ -119,7 +129,7 @@ def _runtime(request: Request) -> Runtime:
 
 
 def _render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
-    return templates.TemplateResponse(request, name, {"page": name.removesuffix(".html"), **context}, status_code)
+    return _templates().TemplateResponse(request, name, {"page": name.removesuffix(".html"), **context}, status_code)
 
 
 def _page(after: str | None, order: str = "desc") -> PageParams:
