@@ -32,10 +32,12 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import signal
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -58,22 +60,9 @@ _PR_SET_PDEATHSIG = 1
 def prepare(settings: Settings) -> None:
     """Run the start-up checks in a spawned process and wait for them; their
     StartupError is raised here."""
-    _apart(_checks, settings)
-
-
-def migrate(settings: Settings) -> None:
-    """Migrate the database in a spawned process and wait for it; its
-    StartupError is raised here. For a single serving process: alembic,
-    imported for a migration only, would otherwise stay resident for the
-    process's life (about 9 MiB of the idle server on a new database, issue 17).
-    Costs a fresh interpreter's start (0.5-1.5 s) when the schema is behind."""
-    _apart(_migrate, settings)
-
-
-def _apart(check: Callable[[Settings], None], settings: Settings) -> None:
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        pool.submit(check, settings).result()
+        pool.submit(_checks, settings).result()
 
 
 def _checks(settings: Settings) -> None:
@@ -83,12 +72,39 @@ def _checks(settings: Settings) -> None:
     cli.preflight_checks(settings)
 
 
-def _migrate(settings: Settings) -> None:
+def migrate(settings: Settings) -> None:
+    """Migrate the database in a child process and wait for it; its
+    StartupError is raised here. For a single serving process: alembic,
+    imported for a migration only, would otherwise stay resident for the
+    process's life (about 9 MiB of the idle server on a new database, issue 17).
+    A plain child interpreter, not multiprocessing's spawn: that would leave
+    its resource tracker process beside the server for good (10+ MiB more).
+    Costs a fresh interpreter's start (0.5-1.5 s) when the schema is behind."""
+    from app.preflight import StartupError
+
+    done = subprocess.run(
+        [sys.executable, "-c", "from app import supervisor; supervisor.migrate_here()"],
+        input=pickle.dumps(settings),
+        stdout=subprocess.PIPE,  # the StartupError's line; logs go to stderr as here
+        check=False,
+    )
+    if done.returncode != 0:
+        said = done.stdout.decode(errors="replace").strip()
+        raise StartupError(said or f"the database migration's process exited with status {done.returncode}")
+
+
+def migrate_here() -> None:
+    """migrate()'s child: the Settings pickled on stdin; a StartupError's line on stdout, exit status 1."""
     from app import __main__ as cli
     from app import preflight
 
+    settings: Settings = pickle.load(sys.stdin.buffer)
     cli.configure_logging(settings)
-    preflight.prepare_database(settings)
+    try:
+        preflight.prepare_database(settings)
+    except preflight.StartupError as exc:
+        sys.stdout.write(str(exc))
+        raise SystemExit(1) from None
 
 
 def serve_process(settings: Settings, listener: socket.socket, index: int, count: int) -> None:

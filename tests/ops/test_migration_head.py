@@ -49,7 +49,7 @@ def test_a_current_database_is_not_migrated_again(tmp_path: Path) -> None:
 
 
 _SERVE_PREPARATION = """
-import sys
+import os, sys
 from app import __main__ as cli, preflight
 from app.settings import Settings
 
@@ -59,6 +59,8 @@ try:
 except preflight.StartupError as exc:
     print("StartupError:", exc)
 print("alembic" in sys.modules)
+# No process left beside the server (multiprocessing's spawn leaves its resource tracker).
+print(open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split())
 """
 
 
@@ -76,7 +78,7 @@ def _prepare_to_serve(url: str, data_dir: Path) -> list[str]:
 
 def test_a_single_server_migrates_a_new_database_in_another_process(tmp_path: Path) -> None:
     path = tmp_path / "assistants.db"
-    assert _prepare_to_serve(f"sqlite+aiosqlite:///{path}", tmp_path) == ["False"]
+    assert _prepare_to_serve(f"sqlite+aiosqlite:///{path}", tmp_path) == ["False", "[]"]
     with sqlite3.connect(path) as connection:
         assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [(db.head_revision(),)]
 
@@ -87,6 +89,6 @@ def test_the_migrating_process_failure_is_the_servers_startup_error(tmp_path: Pa
         connection.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
         connection.execute("INSERT INTO alembic_version VALUES ('9999_from_the_future')")
     printed = _prepare_to_serve(f"sqlite+aiosqlite:///{path}", tmp_path)
-    assert printed[-1] == "False"
+    assert printed[1:] == ["False", "[]"]
     assert printed[0].startswith(f"StartupError: cannot open the SQLite database {path}:"), printed
     assert "9999_from_the_future" in printed[0]
