@@ -98,7 +98,7 @@ def migrate_here() -> None:
     from app import __main__ as cli
     from app import preflight
 
-    settings: Settings = pickle.load(sys.stdin.buffer)
+    settings: Settings = pickle.load(sys.stdin.buffer)  # noqa: S301 (written by the server that started us)
     cli.configure_logging(settings)
     try:
         preflight.prepare_database(settings)
