@@ -23,8 +23,9 @@ from sqlalchemy import event, orm, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, PoolProxiedConnection, QueuePool
 from sqlalchemy.util import await_only as await_
+from sqlalchemy.util import greenlet_spawn
 
 from app import held_back, sqlite_driver
 from app.wire import jsontext
@@ -207,25 +208,14 @@ class SQLiteWriters:
         self.timeout = timeout
         self._lock = _WriteLock()
 
-    async def _acquire(self) -> None:
-        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
-        # cancellation that arrives as the lock is granted.
-        async with asyncio.timeout(self.timeout):
-            await self._lock.acquire()
-
     def begin(self, connection: Connection) -> None:
         # Read before the lock is taken: on a connection invalidated under it,
         # either may reconnect and raise, and a lock taken before would then
         # be held with no record of its holder, for good.
         info = connection.info
         driver: object = connection.connection.dbapi_connection
-        try:
-            if not self._lock.try_acquire():
-                await_(self._acquire())
-        except TimeoutError:
-            # Worded and typed like SQLite's own refusal, so that it is answered alike.
-            refusal = sqlite3.OperationalError("database is locked (by this process's other transactions)")
-            raise sa_exc.OperationalError("BEGIN IMMEDIATE", None, refusal) from None
+        if not self._lock.try_acquire():
+            await_(self.hold())
         holder = object()  # this transaction's hold, not a later one's on the same connection
         info[self._HOLDS] = holder
         if isinstance(driver, sqlite_driver.OneHopConnection):
@@ -244,12 +234,18 @@ class SQLiteWriters:
             raise
 
     async def hold(self) -> None:
-        """Take the write lock for a transaction SQLAlchemy does not run
-        (commit_collected), as begin() takes it; free() gives it back."""
+        """Take the write lock, waiting in turn (begin(), whose free lock is
+        taken without this await; commit_collected(), a transaction
+        SQLAlchemy does not run, which free() then gives back)."""
+        if self._lock.try_acquire():
+            return
         try:
-            if not self._lock.try_acquire():
-                await self._acquire()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that arrives as the lock is granted.
+            async with asyncio.timeout(self.timeout):
+                await self._lock.acquire()
         except TimeoutError:
+            # Worded and typed like SQLite's own refusal, so that it is answered alike.
             refusal = sqlite3.OperationalError("database is locked (by this process's other transactions)")
             raise sa_exc.OperationalError("BEGIN IMMEDIATE", None, refusal) from None
 
@@ -320,45 +316,83 @@ async def commit_collected(engine: AsyncEngine, statements: list[sqlite_driver.S
     greenlet but the checkout's). Rolled back whole if one fails, with the
     error SQLAlchemy would raise for it (an IntegrityError for a
     ROWCOUNT_MISMATCH, say)."""
-    writers = _WRITERS[engine.sync_engine]
-    await writers.hold()
-    try:
-        pooled = await engine.raw_connection()
-        try:
-            driver: object = pooled.dbapi_connection
-            assert isinstance(driver, sqlite_driver.OneHopConnection)
-            await driver.commit_now("BEGIN IMMEDIATE", statements)
-        except (sqlite3.Error, ValueError) as error:
-            # ValueError: aiosqlite's connection closed under us, worded as SQLAlchemy's adapter words it.
-            orig = error if isinstance(error, sqlite3.Error) else sqlite3.OperationalError(*error.args)
-            raise sa_exc.DBAPIError.instance(
-                "COMMIT", None, orig, sqlite3.Error, dialect=engine.sync_engine.dialect
-            ) from error
-        finally:
-            pooled.close()  # back to the pool (its reset sends nothing: no transaction is open)
-    finally:
-        writers.free()
+    pooled, writers = await _collected_connection(engine)
+    await _commit_held(engine, pooled, writers, statements)
 
 
 async def commit_collected_seen_through(session: AsyncSession, engine: AsyncEngine) -> None:
-    """commit_collected() of the session's collected writes, carried to its
-    end through a cancellation as commit_seen_through() carries a commit
-    (committed_despite_cancellation() then says whether it committed)."""
-    await _commit_seen_through(session, asyncio.ensure_future(commit_collected(engine, session.info.pop(COLLECTED))))
+    """commit_collected() of the session's collected writes, its hop carried
+    to its end through a cancellation as commit_seen_through() carries a
+    commit (committed_despite_cancellation() then says whether it
+    committed). A cancellation before, while it waits for a connection or
+    for the write lock, stops it at once: nothing was sent."""
+    statements = session.info.pop(COLLECTED)
+    pooled, writers = await _collected_connection(engine)
+    await _commit_seen_through(session, asyncio.ensure_future(_commit_held(engine, pooled, writers, statements)))
+
+
+async def _collected_connection(engine: AsyncEngine) -> tuple[PoolProxiedConnection, SQLiteWriters]:
+    """A connection checked out of the pool raw, then the write lock: every
+    writer's order (a transaction's checkout, then its begin's lock). The
+    other way round, the lock's holder could wait for a connection held by
+    writers queued for the lock, all of them until the pool's timeout."""
+    writers = _WRITERS[engine.sync_engine]
+    pooled = await engine.raw_connection()
+    try:
+        await writers.hold()
+    except BaseException:
+        await _give_back(engine, pooled)
+        raise
+    return pooled, writers
+
+
+async def _give_back(engine: AsyncEngine, pooled: PoolProxiedConnection) -> None:
+    """``pooled`` back to its pool (its reset sends nothing: no transaction
+    is open), or closed if the pool is full (an overflow connection) or it
+    was invalidated: a close is I/O, which needs SQLAlchemy's greenlet
+    (without it the close fails, logged, and the connection's thread is
+    left running)."""
+    pool = engine.sync_engine.pool
+    if isinstance(pool, QueuePool) and pool.checkedin() < pool.size() and pooled.is_valid:
+        pooled.close()  # into the pool's queue: no I/O
+    else:
+        await greenlet_spawn(pooled.close)
+
+
+async def _commit_held(
+    engine: AsyncEngine,
+    pooled: PoolProxiedConnection,
+    writers: SQLiteWriters,
+    statements: list[sqlite_driver.Statement],
+) -> None:
+    try:
+        driver: object = pooled.dbapi_connection
+        assert isinstance(driver, sqlite_driver.OneHopConnection)
+        await held_back.sent(
+            driver.commit_now("BEGIN IMMEDIATE", statements),
+            "COMMIT",
+            None,
+            engine.sync_engine.dialect,
+            pooled.invalidate,
+        )
+    finally:
+        writers.free()  # its transaction has ended, on the connection's thread
+        await _give_back(engine, pooled)
 
 
 def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
     if is_sqlite(url):
         database = make_url(url).database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        in_memory = not database or database == ":memory:"  # (no name: SQLite's in-memory database too)
+        if not in_memory:
+            Path(str(database)).parent.mkdir(parents=True, exist_ok=True)
         # One thread hop per statement instead of four (app/sqlite_driver.py).
         # Up to SQLITE_CONNECTIONS kept once opened: a transaction checks its
         # connection out before it queues for the write lock, so under load
         # (16 clients, the executor's runs) more than the default pool's 5
         # are out at once, and each overflow connection was opened and
         # closed again (a thread, the file, its pragmas: 0.3 per run).
-        if database == ":memory:":
+        if in_memory:
             engine = create_async_engine(url, poolclass=NullPool, module=sqlite_driver.OneHopDBAPI(), **JSON_CODEC)
         else:
             engine = create_async_engine(
@@ -373,7 +407,7 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
         event.listen(engine.sync_engine, "before_cursor_execute", sqlite_driver.hold_back_marked_writes)
         writers = SQLiteWriters(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
         writers.listen(engine)
-        if database != ":memory:":  # (a pool to check a connection out of: see commit_collected)
+        if not in_memory:  # a file: a pool to check a connection out of (commit_collected)
             _WRITERS[engine.sync_engine] = writers
         return engine
     # Up to ``pool_size`` connections (default POSTGRES_CONNECTIONS), all
@@ -554,7 +588,14 @@ class ConnectionCheck:
 class SyncSession(orm.Session):
     """The server's sessions' sync side: one that collected SQLite writes
     before it connected hands them to its transaction as it begins
-    (held_back.COLLECTED)."""
+    (held_back.COLLECTED), and drops them on a rollback, as a rollback
+    drops the writes held back on its connection."""
+
+    def rollback(self) -> None:
+        collected: list[sqlite_driver.Statement] | None = self.info.get(COLLECTED)
+        if collected:
+            collected.clear()
+        super().rollback()
 
 
 event.listen(SyncSession, "after_begin", held_back.hand_over)

@@ -33,9 +33,10 @@ not show them.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, cast
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, NamedTuple, TypeVar, cast
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Dialect, Engine
@@ -43,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ClauseElement, Executable, TextClause
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.util import greenlet_spawn
 
 from app import sqlite_driver
 
@@ -217,13 +219,12 @@ class _Straight(NamedTuple):
 
 
 def _bound(
-    session: AsyncSession, bind: Engine, statement: ClauseElement, params: dict[str, Any], connection: Connection | None
+    session: AsyncSession, bind: Engine, shape: _Shape | None, params: dict[str, Any], connection: Connection | None
 ) -> tuple[_Shape, tuple[Any, ...]] | None:
-    """``statement``'s shape and its values for ``params``, told to the
+    """The statement's ``shape`` and its values for ``params``, told to the
     ``before_cursor_execute`` listeners (of ``connection``, else of the
     engine: a session not connected yet); None where ``session.execute``
     must send it."""
-    shape = _shape(bind.dialect, statement, tuple(params))
     if shape is None or not session.sync_session.is_active:
         return None  # (not active: rolled back in part, a failed flush: session.execute says so)
     try:
@@ -248,7 +249,8 @@ async def _straight(session: AsyncSession, statement: ClauseElement, params: dic
     bind = session.sync_session.bind
     if not isinstance(bind, Engine) or bind.dialect.name != "sqlite":
         return None
-    if _shape(bind.dialect, statement, tuple(params)) is None or not session.sync_session.is_active:
+    shape = _shape(bind.dialect, statement, tuple(params))
+    if shape is None or not session.sync_session.is_active:
         return None
     connection = _connection_of(session, bind)
     if connection is None:
@@ -263,7 +265,7 @@ async def _straight(session: AsyncSession, statement: ClauseElement, params: dic
         return None
     if driver.inline_wait_ms is not None:
         return None  # a poll's connection writes nothing
-    bound = _bound(session, bind, statement, params, connection)
+    bound = _bound(session, bind, shape, params, connection)
     if bound is None:
         return None
     return _Straight(*bound, connection, driver)
@@ -292,7 +294,7 @@ def _collect(
     bind = session.sync_session.bind
     if not isinstance(bind, Engine) or bind.dialect.name != "sqlite":
         return False
-    bound = _bound(session, bind, statement, params, None)
+    bound = _bound(session, bind, _shape(bind.dialect, statement, tuple(params)), params, None)
     if bound is None:
         return False
     shape, parameters = bound
@@ -377,17 +379,13 @@ async def run_now(
     if straight is None:
         return None
     shape = straight.shape
-    try:
-        _description, _rowcount, _lastrowid, rows = await straight.driver.send(
-            sqlite_driver.Statement(shape.sql, straight.parameters, False)
-        )
-    except (sqlite3.Error, ValueError) as error:
-        # ValueError: aiosqlite's connection closed under us, worded as SQLAlchemy's adapter words it.
-        orig = error if isinstance(error, sqlite3.Error) else sqlite3.OperationalError(*error.args)
-        dialect = straight.connection.dialect
-        raise sa_exc.DBAPIError.instance(
-            shape.sql, straight.parameters, orig, sqlite3.Error, dialect=dialect
-        ) from error
+    _description, _rowcount, _lastrowid, rows = await sent(
+        straight.driver.send(sqlite_driver.Statement(shape.sql, straight.parameters, False)),
+        shape.sql,
+        straight.parameters,
+        straight.connection.dialect,
+        straight.connection.invalidate,
+    )
     columns = _results(straight.connection.dialect, shape.compiled)
     return [
         {
@@ -396,6 +394,43 @@ async def run_now(
         }
         for row in rows
     ]
+
+
+T = TypeVar("T")
+
+
+async def sent(
+    hop: Awaitable[T],
+    sql: str,
+    parameters: tuple[Any, ...] | None,
+    dialect: Dialect,
+    invalidate: Callable[[BaseException | None], None],
+) -> T:
+    """``hop`` (a statement or transaction sent straight to the driver,
+    outside SQLAlchemy's execution: run_now, db.commit_collected), failing
+    as SQLAlchemy's execution fails. A driver error is SQLAlchemy's error
+    for it (DBAPIError.instance: IntegrityError, OperationalError...); a
+    lost connection is invalidated (``invalidate``: the Connection's or the
+    pooled connection's) and its error says so (connection_invalidated:
+    answered 503, as from ``session.execute``), never handed back to the
+    pool as it is. A cancellation invalidates the connection too, as
+    SQLAlchemy does for an exit exception: its thread may still be about
+    to run what was sent (a BEGIN IMMEDIATE among it), after any rollback
+    here would have found nothing to undo; closed, it takes that with it."""
+    try:
+        return await hop
+    except (sqlite3.Error, ValueError) as error:
+        # ValueError: aiosqlite's connection closed under us, worded as SQLAlchemy's adapter words it.
+        orig = error if isinstance(error, sqlite3.Error) else sqlite3.OperationalError(*error.args)
+        lost = dialect.is_disconnect(orig, None, None)  # type: ignore[arg-type]  # sqlite3's errors are the dialect's DB-API's
+        if lost:
+            await greenlet_spawn(invalidate, orig)
+        raise sa_exc.DBAPIError.instance(
+            sql, parameters, orig, sqlite3.Error, dialect=dialect, connection_invalidated=lost
+        ) from error
+    except asyncio.CancelledError:
+        await greenlet_spawn(invalidate, None)
+        raise
 
 
 async def write_behind(

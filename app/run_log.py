@@ -309,6 +309,12 @@ class RunLog:
         elif not with_rows:
             for row in inserting:  # each sent with the next statement on SQLite
                 await core_rows.insert_row(session, row, write_behind=True)
+        if db.COLLECTED in session.info and not _creates(events):
+            # A SQLite unit still collecting holds no write lock yet: a
+            # number predicted now could be taken by another writer before
+            # its hop. Connected, it holds the lock (the collected writes
+            # handed to its transaction), and the prediction is made under it.
+            await session.connection()
         drained = self._buffer.pop(run_id, [])
         batch = [event for _seq, event in drained] + list(events)
         # ``thread.run.created`` is only ever logged by the transaction
@@ -321,7 +327,7 @@ class RunLog:
         # one that follows it later reads its log first): no NOTIFY, neither
         # in the insert nor by the notifier (issue 17: a NOTIFYing commit
         # takes the database's notification lock, and wakes every listener).
-        unknown_elsewhere = self.postgres and any(event.name == "thread.run.created" for event in events)
+        unknown_elsewhere = self.postgres and _creates(events)
         predicted = self._predict(run_id, drained, events) if batch else None
         prediction = None
         signal: run_events.Signal | None = None
@@ -384,7 +390,7 @@ class RunLog:
             return None
         if drained:
             return drained[0][0] if self.deliver_early else None
-        if any(event.name == "thread.run.created" for event in events):
+        if _creates(events):
             return 1
         return self._next.get(run_id) if self.deliver_early else None
 
@@ -706,3 +712,9 @@ async def listen(engine: AsyncEngine, run_log: RunLog, retry_seconds: float = 1.
             bus.nudge_all()
 
     await db.listen(engine, RUN_EVENTS_CHANNEL, heard, on_listening=listening, retry_seconds=retry_seconds)
+
+
+def _creates(events: list[Event]) -> bool:
+    """Whether ``events`` log their run's creation: an append in the
+    transaction that inserts the run (services.runs._queued_events)."""
+    return any(event.name == "thread.run.created" for event in events)

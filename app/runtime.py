@@ -266,6 +266,12 @@ class Runtime:
             session.info[db.COLLECTED] = []
             try:
                 yield session
+                if session.info.get(db.COLLECTED) and session.in_transaction():
+                    # Begun without connecting (an ORM add() of a clean row
+                    # autobegins): session.commit() would connect nothing,
+                    # and the collected writes would be lost unsent.
+                    # Connected, its transaction takes them (hand_over).
+                    await session.connection()
                 if session.in_transaction() or session.new or session.dirty or session.deleted:
                     if run_log.logged(session):
                         await db.commit_seen_through(session)
@@ -273,6 +279,7 @@ class Runtime:
                         await session.commit()
                 elif session.info.get(db.COLLECTED):
                     await db.commit_collected_seen_through(session, self.engine)
+                assert not session.info.get(db.COLLECTED), "collected writes left unsent"
             except BaseException:
                 if session.in_transaction():
                     await session.rollback()

@@ -5,17 +5,22 @@ leaves to SQLAlchemy what it cannot do (PostgreSQL above all)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import bindparam, event, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, InvalidRequestError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import make_transient_to_detached
 
 from app import db, held_back, orm, sqlite_driver
+from app.api.handlers import unexpected_error
 from app.runtime import Runtime
 from app.services import core_rows, run_defaults, run_events, run_execution, run_state
 from app.wire import jsontext
@@ -436,3 +441,219 @@ async def test_a_collected_write_that_misses_fails_the_unit_whole(runtime: Runti
 async def test_a_unit_collects_only_on_a_sqlite_file(runtime: Runtime) -> None:
     async with runtime.unit_of_work() as session:
         assert (db.COLLECTED in session.info) is (runtime.engine.dialect.name == "sqlite")
+
+
+# Review of sqlcore (issue 17): the collected commit and run_now beside
+# SQLAlchemy's own writers, cancellations, lost connections, rollbacks.
+# SQLite-only by nature: nothing here exists on PostgreSQL (hold_back and
+# run_now answer False/None there, and a unit collects only on a SQLite file).
+
+
+async def _ticks(count: int = 20) -> None:
+    """Turns of the event loop (no wall-clock wait): tasks blocked on
+    asyncio futures alone (the pool's queue, the write lock) get there."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+async def test_a_collected_commit_takes_its_connection_before_the_write_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One pooled connection, the write lock held; a collected commit, then
+    a transaction, come to write. Had the collected commit queued for the
+    lock before checking a connection out, the transaction would take the
+    connection and queue for the lock behind it, the lock then go to the
+    collected commit, each waiting for the other until the pool's timeout.
+    Checked out first, as every writer is, both commit."""
+    monkeypatch.setattr(db, "SQLITE_CONNECTIONS", 1)
+    monkeypatch.setattr(db, "SQLITE_WRITER_OVERFLOW", 0)
+    engine = db.create_engine(f"sqlite+aiosqlite:///{tmp_path / 'pool.db'}")
+    engine.sync_engine.pool._timeout = 3  # type: ignore[attr-defined]  # production: 30 s
+    writers = db._WRITERS[engine.sync_engine]
+    maker = db.create_sessionmaker(engine)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text("CREATE TABLE t (v TEXT)"))
+
+        async def transaction() -> None:
+            async with maker() as session, session.begin():
+                await session.execute(text("INSERT INTO t VALUES ('transaction')"))
+
+        await writers.hold()
+        try:
+            collected = asyncio.create_task(
+                db.commit_collected(
+                    engine, [sqlite_driver.Statement("INSERT INTO t VALUES ('collected')", None, False)]
+                )
+            )
+            await _ticks()
+            then = asyncio.create_task(transaction())
+            await _ticks()
+        finally:
+            writers.free()
+        done, _pending = await asyncio.wait({collected, then}, timeout=2)  # well within the pool's timeout
+        assert done == {collected, then}
+        assert collected.exception() is None and then.exception() is None
+        async with engine.connect() as connection:
+            stored = (await connection.execute(text("SELECT v FROM t ORDER BY rowid"))).scalars().all()
+        assert stored == ["collected", "transaction"]
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_collected_unit_cancelled_waiting_for_the_write_lock_rolls_back_at_once(runtime: Runtime) -> None:
+    """Cancelled while it queues for the write lock, a collected unit has
+    sent nothing: it ends at once (not once the lock comes, up to its hop's
+    outcome wait) and writes nothing."""
+    writers = db._WRITERS[runtime.engine.sync_engine]
+    statement, _columns = core_rows._layout(orm.Thread)
+
+    async def unit() -> None:
+        async with runtime.unit_of_work() as session:
+            assert await db.hold_back(session, statement, core_rows.values(core_rows.record(orm.Thread, **_THREAD)), {})
+
+    await writers.hold()
+    try:
+        task = asyncio.create_task(unit())
+        await _ticks()
+        assert writers._lock._waiters, "the unit queued for the lock"
+        task.cancel()
+        done, _pending = await asyncio.wait({task}, timeout=2)  # not held until the lock is free
+        assert done == {task} and task.cancelled()
+    finally:
+        writers.free()
+    async with runtime.transaction() as session:
+        assert (await session.execute(select(orm.Thread.id))).scalar() is None
+    assert runtime.engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_statement_run_now_cancelled_before_its_thread_runs_it_leaves_no_transaction_behind(
+    runtime: Runtime,
+) -> None:
+    """run_now cancelled while its statement waits for the connection's
+    thread: the thread still runs it (BEGIN IMMEDIATE and the UPDATE) after
+    the caller's rollback found nothing to undo. The connection is
+    invalidated, as SQLAlchemy's execution does on a cancellation, so that
+    its transaction is closed with it instead of going back to the pool
+    open (the next transaction there failing, SQLite's lock held)."""
+    async with runtime.transaction() as session:
+        await core_rows.insert_row(session, core_rows.record(orm.Thread, **_THREAD))
+    runs = orm.Run.__table__
+    claim = update(runs).where(runs.c.id == bindparam("run_id")).values(lease_owner="w").returning(runs.c.id)
+    waiting = asyncio.Event()
+    busy: list[asyncio.Future[Any]] = []
+
+    async def claiming() -> None:
+        async with runtime.transaction() as session:
+            connection = await session.connection()
+            driver: Any = connection.sync_connection.connection.dbapi_connection  # type: ignore[union-attr]
+            # Its thread busy for a moment (as under load): the statement
+            # waits in its queue, then runs whatever happened meanwhile.
+            busy.append(asyncio.ensure_future(driver._connection._execute(time.sleep, 0.3)))
+            await asyncio.sleep(0)  # one turn: that job is queued to the thread before the statement
+            waiting.set()
+            await db.run_now(session, claim, {"run_id": "run_none"})
+
+    task = asyncio.create_task(claiming())
+    await waiting.wait()  # claiming() is now awaiting its statement's hop
+    task.cancel()
+    done, _pending = await asyncio.wait({task}, timeout=5)
+    assert done == {task} and task.cancelled()
+    async with asyncio.timeout(5):
+        await asyncio.gather(*busy)
+        async with runtime.transaction() as session:  # the pool's last connection first (LIFO)
+            await core_rows.insert_row(session, core_rows.record(orm.Thread, **{**_THREAD, "id": "thread_next"}))
+    with sqlite3.connect(
+        str(make_url(runtime.settings.database_url).database), timeout=0
+    ) as other:  # SQLite's lock is free
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_connection_lost_under_a_straight_statement_is_invalidated_as_sqlalchemy_does(
+    runtime: Runtime,
+) -> None:
+    """A connection closed under run_now or a collected commit: the error
+    says the connection was invalidated (answered 503, as from
+    session.execute), and the broken connection does not go back to the pool."""
+    runs = orm.Run.__table__
+    claim = update(runs).where(runs.c.id == bindparam("run_id")).values(lease_owner="w").returning(runs.c.id)
+    with pytest.raises(DBAPIError) as raised:
+        async with runtime.transaction() as session:
+            connection = await session.connection()
+            driver: Any = connection.sync_connection.connection.dbapi_connection  # type: ignore[union-attr]
+            await driver._connection.close()
+            await db.run_now(session, claim, {"run_id": "run_none"})
+    assert raised.value.connection_invalidated
+    assert unexpected_error(raised.value).status == 503
+    pooled = await runtime.engine.raw_connection()
+    await pooled.dbapi_connection._connection.close()  # type: ignore[union-attr]
+    pooled.close()
+    with pytest.raises(DBAPIError) as raised:
+        await db.commit_collected(runtime.engine, [sqlite_driver.Statement("SELECT 1", None, False)])
+    assert raised.value.connection_invalidated
+    assert unexpected_error(raised.value).status == 503
+    async with runtime.transaction() as session:  # no broken connection handed out
+        await core_rows.insert_row(session, core_rows.record(orm.Thread, **_THREAD))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_collected_writes_are_sent_when_the_session_begins_without_connecting(runtime: Runtime) -> None:
+    """session.add() of a clean row begins the session without connecting:
+    its commit would connect nothing. The unit connects it first, so the
+    collected writes go with its transaction instead of being dropped."""
+    statement, _columns = core_rows._layout(orm.Thread)
+    async with runtime.transaction() as session:
+        await core_rows.insert_row(session, core_rows.record(orm.Thread, **{**_THREAD, "id": "thread_old"}))
+    async with runtime.unit_of_work() as session:
+        new = core_rows.values(core_rows.record(orm.Thread, **{**_THREAD, "id": "thread_new", "seq": 2}))
+        assert await db.hold_back(session, statement, new, {})
+        old = core_rows.record(orm.Thread, **{**_THREAD, "id": "thread_old"})
+        make_transient_to_detached(old)
+        session.add(old)
+        assert session.in_transaction() and db.COLLECTED in session.info
+    async with runtime.transaction() as session:
+        found = (await session.execute(select(orm.Thread.id).order_by(orm.Thread.id))).scalars().all()
+    assert found == ["thread_new", "thread_old"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_rollback_drops_the_collected_writes(runtime: Runtime) -> None:
+    """As a rollback drops the writes held back on its connection."""
+    async with runtime.unit_of_work() as session:
+        await core_rows.insert_row(session, core_rows.record(orm.Thread, **_THREAD), write_behind=True)
+        assert session.info[db.COLLECTED]
+        await session.rollback()
+    async with runtime.transaction() as session:
+        assert (await session.execute(select(orm.Thread.id))).scalar() is None
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_an_append_to_a_run_not_created_here_connects_a_collecting_unit_first(runtime: Runtime) -> None:
+    """run_log predicts a run's next event number; in a unit still
+    collecting (no write lock yet) another writer could take it before the
+    hop. For a run the unit is not creating, the append connects first (the
+    lock taken), and the numbers are those stored."""
+    async with runtime.transaction() as session:
+        await core_rows.insert_row(session, core_rows.record(orm.Thread, **_THREAD))
+        await core_rows.insert_row(session, core_rows.record(orm.Run, **{**_RUN, "id": "run_behind"}))
+        await runtime.run_log.append(session, "run_behind", [Event("thread.run.created", {"id": "run_behind"})])
+    async with runtime.unit_of_work() as session:
+        entries = await runtime.run_log.append(
+            session, "run_behind", [Event("thread.run.in_progress", {"id": "run_behind"})], run_locked=True
+        )
+        assert db.COLLECTED not in session.info and session.in_transaction()
+    async with runtime.transaction() as session:
+        stored = await run_events.read(session, "run_behind", 0)
+    assert [entry.seq for entry in entries] == [stored[-1].seq]
+
+
+def test_a_sqlite_url_without_a_database_name_is_in_memory_and_collects_nothing() -> None:
+    engine = db.create_engine("sqlite+aiosqlite://")
+    try:
+        assert not db.collects(engine)
+    finally:
+        engine.sync_engine.dispose()
