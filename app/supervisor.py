@@ -28,6 +28,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -72,6 +73,11 @@ def _checks(settings: Settings) -> None:
     cli.preflight_checks(settings)
 
 
+_MIGRATE_HERE = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); from app import supervisor; supervisor.migrate_here()"
+)
+
+
 def migrate(settings: Settings) -> None:
     """Migrate the database in a child process and wait for it; its
     StartupError is raised here. For a single serving process: alembic,
@@ -82,8 +88,11 @@ def migrate(settings: Settings) -> None:
     Costs a fresh interpreter's start (0.5-1.5 s) when the schema is behind."""
     from app.preflight import StartupError
 
-    done = subprocess.run(
-        [sys.executable, "-c", "from app import supervisor; supervisor.migrate_here()"],
+    # The parent's import path, not the child's own: with -c, Python would put
+    # the working directory first, where a user's project may have an app.py
+    # or app/ of its own (a console script's path does not start there).
+    done = subprocess.run(  # noqa: S603 (this interpreter, our program, our own import path)
+        [sys.executable, "-c", _MIGRATE_HERE, json.dumps(sys.path)],
         input=pickle.dumps(settings),
         stdout=subprocess.PIPE,  # the StartupError's line; logs go to stderr as here
         check=False,
@@ -98,12 +107,18 @@ def migrate_here() -> None:
     from app import __main__ as cli
     from app import preflight
 
+    # stdout carries the error's line alone: whatever else writes there (a
+    # library's print) goes to stderr, with the logs.
+    result = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     settings: Settings = pickle.load(sys.stdin.buffer)  # noqa: S301 (written by the server that started us)
     cli.configure_logging(settings)
     try:
         preflight.prepare_database(settings)
     except preflight.StartupError as exc:
-        sys.stdout.write(str(exc))
+        result.write(str(exc))
+        result.flush()
         raise SystemExit(1) from None
 
 

@@ -3,17 +3,21 @@ relies on db.head_revision() naming the same head as alembic itself."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import socket
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 
-from app import db
+from app import db, preflight
+from app.settings import Settings
 
 
 def test_head_revision_is_alembics_head() -> None:
@@ -52,10 +56,13 @@ def test_a_current_database_is_not_migrated_again(tmp_path: Path) -> None:
 
 _SERVE_PREPARATION = """
 import os, sys
-from app import __main__ as cli, preflight
+from app import __main__ as cli, preflight, supervisor
 from app.settings import Settings
 
 settings = Settings(database_url=sys.argv[1], data_dir=sys.argv[2])
+migrations = []
+migrate = supervisor.migrate
+supervisor.migrate = lambda settings: migrations.append(1) or migrate(settings)
 try:
     cli.prepare_alone(settings)
 except preflight.StartupError as exc:
@@ -63,13 +70,17 @@ except preflight.StartupError as exc:
 print("alembic" in sys.modules)
 # No process left beside the server (multiprocessing's spawn leaves its resource tracker).
 print(open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split())
+print(len(migrations))  # child processes started to migrate
 """
 
 
-def _prepare_to_serve(url: str, data_dir: Path) -> list[str]:
-    """What a fresh process printed after a single server's start-up checks."""
+def _prepare_to_serve(url: str, data_dir: Path, *, cwd: Path | None = None) -> list[str]:
+    """What a fresh process printed after a single server's start-up checks
+    (with ``cwd``: started there, as a console script starts, its working
+    directory not on its import path: -P)."""
     done = subprocess.run(
-        [sys.executable, "-c", _SERVE_PREPARATION, url, str(data_dir)],
+        [sys.executable, *(["-P"] if cwd else []), "-c", _SERVE_PREPARATION, url, str(data_dir)],
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=120,
@@ -80,7 +91,7 @@ def _prepare_to_serve(url: str, data_dir: Path) -> list[str]:
 
 def test_a_single_server_migrates_a_new_database_in_another_process(tmp_path: Path) -> None:
     path = tmp_path / "assistants.db"
-    assert _prepare_to_serve(f"sqlite+aiosqlite:///{path}", tmp_path) == ["False", "[]"]
+    assert _prepare_to_serve(f"sqlite+aiosqlite:///{path}", tmp_path) == ["False", "[]", "1"]
     with sqlite3.connect(path) as connection:
         assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [(db.head_revision(),)]
 
@@ -100,12 +111,48 @@ async def _stamp(url: str, revision: str) -> None:
 
 def test_a_current_database_starts_no_migration(database_url: str, tmp_path: Path) -> None:
     _prepare_to_serve(database_url, tmp_path)  # SQLite: a new file, migrated; PostgreSQL: made current
-    assert _prepare_to_serve(database_url, tmp_path) == ["False", "[]"]
+    assert _prepare_to_serve(database_url, tmp_path) == ["False", "[]", "0"]
 
 
 def test_the_migrating_process_failure_is_the_servers_startup_error(database_url: str, tmp_path: Path) -> None:
     asyncio.run(_stamp(database_url, "9999_from_the_future"))
     printed = _prepare_to_serve(database_url, tmp_path)
-    assert printed[1:] == ["False", "[]"]
+    assert printed[1:] == ["False", "[]", "1"]
     assert printed[0].startswith("StartupError: "), printed
     assert "9999_from_the_future" in printed[0]
+
+
+def test_the_migrating_process_imports_the_servers_app_not_one_in_its_directory(tmp_path: Path) -> None:
+    """A server started in a project whose directory has an app.py of its
+    own (a console script does not import from its working directory): the
+    migrating child imports the server's package too, not that module."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "app.py").write_text('print("the project\'s own app.py")\n')
+    path = tmp_path / "assistants.db"
+    assert _prepare_to_serve(f"sqlite+aiosqlite:///{path}", tmp_path, cwd=project) == ["False", "[]", "1"]
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [(db.head_revision(),)]
+
+
+def test_an_ephemeral_server_migrates_its_new_database_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve --ephemeral`` (the pytest plugin's server): always a new
+    database, for a test session, where the child's second of start-up
+    counts and idle memory does not: migrated in its own process."""
+    from app import __main__ as cli
+    from app import supervisor
+
+    def no_child(_settings: Settings) -> None:
+        raise AssertionError("a child process started to migrate")
+
+    served: list[bool] = []
+
+    def serve(settings: Settings, *, listener: socket.socket, **_options: object) -> int:
+        listener.close()
+        served.append(preflight.database_is_current(settings))
+        return 0
+
+    monkeypatch.setattr(supervisor, "migrate", no_child)
+    monkeypatch.setattr(cli, "serve", serve)
+    arguments = argparse.Namespace(data_dir=None, ready_file=None)
+    assert cli.serve_ephemeral(Settings(), arguments) == 0 and served == [True]
