@@ -588,17 +588,29 @@ class ConnectionCheck:
 class SyncSession(orm.Session):
     """The server's sessions' sync side: one that collected SQLite writes
     before it connected hands them to its transaction as it begins
-    (held_back.COLLECTED), and drops them on a rollback, as a rollback
-    drops the writes held back on its connection."""
+    (held_back.COLLECTED), and drops them when that transaction is rolled
+    back, as a rollback drops the writes held back on its connection."""
 
     def rollback(self) -> None:
+        # Also with no transaction begun (collecting needs none), where the
+        # event below does not fire.
         collected: list[sqlite_driver.Statement] | None = self.info.get(COLLECTED)
         if collected:
             collected.clear()
         super().rollback()
 
 
+def _drop_collected(session: orm.Session, previous: orm.SessionTransaction) -> None:
+    # Any rollback of the session's outermost transaction: session.rollback()
+    # and a ``session.begin()`` block that raised alike (a savepoint's is not
+    # one: collected writes were handed over before a savepoint could begin).
+    collected: list[sqlite_driver.Statement] | None = session.info.get(COLLECTED)
+    if collected and previous.parent is None and not previous.nested:
+        collected.clear()
+
+
 event.listen(SyncSession, "after_begin", held_back.hand_over)
+event.listen(SyncSession, "after_soft_rollback", _drop_collected)
 
 
 class Session(AsyncSession):

@@ -6,9 +6,10 @@ leaves to SQLAlchemy what it cannot do (PostgreSQL above all)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -543,15 +544,16 @@ async def test_a_statement_run_now_cancelled_before_its_thread_runs_it_leaves_no
     runs = orm.Run.__table__
     claim = update(runs).where(runs.c.id == bindparam("run_id")).values(lease_owner="w").returning(runs.c.id)
     waiting = asyncio.Event()
+    release = threading.Event()  # set once the cancel is made: the statement is still queued then
     busy: list[asyncio.Future[Any]] = []
 
     async def claiming() -> None:
         async with runtime.transaction() as session:
             connection = await session.connection()
             driver: Any = connection.sync_connection.connection.dbapi_connection  # type: ignore[union-attr]
-            # Its thread busy for a moment (as under load): the statement
-            # waits in its queue, then runs whatever happened meanwhile.
-            busy.append(asyncio.ensure_future(driver._connection._execute(time.sleep, 0.3)))
+            # Its thread busy (as under load) until the cancel is made: the
+            # statement waits in its queue, then runs whatever happened meanwhile.
+            busy.append(asyncio.ensure_future(driver._connection._execute(release.wait, 30.0)))
             await asyncio.sleep(0)  # one turn: that job is queued to the thread before the statement
             waiting.set()
             await db.run_now(session, claim, {"run_id": "run_none"})
@@ -559,6 +561,7 @@ async def test_a_statement_run_now_cancelled_before_its_thread_runs_it_leaves_no
     task = asyncio.create_task(claiming())
     await waiting.wait()  # claiming() is now awaiting its statement's hop
     task.cancel()
+    release.set()
     done, _pending = await asyncio.wait({task}, timeout=5)
     assert done == {task} and task.cancelled()
     async with asyncio.timeout(5):
@@ -621,12 +624,19 @@ async def test_collected_writes_are_sent_when_the_session_begins_without_connect
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-async def test_a_rollback_drops_the_collected_writes(runtime: Runtime) -> None:
-    """As a rollback drops the writes held back on its connection."""
+@pytest.mark.parametrize("how", ["session.rollback()", "a begin() block that raised"])
+async def test_a_rollback_drops_the_collected_writes(runtime: Runtime, how: str) -> None:
+    """As a rollback drops the writes held back on its connection; whether
+    the session or its transaction's block rolled back."""
     async with runtime.unit_of_work() as session:
         await core_rows.insert_row(session, core_rows.record(orm.Thread, **_THREAD), write_behind=True)
         assert session.info[db.COLLECTED]
-        await session.rollback()
+        if how == "session.rollback()":
+            await session.rollback()
+        else:
+            with contextlib.suppress(RuntimeError):
+                async with session.begin():
+                    raise RuntimeError("refused")
     async with runtime.transaction() as session:
         assert (await session.execute(select(orm.Thread.id))).scalar() is None
 
