@@ -3,6 +3,7 @@ not shared with a forked child."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -40,45 +41,38 @@ def test_new_id_carries_its_sequence_and_random_base62_digits() -> None:
     assert set(suffixes) == set(ids._ALPHABET)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_does_not_reuse_the_parents_random_digits() -> None:
-    ids.new_id(ids.RUN)  # the pool now holds digits the parent has not used
+def _id_made_in_a_forked_child(seq: int | None, *, holding_the_lock: bool = False) -> str:
+    """The id a child forked here makes (``holding_the_lock``: forked while
+    this thread holds the ids' lock, as another thread of a server might).
+    Whatever happens in the child, it ends there: never back into pytest."""
     read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: its next id's random digits, to the parent
-        status = 1  # whatever raises here, the child ends: never back into pytest
-        try:
-            os.close(read)
-            os.write(write, ids.new_id(ids.RUN, 0).encode())
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        child = pipe.read().decode()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and child
-    assert child != ids.new_id(ids.RUN, 0)
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_child_forked_while_the_id_lock_is_held_still_makes_ids() -> None:
-    """Another thread of the parent holding the ids' lock at the fork (here
-    the test itself): the child's copy of that lock would never be released."""
-    read, write = os.pipe()
-    with ids._lock:
+    with ids._lock if holding_the_lock else contextlib.nullcontext():
         pid = os.fork()
         if pid == 0:
             status = 1
             try:
                 signal.alarm(10)  # a deadlocked child ends, and the parent sees no id
                 os.close(read)
-                os.write(write, ids.new_id(ids.RUN).encode())
+                os.write(write, ids.new_id(ids.RUN, seq).encode())
                 status = 0
             finally:
                 os._exit(status)
     os.close(write)
     with os.fdopen(read, "rb") as pipe:
-        child = pipe.read().decode()
+        made = pipe.read().decode()
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and child.startswith(ids.RUN)
+    assert os.waitstatus_to_exitcode(status) == 0 and made.startswith(ids.RUN), made
+    return made
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_reuse_the_parents_random_digits() -> None:
+    ids.new_id(ids.RUN)  # the pool now holds digits the parent has not used
+    assert _id_made_in_a_forked_child(0) != ids.new_id(ids.RUN, 0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_while_the_id_lock_is_held_still_makes_ids() -> None:
+    """Another thread of the parent holding the ids' lock at the fork (here
+    the test itself): the child's copy of that lock would never be released."""
+    _id_made_in_a_forked_child(None, holding_the_lock=True)
