@@ -182,7 +182,9 @@ class _WriteLock:
 
 
 class SQLiteWriters:
-    """Every SQLite transaction takes the write lock up front (issue 10).
+    """Every SQLite transaction takes the write lock up front (issue 10);
+    a unit of held-back writes alone (it reads and checks nothing) takes it
+    for its one commit hop instead (commit_collected).
 
     A transaction that checks then writes ("no live run on this thread",
     "the run is still requires_action") is then atomic: no other writer runs

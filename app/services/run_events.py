@@ -3,7 +3,8 @@ them from a sequence number, prune old logs, and close what a dead worker
 left open.
 
 Every append to a run's log takes the run's row lock first (PostgreSQL; on
-SQLite every transaction holds the write lock), so appends to one run are
+SQLite the transaction holds the write lock: RunLog.append connects a unit
+still collecting its writes first, unless that unit creates the run), so appends to one run are
 serialised, and commit in the order of their sequence numbers: a reader that
 has seen ``seq`` N never misses a later-committed N-1. Nothing here commits.
 """

@@ -4,7 +4,9 @@ The rule holds under concurrency because the check and the write that
 follows it are atomic on both engines: on PostgreSQL the thread row stays
 locked until the transaction ends (live_run_of_owned_thread() and
 active_run() below), on SQLite every
-transaction holds the write lock from its start (app/db.py). Behind both, a
+transaction that reads or checks holds the write lock from its first
+statement (app/db.py; a unit of held-back writes alone, which checks
+nothing, takes it for its one commit hop). Behind both, a
 partial unique index (orm.Run, ``ux_runs_live_thread``) refuses a second live
 run whatever a check saw; is_live_run_conflict() recognises its error.
 """
