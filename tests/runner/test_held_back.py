@@ -12,6 +12,7 @@ import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
+from unittest.mock import AsyncMock
 
 import pytest
 from sqlalchemy import bindparam, event, select, text, update
@@ -24,6 +25,7 @@ from app import db, held_back, orm, sqlite_driver
 from app.api.handlers import unexpected_error
 from app.runtime import Runtime
 from app.services import core_rows, run_defaults, run_events, run_execution, run_state
+from app.services import runs as runs_service
 from app.wire import jsontext
 from app.wire.events import Event
 
@@ -667,3 +669,56 @@ def test_a_sqlite_url_without_a_database_name_is_in_memory_and_collects_nothing(
         assert not db.collects(engine)
     finally:
         engine.sync_engine.dispose()
+
+
+def _typed(value: Any) -> Any:
+    """``value`` with each leaf's type beside it: ``==`` alone takes 1, True and 1.0 for one."""
+    if isinstance(value, dict):
+        return {key: _typed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_typed(item) for item in value]
+    return (type(value).__name__, value)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # run_now is SQLite's
+async def test_a_run_claimed_straight_on_the_driver_is_the_run_sqlalchemy_claims(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queued run claimed through run_now and one claimed through
+    session.execute: the same wire form, the same values of the same
+    types on the row, and the same earlier messages prefetched (JSON
+    decoded, non-ASCII kept)."""
+    async with runtime.transaction() as session:
+        await core_rows.insert_row(session, core_rows.record(orm.Thread, **_THREAD))
+        for index in range(2):
+            content = [{"type": "text", "text": {"value": f"hé {index}", "annotations": []}}]
+            message = {"id": f"msg_{index}", "seq": 10 + index, "created_at": 1, "thread_id": "thread_behind"}
+            await core_rows.insert_row(
+                session,
+                core_rows.record(
+                    orm.Message, **message, role="user", content=content, status="completed", metadata_={}
+                ),
+            )
+    claimed_as: list[tuple[Any, ...]] = []
+    for index, straight in enumerate((False, True)):
+        run_id = f"run_claimed_{index}"
+        queued = {**_RUN, "seq": 100 + index, "status": "queued", "expires_at": 2_000_000_000}
+        async with runtime.transaction() as session:
+            await core_rows.insert_row(session, core_rows.record(orm.Run, id=run_id, **queued))
+        with monkeypatch.context() as patched:
+            if not straight:
+                patched.setattr(db, "run_now", AsyncMock(return_value=None))  # "not sent": session.execute
+            async with runtime.transaction() as session:
+                (run,) = await run_execution.claim_runs(session, "w1", 5, 30.0)
+        assert run.id == run_id
+        wire = runs_service.to_wire(run).model_dump()
+        state = {key: value for key, value in vars(run).items() if not key.startswith("_sa")}
+        for varying in ("id", "seq", "lease_expires_at", "started_at"):
+            wire.pop(varying, None)
+            state.pop(varying, None)
+        claimed_as.append((_typed(wire), _typed(state), repr(run_execution._PREFETCHED.get(run))))
+        async with runtime.transaction() as session:  # ended: no live run in the next one's way
+            await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(status="completed"))
+    by_sqlalchemy, straight_on_the_driver = claimed_as
+    assert straight_on_the_driver == by_sqlalchemy
+    assert "hé 1" in by_sqlalchemy[2]  # the earlier messages were prefetched, and compared
