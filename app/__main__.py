@@ -244,9 +244,10 @@ def serve_ephemeral(settings: Settings, args: argparse.Namespace) -> int:
         # Its database is always new, and it lives for a test session, where
         # start-up time counts and idle memory does not: migrated here, not by
         # the child process prepare_alone() would start (about 1.2 s more).
-        preflight.check_models(settings)
-        preflight.prepare_database(settings)
-        return serve(settings, listener=listener, on_started=lambda: ephemeral.announce(settings, ready_file))
+        preflight_checks(settings)
+        return serve(
+            settings, listener=listener, prepared=True, on_started=lambda: ephemeral.announce(settings, ready_file)
+        )
 
 
 def serve(
