@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import orm
 from app.lease_renewer import LeaseRenewer
+from app.runner import execute
 from app.runtime import Runtime
 from app.services import run_execution
 from app.settings import Settings
@@ -302,23 +303,48 @@ async def test_renewals_go_on_through_the_drain_and_stop_with_the_worker(runtime
     assert await _leases(runtime, [run_id]) == {run_id: (None, None)}
 
 
-async def test_a_lapsed_lease_of_a_run_this_worker_executes_is_renewed_not_claimed_again(runtime: Runtime) -> None:
+async def test_a_lapsed_lease_of_a_run_this_worker_executes_is_renewed_not_claimed_again(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A lease that lapsed under its own worker's execution (renewals that
     came too late) is stamped again by the next round; this worker's claims
     leave the run out meanwhile (run_execution's ``executing``), so one
     execution goes on, never a second one beside it."""
-    worker, task = await running_worker(runtime)
-    try:
-        (run_id,) = await _make_runs(runtime, 1, text=LONG_RUN)
-        await until(lambda: worker.busy == 1, "the run to start")
-        first = worker._tasks[run_id]
-        async with runtime.transaction() as session:  # lapsed, as unrenewed leases do
-            await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(lease_expires_at=time.time() - 1))
-        await until(lambda: _renewed_since(runtime, run_id, time.time()), "a renewal to stamp it again")
-        assert worker._tasks[run_id] is first and not first.done() and worker.busy == 1
-        assert (await _leases(runtime, [run_id]))[run_id][0] == worker.owner
-    finally:
-        await stop_worker(worker, task)
+    real_claim = execute.claim_and_start
+    lapsed_at = [float("inf")]
+    claims_after_lapse: list[float] = []
+
+    async def claim_and_start(*args: Any, **kwargs: Any) -> Any:
+        started_at = time.time()
+        claimed = await real_claim(*args, **kwargs)
+        if started_at > lapsed_at[0]:
+            claims_after_lapse.append(started_at)
+        return claimed
+
+    monkeypatch.setattr(execute, "claim_and_start", claim_and_start)
+    # A 30 s lease, renewed every second: its attempts are cut off at 5 s and
+    # it is given up at 27 s, so only the claims this test is about can
+    # start a second execution, never a renewal slowed down by a loaded
+    # machine (3 s leases cut attempts off at 0.5 s, which CI exceeded).
+    async with runtime_with_lease(settings, 30.0) as runtime:
+        worker, task = await running_worker(runtime)
+        worker.leases.period = 1.0
+        try:
+            (run_id,) = await _make_runs(runtime, 1, text=LONG_RUN)
+            await until(lambda: worker.busy == 1, "the run to start")
+            first = worker._tasks[run_id]
+            async with runtime.transaction() as session:  # lapsed, as unrenewed leases do
+                lapse = update(orm.Run).where(orm.Run.id == run_id).values(lease_expires_at=time.time() - 1)
+                await session.execute(lapse)
+            lapsed_at[0] = time.time()
+            # (The worker claims every 0.05 s: a claim while the lease is lapsed,
+            # unless the loop stalled a whole renewal period.)
+            await until(lambda: claims_after_lapse, "a claim after the lapse")
+            await until(lambda: _renewed_since(runtime, run_id, time.time()), "a renewal to stamp it again")
+            assert worker._tasks[run_id] is first and not first.done() and worker.busy == 1
+            assert (await _leases(runtime, [run_id]))[run_id][0] == worker.owner
+        finally:
+            await stop_worker(worker, task)
 
 
 async def _held_run(runtime: Runtime, owner: str) -> str:
