@@ -15,6 +15,7 @@ from typing import Any
 from unittest.mock import AsyncMock
 
 import pytest
+import uvloop
 from sqlalchemy import bindparam, event, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
@@ -450,6 +451,15 @@ async def test_a_unit_collects_only_on_a_sqlite_file(runtime: Runtime) -> None:
 # SQLAlchemy's own writers, cancellations, lost connections, rollbacks.
 # SQLite-only by nature: nothing here exists on PostgreSQL (hold_back and
 # run_now answer False/None there, and a unit collects only on a SQLite file).
+# Those where a cancellation, a lost connection or the order of waiters
+# matters run on uvloop too, the server's loop (tests/runner/conftest.py).
+_ON_EITHER_LOOP = pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])
+
+
+@_ON_EITHER_LOOP
+async def test_a_test_on_either_loop_runs_on_the_one_its_id_names(request: pytest.FixtureRequest) -> None:
+    on_uvloop = isinstance(asyncio.get_running_loop(), uvloop.Loop)
+    assert on_uvloop is request.node.name.endswith("[uvloop]")
 
 
 async def _ticks(count: int = 20) -> None:
@@ -459,6 +469,7 @@ async def _ticks(count: int = 20) -> None:
         await asyncio.sleep(0)
 
 
+@_ON_EITHER_LOOP
 async def test_a_collected_commit_takes_its_connection_before_the_write_lock(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -504,6 +515,7 @@ async def test_a_collected_commit_takes_its_connection_before_the_write_lock(
         await engine.dispose()
 
 
+@_ON_EITHER_LOOP
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_collected_unit_cancelled_waiting_for_the_write_lock_rolls_back_at_once(runtime: Runtime) -> None:
     """Cancelled while it queues for the write lock, a collected unit has
@@ -531,6 +543,7 @@ async def test_a_collected_unit_cancelled_waiting_for_the_write_lock_rolls_back_
     assert runtime.engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
+@_ON_EITHER_LOOP
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_statement_run_now_cancelled_before_its_thread_runs_it_leaves_no_transaction_behind(
     runtime: Runtime,
@@ -577,6 +590,7 @@ async def test_a_statement_run_now_cancelled_before_its_thread_runs_it_leaves_no
         other.execute("ROLLBACK")
 
 
+@_ON_EITHER_LOOP
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_connection_lost_under_a_straight_statement_is_invalidated_as_sqlalchemy_does(
     runtime: Runtime,
