@@ -32,15 +32,13 @@ import re
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
-import httpx
-
 from app.llm import anthropic_request, litellm_adapter
 from app.llm.direct import (
-    HTTP_ERRORS,
     Call,
     DirectClient,
     StreamedResponse,
     call_limits,
+    failures,
     opened,
     reading,
     sse_data,
@@ -81,7 +79,7 @@ async def stream(
         call = _call(route, request)
     except anthropic_request.MissingKey as exc:
         raise provider_error(ProviderFailure(401, exc.message), route) from exc
-    except (ValueError, TypeError, httpx.InvalidURL) as exc:
+    except (ValueError, TypeError) as exc:  # (building the call touches no HTTP client)
         raise unusable(route, exc) from exc
     reader = _Reader()
     async with opened(call, client.here(), route, explicit_params(request), _failure) as response:
@@ -172,7 +170,7 @@ async def _failure(response: StreamedResponse) -> ProviderFailure:
     """An error answer as litellm reports it: its status, and the body quoted as the bytes it read."""
     try:
         body = await response.aread()
-    except HTTP_ERRORS:
+    except failures().http:
         body = b""
     finally:
         await response.aclose()

@@ -40,14 +40,15 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
-
-import httpx
+from typing import TYPE_CHECKING, Any, Protocol
 
 from app.llm import plain_http, providers
 from app.llm.interface import ChatRequest, Event, LLMError, TokenCounter, chat_body, explicit_params
 from app.llm.provider import ChunkReader, ProviderFailure, provider_error
 from app.llm.routing import Route, resolve_env
+
+if TYPE_CHECKING:
+    import httpx
 
 DEFAULT_TIMEOUT = 600.0  # litellm's own default is 6000 s: a silent provider would hold a run for 100 minutes
 DEFAULT_MAX_RETRIES = 2  # the openai SDK's, which litellm uses
@@ -75,10 +76,46 @@ class StreamedResponse(Protocol):
     async def aclose(self) -> None: ...
 
 
-# Failures of either client, widest last (a timeout is a transport error in both).
-_TIMEOUTS = (httpx.TimeoutException, plain_http.TimeoutException)
-_TRANSPORT = (httpx.TransportError, plain_http.TransportError)
-HTTP_ERRORS = (httpx.HTTPError, plain_http.HTTPError)
+@dataclass(frozen=True)
+class Failures:
+    """The errors of either client that the except clauses here catch,
+    widest last (a timeout is a transport error in both)."""
+
+    timeouts: tuple[type[Exception], ...]
+    transport: tuple[type[Exception], ...]
+    http: tuple[type[Exception], ...]
+    invalid_url: tuple[type[Exception], ...]  # httpx's alone: plain_http leaves such URLs to it
+
+
+# plain_http's; httpx's joined once an httpx client was made (_new_httpx_client).
+_FAILURES = [Failures((plain_http.TimeoutException,), (plain_http.TransportError,), (plain_http.HTTPError,), ())]
+
+
+def failures() -> Failures:
+    """plain_http's errors, and httpx's once this module has made an httpx
+    client: httpx is imported for the first call that needs it (https://, a
+    proxy), not at start-up (~100 modules, 4-6 MiB of an idle server whose
+    routes are all plain http://, bench/README.md), and until its client
+    exists none of its errors can reach an except clause here. Read where
+    such a clause is reached, so only on a failure."""
+    return _FAILURES[-1]
+
+
+def _new_httpx_client() -> httpx.AsyncClient:
+    import httpx
+
+    if len(_FAILURES) == 1:
+        _FAILURES.append(
+            Failures(
+                (httpx.TimeoutException, plain_http.TimeoutException),
+                (httpx.TransportError, plain_http.TransportError),
+                (httpx.HTTPError, plain_http.HTTPError),
+                (httpx.InvalidURL,),
+            )
+        )
+    return httpx.AsyncClient(  # no overall cap, as the plain pool (_LoopClients)
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=100)
+    )
 
 
 class DirectClient:
@@ -114,7 +151,8 @@ class DirectClient:
 
 class _LoopClients:
     """One event loop's clients: the plain pool, and httpx made on first need
-    (a routing file of http:// bases never builds its TLS context)."""
+    (a routing file of http:// bases never imports httpx or builds its TLS
+    context)."""
 
     def __init__(self) -> None:
         # No overall pool cap: the worker's concurrency already bounds the
@@ -123,6 +161,7 @@ class _LoopClients:
         self.proxies = plain_http.ProxyEnvironment.read()  # read once, as httpx reads it once per client
         self._targets: dict[str, plain_http.Target | None] = {}
         self._httpx: httpx.AsyncClient | None = None
+        self._httpx_made: asyncio.Future[httpx.AsyncClient] | None = None
 
     def plain_target(self, url: str) -> plain_http.Target | None:
         """Where plain_http sends ``url``, or None for httpx."""
@@ -135,10 +174,15 @@ class _LoopClients:
             self._targets[url] = target
         return self._targets[url]
 
-    def httpx_client(self) -> httpx.AsyncClient:
+    async def httpx_client(self) -> httpx.AsyncClient:
+        """The httpx client, made for the first call plain_http does not
+        take, in a thread: importing httpx and building its TLS context take
+        a tenth of a second or more, which the loop's other streams do not
+        wait for (calls meanwhile wait for the same one)."""
         if self._httpx is None:
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=100)
-            self._httpx = httpx.AsyncClient(limits=limits)
+            if self._httpx_made is None:
+                self._httpx_made = asyncio.ensure_future(asyncio.to_thread(_new_httpx_client))
+            self._httpx = await asyncio.shield(self._httpx_made)
         return self._httpx
 
     async def send(self, call: Call) -> StreamedResponse:
@@ -146,15 +190,16 @@ class _LoopClients:
         target = self.plain_target(call.url)
         if target is not None:
             return await self.plain.request(target, call.headers, call.body, plain_http.Timeouts.uniform(call.timeout))
-        client = self.httpx_client()
-        timeout = httpx.Timeout(call.timeout)
-        request = client.build_request("POST", call.url, headers=call.headers, content=call.body, timeout=timeout)
+        client = await self.httpx_client()
+        # (A number is httpx.Timeout(number) to build_request.)
+        request = client.build_request("POST", call.url, headers=call.headers, content=call.body, timeout=call.timeout)
         return await client.send(request, stream=True)
 
     async def aclose(self) -> None:
         self.plain.close()
-        if self._httpx is not None:
-            await self._httpx.aclose()
+        made = self._httpx_made
+        if made is not None and made.done() and not made.cancelled() and made.exception() is None:
+            await made.result().aclose()
 
 
 @dataclass(frozen=True)
@@ -214,7 +259,7 @@ async def stream(
     """Deltas as they arrive, then one Finish; LLMError on any failure."""
     try:
         call = Call.build(route, request)
-    except (ValueError, TypeError, httpx.InvalidURL) as exc:  # e.g. timeout "30s", or an api_base from the environment
+    except (ValueError, TypeError) as exc:  # e.g. timeout "30s", or an api_base from the environment (no httpx here)
         raise unusable(route, exc) from exc
     reader = ChunkReader()
     async with opened(call, client.here(), route, explicit_params(request)) as response:
@@ -240,11 +285,11 @@ def reading(route: Route) -> Iterator[None]:
     """A failure while reading a streamed answer as litellm reports it."""
     try:
         yield
-    except _TIMEOUTS as exc:
+    except failures().timeouts as exc:
         raise provider_error(ProviderFailure(*_TIMED_OUT), route) from exc
-    except _TRANSPORT as exc:  # the connection broke mid-stream
+    except failures().transport as exc:  # the connection broke mid-stream
         raise provider_error(ProviderFailure(*_CONNECTION), route) from exc
-    except HTTP_ERRORS as exc:  # e.g. a body its content-encoding cannot decode
+    except failures().http as exc:  # e.g. a body its content-encoding cannot decode
         raise provider_error(ProviderFailure(500, str(exc) or type(exc).__name__), route) from exc
     except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a chunk that is not JSON, or not its shape
         raise provider_error(ProviderFailure(500, str(exc)), route) from exc
@@ -272,14 +317,14 @@ async def opened(
         last = attempt == call.max_retries
         try:
             response = await clients.send(call)
-        except httpx.InvalidURL as exc:  # a URL httpx cannot send either (a port "²", say)
+        except failures().invalid_url as exc:  # a URL httpx cannot send either (a port "²", say)
             raise unusable(route, exc) from exc
-        except _TIMEOUTS as exc:
+        except failures().timeouts as exc:
             if last:
                 raise provider_error(ProviderFailure(*_TIMED_OUT), route) from exc
             await asyncio.sleep(_backoff(attempt, None))
             continue
-        except _TRANSPORT as exc:
+        except failures().transport as exc:
             if last:
                 raise provider_error(ProviderFailure(*_CONNECTION), route) from exc
             await asyncio.sleep(_backoff(attempt, None))
@@ -303,7 +348,7 @@ async def _failure(response: StreamedResponse, *, azure: bool) -> ProviderFailur
     """An error answer in litellm's terms: the body's error message, else the body itself."""
     try:
         body = (await response.aread()).decode("utf-8", "replace")
-    except HTTP_ERRORS:
+    except failures().http:
         body = ""
     finally:
         await response.aclose()

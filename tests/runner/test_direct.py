@@ -238,6 +238,41 @@ def test_a_routing_file_naming_no_embedding_model_leaves_numpy_unloaded_at_start
     assert done.stdout.strip() == "False"
 
 
+def test_direct_routes_to_plain_http_bases_leave_httpx_unloaded_at_start_up(tmp_path: Path) -> None:
+    """httpx (with the rich and pygments its command line imports: ~100
+    modules, 4-6 MiB of an idle server) is imported, off the loop, for the
+    first call plain_http does not take (https://, a proxy), not when the
+    server starts with direct routes, nor for calls plain_http takes."""
+    closed = "http://127.0.0.1:9"
+    entries = [
+        entry("azure-bench", "azure/azure-bench", api_base=closed, api_version="2024-10-21", api_key="x"),
+        entry("claude-bench", "anthropic/claude-bench", api_base=closed, api_key="x"),
+        entry("*", "openai/*", api_base=f"{closed}/v1", max_retries=0),  # refused at once: a failure through plain_http
+    ]
+    path = config_file(tmp_path, entries)
+    script = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "import app.main\n"
+        "from app.llm import LLM, ChatRequest, LLMError\n"
+        f"llm = LLM.from_config(Path({str(path)!r}))\n"
+        "async def call() -> str:\n"
+        "    try:\n"
+        "        [event async for event in llm.stream(ChatRequest(model='gpt-4o', messages=[]))]\n"
+        "    except LLMError as error:\n"
+        "        return error.message\n"
+        "    finally:\n"
+        "        await llm.aclose()\n"
+        "    return 'answered'\n"
+        "print(asyncio.run(call()), 'httpx' in sys.modules, 'litellm' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=dict(os.environ), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("Connection error. False False"), done.stdout
+
+
 async def test_tool_choice_without_tools_is_not_sent(fake: FakeOpenAI, tmp_path: Path, llms: list[LLM]) -> None:
     """As through litellm: providers refuse tool_choice and parallel_tool_calls
     without tools, whether the request or the route sets them."""
