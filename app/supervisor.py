@@ -74,7 +74,8 @@ def _checks(settings: Settings) -> None:
 
 
 _MIGRATE_HERE = (
-    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); from app import supervisor; supervisor.migrate_here()"
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); from app import supervisor; "
+    "supervisor.migrate_here(int(sys.argv[2]))"
 )
 
 
@@ -85,14 +86,17 @@ def migrate(settings: Settings) -> None:
     process's life (about 9 MiB of the idle server on a new database, issue 17).
     A plain child interpreter, not multiprocessing's spawn: that would leave
     its resource tracker process beside the server for good (10+ MiB more).
-    Costs a fresh interpreter's start (0.5-1.5 s) when the schema is behind."""
+    Costs a fresh interpreter's start (0.5-1.5 s) when the schema is behind.
+    The child dies with this process (migrate_here): a server killed while it
+    migrates leaves no migration running on alone, against a database its
+    next start (or the operator) may already be working on."""
     from app.preflight import StartupError
 
     # The parent's import path, not the child's own: with -c, Python would put
     # the working directory first, where a user's project may have an app.py
     # or app/ of its own (a console script's path does not start there).
     done = subprocess.run(  # noqa: S603 (this interpreter, our program, our own import path)
-        [sys.executable, "-c", _MIGRATE_HERE, json.dumps(sys.path)],
+        [sys.executable, "-c", _MIGRATE_HERE, json.dumps(sys.path), str(os.getpid())],
         input=pickle.dumps(settings),
         stdout=subprocess.PIPE,  # the StartupError's line; logs go to stderr as here
         check=False,
@@ -102,8 +106,10 @@ def migrate(settings: Settings) -> None:
         raise StartupError(said or f"the database migration's process exited with status {done.returncode}")
 
 
-def migrate_here() -> None:
-    """migrate()'s child: the Settings pickled on stdin; a StartupError's line on stdout, exit status 1."""
+def migrate_here(parent: int) -> None:
+    """migrate()'s child: the Settings pickled on stdin; a StartupError's line
+    on stdout, exit status 1. Ended (SIGTERM) should ``parent``, the server, die first."""
+    _die_with(parent)
     from app import __main__ as cli
     from app import preflight
 
@@ -120,6 +126,16 @@ def migrate_here() -> None:
         result.write(str(exc))
         result.flush()
         raise SystemExit(1) from None
+
+
+def _die_with(parent: int) -> None:
+    """SIGTERM to this process when ``parent`` ends (Linux; elsewhere
+    nothing); gone already, before that was asked for, this process
+    leaves at once (its parent is then another)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        raise SystemExit(1)
 
 
 def serve_process(settings: Settings, listener: socket.socket, index: int, count: int) -> None:

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.config import Config
@@ -156,3 +162,74 @@ def test_an_ephemeral_server_migrates_its_new_database_itself(monkeypatch: pytes
     monkeypatch.setattr(cli, "serve", serve)
     arguments = argparse.Namespace(data_dir=None, ready_file=None)
     assert cli.serve_ephemeral(Settings(), arguments) == 0 and served == [True]
+
+
+_MIGRATING_SERVER = """
+import sys
+from app import supervisor
+from app.settings import Settings
+
+supervisor.migrate(Settings(database_url=sys.argv[1], data_dir=sys.argv[2]))
+"""
+
+
+def _migrating_child(parent: int, database: Path) -> int | None:
+    """The child of ``parent`` that has ``database`` open (the migration, connected), if any."""
+    try:
+        children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    except OSError:
+        return None
+    for child in children:
+        with contextlib.suppress(OSError):  # it ended meanwhile
+            if any(os.path.realpath(fd) == str(database) for fd in Path(f"/proc/{child}/fd").iterdir()):
+                return int(child)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie no reaper has collected yet has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _within(seconds: float, condition: Callable[[], Any], what: str) -> Any:
+    """Polls ``condition`` until it holds (its value) or ``seconds`` pass (fails saying ``what``)."""
+    deadline = time.monotonic() + seconds
+    while not (found := condition()):
+        assert time.monotonic() < deadline, f"no {what} within {seconds:g} s"
+        time.sleep(0.02)
+    return found
+
+
+def test_the_migrating_process_dies_with_the_server(tmp_path: Path) -> None:
+    """A server killed (SIGKILL) while its child process migrates the
+    database takes the migration with it (PR_SET_PDEATHSIG), instead of
+    leaving it running alone. The migration here waits for SQLite's write
+    lock, which the test holds (up to the busy timeout, 30 s, without)."""
+    database = (tmp_path / "assistants.db").resolve()
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("PRAGMA journal_mode=WAL")  # readers pass; the migration's writes wait
+    holder.execute("BEGIN IMMEDIATE")
+    logs = (tmp_path / "server.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-c", _MIGRATING_SERVER, f"sqlite+aiosqlite:///{database}", str(tmp_path / "data")],
+        stdout=logs,
+        stderr=logs,
+    )
+    child: int | None = None
+    try:
+        child = _within(60, lambda: _migrating_child(server.pid, database), "migrating child")
+        server.kill()
+        server.wait(timeout=10)
+        _within(10, lambda: not _alive(child), "end of the migrating child after its server's")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=10)
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
+        holder.close()
+        logs.close()
