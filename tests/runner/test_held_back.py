@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sqlite3
 import threading
 from pathlib import Path
@@ -29,6 +30,7 @@ from app.services import core_rows, run_defaults, run_events, run_execution, run
 from app.services import runs as runs_service
 from app.wire import jsontext
 from app.wire.events import Event
+from tests.runner.helpers import until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -617,6 +619,42 @@ async def test_a_connection_lost_under_a_straight_statement_is_invalidated_as_sq
     assert unexpected_error(raised.value).status == 503
     async with runtime.transaction() as session:  # no broken connection handed out
         await core_rows.insert_row(session, core_rows.record(orm.Thread, **_THREAD))
+
+
+@_ON_EITHER_LOOP
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_stale_defaults_miss_of_a_cancelled_collected_commit_is_only_noted(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A collected unit cancelled once its hop is sent waits for the hop's
+    outcome (db.commit_collected_seen_through). Its checked INSERT missing
+    there (the assistant changed: run_defaults.AssistantChanged, a routine
+    miss the caller would have retried) is noted (debug), as PostgreSQL's
+    routine misses are (runner/execute.py's run end), not a warning."""
+    caplog.set_level(logging.DEBUG, logger="app.db")
+    writers = db._WRITERS[runtime.engine.sync_engine]
+    runs = orm.Run.__table__
+    cas = update(runs).where(runs.c.id == bindparam("run_id")).values(status="failed")
+    missing = {db.EXPECT_ROWCOUNT: 1, db.ROWCOUNT_MISMATCH: run_defaults.AssistantChanged}
+
+    async def unit() -> None:
+        async with runtime.unit_of_work() as session:
+            assert await db.hold_back(session, cas, {"run_id": "run_none"}, missing)
+
+    # Another process's write lock: the hop's BEGIN IMMEDIATE waits for it on the connection's thread.
+    holder = sqlite3.connect(str(make_url(runtime.settings.database_url).database), isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        task = asyncio.create_task(unit())
+        await until(lambda: writers._lock._held, "the unit's hop to be sent")  # (past the lock: sent)
+        task.cancel()
+        await _ticks()
+    finally:
+        holder.close()  # its lock freed: the hop goes on, and misses
+    done, _pending = await asyncio.wait({task}, timeout=10)
+    assert done == {task} and task.cancelled()
+    (noted,) = [record for record in caplog.records if "a cancelled transaction's COMMIT failed" in record.message]
+    assert noted.levelno == logging.DEBUG
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
