@@ -33,6 +33,15 @@ def config_file(tmp_path: Path, entries: list[dict[str, Any]], name: str = "mode
     return path
 
 
+def _python_output(script: str) -> str:
+    """What ``script`` printed, run in a fresh interpreter (what it imports is its own)."""
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=dict(os.environ), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def entry(name: str, model: str, **params: Any) -> dict[str, Any]:
     return {"model_name": name, "litellm_params": {"model": model, **params}}
 
@@ -191,12 +200,8 @@ def test_direct_and_offline_routes_never_import_litellm(tmp_path: Path) -> None:
         "assert 'litellm' not in sys.modules, 'litellm was imported'\n"
         "print(windows)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=dict(os.environ), capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
     # From the model map litellm ships, read as data when litellm is installed (it is, in development).
-    assert done.stdout.strip() == "128000"
+    assert _python_output(script).strip() == "128000"
 
 
 def test_litellm_is_imported_at_start_up_only_when_a_route_or_embeddings_need_it(
@@ -231,11 +236,7 @@ def test_a_routing_file_naming_no_embedding_model_leaves_numpy_unloaded_at_start
         f"preflight.check_models(Settings(llm_config=Path({str(path)!r}), data_dir=Path({str(tmp_path / 'data')!r}))); "
         "print('numpy' in sys.modules)"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=dict(os.environ), capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"
+    assert _python_output(script).strip() == "False"
 
 
 def test_direct_routes_to_plain_http_bases_leave_httpx_unloaded_at_start_up(tmp_path: Path) -> None:
@@ -266,11 +267,8 @@ def test_direct_routes_to_plain_http_bases_leave_httpx_unloaded_at_start_up(tmp_
         "    return 'answered'\n"
         "print(asyncio.run(call()), 'httpx' in sys.modules, 'litellm' in sys.modules)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=dict(os.environ), capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith("Connection error. False False"), done.stdout
+    printed = _python_output(script).strip()
+    assert printed.endswith("Connection error. False False"), printed
 
 
 async def test_tool_choice_without_tools_is_not_sent(fake: FakeOpenAI, tmp_path: Path, llms: list[LLM]) -> None:
