@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
+from contextvars import ContextVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, Self, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -11,6 +12,7 @@ from pydantic import (
     ConfigDict,
     Field,
     GetJsonSchemaHandler,
+    ModelWrapValidatorHandler,
     SerializerFunctionWrapHandler,
     model_serializer,
     model_validator,
@@ -38,18 +40,28 @@ class RequestModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _storable(cls, data: Any) -> Any:
-        # Every nested request model walks its own part again, so the common
-        # case, nothing wrong, takes the quick check; only a body that fails it
-        # is walked again for the path and reason of its first problem.
-        if isinstance(data, dict) and not _all_storable(data, 1):
+    def _storable(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        # The outermost request model checks its whole body, before its
+        # fields are validated; the request models nested in it find their
+        # parts checked already (_BODY_CHECKED) and do not walk them again
+        # (two or three walks of the same strings in a thread-and-run body).
+        # The common case, nothing wrong, takes the quick check; only a body
+        # that fails it is walked again for the path and reason of its first
+        # problem.
+        if not isinstance(data, dict) or _BODY_CHECKED.get():
+            return handler(data)
+        if not _all_storable(data, 1):
             problem = _first_unstorable(data)
             if problem is not None:
                 path, reason = problem
                 raise custom_error("invalid_value", f"Invalid '{PARAM}': {reason}", param_suffix=path)
-        return data
+        checked = _BODY_CHECKED.set(True)
+        try:
+            return handler(data)
+        finally:
+            _BODY_CHECKED.reset(checked)
 
 
 class WireModel(BaseModel):
@@ -109,6 +121,9 @@ def custom_error(code: str, message: str, param_suffix: str = "") -> PydanticCus
 # --- storable text -------------------------------------------------------------
 
 MAX_NESTING = 100  # pydantic's serializer gives up at about 250 levels
+# Set while a request model's fields are validated, its whole body checked
+# (RequestModel._storable): what is nested in it is part of that body.
+_BODY_CHECKED: ContextVar[bool] = ContextVar("request_body_checked", default=False)
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 

@@ -16,12 +16,14 @@ from openai.pagination import AsyncCursorPage
 from openai.types import FileDeleted, FileObject
 from openai.types.beta import Assistant, AssistantDeleted, Thread, ThreadDeleted
 from openai.types.beta.threads import Message, MessageDeleted
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from app import ids, orm
 from app.services import assistants, files, messages, pagination, threads
 from app.wire import common
 from app.wire.common import Deleted
+from app.wire.messages import MessageCreate
+from app.wire.runs import ThreadAndRunCreate
 from tests import oas
 
 SEQ = 1_795_000_000_123_456_789
@@ -323,6 +325,28 @@ def _nested(levels: int, innermost: Any, container: str) -> Any:
 )
 def test_the_quick_storable_check_agrees_with_the_walk_that_names_the_problem(body: dict[str, Any]) -> None:
     assert common._all_storable(body, 1) == (common._first_unstorable(body) is None)
+
+
+def _unstorable_at(model: type[BaseModel], body: dict[str, Any]) -> str | None:
+    """Where ``model`` finds a string it cannot store in ``body`` (the error's parameter path), if anywhere."""
+    try:
+        model.model_validate(body)
+    except ValidationError as exc:
+        (error,) = [error for error in exc.errors() if error["type"] == "invalid_value"]
+        return str(error["ctx"]["param_suffix"])
+    return None
+
+
+def test_a_body_is_checked_for_unstorable_strings_once_whole_and_each_model_alone_still_checks_its_own() -> None:
+    """The outermost request model checks its whole body (the path from its
+    root); the models nested in it do not walk their parts again. Validated
+    alone, after a body passed or failed, a nested model checks its own."""
+    bad = [{"role": "user", "content": "ok"}, {"role": "user", "content": [{"type": "text", "text": "b\x00"}]}]
+    assert _unstorable_at(ThreadAndRunCreate, {"assistant_id": "a", "thread": {"messages": bad}}) == (
+        ".thread.messages[1].content[0].text"
+    )
+    assert _unstorable_at(ThreadAndRunCreate, {"assistant_id": "a", "thread": {"messages": bad[:1]}}) is None
+    assert _unstorable_at(MessageCreate, bad[1]) == ".content[0].text"
 
 
 def test_a_model_that_omits_fields_must_derive_from_the_omitting_base() -> None:
