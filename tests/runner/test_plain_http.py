@@ -569,6 +569,25 @@ async def test_a_proxy_from_the_environment_sends_the_call_through_httpx(
     assert len(proxy.exchanges) == 1 and len(server.exchanges) == 1
 
 
+async def test_the_first_calls_through_httpx_share_one_client_and_fail_as_litellm_reports(
+    tmp_path: Path, llms: list[LLM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx's client is made for the first call plain_http does not take
+    (a proxy here), in a thread: two such calls at once wait for the same
+    one, and httpx's errors (a refused proxy: its ConnectError) are mapped
+    as plain_http's are, to litellm's "Connection error."."""
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    llm = LLM.from_config(_config(tmp_path, "http://127.0.0.1:9/v1"))
+    llms.append(llm)
+    async with asyncio.timeout(30):
+        failures = await asyncio.gather(_failure(llm), _failure(llm))
+    assert [failure.message.rsplit(": ", 1)[-1] for failure in failures] == ["Connection error."] * 2
+    clients = llm._direct_client().here()
+    assert clients._httpx_made is not None and clients._httpx is clients._httpx_made.result()
+
+
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
