@@ -66,6 +66,12 @@ class HeldBackWriteMismatch(sqlite3.IntegrityError):
     says which write it was."""
 
 
+class RoutineMismatch(HeldBackWriteMismatch):
+    """A miss its writer expects and handles (it retries or reads the row
+    again): a stale assistant's defaults, a run moved by someone else. Not
+    one of the writes that cannot miss (a miss there is a bug, a warning)."""
+
+
 def raised_within(error: BaseException, kinds: type[BaseException] | tuple[type[BaseException], ...]) -> bool:
     """Whether ``error`` (a failed COMMIT or statement, as SQLAlchemy wraps
     it: the driver's exception as ``orig``, or as a cause or context) is or

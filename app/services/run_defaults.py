@@ -197,7 +197,7 @@ async def insert_checked(session: AsyncSession, run: orm.Run, defaults: Assistan
     await db.write_behind(session, statement, parameters, options)
 
 
-class AssistantChanged(sqlite_driver.HeldBackWriteMismatch):
+class AssistantChanged(sqlite_driver.RoutineMismatch):
     """insert_checked()'s run was not inserted at the COMMIT: the assistant
     no longer has the remembered defaults."""
 

@@ -96,7 +96,7 @@ def _update(keys: tuple[str, ...], refresh: bool, leased: bool, unchanged: bool 
 _CANNOT_MISS = {**db.WRITE_BEHIND, db.EXPECT_ROWCOUNT: 1}
 
 
-class RunMoved(sqlite_driver.HeldBackWriteMismatch):
+class RunMoved(sqlite_driver.RoutineMismatch):
     """A move made ``unchanged`` (transition()) changed no row at the
     COMMIT: the run was no longer as its mover held it (moved by someone
     else, in another lease, its metadata changed). The transaction failed

@@ -623,19 +623,25 @@ async def test_a_connection_lost_under_a_straight_statement_is_invalidated_as_sq
 
 @_ON_EITHER_LOOP
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-async def test_a_stale_defaults_miss_of_a_cancelled_collected_commit_is_only_noted(
-    runtime: Runtime, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("mismatch", "level"),
+    [({db.ROWCOUNT_MISMATCH: run_defaults.AssistantChanged}, logging.DEBUG), ({}, logging.WARNING)],
+    ids=["stale_defaults", "cannot_miss"],
+)
+async def test_a_routine_miss_of_a_cancelled_collected_commit_is_only_noted(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture, mismatch: dict[str, Any], level: int
 ) -> None:
     """A collected unit cancelled once its hop is sent waits for the hop's
-    outcome (db.commit_collected_seen_through). Its checked INSERT missing
-    there (the assistant changed: run_defaults.AssistantChanged, a routine
-    miss the caller would have retried) is noted (debug), as PostgreSQL's
-    routine misses are (runner/execute.py's run end), not a warning."""
+    outcome (db.commit_collected_seen_through). Its checked write missing
+    there is noted (debug) when the miss is routine (the assistant changed:
+    run_defaults.AssistantChanged, which the caller would have retried), and
+    a warning when the write could not miss (run_state's _CANNOT_MISS: no
+    ROWCOUNT_MISMATCH kind, a bug)."""
     caplog.set_level(logging.DEBUG, logger="app.db")
     writers = db._WRITERS[runtime.engine.sync_engine]
     runs = orm.Run.__table__
     cas = update(runs).where(runs.c.id == bindparam("run_id")).values(status="failed")
-    missing = {db.EXPECT_ROWCOUNT: 1, db.ROWCOUNT_MISMATCH: run_defaults.AssistantChanged}
+    missing = {db.EXPECT_ROWCOUNT: 1, **mismatch}
 
     async def unit() -> None:
         async with runtime.unit_of_work() as session:
@@ -654,7 +660,7 @@ async def test_a_stale_defaults_miss_of_a_cancelled_collected_commit_is_only_not
     done, _pending = await asyncio.wait({task}, timeout=10)
     assert done == {task} and task.cancelled()
     (noted,) = [record for record in caplog.records if "a cancelled transaction's COMMIT failed" in record.message]
-    assert noted.levelno == logging.DEBUG
+    assert noted.levelno == level
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
