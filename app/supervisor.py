@@ -60,13 +60,15 @@ _PR_SET_PDEATHSIG = 1
 
 def prepare(settings: Settings) -> None:
     """Run the start-up checks in a spawned process and wait for them; their
-    StartupError is raised here."""
+    StartupError is raised here. The process dies with this one, as
+    migrate()'s child does (the checks migrate the database)."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        pool.submit(_checks, settings).result()
+        pool.submit(_checks, settings, os.getpid()).result()
 
 
-def _checks(settings: Settings) -> None:
+def _checks(settings: Settings, parent: int) -> None:
+    _die_with(parent)
     from app import __main__ as cli  # the CLI module imports this one
 
     cli.configure_logging(settings)

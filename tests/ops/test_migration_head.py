@@ -164,12 +164,15 @@ def test_an_ephemeral_server_migrates_its_new_database_itself(monkeypatch: pytes
     assert cli.serve_ephemeral(Settings(), arguments) == 0 and served == [True]
 
 
+# A server that migrates: alone (migrate()'s child interpreter), or as
+# `serve --workers N`'s supervisor (prepare()'s spawned checks process).
 _MIGRATING_SERVER = """
 import sys
 from app import supervisor
 from app.settings import Settings
 
-supervisor.migrate(Settings(database_url=sys.argv[1], data_dir=sys.argv[2]))
+if __name__ == "__main__":  # (spawn's child imports this script again)
+    supervisor.{how}(Settings(database_url=sys.argv[1], data_dir=sys.argv[2]))
 """
 
 
@@ -204,18 +207,23 @@ def _within(seconds: float, condition: Callable[[], Any], what: str) -> Any:
     return found
 
 
-def test_the_migrating_process_dies_with_the_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["migrate", "prepare"])
+def test_the_migrating_process_dies_with_the_server(tmp_path: Path, how: str) -> None:
     """A server killed (SIGKILL) while its child process migrates the
     database takes the migration with it (PR_SET_PDEATHSIG), instead of
-    leaving it running alone. The migration here waits for SQLite's write
-    lock, which the test holds (up to the busy timeout, 30 s, without)."""
+    leaving it running alone: a single server's migrating child, and the
+    checks process of `serve --workers N`. The migration here waits for
+    SQLite's write lock, which the test holds (up to the busy timeout, 30 s,
+    without)."""
     database = (tmp_path / "assistants.db").resolve()
     holder = sqlite3.connect(database, isolation_level=None)
     holder.execute("PRAGMA journal_mode=WAL")  # readers pass; the migration's writes wait
     holder.execute("BEGIN IMMEDIATE")
     logs = (tmp_path / "server.log").open("wb")
+    script = tmp_path / "server.py"
+    script.write_text(_MIGRATING_SERVER.format(how=how))
     server = subprocess.Popen(
-        [sys.executable, "-c", _MIGRATING_SERVER, f"sqlite+aiosqlite:///{database}", str(tmp_path / "data")],
+        [sys.executable, str(script), f"sqlite+aiosqlite:///{database}", str(tmp_path / "data")],
         stdout=logs,
         stderr=logs,
     )
