@@ -162,6 +162,8 @@ class _LoopClients:
         self._targets: dict[str, plain_http.Target | None] = {}
         self._httpx: httpx.AsyncClient | None = None
         self._httpx_made: asyncio.Future[httpx.AsyncClient] | None = None
+        self._closed = False
+        self._closing: asyncio.Future[None] | None = None  # closing a client made after aclose()
 
     def plain_target(self, url: str) -> plain_http.Target | None:
         """Where plain_http sends ``url``, or None for httpx."""
@@ -182,8 +184,20 @@ class _LoopClients:
         if self._httpx is None:
             if self._httpx_made is None:
                 self._httpx_made = asyncio.ensure_future(asyncio.to_thread(_new_httpx_client))
+                self._httpx_made.add_done_callback(self._made)
             self._httpx = await asyncio.shield(self._httpx_made)
         return self._httpx
+
+    def _made(self, made: asyncio.Future[httpx.AsyncClient]) -> None:
+        # A failed making (a transient EMFILE reading the CA bundle, say)
+        # fails the calls waiting for it; the next call tries again, as
+        # each call did when the client was made at start-up.
+        if made.cancelled() or made.exception() is not None:
+            if self._httpx_made is made:
+                self._httpx_made = None
+        elif self._closed:
+            # Made after aclose(): nothing would close it otherwise.
+            self._closing = asyncio.ensure_future(made.result().aclose())
 
     async def send(self, call: Call) -> StreamedResponse:
         """POST the call; the answer once its head arrived (the body is read from it)."""
@@ -196,6 +210,7 @@ class _LoopClients:
         return await client.send(request, stream=True)
 
     async def aclose(self) -> None:
+        self._closed = True
         self.plain.close()
         made = self._httpx_made
         if made is not None and made.done() and not made.cancelled() and made.exception() is None:

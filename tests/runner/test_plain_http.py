@@ -22,6 +22,7 @@ from httpx._utils import URLPattern, get_environment_proxies  # what its client 
 
 from app.llm import LLM, ChatRequest, LLMError, TextDelta, direct, plain_http
 from app.llm.plain_http import Limits, Pool, ProxyEnvironment, Target, Timeouts, plain_target
+from tests.runner.helpers import until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -579,13 +580,73 @@ async def test_the_first_calls_through_httpx_share_one_client_and_fail_as_litell
     for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    made = _counting_httpx_clients(monkeypatch)
     llm = LLM.from_config(_config(tmp_path, "http://127.0.0.1:9/v1"))
     llms.append(llm)
     async with asyncio.timeout(30):
         failures = await asyncio.gather(_failure(llm), _failure(llm))
     assert [failure.message.rsplit(": ", 1)[-1] for failure in failures] == ["Connection error."] * 2
     clients = llm._direct_client().here()
-    assert clients._httpx_made is not None and clients._httpx is clients._httpx_made.result()
+    assert len(made) == 1 and clients._httpx is made[0]
+
+
+def _counting_httpx_clients(monkeypatch: pytest.MonkeyPatch, *failures: BaseException) -> list[httpx.AsyncClient]:
+    """The httpx clients direct makes from now on; its first attempts raise
+    ``failures``, one each."""
+    made: list[httpx.AsyncClient] = []
+    real = direct._new_httpx_client
+    pending = list(failures)
+
+    def new_client() -> httpx.AsyncClient:
+        if pending:
+            raise pending.pop(0)
+        made.append(real())
+        return made[-1]
+
+    monkeypatch.setattr(direct, "_new_httpx_client", new_client)
+    return made
+
+
+async def test_a_failed_making_of_the_httpx_client_is_tried_again_by_the_next_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A transient failure making the client (a CA bundle unreadable for a
+    moment) fails the calls that waited for it, not every later one: the
+    next call makes it again, as each call did when it was made at start."""
+    made = _counting_httpx_clients(monkeypatch, OSError("Too many open files"))
+    clients = direct._LoopClients()
+    try:
+        async with asyncio.timeout(30):
+            with pytest.raises(OSError, match="Too many open files"):
+                await clients.httpx_client()
+            client = await clients.httpx_client()
+        assert made == [client]
+    finally:
+        await clients.aclose()
+    assert client.is_closed
+
+
+async def test_an_httpx_client_made_after_close_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aclose() while the client is still being made (in its thread): the
+    client, once made, is closed, not left open with nobody to close it."""
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    made = _counting_httpx_clients(monkeypatch)
+    counting = direct._new_httpx_client
+
+    def slow_client() -> httpx.AsyncClient:
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=30)
+        return counting()
+
+    monkeypatch.setattr(direct, "_new_httpx_client", slow_client)
+    clients = direct._LoopClients()
+    async with asyncio.timeout(30):
+        call = asyncio.create_task(clients.httpx_client())
+        await asyncio.sleep(0)
+        await clients.aclose()
+        release.set()
+        await call
+    await until(lambda: made and made[0].is_closed, "the client made after aclose() to be closed")
 
 
 @pytest.mark.parametrize(
