@@ -333,6 +333,67 @@ async def commit_collected_seen_through(session: AsyncSession, engine: AsyncEngi
     await _commit_seen_through(session, asyncio.ensure_future(_commit_held(engine, pooled, writers, statements)))
 
 
+def _straight_committable(session: AsyncSession) -> tuple[Connection, sqlite_driver.OneHopConnection] | None:
+    """The SQLAlchemy connection and driver connection of ``session``'s
+    SQLite transaction, if commit_straight() may commit it: connected, no
+    savepoint open, nothing for the ORM to flush, no listener of the
+    session's commit events (tests inject failures there), the one-hop
+    driver's transaction open. None: session.commit() is needed."""
+    sync = session.sync_session
+    bind = sync.bind
+    if not isinstance(bind, Engine) or bind.dialect.name != "sqlite":
+        return None
+    transaction = sync.get_transaction()
+    if transaction is None or not transaction.is_active or sync.get_nested_transaction() is not None:
+        return None
+    if sync.new or sync.dirty or sync.deleted:
+        return None  # a flush first: SQLAlchemy's unit of work
+    if sync.dispatch.before_commit or sync.dispatch.after_commit:
+        return None  # someone listens for SQLAlchemy's commit (the server does not)
+    connection = held_back.connection_of(session, bind)
+    if connection is None or connection.closed or connection.invalidated:
+        return None
+    if connection.get_nested_transaction() is not None or not connection.in_transaction():
+        return None
+    driver: object = connection.connection.dbapi_connection
+    if not isinstance(driver, sqlite_driver.OneHopConnection) or not driver.transaction_open:
+        return None
+    if driver.inline_wait_ms is not None:
+        return None
+    return connection, driver
+
+
+async def commit_straight(session: AsyncSession, *, seen_through: bool) -> bool:
+    """Commit ``session``'s SQLite transaction straight on the driver: its
+    held-back writes and COMMIT in one hop awaited here, without
+    AsyncSession.commit's greenlet, SQLAlchemy's commit and its events
+    (issue 17: the claim's transaction, whose writes are all held back or
+    already sent straight). SQLAlchemy's transaction is then closed: its
+    ROLLBACK finds nothing open (no hop), the connection goes back to the
+    pool. False, nothing done, where session.commit() must (see
+    _straight_committable). A failure is SQLAlchemy's error for it
+    (held_back.sent: a lost connection invalidated, a cancellation
+    invalidating it), everything rolled back on the thread; the session is
+    then the caller's to roll back, as after a failed commit. With
+    ``seen_through`` the hop is carried through a cancellation as
+    commit_seen_through() carries a commit."""
+    found = _straight_committable(session)
+    if found is None:
+        return False
+    connection, driver = found
+    hop = held_back.sent(driver.commit_straight(), "COMMIT", None, connection.dialect, connection.invalidate)
+    if seen_through:
+        await _commit_seen_through(session, asyncio.ensure_future(hop))
+    else:
+        await hop
+    pool = connection.engine.pool
+    if isinstance(pool, QueuePool) and pool.checkedin() < pool.size():
+        session.sync_session.close()  # into the pool's queue, its reset's ROLLBACK a no-op: no I/O
+    else:
+        await greenlet_spawn(session.sync_session.close)  # the pool closes it: I/O
+    return True
+
+
 async def _collected_connection(engine: AsyncEngine) -> tuple[PoolProxiedConnection, SQLiteWriters]:
     """A connection checked out of the pool raw, then the write lock: every
     writer's order (a transaction's checkout, then its begin's lock). The

@@ -195,7 +195,7 @@ def _parameters(shape: _Shape, params: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(processors[key](made[key]) if key in processors else made[key] for key in shape.positions)
 
 
-def _connection_of(session: AsyncSession, bind: Engine) -> Connection | None:
+def connection_of(session: AsyncSession, bind: Engine) -> Connection | None:
     """The session's connection to ``bind`` in its open transaction, if it
     has connected yet (found without the greenlet: no I/O)."""
     # The innermost transaction: a savepoint that has not connected yet is
@@ -252,7 +252,7 @@ async def _straight(session: AsyncSession, statement: ClauseElement, params: dic
     shape = _shape(bind.dialect, statement, tuple(params))
     if shape is None or not session.sync_session.is_active:
         return None
-    connection = _connection_of(session, bind)
+    connection = connection_of(session, bind)
     if connection is None:
         connection = (await session.connection()).sync_connection
     if connection is None or connection.closed or connection.invalidated:

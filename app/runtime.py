@@ -243,14 +243,32 @@ class Runtime:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """One short unit of work: commits on success, rolls back on error."""
+        """One short unit of work: commits on success, rolls back on error.
+
+        Begun and, on SQLite, committed without SQLAlchemy's greenlet where
+        nothing needs it (issue 17): the begin does no I/O (the session
+        connects at its first statement), and a transaction whose writes
+        are all held back or sent straight (the claim's, an instant
+        answer's) commits on the driver (db.commit_straight)."""
         async with self.sessionmaker() as session:
             try:
-                async with session.begin():
-                    yield session
-                    if run_log.logged(session):
-                        await db.commit_seen_through(session)
+                session.sync_session.begin()  # no connection yet: no I/O
+                yield session
+                logged = run_log.logged(session)
+                begun = session.sync_session.get_transaction()
+                if begun is None or not begun.is_active:
+                    # Ended or rolled back within (a failed flush caught
+                    # there): closed as session.begin()'s block closes it.
+                    await session.rollback()
+                elif await db.commit_straight(session, seen_through=logged):
+                    pass
+                elif logged:
+                    await db.commit_seen_through(session)
+                else:
+                    await session.commit()
             except BaseException:
+                if session.in_transaction():
+                    await session.rollback()
                 self._ended_badly(session)
                 raise
             self.run_log.committed(session)  # the run events it logged reach streams now

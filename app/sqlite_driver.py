@@ -408,15 +408,41 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         async with self._execute_mutex:
             await connection._execute(_commit, connection._conn, begin, statements)  # type: ignore[no-untyped-call]
 
+    async def commit_straight(self) -> None:
+        """commit() awaited on the event loop, outside SQLAlchemy's commit
+        and its greenlet (app/db.py's commit_straight, issue 17): the held-back
+        writes and COMMIT in one hop, rolled back there if one fails, the
+        raw error raised (held_back.sent words it as SQLAlchemy would). The
+        transaction is over either way, the write lock handed on."""
+        begin, earlier = self._ending()
+        try:
+            if begin is not None and not earlier:  # nothing ran: nothing to commit
+                return
+            connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+            if connection._connection is None:
+                # Closed under us: what it ran (its BEGIN sent) or holds
+                # back is lost, never reported committed.
+                raise ValueError("no active connection")
+            async with self._execute_mutex:
+                await connection._execute(_commit, connection._conn, begin, earlier)  # type: ignore[no-untyped-call]
+        finally:
+            self._ended()
+
     def _ended(self) -> None:
         callback, self.on_transaction_end = self.on_transaction_end, None
         if callback is not None:
             callback()
 
-    def commit(self) -> None:
+    def _ending(self) -> tuple[str | None, list[Statement]]:
+        """The transaction's deferred BEGIN and held-back writes, taken for
+        its COMMIT: it is no longer open."""
         begin, self.begin_deferred = self.begin_deferred, None
         earlier, self.held_back = self.held_back, []
         self.transaction_open = False
+        return begin, earlier
+
+    def commit(self) -> None:
+        begin, earlier = self._ending()
         try:
             if begin is not None and not earlier:  # nothing ran: nothing to commit
                 return

@@ -517,6 +517,30 @@ def _commits_then_wait(
             raise OSError("disk I/O error")
 
     monkeypatch.setattr(driver, "commit", commit)
+    if runtime.run_log.postgres:
+        return committed, release
+    # SQLite: Runtime.transaction commits on the driver, outside SQLAlchemy's commit (db.commit_straight).
+    real_straight = sqlite_driver.OneHopConnection.commit_straight
+
+    async def commit_straight(self: sqlite_driver.OneHopConnection) -> None:
+        if committed.is_set():  # the next one only
+            await real_straight(self)
+            return
+        if not then_fails:
+            await real_straight(self)
+            committed.set()
+            await release.wait()
+            return
+        committed.set()
+        try:
+            await release.wait()
+        finally:  # as a failed COMMIT leaves it: rolled back
+            self.begin_deferred, self.held_back, self.transaction_open = None, [], False
+            await self._connection.rollback()
+            self._ended()
+        raise OSError("disk I/O error")
+
+    monkeypatch.setattr(sqlite_driver.OneHopConnection, "commit_straight", commit_straight)
     return committed, release
 
 

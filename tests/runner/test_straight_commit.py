@@ -1,0 +1,269 @@
+"""db.commit_straight (issue 17): a SQLite transaction whose writes are all
+held back or sent straight (the claim's, an instant answer's) commits on
+the driver, without SQLAlchemy's commit, and keeps every guarantee of the
+commit it replaces: all or nothing, the write lock and the connection
+given back, a lost connection answered 503 with the run claimable again, a
+cancellation mid-hop seen through. Each failure is run on asyncio and on
+uvloop (the server's loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import uvloop
+from sqlalchemy import bindparam, event, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from app import db, orm, sqlite_driver
+from app.api.handlers import unexpected_error
+from app.runner import execute
+from app.runtime import Runtime
+from app.services import core_rows
+from app.settings import Settings
+from app.wire.events import Event
+from tests.runner.test_worker import _make_runs, _statuses
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
+
+_OWNER = "test:0:straight"
+LOOPS = ["asyncio", "uvloop"]
+
+
+def _on(loop: str, settings: Settings, body: Callable[[Runtime], Awaitable[None]]) -> None:
+    """``body`` with a started runtime, on a new event loop of kind ``loop``."""
+
+    async def main() -> None:
+        runtime = await Runtime.start(settings)
+        try:
+            async with asyncio.timeout(30):
+                await body(runtime)
+        finally:
+            await runtime.close()
+
+    factory = uvloop.new_event_loop if loop == "uvloop" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
+
+
+def _lock_free(runtime: Runtime) -> None:
+    """SQLite's write lock is free: another connection takes it at once."""
+    with sqlite3.connect(str(make_url(runtime.settings.database_url).database), timeout=0) as other:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+
+
+def _checked_out(runtime: Runtime) -> int:
+    return int(runtime.engine.sync_engine.pool.checkedout())  # type: ignore[attr-defined]
+
+
+@contextmanager
+def _commits(runtime: Runtime) -> Iterator[list[object]]:
+    """SQLAlchemy's commits on the engine, while within."""
+    seen: list[object] = []
+
+    def commit(connection: object) -> None:
+        seen.append(connection)
+
+    event.listen(runtime.engine.sync_engine, "commit", commit)
+    try:
+        yield seen
+    finally:
+        event.remove(runtime.engine.sync_engine, "commit", commit)
+
+
+@contextmanager
+def _before_straight_commit(hook: Callable[[sqlite_driver.OneHopConnection], Awaitable[None]]) -> Iterator[None]:
+    """Every straight commit first awaits ``hook`` with its driver connection."""
+    real = sqlite_driver.OneHopConnection.commit_straight
+
+    async def commit_straight(self: sqlite_driver.OneHopConnection) -> None:
+        await hook(self)
+        await real(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sqlite_driver.OneHopConnection, "commit_straight", commit_straight)
+        yield
+
+
+async def _cancelled_in_its_straight_commit(work: Coroutine[Any, Any, Any]) -> None:
+    """``work`` in a task cancelled while its straight COMMIT waits for the
+    connection's thread (busy, as under load, until the cancel is made;
+    the thread then runs the COMMIT whatever the task does): the task
+    must end cancelled."""
+    release = threading.Event()
+    committing = asyncio.Event()
+    busy: list[asyncio.Future[Any]] = []
+
+    async def stall(driver: sqlite_driver.OneHopConnection) -> None:
+        busy.append(asyncio.ensure_future(driver._connection._execute(release.wait, 30.0)))
+        await asyncio.sleep(0)  # that job reaches the thread's queue first
+        committing.set()
+
+    with _before_straight_commit(stall):
+        task = asyncio.create_task(work)
+        await committing.wait()
+        task.cancel()
+        release.set()
+        done, _pending = await asyncio.wait({task}, timeout=10)
+    assert done == {task} and task.cancelled()
+    await asyncio.gather(*busy)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_claims_transaction_commits_straight_on_the_driver(settings: Settings, loop: str) -> None:
+    """An instant answer ends in the claim's transaction, committed without
+    SQLAlchemy's commit; its connection and SQLite's lock are given back,
+    its events logged and streamed."""
+
+    async def body(runtime: Runtime) -> None:
+        (run_id,) = await _make_runs(runtime, 1)
+        with _commits(runtime) as commits:
+            (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+        assert execution.finished and commits == []
+        assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
+        assert _checked_out(runtime) == 0
+        _lock_free(runtime)
+        async with runtime.transaction() as session:
+            names = (await session.scalars(select(orm.RunEvent.event).where(orm.RunEvent.run_id == run_id))).all()
+        assert names[0] == "thread.run.in_progress" and names[-1] == "thread.run.completed"
+
+    _on(loop, settings, body)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_failing_held_back_write_rolls_the_straight_commit_back_whole(settings: Settings, loop: str) -> None:
+    """A held-back compare-and-set that misses fails the straight COMMIT:
+    the statement sent straight before it (run_now) and the other writes
+    are rolled back with it, its events never reach the log, and the lock
+    and the connection are free again."""
+    runs = orm.Run.__table__
+    stamp = update(runs).where(runs.c.id == bindparam("run_id")).values(lease_owner="w").returning(runs.c.id)
+    miss = update(runs).where(runs.c.id == bindparam("run_id")).values(status="failed")
+
+    async def body(runtime: Runtime) -> None:
+        (run_id,) = await _make_runs(runtime, 1)
+        with pytest.raises(IntegrityError):
+            async with runtime.transaction() as session:
+                assert await db.run_now(session, stamp, {"run_id": run_id}) == [{"id": run_id}]
+                await runtime.run_log.append(session, run_id, [Event("thread.run.step.created", {"x": 1})])
+                assert await db.hold_back(session, miss, {"run_id": "run_none"}, {db.EXPECT_ROWCOUNT: 1})
+        assert _checked_out(runtime) == 0
+        _lock_free(runtime)
+        async with runtime.transaction() as session:
+            assert await session.scalar(select(orm.Run.lease_owner).where(orm.Run.id == run_id)) is None
+            assert (await session.scalars(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id))).all() == []
+        (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})  # nothing left held
+        assert execution.finished and await _statuses(runtime, [run_id]) == {run_id: "completed"}
+
+    _on(loop, settings, body)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_connection_lost_at_the_claims_commit_is_a_503_and_the_run_is_claimed_again(
+    settings: Settings, loop: str
+) -> None:
+    """The connection closed under the claim's straight COMMIT: the error
+    says it was invalidated (503), the broken connection is not handed out
+    again, nothing of the claim stays, and the next claim runs the run."""
+
+    async def lose(driver: sqlite_driver.OneHopConnection) -> None:
+        await driver._connection.close()
+
+    async def body(runtime: Runtime) -> None:
+        (run_id,) = await _make_runs(runtime, 1)
+        with _before_straight_commit(lose), pytest.raises(DBAPIError) as raised:
+            await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+        assert raised.value.connection_invalidated
+        assert unexpected_error(raised.value).status == 503
+        assert await _statuses(runtime, [run_id]) == {run_id: "queued"}
+        (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+        assert execution.finished and await _statuses(runtime, [run_id]) == {run_id: "completed"}
+        assert _checked_out(runtime) == 0
+        _lock_free(runtime)
+
+    _on(loop, settings, body)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_claim_cancelled_during_its_straight_commit_is_seen_through(settings: Settings, loop: str) -> None:
+    """Cancelled while its COMMIT waits for the connection's thread: the
+    COMMIT still runs there, and the claim's task waits for it before it is
+    cancelled, so the ended run's events reach the log once and the run
+    log's numbering goes on after them."""
+
+    async def body(runtime: Runtime) -> None:
+        (run_id,) = await _make_runs(runtime, 1)
+        await _cancelled_in_its_straight_commit(execute.claim_and_start(runtime, _OWNER, 1, 60.0, {}))
+        assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
+        async with runtime.transaction() as session:
+            seqs = (await session.scalars(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id))).all()
+        assert seqs == list(range(1, len(seqs) + 1))
+        assert not runtime.run_log._appending  # committed, not left pending
+        assert _checked_out(runtime) == 0
+        _lock_free(runtime)
+
+    _on(loop, settings, body)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_transaction_cancelled_during_its_straight_commit_without_events_leaves_nothing_open(
+    settings: Settings, loop: str
+) -> None:
+    """Not seen through (no run events): the cancellation invalidates the
+    connection, whose thread may still be about to COMMIT, rather than
+    give it back to the pool in a transaction; the next transaction finds
+    SQLite's lock free."""
+
+    async def writing(runtime: Runtime) -> None:
+        async with runtime.transaction() as session:
+            await core_rows.insert_row(session, core_rows.record(orm.Thread, **_thread("thread_cancelled")))
+            await session.execute(select(orm.Thread.id))  # connected, the insert sent
+
+    async def body(runtime: Runtime) -> None:
+        await _cancelled_in_its_straight_commit(writing(runtime))
+        async with runtime.transaction() as session:
+            await core_rows.insert_row(session, core_rows.record(orm.Thread, **_thread("thread_next")))
+        assert _checked_out(runtime) == 0
+        _lock_free(runtime)
+
+    _on(loop, settings, body)
+
+
+def _thread(thread_id: str) -> dict[str, Any]:
+    return {"id": thread_id, "project_id": orm.DEFAULT_PROJECT_ID, "seq": 1, "created_at": 1, "metadata_": {}}
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_data_error_at_the_claims_straight_commit_holds_no_claim_back(settings: Settings, loop: str) -> None:
+    """The claim's straight COMMIT refused for the data (an integrity error
+    there, as SQLAlchemy raises it): nothing of the claim stays, and the run
+    is then taken the streamed way, in transactions of its own, rather than
+    claimed and refused again and again."""
+    refusals: list[int] = []
+
+    async def refuse(_driver: sqlite_driver.OneHopConnection) -> None:
+        if not refusals:
+            refusals.append(1)
+            raise sqlite3.IntegrityError("a constraint refused it")
+
+    async def body(runtime: Runtime) -> None:
+        (run_id,) = await _make_runs(runtime, 1)
+        with _before_straight_commit(refuse):
+            with pytest.raises(IntegrityError):
+                await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+            assert await _statuses(runtime, [run_id]) == {run_id: "queued"}
+            (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+            assert not execution.finished  # not answered in its claim again
+            await execute.run(execution)
+        assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
+        assert _checked_out(runtime) == 0
+        _lock_free(runtime)
+
+    _on(loop, settings, body)
