@@ -158,13 +158,33 @@ def _sources(
     return tuple(sources)
 
 
+def _plain_text(statement: TextClause) -> bool:
+    """Whether none of the text() statement's parameters carries a value or
+    a type of its own (then its text alone is its shape). Known once per
+    statement object: a cached statement (run_events' insert, of up to
+    dozens of parameters) was checked again on every call (issue 17)."""
+    try:
+        return _PLAIN_TEXTS[statement]
+    except KeyError:
+        pass
+    if len(_PLAIN_TEXTS) >= _MOST_SHAPES:
+        _PLAIN_TEXTS.clear()  # text() built per call: checked again rather than kept
+    plain = _PLAIN_TEXTS[statement] = not any(
+        not bind.type._isnull or bind.value is not None or bind.expanding or bind.literal_execute or bind.callable
+        for bind in statement._bindparams.values()
+    )
+    return plain
+
+
+# _plain_text()'s answers, by statement object (a ClauseElement hashes by
+# identity; its binds are not changed once it has been executed).
+_PLAIN_TEXTS: dict[TextClause, bool] = {}
+
+
 def _shape(dialect: Dialect, statement: ClauseElement, names: tuple[str, ...]) -> _Shape | None:
     if isinstance(statement, TextClause):
         # Keyed by its text: only when none of its parameters carries a value or a type of its own.
-        if any(
-            not bind.type._isnull or bind.value is not None or bind.expanding or bind.literal_execute or bind.callable
-            for bind in statement._bindparams.values()
-        ):
+        if not _plain_text(statement):
             return None
         key: tuple[Dialect, object, tuple[str, ...]] = (dialect, statement.text, names)
     else:
