@@ -381,17 +381,26 @@ async def commit_straight(session: AsyncSession, *, seen_through: bool) -> bool:
     if found is None:
         return False
     connection, driver = found
-    hop = held_back.sent(driver.commit_straight(), "COMMIT", None, connection.dialect, connection.invalidate)
     if seen_through:
-        await _commit_seen_through(session, asyncio.ensure_future(hop))
+        await _commit_seen_through(session, asyncio.ensure_future(_committed_straight(session, connection, driver)))
     else:
-        await hop
+        await _committed_straight(session, connection, driver)
+    return True
+
+
+async def _committed_straight(
+    session: AsyncSession, connection: Connection, driver: sqlite_driver.OneHopConnection
+) -> None:
+    """commit_straight()'s hop, then SQLAlchemy's transaction closed: both
+    seen through together, as session.commit() closes its transaction
+    within (a cancellation between them would take a committed transaction
+    for a rolled-back one)."""
+    await held_back.sent(driver.commit_straight(), "COMMIT", None, connection.dialect, connection.invalidate)
     pool = connection.engine.pool
     if isinstance(pool, QueuePool) and pool.checkedin() < pool.size():
         session.sync_session.close()  # into the pool's queue, its reset's ROLLBACK a no-op: no I/O
     else:
         await greenlet_spawn(session.sync_session.close)  # the pool closes it: I/O
-    return True
 
 
 async def _collected_connection(engine: AsyncEngine) -> tuple[PoolProxiedConnection, SQLiteWriters]:

@@ -267,3 +267,26 @@ def test_a_data_error_at_the_claims_straight_commit_holds_no_claim_back(settings
         _lock_free(runtime)
 
     _on(loop, settings, body)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_straight_commit_whose_connection_the_pool_may_close_closes_it_through_the_greenlet(
+    settings: Settings, loop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool full (an overflow connection, closed at its return: I/O):
+    SQLAlchemy's transaction is closed through the greenlet, inside the
+    seen-through hop; the run ends and nothing stays checked out."""
+
+    async def body(runtime: Runtime) -> None:
+        (run_id,) = await _make_runs(runtime, 1)
+        pool: Any = runtime.engine.sync_engine.pool
+        monkeypatch.setattr(pool, "checkedin", lambda: pool.size())
+        with _commits(runtime) as commits:
+            (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+        monkeypatch.undo()
+        assert execution.finished and commits == []
+        assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
+        assert _checked_out(runtime) == 0
+        _lock_free(runtime)
+
+    _on(loop, settings, body)
