@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NamedTuple, TypeVar, cast
 
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ClauseElement, Executable, TextClause
@@ -367,17 +368,23 @@ async def hold_back(
 _RESULTS: dict[SQLCompiler, tuple[tuple[str, Callable[[Any], Any] | None], ...]] = {}
 
 
-def _results(dialect: Dialect, compiled: SQLCompiler) -> tuple[tuple[str, Callable[[Any], Any] | None], ...]:
+def _results(
+    dialect: Dialect, compiled: SQLCompiler, coltypes: tuple[int, ...] | None = None
+) -> tuple[tuple[str, Callable[[Any], Any] | None], ...]:
     """The statement's result columns (a RETURNING's or a SELECT's) as
     SQLAlchemy's cursor result takes them: by name, each value through its
     type's result processor (JSON decoded by the dialect's deserializer,
-    booleans from integers)."""
+    booleans from integers), chosen for the driver's type of the column
+    where the dialect asks (``coltypes``: PostgreSQL's type oids, which
+    pick a float's or a numeric's processor)."""
     found = _RESULTS.get(compiled)
     if found is None:
         if len(_RESULTS) >= _MOST_SHAPES:
             _RESULTS.clear()
+        types = coltypes or (None,) * len(compiled._result_columns)
         found = _RESULTS[compiled] = tuple(
-            (column.keyname, column.type._cached_result_processor(dialect, None)) for column in compiled._result_columns
+            (column.keyname, column.type._cached_result_processor(dialect, coltype))
+            for column, coltype in zip(compiled._result_columns, types, strict=True)
         )
     return found
 
@@ -388,13 +395,17 @@ async def run_now(
     """``statement`` with ``params`` run at once in the session's SQLite
     transaction straight on the driver, in the hop that carries the
     transaction's deferred BEGIN and held-back writes, without SQLAlchemy's
-    execution (issue 17: the claim's UPDATE ... RETURNING): its rows, each
+    execution (issue 17: the claim's UPDATE ... RETURNING); on PostgreSQL
+    straight on asyncpg (_run_now_postgres): its rows, each
     by column name, their values as SQLAlchemy's result gives them; None,
     and nothing done, where ``session.execute`` must run it (see the
     module). A failure is SQLAlchemy's error for it (sqlalchemy.exc's
     IntegrityError, OperationalError...), as from ``session.execute``; the
     transaction is then the caller's to roll back, as after any failed
     statement. ``statement`` must be built once (cached)."""
+    bind = session.sync_session.bind
+    if isinstance(bind, Engine) and bind.dialect.name == "postgresql":
+        return await _run_now_postgres(session, bind, statement, params)
     straight = await _straight(session, statement, params)
     if straight is None:
         return None
@@ -413,6 +424,72 @@ async def run_now(
             for (name, process), value in zip(columns, row, strict=True)
         }
         for row in rows
+    ]
+
+
+async def _run_now_postgres(
+    session: AsyncSession, bind: Engine, statement: ClauseElement, params: dict[str, Any]
+) -> list[dict[str, Any]] | None:
+    """run_now() on PostgreSQL: the statement as SQLAlchemy's asyncpg cursor
+    sends it (the transaction's BEGIN first if not sent yet, the connection's
+    cached prepared statement, one round trip for the statement), without
+    the execution context, cursor, result and greenlet of
+    ``session.execute`` (issue 17: the claim's statement, once per claim).
+    None where ``session.execute`` must run it: a shape SQLAlchemy renders
+    per call, a text() statement, result columns of the same name, a
+    transaction no longer active, a connection not asyncpg's."""
+    if isinstance(statement, TextClause):
+        return None  # its result columns are not known before it runs
+    shape = _shape(bind.dialect, statement, tuple(params))
+    if shape is None or not session.sync_session.is_active:
+        return None
+    names = [column.keyname for column in shape.compiled._result_columns]
+    if len(set(names)) != len(names):
+        return None  # rows by column name would lose a column
+    connection = _connection_of(session, bind)
+    if connection is None:
+        connection = (await session.connection()).sync_connection  # no I/O: the adapter begins lazily
+    if connection is None or connection.closed or connection.invalidated:
+        return None
+    transaction = connection.get_transaction()
+    if transaction is None or not transaction.is_active:
+        return None
+    adapted: object = connection.connection.dbapi_connection
+    if not isinstance(adapted, AsyncAdapt_asyncpg_connection):
+        return None
+    bound = _bound(session, bind, shape, params, connection)
+    if bound is None:
+        return None
+    sql, parameters, dialect = shape.sql, bound[1], bind.dialect
+    try:
+        async with adapted._execute_mutex:  # as the adapter's cursor: one statement at a time
+            if adapted._transaction is None:
+                await adapted._start_transaction()  # type: ignore[no-untyped-call]  # (raises the adapter's error)
+            try:
+                invalidated_at = dialect._invalidate_schema_cache_asof  # type: ignore[attr-defined]
+                prepared, attributes = await adapted._prepare(sql, invalidated_at)  # type: ignore[no-untyped-call]
+                records = await prepared.fetch(*parameters)
+            except Exception as error:
+                adapted._handle_exception(error)  # the adapter's DB-API error for it, as its cursor raises
+    except asyncio.CancelledError:
+        # As SQLAlchemy's execution on an exit exception: the statement may
+        # still be running, its outcome unread; the connection goes with it.
+        await greenlet_spawn(connection.invalidate, None)
+        raise
+    except dialect.loaded_dbapi.Error as error:
+        lost = dialect.is_disconnect(error, adapted, None)  # type: ignore[arg-type]
+        if lost:
+            await greenlet_spawn(connection.invalidate, error)
+        raise sa_exc.DBAPIError.instance(
+            sql, parameters, error, dialect.loaded_dbapi.Error, dialect=dialect, connection_invalidated=lost
+        ) from error
+    columns = _results(dialect, shape.compiled, tuple(attribute.type.oid for attribute in attributes))
+    return [
+        {
+            name: value if process is None else process(value)
+            for (name, process), value in zip(columns, record, strict=True)
+        }
+        for record in records
     ]
 
 

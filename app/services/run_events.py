@@ -234,6 +234,19 @@ def _logged_params(run_id: str, events: Sequence[Event]) -> dict[str, Any]:
     }
 
 
+async def _first_row(
+    session: AsyncSession, statement: Select[Any] | Update, params: dict[str, Any]
+) -> Sequence[Any] | None:
+    """The first row of a cached PostgreSQL statement, its columns in order:
+    sent straight on asyncpg where db.run_now takes it (issue 17: without
+    SQLAlchemy's execution and result, the same round trip), else by
+    ``session.execute``."""
+    rows = await db.run_now(session, statement, params)
+    if rows is None:
+        return (await session.execute(statement, params)).first()
+    return tuple(rows[0].values()) if rows else None
+
+
 async def insert_carrying(
     session: AsyncSession,
     run_id: str,
@@ -261,7 +274,7 @@ async def insert_carrying(
     params: dict[str, Any] = {**carrier.params, **_logged_params(run_id, events)}
     if signal is not None:
         params["log_channel"], params["log_origin"] = signal.channel, signal.origin
-    row = (await session.execute(_carrying(carrier.statement, signal is not None), params)).first()
+    row = await _first_row(session, _carrying(carrier.statement, signal is not None), params)
     if row is None:
         raise run_state.TransitionConflict(f"{run_id} moved or changed hands under its transaction's lock")
     return int(row[1])
@@ -332,7 +345,7 @@ async def insert_with_rows(
         condition = only_if.condition
         params |= only_if.parameters
     statement = _logging_rows(shape, signal is not None, wake, condition)
-    found = (await session.execute(statement, params)).first()
+    found = await _first_row(session, statement, params)
     if found is None:
         assert only_if is not None, "events logged"
         raise await only_if.refused(session)

@@ -374,12 +374,17 @@ async def test_a_statement_run_straight_on_the_driver_returns_what_sqlalchemy_re
         assert (await session.execute(select(orm.Thread.id).where(orm.Thread.id == "thread_undone"))).scalar() is None
 
 
-async def test_a_statement_to_run_now_on_postgres_is_left_to_sqlalchemy(runtime: Runtime) -> None:
+async def test_a_statement_to_run_now_is_sent_straight_on_both_databases(runtime: Runtime) -> None:
+    """run_now() sends the claim's kind of statement on either database
+    (PostgreSQL through asyncpg: tests/runner/test_run_now_postgres.py);
+    a statement SQLAlchemy renders per call (an IN list) is left to it."""
     runs = orm.Run.__table__
     returning = update(runs).where(runs.c.id == bindparam("run_id")).values(lease_owner="w").returning(runs.c.id)
+    expanding = update(runs).where(runs.c.id.in_(bindparam("ids", expanding=True))).values(lease_owner="w")
     async with runtime.transaction() as session:
         rows = await db.run_now(session, returning, {"run_id": "run_none"})
-    assert rows == ([] if runtime.engine.dialect.name == "sqlite" else None)
+        per_call = await db.run_now(session, expanding.returning(runs.c.id), {"ids": ["run_none"]})
+    assert rows == [] and per_call is None
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -738,7 +743,18 @@ def _typed(value: Any) -> Any:
     return (type(value).__name__, value)
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # run_now is SQLite's
+class _AnswersKept:
+    """run_now() (or a stand-in), keeping what each call answered."""
+
+    def __init__(self, run_now: Any) -> None:
+        self.run_now = run_now
+        self.answers: list[Any] = []
+
+    async def __call__(self, *args: Any) -> Any:
+        self.answers.append(await self.run_now(*args))
+        return self.answers[-1]
+
+
 async def test_a_run_claimed_straight_on_the_driver_is_the_run_sqlalchemy_claims(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -763,12 +779,13 @@ async def test_a_run_claimed_straight_on_the_driver_is_the_run_sqlalchemy_claims
         queued = {**_RUN, "seq": 100 + index, "status": "queued", "expires_at": 2_000_000_000}
         async with runtime.transaction() as session:
             await core_rows.insert_row(session, core_rows.record(orm.Run, id=run_id, **queued))
+        sending = _AnswersKept(db.run_now if straight else AsyncMock(return_value=None))  # None: session.execute
         with monkeypatch.context() as patched:
-            if not straight:
-                patched.setattr(db, "run_now", AsyncMock(return_value=None))  # "not sent": session.execute
+            patched.setattr(db, "run_now", sending)
             async with runtime.transaction() as session:
                 (run,) = await run_execution.claim_runs(session, "w1", 5, 30.0)
         assert run.id == run_id
+        assert len(sending.answers) == 1 and (sending.answers[0] is not None) == straight  # on either database
         wire = runs_service.to_wire(run).model_dump()
         state = {key: value for key, value in vars(run).items() if not key.startswith("_sa")}
         for varying in ("id", "seq", "lease_expires_at", "started_at"):

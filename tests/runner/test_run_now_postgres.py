@@ -1,0 +1,119 @@
+"""run_now() on PostgreSQL (app/held_back.py ``_run_now_postgres``): the
+claim's statement straight on asyncpg fails as ``session.execute`` fails.
+A refused statement rolls its whole transaction back, a lost connection
+is invalidated and answered 503 (the run stays claimable and is claimed
+again), and a cancellation while the statement waits for a row lock
+leaves nothing written and no connection in a transaction behind."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from app import db, orm
+from app.api.handlers import unexpected_error
+from app.runtime import Runtime
+from app.services import core_rows, run_execution
+from tests.runner.test_held_back import _RUN, _THREAD
+
+pytestmark = [pytest.mark.timeout(30), pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
+
+_RUNS = orm.Run.__table__
+_LEASE = update(_RUNS).where(_RUNS.c.id == bindparam("run_id")).values(lease_owner=bindparam("owner"))
+
+
+async def _stored_runs(runtime: Runtime, *run_ids: str) -> None:
+    async with runtime.transaction() as session:
+        await core_rows.insert_row(session, core_rows.record(orm.Thread, **_THREAD))
+        for seq, run_id in enumerate(run_ids, start=2):  # the first queued, the others ended (one live run a thread)
+            status = {"status": "queued", "expires_at": 2_000_000_000} if seq == 2 else {}
+            await core_rows.insert_row(session, core_rows.record(orm.Run, id=run_id, **{**_RUN, "seq": seq, **status}))
+
+
+async def _lease_owner(runtime: Runtime, run_id: str) -> Any:
+    async with runtime.transaction() as session:
+        return (await session.execute(select(orm.Run.lease_owner).where(orm.Run.id == run_id))).scalar()
+
+
+async def test_a_refused_statement_rolls_its_whole_transaction_back(runtime: Runtime) -> None:
+    await _stored_runs(runtime, "run_pg_a", "run_pg_b")
+    listening = _checked_out(runtime)  # (the run log's LISTEN connection)
+    clash = update(_RUNS).where(_RUNS.c.id == bindparam("run_id")).values(id="run_pg_a").returning(_RUNS.c.id)
+    with pytest.raises(IntegrityError):
+        async with runtime.transaction() as session:
+            rows = await db.run_now(session, _LEASE.returning(_RUNS.c.id), {"run_id": "run_pg_a", "owner": "w"})
+            assert rows == [{"id": "run_pg_a"}]  # sent, in this transaction
+            await db.run_now(session, clash, {"run_id": "run_pg_b"})
+    assert await _lease_owner(runtime, "run_pg_a") is None  # the first statement rolled back with it
+    assert _checked_out(runtime) == listening
+
+
+async def test_a_connection_lost_under_the_claim_is_a_503_and_the_run_is_claimed_again(runtime: Runtime) -> None:
+    await _stored_runs(runtime, "run_pg_lost")
+    with pytest.raises(DBAPIError) as raised:
+        async with runtime.transaction() as session:
+            connection = await session.connection()
+            adapted: Any = connection.sync_connection.connection.dbapi_connection  # type: ignore[union-attr]
+            await adapted._connection.close()
+            await run_execution.claim_runs(session, "w1", 5, 30.0)
+    assert raised.value.connection_invalidated
+    assert unexpected_error(raised.value).status == 503
+    assert await _lease_owner(runtime, "run_pg_lost") is None  # nothing claimed
+    async with runtime.transaction() as session:  # no broken connection handed out; the run still claimable
+        (claimed,) = await run_execution.claim_runs(session, "w2", 5, 30.0)
+    assert claimed.id == "run_pg_lost" and claimed.lease_owner == "w2"
+    assert await _lease_owner(runtime, "run_pg_lost") == "w2"
+
+
+async def test_a_claim_cancelled_while_it_waits_for_a_row_lock_writes_nothing(runtime: Runtime) -> None:
+    """Cancelled mid-statement (blocked on another transaction's row lock):
+    the task ends cancelled at once, its connection is invalidated rather
+    than handed back to the pool inside a transaction, and the statement's
+    write never lands, whatever the lock's holder does next."""
+    await _stored_runs(runtime, "run_pg_locked")
+    listening = _checked_out(runtime)
+    started = asyncio.Event()
+
+    async def leasing() -> None:
+        async with runtime.transaction() as session:
+            await session.connection()
+            started.set()
+            await db.run_now(session, _LEASE.returning(_RUNS.c.id), {"run_id": "run_pg_locked", "owner": "late"})
+
+    async with asyncio.timeout(10):
+        async with runtime.transaction() as holder:
+            locked = select(orm.Run.id).where(orm.Run.id == "run_pg_locked").with_for_update()
+            assert (await holder.execute(locked)).scalar() == "run_pg_locked"
+            task = asyncio.create_task(leasing())
+            await started.wait()
+            waited = await _blocked_on_a_lock(runtime)
+            assert waited, "the statement waits for the row lock"
+            task.cancel()
+            done, _pending = await asyncio.wait({task}, timeout=5)
+            assert done == {task} and task.cancelled()
+            await holder.execute(_LEASE, {"run_id": "run_pg_locked", "owner": "holder"})
+        assert await _lease_owner(runtime, "run_pg_locked") == "holder"
+        assert _checked_out(runtime) == listening
+        async with runtime.transaction() as session:  # the pool's connections work
+            rows = await db.run_now(session, _LEASE.returning(_RUNS.c.id), {"run_id": "run_pg_locked", "owner": "w"})
+        assert rows == [{"id": "run_pg_locked"}]
+
+
+def _checked_out(runtime: Runtime) -> int:
+    return int(runtime.engine.sync_engine.pool.checkedout())  # type: ignore[attr-defined]
+
+
+async def _blocked_on_a_lock(runtime: Runtime) -> bool:
+    """Whether a backend of this database waits for a lock, asked until one
+    does (a deadline: the caller's timeout)."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    while True:
+        async with runtime.engine.connect() as connection:
+            connection = await connection.execution_options(**db.AUTOCOMMIT)
+            if (await connection.exec_driver_sql(query)).scalar():
+                return True
+        await asyncio.sleep(0.01)
