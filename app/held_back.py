@@ -229,6 +229,21 @@ def connection_of(session: AsyncSession, bind: Engine) -> Connection | None:
     return None if held is None else held[0]
 
 
+async def _active_connection(session: AsyncSession, bind: Engine) -> Connection | None:
+    """The session's connection to ``bind`` in its active transaction,
+    connected first as session.execute would connect it; None where the
+    transaction is no longer active (session.execute says so)."""
+    connection = connection_of(session, bind)
+    if connection is None:
+        connection = (await session.connection()).sync_connection
+    if connection is None or connection.closed or connection.invalidated:
+        return None
+    transaction = connection.get_transaction()
+    if transaction is None or not transaction.is_active:
+        return None
+    return connection
+
+
 class _Straight(NamedTuple):
     """A statement ready for the driver: its shape, its parameters, and the
     transaction's SQLAlchemy connection and driver connection."""
@@ -273,13 +288,8 @@ async def _straight(session: AsyncSession, statement: ClauseElement, params: dic
     shape = _shape(bind.dialect, statement, tuple(params))
     if shape is None or not session.sync_session.is_active:
         return None
-    connection = connection_of(session, bind)
+    connection = await _active_connection(session, bind)
     if connection is None:
-        connection = (await session.connection()).sync_connection
-    if connection is None or connection.closed or connection.invalidated:
-        return None
-    transaction = connection.get_transaction()
-    if transaction is None or not transaction.is_active:
         return None
     driver: object = connection.connection.dbapi_connection
     if not isinstance(driver, sqlite_driver.OneHopConnection) or not driver.transaction_open:
@@ -446,13 +456,8 @@ async def _run_now_postgres(
     names = [column.keyname for column in shape.compiled._result_columns]
     if len(set(names)) != len(names):
         return None  # rows by column name would lose a column
-    connection = _connection_of(session, bind)
+    connection = await _active_connection(session, bind)  # (no I/O on PostgreSQL: the adapter begins lazily)
     if connection is None:
-        connection = (await session.connection()).sync_connection  # no I/O: the adapter begins lazily
-    if connection is None or connection.closed or connection.invalidated:
-        return None
-    transaction = connection.get_transaction()
-    if transaction is None or not transaction.is_active:
         return None
     adapted: object = connection.connection.dbapi_connection
     if not isinstance(adapted, AsyncAdapt_asyncpg_connection):
