@@ -70,16 +70,28 @@ def _lease_free(now: float | BindParameter[float]) -> ColumnElement[bool]:
     return or_(orm.Run.lease_expires_at.is_(None), orm.Run.lease_expires_at < now)
 
 
-def _claimable_by_owner() -> ColumnElement[bool]:
+def _claimable_by_owner(dialect: str) -> ColumnElement[bool]:
     """Claimable, or queued and reserved for the claiming worker (however
     long the reservation still runs); bound: ``now``, ``now_seconds`` (its
     whole seconds) and ``reserved_owner``. Each branch of the OR tests the
     status, so that SQLite still reads the status index (an OR around the
-    plain claimable test scanned the table)."""
+    plain claimable test scanned the table). On PostgreSQL the statuses are
+    written into the statement, not bound: its prepared claim then has a
+    generic plan that reads the live runs' index (ux_runs_live_thread, whose
+    predicate a bound status cannot imply; with bound statuses the generic
+    plan scans the whole table), and PostgreSQL keeps that plan instead of
+    planning each claim again (issue 17: planning was most of its CPU for
+    the claim)."""
     now = bindparam("now", type_=Float)
-    queued = and_(orm.Run.status == "queued", or_(_lease_free(now), orm.Run.lease_owner == bindparam("reserved_owner")))
+
+    def status(value: str) -> ColumnElement[bool]:
+        if dialect == "postgresql":
+            return orm.Run.status == literal_column(f"'{value}'", String)
+        return orm.Run.status == value
+
+    queued = and_(status("queued"), or_(_lease_free(now), orm.Run.lease_owner == bindparam("reserved_owner")))
     resumable = and_(
-        orm.Run.status == "in_progress",
+        status("in_progress"),
         or_(orm.Run.expires_at.is_(None), orm.Run.expires_at > bindparam("now_seconds", type_=Integer)),
         _lease_free(now),
     )
@@ -158,7 +170,7 @@ def _build_claim(dialect: str, *, prefetch: bool) -> Update:
     # lease again instead.
     candidates = (
         select(run_state.RUNS.c.id)
-        .where(_claimable_by_owner(), _not_executing(dialect))
+        .where(_claimable_by_owner(dialect), _not_executing(dialect))
         .order_by(run_state.RUNS.c.seq)
         .limit(bindparam("limit", type_=Integer))
         .with_for_update(skip_locked=True)
@@ -167,7 +179,7 @@ def _build_claim(dialect: str, *, prefetch: bool) -> Update:
     )
     claim = (
         update(run_state.RUNS)
-        .where(run_state.RUNS.c.id.in_(select(candidates.c.id)), _claimable_by_owner())
+        .where(run_state.RUNS.c.id.in_(select(candidates.c.id)), _claimable_by_owner(dialect))
         .values(lease_owner=bindparam("owner"), lease_expires_at=bindparam("lease_until", type_=Float))
     )
     if prefetch:
