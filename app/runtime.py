@@ -247,18 +247,25 @@ class Runtime:
 
         Begun and, on SQLite, committed without SQLAlchemy's greenlet where
         nothing needs it (issue 17): the begin does no I/O (the session
-        connects at its first statement), and a transaction whose writes
-        are all held back or sent straight (the claim's, an instant
-        answer's) commits on the driver (db.commit_straight)."""
+        connects at its first statement), and on SQLite every transaction
+        with nothing for the ORM to flush (the claim's, an instant
+        answer's, a read's; its writes held back, sent straight or executed)
+        commits on the driver (db.commit_straight)."""
         async with self.sessionmaker() as session:
             try:
                 session.sync_session.begin()  # no connection yet: no I/O
                 yield session
                 logged = run_log.logged(session)
                 begun = session.sync_session.get_transaction()
-                if begun is None or not begun.is_active:
-                    # Ended or rolled back within (a failed flush caught
-                    # there): closed as session.begin()'s block closes it.
+                if begun is not None and not begun.is_active and logged:
+                    # Rolled back within (a failed flush caught there) after
+                    # run events were logged: they were never written.
+                    # session.commit() says so (PendingRollbackError), and
+                    # the events go back as unwritten below, not to streams.
+                    await session.commit()
+                elif begun is None or not begun.is_active:
+                    # Ended or rolled back within, nothing logged: closed as
+                    # session.begin()'s block closes it.
                     await session.rollback()
                 elif await db.commit_straight(session, seen_through=logged):
                     pass
@@ -267,9 +274,7 @@ class Runtime:
                 else:
                     await session.commit()
             except BaseException:
-                if session.in_transaction():
-                    await session.rollback()
-                self._ended_badly(session)
+                await self._roll_back(session)
                 raise
             self.run_log.committed(session)  # the run events it logged reach streams now
 
@@ -299,11 +304,19 @@ class Runtime:
                     await db.commit_collected_seen_through(session, self.engine)
                 assert not session.info.get(db.COLLECTED), "collected writes left unsent"
             except BaseException:
-                if session.in_transaction():
-                    await session.rollback()
-                self._ended_badly(session)
+                await self._roll_back(session)
                 raise
             self.run_log.committed(session)  # the run events it logged reach streams now
+
+    async def _roll_back(self, session: AsyncSession) -> None:
+        """The unit of work raised: its rollback, then the run log told,
+        even when the rollback itself fails or is cancelled (the drained
+        deltas would otherwise never be logged, and the run stay appending)."""
+        try:
+            if session.in_transaction():
+                await session.rollback()
+        finally:
+            self._ended_badly(session)
 
     def _ended_badly(self, session: AsyncSession) -> None:
         """The unit of work raised: rolled back, or (cancelled during its

@@ -19,7 +19,7 @@ import pytest
 import uvloop
 from sqlalchemy import bindparam, event, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, PendingRollbackError
 
 from app import db, orm, sqlite_driver
 from app.api.handlers import unexpected_error
@@ -216,10 +216,12 @@ def test_a_claim_cancelled_during_its_straight_commit_is_seen_through(settings: 
 def test_a_transaction_cancelled_during_its_straight_commit_without_events_leaves_nothing_open(
     settings: Settings, loop: str
 ) -> None:
-    """Not seen through (no run events): the cancellation invalidates the
-    connection, whose thread may still be about to COMMIT, rather than
-    give it back to the pool in a transaction; the next transaction finds
-    SQLite's lock free."""
+    """Not seen through (no run events): the cancelled transaction leaves
+    no connection in a transaction and SQLite's lock free for the next
+    one. (The hop's BEGIN, writes and COMMIT or ROLLBACK are one function
+    on the connection's thread, so a cancelled hop cannot leave the
+    connection mid-transaction; invalidating it on the cancellation is a
+    second guard this test does not tell apart.)"""
 
     async def writing(runtime: Runtime) -> None:
         async with runtime.transaction() as session:
@@ -290,3 +292,76 @@ def test_a_straight_commit_whose_connection_the_pool_may_close_closes_it_through
         _lock_free(runtime)
 
     _on(loop, settings, body)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_rollback_cancelled_after_a_failed_body_still_hands_its_deltas_back(settings: Settings, loop: str) -> None:
+    """A transaction whose body raised after logging run events, cancelled
+    while its ROLLBACK waits for the connection's thread (busy, as under
+    load): the run log is told all the same, so the deltas the append
+    drained go back to be logged later and the run is no longer appending
+    (its deltas would otherwise never be logged, nor delivered early again)."""
+
+    async def body(runtime: Runtime) -> None:
+        (run_id,) = await _make_runs(runtime, 1)
+        release = threading.Event()
+        rolling = asyncio.Event()
+        stalls: list[asyncio.Future[Any]] = []
+        event.listen(runtime.engine.sync_engine, "rollback", lambda _connection: rolling.set())
+
+        async def failing() -> None:
+            async with runtime.run_log.holding(run_id):
+                runtime.run_log.publish(run_id, [Event("thread.message.delta", {"n": 1})])
+                async with runtime.transaction() as session:
+                    await runtime.run_log.append(session, run_id, [Event("thread.run.step.created", {"x": 1})])
+                    connection = await session.connection()
+                    driver = connection.sync_connection.connection.dbapi_connection  # type: ignore[union-attr]
+                    # The thread kept busy: the ROLLBACK queues behind this.
+                    stalls.append(asyncio.ensure_future(driver._connection._execute(release.wait, 30.0)))
+                    await asyncio.sleep(0)
+                    raise ValueError("the body failed")
+
+        task = asyncio.create_task(failing())
+        try:
+            await rolling.wait()
+            task.cancel()
+        finally:
+            release.set()
+        await asyncio.wait({task})
+        await asyncio.gather(*stalls, return_exceptions=True)
+        assert task.cancelled()
+        assert run_id not in runtime.run_log._appending
+        assert [event.name for _seq, event in runtime.run_log._buffer.get(run_id, [])] == ["thread.message.delta"]
+
+    _on(loop, settings, body)
+
+
+def test_events_logged_in_a_transaction_rolled_back_within_never_reach_streams(settings: Settings) -> None:
+    """A flush failing inside the transaction (caught by its body) after run
+    events were logged rolls the transaction back: the transaction raises
+    as SQLAlchemy's commit did (PendingRollbackError), its events are not
+    handed to followers as committed, and the delta its append drained goes
+    back to be logged later."""
+
+    async def body(runtime: Runtime) -> None:
+        (run_id,) = await _make_runs(runtime, 1)
+        async with runtime.transaction() as session:
+            thread_id = await session.scalar(select(orm.Run.thread_id).where(orm.Run.id == run_id))
+        async with runtime.run_log.holding(run_id), runtime.bus.follow(run_id) as delivered:
+            runtime.run_log.publish(run_id, [Event("thread.message.delta", {"n": 1})])
+            with pytest.raises(PendingRollbackError):
+                async with runtime.transaction() as session:
+                    await runtime.run_log.append(session, run_id, [Event("thread.run.step.created", {"x": 1})])
+                    duplicate = orm.Thread(
+                        id=thread_id, project_id=orm.DEFAULT_PROJECT_ID, seq=1, created_at=1, metadata_={}
+                    )
+                    session.add(duplicate)
+                    with pytest.raises(IntegrityError):
+                        await session.flush()
+            assert delivered.empty()
+            assert [event.name for _seq, event in runtime.run_log._buffer.get(run_id, [])] == ["thread.message.delta"]
+        async with runtime.transaction() as session:
+            logged = await session.scalar(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id).limit(1))
+        assert logged is None
+
+    _on("asyncio", settings, body)
