@@ -65,8 +65,9 @@ write_behind = held_back.write_behind
 # connects (held_back.COLLECTED, Runtime.unit_of_work).
 COLLECTED = held_back.COLLECTED
 # ``run_now(session, statement, params)``: a statement whose rows are wanted
-# now, sent straight to the SQLite driver with the transaction's held-back
-# writes (app/held_back.py); None where ``session.execute`` must run it.
+# now, sent straight to the driver (SQLite's, with the transaction's
+# held-back writes; asyncpg's, through SQLAlchemy's adapter: app/held_back.py);
+# None where ``session.execute`` must run it.
 run_now = held_back.run_now
 
 # Execution options of a PostgreSQL connection whose statements each run

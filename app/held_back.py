@@ -17,18 +17,20 @@ runs it exactly as before: EXPECT_ROWCOUNT, RETURNED_ROWS_TO and
 ROWCOUNT_MISMATCH keep their meaning, and a failure still fails the
 statement or COMMIT that carried it.
 
-Whatever does not fit (PostgreSQL, a connection that is not the one-hop
-driver's, an inline poll connection, a statement with expanding or
-literal-execute parameters or a default that must be computed) is left to
+Whatever does not fit (PostgreSQL, except run_now's statements, which go
+straight to asyncpg; a connection that is not the one-hop driver's, an
+inline poll connection, a statement with expanding or literal-execute
+parameters or a default that must be computed) is left to
 ``session.execute`` by a False answer, as is a session or connection whose
-transaction is no longer active (session.execute raises then). Listeners of ``before_cursor_execute``
-(tests and benches that count statements) still see each held-back
-statement, with its SQL and parameters as sent and no cursor nor execution
+transaction is no longer active (session.execute raises then). Listeners of
+``before_cursor_execute`` (tests and benches that count statements) still
+see each held-back statement and each run_now statement (on either
+database), with its SQL and parameters as sent and no cursor nor execution
 context; what a listener registered with ``retval=True`` returns is not
 applied (the server registers none). The other execution events
 (``after_cursor_execute``, ``before_execute``, ``handle_error``,
-``do_orm_execute``) do not fire for them, and the engine's echo log does
-not show them.
+``do_orm_execute``) do not fire for them, and the engine's echo log does not
+show them.
 """
 
 from __future__ import annotations
@@ -447,7 +449,11 @@ async def _run_now_postgres(
     ``session.execute`` (issue 17: the claim's statement, once per claim).
     None where ``session.execute`` must run it: a shape SQLAlchemy renders
     per call, a text() statement, result columns of the same name, a
-    transaction no longer active, a connection not asyncpg's."""
+    transaction no longer active, a connection not asyncpg's. It follows
+    the adapter's private steps (``_execute_mutex``, ``_start_transaction``,
+    ``_prepare``, ``_handle_exception``, the dialect's schema-cache stamp)
+    as SQLAlchemy's pinned version has them: an upgrade must check them
+    against ``AsyncAdapt_asyncpg_cursor._prepare_and_execute``."""
     if isinstance(statement, TextClause):
         return None  # its result columns are not known before it runs
     shape = _shape(bind.dialect, statement, tuple(params))
@@ -456,7 +462,8 @@ async def _run_now_postgres(
     names = [column.keyname for column in shape.compiled._result_columns]
     if len(set(names)) != len(names):
         return None  # rows by column name would lose a column
-    connection = await _active_connection(session, bind)  # (no I/O on PostgreSQL: the adapter begins lazily)
+    # (Its checkout may ping or connect; the BEGIN is sent with the statement, the adapter's lazy begin.)
+    connection = await _active_connection(session, bind)
     if connection is None:
         return None
     adapted: object = connection.connection.dbapi_connection
@@ -482,6 +489,13 @@ async def _run_now_postgres(
         await greenlet_spawn(connection.invalidate, None)
         raise
     except dialect.loaded_dbapi.Error as error:
+        dbapi = dialect.loaded_dbapi
+        if isinstance(error, (dbapi.InvalidCachedStatementError, dbapi.InternalServerError)):
+            # A prepared statement a schema change made stale ("cached plan
+            # must not change result type"): every connection prepares its
+            # statements again from now on, as SQLAlchemy's asyncpg execution
+            # context does on this error; else run_now would reuse it forever.
+            dialect._invalidate_schema_cache()  # type: ignore[attr-defined]
         lost = dialect.is_disconnect(error, adapted, None)  # type: ignore[arg-type]
         if lost:
             await greenlet_spawn(connection.invalidate, error)

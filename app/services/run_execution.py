@@ -251,8 +251,9 @@ async def claim_runs(
     dialect = session.bind.dialect.name
     statement = _CLAIMS[dialect, True]
     parameters = _claim_parameters(dialect, owner, limit, lease_seconds, executing)
-    # SQLite: straight to the driver, with the transaction's BEGIN, in one
-    # hop and without SQLAlchemy's execution and result (issue 17).
+    # Straight to the driver without SQLAlchemy's execution and result
+    # (issue 17): on SQLite with the transaction's BEGIN, in one hop; on
+    # PostgreSQL through asyncpg's prepared statement.
     rows: Sequence[Mapping[Any, Any]] | None = await db.run_now(session, statement, parameters)
     if rows is None:
         rows = [row._mapping for row in await session.execute(statement, parameters)]

@@ -117,3 +117,24 @@ async def _blocked_on_a_lock(runtime: Runtime) -> bool:
             if (await connection.exec_driver_sql(query)).scalar():
                 return True
         await asyncio.sleep(0.01)
+
+
+async def test_a_statement_prepared_before_a_schema_change_is_prepared_again(runtime: Runtime) -> None:
+    """A column's type changed under the connection's prepared statement
+    (an online migration): the next run_now fails once, as session.execute
+    does, and the ones after it prepare the statement again, rather than
+    reuse the stale one and fail for good (every claim, every run end)."""
+    await _stored_runs(runtime, "run_pg_schema")
+    returning = _LEASE.returning(_RUNS.c.lease_owner)
+
+    async def lease() -> list[dict[str, Any]] | None:
+        async with runtime.transaction() as session:
+            return await db.run_now(session, returning, {"run_id": "run_pg_schema", "owner": "w"})
+
+    assert await lease() == [{"lease_owner": "w"}]  # prepared on the connection
+    async with runtime.engine.connect() as connection:
+        autocommit = await connection.execution_options(**db.AUTOCOMMIT)
+        await autocommit.exec_driver_sql("ALTER TABLE runs ALTER COLUMN lease_owner TYPE text")
+    with pytest.raises(DBAPIError, match="cached"):
+        await lease()
+    assert await lease() == [{"lease_owner": "w"}]
