@@ -269,10 +269,11 @@ def serve(
         # the same data touches nothing; then the models; then the database.
         listener = listener or preflight.bind(settings.host, settings.port)
         if settings.workers > 1:
+            sockets = supervisor.listeners(listener, settings.workers)  # one per process, at once
             # Checked in a process of its own, so that the supervisor never
             # holds what they import (litellm: 150 MiB; alembic to migrate).
             supervisor.prepare(settings)
-            return supervisor.Supervisor(settings, listener, settings.workers).run()
+            return supervisor.Supervisor(settings, sockets).run()
         prepare_alone(settings)
     assert listener is not None
     import uvicorn

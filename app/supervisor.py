@@ -1,6 +1,21 @@
 """``serve --workers N``: N serving processes, each the whole server (API and
-embedded run executor), accepting connections from one listening socket that
-this process bound (issue 17: one Python process uses one core).
+embedded run executor), each accepting connections from a listening socket of
+its own on the one port, all bound by this process (issue 17: one Python
+process uses one core).
+
+One socket per process (``SO_REUSEPORT``), not one socket that all accept
+from: the kernel then spreads new connections over the processes by a hash of
+each connection's addresses. On one shared socket every process's event loop
+woke for each new connection and the first awake accepted every connection
+waiting, so a burst of keep-alive clients connecting together (an SDK's
+pool, the bench's 16 clients) mostly landed on one process and left the other
+core idle (bench/README.md, branch ``twoproc``: 98 % / 2 % of the CPU). A
+process that dies takes its socket with it: this process closes its copy, so
+new connections go to the others at once (the few that the kernel had queued
+on it are reset, and clients retry them), and binds a new one for the
+process that replaces it. Nobody else can join the port's group: the port
+is first bound without ``SO_REUSEPORT`` (preflight.bind: "already in use"),
+and the group takes only sockets of this user that asked for it.
 
 The supervisor (this process) binds the port, has the routing file checked
 and the database migrated once (in a short-lived process, so that it never
@@ -56,6 +71,35 @@ STOP_MARGIN_SECONDS = 10.0
 # ends it), so that one failing again at once does not spin the supervisor.
 RESTART_PAUSE_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1
+# The listen backlog of each process's socket (uvicorn's default).
+BACKLOG = 2048
+
+
+def listeners(probe: socket.socket, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on the address ``probe`` is bound to
+    (preflight.bind: its errors say a port is in use), which is closed: one
+    for each serving process."""
+    host, port = probe.getsockname()[:2]  # the port chosen, were it 0
+    probe.close()
+    return [port_socket(host, port) for _ in range(count)]
+
+
+def port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket in the port's ``SO_REUSEPORT`` group."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP named, as in preflight.bind: asyncio sets TCP_NODELAY only then.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        # Listening from now on: connections wait here while the process starts.
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def prepare(settings: Settings) -> None:
@@ -165,8 +209,10 @@ class _Child:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, listener: socket.socket, count: int) -> None:
-        self.settings, self.listener, self.count = settings, listener, count
+    def __init__(self, settings: Settings, sockets: list[socket.socket]) -> None:
+        """One serving process for each of ``sockets`` (listeners())."""
+        self.settings, self.count = settings, len(sockets)
+        self.sockets = dict(enumerate(sockets))
         self.context = multiprocessing.get_context("spawn")
         self.children: dict[int, _Child] = {}
         self.stopping = False
@@ -188,6 +234,8 @@ class Supervisor:
                 signal.signal(signum, handler)
             self._wake_read.close()
             self._wake_write.close()
+            for sock in self.sockets.values():
+                sock.close()
         return 1 if failed else 0
 
     def _pids(self) -> list[str]:
@@ -196,7 +244,7 @@ class Supervisor:
     def _start(self, index: int) -> None:
         process = self.context.Process(
             target=serve_process,
-            args=(self.settings, self.listener, index, self.count),
+            args=(self.settings, self.sockets[index], index, self.count),
             name=f"assistants-server-{index + 1}",
         )
         process.start()
@@ -229,13 +277,29 @@ class Supervisor:
                 if self.quick_exits >= MAX_QUICK_EXITS:
                     log.error("serving processes keep exiting at start-up: stopping the server")
                     return True
-                self._restart(child.index)
+                if not self._restart(child.index):
+                    return True
         return False
 
-    def _restart(self, index: int) -> None:
+    def _restart(self, index: int) -> bool:
+        """The dead process's socket closed (its connections go to the others
+        now), then, after a pause, a process on a new one; False if the port
+        cannot be listened on again."""
+        dead = self.sockets[index]
+        host, port = dead.getsockname()[:2]
+        dead.close()
         multiprocessing.connection.wait([self._wake_read], timeout=RESTART_PAUSE_SECONDS)
-        if not self.stopping:  # a signal during the pause
-            self._start(index)
+        if self.stopping:  # a signal during the pause
+            self.sockets.pop(index)
+            return True
+        try:
+            self.sockets[index] = port_socket(host, port)
+        except OSError as error:
+            self.sockets.pop(index)
+            log.error("cannot listen on %s:%s again for a new process (%s): stopping the server", host, port, error)
+            return False
+        self._start(index)
+        return True
 
     def _stop_all(self) -> None:
         alive = [child.process for child in self.children.values() if child.process.is_alive()]

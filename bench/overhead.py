@@ -167,6 +167,9 @@ class Load:
     cpu: float = 0.0
     database_cpu: float = 0.0  # PostgreSQL's backends (0 on SQLite)
     client_cpu: float = 0.0  # this process's (the bench clients'), to tell whether they bound runs/s
+    # `serve --workers N`: each serving process's share of the server's CPU
+    # (one process doing most of the work leaves the second core idle).
+    shares: list[float] = field(default_factory=list)
 
 
 async def load(
@@ -194,12 +197,17 @@ async def load(
     await asyncio.sleep(max(0.0, window - time.monotonic()))
     # The server and its children: the serving processes of `serve --workers N`.
     cpu_before = base.tree_cpu(pid)
+    children_before = _children_cpu(pid)
     database_before = base.tree_cpu(database_pid) if database_pid else 0.0
     client_before = time.process_time()
     while time.monotonic() < stop:
         result.peak_rss = max(result.peak_rss, rss_mib(pid))
         await asyncio.sleep(0.2)
     result.cpu = base.tree_cpu(pid) - cpu_before
+    children_after = _children_cpu(pid)
+    used = {child: cpu - children_before[child] for child, cpu in children_after.items() if child in children_before}
+    if len(used) > 1 and result.cpu > 0:
+        result.shares = sorted((cpu / result.cpu for cpu in used.values() if cpu > 0.01 * result.cpu), reverse=True)
     result.client_cpu = time.process_time() - client_before
     result.database_cpu = base.tree_cpu(database_pid) - database_before if database_pid else 0.0
     await asyncio.gather(*tasks)
@@ -215,6 +223,15 @@ def rss_mib(pid: int) -> float:
             status = Path(f"/proc/{process}/status").read_text()
             total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
     return total
+
+
+def _children_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds so far of each child process of the server."""
+    found = {}
+    for child in _children(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            found[child] = base.process_cpu(child)[1]
+    return found
 
 
 def _children(pid: int) -> list[int]:
@@ -394,11 +411,12 @@ async def bench_database(
                 client_ms = result.client_cpu * 1000 / count if count else float("nan")
                 database_ms = f"{result.database_cpu * 1000 / count:.1f}" if count and database_pid else "-"
                 polls = f"{sum(s.polls for s in result.samples) / count:.2f}" if count and mode != "stream" else "-"
+                split = " / ".join(f"{share:.0%}" for share in result.shares) or "-"
                 load_rows.append(
                     f"| {db} | {LABELS[path]} | {mode} | {clients} | **{count / args.duration:.0f}** | "
                     f"{pct(result.samples, 0.5):.1f} | {pct(result.samples, 0.95):.1f} | {polls} | {cpu_ms:.1f} | "
                     f"{database_ms} | "
-                    f"{result.peak_rss:.0f} | {len(result.errors)} | {client_ms:.1f} |"
+                    f"{result.peak_rss:.0f} | {len(result.errors)} | {client_ms:.1f} | {split} |"
                 )
     return [*rows, "", *load_rows, "", f"{db}: RSS after the load {rss_mib(pid):.0f} MiB"]
 
@@ -547,8 +565,9 @@ def main() -> None:
     print("\n".join(latency))
     print(
         "\n| db | path | clients do | clients | runs/s | p50 ms | p95 ms | polls/run | server CPU ms/run "
-        "| PostgreSQL CPU ms/run | peak RSS MiB | errors | bench client CPU ms/run |\n"
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| PostgreSQL CPU ms/run | peak RSS MiB | errors | bench client CPU ms/run "
+        "| serving processes' CPU shares |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     print("\n".join(loads))
     print("\n" + "\n".join(notes))
