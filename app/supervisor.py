@@ -9,13 +9,17 @@ each connection's addresses. On one shared socket every process's event loop
 woke for each new connection and the first awake accepted every connection
 waiting, so a burst of keep-alive clients connecting together (an SDK's
 pool, the bench's 16 clients) mostly landed on one process and left the other
-core idle (bench/README.md, branch ``twoproc``: 98 % / 2 % of the CPU). A
+core idle (bench/README.md, branch ``twoproc``: up to 98 % / 2 % of the CPU). A
 process that dies takes its socket with it: this process closes its copy, so
 new connections go to the others at once (the few that the kernel had queued
 on it are reset, and clients retry them), and binds a new one for the
-process that replaces it. Nobody else can join the port's group: the port
-is first bound without ``SO_REUSEPORT`` (preflight.bind: "already in use"),
-and the group takes only sockets of this user that asked for it.
+process that replaces it (listening once that process serves). Another
+server started later cannot join the port's group: the port is first bound
+without ``SO_REUSEPORT`` (preflight.bind: "already in use"), and a plain
+bind fails while the group listens. (Two started at the same instant could
+both pass that check before either listens: not guarded against.) The
+spreading is Linux's: a hash per connection, whichever process is busy;
+elsewhere ``SO_REUSEPORT`` may not balance, or not exist.
 
 The supervisor (this process) binds the port, has the routing file checked
 and the database migrated once (in a short-lived process, so that it never
@@ -84,8 +88,10 @@ def listeners(probe: socket.socket, count: int) -> list[socket.socket]:
     return [port_socket(host, port) for _ in range(count)]
 
 
-def port_socket(host: str, port: int) -> socket.socket:
-    """A listening socket in the port's ``SO_REUSEPORT`` group."""
+def port_socket(host: str, port: int, *, listen: bool = True) -> socket.socket:
+    """A socket in the port's ``SO_REUSEPORT`` group, listening unless
+    ``listen`` is False (its process's server listens once it serves: the
+    kernel gives a listening member its share of new connections at once)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP named, as in preflight.bind: asyncio sets TCP_NODELAY only then.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -93,8 +99,8 @@ def port_socket(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        # Listening from now on: connections wait here while the process starts.
-        sock.listen(BACKLOG)
+        if listen:  # connections wait here while the process starts
+            sock.listen(BACKLOG)
     except OSError:
         sock.close()
         raise
@@ -293,7 +299,11 @@ class Supervisor:
             self.sockets.pop(index)
             return True
         try:
-            self.sockets[index] = port_socket(host, port)
+            # Not listening yet: the kernel would queue a share of new
+            # connections on it through the pause and the new process's
+            # start (seconds), and reset them should that start fail; the
+            # others take them all until the new process serves.
+            self.sockets[index] = port_socket(host, port, listen=False)
         except OSError as error:
             self.sockets.pop(index)
             log.error("cannot listen on %s:%s again for a new process (%s): stopping the server", host, port, error)
@@ -302,6 +312,12 @@ class Supervisor:
         return True
 
     def _stop_all(self) -> None:
+        # The processes hold their own copies of the sockets: with these
+        # closed, the port refuses new connections once the processes stop
+        # listening (their graceful shutdown), as one process's does, rather
+        # than queue them here for nobody until the processes are gone.
+        for sock in self.sockets.values():
+            sock.close()
         alive = [child.process for child in self.children.values() if child.process.is_alive()]
         for process in alive:
             if process.pid:  # never 0: that would signal this whole process group

@@ -5,9 +5,11 @@ stops them all."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -17,8 +19,19 @@ from pathlib import Path
 import openai
 import pytest
 
+from app import preflight, supervisor
+from app.settings import Settings
 from tests import pg, test_cli
-from tests.test_cli import STOP_TIMEOUT, Server, _poll_run, clean_env, free_port, running_server
+from tests.test_cli import (
+    STOP_TIMEOUT,
+    Server,
+    _poll_run,
+    assert_one_line_failure,
+    clean_env,
+    free_port,
+    run_cli,
+    running_server,
+)
 
 pytestmark = pytest.mark.timeout(180)
 database_args = test_cli.database_args  # the fixture: SQLite, and a fresh embedded-PostgreSQL database
@@ -142,3 +155,64 @@ def test_the_supervisor_imports_none_of_the_server() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True, env=clean_env()
     )
     assert result.stdout.split() == [], result.stdout
+
+
+def test_each_serving_processs_socket_gets_a_share_of_new_connections() -> None:
+    """One SO_REUSEPORT socket per serving process on the one port: the
+    kernel spreads new connections over them (on one shared socket, the
+    first process awake took every connection waiting)."""
+    sockets = supervisor.listeners(preflight.bind("127.0.0.1", 0), 2)
+    clients: list[socket.socket] = []
+    try:
+        port = sockets[0].getsockname()[1]
+        assert [sock.getsockname()[1] for sock in sockets] == [port, port]
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
+        accepted = []
+        for listening in sockets:  # (each connection is queued on one socket by now: the handshake is done)
+            listening.setblocking(False)
+            count = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    connection, _address = listening.accept()
+                    connection.close()
+                    count += 1
+            accepted.append(count)
+        assert sum(accepted) == 40 and min(accepted) > 0, accepted  # all 40 on one socket: 2**-39
+    finally:
+        for sock in [*clients, *sockets]:
+            sock.close()
+
+
+def test_a_replacements_socket_takes_no_connections_until_its_process_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead process's socket is replaced by one bound but not listening:
+    the kernel queues no connections on it through the restart's pause and
+    the new process's start (its server listens once it serves)."""
+    monkeypatch.setattr(supervisor, "RESTART_PAUSE_SECONDS", 0.0)
+    started: list[int] = []
+    monkeypatch.setattr(supervisor.Supervisor, "_start", lambda _self, index: started.append(index))
+    boss = supervisor.Supervisor(Settings(), supervisor.listeners(preflight.bind("127.0.0.1", 0), 2))
+    try:
+        assert boss._restart(0) and started == [0]
+        assert boss.sockets[0].getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0
+        assert boss.sockets[1].getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+    finally:
+        for sock in boss.sockets.values():
+            sock.close()
+        boss._wake_read.close()
+        boss._wake_write.close()
+
+
+def test_a_second_server_on_a_workers_servers_port_is_refused(tmp_path: Path) -> None:
+    """The port's SO_REUSEPORT group takes no second server: one started on
+    a `--workers 2` server's port, with or without --workers, fails with the
+    one-line "already in use"."""
+    port = free_port()
+    args = ["--port", str(port), "--data-dir", str(tmp_path / "data"), "--workers", "2"]
+    with running_server(tmp_path, *args, port=port, env=clean_env()) as server:
+        _serving_pids(server, 2)
+        for extra in (["--workers", "2"], []):
+            other = tmp_path / f"other{len(extra)}"
+            other.mkdir()
+            result = run_cli("serve", "--port", str(port), "--data-dir", str(other / "data"), *extra, cwd=other)
+            assert_one_line_failure(result, f"port {port} on 127.0.0.1 is already in use")
+        assert server.terminate() == 0
