@@ -376,8 +376,9 @@ async def hold_back(
     return True
 
 
-# Each result column's name and its type's result processor, by shape.
-_RESULTS: dict[SQLCompiler, tuple[tuple[str, Callable[[Any], Any] | None], ...]] = {}
+# Each result column's name and its type's result processor, by shape and
+# the driver's column types (PostgreSQL's oids; None on SQLite).
+_RESULTS: dict[tuple[SQLCompiler, tuple[int, ...] | None], tuple[tuple[str, Callable[[Any], Any] | None], ...]] = {}
 
 
 def _results(
@@ -389,12 +390,14 @@ def _results(
     booleans from integers), chosen for the driver's type of the column
     where the dialect asks (``coltypes``: PostgreSQL's type oids, which
     pick a float's or a numeric's processor)."""
-    found = _RESULTS.get(compiled)
+    # By the driver's types too: a column's type changed under a running
+    # server (a migration) picks its new processor.
+    found = _RESULTS.get((compiled, coltypes))
     if found is None:
         if len(_RESULTS) >= _MOST_SHAPES:
             _RESULTS.clear()
         types = coltypes or (None,) * len(compiled._result_columns)
-        found = _RESULTS[compiled] = tuple(
+        found = _RESULTS[compiled, coltypes] = tuple(
             (column.keyname, column.type._cached_result_processor(dialect, coltype))
             for column, coltype in zip(compiled._result_columns, types, strict=True)
         )

@@ -82,7 +82,12 @@ BACKLOG = 2048
 def listeners(probe: socket.socket, count: int) -> list[socket.socket]:
     """``count`` listening sockets on the address ``probe`` is bound to
     (preflight.bind: its errors say a port is in use), which is closed: one
-    for each serving process."""
+    for each serving process. Listening at once, before the start-up checks
+    and the migration: the group holds the port from then on (a server
+    started meanwhile cannot join it), and connections made meanwhile wait
+    to be answered once the processes serve (reset should the start fail).
+    One process refuses them instead, its socket bound but not listening
+    until it serves; a TCP check of either is no readiness check (/readyz is)."""
     host, port = probe.getsockname()[:2]  # the port chosen, were it 0
     probe.close()
     return [port_socket(host, port) for _ in range(count)]

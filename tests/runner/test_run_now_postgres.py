@@ -22,6 +22,9 @@ from tests.runner.test_held_back import _RUN, _THREAD
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
 
+# The cancellation and lost-connection paths on the server's loop (uvloop) too (tests/runner/conftest.py).
+_ON_EITHER_LOOP = pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])
+
 _RUNS = orm.Run.__table__
 _LEASE = update(_RUNS).where(_RUNS.c.id == bindparam("run_id")).values(lease_owner=bindparam("owner"))
 
@@ -52,6 +55,7 @@ async def test_a_refused_statement_rolls_its_whole_transaction_back(runtime: Run
     assert _checked_out(runtime) == listening
 
 
+@_ON_EITHER_LOOP
 async def test_a_connection_lost_under_the_claim_is_a_503_and_the_run_is_claimed_again(runtime: Runtime) -> None:
     await _stored_runs(runtime, "run_pg_lost")
     with pytest.raises(DBAPIError) as raised:
@@ -69,6 +73,7 @@ async def test_a_connection_lost_under_the_claim_is_a_503_and_the_run_is_claimed
     assert await _lease_owner(runtime, "run_pg_lost") == "w2"
 
 
+@_ON_EITHER_LOOP
 async def test_a_claim_cancelled_while_it_waits_for_a_row_lock_writes_nothing(runtime: Runtime) -> None:
     """Cancelled mid-statement (blocked on another transaction's row lock):
     the task ends cancelled at once, its connection is invalidated rather
