@@ -497,29 +497,35 @@ async def test_failing_renewals_are_cut_off_and_the_run_stopped_before_its_lease
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # this process's SQLite write lock
 async def test_a_renewal_queued_for_the_write_lock_longer_than_an_attempt_still_renews(
-    runtime: Runtime, caplog: pytest.LogCaptureFixture
+    settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A renewal waiting for this process's SQLite write lock (other
     transactions here at work) longer than an attempt's limit is not cut off
     there, only at the give-up moment: once the lock is free it renews, and
     the run goes on (cut off, a queue that stayed that slow gave runs up and
     had their model asked again elsewhere)."""
-    worker, task = await running_worker(runtime)
-    try:
-        with caplog.at_level(logging.WARNING, logger="app.worker"):
-            (run_id,) = await _make_runs(runtime, 1, text=LONG_RUN)
-            await until(lambda: worker.busy == 1, "the run to start")
-            rounds, claimed_at = worker.leases.rounds, worker.leases.renewed_at(run_id)
-            async with runtime.transaction() as session:  # takes the write lock, and holds it
-                await session.execute(select(orm.Run.id).where(orm.Run.id == run_id))
-                await until(lambda: worker.leases.rounds > rounds, "a renewal round (queued for the lock)")
-                queued_at = time.monotonic()
-                limit = worker.leases.attempt_seconds
-                await until(lambda: time.monotonic() > queued_at + limit * 1.2, "more than an attempt's limit")
-            await until(lambda: worker.leases.renewed_at(run_id) != claimed_at, "the queued renewal")
-        assert worker.busy == 1 and worker.leases.held == {run_id}
-    finally:
-        await stop_worker(worker, task)
+    # A 12 s lease renewed every second: attempts of 2 s, given up at 10.8 s.
+    # The lock is held 2.4 s past the round's start, so the round must start
+    # more than 2.4 s before its give-up moment: with a 3 s lease (0.6 s of
+    # 2.7) a loaded CI's late round met the give-up and lost the run.
+    async with runtime_with_lease(settings, 12.0) as runtime:
+        worker, task = await running_worker(runtime)
+        worker.leases.period = 1.0
+        try:
+            with caplog.at_level(logging.WARNING, logger="app.worker"):
+                (run_id,) = await _make_runs(runtime, 1, text=LONG_RUN)
+                await until(lambda: worker.busy == 1, "the run to start")
+                rounds, claimed_at = worker.leases.rounds, worker.leases.renewed_at(run_id)
+                async with runtime.transaction() as session:  # takes the write lock, and holds it
+                    await session.execute(select(orm.Run.id).where(orm.Run.id == run_id))
+                    await until(lambda: worker.leases.rounds > rounds, "a renewal round (queued for the lock)")
+                    queued_at = time.monotonic()
+                    limit = worker.leases.attempt_seconds
+                    await until(lambda: time.monotonic() > queued_at + limit * 1.2, "more than an attempt's limit")
+                await until(lambda: worker.leases.renewed_at(run_id) != claimed_at, "the queued renewal")
+            assert worker.busy == 1 and worker.leases.held == {run_id}
+        finally:
+            await stop_worker(worker, task)
     assert "renewing the lease" not in caplog.text and "lost the lease" not in caplog.text
 
 
