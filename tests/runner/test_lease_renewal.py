@@ -259,28 +259,32 @@ async def test_one_round_renews_what_it_holds_and_never_revives_a_cleared_lease(
     assert renewer.rounds == rounds and renewer.held == frozenset()
 
 
-async def test_short_runs_and_instant_answers_start_no_lease_task(runtime: Runtime) -> None:
+async def test_short_runs_and_instant_answers_start_no_lease_task(settings: Settings) -> None:
     """Runs answered in their claim are never held; runs that end before a
     renewal is due cost no task, no timer of their own, no statement."""
-    worker = Worker(runtime, concurrency=4)
-    held: list[str] = []
-    hold = worker.leases.hold
+    # A 60 s lease (its first renewal due after 20 s): the runs here end long
+    # before it however loaded the machine; with 3 s (a round after 1 s) a
+    # loaded CI's run_until_idle outlasted the first round.
+    async with runtime_with_lease(settings, 60.0) as runtime:
+        worker = Worker(runtime, concurrency=4)
+        held: list[str] = []
+        hold = worker.leases.hold
 
-    def recording_hold(run_id: str, execution: asyncio.Task[None], stamped_at: float) -> None:
-        held.append(run_id)
-        hold(run_id, execution, stamped_at)
+        def recording_hold(run_id: str, execution: asyncio.Task[None], stamped_at: float) -> None:
+            held.append(run_id)
+            hold(run_id, execution, stamped_at)
 
-    worker.leases.hold = recording_hold  # type: ignore[method-assign]
-    instant = await _make_runs(runtime, 4, text="hi")
-    streamed = await _make_runs(runtime, 4, text="[[delay 1]] hello there")  # streamed: 2 ms
-    try:
-        with renewal_statements(runtime) as renewals:
-            async with asyncio.timeout(DEADLINE):
-                await worker.run_until_idle()
-        renewal_tasks = [task for task in asyncio.all_tasks() if task.get_name() == "lease renewal"]
-    finally:
-        await worker.stop()
-    assert set((await _statuses(runtime, instant + streamed)).values()) == {"completed"}
+        worker.leases.hold = recording_hold  # type: ignore[method-assign]
+        instant = await _make_runs(runtime, 4, text="hi")
+        streamed = await _make_runs(runtime, 4, text="[[delay 1]] hello there")  # streamed: 2 ms
+        try:
+            with renewal_statements(runtime) as renewals:
+                async with asyncio.timeout(DEADLINE):
+                    await worker.run_until_idle()
+            renewal_tasks = [task for task in asyncio.all_tasks() if task.get_name() == "lease renewal"]
+        finally:
+            await worker.stop()
+        assert set((await _statuses(runtime, instant + streamed)).values()) == {"completed"}
     assert sorted(held) == sorted(streamed)  # instant answers never registered
     assert worker.leases.held == frozenset() and worker.leases.rounds == 0 and renewals == []
     assert renewal_tasks == []
