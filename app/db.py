@@ -23,7 +23,7 @@ from sqlalchemy import event, orm, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import NullPool, PoolProxiedConnection, QueuePool
+from sqlalchemy.pool import NullPool, Pool, PoolProxiedConnection, QueuePool
 from sqlalchemy.util import await_only as await_
 from sqlalchemy.util import greenlet_spawn
 
@@ -397,8 +397,7 @@ async def _committed_straight(
     within (a cancellation between them would take a committed transaction
     for a rolled-back one)."""
     await held_back.sent(driver.commit_straight(), "COMMIT", None, connection.dialect, connection.invalidate)
-    pool = connection.engine.pool
-    if isinstance(pool, QueuePool) and pool.checkedin() < pool.size():
+    if _pool_takes_back(connection.engine.pool):
         session.sync_session.close()  # into the pool's queue, its reset's ROLLBACK a no-op: no I/O
     else:
         await greenlet_spawn(session.sync_session.close)  # the pool closes it: I/O
@@ -419,14 +418,19 @@ async def _collected_connection(engine: AsyncEngine) -> tuple[PoolProxiedConnect
     return pooled, writers
 
 
+def _pool_takes_back(pool: Pool) -> bool:
+    """Whether a connection given back to ``pool`` goes into its queue (no
+    I/O), not closed as an overflow connection (I/O: SQLAlchemy's greenlet)."""
+    return isinstance(pool, QueuePool) and pool.checkedin() < pool.size()
+
+
 async def _give_back(engine: AsyncEngine, pooled: PoolProxiedConnection) -> None:
     """``pooled`` back to its pool (its reset sends nothing: no transaction
     is open), or closed if the pool is full (an overflow connection) or it
     was invalidated: a close is I/O, which needs SQLAlchemy's greenlet
     (without it the close fails, logged, and the connection's thread is
     left running)."""
-    pool = engine.sync_engine.pool
-    if isinstance(pool, QueuePool) and pool.checkedin() < pool.size() and pooled.is_valid:
+    if _pool_takes_back(engine.sync_engine.pool) and pooled.is_valid:
         pooled.close()  # into the pool's queue: no I/O
     else:
         await greenlet_spawn(pooled.close)
