@@ -106,7 +106,6 @@ async def test_a_claims_transaction_commits_straight_on_the_driver(runtime: Runt
     """An instant answer ends in the claim's transaction, committed without
     SQLAlchemy's commit; its connection and SQLite's lock are given back,
     its events logged and streamed."""
-
     (run_id,) = await _make_runs(runtime, 1)
     with _commits(runtime) as commits:
         (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
@@ -171,7 +170,6 @@ async def test_a_claim_cancelled_during_its_straight_commit_is_seen_through(runt
     COMMIT still runs there, and the claim's task waits for it before it is
     cancelled, so the ended run's events reach the log once and the run
     log's numbering goes on after them."""
-
     (run_id,) = await _make_runs(runtime, 1)
     await _cancelled_in_its_straight_commit(execute.claim_and_start(runtime, _OWNER, 1, 60.0, {}))
     assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
@@ -285,7 +283,6 @@ async def test_a_straight_commit_whose_connection_the_pool_may_close_closes_it_t
     """The pool full (an overflow connection, closed at its return: I/O):
     SQLAlchemy's transaction is closed through the greenlet, inside the
     seen-through hop; the run ends and nothing stays checked out."""
-
     (run_id,) = await _make_runs(runtime, 1)
     pool: Any = runtime.engine.sync_engine.pool
     monkeypatch.setattr(pool, "checkedin", lambda: pool.size())
@@ -305,7 +302,6 @@ async def test_a_rollback_cancelled_after_a_failed_body_still_hands_its_deltas_b
     load): the run log is told all the same, so the deltas the append
     drained go back to be logged later and the run is no longer appending
     (its deltas would otherwise never be logged, nor delivered early again)."""
-
     (run_id,) = await _make_runs(runtime, 1)
     release = threading.Event()
     rolling = asyncio.Event()
@@ -343,7 +339,6 @@ async def test_events_logged_in_a_transaction_rolled_back_within_never_reach_str
     as SQLAlchemy's commit did (PendingRollbackError), its events are not
     handed to followers as committed, and the delta its append drained goes
     back to be logged later."""
-
     (run_id,) = await _make_runs(runtime, 1)
     async with runtime.transaction() as session:
         thread_id = await session.scalar(select(orm.Run.thread_id).where(orm.Run.id == run_id))
