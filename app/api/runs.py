@@ -7,7 +7,6 @@ on any replica, with or without a worker in its process.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
@@ -16,14 +15,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import orm
-from app.api import sse
+from app.api import poll_hold, sse
 from app.api.deps import PageDep, ProjectDep, RuntimeDep, respond
 from app.run_follow import Follower
 from app.runtime import Runtime
 from app.services import new_rows, run_defaults, run_steps, runs
-from app.services.projects import Project
 from app.wire.common import ListPage
-from app.wire.events import TERMINAL_RUN_EVENTS, Event
+from app.wire.events import Event
 from app.wire.runs import Run, RunCreate, RunStep, RunUpdate, SubmitToolOutputs, ThreadAndRunCreate
 
 router = APIRouter(tags=["runs"])
@@ -173,45 +171,6 @@ async def list_runs(thread_id: str, runtime: RuntimeDep, project: ProjectDep, pa
         return respond(await runs.list_(session, project, thread_id, page))
 
 
-# Statuses an SDK poller keeps polling through (wire notes 6.2).
-_STILL_RUNNING = frozenset({"queued", "in_progress", "cancelling"})
-
-
-def _executed_here(runtime: Runtime, run: orm.Run | runs.RunRow) -> bool:
-    """Whether this process's bus carries the run's next move: its worker
-    holds the run's lease, or will claim it (queued)."""
-    worker = runtime.worker
-    return worker is not None and (run.status == "queued" or run.lease_owner == worker.owner)
-
-
-async def _retrieve_when_stopped(runtime: Runtime, project: Project, thread_id: str, run_id: str) -> Run:
-    """The run, once it stops (its terminal or requires_action event is
-    published) or after ``poll_hold_ms``: what the SDK's poller waits for,
-    answered without its sleep-and-retry rounds. Subscribed before reading,
-    so an event published in between is not missed; no session is held
-    while waiting. The stopping event carries the committed run as a GET
-    would render it, so it is answered without reading the row again."""
-    async with runtime.bus.subscribe(run_id) as events:
-        async with runtime.poll_read() as connection:
-            run = await runs.get_row(connection, project, thread_id, run_id)
-        if run.status not in _STILL_RUNNING or not _executed_here(runtime, run):
-            return runs.to_wire(run)
-        try:
-            async with asyncio.timeout(runtime.settings.poll_hold_ms / 1000):
-                while True:
-                    event = await events.get()
-                    if event.name in TERMINAL_RUN_EVENTS and isinstance(event.data, dict):
-                        if runtime.worker is not None:
-                            # The executor publishes just before its task ends:
-                            # answer once the worker counts the run as done too.
-                            await runtime.worker.wait_until_released(run_id)
-                        return Run.model_validate(event.data)
-        except TimeoutError:
-            pass
-    async with runtime.poll_read() as connection:
-        return runs.to_wire(await runs.get_row(connection, project, thread_id, run_id))
-
-
 @router.get("/threads/{thread_id}/runs/{run_id}", response_model=Run)
 async def retrieve_run(
     thread_id: str,
@@ -221,7 +180,7 @@ async def retrieve_run(
     poll_helper: Annotated[str | None, Header(alias="x-stainless-poll-helper", include_in_schema=False)] = None,
 ) -> Response:
     if poll_helper == "true" and runtime.settings.poll_hold_ms > 0:
-        answer = await _retrieve_when_stopped(runtime, project, thread_id, run_id)
+        answer = await poll_hold.retrieve_when_stopped(runtime, project, thread_id, run_id)
     else:
         async with runtime.poll_read() as connection:
             answer = runs.to_wire(await runs.get_row(connection, project, thread_id, run_id))
