@@ -20,6 +20,7 @@ from app.api.deps import PageDep, ProjectDep, RuntimeDep, respond
 from app.run_follow import Follower
 from app.runtime import Runtime
 from app.services import new_rows, run_defaults, run_steps, runs
+from app.services.projects import Project
 from app.wire.common import ListPage
 from app.wire.events import Event
 from app.wire.runs import Run, RunCreate, RunStep, RunUpdate, SubmitToolOutputs, ThreadAndRunCreate
@@ -29,8 +30,9 @@ router = APIRouter(tags=["runs"])
 IncludeDep = Annotated[list[str], Query(alias="include[]")]
 
 
-def _polled(model: Run, poll_after_ms: int) -> Response:
-    response = respond(model)
+def _polled(answer: Run | str, poll_after_ms: int) -> Response:
+    """A poll's answer: the run, or its JSON text as a held poll got it."""
+    response = respond(answer) if isinstance(answer, Run) else Response(answer, media_type="application/json")
     response.headers["openai-poll-after-ms"] = str(poll_after_ms)
     return response
 
@@ -42,7 +44,9 @@ def _polled(model: Run, poll_after_ms: int) -> Response:
 QueueRun = Callable[[AsyncSession, new_rows.Unwritten], Awaitable[tuple[orm.Run, list[Event]]]]
 
 
-async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) -> Response:
+async def _queue_run(
+    runtime: Runtime, stream: bool | None, change: QueueRun, creator: Project | None = None
+) -> Response:
     """Commit ``change`` with its events logged and wake the workers; answer
     the run, or stream it.
 
@@ -55,6 +59,9 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
     thread and run from remembered defaults, left to the append) makes the
     append the whole transaction: one statement in autocommit, no BEGIN or
     COMMIT (Runtime.unit_of_work; issue 17).
+
+    A run made for ``creator``'s request and answered as JSON is noted for
+    the SDK's poll that follows (poll_hold.note_created).
     """
     follower: Follower | None = None
     # An API replica's create wakes the workers with its own commit (issue
@@ -96,6 +103,8 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
     if not notify:
         runtime.wake(files=False)
     if follower is None:
+        if creator is not None:
+            poll_hold.note_created(runtime, creator, run.id, run.thread_id, run.lease_owner, run.lease_expires_at)
         return respond(runs.to_wire(run))
     # As committed: on SQLite the run log numbers an append ahead of writing
     # it, and corrects ``opening`` if another process had written meanwhile.
@@ -126,7 +135,7 @@ async def create_run(
             unwritten=unwritten,
         )
 
-    return await _queue_remembering(runtime, body.stream, body.assistant_id, change)
+    return await _queue_remembering(runtime, project, body.stream, body.assistant_id, change)
 
 
 @router.post("/threads/runs", response_model=Run)
@@ -146,23 +155,23 @@ async def create_thread_and_run(body: ThreadAndRunCreate, runtime: RuntimeDep, p
 
         return create
 
-    return await _queue_remembering(runtime, body.stream, body.assistant_id, change)
+    return await _queue_remembering(runtime, project, body.stream, body.assistant_id, change)
 
 
 async def _queue_remembering(
-    runtime: Runtime, stream: bool | None, assistant_id: str, change: Callable[[bool], QueueRun]
+    runtime: Runtime, project: Project, stream: bool | None, assistant_id: str, change: Callable[[bool], QueueRun]
 ) -> Response:
     """_queue_run() of a new run made from its assistant's remembered
     defaults (``change(True)``; services/run_defaults.py), or, if the
     assistant changed since, of one made from a fresh read: the first
     attempt wrote nothing."""
     try:
-        return await _queue_run(runtime, stream, change(True))
+        return await _queue_run(runtime, stream, change(True), project)
     except (IntegrityError, run_defaults.StaleDefaults) as error:
         if not run_defaults.is_stale(error):
             raise
     run_defaults.forget(assistant_id)
-    return await _queue_run(runtime, stream, change(False))
+    return await _queue_run(runtime, stream, change(False), project)
 
 
 @router.get("/threads/{thread_id}/runs", response_model=ListPage[Run])
@@ -180,7 +189,7 @@ async def retrieve_run(
     poll_helper: Annotated[str | None, Header(alias="x-stainless-poll-helper", include_in_schema=False)] = None,
 ) -> Response:
     if poll_helper == "true" and runtime.settings.poll_hold_ms > 0:
-        answer = await poll_hold.retrieve_when_stopped(runtime, project, thread_id, run_id)
+        answer: Run | str = await poll_hold.retrieve_when_stopped(runtime, project, thread_id, run_id)
     else:
         async with runtime.poll_read() as connection:
             answer = runs.to_wire(await runs.get_row(connection, project, thread_id, run_id))

@@ -116,3 +116,17 @@ async def test_a_held_poll_of_a_run_reserved_for_another_process_answers_at_once
             response = await _held_poll(http, thread_id, run_id)
     assert response.status_code == 200
     assert response.json()["status"] == "queued"
+
+
+async def test_a_held_poll_of_a_run_created_here_checks_its_thread(idle_worker_app: Any) -> None:
+    """A run this process created is answered without a read while it runs
+    here, but only on its own thread's path: another thread's is the 404 a
+    read words."""
+    transport = httpx2.ASGITransport(app=idle_worker_app)
+    async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        _thread_id, run_id = await _queued_run(http)
+        other = (await http.post("/v1/threads", json={})).json()["id"]
+        async with asyncio.timeout(_DEADLINE_SECONDS):
+            response = await _held_poll(http, other, run_id)
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == f"No run found with id '{run_id}'."
