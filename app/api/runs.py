@@ -30,9 +30,16 @@ router = APIRouter(tags=["runs"])
 IncludeDep = Annotated[list[str], Query(alias="include[]")]
 
 
+def _json_text(text: str) -> Response:
+    """A wire object's JSON text as a run event carries it (wire/events.py):
+    what respond() writes for the same object, U+2028, U+2029 and U+0085
+    escaped as in SSE frames (the same JSON value)."""
+    return Response(text, media_type="application/json")
+
+
 def _polled(answer: Run | str, poll_after_ms: int) -> Response:
     """A poll's answer: the run, or its JSON text as a held poll got it."""
-    response = respond(answer) if isinstance(answer, Run) else Response(answer, media_type="application/json")
+    response = respond(answer) if isinstance(answer, Run) else _json_text(answer)
     response.headers["openai-poll-after-ms"] = str(poll_after_ms)
     return response
 
@@ -105,6 +112,11 @@ async def _queue_run(
     if follower is None:
         if creator is not None:
             poll_hold.note_created(runtime, creator, run.id, run.thread_id, run.lease_owner, run.lease_expires_at)
+        last = events[-1] if events else None
+        if last is not None and last.name == "thread.run.queued":
+            # The run as committed, as the event that queued it carries it,
+            # already encoded for the log: not validated and dumped again.
+            return _json_text(last.json)
         return respond(runs.to_wire(run))
     # As committed: on SQLite the run log numbers an append ahead of writing
     # it, and corrects ``opening`` if another process had written meanwhile.
