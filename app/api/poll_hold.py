@@ -88,7 +88,7 @@ class Created:
         """As ``trusted_for`` would answer from the run's row, for a run
         created here and not stopped here; None when the row must be read
         (not created here, another project's or thread's, stopped, or its
-        reservation lapsed before this worker claimed it)."""
+        reservation lapsed ``RECHECK_SECONDS`` ago, not claimed here)."""
         creation = self._runs.get(run_id)
         worker = runtime.worker
         if creation is None or worker is None:
@@ -97,9 +97,12 @@ class Created:
             return None  # the read words the miss
         if worker.executes(run_id):
             return math.inf
-        if creation.reserved_until > now:
-            return creation.reserved_until - now
-        return None
+        # This worker claims the runs reserved for it first, lapsed or not:
+        # one whose reservation lapsed a moment ago is most likely still
+        # about to be claimed here (a loaded event loop), so the note is
+        # trusted for one recheck interval more before the row is read.
+        trusted_until = creation.reserved_until + RECHECK_SECONDS
+        return trusted_until - now if trusted_until > now else None
 
 
 # One per event bus (a runtime's), without a field of the runtime's own.
