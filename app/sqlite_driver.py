@@ -409,24 +409,38 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
             await connection._execute(_commit, connection._conn, begin, statements)  # type: ignore[no-untyped-call]
 
     async def commit_straight(self) -> None:
-        """commit() awaited on the event loop, outside SQLAlchemy's commit
-        and its greenlet (app/db.py's commit_straight, issue 17): the held-back
+        """The transaction's COMMIT, awaited on the event loop: the held-back
         writes and COMMIT in one hop, rolled back there if one fails, the
         raw error raised (held_back.sent words it as SQLAlchemy would). The
+        body of commit() too, which runs it through SQLAlchemy's greenlet;
+        app/db.py's commit_straight calls it without (issue 17). The
         transaction is over either way, the write lock handed on."""
-        begin, earlier = self._ending()
         try:
-            if begin is not None and not earlier:  # nothing ran: nothing to commit
-                return
-            connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
-            if connection._connection is None:
-                # Closed under us: what it ran (its BEGIN sent) or holds
-                # back is lost, never reported committed.
-                raise ValueError("no active connection")
-            async with self._execute_mutex:
-                await connection._execute(_commit, connection._conn, begin, earlier)  # type: ignore[no-untyped-call]
+            job = self._commit_job()
+            if job is not None:
+                connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+                async with self._execute_mutex:
+                    await connection._execute(_commit, *job)  # type: ignore[no-untyped-call]
         finally:
             self._ended()
+
+    def _commit_job(self) -> tuple[sqlite3.Connection, str | None, list[Statement]] | None:
+        """The transaction, no longer open, as the arguments of the _commit
+        that ends it; None if nothing of it ran (its BEGIN not sent: nothing
+        to commit). A connection closed under a transaction that ran
+        something (its BEGIN sent, or writes held back) raises "no active
+        connection", as a lost connection does (SQLAlchemy invalidates it):
+        what the transaction did is lost, never reported committed."""
+        opened = self.transaction_open
+        begin, earlier = self._ending()
+        if begin is not None and not earlier:
+            return None
+        connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+        if connection._connection is None:
+            if opened or earlier:
+                raise ValueError("no active connection")
+            return None
+        return connection._conn, begin, earlier
 
     def _ended(self) -> None:
         callback, self.on_transaction_end = self.on_transaction_end, None
@@ -442,21 +456,18 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         return begin, earlier
 
     def commit(self) -> None:
-        begin, earlier = self._ending()
         try:
-            if begin is not None and not earlier:  # nothing ran: nothing to commit
+            if self.inline_wait_ms is None:
+                await_(self.commit_straight())
                 return
-            connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
-            if connection._connection is not None and self.inline_wait_ms is not None:
-                _commit(connection._conn, begin, earlier)
-            elif connection._connection is not None:
-                await_(connection._execute(_commit, connection._conn, begin, earlier))  # type: ignore[no-untyped-call]
-            elif earlier:  # closed under us: its held-back writes are not silently lost
-                raise ValueError("no active connection")
+            try:  # an inline connection: on this thread
+                job = self._commit_job()
+                if job is not None:
+                    _commit(*job)
+            finally:
+                self._ended()
         except Exception as error:
             self._handle_exception(error)
-        finally:
-            self._ended()
 
     def rollback(self) -> None:
         # The pool rolls back every connection it gets back, even after a

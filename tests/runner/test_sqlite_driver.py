@@ -14,10 +14,10 @@ import aiosqlite
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.util import await_only as await_
 
-from app import db
+from app import db, sqlite_driver
 from app.runtime import Runtime
 
 
@@ -91,6 +91,30 @@ async def test_the_write_lock_passes_on_only_once_the_commit_has_run(tmp_path: A
         await asyncio.gather(*(insert(n) for n in range(4)))
         async with engine.connect() as connection:
             assert (await connection.exec_driver_sql("SELECT count(*) FROM t")).scalar() == 4
+    finally:
+        await engine.dispose()
+
+
+async def test_a_connection_lost_in_its_transaction_fails_the_commit(tmp_path: Any) -> None:
+    """Its BEGIN and INSERT sent, nothing held back, the connection closed
+    under it: SQLAlchemy's COMMIT fails as on a lost connection (the
+    connection invalidated: a 503 upstream), not reported committed."""
+    engine = db.create_engine(f"sqlite+aiosqlite:///{tmp_path / 'lost.db'}")
+    try:
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql("CREATE TABLE t (n INTEGER)")
+        async with engine.connect() as connection:
+            await connection.begin()
+            await connection.exec_driver_sql("INSERT INTO t (n) VALUES (1)")
+            driver = (await connection.get_raw_connection()).dbapi_connection
+            assert isinstance(driver, sqlite_driver.OneHopConnection)
+            assert not driver.held_back and driver.begin_deferred is None  # sent, not held
+            await driver._connection.close()
+            with pytest.raises(DBAPIError) as raised:
+                await connection.commit()
+            assert raised.value.connection_invalidated
+        async with engine.connect() as connection:  # a new connection: the closed one was not handed out again
+            assert (await connection.exec_driver_sql("SELECT count(*) FROM t")).scalar() == 0
     finally:
         await engine.dispose()
 
