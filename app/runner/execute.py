@@ -570,6 +570,8 @@ class RunExecution:
         left to start() leaves nothing behind in the shared transaction."""
         if run.status != "queued" or run_execution.is_past_deadline(run):
             return
+        if db.RAW in session.info and not self.runtime.run_log.appends_unread(run.id):
+            return  # its start's append would read the log: the raw claim's session reads nothing
         usage_so_far = run.usage or {}
         self.prompt_tokens = usage_so_far.get("prompt_tokens", 0)
         self.completion_tokens = usage_so_far.get("completion_tokens", 0)
@@ -1197,7 +1199,7 @@ async def claim_and_start(
     ends its run there) go on with run()."""
     executions = []
     try:
-        async with runtime.transaction() as session:
+        async with runtime.claiming() as session:
             for claimed in await run_execution.claim_runs(session, owner, limit, lease_seconds, executing):
                 execution = RunExecution(runtime, claimed.id, builtins, owner=owner)
                 await execution.start_claimed(session, claimed)

@@ -64,18 +64,23 @@ def _checked_out(runtime: Runtime) -> int:
 
 
 @contextmanager
-def _commits(runtime: Runtime) -> Iterator[list[object]]:
-    """SQLAlchemy's commits on the engine, while within."""
+def engine_events(runtime: Runtime, name: str) -> Iterator[list[object]]:
+    """The connections of the engine's ``name`` events, while within."""
     seen: list[object] = []
 
-    def commit(connection: object) -> None:
+    def fired(connection: object) -> None:
         seen.append(connection)
 
-    event.listen(runtime.engine.sync_engine, "commit", commit)
+    event.listen(runtime.engine.sync_engine, name, fired)
     try:
         yield seen
     finally:
-        event.remove(runtime.engine.sync_engine, "commit", commit)
+        event.remove(runtime.engine.sync_engine, name, fired)
+
+
+def _commits(runtime: Runtime) -> Any:
+    """SQLAlchemy's commits on the engine, while within."""
+    return engine_events(runtime, "commit")
 
 
 @contextmanager
@@ -92,11 +97,28 @@ def _before_straight_commit(hook: Callable[[sqlite_driver.OneHopConnection], Awa
         yield
 
 
-async def _cancelled_in_its_straight_commit(work: Coroutine[Any, Any, Any]) -> None:
-    """``work`` in a task cancelled while its straight COMMIT waits for the
-    connection's thread (busy, as under load, until the cancel is made;
-    the thread then runs the COMMIT whatever the task does): the task
-    must end cancelled."""
+@contextmanager
+def before_send(hook: Callable[[sqlite_driver.OneHopConnection], Awaitable[None]]) -> Iterator[None]:
+    """Every statement sent straight (run_now: the claim's) first awaits ``hook`` with its driver connection."""
+    real = sqlite_driver.OneHopConnection.send
+
+    async def send(self: sqlite_driver.OneHopConnection, statement: sqlite_driver.Statement) -> Any:
+        await hook(self)
+        return await real(self, statement)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sqlite_driver.OneHopConnection, "send", send)
+        yield
+
+
+async def cancelled_in_its_hop(
+    work: Coroutine[Any, Any, Any],
+    before: Callable[[Callable[[sqlite_driver.OneHopConnection], Awaitable[None]]], Any] = _before_straight_commit,
+) -> None:
+    """``work`` in a task cancelled while its straight COMMIT (or the hop
+    ``before`` hooks) waits for the connection's thread (busy, as under
+    load, until the cancel is made; the thread then runs the hop whatever
+    the task does): the task must end cancelled."""
     release = threading.Event()
     committing = asyncio.Event()
     busy: list[asyncio.Future[Any]] = []
@@ -106,7 +128,7 @@ async def _cancelled_in_its_straight_commit(work: Coroutine[Any, Any, Any]) -> N
         await asyncio.sleep(0)  # that job reaches the thread's queue first
         committing.set()
 
-    with _before_straight_commit(stall):
+    with before(stall):
         task = asyncio.create_task(work)
         await committing.wait()
         task.cancel()
@@ -119,14 +141,16 @@ async def _cancelled_in_its_straight_commit(work: Coroutine[Any, Any, Any]) -> N
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_claims_transaction_commits_straight_on_the_driver(settings: Settings, loop: str) -> None:
     """An instant answer ends in the claim's transaction, committed without
-    SQLAlchemy's commit; its connection and SQLite's lock are given back,
-    its events logged and streamed."""
+    SQLAlchemy's commit and, a raw transaction (Runtime.claiming), without
+    a SQLAlchemy Connection; its connection and SQLite's lock are given
+    back, its events logged and streamed."""
 
     async def body(runtime: Runtime) -> None:
+        assert runtime.claims_raw()
         (run_id,) = await _make_runs(runtime, 1)
-        with _commits(runtime) as commits:
+        with _commits(runtime) as commits, engine_events(runtime, "engine_connect") as connections:
             (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
-        assert execution.finished and commits == []
+        assert execution.finished and commits == [] and connections == []
         assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
         assert _checked_out(runtime) == 0
         _lock_free(runtime)
@@ -138,11 +162,14 @@ def test_a_claims_transaction_commits_straight_on_the_driver(settings: Settings,
 
 
 @pytest.mark.parametrize("loop", LOOPS)
-def test_a_failing_held_back_write_rolls_the_straight_commit_back_whole(settings: Settings, loop: str) -> None:
+@pytest.mark.parametrize("kind", ["transaction", "claiming"])
+def test_a_failing_held_back_write_rolls_the_straight_commit_back_whole(
+    settings: Settings, loop: str, kind: str
+) -> None:
     """A held-back compare-and-set that misses fails the straight COMMIT:
     the statement sent straight before it (run_now) and the other writes
     are rolled back with it, its events never reach the log, and the lock
-    and the connection are free again."""
+    and the connection are free again. (Also in the claim's raw transaction, Runtime.claiming.)"""
     runs = orm.Run.__table__
     stamp = update(runs).where(runs.c.id == bindparam("run_id")).values(lease_owner="w").returning(runs.c.id)
     miss = update(runs).where(runs.c.id == bindparam("run_id")).values(status="failed")
@@ -150,7 +177,7 @@ def test_a_failing_held_back_write_rolls_the_straight_commit_back_whole(settings
     async def body(runtime: Runtime) -> None:
         (run_id,) = await _make_runs(runtime, 1)
         with pytest.raises(IntegrityError):
-            async with runtime.transaction() as session:
+            async with runtime.claiming() if kind == "claiming" else runtime.transaction() as session:
                 assert await db.run_now(session, stamp, {"run_id": run_id}) == [{"id": run_id}]
                 await runtime.run_log.append(session, run_id, [Event("thread.run.step.created", {"x": 1})])
                 assert await db.hold_back(session, miss, {"run_id": "run_none"}, {db.EXPECT_ROWCOUNT: 1})
@@ -166,19 +193,22 @@ def test_a_failing_held_back_write_rolls_the_straight_commit_back_whole(settings
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("hop", ["commit", "claim"])
 def test_a_connection_lost_at_the_claims_commit_is_a_503_and_the_run_is_claimed_again(
-    settings: Settings, loop: str
+    settings: Settings, loop: str, hop: str
 ) -> None:
-    """The connection closed under the claim's straight COMMIT: the error
+    """The connection closed under the claim's straight COMMIT (or under
+    its first hop, the claim's statement with BEGIN IMMEDIATE): the error
     says it was invalidated (503), the broken connection is not handed out
     again, nothing of the claim stays, and the next claim runs the run."""
+    before = _before_straight_commit if hop == "commit" else before_send
 
     async def lose(driver: sqlite_driver.OneHopConnection) -> None:
         await driver._connection.close()
 
     async def body(runtime: Runtime) -> None:
         (run_id,) = await _make_runs(runtime, 1)
-        with _before_straight_commit(lose), pytest.raises(DBAPIError) as raised:
+        with before(lose), pytest.raises(DBAPIError) as raised:
             await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
         assert raised.value.connection_invalidated
         assert unexpected_error(raised.value).status == 503
@@ -200,7 +230,7 @@ def test_a_claim_cancelled_during_its_straight_commit_is_seen_through(settings: 
 
     async def body(runtime: Runtime) -> None:
         (run_id,) = await _make_runs(runtime, 1)
-        await _cancelled_in_its_straight_commit(execute.claim_and_start(runtime, _OWNER, 1, 60.0, {}))
+        await cancelled_in_its_hop(execute.claim_and_start(runtime, _OWNER, 1, 60.0, {}))
         assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
         async with runtime.transaction() as session:
             seqs = (await session.scalars(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id))).all()
@@ -229,7 +259,7 @@ def test_a_transaction_cancelled_during_its_straight_commit_without_events_leave
             await session.execute(select(orm.Thread.id))  # connected, the insert sent
 
     async def body(runtime: Runtime) -> None:
-        await _cancelled_in_its_straight_commit(writing(runtime))
+        await cancelled_in_its_hop(writing(runtime))
         async with runtime.transaction() as session:
             await core_rows.insert_row(session, core_rows.record(orm.Thread, **_thread("thread_next")))
         assert _checked_out(runtime) == 0
