@@ -3,11 +3,12 @@
 Connection, transaction or greenlet, its claim sent with BEGIN IMMEDIATE
 and its writes held back to one COMMIT hop. Every failure leaves nothing
 of the claim, the write lock free and the connection back (or closed):
-a failing statement, a lost connection (503), a cancellation mid-hop, a
-read through the session (refused at once rather than after the lock's
-timeout). Each is run on asyncio and on uvloop (the server's loop); the
-COMMIT hop's own failures are test_straight_commit's (the claim's
-transaction takes the same driver commit)."""
+a failing statement, a cancellation mid-hop, a read through the session
+(refused at once rather than after the lock's timeout). Each is run on
+asyncio and on uvloop (the server's loop). test_straight_commit runs the
+rest on the raw claim too: a failing held-back write, a lost connection
+(503) at the claim's statement and at its COMMIT, the COMMIT cancelled or
+refused for its data, an overflow connection."""
 
 from __future__ import annotations
 
@@ -22,7 +23,15 @@ from app import db, ids, orm
 from app.runner import execute
 from app.runtime import Runtime
 from app.settings import Settings
-from tests.runner.test_straight_commit import LOOPS, _checked_out, _lock_free, _on, before_send, cancelled_in_its_hop
+from tests.runner.test_straight_commit import (
+    LOOPS,
+    _checked_out,
+    _lock_free,
+    _on,
+    before_send,
+    cancelled_in_its_hop,
+    engine_events,
+)
 from tests.runner.test_worker import _make_runs, _statuses
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
@@ -102,10 +111,10 @@ def test_a_read_through_the_raw_session_is_refused_at_once(settings: Settings, l
 
 
 @pytest.mark.parametrize("loop", LOOPS)
-def test_a_run_with_a_longer_thread_than_the_claim_reads_starts_on_its_own(settings: Settings, loop: str) -> None:
-    """Its prompt needs a read the raw claim cannot make: it is left to
-    start(), in a transaction of its own, and answered there; the refused
-    read leaves the claim's transaction good for the next run."""
+def test_a_run_with_a_longer_thread_than_the_claim_reads_is_answered_in_it(settings: Settings, loop: str) -> None:
+    """Its prompt needs a read the raw claim's session cannot make: a WAL
+    reader makes it, and the run is answered in the claim as any other,
+    the claim's next run too (the refused read left its transaction good)."""
 
     async def body(runtime: Runtime) -> None:
         run_id, other_id = await _make_runs(runtime, 2)
@@ -126,13 +135,17 @@ def test_a_run_with_a_longer_thread_than_the_claim_reads_starts_on_its_own(setti
                         status="completed",
                     )
                 )
-        executions = await execute.claim_and_start(runtime, _OWNER, 2, 60.0, {})
+        with engine_events(runtime, "engine_connect") as connections:
+            executions = await execute.claim_and_start(runtime, _OWNER, 2, 60.0, {})
         assert [(execution.run_id, execution.finished) for execution in executions] == [
-            (run_id, False),
+            (run_id, True),
             (other_id, True),
         ]
-        await execute.run(executions[0])
+        assert connections == []  # (the reader's are the read engine's)
         assert await _statuses(runtime, [run_id, other_id]) == {run_id: "completed", other_id: "completed"}
+        chat = executions[0]._started[1] if executions[0]._started is not None else []
+        said = [message["content"] for message in chat if message["role"] == "user"]
+        assert said == ["hi", *(f"m{n}" for n in range(40))]  # the whole thread, past the prefetch
         assert _checked_out(runtime) == 0
 
     _on(loop, settings, body)
