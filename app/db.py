@@ -421,19 +421,20 @@ async def _collected_connection(engine: AsyncEngine) -> tuple[PoolProxiedConnect
 
 
 class RawSessionConnected(RuntimeError):
-    """A session whose transaction is a RawTransaction's tried to connect:
-    it would wait for the write lock its own transaction holds. A bug of
-    the caller (a read or a statement that is not held back, in the
-    claim's transaction); raised at once rather than after the lock's
-    timeout."""
+    """A session whose transaction is a RawTransaction's tried to connect
+    (a read, or a statement that is not held back): it would wait for the
+    write lock its own transaction holds, so it is refused at once rather
+    than after the lock's timeout. The claim reads a prompt that needs a
+    read on a WAL reader instead (RunExecution._first_prompt); anywhere
+    else in the claim it fails the claim's transaction."""
 
 
 class RawTransaction:
     """A SQLite write transaction on a connection checked out of the pool
     raw (issue 17: the worker's claim), with no SQLAlchemy Connection,
-    transaction or greenlet: the pool's checkout, then the process's write
-    lock, as every writer takes them (_collected_connection); BEGIN
-    IMMEDIATE goes with its first statement. A session marked with it
+    transaction or greenlet (but the checkout's): the pool's checkout,
+    then the process's write lock, as every writer takes them
+    (_collected_connection); BEGIN IMMEDIATE goes with its first statement. A session marked with it
     (``session.info[RAW] = raw.held``) sends its run_now statements to it
     and holds its writes back on it (held_back.RAW), and never connects
     (SyncSession.get_bind refuses: RawSessionConnected). commit() sends the

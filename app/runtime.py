@@ -280,9 +280,10 @@ class Runtime:
 
     def claims_raw(self) -> bool:
         """Whether the worker's claim runs as a raw transaction (claiming()):
-        on a SQLite file whose run logs this process alone writes (every
-        append in the claim numbered without a read: RunLog.predicts), and
-        no scripted rule reads a thread's metadata (RunExecution._context)."""
+        on a SQLite file whose run logs this process alone writes (its
+        counters number the claim's appends without a read; a run it has
+        not seen is guessed and corrected at the commit: RunLog.append),
+        and no scripted rule reads a thread's metadata (RunExecution._context)."""
         return db.collects(self.engine) and self.run_log.deliver_early and not self.llm.script.needs_thread_metadata()
 
     @asynccontextmanager
@@ -290,14 +291,15 @@ class Runtime:
         """The worker's claim's transaction (claim_and_start): transaction(),
         or where claims_raw() says so a session whose transaction is a
         db.RawTransaction (issue 17: no SQLAlchemy Connection checked out
-        and closed, no SQLAlchemy transaction, no greenlet). Its claim goes
-        with BEGIN IMMEDIATE in one hop (run_now), its writes are held back
-        on the raw connection and committed with it in one hop; it never
-        connects, so nothing in it may read through it (a read raises
-        db.RawSessionConnected: start_claimed leaves such a run to start(),
-        held_back.RAW). A failure or a cancellation rolls it back whole, as
-        transaction()'s; its COMMIT is seen through a cancellation when run
-        events were logged."""
+        and closed, no SQLAlchemy transaction, no greenlet but the pool
+        checkout's). Its claim goes with BEGIN IMMEDIATE in one hop
+        (run_now), its writes are held back on the raw connection and
+        committed with it in one hop (held_back.RAW); it never connects, so
+        nothing in it may read through it (a read raises
+        db.RawSessionConnected: a prompt that needs one is read on a WAL
+        reader, RunExecution._first_prompt). A failure or a cancellation
+        rolls it back whole, as transaction()'s; its COMMIT is seen through
+        a cancellation when run events were logged."""
         if not self.claims_raw():
             async with self.transaction() as session:
                 yield session
