@@ -411,7 +411,7 @@ async def _collected_connection(engine: AsyncEngine) -> tuple[PoolProxiedConnect
     other way round, the lock's holder could wait for a connection held by
     writers queued for the lock, all of them until the pool's timeout."""
     writers = _WRITERS[engine.sync_engine]
-    pooled = await engine.raw_connection()
+    pooled = _idle_checkout(engine.sync_engine.pool) or await engine.raw_connection()
     try:
         await writers.hold()
     except BaseException:
@@ -503,6 +503,30 @@ class RawTransaction:
             # connection, whatever it still holds, is closed instead.
             log.warning("a raw SQLite transaction's ROLLBACK failed (%s); its connection is closed", error)
             await greenlet_spawn(self.pooled.invalidate, error)
+
+
+def _idle_checkout(pool: Pool) -> PoolProxiedConnection | None:
+    """An idle connection checked out of a SQLite file's pool without
+    SQLAlchemy's greenlet (issue 17: a claim's raw transaction), where the
+    checkout does no I/O: the connection the pool hands out next is open
+    and not due for a reconnect (no recycling, not invalidated since it
+    opened), no pre-ping. None otherwise (an empty pool, which opens a
+    connection; an invalidated one, which reconnects): the greenlet's
+    checkout. The conditions are those of _ConnectionRecord.get_connection
+    and the queue's order in SQLAlchemy's pinned version (private
+    attributes: an upgrade must check them)."""
+    if not isinstance(pool, QueuePool) or pool._pre_ping or pool._recycle > -1:
+        return None
+    adapted: Any = pool._pool  # AsyncAdaptedQueue: an asyncio (Lifo)Queue, taken from without awaiting when not empty
+    idle = adapted._queue._queue  # LifoQueue: a list, popped from its end; Queue: a deque, from its start
+    if not idle:
+        return None
+    record = idle[-1] if adapted.use_lifo else idle[0]
+    if record.dbapi_connection is None:
+        return None
+    if pool._invalidate_time > record.starttime or record._soft_invalidate_time > record.starttime:
+        return None
+    return pool.connect()  # that record, as raw_connection() takes it
 
 
 def _pool_takes_back(pool: Pool) -> bool:

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import pytest
 from sqlalchemy import bindparam, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import db, ids, orm
 from app.runner import execute
@@ -31,6 +33,7 @@ from tests.runner.test_straight_commit import (
     before_send,
     cancelled_in_its_hop,
     engine_events,
+    lose_connection,
 )
 from tests.runner.test_worker import _make_runs, _statuses
 
@@ -174,3 +177,35 @@ def test_a_run_whose_log_this_process_has_not_seen_is_numbered_after_it_quietly(
     with caplog.at_level(logging.WARNING, logger="app.run_log"):
         _on("asyncio", settings, body)
     assert not [record for record in caplog.records if "renumbered" in record.getMessage()]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_the_claims_checkout_takes_an_idle_connection_without_the_greenlet(
+    settings: Settings, loop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle, open connection is checked out without SQLAlchemy's
+    greenlet; an empty pool, or a connection invalidated (a lost one),
+    goes through it (it opens a connection: I/O), and the claim works."""
+    through_greenlet: list[object] = []
+    real = AsyncEngine.raw_connection
+
+    async def raw_connection(self: AsyncEngine) -> Any:
+        through_greenlet.append(self)
+        return await real(self)
+
+    monkeypatch.setattr(AsyncEngine, "raw_connection", raw_connection)
+
+    async def body(runtime: Runtime) -> None:
+        (run_id,) = await _make_runs(runtime, 1)  # (leaves an idle connection in the pool)
+        assert await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {}) != []
+        assert through_greenlet == []
+        with before_send(lose_connection), pytest.raises(DBAPIError):
+            await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})  # nothing claimable: the claim alone
+        assert through_greenlet == []
+        await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})  # the invalidated one reconnects
+        assert through_greenlet == [runtime.engine]
+        assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
+        assert _checked_out(runtime) == 0
+        _lock_free(runtime)
+
+    _on(loop, settings, body)

@@ -111,6 +111,11 @@ def before_send(hook: Callable[[sqlite_driver.OneHopConnection], Awaitable[None]
         yield
 
 
+async def lose_connection(driver: sqlite_driver.OneHopConnection) -> None:
+    """A hook (before_send, _before_straight_commit): the connection closed under the hop."""
+    await driver._connection.close()
+
+
 async def cancelled_in_its_hop(
     work: Coroutine[Any, Any, Any],
     before: Callable[[Callable[[sqlite_driver.OneHopConnection], Awaitable[None]]], Any] = _before_straight_commit,
@@ -161,15 +166,15 @@ def test_a_claims_transaction_commits_straight_on_the_driver(settings: Settings,
     _on(loop, settings, body)
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-@pytest.mark.parametrize("kind", ["transaction", "claiming"])
+@pytest.mark.parametrize(("loop", "kind"), [(loop, kind) for loop in LOOPS for kind in ("transaction", "claiming")])
 def test_a_failing_held_back_write_rolls_the_straight_commit_back_whole(
     settings: Settings, loop: str, kind: str
 ) -> None:
     """A held-back compare-and-set that misses fails the straight COMMIT:
     the statement sent straight before it (run_now) and the other writes
     are rolled back with it, its events never reach the log, and the lock
-    and the connection are free again. (Also in the claim's raw transaction, Runtime.claiming.)"""
+    and the connection are free again; in the claim's raw transaction
+    (Runtime.claiming) too."""
     runs = orm.Run.__table__
     stamp = update(runs).where(runs.c.id == bindparam("run_id")).values(lease_owner="w").returning(runs.c.id)
     miss = update(runs).where(runs.c.id == bindparam("run_id")).values(status="failed")
@@ -203,12 +208,9 @@ def test_a_connection_lost_at_the_claims_commit_is_a_503_and_the_run_is_claimed_
     again, nothing of the claim stays, and the next claim runs the run."""
     before = _before_straight_commit if hop == "commit" else before_send
 
-    async def lose(driver: sqlite_driver.OneHopConnection) -> None:
-        await driver._connection.close()
-
     async def body(runtime: Runtime) -> None:
         (run_id,) = await _make_runs(runtime, 1)
-        with before(lose), pytest.raises(DBAPIError) as raised:
+        with before(lose_connection), pytest.raises(DBAPIError) as raised:
             await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
         assert raised.value.connection_invalidated
         assert unexpected_error(raised.value).status == 503
