@@ -529,35 +529,10 @@ async def _run_now_postgres(
     if bound is None:
         return None
     sql, parameters, dialect = shape.sql, bound[1], bind.dialect
-    try:
-        async with adapted._execute_mutex:  # as the adapter's cursor: one statement at a time
-            if adapted._transaction is None:
-                await adapted._start_transaction()  # type: ignore[no-untyped-call]  # (raises the adapter's error)
-            try:
-                invalidated_at = dialect._invalidate_schema_cache_asof  # type: ignore[attr-defined]
-                prepared, attributes = await adapted._prepare(sql, invalidated_at)  # type: ignore[no-untyped-call]
-                records = await prepared.fetch(*parameters)
-            except Exception as error:
-                adapted._handle_exception(error)  # the adapter's DB-API error for it, as its cursor raises
-    except asyncio.CancelledError:
-        # As SQLAlchemy's execution on an exit exception: the statement may
-        # still be running, its outcome unread; the connection goes with it.
-        await greenlet_spawn(connection.invalidate, None)
-        raise
-    except dialect.loaded_dbapi.Error as error:
-        dbapi = dialect.loaded_dbapi
-        if isinstance(error, (dbapi.InvalidCachedStatementError, dbapi.InternalServerError)):
-            # A prepared statement a schema change made stale ("cached plan
-            # must not change result type"): every connection prepares its
-            # statements again from now on, as SQLAlchemy's asyncpg execution
-            # context does on this error; else run_now would reuse it forever.
-            dialect._invalidate_schema_cache()  # type: ignore[attr-defined]
-        lost = dialect.is_disconnect(error, adapted, None)  # type: ignore[arg-type]
-        if lost:
-            await greenlet_spawn(connection.invalidate, error)
-        raise sa_exc.DBAPIError.instance(
-            sql, parameters, error, dialect.loaded_dbapi.Error, dialect=dialect, connection_invalidated=lost
-        ) from error
+    fetched = _fetched_on_asyncpg(adapted, sql, parameters, dialect)
+    # (A cancellation, as SQLAlchemy's execution on an exit exception: the
+    # statement may still be running, its outcome unread; the connection goes with it.)
+    records, attributes = await sent(fetched, sql, parameters, dialect, connection.invalidate, adapted)
     columns = _results(dialect, shape.compiled, tuple(attribute.type.oid for attribute in attributes))
     return [
         {
@@ -566,6 +541,32 @@ async def _run_now_postgres(
         }
         for record in records
     ]
+
+
+async def _fetched_on_asyncpg(
+    adapted: AsyncAdapt_asyncpg_connection, sql: str, parameters: tuple[Any, ...], dialect: Dialect
+) -> tuple[list[Any], Any]:
+    """_run_now_postgres()'s statement on asyncpg, as the adapter's cursor
+    sends it: its records and their attributes; a failure is the adapter's
+    DB-API error for it."""
+    dbapi = dialect.loaded_dbapi
+    try:
+        async with adapted._execute_mutex:  # as the adapter's cursor: one statement at a time
+            if adapted._transaction is None:
+                await adapted._start_transaction()  # type: ignore[no-untyped-call]  # (raises the adapter's error)
+            try:
+                invalidated_at = dialect._invalidate_schema_cache_asof  # type: ignore[attr-defined]
+                prepared, attributes = await adapted._prepare(sql, invalidated_at)  # type: ignore[no-untyped-call]
+                return await prepared.fetch(*parameters), attributes
+            except Exception as error:
+                adapted._handle_exception(error)  # the adapter's DB-API error for it, as its cursor raises
+    except (dbapi.InvalidCachedStatementError, dbapi.InternalServerError):
+        # A prepared statement a schema change made stale ("cached plan
+        # must not change result type"): every connection prepares its
+        # statements again from now on, as SQLAlchemy's asyncpg execution
+        # context does on this error; else run_now would reuse it forever.
+        dialect._invalidate_schema_cache()  # type: ignore[attr-defined]
+        raise
 
 
 T = TypeVar("T")
@@ -577,32 +578,50 @@ async def sent(
     parameters: tuple[Any, ...] | None,
     dialect: Dialect,
     invalidate: Callable[[BaseException | None], None],
+    driver_connection: object = None,
 ) -> T:
     """``hop`` (a statement or transaction sent straight to the driver,
-    outside SQLAlchemy's execution: run_now, db.commit_collected), failing
-    as SQLAlchemy's execution fails. A driver error is SQLAlchemy's error
-    for it (DBAPIError.instance: IntegrityError, OperationalError...); a
-    lost connection is invalidated (``invalidate``: the Connection's or the
-    pooled connection's) and its error says so (connection_invalidated:
-    answered 503, as from ``session.execute``), never handed back to the
-    pool as it is. A cancellation invalidates the connection too, as
-    SQLAlchemy does for an exit exception: its thread may still be about
-    to run what was sent (a BEGIN IMMEDIATE among it), after any rollback
-    here would have found nothing to undo; closed, it takes that with it."""
+    outside SQLAlchemy's execution: run_now on SQLite and on PostgreSQL,
+    db.commit_collected, db.commit_straight), failing as SQLAlchemy's
+    execution fails. A driver error is SQLAlchemy's error for it
+    (DBAPIError.instance: IntegrityError, OperationalError...); a lost
+    connection (``driver_connection``, the DB-API connection the dialect
+    asks about, if it needs one) is invalidated (``invalidate``: the
+    Connection's or the pooled connection's) and its error says so
+    (connection_invalidated: answered 503, as from ``session.execute``),
+    never handed back to the pool as it is. A cancellation invalidates the
+    connection too, as SQLAlchemy does for an exit exception: the statement
+    may still be running, its outcome unread (on SQLite the connection's
+    thread may still be about to run what was sent, a BEGIN IMMEDIATE among
+    it, after any rollback here would have found nothing to undo); closed,
+    it takes that with it."""
     try:
         return await hop
-    except (sqlite3.Error, ValueError) as error:
-        # ValueError: aiosqlite's connection closed under us, worded as SQLAlchemy's adapter words it.
-        orig = error if isinstance(error, sqlite3.Error) else sqlite3.OperationalError(*error.args)
-        lost = dialect.is_disconnect(orig, None, None)  # type: ignore[arg-type]  # sqlite3's errors are the dialect's DB-API's
-        if lost:
-            await greenlet_spawn(invalidate, orig)
-        raise sa_exc.DBAPIError.instance(
-            sql, parameters, orig, sqlite3.Error, dialect=dialect, connection_invalidated=lost
-        ) from error
     except asyncio.CancelledError:
         await greenlet_spawn(invalidate, None)
         raise
+    except Exception as error:
+        orig = _driver_error(dialect, error)
+        if orig is None:
+            raise
+        lost = dialect.is_disconnect(orig, driver_connection, None)  # type: ignore[arg-type]
+        if lost:
+            await greenlet_spawn(invalidate, orig)
+        raise sa_exc.DBAPIError.instance(
+            sql, parameters, orig, dialect.loaded_dbapi.Error, dialect=dialect, connection_invalidated=lost
+        ) from error
+
+
+def _driver_error(dialect: Dialect, error: Exception) -> Exception | None:
+    """The dialect's DB-API error that ``error``, raised by a hop, is or
+    stands for; None if it is not the driver's (raised as it is). (SQLite's
+    DB-API errors are sqlite3's.)"""
+    if isinstance(error, dialect.loaded_dbapi.Error):
+        return error
+    if dialect.name == "sqlite" and isinstance(error, ValueError):
+        # aiosqlite's connection closed under us, worded as SQLAlchemy's adapter words it.
+        return sqlite3.OperationalError(*error.args)
+    return None
 
 
 async def write_behind(

@@ -35,12 +35,33 @@ from tests.runner.test_worker import _make_runs, _statuses
 LONG_RUN = "[[delay 100]] [[tokens 3000]]"  # five minutes: ended by the test
 
 
+# The margin of a loaded CI machine (2 cores at load 2-4): there a renewal's
+# transaction, or a cancelled one's rollback, took more than 0.5 s, and the
+# loop's timers fired late by as much. A 3 s lease (attempts cut off at
+# 0.5 s, runs given up at 2.7 s) left too little: its tests failed there.
+LEASE_SECONDS = 30.0  # attempts cut off at 5 s, runs given up at 27 s
+
+
 @pytest.fixture
 async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    # A lease of 3 s: a renewal every second, attempts cut off at 0.5 s (a
-    # shorter lease leaves a loaded machine's transactions too little).
+    async with runtime_with_lease(settings, LEASE_SECONDS) as rt:
+        yield rt
+
+
+@pytest.fixture
+async def short_lease_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    """A 3 s lease, given up at 2.7 s: for the tests whose every renewal
+    fails at once (no attempt there waits on the machine), a give-up soon."""
     async with runtime_with_lease(settings, 3.0) as rt:
         yield rt
+
+
+async def _worker_renewing_every_second(runtime: Runtime) -> tuple[Worker, asyncio.Task[None]]:
+    """A running worker whose renewals come every second, not every third
+    of its lease: the tests see rounds soon, each attempt with 5 s to work."""
+    worker, task = await running_worker(runtime)
+    worker.leases.period = 1.0
+    return worker, task
 
 
 def _run_ids(parameter: Any) -> list[str]:
@@ -72,7 +93,7 @@ async def _leases(runtime: Runtime, run_ids: list[str]) -> dict[str, tuple[str |
 
 
 async def test_one_statement_renews_every_executing_run_before_its_lease_lapses(runtime: Runtime) -> None:
-    worker, task = await running_worker(runtime)
+    worker, task = await _worker_renewing_every_second(runtime)
     try:
         with renewal_statements(runtime) as renewals:
             first = await _make_runs(runtime, 2, text=LONG_RUN)
@@ -103,7 +124,7 @@ async def test_one_statement_renews_every_executing_run_before_its_lease_lapses(
 
 
 async def test_only_the_run_another_worker_took_over_is_stopped(runtime: Runtime) -> None:
-    worker, task = await running_worker(runtime)
+    worker, task = await _worker_renewing_every_second(runtime)
     try:
         kept, taken = await _make_runs(runtime, 2, text=LONG_RUN)
         await until(lambda: worker.busy == 2, "the runs to start")
@@ -139,7 +160,7 @@ async def test_a_failed_renewal_is_retried(
         return await real_renew(*args, **kwargs)
 
     monkeypatch.setattr(run_execution, "renew", renew_failing_once)
-    worker, task = await running_worker(runtime)
+    worker, task = await _worker_renewing_every_second(runtime)
     try:
         with caplog.at_level(logging.WARNING, logger="app.worker"):
             (run_id,) = await _make_runs(runtime, 1, text=LONG_RUN)
@@ -155,12 +176,13 @@ async def test_a_failed_renewal_is_retried(
 
 
 async def test_renewals_failing_until_the_lease_would_lapse_stop_the_execution(
-    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    short_lease_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def renew_failing(*_args: Any, **_kwargs: Any) -> list[str]:
         raise RuntimeError("database is locked")
 
     monkeypatch.setattr(run_execution, "renew", renew_failing)
+    runtime = short_lease_runtime
     worker, task = await running_worker(runtime)
     try:
         with caplog.at_level(logging.WARNING, logger="app.worker"):
@@ -176,12 +198,14 @@ async def test_renewals_failing_until_the_lease_would_lapse_stop_the_execution(
     (lost, *_) = [record for record in caplog.records if record.getMessage().startswith("lost the lease")]
     assert lost.getMessage() == f"lost the lease of run {run_id}; stopping its execution here"
     assert first_lease is not None and claimed_at <= first_lease
-    assert lost.created < first_lease + 1.0  # about when the lease would lapse, not minutes later
+    # About when the lease would lapse, not minutes later (given up at 2.7 s
+    # of 3: 1.3 s for a loaded machine's late timer).
+    assert lost.created < first_lease + 1.0
     assert (await _statuses(runtime, [run_id]))[run_id] == "in_progress"  # resumable, not failed
 
 
 async def test_a_run_given_up_is_handed_back_at_the_next_tick_not_at_its_lapse(
-    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+    short_lease_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run whose renewals kept failing is given up (its execution stopped)
     and then released by the worker's next good tick, so that it is resumed
@@ -193,6 +217,7 @@ async def test_a_run_given_up_is_handed_back_at_the_next_tick_not_at_its_lapse(
         raise RuntimeError("database is locked")
 
     monkeypatch.setattr(run_execution, "renew", renew_failing)
+    runtime = short_lease_runtime
     worker, task = await running_worker(runtime)
     try:
         (run_id,) = await _make_runs(runtime, 1, text=LONG_RUN)
@@ -224,8 +249,8 @@ async def test_one_round_renews_what_it_holds_and_never_revives_a_cleared_lease(
                 .where(orm.Run.id == run_id)
                 .values(lease_owner=lease_owner, lease_expires_at=lease_owner and stamped)
             )
-    renewer = LeaseRenewer(runtime, owner, lease_seconds=3.0)
-    renewer.period = 0.1  # rounds every 0.1 s, the give-up of a 3 s lease far off
+    renewer = LeaseRenewer(runtime, owner, LEASE_SECONDS)
+    renewer.period = 0.1  # rounds every 0.1 s, the give-up far off
     executions = {run_id: asyncio.create_task(asyncio.sleep(DEADLINE)) for run_id in (owned, released, taken)}
     try:
         with renewal_statements(runtime) as renewals:
@@ -291,7 +316,7 @@ async def test_short_runs_and_instant_answers_start_no_lease_task(settings: Sett
 
 
 async def test_renewals_go_on_through_the_drain_and_stop_with_the_worker(runtime: Runtime) -> None:
-    worker, task = await running_worker(runtime)
+    worker, task = await _worker_renewing_every_second(runtime)
     worker.drain_seconds = 600.0  # far longer than the test may take
     with renewal_statements(runtime) as renewals:
         (run_id,) = await _make_runs(runtime, 1, text="[[delay 100]] [[tokens 40]]")  # 4 s: past its lease
@@ -308,15 +333,19 @@ async def test_renewals_go_on_through_the_drain_and_stop_with_the_worker(runtime
 
 
 async def test_a_lapsed_lease_of_a_run_this_worker_executes_is_renewed_not_claimed_again(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A lease that lapsed under its own worker's execution (renewals that
     came too late) is stamped again by the next round; this worker's claims
     leave the run out meanwhile (run_execution's ``executing``), so one
-    execution goes on, never a second one beside it."""
-    real_claim = execute.claim_and_start
+    execution goes on, never a second one beside it. The renewals are held
+    from before the lapse until a claim after it has ended, so that claim
+    always meets the lapsed lease (however late the loop's timers)."""
+    real_claim, real_renew = execute.claim_and_start, run_execution.renew
     lapsed_at = [float("inf")]
     claims_after_lapse: list[float] = []
+    renewals_free, renewal_held = asyncio.Event(), asyncio.Event()
+    renewals_free.set()
 
     async def claim_and_start(*args: Any, **kwargs: Any) -> Any:
         started_at = time.time()
@@ -325,30 +354,40 @@ async def test_a_lapsed_lease_of_a_run_this_worker_executes_is_renewed_not_claim
             claims_after_lapse.append(started_at)
         return claimed
 
+    async def renew(*args: Any, **kwargs: Any) -> list[str]:
+        if not renewals_free.is_set():
+            renewal_held.set()
+            await renewals_free.wait()
+        return await real_renew(*args, **kwargs)
+
     monkeypatch.setattr(execute, "claim_and_start", claim_and_start)
-    # A 30 s lease, renewed every second: its attempts are cut off at 5 s and
-    # it is given up at 27 s, so only the claims this test is about can
-    # start a second execution, never a renewal slowed down by a loaded
-    # machine (3 s leases cut attempts off at 0.5 s, which CI exceeded).
-    async with runtime_with_lease(settings, 30.0) as runtime:
-        worker, task = await running_worker(runtime)
-        worker.leases.period = 1.0
-        try:
-            (run_id,) = await _make_runs(runtime, 1, text=LONG_RUN)
-            await until(lambda: worker.busy == 1, "the run to start")
-            first = worker._tasks[run_id]
-            async with runtime.transaction() as session:  # lapsed, as unrenewed leases do
-                lapse = update(orm.Run).where(orm.Run.id == run_id).values(lease_expires_at=time.time() - 1)
-                await session.execute(lapse)
-            lapsed_at[0] = time.time()
-            # (The worker claims every 0.05 s: a claim while the lease is lapsed,
-            # unless the loop stalled a whole renewal period.)
-            await until(lambda: claims_after_lapse, "a claim after the lapse")
-            await until(lambda: _renewed_since(runtime, run_id, time.time()), "a renewal to stamp it again")
-            assert worker._tasks[run_id] is first and not first.done() and worker.busy == 1
-            assert (await _leases(runtime, [run_id]))[run_id][0] == worker.owner
-        finally:
-            await stop_worker(worker, task)
+    monkeypatch.setattr(run_execution, "renew", renew)
+    worker, task = await _worker_renewing_every_second(runtime)
+    try:
+        (run_id,) = await _make_runs(runtime, 1, text=LONG_RUN)
+        await until(lambda: worker.busy == 1, "the run to start")
+        first = worker._tasks[run_id]
+        renewals_free.clear()
+        # No round in flight but one held: a round already past the gate ends
+        # (committed) before the lapse is written, never after it.
+        idle, held = asyncio.ensure_future(worker.leases.idle()), asyncio.ensure_future(renewal_held.wait())
+        done, pending = await asyncio.wait({idle, held}, timeout=DEADLINE, return_when=asyncio.FIRST_COMPLETED)
+        for waiting in pending:
+            waiting.cancel()
+        assert done, "the renewals to be held"
+        async with runtime.transaction() as session:  # lapsed, as unrenewed leases do
+            lapse = update(orm.Run).where(orm.Run.id == run_id).values(lease_expires_at=time.time() - 1)
+            await session.execute(lapse)
+        lapsed_at[0] = time.time()
+        await until(lambda: claims_after_lapse, "a claim (every 0.05 s) after the lapse")
+        assert ((await _leases(runtime, [run_id]))[run_id][1] or 0) < lapsed_at[0]  # still lapsed after it
+        renewals_free.set()
+        await until(lambda: _renewed_since(runtime, run_id, time.time()), "a renewal to stamp it again")
+        assert worker._tasks[run_id] is first and not first.done() and worker.busy == 1
+        assert (await _leases(runtime, [run_id]))[run_id][0] == worker.owner
+    finally:
+        renewals_free.set()
+        await stop_worker(worker, task)
 
 
 async def _held_run(runtime: Runtime, owner: str) -> str:
@@ -396,8 +435,8 @@ async def test_a_renewal_with_a_slow_commit_counts_from_before_its_statement(
         commits.append(time.monotonic())
 
     _with_transaction(runtime, monkeypatch, slow_commit)
-    renewer = LeaseRenewer(runtime, owner, lease_seconds=3.0)
-    renewer.period = 0.05  # a round at once; the give-up and the time limit of a 3 s lease
+    renewer = LeaseRenewer(runtime, owner, LEASE_SECONDS)
+    renewer.period = 0.05  # a round at once; attempts of 5 s, the give-up far off
     execution = asyncio.create_task(asyncio.sleep(DEADLINE))
     statements: list[float] = []
 
@@ -438,7 +477,7 @@ async def test_a_renewal_whose_commit_fails_is_not_counted(
         raise RuntimeError("the connection dropped")
 
     _with_transaction(runtime, monkeypatch, failing_commit)
-    renewer = LeaseRenewer(runtime, owner, lease_seconds=3.0)
+    renewer = LeaseRenewer(runtime, owner, LEASE_SECONDS)
     renewer.period = 0.05
     execution = asyncio.create_task(asyncio.sleep(DEADLINE))
     try:
@@ -477,7 +516,9 @@ async def test_failing_renewals_are_cut_off_and_the_run_stopped_before_its_lease
         await asyncio.Event().wait()
 
     _with_transaction(runtime, monkeypatch, hang)
-    lease_seconds = 3.0
+    # Given up at 9 s, 1 s before the lapse: time for a loaded machine's late
+    # timer and the cut-off attempt's rollback (0.3 s of a 3 s lease was not).
+    lease_seconds = 10.0
     renewer = LeaseRenewer(runtime, owner, lease_seconds)
     execution = asyncio.create_task(asyncio.sleep(DEADLINE))
     stopped: list[float] = []
@@ -541,10 +582,13 @@ async def test_a_lease_near_its_give_up_gets_an_attempt_first(runtime: Runtime) 
     worked."""
     owner = "this-worker"
     run_id = await _held_run(runtime, owner)
-    renewer = LeaseRenewer(runtime, owner, lease_seconds=3.0)  # give-up at 2.7 s, attempts of 0.5 s
+    # A 12 s lease: give-up at 10.8 s, attempts of 2 s, rounds every 4 s.
+    renewer = LeaseRenewer(runtime, owner, lease_seconds=12.0)
     execution = asyncio.create_task(asyncio.sleep(DEADLINE))
     try:
-        stamped_at = time.monotonic() - 2.0  # the claim was sent 2 s ago
+        # The claim was sent 8 s ago: its give-up is 2.8 s away, before the
+        # next period's round; the first round comes 2 s (an attempt) before it.
+        stamped_at = time.monotonic() - 8.0
         renewer.hold(run_id, execution, stamped_at)
         await until(lambda: renewer.renewed_at(run_id) != stamped_at or execution.done(), "a round")
         assert not execution.done() and renewer.held == {run_id}
@@ -574,8 +618,10 @@ def test_the_renewer_on_uvloop(settings: Settings) -> None:
         runtime.transaction = transaction  # type: ignore[method-assign]
         owner = "this-worker"
         run_id = await _held_run(runtime, owner)
-        renewer = LeaseRenewer(runtime, owner, lease_seconds=3.0)
-        renewer.period = 0.05  # the first renewal at once; the give-up and the time limit of a 3 s lease
+        # A 6 s lease: attempts of 1 s, given up at 5.4 s (0.6 s for a late
+        # timer on a loaded machine; 0.3 s of a 3 s lease was too little).
+        renewer = LeaseRenewer(runtime, owner, lease_seconds=6.0)
+        renewer.period = 0.05  # the first renewal at once
         execution = asyncio.create_task(asyncio.sleep(DEADLINE))
         stopped: list[float] = []
         execution.add_done_callback(lambda _task: stopped.append(time.monotonic()))
@@ -592,7 +638,7 @@ def test_the_renewer_on_uvloop(settings: Settings) -> None:
             await renewer.stop()
             await _cancel(execution)
             await runtime.close()
-        assert execution.cancelled() and stopped[0] < renewed_at + 3.0
+        assert execution.cancelled() and stopped[0] < renewed_at + 6.0
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
@@ -624,7 +670,9 @@ async def test_a_renewal_whose_checkout_hangs_on_postgres_is_cut_off_at_the_atte
             yield session
 
     monkeypatch.setattr(runtime, "transaction", transaction)
-    renewer = LeaseRenewer(runtime, owner, lease_seconds=3.0)  # give-up at 2.7 s, attempts of 0.5 s
+    # A 6 s lease: attempts of 1 s, rounds at 2 s and (after the cut-off
+    # first) 4.4 s, the give-up at 5.4 s: 1 s for the second round to be late.
+    renewer = LeaseRenewer(runtime, owner, lease_seconds=6.0)
     execution = asyncio.create_task(asyncio.sleep(DEADLINE))
     try:
         renewer.hold(run_id, execution, time.monotonic())

@@ -1,7 +1,7 @@
 """run_now() on PostgreSQL (app/held_back.py ``_run_now_postgres``): the
 claim's statement straight on asyncpg fails as ``session.execute`` fails.
-A refused statement rolls its whole transaction back, a lost connection
-is invalidated and answered 503 (the run stays claimable and is claimed
+A refused statement rolls its whole transaction back, a connection lost
+before the statement or during it is invalidated and answered 503 (the run stays claimable and is claimed
 again), and a cancellation while the statement waits for a row lock
 leaves nothing written and no connection in a transaction behind."""
 
@@ -11,7 +11,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from app import db, orm
@@ -71,6 +71,51 @@ async def test_a_connection_lost_under_the_claim_is_a_503_and_the_run_is_claimed
         (claimed,) = await run_execution.claim_runs(session, "w2", 5, 30.0)
     assert claimed.id == "run_pg_lost" and claimed.lease_owner == "w2"
     assert await _lease_owner(runtime, "run_pg_lost") == "w2"
+
+
+@_ON_EITHER_LOOP
+async def test_a_connection_lost_during_the_statement_is_a_503_and_writes_nothing(runtime: Runtime) -> None:
+    """The connection lost while the statement runs (its backend terminated,
+    as by a failover or an administrator, while it waits for another
+    transaction's row lock): run_now's error says the connection was
+    invalidated (503), the broken connection is not handed out again, the
+    statement's write never lands, and the pool's next transaction leases
+    the run."""
+    await _stored_runs(runtime, "run_pg_cut")
+    listening = _checked_out(runtime)
+    backend: list[int] = []
+    raised: list[DBAPIError] = []
+
+    async def leasing() -> None:
+        async with runtime.transaction() as session:
+            backend.append((await session.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+            try:
+                await db.run_now(session, _LEASE.returning(_RUNS.c.id), {"run_id": "run_pg_cut", "owner": "cut"})
+            except DBAPIError as error:  # run_now's own (the rollback after it fails too, on its own)
+                raised.append(error)
+                raise
+
+    async with asyncio.timeout(10):
+        async with runtime.transaction() as holder:
+            locked = select(orm.Run.id).where(orm.Run.id == "run_pg_cut").with_for_update()
+            assert (await holder.execute(locked)).scalar() == "run_pg_cut"
+            task = asyncio.create_task(leasing())
+            assert await _blocked_on_a_lock(runtime), "the statement waits for the row lock"
+            async with runtime.engine.connect() as connection:
+                autocommit = await connection.execution_options(**db.AUTOCOMMIT)
+                terminate = text("SELECT pg_terminate_backend(:pid)")
+                assert (await autocommit.execute(terminate, {"pid": backend[0]})).scalar_one()
+            with pytest.raises(DBAPIError):
+                await task
+        (error,) = raised
+        assert error.connection_invalidated
+        assert unexpected_error(error).status == 503
+        assert await _lease_owner(runtime, "run_pg_cut") is None  # nothing written
+        assert _checked_out(runtime) == listening
+        async with runtime.transaction() as session:  # no broken connection handed out
+            rows = await db.run_now(session, _LEASE.returning(_RUNS.c.id), {"run_id": "run_pg_cut", "owner": "w"})
+        assert rows == [{"id": "run_pg_cut"}]
+        assert await _lease_owner(runtime, "run_pg_cut") == "w"
 
 
 @_ON_EITHER_LOOP

@@ -3,8 +3,9 @@ held back or sent straight (the claim's, an instant answer's) commits on
 the driver, without SQLAlchemy's commit, and keeps every guarantee of the
 commit it replaces: all or nothing, the write lock and the connection
 given back, a lost connection answered 503 with the run claimable again, a
-cancellation mid-hop seen through. Each failure is run on asyncio and on
-uvloop (the server's loop)."""
+lock another process holds answered as SQLAlchemy's commit answers it, a
+cancellation mid-hop seen through. Each runs on asyncio and on uvloop (the
+server's loop), through tests/runner/conftest.py's loop-factory hook."""
 
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-import uvloop
 from sqlalchemy import bindparam, event, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, PendingRollbackError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, PendingRollbackError
 
 from app import db, orm, sqlite_driver
 from app.api.handlers import unexpected_error
@@ -30,26 +30,11 @@ from app.settings import Settings
 from app.wire.events import Event
 from tests.runner.test_worker import _make_runs, _statuses
 
-pytestmark = [pytest.mark.timeout(60), pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
+pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])]
+# The straight commit is SQLite's (db.commit_straight); PostgreSQL's commit is SQLAlchemy's.
+_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 _OWNER = "test:0:straight"
-LOOPS = ["asyncio", "uvloop"]
-
-
-def _on(loop: str, settings: Settings, body: Callable[[Runtime], Awaitable[None]]) -> None:
-    """``body`` with a started runtime, on a new event loop of kind ``loop``."""
-
-    async def main() -> None:
-        runtime = await Runtime.start(settings)
-        try:
-            async with asyncio.timeout(30):
-                await body(runtime)
-        finally:
-            await runtime.close()
-
-    factory = uvloop.new_event_loop if loop == "uvloop" else None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main())
 
 
 def _lock_free(runtime: Runtime) -> None:
@@ -64,8 +49,8 @@ def _checked_out(runtime: Runtime) -> int:
 
 
 @contextmanager
-def engine_events(runtime: Runtime, name: str) -> Iterator[list[object]]:
-    """The connections of the engine's ``name`` events, while within."""
+def _engine_events(runtime: Runtime, name: str) -> Iterator[list[object]]:
+    """The connections of the write engine's ``name`` events, while within."""
     seen: list[object] = []
 
     def fired(connection: object) -> None:
@@ -80,7 +65,7 @@ def engine_events(runtime: Runtime, name: str) -> Iterator[list[object]]:
 
 def _commits(runtime: Runtime) -> Any:
     """SQLAlchemy's commits on the engine, while within."""
-    return engine_events(runtime, "commit")
+    return _engine_events(runtime, "commit")
 
 
 @contextmanager
@@ -97,33 +82,15 @@ def _before_straight_commit(hook: Callable[[sqlite_driver.OneHopConnection], Awa
         yield
 
 
-@contextmanager
-def before_send(hook: Callable[[sqlite_driver.OneHopConnection], Awaitable[None]]) -> Iterator[None]:
-    """Every statement sent straight (run_now: the claim's) first awaits ``hook`` with its driver connection."""
-    real = sqlite_driver.OneHopConnection.send
-
-    async def send(self: sqlite_driver.OneHopConnection, statement: sqlite_driver.Statement) -> Any:
-        await hook(self)
-        return await real(self, statement)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sqlite_driver.OneHopConnection, "send", send)
-        yield
-
-
-async def lose_connection(driver: sqlite_driver.OneHopConnection) -> None:
-    """A hook (before_send, _before_straight_commit): the connection closed under the hop."""
-    await driver._connection.close()
-
-
-async def cancelled_in_its_hop(
+async def _cancelled_in_its_straight_commit(
     work: Coroutine[Any, Any, Any],
     before: Callable[[Callable[[sqlite_driver.OneHopConnection], Awaitable[None]]], Any] = _before_straight_commit,
 ) -> None:
     """``work`` in a task cancelled while its straight COMMIT (or the hop
-    ``before`` hooks) waits for the connection's thread (busy, as under
-    load, until the cancel is made; the thread then runs the hop whatever
-    the task does): the task must end cancelled."""
+    ``before`` hooks: test_raw_claim's claim statement) waits for the
+    connection's thread (busy, as under load, until the cancel is made;
+    the thread then runs the hop whatever the task does): the task must
+    end cancelled."""
     release = threading.Event()
     committing = asyncio.Event()
     busy: list[asyncio.Future[Any]] = []
@@ -143,33 +110,26 @@ async def cancelled_in_its_hop(
     await asyncio.gather(*busy)
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-def test_a_claims_transaction_commits_straight_on_the_driver(settings: Settings, loop: str) -> None:
+@_SQLITE
+async def test_a_claims_transaction_commits_straight_on_the_driver(runtime: Runtime) -> None:
     """An instant answer ends in the claim's transaction, committed without
-    SQLAlchemy's commit and, a raw transaction (Runtime.claiming), without
-    a SQLAlchemy Connection; its connection and SQLite's lock are given
-    back, its events logged and streamed."""
-
-    async def body(runtime: Runtime) -> None:
-        assert runtime.claims_raw()
-        (run_id,) = await _make_runs(runtime, 1)
-        with _commits(runtime) as commits, engine_events(runtime, "engine_connect") as connections:
-            (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
-        assert execution.finished and commits == [] and connections == []
-        assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
-        assert _checked_out(runtime) == 0
-        _lock_free(runtime)
-        async with runtime.transaction() as session:
-            names = (await session.scalars(select(orm.RunEvent.event).where(orm.RunEvent.run_id == run_id))).all()
-        assert names[0] == "thread.run.in_progress" and names[-1] == "thread.run.completed"
-
-    _on(loop, settings, body)
+    SQLAlchemy's commit; its connection and SQLite's lock are given back,
+    its events logged and streamed."""
+    (run_id,) = await _make_runs(runtime, 1)
+    with _commits(runtime) as commits:
+        (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+    assert execution.finished and commits == []
+    assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
+    assert _checked_out(runtime) == 0
+    _lock_free(runtime)
+    async with runtime.transaction() as session:
+        names = (await session.scalars(select(orm.RunEvent.event).where(orm.RunEvent.run_id == run_id))).all()
+    assert names[0] == "thread.run.in_progress" and names[-1] == "thread.run.completed"
 
 
-@pytest.mark.parametrize(("loop", "kind"), [(loop, kind) for loop in LOOPS for kind in ("transaction", "claiming")])
-def test_a_failing_held_back_write_rolls_the_straight_commit_back_whole(
-    settings: Settings, loop: str, kind: str
-) -> None:
+@_SQLITE
+@pytest.mark.parametrize("kind", ["transaction", "claiming"])
+async def test_a_failing_held_back_write_rolls_the_straight_commit_back_whole(runtime: Runtime, kind: str) -> None:
     """A held-back compare-and-set that misses fails the straight COMMIT:
     the statement sent straight before it (run_now) and the other writes
     are rolled back with it, its events never reach the log, and the lock
@@ -179,74 +139,62 @@ def test_a_failing_held_back_write_rolls_the_straight_commit_back_whole(
     stamp = update(runs).where(runs.c.id == bindparam("run_id")).values(lease_owner="w").returning(runs.c.id)
     miss = update(runs).where(runs.c.id == bindparam("run_id")).values(status="failed")
 
-    async def body(runtime: Runtime) -> None:
-        (run_id,) = await _make_runs(runtime, 1)
-        with pytest.raises(IntegrityError):
-            async with runtime.claiming() if kind == "claiming" else runtime.transaction() as session:
-                assert await db.run_now(session, stamp, {"run_id": run_id}) == [{"id": run_id}]
-                await runtime.run_log.append(session, run_id, [Event("thread.run.step.created", {"x": 1})])
-                assert await db.hold_back(session, miss, {"run_id": "run_none"}, {db.EXPECT_ROWCOUNT: 1})
-        assert _checked_out(runtime) == 0
-        _lock_free(runtime)
-        async with runtime.transaction() as session:
-            assert await session.scalar(select(orm.Run.lease_owner).where(orm.Run.id == run_id)) is None
-            assert (await session.scalars(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id))).all() == []
-        (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})  # nothing left held
-        assert execution.finished and await _statuses(runtime, [run_id]) == {run_id: "completed"}
-
-    _on(loop, settings, body)
+    (run_id,) = await _make_runs(runtime, 1)
+    with pytest.raises(IntegrityError):
+        async with runtime.claiming() if kind == "claiming" else runtime.transaction() as session:
+            assert await db.run_now(session, stamp, {"run_id": run_id}) == [{"id": run_id}]
+            await runtime.run_log.append(session, run_id, [Event("thread.run.step.created", {"x": 1})])
+            assert await db.hold_back(session, miss, {"run_id": "run_none"}, {db.EXPECT_ROWCOUNT: 1})
+    assert _checked_out(runtime) == 0
+    _lock_free(runtime)
+    async with runtime.transaction() as session:
+        assert await session.scalar(select(orm.Run.lease_owner).where(orm.Run.id == run_id)) is None
+        assert (await session.scalars(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id))).all() == []
+    (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})  # nothing left held
+    assert execution.finished and await _statuses(runtime, [run_id]) == {run_id: "completed"}
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-@pytest.mark.parametrize("hop", ["commit", "claim"])
-def test_a_connection_lost_at_the_claims_commit_is_a_503_and_the_run_is_claimed_again(
-    settings: Settings, loop: str, hop: str
-) -> None:
-    """The connection closed under the claim's straight COMMIT (or under
-    its first hop, the claim's statement with BEGIN IMMEDIATE): the error
+@_SQLITE
+async def test_a_connection_lost_at_the_claims_commit_is_a_503_and_the_run_is_claimed_again(runtime: Runtime) -> None:
+    """The connection closed under the claim's straight COMMIT: the error
     says it was invalidated (503), the broken connection is not handed out
     again, nothing of the claim stays, and the next claim runs the run."""
-    before = _before_straight_commit if hop == "commit" else before_send
 
-    async def body(runtime: Runtime) -> None:
-        (run_id,) = await _make_runs(runtime, 1)
-        with before(lose_connection), pytest.raises(DBAPIError) as raised:
-            await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
-        assert raised.value.connection_invalidated
-        assert unexpected_error(raised.value).status == 503
-        assert await _statuses(runtime, [run_id]) == {run_id: "queued"}
-        (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
-        assert execution.finished and await _statuses(runtime, [run_id]) == {run_id: "completed"}
-        assert _checked_out(runtime) == 0
-        _lock_free(runtime)
+    async def lose(driver: sqlite_driver.OneHopConnection) -> None:
+        await driver._connection.close()
 
-    _on(loop, settings, body)
+    (run_id,) = await _make_runs(runtime, 1)
+    with _before_straight_commit(lose), pytest.raises(DBAPIError) as raised:
+        await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+    assert raised.value.connection_invalidated
+    assert unexpected_error(raised.value).status == 503
+    assert await _statuses(runtime, [run_id]) == {run_id: "queued"}
+    (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+    assert execution.finished and await _statuses(runtime, [run_id]) == {run_id: "completed"}
+    assert _checked_out(runtime) == 0
+    _lock_free(runtime)
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-def test_a_claim_cancelled_during_its_straight_commit_is_seen_through(settings: Settings, loop: str) -> None:
+@_SQLITE
+async def test_a_claim_cancelled_during_its_straight_commit_is_seen_through(runtime: Runtime) -> None:
     """Cancelled while its COMMIT waits for the connection's thread: the
     COMMIT still runs there, and the claim's task waits for it before it is
     cancelled, so the ended run's events reach the log once and the run
     log's numbering goes on after them."""
-
-    async def body(runtime: Runtime) -> None:
-        (run_id,) = await _make_runs(runtime, 1)
-        await cancelled_in_its_hop(execute.claim_and_start(runtime, _OWNER, 1, 60.0, {}))
-        assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
-        async with runtime.transaction() as session:
-            seqs = (await session.scalars(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id))).all()
-        assert seqs == list(range(1, len(seqs) + 1))
-        assert not runtime.run_log._appending  # committed, not left pending
-        assert _checked_out(runtime) == 0
-        _lock_free(runtime)
-
-    _on(loop, settings, body)
+    (run_id,) = await _make_runs(runtime, 1)
+    await _cancelled_in_its_straight_commit(execute.claim_and_start(runtime, _OWNER, 1, 60.0, {}))
+    assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
+    async with runtime.transaction() as session:
+        seqs = (await session.scalars(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id))).all()
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert not runtime.run_log._appending  # committed, not left pending
+    assert _checked_out(runtime) == 0
+    _lock_free(runtime)
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-def test_a_transaction_cancelled_during_its_straight_commit_without_events_leaves_nothing_open(
-    settings: Settings, loop: str
+@_SQLITE
+async def test_a_transaction_cancelled_during_its_straight_commit_without_events_leaves_nothing_open(
+    runtime: Runtime,
 ) -> None:
     """Not seen through (no run events): the cancelled transaction leaves
     no connection in a transaction and SQLite's lock free for the next
@@ -260,22 +208,19 @@ def test_a_transaction_cancelled_during_its_straight_commit_without_events_leave
             await core_rows.insert_row(session, core_rows.record(orm.Thread, **_thread("thread_cancelled")))
             await session.execute(select(orm.Thread.id))  # connected, the insert sent
 
-    async def body(runtime: Runtime) -> None:
-        await cancelled_in_its_hop(writing(runtime))
-        async with runtime.transaction() as session:
-            await core_rows.insert_row(session, core_rows.record(orm.Thread, **_thread("thread_next")))
-        assert _checked_out(runtime) == 0
-        _lock_free(runtime)
-
-    _on(loop, settings, body)
+    await _cancelled_in_its_straight_commit(writing(runtime))
+    async with runtime.transaction() as session:
+        await core_rows.insert_row(session, core_rows.record(orm.Thread, **_thread("thread_next")))
+    assert _checked_out(runtime) == 0
+    _lock_free(runtime)
 
 
 def _thread(thread_id: str) -> dict[str, Any]:
     return {"id": thread_id, "project_id": orm.DEFAULT_PROJECT_ID, "seq": 1, "created_at": 1, "metadata_": {}}
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-def test_a_data_error_at_the_claims_straight_commit_holds_no_claim_back(settings: Settings, loop: str) -> None:
+@_SQLITE
+async def test_a_data_error_at_the_claims_straight_commit_holds_no_claim_back(runtime: Runtime) -> None:
     """The claim's straight COMMIT refused for the data (an integrity error
     there, as SQLAlchemy raises it): nothing of the claim stays, and the run
     is then taken the streamed way, in transactions of its own, rather than
@@ -287,113 +232,140 @@ def test_a_data_error_at_the_claims_straight_commit_holds_no_claim_back(settings
             refusals.append(1)
             raise sqlite3.IntegrityError("a constraint refused it")
 
-    async def body(runtime: Runtime) -> None:
-        (run_id,) = await _make_runs(runtime, 1)
-        with _before_straight_commit(refuse):
-            with pytest.raises(IntegrityError):
-                await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
-            assert await _statuses(runtime, [run_id]) == {run_id: "queued"}
-            (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
-            assert not execution.finished  # not answered in its claim again
-            await execute.run(execution)
-        assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
+    (run_id,) = await _make_runs(runtime, 1)
+    with _before_straight_commit(refuse):
+        with pytest.raises(IntegrityError):
+            await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+        assert await _statuses(runtime, [run_id]) == {run_id: "queued"}
+        (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+        assert not execution.finished  # not answered in its claim again
+        await execute.run(execution)
+    assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
+    assert _checked_out(runtime) == 0
+    _lock_free(runtime)
+
+
+@_SQLITE
+async def test_a_straight_commit_that_finds_the_write_lock_taken_fails_as_locked_and_leaves_nothing(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holds SQLite's write lock past the busy timeout when
+    a transaction whose writes are all held back commits straight (BEGIN
+    IMMEDIATE, the writes and COMMIT in its one hop): it fails as
+    SQLAlchemy's commit fails there (OperationalError "database is locked",
+    answered a retryable 503, the connection kept, not invalidated),
+    nothing of it is written, its connection and this process's turn at the
+    lock are given back, and once the other process lets go the next
+    transaction commits on the same pool."""
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)  # this test's connections wait 0.2 s, not 30
+    runtime = await Runtime.start(settings)
+    try:
+        other = sqlite3.connect(str(make_url(settings.database_url).database), timeout=0)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            with _commits(runtime) as commits, pytest.raises(OperationalError) as raised:
+                async with runtime.transaction() as session:
+                    locked = core_rows.record(orm.Thread, **_thread("thread_locked"))
+                    await core_rows.insert_row(session, locked, write_behind=True)
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        assert commits == []  # the straight commit's hop, not SQLAlchemy's commit
+        assert "database is locked" in str(raised.value.orig) and not raised.value.connection_invalidated
+        assert unexpected_error(raised.value).status == 503
         assert _checked_out(runtime) == 0
         _lock_free(runtime)
+        async with runtime.transaction() as session:
+            await core_rows.insert_row(
+                session, core_rows.record(orm.Thread, **_thread("thread_next")), write_behind=True
+            )
+        async with runtime.transaction() as session:
+            stored = (await session.scalars(select(orm.Thread.id).where(orm.Thread.id.like("thread_%")))).all()
+        assert stored == ["thread_next"]
+        assert _checked_out(runtime) == 0
+    finally:
+        await runtime.close()
 
-    _on(loop, settings, body)
 
-
-@pytest.mark.parametrize("loop", LOOPS)
-def test_a_straight_commit_whose_connection_the_pool_may_close_closes_it_through_the_greenlet(
-    settings: Settings, loop: str, monkeypatch: pytest.MonkeyPatch
+@_SQLITE
+async def test_a_straight_commit_whose_connection_the_pool_may_close_closes_it_through_the_greenlet(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The pool full (an overflow connection, closed at its return: I/O):
     SQLAlchemy's transaction is closed through the greenlet, inside the
     seen-through hop; the run ends and nothing stays checked out."""
-
-    async def body(runtime: Runtime) -> None:
-        (run_id,) = await _make_runs(runtime, 1)
-        pool: Any = runtime.engine.sync_engine.pool
-        monkeypatch.setattr(pool, "checkedin", lambda: pool.size())
-        with _commits(runtime) as commits:
-            (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
-        monkeypatch.undo()
-        assert execution.finished and commits == []
-        assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
-        assert _checked_out(runtime) == 0
-        _lock_free(runtime)
-
-    _on(loop, settings, body)
+    (run_id,) = await _make_runs(runtime, 1)
+    pool: Any = runtime.engine.sync_engine.pool
+    monkeypatch.setattr(pool, "checkedin", lambda: pool.size())
+    with _commits(runtime) as commits:
+        (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+    monkeypatch.undo()
+    assert execution.finished and commits == []
+    assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
+    assert _checked_out(runtime) == 0
+    _lock_free(runtime)
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-def test_a_rollback_cancelled_after_a_failed_body_still_hands_its_deltas_back(settings: Settings, loop: str) -> None:
+@_SQLITE
+async def test_a_rollback_cancelled_after_a_failed_body_still_hands_its_deltas_back(runtime: Runtime) -> None:
     """A transaction whose body raised after logging run events, cancelled
     while its ROLLBACK waits for the connection's thread (busy, as under
     load): the run log is told all the same, so the deltas the append
     drained go back to be logged later and the run is no longer appending
     (its deltas would otherwise never be logged, nor delivered early again)."""
+    (run_id,) = await _make_runs(runtime, 1)
+    release = threading.Event()
+    rolling = asyncio.Event()
+    stalls: list[asyncio.Future[Any]] = []
+    event.listen(runtime.engine.sync_engine, "rollback", lambda _connection: rolling.set())
 
-    async def body(runtime: Runtime) -> None:
-        (run_id,) = await _make_runs(runtime, 1)
-        release = threading.Event()
-        rolling = asyncio.Event()
-        stalls: list[asyncio.Future[Any]] = []
-        event.listen(runtime.engine.sync_engine, "rollback", lambda _connection: rolling.set())
+    async def failing() -> None:
+        async with runtime.run_log.holding(run_id):
+            runtime.run_log.publish(run_id, [Event("thread.message.delta", {"n": 1})])
+            async with runtime.transaction() as session:
+                await runtime.run_log.append(session, run_id, [Event("thread.run.step.created", {"x": 1})])
+                connection = await session.connection()
+                driver = connection.sync_connection.connection.dbapi_connection  # type: ignore[union-attr]
+                # The thread kept busy: the ROLLBACK queues behind this.
+                stalls.append(asyncio.ensure_future(driver._connection._execute(release.wait, 30.0)))
+                await asyncio.sleep(0)
+                raise ValueError("the body failed")
 
-        async def failing() -> None:
-            async with runtime.run_log.holding(run_id):
-                runtime.run_log.publish(run_id, [Event("thread.message.delta", {"n": 1})])
-                async with runtime.transaction() as session:
-                    await runtime.run_log.append(session, run_id, [Event("thread.run.step.created", {"x": 1})])
-                    connection = await session.connection()
-                    driver = connection.sync_connection.connection.dbapi_connection  # type: ignore[union-attr]
-                    # The thread kept busy: the ROLLBACK queues behind this.
-                    stalls.append(asyncio.ensure_future(driver._connection._execute(release.wait, 30.0)))
-                    await asyncio.sleep(0)
-                    raise ValueError("the body failed")
-
-        task = asyncio.create_task(failing())
-        try:
-            await rolling.wait()
-            task.cancel()
-        finally:
-            release.set()
-        await asyncio.wait({task})
-        await asyncio.gather(*stalls, return_exceptions=True)
-        assert task.cancelled()
-        assert run_id not in runtime.run_log._appending
-        assert [event.name for _seq, event in runtime.run_log._buffer.get(run_id, [])] == ["thread.message.delta"]
-
-    _on(loop, settings, body)
+    task = asyncio.create_task(failing())
+    try:
+        await rolling.wait()
+        task.cancel()
+    finally:
+        release.set()
+    await asyncio.wait({task})
+    await asyncio.gather(*stalls, return_exceptions=True)
+    assert task.cancelled()
+    assert run_id not in runtime.run_log._appending
+    assert [event.name for _seq, event in runtime.run_log._buffer.get(run_id, [])] == ["thread.message.delta"]
 
 
-def test_events_logged_in_a_transaction_rolled_back_within_never_reach_streams(settings: Settings) -> None:
+async def test_events_logged_in_a_transaction_rolled_back_within_never_reach_streams(runtime: Runtime) -> None:
     """A flush failing inside the transaction (caught by its body) after run
     events were logged rolls the transaction back: the transaction raises
     as SQLAlchemy's commit did (PendingRollbackError), its events are not
     handed to followers as committed, and the delta its append drained goes
     back to be logged later."""
-
-    async def body(runtime: Runtime) -> None:
-        (run_id,) = await _make_runs(runtime, 1)
-        async with runtime.transaction() as session:
-            thread_id = await session.scalar(select(orm.Run.thread_id).where(orm.Run.id == run_id))
-        async with runtime.run_log.holding(run_id), runtime.bus.follow(run_id) as delivered:
-            runtime.run_log.publish(run_id, [Event("thread.message.delta", {"n": 1})])
-            with pytest.raises(PendingRollbackError):
-                async with runtime.transaction() as session:
-                    await runtime.run_log.append(session, run_id, [Event("thread.run.step.created", {"x": 1})])
-                    duplicate = orm.Thread(
-                        id=thread_id, project_id=orm.DEFAULT_PROJECT_ID, seq=1, created_at=1, metadata_={}
-                    )
-                    session.add(duplicate)
-                    with pytest.raises(IntegrityError):
-                        await session.flush()
-            assert delivered.empty()
-            assert [event.name for _seq, event in runtime.run_log._buffer.get(run_id, [])] == ["thread.message.delta"]
-        async with runtime.transaction() as session:
-            logged = await session.scalar(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id).limit(1))
-        assert logged is None
-
-    _on("asyncio", settings, body)
+    (run_id,) = await _make_runs(runtime, 1)
+    async with runtime.transaction() as session:
+        thread_id = await session.scalar(select(orm.Run.thread_id).where(orm.Run.id == run_id))
+    async with runtime.run_log.holding(run_id), runtime.bus.follow(run_id) as delivered:
+        runtime.run_log.publish(run_id, [Event("thread.message.delta", {"n": 1})])
+        with pytest.raises(PendingRollbackError):
+            async with runtime.transaction() as session:
+                await runtime.run_log.append(session, run_id, [Event("thread.run.step.created", {"x": 1})])
+                duplicate = orm.Thread(
+                    id=thread_id, project_id=orm.DEFAULT_PROJECT_ID, seq=1, created_at=1, metadata_={}
+                )
+                session.add(duplicate)
+                with pytest.raises(IntegrityError):
+                    await session.flush()
+        assert delivered.empty()
+        assert [event.name for _seq, event in runtime.run_log._buffer.get(run_id, [])] == ["thread.message.delta"]
+    async with runtime.transaction() as session:
+        logged = await session.scalar(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id).limit(1))
+    assert logged is None
