@@ -109,6 +109,11 @@ class Worker:
         self._reserved += 1
         return run_execution.Reservation(run_execution.reserved_for(self.owner), time.time() + self.affinity_seconds)
 
+    def executes(self, run_id: str) -> bool:
+        """Whether this worker's task executes ``run_id`` (claimed, not ended;
+        a run answered within its claim never has one)."""
+        return run_id in self._tasks
+
     async def wait_until_released(self, run_id: str) -> None:
         """Returns once this worker no longer executes ``run_id`` (its task
         has ended), without cancelling that execution if the wait is cancelled."""

@@ -7,7 +7,6 @@ on any replica, with or without a worker in its process.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
@@ -16,14 +15,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import orm
-from app.api import sse
+from app.api import poll_hold, sse
 from app.api.deps import PageDep, ProjectDep, RuntimeDep, respond
 from app.run_follow import Follower
 from app.runtime import Runtime
 from app.services import new_rows, run_defaults, run_steps, runs
 from app.services.projects import Project
 from app.wire.common import ListPage
-from app.wire.events import TERMINAL_RUN_EVENTS, Event
+from app.wire.events import Event
 from app.wire.runs import Run, RunCreate, RunStep, RunUpdate, SubmitToolOutputs, ThreadAndRunCreate
 
 router = APIRouter(tags=["runs"])
@@ -31,8 +30,16 @@ router = APIRouter(tags=["runs"])
 IncludeDep = Annotated[list[str], Query(alias="include[]")]
 
 
-def _polled(model: Run, poll_after_ms: int) -> Response:
-    response = respond(model)
+def _json_text(text: str) -> Response:
+    """A wire object's JSON text as a run event carries it (wire/events.py):
+    what respond() writes for the same object, U+2028, U+2029 and U+0085
+    escaped as in SSE frames (the same JSON value)."""
+    return Response(text, media_type="application/json")
+
+
+def _polled(answer: Run | str, poll_after_ms: int) -> Response:
+    """A poll's answer: the run, or its JSON text as a held poll got it."""
+    response = respond(answer) if isinstance(answer, Run) else _json_text(answer)
     response.headers["openai-poll-after-ms"] = str(poll_after_ms)
     return response
 
@@ -44,7 +51,9 @@ def _polled(model: Run, poll_after_ms: int) -> Response:
 QueueRun = Callable[[AsyncSession, new_rows.Unwritten], Awaitable[tuple[orm.Run, list[Event]]]]
 
 
-async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) -> Response:
+async def _queue_run(
+    runtime: Runtime, stream: bool | None, change: QueueRun, creator: Project | None = None
+) -> Response:
     """Commit ``change`` with its events logged and wake the workers; answer
     the run, or stream it.
 
@@ -57,6 +66,9 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
     thread and run from remembered defaults, left to the append) makes the
     append the whole transaction: one statement in autocommit, no BEGIN or
     COMMIT (Runtime.unit_of_work; issue 17).
+
+    A run made for ``creator``'s request and answered as JSON is noted for
+    the SDK's poll that follows (poll_hold.note_created).
     """
     follower: Follower | None = None
     # An API replica's create wakes the workers with its own commit (issue
@@ -98,6 +110,13 @@ async def _queue_run(runtime: Runtime, stream: bool | None, change: QueueRun) ->
     if not notify:
         runtime.wake(files=False)
     if follower is None:
+        if creator is not None:
+            poll_hold.note_created(runtime, creator, run.id, run.thread_id, run.lease_owner, run.lease_expires_at)
+        last = events[-1] if events else None
+        if last is not None and last.name == "thread.run.queued":
+            # The run as committed, as the event that queued it carries it,
+            # already encoded for the log: not validated and dumped again.
+            return _json_text(last.json)
         return respond(runs.to_wire(run))
     # As committed: on SQLite the run log numbers an append ahead of writing
     # it, and corrects ``opening`` if another process had written meanwhile.
@@ -128,7 +147,7 @@ async def create_run(
             unwritten=unwritten,
         )
 
-    return await _queue_remembering(runtime, body.stream, body.assistant_id, change)
+    return await _queue_remembering(runtime, project, body.stream, body.assistant_id, change)
 
 
 @router.post("/threads/runs", response_model=Run)
@@ -148,68 +167,29 @@ async def create_thread_and_run(body: ThreadAndRunCreate, runtime: RuntimeDep, p
 
         return create
 
-    return await _queue_remembering(runtime, body.stream, body.assistant_id, change)
+    return await _queue_remembering(runtime, project, body.stream, body.assistant_id, change)
 
 
 async def _queue_remembering(
-    runtime: Runtime, stream: bool | None, assistant_id: str, change: Callable[[bool], QueueRun]
+    runtime: Runtime, project: Project, stream: bool | None, assistant_id: str, change: Callable[[bool], QueueRun]
 ) -> Response:
     """_queue_run() of a new run made from its assistant's remembered
     defaults (``change(True)``; services/run_defaults.py), or, if the
     assistant changed since, of one made from a fresh read: the first
     attempt wrote nothing."""
     try:
-        return await _queue_run(runtime, stream, change(True))
+        return await _queue_run(runtime, stream, change(True), project)
     except (IntegrityError, run_defaults.StaleDefaults) as error:
         if not run_defaults.is_stale(error):
             raise
     run_defaults.forget(assistant_id)
-    return await _queue_run(runtime, stream, change(False))
+    return await _queue_run(runtime, stream, change(False), project)
 
 
 @router.get("/threads/{thread_id}/runs", response_model=ListPage[Run])
 async def list_runs(thread_id: str, runtime: RuntimeDep, project: ProjectDep, page: PageDep) -> Response:
     async with runtime.transaction() as session:
         return respond(await runs.list_(session, project, thread_id, page))
-
-
-# Statuses an SDK poller keeps polling through (wire notes 6.2).
-_STILL_RUNNING = frozenset({"queued", "in_progress", "cancelling"})
-
-
-def _executed_here(runtime: Runtime, run: orm.Run | runs.RunRow) -> bool:
-    """Whether this process's bus carries the run's next move: its worker
-    holds the run's lease, or will claim it (queued)."""
-    worker = runtime.worker
-    return worker is not None and (run.status == "queued" or run.lease_owner == worker.owner)
-
-
-async def _retrieve_when_stopped(runtime: Runtime, project: Project, thread_id: str, run_id: str) -> Run:
-    """The run, once it stops (its terminal or requires_action event is
-    published) or after ``poll_hold_ms``: what the SDK's poller waits for,
-    answered without its sleep-and-retry rounds. Subscribed before reading,
-    so an event published in between is not missed; no session is held
-    while waiting. The stopping event carries the committed run as a GET
-    would render it, so it is answered without reading the row again."""
-    async with runtime.bus.subscribe(run_id) as events:
-        async with runtime.poll_read() as connection:
-            run = await runs.get_row(connection, project, thread_id, run_id)
-        if run.status not in _STILL_RUNNING or not _executed_here(runtime, run):
-            return runs.to_wire(run)
-        try:
-            async with asyncio.timeout(runtime.settings.poll_hold_ms / 1000):
-                while True:
-                    event = await events.get()
-                    if event.name in TERMINAL_RUN_EVENTS and isinstance(event.data, dict):
-                        if runtime.worker is not None:
-                            # The executor publishes just before its task ends:
-                            # answer once the worker counts the run as done too.
-                            await runtime.worker.wait_until_released(run_id)
-                        return Run.model_validate(event.data)
-        except TimeoutError:
-            pass
-    async with runtime.poll_read() as connection:
-        return runs.to_wire(await runs.get_row(connection, project, thread_id, run_id))
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}", response_model=Run)
@@ -221,7 +201,7 @@ async def retrieve_run(
     poll_helper: Annotated[str | None, Header(alias="x-stainless-poll-helper", include_in_schema=False)] = None,
 ) -> Response:
     if poll_helper == "true" and runtime.settings.poll_hold_ms > 0:
-        answer = await _retrieve_when_stopped(runtime, project, thread_id, run_id)
+        answer: Run | str = await poll_hold.retrieve_when_stopped(runtime, project, thread_id, run_id)
     else:
         async with runtime.poll_read() as connection:
             answer = runs.to_wire(await runs.get_row(connection, project, thread_id, run_id))
