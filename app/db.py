@@ -64,6 +64,8 @@ write_behind = held_back.write_behind
 # Session.info key: a SQLite transaction's writes collected before it
 # connects (held_back.COLLECTED, Runtime.unit_of_work).
 COLLECTED = held_back.COLLECTED
+# Session.info key: the session's transaction is a RawTransaction's (held_back.RAW).
+RAW = held_back.RAW
 # ``run_now(session, statement, params)``: a statement whose rows are wanted
 # now, sent straight to the driver (SQLite's, with the transaction's
 # held-back writes; asyncpg's, through SQLAlchemy's adapter: app/held_back.py);
@@ -409,13 +411,122 @@ async def _collected_connection(engine: AsyncEngine) -> tuple[PoolProxiedConnect
     other way round, the lock's holder could wait for a connection held by
     writers queued for the lock, all of them until the pool's timeout."""
     writers = _WRITERS[engine.sync_engine]
-    pooled = await engine.raw_connection()
+    pooled = _idle_checkout(engine.sync_engine.pool) or await engine.raw_connection()
     try:
         await writers.hold()
     except BaseException:
         await _give_back(engine, pooled)
         raise
     return pooled, writers
+
+
+class RawSessionConnected(RuntimeError):
+    """A session whose transaction is a RawTransaction's tried to connect
+    (a read, or a statement that is not held back): it would wait for the
+    write lock its own transaction holds, so it is refused at once rather
+    than after the lock's timeout. The claim reads a prompt that needs a
+    read on a WAL reader instead (RunExecution._first_prompt); anywhere
+    else in the claim it fails the claim's transaction."""
+
+
+class RawTransaction:
+    """A SQLite write transaction on a connection checked out of the pool
+    raw (issue 17: the worker's claim), with no SQLAlchemy Connection,
+    transaction or greenlet (but the checkout's): the pool's checkout,
+    then the process's write lock, as every writer takes them
+    (_collected_connection); BEGIN IMMEDIATE goes with its first statement. A session marked with it
+    (``session.info[RAW] = raw.held``) sends its run_now statements to it
+    and holds its writes back on it (held_back.RAW), and never connects
+    (SyncSession.get_bind refuses: RawSessionConnected). commit() sends the
+    held-back writes and COMMIT in one hop; end() rolls back what is still
+    open, frees the lock and gives the connection back, however it ends."""
+
+    def __init__(self, engine: AsyncEngine, pooled: PoolProxiedConnection, writers: SQLiteWriters) -> None:
+        driver: object = pooled.dbapi_connection
+        assert isinstance(driver, sqlite_driver.OneHopConnection) and not driver.transaction_open, "a raw connection"
+        self.engine = engine
+        self.pooled = pooled
+        self.writers = writers
+        self.driver = driver
+        self.held = held_back.Raw(driver, pooled.invalidate)
+        driver.begin_later("BEGIN IMMEDIATE")
+
+    @classmethod
+    async def begin(cls, engine: AsyncEngine) -> RawTransaction:
+        pooled, writers = await _collected_connection(engine)
+        try:
+            return cls(engine, pooled, writers)
+        except BaseException:
+            writers.free()
+            await _give_back(engine, pooled)
+            raise
+
+    async def commit(self, session: AsyncSession, *, seen_through: bool) -> None:
+        """The held-back writes and COMMIT in one hop (rolled back there if
+        one fails: SQLAlchemy's error for it, held_back.sent); with
+        ``seen_through`` carried through a cancellation as
+        commit_seen_through() carries a commit."""
+        hop = held_back.sent(self.driver.commit_straight(), "COMMIT", None, self.engine.dialect, self.pooled.invalidate)
+        if seen_through:
+            await _commit_seen_through(session, asyncio.ensure_future(hop))
+        else:
+            await hop
+
+    async def end(self) -> None:
+        """After commit() or a failure: what is still open rolled back on
+        the connection's thread (a connection that cannot roll back is
+        invalidated: closed, its transaction with it), the write lock freed,
+        the connection given back."""
+        driver = self.driver
+        try:
+            begun = driver.begin_deferred is None  # the BEGIN went with a statement
+            opened = driver.transaction_open
+            driver.begin_deferred, driver.held_back, driver.transaction_open = None, [], False
+            if opened and begun and self.pooled.is_valid:
+                await self._rolled_back()
+        finally:
+            self.writers.free()  # its transaction has ended (or its connection is closed)
+            await _give_back(self.engine, self.pooled)
+
+    async def _rolled_back(self) -> None:
+        connection: Any = self.driver._connection  # aiosqlite's
+        try:
+            if connection._connection is None:
+                raise ValueError("no active connection")
+            async with self.driver._execute_mutex:
+                await connection.rollback()
+        except asyncio.CancelledError:
+            await greenlet_spawn(self.pooled.invalidate)
+            raise
+        except Exception as error:
+            # The transaction's own failure is the one to raise: this
+            # connection, whatever it still holds, is closed instead.
+            log.warning("a raw SQLite transaction's ROLLBACK failed (%s); its connection is closed", error)
+            await greenlet_spawn(self.pooled.invalidate, error)
+
+
+def _idle_checkout(pool: Pool) -> PoolProxiedConnection | None:
+    """An idle connection checked out of a SQLite file's pool without
+    SQLAlchemy's greenlet (issue 17: a claim's raw transaction), where the
+    checkout does no I/O: the connection the pool hands out next is open
+    and not due for a reconnect (no recycling, not invalidated since it
+    opened), no pre-ping. None otherwise (an empty pool, which opens a
+    connection; an invalidated one, which reconnects): the greenlet's
+    checkout. The conditions are those of _ConnectionRecord.get_connection
+    and the queue's order in SQLAlchemy's pinned version (private
+    attributes: an upgrade must check them)."""
+    if not isinstance(pool, QueuePool) or pool._pre_ping or pool._recycle > -1:
+        return None
+    adapted: Any = pool._pool  # AsyncAdaptedQueue: an asyncio (Lifo)Queue, taken from without awaiting when not empty
+    idle = adapted._queue._queue  # LifoQueue: a list, popped from its end; Queue: a deque, from its start
+    if not idle:
+        return None
+    record = idle[-1] if adapted.use_lifo else idle[0]
+    if record.dbapi_connection is None:
+        return None
+    if pool._invalidate_time > record.starttime or record._soft_invalidate_time > record.starttime:
+        return None
+    return pool.connect()  # that record, as raw_connection() takes it
 
 
 def _pool_takes_back(pool: Pool) -> bool:
@@ -667,6 +778,12 @@ class SyncSession(orm.Session):
     before it connected hands them to its transaction as it begins
     (held_back.COLLECTED), and drops them when that transaction is rolled
     back, as a rollback drops the writes held back on its connection."""
+
+    def get_bind(self, *args: Any, **kwargs: Any) -> Any:
+        # Every connection a session makes asks for its bind here first.
+        if RAW in self.info:
+            raise RawSessionConnected("a raw transaction's session may not connect (a read, or a write not held back)")
+        return super().get_bind(*args, **kwargs)
 
     def rollback(self) -> None:
         # Also with no transaction begun (collecting needs none), where the

@@ -347,6 +347,39 @@ def hand_over(session: Any, _transaction: Any, connection: Connection) -> None:
     driver.held_back[:0] = collected
 
 
+# Session.info key of a SQLite transaction run on a connection checked out
+# of the pool raw, outside the session (db.RawTransaction: the worker's
+# claim, Runtime.claiming): its Raw. The session never connects (it would
+# wait for the write lock its own transaction holds; db.SyncSession refuses
+# it): its held-back writes join the raw driver's, its run_now statements
+# go straight to that driver.
+RAW = "sqlite_raw_transaction"
+
+
+class Raw(NamedTuple):
+    """The driver connection of a raw transaction (RAW), and how to
+    invalidate it (the pooled connection's) when it is lost."""
+
+    driver: sqlite_driver.OneHopConnection
+    invalidate: Callable[[BaseException | None], None]
+
+
+def _raw_bound(
+    session: AsyncSession, statement: ClauseElement, params: dict[str, Any]
+) -> tuple[Raw, _Shape, tuple[Any, ...]] | None:
+    """``statement`` with ``params`` for the session's raw transaction
+    (RAW), told to the engine's ``before_cursor_execute`` listeners; None
+    where the session has none or the statement does not fit (then
+    ``session.execute``, which the raw session refuses: a loud bug)."""
+    raw: Raw | None = session.info.get(RAW)
+    if raw is None:
+        return None
+    bind = session.sync_session.bind
+    assert isinstance(bind, Engine) and bind.dialect.name == "sqlite", "a raw transaction on SQLite"
+    bound = _bound(session, bind, _shape(bind.dialect, statement, tuple(params)), params, None)
+    return None if bound is None else (raw, *bound)
+
+
 def _held(sql: str, parameters: tuple[Any, ...], options: Mapping[str, Any]) -> sqlite_driver.Statement:
     return sqlite_driver.Statement(
         sql,
@@ -368,6 +401,13 @@ async def hold_back(
     ``statement`` must be built once (cached), or a text() construct.
     A session that collects (COLLECTED) and has not connected keeps it there."""
     if _collect(session, statement, params, options):
+        return True
+    if RAW in session.info:
+        found = _raw_bound(session, statement, params)
+        if found is None:
+            return False
+        raw, shape, parameters = found
+        raw.driver.held_back.append(_held(shape.sql, parameters, options))
         return True
     straight = await _straight(session, statement, params)
     if straight is None:
@@ -421,18 +461,31 @@ async def run_now(
     bind = session.sync_session.bind
     if isinstance(bind, Engine) and bind.dialect.name == "postgresql":
         return await _run_now_postgres(session, bind, statement, params)
-    straight = await _straight(session, statement, params)
-    if straight is None:
-        return None
-    shape = straight.shape
+    if RAW in session.info:
+        found = _raw_bound(session, statement, params)
+        if found is None:
+            return None
+        raw, shape, parameters = found
+        driver, invalidate = raw
+    else:
+        straight = await _straight(session, statement, params)
+        if straight is None:
+            return None
+        shape, parameters, driver, invalidate = (
+            straight.shape,
+            straight.parameters,
+            straight.driver,
+            straight.connection.invalidate,
+        )
+    assert isinstance(bind, Engine)
     _description, _rowcount, _lastrowid, rows = await sent(
-        straight.driver.send(sqlite_driver.Statement(shape.sql, straight.parameters, False)),
+        driver.send(sqlite_driver.Statement(shape.sql, parameters, False)),
         shape.sql,
-        straight.parameters,
-        straight.connection.dialect,
-        straight.connection.invalidate,
+        parameters,
+        bind.dialect,
+        invalidate,
     )
-    columns = _results(straight.connection.dialect, shape.compiled)
+    columns = _results(bind.dialect, shape.compiled)
     return [
         {
             name: value if process is None else process(value)

@@ -86,6 +86,9 @@ class _Prediction:
     first: int  # the seq expected for the batch's first event
     returned: list[Any]  # (run_id, seq) rows the insert wrote, once it has run
     entries: list[Entry]  # what append() returned, corrected in place if the guess was wrong
+    # A blind guess (the claim's raw transaction, which reads nothing, for
+    # a run whose log this process has not seen yet): corrected quietly.
+    guessed: bool = False
 
 
 @dataclass
@@ -329,13 +332,21 @@ class RunLog:
         # takes the database's notification lock, and wakes every listener).
         unknown_elsewhere = self.postgres and _creates(events)
         predicted = self._predict(run_id, drained, events) if batch else None
+        # The claim's raw transaction reads nothing (Runtime.claiming): a
+        # run whose log's end this process does not know is guessed to
+        # have an empty log (a run inserted without events), the insert
+        # numbering it after the log's real end all the same, and the
+        # entries corrected at the commit before anyone sees them (_check).
+        guessed = predicted is None and bool(events) and not drained and db.RAW in session.info
+        if guessed:
+            predicted = 1
         prediction = None
         signal: run_events.Signal | None = None
         try:
             if predicted is not None and run_events.can_insert_behind(session, len(batch)):
                 # No hop of its own: the insert goes with the COMMIT (issue 17).
                 first = predicted
-                prediction = _Prediction(first, [], [])
+                prediction = _Prediction(first, [], [], guessed)
                 await run_events.insert_behind(session, run_id, batch, prediction.returned)
             elif batch and carried_by is not None:
                 signal = self._notify_signal(session)
@@ -378,6 +389,13 @@ class RunLog:
         self._appending[run_id] = self._appending.get(run_id, 0) + 1
         return entries
 
+    def appends_unread(self, run_id: str) -> bool:
+        """Whether an append of events to ``run_id``'s log in the claim's raw
+        transaction (Runtime.claiming), which reads nothing, can be numbered
+        without a read: on SQLite, no deltas buffered (the start of a run
+        that has not run)."""
+        return not self.postgres and not self._buffer.get(run_id)
+
     def _predict(self, run_id: str, drained: list[tuple[int | None, Event]], events: list[Event]) -> int | None:
         """The seq an append's batch will start at, if this process knows it
         (SQLite): 1 for a run created in this very transaction (its creation
@@ -412,9 +430,12 @@ class RunLog:
         shift = min(written) - prediction.first
         if shift == 0:
             return 0
-        log.warning(
-            "run %s: its event log was written elsewhere; renumbered from %d", pending.run_id, prediction.first + shift
-        )
+        if not prediction.guessed:
+            log.warning(
+                "run %s: its event log was written elsewhere; renumbered from %d",
+                pending.run_id,
+                prediction.first + shift,
+            )
         pending.entries = [Entry(entry.seq + shift, entry.event) for entry in pending.entries]
         prediction.entries[:] = [Entry(entry.seq + shift, entry.event) for entry in prediction.entries]
         return shift
@@ -494,7 +515,7 @@ class RunLog:
             self._ended(pending)
             if pending.drained:
                 self._put_back(pending.run_id, pending.drained)
-            if not self.deliver_early:
+            if not self.deliver_early or (pending.prediction is not None and pending.prediction.guessed):
                 self._next.pop(pending.run_id, None)  # re-read from the log at the next append
             elif self._next.get(pending.run_id) == pending.first + pending.size:
                 # The counter goes back to just after the deltas this append

@@ -278,6 +278,55 @@ class Runtime:
                 raise
             self.run_log.committed(session)  # the run events it logged reach streams now
 
+    def claims_raw(self) -> bool:
+        """Whether the worker's claim runs as a raw transaction (claiming()):
+        on a SQLite file whose run logs this process alone writes (its
+        counters number the claim's appends without a read; a run it has
+        not seen is guessed and corrected at the commit: RunLog.append),
+        and no scripted rule reads a thread's metadata (RunExecution._context)."""
+        return db.collects(self.engine) and self.run_log.deliver_early and not self.llm.script.needs_thread_metadata()
+
+    @asynccontextmanager
+    async def claiming(self) -> AsyncIterator[AsyncSession]:
+        """The worker's claim's transaction (claim_and_start): transaction(),
+        or where claims_raw() says so a session whose transaction is a
+        db.RawTransaction (issue 17: no SQLAlchemy Connection checked out
+        and closed, no SQLAlchemy transaction, no greenlet but the pool
+        checkout's). Its claim goes with BEGIN IMMEDIATE in one hop
+        (run_now), its writes are held back on the raw connection and
+        committed with it in one hop (held_back.RAW); it never connects, so
+        nothing in it may read through it (a read raises
+        db.RawSessionConnected: a prompt that needs one is read on a WAL
+        reader, RunExecution._first_prompt). A failure or a cancellation
+        rolls it back whole, as transaction()'s; its COMMIT is seen through
+        a cancellation when run events were logged."""
+        if not self.claims_raw():
+            async with self.transaction() as session:
+                yield session
+            return
+        raw = await db.RawTransaction.begin(self.engine)
+        session = self.sessionmaker()
+        session.info[db.RAW] = raw.held
+        try:
+            try:
+                yield session
+                sync = session.sync_session
+                # The session's commit events fire as session.commit() fires
+                # them (the server listens to none; tests inject failures).
+                if sync.dispatch.before_commit:
+                    sync.dispatch.before_commit(sync)
+                assert not (sync.new or sync.dirty or sync.deleted), "ORM changes in a raw transaction"
+                await raw.commit(session, seen_through=run_log.logged(session))
+            finally:
+                session.sync_session.close()  # no connection: no I/O
+                await raw.end()
+        except BaseException:
+            self._ended_badly(session)
+            raise
+        self.run_log.committed(session)  # the run events it logged reach streams now
+        if session.sync_session.dispatch.after_commit:
+            session.sync_session.dispatch.after_commit(session.sync_session)
+
     @asynccontextmanager
     async def _collecting(self) -> AsyncIterator[AsyncSession]:
         """unit_of_work() on a SQLite file: a session that collects its

@@ -565,19 +565,21 @@ class RunExecution:
         one transaction fewer per run): queued -> in_progress and its first
         prompt, as start() does. Only a queued run on time is started here;
         any other (resumed, cancelled or expired before it began) or one
-        whose prompt cannot be built here is left to start() in execute().
+        whose prompt cannot be built here (or, in the claim's raw
+        transaction, whose log has buffered deltas) is left to start() in
+        execute().
         Nothing is written for the run before its prompt is built, so a run
         left to start() leaves nothing behind in the shared transaction."""
         if run.status != "queued" or run_execution.is_past_deadline(run):
             return
+        if db.RAW in session.info and not self.runtime.run_log.appends_unread(run.id):
+            return  # its start's append would read the log: the raw claim's session reads nothing
         usage_so_far = run.usage or {}
         self.prompt_tokens = usage_so_far.get("prompt_tokens", 0)
         self.completion_tokens = usage_so_far.get("completion_tokens", 0)
         try:
             context = await self._context(session, run)
-            chat = await prompt.build(
-                session, self.runtime.storage, self.runtime.llm, run, self._budget(run), has_steps=run.usage is not None
-            )
+            chat = await self._first_prompt(session, run)
         except DBAPIError:
             raise  # the claim's transaction is lost: the runs stay claimable
         except Exception:  # start() meets it again, in its own transaction, and fails the run
@@ -600,6 +602,25 @@ class RunExecution:
         elif self._held_start is not None:
             await self._write_held_start(session)  # SQLite: sent with the events' insert
         await self.runtime.run_log.append(session, run.id, events, run_locked=True, carried_by=carried)
+
+    async def _first_prompt(self, session: AsyncSession, run: orm.Run) -> list[dict[str, Any]]:
+        """The run's first prompt, read in the claim's transaction; in its
+        raw transaction (Runtime.claiming), which reads nothing, a prompt
+        that needs a read (a thread longer than the claim's prefetch, a run
+        queued again with steps, input files) is read by a WAL reader
+        instead. That reader sees what the claim's transaction sees of it:
+        the transaction holds the write lock, so nothing has committed since
+        the reader's snapshot, and it has written nothing the prompt reads
+        (the claim's lease stamps; its other runs' rows, in other threads)."""
+        budget = self._budget(run)
+        has_steps = run.usage is not None
+        storage, llm = self.runtime.storage, self.runtime.llm
+        try:
+            return await prompt.build(session, storage, llm, run, budget, has_steps=has_steps)
+        except db.RawSessionConnected:
+            pass
+        async with self.runtime.reading() as reader:
+            return await prompt.build(reader, storage, llm, run, budget, has_steps=has_steps)
 
     async def _finish_at_once(
         self, session: AsyncSession, run: orm.Run, chat: list[dict[str, Any]], started: list[Event]
@@ -1197,7 +1218,7 @@ async def claim_and_start(
     ends its run there) go on with run()."""
     executions = []
     try:
-        async with runtime.transaction() as session:
+        async with runtime.claiming() as session:
             for claimed in await run_execution.claim_runs(session, owner, limit, lease_seconds, executing):
                 execution = RunExecution(runtime, claimed.id, builtins, owner=owner)
                 await execution.start_claimed(session, claimed)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select, text
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import ids, llm, orm
 from app.llm import offline
@@ -27,9 +28,10 @@ from tests.runner.test_worker import _make_runs, _statuses, user_message
 
 
 @contextmanager
-def statements_by_transaction(runtime: Runtime) -> Iterator[list[tuple[int, str]]]:
-    """Every statement sent while inside, with a number telling its
-    transaction (connections interleave; each BEGIN takes a new number)."""
+def statements_by_transaction(runtime: Runtime, engine: AsyncEngine | None = None) -> Iterator[list[tuple[int, str]]]:
+    """Every statement sent while inside (on ``engine``, else the runtime's
+    write engine), with a number telling its transaction (connections
+    interleave; each BEGIN takes a new number)."""
     numbers = itertools.count()
     current: dict[Any, int] = {}
     seen: list[tuple[int, str]] = []
@@ -40,7 +42,7 @@ def statements_by_transaction(runtime: Runtime) -> Iterator[list[tuple[int, str]
     def before(connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         seen.append((current.get(connection, -1), " ".join(statement.split())))
 
-    engine = runtime.engine.sync_engine
+    engine = (engine or runtime.engine).sync_engine
     event.listen(engine, "begin", begin)
     event.listen(engine, "before_cursor_execute", before)
     try:
@@ -443,9 +445,13 @@ async def test_the_prompt_has_every_earlier_message_at_the_prefetch_boundary(
         seen.append(exchange.request)
 
     runtime.llm.observer = observe
-    with statements_by_transaction(runtime) as statements:
+    # (The raw claim's prompt reads on the read engine: Runtime.claiming.)
+    with (
+        statements_by_transaction(runtime) as statements,
+        statements_by_transaction(runtime, runtime.read_engine) as reads,
+    ):
         await Worker(runtime, concurrency=1).run_until_idle()
-    read = [statement for _n, statement in statements if statement.startswith("SELECT messages.role")]
+    read = [statement for _n, statement in statements + reads if statement.startswith("SELECT messages.role")]
     assert bool(read) is read_by_the_prompt, read
     users = [str(message["content"]) for message in seen[0].messages if message["role"] == "user"]
     assert users == [f"m{n}" for n in range(earlier)]

@@ -49,18 +49,23 @@ def _checked_out(runtime: Runtime) -> int:
 
 
 @contextmanager
-def _commits(runtime: Runtime) -> Iterator[list[object]]:
-    """SQLAlchemy's commits on the engine, while within."""
+def _engine_events(runtime: Runtime, name: str) -> Iterator[list[object]]:
+    """The connections of the write engine's ``name`` events, while within."""
     seen: list[object] = []
 
-    def commit(connection: object) -> None:
+    def fired(connection: object) -> None:
         seen.append(connection)
 
-    event.listen(runtime.engine.sync_engine, "commit", commit)
+    event.listen(runtime.engine.sync_engine, name, fired)
     try:
         yield seen
     finally:
-        event.remove(runtime.engine.sync_engine, "commit", commit)
+        event.remove(runtime.engine.sync_engine, name, fired)
+
+
+def _commits(runtime: Runtime) -> Any:
+    """SQLAlchemy's commits on the engine, while within."""
+    return _engine_events(runtime, "commit")
 
 
 @contextmanager
@@ -77,11 +82,15 @@ def _before_straight_commit(hook: Callable[[sqlite_driver.OneHopConnection], Awa
         yield
 
 
-async def _cancelled_in_its_straight_commit(work: Coroutine[Any, Any, Any]) -> None:
-    """``work`` in a task cancelled while its straight COMMIT waits for the
+async def _cancelled_in_its_straight_commit(
+    work: Coroutine[Any, Any, Any],
+    before: Callable[[Callable[[sqlite_driver.OneHopConnection], Awaitable[None]]], Any] = _before_straight_commit,
+) -> None:
+    """``work`` in a task cancelled while its straight COMMIT (or the hop
+    ``before`` hooks: test_raw_claim's claim statement) waits for the
     connection's thread (busy, as under load, until the cancel is made;
-    the thread then runs the COMMIT whatever the task does): the task
-    must end cancelled."""
+    the thread then runs the hop whatever the task does): the task must
+    end cancelled."""
     release = threading.Event()
     committing = asyncio.Event()
     busy: list[asyncio.Future[Any]] = []
@@ -91,7 +100,7 @@ async def _cancelled_in_its_straight_commit(work: Coroutine[Any, Any, Any]) -> N
         await asyncio.sleep(0)  # that job reaches the thread's queue first
         committing.set()
 
-    with _before_straight_commit(stall):
+    with before(stall):
         task = asyncio.create_task(work)
         await committing.wait()
         task.cancel()
@@ -119,18 +128,20 @@ async def test_a_claims_transaction_commits_straight_on_the_driver(runtime: Runt
 
 
 @_SQLITE
-async def test_a_failing_held_back_write_rolls_the_straight_commit_back_whole(runtime: Runtime) -> None:
+@pytest.mark.parametrize("kind", ["transaction", "claiming"])
+async def test_a_failing_held_back_write_rolls_the_straight_commit_back_whole(runtime: Runtime, kind: str) -> None:
     """A held-back compare-and-set that misses fails the straight COMMIT:
     the statement sent straight before it (run_now) and the other writes
     are rolled back with it, its events never reach the log, and the lock
-    and the connection are free again."""
+    and the connection are free again; in the claim's raw transaction
+    (Runtime.claiming) too."""
     runs = orm.Run.__table__
     stamp = update(runs).where(runs.c.id == bindparam("run_id")).values(lease_owner="w").returning(runs.c.id)
     miss = update(runs).where(runs.c.id == bindparam("run_id")).values(status="failed")
 
     (run_id,) = await _make_runs(runtime, 1)
     with pytest.raises(IntegrityError):
-        async with runtime.transaction() as session:
+        async with runtime.claiming() if kind == "claiming" else runtime.transaction() as session:
             assert await db.run_now(session, stamp, {"run_id": run_id}) == [{"id": run_id}]
             await runtime.run_log.append(session, run_id, [Event("thread.run.step.created", {"x": 1})])
             assert await db.hold_back(session, miss, {"run_id": "run_none"}, {db.EXPECT_ROWCOUNT: 1})

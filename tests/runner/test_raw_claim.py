@@ -1,0 +1,221 @@
+"""The worker's claim as a raw SQLite transaction (Runtime.claiming, issue
+17): on a connection checked out of the pool raw, with no SQLAlchemy
+Connection, transaction or greenlet, its claim sent with BEGIN IMMEDIATE
+and its writes held back to one COMMIT hop. Every failure leaves nothing
+of the claim, the write lock free and the connection back (or closed): a
+failing statement, a lost connection (503), a cancellation mid-hop, a
+read through the session (refused at once rather than after the lock's
+timeout). A failing held-back write and the COMMIT hop's own failures
+(lost, cancelled, refused, an overflow connection) are
+test_straight_commit's: its claims take this path. Each runs on asyncio
+and on uvloop (the server's loop), through tests/runner/conftest.py's
+loop-factory hook."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app import db, ids, orm, sqlite_driver
+from app.api.handlers import unexpected_error
+from app.runner import execute
+from app.runtime import Runtime
+from tests.runner.test_straight_commit import (
+    _cancelled_in_its_straight_commit,
+    _checked_out,
+    _commits,
+    _engine_events,
+    _lock_free,
+)
+from tests.runner.test_worker import _make_runs, _statuses
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"]),
+    pytest.mark.parametrize("database_url", ["sqlite"], indirect=True),
+]
+
+_OWNER = "test:0:raw"
+_RUNS = orm.Run.__table__
+_STAMP = update(_RUNS).where(_RUNS.c.id == bindparam("run_id")).values(lease_owner="w").returning(_RUNS.c.id)
+_MISS = update(_RUNS).where(_RUNS.c.id == bindparam("run_id")).values(status="failed")
+
+
+@contextmanager
+def _before_send(hook: Callable[[sqlite_driver.OneHopConnection], Awaitable[None]]) -> Iterator[None]:
+    """Every statement sent straight (run_now: the claim's) first awaits ``hook`` with its driver connection."""
+    real = sqlite_driver.OneHopConnection.send
+
+    async def send(self: sqlite_driver.OneHopConnection, statement: sqlite_driver.Statement) -> Any:
+        await hook(self)
+        return await real(self, statement)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sqlite_driver.OneHopConnection, "send", send)
+        yield
+
+
+async def _lose(driver: sqlite_driver.OneHopConnection) -> None:
+    await driver._connection.close()
+
+
+async def _nothing_left(runtime: Runtime, run_id: str) -> None:
+    """The run as before the claim, the connection back, the lock free; the
+    next claim answers it."""
+    assert await _statuses(runtime, [run_id]) == {run_id: "queued"}
+    assert _checked_out(runtime) == 0
+    _lock_free(runtime)
+    (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+    assert execution.finished and await _statuses(runtime, [run_id]) == {run_id: "completed"}
+    assert _checked_out(runtime) == 0
+
+
+async def test_an_instant_answer_is_claimed_and_ended_without_a_sqlalchemy_connection(runtime: Runtime) -> None:
+    assert runtime.claims_raw()
+    (run_id,) = await _make_runs(runtime, 1)
+    with _engine_events(runtime, "engine_connect") as made, _commits(runtime) as commits:
+        (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+    assert execution.finished and made == [] and commits == []
+    assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
+    assert _checked_out(runtime) == 0
+    _lock_free(runtime)
+
+
+async def test_a_failing_statement_after_held_back_writes_rolls_back_what_it_carried(runtime: Runtime) -> None:
+    """A statement sent straight fails (a constraint) after writes held
+    back and an earlier statement: the transaction is rolled back on the
+    connection's thread, none of them stays."""
+    (run_id,) = await _make_runs(runtime, 1)
+    async with runtime.transaction() as session:
+        thread_id = await session.scalar(select(orm.Run.thread_id).where(orm.Run.id == run_id))
+    threads = orm.Thread.__table__
+    clash = threads.insert().returning(threads.c.id)
+    same = {"id": thread_id, "project_id": orm.DEFAULT_PROJECT_ID, "seq": 1, "created_at": 1, "metadata": {}}
+    with pytest.raises(IntegrityError):
+        async with runtime.claiming() as session:
+            assert await db.run_now(session, _STAMP, {"run_id": run_id}) == [{"id": run_id}]
+            assert await db.hold_back(session, _MISS, {"run_id": run_id}, db.WRITE_BEHIND)
+            await db.run_now(session, clash, same)
+    async with runtime.transaction() as session:
+        assert await session.scalar(select(orm.Run.lease_owner).where(orm.Run.id == run_id)) is None
+    await _nothing_left(runtime, run_id)
+
+
+async def test_a_connection_lost_at_the_claims_statement_is_a_503_and_the_run_is_claimed_again(
+    runtime: Runtime,
+) -> None:
+    (run_id,) = await _make_runs(runtime, 1)
+    with _before_send(_lose), pytest.raises(DBAPIError) as raised:
+        await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+    assert raised.value.connection_invalidated
+    assert unexpected_error(raised.value).status == 503
+    await _nothing_left(runtime, run_id)
+
+
+async def test_a_claim_cancelled_during_its_statements_hop_leaves_nothing(runtime: Runtime) -> None:
+    """Cancelled while its BEGIN IMMEDIATE and claim wait for the
+    connection's thread (busy, as under load): the thread may still run
+    them after the task has gone, so the connection is closed with them
+    (invalidated), the lock freed, and the run claimed again afterwards."""
+    (run_id,) = await _make_runs(runtime, 1)
+    await _cancelled_in_its_straight_commit(execute.claim_and_start(runtime, _OWNER, 1, 60.0, {}), _before_send)
+    await _nothing_left(runtime, run_id)
+
+
+async def test_a_read_through_the_raw_session_is_refused_at_once(runtime: Runtime) -> None:
+    """The session would wait for the write lock its own transaction
+    holds: refused at once, and the transaction rolled back."""
+    (run_id,) = await _make_runs(runtime, 1)
+    with pytest.raises(db.RawSessionConnected):
+        async with runtime.claiming() as session:
+            assert await db.run_now(session, _STAMP, {"run_id": run_id}) == [{"id": run_id}]
+            await session.execute(select(orm.Run.id))
+    await _nothing_left(runtime, run_id)
+
+
+async def test_a_run_with_a_longer_thread_than_the_claim_reads_is_answered_in_it(runtime: Runtime) -> None:
+    """Its prompt needs a read the raw claim's session cannot make: a WAL
+    reader makes it, and the run is answered in the claim as any other,
+    the claim's next run too (the refused read left its transaction good)."""
+    run_id, other_id = await _make_runs(runtime, 2)
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+        assert run is not None
+        for n in range(40):  # past the claim's prefetch
+            session.add(
+                orm.Message(
+                    id=ids.new_id(ids.MESSAGE, ids.next_seq()),
+                    seq=run.seq - 100 + n,  # before the run
+                    created_at=1,
+                    thread_id=run.thread_id,
+                    role="user",
+                    content=[{"type": "text", "text": {"value": f"m{n}", "annotations": []}}],
+                    attachments=[],
+                    metadata_={},
+                    status="completed",
+                )
+            )
+    with _engine_events(runtime, "engine_connect") as made:
+        executions = await execute.claim_and_start(runtime, _OWNER, 2, 60.0, {})
+    assert [(execution.run_id, execution.finished) for execution in executions] == [(run_id, True), (other_id, True)]
+    assert made == []  # (the reader's are the read engine's)
+    assert await _statuses(runtime, [run_id, other_id]) == {run_id: "completed", other_id: "completed"}
+    chat = executions[0]._started[1] if executions[0]._started is not None else []
+    said = [message["content"] for message in chat if message["role"] == "user"]
+    assert said == ["hi", *(f"m{n}" for n in range(40))]  # the whole thread, past the prefetch
+    assert _checked_out(runtime) == 0
+
+
+async def test_a_run_whose_log_this_process_has_not_seen_is_numbered_after_it_quietly(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The raw claim reads nothing, so a run whose log's end this process
+    does not know (created before a restart) is guessed to have an empty
+    log; its insert numbers it after the real end, and the counter and the
+    entries are corrected at the commit, without a warning."""
+    (run_id,) = await _make_runs(runtime, 1)
+    async with runtime.transaction() as session:
+        session.add(orm.RunEvent(run_id=run_id, seq=1, event="thread.run.created", data={}, created_at=1.0))
+    execute.not_at_once(run_id)  # streamed: its deltas numbered from the counter the claim corrected
+    with caplog.at_level(logging.WARNING, logger="app.run_log"):
+        (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+        await execute.run(execution)
+    assert not [record for record in caplog.records if "renumbered" in record.getMessage()]
+    assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
+    async with runtime.transaction() as session:
+        seqs = (await session.scalars(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id))).all()
+    assert sorted(seqs) == list(range(1, len(seqs) + 1))
+
+
+async def test_the_claims_checkout_takes_an_idle_connection_without_the_greenlet(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle, open connection is checked out without SQLAlchemy's
+    greenlet; a connection invalidated (a lost one) is reopened through it
+    (I/O), and the claim works."""
+    through_greenlet: list[object] = []
+    real = AsyncEngine.raw_connection
+
+    async def raw_connection(self: AsyncEngine) -> Any:
+        through_greenlet.append(self)
+        return await real(self)
+
+    monkeypatch.setattr(AsyncEngine, "raw_connection", raw_connection)
+    (run_id,) = await _make_runs(runtime, 1)  # (leaves an idle connection in the pool)
+    assert await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {}) != []
+    assert through_greenlet == []
+    with _before_send(_lose), pytest.raises(DBAPIError):
+        await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})  # nothing claimable: the claim alone
+    assert through_greenlet == []
+    await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})  # the invalidated one reconnects
+    assert through_greenlet == [runtime.engine]
+    assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
+    assert _checked_out(runtime) == 0
+    _lock_free(runtime)
