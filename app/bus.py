@@ -91,6 +91,9 @@ class EventBus:
     def watched(self, topic: str) -> bool:
         return bool(self._watchers.get(topic))
 
+    def subscribed(self, topic: str) -> bool:
+        return bool(self._subscribers.get(topic))
+
     @asynccontextmanager
     async def subscribe(self, topic: str) -> AsyncIterator[asyncio.Queue[Event]]:
         """Subscribe before triggering the work whose events you want."""

@@ -1,48 +1,71 @@
-"""The SDK poller's held GET (app/api/poll_hold.py) when another process
-executes the run: its stopping event is published there, never on this
-process's bus, so the hold must not wait for it (``serve --workers 2``)."""
+"""The SDK poller's held GET (app/api/poll_hold.py): answered from this
+process's bus once the run stops here, without waiting for an event that
+another process publishes (``serve --workers 2``), on the run's own path only."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx2
 import openai
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import update
 
 from app import orm
 from app.main import create_app
-from app.runner import execute
 from app.runtime import Runtime
-from app.services import run_execution, runs
+from app.services import api_keys, run_execution
 from app.settings import Settings
+from app.wire.events import Event
+from app.worker import Worker
+from tests.runner.helpers import until
 
 # Far beyond each test's deadline: a hold that waits it out fails the test.
 _HOLD_MS = 60_000
 _DEADLINE_SECONDS = 15.0
+_KEY = "sk-test"
 
 
-@pytest.fixture
-async def idle_worker_app(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
-    """The app with its in-process worker, which claims nothing: the runs it
-    creates stay queued, reserved for that worker, for the test to move as
-    another process's worker would."""
-
-    async def claim_nothing(*_args: Any, **_kwargs: Any) -> list[Any]:
-        return []
-
-    monkeypatch.setattr(execute, "claim_and_start", claim_nothing)
-    application = create_app(settings.model_copy(update={"poll_hold_ms": _HOLD_MS}))
+@asynccontextmanager
+async def _app_with_idle_worker(settings: Settings, **update: Any) -> AsyncIterator[FastAPI]:
+    """The app whose process has a worker that runs nothing until the test
+    drives it (``Worker.run_until_idle``): the runs it creates stay queued,
+    reserved for that worker."""
+    application = create_app(settings.model_copy(update={"poll_hold_ms": _HOLD_MS, "embedded_worker": False, **update}))
     async with application.router.lifespan_context(application):
+        runtime: Runtime = application.state.runtime
+        runtime.attach_worker(Worker(runtime))
         yield application
 
 
-async def _queued_run(http: httpx2.AsyncClient) -> tuple[str, str]:
-    sdk = openai.AsyncOpenAI(base_url="http://testserver/v1", api_key="sk-test", http_client=http, max_retries=0)
+@pytest.fixture
+async def idle_worker_app(settings: Settings) -> AsyncIterator[FastAPI]:
+    async with _app_with_idle_worker(settings) as application:
+        yield application
+
+
+@pytest.fixture
+async def reserving_app(settings: Settings) -> AsyncIterator[FastAPI]:
+    """As ``idle_worker_app``, with reservations that outlast each test (a
+    held poll of a run created here trusts its note for the whole test) and
+    API keys, so that projects can differ."""
+    async with _app_with_idle_worker(
+        settings, run_claim_affinity_seconds=_HOLD_MS / 1000, api_keys=[_KEY], key_cache_seconds=0.0
+    ) as application:
+        yield application
+
+
+def _sdk(http: httpx2.AsyncClient, key: str = _KEY) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url="http://testserver/v1", api_key=key, http_client=http, max_retries=0)
+
+
+async def _queued_run(http: httpx2.AsyncClient, key: str = _KEY) -> tuple[str, str]:
+    sdk = _sdk(http, key)
     assistant = await sdk.beta.assistants.create(model="gpt-4o")
     run = await sdk.beta.threads.create_and_run(
         assistant_id=assistant.id, thread={"messages": [{"role": "user", "content": "Hello"}]}
@@ -56,34 +79,29 @@ async def _move(runtime: Runtime, run_id: str, **values: Any) -> None:
         await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(**values))
 
 
-def _held_poll(http: httpx2.AsyncClient, thread_id: str, run_id: str) -> asyncio.Task[httpx2.Response]:
-    path = f"/v1/threads/{thread_id}/runs/{run_id}"
-    return asyncio.create_task(http.get(path, headers={"X-Stainless-Poll-Helper": "true"}))
+def _get(http: httpx2.AsyncClient, path: str, key: str = _KEY, *, held: bool = False) -> Any:
+    headers = {"Authorization": f"Bearer {key}"}
+    if held:
+        headers["X-Stainless-Poll-Helper"] = "true"
+    return http.get(path, headers=headers)
 
 
-async def test_a_held_poll_ends_once_another_process_claims_the_run(
-    idle_worker_app: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The run is reserved for this process when the poll reads it; its
+def _held_poll(http: httpx2.AsyncClient, thread_id: str, run_id: str, key: str = _KEY) -> asyncio.Task[httpx2.Response]:
+    return asyncio.create_task(_get(http, f"/v1/threads/{thread_id}/runs/{run_id}", key, held=True))
+
+
+async def test_a_held_poll_ends_once_another_process_claims_the_run(idle_worker_app: FastAPI) -> None:
+    """The run is reserved for this process when the poll begins; its
     reservation lapses and another process's worker claims it while the poll
     is held: the poll answers the run as it now is (in progress), with the
-    poller's interval, instead of holding ``poll_hold_ms``."""
+    poller's interval, at its next read instead of holding ``poll_hold_ms``."""
     runtime: Runtime = idle_worker_app.state.runtime
     transport = httpx2.ASGITransport(app=idle_worker_app)
     async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as http:
         thread_id, run_id = await _queued_run(http)
-        read = asyncio.Event()
-        get_row = runs.get_row
-
-        async def noting_reads(*args: Any) -> runs.RunRow:
-            row = await get_row(*args)
-            read.set()
-            return row
-
-        monkeypatch.setattr(runs, "get_row", noting_reads)
         async with asyncio.timeout(_DEADLINE_SECONDS):
             poll = _held_poll(http, thread_id, run_id)
-            await read.wait()
+            await until(lambda: runtime.bus.subscribed(run_id) or poll.done(), "the poll held")
             now = time.time()
             await _move(
                 runtime,
@@ -99,9 +117,13 @@ async def test_a_held_poll_ends_once_another_process_claims_the_run(
     assert response.headers["openai-poll-after-ms"] == str(runtime.settings.poll_after_ms)
 
 
-async def test_a_held_poll_of_a_run_reserved_for_another_process_answers_at_once(idle_worker_app: Any) -> None:
+async def test_a_held_poll_of_a_run_reserved_for_another_process_answers_at_its_first_read(
+    idle_worker_app: FastAPI,
+) -> None:
     """A queued run reserved for another process's worker is not this
-    process's to execute: the poll answers it as it is."""
+    process's to execute: the poll answers it as it is at its first read
+    (this process's note of the run, reserved for it when created, hides
+    the row until that reservation lapses: a fraction of a second)."""
     runtime: Runtime = idle_worker_app.state.runtime
     transport = httpx2.ASGITransport(app=idle_worker_app)
     async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as http:
@@ -118,15 +140,32 @@ async def test_a_held_poll_of_a_run_reserved_for_another_process_answers_at_once
     assert response.json()["status"] == "queued"
 
 
-async def test_a_held_poll_of_a_run_created_here_checks_its_thread(idle_worker_app: Any) -> None:
-    """A run this process created is answered without a read while it runs
-    here, but only on its own thread's path: another thread's is the 404 a
-    read words."""
-    transport = httpx2.ASGITransport(app=idle_worker_app)
+@pytest.mark.parametrize("path_of", ["another thread", "another project"])
+async def test_a_held_poll_of_a_run_created_here_on_another_path_is_not_answered_its_event(
+    reserving_app: FastAPI, path_of: str
+) -> None:
+    """A run this process created is answered without a read while it is
+    this process's, but only on its own thread's path in its own project:
+    a held poll on another's that is waiting when the run stops here answers
+    the 404 a plain GET answers, not the run."""
+    runtime: Runtime = reserving_app.state.runtime
+    async with runtime.transaction() as session:
+        key, _info = await api_keys.create(session, "team-a")
+        other_key, _info = await api_keys.create(session, "team-b")
+    transport = httpx2.ASGITransport(app=reserving_app)
     async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as http:
-        _thread_id, run_id = await _queued_run(http)
-        other = (await http.post("/v1/threads", json={})).json()["id"]
+        other_thread = (await _sdk(http, key).beta.threads.create()).id
+        thread_id, run_id = await _queued_run(http, key)
+        run = (await _get(http, f"/v1/threads/{thread_id}/runs/{run_id}", key)).json()
+        poll_thread, poll_key = (other_thread, key) if path_of == "another thread" else (thread_id, other_key)
         async with asyncio.timeout(_DEADLINE_SECONDS):
-            response = await _held_poll(http, other, run_id)
-    assert response.status_code == 404
-    assert response.json()["error"]["message"] == f"No run found with id '{run_id}'."
+            poll = _held_poll(http, poll_thread, run_id, poll_key)
+            await until(lambda: runtime.bus.subscribed(run_id) or poll.done(), "the poll held")
+            # The run's stopping event, as a cancel here would publish it.
+            runtime.bus.publish(run_id, [Event("thread.run.cancelled", {**run, "status": "cancelled"})])
+            response = await poll
+        plain = await _get(http, f"/v1/threads/{poll_thread}/runs/{run_id}", poll_key)
+    assert response.status_code == plain.status_code == 404
+    assert response.json() == plain.json()
+    if path_of == "another thread":
+        assert response.json()["error"]["message"] == f"No run found with id '{run_id}'."
