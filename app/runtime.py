@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 from app import cassettes, db, run_log, sqlite_peers
 from app.bus import EventBus
 from app.cancelling import cancel_and_wait
+from app.created_runs import CreatedRuns
 from app.llm import LLM, Exchange
 from app.observability.metrics import Metrics
 from app.retrieval import cache_budget, passing_files
@@ -60,6 +61,8 @@ class Runtime:
     poll_engine: AsyncEngine | None = None
     # The worker of this process, if any (its heartbeat and sandboxes feed /readyz and /metrics).
     worker: Worker | None = None
+    # Runs created here for that worker, for the held polls that follow (app/api/poll_hold.py).
+    created_runs: CreatedRuns = field(default_factory=CreatedRuns)
     _signals: set[asyncio.Task[None]] = field(default_factory=set)
     _closing: bool = False  # close() began: wake() starts no more NOTIFYs
     _listener: asyncio.Task[None] | None = None
@@ -100,6 +103,7 @@ class Runtime:
             ),
             poll_engine=db.create_poll_engine(settings.resolved_database_url()),
         )
+        bus.taps.append(runtime.created_runs.tap)
         if peers is not None:
             runtime._peers = peers
             runtime.run_log.deliver_early = peers.sole

@@ -14,11 +14,11 @@ that waited past its reservation and was claimed by the other process kept
 its creator's poll waiting the whole ``poll_hold_ms``).
 
 A run this process's API created for its own worker (reserved for it) needs
-no read at all while it has not stopped here: ``Created`` keeps its thread
-and project from the create until its stopping event is published, which
-is what the read would have told (issue 17: nine in ten of the SDK's polls
-under 16 clients came before the run stopped, each with a read, a round
-trip on PostgreSQL).
+no read at all while it has not stopped here: ``Runtime.created_runs``
+(app/created_runs.py) keeps its thread and project from the create until its
+stopping event is published, which is what the read would have told (issue
+17: nine in ten of the SDK's polls under 16 clients came before the run
+stopped, each with a read, a round trip on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -26,15 +26,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-import weakref
-from collections import OrderedDict
-from dataclasses import dataclass
 
-from app.bus import EventBus
+from app import created_runs
 from app.runtime import Runtime
 from app.services import run_execution, runs
 from app.services.projects import Project
-from app.wire.events import TERMINAL_RUN_EVENTS, Event
+from app.wire.events import TERMINAL_RUN_EVENTS
 from app.wire.runs import Run
 
 # Statuses an SDK poller keeps polling through (wire notes 6.2).
@@ -46,75 +43,8 @@ STILL_RUNNING = frozenset({"queued", "in_progress", "cancelling"})
 # most about as long again as the run waited unclaimed, and one of a run
 # waiting for a slot all along reads its row 4 times in a hold of 1 s
 # (the hold that trusted every queued run read it twice, and could wait
-# the whole hold for nothing).
-RECHECK_SECONDS = 0.25
-
-
-# A run created here is forgotten this long after its create if it never
-# stopped here (another process executed it, or this one stopped first).
-FORGET_AFTER_SECONDS = 600.0
-
-
-@dataclass(frozen=True)
-class _Creation:
-    project_id: str
-    thread_id: str
-    reserved_until: float  # time.time() when other workers may claim it
-    created: float  # time.monotonic()
-
-
-class Created:
-    """Runs this process's API created, reserved for this process's worker,
-    whose stopping event this process has not published yet (a tap on the
-    bus forgets each at its stopping event, in the publisher's call)."""
-
-    def __init__(self) -> None:
-        self._runs: OrderedDict[str, _Creation] = OrderedDict()
-
-    def add(self, run_id: str, project_id: str, thread_id: str, reserved_until: float) -> None:
-        now = time.monotonic()
-        while self._runs:  # oldest first: those that never stopped here
-            oldest = next(iter(self._runs.values()))
-            if now - oldest.created < FORGET_AFTER_SECONDS:
-                break
-            self._runs.popitem(last=False)
-        self._runs[run_id] = _Creation(project_id, thread_id, reserved_until, now)
-
-    def tap(self, topic: str, events: list[Event]) -> None:
-        if topic in self._runs and any(event.name in TERMINAL_RUN_EVENTS for event in events):
-            del self._runs[topic]
-
-    def trusted_for(self, runtime: Runtime, project: Project, thread_id: str, run_id: str, now: float) -> float | None:
-        """As ``trusted_for`` would answer from the run's row, for a run
-        created here and not stopped here; None when the row must be read
-        (not created here, another project's or thread's, stopped, or its
-        reservation lapsed ``RECHECK_SECONDS`` ago, not claimed here)."""
-        creation = self._runs.get(run_id)
-        worker = runtime.worker
-        if creation is None or worker is None:
-            return None
-        if creation.project_id != project.id or creation.thread_id != thread_id:
-            return None  # the read words the miss
-        if worker.executes(run_id):
-            return math.inf
-        # This worker claims the runs reserved for it first, lapsed or not:
-        # one whose reservation lapsed a moment ago is most likely still
-        # about to be claimed here (a loaded event loop), so the note is
-        # trusted for one recheck interval more before the row is read.
-        trusted_until = creation.reserved_until + RECHECK_SECONDS
-        return trusted_until - now if trusted_until > now else None
-
-
-# One per event bus (a runtime's), without a field of the runtime's own.
-_CREATED: weakref.WeakKeyDictionary[EventBus, Created] = weakref.WeakKeyDictionary()
-
-
-def created(bus: EventBus) -> Created:
-    found = _CREATED.get(bus)
-    if found is None:
-        found = _CREATED[bus] = Created()
-        bus.taps.append(found.tap)
-    return found
+# the whole hold for nothing). The same interval as a created run's grace.
+RECHECK_SECONDS = created_runs.GRACE_SECONDS
 
 
 def note_created(
@@ -124,7 +54,7 @@ def note_created(
     (not streamed): remembered if it is reserved for this process's worker."""
     worker = runtime.worker
     if worker is not None and until is not None and lease_owner == run_execution.reserved_for(worker.owner):
-        created(runtime.bus).add(run_id, project.id, thread_id, until)
+        runtime.created_runs.add(run_id, project.id, thread_id, until, worker.executes)
 
 
 def trusted_for(runtime: Runtime, run: runs.RunRow, now: float, recheck: float) -> float | None:
@@ -159,8 +89,13 @@ async def retrieve_when_stopped(runtime: Runtime, project: Project, thread_id: s
     hold_until = time.monotonic() + runtime.settings.poll_hold_ms / 1000
     async with runtime.bus.subscribe(run_id) as events:
         # Subscribed: a stopping event published from here on is heard, one
-        # published before has made ``created`` forget the run.
-        trusted = created(runtime.bus).trusted_for(runtime, project, thread_id, run_id, time.time())
+        # published before has made ``created_runs`` forget the run.
+        worker = runtime.worker
+        trusted = (
+            None
+            if worker is None
+            else runtime.created_runs.trusted_for(worker.executes, project.id, thread_id, run_id, time.time())
+        )
         recheck = RECHECK_SECONDS
         while True:
             if trusted is None:

@@ -1,10 +1,12 @@
 """The SDK poller's held GET (app/api/poll_hold.py): answered from this
 process's bus once the run stops here, without waiting for an event that
-another process publishes (``serve --workers 2``), on the run's own path only."""
+another process publishes (``serve --workers 2``), with the body a plain GET
+answers; and the notes of the runs created here (app/created_runs.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,7 +18,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import update
 
-from app import orm
+from app import created_runs, orm
 from app.main import create_app
 from app.runtime import Runtime
 from app.services import api_keys, run_execution
@@ -169,3 +171,24 @@ async def test_a_held_poll_of_a_run_created_here_on_another_path_is_not_answered
     assert response.json() == plain.json()
     if path_of == "another thread":
         assert response.json()["error"]["message"] == f"No run found with id '{run_id}'."
+
+
+def test_the_notes_of_created_runs_are_forgotten_once_of_no_use() -> None:
+    """A note past its reservation and grace is forgotten at the next add
+    (oldest first) unless this worker executes its run, and when a hold
+    finds it lapsed; one this worker executes stays until its stopping
+    event."""
+    notes = created_runs.CreatedRuns()
+    executing = {"run_mine"}
+    lapsed = time.time() - created_runs.GRACE_SECONDS - 1.0
+    notes.add("run_elsewhere", "proj", "thread", lapsed, executing.__contains__)
+    notes.add("run_mine", "proj", "thread", lapsed, executing.__contains__)
+    assert len(notes) == 1  # run_elsewhere forgotten
+    notes.add("run_new", "proj", "thread", time.time() + 60.0, executing.__contains__)
+    assert len(notes) == 2  # run_mine kept
+    assert notes.trusted_for(executing.__contains__, "proj", "thread", "run_mine", time.time()) == math.inf
+    notes.tap("run_mine", [Event("thread.run.completed", {})])
+    assert notes.trusted_for(executing.__contains__, "proj", "thread", "run_mine", time.time()) is None
+    assert len(notes) == 1
+    assert notes.trusted_for(executing.__contains__, "proj", "thread", "run_new", time.time() + 120.0) is None
+    assert len(notes) == 0
