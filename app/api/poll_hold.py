@@ -8,8 +8,8 @@ this process's to execute, as its row says: its worker holds the lease, or
 the run is queued and reserved for that worker. Once a reservation lapses,
 or for a queued run reserved for nobody, any process's worker may claim the
 run; the hold then reads the row again after ``RECHECK_SECONDS``, then
-after twice as long each time, and answers that read once another process
-has it (with ``serve --workers 2``, a run
+after twice as long each time (up to ``RECHECK_MAX_SECONDS``), and answers
+that read once another process has it (with ``serve --workers 2``, a run
 that waited past its reservation and was claimed by the other process kept
 its creator's poll waiting the whole ``poll_hold_ms``).
 
@@ -39,12 +39,17 @@ STILL_RUNNING = frozenset({"queued", "in_progress", "cancelling"})
 
 # How long a hold first trusts a run that any process may claim (queued,
 # its reservation lapsed or never made) before reading its row again, twice
-# as long at each read after: a poll of a run another process took waits at
-# most about as long again as the run waited unclaimed, and one of a run
-# waiting for a slot all along reads its row 4 times in a hold of 1 s
+# as long at each such read after: a poll of a run another process took
+# waits at most about as long again as the run waited unclaimed, and one of
+# a run waiting for a slot all along reads its row 4 times in a hold of 1 s
 # (the hold that trusted every queued run read it twice, and could wait
 # the whole hold for nothing). The same interval as a created run's grace.
 RECHECK_SECONDS = created_runs.GRACE_SECONDS
+
+# The longest a hold trusts such a run between reads: with ``serve
+# --workers 2`` 4 of 1526 runs took over 0.9 s while a doubled interval
+# delayed noticing that the other process had taken them.
+RECHECK_MAX_SECONDS = 0.5
 
 
 def note_created(
@@ -57,26 +62,27 @@ def note_created(
         runtime.created_runs.add(run_id, project.id, thread_id, until, worker.executes)
 
 
-def trusted_for(runtime: Runtime, run: runs.RunRow, now: float, recheck: float) -> float | None:
+def trusted_for(runtime: Runtime, run: runs.RunRow, now: float, recheck: float) -> tuple[float | None, float]:
     """For how many seconds from ``now`` (``time.time()``) this process's bus
     surely carries the run's stopping event, as its row says: ``inf`` while
     this worker holds its lease, the rest of a reservation for this worker,
-    ``recheck`` for a queued run any worker may claim; None when it
-    is another process's (its lease or its live reservation) or there is no
-    worker here."""
+    ``recheck`` for a queued run any worker may claim; None when it is
+    another process's (its lease or its live reservation) or there is no
+    worker here. With it the interval for the next such read: doubled, up to
+    ``RECHECK_MAX_SECONDS``, only after a read answered ``recheck``."""
     worker = runtime.worker
     if worker is None:
-        return None
+        return None, recheck
     if run.lease_owner == worker.owner:
-        return math.inf
+        return math.inf, recheck
     lease_live = run.lease_owner is not None and (run.lease_expires_at or 0.0) > now
     if run.status != "queued":
-        return None  # executed (or cancelled) under another's lease, or by nobody live
+        return None, recheck  # executed (or cancelled) under another's lease, or by nobody live
     if run.lease_owner == run_execution.reserved_for(worker.owner) and lease_live:
-        return max((run.lease_expires_at or 0.0) - now, 0.0)
+        return max((run.lease_expires_at or 0.0) - now, 0.0), recheck
     if lease_live:
-        return None  # reserved for another process's worker
-    return recheck
+        return None, recheck  # reserved for another process's worker
+    return recheck, min(recheck * 2, RECHECK_MAX_SECONDS)
 
 
 async def retrieve_when_stopped(runtime: Runtime, project: Project, thread_id: str, run_id: str) -> Run | str:
@@ -101,8 +107,10 @@ async def retrieve_when_stopped(runtime: Runtime, project: Project, thread_id: s
             if trusted is None:
                 async with runtime.poll_read() as connection:
                     run = await runs.get_row(connection, project, thread_id, run_id)
-                trusted = trusted_for(runtime, run, time.time(), recheck) if run.status in STILL_RUNNING else None
-                recheck *= 2
+                if run.status in STILL_RUNNING:
+                    trusted, recheck = trusted_for(runtime, run, time.time(), recheck)
+                else:
+                    trusted = None
                 if trusted is None or hold_until <= time.monotonic():
                     return runs.to_wire(run)
             left = hold_until - time.monotonic()

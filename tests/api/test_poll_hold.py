@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import httpx2
@@ -19,6 +20,7 @@ from fastapi import FastAPI
 from sqlalchemy import update
 
 from app import created_runs, orm
+from app.api import poll_hold
 from app.main import create_app
 from app.runtime import Runtime
 from app.services import api_keys, run_execution
@@ -171,6 +173,31 @@ async def test_a_held_poll_of_a_run_created_here_on_another_path_is_not_answered
     assert response.json() == plain.json()
     if path_of == "another thread":
         assert response.json()["error"]["message"] == f"No run found with id '{run_id}'."
+
+
+def _row(status: str, lease_owner: str | None, lease_expires_at: float | None) -> Any:
+    return SimpleNamespace(status=status, lease_owner=lease_owner, lease_expires_at=lease_expires_at)
+
+
+async def test_a_held_poll_rechecks_sooner_only_after_reading_a_run_anyone_may_claim(
+    idle_worker_app: FastAPI,
+) -> None:
+    """The interval between reads doubles only after a read that found the
+    run claimable by any process, and never beyond ``RECHECK_MAX_SECONDS``:
+    a read that trusted this worker's reservation or lease leaves it as it was."""
+    runtime: Runtime = idle_worker_app.state.runtime
+    worker = runtime.worker
+    assert worker is not None
+    now = time.time()
+    first = poll_hold.RECHECK_SECONDS
+    reserved = _row("queued", run_execution.reserved_for(worker.owner), now + 1.0)
+    assert poll_hold.trusted_for(runtime, reserved, now, first) == (1.0, first)
+    leased = _row("in_progress", worker.owner, now + 60.0)
+    assert poll_hold.trusted_for(runtime, leased, now, first) == (math.inf, first)
+    claimable = _row("queued", None, None)
+    assert poll_hold.trusted_for(runtime, claimable, now, first) == (first, 2 * first)
+    most = poll_hold.RECHECK_MAX_SECONDS
+    assert poll_hold.trusted_for(runtime, claimable, now, most) == (most, most)
 
 
 def test_the_notes_of_created_runs_are_forgotten_once_of_no_use() -> None:
