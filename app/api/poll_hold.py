@@ -2,16 +2,20 @@
 instead of after the poller's sleep-and-retry rounds, for as long as this
 process's bus is sure to carry the run's stopping event.
 
-A run's stopping event (terminal, or requires_action) is published only in
-the process whose worker executes it. So the hold lasts while the run is
-this process's to execute, as its row says: its worker holds the lease, or
-the run is queued and reserved for that worker. Once a reservation lapses,
-or for a queued run reserved for nobody, any process's worker may claim the
-run; the hold then reads the row again after ``RECHECK_SECONDS``, then
-after twice as long each time (up to ``RECHECK_MAX_SECONDS``), and answers
-that read once another process has it (with ``serve --workers 2``, a run
-that waited past its reservation and was claimed by the other process kept
-its creator's poll waiting the whole ``poll_hold_ms``).
+A run's stopping event (terminal, or requires_action) is published by the
+process that makes it: the one whose worker executes the run, or, for a run
+nobody executes, the one that handled its cancel or whose reaper expired it.
+So the hold lasts while the run is this process's to execute, as its row
+says: its worker holds the lease, or the run is queued and reserved for that
+worker. Once a reservation lapses, or for a queued run reserved for nobody,
+any process's worker may claim the run; the hold then reads the row again
+after ``RECHECK_SECONDS``, then after twice as long each time (up to
+``RECHECK_MAX_SECONDS``), and answers that read once another process has it
+(with ``serve --workers 2``, a run that waited past its reservation and was
+claimed by the other process kept its creator's poll waiting the whole
+``poll_hold_ms``). A stopping event published by another process (its
+cancel of a run nobody executes) is not heard here: the row tells at the
+hold's next read.
 
 A run this process's API created for its own worker (reserved for it) needs
 no read at all while it has not stopped here: ``Runtime.created_runs``

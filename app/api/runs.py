@@ -32,8 +32,10 @@ IncludeDep = Annotated[list[str], Query(alias="include[]")]
 
 def _json_text(text: str) -> Response:
     """A wire object's JSON text as a run event carries it (wire/events.py):
-    what respond() writes for the same object, U+2028, U+2029 and U+0085
-    escaped as in SSE frames (the same JSON value)."""
+    the same JSON value respond() writes for the object, not always the same
+    bytes (wire/jsontext.py: U+2028, U+2029 and U+0085 escaped as in SSE
+    frames, and non-ASCII escaped too where the stdlib encoder stands in
+    for orjson, as for integers beyond 64 bits)."""
     return Response(text, media_type="application/json")
 
 
@@ -68,7 +70,9 @@ async def _queue_run(
     COMMIT (Runtime.unit_of_work; issue 17).
 
     A run made for ``creator``'s request and answered as JSON is noted for
-    the SDK's poll that follows (poll_hold.note_created).
+    the SDK's poll that follows (poll_hold.note_created). Answered as JSON,
+    a change whose last event queues the run (a create, submit_tool_outputs)
+    answers that event's JSON text, as committed.
     """
     follower: Follower | None = None
     # An API replica's create wakes the workers with its own commit (issue
@@ -78,6 +82,13 @@ async def _queue_run(
         async with runtime.unit_of_work() as session:
             unwritten = new_rows.Unwritten()
             run, events = await change(session, unwritten)
+            if creator is not None and not stream:
+                # Before the commit, so that no worker can claim the run and
+                # publish its stopping event (which forgets the note) before
+                # the note exists, as one here could while the commit's
+                # answer is on its way. A commit that fails leaves a note of
+                # an id nobody sees, forgotten once its reservation lapses.
+                poll_hold.note_created(runtime, creator, run.id, run.thread_id, run.lease_owner, run.lease_expires_at)
             if stream:
                 # Subscribed before the append, which may be the commit
                 # itself; it reads from the opening events' end (set below).
@@ -110,8 +121,6 @@ async def _queue_run(
     if not notify:
         runtime.wake(files=False)
     if follower is None:
-        if creator is not None:
-            poll_hold.note_created(runtime, creator, run.id, run.thread_id, run.lease_owner, run.lease_expires_at)
         last = events[-1] if events else None
         if last is not None and last.name == "thread.run.queued":
             # The run as committed, as the event that queued it carries it,
