@@ -34,6 +34,12 @@ _HOLD_MS = 60_000
 _DEADLINE_SECONDS = 15.0
 _KEY = "sk-test"
 
+# What the run objects carry that respond() and the run log's encoder may
+# write differently (wire/jsontext.py): non-ASCII text, U+2028 (escaped in
+# the log's text), an integer beyond 64 bits (the stdlib encoder's).
+_EXOTIC = "a\u2028b é ü"
+_BIG = 2**70
+
 
 @asynccontextmanager
 async def _app_with_idle_worker(settings: Settings, **update: Any) -> AsyncIterator[FastAPI]:
@@ -173,6 +179,82 @@ async def test_a_held_poll_of_a_run_created_here_on_another_path_is_not_answered
     assert response.json() == plain.json()
     if path_of == "another thread":
         assert response.json()["error"]["message"] == f"No run found with id '{run_id}'."
+
+
+async def _exotic_assistant(sdk: openai.AsyncOpenAI) -> str:
+    parameters = {"type": "object", "properties": {"x": {"type": "integer", "maximum": _BIG, "minimum": 1e-7}}}
+    assistant = await sdk.beta.assistants.create(
+        model="gpt-4o",
+        instructions=f"hi {_EXOTIC}",
+        tools=[{"type": "function", "function": {"name": "f", "description": _EXOTIC, "parameters": parameters}}],
+        metadata={"k": _EXOTIC},
+    )
+    return assistant.id
+
+
+async def test_a_create_answers_what_a_get_of_the_run_answers(idle_worker_app: FastAPI) -> None:
+    """A create answers the JSON text its queued event carries: the same
+    JSON value as a GET of the run, whatever the text holds."""
+    transport = httpx2.ASGITransport(app=idle_worker_app)
+    async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        assistant_id = await _exotic_assistant(_sdk(http))
+        thread_id = (await _sdk(http).beta.threads.create()).id
+        creates = (
+            (f"/v1/threads/{thread_id}/runs", {"assistant_id": assistant_id, "additional_instructions": _EXOTIC}),
+            (
+                "/v1/threads/runs",
+                {"assistant_id": assistant_id, "thread": {"messages": [{"role": "user", "content": _EXOTIC}]}},
+            ),
+        )
+        for path, body in creates:
+            created = await http.post(path, json=body, headers={"Authorization": f"Bearer {_KEY}"})
+            assert created.status_code == 200, created.text
+            run = created.json()
+            got = await _get(http, f"/v1/threads/{run['thread_id']}/runs/{run['id']}")
+            assert run == got.json()
+            assert (
+                _EXOTIC in run["instructions"]
+                and run["tools"][0]["function"]["parameters"]["properties"]["x"]["maximum"] == _BIG
+            )
+
+
+async def test_a_held_poll_answers_the_stopping_event_as_a_get_would(reserving_app: FastAPI) -> None:
+    """A held poll of a run created here hears it stop without a read and
+    answers the stopping event's JSON text: the same JSON value as a GET of
+    the run; so does the submit of its tool outputs (its queued event's).
+    The run's note is forgotten at its stopping event."""
+    runtime: Runtime = reserving_app.state.runtime
+    worker = runtime.worker
+    assert worker is not None
+    transport = httpx2.ASGITransport(app=reserving_app)
+    async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        sdk = _sdk(http)
+        assistant_id = await _exotic_assistant(sdk)
+        thread = await sdk.beta.threads.create(messages=[{"role": "user", "content": f"[[call f]] {_EXOTIC}"}])
+        run = await sdk.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id)
+        path = f"/v1/threads/{thread.id}/runs/{run.id}"
+        assert len(runtime.created_runs) == 1
+        async with asyncio.timeout(_DEADLINE_SECONDS):
+            poll = _held_poll(http, thread.id, run.id)
+            await until(lambda: runtime.bus.subscribed(run.id), "the poll held")
+            await worker.run_until_idle()
+            held = await poll
+        got = await _get(http, path)
+        assert held.status_code == 200
+        assert held.json()["status"] == "requires_action"
+        assert held.json() == got.json()
+        assert len(runtime.created_runs) == 0
+        calls = held.json()["required_action"]["submit_tool_outputs"]["tool_calls"]
+        outputs = [{"tool_call_id": call["id"], "output": _EXOTIC} for call in calls]
+        submitted = await http.post(
+            f"{path}/submit_tool_outputs",
+            json={"tool_outputs": outputs},
+            headers={"Authorization": f"Bearer {_KEY}"},
+        )
+        got = await _get(http, path)
+    assert submitted.status_code == 200
+    assert submitted.json()["status"] == "queued"
+    assert submitted.json() == got.json()
 
 
 def _row(status: str, lease_owner: str | None, lease_expires_at: float | None) -> Any:
