@@ -287,8 +287,17 @@ class Runtime:
         on a SQLite file whose run logs this process alone writes (its
         counters number the claim's appends without a read; a run it has
         not seen is guessed and corrected at the commit: RunLog.append),
-        and no scripted rule reads a thread's metadata (RunExecution._context)."""
-        return db.collects(self.engine) and self.run_log.deliver_early and not self.llm.script.needs_thread_metadata()
+        with a WAL reader of its own (a prompt that needs a read is read
+        there, RunExecution._first_prompt: a file given as a ``file:`` URI
+        has none, and its read would wait for the write lock the claim
+        holds), and no scripted rule reads a thread's metadata
+        (RunExecution._context)."""
+        return (
+            db.collects(self.engine)
+            and self.read_engine is not self.engine
+            and self.run_log.deliver_early
+            and not self.llm.script.needs_thread_metadata()
+        )
 
     @asynccontextmanager
     async def claiming(self) -> AsyncIterator[AsyncSession]:

@@ -125,6 +125,12 @@ class LeaseLost(Exception):
     as it is."""
 
 
+class _ReaderFailed(Exception):
+    """A prompt's read on the WAL reader failed in the claim's raw
+    transaction (RunExecution._first_prompt): not the claim's DBAPIError,
+    so start_claimed() leaves the run to start() instead of failing the claim."""
+
+
 class _Unasked(enum.Enum):
     """RunExecution._first_answer before start_claimed() asked the model."""
 
@@ -619,8 +625,13 @@ class RunExecution:
             return await prompt.build(session, storage, llm, run, budget, has_steps=has_steps)
         except db.RawSessionConnected:
             pass
-        async with self.runtime.reading() as reader:
-            return await prompt.build(reader, storage, llm, run, budget, has_steps=has_steps)
+        try:
+            async with self.runtime.reading() as reader:
+                return await prompt.build(reader, storage, llm, run, budget, has_steps=has_steps)
+        except DBAPIError as error:
+            # The reader's failure says nothing of the claim's connection:
+            # the run is left to start(), the claim's other runs go on.
+            raise _ReaderFailed(f"run {run.id}: its prompt's read failed ({error})") from error
 
     async def _finish_at_once(
         self, session: AsyncSession, run: orm.Run, chat: list[dict[str, Any]], started: list[Event]

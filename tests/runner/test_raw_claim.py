@@ -14,14 +14,15 @@ loop-factory hook."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import pytest
 from sqlalchemy import bindparam, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from app import db, ids, orm, sqlite_driver
 from app.api.handlers import unexpected_error
@@ -64,6 +65,24 @@ def _before_send(hook: Callable[[sqlite_driver.OneHopConnection], Awaitable[None
 
 async def _lose(driver: sqlite_driver.OneHopConnection) -> None:
     await driver._connection.close()
+
+
+async def _thread_longer_than_the_prefetch(session: AsyncSession, run: orm.Run) -> None:
+    """40 messages before ``run`` in its thread: its prompt needs a read."""
+    for n in range(40):
+        session.add(
+            orm.Message(
+                id=ids.new_id(ids.MESSAGE, ids.next_seq()),
+                seq=run.seq - 100 + n,  # before the run
+                created_at=1,
+                thread_id=run.thread_id,
+                role="user",
+                content=[{"type": "text", "text": {"value": f"m{n}", "annotations": []}}],
+                attachments=[],
+                metadata_={},
+                status="completed",
+            )
+        )
 
 
 async def _nothing_left(runtime: Runtime, run_id: str) -> None:
@@ -148,20 +167,7 @@ async def test_a_run_with_a_longer_thread_than_the_claim_reads_is_answered_in_it
     async with runtime.transaction() as session:
         run = await session.get(orm.Run, run_id)
         assert run is not None
-        for n in range(40):  # past the claim's prefetch
-            session.add(
-                orm.Message(
-                    id=ids.new_id(ids.MESSAGE, ids.next_seq()),
-                    seq=run.seq - 100 + n,  # before the run
-                    created_at=1,
-                    thread_id=run.thread_id,
-                    role="user",
-                    content=[{"type": "text", "text": {"value": f"m{n}", "annotations": []}}],
-                    attachments=[],
-                    metadata_={},
-                    status="completed",
-                )
-            )
+        await _thread_longer_than_the_prefetch(session, run)
     with _engine_events(runtime, "engine_connect") as made:
         executions = await execute.claim_and_start(runtime, _OWNER, 2, 60.0, {})
     assert [(execution.run_id, execution.finished) for execution in executions] == [(run_id, True), (other_id, True)]
@@ -217,5 +223,35 @@ async def test_the_claims_checkout_takes_an_idle_connection_without_the_greenlet
     await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})  # the invalidated one reconnects
     assert through_greenlet == [runtime.engine]
     assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
+    assert _checked_out(runtime) == 0
+    _lock_free(runtime)
+
+
+async def test_a_failing_read_on_the_wal_reader_leaves_the_run_to_start_and_the_claim_goes_on(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader's error says nothing of the claim's connection: its run
+    is left to start() (which reads in a transaction of its own), the
+    claim's other run is answered in it."""
+    run_id, other_id = await _make_runs(runtime, 2)
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+        assert run is not None
+        await _thread_longer_than_the_prefetch(session, run)
+
+    @asynccontextmanager
+    async def failing_reader() -> AsyncIterator[Any]:
+        raise OperationalError("SELECT", {}, sqlite3.OperationalError("disk I/O error"))
+        yield
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runtime, "reading", failing_reader)
+        executions = await execute.claim_and_start(runtime, _OWNER, 2, 60.0, {})
+    assert [(execution.run_id, execution.finished) for execution in executions] == [
+        (run_id, False),
+        (other_id, True),
+    ]
+    await execute.run(executions[0])
+    assert await _statuses(runtime, [run_id, other_id]) == {run_id: "completed", other_id: "completed"}
     assert _checked_out(runtime) == 0
     _lock_free(runtime)
