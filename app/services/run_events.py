@@ -392,21 +392,27 @@ async def _insert_sqlite(session: AsyncSession, batches: dict[str, list[Event]])
 
 
 def can_insert_behind(session: AsyncSession, events: int) -> bool:
-    """Whether insert_behind() may take ``events`` events (SQLite, one statement)."""
-    return session.bind is not None and session.bind.dialect.name == "sqlite" and events <= _SQLITE_ONE_STATEMENT_ROWS
+    """Whether insert_behind() may take ``events`` events (SQLite): up to
+    one statement's rows, or any number in the claim's raw transaction,
+    which cannot read the log's end for insert() (db.RawSessionConnected)."""
+    if session.bind is None or session.bind.dialect.name != "sqlite":
+        return False
+    return events <= _SQLITE_ONE_STATEMENT_ROWS or db.RAW in session.info
 
 
 async def insert_behind(session: AsyncSession, run_id: str, events: list[Event], returned: list[Any]) -> None:
     """insert() for one run on SQLite (see can_insert_behind), sent with the
     transaction's next statement or its COMMIT rather than alone
-    (db.WRITE_BEHIND; issue 17). The same statement numbers the events after
-    the log's end, so the log is right whatever the caller expected; the
-    ``(run_id, seq)`` rows it wrote arrive in ``returned`` once it has run,
-    for the caller to check its expectation against."""
-    rows, params = _sqlite_params({run_id: events})
+    (db.WRITE_BEHIND; issue 17). Each statement numbers its events after
+    the log's end (a batch of more than one statement's rows goes in
+    several, in order, each after the one before), so the log is right
+    whatever the caller expected; the ``(run_id, seq)`` rows written arrive
+    in ``returned`` once they have run, for the caller to check its
+    expectation against."""
     options = {**db.WRITE_BEHIND, db.RETURNED_ROWS_TO: returned}
-    statement = _insert_sqlite_statement(rows)
-    await db.write_behind(session, statement, params, options)
+    for start in range(0, len(events), _SQLITE_ONE_STATEMENT_ROWS):
+        rows, params = _sqlite_params({run_id: events[start : start + _SQLITE_ONE_STATEMENT_ROWS]})
+        await db.write_behind(session, _insert_sqlite_statement(rows), params, options)
 
 
 def _logged_text(event: Event) -> str:

@@ -28,6 +28,7 @@ from app import db, ids, orm, sqlite_driver
 from app.api.handlers import unexpected_error
 from app.runner import execute
 from app.runtime import Runtime
+from app.services import run_events
 from tests.runner.test_straight_commit import (
     _cancelled_in_its_straight_commit,
     _checked_out,
@@ -253,5 +254,33 @@ async def test_a_failing_read_on_the_wal_reader_leaves_the_run_to_start_and_the_
     ]
     await execute.run(executions[0])
     assert await _statuses(runtime, [run_id, other_id]) == {run_id: "completed", other_id: "completed"}
+    assert _checked_out(runtime) == 0
+    _lock_free(runtime)
+
+
+async def test_an_instant_answer_longer_than_one_insert_is_logged_in_the_raw_claim(runtime: Runtime) -> None:
+    """More events than one SQLite insert statement takes: the raw claim
+    cannot read the log's end for a larger insert, so its events go in
+    several held-back inserts, in order; the claim commits, both runs
+    answered in it, the log numbered 1..n with no gap."""
+    (short_id,) = await _make_runs(runtime, 1)
+    (long_id,) = await _make_runs(runtime, 1, text="[[tokens 400]]")
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, long_id)
+        assert run is not None
+        run.max_completion_tokens = 256
+    executions = await execute.claim_and_start(runtime, _OWNER, 2, 60.0, {})
+    assert sorted((execution.run_id, execution.finished) for execution in executions) == sorted(
+        [(short_id, True), (long_id, True)]
+    )
+    assert await _statuses(runtime, [short_id, long_id]) == {short_id: "completed", long_id: "incomplete"}
+    async with runtime.transaction() as session:
+        seqs = (await session.scalars(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == long_id))).all()
+        last = await session.scalar(
+            select(orm.RunEvent.event).where(orm.RunEvent.run_id == long_id).order_by(orm.RunEvent.seq.desc()).limit(1)
+        )
+    assert len(seqs) > run_events._SQLITE_ONE_STATEMENT_ROWS
+    assert sorted(seqs) == list(range(1, len(seqs) + 1))
+    assert last == "thread.run.incomplete"
     assert _checked_out(runtime) == 0
     _lock_free(runtime)
