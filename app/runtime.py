@@ -320,6 +320,7 @@ class Runtime:
         raw = await db.RawTransaction.begin(self.engine)
         session = self.sessionmaker()
         session.info[db.RAW] = raw.held
+        committed = False
         try:
             try:
                 yield session
@@ -330,11 +331,17 @@ class Runtime:
                     sync.dispatch.before_commit(sync)
                 assert not (sync.new or sync.dirty or sync.deleted), "ORM changes in a raw transaction"
                 await raw.commit(session, seen_through=run_log.logged(session))
+                committed = True
             finally:
                 session.sync_session.close()  # no connection: no I/O
                 await raw.end()
         except BaseException:
-            self._ended_badly(session)
+            if committed:
+                # Cancelled (or failed) giving the connection back after the
+                # COMMIT: the events it logged are in the log all the same.
+                self.run_log.committed(session)
+            else:
+                self._ended_badly(session)
             raise
         self.run_log.committed(session)  # the run events it logged reach streams now
         if session.sync_session.dispatch.after_commit:

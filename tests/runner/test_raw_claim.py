@@ -13,6 +13,7 @@ loop-factory hook."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -284,3 +285,61 @@ async def test_an_instant_answer_longer_than_one_insert_is_logged_in_the_raw_cla
     assert last == "thread.run.incomplete"
     assert _checked_out(runtime) == 0
     _lock_free(runtime)
+
+
+async def test_a_cancellation_giving_the_connection_back_after_the_commit_tells_the_log_committed(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled in RawTransaction.end()'s give-back (an overflow
+    connection's close is I/O) after its COMMIT: the run log is told the
+    transaction committed (its events delivered, its counters kept), not
+    rolled back."""
+    (run_id,) = await _make_runs(runtime, 1)
+    execute.not_at_once(run_id)  # started in the claim, streamed after: its events logged in it
+    real = db._give_back
+    giving_back = asyncio.Event()
+
+    async def held_give_back(engine: AsyncEngine, pooled: Any) -> None:
+        giving_back.set()
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            await real(engine, pooled)
+
+    told: list[str] = []
+    log = runtime.run_log
+    committed, rolled_back = log.committed, log.rolled_back
+
+    def tell_committed(session: Any) -> None:
+        told.append("committed")
+        committed(session)
+
+    def tell_rolled_back(session: Any) -> None:
+        told.append("rolled_back")
+        rolled_back(session)
+
+    monkeypatch.setattr(log, "committed", tell_committed)
+    monkeypatch.setattr(log, "rolled_back", tell_rolled_back)
+    async with runtime.bus.follow(run_id) as delivered:
+        with monkeypatch.context() as patch:
+            patch.setattr(db, "_give_back", held_give_back)
+            task = asyncio.create_task(execute.claim_and_start(runtime, _OWNER, 1, 60.0, {}))
+            await asyncio.wait_for(giving_back.wait(), 30)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert told == ["committed"]
+        handed = [entry.seq for entries in _drained(delivered) for entry in entries]
+    async with runtime.transaction() as session:
+        seqs = (await session.scalars(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id))).all()
+    assert seqs and handed == sorted(seqs)
+    assert _checked_out(runtime) == 0
+    _lock_free(runtime)
+
+
+def _drained(queue: asyncio.Queue[Any]) -> Iterator[Any]:
+    """What ``queue`` holds now, without waiting; a nudge (None) fails: every entry is handed over."""
+    while not queue.empty():
+        item = queue.get_nowait()
+        assert item is not None, "a nudge: entries not handed over"
+        yield item
