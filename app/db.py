@@ -507,15 +507,17 @@ class RawTransaction:
 
 def _idle_checkout(pool: Pool) -> PoolProxiedConnection | None:
     """An idle connection checked out of a SQLite file's pool without
-    SQLAlchemy's greenlet (issue 17: a claim's raw transaction), where the
-    checkout does no I/O: the connection the pool hands out next is open
-    and not due for a reconnect (no recycling, not invalidated since it
-    opened), no pre-ping. None otherwise (an empty pool, which opens a
-    connection; an invalidated one, which reconnects): the greenlet's
-    checkout. The conditions are those of _ConnectionRecord.get_connection
+    SQLAlchemy's greenlet (issue 17: every writer that checks out raw,
+    _collected_connection: a claim's raw transaction, commit_collected()),
+    where the checkout does no I/O: the connection the pool hands out next
+    is open and not due for a reconnect (no recycling, not invalidated
+    since it opened), no pre-ping, no checkout listener (one would run
+    outside the greenlet, where it may not do I/O). None otherwise (an
+    empty pool, which opens a connection; an invalidated one, which
+    reconnects): the greenlet's checkout. The conditions are those of _ConnectionRecord.get_connection
     and the queue's order in SQLAlchemy's pinned version (private
     attributes: an upgrade must check them)."""
-    if not isinstance(pool, QueuePool) or pool._pre_ping or pool._recycle > -1:
+    if not isinstance(pool, QueuePool) or pool._pre_ping or pool._recycle > -1 or pool.dispatch.checkout:
         return None
     adapted: Any = pool._pool  # AsyncAdaptedQueue: an asyncio (Lifo)Queue, taken from without awaiting when not empty
     idle = adapted._queue._queue  # LifoQueue: a list, popped from its end; Queue: a deque, from its start

@@ -329,7 +329,8 @@ class Runtime:
                 # them (the server listens to none; tests inject failures).
                 if sync.dispatch.before_commit:
                     sync.dispatch.before_commit(sync)
-                assert not (sync.new or sync.dirty or sync.deleted), "ORM changes in a raw transaction"
+                if sync.new or sync.dirty or sync.deleted:
+                    raise RuntimeError("ORM changes in a raw transaction: it flushes nothing")
                 await raw.commit(session, seen_through=run_log.logged(session))
                 committed = True
             finally:

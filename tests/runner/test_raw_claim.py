@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import pytest
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, event, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -208,14 +208,7 @@ async def test_the_claims_checkout_takes_an_idle_connection_without_the_greenlet
     """An idle, open connection is checked out without SQLAlchemy's
     greenlet; a connection invalidated (a lost one) is reopened through it
     (I/O), and the claim works."""
-    through_greenlet: list[object] = []
-    real = AsyncEngine.raw_connection
-
-    async def raw_connection(self: AsyncEngine) -> Any:
-        through_greenlet.append(self)
-        return await real(self)
-
-    monkeypatch.setattr(AsyncEngine, "raw_connection", raw_connection)
+    through_greenlet = _checkouts_through_the_greenlet(monkeypatch)
     (run_id,) = await _make_runs(runtime, 1)  # (leaves an idle connection in the pool)
     assert await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {}) != []
     assert through_greenlet == []
@@ -335,6 +328,50 @@ async def test_a_cancellation_giving_the_connection_back_after_the_commit_tells_
     assert seqs and handed == sorted(seqs)
     assert _checked_out(runtime) == 0
     _lock_free(runtime)
+
+
+async def test_a_raw_claims_orm_changes_are_refused_and_rolled_back(runtime: Runtime) -> None:
+    """Nothing flushes a raw transaction's ORM changes: a real error (not
+    an assert, gone under ``python -O``), the claim rolled back."""
+    (run_id,) = await _make_runs(runtime, 1)
+    with pytest.raises(RuntimeError, match="ORM changes"):
+        async with runtime.claiming() as session:
+            assert await db.run_now(session, _STAMP, {"run_id": run_id}) == [{"id": run_id}]
+            session.add(orm.RunEvent(run_id=run_id, seq=1, event="thread.run.created", data={}, created_at=1.0))
+    await _nothing_left(runtime, run_id)
+
+
+async def test_a_pool_with_a_checkout_listener_is_checked_out_through_the_greenlet(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout listener may do I/O, which needs SQLAlchemy's greenlet:
+    the idle connection is not taken without it then."""
+    through_greenlet = _checkouts_through_the_greenlet(monkeypatch)
+    (run_id,) = await _make_runs(runtime, 1)  # (leaves an idle connection in the pool)
+    checked: list[object] = []
+    pool = runtime.engine.sync_engine.pool
+    listener = lambda dbapi_connection, record, proxy: checked.append(dbapi_connection)  # noqa: E731
+    event.listen(pool, "checkout", listener)
+    try:
+        (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+    finally:
+        event.remove(pool, "checkout", listener)
+    assert execution.finished and through_greenlet == [runtime.engine] and checked
+    assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
+    _lock_free(runtime)
+
+
+def _checkouts_through_the_greenlet(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The engines whose raw checkout goes through SQLAlchemy's greenlet, from now on."""
+    through_greenlet: list[object] = []
+    real = AsyncEngine.raw_connection
+
+    async def raw_connection(self: AsyncEngine) -> Any:
+        through_greenlet.append(self)
+        return await real(self)
+
+    monkeypatch.setattr(AsyncEngine, "raw_connection", raw_connection)
+    return through_greenlet
 
 
 def _drained(queue: asyncio.Queue[Any]) -> Iterator[Any]:
