@@ -192,14 +192,19 @@ async def test_a_run_whose_log_this_process_has_not_seen_is_numbered_after_it_qu
     async with runtime.transaction() as session:
         session.add(orm.RunEvent(run_id=run_id, seq=1, event="thread.run.created", data={}, created_at=1.0))
     execute.not_at_once(run_id)  # streamed: its deltas numbered from the counter the claim corrected
-    with caplog.at_level(logging.WARNING, logger="app.run_log"):
-        (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
-        await execute.run(execution)
+    async with runtime.bus.follow(run_id) as delivered:
+        with caplog.at_level(logging.WARNING, logger="app.run_log"):
+            (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+            await execute.run(execution)
+        handed = [entry.seq for entries in _drained(delivered) for entry in entries]
     assert not [record for record in caplog.records if "renumbered" in record.getMessage()]
     assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
     async with runtime.transaction() as session:
         seqs = (await session.scalars(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id))).all()
     assert sorted(seqs) == list(range(1, len(seqs) + 1))
+    # A follower is handed the numbers as written, the guess corrected
+    # before anyone saw it: everything after the one logged before.
+    assert handed == list(range(2, len(seqs) + 1))
 
 
 async def test_the_claims_checkout_takes_an_idle_connection_without_the_greenlet(
