@@ -582,7 +582,8 @@ async def sent(
 ) -> T:
     """``hop`` (a statement or transaction sent straight to the driver,
     outside SQLAlchemy's execution: run_now on SQLite and on PostgreSQL,
-    db.commit_collected, db.commit_straight), failing as SQLAlchemy's
+    db.commit_collected, db.commit_straight, db.RawTransaction.commit),
+    failing as SQLAlchemy's
     execution fails. A driver error is SQLAlchemy's error for it
     (DBAPIError.instance: IntegrityError, OperationalError...); a lost
     connection (``driver_connection``, the DB-API connection the dialect

@@ -252,9 +252,10 @@ class Runtime:
         Begun and, on SQLite, committed without SQLAlchemy's greenlet where
         nothing needs it (issue 17): the begin does no I/O (the session
         connects at its first statement), and on SQLite every transaction
-        with nothing for the ORM to flush (the claim's, an instant
-        answer's, a read's; its writes held back, sent straight or executed)
-        commits on the driver (db.commit_straight)."""
+        with nothing for the ORM to flush (an executor's step or end, a
+        lease renewal, a read; the claim's where claims_raw() is false; its
+        writes held back, sent straight or executed) commits on the driver
+        (db.commit_straight)."""
         async with self.sessionmaker() as session:
             try:
                 session.sync_session.begin()  # no connection yet: no I/O

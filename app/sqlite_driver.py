@@ -413,7 +413,8 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         writes and COMMIT in one hop, rolled back there if one fails, the
         raw error raised (held_back.sent words it as SQLAlchemy would). The
         body of commit() too, which runs it through SQLAlchemy's greenlet;
-        app/db.py's commit_straight calls it without (issue 17). The
+        app/db.py's commit_straight and RawTransaction.commit call it
+        without (issue 17). The
         transaction is over either way, the write lock handed on."""
         try:
             job = self._commit_job()

@@ -59,8 +59,11 @@ RECHECK_MAX_SECONDS = 0.5
 def note_created(
     runtime: Runtime, project: Project, run_id: str, thread_id: str, lease_owner: str | None, until: float | None
 ) -> None:
-    """After the commit of a run created by a request that will poll it
-    (not streamed): remembered if it is reserved for this process's worker."""
+    """Before the commit of a run created by a request that will poll it
+    (not streamed), so that no stopping event can come before the note:
+    remembered if it is reserved for this process's worker. A commit that
+    fails leaves a note nobody asks for, forgotten once its reservation
+    lapses."""
     worker = runtime.worker
     if worker is not None and until is not None and lease_owner == run_execution.reserved_for(worker.owner):
         runtime.created_runs.add(run_id, project.id, thread_id, until, worker.executes)

@@ -1,7 +1,8 @@
 """db.commit_straight (issue 17): a SQLite transaction whose writes are all
-held back or sent straight (the claim's, an instant answer's) commits on
-the driver, without SQLAlchemy's commit, and keeps every guarantee of the
-commit it replaces: all or nothing, the write lock and the connection
+held back or sent straight (the claim's where Runtime.claims_raw() is
+false, else its raw transaction, which commits on the driver as well; the
+claim tests run on both) commits on the driver, without SQLAlchemy's
+commit, and keeps every guarantee of the commit it replaces: all or nothing, the write lock and the connection
 given back, a lost connection answered 503 with the run claimable again, a
 lock another process holds answered as SQLAlchemy's commit answers it, a
 cancellation mid-hop seen through. Each runs on asyncio and on uvloop (the
@@ -35,6 +36,19 @@ pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio(loop_factories=["asyn
 _SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 _OWNER = "test:0:straight"
+
+# The claim's tests run on both of its SQLite paths: the raw transaction
+# (Runtime.claiming, a file this process alone writes) and a session's
+# transaction committed by db.commit_straight (where claims_raw() is false:
+# several server processes on one file, a `file:` URI, scripted rules that
+# read a thread's metadata), each path's failures its own.
+_EITHER_CLAIM = pytest.mark.parametrize("claim", ["raw", "session"])
+
+
+def _claiming(runtime: Runtime, claim: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if claim == "session":
+        monkeypatch.setattr(runtime, "claims_raw", lambda: False)
+    assert runtime.claims_raw() is (claim == "raw")
 
 
 def _lock_free(runtime: Runtime) -> None:
@@ -111,10 +125,14 @@ async def _cancelled_in_its_straight_commit(
 
 
 @_SQLITE
-async def test_a_claims_transaction_commits_straight_on_the_driver(runtime: Runtime) -> None:
+@_EITHER_CLAIM
+async def test_a_claims_transaction_commits_straight_on_the_driver(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, claim: str
+) -> None:
     """An instant answer ends in the claim's transaction, committed without
     SQLAlchemy's commit; its connection and SQLite's lock are given back,
     its events logged and streamed."""
+    _claiming(runtime, claim, monkeypatch)
     (run_id,) = await _make_runs(runtime, 1)
     with _commits(runtime) as commits:
         (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
@@ -155,10 +173,14 @@ async def test_a_failing_held_back_write_rolls_the_straight_commit_back_whole(ru
 
 
 @_SQLITE
-async def test_a_connection_lost_at_the_claims_commit_is_a_503_and_the_run_is_claimed_again(runtime: Runtime) -> None:
+@_EITHER_CLAIM
+async def test_a_connection_lost_at_the_claims_commit_is_a_503_and_the_run_is_claimed_again(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, claim: str
+) -> None:
     """The connection closed under the claim's straight COMMIT: the error
     says it was invalidated (503), the broken connection is not handed out
     again, nothing of the claim stays, and the next claim runs the run."""
+    _claiming(runtime, claim, monkeypatch)
 
     async def lose(driver: sqlite_driver.OneHopConnection) -> None:
         await driver._connection.close()
@@ -176,11 +198,15 @@ async def test_a_connection_lost_at_the_claims_commit_is_a_503_and_the_run_is_cl
 
 
 @_SQLITE
-async def test_a_claim_cancelled_during_its_straight_commit_is_seen_through(runtime: Runtime) -> None:
+@_EITHER_CLAIM
+async def test_a_claim_cancelled_during_its_straight_commit_is_seen_through(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, claim: str
+) -> None:
     """Cancelled while its COMMIT waits for the connection's thread: the
     COMMIT still runs there, and the claim's task waits for it before it is
     cancelled, so the ended run's events reach the log once and the run
     log's numbering goes on after them."""
+    _claiming(runtime, claim, monkeypatch)
     (run_id,) = await _make_runs(runtime, 1)
     await _cancelled_in_its_straight_commit(execute.claim_and_start(runtime, _OWNER, 1, 60.0, {}))
     assert await _statuses(runtime, [run_id]) == {run_id: "completed"}
@@ -220,11 +246,15 @@ def _thread(thread_id: str) -> dict[str, Any]:
 
 
 @_SQLITE
-async def test_a_data_error_at_the_claims_straight_commit_holds_no_claim_back(runtime: Runtime) -> None:
+@_EITHER_CLAIM
+async def test_a_data_error_at_the_claims_straight_commit_holds_no_claim_back(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, claim: str
+) -> None:
     """The claim's straight COMMIT refused for the data (an integrity error
     there, as SQLAlchemy raises it): nothing of the claim stays, and the run
     is then taken the streamed way, in transactions of its own, rather than
     claimed and refused again and again."""
+    _claiming(runtime, claim, monkeypatch)
     refusals: list[int] = []
 
     async def refuse(_driver: sqlite_driver.OneHopConnection) -> None:
@@ -288,12 +318,14 @@ async def test_a_straight_commit_that_finds_the_write_lock_taken_fails_as_locked
 
 
 @_SQLITE
+@_EITHER_CLAIM
 async def test_a_straight_commit_whose_connection_the_pool_may_close_closes_it_through_the_greenlet(
-    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, claim: str
 ) -> None:
     """The pool full (an overflow connection, closed at its return: I/O):
     SQLAlchemy's transaction is closed through the greenlet, inside the
     seen-through hop; the run ends and nothing stays checked out."""
+    _claiming(runtime, claim, monkeypatch)
     (run_id,) = await _make_runs(runtime, 1)
     pool: Any = runtime.engine.sync_engine.pool
     monkeypatch.setattr(pool, "checkedin", lambda: pool.size())
