@@ -32,6 +32,18 @@ pytest_plugins = ["pytester"]
 DATABASES = ["sqlite", "postgres"]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests written for SQLite alone (``parametrize("database_url",
+    ["sqlite"], indirect=True)``: its driver, its lock, its file) say so in
+    the junit report, so that CI (.ci/run) can ask every other [sqlite] test
+    for its [postgres] twin."""
+    for item in items:
+        for mark in item.iter_markers("parametrize"):
+            if mark.args and mark.args[0] == "database_url" and list(mark.args[1]) == ["sqlite"]:
+                item.user_properties.append(("database", "sqlite-only"))
+                break
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[pg.EmbeddedPostgres]:
     server = pg.EmbeddedPostgres.start()
