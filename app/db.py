@@ -372,9 +372,9 @@ async def commit_straight(session: AsyncSession, *, seen_through: bool) -> bool:
     AsyncSession.commit's greenlet, SQLAlchemy's commit and its events
     (issue 17: a transaction whose writes are all held back or already
     sent straight; the claim's where Runtime.claims_raw() is false, else
-    the claim is a RawTransaction, which commits on the driver too). SQLAlchemy's transaction is then closed: its
-    ROLLBACK finds nothing open (no hop), the connection goes back to the
-    pool. False, nothing done, where session.commit() must (see
+    the claim is a RawTransaction, which commits on the driver too).
+    SQLAlchemy's transaction is then closed: its ROLLBACK finds nothing
+    open (no hop), the connection goes back to the pool. False, nothing done, where session.commit() must (see
     _straight_committable). A failure is SQLAlchemy's error for it
     (held_back.sent: a lost connection invalidated, a cancellation
     invalidating it), everything rolled back on the thread; the session is
