@@ -29,9 +29,9 @@ import asyncio
 import enum
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Sequence
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NoReturn, TypedDict
 
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -823,24 +823,33 @@ class RunExecution:
 
     async def _consume(self, turn: Turn, source: AsyncIterator[llm.Event]) -> TurnResult:
         """The model's answer, unless a cancel arrives first (even while the
-        model is silent)."""
+        model is silent). The answer is taken in this task, not one of its own
+        (issue 17: a task, its start, the wait for its end and the gather of
+        its outcome fewer per model call): the cancel watch stops it by
+        cancelling this task, and that cancel is taken back here as
+        ``asyncio.timeout`` takes its own back (TurnStopped, or the
+        CancelledError of a cancel from outside as well)."""
         stream = _idle_limited(source, self.runtime.settings.model_idle_timeout_seconds)
-        answer = asyncio.ensure_future(self._take(turn, stream))
-        watch = _CancelWatch(answer, self._cancel_requested)
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()  # cancels of this task's before the answer (the watch's come on top)
+        watch = _CancelWatch(task, self._cancel_requested)
+        failure: BaseException | None = None
         try:
             with self.runtime.bus.watch(self.run_id, watch.on_event):
-                await asyncio.wait({answer})
-        finally:
-            watch.close()
-            if not answer.done():
-                answer.cancel()
-            try:
-                await asyncio.gather(answer, return_exceptions=True)
-            finally:  # cancelled again meanwhile: the row's read still ends with it
-                await watch.until_checked()
-        if answer.cancelled() or not answer.done() or watch.stopped:
-            raise TurnStopped
-        return answer.result()
+                try:
+                    result = await self._take(turn, stream)
+                except BaseException as error:  # the watch's cancel among them: sorted out below
+                    failure = error
+                finally:
+                    watch.close()  # no cancel of this task's from here on
+            if watch.stopped:
+                await _watch_cancel_taken_back(task, cancelling, delivered=isinstance(failure, asyncio.CancelledError))
+            if failure is not None:
+                raise failure
+            return result
+        finally:  # cancelled again meanwhile: the row's read still ends with it
+            await watch.until_checked()
 
     async def _take(self, turn: Turn, stream: AsyncGenerator[llm.Event, None]) -> TurnResult:
         """A streamed answer, taken whole when the model sends all of it
@@ -1014,6 +1023,21 @@ async def _gather_quickly(
     return isinstance(gathered[-1], llm.Finish)
 
 
+async def _watch_cancel_taken_back(task: asyncio.Task[Any], cancelling: int, *, delivered: bool) -> NoReturn:
+    """The cancel watch cancelled ``task`` (RunExecution._consume): that
+    cancel is taken back, and the answer ends in TurnStopped, or in a
+    CancelledError if ``task`` was cancelled from outside too (its count
+    above ``cancelling``). Not ``delivered`` (the answer ended otherwise,
+    having swallowed it, or before it reached an await), it is let through
+    first, here, rather than at the executor's next await."""
+    if not delivered:
+        with suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)
+    if task.uncancel() > cancelling:
+        raise asyncio.CancelledError
+    raise TurnStopped
+
+
 async def _until_ended(task: asyncio.Task[Any]) -> None:
     """Wait for ``task`` to end; cancelled meanwhile, cancel it too, still
     wait, then be cancelled (nothing of it left running unobserved)."""
@@ -1047,7 +1071,7 @@ async def _arrivals(
 
 
 class _CancelWatch:
-    """Stops a model's answer (cancels its task) once the run is being
+    """Stops a model's answer (cancels the task taking it) once the run is being
     cancelled or has ended elsewhere: in this process the cancel arrives on
     the bus (``on_event``, a bus watch: no task of its own, where a watcher
     task made two tasks and four loop iterations per answer, issue 17); from

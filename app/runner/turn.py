@@ -6,7 +6,7 @@ open while waiting on the model."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,14 +123,22 @@ class Turn:
         self.runtime.run_log.publish(self.run.id, events)
 
     async def consume(self, stream: AsyncIterator[llm.TextDelta | llm.ToolCallDelta | llm.Finish]) -> TurnResult:
-        async for item in stream:
-            if isinstance(item, llm.Finish):
-                return await self._finish(item)
-            if isinstance(item, llm.TextDelta):
-                await self._on_text(item.text)
-            else:
-                await self._on_tool_call(item)
-        raise llm.LLMError("server_error", "The model stream ended without finishing.")
+        """The answer in ``stream``, up to its Finish. A generator is closed
+        here, on every way out: left suspended past its Finish, the loop's
+        finalizer would close it later, in a task of its own and a wake-up
+        from another thread's side (call_soon_threadsafe), once per turn."""
+        try:
+            async for item in stream:
+                if isinstance(item, llm.Finish):
+                    return await self._finish(item)
+                if isinstance(item, llm.TextDelta):
+                    await self._on_text(item.text)
+                else:
+                    await self._on_tool_call(item)
+            raise llm.LLMError("server_error", "The model stream ended without finishing.")
+        finally:
+            if isinstance(stream, AsyncGenerator):
+                await stream.aclose()
 
     async def _on_text(self, fragment: str) -> None:
         if not fragment:
