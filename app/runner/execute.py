@@ -1011,15 +1011,20 @@ async def _gather_quickly(
 ) -> bool:
     """Add to ``gathered`` what arrives within QUICK_ANSWER_SECONDS, up to the
     stream's Finish; whether the whole answer came (QUICK_ANSWER_MOST_EVENTS
-    at most)."""
-    try:
-        async with asyncio.timeout(QUICK_ANSWER_SECONDS):
-            while not isinstance(gathered[-1], (llm.Finish, _StreamEnd)):
-                if len(gathered) > QUICK_ANSWER_MOST_EVENTS:
-                    return False
+    at most). Only a wait for what has not arrived yet is limited: what the
+    reader queued already (an answer read in one go) is taken with no timer."""
+    deadline = asyncio.get_running_loop().time() + QUICK_ANSWER_SECONDS
+    while not isinstance(gathered[-1], (llm.Finish, _StreamEnd)):
+        if len(gathered) > QUICK_ANSWER_MOST_EVENTS:
+            return False
+        if not arrived.empty():
+            gathered.append(arrived.get_nowait())
+            continue
+        try:
+            async with asyncio.timeout_at(deadline):
                 gathered.append(await arrived.get())
-    except TimeoutError:
-        return False
+        except TimeoutError:
+            return False
     return isinstance(gathered[-1], llm.Finish)
 
 
