@@ -202,6 +202,16 @@ async def test_an_answers_own_failure_is_the_answers(runtime: Runtime, monkeypat
 # Whole runs, on both loops ------------------------------------------------------
 
 
+def _streamed(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answers streamed, never taken whole: an observer that may wait (the
+    stream is then read in the executor's own task, not by a reader task)."""
+
+    async def observe(_exchange: llm.Exchange) -> None:
+        pass
+
+    monkeypatch.setattr(runtime.llm, "observer", observe)
+
+
 @pytest.mark.parametrize("quick", [True, False], ids=["quick-path", "streamed-path"])
 async def test_a_model_stalling_mid_answer_fails_the_run_keeping_its_text(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch, quick: bool
@@ -217,11 +227,7 @@ async def test_a_model_stalling_mid_answer_fails_the_run_keeping_its_text(
 
     _provider(runtime, monkeypatch, stalling)
     if not quick:
-
-        async def observe(_exchange: llm.Exchange) -> None:
-            pass
-
-        monkeypatch.setattr(runtime.llm, "observer", observe)
+        _streamed(runtime, monkeypatch)
     (run_id,) = await _make_runs(runtime, 1)
     async with asyncio.timeout(_DEADLINE_SECONDS):
         await Worker(runtime, concurrency=1).run_until_idle()
@@ -257,12 +263,14 @@ async def test_a_model_dropping_mid_answer_fails_the_run(runtime: Runtime, monke
     }
 
 
+@pytest.mark.parametrize("quick", [True, False], ids=["quick-path", "streamed-path"])
 async def test_a_cancel_mid_answer_cancels_the_run_and_the_worker_goes_on(
-    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, quick: bool
 ) -> None:
     """The watch's cancel of the executor's own task, taken back: the run
-    ends cancelled (its text and its provider's stream closed), and the
-    same worker executes the other run."""
+    ends cancelled (its text and its provider's stream closed: in the
+    reader's task, or in the executor's by its turn), and the same worker
+    executes the other run."""
     closed: list[bool] = []
 
     async def answering(request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
@@ -275,6 +283,8 @@ async def test_a_cancel_mid_answer_cancels_the_run_and_the_worker_goes_on(
         yield llm.Finish("stop", _USAGE)
 
     _provider(runtime, monkeypatch, answering)
+    if not quick:
+        _streamed(runtime, monkeypatch)
     (hanging,) = await _make_runs(runtime, 1, text="hang")
     (other,) = await _make_runs(runtime, 1)
     working = asyncio.ensure_future(Worker(runtime, concurrency=1).run_until_idle())
@@ -325,12 +335,7 @@ async def _runs_answered(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> N
     run_ids += await _make_runs(runtime, 2)
     async with asyncio.timeout(_DEADLINE_SECONDS):
         await Worker(runtime, concurrency=1).run_until_idle()
-    # And streamed (an observer that may wait: no answer taken whole).
-
-    async def observe(_exchange: llm.Exchange) -> None:
-        pass
-
-    monkeypatch.setattr(runtime.llm, "observer", observe)
+    _streamed(runtime, monkeypatch)
     run_ids += await _make_runs(runtime, 2)
     async with asyncio.timeout(_DEADLINE_SECONDS):
         await Worker(runtime, concurrency=1).run_until_idle()
