@@ -848,8 +848,9 @@ class RunExecution:
             if failure is not None:
                 raise failure
             return result
-        finally:  # cancelled again meanwhile: the row's read still ends with it
-            await watch.until_checked()
+        finally:
+            failure = None  # (no cycle through its traceback, which holds this frame)
+            await watch.until_checked()  # cancelled again meanwhile: the row's read still ends with it
 
     async def _take(self, turn: Turn, stream: AsyncGenerator[llm.Event, None]) -> TurnResult:
         """A streamed answer, taken whole when the model sends all of it
