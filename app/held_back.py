@@ -49,7 +49,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.util import greenlet_spawn
 
-from app import sqlite_driver
+from app import asyncpg_begin, sqlite_driver
 
 
 class _Source(NamedTuple):
@@ -552,12 +552,17 @@ async def _fetched_on_asyncpg(
     dbapi = dialect.loaded_dbapi
     try:
         async with adapted._execute_mutex:  # as the adapter's cursor: one statement at a time
-            if adapted._transaction is None:
+            begin = asyncpg_begin.begin_sql(adapted) if adapted._transaction is None else None
+            if adapted._transaction is None and begin is None:
                 await adapted._start_transaction()  # type: ignore[no-untyped-call]  # (raises the adapter's error)
             try:
                 invalidated_at = dialect._invalidate_schema_cache_asof  # type: ignore[attr-defined]
                 prepared, attributes = await adapted._prepare(sql, invalidated_at)  # type: ignore[no-untyped-call]
-                return await prepared.fetch(*parameters), attributes
+                if begin is None:
+                    return await prepared.fetch(*parameters), attributes
+                # The BEGIN goes with the statement (issue 17: a round trip fewer).
+                asyncpg_begin.write_begin(adapted, begin)
+                return await asyncpg_begin.fetched(adapted, prepared, parameters), attributes
             except Exception as error:
                 adapted._handle_exception(error)  # the adapter's DB-API error for it, as its cursor raises
     except (dbapi.InvalidCachedStatementError, dbapi.InternalServerError):

@@ -16,7 +16,7 @@ from __future__ import annotations
 from sqlalchemy import bindparam, exc, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import errors, ids, orm
+from app import db, errors, ids, orm
 from app.services.common import require_id
 from app.services.projects import Project
 
@@ -93,7 +93,13 @@ async def lock_owned_thread(session: AsyncSession, project: Project, thread_id: 
 
 
 async def _lock_owned(session: AsyncSession, project: Project, parameters: dict[str, str]) -> None:
-    owner = (await session.execute(_LOCKED_OWNER, parameters)).scalar()
+    # Straight on asyncpg: as the transaction's first statement (a run's or
+    # a message's create), its BEGIN goes with it (issue 17: a round trip).
+    rows = await db.run_now(session, _LOCKED_OWNER, parameters)
+    if rows is None:
+        owner = (await session.execute(_LOCKED_OWNER, parameters)).scalar()
+    else:
+        owner = rows[0]["project_id"] if rows else None
     if owner != project.id:
         raise errors.not_found("thread", parameters["thread_id"])
 

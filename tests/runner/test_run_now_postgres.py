@@ -8,16 +8,19 @@ leaves nothing written and no connection in a transaction behind."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import db, orm
+from app import db, errors, orm
 from app.api.handlers import unexpected_error
 from app.runtime import Runtime
-from app.services import core_rows, run_execution
+from app.services import core_rows, projects, run_execution, thread_lock
 from tests.runner.test_held_back import _RUN, _THREAD
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
@@ -188,3 +191,109 @@ async def test_a_statement_prepared_before_a_schema_change_is_prepared_again(run
     with pytest.raises(DBAPIError, match="cached"):
         await lease()
     assert await lease() == [{"lease_owner": "w"}]
+
+
+class _CountedQueries:
+    """Stands in for an asyncpg connection's protocol and keeps the simple
+    queries it sends (BEGIN, COMMIT, ROLLBACK: each a round trip)."""
+
+    def __init__(self, protocol: Any) -> None:
+        self._protocol = protocol
+        self.queries: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._protocol, name)
+        if name != "query":
+            return attribute
+
+        def query(sql: str, *args: Any, **kwargs: Any) -> Any:
+            self.queries.append(sql.split()[0].rstrip(";"))
+            return attribute(sql, *args, **kwargs)
+
+        return query
+
+
+@asynccontextmanager
+async def _simple_queries(session: AsyncSession) -> AsyncIterator[list[str]]:
+    """The simple queries (BEGIN, COMMIT...) the session's connection sends
+    within the block, its transaction not begun yet (connecting sends none)."""
+    connection = await session.connection()
+    driver: Any = connection.sync_connection.connection.driver_connection  # type: ignore[union-attr]
+    counted = driver._protocol = _CountedQueries(driver._protocol)
+    try:
+        yield counted.queries
+    finally:
+        driver._protocol = counted._protocol
+
+
+async def test_the_begin_goes_with_the_transactions_first_statement(runtime: Runtime) -> None:
+    """The claim's transaction (run_now first in it) sends no BEGIN of its
+    own (app/asyncpg_begin.py): the statement runs in the transaction the
+    BEGIN sent with it opened, and what follows shares it until COMMIT."""
+    await _stored_runs(runtime, "run_pg_begin")
+    async with runtime.transaction() as session, _simple_queries(session) as queries:
+        (claimed,) = await run_execution.claim_runs(session, "w1", 5, 30.0)
+        in_block = await session.execute(text("SELECT now() = statement_timestamp()"))
+        assert in_block.scalar_one() is False  # a transaction that began before this statement
+        assert queries == []
+    assert claimed.id == "run_pg_begin"
+    assert await _lease_owner(runtime, "run_pg_begin") == "w1"
+
+
+async def test_a_creates_thread_lock_takes_its_begin_along(runtime: Runtime) -> None:
+    """The thread's lock, a run's or a message's create's first statement,
+    goes with its BEGIN (no BEGIN of its own); the thread stays locked for
+    the transaction, and a thread of another project is still a 404."""
+    await _stored_runs(runtime, "run_pg_lock")
+    async with runtime.transaction() as session, _simple_queries(session) as queries:
+        live = await thread_lock.live_run_of_owned_thread(session, projects.DEFAULT, _THREAD["id"])
+        assert queries == []
+        locks = "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND relation = 'threads'::regclass"
+        assert (await session.execute(text(locks + " AND mode = 'RowShareLock'"))).scalar_one() == 1
+    assert live == "run_pg_lock"
+    elsewhere = projects.Project("proj_other", "other")
+    with pytest.raises(errors.APIError, match="No thread found"):
+        async with runtime.transaction() as session:
+            await thread_lock.lock_owned_thread(session, elsewhere, _THREAD["id"])
+
+
+async def test_a_first_statement_refused_leaves_no_transaction_open(runtime: Runtime) -> None:
+    """The transaction's first statement, its BEGIN sent with it, refused by
+    the server (a unique key): the transaction is rolled back, and the
+    connection goes back to the pool usable, not in an aborted block."""
+    await _stored_runs(runtime, "run_pg_first_a", "run_pg_first_b")
+    listening = _checked_out(runtime)
+    clash = update(_RUNS).where(_RUNS.c.id == bindparam("run_id")).values(id="run_pg_first_a").returning(_RUNS.c.id)
+    for _ in range(3):  # every connection of the pool's, had the failure left one aborted
+        with pytest.raises(IntegrityError):
+            async with runtime.transaction() as session:
+                await db.run_now(session, clash, {"run_id": "run_pg_first_b"})
+    assert _checked_out(runtime) == listening
+    async with runtime.transaction() as session:
+        rows = await db.run_now(session, _LEASE.returning(_RUNS.c.id), {"run_id": "run_pg_first_a", "owner": "w"})
+        status = await session.execute(text("SELECT count(*) FROM runs"))
+        assert status.scalar_one() == 2
+    assert rows == [{"id": "run_pg_first_a"}]
+    assert await _lease_owner(runtime, "run_pg_first_a") == "w"
+
+
+@_ON_EITHER_LOOP
+async def test_a_first_statement_asyncpg_cannot_send_closes_its_connection(runtime: Runtime) -> None:
+    """A parameter asyncpg cannot encode fails the first statement after its
+    BEGIN was written (unsynced on the server): the connection is closed and
+    invalidated, never handed out again with that BEGIN pending, and the
+    pool's next transaction works."""
+    await _stored_runs(runtime, "run_pg_encode")
+    listening = _checked_out(runtime)
+    with pytest.raises(DBAPIError, match="invalid input"):
+        async with runtime.transaction() as session:
+            connection = await session.connection()  # (no I/O: the BEGIN goes with the statement)
+            driver: Any = connection.sync_connection.connection.driver_connection  # type: ignore[union-attr]
+            await db.run_now(session, _LEASE.returning(_RUNS.c.id), {"run_id": ["not", "a", "string"], "owner": "w"})
+    assert driver.is_closed()
+    assert _checked_out(runtime) == listening
+    for _ in range(3):
+        async with runtime.transaction() as session:
+            rows = await db.run_now(session, _LEASE.returning(_RUNS.c.id), {"run_id": "run_pg_encode", "owner": "w"})
+        assert rows == [{"id": "run_pg_encode"}]
+    assert await _lease_owner(runtime, "run_pg_encode") == "w"
