@@ -267,7 +267,10 @@ async def test_a_first_statement_refused_leaves_no_transaction_open(runtime: Run
     for _ in range(3):  # every connection of the pool's, had the failure left one aborted
         with pytest.raises(IntegrityError):
             async with runtime.transaction() as session:
+                connection = await session.connection()  # (no I/O: the BEGIN goes with the statement)
+                driver: Any = connection.sync_connection.connection.driver_connection  # type: ignore[union-attr]
                 await db.run_now(session, clash, {"run_id": "run_pg_first_b"})
+        assert not driver.is_closed()  # rolled back, kept: the server's answer came
     assert _checked_out(runtime) == listening
     async with runtime.transaction() as session:
         rows = await db.run_now(session, _LEASE.returning(_RUNS.c.id), {"run_id": "run_pg_first_a", "owner": "w"})
