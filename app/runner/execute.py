@@ -843,8 +843,10 @@ class RunExecution:
                     failure = error
                 finally:
                     watch.close()  # no cancel of this task's from here on
-            if watch.stopped:
-                await _watch_cancel_taken_back(task, cancelling, delivered=isinstance(failure, asyncio.CancelledError))
+            delivered = isinstance(failure, asyncio.CancelledError)
+            if watch.stopped or (task.cancelling() > cancelling and not delivered):
+                # the watch's cancel, or one from outside that the answer swallowed
+                await _watch_cancel_taken_back(task, cancelling, delivered=delivered, stopped=watch.stopped)
             if failure is not None:
                 raise failure
             return result
@@ -1029,17 +1031,22 @@ async def _gather_quickly(
     return isinstance(gathered[-1], llm.Finish)
 
 
-async def _watch_cancel_taken_back(task: asyncio.Task[Any], cancelling: int, *, delivered: bool) -> NoReturn:
-    """The cancel watch cancelled ``task`` (RunExecution._consume): that
-    cancel is taken back, and the answer ends in TurnStopped, or in a
-    CancelledError if ``task`` was cancelled from outside too (its count
-    above ``cancelling``). Not ``delivered`` (the answer ended otherwise,
-    having swallowed it, or before it reached an await), it is let through
-    first, here, rather than at the executor's next await."""
+async def _watch_cancel_taken_back(
+    task: asyncio.Task[Any], cancelling: int, *, delivered: bool, stopped: bool
+) -> NoReturn:
+    """An answer in ``task`` (RunExecution._consume) ended by a cancel: the
+    cancel watch's (``stopped``), taken back, or one from outside that the
+    answer swallowed (a library's cleanup catching it). It ends in
+    TurnStopped, or in a CancelledError if ``task`` was cancelled from
+    outside (its count above ``cancelling`` once the watch's is taken back):
+    the worker stopping, or the lease lost, must still stop the run. Not
+    ``delivered`` (the answer ended otherwise, having swallowed it, or before
+    it reached an await), a pending cancel is let through first, here, rather
+    than at the executor's next await."""
     if not delivered:
         with suppress(asyncio.CancelledError):
             await asyncio.sleep(0)
-    if task.uncancel() > cancelling:
+    if (task.uncancel() if stopped else task.cancelling()) > cancelling:
         raise asyncio.CancelledError
     raise TurnStopped
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import suppress
 from typing import Any, cast
 
 import pytest
@@ -340,3 +341,23 @@ async def _runs_answered(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> N
     async with asyncio.timeout(_DEADLINE_SECONDS):
         await Worker(runtime, concurrency=1).run_until_idle()
     assert {(await _run(runtime, run_id)).status for run_id in run_ids} == {"completed"}
+
+
+async def test_a_cancel_from_outside_that_the_answer_swallows_stays_a_cancel(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(review) The worker stopping or the lease lost, the cancel swallowed
+    by the answer (a library's cleanup): the task still ends cancelled."""
+    answering = asyncio.Event()
+
+    async def swallowing(_turn: Turn, _stream: AsyncGenerator[llm.Event, None]) -> TurnResult:
+        answering.set()
+        with suppress(asyncio.CancelledError):  # swallowed, as a library's cleanup might
+            await asyncio.Event().wait()
+        return cast(TurnResult, "an answer")
+
+    execution = _execution(runtime, swallowing, monkeypatch)
+    task = await _started(runtime, answering, _consume(execution))
+    task.cancel()
+    await asyncio.wait({task}, timeout=_DEADLINE_SECONDS)
+    assert task.cancelled()
