@@ -151,6 +151,44 @@ def _commit(connection: sqlite3.Connection, begin: str | None, earlier: list[Sta
         raise
 
 
+def _commit_each(
+    connection: sqlite3.Connection, begin: str, transactions: list[list[Statement]]
+) -> list[sqlite3.Error | None]:
+    """On aiosqlite's thread: several collected transactions as one (issue
+    17: db.commit_collected's group), ``begin``, then each in a savepoint of
+    its own, COMMIT: each one's failure (its error, else None), a failing
+    one rolled back to its savepoint alone, as it would have been alone.
+    An error that ends SQLite's transaction whole (it rolls back on some
+    I/O, full-disk or busy errors), a failing savepoint statement or COMMIT
+    fails them all: everything rolled back here, the error raised."""
+    failures: list[sqlite3.Error | None] = []
+    try:
+        cursor = connection.cursor()
+        try:
+            cursor.execute(begin)
+            for statements in transactions:
+                cursor.execute("SAVEPOINT collected")
+                try:
+                    for statement in statements:
+                        _execute(cursor, statement)
+                except sqlite3.Error as error:
+                    if not connection.in_transaction:
+                        raise
+                    cursor.execute("ROLLBACK TO collected")
+                    failures.append(error)
+                else:
+                    failures.append(None)
+                cursor.execute("RELEASE collected")
+        finally:
+            cursor.close()
+        connection.commit()
+    except BaseException:
+        if connection.in_transaction:
+            connection.rollback()
+        raise
+    return failures
+
+
 # The execution option that lets a write go to SQLite with the transaction's
 # next statement or its COMMIT instead of a hop of its own (issue 17): for
 # INSERTs and UPDATEs whose outcome (rowcount, lastrowid) nobody reads and
@@ -407,6 +445,18 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
         async with self._execute_mutex:
             await connection._execute(_commit, connection._conn, begin, statements)  # type: ignore[no-untyped-call]
+
+    async def commit_each(self, begin: str, transactions: list[list[Statement]]) -> list[sqlite3.Error | None]:
+        """commit_now() of several transactions as one, in one hop: each
+        one's failure (None: written), as _commit_each() runs them; a
+        failure of them all raised here."""
+        assert not self.transaction_open and not self.held_back, "a transaction of SQLAlchemy's is open"
+        connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+        async with self._execute_mutex:
+            failures: list[sqlite3.Error | None] = await connection._execute(  # type: ignore[no-untyped-call]
+                _commit_each, connection._conn, begin, transactions
+            )
+        return failures
 
     async def commit_straight(self) -> None:
         """The transaction's COMMIT, awaited on the event loop: the held-back

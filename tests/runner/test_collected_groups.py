@@ -1,0 +1,215 @@
+"""app/db.py's groups of collected transactions (issue 17): SQLite
+transactions of held-back writes alone that queue for the write lock
+together go in one hop, each in a savepoint of its own, and each learns its
+own outcome: a failing write undoes its own transaction alone, a member
+cancelled before the hop is left out, one cancelled during it waits for it,
+and a lost connection fails them all, invalidated. SQLite-only by nature
+(a unit collects only on a SQLite file); on both loops, the server's among
+them, since cancellations and the order of waiters matter here."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app import db, sqlite_driver
+from app.api.handlers import unexpected_error
+
+pytestmark = [pytest.mark.timeout(30), pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])]
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    engine = db.create_engine(f"sqlite+aiosqlite:///{tmp_path / 'groups.db'}")
+    async with engine.begin() as connection:
+        await connection.execute(text("CREATE TABLE t (v TEXT PRIMARY KEY)"))
+    yield engine
+    await engine.dispose()
+
+
+def _insert(value: str) -> sqlite_driver.Statement:
+    return sqlite_driver.Statement("INSERT INTO t VALUES (?)", (value,), False)
+
+
+async def _stored(engine: AsyncEngine) -> list[str]:
+    async with engine.connect() as connection:
+        return list((await connection.execute(text("SELECT v FROM t ORDER BY rowid"))).scalars())
+
+
+async def _ticks(count: int = 20) -> None:
+    """Turns of the event loop (no wall-clock wait): tasks blocked on
+    asyncio futures alone (the write lock, a group's outcome) get there."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+def _counting_hops(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the groups sent in one hop of several transactions."""
+    sizes: list[int] = []
+    each: Callable[..., Any] = sqlite_driver._commit_each
+
+    def counted(connection: sqlite3.Connection, begin: str, transactions: list[list[sqlite_driver.Statement]]) -> Any:
+        sizes.append(len(transactions))
+        return each(connection, begin, transactions)
+
+    monkeypatch.setattr(sqlite_driver, "_commit_each", counted)
+    return sizes
+
+
+async def test_transactions_queued_for_the_lock_go_in_one_hop_a_failing_one_undone_alone(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three collected transactions queue while the write lock is held: one
+    hop carries them; the second's last write breaks a constraint, which
+    undoes its first write too and fails it alone, with SQLAlchemy's error
+    for it; the others are written."""
+    sizes = _counting_hops(monkeypatch)
+    writers = db._WRITERS[engine.sync_engine]
+    await writers.hold()
+    try:
+        first = asyncio.create_task(db.commit_collected(engine, [_insert("a")]))
+        failing = asyncio.create_task(db.commit_collected(engine, [_insert("b"), _insert("a")]))
+        third = asyncio.create_task(db.commit_collected(engine, [_insert("c"), _insert("d")]))
+        await _ticks()
+        assert writers.group is not None and len(writers.group.members) == 3
+    finally:
+        writers.free()
+    async with asyncio.timeout(10):
+        await asyncio.wait({first, failing, third})
+    assert first.exception() is None and third.exception() is None
+    assert isinstance(failing.exception(), IntegrityError)
+    assert sizes == [3]
+    assert await _stored(engine) == ["a", "c", "d"]
+    assert writers.group is None and engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_held_back_check_that_misses_fails_its_own_transaction_alone(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compare-and-set held back with EXPECT_ROWCOUNT (and its
+    ROWCOUNT_MISMATCH kind) that misses inside a group: its own transaction
+    fails with that kind as the error's ``orig``, as it would alone."""
+    sizes = _counting_hops(monkeypatch)
+    writers = db._WRITERS[engine.sync_engine]
+    missing = sqlite_driver.Statement(
+        "UPDATE t SET v = 'x' WHERE v = 'none'", None, False, None, 1, sqlite_driver.RoutineMismatch
+    )
+    await writers.hold()
+    try:
+        written = asyncio.create_task(db.commit_collected(engine, [_insert("a")]))
+        missed = asyncio.create_task(db.commit_collected(engine, [_insert("b"), missing]))
+        await _ticks()
+    finally:
+        writers.free()
+    async with asyncio.timeout(10):
+        await asyncio.wait({written, missed})
+    error = missed.exception()
+    assert isinstance(error, IntegrityError) and isinstance(error.orig, sqlite_driver.RoutineMismatch)
+    assert written.exception() is None
+    assert sizes == [2]
+    assert await _stored(engine) == ["a"]
+
+
+async def test_a_transaction_cancelled_before_its_hop_is_left_out_at_once(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while its group waits for the lock, a transaction ends at
+    once (not once the lock comes) and the hop carries the others alone."""
+    sizes = _counting_hops(monkeypatch)
+    writers = db._WRITERS[engine.sync_engine]
+    await writers.hold()
+    try:
+        kept = [asyncio.create_task(db.commit_collected(engine, [_insert(value)])) for value in ("a", "c")]
+        cancelled = asyncio.create_task(db.commit_collected(engine, [_insert("b")]))
+        await _ticks()
+        cancelled.cancel()
+        done, _pending = await asyncio.wait({cancelled}, timeout=2)  # the lock is still held
+        assert done == {cancelled} and cancelled.cancelled()
+    finally:
+        writers.free()
+    async with asyncio.timeout(10):
+        await asyncio.gather(*kept)
+    assert sizes == [2]
+    assert await _stored(engine) == ["a", "c"]
+
+
+async def test_a_transaction_cancelled_during_its_hop_waits_for_it_and_is_written(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """Cancelled once its group's hop is sent (its BEGIN IMMEDIATE waiting
+    on the connection's thread for another process's lock), a transaction
+    waits for the hop's outcome before its cancellation ends it, and is
+    written with the others, as a lone one's seen-through commit is."""
+    writers = db._WRITERS[engine.sync_engine]
+    holder = sqlite3.connect(str(tmp_path / "groups.db"), isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        await writers.hold()
+        try:
+            cancelled = asyncio.create_task(db.commit_collected(engine, [_insert("a")]))
+            other = asyncio.create_task(db.commit_collected(engine, [_insert("b")]))
+            await _ticks()
+        finally:
+            writers.free()
+        await _ticks()
+        assert writers._lock._held and writers.group is None, "the hop is sent"
+        cancelled.cancel()
+        await _ticks()
+        assert not cancelled.done(), "it waits for the hop"
+    finally:
+        holder.close()  # the other process's lock freed: the hop goes on
+    async with asyncio.timeout(10):
+        await asyncio.wait({cancelled, other})
+    assert cancelled.cancelled() and other.exception() is None
+    assert await _stored(engine) == ["a", "b"]
+
+
+async def test_a_connection_lost_under_a_group_fails_each_member_invalidated(engine: AsyncEngine) -> None:
+    """The group's connection closed under it: every member fails with an
+    error of its own saying the connection was invalidated (answered 503),
+    and the broken connection does not go back to the pool."""
+    writers = db._WRITERS[engine.sync_engine]
+    pooled = await engine.raw_connection()
+    await pooled.dbapi_connection._connection.close()  # type: ignore[union-attr]
+    pooled.close()  # back in the pool, handed out next (LIFO)
+    await writers.hold()
+    try:
+        members = [asyncio.create_task(db.commit_collected(engine, [_insert(value)])) for value in ("a", "b")]
+        await _ticks()
+    finally:
+        writers.free()
+    async with asyncio.timeout(10):
+        await asyncio.wait(members)
+    errors = [member.exception() for member in members]
+    for error in errors:
+        assert isinstance(error, DBAPIError) and error.connection_invalidated
+        assert unexpected_error(error).status == 503
+    assert errors[0] is not errors[1]
+    await db.commit_collected(engine, [_insert("c")])  # no broken connection handed out
+    assert await _stored(engine) == ["c"]
+
+
+async def test_a_group_is_closed_once_it_holds_the_lock(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transactions that come once a group holds the lock form the next
+    group, sent after it; a group takes GROUP_AT_MOST members at most."""
+    monkeypatch.setattr(db, "GROUP_AT_MOST", 2)
+    sizes = _counting_hops(monkeypatch)
+    writers = db._WRITERS[engine.sync_engine]
+    await writers.hold()
+    try:
+        tasks = [asyncio.create_task(db.commit_collected(engine, [_insert(value)])) for value in "abc"]
+        await _ticks()
+    finally:
+        writers.free()
+    async with asyncio.timeout(10):
+        await asyncio.gather(*tasks)
+    assert sorted(sizes) == [2]  # "c", a group of one, went without savepoints
+    assert await _stored(engine) == ["a", "b", "c"]
