@@ -420,14 +420,15 @@ async def _send_group(engine: AsyncEngine, writers: SQLiteWriters, group: _Group
     for member in members:
         member.sending.sent = True
     failures: list[sqlite3.Error | None] = [None] * len(members)
+    held = _Held(writers)
     try:
         driver: object = pooled.dbapi_connection
         assert isinstance(driver, sqlite_driver.OneHopConnection)
         if len(members) == 1:
-            hop = driver.commit_now("BEGIN IMMEDIATE", members[0].statements)
+            hop = driver.commit_now("BEGIN IMMEDIATE", members[0].statements, held.free)
             await held_back.sent(hop, "COMMIT", None, dialect, pooled.invalidate)
         elif members:
-            each = driver.commit_each("BEGIN IMMEDIATE", [member.statements for member in members])
+            each = driver.commit_each("BEGIN IMMEDIATE", [member.statements for member in members], held.free)
             failures = await held_back.sent(each, "COMMIT", None, dialect, pooled.invalidate)
     except BaseException as error:
         _settle_all(members, error, dialect)
@@ -442,8 +443,25 @@ async def _send_group(engine: AsyncEngine, writers: SQLiteWriters, group: _Group
                     sa_exc.DBAPIError.instance("COMMIT", None, failure, dialect.loaded_dbapi.Error, dialect=dialect)
                 )
     finally:
-        writers.free()  # its transaction has ended, on the connection's thread
+        held.free()  # its transaction has ended, on the connection's thread (if not freed from there already)
         await _give_back(engine, pooled)
+
+
+class _Held:
+    """The write lock as one transaction holds it, freed once: by its
+    thread's commit (sqlite_driver._told_on: a turn of the loop before the
+    committing task resumes; issue 17) or at its end, whichever comes first."""
+
+    __slots__ = ("_held", "_writers")
+
+    def __init__(self, writers: SQLiteWriters) -> None:
+        self._writers = writers
+        self._held = True
+
+    def free(self) -> None:
+        if self._held:
+            self._held = False
+            self._writers.free()
 
 
 def _close(writers: SQLiteWriters, group: _Group) -> None:
@@ -593,6 +611,10 @@ class RawTransaction:
         self.writers = writers
         self.driver = driver
         self.held = held_back.Raw(driver, pooled.invalidate)
+        self._lock = _Held(writers)
+        # Freed once the COMMIT has run on the thread (commit_straight), as a
+        # SQLAlchemy transaction's lock is (SQLiteWriters.begin); else by end().
+        driver.on_transaction_end = self._lock.free
         driver.begin_later("BEGIN IMMEDIATE")
 
     @classmethod
@@ -626,10 +648,11 @@ class RawTransaction:
             begun = driver.begin_deferred is None  # the BEGIN went with a statement
             opened = driver.transaction_open
             driver.begin_deferred, driver.held_back, driver.transaction_open = None, [], False
+            driver.on_transaction_end = None  # a pooled connection carries no transaction's callback on
             if opened and begun and self.pooled.is_valid:
                 await self._rolled_back()
         finally:
-            self.writers.free()  # its transaction has ended (or its connection is closed)
+            self._lock.free()  # its transaction has ended (or its connection is closed), if not freed at its commit
             await _give_back(self.engine, self.pooled)
 
     async def _rolled_back(self) -> None:

@@ -28,8 +28,10 @@ first at start-up, normally does the rebuilding.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
+import functools
 import sqlite3
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -137,10 +139,16 @@ def _is_busy(error: sqlite3.OperationalError) -> bool:
     return (getattr(error, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
 
 
-def _commit(connection: sqlite3.Connection, begin: str | None, earlier: list[Statement]) -> None:
+def _commit(
+    connection: sqlite3.Connection,
+    begin: str | None,
+    earlier: list[Statement],
+    told: Callable[[], object] | None = None,
+) -> None:
     """On aiosqlite's thread: what the transaction still holds back, then
     COMMIT; on failure rolled back here, so that SQLite's lock is gone by the
-    time the next transaction of this process is let in."""
+    time the next transaction of this process is let in. Committed, ``told``
+    (_told_on) is called."""
     try:
         if earlier:
             _begin(connection, begin, earlier)
@@ -149,18 +157,30 @@ def _commit(connection: sqlite3.Connection, begin: str | None, earlier: list[Sta
         if connection.in_transaction:
             connection.rollback()
         raise
+    if told is not None:
+        told()
+
+
+def _told_on(callback: Callable[[], None]) -> Callable[[], object]:
+    """``callback`` for a commit on aiosqlite's thread to call once it has
+    committed: called on the running event loop ahead of the hop's answer,
+    which aiosqlite posts once the commit returns (issue 17: the write lock
+    handed on a turn of the loop earlier than by the committing task once it
+    has resumed)."""
+    return functools.partial(asyncio.get_running_loop().call_soon_threadsafe, callback)
 
 
 def _commit_each(
-    connection: sqlite3.Connection, begin: str, transactions: list[list[Statement]]
+    connection: sqlite3.Connection, begin: str, transactions: list[list[Statement]], told: Callable[[], object]
 ) -> list[sqlite3.Error | None]:
     """On aiosqlite's thread: several collected transactions as one (issue
     17: db.commit_collected's group), ``begin``, then each in a savepoint of
     its own, COMMIT: each one's failure (its error, else None), a failing
-    one rolled back to its savepoint alone, as it would have been alone.
-    An error that ends SQLite's transaction whole (it rolls back on some
-    I/O, full-disk or busy errors), a failing savepoint statement or COMMIT
-    fails them all: everything rolled back here, the error raised."""
+    one rolled back to its savepoint alone, as it would have been alone;
+    committed, ``told`` called (_told_on). An error that ends SQLite's
+    transaction whole (it rolls back on some I/O, full-disk or busy
+    errors), a failing savepoint statement or COMMIT fails them all:
+    everything rolled back here, the error raised."""
     failures: list[sqlite3.Error | None] = []
     try:
         cursor = connection.cursor()
@@ -186,6 +206,7 @@ def _commit_each(
         if connection.in_transaction:
             connection.rollback()
         raise
+    told()
     return failures
 
 
@@ -436,25 +457,31 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
             )
         return outcome
 
-    async def commit_now(self, begin: str, statements: list[Statement]) -> None:
+    async def commit_now(self, begin: str, statements: list[Statement], committed: Callable[[], None]) -> None:
         """A whole transaction in one hop, outside SQLAlchemy's: ``begin``,
         ``statements``, COMMIT; rolled back there if any fails (its error
-        raised here). Only on a connection in no transaction (checked out
-        of the pool raw: db.commit_collected)."""
+        raised here). ``committed`` is called on the event loop once the
+        thread has committed, ahead of this coroutine's return (_told_on).
+        Only on a connection in no transaction (checked out of the pool
+        raw: db.commit_collected)."""
         assert not self.transaction_open and not self.held_back, "a transaction of SQLAlchemy's is open"
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+        told = _told_on(committed)
         async with self._execute_mutex:
-            await connection._execute(_commit, connection._conn, begin, statements)  # type: ignore[no-untyped-call]
+            await connection._execute(_commit, connection._conn, begin, statements, told)  # type: ignore[no-untyped-call]
 
-    async def commit_each(self, begin: str, transactions: list[list[Statement]]) -> list[sqlite3.Error | None]:
+    async def commit_each(
+        self, begin: str, transactions: list[list[Statement]], committed: Callable[[], None]
+    ) -> list[sqlite3.Error | None]:
         """commit_now() of several transactions as one, in one hop: each
         one's failure (None: written), as _commit_each() runs them; a
         failure of them all raised here."""
         assert not self.transaction_open and not self.held_back, "a transaction of SQLAlchemy's is open"
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+        told = _told_on(committed)
         async with self._execute_mutex:
             failures: list[sqlite3.Error | None] = await connection._execute(  # type: ignore[no-untyped-call]
-                _commit_each, connection._conn, begin, transactions
+                _commit_each, connection._conn, begin, transactions, told
             )
         return failures
 
@@ -465,15 +492,31 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         body of commit() too, which runs it through SQLAlchemy's greenlet;
         app/db.py's commit_straight and RawTransaction.commit call it
         without (issue 17). The
-        transaction is over either way, the write lock handed on."""
+        transaction is over either way, the write lock handed on
+        (on_transaction_end): once the thread has committed, ahead of this
+        coroutine's return (_told_on); else once it returns."""
         try:
             job = self._commit_job()
             if job is not None:
                 connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+                told = _told_on(self._told())
                 async with self._execute_mutex:
-                    await connection._execute(_commit, *job)  # type: ignore[no-untyped-call]
+                    await connection._execute(_commit, *job, told)  # type: ignore[no-untyped-call]
         finally:
             self._ended()
+
+    def _told(self) -> Callable[[], None]:
+        """What commit_straight() calls on the loop once its thread has
+        committed: the transaction's on_transaction_end, if it is still
+        this transaction's (_ended() has not called it)."""
+        ending = self.on_transaction_end
+
+        def told() -> None:
+            if ending is not None and self.on_transaction_end is ending:
+                self.on_transaction_end = None
+                ending()
+
+        return told
 
     def _commit_job(self) -> tuple[sqlite3.Connection, str | None, list[Statement]] | None:
         """The transaction, no longer open, as the arguments of the _commit

@@ -56,9 +56,11 @@ def _counting_hops(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sizes: list[int] = []
     each: Callable[..., Any] = sqlite_driver._commit_each
 
-    def counted(connection: sqlite3.Connection, begin: str, transactions: list[list[sqlite_driver.Statement]]) -> Any:
+    def counted(
+        connection: sqlite3.Connection, begin: str, transactions: list[list[sqlite_driver.Statement]], told: Any
+    ) -> Any:
         sizes.append(len(transactions))
-        return each(connection, begin, transactions)
+        return each(connection, begin, transactions, told)
 
     monkeypatch.setattr(sqlite_driver, "_commit_each", counted)
     return sizes
@@ -213,3 +215,46 @@ async def test_a_group_is_closed_once_it_holds_the_lock(engine: AsyncEngine, mon
         await asyncio.gather(*tasks)
     assert sorted(sizes) == [2]  # "c", a group of one, went without savepoints
     assert await _stored(engine) == ["a", "b", "c"]
+
+
+async def test_the_lock_is_handed_on_once_the_thread_has_committed(engine: AsyncEngine) -> None:
+    """A group's and a raw transaction's write lock goes to the next writer
+    as soon as the connection's thread has committed: that writer runs
+    before the committing task has resumed (the group's connection still
+    checked out; the raw transaction's commit() not yet returned), not a
+    turn of the loop after it."""
+    writers = db._WRITERS[engine.sync_engine]
+    pool: Any = engine.sync_engine.pool
+    seen: list[Any] = []
+    returned: list[bool] = []
+
+    async def next_writer(what: Callable[[], Any]) -> None:
+        await writers.hold()
+        seen.append(what())
+        writers.free()
+
+    await writers.hold()
+    try:
+        group = asyncio.create_task(db.commit_collected(engine, [_insert("a")]))
+        await _ticks()
+        waiter = asyncio.create_task(next_writer(pool.checkedout))
+        await _ticks()
+    finally:
+        writers.free()
+    async with asyncio.timeout(10):
+        await asyncio.gather(group, waiter)
+    assert seen == [1], "the next writer ran while the group still held its connection"
+
+    raw = await db.RawTransaction.begin(engine)
+    raw.driver.held_back.append(_insert("b"))
+    waiter = asyncio.create_task(next_writer(lambda: list(returned)))
+    await _ticks()
+    maker = db.create_sessionmaker(engine)
+    async with maker() as session:
+        await raw.commit(session, seen_through=False)
+    returned.append(True)
+    await raw.end()
+    async with asyncio.timeout(10):
+        await waiter
+    assert seen == [1, []], "the next writer ran before the raw transaction's commit() returned"
+    assert await _stored(engine) == ["a", "b"]
