@@ -552,7 +552,7 @@ async def _fetched_on_asyncpg(
     dbapi = dialect.loaded_dbapi
     try:
         async with adapted._execute_mutex:  # as the adapter's cursor: one statement at a time
-            begin = asyncpg_begin.begin_sql(adapted) if adapted._transaction is None else None
+            begin = asyncpg_begin.begin_sql(adapted, dialect) if adapted._transaction is None else None
             if adapted._transaction is None and begin is None:
                 await adapted._start_transaction()  # type: ignore[no-untyped-call]  # (raises the adapter's error)
             try:

@@ -21,6 +21,7 @@ from app import db, errors, orm
 from app.api.handlers import unexpected_error
 from app.runtime import Runtime
 from app.services import core_rows, projects, run_execution, thread_lock
+from app.settings import Settings
 from tests.runner.test_held_back import _RUN, _THREAD
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
@@ -300,3 +301,120 @@ async def test_a_first_statement_asyncpg_cannot_send_closes_its_connection(runti
             rows = await db.run_now(session, _LEASE.returning(_RUNS.c.id), {"run_id": "run_pg_encode", "owner": "w"})
         assert rows == [{"id": "run_pg_encode"}]
     assert await _lease_owner(runtime, "run_pg_encode") == "w"
+
+
+# (review of pgone) The written BEGIN where its statement is prepared in the
+# same call (every new connection): the prepare leaves an implicit
+# transaction open on the server, which the BEGIN joins.
+_RETURNING = _LEASE.returning(_RUNS.c.id)
+_ROW = select(_RUNS.c.id, _RUNS.c.lease_owner).where(_RUNS.c.id == bindparam("run_id"))
+
+
+async def _claims_again(runtime: Runtime, run_id: str, owner: str) -> None:
+    """Transactions that begin with run_now still work, each in a block of its own."""
+    for _ in range(3):
+        async with runtime.transaction() as session:
+            rows = await db.run_now(session, _RETURNING, {"run_id": run_id, "owner": owner})
+            in_block = await session.execute(text("SELECT now() = statement_timestamp()"))
+            assert in_block.scalar_one() is False  # a transaction began before this statement
+        assert rows == [{"id": run_id}]
+    assert await _lease_owner(runtime, run_id) == owner
+
+
+@pytest.mark.parametrize("level", ["SERIALIZABLE", "REPEATABLE READ"])
+async def test_a_transaction_at_another_isolation_level_begins_with_it(runtime: Runtime, level: str) -> None:
+    """PostgreSQL refuses another level once the prepare's implicit
+    transaction has begun: such a transaction keeps the adapter's BEGIN
+    (written with the statement, every attempt failed as a lost connection)."""
+    await _stored_runs(runtime, "run_pg_iso")
+    await runtime.engine.dispose()  # new connections: the claim's statement is prepared in its call
+    for attempt in range(2):
+        async with runtime.transaction() as session:
+            await session.connection(execution_options={"isolation_level": level})
+            rows = await db.run_now(session, _RETURNING, {"run_id": "run_pg_iso", "owner": f"w{attempt}"})
+            isolation = (await session.execute(text("SHOW transaction_isolation"))).scalar_one()
+        assert (rows, isolation) == ([{"id": "run_pg_iso"}], level.lower())
+
+
+async def test_a_deferrable_transaction_begins_with_it(runtime: Runtime) -> None:
+    await _stored_runs(runtime, "run_pg_deferrable")
+    await runtime.engine.dispose()
+    options = {"isolation_level": "SERIALIZABLE", "postgresql_readonly": True, "postgresql_deferrable": True}
+    async with runtime.transaction() as session:
+        await session.connection(execution_options=options)
+        rows = await db.run_now(session, _ROW, {"run_id": "run_pg_deferrable"})
+        deferrable = (await session.execute(text("SHOW transaction_deferrable"))).scalar_one()
+    assert (rows, deferrable) == ([{"id": "run_pg_deferrable", "lease_owner": None}], "on")
+
+
+async def test_a_connection_back_from_an_autocommit_use_begins_with_its_statement(runtime: Runtime) -> None:
+    """A pooled connection that served an AUTOCOMMIT use goes back with its
+    level named (the dialect's default, READ COMMITTED): the written BEGIN
+    names it too, which PostgreSQL takes after the prepare."""
+    await _stored_runs(runtime, "run_pg_auto")
+    await runtime.engine.dispose()
+    await db.notify_work(runtime.engine)
+    async with runtime.transaction() as session, _simple_queries(session) as simple:
+        rows = await db.run_now(session, _ROW, {"run_id": "run_pg_auto"})
+    assert rows == [{"id": "run_pg_auto", "lease_owner": None}]
+    assert simple == []  # no BEGIN of its own
+
+
+async def test_unnamed_statements_still_run_after_the_written_begin(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``statement_cache_size=0`` (pgbouncer) asyncpg's statements are
+    unnamed, as the written BEGIN's is: asyncpg parses its own again after
+    it, or the statement's Bind would run the BEGIN again instead."""
+    create = db.create_async_engine
+
+    def uncached(url: Any, **options: Any) -> Any:
+        if "postgresql" in str(url):
+            options["connect_args"] = {"statement_cache_size": 0}
+        return create(url, **options)
+
+    monkeypatch.setattr(db, "create_async_engine", uncached)
+    runtime = await Runtime.start(settings)
+    try:
+        await _stored_runs(runtime, "run_pg_unnamed")
+        await _claims_again(runtime, "run_pg_unnamed", "w")
+    finally:
+        await runtime.close()
+
+
+@_ON_EITHER_LOOP
+async def test_a_connection_lost_during_the_begins_batch_is_a_503(runtime: Runtime) -> None:
+    """The backend terminated while the BEGIN and the statement run (the
+    first statement: its BEGIN written with it): a lost connection,
+    invalidated, and the pool's next transactions work."""
+    await _stored_runs(runtime, "run_pg_batch")
+    listening = _checked_out(runtime)
+    sleep = select(text("pg_sleep(5)"))
+
+    async def sleeping() -> None:
+        async with runtime.transaction() as session:
+            await db.run_now(session, sleep, {})
+
+    task = asyncio.create_task(sleeping())
+    pid = await _sleeping_backend(runtime)
+    async with runtime.engine.connect() as connection:
+        connection = await connection.execution_options(**db.AUTOCOMMIT)
+        await connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    with pytest.raises(DBAPIError) as raised:
+        await asyncio.wait_for(task, 10)
+    assert raised.value.connection_invalidated
+    assert _checked_out(runtime) == listening
+    await _claims_again(runtime, "run_pg_batch", "w")
+
+
+async def _sleeping_backend(runtime: Runtime) -> int:
+    query = (
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        "AND state = 'active' AND query LIKE '%pg_sleep(5)%' AND pid <> pg_backend_pid()"
+    )
+    while True:
+        async with runtime.engine.connect() as connection:
+            connection = await connection.execution_options(**db.AUTOCOMMIT)
+            if pid := (await connection.exec_driver_sql(query)).scalar():
+                return int(pid)
+        await asyncio.sleep(0.01)
