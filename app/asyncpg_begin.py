@@ -37,11 +37,11 @@ bind-execute (an upgrade must keep that: tests/runner/test_run_now_postgres.py).
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncpg  # type: ignore[import-untyped]
-from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
-from sqlalchemy.engine import Dialect
+if TYPE_CHECKING:  # asyncpg itself is imported where it is used: a SQLite server never loads it (idle RSS)
+    from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
+    from sqlalchemy.engine import Dialect
 
 # asyncpg's isolation names, as Transaction.start() writes them into its BEGIN.
 _ISOLATION = {
@@ -96,6 +96,8 @@ def write_begin(adapted: AsyncAdapt_asyncpg_connection, begin: str) -> None:
     ROLLBACK ends it, whatever the statement's outcome). Call with the
     adapter's ``_execute_mutex`` held, no transaction begun, right before
     that statement's bind-execute, nothing awaited in between."""
+    import asyncpg  # type: ignore[import-untyped]  # (loaded already: the connection is asyncpg's)
+
     assert adapted._transaction is None, "a transaction begun already"
     connection: Any = adapted._connection
     if connection.is_closed() or connection._transport.is_closing():
