@@ -436,6 +436,11 @@ async def _send_group(engine: AsyncEngine, writers: SQLiteWriters, group: _Group
             raise
     else:
         for member, failure in zip(members, failures, strict=True):
+            if member.outcome.done():
+                # Its caller, cancelled during the hop, stopped waiting for
+                # it (seen_through's COMMIT_OUTCOME_WAIT_SECONDS) and
+                # cancelled its outcome: the others are still told theirs.
+                continue
             if failure is None:
                 member.outcome.set_result(None)
             else:  # as held_back.sent words a failed statement
@@ -444,6 +449,9 @@ async def _send_group(engine: AsyncEngine, writers: SQLiteWriters, group: _Group
                 )
     finally:
         held.free()  # its transaction has ended, on the connection's thread (if not freed from there already)
+        # Whatever went wrong above, no member is left waiting: its caller
+        # (an HTTP request) would wait for good.
+        _settle_all(members, _Unsettled("the group's hop ended without this transaction's outcome"), dialect)
         await _give_back(engine, pooled)
 
 
@@ -462,6 +470,11 @@ class _Held:
         if self._held:
             self._held = False
             self._writers.free()
+
+
+class _Unsettled(RuntimeError):
+    """A group member whose outcome its group's task failed to set (a bug):
+    failed rather than left waiting."""
 
 
 def _close(writers: SQLiteWriters, group: _Group) -> None:

@@ -258,3 +258,38 @@ async def test_the_lock_is_handed_on_once_the_thread_has_committed(engine: Async
         await waiter
     assert seen == [1, []], "the next writer ran before the raw transaction's commit() returned"
     assert await _stored(engine) == ["a", "b"]
+
+
+async def test_a_member_abandoned_during_its_hop_leaves_the_others_told(
+    engine: AsyncEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member cancelled once its group's hop is sent stops waiting for it
+    after COMMIT_OUTCOME_WAIT_SECONDS (its outcome cancelled); when the hop
+    then commits, the members after it still learn theirs (they waited for
+    good: their requests hung, though committed)."""
+    monkeypatch.setattr(db, "COMMIT_OUTCOME_WAIT_SECONDS", 0.2)
+    writers = db._WRITERS[engine.sync_engine]
+    holder = sqlite3.connect(str(tmp_path / "groups.db"), isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another process's: the hop's BEGIN IMMEDIATE waits on the thread
+        await writers.hold()
+        try:
+            abandoned = asyncio.create_task(db.commit_collected(engine, [_insert("a")]))
+            other = asyncio.create_task(db.commit_collected(engine, [_insert("b")]))
+            await _ticks()
+        finally:
+            writers.free()
+        await _ticks()
+        assert writers._lock._held and writers.group is None, "the hop is sent"
+        abandoned.cancel()
+        async with asyncio.timeout(5):
+            await asyncio.wait({abandoned})
+        assert abandoned.cancelled() and not other.done()
+    finally:
+        holder.close()  # the other process's lock freed: the hop goes on and commits
+    async with asyncio.timeout(10):
+        await other
+    assert await _stored(engine) == ["a", "b"]
+    async with asyncio.timeout(10):
+        await writers.hold()  # the lock was freed
+    writers.free()
