@@ -419,7 +419,7 @@ async def _send_group(engine: AsyncEngine, writers: SQLiteWriters, group: _Group
     members = [member for member in group.members if not member.outcome.done()]
     for member in members:
         member.sending.sent = True
-    failures: list[sqlite3.Error | None] = [None] * len(members)
+    failures: list[Exception | None] = [None] * len(members)
     held = _Held(writers)
     try:
         driver: object = pooled.dbapi_connection
@@ -443,10 +443,8 @@ async def _send_group(engine: AsyncEngine, writers: SQLiteWriters, group: _Group
                 continue
             if failure is None:
                 member.outcome.set_result(None)
-            else:  # as held_back.sent words a failed statement
-                member.outcome.set_exception(
-                    sa_exc.DBAPIError.instance("COMMIT", None, failure, dialect.loaded_dbapi.Error, dialect=dialect)
-                )
+            else:
+                member.outcome.set_exception(held_back.worded(failure, "COMMIT", None, dialect))
     finally:
         held.free()  # its transaction has ended, on the connection's thread (if not freed from there already)
         # Whatever went wrong above, no member is left waiting: its caller

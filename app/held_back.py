@@ -613,9 +613,23 @@ async def sent(
         lost = dialect.is_disconnect(orig, driver_connection, None)  # type: ignore[arg-type]
         if lost:
             await greenlet_spawn(invalidate, orig)
-        raise sa_exc.DBAPIError.instance(
-            sql, parameters, orig, dialect.loaded_dbapi.Error, dialect=dialect, connection_invalidated=lost
-        ) from error
+        raise worded(orig, sql, parameters, dialect, lost=lost) from error
+
+
+def worded(
+    error: Exception, sql: str, parameters: tuple[Any, ...] | None, dialect: Dialect, *, lost: bool = False
+) -> Exception:
+    """``error``, raised by a hop running ``sql``, as sent() raises it: a
+    driver error as SQLAlchemy's error for it (DBAPIError.instance:
+    IntegrityError, OperationalError...; ``lost``: its connection
+    invalidated), any other as it is (db._send_group words its members'
+    failures so, each as it would fail alone)."""
+    orig = _driver_error(dialect, error)
+    if orig is None:
+        return error
+    return sa_exc.DBAPIError.instance(
+        sql, parameters, orig, dialect.loaded_dbapi.Error, dialect=dialect, connection_invalidated=lost
+    )
 
 
 def _driver_error(dialect: Dialect, error: Exception) -> Exception | None:

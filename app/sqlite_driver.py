@@ -172,16 +172,18 @@ def _told_on(callback: Callable[[], None]) -> Callable[[], object]:
 
 def _commit_each(
     connection: sqlite3.Connection, begin: str, transactions: list[list[Statement]], told: Callable[[], object]
-) -> list[sqlite3.Error | None]:
+) -> list[Exception | None]:
     """On aiosqlite's thread: several collected transactions as one (issue
     17: db.commit_collected's group), ``begin``, then each in a savepoint of
-    its own, COMMIT: each one's failure (its error, else None), a failing
-    one rolled back to its savepoint alone, as it would have been alone;
+    its own, COMMIT: each one's failure (its error, a DB-API one or
+    another raised by a statement, such as a parameter's binding; else
+    None), a failing one rolled back to its savepoint alone, as it would
+    have been alone;
     committed, ``told`` called (_told_on). An error that ends SQLite's
     transaction whole (it rolls back on some I/O, full-disk or busy
     errors), a failing savepoint statement or COMMIT fails them all:
     everything rolled back here, the error raised."""
-    failures: list[sqlite3.Error | None] = []
+    failures: list[Exception | None] = []
     try:
         cursor = connection.cursor()
         try:
@@ -191,7 +193,11 @@ def _commit_each(
                 try:
                     for statement in statements:
                         _execute(cursor, statement)
-                except sqlite3.Error as error:
+                except Exception as error:
+                    # A statement-level failure (a constraint, or a parameter
+                    # that cannot be bound: OverflowError for an int beyond 64
+                    # bits, UnicodeEncodeError) leaves the transaction open:
+                    # its own is undone alone. One that ended it fails all.
                     if not connection.in_transaction:
                         raise
                     cursor.execute("ROLLBACK TO collected")
@@ -472,7 +478,7 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
 
     async def commit_each(
         self, begin: str, transactions: list[list[Statement]], committed: Callable[[], None]
-    ) -> list[sqlite3.Error | None]:
+    ) -> list[Exception | None]:
         """commit_now() of several transactions as one, in one hop: each
         one's failure (None: written), as _commit_each() runs them; a
         failure of them all raised here."""
@@ -480,7 +486,7 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
         told = _told_on(committed)
         async with self._execute_mutex:
-            failures: list[sqlite3.Error | None] = await connection._execute(  # type: ignore[no-untyped-call]
+            failures: list[Exception | None] = await connection._execute(  # type: ignore[no-untyped-call]
                 _commit_each, connection._conn, begin, transactions, told
             )
         return failures

@@ -93,6 +93,32 @@ async def test_transactions_queued_for_the_lock_go_in_one_hop_a_failing_one_undo
     assert writers.group is None and engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
+async def test_a_parameter_that_cannot_be_bound_fails_its_own_transaction_alone(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write whose parameter SQLite cannot bind (an int beyond 64 bits:
+    OverflowError, no sqlite3.Error) fails its own transaction alone, with
+    that error as it would alone; the others in its hop are written (all
+    failed with it, answered 500)."""
+    sizes = _counting_hops(monkeypatch)
+    writers = db._WRITERS[engine.sync_engine]
+    unbindable = sqlite_driver.Statement("INSERT INTO t VALUES (?)", (2**63,), False)
+    await writers.hold()
+    try:
+        first = asyncio.create_task(db.commit_collected(engine, [_insert("a")]))
+        failing = asyncio.create_task(db.commit_collected(engine, [_insert("b"), unbindable]))
+        third = asyncio.create_task(db.commit_collected(engine, [_insert("c")]))
+        await _ticks()
+    finally:
+        writers.free()
+    async with asyncio.timeout(10):
+        await asyncio.wait({first, failing, third})
+    assert first.exception() is None and third.exception() is None
+    assert isinstance(failing.exception(), OverflowError)
+    assert sizes == [3]
+    assert await _stored(engine) == ["a", "c"]
+
+
 async def test_a_held_back_check_that_misses_fails_its_own_transaction_alone(
     engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
