@@ -186,6 +186,10 @@ def _first_unstorable(data: dict[str, Any]) -> tuple[str, str] | None:
 
 # OpenAI's limit on message text and instructions (characters).
 MAX_TEXT = 256_000
+# The largest integer an INTEGER column holds on both databases (PostgreSQL's
+# is 32-bit; SQLite cannot even bind one beyond 64 bits): a request's integer
+# stored in one is bounded by it, so a larger one is a 400, not a 500.
+MAX_STORED_INT = 2**31 - 1
 # A model id; OpenAI's are far shorter, and an empty one is refused there too.
 ModelName = Annotated[str, Field(min_length=1, max_length=256)]
 

@@ -7,7 +7,17 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from app.wire.assistants import ReasoningEffort
-from app.wire.common import MAX_TEXT, Metadata, ModelName, RequestModel, ResponseFormat, Tool, ToolResources, WireModel
+from app.wire.common import (
+    MAX_STORED_INT,
+    MAX_TEXT,
+    Metadata,
+    ModelName,
+    RequestModel,
+    ResponseFormat,
+    Tool,
+    ToolResources,
+    WireModel,
+)
 from app.wire.messages import MessageCreate
 from app.wire.threads import ThreadCreate
 
@@ -66,8 +76,8 @@ class _RunOptions(RequestModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     stream: bool | None = None
-    max_prompt_tokens: int | None = Field(default=None, ge=256)
-    max_completion_tokens: int | None = Field(default=None, ge=256)
+    max_prompt_tokens: int | None = Field(default=None, ge=256, le=MAX_STORED_INT)
+    max_completion_tokens: int | None = Field(default=None, ge=256, le=MAX_STORED_INT)
     truncation_strategy: TruncationStrategy | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None

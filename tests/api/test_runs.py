@@ -391,6 +391,29 @@ async def test_multi_round_function_calling(client: openai.AsyncOpenAI) -> None:
     assert outputs == ['{"temp": 22}', "noon"]
 
 
+async def test_a_token_limit_too_large_to_store_is_a_400(client: openai.AsyncOpenAI) -> None:
+    """max_prompt_tokens / max_completion_tokens go in INTEGER columns:
+    beyond what both databases hold (2**31 - 1 on PostgreSQL; SQLite cannot
+    bind 2**63) they are refused as any field out of range, not a 500."""
+    assistant_id = await _assistant(client)
+    thread = await client.beta.threads.create()
+    for field in ("max_prompt_tokens", "max_completion_tokens"):
+        for value in (2**31, 2**63):
+            with pytest.raises(openai.BadRequestError) as exc:
+                await client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id, **{field: value})  # type: ignore[arg-type]
+            assert error_of(exc)["message"] == (
+                f"Invalid '{field}': integer above maximum value. Expected a value <= 2147483647, "
+                f"but got {value} instead."
+            )
+            assert error_of(exc)["param"] == field
+            with pytest.raises(openai.BadRequestError):
+                await client.beta.threads.create_and_run(assistant_id=assistant_id, **{field: value})  # type: ignore[arg-type]
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id=assistant_id, max_prompt_tokens=2**31 - 1, max_completion_tokens=2**31 - 1
+    )
+    assert run.status == "completed" and run.max_prompt_tokens == 2**31 - 1
+
+
 async def test_submit_when_not_waiting(client: openai.AsyncOpenAI) -> None:
     assistant_id = await _assistant(client)
     thread = await client.beta.threads.create(messages=[{"role": "user", "content": "hi"}])
