@@ -283,11 +283,13 @@ class SQLiteWriters:
         def reset(_dbapi: Any, record: Any, _state: Any) -> None:
             self.release(record.info)
 
-        def invalidate(_dbapi: Any, record: Any, _exception: Any) -> None:
-            self.release(record.info)
+        def invalidate(dbapi: Any, record: Any, _exception: Any) -> None:
+            if not _released_at_close(dbapi):
+                self.release(record.info)
 
-        def close(_dbapi: Any, record: Any) -> None:
-            self.release(record.info)
+        def close(dbapi: Any, record: Any) -> None:
+            if not _released_at_close(dbapi):
+                self.release(record.info)
 
         sync = engine.sync_engine
         event.listen(sync, "begin", self.begin)
@@ -296,6 +298,15 @@ class SQLiteWriters:
         event.listen(sync.pool, "reset", reset)
         event.listen(sync.pool, "invalidate", invalidate)
         event.listen(sync.pool, "close", close)
+
+
+def _released_at_close(dbapi: object) -> bool:
+    """Whether the driver connection the pool closes releases its
+    transaction's write lock itself, once closed (OneHopConnection.close:
+    its thread may still be running the transaction's COMMIT, cancelled
+    under it, and SQLite's lock with it). The pool's invalidate and close
+    events fire before the close."""
+    return isinstance(dbapi, sqlite_driver.OneHopConnection) and dbapi.on_transaction_end is not None
 
 
 # How every engine writes and reads JSON columns (jsonb's asyncpg codec

@@ -500,7 +500,11 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         without (issue 17). The
         transaction is over either way, the write lock handed on
         (on_transaction_end): once the thread has committed, ahead of this
-        coroutine's return (_told_on); else once it returns."""
+        coroutine's return (_told_on); else once it returns, but for a
+        cancellation: the COMMIT may still be running on the thread, and
+        SQLite's lock with it, so the hand-on is left to what waits for
+        the thread: held_back.sent's invalidation, whose close() runs after
+        it and calls on_transaction_end then."""
         try:
             job = self._commit_job()
             if job is not None:
@@ -508,8 +512,12 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
                 told = _told_on(self._told())
                 async with self._execute_mutex:
                     await connection._execute(_commit, *job, told)  # type: ignore[no-untyped-call]
-        finally:
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
             self._ended()
+            raise
+        self._ended()
 
     def _told(self) -> Callable[[], None]:
         """What commit_straight() calls on the loop once its thread has
@@ -568,6 +576,22 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
                 self._ended()
         except Exception as error:
             self._handle_exception(error)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            # What was sent has run (or the thread is stopped): a transaction
+            # still open, its commit cancelled under it, hands the write lock
+            # on only now (the pool's invalidate and close events, which fire
+            # before the close, leave it to this; app/db.py's SQLiteWriters).
+            self._ended()
+
+    def terminate(self) -> None:
+        try:
+            super().terminate()
+        finally:
+            self._ended()  # as close()
 
     def rollback(self) -> None:
         # The pool rolls back every connection it gets back, even after a

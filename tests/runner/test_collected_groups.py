@@ -319,3 +319,66 @@ async def test_a_member_abandoned_during_its_hop_leaves_the_others_told(
     async with asyncio.timeout(10):
         await writers.hold()  # the lock was freed
     writers.free()
+
+
+async def test_a_cancelled_raw_commit_holds_the_lock_until_its_thread_has_finished(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """A raw transaction's commit() cancelled while its hop runs on the
+    connection's thread (its BEGIN IMMEDIATE waiting for another process's
+    lock) keeps the process's write lock until the thread has finished (the
+    connection closed behind it) and end() has run: freed at the
+    cancellation, the next writer met SQLite's lock still held."""
+    writers = db._WRITERS[engine.sync_engine]
+    holder = sqlite3.connect(str(tmp_path / "groups.db"), isolation_level=None)
+    maker = db.create_sessionmaker(engine)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        raw = await db.RawTransaction.begin(engine)
+        raw.driver.held_back.append(_insert("a"))
+
+        async def commit() -> None:
+            async with maker() as session:
+                await raw.commit(session, seen_through=False)
+
+        committing = asyncio.create_task(commit())
+        await _ticks()
+        committing.cancel()
+        await _ticks()
+        assert writers._lock._held, "the lock is held while the thread has not finished"
+    finally:
+        holder.close()  # the other process's lock freed: the thread goes on
+    async with asyncio.timeout(10):
+        await asyncio.wait({committing})
+    assert committing.cancelled()
+    await raw.end()
+    assert not writers._lock._held
+
+
+async def test_a_cancelled_straight_commit_holds_the_lock_until_its_thread_has_finished(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """As a raw one: a SQLAlchemy transaction's commit_straight() cancelled
+    while its hop waits on the thread keeps the write lock until the
+    connection, invalidated, has closed behind the thread (the pool's
+    invalidate event, which fires before the close, freed it)."""
+    writers = db._WRITERS[engine.sync_engine]
+    holder = sqlite3.connect(str(tmp_path / "groups.db"), isolation_level=None)
+    session = db.create_sessionmaker(engine)()
+    try:
+        await session.connection()  # the lock taken, BEGIN IMMEDIATE deferred
+        await session.execute(text("INSERT INTO t VALUES ('a')"), execution_options={sqlite_driver.WRITE_BEHIND: True})
+        holder.execute("BEGIN IMMEDIATE")
+        committing = asyncio.create_task(db.commit_straight(session, seen_through=False))
+        await _ticks()
+        committing.cancel()
+        await _ticks()
+        assert not committing.done(), "it waits for the thread"
+        assert writers._lock._held, "the lock is held while the thread has not finished"
+    finally:
+        holder.close()  # the other process's lock freed: the thread goes on
+    async with asyncio.timeout(10):
+        await asyncio.wait({committing})
+    assert committing.cancelled()
+    await session.close()
+    assert not writers._lock._held
