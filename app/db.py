@@ -214,6 +214,8 @@ class SQLiteWriters:
         self._lock = _WriteLock()
         # The collected transactions waiting together for the lock (commit_collected), if any.
         self.group: _Group | None = None
+        # The groups' tasks, referenced until done (the loop keeps only weak references).
+        self.group_tasks: set[asyncio.Task[None]] = set()
 
     def begin(self, connection: Connection) -> None:
         # Read before the lock is taken: on a connection invalidated under it,
@@ -392,10 +394,6 @@ class _Group:
         self.members: list[_Member] = []
 
 
-# The groups' tasks, referenced until done (the loop keeps only weak references).
-_GROUP_TASKS: set[asyncio.Task[None]] = set()
-
-
 def _joined(engine: AsyncEngine, statements: list[sqlite_driver.Statement]) -> tuple[asyncio.Future[None], Sending]:
     """``statements`` (a collected transaction) in the engine's open _Group,
     or in a new one, whose task is started: its outcome and its Sending."""
@@ -405,8 +403,8 @@ def _joined(engine: AsyncEngine, statements: list[sqlite_driver.Statement]) -> t
     if group is None or len(group.members) >= GROUP_AT_MOST:
         group = writers.group = _Group()
         task = loop.create_task(_send_group(engine, writers, group))
-        _GROUP_TASKS.add(task)
-        task.add_done_callback(_GROUP_TASKS.discard)
+        writers.group_tasks.add(task)
+        task.add_done_callback(functools.partial(_group_ended, writers, group, engine.sync_engine.dialect))
     member = _Member(statements, loop.create_future(), Sending())
     group.members.append(member)
     return member.outcome, member.sending
@@ -430,38 +428,73 @@ async def _send_group(engine: AsyncEngine, writers: SQLiteWriters, group: _Group
     members = [member for member in group.members if not member.outcome.done()]
     for member in members:
         member.sending.sent = True
-    failures: list[Exception | None] = [None] * len(members)
     held = _Held(writers)
+    # In a task of its own: the group's task cancelled (a shutdown) while
+    # the hop runs waits for its outcome, as seen_through() does for a
+    # lone commit, and tells each member its own (a committed create
+    # reported "cancelled" would be rolled back in the run log).
+    hop = asyncio.ensure_future(_hop(pooled, members, held, dialect))
     try:
-        driver: object = pooled.dbapi_connection
-        assert isinstance(driver, sqlite_driver.OneHopConnection)
-        if len(members) == 1:
-            hop = driver.commit_now("BEGIN IMMEDIATE", members[0].statements, held.free)
-            await held_back.sent(hop, "COMMIT", None, dialect, pooled.invalidate)
-        elif members:
-            each = driver.commit_each("BEGIN IMMEDIATE", [member.statements for member in members], held.free)
-            failures = await held_back.sent(each, "COMMIT", None, dialect, pooled.invalidate)
+        _settle_each(members, await seen_through(hop, "a group's COMMIT"), dialect)
     except BaseException as error:
-        _settle_all(members, error, dialect)
+        if hop.done() and not hop.cancelled():
+            outcome = hop.exception()
+            if outcome is None:
+                _settle_each(members, hop.result(), dialect)
+            else:
+                _settle_all(members, outcome, dialect)
+        _settle_all(members, error, dialect)  # the hop abandoned: its outcome unknown
         if not isinstance(error, Exception):
             raise
-    else:
-        for member, failure in zip(members, failures, strict=True):
-            if member.outcome.done():
-                # Its caller, cancelled during the hop, stopped waiting for
-                # it (seen_through's COMMIT_OUTCOME_WAIT_SECONDS) and
-                # cancelled its outcome: the others are still told theirs.
-                continue
-            if failure is None:
-                member.outcome.set_result(None)
-            else:
-                member.outcome.set_exception(held_back.worded(failure, "COMMIT", None, dialect))
     finally:
         held.free()  # its transaction has ended, on the connection's thread (if not freed from there already)
         # Whatever went wrong above, no member is left waiting: its caller
         # (an HTTP request) would wait for good.
         _settle_all(members, _Unsettled("the group's hop ended without this transaction's outcome"), dialect)
         await _give_back(engine, pooled)
+
+
+async def _hop(
+    pooled: PoolProxiedConnection, members: list[_Member], held: _Held, dialect: Dialect
+) -> list[Exception | None]:
+    """_send_group's hop: the members' transactions, each one's failure
+    (None: written); a failure of them all raised."""
+    driver: object = pooled.dbapi_connection
+    assert isinstance(driver, sqlite_driver.OneHopConnection)
+    if len(members) == 1:
+        hop = driver.commit_now("BEGIN IMMEDIATE", members[0].statements, held.free)
+        await held_back.sent(hop, "COMMIT", None, dialect, pooled.invalidate)
+        return [None]
+    if not members:
+        return []
+    each = driver.commit_each("BEGIN IMMEDIATE", [member.statements for member in members], held.free)
+    return await held_back.sent(each, "COMMIT", None, dialect, pooled.invalidate)
+
+
+def _settle_each(members: list[_Member], failures: list[Exception | None], dialect: Dialect) -> None:
+    """The hop's outcome, each member's own (``failures``, in order)."""
+    for member, failure in zip(members, failures, strict=True):
+        if member.outcome.done():
+            # Its caller, cancelled during the hop, stopped waiting for
+            # it (seen_through's COMMIT_OUTCOME_WAIT_SECONDS) and
+            # cancelled its outcome: the others are still told theirs.
+            continue
+        if failure is None:
+            member.outcome.set_result(None)
+        else:
+            member.outcome.set_exception(held_back.worded(failure, "COMMIT", None, dialect))
+
+
+def _group_ended(writers: SQLiteWriters, group: _Group, dialect: Dialect, task: asyncio.Task[None]) -> None:
+    """The group's task done, however: cancelled before its first step
+    (a shutdown), _send_group never ran, so the group is closed here (else
+    later creates would join it and wait for good) and its members told."""
+    writers.group_tasks.discard(task)
+    _close(writers, group)
+    error = asyncio.CancelledError() if task.cancelled() else task.exception()
+    _settle_all(
+        group.members, error or _Unsettled("the group's task ended without this transaction's outcome"), dialect
+    )
 
 
 class _Held:
@@ -494,9 +527,13 @@ def _close(writers: SQLiteWriters, group: _Group) -> None:
 
 def _settle_all(members: list[_Member], error: BaseException, dialect: Dialect) -> None:
     """The group's failure, the outcome of each of its ``members`` not
-    cancelled by its caller: a cancellation of the group's task cancels
-    them; a DB-API error is made again for each but the first (one
-    exception raised in several tasks would gather all their tracebacks)."""
+    settled yet (nor cancelled by its caller): a cancellation of the
+    group's task before its hop is sent, or once the hop is abandoned
+    (seen_through: its outcome unknown), cancels them; a DB-API error is
+    made again for each but the first (one exception raised in several
+    tasks would gather all their tracebacks); any other error (one that is
+    not the driver's, a parameter SQLite cannot bind, say, raised by a lone
+    member's hop) is set as it is."""
     first = True
     for member in members:
         if member.outcome.done():

@@ -382,3 +382,53 @@ async def test_a_cancelled_straight_commit_holds_the_lock_until_its_thread_has_f
     assert committing.cancelled()
     await session.close()
     assert not writers._lock._held
+
+
+async def test_a_group_cancelled_before_its_first_step_is_closed_and_its_members_told(engine: AsyncEngine) -> None:
+    """The group's task cancelled before it ran at all (a shutdown): its
+    member ends, cancelled (nothing was sent), the group takes no more
+    members, and a later transaction is written by a group of its own
+    (it joined the dead group and waited for good)."""
+    writers = db._WRITERS[engine.sync_engine]
+    member = asyncio.create_task(db.commit_collected(engine, [_insert("a")]))
+    await asyncio.sleep(0)  # the member has joined: its group's task is created, not started
+    (task,) = writers.group_tasks
+    task.cancel()
+    async with asyncio.timeout(10):
+        await asyncio.wait({member})
+    assert member.cancelled() and writers.group is None and not writers.group_tasks
+    async with asyncio.timeout(10):
+        await db.commit_collected(engine, [_insert("b")])
+    assert await _stored(engine) == ["b"]
+
+
+async def test_a_group_cancelled_during_its_hop_tells_its_members_the_hops_outcome(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """The group's task cancelled once its hop is sent (a shutdown): it
+    waits for the hop, and each member learns its outcome (written), not
+    "cancelled" (a committed create taken for a rolled-back one)."""
+    writers = db._WRITERS[engine.sync_engine]
+    holder = sqlite3.connect(str(tmp_path / "groups.db"), isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another process's: the hop waits on the thread
+        await writers.hold()
+        try:
+            members = [asyncio.create_task(db.commit_collected(engine, [_insert(value)])) for value in "ab"]
+            await _ticks()
+            (task,) = writers.group_tasks
+        finally:
+            writers.free()
+        await _ticks()
+        assert writers._lock._held and writers.group is None, "the hop is sent"
+        task.cancel()
+        await _ticks()
+        assert not any(member.done() for member in members)
+    finally:
+        holder.close()  # the other process's lock freed: the hop goes on and commits
+    async with asyncio.timeout(10):
+        await asyncio.gather(*members)
+    async with asyncio.timeout(10):
+        await asyncio.wait({task})
+    assert task.cancelled()
+    assert await _stored(engine) == ["a", "b"]
