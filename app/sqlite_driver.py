@@ -509,7 +509,8 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
             job = self._commit_job()
             if job is not None:
                 connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
-                told = _told_on(self._told())
+                # No callback to post (a wake-up of the loop per commit) when no one is to be told.
+                told = None if self.on_transaction_end is None else _told_on(self._told())
                 async with self._execute_mutex:
                     await connection._execute(_commit, *job, told)  # type: ignore[no-untyped-call]
         except asyncio.CancelledError:
