@@ -383,10 +383,16 @@ class _Group:
     collected transaction finds none open and takes in those that come
     until the lock is its own (or it is full); its task then checks no more
     in, leaves out those cancelled meanwhile (nothing of theirs was sent),
-    and sends the others. Each learns its own outcome: a write that fails
-    rolls back its own transaction alone (to its savepoint); a failure of
-    the whole hop (a lost connection: invalidated, 503; the COMMIT) fails
-    them all, each with an error of its own."""
+    and sends the others. Each learns its own outcome: a statement that
+    fails (a DB-API error, or another such as a parameter SQLite cannot
+    bind) rolls back its own transaction alone (to its savepoint); a
+    failure of the whole hop (a lost connection: invalidated, 503; an
+    error that ends SQLite's transaction; the COMMIT) fails them all, a
+    DB-API error made again for each (_settle_all). A member cancelled
+    after the hop is sent waits for its outcome up to
+    COMMIT_OUTCOME_WAIT_SECONDS (seen_through), as a lone commit does.
+    On SQLite only POST /threads/runs's create collects (carried moves
+    collect only on PostgreSQL)."""
 
     __slots__ = ("members",)
 

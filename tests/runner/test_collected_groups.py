@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,30 @@ async def _ticks(count: int = 20) -> None:
     asyncio futures alone (the write lock, a group's outcome) get there."""
     for _ in range(count):
         await asyncio.sleep(0)
+
+
+@asynccontextmanager
+async def _sent_behind_another_process(
+    engine: AsyncEngine, path: Path, values: str
+) -> AsyncIterator[list[asyncio.Task[None]]]:
+    """A member per value, their group's hop sent and waiting on the
+    connection's thread (its BEGIN IMMEDIATE) for another process's SQLite
+    lock, which is freed on leaving: the hop then goes on."""
+    writers = db._WRITERS[engine.sync_engine]
+    holder = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        await writers.hold()
+        try:
+            members = [asyncio.create_task(db.commit_collected(engine, [_insert(value)])) for value in values]
+            await _ticks()
+        finally:
+            writers.free()
+        await _ticks()
+        assert writers._lock._held and writers.group is None, "the hop is sent"
+        yield members
+    finally:
+        holder.close()
 
 
 def _counting_hops(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -176,24 +201,10 @@ async def test_a_transaction_cancelled_during_its_hop_waits_for_it_and_is_writte
     on the connection's thread for another process's lock), a transaction
     waits for the hop's outcome before its cancellation ends it, and is
     written with the others, as a lone one's seen-through commit is."""
-    writers = db._WRITERS[engine.sync_engine]
-    holder = sqlite3.connect(str(tmp_path / "groups.db"), isolation_level=None)
-    try:
-        holder.execute("BEGIN IMMEDIATE")
-        await writers.hold()
-        try:
-            cancelled = asyncio.create_task(db.commit_collected(engine, [_insert("a")]))
-            other = asyncio.create_task(db.commit_collected(engine, [_insert("b")]))
-            await _ticks()
-        finally:
-            writers.free()
-        await _ticks()
-        assert writers._lock._held and writers.group is None, "the hop is sent"
+    async with _sent_behind_another_process(engine, tmp_path / "groups.db", "ab") as (cancelled, other):
         cancelled.cancel()
         await _ticks()
         assert not cancelled.done(), "it waits for the hop"
-    finally:
-        holder.close()  # the other process's lock freed: the hop goes on
     async with asyncio.timeout(10):
         await asyncio.wait({cancelled, other})
     assert cancelled.cancelled() and other.exception() is None
@@ -225,9 +236,11 @@ async def test_a_connection_lost_under_a_group_fails_each_member_invalidated(eng
     assert await _stored(engine) == ["c"]
 
 
-async def test_a_group_is_closed_once_it_holds_the_lock(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Transactions that come once a group holds the lock form the next
-    group, sent after it; a group takes GROUP_AT_MOST members at most."""
+async def test_a_group_takes_group_at_most_members_and_the_next_one_the_rest(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group takes GROUP_AT_MOST members at most: a transaction that
+    finds it full opens the next group, sent after it."""
     monkeypatch.setattr(db, "GROUP_AT_MOST", 2)
     sizes = _counting_hops(monkeypatch)
     writers = db._WRITERS[engine.sync_engine]
@@ -295,24 +308,11 @@ async def test_a_member_abandoned_during_its_hop_leaves_the_others_told(
     good: their requests hung, though committed)."""
     monkeypatch.setattr(db, "COMMIT_OUTCOME_WAIT_SECONDS", 0.2)
     writers = db._WRITERS[engine.sync_engine]
-    holder = sqlite3.connect(str(tmp_path / "groups.db"), isolation_level=None)
-    try:
-        holder.execute("BEGIN IMMEDIATE")  # another process's: the hop's BEGIN IMMEDIATE waits on the thread
-        await writers.hold()
-        try:
-            abandoned = asyncio.create_task(db.commit_collected(engine, [_insert("a")]))
-            other = asyncio.create_task(db.commit_collected(engine, [_insert("b")]))
-            await _ticks()
-        finally:
-            writers.free()
-        await _ticks()
-        assert writers._lock._held and writers.group is None, "the hop is sent"
+    async with _sent_behind_another_process(engine, tmp_path / "groups.db", "ab") as (abandoned, other):
         abandoned.cancel()
         async with asyncio.timeout(5):
             await asyncio.wait({abandoned})
         assert abandoned.cancelled() and not other.done()
-    finally:
-        holder.close()  # the other process's lock freed: the hop goes on and commits
     async with asyncio.timeout(10):
         await other
     assert await _stored(engine) == ["a", "b"]
@@ -330,46 +330,30 @@ async def test_a_cancelled_raw_commit_holds_the_lock_until_its_thread_has_finish
     connection closed behind it) and end() has run: freed at the
     cancellation, the next writer met SQLite's lock still held."""
     writers = db._WRITERS[engine.sync_engine]
-    holder = sqlite3.connect(str(tmp_path / "groups.db"), isolation_level=None)
     maker = db.create_sessionmaker(engine)
-    try:
-        holder.execute("BEGIN IMMEDIATE")
-        raw = await db.RawTransaction.begin(engine)
-        raw.driver.held_back.append(_insert("a"))
+    raw = await db.RawTransaction.begin(engine)
+    raw.driver.held_back.append(_insert("a"))
 
-        async def commit() -> None:
-            async with maker() as session:
-                await raw.commit(session, seen_through=False)
+    async def commit() -> None:
+        async with maker() as session:
+            await raw.commit(session, seen_through=False)
 
-        committing = asyncio.create_task(commit())
-        await _ticks()
-        committing.cancel()
-        await _ticks()
-        assert writers._lock._held, "the lock is held while the thread has not finished"
-    finally:
-        holder.close()  # the other process's lock freed: the thread goes on
-    async with asyncio.timeout(10):
-        await asyncio.wait({committing})
-    assert committing.cancelled()
+    await _cancelled_while_its_thread_waits(engine, tmp_path / "groups.db", commit)
     await raw.end()
     assert not writers._lock._held
 
 
-async def test_a_cancelled_straight_commit_holds_the_lock_until_its_thread_has_finished(
-    engine: AsyncEngine, tmp_path: Path
+async def _cancelled_while_its_thread_waits(
+    engine: AsyncEngine, path: Path, commit: Callable[[], Awaitable[Any]]
 ) -> None:
-    """As a raw one: a SQLAlchemy transaction's commit_straight() cancelled
-    while its hop waits on the thread keeps the write lock until the
-    connection, invalidated, has closed behind the thread (the pool's
-    invalidate event, which fires before the close, freed it)."""
+    """``commit`` in a task, cancelled while its hop waits on the
+    connection's thread for another process's SQLite lock: the write lock
+    is held meanwhile; the other lock freed, the task ends cancelled."""
     writers = db._WRITERS[engine.sync_engine]
-    holder = sqlite3.connect(str(tmp_path / "groups.db"), isolation_level=None)
-    session = db.create_sessionmaker(engine)()
+    holder = sqlite3.connect(str(path), isolation_level=None)
     try:
-        await session.connection()  # the lock taken, BEGIN IMMEDIATE deferred
-        await session.execute(text("INSERT INTO t VALUES ('a')"), execution_options={sqlite_driver.WRITE_BEHIND: True})
         holder.execute("BEGIN IMMEDIATE")
-        committing = asyncio.create_task(db.commit_straight(session, seen_through=False))
+        committing = asyncio.ensure_future(commit())
         await _ticks()
         committing.cancel()
         await _ticks()
@@ -380,6 +364,22 @@ async def test_a_cancelled_straight_commit_holds_the_lock_until_its_thread_has_f
     async with asyncio.timeout(10):
         await asyncio.wait({committing})
     assert committing.cancelled()
+
+
+async def test_a_cancelled_straight_commit_holds_the_lock_until_its_thread_has_finished(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """As a raw one: a SQLAlchemy transaction's commit_straight() cancelled
+    while its hop waits on the thread keeps the write lock until the
+    connection, invalidated, has closed behind the thread (the pool's
+    invalidate event, which fires before the close, freed it)."""
+    writers = db._WRITERS[engine.sync_engine]
+    session = db.create_sessionmaker(engine)()
+    await session.connection()  # the lock taken, BEGIN IMMEDIATE deferred
+    await session.execute(text("INSERT INTO t VALUES ('a')"), execution_options={sqlite_driver.WRITE_BEHIND: True})
+    await _cancelled_while_its_thread_waits(
+        engine, tmp_path / "groups.db", lambda: db.commit_straight(session, seen_through=False)
+    )
     await session.close()
     assert not writers._lock._held
 
@@ -409,26 +409,39 @@ async def test_a_group_cancelled_during_its_hop_tells_its_members_the_hops_outco
     waits for the hop, and each member learns its outcome (written), not
     "cancelled" (a committed create taken for a rolled-back one)."""
     writers = db._WRITERS[engine.sync_engine]
-    holder = sqlite3.connect(str(tmp_path / "groups.db"), isolation_level=None)
-    try:
-        holder.execute("BEGIN IMMEDIATE")  # another process's: the hop waits on the thread
-        await writers.hold()
-        try:
-            members = [asyncio.create_task(db.commit_collected(engine, [_insert(value)])) for value in "ab"]
-            await _ticks()
-            (task,) = writers.group_tasks
-        finally:
-            writers.free()
-        await _ticks()
-        assert writers._lock._held and writers.group is None, "the hop is sent"
+    async with _sent_behind_another_process(engine, tmp_path / "groups.db", "ab") as members:
+        (task,) = writers.group_tasks
         task.cancel()
         await _ticks()
         assert not any(member.done() for member in members)
-    finally:
-        holder.close()  # the other process's lock freed: the hop goes on and commits
     async with asyncio.timeout(10):
         await asyncio.gather(*members)
     async with asyncio.timeout(10):
         await asyncio.wait({task})
     assert task.cancelled()
     assert await _stored(engine) == ["a", "b"]
+
+
+async def test_an_error_that_ends_the_whole_transaction_fails_every_member(engine: AsyncEngine) -> None:
+    """A write whose error ends SQLite's transaction itself (a trigger's
+    RAISE(ROLLBACK)), not just its statement: no savepoint is left to roll
+    back to, so every member of the hop fails, nothing is stored, and the
+    write lock is free."""
+    async with engine.begin() as connection:
+        await connection.execute(
+            text("CREATE TRIGGER refuse BEFORE INSERT ON t WHEN NEW.v = 'x' BEGIN SELECT RAISE(ROLLBACK, 'no x'); END")
+        )
+    writers = db._WRITERS[engine.sync_engine]
+    await writers.hold()
+    try:
+        members = [asyncio.create_task(db.commit_collected(engine, [_insert(value)])) for value in "axb"]
+        await _ticks()
+    finally:
+        writers.free()
+    async with asyncio.timeout(10):
+        await asyncio.wait(members)
+    for member in members:
+        error = member.exception()
+        assert isinstance(error, DBAPIError) and "no x" in str(error.orig)
+    assert await _stored(engine) == []
+    assert not writers._lock._held and engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
