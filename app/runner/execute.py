@@ -846,7 +846,7 @@ class RunExecution:
             delivered = isinstance(failure, asyncio.CancelledError)
             if watch.stopped or (task.cancelling() > cancelling and not delivered):
                 # the watch's cancel, or one from outside that the answer swallowed
-                await _watch_cancel_taken_back(task, cancelling, delivered=delivered, stopped=watch.stopped)
+                await _cancel_taken_back(task, cancelling, delivered=delivered, stopped=watch.stopped)
             if failure is not None:
                 raise failure
             return result
@@ -1031,9 +1031,7 @@ async def _gather_quickly(
     return isinstance(gathered[-1], llm.Finish)
 
 
-async def _watch_cancel_taken_back(
-    task: asyncio.Task[Any], cancelling: int, *, delivered: bool, stopped: bool
-) -> NoReturn:
+async def _cancel_taken_back(task: asyncio.Task[Any], cancelling: int, *, delivered: bool, stopped: bool) -> NoReturn:
     """An answer in ``task`` (RunExecution._consume) ended by a cancel: the
     cancel watch's (``stopped``), taken back, or one from outside that the
     answer swallowed (a library's cleanup catching it). It ends in
@@ -1091,8 +1089,8 @@ class _CancelWatch:
     elsewhere, through the row, read every CANCEL_POLL_SECONDS (a deadline,
     not a wait per event: the run's own deltas must not put it off)."""
 
-    def __init__(self, answer: asyncio.Task[Any], cancel_requested: Callable[[], Awaitable[bool]]) -> None:
-        self.answer = answer
+    def __init__(self, task: asyncio.Task[Any], cancel_requested: Callable[[], Awaitable[bool]]) -> None:
+        self.task = task  # the executor's own, taking the answer (RunExecution._consume)
         self.cancel_requested = cancel_requested
         self.loop = asyncio.get_running_loop()
         self.stopped = False
@@ -1109,12 +1107,10 @@ class _CancelWatch:
     def _stop(self) -> None:
         self.stopped = True
         self.close()
-        self.answer.cancel()
+        self.task.cancel()
 
     def _check(self) -> None:
         self.timer = None
-        if self.answer.done():
-            return  # moot: until_checked() would only wait for it
         self.check = asyncio.ensure_future(self.cancel_requested())
         self.check.add_done_callback(self._checked)
 
@@ -1123,7 +1119,7 @@ class _CancelWatch:
         # A failed read stops the answer, as the watcher task's failure did
         # (retrieved whatever happens: the answer's end may have made it moot).
         failed = check.cancelled() or check.exception() is not None
-        if self.closed or self.answer.done():  # (a read ending after close() arms no timer: no read after the answer)
+        if self.closed:  # (a read ending after close() arms no timer: no read after the answer)
             return
         if failed or check.result():
             self._stop()
