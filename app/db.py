@@ -187,7 +187,7 @@ class _WriteLock:
 class SQLiteWriters:
     """Every SQLite transaction takes the write lock up front (issue 10);
     a unit of held-back writes alone (it reads and checks nothing) takes it
-    for its one commit hop instead (commit_collected).
+    with the others of its _Group, for their one hop (commit_collected).
 
     A transaction that checks then writes ("no live run on this thread",
     "the run is still requires_action") is then atomic: no other writer runs
@@ -243,9 +243,10 @@ class SQLiteWriters:
             raise
 
     async def hold(self) -> None:
-        """Take the write lock, waiting in turn (begin(), whose free lock is
-        taken without this await; commit_collected(), a transaction
-        SQLAlchemy does not run, which free() then gives back)."""
+        """Take the write lock, waiting in turn: begin(), whose free lock is
+        taken without this await, and _collected_connection() (a group's
+        hop, a RawTransaction: transactions SQLAlchemy does not run, whose
+        _Held frees it once)."""
         if self._lock.try_acquire():
             return
         try:
@@ -270,27 +271,23 @@ class SQLiteWriters:
             del info[self._HOLDS]
             self._lock.release()
 
-    @staticmethod
-    def _released_by_driver(connection: Connection) -> bool:
-        driver: object = connection.connection.dbapi_connection
-        return isinstance(driver, sqlite_driver.OneHopConnection) and driver.on_transaction_end is not None
-
     def listen(self, engine: AsyncEngine) -> None:
         def at_end(connection: Connection) -> None:
-            # Else the pool's invalidate event releases, or (our driver) the
-            # COMMIT or ROLLBACK itself once it has run.
-            if not connection.invalidated and not self._released_by_driver(connection):
+            # Else released by the COMMIT or ROLLBACK itself once it has run
+            # (our driver), or, the connection invalidated, by the pool's
+            # invalidate event or our driver's close() (_releases_itself).
+            if not connection.invalidated and not _releases_itself(connection.connection.dbapi_connection):
                 self.release(connection.info)
 
         def reset(_dbapi: Any, record: Any, _state: Any) -> None:
             self.release(record.info)
 
         def invalidate(dbapi: Any, record: Any, _exception: Any) -> None:
-            if not _released_at_close(dbapi):
+            if not _releases_itself(dbapi):
                 self.release(record.info)
 
         def close(dbapi: Any, record: Any) -> None:
-            if not _released_at_close(dbapi):
+            if not _releases_itself(dbapi):
                 self.release(record.info)
 
         sync = engine.sync_engine
@@ -302,12 +299,13 @@ class SQLiteWriters:
         event.listen(sync.pool, "close", close)
 
 
-def _released_at_close(dbapi: object) -> bool:
-    """Whether the driver connection the pool closes releases its
-    transaction's write lock itself, once closed (OneHopConnection.close:
-    its thread may still be running the transaction's COMMIT, cancelled
-    under it, and SQLite's lock with it). The pool's invalidate and close
-    events fire before the close."""
+def _releases_itself(dbapi: object) -> bool:
+    """Whether the driver connection releases its transaction's write lock
+    itself (OneHopConnection.on_transaction_end): once its COMMIT or
+    ROLLBACK has run, and, closed by the pool, once closed
+    (OneHopConnection.close: its thread may still be running the
+    transaction's COMMIT, cancelled under it, and SQLite's lock with it).
+    The pool's invalidate and close events fire before the close."""
     return isinstance(dbapi, sqlite_driver.OneHopConnection) and dbapi.on_transaction_end is not None
 
 
@@ -318,7 +316,9 @@ JSON_CODEC: Mapping[str, Any] = MappingProxyType(
 )
 
 
-# Each SQLite file engine's write lock, for commit_collected().
+# Each SQLite file engine's write lock, for what takes it with no SQLAlchemy
+# transaction (_collected_connection: a group's hop, a RawTransaction) and
+# for collects().
 _WRITERS: weakref.WeakKeyDictionary[Engine, SQLiteWriters] = weakref.WeakKeyDictionary()
 
 
@@ -449,7 +449,8 @@ async def _send_group(engine: AsyncEngine, writers: SQLiteWriters, group: _Group
                 _settle_each(members, hop.result(), dialect)
             else:
                 _settle_all(members, outcome, dialect)
-        _settle_all(members, error, dialect)  # the hop abandoned: its outcome unknown
+        else:
+            _settle_all(members, error, dialect)  # the hop abandoned: its outcome unknown
         if not isinstance(error, Exception):
             raise
     finally:
@@ -536,7 +537,7 @@ def _settle_all(members: list[_Member], error: BaseException, dialect: Dialect) 
     settled yet (nor cancelled by its caller): a cancellation of the
     group's task before its hop is sent, or once the hop is abandoned
     (seen_through: its outcome unknown), cancels them; a DB-API error is
-    made again for each but the first (one exception raised in several
+    made again for each but the first (held_back.worded; one exception raised in several
     tasks would gather all their tracebacks); any other error (one that is
     not the driver's, a parameter SQLite cannot bind, say, raised by a lone
     member's hop) is set as it is."""
@@ -550,14 +551,7 @@ def _settle_all(members: list[_Member], error: BaseException, dialect: Dialect) 
             member.outcome.set_exception(error)
         else:
             member.outcome.set_exception(
-                sa_exc.DBAPIError.instance(
-                    error.statement,
-                    error.params,
-                    error.orig,
-                    dialect.loaded_dbapi.Error,
-                    dialect=dialect,
-                    connection_invalidated=error.connection_invalidated,
-                )
+                held_back.worded(error.orig, error.statement, error.params, dialect, lost=error.connection_invalidated)
             )
         first = False
 
@@ -673,7 +667,6 @@ class RawTransaction:
         assert isinstance(driver, sqlite_driver.OneHopConnection) and not driver.transaction_open, "a raw connection"
         self.engine = engine
         self.pooled = pooled
-        self.writers = writers
         self.driver = driver
         self.held = held_back.Raw(driver, pooled.invalidate)
         self._lock = _Held(writers)

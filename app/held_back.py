@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar, cast
 
 from sqlalchemy import exc as sa_exc
@@ -617,7 +617,12 @@ async def sent(
 
 
 def worded(
-    error: Exception, sql: str, parameters: tuple[Any, ...] | None, dialect: Dialect, *, lost: bool = False
+    error: Exception,
+    sql: str | None,
+    parameters: Sequence[Any] | Mapping[str, Any] | None,
+    dialect: Dialect,
+    *,
+    lost: bool = False,
 ) -> Exception:
     """``error``, raised by a hop running ``sql``, as sent() raises it: a
     driver error as SQLAlchemy's error for it (DBAPIError.instance:
