@@ -328,7 +328,9 @@ def collects(engine: AsyncEngine) -> bool:
     return engine.sync_engine in _WRITERS
 
 
-async def commit_collected(engine: AsyncEngine, statements: list[sqlite_driver.Statement]) -> None:
+async def commit_collected(
+    engine: AsyncEngine, statements: list[sqlite_driver.Statement], session: AsyncSession | None = None
+) -> None:
     """A SQLite transaction that never connected (held_back.COLLECTED):
     its writes, between BEGIN IMMEDIATE and COMMIT, in one hop on a
     connection checked out of the pool raw, under the process's write lock
@@ -337,20 +339,21 @@ async def commit_collected(engine: AsyncEngine, statements: list[sqlite_driver.S
     meanwhile (_Group). Rolled back whole if one of its writes fails, with
     the error SQLAlchemy would raise for it (an IntegrityError for a
     ROWCOUNT_MISMATCH, say). Cancelled before its hop is sent, it stops at
-    once; after, it waits for the hop's outcome, as seen_through()."""
+    once; after, it waits for the hop's outcome, as seen_through(), and,
+    committed, notes it on ``session`` if given
+    (committed_despite_cancellation())."""
     outcome, sending = _joined(engine, statements)
-    await seen_through(outcome, "a cancelled transaction's COMMIT", sending=sending, expected=_routine_miss)
+    if session is None:
+        await seen_through(outcome, "a cancelled transaction's COMMIT", sending=sending, expected=_routine_miss)
+    else:
+        await _commit_seen_through(session, outcome, sending)
 
 
 async def commit_collected_seen_through(session: AsyncSession, engine: AsyncEngine) -> None:
-    """commit_collected() of the session's collected writes, its hop carried
-    to its end through a cancellation as commit_seen_through() carries a
-    commit (committed_despite_cancellation() then says whether it
-    committed). A cancellation before, while it waits for a connection or
-    for the write lock, stops it at once: nothing was sent."""
-    statements = session.info.pop(COLLECTED)
-    outcome, sending = _joined(engine, statements)
-    await _commit_seen_through(session, outcome, sending)
+    """commit_collected() of the session's collected writes, noted on the
+    session as commit_seen_through() notes a commit carried through a
+    cancellation (committed_despite_cancellation())."""
+    await commit_collected(engine, session.info.pop(COLLECTED), session)
 
 
 # How many collected transactions one hop carries at most (_Group): more

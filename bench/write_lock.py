@@ -35,6 +35,9 @@ import overhead
 import runs as base
 
 # Holder kinds by a function on the stack that takes the lock (the first found).
+# Today a collected transaction's lock is taken in its group's task
+# (_send_group); the commit_collected* entries match older trees too, where
+# the committing task took it itself.
 KINDS = (
     ("claiming", "claim"),
     ("_send_group", "collected (a group)"),
