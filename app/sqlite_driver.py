@@ -34,7 +34,7 @@ import contextlib
 import functools
 import sqlite3
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import aiosqlite
 from sqlalchemy.dialects.sqlite.aiosqlite import (
@@ -47,6 +47,8 @@ from sqlalchemy.util import await_only as await_
 
 # What a statement leaves for the cursor: description, rowcount, lastrowid, rows.
 _Outcome = tuple[Any, int, int | None, list[Any]]
+
+_T = TypeVar("_T")
 
 
 class Statement(NamedTuple):
@@ -470,11 +472,7 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         thread has committed, ahead of this coroutine's return (_told_on).
         Only on a connection in no transaction (checked out of the pool
         raw: db.commit_collected)."""
-        assert not self.transaction_open and not self.held_back, "a transaction of SQLAlchemy's is open"
-        connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
-        told = _told_on(committed)
-        async with self._execute_mutex:
-            await connection._execute(_commit, connection._conn, begin, statements, told)  # type: ignore[no-untyped-call]
+        await self._outside(_commit, begin, statements, committed)
 
     async def commit_each(
         self, begin: str, transactions: list[list[Statement]], committed: Callable[[], None]
@@ -482,14 +480,18 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         """commit_now() of several transactions as one, in one hop: each
         one's failure (None: written), as _commit_each() runs them; a
         failure of them all raised here."""
+        return await self._outside(_commit_each, begin, transactions, committed)
+
+    async def _outside(self, run: Callable[..., _T], begin: str, payload: object, committed: Callable[[], None]) -> _T:
+        """``run(connection, begin, payload, told)`` on aiosqlite's thread, a
+        transaction outside SQLAlchemy's (commit_now, commit_each), its
+        outcome; ``committed`` told on the loop (_told_on)."""
         assert not self.transaction_open and not self.held_back, "a transaction of SQLAlchemy's is open"
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
         told = _told_on(committed)
         async with self._execute_mutex:
-            failures: list[Exception | None] = await connection._execute(  # type: ignore[no-untyped-call]
-                _commit_each, connection._conn, begin, transactions, told
-            )
-        return failures
+            outcome: _T = await connection._execute(run, connection._conn, begin, payload, told)  # type: ignore[no-untyped-call]
+        return outcome
 
     async def commit_straight(self) -> None:
         """The transaction's COMMIT, awaited on the event loop: the held-back
