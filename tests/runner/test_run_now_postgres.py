@@ -403,6 +403,7 @@ async def test_a_connection_lost_during_the_begins_batch_is_a_503(runtime: Runti
     with pytest.raises(DBAPIError) as raised:
         await asyncio.wait_for(task, 10)
     assert raised.value.connection_invalidated
+    assert unexpected_error(raised.value).status == 503
     assert _checked_out(runtime) == listening
     await _claims_again(runtime, "run_pg_batch", "w")
 
