@@ -53,6 +53,31 @@ async def _ticks(count: int = 20) -> None:
 
 
 @asynccontextmanager
+async def _queued(
+    engine: AsyncEngine, *transactions: list[sqlite_driver.Statement]
+) -> AsyncIterator[list[asyncio.Task[None]]]:
+    """A commit_collected() task per transaction, started while the write
+    lock is held and given turns of the loop to join their group; the lock
+    freed on leaving (the group's hop then goes)."""
+    writers = db._WRITERS[engine.sync_engine]
+    await writers.hold()
+    try:
+        tasks = [asyncio.create_task(db.commit_collected(engine, statements)) for statements in transactions]
+        await _ticks()
+        yield tasks
+    finally:
+        writers.free()
+
+
+async def _queued_then_freed(
+    engine: AsyncEngine, *transactions: list[sqlite_driver.Statement]
+) -> list[asyncio.Task[None]]:
+    """_queued(), the lock freed at once."""
+    async with _queued(engine, *transactions) as tasks:
+        return tasks
+
+
+@asynccontextmanager
 async def _sent_behind_another_process(
     engine: AsyncEngine, path: Path, values: str
 ) -> AsyncIterator[list[asyncio.Task[None]]]:
@@ -63,12 +88,7 @@ async def _sent_behind_another_process(
     holder = sqlite3.connect(str(path), isolation_level=None)
     try:
         holder.execute("BEGIN IMMEDIATE")
-        await writers.hold()
-        try:
-            members = [asyncio.create_task(db.commit_collected(engine, [_insert(value)])) for value in values]
-            await _ticks()
-        finally:
-            writers.free()
+        members = await _queued_then_freed(engine, *([_insert(value)] for value in values))
         await _ticks()
         assert writers._lock._held and writers.group is None, "the hop is sent"
         yield members
@@ -100,15 +120,9 @@ async def test_transactions_queued_for_the_lock_go_in_one_hop_a_failing_one_undo
     for it; the others are written."""
     sizes = _counting_hops(monkeypatch)
     writers = db._WRITERS[engine.sync_engine]
-    await writers.hold()
-    try:
-        first = asyncio.create_task(db.commit_collected(engine, [_insert("a")]))
-        failing = asyncio.create_task(db.commit_collected(engine, [_insert("b"), _insert("a")]))
-        third = asyncio.create_task(db.commit_collected(engine, [_insert("c"), _insert("d")]))
-        await _ticks()
+    queued = _queued(engine, [_insert("a")], [_insert("b"), _insert("a")], [_insert("c"), _insert("d")])
+    async with queued as (first, failing, third):
         assert writers.group is not None and len(writers.group.members) == 3
-    finally:
-        writers.free()
     async with asyncio.timeout(10):
         await asyncio.wait({first, failing, third})
     assert first.exception() is None and third.exception() is None
@@ -123,19 +137,11 @@ async def test_a_parameter_that_cannot_be_bound_fails_its_own_transaction_alone(
 ) -> None:
     """A write whose parameter SQLite cannot bind (an int beyond 64 bits:
     OverflowError, no sqlite3.Error) fails its own transaction alone, with
-    that error as it would alone; the others in its hop are written (all
-    failed with it, answered 500)."""
+    that error as it would alone; the others in its hop are written (before
+    the fix: all failed with it, answered 500)."""
     sizes = _counting_hops(monkeypatch)
-    writers = db._WRITERS[engine.sync_engine]
     unbindable = sqlite_driver.Statement("INSERT INTO t VALUES (?)", (2**63,), False)
-    await writers.hold()
-    try:
-        first = asyncio.create_task(db.commit_collected(engine, [_insert("a")]))
-        failing = asyncio.create_task(db.commit_collected(engine, [_insert("b"), unbindable]))
-        third = asyncio.create_task(db.commit_collected(engine, [_insert("c")]))
-        await _ticks()
-    finally:
-        writers.free()
+    first, failing, third = await _queued_then_freed(engine, [_insert("a")], [_insert("b"), unbindable], [_insert("c")])
     async with asyncio.timeout(10):
         await asyncio.wait({first, failing, third})
     assert first.exception() is None and third.exception() is None
@@ -151,17 +157,10 @@ async def test_a_held_back_check_that_misses_fails_its_own_transaction_alone(
     ROWCOUNT_MISMATCH kind) that misses inside a group: its own transaction
     fails with that kind as the error's ``orig``, as it would alone."""
     sizes = _counting_hops(monkeypatch)
-    writers = db._WRITERS[engine.sync_engine]
     missing = sqlite_driver.Statement(
         "UPDATE t SET v = 'x' WHERE v = 'none'", None, False, None, 1, sqlite_driver.RoutineMismatch
     )
-    await writers.hold()
-    try:
-        written = asyncio.create_task(db.commit_collected(engine, [_insert("a")]))
-        missed = asyncio.create_task(db.commit_collected(engine, [_insert("b"), missing]))
-        await _ticks()
-    finally:
-        writers.free()
+    written, missed = await _queued_then_freed(engine, [_insert("a")], [_insert("b"), missing])
     async with asyncio.timeout(10):
         await asyncio.wait({written, missed})
     error = missed.exception()
@@ -177,19 +176,12 @@ async def test_a_transaction_cancelled_before_its_hop_is_left_out_at_once(
     """Cancelled while its group waits for the lock, a transaction ends at
     once (not once the lock comes) and the hop carries the others alone."""
     sizes = _counting_hops(monkeypatch)
-    writers = db._WRITERS[engine.sync_engine]
-    await writers.hold()
-    try:
-        kept = [asyncio.create_task(db.commit_collected(engine, [_insert(value)])) for value in ("a", "c")]
-        cancelled = asyncio.create_task(db.commit_collected(engine, [_insert("b")]))
-        await _ticks()
+    async with _queued(engine, [_insert("a")], [_insert("c")], [_insert("b")]) as (first, third, cancelled):
         cancelled.cancel()
         done, _pending = await asyncio.wait({cancelled}, timeout=2)  # the lock is still held
         assert done == {cancelled} and cancelled.cancelled()
-    finally:
-        writers.free()
     async with asyncio.timeout(10):
-        await asyncio.gather(*kept)
+        await asyncio.gather(first, third)
     assert sizes == [2]
     assert await _stored(engine) == ["a", "c"]
 
@@ -215,16 +207,10 @@ async def test_a_connection_lost_under_a_group_fails_each_member_invalidated(eng
     """The group's connection closed under it: every member fails with an
     error of its own saying the connection was invalidated (answered 503),
     and the broken connection does not go back to the pool."""
-    writers = db._WRITERS[engine.sync_engine]
     pooled = await engine.raw_connection()
     await pooled.dbapi_connection._connection.close()  # type: ignore[union-attr]
     pooled.close()  # back in the pool, handed out next (LIFO)
-    await writers.hold()
-    try:
-        members = [asyncio.create_task(db.commit_collected(engine, [_insert(value)])) for value in ("a", "b")]
-        await _ticks()
-    finally:
-        writers.free()
+    members = await _queued_then_freed(engine, [_insert("a")], [_insert("b")])
     async with asyncio.timeout(10):
         await asyncio.wait(members)
     errors = [member.exception() for member in members]
@@ -243,13 +229,7 @@ async def test_a_group_takes_group_at_most_members_and_the_next_one_the_rest(
     finds it full opens the next group, sent after it."""
     monkeypatch.setattr(db, "GROUP_AT_MOST", 2)
     sizes = _counting_hops(monkeypatch)
-    writers = db._WRITERS[engine.sync_engine]
-    await writers.hold()
-    try:
-        tasks = [asyncio.create_task(db.commit_collected(engine, [_insert(value)])) for value in "abc"]
-        await _ticks()
-    finally:
-        writers.free()
+    tasks = await _queued_then_freed(engine, *([_insert(value)] for value in "abc"))
     async with asyncio.timeout(10):
         await asyncio.gather(*tasks)
     assert sorted(sizes) == [2]  # "c", a group of one, went without savepoints
@@ -272,14 +252,9 @@ async def test_the_lock_is_handed_on_once_the_thread_has_committed(engine: Async
         seen.append(what())
         writers.free()
 
-    await writers.hold()
-    try:
-        group = asyncio.create_task(db.commit_collected(engine, [_insert("a")]))
-        await _ticks()
+    async with _queued(engine, [_insert("a")]) as (group,):
         waiter = asyncio.create_task(next_writer(pool.checkedout))
         await _ticks()
-    finally:
-        writers.free()
     async with asyncio.timeout(10):
         await asyncio.gather(group, waiter)
     assert seen == [1], "the next writer ran while the group still held its connection"
@@ -304,8 +279,8 @@ async def test_a_member_abandoned_during_its_hop_leaves_the_others_told(
 ) -> None:
     """A member cancelled once its group's hop is sent stops waiting for it
     after COMMIT_OUTCOME_WAIT_SECONDS (its outcome cancelled); when the hop
-    then commits, the members after it still learn theirs (they waited for
-    good: their requests hung, though committed)."""
+    then commits, the members after it still learn theirs (before the fix
+    they waited for good: their requests hung, though committed)."""
     monkeypatch.setattr(db, "COMMIT_OUTCOME_WAIT_SECONDS", 0.2)
     writers = db._WRITERS[engine.sync_engine]
     async with _sent_behind_another_process(engine, tmp_path / "groups.db", "ab") as (abandoned, other):
@@ -327,8 +302,9 @@ async def test_a_cancelled_raw_commit_holds_the_lock_until_its_thread_has_finish
     """A raw transaction's commit() cancelled while its hop runs on the
     connection's thread (its BEGIN IMMEDIATE waiting for another process's
     lock) keeps the process's write lock until the thread has finished (the
-    connection closed behind it) and end() has run: freed at the
-    cancellation, the next writer met SQLite's lock still held."""
+    connection closed behind it) and end() has run (before the fix it was
+    freed at the cancellation: the next writer met SQLite's lock still
+    held)."""
     writers = db._WRITERS[engine.sync_engine]
     maker = db.create_sessionmaker(engine)
     raw = await db.RawTransaction.begin(engine)
@@ -371,8 +347,8 @@ async def test_a_cancelled_straight_commit_holds_the_lock_until_its_thread_has_f
 ) -> None:
     """As a raw one: a SQLAlchemy transaction's commit_straight() cancelled
     while its hop waits on the thread keeps the write lock until the
-    connection, invalidated, has closed behind the thread (the pool's
-    invalidate event, which fires before the close, freed it)."""
+    connection, invalidated, has closed behind the thread (before the fix
+    the pool's invalidate event, which fires before the close, freed it)."""
     writers = db._WRITERS[engine.sync_engine]
     session = db.create_sessionmaker(engine)()
     await session.connection()  # the lock taken, BEGIN IMMEDIATE deferred
@@ -388,7 +364,7 @@ async def test_a_group_cancelled_before_its_first_step_is_closed_and_its_members
     """The group's task cancelled before it ran at all (a shutdown): its
     member ends, cancelled (nothing was sent), the group takes no more
     members, and a later transaction is written by a group of its own
-    (it joined the dead group and waited for good)."""
+    (before the fix it joined the dead group and waited for good)."""
     writers = db._WRITERS[engine.sync_engine]
     member = asyncio.create_task(db.commit_collected(engine, [_insert("a")]))
     await asyncio.sleep(0)  # the member has joined: its group's task is created, not started
@@ -432,12 +408,7 @@ async def test_an_error_that_ends_the_whole_transaction_fails_every_member(engin
             text("CREATE TRIGGER refuse BEFORE INSERT ON t WHEN NEW.v = 'x' BEGIN SELECT RAISE(ROLLBACK, 'no x'); END")
         )
     writers = db._WRITERS[engine.sync_engine]
-    await writers.hold()
-    try:
-        members = [asyncio.create_task(db.commit_collected(engine, [_insert(value)])) for value in "axb"]
-        await _ticks()
-    finally:
-        writers.free()
+    members = await _queued_then_freed(engine, *([_insert(value)] for value in "axb"))
     async with asyncio.timeout(10):
         await asyncio.wait(members)
     for member in members:
