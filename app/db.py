@@ -378,10 +378,10 @@ class _Group:
     goes as before, without a savepoint).
 
     Issue 17: with 16 clients the write lock, not the CPU, bounded the runs
-    a second (held 90 % of the time, the loop's thread busy 60 %); each
+    a second (bench/README.md, branch sqcreate, has the numbers); each
     create held it for its own hop and the turns of the event loop on
     either side of it (granted to a task that runs a turn later, freed a
-    turn after its thread has committed), about 1.4 ms. Creates that queue
+    turn after its thread has committed). Creates that queue
     while a claim holds it now share one holding. A group opens when a
     collected transaction finds none open and takes in those that come
     until the lock is its own (or it is full); its task then checks no more
