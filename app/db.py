@@ -439,12 +439,12 @@ async def _send_group(engine: AsyncEngine, writers: SQLiteWriters, group: _Group
         member.sending.sent = True
     held = _Held(writers)
     # In a task of its own: the group's task cancelled (a shutdown) while
-    # the hop runs waits for its outcome, as seen_through() does for a
-    # lone commit, and tells each member its own (a committed create
-    # reported "cancelled" would be rolled back in the run log).
+    # the hop runs waits for its outcome (_waited_out) and tells each
+    # member its own (a committed create reported "cancelled" would be
+    # rolled back in the run log).
     hop = asyncio.ensure_future(_hop(pooled, members, held, dialect))
     try:
-        _settle_each(members, await seen_through(hop, "a group's COMMIT"), dialect)
+        _settle_each(members, await _waited_out(hop), dialect)
     except BaseException as error:
         if hop.done() and not hop.cancelled():
             outcome = hop.exception()
@@ -462,6 +462,22 @@ async def _send_group(engine: AsyncEngine, writers: SQLiteWriters, group: _Group
         # (an HTTP request) would wait for good.
         _settle_all(members, _Unsettled("the group's hop ended without this transaction's outcome"), dialect)
         await _give_back(engine, pooled)
+
+
+async def _waited_out(hop: asyncio.Future[T]) -> T:
+    """``hop``'s outcome, waited for to its end even if the group's task is
+    cancelled meanwhile (a shutdown), that cancellation raised after. Not
+    seen_through()'s COMMIT_OUTCOME_WAIT_SECONDS: stopping the hop would not
+    end it sooner (its connection's invalidation waits for the thread, up to
+    SQLite's busy timeout) and would leave every member's outcome unknown,
+    creates that committed taken for rolled-back ones (review of sqfix)."""
+    try:
+        return await asyncio.shield(hop)
+    except asyncio.CancelledError:
+        while not hop.done():
+            with suppress(asyncio.CancelledError):  # re-raised below, once the outcome is known
+                await asyncio.wait({hop})
+        raise
 
 
 async def _hop(

@@ -398,6 +398,31 @@ async def test_a_group_cancelled_during_its_hop_tells_its_members_the_hops_outco
     assert await _stored(engine) == ["a", "b"]
 
 
+async def test_a_group_cancelled_during_a_hop_longer_than_the_outcome_wait_still_tells_its_outcome(
+    engine: AsyncEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group's task cancelled (a shutdown) while its hop waits on the
+    thread past COMMIT_OUTCOME_WAIT_SECONDS: the hop is waited for to its
+    end, and members whose own callers were not cancelled learn it was
+    written (before the fix the hop was given up after that wait and every
+    member told "cancelled", though their creates were stored)."""
+    monkeypatch.setattr(db, "COMMIT_OUTCOME_WAIT_SECONDS", 0.1)
+    writers = db._WRITERS[engine.sync_engine]
+    async with _sent_behind_another_process(engine, tmp_path / "groups.db", "ab") as members:
+        (task,) = writers.group_tasks
+        task.cancel()
+        # Past the outcome wait (which the group does not use now), the
+        # other process still holding its lock: nothing is settled yet.
+        done, _pending = await asyncio.wait(members, timeout=0.4)
+        assert not done
+    async with asyncio.timeout(10):
+        await asyncio.gather(*members)
+    async with asyncio.timeout(10):
+        await asyncio.wait({task})
+    assert task.cancelled()
+    assert await _stored(engine) == ["a", "b"]
+
+
 async def test_an_error_that_ends_the_whole_transaction_fails_every_member(engine: AsyncEngine) -> None:
     """A write whose error ends SQLite's transaction itself (a trigger's
     RAISE(ROLLBACK)), not just its statement: no savepoint is left to roll
