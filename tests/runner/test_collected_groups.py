@@ -360,6 +360,38 @@ async def test_a_cancelled_straight_commit_holds_the_lock_until_its_thread_has_f
     assert not writers._lock._held
 
 
+async def test_a_cancelled_straight_commit_whose_hop_then_fails_frees_the_lock_at_its_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(review of sqfix) A cancelled commit_straight() whose hop then fails
+    on the thread (another process keeps its lock past the busy timeout):
+    no commit tells the lock to go on, and only the connection's close
+    (OneHopConnection.terminate, after the thread) frees it."""
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 300)  # read at each connect
+    path = tmp_path / "busy.db"
+    engine = db.create_engine(f"sqlite+aiosqlite:///{path}")
+    holder = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text("CREATE TABLE t (v TEXT PRIMARY KEY)"))
+        writers = db._WRITERS[engine.sync_engine]
+        holder.execute("BEGIN IMMEDIATE")  # kept: the hop fails after the busy timeout
+        session = db.create_sessionmaker(engine)()
+        await session.connection()
+        await session.execute(text("INSERT INTO t VALUES ('a')"), execution_options={sqlite_driver.WRITE_BEHIND: True})
+        committing = asyncio.ensure_future(db.commit_straight(session, seen_through=False))
+        await _ticks()
+        committing.cancel()
+        async with asyncio.timeout(10):
+            await asyncio.wait({committing})
+        assert committing.cancelled()
+        await session.close()
+        assert not writers._lock._held
+    finally:
+        holder.close()
+        await engine.dispose()
+
+
 async def test_a_group_cancelled_before_its_first_step_is_closed_and_its_members_told(engine: AsyncEngine) -> None:
     """The group's task cancelled before it ran at all (a shutdown): its
     member ends, cancelled (nothing was sent), the group takes no more
