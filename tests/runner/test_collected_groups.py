@@ -96,6 +96,18 @@ async def _sent_behind_another_process(
         holder.close()
 
 
+async def _written_though_the_group_was_cancelled(
+    engine: AsyncEngine, members: list[asyncio.Task[None]], group_task: asyncio.Task[None]
+) -> None:
+    """Each member told it was written, both stored, the group's task ended cancelled."""
+    async with asyncio.timeout(10):
+        await asyncio.gather(*members)
+    async with asyncio.timeout(10):
+        await asyncio.wait({group_task})
+    assert group_task.cancelled()
+    assert await _stored(engine) == ["a", "b"]
+
+
 def _counting_hops(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The sizes of the groups sent in one hop of several transactions."""
     sizes: list[int] = []
@@ -422,12 +434,7 @@ async def test_a_group_cancelled_during_its_hop_tells_its_members_the_hops_outco
         task.cancel()
         await _ticks()
         assert not any(member.done() for member in members)
-    async with asyncio.timeout(10):
-        await asyncio.gather(*members)
-    async with asyncio.timeout(10):
-        await asyncio.wait({task})
-    assert task.cancelled()
-    assert await _stored(engine) == ["a", "b"]
+    await _written_though_the_group_was_cancelled(engine, members, task)
 
 
 async def test_a_group_cancelled_during_a_hop_longer_than_the_outcome_wait_still_tells_its_outcome(
@@ -447,12 +454,7 @@ async def test_a_group_cancelled_during_a_hop_longer_than_the_outcome_wait_still
         # other process still holding its lock: nothing is settled yet.
         done, _pending = await asyncio.wait(members, timeout=0.4)
         assert not done
-    async with asyncio.timeout(10):
-        await asyncio.gather(*members)
-    async with asyncio.timeout(10):
-        await asyncio.wait({task})
-    assert task.cancelled()
-    assert await _stored(engine) == ["a", "b"]
+    await _written_though_the_group_was_cancelled(engine, members, task)
 
 
 async def test_an_error_that_ends_the_whole_transaction_fails_every_member(engine: AsyncEngine) -> None:
