@@ -453,7 +453,7 @@ async def _send_group(engine: AsyncEngine, writers: SQLiteWriters, group: _Group
             else:
                 _settle_all(members, outcome, dialect)
         else:
-            _settle_all(members, error, dialect)  # the hop abandoned: its outcome unknown
+            _settle_all(members, error, dialect)  # the hop itself cancelled (the loop torn down): its outcome unknown
         if not isinstance(error, Exception):
             raise
     finally:
@@ -554,8 +554,8 @@ def _close(writers: SQLiteWriters, group: _Group) -> None:
 def _settle_all(members: list[_Member], error: BaseException, dialect: Dialect) -> None:
     """The group's failure, the outcome of each of its ``members`` not
     settled yet (nor cancelled by its caller): a cancellation of the
-    group's task before its hop is sent, or once the hop is abandoned
-    (seen_through: its outcome unknown), cancels them; a DB-API error is
+    group's task before its hop is sent, or of the hop itself (the loop
+    torn down: its outcome unknown), cancels them; a DB-API error is
     made again for each but the first (held_back.worded; one exception raised in several
     tasks would gather all their tracebacks); any other error (one that is
     not the driver's, a parameter SQLite cannot bind, say, raised by a lone
