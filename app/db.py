@@ -91,6 +91,20 @@ class DatabaseURLError(ValueError):
 # The async drivers the server is built on, per backend.
 DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
 
+# asyncpg's connect() options that take numbers. SQLAlchemy hands a
+# PostgreSQL URL's query to asyncpg as strings, and asyncpg compares them
+# with numbers: ``?statement_cache_size=0`` (the setting pgbouncer's
+# transaction mode needs) failed every connection with a TypeError.
+ASYNCPG_NUMBER_OPTIONS: Mapping[str, type[int] | type[float]] = MappingProxyType(
+    {
+        "statement_cache_size": int,
+        "max_cached_statement_lifetime": int,
+        "max_cacheable_statement_size": int,
+        "command_timeout": float,
+        "timeout": float,
+    }
+)
+
 
 def validate_url(url: str) -> None:
     """Refuse, with the URL to write instead, what create_engine would fail
@@ -115,6 +129,29 @@ def validate_url(url: str) -> None:
             f"the database URL must name the async driver {driver}: "
             f"write {backend}+{driver}:// instead of {parsed.drivername}:// (e.g. {fixed})"
         )
+    if backend == "postgresql":
+        asyncpg_numbers(parsed)
+
+
+def asyncpg_numbers(url: URL) -> dict[str, int | float]:
+    """The numeric asyncpg options of a PostgreSQL URL's query, as numbers
+    (create_engine passes them as connect_args, which take precedence over
+    the query's strings); DatabaseURLError for one that is not a number ≥ 0."""
+    numbers: dict[str, int | float] = {}
+    for name, kind in ASYNCPG_NUMBER_OPTIONS.items():
+        given = url.query.get(name)
+        if given is None:
+            continue
+        text = given if isinstance(given, str) else given[-1]  # (repeated: asyncpg would get the last)
+        try:
+            value = kind(text)
+        except ValueError:
+            value = -1
+        if value < 0 or value != value:  # (value != value: NaN)
+            what = "a whole number" if kind is int else "a number of seconds"
+            raise DatabaseURLError(f"the database URL's {name} must be {what} ≥ 0, not {text!r}")
+        numbers[name] = value
+    return numbers
 
 
 @functools.cache
@@ -836,6 +873,7 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
         pool_size=pool_size if pool_size is not None else POSTGRES_CONNECTIONS,
         max_overflow=0,
         pool_recycle=300,
+        connect_args=asyncpg_numbers(make_url(url)),
         **JSON_CODEC,
     )
     ConnectionCheck(ping_after_idle_seconds=PING_AFTER_IDLE_SECONDS).listen(engine)

@@ -362,6 +362,16 @@ def test_bad_routing_file_is_one_line(tmp_path: Path, routing: str, fragments: l
         ("serve", "postgres://user:secret@127.0.0.1/db", ["write postgresql+asyncpg:// instead of postgres://"]),
         ("serve", "sqlite:///assistants.db", ["write sqlite+aiosqlite:// instead of sqlite://"]),
         ("serve", "mysql://user@127.0.0.1/db", ["unsupported database 'mysql'"]),
+        (
+            "serve",
+            "postgresql+asyncpg://user:secret@127.0.0.1/db?statement_cache_size=off",
+            ["the database URL's statement_cache_size must be a whole number ≥ 0, not 'off'"],
+        ),
+        (
+            "serve",
+            "postgresql+asyncpg://user:secret@127.0.0.1/db?command_timeout=-5",
+            ["the database URL's command_timeout must be a number of seconds ≥ 0, not '-5'"],
+        ),
         # The other commands share the check: one case each.
         ("migrate", "sqlite:///assistants.db", ["write sqlite+aiosqlite:// instead of sqlite://"]),
         ("worker", "postgresql://user:secret@127.0.0.1:5432/db", ["write postgresql+asyncpg://"]),
@@ -371,6 +381,8 @@ def test_bad_routing_file_is_one_line(tmp_path: Path, routing: str, fragments: l
         "serve-postgres-scheme",
         "serve-sqlite-without-aiosqlite",
         "serve-mysql",
+        "serve-postgresql-cache-size-not-a-number",
+        "serve-postgresql-negative-command-timeout",
         "migrate-sqlite-without-aiosqlite",
         "worker-postgresql-without-asyncpg",
     ],

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import bindparam, select, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -360,22 +361,19 @@ async def test_a_connection_back_from_an_autocommit_use_begins_with_its_statemen
     assert simple == []  # no BEGIN of its own
 
 
-async def test_unnamed_statements_still_run_after_the_written_begin(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_unnamed_statements_still_run_after_the_written_begin(settings: Settings) -> None:
     """With ``statement_cache_size=0`` (pgbouncer) asyncpg's statements are
     unnamed, as the written BEGIN's is: asyncpg parses its own again after
-    it, or the statement's Bind would run the BEGIN again instead."""
-    create = db.create_async_engine
-
-    def uncached(url: Any, **options: Any) -> Any:
-        if "postgresql" in str(url):
-            options["connect_args"] = {"statement_cache_size": 0}
-        return create(url, **options)
-
-    monkeypatch.setattr(db, "create_async_engine", uncached)
-    runtime = await Runtime.start(settings)
+    it, or the statement's Bind would run the BEGIN again instead. Given as
+    an operator gives it, in the URL's query (db.asyncpg_numbers: asyncpg
+    refused the query's string)."""
+    url = make_url(settings.database_url).update_query_dict({"statement_cache_size": "0"})
+    uncached = settings.model_copy(update={"database_url": url.render_as_string(hide_password=False)})
+    runtime = await Runtime.start(uncached)
     try:
+        async with runtime.engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            assert raw.driver_connection._stmt_cache.get_max_size() == 0  # type: ignore[union-attr]
         await _stored_runs(runtime, "run_pg_unnamed")
         await _claims_again(runtime, "run_pg_unnamed", "w")
     finally:
