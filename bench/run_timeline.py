@@ -1,0 +1,223 @@
+"""Where one client's run spends its time: a timeline of a lone run (issue 17).
+
+Starts the real server (``python -m app serve``) with a few of its functions
+wrapped to note the time (``time.perf_counter()``, the same clock in every
+process here) and the event loop thread's CPU (``time.thread_time()``) as they
+are entered and left, then drives runs one at a time: a streamed
+``POST /threads/runs`` or the SDK's ``create_and_poll``. Each note is placed in
+the run during whose request it was made; the table gives, per step, the
+median time since the client sent the request and the median loop CPU since
+the step before (both per run), and how many times the step happened per run.
+
+    .venv/bin/python bench/run_timeline.py --db sqlite --mode stream --runs 300
+    .venv/bin/python bench/run_timeline.py --db postgres --mode poll --runs 300
+
+The wrapping costs CPU of its own (a few µs a note): compare steps, not totals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import functools
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import overhead
+import runs as base
+
+# (label, perf_counter, loop thread CPU or None off the loop thread)
+Note = tuple[str, float, float | None]
+
+
+def _noting(notes: list[Note]) -> Callable[[str], None]:
+    main = threading.main_thread()
+
+    def note(label: str) -> None:
+        on_loop = threading.current_thread() is main
+        notes.append((label, time.perf_counter(), time.thread_time() if on_loop else None))
+
+    return note
+
+
+def _wrap(owner: Any, name: str, label: str, note: Callable[[str], None], *, leave: bool = True) -> None:
+    original = getattr(owner, name)
+    if asyncio.iscoroutinefunction(original):
+
+        @functools.wraps(original)
+        async def wrapped_async(*args: Any, **kwargs: Any) -> Any:
+            note(f"{label} >")
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                if leave:
+                    note(f"{label} <")
+
+        setattr(owner, name, wrapped_async)
+        return
+
+    @functools.wraps(original)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        note(label)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, wrapped)
+
+
+def _note_writes(transport: Any, note: Callable[[str], None]) -> None:
+    """A note per socket write: a flush that holds bytes (one scheduled
+    after an early flush finds none)."""
+    flush = transport.flush
+
+    @functools.wraps(flush)
+    def noted(self: Any) -> None:
+        if self._held:
+            note("socket write")
+        flush(self)
+
+    transport.flush = noted
+
+
+def serve_traced(out: str, argv: list[str]) -> int:
+    """The server, its steps noted; the notes written to ``out`` at exit."""
+    from app import __main__ as entry
+    from app import bus, held_back, worker
+    from app.api import poll_hold, write_coalescing
+    from app.api import runs as api_runs
+    from app.runner import execute
+    from app.services import run_execution
+
+    notes: list[Note] = []
+    note = _noting(notes)
+    _wrap(api_runs, "_queue_run", "create (parsed > committed <)", note)
+    _wrap(worker.Worker, "tick", "worker tick", note)
+    _wrap(run_execution, "claim_runs", "claim statement", note)
+    _wrap(execute.RunExecution, "_finish_at_once", "answer at once", note)
+    _wrap(execute, "claim_and_start", "claim transaction", note)
+    _wrap(bus.EventBus, "deliver", "entries handed to followers", note)
+    _note_writes(write_coalescing.CoalescingTransport, note)
+    _wrap(poll_hold, "retrieve_when_stopped", "held poll", note)
+    _wrap(held_back, "sent", "statement sent (held_back.sent)", note)
+    try:
+        from app import sqlite_driver
+
+        _wrap(sqlite_driver.OneHopConnection, "commit_now", "hop: commit_now", note)
+        _wrap(sqlite_driver.OneHopConnection, "commit_straight", "hop: commit_straight", note)
+    except (ImportError, AttributeError):
+        pass
+
+    def dump() -> None:
+        Path(out).write_text(json.dumps(notes))
+
+    atexit.register(dump)
+    return entry.main(argv)
+
+
+async def _drive(port: int, mode: str, count: int) -> list[tuple[float, float]]:
+    client = overhead.Client("127.0.0.1", port)
+    _, data = await client.call("POST", "/v1/assistants", {"model": "offline-bench", "instructions": "x"})
+    assistant = json.loads(data)["id"]
+    once = overhead.stream_once if mode == "stream" else overhead.poll_once
+    spans = []
+    try:
+        for index in range(count + 20):
+            started = time.perf_counter()
+            await once(client, assistant, "offline-bench", "hello there")
+            if index >= 20:  # warm-up left out
+                spans.append((started, time.perf_counter()))
+    finally:
+        await client.close()
+    return spans
+
+
+def _table(notes: list[Note], spans: list[tuple[float, float]]) -> list[str]:
+    notes.sort(key=lambda item: item[1])
+    offsets: defaultdict[str, list[float]] = defaultdict(list)
+    cpu: defaultdict[str, list[float]] = defaultdict(list)
+    counts: defaultdict[str, int] = defaultdict(int)
+    order: dict[str, float] = {}
+    cursor = 0
+    for started, ended in spans:
+        while cursor < len(notes) and notes[cursor][1] < started:
+            cursor += 1
+        seen: dict[str, int] = defaultdict(int)
+        last_cpu = None
+        while cursor < len(notes) and notes[cursor][1] <= ended:
+            label, at, thread_cpu = notes[cursor]
+            seen[label] += 1
+            key = f"{label} #{seen[label]}" if seen[label] > 1 else label
+            offsets[key].append((at - started) * 1000)
+            counts[label] += 1
+            if thread_cpu is not None:
+                if last_cpu is not None:
+                    cpu[key].append((thread_cpu - last_cpu) * 1000)
+                last_cpu = thread_cpu
+            cursor += 1
+        for key, values in offsets.items():
+            order.setdefault(key, statistics.median(values))
+    walls = [(ended - started) * 1000 for started, ended in spans]
+    lines = [
+        f"runs {len(spans)}, client-seen p50 {statistics.median(walls):.2f} ms",
+        "| step | in runs | p50 ms since the request | loop CPU ms since the step before (p50) |",
+        "|---|---:|---:|---:|",
+    ]
+    for key in sorted(offsets, key=lambda key: statistics.median(offsets[key])):
+        share = len(offsets[key]) / len(spans)
+        if share < 0.2:
+            continue
+        spent = f"{statistics.median(cpu[key]):.3f}" if cpu[key] else ""
+        lines.append(f"| {key} | {share:.2f} | {statistics.median(offsets[key]):.3f} | {spent} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--mode", choices=["stream", "poll"], default="stream")
+    parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--serve-traced", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_traced is not None:
+        out, *argv = args.serve_traced
+        raise SystemExit(serve_traced(out, argv))
+    with tempfile.TemporaryDirectory(prefix="timeline-") as name:
+        scratch = Path(name)
+        out = scratch / "notes.json"
+        with overhead._database(args.db, scratch) as (url, _postmaster):
+            port = base.free_port()
+            data_dir = scratch / "data"
+            data_dir.mkdir()
+            command = [
+                sys.executable, __file__, "--serve-traced", str(out), "serve", "--host", "127.0.0.1",
+                "--port", str(port), "--data-dir", str(data_dir), "--database-url", url, "--log-level", "warning",
+            ]  # fmt: skip
+            env = {**os.environ, "ASSISTANTS_API_KEYS": "", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+            log = scratch / "server.log"
+            with log.open("wb") as sink:
+                process = subprocess.Popen(command, cwd=base.REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
+            try:
+                asyncio.run(base.wait_ready(base.Server(process, port, log)))
+                spans = asyncio.run(_drive(port, args.mode, args.runs))
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=30)
+        notes = [tuple(note) for note in json.loads(out.read_text())]
+    print(f"{args.db}, {args.mode}")
+    print("\n".join(_table(notes, spans)))  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()
