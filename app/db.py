@@ -1,5 +1,7 @@
 """Engine and sessionmaker for SQLite (aiosqlite, WAL) and PostgreSQL (asyncpg),
-and migrating the schema with Alembic on start."""
+and migrating the schema with Alembic on start. SQLite's process-wide write
+lock is here too, with the raw connections written under it; the commits of
+collected transactions grouped under that lock are app/sqlite_groups.py's."""
 
 from __future__ import annotations
 
@@ -16,12 +18,12 @@ from collections.abc import Callable, Coroutine, Mapping
 from contextlib import suppress
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 from sqlalchemy import event, orm, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import URL, Connection, Dialect, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool, Pool, PoolProxiedConnection, QueuePool
 from sqlalchemy.util import await_only as await_
@@ -224,7 +226,8 @@ class _WriteLock:
 class SQLiteWriters:
     """Every SQLite transaction takes the write lock up front (issue 10);
     a unit of held-back writes alone (it reads and checks nothing) takes it
-    with the others of its _Group, for their one hop (commit_collected).
+    with the others of its group, for their one hop
+    (sqlite_groups.commit_collected).
 
     A transaction that checks then writes ("no live run on this thread",
     "the run is still requires_action") is then atomic: no other writer runs
@@ -249,10 +252,6 @@ class SQLiteWriters:
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self._lock = _WriteLock()
-        # The collected transactions waiting together for the lock (commit_collected), if any.
-        self.group: _Group | None = None
-        # The groups' tasks, referenced until done (the loop keeps only weak references).
-        self.group_tasks: set[asyncio.Task[None]] = set()
 
     def begin(self, connection: Connection) -> None:
         # Read before the lock is taken: on a connection invalidated under it,
@@ -281,9 +280,9 @@ class SQLiteWriters:
 
     async def hold(self) -> None:
         """Take the write lock, waiting in turn: begin(), whose free lock is
-        taken without this await, and _collected_connection() (a group's
+        taken without this await, and raw_write_connection() (a group's
         hop, a RawTransaction: transactions SQLAlchemy does not run, whose
-        _Held frees it once)."""
+        HeldLock frees it once)."""
         if self._lock.try_acquire():
             return
         try:
@@ -354,262 +353,20 @@ JSON_CODEC: Mapping[str, Any] = MappingProxyType(
 
 
 # Each SQLite file engine's write lock, for what takes it with no SQLAlchemy
-# transaction (_collected_connection: a group's hop, a RawTransaction) and
+# transaction (raw_write_connection: a group's hop, a RawTransaction) and
 # for collects().
 _WRITERS: weakref.WeakKeyDictionary[Engine, SQLiteWriters] = weakref.WeakKeyDictionary()
+
+
+def writers_of(engine: AsyncEngine) -> SQLiteWriters:
+    """A SQLite file engine's write lock (KeyError for any other engine)."""
+    return _WRITERS[engine.sync_engine]
 
 
 def collects(engine: AsyncEngine) -> bool:
     """Whether a transaction on ``engine`` may collect its held-back writes
     until it connects (held_back.COLLECTED): a SQLite file's."""
     return engine.sync_engine in _WRITERS
-
-
-async def commit_collected(
-    engine: AsyncEngine, statements: list[sqlite_driver.Statement], session: AsyncSession | None = None
-) -> None:
-    """A SQLite transaction that never connected (held_back.COLLECTED):
-    its writes, between BEGIN IMMEDIATE and COMMIT, in one hop on a
-    connection checked out of the pool raw, under the process's write lock
-    as any transaction (issue 17: no Connection, SQLAlchemy transaction or
-    greenlet but the checkout's), with the others that queued for the lock
-    meanwhile (_Group). Rolled back whole if one of its writes fails, with
-    the error SQLAlchemy would raise for it (an IntegrityError for a
-    ROWCOUNT_MISMATCH, say). Cancelled before its hop is sent, it stops at
-    once; after, it waits for the hop's outcome, as seen_through(), and,
-    committed, notes it on ``session`` if given
-    (committed_despite_cancellation())."""
-    outcome, sending = _joined(engine, statements)
-    if session is None:
-        await seen_through(outcome, "a cancelled transaction's COMMIT", sending=sending, expected=_routine_miss)
-    else:
-        await _commit_seen_through(session, outcome, sending)
-
-
-async def commit_collected_seen_through(session: AsyncSession, engine: AsyncEngine) -> None:
-    """commit_collected() of the session's collected writes, noted on the
-    session as commit_seen_through() notes a commit carried through a
-    cancellation (committed_despite_cancellation())."""
-    await commit_collected(engine, session.info.pop(COLLECTED), session)
-
-
-# How many collected transactions one hop carries at most (_Group): more
-# start a group of their own, queued behind it.
-GROUP_AT_MOST = 32
-
-
-class _Member(NamedTuple):
-    """A collected transaction in a _Group: its writes, its outcome (set by
-    the group; cancelled by its caller before the hop is sent: left out),
-    and whether the hop carrying it was sent."""
-
-    statements: list[sqlite_driver.Statement]
-    outcome: asyncio.Future[None]
-    sending: Sending
-
-
-class _Group:
-    """Collected transactions (commit_collected) that wait together for a
-    SQLite file's write lock, then go in one hop: BEGIN IMMEDIATE, each in a
-    savepoint of its own, COMMIT (sqlite_driver._commit_each; one alone
-    goes as before, without a savepoint).
-
-    Issue 17: with 16 clients the write lock, not the CPU, bounded the runs
-    a second (bench/README.md, branch sqcreate, has the numbers); each
-    create held it for its own hop and the turns of the event loop on
-    either side of it (granted to a task that runs a turn later, freed a
-    turn after its thread has committed). Creates that queue
-    while a claim holds it now share one holding. A group opens when a
-    collected transaction finds none open and takes in those that come
-    until the lock is its own (or it is full); its task then checks no more
-    in, leaves out those cancelled meanwhile (nothing of theirs was sent),
-    and sends the others. Each learns its own outcome: a statement that
-    fails (a DB-API error, or another such as a parameter SQLite cannot
-    bind) rolls back its own transaction alone (to its savepoint); a
-    failure of the whole hop (a lost connection: invalidated, 503; an
-    error that ends SQLite's transaction; the COMMIT) fails them all, a
-    DB-API error made again for each (_settle_all). A member cancelled
-    after the hop is sent waits for its outcome up to
-    COMMIT_OUTCOME_WAIT_SECONDS (seen_through), as a lone commit does.
-    On SQLite only POST /threads/runs's create collects (carried moves
-    collect only on PostgreSQL)."""
-
-    __slots__ = ("members",)
-
-    def __init__(self) -> None:
-        self.members: list[_Member] = []
-
-
-def _joined(engine: AsyncEngine, statements: list[sqlite_driver.Statement]) -> tuple[asyncio.Future[None], Sending]:
-    """``statements`` (a collected transaction) in the engine's open _Group,
-    or in a new one, whose task is started: its outcome and its Sending."""
-    writers = _WRITERS[engine.sync_engine]
-    loop = asyncio.get_running_loop()
-    group = writers.group
-    if group is None or len(group.members) >= GROUP_AT_MOST:
-        group = writers.group = _Group()
-        task = loop.create_task(_send_group(engine, writers, group))
-        writers.group_tasks.add(task)
-        task.add_done_callback(functools.partial(_group_ended, writers, group, engine.sync_engine.dialect))
-    member = _Member(statements, loop.create_future(), Sending())
-    group.members.append(member)
-    return member.outcome, member.sending
-
-
-async def _send_group(engine: AsyncEngine, writers: SQLiteWriters, group: _Group) -> None:
-    """_Group's task: a connection, then the write lock (_collected_connection),
-    then the members not cancelled meanwhile, in one hop; each member's
-    outcome set. Its own failures are theirs: only a cancellation (a
-    shutdown's) ends the task with more than its members' outcomes."""
-    dialect = engine.sync_engine.dialect
-    try:
-        pooled, _writers = await _collected_connection(engine)
-    except BaseException as error:  # the lock's timeout, a failed connect, a shutdown's cancellation
-        _close(writers, group)
-        _settle_all(group.members, error, dialect)
-        if isinstance(error, Exception):
-            return
-        raise
-    _close(writers, group)
-    members = [member for member in group.members if not member.outcome.done()]
-    for member in members:
-        member.sending.sent = True
-    held = _Held(writers)
-    # In a task of its own: the group's task cancelled (a shutdown) while
-    # the hop runs waits for its outcome (_waited_out) and tells each
-    # member its own (a committed create reported "cancelled" would be
-    # rolled back in the run log).
-    hop = asyncio.ensure_future(_hop(pooled, members, held, dialect))
-    try:
-        _settle_each(members, await _waited_out(hop), dialect)
-    except BaseException as error:
-        if hop.done() and not hop.cancelled():
-            outcome = hop.exception()
-            if outcome is None:
-                _settle_each(members, hop.result(), dialect)
-            else:
-                _settle_all(members, outcome, dialect)
-        else:
-            _settle_all(members, error, dialect)  # the hop itself cancelled (the loop torn down): its outcome unknown
-        if not isinstance(error, Exception):
-            raise
-    finally:
-        held.free()  # its transaction has ended, on the connection's thread (if not freed from there already)
-        # Whatever went wrong above, no member is left waiting: its caller
-        # (an HTTP request) would wait for good.
-        _settle_all(members, _Unsettled("the group's hop ended without this transaction's outcome"), dialect)
-        await _give_back(engine, pooled)
-
-
-async def _waited_out(hop: asyncio.Future[T]) -> T:
-    """``hop``'s outcome, waited for to its end even if the group's task is
-    cancelled meanwhile (a shutdown), that cancellation raised after. Not
-    seen_through()'s COMMIT_OUTCOME_WAIT_SECONDS: stopping the hop would not
-    end it sooner (its connection's invalidation waits for the thread, up to
-    SQLite's busy timeout) and would leave every member's outcome unknown,
-    creates that committed taken for rolled-back ones (review of sqfix)."""
-    try:
-        return await asyncio.shield(hop)
-    except asyncio.CancelledError:
-        while not hop.done():
-            with suppress(asyncio.CancelledError):  # re-raised below, once the outcome is known
-                await asyncio.wait({hop})
-        raise
-
-
-async def _hop(
-    pooled: PoolProxiedConnection, members: list[_Member], held: _Held, dialect: Dialect
-) -> list[Exception | None]:
-    """_send_group's hop: the members' transactions, each one's failure
-    (None: written); a failure of them all raised."""
-    driver: object = pooled.dbapi_connection
-    assert isinstance(driver, sqlite_driver.OneHopConnection)
-    if len(members) == 1:
-        hop = driver.commit_now("BEGIN IMMEDIATE", members[0].statements, held.free)
-        await held_back.sent(hop, "COMMIT", None, dialect, pooled.invalidate)
-        return [None]
-    if not members:
-        return []
-    each = driver.commit_each("BEGIN IMMEDIATE", [member.statements for member in members], held.free)
-    return await held_back.sent(each, "COMMIT", None, dialect, pooled.invalidate)
-
-
-def _settle_each(members: list[_Member], failures: list[Exception | None], dialect: Dialect) -> None:
-    """The hop's outcome, each member's own (``failures``, in order)."""
-    for member, failure in zip(members, failures, strict=True):
-        if member.outcome.done():
-            # Its caller, cancelled during the hop, stopped waiting for
-            # it (seen_through's COMMIT_OUTCOME_WAIT_SECONDS) and
-            # cancelled its outcome: the others are still told theirs.
-            continue
-        if failure is None:
-            member.outcome.set_result(None)
-        else:
-            member.outcome.set_exception(held_back.worded(failure, "COMMIT", None, dialect))
-
-
-def _group_ended(writers: SQLiteWriters, group: _Group, dialect: Dialect, task: asyncio.Task[None]) -> None:
-    """The group's task done, however: cancelled before its first step
-    (a shutdown), _send_group never ran, so the group is closed here (else
-    later creates would join it and wait for good) and its members told."""
-    writers.group_tasks.discard(task)
-    _close(writers, group)
-    error = asyncio.CancelledError() if task.cancelled() else task.exception()
-    _settle_all(
-        group.members, error or _Unsettled("the group's task ended without this transaction's outcome"), dialect
-    )
-
-
-class _Held:
-    """The write lock as one transaction holds it, freed once: by its
-    thread's commit (sqlite_driver._told_on: a turn of the loop before the
-    committing task resumes; issue 17) or at its end, whichever comes first."""
-
-    __slots__ = ("_held", "_writers")
-
-    def __init__(self, writers: SQLiteWriters) -> None:
-        self._writers = writers
-        self._held = True
-
-    def free(self) -> None:
-        if self._held:
-            self._held = False
-            self._writers.free()
-
-
-class _Unsettled(RuntimeError):
-    """A group member whose outcome its group's task failed to set (a bug):
-    failed rather than left waiting."""
-
-
-def _close(writers: SQLiteWriters, group: _Group) -> None:
-    """``group`` takes no more members: the next collected transaction opens another."""
-    if writers.group is group:
-        writers.group = None
-
-
-def _settle_all(members: list[_Member], error: BaseException, dialect: Dialect) -> None:
-    """The group's failure, the outcome of each of its ``members`` not
-    settled yet (nor cancelled by its caller): a cancellation of the
-    group's task before its hop is sent, or of the hop itself (the loop
-    torn down: its outcome unknown), cancels them; a DB-API error is
-    made again for each but the first (held_back.worded; one exception raised in several
-    tasks would gather all their tracebacks); any other error (one that is
-    not the driver's, a parameter SQLite cannot bind, say, raised by a lone
-    member's hop) is set as it is."""
-    first = True
-    for member in members:
-        if member.outcome.done():
-            continue  # cancelled by its caller before the hop was sent
-        if isinstance(error, asyncio.CancelledError):
-            member.outcome.cancel()
-        elif first or not isinstance(error, sa_exc.DBAPIError) or error.orig is None:
-            member.outcome.set_exception(error)
-        else:
-            member.outcome.set_exception(
-                held_back.worded(error.orig, error.statement, error.params, dialect, lost=error.connection_invalidated)
-            )
-        first = False
 
 
 def _straight_committable(session: AsyncSession) -> tuple[Connection, sqlite_driver.OneHopConnection] | None:
@@ -662,7 +419,7 @@ async def commit_straight(session: AsyncSession, *, seen_through: bool) -> bool:
         return False
     connection, driver = found
     if seen_through:
-        await _commit_seen_through(session, asyncio.ensure_future(_committed_straight(session, connection, driver)))
+        await commit_noted_through(session, asyncio.ensure_future(_committed_straight(session, connection, driver)))
     else:
         await _committed_straight(session, connection, driver)
     return True
@@ -682,19 +439,36 @@ async def _committed_straight(
         await greenlet_spawn(session.sync_session.close)  # the pool closes it: I/O
 
 
-async def _collected_connection(engine: AsyncEngine) -> tuple[PoolProxiedConnection, SQLiteWriters]:
+async def raw_write_connection(engine: AsyncEngine) -> tuple[PoolProxiedConnection, SQLiteWriters]:
     """A connection checked out of the pool raw, then the write lock: every
     writer's order (a transaction's checkout, then its begin's lock). The
     other way round, the lock's holder could wait for a connection held by
     writers queued for the lock, all of them until the pool's timeout."""
-    writers = _WRITERS[engine.sync_engine]
+    writers = writers_of(engine)
     pooled = _idle_checkout(engine.sync_engine.pool) or await engine.raw_connection()
     try:
         await writers.hold()
     except BaseException:
-        await _give_back(engine, pooled)
+        await give_back(engine, pooled)
         raise
     return pooled, writers
+
+
+class HeldLock:
+    """The write lock as one transaction holds it, freed once: by its
+    thread's commit (sqlite_driver._told_on: a turn of the loop before the
+    committing task resumes; issue 17) or at its end, whichever comes first."""
+
+    __slots__ = ("_held", "_writers")
+
+    def __init__(self, writers: SQLiteWriters) -> None:
+        self._writers = writers
+        self._held = True
+
+    def free(self) -> None:
+        if self._held:
+            self._held = False
+            self._writers.free()
 
 
 class RawSessionConnected(RuntimeError):
@@ -711,7 +485,7 @@ class RawTransaction:
     raw (issue 17: the worker's claim), with no SQLAlchemy Connection,
     transaction or greenlet (but the checkout's): the pool's checkout,
     then the process's write lock, as every writer takes them
-    (_collected_connection); BEGIN IMMEDIATE goes with its first statement. A session marked with it
+    (raw_write_connection); BEGIN IMMEDIATE goes with its first statement. A session marked with it
     (``session.info[RAW] = raw.held``) sends its run_now statements to it
     and holds its writes back on it (held_back.RAW), and never connects
     (SyncSession.get_bind refuses: RawSessionConnected). commit() sends the
@@ -725,7 +499,7 @@ class RawTransaction:
         self.pooled = pooled
         self.driver = driver
         self.held = held_back.Raw(driver, pooled.invalidate)
-        self._lock = _Held(writers)
+        self._lock = HeldLock(writers)
         # Freed once the COMMIT has run on the thread (commit_straight), as a
         # SQLAlchemy transaction's lock is (SQLiteWriters.begin); else by end().
         driver.on_transaction_end = self._lock.free
@@ -733,12 +507,12 @@ class RawTransaction:
 
     @classmethod
     async def begin(cls, engine: AsyncEngine) -> RawTransaction:
-        pooled, writers = await _collected_connection(engine)
+        pooled, writers = await raw_write_connection(engine)
         try:
             return cls(engine, pooled, writers)
         except BaseException:
             writers.free()
-            await _give_back(engine, pooled)
+            await give_back(engine, pooled)
             raise
 
     async def commit(self, session: AsyncSession, *, seen_through: bool) -> None:
@@ -748,7 +522,7 @@ class RawTransaction:
         commit_seen_through() carries a commit."""
         hop = held_back.sent(self.driver.commit_straight(), "COMMIT", None, self.engine.dialect, self.pooled.invalidate)
         if seen_through:
-            await _commit_seen_through(session, asyncio.ensure_future(hop))
+            await commit_noted_through(session, asyncio.ensure_future(hop))
         else:
             await hop
 
@@ -767,7 +541,7 @@ class RawTransaction:
                 await self._rolled_back()
         finally:
             self._lock.free()  # its transaction has ended (or its connection is closed), if not freed at its commit
-            await _give_back(self.engine, self.pooled)
+            await give_back(self.engine, self.pooled)
 
     async def _rolled_back(self) -> None:
         connection: Any = self.driver._connection  # aiosqlite's
@@ -789,7 +563,7 @@ class RawTransaction:
 def _idle_checkout(pool: Pool) -> PoolProxiedConnection | None:
     """An idle connection checked out of a SQLite file's pool without
     SQLAlchemy's greenlet (issue 17: every writer that checks out raw,
-    _collected_connection: a claim's raw transaction, commit_collected()),
+    raw_write_connection: a claim's raw transaction, sqlite_groups.commit_collected()),
     where the checkout does no I/O: the connection the pool hands out next
     is open and not due for a reconnect (no recycling, not invalidated
     since it opened), no pre-ping, no checkout listener (one would run
@@ -818,7 +592,7 @@ def _pool_takes_back(pool: Pool) -> bool:
     return isinstance(pool, QueuePool) and pool.checkedin() < pool.size()
 
 
-async def _give_back(engine: AsyncEngine, pooled: PoolProxiedConnection) -> None:
+async def give_back(engine: AsyncEngine, pooled: PoolProxiedConnection) -> None:
     """``pooled`` back to its pool (its reset sends nothing: no transaction
     is open), or closed if the pool is full (an overflow connection) or it
     was invalidated: a close is I/O, which needs SQLAlchemy's greenlet
@@ -857,7 +631,7 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
         event.listen(engine.sync_engine, "before_cursor_execute", sqlite_driver.hold_back_marked_writes)
         writers = SQLiteWriters(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
         writers.listen(engine)
-        if not in_memory:  # a file: a pool to check a connection out of (commit_collected)
+        if not in_memory:  # a file: a pool to check a connection out of (sqlite_groups)
             _WRITERS[engine.sync_engine] = writers
         return engine
     # Up to ``pool_size`` connections (default POSTGRES_CONNECTIONS), all
@@ -1148,21 +922,24 @@ async def commit_seen_through(session: AsyncSession) -> None:
     a cancellation, ``committed_despite_cancellation(session)`` then says
     whether it committed. A task per commit: used only where the outcome
     matters."""
-    await _commit_seen_through(session, asyncio.ensure_future(session.commit()))
+    await commit_noted_through(session, asyncio.ensure_future(session.commit()))
 
 
-def _routine_miss(error: BaseException) -> bool:
-    # A held-back compare-and-set that missed routinely (stale run
-    # defaults, a run moved: its writer retries or reads again) is only
-    # noted; a write that cannot miss and did is a bug, and warned of.
+def routine_miss(error: BaseException) -> bool:
+    """seen_through()'s ``expected`` for a COMMIT: a held-back
+    compare-and-set that missed routinely (stale run defaults, a run moved:
+    its writer retries or reads again) is only noted; a write that cannot
+    miss and did is a bug, and warned of."""
     return sqlite_driver.raised_within(error, sqlite_driver.RoutineMismatch)
 
 
-async def _commit_seen_through(
+async def commit_noted_through(
     session: AsyncSession, commit: asyncio.Future[None], sending: Sending | None = None
 ) -> None:
+    """seen_through() of ``commit``, ``session``'s, noted on the session if
+    it committed despite a cancellation (committed_despite_cancellation())."""
     try:
-        await seen_through(commit, "a cancelled transaction's COMMIT", sending=sending, expected=_routine_miss)
+        await seen_through(commit, "a cancelled transaction's COMMIT", sending=sending, expected=routine_miss)
     except asyncio.CancelledError:
         if commit.done() and not commit.cancelled() and commit.exception() is None:
             session.info[_COMMITTED] = True

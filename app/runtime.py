@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from app import cassettes, db, run_log, sqlite_peers
+from app import cassettes, db, run_log, sqlite_groups, sqlite_peers
 from app.bus import EventBus
 from app.cancelling import cancel_and_wait
 from app.created_runs import CreatedRuns
@@ -355,7 +355,7 @@ class Runtime:
         held-back writes while it has not connected. Connected (a read, a
         statement not held back) or with ORM changes to flush, it commits
         as transaction()'s does, the collected writes first in its
-        transaction; else commit_collected() sends them in one hop."""
+        transaction; else sqlite_groups.commit_collected() sends them in one hop."""
         async with self.sessionmaker() as session:
             session.info[db.COLLECTED] = []
             try:
@@ -372,7 +372,7 @@ class Runtime:
                     else:
                         await session.commit()
                 elif session.info.get(db.COLLECTED):
-                    await db.commit_collected_seen_through(session, self.engine)
+                    await sqlite_groups.commit_collected_seen_through(session, self.engine)
                 assert not session.info.get(db.COLLECTED), "collected writes left unsent"
             except BaseException:
                 await self._roll_back(session)

@@ -176,7 +176,7 @@ def _commit_each(
     connection: sqlite3.Connection, begin: str, transactions: list[list[Statement]], told: Callable[[], object]
 ) -> list[Exception | None]:
     """On aiosqlite's thread: several collected transactions as one (issue
-    17: db.commit_collected's group), ``begin``, then each in a savepoint of
+    17: sqlite_groups.commit_collected's group), ``begin``, then each in a savepoint of
     its own, COMMIT: each one's failure (its error, a DB-API one or
     another raised by a statement, such as a parameter's binding; else
     None), a failing one rolled back to its savepoint alone, as it would
@@ -471,7 +471,7 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         raised here). ``committed`` is called on the event loop once the
         thread has committed, ahead of this coroutine's return (_told_on).
         Only on a connection in no transaction (checked out of the pool
-        raw: db.commit_collected)."""
+        raw: sqlite_groups.commit_collected)."""
         await self._outside(_commit, begin, statements, committed)
 
     async def commit_each(

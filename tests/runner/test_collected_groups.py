@@ -1,4 +1,4 @@
-"""app/db.py's groups of collected transactions (issue 17): SQLite
+"""app/sqlite_groups.py's groups of collected transactions (issue 17): SQLite
 transactions of held-back writes alone that queue for the write lock
 together go in one hop, each in a savepoint of its own, and each learns its
 own outcome: a failing write undoes its own transaction alone, a member
@@ -21,7 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app import db, sqlite_driver
+from app import db, sqlite_driver, sqlite_groups
 from app.api.handlers import unexpected_error
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])]
@@ -34,6 +34,11 @@ async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
         await connection.execute(text("CREATE TABLE t (v TEXT PRIMARY KEY)"))
     yield engine
     await engine.dispose()
+
+
+def _groups(engine: AsyncEngine) -> sqlite_groups._Groups:
+    """The engine's groups: the one taking members, and their tasks."""
+    return sqlite_groups._GROUPS[db.writers_of(engine)]
 
 
 def _insert(value: str) -> sqlite_driver.Statement:
@@ -62,7 +67,7 @@ async def _queued(
     writers = db._WRITERS[engine.sync_engine]
     await writers.hold()
     try:
-        tasks = [asyncio.create_task(db.commit_collected(engine, statements)) for statements in transactions]
+        tasks = [asyncio.create_task(sqlite_groups.commit_collected(engine, statements)) for statements in transactions]
         await _ticks()
         yield tasks
     finally:
@@ -90,7 +95,7 @@ async def _sent_behind_another_process(
         holder.execute("BEGIN IMMEDIATE")
         members = await _queued_then_freed(engine, *([_insert(value)] for value in values))
         await _ticks()
-        assert writers._lock._held and writers.group is None, "the hop is sent"
+        assert writers._lock._held and _groups(engine).open is None, "the hop is sent"
         yield members
     finally:
         holder.close()
@@ -131,17 +136,17 @@ async def test_transactions_queued_for_the_lock_go_in_one_hop_a_failing_one_undo
     undoes its first write too and fails it alone, with SQLAlchemy's error
     for it; the others are written."""
     sizes = _counting_hops(monkeypatch)
-    writers = db._WRITERS[engine.sync_engine]
     queued = _queued(engine, [_insert("a")], [_insert("b"), _insert("a")], [_insert("c"), _insert("d")])
     async with queued as (first, failing, third):
-        assert writers.group is not None and len(writers.group.members) == 3
+        group = _groups(engine).open
+        assert group is not None and len(group.members) == 3
     async with asyncio.timeout(10):
         await asyncio.wait({first, failing, third})
     assert first.exception() is None and third.exception() is None
     assert isinstance(failing.exception(), IntegrityError)
     assert sizes == [3]
     assert await _stored(engine) == ["a", "c", "d"]
-    assert writers.group is None and engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert _groups(engine).open is None and engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 async def test_a_parameter_that_cannot_be_bound_fails_its_own_transaction_alone(
@@ -230,7 +235,7 @@ async def test_a_connection_lost_under_a_group_fails_each_member_invalidated(eng
         assert isinstance(error, DBAPIError) and error.connection_invalidated
         assert unexpected_error(error).status == 503
     assert errors[0] is not errors[1]
-    await db.commit_collected(engine, [_insert("c")])  # no broken connection handed out
+    await sqlite_groups.commit_collected(engine, [_insert("c")])  # no broken connection handed out
     assert await _stored(engine) == ["c"]
 
 
@@ -239,7 +244,7 @@ async def test_a_group_takes_group_at_most_members_and_the_next_one_the_rest(
 ) -> None:
     """A group takes GROUP_AT_MOST members at most: a transaction that
     finds it full opens the next group, sent after it."""
-    monkeypatch.setattr(db, "GROUP_AT_MOST", 2)
+    monkeypatch.setattr(sqlite_groups, "GROUP_AT_MOST", 2)
     sizes = _counting_hops(monkeypatch)
     tasks = await _queued_then_freed(engine, *([_insert(value)] for value in "abc"))
     async with asyncio.timeout(10):
@@ -409,16 +414,15 @@ async def test_a_group_cancelled_before_its_first_step_is_closed_and_its_members
     member ends, cancelled (nothing was sent), the group takes no more
     members, and a later transaction is written by a group of its own
     (before the fix it joined the dead group and waited for good)."""
-    writers = db._WRITERS[engine.sync_engine]
-    member = asyncio.create_task(db.commit_collected(engine, [_insert("a")]))
+    member = asyncio.create_task(sqlite_groups.commit_collected(engine, [_insert("a")]))
     await asyncio.sleep(0)  # the member has joined: its group's task is created, not started
-    (task,) = writers.group_tasks
+    (task,) = _groups(engine).tasks
     task.cancel()
     async with asyncio.timeout(10):
         await asyncio.wait({member})
-    assert member.cancelled() and writers.group is None and not writers.group_tasks
+    assert member.cancelled() and _groups(engine).open is None and not _groups(engine).tasks
     async with asyncio.timeout(10):
-        await db.commit_collected(engine, [_insert("b")])
+        await sqlite_groups.commit_collected(engine, [_insert("b")])
     assert await _stored(engine) == ["b"]
 
 
@@ -428,9 +432,8 @@ async def test_a_group_cancelled_during_its_hop_tells_its_members_the_hops_outco
     """The group's task cancelled once its hop is sent (a shutdown): it
     waits for the hop, and each member learns its outcome (written), not
     "cancelled" (a committed create taken for a rolled-back one)."""
-    writers = db._WRITERS[engine.sync_engine]
     async with _sent_behind_another_process(engine, tmp_path / "groups.db", "ab") as members:
-        (task,) = writers.group_tasks
+        (task,) = _groups(engine).tasks
         task.cancel()
         await _ticks()
         assert not any(member.done() for member in members)
@@ -446,9 +449,8 @@ async def test_a_group_cancelled_during_a_hop_longer_than_the_outcome_wait_still
     written (before the fix the hop was given up after that wait and every
     member told "cancelled", though their creates were stored)."""
     monkeypatch.setattr(db, "COMMIT_OUTCOME_WAIT_SECONDS", 0.1)
-    writers = db._WRITERS[engine.sync_engine]
     async with _sent_behind_another_process(engine, tmp_path / "groups.db", "ab") as members:
-        (task,) = writers.group_tasks
+        (task,) = _groups(engine).tasks
         task.cancel()
         # Past the outcome wait (which the group does not use now), the
         # other process still holding its lock: nothing is settled yet.

@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import make_transient_to_detached
 
-from app import db, held_back, orm, sqlite_driver
+from app import db, held_back, orm, sqlite_driver, sqlite_groups
 from app.api.handlers import unexpected_error
 from app.runtime import Runtime
 from app.services import core_rows, run_defaults, run_events, run_execution, run_state
@@ -503,7 +503,7 @@ async def test_a_collected_commit_takes_its_connection_before_the_write_lock(
         await writers.hold()
         try:
             collected = asyncio.create_task(
-                db.commit_collected(
+                sqlite_groups.commit_collected(
                     engine, [sqlite_driver.Statement("INSERT INTO t VALUES ('collected')", None, False)]
                 )
             )
@@ -619,7 +619,7 @@ async def test_a_connection_lost_under_a_straight_statement_is_invalidated_as_sq
     await pooled.dbapi_connection._connection.close()  # type: ignore[union-attr]
     pooled.close()
     with pytest.raises(DBAPIError) as raised:
-        await db.commit_collected(runtime.engine, [sqlite_driver.Statement("SELECT 1", None, False)])
+        await sqlite_groups.commit_collected(runtime.engine, [sqlite_driver.Statement("SELECT 1", None, False)])
     assert raised.value.connection_invalidated
     assert unexpected_error(raised.value).status == 503
     async with runtime.transaction() as session:  # no broken connection handed out
@@ -637,7 +637,7 @@ async def test_a_routine_miss_of_a_cancelled_collected_commit_is_only_noted(
     runtime: Runtime, caplog: pytest.LogCaptureFixture, mismatch: dict[str, Any], level: int
 ) -> None:
     """A collected unit cancelled once its hop is sent waits for the hop's
-    outcome (db.commit_collected_seen_through). Its checked write missing
+    outcome (sqlite_groups.commit_collected_seen_through). Its checked write missing
     there is noted (debug) when the miss is routine (the assistant changed:
     run_defaults.AssistantChanged, which the caller would have retried), and
     a warning when the write could not miss (run_state's _CANNOT_MISS: no

@@ -294,7 +294,7 @@ async def test_a_cancellation_giving_the_connection_back_after_the_commit_tells_
     rolled back."""
     (run_id,) = await _make_runs(runtime, 1)
     execute.not_at_once(run_id)  # started in the claim, streamed after: its events logged in it
-    real = db._give_back
+    real = db.give_back
     giving_back = asyncio.Event()
 
     async def held_give_back(engine: AsyncEngine, pooled: Any) -> None:
@@ -320,7 +320,7 @@ async def test_a_cancellation_giving_the_connection_back_after_the_commit_tells_
     monkeypatch.setattr(log, "rolled_back", tell_rolled_back)
     async with runtime.bus.follow(run_id) as delivered:
         with monkeypatch.context() as patch:
-            patch.setattr(db, "_give_back", held_give_back)
+            patch.setattr(db, "give_back", held_give_back)
             task = asyncio.create_task(execute.claim_and_start(runtime, _OWNER, 1, 60.0, {}))
             await asyncio.wait_for(giving_back.wait(), 30)
             task.cancel()
