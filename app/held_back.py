@@ -308,7 +308,7 @@ async def _straight(session: AsyncSession, statement: ClauseElement, params: dic
 # (Runtime.unit_of_work): the list of its held-back writes so far. While the
 # session has no connection they are collected there, without the pool's
 # checkout, the write lock or SQLAlchemy's transaction (issue 17); if
-# nothing else connects it, db.commit_collected() sends them with BEGIN
+# nothing else connects it, sqlite_groups.commit_collected() sends them with BEGIN
 # IMMEDIATE and COMMIT in one hop. Anything that connects the session
 # (a read, a statement not held back, an ORM flush, a savepoint) first
 # hands them to its transaction (hand_over), in order, ahead of its own
@@ -587,7 +587,7 @@ async def sent(
 ) -> T:
     """``hop`` (a statement or transaction sent straight to the driver,
     outside SQLAlchemy's execution: run_now on SQLite and on PostgreSQL,
-    db.commit_collected, db.commit_straight, db.RawTransaction.commit),
+    sqlite_groups.commit_collected, db.commit_straight, db.RawTransaction.commit),
     failing as SQLAlchemy's
     execution fails. A driver error is SQLAlchemy's error for it
     (DBAPIError.instance: IntegrityError, OperationalError...); a lost
@@ -627,7 +627,7 @@ def worded(
     """``error``, raised by a hop running ``sql``, as sent() raises it: a
     driver error as SQLAlchemy's error for it (DBAPIError.instance:
     IntegrityError, OperationalError...; ``lost``: its connection
-    invalidated), any other as it is (db._send_group words its members'
+    invalidated), any other as it is (sqlite_groups._send_group words its members'
     failures so, each as it would fail alone)."""
     orig = _driver_error(dialect, error)
     if orig is None:
