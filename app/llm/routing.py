@@ -26,6 +26,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -39,6 +40,7 @@ ENV_REFERENCE = "os.environ/"
 # Keys the LiteLLM proxy reads for its own routing; they are not completion
 # parameters, so they must not reach litellm.acompletion().
 ROUTER_KEYS = frozenset({"rpm", "tpm", "order", "weight", "max_parallel_requests", "max_input_tokens"})
+_ROUTES_KEPT = 1024  # looked-up names whose Route is kept (routing.Router.route)
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,8 @@ class Entry:
         # use, unless the entry says ``direct: true``.
         translated = self.pattern is not None and not self.forced and providers.name_translated(params["model"])
         direct = self.direct and not translated
-        return Route(model, params, self.info, direct, handed_to_litellm=self.direct and not direct)
+        # Read-only: the Router keeps this Route for every later lookup of the name.
+        return Route(model, MappingProxyType(params), self.info, direct, handed_to_litellm=self.direct and not direct)
 
 
 def direct_refusal(params: Mapping[str, Any]) -> str | None:
@@ -172,6 +175,13 @@ class Router:
     everything_offline: bool  # no model_list at all
     # The file's embedding_model names a routed provider: embeddings always go through litellm.
     embeds_through_litellm: bool = False
+    # Each name's Route, made once: a run looks its model up three or four
+    # times (the answer, the prompt's token count, the provider call), and a
+    # wildcard's lookup copies the entry's params, matches its pattern and
+    # checks the filled-in name (bench/README.md, branch dircpu). A Route
+    # holds no environment value (``os.environ/`` is resolved per call), so
+    # nothing in it goes stale while the routing file stays the same.
+    _routes: dict[str, Route | None] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, entries: Sequence[Entry] | None, embedding_model: Any = None) -> Router:
@@ -189,13 +199,21 @@ class Router:
         return cls(exact, wildcards, False, embeds)
 
     def route(self, model: str) -> Route | None:
+        if model in self._routes:
+            return self._routes[model]
+        if len(self._routes) >= _ROUTES_KEPT:  # requests name models: a wildcard admits any number
+            self._routes.clear()
+        route = self._routes[model] = self._find(model)
+        return route
+
+    def _find(self, model: str) -> Route | None:
         if model in self.exact:
             return self.exact[model].route(model)
         for entry in self.wildcards:
             route = entry.route(model)
             if route is not None:
                 return route
-        return Route(model, {"model": f"{OFFLINE}/{model}"}) if self.everything_offline else None
+        return Route(model, MappingProxyType({"model": f"{OFFLINE}/{model}"})) if self.everything_offline else None
 
     def _entries(self) -> list[Entry]:
         return [*self.exact.values(), *self.wildcards]

@@ -787,6 +787,32 @@ async def test_provider_connection_cut_mid_stream(routed: LLM) -> None:
     assert failure.value.code == "server_error"
 
 
+async def test_a_key_rotated_in_the_environment_is_sent_by_a_route_already_looked_up(
+    routed: LLM, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name's Route is made once and kept (routing.Router); the key it reads
+    from the environment is still read for each call."""
+    assert routed.route("fake-chat") is routed.route("fake-chat")
+    with pytest.raises(TypeError):  # shared by every lookup of the name: nobody may change it
+        routed.route("fake-chat").params["api_base"] = "http://elsewhere"  # type: ignore[index]
+    await collect(routed, ChatRequest("fake-chat", [user("hi")]))
+    monkeypatch.setenv("FAKE_OPENAI_KEY", "sk-rotated")
+    await collect(routed, ChatRequest("fake-chat", [user("hi")]))
+    assert [sent["authorization"] for sent in fake.requests][-1] == "Bearer sk-rotated"
+    assert fake.requests[0]["authorization"] != "Bearer sk-rotated"
+
+
+def test_routes_kept_are_bounded(tmp_path: Path) -> None:
+    """Requests name their model: a wildcard admits any number of names, of which only so many are kept."""
+    config = {"model_list": [{"model_name": "*", "litellm_params": {"model": "offline/*"}}]}
+    llm = LLM.from_config(write_config(tmp_path, config))
+    first = llm.route("model-0")
+    for number in range(1, 3000):
+        assert llm.route(f"model-{number}").target == f"offline/model-{number}"
+    assert len(llm._router._routes) <= 1024
+    assert llm.route("model-0") == first
+
+
 async def test_unset_environment_key_is_a_server_error(
     routed: LLM, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
