@@ -46,6 +46,7 @@ from app.llm import plain_http, providers
 from app.llm.interface import ChatRequest, Event, LLMError, TokenCounter, chat_body, explicit_params
 from app.llm.provider import ChunkReader, ProviderFailure, provider_error
 from app.llm.routing import Route, resolve_env
+from app.wire import jsontext
 
 if TYPE_CHECKING:
     import httpx
@@ -245,7 +246,10 @@ class Call:
         return cls(
             url=where.url,
             headers=headers,
-            body=json.dumps(body, ensure_ascii=False).encode(),
+            # orjson's compact text: the same JSON to the provider, the spaces after
+            # "," and ":" aside, for a third to a half of Call.build's CPU (most on a
+            # long thread's prompt; bench/README.md, branch dircpu).
+            body=jsontext.dumps(body).encode(),
             timeout=timeout,
             max_retries=max_retries,
         )
