@@ -446,12 +446,36 @@ async def call_path(stub_port: int, anthropic_port: int, scratch: Path, count: i
                     if line.startswith("data: {"):
                         json.loads(line[6:])
 
+        raw = await asyncio.open_connection("127.0.0.1", stub_port)
+        request = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{stub_port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode() + payload
+
+        async def socket_floor() -> None:
+            # The least any client does: the request written on a kept-alive
+            # connection, the answer read to its last chunk, each chunk's JSON
+            # parsed (no headers checked, no pool, no errors: not a client).
+            reader, writer = raw
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert b"chunked" in head.lower()
+            while True:
+                size = int((await reader.readline()).strip(), 16)
+                piece = await reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                for line in piece.split(b"\n"):
+                    if line.startswith(b"data: {"):
+                        json.loads(line[6:])
+
         async def through(model: str) -> None:
             async for _ in llm.stream(ChatRequest(model, messages)):
                 pass
 
         rows = []
         for label, once in [
+            ("bare socket, chunks read and parsed (the floor of any client)", socket_floor),
             ("bare httpx stream", bare),
             ("direct", lambda: through(MODELS["direct"])),
             ("litellm", lambda: through(MODELS["litellm"])),
@@ -465,6 +489,7 @@ async def call_path(stub_port: int, anthropic_port: int, scratch: Path, count: i
             for _ in range(count):
                 await once()
             rows.append(f"| {label} | {(time.process_time() - started) * 1000 / count:.2f} |")
+    raw[1].close()
     await llm.aclose()
     return rows
 
