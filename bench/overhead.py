@@ -423,8 +423,9 @@ async def bench_database(
 
 async def call_path(stub_port: int, anthropic_port: int, scratch: Path, count: int) -> list[str]:
     """CPU per streamed completion of the provider call path alone, in this
-    process: a bare httpx stream (the floor), the direct path, litellm, an
-    azure/ route, an anthropic/ route (litellm)."""
+    process: a bare socket (the floor of any client), a bare httpx stream,
+    the direct path, litellm, an azure/ route, an anthropic/ route (directly
+    and through litellm)."""
     import httpx
 
     from app.llm import LLM, ChatRequest

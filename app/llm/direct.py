@@ -246,9 +246,12 @@ class Call:
         return cls(
             url=where.url,
             headers=headers,
-            # orjson's compact text: the same JSON to the provider, the spaces after
-            # "," and ":" aside, for a third to a half of Call.build's CPU (most on a
-            # long thread's prompt; bench/README.md, branch dircpu).
+            # orjson's compact text (jsontext.dumps), as the run log and the
+            # stored rows are written: the same JSON to the provider but for the
+            # differences jsontext's docstring lists (spaces, U+2028 escaped,
+            # NaN and the infinities as null), for a third to a half of
+            # Call.build's CPU (most on a long thread's prompt; bench/README.md,
+            # branch dircpu).
             body=jsontext.dumps(body).encode(),
             timeout=timeout,
             max_retries=max_retries,

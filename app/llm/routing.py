@@ -41,6 +41,11 @@ ENV_REFERENCE = "os.environ/"
 # parameters, so they must not reach litellm.acompletion().
 ROUTER_KEYS = frozenset({"rpm", "tpm", "order", "weight", "max_parallel_requests", "max_input_tokens"})
 _ROUTES_KEPT = 1024  # looked-up names whose Route is kept (routing.Router.route)
+# Longer names are looked up, not kept: assistants and runs cap their model at
+# 256 characters (wire ModelName), but a chat completion's or an embedding's
+# model is any length the body allows, and 1,024 names of megabytes each,
+# kept, would be gigabytes that one client chose.
+_NAME_KEPT_AT_MOST = 256
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,10 @@ def _fill_stars(template: str, captured: Sequence[str]) -> str:
     return "".join(out)
 
 
+# Router.route's "not looked up yet" (None is a name with no route).
+_UNSEEN: Any = object()
+
+
 @dataclass(frozen=True)
 class Router:
     exact: Mapping[str, Entry]
@@ -181,7 +190,7 @@ class Router:
     # checks the filled-in name (bench/README.md, branch dircpu). A Route
     # holds no environment value (``os.environ/`` is resolved per call), so
     # nothing in it goes stale while the routing file stays the same.
-    _routes: dict[str, Route | None] = field(default_factory=dict, compare=False, repr=False)
+    _routes: dict[str, Route | None] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def build(cls, entries: Sequence[Entry] | None, embedding_model: Any = None) -> Router:
@@ -199,11 +208,14 @@ class Router:
         return cls(exact, wildcards, False, embeds)
 
     def route(self, model: str) -> Route | None:
-        if model in self._routes:
-            return self._routes[model]
-        if len(self._routes) >= _ROUTES_KEPT:  # requests name models: a wildcard admits any number
-            self._routes.clear()
-        route = self._routes[model] = self._find(model)
+        route = self._routes.get(model, _UNSEEN)
+        if route is not _UNSEEN:
+            return route
+        route = self._find(model)
+        if len(model) <= _NAME_KEPT_AT_MOST:
+            if len(self._routes) >= _ROUTES_KEPT:  # requests name models: a wildcard admits any number
+                self._routes.clear()
+            self._routes[model] = route
         return route
 
     def _find(self, model: str) -> Route | None:

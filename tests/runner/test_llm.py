@@ -813,6 +813,17 @@ def test_routes_kept_are_bounded(tmp_path: Path) -> None:
     assert llm.route("model-0") == first
 
 
+def test_a_long_model_name_is_routed_but_not_kept(tmp_path: Path) -> None:
+    """A chat completion's model may be as long as its body: routed, never
+    kept (1,024 names of megabytes each would be gigabytes one client chose)."""
+    config = {"model_list": [{"model_name": "*", "litellm_params": {"model": "offline/*"}}]}
+    llm = LLM.from_config(write_config(tmp_path, config))
+    long_name = "m" * 100_000
+    assert llm.route(long_name).target == "offline/" + long_name
+    assert llm.route("m" * 256) is not None
+    assert list(llm._router._routes) == ["m" * 256]
+
+
 async def test_unset_environment_key_is_a_server_error(
     routed: LLM, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
