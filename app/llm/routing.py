@@ -208,9 +208,9 @@ class Router:
         return cls(exact, wildcards, False, embeds)
 
     def route(self, model: str) -> Route | None:
-        route = self._routes.get(model, _UNSEEN)
-        if route is not _UNSEEN:
-            return route
+        kept: Route | None = self._routes.get(model, _UNSEEN)
+        if kept is not _UNSEEN:
+            return kept
         route = self._find(model)
         if len(model) <= _NAME_KEPT_AT_MOST:
             if len(self._routes) >= _ROUTES_KEPT:  # requests name models: a wildcard admits any number
