@@ -125,7 +125,8 @@ class Run(Base):
     __tablename__ = "runs"
     __table_args__ = (
         Index("ix_runs_thread_seq", "thread_id", "seq"),
-        Index("ix_runs_status", "status"),
+        # SQLite's only: PostgreSQL's status filters read ux_runs_live_thread (migration 0015).
+        Index("ix_runs_status", "status").ddl_if(dialect="sqlite"),
         # The database itself keeps "one live run per thread" (issue 10),
         # whatever a check before the insert saw.
         Index(
