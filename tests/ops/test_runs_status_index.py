@@ -65,15 +65,14 @@ async def test_the_reapers_plans_read_the_live_runs_index_among_many_ended_runs(
     try:
         await db.migrate(engine)
         async with engine.begin() as connection:
-            await connection.execute(
-                text("INSERT INTO threads (id, seq, created_at, metadata) SELECT 'thread_' || g, g, 1, '{}' FROM generate_series(1, 1000) g")
-            )
+            threads = "SELECT 'thread_' || g, g, 1, '{}' FROM generate_series(1, 1000) g"
+            await connection.execute(text(f"INSERT INTO threads (id, seq, created_at, metadata) {threads}"))
             await connection.execute(
                 text(
-                    "INSERT INTO runs (id, seq, created_at, thread_id, assistant_id, status, model, instructions, tools, "
-                    "metadata, parallel_tool_calls) SELECT 'run_' || g, g, 1, 'thread_' || (g % 997 + 1), 'asst_x', "
-                    "CASE WHEN g % 1000 = 0 THEN 'cancelling' ELSE 'completed' END, 'm', '', '[]', '{}', true "
-                    "FROM generate_series(1, 20000) g"
+                    "INSERT INTO runs (id, seq, created_at, thread_id, assistant_id, status, model, instructions, "
+                    "tools, metadata, parallel_tool_calls) SELECT 'run_' || g, g, 1, 'thread_' || (g % 997 + 1), "
+                    "'asst_x', CASE WHEN g % 1000 = 0 THEN 'cancelling' ELSE 'completed' END, 'm', '', '[]', '{}', "
+                    "true FROM generate_series(1, 20000) g"
                 )
             )
             await connection.execute(text("ANALYZE runs"))
