@@ -1,0 +1,74 @@
+"""The run log's inserts on PostgreSQL keep a generic plan (issue 17): a
+batch of fewer events than PostgreSQL's default guess for an array (a
+create's 3) must not make every plan made with the values look cheaper,
+or PostgreSQL plans the statement again at each execution."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app import orm
+from app.runtime import Runtime
+from app.services import core_rows, run_events
+from app.wire.events import Event
+from tests.runner.test_held_back import _RUN, _THREAD
+
+pytestmark = [pytest.mark.timeout(30), pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
+
+# PostgreSQL plans a prepared statement with its values 5 times, then
+# weighs the generic plan against them; 8 leaves room for the decision.
+EXECUTIONS = 8
+EVENTS = [Event("thread.run.created", {"id": "run_plan"}), Event("thread.run.queued", {"id": "run_plan"})]
+
+
+async def _plans(connection: AsyncConnection, fragment: str) -> tuple[int, int]:
+    """(generic, custom) plans so far of this connection's prepared
+    statements whose text holds ``fragment``."""
+    raw = (await connection.get_raw_connection()).driver_connection
+    assert raw is not None
+    row = await raw.fetchrow(
+        "SELECT coalesce(sum(generic_plans), 0), coalesce(sum(custom_plans), 0) FROM pg_prepared_statements "
+        "WHERE statement LIKE '%' || $1 || '%'",
+        fragment,
+    )
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+async def _with_a_run(runtime: Runtime) -> None:
+    async with runtime.transaction() as session:
+        await core_rows.insert_row(session, core_rows.record(orm.Thread, **_THREAD))
+        await core_rows.insert_row(session, core_rows.record(orm.Run, id="run_plan", **_RUN))
+
+
+async def test_a_short_batchs_insert_keeps_the_generic_plan(runtime: Runtime) -> None:
+    await _with_a_run(runtime)
+    async with runtime.engine.connect() as connection:
+        statement = run_events._insert_postgres_statement(False, False)
+        for _ in range(EXECUTIONS):
+            parameters: dict[str, Any] = {
+                "run_ids": ["run_plan"] * len(EVENTS),
+                "ns": list(range(1, len(EVENTS) + 1)),
+                "names": [event.name for event in EVENTS],
+                "datas": [run_events._logged_text(event) for event in EVENTS],
+                "now": 1.0,
+            }
+            await connection.execute(statement, parameters)
+        generic, custom = await _plans(connection, "unnest(")
+        await connection.rollback()
+    assert custom == 5 and generic == EXECUTIONS - custom
+
+
+async def test_the_logged_insert_other_statements_carry_keeps_the_generic_plan(runtime: Runtime) -> None:
+    await _with_a_run(runtime)
+    async with runtime.engine.connect() as connection:
+        statement = text(run_events._logged_sql(False))  # the create's and the end's CTE, alone
+        for _ in range(EXECUTIONS):
+            await connection.execute(statement, run_events._logged_params("run_plan", EVENTS))
+        generic, custom = await _plans(connection, "unnest(")
+        await connection.rollback()
+    assert custom == 5 and generic == EXECUTIONS - custom
