@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import text
+from sqlalchemy.schema import SchemaItem
 
 from app.orm import Base
 
@@ -12,6 +13,17 @@ target_metadata = Base.metadata
 
 # Any constant works; it only has to be the same for every server process.
 _MIGRATION_LOCK_ID = 7_410_431_022
+
+
+def _include_object(
+    item: SchemaItem, name: str | None, type_: str, reflected: bool, compare_to: SchemaItem | None
+) -> bool:
+    """What a schema comparison (autogenerate) weighs: Alembic ignores
+    ddl_if, so without this it would read SQLite's own status index
+    (orm.Run, migration 0015) as missing on PostgreSQL and put it back."""
+    if type_ == "index" and name == "ix_runs_status":  # (index names are the schema's: one table's)
+        return context.get_bind().dialect.name == "sqlite"
+    return True
 
 
 def run_migrations_online() -> None:
@@ -25,6 +37,7 @@ def run_migrations_online() -> None:
         connection=connection,
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
+        include_object=_include_object,
     )
     with context.begin_transaction():
         context.run_migrations()

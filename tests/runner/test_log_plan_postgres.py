@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import openai
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -17,7 +19,7 @@ from app.services import core_rows, run_events
 from app.wire.events import Event
 from tests.runner.test_held_back import _RUN, _THREAD
 
-pytestmark = [pytest.mark.timeout(30), pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
+pytestmark = [pytest.mark.timeout(60), pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
 
 # PostgreSQL plans a prepared statement with its values 5 times, then
 # weighs the generic plan against them; 8 leaves room for the decision.
@@ -72,3 +74,25 @@ async def test_the_logged_insert_other_statements_carry_keeps_the_generic_plan(r
         generic, custom = await _plans(connection, "unnest(")
         await connection.rollback()
     assert custom == 5 and generic == EXECUTIONS - custom
+
+
+async def test_the_api_create_keeps_the_generic_plan(client: openai.AsyncOpenAI, app: FastAPI) -> None:
+    """The statement the plan was re-made for at each execution: the
+    create's own (its run row, its log's insert carried in its CTEs), sent
+    by real creates. Every pooled connection that ran it more than
+    PostgreSQL's five custom plans must have settled on the generic one."""
+    assistant = await client.beta.assistants.create(model="gpt-4o")
+    for _ in range(EXECUTIONS + 4):
+        await client.beta.threads.create_and_run_poll(
+            assistant_id=assistant.id, thread={"messages": [{"role": "user", "content": "hi"}]}
+        )
+    engine = app.state.runtime.engine
+    connections = [await engine.connect() for _ in range(engine.pool.checkedin())]  # type: ignore[attr-defined]
+    try:
+        plans = [await _plans(connection, "INSERT INTO runs") for connection in connections]
+    finally:
+        for connection in connections:
+            await connection.close()
+    settled = [(generic, custom) for generic, custom in plans if generic + custom > 5]
+    assert settled, f"no connection ran the create more than 5 times: {plans}"
+    assert all(generic > 0 for generic, _ in settled), plans
