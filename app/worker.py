@@ -19,6 +19,7 @@ within a drain timeout and releases the leases of the rest at once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import secrets
@@ -28,7 +29,7 @@ from contextlib import suppress
 
 from sqlalchemy.exc import DBAPIError
 
-from app import db
+from app import db, orm
 from app.lease_renewer import LeaseRenewer
 from app.retrieval import ingest
 from app.runner import execute
@@ -78,6 +79,15 @@ class Worker:
         self.affinity_seconds = settings.run_claim_affinity_seconds
         # Runs reserved for this worker since its last claim (reservation()).
         self._reserved = 0
+        # The hand-off in flight (hand()), by run: at most one, so that runs
+        # created together are still claimed together by one tick (one claim
+        # and one commit for many, where a hand-off is a transaction per
+        # run). A tick meanwhile leaves its run out of its claim, as one this
+        # worker executes (the hand-off's failure wakes the worker again).
+        self._handing: dict[str, asyncio.Task[None]] = {}
+        # run_forever() is going round: only then is a run handed (a worker
+        # made but not started, or driven tick by tick, claims as before).
+        self._looping = False
         self.builtins = registry.builtin_tools(runtime)
         self.ingestion = ingest.Ingestion(runtime, self.owner, self.wake)
         # Heartbeat, read by /readyz: when the loop last went round, and the
@@ -109,6 +119,61 @@ class Worker:
         self._reserved += 1
         return run_execution.Reservation(run_execution.reserved_for(self.owner), time.time() + self.affinity_seconds)
 
+    def hand(self, created: orm.Run) -> bool:
+        """Take ``created``, a run this process's API has just committed
+        reserved for this worker, from its row (issue 17: execute.hand_off,
+        no wake, tick or claim statement); False when it is not handed and
+        the worker is to be woken as for any new run: on PostgreSQL, once
+        stopping, outside run_forever(), with another hand-off in flight, or a run whose earlier
+        messages are not known (run_execution.handable). A hand-off that
+        fails for any reason wakes the worker instead, whose tick claims the
+        run, still reserved for it."""
+        if (
+            self._stopping
+            or not self._looping
+            or self._handing
+            or self.runtime.run_log.postgres
+            or created.lease_owner != run_execution.reserved_for(self.owner)
+            or not run_execution.handable(created)
+        ):
+            return False
+        task = asyncio.create_task(self._take_handed(created), name=f"hand-off {created.id}")
+        self._handing[created.id] = task
+        task.add_done_callback(functools.partial(self._hand_off_ended, created.id))
+        return True
+
+    def _hand_off_ended(self, run_id: str, task: asyncio.Task[None]) -> None:
+        if self._handing.get(run_id) is task:
+            del self._handing[run_id]
+        if task.cancelled():
+            # Never begun, or rolled back (its COMMIT, once under way, is
+            # seen through: then the run is this worker's, its lease lapsing
+            # if not finished): this worker's tick claims it, reserved for it.
+            self.wake(files=False)
+
+    async def _take_handed(self, created: orm.Run) -> None:
+        claimed_at = time.monotonic()
+        try:
+            execution = await execute.hand_off(self.runtime, self.owner, created, self.lease_seconds, self.builtins)
+        except Exception as error:  # the run is claimed the usual way, reserved for this worker still
+            del self._handing[created.id]  # before the wake: the claim of the tick it starts takes the run
+            if not run_execution.hand_off_lost(error):
+                log.warning("handing run %s to this worker failed (%s); it is claimed instead", created.id, error)
+            self.wake(files=False)
+            return
+        self._reserved = max(0, self._reserved - 1)  # its slot: the run has ended, or its task below takes it
+        if not execution.finished:
+            run_id = execution.run_id
+            task = asyncio.create_task(self._execute(execution), name=f"run {run_id}")
+            self._tasks[run_id] = task
+            self.leases.hold(run_id, task, claimed_at)
+        del self._handing[created.id]
+
+    async def _handed(self) -> None:
+        """Returns once no hand-off is in flight (each is one transaction)."""
+        while self._handing:
+            await asyncio.wait(set(self._handing.values()))
+
     def executes(self, run_id: str) -> bool:
         """Whether this worker's task executes ``run_id`` (claimed, not ended;
         a run answered within its claim never has one)."""
@@ -138,6 +203,7 @@ class Worker:
             # Runs queued by API replicas in other processes start at once,
             # not at the next poll.
             listener = asyncio.create_task(db.listen_for_work(self.runtime.engine, self.wake), name="listen")
+        self._looping = True
         try:
             while not self._stopping:
                 pause = self.poll_seconds if await self.guarded_tick(ingest=self._ingestion_due()) else self._backoff()
@@ -146,6 +212,7 @@ class Worker:
                         await self._wakeup.wait()
                 self._wakeup.clear()
         finally:
+            self._looping = False
             if listener is not None:
                 listener.cancel()
                 with suppress(asyncio.CancelledError):
@@ -188,6 +255,8 @@ class Worker:
         cancel the rest and release their leases so another worker (or the
         next start) resumes them at once instead of after the lease."""
         self._stopping = True
+        # A hand-off in flight ends first: a run it started is drained below.
+        await self._handed()
         drain = self.drain_seconds if drain_seconds is None else drain_seconds
         if self._tasks and drain > 0 and not self._abandon.is_set():
             log.info("worker %s draining %d runs (up to %g s)", self.owner, len(self._tasks), drain)
@@ -278,7 +347,12 @@ class Worker:
             # it stamps count from before it (lease_renewer.py's margin).
             claimed_at = time.monotonic()
             claimed = await execute.claim_and_start(
-                self.runtime, self.owner, free, self.lease_seconds, self.builtins, executing=list(self._tasks)
+                self.runtime,
+                self.owner,
+                free,
+                self.lease_seconds,
+                self.builtins,
+                executing=[*self._tasks, *self._handing],
             )
             self._claimed_to_capacity = len(claimed) == free
             running = [execution for execution in claimed if not execution.finished]
@@ -299,6 +373,7 @@ class Worker:
         """Execute until no run is queued or executing (tests, benchmarks)."""
         deadline = time.monotonic() + limit_seconds
         while time.monotonic() < deadline:
+            await self._handed()
             await self.tick()
             if not self._tasks and not self._claimed_to_capacity:
                 await self.leases.idle()  # no renewal left running behind the caller

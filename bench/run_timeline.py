@@ -107,6 +107,8 @@ def serve_traced(out: str, argv: list[str]) -> int:
     _wrap(run_execution, "claim_runs", "claim statement", note)
     _wrap(execute.RunExecution, "_finish_at_once", "answer at once", note)
     _wrap(execute, "claim_and_start", "claim transaction", note)
+    if hasattr(execute, "hand_off"):  # branch handoff: a run created here handed to this worker with its row
+        _wrap(execute, "hand_off", "hand-off transaction", note)
     _wrap(bus.EventBus, "deliver", "entries handed to followers", note)
     _note_writes(write_coalescing.CoalescingTransport, note)
     _wrap(poll_hold, "retrieve_when_stopped", "held poll", note)

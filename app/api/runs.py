@@ -118,7 +118,7 @@ async def _queue_run(
         if follower is not None:
             await follower.close()
         raise
-    if not notify:
+    if not notify and (runtime.worker is None or not runtime.worker.hand(run)):
         runtime.wake(files=False)
     if follower is None:
         last = events[-1] if events else None

@@ -1277,3 +1277,32 @@ async def claim_and_start(
                 not_at_once(execution.run_id)
         raise
     return executions
+
+
+async def hand_off(
+    runtime: Runtime, owner: str, created: orm.Run, lease_seconds: float, builtins: dict[str, BuiltinTool]
+) -> RunExecution:
+    """Claim and start ``created``, a run this process's API has just
+    created reserved for ``owner`` with its earlier messages noted
+    (run_execution.handable), from its own row: no claim statement (issue
+    17). SQLite: one transaction whose first statement, held back to the
+    COMMIT with the rest, is the claim's compare-and-set for this one run
+    (run_execution.claim_handed); an instant answer ends the run in it, the
+    whole worker side of the run then one thread hop. A miss fails the
+    COMMIT (HandOffLost, run_execution), the whole transaction rolled back,
+    and the run is the workers' to claim as any other, as after any other
+    failure here. The execution, unless ``finished``, goes on with run()."""
+    execution: RunExecution | None = None
+    try:
+        async with runtime.claiming() as session:
+            run = await run_execution.claim_handed(session, created, owner, lease_seconds)
+            execution = RunExecution(runtime, run.id, builtins, owner=owner)
+            await execution.start_claimed(session, run)
+    except DATA_ERRORS:
+        # As claim_and_start: an instant answer the database refused goes
+        # the streamed way once claimed again, in transactions of its own.
+        if execution is not None and execution.finished:
+            not_at_once(execution.run_id)
+        raise
+    assert execution is not None
+    return execution

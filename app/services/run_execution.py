@@ -40,7 +40,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
 
-from app import db, ids, orm
+from app import db, ids, orm, sqlite_driver
 from app.services import common, core_rows, run_state
 
 # A queued run created by a process's API is reserved for that process's
@@ -274,6 +274,96 @@ def _detached_run(row: Mapping[Any, Any]) -> orm.Run:
             EarlierMessage(role, json.loads(content) if isinstance(content, str) else content)
             for _seq, role, content in sorted(earlier or [], key=lambda m: m[0])
         ]
+    return run
+
+
+# A run this process's API created for its own worker, handed to it with
+# its row (issue 17: no wake, tick or claim statement; execute.hand_off):
+# the thread's messages from before it, as the create made them (a new
+# thread's), by the create's run object, until the hand-off takes them.
+_CREATED_EARLIER: weakref.WeakKeyDictionary[orm.Run, list[EarlierMessage]] = weakref.WeakKeyDictionary()
+
+
+def note_earlier(run: orm.Run, messages: Sequence[orm.Message]) -> None:
+    """Note the thread's messages before ``run``, just created with them
+    (a new thread's): the run may then be handed to this process's worker
+    with its row (handable). A thread longer than the claim's prefetch is
+    not noted: its prompt reads (and truncates) its messages, which the
+    hand-off's transaction does not."""
+    if len(messages) <= PREFETCH_MOST_MESSAGES:
+        ordered = sorted(messages, key=lambda message: message.seq)
+        _CREATED_EARLIER[run] = [EarlierMessage(message.role, message.content) for message in ordered]
+
+
+def handable(run: orm.Run) -> bool:
+    """Whether ``run`` (as its create made it) may be handed to this
+    process's worker with its row: its earlier messages are known."""
+    return run in _CREATED_EARLIER
+
+
+class HandOffLost(sqlite_driver.RoutineMismatch):
+    """A hand-off's compare-and-set (claim_handed) changed no row at the
+    COMMIT: the run was no longer claimable by the worker it was reserved
+    for, as created (claimed by a tick, cancelled, its metadata changed,
+    reaped). The whole transaction rolled back: the run is claimed as any
+    other, if it still is claimable."""
+
+
+def hand_off_lost(error: BaseException) -> bool:
+    """Whether ``error`` (from the hand-off's COMMIT) is its compare-and-set's miss."""
+    return sqlite_driver.raised_within(error, HandOffLost)
+
+
+def _build_hand_off() -> Update:
+    """The claim's lease stamp, under the claim's own condition, for one
+    run (bound: ``run_id``, ``held_metadata`` and claim()'s values but
+    ``executing`` and ``limit``); its metadata unchanged since the create,
+    so that the row the hand-off goes on with is the run's as a claim would
+    return it (the one column others change on a queued run, the status
+    aside, which the condition tests)."""
+    runs = run_state.RUNS
+    held = bindparam("held_metadata", type_=runs.c.metadata.type)
+    return (
+        update(runs)
+        .where(runs.c.id == bindparam("run_id"), _claimable_by_owner("sqlite"))
+        .where(func.json(runs.c.metadata) == func.json(held))
+        .values(lease_owner=bindparam("owner"), lease_expires_at=bindparam("lease_until", type_=Float))
+    )
+
+
+_HAND_OFF = _build_hand_off()
+# Held back to the COMMIT, which fails whole (HandOffLost) if it changes no row.
+_HAND_OFF_OPTIONS = {**db.WRITE_BEHIND, db.EXPECT_ROWCOUNT: 1, db.ROWCOUNT_MISMATCH: HandOffLost}
+
+
+async def claim_handed(session: AsyncSession, created: orm.Run, owner: str, lease_seconds: float) -> orm.Run:
+    """The claim of one run this process's API has just created, reserved
+    for ``owner`` (SQLite): its compare-and-set, held back to the
+    transaction's COMMIT (sent first there, before the writes that follow
+    it: a miss fails the COMMIT with HandOffLost, the whole transaction
+    rolled back), and the run as the claim leaves it, from the create's own
+    values (a detached instance with its earlier messages, as claim_runs
+    gives one). The transaction holds SQLite's write lock from its BEGIN on,
+    so the rows it writes after the stamp see the run as stamped."""
+    now = time.time()
+    lease_until = now + lease_seconds
+    parameters = {
+        "now": now,
+        "now_seconds": int(now),
+        "reserved_owner": reserved_for(owner),
+        "run_id": created.id,
+        "held_metadata": created.metadata_,
+        "owner": owner,
+        "lease_until": lease_until,
+    }
+    await db.write_behind(session, _HAND_OFF, parameters, _HAND_OFF_OPTIONS)
+    values = {key: created.__dict__.get(key) for key in run_state.RUN_COLUMNS}
+    values.update(lease_owner=owner, lease_expires_at=lease_until)
+    run = core_rows.record(orm.Run, **values)
+    make_transient_to_detached(run)
+    earlier = _CREATED_EARLIER.get(created)
+    if earlier is not None:
+        _PREFETCHED[run] = list(earlier)
     return run
 
 

@@ -1,0 +1,365 @@
+"""A run this process's API created for its own worker is handed to it with
+its row (issue 17): no wake, tick or claim statement; the claim is a
+compare-and-set sent with the run's commit. Whatever is off (the run taken
+or cancelled first, the commit failing, the hand-off cancelled, the worker
+stopping) leaves the run to today's claim, never lost, never run twice."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select
+
+from app import orm, sqlite_driver
+from app.runner import execute
+from app.runtime import Runtime
+from app.services import run_execution, runs
+from app.services.projects import Project
+from app.settings import Settings
+from app.wire.runs import ThreadAndRunCreate
+from app.worker import Worker
+from tests.runner.helpers import until
+from tests.runner.test_instant_answer import _ANSWERED as _ANSWERING
+from tests.runner.test_instant_answer import _event_names
+from tests.runner.test_worker import _make_runs
+
+pytestmark = pytest.mark.timeout(30)
+
+DEADLINE = 10.0
+
+# A new thread's run answered at once, its events in order (each series of deltas as one name).
+_ANSWERED = [
+    "thread.created",
+    "thread.run.created",
+    "thread.run.queued",
+    *_ANSWERING,
+    "thread.run.step.completed",
+    "thread.run.completed",
+]
+
+
+@pytest.fixture
+async def sqlite_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    """A runtime without a worker, on SQLite only: PostgreSQL hands nothing
+    (its test below checks that)."""
+    if settings.resolved_database_url().startswith("postgresql"):
+        pytest.skip("the hand-off is SQLite's")
+    rt = await Runtime.start(settings)
+    try:
+        yield rt
+    finally:
+        await rt.close()
+
+
+async def _assistant(runtime: Runtime) -> str:
+    """An assistant of the offline model (made with a run that has ended: no work for a claim)."""
+    (ended,) = await _make_runs(runtime, 1, status="completed")
+    return (await _row(runtime, ended)).assistant_id
+
+
+async def _create(runtime: Runtime, worker: Worker) -> orm.Run:
+    """A new thread and run reserved for ``worker``, committed as the API
+    commits it (api/runs.py's _queue_run), not handed yet."""
+    project = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
+    body = ThreadAndRunCreate.model_validate(
+        {"assistant_id": await _assistant(runtime), "thread": {"messages": [{"role": "user", "content": "hi"}]}}
+    )
+    async with runtime.transaction() as session:
+        _thread, run, events = await runs.create_thread_and_run(
+            session, project, body, expires_in=600, reservation=worker.reservation(), remembered=False
+        )
+        await runtime.run_log.append(session, run.id, events, run_locked=True)
+    return run
+
+
+def _looping(worker: Worker) -> Worker:
+    """``worker`` as while its run_forever() goes round (it hands runs only
+    then), without the loop: each test drives its ticks."""
+    worker._looping = True
+    return worker
+
+
+async def _row(runtime: Runtime, run_id: str) -> orm.Run:
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+    assert run is not None
+    return run
+
+
+async def _until_status(runtime: Runtime, run_id: str, status: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while (await _row(runtime, run_id)).status != status:
+        assert time.monotonic() < deadline, f"run {run_id} never became {status}"
+        await asyncio.sleep(0.01)
+
+
+def _count_hand_offs(monkeypatch: pytest.MonkeyPatch) -> list[execute.RunExecution]:
+    handed: list[execute.RunExecution] = []
+    original = execute.hand_off
+
+    async def counted(*args: Any, **kwargs: Any) -> execute.RunExecution:
+        execution = await original(*args, **kwargs)
+        handed.append(execution)
+        return execution
+
+    monkeypatch.setattr(execute, "hand_off", counted)
+    return handed
+
+
+async def test_a_created_run_answered_at_once_is_ended_by_its_hand_off_without_a_claim(
+    sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = sqlite_runtime
+    worker = _looping(Worker(runtime))
+    handed = _count_hand_offs(monkeypatch)
+    claims: list[int] = []
+    monkeypatch.setattr(execute, "claim_and_start", lambda *a, **k: claims.append(1))  # never called
+    run = await _create(runtime, worker)
+    assert worker.hand(run)
+    await worker._handed()
+    assert [execution.finished for execution in handed] == [True] and not claims
+    row = await _row(runtime, run.id)
+    assert row.status == "completed" and row.lease_owner is None
+    assert await _event_names(runtime, run.id) == _ANSWERED
+    await worker.stop()
+
+
+async def test_a_hand_off_loses_to_another_workers_claim_and_leaves_the_run_to_it(
+    sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime = sqlite_runtime
+    worker, other = _looping(Worker(runtime)), Worker(runtime)
+    run = await _create(runtime, worker)
+    # The reservation lapsed and another worker claimed it before the hand-off ran.
+    async with runtime.transaction() as session:
+        await session.execute(
+            orm.Run.__table__.update().where(orm.Run.id == run.id).values(lease_expires_at=time.time() - 1)
+        )
+    assert await other.claim(1) == [run.id]
+    woken: list[bool] = []
+    monkeypatch.setattr(worker, "wake", lambda **_: woken.append(True))
+    assert worker.hand(run)
+    await worker._handed()
+    row = await _row(runtime, run.id)
+    assert row.status == "queued" and row.lease_owner == other.owner  # nothing of the hand-off stayed
+    assert await _event_names(runtime, run.id) == _ANSWERED[:3]
+    assert woken == [True]  # the claim's way, as for any run (it finds nothing of its own)
+    assert not [record for record in caplog.records if "handing run" in record.getMessage()]  # quietly: a lost CAS
+    await worker.stop()
+    await other.stop()
+
+
+async def test_a_hand_off_loses_to_a_cancel_and_the_run_stays_cancelled(
+    sqlite_runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime = sqlite_runtime
+    worker = _looping(Worker(runtime))
+    run = await _create(runtime, worker)
+    async with runtime.transaction() as session:
+        project = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
+        _answer, events = await runs.cancel(session, project, run.thread_id, run.id)
+        await runtime.run_log.append(session, run.id, events, run_locked=True)
+    assert worker.hand(run)
+    await worker._handed()
+    assert (await _row(runtime, run.id)).status == "cancelled"
+    names = await _event_names(runtime, run.id)
+    assert "thread.run.in_progress" not in names and names[-1] == "thread.run.cancelled"
+    assert not [record for record in caplog.records if "handing run" in record.getMessage()]  # quietly: a lost CAS
+    await worker.stop()
+
+
+async def test_a_hand_off_whose_metadata_changed_since_the_create_is_claimed_instead(
+    sqlite_runtime: Runtime,
+) -> None:
+    runtime = sqlite_runtime
+    worker = _looping(Worker(runtime))
+    run = await _create(runtime, worker)
+    async with runtime.transaction() as session:
+        await session.execute(
+            orm.Run.__table__.update().where(orm.Run.id == run.id).values(metadata={"changed": "yes"})
+        )
+    assert worker.hand(run)
+    await worker._handed()
+    assert (await _row(runtime, run.id)).status == "queued"  # the hand-off's row was stale: nothing written
+    await worker.run_until_idle()
+    row = await _row(runtime, run.id)
+    assert row.status == "completed" and row.metadata_ == {"changed": "yes"}
+    assert await _event_names(runtime, run.id) == _ANSWERED
+    await worker.stop()
+
+
+async def test_a_failed_commit_of_the_hand_off_leaves_the_run_to_the_woken_worker(
+    sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connection lost at the guarded COMMIT: nothing of it stays, and
+    the worker, woken, claims the run (its loop would otherwise wait a whole
+    poll interval)."""
+    runtime = sqlite_runtime
+    worker = _looping(Worker(runtime))
+    run = await _create(runtime, worker)
+    failed: list[bool] = []
+    real = sqlite_driver.OneHopConnection.commit_straight
+
+    async def lost_once(self: sqlite_driver.OneHopConnection) -> None:
+        if not failed:
+            failed.append(True)
+            await self._connection.close()  # the connection lost under the COMMIT: "no active connection"
+        await real(self)
+
+    monkeypatch.setattr(sqlite_driver.OneHopConnection, "commit_straight", lost_once)
+    assert worker.hand(run)
+    await worker._handed()
+    assert (await _row(runtime, run.id)).status == "queued"
+    assert worker._wakeup.is_set()  # its loop goes round at once, not after a poll interval
+    await worker.tick()
+    assert (await _row(runtime, run.id)).status == "completed"
+    await worker.stop()
+    assert failed == [True]
+    assert [record for record in caplog.records if "handing run" in record.getMessage()]  # said, unlike a lost CAS
+    assert await _event_names(runtime, run.id) == _ANSWERED
+
+
+async def test_a_cancelled_hand_off_leaves_the_run_reserved_and_the_worker_claims_it(sqlite_runtime: Runtime) -> None:
+    runtime = sqlite_runtime
+    worker = _looping(Worker(runtime))
+    run = await _create(runtime, worker)
+    assert worker.hand(run)
+    (task,) = worker._handing.values()
+    task.cancel()
+    await asyncio.wait({task})
+    assert (await _row(runtime, run.id)).lease_owner == run_execution.reserved_for(worker.owner)
+    assert worker._wakeup.is_set()
+    await worker.tick()  # its own reserved run, claimed at once
+    assert (await _row(runtime, run.id)).status == "completed"
+    await worker.stop()
+    assert await _event_names(runtime, run.id) == _ANSWERED
+
+
+async def test_a_hand_off_cancelled_while_its_commit_is_out_is_committed_once(
+    sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while its one hop (the compare-and-set, the answer, the
+    COMMIT) is on the connection's thread: the commit is seen through, the
+    run ended once, and the tick the cancellation wakes finds nothing."""
+    runtime = sqlite_runtime
+    worker = _looping(Worker(runtime))
+    run = await _create(runtime, worker)
+    sending = asyncio.Event()
+    real = sqlite_driver.OneHopConnection.commit_straight
+
+    async def noted(self: sqlite_driver.OneHopConnection) -> None:
+        sending.set()
+        await real(self)
+
+    monkeypatch.setattr(sqlite_driver.OneHopConnection, "commit_straight", noted)
+    assert worker.hand(run)
+    (task,) = worker._handing.values()
+    await sending.wait()
+    task.cancel()
+    await asyncio.wait({task})
+    monkeypatch.undo()
+    assert (await _row(runtime, run.id)).status == "completed"
+    await worker.tick()
+    await worker.stop()
+    assert await _event_names(runtime, run.id) == _ANSWERED
+    async with runtime.transaction() as session:
+        seqs = list((await session.scalars(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run.id))).all())
+    assert sorted(seqs) == list(range(1, len(seqs) + 1))
+
+
+async def test_a_worker_stopping_with_a_hand_off_in_flight_drains_its_run(
+    sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handed run whose answer is not instant becomes one of the worker's
+    executions: a stop that comes meanwhile waits for the hand-off, then
+    stops and releases it as any other (resumed by the next worker)."""
+    runtime = sqlite_runtime
+    worker = _looping(Worker(runtime))
+    run = await _create(runtime, worker)
+    started = asyncio.Event()
+
+    async def endless(self: execute.RunExecution, *_args: Any) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(execute.RunExecution, "_loop", endless)
+    monkeypatch.setattr(runtime.llm, "answer_at_once", _never_at_once)
+    assert worker.hand(run)
+    stopping = asyncio.create_task(worker.stop())
+    await stopping
+    row = await _row(runtime, run.id)
+    assert row.status == "in_progress" and row.lease_owner is None  # released: the next worker resumes it
+    assert not worker._tasks and not worker._handing
+    other = Worker(runtime)
+    monkeypatch.undo()
+    await other.run_until_idle()
+    assert (await _row(runtime, run.id)).status == "completed"
+    await other.stop()
+
+
+async def _never_at_once(_request: Any) -> None:
+    return None
+
+
+async def test_runs_not_handed_are_claimed_as_before(sqlite_runtime: Runtime) -> None:
+    """A run whose earlier messages the create does not know (a run on an
+    existing thread), one reserved for no one, and any while a hand-off is
+    in flight or the worker stops go the claim's way."""
+    runtime = sqlite_runtime
+    worker = _looping(Worker(runtime))
+    run = await _create(runtime, worker)
+    other = await _create(runtime, worker)
+    assert worker.hand(run)
+    assert not worker.hand(other)  # one at a time: runs created together are claimed together
+    await worker._handed()
+    unreserved = await _create(runtime, Worker(runtime))
+    assert not worker.hand(unreserved)
+    idle = Worker(runtime)  # not going round: claims when driven, as before
+    assert not idle.hand(await _create(runtime, idle))
+    worker.request_stop()
+    assert not worker.hand(other)
+    await worker.stop()
+
+
+async def test_postgresql_hands_nothing(settings: Settings) -> None:
+    if not settings.resolved_database_url().startswith("postgresql"):
+        pytest.skip("PostgreSQL's")
+    runtime = await Runtime.start(settings)
+    try:
+        worker = _looping(Worker(runtime))
+        run = await _create(runtime, worker)
+        assert not worker.hand(run)  # its create wakes the worker, whose claim takes the run
+        await worker.run_until_idle()
+        assert (await _row(runtime, run.id)).status == "completed"
+        await worker.stop()
+    finally:
+        await runtime.close()
+
+
+async def test_a_streamed_thread_and_run_through_the_api_is_handed(
+    app: FastAPI, http: Any, monkeypatch: pytest.MonkeyPatch, settings: Settings
+) -> None:
+    postgres = settings.resolved_database_url().startswith("postgresql")
+    handed = _count_hand_offs(monkeypatch)
+    worker = app.state.runtime.worker
+    await until(lambda: worker._looping, "the worker's loop going round")  # (it hands runs only then)
+    assistant = (await http.post("/v1/assistants", json={"model": "m"})).json()["id"]
+    body = {"assistant_id": assistant, "stream": True, "thread": {"messages": [{"role": "user", "content": "hi"}]}}
+    async with http.stream("POST", "/v1/threads/runs", json=body) as response:
+        text = "".join([chunk async for chunk in response.aiter_text()])
+    names = [line.removeprefix("event: ") for line in text.splitlines() if line.startswith("event: ")]
+    assert names[-2:] == ["thread.run.completed", "done"]
+    assert [name for name in names if name != "thread.message.delta"] == [
+        name for name in _ANSWERED if name != "thread.message.delta"
+    ] + ["done"]
+    assert len(handed) == (0 if postgres else 1)
+    run_id = handed[0].run_id if handed else None
+    if run_id is not None:
+        async with app.state.runtime.transaction() as session:
+            seqs = list((await session.scalars(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id))).all())
+        assert sorted(seqs) == list(range(1, len(seqs) + 1))
