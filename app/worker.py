@@ -88,6 +88,8 @@ class Worker:
         # run_forever() is going round: only then is a run handed (a worker
         # made but not started, or driven tick by tick, claims as before).
         self._looping = False
+        # A tick is under way (its claim may take runs created meanwhile).
+        self._ticking = False
         self.builtins = registry.builtin_tools(runtime)
         self.ingestion = ingest.Ingestion(runtime, self.owner, self.wake)
         # Heartbeat, read by /readyz: when the loop last went round, and the
@@ -124,14 +126,21 @@ class Worker:
         reserved for this worker, from its row (issue 17: execute.hand_off,
         no wake, tick or claim statement); False when it is not handed and
         the worker is to be woken as for any new run: on PostgreSQL, once
-        stopping, outside run_forever(), with another hand-off in flight, or a run whose earlier
-        messages are not known (run_execution.handable). A hand-off that
+        stopping, outside run_forever(), for a run that is not alone
+        (another hand-off in flight, a tick under way, another run reserved
+        since the last claim: those are claimed together, one claim and one
+        commit for many, where a hand-off is a transaction per run; at
+        sixteen clients, handing every run the worker was free for cost
+        1.7 ms more server CPU per run and a third of the throughput), or a
+        run whose earlier messages are not known (run_execution.handable). A hand-off that
         fails for any reason wakes the worker instead, whose tick claims the
         run, still reserved for it."""
         if (
             self._stopping
             or not self._looping
             or self._handing
+            or self._ticking
+            or self._reserved > 1
             or self.runtime.run_log.postgres
             or created.lease_owner != run_execution.reserved_for(self.owner)
             or not run_execution.handable(created)
@@ -323,6 +332,13 @@ class Worker:
         """One round: reap (at most every poll interval: it costs queries and
         only has work when something lapsed), then fill free slots; with
         ``ingest``, the free ingestion slots too."""
+        self._ticking = True
+        try:
+            await self._tick(ingest)
+        finally:
+            self._ticking = False
+
+    async def _tick(self, ingest: bool) -> None:
         if self._unreleased:  # runs stopped by a database error or given up, not handed back yet
             # A run still listed is kept for a later tick, not released: it is
             # either the failed execution that has not left the list yet (this

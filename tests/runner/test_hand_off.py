@@ -306,23 +306,29 @@ async def _never_at_once(_request: Any) -> None:
     return None
 
 
-async def test_runs_not_handed_are_claimed_as_before(sqlite_runtime: Runtime) -> None:
-    """A run whose earlier messages the create does not know (a run on an
-    existing thread), one reserved for no one, and any while a hand-off is
-    in flight or the worker stops go the claim's way."""
+async def test_runs_not_alone_or_not_known_are_claimed_as_before(sqlite_runtime: Runtime) -> None:
+    """Runs created together (another reserved since the last claim), one
+    while a hand-off is in flight, one reserved for another worker, one for
+    a worker not going round or stopping go the claim's way (the caller
+    wakes the worker)."""
     runtime = sqlite_runtime
     worker = _looping(Worker(runtime))
-    run = await _create(runtime, worker)
-    other = await _create(runtime, worker)
-    assert worker.hand(run)
-    assert not worker.hand(other)  # one at a time: runs created together are claimed together
+    first, second = await _create(runtime, worker), await _create(runtime, worker)
+    assert not worker.hand(first) and not worker.hand(second)  # one claim and one commit for both
+    await worker.tick()
+    assert (await _row(runtime, first.id)).status == (await _row(runtime, second.id)).status == "completed"
+    alone = await _create(runtime, worker)
+    assert worker.hand(alone)
+    assert not worker.hand(alone)  # one hand-off at a time
     await worker._handed()
+    assert (await _row(runtime, alone.id)).status == "completed"
     unreserved = await _create(runtime, Worker(runtime))
     assert not worker.hand(unreserved)
     idle = Worker(runtime)  # not going round: claims when driven, as before
     assert not idle.hand(await _create(runtime, idle))
+    last = await _create(runtime, worker)
     worker.request_stop()
-    assert not worker.hand(other)
+    assert not worker.hand(last)
     await worker.stop()
 
 
@@ -347,7 +353,8 @@ async def test_a_streamed_thread_and_run_through_the_api_is_handed(
     postgres = settings.resolved_database_url().startswith("postgresql")
     handed = _count_hand_offs(monkeypatch)
     worker = app.state.runtime.worker
-    await until(lambda: worker._looping, "the worker's loop going round")  # (it hands runs only then)
+    # It hands runs only while going round, between its ticks.
+    await until(lambda: worker._looping and not worker._ticking, "the worker's loop waiting")
     assistant = (await http.post("/v1/assistants", json={"model": "m"})).json()["id"]
     body = {"assistant_id": assistant, "stream": True, "thread": {"messages": [{"role": "user", "content": "hi"}]}}
     async with http.stream("POST", "/v1/threads/runs", json=body) as response:
