@@ -49,6 +49,10 @@ INTERRUPTED = {
 # How often the worker looks for run event logs past their retention.
 PRUNE_SECONDS = 60.0
 
+# Turns of the event loop a hand-off lets go by before its transaction
+# (Worker._take_handed): the create's response is written in them.
+_TURNS_BEFORE_HAND_OFF = 2
+
 # First pause after a failed loop iteration; doubles up to the setting's cap.
 FIRST_BACKOFF_SECONDS = 0.05
 
@@ -161,6 +165,13 @@ class Worker:
             self.wake(files=False)
 
     async def _take_handed(self, created: orm.Run) -> None:
+        # The create's answer first (a stream's head and opening events, or
+        # the run as JSON: written in the next turns of the loop), then the
+        # hand-off, whose instant answer holds the loop for a millisecond
+        # or more: the tick it replaces sent its claim and waited, the
+        # answer's first bytes went out meanwhile (bench/run_timeline.py).
+        for _ in range(_TURNS_BEFORE_HAND_OFF):
+            await asyncio.sleep(0)
         claimed_at = time.monotonic()
         try:
             execution = await execute.hand_off(self.runtime, self.owner, created, self.lease_seconds, self.builtins)
