@@ -50,7 +50,9 @@ INTERRUPTED = {
 PRUNE_SECONDS = 60.0
 
 # Turns of the event loop a hand-off lets go by before its transaction
-# (Worker._take_handed): the create's response is written in them.
+# (Worker._take_handed): the create's response is written in them. Latency
+# only: nothing depends on it for correctness (a response written later
+# is as right).
 _TURNS_BEFORE_HAND_OFF = 2
 
 # First pause after a failed loop iteration; doubles up to the setting's cap.
@@ -83,6 +85,9 @@ class Worker:
         self.affinity_seconds = settings.run_claim_affinity_seconds
         # Runs reserved for this worker since its last claim (reservation()).
         self._reserved = 0
+        # Claims so far (each takes the runs reserved before it): a hand-off
+        # gives its reservation back only if no claim has taken it meanwhile.
+        self._claims = 0
         # The hand-off in flight (hand()), by run: at most one, so that runs
         # created together are still claimed together by one tick (one claim
         # and one commit for many, where a hand-off is a transaction per
@@ -150,7 +155,7 @@ class Worker:
             or not run_execution.handable(created)
         ):
             return False
-        task = asyncio.create_task(self._take_handed(created), name=f"hand-off {created.id}")
+        task = asyncio.create_task(self._take_handed(created, self._claims), name=f"hand-off {created.id}")
         self._handing[created.id] = task
         task.add_done_callback(functools.partial(self._hand_off_ended, created.id))
         return True
@@ -164,7 +169,7 @@ class Worker:
             # if not finished): this worker's tick claims it, reserved for it.
             self.wake(files=False)
 
-    async def _take_handed(self, created: orm.Run) -> None:
+    async def _take_handed(self, created: orm.Run, claims_before: int) -> None:
         # The create's answer first (a stream's head and opening events, or
         # the run as JSON: written in the next turns of the loop), then the
         # hand-off, whose instant answer holds the loop for a millisecond
@@ -181,7 +186,8 @@ class Worker:
                 log.warning("handing run %s to this worker failed (%s); it is claimed instead", created.id, error)
             self.wake(files=False)
             return
-        self._reserved = max(0, self._reserved - 1)  # its slot: the run has ended, or its task below takes it
+        if self._claims == claims_before:  # (a claim since has counted the reservations anew)
+            self._reserved = max(0, self._reserved - 1)  # its slot: the run has ended, or its task below takes it
         if not execution.finished:
             run_id = execution.run_id
             task = asyncio.create_task(self._execute(execution), name=f"run {run_id}")
@@ -366,9 +372,10 @@ class Worker:
             self._next_reap = time.monotonic() + self.poll_seconds
         if time.monotonic() >= self._next_prune:
             await self.prune_run_events()
-        free = self.concurrency - len(self._tasks)
+        free = self.concurrency - len(self._tasks) - len(self._handing)  # a handed run may become a task
         self._claimed_to_capacity = free <= 0
         self._reserved = 0  # this claim takes the runs reserved so far (if it has room)
+        self._claims += 1
         if free > 0 and not self._stopping:
             # Claimed and started in one transaction (issue 17). The leases
             # it stamps count from before it (lease_renewer.py's margin).

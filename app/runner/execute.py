@@ -1298,10 +1298,12 @@ async def hand_off(
             run = await run_execution.claim_handed(session, created, owner, lease_seconds)
             execution = RunExecution(runtime, run.id, builtins, owner=owner)
             await execution.start_claimed(session, run)
-    except DATA_ERRORS:
+    except DATA_ERRORS as error:
         # As claim_and_start: an instant answer the database refused goes
         # the streamed way once claimed again, in transactions of its own.
-        if execution is not None and execution.finished:
+        # A lost compare-and-set refused nothing of the answer: the tick's
+        # claim answers it at once again.
+        if execution is not None and execution.finished and not run_execution.hand_off_lost(error):
             not_at_once(execution.run_id)
         raise
     assert execution is not None

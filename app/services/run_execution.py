@@ -315,17 +315,20 @@ def hand_off_lost(error: BaseException) -> bool:
 
 
 def _build_hand_off() -> Update:
-    """The claim's lease stamp, under the claim's own condition, for one
-    run (bound: ``run_id``, ``held_metadata`` and claim()'s values but
-    ``executing`` and ``limit``); its metadata unchanged since the create,
-    so that the row the hand-off goes on with is the run's as a claim would
-    return it (the one column others change on a queued run, the status
-    aside, which the condition tests)."""
+    """The claim's lease stamp for one run still queued as created: its
+    status queued, its lease free or still the reservation (the claim's
+    condition for a queued run; not its resumable branch, a run another
+    worker has started since), its metadata unchanged since the create
+    (the one column others change on a queued run), so that the row the
+    hand-off goes on with is the run's as a claim would return it. Bound:
+    ``run_id``, ``now``, ``reserved_owner``, ``held_metadata``, ``owner``,
+    ``lease_until``."""
     runs = run_state.RUNS
     held = bindparam("held_metadata", type_=runs.c.metadata.type)
+    reserved = or_(_lease_free(bindparam("now", type_=Float)), runs.c.lease_owner == bindparam("reserved_owner"))
     return (
         update(runs)
-        .where(runs.c.id == bindparam("run_id"), _claimable_by_owner("sqlite"))
+        .where(runs.c.id == bindparam("run_id"), runs.c.status == "queued", reserved)
         .where(func.json(runs.c.metadata) == func.json(held))
         .values(lease_owner=bindparam("owner"), lease_expires_at=bindparam("lease_until", type_=Float))
     )
@@ -349,7 +352,6 @@ async def claim_handed(session: AsyncSession, created: orm.Run, owner: str, leas
     lease_until = now + lease_seconds
     parameters = {
         "now": now,
-        "now_seconds": int(now),
         "reserved_owner": reserved_for(owner),
         "run_id": created.id,
         "held_metadata": created.metadata_,
