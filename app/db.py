@@ -10,6 +10,7 @@ import collections
 import contextvars
 import functools
 import logging
+import math
 import re
 import sqlite3
 import time
@@ -149,9 +150,11 @@ def asyncpg_numbers(url: URL) -> dict[str, int | float]:
             value = kind(text)
         except ValueError:
             value = -1
-        if value < 0 or value != value:  # (value != value: NaN)
-            what = "a whole number" if kind is int else "a number of seconds"
-            raise DatabaseURLError(f"the database URL's {name} must be {what} ≥ 0, not {text!r}")
+        # asyncpg refuses a timeout of 0 (command_timeout) or times out at
+        # once (timeout): seconds must be more than 0, and finite.
+        if not (0 <= value < math.inf if kind is int else 0 < value < math.inf):  # (NaN: neither)
+            what = "a whole number ≥ 0" if kind is int else "a number of seconds > 0"
+            raise DatabaseURLError(f"the database URL's {name} must be {what}, not {text!r}")
         numbers[name] = value
     return numbers
 
@@ -631,7 +634,7 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
         event.listen(engine.sync_engine, "before_cursor_execute", sqlite_driver.hold_back_marked_writes)
         writers = SQLiteWriters(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
         writers.listen(engine)
-        if not in_memory:  # a file: a pool to check a connection out of (sqlite_groups)
+        if not in_memory:  # a file: a pool to check a connection out of (RawTransaction, sqlite_groups)
             _WRITERS[engine.sync_engine] = writers
         return engine
     # Up to ``pool_size`` connections (default POSTGRES_CONNECTIONS), all

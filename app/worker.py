@@ -188,12 +188,18 @@ class Worker:
             return
         if self._claims == claims_before:  # (a claim since has counted the reservations anew)
             self._reserved = max(0, self._reserved - 1)  # its slot: the run has ended, or its task below takes it
-        if not execution.finished:
-            run_id = execution.run_id
-            task = asyncio.create_task(self._execute(execution), name=f"run {run_id}")
-            self._tasks[run_id] = task
-            self.leases.hold(run_id, task, claimed_at)
         del self._handing[created.id]
+        if not execution.finished:
+            self._start(execution, claimed_at)
+        elif self._claimed_to_capacity:  # a tick meanwhile counted its slot and claimed no more: runs may wait
+            self.wake(files=False)
+
+    def _start(self, execution: execute.RunExecution, claimed_at: float) -> None:
+        """A claimed run's task, its lease held from ``claimed_at`` on."""
+        run_id = execution.run_id
+        task = asyncio.create_task(self._execute(execution), name=f"run {run_id}")
+        self._tasks[run_id] = task
+        self.leases.hold(run_id, task, claimed_at)
 
     async def _handed(self) -> None:
         """Returns once no hand-off is in flight (each is one transaction)."""
@@ -391,10 +397,7 @@ class Worker:
             self._claimed_to_capacity = len(claimed) == free
             running = [execution for execution in claimed if not execution.finished]
             for execution in running:
-                run_id = execution.run_id
-                task = asyncio.create_task(self._execute(execution), name=f"run {run_id}")
-                self._tasks[run_id] = task
-                self.leases.hold(run_id, task, claimed_at)
+                self._start(execution, claimed_at)
             if self._claimed_to_capacity and len(running) < len(claimed):
                 # Runs answered at once in the claim left their slots free
                 # already: more may be waiting.

@@ -370,7 +370,12 @@ def test_bad_routing_file_is_one_line(tmp_path: Path, routing: str, fragments: l
         (
             "serve",
             "postgresql+asyncpg://user:secret@127.0.0.1/db?command_timeout=-5",
-            ["the database URL's command_timeout must be a number of seconds ≥ 0, not '-5'"],
+            ["the database URL's command_timeout must be a number of seconds > 0, not '-5'"],
+        ),
+        (
+            "serve",
+            "postgresql+asyncpg://user:secret@127.0.0.1/db?command_timeout=0",
+            ["the database URL's command_timeout must be a number of seconds > 0, not '0'"],
         ),
         # The other commands share the check: one case each.
         ("migrate", "sqlite:///assistants.db", ["write sqlite+aiosqlite:// instead of sqlite://"]),
@@ -383,6 +388,7 @@ def test_bad_routing_file_is_one_line(tmp_path: Path, routing: str, fragments: l
         "serve-mysql",
         "serve-postgresql-cache-size-not-a-number",
         "serve-postgresql-negative-command-timeout",
+        "serve-postgresql-zero-command-timeout",
         "migrate-sqlite-without-aiosqlite",
         "worker-postgresql-without-asyncpg",
     ],

@@ -1285,11 +1285,13 @@ async def hand_off(
     """Claim and start ``created``, a run this process's API has just
     created reserved for ``owner`` with its earlier messages noted
     (run_execution.handable), from its own row: no claim statement (issue
-    17). SQLite: one transaction whose first statement, held back to the
-    COMMIT with the rest, is the claim's compare-and-set for this one run
-    (run_execution.claim_handed); an instant answer ends the run in it, the
-    whole worker side of the run then one thread hop. A miss fails the
-    COMMIT (HandOffLost, run_execution), the whole transaction rolled back,
+    17). SQLite: one transaction whose first statement is the claim's
+    compare-and-set for this one run (run_execution.claim_handed), held
+    back to the COMMIT with the rest on a raw transaction (otherwise sent
+    with the transaction's first statement that connects); an instant answer
+    ends the run in it, the whole worker side of the run then one thread
+    hop. A miss (HandOffLost, run_execution: at the COMMIT, or at the
+    statement that carried it) fails the transaction, rolled back whole,
     and the run is the workers' to claim as any other, as after any other
     failure here. The execution, unless ``finished``, goes on with run()."""
     execution: RunExecution | None = None

@@ -34,9 +34,8 @@ def values(row: Base | Row[Any], fields: tuple[tuple[str, str], ...]) -> dict[st
     found = {name: loaded.get(attribute, _NOT_LOADED) for name, attribute in fields}
     if _NOT_LOADED not in found.values():  # (a search in C: every value loaded, the usual case)
         return found
-    missing = [(name, attribute) for name, attribute in fields if found[name] is _NOT_LOADED]
-    if missing:
-        never_loaded = instance_state(row).key is None
-        for name, attribute in missing:
+    never_loaded = instance_state(row).key is None
+    for name, attribute in fields:
+        if found[name] is _NOT_LOADED:
             found[name] = None if never_loaded else getattr(row, attribute)
     return found

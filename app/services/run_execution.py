@@ -316,9 +316,11 @@ def hand_off_lost(error: BaseException) -> bool:
 
 def _build_hand_off() -> Update:
     """The claim's lease stamp for one run still queued as created: its
-    status queued, its lease free or still the reservation (the claim's
-    condition for a queued run; not its resumable branch, a run another
-    worker has started since), its metadata unchanged since the create
+    status queued, never started (a run back to queued after its tool
+    outputs has a start time: run_state sets it at the first in_progress),
+    its lease free or still the reservation (the claim's condition for a
+    queued run; not its resumable branch, a run another worker has started
+    since), its metadata unchanged since the create
     (the one column others change on a queued run), so that the row the
     hand-off goes on with is the run's as a claim would return it. Bound:
     ``run_id``, ``now``, ``reserved_owner``, ``held_metadata``, ``owner``,
@@ -328,7 +330,7 @@ def _build_hand_off() -> Update:
     reserved = or_(_lease_free(bindparam("now", type_=Float)), runs.c.lease_owner == bindparam("reserved_owner"))
     return (
         update(runs)
-        .where(runs.c.id == bindparam("run_id"), runs.c.status == "queued", reserved)
+        .where(runs.c.id == bindparam("run_id"), runs.c.status == "queued", runs.c.started_at.is_(None), reserved)
         .where(func.json(runs.c.metadata) == func.json(held))
         .values(lease_owner=bindparam("owner"), lease_expires_at=bindparam("lease_until", type_=Float))
     )

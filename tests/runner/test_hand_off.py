@@ -30,7 +30,6 @@ from tests.runner.test_worker import _make_runs
 
 pytestmark = pytest.mark.timeout(30)
 
-DEADLINE = 10.0
 
 # A new thread's run answered at once, its events in order (each series of deltas as one name).
 _ANSWERED = [
@@ -89,13 +88,6 @@ async def _row(runtime: Runtime, run_id: str) -> orm.Run:
         run = await session.get(orm.Run, run_id)
     assert run is not None
     return run
-
-
-async def _until_status(runtime: Runtime, run_id: str, status: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while (await _row(runtime, run_id)).status != status:
-        assert time.monotonic() < deadline, f"run {run_id} never became {status}"
-        await asyncio.sleep(0.01)
 
 
 def _count_hand_offs(monkeypatch: pytest.MonkeyPatch) -> list[execute.RunExecution]:
@@ -186,6 +178,7 @@ async def test_a_hand_off_whose_metadata_changed_since_the_create_is_claimed_ins
     assert worker.hand(run)
     await worker._handed()
     assert (await _row(runtime, run.id)).status == "queued"  # the hand-off's row was stale: nothing written
+    assert run.id not in execute._NOT_AT_ONCE  # its loss refused nothing of the answer: the claim answers at once
     await worker.run_until_idle()
     row = await _row(runtime, run.id)
     assert row.status == "completed" and row.metadata_ == {"changed": "yes"}
@@ -347,24 +340,6 @@ async def test_postgresql_hands_nothing(settings: Settings) -> None:
         await runtime.close()
 
 
-async def test_a_hand_off_lost_leaves_the_run_answered_at_once_by_the_claim(sqlite_runtime: Runtime) -> None:
-    """A lost compare-and-set refused nothing of the instant answer: the
-    tick's claim answers the run at once again, not the streamed way."""
-    runtime = sqlite_runtime
-    worker = _looping(Worker(runtime))
-    run = await _create(runtime, worker)
-    async with runtime.transaction() as session:
-        await session.execute(
-            orm.Run.__table__.update().where(orm.Run.id == run.id).values(metadata={"changed": "yes"})
-        )
-    assert worker.hand(run)
-    await worker._handed()
-    assert run.id not in execute._NOT_AT_ONCE
-    await worker.run_until_idle()
-    assert await _event_names(runtime, run.id) == _ANSWERED
-    await worker.stop()
-
-
 async def test_a_tick_during_a_hand_off_leaves_its_slot(
     sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -393,6 +368,55 @@ async def test_a_tick_during_a_hand_off_leaves_its_slot(
         assert (await _row(runtime, waiting.id)).status == "queued"
     finally:
         going.set()
+        await worker.stop()
+        await other.stop()
+
+
+async def test_a_hand_off_never_takes_a_run_back_to_queued_after_its_start(
+    sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker (another process, the reservation lapsed) started the
+    run, which came back to queued (requires_action, then its tool outputs)
+    with its lease free: queued and unleased as created, but not the row the
+    hand-off holds."""
+    runtime = sqlite_runtime
+    worker = _looping(Worker(runtime))
+    handed = _count_hand_offs(monkeypatch)
+    run = await _create(runtime, worker)
+    async with runtime.transaction() as session:
+        back = orm.Run.__table__.update().where(orm.Run.id == run.id)
+        await session.execute(back.values(status="queued", started_at=123, lease_owner=None, lease_expires_at=None))
+    assert worker.hand(run)
+    await worker._handed()
+    try:
+        assert not handed
+        assert (await _row(runtime, run.id)).started_at == 123
+    finally:
+        await worker.stop()
+
+
+async def test_an_instant_hand_off_after_a_tick_at_capacity_wakes_the_worker(sqlite_runtime: Runtime) -> None:
+    """A tick during the hand-off counted its slot and, at capacity, claimed
+    nothing; the handed run then ends at once: the run left waiting is
+    claimed at the next tick, woken now, not at the next poll."""
+    runtime = sqlite_runtime
+    worker = _looping(Worker(runtime, concurrency=1))
+    other = Worker(runtime)
+    waiting = await _create(runtime, other)
+    async with runtime.transaction() as session:
+        lapsed = orm.Run.__table__.update().where(orm.Run.id == waiting.id).values(lease_expires_at=time.time() - 1)
+        await session.execute(lapsed)
+    handed = await _create(runtime, worker)
+    assert worker.hand(handed)
+    await worker.tick()
+    assert worker._claimed_to_capacity
+    worker._wakeup.clear()
+    await worker._handed()
+    try:
+        assert (await _row(runtime, handed.id)).status == "completed"
+        assert (await _row(runtime, waiting.id)).status == "queued"
+        assert worker._wakeup.is_set()
+    finally:
         await worker.stop()
         await other.stop()
 
