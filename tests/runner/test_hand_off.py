@@ -76,6 +76,17 @@ async def _create(runtime: Runtime, worker: Worker) -> orm.Run:
     return run
 
 
+async def _waiting_for_any_worker(runtime: Runtime) -> tuple[Worker, orm.Run]:
+    """A queued run whose reservation (for the other worker returned) has
+    lapsed: claimable by any worker's tick."""
+    other = Worker(runtime)
+    waiting = await _create(runtime, other)
+    async with runtime.transaction() as session:
+        lapsed = orm.Run.__table__.update().where(orm.Run.id == waiting.id).values(lease_expires_at=time.time() - 1)
+        await session.execute(lapsed)
+    return other, waiting
+
+
 def _looping(worker: Worker) -> Worker:
     """``worker`` as while its run_forever() goes round (it hands runs only
     then), without the loop: each test drives its ticks."""
@@ -354,11 +365,7 @@ async def test_a_tick_during_a_hand_off_leaves_its_slot(
 
     monkeypatch.setattr(execute.RunExecution, "_loop", endless)
     worker = _looping(Worker(runtime, concurrency=1))
-    other = Worker(runtime)
-    waiting = await _create(runtime, other)  # claimable by any worker once its reservation lapsed
-    async with runtime.transaction() as session:
-        lapsed = orm.Run.__table__.update().where(orm.Run.id == waiting.id).values(lease_expires_at=time.time() - 1)
-        await session.execute(lapsed)
+    other, waiting = await _waiting_for_any_worker(runtime)
     handed = await _create(runtime, worker)
     assert worker.hand(handed)
     await worker.tick()
@@ -401,11 +408,7 @@ async def test_an_instant_hand_off_after_a_tick_at_capacity_wakes_the_worker(sql
     claimed at the next tick, woken now, not at the next poll."""
     runtime = sqlite_runtime
     worker = _looping(Worker(runtime, concurrency=1))
-    other = Worker(runtime)
-    waiting = await _create(runtime, other)
-    async with runtime.transaction() as session:
-        lapsed = orm.Run.__table__.update().where(orm.Run.id == waiting.id).values(lease_expires_at=time.time() - 1)
-        await session.execute(lapsed)
+    other, waiting = await _waiting_for_any_worker(runtime)
     handed = await _create(runtime, worker)
     assert worker.hand(handed)
     await worker.tick()
