@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 DEFAULT_CONTEXT_WINDOW = 8_192
 
 
+# Model names whose context window is kept (LLM.context_window).
+WINDOWS_KEPT = 1024
+
+
 class LLM:
     """Every chat completion the server makes goes through one of these."""
 
@@ -48,7 +52,7 @@ class LLM:
         # Record or replay provider answers (app/cassettes.py).
         self.cassettes: cassettes.Cassettes | None = None
         self._offline = offline.OfflineModel(rules, self.script)
-        self._windows: dict[str, int] = {}
+        self._windows: dict[str, int] = {}  # context_window()'s, by model name (at most WINDOWS_KEPT)
         self.metrics_observer: CallObserver | None = None
         # The pooled HTTP client of direct routes (direct.py imports httpx, so
         # only a routing file with direct routes pays for it).
@@ -231,9 +235,13 @@ class LLM:
 
     def context_window(self, model: str) -> int:
         """Input tokens the model accepts: config, then litellm's model map, then a default."""
-        if model not in self._windows:
-            self._windows[model] = self._find_window(model)
-        return self._windows[model]
+        window = self._windows.get(model)
+        if window is None:
+            window = self._find_window(model)
+            if len(self._windows) >= WINDOWS_KEPT:  # runs name their model: any number of names
+                self._windows.clear()
+            self._windows[model] = window
+        return window
 
     def _find_window(self, model: str) -> int:
         route = self._router.route(model)

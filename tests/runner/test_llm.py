@@ -813,6 +813,16 @@ def test_routes_kept_are_bounded(tmp_path: Path) -> None:
     assert llm.route("model-0") == first
 
 
+def test_context_windows_kept_are_bounded(tmp_path: Path) -> None:
+    """Runs name their model: any number of names, of which only so many windows are kept."""
+    config = {"model_list": [{"model_name": "*", "litellm_params": {"model": "offline/*"}}]}
+    llm = LLM.from_config(write_config(tmp_path, config))
+    first = llm.context_window("model-0")
+    for number in range(1, 3000):
+        assert llm.context_window(f"model-{number}") == first
+    assert len(llm._windows) <= 1024
+
+
 def test_a_long_model_name_is_routed_but_not_kept(tmp_path: Path) -> None:
     """A chat completion's model may be as long as its body: routed, never
     kept (1,024 names of megabytes each would be gigabytes one client chose)."""
