@@ -30,6 +30,9 @@ from tests.runner.test_worker import _make_runs
 
 pytestmark = pytest.mark.timeout(30)
 
+# The hand-off is SQLite's: its tests run there alone (as SQLite's, not PostgreSQL's skipped twins).
+_ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
 
 # A new thread's run answered at once, its events in order (each series of deltas as one name).
 _ANSWERED = [
@@ -44,10 +47,8 @@ _ANSWERED = [
 
 @pytest.fixture
 async def sqlite_runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    """A runtime without a worker, on SQLite only: PostgreSQL hands nothing
-    (its test below checks that)."""
-    if settings.resolved_database_url().startswith("postgresql"):
-        pytest.skip("the hand-off is SQLite's")
+    """A runtime without a worker, for the tests marked _ON_SQLITE:
+    PostgreSQL hands nothing (test_postgresql_hands_nothing)."""
     rt = await Runtime.start(settings)
     try:
         yield rt
@@ -114,6 +115,7 @@ def _count_hand_offs(monkeypatch: pytest.MonkeyPatch) -> list[execute.RunExecuti
     return handed
 
 
+@_ON_SQLITE
 async def test_a_created_run_answered_at_once_is_ended_by_its_hand_off_without_a_claim(
     sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -132,6 +134,7 @@ async def test_a_created_run_answered_at_once_is_ended_by_its_hand_off_without_a
     await worker.stop()
 
 
+@_ON_SQLITE
 async def test_a_hand_off_loses_to_another_workers_claim_and_leaves_the_run_to_it(
     sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -157,6 +160,7 @@ async def test_a_hand_off_loses_to_another_workers_claim_and_leaves_the_run_to_i
     await other.stop()
 
 
+@_ON_SQLITE
 async def test_a_hand_off_loses_to_a_cancel_and_the_run_stays_cancelled(
     sqlite_runtime: Runtime, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -176,6 +180,7 @@ async def test_a_hand_off_loses_to_a_cancel_and_the_run_stays_cancelled(
     await worker.stop()
 
 
+@_ON_SQLITE
 async def test_a_hand_off_whose_metadata_changed_since_the_create_is_claimed_instead(
     sqlite_runtime: Runtime,
 ) -> None:
@@ -197,6 +202,7 @@ async def test_a_hand_off_whose_metadata_changed_since_the_create_is_claimed_ins
     await worker.stop()
 
 
+@_ON_SQLITE
 async def test_a_failed_commit_of_the_hand_off_leaves_the_run_to_the_woken_worker(
     sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -228,6 +234,7 @@ async def test_a_failed_commit_of_the_hand_off_leaves_the_run_to_the_woken_worke
     assert await _event_names(runtime, run.id) == _ANSWERED
 
 
+@_ON_SQLITE
 async def test_a_cancelled_hand_off_leaves_the_run_reserved_and_the_worker_claims_it(sqlite_runtime: Runtime) -> None:
     runtime = sqlite_runtime
     worker = _looping(Worker(runtime))
@@ -244,6 +251,7 @@ async def test_a_cancelled_hand_off_leaves_the_run_reserved_and_the_worker_claim
     assert await _event_names(runtime, run.id) == _ANSWERED
 
 
+@_ON_SQLITE
 async def test_a_hand_off_cancelled_while_its_commit_is_out_is_committed_once(
     sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -276,6 +284,7 @@ async def test_a_hand_off_cancelled_while_its_commit_is_out_is_committed_once(
     assert sorted(seqs) == list(range(1, len(seqs) + 1))
 
 
+@_ON_SQLITE
 async def test_a_worker_stopping_with_a_hand_off_in_flight_drains_its_run(
     sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -310,6 +319,7 @@ async def _never_at_once(_request: Any) -> None:
     return None
 
 
+@_ON_SQLITE
 async def test_runs_not_alone_or_not_known_are_claimed_as_before(sqlite_runtime: Runtime) -> None:
     """Runs created together (another reserved since the last claim), one
     while a hand-off is in flight, one reserved for another worker, one for
@@ -336,9 +346,8 @@ async def test_runs_not_alone_or_not_known_are_claimed_as_before(sqlite_runtime:
     await worker.stop()
 
 
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 async def test_postgresql_hands_nothing(settings: Settings) -> None:
-    if not settings.resolved_database_url().startswith("postgresql"):
-        pytest.skip("PostgreSQL's")
     runtime = await Runtime.start(settings)
     try:
         worker = _looping(Worker(runtime))
@@ -351,6 +360,7 @@ async def test_postgresql_hands_nothing(settings: Settings) -> None:
         await runtime.close()
 
 
+@_ON_SQLITE
 async def test_a_tick_during_a_hand_off_leaves_its_slot(
     sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -379,6 +389,7 @@ async def test_a_tick_during_a_hand_off_leaves_its_slot(
         await other.stop()
 
 
+@_ON_SQLITE
 async def test_a_hand_off_never_takes_a_run_back_to_queued_after_its_start(
     sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -402,6 +413,7 @@ async def test_a_hand_off_never_takes_a_run_back_to_queued_after_its_start(
         await worker.stop()
 
 
+@_ON_SQLITE
 async def test_an_instant_hand_off_after_a_tick_at_capacity_wakes_the_worker(sqlite_runtime: Runtime) -> None:
     """A tick during the hand-off counted its slot and, at capacity, claimed
     nothing; the handed run then ends at once: the run left waiting is
@@ -424,6 +436,7 @@ async def test_an_instant_hand_off_after_a_tick_at_capacity_wakes_the_worker(sql
         await other.stop()
 
 
+@_ON_SQLITE
 async def test_a_hand_off_ended_after_a_claim_leaves_a_newer_reservation_counted(sqlite_runtime: Runtime) -> None:
     """A claim during the hand-off counted the reservations anew; a run
     reserved after it is still counted when the hand-off ends."""
@@ -440,6 +453,7 @@ async def test_a_hand_off_ended_after_a_claim_leaves_a_newer_reservation_counted
         await worker.stop()
 
 
+@_ON_SQLITE
 async def test_a_hand_off_never_restarts_a_run_another_worker_started(
     sqlite_runtime: Runtime, caplog: pytest.LogCaptureFixture
 ) -> None:
