@@ -117,17 +117,34 @@ def _earlier_messages_column(dialect: str) -> ColumnElement[Any]:
     SQLite's compiler leaves the table's name off the columns of a
     RETURNING, and a subquery there would then compare the messages'
     columns with themselves."""
+    where = "m.thread_id = runs.thread_id AND m.seq < runs.seq AND (m.run_id IS NULL OR m.run_id != runs.id)"
+    sql = f"CASE WHEN runs.status = 'queued' THEN {_last_messages(dialect, where)} END"
+    return type_coerce(literal_column(sql), JSON).label("earlier_messages")
+
+
+def _last_messages(dialect: str, where: str) -> str:
+    """A subquery: the last PREFETCH_MOST_MESSAGES + 1 messages ``where``
+    selects (alias ``m``), as one JSON array of ``[seq, role, content]``
+    (in no set order; decoded by _decoded)."""
     if dialect == "postgresql":
         aggregate = "json_agg(json_build_array(earlier.seq, earlier.role, earlier.content))"
     else:
         aggregate = "json_group_array(json_array(earlier.seq, earlier.role, earlier.content))"
-    sql = (
-        f"CASE WHEN runs.status = 'queued' THEN (SELECT {aggregate} FROM ("  # noqa: S608 (constants)
-        "SELECT m.seq, m.role, m.content FROM messages AS m "
-        "WHERE m.thread_id = runs.thread_id AND m.seq < runs.seq AND (m.run_id IS NULL OR m.run_id != runs.id) "
-        f"ORDER BY m.seq DESC LIMIT {PREFETCH_MOST_MESSAGES + 1}) AS earlier) END"
+    return (
+        f"(SELECT {aggregate} FROM (SELECT m.seq, m.role, m.content FROM messages AS m "  # noqa: S608 (constants)
+        f"WHERE {where} ORDER BY m.seq DESC LIMIT {PREFETCH_MOST_MESSAGES + 1}) AS earlier)"
     )
-    return type_coerce(literal_column(sql), JSON).label("earlier_messages")
+
+
+# SQLite: the last messages of the thread a statement reads from ``threads``
+# (thread_lock.with_column), for a run about to be created on it: its
+# create notes them (note_read) for a hand-off to this process's worker.
+# That transaction holds the write lock, so they are the thread's messages
+# as the run is committed; the hand-off checks that they still are
+# (claim_handed).
+THREAD_LAST_MESSAGES = type_coerce(literal_column(_last_messages("sqlite", "m.thread_id = threads.id")), JSON).label(
+    "last_messages"
+)
 
 
 def _not_executing(dialect: str) -> ColumnElement[bool]:
@@ -270,18 +287,32 @@ def _detached_run(row: Mapping[Any, Any]) -> orm.Run:
     earlier: list[list[Any]] | None = row["earlier_messages"]
     # (PostgreSQL's json_agg of no rows is NULL.) A longer thread's are read by its prompt.
     if run.status == "queued" and len(earlier or []) <= PREFETCH_MOST_MESSAGES:
-        _PREFETCHED[run] = [
-            EarlierMessage(role, json.loads(content) if isinstance(content, str) else content)
-            for _seq, role, content in sorted(earlier or [], key=lambda m: m[0])
-        ]
+        _PREFETCHED[run] = [message for _seq, message in _decoded(earlier)]
     return run
+
+
+def _decoded(aggregated: list[list[Any]] | None) -> list[tuple[int, EarlierMessage]]:
+    """_last_messages()'s array, oldest first, each with its seq."""
+    return [
+        (seq, EarlierMessage(role, json.loads(content) if isinstance(content, str) else content))
+        for seq, role, content in sorted(aggregated or [], key=lambda m: m[0])
+    ]
+
+
+@dataclass(frozen=True)
+class _Earlier:
+    """A created run's earlier messages, and what its hand-off's
+    compare-and-set requires of them still (claim_handed)."""
+
+    messages: list[EarlierMessage]
+    last_seq: int  # the last one's seq; 0 for none
 
 
 # A run this process's API created for its own worker, handed to it with
 # its row (issue 17: no wake, tick or claim statement; execute.hand_off):
-# the thread's messages from before it, as the create made them (a new
-# thread's), by the create's run object, until the hand-off takes them.
-_CREATED_EARLIER: weakref.WeakKeyDictionary[orm.Run, list[EarlierMessage]] = weakref.WeakKeyDictionary()
+# the thread's messages from before it, as the create made or read them,
+# by the create's run object, until the hand-off takes them.
+_CREATED_EARLIER: weakref.WeakKeyDictionary[orm.Run, _Earlier] = weakref.WeakKeyDictionary()
 
 
 def note_earlier(run: orm.Run, messages: Sequence[orm.Message]) -> None:
@@ -290,9 +321,23 @@ def note_earlier(run: orm.Run, messages: Sequence[orm.Message]) -> None:
     with its row (handable). A thread longer than the claim's prefetch is
     not noted: its prompt reads (and truncates) its messages, which the
     hand-off's transaction does not."""
+    _note(run, [(message.seq, EarlierMessage(message.role, message.content)) for message in messages])
+
+
+def note_read(run: orm.Run, read: list[list[Any]] | None, added: Sequence[orm.Message]) -> None:
+    """note_earlier() for a run created on an existing thread: the thread's
+    last messages as its create read them (THREAD_LAST_MESSAGES, in the
+    create's transaction), then ``added``, the create's own (its
+    additional_messages). Only those before the run count, as its claim's
+    prefetch takes them (a message of another process may have a later seq)."""
+    known = [*_decoded(read), *((message.seq, EarlierMessage(message.role, message.content)) for message in added)]
+    _note(run, [(seq, message) for seq, message in known if seq < run.seq])
+
+
+def _note(run: orm.Run, messages: list[tuple[int, EarlierMessage]]) -> None:
     if len(messages) <= PREFETCH_MOST_MESSAGES:
-        ordered = sorted(messages, key=lambda message: message.seq)
-        _CREATED_EARLIER[run] = [EarlierMessage(message.role, message.content) for message in ordered]
+        ordered = sorted(messages, key=lambda message: message[0])
+        _CREATED_EARLIER[run] = _Earlier([message for _seq, message in ordered], ordered[-1][0] if ordered else 0)
 
 
 def handable(run: orm.Run) -> bool:
@@ -322,18 +367,29 @@ def _build_hand_off() -> Update:
     queued run; not its resumable branch, a run another worker has started
     since), its metadata unchanged since the create
     (the one column others change on a queued run), so that the row the
-    hand-off goes on with is the run's as a claim would return it. Bound:
-    ``run_id``, ``now``, ``reserved_owner``, ``held_metadata``, ``owner``,
+    hand-off goes on with is the run's as a claim would return it; and the
+    thread's messages before it still those the create noted (their number
+    and the last one's seq: one may be deleted meanwhile; none is added
+    while the run is live), so that its prompt is the one a claim's
+    prefetch would give. Bound: ``run_id``, ``now``, ``reserved_owner``,
+    ``held_metadata``, ``held_count``, ``held_last_seq``, ``owner``,
     ``lease_until``."""
     runs = run_state.RUNS
     held = bindparam("held_metadata", type_=runs.c.metadata.type)
     reserved = or_(_lease_free(bindparam("now", type_=Float)), runs.c.lease_owner == bindparam("reserved_owner"))
+    earlier = and_(_MESSAGES.thread_id == runs.c.thread_id, _MESSAGES.seq < runs.c.seq)
+    count = select(func.count()).where(earlier).scalar_subquery()
+    last_seq = select(func.coalesce(func.max(_MESSAGES.seq), 0)).where(earlier).scalar_subquery()
     return (
         update(runs)
         .where(runs.c.id == bindparam("run_id"), runs.c.status == "queued", runs.c.started_at.is_(None), reserved)
         .where(func.json(runs.c.metadata) == func.json(held))
+        .where(count == bindparam("held_count", type_=Integer), last_seq == bindparam("held_last_seq", type_=Integer))
         .values(lease_owner=bindparam("owner"), lease_expires_at=bindparam("lease_until", type_=Float))
     )
+
+
+_MESSAGES = orm.Message.__table__.c
 
 
 _HAND_OFF = _build_hand_off()
@@ -352,11 +408,14 @@ async def claim_handed(session: AsyncSession, created: orm.Run, owner: str, leas
     so the rows it writes after the stamp see the run as stamped."""
     now = time.time()
     lease_until = now + lease_seconds
+    earlier = _CREATED_EARLIER[created]  # (handable)
     parameters = {
         "now": now,
         "reserved_owner": reserved_for(owner),
         "run_id": created.id,
         "held_metadata": created.metadata_,
+        "held_count": len(earlier.messages),
+        "held_last_seq": earlier.last_seq,
         "owner": owner,
         "lease_until": lease_until,
     }
@@ -365,9 +424,7 @@ async def claim_handed(session: AsyncSession, created: orm.Run, owner: str, leas
     values.update(lease_owner=owner, lease_expires_at=lease_until)
     run = core_rows.record(orm.Run, **values)
     make_transient_to_detached(run)
-    earlier = _CREATED_EARLIER.get(created)
-    if earlier is not None:
-        _PREFETCHED[run] = list(earlier)
+    _PREFETCHED[run] = list(earlier.messages)
     return run
 
 
@@ -480,7 +537,6 @@ async def resume_point(session: AsyncSession, run: orm.Run) -> Usage:
     return Usage(prompt_tokens, completion_tokens)
 
 
-_MESSAGES = orm.Message.__table__.c
 # What a prompt takes from each earlier message, as a prebuilt Core SELECT:
 # no ORM object per message of the thread's history on every model call
 # (issue 17).

@@ -171,15 +171,27 @@ async def create(
     # Messages are checked (their files) and may write (a thread's store):
     # not on a thread that has a live run, as before.
     unread = together and not body.additional_messages
+    # SQLite, for this process's worker: the thread's last messages are read
+    # with its live run (no statement more), so that the run may be handed
+    # to the worker with its row (issue 17; run_execution.note_read).
+    handing = reservation is not None and not postgres
+    last_messages = None
     if unread:
         await thread_lock.lock_owned_thread(session, project, thread_id)
     else:
-        live_run = await thread_lock.live_run_of_owned_thread(session, project, thread_id)
+        if handing:
+            live_run, last_messages = await thread_lock.live_run_and_value_of_owned_thread(
+                session, project, thread_id, _LIVE_RUN_AND_LAST_MESSAGES
+            )
+        else:
+            live_run = await thread_lock.live_run_of_owned_thread(session, project, thread_id)
         if live_run is not None:
             raise errors.thread_has_active_run(thread_id, live_run)
+    added: list[orm.Message] = []
     # additional_messages come before the run (the executor reads messages older than the run).
     for message in body.additional_messages or []:
         message_row = await messages.build(session, project, thread_id, message)
+        added.append(message_row)
         if together:
             rows.append(message_row)
         else:
@@ -206,7 +218,13 @@ async def create(
         unwritten.only_if = _live_only_if(run, body.assistant_id, assistant)
     else:
         await _insert_live(session, run, assistant)
+    if handing:
+        run_execution.note_read(run, last_messages, added)
     return run, _queued_events(run)
+
+
+# SQLite: the thread's owner, its live run and its last messages, one statement.
+_LIVE_RUN_AND_LAST_MESSAGES = thread_lock.with_column(run_execution.THREAD_LAST_MESSAGES)
 
 
 # PostgreSQL: a new run's rows go in only where the live-run index holds no

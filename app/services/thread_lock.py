@@ -13,7 +13,9 @@ run whatever a check saw; is_live_run_conflict() recognises its error.
 
 from __future__ import annotations
 
-from sqlalchemy import bindparam, exc, select
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, bindparam, exc, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import db, errors, ids, orm
@@ -76,12 +78,33 @@ async def live_run_of_owned_thread(session: AsyncSession, project: Project, thre
     require_id("thread_id", thread_id, ids.THREAD)
     parameters = {"thread_id": thread_id}
     if session.bind is not None and session.bind.dialect.name == "sqlite":
-        found = (await session.execute(_OWNER_AND_LIVE_RUN, parameters)).first()
-        if found is None or found[0] != project.id:
-            raise errors.not_found("thread", thread_id)
-        return found[1]  # type: ignore[no-any-return]
+        return (await _owner_and_live_run(session, project, thread_id, _OWNER_AND_LIVE_RUN))[1]  # type: ignore[no-any-return]
     await _lock_owned(session, project, parameters)
     return (await session.execute(_LIVE_RUN, parameters)).scalar()
+
+
+def with_column(column: ColumnElement[Any]) -> Select[Any]:
+    """SQLite: live_run_of_owned_thread()'s statement with one more value
+    read in it (of the thread, whose table it reads as ``threads``), for
+    live_run_and_value_of_owned_thread(). Built once by its caller."""
+    return _OWNER_AND_LIVE_RUN.add_columns(column)
+
+
+async def live_run_and_value_of_owned_thread(
+    session: AsyncSession, project: Project, thread_id: str, statement: Select[Any]
+) -> tuple[str | None, Any]:
+    """SQLite: live_run_of_owned_thread(), and the value of the column
+    ``statement`` (with_column()) adds, in its one statement."""
+    require_id("thread_id", thread_id, ids.THREAD)
+    found = await _owner_and_live_run(session, project, thread_id, statement)
+    return found[1], found[2]
+
+
+async def _owner_and_live_run(session: AsyncSession, project: Project, thread_id: str, statement: Select[Any]) -> Any:
+    found = (await session.execute(statement, {"thread_id": thread_id})).first()
+    if found is None or found[0] != project.id:
+        raise errors.not_found("thread", thread_id)
+    return found
 
 
 async def lock_owned_thread(session: AsyncSession, project: Project, thread_id: str) -> None:

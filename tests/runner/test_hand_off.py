@@ -18,15 +18,16 @@ from sqlalchemy import select
 from app import orm, sqlite_driver
 from app.runner import execute
 from app.runtime import Runtime
-from app.services import run_execution, runs
+from app.services import run_execution, runs, threads
 from app.services.projects import Project
 from app.settings import Settings
-from app.wire.runs import ThreadAndRunCreate
+from app.wire.runs import RunCreate, ThreadAndRunCreate
+from app.wire.threads import ThreadCreate
 from app.worker import Worker
 from tests.runner.helpers import until
 from tests.runner.test_instant_answer import _ANSWERED as _ANSWERING
 from tests.runner.test_instant_answer import _event_names
-from tests.runner.test_worker import _make_runs
+from tests.runner.test_worker import _make_runs, user_message
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -502,3 +503,191 @@ async def test_a_streamed_thread_and_run_through_the_api_is_handed(
         async with app.state.runtime.transaction() as session:
             seqs = list((await session.scalars(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id))).all())
         assert sorted(seqs) == list(range(1, len(seqs) + 1))
+
+
+# A run created on an existing thread (POST /threads/{id}/runs: the SDK's
+# usual flow) is handed too: its create reads the thread's last messages
+# with its live run (runs.create, run_execution.note_read).
+
+
+async def _thread(runtime: Runtime, texts: list[str]) -> str:
+    """A thread with a user message of each of ``texts``, committed."""
+    project = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
+    body = ThreadCreate.model_validate({"messages": [{"role": "user", "content": text} for text in texts]})
+    async with runtime.transaction() as session:
+        thread = await threads.create(session, project, body)
+    return thread.id
+
+
+async def _create_on(runtime: Runtime, worker: Worker, thread_id: str, **options: Any) -> orm.Run:
+    """A run on ``thread_id`` reserved for ``worker``, committed as the API
+    commits it, not handed yet."""
+    project = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
+    body = RunCreate.model_validate({"assistant_id": await _assistant(runtime), **options})
+    async with runtime.transaction() as session:
+        run, events = await runs.create(
+            session, project, thread_id, body, expires_in=600, reservation=worker.reservation(), remembered=False
+        )
+        await runtime.run_log.append(session, run.id, events, run_locked=True)
+    return run
+
+
+def _histories(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[run_execution.EarlierMessage]]:
+    """Each run's prompt history as its execution took it."""
+    taken: dict[str, list[run_execution.EarlierMessage]] = {}
+    original = run_execution.earlier_messages
+
+    async def noted(session: Any, run: orm.Run) -> Any:
+        taken[run.id] = list(await original(session, run))
+        return taken[run.id]
+
+    monkeypatch.setattr(run_execution, "earlier_messages", noted)
+    return taken
+
+
+async def _read_history(runtime: Runtime, run: orm.Run) -> list[run_execution.EarlierMessage]:
+    """The run's earlier messages as its thread holds them now (no prefetch)."""
+    async with runtime.transaction() as session:
+        return list(await run_execution.earlier_messages(session, run))
+
+
+@_ON_SQLITE
+async def test_a_run_on_an_existing_thread_is_handed_with_the_threads_messages(
+    sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its messages, an earlier run's answer among them, and its own
+    additional messages, as its prompt's history, with no claim."""
+    runtime = sqlite_runtime
+    worker = _looping(Worker(runtime))
+    handed, histories = _count_hand_offs(monkeypatch), _histories(monkeypatch)
+    thread_id = await _thread(runtime, ["first", "second"])
+    earlier = await _create_on(runtime, worker, thread_id)  # answered: the thread gets its assistant message
+    assert worker.hand(earlier)
+    await worker._handed()
+    run = await _create_on(
+        runtime, worker, thread_id, additional_messages=[{"role": "user", "content": "third"}], instructions="Be brief."
+    )
+    assert run_execution.handable(run)
+    assert worker.hand(run)
+    await worker._handed()
+    assert [execution.run_id for execution in handed] == [earlier.id, run.id]
+    row = await _row(runtime, run.id)
+    assert row.status == "completed" and row.lease_owner is None and row.instructions == "Be brief."
+    expected = await _read_history(runtime, row)
+    assert [message.role for message in expected] == ["user", "user", "assistant", "user"]
+    assert histories[run.id] == expected
+    assert await _event_names(runtime, run.id) == _ANSWERED[1:]  # (no thread.created)
+    await worker.stop()
+
+
+@_ON_SQLITE
+@pytest.mark.parametrize("change", ["deleted", "added"])
+async def test_a_hand_off_whose_threads_messages_changed_since_the_create_is_claimed_instead(
+    sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, change: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message deleted after the create's commit (the API allows it while
+    the run is queued), or one added before the run's seq (as another
+    process might, its clock behind): the hand-off's noted messages are not
+    the thread's; it loses its compare-and-set quietly, and the claim reads
+    the thread as it is."""
+    runtime = sqlite_runtime
+    worker = _looping(Worker(runtime))
+    handed, histories = _count_hand_offs(monkeypatch), _histories(monkeypatch)
+    thread_id = await _thread(runtime, ["first", "second"])
+    run = await _create_on(runtime, worker, thread_id)
+    async with runtime.transaction() as session:
+        if change == "deleted":
+            first = await session.scalar(
+                select(orm.Message.id).where(orm.Message.thread_id == thread_id).order_by(orm.Message.seq).limit(1)
+            )
+            await session.execute(orm.Message.__table__.delete().where(orm.Message.id == first))
+        else:
+            content = [{"type": "text", "text": {"value": "late", "annotations": []}}]
+            late = user_message(thread_id, content)
+            late.seq = run.seq - 1
+            session.add(late)
+    assert worker.hand(run)
+    await worker._handed()
+    assert not handed
+    assert not [record for record in caplog.records if "handing run" in record.getMessage()]  # quietly: a lost CAS
+    assert (await _row(runtime, run.id)).status == "queued"
+    await worker.run_until_idle()
+    row = await _row(runtime, run.id)
+    assert row.status == "completed"
+    assert histories[run.id] == await _read_history(runtime, row)
+    assert len(histories[run.id]) == (1 if change == "deleted" else 3)
+    await worker.stop()
+
+
+@_ON_SQLITE
+async def test_a_hand_off_of_a_run_on_a_thread_loses_to_a_cancel(sqlite_runtime: Runtime) -> None:
+    runtime = sqlite_runtime
+    worker = _looping(Worker(runtime))
+    run = await _create_on(runtime, worker, await _thread(runtime, ["hi"]))
+    async with runtime.transaction() as session:
+        project = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
+        _answer, events = await runs.cancel(session, project, run.thread_id, run.id)
+        await runtime.run_log.append(session, run.id, events, run_locked=True)
+    assert worker.hand(run)
+    await worker._handed()
+    assert (await _row(runtime, run.id)).status == "cancelled"
+    names = await _event_names(runtime, run.id)
+    assert "thread.run.in_progress" not in names and names[-1] == "thread.run.cancelled"
+    await worker.stop()
+
+
+@_ON_SQLITE
+async def test_a_run_on_a_thread_longer_than_the_prefetch_is_claimed(
+    sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its prompt reads (and truncates) the thread's messages: not handed.
+    At the limit exactly, with its additional message, it still is."""
+    runtime = sqlite_runtime
+    worker = _looping(Worker(runtime))
+    histories = _histories(monkeypatch)
+    most = run_execution.PREFETCH_MOST_MESSAGES
+    at_limit = await _create_on(
+        runtime,
+        worker,
+        await _thread(runtime, [f"m{i}" for i in range(most - 1)]),
+        additional_messages=[{"role": "user", "content": "last"}],
+    )
+    assert run_execution.handable(at_limit) and worker.hand(at_limit)
+    await worker._handed()
+    assert len(histories[at_limit.id]) == most
+    longer = await _create_on(
+        runtime,
+        worker,
+        await _thread(runtime, [f"m{i}" for i in range(most)]),
+        additional_messages=[{"role": "user", "content": "last"}],
+    )
+    assert not run_execution.handable(longer) and not worker.hand(longer)
+    await worker.run_until_idle()
+    row = await _row(runtime, longer.id)
+    assert row.status == "completed"
+    assert histories[longer.id] == await _read_history(runtime, row) and len(histories[longer.id]) == most + 1
+    await worker.stop()
+
+
+async def test_a_run_on_a_thread_through_the_api_is_handed(
+    app: FastAPI, http: Any, monkeypatch: pytest.MonkeyPatch, settings: Settings
+) -> None:
+    """The SDK's flow: a thread, its message, then a run on it, streamed."""
+    postgres = settings.resolved_database_url().startswith("postgresql")
+    handed = _count_hand_offs(monkeypatch)
+    worker = app.state.runtime.worker
+    assistant = (await http.post("/v1/assistants", json={"model": "m"})).json()["id"]
+    for _attempt in range(3):  # (a run created while the worker's poll tick is under way is claimed by it)
+        thread = (await http.post("/v1/threads", json={})).json()["id"]
+        await http.post(f"/v1/threads/{thread}/messages", json={"role": "user", "content": "hi"})
+        await until(lambda: worker._looping and not worker._ticking, "the worker's loop waiting")
+        body = {"assistant_id": assistant, "stream": True}
+        async with http.stream("POST", f"/v1/threads/{thread}/runs", json=body) as response:
+            text = "".join([chunk async for chunk in response.aiter_text()])
+        names = [line.removeprefix("event: ") for line in text.splitlines() if line.startswith("event: ")]
+        assert [name for name in names if name != "thread.message.delta"] == [
+            name for name in _ANSWERED[1:] if name != "thread.message.delta"
+        ] + ["done"]
+        if handed or postgres:
+            break
+    assert len(handed) == (0 if postgres else 1)
