@@ -162,12 +162,17 @@ async def test_a_hand_off_loses_to_another_workers_claim_and_leaves_the_run_to_i
 
 
 @_ON_SQLITE
+@pytest.mark.parametrize("on_thread", [False, True], ids=["new thread", "existing thread"])
 async def test_a_hand_off_loses_to_a_cancel_and_the_run_stays_cancelled(
-    sqlite_runtime: Runtime, caplog: pytest.LogCaptureFixture
+    sqlite_runtime: Runtime, caplog: pytest.LogCaptureFixture, on_thread: bool
 ) -> None:
     runtime = sqlite_runtime
     worker = _looping(Worker(runtime))
-    run = await _create(runtime, worker)
+    run = (
+        await _create_on(runtime, worker, await _thread(runtime, ["hi"]))
+        if on_thread
+        else await _create(runtime, worker)
+    )
     async with runtime.transaction() as session:
         project = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
         _answer, events = await runs.cancel(session, project, run.thread_id, run.id)
@@ -477,23 +482,31 @@ async def test_a_hand_off_never_restarts_a_run_another_worker_started(
         await worker.stop()
 
 
-async def test_a_streamed_thread_and_run_through_the_api_is_handed(
-    app: FastAPI, http: Any, monkeypatch: pytest.MonkeyPatch, settings: Settings
+@pytest.mark.parametrize("on_thread", [False, True], ids=["new thread", "existing thread"])
+async def test_a_streamed_run_through_the_api_is_handed(
+    app: FastAPI, http: Any, monkeypatch: pytest.MonkeyPatch, settings: Settings, on_thread: bool
 ) -> None:
+    """POST /threads/runs, or the SDK's usual flow: a thread, its message,
+    then POST /threads/{id}/runs."""
     postgres = settings.resolved_database_url().startswith("postgresql")
     handed = _count_hand_offs(monkeypatch)
     worker = app.state.runtime.worker
     # It hands runs only while going round, between its ticks.
     assistant = (await http.post("/v1/assistants", json={"model": "m"})).json()["id"]
-    body = {"assistant_id": assistant, "stream": True, "thread": {"messages": [{"role": "user", "content": "hi"}]}}
+    message = {"role": "user", "content": "hi"}
     for _attempt in range(3):  # (a run created while the worker's poll tick is under way is claimed by it)
+        path, body = "/v1/threads/runs", {"assistant_id": assistant, "stream": True, "thread": {"messages": [message]}}
+        if on_thread:
+            thread = (await http.post("/v1/threads", json={})).json()["id"]
+            await http.post(f"/v1/threads/{thread}/messages", json=message)
+            path, body = f"/v1/threads/{thread}/runs", {"assistant_id": assistant, "stream": True}
         await until(lambda: worker._looping and not worker._ticking, "the worker's loop waiting")
-        async with http.stream("POST", "/v1/threads/runs", json=body) as response:
+        async with http.stream("POST", path, json=body) as response:
             text = "".join([chunk async for chunk in response.aiter_text()])
         names = [line.removeprefix("event: ") for line in text.splitlines() if line.startswith("event: ")]
         assert names[-2:] == ["thread.run.completed", "done"]
         assert [name for name in names if name != "thread.message.delta"] == [
-            name for name in _ANSWERED if name != "thread.message.delta"
+            name for name in _ANSWERED[1 if on_thread else 0 :] if name != "thread.message.delta"
         ] + ["done"]
         if handed or postgres:
             break
@@ -620,23 +633,6 @@ async def test_a_hand_off_whose_threads_messages_changed_since_the_create_is_cla
 
 
 @_ON_SQLITE
-async def test_a_hand_off_of_a_run_on_a_thread_loses_to_a_cancel(sqlite_runtime: Runtime) -> None:
-    runtime = sqlite_runtime
-    worker = _looping(Worker(runtime))
-    run = await _create_on(runtime, worker, await _thread(runtime, ["hi"]))
-    async with runtime.transaction() as session:
-        project = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
-        _answer, events = await runs.cancel(session, project, run.thread_id, run.id)
-        await runtime.run_log.append(session, run.id, events, run_locked=True)
-    assert worker.hand(run)
-    await worker._handed()
-    assert (await _row(runtime, run.id)).status == "cancelled"
-    names = await _event_names(runtime, run.id)
-    assert "thread.run.in_progress" not in names and names[-1] == "thread.run.cancelled"
-    await worker.stop()
-
-
-@_ON_SQLITE
 async def test_a_run_on_a_thread_longer_than_the_prefetch_is_claimed(
     sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -667,27 +663,3 @@ async def test_a_run_on_a_thread_longer_than_the_prefetch_is_claimed(
     assert row.status == "completed"
     assert histories[longer.id] == await _read_history(runtime, row) and len(histories[longer.id]) == most + 1
     await worker.stop()
-
-
-async def test_a_run_on_a_thread_through_the_api_is_handed(
-    app: FastAPI, http: Any, monkeypatch: pytest.MonkeyPatch, settings: Settings
-) -> None:
-    """The SDK's flow: a thread, its message, then a run on it, streamed."""
-    postgres = settings.resolved_database_url().startswith("postgresql")
-    handed = _count_hand_offs(monkeypatch)
-    worker = app.state.runtime.worker
-    assistant = (await http.post("/v1/assistants", json={"model": "m"})).json()["id"]
-    for _attempt in range(3):  # (a run created while the worker's poll tick is under way is claimed by it)
-        thread = (await http.post("/v1/threads", json={})).json()["id"]
-        await http.post(f"/v1/threads/{thread}/messages", json={"role": "user", "content": "hi"})
-        await until(lambda: worker._looping and not worker._ticking, "the worker's loop waiting")
-        body = {"assistant_id": assistant, "stream": True}
-        async with http.stream("POST", f"/v1/threads/{thread}/runs", json=body) as response:
-            text = "".join([chunk async for chunk in response.aiter_text()])
-        names = [line.removeprefix("event: ") for line in text.splitlines() if line.startswith("event: ")]
-        assert [name for name in names if name != "thread.message.delta"] == [
-            name for name in _ANSWERED[1:] if name != "thread.message.delta"
-        ] + ["done"]
-        if handed or postgres:
-            break
-    assert len(handed) == (0 if postgres else 1)
