@@ -203,17 +203,8 @@ class AssistantChanged(sqlite_driver.RoutineMismatch):
 
 
 class StaleDefaults(Exception):
-    """The run's checked INSERT (insert_checked_now(), only_if(), the live
+    """The run's checked INSERT (only_if(), the live
     insert on PostgreSQL) found the assistant changed: nothing was inserted."""
-
-
-async def insert_checked_now(session: AsyncSession, run: orm.Run, defaults: AssistantDefaults) -> None:
-    """insert_checked(), sent at once (its caller's savepoint must see the
-    live-run index refuse it there): StaleDefaults if it added no row."""
-    statement, parameters = _checked(run, defaults)
-    result = await session.execute(statement, parameters)
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        raise StaleDefaults(defaults.id)
 
 
 def is_stale(error: BaseException) -> bool:

@@ -16,7 +16,6 @@ from typing import Any
 
 from sqlalchemy import Insert, Row, Table, bindparam, inspect, select, true
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app import errors, ids, orm
@@ -216,8 +215,18 @@ async def create(
     if together and unwritten is not None:
         unwritten.rows += [*rows, run]
         unwritten.only_if = _live_only_if(run, body.assistant_id, assistant)
+    elif postgres:
+        await _insert_live_postgres(session, run, assistant)
+    elif assistant is not None:
+        # SQLite: the read of the thread's live run above took the write lock,
+        # held to the COMMIT: no other run of the thread can go live before
+        # it (only a run's create makes one live, and each reads first). So
+        # the run's INSERT is held back to the COMMIT, as a new thread's is:
+        # no savepoint for a live-run conflict that cannot come (issue 17:
+        # SAVEPOINT, INSERT and RELEASE were three thread hops per run).
+        await run_defaults.insert_checked(session, run, assistant)
     else:
-        await _insert_live(session, run, assistant)
+        await core_rows.insert_row(session, run, write_behind=True)
     if handing:
         run_execution.note_read(run, last_messages, added)
     return run, _queued_events(run)
@@ -256,32 +265,6 @@ def _live_only_if(run: orm.Run, assistant_id: str, assistant: run_defaults.Assis
     return new_rows.OnlyIf(_NO_LIVE_RUN_AND_UNCHANGED, run_defaults.guard_parameters(assistant), refused)
 
 
-async def _insert_live(session: AsyncSession, run: orm.Run, assistant: run_defaults.AssistantDefaults | None) -> None:
-    """Insert a new live run (checked against ``assistant``, its remembered
-    defaults, if given). The check before it makes a conflict rare (it
-    takes a writer that skipped the thread lock); the live-run index makes it
-    impossible, and its refusal is answered like the check's."""
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        await _insert_live_postgres(session, run, assistant)
-        return
-    for _attempt in range(3):
-        try:
-            async with session.begin_nested():
-                if assistant is None:
-                    await core_rows.insert_row(session, run)
-                else:
-                    await run_defaults.insert_checked_now(session, run, assistant)
-            return
-        except IntegrityError as error:
-            if not thread_lock.is_live_run_conflict(error):
-                raise
-            winner = await thread_lock.active_run(session, run.thread_id)
-            if winner is not None:
-                raise errors.thread_has_active_run(run.thread_id, winner.id) from error
-            # The run that was in the way has ended since: try again.
-    raise errors.thread_has_active_run(run.thread_id, "(a run that has just ended)")
-
-
 @functools.cache
 def _live_insert(columns: tuple[str, ...], checked: bool) -> Insert:
     """PostgreSQL: the run's INSERT for these columns, adding no row (and
@@ -304,7 +287,10 @@ def _live_insert(columns: tuple[str, ...], checked: bool) -> Insert:
 async def _insert_live_postgres(
     session: AsyncSession, run: orm.Run, assistant: run_defaults.AssistantDefaults | None
 ) -> None:
-    """_insert_live() on PostgreSQL: the live-run index's refusal is an
+    """Insert a new live run on PostgreSQL (checked against ``assistant``,
+    its remembered defaults, if given). The thread's lock taken before it
+    makes a conflict rare (it takes a writer that skipped the lock); the
+    live-run index makes it impossible. Its refusal is an
     INSERT that adds no row, not an error, so no savepoint is needed to go
     on in the transaction after it (issue 17: SAVEPOINT and RELEASE, two
     round trips per run created on a thread). Made from remembered

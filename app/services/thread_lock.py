@@ -8,14 +8,14 @@ transaction that reads or checks holds the write lock from its first
 statement (app/db.py; a unit of held-back writes alone, which checks
 nothing, takes it for its one commit hop). Behind both, a
 partial unique index (orm.Run, ``ux_runs_live_thread``) refuses a second live
-run whatever a check saw; is_live_run_conflict() recognises its error.
+run whatever a check saw.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, bindparam, exc, select
+from sqlalchemy import ColumnElement, Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import db, errors, ids, orm
@@ -131,10 +131,3 @@ async def live_run(session: AsyncSession, thread_id: str) -> str | None:
     """The id of the thread's live run, if any (PostgreSQL: read under the
     thread's lock, lock_owned_thread's)."""
     return (await session.execute(_LIVE_RUN, {"thread_id": thread_id})).scalar()
-
-
-def is_live_run_conflict(error: exc.IntegrityError) -> bool:
-    """Whether ``error`` is the live-run index refusing a second live run
-    (PostgreSQL names the index; SQLite names the column)."""
-    text = str(error.orig)
-    return LIVE_RUN_INDEX in text or "runs.thread_id" in text
