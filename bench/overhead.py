@@ -17,6 +17,9 @@ Measured, each as p50/p95 over sequential requests:
 * poll: what ``runs.create_and_poll`` does: the POST, then ``GET`` of the run
   (with the SDK's ``X-Stainless-Poll-Helper`` header) until it is terminal,
   sleeping ``openai-poll-after-ms`` between polls; the polls per run too;
+* stream / poll on a thread: the same for a run on an existing thread (the
+  SDK's usual flow: ``threads.create`` with one user message first, not
+  timed, then ``POST /v1/threads/{id}/runs``; ``--modes``);
 
 then runs/s with 1, 16 and 64 clients doing runs back to back, polling as
 the SDK does or streaming, for each path (``--paths``), the server's CPU per
@@ -117,8 +120,7 @@ async def stream_once(client: Client, assistant_id: str, model: str, text: str) 
     body = {**_run_body(model, text, True), "assistant_id": assistant_id}
     started = time.perf_counter()
     _, data = await client.call("POST", "/v1/threads/runs", body)
-    if b"event: thread.run.completed" not in data:
-        raise base.HTTPError(f"stream did not complete: {data[-300:]!r}")
+    _completed(data)
     return Sample(time.perf_counter() - started, done_at=time.monotonic())
 
 
@@ -127,7 +129,51 @@ async def poll_once(client: Client, assistant_id: str, model: str, text: str) ->
     body = {**_run_body(model, text, False), "assistant_id": assistant_id}
     started = time.perf_counter()
     _, data = await client.call("POST", "/v1/threads/runs", body)
-    run = json.loads(data)
+    polls, _run = await _polled(client, json.loads(data))
+    return Sample(time.perf_counter() - started, polls, time.monotonic())
+
+
+async def thread_with(client: Client, text: str) -> str:
+    """A thread with one user message, as ``threads.create`` makes it (not timed)."""
+    _, data = await client.call("POST", "/v1/threads", {"messages": [{"role": "user", "content": text}]})
+    return str(json.loads(data)["id"])
+
+
+async def stream_on_thread_once(client: Client, assistant_id: str, model: str, text: str) -> Sample:
+    """The SDK's usual flow, streamed: ``runs.stream(thread_id=...)`` on a thread made first."""
+    return await stream_on(client, assistant_id, model, await thread_with(client, text))
+
+
+async def poll_on_thread_once(client: Client, assistant_id: str, model: str, text: str) -> Sample:
+    """The SDK's usual flow: ``runs.create_and_poll(thread_id=...)`` on a thread made first."""
+    return await poll_on(client, assistant_id, model, await thread_with(client, text))
+
+
+async def stream_on(client: Client, assistant_id: str, model: str, thread_id: str) -> Sample:
+    """A run on ``thread_id`` streamed to its end."""
+    started = time.perf_counter()
+    body = {"assistant_id": assistant_id, "model": model, "stream": True}
+    _, data = await client.call("POST", f"/v1/threads/{thread_id}/runs", body)
+    _completed(data)
+    return Sample(time.perf_counter() - started, done_at=time.monotonic())
+
+
+async def poll_on(client: Client, assistant_id: str, model: str, thread_id: str) -> Sample:
+    """A run on ``thread_id`` created and polled as the SDK's create_and_poll does."""
+    started = time.perf_counter()
+    body = {"assistant_id": assistant_id, "model": model, "stream": False}
+    _, data = await client.call("POST", f"/v1/threads/{thread_id}/runs", body)
+    polls, _run = await _polled(client, json.loads(data))
+    return Sample(time.perf_counter() - started, polls, time.monotonic())
+
+
+def _completed(data: bytes) -> None:
+    if b"event: thread.run.completed" not in data:
+        raise base.HTTPError(f"stream did not complete: {data[-300:]!r}")
+
+
+async def _polled(client: Client, run: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """The SDK's polls of a run just created, until it is terminal: how many, and the run."""
     path = f"/v1/threads/{run['thread_id']}/runs/{run['id']}"
     polls, interval = 0, None
     while True:
@@ -141,7 +187,7 @@ async def poll_once(client: Client, assistant_id: str, model: str, text: str) ->
         await asyncio.sleep(interval)
     if run["status"] != "completed":
         raise base.HTTPError(f"run ended {run['status']}: {run.get('last_error')}")
-    return Sample(time.perf_counter() - started, polls, time.monotonic())
+    return polls, run
 
 
 def pct(samples: list[Sample], q: float) -> float:
@@ -364,6 +410,9 @@ def server(
             process.wait()
 
 
+# The load's order of what clients do (the latency rows follow --modes).
+LOAD_ORDER = ("poll", "stream", "thread-poll", "thread-stream")
+
 LABELS = {
     "direct": "direct → stub",
     "litellm": "litellm → stub",
@@ -387,12 +436,25 @@ async def bench_database(
     def polled(model: str) -> Any:
         return lambda c, i: poll_once(c, assistant_id, model, f"hello {i}")
 
+    def streamed_on_thread(model: str) -> Any:
+        return lambda c, i: stream_on_thread_once(c, assistant_id, model, f"hello {i}")
+
+    def polled_on_thread(model: str) -> Any:
+        return lambda c, i: poll_on_thread_once(c, assistant_id, model, f"hello {i}")
+
+    kinds = {
+        "stream": ("stream", "stream", streamed),
+        "poll": ("create_and_poll", "poll (SDK)", polled),
+        "thread-stream": ("stream on a thread", "stream on a thread", streamed_on_thread),
+        "thread-poll": ("create_and_poll on a thread", "poll (SDK) on a thread", polled_on_thread),
+    }
+
     floor = await sequential(stub_port, args.runs, lambda c, i: floor_once(c))
     base_ms = pct(floor, 0.5)
     rows = [
         f"| {db} | floor: streamed completion straight to the stub | {base_ms:.2f} | {pct(floor, 0.95):.2f} | 1.0 | - |"
     ]
-    for kind, once in [("stream", streamed), ("create_and_poll", polled)]:
+    for kind, _mode, once in [kinds[name] for name in args.modes]:
         for path in args.paths:
             samples = await sequential(port, args.runs, once(MODELS[path]))
             p50 = pct(samples, 0.5)
@@ -403,14 +465,16 @@ async def bench_database(
             )
     load_rows = []
     for path in args.paths:
-        for mode, once in [("poll (SDK)", polled(MODELS[path])), ("stream", streamed(MODELS[path]))]:
+        for _kind, mode, make in [kinds[name] for name in LOAD_ORDER if name in args.modes]:
             for clients in args.clients:
-                result = await load(port, pid, clients, args.duration, args.load_warmup, once, database_pid)
+                result = await load(
+                    port, pid, clients, args.duration, args.load_warmup, make(MODELS[path]), database_pid
+                )
                 count = len(result.samples)
                 cpu_ms = result.cpu * 1000 / count if count else float("nan")
                 client_ms = result.client_cpu * 1000 / count if count else float("nan")
                 database_ms = f"{result.database_cpu * 1000 / count:.1f}" if count and database_pid else "-"
-                polls = f"{sum(s.polls for s in result.samples) / count:.2f}" if count and mode != "stream" else "-"
+                polls = f"{sum(s.polls for s in result.samples) / count:.2f}" if count and "poll" in mode else "-"
                 split = " / ".join(f"{share:.0%}" for share in result.shares) or "-"
                 load_rows.append(
                     f"| {db} | {LABELS[path]} | {mode} | {clients} | **{count / args.duration:.0f}** | "
@@ -531,6 +595,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200, help="sequential requests per latency figure")
     parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
     parser.add_argument("--paths", type=lambda s: s.split(","), default=["direct", "litellm", "offline"])
+    parser.add_argument(
+        "--modes",
+        type=lambda s: s.split(","),
+        default=["stream", "poll", "thread-stream", "thread-poll"],
+        help="what clients do: stream, poll (a new thread and run), thread-stream, thread-poll (a run on a thread "
+        "made first, untimed: its latency is the run's alone, its runs/s counts the thread's create too)",
+    )
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per load point")
     parser.add_argument("--load-warmup", type=float, default=1.0)
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")

@@ -11,6 +11,7 @@ the step before (both per run), and how many times the step happened per run.
 
     .venv/bin/python bench/run_timeline.py --db sqlite --mode stream --runs 300
     .venv/bin/python bench/run_timeline.py --db postgres --mode poll --runs 300
+    .venv/bin/python bench/run_timeline.py --db sqlite --mode thread-poll --runs 300  # a run on a thread
 
 The wrapping costs CPU of its own (a few µs a note): compare steps, not totals.
 """
@@ -133,11 +134,17 @@ async def _drive(port: int, mode: str, count: int) -> list[tuple[float, float]]:
     _, data = await client.call("POST", "/v1/assistants", {"model": "offline-bench", "instructions": "x"})
     assistant = json.loads(data)["id"]
     once = overhead.stream_once if mode == "stream" else overhead.poll_once
+    on_thread = overhead.stream_on if mode == "thread-stream" else overhead.poll_on
     spans = []
     try:
         for index in range(count + 20):
-            started = time.perf_counter()
-            await once(client, assistant, "offline-bench", "hello there")
+            if mode.startswith("thread-"):  # the thread and its message first, outside the span
+                thread_id = await overhead.thread_with(client, "hello there")
+                started = time.perf_counter()
+                await on_thread(client, assistant, "offline-bench", thread_id)
+            else:
+                started = time.perf_counter()
+                await once(client, assistant, "offline-bench", "hello there")
             if index >= 20:  # warm-up left out
                 spans.append((started, time.perf_counter()))
     finally:
@@ -188,7 +195,12 @@ def _table(notes: list[Note], spans: list[tuple[float, float]]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
-    parser.add_argument("--mode", choices=["stream", "poll"], default="stream")
+    parser.add_argument(
+        "--mode",
+        choices=["stream", "poll", "thread-stream", "thread-poll"],
+        default="stream",
+        help="thread-*: a run on a thread made first (POST /threads/{id}/runs), the thread outside the timeline",
+    )
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--serve-traced", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
