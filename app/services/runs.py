@@ -161,7 +161,10 @@ async def create(
     a refusal that finds no live run is StaleDefaults, and the caller makes
     the run again (from a fresh read, ``remembered`` False: the way that
     inserts the run first). With no additional messages the live run is
-    not read first either: the refusal finds it (issue 17: a round trip)."""
+    not read first either: the refusal finds it (issue 17: a round trip).
+    On SQLite the run's INSERT goes with the COMMIT (remembered defaults
+    that changed fail it: run_defaults.is_stale, the caller makes the run
+    again)."""
     postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
     rows: list[orm.Base] = []
     together = postgres and unwritten is not None and remembered
