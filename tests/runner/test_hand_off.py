@@ -15,13 +15,13 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import select
 
-from app import orm, sqlite_driver
-from app.runner import execute
+from app import errors, orm, sqlite_driver
+from app.runner import execute, prompt
 from app.runtime import Runtime
 from app.services import run_execution, runs, threads
 from app.services.projects import Project
 from app.settings import Settings
-from app.wire.runs import RunCreate, ThreadAndRunCreate
+from app.wire.runs import RunCreate, SubmitToolOutputs, ThreadAndRunCreate
 from app.wire.threads import ThreadCreate
 from app.worker import Worker
 from tests.runner.helpers import until
@@ -662,4 +662,88 @@ async def test_a_run_on_a_thread_longer_than_the_prefetch_is_claimed(
     row = await _row(runtime, longer.id)
     assert row.status == "completed"
     assert histories[longer.id] == await _read_history(runtime, row) and len(histories[longer.id]) == most + 1
+    await worker.stop()
+
+
+_FUNCTION = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
+
+
+@_ON_SQLITE
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"truncation_strategy": {"type": "last_messages", "last_messages": 2}},
+        {"tools": [_FUNCTION]},
+        {
+            "instructions": "Be brief.",
+            "additional_instructions": "And kind.",
+            "additional_messages": [{"role": "assistant", "content": "noted"}, {"role": "user", "content": "go"}],
+        },
+    ],
+    ids=["plain", "truncated", "tools", "overrides"],
+)
+async def test_a_handed_run_on_a_thread_is_prompted_and_ends_as_a_claimed_one(
+    sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]
+) -> None:
+    """The same run on two threads alike, one handed, one claimed by a
+    tick: the same prompt, the same end."""
+    runtime = sqlite_runtime
+    worker = _looping(Worker(runtime))
+    chats: dict[str, list[dict[str, Any]]] = {}
+    original = prompt.build
+
+    async def noted(session: Any, storage: Any, llm: Any, run: orm.Run, *args: Any, **kwargs: Any) -> Any:
+        chats[run.id] = await original(session, storage, llm, run, *args, **kwargs)
+        return chats[run.id]
+
+    monkeypatch.setattr(prompt, "build", noted)
+    handed = _count_hand_offs(monkeypatch)
+    ends = []
+    for handing in (True, False):
+        run = await _create_on(runtime, worker, await _thread(runtime, ["first", "second", "third"]), **options)
+        if handing:
+            assert worker.hand(run)
+            await worker._handed()
+        else:
+            await worker.run_until_idle()
+        row = await _row(runtime, run.id)
+        ends.append((row.status, chats[run.id], await _event_names(runtime, run.id)))
+    assert len(handed) == 1 and ends[0] == ends[1]
+    await worker.stop()
+
+
+@_ON_SQLITE
+async def test_a_run_on_a_thread_whose_last_run_required_action(
+    sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While it requires action, a run on its thread is refused as before;
+    once its tool outputs ended it, the next run is handed, its history the
+    thread's (the tool round's answer among it)."""
+    runtime = sqlite_runtime
+    worker = _looping(Worker(runtime))
+    histories = _histories(monkeypatch)
+    project = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
+    thread_id = await _thread(runtime, ["[[call lookup]]"])
+    first = await _create_on(runtime, worker, thread_id, tools=[_FUNCTION])
+    assert worker.hand(first)
+    await worker._handed()
+    waiting = await _row(runtime, first.id)
+    assert waiting.status == "requires_action" and waiting.required_action is not None
+    with pytest.raises(errors.APIError, match="already has an active run"):
+        await _create_on(runtime, worker, thread_id)
+    (call,) = waiting.required_action["submit_tool_outputs"]["tool_calls"]
+    outputs = SubmitToolOutputs.model_validate({"tool_outputs": [{"tool_call_id": call["id"], "output": "42"}]})
+    async with runtime.transaction() as session:
+        _answer, events = await runs.submit_tool_outputs(session, project, thread_id, first.id, outputs)
+        await runtime.run_log.append(session, first.id, events, run_locked=True)
+    await worker.run_until_idle()
+    assert (await _row(runtime, first.id)).status == "completed"
+    then = await _create_on(runtime, worker, thread_id)
+    assert worker.hand(then)
+    await worker._handed()
+    row = await _row(runtime, then.id)
+    assert row.status == "completed"
+    assert histories[then.id] == await _read_history(runtime, row)
+    assert [message.role for message in histories[then.id]] == ["user", "assistant"]
     await worker.stop()
