@@ -25,6 +25,7 @@ completed in it. Linux only (``/proc``).
 
     .venv/bin/python bench/wait_states.py --clients 16 --modes stream,poll
     .venv/bin/python bench/wait_states.py --env ASSISTANTS_WORKERS=2
+    .venv/bin/python bench/wait_states.py --pin 0:1   # the server on CPU 0, PostgreSQL on CPU 1
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import sys
@@ -87,6 +89,19 @@ def children(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(entry.name))
     return found
+
+
+def pin(pids: list[int], cpus: set[int]) -> None:
+    """Every thread of ``pids`` onto ``cpus`` (new children and threads inherit it)."""
+    for pid in pids:
+        with_tasks = Path(f"/proc/{pid}/task")
+        for task in with_tasks.iterdir() if with_tasks.exists() else ():
+            with contextlib.suppress(OSError):  # ended meanwhile
+                os.sched_setaffinity(int(task.name), cpus)
+
+
+def cpu_set(text: str) -> set[int]:
+    return {int(cpu) for cpu in text.split(",")} if text else set(range(os.cpu_count() or 1))
 
 
 def threads(pids: list[int]) -> dict[str, Scheduled]:
@@ -236,7 +251,7 @@ async def measure(
     )
 
 
-def report(mode: str, result: Window, clients: int, top: int) -> list[str]:
+def report(mode: str, result: Window, clients: int, top: int, pinned: str) -> list[str]:
     runs = max(result.runs, 1)
     rate = result.runs / result.seconds
     mean = sum(result.latencies) / runs
@@ -248,8 +263,8 @@ def report(mode: str, result: Window, clients: int, top: int) -> list[str]:
     loop = result.loop
     asleep = wall_ms - (loop.running + loop.waiting) / 1e6 / runs
     lines = [
-        f"\n#### {mode}, {clients} clients, {result.serving_loops} serving process(es), load average "
-        f"{os.getloadavg()[0]:.1f}\n",
+        f"\n#### {mode}, {clients} clients, {result.serving_loops} serving process(es), "
+        f"pinned {pinned or 'no'}, load average {os.getloadavg()[0]:.1f}\n",
         f"{result.runs} runs in {result.seconds:.1f} s: **{rate:.0f} runs/s**; mean latency {mean * 1000:.1f} ms, "
         f"clients / runs per second {clients / rate * 1000:.1f} ms (Little's law; equal: no wall outside requests)\n",
         "| per run | ms |",
@@ -283,6 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-ms", type=float, default=2.0, help="pg_stat_activity sampling interval")
     parser.add_argument("--top", type=int, default=8, help="states and statements listed")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
+    parser.add_argument(
+        "--pin",
+        default="",
+        metavar="SERVER:DATABASE",
+        help="CPUs for the server and for PostgreSQL, e.g. 0:1 (comma-separated lists; empty: any): "
+        "whether the loop loses its core to the backends its statements wake",
+    )
     args = parser.parse_args(argv)
     extra_env = dict(item.split("=", 1) for item in args.env)
     lines = []
@@ -292,10 +314,15 @@ def main(argv: list[str] | None = None) -> int:
         with base.postgres_url(scratch / "pg") as (url, postmaster):
             socket_dir = url.split("host=", 1)[1]
             asyncio.run(_wal_timing(socket_dir))
+            server_cpus, _, database_cpus = args.pin.partition(":")
+            if args.pin:
+                pin([postmaster, *children(postmaster)], cpu_set(database_cpus))
             for mode in args.modes.split(","):
                 with overhead.server(url, scratch, None, extra_env) as (port, pid):
+                    if args.pin:
+                        pin([pid, *children(pid)], cpu_set(server_cpus))
                     result = asyncio.run(measure(port, pid, postmaster, socket_dir, args, mode))
-                lines += report(mode, result, args.clients, args.top)
+                lines += report(mode, result, args.clients, args.top, args.pin)
     print("\n".join(lines))
     return 0
 
