@@ -203,7 +203,8 @@ async def measure(
     try:
         await asyncio.sleep(max(0.0, window - time.monotonic()))
         served = [server_pid, *children(server_pid)]
-        backends = children(postmaster)
+        sampler = await connection.fetchval("SELECT pg_backend_pid()")
+        backends = [pid for pid in children(postmaster) if pid != sampler]  # not the sampler's own
         threads_before, database_before = threads(served), processes(backends)
         wal_before = await connection.fetchrow(WAL_IO)
         started = time.monotonic()
@@ -276,6 +277,8 @@ def report(mode: str, result: Window, clients: int, top: int, pinned: str) -> li
         f"| server's other threads, running | {per_run(result.other_threads.running)} |",
         f"| PostgreSQL backends, running | {per_run(result.database.running)} |",
         f"| PostgreSQL backends, runnable, waiting for a core | {per_run(result.database.waiting)} |",
+        f"| PostgreSQL backends, went to sleep (≈ statements and commits received) | "
+        f"{result.database.voluntary / runs:.2f} times |",
         f"| WAL fsyncs per run, mean fsync | {result.wal_fsyncs / runs:.2f}, {result.wal_fsync_ms:.3f} ms |",
         "",
         f"Loop context switches per run: {loop.voluntary / runs:.2f} asleep, {loop.preempted / runs:.2f} preempted.",
