@@ -18,7 +18,8 @@ side was doing from the kernel and from PostgreSQL instead of timing code:
 - the WAL fsyncs of the window and their mean time (``pg_stat_io``,
   ``track_wal_io_timing`` turned on for the embedded server);
 - the clients' mean latency against Little's law (clients / runs per second):
-  equal when the clients spend no wall outside their requests.
+  equal when the clients spend no wall outside their requests; and this
+  process's loop (the clients and the sampler), running and runnable.
 
 Everything is per run: milliseconds of the window divided by the runs
 completed in it. Linux only (``/proc``).
@@ -38,6 +39,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +173,7 @@ class Window:
     other_threads: Scheduled
     serving_loops: int
     database: Scheduled
+    client: Scheduled
     activity: Activity
     wal_fsyncs: float
     wal_fsync_ms: float
@@ -206,12 +209,14 @@ async def measure(
         sampler = await connection.fetchval("SELECT pg_backend_pid()")
         backends = [pid for pid in children(postmaster) if pid != sampler]  # not the sampler's own
         threads_before, database_before = threads(served), processes(backends)
+        client_before = _task(Path(f"/proc/self/task/{threading.get_native_id()}"))
         wal_before = await connection.fetchrow(WAL_IO)
         started = time.monotonic()
         activity = Activity()
         await sample_activity(connection, stop, args.sample_ms / 1000, activity)
         seconds = time.monotonic() - started
         threads_after, database_after = threads(served), processes(backends)
+        client_after = _task(Path(f"/proc/self/task/{threading.get_native_id()}"))
         wal_after = await connection.fetchrow(WAL_IO)
         await asyncio.gather(*clients)
     finally:
@@ -246,6 +251,7 @@ async def measure(
         other_threads=Scheduled(running=everything - loop.running),
         serving_loops=len(serving),
         database=database_after - database_before,
+        client=client_after - client_before,
         activity=activity,
         wal_fsyncs=fsyncs,
         wal_fsync_ms=fsync_ms,
@@ -277,6 +283,8 @@ def report(mode: str, result: Window, clients: int, top: int, pinned: str) -> li
         f"| server's other threads, running | {per_run(result.other_threads.running)} |",
         f"| PostgreSQL backends, running | {per_run(result.database.running)} |",
         f"| PostgreSQL backends, runnable, waiting for a core | {per_run(result.database.waiting)} |",
+        f"| the bench's loop (its clients and the sampler): running / runnable | {per_run(result.client.running)} / "
+        f"{per_run(result.client.waiting)} |",
         f"| PostgreSQL backends, went to sleep (≈ statements and commits received) | "
         f"{result.database.voluntary / runs:.2f} times |",
         f"| WAL fsyncs per run, mean fsync | {result.wal_fsyncs / runs:.2f}, {result.wal_fsync_ms:.3f} ms |",
