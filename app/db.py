@@ -724,7 +724,7 @@ def create_poll_engine(url: str) -> AsyncEngine | None:
         readonly,
         module=sqlite_driver.OneHopDBAPI(inline_wait_ms=SQLITE_BUSY_TIMEOUT_MS),
         pool_size=SQLITE_POLLERS,
-        max_overflow=SQLITE_READERS,
+        max_overflow=SQLITE_POLLERS,
         pool_use_lifo=True,
         **JSON_CODEC,
     )
@@ -757,16 +757,19 @@ SQLITE_WRITER_OVERFLOW = 32
 # SQLite read-only connections a process keeps open once opened (as many
 # again may open for a burst, closed when returned).
 SQLITE_READERS = 32
-# ... and kept for polls (create_poll_engine): a poll's statement runs on the
-# event loop's thread, so only a busy wait (rare) keeps a second one out.
-SQLITE_POLLERS = 2
+# ... and kept for polls (create_poll_engine; as many again for a burst).
+# A poll's statement runs on the event loop's thread, but its connection
+# goes back to the pool in a task of its own (SQLAlchemy's AsyncConnection
+# shields its close), a turn of the loop later: every poll that reads in
+# that turn checks out another. With 2 kept, 16 clients' reads opened and
+# closed an overflow connection (a thread, the file, its pragmas) every few
+# reads (issue 17, bench/README.md, branch ``cpu16``).
+SQLITE_POLLERS = 16
 
 # The most SQLite connections a process has open at once, each with two
 # file descriptors (the database and its WAL): app/api/limits.py keeps them
 # free of client connections.
-SQLITE_MOST_CONNECTIONS = (
-    SQLITE_CONNECTIONS + SQLITE_WRITER_OVERFLOW + 2 * SQLITE_READERS + SQLITE_POLLERS + SQLITE_READERS
-)
+SQLITE_MOST_CONNECTIONS = SQLITE_CONNECTIONS + SQLITE_WRITER_OVERFLOW + 2 * SQLITE_READERS + 2 * SQLITE_POLLERS
 
 # The most PostgreSQL connections a process opens unless told otherwise
 # (Settings.database_pool_size; a transaction waits for one beyond).

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -191,6 +192,10 @@ class RunExecution:
         self._held_start: run_state.HeldMove | None = None
         # Ended in the claim's transaction (start_claimed): nothing left to execute.
         self.finished = False
+        # PostgreSQL, a run handed without a claim (answer_handed): the
+        # hand-off's condition, which the instant answer's one statement
+        # checks in place of the lease.
+        self._handed: run_state.HandedFrom | None = None
 
     async def _load(self) -> orm.Run | None:
         async with self.runtime.transaction() as session:
@@ -333,8 +338,9 @@ class RunExecution:
         requires the run's metadata unchanged (run_state.carried_move)."""
         assert move is not None and self._run is not None
         # After the claim the statement is the whole transaction: its writes
-        # are made only if the run moves (run_state.carried_move's ``unchanged``).
-        alone = self._claim_session is None
+        # are made only if the run moves (run_state.carried_move's
+        # ``unchanged``); so is a handed run's, which is its claim too.
+        alone = self._claim_session is None or self._handed is not None
         guard = run_state.MOVED_CTE if alone else None
         writes = [core_rows.insert_write(row, f"w{i}_", guard=guard) for i, row in enumerate(pending.inserts)]
         writes += [
@@ -350,6 +356,7 @@ class RunExecution:
             lease_owner=self.owner,
             alongside=writes,
             unchanged=alone,
+            handed=self._handed,
             **self._move_fields(move),
         )
         self._held_start = None
@@ -576,29 +583,11 @@ class RunExecution:
         execute().
         Nothing is written for the run before its prompt is built, so a run
         left to start() leaves nothing behind in the shared transaction."""
-        if run.status != "queued" or run_execution.is_past_deadline(run):
+        events = await self._start_held(session, run)
+        if events is None:
             return
-        if db.RAW in session.info and not self.runtime.run_log.appends_unread(run.id):
-            return  # its start's append would read the log: the raw claim's session reads nothing
-        usage_so_far = run.usage or {}
-        self.prompt_tokens = usage_so_far.get("prompt_tokens", 0)
-        self.completion_tokens = usage_so_far.get("completion_tokens", 0)
-        try:
-            context = await self._context(session, run)
-            chat = await self._first_prompt(session, run)
-        except DBAPIError:
-            raise  # the claim's transaction is lost: the runs stay claimable
-        except Exception:  # start() meets it again, in its own transaction, and fails the run
-            return
-        # The claim's UPDATE locked the run's row and returned its status:
-        # the move is held, for the run's end to write if it comes in this
-        # transaction (an instant answer), else written below.
-        moved, self._held_start = run_state.hold(run, "in_progress")
-        events = [Event.of(moved, runs.to_wire(run))]
-        self.context = context
-        self._started = (run, chat)
-        self._run = run
-        if await self._finish_at_once(session, run, chat, events):
+        assert self._started is not None
+        if await self._finish_at_once(session, run, self._started[1], events):
             return
         carried = None
         if self._held_start is not None and self.runtime.run_log.postgres:
@@ -608,6 +597,54 @@ class RunExecution:
         elif self._held_start is not None:
             await self._write_held_start(session)  # SQLite: sent with the events' insert
         await self.runtime.run_log.append(session, run.id, events, run_locked=True, carried_by=carried)
+
+    async def answer_handed(self, session: AsyncSession, run: orm.Run, handed: run_state.HandedFrom) -> bool:
+        """PostgreSQL: end ``run``, handed to this worker without a claim
+        (hand_off), with its instant answer in one statement in
+        ``session`` (Runtime.unit_of_work: autocommitted, no BEGIN, no
+        COMMIT; issue 17), whose compare-and-set is ``handed``'s (the claim
+        it replaces) and whose writes are made only if it moves the run.
+        Its miss (the run claimed, cancelled, changed since the create) or
+        its events' numbering colliding with an append committed first
+        raises run_execution.HandOffLost, nothing written. False, nothing
+        written, when the run cannot end so (its answer not instant, its
+        prompt not built here): the worker's claim takes it as any run."""
+        events = await self._start_held(session, run)
+        if events is None or self._started is None:
+            return False
+        self._handed = handed
+        try:
+            return await self._finish_at_once(session, run, self._started[1], events)
+        finally:
+            self._handed = None
+
+    async def _start_held(self, session: AsyncSession, run: orm.Run) -> list[Event] | None:
+        """start_claimed()'s start, held (run_state.hold) for the run's next
+        move to write, with its first prompt: the start's events; None, the
+        run left to start(), if it is not a queued run on time or its prompt
+        is not built here."""
+        if run.status != "queued" or run_execution.is_past_deadline(run):
+            return None
+        if db.RAW in session.info and not self.runtime.run_log.appends_unread(run.id):
+            return None  # its start's append would read the log: the raw claim's session reads nothing
+        usage_so_far = run.usage or {}
+        self.prompt_tokens = usage_so_far.get("prompt_tokens", 0)
+        self.completion_tokens = usage_so_far.get("completion_tokens", 0)
+        try:
+            context = await self._context(session, run)
+            chat = await self._first_prompt(session, run)
+        except DBAPIError:
+            raise  # the claim's transaction is lost: the runs stay claimable
+        except Exception:  # start() meets it again, in its own transaction, and fails the run
+            return None
+        # The claim's UPDATE locked the run's row and returned its status:
+        # the move is held, for the run's end to write if it comes in this
+        # transaction (an instant answer), else written after.
+        moved, self._held_start = run_state.hold(run, "in_progress")
+        self.context = context
+        self._started = (run, chat)
+        self._run = run
+        return [Event.of(moved, runs.to_wire(run))]
 
     async def _first_prompt(self, session: AsyncSession, run: orm.Run) -> list[dict[str, Any]]:
         """The run's first prompt, read in the claim's transaction; in its
@@ -671,20 +708,23 @@ class RunExecution:
         self._claim_session = session
         try:
             more = await self._after_turn(run, result, budget)
-        except DBAPIError as error:
-            # The claim's transaction is lost: the runs stay claimable. A
-            # failure of the data, not of the database, would come back with
-            # every claim of this run, holding the claim's other runs back.
-            if isinstance(error, DATA_ERRORS):
+        except Exception as error:
+            if self._handed is not None and _missed(error):
+                # A handed run's one statement (carried alone) missed its
+                # compare-and-set or collided with an append committed
+                # first: it wrote nothing, and refused nothing of the answer
+                # (the claim that takes the run answers it at once again).
+                raise run_execution.HandOffLost(f"run {run.id} was not as created: {error}") from error
+            # A DBAPIError: the claim's transaction is lost, the runs stay
+            # claimable; only a failure of the data, not of the database,
+            # would come back with every claim of this run, holding the
+            # claim's other runs back. Any other: the claim's transaction is
+            # in no state to commit: it is rolled back, every run of the
+            # claim claimable again. This one's answer is then written by
+            # execute(), in a transaction of its own, where the same failure
+            # fails it alone (not claimed and failing here again and again).
+            if not isinstance(error, DBAPIError) or isinstance(error, DATA_ERRORS):
                 not_at_once(run.id)
-            raise
-        except Exception:
-            # The claim's transaction is in no state to commit: it is rolled
-            # back, every run of the claim claimable again. This one's answer
-            # is then written by execute(), in a transaction of its own, where
-            # the same failure fails it alone (not claimed and failing here
-            # again and again).
-            not_at_once(run.id)
             raise
         finally:
             self._claim_session = None
@@ -1293,7 +1333,11 @@ async def hand_off(
     hop. A miss (HandOffLost, run_execution: at the COMMIT, or at the
     statement that carried it) fails the transaction, rolled back whole,
     and the run is the workers' to claim as any other, as after any other
-    failure here. The execution, unless ``finished``, goes on with run()."""
+    failure here. The execution, unless ``finished``, goes on with run().
+    PostgreSQL: _hand_off_postgres (no transaction: an instant answer's one
+    statement, else the run is left to the claim)."""
+    if runtime.run_log.postgres:
+        return await _hand_off_postgres(runtime, owner, created, lease_seconds, builtins)
     execution: RunExecution | None = None
     try:
         async with runtime.claiming() as session:
@@ -1309,4 +1353,45 @@ async def hand_off(
             not_at_once(execution.run_id)
         raise
     assert execution is not None
+    return execution
+
+
+def hands_off(runtime: Runtime, created: orm.Run) -> bool:
+    """Whether ``created`` may be handed to this process's worker
+    (hand_off): on SQLite any run; on PostgreSQL only a run of the offline
+    model, whose answer may be instant (its hand-off is the one statement
+    that ends it: a run that must be streamed is claimed as any other,
+    decided before any of its work is done)."""
+    if not runtime.run_log.postgres:
+        return True
+    try:
+        return runtime.llm.route(created.model).offline
+    except llm.LLMError:
+        return False  # its execution reports it, claimed as any run
+
+
+async def _hand_off_postgres(
+    runtime: Runtime, owner: str, created: orm.Run, lease_seconds: float, builtins: dict[str, BuiltinTool]
+) -> RunExecution:
+    """hand_off() on PostgreSQL: no claim, no transaction. The run as the
+    claim would leave it (run_execution.handed_run), its instant answer
+    ended in one autocommitted statement whose compare-and-set is the
+    hand-off's (RunExecution.answer_handed: the start, the end, the turn's
+    rows and the events; issue 17, the whole worker side one round trip).
+    Its miss or collision raises run_execution.HandOffLost, nothing
+    written; a run that cannot end so raises it too, nothing written:
+    either way the run is left, reserved for ``owner``, to the worker's
+    claim. The statement's outcome is seen through a cancellation of the
+    caller (what it wrote reaches streams; db.seen_through)."""
+    run = run_execution.handed_run(created, owner, time.time() + lease_seconds)
+    execution = RunExecution(runtime, run.id, builtins, owner=owner)
+
+    async def answer() -> bool:
+        async with runtime.unit_of_work() as session:
+            return await execution.answer_handed(session, run, run_execution.hand_off_check(owner))
+
+    work, sending = db.watched(answer())
+    what = f"run {run.id}'s hand-off"
+    if not await db.seen_through(work, what, sending=sending, expected=run_execution.hand_off_lost):
+        raise run_execution.HandOffLost(f"run {run.id}'s answer is not instant: claimed instead")
     return execution

@@ -420,12 +420,29 @@ async def claim_handed(session: AsyncSession, created: orm.Run, owner: str, leas
         "lease_until": lease_until,
     }
     await db.write_behind(session, _HAND_OFF, parameters, _HAND_OFF_OPTIONS)
+    return handed_run(created, owner, lease_until)
+
+
+def handed_run(created: orm.Run, owner: str, lease_until: float) -> orm.Run:
+    """``created`` as a hand-off's claim leaves it (claim_handed's, or on
+    PostgreSQL the one statement that claims and ends it, hand_off_check):
+    a detached instance with ``owner``'s lease and its earlier messages, as
+    claim_runs gives one."""
     values = {key: created.__dict__.get(key) for key in run_state.RUN_COLUMNS}
     values.update(lease_owner=owner, lease_expires_at=lease_until)
     run = core_rows.record(orm.Run, **values)
     make_transient_to_detached(run)
-    _PREFETCHED[run] = list(earlier.messages)
+    earlier = _CREATED_EARLIER.get(created)
+    if earlier is not None:
+        _PREFETCHED[run] = list(earlier.messages)
     return run
+
+
+def hand_off_check(owner: str) -> run_state.HandedFrom:
+    """_build_hand_off's condition for ``owner``'s hand-off, now, for the
+    move that ends a handed run on PostgreSQL in place of its claim
+    (run_state.carried_move's ``handed``)."""
+    return run_state.HandedFrom(reserved_for(owner), time.time())
 
 
 async def renew(session: AsyncSession, owner: str, run_ids: list[str], lease_seconds: float) -> list[str]:

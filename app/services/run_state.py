@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Insert, Select, Table, Update, bindparam, func, inspect, select, update
+from sqlalchemy import Float, Insert, Select, Table, Update, bindparam, func, inspect, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -194,6 +194,19 @@ class CarriedMove:
     alone: bool = False
 
 
+@dataclass(frozen=True)
+class HandedFrom:
+    """The condition of a hand-off (a run this process's API has just
+    created, reserved for its worker: run_execution.claim_handed's) for a
+    move carried alone in place of the claim (PostgreSQL; issue 17: the
+    run's whole worker side one statement): the run still queued, never
+    started, its lease free at ``now`` or still ``reserved_owner``'s
+    reservation (and, as any move carried alone, its metadata unchanged)."""
+
+    reserved_owner: str
+    now: float
+
+
 # carried_move()'s parameters are named as no column is: SQLAlchemy compiles
 # an INSERT or UPDATE with a SET or VALUES entry for every parameter that
 # names a column of its table, CTEs included (``run_id`` made each updated
@@ -204,19 +217,22 @@ _CARRIED_RUN_ID = "carried_run_id"
 
 @functools.lru_cache(maxsize=256)
 def _carried(
-    keys: tuple[str, ...], writes: tuple[Insert | Update, ...], unchanged: bool = False
+    keys: tuple[str, ...], writes: tuple[Insert | Update, ...], unchanged: bool = False, handed: bool = False
 ) -> Update | Select[Any]:
     """The compare-and-set of carried_move() setting ``keys``, under the
     lease, with ``writes`` (core_rows.Write statements) as CTEs; with
     ``unchanged``, only if the run's metadata is still ``held_metadata``,
-    and carried alone (CarriedMove.alone: ``writes`` guarded by MOVED_CTE)."""
+    and carried alone (CarriedMove.alone: ``writes`` guarded by MOVED_CTE);
+    ``handed`` (with ``unchanged``): under HandedFrom's condition instead
+    of the lease (the lease free at ``carried_now``, or the reservation
+    ``carried_lease_holder``), the run never started."""
+    lease = RUNS.c.lease_owner == bindparam("carried_lease_holder")
+    if handed:
+        lapsed = RUNS.c.lease_expires_at < bindparam("carried_now", type_=Float)
+        lease = or_(RUNS.c.lease_expires_at.is_(None), lapsed, lease) & RUNS.c.started_at.is_(None)
     statement = (
         update(RUNS)
-        .where(
-            RUNS.c.id == bindparam(_CARRIED_RUN_ID),
-            RUNS.c.status == bindparam("carried_source"),
-            RUNS.c.lease_owner == bindparam("carried_lease_holder"),
-        )
+        .where(RUNS.c.id == bindparam(_CARRIED_RUN_ID), RUNS.c.status == bindparam("carried_source"), lease)
         .values({RUN_COLUMNS[key]: bindparam(f"set_{key}") for key in keys})
         .returning(RUNS.c.id)
     )
@@ -241,6 +257,7 @@ def carried_move(
     lease_owner: str,
     alongside: Sequence[core_rows.Write] = (),
     unchanged: bool = False,
+    handed: HandedFrom | None = None,
     **fields: Any,
 ) -> tuple[str, CarriedMove]:
     """transition() for a run whose status this transaction knows (the
@@ -258,13 +275,21 @@ def carried_move(
     metadata (the one column others change while it executes) to be as
     ``run`` has it, so that ``run`` is the row the move leaves, as a read
     would give it; and it is carried alone (CarriedMove.alone: a miss
-    writes nothing, so the statement may be its own transaction). ``run``
+    writes nothing, so the statement may be its own transaction). ``handed``
+    (with ``unchanged`` and ``held``, the run's start): the move is a
+    hand-off's, its compare-and-set HandedFrom's rather than the lease's
+    (``lease_owner`` not asked for; a move out of the executor's hands
+    leaves no lease). ``run``
     shows the move at once. Returns the event name and the move."""
     values = _values(run, to, fields)
     source = run.status
     if held is not None:
         source, values = held.source, {**held.values, **values}
-    carried = _carried_values(run.id, source, values, lease_owner, alongside, unchanged)
+    assert handed is None or (unchanged and held is not None), "a hand-off's move is carried alone, with its start"
+    holder = lease_owner if handed is None else handed.reserved_owner
+    carried = _carried_values(run.id, source, values, holder, alongside, unchanged, handed is not None)
+    if handed is not None:
+        carried.params["carried_now"] = handed.now
     if unchanged:
         carried.params["held_metadata"] = run.metadata_
     _set(run, values)
@@ -286,12 +311,13 @@ def _carried_values(
     lease_owner: str,
     alongside: Sequence[core_rows.Write],
     unchanged: bool = False,
+    handed: bool = False,
 ) -> CarriedMove:
     params: dict[str, Any] = {_CARRIED_RUN_ID: run_id, "carried_source": source, "carried_lease_holder": lease_owner}
     params |= {f"set_{key}": value for key, value in values.items()}
     for write in alongside:
         params |= write.params
-    statement = _carried(tuple(values), tuple(write.statement for write in alongside), unchanged)
+    statement = _carried(tuple(values), tuple(write.statement for write in alongside), unchanged, handed)
     return CarriedMove(statement, params, alone=unchanged)
 
 

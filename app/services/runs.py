@@ -347,7 +347,7 @@ async def create_thread_and_run(
     run.tool_resources = (
         await tool_resources.to_stored(session, project, body.tool_resources) if body.tool_resources else None
     )
-    if reservation is not None and not postgres:  # for this process's worker: it may be handed its row (issue 17)
+    if reservation is not None:  # for this process's worker: it may be handed its row (issue 17)
         run_execution.note_earlier(run, [row for row in rows if isinstance(row, orm.Message)])
     if postgres:
         if unwritten is not None:

@@ -504,8 +504,8 @@ async def test_a_streams_headers_are_not_held_until_its_first_event(parser: limi
 def test_the_connection_cap_keeps_the_databases_descriptors_free(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under a soft limit of 1024 descriptors: 256 stay free on PostgreSQL,
     256 more on SQLite, two for each connection its pools may open (writers
-    32 + 32, readers 32 + 32, polls 2 + 32)."""
+    32 + 32, readers 32 + 32, polls 16 + 16)."""
     monkeypatch.setattr(limits.resource, "getrlimit", lambda _which: (1024, 4096))
     assert limits.connection_cap(1000) == 1024 - 256
-    assert limits.connection_cap(1000, limits.SQLITE_RESERVED_FDS) == 1024 - 256 - 2 * (64 + 64 + 34)
+    assert limits.connection_cap(1000, limits.SQLITE_RESERVED_FDS) == 1024 - 256 - 2 * (64 + 64 + 32)
     assert limits.connection_cap(100, limits.SQLITE_RESERVED_FDS) == 100

@@ -7,18 +7,20 @@ stopping) leaves the run to today's claim, never lost, never run twice."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.exc import OperationalError
 
 from app import errors, orm, sqlite_driver
 from app.runner import execute, prompt
 from app.runtime import Runtime
-from app.services import run_execution, runs, threads
+from app.services import run_events, run_execution, runs, threads
 from app.services.projects import Project
 from app.settings import Settings
 from app.wire.runs import RunCreate, SubmitToolOutputs, ThreadAndRunCreate
@@ -31,8 +33,10 @@ from tests.runner.test_worker import _make_runs, user_message
 
 pytestmark = pytest.mark.timeout(30)
 
-# The hand-off is SQLite's: its tests run there alone (as SQLite's, not PostgreSQL's skipped twins).
+# SQLite's hand-off (a transaction) and PostgreSQL's (one statement) differ:
+# each database's tests run there alone (not as the other's skipped twins).
 _ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+_ON_POSTGRES = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 
 
 # A new thread's run answered at once, its events in order (each series of deltas as one name).
@@ -47,14 +51,19 @@ _ANSWERED = [
 
 
 @pytest.fixture
-async def sqlite_runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    """A runtime without a worker, for the tests marked _ON_SQLITE:
-    PostgreSQL hands nothing (test_postgresql_hands_nothing)."""
+async def bare_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    """A runtime without a worker (the tests make their own)."""
     rt = await Runtime.start(settings)
     try:
         yield rt
     finally:
         await rt.close()
+
+
+@pytest.fixture
+def sqlite_runtime(bare_runtime: Runtime) -> Runtime:
+    """bare_runtime, for the tests marked _ON_SQLITE."""
+    return bare_runtime
 
 
 async def _assistant(runtime: Runtime) -> str:
@@ -87,6 +96,19 @@ async def _waiting_for_any_worker(runtime: Runtime) -> tuple[Worker, orm.Run]:
         lapsed = orm.Run.__table__.update().where(orm.Run.id == waiting.id).values(lease_expires_at=time.time() - 1)
         await session.execute(lapsed)
     return other, waiting
+
+
+async def _lapse(runtime: Runtime, run_id: str) -> None:
+    """``run_id``'s reservation (or lease) lapsed: any worker may claim it."""
+    async with runtime.transaction() as session:
+        lapsed = orm.Run.__table__.update().where(orm.Run.id == run_id).values(lease_expires_at=time.time() - 1)
+        await session.execute(lapsed)
+
+
+async def _assert_answered(runtime: Runtime, run_id: str) -> None:
+    """``run_id`` completed with the instant answer's events, each once, in order."""
+    assert (await _row(runtime, run_id)).status == "completed"
+    assert await _event_names(runtime, run_id) == _ANSWERED
 
 
 def _looping(worker: Worker) -> Worker:
@@ -135,11 +157,10 @@ async def test_a_created_run_answered_at_once_is_ended_by_its_hand_off_without_a
     await worker.stop()
 
 
-@_ON_SQLITE
 async def test_a_hand_off_loses_to_another_workers_claim_and_leaves_the_run_to_it(
-    sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    runtime = sqlite_runtime
+    runtime = bare_runtime
     worker, other = _looping(Worker(runtime)), Worker(runtime)
     run = await _create(runtime, worker)
     # The reservation lapsed and another worker claimed it before the hand-off ran.
@@ -161,12 +182,16 @@ async def test_a_hand_off_loses_to_another_workers_claim_and_leaves_the_run_to_i
     await other.stop()
 
 
-@_ON_SQLITE
-@pytest.mark.parametrize("on_thread", [False, True], ids=["new thread", "existing thread"])
+@pytest.mark.parametrize(
+    ("database_url", "on_thread"),
+    [("sqlite", False), ("postgres", False), ("sqlite", True)],
+    ids=["sqlite-new thread", "postgres-new thread", "sqlite-existing thread"],
+    indirect=["database_url"],
+)  # (a run on an existing thread is handed on SQLite alone)
 async def test_a_hand_off_loses_to_a_cancel_and_the_run_stays_cancelled(
-    sqlite_runtime: Runtime, caplog: pytest.LogCaptureFixture, on_thread: bool
+    bare_runtime: Runtime, caplog: pytest.LogCaptureFixture, on_thread: bool
 ) -> None:
-    runtime = sqlite_runtime
+    runtime = bare_runtime
     worker = _looping(Worker(runtime))
     run = (
         await _create_on(runtime, worker, await _thread(runtime, ["hi"]))
@@ -186,11 +211,10 @@ async def test_a_hand_off_loses_to_a_cancel_and_the_run_stays_cancelled(
     await worker.stop()
 
 
-@_ON_SQLITE
 async def test_a_hand_off_whose_metadata_changed_since_the_create_is_claimed_instead(
-    sqlite_runtime: Runtime,
+    bare_runtime: Runtime,
 ) -> None:
-    runtime = sqlite_runtime
+    runtime = bare_runtime
     worker = _looping(Worker(runtime))
     run = await _create(runtime, worker)
     async with runtime.transaction() as session:
@@ -200,6 +224,7 @@ async def test_a_hand_off_whose_metadata_changed_since_the_create_is_claimed_ins
     assert worker.hand(run)
     await worker._handed()
     assert (await _row(runtime, run.id)).status == "queued"  # the hand-off's row was stale: nothing written
+    assert worker._wakeup.is_set()  # woken: its claim takes the run
     assert run.id not in execute._NOT_AT_ONCE  # its loss refused nothing of the answer: the claim answers at once
     await worker.run_until_idle()
     row = await _row(runtime, run.id)
@@ -352,20 +377,6 @@ async def test_runs_not_alone_or_not_known_are_claimed_as_before(sqlite_runtime:
     await worker.stop()
 
 
-@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
-async def test_postgresql_hands_nothing(settings: Settings) -> None:
-    runtime = await Runtime.start(settings)
-    try:
-        worker = _looping(Worker(runtime))
-        run = await _create(runtime, worker)
-        assert not worker.hand(run)  # its create wakes the worker, whose claim takes the run
-        await worker.run_until_idle()
-        assert (await _row(runtime, run.id)).status == "completed"
-        await worker.stop()
-    finally:
-        await runtime.close()
-
-
 @_ON_SQLITE
 async def test_a_tick_during_a_hand_off_leaves_its_slot(
     sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
@@ -395,15 +406,14 @@ async def test_a_tick_during_a_hand_off_leaves_its_slot(
         await other.stop()
 
 
-@_ON_SQLITE
 async def test_a_hand_off_never_takes_a_run_back_to_queued_after_its_start(
-    sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another worker (another process, the reservation lapsed) started the
     run, which came back to queued (requires_action, then its tool outputs)
     with its lease free: queued and unleased as created, but not the row the
     hand-off holds."""
-    runtime = sqlite_runtime
+    runtime = bare_runtime
     worker = _looping(Worker(runtime))
     handed = _count_hand_offs(monkeypatch)
     run = await _create(runtime, worker)
@@ -458,15 +468,14 @@ async def test_a_hand_off_ended_after_a_claim_leaves_a_newer_reservation_counted
         await worker.stop()
 
 
-@_ON_SQLITE
 async def test_a_hand_off_never_restarts_a_run_another_worker_started(
-    sqlite_runtime: Runtime, caplog: pytest.LogCaptureFixture
+    bare_runtime: Runtime, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Its reservation lapsed, another worker claimed and started the run,
     then released its lease (stopping): in progress, lease free. The
     hand-off, from the create's row (queued), loses its compare-and-set
     (quietly: not a later write of its transaction failing)."""
-    runtime = sqlite_runtime
+    runtime = bare_runtime
     worker = _looping(Worker(runtime))
     run = await _create(runtime, worker)
     async with runtime.transaction() as session:
@@ -508,14 +517,240 @@ async def test_a_streamed_run_through_the_api_is_handed(
         assert [name for name in names if name != "thread.message.delta"] == [
             name for name in _ANSWERED[1 if on_thread else 0 :] if name != "thread.message.delta"
         ] + ["done"]
-        if handed or postgres:
+        if handed or (postgres and on_thread):
             break
-    assert len(handed) == (0 if postgres else 1)
-    run_id = handed[0].run_id if handed else None
-    if run_id is not None:
-        async with app.state.runtime.transaction() as session:
-            seqs = list((await session.scalars(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id))).all())
-        assert sorted(seqs) == list(range(1, len(seqs) + 1))
+    assert len(handed) == (0 if postgres and on_thread else 1)  # (on SQLite alone on an existing thread)
+    if handed:
+        assert handed[0].finished
+        await _assert_numbered_once(app.state.runtime, handed[0].run_id)
+
+
+async def _assert_numbered_once(runtime: Runtime, run_id: str) -> None:
+    async with runtime.transaction() as session:
+        seqs = list((await session.scalars(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id))).all())
+    assert sorted(seqs) == list(range(1, len(seqs) + 1))
+
+
+async def _lock_waits(runtime: Runtime) -> bool:
+    """Whether a backend of this database waits for a lock (the handed run's
+    one statement, for the row another transaction holds)."""
+    async with runtime.engine.connect() as watcher:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        return bool((await watcher.execute(text(query))).scalar())
+
+
+async def _row_held(runtime: Runtime, run_id: str, release: asyncio.Event, then: Any = None) -> None:
+    """Hold ``run_id``'s row locked in a transaction until ``release``, then
+    run ``then`` (a statement) in that same transaction and commit."""
+    async with runtime.transaction() as session:
+        await session.execute(select(orm.Run.id).where(orm.Run.id == run_id).with_for_update())
+        await release.wait()
+        if then is not None:
+            await session.execute(then)
+
+
+@_ON_POSTGRES
+async def test_postgresql_ends_a_handed_instant_run_in_one_statement(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No claim, no transaction: the hand-off's compare-and-set, the start,
+    the answer, the end and its events in one autocommitted statement."""
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    handed = _count_hand_offs(monkeypatch)
+    claims: list[int] = []
+    monkeypatch.setattr(execute, "claim_and_start", lambda *a, **k: claims.append(1))  # never called
+    begun: list[bool] = []
+    monkeypatch.setattr(runtime, "claiming", lambda: begun.append(True))  # never called: no transaction
+    run = await _create(runtime, worker)
+    assert worker.hand(run)
+    await worker._handed()
+    assert [execution.finished for execution in handed] == [True] and not claims and not begun
+    row = await _row(runtime, run.id)
+    assert row.status == "completed" and row.lease_owner is None and row.started_at is not None
+    assert await _event_names(runtime, run.id) == _ANSWERED
+    await _assert_numbered_once(runtime, run.id)
+    assert worker._reserved == 0 and not worker._tasks
+    await worker.stop()
+
+
+@_ON_POSTGRES
+async def test_postgresql_a_hand_off_colliding_with_an_append_is_claimed_instead(
+    bare_runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An append committed while the statement waited for the run's row:
+    its snapshot numbered the events over it, the insert collides, the
+    statement writes nothing, and the claim ends the run after that event."""
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    run = await _create(runtime, worker)
+    release = asyncio.Event()
+    other = orm.RunEvent.__table__.insert().values(
+        run_id=run.id, seq=len(_ANSWERED[:3]) + 1, event="thread.run.other", data={}, created_at=time.time()
+    )
+    holder = asyncio.create_task(_row_held(runtime, run.id, release, other))
+    await until(lambda: _lock_waits_none_yet(holder), "the row held")
+    assert worker.hand(run)
+    await until(lambda: _lock_waits(runtime), "the hand-off's statement waiting for the row")
+    release.set()
+    await holder
+    await worker._handed()
+    assert (await _row(runtime, run.id)).status == "queued"  # nothing of the statement stayed
+    assert run.id not in execute._NOT_AT_ONCE and "handing run" not in caplog.text  # quietly, answered at once again
+    assert worker._wakeup.is_set()
+    await worker.tick()
+    assert (await _row(runtime, run.id)).status == "completed"
+    names = await _event_names(runtime, run.id)
+    assert names[:4] == [*_ANSWERED[:3], "thread.run.other"] and names[4:] == _ANSWERED[3:]
+    await _assert_numbered_once(runtime, run.id)
+    await worker.stop()
+
+
+async def _lock_waits_none_yet(holder: asyncio.Task[None]) -> bool:
+    """A moment for ``holder`` to take its lock (it never waits for one)."""
+    await asyncio.sleep(0.05)
+    return not holder.done()
+
+
+@_ON_POSTGRES
+async def test_postgresql_a_hand_off_cancelled_with_its_statement_out_is_seen_through(
+    bare_runtime: Runtime,
+) -> None:
+    """Cancelled while its one statement waits for the row: the statement
+    ends (committed), what it wrote reaches the run's streams, and the tick
+    the cancellation wakes finds nothing to do."""
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    run = await _create(runtime, worker)
+    delivered: list[str] = []
+    release = asyncio.Event()
+    holder = asyncio.create_task(_row_held(runtime, run.id, release))
+    await until(lambda: _lock_waits_none_yet(holder), "the row held")
+    assert worker.hand(run)
+    (task,) = worker._handing.values()
+    await until(lambda: _lock_waits(runtime), "the hand-off's statement waiting for the row")
+    with runtime.bus.watch(run.id, lambda event: delivered.append(event.name)):
+        task.cancel()
+        await asyncio.sleep(0)
+        release.set()
+        await holder
+        await asyncio.wait({task})
+    assert task.cancelled()
+    assert delivered[-1] == "thread.run.completed"  # its events published, as a commit publishes them
+    assert (await _row(runtime, run.id)).status == "completed"
+    assert worker._wakeup.is_set()
+    await worker.tick()
+    assert await _event_names(runtime, run.id) == _ANSWERED
+    await _assert_numbered_once(runtime, run.id)
+    await worker.stop()
+
+
+@_ON_POSTGRES
+async def test_postgresql_a_worker_stopping_with_a_hand_off_in_flight_waits_for_its_statement(
+    bare_runtime: Runtime,
+) -> None:
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    run = await _create(runtime, worker)
+    release = asyncio.Event()
+    holder = asyncio.create_task(_row_held(runtime, run.id, release))
+    await until(lambda: _lock_waits_none_yet(holder), "the row held")
+    assert worker.hand(run)
+    await until(lambda: _lock_waits(runtime), "the hand-off's statement waiting for the row")
+    stopping = asyncio.create_task(worker.stop())
+    await asyncio.sleep(0.05)
+    assert not stopping.done()  # the hand-off's one statement first
+    release.set()
+    await holder
+    await stopping
+    assert (await _row(runtime, run.id)).status == "completed"
+    assert not worker._tasks and not worker._handing
+
+
+@_ON_POSTGRES
+async def test_postgresql_a_hand_off_dying_before_its_statement_leaves_the_run_reserved_until_it_lapses(
+    bare_runtime: Runtime,
+) -> None:
+    """The process dies (its hand-off never sent): the run stays queued and
+    reserved for that worker; another claims it once the reservation lapses."""
+    runtime = bare_runtime
+    gone, other = _looping(Worker(runtime)), Worker(runtime)
+    run = await _create(runtime, gone)
+    assert gone.hand(run)
+    (task,) = gone._handing.values()
+    task.cancel()  # before its first turn: nothing sent
+    await asyncio.wait({task})
+    row = await _row(runtime, run.id)
+    assert row.status == "queued" and row.lease_owner == run_execution.reserved_for(gone.owner)
+    assert await other.claim(1) == []  # another worker's claim leaves a reserved run alone
+    await _lapse(runtime, run.id)
+    await other.run_until_idle()
+    await _assert_answered(runtime, run.id)
+    await other.stop()
+
+
+@_ON_POSTGRES
+async def test_postgresql_a_hand_off_whose_connection_is_lost_leaves_the_run_to_the_claim(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    run = await _create(runtime, worker)
+    real = run_events.insert_carrying
+    lost: list[bool] = []
+
+    async def lost_once(session: Any, *args: Any, **kwargs: Any) -> int:
+        if not lost:
+            lost.append(True)
+            raise OperationalError("the hand-off's statement", {}, ConnectionResetError("connection lost"))
+        return await real(session, *args, **kwargs)
+
+    monkeypatch.setattr(run_events, "insert_carrying", lost_once)
+    assert worker.hand(run)
+    await worker._handed()
+    assert (await _row(runtime, run.id)).status == "queued"
+    assert worker._wakeup.is_set()
+    assert "handing run" in caplog.text  # said, unlike a lost compare-and-set
+    await worker.tick()
+    await _assert_answered(runtime, run.id)
+    await worker.stop()
+
+
+@_ON_POSTGRES
+async def test_postgresql_a_handed_run_not_answered_at_once_is_claimed_instead(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its offline answer cued to take time: nothing written by the hand-off,
+    the run claimed by the woken worker and streamed as any other."""
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    run = await _create(runtime, worker)
+    monkeypatch.setattr(runtime.llm, "answer_at_once", _never_at_once)
+    assert worker.hand(run)
+    await worker._handed()
+    assert (await _row(runtime, run.id)).status == "queued" and worker._wakeup.is_set()
+    assert "handing run" not in caplog.text
+    await worker.run_until_idle()
+    assert (await _row(runtime, run.id)).status == "completed"
+    await _assert_numbered_once(runtime, run.id)
+    await worker.stop()
+
+
+@_ON_POSTGRES
+async def test_postgresql_hands_no_run_of_a_streamed_model(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that is not the offline one never answers at once: its run
+    is claimed as any other, no hand-off tried first."""
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    run = await _create(runtime, worker)
+    real = runtime.llm.route
+    monkeypatch.setattr(
+        runtime.llm, "route", lambda model: dataclasses.replace(real(model), params={"model": "gpt-4o"})
+    )
+    assert not worker.hand(run)
+    monkeypatch.undo()
 
 
 # A run created on an existing thread (POST /threads/{id}/runs: the SDK's
