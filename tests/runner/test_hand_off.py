@@ -430,7 +430,9 @@ async def test_a_hand_off_never_takes_a_run_back_to_queued_after_its_start(
 
 
 @_ON_SQLITE
-async def test_an_instant_hand_off_after_a_tick_at_capacity_wakes_the_worker(sqlite_runtime: Runtime) -> None:
+async def test_an_instant_hand_off_after_a_tick_at_capacity_wakes_the_worker(
+    sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A tick during the hand-off counted its slot and, at capacity, claimed
     nothing; the handed run then ends at once: the run left waiting is
     claimed at the next tick, woken now, not at the next poll."""
@@ -438,10 +440,23 @@ async def test_an_instant_hand_off_after_a_tick_at_capacity_wakes_the_worker(sql
     worker = _looping(Worker(runtime, concurrency=1))
     other, waiting = await _waiting_for_any_worker(runtime)
     handed = await _create(runtime, worker)
+    # The hand-off held in flight until the tick has counted its slot
+    # (unheld, it could end first: the tick then claimed the waiting run).
+    tick_done = asyncio.Event()
+    original = execute.hand_off
+
+    async def after_the_tick(*args: Any, **kwargs: Any) -> execute.RunExecution:
+        await tick_done.wait()
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(execute, "hand_off", after_the_tick)
     worker._wakeup.clear()
     assert worker.hand(handed)
-    await worker.tick()  # (the hand-off may end while the tick awaits: the wake is kept either way)
-    await worker._handed()
+    await worker.tick()
+    tick_done.set()
+    assert (await _row(runtime, waiting.id)).status == "queued"  # at capacity: the tick claimed nothing
+    worker._wakeup.clear()  # (whatever the tick left): the hand-off's end must wake the worker
+    await asyncio.wait_for(worker._handed(), 30)
     try:
         assert (await _row(runtime, handed.id)).status == "completed"
         assert (await _row(runtime, waiting.id)).status == "queued"
