@@ -223,7 +223,9 @@ async def create(
     elif assistant is not None:
         # SQLite: the read of the thread's live run above took the write lock,
         # held to the COMMIT: no other run of the thread can go live before
-        # it (only a run's create makes one live, and each reads first). So
+        # it (only a run's create makes one live: on an existing thread,
+        # such as this one, it reads first under the same lock; a new
+        # thread's create makes its run on its own new thread). So
         # the run's INSERT is held back to the COMMIT, as a new thread's is:
         # no savepoint for a live-run conflict that cannot come (issue 17:
         # SAVEPOINT, INSERT and RELEASE were three thread hops per run).

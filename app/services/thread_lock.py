@@ -23,7 +23,6 @@ from app.services.common import require_id
 from app.services.projects import Project
 
 LIVE_RUN_STATUSES = orm.LIVE_RUN_STATUSES
-LIVE_RUN_INDEX = "ux_runs_live_thread"
 
 
 async def active_run(session: AsyncSession, thread_id: str) -> orm.Run | None:
