@@ -1388,7 +1388,7 @@ async def _hand_off_postgres(
 
     async def answer() -> bool:
         async with runtime.unit_of_work() as session:
-            return await execution.answer_handed(session, run, run_execution.hand_off_check(owner))
+            return await execution.answer_handed(session, run, run_execution.hand_off_check(created, owner))
 
     work, sending = db.watched(answer())
     what = f"run {run.id}'s hand-off"

@@ -459,11 +459,13 @@ def handed_run(created: orm.Run, owner: str, lease_until: float) -> orm.Run:
     return run
 
 
-def hand_off_check(owner: str) -> run_state.HandedFrom:
-    """_build_hand_off's condition for ``owner``'s hand-off, now, for the
-    move that ends a handed run on PostgreSQL in place of its claim
-    (run_state.carried_move's ``handed``)."""
-    return run_state.HandedFrom(reserved_for(owner), time.time())
+def hand_off_check(created: orm.Run, owner: str) -> run_state.HandedFrom:
+    """_build_hand_off's condition for ``owner``'s hand-off of ``created``
+    (handable), now, for the move that ends a handed run on PostgreSQL in
+    place of its claim (run_state.carried_move's ``handed``): its earlier
+    messages as the create noted them."""
+    earlier = _CREATED_EARLIER[created]
+    return run_state.HandedFrom(reserved_for(owner), time.time(), len(earlier.messages), earlier.last_seq)
 
 
 async def renew(session: AsyncSession, owner: str, run_ids: list[str], lease_seconds: float) -> list[str]:

@@ -17,7 +17,22 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Float, Insert, Select, Table, Update, bindparam, func, inspect, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Float,
+    Insert,
+    Integer,
+    Select,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    func,
+    inspect,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -62,6 +77,23 @@ class InvalidTransition(Exception):
 
 
 RUNS = cast(Table, orm.Run.__table__)
+_MESSAGES = orm.Message.__table__.c
+
+
+def earlier_unchanged(count_parameter: str, last_seq_parameter: str) -> ColumnElement[bool]:
+    """A hand-off's condition on the run's thread (an UPDATE of RUNS): its
+    messages before the run still number ``count_parameter`` with the last
+    at seq ``last_seq_parameter`` (0 for none), as the create noted them
+    (run_execution.note_earlier: one may be deleted meanwhile; none is
+    added while the run is live), so that its prompt is the one a claim's
+    prefetch would give."""
+    earlier = and_(_MESSAGES.thread_id == RUNS.c.thread_id, _MESSAGES.seq < RUNS.c.seq)
+    count = select(func.count()).where(earlier).scalar_subquery()
+    last_seq = select(func.coalesce(func.max(_MESSAGES.seq), 0)).where(earlier).scalar_subquery()
+    held_count = count == bindparam(count_parameter, type_=Integer)
+    return and_(held_count, last_seq == bindparam(last_seq_parameter, type_=_MESSAGES.seq.type))
+
+
 # Each mapped attribute of a run and its column (``metadata_`` is "metadata").
 RUN_COLUMNS = {attr.key: attr.columns[0].name for attr in inspect(orm.Run).column_attrs}
 
@@ -201,10 +233,15 @@ class HandedFrom:
     move carried alone in place of the claim (PostgreSQL; issue 17: the
     run's whole worker side one statement): the run still queued, never
     started, its lease free at ``now`` or still ``reserved_owner``'s
-    reservation (and, as any move carried alone, its metadata unchanged)."""
+    reservation, the thread's messages before it still ``held_count`` with
+    the last at seq ``held_last_seq`` (as the create noted them: one may be
+    deleted meanwhile, and the answer is from those), and (as any move
+    carried alone) its metadata unchanged."""
 
     reserved_owner: str
     now: float
+    held_count: int
+    held_last_seq: int
 
 
 # carried_move()'s parameters are named as no column is: SQLAlchemy compiles
@@ -225,11 +262,14 @@ def _carried(
     and carried alone (CarriedMove.alone: ``writes`` guarded by MOVED_CTE);
     ``handed`` (with ``unchanged``): under HandedFrom's condition instead
     of the lease (the lease free at ``carried_now``, or the reservation
-    ``carried_lease_holder``), the run never started."""
+    ``carried_lease_holder``), the run never started, the thread's
+    messages before it ``carried_held_count`` with the last at seq
+    ``carried_held_last_seq`` (0 for none)."""
     lease = RUNS.c.lease_owner == bindparam("carried_lease_holder")
     if handed:
         lapsed = RUNS.c.lease_expires_at < bindparam("carried_now", type_=Float)
         lease = or_(RUNS.c.lease_expires_at.is_(None), lapsed, lease) & RUNS.c.started_at.is_(None)
+        lease = lease & earlier_unchanged("carried_held_count", "carried_held_last_seq")
     statement = (
         update(RUNS)
         .where(RUNS.c.id == bindparam(_CARRIED_RUN_ID), RUNS.c.status == bindparam("carried_source"), lease)
@@ -290,6 +330,8 @@ def carried_move(
     carried = _carried_values(run.id, source, values, holder, alongside, unchanged, handed is not None)
     if handed is not None:
         carried.params["carried_now"] = handed.now
+        carried.params["carried_held_count"] = handed.held_count
+        carried.params["carried_held_last_seq"] = handed.held_last_seq
     if unchanged:
         carried.params["held_metadata"] = run.metadata_
     _set(run, values)

@@ -72,12 +72,14 @@ async def _assistant(runtime: Runtime) -> str:
     return (await _row(runtime, ended)).assistant_id
 
 
-async def _create(runtime: Runtime, worker: Worker) -> orm.Run:
-    """A new thread and run reserved for ``worker``, committed as the API
-    commits it (api/runs.py's _queue_run), not handed yet."""
+async def _create(runtime: Runtime, worker: Worker, texts: tuple[str, ...] = ("hi",)) -> orm.Run:
+    """A new thread (its user messages ``texts``) and run reserved for
+    ``worker``, committed as the API commits it (api/runs.py's _queue_run),
+    not handed yet."""
     project = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
+    messages = [{"role": "user", "content": text} for text in texts]
     body = ThreadAndRunCreate.model_validate(
-        {"assistant_id": await _assistant(runtime), "thread": {"messages": [{"role": "user", "content": "hi"}]}}
+        {"assistant_id": await _assistant(runtime), "thread": {"messages": messages}}
     )
     async with runtime.transaction() as session:
         _thread, run, events = await runs.create_thread_and_run(
@@ -879,6 +881,37 @@ async def test_a_hand_off_whose_threads_messages_changed_since_the_create_is_cla
     assert row.status == "completed"
     assert histories[run.id] == await _read_history(runtime, row)
     assert len(histories[run.id]) == (1 if change == "deleted" else 3)
+    await worker.stop()
+
+
+async def test_a_new_threads_hand_off_after_one_of_its_messages_was_deleted_is_claimed_instead(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new thread's message deleted between the create's commit and the
+    hand-off: on either database (PostgreSQL's one statement as SQLite's
+    transaction) the hand-off's noted messages are not the thread's; it
+    writes nothing, and the claim answers from the thread as it is."""
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    handed, histories = _count_hand_offs(monkeypatch), _histories(monkeypatch)
+    run = await _create(runtime, worker, ("first", "second"))
+    async with runtime.transaction() as session:
+        first = await session.scalar(
+            select(orm.Message.id).where(orm.Message.thread_id == run.thread_id).order_by(orm.Message.seq).limit(1)
+        )
+        await session.execute(orm.Message.__table__.delete().where(orm.Message.id == first))
+    assert worker.hand(run)
+    await worker._handed()
+    assert not handed
+    assert not [record for record in caplog.records if "handing run" in record.getMessage()]  # quietly: a lost CAS
+    row = await _row(runtime, run.id)
+    assert row.status == "queued" and row.started_at is None
+    assert await _event_names(runtime, run.id) == _ANSWERED[:3]  # nothing of the hand-off written
+    await worker.run_until_idle()
+    row = await _row(runtime, run.id)
+    assert row.status == "completed"
+    assert histories[run.id] == await _read_history(runtime, row)
+    assert len(histories[run.id]) == 1
     await worker.stop()
 
 
