@@ -26,7 +26,7 @@ from app.settings import Settings
 from app.wire.runs import RunCreate, SubmitToolOutputs, ThreadAndRunCreate
 from app.wire.threads import ThreadCreate
 from app.worker import Worker
-from tests.runner.helpers import until
+from tests.runner.helpers import DEADLINE, until
 from tests.runner.test_instant_answer import _ANSWERED as _ANSWERING
 from tests.runner.test_instant_answer import _event_names
 from tests.runner.test_worker import _make_runs, user_message
@@ -556,14 +556,32 @@ async def _lock_waits(runtime: Runtime) -> bool:
         return bool((await watcher.execute(text(query))).scalar())
 
 
-async def _row_held(runtime: Runtime, run_id: str, release: asyncio.Event, then: Any = None) -> None:
-    """Hold ``run_id``'s row locked in a transaction until ``release``, then
-    run ``then`` (a statement) in that same transaction and commit."""
+async def _row_held(
+    runtime: Runtime, run_id: str, locked: asyncio.Event, release: asyncio.Event, then: Any = None
+) -> None:
+    """Hold ``run_id``'s row locked in a transaction (``locked`` set once
+    its FOR UPDATE has returned) until ``release``, then run ``then`` (a
+    statement) in that same transaction and commit."""
     async with runtime.transaction() as session:
         await session.execute(select(orm.Run.id).where(orm.Run.id == run_id).with_for_update())
+        locked.set()
         await release.wait()
         if then is not None:
             await session.execute(then)
+
+
+async def _holding(runtime: Runtime, run_id: str, release: asyncio.Event, then: Any = None) -> asyncio.Task[None]:
+    """_row_held's task, once it holds the row (it fails the test if the
+    holder fails first or not by the deadline)."""
+    locked = asyncio.Event()
+    holder = asyncio.create_task(_row_held(runtime, run_id, locked, release, then))
+    waiting = asyncio.create_task(locked.wait())
+    await asyncio.wait({holder, waiting}, timeout=DEADLINE, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if holder.done():
+        await holder  # raises what it failed with
+    assert locked.is_set(), "timed out waiting for the row held"
+    return holder
 
 
 @_ON_POSTGRES
@@ -605,8 +623,7 @@ async def test_postgresql_a_hand_off_colliding_with_an_append_is_claimed_instead
     other = orm.RunEvent.__table__.insert().values(
         run_id=run.id, seq=len(_ANSWERED[:3]) + 1, event="thread.run.other", data={}, created_at=time.time()
     )
-    holder = asyncio.create_task(_row_held(runtime, run.id, release, other))
-    await until(lambda: _lock_waits_none_yet(holder), "the row held")
+    holder = await _holding(runtime, run.id, release, other)
     assert worker.hand(run)
     await until(lambda: _lock_waits(runtime), "the hand-off's statement waiting for the row")
     release.set()
@@ -623,12 +640,6 @@ async def test_postgresql_a_hand_off_colliding_with_an_append_is_claimed_instead
     await worker.stop()
 
 
-async def _lock_waits_none_yet(holder: asyncio.Task[None]) -> bool:
-    """A moment for ``holder`` to take its lock (it never waits for one)."""
-    await asyncio.sleep(0.05)
-    return not holder.done()
-
-
 @_ON_POSTGRES
 async def test_postgresql_a_hand_off_cancelled_with_its_statement_out_is_seen_through(
     bare_runtime: Runtime,
@@ -641,8 +652,7 @@ async def test_postgresql_a_hand_off_cancelled_with_its_statement_out_is_seen_th
     run = await _create(runtime, worker)
     delivered: list[str] = []
     release = asyncio.Event()
-    holder = asyncio.create_task(_row_held(runtime, run.id, release))
-    await until(lambda: _lock_waits_none_yet(holder), "the row held")
+    holder = await _holding(runtime, run.id, release)
     assert worker.hand(run)
     (task,) = worker._handing.values()
     await until(lambda: _lock_waits(runtime), "the hand-off's statement waiting for the row")
@@ -670,13 +680,14 @@ async def test_postgresql_a_worker_stopping_with_a_hand_off_in_flight_waits_for_
     worker = _looping(Worker(runtime))
     run = await _create(runtime, worker)
     release = asyncio.Event()
-    holder = asyncio.create_task(_row_held(runtime, run.id, release))
-    await until(lambda: _lock_waits_none_yet(holder), "the row held")
+    holder = await _holding(runtime, run.id, release)
     assert worker.hand(run)
     await until(lambda: _lock_waits(runtime), "the hand-off's statement waiting for the row")
     stopping = asyncio.create_task(worker.stop())
-    await asyncio.sleep(0.05)
-    assert not stopping.done()  # the hand-off's one statement first
+    # The statement still waits for the row (a round trip for stop() to go
+    # as far as it may): the stop waits for it.
+    assert await _lock_waits(runtime)
+    assert worker._handing and not stopping.done()  # the hand-off's one statement first
     release.set()
     await holder
     await stopping
