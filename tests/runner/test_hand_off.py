@@ -7,6 +7,7 @@ stopping) leaves the run to today's claim, never lost, never run twice."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -16,8 +17,9 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import errors, orm, sqlite_driver
+from app import errors, orm, run_log, sqlite_driver
 from app.runner import execute, prompt
 from app.runtime import Runtime
 from app.services import run_events, run_execution, runs, threads
@@ -26,7 +28,7 @@ from app.settings import Settings
 from app.wire.runs import RunCreate, SubmitToolOutputs, ThreadAndRunCreate
 from app.wire.threads import ThreadCreate
 from app.worker import Worker
-from tests.runner.helpers import DEADLINE, until
+from tests.runner.helpers import DEADLINE, statements_sent, until
 from tests.runner.test_instant_answer import _ANSWERED as _ANSWERING
 from tests.runner.test_instant_answer import _event_names
 from tests.runner.test_worker import _make_runs, user_message
@@ -584,12 +586,30 @@ async def _holding(runtime: Runtime, run_id: str, release: asyncio.Event, then: 
     return holder
 
 
+def _units_of_work(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """For each of ``runtime``'s units of work, once it has ended: whether
+    its one statement ran autocommitted (run_log.autocommitted)."""
+    ended: list[bool] = []
+    unit_of_work = runtime.unit_of_work
+
+    @contextlib.asynccontextmanager
+    async def recorded() -> AsyncIterator[AsyncSession]:
+        async with unit_of_work() as session:
+            yield session
+        ended.append(run_log.autocommitted(session))
+
+    monkeypatch.setattr(runtime, "unit_of_work", recorded)
+    return ended
+
+
 @_ON_POSTGRES
 async def test_postgresql_ends_a_handed_instant_run_in_one_statement(
     bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No claim, no transaction: the hand-off's compare-and-set, the start,
-    the answer, the end and its events in one autocommitted statement."""
+    the answer, the end and its events in one autocommitted statement (its
+    unit of work's first and only: a read before it would begin a
+    transaction, BEGIN and COMMIT round trips of their own)."""
     runtime = bare_runtime
     worker = _looping(Worker(runtime))
     handed = _count_hand_offs(monkeypatch)
@@ -597,10 +617,13 @@ async def test_postgresql_ends_a_handed_instant_run_in_one_statement(
     monkeypatch.setattr(execute, "claim_and_start", lambda *a, **k: claims.append(1))  # never called
     begun: list[bool] = []
     monkeypatch.setattr(runtime, "claiming", lambda: begun.append(True))  # never called: no transaction
+    units = _units_of_work(runtime, monkeypatch)
     run = await _create(runtime, worker)
     assert worker.hand(run)
-    await worker._handed()
+    with statements_sent(runtime, lambda statement, _parameters: statement) as sent:
+        await worker._handed()
     assert [execution.finished for execution in handed] == [True] and not claims and not begun
+    assert units == [True] and len(sent) == 1  # one unit of work, its one statement autocommitted
     row = await _row(runtime, run.id)
     assert row.status == "completed" and row.lease_owner is None and row.started_at is not None
     assert await _event_names(runtime, run.id) == _ANSWERED
