@@ -1361,13 +1361,19 @@ def hands_off(runtime: Runtime, created: orm.Run) -> bool:
     (hand_off): on SQLite any run; on PostgreSQL only a run of the offline
     model, whose answer may be instant (its hand-off is the one statement
     that ends it: a run that must be streamed is claimed as any other,
-    decided before any of its work is done)."""
+    decided before any of its work is done). Called by the API once the
+    create has committed: whatever the check raises, the run is claimed as
+    any other, and the client still has its answer (never a 500 for a run
+    that was made)."""
     if not runtime.run_log.postgres:
         return True
     try:
         return runtime.llm.route(created.model).offline
     except llm.LLMError:
         return False  # its execution reports it, claimed as any run
+    except Exception:
+        log.warning("checking whether run %s may be handed failed; it is claimed instead", created.id, exc_info=True)
+        return False
 
 
 async def _hand_off_postgres(

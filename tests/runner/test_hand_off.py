@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -542,6 +543,51 @@ async def test_a_streamed_run_through_the_api_is_handed(
     if handed:
         assert handed[0].finished
         await _assert_numbered_once(app.state.runtime, handed[0].run_id)
+
+
+@_ON_POSTGRES
+async def test_a_hand_off_check_raising_still_answers_the_create_and_the_run_is_claimed(
+    app: FastAPI, http: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """execute.hands_off runs in the request once the create has committed:
+    anything it raises (not only the router's LLMError) leaves the run to
+    the worker's claim, and the client has its 200, not a 500."""
+    runtime: Runtime = app.state.runtime
+    worker = runtime.worker
+    assert worker is not None
+    handed = _count_hand_offs(monkeypatch)
+    checked: list[str] = []
+    hand, route = worker.hand, runtime.llm.route
+
+    def hand_checking(created: orm.Run) -> bool:
+        checked.append(created.id)
+        try:
+            return hand(created)
+        finally:
+            checked.remove(created.id)
+
+    def route_failing_in_hand(model: str) -> Any:
+        if checked:
+            raise RuntimeError("the router broke")
+        return route(model)
+
+    monkeypatch.setattr(worker, "hand", hand_checking)
+    monkeypatch.setattr(runtime.llm, "route", route_failing_in_hand)
+    assistant = (await http.post("/v1/assistants", json={"model": "m"})).json()["id"]
+    body = {"assistant_id": assistant, "thread": {"messages": [{"role": "user", "content": "hi"}]}}
+    for _attempt in range(3):  # (a run created while the worker's poll tick is under way is claimed by it)
+        await until(lambda: worker._looping and not worker._ticking, "the worker's loop waiting")
+        response = await http.post("/v1/threads/runs", json=body)
+        assert response.status_code == 200
+        run_id = response.json()["id"]
+        await until(functools.partial(_completed, runtime, run_id), "the run claimed and answered")
+        if "checking whether run" in caplog.text:
+            break
+    assert "checking whether run" in caplog.text and not handed
+
+
+async def _completed(runtime: Runtime, run_id: str) -> bool:
+    return (await _row(runtime, run_id)).status == "completed"
 
 
 async def _assert_numbered_once(runtime: Runtime, run_id: str) -> None:
