@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import errors, orm, run_log, sqlite_driver
 from app.runner import execute, prompt
 from app.runtime import Runtime
-from app.services import run_events, run_execution, runs, threads
+from app.services import run_events, run_execution, run_state, runs, threads
 from app.services.projects import Project
 from app.settings import Settings
 from app.wire.runs import RunCreate, SubmitToolOutputs, ThreadAndRunCreate
@@ -75,14 +76,17 @@ async def _assistant(runtime: Runtime) -> str:
     return (await _row(runtime, ended)).assistant_id
 
 
-async def _create(runtime: Runtime, worker: Worker, texts: tuple[str, ...] = ("hi",)) -> orm.Run:
-    """A new thread (its user messages ``texts``) and run reserved for
-    ``worker``, committed as the API commits it (api/runs.py's _queue_run),
-    not handed yet."""
+async def _create(
+    runtime: Runtime, worker: Worker, texts: tuple[str, ...] = ("hi",), assistant_id: str | None = None, **fields: Any
+) -> orm.Run:
+    """A new thread (its user messages ``texts``) and run (of
+    ``assistant_id``, else a new one, with the body's other ``fields``)
+    reserved for ``worker``, committed as the API commits it (api/runs.py's
+    _queue_run), not handed yet."""
     project = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
     messages = [{"role": "user", "content": text} for text in texts]
     body = ThreadAndRunCreate.model_validate(
-        {"assistant_id": await _assistant(runtime), "thread": {"messages": messages}}
+        {"assistant_id": assistant_id or await _assistant(runtime), "thread": {"messages": messages}, **fields}
     )
     async with runtime.transaction() as session:
         _thread, run, events = await runs.create_thread_and_run(
@@ -678,6 +682,70 @@ async def test_postgresql_ends_a_handed_instant_run_in_one_statement(
     await worker.stop()
 
 
+# Values that differ between two runs alike (ids, times) in their stored events.
+_OWN_PREFIXES = ("asst_", "call_", "msg_", "run_", "step_", "thread_")
+
+
+def _alike(value: Any) -> Any:
+    """``value`` (an event's payload) with its ids and times masked."""
+    if isinstance(value, dict):
+        return {
+            key: "*" if item is not None and (key == "id" or key.endswith(("_id", "_at"))) else _alike(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_alike(item) for item in value]
+    if isinstance(value, str) and value.startswith(_OWN_PREFIXES):
+        return "*"
+    return value
+
+
+async def _stored_events(runtime: Runtime, run_id: str) -> list[tuple[str, Any]]:
+    async with runtime.transaction() as session:
+        query = select(orm.RunEvent.event, orm.RunEvent.data).where(orm.RunEvent.run_id == run_id)
+        rows = (await session.execute(query.order_by(orm.RunEvent.seq))).all()
+    return [(name, _alike(data)) for name, data in rows]
+
+
+_CALLING_F = {
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "fields", "ends"),
+    [("hi", {}, "completed"), ("[[call f {}]]", _CALLING_F, "requires_action")],
+    ids=["answered", "requires action"],
+)
+async def test_a_handed_run_stores_what_a_claimed_run_stores(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, text: str, fields: dict[str, Any], ends: str
+) -> None:
+    """A run handed and its twin claimed by a tick: the same events, with
+    the same payloads (ids and times aside), and the same row as they end
+    (an offline answer calling a function ends requires_action, its lease
+    cleared, as a claimed one)."""
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    handed = _count_hand_offs(monkeypatch)
+    assistant_id = await _assistant(runtime)
+    run = await _create(runtime, worker, (text,), assistant_id, **fields)
+    assert worker.hand(run)
+    await worker._handed()
+    assert [execution.run_id for execution in handed] == [run.id]
+    twin = await _create(runtime, worker, (text,), assistant_id, **fields)
+    await worker.tick()
+    assert [execution.run_id for execution in handed] == [run.id]  # the twin claimed
+    stored = await _stored_events(runtime, run.id)
+    assert stored[-1][0] == f"thread.run.{ends}"
+    assert stored == await _stored_events(runtime, twin.id)
+    row, twin_row = await _row(runtime, run.id), await _row(runtime, twin.id)
+    assert row.status == ends and row.lease_owner is None and row.lease_expires_at is None
+    kept = set(run_state.RUN_COLUMNS) - {"id", "thread_id", "seq", "created_at", "started_at", "completed_at"}
+    kept -= {"expires_at"}
+    assert {key: _alike(getattr(row, key)) for key in kept} == {key: _alike(getattr(twin_row, key)) for key in kept}
+    await worker.stop()
+
+
 @_ON_POSTGRES
 async def test_postgresql_a_hand_off_colliding_with_an_append_is_claimed_instead(
     bare_runtime: Runtime, caplog: pytest.LogCaptureFixture
@@ -709,6 +777,24 @@ async def test_postgresql_a_hand_off_colliding_with_an_append_is_claimed_instead
     await worker.stop()
 
 
+async def _hand_cancelled_while_waiting(runtime: Runtime, worker: Worker, run: orm.Run, then: Any = None) -> None:
+    """Hand ``run`` while another transaction holds its row (and runs
+    ``then`` before letting go: _row_held), cancel the hand-off once its
+    statement waits for the row, let the row go, and see the hand-off end
+    cancelled."""
+    release = asyncio.Event()
+    holder = await _holding(runtime, run.id, release, then)
+    assert worker.hand(run)
+    (task,) = worker._handing.values()
+    await until(lambda: _lock_waits(runtime), "the hand-off's statement waiting for the row")
+    task.cancel()
+    await asyncio.sleep(0)  # the cancellation delivered while the statement is out
+    release.set()
+    await holder
+    await asyncio.wait({task})
+    assert task.cancelled()
+
+
 @_ON_POSTGRES
 async def test_postgresql_a_hand_off_cancelled_with_its_statement_out_is_seen_through(
     bare_runtime: Runtime,
@@ -720,23 +806,38 @@ async def test_postgresql_a_hand_off_cancelled_with_its_statement_out_is_seen_th
     worker = _looping(Worker(runtime))
     run = await _create(runtime, worker)
     delivered: list[str] = []
-    release = asyncio.Event()
-    holder = await _holding(runtime, run.id, release)
-    assert worker.hand(run)
-    (task,) = worker._handing.values()
-    await until(lambda: _lock_waits(runtime), "the hand-off's statement waiting for the row")
     with runtime.bus.watch(run.id, lambda event: delivered.append(event.name)):
-        task.cancel()
-        await asyncio.sleep(0)
-        release.set()
-        await holder
-        await asyncio.wait({task})
-    assert task.cancelled()
+        await _hand_cancelled_while_waiting(runtime, worker, run)
     assert delivered[-1] == "thread.run.completed"  # its events published, as a commit publishes them
     assert (await _row(runtime, run.id)).status == "completed"
     assert worker._wakeup.is_set()
     await worker.tick()
     assert await _event_names(runtime, run.id) == _ANSWERED
+    await _assert_numbered_once(runtime, run.id)
+    await worker.stop()
+
+
+@_ON_POSTGRES
+async def test_postgresql_a_hand_off_cancelled_with_a_missing_statement_out_leaves_the_run_to_the_claim(
+    bare_runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cancelled while its one statement waits for the row, which the
+    holder changes (its metadata) before letting go: the statement misses,
+    nothing of it is written, and the tick the cancellation wakes claims
+    and answers the run as any other."""
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    run = await _create(runtime, worker)
+    changed = orm.Run.__table__.update().where(orm.Run.id == run.id).values(metadata={"changed": "yes"})
+    await _hand_cancelled_while_waiting(runtime, worker, run, changed)
+    row = await _row(runtime, run.id)
+    assert row.status == "queued" and row.started_at is None  # nothing of the statement stayed
+    assert await _event_names(runtime, run.id) == _ANSWERED[:3]
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]  # quietly: a lost CAS
+    assert worker._wakeup.is_set()
+    await worker.tick()
+    await _assert_answered(runtime, run.id)
+    assert (await _row(runtime, run.id)).metadata_ == {"changed": "yes"}
     await _assert_numbered_once(runtime, run.id)
     await worker.stop()
 
