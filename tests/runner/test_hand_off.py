@@ -101,9 +101,7 @@ async def _waiting_for_any_worker(runtime: Runtime) -> tuple[Worker, orm.Run]:
     lapsed: claimable by any worker's tick."""
     other = Worker(runtime)
     waiting = await _create(runtime, other)
-    async with runtime.transaction() as session:
-        lapsed = orm.Run.__table__.update().where(orm.Run.id == waiting.id).values(lease_expires_at=time.time() - 1)
-        await session.execute(lapsed)
+    await _lapse(runtime, waiting.id)
     return other, waiting
 
 
@@ -173,10 +171,7 @@ async def test_a_hand_off_loses_to_another_workers_claim_and_leaves_the_run_to_i
     worker, other = _looping(Worker(runtime)), Worker(runtime)
     run = await _create(runtime, worker)
     # The reservation lapsed and another worker claimed it before the hand-off ran.
-    async with runtime.transaction() as session:
-        await session.execute(
-            orm.Run.__table__.update().where(orm.Run.id == run.id).values(lease_expires_at=time.time() - 1)
-        )
+    await _lapse(runtime, run.id)
     assert await other.claim(1) == [run.id]
     woken: list[bool] = []
     monkeypatch.setattr(worker, "wake", lambda **_: woken.append(True))
