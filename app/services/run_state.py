@@ -81,12 +81,15 @@ _MESSAGES = orm.Message.__table__.c
 
 
 def earlier_unchanged(count_parameter: str, last_seq_parameter: str) -> ColumnElement[bool]:
-    """A hand-off's condition on the run's thread (an UPDATE of RUNS): its
-    messages before the run still number ``count_parameter`` with the last
-    at seq ``last_seq_parameter`` (0 for none), as the create noted them
-    (run_execution.note_earlier: one may be deleted meanwhile; none is
-    added while the run is live), so that its prompt is the one a claim's
-    prefetch would give."""
+    """PostgreSQL's hand-off's condition on the run's thread (an UPDATE of
+    RUNS): its messages before the run still number ``count_parameter``
+    with the last at seq ``last_seq_parameter`` (0 for none), as the create
+    noted them (run_execution.note_earlier: one may be deleted meanwhile;
+    none is added through the API while the run is live), so that its
+    prompt is the one a claim's prefetch would give. (SQLite's hand-off,
+    run_execution._build_hand_off, checks each noted seq instead: a message
+    deleted and another written behind the API's back in its place keep
+    the count and the last seq.)"""
     earlier = and_(_MESSAGES.thread_id == RUNS.c.thread_id, _MESSAGES.seq < RUNS.c.seq)
     count = select(func.count()).where(earlier).scalar_subquery()
     last_seq = select(func.coalesce(func.max(_MESSAGES.seq), 0)).where(earlier).scalar_subquery()
