@@ -457,9 +457,11 @@ async def test_an_instant_hand_off_after_a_tick_at_capacity_wakes_the_worker(
     worker._wakeup.clear()
     assert worker.hand(handed)
     await worker.tick()
+    # Whatever the tick left, cleared before the hand-off may go on (it
+    # may end, and wake, during any await after this): its end must wake.
+    worker._wakeup.clear()
     tick_done.set()
     assert (await _row(runtime, waiting.id)).status == "queued"  # at capacity: the tick claimed nothing
-    worker._wakeup.clear()  # (whatever the tick left): the hand-off's end must wake the worker
     await asyncio.wait_for(worker._handed(), 30)
     try:
         assert (await _row(runtime, handed.id)).status == "completed"

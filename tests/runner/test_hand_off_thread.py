@@ -76,8 +76,8 @@ async def test_a_hand_off_whose_thread_has_another_message_in_a_deleted_ones_pla
 ) -> None:
     """After the create's commit, its thread's first message deleted (as the
     API allows while the run is queued) and another added behind the API's
-    back between the remaining ones (as another process might, its clock
-    behind): as many messages, the same last one, yet not those the create
+    back between the remaining ones (by a writer outside the API: the API
+    refuses a message while the run is live): as many messages, the same last one, yet not those the create
     noted. The hand-off loses its compare-and-set; the claim reads the
     thread as it is."""
     runtime = sqlite_runtime
