@@ -317,7 +317,6 @@ class _Earlier:
 
     messages: list[EarlierMessage]
     seqs: list[int]  # theirs, in the same order
-    last_seq: int  # the last one's seq; 0 for none
 
 
 # A run this process's API created for its own worker, handed to it with
@@ -353,7 +352,7 @@ def _note(run: orm.Run, messages: list[tuple[int, EarlierMessage]]) -> None:
     if len(messages) <= PREFETCH_MOST_MESSAGES:
         ordered = sorted(messages, key=lambda message: message[0])
         seqs = [seq for seq, _message in ordered]
-        _CREATED_EARLIER[run] = _Earlier([message for _seq, message in ordered], seqs, seqs[-1] if seqs else 0)
+        _CREATED_EARLIER[run] = _Earlier([message for _seq, message in ordered], seqs)
 
 
 def handable(run: orm.Run) -> bool:
@@ -465,7 +464,7 @@ def hand_off_check(created: orm.Run, owner: str) -> run_state.HandedFrom:
     place of its claim (run_state.carried_move's ``handed``): its earlier
     messages as the create noted them."""
     earlier = _CREATED_EARLIER[created]
-    return run_state.HandedFrom(reserved_for(owner), time.time(), len(earlier.messages), earlier.last_seq)
+    return run_state.HandedFrom(reserved_for(owner), time.time(), len(earlier.seqs), list(earlier.seqs))
 
 
 async def renew(session: AsyncSession, owner: str, run_ids: list[str], lease_seconds: float) -> list[str]:

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Table,
     Update,
     and_,
+    any_,
     bindparam,
     func,
     inspect,
@@ -33,6 +34,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -80,21 +82,23 @@ RUNS = cast(Table, orm.Run.__table__)
 _MESSAGES = orm.Message.__table__.c
 
 
-def earlier_unchanged(count_parameter: str, last_seq_parameter: str) -> ColumnElement[bool]:
+def earlier_unchanged(count_parameter: str, seqs_parameter: str) -> ColumnElement[bool]:
     """PostgreSQL's hand-off's condition on the run's thread (an UPDATE of
-    RUNS): its messages before the run still number ``count_parameter``
-    with the last at seq ``last_seq_parameter`` (0 for none), as the create
-    noted them (run_execution.note_earlier: one may be deleted meanwhile;
-    none is added through the API while the run is live), so that its
-    prompt is the one a claim's prefetch would give. (SQLite's hand-off,
-    run_execution._build_hand_off, checks each noted seq instead: a message
-    deleted and another written behind the API's back in its place keep
-    the count and the last seq.)"""
+    RUNS): its messages before the run still number ``count_parameter``,
+    each of them one of the seqs ``seqs_parameter`` (an array), as the
+    create noted them (run_execution.note_earlier: one may be deleted
+    meanwhile, and another written in its place by a writer outside the
+    API, which refuses a message while the run is live), so that its prompt
+    is the one a claim's prefetch would give (SQLite's hand-off,
+    run_execution._build_hand_off, requires the same)."""
     earlier = and_(_MESSAGES.thread_id == RUNS.c.thread_id, _MESSAGES.seq < RUNS.c.seq)
+    noted = _MESSAGES.seq == any_(bindparam(seqs_parameter, type_=ARRAY(_MESSAGES.seq.type)))
+    held_count = bindparam(count_parameter, type_=Integer)
+    # Two scalar subqueries (PostgreSQL takes a row subquery only on the
+    # right of a row constructor), each one scan of the thread's index.
     count = select(func.count()).where(earlier).scalar_subquery()
-    last_seq = select(func.coalesce(func.max(_MESSAGES.seq), 0)).where(earlier).scalar_subquery()
-    held_count = count == bindparam(count_parameter, type_=Integer)
-    return and_(held_count, last_seq == bindparam(last_seq_parameter, type_=_MESSAGES.seq.type))
+    of_noted = select(func.count().filter(noted)).where(earlier).scalar_subquery()
+    return and_(count == held_count, of_noted == held_count)
 
 
 # Each mapped attribute of a run and its column (``metadata_`` is "metadata").
@@ -236,15 +240,15 @@ class HandedFrom:
     move carried alone in place of the claim (PostgreSQL; issue 17: the
     run's whole worker side one statement): the run still queued, never
     started, its lease free at ``now`` or still ``reserved_owner``'s
-    reservation, the thread's messages before it still ``held_count`` with
-    the last at seq ``held_last_seq`` (as the create noted them: one may be
-    deleted meanwhile, and the answer is from those), and (as any move
-    carried alone) its metadata unchanged."""
+    reservation, the thread's messages before it still ``held_count``, each
+    one of ``held_seqs`` (as the create noted them: one may be deleted
+    meanwhile, and the answer is from those), and (as any move carried
+    alone) its metadata unchanged."""
 
     reserved_owner: str
     now: float
     held_count: int
-    held_last_seq: int
+    held_seqs: list[int]
 
 
 # carried_move()'s parameters are named as no column is: SQLAlchemy compiles
@@ -266,13 +270,13 @@ def _carried(
     ``handed`` (with ``unchanged``): under HandedFrom's condition instead
     of the lease (the lease free at ``carried_now``, or the reservation
     ``carried_lease_holder``), the run never started, the thread's
-    messages before it ``carried_held_count`` with the last at seq
-    ``carried_held_last_seq`` (0 for none)."""
+    messages before it ``carried_held_count``, each one of
+    ``carried_held_seqs``."""
     lease = RUNS.c.lease_owner == bindparam("carried_lease_holder")
     if handed:
         lapsed = RUNS.c.lease_expires_at < bindparam("carried_now", type_=Float)
         lease = or_(RUNS.c.lease_expires_at.is_(None), lapsed, lease) & RUNS.c.started_at.is_(None)
-        lease = lease & earlier_unchanged("carried_held_count", "carried_held_last_seq")
+        lease = lease & earlier_unchanged("carried_held_count", "carried_held_seqs")
     statement = (
         update(RUNS)
         .where(RUNS.c.id == bindparam(_CARRIED_RUN_ID), RUNS.c.status == bindparam("carried_source"), lease)
@@ -334,7 +338,7 @@ def carried_move(
     if handed is not None:
         carried.params["carried_now"] = handed.now
         carried.params["carried_held_count"] = handed.held_count
-        carried.params["carried_held_last_seq"] = handed.held_last_seq
+        carried.params["carried_held_seqs"] = handed.held_seqs
     if unchanged:
         carried.params["held_metadata"] = run.metadata_
     _set(run, values)

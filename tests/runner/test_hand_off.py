@@ -1093,6 +1093,45 @@ async def test_a_new_threads_hand_off_after_one_of_its_messages_was_deleted_is_c
     await worker.stop()
 
 
+async def test_a_new_threads_hand_off_after_a_message_was_replaced_behind_the_apis_back_is_claimed_instead(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new thread's first message deleted and another written in its
+    place by a writer outside the API (which refuses a message while the
+    run is live): as many messages before the run, the same last one, yet
+    not those the create noted. On either database the hand-off writes
+    nothing, and the claim answers from the thread as it is."""
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    handed, histories = _count_hand_offs(monkeypatch), _histories(monkeypatch)
+    run = await _create(runtime, worker, ("first", "second", "third"))
+    async with runtime.transaction() as session:
+        first, second = (
+            await session.execute(
+                select(orm.Message.id, orm.Message.seq)
+                .where(orm.Message.thread_id == run.thread_id)
+                .order_by(orm.Message.seq)
+                .limit(2)
+            )
+        ).all()
+        await session.execute(orm.Message.__table__.delete().where(orm.Message.id == first.id))
+        late = user_message(run.thread_id, [{"type": "text", "text": {"value": "late", "annotations": []}}])
+        late.seq = second.seq - 1
+        session.add(late)
+    assert worker.hand(run)
+    await worker._handed()
+    assert not handed
+    row = await _row(runtime, run.id)
+    assert row.status == "queued" and row.started_at is None
+    assert await _event_names(runtime, run.id) == _ANSWERED[:3]  # nothing of the hand-off written
+    await worker.run_until_idle()
+    row = await _row(runtime, run.id)
+    assert row.status == "completed"
+    assert histories[run.id] == await _read_history(runtime, row)
+    assert [message.content[0]["text"]["value"] for message in histories[run.id]] == ["late", "second", "third"]
+    await worker.stop()
+
+
 @_ON_SQLITE
 async def test_a_run_on_a_thread_longer_than_the_prefetch_is_claimed(
     sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch

@@ -75,11 +75,11 @@ async def test_a_hand_off_whose_thread_has_another_message_in_a_deleted_ones_pla
     sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After the create's commit, its thread's first message deleted (as the
-    API allows while the run is queued) and another added behind the API's
-    back between the remaining ones (by a writer outside the API: the API
-    refuses a message while the run is live): as many messages, the same last one, yet not those the create
-    noted. The hand-off loses its compare-and-set; the claim reads the
-    thread as it is."""
+    API allows while the run is queued) and another added between the
+    remaining ones by a writer outside the API (the API refuses a message
+    while the run is live): as many messages, the same last one, yet not
+    those the create noted. The hand-off loses its compare-and-set; the
+    claim reads the thread as it is."""
     runtime = sqlite_runtime
     worker = _looping(Worker(runtime))
     handed, histories = _count_hand_offs(monkeypatch), _histories(monkeypatch)
