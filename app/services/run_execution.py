@@ -393,7 +393,6 @@ def _build_hand_off() -> Update:
     ``lease_until``."""
     runs = run_state.RUNS
     held = bindparam("held_metadata", type_=runs.c.metadata.type)
-    reserved = or_(_lease_free(bindparam("now", type_=Float)), runs.c.lease_owner == bindparam("reserved_owner"))
     earlier = and_(_MESSAGES.thread_id == runs.c.thread_id, _MESSAGES.seq < runs.c.seq)
     noted: Select[tuple[Any]] = select(literal_column("value")).select_from(
         func.json_each(bindparam("held_seqs", type_=String))
@@ -402,7 +401,8 @@ def _build_hand_off() -> Update:
     held_count = bindparam("held_count", type_=Integer)
     return (
         update(runs)
-        .where(runs.c.id == bindparam("run_id"), runs.c.status == "queued", runs.c.started_at.is_(None), reserved)
+        .where(runs.c.id == bindparam("run_id"), runs.c.status == "queued")
+        .where(run_state.unstarted_and_free("now", "reserved_owner"))
         .where(func.json(runs.c.metadata) == func.json(held))
         .where(counts.scalar_subquery() == tuple_(held_count, held_count))
         .values(lease_owner=bindparam("owner"), lease_expires_at=bindparam("lease_until", type_=Float))

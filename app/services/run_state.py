@@ -82,6 +82,18 @@ RUNS = cast(Table, orm.Run.__table__)
 _MESSAGES = orm.Message.__table__.c
 
 
+def unstarted_and_free(now_parameter: str, reserved_parameter: str) -> ColumnElement[bool]:
+    """A hand-off's condition on the run's own row (an UPDATE of RUNS),
+    SQLite's (run_execution._build_hand_off) and PostgreSQL's (_carried's
+    ``handed``) alike: never started (a run back to queued after its tool
+    outputs has a start time), its lease free at ``now_parameter`` or still
+    the reservation ``reserved_parameter`` (the claim's condition for a
+    queued run, not its resumable branch)."""
+    lapsed = RUNS.c.lease_expires_at < bindparam(now_parameter, type_=Float)
+    reserved = RUNS.c.lease_owner == bindparam(reserved_parameter)
+    return and_(RUNS.c.started_at.is_(None), or_(RUNS.c.lease_expires_at.is_(None), lapsed, reserved))
+
+
 def earlier_unchanged(count_parameter: str, seqs_parameter: str) -> ColumnElement[bool]:
     """PostgreSQL's hand-off's condition on the run's thread (an UPDATE of
     RUNS): its messages before the run still number ``count_parameter``,
@@ -274,9 +286,10 @@ def _carried(
     ``carried_held_seqs``."""
     lease = RUNS.c.lease_owner == bindparam("carried_lease_holder")
     if handed:
-        lapsed = RUNS.c.lease_expires_at < bindparam("carried_now", type_=Float)
-        lease = or_(RUNS.c.lease_expires_at.is_(None), lapsed, lease) & RUNS.c.started_at.is_(None)
-        lease = lease & earlier_unchanged("carried_held_count", "carried_held_seqs")
+        lease = and_(
+            unstarted_and_free("carried_now", "carried_lease_holder"),
+            earlier_unchanged("carried_held_count", "carried_held_seqs"),
+        )
     statement = (
         update(RUNS)
         .where(RUNS.c.id == bindparam(_CARRIED_RUN_ID), RUNS.c.status == bindparam("carried_source"), lease)
