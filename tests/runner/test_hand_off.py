@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select, text
+from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -740,7 +740,25 @@ async def test_a_handed_run_stores_what_a_claimed_run_stores(
     kept = set(run_state.RUN_COLUMNS) - {"id", "thread_id", "seq", "created_at", "started_at", "completed_at"}
     kept -= {"expires_at"}
     assert {key: _alike(getattr(row, key)) for key in kept} == {key: _alike(getattr(twin_row, key)) for key in kept}
+    # Its steps, its answer message (none for a call) and its model request stored alike too.
+    for model in (orm.RunStep, orm.Message, orm.ModelRequest):
+        stored_rows = await _stored_rows(runtime, model, run.id)
+        assert stored_rows or (model is orm.Message and ends == "requires_action"), model.__name__
+        assert stored_rows == await _stored_rows(runtime, model, twin.id), model.__name__
     await worker.stop()
+
+
+async def _stored_rows(runtime: Runtime, model: type[orm.Base], run_id: str) -> list[dict[str, Any]]:
+    """``run_id``'s rows of ``model``, every column (ids, times, order and
+    durations masked), in their order."""
+    columns = [attribute.key for attribute in inspect(model).column_attrs]
+    differing = {"seq", "duration_ms"}
+    async with runtime.transaction() as session:
+        query = select(model).where(model.run_id == run_id).order_by(model.id)  # type: ignore[attr-defined]
+        found = (await session.scalars(query)).all()
+    return [
+        {key: "*" if key in differing else _alike({key: getattr(row, key)})[key] for key in columns} for row in found
+    ]
 
 
 @_ON_POSTGRES
