@@ -461,7 +461,11 @@ class RunExecution:
         run unchanged, if the move was not held back after all and missed."""
         run = self._run
         assert run is not None
-        session.add(run)
+        # Not added to the session: the move is a Core UPDATE and the run
+        # takes its values by set_committed_value (run_state._set), so the
+        # session has nothing to flush or read for it (issue 17: the add and
+        # the session's close taking it back out cost about 0.08 ms of the
+        # instant answer's 1.2 on SQLite).
         # SQLite, in the claim's transaction: the row has been this
         # transaction's since the claim returned it, so the move cannot miss
         # and the row is as this execution holds it: no RETURNING, and the
