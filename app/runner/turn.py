@@ -208,15 +208,16 @@ class Turn:
             return
         self._publish_text(self.marker_stream.flush())
         now = ids.now()
-        message.content = self.decorate([messages.text_part("".join(self.text))])
-        message.status = status
+        closed: dict[str, Any] = {"content": self.decorate([messages.text_part("".join(self.text))]), "status": status}
         if status == "completed":
-            message.completed_at = now
+            closed["completed_at"] = now
         else:
-            message.incomplete_at = now
-            message.incomplete_details = {"reason": "max_tokens"}
-        step.status, step.completed_at = "completed", now
-        step.usage = _usage_dict(usage) if usage else None
+            closed["incomplete_at"] = now
+            closed["incomplete_details"] = {"reason": "max_tokens"}
+        _set_on_record(message, closed)
+        _set_on_record(
+            step, {"status": "completed", "completed_at": now, "usage": _usage_dict(usage) if usage else None}
+        )
         self.message, self.message_step = None, None
         events = [
             Event.of(f"thread.message.{status}", messages.to_wire(message)),
@@ -313,6 +314,15 @@ class Turn:
         if changes:
             async with self.runtime.transaction() as session:
                 await write_rows(session, changes)
+
+
+def _set_on_record(row: ExecutorRow, values: dict[str, Any]) -> None:
+    """Set ``values`` on the turn's own row, a record (core_rows.record)
+    never added to a session: straight into the instance's dict, as
+    record() sets them (issue 17: the mapped attributes' set events, whose
+    change tracking nothing reads here, cost more than the values; what is
+    written is what a RowUpdate names, read from that dict by core_rows)."""
+    row.__dict__.update(values)
 
 
 def _message_delta(message_id: str, content: list[dict[str, Any]]) -> dict[str, Any]:
