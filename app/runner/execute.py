@@ -465,7 +465,9 @@ class RunExecution:
         # takes its values by set_committed_value (run_state._set), so the
         # session has nothing to flush or read for it (issue 17: the add and
         # the session's close taking it back out cost about 0.08 ms of the
-        # instant answer's 1.2 on SQLite).
+        # instant answer's 1.2 on SQLite). Nor is it refreshed by a missed
+        # move's re-read, or expired by a rollback: the execution ends after
+        # its move either way (_commit drops it).
         # SQLite, in the claim's transaction: the row has been this
         # transaction's since the claim returned it, so the move cannot miss
         # and the row is as this execution holds it: no RETURNING, and the

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import object_session
 
 from app import ids, llm, orm
 from app.runner import markers
@@ -321,7 +322,9 @@ def _set_on_record(row: ExecutorRow, values: dict[str, Any]) -> None:
     never added to a session: straight into the instance's dict, as
     record() sets them (issue 17: the mapped attributes' set events, whose
     change tracking nothing reads here, cost more than the values; what is
-    written is what a RowUpdate names, read from that dict by core_rows)."""
+    written is what a RowUpdate names, read from that dict by core_rows).
+    A row in a session would have these values skipped by its flush."""
+    assert object_session(row) is None, "the turn's rows are records, never in a session"
     row.__dict__.update(values)
 
 

@@ -718,9 +718,11 @@ async def test_a_handed_run_stores_what_a_claimed_run_stores(
     bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, text: str, fields: dict[str, Any], ends: str
 ) -> None:
     """A run handed and its twin claimed by a tick: the same events, with
-    the same payloads (ids and times aside), and the same row as they end
+    the same payloads (ids and times aside), the same row as they end
     (an offline answer calling a function ends requires_action, its lease
-    cleared, as a claimed one)."""
+    cleared, as a claimed one), and the same steps, answer message and
+    model request (on SQLite both go through start_claimed, so those rows
+    can differ only on PostgreSQL, whose hand-off writes its own)."""
     runtime = bare_runtime
     worker = _looping(Worker(runtime))
     handed = _count_hand_offs(monkeypatch)
@@ -756,9 +758,13 @@ async def _stored_rows(runtime: Runtime, model: type[orm.Base], run_id: str) -> 
     async with runtime.transaction() as session:
         query = select(model).where(model.run_id == run_id).order_by(model.id)  # type: ignore[attr-defined]
         found = (await session.scalars(query)).all()
-    return [
-        {key: "*" if key in differing else _alike({key: getattr(row, key)})[key] for key in columns} for row in found
-    ]
+    return [{key: _masked(key, getattr(row, key), differing) for key in columns} for row in found]
+
+
+def _masked(key: str, value: Any, differing: set[str]) -> Any:
+    """``value`` as two alike rows store it: "*" for a column that differs
+    between them by design, else _alike's masking of ids and times."""
+    return "*" if key in differing else _alike({key: value})[key]
 
 
 @_ON_POSTGRES
