@@ -444,3 +444,37 @@ async def test_a_runs_event_log_is_read_outside_a_transaction(
     assert missing.status_code == 404
     monkeypatch.undo()
     assert not begins
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_run_on_a_thread_reads_its_thread_straight_on_sqlite(
+    no_worker: Settings, client: openai.AsyncOpenAI, app: FastAPI
+) -> None:
+    """POST /threads/{id}/runs on SQLite: the thread's owner, its live run
+    and its last messages are read straight on the driver (held_back.run_now,
+    issue 17), with no statement through SQLAlchemy's execution (its IN list
+    of live statuses is written as constants, not rendered per execution);
+    a thread whose run is live still refuses another, naming it, and a
+    thread of another project is not found."""
+    runtime: Runtime = app.state.runtime
+    assert not thread_lock._LIVE_RUN.compile(dialect=runtime.engine.sync_engine.dialect).post_compile_params
+    assistant_id = await _assistant(client)
+    # A first run reads its assistant (its defaults remembered from then on).
+    await client.beta.threads.runs.create((await client.beta.threads.create()).id, assistant_id=assistant_id)
+    thread = await client.beta.threads.create(**_HELLO)
+    executed: list[str] = []
+
+    def noted(_connection: Any, clause: Any, *_args: Any) -> None:
+        executed.append(str(clause))
+
+    event.listen(runtime.engine.sync_engine, "before_execute", noted)
+    try:
+        run = await client.beta.threads.runs.create(thread.id, assistant_id=assistant_id)
+        assert executed == []
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.beta.threads.runs.create(thread.id, assistant_id=assistant_id)
+        assert error_of(refused.value)["message"] == f"Thread {thread.id} already has an active run {run.id}."
+        with pytest.raises(openai.NotFoundError):
+            await client.beta.threads.runs.create("thread_" + "0" * 24, assistant_id=assistant_id)
+    finally:
+        event.remove(runtime.engine.sync_engine, "before_execute", noted)
