@@ -1,20 +1,24 @@
 """The create path's loop CPU, in process, without sockets (issue 17).
 
 Builds the real application (``create_app``) on a scratch database, with no
-worker (runs stay queued), and sends it creates through ASGI alone: a
+worker (runs stay queued), and sends it requests through ASGI alone: a
 thread-and-run (``POST /v1/threads/runs``) or a run on a thread made first
 (``POST /v1/threads/{id}/runs``, the thread outside the measure), answered
-as JSON or streamed (the stream left once its head, the events the create
-logged, is written). Per round it prints the event loop thread's CPU
-(``time.thread_time``) per create; the best of the rounds is the figure,
-steadier than a server's under load because nothing else shares its
-measure. What uvicorn parses and writes is not in it (see
-``bench/run_timeline.py`` for the whole request).
+as JSON or streamed (a streaming client leaves once the stream's head, the
+events the create logged, is written); or, ``--mode message``, a message
+added to a thread made first. Per round it prints the event loop thread's
+CPU (``time.thread_time``) per request. What uvicorn parses and writes is
+not in it (``bench/run_timeline.py`` has the whole request).
 
     .venv/bin/python bench/create_cpu.py --db sqlite --mode stream --runs 400 --rounds 5
     .venv/bin/python bench/create_cpu.py --db postgres --mode thread-poll
 
-``--profile FILE`` writes a cProfile of the last round instead of timing.
+``--profile FILE`` writes a cProfile of the last round (its CPU figure then
+includes the profiler's). Instructions, the same whatever the machine's
+load (within about 0.5 %), counted over the last round alone:
+
+    CREATE_CPU_CALLGRIND=1 valgrind --tool=callgrind --instr-atstart=no \
+        .venv/bin/python bench/create_cpu.py --mode thread-poll --runs 100 --rounds 2
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ async def _rounds(app: Any, mode: str, runs: int, rounds: int, profile: str | No
     results = []
     for index in range(rounds):
         threads = []
-        if mode.startswith("thread-"):
+        if mode.startswith("thread-") or mode == "message":
             for _ in range(runs):
                 made = await _call(app, "POST", "/v1/threads", {"messages": [{"role": "user", "content": "hello"}]})
                 threads.append(json.loads(made)["id"])
@@ -104,9 +108,13 @@ async def _rounds(app: Any, mode: str, runs: int, rounds: int, profile: str | No
         started = time.thread_time()
         if profiler is not None:
             profiler.enable()
+        body: dict[str, Any]
         for number in range(runs):
-            if threads:
-                body: dict[str, Any] = {"assistant_id": assistant, "model": "offline-bench", "stream": stream}
+            if mode == "message":
+                body = {"role": "user", "content": "and another thing"}
+                await _call(app, "POST", f"/v1/threads/{threads[number]}/messages", body)
+            elif threads:
+                body = {"assistant_id": assistant, "model": "offline-bench", "stream": stream}
                 await _call(app, "POST", f"/v1/threads/{threads[number]}/runs", body, stream)
             else:
                 body = {**overhead._run_body("offline-bench", "hello there", stream), "assistant_id": assistant}
@@ -148,7 +156,12 @@ def _main(db: str, mode: str, runs: int, rounds: int, profile: str | None) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
-    parser.add_argument("--mode", choices=["stream", "poll", "thread-stream", "thread-poll"], default="stream")
+    parser.add_argument(
+        "--mode",
+        choices=["stream", "poll", "thread-stream", "thread-poll", "message"],
+        default="stream",
+        help="message: POST /threads/{id}/messages on a thread made first (the SDK's step before a run on it)",
+    )
     parser.add_argument("--runs", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", help="a cProfile of the last round, written here")
