@@ -83,7 +83,7 @@ async def live_run_of_owned_thread(session: AsyncSession, project: Project, thre
     if session.bind is not None and session.bind.dialect.name == "sqlite":
         return (await _owner_and_live_run(session, project, thread_id, _OWNER_AND_LIVE_RUN))[1]  # type: ignore[no-any-return]
     await _lock_owned(session, project, parameters)
-    return (await session.execute(_LIVE_RUN, parameters)).scalar()
+    return await _live_run_of(session, parameters)
 
 
 def with_column(column: ColumnElement[Any]) -> Select[Any]:
@@ -142,4 +142,12 @@ async def _lock_owned(session: AsyncSession, project: Project, parameters: dict[
 async def live_run(session: AsyncSession, thread_id: str) -> str | None:
     """The id of the thread's live run, if any (PostgreSQL: read under the
     thread's lock, lock_owned_thread's)."""
-    return (await session.execute(_LIVE_RUN, {"thread_id": thread_id})).scalar()
+    return await _live_run_of(session, {"thread_id": thread_id})
+
+
+async def _live_run_of(session: AsyncSession, parameters: dict[str, str]) -> str | None:
+    # Straight on the driver where it can (issue 17), as _lock_owned's statement.
+    rows = await db.run_now(session, _LIVE_RUN, parameters)
+    if rows is None:
+        return (await session.execute(_LIVE_RUN, parameters)).scalar()
+    return rows[0]["id"] if rows else None

@@ -478,3 +478,30 @@ async def test_a_run_on_a_thread_reads_its_thread_straight_on_sqlite(
             await client.beta.threads.runs.create("thread_" + "0" * 24, assistant_id=assistant_id)
     finally:
         event.remove(runtime.engine.sync_engine, "before_execute", noted)
+
+
+async def test_a_message_reads_its_threads_live_run_straight(
+    no_worker: Settings, client: openai.AsyncOpenAI, app: FastAPI
+) -> None:
+    """POST /threads/{id}/messages: the thread's live run is read straight on
+    the driver (held_back.run_now; issue 17), on both databases, with no
+    statement on runs through SQLAlchemy's execution; a thread whose run is
+    live still refuses the message, naming the run."""
+    runtime: Runtime = app.state.runtime
+    assistant_id = await _assistant(client)
+    thread = await client.beta.threads.create()
+    executed: list[str] = []
+
+    def noted(_connection: Any, clause: Any, *_args: Any) -> None:
+        executed.append(str(clause))
+
+    event.listen(runtime.engine.sync_engine, "before_execute", noted)
+    try:
+        await client.beta.threads.messages.create(thread.id, role="user", content="Hello")
+        assert [statement for statement in executed if "FROM runs" in statement] == []
+    finally:
+        event.remove(runtime.engine.sync_engine, "before_execute", noted)
+    run = await client.beta.threads.runs.create(thread.id, assistant_id=assistant_id)
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.beta.threads.messages.create(thread.id, role="user", content="Hello again")
+    assert error_of(refused.value)["message"] == f"Can't add messages to {thread.id} while a run {run.id} is active."
