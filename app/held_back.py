@@ -478,6 +478,9 @@ async def run_now(
             straight.connection.invalidate,
         )
     assert isinstance(bind, Engine)
+    columns = _results(bind.dialect, shape.compiled)
+    if len({name for name, _process in columns}) != len(columns):
+        return None  # rows by column name would lose a column (as _run_now_postgres)
     _description, _rowcount, _lastrowid, rows = await sent(
         driver.send(sqlite_driver.Statement(shape.sql, parameters, False)),
         shape.sql,
@@ -485,7 +488,6 @@ async def run_now(
         bind.dialect,
         invalidate,
     )
-    columns = _results(bind.dialect, shape.compiled)
     return [
         {
             name: value if process is None else process(value)

@@ -455,7 +455,7 @@ async def test_a_run_on_a_thread_reads_its_thread_straight_on_sqlite(
     issue 17), with no statement through SQLAlchemy's execution (its IN list
     of live statuses is written as constants, not rendered per execution);
     a thread whose run is live still refuses another, naming it, and a
-    thread of another project is not found."""
+    thread not there is not found."""
     runtime: Runtime = app.state.runtime
     assert not thread_lock._LIVE_RUN.compile(dialect=runtime.engine.sync_engine.dialect).post_compile_params
     assistant_id = await _assistant(client)
@@ -505,3 +505,35 @@ async def test_a_message_reads_its_threads_live_run_straight(
     with pytest.raises(openai.BadRequestError) as refused:
         await client.beta.threads.messages.create(thread.id, role="user", content="Hello again")
     assert error_of(refused.value)["message"] == f"Can't add messages to {thread.id} while a run {run.id} is active."
+
+
+async def test_a_thread_read_the_driver_declines_goes_through_sqlalchemy(
+    no_worker: Settings, client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where held_back.run_now declines a thread's read (it returns None: a
+    shape it cannot send straight), thread_lock runs it through SQLAlchemy:
+    the same message and run creates, the same refusal naming the live run,
+    the same 404 (issue 17: the straight read's fallback, which serving
+    never takes)."""
+    declined: list[object] = []
+
+    async def decline(_session: Any, statement: Any, _params: dict[str, Any]) -> None:
+        declined.append(statement)
+        return None
+
+    assistant_id = await _assistant(client)
+    thread = await client.beta.threads.create()
+    monkeypatch.setattr(db, "run_now", decline)
+    await client.beta.threads.messages.create(thread.id, role="user", content="hello")
+    run = await client.beta.threads.runs.create(thread.id, assistant_id=assistant_id)
+    assert run.status == "queued"
+    refusal = f"Thread {thread.id} already has an active run {run.id}."
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.beta.threads.runs.create(thread.id, assistant_id=assistant_id)
+    assert error_of(refused.value)["message"] == refusal
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.beta.threads.messages.create(thread.id, role="user", content="again")
+    assert error_of(refused.value)["message"].endswith(f"while a run {run.id} is active.")
+    with pytest.raises(openai.NotFoundError):
+        await client.beta.threads.runs.create("thread_" + "0" * 24, assistant_id=assistant_id)
+    assert declined  # the reads above went by the fallback
