@@ -289,11 +289,32 @@ async def claim_runs(
     return sorted(runs, key=lambda run: run.seq)  # RETURNING has no order; oldest first, as claimed
 
 
+# The run's REAL columns (temperature, top_p, lease_expires_at).
+_FLOAT_KEYS = tuple(
+    key for key, column in run_state.RUN_COLUMNS.items() if isinstance(run_state.RUNS.c[column].type, Float)
+)
+
+
+def _as_floats(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with each REAL column's number a float, as a SELECT reads
+    it. SQLite's RETURNING gives a whole value stored in a REAL column as an
+    integer (temperature 1, where a SELECT and PostgreSQL give 1.0), and a
+    claimed run sent the provider ``"temperature": 1`` where the same run
+    handed sent ``1.0``: another request body (a cassette's recording
+    missed, app/cassettes.py) and another run object in its events."""
+    for key in _FLOAT_KEYS:
+        value = values[key]
+        if value is not None and type(value) is not float:
+            values[key] = float(value)
+    return values
+
+
 def _detached_run(row: Mapping[Any, Any]) -> orm.Run:
     # A record (core_rows.record: none of the mapped constructor's attribute
     # events, issue 17), then detached as a loaded row would be: its values
     # are its committed state, a change made later is tracked as usual.
-    run = core_rows.record(orm.Run, **{key: row[column] for key, column in run_state.RUN_COLUMNS.items()})
+    values = _as_floats({key: row[column] for key, column in run_state.RUN_COLUMNS.items()})
+    run = core_rows.record(orm.Run, **values)
     make_transient_to_detached(run)
     earlier: list[list[Any]] | None = row["earlier_messages"]
     # (PostgreSQL's json_agg of no rows is NULL.) A longer thread's are read by its prompt.
@@ -443,19 +464,51 @@ async def claim_handed(session: AsyncSession, created: orm.Run, owner: str, leas
     return handed_run(created, owner, lease_until)
 
 
-def handed_run(created: orm.Run, owner: str, lease_until: float) -> orm.Run:
+def handed_run(created: orm.Run, owner: str, lease_until: float, *, postgres: bool = False) -> orm.Run:
     """``created`` as a hand-off's claim leaves it (claim_handed's, or on
     PostgreSQL the one statement that claims and ends it, hand_off_check):
     a detached instance with ``owner``'s lease and its earlier messages, as
-    claim_runs gives one."""
-    values = {key: created.__dict__.get(key) for key in run_state.RUN_COLUMNS}
+    claim_runs gives one, value for value: on ``postgres`` its JSON values
+    (and its earlier messages' contents) in jsonb's order of keys, as the
+    claim reads them back (the offline model's answer to a json_schema
+    follows its properties' order; a provider's request is keyed by its
+    bytes, app/cassettes.py)."""
+    values = _as_floats({key: created.__dict__.get(key) for key in run_state.RUN_COLUMNS})
     values.update(lease_owner=owner, lease_expires_at=lease_until)
+    if postgres:
+        for key in _JSON_KEYS:
+            values[key] = jsonb_ordered(values[key])
     run = core_rows.record(orm.Run, **values)
     make_transient_to_detached(run)
     earlier = _CREATED_EARLIER.get(created)
     if earlier is not None:
-        _PREFETCHED[run] = list(earlier.messages)
+        messages = earlier.messages
+        if postgres:
+            messages = [EarlierMessage(message.role, jsonb_ordered(message.content)) for message in messages]
+        _PREFETCHED[run] = list(messages)
     return run
+
+
+# The run's JSON columns (JSONB on PostgreSQL: orm.JSONType).
+_JSON_KEYS = tuple(
+    key for key, column in run_state.RUN_COLUMNS.items() if isinstance(run_state.RUNS.c[column].type, JSON)
+)
+
+
+def jsonb_ordered(value: Any) -> Any:
+    """``value`` as PostgreSQL's jsonb gives it back: each object's keys
+    shortest first, then by their UTF-8 bytes (jsonb keeps its keys sorted
+    so, for its binary search: its stored format depends on that order)."""
+    if isinstance(value, dict):
+        return {key: jsonb_ordered(value[key]) for key in sorted(value, key=_jsonb_key_order)}
+    if isinstance(value, list):
+        return [jsonb_ordered(item) for item in value]
+    return value
+
+
+def _jsonb_key_order(key: str) -> tuple[int, bytes]:
+    encoded = key.encode()
+    return len(encoded), encoded
 
 
 def hand_off_check(created: orm.Run, owner: str) -> run_state.HandedFrom:
