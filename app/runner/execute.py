@@ -1364,16 +1364,17 @@ async def hand_off(
 
 def hands_off(runtime: Runtime, created: orm.Run) -> bool:
     """Whether ``created`` may be handed to this process's worker
-    (hand_off): only a run of the offline model, whose answer may be
-    instant (on PostgreSQL its hand-off is the one statement that ends it:
-    a run that must be streamed is claimed as any other, decided before
-    any of its work is done). On SQLite too: a run replayed from a cassette
-    (app/cassettes.py) once missed its recording when handed (CI, the
-    plugin's record-then-replay test) and not when claimed, a difference
-    not understood yet, so a provider's run is claimed as before. Called by the API once the
-    create has committed: whatever the check raises, the run is claimed as
-    any other, and the client still has its answer (never a 500 for a run
-    that was made)."""
+    (hand_off): on SQLite any run, its row and earlier messages as its
+    claim would read them, value for value (run_execution.handed_run: a
+    provider's request the same bytes either way); on PostgreSQL only a run
+    of the offline model, whose answer may be instant (its hand-off is the
+    one statement that ends it: a run that must be streamed is claimed as
+    any other, decided before any of its work is done). Called by the API
+    once the create has committed: whatever the check raises, the run is
+    claimed as any other, and the client still has its answer (never a 500
+    for a run that was made)."""
+    if not runtime.run_log.postgres:
+        return True
     try:
         return runtime.llm.route(created.model).offline
     except llm.LLMError:

@@ -12,6 +12,8 @@ claim reads JSON values back from jsonb, its keys reordered."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +23,9 @@ from app.llm import chat_body
 from app.runner import execute
 from app.runtime import Runtime
 from app.services import run_state
+from app.settings import Settings
 from app.worker import Worker
+from tests.runner.fake_openai import FakeOpenAI
 from tests.runner.test_hand_off import (
     _assistant,
     _count_hand_offs,
@@ -36,6 +40,8 @@ from tests.runner.test_hand_off import (
 __all__ = ["bare_runtime"]  # (a fixture, by import)
 
 pytestmark = pytest.mark.timeout(60)
+
+_ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 # No temperature nor top_p: the run takes 1.0 (services/runs), a whole
 # number in a REAL column. Objects' keys out of jsonb's order (shortest
@@ -148,4 +154,58 @@ async def test_the_offline_model_is_asked_and_answers_alike_handed_or_claimed(
     answers = [await _last_answer(runtime, run.thread_id) for run in (handed, claimed)]
     assert json.loads(answers[0][0]["text"]["value"]) == {"summary": None, "id": None}
     assert json.dumps(answers[0]) == json.dumps(answers[1])  # the same properties, in the same order
+    await worker.stop()
+
+
+@pytest.fixture(params=["direct", "litellm"])
+async def routed_runtime(
+    request: pytest.FixtureRequest, settings: Settings, fake: FakeOpenAI, tmp_path: Path
+) -> AsyncIterator[Runtime]:
+    """A runtime whose every model is the fake provider's, by this server's
+    own HTTP request or through litellm."""
+    entry = {"model": "openai/*", "api_base": fake.api_base, "api_key": "sk-fake", "max_retries": 0}
+    config = {"model_list": [{"model_name": "*", "litellm_params": entry, "direct": request.param == "direct"}]}
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps(config))
+    settings.llm_config = path
+    runtime = await Runtime.start(settings)
+    try:
+        yield runtime
+    finally:
+        await runtime.close()
+
+
+@_ON_SQLITE
+@pytest.mark.parametrize("on_thread", [False, True], ids=["new thread", "existing thread"])
+@pytest.mark.parametrize("options", [{}, _OPTIONS], ids=["plain", "options"])
+async def test_a_provider_gets_the_same_request_bytes_from_a_handed_run_as_from_a_claimed_one(
+    routed_runtime: Runtime,
+    fake: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    on_thread: bool,
+    options: dict[str, Any],
+) -> None:
+    """SQLite: a provider's run is handed, and its request is byte for
+    byte its claimed twin's (a cassette recorded from one is replayed for
+    the other)."""
+    runtime = routed_runtime
+    worker = _looping(Worker(runtime))
+    hand_offs = _count_hand_offs(monkeypatch)
+    assistant_id = await _assistant(runtime)
+    fields = {**options, "model": "fake-no-usage"}
+
+    async def create() -> orm.Run:
+        if on_thread:
+            thread_id = await _thread(runtime, ["Tell me"])
+            return await _create_on(runtime, worker, thread_id, assistant_id=assistant_id, **fields)
+        return await _create(runtime, worker, ("Tell me",), assistant_id, **fields)
+
+    handed, claimed = await _handed_and_claimed(runtime, worker, create)
+    assert [execution.run_id for execution in hand_offs] == [handed.id]
+    for run in (handed, claimed):
+        row = await _row(runtime, run.id)
+        assert row.status == "completed", row.last_error
+    first, second = (json.dumps(sent["body"], ensure_ascii=False) for sent in fake.requests)
+    assert '"temperature": 1.0' in first
+    assert first == second
     await worker.stop()
