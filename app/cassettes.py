@@ -10,7 +10,9 @@ usage.
 
 A request is keyed by its normalised chat-completions body: the ids this
 server generates (``asst_``, ``thread_``, ``msg_``, ``run_``, ``file-``, ...)
-are replaced by placeholders, since they differ on every run. A request with
+are replaced by placeholders, since they differ on every run; a request with
+no file of its key is answered by a recording equal to it but for how its
+whole numbers are written (1 or 1.0, one JSON number). A request with
 no recording fails the run with a ``last_error`` naming the closest recording
 and what differs from it; the misses are also kept for the pytest plugin,
 which fails the test that caused them.
@@ -27,6 +29,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -47,6 +50,28 @@ def normalise(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def _dump(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _whole_numbers(value: Any) -> Any:
+    """``value`` with each float that is a whole number as an int: JSON
+    does not tell 1 from 1.0, nor does a provider, but a request's key (its
+    text) does. A server before 2026-12-01 sent a run's default
+    temperature as 1 on SQLite when a tick claimed the run (its RETURNING
+    read the REAL column so) and as 1.0 otherwise; a recording of either
+    answers both (Cassettes.lookup)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(item) for item in value]
+    return value
+
+
+def _alike_text(normalised: Mapping[str, Any]) -> str:
+    """A normalised request as _equal_recording() compares it: whole
+    numbers as ints, secrets redacted (as its recording has them)."""
+    return redact(_dump(_whole_numbers(normalised)))
 
 
 def request_key(normalised: Mapping[str, Any]) -> str:
@@ -83,7 +108,7 @@ def difference(recorded: Any, current: Any, where: str = "") -> str | None:
         if len(recorded) != len(current):
             return f"{where.lstrip('.')} has {len(current)} items, recorded {len(recorded)}"
         return None
-    if recorded != current:
+    if recorded != current or type(recorded) is not type(current):  # (1 == 1.0 == True in Python)
         return f"{where.lstrip('.')}: recorded {_short(recorded)}, now {_short(current)}"
     return None
 
@@ -106,6 +131,9 @@ class Cassettes:
     directory: Path
     mode: Mode
     misses: list[Miss] = field(default_factory=list)
+    # Replay: each recording by its request's _alike_text, read at the first
+    # request whose key has no file (_equal_recording).
+    _alike: dict[str, Path] | None = field(default=None, init=False, repr=False)
 
     def path(self, model: str, key: str) -> Path:
         return self.directory / f"{_UNSAFE_NAME.sub('_', model)[:60]}-{key}.json"
@@ -114,18 +142,38 @@ class Cassettes:
         """(the recorded events, "") or (None, why there is no recording)."""
         normalised = normalise(body)
         path = self.path(model, request_key(normalised))
+        if not path.is_file():
+            path = self._equal_recording(normalised) or path
         if path.is_file():
             events: list[dict[str, Any]] = json.loads(path.read_text(encoding="utf-8"))["events"]
             return events, ""
         return None, self._explain_miss(model, normalised)
 
+    def _equal_recording(self, normalised: Mapping[str, Any]) -> Path | None:
+        """The recording of a request equal to this one but for how its
+        whole numbers are written (1 or 1.0: _whole_numbers), if any."""
+        if self._alike is None:
+            self._alike = {}
+            for candidate in sorted(self.directory.glob("*.json")) if self.directory.is_dir() else []:
+                try:
+                    recorded = json.loads(candidate.read_text(encoding="utf-8"))["request"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+                self._alike.setdefault(_dump(_whole_numbers(recorded)), candidate)
+        return self._alike.get(_alike_text(normalised))
+
     def _explain_miss(self, model: str, normalised: Mapping[str, Any]) -> str:
+        # Redacted as the recordings are: a secret in the prompt is no
+        # difference; nor is a whole number's 1 against 1.0 (lookup).
+        with suppress(ValueError):  # (a secret spanning JSON's syntax: compared unredacted)
+            normalised = json.loads(redact(_dump(normalised)))
+        normalised = _whole_numbers(normalised)
         current = _dump(normalised)
         best: tuple[int, str, str] | None = None  # (agreement, file name, first difference)
         for candidate in sorted(self.directory.glob("*.json")) if self.directory.is_dir() else []:
             try:
-                recorded = json.loads(candidate.read_text(encoding="utf-8"))["request"]
-            except (OSError, ValueError, KeyError):
+                recorded = _whole_numbers(json.loads(candidate.read_text(encoding="utf-8"))["request"])
+            except (OSError, ValueError, KeyError, TypeError):
                 continue
             # The closest recording is the one that agrees longest with this request.
             agreement = _common_prefix(_dump(recorded), current)

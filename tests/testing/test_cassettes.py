@@ -66,3 +66,34 @@ async def test_embeddings_record_then_replay_then_miss(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="No recorded embeddings for these 1 texts"):
         await replayer.embed(["new"])
     assert len(book.misses) == 1
+
+
+def test_a_recording_answers_its_request_whichever_way_a_whole_number_is_written(tmp_path: Path) -> None:
+    """1 and 1.0 are one JSON number: a server before 2026-12-01 sent a
+    SQLite run's default temperature as 1 when a tick claimed it, as 1.0
+    otherwise (run_execution._as_floats); its recordings still answer."""
+    book = cassettes.Cassettes(tmp_path, "record")
+    book.save("gpt-4o", {**body("claimed"), "temperature": 1, "top_p": 1}, [{"text": "from 1"}])
+    book.save("gpt-4o", {**body("handed"), "temperature": 1.0, "top_p": 0.5}, [{"text": "from 1.0"}])
+    replay = cassettes.Cassettes(tmp_path, "replay")
+    assert replay.lookup("gpt-4o", {**body("claimed"), "temperature": 1.0, "top_p": 1.0}) == ([{"text": "from 1"}], "")
+    assert replay.lookup("gpt-4o", {**body("handed"), "temperature": 1, "top_p": 0.5}) == ([{"text": "from 1.0"}], "")
+    events, why = replay.lookup("gpt-4o", {**body("handed"), "temperature": 1, "top_p": 0.7})
+    assert events is None and "differs at top_p: recorded 0.5, now 0.7" in why
+
+
+def test_a_miss_names_its_difference_past_a_redacted_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recording has the secret redacted, the request has it: not the
+    difference named (CI named messages[0].content for a request that
+    differed in its temperature's 1 against 1.0, a text the key told apart)."""
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-0123456789")
+    question = {**body("use tok-0123456789"), "temperature": 0.5}
+    cassettes.Cassettes(tmp_path, "record").save("m", question, [{"text": "ok"}])
+    events, why = cassettes.Cassettes(tmp_path, "replay").lookup("m", {**question, "temperature": 0.7})
+    assert events is None and "differs at temperature: recorded 0.5, now 0.7" in why
+
+
+def test_a_miss_tells_a_number_from_a_boolean(tmp_path: Path) -> None:
+    cassettes.Cassettes(tmp_path, "record").save("m", {**body("x"), "n": 1}, [{"text": "ok"}])
+    events, why = cassettes.Cassettes(tmp_path, "replay").lookup("m", {**body("x"), "n": True})
+    assert events is None and "differs at n: recorded 1, now true" in why
