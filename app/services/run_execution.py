@@ -44,6 +44,7 @@ from sqlalchemy.orm import make_transient_to_detached
 
 from app import db, ids, orm, sqlite_driver
 from app.services import common, core_rows, run_state
+from app.wire import jsontext
 
 # A queued run created by a process's API is reserved for that process's
 # worker for a moment (issue 17, claim affinity): its lease_owner is this
@@ -468,16 +469,19 @@ def handed_run(created: orm.Run, owner: str, lease_until: float, *, postgres: bo
     """``created`` as a hand-off's claim leaves it (claim_handed's, or on
     PostgreSQL the one statement that claims and ends it, hand_off_check):
     a detached instance with ``owner``'s lease and its earlier messages, as
-    claim_runs gives one, value for value: on ``postgres`` its JSON values
-    (and its earlier messages' contents) in jsonb's order of keys, as the
-    claim reads them back (the offline model's answer to a json_schema
-    follows its properties' order; a provider's request is keyed by its
-    bytes, app/cassettes.py)."""
+    claim_runs gives one, value for value: its JSON values as stored and
+    read back, on ``postgres`` (and its earlier messages' contents) in
+    jsonb's order of keys, as the claim reads them (the offline model's
+    answer to a json_schema follows its properties' order; a provider's
+    request is keyed by its bytes, app/cassettes.py)."""
     values = _as_floats({key: created.__dict__.get(key) for key in run_state.RUN_COLUMNS})
     values.update(lease_owner=owner, lease_expires_at=lease_until)
-    if postgres:
-        for key in _JSON_KEYS:
-            values[key] = jsonb_ordered(values[key])
+    for key in _JSON_KEYS:
+        if values[key] is not None:
+            # As written and read back (db.JSON_CODEC): NaN, which the API
+            # takes in a function's parameters, is null to a claimed run.
+            stored = jsontext.loads(jsontext.dumps(values[key]))
+            values[key] = jsonb_ordered(stored) if postgres else stored
     run = core_rows.record(orm.Run, **values)
     make_transient_to_detached(run)
     earlier = _CREATED_EARLIER.get(created)

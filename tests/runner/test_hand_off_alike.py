@@ -57,7 +57,10 @@ _OPTIONS: dict[str, Any] = {
                 "description": "Looks things up.",
                 "parameters": {
                     "type": "object",
-                    "properties": {"question": {"type": "string"}, "n": {"type": "number", "minimum": 1.0}},
+                    "properties": {
+                        "question": {"type": "string"},
+                        "n": {"type": "number", "minimum": 1.0, "maximum": float("nan")},
+                    },
                     "required": ["question"],
                 },
             },
