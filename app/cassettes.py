@@ -12,7 +12,9 @@ A request is keyed by its normalised chat-completions body: the ids this
 server generates (``asst_``, ``thread_``, ``msg_``, ``run_``, ``file-``, ...)
 are replaced by placeholders, since they differ on every run; a request with
 no file of its key is answered by a recording equal to it but for how its
-whole numbers are written (1 or 1.0, one JSON number). A request with
+whole numbers are written (1 or 1.0, one JSON number) and for the values of
+the secrets redacted below (a recording made with one key replays in a CI
+whose key differs, the variable's name the same). A request with
 no recording fails the run with a ``last_error`` naming the closest recording
 and what differs from it; the misses are also kept for the pytest plugin,
 which fails the test that caused them.

@@ -477,9 +477,10 @@ def handed_run(created: orm.Run, owner: str, lease_until: float, *, postgres: bo
     values = _as_floats({key: created.__dict__.get(key) for key in run_state.RUN_COLUMNS})
     values.update(lease_owner=owner, lease_expires_at=lease_until)
     for key in _JSON_KEYS:
-        if values[key] is not None:
+        if isinstance(values[key], dict | list) and values[key]:
             # As written and read back (db.JSON_CODEC): NaN, which the API
-            # takes in a function's parameters, is null to a claimed run.
+            # takes in a function's parameters, is null to a claimed run (a
+            # string, a number or an empty container reads back as it is).
             stored = jsontext.loads(jsontext.dumps(values[key]))
             values[key] = jsonb_ordered(stored) if postgres else stored
     run = core_rows.record(orm.Run, **values)
@@ -502,11 +503,16 @@ _JSON_KEYS = tuple(
 def jsonb_ordered(value: Any) -> Any:
     """``value`` as PostgreSQL's jsonb gives it back: each object's keys
     shortest first, then by their UTF-8 bytes (jsonb keeps its keys sorted
-    so, for its binary search: its stored format depends on that order)."""
+    so, for its binary search: its stored format depends on that order), and
+    a number written with a positive exponent (1e+16, as Python writes a
+    large float) as the whole number jsonb's numeric prints for it, an int
+    once read back."""
     if isinstance(value, dict):
         return {key: jsonb_ordered(value[key]) for key in sorted(value, key=_jsonb_key_order)}
     if isinstance(value, list):
         return [jsonb_ordered(item) for item in value]
+    if isinstance(value, float) and "e+" in repr(value):
+        return int(value)
     return value
 
 

@@ -59,7 +59,7 @@ _OPTIONS: dict[str, Any] = {
                     "type": "object",
                     "properties": {
                         "question": {"type": "string"},
-                        "n": {"type": "number", "minimum": 1.0, "maximum": float("nan")},
+                        "n": {"type": "number", "minimum": 1.0, "maximum": float("nan"), "multipleOf": 1e16},
                     },
                     "required": ["question"],
                 },
