@@ -37,8 +37,11 @@ def answer(client, run):
 
 
 @pytest.fixture
-def project(pytester: pytest.Pytester) -> pytest.Pytester:
+def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     pytester.makeini("[pytest]\nfilterwarnings =\n    ignore::DeprecationWarning\n")
+    # The inner pytest and the server it starts import this working tree's
+    # app, not the one the venv's editable install points at (a worktree's).
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
     return pytester
 
 
