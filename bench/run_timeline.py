@@ -12,6 +12,14 @@ the step before (both per run), and how many times the step happened per run.
     .venv/bin/python bench/run_timeline.py --db sqlite --mode stream --runs 300
     .venv/bin/python bench/run_timeline.py --db postgres --mode poll --runs 300
     .venv/bin/python bench/run_timeline.py --db sqlite --mode thread-poll --runs 300  # a run on a thread
+    .venv/bin/python bench/run_timeline.py --db sqlite --path direct --runs 300  # a direct route to the stub
+    .venv/bin/python bench/run_timeline.py --path direct --profile /tmp/direct.prof  # the server under cProfile
+
+``--path direct`` starts overhead.py's model stub and a routing file of its
+direct and offline entries (overhead.routing) and runs ``gpt-4o`` on the
+direct route; ``--profile FILE`` writes the server's cProfile stats of the
+measured runs (warm-up left out) to FILE (then the table's CPU includes the
+profiler's).
 
 The wrapping costs CPU of its own (a few µs a note): compare steps, not totals.
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import contextlib
 import functools
 import json
 import os
@@ -92,8 +101,10 @@ def _note_writes(transport: Any, note: Callable[[str], None]) -> None:
     transport.flush = noted
 
 
-def serve_traced(out: str, argv: list[str]) -> int:
-    """The server, its steps noted; the notes written to ``out`` at exit."""
+def serve_traced(out: str, argv: list[str], profile: str | None = None) -> int:
+    """The server, its steps noted; the notes written to ``out`` at exit
+    (with ``profile``: cProfile stats of the event loop thread, from the
+    first run after the warm-up, SIGUSR1, to exit)."""
     from app import __main__ as entry
     from app import bus, held_back, worker
     from app.api import poll_hold, write_coalescing
@@ -112,6 +123,10 @@ def serve_traced(out: str, argv: list[str]) -> int:
         _wrap(execute, "hand_off", "hand-off transaction", note)
     _wrap(bus.EventBus, "deliver", "entries handed to followers", note)
     _note_writes(write_coalescing.CoalescingTransport, note)
+    from app.llm import direct  # its steps, where a run takes a direct route (--path direct)
+
+    _wrap(direct, "stream", "direct: completion called", note)
+    _wrap(direct._LoopClients, "send", "direct: request sent > answer's head <", note)
     _wrap(poll_hold, "retrieve_when_stopped", "held poll", note)
     _wrap(held_back, "sent", "statement sent (held_back.sent)", note)
     try:
@@ -122,16 +137,28 @@ def serve_traced(out: str, argv: list[str]) -> int:
     except (ImportError, AttributeError):
         pass
 
+    profiler = None
+    if profile is not None:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        signal.signal(signal.SIGUSR1, lambda *_: profiler.enable())
+
     def dump() -> None:
         Path(out).write_text(json.dumps(notes))
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile)
 
     atexit.register(dump)
     return entry.main(argv)
 
 
-async def _drive(port: int, mode: str, count: int) -> list[tuple[float, float]]:
+async def _drive(
+    port: int, mode: str, count: int, model: str = "offline-bench", warmed: Callable[[], None] | None = None
+) -> list[tuple[float, float]]:
     client = overhead.Client("127.0.0.1", port)
-    _, data = await client.call("POST", "/v1/assistants", {"model": "offline-bench", "instructions": "x"})
+    _, data = await client.call("POST", "/v1/assistants", {"model": model, "instructions": "x"})
     assistant = json.loads(data)["id"]
     once = overhead.stream_once if mode == "stream" else overhead.poll_once
     on_thread = overhead.stream_on if mode == "thread-stream" else overhead.poll_on
@@ -141,10 +168,12 @@ async def _drive(port: int, mode: str, count: int) -> list[tuple[float, float]]:
             if mode.startswith("thread-"):  # the thread and its message first, outside the span
                 thread_id = await overhead.thread_with(client, "hello there")
                 started = time.perf_counter()
-                await on_thread(client, assistant, "offline-bench", thread_id)
+                await on_thread(client, assistant, model, thread_id)
             else:
                 started = time.perf_counter()
-                await once(client, assistant, "offline-bench", "hello there")
+                await once(client, assistant, model, "hello there")
+            if index == 19 and warmed is not None:
+                warmed()
             if index >= 20:  # warm-up left out
                 spans.append((started, time.perf_counter()))
     finally:
@@ -202,34 +231,49 @@ def main() -> None:
         help="thread-*: a run on a thread made first (POST /threads/{id}/runs), the thread outside the timeline",
     )
     parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--path", choices=["offline", "direct"], default="offline")
+    parser.add_argument("--profile", metavar="FILE", help="the server's cProfile stats of the measured runs")
     parser.add_argument("--serve-traced", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_traced is not None:
-        out, *argv = args.serve_traced
-        raise SystemExit(serve_traced(out, argv))
-    with tempfile.TemporaryDirectory(prefix="timeline-") as name:
+        out, profile, *argv = args.serve_traced
+        raise SystemExit(serve_traced(out, argv, profile or None))
+    with tempfile.TemporaryDirectory(prefix="timeline-") as name, contextlib.ExitStack() as stack:
         scratch = Path(name)
         out = scratch / "notes.json"
+        config: list[str] = []
+        model = "offline-bench"
+        if args.path == "direct":
+            stub_port = stack.enter_context(overhead.stub(scratch))
+            routing = scratch / "routing.json"
+            routing.write_text(json.dumps({"model_list": overhead.routing(stub_port, ["direct", "offline"])}))
+            config, model = ["--config", str(routing)], "gpt-4o"
         with overhead._database(args.db, scratch) as (url, _postmaster):
             port = base.free_port()
             data_dir = scratch / "data"
             data_dir.mkdir()
             command = [
-                sys.executable, __file__, "--serve-traced", str(out), "serve", "--host", "127.0.0.1",
-                "--port", str(port), "--data-dir", str(data_dir), "--database-url", url, "--log-level", "warning",
+                sys.executable, __file__, "--serve-traced", str(out), args.profile or "", "serve",
+                "--host", "127.0.0.1", "--port", str(port), *config, "--data-dir", str(data_dir),
+                "--database-url", url, "--log-level", "warning",
             ]  # fmt: skip
             env = {**os.environ, "ASSISTANTS_API_KEYS": "", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+            # This tree's app: the script's own directory comes first on the
+            # server's sys.path, not the tree, and a venv's editable install of
+            # another tree (a worktree sharing it) would supply its app.
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(base.REPO), os.environ.get("PYTHONPATH")]))
             log = scratch / "server.log"
             with log.open("wb") as sink:
                 process = subprocess.Popen(command, cwd=base.REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
             try:
                 asyncio.run(base.wait_ready(base.Server(process, port, log)))
-                spans = asyncio.run(_drive(port, args.mode, args.runs))
+                warmed = (lambda: process.send_signal(signal.SIGUSR1)) if args.profile else None
+                spans = asyncio.run(_drive(port, args.mode, args.runs, model, warmed))
             finally:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=30)
         notes = [tuple(note) for note in json.loads(out.read_text())]
-    print(f"{args.db}, {args.mode}")
+    print(f"{args.db}, {args.mode}, {args.path}, load average {os.getloadavg()[0]:.2f}")
     print("\n".join(_table(notes, spans)))  # type: ignore[arg-type]
 
 
