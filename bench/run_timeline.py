@@ -127,6 +127,11 @@ def serve_traced(out: str, argv: list[str], profile: str | None = None) -> int:
 
     _wrap(direct, "stream", "direct: completion called", note)
     _wrap(direct._LoopClients, "send", "direct: request sent > answer's head <", note)
+    from app.runner import turn
+
+    _wrap(turn.Turn, "_open_message", "turn: first text, its message opened", note)
+    _wrap(turn.Turn, "_finish", "turn: Finish read", note)
+    _wrap(execute.RunExecution, "_write_and_move", "turn's commit built and sent", note)
     _wrap(poll_hold, "retrieve_when_stopped", "held poll", note)
     _wrap(held_back, "sent", "statement sent (held_back.sent)", note)
     try:
