@@ -132,6 +132,7 @@ def serve_traced(out: str, argv: list[str], profile: str | None = None) -> int:
     _wrap(turn.Turn, "_open_message", "turn: first text, its message opened", note)
     _wrap(turn.Turn, "_finish", "turn: Finish read", note)
     _wrap(execute.RunExecution, "_write_and_move", "turn's commit built and sent", note)
+    _wrap(execute, "_read_into", "the answer's reader task (> started, < stream closed)", note)
     _wrap(poll_hold, "retrieve_when_stopped", "held poll", note)
     _wrap(held_back, "sent", "statement sent (held_back.sent)", note)
     try:
