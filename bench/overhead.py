@@ -65,6 +65,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import runs as base
 
 REPO = base.REPO
+# The working tree whose app the server runs (--tree): its own directory and
+# PYTHONPATH. A bench script of one tree run against another tree's app must
+# say so here: `python -m app` imports the app of its working directory first,
+# whatever PYTHONPATH says, so cd-ing elsewhere and setting PYTHONPATH still
+# served this script's tree.
+SERVED_TREE = REPO
 TERMINAL = {"completed", "failed", "cancelled", "expired", "incomplete", "requires_action"}
 TOKENS = 5  # words in every answer
 
@@ -391,13 +397,14 @@ def server(
     data_dir.mkdir()
     env = {**os.environ, "ASSISTANTS_API_KEYS": "", "LITELLM_LOCAL_MODEL_COST_MAP": "True", **extra_env}
     env.setdefault("ASSISTANTS_WORKER_CONCURRENCY", "80")
+    env["PYTHONPATH"] = str(SERVED_TREE)
     command = [
         sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port), *config,
         "--data-dir", str(data_dir), "--database-url", database_url, "--log-level", "warning",
     ]  # fmt: skip
     log = scratch / f"server-{port}.log"
     with log.open("wb") as sink:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=SERVED_TREE, env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
         asyncio.run(base.wait_ready(base.Server(process, port, log)))
         yield port, process.pid
@@ -608,7 +615,13 @@ def main() -> None:
     parser.add_argument("--call-path", type=int, default=0, metavar="N", help="only: CPU of N completions in-process")
     parser.add_argument("--anthropic-stub", type=int, default=0, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--idle-only", action="store_true", help="only: idle RSS per routing file")
+    parser.add_argument(
+        "--tree", type=Path, default=REPO, help="the working tree whose app the server runs (default: this script's)"
+    )
     args = parser.parse_args()
+    global SERVED_TREE
+    SERVED_TREE = args.tree.resolve()
+    print(f"the server runs the app of {SERVED_TREE}")
     if args.idle_only:
         with tempfile.TemporaryDirectory(prefix="bench-overhead-") as name:
             rows = idle_rss(Path(name), base.free_port(), dict(item.split("=", 1) for item in args.env))
