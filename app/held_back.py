@@ -461,6 +461,9 @@ async def run_now(
     bind = session.sync_session.bind
     if isinstance(bind, Engine) and bind.dialect.name == "postgresql":
         return await _run_now_postgres(session, bind, statement, params)
+    assert isinstance(bind, Engine)
+    if _names_repeat(bind.dialect, statement, params):
+        return None  # rows by column name would lose a column (as _run_now_postgres), told before anything is done
     if RAW in session.info:
         found = _raw_bound(session, statement, params)
         if found is None:
@@ -477,10 +480,7 @@ async def run_now(
             straight.driver,
             straight.connection.invalidate,
         )
-    assert isinstance(bind, Engine)
     columns = _results(bind.dialect, shape.compiled)
-    if len({name for name, _process in columns}) != len(columns):
-        return None  # rows by column name would lose a column (as _run_now_postgres)
     _description, _rowcount, _lastrowid, rows = await sent(
         driver.send(sqlite_driver.Statement(shape.sql, parameters, False)),
         shape.sql,
@@ -495,6 +495,17 @@ async def run_now(
         }
         for row in rows
     ]
+
+
+def _names_repeat(dialect: Dialect, statement: ClauseElement, params: dict[str, Any]) -> bool:
+    """Whether two of ``statement``'s result columns have one name (its
+    shape cached, as the steps after it find it again; a statement with no
+    shape is declined by those steps)."""
+    shape = None if isinstance(statement, TextClause) else _shape(dialect, statement, tuple(params))
+    if shape is None:
+        return False
+    columns = _results(dialect, shape.compiled)
+    return len({name for name, _process in columns}) != len(columns)
 
 
 async def _run_now_postgres(

@@ -397,7 +397,7 @@ def server(
     data_dir.mkdir()
     env = {**os.environ, "ASSISTANTS_API_KEYS": "", "LITELLM_LOCAL_MODEL_COST_MAP": "True", **extra_env}
     env.setdefault("ASSISTANTS_WORKER_CONCURRENCY", "80")
-    env["PYTHONPATH"] = str(SERVED_TREE)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SERVED_TREE), os.environ.get("PYTHONPATH")]))
     command = [
         sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port), *config,
         "--data-dir", str(data_dir), "--database-url", database_url, "--log-level", "warning",

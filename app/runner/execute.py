@@ -466,8 +466,9 @@ class RunExecution:
         # session has nothing to flush or read for it (issue 17: the add and
         # the session's close taking it back out cost about 0.08 ms of the
         # instant answer's 1.2 on SQLite). Nor is it refreshed by a missed
-        # move's re-read, or expired by a rollback: the execution ends after
-        # its move either way (_commit drops it).
+        # move's re-read (_move_read reads a new instance), or expired by a
+        # rollback: the execution ends after its move, and nothing reads
+        # self._run after it.
         # SQLite, in the claim's transaction: the row has been this
         # transaction's since the claim returned it, so the move cannot miss
         # and the row is as this execution holds it: no RETURNING, and the

@@ -9,6 +9,7 @@ Nothing here changes a run's status: that is run_state.transition()'s job.
 
 from __future__ import annotations
 
+import decimal
 import json
 import time
 import weakref
@@ -472,8 +473,9 @@ def handed_run(created: orm.Run, owner: str, lease_until: float, *, postgres: bo
     claim_runs gives one, value for value: its JSON values as stored and
     read back, on ``postgres`` (and its earlier messages' contents) in
     jsonb's order of keys, as the claim reads them (the offline model's
-    answer to a json_schema follows its properties' order; a provider's
-    request is keyed by its bytes, app/cassettes.py)."""
+    answer to a json_schema follows its properties' order; a provider is
+    sent the request these values serialise to; a cassette is keyed by the
+    values, their numbers' types among them, app/cassettes.py)."""
     values = _as_floats({key: created.__dict__.get(key) for key in run_state.RUN_COLUMNS})
     values.update(lease_owner=owner, lease_expires_at=lease_until)
     for key in _JSON_KEYS:
@@ -512,7 +514,7 @@ def jsonb_ordered(value: Any) -> Any:
     if isinstance(value, list):
         return [jsonb_ordered(item) for item in value]
     if isinstance(value, float) and "e+" in repr(value):
-        return int(value)
+        return int(decimal.Decimal(repr(value)))  # (int(1e23) is 99999999999999991611392)
     return value
 
 

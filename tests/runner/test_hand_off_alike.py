@@ -2,9 +2,10 @@
 its row from the create's own values and its earlier messages as the
 create noted them (run_execution.handed_run) against a twin's, claimed by a
 tick (run_execution.claim_runs). Compared as the model gets them, key order
-and number types kept: a provider's request is keyed by its bytes
-(app/cassettes.py), and the offline model's answer to a json_schema follows
-the order of its properties. Found by a cassette's miss (CI, the plugin's
+and number types kept: a provider is sent what they serialise to, a
+cassette is keyed by the values and their numbers' types (app/cassettes.py),
+and the offline model's answer to a json_schema follows the order of its
+properties. Found by a cassette's miss (CI, the plugin's
 record-then-replay test): SQLite's RETURNING gave the claimed run
 ``"temperature": 1`` where the handed one sent ``1.0``; on PostgreSQL the
 claim reads JSON values back from jsonb, its keys reordered."""
@@ -59,7 +60,7 @@ _OPTIONS: dict[str, Any] = {
                     "type": "object",
                     "properties": {
                         "question": {"type": "string"},
-                        "n": {"type": "number", "minimum": 1.0, "maximum": float("nan"), "multipleOf": 1e16},
+                        "n": {"type": "number", "minimum": 1.0, "maximum": float("nan"), "multipleOf": 1e23},
                     },
                     "required": ["question"],
                 },

@@ -387,6 +387,30 @@ async def test_a_statement_to_run_now_is_sent_straight_on_both_databases(runtime
     assert rows == [] and per_call is None
 
 
+async def test_a_statement_whose_columns_share_a_name_is_declined_before_anything_is_done(runtime: Runtime) -> None:
+    """run_now() gives rows by column name, so a statement with two result
+    columns of one name is left to session.execute, declined before it is
+    bound or told to the statement listeners (on SQLite too: the
+    fallback then runs it once, as the only statement the listeners see)."""
+    runs = orm.Run.__table__
+    twice = select(runs.c.id.label("x"), runs.c.thread_id.label("x")).where(runs.c.id == bindparam("run_id"))
+    engine = runtime.engine.sync_engine
+    told: list[str] = []
+
+    def noted(_connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        told.append(statement)
+
+    event.listen(engine, "before_cursor_execute", noted)
+    try:
+        async with runtime.transaction() as session:
+            assert await db.run_now(session, twice, {"run_id": "run_none"}) is None
+            assert told == []
+            assert (await session.execute(twice, {"run_id": "run_none"})).all() == []
+    finally:
+        event.remove(engine, "before_cursor_execute", noted)
+    assert len([statement for statement in told if "AS x" in statement]) == 1
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_unit_of_held_back_writes_alone_commits_without_connecting_its_session(runtime: Runtime) -> None:
     """Runtime.unit_of_work on a SQLite file: writes held back before the
