@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
-import dataclasses
 import functools
 import logging
 import math
@@ -1088,8 +1087,7 @@ async def notify_work(engine: AsyncEngine) -> None:
 
 async def listen_for_work(engine: AsyncEngine, on_work: Callable[[], None], retry_seconds: float = 1.0) -> None:
     """Call ``on_work`` on every signal from notify_work(), until cancelled;
-    the listening connection is re-opened after a failure. (A process whose
-    Listener is open adds WORK_CHANNEL to it instead: Worker.run_forever.)"""
+    the listening connection is re-opened after a failure."""
     await listen(engine, WORK_CHANNEL, lambda _payload: on_work(), retry_seconds=retry_seconds)
 
 
@@ -1097,7 +1095,6 @@ async def listen_for_work(engine: AsyncEngine, on_work: Callable[[], None], retr
 # news of its end, and given this long to answer: a connection that died
 # without a word (a half-open TCP connection after a partition or a
 # failover) would otherwise be listened on for ever, hearing nothing.
-# A LISTEN or UNLISTEN on it is given as long.
 LISTENER_CHECK_SECONDS = 10.0
 LISTENER_REPLY_SECONDS = 5.0
 LISTENER_CHECK = "SELECT 1"
@@ -1112,150 +1109,51 @@ async def listen(
     retry_seconds: float = 1.0,
 ) -> None:
     """Call ``on_notify(payload)`` for every PostgreSQL NOTIFY on ``channel``
-    until cancelled: a Listener of that one channel (see there)."""
-    listener = Listener(engine, retry_seconds=retry_seconds)
-    await listener.add(channel, on_notify, on_listening=on_listening)
-    await listener.run()
+    until cancelled. The listening connection is checked now and then, and
+    re-opened after a failure. ``on_listening(True)`` runs each time it
+    listens (the first time too), ``on_listening(False)`` each time it
+    stops: notifications sent while nobody listened are lost, so whoever
+    relies on them must look again."""
+    while True:
+        try:
+            async with engine.connect() as connection:
+                raw = await connection.get_raw_connection()
+                listener = raw.driver_connection  # the asyncpg connection
+                assert listener is not None
+                closed = asyncio.Event()
+                listener.add_termination_listener(lambda *_args, done=closed: done.set())
+                await listener.add_listener(
+                    channel, lambda _connection, _pid, _channel, payload: on_notify(str(payload))
+                )
+                try:
+                    if on_listening is not None:
+                        on_listening(True)
+                    await _until_lost(listener, closed)
+                finally:
+                    if on_listening is not None:
+                        on_listening(False)
+                    # Ended without a word, or answered nothing: dropped, not
+                    # returned to the pool (a reset would wait on it too).
+                    # Cancelled too: back in the pool it would still LISTEN,
+                    # and hand the callback notifications meant for nobody.
+                    await connection.invalidate()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("listening on %s failed; retrying", channel, exc_info=True)
+        await asyncio.sleep(retry_seconds)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Listening:
-    """One listen of a Listener's (Listener.add): a channel and what hears it."""
-
-    channel: str
-    on_notify: Callable[[str], None]
-    on_listening: Callable[[bool], None] | None
-
-    def callback(self, _connection: Any, _pid: int, _channel: str, payload: Any) -> None:
-        """asyncpg's callback (one per listen: removed by identity)."""
-        self.on_notify(str(payload))
-
-
-class Listener:
-    """One PostgreSQL connection listening on every channel of a process,
-    while run() runs (until cancelled): each listen's ``on_notify(payload)``
-    for every NOTIFY on its channel. Listens are added and removed while it
-    runs (the worker's wake-ups join the run log's news when run_forever()
-    starts). One connection, not one per channel (issue 17): PostgreSQL
-    signals every listening backend of the database at each NOTIFY, whatever
-    the channels it listens on, so each listening connection more is one
-    more backend woken per NOTIFY.
-
-    The connection is checked now and then, and re-opened after a failure.
-    A listen's ``on_listening(True)`` runs each time it is listened on (the
-    first time too), ``on_listening(False)`` each time that stops:
-    notifications sent while nobody listened are lost, so whoever relies on
-    them must look again."""
-
-    def __init__(self, engine: AsyncEngine, *, retry_seconds: float = 1.0) -> None:
-        self._engine = engine
-        self._retry_seconds = retry_seconds
-        self._listens: list[Listening] = []
-        # The open asyncpg connection and the listens it holds; one
-        # operation on it at a time (asyncpg refuses a second while one is out).
-        self._connection: Any = None
-        self._heard: set[Listening] = set()
-        self._using = asyncio.Lock()
-
-    async def add(
-        self, channel: str, on_notify: Callable[[str], None], *, on_listening: Callable[[bool], None] | None = None
-    ) -> Listening:
-        """Listen on ``channel`` too: at once if the connection is open (if
-        that fails, on the connection run() opens next), else when run()
-        opens it. Stopped by remove()."""
-        listening = Listening(channel, on_notify, on_listening)
-        self._listens.append(listening)
-        async with self._using:
-            if self._connection is not None:
-                await self._listen(listening)
-        return listening
-
-    async def remove(self, listening: Listening) -> None:
-        """Stop ``listening``: its callback is dropped whatever the
-        connection's answer (a failure leaves the connection to its check)."""
-        if listening not in self._listens:
-            return
-        self._listens.remove(listening)
-        async with self._using:
-            if listening not in self._heard:
-                return
-            self._heard.discard(listening)
-            try:
-                async with asyncio.timeout(LISTENER_REPLY_SECONDS):
-                    # (UNLISTEN once the channel's last callback is gone: asyncpg)
-                    await self._connection.remove_listener(listening.channel, listening.callback)
-            except Exception:
-                log.warning("could not stop listening on %s", listening.channel, exc_info=True)
-        if listening.on_listening is not None:
-            listening.on_listening(False)
-
-    async def _listen(self, listening: Listening) -> None:
-        """LISTEN for ``listening`` on the open connection (under ``_using``)."""
-        connection = self._connection
-        if listening in self._heard or listening not in self._listens:
+async def _until_lost(listener: Any, closed: asyncio.Event) -> None:
+    """Returns once the listening connection has ended or no longer answers."""
+    while not closed.is_set():
+        with suppress(TimeoutError):
+            async with asyncio.timeout(LISTENER_CHECK_SECONDS):
+                await closed.wait()
             return
         try:
             async with asyncio.timeout(LISTENER_REPLY_SECONDS):
-                # (LISTEN for a channel's first callback only: asyncpg)
-                await connection.add_listener(listening.channel, listening.callback)
-        except Exception:
-            # Given up: its end ends run()'s wait, which opens another.
-            log.warning("listening on %s failed; opening another connection", listening.channel, exc_info=True)
-            connection.terminate()
+                await listener.fetchval(LISTENER_CHECK)
+        except Exception:  # no reply in time, or an error: listen again on a new connection
+            log.warning("the listening connection did not answer; opening another", exc_info=True)
             return
-        if self._connection is not connection:  # given up meanwhile: the next one listens
-            return
-        self._heard.add(listening)
-        if listening.on_listening is not None:
-            listening.on_listening(True)
-
-    async def run(self) -> None:
-        """Listen until cancelled."""
-        while True:
-            try:
-                async with self._engine.connect() as connection:
-                    raw = await connection.get_raw_connection()
-                    listener = raw.driver_connection  # the asyncpg connection
-                    assert listener is not None
-                    closed = asyncio.Event()
-                    listener.add_termination_listener(lambda *_args, done=closed: done.set())
-                    try:
-                        async with self._using:
-                            self._connection, self._heard = listener, set()
-                            for listening in list(self._listens):
-                                await self._listen(listening)
-                        await self._until_lost(listener, closed)
-                    finally:
-                        self._stopped()
-                        # Ended without a word, or answered nothing: dropped, not
-                        # returned to the pool (a reset would wait on it too).
-                        # Cancelled too: back in the pool it would still LISTEN,
-                        # and hand the callbacks notifications meant for nobody.
-                        await connection.invalidate()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                channels = ", ".join(sorted({listening.channel for listening in self._listens}))
-                log.warning("listening on %s failed; retrying", channels, exc_info=True)
-            await asyncio.sleep(self._retry_seconds)
-
-    def _stopped(self) -> None:
-        """The connection is given up: each listen it held is told."""
-        heard, self._heard, self._connection = self._heard, set(), None
-        for listening in self._listens:
-            if listening in heard and listening.on_listening is not None:
-                listening.on_listening(False)
-
-    async def _until_lost(self, listener: Any, closed: asyncio.Event) -> None:
-        """Returns once the listening connection has ended or no longer answers."""
-        while not closed.is_set():
-            with suppress(TimeoutError):
-                async with asyncio.timeout(LISTENER_CHECK_SECONDS):
-                    await closed.wait()
-                return
-            try:
-                async with asyncio.timeout(LISTENER_REPLY_SECONDS), self._using:
-                    await listener.fetchval(LISTENER_CHECK)
-            except Exception:  # no reply in time, or an error: listen again on a new connection
-                log.warning("the listening connection did not answer; opening another", exc_info=True)
-                return

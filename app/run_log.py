@@ -712,15 +712,8 @@ class RunLog:
 
 
 async def listen(engine: AsyncEngine, run_log: RunLog, retry_seconds: float = 1.0) -> None:
-    """listen_with() on a Listener of its own, until cancelled."""
-    listener = db.Listener(engine, retry_seconds=retry_seconds)
-    await listen_with(listener, run_log)
-    await listener.run()
-
-
-async def listen_with(listener: db.Listener, run_log: RunLog) -> None:
     """Nudge this process's followers of a run whenever another process logs
-    events for it (PostgreSQL), while ``listener`` runs. Each time the listening
+    events for it (PostgreSQL), until cancelled. Each time the listening
     connection is opened (the first time too) every follower is nudged once
     (a NOTIFY may have been missed while nobody listened), and
     ``run_log.listening`` says whether one is open (followers rely on
@@ -739,7 +732,7 @@ async def listen_with(listener: db.Listener, run_log: RunLog) -> None:
         if now:
             bus.nudge_all()
 
-    await listener.add(RUN_EVENTS_CHANNEL, heard, on_listening=listening)
+    await db.listen(engine, RUN_EVENTS_CHANNEL, heard, on_listening=listening, retry_seconds=retry_seconds)
 
 
 def _creates(events: list[Event]) -> bool:

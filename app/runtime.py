@@ -65,8 +65,6 @@ class Runtime:
     created_runs: CreatedRuns = field(default_factory=CreatedRuns)
     _signals: set[asyncio.Task[None]] = field(default_factory=set)
     _closing: bool = False  # close() began: wake() starts no more NOTIFYs
-    # PostgreSQL: this process's LISTEN connection, for every channel (db.Listener), and its task.
-    listener: db.Listener | None = None
     _listener: asyncio.Task[None] | None = None
     # SQLite: the other server processes on the file (early delivery needs none).
     _peers: sqlite_peers.Peers | None = None
@@ -112,10 +110,7 @@ class Runtime:
             peers.watch(runtime.run_log.stop_early_delivery, runtime.run_log.start_early_delivery)
         if postgres:
             # Streams here follow runs that other processes execute.
-            # The worker's wake-ups join it (Worker.run_forever): one connection.
-            runtime.listener = db.Listener(engine)
-            await run_log.listen_with(runtime.listener, runtime.run_log)
-            runtime._listener = asyncio.create_task(runtime.listener.run(), name="listener")
+            runtime._listener = asyncio.create_task(run_log.listen(engine, runtime.run_log), name="run-events-listener")
         if settings.llm_replay is not None:
             runtime.llm.cassettes = cassettes.Cassettes(settings.llm_replay, "replay")
         elif settings.llm_record is not None:

@@ -232,13 +232,9 @@ class Worker:
         down: drain, release what is left, close the tools."""
         log.info("worker %s started (concurrency %d)", self.owner, self.concurrency)
         listener = None
-        shared = self.runtime.listener
-        listening = None
-        if shared is not None:
+        if not db.is_sqlite(self.runtime.settings.resolved_database_url()):
             # Runs queued by API replicas in other processes start at once,
-            # not at the next poll; heard on the runtime's one LISTEN connection.
-            listening = await shared.add(db.WORK_CHANNEL, lambda _payload: self.wake())
-        elif not db.is_sqlite(self.runtime.settings.resolved_database_url()):
+            # not at the next poll.
             listener = asyncio.create_task(db.listen_for_work(self.runtime.engine, self.wake), name="listen")
         self._looping = True
         try:
@@ -254,8 +250,6 @@ class Worker:
                 listener.cancel()
                 with suppress(asyncio.CancelledError):
                     await listener
-            if shared is not None and listening is not None:
-                await shared.remove(listening)
             await self.shutdown()
 
     def _ingestion_due(self) -> bool:

@@ -8,8 +8,7 @@ import contextlib
 from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select, text, update
-from sqlalchemy.pool import QueuePool
+from sqlalchemy import func, insert, select, update
 
 from app import db, orm, run_log
 from app.bus import FollowerQueue
@@ -395,107 +394,6 @@ async def test_followers_rely_on_notifies_only_while_a_listener_answers(
                     await task
     assert states[:4] == [True, False, True, False]  # each one given up, then another opened
     assert not runtime.log_news_announced()  # the one it cancelled stopped listening
-
-
-async def _notify_channel(runtime: Runtime, channel: str, payload: str) -> None:
-    async with runtime.engine.connect() as connection:
-        await connection.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": channel, "payload": payload})
-        await connection.commit()
-
-
-@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
-async def test_the_worker_is_woken_on_the_run_logs_listening_connection(runtime: Runtime) -> None:
-    """A process holds one LISTEN connection, whatever it listens for
-    (issue 17: PostgreSQL wakes every listening backend of the database at
-    each NOTIFY, so a second connection is a second backend woken per run):
-    the worker's wake-ups (db.WORK_CHANNEL, other processes' new runs) are
-    heard on the run log's, and the worker stops listening when it stops."""
-    pool = runtime.engine.sync_engine.pool
-    assert isinstance(pool, QueuePool)
-    await until(lambda: runtime.run_log.listening and pool.checkedout() == 1, "the run log's listener to open")
-    worker = Worker(runtime)
-    woken = asyncio.Event()
-    worker.wake = lambda files=True: woken.set()  # type: ignore[method-assign]
-    task = asyncio.create_task(worker.run_forever())
-    try:
-        async with asyncio.timeout(20):
-            while not woken.is_set():  # (until the worker listens: a NOTIFY before is lost)
-                await _notify_channel(runtime, db.WORK_CHANNEL, "")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), 0.1)
-        await until(lambda: pool.checkedout() == 1, "one listening connection, the worker idle")
-        async with runtime.bus.follow("a-run") as follower:
-            await _notify_channel(runtime, RUN_EVENTS_CHANNEL, "a-run elsewhere")  # the run log's news still heard
-            assert await _nudged(follower, 20)
-    finally:
-        worker.request_stop()
-        await asyncio.wait_for(task, 30)
-    woken.clear()
-    await _notify_channel(runtime, db.WORK_CHANNEL, "")
-    async with runtime.bus.follow("b-run") as follower:
-        await _notify_channel(runtime, RUN_EVENTS_CHANNEL, "b-run elsewhere")  # sent after: heard after
-        assert await _nudged(follower, 20)
-    assert not woken.is_set()  # a stopped worker is not woken
-    assert runtime.run_log.listening
-
-
-@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
-async def test_a_listener_adds_and_removes_channels_on_its_one_connection(settings: Settings) -> None:
-    """db.Listener: listens added before and while it runs are heard on one
-    connection, each told when it is listened on; a removed one is no longer
-    heard (nor told), the others still are, one listen of a channel removed
-    leaves the channel's other listen listening."""
-    engine = db.create_engine(settings.database_url)
-    listener = db.Listener(engine, retry_seconds=0)
-    heard: list[tuple[str, str]] = []
-    told: list[tuple[str, bool]] = []
-
-    def listen(name: str, channel: str) -> Any:
-        return listener.add(
-            channel,
-            lambda payload: heard.append((name, payload)),
-            on_listening=lambda now: told.append((name, now)),
-        )
-
-    async def sent(payload: str, *channels: str) -> None:
-        async with engine.connect() as connection:
-            for channel in channels:
-                await connection.execute(text("SELECT pg_notify(:c, :p)"), {"c": channel, "p": payload})
-            await connection.commit()
-
-    try:
-        first = await listen("first", "chan_a")
-        task = asyncio.create_task(listener.run())
-        await until(lambda: ("first", True) in told, "the first listen to be listened on")
-        pool = engine.sync_engine.pool
-        assert isinstance(pool, QueuePool)
-        assert pool.checkedout() == 1
-        second = await listen("second", "chan_b")
-        third = await listen("third", "chan_b")
-        assert ("second", True) in told and ("third", True) in told  # at once: the connection was open
-        assert pool.checkedout() == 1
-        await sent("1", "chan_a", "chan_b")
-        await until(lambda: len(heard) == 3, "each listen to hear its channel")
-        assert sorted(heard) == [("first", "1"), ("second", "1"), ("third", "1")]
-        await listener.remove(second)
-        await listener.remove(first)
-        assert told[-2:] == [("second", False), ("first", False)]
-        await sent("2", "chan_a", "chan_b")
-        await until(lambda: len(heard) == 4, "the listen left to hear its channel")
-        await sent("3", "chan_a")
-        await sent("4", "chan_b")
-        await until(lambda: len(heard) == 5, "the last NOTIFY")
-        assert heard[3:] == [("third", "2"), ("third", "4")]
-        async with engine.connect() as connection:
-            listening = await connection.execute(text("SELECT pg_listening_channels()"))
-            assert listening.scalars().all() == []  # (a new connection: nobody's channels)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        assert told[-1] == ("third", False)
-        await listener.remove(third)  # stopped: nothing to undo
-    finally:
-        await engine.dispose()
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
