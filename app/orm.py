@@ -10,10 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, text
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-JSONType = JSON().with_variant(JSONB(), "postgresql")
+# JSON as text on both databases: SQLite's JSON is text, PostgreSQL's json
+# keeps the text as written (each object's key order and numbers as given,
+# as OpenAI keeps them; jsonb sorted the keys: migration 0016_pgjson).
+JSONType = JSON()
 
 
 class Base(DeclarativeBase):

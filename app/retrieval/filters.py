@@ -70,7 +70,8 @@ class _Compiler:
         column = f"{self.alias}.attributes"
         if self.dialect == "postgresql":
             key_param = self._key(key)
-            kind = f"jsonb_typeof({column} -> {key_param})"
+            # (json: the attributes' text as written, migration 0016_pgjson)
+            kind = f"json_typeof({column} -> {key_param})"
             as_text = f"({column} ->> {key_param})"
             as_number = f"CASE WHEN {kind} = 'number' THEN ({column} ->> {key_param})::float8 END"
             return kind, as_text, as_number

@@ -1398,7 +1398,7 @@ async def _hand_off_postgres(
     either way the run is left, reserved for ``owner``, to the worker's
     claim. The statement's outcome is seen through a cancellation of the
     caller (what it wrote reaches streams; db.seen_through)."""
-    run = run_execution.handed_run(created, owner, time.time() + lease_seconds, postgres=True)
+    run = run_execution.handed_run(created, owner, time.time() + lease_seconds)
     execution = RunExecution(runtime, run.id, builtins, owner=owner)
 
     async def answer() -> bool:

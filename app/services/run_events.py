@@ -162,7 +162,7 @@ _INSERT_POSTGRES_ROWS = f"""
         INSERT INTO run_events (run_id, seq, event, data, created_at)
         SELECT v.run_id,
                (SELECT coalesce(max(e.seq), 0) FROM run_events e WHERE e.run_id = v.run_id) + v.n,
-               v.event, CAST(v.data AS jsonb), :now
+               v.event, CAST(v.data AS json), :now
         FROM v
         RETURNING run_id, seq
     ), firsts AS (
@@ -209,7 +209,7 @@ def _logged_sql(guarded: bool) -> str:
     return (
         "INSERT INTO run_events (run_id, seq, event, data, created_at) "  # noqa: S608 (constants)
         "SELECT v.run_id, (SELECT coalesce(max(e.seq), 0) FROM run_events e WHERE e.run_id = v.run_id) + v.n, "
-        "v.event, CAST(v.data AS jsonb), :log_now "
+        "v.event, CAST(v.data AS json), :log_now "
         f"FROM unnest({_rows_unknown('log_')}) "
         f"AS v(run_id, n, event, data){only_with} "
         "RETURNING seq"

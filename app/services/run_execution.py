@@ -9,7 +9,6 @@ Nothing here changes a run's status: that is run_state.transition()'s job.
 
 from __future__ import annotations
 
-import decimal
 import json
 import time
 import weakref
@@ -466,16 +465,16 @@ async def claim_handed(session: AsyncSession, created: orm.Run, owner: str, leas
     return handed_run(created, owner, lease_until)
 
 
-def handed_run(created: orm.Run, owner: str, lease_until: float, *, postgres: bool = False) -> orm.Run:
+def handed_run(created: orm.Run, owner: str, lease_until: float) -> orm.Run:
     """``created`` as a hand-off's claim leaves it (claim_handed's, or on
     PostgreSQL the one statement that claims and ends it, hand_off_check):
     a detached instance with ``owner``'s lease and its earlier messages, as
     claim_runs gives one, value for value: its JSON values as stored and
-    read back, on ``postgres`` (and its earlier messages' contents) in
-    jsonb's order of keys, as the claim reads them (the offline model's
-    answer to a json_schema follows its properties' order; a provider is
-    sent the request these values serialise to; a cassette is keyed by the
-    values, their numbers' types among them, app/cassettes.py)."""
+    read back (both databases keep the text as written, its keys' order and
+    its numbers: migration 0016_pgjson; the offline model's answer to a
+    json_schema follows its properties' order; a provider is sent the
+    request these values serialise to; a cassette is keyed by the values,
+    their numbers' types among them, app/cassettes.py)."""
     values = _as_floats({key: created.__dict__.get(key) for key in run_state.RUN_COLUMNS})
     values.update(lease_owner=owner, lease_expires_at=lease_until)
     for key in _JSON_KEYS:
@@ -483,44 +482,19 @@ def handed_run(created: orm.Run, owner: str, lease_until: float, *, postgres: bo
             # As written and read back (db.JSON_CODEC): NaN, which the API
             # takes in a function's parameters, is null to a claimed run (a
             # string, a number or an empty container reads back as it is).
-            stored = jsontext.loads(jsontext.dumps(values[key]))
-            values[key] = jsonb_ordered(stored) if postgres else stored
+            values[key] = jsontext.loads(jsontext.dumps(values[key]))
     run = core_rows.record(orm.Run, **values)
     make_transient_to_detached(run)
     earlier = _CREATED_EARLIER.get(created)
     if earlier is not None:
-        messages = earlier.messages
-        if postgres:
-            messages = [EarlierMessage(message.role, jsonb_ordered(message.content)) for message in messages]
-        _PREFETCHED[run] = list(messages)
+        _PREFETCHED[run] = list(earlier.messages)
     return run
 
 
-# The run's JSON columns (JSONB on PostgreSQL: orm.JSONType).
+# The run's JSON columns (orm.JSONType).
 _JSON_KEYS = tuple(
     key for key, column in run_state.RUN_COLUMNS.items() if isinstance(run_state.RUNS.c[column].type, JSON)
 )
-
-
-def jsonb_ordered(value: Any) -> Any:
-    """``value`` as PostgreSQL's jsonb gives it back: each object's keys
-    shortest first, then by their UTF-8 bytes (jsonb keeps its keys sorted
-    so, for its binary search: its stored format depends on that order), and
-    a number written with a positive exponent (1e+16, as Python writes a
-    large float) as the whole number jsonb's numeric prints for it, an int
-    once read back."""
-    if isinstance(value, dict):
-        return {key: jsonb_ordered(value[key]) for key in sorted(value, key=_jsonb_key_order)}
-    if isinstance(value, list):
-        return [jsonb_ordered(item) for item in value]
-    if isinstance(value, float) and "e+" in repr(value):
-        return int(decimal.Decimal(repr(value)))  # (int(1e23) is 99999999999999991611392)
-    return value
-
-
-def _jsonb_key_order(key: str) -> tuple[int, bytes]:
-    encoded = key.encode()
-    return len(encoded), encoded
 
 
 def hand_off_check(created: orm.Run, owner: str) -> run_state.HandedFrom:

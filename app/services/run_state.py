@@ -34,7 +34,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -297,7 +297,9 @@ def _carried(
         .returning(RUNS.c.id)
     )
     if unchanged:
-        statement = statement.where(RUNS.c.metadata == bindparam("held_metadata", type_=RUNS.c.metadata.type))
+        # As jsonb (json has no ``=``): the same object whatever its text.
+        held = bindparam("held_metadata", type_=RUNS.c.metadata.type)
+        statement = statement.where(RUNS.c.metadata.cast(JSONB) == held.cast(JSONB))
         moved = statement.cte(MOVED_CTE)
         # The move's CTE first: PostgreSQL's WITH names only what precedes.
         alone = select(moved.c.id).add_cte(moved)
