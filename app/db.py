@@ -348,8 +348,8 @@ def _releases_itself(dbapi: object) -> bool:
     return isinstance(dbapi, sqlite_driver.OneHopConnection) and dbapi.on_transaction_end is not None
 
 
-# How every engine writes and reads JSON columns (jsonb's asyncpg codec
-# included): orjson, issue 17; app/wire/jsontext.py says what differs.
+# How every engine writes and reads JSON columns (the asyncpg codecs SQLAlchemy
+# sets for json and jsonb included): orjson, issue 17; app/wire/jsontext.py says what differs.
 JSON_CODEC: Mapping[str, Any] = MappingProxyType(
     {"json_serializer": jsontext.dumps, "json_deserializer": jsontext.loads}
 )

@@ -6,7 +6,7 @@ orjson and the stdlib agree on what these values are, with three
 differences handled here:
 
 * Non-ASCII text is written as UTF-8 rather than ``\\uXXXX`` escapes: the
-  same JSON to every reader (SQLite's JSON functions, PostgreSQL's jsonb,
+  same JSON to every reader (SQLite's JSON functions, PostgreSQL's json,
   the SDKs), and what pydantic's own JSON (every response body) writes.
   Lone surrogates, which UTF-8 cannot carry, are refused at the edge
   (``_all_storable`` in wire/common.py); should one come, the stdlib
@@ -28,7 +28,7 @@ datetimes and dataclasses, which the stdlib refuses, are refused still
 Floats are written in their shortest form as before (a small exponent
 without its leading zero: ``1e-7``, not ``1e-07``); NaN and the infinities,
 which JSON has no words for, are written as ``null``, as pydantic writes
-them in response bodies (the stdlib wrote ``NaN``, which PostgreSQL's jsonb
+them in response bodies (the stdlib wrote ``NaN``, which PostgreSQL's json
 and JSON.parse refuse). A value orjson refuses as a whole (an integer
 beyond 64 bits, a non-string key) is written by the stdlib, NaN and the
 infinities in it spelled as the stdlib always spelled them.

@@ -60,7 +60,7 @@ def _sent(runtime: Runtime, *fragments: str) -> list[str]:
 # The end's way that reads the run first; a move carried by the events'
 # insert that requires the run's metadata unchanged.
 _READ_LOCKED = ("FROM runs", "FOR UPDATE")
-_CARRIED_END = ("INSERT INTO run_events", "runs.metadata =")
+_CARRIED_END = ("INSERT INTO run_events", "CAST(runs.metadata AS JSONB) =")
 # SQLite: the end's compare-and-set, held back to the COMMIT, also requiring
 # the run's metadata as the execution holds it.
 _HELD_BACK_END = ("UPDATE runs", "json(runs.metadata) = json(")
@@ -459,7 +459,7 @@ async def test_an_end_after_the_claim_is_one_hop_on_sqlite(runtime: Runtime, mon
     assert logged[-1][1] == "thread.run.completed"
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL compares jsonb
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL compares as jsonb
 async def test_metadata_stored_with_the_stdlibs_spacing_still_ends_in_one_hop(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,7 +8,8 @@ and the offline model's answer to a json_schema follows the order of its
 properties. Found by a cassette's miss (CI, the plugin's
 record-then-replay test): SQLite's RETURNING gave the claimed run
 ``"temperature": 1`` where the handed one sent ``1.0``; on PostgreSQL the
-claim reads JSON values back from jsonb, its keys reordered."""
+claim read JSON values back from jsonb, its keys reordered (its columns are
+json since migration 0016_pgjson: the text as written, on both)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ _ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 # No temperature nor top_p: the run takes 1.0 (services/runs), a whole
 # number in a REAL column. Objects' keys out of jsonb's order (shortest
-# first): a function's parameters, the metadata, a json_schema's properties.
+# first), which PostgreSQL's columns kept before migration 0016_pgjson: a
+# function's parameters, the metadata, a json_schema's properties.
 _OPTIONS: dict[str, Any] = {
     "instructions": "Be brief.",
     "metadata": {"zone": "eu", "a": "1"},

@@ -32,7 +32,11 @@ and json_typeof. No index is on a JSON column.
 Existing rows keep their content (already in jsonb's order): ``USING
 col::json`` writes jsonb's text. The ALTERs rewrite each table under its
 lock: a start-up that migrates waits on open transactions and on the
-rewrite (run_events and model_requests are the large ones).
+rewrite (run_events and model_requests are the large ones). Not for a
+rolling upgrade: an older server still running on the migrated database
+fails the end of a run moved alone (its ``runs.metadata = $n::JSONB`` has
+no operator for json; its jsonb writes are cast to json on assignment), and
+every server's prepared statements on the altered tables fail once.
 
 The downgrade turns them back into jsonb (the API refuses NUL characters,
 which json would hold and jsonb refuses: wire/common.py). SQLite: nothing
