@@ -65,8 +65,8 @@ _TAKEN = tuple(_ASSISTANTS[name] for name in RUN_TAKES)
 _JSON_TAKEN = frozenset(column.name for column in _TAKEN if isinstance(column.type, JSON))
 # The checked columns, in ``stored`` order: the assistant's project, then
 # RUN_TAKES; JSON columns as their stored text (on both databases the text
-# as written: migration 0016_pgjson), so the check compares them exactly (decoded here as
-# SQLAlchemy would). Each labelled with its column's name.
+# as written: migration 0016_pgjson), so the check compares them exactly
+# (decoded here as SQLAlchemy would). Each labelled with its column's name.
 _CHECKED = (
     _ASSISTANTS.project_id,
     *(cast(column, Text).label(column.name) if column.name in _JSON_TAKEN else column for column in _TAKEN),

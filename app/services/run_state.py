@@ -297,9 +297,16 @@ def _carried(
         .returning(RUNS.c.id)
     )
     if unchanged:
-        # As jsonb (json has no ``=``): the same object whatever its text.
+        # As jsonb (json has no ``=``), and in the same key order: jsonb's
+        # equality is blind to order, and a user who posted the same
+        # metadata reordered must see the new order in the run's end event,
+        # as on SQLite (whose ``json() = json()`` compares the text).
+        # Metadata's values are strings: its top-level keys are all the
+        # order there is.
         held = bindparam("held_metadata", type_=RUNS.c.metadata.type)
-        statement = statement.where(RUNS.c.metadata.cast(JSONB) == held.cast(JSONB))
+        stored_keys = func.array(select(func.json_object_keys(RUNS.c.metadata)).scalar_subquery())
+        held_keys = func.array(select(func.json_object_keys(held)).scalar_subquery())
+        statement = statement.where(RUNS.c.metadata.cast(JSONB) == held.cast(JSONB), stored_keys == held_keys)
         moved = statement.cte(MOVED_CTE)
         # The move's CTE first: PostgreSQL's WITH names only what precedes.
         alone = select(moved.c.id).add_cte(moved)

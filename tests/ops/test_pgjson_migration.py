@@ -5,6 +5,7 @@ again. SQLite: nothing changes (its JSON columns are text)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy import JSON, select, text
@@ -76,6 +77,14 @@ async def test_the_json_columns_turn_json_keeping_stored_rows_and_the_downgrade_
         after = await _metadata(engine, "thread_after")
         assert list(after) == ["b", "a", "zeta"] and list(after["zeta"]) == ["y", "x"]
         assert after["a"] == 1e23 and isinstance(after["a"], float)  # the number as written
+        # A NUL (a provider's answer may hold one) json keeps and jsonb refuses,
+        # beside the text of its escape, which is no NUL.
+        async with engine.begin() as connection:
+            await connection.execute(
+                text("INSERT INTO threads (id, seq, created_at, metadata) VALUES ('thread_nul', 3, 1, :metadata)"),
+                {"metadata": json.dumps({"nul": "a\x00b", "escape": "\\u0000", "both": "\\\x00"})},
+            )
+        assert await _metadata(engine, "thread_nul") == {"nul": "a\x00b", "escape": "\\u0000", "both": "\\\x00"}
 
         async with engine.begin() as connection:
             await connection.run_sync(_downgrade, "0015_pg_runs_status_index")
@@ -83,6 +92,9 @@ async def test_the_json_columns_turn_json_keeping_stored_rows_and_the_downgrade_
         if postgres:
             assert await _types(engine) == {"jsonb"}
             assert list(await _metadata(engine, "thread_after")) == ["a", "b", "zeta"]  # valid jsonb, reordered
+            # The NUL written as U+FFFD, the escape's text as it was.
+            nul = await _metadata(engine, "thread_nul")
+            assert nul == {"nul": "a\ufffdb", "escape": "\\u0000", "both": "\\\ufffd"}
         await db.migrate(engine)
         await engine.dispose()
         if postgres:

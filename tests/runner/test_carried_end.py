@@ -118,6 +118,24 @@ async def test_metadata_changed_while_a_run_executes_is_in_its_end_event(
     assert completed["status"] == "completed" and completed["metadata"] == {"stage": "late"}
 
 
+async def test_metadata_reordered_while_a_run_executes_is_in_its_end_event_in_the_new_order(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same metadata posted again in another key order while the run
+    executes: the end event gives the new order, as a GET does (PostgreSQL's
+    jsonb equality is blind to order; the end's check must not be)."""
+    _answers_quickly(runtime, monkeypatch)
+    (run_id,) = await _make_runs(runtime, 1)
+    async with runtime.transaction() as session:
+        await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(metadata_={"a": "1", "b": "2"}))
+    execution = await _started(runtime, run_id)
+    async with runtime.transaction() as session:
+        await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(metadata_={"b": "2", "a": "1"}))
+    await execute.run(execution)
+    (completed,) = [data for _seq, name, data in await _logged(runtime, run_id) if name == "thread.run.completed"]
+    assert list(completed["metadata"]) == ["b", "a"]
+
+
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has one writer at a time
 async def test_an_end_that_waited_for_a_concurrent_append_numbers_its_events_after_it(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch

@@ -214,3 +214,23 @@ async def test_a_quick_answer_calling_a_built_in_tool_is_streamed(
     assert (await _run(runtime, run_id)).status == "completed"
     message = await _message(runtime, run_id)
     assert message is not None and message.content[0]["text"]["value"] == "Nothing found."
+
+
+async def test_a_nul_in_a_providers_answer_is_kept_and_the_run_completes(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider's answer with a NUL character: stored as given and the run
+    completed on both databases (PostgreSQL's jsonb refused the escape, and
+    the run was retried until it expired; json keeps the text as SQLite
+    does)."""
+
+    async def answer(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("a\x00b")
+        yield llm.Finish("stop", _USAGE)
+
+    _provider(runtime, monkeypatch, answer)
+    (run_id,) = await _make_runs(runtime, 1)
+    await asyncio.wait_for(Worker(runtime, concurrency=1).run_until_idle(), 30)
+    assert (await _run(runtime, run_id)).status == "completed"
+    message = await _message(runtime, run_id)
+    assert message is not None and message.content[0]["text"]["value"] == "a\x00b"

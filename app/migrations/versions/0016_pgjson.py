@@ -38,9 +38,13 @@ fails the end of a run moved alone (its ``runs.metadata = $n::JSONB`` has
 no operator for json; its jsonb writes are cast to json on assignment), and
 every server's prepared statements on the altered tables fail once.
 
-The downgrade turns them back into jsonb (the API refuses NUL characters,
-which json would hold and jsonb refuses: wire/common.py). SQLite: nothing
-(its JSON columns are text).
+The downgrade turns them back into jsonb. jsonb refuses a NUL character
+(``\\u0000``), which json holds: the API refuses NUL in a request
+(wire/common.py), but a provider's answer or a tool's output may carry one
+(on jsonb such a run was retried until it expired; on json it completes, as
+on SQLite). The downgrade writes each such NUL as U+FFFD, the replacement
+character, so that it can finish. SQLite: nothing (its JSON columns are
+text).
 
 Revision ID: 0016_pgjson
 Revises: 0015_pg_runs_status_index
@@ -81,18 +85,26 @@ COLUMNS = {
 }
 
 
-def _retype(kind: str) -> None:
+# A NUL's escape in a column's JSON text: ``\u0000`` not itself escaped
+# (preceded by an even number of backslashes, kept in group 1).
+_NUL_ESCAPE = r"(?<!\\)((?:\\\\)*)\\u0000"
+_REPLACEMENT_ESCAPE = r"\1\\ufffd"
+
+
+def _retype(kind: str, using: str) -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
     for table, columns in COLUMNS.items():
         # One ALTER TABLE per table: one rewrite of it for all its columns.
-        changes = ", ".join(f'ALTER COLUMN "{name}" TYPE {kind} USING "{name}"::{kind}' for name in columns)
+        changes = ", ".join(
+            f'ALTER COLUMN "{name}" TYPE {kind} USING ' + using.format(column=f'"{name}"') for name in columns
+        )
         op.execute(f'ALTER TABLE "{table}" {changes}')
 
 
 def upgrade() -> None:
-    _retype("json")
+    _retype("json", "{column}::json")
 
 
 def downgrade() -> None:
-    _retype("jsonb")
+    _retype("jsonb", f"regexp_replace({{column}}::text, '{_NUL_ESCAPE}', '{_REPLACEMENT_ESCAPE}', 'g')::jsonb")
