@@ -10,6 +10,12 @@ loop thread.
     .venv/bin/python bench/answer_cpu.py --db sqlite --runs 500 --rounds 5
     .venv/bin/python bench/answer_cpu.py --db postgres --runs 500 --profile /tmp/pg.prof
 
+``--provider`` (SQLite: PostgreSQL leaves a provider's run to the claim)
+answers as a provider does, never at once: five deltas and a Finish from an
+in-process stream (no socket, no HTTP client), so the hand-off commits the
+run's start and ``execute.run`` then takes the streamed answer and commits
+the end on its own; both are measured.
+
 ``--profile`` runs cProfile around the hand-offs only (sort the file with
 ``python -m pstats``). ``--callgrind`` is for a run under valgrind: it
 collects the loop thread's instructions inside the hand-offs only
@@ -31,14 +37,14 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from app import orm
+from app import llm, orm
 from app.runner import execute
 from app.runtime import Runtime
 from app.services import assistants, run_execution, runs
@@ -177,12 +183,28 @@ def _callgrind() -> Any:
     return ctypes.CDLL(str(scratch / "cg.so"))
 
 
+def _as_a_provider(runtime: Runtime) -> None:
+    """The model answers as a provider's does (never at once): streamed."""
+
+    async def not_at_once(_request: llm.ChatRequest) -> None:
+        return None
+
+    async def stream(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        for word in ("Hello", " there,", " how", " are", " you?"):
+            yield llm.TextDelta(word)
+        yield llm.Finish("stop", llm.Usage(10, 5))
+
+    runtime.llm.answer_at_once = not_at_once  # type: ignore[method-assign]
+    runtime.llm.stream = stream  # type: ignore[method-assign]
+
+
 async def _round(
     runtime: Runtime,
     body: ThreadAndRunCreate,
     count: int,
     profiler: cProfile.Profile | None,
     callgrind: Any = None,
+    provider: bool = False,
 ) -> list[float]:
     """``count`` runs created and handed one at a time: each hand-off's loop CPU, in ms."""
     cpu: list[float] = []
@@ -194,23 +216,32 @@ async def _round(
             callgrind.toggle()  # this thread's instructions counted from here
         before = time.thread_time()
         execution = await execute.hand_off(runtime, OWNER, created, 600.0, {})
+        finished = execution.finished
+        if not finished:  # --provider: the streamed answer and its end
+            await execute.run(execution)
         cpu.append((time.thread_time() - before) * 1000)
         if callgrind is not None:
             callgrind.toggle()
         if profiler is not None:
             profiler.disable()
-        assert execution.finished, "the offline model's answer is instant"
+        assert finished or provider, "the offline model's answer is instant"
+        if not finished:
+            async with runtime.transaction() as session:
+                run = await session.get(orm.Run, created.id)
+                assert run is not None and run.status == "completed", "the provider's run completed"
     return cpu
 
 
 async def _bench(args: argparse.Namespace, url: str, data: Path) -> None:
     runtime = await Runtime.start(Settings(data_dir=data, database_url=url))
+    if args.provider:
+        _as_a_provider(runtime)
     try:
         assistant_id = await _assistant(runtime)
         body = ThreadAndRunCreate.model_validate(
             {"assistant_id": assistant_id, "thread": {"messages": [{"role": "user", "content": "hello there"}]}}
         )
-        await _round(runtime, body, args.warmup, None)
+        await _round(runtime, body, args.warmup, None, provider=args.provider)
         steps: dict[str, float] = {}
         if args.breakdown:
             _timing(steps)
@@ -219,7 +250,7 @@ async def _bench(args: argparse.Namespace, url: str, data: Path) -> None:
         if callgrind is not None:
             callgrind.start()
         for index in range(args.rounds):
-            cpu = await _round(runtime, body, args.runs, profiler, callgrind)
+            cpu = await _round(runtime, body, args.runs, profiler, callgrind, provider=args.provider)
             if cpu:
                 cpu.sort()
                 print(
@@ -255,6 +286,7 @@ def main() -> None:
     parser.add_argument("--profile", help="write cProfile stats of the hand-offs here")
     parser.add_argument("--breakdown", action="store_true", help="loop CPU of each of _STEPS per run")
     parser.add_argument("--callgrind", action="store_true", help="under valgrind: count the hand-offs only")
+    parser.add_argument("--provider", action="store_true", help="answered as a provider answers: streamed")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="answer-cpu-") as scratch:
         root = Path(scratch)
