@@ -302,12 +302,20 @@ class Runtime:
 
     @asynccontextmanager
     async def claiming(self) -> AsyncIterator[AsyncSession]:
-        """The worker's claim's transaction (claim_and_start): transaction(),
-        or where claims_raw() says so a session whose transaction is a
+        """The worker's claim's transaction (claim_and_start): raw_writes()."""
+        async with self.raw_writes() as session:
+            yield session
+
+    @asynccontextmanager
+    async def raw_writes(self) -> AsyncIterator[AsyncSession]:
+        """A transaction whose writes are all held back and which reads
+        nothing through its session (the worker's claim, claim_and_start;
+        an executor's end on SQLite after the claim, RunExecution._write):
+        transaction(), or where claims_raw() says so a session whose transaction is a
         db.RawTransaction (issue 17: no SQLAlchemy Connection checked out
         and closed, no SQLAlchemy transaction, no greenlet but the pool
-        checkout's). Its claim goes with BEGIN IMMEDIATE in one hop
-        (run_now), its writes are held back on the raw connection and
+        checkout's). A claim's UPDATE goes with BEGIN IMMEDIATE in one hop
+        (run_now); its writes are held back on the raw connection and
         committed with it in one hop (held_back.RAW); it never connects, so
         nothing in it may read through it (a read raises
         db.RawSessionConnected: a prompt that needs one is read on a WAL

@@ -294,7 +294,18 @@ class RunExecution:
     async def _write(self, pending: Pending, move: Move | None, *, carried: bool, unread: bool, checked: bool) -> None:
         """_commit()'s transaction: the move carried by the events' insert (_carried_move) or not."""
         events = list(pending.events)
-        async with self._transaction(carried) as session, self.runtime.run_log.holding(self.run_id):
+        # SQLite after the claim, the move checked at the COMMIT: every
+        # write is held back and nothing is read, so the claim's raw
+        # transaction serves (issue 17: no SQLAlchemy Connection checked out
+        # and begun through the greenlet, nor its session transaction; about
+        # 0.2 ms of loop CPU a provider run's end). A miss fails its COMMIT
+        # as it fails transaction()'s (RunMoved), and the end made again
+        # reading the run (unread=False) takes transaction().
+        writes_only = unread and self._ends_held_back()
+        async with (
+            self._transaction(carried, writes_only=writes_only) as session,
+            self.runtime.run_log.holding(self.run_id),
+        ):
             if self._held_start is not None and not unread:
                 await self._write_held_start(session)  # before the run is read
             if carried:
@@ -371,12 +382,18 @@ class RunExecution:
         await run_state.write_held(session, self._run, held, lease_owner=self.owner)
 
     @asynccontextmanager
-    async def _transaction(self, carried: bool) -> AsyncIterator[AsyncSession]:
+    async def _transaction(self, carried: bool, *, writes_only: bool = False) -> AsyncIterator[AsyncSession]:
         """_commit()'s transaction: its own, or the claim's (see
         _claim_session); after the claim, a ``carried`` move's is its one
-        statement (Runtime.unit_of_work)."""
+        statement (Runtime.unit_of_work), and one that only holds writes
+        back (``writes_only``: reads nothing, flushes nothing) a raw one
+        where the claim's is (Runtime.raw_writes)."""
         if self._claim_session is not None:
             yield self._claim_session
+            return
+        if writes_only:
+            async with self.runtime.raw_writes() as session:
+                yield session
             return
         async with self.runtime.unit_of_work() if carried else self.runtime.transaction() as session:
             yield session

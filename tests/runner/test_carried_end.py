@@ -25,6 +25,7 @@ from app.services import core_rows, run_events, run_state
 from app.wire.events import Event
 from tests.runner.helpers import until
 from tests.runner.test_quick_answer import _provider, _written_message
+from tests.runner.test_straight_commit import _checked_out, _commits, _engine_events, _lock_free
 from tests.runner.test_worker import _make_runs
 
 _OWNER = "test:0:carried"
@@ -478,6 +479,30 @@ async def test_an_end_after_the_claim_is_one_hop_on_sqlite(runtime: Runtime, mon
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL compares as jsonb
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL: one statement (above)
+async def test_an_end_after_the_claim_takes_no_sqlalchemy_connection_on_sqlite(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its writes all held back, nothing read: the end goes on a raw
+    transaction, as the claim does (Runtime.raw_writes; issue 17: no
+    SQLAlchemy Connection checked out and begun, no SQLAlchemy commit),
+    and leaves the connection back and the write lock free."""
+    assert runtime.claims_raw()
+    _answers_quickly(runtime, monkeypatch)
+    (run_id,) = await _make_runs(runtime, 1)
+    execution = await _started(runtime, run_id)
+    held = _sent(runtime, *_HELD_BACK_END)
+    with _engine_events(runtime, "engine_connect") as made, _commits(runtime) as commits:
+        await execute.run(execution)
+    assert (made, commits, len(held)) == ([], [], 1)
+    assert _checked_out(runtime) == 0
+    _lock_free(runtime)
+    logged = await _logged(runtime, run_id)
+    assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
+    assert logged[-1][1] == "thread.run.completed"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL compares jsonb
 async def test_metadata_stored_with_the_stdlibs_spacing_still_ends_in_one_hop(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
