@@ -301,12 +301,6 @@ class Runtime:
         )
 
     @asynccontextmanager
-    async def claiming(self) -> AsyncIterator[AsyncSession]:
-        """The worker's claim's transaction (claim_and_start): raw_writes()."""
-        async with self.raw_writes() as session:
-            yield session
-
-    @asynccontextmanager
     async def raw_writes(self) -> AsyncIterator[AsyncSession]:
         """A transaction whose writes are all held back and which reads
         nothing through its session (the worker's claim, claim_and_start;
@@ -356,6 +350,10 @@ class Runtime:
         self.run_log.committed(session)  # the run events it logged reach streams now
         if session.sync_session.dispatch.after_commit:
             session.sync_session.dispatch.after_commit(session.sync_session)
+
+    # The worker's claim's transaction (claim_and_start); the same function, no
+    # context manager more around it on the claim's path.
+    claiming = raw_writes
 
     @asynccontextmanager
     async def _collecting(self) -> AsyncIterator[AsyncSession]:
