@@ -502,6 +502,47 @@ async def test_an_end_after_the_claim_takes_no_sqlalchemy_connection_on_sqlite(
     assert logged[-1][1] == "thread.run.completed"
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the raw end is SQLite's
+async def test_a_long_streamed_answers_end_on_the_raw_transaction_logs_every_delta_once(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More deltas than one SQLite insert takes, streamed (too many to be
+    taken at once), those the flusher has not written going with the end:
+    on the raw transaction, which cannot read the log's end, they are still
+    numbered 1..n in order, the text whole, the run completed."""
+    words = [f"w{n} " for n in range(run_events._SQLITE_ONE_STATEMENT_ROWS + 100)]
+
+    async def long(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        for word in words:
+            yield llm.TextDelta(word)
+        yield llm.Finish("stop", llm.Usage(3, len(words)))
+
+    _provider(runtime, monkeypatch, long)
+    monkeypatch.setattr(execute, "QUICK_ANSWER_SECONDS", 30)  # all of it comes before the first is published
+    (run_id,) = await _make_runs(runtime, 1)
+    execution = await _started(runtime, run_id)
+    raw_batches: list[int] = []
+    original = run_events.insert_behind
+
+    async def noted(session: Any, run: str, events: list[Event], returned: list[Any]) -> None:
+        if db.RAW in session.info:
+            raw_batches.append(len(events))
+        await original(session, run, events, returned)
+
+    monkeypatch.setattr(run_events, "insert_behind", noted)
+    async with asyncio.timeout(30):
+        await execute.run(execution)
+    # The end went raw, with more events than one insert takes.
+    assert raw_batches and max(raw_batches) > run_events._SQLITE_ONE_STATEMENT_ROWS
+    logged = await _logged(runtime, run_id)
+    assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
+    deltas = [data["delta"]["content"][0]["text"]["value"] for _s, name, data in logged if name.endswith(".delta")]
+    assert "".join(deltas) == "".join(words)
+    assert logged[-1][1] == "thread.run.completed"
+    assert _checked_out(runtime) == 0
+    _lock_free(runtime)
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL compares jsonb
 async def test_metadata_stored_with_the_stdlibs_spacing_still_ends_in_one_hop(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
