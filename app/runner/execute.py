@@ -297,8 +297,9 @@ class RunExecution:
         # SQLite after the claim, the move checked at the COMMIT: every
         # write is held back and nothing is read, so the claim's raw
         # transaction serves (issue 17: no SQLAlchemy Connection checked out
-        # and begun through the greenlet, nor its session transaction; about
-        # 0.2 ms of loop CPU a provider run's end). A miss fails its COMMIT
+        # and begun through the greenlet, nor its session transaction: 0.38M
+        # instructions, about 0.3 ms of loop CPU, a provider run's end;
+        # bench/README, provcpu). A miss fails its COMMIT
         # as it fails transaction()'s (RunMoved), and the end made again
         # reading the run (unread=False) takes transaction().
         writes_only = unread and self._ends_held_back()
