@@ -396,6 +396,16 @@ class RunLog:
         that has not run)."""
         return not self.postgres and not self._buffer.get(run_id)
 
+    def numbers_unread(self, run_id: str) -> bool:
+        """Whether an append to ``run_id``'s log in a raw transaction, which
+        reads nothing, is numbered without a read: SQLite, this process the
+        only writer (``deliver_early``), the first of its buffered deltas
+        (if any) numbered already. A delta buffered without a number (an
+        append of the run was uncommitted when it was published, or its
+        counter was forgotten) leaves the numbering to insert(), a read."""
+        buffered = self._buffer.get(run_id)
+        return not self.postgres and self.deliver_early and (not buffered or buffered[0][0] is not None)
+
     def _predict(self, run_id: str, drained: list[tuple[int | None, Event]], events: list[Event]) -> int | None:
         """The seq an append's batch will start at, if this process knows it
         (SQLite): 1 for a run created in this very transaction (its creation

@@ -279,6 +279,12 @@ class RunExecution:
                     if not run_state.moved_elsewhere(error):
                         raise
                     self._run = None  # as it stands, known again only by a read
+                except db.RawSessionConnected:
+                    # The raw end met a read after all (its log's numbering
+                    # needed one: another process opened the file while it
+                    # waited for the write lock). It sent nothing and put
+                    # its deltas back: made again the way that reads.
+                    pass
                 await self._write(pending, move, carried=False, unread=False, checked=checked)
             return
         await self._write(pending, move, carried=carried, unread=unread, checked=checked)
@@ -302,7 +308,7 @@ class RunExecution:
         # bench/README, provcpu). A miss fails its COMMIT
         # as it fails transaction()'s (RunMoved), and the end made again
         # reading the run (unread=False) takes transaction().
-        writes_only = unread and self._ends_held_back()
+        writes_only = unread and self._ends_held_back() and self.runtime.run_log.numbers_unread(self.run_id)
         async with (
             self._transaction(carried, writes_only=writes_only) as session,
             self.runtime.run_log.holding(self.run_id),

@@ -24,7 +24,7 @@ from app.runtime import Runtime
 from app.services import core_rows, run_events, run_state
 from app.wire.events import Event
 from tests.runner.helpers import until
-from tests.runner.test_quick_answer import _provider, _written_message
+from tests.runner.test_quick_answer import _message, _provider, _written_message
 from tests.runner.test_straight_commit import _checked_out, _commits, _engine_events, _lock_free
 from tests.runner.test_worker import _make_runs
 
@@ -748,3 +748,101 @@ async def test_only_a_miss_or_a_numbering_collision_is_a_routine_end_failure(run
     collision, orphan = refusals
     assert execute._missed(run_state.TransitionConflict(run_id)) and execute._missed(collision)
     assert not execute._missed(orphan) and not execute._missed(RuntimeError("the connection dropped"))
+
+
+async def _ended(runtime: Runtime, run_id: str) -> tuple[str, Any, str]:
+    """The run's status and last_error, and its answer's text."""
+    message = await _message(runtime, run_id)
+    assert message is not None
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+        assert run is not None
+        return run.status, run.last_error, "".join(part["text"]["value"] for part in message.content)
+
+
+async def _a_delta_logged(runtime: Runtime, run_id: str) -> bool:
+    return any(name == "thread.message.delta" for _seq, name, _data in await _logged(runtime, run_id))
+
+
+def _buffered_without_a_number(runtime: Runtime, run_id: str) -> bool:
+    return any(seq is None for seq, _event in runtime.run_log._buffer.get(run_id, []))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("foreseen", [True, False], ids=["foreseen", "met in the raw end"])
+async def test_an_end_behind_a_delta_buffered_without_a_number_is_made_the_way_that_reads(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, foreseen: bool
+) -> None:
+    """The run's log counter forgotten while it streams (as past
+    run_log.MAX_TRACKED_RUNS), after its first delta was written: the next
+    is buffered without a number, which only the log's insert gives (a
+    read). The end cannot go on the raw transaction, which reads nothing:
+    the run completes, its events numbered 1..n (review of provcpu).
+    Unforeseen (as if another process had opened the file while the end
+    waited for the write lock): the raw end meets the read, sends nothing,
+    and the end is made again the way that reads."""
+    runs: list[str] = []
+    if not foreseen:
+        monkeypatch.setattr(runtime.run_log, "numbers_unread", lambda _run_id: True)
+
+    async def forgetting(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        # Streamed (this waits past QUICK_ANSWER_SECONDS); the flusher writes "Hello".
+        await until(lambda: _a_delta_logged(runtime, runs[0]), "the first delta written")
+        runtime.run_log._next.pop(runs[0], None)
+        yield llm.TextDelta(" world")
+        yield llm.Finish("stop", llm.Usage(3, 2))
+
+    _provider(runtime, monkeypatch, forgetting)
+    runs.extend(await _make_runs(runtime, 1))
+    execution = await _started(runtime, runs[0])
+    async with asyncio.timeout(30):
+        await execute.run(execution)
+    assert await _ended(runtime, runs[0]) == ("completed", None, "Hello world")
+    logged = await _logged(runtime, runs[0])
+    assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_an_end_after_a_cancel_appended_while_the_answer_streamed_keeps_the_answer(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel's transaction, its append not committed yet, while the
+    answer's last delta is published: that delta is buffered without a
+    number (the cancel's are the log's only once it commits). The end that
+    follows is made the way that reads: the run cancelled, its answer's
+    text kept in its message (review of provcpu: on the raw end the text was
+    lost)."""
+    runs: list[str] = []
+    appended, committing = asyncio.Event(), asyncio.Event()
+
+    async def cancel() -> None:
+        async with runtime.transaction() as session:
+            run = await session.get(orm.Run, runs[0])
+            assert run is not None
+            name = await run_state.transition(session, run, "cancelling")
+            await runtime.run_log.append(session, runs[0], [Event(name, {"id": runs[0]})], run_locked=True)
+            appended.set()
+            await committing.wait()
+
+    cancelling: list[asyncio.Task[None]] = []
+
+    async def cancelled_meanwhile(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        await until(lambda: _a_delta_logged(runtime, runs[0]), "the first delta written")
+        cancelling.append(asyncio.create_task(cancel()))
+        await appended.wait()
+        yield llm.TextDelta(" world")
+        await until(lambda: _buffered_without_a_number(runtime, runs[0]), "the last delta published")
+        committing.set()  # the cancel commits while the end begins
+        yield llm.Finish("stop", llm.Usage(3, 2))
+
+    _provider(runtime, monkeypatch, cancelled_meanwhile)
+    runs.extend(await _make_runs(runtime, 1))
+    execution = await _started(runtime, runs[0])
+    async with asyncio.timeout(30):
+        await execute.run(execution)
+        await cancelling[0]
+    assert await _ended(runtime, runs[0]) == ("cancelled", None, "Hello world")
+    logged = await _logged(runtime, runs[0])
+    assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
