@@ -846,3 +846,65 @@ async def test_an_end_after_a_cancel_appended_while_the_answer_streamed_keeps_th
     assert await _ended(runtime, runs[0]) == ("cancelled", None, "Hello world")
     logged = await _logged(runtime, runs[0])
     assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
+
+
+def _answering(script: list[llm.Event]) -> Callable[[llm.ChatRequest], AsyncIterator[llm.Event]]:
+    async def stream(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        for step in script:
+            yield step
+
+    return stream
+
+
+_TOOL_CALLED = [
+    llm.TextDelta("Let me look."),
+    llm.ToolCallDelta(0, id="call_1", name="get_weather", arguments='{"city": '),
+    llm.ToolCallDelta(0, arguments='"Paris"}'),
+    llm.Finish("tool_calls", llm.Usage(3, 4)),
+]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    ("script", "status"),
+    [
+        (_TOOL_CALLED, "requires_action"),
+        ([llm.TextDelta("Cut sh"), llm.Finish("length", llm.Usage(3, 2))], "incomplete"),
+        ([llm.TextDelta("Fine."), llm.Finish("stop", llm.Usage(3, 2))], "completed"),
+    ],
+    ids=["requires_action", "incomplete", "completed"],
+)
+@pytest.mark.parametrize("counter", ["known", "forgotten"])
+async def test_each_end_of_a_provider_run_goes_on_the_raw_transaction(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, script: list[llm.Event], status: str, counter: str
+) -> None:
+    """A tool call's, a cut answer's and a whole answer's end after the claim
+    on SQLite, with the run's log counter known or forgotten (nothing
+    buffered: the raw end guesses and checks at the COMMIT): each connects
+    nothing through SQLAlchemy and ends as it does the way that reads, its
+    events numbered 1..n (review of provcpu)."""
+    _provider(runtime, monkeypatch, _answering(script))
+    monkeypatch.setattr(execute, "QUICK_ANSWER_SECONDS", 30)  # taken whole: nothing buffered
+    (run_id,) = await _make_runs(runtime, 1)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    async with runtime.transaction() as session:
+        await session.execute(
+            update(orm.Run)
+            .where(orm.Run.id == run_id)
+            .values(tools=[tool], max_completion_tokens=2 if status == "incomplete" else None)
+        )
+    execution = await _started(runtime, run_id)
+    if counter == "forgotten":
+        runtime.run_log._next.pop(run_id, None)
+    with _engine_events(runtime, "engine_connect") as made:
+        async with asyncio.timeout(30):
+            await execute.run(execution)
+    assert made == []
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+        assert run is not None and (run.status, run.last_error) == (status, None)
+        assert (run.required_action is not None) == (status == "requires_action")
+        assert (run.incomplete_details is not None) == (status == "incomplete")
+    logged = await _logged(runtime, run_id)
+    assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
+    assert logged[-1][1] == f"thread.run.{status}" and logged[-1][2]["status"] == status
