@@ -478,7 +478,6 @@ async def test_an_end_after_the_claim_is_one_hop_on_sqlite(runtime: Runtime, mon
     assert logged[-1][1] == "thread.run.completed"
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL compares as jsonb
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL: one statement (above)
 async def test_an_end_after_the_claim_takes_no_sqlalchemy_connection_on_sqlite(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
@@ -543,7 +542,7 @@ async def test_a_long_streamed_answers_end_on_the_raw_transaction_logs_every_del
     _lock_free(runtime)
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL compares jsonb
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL compares as jsonb
 async def test_metadata_stored_with_the_stdlibs_spacing_still_ends_in_one_hop(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
