@@ -767,6 +767,20 @@ def _buffered_without_a_number(runtime: Runtime, run_id: str) -> bool:
     return any(seq is None for seq, _event in runtime.run_log._buffer.get(run_id, []))
 
 
+def _raw_ends_that_met_a_read(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Each db.RawSessionConnected raised from now on: a raw end that met a
+    read, a wasted attempt the guard (RunLog.numbers_unread) avoids."""
+    met: list[str] = []
+    real_init = db.RawSessionConnected.__init__
+
+    def noted(self: db.RawSessionConnected, *args: Any) -> None:
+        met.append(str(args[0]) if args else "")
+        real_init(self, *args)
+
+    monkeypatch.setattr(db.RawSessionConnected, "__init__", noted)
+    return met
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("foreseen", [True, False], ids=["foreseen", "met in the raw end"])
 async def test_an_end_behind_a_delta_buffered_without_a_number_is_made_the_way_that_reads(
@@ -783,6 +797,7 @@ async def test_an_end_behind_a_delta_buffered_without_a_number_is_made_the_way_t
     runs: list[str] = []
     if not foreseen:
         monkeypatch.setattr(runtime.run_log, "numbers_unread", lambda _run_id: True)
+    met = _raw_ends_that_met_a_read(monkeypatch)
 
     async def forgetting(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
         yield llm.TextDelta("Hello")
@@ -800,6 +815,45 @@ async def test_an_end_behind_a_delta_buffered_without_a_number_is_made_the_way_t
     assert await _ended(runtime, runs[0]) == ("completed", None, "Hello world")
     logged = await _logged(runtime, runs[0])
     assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
+    assert len(met) == (0 if foreseen else 1)  # foreseen: no raw attempt wasted
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_an_end_whose_log_stops_being_numbered_here_while_it_waits_for_the_lock_is_made_again(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process opens the file while the raw end waits for the write
+    lock (``deliver_early`` off from then on): the end's buffered delta can
+    only be numbered by a read, which the raw transaction meets; it sent
+    nothing, and the end is made again the way that reads: the run
+    completes, numbered 1..n, no delta left counted unwritten (re-review of
+    provcpu)."""
+    runs: list[str] = []
+    monkeypatch.setattr(runtime.run_log, "flush_seconds", 60)  # the deltas wait for the end
+
+    async def streamed(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        await until(lambda: bool(runtime.run_log._buffer.get(runs[0])), "the first delta published")
+        yield llm.TextDelta(" world")
+        yield llm.Finish("stop", llm.Usage(3, 2))
+
+    real_begin = db.RawTransaction.begin.__func__  # type: ignore[attr-defined]
+
+    async def begin(cls: Any, engine: Any) -> Any:
+        raw = await real_begin(cls, engine)
+        runtime.run_log.deliver_early = False  # another process opened the file meanwhile
+        return raw
+
+    _provider(runtime, monkeypatch, streamed)
+    runs.extend(await _make_runs(runtime, 1))
+    execution = await _started(runtime, runs[0])
+    monkeypatch.setattr(db.RawTransaction, "begin", classmethod(begin))
+    async with asyncio.timeout(30):
+        await execute.run(execution)
+    assert await _ended(runtime, runs[0]) == ("completed", None, "Hello world")
+    logged = await _logged(runtime, runs[0])
+    assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
+    assert runtime.run_log._early_unwritten == 0
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -822,27 +876,35 @@ async def test_an_end_after_a_cancel_appended_while_the_answer_streamed_keeps_th
             name = await run_state.transition(session, run, "cancelling")
             await runtime.run_log.append(session, runs[0], [Event(name, {"id": runs[0]})], run_locked=True)
             appended.set()
-            await committing.wait()
+            async with asyncio.timeout(30):
+                await committing.wait()
 
     cancelling: list[asyncio.Task[None]] = []
 
     async def cancelled_meanwhile(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
-        yield llm.TextDelta("Hello")
-        await until(lambda: _a_delta_logged(runtime, runs[0]), "the first delta written")
-        cancelling.append(asyncio.create_task(cancel()))
-        await appended.wait()
-        yield llm.TextDelta(" world")
-        await until(lambda: _buffered_without_a_number(runtime, runs[0]), "the last delta published")
-        committing.set()  # the cancel commits while the end begins
+        try:
+            yield llm.TextDelta("Hello")
+            await until(lambda: _a_delta_logged(runtime, runs[0]), "the first delta written")
+            cancelling.append(asyncio.create_task(cancel()))
+            await appended.wait()
+            yield llm.TextDelta(" world")
+            await until(lambda: _buffered_without_a_number(runtime, runs[0]), "the last delta published")
+        finally:
+            committing.set()  # the cancel commits while the end begins (or the test fails)
         yield llm.Finish("stop", llm.Usage(3, 2))
 
     _provider(runtime, monkeypatch, cancelled_meanwhile)
     runs.extend(await _make_runs(runtime, 1))
     execution = await _started(runtime, runs[0])
-    async with asyncio.timeout(30):
-        await execute.run(execution)
-        await cancelling[0]
+    met = _raw_ends_that_met_a_read(monkeypatch)
+    try:
+        async with asyncio.timeout(30):
+            await execute.run(execution)
+    finally:
+        async with asyncio.timeout(30):
+            await asyncio.gather(*cancelling)
     assert await _ended(runtime, runs[0]) == ("cancelled", None, "Hello world")
+    assert met == []  # foreseen: no raw attempt wasted
     logged = await _logged(runtime, runs[0])
     assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
 
