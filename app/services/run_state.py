@@ -304,7 +304,7 @@ def _carried(
         # Metadata's values are strings: its top-level keys are all the
         # order there is.
         held = bindparam("held_metadata", type_=RUNS.c.metadata.type)
-        stored_keys = func.array(select(func.json_object_keys(RUNS.c.metadata)).scalar_subquery())
+        stored_keys = func.array(select(func.json_object_keys(RUNS.c.metadata)).correlate(RUNS).scalar_subquery())
         held_keys = func.array(select(func.json_object_keys(held)).scalar_subquery())
         statement = statement.where(RUNS.c.metadata.cast(JSONB) == held.cast(JSONB), stored_keys == held_keys)
         moved = statement.cte(MOVED_CTE)

@@ -278,6 +278,25 @@ async def test_an_end_after_the_claim_is_one_round_trip(runtime: Runtime, monkey
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has no autocommit path
+async def test_an_end_beside_other_runs_metadata_is_still_one_round_trip(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end's check of the run's metadata key order reads this run's
+    metadata alone: other runs with other keys make it miss nothing (an
+    uncorrelated subquery read every run's keys: every end missed and was
+    made again reading, at a scan of the table each)."""
+    _answers_quickly(runtime, monkeypatch)
+    run_ids = await _make_runs(runtime, 2)
+    async with runtime.transaction() as session:
+        for run_id, metadata in zip(run_ids, ({"a": "1"}, {"k": "v", "b": "2"}), strict=True):
+            await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(metadata_=metadata))
+    (execution,) = await execute.claim_and_start(runtime, _OWNER, 1, 60.0, {})
+    reads, carried = _sent(runtime, *_READ_LOCKED), _autocommitted(runtime, *_CARRIED_END)
+    await execute.run(execution)
+    assert (carried, reads) == ([True], [])
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has no autocommit path
 async def test_a_move_carried_alone_that_misses_writes_nothing(runtime: Runtime) -> None:
     """A move carried alone (after the claim), sent outside a transaction
     block, that finds the run in another lease: its rows and its events are
