@@ -29,8 +29,9 @@ class RequestModel(BaseModel):
     """A request body: unknown parameters are an error, as on OpenAI.
 
     Every string must also be storable and echoable: PostgreSQL text refuses
-    NUL characters (its json columns keep one escaped, but ``->>`` or a
-    downgrade to jsonb would not), and JSON's lone surrogate escapes cannot be
+    NUL characters (its json columns keep one escaped, but ``->>`` would
+    not, and a downgrade to jsonb writes it as U+FFFD: migration
+    0016_pgjson), and JSON's lone surrogate escapes cannot be
     encoded as UTF-8, so both would otherwise surface as 5xx errors on one
     engine and not the other. Nesting is capped below the serializer's limit.
 
