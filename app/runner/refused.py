@@ -4,10 +4,13 @@ SQLite's driver raises DataError or IntegrityError for a value it refuses,
 and SQLAlchemy keeps those classes. SQLAlchemy's asyncpg adapter maps only
 some of asyncpg's errors (integrity violations, syntax, ...): a data
 exception from PostgreSQL (SQLSTATE class 22: a NUL character in text,
-22021 or 22P05; a number out of range, 22003; a string too long, 22001; a
-bad datetime, 22007/22008) comes as a plain DBAPIError, indistinguishable
-by class from a dropped connection. Its SQLSTATE, which the adapter keeps on
-``error.orig`` (``sqlstate``, also ``pgcode``), says which it is.
+22021 or 22P05; a number out of range in the server's arithmetic, 22003; a
+string too long, 22001; a bad datetime, 22007/22008; and 22000 for a
+parameter asyncpg refuses to bind before sending, such as an int past an
+int32 column's range or a lone surrogate in text) comes as a plain
+DBAPIError, indistinguishable by class from a dropped connection. Its
+SQLSTATE, which the adapter keeps on ``error.orig`` (``sqlstate``, also
+``pgcode``), says which it is.
 
 A refused value fails its run; everything else the database says (class
 08 connection failures, 57P01 admin shutdown, 40001 serialization

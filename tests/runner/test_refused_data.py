@@ -52,20 +52,35 @@ def _model_calls(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> list[int]
     return calls
 
 
-def _turn_meets(monkeypatch: pytest.MonkeyPatch, statement: str, params: dict[str, Any], times: int) -> None:
-    """The first ``times`` turns' writes meet ``statement`` first (raising
-    what the database answers it)."""
+def _turn_meets(
+    monkeypatch: pytest.MonkeyPatch, statements: str, params: dict[str, Any], times: int
+) -> list[BaseException]:
+    """The first ``times`` turns' writes meet ``statements`` first, run one
+    by one in one transaction (a prepared statement holds one command),
+    raising what the database answers them; the list returned collects what
+    was raised, for a test to check it met the error it means to."""
     real = RunExecution._after_turn
     met: list[int] = []
+    raised: list[BaseException] = []
 
     async def after_turn(self: RunExecution, *args: Any) -> bool:
         if len(met) < times:
             met.append(1)
-            async with self.runtime.transaction() as session:
-                await session.execute(text(statement), params)
+            try:
+                async with self.runtime.transaction() as session:
+                    for statement in statements.split("; "):
+                        await session.execute(text(statement), params)
+            except Exception as error:
+                raised.append(error)
+                raise
         return await real(self, *args)
 
     monkeypatch.setattr(RunExecution, "_after_turn", after_turn)
+    return raised
+
+
+def _sqlstate(error: BaseException) -> object:
+    return getattr(getattr(error, "orig", None), "sqlstate", None)
 
 
 @postgres_only
@@ -74,7 +89,7 @@ async def test_a_run_whose_data_postgresql_refuses_fails_the_model_asked_once(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch, refusal: str
 ) -> None:
     calls = _model_calls(runtime, monkeypatch)
-    _turn_meets(monkeypatch, *_REFUSED[refusal], times=1_000)
+    raised = _turn_meets(monkeypatch, *_REFUSED[refusal], times=1_000)
     (run_id,) = await _make_runs(runtime, 1)
     async with asyncio.timeout(30):
         await Worker(runtime, concurrency=1).run_until_idle()
@@ -82,14 +97,16 @@ async def test_a_run_whose_data_postgresql_refuses_fails_the_model_asked_once(
     assert run.status == "failed" and run.last_error is not None, (run.status, calls)
     assert run.last_error["code"] == "server_error"
     assert len(calls) == 1
+    assert [str(_sqlstate(error))[:2] for error in raised] == ["22"]
 
 
 @postgres_only
 async def test_an_instant_answer_postgresql_refuses_fails_its_run_alone(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The offline model's instant answer, refused in the claim's
-    transaction: the claim's other runs complete, the refused one is taken
+    """The offline model's instant answer, refused while the claim writes it
+    (in a transaction of the hook's own, inside the claim: the same for the
+    claim as a refusal in its own transaction): the claim's other runs complete, the refused one is taken
     the streamed way and fails there (as test_instant_answer's DataError
     on SQLite)."""
     doomed, *others = await _make_runs(runtime, 3)
@@ -118,13 +135,14 @@ async def test_a_run_whose_statement_postgresql_cancels_is_resumed(
     """A statement timeout (57014, not the data's fault) leaves the run to
     be resumed: the model is asked again and the run completes."""
     calls = _model_calls(runtime, monkeypatch)
-    _turn_meets(monkeypatch, "SET LOCAL statement_timeout = 1; SELECT pg_sleep(1)", {}, times=1)
+    raised = _turn_meets(monkeypatch, "SET LOCAL statement_timeout = 1; SELECT pg_sleep(1)", {}, times=1)
     (run_id,) = await _make_runs(runtime, 1)
     async with asyncio.timeout(30):
         while (await _run(runtime, run_id)).status not in ("completed", "failed"):
             await Worker(runtime, concurrency=1).run_until_idle()
     assert (await _run(runtime, run_id)).status == "completed"
     assert len(calls) == 2
+    assert [_sqlstate(error) for error in raised] == ["57014"]  # the timeout met, not another error
 
 
 class _DriverError(Exception):
@@ -139,6 +157,7 @@ class _DriverError(Exception):
         ("22021", True),
         ("22P05", True),
         ("22003", True),
+        ("22000", True),  # what asyncpg itself refuses to bind (an int past int32, a lone surrogate)
         ("23505", True),
         ("08006", False),
         ("57P01", False),
