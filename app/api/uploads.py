@@ -26,6 +26,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from app import errors
+from app.wire.common import text_problem
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -135,9 +136,17 @@ class _Reader:
                 f"Duplicate parameter: '{self._file_field}'. Upload one file per request.",
                 param=self._file_field,
             )
+        name = _text(filename) if filename else DEFAULT_FILENAME
+        problem = text_problem(name)
+        if problem is not None:
+            # A NUL in a raw filename (the SDKs percent-encode one): stored
+            # on SQLite, refused by PostgreSQL's text (a 500); refused here
+            # on both, in the words of a JSON body's string (RequestModel).
+            message = problem.replace("string", "filename", 1)
+            raise errors.invalid(f"Invalid '{self._file_field}': {message}", param=self._file_field)
         content_type = self._headers.get(b"content-type")
         self.form.file = FilePart(
-            filename=_text(filename) if filename else DEFAULT_FILENAME,
+            filename=name,
             content_type=_text(content_type) if content_type else None,
             path=self._dest,
         )

@@ -103,6 +103,14 @@ def extract_text(path: Path, filename: str) -> str:
         raise ParseError("invalid_file", f"The file could not be parsed: {type(exc).__name__}.") from exc
     if not text.strip():
         raise ParseError("invalid_file", "The file contains no text that could be extracted.")
+    if "\x00" in text:
+        # PostgreSQL's text columns refuse a NUL character, which SQLite
+        # stores: the file's chunks failed its ingestion on one database
+        # and not the other. One can come from a PDF's or a document's
+        # text, UTF-16 that decodes to one, or text past decode()'s
+        # sample. Written as U+FFFD, as decode() writes what it cannot
+        # read, on both databases alike.
+        text = text.replace("\x00", "\ufffd")
     return text
 
 

@@ -34,13 +34,14 @@ from contextlib import aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn, TypedDict
 
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import db, ids, llm, orm
 from app.llm import offline
 from app.observability import logs
 from app.runner import markers, prompt
+from app.runner.refused import refused_data
 from app.runner.tools import BuiltinTool, ToolResult
 from app.runner.turn import Pending, RowUpdate, Turn, TurnResult, TurnStopped, write_rows
 from app.runtime import Runtime
@@ -99,11 +100,6 @@ _UNREAD_MOVES = frozenset({"completed", "incomplete", "requires_action"})
 # streamed way from then on. A few, kept for as long as a retry takes.
 _NOT_AT_ONCE: dict[str, None] = {}
 _NOT_AT_ONCE_REMEMBERED = 1000
-
-
-# Database errors the data causes, which a retry meets again (unlike a
-# dropped connection or a lock held too long).
-DATA_ERRORS = (IntegrityError, DataError)
 
 
 def not_at_once(run_id: str) -> None:
@@ -758,7 +754,7 @@ class RunExecution:
             # claim claimable again. This one's answer is then written by
             # execute(), in a transaction of its own, where the same failure
             # fails it alone (not claimed and failing here again and again).
-            if not isinstance(error, DBAPIError) or isinstance(error, DATA_ERRORS):
+            if not isinstance(error, DBAPIError) or refused_data(error):
                 not_at_once(run.id)
             raise
         finally:
@@ -787,18 +783,19 @@ class RunExecution:
             await self._end("cancelled")  # only a cancel moves a run under its executor (else LeaseLost)
         except LeaseLost:
             raise
-        except DATA_ERRORS:
+        except DBAPIError as error:
+            if not refused_data(error):
+                # The database failed us (connection dropped, locked too
+                # long): the run is not at fault. It stays in_progress and is
+                # resumed from its last committed step once the worker
+                # releases (or loses) the lease.
+                raise
             # The data of the run itself was refused (a value the database
-            # cannot store): a resumed run would meet it again, and again
-            # call the model, until the run expires. It fails (its end writes
-            # none of what was refused).
+            # cannot store, refused.py): a resumed run would meet it again,
+            # and again call the model, until the run expires. It fails (its
+            # end writes none of what was refused).
             log.exception("run %s: the database refused its data", self.run_id)
             await self._end("failed", last_error=SERVER_ERROR)
-        except DBAPIError:
-            # The database failed us (connection dropped, locked too long): the
-            # run is not at fault. It stays in_progress and is resumed from its
-            # last committed step once the worker releases (or loses) the lease.
-            raise
         except Exception:
             log.exception("run %s failed unexpectedly", self.run_id)
             await self._end("failed", last_error=SERVER_ERROR)
@@ -1342,14 +1339,15 @@ async def claim_and_start(
                 execution = RunExecution(runtime, claimed.id, builtins, owner=owner)
                 await execution.start_claimed(session, claimed)
                 executions.append(execution)
-    except DATA_ERRORS:
+    except DBAPIError as error:
         # Refused in the claim or at its COMMIT (SQLite sends held-back
         # writes then): by one of the answers written in the claim, which
         # then go the streamed way, each in transactions of its own, rather
         # than fail every claim of them all.
-        for execution in executions:
-            if execution.finished:
-                not_at_once(execution.run_id)
+        if refused_data(error):
+            for execution in executions:
+                if execution.finished:
+                    not_at_once(execution.run_id)
         raise
     return executions
 
@@ -1379,12 +1377,13 @@ async def hand_off(
             run = await run_execution.claim_handed(session, created, owner, lease_seconds)
             execution = RunExecution(runtime, run.id, builtins, owner=owner)
             await execution.start_claimed(session, run)
-    except DATA_ERRORS as error:
+    except DBAPIError as error:
         # As claim_and_start: an instant answer the database refused goes
         # the streamed way once claimed again, in transactions of its own.
         # A lost compare-and-set refused nothing of the answer: the tick's
         # claim answers it at once again.
-        if execution is not None and execution.finished and not run_execution.hand_off_lost(error):
+        refused = refused_data(error) and not run_execution.hand_off_lost(error)
+        if refused and execution is not None and execution.finished:
             not_at_once(execution.run_id)
         raise
     assert execution is not None

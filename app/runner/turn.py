@@ -142,6 +142,13 @@ class Turn:
                 await stream.aclose()
 
     async def _on_text(self, fragment: str) -> None:
+        # A NUL character in a provider's text is kept as given, on both
+        # databases: messages, steps and events are json columns, which
+        # hold its escape (migration 0016_pgjson), and the client reads
+        # back what the model said, as OpenAI sends it (``\u0000``).
+        # Replacing it would change an answer the user did not write, for
+        # no database that refuses it. (A request's NUL is refused: it
+        # would be stored in text columns too; RequestModel.)
         if not fragment:
             return
         if self.message is None:

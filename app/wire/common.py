@@ -129,7 +129,9 @@ _BODY_CHECKED: ContextVar[bool] = ContextVar("request_body_checked", default=Fal
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
-def _text_problem(text: str) -> str | None:
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored alike on both databases, worded after
+    ``string`` (``Invalid 'x': string contains ...``), or None."""
     match = _UNSTORABLE.search(text)
     if match is None:
         return None
@@ -162,7 +164,7 @@ def _first_unstorable(data: dict[str, Any]) -> tuple[str, str] | None:
     while stack:
         value, path, depth = stack.pop()
         if isinstance(value, str):
-            reason = _text_problem(value)
+            reason = text_problem(value)
             if reason is not None:
                 return path, reason
             continue
@@ -170,7 +172,7 @@ def _first_unstorable(data: dict[str, Any]) -> tuple[str, str] | None:
             items: list[tuple[Any, str]] = []
             for key, item in value.items():
                 name = str(key)
-                reason = _text_problem(name)
+                reason = text_problem(name)
                 if reason is not None:
                     return f"{path}.{_UNSTORABLE.sub(chr(0xFFFD), name)}", reason.replace("string", "key", 1)
                 items.append((item, f"{path}.{name}"))

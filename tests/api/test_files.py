@@ -276,6 +276,11 @@ async def test_refused_upload_body_is_still_read_to_the_end(
             "Duplicate parameter: 'purpose'.",
         ),
         (
+            multipart(("purpose", b"assistants", None), ("file", b"x", "a\x00b.txt")),
+            MULTIPART,
+            "Invalid 'file': filename contains a null character (\\u0000), which is not supported.",
+        ),
+        (
             b'{"purpose": "assistants"}',
             {"content-type": "application/json"},
             "Invalid Content-Type header (application/json), expected multipart/form-data.",
@@ -300,6 +305,7 @@ async def test_refused_upload_body_is_still_read_to_the_end(
         "unknown-field",
         "two-files",
         "two-purposes",
+        "nul-in-filename",
         "json",
         "no-content-type",
         "no-boundary",

@@ -79,6 +79,19 @@ async def test_upload_and_poll_mixed_batch_then_search(client: openai.AsyncOpenA
     assert len(batch_files.data) == 3
 
 
+async def test_a_nul_in_a_files_text_is_indexed_as_a_replacement_character(client: openai.AsyncOpenAI) -> None:
+    """A text file with a NUL character past the part read to tell text
+    from binary is ingested on both databases, the NUL read as U+FFFD
+    (PostgreSQL's text refused the chunk: the file failed there with a
+    server_error, and was completed on SQLite)."""
+    store = await client.vector_stores.create(name="nul")
+    data = ZEBRA.encode() + b" " * 5000 + b"Quokkas\x00smile at dawn."
+    done = await client.vector_stores.files.upload_and_poll(vector_store_id=store.id, file=("late.txt", data))
+    assert done.status == "completed" and done.last_error is None
+    page = await client.vector_stores.search(store.id, query="quokkas smile")
+    assert page.data and any("Quokkas\ufffdsmile at dawn." in part.text for part in page.data[0].content)
+
+
 async def test_bad_files_fail_alone(client: openai.AsyncOpenAI) -> None:
     store = await client.vector_stores.create(name="mixed")
     good = await _upload(client, "good.txt", ZEBRA.encode())
