@@ -134,9 +134,8 @@ class Worker:
         """Take ``created``, a run this process's API has just committed
         reserved for this worker, from its row (issue 17: execute.hand_off,
         no wake, tick or claim statement); False when it is not handed and
-        the worker is to be woken as for any new run: a run
-        execute.hands_off refuses (on PostgreSQL, one not of the offline
-        model), once stopping, outside run_forever(), for a run that is not alone
+        the worker is to be woken as for any new run: once stopping,
+        outside run_forever(), for a run that is not alone
         (another hand-off in flight, a tick under way, another run reserved
         since the last claim: those are claimed together, one claim and one
         commit for many, where a hand-off is a transaction per run; at
@@ -151,7 +150,6 @@ class Worker:
             or self._handing
             or self._ticking
             or self._reserved > 1
-            or not execute.hands_off(self.runtime, created)
             or created.lease_owner != run_execution.reserved_for(self.owner)
             or not run_execution.handable(created)
         ):

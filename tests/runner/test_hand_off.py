@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -546,47 +544,6 @@ async def test_a_streamed_run_through_the_api_is_handed(
         await _assert_numbered_once(app.state.runtime, handed[0].run_id)
 
 
-@_ON_POSTGRES
-async def test_a_hand_off_check_raising_still_answers_the_create_and_the_run_is_claimed(
-    app: FastAPI, http: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """execute.hands_off runs in the request once the create has committed:
-    anything it raises (not only the router's LLMError) leaves the run to
-    the worker's claim, and the client has its 200, not a 500."""
-    runtime: Runtime = app.state.runtime
-    worker = runtime.worker
-    assert worker is not None
-    handed = _count_hand_offs(monkeypatch)
-    checked: list[str] = []
-    hand, route = worker.hand, runtime.llm.route
-
-    def hand_checking(created: orm.Run) -> bool:
-        checked.append(created.id)
-        try:
-            return hand(created)
-        finally:
-            checked.remove(created.id)
-
-    def route_failing_in_hand(model: str) -> Any:
-        if checked:
-            raise RuntimeError("the router broke")
-        return route(model)
-
-    monkeypatch.setattr(worker, "hand", hand_checking)
-    monkeypatch.setattr(runtime.llm, "route", route_failing_in_hand)
-    assistant = (await http.post("/v1/assistants", json={"model": "m"})).json()["id"]
-    body = {"assistant_id": assistant, "thread": {"messages": [{"role": "user", "content": "hi"}]}}
-    for _attempt in range(3):  # (a run created while the worker's poll tick is under way is claimed by it)
-        await until(lambda: worker._looping and not worker._ticking, "the worker's loop waiting")
-        response = await http.post("/v1/threads/runs", json=body)
-        assert response.status_code == 200
-        run_id = response.json()["id"]
-        await until(functools.partial(_completed, runtime, run_id), "the run claimed and answered")
-        if "checking whether run" in caplog.text:
-            break
-    assert "checking whether run" in caplog.text and not handed
-
-
 async def _completed(runtime: Runtime, run_id: str) -> bool:
     return (await _row(runtime, run_id)).status == "completed"
 
@@ -935,41 +892,105 @@ async def test_postgresql_a_hand_off_whose_connection_is_lost_leaves_the_run_to_
     await worker.stop()
 
 
+# PostgreSQL: a run whose answer is not instant (a provider's; here the
+# offline model made to stream, the same path: RunExecution.start_handed)
+# is started by its hand-off's one statement, then executed as a claimed run.
+
+
 @_ON_POSTGRES
-async def test_postgresql_a_handed_run_not_answered_at_once_is_claimed_instead(
+async def test_postgresql_starts_a_handed_streamed_run_in_one_statement(
     bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Its offline answer cued to take time: nothing written by the hand-off,
-    the run claimed by the woken worker and streamed as any other."""
+    """No claim, no transaction, no wake: the hand-off's compare-and-set,
+    the start, the worker's lease and the start's events in one
+    autocommitted statement; the run's task then answers it as a claimed
+    run's does."""
     runtime = bare_runtime
     worker = _looping(Worker(runtime))
-    run = await _create(runtime, worker)
+    handed = _count_hand_offs(monkeypatch)
+    claims: list[int] = []
+    monkeypatch.setattr(execute, "claim_and_start", lambda *a, **k: claims.append(1))  # never called
     monkeypatch.setattr(runtime.llm, "answer_at_once", _never_at_once)
+    units = _units_of_work(runtime, monkeypatch)
+    run = await _create(runtime, worker)
+    assert worker.hand(run)
+    with statements_sent(runtime, lambda statement, _parameters: statement) as sent:
+        await worker._handed()
+    assert [execution.finished for execution in handed] == [False] and not claims
+    assert units == [True] and len(sent) == 1  # one unit of work, its one statement autocommitted
+    assert not worker._wakeup.is_set() and list(worker._tasks) == [run.id]
+    row = await _row(runtime, run.id)
+    assert row.status in ("in_progress", "completed") and row.started_at is not None
+    await asyncio.wait_for(asyncio.gather(*worker._tasks.values()), DEADLINE)
+    row = await _row(runtime, run.id)
+    assert row.status == "completed" and row.lease_owner is None
+    names = [name for name in await _event_names(runtime, run.id) if name != "thread.message.delta"]
+    assert names[:4] == ["thread.created", "thread.run.created", "thread.run.queued", "thread.run.in_progress"]
+    assert names[-1] == "thread.run.completed" and names.count("thread.run.in_progress") == 1
+    await _assert_numbered_once(runtime, run.id)
+    assert "handing run" not in caplog.text and not claims
+    await worker.stop()
+
+
+@_ON_POSTGRES
+async def test_postgresql_a_streamed_run_cancelled_before_its_hand_off_stays_cancelled(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its start's compare-and-set misses: nothing written (no start, no
+    lease, no event), quietly, and the run stays cancelled."""
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    monkeypatch.setattr(runtime.llm, "answer_at_once", _never_at_once)
+    run = await _create(runtime, worker)
+    async with runtime.transaction() as session:
+        project = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
+        _answer, events = await runs.cancel(session, project, run.thread_id, run.id)
+        await runtime.run_log.append(session, run.id, events, run_locked=True)
+    before = await _event_names(runtime, run.id)
     assert worker.hand(run)
     await worker._handed()
-    assert (await _row(runtime, run.id)).status == "queued" and worker._wakeup.is_set()
-    assert "handing run" not in caplog.text
+    row = await _row(runtime, run.id)
+    assert row.status == "cancelled" and row.started_at is None and row.lease_owner is None
+    assert await _event_names(runtime, run.id) == before  # nothing of the hand-off's statement
+    assert not worker._tasks and worker._wakeup.is_set()
+    assert "handing run" not in caplog.text  # quietly: a lost compare-and-set
     await worker.run_until_idle()
-    assert (await _row(runtime, run.id)).status == "completed"
+    assert (await _row(runtime, run.id)).status == "cancelled"
     await _assert_numbered_once(runtime, run.id)
     await worker.stop()
 
 
 @_ON_POSTGRES
-async def test_postgresql_hands_no_run_of_a_streamed_model(
-    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+async def test_postgresql_a_streamed_runs_hand_off_whose_connection_is_lost_leaves_it_to_the_claim(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A model that is not the offline one never answers at once: its run
-    is claimed as any other, no hand-off tried first."""
+    """The start's one statement fails (a dropped connection): the run
+    stays queued, reserved for the worker, whose woken tick claims it and
+    completes it."""
     runtime = bare_runtime
     worker = _looping(Worker(runtime))
+    monkeypatch.setattr(runtime.llm, "answer_at_once", _never_at_once)
     run = await _create(runtime, worker)
-    real = runtime.llm.route
-    monkeypatch.setattr(
-        runtime.llm, "route", lambda model: dataclasses.replace(real(model), params={"model": "gpt-4o"})
-    )
-    assert not worker.hand(run)
-    monkeypatch.undo()
+    real = run_events.insert_carrying
+    lost: list[bool] = []
+
+    async def lost_once(session: Any, *args: Any, **kwargs: Any) -> int:
+        if not lost:
+            lost.append(True)
+            raise OperationalError("the hand-off's statement", {}, ConnectionResetError("connection lost"))
+        return await real(session, *args, **kwargs)
+
+    monkeypatch.setattr(run_events, "insert_carrying", lost_once)
+    assert worker.hand(run)
+    await worker._handed()
+    row = await _row(runtime, run.id)
+    assert row.status == "queued" and row.lease_owner == run_execution.reserved_for(worker.owner)
+    assert worker._wakeup.is_set() and not worker._tasks
+    assert "handing run" in caplog.text  # said, unlike a lost compare-and-set
+    await worker.run_until_idle()
+    assert (await _row(runtime, run.id)).status == "completed"
+    await _assert_numbered_once(runtime, run.id)
+    await worker.stop()
 
 
 # A run created on an existing thread (POST /threads/{id}/runs: the SDK's
