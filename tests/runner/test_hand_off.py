@@ -544,10 +544,6 @@ async def test_a_streamed_run_through_the_api_is_handed(
         await _assert_numbered_once(app.state.runtime, handed[0].run_id)
 
 
-async def _completed(runtime: Runtime, run_id: str) -> bool:
-    return (await _row(runtime, run_id)).status == "completed"
-
-
 async def _assert_numbered_once(runtime: Runtime, run_id: str) -> None:
     async with runtime.transaction() as session:
         seqs = list((await session.scalars(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id))).all())
