@@ -989,6 +989,89 @@ async def test_postgresql_a_streamed_runs_hand_off_whose_connection_is_lost_leav
     await worker.stop()
 
 
+async def _change_since_the_create(runtime: Runtime, run: orm.Run, change: str, other: Worker) -> None:
+    """Make ``run``'s row or thread, committed by _create, no longer as the
+    create left them, by ``change``: its metadata changed; started by
+    another worker (which released its lease); started and queued again
+    (requires_action, then its tool outputs), its lease free; one of its
+    thread's messages deleted; one replaced by another writer (as many
+    messages before the run, the same last one); or claimed by ``other``
+    once the reservation lapsed."""
+    runs_table = orm.Run.__table__
+    async with runtime.transaction() as session:
+        this_run = runs_table.update().where(orm.Run.id == run.id)
+        first_messages = (
+            select(orm.Message.id, orm.Message.seq)
+            .where(orm.Message.thread_id == run.thread_id)
+            .order_by(orm.Message.seq)
+        )
+        if change == "metadata changed":
+            await session.execute(this_run.values(metadata={"changed": "yes"}))
+        elif change == "started elsewhere":
+            await session.execute(this_run.values(status="in_progress", lease_owner=None, lease_expires_at=None))
+        elif change == "queued again":
+            await session.execute(
+                this_run.values(status="queued", started_at=123, lease_owner=None, lease_expires_at=None)
+            )
+        elif change == "message deleted":
+            first = (await session.execute(first_messages.limit(1))).one()
+            await session.execute(orm.Message.__table__.delete().where(orm.Message.id == first.id))
+        elif change == "message replaced":
+            first, second = (await session.execute(first_messages.limit(2))).all()
+            await session.execute(orm.Message.__table__.delete().where(orm.Message.id == first.id))
+            late = user_message(run.thread_id, [{"type": "text", "text": {"value": "late", "annotations": []}}])
+            late.seq = second.seq - 1
+            session.add(late)
+    if change == "claimed by another":
+        await _lapse(runtime, run.id)
+        assert await other.claim(1) == [run.id]
+
+
+@_ON_POSTGRES
+@pytest.mark.parametrize(
+    "change",
+    [
+        "metadata changed",
+        "started elsewhere",
+        "queued again",
+        "message deleted",
+        "message replaced",
+        "claimed by another",
+    ],
+)
+async def test_postgresql_a_streamed_runs_hand_off_to_a_run_not_as_created_writes_nothing(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, change: str
+) -> None:
+    """The start alone (run_state.carried_handed_start) is under the whole
+    hand-off condition (HandedFrom), not its status alone: whatever of the
+    row or thread is not as the create left it, the statement misses,
+    nothing of it is written (no start, no lease, no event), quietly, and
+    the worker starts no task."""
+    runtime = bare_runtime
+    worker, other = _looping(Worker(runtime)), Worker(runtime)
+    monkeypatch.setattr(runtime.llm, "answer_at_once", _never_at_once)
+    handed = _count_hand_offs(monkeypatch)
+    run = await _create(runtime, worker, ("first", "second", "third"))
+    await _change_since_the_create(runtime, run, change, other)
+    before = await _row(runtime, run.id), await _event_names(runtime, run.id)
+    assert worker.hand(run)
+    await worker._handed()
+    try:
+        assert not handed and not worker._tasks
+        row = await _row(runtime, run.id)
+        assert (row.status, row.started_at, row.lease_owner, row.lease_expires_at) == (
+            before[0].status,
+            before[0].started_at,
+            before[0].lease_owner,
+            before[0].lease_expires_at,
+        )
+        assert await _event_names(runtime, run.id) == before[1]
+        assert "handing run" not in caplog.text  # quietly: a lost compare-and-set
+    finally:
+        await worker.stop()
+        await other.stop()
+
+
 # A run created on an existing thread (POST /threads/{id}/runs: the SDK's
 # usual flow) is handed too: its create reads the thread's last messages
 # with its live run (runs.create, run_execution.note_read).
