@@ -317,14 +317,13 @@ async def test_a_hand_off_cancelled_while_its_commit_is_out_is_committed_once(
     assert sorted(seqs) == list(range(1, len(seqs) + 1))
 
 
-@_ON_SQLITE
 async def test_a_worker_stopping_with_a_hand_off_in_flight_drains_its_run(
-    sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A handed run whose answer is not instant becomes one of the worker's
     executions: a stop that comes meanwhile waits for the hand-off, then
     stops and releases it as any other (resumed by the next worker)."""
-    runtime = sqlite_runtime
+    runtime = bare_runtime
     worker = _looping(Worker(runtime))
     run = await _create(runtime, worker)
     started = asyncio.Event()
@@ -350,6 +349,36 @@ async def test_a_worker_stopping_with_a_hand_off_in_flight_drains_its_run(
 
 async def _never_at_once(_request: Any) -> None:
     return None
+
+
+async def test_a_worker_dead_after_its_hand_off_started_the_run_leaves_it_to_be_resumed(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hand-off's start committed (on PostgreSQL its one statement),
+    then the process died before the run's task began: the run stays in
+    progress under the dead worker's lease, which no claim takes; once it
+    lapses another worker resumes the run and completes it, its start's
+    event once, its events numbered once."""
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    monkeypatch.setattr(runtime.llm, "answer_at_once", _never_at_once)
+    run = await _create(runtime, worker)
+    monkeypatch.setattr(worker, "_start", lambda _execution, _claimed_at: None)  # died: no task
+    assert worker.hand(run)
+    await worker._handed()
+    row = await _row(runtime, run.id)
+    assert row.status == "in_progress" and row.lease_owner == worker.owner
+    assert row.lease_expires_at is not None and row.lease_expires_at > time.time()
+    other = Worker(runtime)
+    assert await other.claim(1) == []  # the dead worker's lease still held
+    await _lapse(runtime, run.id)
+    monkeypatch.undo()
+    await other.run_until_idle()
+    assert (await _row(runtime, run.id)).status == "completed"
+    names = [name for name in await _event_names(runtime, run.id) if name != "thread.message.delta"]
+    assert names.count("thread.run.in_progress") == 1 and names[-1] == "thread.run.completed"
+    await _assert_numbered_once(runtime, run.id)
+    await other.stop()
 
 
 @_ON_SQLITE
@@ -379,13 +408,10 @@ async def test_runs_not_alone_or_not_known_are_claimed_as_before(sqlite_runtime:
     await worker.stop()
 
 
-@_ON_SQLITE
-async def test_a_tick_during_a_hand_off_leaves_its_slot(
-    sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_tick_during_a_hand_off_leaves_its_slot(bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker of concurrency 1 handing a run that will not end at once: a
     tick meanwhile (its poll, another wake) claims nothing more."""
-    runtime = sqlite_runtime
+    runtime = bare_runtime
     monkeypatch.setattr(runtime.llm, "answer_at_once", _never_at_once)
     going = asyncio.Event()
 
@@ -470,17 +496,29 @@ async def test_an_instant_hand_off_after_a_tick_at_capacity_wakes_the_worker(
         await other.stop()
 
 
-@_ON_SQLITE
-async def test_a_hand_off_ended_after_a_claim_leaves_a_newer_reservation_counted(sqlite_runtime: Runtime) -> None:
+async def test_a_hand_off_ended_after_a_claim_leaves_a_newer_reservation_counted(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A claim during the hand-off counted the reservations anew; a run
     reserved after it is still counted when the hand-off ends."""
-    runtime = sqlite_runtime
+    runtime = bare_runtime
     worker = _looping(Worker(runtime))
     run = await _create(runtime, worker)
+    # The hand-off held until the tick's claim has counted (unheld, on
+    # PostgreSQL it may end first: then no claim came during it).
+    tick_done = asyncio.Event()
+    original = execute.hand_off
+
+    async def after_the_tick(*args: Any, **kwargs: Any) -> execute.RunExecution:
+        await tick_done.wait()
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(execute, "hand_off", after_the_tick)
     assert worker.hand(run)
     await worker.tick()
     assert worker.reservation() is not None
-    await worker._handed()
+    tick_done.set()
+    await asyncio.wait_for(worker._handed(), DEADLINE)
     try:
         assert worker._reserved == 1
     finally:
@@ -1070,6 +1108,34 @@ async def test_postgresql_a_streamed_runs_hand_off_to_a_run_not_as_created_write
     finally:
         await worker.stop()
         await other.stop()
+
+
+@_ON_POSTGRES
+async def test_postgresql_a_handed_start_whose_context_reads_goes_in_a_transaction(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scripted rule on the thread's metadata: the start reads the thread
+    first, so its statement is not the unit's first; the unit is then a
+    transaction (BEGIN, the read, the start's statement, COMMIT), the run
+    still handed, started and completed by its task."""
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    monkeypatch.setattr(runtime.llm, "answer_at_once", _never_at_once)
+    monkeypatch.setattr(runtime.llm.script, "needs_thread_metadata", lambda: True)
+    handed = _count_hand_offs(monkeypatch)
+    units = _units_of_work(runtime, monkeypatch)
+    run = await _create(runtime, worker)
+    assert worker.hand(run)
+    await worker._handed()
+    assert [execution.finished for execution in handed] == [False] and units == [False]  # not autocommitted
+    assert list(worker._tasks) == [run.id]
+    await asyncio.wait_for(asyncio.gather(*worker._tasks.values()), DEADLINE)
+    assert (await _row(runtime, run.id)).status == "completed"
+    names = [name for name in await _event_names(runtime, run.id) if name != "thread.message.delta"]
+    assert names[:4] == ["thread.created", "thread.run.created", "thread.run.queued", "thread.run.in_progress"]
+    assert names[-1] == "thread.run.completed" and names.count("thread.run.in_progress") == 1
+    await _assert_numbered_once(runtime, run.id)
+    await worker.stop()
 
 
 # A run created on an existing thread (POST /threads/{id}/runs: the SDK's
