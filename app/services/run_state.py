@@ -250,7 +250,8 @@ class HandedFrom:
     """The condition of a hand-off (a run this process's API has just
     created, reserved for its worker: run_execution.claim_handed's) for a
     move carried alone in place of the claim (PostgreSQL; issue 17: the
-    run's whole worker side one statement): the run still queued, never
+    run's start one statement, carried_handed_start's, or with an instant
+    answer its whole worker side, carried_move's): the run still queued, never
     started, its lease free at ``now`` or still ``reserved_owner``'s
     reservation, the thread's messages before it still ``held_count``, each
     one of ``held_seqs`` (as the create noted them: one may be deleted
