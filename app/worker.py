@@ -144,6 +144,11 @@ class Worker:
         run whose earlier messages are not known (run_execution.handable). A hand-off that
         fails for any reason wakes the worker instead, whose tick claims the
         run, still reserved for it."""
+        # Nothing here may raise: the API calls this unguarded after the
+        # run's create has committed (api/runs.py), and a raise would answer
+        # a created run with a 500. Attribute reads, a dict lookup and
+        # create_task (the API's running loop) cannot; whatever may fail
+        # belongs in _take_handed, whose failures leave the run to the tick.
         if (
             self._stopping
             or not self._looping
