@@ -134,9 +134,8 @@ class Worker:
         """Take ``created``, a run this process's API has just committed
         reserved for this worker, from its row (issue 17: execute.hand_off,
         no wake, tick or claim statement); False when it is not handed and
-        the worker is to be woken as for any new run: a run
-        execute.hands_off refuses (on PostgreSQL, one not of the offline
-        model), once stopping, outside run_forever(), for a run that is not alone
+        the worker is to be woken as for any new run: once stopping,
+        outside run_forever(), for a run that is not alone
         (another hand-off in flight, a tick under way, another run reserved
         since the last claim: those are claimed together, one claim and one
         commit for many, where a hand-off is a transaction per run; at
@@ -145,13 +144,17 @@ class Worker:
         run whose earlier messages are not known (run_execution.handable). A hand-off that
         fails for any reason wakes the worker instead, whose tick claims the
         run, still reserved for it."""
+        # Nothing here may raise: the API calls this unguarded after the
+        # run's create has committed (api/runs.py), and a raise would answer
+        # a created run with a 500. Attribute reads, a dict lookup and
+        # create_task (the API's running loop) cannot; whatever may fail
+        # belongs in _take_handed, whose failures leave the run to the tick.
         if (
             self._stopping
             or not self._looping
             or self._handing
             or self._ticking
             or self._reserved > 1
-            or not execute.hands_off(self.runtime, created)
             or created.lease_owner != run_execution.reserved_for(self.owner)
             or not run_execution.handable(created)
         ):

@@ -14,6 +14,15 @@ the WAL it wrote; then the totals per run.
 
     .venv/bin/python bench/pg_statements.py --mode stream --runs 300
     .venv/bin/python bench/pg_statements.py --mode poll --clients 16 --runs 2000
+    .venv/bin/python bench/pg_statements.py --path direct --fill 2000 --tree /tmp/old
+
+``--path direct``: provider runs, ``gpt-4o`` on a direct route to
+overhead.py's model stub (overhead.stub, overhead.routing; as
+bench/run_timeline.py's ``--path direct``), rather than the offline model.
+``--fill N``: N offline runs first (one client, polled), before the warm-up,
+so that the measured runs meet a table that is not empty (a regression of
+issue 17 appeared only after 2,000 earlier runs). ``--tree PATH``: serve
+PATH's app (overhead.py's ``--tree``: an A/B of two trees).
 
 Asserts nothing; the planning and execution times are PostgreSQL's own
 (``track_planning``), the server's CPU is not measured here (bench/overhead.py).
@@ -136,6 +145,22 @@ class Measured:
     database_cpu: float  # seconds, PostgreSQL's processes
 
 
+# The model each --path runs (overhead.routing's entries).
+MODELS = {"offline": "offline-bench", "direct": "gpt-4o"}
+
+
+async def fill(port: int, count: int) -> None:
+    """``count`` offline runs, polled by one client, before anything is measured."""
+    client = overhead.Client("127.0.0.1", port)
+    try:
+        _, data = await client.call("POST", "/v1/assistants", {"model": "offline-bench", "instructions": "Filler."})
+        assistant = json.loads(data)["id"]
+        for i in range(count):
+            await overhead.poll_once(client, assistant, "offline-bench", f"filler {i}")
+    finally:
+        await client.close()
+
+
 async def drive(
     port: int,
     socket_dir: str,
@@ -144,12 +169,14 @@ async def drive(
     count: int,
     pids: tuple[int, int],
     perf: Path | None,
+    model: str = MODELS["offline"],
 ) -> Measured:
-    """``count`` runs (after a warm-up of a tenth) by ``clients`` clients;
-    ``pids``: the server's and PostgreSQL's postmaster, whose CPU is
-    measured; ``perf``: a perf.data of PostgreSQL's backends meanwhile."""
+    """``count`` runs of ``model`` (after a warm-up of a tenth) by
+    ``clients`` clients; ``pids``: the server's and PostgreSQL's
+    postmaster, whose CPU is measured; ``perf``: a perf.data of
+    PostgreSQL's backends meanwhile."""
     client = overhead.Client("127.0.0.1", port)
-    _, data = await client.call("POST", "/v1/assistants", {"model": "offline-bench", "instructions": "Be brief."})
+    _, data = await client.call("POST", "/v1/assistants", {"model": model, "instructions": "Be brief."})
     await client.close()
     assistant = json.loads(data)["id"]
     once = overhead.stream_once if mode == "stream" else overhead.poll_once
@@ -160,7 +187,7 @@ async def drive(
         conn = overhead.Client("127.0.0.1", port)
         try:
             for i in range(share):
-                sample = await once(conn, assistant, "offline-bench", f"hello {offset + i}")
+                sample = await once(conn, assistant, model, f"hello {offset + i}")
                 samples.append(sample.seconds)
         finally:
             await conn.close()
@@ -190,6 +217,9 @@ async def drive(
     return Measured(share * clients, seconds, p50, server_cpu, database_cpu)
 
 
+_CONTROL = {"BEGIN", "COMMIT", "ROLLBACK", "START"}
+
+
 def table(rows: list[dict[str, Any]], runs: int, width: int) -> list[str]:
     lines = [
         "| statement | calls/run | plans/call | plan ms mean | exec ms mean | rows/call "
@@ -214,8 +244,13 @@ def table(rows: list[dict[str, Any]], runs: int, width: int) -> list[str]:
         totals["plan"] += row["total_plan_time"]
         totals["exec"] += row["total_exec_time"]
         totals["wal"] += float(row["wal_bytes"])
+    # BEGIN, COMMIT, ROLLBACK: each a round trip of its own (asyncpg), as
+    # is each other statement here (its Parse only once per connection):
+    # statements per run are the database's round trips per run.
+    control = sum(row["calls"] for row in rows if row["query"].split()[0].upper() in _CONTROL)
     lines.append(
-        f"\nper run, every statement: {totals['calls'] / runs:.2f} statements, planning "
+        f"\nper run, every statement (a round trip each): {totals['calls'] / runs:.2f} statements "
+        f"({control / runs:.2f} of them BEGIN/COMMIT/ROLLBACK), planning "
         f"{totals['plan'] / runs:.3f} ms, execution {totals['exec'] / runs:.3f} ms, "
         f"WAL {totals['wal'] / runs:.0f} bytes"
     )
@@ -225,6 +260,9 @@ def table(rows: list[dict[str, Any]], runs: int, width: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["stream", "poll"], default="stream")
+    parser.add_argument("--path", choices=sorted(MODELS), default="offline", help="the runs' model and route")
+    parser.add_argument("--fill", type=int, default=0, help="offline runs made first, not measured")
+    parser.add_argument("--tree", type=Path, help="serve this tree's app (default: this script's)")
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--width", type=int, default=160, help="characters of each statement shown")
@@ -236,24 +274,33 @@ def main() -> None:
     parser.add_argument("--full", type=Path, help="write each statement's whole text and figures here (JSON)")
     args = parser.parse_args()
     settings = dict(item.split("=", 1) for item in args.set)
+    if args.tree is not None:
+        overhead.SERVED_TREE = args.tree.resolve()
+    print(f"the server runs the app of {overhead.SERVED_TREE}")
     load = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="bench-pgstmt-") as name:
+    with tempfile.TemporaryDirectory(prefix="bench-pgstmt-") as name, contextlib.ExitStack() as stack:
         scratch = Path(name)
         (scratch / "pg").mkdir()
+        stub_port = stack.enter_context(overhead.stub(scratch)) if args.path == "direct" else 0
+        paths = ["direct", "offline"] if args.path == "direct" else ["offline"]
         with (
             postgres_with_statements(scratch / "pg", settings, args.log) as (url, socket_dir, pgdata),
             overhead.server(
-                url, scratch, overhead.routing(0, ["offline"]), dict(i.split("=", 1) for i in args.env)
+                url, scratch, overhead.routing(stub_port, paths), dict(i.split("=", 1) for i in args.env)
             ) as (port, pid),
         ):
             for statement in args.sql:
                 asyncio.run(admin(socket_dir, statement))
+            if args.fill:
+                asyncio.run(fill(port, args.fill))
             postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
             pids = (pid, postmaster)
-            measured = asyncio.run(drive(port, socket_dir, args.mode, args.clients, args.runs, pids, args.perf))
+            model = MODELS[args.path]
+            measured = asyncio.run(drive(port, socket_dir, args.mode, args.clients, args.runs, pids, args.perf, model))
             rows = asyncio.run(statements(socket_dir))
     count, seconds = measured.runs, measured.seconds
     print(
+        f"{args.path}, {args.fill} filled, "
         f"{args.mode}, {args.clients} client(s), {count} runs in {seconds:.1f} s ({count / seconds:.0f} runs/s), "
         f"p50 {measured.p50_ms:.2f} ms; CPU ms/run: server {measured.server_cpu * 1000 / count:.2f}, "
         f"PostgreSQL {measured.database_cpu * 1000 / count:.2f}; "

@@ -188,7 +188,7 @@ class RunExecution:
         self._held_start: run_state.HeldMove | None = None
         # Ended in the claim's transaction (start_claimed): nothing left to execute.
         self.finished = False
-        # PostgreSQL, a run handed without a claim (answer_handed): the
+        # PostgreSQL, a run handed without a claim (start_handed): the
         # hand-off's condition, which the instant answer's one statement
         # checks in place of the lease.
         self._handed: run_state.HandedFrom | None = None
@@ -629,25 +629,41 @@ class RunExecution:
             await self._write_held_start(session)  # SQLite: sent with the events' insert
         await self.runtime.run_log.append(session, run.id, events, run_locked=True, carried_by=carried)
 
-    async def answer_handed(self, session: AsyncSession, run: orm.Run, handed: run_state.HandedFrom) -> bool:
-        """PostgreSQL: end ``run``, handed to this worker without a claim
-        (hand_off), with its instant answer in one statement in
-        ``session`` (Runtime.unit_of_work: autocommitted, no BEGIN, no
-        COMMIT; issue 17), whose compare-and-set is ``handed``'s (the claim
-        it replaces) and whose writes are made only if it moves the run.
-        Its miss (the run claimed, cancelled, changed since the create) or
-        its events' numbering colliding with an append committed first
-        raises run_execution.HandOffLost, nothing written. False, nothing
-        written, when the run cannot end so (its answer not instant, its
+    async def start_handed(self, session: AsyncSession, run: orm.Run, handed: run_state.HandedFrom) -> bool:
+        """PostgreSQL: start ``run``, handed to this worker without a claim
+        (hand_off), in one statement in ``session`` (Runtime.unit_of_work:
+        autocommitted, no BEGIN, no COMMIT; issue 17), whose compare-and-set
+        is ``handed``'s (the claim it replaces) and whose writes are made
+        only if it moves the run: with an instant answer the run's start,
+        its end, the turn's rows and the events (``finished``); else its
+        start alone, the lease its worker's (a provider's run: its execution
+        then goes on as a claimed one's, run()). Its miss (the run claimed,
+        cancelled, changed since the create) or its events' numbering
+        colliding with an append committed first raises
+        run_execution.HandOffLost, nothing written. False, nothing written,
+        when the run is not started so (not a queued run on time, its
         prompt not built here): the worker's claim takes it as any run."""
         events = await self._start_held(session, run)
         if events is None or self._started is None:
             return False
         self._handed = handed
         try:
-            return await self._finish_at_once(session, run, self._started[1], events)
+            if await self._finish_at_once(session, run, self._started[1], events):
+                return True
         finally:
             self._handed = None
+        assert self._held_start is not None
+        carried = run_state.carried_handed_start(run, self._held_start, handed)
+        self._held_start = None
+        try:
+            await self.runtime.run_log.append(
+                session, run.id, events, run_locked=True, carried_by=carried, last_statement=True
+            )
+        except Exception as error:
+            if _missed(error):  # as _finish_at_once's: nothing written, the tick's claim takes the run
+                raise run_execution.HandOffLost(f"run {run.id} was not as created: {error}") from error
+            raise
+        return True
 
     async def _start_held(self, session: AsyncSession, run: orm.Run) -> list[Event] | None:
         """start_claimed()'s start, held (run_state.hold) for the run's next
@@ -1367,8 +1383,8 @@ async def hand_off(
     statement that carried it) fails the transaction, rolled back whole,
     and the run is the workers' to claim as any other, as after any other
     failure here. The execution, unless ``finished``, goes on with run().
-    PostgreSQL: _hand_off_postgres (no transaction: an instant answer's one
-    statement, else the run is left to the claim)."""
+    PostgreSQL: _hand_off_postgres (no transaction: one statement, the
+    run's start or, with an instant answer, its whole worker side)."""
     if runtime.run_log.postgres:
         return await _hand_off_postgres(runtime, owner, created, lease_seconds, builtins)
     execution: RunExecution | None = None
@@ -1390,50 +1406,30 @@ async def hand_off(
     return execution
 
 
-def hands_off(runtime: Runtime, created: orm.Run) -> bool:
-    """Whether ``created`` may be handed to this process's worker
-    (hand_off): on SQLite any run, its row and earlier messages as its
-    claim would read them, value for value (run_execution.handed_run: a
-    provider's request the same bytes either way); on PostgreSQL only a run
-    of the offline model, whose answer may be instant (its hand-off is the
-    one statement that ends it: a run that must be streamed is claimed as
-    any other, decided before any of its work is done). Called by the API
-    once the create has committed: whatever the check raises, the run is
-    claimed as any other, and the client still has its answer (never a 500
-    for a run that was made)."""
-    if not runtime.run_log.postgres:
-        return True
-    try:
-        return runtime.llm.route(created.model).offline
-    except llm.LLMError:
-        return False  # its execution reports it, claimed as any run
-    except Exception:
-        log.warning("checking whether run %s may be handed failed; it is claimed instead", created.id, exc_info=True)
-        return False
-
-
 async def _hand_off_postgres(
     runtime: Runtime, owner: str, created: orm.Run, lease_seconds: float, builtins: dict[str, BuiltinTool]
 ) -> RunExecution:
     """hand_off() on PostgreSQL: no claim, no transaction. The run as the
-    claim would leave it (run_execution.handed_run), its instant answer
-    ended in one autocommitted statement whose compare-and-set is the
-    hand-off's (RunExecution.answer_handed: the start, the end, the turn's
-    rows and the events; issue 17, the whole worker side one round trip).
-    Its miss or collision raises run_execution.HandOffLost, nothing
-    written; a run that cannot end so raises it too, nothing written:
-    either way the run is left, reserved for ``owner``, to the worker's
-    claim. The statement's outcome is seen through a cancellation of the
-    caller (what it wrote reaches streams; db.seen_through)."""
+    claim would leave it (run_execution.handed_run), started in one
+    autocommitted statement whose compare-and-set is the hand-off's
+    (RunExecution.start_handed): with an instant answer the start, the end,
+    the turn's rows and the events (issue 17, the whole worker side one
+    round trip); else the start, its lease and its events, the execution
+    then going on as a claimed one's (a provider's run: its call, its turn,
+    its end). Its miss or collision raises run_execution.HandOffLost,
+    nothing written; a run that cannot start so raises it too, nothing
+    written: either way the run is left, reserved for ``owner``, to the
+    worker's claim. The statement's outcome is seen through a cancellation
+    of the caller (what it wrote reaches streams; db.seen_through)."""
     run = run_execution.handed_run(created, owner, time.time() + lease_seconds)
     execution = RunExecution(runtime, run.id, builtins, owner=owner)
 
     async def answer() -> bool:
         async with runtime.unit_of_work() as session:
-            return await execution.answer_handed(session, run, run_execution.hand_off_check(created, owner))
+            return await execution.start_handed(session, run, run_execution.hand_off_check(created, owner))
 
     work, sending = db.watched(answer())
     what = f"run {run.id}'s hand-off"
     if not await db.seen_through(work, what, sending=sending, expected=run_execution.hand_off_lost):
-        raise run_execution.HandOffLost(f"run {run.id}'s answer is not instant: claimed instead")
+        raise run_execution.HandOffLost(f"run {run.id} is not started by its hand-off: claimed instead")
     return execution

@@ -467,7 +467,8 @@ async def claim_handed(session: AsyncSession, created: orm.Run, owner: str, leas
 
 def handed_run(created: orm.Run, owner: str, lease_until: float) -> orm.Run:
     """``created`` as a hand-off's claim leaves it (claim_handed's, or on
-    PostgreSQL the one statement that claims and ends it, hand_off_check):
+    PostgreSQL the one statement that claims and starts it and, with an
+    instant answer, ends it: hand_off_check):
     a detached instance with ``owner``'s lease and its earlier messages, as
     claim_runs gives one, value for value: its JSON values as stored and
     read back (both databases keep the text as written, its keys' order and
@@ -499,9 +500,10 @@ _JSON_KEYS = tuple(
 
 def hand_off_check(created: orm.Run, owner: str) -> run_state.HandedFrom:
     """_build_hand_off's condition for ``owner``'s hand-off of ``created``
-    (handable), now, for the move that ends a handed run on PostgreSQL in
-    place of its claim (run_state.carried_move's ``handed``): its earlier
-    messages as the create noted them."""
+    (handable), now, for the statement that starts a handed run on
+    PostgreSQL in place of its claim (and, with an instant answer, ends it:
+    run_state.carried_move's ``handed``, else carried_handed_start's): its
+    earlier messages as the create noted them."""
     earlier = _CREATED_EARLIER[created]
     return run_state.HandedFrom(reserved_for(owner), time.time(), len(earlier.seqs), list(earlier.seqs))
 

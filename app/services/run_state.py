@@ -250,7 +250,8 @@ class HandedFrom:
     """The condition of a hand-off (a run this process's API has just
     created, reserved for its worker: run_execution.claim_handed's) for a
     move carried alone in place of the claim (PostgreSQL; issue 17: the
-    run's whole worker side one statement): the run still queued, never
+    run's start one statement, carried_handed_start's, or with an instant
+    answer its whole worker side, carried_move's): the run still queued, never
     started, its lease free at ``now`` or still ``reserved_owner``'s
     reservation, the thread's messages before it still ``held_count``, each
     one of ``held_seqs`` (as the create noted them: one may be deleted
@@ -358,13 +359,32 @@ def carried_move(
     holder = lease_owner if handed is None else handed.reserved_owner
     carried = _carried_values(run.id, source, values, holder, alongside, unchanged, handed is not None)
     if handed is not None:
-        carried.params["carried_now"] = handed.now
-        carried.params["carried_held_count"] = handed.held_count
-        carried.params["carried_held_seqs"] = handed.held_seqs
+        _bind_handed(carried, handed)
     if unchanged:
         carried.params["held_metadata"] = run.metadata_
     _set(run, values)
     return f"thread.run.{to}", carried
+
+
+def carried_handed_start(run: orm.Run, held: HeldMove, handed: HandedFrom) -> CarriedMove:
+    """A handed run's start alone (PostgreSQL; issue 17: a provider's run,
+    whose answer is not instant): its held move to in_progress and the
+    lease ``run`` shows (run_execution.handed_run's, its worker's), under
+    ``handed``'s compare-and-set in place of the claim's, its metadata
+    unchanged, as a statement for the events' insert to carry alone (a miss
+    writes nothing: CarriedMove.alone). From then on the run is as a
+    claimed one: its next moves are under its worker's lease."""
+    values = {**held.values, "lease_owner": run.lease_owner, "lease_expires_at": run.lease_expires_at}
+    carried = _carried_values(run.id, held.source, values, handed.reserved_owner, (), unchanged=True, handed=True)
+    _bind_handed(carried, handed)
+    carried.params["held_metadata"] = run.metadata_
+    return carried
+
+
+def _bind_handed(carried: CarriedMove, handed: HandedFrom) -> None:
+    carried.params["carried_now"] = handed.now
+    carried.params["carried_held_count"] = handed.held_count
+    carried.params["carried_held_seqs"] = handed.held_seqs
 
 
 def carried_held(run: orm.Run, held: HeldMove, *, lease_owner: str) -> CarriedMove:

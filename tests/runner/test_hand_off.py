@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -319,14 +317,13 @@ async def test_a_hand_off_cancelled_while_its_commit_is_out_is_committed_once(
     assert sorted(seqs) == list(range(1, len(seqs) + 1))
 
 
-@_ON_SQLITE
 async def test_a_worker_stopping_with_a_hand_off_in_flight_drains_its_run(
-    sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A handed run whose answer is not instant becomes one of the worker's
     executions: a stop that comes meanwhile waits for the hand-off, then
     stops and releases it as any other (resumed by the next worker)."""
-    runtime = sqlite_runtime
+    runtime = bare_runtime
     worker = _looping(Worker(runtime))
     run = await _create(runtime, worker)
     started = asyncio.Event()
@@ -352,6 +349,36 @@ async def test_a_worker_stopping_with_a_hand_off_in_flight_drains_its_run(
 
 async def _never_at_once(_request: Any) -> None:
     return None
+
+
+async def test_a_worker_dead_after_its_hand_off_started_the_run_leaves_it_to_be_resumed(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hand-off's start committed (on PostgreSQL its one statement),
+    then the process died before the run's task began: the run stays in
+    progress under the dead worker's lease, which no claim takes; once it
+    lapses another worker resumes the run and completes it, its start's
+    event once, its events numbered once."""
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    monkeypatch.setattr(runtime.llm, "answer_at_once", _never_at_once)
+    run = await _create(runtime, worker)
+    monkeypatch.setattr(worker, "_start", lambda _execution, _claimed_at: None)  # died: no task
+    assert worker.hand(run)
+    await worker._handed()
+    row = await _row(runtime, run.id)
+    assert row.status == "in_progress" and row.lease_owner == worker.owner
+    assert row.lease_expires_at is not None and row.lease_expires_at > time.time()
+    other = Worker(runtime)
+    assert await other.claim(1) == []  # the dead worker's lease still held
+    await _lapse(runtime, run.id)
+    monkeypatch.undo()
+    await other.run_until_idle()
+    assert (await _row(runtime, run.id)).status == "completed"
+    names = [name for name in await _event_names(runtime, run.id) if name != "thread.message.delta"]
+    assert names.count("thread.run.in_progress") == 1 and names[-1] == "thread.run.completed"
+    await _assert_numbered_once(runtime, run.id)
+    await other.stop()
 
 
 @_ON_SQLITE
@@ -381,13 +408,10 @@ async def test_runs_not_alone_or_not_known_are_claimed_as_before(sqlite_runtime:
     await worker.stop()
 
 
-@_ON_SQLITE
-async def test_a_tick_during_a_hand_off_leaves_its_slot(
-    sqlite_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_tick_during_a_hand_off_leaves_its_slot(bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker of concurrency 1 handing a run that will not end at once: a
     tick meanwhile (its poll, another wake) claims nothing more."""
-    runtime = sqlite_runtime
+    runtime = bare_runtime
     monkeypatch.setattr(runtime.llm, "answer_at_once", _never_at_once)
     going = asyncio.Event()
 
@@ -472,17 +496,29 @@ async def test_an_instant_hand_off_after_a_tick_at_capacity_wakes_the_worker(
         await other.stop()
 
 
-@_ON_SQLITE
-async def test_a_hand_off_ended_after_a_claim_leaves_a_newer_reservation_counted(sqlite_runtime: Runtime) -> None:
+async def test_a_hand_off_ended_after_a_claim_leaves_a_newer_reservation_counted(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A claim during the hand-off counted the reservations anew; a run
     reserved after it is still counted when the hand-off ends."""
-    runtime = sqlite_runtime
+    runtime = bare_runtime
     worker = _looping(Worker(runtime))
     run = await _create(runtime, worker)
+    # The hand-off held until the tick's claim has counted (unheld, on
+    # PostgreSQL it may end first: then no claim came during it).
+    tick_done = asyncio.Event()
+    original = execute.hand_off
+
+    async def after_the_tick(*args: Any, **kwargs: Any) -> execute.RunExecution:
+        await tick_done.wait()
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(execute, "hand_off", after_the_tick)
     assert worker.hand(run)
     await worker.tick()
     assert worker.reservation() is not None
-    await worker._handed()
+    tick_done.set()
+    await asyncio.wait_for(worker._handed(), DEADLINE)
     try:
         assert worker._reserved == 1
     finally:
@@ -544,51 +580,6 @@ async def test_a_streamed_run_through_the_api_is_handed(
     if handed:
         assert handed[0].finished
         await _assert_numbered_once(app.state.runtime, handed[0].run_id)
-
-
-@_ON_POSTGRES
-async def test_a_hand_off_check_raising_still_answers_the_create_and_the_run_is_claimed(
-    app: FastAPI, http: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """execute.hands_off runs in the request once the create has committed:
-    anything it raises (not only the router's LLMError) leaves the run to
-    the worker's claim, and the client has its 200, not a 500."""
-    runtime: Runtime = app.state.runtime
-    worker = runtime.worker
-    assert worker is not None
-    handed = _count_hand_offs(monkeypatch)
-    checked: list[str] = []
-    hand, route = worker.hand, runtime.llm.route
-
-    def hand_checking(created: orm.Run) -> bool:
-        checked.append(created.id)
-        try:
-            return hand(created)
-        finally:
-            checked.remove(created.id)
-
-    def route_failing_in_hand(model: str) -> Any:
-        if checked:
-            raise RuntimeError("the router broke")
-        return route(model)
-
-    monkeypatch.setattr(worker, "hand", hand_checking)
-    monkeypatch.setattr(runtime.llm, "route", route_failing_in_hand)
-    assistant = (await http.post("/v1/assistants", json={"model": "m"})).json()["id"]
-    body = {"assistant_id": assistant, "thread": {"messages": [{"role": "user", "content": "hi"}]}}
-    for _attempt in range(3):  # (a run created while the worker's poll tick is under way is claimed by it)
-        await until(lambda: worker._looping and not worker._ticking, "the worker's loop waiting")
-        response = await http.post("/v1/threads/runs", json=body)
-        assert response.status_code == 200
-        run_id = response.json()["id"]
-        await until(functools.partial(_completed, runtime, run_id), "the run claimed and answered")
-        if "checking whether run" in caplog.text:
-            break
-    assert "checking whether run" in caplog.text and not handed
-
-
-async def _completed(runtime: Runtime, run_id: str) -> bool:
-    return (await _row(runtime, run_id)).status == "completed"
 
 
 async def _assert_numbered_once(runtime: Runtime, run_id: str) -> None:
@@ -935,41 +926,216 @@ async def test_postgresql_a_hand_off_whose_connection_is_lost_leaves_the_run_to_
     await worker.stop()
 
 
+# PostgreSQL: a run whose answer is not instant (a provider's; here the
+# offline model made to stream, the same path: RunExecution.start_handed)
+# is started by its hand-off's one statement, then executed as a claimed run.
+
+
 @_ON_POSTGRES
-async def test_postgresql_a_handed_run_not_answered_at_once_is_claimed_instead(
+async def test_postgresql_starts_a_handed_streamed_run_in_one_statement(
     bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Its offline answer cued to take time: nothing written by the hand-off,
-    the run claimed by the woken worker and streamed as any other."""
+    """No claim, no transaction, no wake: the hand-off's compare-and-set,
+    the start, the worker's lease and the start's events in one
+    autocommitted statement; the run's task then answers it as a claimed
+    run's does."""
     runtime = bare_runtime
     worker = _looping(Worker(runtime))
-    run = await _create(runtime, worker)
+    handed = _count_hand_offs(monkeypatch)
+    claims: list[int] = []
+    monkeypatch.setattr(execute, "claim_and_start", lambda *a, **k: claims.append(1))  # never called
     monkeypatch.setattr(runtime.llm, "answer_at_once", _never_at_once)
+    units = _units_of_work(runtime, monkeypatch)
+    run = await _create(runtime, worker)
+    assert worker.hand(run)
+    with statements_sent(runtime, lambda statement, _parameters: statement) as sent:
+        await worker._handed()
+    assert [execution.finished for execution in handed] == [False] and not claims
+    assert units == [True] and len(sent) == 1  # one unit of work, its one statement autocommitted
+    assert not worker._wakeup.is_set() and list(worker._tasks) == [run.id]
+    row = await _row(runtime, run.id)
+    assert row.status in ("in_progress", "completed") and row.started_at is not None
+    await asyncio.wait_for(asyncio.gather(*worker._tasks.values()), DEADLINE)
+    row = await _row(runtime, run.id)
+    assert row.status == "completed" and row.lease_owner is None
+    names = [name for name in await _event_names(runtime, run.id) if name != "thread.message.delta"]
+    assert names[:4] == ["thread.created", "thread.run.created", "thread.run.queued", "thread.run.in_progress"]
+    assert names[-1] == "thread.run.completed" and names.count("thread.run.in_progress") == 1
+    await _assert_numbered_once(runtime, run.id)
+    assert "handing run" not in caplog.text and not claims
+    await worker.stop()
+
+
+@_ON_POSTGRES
+async def test_postgresql_a_streamed_run_cancelled_before_its_hand_off_stays_cancelled(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its start's compare-and-set misses: nothing written (no start, no
+    lease, no event), quietly, and the run stays cancelled."""
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    monkeypatch.setattr(runtime.llm, "answer_at_once", _never_at_once)
+    run = await _create(runtime, worker)
+    async with runtime.transaction() as session:
+        project = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
+        _answer, events = await runs.cancel(session, project, run.thread_id, run.id)
+        await runtime.run_log.append(session, run.id, events, run_locked=True)
+    before = await _event_names(runtime, run.id)
     assert worker.hand(run)
     await worker._handed()
-    assert (await _row(runtime, run.id)).status == "queued" and worker._wakeup.is_set()
-    assert "handing run" not in caplog.text
+    row = await _row(runtime, run.id)
+    assert row.status == "cancelled" and row.started_at is None and row.lease_owner is None
+    assert await _event_names(runtime, run.id) == before  # nothing of the hand-off's statement
+    assert not worker._tasks and worker._wakeup.is_set()
+    assert "handing run" not in caplog.text  # quietly: a lost compare-and-set
+    await worker.run_until_idle()
+    assert (await _row(runtime, run.id)).status == "cancelled"
+    await _assert_numbered_once(runtime, run.id)
+    await worker.stop()
+
+
+@_ON_POSTGRES
+async def test_postgresql_a_streamed_runs_hand_off_whose_connection_is_lost_leaves_it_to_the_claim(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The start's one statement fails (a dropped connection): the run
+    stays queued, reserved for the worker, whose woken tick claims it and
+    completes it."""
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    monkeypatch.setattr(runtime.llm, "answer_at_once", _never_at_once)
+    run = await _create(runtime, worker)
+    real = run_events.insert_carrying
+    lost: list[bool] = []
+
+    async def lost_once(session: Any, *args: Any, **kwargs: Any) -> int:
+        if not lost:
+            lost.append(True)
+            raise OperationalError("the hand-off's statement", {}, ConnectionResetError("connection lost"))
+        return await real(session, *args, **kwargs)
+
+    monkeypatch.setattr(run_events, "insert_carrying", lost_once)
+    assert worker.hand(run)
+    await worker._handed()
+    row = await _row(runtime, run.id)
+    assert row.status == "queued" and row.lease_owner == run_execution.reserved_for(worker.owner)
+    assert worker._wakeup.is_set() and not worker._tasks
+    assert "handing run" in caplog.text  # said, unlike a lost compare-and-set
     await worker.run_until_idle()
     assert (await _row(runtime, run.id)).status == "completed"
     await _assert_numbered_once(runtime, run.id)
     await worker.stop()
 
 
+async def _change_since_the_create(runtime: Runtime, run: orm.Run, change: str, other: Worker) -> None:
+    """Make ``run``'s row or thread, committed by _create, no longer as the
+    create left them, by ``change``: its metadata changed; started by
+    another worker (which released its lease); started and queued again
+    (requires_action, then its tool outputs), its lease free; one of its
+    thread's messages deleted; one replaced by another writer (as many
+    messages before the run, the same last one); or claimed by ``other``
+    once the reservation lapsed."""
+    runs_table = orm.Run.__table__
+    async with runtime.transaction() as session:
+        this_run = runs_table.update().where(orm.Run.id == run.id)
+        first_messages = (
+            select(orm.Message.id, orm.Message.seq)
+            .where(orm.Message.thread_id == run.thread_id)
+            .order_by(orm.Message.seq)
+        )
+        if change == "metadata changed":
+            await session.execute(this_run.values(metadata={"changed": "yes"}))
+        elif change == "started elsewhere":
+            await session.execute(this_run.values(status="in_progress", lease_owner=None, lease_expires_at=None))
+        elif change == "queued again":
+            await session.execute(
+                this_run.values(status="queued", started_at=123, lease_owner=None, lease_expires_at=None)
+            )
+        elif change == "message deleted":
+            first = (await session.execute(first_messages.limit(1))).one()
+            await session.execute(orm.Message.__table__.delete().where(orm.Message.id == first.id))
+        elif change == "message replaced":
+            first, second = (await session.execute(first_messages.limit(2))).all()
+            await session.execute(orm.Message.__table__.delete().where(orm.Message.id == first.id))
+            late = user_message(run.thread_id, [{"type": "text", "text": {"value": "late", "annotations": []}}])
+            late.seq = second.seq - 1
+            session.add(late)
+    if change == "claimed by another":
+        await _lapse(runtime, run.id)
+        assert await other.claim(1) == [run.id]
+
+
 @_ON_POSTGRES
-async def test_postgresql_hands_no_run_of_a_streamed_model(
+@pytest.mark.parametrize(
+    "change",
+    [
+        "metadata changed",
+        "started elsewhere",
+        "queued again",
+        "message deleted",
+        "message replaced",
+        "claimed by another",
+    ],
+)
+async def test_postgresql_a_streamed_runs_hand_off_to_a_run_not_as_created_writes_nothing(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, change: str
+) -> None:
+    """The start alone (run_state.carried_handed_start) is under the whole
+    hand-off condition (HandedFrom), not its status alone: whatever of the
+    row or thread is not as the create left it, the statement misses,
+    nothing of it is written (no start, no lease, no event), quietly, and
+    the worker starts no task."""
+    runtime = bare_runtime
+    worker, other = _looping(Worker(runtime)), Worker(runtime)
+    monkeypatch.setattr(runtime.llm, "answer_at_once", _never_at_once)
+    handed = _count_hand_offs(monkeypatch)
+    run = await _create(runtime, worker, ("first", "second", "third"))
+    await _change_since_the_create(runtime, run, change, other)
+    before = await _row(runtime, run.id), await _event_names(runtime, run.id)
+    assert worker.hand(run)
+    await worker._handed()
+    try:
+        assert not handed and not worker._tasks
+        row = await _row(runtime, run.id)
+        assert (row.status, row.started_at, row.lease_owner, row.lease_expires_at) == (
+            before[0].status,
+            before[0].started_at,
+            before[0].lease_owner,
+            before[0].lease_expires_at,
+        )
+        assert await _event_names(runtime, run.id) == before[1]
+        assert "handing run" not in caplog.text  # quietly: a lost compare-and-set
+    finally:
+        await worker.stop()
+        await other.stop()
+
+
+@_ON_POSTGRES
+async def test_postgresql_a_handed_start_whose_context_reads_goes_in_a_transaction(
     bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A model that is not the offline one never answers at once: its run
-    is claimed as any other, no hand-off tried first."""
+    """A scripted rule on the thread's metadata: the start reads the thread
+    first, so its statement is not the unit's first; the unit is then a
+    transaction (BEGIN, the read, the start's statement, COMMIT), the run
+    still handed, started and completed by its task."""
     runtime = bare_runtime
     worker = _looping(Worker(runtime))
+    monkeypatch.setattr(runtime.llm, "answer_at_once", _never_at_once)
+    monkeypatch.setattr(runtime.llm.script, "needs_thread_metadata", lambda: True)
+    handed = _count_hand_offs(monkeypatch)
+    units = _units_of_work(runtime, monkeypatch)
     run = await _create(runtime, worker)
-    real = runtime.llm.route
-    monkeypatch.setattr(
-        runtime.llm, "route", lambda model: dataclasses.replace(real(model), params={"model": "gpt-4o"})
-    )
-    assert not worker.hand(run)
-    monkeypatch.undo()
+    assert worker.hand(run)
+    await worker._handed()
+    assert [execution.finished for execution in handed] == [False] and units == [False]  # not autocommitted
+    assert list(worker._tasks) == [run.id]
+    await asyncio.wait_for(asyncio.gather(*worker._tasks.values()), DEADLINE)
+    assert (await _row(runtime, run.id)).status == "completed"
+    names = [name for name in await _event_names(runtime, run.id) if name != "thread.message.delta"]
+    assert names[:4] == ["thread.created", "thread.run.created", "thread.run.queued", "thread.run.in_progress"]
+    assert names[-1] == "thread.run.completed" and names.count("thread.run.in_progress") == 1
+    await _assert_numbered_once(runtime, run.id)
+    await worker.stop()
 
 
 # A run created on an existing thread (POST /threads/{id}/runs: the SDK's

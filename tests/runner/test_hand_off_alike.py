@@ -181,8 +181,12 @@ async def routed_runtime(
         await runtime.close()
 
 
-@_ON_SQLITE
-@pytest.mark.parametrize("on_thread", [False, True], ids=["new thread", "existing thread"])
+@pytest.mark.parametrize(
+    ("database_url", "on_thread"),
+    [("sqlite", False), ("sqlite", True), ("postgres", False)],
+    ids=["sqlite-new thread", "sqlite-existing thread", "postgres-new thread"],
+    indirect=["database_url"],
+)  # (a run on an existing thread is handed on SQLite alone)
 @pytest.mark.parametrize("options", [{}, _OPTIONS], ids=["plain", "options"])
 async def test_a_provider_gets_the_same_request_bytes_from_a_handed_run_as_from_a_claimed_one(
     routed_runtime: Runtime,
@@ -191,9 +195,9 @@ async def test_a_provider_gets_the_same_request_bytes_from_a_handed_run_as_from_
     on_thread: bool,
     options: dict[str, Any],
 ) -> None:
-    """SQLite: a provider's run is handed, and its request is byte for
-    byte its claimed twin's (a cassette recorded from one is replayed for
-    the other)."""
+    """A provider's run is handed (on PostgreSQL too: its start the
+    hand-off's one statement), and its request is byte for byte its claimed
+    twin's (a cassette recorded from one is replayed for the other)."""
     runtime = routed_runtime
     worker = _looping(Worker(runtime))
     hand_offs = _count_hand_offs(monkeypatch)

@@ -148,9 +148,19 @@ def provider() -> Iterator[FakeOpenAI]:
         loop.close()
 
 
+@pytest.mark.parametrize("database_url", ["sqlite", "postgres"], indirect=True)
 def test_record_then_replay_offline(
-    project: pytest.Pytester, provider: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    project: pytest.Pytester,
+    provider: FakeOpenAI,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    database_url: str,
 ) -> None:
+    """On PostgreSQL too (issue 17): a provider's run there is handed to the
+    worker or claimed by its tick, and its request, a cassette's key, is the
+    same either way (tests/runner/test_hand_off_alike.py)."""
+    if not database_url.startswith("sqlite"):  # (SQLite: the server's own file, as a user's would be)
+        monkeypatch.setenv("ASSISTANTS_DATABASE_URL", database_url)
     secret = "sk-very-secret-provider-key-123"  # noqa: S105 (a made-up key the cassette must not contain)
     monkeypatch.setenv("FAKE_PROVIDER_KEY", secret)
     routing = tmp_path / "models.yaml"
