@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app import cassettes
-from app.llm import anthropic_request, litellm_adapter, offline, tokens
+from app.llm import anthropic_request, litellm_adapter, offline, tokens, unicode_text
 from app.llm.interface import (
     CallObserver,
     ChatRequest,
@@ -153,6 +153,7 @@ class LLM:
             raise
         if events is None:
             return None
+        events = unicode_text.mended(events)  # the offline model's text may come from the routing file's rules
         finish = events[-1]
         assert isinstance(finish, Finish)
         if exchange is not None:
@@ -178,16 +179,21 @@ class LLM:
             if self.cassettes is not None:
                 source = self._recording(request, source, self.cassettes)
         exchange = Exchange(request) if self.observer is not None else None
+        # Every model's text is made valid Unicode here, where it enters the
+        # server (a provider's lone surrogate: unicode_text.py): what runs
+        # store and stream, chat completions and the request log all see it so.
+        mender = unicode_text.StreamMender()
         async with aclosing(source):
             try:
-                async for event in source:
-                    if exchange is not None:
-                        exchange.observe(event)
-                        if isinstance(event, Finish):
-                            # Recorded before the run can finish, so whoever
-                            # sees the run ended also sees what the model saw.
-                            await self._record(exchange)
-                    yield event
+                async for given in source:
+                    for event in (given,) if mender.clean(given) else mender.mend(given):
+                        if exchange is not None:
+                            exchange.observe(event)
+                            if isinstance(event, Finish):
+                                # Recorded before the run can finish, so whoever
+                                # sees the run ended also sees what the model saw.
+                                await self._record(exchange)
+                        yield event
             except LLMError as exc:
                 if exchange is not None:
                     exchange.error = {"code": exc.code, "message": exc.message}

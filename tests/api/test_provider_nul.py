@@ -1,18 +1,23 @@
 """A provider's answer with a NUL character reaches the client as given,
 through the official SDK, on both databases: the run completes, the message
 lists and streams with it (app/runner/turn.py says why it is kept). One
-with a lone surrogate is stored, and then cannot be read (a known bug, the
-same on both databases: xfail)."""
+with a surrogate half is made valid Unicode where it enters the server
+(app/llm/unicode_text.py): a pair split across deltas joined, a lone half
+U+FFFD."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import openai
 import pytest
 from fastapi import FastAPI
 
 from app import llm
+from app.settings import Settings
+from tests.runner.fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -58,21 +63,42 @@ async def test_a_nul_in_a_providers_answer_reaches_the_client(client: openai.Asy
     assert final.status == "completed" and streamed == ANSWER
 
 
-@pytest.mark.xfail(raises=openai.InternalServerError, strict=True, reason="a lone surrogate is stored, then unreadable")
-@pytest.mark.parametrize("answer_text", ["before\ud83dafter"])
-@pytest.mark.usefixtures("provider")
-async def test_a_lone_surrogate_in_a_providers_answer_leaves_the_thread_readable(client: openai.AsyncOpenAI) -> None:
-    """A provider's text with a lone surrogate (a JSON escape of half a
-    pair, which Python's json decodes): the run completes on both
-    databases, and every list of the thread's messages is then a 500 (the
-    response cannot be encoded as UTF-8). Not fixed here: see the pgerr
-    report (the fix belongs where a provider's deltas are taken, a pair
-    split across two deltas kept whole)."""
-    assistant = await client.beta.assistants.create(model="gpt-4o")
+@pytest.fixture
+def fake_settings(settings: Settings, fake: FakeOpenAI, tmp_path: Path) -> Settings:
+    """Every model to the fake provider, a direct route: its text deltas
+    come as JSON escapes, as a provider's do."""
+    entry = {"model": "openai/*", "api_base": fake.api_base, "api_key": "sk-fake", "max_retries": 0}
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"model_list": [{"model_name": "*", "litellm_params": entry, "direct": True}]}))
+    settings.llm_config = path
+    return settings
+
+
+@pytest.mark.parametrize(
+    ("deltas", "expected"),
+    [
+        (["before\ud83d", "after"], "before\ufffdafter"),  # a high half, no low half follows
+        (["be\ude00fore", " after"], "be\ufffdfore after"),  # a low half alone
+        (["smile \ud83d", "\ude00 done"], "smile \U0001f600 done"),  # a pair split across two deltas
+        (["the end \ud83d"], "the end \ufffd"),  # a high half at the stream's end
+    ],
+    ids=["lone-high", "lone-low", "split-pair", "high-at-end"],
+)
+async def test_a_lone_surrogate_in_a_providers_answer_leaves_the_thread_readable(
+    fake_settings: Settings, fake: FakeOpenAI, client: openai.AsyncOpenAI, deltas: list[str], expected: str
+) -> None:
+    """A provider's text with a surrogate half (a JSON escape of half a
+    pair, which Python's json decodes): the run completed and every list
+    of the thread's messages was then a 500 (the response cannot be
+    encoded as UTF-8), on both databases. Now a pair split across deltas is
+    streamed and listed as its character, a lone half as U+FFFD."""
+    fake.texts["fake-halves"] = deltas
+    assistant = await client.beta.assistants.create(model="fake-halves")
     thread = await client.beta.threads.create(messages=[{"role": "user", "content": "hi"}])
-    run = await client.beta.threads.runs.create_and_poll(
-        thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=20
-    )
-    assert run.status == "completed", run.last_error
-    latest = (await client.beta.threads.messages.list(thread.id, limit=1)).data[0]
-    assert latest.content[0].text.value == "before\ufffdafter"  # type: ignore[union-attr]
+    async with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id) as stream:
+        streamed = "".join([text async for text in stream.text_deltas])
+        final = await stream.get_final_run()
+    assert final.status == "completed", final.last_error
+    assert streamed == expected
+    listed = (await client.beta.threads.messages.list(thread.id, limit=1)).data[0]
+    assert listed.content[0].text.value == expected  # type: ignore[union-attr]
