@@ -11,8 +11,9 @@ text, or one tool call's arguments) or the stream's end, then joined into
 its character; a half without its partner becomes U+FFFD, as a UTF-8
 decoder's ``replace`` writes a broken sequence.
 
-Nearly every delta has no surrogate at all: it costs one search of a
-compiled pattern (``StreamMender.clean``) and passes through as it is.
+Nearly every delta has no surrogate at all: it costs an ``isascii`` (a
+flag) or, for other text, one search of a compiled pattern
+(``StreamMender.clean``), and passes through as it is.
 """
 
 from __future__ import annotations
@@ -26,10 +27,17 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _TEXT = -1  # the channel of the message's text; tool calls' are their indexes
 
 
+def _valid(text: str) -> bool:
+    """Whether ``text`` has no surrogate. ``isascii`` reads a flag the str
+    keeps (no scan): an ASCII delta, the common case, costs about 20 ns
+    against the pattern's 150 ns for 6 characters, 1.2 us for 200."""
+    return text.isascii() or _SURROGATE.search(text) is None
+
+
 def whole(text: str) -> str:
     """``text`` with each surrogate pair joined into its character and each
     lone half replaced by U+FFFD."""
-    if _SURROGATE.search(text) is None:
+    if _valid(text):
         return text
     # UTF-16 takes the halves as code units ("surrogatepass"); decoding
     # them joins the pairs and replaces what is left alone.
@@ -55,12 +63,12 @@ class StreamMender:
         if self._held:
             return False
         if type(event) is TextDelta:
-            return _SURROGATE.search(event.text) is None
+            return _valid(event.text)
         if type(event) is ToolCallDelta:
             return (
-                _SURROGATE.search(event.arguments) is None
-                and (event.name is None or _SURROGATE.search(event.name) is None)
-                and (event.id is None or _SURROGATE.search(event.id) is None)
+                _valid(event.arguments)
+                and (event.name is None or _valid(event.name))
+                and (event.id is None or _valid(event.id))
             )
         return True  # a Finish
 
