@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import httpx2
 import openai
 import pytest
 from fastapi import FastAPI
@@ -102,3 +104,87 @@ async def test_a_lone_surrogate_in_a_providers_answer_leaves_the_thread_readable
     assert streamed == expected
     listed = (await client.beta.threads.messages.list(thread.id, limit=1)).data[0]
     assert listed.content[0].text.value == expected  # type: ignore[union-attr]
+
+
+BETA = {"OpenAI-Beta": "assistants=v2", "content-type": "application/json"}
+
+
+async def test_a_lone_surrogate_sent_by_a_user_is_a_400(client: openai.AsyncOpenAI, http: httpx2.AsyncClient) -> None:
+    """What users send (a run's messages, a tool's output) is refused with
+    a lone surrogate before anything is stored, the hot routes' bodies too:
+    only a model's text needs mending (app/llm/unicode_text.py)."""
+    tools: Any = [{"type": "function", "function": {"name": "f"}}]
+    assistant = await client.beta.assistants.create(model="gpt-4o", tools=tools)
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "[[call f]]"}])
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=20
+    )
+    assert run.status == "requires_action", run.last_error
+    assert run.required_action is not None
+    call_id = run.required_action.submit_tool_outputs.tool_calls[0].id
+    refused = [
+        (
+            f"/v1/threads/{thread.id}/runs/{run.id}/submit_tool_outputs",
+            {"tool_outputs": [{"tool_call_id": call_id, "output": "x<half>"}]},
+            "tool_outputs[0].output",
+        ),
+        (f"/v1/threads/{thread.id}/messages", {"role": "user", "content": "x<half>"}, "content"),
+        (
+            "/v1/threads/runs",
+            {"assistant_id": assistant.id, "thread": {"messages": [{"role": "user", "content": "<half>"}]}},
+            "thread.messages[0].content",
+        ),
+        (f"/v1/threads/{thread.id}/runs", {"assistant_id": assistant.id, "instructions": "<half>"}, "instructions"),
+    ]
+    for path, payload, param in refused:
+        # The JSON escape of half a pair, which only a raw body can carry.
+        body = json.dumps(payload).replace("<half>", "\\ud83d")
+        response = await http.post(path, headers=BETA, content=body.encode())
+        assert response.status_code == 400, (path, response.text)
+        assert response.json()["error"]["param"] == param, response.text
+    still = await client.beta.threads.runs.retrieve(run.id, thread_id=thread.id)
+    assert still.status == "requires_action"
+
+
+HALVES = "x\ud83d y \ud83d\ude00 z"
+
+
+@pytest.fixture
+def respond() -> str:
+    """Overridden with ``@pytest.mark.parametrize("respond", [...])``."""
+    return HALVES
+
+
+@pytest.fixture
+def rules_settings(settings: Settings, tmp_path: Path, respond: str) -> Settings:
+    """Every model offline, with a rule whose reply spells surrogate halves."""
+    rule = {"match": "half", "respond": respond}
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"offline": {"rules": [rule]}}))  # ASCII escapes, the halves as \udXXX
+    settings.llm_config = path
+    return settings
+
+
+# Answered at once (LLM.answer_at_once), and streamed (a delay keeps the
+# answer from being instant).
+@pytest.mark.parametrize("respond", [HALVES, f"[[delay 1]] [[reply {HALVES}]]"], ids=["at-once", "streamed"])
+@pytest.mark.usefixtures("rules_settings")
+async def test_an_offline_rules_surrogate_halves_are_mended(client: openai.AsyncOpenAI) -> None:
+    """The offline model's text may come from the routing file's rules, whose
+    JSON can spell half a pair: mended as a provider's is, whether the
+    answer is instant or streamed. Both were a 500 on listing before."""
+    expected = "x\ufffd y \U0001f600 z"
+    assistant = await client.beta.assistants.create(model="gpt-4o")
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "half"}])
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=20
+    )
+    assert run.status == "completed", run.last_error
+    latest = (await client.beta.threads.messages.list(thread.id, limit=1)).data[0]
+    assert latest.content[0].text.value == expected  # type: ignore[union-attr]
+    async with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id) as stream:
+        streamed = "".join([text async for text in stream.text_deltas])
+        final = await stream.get_final_run()
+    assert final.status == "completed" and streamed == expected
+    latest = (await client.beta.threads.messages.list(thread.id, limit=1)).data[0]
+    assert latest.content[0].text.value == expected  # type: ignore[union-attr]
