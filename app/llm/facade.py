@@ -185,15 +185,24 @@ class LLM:
         mender = unicode_text.StreamMender()
         async with aclosing(source):
             try:
-                async for given in source:
-                    for event in (given,) if mender.clean(given) else mender.mend(given):
-                        if exchange is not None:
-                            exchange.observe(event)
-                            if isinstance(event, Finish):
-                                # Recorded before the run can finish, so whoever
-                                # sees the run ended also sees what the model saw.
-                                await self._record(exchange)
-                        yield event
+                async for event in source:
+                    if not mender.clean(event):  # rare: a surrogate half, or one held back
+                        mended = mender.mend(event)
+                        if not mended:
+                            continue  # a lone high half, held for the next delta
+                        # A half released as U+FFFD may come first (never a Finish).
+                        *released, event = mended
+                        for each in released:
+                            if exchange is not None:
+                                exchange.observe(each)
+                            yield each
+                    if exchange is not None:
+                        exchange.observe(event)
+                        if isinstance(event, Finish):
+                            # Recorded before the run can finish, so whoever
+                            # sees the run ended also sees what the model saw.
+                            await self._record(exchange)
+                    yield event
             except LLMError as exc:
                 if exchange is not None:
                     exchange.error = {"code": exc.code, "message": exc.message}

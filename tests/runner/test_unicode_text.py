@@ -5,9 +5,13 @@ run through the API, on both databases: tests/api/test_provider_nul.py."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 
-from app.llm.interface import Event, Finish, TextDelta, ToolCallDelta, Usage
+from app.llm import LLM
+from app.llm.interface import ChatRequest, Event, Exchange, Finish, TextDelta, ToolCallDelta, Usage
+from app.llm.routing import Router
 from app.llm.unicode_text import StreamMender, mended, whole
 
 pytestmark = pytest.mark.timeout(10)
@@ -81,3 +85,41 @@ def test_a_whole_answer_is_mended_and_a_clean_one_kept() -> None:
     clean: list[Event] = [TextDelta("fine"), FINISH]
     assert mended(clean) is clean
     assert mended([TextDelta("a\ud83d"), TextDelta("\ude00"), FINISH]) == [TextDelta("a"), TextDelta(SMILE), FINISH]
+
+
+async def test_the_facade_passes_on_and_logs_the_mended_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLM.stream: what its consumers and the model-request log see."""
+    given: list[Event] = [
+        TextDelta("a\ud83d"),  # held, then released before the call
+        ToolCallDelta(0, "call_1", "f", "{\ud83d"),
+        ToolCallDelta(0, arguments="\ude00}"),
+        TextDelta("\ud83d"),  # held alone, then released at the Finish
+        FINISH,
+    ]
+
+    async def source(_request: ChatRequest, _prompt_tokens: int) -> AsyncIterator[Event]:
+        for event in given:
+            yield event
+
+    model = LLM(Router.build(None))
+    monkeypatch.setattr(model._offline, "stream", source)
+    logged: list[Exchange] = []
+
+    async def log(exchange: Exchange) -> None:
+        logged.append(exchange)
+
+    model.observer = log
+    request = ChatRequest(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    out = [event async for event in model.stream(request)]
+    assert out == [
+        TextDelta("a"),
+        TextDelta("\ufffd"),
+        ToolCallDelta(0, "call_1", "f", "{"),
+        ToolCallDelta(0, None, None, f"{SMILE}}}"),
+        TextDelta("\ufffd"),
+        FINISH,
+    ]
+    (exchange,) = logged
+    body = exchange.response_body()
+    assert body["text"] == "a\ufffd\ufffd"
+    assert body["tool_calls"] == [{"id": "call_1", "name": "f", "arguments": f"{{{SMILE}}}"}]
