@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from app import llm
 from app.settings import Settings
+from tests.runner import fake_openai
 from tests.runner.fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.timeout(60)
@@ -188,3 +189,20 @@ async def test_an_offline_rules_surrogate_halves_are_mended(client: openai.Async
     assert final.status == "completed" and streamed == expected
     latest = (await client.beta.threads.messages.list(thread.id, limit=1)).data[0]
     assert latest.content[0].text.value == expected  # type: ignore[union-attr]
+
+
+async def test_a_surrogate_half_in_a_providers_error_leaves_the_run_readable(
+    fake_settings: Settings, monkeypatch: pytest.MonkeyPatch, client: openai.AsyncOpenAI
+) -> None:
+    """A provider's error message is text from its JSON as well: the run
+    fails with it as its last_error, which must read back."""
+    monkeypatch.setitem(fake_openai.ERRORS, "fake-halves-error", (400, "invalid", "bad \ud83d input"))
+    assistant = await client.beta.assistants.create(model="fake-halves-error")
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "hi"}])
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=20
+    )
+    assert run.status == "failed" and run.last_error is not None
+    assert "bad \ufffd input" in run.last_error.message
+    listed = (await client.beta.threads.runs.list(thread.id)).data[0]
+    assert listed.last_error == run.last_error
