@@ -241,9 +241,6 @@ class RecordedEmbedder:
         self._book.directory.mkdir(parents=True, exist_ok=True)
         document = redact(json.dumps({"request": normalise(body), "vectors": vectors}, ensure_ascii=False))
         temp = path.with_name(path.name + ".tmp")
-        # A provider's lone surrogate (half a pair, mended only past the
-        # recording: LLM._stream) is written as its JSON escape, the
-        # backslash form of a surrogate, so the replay gives what came.
-        temp.write_text(document + "\n", encoding="utf-8", errors="backslashreplace")
+        temp.write_text(document + "\n", encoding="utf-8")
         os.replace(temp, path)
         return vectors

@@ -7,7 +7,6 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from app.llm import unicode_text
 from app.llm.interface import (
     FINISH_REASONS,
     ChatRequest,
@@ -122,8 +121,8 @@ def provider_error(exc: Exception, route: Route, explicit: Sequence[str] = ()) -
     A rejected request names the parameters the user set, since one of them may be the cause."""
     status = getattr(exc, "status_code", None)
     # The provider's own words (from its JSON: a lone surrogate is possible)
-    # become the run's last_error, which must read back as UTF-8.
-    text = unicode_text.whole(str(exc).partition(_TRACEBACK)[0])
+    # become the run's last_error; LLMError makes them valid Unicode.
+    text = str(exc).partition(_TRACEBACK)[0]
     provider_prefix = _provider_prefix(route)
     detail = provider_prefix.sub("", _CLASS_PREFIX.sub("", text).strip()) or type(exc).__name__
     for separator in _REPEATS:

@@ -206,3 +206,22 @@ async def test_a_surrogate_half_in_a_providers_error_leaves_the_run_readable(
     assert "bad \ufffd input" in run.last_error.message
     listed = (await client.beta.threads.runs.list(thread.id)).data[0]
     assert listed.last_error == run.last_error
+
+
+@pytest.mark.parametrize("respond", ["[[\ud83d]] x"])
+@pytest.mark.usefixtures("rules_settings")
+async def test_an_offline_cue_error_quoting_a_surrogate_half_leaves_the_run_readable(
+    client: openai.AsyncOpenAI,
+) -> None:
+    """An offline rule's unknown directive is quoted in the run's
+    last_error: a half in it is mended as a provider's error is (LLMError),
+    and the thread's runs list (a 500 before)."""
+    assistant = await client.beta.assistants.create(model="gpt-4o")
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "half"}])
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=20
+    )
+    assert run.status == "failed" and run.last_error is not None
+    assert run.last_error.code == "invalid_prompt" and "[[\ufffd]]" in run.last_error.message
+    listed = (await client.beta.threads.runs.list(thread.id)).data[0]
+    assert listed.last_error == run.last_error

@@ -12,7 +12,8 @@ import pytest
 from app.llm import LLM
 from app.llm.interface import ChatRequest, Event, Exchange, Finish, TextDelta, ToolCallDelta, Usage
 from app.llm.routing import Router
-from app.llm.unicode_text import StreamMender, mended, whole
+from app.llm.unicode_text import StreamMender, mended
+from app.llm.whole_text import whole
 
 pytestmark = pytest.mark.timeout(10)
 
