@@ -194,7 +194,10 @@ class Cassettes:
         path = self.path(model, request_key(normalised))
         document = redact(json.dumps({"request": normalised, "events": events}, indent=1, ensure_ascii=False))
         temp = path.with_name(path.name + ".tmp")
-        temp.write_text(document + "\n", encoding="utf-8")
+        # A provider's lone surrogate (half a pair, mended only past the
+        # recording: LLM._stream) is written as its JSON escape, the
+        # backslash form of a surrogate, so the replay gives what came.
+        temp.write_text(document + "\n", encoding="utf-8", errors="backslashreplace")
         os.replace(temp, path)
 
 

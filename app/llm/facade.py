@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app import cassettes
-from app.llm import anthropic_request, litellm_adapter, offline, tokens
+from app.llm import anthropic_request, litellm_adapter, offline, tokens, unicode_text
 from app.llm.interface import (
     CallObserver,
     ChatRequest,
@@ -153,6 +153,7 @@ class LLM:
             raise
         if events is None:
             return None
+        events = unicode_text.mended(events)  # the offline model's text may come from the routing file's rules
         finish = events[-1]
         assert isinstance(finish, Finish)
         if exchange is not None:
@@ -178,9 +179,23 @@ class LLM:
             if self.cassettes is not None:
                 source = self._recording(request, source, self.cassettes)
         exchange = Exchange(request) if self.observer is not None else None
+        # Every model's text is made valid Unicode here, where it enters the
+        # server (a provider's lone surrogate: unicode_text.py): what runs
+        # store and stream, chat completions and the request log all see it so.
+        mender = unicode_text.StreamMender()
         async with aclosing(source):
             try:
                 async for event in source:
+                    if not mender.clean(event):  # rare: a surrogate half, or one held back
+                        mended = mender.mend(event)
+                        if not mended:
+                            continue  # a lone high half, held for the next delta
+                        # A half released as U+FFFD may come first (never a Finish).
+                        *released, event = mended
+                        for each in released:
+                            if exchange is not None:
+                                exchange.observe(each)
+                            yield each
                     if exchange is not None:
                         exchange.observe(event)
                         if isinstance(event, Finish):

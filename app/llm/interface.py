@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from app.llm.whole_text import whole
 from app.scripting import RequestContext
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
@@ -162,6 +163,10 @@ class LLMError(Exception):
     """A completion failed; ``code`` is what the run's ``last_error.code`` becomes."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
+        # Made valid Unicode wherever it is raised: a provider's error or an
+        # offline cue's can quote text holding half a surrogate pair, and a
+        # run's last_error must read back (whole_text.py).
+        message = whole(message)
         super().__init__(message)
         self.code: ErrorCode = code
         self.message = message

@@ -120,6 +120,8 @@ def provider_error(exc: Exception, route: Route, explicit: Sequence[str] = ()) -
     """429 -> rate_limit_exceeded; 400/413/422 (bad or too long prompt) -> invalid_prompt; else server_error.
     A rejected request names the parameters the user set, since one of them may be the cause."""
     status = getattr(exc, "status_code", None)
+    # The provider's own words (from its JSON: a lone surrogate is possible)
+    # become the run's last_error; LLMError makes them valid Unicode.
     text = str(exc).partition(_TRACEBACK)[0]
     provider_prefix = _provider_prefix(route)
     detail = provider_prefix.sub("", _CLASS_PREFIX.sub("", text).strip()) or type(exc).__name__

@@ -27,6 +27,7 @@ naming a model routed to it):
   although the request asked for a stream: "Whole answer", a get_weather call,
   finish ``tool_calls``, usage 11/7 (servers that ignore ``stream``);
   ``fake-json-error``: an error object as that 200 JSON body.
+- a name in ``texts``: those text deltas, finish ``stop``, no usage.
 
 It also answers Azure OpenAI's paths (``/openai/deployments/{deployment}/chat/completions``
 and ``/openai/v1/chat/completions``) the same way. Every request body, its
@@ -126,6 +127,9 @@ def _completion(model: str) -> dict[str, Any]:
 @dataclass
 class FakeOpenAI:
     requests: list[dict[str, Any]] = field(default_factory=list)
+    # Text deltas a test gives a model name of its own: streamed as written
+    # by json.dumps, a lone surrogate as its ``\udXXX`` escape.
+    texts: dict[str, list[str]] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
     port: int = 0
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -225,7 +229,10 @@ class FakeOpenAI:
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             return response
-        for chunk in _script(model):
+        script = _script(model)
+        if model in self.texts:
+            script = [_chunk(model, {"content": text}) for text in self.texts[model]] + [_chunk(model, {}, "stop")]
+        for chunk in script:
             await response.write(chunk)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

@@ -311,3 +311,27 @@ def test_odd_chunk_fields_are_ignored_not_crashed_on() -> None:
     events = list(reader.read(chunk))
     assert all(not isinstance(event, TextDelta) for event in events)
     assert reader.output == [""] and reader.reason is None
+
+
+async def test_a_cassette_keeps_a_providers_surrogate_halves_as_escapes(
+    fake: FakeOpenAI, tmp_path: Path, llms: list[LLM]
+) -> None:
+    """Recording keeps the provider's stream as it came (the halves as JSON
+    escapes: UTF-8 cannot carry them, and writing them raised mid-run);
+    both the recording run and its replay pass on the mended text."""
+    fake.texts["fake-halves"] = ["a \ud83d", "\ude00 b \ud83d"]
+    path = config_file(tmp_path, [entry("*", "openai/*", api_base=fake.api_base, api_key="k")])
+    recorder = LLM.from_config(path)
+    llms.append(recorder)
+    recorder.cassettes = cassettes.Cassettes(tmp_path / "tapes", "record")
+    chat = ChatRequest("fake-halves", [user("hi")])
+    recorded = [event async for event in recorder.stream(chat)]
+    assert "".join(event.text for event in recorded if isinstance(event, TextDelta)) == "a \U0001f600 b \ufffd"
+    [tape] = (tmp_path / "tapes").glob("*.json")
+    assert "\\ud83d" in tape.read_text(encoding="utf-8")
+
+    await fake.stop()
+    player = LLM.from_config(path, replaying=True)
+    llms.append(player)
+    player.cassettes = cassettes.Cassettes(tmp_path / "tapes", "replay")
+    assert [event async for event in player.stream(chat)] == recorded
