@@ -67,6 +67,7 @@ write_behind = held_back.write_behind
 # Session.info key: a SQLite transaction's writes collected before it
 # connects (held_back.COLLECTED, Runtime.unit_of_work).
 COLLECTED = held_back.COLLECTED
+GROUPED = held_back.GROUPED
 # Session.info key: the session's transaction is a RawTransaction's (held_back.RAW).
 RAW = held_back.RAW
 # ``run_now(session, statement, params)``: a statement whose rows are wanted
@@ -824,7 +825,7 @@ class SyncSession(orm.Session):
 
     def get_bind(self, *args: Any, **kwargs: Any) -> Any:
         # Every connection a session makes asks for its bind here first.
-        if RAW in self.info:
+        if RAW in self.info or GROUPED in self.info:
             raise RawSessionConnected("a raw transaction's session may not connect (a read, or a write not held back)")
         return super().get_bind(*args, **kwargs)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import weakref
+from collections.abc import Callable
 from contextlib import suppress
 from typing import NamedTuple, TypeVar
 
@@ -53,6 +54,38 @@ async def commit_collected_seen_through(session: AsyncSession, engine: AsyncEngi
     session as db.commit_seen_through() notes a commit carried through a
     cancellation (db.committed_despite_cancellation())."""
     await commit_collected(engine, session.info.pop(db.COLLECTED), session)
+
+
+class Withdrawn(RuntimeError):
+    """A grouped end (Runtime.grouped_writes) taken out of its group before
+    its hop was sent, by another append of its run (RunLog._withdraw_unlocked):
+    nothing of it was written; its caller makes it again, as after a miss."""
+
+
+async def commit_grouped(
+    session: AsyncSession, engine: AsyncEngine, joined: Callable[[Callable[[], bool]], bool]
+) -> None:
+    """commit_collected_seen_through() of a grouped end (db.GROUPED): its
+    collected writes in the open group, each withdrawable until its hop is
+    sent (``joined``, RunLog.joined for the session, is given how; False:
+    withdrawn already, Withdrawn raised, nothing sent)."""
+    statements: list[sqlite_driver.Statement] = session.info.pop(db.COLLECTED)
+    member: list[tuple[asyncio.Future[None], db.Sending]] = []  # set below, before anything can withdraw it
+    if not joined(lambda: _withdraw(*member[0])):
+        raise Withdrawn("withdrawn before joining its group")
+    member.append(_joined(engine, statements))
+    outcome, sending = member[0]
+    await db.commit_noted_through(session, outcome, sending)
+
+
+def _withdraw(outcome: asyncio.Future[None], sending: db.Sending) -> bool:
+    """A member taken out of its group while its hop is unsent (the group
+    leaves out a member whose outcome is set); False once sent."""
+    if sending.sent:
+        return False
+    if not outcome.done():
+        outcome.set_exception(Withdrawn("withdrawn from its group by another append of its run"))
+    return True
 
 
 # How many collected transactions one hop carries at most (_Group): more

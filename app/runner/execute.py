@@ -37,7 +37,7 @@ from typing import Any, Literal, NoReturn, TypedDict
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import db, ids, llm, orm
+from app import db, ids, llm, orm, sqlite_groups
 from app.llm import offline
 from app.observability import logs
 from app.runner import markers, prompt
@@ -279,6 +279,11 @@ class RunExecution:
                     if not run_state.moved_elsewhere(error):
                         raise
                     self._run = None  # as it stands, known again only by a read
+                except sqlite_groups.Withdrawn:
+                    # Grouped (Runtime.grouped_writes), another append of the
+                    # run (a cancel's) came before its hop: nothing was
+                    # written, its deltas are in that append; made again reading.
+                    self._run = None
                 except db.RawSessionConnected:
                     # The raw end met a read after all (its log's numbering
                     # needed one: another process opened the file while it
@@ -403,7 +408,7 @@ class RunExecution:
             yield self._claim_session
             return
         if writes_only:
-            async with self.runtime.raw_writes() as session:
+            async with self.runtime.grouped_writes() as session:
                 yield session
             return
         async with self.runtime.unit_of_work() if carried else self.runtime.transaction() as session:

@@ -1,0 +1,227 @@
+"""Provider runs' ends grouped on SQLite (issue 17, branch provgroup): an
+end whose writes are all held back (Runtime.grouped_writes) joins the group
+of transactions queued for the file's write lock (app/sqlite_groups.py), so
+the ends that queue together share one hop, each in its own savepoint,
+each told its own outcome: a miss fails that end alone (made again the way
+that reads), an append of the run by another transaction before the hop (a
+cancel's) withdraws the end, and a failure of the hop fails every end,
+none left waiting nor holding its run's deltas."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy import make_url
+from sqlalchemy.exc import OperationalError
+
+from app import db, llm, orm, sqlite_driver, sqlite_groups
+from app.runner import execute
+from app.runtime import Runtime
+from app.services import run_state
+from app.wire.events import Event
+from tests.runner.helpers import until
+from tests.runner.test_carried_end import _ended, _logged
+from tests.runner.test_quick_answer import _provider, _written_message
+from tests.runner.test_straight_commit import _checked_out
+from tests.runner.test_worker import _make_runs
+
+pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # SQLite's groups
+
+_OWNER = "test:0:grouped"
+
+
+def _answers_whole(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def whole(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Fine.")
+        yield llm.Finish("stop", llm.Usage(3, 2))
+
+    _provider(runtime, monkeypatch, whole)
+    monkeypatch.setattr(execute, "QUICK_ANSWER_SECONDS", 30)  # taken whole: written with the end
+
+
+async def _claimed(runtime: Runtime, count: int) -> list[execute.RunExecution]:
+    executions = await execute.claim_and_start(runtime, _OWNER, count, 60.0, {})
+    assert len(executions) == count and not any(execution.finished for execution in executions)
+    return executions
+
+
+def _writers(runtime: Runtime) -> db.SQLiteWriters:
+    return db._WRITERS[runtime.engine.sync_engine]
+
+
+def _open_members(runtime: Runtime) -> int:
+    groups = sqlite_groups._GROUPS.get(db.writers_of(runtime.engine))
+    return 0 if groups is None or groups.open is None else len(groups.open.members)
+
+
+def _hops_of_each(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The transactions in each grouped hop (commit_each) from now on."""
+    sizes: list[int] = []
+    real = sqlite_driver.OneHopConnection.commit_each
+
+    def counted(self: sqlite_driver.OneHopConnection, begin: str, transactions: list[Any], *args: Any) -> Any:
+        sizes.append(len(transactions))
+        return real(self, begin, transactions, *args)
+
+    monkeypatch.setattr(sqlite_driver.OneHopConnection, "commit_each", counted)
+    return sizes
+
+
+def _elsewhere(runtime: Runtime, change: str) -> None:
+    """``change`` written to the file by another connection (the process's write lock is not SQLite's)."""
+    other = sqlite3.connect(str(make_url(str(runtime.engine.url)).database), timeout=5.0)
+    try:
+        other.execute(change)
+        other.commit()
+    finally:
+        other.close()
+
+
+def _contiguous(logged: list[tuple[int, str, Any]]) -> bool:
+    return [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
+
+
+async def test_ends_queued_for_the_lock_share_one_hop_and_a_miss_fails_its_own_end_alone(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three provider runs end while the write lock is held: their ends go
+    in one hop; the one whose run was cancelled meanwhile misses its
+    compare-and-set, rolled back to its savepoint alone, and is made again
+    reading (ended cancelled); the other two complete; every log 1..n."""
+    _answers_whole(runtime, monkeypatch)
+    run_ids = await _make_runs(runtime, 3)
+    executions = await _claimed(runtime, 3)
+    hops = _hops_of_each(monkeypatch)
+    writers = _writers(runtime)
+    await writers.hold()
+    try:
+        running = [asyncio.create_task(execute.run(execution)) for execution in executions]
+        await until(lambda: _open_members(runtime) == 3, "the three ends in one group")
+        missed = executions[1].run_id
+        _elsewhere(runtime, f"UPDATE runs SET status = 'cancelling' WHERE id = '{missed}'")
+    finally:
+        writers.free()
+    async with asyncio.timeout(30):
+        await asyncio.gather(*running)
+    assert hops[0] == 3
+    for run_id in run_ids:
+        status, last_error, text = await _ended(runtime, run_id)
+        assert (status, last_error, text) == ("cancelled" if run_id == missed else "completed", None, "Fine.")
+        logged = await _logged(runtime, run_id)
+        assert _contiguous(logged) and logged[-1][1] == f"thread.run.{status}"
+    assert runtime.run_log._unlocked == {} and _checked_out(runtime) == 0
+
+
+async def test_a_cancel_appending_before_a_grouped_ends_hop_withdraws_it(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cancel's transaction that holds the write lock when a streamed
+    answer's end (its deltas numbered and buffered) joins its group: the
+    cancel's append takes the end out of the group (nothing of it sent), the
+    deltas going in the cancel's append, numbered as followers saw them; the
+    end made again reading ends the run cancelled, its text kept, the log
+    1..n, nothing renumbered."""
+    runs: list[str] = []
+    monkeypatch.setattr(runtime.run_log, "flush_seconds", 60)  # the deltas wait for an append
+    monkeypatch.setattr(execute, "CANCEL_POLL_SECONDS", 60)  # no read of the run before its end
+    finish = asyncio.Event()
+
+    async def streamed(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        await until(lambda: bool(runtime.run_log._buffer.get(runs[0])), "the first delta published")
+        yield llm.TextDelta(" world")
+        await finish.wait()
+        yield llm.Finish("stop", llm.Usage(3, 2))
+
+    _provider(runtime, monkeypatch, streamed)
+    runs.extend(await _make_runs(runtime, 1))
+    (execution,) = await _claimed(runtime, 1)
+    hops = _hops_of_each(monkeypatch)
+    commits: list[int] = []
+    real_join = sqlite_groups._joined
+
+    def joined(engine: Any, statements: Any) -> Any:
+        commits.append(len(statements))
+        return real_join(engine, statements)
+
+    monkeypatch.setattr(sqlite_groups, "_joined", joined)
+
+    async def cancel() -> None:
+        async with runtime.transaction() as session:
+            run = await session.get(orm.Run, runs[0])  # queued for the lock, ahead of the end's group
+            assert run is not None
+            name = await run_state.transition(session, run, "cancelling")
+            await runtime.run_log.append(session, runs[0], [Event(name, {"id": runs[0]})], run_locked=True)
+
+    writers = _writers(runtime)
+    caplog.set_level(logging.WARNING, logger="app.run_log")
+    ending = asyncio.create_task(execute.run(execution))
+    try:
+        await _written_message(runtime, runs[0])  # mid-answer, before the lock is held
+        await until(lambda: len(runtime.run_log._buffer.get(runs[0], [])) == 2, "both deltas numbered, buffered")
+        assert all(seq is not None for seq, _event in runtime.run_log._buffer[runs[0]])
+        await writers.hold()
+        try:
+            cancelling = asyncio.create_task(cancel())
+            await until(lambda: len(writers._lock._waiters) == 1, "the cancel queued for the lock")
+            finish.set()
+            await until(lambda: _open_members(runtime) == 1, "the end in its group")
+        finally:
+            writers.free()
+    finally:
+        finish.set()
+    async with asyncio.timeout(30):
+        await asyncio.gather(cancelling, ending)
+    assert commits and hops == []  # the end joined, and was left out of its hop
+    assert await _ended(runtime, runs[0]) == ("cancelled", None, "Hello world")
+    logged = await _logged(runtime, runs[0])
+    assert _contiguous(logged)
+    names = [name for _seq, name, _data in logged]
+    assert names.index("thread.run.cancelling") < names.index("thread.run.cancelled")
+    deltas = [data["delta"]["content"][0]["text"]["value"] for _s, name, data in logged if name.endswith(".delta")]
+    assert "".join(deltas) == "Hello world"
+    assert [record.getMessage() for record in caplog.records if record.name == "app.run_log"] == []
+    assert runtime.run_log._unlocked == {} and runtime.run_log._early_unwritten == 0
+
+
+async def test_a_failed_hop_fails_every_grouped_end_and_leaves_each_run_as_it_was(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group's hop fails whole (a disk error): each end is told (the
+    database's error: its run stays in_progress, resumed later), none is
+    left waiting, nothing of them is written, and none leaves its run
+    marked appending or withdrawable (its next append numbered as before)."""
+    _answers_whole(runtime, monkeypatch)
+    run_ids = await _make_runs(runtime, 3)
+    executions = await _claimed(runtime, 3)
+    before = {run_id: await _logged(runtime, run_id) for run_id in run_ids}
+    failed: list[int] = []
+
+    async def broken(self: sqlite_driver.OneHopConnection, begin: str, transactions: list[Any], *args: Any) -> Any:
+        failed.append(len(transactions))
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(sqlite_driver.OneHopConnection, "commit_each", broken)
+    writers = _writers(runtime)
+    await writers.hold()
+    try:
+        running = [asyncio.create_task(execute.run(execution)) for execution in executions]
+        await until(lambda: _open_members(runtime) == 3, "the three ends in one group")
+    finally:
+        writers.free()
+    async with asyncio.timeout(30):
+        outcomes = await asyncio.gather(*running, return_exceptions=True)
+    assert failed == [3]
+    assert all(isinstance(outcome, OperationalError) for outcome in outcomes), outcomes
+    for run_id in run_ids:
+        assert await _logged(runtime, run_id) == before[run_id]
+        async with runtime.transaction() as session:
+            run = await session.get(orm.Run, run_id)
+            assert run is not None and (run.status, run.lease_owner) == ("in_progress", _OWNER)
+    assert runtime.run_log._unlocked == {} and runtime.run_log._appending == {}
+    assert _checked_out(runtime) == 0
