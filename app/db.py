@@ -202,6 +202,9 @@ class _WriteLock:
         self._held = True
         return True
 
+    def idle(self) -> bool:
+        return not self._held and not self._waiters
+
     async def acquire(self) -> None:
         if self.try_acquire():
             return
@@ -298,6 +301,11 @@ class SQLiteWriters:
             # Worded and typed like SQLite's own refusal, so that it is answered alike.
             refusal = sqlite3.OperationalError("database is locked (by this process's other transactions)")
             raise sa_exc.OperationalError("BEGIN IMMEDIATE", None, refusal) from None
+
+    def idle(self) -> bool:
+        """Whether the write lock is free with nobody queued for it (a
+        writer that asks now takes it at once)."""
+        return self._lock.idle()
 
     def free(self) -> None:
         self._lock.release()
