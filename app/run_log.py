@@ -52,7 +52,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app import db, orm
+from app import db, orm, sqlite_groups
 from app.bus import Entry, EventBus
 from app.cancelling import cancel_and_wait
 from app.services import core_rows, new_rows, run_events, run_state
@@ -335,6 +335,13 @@ class RunLog:
             # its hop. Connected, it holds the lock (the collected writes
             # handed to its transaction), and the prediction is made under it.
             await session.connection()
+        if grouped and self._appending.get(run_id):
+            # Another append of the run is uncommitted (a cancel's, under the
+            # lock): numbered after it without the lock, this end would be
+            # wrong if it rolled back (its deltas, back in the buffer, keep
+            # numbers this one's events would take). Nothing taken yet: made
+            # again the way that reads, under the lock, after it.
+            raise sqlite_groups.Withdrawn("another append of the run is uncommitted")
         self._withdraw_unlocked(run_id, session)
         drained = self._buffer.pop(run_id, [])
         batch = [event for _seq, event in drained] + list(events)

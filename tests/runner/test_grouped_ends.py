@@ -5,7 +5,8 @@ the ends that queue together share one hop, each in its own savepoint,
 each told its own outcome: a miss fails that end alone (made again the way
 that reads), an append of the run by another transaction before the hop (a
 cancel's) withdraws the end, and a failure of the hop fails every end,
-none left waiting nor holding its run's deltas."""
+none left waiting nor holding its run's deltas; nor does an end number
+its events after another append of its run that has not committed."""
 
 from __future__ import annotations
 
@@ -225,3 +226,63 @@ async def test_a_failed_hop_fails_every_grouped_end_and_leaves_each_run_as_it_wa
             assert run is not None and (run.status, run.lease_owner) == ("in_progress", _OWNER)
     assert runtime.run_log._unlocked == {} and runtime.run_log._appending == {}
     assert _checked_out(runtime) == 0
+
+
+async def test_a_grouped_end_beside_an_uncommitted_append_of_its_run_is_made_after_it(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cancel's transaction has appended to the run (its deltas taken,
+    numbered) and not committed when the run's end comes (the lock held:
+    grouped): the end does not number after an append that may still roll
+    back; it is made again reading, after the cancel, which here rolls
+    back: the run completes, its deltas logged once under the numbers
+    followers saw, the log 1..n, nothing renumbered."""
+    runs: list[str] = []
+    monkeypatch.setattr(runtime.run_log, "flush_seconds", 60)  # the deltas wait for an append
+    monkeypatch.setattr(execute, "CANCEL_POLL_SECONDS", 60)
+    finish, appended, roll_back = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def streamed(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        await finish.wait()
+        yield llm.Finish("stop", llm.Usage(3, 1))
+
+    class _RolledBack(Exception):
+        pass
+
+    async def cancel_that_fails() -> None:
+        with pytest.raises(_RolledBack):
+            async with runtime.transaction() as session:
+                run = await session.get(orm.Run, runs[0])
+                assert run is not None
+                name = await run_state.transition(session, run, "cancelling")
+                await runtime.run_log.append(session, runs[0], [Event(name, {"id": runs[0]})], run_locked=True)
+                appended.set()
+                await roll_back.wait()
+                raise _RolledBack
+
+    _provider(runtime, monkeypatch, streamed)
+    runs.extend(await _make_runs(runtime, 1))
+    (execution,) = await _claimed(runtime, 1)
+    caplog.set_level(logging.WARNING, logger="app.run_log")
+    ending = asyncio.create_task(execute.run(execution))
+    writers = _writers(runtime)
+    try:
+        await _written_message(runtime, runs[0])
+        await until(lambda: bool(runtime.run_log._buffer.get(runs[0])), "the delta numbered, buffered")
+        cancelling = asyncio.create_task(cancel_that_fails())
+        async with asyncio.timeout(30):
+            await appended.wait()
+        finish.set()
+        await until(lambda: len(writers._lock._waiters) == 1, "the end made again, queued for the lock")
+    finally:
+        finish.set()
+        roll_back.set()
+    async with asyncio.timeout(30):
+        await asyncio.gather(cancelling, ending)
+    assert await _ended(runtime, runs[0]) == ("completed", None, "Hello")
+    logged = await _logged(runtime, runs[0])
+    assert _contiguous(logged) and logged[-1][1] == "thread.run.completed"
+    assert [name for _seq, name, _data in logged].count("thread.message.delta") == 1
+    assert [record.getMessage() for record in caplog.records if record.name == "app.run_log"] == []
+    assert runtime.run_log._unlocked == {} and runtime.run_log._early_unwritten == 0
