@@ -423,15 +423,18 @@ class RunLog:
         the counter back), so that this append, which holds the write lock
         or will before its hop, is numbered where the log will have it; the
         end, told sqlite_groups.Withdrawn, is made again the way that reads
-        (RunExecution._commit), after this one. Once sent, it holds the lock
-        until its hop ends, and is left alone."""
+        (RunExecution._commit), after this one. Once sent it is left alone
+        while its hop holds the lock (the group's task frees it only after
+        setting every member's outcome, sqlite_driver._commit_each) and
+        once committed; sent and failed (its outcome set, its task not yet
+        resumed to roll it back), it is rolled back here too."""
         unlocked = self._unlocked.get(run_id)
         if unlocked is None or unlocked.session is session:
             return
         if unlocked.withdraw is None:
             unlocked.session.info[_WITHDRAWN] = True  # not joined yet: it will not (joined())
         elif not unlocked.withdraw():
-            return  # sent: in the lock's holding already
+            return  # sent: in the lock's holding already, or committed
         self.rolled_back(unlocked.session)
 
     def joined(self, session: AsyncSession, withdraw: Callable[[], bool]) -> bool:

@@ -80,9 +80,14 @@ async def commit_grouped(
 
 def _withdraw(outcome: asyncio.Future[None], sending: db.Sending) -> bool:
     """A member taken out of its group while its hop is unsent (the group
-    leaves out a member whose outcome is set); False once sent."""
+    leaves out a member whose outcome is set), or after its hop if it
+    failed there (its outcome set to the failure, the lock freed after,
+    its task maybe not resumed yet to undo what it took): True, to be
+    undone now (RunLog._withdraw_unlocked). False while its hop holds the
+    lock, once it committed, and if its outcome is unknown (cancelled: the
+    hop may have committed it)."""
     if sending.sent:
-        return False
+        return outcome.done() and not outcome.cancelled() and outcome.exception() is not None
     if not outcome.done():
         outcome.set_exception(Withdrawn("withdrawn from its group by another append of its run"))
     return True

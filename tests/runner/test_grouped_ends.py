@@ -286,3 +286,95 @@ async def test_a_grouped_end_beside_an_uncommitted_append_of_its_run_is_made_aft
     assert [name for _seq, name, _data in logged].count("thread.message.delta") == 1
     assert [record.getMessage() for record in caplog.records if record.name == "app.run_log"] == []
     assert runtime.run_log._unlocked == {} and runtime.run_log._early_unwritten == 0
+
+
+async def test_a_cancel_let_in_after_a_grouped_hop_numbers_after_its_missed_end_is_undone(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three streamed answers' ends go in one hop while a cancel of one of
+    them queues behind it for the write lock; that run's metadata changed
+    from another connection, its end misses. The lock goes to the cancel
+    only once every end's outcome is set (not at the hop's COMMIT), and the
+    cancel's append undoes the missed end (its counter, its deltas back in
+    the buffer) before it numbers, even if the end's task has not yet: the
+    events followers were given are those logged, under their numbers,
+    nothing renumbered. The windows are widened by events (without the
+    fixes: the cancel numbered after the failed end's deltas, followers
+    given the deltas and the cancel under one number)."""
+    caplog.set_level(logging.WARNING, logger="app.run_log")
+    monkeypatch.setattr(runtime.run_log, "flush_seconds", 60)  # the deltas wait for the end
+    monkeypatch.setattr(execute, "CANCEL_POLL_SECONDS", 60)
+    finish, cancel_appended = asyncio.Event(), asyncio.Event()
+    runs: list[str] = []
+
+    async def streamed(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        await finish.wait()
+        yield llm.TextDelta(" world")
+        yield llm.Finish("stop", llm.Usage(3, 2))
+
+    _provider(runtime, monkeypatch, streamed)
+    delivered: dict[str, list[tuple[int, str]]] = {}
+    deliver = runtime.bus.deliver
+
+    def delivered_to(topic: str, entries: Any) -> None:
+        delivered.setdefault(topic, []).extend((entry.seq, entry.event.name) for entry in entries)
+        deliver(topic, entries)
+
+    monkeypatch.setattr(runtime.bus, "deliver", delivered_to)
+    real_hop, real_noted = sqlite_groups._hop, db.commit_noted_through
+
+    async def hop_then_lock_handed(pooled: Any, members: Any, held: db.HeldLock, dialect: Any) -> Any:
+        failures = await real_hop(pooled, members, held, dialect)
+        if len(members) == 3 and not held._held:  # the lock handed on before the outcomes are set
+            await cancel_appended.wait()  # the cancel that got it appends first
+        return failures
+
+    async def noted_after_the_cancel(session: Any, outcome: Any, *sending: Any) -> None:
+        try:
+            await real_noted(session, outcome, *sending)
+        except Exception:
+            await cancel_appended.wait()  # the missed end's task resumes after the cancel's append
+            raise
+
+    monkeypatch.setattr(sqlite_groups, "_hop", hop_then_lock_handed)
+    monkeypatch.setattr(db, "commit_noted_through", noted_after_the_cancel)
+    runs.extend(await _make_runs(runtime, 3))
+    executions = await _claimed(runtime, 3)
+    writers = _writers(runtime)
+    running = [asyncio.create_task(execute.run(execution)) for execution in executions]
+    for run_id in runs:
+        await _written_message(runtime, run_id)
+    await until(lambda: all(runtime.run_log._buffer.get(run_id) for run_id in runs), "the deltas buffered")
+    victim = runs[1]
+
+    async def cancel() -> None:
+        async with runtime.transaction() as session:
+            run = await session.get(orm.Run, victim)
+            assert run is not None
+            name = await run_state.transition(session, run, "cancelling")
+            await runtime.run_log.append(session, victim, [Event(name, {"id": victim})], run_locked=True)
+            cancel_appended.set()
+
+    await writers.hold()
+    try:
+        finish.set()
+        await until(lambda: _open_members(runtime) == 3, "the three ends in one group")
+        await until(lambda: len(writers._lock._waiters) == 1, "the group queued for the lock")
+        _elsewhere(runtime, f"UPDATE runs SET metadata = '{{\"k\": \"v\"}}' WHERE id = '{victim}'")
+        cancelling = asyncio.create_task(cancel())
+        await until(lambda: len(writers._lock._waiters) == 2, "the cancel queued behind the group")
+    finally:
+        finish.set()
+        writers.free()
+    async with asyncio.timeout(30):
+        await asyncio.gather(cancelling, *running)
+    for run_id in runs:
+        logged = await _logged(runtime, run_id)
+        assert _contiguous(logged)
+        names = {seq: name for seq, name, _data in logged}
+        assert [(seq, name) for seq, name in delivered[run_id] if names.get(seq) != name] == []
+    assert (await _ended(runtime, victim))[0] == "cancelled"
+    assert [record.getMessage() for record in caplog.records if record.name == "app.run_log"] == []
+    assert runtime.run_log._unlocked == {} and runtime.run_log._early_unwritten == 0
+    assert _checked_out(runtime) == 0
