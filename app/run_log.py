@@ -448,8 +448,8 @@ class RunLog:
                 entry.withdraw = withdraw
         return True
 
-    def _locked(self, session: AsyncSession, run_id: str) -> None:
-        """``session``'s append of ``run_id`` ended: no longer to withdraw."""
+    def _forget_unlocked(self, session: AsyncSession, run_id: str) -> None:
+        """``session``'s append of ``run_id`` ended: no longer to withdraw (_Unlocked)."""
         unlocked = self._unlocked.get(run_id)
         if unlocked is not None and unlocked.session is session:
             del self._unlocked[run_id]
@@ -562,7 +562,7 @@ class RunLog:
         shifts: dict[str, int] = {}
         for pending in session.info.pop(_SESSION_KEY, []):
             self._ended(pending)
-            self._locked(session, pending.run_id)
+            self._forget_unlocked(session, pending.run_id)
             shifts[pending.run_id] = self._check(pending)  # 0 for an append the insert numbered itself
             self._written(pending.drained)
             if pending.events:
@@ -589,7 +589,7 @@ class RunLog:
         """The transaction failed: the deltas it took go back to the buffer."""
         for pending in reversed(session.info.pop(_SESSION_KEY, [])):
             self._ended(pending)
-            self._locked(session, pending.run_id)
+            self._forget_unlocked(session, pending.run_id)
             if pending.drained:
                 self._put_back(pending.run_id, pending.drained)
             if not self.deliver_early or (pending.prediction is not None and pending.prediction.guessed):

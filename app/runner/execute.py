@@ -285,14 +285,16 @@ class RunExecution:
                     # written, its deltas are in that append; made again reading.
                     self._run = None
                 except db.RawSessionConnected:
-                    # The raw end met a read after all (its log's numbering
-                    # needed one: another process opened the file while it
-                    # waited for the write lock). It sent nothing and put
-                    # its deltas back: made again the way that reads. Any
-                    # other cause is a write that cannot be held back, a
-                    # bug: said, though the run still ends.
+                    # The raw or grouped end met a read after all (its log's
+                    # numbering needed one: another process opened the file
+                    # while it waited for the write lock). It sent nothing
+                    # and put its deltas back: made again the way that
+                    # reads. Any other cause is a write that cannot be held
+                    # back, a bug: said, though the run still ends.
                     if self.runtime.run_log.deliver_early:
-                        log.warning("run %s: its end met a read on the raw transaction", self.run_id, exc_info=True)
+                        log.warning(
+                            "run %s: its end met a read on a raw or grouped transaction", self.run_id, exc_info=True
+                        )
                     self._run = None  # its move made in memory only; known again by a read
                 await self._write(pending, move, carried=False, unread=False, checked=checked)
             return
