@@ -949,12 +949,16 @@ def routine_miss(error: BaseException) -> bool:
 
 
 async def commit_noted_through(
-    session: AsyncSession, commit: asyncio.Future[None], sending: Sending | None = None
+    session: AsyncSession,
+    commit: asyncio.Future[None],
+    sending: Sending | None = None,
+    expected: Callable[[BaseException], bool] = routine_miss,
 ) -> None:
     """seen_through() of ``commit``, ``session``'s, noted on the session if
-    it committed despite a cancellation (committed_despite_cancellation())."""
+    it committed despite a cancellation (committed_despite_cancellation());
+    ``expected`` as seen_through's, routine_miss() unless told."""
     try:
-        await seen_through(commit, "a cancelled transaction's COMMIT", sending=sending, expected=routine_miss)
+        await seen_through(commit, "a cancelled transaction's COMMIT", sending=sending, expected=expected)
     except asyncio.CancelledError:
         if commit.done() and not commit.cancelled() and commit.exception() is None:
             session.info[_COMMITTED] = True

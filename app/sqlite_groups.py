@@ -69,13 +69,18 @@ async def commit_grouped(
     collected writes in the open group, each withdrawable until its hop is
     sent (``joined``, RunLog.joined for the session, is given how; False:
     withdrawn already, Withdrawn raised, nothing sent)."""
-    statements: list[sqlite_driver.Statement] = session.info.pop(db.COLLECTED)
-    member: list[tuple[asyncio.Future[None], db.Sending]] = []  # set below, before anything can withdraw it
-    if not joined(lambda: _withdraw(*member[0])):
+    member = _Member(session.info.pop(db.COLLECTED), asyncio.get_running_loop().create_future(), db.Sending())
+    if not joined(functools.partial(_withdraw, member.outcome, member.sending)):
         raise Withdrawn("withdrawn before joining its group")
-    member.append(_joined(engine, statements))
-    outcome, sending = member[0]
-    await db.commit_noted_through(session, outcome, sending)
+    _join(engine, member)
+    await db.commit_noted_through(session, member.outcome, member.sending, expected=_grouped_miss)
+
+
+def _grouped_miss(error: BaseException) -> bool:
+    """commit_grouped()'s ``expected`` (db.seen_through): a routine miss, or
+    the end withdrawn by another append of its run (Withdrawn), which its
+    caller makes again, are only noted when its caller was cancelled."""
+    return isinstance(error, Withdrawn) or db.routine_miss(error)
 
 
 def _withdraw(outcome: asyncio.Future[None], sending: db.Sending) -> bool:
@@ -159,6 +164,13 @@ _GROUPS: weakref.WeakKeyDictionary[db.SQLiteWriters, _Groups] = weakref.WeakKeyD
 def _joined(engine: AsyncEngine, statements: list[sqlite_driver.Statement]) -> tuple[asyncio.Future[None], db.Sending]:
     """``statements`` (a collected transaction) in the engine's open _Group,
     or in a new one, whose task is started: its outcome and its Sending."""
+    member = _Member(statements, asyncio.get_running_loop().create_future(), db.Sending())
+    _join(engine, member)
+    return member.outcome, member.sending
+
+
+def _join(engine: AsyncEngine, member: _Member) -> None:
+    """``member`` in the engine's open _Group, or in a new one, whose task is started."""
     writers = db.writers_of(engine)
     groups = _GROUPS.get(writers)
     if groups is None:
@@ -170,9 +182,7 @@ def _joined(engine: AsyncEngine, statements: list[sqlite_driver.Statement]) -> t
         task = loop.create_task(_send_group(engine, groups, group))
         groups.tasks.add(task)
         task.add_done_callback(functools.partial(_group_ended, groups, group, engine.sync_engine.dialect))
-    member = _Member(statements, loop.create_future(), db.Sending())
     group.members.append(member)
-    return member.outcome, member.sending
 
 
 async def _send_group(engine: AsyncEngine, groups: _Groups, group: _Group) -> None:

@@ -144,13 +144,13 @@ async def test_a_cancel_appending_before_a_grouped_ends_hop_withdraws_it(
     (execution,) = await _claimed(runtime, 1)
     hops = _hops_of_each(monkeypatch)
     commits: list[int] = []
-    real_join = sqlite_groups._joined
+    real_join = sqlite_groups._join
 
-    def joined(engine: Any, statements: Any) -> Any:
-        commits.append(len(statements))
-        return real_join(engine, statements)
+    def joined(engine: Any, member: Any) -> None:
+        commits.append(len(member.statements))
+        real_join(engine, member)
 
-    monkeypatch.setattr(sqlite_groups, "_joined", joined)
+    monkeypatch.setattr(sqlite_groups, "_join", joined)
 
     async def cancel() -> None:
         async with runtime.transaction() as session:
@@ -330,9 +330,9 @@ async def test_a_cancel_let_in_after_a_grouped_hop_numbers_after_its_missed_end_
             await cancel_appended.wait()  # the cancel that got it appends first
         return failures
 
-    async def noted_after_the_cancel(session: Any, outcome: Any, *sending: Any) -> None:
+    async def noted_after_the_cancel(session: Any, outcome: Any, *sending: Any, **expected: Any) -> None:
         try:
-            await real_noted(session, outcome, *sending)
+            await real_noted(session, outcome, *sending, **expected)
         except Exception:
             await cancel_appended.wait()  # the missed end's task resumes after the cancel's append
             raise
@@ -377,4 +377,73 @@ async def test_a_cancel_let_in_after_a_grouped_hop_numbers_after_its_missed_end_
     assert (await _ended(runtime, victim))[0] == "cancelled"
     assert [record.getMessage() for record in caplog.records if record.name == "app.run_log"] == []
     assert runtime.run_log._unlocked == {} and runtime.run_log._early_unwritten == 0
+    assert _checked_out(runtime) == 0
+
+
+async def test_a_grouped_end_withdrawn_as_its_caller_is_cancelled_is_no_warning(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A grouped end withdrawn by a cancel's append (sqlite_groups.Withdrawn)
+    in the very step its caller is cancelled: db.seen_through finds the
+    outcome already set, a withdrawal its caller would have made again,
+    which is noted, not warned of as a failed COMMIT; nothing of the end
+    written, its delta back in the buffer, the cancel committed."""
+    runs: list[str] = []
+    monkeypatch.setattr(runtime.run_log, "flush_seconds", 60)  # the delta waits for an append
+    monkeypatch.setattr(execute, "CANCEL_POLL_SECONDS", 60)
+    finish = asyncio.Event()
+
+    async def streamed(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        await finish.wait()
+        yield llm.Finish("stop", llm.Usage(3, 1))
+
+    _provider(runtime, monkeypatch, streamed)
+    runs.extend(await _make_runs(runtime, 1))
+    (execution,) = await _claimed(runtime, 1)
+    ending = asyncio.create_task(execute.run(execution))
+    withdraw = runtime.run_log._withdraw_unlocked
+
+    def withdrawn_and_cancelled(run_id: str, session: Any) -> None:
+        grouped = runtime.run_log._unlocked.get(run_id)
+        withdraw(run_id, session)
+        if grouped is not None and grouped.session is not session:
+            ending.cancel()  # its caller cancelled before it resumes to learn it was withdrawn
+
+    monkeypatch.setattr(runtime.run_log, "_withdraw_unlocked", withdrawn_and_cancelled)
+
+    async def cancel() -> None:
+        async with runtime.transaction() as session:
+            run = await session.get(orm.Run, runs[0])
+            assert run is not None
+            name = await run_state.transition(session, run, "cancelling")
+            await runtime.run_log.append(session, runs[0], [Event(name, {"id": runs[0]})], run_locked=True)
+
+    writers = _writers(runtime)
+    caplog.set_level(logging.DEBUG, logger="app.db")
+    try:
+        await _written_message(runtime, runs[0])
+        await until(lambda: bool(runtime.run_log._buffer.get(runs[0])), "the delta numbered, buffered")
+        await writers.hold()
+        try:
+            cancelling = asyncio.create_task(cancel())
+            await until(lambda: len(writers._lock._waiters) == 1, "the cancel queued for the lock")
+            finish.set()
+            await until(lambda: _open_members(runtime) == 1, "the end in its group")
+        finally:
+            writers.free()
+    finally:
+        finish.set()
+    async with asyncio.timeout(30):
+        await cancelling
+        with pytest.raises(asyncio.CancelledError):
+            await ending
+    noted = [record for record in caplog.records if "a cancelled transaction's COMMIT" in record.getMessage()]
+    assert [record.levelno for record in noted] == [logging.DEBUG] and "withdrawn" in noted[0].getMessage()
+    logged = await _logged(runtime, runs[0])
+    assert _contiguous(logged) and [name for _seq, name, _data in logged][-2:] == [
+        "thread.message.delta",
+        "thread.run.cancelling",
+    ]
+    assert runtime.run_log._unlocked == {} and runtime.run_log._appending == {}
     assert _checked_out(runtime) == 0
