@@ -447,3 +447,74 @@ async def test_a_grouped_end_withdrawn_as_its_caller_is_cancelled_is_no_warning(
     ]
     assert runtime.run_log._unlocked == {} and runtime.run_log._appending == {}
     assert _checked_out(runtime) == 0
+
+
+@pytest.mark.parametrize("when", ["unsent", "sent"])
+async def test_a_cancelled_caller_of_a_grouped_end(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """Two streamed answers' ends grouped; the first's caller cancelled.
+    Before its hop is sent: left out of it, nothing of it written, the run
+    still in progress, its delta back in the buffer. Once sent: its commit
+    seen through (db.seen_through), the run completed, its log 1..n. The
+    other end commits either way."""
+    monkeypatch.setattr(runtime.run_log, "flush_seconds", 60)  # the deltas wait for the end
+    monkeypatch.setattr(execute, "CANCEL_POLL_SECONDS", 60)
+    finish = asyncio.Event()
+    runs: list[str] = []
+    tasks: list[asyncio.Task[None]] = []
+    hops: list[int] = []
+
+    async def streamed(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        await finish.wait()
+        yield llm.Finish("stop", llm.Usage(3, 1))
+
+    _provider(runtime, monkeypatch, streamed)
+    real_hop = sqlite_groups._hop
+
+    async def cancelled_in_flight(pooled: Any, members: Any, held: db.HeldLock, dialect: Any) -> Any:
+        hops.append(len(members))
+        if when == "sent":
+            assert all(member.sending.sent for member in members)
+            tasks[0].cancel()  # delivered while the hop's thread works: the loop turns before its answer
+        return await real_hop(pooled, members, held, dialect)
+
+    monkeypatch.setattr(sqlite_groups, "_hop", cancelled_in_flight)
+    runs.extend(await _make_runs(runtime, 2))
+    executions = await _claimed(runtime, 2)
+    tasks.extend(asyncio.create_task(execute.run(execution)) for execution in executions)
+    for run_id in runs:
+        await _written_message(runtime, run_id)
+    await until(lambda: all(runtime.run_log._buffer.get(run_id) for run_id in runs), "the deltas buffered")
+    before = await _logged(runtime, runs[0])
+    writers = _writers(runtime)
+    await writers.hold()
+    try:
+        finish.set()
+        await until(lambda: _open_members(runtime) == 2, "the two ends in one group")
+        if when == "unsent":
+            tasks[0].cancel()
+            async with asyncio.timeout(30):
+                await asyncio.gather(tasks[0], return_exceptions=True)
+    finally:
+        finish.set()
+        writers.free()
+    async with asyncio.timeout(30):
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert tasks[0].cancelled()
+    assert hops == ([1] if when == "unsent" else [2])
+    assert await _ended(runtime, runs[1]) == ("completed", None, "Hello")
+    after = await _logged(runtime, runs[0])
+    if when == "unsent":
+        assert after == before
+        async with runtime.transaction() as session:
+            run = await session.get(orm.Run, runs[0])
+            assert run is not None and run.status == "in_progress"
+        assert [event.name for _seq, event in runtime.run_log._buffer.get(runs[0], [])] == ["thread.message.delta"]
+    else:
+        assert await _ended(runtime, runs[0]) == ("completed", None, "Hello")
+        assert _contiguous(after) and after[-1][1] == "thread.run.completed"
+        assert not runtime.run_log._buffer.get(runs[0])  # its delta logged, not put back to go again
+    assert runtime.run_log._unlocked == {} and runtime.run_log._appending == {}
+    assert _checked_out(runtime) == 0
