@@ -67,6 +67,7 @@ write_behind = held_back.write_behind
 # Session.info key: a SQLite transaction's writes collected before it
 # connects (held_back.COLLECTED, Runtime.unit_of_work).
 COLLECTED = held_back.COLLECTED
+GROUPED = held_back.GROUPED
 # Session.info key: the session's transaction is a RawTransaction's (held_back.RAW).
 RAW = held_back.RAW
 # ``run_now(session, statement, params)``: a statement whose rows are wanted
@@ -201,6 +202,9 @@ class _WriteLock:
         self._held = True
         return True
 
+    def idle(self) -> bool:
+        return not self._held and not self._waiters
+
     async def acquire(self) -> None:
         if self.try_acquire():
             return
@@ -297,6 +301,11 @@ class SQLiteWriters:
             # Worded and typed like SQLite's own refusal, so that it is answered alike.
             refusal = sqlite3.OperationalError("database is locked (by this process's other transactions)")
             raise sa_exc.OperationalError("BEGIN IMMEDIATE", None, refusal) from None
+
+    def idle(self) -> bool:
+        """Whether the write lock is free with nobody queued for it (a
+        writer that asks now takes it at once)."""
+        return self._lock.idle()
 
     def free(self) -> None:
         self._lock.release()
@@ -824,7 +833,7 @@ class SyncSession(orm.Session):
 
     def get_bind(self, *args: Any, **kwargs: Any) -> Any:
         # Every connection a session makes asks for its bind here first.
-        if RAW in self.info:
+        if RAW in self.info or GROUPED in self.info:
             raise RawSessionConnected("a raw transaction's session may not connect (a read, or a write not held back)")
         return super().get_bind(*args, **kwargs)
 
@@ -940,12 +949,16 @@ def routine_miss(error: BaseException) -> bool:
 
 
 async def commit_noted_through(
-    session: AsyncSession, commit: asyncio.Future[None], sending: Sending | None = None
+    session: AsyncSession,
+    commit: asyncio.Future[None],
+    sending: Sending | None = None,
+    expected: Callable[[BaseException], bool] = routine_miss,
 ) -> None:
     """seen_through() of ``commit``, ``session``'s, noted on the session if
-    it committed despite a cancellation (committed_despite_cancellation())."""
+    it committed despite a cancellation (committed_despite_cancellation());
+    ``expected`` as seen_through's, routine_miss() unless told."""
     try:
-        await seen_through(commit, "a cancelled transaction's COMMIT", sending=sending, expected=routine_miss)
+        await seen_through(commit, "a cancelled transaction's COMMIT", sending=sending, expected=expected)
     except asyncio.CancelledError:
         if commit.done() and not commit.cancelled() and commit.exception() is None:
             session.info[_COMMITTED] = True

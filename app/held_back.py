@@ -347,6 +347,15 @@ def hand_over(session: Any, _transaction: Any, connection: Connection) -> None:
     driver.held_back[:0] = collected
 
 
+# Session.info key of a collecting session (COLLECTED) that is a provider
+# run's end on a SQLite file (Runtime.grouped_writes): its writes go in the
+# group queued for the write lock (sqlite_groups), and its run log appends
+# are numbered before it holds the lock (RunLog.append: another append of
+# the run withdraws it from its group while unsent). Like a raw
+# transaction's, its session never connects (db.SyncSession refuses it).
+GROUPED = "sqlite_grouped_end"
+
+
 # Session.info key of a SQLite transaction run on a connection checked out
 # of the pool raw, outside the session (db.RawTransaction: the worker's
 # claim, Runtime.claiming): its Raw. The session never connects (it would

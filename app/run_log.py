@@ -45,14 +45,14 @@ import logging
 import secrets
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app import db, orm
+from app import db, orm, sqlite_groups
 from app.bus import Entry, EventBus
 from app.cancelling import cancel_and_wait
 from app.services import core_rows, new_rows, run_events, run_state
@@ -74,6 +74,8 @@ _AUTOCOMMITTED = "run_log_autocommitted"
 # (see holding(); issue 17: a transaction per run fewer, a millisecond of a
 # stream's first delta).
 FIRST_FLUSH_GRACE_SECONDS = 0.001
+# In a grouped end's session.info (db.GROUPED): withdrawn before it joined its group (RunLog.joined).
+_WITHDRAWN = "run_log_withdrawn"
 # A run's final event: nothing is appended after it but by a new writer, which reads the log.
 _FINAL = TERMINAL_RUN_EVENTS - {"thread.run.requires_action"}
 
@@ -89,6 +91,18 @@ class _Prediction:
     # A blind guess (the claim's raw transaction, which reads nothing, for
     # a run whose log this process has not seen yet): corrected quietly.
     guessed: bool = False
+
+
+@dataclass
+class _Unlocked:
+    """A grouped end's appends (db.GROUPED), numbered before its transaction
+    holds SQLite's write lock: until its group's hop is sent, another
+    append of the run (a cancel's, holding the lock) would be numbered after
+    it and committed before it. ``withdraw`` takes it out of its group while
+    unsent (True; False once sent), set when it joins one (RunLog.joined)."""
+
+    session: AsyncSession
+    withdraw: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -150,6 +164,8 @@ class RunLog:
         # Runs with an append in a transaction that has not ended: their
         # deltas are not numbered early meanwhile (see _early_seq).
         self._appending: dict[str, int] = {}
+        # Runs whose grouped end (db.GROUPED) was numbered and not sent yet (see _Unlocked).
+        self._unlocked: dict[str, _Unlocked] = {}
         self._flusher: asyncio.Task[None] | None = None
         # PostgreSQL: runs with news for other processes, told by one NOTIFY
         # transaction at a time. A transaction that NOTIFYs holds
@@ -312,12 +328,21 @@ class RunLog:
         elif not with_rows:
             for row in inserting:  # each sent with the next statement on SQLite
                 await core_rows.insert_row(session, row, write_behind=True)
-        if db.COLLECTED in session.info and not _creates(events):
+        grouped = db.GROUPED in session.info
+        if db.COLLECTED in session.info and not _creates(events) and not grouped:
             # A SQLite unit still collecting holds no write lock yet: a
             # number predicted now could be taken by another writer before
             # its hop. Connected, it holds the lock (the collected writes
             # handed to its transaction), and the prediction is made under it.
             await session.connection()
+        if grouped and self._appending.get(run_id):
+            # Another append of the run is uncommitted (a cancel's, under the
+            # lock): numbered after it without the lock, this end would be
+            # wrong if it rolled back (its deltas, back in the buffer, keep
+            # numbers this one's events would take). Nothing taken yet: made
+            # again the way that reads, under the lock, after it.
+            raise sqlite_groups.Withdrawn("another append of the run is uncommitted")
+        self._withdraw_unlocked(run_id, session)
         drained = self._buffer.pop(run_id, [])
         batch = [event for _seq, event in drained] + list(events)
         # ``thread.run.created`` is only ever logged by the transaction
@@ -337,7 +362,7 @@ class RunLog:
         # have an empty log (a run inserted without events), the insert
         # numbering it after the log's real end all the same, and the
         # entries corrected at the commit before anyone sees them (_check).
-        guessed = predicted is None and bool(events) and not drained and db.RAW in session.info
+        guessed = predicted is None and bool(events) and not drained and (db.RAW in session.info or grouped)
         if guessed:
             predicted = 1
         prediction = None
@@ -387,7 +412,47 @@ class RunLog:
             )
         )
         self._appending[run_id] = self._appending.get(run_id, 0) + 1
+        if grouped:
+            self._unlocked[run_id] = _Unlocked(session)
         return entries
+
+    def _withdraw_unlocked(self, run_id: str, session: AsyncSession) -> None:
+        """Before ``session`` numbers an append of ``run_id``: a grouped end
+        of the run numbered and not sent yet (_Unlocked) is taken out of its
+        group and rolled back here and now (its deltas back in the buffer,
+        the counter back), so that this append, which holds the write lock
+        or will before its hop, is numbered where the log will have it; the
+        end, told sqlite_groups.Withdrawn, is made again the way that reads
+        (RunExecution._commit), after this one. Once sent it is left alone
+        while its hop holds the lock (the group's task frees it only after
+        setting every member's outcome, sqlite_driver._commit_each) and
+        once committed; sent and failed (its outcome set, its task not yet
+        resumed to roll it back), it is rolled back here too."""
+        unlocked = self._unlocked.get(run_id)
+        if unlocked is None or unlocked.session is session:
+            return
+        if unlocked.withdraw is None:
+            unlocked.session.info[_WITHDRAWN] = True  # not joined yet: it will not (joined())
+        elif not unlocked.withdraw():
+            return  # sent: in the lock's holding already, or committed
+        self.rolled_back(unlocked.session)
+
+    def joined(self, session: AsyncSession, withdraw: Callable[[], bool]) -> bool:
+        """A grouped end's session (db.GROUPED) joins its group; ``withdraw``
+        takes it out while unsent (_withdraw_unlocked). False, and nothing
+        kept: it was withdrawn before joining, and must not join."""
+        if session.info.pop(_WITHDRAWN, False):
+            return False
+        for entry in self._unlocked.values():
+            if entry.session is session:
+                entry.withdraw = withdraw
+        return True
+
+    def _forget_unlocked(self, session: AsyncSession, run_id: str) -> None:
+        """``session``'s append of ``run_id`` ended: no longer to withdraw (_Unlocked)."""
+        unlocked = self._unlocked.get(run_id)
+        if unlocked is not None and unlocked.session is session:
+            del self._unlocked[run_id]
 
     def appends_unread(self, run_id: str) -> bool:
         """Whether an append of events to ``run_id``'s log in the claim's raw
@@ -497,6 +562,7 @@ class RunLog:
         shifts: dict[str, int] = {}
         for pending in session.info.pop(_SESSION_KEY, []):
             self._ended(pending)
+            self._forget_unlocked(session, pending.run_id)
             shifts[pending.run_id] = self._check(pending)  # 0 for an append the insert numbered itself
             self._written(pending.drained)
             if pending.events:
@@ -523,6 +589,7 @@ class RunLog:
         """The transaction failed: the deltas it took go back to the buffer."""
         for pending in reversed(session.info.pop(_SESSION_KEY, [])):
             self._ended(pending)
+            self._forget_unlocked(session, pending.run_id)
             if pending.drained:
                 self._put_back(pending.run_id, pending.drained)
             if not self.deliver_early or (pending.prediction is not None and pending.prediction.guessed):

@@ -8,6 +8,7 @@ embedder here.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -354,6 +355,52 @@ class Runtime:
     # The worker's claim's transaction (claim_and_start); the same function, no
     # context manager more around it on the claim's path.
     claiming = raw_writes
+
+    @asynccontextmanager
+    async def grouped_writes(self) -> AsyncIterator[AsyncSession]:
+        """raw_writes() for a provider run's end (RunExecution._write), where
+        claims_raw() says so: its writes are collected without the write
+        lock, and go in the group queued for it (sqlite_groups: one hop for
+        the ends that queue together, each in its own savepoint, each told
+        its own outcome; issue 17: each end was a raw transaction, a hop,
+        of its own). Its appends are numbered before the lock is held (RunLog
+        numbers them: this process alone writes the run logs), and another
+        append of the run withdraws it while its hop is unsent
+        (sqlite_groups.Withdrawn: made again, as after a miss). Like
+        raw_writes()' session, it never connects (db.RawSessionConnected)
+        and flushes nothing; a failure or a cancellation rolls it back whole
+        (a cancellation once its hop is sent waits for its outcome)."""
+        if not self.claims_raw() or db.writers_of(self.engine).idle():
+            # The lock free, nobody queued (one client): a group would be
+            # this end alone, its task and futures a loop turn and about
+            # 0.1 ms of loop CPU more than the raw transaction, which takes
+            # the lock at once (bench/README, branch provgroup).
+            async with self.raw_writes() as session:
+                yield session
+            return
+        session = self.sessionmaker()
+        session.info[db.COLLECTED] = []
+        session.info[db.GROUPED] = True
+        try:
+            yield session
+            sync = session.sync_session
+            if sync.dispatch.before_commit:
+                sync.dispatch.before_commit(sync)  # as raw_writes(): tests inject failures here
+            if sync.new or sync.dirty or sync.deleted:
+                raise RuntimeError("ORM changes in a grouped end: it flushes nothing")
+            if session.info.get(db.COLLECTED):
+                await sqlite_groups.commit_grouped(
+                    session, self.engine, functools.partial(self.run_log.joined, session)
+                )
+        except BaseException:
+            session.info.pop(db.COLLECTED, None)  # unsent
+            session.sync_session.close()  # never connected: no I/O
+            self._ended_badly(session)
+            raise
+        session.sync_session.close()
+        self.run_log.committed(session)  # the run events it logged reach streams now
+        if session.sync_session.dispatch.after_commit:
+            session.sync_session.dispatch.after_commit(session.sync_session)
 
     @asynccontextmanager
     async def _collecting(self) -> AsyncIterator[AsyncSession]:

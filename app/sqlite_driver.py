@@ -181,7 +181,8 @@ def _commit_each(
     another raised by a statement, such as a parameter's binding; else
     None), a failing one rolled back to its savepoint alone, as it would
     have been alone;
-    committed, ``told`` called (_told_on). An error that ends SQLite's
+    all committed, ``told`` called (_told_on); else the group's task frees
+    the lock once each has its outcome. An error that ends SQLite's
     transaction whole (it rolls back on some I/O, full-disk or busy
     errors), a failing savepoint statement or COMMIT fails them all:
     everything rolled back here, the error raised."""
@@ -214,7 +215,13 @@ def _commit_each(
         if connection.in_transaction:
             connection.rollback()
         raise
-    told()
+    if not any(failures):
+        # Only when all committed: a failed one's caller undoes what it
+        # took in memory (RunLog.rolled_back: the log's counter, deltas
+        # back in the buffer) once told, and the next holder of the lock
+        # must not number before that (the group's task frees the lock
+        # after setting every outcome).
+        told()
     return failures
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import weakref
+from collections.abc import Callable
 from contextlib import suppress
 from typing import NamedTuple, TypeVar
 
@@ -53,6 +54,48 @@ async def commit_collected_seen_through(session: AsyncSession, engine: AsyncEngi
     session as db.commit_seen_through() notes a commit carried through a
     cancellation (db.committed_despite_cancellation())."""
     await commit_collected(engine, session.info.pop(db.COLLECTED), session)
+
+
+class Withdrawn(RuntimeError):
+    """A grouped end (Runtime.grouped_writes) taken out of its group before
+    its hop was sent, by another append of its run (RunLog._withdraw_unlocked):
+    nothing of it was written; its caller makes it again, as after a miss."""
+
+
+async def commit_grouped(
+    session: AsyncSession, engine: AsyncEngine, joined: Callable[[Callable[[], bool]], bool]
+) -> None:
+    """commit_collected_seen_through() of a grouped end (db.GROUPED): its
+    collected writes in the open group, each withdrawable until its hop is
+    sent (``joined``, RunLog.joined for the session, is given how; False:
+    withdrawn already, Withdrawn raised, nothing sent)."""
+    member = _Member(session.info.pop(db.COLLECTED), asyncio.get_running_loop().create_future(), db.Sending())
+    if not joined(functools.partial(_withdraw, member.outcome, member.sending)):
+        raise Withdrawn("withdrawn before joining its group")
+    _join(engine, member)
+    await db.commit_noted_through(session, member.outcome, member.sending, expected=_grouped_miss)
+
+
+def _grouped_miss(error: BaseException) -> bool:
+    """commit_grouped()'s ``expected`` (db.seen_through): a routine miss, or
+    the end withdrawn by another append of its run (Withdrawn), which its
+    caller makes again, are only noted when its caller was cancelled."""
+    return isinstance(error, Withdrawn) or db.routine_miss(error)
+
+
+def _withdraw(outcome: asyncio.Future[None], sending: db.Sending) -> bool:
+    """A member taken out of its group while its hop is unsent (the group
+    leaves out a member whose outcome is set), or after its hop if it
+    failed there (its outcome set to the failure, the lock freed after,
+    its task maybe not resumed yet to undo what it took): True, to be
+    undone now (RunLog._withdraw_unlocked). False while its hop holds the
+    lock, once it committed, and if its outcome is unknown (cancelled: the
+    hop may have committed it)."""
+    if sending.sent:
+        return outcome.done() and not outcome.cancelled() and outcome.exception() is not None
+    if not outcome.done():
+        outcome.set_exception(Withdrawn("withdrawn from its group by another append of its run"))
+    return True
 
 
 # How many collected transactions one hop carries at most (_Group): more
@@ -121,6 +164,13 @@ _GROUPS: weakref.WeakKeyDictionary[db.SQLiteWriters, _Groups] = weakref.WeakKeyD
 def _joined(engine: AsyncEngine, statements: list[sqlite_driver.Statement]) -> tuple[asyncio.Future[None], db.Sending]:
     """``statements`` (a collected transaction) in the engine's open _Group,
     or in a new one, whose task is started: its outcome and its Sending."""
+    member = _Member(statements, asyncio.get_running_loop().create_future(), db.Sending())
+    _join(engine, member)
+    return member.outcome, member.sending
+
+
+def _join(engine: AsyncEngine, member: _Member) -> None:
+    """``member`` in the engine's open _Group, or in a new one, whose task is started."""
     writers = db.writers_of(engine)
     groups = _GROUPS.get(writers)
     if groups is None:
@@ -132,9 +182,7 @@ def _joined(engine: AsyncEngine, statements: list[sqlite_driver.Statement]) -> t
         task = loop.create_task(_send_group(engine, groups, group))
         groups.tasks.add(task)
         task.add_done_callback(functools.partial(_group_ended, groups, group, engine.sync_engine.dialect))
-    member = _Member(statements, loop.create_future(), db.Sending())
     group.members.append(member)
-    return member.outcome, member.sending
 
 
 async def _send_group(engine: AsyncEngine, groups: _Groups, group: _Group) -> None:

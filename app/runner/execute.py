@@ -37,7 +37,7 @@ from typing import Any, Literal, NoReturn, TypedDict
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import db, ids, llm, orm
+from app import db, ids, llm, orm, sqlite_groups
 from app.llm import offline
 from app.observability import logs
 from app.runner import markers, prompt
@@ -275,15 +275,22 @@ class RunExecution:
                     if not run_state.moved_elsewhere(error):
                         raise
                     self._run = None  # as it stands, known again only by a read
+                except sqlite_groups.Withdrawn:
+                    # Grouped (Runtime.grouped_writes), another append of the
+                    # run (a cancel's) came before its hop: nothing was
+                    # written, its deltas are in that append; made again reading.
+                    self._run = None
                 except db.RawSessionConnected:
-                    # The raw end met a read after all (its log's numbering
-                    # needed one: another process opened the file while it
-                    # waited for the write lock). It sent nothing and put
-                    # its deltas back: made again the way that reads. Any
-                    # other cause is a write that cannot be held back, a
-                    # bug: said, though the run still ends.
+                    # The raw or grouped end met a read after all (its log's
+                    # numbering needed one: another process opened the file
+                    # while it waited for the write lock). It sent nothing
+                    # and put its deltas back: made again the way that
+                    # reads. Any other cause is a write that cannot be held
+                    # back, a bug: said, though the run still ends.
                     if self.runtime.run_log.deliver_early:
-                        log.warning("run %s: its end met a read on the raw transaction", self.run_id, exc_info=True)
+                        log.warning(
+                            "run %s: its end met a read on a raw or grouped transaction", self.run_id, exc_info=True
+                        )
                     self._run = None  # its move made in memory only; known again by a read
                 await self._write(pending, move, carried=False, unread=False, checked=checked)
             return
@@ -399,7 +406,7 @@ class RunExecution:
             yield self._claim_session
             return
         if writes_only:
-            async with self.runtime.raw_writes() as session:
+            async with self.runtime.grouped_writes() as session:
                 yield session
             return
         async with self.runtime.unit_of_work() if carried else self.runtime.transaction() as session:

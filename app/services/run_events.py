@@ -421,11 +421,12 @@ async def _insert_sqlite(session: AsyncSession, batches: dict[str, list[Event]])
 
 def can_insert_behind(session: AsyncSession, events: int) -> bool:
     """Whether insert_behind() may take ``events`` events (SQLite): up to
-    one statement's rows, or any number in the claim's raw transaction,
-    which cannot read the log's end for insert() (db.RawSessionConnected)."""
+    one statement's rows, or any number in the claim's raw transaction or a
+    grouped end, which cannot read the log's end for insert()
+    (db.RawSessionConnected)."""
     if session.bind is None or session.bind.dialect.name != "sqlite":
         return False
-    return events <= _SQLITE_ONE_STATEMENT_ROWS or db.RAW in session.info
+    return events <= _SQLITE_ONE_STATEMENT_ROWS or db.RAW in session.info or db.GROUPED in session.info
 
 
 async def insert_behind(session: AsyncSession, run_id: str, events: list[Event], returned: list[Any]) -> None:

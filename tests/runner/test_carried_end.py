@@ -543,7 +543,7 @@ async def test_a_long_streamed_answers_end_on_the_raw_transaction_logs_every_del
     original = run_events.insert_behind
 
     async def noted(session: Any, run: str, events: list[Event], returned: list[Any]) -> None:
-        if db.RAW in session.info:
+        if db.RAW in session.info or db.GROUPED in session.info:  # the raw end, or its grouped one
             raw_batches.append(len(events))
         await original(session, run, events, returned)
 
