@@ -161,9 +161,10 @@ def _rows_unknown(prefix: str = "") -> str:
 # run's index range, its heap checked for each (issue 17: an end's 12
 # events read the run's log 78 times, a quadratic ~70 of its ~210
 # buffers; a long answer's flush of N deltas N^2/2).
-def _numbered_rows(prefix: str, now: str) -> str:
+def _numbered_rows(prefix: str, now: str, where: str = "") -> str:
     """A SELECT (its own WITH) of the rows of the arrays bound after
-    ``prefix`` (_rows_unknown), ``created_at`` bound as ``now``."""
+    ``prefix`` (_rows_unknown), ``created_at`` bound as ``now``, filtered by
+    ``where`` (a condition, or nothing)."""
     return (
         f"WITH v AS (SELECT * FROM unnest({_rows_unknown(prefix)}) AS v(run_id, n, event, data)), "  # noqa: S608 (constants)
         "ends AS MATERIALIZED (SELECT r.run_id, "
@@ -171,6 +172,7 @@ def _numbered_rows(prefix: str, now: str) -> str:
         "FROM (SELECT DISTINCT run_id FROM v) AS r) "
         f"SELECT v.run_id, ends.last + v.n, v.event, CAST(v.data AS json), :{now} "
         "FROM v JOIN ends ON ends.run_id = v.run_id"
+        f"{f' WHERE {where}' if where else ''}"
     )
 
 
@@ -219,10 +221,10 @@ async def _insert_postgres(
 # with the row new_rows.with_inserts() guards, or the run a move carried
 # alone moved (run_state.MOVED_CTE: their CTE is named the same).
 def _logged_sql(guarded: bool) -> str:
-    only_with = f" WHERE EXISTS (SELECT FROM {new_rows.GUARDED_CTE})" if guarded else ""
+    only_with = f"EXISTS (SELECT FROM {new_rows.GUARDED_CTE})" if guarded else ""
     return (
         "INSERT INTO run_events (run_id, seq, event, data, created_at) "
-        f"{_numbered_rows('log_', 'log_now')}{only_with} "
+        f"{_numbered_rows('log_', 'log_now', only_with)} "
         "RETURNING seq"
     )
 

@@ -141,7 +141,10 @@ async def test_a_batch_reads_each_runs_end_once_not_once_per_event(runtime: Runt
         carried = run_events._logged_sql(False)  # the create's and the end's CTE, alone
         carried_reads = _end_reads(await _explained(connection, carried, run_events._logged_params("run_plan", events)))
         await connection.rollback()
-    assert (batch_reads, carried_reads) == (2, 1)
+    # Once per run (2, 1; the old per-event read made it 80, 40). At most,
+    # not exactly: a planner that turned the read into a join would read
+    # it fewer times, still once per run at most.
+    assert 0 < batch_reads <= 2 and 0 < carried_reads <= 1, (batch_reads, carried_reads)
 
 
 async def test_the_numbering_follows_each_runs_logged_end(runtime: Runtime) -> None:
