@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import db, orm, run_log
 from app.bus import FollowerQueue
@@ -320,6 +321,35 @@ async def test_a_commit_signals_other_processes_itself_and_not_its_own(runtime: 
                 assert await _nudged(marker, 20)
             assert [entry.seq for entry in here.get_nowait() or []] == [1]
             assert here.empty()
+    finally:
+        await other.close()
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_the_notifiers_news_go_straight_to_the_driver_and_reach_the_other_process(
+    runtime: Runtime, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL (issue 17): the news the run log's notifier sends in its
+    own statement (runs whose commits did not NOTIFY themselves) go straight
+    on asyncpg (db.run_now), not through SQLAlchemy's execution, and another
+    process's followers of each run are woken by them."""
+    other = await Runtime.start(settings)  # a second process on the same database
+    try:
+        await _until_listening(other, runtime)
+        executed: list[object] = []
+        session_execute = AsyncSession.execute
+
+        async def execute(self: AsyncSession, statement: Any, *args: Any, **kwargs: Any) -> Any:
+            executed.append(statement)
+            return await session_execute(self, statement, *args, **kwargs)
+
+        monkeypatch.setattr(AsyncSession, "execute", execute)
+        async with other.bus.follow("run_a") as first, other.bus.follow("run_b") as second:
+            runtime.run_log._tell_others("run_a")
+            runtime.run_log._tell_others("run_b")
+            assert await _nudged(first, 20)
+            assert await _nudged(second, 20)
+        assert executed == []  # neither the NOTIFY nor anything else through session.execute
     finally:
         await other.close()
 
