@@ -13,6 +13,7 @@ from app.llm.interface import (
     Event,
     Finish,
     LLMError,
+    RefusalDelta,
     TextDelta,
     TokenCounter,
     ToolCallDelta,
@@ -58,6 +59,13 @@ class ChunkReader:
             if content:
                 self.output.append(content)
                 yield TextDelta(content)
+            elif refusal := _text(delta, "refusal"):
+                # A refusal's pieces come in their own field, ``content``
+                # null (OpenAI's first delta has ``"content": ""`` and
+                # ``"refusal": null``): read only from a delta without text,
+                # so a text delta, the hot path, pays nothing for it.
+                self.output.append(refusal)
+                yield RefusalDelta(refusal)
             for call in _field(delta, "tool_calls") or []:
                 yield self._tool_delta(call)
 
