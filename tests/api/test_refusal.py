@@ -143,6 +143,11 @@ async def test_a_providers_streamed_refusal_is_the_messages_refusal_part(
     ]
     assert _content(events) == expected
     assert rules.names(events)[-2:] == ["thread.run.completed", "done"]
+    # The second run's prompt has the first's refusal as the assistant's text.
+    assert fake.requests[-1]["body"]["messages"] == [
+        {"role": "user", "content": "help me"},
+        {"role": "assistant", "content": "I'm sorry, I can't help."},
+    ]
 
 
 @pytest.mark.usefixtures("provider_settings")
