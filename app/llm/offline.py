@@ -336,7 +336,7 @@ class OfflineModel:
         script, user_text, scripted = self._script(conversation, request, peek=peek)
         step = script.step(conversation.rounds)
         text, calls = _answer(request, conversation, script, step, user_text)
-        deltas = _deltas(text, " ".join(step.refusal) if step else "", calls, conversation)
+        deltas = _deltas(text, step.refusal if step else [], calls, conversation)
         truncated = request.max_tokens is not None and len(deltas) > request.max_tokens
         deltas = deltas[: request.max_tokens] if truncated else deltas
         reason: FinishReason = "tool_calls" if calls else "stop"
@@ -490,10 +490,11 @@ def _placeholder(schema: Any, root: Mapping[str, Any], depth: int = 0) -> Any:
     return {"string": "", "integer": 0, "number": 0, "boolean": False}.get(str(kind))
 
 
-def _deltas(text: str, refusal: str, calls: list[tuple[str, str]], conversation: _Conversation) -> list[Event]:
+def _deltas(text: str, refusal: list[str], calls: list[tuple[str, str]], conversation: _Conversation) -> list[Event]:
     """One delta per token: text words first, then the refusal's, then each call's header and argument words."""
     deltas: list[Event] = [TextDelta(token) for token in tokens(text)]
-    deltas.extend(RefusalDelta(token) for token in tokens(refusal))
+    if refusal:
+        deltas.extend(RefusalDelta(token) for token in tokens(" ".join(refusal)))
     for index, (name, arguments) in enumerate(calls):
         seed = f"{conversation.size}:{conversation.rounds}:{index}:{name}:{arguments}"
         call_id = "call_" + hashlib.sha256(seed.encode()).hexdigest()[:24]
