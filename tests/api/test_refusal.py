@@ -25,8 +25,10 @@ from openai import AsyncAssistantEventHandler
 from openai.types.beta.threads import Message, MessageDelta, Text, TextDelta
 
 from app import llm
+from app.llm import interface as llm_interface
 from app.llm.provider import ChunkReader
 from app.settings import Settings
+from tests.api.test_v1 import v1, v1_valid
 from tests.runner.fake_openai import REFUSAL, FakeOpenAI
 from tests.streaming import rules
 
@@ -90,6 +92,10 @@ def test_the_chunk_reader_reads_a_refusal() -> None:
         assert reader.output == ["No."]  # counted as completion tokens when no usage comes
     first = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None}}]}
     assert list(ChunkReader().read(first)) == []
+    # A cassette records and replays it (app/cassettes.py keeps events as JSON).
+    assert llm_interface.event_from_json(llm_interface.event_to_json(llm.RefusalDelta("No."))) == llm.RefusalDelta(
+        "No."
+    )
 
 
 async def _streamed(http: httpx2.AsyncClient, thread_id: str, assistant_id: str) -> list[rules.SSE]:
@@ -251,3 +257,16 @@ async def test_a_refuse_directive_in_chat_completions(client: openai.AsyncOpenAI
     pieces = [chunk.choices[0].delta async for chunk in stream if chunk.choices]
     assert "".join(delta.refusal or "" for delta in pieces) == "Not this."
     assert "".join(delta.content or "" for delta in pieces) == ""
+
+
+async def test_a_refusal_read_as_v1(client: openai.AsyncOpenAI, http: httpx2.AsyncClient) -> None:
+    """v1 had no refusal part: a v1 client reads it as text (shapes.py), in
+    the v1 spec's shape (a whole message's text has annotations)."""
+    assistant = await client.beta.assistants.create(model="gpt-4o")
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "[[refuse Not this.]]"}])
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=20
+    )
+    assert run.status == "completed", run.last_error
+    listed = v1_valid(await v1(http, "GET", f"/threads/{thread.id}/messages?limit=1"), "ListMessagesResponse")
+    assert listed["data"][0]["content"] == [{"type": "text", "text": {"value": "Not this.", "annotations": []}}]
