@@ -178,8 +178,15 @@ async def test_a_providers_streamed_refusal_is_the_messages_refusal_part(
             [{"content": None, "refusal": "smile \ud83d"}, {"content": None, "refusal": "\ude00 no \udc00"}],
             [{"type": "refusal", "refusal": "smile \U0001f600 no \ufffd"}],
         ),
+        (
+            [{"content": "【"}, {"content": None, "refusal": "No"}],
+            [
+                {"type": "text", "text": {"value": "【", "annotations": []}},
+                {"type": "refusal", "refusal": "No"},
+            ],
+        ),
     ],
-    ids=["text-then-refusal", "refusal-then-text", "surrogates"],
+    ids=["text-then-refusal", "refusal-then-text", "surrogates", "held-marker-start"],
 )
 async def test_text_and_refusal_are_separate_parts_in_their_order(
     fake: FakeOpenAI,
@@ -192,7 +199,9 @@ async def test_text_and_refusal_are_separate_parts_in_their_order(
     the order they began (StreamRules checks the indexes are contiguous and
     the final parts are what the deltas said). A refusal's surrogate halves
     are mended as text's are (a pair split across deltas joined, a lone
-    half U+FFFD)."""
+    half U+FFFD). Text held back for a possible citation marker ("【")
+    goes out before the refusal's first delta: the SDK, which accumulates
+    parts by index as they come, ends with what is stored."""
     fake.deltas["fake-mixed"] = deltas
     assistant = await client.beta.assistants.create(model="fake-mixed")
     thread = await client.beta.threads.create(messages=[{"role": "user", "content": "help me"}])
@@ -200,6 +209,64 @@ async def test_text_and_refusal_are_separate_parts_in_their_order(
     assert rules.names(events)[-2] == "thread.run.completed"
     assert _content(events) == expected
     assert await _listed_and_retrieved(client, thread.id) == expected
+    async with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id) as stream:
+        await stream.until_done()
+        messages = await stream.get_final_messages()
+    assert [part.model_dump() for part in messages[-1].content] == expected
+    assert await _listed_and_retrieved(client, thread.id) == expected
+
+
+@pytest.mark.parametrize("at_once", [True, False], ids=["at-once", "streamed"])
+async def test_a_run_failing_after_a_refusal_keeps_its_text_and_refusal(
+    client: openai.AsyncOpenAI, http: httpx2.AsyncClient, at_once: bool
+) -> None:
+    """A run that fails mid-answer keeps what the model said (Turn.save_partial):
+    its text and its refusal, as the SDK accumulated them from the stream."""
+    assistant = await client.beta.assistants.create(model="gpt-4o")
+    respond = {"text": "Hi there", "refusal": "No way", "fail": {"code": "server_error", "after": 3}}
+    rule: dict[str, Any] = {"match": {"assistant_id": assistant.id}, "respond": respond}
+    if not at_once:
+        rule["delay_ms"] = 1
+    added = await http.post("/admin/offline/rules", json=rule)
+    assert added.status_code == 200, added.text
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "do it"}])
+    async with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id) as stream:
+        await stream.until_done()
+        final = await stream.get_final_run()
+        messages = await stream.get_final_messages()
+    assert final.status == "failed"
+    retrieved = await client.beta.threads.messages.retrieve(messages[-1].id, thread_id=thread.id)
+    assert retrieved.status == "incomplete"
+    content = [part.model_dump() for part in retrieved.content]
+    assert [part.model_dump() for part in messages[-1].content] == content
+    assert [part["type"] for part in content] == ["text", "refusal"], content
+
+
+@pytest.mark.usefixtures("provider_settings")
+async def test_text_after_a_refusal_and_a_tool_call_is_a_message_of_its_own(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI, http: httpx2.AsyncClient
+) -> None:
+    """A refusal's message closes at the answer's tool call; text after the
+    call (in the same completion) opens a new message without the refusal.
+    Read by polling: the stream of text after a call has a message step
+    created while the tool step is active, which StreamRules refuses (as
+    before refusals: the same holds for text, text, call)."""
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    fake.deltas["fake-refuse-call"] = [{"content": None, "refusal": "No"}, {"tool_calls": [call]}, {"content": "After"}]
+    function = {"name": "f", "parameters": {"type": "object", "properties": {}}}
+    assistant = await client.beta.assistants.create(
+        model="fake-refuse-call", tools=[{"type": "function", "function": function}]
+    )
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "help me"}])
+    run = await client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=20
+    )
+    assert run.status == "requires_action", run.last_error
+    listed = await client.beta.threads.messages.list(thread.id, order="asc")
+    assert [[part.model_dump() for part in message.content] for message in listed.data[1:]] == [
+        [{"type": "refusal", "refusal": "No"}],
+        [{"type": "text", "text": {"value": "After", "annotations": []}}],
+    ]
 
 
 @pytest.mark.usefixtures("provider_settings")
