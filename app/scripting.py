@@ -285,7 +285,7 @@ def _parse_round(raw: Any, where: str) -> Round:
     tokens = raw.get("tokens")
     return Round(
         text=_optional_str(raw.get("text"), f"{where}.text"),
-        refusal=_optional_str(raw.get("refusal"), f"{where}.refusal"),
+        refusal=_refusal(raw.get("refusal"), f"{where}.refusal"),
         tokens=None if tokens is None else _non_negative(tokens, f"{where}.tokens"),
         tool_calls=tuple(_parse_call(call, f"{where}.tool_calls[{n}]") for n, call in enumerate(calls)),
         fail=fail,
@@ -332,6 +332,13 @@ def _parse_fail(raw: Any, where: str) -> tuple[FailCode | None, int]:
 def _optional_str(value: Any, where: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ScriptError(f"{where} must be a string")
+    return value
+
+
+def _refusal(value: Any, where: str) -> str | None:
+    # An empty refusal streams nothing: the run would end with no message.
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ScriptError(f"{where} must be a non-empty string")
     return value
 
 
