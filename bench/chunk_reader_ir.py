@@ -1,10 +1,11 @@
-"""Instructions per ``ChunkReader.read`` of one text chunk (the direct
-route's parsed JSON), for a tree: run it under callgrind with N reads and
-with none, the difference over N is one read's count, which other
-processes' load does not change (branch ``refusal``, bench/README.md):
+"""Instructions per ``ChunkReader.read`` of one text chunk, or of one tool
+call's argument chunk with ``tool`` (the direct route's parsed JSON), for a
+tree: run it under callgrind with N reads and with none, the difference
+over N is one read's count, which other processes' load does not change
+(branch ``refusal``, bench/README.md):
 
     for n in 0 20000; do PYTHONHASHSEED=0 valgrind --tool=callgrind \
-        --callgrind-out-file=/dev/null .venv/bin/python bench/chunk_reader_ir.py TREE $n \
+        --callgrind-out-file=/dev/null .venv/bin/python bench/chunk_reader_ir.py TREE $n [tool] \
         2>&1 | grep -o "Collected : [0-9]*"; done
 """
 
@@ -17,9 +18,12 @@ sys.path.insert(0, sys.argv[1])
 
 from app.llm.provider import ChunkReader  # from the tree given first
 
+TEXT = '{"content":" world"}'
+TOOL = '{"tool_calls":[{"index":0,"function":{"arguments":" world"}}]}'
+DELTA = TOOL if sys.argv[3:] == ["tool"] else TEXT
 CHUNK = json.loads(
     '{"id":"chatcmpl-x","object":"chat.completion.chunk","created":1,"model":"m",'
-    '"choices":[{"index":0,"delta":{"content":" world"},"finish_reason":null}]}'
+    f'"choices":[{{"index":0,"delta":{DELTA},"finish_reason":null}}]}}'
 )
 
 
