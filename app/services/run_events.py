@@ -613,7 +613,7 @@ _STEP_ENDS = frozenset({"completed", "failed", "cancelled", "expired"})
 
 def _merge_parts(content: list[dict[str, Any]], parts: list[dict[str, Any]]) -> None:
     """Accumulate message-delta content parts the way the SDKs do: by
-    ``index``; text values concatenated, annotations appended."""
+    ``index``; text values and refusals concatenated, annotations appended."""
     for part in parts:
         index = int(part.get("index", 0))
         while len(content) <= index:
@@ -624,5 +624,9 @@ def _merge_parts(content: list[dict[str, Any]], parts: list[dict[str, Any]]) -> 
             target["type"] = "text"
             text["value"] += part.get("text", {}).get("value", "")
             text["annotations"] += part.get("text", {}).get("annotations") or []
+        elif part.get("type") == "refusal":
+            # A refusal streams in pieces too: each delta carries the next one.
+            target["type"] = "refusal"
+            target["refusal"] = target.get("refusal", "") + (part.get("refusal") or "")
         else:
             target.update({k: v for k, v in part.items()})

@@ -93,6 +93,28 @@ def test_what_a_dead_worker_left_open_is_closed_with_what_it_had_streamed() -> N
     assert step_closed.data["id"] == "step_1" and step_closed.data["last_error"]["code"] == "server_error"
 
 
+def test_a_dead_workers_open_refusal_is_closed_whole() -> None:
+    message = {"id": "msg_1", "object": "thread.message", "status": "in_progress", "content": []}
+    tracker = run_events.OpenObjects()
+    for event in [
+        Event("thread.message.created", message),
+        Event("thread.message.delta", {"id": "msg_1", "delta": {"content": [_text(0, "Hi", [])]}}),
+        Event("thread.message.delta", {"id": "msg_1", "delta": {"content": [_refusal(1, "No ")]}}),
+        Event("thread.message.delta", {"id": "msg_1", "delta": {"content": [_refusal(1, "way")]}}),
+    ]:
+        tracker.feed(event)
+    (message_closed,) = tracker.closing_events(now=100)
+    assert isinstance(message_closed.data, dict)
+    assert message_closed.data["content"] == [
+        {"type": "text", "text": {"value": "Hi", "annotations": []}},
+        {"type": "refusal", "refusal": "No way"},
+    ]
+
+
+def _refusal(index: int, value: str) -> dict[str, object]:
+    return {"index": index, "type": "refusal", "refusal": value}
+
+
 def _text(index: int, value: str, annotations: list[object] | None = None) -> dict[str, object]:
     text: dict[str, object] = {"value": value}
     if annotations is not None:
