@@ -444,7 +444,10 @@ async def _committed_straight(
     seen through together, as session.commit() closes its transaction
     within (a cancellation between them would take a committed transaction
     for a rolled-back one)."""
-    await held_back.sent(driver.commit_straight(), "COMMIT", None, connection.dialect, connection.invalidate)
+    # A failed COMMIT leaves the lock to the caller's rollback (driver.rollback()), after
+    # Runtime._roll_back has undone its run log appends.
+    committing = driver.commit_straight(hand_on_failure=False)
+    await held_back.sent(committing, "COMMIT", None, connection.dialect, connection.invalidate)
     if _pool_takes_back(connection.engine.pool):
         session.sync_session.close()  # into the pool's queue, its reset's ROLLBACK a no-op: no I/O
     else:
@@ -532,7 +535,9 @@ class RawTransaction:
         one fails: SQLAlchemy's error for it, held_back.sent); with
         ``seen_through`` carried through a cancellation as
         commit_seen_through() carries a commit."""
-        hop = held_back.sent(self.driver.commit_straight(), "COMMIT", None, self.engine.dialect, self.pooled.invalidate)
+        # A failed COMMIT leaves the lock to end(), after the caller has undone its run log appends.
+        committing = self.driver.commit_straight(hand_on_failure=False)
+        hop = held_back.sent(committing, "COMMIT", None, self.engine.dialect, self.pooled.invalidate)
         if seen_through:
             await commit_noted_through(session, asyncio.ensure_future(hop))
         else:

@@ -324,29 +324,33 @@ class Runtime:
         raw = await db.RawTransaction.begin(self.engine)
         session = self.sessionmaker()
         session.info[db.RAW] = raw.held
-        committed = False
         try:
-            try:
-                yield session
-                sync = session.sync_session
-                # The session's commit events fire as session.commit() fires
-                # them (the server listens to none; tests inject failures).
-                if sync.dispatch.before_commit:
-                    sync.dispatch.before_commit(sync)
-                if sync.new or sync.dirty or sync.deleted:
-                    raise RuntimeError("ORM changes in a raw transaction: it flushes nothing")
-                await raw.commit(session, seen_through=run_log.logged(session))
-                committed = True
-            finally:
-                session.sync_session.close()  # no connection: no I/O
-                await raw.end()
+            yield session
+            sync = session.sync_session
+            # The session's commit events fire as session.commit() fires
+            # them (the server listens to none; tests inject failures).
+            if sync.dispatch.before_commit:
+                sync.dispatch.before_commit(sync)
+            if sync.new or sync.dirty or sync.deleted:
+                raise RuntimeError("ORM changes in a raw transaction: it flushes nothing")
+            await raw.commit(session, seen_through=run_log.logged(session))
         except BaseException:
-            if committed:
-                # Cancelled (or failed) giving the connection back after the
-                # COMMIT: the events it logged are in the log all the same.
-                self.run_log.committed(session)
-            else:
+            session.sync_session.close()  # no connection: no I/O
+            try:
+                # Its run log appends undone before end() hands the write
+                # lock on (a failed COMMIT leaves it to end()): a writer let
+                # in first would number its appends after the undone ones.
                 self._ended_badly(session)
+            finally:
+                await raw.end()
+            raise
+        try:
+            session.sync_session.close()
+            await raw.end()
+        except BaseException:
+            # Cancelled (or failed) giving the connection back after the
+            # COMMIT: the events it logged are in the log all the same.
+            self.run_log.committed(session)
             raise
         self.run_log.committed(session)  # the run events it logged reach streams now
         if session.sync_session.dispatch.after_commit:
@@ -433,14 +437,19 @@ class Runtime:
             self.run_log.committed(session)  # the run events it logged reach streams now
 
     async def _roll_back(self, session: AsyncSession) -> None:
-        """The unit of work raised: its rollback, then the run log told,
-        even when the rollback itself fails or is cancelled (the drained
-        deltas would otherwise never be logged, and the run stay appending)."""
+        """The unit of work raised: the run log told, then its rollback,
+        which runs even if the telling fails (the drained deltas go back to
+        the buffer whether or not the rollback then fails or is cancelled:
+        they would otherwise never be logged, and the run stay appending)."""
         try:
+            # Told first: on SQLite the rollback hands the write lock on
+            # (a failed straight COMMIT leaves it to it: db.commit_straight),
+            # and a writer let in before the undo would number its
+            # appends after this transaction's.
+            self._ended_badly(session)
+        finally:
             if session.in_transaction():
                 await session.rollback()
-        finally:
-            self._ended_badly(session)
 
     def _ended_badly(self, session: AsyncSession) -> None:
         """The unit of work raised: rolled back, or (cancelled during its

@@ -500,7 +500,7 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
             outcome: _T = await connection._execute(run, connection._conn, begin, payload, told)  # type: ignore[no-untyped-call]
         return outcome
 
-    async def commit_straight(self) -> None:
+    async def commit_straight(self, *, hand_on_failure: bool = True) -> None:
         """The transaction's COMMIT, awaited on the event loop: the held-back
         writes and COMMIT in one hop, rolled back there if one fails, the
         raw error raised (held_back.sent words it as SQLAlchemy would). The
@@ -513,7 +513,11 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         cancellation: the COMMIT may still be running on the thread, and
         SQLite's lock with it, so the hand-on is left to what waits for
         the thread: held_back.sent's invalidation, whose close() runs after
-        it and calls on_transaction_end then."""
+        it and calls on_transaction_end then. Without ``hand_on_failure``
+        a failed COMMIT leaves the hand-on to the caller's rollback or
+        end (rollback(), close(), db.RawTransaction.end), which undoes the
+        transaction's run log appends first: a writer let in before would
+        number its appends after the failed ones'."""
         try:
             job = self._commit_job()
             if job is not None:
@@ -525,7 +529,8 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         except asyncio.CancelledError:
             raise
         except BaseException:
-            self._ended()
+            if hand_on_failure:
+                self._ended()
             raise
         self._ended()
 
