@@ -153,17 +153,33 @@ def _rows_unknown(prefix: str = "") -> str:
     return ", ".join(f"(SELECT CAST(:{prefix}{name} AS {kind}[]))" for name, kind in arrays)
 
 
+# The rows of the log's insert on PostgreSQL, numbered after each run's
+# last logged event. That end is read once per run (``ends``, materialized:
+# computed once, whatever the join's plan), not once per event: the rows
+# this statement inserts are not in its snapshot, so a per-event
+# ``max(seq)`` walked back over every entry inserted before it in the
+# run's index range, its heap checked for each (issue 17: an end's 12
+# events read the run's log 78 times, a quadratic ~70 of its ~210
+# buffers; a long answer's flush of N deltas N^2/2).
+def _numbered_rows(prefix: str, now: str, where: str = "") -> str:
+    """A SELECT (its own WITH) of the rows of the arrays bound after
+    ``prefix`` (_rows_unknown), ``created_at`` bound as ``now``, filtered by
+    ``where`` (a condition, or nothing)."""
+    return (
+        f"WITH v AS (SELECT * FROM unnest({_rows_unknown(prefix)}) AS v(run_id, n, event, data)), "  # noqa: S608 (constants)
+        "ends AS MATERIALIZED (SELECT r.run_id, "
+        "(SELECT coalesce(max(e.seq), 0) FROM run_events e WHERE e.run_id = r.run_id) AS last "
+        "FROM (SELECT DISTINCT run_id FROM v) AS r) "
+        f"SELECT v.run_id, ends.last + v.n, v.event, CAST(v.data AS json), :{now} "
+        "FROM v JOIN ends ON ends.run_id = v.run_id"
+        f"{f' WHERE {where}' if where else ''}"
+    )
+
+
 _INSERT_POSTGRES_ROWS = f"""
-    WITH v AS (
-        SELECT * FROM unnest(
-            {_rows_unknown()}
-        ) AS v(run_id, n, event, data)
-    ), ins AS (
+    WITH ins AS (
         INSERT INTO run_events (run_id, seq, event, data, created_at)
-        SELECT v.run_id,
-               (SELECT coalesce(max(e.seq), 0) FROM run_events e WHERE e.run_id = v.run_id) + v.n,
-               v.event, CAST(v.data AS json), :now
-        FROM v
+        {_numbered_rows("", "now")}
         RETURNING run_id, seq
     ), firsts AS (
         SELECT run_id, min(seq) AS first FROM ins GROUP BY run_id
@@ -205,13 +221,10 @@ async def _insert_postgres(
 # with the row new_rows.with_inserts() guards, or the run a move carried
 # alone moved (run_state.MOVED_CTE: their CTE is named the same).
 def _logged_sql(guarded: bool) -> str:
-    only_with = f" WHERE EXISTS (SELECT FROM {new_rows.GUARDED_CTE})" if guarded else ""
+    only_with = f"EXISTS (SELECT FROM {new_rows.GUARDED_CTE})" if guarded else ""
     return (
-        "INSERT INTO run_events (run_id, seq, event, data, created_at) "  # noqa: S608 (constants)
-        "SELECT v.run_id, (SELECT coalesce(max(e.seq), 0) FROM run_events e WHERE e.run_id = v.run_id) + v.n, "
-        "v.event, CAST(v.data AS json), :log_now "
-        f"FROM unnest({_rows_unknown('log_')}) "
-        f"AS v(run_id, n, event, data){only_with} "
+        "INSERT INTO run_events (run_id, seq, event, data, created_at) "
+        f"{_numbered_rows('log_', 'log_now', only_with)} "
         "RETURNING seq"
     )
 

@@ -899,13 +899,10 @@ async def test_postgresql_a_hand_off_dying_before_its_statement_leaves_the_run_r
     await other.stop()
 
 
-@_ON_POSTGRES
-async def test_postgresql_a_hand_off_whose_connection_is_lost_leaves_the_run_to_the_claim(
-    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    runtime = bare_runtime
-    worker = _looping(Worker(runtime))
-    run = await _create(runtime, worker)
+def _lose_the_first_carried_statement(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The first statement carried by run events' insert (PostgreSQL's
+    hand-off) fails as a dropped connection does; the list returned says
+    whether it has."""
     real = run_events.insert_carrying
     lost: list[bool] = []
 
@@ -916,8 +913,20 @@ async def test_postgresql_a_hand_off_whose_connection_is_lost_leaves_the_run_to_
         return await real(session, *args, **kwargs)
 
     monkeypatch.setattr(run_events, "insert_carrying", lost_once)
+    return lost
+
+
+@_ON_POSTGRES
+async def test_postgresql_a_hand_off_whose_connection_is_lost_leaves_the_run_to_the_claim(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    run = await _create(runtime, worker)
+    lost = _lose_the_first_carried_statement(monkeypatch)
     assert worker.hand(run)
     await worker._handed()
+    assert lost == [True]  # the hand-off's statement was the one lost
     assert (await _row(runtime, run.id)).status == "queued"
     assert worker._wakeup.is_set()
     assert "handing run" in caplog.text  # said, unlike a lost compare-and-set
@@ -1005,18 +1014,10 @@ async def test_postgresql_a_streamed_runs_hand_off_whose_connection_is_lost_leav
     worker = _looping(Worker(runtime))
     monkeypatch.setattr(runtime.llm, "answer_at_once", _never_at_once)
     run = await _create(runtime, worker)
-    real = run_events.insert_carrying
-    lost: list[bool] = []
-
-    async def lost_once(session: Any, *args: Any, **kwargs: Any) -> int:
-        if not lost:
-            lost.append(True)
-            raise OperationalError("the hand-off's statement", {}, ConnectionResetError("connection lost"))
-        return await real(session, *args, **kwargs)
-
-    monkeypatch.setattr(run_events, "insert_carrying", lost_once)
+    lost = _lose_the_first_carried_statement(monkeypatch)
     assert worker.hand(run)
     await worker._handed()
+    assert lost == [True]  # the hand-off's statement was the one lost
     row = await _row(runtime, run.id)
     assert row.status == "queued" and row.lease_owner == run_execution.reserved_for(worker.owner)
     assert worker._wakeup.is_set() and not worker._tasks

@@ -96,3 +96,71 @@ async def test_the_api_create_keeps_the_generic_plan(client: openai.AsyncOpenAI,
     settled = [(generic, custom) for generic, custom in plans if generic + custom > 5]
     assert settled, f"no connection ran the create more than 5 times: {plans}"
     assert all(generic > 0 for generic, _ in settled), plans
+
+
+# Events enough that reading the run's end once per event (each read
+# walking back over the rows this statement inserted before it) would show.
+MANY = 40
+
+
+def _end_reads(plan: Any) -> int:
+    """How many times the plan's nodes read the log's end (the scans of
+    ``run_events`` aliased ``e``, loops summed)."""
+    if isinstance(plan, list):
+        return sum(_end_reads(item) for item in plan)
+    if not isinstance(plan, dict):
+        return 0
+    own = int(plan["Actual Loops"]) if plan.get("Relation Name") == "run_events" and plan.get("Alias") == "e" else 0
+    return own + sum(_end_reads(value) for value in plan.values() if isinstance(value, list | dict))
+
+
+async def _explained(connection: AsyncConnection, sql: str, parameters: dict[str, Any]) -> Any:
+    return (await connection.execute(text("EXPLAIN (ANALYZE, FORMAT JSON) " + sql), parameters)).scalar_one()
+
+
+async def test_a_batch_reads_each_runs_end_once_not_once_per_event(runtime: Runtime) -> None:
+    """The numbering reads each run's last seq once per statement: per
+    event, every read walked back over the entries the statement had
+    inserted before it (not in its snapshot), quadratic in a batch's
+    events (issue 17: an end's 12 events, ~70 of its ~210 buffers)."""
+    await _with_a_run(runtime)
+    async with runtime.transaction() as session:
+        await core_rows.insert_row(session, core_rows.record(orm.Run, id="run_plan_2", **_RUN))
+    events = [Event("thread.message.delta", {"n": n}) for n in range(MANY)]
+    async with runtime.engine.connect() as connection:
+        run_ids = ["run_plan"] * MANY + ["run_plan_2"] * MANY
+        parameters: dict[str, Any] = {
+            "run_ids": run_ids,
+            "ns": list(range(1, MANY + 1)) * 2,
+            "names": [event.name for event in events] * 2,
+            "datas": [run_events._logged_text(event) for event in events] * 2,
+            "now": 1.0,
+        }
+        batch = str(run_events._insert_postgres_statement(False, False))
+        batch_reads = _end_reads(await _explained(connection, batch, parameters))
+        carried = run_events._logged_sql(False)  # the create's and the end's CTE, alone
+        carried_reads = _end_reads(await _explained(connection, carried, run_events._logged_params("run_plan", events)))
+        await connection.rollback()
+    # Once per run (2, 1; the old per-event read made it 80, 40). At most,
+    # not exactly: a planner that turned the read into a join would read
+    # it fewer times, still once per run at most.
+    assert 0 < batch_reads <= 2 and 0 < carried_reads <= 1, (batch_reads, carried_reads)
+
+
+async def test_the_numbering_follows_each_runs_logged_end(runtime: Runtime) -> None:
+    """Read once per run, the end still numbers every run's events after
+    its own last one, in the order given."""
+    await _with_a_run(runtime)
+    async with runtime.transaction() as session:
+        await core_rows.insert_row(session, core_rows.record(orm.Run, id="run_plan_2", **_RUN))
+    async with runtime.transaction() as session:
+        await run_events.insert(session, {"run_plan": EVENTS})
+    async with runtime.transaction() as session:
+        firsts = await run_events.insert(session, {"run_plan": EVENTS * 2, "run_plan_2": EVENTS})
+    async with runtime.engine.connect() as connection:
+        rows = (await connection.execute(text("SELECT run_id, seq FROM run_events ORDER BY run_id, seq"))).all()
+    assert firsts == {"run_plan": 3, "run_plan_2": 1}
+    assert [tuple(row) for row in rows] == [("run_plan", seq) for seq in range(1, 7)] + [
+        ("run_plan_2", 1),
+        ("run_plan_2", 2),
+    ]
