@@ -411,7 +411,9 @@ def _straight_committable(session: AsyncSession) -> tuple[Connection, sqlite_dri
     return connection, driver
 
 
-async def commit_straight(session: AsyncSession, *, seen_through: bool) -> bool:
+async def commit_straight(
+    session: AsyncSession, *, seen_through: bool, undo: Callable[[AsyncSession], None] | None = None
+) -> bool:
     """Commit ``session``'s SQLite transaction straight on the driver: its
     held-back writes and COMMIT in one hop awaited here, without
     AsyncSession.commit's greenlet, SQLAlchemy's commit and its events
@@ -425,20 +427,28 @@ async def commit_straight(session: AsyncSession, *, seen_through: bool) -> bool:
     invalidating it), everything rolled back on the thread; the session is
     then the caller's to roll back, as after a failed commit. With
     ``seen_through`` the hop is carried through a cancellation as
-    commit_seen_through() carries a commit."""
+    commit_seen_through() carries a commit. A failed COMMIT leaves the
+    write lock to the caller's rollback (Runtime._roll_back: after it has
+    undone the transaction's run log appends); a COMMIT that loses its
+    connection calls ``undo`` with the session first (those appends undone),
+    as the invalidation that follows hands the lock on (lost_after_undo)."""
     found = _straight_committable(session)
     if found is None:
         return False
     connection, driver = found
     if seen_through:
-        await commit_noted_through(session, asyncio.ensure_future(_committed_straight(session, connection, driver)))
+        committing = _committed_straight(session, connection, driver, undo)
+        await commit_noted_through(session, asyncio.ensure_future(committing))
     else:
-        await _committed_straight(session, connection, driver)
+        await _committed_straight(session, connection, driver, undo)
     return True
 
 
 async def _committed_straight(
-    session: AsyncSession, connection: Connection, driver: sqlite_driver.OneHopConnection
+    session: AsyncSession,
+    connection: Connection,
+    driver: sqlite_driver.OneHopConnection,
+    undo: Callable[[AsyncSession], None] | None,
 ) -> None:
     """commit_straight()'s hop, then SQLAlchemy's transaction closed: both
     seen through together, as session.commit() closes its transaction
@@ -447,11 +457,33 @@ async def _committed_straight(
     # A failed COMMIT leaves the lock to the caller's rollback (driver.rollback()), after
     # Runtime._roll_back has undone its run log appends.
     committing = driver.commit_straight(hand_on_failure=False)
-    await held_back.sent(committing, "COMMIT", None, connection.dialect, connection.invalidate)
+    invalidate = connection.invalidate if undo is None else lost_after_undo(session, undo, connection.invalidate)
+    await held_back.sent(committing, "COMMIT", None, connection.dialect, invalidate)
     if _pool_takes_back(connection.engine.pool):
         session.sync_session.close()  # into the pool's queue, its reset's ROLLBACK a no-op: no I/O
     else:
         await greenlet_spawn(session.sync_session.close)  # the pool closes it: I/O
+
+
+def lost_after_undo(
+    session: AsyncSession, undo: Callable[[AsyncSession], None], invalidate: Callable[[BaseException | None], None]
+) -> Callable[[BaseException | None], None]:
+    """``invalidate`` for held_back.sent() of a COMMIT that leaves the write
+    lock to its caller (commit_straight(hand_on_failure=False)): a lost
+    connection's invalidation closes the driver connection, and its close()
+    hands the lock on (OneHopConnection.close; or the pool's invalidate
+    event) before the caller could undo the transaction's run log appends,
+    so ``undo(session)`` runs first (a writer let in before the undo would
+    number its appends after the lost ones). Not for a cancellation
+    (``None``): the COMMIT may still be running on the thread, and may
+    commit; the caller learns which (commit_noted_through)."""
+
+    def lost(error: BaseException | None) -> None:
+        if error is not None:
+            undo(session)
+        invalidate(error)
+
+    return lost
 
 
 async def raw_write_connection(engine: AsyncEngine) -> tuple[PoolProxiedConnection, SQLiteWriters]:
@@ -530,14 +562,20 @@ class RawTransaction:
             await give_back(engine, pooled)
             raise
 
-    async def commit(self, session: AsyncSession, *, seen_through: bool) -> None:
+    async def commit(
+        self, session: AsyncSession, *, seen_through: bool, undo: Callable[[AsyncSession], None] | None = None
+    ) -> None:
         """The held-back writes and COMMIT in one hop (rolled back there if
         one fails: SQLAlchemy's error for it, held_back.sent); with
         ``seen_through`` carried through a cancellation as
-        commit_seen_through() carries a commit."""
-        # A failed COMMIT leaves the lock to end(), after the caller has undone its run log appends.
+        commit_seen_through() carries a commit. A failed COMMIT leaves the
+        write lock to end(), which the caller calls once it has undone the
+        transaction's run log appends; one that loses its connection calls
+        ``undo`` with the session first, as its invalidation hands the lock
+        on (lost_after_undo)."""
         committing = self.driver.commit_straight(hand_on_failure=False)
-        hop = held_back.sent(committing, "COMMIT", None, self.engine.dialect, self.pooled.invalidate)
+        invalidate = self.pooled.invalidate if undo is None else lost_after_undo(session, undo, self.pooled.invalidate)
+        hop = held_back.sent(committing, "COMMIT", None, self.engine.dialect, invalidate)
         if seen_through:
             await commit_noted_through(session, asyncio.ensure_future(hop))
         else:

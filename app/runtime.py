@@ -273,7 +273,7 @@ class Runtime:
                     # Ended or rolled back within, nothing logged: closed as
                     # session.begin()'s block closes it.
                     await session.rollback()
-                elif await db.commit_straight(session, seen_through=logged):
+                elif await db.commit_straight(session, seen_through=logged, undo=self.run_log.rolled_back):
                     pass
                 elif logged:
                     await db.commit_seen_through(session)
@@ -333,7 +333,7 @@ class Runtime:
                 sync.dispatch.before_commit(sync)
             if sync.new or sync.dirty or sync.deleted:
                 raise RuntimeError("ORM changes in a raw transaction: it flushes nothing")
-            await raw.commit(session, seen_through=run_log.logged(session))
+            await raw.commit(session, seen_through=run_log.logged(session), undo=self.run_log.rolled_back)
         except BaseException:
             session.sync_session.close()  # no connection: no I/O
             try:

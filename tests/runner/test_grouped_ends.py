@@ -380,9 +380,10 @@ async def test_a_cancel_let_in_after_a_grouped_hop_numbers_after_its_missed_end_
     assert _checked_out(runtime) == 0
 
 
+@pytest.mark.parametrize("lost", [False, True], ids=["failed", "lost"])
 @pytest.mark.parametrize("path", ["raw", "connected"])
 async def test_a_cancel_queued_behind_an_end_whose_commit_fails_numbers_after_it_is_undone(
-    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, path: str
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, path: str, lost: bool
 ) -> None:
     """The end of a streamed answer made alone (the lock idle: raw_writes,
     a db.RawTransaction; or, where claims_raw() is false, transaction()
@@ -396,7 +397,10 @@ async def test_a_cancel_queued_behind_an_end_whose_commit_fails_numbers_after_it
     back, only after the cancel's append if the lock has been handed on by
     then (without the fix: at the failed COMMIT, or a raw end's lock freed
     before its run log undone, the cancel numbered after the end's deltas,
-    followers given a delta and the cancel under one number)."""
+    followers given a delta and the cancel under one number). ``lost``: the
+    COMMIT fails as a lost connection instead ("no active connection"), whose
+    invalidation closes the driver connection, and the close hands the lock
+    on (without db.lost_after_undo: before the end's appends are undone)."""
     caplog.set_level(logging.WARNING, logger="app.run_log")
     monkeypatch.setattr(runtime.run_log, "flush_seconds", 60)  # the deltas wait for the end
     monkeypatch.setattr(execute, "CANCEL_POLL_SECONDS", 60)
@@ -442,6 +446,17 @@ async def test_a_cancel_queued_behind_an_end_whose_commit_fails_numbers_after_it
     monkeypatch.setattr(db, "commit_noted_through", noted_after_the_cancel)
     monkeypatch.setattr(db, "give_back", given_back_after_the_cancel)
     monkeypatch.setattr(type(writers), "idle", lambda self: True)  # made alone, not grouped
+    real_straight = sqlite_driver.OneHopConnection.commit_straight
+    lost_once: list[bool] = []
+
+    async def connection_lost(self: sqlite_driver.OneHopConnection, *, hand_on_failure: bool = True) -> None:
+        if queued.is_set() and not lost_once:  # the end's COMMIT, the first let in after the cancel queued
+            lost_once.append(True)
+            await self._connection.close()  # the connection lost under the COMMIT: "no active connection"
+        await real_straight(self, hand_on_failure=hand_on_failure)
+
+    if lost:
+        monkeypatch.setattr(sqlite_driver.OneHopConnection, "commit_straight", connection_lost)
     runs = await _make_runs(runtime, 1)
     executions = await _claimed(runtime, 1)
     if path == "connected":
@@ -463,20 +478,24 @@ async def test_a_cancel_queued_behind_an_end_whose_commit_fails_numbers_after_it
     try:
         finish.set()
         await until(lambda: len(writers._lock._waiters) == 1, "the end queued for the lock")
-        _elsewhere(runtime, f"UPDATE runs SET metadata = '{{\"k\": \"v\"}}' WHERE id = '{victim}'")
+        if not lost:
+            _elsewhere(runtime, f"UPDATE runs SET metadata = '{{\"k\": \"v\"}}' WHERE id = '{victim}'")
         cancelling = asyncio.create_task(cancel())
         await until(lambda: len(writers._lock._waiters) == 2, "the cancel queued behind the end")
         queued.set()
     finally:
         writers.free()
     async with asyncio.timeout(30):
-        await asyncio.gather(cancelling, *running)
+        outcomes = await asyncio.gather(cancelling, *running, return_exceptions=lost)
     assert failed[:1] == [path == "raw"]  # the end's COMMIT failed, on the path meant
+    if lost:  # the end's failure is the executor's (the run left cancelling, to recovery)
+        assert lost_once == [True] and outcomes[0] is None
+        assert isinstance(outcomes[1], OperationalError) and outcomes[1].connection_invalidated
     logged = await _logged(runtime, victim)
     assert _contiguous(logged)
     names = {seq: name for seq, name, _data in logged}
     assert [(seq, name) for seq, name in delivered[victim] if names.get(seq) != name] == []
-    assert (await _ended(runtime, victim))[0] == "cancelled"
+    assert (await _ended(runtime, victim))[0] == ("cancelling" if lost else "cancelled")
     assert [record.getMessage() for record in caplog.records if record.name == "app.run_log"] == []
     assert runtime.run_log._unlocked == {} and runtime.run_log._early_unwritten == 0
     assert _checked_out(runtime) == 0
