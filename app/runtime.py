@@ -335,18 +335,22 @@ class Runtime:
                 raise RuntimeError("ORM changes in a raw transaction: it flushes nothing")
             await raw.commit(session, seen_through=run_log.logged(session), undo=self.run_log.rolled_back)
         except BaseException:
-            session.sync_session.close()  # no connection: no I/O
             try:
-                # Its run log appends undone before end() hands the write
-                # lock on (a failed COMMIT leaves it to end()): a writer let
-                # in first would number its appends after the undone ones.
-                self._ended_badly(session)
+                try:
+                    # Its run log appends undone before end() hands the write
+                    # lock on (a failed COMMIT leaves it to end()): a writer let
+                    # in first would number its appends after the undone ones.
+                    self._ended_badly(session)
+                finally:
+                    session.sync_session.close()  # no connection: no I/O
             finally:
-                await raw.end()
+                await raw.end()  # whatever raised before it: the lock freed, the connection given back
             raise
         try:
-            session.sync_session.close()
-            await raw.end()
+            try:
+                session.sync_session.close()
+            finally:
+                await raw.end()
         except BaseException:
             # Cancelled (or failed) giving the connection back after the
             # COMMIT: the events it logged are in the log all the same.
