@@ -448,8 +448,11 @@ class Runtime:
         try:
             # Told first: on SQLite the rollback hands the write lock on
             # (a failed straight COMMIT leaves it to it: db.commit_straight),
-            # and a writer let in before the undo would number its
-            # appends after this transaction's.
+            # and the rollback may yield after that (the session's close: an
+            # overflow connection closed at the checkin is I/O), so a writer
+            # let in then, before an undo after it, would number its appends
+            # after this transaction's (test_grouped_ends' queued-cancel
+            # test, connected). The undo does no I/O.
             self._ended_badly(session)
         finally:
             if session.in_transaction():

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy import make_url
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.util import await_only as await_
 
 from app import db, llm, orm, sqlite_driver, sqlite_groups
 from app.runner import execute
@@ -457,6 +458,20 @@ async def test_a_cancel_queued_behind_an_end_whose_commit_fails_numbers_after_it
 
     if lost:
         monkeypatch.setattr(sqlite_driver.OneHopConnection, "commit_straight", connection_lost)
+    real_rollback = sqlite_driver.OneHopConnection.rollback
+
+    def rolled_back_after_the_cancel(self: sqlite_driver.OneHopConnection) -> None:
+        real_rollback(self)  # hands the lock on (a failed straight COMMIT left it to the rollback)
+        if queued.is_set() and not writers._lock._waiters and not cancel_appended.is_set():
+            # The end's task goes on from its ROLLBACK only after the cancel's
+            # append, as it would when its session's close yields (an overflow
+            # connection closed at the checkin: I/O): Runtime._roll_back's undo
+            # must come before the rollback (without it, the cancel numbered
+            # after the end's deltas).
+            await_(after_the_cancel())
+
+    if path == "connected":
+        monkeypatch.setattr(sqlite_driver.OneHopConnection, "rollback", rolled_back_after_the_cancel)
     runs = await _make_runs(runtime, 1)
     executions = await _claimed(runtime, 1)
     if path == "connected":
