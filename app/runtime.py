@@ -459,8 +459,14 @@ class Runtime:
                 await session.rollback()
 
     def _ended_badly(self, session: AsyncSession) -> None:
-        """The unit of work raised: rolled back, or (cancelled during its
-        COMMIT: db.commit_seen_through) committed all the same."""
+        """The unit of work raised: the run log told, before its rollback or
+        RawTransaction.end() hands SQLite's write lock on (_roll_back,
+        raw_writes; grouped_writes holds no lock): its appends undone
+        (RunLog.rolled_back: the counters back, the deltas back in the
+        buffer), or, its COMMIT seen through a cancellation and committed
+        (db.committed_despite_cancellation), logged as committed. A second
+        call finds nothing to do (a COMMIT that lost its connection has
+        undone them already: db.lost_after_undo)."""
         if db.committed_despite_cancellation(session):
             self.run_log.committed(session)
         else:

@@ -506,18 +506,20 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         raw error raised (held_back.sent words it as SQLAlchemy would). The
         body of commit() too, which runs it through SQLAlchemy's greenlet;
         app/db.py's commit_straight and RawTransaction.commit call it
-        without (issue 17). The
-        transaction is over either way, the write lock handed on
-        (on_transaction_end): once the thread has committed, ahead of this
-        coroutine's return (_told_on); else once it returns, but for a
-        cancellation: the COMMIT may still be running on the thread, and
-        SQLite's lock with it, so the hand-on is left to what waits for
-        the thread: held_back.sent's invalidation, whose close() runs after
-        it and calls on_transaction_end then. Without ``hand_on_failure``
-        a failed COMMIT leaves the hand-on to the caller's rollback or
-        end (rollback(), close(), db.RawTransaction.end), which undoes the
-        transaction's run log appends first: a writer let in before would
-        number its appends after the failed ones'."""
+        without (issue 17). The transaction is over either way. The write
+        lock is handed on (on_transaction_end) once the thread has committed,
+        ahead of this coroutine's return (_told_on). A failed COMMIT hands
+        it on as it raises, but without ``hand_on_failure`` (app/db.py's
+        callers) leaves it to the caller's rollback() or
+        db.RawTransaction.end(), which Runtime calls once it has undone the
+        transaction's run log appends (a writer let in before would number
+        its appends after the failed ones'); a COMMIT that lost its
+        connection is invalidated by held_back.sent, whose close() hands
+        the lock on, after db.lost_after_undo's undo. A cancellation hands
+        nothing on here: the COMMIT may still be running on the thread, and
+        SQLite's lock with it, so the hand-on is left to what waits for the
+        thread: held_back.sent's invalidation, whose close() runs after it
+        and calls on_transaction_end then."""
         try:
             job = self._commit_job()
             if job is not None:
