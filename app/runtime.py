@@ -39,6 +39,19 @@ class Wake(Protocol):
         """New work: runs, and with ``files`` vector store files to ingest."""
 
 
+def _flushless_commit_begins(session: AsyncSession, what: str) -> None:
+    """The start of raw_writes()' and grouped_writes()' commit, which flush
+    nothing: the session's before_commit event fires as session.commit()
+    fires it (the server listens to none; tests inject failures there), and
+    ORM changes, which would be lost, are refused (``what`` names the
+    transaction in the error)."""
+    sync = session.sync_session
+    if sync.dispatch.before_commit:
+        sync.dispatch.before_commit(sync)
+    if sync.new or sync.dirty or sync.deleted:
+        raise RuntimeError(f"ORM changes in {what}: it flushes nothing")
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -326,13 +339,7 @@ class Runtime:
         session.info[db.RAW] = raw.held
         try:
             yield session
-            sync = session.sync_session
-            # The session's commit events fire as session.commit() fires
-            # them (the server listens to none; tests inject failures).
-            if sync.dispatch.before_commit:
-                sync.dispatch.before_commit(sync)
-            if sync.new or sync.dirty or sync.deleted:
-                raise RuntimeError("ORM changes in a raw transaction: it flushes nothing")
+            _flushless_commit_begins(session, "a raw transaction")
             await raw.commit(session, seen_through=run_log.logged(session), undo=self.run_log.rolled_back)
         except BaseException:
             try:
@@ -356,9 +363,7 @@ class Runtime:
             # COMMIT: the events it logged are in the log all the same.
             self.run_log.committed(session)
             raise
-        self.run_log.committed(session)  # the run events it logged reach streams now
-        if session.sync_session.dispatch.after_commit:
-            session.sync_session.dispatch.after_commit(session.sync_session)
+        self._flushless_commit_ended(session)
 
     # The worker's claim's transaction (claim_and_start); the same function, no
     # context manager more around it on the claim's path.
@@ -391,11 +396,7 @@ class Runtime:
         session.info[db.GROUPED] = True
         try:
             yield session
-            sync = session.sync_session
-            if sync.dispatch.before_commit:
-                sync.dispatch.before_commit(sync)  # as raw_writes(): tests inject failures here
-            if sync.new or sync.dirty or sync.deleted:
-                raise RuntimeError("ORM changes in a grouped end: it flushes nothing")
+            _flushless_commit_begins(session, "a grouped end")
             if session.info.get(db.COLLECTED):
                 await sqlite_groups.commit_grouped(
                     session, self.engine, functools.partial(self.run_log.joined, session)
@@ -406,9 +407,16 @@ class Runtime:
             self._ended_badly(session)
             raise
         session.sync_session.close()
-        self.run_log.committed(session)  # the run events it logged reach streams now
-        if session.sync_session.dispatch.after_commit:
-            session.sync_session.dispatch.after_commit(session.sync_session)
+        self._flushless_commit_ended(session)
+
+    def _flushless_commit_ended(self, session: AsyncSession) -> None:
+        """raw_writes()' and grouped_writes()' commit done: the run events
+        it logged reach streams now, and the session's after_commit event
+        fires as session.commit() fires it (_flushless_commit_begins)."""
+        self.run_log.committed(session)
+        sync = session.sync_session
+        if sync.dispatch.after_commit:
+            sync.dispatch.after_commit(sync)
 
     @asynccontextmanager
     async def _collecting(self) -> AsyncIterator[AsyncSession]:
