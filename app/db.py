@@ -479,9 +479,11 @@ def lost_after_undo(
     commit; the caller learns which (commit_noted_through)."""
 
     def lost(error: BaseException | None) -> None:
-        if error is not None:
-            undo(session)
-        invalidate(error)
+        try:
+            if error is not None:
+                undo(session)
+        finally:
+            invalidate(error)  # even if the undo raised: a lost connection never goes back to the pool
 
     return lost
 
