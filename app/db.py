@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 from sqlalchemy import event, orm, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool, Pool, PoolProxiedConnection, QueuePool
 from sqlalchemy.util import await_only as await_
@@ -266,6 +266,14 @@ class SQLiteWriters:
         # be held with no record of its holder, for good.
         info = connection.info
         driver: object = connection.connection.dbapi_connection
+        if self._HOLDS in info:
+            # Still held by this connection's last transaction: its COMMIT
+            # failed, which leaves the lock to the rollback, and the
+            # Connection's rollback found SQLAlchemy's transaction inactive
+            # and sent the driver nothing (the Connection used again, not
+            # given back: no reset). That transaction has ended; the lock
+            # is handed on, then waited for in turn, not for good.
+            self.release(info)
         if not self._lock.try_acquire():
             await_(self.hold())
         holder = object()  # this transaction's hold, not a later one's on the same connection
@@ -686,6 +694,7 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
             )
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         event.listen(engine.sync_engine, "before_cursor_execute", sqlite_driver.hold_back_marked_writes)
+        event.listen(engine.sync_engine, "handle_error", _undone_if_lost)
         writers = SQLiteWriters(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
         writers.listen(engine)
         if not in_memory:  # a file: a pool to check a connection out of (RawTransaction, sqlite_groups)
@@ -969,9 +978,37 @@ def watched(work: Coroutine[Any, Any, T]) -> tuple[asyncio.Task[T], Sending]:
     return asyncio.get_running_loop().create_task(work, context=context), sending
 
 
-async def commit_seen_through(session: AsyncSession) -> None:
+# A logged session's undo of its run log appends (Runtime: RunLog.rolled_back),
+# for its session.commit() to run if SQLAlchemy finds the connection lost
+# there (_undone_if_lost); set in that commit's task alone (commit_seen_through).
+_UNDO_IF_LOST: contextvars.ContextVar[tuple[AsyncSession, Callable[[AsyncSession], None]] | None] = (
+    contextvars.ContextVar("undo_if_lost", default=None)
+)
+
+
+def _undone_if_lost(context: ExceptionContext) -> None:
+    """A SQLite engine's handle_error listener: a statement or COMMIT of a
+    session.commit() given an ``undo`` (commit_seen_through) that lost its
+    connection undoes the session's run log appends now. SQLAlchemy then
+    invalidates the connection (even if the undo raises: its error is
+    raised instead), and the driver's close() hands the write lock on
+    (OneHopConnection.close) before the caller could undo them (a writer
+    let in first would number its appends after the lost ones); the
+    caller's undo then finds nothing left to do. Only a lost connection
+    (the transaction is gone, nothing of it committed); any other failure
+    leaves the lock to the rollback, which comes after the caller's undo."""
+    pending = _UNDO_IF_LOST.get()
+    if pending is not None and context.is_disconnect:
+        session, undo = pending
+        undo(session)
+
+
+async def commit_seen_through(session: AsyncSession, undo: Callable[[AsyncSession], None] | None = None) -> None:
     """``session.commit()``, carried to its end even if the calling task is
     cancelled while it is in flight, so that the caller learns what it did.
+    With ``undo``, a connection lost during it (on SQLite) calls
+    ``undo(session)`` before its invalidation hands the write lock on
+    (_undone_if_lost).
 
     A cancellation (a lost lease, shutdown) that reaches a task awaiting its
     COMMIT does not stop the COMMIT: SQLite's thread runs it anyway, and
@@ -982,7 +1019,13 @@ async def commit_seen_through(session: AsyncSession) -> None:
     a cancellation, ``committed_despite_cancellation(session)`` then says
     whether it committed. A task per commit: used only where the outcome
     matters."""
-    await commit_noted_through(session, asyncio.ensure_future(session.commit()))
+    if undo is None:
+        commit = asyncio.ensure_future(session.commit())
+    else:
+        context = contextvars.copy_context()  # the commit's task's alone
+        context.run(_UNDO_IF_LOST.set, (session, undo))
+        commit = asyncio.get_running_loop().create_task(session.commit(), context=context)
+    await commit_noted_through(session, commit)
 
 
 def routine_miss(error: BaseException) -> bool:

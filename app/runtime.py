@@ -289,7 +289,7 @@ class Runtime:
                 elif await db.commit_straight(session, seen_through=logged, undo=self.run_log.rolled_back):
                     pass
                 elif logged:
-                    await db.commit_seen_through(session)
+                    await db.commit_seen_through(session, undo=self.run_log.rolled_back)
                 else:
                     await session.commit()
             except BaseException:
@@ -437,7 +437,7 @@ class Runtime:
                     await session.connection()
                 if session.in_transaction() or session.new or session.dirty or session.deleted:
                     if run_log.logged(session):
-                        await db.commit_seen_through(session)
+                        await db.commit_seen_through(session, undo=self.run_log.rolled_back)
                     else:
                         await session.commit()
                 elif session.info.get(db.COLLECTED):
@@ -455,7 +455,8 @@ class Runtime:
         they would otherwise never be logged, and the run stay appending)."""
         try:
             # Told first: on SQLite the rollback hands the write lock on
-            # (a failed straight COMMIT leaves it to it: db.commit_straight),
+            # (a failed COMMIT leaves it to it: db.commit_straight, and
+            # session.commit()'s, sqlite_driver.OneHopConnection.commit),
             # and the rollback may yield after that (the session's close: an
             # overflow connection closed at the checkin is I/O), so a writer
             # let in then, before an undo after it, would number its appends

@@ -509,13 +509,14 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         without (issue 17). The transaction is over either way. The write
         lock is handed on (on_transaction_end) once the thread has committed,
         ahead of this coroutine's return (_told_on). A failed COMMIT hands
-        it on as it raises, but without ``hand_on_failure`` (app/db.py's
-        callers) leaves it to the caller's rollback() or
-        db.RawTransaction.end(), which Runtime calls once it has undone the
-        transaction's run log appends (a writer let in before would number
-        its appends after the failed ones'); a COMMIT that lost its
-        connection is invalidated by held_back.sent, whose close() hands
-        the lock on, after db.lost_after_undo's undo. A cancellation hands
+        it on as it raises, but without ``hand_on_failure`` (every caller:
+        commit(), app/db.py's) leaves it to the caller's rollback() (or the
+        pool's reset) or db.RawTransaction.end(), which Runtime calls once
+        it has undone the transaction's run log appends (a writer let in
+        before would number its appends after the failed ones'); a COMMIT
+        that lost its connection is invalidated (held_back.sent; SQLAlchemy
+        for commit()), whose close() hands the lock on, after the undo
+        (db.lost_after_undo; db.commit_seen_through's ``undo``). A cancellation hands
         nothing on here: the COMMIT may still be running on the thread, and
         SQLite's lock with it, so the hand-on is left to what waits for the
         thread: held_back.sent's invalidation, whose close() runs after it
@@ -583,7 +584,14 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
     def commit(self) -> None:
         try:
             if self.inline_wait_ms is None:
-                await_(self.commit_straight())
+                # A failed COMMIT (session.commit(), a Connection's commit)
+                # leaves the write lock to the rollback, or the pool's reset
+                # when the connection is given back without one (its reset
+                # event frees it: db.SQLiteWriters.listen): Runtime undoes a
+                # logged transaction's run log appends first (_roll_back). A
+                # writer let in at the failure would number its appends after
+                # the failed ones.
+                await_(self.commit_straight(hand_on_failure=False))
                 return
             try:  # an inline connection: on this thread
                 job = self._commit_job()

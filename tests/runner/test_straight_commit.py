@@ -22,11 +22,11 @@ from sqlalchemy import bindparam, event, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, PendingRollbackError
 
-from app import db, orm, sqlite_driver
+from app import db, orm, run_log, sqlite_driver
 from app.api.handlers import unexpected_error
 from app.runner import execute
 from app.runtime import Runtime
-from app.services import core_rows
+from app.services import core_rows, run_state
 from app.settings import Settings
 from app.wire.events import Event
 from tests.runner.test_worker import _make_runs, _statuses
@@ -401,3 +401,160 @@ async def test_events_logged_in_a_transaction_rolled_back_within_never_reach_str
     async with runtime.transaction() as session:
         logged = await session.scalar(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id).limit(1))
     assert logged is None
+
+
+def _failing_commits(monkeypatch: pytest.MonkeyPatch, failure: str) -> list[bool]:
+    """While the returned list is not empty, every COMMIT on the driver
+    fails: ``failed`` as SQLite's disk I/O error (rolled back on the
+    thread, as _commit rolls back a failed COMMIT), ``lost`` as a
+    connection lost under it ("no active connection": invalidated)."""
+    failing: list[bool] = []
+    if failure == "failed":
+        real_commit = sqlite_driver._commit
+
+        def commit(connection: sqlite3.Connection, *args: Any) -> None:
+            if failing:
+                connection.rollback()
+                raise sqlite3.OperationalError("disk I/O error")
+            real_commit(connection, *args)
+
+        monkeypatch.setattr(sqlite_driver, "_commit", commit)
+    else:
+
+        async def lost(driver: sqlite_driver.OneHopConnection) -> None:
+            if failing:
+                await driver._connection.close()
+
+        monkeypatch.setattr(
+            sqlite_driver.OneHopConnection, "commit_straight", _hooked_commit_straight(lost), raising=True
+        )
+    return failing
+
+
+def _hooked_commit_straight(
+    hook: Callable[[sqlite_driver.OneHopConnection], Awaitable[None]],
+) -> Callable[..., Awaitable[None]]:
+    real = sqlite_driver.OneHopConnection.commit_straight
+
+    async def commit_straight(self: sqlite_driver.OneHopConnection, *, hand_on_failure: bool = True) -> None:
+        await hook(self)
+        await real(self, hand_on_failure=hand_on_failure)
+
+    return commit_straight
+
+
+def _held_at_each_undo(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether this process's write lock was still held at each undo of a
+    logged session's run log appends (RunLog.rolled_back) from now on."""
+    writers = db.writers_of(runtime.engine)
+    held: list[bool] = []
+    real = runtime.run_log.rolled_back
+
+    def rolled_back(session: Any) -> None:
+        if run_log.logged(session):
+            held.append(writers._lock._held)
+        real(session)
+
+    monkeypatch.setattr(runtime.run_log, "rolled_back", rolled_back)
+    return held
+
+
+@_SQLITE
+@pytest.mark.parametrize("failure", ["failed", "lost"])
+@pytest.mark.parametrize("path", ["straight", "session_commit", "unit_of_work"])
+async def test_a_logged_transaction_whose_commit_fails_is_undone_before_the_write_lock_is_handed_on(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, path: str, failure: str
+) -> None:
+    """A transaction that read its run, moved it and logged the move (a
+    cancel's), whose COMMIT fails: committed straight on the driver
+    (db.commit_straight), through session.commit() (transaction() where it
+    cannot commit straight: ORM changes, say), or by a unit_of_work() that
+    connected (which commits through session.commit()). Its run log
+    appends are undone while the write lock is still this transaction's: a
+    writer let in before would number its appends after the failed ones.
+    Without the fixes the lock was handed on first: by the driver's failed
+    COMMIT under session.commit() (``failed``), by the invalidation of a
+    connection lost there (``lost``: db._undone_if_lost). Either way the
+    lock is free and the connection given back once it has raised."""
+    (run_id,) = await _make_runs(runtime, 1)
+    held_at_undo = _held_at_each_undo(runtime, monkeypatch)
+    if path == "session_commit":
+        monkeypatch.setattr(db, "_straight_committable", lambda _session: None)
+    failing = _failing_commits(monkeypatch, failure)
+    async with asyncio.timeout(30):
+        with _commits(runtime) as commits, pytest.raises(DBAPIError) as raised:
+            async with runtime.unit_of_work() if path == "unit_of_work" else runtime.transaction() as session:
+                run = await session.get(orm.Run, run_id)  # connected
+                assert run is not None
+                name = await run_state.transition(session, run, "cancelling")
+                await runtime.run_log.append(session, run_id, [Event(name, {"id": run_id})], run_locked=True)
+                failing.append(True)
+        failing.clear()
+    assert len(commits) == (path != "straight")  # the path meant: SQLAlchemy's commit, or none
+    assert raised.value.connection_invalidated is (failure == "lost")
+    assert ("disk I/O error" in str(raised.value)) is (failure == "failed")
+    assert held_at_undo[:1] == [True]  # (a second undo, after the hook's, finds nothing logged)
+    assert db.writers_of(runtime.engine).idle() and _checked_out(runtime) == 0
+    _lock_free(runtime)
+    assert await _statuses(runtime, [run_id]) == {run_id: "queued"}
+    async with runtime.transaction() as session:
+        logged = await session.scalar(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id).limit(1))
+    assert logged is None
+    assert runtime.run_log._unlocked == {} and run_id not in runtime.run_log._appending
+
+
+@_SQLITE
+async def test_a_session_closed_after_its_commit_failed_frees_the_write_lock_at_the_check_in(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """session.commit()'s failed COMMIT leaves the write lock to what ends
+    the transaction (its caller undoes its run log appends first): a
+    session closed then without a rollback gives its connection back, and
+    the pool's reset at the check-in frees the lock (db.SQLiteWriters'
+    reset listener); the next transaction commits."""
+    (run_id,) = await _make_runs(runtime, 1)
+    writers = db.writers_of(runtime.engine)
+    failing = _failing_commits(monkeypatch, "failed")
+    async with asyncio.timeout(30):
+        async with runtime.sessionmaker() as session:
+            await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(metadata_={"k": "v"}))
+            failing.append(True)
+            with pytest.raises(OperationalError, match="disk I/O error"):
+                await session.commit()
+            failing.clear()
+            assert writers._lock._held  # left to the transaction's end: not handed on by the failure
+        assert writers.idle() and _checked_out(runtime) == 0
+        _lock_free(runtime)
+        async with runtime.transaction() as session:
+            await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(metadata_={"k": "w"}))
+        async with runtime.transaction() as session:
+            assert await session.scalar(select(orm.Run.metadata_).where(orm.Run.id == run_id)) == {"k": "w"}
+    assert writers.idle() and _checked_out(runtime) == 0
+
+
+@_SQLITE
+async def test_a_connection_whose_commit_failed_begins_again_after_its_rollback(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Connection whose COMMIT failed, rolled back and used again: its
+    rollback finds SQLAlchemy's transaction inactive and sends nothing to
+    the driver, so the write lock its failed transaction still holds is
+    freed as the next one begins (db.SQLiteWriters.begin), not waited for
+    by the connection that holds it (until the lock's timeout)."""
+    (run_id,) = await _make_runs(runtime, 1)
+    writers = db.writers_of(runtime.engine)
+    failing = _failing_commits(monkeypatch, "failed")
+    change = update(orm.Run).where(orm.Run.id == run_id)
+    async with asyncio.timeout(10):
+        async with runtime.engine.connect() as connection:
+            await connection.execute(change.values(metadata_={"k": "v"}))
+            failing.append(True)
+            with pytest.raises(OperationalError, match="disk I/O error"):
+                await connection.commit()
+            failing.clear()
+            await connection.rollback()
+            await connection.execute(change.values(metadata_={"k": "w"}))
+            await connection.commit()
+        assert writers.idle() and _checked_out(runtime) == 0
+        async with runtime.transaction() as session:
+            assert await session.scalar(select(orm.Run.metadata_).where(orm.Run.id == run_id)) == {"k": "w"}
