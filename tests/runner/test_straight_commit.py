@@ -558,3 +558,68 @@ async def test_a_connection_whose_commit_failed_begins_again_after_its_rollback(
         assert writers.idle() and _checked_out(runtime) == 0
         async with runtime.transaction() as session:
             assert await session.scalar(select(orm.Run.metadata_).where(orm.Run.id == run_id)) == {"k": "w"}
+
+
+async def test_a_lost_commits_invalidation_runs_even_if_the_undo_before_it_raises() -> None:
+    """db.lost_after_undo: a lost connection (an error) is undone, then
+    invalidated even if the undo raises (a lost connection never goes back
+    to the pool), the undo's error raised; a cancellation (None) is only
+    invalidated (its COMMIT may still commit: nothing is undone)."""
+    session: Any = object()
+    undone: list[object] = []
+    invalidated: list[BaseException | None] = []
+
+    def undo(undone_session: Any) -> None:
+        undone.append(undone_session)
+        raise RuntimeError("the undo failed")
+
+    lost = db.lost_after_undo(session, undo, invalidated.append)
+    error = sqlite3.OperationalError("no active connection")
+    with pytest.raises(RuntimeError, match="the undo failed"):
+        lost(error)
+    assert undone == [session] and invalidated == [error]
+    lost(None)
+    assert undone == [session] and invalidated == [error, None]
+
+
+@_SQLITE
+async def test_a_connection_lost_in_session_commit_whose_undo_raises_is_invalidated_all_the_same(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """db._undone_if_lost's undo raising: SQLAlchemy still invalidates the
+    lost connection (the write lock handed on by its close, nothing left
+    checked out), and the undo's error is raised."""
+    (run_id,) = await _make_runs(runtime, 1)
+    monkeypatch.setattr(db, "_straight_committable", lambda _session: None)  # through session.commit()
+    failing = _failing_commits(monkeypatch, "lost")
+    real = runtime.run_log.rolled_back
+    raised: list[bool] = []
+
+    def rolled_back(session: Any) -> None:
+        real(session)
+        if failing and not raised:  # the hook's undo alone (Runtime's, after it, does not raise)
+            raised.append(True)
+            raise RuntimeError("the undo failed")
+
+    monkeypatch.setattr(runtime.run_log, "rolled_back", rolled_back)
+    invalidated: list[object] = []
+    pool = runtime.engine.sync_engine.pool
+
+    def invalidating(_dbapi: Any, _record: Any, error: BaseException | None) -> None:
+        invalidated.append(error)
+
+    event.listen(pool, "invalidate", invalidating)
+    try:
+        async with asyncio.timeout(30):
+            with pytest.raises(RuntimeError, match="the undo failed"):
+                async with runtime.transaction() as session:
+                    await session.get(orm.Run, run_id)
+                    await runtime.run_log.append(session, run_id, [Event("thread.run.step.created", {"x": 1})])
+                    failing.append(True)
+            failing.clear()
+    finally:
+        event.remove(pool, "invalidate", invalidating)
+    assert raised == [True] and len(invalidated) == 1 and "no active connection" in str(invalidated[0])
+    assert db.writers_of(runtime.engine).idle() and _checked_out(runtime) == 0
+    _lock_free(runtime)
+    assert await _statuses(runtime, [run_id]) == {run_id: "queued"}
