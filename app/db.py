@@ -335,7 +335,14 @@ class SQLiteWriters:
             if not connection.invalidated and not _releases_itself(connection.connection.dbapi_connection):
                 self.release(connection.info)
 
-        def reset(_dbapi: Any, record: Any, _state: Any) -> None:
+        def reset(dbapi: Any, record: Any, _state: Any) -> None:
+            if isinstance(dbapi, sqlite_driver.OneHopConnection):
+                # Freed below: the reset may send the driver no ROLLBACK
+                # (a session closed after its failed COMMIT, SQLAlchemy's
+                # transaction over), and a pooled connection carries no
+                # transaction's callback on (_releases_itself would take
+                # it for one still running).
+                dbapi.on_transaction_end = None
             self.release(record.info)
 
         def invalidate(dbapi: Any, record: Any, _exception: Any) -> None:
@@ -694,7 +701,9 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
             )
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         event.listen(engine.sync_engine, "before_cursor_execute", sqlite_driver.hold_back_marked_writes)
-        event.listen(engine.sync_engine, "handle_error", _undone_if_lost)
+        event.listen(engine.sync_engine, "handle_error", _undone_at_error)
+        # Before the write lock's listeners: the undo first.
+        event.listen(engine.sync_engine, "rollback", _undone_at_rollback)
         writers = SQLiteWriters(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
         writers.listen(engine)
         if not in_memory:  # a file: a pool to check a connection out of (RawTransaction, sqlite_groups)
@@ -979,26 +988,52 @@ def watched(work: Coroutine[Any, Any, T]) -> tuple[asyncio.Task[T], Sending]:
 
 
 # A logged session's undo of its run log appends (Runtime: RunLog.rolled_back),
-# for its session.commit() to run if SQLAlchemy finds the connection lost
-# there (_undone_if_lost); set in that commit's task alone (commit_seen_through).
-_UNDO_IF_LOST: contextvars.ContextVar[tuple[AsyncSession, Callable[[AsyncSession], None]] | None] = (
-    contextvars.ContextVar("undo_if_lost", default=None)
+# for its session.commit() to run if it fails there, before the write lock
+# is handed on (_undone_at_error, _undone_at_rollback); set in that commit's
+# task alone (commit_seen_through), and cleared once it fails.
+_UNDO_AT_FAILURE: contextvars.ContextVar[tuple[AsyncSession, Callable[[AsyncSession], None]] | None] = (
+    contextvars.ContextVar("undo_at_failure", default=None)
 )
 
 
-def _undone_if_lost(context: ExceptionContext) -> None:
-    """A SQLite engine's handle_error listener: a statement or COMMIT of a
-    session.commit() given an ``undo`` (commit_seen_through) that lost its
-    connection undoes the session's run log appends now. SQLAlchemy then
-    invalidates the connection (even if the undo raises: its error is
-    raised instead), and the driver's close() hands the write lock on
-    (OneHopConnection.close) before the caller could undo them (a writer
-    let in first would number its appends after the lost ones); the
-    caller's undo then finds nothing left to do. Only a lost connection
-    (the transaction is gone, nothing of it committed); any other failure
-    leaves the lock to the rollback, which comes after the caller's undo."""
-    pending = _UNDO_IF_LOST.get()
-    if pending is not None and context.is_disconnect:
+def _undone_at_error(context: ExceptionContext) -> None:
+    """A SQLite engine's handle_error listener: a statement (the flush's)
+    or the COMMIT of a session.commit() given an ``undo``
+    (commit_seen_through) that fails undoes the session's run log appends
+    now, while the transaction still holds the write lock. SQLAlchemy then
+    rolls the connection back inside session.commit() (a flush's failure),
+    whose driver rollback hands the lock on, or invalidates a lost one,
+    whose close() hands it on (OneHopConnection.close; even if the undo
+    raises: its error is raised instead), either before the caller could
+    undo them (a writer let in first would number its appends after the
+    failed ones); the caller's undo then finds nothing left to do. Not for
+    a cancellation (SQLAlchemy takes one for a lost connection: the task
+    abandoned by seen_through()): its COMMIT may still commit, and the
+    caller judges (committed_despite_cancellation)."""
+    pending = _UNDO_AT_FAILURE.get()
+    if pending is None:
+        return
+    # Once, whatever failed: not again at the rollback that follows
+    # (_undone_at_rollback), and not inherited by a task the undo starts
+    # (the run log's flusher, woken for the deltas put back).
+    _UNDO_AT_FAILURE.set(None)
+    if isinstance(context.original_exception, Exception):
+        session, undo = pending
+        undo(session)
+
+
+def _undone_at_rollback(_connection: Connection) -> None:
+    """A SQLite engine's rollback listener (it fires before the driver's
+    ROLLBACK, which hands the write lock on): a session.commit() given an
+    ``undo`` whose transaction is rolled back inside it without a database
+    error, which handle_error never sees (the flush's StaleDataError, an
+    error raised by a flush or before_commit hook), undoes the session's
+    run log appends first, as _undone_at_error does. (A failed COMMIT
+    fires no rollback: its error did; nor does a session.commit() that
+    succeeds.)"""
+    pending = _UNDO_AT_FAILURE.get()
+    if pending is not None:
+        _UNDO_AT_FAILURE.set(None)  # once; not inherited by a task the undo starts
         session, undo = pending
         undo(session)
 
@@ -1006,9 +1041,10 @@ def _undone_if_lost(context: ExceptionContext) -> None:
 async def commit_seen_through(session: AsyncSession, undo: Callable[[AsyncSession], None] | None = None) -> None:
     """``session.commit()``, carried to its end even if the calling task is
     cancelled while it is in flight, so that the caller learns what it did.
-    With ``undo``, a connection lost during it (on SQLite) calls
-    ``undo(session)`` before its invalidation hands the write lock on
-    (_undone_if_lost).
+    With ``undo``, a failure inside it (on SQLite: a failed flush or
+    COMMIT, a lost connection; not a cancellation) calls ``undo(session)``
+    before the rollback or the invalidation hands the write lock on
+    (_undone_at_error, _undone_at_rollback).
 
     A cancellation (a lost lease, shutdown) that reaches a task awaiting its
     COMMIT does not stop the COMMIT: SQLite's thread runs it anyway, and
@@ -1023,7 +1059,7 @@ async def commit_seen_through(session: AsyncSession, undo: Callable[[AsyncSessio
         commit = asyncio.ensure_future(session.commit())
     else:
         context = contextvars.copy_context()  # the commit's task's alone
-        context.run(_UNDO_IF_LOST.set, (session, undo))
+        context.run(_UNDO_AT_FAILURE.set, (session, undo))
         commit = asyncio.get_running_loop().create_task(session.commit(), context=context)
     await commit_noted_through(session, commit)
 

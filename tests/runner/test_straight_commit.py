@@ -14,13 +14,14 @@ import asyncio
 import sqlite3
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from typing import Any
 
 import pytest
 from sqlalchemy import bindparam, event, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, PendingRollbackError
+from sqlalchemy.orm.exc import StaleDataError
 
 from app import db, orm, run_log, sqlite_driver
 from app.api.handlers import unexpected_error
@@ -474,7 +475,7 @@ async def test_a_logged_transaction_whose_commit_fails_is_undone_before_the_writ
     writer let in before would number its appends after the failed ones.
     Without the fixes the lock was handed on first: by the driver's failed
     COMMIT under session.commit() (``failed``), by the invalidation of a
-    connection lost there (``lost``: db._undone_if_lost). Either way the
+    connection lost there (``lost``: db._undone_at_error). Either way the
     lock is free and the connection given back once it has raised."""
     (run_id,) = await _make_runs(runtime, 1)
     held_at_undo = _held_at_each_undo(runtime, monkeypatch)
@@ -518,12 +519,18 @@ async def test_a_session_closed_after_its_commit_failed_frees_the_write_lock_at_
     async with asyncio.timeout(30):
         async with runtime.sessionmaker() as session:
             await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(metadata_={"k": "v"}))
+            driver = (await session.connection()).sync_connection.connection.dbapi_connection  # type: ignore[union-attr]
+            assert isinstance(driver, sqlite_driver.OneHopConnection) and driver.on_transaction_end is not None
             failing.append(True)
             with pytest.raises(OperationalError, match="disk I/O error"):
                 await session.commit()
             failing.clear()
             assert writers._lock._held  # left to the transaction's end: not handed on by the failure
         assert writers.idle() and _checked_out(runtime) == 0
+        # The reset sends the driver no ROLLBACK (SQLAlchemy's transaction
+        # ended with the failed COMMIT): it freed the lock itself, and the
+        # pooled connection carries no transaction's callback on.
+        assert driver.on_transaction_end is None
         _lock_free(runtime)
         async with runtime.transaction() as session:
             await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(metadata_={"k": "w"}))
@@ -586,19 +593,20 @@ async def test_a_lost_commits_invalidation_runs_even_if_the_undo_before_it_raise
 async def test_a_connection_lost_in_session_commit_whose_undo_raises_is_invalidated_all_the_same(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """db._undone_if_lost's undo raising: SQLAlchemy still invalidates the
+    """db._undone_at_error's undo raising: SQLAlchemy still invalidates the
     lost connection (the write lock handed on by its close, nothing left
     checked out), and the undo's error is raised."""
     (run_id,) = await _make_runs(runtime, 1)
     monkeypatch.setattr(db, "_straight_committable", lambda _session: None)  # through session.commit()
     failing = _failing_commits(monkeypatch, "lost")
     real = runtime.run_log.rolled_back
-    raised: list[bool] = []
+    writers = db.writers_of(runtime.engine)
+    raised: list[bool] = []  # whether the write lock was held when the undo raised
 
     def rolled_back(session: Any) -> None:
         real(session)
-        if failing and not raised:  # the hook's undo alone (Runtime's, after it, does not raise)
-            raised.append(True)
+        if failing and not raised:  # the first undo alone (Runtime's, after it, does not raise)
+            raised.append(writers._lock._held)
             raise RuntimeError("the undo failed")
 
     monkeypatch.setattr(runtime.run_log, "rolled_back", rolled_back)
@@ -611,7 +619,7 @@ async def test_a_connection_lost_in_session_commit_whose_undo_raises_is_invalida
     event.listen(pool, "invalidate", invalidating)
     try:
         async with asyncio.timeout(30):
-            with pytest.raises(RuntimeError, match="the undo failed"):
+            with pytest.raises(RuntimeError, match="the undo failed") as undo_error:
                 async with runtime.transaction() as session:
                     await session.get(orm.Run, run_id)
                     await runtime.run_log.append(session, run_id, [Event("thread.run.step.created", {"x": 1})])
@@ -619,7 +627,161 @@ async def test_a_connection_lost_in_session_commit_whose_undo_raises_is_invalida
             failing.clear()
     finally:
         event.remove(pool, "invalidate", invalidating)
-    assert raised == [True] and len(invalidated) == 1 and "no active connection" in str(invalidated[0])
+    # Raised by the listener's undo, before the invalidation handed the lock
+    # on (SQLAlchemy raises a handle_error listener's error from the
+    # statement's), not by Runtime's after it.
+    assert raised == [True] and isinstance(undo_error.value.__cause__, sqlite3.OperationalError)
+    assert len(invalidated) == 1 and "no active connection" in str(invalidated[0])
     assert db.writers_of(runtime.engine).idle() and _checked_out(runtime) == 0
     _lock_free(runtime)
     assert await _statuses(runtime, [run_id]) == {run_id: "queued"}
+
+
+@contextmanager
+def _run_updates_refused(runtime: Runtime, refusal: str) -> Iterator[None]:
+    """While within, a trigger on the database file answers an UPDATE of a
+    run whose metadata mentions "refused" with ``refusal`` (SQLite's
+    ``RAISE(ABORT, ...)``: an ordinary database error, standing for a disk
+    I/O error or a constraint; ``RAISE(IGNORE)``: the row left unchanged,
+    which the ORM's flush takes for a stale row)."""
+    database = str(make_url(runtime.settings.database_url).database)
+
+    def run(statement: str) -> None:
+        with closing(sqlite3.connect(database)) as other:
+            other.execute(statement)
+            other.commit()
+
+    run(
+        "CREATE TRIGGER refuse_runs BEFORE UPDATE ON runs WHEN NEW.metadata LIKE '%refused%' "
+        f"BEGIN SELECT {refusal}; END"
+    )
+    try:
+        yield
+    finally:
+        run("DROP TRIGGER refuse_runs")
+
+
+@_SQLITE
+@pytest.mark.parametrize("failure", ["error", "stale"])
+@pytest.mark.parametrize("path", ["transaction", "unit_of_work"])
+async def test_a_logged_transaction_whose_flush_fails_in_its_commit_is_undone_before_the_write_lock_is_handed_on(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, path: str, failure: str
+) -> None:
+    """A logged transaction with an ORM change left to session.commit()'s
+    flush, whose UPDATE fails there: an ordinary database error
+    (``error``), or a row the UPDATE left unchanged (``stale``: the ORM's
+    StaleDataError, no database error). SQLAlchemy rolls the connection
+    back inside session.commit(), and the driver's rollback hands the write
+    lock on: the run log appends are undone before it (db._undone_at_error,
+    db._undone_at_rollback), not after it by Runtime (a writer let in first
+    would number its appends after the failed ones)."""
+    (run_id,) = await _make_runs(runtime, 1)
+    held_at_undo = _held_at_each_undo(runtime, monkeypatch)
+    refusal = "RAISE(ABORT, 'refused')" if failure == "error" else "RAISE(IGNORE)"
+    with _run_updates_refused(runtime, refusal), _engine_events(runtime, "rollback") as rollbacks:
+        async with asyncio.timeout(30):
+            with pytest.raises(IntegrityError if failure == "error" else StaleDataError):
+                async with runtime.unit_of_work() if path == "unit_of_work" else runtime.transaction() as session:
+                    run = await session.get(orm.Run, run_id)  # connected
+                    assert run is not None
+                    await runtime.run_log.append(session, run_id, [Event("thread.run.step.created", {"x": 1})])
+                    run.metadata_ = {"k": "refused"}  # flushed by session.commit()
+                    rollbacks.clear()
+        assert len(rollbacks) == 1  # the flush's, inside session.commit(): the path meant
+    assert held_at_undo[:1] == [True]  # (a second undo, Runtime's, finds nothing logged)
+    assert db.writers_of(runtime.engine).idle() and _checked_out(runtime) == 0
+    _lock_free(runtime)
+    async with runtime.transaction() as session:
+        assert await session.scalar(select(orm.Run.metadata_).where(orm.Run.id == run_id)) != {"k": "refused"}
+        logged = await session.scalar(select(orm.RunEvent.seq).where(orm.RunEvent.run_id == run_id).limit(1))
+    assert logged is None
+    assert runtime.run_log._unlocked == {} and run_id not in runtime.run_log._appending
+
+
+@_SQLITE
+async def test_a_commit_abandoned_in_session_commit_is_undone_by_its_caller_alone(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A logged transaction's session.commit() (commit_seen_through), its
+    COMMIT stuck past COMMIT_OUTCOME_WAIT_SECONDS after the caller was
+    cancelled: its task is cancelled, which SQLAlchemy takes for a lost
+    connection. The COMMIT may still commit, so the commit's task does not
+    undo the run log appends (db._undone_at_error: not for a
+    cancellation); the caller judges (Runtime._ended_badly)."""
+    (run_id,) = await _make_runs(runtime, 1)
+    monkeypatch.setattr(db, "_straight_committable", lambda _session: None)  # through session.commit()
+    monkeypatch.setattr(db, "COMMIT_OUTCOME_WAIT_SECONDS", 0.2)
+    undone_in: list[asyncio.Task[Any] | None] = []
+    real = runtime.run_log.rolled_back
+
+    def rolled_back(session: Any) -> None:
+        if run_log.logged(session):
+            undone_in.append(asyncio.current_task())
+        real(session)
+
+    monkeypatch.setattr(runtime.run_log, "rolled_back", rolled_back)
+    committing = asyncio.Event()
+    stuck = asyncio.Event()  # never set
+
+    async def stick(_driver: sqlite_driver.OneHopConnection) -> None:
+        committing.set()
+        await stuck.wait()
+
+    monkeypatch.setattr(sqlite_driver.OneHopConnection, "commit_straight", _hooked_commit_straight(stick))
+
+    async def cancel() -> None:
+        async with runtime.transaction() as session:
+            run = await session.get(orm.Run, run_id)
+            assert run is not None
+            name = await run_state.transition(session, run, "cancelling")
+            await runtime.run_log.append(session, run_id, [Event(name, {"id": run_id})], run_locked=True)
+
+    async with asyncio.timeout(20):
+        task = asyncio.create_task(cancel())
+        await committing.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert undone_in == [task]  # Runtime's undo alone, in the caller's task
+    assert db.writers_of(runtime.engine).idle() and _checked_out(runtime) == 0
+    _lock_free(runtime)
+
+
+@_SQLITE
+async def test_the_flusher_woken_by_session_commits_undo_does_not_inherit_the_undo(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The undo run inside a failed session.commit() (db._undone_at_error)
+    puts the deltas its append drained back and wakes the run log's
+    flusher: a task started there, in the commit's task, whose context
+    must not carry the commit's undo (its own failures would run it)."""
+    (run_id,) = await _make_runs(runtime, 1)
+    monkeypatch.setattr(db, "_straight_committable", lambda _session: None)  # through session.commit()
+    held_at_undo = _held_at_each_undo(runtime, monkeypatch)
+    log = runtime.run_log
+    log.publish(run_id, [Event("thread.message.delta", {"d": 1})])  # buffered: drained by the append below
+    flusher = log._flusher
+    assert flusher is not None
+    flusher.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flusher
+    inherited: list[object] = []
+    started = asyncio.Event()
+
+    async def flush_forever() -> None:
+        inherited.append(db._UNDO_AT_FAILURE.get())
+        started.set()
+
+    monkeypatch.setattr(log, "_flush_forever", flush_forever)
+    failing = _failing_commits(monkeypatch, "failed")
+    async with asyncio.timeout(20):
+        with pytest.raises(OperationalError, match="disk I/O error"):
+            async with runtime.transaction() as session:
+                await session.get(orm.Run, run_id)
+                await log.append(session, run_id, [Event("thread.run.step.created", {"x": 1})])
+                failing.append(True)
+        failing.clear()
+        await started.wait()
+    assert held_at_undo[:1] == [True]  # undone in the commit's task (its lock still held)
+    assert inherited == [None]
+    assert db.writers_of(runtime.engine).idle() and _checked_out(runtime) == 0
