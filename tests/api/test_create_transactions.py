@@ -71,28 +71,40 @@ async def test_a_remembered_create_is_one_statement_outside_a_transaction(
 ) -> None:
     """POST /threads/runs from remembered defaults: its one statement (thread,
     message, run, events) runs with no BEGIN (a create that reads the
-    assistant first is still one transaction); the connection goes back to
-    the pool out of autocommit. (Streamed: test_a_process_with_a_worker_...)"""
+    assistant first is still one transaction), on a connection checked out
+    of the pool raw (no session connection, transaction or commit:
+    db.autocommit_connection); the connection goes back to the pool out of
+    autocommit. (Streamed: test_a_process_with_a_worker_...)"""
     runtime: Runtime = app.state.runtime
     begins: list[object] = []
     _count_begins(monkeypatch, begins)
     autocommitted: list[Any] = []
+    raw: list[Any] = []
+    checkout = db.autocommit_connection
+
+    async def checked_out(engine: Any) -> Any:
+        raw.append(await checkout(engine))
+        return raw[-1]
+
+    monkeypatch.setattr(db, "autocommit_connection", checked_out)
 
     def before(connection: Any, *_args: Any) -> None:
-        if connection.connection.dbapi_connection.autocommit:  # the driver's, as SQLAlchemy set it
-            autocommitted.append(connection.connection.dbapi_connection)
+        # No SQLAlchemy Connection: the statement goes on the raw one.
+        driver = raw[-1].adapted if connection is None else connection.connection.dbapi_connection
+        if driver.autocommit:  # the driver's, as SQLAlchemy or db.autocommit_connection set it
+            autocommitted.append(driver)
 
     event.listen(runtime.engine.sync_engine, "before_cursor_execute", before)
     try:
         assistant_id = await _assistant(client, instructions="Be brief.")
         begins.clear()
         read = await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=_HELLO)
-        assert len(begins) == 1 and not autocommitted  # the assistant read, then the rows: one transaction
+        assert len(begins) == 1 and not autocommitted and not raw  # the assistant read, then the rows: one transaction
         assert run_defaults.remembered(projects.DEFAULT, assistant_id) is not None
         begins.clear()
         run = await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=_HELLO)
         assert (run.status, run.instructions) == ("queued", "Be brief.")
-        assert not begins and len(autocommitted) == 1
+        assert not begins and len(autocommitted) == 1 and [found.adapted for found in raw] == autocommitted
     finally:
         event.remove(runtime.engine.sync_engine, "before_cursor_execute", before)
     # Back in the pool as any connection: its next transaction is one again.

@@ -256,7 +256,9 @@ def _autocommitted(runtime: Runtime, *fragments: str) -> list[bool]:
 
     def before(connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         if all(fragment in statement for fragment in fragments):
-            seen.append(connection.connection.dbapi_connection.autocommit)
+            # No SQLAlchemy Connection: sent on one checked out raw in
+            # autocommit (db.autocommit_connection, a unit of work's one statement).
+            seen.append(connection is None or connection.connection.dbapi_connection.autocommit)
 
     event.listen(runtime.engine.sync_engine, "before_cursor_execute", before)
     return seen

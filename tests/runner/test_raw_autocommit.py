@@ -1,0 +1,112 @@
+"""PostgreSQL's one-statement unit of work on a connection checked out raw
+(issue 17: Runtime.unit_of_work, db.autocommit_connection, held_back.PG_AUTOCOMMIT):
+its statement goes straight on asyncpg in autocommit, with no session
+connection, transaction or commit; the connection goes back to the pool out
+of autocommit however the unit ends, and one whose statement was cancelled
+or lost is invalidated, not handed out again."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import bindparam, exc, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import db
+from app import run_log as run_log_module
+from app.runtime import Runtime
+
+# Built once (run_now takes cached shapes): a statement that waits, and one that fails.
+_SLEEP = select(func.pg_sleep(bindparam("seconds")).label("slept"))
+_DIVIDE = select((bindparam("one") / bindparam("zero")).label("quotient"))
+
+
+async def _autocommitted(session: AsyncSession, runtime: Runtime) -> Any:
+    """What run_log.append does before its one autocommitted statement, in a unit of work."""
+    assert db.PG_AUTOCOMMIT in session.info, "a unit of work that gives a raw connection back"
+    raw = await db.autocommit_connection(runtime.engine.sync_engine)
+    assert raw is not None
+    session.info[db.PG_AUTOCOMMIT] = raw
+    session.info[run_log_module._AUTOCOMMITTED] = True
+    return raw
+
+
+def _checked_out(runtime: Runtime) -> int:
+    return int(runtime.engine.sync_engine.pool.checkedout())
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has no autocommit path
+async def test_a_units_one_statement_goes_on_a_raw_connection_given_back_out_of_autocommit(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = _checked_out(runtime)
+    connected: list[object] = []
+    connection = AsyncSession.connection
+
+    async def counted(self: AsyncSession, *args: Any, **kwargs: Any) -> Any:
+        connected.append(self)
+        return await connection(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncSession, "connection", counted)
+    async with runtime.unit_of_work() as session:
+        raw = await _autocommitted(session, runtime)
+        assert raw.adapted.autocommit
+        assert await db.run_now(session, _SLEEP, {"seconds": 0}) == [{"slept": None}]
+        assert not session.in_transaction()
+    assert connected == []  # no session connection, no transaction begun
+    assert not raw.adapted.autocommit and not raw.adapted._connection.is_closed()  # back in the pool, open
+    assert db.PG_AUTOCOMMIT not in session.info
+    assert _checked_out(runtime) == out
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_raw_statements_failure_is_sqlalchemys_and_its_connection_goes_back_sound(runtime: Runtime) -> None:
+    out = _checked_out(runtime)
+    with pytest.raises(exc.DBAPIError, match="division by zero"):  # as session.execute raises it
+        async with runtime.unit_of_work() as session:
+            raw = await _autocommitted(session, runtime)
+            await db.run_now(session, _DIVIDE, {"one": 1, "zero": 0})
+    assert not raw.adapted.autocommit and not raw.adapted._connection.is_closed()  # nothing left to abort
+    assert _checked_out(runtime) == out
+    async with runtime.transaction() as session:  # the pool's connections work on
+        assert await session.scalar(select(func.count()).select_from(select(1).subquery())) == 1
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_raw_statement_cancelled_in_flight_invalidates_its_connection(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As SQLAlchemy's execution on an exit exception (held_back.sent): the
+    statement may still be running, its outcome unread; the connection is
+    closed with it, never handed out again."""
+    out = _checked_out(runtime)
+    found: list[Any] = []
+    sent = asyncio.Event()
+    fetch = asyncpg.prepared_stmt.PreparedStatement.fetch
+
+    async def sending(self: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.set()  # the statement is written before the fetch below first waits
+        return await fetch(self, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.prepared_stmt.PreparedStatement, "fetch", sending)
+
+    async def unit() -> None:
+        async with runtime.unit_of_work() as session:
+            found.append(await _autocommitted(session, runtime))
+            await db.run_now(session, _SLEEP, {"seconds": 30})
+
+    task = asyncio.create_task(unit())
+    async with asyncio.timeout(20):
+        await sent.wait()
+        assert found[0].adapted._execute_mutex.locked()  # in flight
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    (raw,) = found
+    assert raw.adapted._connection.is_closed()
+    assert _checked_out(runtime) == out
+    async with runtime.transaction() as session:
+        assert await session.scalar(select(func.count()).select_from(select(1).subquery())) == 1
