@@ -678,13 +678,25 @@ class RunLog:
 
     async def _send_news(self, run_ids: list[str]) -> None:
         """NOTIFY other processes of news of ``run_ids``: one statement, its
-        own transaction (issue 17: no BEGIN, no COMMIT)."""
+        own transaction (issue 17: no BEGIN, no COMMIT), on a connection
+        checked out raw (db.autocommit_connection: no session connection,
+        transaction or commit)."""
         async with self._sessionmaker() as session:
-            await session.connection(execution_options=db.AUTOCOMMIT)
-            await run_events.notify(session, self._signal, run_ids)
-            # No round trip in autocommit; the session then closes without
-            # a task of its own (db.Session).
-            await session.commit()
+            raw = await db.autocommit_connection(_engine_of(session))
+            if raw is None:
+                await session.connection(execution_options=db.AUTOCOMMIT)
+            else:
+                session.info[db.PG_AUTOCOMMIT] = raw
+            try:
+                await run_events.notify(session, self._signal, run_ids)
+            finally:
+                if raw is not None:
+                    del session.info[db.PG_AUTOCOMMIT]
+                    await db.give_back_autocommit(_engine_of(session), raw)
+            if session.in_transaction():  # (connected: not on the raw connection, run_now declined it)
+                # No round trip in autocommit; the session then closes without
+                # a task of its own (db.Session).
+                await session.commit()
 
     # ------------------------------------------------------------ flushing
 

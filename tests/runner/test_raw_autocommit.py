@@ -110,3 +110,33 @@ async def test_a_raw_statement_cancelled_in_flight_invalidates_its_connection(
     assert _checked_out(runtime) == out
     async with runtime.transaction() as session:
         assert await session.scalar(select(func.count()).select_from(select(1).subquery())) == 1
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # the notifier is PostgreSQL's
+async def test_the_notifiers_statement_goes_on_a_raw_connection(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run log notifier's NOTIFY (its own autocommitted statement) goes on
+    a connection checked out raw, given back out of autocommit; no session
+    connection. (That another process hears it: test_run_events.)"""
+    out = _checked_out(runtime)
+    raw: list[Any] = []
+    checkout = db.autocommit_connection
+
+    async def checked_out(engine: Any) -> Any:
+        raw.append(await checkout(engine))
+        return raw[-1]
+
+    monkeypatch.setattr(db, "autocommit_connection", checked_out)
+    connected: list[object] = []
+    connection = AsyncSession.connection
+
+    async def counted(self: AsyncSession, *args: Any, **kwargs: Any) -> Any:
+        connected.append(self)
+        return await connection(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncSession, "connection", counted)
+    await runtime.run_log._send_news(["run_a", "run_b"])
+    assert len(raw) == 1 and connected == []
+    assert not raw[0].adapted.autocommit and not raw[0].adapted._connection.is_closed()
+    assert _checked_out(runtime) == out
