@@ -379,7 +379,7 @@ class Raw(NamedTuple):
 # pool raw (run_log.append's ``last_statement``; issue 17): None until the
 # append checks one out (db.autocommit_connection), then its PostgresRaw.
 # Its run_now statement goes straight to that connection, without the
-# session's connection, transaction and commit (about 0.2 ms of loop CPU a
+# session's connection, transaction and commit (0.1-0.2 ms of loop CPU a
 # unit: bench/README, branch pgraw); the unit of work gives it back.
 PG_AUTOCOMMIT = "postgres_autocommit"
 
