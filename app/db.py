@@ -630,8 +630,21 @@ async def autocommit_connection(engine: Engine) -> held_back.PostgresRaw | None:
     (ConnectionCheck: a ping, a reconnect) and recycling with it. None, the
     connection given back, where it is not asyncpg's at its default level
     with no transaction open (the session's way then). Give it back with
-    give_back_autocommit(), however the unit ends."""
-    pooled = await greenlet_spawn(engine.pool.connect)
+    give_back_autocommit(), however the unit ends. A checkout the database
+    refuses (a restart, a failover, too many connections) raises
+    SQLAlchemy's error for it as a session's checkout does (Connection's
+    constructor: handle_error listeners, connection_invalidated where it is
+    lost), never the adapter's: a run's end that meets it leaves the run
+    in_progress, to be resumed (execute.py), a create answers as it would.
+
+    ``_transaction`` and ``_isolation_setting`` are the adapter's private
+    fields (AsyncAdapt_asyncpg_connection) as SQLAlchemy 2.1.9 has them, as
+    is Connection._handle_dbapi_exception_noconnection: a SQLAlchemy upgrade
+    must re-check them (tests/runner/test_raw_autocommit.py)."""
+    try:
+        pooled = await greenlet_spawn(engine.pool.connect)
+    except engine.dialect.loaded_dbapi.Error as error:
+        Connection._handle_dbapi_exception_noconnection(error, engine.dialect, engine)
     adapted: object = pooled.dbapi_connection
     if (
         not isinstance(adapted, AsyncAdapt_asyncpg_connection)

@@ -549,3 +549,45 @@ async def test_a_thread_read_the_driver_declines_goes_through_sqlalchemy(
     with pytest.raises(openai.NotFoundError):
         await client.beta.threads.runs.create("thread_" + "0" * 24, assistant_id=assistant_id)
     assert declined  # the reads above went by the fallback
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has no raw checkout
+@pytest.mark.parametrize(
+    ("refusal", "answered"),
+    [
+        # PostgreSQL refusing a new connection (a restart, a failover, too
+        # many connections): not a lost one to SQLAlchemy, main's 500.
+        (asyncpg.exceptions.CannotConnectNowError("the database system is starting up"), (500, "server_error")),
+        # One SQLAlchemy takes for lost (dialect.is_disconnect): main's 503.
+        (
+            asyncpg.exceptions.InterfaceError("connection is closed"),
+            (503, "server_error"),
+        ),  # errors.database_unavailable
+    ],
+)
+async def test_a_remembered_create_whose_connection_fails_answers_as_a_sessions_checkout(
+    client: openai.AsyncOpenAI, app: FastAPI, monkeypatch: pytest.MonkeyPatch, refusal: Exception, answered: Any
+) -> None:
+    """A create whose one statement's raw checkout (db.autocommit_connection)
+    cannot connect is answered as when a session's checkout could not
+    (SQLAlchemy's error, connection_invalidated where the connection is
+    lost: handlers.unexpected_error), never as the adapter's bare error."""
+    runtime: Runtime = app.state.runtime
+    assistant_id = await _assistant(client, instructions="Be brief.")
+    await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=_HELLO)
+    assert run_defaults.remembered(projects.DEFAULT, assistant_id) is not None
+    refused: list[Exception] = []
+    connect = asyncpg.connect
+
+    async def refusing(*_args: Any, **_kwargs: Any) -> Any:
+        refused.append(refusal)
+        raise refusal
+
+    await runtime.engine.dispose()  # no pooled connection: the create's checkout connects
+    monkeypatch.setattr(asyncpg, "connect", refusing)
+    with pytest.raises(openai.APIStatusError) as raised:
+        await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=_HELLO)
+    monkeypatch.setattr(asyncpg, "connect", connect)
+    assert refused
+    assert (raised.value.status_code, error_of(raised)["type"]) == answered
+    await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=_HELLO)  # connecting again

@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import bindparam, exc, func, select
+from sqlalchemy import bindparam, exc, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import db
@@ -36,6 +36,45 @@ async def _autocommitted(session: AsyncSession, runtime: Runtime) -> Any:
 
 def _checked_out(runtime: Runtime) -> int:
     return int(runtime.engine.sync_engine.pool.checkedout())
+
+
+def raw_checkouts(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Each connection db.autocommit_connection checks out from now on (None
+    where it declined one): the units of work whose one statement went raw."""
+    found: list[Any] = []
+    checkout = db.autocommit_connection
+
+    async def checked_out(engine: Any) -> Any:
+        found.append(await checkout(engine))
+        return found[-1]
+
+    monkeypatch.setattr(db, "autocommit_connection", checked_out)
+    return found
+
+
+def refused_checkouts(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on db.autocommit_connection's checkout must connect (the pool
+    emptied first) and PostgreSQL refuses it, as when it restarts or fails
+    over (asyncpg raises CannotConnectNowError); every other checkout
+    connects. Each refusal recorded."""
+    refused: list[str] = []
+    checkout = db.autocommit_connection
+    connect = asyncpg.connect
+
+    async def refusing(*_args: Any, **_kwargs: Any) -> Any:
+        refused.append("the database system is starting up")
+        raise asyncpg.exceptions.CannotConnectNowError(refused[-1])
+
+    async def checked_out(engine: Any) -> Any:
+        await runtime.engine.dispose()  # no pooled connection: the checkout connects
+        asyncpg.connect = refusing
+        try:
+            return await checkout(engine)
+        finally:
+            asyncpg.connect = connect
+
+    monkeypatch.setattr(db, "autocommit_connection", checked_out)
+    return refused
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has no autocommit path
@@ -120,14 +159,7 @@ async def test_the_notifiers_statement_goes_on_a_raw_connection(
     a connection checked out raw, given back out of autocommit; no session
     connection. (That another process hears it: test_run_events.)"""
     out = _checked_out(runtime)
-    raw: list[Any] = []
-    checkout = db.autocommit_connection
-
-    async def checked_out(engine: Any) -> Any:
-        raw.append(await checkout(engine))
-        return raw[-1]
-
-    monkeypatch.setattr(db, "autocommit_connection", checked_out)
+    raw = raw_checkouts(monkeypatch)
     connected: list[object] = []
     connection = AsyncSession.connection
 
@@ -140,3 +172,41 @@ async def test_the_notifiers_statement_goes_on_a_raw_connection(
     assert len(raw) == 1 and connected == []
     assert not raw[0].adapted.autocommit and not raw[0].adapted._connection.is_closed()
     assert _checked_out(runtime) == out
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_raw_connection_lost_before_its_statement_is_invalidated_and_the_pool_works_on(
+    runtime: Runtime,
+) -> None:
+    """Its backend terminated (a restart, an administrator): the statement
+    raises SQLAlchemy's error with connection_invalidated (a 503, a run left
+    to be resumed), the connection is closed, not handed out again, and the
+    next transaction gets a sound one."""
+    out = _checked_out(runtime)
+    with pytest.raises(exc.DBAPIError) as raised:
+        async with runtime.unit_of_work() as session:
+            raw = await _autocommitted(session, runtime)
+            async with runtime.engine.connect() as other:
+                terminating = await other.execution_options(**db.AUTOCOMMIT)
+                pid = raw.adapted._connection.get_server_pid()
+                await terminating.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            await db.run_now(session, _SLEEP, {"seconds": 0})
+    assert raised.value.connection_invalidated
+    assert raw.adapted._connection.is_closed()
+    assert _checked_out(runtime) == out
+    async with runtime.transaction() as session:
+        assert await session.scalar(select(func.count()).select_from(select(1).subquery())) == 1
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_raw_checkout_the_database_refuses_raises_sqlalchemys_error(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a session's checkout raises it (Connection's constructor), never
+    the adapter's: callers sort database failures by DBAPIError."""
+    refused = refused_checkouts(runtime, monkeypatch)
+    with pytest.raises(exc.DBAPIError, match="starting up"):
+        await db.autocommit_connection(runtime.engine.sync_engine)
+    assert refused
+    async with runtime.transaction() as session:  # connecting again, once it accepts
+        assert await session.scalar(select(func.count()).select_from(select(1).subquery())) == 1
