@@ -392,6 +392,21 @@ class PostgresRaw(NamedTuple):
     adapted: AsyncAdapt_asyncpg_connection
 
 
+async def _raw_declined(session: AsyncSession) -> None:
+    """A statement run_now declines (session.execute's to run) while the
+    unit holds a raw connection (PG_AUTOCOMMIT; none of run_log's do
+    today): the raw connection goes back to its pool out of autocommit (it
+    sent nothing) and the session connects in autocommit, so that the
+    statement goes on one connection, not a second pooled one beside it,
+    still its own transaction; the unit of work then commits the session's
+    way (nothing to send)."""
+    raw: PostgresRaw = session.info[PG_AUTOCOMMIT]
+    session.info[PG_AUTOCOMMIT] = None
+    raw.adapted.autocommit = False
+    await greenlet_spawn(raw.pooled.close)  # into its pool (closed if it overflows)
+    await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+
+
 def _raw_bound(
     session: AsyncSession, statement: ClauseElement, params: dict[str, Any]
 ) -> tuple[Raw, _Shape, tuple[Any, ...]] | None:
@@ -488,7 +503,10 @@ async def run_now(
     statement. ``statement`` must be built once (cached)."""
     bind = session.sync_session.bind
     if isinstance(bind, Engine) and bind.dialect.name == "postgresql":
-        return await _run_now_postgres(session, bind, statement, params)
+        found_rows = await _run_now_postgres(session, bind, statement, params)
+        if found_rows is None and isinstance(session.info.get(PG_AUTOCOMMIT), PostgresRaw):
+            await _raw_declined(session)
+        return found_rows
     assert isinstance(bind, Engine)
     if _names_repeat(bind.dialect, statement, params):
         return None  # rows by column name would lose a column (as _run_now_postgres), told before anything is done

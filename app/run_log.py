@@ -690,9 +690,10 @@ class RunLog:
             try:
                 await run_events.notify(session, self._signal, run_ids)
             finally:
-                if raw is not None:
-                    del session.info[db.PG_AUTOCOMMIT]
-                    await db.give_back_autocommit(_engine_of(session), raw)
+                # (None if run_now declined the statement: given back, the session connected instead.)
+                held = session.info.pop(db.PG_AUTOCOMMIT, None)
+                if held is not None:
+                    await db.give_back_autocommit(_engine_of(session), held)
             if session.in_transaction():  # (connected: not on the raw connection, run_now declined it)
                 # No round trip in autocommit; the session then closes without
                 # a task of its own (db.Session).

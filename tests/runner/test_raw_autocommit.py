@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import bindparam, exc, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import db
+from app import db, held_back
 from app import run_log as run_log_module
 from app.runtime import Runtime
 
@@ -210,3 +210,30 @@ async def test_a_raw_checkout_the_database_refuses_raises_sqlalchemys_error(
     assert refused
     async with runtime.transaction() as session:  # connecting again, once it accepts
         assert await session.scalar(select(func.count()).select_from(select(1).subquery())) == 1
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_statement_run_now_declines_goes_on_the_sessions_connection_alone_in_autocommit(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(None of run_log's statements is declined today.) Declined with a raw
+    connection held, the statement goes by session.execute: the raw one is
+    given back first, the session connects in autocommit (its own
+    transaction still, no BEGIN), one connection checked out, not two."""
+    out = _checked_out(runtime)
+    monkeypatch.setattr(held_back, "_run_now_postgres", _declining)
+    async with runtime.unit_of_work() as session:
+        raw = await _autocommitted(session, runtime)
+        assert await db.run_now(session, _SLEEP, {"seconds": 0}) is None
+        assert session.info[db.PG_AUTOCOMMIT] is None  # given back: the unit of work gives back none
+        await session.execute(_SLEEP, {"seconds": 0})
+        assert _checked_out(runtime) == out + 1  # the session's alone (the raw one again, from the pool)
+        pooled = await (await session.connection()).get_raw_connection()
+        assert pooled.dbapi_connection is not None and pooled.dbapi_connection.autocommit  # no BEGIN
+        assert not pooled.driver_connection.is_in_transaction()
+    assert _checked_out(runtime) == out
+    assert not raw.adapted.autocommit
+
+
+async def _declining(*_args: Any) -> None:
+    return None
