@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 from sqlalchemy import event, orm, text
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
 from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool, Pool, PoolProxiedConnection, QueuePool
@@ -70,6 +71,7 @@ COLLECTED = held_back.COLLECTED
 GROUPED = held_back.GROUPED
 # Session.info key: the session's transaction is a RawTransaction's (held_back.RAW).
 RAW = held_back.RAW
+PG_AUTOCOMMIT = held_back.PG_AUTOCOMMIT
 # ``run_now(session, statement, params)``: a statement whose rows are wanted
 # now, sent straight to the driver (SQLite's, with the transaction's
 # held-back writes; asyncpg's, through SQLAlchemy's adapter: app/held_back.py);
@@ -670,10 +672,57 @@ async def give_back(engine: AsyncEngine, pooled: PoolProxiedConnection) -> None:
     was invalidated: a close is I/O, which needs SQLAlchemy's greenlet
     (without it the close fails, logged, and the connection's thread is
     left running)."""
-    if _pool_takes_back(engine.sync_engine.pool) and pooled.is_valid:
+    await _give_back_to(engine.sync_engine.pool, pooled)
+
+
+async def _give_back_to(pool: Pool, pooled: PoolProxiedConnection) -> None:
+    if _pool_takes_back(pool) and pooled.is_valid:
         pooled.close()  # into the pool's queue: no I/O
     else:
         await greenlet_spawn(pooled.close)
+
+
+async def autocommit_connection(engine: Engine) -> held_back.PostgresRaw | None:
+    """A PostgreSQL connection checked out of ``engine``'s pool raw and put
+    in autocommit (held_back.PG_AUTOCOMMIT; issue 17: a unit of work that is
+    one statement, without a SQLAlchemy Connection, transaction and commit).
+    The checkout as the session's: in SQLAlchemy's greenlet, its listeners
+    (ConnectionCheck: a ping, a reconnect) and recycling with it. None, the
+    connection given back, where it is not asyncpg's at its default level
+    with no transaction open (the session's way then). Give it back with
+    give_back_autocommit(), however the unit ends. A checkout the database
+    refuses (a restart, a failover, too many connections) raises
+    SQLAlchemy's error for it as a session's checkout does (Connection's
+    constructor: handle_error listeners, connection_invalidated where it is
+    lost), never the adapter's: a run's end that meets it leaves the run
+    in_progress, to be resumed (execute.py), a create answers as it would.
+
+    ``_transaction`` and ``_isolation_setting`` are the adapter's private
+    fields (AsyncAdapt_asyncpg_connection) as SQLAlchemy 2.1.9 has them, as
+    is Connection._handle_dbapi_exception_noconnection: a SQLAlchemy upgrade
+    must re-check them (tests/runner/test_raw_autocommit.py)."""
+    try:
+        pooled = await greenlet_spawn(engine.pool.connect)
+    except engine.dialect.loaded_dbapi.Error as error:
+        Connection._handle_dbapi_exception_noconnection(error, engine.dialect, engine)
+    adapted: object = pooled.dbapi_connection
+    if (
+        not isinstance(adapted, AsyncAdapt_asyncpg_connection)
+        or adapted._transaction is not None
+        or adapted.isolation_level != adapted._isolation_setting
+    ):
+        await _give_back_to(engine.pool, pooled)
+        return None
+    adapted.autocommit = True
+    return held_back.PostgresRaw(pooled, adapted)
+
+
+async def give_back_autocommit(engine: Engine, raw: held_back.PostgresRaw) -> None:
+    """autocommit_connection()'s connection back at its default level (no
+    transaction is open in autocommit: nothing to send), to its pool; closed
+    if it was invalidated (lost, or its statement cancelled: held_back.sent)."""
+    raw.adapted.autocommit = False
+    await _give_back_to(engine.pool, raw.pooled)
 
 
 def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:

@@ -507,23 +507,46 @@ class Runtime:
                 yield session
             return
         async with self.sessionmaker() as session:
+            # Its one autocommitted statement may go on a connection checked
+            # out raw (run_log.append; issue 17), given back below.
+            session.info[db.PG_AUTOCOMMIT] = None
             try:
-                yield session
-                if run_log.autocommitted(session):
-                    # Its one statement has committed: nothing may follow it
-                    # (no ORM flush either), and nothing may raise after it:
-                    # the except below would take committed events for
-                    # rolled back. (A cancellation while that statement is in
-                    # flight is such an unknown outcome too, taken for a
-                    # rollback: a create's run may exist, its events not
-                    # handed on here, the worker here finding it at its poll.)
-                    assert not (session.new or session.dirty or session.deleted), "a statement after the last"
-                    await session.commit()  # no round trip after an autocommitted statement
-                elif run_log.logged(session):
-                    await db.commit_seen_through(session)
-                else:
-                    await session.commit()
+                try:
+                    yield session
+                    if run_log.autocommitted(session):
+                        # Its one statement has committed: nothing may follow it
+                        # (no ORM flush either), and nothing may raise after it:
+                        # the except below would take committed events for
+                        # rolled back. (A cancellation while that statement is in
+                        # flight is such an unknown outcome too, taken for a
+                        # rollback: a create's run may exist, its events not
+                        # handed on here, the worker here finding it at its poll.)
+                        assert not (session.new or session.dirty or session.deleted), "a statement after the last"
+                        if session.info[db.PG_AUTOCOMMIT] is None or session.in_transaction():
+                            await session.commit()  # no round trip after an autocommitted statement
+                        else:
+                            self._raw_autocommitted(session)
+                    elif run_log.logged(session):
+                        await db.commit_seen_through(session)
+                    else:
+                        await session.commit()
+                finally:
+                    raw = session.info.pop(db.PG_AUTOCOMMIT, None)
+                    if raw is not None:
+                        await db.give_back_autocommit(self.engine.sync_engine, raw)
             except BaseException:
                 self._ended_badly(session)
                 raise
             self.run_log.committed(session)  # the run events it logged reach streams now
+
+    @staticmethod
+    def _raw_autocommitted(session: AsyncSession) -> None:
+        """A unit of work whose one statement autocommitted on a raw
+        connection (db.PG_AUTOCOMMIT): nothing to commit, the session never
+        connected; its commit events fire as session.commit() fired them
+        (the server listens to none; tests inject failures), as raw_writes()'s."""
+        sync = session.sync_session
+        if sync.dispatch.before_commit:
+            sync.dispatch.before_commit(sync)
+        if sync.dispatch.after_commit:
+            sync.dispatch.after_commit(sync)

@@ -31,6 +31,7 @@ from app.worker import Worker
 from tests.runner.helpers import DEADLINE, statements_sent, until
 from tests.runner.test_instant_answer import _ANSWERED as _ANSWERING
 from tests.runner.test_instant_answer import _event_names
+from tests.runner.test_raw_autocommit import raw_checkouts
 from tests.runner.test_worker import _make_runs, user_message
 
 pytestmark = pytest.mark.timeout(30)
@@ -658,10 +659,12 @@ async def test_postgresql_ends_a_handed_instant_run_in_one_statement(
     units = _units_of_work(runtime, monkeypatch)
     run = await _create(runtime, worker)
     assert worker.hand(run)
+    raw = raw_checkouts(monkeypatch)
     with statements_sent(runtime, lambda statement, _parameters: statement) as sent:
         await worker._handed()
     assert [execution.finished for execution in handed] == [True] and not claims and not begun
     assert units == [True] and len(sent) == 1  # one unit of work, its one statement autocommitted
+    assert len(raw) == 1 and raw[0] is not None  # on a connection checked out raw (db.autocommit_connection)
     row = await _row(runtime, run.id)
     assert row.status == "completed" and row.lease_owner is None and row.started_at is not None
     assert await _event_names(runtime, run.id) == _ANSWERED
@@ -957,10 +960,13 @@ async def test_postgresql_starts_a_handed_streamed_run_in_one_statement(
     units = _units_of_work(runtime, monkeypatch)
     run = await _create(runtime, worker)
     assert worker.hand(run)
+    raw = raw_checkouts(monkeypatch)
     with statements_sent(runtime, lambda statement, _parameters: statement) as sent:
         await worker._handed()
+    by_the_hand_off = list(raw)  # (not the run's task's, answering it after)
     assert [execution.finished for execution in handed] == [False] and not claims
     assert units == [True] and len(sent) == 1  # one unit of work, its one statement autocommitted
+    assert len(by_the_hand_off) == 1 and by_the_hand_off[0] is not None  # checked out raw (db.autocommit_connection)
     assert not worker._wakeup.is_set() and list(worker._tasks) == [run.id]
     row = await _row(runtime, run.id)
     assert row.status in ("in_progress", "completed") and row.started_at is not None
