@@ -556,9 +556,11 @@ async def test_a_thread_read_the_driver_declines_goes_through_sqlalchemy(
 @pytest.mark.parametrize(
     ("refusal", "answered"),
     [
-        # PostgreSQL refusing a new connection (a restart, a failover, too
-        # many connections): not a lost one to SQLAlchemy, main's 500.
-        (asyncpg.exceptions.CannotConnectNowError("the database system is starting up"), (500, "server_error")),
+        # PostgreSQL refusing a new connection for now (a restart, a failover,
+        # too many connections): not a lost one to SQLAlchemy, but a 503 all
+        # the same (handlers._unavailable: a 500 before).
+        (asyncpg.exceptions.CannotConnectNowError("the database system is starting up"), (503, "server_error")),
+        (asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already"), (503, "server_error")),
         # One SQLAlchemy takes for lost (dialect.is_disconnect): main's 503.
         (
             asyncpg.exceptions.InterfaceError("connection is closed"),
@@ -584,11 +586,19 @@ async def test_a_remembered_create_whose_connection_fails_answers_as_a_sessions_
         refused.append(refusal)
         raise refusal
 
-    await runtime.engine.dispose()  # no pooled connection: the create's checkout connects
-    monkeypatch.setattr(asyncpg, "connect", refusing)
-    with pytest.raises(openai.APIStatusError) as raised:
-        await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=_HELLO)
-    monkeypatch.setattr(asyncpg, "connect", connect)
+    # Every idle pooled connection held, so that the create's checkout
+    # connects. (Not engine.dispose(): the connections the app's listeners
+    # hold would be checked in to the disposed pool later, never closed.)
+    idle = runtime.engine.sync_engine.pool.checkedin()  # type: ignore[attr-defined]
+    held = [await runtime.engine.connect() for _ in range(idle)]
+    try:
+        monkeypatch.setattr(asyncpg, "connect", refusing)
+        with pytest.raises(openai.APIStatusError) as raised:
+            await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=_HELLO)
+        monkeypatch.setattr(asyncpg, "connect", connect)
+    finally:
+        for connection in held:
+            await connection.close()
     assert refused
     assert (raised.value.status_code, error_of(raised)["type"]) == answered
     await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=_HELLO)  # connecting again
