@@ -46,6 +46,35 @@ def _answers_whole(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(execute, "QUICK_ANSWER_SECONDS", 30)  # taken whole: written with the end
 
 
+def _answer_held_and_deliveries_noted(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, asyncio.Event, dict[str, list[tuple[int, str]]]]:
+    """The model streams "Hello", then waits for ``finish`` before the rest
+    and its Finish; the deltas and a cancel's poll wait for the end; every
+    entry delivered to followers is noted (seq, event) by topic. Returns
+    ``finish``, an unset event for the test's cancel, and the notes."""
+    monkeypatch.setattr(runtime.run_log, "flush_seconds", 60)  # the deltas wait for the end
+    monkeypatch.setattr(execute, "CANCEL_POLL_SECONDS", 60)
+    finish = asyncio.Event()
+
+    async def streamed(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        await finish.wait()
+        yield llm.TextDelta(" world")
+        yield llm.Finish("stop", llm.Usage(3, 2))
+
+    _provider(runtime, monkeypatch, streamed)
+    delivered: dict[str, list[tuple[int, str]]] = {}
+    deliver = runtime.bus.deliver
+
+    def delivered_to(topic: str, entries: Any) -> None:
+        delivered.setdefault(topic, []).extend((entry.seq, entry.event.name) for entry in entries)
+        deliver(topic, entries)
+
+    monkeypatch.setattr(runtime.bus, "deliver", delivered_to)
+    return finish, asyncio.Event(), delivered
+
+
 async def _claimed(runtime: Runtime, count: int) -> list[execute.RunExecution]:
     executions = await execute.claim_and_start(runtime, _OWNER, count, 60.0, {})
     assert len(executions) == count and not any(execution.finished for execution in executions)
@@ -303,26 +332,8 @@ async def test_a_cancel_let_in_after_a_grouped_hop_numbers_after_its_missed_end_
     fixes: the cancel numbered after the failed end's deltas, followers
     given the deltas and the cancel under one number)."""
     caplog.set_level(logging.WARNING, logger="app.run_log")
-    monkeypatch.setattr(runtime.run_log, "flush_seconds", 60)  # the deltas wait for the end
-    monkeypatch.setattr(execute, "CANCEL_POLL_SECONDS", 60)
-    finish, cancel_appended = asyncio.Event(), asyncio.Event()
+    finish, cancel_appended, delivered = _answer_held_and_deliveries_noted(runtime, monkeypatch)
     runs: list[str] = []
-
-    async def streamed(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
-        yield llm.TextDelta("Hello")
-        await finish.wait()
-        yield llm.TextDelta(" world")
-        yield llm.Finish("stop", llm.Usage(3, 2))
-
-    _provider(runtime, monkeypatch, streamed)
-    delivered: dict[str, list[tuple[int, str]]] = {}
-    deliver = runtime.bus.deliver
-
-    def delivered_to(topic: str, entries: Any) -> None:
-        delivered.setdefault(topic, []).extend((entry.seq, entry.event.name) for entry in entries)
-        deliver(topic, entries)
-
-    monkeypatch.setattr(runtime.bus, "deliver", delivered_to)
     real_hop, real_noted = sqlite_groups._hop, db.commit_noted_through
 
     async def hop_then_lock_handed(pooled: Any, members: Any, held: db.HeldLock, dialect: Any) -> Any:
@@ -403,25 +414,7 @@ async def test_a_cancel_queued_behind_an_end_whose_commit_fails_numbers_after_it
     invalidation closes the driver connection, and the close hands the lock
     on (without db.lost_after_undo: before the end's appends are undone)."""
     caplog.set_level(logging.WARNING, logger="app.run_log")
-    monkeypatch.setattr(runtime.run_log, "flush_seconds", 60)  # the deltas wait for the end
-    monkeypatch.setattr(execute, "CANCEL_POLL_SECONDS", 60)
-    finish, cancel_appended = asyncio.Event(), asyncio.Event()
-
-    async def streamed(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
-        yield llm.TextDelta("Hello")
-        await finish.wait()
-        yield llm.TextDelta(" world")
-        yield llm.Finish("stop", llm.Usage(3, 2))
-
-    _provider(runtime, monkeypatch, streamed)
-    delivered: dict[str, list[tuple[int, str]]] = {}
-    deliver = runtime.bus.deliver
-
-    def delivered_to(topic: str, entries: Any) -> None:
-        delivered.setdefault(topic, []).extend((entry.seq, entry.event.name) for entry in entries)
-        deliver(topic, entries)
-
-    monkeypatch.setattr(runtime.bus, "deliver", delivered_to)
+    finish, cancel_appended, delivered = _answer_held_and_deliveries_noted(runtime, monkeypatch)
     writers = _writers(runtime)
     real_noted, real_give_back = db.commit_noted_through, db.give_back
     failed: list[bool] = []
