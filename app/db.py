@@ -473,7 +473,7 @@ async def _committed_straight(
     for a rolled-back one)."""
     # A failed COMMIT leaves the lock to the caller's rollback (driver.rollback()), after
     # Runtime._roll_back has undone its run log appends.
-    committing = driver.commit_straight(hand_on_failure=False)
+    committing = driver.commit_straight()
     invalidate = connection.invalidate if undo is None else lost_after_undo(session, undo, connection.invalidate)
     await held_back.sent(committing, "COMMIT", None, connection.dialect, invalidate)
     if _pool_takes_back(connection.engine.pool):
@@ -486,7 +486,7 @@ def lost_after_undo(
     session: AsyncSession, undo: Callable[[AsyncSession], None], invalidate: Callable[[BaseException | None], None]
 ) -> Callable[[BaseException | None], None]:
     """``invalidate`` for held_back.sent() of a COMMIT that leaves the write
-    lock to its caller (commit_straight(hand_on_failure=False)): a lost
+    lock to its caller (commit_straight()): a lost
     connection's invalidation closes the driver connection, and its close()
     hands the lock on (OneHopConnection.close; or the pool's invalidate
     event) before the caller could undo the transaction's run log appends,
@@ -592,7 +592,7 @@ class RawTransaction:
         transaction's run log appends; one that loses its connection calls
         ``undo`` with the session first, as its invalidation hands the lock
         on (lost_after_undo)."""
-        committing = self.driver.commit_straight(hand_on_failure=False)
+        committing = self.driver.commit_straight()
         invalidate = self.pooled.invalidate if undo is None else lost_after_undo(session, undo, self.pooled.invalidate)
         hop = held_back.sent(committing, "COMMIT", None, self.engine.dialect, invalidate)
         if seen_through:

@@ -500,7 +500,7 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
             outcome: _T = await connection._execute(run, connection._conn, begin, payload, told)  # type: ignore[no-untyped-call]
         return outcome
 
-    async def commit_straight(self, *, hand_on_failure: bool = True) -> None:
+    async def commit_straight(self) -> None:
         """The transaction's COMMIT, awaited on the event loop: the held-back
         writes and COMMIT in one hop, rolled back there if one fails, the
         raw error raised (held_back.sent words it as SQLAlchemy would). The
@@ -508,12 +508,11 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         app/db.py's commit_straight and RawTransaction.commit call it
         without (issue 17). The transaction is over either way. The write
         lock is handed on (on_transaction_end) once the thread has committed,
-        ahead of this coroutine's return (_told_on). A failed COMMIT hands
-        it on as it raises, but without ``hand_on_failure`` (every caller:
-        commit(), app/db.py's) leaves it to the caller's rollback() (or the
-        pool's reset) or db.RawTransaction.end(), which Runtime calls once
-        it has undone the transaction's run log appends (a writer let in
-        before would number its appends after the failed ones'); a COMMIT
+        ahead of this coroutine's return (_told_on). A failed COMMIT leaves
+        it to the caller's rollback() (or the pool's reset) or
+        db.RawTransaction.end(), which Runtime calls once it has undone the
+        transaction's run log appends (a writer let in before would number
+        its appends after the failed ones'); a COMMIT
         that lost its connection is invalidated (held_back.sent; SQLAlchemy
         for commit()), whose close() hands the lock on, after the undo
         (db.lost_after_undo; db.commit_seen_through's ``undo``). A cancellation hands
@@ -521,20 +520,13 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         SQLite's lock with it, so the hand-on is left to what waits for the
         thread: held_back.sent's invalidation, whose close() runs after it
         and calls on_transaction_end then."""
-        try:
-            job = self._commit_job()
-            if job is not None:
-                connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
-                # No callback to post (a wake-up of the loop per commit) when no one is to be told.
-                told = None if self.on_transaction_end is None else _told_on(self._told())
-                async with self._execute_mutex:
-                    await connection._execute(_commit, *job, told)  # type: ignore[no-untyped-call]
-        except asyncio.CancelledError:
-            raise
-        except BaseException:
-            if hand_on_failure:
-                self._ended()
-            raise
+        job = self._commit_job()
+        if job is not None:
+            connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+            # No callback to post (a wake-up of the loop per commit) when no one is to be told.
+            told = None if self.on_transaction_end is None else _told_on(self._told())
+            async with self._execute_mutex:
+                await connection._execute(_commit, *job, told)  # type: ignore[no-untyped-call]
         self._ended()
 
     def _told(self) -> Callable[[], None]:
@@ -591,7 +583,7 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
                 # logged transaction's run log appends first (_roll_back). A
                 # writer let in at the failure would number its appends after
                 # the failed ones.
-                await_(self.commit_straight(hand_on_failure=False))
+                await_(self.commit_straight())
                 return
             try:  # an inline connection: on this thread
                 job = self._commit_job()

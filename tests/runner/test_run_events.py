@@ -574,12 +574,12 @@ def _commits_then_wait(
     # SQLite: Runtime.transaction commits on the driver, outside SQLAlchemy's commit (db.commit_straight).
     real_straight = sqlite_driver.OneHopConnection.commit_straight
 
-    async def commit_straight(self: sqlite_driver.OneHopConnection, *, hand_on_failure: bool = True) -> None:
+    async def commit_straight(self: sqlite_driver.OneHopConnection) -> None:
         if committed.is_set():  # the next one only
-            await real_straight(self, hand_on_failure=hand_on_failure)
+            await real_straight(self)
             return
         if not then_fails:
-            await real_straight(self, hand_on_failure=hand_on_failure)
+            await real_straight(self)
             committed.set()
             await release.wait()
             return
@@ -588,9 +588,7 @@ def _commits_then_wait(
             await release.wait()
         finally:  # as a failed COMMIT leaves it: rolled back
             self.begin_deferred, self.held_back, self.transaction_open = None, [], False
-            await self._connection.rollback()
-            if hand_on_failure:  # else left to the caller's rollback
-                self._ended()
+            await self._connection.rollback()  # the write lock left to the caller's rollback
         raise OSError("disk I/O error")
 
     monkeypatch.setattr(sqlite_driver.OneHopConnection, "commit_straight", commit_straight)
