@@ -545,8 +545,7 @@ class Runtime:
         connection (db.PG_AUTOCOMMIT): nothing to commit, the session never
         connected; its commit events fire as session.commit() fired them
         (the server listens to none; tests inject failures), as raw_writes()'s."""
+        _flushless_commit_begins(session, "an autocommitted unit of work")
         sync = session.sync_session
-        if sync.dispatch.before_commit:
-            sync.dispatch.before_commit(sync)
         if sync.dispatch.after_commit:
             sync.dispatch.after_commit(sync)
