@@ -68,6 +68,18 @@ async def test_a_run_page_shows_steps_tool_calls_and_what_the_model_saw(
     assert "get_weather" in (await http.get(f"/console/assistants/{assistant.id}")).text
 
 
+async def test_a_refusal_shows_as_the_models_words_not_json(sdk: openai.AsyncOpenAI, http: httpx2.AsyncClient) -> None:
+    assistant = await sdk.beta.assistants.create(model="gpt-4o")
+    thread = await sdk.beta.threads.create(messages=[{"role": "user", "content": "[[refuse I won't do <that>.]]"}])
+    run = await sdk.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id)
+    assert run.status == "completed"
+    await _signed_in(http)
+
+    page = (await http.get(f"/console/threads/{thread.id}")).text
+    assert "Refused: I won&#39;t do &lt;that&gt;." in page  # the words, escaped
+    assert "&#34;refusal&#34;" not in page  # not the part as JSON
+
+
 async def test_vector_store_page_counts_chunks_and_searches(sdk: openai.AsyncOpenAI, http: httpx2.AsyncClient) -> None:
     store = await sdk.vector_stores.create(name="Zoo")
     await sdk.vector_stores.file_batches.upload_and_poll(
