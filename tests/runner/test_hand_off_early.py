@@ -1,0 +1,230 @@
+"""PostgreSQL: a lone run's hand-off is built while its create's statement is
+out (issue 17: Worker.prepare), its statement sent only once the create has
+committed (db.gate). What is built is thrown away, nothing sent, when the
+create fails; a run cancelled or changed between the create's commit and the
+hand-off's statement is left to the claim, answered once, as before."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import orm
+from app.api import runs as api_runs
+from app.runtime import Runtime
+from app.services import new_rows, runs
+from app.services.projects import Project
+from app.settings import Settings
+from app.wire.events import Event
+from app.wire.runs import ThreadAndRunCreate
+from app.worker import Worker
+from tests.runner.helpers import DEADLINE, statements_sent
+from tests.runner.test_hand_off import _ANSWERED, _assert_numbered_once, _assistant, _count_hand_offs, _row
+from tests.runner.test_instant_answer import _event_names
+
+pytestmark = [pytest.mark.timeout(30), pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
+
+_PROJECT = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
+
+
+@pytest.fixture
+async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    """A runtime with a worker attached as the server's (runs created
+    through the API are handed to it), its loop not started: each test
+    drives its ticks."""
+    rt = await Runtime.start(settings)
+    worker = Worker(rt)
+    rt.attach_worker(worker)
+    worker._looping = True  # as while run_forever() goes round: it hands runs only then
+    try:
+        yield rt
+    finally:
+        await worker.stop()
+        await rt.close()
+
+
+def _worker(runtime: Runtime) -> Worker:
+    assert runtime.worker is not None
+    return runtime.worker
+
+
+async def _queue(runtime: Runtime, assistant_id: str) -> orm.Run:
+    """POST /threads/runs's create as the API makes it (api/runs.py's
+    _queue_run, answered as JSON); the run returned."""
+    body = ThreadAndRunCreate.model_validate(
+        {"assistant_id": assistant_id, "thread": {"messages": [{"role": "user", "content": "hi"}]}}
+    )
+    made: list[orm.Run] = []
+
+    async def change(session: AsyncSession, unwritten: new_rows.Unwritten) -> tuple[orm.Run, list[Event]]:
+        _thread, run, events = await runs.create_thread_and_run(
+            session,
+            _PROJECT,
+            body,
+            expires_in=600,
+            reservation=runtime.run_reservation(),
+            remembered=False,
+            unwritten=unwritten,
+        )
+        made.append(run)
+        return run, events
+
+    await api_runs._queue_run(runtime, False, change)
+    return made[0]
+
+
+def _holding_the_create(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, then: Any = None) -> list[str]:
+    """The create's append (its one statement) waits, up to the deadline,
+    until the run's instant answer has been asked for, then runs ``then``
+    (an async function of the session and run id) in its place, or as
+    itself; returns the order of what happened ("answered", "created")."""
+    order: list[str] = []
+    answered = asyncio.Event()
+    real_answer = runtime.llm.answer_at_once
+
+    async def answer(request: Any) -> Any:
+        order.append("answered")
+        answered.set()
+        return await real_answer(request)
+
+    monkeypatch.setattr(runtime.llm, "answer_at_once", answer)
+    log = runtime.run_log
+    real_append = log.append
+
+    async def append(session: Any, run_id: str, events: list[Event], **kwargs: Any) -> Any:
+        if not any(event.name == "thread.run.created" for event in events):
+            return await real_append(session, run_id, events, **kwargs)
+        # (Without an early hand-off nothing is answered before the create.)
+        await asyncio.wait([asyncio.ensure_future(answered.wait())], timeout=DEADLINE / 4)
+        if then is not None:
+            return await then(session, run_id, events, real_append, **kwargs)
+        entries = await real_append(session, run_id, events, **kwargs)
+        order.append("created")
+        return entries
+
+    monkeypatch.setattr(log, "append", append)
+    return order
+
+
+async def test_a_lone_runs_answer_is_built_while_its_create_is_out_and_sent_after_it(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    handed = _count_hand_offs(monkeypatch)
+    order = _holding_the_create(runtime, monkeypatch)
+    run = await _queue(runtime, assistant)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    assert order == ["answered", "created"]  # built during the create's statement
+    assert [execution.finished for execution in handed] == [True]
+    row = await _row(runtime, run.id)
+    assert row.status == "completed" and row.lease_owner is None
+    assert await _event_names(runtime, run.id) == _ANSWERED  # the create's events first
+    await _assert_numbered_once(runtime, run.id)
+    assert not worker._gates and not worker._handing and worker._reserved == 0
+
+
+async def test_a_failed_create_throws_the_built_hand_off_away_unsent(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    handed = _count_hand_offs(monkeypatch)
+
+    async def fail(*_args: Any, **_kwargs: Any) -> Any:
+        raise OperationalError("the create's statement", {}, ConnectionResetError("connection lost"))
+
+    order = _holding_the_create(runtime, monkeypatch, then=fail)
+    # (The create's own reads, the assistant's, go before its answer is built.)
+    with statements_sent(runtime, lambda statement, _parameters: statement if order else None) as sent:
+        with pytest.raises(OperationalError):
+            await _queue(runtime, assistant)
+        await asyncio.wait_for(worker._handed(), DEADLINE)
+    assert order == ["answered"]  # it had been built
+    assert sent == [] and not handed  # and nothing of it was sent
+    assert not worker._gates and not worker._handing and not worker._tasks
+    async with runtime.transaction() as session:
+        assert (await session.scalars(select(orm.Run.id).where(orm.Run.status != "completed"))).all() == []
+
+
+def _between_commit_and_hand_off(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, action: Any
+) -> list[asyncio.Task[None]]:
+    """``action(run)`` (a transaction of another client) commits after the
+    create has committed and before its hand-off's gate is opened
+    (Worker.hand, which the API calls right after the commit); the task
+    returned (one) opens it after."""
+    worker = _worker(runtime)
+    real_hand = worker.hand
+    between: list[asyncio.Task[None]] = []
+
+    async def act_then_hand(created: orm.Run) -> None:
+        await action(created)
+        assert real_hand(created)  # (the prepared hand-off's gate opened)
+
+    def hand(created: orm.Run) -> bool:
+        between.append(asyncio.create_task(act_then_hand(created)))
+        return True
+
+    monkeypatch.setattr(worker, "hand", hand)
+    return between
+
+
+async def test_a_run_cancelled_between_its_create_and_its_built_hand_off_stays_cancelled(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+
+    async def cancel(run: orm.Run) -> None:
+        async with runtime.transaction() as other:
+            _answer, cancelled = await runs.cancel(other, _PROJECT, run.thread_id, run.id)
+            await runtime.run_log.append(other, run.id, cancelled, run_locked=True)
+
+    order = _holding_the_create(runtime, monkeypatch)
+    between = _between_commit_and_hand_off(runtime, monkeypatch, cancel)
+    run = await _queue(runtime, assistant)
+    await asyncio.wait_for(asyncio.gather(*between), DEADLINE)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    assert order == ["answered", "created"]
+    assert worker._wakeup.is_set()  # the lost hand-off leaves the run to the tick
+    await worker.run_until_idle()
+    row = await _row(runtime, run.id)
+    assert row.status == "cancelled" and row.started_at is None and row.lease_owner is None
+    names = await _event_names(runtime, run.id)
+    assert names[:3] == ["thread.created", "thread.run.created", "thread.run.queued"]
+    assert "thread.run.in_progress" not in names and "thread.message.created" not in names  # nothing of the answer
+    assert names[-1] == "thread.run.cancelled"
+    await _assert_numbered_once(runtime, run.id)
+
+
+async def test_a_built_hand_off_lost_to_a_change_leaves_the_run_answered_once_by_the_claim(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    handed = _count_hand_offs(monkeypatch)
+
+    async def change(run: orm.Run) -> None:
+        async with runtime.transaction() as other:
+            changed = orm.Run.__table__.update().where(orm.Run.id == run.id).values(metadata={"changed": "yes"})
+            await other.execute(changed)
+
+    order = _holding_the_create(runtime, monkeypatch)
+    between = _between_commit_and_hand_off(runtime, monkeypatch, change)
+    run = await _queue(runtime, assistant)
+    await asyncio.wait_for(asyncio.gather(*between), DEADLINE)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    assert order == ["answered", "created"] and not handed  # built; its compare-and-set missed: nothing written
+    assert (await _row(runtime, run.id)).status == "queued"
+    assert worker._wakeup.is_set()
+    await worker.run_until_idle()
+    assert (await _row(runtime, run.id)).status == "completed"
+    assert await _event_names(runtime, run.id) == _ANSWERED
+    await _assert_numbered_once(runtime, run.id)
