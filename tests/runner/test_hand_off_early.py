@@ -228,3 +228,37 @@ async def test_a_built_hand_off_lost_to_a_change_leaves_the_run_answered_once_by
     assert (await _row(runtime, run.id)).status == "completed"
     assert await _event_names(runtime, run.id) == _ANSWERED
     await _assert_numbered_once(runtime, run.id)
+
+
+async def test_a_create_cancelled_with_its_statement_out_leaves_a_committed_run_to_the_tick(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request cancelled while its create's statement is out (a client
+    gone): the API takes the outcome for a rollback, the built hand-off is
+    cancelled unsent; the statement had committed all the same, and the
+    worker, woken by the cancelled hand-off, claims and answers the run."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    handed = _count_hand_offs(monkeypatch)
+    committed: list[str] = []
+
+    async def committed_then_cancelled(
+        session: Any, run_id: str, events: list[Event], append: Any, **kwargs: Any
+    ) -> Any:
+        await append(session, run_id, events, **kwargs)
+        await session.commit()  # (its unit of work's commit, before the cancellation reaches it)
+        committed.append(run_id)
+        raise asyncio.CancelledError
+
+    order = _holding_the_create(runtime, monkeypatch, then=committed_then_cancelled)
+    with pytest.raises(asyncio.CancelledError):
+        await _queue(runtime, assistant)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    assert order == ["answered"] and not handed and not worker._gates
+    (run_id,) = committed
+    assert (await _row(runtime, run_id)).status == "queued"  # nothing of the built answer
+    assert worker._wakeup.is_set()
+    await worker.run_until_idle()
+    assert (await _row(runtime, run_id)).status == "completed"
+    assert await _event_names(runtime, run_id) == _ANSWERED
+    await _assert_numbered_once(runtime, run_id)
