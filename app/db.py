@@ -931,7 +931,7 @@ def gate(session: AsyncSession, opened: asyncio.Future[None]) -> None:
 
     def wait(_state: orm.ORMExecuteState) -> None:
         if not opened.done():
-            await_(opened)
+            await_(asyncio.shield(opened))  # (a cancelled waiter leaves the gate as it is)
         elif opened.cancelled():
             raise asyncio.CancelledError("the gate was closed for good")
 

@@ -186,10 +186,11 @@ class Worker:
         # belongs in _take_handed, whose failures leave the run to the tick.
         committed = self._gates.pop(created.id, None)
         if committed is not None:  # begun by prepare()
-            if created.id not in self._handing:
+            task = self._handing.get(created.id)
+            if task is None or task.done() or committed.done():
                 # It ended before the create committed (it could not start
-                # the run so): the tick its end asked for came too early
-                # to see the run; the caller's wake claims it.
+                # the run so, or was cancelled): the tick its end asked for
+                # came too early to see the run; the caller's wake claims it.
                 return False
             committed.set_result(None)  # its statement may go
             return True

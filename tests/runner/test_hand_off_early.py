@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import orm
 from app.api import runs as api_runs
+from app.runner import execute
 from app.runtime import Runtime
 from app.services import new_rows, runs
 from app.services.projects import Project
@@ -54,12 +55,11 @@ def _worker(runtime: Runtime) -> Worker:
     return runtime.worker
 
 
-async def _queue(runtime: Runtime, assistant_id: str) -> orm.Run:
+async def _queue(runtime: Runtime, assistant_id: str, thread_metadata: dict[str, str] | None = None) -> orm.Run:
     """POST /threads/runs's create as the API makes it (api/runs.py's
     _queue_run, answered as JSON); the run returned."""
-    body = ThreadAndRunCreate.model_validate(
-        {"assistant_id": assistant_id, "thread": {"messages": [{"role": "user", "content": "hi"}]}}
-    )
+    thread = {"messages": [{"role": "user", "content": "hi"}], "metadata": thread_metadata or {}}
+    body = ThreadAndRunCreate.model_validate({"assistant_id": assistant_id, "thread": thread})
     made: list[orm.Run] = []
 
     async def change(session: AsyncSession, unwritten: new_rows.Unwritten) -> tuple[orm.Run, list[Event]]:
@@ -262,3 +262,29 @@ async def test_a_create_cancelled_with_its_statement_out_leaves_a_committed_run_
     assert (await _row(runtime, run_id)).status == "completed"
     assert await _event_names(runtime, run_id) == _ANSWERED
     await _assert_numbered_once(runtime, run_id)
+
+
+async def test_a_built_hand_offs_reads_wait_for_the_create_and_see_what_it_committed(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scripted rule on the thread's metadata: the hand-off reads the new
+    thread, which is not there before the create commits; the read is held
+    (db.gate) and sees it."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    monkeypatch.setattr(runtime.llm.script, "needs_thread_metadata", lambda: True)
+    seen: list[dict[str, str]] = []
+    real_context = execute.RunExecution._context
+
+    async def context(self: execute.RunExecution, session: Any, run: orm.Run) -> Any:
+        made = await real_context(self, session, run)
+        seen.append(dict(made.thread_metadata))
+        return made
+
+    monkeypatch.setattr(execute.RunExecution, "_context", context)
+    run = await _queue(runtime, assistant, {"rule": "on"})
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    await asyncio.wait_for(asyncio.gather(*worker._tasks.values()), DEADLINE)
+    assert seen == [{"rule": "on"}]
+    assert (await _row(runtime, run.id)).status == "completed"
+    await _assert_numbered_once(runtime, run.id)
