@@ -930,10 +930,10 @@ def gate(session: AsyncSession, opened: asyncio.Future[None]) -> None:
     session.info[GATE] = opened
 
     def wait(_state: orm.ORMExecuteState) -> None:
-        if not opened.done():
-            await_(asyncio.shield(opened))  # (a cancelled waiter leaves the gate as it is)
-        elif opened.cancelled():
-            raise asyncio.CancelledError("the gate was closed for good")
+        if not opened.done() or opened.cancelled():
+            # One way through the gate for the listener and run_log.append
+            # (passed(): a closed gate raises its cancellation).
+            await_(passed(session))
 
     event.listen(session.sync_session, "do_orm_execute", wait)
 
@@ -942,8 +942,12 @@ async def passed(session: AsyncSession) -> None:
     """Returns once ``session``'s gate (gate()), if any, has opened; raises
     the cancellation of a gate closed for good."""
     opened: asyncio.Future[None] | None = session.info.get(GATE)
-    if opened is not None:
-        await asyncio.shield(opened) if not opened.done() else opened.result()
+    if opened is None:
+        return
+    if opened.done():
+        opened.result()  # (a gate closed for good raises its cancellation)
+    else:
+        await asyncio.shield(opened)  # (a cancelled waiter leaves the gate as it is)
 
 
 def watched(work: Coroutine[Any, Any, T]) -> tuple[asyncio.Task[T], Sending]:

@@ -187,7 +187,9 @@ class Worker:
         committed = self._gates.pop(created.id, None)
         if committed is not None:  # begun by prepare()
             task = self._handing.get(created.id)
-            if task is None or task.done() or committed.done():
+            # (The gate itself is not done here: only this and dropped(),
+            # which pops it first, complete it.)
+            if task is None or task.done():
                 # It ended before the create committed (it could not start
                 # the run so, or was cancelled): the tick its end asked for
                 # came too early to see the run; the caller's wake claims it.

@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import orm
+from app import db, held_back, orm
 from app.api import runs as api_runs
 from app.runner import execute
 from app.runtime import Runtime
@@ -81,27 +81,69 @@ async def _queue(runtime: Runtime, assistant_id: str, thread_metadata: dict[str,
 
 def _holding_the_create(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, then: Any = None) -> list[str]:
     """The create's append (its one statement) waits, up to the deadline,
-    until the run's instant answer has been asked for, then runs ``then``
-    (an async function of the session and run id) in its place, or as
-    itself; returns the order of what happened ("answered", "created")."""
+    until its run's hand-off has come to wait at its gate (db.passed, which
+    the gate's listener and run_log.append await) or has sent a statement
+    all the same, then runs ``then`` (an async function of the session and
+    run id) in its place, or as itself. Returns the order of what happened:
+    "answered" (the instant answer asked for), "at gate", "created" (the
+    create's statement committed), "sent" (each statement of a hand-off's
+    gated session, through SQLAlchemy's cursor or straight on asyncpg)."""
     order: list[str] = []
-    answered = asyncio.Event()
+    waiting = asyncio.Event()  # at the gate, or past it without waiting
     real_answer = runtime.llm.answer_at_once
 
     async def answer(request: Any) -> Any:
         order.append("answered")
-        answered.set()
         return await real_answer(request)
 
     monkeypatch.setattr(runtime.llm, "answer_at_once", answer)
+    gated: list[AsyncSession] = []
+    real_gate, real_passed = db.gate, db.passed
+
+    def gate(session: AsyncSession, opened: asyncio.Future[None]) -> None:
+        gated.append(session)
+        real_gate(session, opened)
+
+    async def passed(session: AsyncSession) -> None:
+        opened = session.info.get(db.GATE)
+        if opened is not None and not opened.done():
+            order.append("at gate")
+            waiting.set()
+        await real_passed(session)
+
+    monkeypatch.setattr(db, "gate", gate)
+    monkeypatch.setattr(db, "passed", passed)
+    bind = runtime.engine.sync_engine
+
+    def note_if_handing(dbapi_connection: object) -> None:
+        for session in gated:
+            connection = held_back.connection_of(session, bind)
+            if connection is not None and connection.connection.dbapi_connection is dbapi_connection:
+                order.append("sent")
+                waiting.set()  # (not held back: the create need not wait on)
+
+    def before(connection: Any, *_args: Any) -> None:
+        # (A statement sent straight is told here too, its connection
+        # given: it is noted twice, here and in fetched() below.)
+        if connection is not None:
+            note_if_handing(connection.connection.dbapi_connection)
+
+    real_fetched = held_back._fetched_on_asyncpg
+
+    async def fetched(adapted: Any, *args: Any) -> Any:
+        note_if_handing(adapted)
+        return await real_fetched(adapted, *args)
+
+    monkeypatch.setattr(held_back, "_fetched_on_asyncpg", fetched)
+    event.listen(bind, "before_cursor_execute", before)  # (the engine is this test's runtime's alone)
     log = runtime.run_log
     real_append = log.append
 
     async def append(session: Any, run_id: str, events: list[Event], **kwargs: Any) -> Any:
         if not any(event.name == "thread.run.created" for event in events):
             return await real_append(session, run_id, events, **kwargs)
-        # (Without an early hand-off nothing is answered before the create.)
-        await asyncio.wait([asyncio.ensure_future(answered.wait())], timeout=DEADLINE / 4)
+        # (Without an early hand-off nothing comes to a gate: the deadline fails the test.)
+        await asyncio.wait_for(waiting.wait(), DEADLINE / 2)
         if then is not None:
             return await then(session, run_id, events, real_append, **kwargs)
         entries = await real_append(session, run_id, events, **kwargs)
@@ -110,6 +152,13 @@ def _holding_the_create(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, then:
 
     monkeypatch.setattr(log, "append", append)
     return order
+
+
+def _assert_sent_after_the_create(order: list[str]) -> None:
+    """The hand-off was built and came to its gate while the create's
+    statement was out, and sent its statements only after its commit."""
+    assert order[:3] == ["answered", "at gate", "created"], order
+    assert order[3:] and set(order[3:]) == {"sent"}, order
 
 
 async def test_a_lone_runs_answer_is_built_while_its_create_is_out_and_sent_after_it(
@@ -121,7 +170,8 @@ async def test_a_lone_runs_answer_is_built_while_its_create_is_out_and_sent_afte
     order = _holding_the_create(runtime, monkeypatch)
     run = await _queue(runtime, assistant)
     await asyncio.wait_for(worker._handed(), DEADLINE)
-    assert order == ["answered", "created"]  # built during the create's statement
+    # Built during the create's statement, its statement sent only after the create's commit.
+    _assert_sent_after_the_create(order)
     assert [execution.finished for execution in handed] == [True]
     row = await _row(runtime, run.id)
     assert row.status == "completed" and row.lease_owner is None
@@ -146,7 +196,7 @@ async def test_a_failed_create_throws_the_built_hand_off_away_unsent(
         with pytest.raises(OperationalError):
             await _queue(runtime, assistant)
         await asyncio.wait_for(worker._handed(), DEADLINE)
-    assert order == ["answered"]  # it had been built
+    assert order == ["answered", "at gate"]  # it had been built, and had come to its gate
     assert sent == [] and not handed  # and nothing of it was sent
     assert not worker._gates and not worker._handing and not worker._tasks
     async with runtime.transaction() as session:
@@ -192,7 +242,7 @@ async def test_a_run_cancelled_between_its_create_and_its_built_hand_off_stays_c
     run = await _queue(runtime, assistant)
     await asyncio.wait_for(asyncio.gather(*between), DEADLINE)
     await asyncio.wait_for(worker._handed(), DEADLINE)
-    assert order == ["answered", "created"]
+    _assert_sent_after_the_create(order)
     assert worker._wakeup.is_set()  # the lost hand-off leaves the run to the tick
     await worker.run_until_idle()
     row = await _row(runtime, run.id)
@@ -221,7 +271,8 @@ async def test_a_built_hand_off_lost_to_a_change_leaves_the_run_answered_once_by
     run = await _queue(runtime, assistant)
     await asyncio.wait_for(asyncio.gather(*between), DEADLINE)
     await asyncio.wait_for(worker._handed(), DEADLINE)
-    assert order == ["answered", "created"] and not handed  # built; its compare-and-set missed: nothing written
+    # Built; its statement, sent after the create, missed its compare-and-set: nothing written.
+    _assert_sent_after_the_create(order) and not handed
     assert (await _row(runtime, run.id)).status == "queued"
     assert worker._wakeup.is_set()
     await worker.run_until_idle()
@@ -254,7 +305,7 @@ async def test_a_create_cancelled_with_its_statement_out_leaves_a_committed_run_
     with pytest.raises(asyncio.CancelledError):
         await _queue(runtime, assistant)
     await asyncio.wait_for(worker._handed(), DEADLINE)
-    assert order == ["answered"] and not handed and not worker._gates
+    assert order == ["answered", "at gate"] and not handed and not worker._gates
     (run_id,) = committed
     assert (await _row(runtime, run_id)).status == "queued"  # nothing of the built answer
     assert worker._wakeup.is_set()
@@ -288,3 +339,17 @@ async def test_a_built_hand_offs_reads_wait_for_the_create_and_see_what_it_commi
     assert seen == [{"rule": "on"}]
     assert (await _row(runtime, run.id)).status == "completed"
     await _assert_numbered_once(runtime, run.id)
+
+
+async def test_a_statement_of_a_session_whose_gate_was_closed_fails_unsent(runtime: Runtime) -> None:
+    """A gated session's statement executed after its create failed
+    (Worker.dropped cancels the gate) raises the gate's cancellation in the
+    listener, nothing sent."""
+    closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    closed.cancel()
+    with statements_sent(runtime, lambda statement, _parameters: statement) as sent:
+        async with runtime.unit_of_work() as session:
+            db.gate(session, closed)
+            with pytest.raises(asyncio.CancelledError):
+                await session.execute(select(orm.Run.id))
+    assert sent == []
