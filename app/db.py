@@ -24,7 +24,8 @@ from urllib.parse import quote
 
 from sqlalchemy import event, orm, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
+from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool, Pool, PoolProxiedConnection, QueuePool
 from sqlalchemy.util import await_only as await_
@@ -70,6 +71,7 @@ COLLECTED = held_back.COLLECTED
 GROUPED = held_back.GROUPED
 # Session.info key: the session's transaction is a RawTransaction's (held_back.RAW).
 RAW = held_back.RAW
+PG_AUTOCOMMIT = held_back.PG_AUTOCOMMIT
 # ``run_now(session, statement, params)``: a statement whose rows are wanted
 # now, sent straight to the driver (SQLite's, with the transaction's
 # held-back writes; asyncpg's, through SQLAlchemy's adapter: app/held_back.py);
@@ -266,6 +268,14 @@ class SQLiteWriters:
         # be held with no record of its holder, for good.
         info = connection.info
         driver: object = connection.connection.dbapi_connection
+        if self._HOLDS in info:
+            # Still held by this connection's last transaction: its COMMIT
+            # failed, which leaves the lock to the rollback, and the
+            # Connection's rollback found SQLAlchemy's transaction inactive
+            # and sent the driver nothing (the Connection used again, not
+            # given back: no reset). That transaction has ended; the lock
+            # is handed on, then waited for in turn, not for good.
+            self.release(info)
         if not self._lock.try_acquire():
             await_(self.hold())
         holder = object()  # this transaction's hold, not a later one's on the same connection
@@ -327,7 +337,14 @@ class SQLiteWriters:
             if not connection.invalidated and not _releases_itself(connection.connection.dbapi_connection):
                 self.release(connection.info)
 
-        def reset(_dbapi: Any, record: Any, _state: Any) -> None:
+        def reset(dbapi: Any, record: Any, _state: Any) -> None:
+            if isinstance(dbapi, sqlite_driver.OneHopConnection):
+                # Freed below: the reset may send the driver no ROLLBACK
+                # (a session closed after its failed COMMIT, SQLAlchemy's
+                # transaction over), and a pooled connection carries no
+                # transaction's callback on (_releases_itself would take
+                # it for one still running).
+                dbapi.on_transaction_end = None
             self.release(record.info)
 
         def invalidate(dbapi: Any, record: Any, _exception: Any) -> None:
@@ -411,7 +428,9 @@ def _straight_committable(session: AsyncSession) -> tuple[Connection, sqlite_dri
     return connection, driver
 
 
-async def commit_straight(session: AsyncSession, *, seen_through: bool) -> bool:
+async def commit_straight(
+    session: AsyncSession, *, seen_through: bool, undo: Callable[[AsyncSession], None] | None = None
+) -> bool:
     """Commit ``session``'s SQLite transaction straight on the driver: its
     held-back writes and COMMIT in one hop awaited here, without
     AsyncSession.commit's greenlet, SQLAlchemy's commit and its events
@@ -425,30 +444,65 @@ async def commit_straight(session: AsyncSession, *, seen_through: bool) -> bool:
     invalidating it), everything rolled back on the thread; the session is
     then the caller's to roll back, as after a failed commit. With
     ``seen_through`` the hop is carried through a cancellation as
-    commit_seen_through() carries a commit."""
+    commit_seen_through() carries a commit. A failed COMMIT leaves the
+    write lock to the caller's rollback (Runtime._roll_back: after it has
+    undone the transaction's run log appends); a COMMIT that loses its
+    connection calls ``undo`` with the session first (those appends undone),
+    as the invalidation that follows hands the lock on (lost_after_undo)."""
     found = _straight_committable(session)
     if found is None:
         return False
     connection, driver = found
     if seen_through:
-        await commit_noted_through(session, asyncio.ensure_future(_committed_straight(session, connection, driver)))
+        committing = _committed_straight(session, connection, driver, undo)
+        await commit_noted_through(session, asyncio.ensure_future(committing))
     else:
-        await _committed_straight(session, connection, driver)
+        await _committed_straight(session, connection, driver, undo)
     return True
 
 
 async def _committed_straight(
-    session: AsyncSession, connection: Connection, driver: sqlite_driver.OneHopConnection
+    session: AsyncSession,
+    connection: Connection,
+    driver: sqlite_driver.OneHopConnection,
+    undo: Callable[[AsyncSession], None] | None,
 ) -> None:
     """commit_straight()'s hop, then SQLAlchemy's transaction closed: both
     seen through together, as session.commit() closes its transaction
     within (a cancellation between them would take a committed transaction
     for a rolled-back one)."""
-    await held_back.sent(driver.commit_straight(), "COMMIT", None, connection.dialect, connection.invalidate)
+    # A failed COMMIT leaves the lock to the caller's rollback (driver.rollback()), after
+    # Runtime._roll_back has undone its run log appends.
+    committing = driver.commit_straight(hand_on_failure=False)
+    invalidate = connection.invalidate if undo is None else lost_after_undo(session, undo, connection.invalidate)
+    await held_back.sent(committing, "COMMIT", None, connection.dialect, invalidate)
     if _pool_takes_back(connection.engine.pool):
         session.sync_session.close()  # into the pool's queue, its reset's ROLLBACK a no-op: no I/O
     else:
         await greenlet_spawn(session.sync_session.close)  # the pool closes it: I/O
+
+
+def lost_after_undo(
+    session: AsyncSession, undo: Callable[[AsyncSession], None], invalidate: Callable[[BaseException | None], None]
+) -> Callable[[BaseException | None], None]:
+    """``invalidate`` for held_back.sent() of a COMMIT that leaves the write
+    lock to its caller (commit_straight(hand_on_failure=False)): a lost
+    connection's invalidation closes the driver connection, and its close()
+    hands the lock on (OneHopConnection.close; or the pool's invalidate
+    event) before the caller could undo the transaction's run log appends,
+    so ``undo(session)`` runs first (a writer let in before the undo would
+    number its appends after the lost ones). Not for a cancellation
+    (``None``): the COMMIT may still be running on the thread, and may
+    commit; the caller learns which (commit_noted_through)."""
+
+    def lost(error: BaseException | None) -> None:
+        try:
+            if error is not None:
+                undo(session)
+        finally:
+            invalidate(error)  # even if the undo raised: a lost connection never goes back to the pool
+
+    return lost
 
 
 async def raw_write_connection(engine: AsyncEngine) -> tuple[PoolProxiedConnection, SQLiteWriters]:
@@ -527,12 +581,20 @@ class RawTransaction:
             await give_back(engine, pooled)
             raise
 
-    async def commit(self, session: AsyncSession, *, seen_through: bool) -> None:
+    async def commit(
+        self, session: AsyncSession, *, seen_through: bool, undo: Callable[[AsyncSession], None] | None = None
+    ) -> None:
         """The held-back writes and COMMIT in one hop (rolled back there if
         one fails: SQLAlchemy's error for it, held_back.sent); with
         ``seen_through`` carried through a cancellation as
-        commit_seen_through() carries a commit."""
-        hop = held_back.sent(self.driver.commit_straight(), "COMMIT", None, self.engine.dialect, self.pooled.invalidate)
+        commit_seen_through() carries a commit. A failed COMMIT leaves the
+        write lock to end(), which the caller calls once it has undone the
+        transaction's run log appends; one that loses its connection calls
+        ``undo`` with the session first, as its invalidation hands the lock
+        on (lost_after_undo)."""
+        committing = self.driver.commit_straight(hand_on_failure=False)
+        invalidate = self.pooled.invalidate if undo is None else lost_after_undo(session, undo, self.pooled.invalidate)
+        hop = held_back.sent(committing, "COMMIT", None, self.engine.dialect, invalidate)
         if seen_through:
             await commit_noted_through(session, asyncio.ensure_future(hop))
         else:
@@ -610,10 +672,57 @@ async def give_back(engine: AsyncEngine, pooled: PoolProxiedConnection) -> None:
     was invalidated: a close is I/O, which needs SQLAlchemy's greenlet
     (without it the close fails, logged, and the connection's thread is
     left running)."""
-    if _pool_takes_back(engine.sync_engine.pool) and pooled.is_valid:
+    await _give_back_to(engine.sync_engine.pool, pooled)
+
+
+async def _give_back_to(pool: Pool, pooled: PoolProxiedConnection) -> None:
+    if _pool_takes_back(pool) and pooled.is_valid:
         pooled.close()  # into the pool's queue: no I/O
     else:
         await greenlet_spawn(pooled.close)
+
+
+async def autocommit_connection(engine: Engine) -> held_back.PostgresRaw | None:
+    """A PostgreSQL connection checked out of ``engine``'s pool raw and put
+    in autocommit (held_back.PG_AUTOCOMMIT; issue 17: a unit of work that is
+    one statement, without a SQLAlchemy Connection, transaction and commit).
+    The checkout as the session's: in SQLAlchemy's greenlet, its listeners
+    (ConnectionCheck: a ping, a reconnect) and recycling with it. None, the
+    connection given back, where it is not asyncpg's at its default level
+    with no transaction open (the session's way then). Give it back with
+    give_back_autocommit(), however the unit ends. A checkout the database
+    refuses (a restart, a failover, too many connections) raises
+    SQLAlchemy's error for it as a session's checkout does (Connection's
+    constructor: handle_error listeners, connection_invalidated where it is
+    lost), never the adapter's: a run's end that meets it leaves the run
+    in_progress, to be resumed (execute.py), a create answers as it would.
+
+    ``_transaction`` and ``_isolation_setting`` are the adapter's private
+    fields (AsyncAdapt_asyncpg_connection) as SQLAlchemy 2.1.9 has them, as
+    is Connection._handle_dbapi_exception_noconnection: a SQLAlchemy upgrade
+    must re-check them (tests/runner/test_raw_autocommit.py)."""
+    try:
+        pooled = await greenlet_spawn(engine.pool.connect)
+    except engine.dialect.loaded_dbapi.Error as error:
+        Connection._handle_dbapi_exception_noconnection(error, engine.dialect, engine)
+    adapted: object = pooled.dbapi_connection
+    if (
+        not isinstance(adapted, AsyncAdapt_asyncpg_connection)
+        or adapted._transaction is not None
+        or adapted.isolation_level != adapted._isolation_setting
+    ):
+        await _give_back_to(engine.pool, pooled)
+        return None
+    adapted.autocommit = True
+    return held_back.PostgresRaw(pooled, adapted)
+
+
+async def give_back_autocommit(engine: Engine, raw: held_back.PostgresRaw) -> None:
+    """autocommit_connection()'s connection back at its default level (no
+    transaction is open in autocommit: nothing to send), to its pool; closed
+    if it was invalidated (lost, or its statement cancelled: held_back.sent)."""
+    raw.adapted.autocommit = False
+    await _give_back_to(engine.pool, raw.pooled)
 
 
 def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
@@ -641,6 +750,9 @@ def create_engine(url: str, pool_size: int | None = None) -> AsyncEngine:
             )
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         event.listen(engine.sync_engine, "before_cursor_execute", sqlite_driver.hold_back_marked_writes)
+        event.listen(engine.sync_engine, "handle_error", _undone_at_error)
+        # Before the write lock's listeners: the undo first.
+        event.listen(engine.sync_engine, "rollback", _undone_at_rollback)
         writers = SQLiteWriters(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
         writers.listen(engine)
         if not in_memory:  # a file: a pool to check a connection out of (RawTransaction, sqlite_groups)
@@ -961,9 +1073,64 @@ def watched(work: Coroutine[Any, Any, T]) -> tuple[asyncio.Task[T], Sending]:
     return asyncio.get_running_loop().create_task(work, context=context), sending
 
 
-async def commit_seen_through(session: AsyncSession) -> None:
+# A logged session's undo of its run log appends (Runtime: RunLog.rolled_back),
+# for its session.commit() to run if it fails there, before the write lock
+# is handed on (_undone_at_error, _undone_at_rollback); set in that commit's
+# task alone (commit_seen_through), and cleared once it fails.
+_UNDO_AT_FAILURE: contextvars.ContextVar[tuple[AsyncSession, Callable[[AsyncSession], None]] | None] = (
+    contextvars.ContextVar("undo_at_failure", default=None)
+)
+
+
+def _undone_at_error(context: ExceptionContext) -> None:
+    """A SQLite engine's handle_error listener: a statement (the flush's)
+    or the COMMIT of a session.commit() given an ``undo``
+    (commit_seen_through) that fails undoes the session's run log appends
+    now, while the transaction still holds the write lock. SQLAlchemy then
+    rolls the connection back inside session.commit() (a flush's failure),
+    whose driver rollback hands the lock on, or invalidates a lost one,
+    whose close() hands it on (OneHopConnection.close; even if the undo
+    raises: its error is raised instead), either before the caller could
+    undo them (a writer let in first would number its appends after the
+    failed ones); the caller's undo then finds nothing left to do. Not for
+    a cancellation (SQLAlchemy takes one for a lost connection: the task
+    abandoned by seen_through()): its COMMIT may still commit, and the
+    caller judges (committed_despite_cancellation)."""
+    pending = _UNDO_AT_FAILURE.get()
+    if pending is None:
+        return
+    # Once, whatever failed: not again at the rollback that follows
+    # (_undone_at_rollback), and not inherited by a task the undo starts
+    # (the run log's flusher, woken for the deltas put back).
+    _UNDO_AT_FAILURE.set(None)
+    if isinstance(context.original_exception, Exception):
+        session, undo = pending
+        undo(session)
+
+
+def _undone_at_rollback(_connection: Connection) -> None:
+    """A SQLite engine's rollback listener (it fires before the driver's
+    ROLLBACK, which hands the write lock on): a session.commit() given an
+    ``undo`` whose transaction is rolled back inside it without a database
+    error, which handle_error never sees (the flush's StaleDataError, an
+    error raised by a flush or before_commit hook), undoes the session's
+    run log appends first, as _undone_at_error does. (A failed COMMIT
+    fires no rollback: its error did; nor does a session.commit() that
+    succeeds.)"""
+    pending = _UNDO_AT_FAILURE.get()
+    if pending is not None:
+        _UNDO_AT_FAILURE.set(None)  # once; not inherited by a task the undo starts
+        session, undo = pending
+        undo(session)
+
+
+async def commit_seen_through(session: AsyncSession, undo: Callable[[AsyncSession], None] | None = None) -> None:
     """``session.commit()``, carried to its end even if the calling task is
     cancelled while it is in flight, so that the caller learns what it did.
+    With ``undo``, a failure inside it (on SQLite: a failed flush or
+    COMMIT, a lost connection; not a cancellation) calls ``undo(session)``
+    before the rollback or the invalidation hands the write lock on
+    (_undone_at_error, _undone_at_rollback).
 
     A cancellation (a lost lease, shutdown) that reaches a task awaiting its
     COMMIT does not stop the COMMIT: SQLite's thread runs it anyway, and
@@ -974,7 +1141,13 @@ async def commit_seen_through(session: AsyncSession) -> None:
     a cancellation, ``committed_despite_cancellation(session)`` then says
     whether it committed. A task per commit: used only where the outcome
     matters."""
-    await commit_noted_through(session, asyncio.ensure_future(session.commit()))
+    if undo is None:
+        commit = asyncio.ensure_future(session.commit())
+    else:
+        context = contextvars.copy_context()  # the commit's task's alone
+        context.run(_UNDO_AT_FAILURE.set, (session, undo))
+        commit = asyncio.get_running_loop().create_task(session.commit(), context=context)
+    await commit_noted_through(session, commit)
 
 
 def routine_miss(error: BaseException) -> bool:

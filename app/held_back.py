@@ -44,6 +44,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.sql import ClauseElement, Executable, TextClause
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import BindParameter
@@ -373,6 +374,39 @@ class Raw(NamedTuple):
     invalidate: Callable[[BaseException | None], None]
 
 
+# Session.info key of a PostgreSQL unit of work (Runtime.unit_of_work) whose
+# one statement may run in autocommit on a connection checked out of the
+# pool raw (run_log.append's ``last_statement``; issue 17): None until the
+# append checks one out (db.autocommit_connection), then its PostgresRaw.
+# Its run_now statement goes straight to that connection, without the
+# session's connection, transaction and commit (0.1-0.2 ms of loop CPU a
+# unit: bench/README, branch pgraw); the unit of work gives it back.
+PG_AUTOCOMMIT = "postgres_autocommit"
+
+
+class PostgresRaw(NamedTuple):
+    """A PostgreSQL connection checked out raw, in autocommit (PG_AUTOCOMMIT):
+    the pooled connection (its invalidate() when it is lost) and asyncpg's adapter."""
+
+    pooled: PoolProxiedConnection
+    adapted: AsyncAdapt_asyncpg_connection
+
+
+async def _raw_declined(session: AsyncSession) -> None:
+    """A statement run_now declines (session.execute's to run) while the
+    unit holds a raw connection (PG_AUTOCOMMIT; none of run_log's do
+    today): the raw connection goes back to its pool out of autocommit (it
+    sent nothing) and the session connects in autocommit, so that the
+    statement goes on one connection, not a second pooled one beside it,
+    still its own transaction; the unit of work then commits the session's
+    way (nothing to send)."""
+    raw: PostgresRaw = session.info[PG_AUTOCOMMIT]
+    session.info[PG_AUTOCOMMIT] = None
+    raw.adapted.autocommit = False
+    await greenlet_spawn(raw.pooled.close)  # into its pool (closed if it overflows)
+    await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+
+
 def _raw_bound(
     session: AsyncSession, statement: ClauseElement, params: dict[str, Any]
 ) -> tuple[Raw, _Shape, tuple[Any, ...]] | None:
@@ -469,7 +503,10 @@ async def run_now(
     statement. ``statement`` must be built once (cached)."""
     bind = session.sync_session.bind
     if isinstance(bind, Engine) and bind.dialect.name == "postgresql":
-        return await _run_now_postgres(session, bind, statement, params)
+        found_rows = await _run_now_postgres(session, bind, statement, params)
+        if found_rows is None and isinstance(session.info.get(PG_AUTOCOMMIT), PostgresRaw):
+            await _raw_declined(session)
+        return found_rows
     assert isinstance(bind, Engine)
     if _names_repeat(bind.dialect, statement, params):
         return None  # rows by column name would lose a column (as _run_now_postgres), told before anything is done
@@ -540,11 +577,19 @@ async def _run_now_postgres(
     names = [column.keyname for column in shape.compiled._result_columns]
     if len(set(names)) != len(names):
         return None  # rows by column name would lose a column
-    # (Its checkout may ping or connect; the BEGIN is sent with the statement, the adapter's lazy begin.)
-    connection = await _active_connection(session, bind)
-    if connection is None:
-        return None
-    adapted: object = connection.connection.dbapi_connection
+    raw: PostgresRaw | None = session.info.get(PG_AUTOCOMMIT)
+    connection: Connection | None = None
+    invalidate: Callable[[BaseException | None], None]
+    if raw is not None:  # autocommit on a raw connection: no BEGIN (begin_sql), no session transaction
+        adapted: object = raw.adapted
+        invalidate = raw.pooled.invalidate
+    else:
+        # (Its checkout may ping or connect; the BEGIN is sent with the statement, the adapter's lazy begin.)
+        connection = await _active_connection(session, bind)
+        if connection is None:
+            return None
+        adapted = connection.connection.dbapi_connection
+        invalidate = connection.invalidate
     if not isinstance(adapted, AsyncAdapt_asyncpg_connection):
         return None
     bound = _bound(session, bind, shape, params, connection)
@@ -554,7 +599,7 @@ async def _run_now_postgres(
     fetched = _fetched_on_asyncpg(adapted, sql, parameters, dialect)
     # (A cancellation, as SQLAlchemy's execution on an exit exception: the
     # statement may still be running, its outcome unread; the connection goes with it.)
-    records, attributes = await sent(fetched, sql, parameters, dialect, connection.invalidate, adapted)
+    records, attributes = await sent(fetched, sql, parameters, dialect, invalidate, adapted)
     columns = _results(dialect, shape.compiled, tuple(attribute.type.oid for attribute in attributes))
     return [
         {

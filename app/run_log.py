@@ -50,6 +50,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app import db, orm, sqlite_groups
@@ -321,8 +322,17 @@ class RunLog:
             and not session.in_transaction()
         ):
             # The whole transaction is the one statement below: PostgreSQL
-            # runs it alone as atomically as between BEGIN and COMMIT.
-            await session.connection(execution_options=db.AUTOCOMMIT)
+            # runs it alone as atomically as between BEGIN and COMMIT. In a
+            # unit of work that gives one back (db.PG_AUTOCOMMIT), on a
+            # connection checked out raw: the statement goes by run_now
+            # (the carried and the with-rows inserts; the plain insert goes
+            # by session.execute), without the session's connection,
+            # transaction and commit.
+            raw = None
+            if db.PG_AUTOCOMMIT in session.info and (carried_by is not None or with_rows):
+                session.info[db.PG_AUTOCOMMIT] = raw = await db.autocommit_connection(_engine_of(session))
+            if raw is None:
+                await session.connection(execution_options=db.AUTOCOMMIT)
             session.info[_AUTOCOMMITTED] = True
             db.sending_now()  # the connection held: its one statement goes next, nothing awaited before
         if self.postgres and not run_locked:  # a SQLite transaction holds the write lock already
@@ -672,13 +682,26 @@ class RunLog:
 
     async def _send_news(self, run_ids: list[str]) -> None:
         """NOTIFY other processes of news of ``run_ids``: one statement, its
-        own transaction (issue 17: no BEGIN, no COMMIT)."""
+        own transaction (issue 17: no BEGIN, no COMMIT), on a connection
+        checked out raw (db.autocommit_connection: no session connection,
+        transaction or commit)."""
         async with self._sessionmaker() as session:
-            await session.connection(execution_options=db.AUTOCOMMIT)
-            await run_events.notify(session, self._signal, run_ids)
-            # No round trip in autocommit; the session then closes without
-            # a task of its own (db.Session).
-            await session.commit()
+            raw = await db.autocommit_connection(_engine_of(session))
+            if raw is None:
+                await session.connection(execution_options=db.AUTOCOMMIT)
+            else:
+                session.info[db.PG_AUTOCOMMIT] = raw
+            try:
+                await run_events.notify(session, self._signal, run_ids)
+            finally:
+                # (None if run_now declined the statement: given back, the session connected instead.)
+                held = session.info.pop(db.PG_AUTOCOMMIT, None)
+                if held is not None:
+                    await db.give_back_autocommit(_engine_of(session), held)
+            if session.in_transaction():  # (connected: not on the raw connection, run_now declined it)
+                # No round trip in autocommit; the session then closes without
+                # a task of its own (db.Session).
+                await session.commit()
 
     # ------------------------------------------------------------ flushing
 
@@ -814,6 +837,12 @@ async def listen(engine: AsyncEngine, run_log: RunLog, retry_seconds: float = 1.
             bus.nudge_all()
 
     await db.listen(engine, RUN_EVENTS_CHANNEL, heard, on_listening=listening, retry_seconds=retry_seconds)
+
+
+def _engine_of(session: AsyncSession) -> Engine:
+    bind = session.sync_session.bind
+    assert isinstance(bind, Engine), "a session bound to its engine"
+    return bind
 
 
 def _creates(events: list[Event]) -> bool:

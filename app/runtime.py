@@ -39,6 +39,19 @@ class Wake(Protocol):
         """New work: runs, and with ``files`` vector store files to ingest."""
 
 
+def _flushless_commit_begins(session: AsyncSession, what: str) -> None:
+    """The start of raw_writes()' and grouped_writes()' commit, which flush
+    nothing: the session's before_commit event fires as session.commit()
+    fires it (the server listens to none; tests inject failures there), and
+    ORM changes, which would be lost, are refused (``what`` names the
+    transaction in the error)."""
+    sync = session.sync_session
+    if sync.dispatch.before_commit:
+        sync.dispatch.before_commit(sync)
+    if sync.new or sync.dirty or sync.deleted:
+        raise RuntimeError(f"ORM changes in {what}: it flushes nothing")
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -273,10 +286,10 @@ class Runtime:
                     # Ended or rolled back within, nothing logged: closed as
                     # session.begin()'s block closes it.
                     await session.rollback()
-                elif await db.commit_straight(session, seen_through=logged):
+                elif await db.commit_straight(session, seen_through=logged, undo=self.run_log.rolled_back):
                     pass
                 elif logged:
-                    await db.commit_seen_through(session)
+                    await db.commit_seen_through(session, undo=self.run_log.rolled_back)
                 else:
                     await session.commit()
             except BaseException:
@@ -324,33 +337,33 @@ class Runtime:
         raw = await db.RawTransaction.begin(self.engine)
         session = self.sessionmaker()
         session.info[db.RAW] = raw.held
-        committed = False
+        try:
+            yield session
+            _flushless_commit_begins(session, "a raw transaction")
+            await raw.commit(session, seen_through=run_log.logged(session), undo=self.run_log.rolled_back)
+        except BaseException:
+            try:
+                try:
+                    # Its run log appends undone before end() hands the write
+                    # lock on (a failed COMMIT leaves it to end()): a writer let
+                    # in first would number its appends after the undone ones.
+                    self._ended_badly(session)
+                finally:
+                    session.sync_session.close()  # no connection: no I/O
+            finally:
+                await raw.end()  # whatever raised before it: the lock freed, the connection given back
+            raise
         try:
             try:
-                yield session
-                sync = session.sync_session
-                # The session's commit events fire as session.commit() fires
-                # them (the server listens to none; tests inject failures).
-                if sync.dispatch.before_commit:
-                    sync.dispatch.before_commit(sync)
-                if sync.new or sync.dirty or sync.deleted:
-                    raise RuntimeError("ORM changes in a raw transaction: it flushes nothing")
-                await raw.commit(session, seen_through=run_log.logged(session))
-                committed = True
+                session.sync_session.close()
             finally:
-                session.sync_session.close()  # no connection: no I/O
                 await raw.end()
         except BaseException:
-            if committed:
-                # Cancelled (or failed) giving the connection back after the
-                # COMMIT: the events it logged are in the log all the same.
-                self.run_log.committed(session)
-            else:
-                self._ended_badly(session)
+            # Cancelled (or failed) giving the connection back after the
+            # COMMIT: the events it logged are in the log all the same.
+            self.run_log.committed(session)
             raise
-        self.run_log.committed(session)  # the run events it logged reach streams now
-        if session.sync_session.dispatch.after_commit:
-            session.sync_session.dispatch.after_commit(session.sync_session)
+        self._flushless_commit_ended(session)
 
     # The worker's claim's transaction (claim_and_start); the same function, no
     # context manager more around it on the claim's path.
@@ -383,11 +396,7 @@ class Runtime:
         session.info[db.GROUPED] = True
         try:
             yield session
-            sync = session.sync_session
-            if sync.dispatch.before_commit:
-                sync.dispatch.before_commit(sync)  # as raw_writes(): tests inject failures here
-            if sync.new or sync.dirty or sync.deleted:
-                raise RuntimeError("ORM changes in a grouped end: it flushes nothing")
+            _flushless_commit_begins(session, "a grouped end")
             if session.info.get(db.COLLECTED):
                 await sqlite_groups.commit_grouped(
                     session, self.engine, functools.partial(self.run_log.joined, session)
@@ -398,9 +407,16 @@ class Runtime:
             self._ended_badly(session)
             raise
         session.sync_session.close()
-        self.run_log.committed(session)  # the run events it logged reach streams now
-        if session.sync_session.dispatch.after_commit:
-            session.sync_session.dispatch.after_commit(session.sync_session)
+        self._flushless_commit_ended(session)
+
+    def _flushless_commit_ended(self, session: AsyncSession) -> None:
+        """raw_writes()' and grouped_writes()' commit done: the run events
+        it logged reach streams now, and the session's after_commit event
+        fires as session.commit() fires it (_flushless_commit_begins)."""
+        self.run_log.committed(session)
+        sync = session.sync_session
+        if sync.dispatch.after_commit:
+            sync.dispatch.after_commit(sync)
 
     @asynccontextmanager
     async def _collecting(self) -> AsyncIterator[AsyncSession]:
@@ -421,7 +437,7 @@ class Runtime:
                     await session.connection()
                 if session.in_transaction() or session.new or session.dirty or session.deleted:
                     if run_log.logged(session):
-                        await db.commit_seen_through(session)
+                        await db.commit_seen_through(session, undo=self.run_log.rolled_back)
                     else:
                         await session.commit()
                 elif session.info.get(db.COLLECTED):
@@ -433,18 +449,33 @@ class Runtime:
             self.run_log.committed(session)  # the run events it logged reach streams now
 
     async def _roll_back(self, session: AsyncSession) -> None:
-        """The unit of work raised: its rollback, then the run log told,
-        even when the rollback itself fails or is cancelled (the drained
-        deltas would otherwise never be logged, and the run stay appending)."""
+        """The unit of work raised: the run log told, then its rollback,
+        which runs even if the telling fails (the drained deltas go back to
+        the buffer whether or not the rollback then fails or is cancelled:
+        they would otherwise never be logged, and the run stay appending)."""
         try:
+            # Told first: on SQLite the rollback hands the write lock on
+            # (a failed COMMIT leaves it to it: db.commit_straight, and
+            # session.commit()'s, sqlite_driver.OneHopConnection.commit),
+            # and the rollback may yield after that (the session's close: an
+            # overflow connection closed at the checkin is I/O), so a writer
+            # let in then, before an undo after it, would number its appends
+            # after this transaction's (test_grouped_ends' queued-cancel
+            # test, connected). The undo does no I/O.
+            self._ended_badly(session)
+        finally:
             if session.in_transaction():
                 await session.rollback()
-        finally:
-            self._ended_badly(session)
 
     def _ended_badly(self, session: AsyncSession) -> None:
-        """The unit of work raised: rolled back, or (cancelled during its
-        COMMIT: db.commit_seen_through) committed all the same."""
+        """The unit of work raised: the run log told, before its rollback or
+        RawTransaction.end() hands SQLite's write lock on (_roll_back,
+        raw_writes; grouped_writes holds no lock): its appends undone
+        (RunLog.rolled_back: the counters back, the deltas back in the
+        buffer), or, its COMMIT seen through a cancellation and committed
+        (db.committed_despite_cancellation), logged as committed. A second
+        call finds nothing to do (a COMMIT that lost its connection has
+        undone them already: db.lost_after_undo)."""
         if db.committed_despite_cancellation(session):
             self.run_log.committed(session)
         else:
@@ -476,23 +507,46 @@ class Runtime:
                 yield session
             return
         async with self.sessionmaker() as session:
+            # Its one autocommitted statement may go on a connection checked
+            # out raw (run_log.append; issue 17), given back below.
+            session.info[db.PG_AUTOCOMMIT] = None
             try:
-                yield session
-                if run_log.autocommitted(session):
-                    # Its one statement has committed: nothing may follow it
-                    # (no ORM flush either), and nothing may raise after it:
-                    # the except below would take committed events for
-                    # rolled back. (A cancellation while that statement is in
-                    # flight is such an unknown outcome too, taken for a
-                    # rollback: a create's run may exist, its events not
-                    # handed on here, the worker here finding it at its poll.)
-                    assert not (session.new or session.dirty or session.deleted), "a statement after the last"
-                    await session.commit()  # no round trip after an autocommitted statement
-                elif run_log.logged(session):
-                    await db.commit_seen_through(session)
-                else:
-                    await session.commit()
+                try:
+                    yield session
+                    if run_log.autocommitted(session):
+                        # Its one statement has committed: nothing may follow it
+                        # (no ORM flush either), and nothing may raise after it:
+                        # the except below would take committed events for
+                        # rolled back. (A cancellation while that statement is in
+                        # flight is such an unknown outcome too, taken for a
+                        # rollback: a create's run may exist, its events not
+                        # handed on here, the worker here finding it at its poll.)
+                        assert not (session.new or session.dirty or session.deleted), "a statement after the last"
+                        if session.info[db.PG_AUTOCOMMIT] is None or session.in_transaction():
+                            await session.commit()  # no round trip after an autocommitted statement
+                        else:
+                            self._raw_autocommitted(session)
+                    elif run_log.logged(session):
+                        await db.commit_seen_through(session)
+                    else:
+                        await session.commit()
+                finally:
+                    raw = session.info.pop(db.PG_AUTOCOMMIT, None)
+                    if raw is not None:
+                        await db.give_back_autocommit(self.engine.sync_engine, raw)
             except BaseException:
                 self._ended_badly(session)
                 raise
             self.run_log.committed(session)  # the run events it logged reach streams now
+
+    @staticmethod
+    def _raw_autocommitted(session: AsyncSession) -> None:
+        """A unit of work whose one statement autocommitted on a raw
+        connection (db.PG_AUTOCOMMIT): nothing to commit, the session never
+        connected; its commit events fire as session.commit() fired them
+        (the server listens to none; tests inject failures), as raw_writes()'s."""
+        sync = session.sync_session
+        if sync.dispatch.before_commit:
+            sync.dispatch.before_commit(sync)
+        if sync.dispatch.after_commit:
+            sync.dispatch.after_commit(sync)

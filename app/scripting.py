@@ -4,7 +4,7 @@ A test programs the offline model without touching the prompts of the code
 under test: it adds rules through the admin API (``POST /admin/offline/rules``)
 or the pytest plugin's ``assistants_api.script(...)``. A rule matches on the
 run's assistant, its thread's metadata, the model name or the last user
-message, and answers with text, tool calls (any function, ``file_search``
+message, and answers with text, a refusal, tool calls (any function, ``file_search``
 with a query, ``code_interpreter`` with code), several tool rounds, a delay,
 a failure or a hang.
 
@@ -65,6 +65,7 @@ class Round:
     """One completion of the scripted answer: text and/or tool calls."""
 
     text: str | None = None
+    refusal: str | None = None  # the model declines: streamed as delta.refusal, after any text
     tokens: int | None = None  # filler words instead of (or after) text
     tool_calls: tuple[ToolCall, ...] = ()
     fail: FailCode | None = None
@@ -78,6 +79,8 @@ class Round:
             found.append(("reply", self.text))
         if self.tokens is not None:
             found.append(("tokens", str(self.tokens)))
+        if self.refusal is not None:
+            found.append(("refuse", self.refusal))
         found.extend(("call", f"{call.name} {call.arguments}") for call in self.tool_calls)
         if self.fail is not None:
             found.append(("fail", f"{self.fail} after {self.fail_after}"))
@@ -269,7 +272,7 @@ def _parse_round(raw: Any, where: str) -> Round:
         return Round(text=raw)
     if not isinstance(raw, Mapping):
         raise ScriptError(f"{where}: expected text or an object")
-    unknown = set(raw) - {"text", "tokens", "tool_calls", "fail", "finish", "hang"}
+    unknown = set(raw) - {"text", "refusal", "tokens", "tool_calls", "fail", "finish", "hang"}
     if unknown:
         raise ScriptError(f"{where}: unknown field(s) {sorted(unknown)}")
     fail, fail_after = _parse_fail(raw.get("fail"), where)
@@ -282,6 +285,7 @@ def _parse_round(raw: Any, where: str) -> Round:
     tokens = raw.get("tokens")
     return Round(
         text=_optional_str(raw.get("text"), f"{where}.text"),
+        refusal=_refusal(raw.get("refusal"), f"{where}.refusal"),
         tokens=None if tokens is None else _non_negative(tokens, f"{where}.tokens"),
         tool_calls=tuple(_parse_call(call, f"{where}.tool_calls[{n}]") for n, call in enumerate(calls)),
         fail=fail,
@@ -328,6 +332,13 @@ def _parse_fail(raw: Any, where: str) -> tuple[FailCode | None, int]:
 def _optional_str(value: Any, where: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ScriptError(f"{where} must be a string")
+    return value
+
+
+def _refusal(value: Any, where: str) -> str | None:
+    # An empty refusal streams nothing: the run would end with no message.
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ScriptError(f"{where} must be a non-empty string")
     return value
 
 

@@ -500,20 +500,27 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
             outcome: _T = await connection._execute(run, connection._conn, begin, payload, told)  # type: ignore[no-untyped-call]
         return outcome
 
-    async def commit_straight(self) -> None:
+    async def commit_straight(self, *, hand_on_failure: bool = True) -> None:
         """The transaction's COMMIT, awaited on the event loop: the held-back
         writes and COMMIT in one hop, rolled back there if one fails, the
         raw error raised (held_back.sent words it as SQLAlchemy would). The
         body of commit() too, which runs it through SQLAlchemy's greenlet;
         app/db.py's commit_straight and RawTransaction.commit call it
-        without (issue 17). The
-        transaction is over either way, the write lock handed on
-        (on_transaction_end): once the thread has committed, ahead of this
-        coroutine's return (_told_on); else once it returns, but for a
-        cancellation: the COMMIT may still be running on the thread, and
-        SQLite's lock with it, so the hand-on is left to what waits for
-        the thread: held_back.sent's invalidation, whose close() runs after
-        it and calls on_transaction_end then."""
+        without (issue 17). The transaction is over either way. The write
+        lock is handed on (on_transaction_end) once the thread has committed,
+        ahead of this coroutine's return (_told_on). A failed COMMIT hands
+        it on as it raises, but without ``hand_on_failure`` (every caller:
+        commit(), app/db.py's) leaves it to the caller's rollback() (or the
+        pool's reset) or db.RawTransaction.end(), which Runtime calls once
+        it has undone the transaction's run log appends (a writer let in
+        before would number its appends after the failed ones'); a COMMIT
+        that lost its connection is invalidated (held_back.sent; SQLAlchemy
+        for commit()), whose close() hands the lock on, after the undo
+        (db.lost_after_undo; db.commit_seen_through's ``undo``). A cancellation hands
+        nothing on here: the COMMIT may still be running on the thread, and
+        SQLite's lock with it, so the hand-on is left to what waits for the
+        thread: held_back.sent's invalidation, whose close() runs after it
+        and calls on_transaction_end then."""
         try:
             job = self._commit_job()
             if job is not None:
@@ -525,7 +532,8 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         except asyncio.CancelledError:
             raise
         except BaseException:
-            self._ended()
+            if hand_on_failure:
+                self._ended()
             raise
         self._ended()
 
@@ -576,7 +584,14 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
     def commit(self) -> None:
         try:
             if self.inline_wait_ms is None:
-                await_(self.commit_straight())
+                # A failed COMMIT (session.commit(), a Connection's commit)
+                # leaves the write lock to the rollback, or the pool's reset
+                # when the connection is given back without one (its reset
+                # event frees it: db.SQLiteWriters.listen): Runtime undoes a
+                # logged transaction's run log appends first (_roll_back). A
+                # writer let in at the failure would number its appends after
+                # the failed ones.
+                await_(self.commit_straight(hand_on_failure=False))
                 return
             try:  # an inline connection: on this thread
                 job = self._commit_job()

@@ -73,11 +73,27 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def unexpected_error(exc: Exception) -> errors.APIError:
-    """A database that is locked or whose connection dropped mid-request is a
-    clear, retryable 503 (issue 10); anything else is OpenAI's 500."""
-    if isinstance(exc, DBAPIError) and (exc.connection_invalidated or "database is locked" in str(exc.orig)):
+    """A database that is locked, whose connection dropped mid-request, or
+    that refuses connections for now is a clear, retryable 503 (issue 10);
+    anything else is OpenAI's 500."""
+    if isinstance(exc, DBAPIError) and (
+        exc.connection_invalidated or "database is locked" in str(exc.orig) or _unavailable(exc)
+    ):
         return errors.database_unavailable()
     return errors.server_error()
+
+
+# PostgreSQL's SQLSTATEs for a server that cannot take the request now but
+# will: it is starting up, shutting down or restarted (57P01-57P03), out of
+# connection slots (53300), or the connection failed (class 08). asyncpg
+# raises these at a connect, which SQLAlchemy does not count as a lost
+# connection (connection_invalidated stays false).
+_UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03", "53300"})
+
+
+def _unavailable(exc: DBAPIError) -> bool:
+    state = getattr(exc.orig, "sqlstate", None)
+    return isinstance(state, str) and (state in _UNAVAILABLE_STATES or state.startswith("08"))
 
 
 async def _unexpected(_request: Request, exc: Exception) -> Response:

@@ -55,6 +55,15 @@ class TextDelta:
 
 
 @dataclass
+class RefusalDelta:
+    """A piece of the model declining to answer (OpenAI's ``delta.refusal``,
+    a non-streamed ``message.refusal``): kept apart from its text, as the
+    message's own ``refusal`` content part."""
+
+    refusal: str
+
+
+@dataclass
 class ToolCallDelta:
     """One piece of a tool call: id and name come only with an index's first piece."""
 
@@ -76,7 +85,7 @@ class Finish:
     usage: Usage
 
 
-Event = TextDelta | ToolCallDelta | Finish
+Event = TextDelta | RefusalDelta | ToolCallDelta | Finish
 # Told of every completion when it ends: (model, outcome, seconds, usage);
 # outcome is "ok", an ErrorCode, "cancelled" or "error". Metrics set it.
 CallObserver = Callable[[str, str, float, "Usage | None"], None]
@@ -96,6 +105,8 @@ def chat_body(request: ChatRequest) -> dict[str, Any]:
 def event_to_json(event: Event) -> dict[str, Any]:
     if isinstance(event, TextDelta):
         return {"text": event.text}
+    if isinstance(event, RefusalDelta):
+        return {"refusal": event.refusal}
     if isinstance(event, ToolCallDelta):
         return {"tool_call": {"index": event.index, "id": event.id, "name": event.name, "arguments": event.arguments}}
     usage = {"prompt_tokens": event.usage.prompt_tokens, "completion_tokens": event.usage.completion_tokens}
@@ -105,6 +116,8 @@ def event_to_json(event: Event) -> dict[str, Any]:
 def event_from_json(item: Mapping[str, Any]) -> Event:
     if "text" in item:
         return TextDelta(str(item["text"]))
+    if "refusal" in item:
+        return RefusalDelta(str(item["refusal"]))
     if "tool_call" in item:
         call = item["tool_call"]
         return ToolCallDelta(int(call["index"]), call.get("id"), call.get("name"), str(call.get("arguments") or ""))
@@ -121,6 +134,7 @@ class Exchange:
     started: float = field(default_factory=time.monotonic)
     created_at: int = field(default_factory=lambda: int(time.time()))
     text: list[str] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)
     calls: dict[int, dict[str, str]] = field(default_factory=dict)
     finish: Finish | None = None
     error: dict[str, str] | None = None
@@ -128,6 +142,8 @@ class Exchange:
     def observe(self, event: Event) -> None:
         if isinstance(event, TextDelta):
             self.text.append(event.text)
+        elif isinstance(event, RefusalDelta):
+            self.refusal.append(event.refusal)
         elif isinstance(event, ToolCallDelta):
             call = self.calls.setdefault(event.index, {"id": "", "name": "", "arguments": ""})
             call["id"] = event.id or call["id"]
@@ -146,6 +162,7 @@ class Exchange:
         finish = self.finish
         return {
             "text": "".join(self.text),
+            **({"refusal": "".join(self.refusal)} if self.refusal else {}),
             "tool_calls": [self.calls[index] for index in sorted(self.calls)],
             "finish_reason": finish.reason if finish else None,
             "usage": None

@@ -24,6 +24,7 @@ from app.llm.interface import (
     FinishReason,
     LLMConfigError,
     LLMError,
+    RefusalDelta,
     TextDelta,
     ToolCallDelta,
     Usage,
@@ -45,7 +46,7 @@ _FAIL_KINDS: Mapping[str, ErrorCode] = {
     "server_error": "server_error",
     "invalid_prompt": "invalid_prompt",
 }
-_VERBS = ("reply", "tokens", "call", "then", "json", "fail", "fail_after", "finish", "delay", "hang")
+_VERBS = ("reply", "refuse", "tokens", "call", "then", "json", "fail", "fail_after", "finish", "delay", "hang")
 
 
 def tokens(text: str) -> list[str]:
@@ -128,6 +129,7 @@ class _Step:
     """What the model does in one completion (one tool round)."""
 
     text: list[str] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)  # streamed after the text, as delta.refusal
     calls: list[tuple[str, str]] = field(default_factory=list)
     fail: tuple[ErrorCode, int] | None = None  # error, deltas emitted before it
     finish: FinishReason | None = None
@@ -159,6 +161,8 @@ class _Script:
                 self.apply(verb.lower(), rest.strip())
         elif verb == "reply":
             step.text.append(arg)
+        elif verb == "refuse":
+            step.refusal.append(arg)
         elif verb == "tokens":
             step.text.append(" ".join(_FILLER[n % len(_FILLER)] for n in range(_count(verb, arg))))
         elif verb == "call":
@@ -332,7 +336,7 @@ class OfflineModel:
         script, user_text, scripted = self._script(conversation, request, peek=peek)
         step = script.step(conversation.rounds)
         text, calls = _answer(request, conversation, script, step, user_text)
-        deltas = _deltas(text, calls, conversation)
+        deltas = _deltas(text, step.refusal if step else [], calls, conversation)
         truncated = request.max_tokens is not None and len(deltas) > request.max_tokens
         deltas = deltas[: request.max_tokens] if truncated else deltas
         reason: FinishReason = "tool_calls" if calls else "stop"
@@ -403,7 +407,7 @@ def _answer(
             raise _cue_error(f"told to call '{name}', but the request offers no such function (offered: {offered})")
     if step is not None and step.text:
         return " ".join(step.text), calls
-    if calls:
+    if calls or (step is not None and step.refusal):  # a refusal alone has no text
         return "", calls
     return _default_text(request, conversation, script.json, user_text), calls
 
@@ -486,9 +490,11 @@ def _placeholder(schema: Any, root: Mapping[str, Any], depth: int = 0) -> Any:
     return {"string": "", "integer": 0, "number": 0, "boolean": False}.get(str(kind))
 
 
-def _deltas(text: str, calls: list[tuple[str, str]], conversation: _Conversation) -> list[Event]:
-    """One delta per token: text words first, then each call's header and argument words."""
+def _deltas(text: str, refusal: list[str], calls: list[tuple[str, str]], conversation: _Conversation) -> list[Event]:
+    """One delta per token: text words first, then the refusal's, then each call's header and argument words."""
     deltas: list[Event] = [TextDelta(token) for token in tokens(text)]
+    if refusal:
+        deltas.extend(RefusalDelta(token) for token in tokens(" ".join(refusal)))
     for index, (name, arguments) in enumerate(calls):
         seed = f"{conversation.size}:{conversation.rounds}:{index}:{name}:{arguments}"
         call_id = "call_" + hashlib.sha256(seed.encode()).hexdigest()[:24]

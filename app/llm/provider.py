@@ -13,6 +13,7 @@ from app.llm.interface import (
     Event,
     Finish,
     LLMError,
+    RefusalDelta,
     TextDelta,
     TokenCounter,
     ToolCallDelta,
@@ -58,8 +59,21 @@ class ChunkReader:
             if content:
                 self.output.append(content)
                 yield TextDelta(content)
-            for call in _field(delta, "tool_calls") or []:
-                yield self._tool_delta(call)
+            calls = _field(delta, "tool_calls")
+            if calls:
+                for call in calls:
+                    yield self._tool_delta(call)
+            elif not content and (refusal := _text(delta, "refusal")):
+                # A refusal's pieces come in their own field, ``content``
+                # null (OpenAI's first delta has ``"content": ""`` and
+                # ``"refusal": null``), never with text or tool calls in
+                # the same delta. So the field is read only from a delta
+                # with neither: a text delta (the hot path) and a tool
+                # call's argument chunk pay nothing for it, and a delta
+                # carrying text and a refusal both, which OpenAI does not
+                # send, keeps only its text.
+                self.output.append(refusal)
+                yield RefusalDelta(refusal)
 
     def _tool_delta(self, call: Any) -> ToolCallDelta:
         call_id = _text(call, "id")

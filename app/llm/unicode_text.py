@@ -7,7 +7,7 @@ completed and every later list of its thread's messages was a 500, on both
 databases. Streamed answers split text anywhere, so a valid pair may come
 as its high half ending one delta and its low half starting the next: the
 high half is held back until the next piece of the same text (a message's
-text, or one tool call's arguments) or the stream's end, then joined into
+text, its refusal, or one tool call's arguments) or the stream's end, then joined into
 its character; a half without its partner becomes U+FFFD, as a UTF-8
 decoder's ``replace`` writes a broken sequence.
 
@@ -18,12 +18,14 @@ flag) or, for other text, one search of a compiled pattern
 
 from __future__ import annotations
 
-from app.llm.interface import Event, Finish, TextDelta, ToolCallDelta
+from app.llm.interface import Event, Finish, RefusalDelta, TextDelta, ToolCallDelta
 from app.llm.whole_text import REPLACEMENT, valid, whole
 
-# The channel of the message's text; tool calls' are their indexes (a
-# provider's index is any int, so the text's channel is not one).
+# The channels of the message's text and of its refusal; tool calls' are
+# their indexes (a provider's index is any int, so these are not ints).
 _TEXT = None
+_REFUSAL = "refusal"
+Channel = int | str | None
 
 
 def _whole_or_none(text: str | None) -> str | None:
@@ -38,7 +40,7 @@ class StreamMender:
 
     def __init__(self) -> None:
         self._held = ""  # a trailing high half kept for the next piece of its channel
-        self._channel: int | None = _TEXT
+        self._channel: Channel = _TEXT
 
     def clean(self, event: Event) -> bool:
         """Whether ``event`` passes as it is: nothing held back, no surrogate."""
@@ -46,6 +48,8 @@ class StreamMender:
             return False
         if type(event) is TextDelta:
             return valid(event.text)
+        if type(event) is RefusalDelta:
+            return valid(event.refusal)
         if type(event) is ToolCallDelta:
             return (
                 valid(event.arguments)
@@ -60,9 +64,9 @@ class StreamMender:
         half still held comes before it."""
         if isinstance(event, Finish):
             return [*self._release(), event]
-        channel = _TEXT if isinstance(event, TextDelta) else event.index
+        channel, piece = _channel_and_text(event)
         out = self._release() if self._held and channel != self._channel else []
-        text = self._held + (event.text if isinstance(event, TextDelta) else event.arguments)
+        text = self._held + piece
         self._held = ""
         if text and "\ud800" <= text[-1] <= "\udbff":  # a high half: its low half may start the next piece
             text, self._held, self._channel = text[:-1], text[-1], channel
@@ -70,6 +74,9 @@ class StreamMender:
         if isinstance(event, TextDelta):
             if text:
                 out.append(TextDelta(text))
+        elif isinstance(event, RefusalDelta):
+            if text:
+                out.append(RefusalDelta(text))
         else:  # id and name come whole, with the call's first piece
             out.append(ToolCallDelta(event.index, _whole_or_none(event.id), _whole_or_none(event.name), text))
         return out
@@ -81,7 +88,17 @@ class StreamMender:
         self._held = ""
         if self._channel is _TEXT:
             return [TextDelta(REPLACEMENT)]
+        if isinstance(self._channel, str):
+            return [RefusalDelta(REPLACEMENT)]
         return [ToolCallDelta(self._channel, arguments=REPLACEMENT)]
+
+
+def _channel_and_text(event: TextDelta | RefusalDelta | ToolCallDelta) -> tuple[Channel, str]:
+    if isinstance(event, TextDelta):
+        return _TEXT, event.text
+    if isinstance(event, RefusalDelta):
+        return _REFUSAL, event.refusal
+    return event.index, event.arguments
 
 
 def mended(events: list[Event]) -> list[Event]:

@@ -70,6 +70,11 @@ async def _message_content(session: AsyncSession, storage: Storage, message: _Co
     for part in message.content:
         if part["type"] == "text":
             parts.append({"type": "text", "text": part["text"]["value"]})
+        elif part["type"] == "refusal":
+            # The model's earlier refusal, as its text: every provider takes
+            # that (an assistant message's ``refusal`` field is OpenAI's own),
+            # and an empty assistant message is refused by some.
+            parts.append({"type": "text", "text": part["refusal"]})
         elif part["type"] == "image_url":
             parts.append({"type": "image_url", "image_url": part["image_url"]})
         elif part["type"] == "image_file":

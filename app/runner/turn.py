@@ -104,6 +104,10 @@ class Turn:
     # Content parts built-in tools made for the next message (put before its text).
     leading: Callable[[], list[dict[str, Any]]] = lambda: []
     text_index: int = 0  # the text's content index in the open message
+    # The model's refusal (llm.RefusalDelta): its own content part, indexed
+    # in the order the message's text and refusal began (None: none yet).
+    refusal: list[str] = field(default_factory=list)
+    refusal_index: int | None = None
     # What this run's markers can be annotated with while streaming (issue 12).
     targets: markers.TargetSource = markers.no_targets
     marker_stream: markers.MarkerStream = field(default_factory=markers.MarkerStream)
@@ -123,7 +127,7 @@ class Turn:
             return
         self.runtime.run_log.publish(self.run.id, events)
 
-    async def consume(self, stream: AsyncIterator[llm.TextDelta | llm.ToolCallDelta | llm.Finish]) -> TurnResult:
+    async def consume(self, stream: AsyncIterator[llm.Event]) -> TurnResult:
         """The answer in ``stream``, up to its Finish. A generator is closed
         here, on every way out: left suspended past its Finish, the loop's
         finalizer would close it later, in a task of its own and a wake-up
@@ -134,6 +138,8 @@ class Turn:
                     return await self._finish(item)
                 if isinstance(item, llm.TextDelta):
                     await self._on_text(item.text)
+                elif isinstance(item, llm.RefusalDelta):
+                    await self._on_refusal(item.refusal)
                 else:
                     await self._on_tool_call(item)
             raise llm.LLMError("server_error", "The model stream ended without finishing.")
@@ -155,6 +161,39 @@ class Turn:
             await self._open_message()
         self.text.append(fragment)
         self._publish_text(self.marker_stream.feed(fragment))
+
+    async def _on_refusal(self, fragment: str) -> None:
+        """A piece of the model's refusal, streamed as the message's refusal
+        part (wire notes 2.4, 3.3). Text and refusal are separate parts,
+        numbered in the order they began: a refusal after text follows it,
+        text after a refusal follows the refusal. The run completes; a
+        refusal is an answer, not a failure."""
+        if not fragment:
+            return
+        if self.message is None:
+            await self._open_message()
+        assert self.message is not None
+        if self.refusal_index is None:
+            if self.text:
+                # Text held back for a possible marker goes out first: the
+                # text part's first delta must precede the next index's.
+                self._publish_text(self.marker_stream.flush())
+                self.refusal_index = self.text_index + 1
+            else:
+                self.refusal_index, self.text_index = self.text_index, self.text_index + 1
+        self.refusal.append(fragment)
+        part = {"index": self.refusal_index, "type": "refusal", "refusal": fragment}
+        self._publish([Event("thread.message.delta", _message_delta(self.message.id, [part]))])
+
+    def _answer_parts(self) -> list[dict[str, Any]]:
+        """The open message's text and refusal parts, in their indexes' order."""
+        if not self.refusal:
+            return [messages.text_part("".join(self.text))] if self.text else []
+        refusal = {"type": "refusal", "refusal": "".join(self.refusal)}
+        if not self.text:
+            return [refusal]
+        text = messages.text_part("".join(self.text))
+        return [text, refusal] if self.text_index < (self.refusal_index or 0) else [refusal, text]
 
     def _publish_text(self, pieces: list[markers.Piece]) -> None:
         """Text deltas, a whole marker with its annotation in one (markers.py)."""
@@ -216,7 +255,7 @@ class Turn:
             return
         self._publish_text(self.marker_stream.flush())
         now = ids.now()
-        closed: dict[str, Any] = {"content": self.decorate([messages.text_part("".join(self.text))]), "status": status}
+        closed: dict[str, Any] = {"content": self.decorate(self._answer_parts()), "status": status}
         if status == "completed":
             closed["completed_at"] = now
         else:
@@ -232,6 +271,7 @@ class Turn:
             Event.of("thread.run.step.completed", run_steps.to_wire(step)),
         ]
         self.text = []
+        self.refusal, self.refusal_index = [], None
         changes = [RowUpdate(message, _MESSAGE_CLOSED[status]), RowUpdate(step, _STEP_CLOSED)]
         if defer or self.at_once:
             self.pending.add(changes, events)
@@ -314,7 +354,7 @@ class Turn:
         marks the message incomplete and the steps failed/cancelled)."""
         changes = []
         if self.message is not None:
-            self.message.content = [messages.text_part("".join(self.text))] if self.text else []
+            self.message.content = self._answer_parts()
             changes.append(RowUpdate(self.message, ("content",)))
         if self.tool_step is not None:
             self.tool_step.step_details = {"type": "tool_calls", "tool_calls": list(self.calls.values())}

@@ -87,6 +87,7 @@ class _Answer:
     """The model's output so far, and the per-call positions OpenAI indexes by."""
 
     text: list[str] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)
     calls: dict[int, _Call] = field(default_factory=dict)
 
     def call(self, delta: llm.ToolCallDelta) -> tuple[int, bool]:
@@ -109,6 +110,8 @@ async def complete(models: llm.LLM, call: llm.ChatRequest) -> wire.ChatCompletio
         async for event in models.stream(call):
             if isinstance(event, llm.TextDelta):
                 answer.text.append(event.text)
+            elif isinstance(event, llm.RefusalDelta):
+                answer.refusal.append(event.refusal)
             elif isinstance(event, llm.ToolCallDelta):
                 answer.call(event)
                 answer.calls[event.index].arguments += event.arguments
@@ -119,8 +122,9 @@ async def complete(models: llm.LLM, call: llm.ChatRequest) -> wire.ChatCompletio
     assert finish is not None  # LLM.stream ends with exactly one Finish
     message: wire.AssistantMessage = {
         "role": "assistant",
-        "content": "".join(answer.text) if answer.text or not answer.calls else None,
-        "refusal": None,
+        # A refusal alone has content null, as OpenAI's does.
+        "content": "".join(answer.text) if answer.text or not (answer.calls or answer.refusal) else None,
+        "refusal": "".join(answer.refusal) if answer.refusal else None,
         "annotations": [],
     }
     if answer.calls:
@@ -203,6 +207,8 @@ async def _chunks(
         while event is not None:
             if isinstance(event, llm.TextDelta):
                 yield writer.chunk({"content": event.text})
+            elif isinstance(event, llm.RefusalDelta):
+                yield writer.chunk({"refusal": event.refusal})
             elif isinstance(event, llm.ToolCallDelta):
                 yield writer.chunk({"tool_calls": [_call_delta(answer, event)]})
             else:

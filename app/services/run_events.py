@@ -469,12 +469,21 @@ def _payload(event: Event) -> dict[str, Any]:
     return event.data
 
 
+# Built once, its result column named (db.run_now sends no bare text():
+# it caches what it sends by the statement, and names the rows' columns).
+_NOTIFY = text(
+    f"SELECT {_SIGNAL_NOTIFY} AS notified FROM unnest(CAST(:run_ids AS text[])) AS run_id"  # noqa: S608 (constants)
+).columns(column("notified"))
+
+
 async def notify(session: AsyncSession, signal: Signal, run_ids: Sequence[str]) -> None:
-    """``signal`` once per run (PostgreSQL), sent when the transaction commits."""
-    statement = text(
-        f"SELECT {_SIGNAL_NOTIFY} FROM unnest(CAST(:run_ids AS text[])) AS run_id"  # noqa: S608 (constants)
-    )
-    await session.execute(statement, {"channel": signal.channel, "origin": signal.origin, "run_ids": list(run_ids)})
+    """``signal`` once per run (PostgreSQL), sent when the transaction commits
+    (the run log's notifier: its own autocommitted statement). Sent straight
+    on asyncpg where db.run_now takes it (issue 17: without SQLAlchemy's
+    execution and result, the same round trip)."""
+    params = {"channel": signal.channel, "origin": signal.origin, "run_ids": list(run_ids)}
+    if await db.run_now(session, _NOTIFY, params) is None:
+        await session.execute(_NOTIFY, params)
 
 
 # Built once with bound parameters: its cache key is memoized on the
@@ -604,7 +613,7 @@ _STEP_ENDS = frozenset({"completed", "failed", "cancelled", "expired"})
 
 def _merge_parts(content: list[dict[str, Any]], parts: list[dict[str, Any]]) -> None:
     """Accumulate message-delta content parts the way the SDKs do: by
-    ``index``; text values concatenated, annotations appended."""
+    ``index``; text values and refusals concatenated, annotations appended."""
     for part in parts:
         index = int(part.get("index", 0))
         while len(content) <= index:
@@ -615,5 +624,9 @@ def _merge_parts(content: list[dict[str, Any]], parts: list[dict[str, Any]]) -> 
             target["type"] = "text"
             text["value"] += part.get("text", {}).get("value", "")
             text["annotations"] += part.get("text", {}).get("annotations") or []
+        elif part.get("type") == "refusal":
+            # A refusal streams in pieces too: each delta carries the next one.
+            target["type"] = "refusal"
+            target["refusal"] = target.get("refusal", "") + (part.get("refusal") or "")
         else:
             target.update({k: v for k, v in part.items()})

@@ -64,7 +64,7 @@ class AssistantsServer:
     ) -> str:
         """Program the offline model; returns the rule's id. See docs/testing.md.
 
-        ``respond`` is one answer (text, or ``{"text", "tool_calls", "fail",
+        ``respond`` is one answer (text, or ``{"text", "refusal", "tool_calls", "fail",
         ...}``); ``rounds`` is one answer per tool round. The match fields may
         be given as keywords or as ``match``.
         """

@@ -114,7 +114,7 @@ class ToolCall(TypedDict):
 class _AssistantMessage(TypedDict):
     role: Literal["assistant"]
     content: str | None
-    refusal: None
+    refusal: str | None
     annotations: list[Any]
 
 

@@ -81,6 +81,8 @@ async def test_scripted_rule_answers_and_model_requests_show_the_prompt(
         ({"respond": {"tool_calls": [{"nothing": 1}]}}, "rounds[0].tool_calls[0]"),
         ({"respond": "x", "match": {"message": "("}}, "not a valid regular expression"),
         ({"respond": {"fail": "explode"}}, "rounds[0].fail"),
+        ({"respond": {"refusal": ["no"]}}, "rounds[0].refusal must be a non-empty string"),
+        ({"respond": {"refusal": ""}}, "rounds[0].refusal must be a non-empty string"),
         ({"respond": "x", "times": -1}, "times must be a non-negative integer"),
         ({"respond": "x", "colour": "blue"}, "unknown field"),
         ([1, 2], "a rule must be a JSON object"),

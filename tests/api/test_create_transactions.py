@@ -44,24 +44,25 @@ def _is_postgres(runtime: Runtime) -> bool:
     return runtime.run_log.postgres
 
 
-def _count_begins(monkeypatch: pytest.MonkeyPatch, begins: list[object], *, requests_only: bool = False) -> None:
+def _count_begins(monkeypatch: pytest.MonkeyPatch, begins: list[object]) -> None:
     """Until ``monkeypatch.undo()``: every transaction asyncpg begins (its
-    BEGIN) is appended to ``begins``; with ``requests_only``, not those of
-    the embedded worker's own tasks (a claim or a reap of its next tick,
-    which a loaded machine lets fall within the requests)."""
+    BEGIN) is appended to ``begins``, but those of the embedded worker's tasks
+    (a claim or reap of its next tick, a run it executes, the lease renewal),
+    which a loaded machine lets fall within the requests a test counts."""
     original = asyncpg.connection.Connection.transaction
 
     def counted(self: asyncpg.connection.Connection, *args: Any, **kwargs: Any) -> Any:
         task = asyncio.current_task()
         name = "" if task is None else task.get_name()
-        if not (requests_only and (name in _WORKER_TASKS or name.startswith("run "))):
+        if not (name in _WORKER_TASKS or name.startswith(("run ", "hand-off "))):
             begins.append(self)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(asyncpg.connection.Connection, "transaction", counted)
 
 
-# The embedded worker's tasks (app/main.py, app/worker.py, app/lease_renewer.py); "run …" executes one run.
+# The embedded worker's tasks (app/main.py, app/worker.py, app/lease_renewer.py); "run …" executes one
+# run, "hand-off …" takes one handed to it. The run log's notifier is counted: its NOTIFY has no BEGIN.
 _WORKER_TASKS = frozenset({"worker", "listen", "lease renewal"})
 
 
@@ -71,28 +72,40 @@ async def test_a_remembered_create_is_one_statement_outside_a_transaction(
 ) -> None:
     """POST /threads/runs from remembered defaults: its one statement (thread,
     message, run, events) runs with no BEGIN (a create that reads the
-    assistant first is still one transaction); the connection goes back to
-    the pool out of autocommit. (Streamed: test_a_process_with_a_worker_...)"""
+    assistant first is still one transaction), on a connection checked out
+    of the pool raw (no session connection, transaction or commit:
+    db.autocommit_connection); the connection goes back to the pool out of
+    autocommit. (Streamed: test_a_process_with_a_worker_...)"""
     runtime: Runtime = app.state.runtime
     begins: list[object] = []
     _count_begins(monkeypatch, begins)
     autocommitted: list[Any] = []
+    raw: list[Any] = []
+    checkout = db.autocommit_connection
+
+    async def checked_out(engine: Any) -> Any:
+        raw.append(await checkout(engine))
+        return raw[-1]
+
+    monkeypatch.setattr(db, "autocommit_connection", checked_out)
 
     def before(connection: Any, *_args: Any) -> None:
-        if connection.connection.dbapi_connection.autocommit:  # the driver's, as SQLAlchemy set it
-            autocommitted.append(connection.connection.dbapi_connection)
+        # No SQLAlchemy Connection: the statement goes on the raw one.
+        driver = raw[-1].adapted if connection is None else connection.connection.dbapi_connection
+        if driver.autocommit:  # the driver's, as SQLAlchemy or db.autocommit_connection set it
+            autocommitted.append(driver)
 
     event.listen(runtime.engine.sync_engine, "before_cursor_execute", before)
     try:
         assistant_id = await _assistant(client, instructions="Be brief.")
         begins.clear()
         read = await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=_HELLO)
-        assert len(begins) == 1 and not autocommitted  # the assistant read, then the rows: one transaction
+        assert len(begins) == 1 and not autocommitted and not raw  # the assistant read, then the rows: one transaction
         assert run_defaults.remembered(projects.DEFAULT, assistant_id) is not None
         begins.clear()
         run = await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=_HELLO)
         assert (run.status, run.instructions) == ("queued", "Be brief.")
-        assert not begins and len(autocommitted) == 1
+        assert not begins and len(autocommitted) == 1 and [found.adapted for found in raw] == autocommitted
     finally:
         event.remove(runtime.engine.sync_engine, "before_cursor_execute", before)
     # Back in the pool as any connection: its next transaction is one again.
@@ -434,7 +447,7 @@ async def test_a_runs_event_log_is_read_outside_a_transaction(
     run = await client.beta.threads.create_and_run_poll(assistant_id=assistant_id, thread=_HELLO)
     assert run.status == "completed"
     begins: list[object] = []
-    _count_begins(monkeypatch, begins, requests_only=True)
+    _count_begins(monkeypatch, begins)
     whole = await http.get(f"/v1/threads/{run.thread_id}/runs/{run.id}/events")
     assert whole.status_code == 200 and "event: thread.run.completed" in whole.text
     last = max(int(line[len("id: ") :]) for line in whole.text.splitlines() if line.startswith("id: "))
@@ -537,3 +550,55 @@ async def test_a_thread_read_the_driver_declines_goes_through_sqlalchemy(
     with pytest.raises(openai.NotFoundError):
         await client.beta.threads.runs.create("thread_" + "0" * 24, assistant_id=assistant_id)
     assert declined  # the reads above went by the fallback
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has no raw checkout
+@pytest.mark.parametrize(
+    ("refusal", "answered"),
+    [
+        # PostgreSQL refusing a new connection for now (a restart, a failover,
+        # too many connections): not a lost one to SQLAlchemy, but a 503 all
+        # the same (handlers._unavailable: a 500 before).
+        (asyncpg.exceptions.CannotConnectNowError("the database system is starting up"), (503, "server_error")),
+        (asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already"), (503, "server_error")),
+        # One SQLAlchemy takes for lost (dialect.is_disconnect): main's 503.
+        (
+            asyncpg.exceptions.InterfaceError("connection is closed"),
+            (503, "server_error"),
+        ),  # errors.database_unavailable
+    ],
+)
+async def test_a_remembered_create_whose_connection_fails_answers_as_a_sessions_checkout(
+    client: openai.AsyncOpenAI, app: FastAPI, monkeypatch: pytest.MonkeyPatch, refusal: Exception, answered: Any
+) -> None:
+    """A create whose one statement's raw checkout (db.autocommit_connection)
+    cannot connect is answered as when a session's checkout could not
+    (SQLAlchemy's error, connection_invalidated where the connection is
+    lost: handlers.unexpected_error), never as the adapter's bare error."""
+    runtime: Runtime = app.state.runtime
+    assistant_id = await _assistant(client, instructions="Be brief.")
+    await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=_HELLO)
+    assert run_defaults.remembered(projects.DEFAULT, assistant_id) is not None
+    refused: list[Exception] = []
+    connect = asyncpg.connect
+
+    async def refusing(*_args: Any, **_kwargs: Any) -> Any:
+        refused.append(refusal)
+        raise refusal
+
+    # Every idle pooled connection held, so that the create's checkout
+    # connects. (Not engine.dispose(): the connections the app's listeners
+    # hold would be checked in to the disposed pool later, never closed.)
+    idle = runtime.engine.sync_engine.pool.checkedin()  # type: ignore[attr-defined]
+    held = [await runtime.engine.connect() for _ in range(idle)]
+    try:
+        monkeypatch.setattr(asyncpg, "connect", refusing)
+        with pytest.raises(openai.APIStatusError) as raised:
+            await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=_HELLO)
+        monkeypatch.setattr(asyncpg, "connect", connect)
+    finally:
+        for connection in held:
+            await connection.close()
+    assert refused
+    assert (raised.value.status_code, error_of(raised)["type"]) == answered
+    await client.beta.threads.create_and_run(assistant_id=assistant_id, thread=_HELLO)  # connecting again

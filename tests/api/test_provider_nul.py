@@ -16,8 +16,9 @@ import httpx2
 import openai
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import update
 
-from app import llm
+from app import llm, orm
 from app.settings import Settings
 from tests.runner import fake_openai
 from tests.runner.fake_openai import FakeOpenAI
@@ -225,3 +226,27 @@ async def test_an_offline_cue_error_quoting_a_surrogate_half_leaves_the_run_read
     assert run.last_error.code == "invalid_prompt" and "[[\ufffd]]" in run.last_error.message
     listed = (await client.beta.threads.runs.list(thread.id)).data[0]
     assert listed.last_error == run.last_error
+
+
+async def test_rows_stored_with_a_surrogate_half_before_the_mend_still_read(
+    client: openai.AsyncOpenAI, app: FastAPI
+) -> None:
+    """A database written before model text was mended on its way in may
+    hold a lone half in a message (and, by any older path, a thread's
+    metadata): read, listed and retrieved, each half is answered as U+FFFD
+    (a 500 before: UTF-8 cannot carry it), and the row is left as stored."""
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "x"}])
+    stored = [{"type": "text", "text": {"value": "a\ud83d b \ud83d\ude00", "annotations": []}}]
+    async with app.state.runtime.transaction() as session:
+        await session.execute(update(orm.Message).values(content=stored))
+        await session.execute(update(orm.Thread).values(metadata_={"k": "v\ud83d"}))
+    listed = (await client.beta.threads.messages.list(thread.id)).data
+    assert [part.model_dump() for part in listed[0].content] == [
+        {"type": "text", "text": {"value": "a\ufffd b \U0001f600", "annotations": []}}
+    ]
+    retrieved = await client.beta.threads.messages.retrieve(listed[0].id, thread_id=thread.id)
+    assert retrieved.content == listed[0].content
+    assert (await client.beta.threads.retrieve(thread.id)).metadata == {"k": "v\ufffd"}
+    async with app.state.runtime.transaction() as session:
+        row = await session.get(orm.Message, listed[0].id)
+    assert row is not None and row.content[0]["text"]["value"].startswith("a\ud83d b ")

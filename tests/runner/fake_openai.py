@@ -27,7 +27,11 @@ naming a model routed to it):
   although the request asked for a stream: "Whole answer", a get_weather call,
   finish ``tool_calls``, usage 11/7 (servers that ignore ``stream``);
   ``fake-json-error``: an error object as that 200 JSON body.
+- ``fake-json-refusal``: a plain ``chat.completion`` JSON body whose message
+  declines (``content`` null, ``refusal`` "I can't help with that."), finish ``stop``.
 - a name in ``texts``: those text deltas, finish ``stop``, no usage.
+- a name in ``deltas``: those delta objects as given (a refusal's
+  ``{"content": None, "refusal": ...}``, say), finish ``stop``, no usage.
 
 It also answers Azure OpenAI's paths (``/openai/deployments/{deployment}/chat/completions``
 and ``/openai/v1/chat/completions``) the same way. Every request body, its
@@ -51,6 +55,7 @@ from aiohttp import web
 CLIENT_HEADERS = frozenset(
     {"host", "content-length", "content-type", "accept", "accept-encoding", "connection", "user-agent"}
 )
+REFUSAL = "I can't help with that."
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 ERRORS = {
     "fake-429": (429, "rate_limit_exceeded", "Rate limit reached for fake-429 (test)."),
@@ -130,6 +135,8 @@ class FakeOpenAI:
     # Text deltas a test gives a model name of its own: streamed as written
     # by json.dumps, a lone surrogate as its ``\udXXX`` escape.
     texts: dict[str, list[str]] = field(default_factory=dict)
+    # Whole delta objects a test gives a model name of its own.
+    deltas: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
     port: int = 0
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -193,6 +200,11 @@ class FakeOpenAI:
             return web.Response(status=502, text="Bad gateway: upstream unavailable")
         if model == "fake-json":
             return web.json_response(_completion(model))
+        if model == "fake-json-refusal":
+            message = {"role": "assistant", "content": None, "refusal": REFUSAL}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            body = {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model}
+            return web.json_response({**body, "choices": [choice], "usage": USAGE})
         if model == "fake-json-error":
             return web.json_response({"error": {"message": "The model is not loaded.", "type": "server_error"}})
         if model in ERRORS:
@@ -232,6 +244,8 @@ class FakeOpenAI:
         script = _script(model)
         if model in self.texts:
             script = [_chunk(model, {"content": text}) for text in self.texts[model]] + [_chunk(model, {}, "stop")]
+        if model in self.deltas:
+            script = [_chunk(model, delta) for delta in self.deltas[model]] + [_chunk(model, {}, "stop")]
         for chunk in script:
             await response.write(chunk)
         await response.write(b"data: [DONE]\n\n")

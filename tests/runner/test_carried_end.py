@@ -16,7 +16,7 @@ from typing import Any
 import aiosqlite
 import pytest
 from sqlalchemy import event, insert, make_url, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from app import db, ids, llm, orm
 from app.runner import execute
@@ -25,6 +25,7 @@ from app.services import core_rows, run_events, run_state
 from app.wire.events import Event
 from tests.runner.helpers import until
 from tests.runner.test_quick_answer import _message, _provider, _written_message
+from tests.runner.test_raw_autocommit import raw_checkouts, refused_checkouts
 from tests.runner.test_straight_commit import _checked_out, _commits, _engine_events, _lock_free
 from tests.runner.test_worker import _make_runs
 
@@ -256,7 +257,9 @@ def _autocommitted(runtime: Runtime, *fragments: str) -> list[bool]:
 
     def before(connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         if all(fragment in statement for fragment in fragments):
-            seen.append(connection.connection.dbapi_connection.autocommit)
+            # No SQLAlchemy Connection: sent on one checked out raw in
+            # autocommit (db.autocommit_connection, a unit of work's one statement).
+            seen.append(connection is None or connection.connection.dbapi_connection.autocommit)
 
     event.listen(runtime.engine.sync_engine, "before_cursor_execute", before)
     return seen
@@ -270,8 +273,10 @@ async def test_an_end_after_the_claim_is_one_round_trip(runtime: Runtime, monkey
     (run_id,) = await _make_runs(runtime, 1)
     execution = await _started(runtime, run_id)
     reads, carried = _sent(runtime, *_READ_LOCKED), _autocommitted(runtime, *_CARRIED_END)
+    raw = raw_checkouts(monkeypatch)
     await execute.run(execution)
     assert (carried, reads) == ([True], [])
+    assert len(raw) == 1 and raw[0] is not None  # on a connection checked out raw (db.autocommit_connection)
     logged = await _logged(runtime, run_id)
     assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
     assert logged[-1][1] == "thread.run.completed"
@@ -988,3 +993,24 @@ async def test_each_end_of_a_provider_run_goes_on_the_raw_transaction(
     logged = await _logged(runtime, run_id)
     assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
     assert logged[-1][1] == f"thread.run.{status}" and logged[-1][2]["status"] == status
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # SQLite has no raw checkout
+async def test_an_end_whose_raw_checkout_the_database_refuses_leaves_the_run_to_be_resumed(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL refusing the end's connection (a restart, a failover, too
+    many connections) is the database failing, not the run: it stays
+    in_progress, to be resumed, not failed (server_error)."""
+    _answers_quickly(runtime, monkeypatch)
+    (run_id,) = await _make_runs(runtime, 1)
+    execution = await _started(runtime, run_id)
+    checkout = db.autocommit_connection
+    refused = refused_checkouts(runtime, monkeypatch)
+    with pytest.raises(DBAPIError, match="starting up"):  # to the worker, which releases the run
+        await execute.run(execution)
+    assert refused
+    monkeypatch.setattr(db, "autocommit_connection", checkout)
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+        assert run is not None and run.status == "in_progress", f"the refusal left the run {run and run.status}"

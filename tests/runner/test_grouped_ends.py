@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy import make_url
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.util import await_only as await_
 
 from app import db, llm, orm, sqlite_driver, sqlite_groups
 from app.runner import execute
@@ -43,6 +44,35 @@ def _answers_whole(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
 
     _provider(runtime, monkeypatch, whole)
     monkeypatch.setattr(execute, "QUICK_ANSWER_SECONDS", 30)  # taken whole: written with the end
+
+
+def _answer_held_and_deliveries_noted(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, asyncio.Event, dict[str, list[tuple[int, str]]]]:
+    """The model streams "Hello", then waits for ``finish`` before the rest
+    and its Finish; the deltas and a cancel's poll wait for the end; every
+    entry delivered to followers is noted (seq, event) by topic. Returns
+    ``finish``, an unset event for the test's cancel, and the notes."""
+    monkeypatch.setattr(runtime.run_log, "flush_seconds", 60)  # the deltas wait for the end
+    monkeypatch.setattr(execute, "CANCEL_POLL_SECONDS", 60)
+    finish = asyncio.Event()
+
+    async def streamed(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        await finish.wait()
+        yield llm.TextDelta(" world")
+        yield llm.Finish("stop", llm.Usage(3, 2))
+
+    _provider(runtime, monkeypatch, streamed)
+    delivered: dict[str, list[tuple[int, str]]] = {}
+    deliver = runtime.bus.deliver
+
+    def delivered_to(topic: str, entries: Any) -> None:
+        delivered.setdefault(topic, []).extend((entry.seq, entry.event.name) for entry in entries)
+        deliver(topic, entries)
+
+    monkeypatch.setattr(runtime.bus, "deliver", delivered_to)
+    return finish, asyncio.Event(), delivered
 
 
 async def _claimed(runtime: Runtime, count: int) -> list[execute.RunExecution]:
@@ -302,26 +332,8 @@ async def test_a_cancel_let_in_after_a_grouped_hop_numbers_after_its_missed_end_
     fixes: the cancel numbered after the failed end's deltas, followers
     given the deltas and the cancel under one number)."""
     caplog.set_level(logging.WARNING, logger="app.run_log")
-    monkeypatch.setattr(runtime.run_log, "flush_seconds", 60)  # the deltas wait for the end
-    monkeypatch.setattr(execute, "CANCEL_POLL_SECONDS", 60)
-    finish, cancel_appended = asyncio.Event(), asyncio.Event()
+    finish, cancel_appended, delivered = _answer_held_and_deliveries_noted(runtime, monkeypatch)
     runs: list[str] = []
-
-    async def streamed(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
-        yield llm.TextDelta("Hello")
-        await finish.wait()
-        yield llm.TextDelta(" world")
-        yield llm.Finish("stop", llm.Usage(3, 2))
-
-    _provider(runtime, monkeypatch, streamed)
-    delivered: dict[str, list[tuple[int, str]]] = {}
-    deliver = runtime.bus.deliver
-
-    def delivered_to(topic: str, entries: Any) -> None:
-        delivered.setdefault(topic, []).extend((entry.seq, entry.event.name) for entry in entries)
-        deliver(topic, entries)
-
-    monkeypatch.setattr(runtime.bus, "deliver", delivered_to)
     real_hop, real_noted = sqlite_groups._hop, db.commit_noted_through
 
     async def hop_then_lock_handed(pooled: Any, members: Any, held: db.HeldLock, dialect: Any) -> Any:
@@ -375,6 +387,123 @@ async def test_a_cancel_let_in_after_a_grouped_hop_numbers_after_its_missed_end_
         names = {seq: name for seq, name, _data in logged}
         assert [(seq, name) for seq, name in delivered[run_id] if names.get(seq) != name] == []
     assert (await _ended(runtime, victim))[0] == "cancelled"
+    assert [record.getMessage() for record in caplog.records if record.name == "app.run_log"] == []
+    assert runtime.run_log._unlocked == {} and runtime.run_log._early_unwritten == 0
+    assert _checked_out(runtime) == 0
+
+
+@pytest.mark.parametrize("lost", [False, True], ids=["failed", "lost"])
+@pytest.mark.parametrize("path", ["raw", "connected"])
+async def test_a_cancel_queued_behind_an_end_whose_commit_fails_numbers_after_it_is_undone(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, path: str, lost: bool
+) -> None:
+    """The end of a streamed answer made alone (the lock idle: raw_writes,
+    a db.RawTransaction; or, where claims_raw() is false, transaction()
+    committed straight on the driver) while a cancel of its run queues
+    behind it for the write lock; the run's metadata changed from another
+    connection, its COMMIT fails. The lock goes to the cancel only once the
+    end's run log appends are undone (its counter, its deltas back in the
+    buffer): the events followers were given are those logged, under their
+    numbers, nothing renumbered. The windows are widened: the end's task
+    resumes from its failed COMMIT, and a raw end gives its connection
+    back, only after the cancel's append if the lock has been handed on by
+    then (without the fix: at the failed COMMIT, or a raw end's lock freed
+    before its run log undone, the cancel numbered after the end's deltas,
+    followers given a delta and the cancel under one number). ``lost``: the
+    COMMIT fails as a lost connection instead ("no active connection"), whose
+    invalidation closes the driver connection, and the close hands the lock
+    on (without db.lost_after_undo: before the end's appends are undone)."""
+    caplog.set_level(logging.WARNING, logger="app.run_log")
+    finish, cancel_appended, delivered = _answer_held_and_deliveries_noted(runtime, monkeypatch)
+    writers = _writers(runtime)
+    real_noted, real_give_back = db.commit_noted_through, db.give_back
+    failed: list[bool] = []
+    queued = asyncio.Event()  # the cancel queued behind the end
+
+    async def after_the_cancel() -> None:
+        if queued.is_set() and not writers._lock._waiters:  # the lock handed on to the cancel
+            async with asyncio.timeout(10):
+                await cancel_appended.wait()
+
+    async def noted_after_the_cancel(session: Any, outcome: Any, *sending: Any, **expected: Any) -> None:
+        try:
+            await real_noted(session, outcome, *sending, **expected)
+        except Exception:
+            failed.append(db.RAW in session.info)
+            await after_the_cancel()  # the end's task resumes from its failed COMMIT
+            raise
+
+    async def given_back_after_the_cancel(engine: Any, pooled: Any) -> None:
+        await after_the_cancel()  # RawTransaction.end() goes on after freeing the lock
+        await real_give_back(engine, pooled)
+
+    monkeypatch.setattr(db, "commit_noted_through", noted_after_the_cancel)
+    monkeypatch.setattr(db, "give_back", given_back_after_the_cancel)
+    monkeypatch.setattr(type(writers), "idle", lambda self: True)  # made alone, not grouped
+    real_straight = sqlite_driver.OneHopConnection.commit_straight
+    lost_once: list[bool] = []
+
+    async def connection_lost(self: sqlite_driver.OneHopConnection, *, hand_on_failure: bool = True) -> None:
+        if queued.is_set() and not lost_once:  # the end's COMMIT, the first let in after the cancel queued
+            lost_once.append(True)
+            await self._connection.close()  # the connection lost under the COMMIT: "no active connection"
+        await real_straight(self, hand_on_failure=hand_on_failure)
+
+    if lost:
+        monkeypatch.setattr(sqlite_driver.OneHopConnection, "commit_straight", connection_lost)
+    real_rollback = sqlite_driver.OneHopConnection.rollback
+
+    def rolled_back_after_the_cancel(self: sqlite_driver.OneHopConnection) -> None:
+        real_rollback(self)  # hands the lock on (a failed straight COMMIT left it to the rollback)
+        if queued.is_set() and not writers._lock._waiters and not cancel_appended.is_set():
+            # The end's task goes on from its ROLLBACK only after the cancel's
+            # append, as it would when its session's close yields (an overflow
+            # connection closed at the checkin: I/O): Runtime._roll_back's undo
+            # must come before the rollback (without it, the cancel numbered
+            # after the end's deltas).
+            await_(after_the_cancel())
+
+    if path == "connected":
+        monkeypatch.setattr(sqlite_driver.OneHopConnection, "rollback", rolled_back_after_the_cancel)
+    runs = await _make_runs(runtime, 1)
+    executions = await _claimed(runtime, 1)
+    if path == "connected":
+        monkeypatch.setattr(runtime, "claims_raw", lambda: False)  # the end in transaction()
+    running = [asyncio.create_task(execute.run(execution)) for execution in executions]
+    victim = runs[0]
+    await _written_message(runtime, victim)
+    await until(lambda: bool(runtime.run_log._buffer.get(victim)), "the deltas buffered")
+
+    async def cancel() -> None:
+        async with runtime.transaction() as session:
+            run = await session.get(orm.Run, victim)
+            assert run is not None
+            name = await run_state.transition(session, run, "cancelling")
+            await runtime.run_log.append(session, victim, [Event(name, {"id": victim})], run_locked=True)
+            cancel_appended.set()
+
+    await writers.hold()
+    try:
+        finish.set()
+        await until(lambda: len(writers._lock._waiters) == 1, "the end queued for the lock")
+        if not lost:
+            _elsewhere(runtime, f"UPDATE runs SET metadata = '{{\"k\": \"v\"}}' WHERE id = '{victim}'")
+        cancelling = asyncio.create_task(cancel())
+        await until(lambda: len(writers._lock._waiters) == 2, "the cancel queued behind the end")
+        queued.set()
+    finally:
+        writers.free()
+    async with asyncio.timeout(30):
+        outcomes = await asyncio.gather(cancelling, *running, return_exceptions=lost)
+    assert failed[:1] == [path == "raw"]  # the end's COMMIT failed, on the path meant
+    if lost:  # the end's failure is the executor's (the run left cancelling, to recovery)
+        assert lost_once == [True] and outcomes[0] is None
+        assert isinstance(outcomes[1], OperationalError) and outcomes[1].connection_invalidated
+    logged = await _logged(runtime, victim)
+    assert _contiguous(logged)
+    names = {seq: name for seq, name, _data in logged}
+    assert [(seq, name) for seq, name in delivered[victim] if names.get(seq) != name] == []
+    assert (await _ended(runtime, victim))[0] == ("cancelling" if lost else "cancelled")
     assert [record.getMessage() for record in caplog.records if record.name == "app.run_log"] == []
     assert runtime.run_log._unlocked == {} and runtime.run_log._early_unwritten == 0
     assert _checked_out(runtime) == 0

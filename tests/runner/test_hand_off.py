@@ -31,6 +31,7 @@ from app.worker import Worker
 from tests.runner.helpers import DEADLINE, statements_sent, until
 from tests.runner.test_instant_answer import _ANSWERED as _ANSWERING
 from tests.runner.test_instant_answer import _event_names
+from tests.runner.test_raw_autocommit import raw_checkouts
 from tests.runner.test_worker import _make_runs, user_message
 
 pytestmark = pytest.mark.timeout(30)
@@ -248,11 +249,11 @@ async def test_a_failed_commit_of_the_hand_off_leaves_the_run_to_the_woken_worke
     failed: list[bool] = []
     real = sqlite_driver.OneHopConnection.commit_straight
 
-    async def lost_once(self: sqlite_driver.OneHopConnection) -> None:
+    async def lost_once(self: sqlite_driver.OneHopConnection, *, hand_on_failure: bool = True) -> None:
         if not failed:
             failed.append(True)
             await self._connection.close()  # the connection lost under the COMMIT: "no active connection"
-        await real(self)
+        await real(self, hand_on_failure=hand_on_failure)
 
     monkeypatch.setattr(sqlite_driver.OneHopConnection, "commit_straight", lost_once)
     assert worker.hand(run)
@@ -297,9 +298,9 @@ async def test_a_hand_off_cancelled_while_its_commit_is_out_is_committed_once(
     sending = asyncio.Event()
     real = sqlite_driver.OneHopConnection.commit_straight
 
-    async def noted(self: sqlite_driver.OneHopConnection) -> None:
+    async def noted(self: sqlite_driver.OneHopConnection, *, hand_on_failure: bool = True) -> None:
         sending.set()
-        await real(self)
+        await real(self, hand_on_failure=hand_on_failure)
 
     monkeypatch.setattr(sqlite_driver.OneHopConnection, "commit_straight", noted)
     assert worker.hand(run)
@@ -658,10 +659,12 @@ async def test_postgresql_ends_a_handed_instant_run_in_one_statement(
     units = _units_of_work(runtime, monkeypatch)
     run = await _create(runtime, worker)
     assert worker.hand(run)
+    raw = raw_checkouts(monkeypatch)
     with statements_sent(runtime, lambda statement, _parameters: statement) as sent:
         await worker._handed()
     assert [execution.finished for execution in handed] == [True] and not claims and not begun
     assert units == [True] and len(sent) == 1  # one unit of work, its one statement autocommitted
+    assert len(raw) == 1 and raw[0] is not None  # on a connection checked out raw (db.autocommit_connection)
     row = await _row(runtime, run.id)
     assert row.status == "completed" and row.lease_owner is None and row.started_at is not None
     assert await _event_names(runtime, run.id) == _ANSWERED
@@ -957,10 +960,13 @@ async def test_postgresql_starts_a_handed_streamed_run_in_one_statement(
     units = _units_of_work(runtime, monkeypatch)
     run = await _create(runtime, worker)
     assert worker.hand(run)
+    raw = raw_checkouts(monkeypatch)
     with statements_sent(runtime, lambda statement, _parameters: statement) as sent:
         await worker._handed()
+    by_the_hand_off = list(raw)  # (not the run's task's, answering it after)
     assert [execution.finished for execution in handed] == [False] and not claims
     assert units == [True] and len(sent) == 1  # one unit of work, its one statement autocommitted
+    assert len(by_the_hand_off) == 1 and by_the_hand_off[0] is not None  # checked out raw (db.autocommit_connection)
     assert not worker._wakeup.is_set() and list(worker._tasks) == [run.id]
     row = await _row(runtime, run.id)
     assert row.status in ("in_progress", "completed") and row.started_at is not None

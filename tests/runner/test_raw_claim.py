@@ -346,6 +346,40 @@ async def test_a_raw_claims_orm_changes_are_refused_and_rolled_back(runtime: Run
     await _nothing_left(runtime, run_id)
 
 
+@pytest.mark.parametrize("ending", ["failed", "committed"])
+async def test_a_session_close_that_raises_still_frees_the_lock_and_gives_the_connection_back(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """The raw transaction's session close (no I/O, but SQLAlchemy's code)
+    raises, after the claim failed or after it committed: end() runs all the
+    same, the write lock freed and the connection given back (before, a
+    close that raised skipped end(), on either path)."""
+    (run_id,) = await _make_runs(runtime, 1)
+    closing = type(runtime.sessionmaker().sync_session)
+    real_close = closing.close
+    raised: list[bool] = []
+
+    def close_raising_once(self: Any) -> None:
+        if not raised:
+            raised.append(True)
+            raise OSError("close failed")
+        real_close(self)
+
+    with pytest.raises(OSError, match="close failed"):
+        async with runtime.claiming() as session:
+            assert await db.run_now(session, _STAMP, {"run_id": run_id}) == [{"id": run_id}]
+            monkeypatch.setattr(closing, "close", close_raising_once)
+            if ending == "failed":
+                raise RuntimeError("the claim fails")
+    assert raised == [True]
+    assert _checked_out(runtime) == 0
+    assert db.writers_of(runtime.engine).idle()
+    _lock_free(runtime)
+    claimed = {"failed": None, "committed": "w"}[ending]
+    async with runtime.transaction() as session:
+        assert await session.scalar(select(orm.Run.lease_owner).where(orm.Run.id == run_id)) == claimed
+
+
 async def test_a_pool_with_a_checkout_listener_is_checked_out_through_the_greenlet(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:

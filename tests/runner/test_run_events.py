@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import db, orm, run_log
 from app.bus import FollowerQueue
@@ -90,6 +91,28 @@ def test_what_a_dead_worker_left_open_is_closed_with_what_it_had_streamed() -> N
     assert message_closed.data["content"] == [{"type": "text", "text": {"value": "Hello", "annotations": []}}]
     assert step_closed.name == "thread.run.step.failed" and isinstance(step_closed.data, dict)
     assert step_closed.data["id"] == "step_1" and step_closed.data["last_error"]["code"] == "server_error"
+
+
+def test_a_dead_workers_open_refusal_is_closed_whole() -> None:
+    message = {"id": "msg_1", "object": "thread.message", "status": "in_progress", "content": []}
+    tracker = run_events.OpenObjects()
+    for event in [
+        Event("thread.message.created", message),
+        Event("thread.message.delta", {"id": "msg_1", "delta": {"content": [_text(0, "Hi", [])]}}),
+        Event("thread.message.delta", {"id": "msg_1", "delta": {"content": [_refusal(1, "No ")]}}),
+        Event("thread.message.delta", {"id": "msg_1", "delta": {"content": [_refusal(1, "way")]}}),
+    ]:
+        tracker.feed(event)
+    (message_closed,) = tracker.closing_events(now=100)
+    assert isinstance(message_closed.data, dict)
+    assert message_closed.data["content"] == [
+        {"type": "text", "text": {"value": "Hi", "annotations": []}},
+        {"type": "refusal", "refusal": "No way"},
+    ]
+
+
+def _refusal(index: int, value: str) -> dict[str, object]:
+    return {"index": index, "type": "refusal", "refusal": value}
 
 
 def _text(index: int, value: str, annotations: list[object] | None = None) -> dict[str, object]:
@@ -325,6 +348,35 @@ async def test_a_commit_signals_other_processes_itself_and_not_its_own(runtime: 
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_the_notifiers_news_go_straight_to_the_driver_and_reach_the_other_process(
+    runtime: Runtime, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL (issue 17): the news the run log's notifier sends in its
+    own statement (runs whose commits did not NOTIFY themselves) go straight
+    on asyncpg (db.run_now), not through SQLAlchemy's execution, and another
+    process's followers of each run are woken by them."""
+    other = await Runtime.start(settings)  # a second process on the same database
+    try:
+        await _until_listening(other, runtime)
+        executed: list[object] = []
+        session_execute = AsyncSession.execute
+
+        async def execute(self: AsyncSession, statement: Any, *args: Any, **kwargs: Any) -> Any:
+            executed.append(statement)
+            return await session_execute(self, statement, *args, **kwargs)
+
+        monkeypatch.setattr(AsyncSession, "execute", execute)
+        async with other.bus.follow("run_a") as first, other.bus.follow("run_b") as second:
+            runtime.run_log._tell_others("run_a")
+            runtime.run_log._tell_others("run_b")
+            assert await _nudged(first, 20)
+            assert await _nudged(second, 20)
+        assert executed == []  # neither the NOTIFY nor anything else through session.execute
+    finally:
+        await other.close()
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 async def test_a_process_skips_its_own_notifies_whichever_backend_sends_them(
     runtime: Runtime, settings: Settings
 ) -> None:
@@ -522,12 +574,12 @@ def _commits_then_wait(
     # SQLite: Runtime.transaction commits on the driver, outside SQLAlchemy's commit (db.commit_straight).
     real_straight = sqlite_driver.OneHopConnection.commit_straight
 
-    async def commit_straight(self: sqlite_driver.OneHopConnection) -> None:
+    async def commit_straight(self: sqlite_driver.OneHopConnection, *, hand_on_failure: bool = True) -> None:
         if committed.is_set():  # the next one only
-            await real_straight(self)
+            await real_straight(self, hand_on_failure=hand_on_failure)
             return
         if not then_fails:
-            await real_straight(self)
+            await real_straight(self, hand_on_failure=hand_on_failure)
             committed.set()
             await release.wait()
             return
@@ -537,7 +589,8 @@ def _commits_then_wait(
         finally:  # as a failed COMMIT leaves it: rolled back
             self.begin_deferred, self.held_back, self.transaction_open = None, [], False
             await self._connection.rollback()
-            self._ended()
+            if hand_on_failure:  # else left to the caller's rollback
+                self._ended()
         raise OSError("disk I/O error")
 
     monkeypatch.setattr(sqlite_driver.OneHopConnection, "commit_straight", commit_straight)

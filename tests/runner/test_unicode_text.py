@@ -1,6 +1,6 @@
 """A model's text made valid Unicode as it enters the server
 (app/llm/unicode_text.py): pairs split across deltas joined, lone halves
-U+FFFD, in a message's text and in each tool call's arguments apart. The
+U+FFFD, in a message's text, its refusal and each tool call's arguments apart. The
 run through the API, on both databases: tests/api/test_provider_nul.py."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from app.llm import LLM
-from app.llm.interface import ChatRequest, Event, Exchange, Finish, TextDelta, ToolCallDelta, Usage
+from app.llm.interface import ChatRequest, Event, Exchange, Finish, RefusalDelta, TextDelta, ToolCallDelta, Usage
 from app.llm.routing import Router
 from app.llm.unicode_text import StreamMender, mended
 from app.llm.whole_text import whole
@@ -56,6 +56,17 @@ def test_a_high_half_at_the_streams_end_comes_before_the_finish_as_u_fffd() -> N
 def test_a_held_text_half_is_released_before_a_tool_call() -> None:
     call = ToolCallDelta(0, "call_1", "f", "")
     assert _through([TextDelta("x\ud83d"), call, FINISH]) == [TextDelta("x"), TextDelta("\ufffd"), call, FINISH]
+
+
+def test_a_refusals_high_half_is_u_fffd_at_its_end() -> None:
+    """A refusal is its own channel: a high half ending it becomes U+FFFD as
+    a refusal piece, at the stream's end or before the text that follows."""
+    assert _through([RefusalDelta("no \ud83d"), FINISH]) == [RefusalDelta("no "), RefusalDelta("\ufffd"), FINISH]
+    assert _through([RefusalDelta("no \ud83d"), TextDelta("\ude00 ok")]) == [
+        RefusalDelta("no "),
+        RefusalDelta("\ufffd"),
+        TextDelta("\ufffd ok"),
+    ]
 
 
 def test_tool_call_arguments_are_mended_per_call() -> None:

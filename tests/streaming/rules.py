@@ -210,6 +210,10 @@ class StreamRules:
             assert part["type"] == accumulated["type"], "a content part changed type"
             if part["type"] == "text":
                 self._text_delta(message, index, part["text"])
+            elif part["type"] == "refusal":
+                # Concatenated as text is: every delta carries a piece.
+                assert isinstance(part.get("refusal"), str) and part["refusal"], f"a refusal delta without one: {part}"
+                accumulated["refusal"] = accumulated.get("refusal", "") + part["refusal"]
 
     def _text_delta(self, message: _Message, index: int, text: dict[str, Any]) -> None:
         accumulated = message.parts[index]
@@ -234,6 +238,8 @@ class StreamRules:
                 assert final.startswith(part.get("value", "")) or content[index]["text"]["annotations"], (
                     f"final text {final!r} is not what the deltas said: {part.get('value')!r}"
                 )
+            elif part["type"] == "refusal":
+                assert content[index] == part, f"final refusal {content[index]} is not what the deltas said: {part}"
 
     # Run steps ----------------------------------------------------------
 

@@ -229,9 +229,11 @@ def content_to_v1(parts: Any) -> list[JSON]:
             out.append({**part, "type": "text", "text": {"value": f"[image: {url}]", "annotations": []}})
             out[-1].pop("image_url", None)
         elif kind == "refusal":
-            out.append({"index": part.get("index"), "type": "text", "text": {"value": part.get("refusal", "")}})
-            if out[-1]["index"] is None:
-                out[-1].pop("index")
+            value = part.get("refusal", "")
+            if "index" in part:  # a delta's piece: annotations are optional there
+                out.append({"index": part["index"], "type": "text", "text": {"value": value}})
+            else:  # a whole message's part, whose text v1 requires annotations of
+                out.append({"type": "text", "text": {"value": value, "annotations": []}})
         else:
             out.append(part)
     return out
