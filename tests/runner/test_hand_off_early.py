@@ -210,6 +210,36 @@ async def test_a_lone_runs_answer_is_built_while_its_create_is_out_and_sent_afte
     assert not worker._gates and not worker._handing and worker._reserved == 0
 
 
+async def test_a_worker_executing_a_run_builds_no_hand_off_ahead_of_the_create(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load (a run executing) the hand-off is decided after the create
+    has committed, as before: nothing is begun ahead of it."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    executing = asyncio.get_running_loop().create_future()
+    worker._tasks["run_executing"] = asyncio.ensure_future(executing)
+    prepared: list[asyncio.Future[None] | None] = []
+    real_prepare = worker.prepare
+
+    def prepare(created: orm.Run) -> asyncio.Future[None] | None:
+        prepared.append(real_prepare(created))
+        return prepared[-1]
+
+    monkeypatch.setattr(worker, "prepare", prepare)
+    handed = _count_hand_offs(monkeypatch)
+    try:
+        run = await _queue(runtime, assistant)
+        await asyncio.wait_for(worker._handed(), DEADLINE)
+    finally:
+        executing.set_result(None)
+        del worker._tasks["run_executing"]
+    assert prepared == [None]
+    # Handed all the same, after the commit (the lone-run rule as on main).
+    assert [execution.finished for execution in handed] == [True]
+    assert (await _row(runtime, run.id)).status == "completed"
+
+
 async def test_a_failed_create_throws_the_built_hand_off_away_unsent(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
