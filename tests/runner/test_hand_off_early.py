@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -20,13 +20,13 @@ from app import db, held_back, orm
 from app.api import runs as api_runs
 from app.runner import execute
 from app.runtime import Runtime
-from app.services import new_rows, runs
+from app.services import new_rows, run_defaults, runs
 from app.services.projects import Project
 from app.settings import Settings
 from app.wire.events import Event
 from app.wire.runs import ThreadAndRunCreate
 from app.worker import Worker
-from tests.runner.helpers import DEADLINE, statements_sent
+from tests.runner.helpers import DEADLINE, statements_sent, until
 from tests.runner.test_hand_off import _ANSWERED, _assert_numbered_once, _assistant, _count_hand_offs, _row
 from tests.runner.test_instant_answer import _event_names
 
@@ -56,12 +56,28 @@ def _worker(runtime: Runtime) -> Worker:
     return runtime.worker
 
 
-async def _queue(runtime: Runtime, assistant_id: str, thread_metadata: dict[str, str] | None = None) -> orm.Run:
+async def _queue(
+    runtime: Runtime, assistant_id: str, thread_metadata: dict[str, str] | None = None, *, remembered: bool = False
+) -> orm.Run:
     """POST /threads/runs's create as the API makes it (api/runs.py's
-    _queue_run, answered as JSON); the run returned."""
+    _queue_run, answered as JSON); the run returned. With ``remembered``
+    made from the assistant's remembered defaults (the API's usual create:
+    one autocommitted statement on a raw connection, db.PG_AUTOCOMMIT),
+    read first here; else the assistant is read in the create's
+    transaction (BEGIN, the statement, COMMIT)."""
     thread = {"messages": [{"role": "user", "content": "hi"}], "metadata": thread_metadata or {}}
     body = ThreadAndRunCreate.model_validate({"assistant_id": assistant_id, "thread": thread})
+    if remembered and run_defaults.remembered(_PROJECT, assistant_id) is None:
+        async with runtime.transaction() as session:
+            await run_defaults.read(session, _PROJECT, assistant_id)
     made: list[orm.Run] = []
+    await api_runs._queue_run(runtime, False, _making(runtime, body, made, remembered))
+    return made[0]
+
+
+def _making(runtime: Runtime, body: ThreadAndRunCreate, made: list[orm.Run], remembered: bool) -> api_runs.QueueRun:
+    """_queue_run's ``change``: the thread and run of ``body``, the run
+    noted in ``made``."""
 
     async def change(session: AsyncSession, unwritten: new_rows.Unwritten) -> tuple[orm.Run, list[Event]]:
         _thread, run, events = await runs.create_thread_and_run(
@@ -70,14 +86,27 @@ async def _queue(runtime: Runtime, assistant_id: str, thread_metadata: dict[str,
             body,
             expires_in=600,
             reservation=runtime.run_reservation(),
-            remembered=False,
+            remembered=remembered,
             unwritten=unwritten,
         )
         made.append(run)
         return run, events
 
-    await api_runs._queue_run(runtime, False, change)
-    return made[0]
+    return change
+
+
+def _noting_checkouts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Each raw connection checked out (db.autocommit_connection), in order."""
+    checkouts: list[str] = []
+    real_checkout = db.autocommit_connection
+
+    async def checkout(engine: Any) -> Any:
+        raw = await real_checkout(engine)
+        checkouts.append("raw" if raw is not None else "none")
+        return raw
+
+    monkeypatch.setattr(db, "autocommit_connection", checkout)
+    return checkouts
 
 
 def _holding_the_create(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, then: Any = None) -> list[str]:
@@ -210,6 +239,106 @@ async def test_a_lone_runs_answer_is_built_while_its_create_is_out_and_sent_afte
     assert not worker._gates and not worker._handing and worker._reserved == 0
 
 
+async def test_a_create_from_remembered_defaults_goes_raw_and_its_hand_off_after_its_commit(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API's usual create (one autocommitted statement on a raw
+    connection): the hand-off built meanwhile sends nothing before it."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    handed = _count_hand_offs(monkeypatch)
+    order = _holding_the_create(runtime, monkeypatch)
+    run = await _queue(runtime, assistant, remembered=True)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    _assert_sent_after_the_create(order)
+    assert [execution.finished for execution in handed] == [True]
+    assert (await _row(runtime, run.id)).status == "completed"
+    await _assert_numbered_once(runtime, run.id)
+
+
+async def test_a_raw_create_cancelled_with_its_statement_out_gives_its_connection_back(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The create's raw statement held by PostgreSQL (another transaction
+    locks the runs table) when the request is cancelled: its connection is
+    given back, the built hand-off dropped unsent, the worker woken."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    handed = _count_hand_offs(monkeypatch)
+    checkouts = _noting_checkouts(monkeypatch)
+    pool = runtime.engine.sync_engine.pool
+    checked_out_before = pool.checkedout()
+
+    async def waiting_for_the_lock() -> bool:
+        async with runtime.engine.connect() as probe:
+            waiting = "select count(*) from pg_stat_activity where wait_event_type = 'Lock'"
+            return bool((await probe.execute(text(waiting))).scalar())
+
+    async with runtime.engine.connect() as locker:
+        await locker.execute(text("LOCK TABLE runs IN SHARE MODE"))  # (in the transaction it begins)
+        create = asyncio.create_task(_queue(runtime, assistant, remembered=True))
+        await until(waiting_for_the_lock, "the create's statement waiting for the lock")
+        assert worker._gates, "a hand-off was prepared"
+        create.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await create
+        await locker.rollback()
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    assert checkouts[:1] == ["raw"], checkouts
+    assert not worker._gates and not worker._handing and not handed
+    assert worker._wakeup.is_set()
+    assert pool.checkedout() == checked_out_before
+
+
+async def test_a_create_refused_for_stale_defaults_drops_its_hand_off_and_its_retry_is_answered_once(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The create from remembered defaults refused on its raw connection
+    (the assistant changed since) after its hand-off was prepared: the
+    connection is given back, the hand-off dropped unsent, and the create
+    made again from a fresh read answered once."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    async with runtime.transaction() as session:
+        await run_defaults.read(session, _PROJECT, assistant)
+        changed = orm.Assistant.__table__.update().where(orm.Assistant.id == assistant).values(instructions="new")
+        await session.execute(changed)
+    checkouts = _noting_checkouts(monkeypatch)
+    prepared: list[asyncio.Future[None] | None] = []
+    real_prepare = worker.prepare
+
+    def prepare(created: orm.Run) -> asyncio.Future[None] | None:
+        prepared.append(real_prepare(created))
+        return prepared[-1]
+
+    monkeypatch.setattr(worker, "prepare", prepare)
+    dropped: list[str] = []
+    real_dropped = worker.dropped
+
+    def drop(created: orm.Run, committed: asyncio.Future[None]) -> None:
+        dropped.append(created.id)
+        real_dropped(created, committed)
+
+    monkeypatch.setattr(worker, "dropped", drop)
+    pool = runtime.engine.sync_engine.pool
+    checked_out_before = pool.checkedout()
+    body = ThreadAndRunCreate.model_validate(
+        {"assistant_id": assistant, "thread": {"messages": [{"role": "user", "content": "hi"}]}}
+    )
+    made: list[orm.Run] = []
+    await api_runs._queue_remembering(
+        runtime, _PROJECT, False, assistant, lambda remembered: _making(runtime, body, made, remembered)
+    )
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    await worker.run_until_idle()
+    assert checkouts[:1] == ["raw"], checkouts
+    assert prepared[:1] != [None] and dropped == [made[0].id]
+    assert not worker._gates and not worker._handing
+    assert pool.checkedout() == checked_out_before
+    assert (await _row(runtime, made[-1].id)).status == "completed"
+    await _assert_numbered_once(runtime, made[-1].id)
+
+
 async def test_a_worker_executing_a_run_builds_no_hand_off_ahead_of_the_create(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -332,7 +461,8 @@ async def test_a_built_hand_off_lost_to_a_change_leaves_the_run_answered_once_by
     await asyncio.wait_for(asyncio.gather(*between), DEADLINE)
     await asyncio.wait_for(worker._handed(), DEADLINE)
     # Built; its statement, sent after the create, missed its compare-and-set: nothing written.
-    _assert_sent_after_the_create(order) and not handed
+    _assert_sent_after_the_create(order)
+    assert not handed
     assert (await _row(runtime, run.id)).status == "queued"
     assert worker._wakeup.is_set()
     await worker.run_until_idle()
