@@ -1025,6 +1025,43 @@ def sending_now() -> None:
         sending.sent = True
 
 
+# session.info's key of a gated session (gate()): the future that lets its
+# statements go.
+GATE = "gate"
+
+
+def gate(session: AsyncSession, opened: asyncio.Future[None]) -> None:
+    """Hold every statement of ``session`` until ``opened`` is done (issue
+    17, a hand-off built during its create's round trip: its reads and its
+    statement must see the committed run, and nothing goes before the create
+    has committed). Its ORM executions wait in a listener of this session
+    alone (SQLAlchemy's do_orm_execute, run on the session's greenlet, where
+    await_only() awaits); run_log.append waits before it takes a connection
+    (passed()). A gate cancelled (the create failed) fails what waited on it
+    with the cancellation, nothing sent."""
+    session.info[GATE] = opened
+
+    def wait(_state: orm.ORMExecuteState) -> None:
+        if not opened.done() or opened.cancelled():
+            # One way through the gate for the listener and run_log.append
+            # (passed(): a closed gate raises its cancellation).
+            await_(passed(session))
+
+    event.listen(session.sync_session, "do_orm_execute", wait)
+
+
+async def passed(session: AsyncSession) -> None:
+    """Returns once ``session``'s gate (gate()), if any, has opened; raises
+    the cancellation of a gate closed for good."""
+    opened: asyncio.Future[None] | None = session.info.get(GATE)
+    if opened is None:
+        return
+    if opened.done():
+        opened.result()  # (a gate closed for good raises its cancellation)
+    else:
+        await asyncio.shield(opened)  # (a cancelled waiter leaves the gate as it is)
+
+
 def watched(work: Coroutine[Any, Any, T]) -> tuple[asyncio.Task[T], Sending]:
     """``work`` in a task of its own, for seen_through(), with what tells
     whether it has come to send its statement (sending_now(); before, a

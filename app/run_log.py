@@ -302,6 +302,10 @@ class RunLog:
         # After an autocommitted statement anything more would run as a
         # transaction of its own, not atomic with it.
         assert not autocommitted(session), "an append after the last statement"
+        # A hand-off built during its create's round trip (db.gate): its
+        # events are numbered and sent once the create has committed.
+        if db.GATE in session.info:
+            await db.passed(session)
         # PostgreSQL, the run's row locked (or new among ``inserting``): the
         # rows go in the statement that logs the events.
         with_rows = (

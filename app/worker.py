@@ -94,6 +94,9 @@ class Worker:
         # run). A tick meanwhile leaves its run out of its claim, as one this
         # worker executes (the hand-off's failure wakes the worker again).
         self._handing: dict[str, asyncio.Task[None]] = {}
+        # The gates of hand-offs begun before their create committed
+        # (prepare()), by run, until hand() opens or dropped() closes them.
+        self._gates: dict[str, asyncio.Future[None]] = {}
         # run_forever() is going round: only then is a run handed (a worker
         # made but not started, or driven tick by tick, claims as before).
         self._looping = False
@@ -130,6 +133,47 @@ class Worker:
         self._reserved += 1
         return run_execution.Reservation(run_execution.reserved_for(self.owner), time.time() + self.affinity_seconds)
 
+    def prepare(self, created: orm.Run) -> asyncio.Future[None] | None:
+        """PostgreSQL: begin handing ``created`` before its create's
+        statement is sent, when hand() would take it now (issue 17: its
+        statement, the offline model's whole answer or a provider run's
+        start, built while the create's round trip leaves the loop idle);
+        the future returned gates it (db.gate): hand() opens it once the
+        create has committed, dropped() cancels it if the create failed,
+        nothing sent. None: nothing begun, hand() decides after the commit
+        as before. The hand-off counts as in flight from here (the lone-run
+        rule: another run created meanwhile is claimed, not handed; a tick
+        meanwhile leaves this run out of its claim), so what is built is
+        thrown away only if the create fails or the run is cancelled or
+        changed before the statement's compare-and-set."""
+        if not self.runtime.run_log.postgres or not self._handable_now(created):
+            return None  # (SQLite's create is one thread hop, its hand-off another: not measured)
+        if self._tasks:
+            # Only for a worker that executes nothing (one client's runs, one
+            # after another): under load the rule, checked before the create's
+            # round trip, found 3-7 % of runs alone, not < 1 % as after it, each
+            # then handed by a statement of its own instead of a claim's share
+            # (PostgreSQL's 16 clients: 2.7-3.2 against 3.6-4.1 ms of server
+            # CPU a provider run, bench/README "pgearly"). hand() decides those
+            # after the commit, as before.
+            return None
+        committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._gates[created.id] = committed
+        self._start_hand_off(created, committed)
+        return committed
+
+    def dropped(self, created: orm.Run, committed: asyncio.Future[None]) -> None:
+        """The create prepare() began a hand-off for failed (or its outcome
+        is unknown, taken for a rollback as the API takes it): the hand-off,
+        gated, has sent nothing; it is cancelled, its slot freed."""
+        committed.cancel()
+        self._gates.pop(created.id, None)
+        task = self._handing.pop(created.id, None)
+        if task is not None:
+            # Its end wakes the worker (_hand_off_ended): a create whose
+            # outcome was unknown may have committed the run after all.
+            task.cancel()
+
     def hand(self, created: orm.Run) -> bool:
         """Take ``created``, a run this process's API has just committed
         reserved for this worker, from its row (issue 17: execute.hand_off,
@@ -149,7 +193,25 @@ class Worker:
         # a created run with a 500. Attribute reads, a dict lookup and
         # create_task (the API's running loop) cannot; whatever may fail
         # belongs in _take_handed, whose failures leave the run to the tick.
-        if (
+        committed = self._gates.pop(created.id, None)
+        if committed is not None:  # begun by prepare()
+            task = self._handing.get(created.id)
+            # (The gate itself is not done here: only this and dropped(),
+            # which pops it first, complete it.)
+            if task is None or task.done():
+                # It ended before the create committed (it could not start
+                # the run so, or was cancelled): the tick its end asked for
+                # came too early to see the run; the caller's wake claims it.
+                return False
+            committed.set_result(None)  # its statement may go
+            return True
+        if not self._handable_now(created):
+            return False
+        self._start_hand_off(created, None)
+        return True
+
+    def _handable_now(self, created: orm.Run) -> bool:
+        return not (
             self._stopping
             or not self._looping
             or self._handing
@@ -157,12 +219,12 @@ class Worker:
             or self._reserved > 1
             or created.lease_owner != run_execution.reserved_for(self.owner)
             or not run_execution.handable(created)
-        ):
-            return False
-        task = asyncio.create_task(self._take_handed(created, self._claims), name=f"hand-off {created.id}")
+        )
+
+    def _start_hand_off(self, created: orm.Run, committed: asyncio.Future[None] | None) -> None:
+        task = asyncio.create_task(self._take_handed(created, self._claims, committed), name=f"hand-off {created.id}")
         self._handing[created.id] = task
         task.add_done_callback(functools.partial(self._hand_off_ended, created.id))
-        return True
 
     def _hand_off_ended(self, run_id: str, task: asyncio.Task[None]) -> None:
         if self._handing.get(run_id) is task:
@@ -173,17 +235,23 @@ class Worker:
             # if not finished): this worker's tick claims it, reserved for it.
             self.wake(files=False)
 
-    async def _take_handed(self, created: orm.Run, claims_before: int) -> None:
+    async def _take_handed(self, created: orm.Run, claims_before: int, committed: asyncio.Future[None] | None) -> None:
         # The create's answer first (a stream's head and opening events, or
         # the run as JSON: written in the next turns of the loop), then the
         # hand-off, whose instant answer holds the loop for a millisecond
         # or more: the tick it replaces sent its claim and waited, the
         # answer's first bytes went out meanwhile (bench/run_timeline.py).
-        for _ in range(_TURNS_BEFORE_HAND_OFF):
-            await asyncio.sleep(0)
+        # Begun before the create (prepare()), it is built while the
+        # create's statement is out instead, its statement held until the
+        # create has committed.
+        if committed is None:
+            for _ in range(_TURNS_BEFORE_HAND_OFF):
+                await asyncio.sleep(0)
         claimed_at = time.monotonic()
         try:
-            execution = await execute.hand_off(self.runtime, self.owner, created, self.lease_seconds, self.builtins)
+            execution = await execute.hand_off(
+                self.runtime, self.owner, created, self.lease_seconds, self.builtins, committed
+            )
         except Exception as error:  # the run is claimed the usual way, reserved for this worker still
             del self._handing[created.id]  # before the wake: the claim of the tick it starts takes the run
             if not run_execution.hand_off_lost(error):

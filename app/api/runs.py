@@ -7,6 +7,7 @@ on any replica, with or without a worker in its process.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
@@ -75,6 +76,7 @@ async def _queue_run(
     answers that event's JSON text, as committed.
     """
     follower: Follower | None = None
+    handing: asyncio.Future[None] | None = None
     # An API replica's create wakes the workers with its own commit (issue
     # 17: not a transaction of its own after it); a worker here is woken in-process.
     notify = runtime.wakes_by_notify()
@@ -101,6 +103,10 @@ async def _queue_run(
                     announced=runtime.log_news_announced,
                 )
                 await follower.open()
+            # PostgreSQL: the run's hand-off, if it is handed, is built while
+            # the statement below is out, and sent once it has committed
+            # (Worker.prepare; issue 17).
+            handing = None if notify or runtime.worker is None else runtime.worker.prepare(run)
             # ``change`` inserted the run (or left it to this insert) or moved
             # it with a compare-and-set UPDATE: this transaction holds its row
             # lock (PostgreSQL), or no other sees the run yet.
@@ -115,6 +121,8 @@ async def _queue_run(
                 last_statement=True,
             )
     except BaseException:
+        if handing is not None and runtime.worker is not None:
+            runtime.worker.dropped(run, handing)
         if follower is not None:
             await follower.close()
         raise

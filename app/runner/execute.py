@@ -1376,7 +1376,12 @@ async def claim_and_start(
 
 
 async def hand_off(
-    runtime: Runtime, owner: str, created: orm.Run, lease_seconds: float, builtins: dict[str, BuiltinTool]
+    runtime: Runtime,
+    owner: str,
+    created: orm.Run,
+    lease_seconds: float,
+    builtins: dict[str, BuiltinTool],
+    committed: asyncio.Future[None] | None = None,
 ) -> RunExecution:
     """Claim and start ``created``, a run this process's API has just
     created reserved for ``owner`` with its earlier messages noted
@@ -1391,9 +1396,12 @@ async def hand_off(
     and the run is the workers' to claim as any other, as after any other
     failure here. The execution, unless ``finished``, goes on with run().
     PostgreSQL: _hand_off_postgres (no transaction: one statement, the
-    run's start or, with an instant answer, its whole worker side)."""
+    run's start or, with an instant answer, its whole worker side), built
+    while the create's statement is out when ``committed`` is given (done
+    once the create has committed; cancelled if it failed)."""
     if runtime.run_log.postgres:
-        return await _hand_off_postgres(runtime, owner, created, lease_seconds, builtins)
+        return await _hand_off_postgres(runtime, owner, created, lease_seconds, builtins, committed)
+    assert committed is None, "a hand-off built ahead on PostgreSQL only"
     execution: RunExecution | None = None
     try:
         async with runtime.claiming() as session:
@@ -1414,7 +1422,12 @@ async def hand_off(
 
 
 async def _hand_off_postgres(
-    runtime: Runtime, owner: str, created: orm.Run, lease_seconds: float, builtins: dict[str, BuiltinTool]
+    runtime: Runtime,
+    owner: str,
+    created: orm.Run,
+    lease_seconds: float,
+    builtins: dict[str, BuiltinTool],
+    committed: asyncio.Future[None] | None,
 ) -> RunExecution:
     """hand_off() on PostgreSQL: no claim, no transaction. The run as the
     claim would leave it (run_execution.handed_run), started in one
@@ -1427,12 +1440,20 @@ async def _hand_off_postgres(
     nothing written; a run that cannot start so raises it too, nothing
     written: either way the run is left, reserved for ``owner``, to the
     worker's claim. The statement's outcome is seen through a cancellation
-    of the caller (what it wrote reaches streams; db.seen_through)."""
+    of the caller (what it wrote reaches streams; db.seen_through).
+    With ``committed`` (the hand-off begun before its create was sent:
+    Worker.prepare) it is built meanwhile, on the create's values (the row
+    the create inserts is ``created``'s, nothing of it computed by the
+    database), every statement of its session gated until the create has
+    committed (db.gate): its reads and its compare-and-set see the
+    committed run, and a create that failed cancels it, nothing sent."""
     run = run_execution.handed_run(created, owner, time.time() + lease_seconds)
     execution = RunExecution(runtime, run.id, builtins, owner=owner)
 
     async def answer() -> bool:
         async with runtime.unit_of_work() as session:
+            if committed is not None:
+                db.gate(session, committed)
             return await execution.start_handed(session, run, run_execution.hand_off_check(created, owner))
 
     work, sending = db.watched(answer())
