@@ -46,7 +46,8 @@ _MOVED = (
         "required_action = :start_required_action "
         "FROM unnest((SELECT CAST(:start_ids AS text[])), (SELECT CAST(:start_sources AS text[])), "
         "(SELECT CAST(:start_started AS bigint[]))) AS s(id, source, started_at) "
-        "WHERE runs.id = s.id AND runs.status = s.source AND runs.lease_owner = :start_owner "
+        "WHERE runs.id = ANY(CAST((SELECT CAST(:start_ids AS text[])) AS text[])) AND runs.id = s.id "
+        "AND runs.status = s.source AND runs.lease_owner = :start_owner "
         "RETURNING runs.id"
     )
     .bindparams(bindparam("start_required_action", type_=orm.Run.__table__.c.required_action.type))
