@@ -14,6 +14,9 @@ and are not in it).
     .venv/bin/python bench/claim_cpu.py --db postgres --claim 7 --runs 700 --rounds 5
 
 Run each tree's own copy (it serves the app of the tree it sits in).
+Instructions, whatever the machine's load: with ``CREATE_CPU_CALLGRIND=1``
+under ``valgrind --tool=callgrind --instr-atstart=no``, every round's
+claims are counted (bench/create_cpu.py's switch), the creates not.
 """
 
 from __future__ import annotations
@@ -62,11 +65,15 @@ async def _rounds(app: Any, claim: int, runs: int, rounds: int) -> list[tuple[fl
             body = {**overhead._run_body("offline-bench", "hello there", False), "assistant_id": assistant}
             await create_cpu._call(app, "POST", "/v1/threads/runs", body)
         claimed, statements = 0, 0
+        if create_cpu._UNDER_CALLGRIND:
+            create_cpu._callgrind("--instr=on")
         started = time.thread_time()
         while claimed < runs:
             executions = await execute.claim_and_start(runtime, "bench:0:claim", claim, 600.0, {})
             assert executions and not any(execution.finished for execution in executions)
             claimed += len(executions)
+        if create_cpu._UNDER_CALLGRIND:
+            create_cpu._callgrind("--instr=off")
         results.append(((time.thread_time() - started) / claimed * 1000, statements / claimed))
     return results
 
