@@ -47,7 +47,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -426,7 +426,7 @@ class RunLog:
             self._unlocked[run_id] = _Unlocked(session)
         return entries
 
-    async def append_starts(self, session: AsyncSession, starts: Sequence[claimed_starts.Pending], owner: str) -> None:
+    async def append_starts(self, session: AsyncSession, starts: Sequence[claimed_starts.Start], owner: str) -> None:
         """PostgreSQL, the claim's transaction: append() of each claimed
         run's start (``run_locked``, its held move carried by its events),
         every run's in one statement (claimed_starts; issue 17: a statement
@@ -434,10 +434,9 @@ class RunLog:
         batch, as append() drains them; the events reach streams at the
         commit (committed()), as append()'s."""
         assert self.postgres and starts and session.in_transaction(), "in the claim's transaction"
-        drained = {run.id: self._buffer.pop(run.id, []) for run, _held, _events in starts}
+        drained = {start.run.id: self._buffer.pop(start.run.id, []) for start in starts}
         batches = [
-            claimed_starts.Start(run, held, [event for _seq, event in drained[run.id]] + events)
-            for run, held, events in starts
+            replace(start, events=[event for _seq, event in drained[start.run.id]] + start.events) for start in starts
         ]
         signal = self._notify_signal(session)
         try:
@@ -448,7 +447,8 @@ class RunLog:
                     self._put_back(run_id, items)  # as append()'s: ahead of any published meanwhile
             raise
         pending: list[_Pending] = session.info.setdefault(_SESSION_KEY, [])
-        for run, _held, events in starts:
+        for start in starts:
+            run, events = start.run, start.events
             first, taken = firsts[run.id], drained[run.id]
             _rows, undelivered = self._number(run.id, first, taken)
             entries = [Entry(first + len(taken) + offset, event) for offset, event in enumerate(events)]

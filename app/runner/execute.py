@@ -621,7 +621,7 @@ class RunExecution:
         return (run, chat) if run.status == "in_progress" else None
 
     async def start_claimed(
-        self, session: AsyncSession, run: orm.Run, starts: list[claimed_starts.Pending] | None = None
+        self, session: AsyncSession, run: orm.Run, starts: list[claimed_starts.Start] | None = None
     ) -> None:
         """Start a run just claimed, in the claim's own transaction (issue 17:
         one transaction fewer per run): queued -> in_progress and its first
@@ -642,7 +642,7 @@ class RunExecution:
         if await self._finish_at_once(session, run, self._started[1], events):
             return
         if starts is not None and self._held_start is not None and claimed_starts.batchable(self._held_start):
-            starts.append((run, self._held_start, events))
+            starts.append(claimed_starts.Start(run, self._held_start, events))
             self._held_start = None
             return
         carried = None
@@ -1376,7 +1376,7 @@ async def claim_and_start(
     executions = []
     # PostgreSQL: the claimed runs' starts, written together after the loop
     # (issue 17: one statement for the claim's starts, not one per run).
-    starts: list[claimed_starts.Pending] | None = [] if runtime.run_log.postgres else None
+    starts: list[claimed_starts.Start] | None = [] if runtime.run_log.postgres else None
     try:
         async with runtime.claiming() as session:
             for claimed in await run_execution.claim_runs(session, owner, limit, lease_seconds, executing):

@@ -38,6 +38,9 @@ _START_KEYS = frozenset({"status", "started_at", "required_action"})
 # The runs' moves. The arrays go to unnest() through one-row subqueries, as
 # run_events' (_rows_unknown): a custom plan counts their rows as the
 # generic plan does, so the prepared statement keeps its generic plan.
+# The outer CAST in ``= ANY(...)`` is not redundant: without it the
+# parenthesised SELECT is read as ANY's subquery (rows of text[], compared
+# with each id: "operator does not exist"), with it as one array.
 # ``required_action`` is bound with the column's type, so that it is
 # written as the one-run start writes it (JSON's ``null``).
 _MOVED = (
@@ -71,10 +74,10 @@ _LOGGED = (
 @functools.cache
 def _statement(notify: bool) -> Select[Any]:
     """The moves and the events as CTEs of one SELECT, a row per run logged:
-    its id, its first seq, how many runs moved, and with ``notify`` a
+    its id, its first seq, the ids of the runs that moved, and with ``notify`` a
     NOTIFY of the Signal bound as ``log_channel`` and ``log_origin`` for
     the run (delivered at the transaction's COMMIT, as run_events.insert's)."""
-    moved = select(func.count()).select_from(_MOVED).scalar_subquery()
+    moved = select(func.array_agg(_MOVED.c.id)).scalar_subquery()
     returned: list[Any] = [
         _LOGGED.c.run_id.label("run_id"),
         func.min(_LOGGED.c.seq).label("first"),
@@ -86,15 +89,12 @@ def _statement(notify: bool) -> Select[Any]:
     return select(*returned).add_cte(_MOVED).add_cte(_LOGGED).group_by(_LOGGED.c.run_id)
 
 
-# A claimed run's start as its execution leaves it for the claim
-# (RunExecution.start_claimed): the run, its held move, its events.
-Pending = tuple[orm.Run, run_state.HeldMove, list[Event]]
-
-
 @dataclass(frozen=True)
 class Start:
     """One claimed run's held start and the events its log gets with it
-    (the run's buffered deltas, if any, first; then the start's event)."""
+    (as RunExecution.start_claimed leaves it: the start's events; as
+    RunLog.append_starts writes it: the run's buffered deltas, if any,
+    first)."""
 
     run: orm.Run
     held: run_state.HeldMove
@@ -140,8 +140,12 @@ async def insert_starting(
     if rows is None:
         rows = [row._mapping for row in await session.execute(statement, params)]
     firsts = {str(row["run_id"]): int(row["first"]) for row in rows}
-    moved = int(rows[0]["moved"]) if rows else 0
-    if moved != len(starts) or len(firsts) != len(starts):
-        missed = sorted({start.run.id for start in starts} - set(firsts)) or "some"
-        raise run_state.TransitionConflict(f"claimed runs {missed} ({moved} of {len(starts)} moved) under the claim")
+    # Every run's events are logged, moved or not: the runs missed are those
+    # the moves did not return.
+    moved = set(rows[0]["moved"] or ()) if rows else set()
+    missed = sorted({start.run.id for start in starts} - moved)
+    if missed or len(firsts) != len(starts):
+        raise run_state.TransitionConflict(
+            f"claimed runs {missed} did not move to in_progress under the claim ({len(moved)} of {len(starts)} moved)"
+        )
     return firsts
