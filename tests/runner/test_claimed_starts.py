@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import select, text
 
 from app import llm, orm
+from app.run_log import RUN_EVENTS_CHANNEL
 from app.runner import execute
 from app.runtime import Runtime
-from app.services import claimed_starts, runs
+from app.services import claimed_starts, run_state, runs
 from app.services.projects import Project
 from app.wire.events import Event
 from tests.runner.helpers import until
@@ -141,3 +144,111 @@ async def test_a_cancel_meeting_the_claim_waits_and_the_run_ends_cancelled(
     async with runtime.transaction() as session:
         row = await session.get(orm.Run, run_id)
         assert row is not None and row.status == "cancelled"
+
+
+async def _run_rows(runtime: Runtime, run_ids: list[str]) -> dict[str, tuple[Any, ...]]:
+    """Each run's status, lease owner, required action as stored (JSON text,
+    or None for SQL NULL) and whether it has a start time."""
+    query = text(
+        "SELECT id, status, lease_owner, CAST(required_action AS text), started_at IS NOT NULL "
+        "FROM runs WHERE id = ANY(:ids)"
+    )
+    async with runtime.transaction() as session:
+        return {row[0]: tuple(row[1:]) for row in await session.execute(query, {"ids": run_ids})}
+
+
+@pytest.mark.parametrize("changed", ["status = 'cancelling'", "lease_owner = 'test:1:other'"])
+async def test_a_run_the_starts_miss_rolls_the_whole_claim_back(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, changed: str
+) -> None:
+    """The compare-and-set of each start (the status the claim returned, the
+    claimer's lease): a run that no longer matches (changed here in the
+    claim's own transaction, just before the starts) fails the claim, named;
+    nothing is started or logged, the buffered delta is back in the buffer,
+    and the runs are claimable again and then start right."""
+    _streams(runtime, monkeypatch)
+    first, second, third = await _make_runs(runtime, 3)
+    real = claimed_starts.insert_starting
+
+    async def after_a_change(session: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
+        await session.execute(text(f"UPDATE runs SET {changed} WHERE id = :id"), {"id": second})
+        return await real(session, *args, **kwargs)
+
+    monkeypatch.setattr(claimed_starts, "insert_starting", after_a_change)
+    # Both claims in one holding(): the flusher leaves the queued run's delta to the claims.
+    async with runtime.run_log.holding(third):
+        runtime.run_log.publish(third, [Event("thread.message.delta", {"id": "msg_x", "delta": {}})])
+        with pytest.raises(run_state.TransitionConflict, match=second):
+            await execute.claim_and_start(runtime, _OWNER, 3, 60.0, {})
+        assert [event.name for _seq, event in runtime.run_log._buffer[third]] == ["thread.message.delta"]
+        assert not runtime.run_log._appending
+        rows = await _run_rows(runtime, [first, second, third])
+        assert {row[:2] for row in rows.values()} == {("queued", None)}, rows
+        for run_id in (first, second, third):
+            assert await _logged(runtime, run_id) == []
+        monkeypatch.setattr(claimed_starts, "insert_starting", real)
+        executions = await execute.claim_and_start(runtime, _OWNER, 3, 60.0, {})
+    assert len(executions) == 3
+    assert [(seq, name) for seq, name, _data in await _logged(runtime, third)] == [
+        (1, "thread.message.delta"),
+        (2, "thread.run.in_progress"),
+    ]
+
+
+@asynccontextmanager
+async def _notified(runtime: Runtime) -> AsyncIterator[list[str]]:
+    """The payloads NOTIFYed on the run events' channel while open, heard on
+    a connection of the test's own."""
+    url = runtime.engine.url.set(drivername="postgresql")
+    connection = await asyncpg.connect(url.render_as_string(hide_password=False))
+    heard: list[str] = []
+    try:
+        await connection.add_listener(RUN_EVENTS_CHANNEL, lambda *args: heard.append(args[3]))
+        yield heard
+    finally:
+        await connection.close()
+
+
+# What differs from run to run in a run's in_progress event (each of
+# _make_runs' batches has an assistant of its own; the times are the
+# clock's, the expiry from the run's creation).
+_RUN_SPECIFIC = frozenset({"id", "thread_id", "assistant_id", "created_at", "started_at", "expires_at"})
+
+
+def _run_specific(data: dict[str, Any]) -> dict[str, Any]:
+    """A run's in_progress event without what differs from run to run."""
+    return {key: value for key, value in data.items() if key not in _RUN_SPECIFIC}
+
+
+async def test_claimed_starts_write_and_notify_as_the_one_run_start(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three runs started by the one statement, then three by the one-run
+    start (batchable() refused): the same rows (the required action JSON's
+    null), the same event, and a NOTIFY "<run id> <origin>" for each run."""
+    _streams(runtime, monkeypatch)
+    async with _notified(runtime) as heard:
+        batched = await _make_runs(runtime, 3)
+        logs = _sent(runtime, "INSERT INTO run_events")
+        await execute.claim_and_start(runtime, _OWNER, 3, 60.0, {})
+        assert len(logs) == 1  # the batched statement
+        await until(lambda: len(heard) >= 3, "the batched starts' NOTIFYs")
+        assert sorted(heard) == sorted(f"{run_id} {runtime.run_log.origin}" for run_id in batched)
+        heard.clear()
+        monkeypatch.setattr(claimed_starts, "batchable", lambda _held: False)
+        one_by_one = await _make_runs(runtime, 3)
+        await execute.claim_and_start(runtime, _OWNER, 3, 60.0, {})
+        assert len(logs) == 4  # a statement a run
+        await until(lambda: len(heard) >= 3, "the one-run starts' NOTIFYs")
+        assert sorted(heard) == sorted(f"{run_id} {runtime.run_log.origin}" for run_id in one_by_one)
+    rows = await _run_rows(runtime, batched + one_by_one)
+    assert (
+        {rows[run_id] for run_id in batched}
+        == {rows[run_id] for run_id in one_by_one}
+        == {("in_progress", _OWNER, "null", True)}
+    )
+    logged = {run_id: await _logged(runtime, run_id) for run_id in batched + one_by_one}
+    assert {len(entries) for entries in logged.values()} == {1}
+    batched_data, one_run_data = logged[batched[0]][0][2], logged[one_by_one[0]][0][2]
+    assert list(batched_data) == list(one_run_data)  # the same keys, in the same order
+    assert _run_specific(batched_data) == _run_specific(one_run_data)
