@@ -47,7 +47,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -56,7 +56,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from app import db, orm, sqlite_groups
 from app.bus import Entry, EventBus
 from app.cancelling import cancel_and_wait
-from app.services import core_rows, new_rows, run_events, run_state
+from app.services import claimed_starts, core_rows, new_rows, run_events, run_state
 from app.wire.events import TERMINAL_RUN_EVENTS, Event
 
 log = logging.getLogger("app.run_log")
@@ -429,6 +429,47 @@ class RunLog:
         if grouped:
             self._unlocked[run_id] = _Unlocked(session)
         return entries
+
+    async def append_starts(self, session: AsyncSession, starts: Sequence[claimed_starts.Start], owner: str) -> None:
+        """PostgreSQL, the claim's transaction: append() of each claimed
+        run's start (``run_locked``, its held move carried by its events),
+        every run's in one statement (claimed_starts; issue 17: a statement
+        per claim, not per run). Each run's buffered deltas go first in its
+        batch, as append() drains them; the events reach streams at the
+        commit (committed()), as append()'s."""
+        assert self.postgres and starts and session.in_transaction(), "in the claim's transaction"
+        drained = {start.run.id: self._buffer.pop(start.run.id, []) for start in starts}
+        batches = [
+            replace(start, events=[event for _seq, event in drained[start.run.id]] + start.events) for start in starts
+        ]
+        signal = self._notify_signal(session)
+        try:
+            firsts = await claimed_starts.insert_starting(session, batches, owner, signal=signal)
+        except BaseException:
+            for run_id, items in drained.items():
+                if items:
+                    self._put_back(run_id, items)  # as append()'s: ahead of any published meanwhile
+            raise
+        pending: list[_Pending] = session.info.setdefault(_SESSION_KEY, [])
+        for start in starts:
+            run, events = start.run, start.events
+            first, taken = firsts[run.id], drained[run.id]
+            _rows, undelivered = self._number(run.id, first, taken)
+            entries = [Entry(first + len(taken) + offset, event) for offset, event in enumerate(events)]
+            self._remember(run.id, first + len(taken) + len(events))
+            pending.append(
+                _Pending(
+                    run.id,
+                    first,
+                    len(taken) + len(events),
+                    list(events),
+                    undelivered + entries,
+                    taken,
+                    None,
+                    notified=signal is not None,
+                )
+            )
+            self._appending[run.id] = self._appending.get(run.id, 0) + 1
 
     def _withdraw_unlocked(self, run_id: str, session: AsyncSession) -> None:
         """Before ``session`` numbers an append of ``run_id``: a grouped end

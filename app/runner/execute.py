@@ -46,7 +46,16 @@ from app.runner.tools import BuiltinTool, ToolResult
 from app.runner.turn import Pending, RowUpdate, Turn, TurnResult, TurnStopped, write_rows
 from app.runtime import Runtime
 from app.scripting import RequestContext
-from app.services import core_rows, model_requests, run_events, run_execution, run_state, run_steps, runs
+from app.services import (
+    claimed_starts,
+    core_rows,
+    model_requests,
+    run_events,
+    run_execution,
+    run_state,
+    run_steps,
+    runs,
+)
 from app.wire.events import Event
 
 log = logging.getLogger("app.runner")
@@ -611,7 +620,9 @@ class RunExecution:
             await self.runtime.run_log.append(session, run.id, events)
         return (run, chat) if run.status == "in_progress" else None
 
-    async def start_claimed(self, session: AsyncSession, run: orm.Run) -> None:
+    async def start_claimed(
+        self, session: AsyncSession, run: orm.Run, starts: list[claimed_starts.Start] | None = None
+    ) -> None:
         """Start a run just claimed, in the claim's own transaction (issue 17:
         one transaction fewer per run): queued -> in_progress and its first
         prompt, as start() does. Only a queued run on time is started here;
@@ -620,12 +631,19 @@ class RunExecution:
         transaction, whose log has buffered deltas) is left to start() in
         execute().
         Nothing is written for the run before its prompt is built, so a run
-        left to start() leaves nothing behind in the shared transaction."""
+        left to start() leaves nothing behind in the shared transaction.
+        ``starts`` (PostgreSQL): a start that is not an instant answer is
+        added there, for claim_and_start to write every run's in one
+        statement (RunLog.append_starts), rather than written here."""
         events = await self._start_held(session, run)
         if events is None:
             return
         assert self._started is not None
         if await self._finish_at_once(session, run, self._started[1], events):
+            return
+        if starts is not None and self._held_start is not None and claimed_starts.batchable(self._held_start):
+            starts.append(claimed_starts.Start(run, self._held_start, events))
+            self._held_start = None
             return
         carried = None
         if self._held_start is not None and self.runtime.run_log.postgres:
@@ -1356,12 +1374,17 @@ async def claim_and_start(
     transaction; the executions not ``finished`` in it (an instant answer
     ends its run there) go on with run()."""
     executions = []
+    # PostgreSQL: the claimed runs' starts, written together after the loop
+    # (issue 17: one statement for the claim's starts, not one per run).
+    starts: list[claimed_starts.Start] | None = [] if runtime.run_log.postgres else None
     try:
         async with runtime.claiming() as session:
             for claimed in await run_execution.claim_runs(session, owner, limit, lease_seconds, executing):
                 execution = RunExecution(runtime, claimed.id, builtins, owner=owner)
-                await execution.start_claimed(session, claimed)
+                await execution.start_claimed(session, claimed, starts)
                 executions.append(execution)
+            if starts:
+                await runtime.run_log.append_starts(session, starts, owner)
     except DBAPIError as error:
         # Refused in the claim or at its COMMIT (SQLite sends held-back
         # writes then): by one of the answers written in the claim, which

@@ -161,7 +161,7 @@ def _rows_unknown(prefix: str = "") -> str:
 # run's index range, its heap checked for each (issue 17: an end's 12
 # events read the run's log 78 times, a quadratic ~70 of its ~210
 # buffers; a long answer's flush of N deltas N^2/2).
-def _numbered_rows(prefix: str, now: str, where: str = "") -> str:
+def numbered_rows(prefix: str, now: str, where: str = "") -> str:
     """A SELECT (its own WITH) of the rows of the arrays bound after
     ``prefix`` (_rows_unknown), ``created_at`` bound as ``now``, filtered by
     ``where`` (a condition, or nothing)."""
@@ -179,7 +179,7 @@ def _numbered_rows(prefix: str, now: str, where: str = "") -> str:
 _INSERT_POSTGRES_ROWS = f"""
     WITH ins AS (
         INSERT INTO run_events (run_id, seq, event, data, created_at)
-        {_numbered_rows("", "now")}
+        {numbered_rows("", "now")}
         RETURNING run_id, seq
     ), firsts AS (
         SELECT run_id, min(seq) AS first FROM ins GROUP BY run_id
@@ -211,7 +211,7 @@ async def _insert_postgres(
             params["run_ids"].append(run_id)
             params["ns"].append(n)
             params["names"].append(event.name)
-            params["datas"].append(_logged_text(event))
+            params["datas"].append(logged_text(event))
     rows = (await session.execute(_insert_postgres_statement(signal is not None, wake), params)).all()
     return {str(row[0]): int(row[1]) for row in rows}
 
@@ -224,7 +224,7 @@ def _logged_sql(guarded: bool) -> str:
     only_with = f"EXISTS (SELECT FROM {new_rows.GUARDED_CTE})" if guarded else ""
     return (
         "INSERT INTO run_events (run_id, seq, event, data, created_at) "
-        f"{_numbered_rows('log_', 'log_now', only_with)} "
+        f"{numbered_rows('log_', 'log_now', only_with)} "
         "RETURNING seq"
     )
 
@@ -259,7 +259,7 @@ def _logged_params(run_id: str, events: Sequence[Event]) -> dict[str, Any]:
         "log_run_ids": [run_id] * len(events),
         "log_ns": list(range(1, len(events) + 1)),
         "log_names": [event.name for event in events],
-        "log_datas": [_logged_text(event) for event in events],
+        "log_datas": [logged_text(event) for event in events],
     }
 
 
@@ -419,7 +419,7 @@ def _sqlite_params(batches: dict[str, list[Event]]) -> tuple[int, dict[str, Any]
             params[run_name] = run_id
             params[n_name] = n
             params[event_name] = event.name
-            params[data_name] = _logged_text(event)
+            params[data_name] = logged_text(event)
             row += 1
     return row, params
 
@@ -457,7 +457,7 @@ async def insert_behind(session: AsyncSession, run_id: str, events: list[Event],
         await db.write_behind(session, _insert_sqlite_statement(rows), params, options)
 
 
-def _logged_text(event: Event) -> str:
+def logged_text(event: Event) -> str:
     """The event's JSON as logged: the text its SSE frame sends too, encoded once."""
     _payload(event)
     return event.json
