@@ -90,6 +90,15 @@ class TurnResult:
     pending: Pending
 
 
+@dataclass(frozen=True)
+class _Opening:
+    """A message the turn has made its own, still to be written: the events
+    announcing it, and the parts a built-in tool made for it (put first)."""
+
+    created: list[Event]
+    leading: list[dict[str, Any]]
+
+
 @dataclass
 class Turn:
     runtime: Runtime
@@ -157,9 +166,10 @@ class Turn:
         # would be stored in text columns too; RequestModel.)
         if not fragment:
             return
-        if self.message is None:
-            await self._open_message()
-        self.text.append(fragment)
+        opening = self._new_message() if self.message is None else None
+        self.text.append(fragment)  # the turn's before its message is written (_new_message)
+        if opening is not None:
+            await self._write_message(opening)
         self._publish_text(self.marker_stream.feed(fragment))
 
     async def _on_refusal(self, fragment: str) -> None:
@@ -170,18 +180,19 @@ class Turn:
         refusal is an answer, not a failure."""
         if not fragment:
             return
-        if self.message is None:
-            await self._open_message()
+        opening = self._new_message() if self.message is None else None
         assert self.message is not None
         if self.refusal_index is None:
-            if self.text:
+            if self.text:  # (a message open already: text is kept only in one)
                 # Text held back for a possible marker goes out first: the
                 # text part's first delta must precede the next index's.
                 self._publish_text(self.marker_stream.flush())
                 self.refusal_index = self.text_index + 1
             else:
                 self.refusal_index, self.text_index = self.text_index, self.text_index + 1
-        self.refusal.append(fragment)
+        self.refusal.append(fragment)  # the turn's before its message is written (_new_message)
+        if opening is not None:
+            await self._write_message(opening)
         part = {"index": self.refusal_index, "type": "refusal", "refusal": fragment}
         self._publish([Event("thread.message.delta", _message_delta(self.message.id, [part]))])
 
@@ -202,7 +213,17 @@ class Turn:
             part = markers.text_delta(self.text_index, piece)
             self._publish([Event("thread.message.delta", _message_delta(self.message.id, [part]))])
 
-    async def _open_message(self) -> None:
+    def _new_message(self) -> _Opening:
+        """A message for the model's first text or refusal, the turn's open
+        message from now on, before it is written (_write_message), and so is
+        the fragment that opened it: a cancel that reaches the executor while
+        the message is written (at its COMMIT, seen through: the row written,
+        the executor told only "cancelled") still finds both, and the
+        cancelled run's message keeps its text (save_partial), as a cancel a
+        moment later does. Written only after, the text the server had was
+        dropped, the message closed empty (a flaky test under load). A write
+        rolled back instead leaves no row, and save_partial's UPDATE none to
+        change."""
         seq = ids.next_seq()
         message = core_rows.record(  # a record (issue 17): written by the run log, never added to a session
             orm.Message,
@@ -226,15 +247,22 @@ class Turn:
             *Event.each(("thread.run.step.created", "thread.run.step.in_progress"), step_wire),
             *Event.each(("thread.message.created", "thread.message.in_progress"), message_wire),
         ]
-        await self._insert([step, message], created)
         self.message, self.message_step = message, step
         self.marker_stream = markers.MarkerStream(self.targets)
         # Parts a built-in tool already made for this message (code_interpreter
         # images) come first, as OpenAI orders them; the text follows them.
         leading = self.leading()
         self.text_index = len(leading)
-        if leading:
-            content = [{"index": index, **part} for index, part in enumerate(leading)]
+        return _Opening(created, leading)
+
+    async def _write_message(self, opening: _Opening) -> None:
+        """The turn's new message (_new_message) written and announced, then
+        the parts a built-in tool made for it streamed."""
+        message, step = self.message, self.message_step
+        assert message is not None and step is not None
+        await self._insert([step, message], opening.created)
+        if opening.leading:
+            content = [{"index": index, **part} for index, part in enumerate(opening.leading)]
             self._publish([Event("thread.message.delta", _message_delta(message.id, content))])
 
     async def _insert(self, rows: list[ExecutorRow], created: list[Event]) -> None:

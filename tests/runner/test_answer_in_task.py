@@ -299,6 +299,55 @@ async def test_a_cancel_mid_answer_cancels_the_run_and_the_worker_goes_on(
     assert message is not None and message.content[0]["text"]["value"] == "Hello"
 
 
+def _cancelled_at_the_commit(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, written: str) -> None:
+    """The run's cancel reaches its executor at the COMMIT of the
+    transaction logging the event ``written`` (the next await after the
+    append; seen through, so its rows are written and the executor told
+    only "cancelled"). Deterministic, where the test above met it only under
+    load (its cancel sent once the message's row was seen, the executor not
+    yet resumed from that row's COMMIT)."""
+    append = runtime.run_log.append
+
+    async def cancelled_there(session: Any, run_id: str, events: list[Event], **options: Any) -> Any:
+        entries = await append(session, run_id, events, **options)
+        if any(event.name == written for event in events):
+            runtime.bus.publish(run_id, [Event("thread.run.cancelling", {"id": run_id})])
+        return entries
+
+    monkeypatch.setattr(runtime.run_log, "append", cancelled_there)
+
+
+async def _cancelled_run_keeps(runtime: Runtime, run_id: str, text: str) -> None:
+    async with asyncio.timeout(_DEADLINE_SECONDS):
+        await Worker(runtime, concurrency=1).run_until_idle()
+    assert (await _run(runtime, run_id)).status == "cancelled"
+    message = await _message(runtime, run_id)
+    assert message is not None and message.status == "incomplete"
+    assert [part["text"]["value"] for part in message.content] == [text]
+
+
+@pytest.mark.parametrize("quick", [True, False], ids=["quick-path", "streamed-path"])
+async def test_a_cancel_at_the_commit_of_the_message_its_text_opened_keeps_the_text(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, quick: bool
+) -> None:
+    """The model's first text opens the run's message; the cancel reaches
+    the executor at that message's COMMIT (written, the executor told only
+    "cancelled"): the text the server had is in the cancelled run's
+    incomplete message, as a cancel a moment later keeps it."""
+
+    async def answering(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta("Hello")
+        await asyncio.Event().wait()
+        yield llm.Finish("stop", _USAGE)
+
+    _provider(runtime, monkeypatch, answering)
+    if not quick:
+        _streamed(runtime, monkeypatch)
+    (run_id,) = await _make_runs(runtime, 1)
+    _cancelled_at_the_commit(runtime, monkeypatch, "thread.message.created")
+    await _cancelled_run_keeps(runtime, run_id, "Hello")
+
+
 async def test_a_consumed_stream_is_closed_by_its_turn_not_by_the_loop(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
