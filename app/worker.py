@@ -35,7 +35,7 @@ from app.retrieval import ingest
 from app.runner import execute
 from app.runner.tools import registry
 from app.runtime import Runtime
-from app.services import run_events, run_execution, runs
+from app.services import run_events, run_execution, run_state, runs
 from app.wire.events import Event
 
 log = logging.getLogger("app.worker")
@@ -145,7 +145,18 @@ class Worker:
         rule: another run created meanwhile is claimed, not handed; a tick
         meanwhile leaves this run out of its claim), so what is built is
         thrown away only if the create fails or the run is cancelled or
-        changed before the statement's compare-and-set."""
+        changed before the statement's compare-and-set.
+        A run whose answer is not instant (a provider's model: LLM.streams)
+        is started by its create instead: ``created`` is left in_progress,
+        leased to this worker (run_state.start_in_create), for the create's
+        statement to insert so and log its start after its opening events;
+        the hand-off sends nothing (execute.take_started: its prompt built
+        meanwhile, its execution going on once the create has committed).
+        A create that failed wrote nothing; one whose outcome is unknown and
+        that committed leaves the run in_progress under this worker's lease,
+        which this worker's next claim takes (run_execution's resumable
+        runs) at the wake the cancelled hand-off's end sends, or at the
+        next poll if that claim came before the commit."""
         if not self.runtime.run_log.postgres or not self._handable_now(created):
             return None  # (SQLite's create is one thread hop, its hand-off another: not measured)
         if self._tasks:
@@ -159,7 +170,18 @@ class Worker:
             return None
         committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._gates[created.id] = committed
-        self._start_hand_off(created, committed)
+        if self.runtime.llm.streams(created.model):
+            # Its answer is not instant (a provider's): its start is folded
+            # into the create, whose one statement inserts it started,
+            # leased to this worker as a claim leases it (issue 17: the
+            # hand-off's statement and its WAL flush saved); the caller logs
+            # the start with the create's events. The lease counts from now
+            # (lease_renewer.py's margin), the run executed from the commit.
+            claimed_at = time.monotonic()
+            run_state.start_in_create(created, self.owner, time.time() + self.lease_seconds)
+            self._start_hand_off(created, committed, started_at=claimed_at)
+        else:
+            self._start_hand_off(created, committed)
         return committed
 
     def dropped(self, created: orm.Run, committed: asyncio.Future[None]) -> None:
@@ -221,8 +243,11 @@ class Worker:
             or not run_execution.handable(created)
         )
 
-    def _start_hand_off(self, created: orm.Run, committed: asyncio.Future[None] | None) -> None:
-        task = asyncio.create_task(self._take_handed(created, self._claims, committed), name=f"hand-off {created.id}")
+    def _start_hand_off(
+        self, created: orm.Run, committed: asyncio.Future[None] | None, *, started_at: float | None = None
+    ) -> None:
+        taking = self._take_handed(created, self._claims, committed, started_at)
+        task = asyncio.create_task(taking, name=f"hand-off {created.id}")
         self._handing[created.id] = task
         task.add_done_callback(functools.partial(self._hand_off_ended, created.id))
 
@@ -235,7 +260,13 @@ class Worker:
             # if not finished): this worker's tick claims it, reserved for it.
             self.wake(files=False)
 
-    async def _take_handed(self, created: orm.Run, claims_before: int, committed: asyncio.Future[None] | None) -> None:
+    async def _take_handed(
+        self,
+        created: orm.Run,
+        claims_before: int,
+        committed: asyncio.Future[None] | None,
+        started_at: float | None = None,
+    ) -> None:
         # The create's answer first (a stream's head and opening events, or
         # the run as JSON: written in the next turns of the loop), then the
         # hand-off, whose instant answer holds the loop for a millisecond
@@ -247,11 +278,15 @@ class Worker:
         if committed is None:
             for _ in range(_TURNS_BEFORE_HAND_OFF):
                 await asyncio.sleep(0)
-        claimed_at = time.monotonic()
+        claimed_at = time.monotonic() if started_at is None else started_at
         try:
-            execution = await execute.hand_off(
-                self.runtime, self.owner, created, self.lease_seconds, self.builtins, committed
-            )
+            if started_at is not None:  # started by its create (prepare()): no statement here
+                assert committed is not None
+                execution = await execute.take_started(self.runtime, self.owner, created, self.builtins, committed)
+            else:
+                execution = await execute.hand_off(
+                    self.runtime, self.owner, created, self.lease_seconds, self.builtins, committed
+                )
         except Exception as error:  # the run is claimed the usual way, reserved for this worker still
             del self._handing[created.id]  # before the wake: the claim of the tick it starts takes the run
             if not run_execution.hand_off_lost(error):
