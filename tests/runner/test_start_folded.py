@@ -271,6 +271,42 @@ async def test_a_started_create_cancelled_with_its_statement_out_is_executed_by_
     await _assert_numbered_once(runtime, run_id)
 
 
+async def test_a_started_create_of_unknown_outcome_cancelled_before_any_claim_is_ended_by_the_next_claim(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, and the run cancelled before the worker's claim took it (a
+    running run's cancel: cancelling, its execution to end it): the claim
+    takes it and ends it cancelled, not the reaper once its lease lapsed."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    committed: list[orm.Run] = []
+
+    async def committed_then_cancelled(
+        session: Any, run_id: str, events: list[Event], append: Any, **kwargs: Any
+    ) -> Any:
+        await append(session, run_id, events, **kwargs)
+        await session.commit()
+        committed.append(await _row(runtime, run_id))
+        raise asyncio.CancelledError
+
+    _noting(runtime, monkeypatch, then=committed_then_cancelled)
+    with pytest.raises(asyncio.CancelledError):
+        await _queue(runtime, assistant)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    (run,) = committed
+    async with runtime.transaction() as other:
+        answer, cancelling = await runs.cancel(other, _PROJECT, run.thread_id, run.id)
+        await runtime.run_log.append(other, run.id, cancelling, run_locked=True)
+    assert answer.status == "cancelling"
+    await worker.tick()
+    await _executed(runtime)
+    row = await _row(runtime, run.id)
+    assert row.status == "cancelled" and row.lease_owner is None
+    names = await _event_names(runtime, run.id)
+    assert names == [*_OPENING, "thread.run.cancelling", "thread.run.cancelled"]
+    await _assert_numbered_once(runtime, run.id)
+
+
 async def test_another_workers_claim_leaves_a_started_create_to_its_own_worker(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
