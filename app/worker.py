@@ -110,6 +110,13 @@ class Worker:
         self.last_error: str | None = None
         self._failures = 0
         self._unreleased: set[str] = set()
+        # Runs a folded create (prepare()) may have committed in_progress,
+        # leased to this worker, that it does not execute (the create's
+        # outcome unknown to the API): by run, until when that lease holds (time.time()). Each tick
+        # releases them before its claim, again until released or lapsed (the
+        # commit may land after a tick's release), for its claim to take them
+        # as any resumable run, or the reaper to end a cancelled one.
+        self._folded_unreleased: dict[str, float] = {}
         self._stopping = False
         self._abandon = asyncio.Event()  # a second stop request: skip the drain
 
@@ -154,9 +161,11 @@ class Worker:
         meanwhile, its execution going on once the create has committed).
         A create that failed wrote nothing; one whose outcome is unknown and
         that committed leaves the run in_progress under this worker's lease,
-        which this worker's next claim takes (run_execution's resumable
-        runs) at the wake the cancelled hand-off's end sends, or at the
-        next poll if that claim came before the commit."""
+        executed by nobody: dropped() notes it, and each tick from the wake
+        the cancelled hand-off's end sends releases it before its claim
+        (until released, or its lease lapsed: the commit may land after a
+        tick), for that claim to take it as any resumable run (or the
+        reaper to end it, cancelled meanwhile)."""
         if not self.runtime.run_log.postgres or not self._handable_now(created):
             return None  # (SQLite's create is one thread hop, its hand-off another: not measured)
         if self._tasks:
@@ -179,7 +188,7 @@ class Worker:
             # (lease_renewer.py's margin), the run executed from the commit.
             claimed_at = time.monotonic()
             run_state.start_in_create(created, self.owner, time.time() + self.lease_seconds)
-            self._start_hand_off(created, committed, started_at=claimed_at)
+            self._start_hand_off(created, committed, folded_at=claimed_at)
         else:
             self._start_hand_off(created, committed)
         return committed
@@ -190,6 +199,11 @@ class Worker:
         gated, has sent nothing; it is cancelled, its slot freed."""
         committed.cancel()
         self._gates.pop(created.id, None)
+        if created.status == "in_progress" and created.lease_owner == self.owner:
+            # Folded (prepare()): a create whose outcome is unknown may have
+            # committed the run leased to this worker, which would keep it
+            # from every claim until the lease lapsed: the ticks release it.
+            self._note_folded_unreleased(created)
         task = self._handing.pop(created.id, None)
         if task is not None:
             # Its end wakes the worker (_hand_off_ended): a create whose
@@ -243,10 +257,16 @@ class Worker:
             or not run_execution.handable(created)
         )
 
+    def _note_folded_unreleased(self, created: orm.Run) -> None:
+        lease_until = created.lease_expires_at if created.lease_expires_at is not None else time.time()
+        self._folded_unreleased[created.id] = lease_until
+
     def _start_hand_off(
-        self, created: orm.Run, committed: asyncio.Future[None] | None, *, started_at: float | None = None
+        self, created: orm.Run, committed: asyncio.Future[None] | None, *, folded_at: float | None = None
     ) -> None:
-        taking = self._take_handed(created, self._claims, committed, started_at)
+        """``folded_at``: the run is started by its create (prepare()), its
+        lease counted from then (time.monotonic())."""
+        taking = self._take_handed(created, self._claims, committed, folded_at)
         task = asyncio.create_task(taking, name=f"hand-off {created.id}")
         self._handing[created.id] = task
         task.add_done_callback(functools.partial(self._hand_off_ended, created.id))
@@ -265,7 +285,7 @@ class Worker:
         created: orm.Run,
         claims_before: int,
         committed: asyncio.Future[None] | None,
-        started_at: float | None = None,
+        folded_at: float | None = None,
     ) -> None:
         # The create's answer first (a stream's head and opening events, or
         # the run as JSON: written in the next turns of the loop), then the
@@ -278,9 +298,9 @@ class Worker:
         if committed is None:
             for _ in range(_TURNS_BEFORE_HAND_OFF):
                 await asyncio.sleep(0)
-        claimed_at = time.monotonic() if started_at is None else started_at
+        claimed_at = time.monotonic() if folded_at is None else folded_at
         try:
-            if started_at is not None:  # started by its create (prepare()): no statement here
+            if folded_at is not None:  # started by its create (prepare()): no statement here
                 assert committed is not None
                 execution = await execute.take_started(self.runtime, self.owner, created, self.builtins, committed)
             else:
@@ -480,6 +500,8 @@ class Worker:
                 async with self.runtime.transaction() as session:
                     await run_execution.release(session, self.owner, releasable)
             self._unreleased = listed
+        if self._folded_unreleased:
+            await self._release_folded()
         if time.monotonic() >= self._next_reap:
             await self.reap()
             self._next_reap = time.monotonic() + self.poll_seconds
@@ -512,6 +534,23 @@ class Worker:
         # Vector store files: after runs, in their own slots (see app/retrieval/ingest.py).
         if ingest and not self._stopping:
             await self.ingestion.tick()
+
+    async def _release_folded(self) -> None:
+        """Release the runs of folded creates this worker does not execute
+        (``_folded_unreleased``): a compare-and-set on this worker's lease
+        (run_execution.release), so a run another worker took since its lease
+        lapsed is left alone; one this worker executes or hands is skipped."""
+        now = time.time()
+        noted = self._folded_unreleased
+        for run_id in [run_id for run_id, lease_until in noted.items() if lease_until <= now]:
+            del noted[run_id]  # lapsed: any claim takes it now, the reaper ends it if cancelled
+        releasable = sorted(noted.keys() - self._tasks.keys() - self._handing.keys())
+        if not releasable:
+            return
+        async with self.runtime.transaction() as session:
+            released = await run_execution.release(session, self.owner, releasable)
+        for run_id in released:
+            noted.pop(run_id, None)
 
     async def run_until_idle(self, limit_seconds: float = 30.0) -> None:
         """Execute until no run is queued or executing (tests, benchmarks)."""
@@ -555,7 +594,8 @@ class Worker:
 
     async def claim(self, limit: int) -> list[str]:
         async with self.runtime.transaction() as session:
-            return await run_execution.claim(session, self.owner, limit, self.lease_seconds, list(self._tasks))
+            executing = [*self._tasks, *self._handing]
+            return await run_execution.claim(session, self.owner, limit, self.lease_seconds, executing)
 
     async def prune_run_events(self) -> None:
         """Delete the event logs of runs that ended longer ago than the

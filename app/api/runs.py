@@ -114,6 +114,10 @@ async def _queue_run(
             # its start logged by the same statement, after it.
             answered = events[-1] if events else None
             if handing is not None and run.status == "in_progress":
+                # Folded: only a run the append below inserts can be started
+                # so (its row written in_progress); one ``change`` had already
+                # inserted queued would stay queued, leased to nobody's task.
+                assert any(row is run for row in unwritten.rows), "a folded run is inserted by its create"
                 events = [*events, Event.of("thread.run.in_progress", runs.to_wire(run))]
             # ``change`` inserted the run (or left it to this insert) or moved
             # it with a compare-and-set UPDATE: this transaction holds its row

@@ -680,7 +680,8 @@ class RunExecution:
         written. A prompt that cannot be built here (or whose read fails)
         leaves the run to start(), which finds it in_progress under this
         lease, builds the prompt again and, meeting the same failure, fails
-        the run as it fails a claimed one's (SERVER_ERROR)."""
+        the run as it fails a claimed one's (SERVER_ERROR); start()'s resume
+        branch logs its "resuming run" line then, as expected there."""
         usage_so_far = run.usage or {}
         self.prompt_tokens = usage_so_far.get("prompt_tokens", 0)
         self.completion_tokens = usage_so_far.get("completion_tokens", 0)

@@ -93,26 +93,12 @@ def _claimable_by_owner(dialect: str) -> ColumnElement[bool]:
         return orm.Run.status == value
 
     queued = and_(status("queued"), or_(_lease_free(now), orm.Run.lease_owner == bindparam("reserved_owner")))
-    on_time = or_(orm.Run.expires_at.is_(None), orm.Run.expires_at > bindparam("now_seconds", type_=Integer))
-    resumable = and_(status("in_progress"), on_time, _lease_free(now))
-    if dialect != "postgresql":
-        return or_(queued, resumable)
-    # Or leased to the claiming worker itself, which does not execute it (the
-    # claim leaves out the runs it executes: _not_executing): a run its
-    # create started for this worker (Worker.prepare) whose hand-off was
-    # dropped, the create's outcome unknown to the API (its request
-    # cancelled with the statement out) yet committed. Its lease would keep
-    # it from every claim, and from the reaper, until it lapsed
-    # (run_lease_seconds); this worker takes it at its next claim, to resume
-    # (nothing of it was done: RunExecution.start), or, cancelled since, to
-    # end cancelled (start() does). No other run is in_progress or
-    # cancelling under a worker's lease without its execution but for a
-    # moment (one that stopped on a database error or its renewals failing:
-    # released by the worker's next tick before its claim, then claimed by
-    # it just the same, or reaped).
-    own = orm.Run.lease_owner == bindparam("owner", type_=String)
-    started_here = and_(or_(and_(status("in_progress"), on_time), status("cancelling")), own)
-    return or_(queued, resumable, started_here)
+    resumable = and_(
+        status("in_progress"),
+        or_(orm.Run.expires_at.is_(None), orm.Run.expires_at > bindparam("now_seconds", type_=Integer)),
+        _lease_free(now),
+    )
+    return or_(queued, resumable)
 
 
 # A queued run's earlier messages come back with its claim only for a short

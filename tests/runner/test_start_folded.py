@@ -4,10 +4,12 @@ run_state.start_in_create), leased to its worker, its start logged after the
 create's events; the hand-off sends nothing and the run's execution goes on
 as a claimed run's once the create has committed. Every way a create or its
 run can go is answered as before: a failed create leaves nothing, a create
-whose outcome is unknown and that committed is taken by the worker's next
-claim, a cancel ends the run as a running run's, a prompt that cannot be
-built fails it, a process killed after the commit leaves it to be resumed
-once its lease lapses."""
+whose outcome is unknown and that committed is released by the worker's
+next tick and taken by its claim, a cancel ends the run as a running run's,
+a prompt that cannot be built fails it, a process killed after the commit
+leaves it to be resumed once its lease lapses. The claim itself is pgearly's: a run whose
+execution crashed under this worker's lease is claimed again only once that
+lease lapses (not at every tick)."""
 
 from __future__ import annotations
 
@@ -27,14 +29,21 @@ from app import held_back, orm
 from app.api import runs as api_runs
 from app.runner import execute, prompt
 from app.runtime import Runtime
-from app.services import new_rows, runs
+from app.services import new_rows, run_execution, runs
 from app.services.projects import Project
 from app.settings import Settings
 from app.wire.events import Event
 from app.wire.runs import ThreadAndRunCreate
 from app.worker import Worker
 from tests.runner.helpers import DEADLINE
-from tests.runner.test_hand_off import _assert_numbered_once, _assistant, _lapse, _never_at_once, _row
+from tests.runner.test_hand_off import (
+    _assert_numbered_once,
+    _assistant,
+    _create,
+    _lapse,
+    _never_at_once,
+    _row,
+)
 from tests.runner.test_instant_answer import _event_names
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
@@ -239,7 +248,8 @@ async def test_a_started_create_cancelled_with_its_statement_out_is_executed_by_
     takes the outcome for a rollback, the hand-off is dropped; the statement
     had committed all the same, the run in_progress under the worker's own
     lease, executed by nobody. The worker, woken by the dropped hand-off,
-    takes it at its next claim (not only once its lease lapses), once."""
+    releases it at its next tick (Worker.dropped noted it) and that tick's
+    claim takes it (not only once its lease lapses), once."""
     assistant = await _assistant(runtime)
     worker = _worker(runtime)
     committed: list[str] = []
@@ -271,12 +281,13 @@ async def test_a_started_create_cancelled_with_its_statement_out_is_executed_by_
     await _assert_numbered_once(runtime, run_id)
 
 
-async def test_a_started_create_of_unknown_outcome_cancelled_before_any_claim_is_ended_by_the_next_claim(
+async def test_a_started_create_of_unknown_outcome_cancelled_before_any_claim_is_ended_by_the_next_tick(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As above, and the run cancelled before the worker's claim took it (a
-    running run's cancel: cancelling, its execution to end it): the claim
-    takes it and ends it cancelled, not the reaper once its lease lapsed."""
+    running run's cancel: cancelling, its execution to end it): the next
+    tick releases it and its reaper ends it cancelled, not once its lease
+    lapsed."""
     assistant = await _assistant(runtime)
     worker = _worker(runtime)
     committed: list[orm.Run] = []
@@ -310,8 +321,8 @@ async def test_a_started_create_of_unknown_outcome_cancelled_before_any_claim_is
 async def test_another_workers_claim_leaves_a_started_create_to_its_own_worker(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The claim's new branch (in_progress, the claiming worker's own lease)
-    takes nothing of another worker's."""
+    """Another worker's claim leaves a run its create started under this
+    worker's lease alone."""
     assistant = await _assistant(runtime)
     worker = _worker(runtime)
     order = _noting(runtime, monkeypatch)
@@ -424,3 +435,131 @@ async def test_an_offline_models_instant_run_is_not_started_by_its_create(
     await _executed(runtime)
     assert created == ["thread.created", "thread.run.created", "thread.run.queued"]
     assert (await _row(runtime, run.id)).status == "completed"
+
+
+async def _committed_then_cancelled_create(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A folded create whose statement committed, its request cancelled
+    before the API saw the outcome (taken for a rollback: dropped()): the
+    run's id, in_progress under the worker's lease, executed by nobody."""
+    assistant = await _assistant(runtime)
+    committed: list[str] = []
+
+    async def committed_then_cancelled(
+        session: Any, run_id: str, events: list[Event], append: Any, **kwargs: Any
+    ) -> Any:
+        await append(session, run_id, events, **kwargs)
+        await session.commit()
+        committed.append(run_id)
+        raise asyncio.CancelledError
+
+    _noting(runtime, monkeypatch, then=committed_then_cancelled)
+    with pytest.raises(asyncio.CancelledError):
+        await _queue(runtime, assistant)
+    await asyncio.wait_for(_worker(runtime)._handed(), DEADLINE)
+    (run_id,) = committed
+    return run_id
+
+
+async def test_a_started_create_of_unknown_outcome_is_released_by_a_later_tick_if_not_by_the_first(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The create's commit may land after the first tick's release (which
+    then finds no row): the note is kept, the next tick releases the run."""
+    worker = _worker(runtime)
+    run_id = await _committed_then_cancelled_create(runtime, monkeypatch)
+    real_release = run_execution.release
+    releases: list[list[str]] = []
+
+    async def release(session: AsyncSession, owner: str, run_ids: list[str] | None = None) -> list[str]:
+        if not releases:  # the first: as if the create had not committed yet
+            releases.append([])
+            return []
+        released = await real_release(session, owner, run_ids)
+        releases.append(released)
+        return released
+
+    monkeypatch.setattr(run_execution, "release", release)
+    await worker.tick()
+    assert not worker._tasks  # the lease still held: nothing claimed
+    await worker.tick()
+    assert releases == [[], [run_id]] and list(worker._tasks) == [run_id]
+    await _executed(runtime)
+    assert (await _row(runtime, run_id)).status == "completed"
+    assert not worker._folded_unreleased
+    await worker.tick()
+    assert releases == [[], [run_id]]  # released once: not sent again
+
+
+async def test_a_tick_right_after_the_folded_create_does_not_claim_its_run(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tick whose claim goes out after the create has committed, before
+    the hand-off has made the run a task of the worker's, leaves it to the
+    hand-off (the claim's ``executing`` lists the runs being handed)."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    real_hand = worker.hand
+    worker._next_reap = worker._next_prune = float("inf")  # the tick goes straight to its claim
+    worker.concurrency = 4  # room for a claim beside the hand-off
+    ticks: list[asyncio.Task[None]] = []
+
+    def hand(created: orm.Run) -> bool:
+        handed = real_hand(created)
+        ticks.append(asyncio.create_task(worker.tick(ingest=False)))
+        return handed
+
+    monkeypatch.setattr(worker, "hand", hand)
+    claimed: list[str] = []
+    real_claim = execute.claim_and_start
+
+    async def claim_and_start(*args: Any, **kwargs: Any) -> list[execute.RunExecution]:
+        executions = await real_claim(*args, **kwargs)
+        claimed.extend(each.run_id for each in executions)
+        return executions
+
+    monkeypatch.setattr(execute, "claim_and_start", claim_and_start)
+    order = _noting(runtime, monkeypatch)
+    run, _response = await _queue(runtime, assistant)
+    await asyncio.wait_for(asyncio.gather(*ticks), DEADLINE)
+    await _executed(runtime)
+    assert "claimed" in order and claimed == []  # the claim went out, and took nothing
+    assert (await _row(runtime, run.id)).status == "completed"
+    names = [name for name in await _event_names(runtime, run.id) if name != "thread.message.delta"]
+    assert names.count("thread.message.created") == 1, names
+    await _assert_numbered_once(runtime, run.id)
+
+
+async def test_a_run_whose_execution_crashed_is_claimed_again_once_a_lease_not_every_tick(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An execution that escapes execute() with an error that is not the
+    database's (its loop failed, and its end too) leaves its run in_progress
+    under the worker's lease, unreleased: the same worker's next ticks do
+    not claim it again (a model call per tick), only its lease's lapse does."""
+    attempts: list[str] = []
+
+    async def loop(self: execute.RunExecution, *_args: Any) -> None:
+        attempts.append(self.run_id)
+        raise RuntimeError("the model call failed unexpectedly")
+
+    async def end(self: execute.RunExecution, *_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("and so did the run's end (a bug)")
+
+    monkeypatch.setattr(execute.RunExecution, "_loop", loop)
+    monkeypatch.setattr(execute.RunExecution, "_end", end)
+    worker = Worker(runtime)  # (not the server's: driven tick by tick, it hands nothing)
+    try:
+        run = await _create(runtime, worker)
+        for _ in range(3):
+            await worker.tick(ingest=False)
+            if worker._tasks:
+                await asyncio.wait_for(asyncio.gather(*worker._tasks.values(), return_exceptions=True), DEADLINE)
+        assert attempts == [run.id]
+        row = await _row(runtime, run.id)
+        assert row.status == "in_progress" and row.lease_owner == worker.owner
+        await _lapse(runtime, run.id)
+        await worker.tick(ingest=False)
+        await asyncio.wait_for(asyncio.gather(*worker._tasks.values(), return_exceptions=True), DEADLINE)
+        assert attempts == [run.id, run.id]  # once per lease
+    finally:
+        await worker.stop()
