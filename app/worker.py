@@ -112,7 +112,8 @@ class Worker:
         self._unreleased: set[str] = set()
         # Runs a folded create (prepare()) may have committed in_progress,
         # leased to this worker, that it does not execute (the create's
-        # outcome unknown to the API): by run, until when that lease holds (time.time()). Each tick
+        # outcome unknown to the API, or committed too late to run under its
+        # lease): by run, until when that lease holds (time.time()). Each tick
         # releases them before its claim, again until released or lapsed (the
         # commit may land after a tick's release), for its claim to take them
         # as any resumable run, or the reaper to end a cancelled one.
@@ -316,6 +317,15 @@ class Worker:
         if self._claims == claims_before:  # (a claim since has counted the reservations anew)
             self._reserved = max(0, self._reserved - 1)  # its slot: the run has ended, or its task below takes it
         del self._handing[created.id]
+        if folded_at is not None and time.monotonic() >= self.leases.give_up_at(folded_at):
+            # A create slower than the lease (stamped before its statement
+            # went): the renewer would give the run up at once, or its lease
+            # has lapsed and another worker may take it. Not executed under
+            # it: released by the next tick, whose claim takes it afresh.
+            log.warning("run %s: its create committed too late for its lease; it is claimed instead", created.id)
+            self._note_folded_unreleased(created)
+            self.wake(files=False)
+            return
         if not execution.finished:
             self._start(execution, claimed_at)
         elif self._claimed_to_capacity:  # a tick meanwhile counted its slot and claimed no more: runs may wait

@@ -7,7 +7,8 @@ run can go is answered as before: a failed create leaves nothing, a create
 whose outcome is unknown and that committed is released by the worker's
 next tick and taken by its claim, a cancel ends the run as a running run's,
 a prompt that cannot be built fails it, a process killed after the commit
-leaves it to be resumed once its lease lapses. The claim itself is pgearly's: a run whose
+leaves it to be resumed once its lease lapses, a create slower than the
+lease leaves the run to a claim. The claim itself is pgearly's: a run whose
 execution crashed under this worker's lease is claimed again only once that
 lease lapses (not at every tick)."""
 
@@ -26,6 +27,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import held_back, orm
+from app import worker as worker_module
 from app.api import runs as api_runs
 from app.runner import execute, prompt
 from app.runtime import Runtime
@@ -526,6 +528,49 @@ async def test_a_tick_right_after_the_folded_create_does_not_claim_its_run(
     assert (await _row(runtime, run.id)).status == "completed"
     names = [name for name in await _event_names(runtime, run.id) if name != "thread.message.delta"]
     assert names.count("thread.message.created") == 1, names
+    await _assert_numbered_once(runtime, run.id)
+
+
+async def test_a_create_slower_than_the_lease_leaves_its_run_to_the_claim(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease is stamped before the create's statement goes: a commit
+    that came past the renewer's give-up moment is not executed under it;
+    the next tick releases the run and its claim takes it with a new lease.
+    (The worker's clock is moved a lease ahead while the create is out.)"""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    ahead = [0.0]
+
+    class Clock:
+        time = staticmethod(time.time)
+
+        @staticmethod
+        def monotonic() -> float:
+            return time.monotonic() + ahead[0]
+
+    monkeypatch.setattr(worker_module, "time", Clock)
+
+    async def slow(session: Any, run_id: str, events: list[Event], append: Any, **kwargs: Any) -> Any:
+        entries = await append(session, run_id, events, **kwargs)
+        ahead[0] = worker.lease_seconds  # a whole lease went by
+        return entries
+
+    order = _noting(runtime, monkeypatch, then=slow)
+    run, _response = await _queue(runtime, assistant)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    assert "executing" not in order and not worker._tasks  # not executed under the lapsed lease
+    row = await _row(runtime, run.id)
+    assert row.status == "in_progress" and row.lease_owner == worker.owner
+    assert worker._wakeup.is_set()
+    ahead[0] = 0.0
+    await worker.tick()  # the wake's: releases the run, its claim takes it
+    assert list(worker._tasks) == [run.id]
+    await _executed(runtime)
+    assert (await _row(runtime, run.id)).status == "completed"
+    names = [name for name in await _event_names(runtime, run.id) if name != "thread.message.delta"]
+    assert names[:4] == _OPENING and names[-1] == "thread.run.completed"
+    assert names.count("thread.run.in_progress") == 1 and names.count("thread.message.completed") == 1
     await _assert_numbered_once(runtime, run.id)
 
 
