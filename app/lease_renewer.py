@@ -127,7 +127,13 @@ class LeaseRenewer:
             await asyncio.wait({self._round})
 
     def _give_up_at(self, lease: _HeldLease) -> float:
-        return lease.renewed_at + self.lease_seconds * GIVE_UP_FRACTION
+        return self.give_up_at(lease.renewed_at)
+
+    def give_up_at(self, stamped_at: float) -> float:
+        """When a lease stamped at ``stamped_at`` (time.monotonic(), taken
+        before its statement went) is given up, unrenewed: a run not yet
+        held whose moment has passed is not to be executed under that lease."""
+        return stamped_at + self.lease_seconds * GIVE_UP_FRACTION
 
     def _next_round_at(self, give_up_at: float) -> float:
         """The next period, or sooner when the earliest give-up moment of the

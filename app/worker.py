@@ -35,7 +35,7 @@ from app.retrieval import ingest
 from app.runner import execute
 from app.runner.tools import registry
 from app.runtime import Runtime
-from app.services import run_events, run_execution, runs
+from app.services import run_events, run_execution, run_state, runs
 from app.wire.events import Event
 
 log = logging.getLogger("app.worker")
@@ -110,6 +110,14 @@ class Worker:
         self.last_error: str | None = None
         self._failures = 0
         self._unreleased: set[str] = set()
+        # Runs a folded create (prepare()) may have committed in_progress,
+        # leased to this worker, that it does not execute (the create's
+        # outcome unknown to the API, or committed too late to run under its
+        # lease): by run, until when that lease holds (time.time()). Each tick
+        # releases them before its claim, again until released or lapsed (the
+        # commit may land after a tick's release), for its claim to take them
+        # as any resumable run, or the reaper to end a cancelled one.
+        self._folded_unreleased: dict[str, float] = {}
         self._stopping = False
         self._abandon = asyncio.Event()  # a second stop request: skip the drain
 
@@ -145,7 +153,20 @@ class Worker:
         rule: another run created meanwhile is claimed, not handed; a tick
         meanwhile leaves this run out of its claim), so what is built is
         thrown away only if the create fails or the run is cancelled or
-        changed before the statement's compare-and-set."""
+        changed before the statement's compare-and-set.
+        A run whose answer is not instant (a provider's model: LLM.streams)
+        is started by its create instead: ``created`` is left in_progress,
+        leased to this worker (run_state.start_in_create), for the create's
+        statement to insert so and log its start after its opening events;
+        the hand-off sends nothing (execute.take_started: its prompt built
+        meanwhile, its execution going on once the create has committed).
+        A create that failed wrote nothing; one whose outcome is unknown and
+        that committed leaves the run in_progress under this worker's lease,
+        executed by nobody: dropped() notes it, and each tick from the wake
+        the cancelled hand-off's end sends releases it before its claim
+        (until released, or its lease lapsed: the commit may land after a
+        tick), for that claim to take it as any resumable run (or the
+        reaper to end it, cancelled meanwhile)."""
         if not self.runtime.run_log.postgres or not self._handable_now(created):
             return None  # (SQLite's create is one thread hop, its hand-off another: not measured)
         if self._tasks:
@@ -159,7 +180,18 @@ class Worker:
             return None
         committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._gates[created.id] = committed
-        self._start_hand_off(created, committed)
+        if self.runtime.llm.streams(created.model):
+            # Its answer is not instant (a provider's): its start is folded
+            # into the create, whose one statement inserts it started,
+            # leased to this worker as a claim leases it (issue 17: the
+            # hand-off's statement and its WAL flush saved); the caller logs
+            # the start with the create's events. The lease counts from now
+            # (lease_renewer.py's margin), the run executed from the commit.
+            claimed_at = time.monotonic()
+            run_state.start_in_create(created, self.owner, time.time() + self.lease_seconds)
+            self._start_hand_off(created, committed, folded_at=claimed_at)
+        else:
+            self._start_hand_off(created, committed)
         return committed
 
     def dropped(self, created: orm.Run, committed: asyncio.Future[None]) -> None:
@@ -168,6 +200,11 @@ class Worker:
         gated, has sent nothing; it is cancelled, its slot freed."""
         committed.cancel()
         self._gates.pop(created.id, None)
+        if created.status == "in_progress" and created.lease_owner == self.owner:
+            # Folded (prepare()): a create whose outcome is unknown may have
+            # committed the run leased to this worker, which would keep it
+            # from every claim until the lease lapsed: the ticks release it.
+            self._note_folded_unreleased(created)
         task = self._handing.pop(created.id, None)
         if task is not None:
             # Its end wakes the worker (_hand_off_ended): a create whose
@@ -221,8 +258,17 @@ class Worker:
             or not run_execution.handable(created)
         )
 
-    def _start_hand_off(self, created: orm.Run, committed: asyncio.Future[None] | None) -> None:
-        task = asyncio.create_task(self._take_handed(created, self._claims, committed), name=f"hand-off {created.id}")
+    def _note_folded_unreleased(self, created: orm.Run) -> None:
+        lease_until = created.lease_expires_at if created.lease_expires_at is not None else time.time()
+        self._folded_unreleased[created.id] = lease_until
+
+    def _start_hand_off(
+        self, created: orm.Run, committed: asyncio.Future[None] | None, *, folded_at: float | None = None
+    ) -> None:
+        """``folded_at``: the run is started by its create (prepare()), its
+        lease counted from then (time.monotonic())."""
+        taking = self._take_handed(created, self._claims, committed, folded_at)
+        task = asyncio.create_task(taking, name=f"hand-off {created.id}")
         self._handing[created.id] = task
         task.add_done_callback(functools.partial(self._hand_off_ended, created.id))
 
@@ -235,7 +281,13 @@ class Worker:
             # if not finished): this worker's tick claims it, reserved for it.
             self.wake(files=False)
 
-    async def _take_handed(self, created: orm.Run, claims_before: int, committed: asyncio.Future[None] | None) -> None:
+    async def _take_handed(
+        self,
+        created: orm.Run,
+        claims_before: int,
+        committed: asyncio.Future[None] | None,
+        folded_at: float | None = None,
+    ) -> None:
         # The create's answer first (a stream's head and opening events, or
         # the run as JSON: written in the next turns of the loop), then the
         # hand-off, whose instant answer holds the loop for a millisecond
@@ -247,11 +299,15 @@ class Worker:
         if committed is None:
             for _ in range(_TURNS_BEFORE_HAND_OFF):
                 await asyncio.sleep(0)
-        claimed_at = time.monotonic()
+        claimed_at = time.monotonic() if folded_at is None else folded_at
         try:
-            execution = await execute.hand_off(
-                self.runtime, self.owner, created, self.lease_seconds, self.builtins, committed
-            )
+            if folded_at is not None:  # started by its create (prepare()): no statement here
+                assert committed is not None
+                execution = await execute.take_started(self.runtime, self.owner, created, self.builtins, committed)
+            else:
+                execution = await execute.hand_off(
+                    self.runtime, self.owner, created, self.lease_seconds, self.builtins, committed
+                )
         except Exception as error:  # the run is claimed the usual way, reserved for this worker still
             del self._handing[created.id]  # before the wake: the claim of the tick it starts takes the run
             if not run_execution.hand_off_lost(error):
@@ -261,6 +317,15 @@ class Worker:
         if self._claims == claims_before:  # (a claim since has counted the reservations anew)
             self._reserved = max(0, self._reserved - 1)  # its slot: the run has ended, or its task below takes it
         del self._handing[created.id]
+        if folded_at is not None and time.monotonic() >= self.leases.give_up_at(folded_at):
+            # A create slower than the lease (stamped before its statement
+            # went): the renewer would give the run up at once, or its lease
+            # has lapsed and another worker may take it. Not executed under
+            # it: released by the next tick, whose claim takes it afresh.
+            log.warning("run %s: its create committed too late for its lease; it is claimed instead", created.id)
+            self._note_folded_unreleased(created)
+            self.wake(files=False)
+            return
         if not execution.finished:
             self._start(execution, claimed_at)
         elif self._claimed_to_capacity:  # a tick meanwhile counted its slot and claimed no more: runs may wait
@@ -445,6 +510,8 @@ class Worker:
                 async with self.runtime.transaction() as session:
                     await run_execution.release(session, self.owner, releasable)
             self._unreleased = listed
+        if self._folded_unreleased:
+            await self._release_folded()
         if time.monotonic() >= self._next_reap:
             await self.reap()
             self._next_reap = time.monotonic() + self.poll_seconds
@@ -477,6 +544,23 @@ class Worker:
         # Vector store files: after runs, in their own slots (see app/retrieval/ingest.py).
         if ingest and not self._stopping:
             await self.ingestion.tick()
+
+    async def _release_folded(self) -> None:
+        """Release the runs of folded creates this worker does not execute
+        (``_folded_unreleased``): a compare-and-set on this worker's lease
+        (run_execution.release), so a run another worker took since its lease
+        lapsed is left alone; one this worker executes or hands is skipped."""
+        now = time.time()
+        noted = self._folded_unreleased
+        for run_id in [run_id for run_id, lease_until in noted.items() if lease_until <= now]:
+            del noted[run_id]  # lapsed: any claim takes it now, the reaper ends it if cancelled
+        releasable = sorted(noted.keys() - self._tasks.keys() - self._handing.keys())
+        if not releasable:
+            return
+        async with self.runtime.transaction() as session:
+            released = await run_execution.release(session, self.owner, releasable)
+        for run_id in released:
+            noted.pop(run_id, None)
 
     async def run_until_idle(self, limit_seconds: float = 30.0) -> None:
         """Execute until no run is queued or executing (tests, benchmarks)."""
@@ -520,7 +604,8 @@ class Worker:
 
     async def claim(self, limit: int) -> list[str]:
         async with self.runtime.transaction() as session:
-            return await run_execution.claim(session, self.owner, limit, self.lease_seconds, list(self._tasks))
+            executing = [*self._tasks, *self._handing]
+            return await run_execution.claim(session, self.owner, limit, self.lease_seconds, executing)
 
     async def prune_run_events(self) -> None:
         """Delete the event logs of runs that ended longer ago than the

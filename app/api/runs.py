@@ -77,6 +77,7 @@ async def _queue_run(
     """
     follower: Follower | None = None
     handing: asyncio.Future[None] | None = None
+    answered: Event | None = None
     # An API replica's create wakes the workers with its own commit (issue
     # 17: not a transaction of its own after it); a worker here is woken in-process.
     notify = runtime.wakes_by_notify()
@@ -107,6 +108,17 @@ async def _queue_run(
             # the statement below is out, and sent once it has committed
             # (Worker.prepare; issue 17).
             handing = None if notify or runtime.worker is None else runtime.worker.prepare(run)
+            # The run as the create answers it (the JSON answer, a stream's
+            # head): the event that queued it, though a lone provider run is
+            # inserted started (Worker.prepare, run_state.start_in_create),
+            # its start logged by the same statement, after it.
+            answered = events[-1] if events else None
+            if handing is not None and run.status == "in_progress":
+                # Folded: only a run the append below inserts can be started
+                # so (its row written in_progress); one ``change`` had already
+                # inserted queued would stay queued, leased to nobody's task.
+                assert any(row is run for row in unwritten.rows), "a folded run is inserted by its create"
+                events = [*events, Event.of("thread.run.in_progress", runs.to_wire(run))]
             # ``change`` inserted the run (or left it to this insert) or moved
             # it with a compare-and-set UPDATE: this transaction holds its row
             # lock (PostgreSQL), or no other sees the run yet.
@@ -129,11 +141,10 @@ async def _queue_run(
     if not notify and (runtime.worker is None or not runtime.worker.hand(run)):
         runtime.wake(files=False)
     if follower is None:
-        last = events[-1] if events else None
-        if last is not None and last.name == "thread.run.queued":
+        if answered is not None and answered.name == "thread.run.queued":
             # The run as committed, as the event that queued it carries it,
             # already encoded for the log: not validated and dumped again.
-            return _json_text(last.json)
+            return _json_text(answered.json)
         return respond(runs.to_wire(run))
     # As committed: on SQLite the run log numbers an append ahead of writing
     # it, and corrects ``opening`` if another process had written meanwhile.

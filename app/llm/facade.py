@@ -99,6 +99,14 @@ class LLM:
     def is_configured(self, model: str) -> bool:
         return self._router.route(model) is not None
 
+    def streams(self, model: str) -> bool:
+        """Whether ``model``'s answers always come streamed (answer_at_once()
+        answers None): its route is configured and is not the offline model
+        (a provider's). Known before a run's create is sent, from its model
+        alone (Worker.prepare: such a run is started by its create)."""
+        route = self._router.route(model)
+        return route is not None and not route.offline
+
     def model_names(self) -> list[str]:
         """Names to list on ``GET /models``: the routing file's exact model
         names, and ``offline`` (the built-in model) when a name routes to it."""

@@ -690,6 +690,29 @@ class RunExecution:
             raise
         return True
 
+    async def take_started(self, session: AsyncSession, run: orm.Run) -> None:
+        """PostgreSQL: go on with ``run``, which its create inserted started
+        and leased to this execution's worker (Worker.prepare's fold; issue
+        17): its first prompt, built as start_claimed() builds it, its
+        execution then going on as a claimed run's (run()). Nothing is
+        written. A prompt that cannot be built here (or whose read fails)
+        leaves the run to start(), which finds it in_progress under this
+        lease, builds the prompt again and, meeting the same failure, fails
+        the run as it fails a claimed one's (SERVER_ERROR); start()'s resume
+        branch logs its "resuming run" line then, as expected there."""
+        usage_so_far = run.usage or {}
+        self.prompt_tokens = usage_so_far.get("prompt_tokens", 0)
+        self.completion_tokens = usage_so_far.get("completion_tokens", 0)
+        try:
+            context = await self._context(session, run)
+            chat = await self._first_prompt(session, run)
+        except Exception:  # (a DBAPIError too: start() reads again, in its own transaction)
+            log.debug("run %s: its first prompt is left to start()", run.id, exc_info=True)
+            return
+        self.context = context
+        self._started = (run, chat)
+        self._run = run
+
     async def _start_held(self, session: AsyncSession, run: orm.Run) -> list[Event] | None:
         """start_claimed()'s start, held (run_state.hold) for the run's next
         move to write, with its first prompt: the start's events; None, the
@@ -1441,6 +1464,36 @@ async def hand_off(
             not_at_once(execution.run_id)
         raise
     assert execution is not None
+    return execution
+
+
+async def take_started(
+    runtime: Runtime,
+    owner: str,
+    created: orm.Run,
+    builtins: dict[str, BuiltinTool],
+    committed: asyncio.Future[None],
+) -> RunExecution:
+    """PostgreSQL: the execution of ``created``, a run its create inserts
+    already started, leased to ``owner`` (Worker.prepare's fold: a lone run
+    whose answer is not instant, a provider's; issue 17, no statement of the
+    hand-off's own). Its first prompt is built while the create's statement
+    is out, any read it needs gated until the create has committed
+    (db.gate); returns once ``committed`` is done, the execution to go on
+    with run() under ``owner``'s lease; a create that failed (``committed``
+    cancelled) cancels this, nothing sent."""
+    run = run_execution.handed_run(created, owner, created.lease_expires_at or 0.0)
+    execution = RunExecution(runtime, run.id, builtins, owner=owner)
+    try:
+        async with runtime.unit_of_work() as session:
+            db.gate(session, committed)
+            await execution.take_started(session, run)
+    except Exception:  # (its session's end) as take_started's failures: left to start()
+        log.debug("run %s: its first prompt's session failed; left to start()", run.id, exc_info=True)
+        execution = RunExecution(runtime, run.id, builtins, owner=owner)
+    if not committed.done():
+        await asyncio.shield(committed)  # (a cancelled wait leaves the gate as it is)
+    committed.result()  # (a create that failed: its cancellation)
     return execution
 
 

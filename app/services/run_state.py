@@ -214,6 +214,17 @@ def hold(run: orm.Run, to: str) -> tuple[str, HeldMove]:
     return f"thread.run.{to}", HeldMove(source, values)
 
 
+def start_in_create(run: orm.Run, lease_owner: str, lease_until: float) -> None:
+    """Move ``run``, a new run not yet inserted (queued, as its create
+    made it), to in_progress in memory, leased to ``lease_owner`` until
+    ``lease_until`` as a claim leases it: its create's insert then writes
+    it started (PostgreSQL, a lone provider run: Worker.prepare; issue 17,
+    the start's statement and its WAL flush folded into the create's),
+    and its create logs ``thread.run.in_progress`` (api/runs.py)."""
+    values = _values(run, "in_progress", {"lease_owner": lease_owner, "lease_expires_at": lease_until})
+    _set(run, values)
+
+
 async def write_held(session: AsyncSession, run: orm.Run, held: HeldMove, *, lease_owner: str) -> None:
     """Write a held move alone: the compare-and-set that cannot miss (on
     SQLite sent with the transaction's next statement)."""

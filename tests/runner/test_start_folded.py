@@ -1,0 +1,610 @@
+"""PostgreSQL: a lone run whose answer is not instant (a provider's) is
+inserted started by its create's one statement (issue 17: Worker.prepare,
+run_state.start_in_create), leased to its worker, its start logged after the
+create's events; the hand-off sends nothing and the run's execution goes on
+as a claimed run's once the create has committed. Every way a create or its
+run can go is answered as before: a failed create leaves nothing, a create
+whose outcome is unknown and that committed is released by the worker's
+next tick and taken by its claim, a cancel ends the run as a running run's,
+a prompt that cannot be built fails it, a process killed after the commit
+leaves it to be resumed once its lease lapses, a create slower than the
+lease leaves the run to a claim. The claim itself is pgearly's: a run whose
+execution crashed under this worker's lease is claimed again only once that
+lease lapses (not at every tick)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from fastapi import Response
+from sqlalchemy import event, select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app import held_back, orm
+from app import worker as worker_module
+from app.api import runs as api_runs
+from app.runner import execute, prompt
+from app.runtime import Runtime
+from app.services import new_rows, run_execution, runs
+from app.services.projects import Project
+from app.settings import Settings
+from app.wire.events import Event
+from app.wire.runs import ThreadAndRunCreate
+from app.worker import Worker
+from tests.runner.helpers import DEADLINE
+from tests.runner.test_hand_off import (
+    _assert_numbered_once,
+    _assistant,
+    _create,
+    _lapse,
+    _never_at_once,
+    _row,
+)
+from tests.runner.test_instant_answer import _event_names
+
+pytestmark = [pytest.mark.timeout(30), pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
+
+_PROJECT = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
+
+_OPENING = ["thread.created", "thread.run.created", "thread.run.queued", "thread.run.in_progress"]
+
+
+@pytest.fixture
+async def runtime(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Runtime]:
+    """A runtime with a worker attached as the server's, its loop not
+    started (each test drives its ticks), whose model is taken for a
+    provider's: answered streamed, never at once (the offline model made to
+    stream: the same path as a provider's route)."""
+    rt = await Runtime.start(settings)
+    monkeypatch.setattr(rt.llm, "streams", lambda _model: True)
+    monkeypatch.setattr(rt.llm, "answer_at_once", _never_at_once)
+    worker = Worker(rt)
+    rt.attach_worker(worker)
+    worker._looping = True  # as while run_forever() goes round: it hands runs only then
+    try:
+        yield rt
+    finally:
+        await worker.stop()
+        await rt.close()
+
+
+def _worker(runtime: Runtime) -> Worker:
+    assert runtime.worker is not None
+    return runtime.worker
+
+
+async def _queue(runtime: Runtime, assistant_id: str) -> tuple[orm.Run, Response]:
+    """POST /threads/runs's create as the API makes it (api/runs.py's
+    _queue_run, answered as JSON): the run object and the response."""
+    thread = {"messages": [{"role": "user", "content": "hi"}]}
+    body = ThreadAndRunCreate.model_validate({"assistant_id": assistant_id, "thread": thread})
+    made: list[orm.Run] = []
+
+    async def change(session: AsyncSession, unwritten: new_rows.Unwritten) -> tuple[orm.Run, list[Event]]:
+        _thread, run, events = await runs.create_thread_and_run(
+            session,
+            _PROJECT,
+            body,
+            expires_in=600,
+            reservation=runtime.run_reservation(),
+            remembered=False,
+            unwritten=unwritten,
+        )
+        made.append(run)
+        return run, events
+
+    response = await api_runs._queue_run(runtime, False, change)
+    return made[0], response
+
+
+def _noting(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, then: Any = None) -> list[str]:
+    """The order of what happens from the create on: "create sent" (its
+    append called), "created" (it has returned: committed), "sent" (any
+    other statement of the runtime's engine, through SQLAlchemy's cursor or
+    straight on asyncpg), "executing" (the worker's task for the run
+    started, Worker._start), "claimed" (a claim's statement). ``then`` (an
+    async function of the session, run id, events, the real append and its
+    keywords) stands in for the create's append."""
+    order: list[str] = []
+    creating = [False]
+
+    def before(_connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if not creating[0]:
+            order.append("claimed" if "candidates" in statement else "sent")
+
+    real_fetched = held_back._fetched_on_asyncpg
+
+    async def fetched(adapted: Any, statement: str, *args: Any) -> Any:
+        if not creating[0]:
+            order.append("claimed" if "candidates" in statement else "sent")
+        return await real_fetched(adapted, statement, *args)
+
+    monkeypatch.setattr(held_back, "_fetched_on_asyncpg", fetched)
+    event.listen(runtime.engine.sync_engine, "before_cursor_execute", before)  # (this test's engine alone)
+    log = runtime.run_log
+    real_append = log.append
+
+    async def append(session: Any, run_id: str, events: list[Event], **kwargs: Any) -> Any:
+        if not any(each.name == "thread.run.created" for each in events):
+            return await real_append(session, run_id, events, **kwargs)
+        order.append("create sent")
+        creating[0] = True
+        try:
+            if then is not None:
+                return await then(session, run_id, events, real_append, **kwargs)
+            entries = await real_append(session, run_id, events, **kwargs)
+        finally:
+            creating[0] = False
+        order.append("created")
+        return entries
+
+    monkeypatch.setattr(log, "append", append)
+    worker = _worker(runtime)
+    real_start = worker._start
+
+    def start(execution: execute.RunExecution, claimed_at: float) -> None:
+        order.append("executing")
+        real_start(execution, claimed_at)
+
+    monkeypatch.setattr(worker, "_start", start)
+    return order
+
+
+def _nothing_sent_after_the_create(order: list[str]) -> bool:
+    """Whether no statement went after the create's (none of a hand-off's own)."""
+    return order[order.index("created") + 1 :] in ([], ["executing"])
+
+
+async def _bodies(runtime: Runtime, run_id: str) -> list[tuple[str, dict[str, Any]]]:
+    async with runtime.transaction() as session:
+        query = select(orm.RunEvent.event, orm.RunEvent.data).where(orm.RunEvent.run_id == run_id)
+        rows = (await session.execute(query.order_by(orm.RunEvent.seq))).all()
+    return [(name, data if isinstance(data, dict) else json.loads(data)) for name, data in rows]
+
+
+async def _executed(runtime: Runtime) -> None:
+    worker = _worker(runtime)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    if worker._tasks:
+        await asyncio.wait_for(asyncio.gather(*worker._tasks.values()), DEADLINE)
+
+
+async def test_a_lone_provider_run_is_inserted_started_by_its_create_and_executed_with_no_statement_between(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    order = _noting(runtime, monkeypatch)
+    before = time.time()
+    run, response = await _queue(runtime, assistant)
+    await _executed(runtime)
+    # The create's statement (after its reads), then the run's task at once:
+    # no hand-off statement, no claim.
+    assert order[order.index("create sent") :][:3] == ["create sent", "created", "executing"], order
+    assert "claimed" not in order
+    assert json.loads(bytes(response.body))["status"] == "queued"  # the create's answer: the run as queued
+    row = await _row(runtime, run.id)
+    assert row.status == "completed" and row.lease_owner is None
+    names = [name for name in await _event_names(runtime, run.id) if name != "thread.message.delta"]
+    assert names[:4] == _OPENING and names[-1] == "thread.run.completed"
+    assert names.count("thread.run.in_progress") == 1
+    await _assert_numbered_once(runtime, run.id)
+    # Each opening event carries the run as it was at that event.
+    bodies = await _bodies(runtime, run.id)
+    assert [body["status"] for _name, body in bodies[1:4]] == ["queued", "queued", "in_progress"]
+    assert bodies[1][1]["started_at"] is None and bodies[3][1]["started_at"] >= int(before)
+    assert not worker._gates and not worker._handing and worker._reserved == 0
+
+
+async def test_the_started_create_leases_the_run_to_its_worker_until_the_claims_expiry(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen as the create committed it (the run's task kept from starting)."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    started: list[execute.RunExecution] = []
+    order = _noting(runtime, monkeypatch)
+    monkeypatch.setattr(worker, "_start", lambda execution, _at: started.append(execution))
+    before = time.time()
+    run, _response = await _queue(runtime, assistant)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    assert _nothing_sent_after_the_create(order), order
+    row = await _row(runtime, run.id)
+    assert row.status == "in_progress" and row.lease_owner == worker.owner
+    assert row.lease_expires_at is not None
+    assert before + worker.lease_seconds <= row.lease_expires_at <= time.time() + worker.lease_seconds
+    assert [execution.run_id for execution in started] == [run.id]
+
+
+async def test_a_failed_started_create_commits_nothing_and_executes_nothing(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+
+    async def fail(*_args: Any, **_kwargs: Any) -> Any:
+        raise OperationalError("the create's statement", {}, ConnectionResetError("connection lost"))
+
+    order = _noting(runtime, monkeypatch, then=fail)
+    with pytest.raises(OperationalError):
+        await _queue(runtime, assistant)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    assert worker._wakeup.is_set()  # the dropped hand-off's end: a tick finds nothing
+    await worker.run_until_idle()
+    assert "executing" not in order
+    assert not worker._gates and not worker._handing and not worker._tasks
+    async with runtime.transaction() as session:
+        assert (await session.scalars(select(orm.Run.id).where(orm.Run.status != "completed"))).all() == []
+
+
+async def test_a_started_create_cancelled_with_its_statement_out_is_executed_by_the_next_claim(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request cancelled while its create's statement is out: the API
+    takes the outcome for a rollback, the hand-off is dropped; the statement
+    had committed all the same, the run in_progress under the worker's own
+    lease, executed by nobody. The worker, woken by the dropped hand-off,
+    releases it at its next tick (Worker.dropped noted it) and that tick's
+    claim takes it (not only once its lease lapses), once."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    committed: list[str] = []
+
+    async def committed_then_cancelled(
+        session: Any, run_id: str, events: list[Event], append: Any, **kwargs: Any
+    ) -> Any:
+        await append(session, run_id, events, **kwargs)
+        await session.commit()  # (its unit of work's commit, before the cancellation reaches it)
+        committed.append(run_id)
+        raise asyncio.CancelledError
+
+    order = _noting(runtime, monkeypatch, then=committed_then_cancelled)
+    with pytest.raises(asyncio.CancelledError):
+        await _queue(runtime, assistant)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    (run_id,) = committed
+    row = await _row(runtime, run_id)
+    assert row.status == "in_progress" and row.lease_owner == worker.owner  # nobody executes it
+    assert row.lease_expires_at is not None and row.lease_expires_at > time.time() + 10
+    assert "executing" not in order and not worker._gates and worker._wakeup.is_set()
+    await worker.tick()  # the wake's tick
+    assert list(worker._tasks) == [run_id]
+    await _executed(runtime)
+    assert (await _row(runtime, run_id)).status == "completed"
+    names = [name for name in await _event_names(runtime, run_id) if name != "thread.message.delta"]
+    assert names[:4] == _OPENING and names[-1] == "thread.run.completed"
+    assert names.count("thread.run.in_progress") == 1 and names.count("thread.message.completed") == 1
+    await _assert_numbered_once(runtime, run_id)
+
+
+async def test_a_started_create_of_unknown_outcome_cancelled_before_any_claim_is_ended_by_the_next_tick(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, and the run cancelled before the worker's claim took it (a
+    running run's cancel: cancelling, its execution to end it): the next
+    tick releases it and its reaper ends it cancelled, not once its lease
+    lapsed."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    committed: list[orm.Run] = []
+
+    async def committed_then_cancelled(
+        session: Any, run_id: str, events: list[Event], append: Any, **kwargs: Any
+    ) -> Any:
+        await append(session, run_id, events, **kwargs)
+        await session.commit()
+        committed.append(await _row(runtime, run_id))
+        raise asyncio.CancelledError
+
+    _noting(runtime, monkeypatch, then=committed_then_cancelled)
+    with pytest.raises(asyncio.CancelledError):
+        await _queue(runtime, assistant)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    (run,) = committed
+    async with runtime.transaction() as other:
+        answer, cancelling = await runs.cancel(other, _PROJECT, run.thread_id, run.id)
+        await runtime.run_log.append(other, run.id, cancelling, run_locked=True)
+    assert answer.status == "cancelling"
+    await worker.tick()
+    await _executed(runtime)
+    row = await _row(runtime, run.id)
+    assert row.status == "cancelled" and row.lease_owner is None
+    names = await _event_names(runtime, run.id)
+    assert names == [*_OPENING, "thread.run.cancelling", "thread.run.cancelled"]
+    await _assert_numbered_once(runtime, run.id)
+
+
+async def test_another_workers_claim_leaves_a_started_create_to_its_own_worker(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker's claim leaves a run its create started under this
+    worker's lease alone."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    order = _noting(runtime, monkeypatch)
+    monkeypatch.setattr(worker, "_start", lambda _execution, _at: None)  # its task never starts
+    run, _response = await _queue(runtime, assistant)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    assert _nothing_sent_after_the_create(order), order  # started by the create itself
+    other = Worker(runtime)
+    assert await other.claim(1) == []
+    assert (await _row(runtime, run.id)).lease_owner == worker.owner
+    await other.stop()
+
+
+async def test_a_started_create_cancelled_before_its_execution_moves_ends_cancelled(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel committed between the create's commit and the run's task (a
+    running run's cancel: cancelling, then cancelled by its execution)."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    real_hand = worker.hand
+    between: list[asyncio.Task[None]] = []
+
+    async def cancel_then_hand(created: orm.Run) -> None:
+        async with runtime.transaction() as other:
+            answer, cancelling = await runs.cancel(other, _PROJECT, created.thread_id, created.id)
+            await runtime.run_log.append(other, created.id, cancelling, run_locked=True)
+        assert answer.status == "cancelling"  # a running run's cancel
+        assert real_hand(created)
+
+    def hand(created: orm.Run) -> bool:
+        between.append(asyncio.create_task(cancel_then_hand(created)))
+        return True
+
+    monkeypatch.setattr(worker, "hand", hand)
+    order = _noting(runtime, monkeypatch)
+    run, _response = await _queue(runtime, assistant)
+    await asyncio.wait_for(asyncio.gather(*between), DEADLINE)
+    await _executed(runtime)
+    assert "claimed" not in order
+    row = await _row(runtime, run.id)
+    assert row.status == "cancelled" and row.lease_owner is None
+    names = [name for name in await _event_names(runtime, run.id) if name != "thread.message.delta"]
+    assert names[:5] == [*_OPENING, "thread.run.cancelling"] and names[-1] == "thread.run.cancelled"
+    await _assert_numbered_once(runtime, run.id)
+
+
+async def test_a_started_creates_prompt_that_cannot_be_built_fails_the_run_as_a_claims_would(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+
+    async def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("the prompt cannot be built")
+
+    monkeypatch.setattr(prompt, "build", broken)
+    order = _noting(runtime, monkeypatch)
+    run, _response = await _queue(runtime, assistant)
+    await _executed(runtime)
+    assert "claimed" not in order
+    assert order[order.index("create sent") :][:3] == ["create sent", "created", "executing"], order
+    row = await _row(runtime, run.id)
+    assert row.status == "failed" and row.lease_owner is None
+    assert row.last_error == dict(execute.SERVER_ERROR)
+    names = await _event_names(runtime, run.id)
+    assert names[:4] == _OPENING and names[-1] == "thread.run.failed"
+    assert not worker._tasks
+    await _assert_numbered_once(runtime, run.id)
+
+
+async def test_a_process_killed_after_a_started_create_leaves_the_run_resumed_once_its_lease_lapses(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assistant = await _assistant(runtime)
+    gone = _worker(runtime)
+    order = _noting(runtime, monkeypatch)
+    monkeypatch.setattr(gone, "_start", lambda _execution, _at: None)  # died: no task
+    run, _response = await _queue(runtime, assistant)
+    await asyncio.wait_for(gone._handed(), DEADLINE)
+    assert _nothing_sent_after_the_create(order), order  # started by the create itself
+    other = Worker(runtime)
+    assert await other.claim(1) == []  # the dead worker's lease still held
+    await _lapse(runtime, run.id)
+    await other.run_until_idle()
+    assert (await _row(runtime, run.id)).status == "completed"
+    names = [name for name in await _event_names(runtime, run.id) if name != "thread.message.delta"]
+    assert names[:4] == _OPENING and names[-1] == "thread.run.completed"
+    assert names.count("thread.run.in_progress") == 1
+    await _assert_numbered_once(runtime, run.id)
+    await other.stop()
+
+
+async def test_an_offline_models_instant_run_is_not_started_by_its_create(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its whole answer goes in the hand-off's one statement (pgearly's path): its create inserts it queued."""
+    monkeypatch.undo()  # the model's own route: the offline model, answered at once
+    assistant = await _assistant(runtime)
+    created: list[str] = []
+    real_append = runtime.run_log.append
+
+    async def append(session: Any, run_id: str, events: list[Event], **kwargs: Any) -> Any:
+        if any(each.name == "thread.run.created" for each in events):
+            created.extend(each.name for each in events)
+        return await real_append(session, run_id, events, **kwargs)
+
+    monkeypatch.setattr(runtime.run_log, "append", append)
+    run, _response = await _queue(runtime, assistant)
+    await _executed(runtime)
+    assert created == ["thread.created", "thread.run.created", "thread.run.queued"]
+    assert (await _row(runtime, run.id)).status == "completed"
+
+
+async def _committed_then_cancelled_create(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A folded create whose statement committed, its request cancelled
+    before the API saw the outcome (taken for a rollback: dropped()): the
+    run's id, in_progress under the worker's lease, executed by nobody."""
+    assistant = await _assistant(runtime)
+    committed: list[str] = []
+
+    async def committed_then_cancelled(
+        session: Any, run_id: str, events: list[Event], append: Any, **kwargs: Any
+    ) -> Any:
+        await append(session, run_id, events, **kwargs)
+        await session.commit()
+        committed.append(run_id)
+        raise asyncio.CancelledError
+
+    _noting(runtime, monkeypatch, then=committed_then_cancelled)
+    with pytest.raises(asyncio.CancelledError):
+        await _queue(runtime, assistant)
+    await asyncio.wait_for(_worker(runtime)._handed(), DEADLINE)
+    (run_id,) = committed
+    return run_id
+
+
+async def test_a_started_create_of_unknown_outcome_is_released_by_a_later_tick_if_not_by_the_first(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The create's commit may land after the first tick's release (which
+    then finds no row): the note is kept, the next tick releases the run."""
+    worker = _worker(runtime)
+    run_id = await _committed_then_cancelled_create(runtime, monkeypatch)
+    real_release = run_execution.release
+    releases: list[list[str]] = []
+
+    async def release(session: AsyncSession, owner: str, run_ids: list[str] | None = None) -> list[str]:
+        if not releases:  # the first: as if the create had not committed yet
+            releases.append([])
+            return []
+        released = await real_release(session, owner, run_ids)
+        releases.append(released)
+        return released
+
+    monkeypatch.setattr(run_execution, "release", release)
+    await worker.tick()
+    assert not worker._tasks  # the lease still held: nothing claimed
+    await worker.tick()
+    assert releases == [[], [run_id]] and list(worker._tasks) == [run_id]
+    await _executed(runtime)
+    assert (await _row(runtime, run_id)).status == "completed"
+    assert not worker._folded_unreleased
+    await worker.tick()
+    assert releases == [[], [run_id]]  # released once: not sent again
+
+
+async def test_a_tick_right_after_the_folded_create_does_not_claim_its_run(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tick whose claim goes out after the create has committed, before
+    the hand-off has made the run a task of the worker's, leaves it to the
+    hand-off (the claim's ``executing`` lists the runs being handed)."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    real_hand = worker.hand
+    worker._next_reap = worker._next_prune = float("inf")  # the tick goes straight to its claim
+    worker.concurrency = 4  # room for a claim beside the hand-off
+    ticks: list[asyncio.Task[None]] = []
+
+    def hand(created: orm.Run) -> bool:
+        handed = real_hand(created)
+        ticks.append(asyncio.create_task(worker.tick(ingest=False)))
+        return handed
+
+    monkeypatch.setattr(worker, "hand", hand)
+    claimed: list[str] = []
+    real_claim = execute.claim_and_start
+
+    async def claim_and_start(*args: Any, **kwargs: Any) -> list[execute.RunExecution]:
+        executions = await real_claim(*args, **kwargs)
+        claimed.extend(each.run_id for each in executions)
+        return executions
+
+    monkeypatch.setattr(execute, "claim_and_start", claim_and_start)
+    order = _noting(runtime, monkeypatch)
+    run, _response = await _queue(runtime, assistant)
+    await asyncio.wait_for(asyncio.gather(*ticks), DEADLINE)
+    await _executed(runtime)
+    assert "claimed" in order and claimed == []  # the claim went out, and took nothing
+    assert (await _row(runtime, run.id)).status == "completed"
+    names = [name for name in await _event_names(runtime, run.id) if name != "thread.message.delta"]
+    assert names.count("thread.message.created") == 1, names
+    await _assert_numbered_once(runtime, run.id)
+
+
+async def test_a_create_slower_than_the_lease_leaves_its_run_to_the_claim(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease is stamped before the create's statement goes: a commit
+    that came past the renewer's give-up moment is not executed under it;
+    the next tick releases the run and its claim takes it with a new lease.
+    (The worker's clock is moved a lease ahead while the create is out.)"""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    ahead = [0.0]
+
+    class Clock:
+        time = staticmethod(time.time)
+
+        @staticmethod
+        def monotonic() -> float:
+            return time.monotonic() + ahead[0]
+
+    monkeypatch.setattr(worker_module, "time", Clock)
+
+    async def slow(session: Any, run_id: str, events: list[Event], append: Any, **kwargs: Any) -> Any:
+        entries = await append(session, run_id, events, **kwargs)
+        ahead[0] = worker.lease_seconds  # a whole lease went by
+        return entries
+
+    order = _noting(runtime, monkeypatch, then=slow)
+    run, _response = await _queue(runtime, assistant)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    assert "executing" not in order and not worker._tasks  # not executed under the lapsed lease
+    row = await _row(runtime, run.id)
+    assert row.status == "in_progress" and row.lease_owner == worker.owner
+    assert worker._wakeup.is_set()
+    ahead[0] = 0.0
+    await worker.tick()  # the wake's: releases the run, its claim takes it
+    assert list(worker._tasks) == [run.id]
+    await _executed(runtime)
+    assert (await _row(runtime, run.id)).status == "completed"
+    names = [name for name in await _event_names(runtime, run.id) if name != "thread.message.delta"]
+    assert names[:4] == _OPENING and names[-1] == "thread.run.completed"
+    assert names.count("thread.run.in_progress") == 1 and names.count("thread.message.completed") == 1
+    await _assert_numbered_once(runtime, run.id)
+
+
+async def test_a_run_whose_execution_crashed_is_claimed_again_once_a_lease_not_every_tick(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An execution that escapes execute() with an error that is not the
+    database's (its loop failed, and its end too) leaves its run in_progress
+    under the worker's lease, unreleased: the same worker's next ticks do
+    not claim it again (a model call per tick), only its lease's lapse does."""
+    attempts: list[str] = []
+
+    async def loop(self: execute.RunExecution, *_args: Any) -> None:
+        attempts.append(self.run_id)
+        raise RuntimeError("the model call failed unexpectedly")
+
+    async def end(self: execute.RunExecution, *_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("and so did the run's end (a bug)")
+
+    monkeypatch.setattr(execute.RunExecution, "_loop", loop)
+    monkeypatch.setattr(execute.RunExecution, "_end", end)
+    worker = Worker(runtime)  # (not the server's: driven tick by tick, it hands nothing)
+    try:
+        run = await _create(runtime, worker)
+        for _ in range(3):
+            await worker.tick(ingest=False)
+            if worker._tasks:
+                await asyncio.wait_for(asyncio.gather(*worker._tasks.values(), return_exceptions=True), DEADLINE)
+        assert attempts == [run.id]
+        row = await _row(runtime, run.id)
+        assert row.status == "in_progress" and row.lease_owner == worker.owner
+        await _lapse(runtime, run.id)
+        await worker.tick(ingest=False)
+        await asyncio.wait_for(asyncio.gather(*worker._tasks.values(), return_exceptions=True), DEADLINE)
+        assert attempts == [run.id, run.id]  # once per lease
+    finally:
+        await worker.stop()
