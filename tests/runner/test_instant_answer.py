@@ -181,8 +181,8 @@ async def test_a_data_error_writing_an_instant_answer_holds_no_claim_back(
     else:
         real_start = RunExecution.start_claimed
 
-        async def start_claimed(self: RunExecution, session: Any, run: orm.Run) -> None:
-            await real_start(self, session, run)
+        async def start_claimed(self: RunExecution, session: Any, run: orm.Run, *args: Any) -> None:
+            await real_start(self, session, run, *args)
             if self.finished and run.id == doomed:
 
                 @event.listens_for(session.sync_session, "before_commit", once=True)
@@ -216,8 +216,8 @@ async def test_a_scripted_rule_answers_the_run_whose_claim_rolled_back(
     real_start = RunExecution.start_claimed
     refused: list[str] = []
 
-    async def start_claimed(self: RunExecution, session: Any, run: orm.Run) -> None:
-        await real_start(self, session, run)
+    async def start_claimed(self: RunExecution, session: Any, run: orm.Run, *args: Any) -> None:
+        await real_start(self, session, run, *args)
         if self.finished and run.id == doomed and not refused:
             refused.append(run.id)  # the first claim only: the retry commits
 

@@ -56,7 +56,7 @@ async def test_a_short_batchs_insert_keeps_the_generic_plan(runtime: Runtime) ->
                 "run_ids": ["run_plan"] * len(EVENTS),
                 "ns": list(range(1, len(EVENTS) + 1)),
                 "names": [event.name for event in EVENTS],
-                "datas": [run_events._logged_text(event) for event in EVENTS],
+                "datas": [run_events.logged_text(event) for event in EVENTS],
                 "now": 1.0,
             }
             await connection.execute(statement, parameters)
@@ -133,7 +133,7 @@ async def test_a_batch_reads_each_runs_end_once_not_once_per_event(runtime: Runt
             "run_ids": run_ids,
             "ns": list(range(1, MANY + 1)) * 2,
             "names": [event.name for event in events] * 2,
-            "datas": [run_events._logged_text(event) for event in events] * 2,
+            "datas": [run_events.logged_text(event) for event in events] * 2,
             "now": 1.0,
         }
         batch = str(run_events._insert_postgres_statement(False, False))
