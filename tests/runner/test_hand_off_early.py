@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -198,6 +198,21 @@ def _holding_the_create(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, then:
 
     monkeypatch.setattr(log, "append", append)
     return order
+
+
+def committing_then_cancelled(committed: list[str]) -> Callable[..., Awaitable[Any]]:
+    """A ``then`` for the create's held append (_holding_the_create): its
+    statement committed (its unit of work's commit, before the cancellation
+    reaches it), the request then cancelled, so that the API takes the
+    outcome for a rollback; each run id committed so noted in ``committed``."""
+
+    async def then(session: Any, run_id: str, events: list[Event], append: Any, **kwargs: Any) -> Any:
+        await append(session, run_id, events, **kwargs)
+        await session.commit()
+        committed.append(run_id)
+        raise asyncio.CancelledError
+
+    return then
 
 
 def _assert_sent_after_the_create(order: list[str]) -> None:
@@ -470,15 +485,7 @@ async def test_a_create_cancelled_with_its_statement_out_leaves_a_committed_run_
     handed = _count_hand_offs(monkeypatch)
     committed: list[str] = []
 
-    async def committed_then_cancelled(
-        session: Any, run_id: str, events: list[Event], append: Any, **kwargs: Any
-    ) -> Any:
-        await append(session, run_id, events, **kwargs)
-        await session.commit()  # (its unit of work's commit, before the cancellation reaches it)
-        committed.append(run_id)
-        raise asyncio.CancelledError
-
-    order = _holding_the_create(runtime, monkeypatch, then=committed_then_cancelled)
+    order = _holding_the_create(runtime, monkeypatch, then=committing_then_cancelled(committed))
     with pytest.raises(asyncio.CancelledError):
         await _queue(runtime, assistant)
     await asyncio.wait_for(worker._handed(), DEADLINE)

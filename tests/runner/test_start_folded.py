@@ -46,6 +46,7 @@ from tests.runner.test_hand_off import (
     _never_at_once,
     _row,
 )
+from tests.runner.test_hand_off_early import committing_then_cancelled
 from tests.runner.test_instant_answer import _event_names
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
@@ -256,15 +257,7 @@ async def test_a_started_create_cancelled_with_its_statement_out_is_executed_by_
     worker = _worker(runtime)
     committed: list[str] = []
 
-    async def committed_then_cancelled(
-        session: Any, run_id: str, events: list[Event], append: Any, **kwargs: Any
-    ) -> Any:
-        await append(session, run_id, events, **kwargs)
-        await session.commit()  # (its unit of work's commit, before the cancellation reaches it)
-        committed.append(run_id)
-        raise asyncio.CancelledError
-
-    order = _noting(runtime, monkeypatch, then=committed_then_cancelled)
+    order = _noting(runtime, monkeypatch, then=committing_then_cancelled(committed))
     with pytest.raises(asyncio.CancelledError):
         await _queue(runtime, assistant)
     await asyncio.wait_for(worker._handed(), DEADLINE)
@@ -446,15 +439,7 @@ async def _committed_then_cancelled_create(runtime: Runtime, monkeypatch: pytest
     assistant = await _assistant(runtime)
     committed: list[str] = []
 
-    async def committed_then_cancelled(
-        session: Any, run_id: str, events: list[Event], append: Any, **kwargs: Any
-    ) -> Any:
-        await append(session, run_id, events, **kwargs)
-        await session.commit()
-        committed.append(run_id)
-        raise asyncio.CancelledError
-
-    _noting(runtime, monkeypatch, then=committed_then_cancelled)
+    _noting(runtime, monkeypatch, then=committing_then_cancelled(committed))
     with pytest.raises(asyncio.CancelledError):
         await _queue(runtime, assistant)
     await asyncio.wait_for(_worker(runtime)._handed(), DEADLINE)
