@@ -700,12 +700,8 @@ class RunExecution:
         lease, builds the prompt again and, meeting the same failure, fails
         the run as it fails a claimed one's (SERVER_ERROR); start()'s resume
         branch logs its "resuming run" line then, as expected there."""
-        usage_so_far = run.usage or {}
-        self.prompt_tokens = usage_so_far.get("prompt_tokens", 0)
-        self.completion_tokens = usage_so_far.get("completion_tokens", 0)
         try:
-            context = await self._context(session, run)
-            chat = await self._first_prompt(session, run)
+            context, chat = await self._first_context_and_prompt(session, run)
         except Exception:  # (a DBAPIError too: start() reads again, in its own transaction)
             log.debug("run %s: its first prompt is left to start()", run.id, exc_info=True)
             return
@@ -722,12 +718,8 @@ class RunExecution:
             return None
         if db.RAW in session.info and not self.runtime.run_log.appends_unread(run.id):
             return None  # its start's append would read the log: the raw claim's session reads nothing
-        usage_so_far = run.usage or {}
-        self.prompt_tokens = usage_so_far.get("prompt_tokens", 0)
-        self.completion_tokens = usage_so_far.get("completion_tokens", 0)
         try:
-            context = await self._context(session, run)
-            chat = await self._first_prompt(session, run)
+            context, chat = await self._first_context_and_prompt(session, run)
         except DBAPIError:
             raise  # the claim's transaction is lost: the runs stay claimable
         except Exception:  # start() meets it again, in its own transaction, and fails the run
@@ -740,6 +732,19 @@ class RunExecution:
         self._started = (run, chat)
         self._run = run
         return [Event.of(moved, runs.to_wire(run))]
+
+    async def _first_context_and_prompt(
+        self, session: AsyncSession, run: orm.Run
+    ) -> tuple[RequestContext, list[dict[str, Any]]]:
+        """A run taken to execute without start() (start_claimed()'s held
+        start, take_started()'s folded one): its usage so far counted on, its
+        context and first prompt built in ``session``; each caller decides
+        what a failure here leaves to start()."""
+        usage_so_far = run.usage or {}
+        self.prompt_tokens = usage_so_far.get("prompt_tokens", 0)
+        self.completion_tokens = usage_so_far.get("completion_tokens", 0)
+        context = await self._context(session, run)
+        return context, await self._first_prompt(session, run)
 
     async def _first_prompt(self, session: AsyncSession, run: orm.Run) -> list[dict[str, Any]]:
         """The run's first prompt, read in the claim's transaction; in its
