@@ -266,20 +266,29 @@ async def test_symlinks_never_make_the_server_read_or_write_its_files(sandboxes:
     assert await _logs(sandboxes, "print(open('/mnt/data/input.csv').read())") == "a,b\n\n"
 
 
-async def test_inputs_in_and_outputs_out(sandboxes: Sandboxes, tmp_path: Path) -> None:
-    session = await _session(sandboxes)
+async def test_inputs_in_and_outputs_out(settings: Settings, tmp_path: Path) -> None:
+    # A long clock: matplotlib's first import in a session overran 3 s in CI's run on a fresh, busy machine.
+    limits = {"sandbox_call_timeout_seconds": 30, "sandbox_cpu_seconds": 30}
+    manager = Sandboxes(settings.model_copy(update=limits))
+    try:
+        result = await _plot_an_input(await _session(manager), tmp_path)
+    finally:
+        await manager.close()
+    assert len(result.images) == 1 and result.images[0].startswith(b"\x89PNG")
+    assert sorted(item.name for item in result.files) == ["chart.png", "out.txt"]
+    assert [item.data for item in result.files if item.name == "out.txt"] == [b"done"]
+
+
+async def _plot_an_input(session: Session, tmp_path: Path) -> sandbox.CallResult:
     upload = tmp_path / "stored"
     upload.write_text("1,2,3")
     await session.add_input("file-9", "../../numbers.csv", upload)
-    result = await session.run(
+    return await session.run(
         "import matplotlib.pyplot as plt\n"
         "numbers = open('/mnt/data/numbers.csv').read().split(',')\n"
         "plt.plot([int(n) for n in numbers]); plt.savefig('/mnt/data/chart.png')\n"
         "open('/mnt/data/out.txt', 'w').write('done')"
     )
-    assert len(result.images) == 1 and result.images[0].startswith(b"\x89PNG")
-    assert sorted(item.name for item in result.files) == ["chart.png", "out.txt"]
-    assert [item.data for item in result.files if item.name == "out.txt"] == [b"done"]
 
 
 async def test_idle_and_deleted_sessions_are_reclaimed(sandboxes: Sandboxes) -> None:
