@@ -397,8 +397,8 @@ class Turn:
         rows still in_progress are written: the open message's close may
         have committed as the cancel reached the turn (seen through:
         _close_message), and is not to be undone. (Only a failed or
-        cancelled run comes here: the guard costs a run that completes
-        nothing.)"""
+        cancelled run comes here: a run that completes never pays for the
+        guard.)"""
         changes = []
         if self.message is not None:
             self.message.content = self._answer_parts()
