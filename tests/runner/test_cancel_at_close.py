@@ -29,7 +29,7 @@ from tests.runner.test_faults import _short_busy_timeout
 from tests.runner.test_quick_answer import _USAGE, _message, _provider, _run, _written_message
 from tests.runner.test_worker import _make_runs
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])]
 
 _DEADLINE_SECONDS = 20
 _TEXT = "Let me look that up."
