@@ -285,7 +285,7 @@ class Turn:
         save_partial writes the text the user saw streamed before the
         cancel closes it incomplete (forgotten first, it was closed empty).
         A close that commits despite the cancel (seen through) is left as
-        it is: save_partial writes only a message still in_progress."""
+        it is: save_partial writes no completed message."""
         message, step = self.message, self.message_step
         if message is None or step is None:
             return
@@ -393,25 +393,29 @@ class Turn:
 
     async def save_partial(self) -> None:
         """Keep what was produced before a failure or cancel (close_out then
-        marks the message incomplete and the steps failed/cancelled). Only
-        rows still in_progress are written: the open message's close may
-        have committed as the cancel reached the turn (seen through:
-        _close_message), and is not to be undone. (Only a failed or
-        cancelled run comes here: a run that completes never pays for the
-        guard.)"""
-        changes = []
-        if self.message is not None:
-            self.message.content = self._answer_parts()
-            changes.append(RowUpdate(self.message, ("content",)))
-        if self.tool_step is not None:
-            self.tool_step.step_details = {"type": "tool_calls", "tool_calls": list(self.calls.values())}
-            changes.append(RowUpdate(self.tool_step, ("step_details",)))
-        if changes:
-            async with self.runtime.transaction() as session:
-                for change in changes:
-                    await core_rows.update_row(
-                        session, change.row, change.keys, write_behind=True, while_status="in_progress"
-                    )
+        marks the message incomplete and the steps failed/cancelled). The
+        open message is written unless it is completed: its close may have
+        committed as the cancel reached the turn (seen through:
+        _close_message), and is not to be undone (its content decorated,
+        its status). Only the turn completes its message (one it closes
+        incomplete, max_tokens, is left to the executor's commit and
+        forgotten at once); a message incomplete here was swept by a close_out
+        (the reaper's: a run expired or abandoned while it executes), whose
+        content is still empty and gets the text. The tool step is written
+        as it is: the turn never closes it before it ends, only sweeps do.
+        (Only a failed or cancelled run comes here: a run that completes
+        never pays for the guard.)"""
+        if self.message is None and self.tool_step is None:
+            return
+        async with self.runtime.transaction() as session:
+            if self.message is not None:
+                self.message.content = self._answer_parts()
+                await core_rows.update_row(
+                    session, self.message, ("content",), write_behind=True, unless_status="completed"
+                )
+            if self.tool_step is not None:
+                self.tool_step.step_details = {"type": "tool_calls", "tool_calls": list(self.calls.values())}
+                await write_rows(session, [RowUpdate(self.tool_step, ("step_details",))])
 
 
 def _set_on_record(row: ExecutorRow, values: dict[str, Any]) -> None:

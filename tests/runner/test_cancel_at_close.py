@@ -3,7 +3,9 @@ call is being closed (Turn._close_message, not deferred: the text becomes a
 completed message of its own, in a transaction of its own): the cancelled
 run's message keeps the text the server had and streamed, completed if the
 close committed, incomplete if it rolled back, never empty. Also the tool
-call's step: a cancel at its insert's COMMIT loses nothing streamed."""
+call's step: a cancel at its insert's COMMIT loses nothing streamed. And a
+run the reaper ends while its executor still streams (expired): the open
+message and step, swept, still get what was streamed."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.engine import make_url
 
-from app import llm, orm
+from app import ids, llm, orm
+from app.runner import execute
 from app.runner.turn import Turn
 from app.runtime import Runtime
 from app.services import run_steps
@@ -112,18 +115,29 @@ async def test_a_cancel_before_the_closes_commit_keeps_the_text(
     assert (step.type, step.status) == ("message_creation", closed_as)
 
 
+_CITED = {"type": "file_citation", "text": "[1]", "file_citation": {"file_id": "file_x"}, "start_index": 0}
+
+
+def _decorated(content: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A run's decoration of its message at close (a built-in tool's
+    citations, as file_search adds): what the text alone does not hold."""
+    return [{"type": "text", "text": {**part["text"], "annotations": [_CITED]}} for part in content]
+
+
 async def test_a_cancel_at_the_closes_commit_keeps_the_completed_message(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The close committed (seen through), the executor told only
-    "cancelled": the message stays completed with its text; what the
-    cancel then writes does not undo or empty it."""
+    "cancelled": the message stays completed with its text as the close
+    decorated it; what the cancel then writes (save_partial: the text
+    undecorated) does not undo, empty or overwrite it."""
     _answering(runtime, monkeypatch)
+    monkeypatch.setattr(execute.RunExecution, "_decorate", lambda _self, _run, content: _decorated(content))
     (run_id,) = await _make_runs(runtime, 1)
     _cancelled_at_the_commit(runtime, monkeypatch, "thread.message.completed")
     message = await _cancelled(runtime, run_id)
     assert message.status == "completed" and message.incomplete_at is None
-    assert message.content == [{"type": "text", "text": {"value": _TEXT, "annotations": []}}]
+    assert message.content == [{"type": "text", "text": {"value": _TEXT, "annotations": [_CITED]}}]
     (step,) = await _steps(runtime, run_id)
     assert (step.type, step.status) == ("message_creation", "completed")
 
@@ -239,11 +253,14 @@ async def test_a_cancel_while_the_model_is_silent_mid_call_keeps_the_call(
     assert call["function"]["name"] == "lookup" and call["function"]["arguments"] == '{"q": '
 
 
-@pytest.mark.parametrize("closed", [True, False], ids=["closed-meanwhile", "still-open"])
-async def test_save_partial_writes_only_rows_still_in_progress(runtime: Runtime, closed: bool) -> None:
-    """save_partial keeps the turn's text and calls in its message and step
-    while they are in_progress; a row closed meanwhile (the close committed
-    as the cancel arrived) is left as it was closed."""
+@pytest.mark.parametrize("closed_as", ["completed", "incomplete", None], ids=["completed", "swept", "still-open"])
+async def test_save_partial_keeps_a_completed_message_as_it_was_closed(runtime: Runtime, closed_as: str | None) -> None:
+    """save_partial writes the turn's text into its message unless the
+    message is completed (its close committed as the cancel arrived: left
+    as it was closed); one swept incomplete meanwhile (content still empty)
+    gets it, as one still in_progress. The turn's calls go into its tool
+    step whatever the step's status (only sweeps close it before the turn
+    ends)."""
     (run_id,) = await _make_runs(runtime, 1)
     turn = Turn(runtime, await _run(runtime, run_id))
     turn.text.append(_TEXT)
@@ -252,20 +269,75 @@ async def test_save_partial_writes_only_rows_still_in_progress(runtime: Runtime,
     await turn._insert([turn.tool_step], [])
     turn.calls[0] = {"id": "call_x", "type": "function", "function": {"name": "f", "arguments": "{", "output": None}}
     closed_content = [{"type": "text", "text": {"value": "as closed", "annotations": []}}]
-    closed_details = {"type": "tool_calls", "tool_calls": []}
-    if closed:
+    if closed_as is not None:
+        content = closed_content if closed_as == "completed" else []
         async with runtime.transaction() as session:
             closing = update(orm.Message).where(orm.Message.run_id == run_id)
-            await session.execute(closing.values(status="completed", content=closed_content))
+            await session.execute(closing.values(status=closed_as, content=content))
             closing_step = update(orm.RunStep).where(orm.RunStep.run_id == run_id, orm.RunStep.type == "tool_calls")
-            await session.execute(closing_step.values(status="completed"))
+            await session.execute(closing_step.values(status=closed_as if closed_as == "completed" else "expired"))
     async with asyncio.timeout(_DEADLINE_SECONDS):
         await turn.save_partial()
     message = await _message(runtime, run_id)
     assert message is not None
     *_, step = await _steps(runtime, run_id)
-    if closed:
-        assert (message.content, step.step_details) == (closed_content, closed_details)
+    if closed_as == "completed":
+        assert message.content == closed_content
     else:
         assert [part["text"]["value"] for part in message.content] == [_TEXT]
-        assert step.step_details == {"type": "tool_calls", "tool_calls": [turn.calls[0]]}
+    assert step.step_details == {"type": "tool_calls", "tool_calls": [turn.calls[0]]}
+
+
+def _text_then_maybe_a_call(with_call: bool) -> Any:
+    """A model that streams text (and, ``with_call``, a tool call's first
+    piece), then stays silent."""
+
+    async def answering(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        yield llm.TextDelta(_TEXT)
+        if with_call:
+            yield llm.ToolCallDelta(0, id="call_model", name="lookup", arguments='{"q": ')
+        await asyncio.Event().wait()
+        yield llm.Finish("stop", _USAGE)
+
+    return answering
+
+
+@pytest.mark.parametrize("with_call", [False, True], ids=["text", "call"])
+async def test_a_run_the_reaper_expires_while_it_streams_keeps_what_was_streamed(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, with_call: bool
+) -> None:
+    """The reaper's close_out sweeps the open message (content not written
+    yet: it is written at close) to incomplete and the open tool step to
+    expired; the executor's watch then stops the turn, and save_partial
+    still writes the text and the call into them: a swept row is no close
+    of the turn's own (after the reviewer's scratch test of the branch)."""
+    _provider(runtime, monkeypatch, _text_then_maybe_a_call(with_call))
+    _streamed(runtime, monkeypatch)
+    (run_id,) = await _make_runs(runtime, 1)
+    worker = asyncio.ensure_future(Worker(runtime, concurrency=1).run_until_idle())
+    await until(lambda: _a_delta_logged(runtime, run_id), "the text's delta logged")
+    if with_call:
+        await until(lambda: _a_step_delta_logged(runtime, run_id), "the call's first delta logged")
+    async with runtime.transaction() as session:
+        await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(expires_at=ids.now() - 1))
+    await Worker(runtime).reap()
+    async with asyncio.timeout(_DEADLINE_SECONDS):
+        await worker
+    assert (await _run(runtime, run_id)).status == "expired"
+    message = await _message(runtime, run_id)
+    assert message is not None
+    steps = await _steps(runtime, run_id)
+    if not with_call:
+        assert message.status == "incomplete"
+        _kept_text(message)
+        (step,) = steps
+        assert (step.type, step.status) == ("message_creation", "expired")
+        return
+    assert message.status == "completed"  # closed by the turn before the call
+    _kept_text(message)
+    assert [(step.type, step.status) for step in steps] == [
+        ("message_creation", "completed"),
+        ("tool_calls", "expired"),
+    ]
+    (call,) = steps[1].step_details["tool_calls"]
+    assert call["function"]["name"] == "lookup" and call["function"]["arguments"] == '{"q": '

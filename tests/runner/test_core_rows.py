@@ -1,6 +1,6 @@
 """app/services/core_rows.record: a new row built without the mapped
 constructor's attribute events is the same record as one built with it.
-update_row's ``while_status``: a write made only while the row has that status."""
+update_row's ``unless_status``: a write made only while the row has another status."""
 
 from __future__ import annotations
 
@@ -53,13 +53,15 @@ def test_a_name_that_is_no_attribute_is_refused_as_by_the_constructor() -> None:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("write_behind", [True, False], ids=["held-back", "executed"])
-async def test_an_update_while_a_status_is_made_only_while_the_row_has_it(runtime: Runtime, write_behind: bool) -> None:
+async def test_an_update_unless_a_status_is_made_only_while_the_row_has_another(
+    runtime: Runtime, write_behind: bool
+) -> None:
     (run_id,) = await _make_runs(runtime, 1)  # queued
-    for while_status, metadata in (("queued", {"is": "written"}), ("in_progress", {"not": "written"})):
+    for unless_status, metadata in (("in_progress", {"is": "written"}), ("queued", {"not": "written"})):
         changed = core_rows.record(orm.Run, id=run_id, metadata_=metadata)
         async with runtime.transaction() as session:
             await core_rows.update_row(
-                session, changed, ("metadata_",), write_behind=write_behind, while_status=while_status
+                session, changed, ("metadata_",), write_behind=write_behind, unless_status=unless_status
             )
     async with runtime.transaction() as session:
         run = await session.get(orm.Run, run_id)
