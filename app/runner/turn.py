@@ -277,7 +277,15 @@ class Turn:
     async def _close_message(self, status: str, usage: llm.Usage | None, *, defer: bool = False) -> None:
         """Finish the open message (and its step) with the text so far. With
         ``defer`` the rows and events are left in ``pending`` for the
-        executor's next transaction (the one that also ends the run)."""
+        executor's next transaction (the one that also ends the run).
+        Closed in a transaction of its own, the message and its text stay
+        the turn's until that commits: a cancel that rolls the close back
+        (while it waits for SQLite's write lock, or a statement's round
+        trip) leaves the row in_progress and its content unwritten, and
+        save_partial writes the text the user saw streamed before the
+        cancel closes it incomplete (forgotten first, it was closed empty).
+        A close that commits despite the cancel (seen through) is left as
+        it is: save_partial writes no completed message."""
         message, step = self.message, self.message_step
         if message is None or step is None:
             return
@@ -293,20 +301,26 @@ class Turn:
         _set_on_record(
             step, {"status": "completed", "completed_at": now, "usage": _usage_dict(usage) if usage else None}
         )
-        self.message, self.message_step = None, None
         events = [
             Event.of(f"thread.message.{status}", messages.to_wire(message)),
             Event.of("thread.run.step.completed", run_steps.to_wire(step)),
         ]
-        self.text = []
-        self.refusal, self.refusal_index = [], None
         changes = [RowUpdate(message, _MESSAGE_CLOSED[status]), RowUpdate(step, _STEP_CLOSED)]
         if defer or self.at_once:
+            self._forget_message()
             self.pending.add(changes, events)
             return
         async with self.runtime.transaction() as session:
             await write_rows(session, changes)
             await self.runtime.run_log.append(session, self.run.id, events)
+        self._forget_message()
+
+    def _forget_message(self) -> None:
+        """The open message is closed (or its close is left to the executor's
+        commit): the next text opens another."""
+        self.message, self.message_step = None, None
+        self.text = []
+        self.refusal, self.refusal_index = [], None
 
     async def _on_tool_call(self, delta: llm.ToolCallDelta) -> None:
         if self.message is not None:
@@ -379,17 +393,29 @@ class Turn:
 
     async def save_partial(self) -> None:
         """Keep what was produced before a failure or cancel (close_out then
-        marks the message incomplete and the steps failed/cancelled)."""
-        changes = []
-        if self.message is not None:
-            self.message.content = self._answer_parts()
-            changes.append(RowUpdate(self.message, ("content",)))
-        if self.tool_step is not None:
-            self.tool_step.step_details = {"type": "tool_calls", "tool_calls": list(self.calls.values())}
-            changes.append(RowUpdate(self.tool_step, ("step_details",)))
-        if changes:
-            async with self.runtime.transaction() as session:
-                await write_rows(session, changes)
+        marks the message incomplete and the steps failed/cancelled). The
+        open message is written unless it is completed: its close may have
+        committed as the cancel reached the turn (seen through:
+        _close_message), and is not to be undone (its content decorated,
+        its status). Only the turn completes its message (one it closes
+        incomplete, max_tokens, is left to the executor's commit and
+        forgotten at once); a message incomplete here was swept by a close_out
+        (the reaper's: a run expired or abandoned while it executes), whose
+        content is still empty and gets the text. The tool step is written
+        as it is: the turn never closes it before it ends, only sweeps do.
+        (Only a failed or cancelled run comes here: a run that completes
+        never pays for the guard.)"""
+        if self.message is None and self.tool_step is None:
+            return
+        async with self.runtime.transaction() as session:
+            if self.message is not None:
+                self.message.content = self._answer_parts()
+                await core_rows.update_row(
+                    session, self.message, ("content",), write_behind=True, unless_status="completed"
+                )
+            if self.tool_step is not None:
+                self.tool_step.step_details = {"type": "tool_calls", "tool_calls": list(self.calls.values())}
+                await write_rows(session, [RowUpdate(self.tool_step, ("step_details",))])
 
 
 def _set_on_record(row: ExecutorRow, values: dict[str, Any]) -> None:

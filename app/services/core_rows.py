@@ -88,26 +88,36 @@ async def insert_row(session: AsyncSession, row: Base, *, write_behind: bool = F
         await session.execute(statement, row_values)
 
 
-def update_statement(row: Base, keys: tuple[str, ...]) -> Update:
+def update_statement(row: Base, keys: tuple[str, ...], *, unless_status: str | None = None) -> Update:
     """The UPDATE of update_row(), values bound."""
     insert_statement, columns = _layout(type(row))
     table = insert_statement.table
     assert isinstance(table, Table)
     state = row.__dict__
-    return update(table).where(table.c.id == state["id"]).values({columns[key]: state[key] for key in keys})
+    changing = update(table).where(table.c.id == state["id"]).values({columns[key]: state[key] for key in keys})
+    return changing if unless_status is None else changing.where(table.c.status != unless_status)
 
 
-async def update_row(session: AsyncSession, row: Base, keys: tuple[str, ...], *, write_behind: bool = False) -> None:
+async def update_row(
+    session: AsyncSession,
+    row: Base,
+    keys: tuple[str, ...],
+    *,
+    write_behind: bool = False,
+    unless_status: str | None = None,
+) -> None:
     """Write the attributes ``keys`` of a row inserted by insert_row() (by
     its primary key ``id``); the other columns are left as the database has
-    them (another writer may have changed them meanwhile: message metadata)."""
+    them (another writer may have changed them meanwhile: message metadata).
+    With ``unless_status``, only if the database's row has another status
+    (else nothing is written, and that is no error)."""
     if write_behind:
         # Held back as the statement built once per shape (update_write's),
         # not one built per call with its values bound in.
-        write = update_write(row, keys, _HELD_BACK_PREFIX)
+        write = update_write(row, keys, _HELD_BACK_PREFIX, unless_status=unless_status)
         await db.write_behind(session, write.statement, write.params, db.WRITE_BEHIND)
         return
-    await session.execute(update_statement(row, keys))
+    await session.execute(update_statement(row, keys, unless_status=unless_status))
 
 
 # The parameters' prefix of update_row's held-back UPDATE.
@@ -144,7 +154,9 @@ def _insert_template(model: type[Base], columns: tuple[str, ...], prefix: str, g
 
 
 @cache
-def _update_template(model: type[Base], columns: tuple[str, ...], prefix: str, guard: str | None = None) -> Update:
+def _update_template(
+    model: type[Base], columns: tuple[str, ...], prefix: str, guard: str | None = None, with_status: bool = False
+) -> Update:
     statement, _columns = _layout(model)
     target = statement.table
     assert isinstance(target, Table)
@@ -153,7 +165,13 @@ def _update_template(model: type[Base], columns: tuple[str, ...], prefix: str, g
         .where(target.c.id == bindparam(prefix + "id"))
         .values({column: bindparam(prefix + column) for column in columns})
     )
+    if with_status:  # (the status it must not have: a parameter, never among ``columns``' names)
+        changing = changing.where(target.c.status != bindparam(prefix + _UNLESS_STATUS))
     return changing if guard is None else changing.where(_only_with(guard))
+
+
+# update_write's parameter (after its prefix) of the status a row must not have.
+_UNLESS_STATUS = "unless_status"
 
 
 def insert_write(row: Base, prefix: str, *, guard: str | None = None) -> Write:
@@ -165,11 +183,17 @@ def insert_write(row: Base, prefix: str, *, guard: str | None = None) -> Write:
     return Write(statement, {prefix + column: value for column, value in row_values.items()})
 
 
-def update_write(row: Base, keys: tuple[str, ...], prefix: str, *, guard: str | None = None) -> Write:
-    """update_statement() as a Write (see there); ``guard`` as insert_write()'s."""
+def update_write(
+    row: Base, keys: tuple[str, ...], prefix: str, *, guard: str | None = None, unless_status: str | None = None
+) -> Write:
+    """update_statement() as a Write (see there); ``guard`` as insert_write()'s,
+    ``unless_status`` as update_row()'s."""
     _statement, columns = _layout(type(row))
     state = row.__dict__
     changed = {columns[key]: state[key] for key in keys}
     params = {prefix + column: value for column, value in changed.items()}
     params[prefix + "id"] = state["id"]
-    return Write(_update_template(type(row), tuple(changed), prefix, guard), params)
+    if unless_status is not None:
+        params[prefix + _UNLESS_STATUS] = unless_status
+    template = _update_template(type(row), tuple(changed), prefix, guard, unless_status is not None)
+    return Write(template, params)
