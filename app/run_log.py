@@ -577,6 +577,13 @@ class RunLog:
             return None
         holder = self._notifying_session() if self._notifying_session is not None else None
         if holder is not session:
+            # A unit of work whose one statement autocommits on a raw
+            # connection (pgraw: an end, a hand-off's start) never begins a
+            # session transaction, so it holds the slot only until the next
+            # unit asks: concurrent ends then NOTIFY each, PostgreSQL
+            # serialising their commits. Holding it to their end sent more
+            # news the notifier's way, for no gain measured (bench/README,
+            # branch pgnews, not merged).
             if self._notifier_busy or (holder is not None and holder.in_transaction()):
                 return None
             self._notifying_session = weakref.ref(session)
