@@ -1,6 +1,6 @@
 """A lone provider run through the API and the official SDK, on both
-databases: on PostgreSQL its create inserts it started (Worker.prepare's
-fold, issue 17); what a client sees is the same on both: the create's
+databases: its create inserts it started (Worker.prepare's fold, issue
+17); what a client sees is as before: the create's
 answer the run as queued, a stream's events in order from
 ``thread.run.created``, ``thread.run.queued`` and ``thread.run.in_progress``,
 the retrieve's ``openai-poll-after-ms``."""
@@ -79,7 +79,7 @@ async def test_a_lone_provider_runs_create_answers_it_queued_and_its_stream_goes
     assert names[:3] == ["thread.run.created", "thread.run.queued", "thread.run.in_progress"], names
     assert statuses[:3] == ["queued", "queued", "in_progress"] and names[-1] == "thread.run.completed"
     assert names.count("thread.run.in_progress") == 1
-    # PostgreSQL folds a lone run's start into its create (when its worker is
-    # idle and not ticking: the first run may meet the worker's first ticks);
-    # SQLite hands it as before.
-    assert bool(folded) == database_url.startswith("postgres"), folded
+    # Both databases fold a lone run's start into its create (when its
+    # worker is idle and not ticking: the first run may meet the worker's
+    # first ticks).
+    assert folded, database_url

@@ -1,6 +1,7 @@
-"""PostgreSQL: a lone run whose answer is not instant (a provider's) is
-inserted started by its create's one statement (issue 17: Worker.prepare,
-run_state.start_in_create), leased to its worker, its start logged after the
+"""A lone run whose answer is not instant (a provider's) is inserted
+started by its create (issue 17: Worker.prepare, run_state.start_in_create;
+PostgreSQL: its one statement; SQLite: its one hop, the start an UPDATE held
+back behind the run's INSERT), leased to its worker, its start logged after the
 create's events; the hand-off sends nothing and the run's execution goes on
 as a claimed run's once the create has committed. Every way a create or its
 run can go is answered as before: a failed create leaves nothing, a create
@@ -26,7 +27,7 @@ from sqlalchemy import event, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import held_back, orm
+from app import db, held_back, orm
 from app import worker as worker_module
 from app.api import runs as api_runs
 from app.runner import execute, prompt
@@ -49,7 +50,7 @@ from tests.runner.test_hand_off import (
 from tests.runner.test_hand_off_early import committing_then_cancelled
 from tests.runner.test_instant_answer import _event_names
 
-pytestmark = [pytest.mark.timeout(30), pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
+pytestmark = pytest.mark.timeout(30)
 
 _PROJECT = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
 
@@ -106,14 +107,49 @@ async def _queue(runtime: Runtime, assistant_id: str) -> tuple[orm.Run, Response
 
 def _noting(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, then: Any = None) -> list[str]:
     """The order of what happens from the create on: "create sent" (its
-    append called), "created" (it has returned: committed), "sent" (any
-    other statement of the runtime's engine, through SQLAlchemy's cursor or
-    straight on asyncpg), "executing" (the worker's task for the run
-    started, Worker._start), "claimed" (a claim's statement). ``then`` (an
-    async function of the session, run id, events, the real append and its
-    keywords) stands in for the create's append."""
+    append called), "created" (committed: PostgreSQL, its append has
+    returned; SQLite, its unit's hop), "sent" (any other statement of the
+    runtime's engine, through SQLAlchemy's cursor or straight on asyncpg;
+    on SQLite any other writer taking the write lock), "executing" (the
+    worker's task for the run started, Worker._start), "claimed" (a claim's
+    statement). ``then`` (an async function of the session, run id, events,
+    the real append and its keywords) stands in for the create's append."""
     order: list[str] = []
     creating = [False]
+    sqlite = not runtime.run_log.postgres
+    if sqlite:
+        # Every writer takes the process's write lock (a session's BEGIN, a
+        # raw transaction's, a collected unit's hop): one "sent" a writer.
+        lock = db.writers_of(runtime.engine)._lock
+        real_try = lock.try_acquire
+
+        def try_acquire() -> bool:
+            if not creating[0]:
+                order.append("sent")
+            return real_try()
+
+        monkeypatch.setattr(lock, "try_acquire", try_acquire)
+        # Every COMMIT whose outcome matters (a collected unit's hop, a
+        # connected transaction's commit) is seen through here.
+        real_noted = db.commit_noted_through
+
+        async def noted(session: AsyncSession, commit: Any, *args: Any, **kwargs: Any) -> None:
+            if not creating[0]:
+                return await real_noted(session, commit, *args, **kwargs)
+            try:
+                await real_noted(session, commit, *args, **kwargs)
+            finally:
+                creating[0] = False
+            order.append("created")
+
+        monkeypatch.setattr(db, "commit_noted_through", noted)
+        real_claim_runs = run_execution.claim_runs
+
+        async def claim_runs(*args: Any, **kwargs: Any) -> Any:
+            order.append("claimed")
+            return await real_claim_runs(*args, **kwargs)
+
+        monkeypatch.setattr(run_execution, "claim_runs", claim_runs)
 
     def before(_connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         if not creating[0]:
@@ -140,9 +176,14 @@ def _noting(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, then: Any = None)
             if then is not None:
                 return await then(session, run_id, events, real_append, **kwargs)
             entries = await real_append(session, run_id, events, **kwargs)
-        finally:
+        except BaseException:
             creating[0] = False
-        order.append("created")
+            raise
+        finally:
+            if not sqlite:
+                creating[0] = False
+        if not sqlite:  # (SQLite: once its unit's hop has committed, above)
+            order.append("created")
         return entries
 
     monkeypatch.setattr(log, "append", append)
@@ -160,6 +201,33 @@ def _noting(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, then: Any = None)
 def _nothing_sent_after_the_create(order: list[str]) -> bool:
     """Whether no statement went after the create's (none of a hand-off's own)."""
     return order[order.index("created") + 1 :] in ([], ["executing"])
+
+
+def _committing_then_cancelled(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, committed: list[str]) -> Any:
+    """A ``then`` for _noting(): the create committed, its request cancelled
+    before the API saw the outcome (taken for a rollback: dropped()). On
+    PostgreSQL its statement commits, then the cancellation; on SQLite its
+    unit's hop commits and the cancellation comes while it was out, seen
+    through as sqlite_groups.commit_collected sees it (db.commit_noted_through:
+    noted committed, then the cancellation raised)."""
+    if runtime.run_log.postgres:
+        return committing_then_cancelled(committed)
+
+    async def then(session: Any, run_id: str, events: list[Event], append: Any, **kwargs: Any) -> Any:
+        entries = await append(session, run_id, events, **kwargs)
+        real_noted = db.commit_noted_through  # (_noting's, seeing the create's COMMIT)
+
+        async def noted_then_cancelled(session: AsyncSession, commit: Any, *args: Any, **kwargs: Any) -> None:
+            monkeypatch.setattr(db, "commit_noted_through", real_noted)  # the create's alone
+            await real_noted(session, commit, *args, **kwargs)
+            session.info[db._COMMITTED] = True  # as a cancellation seen through its COMMIT leaves it
+            raise asyncio.CancelledError
+
+        monkeypatch.setattr(db, "commit_noted_through", noted_then_cancelled)
+        committed.append(run_id)
+        return entries
+
+    return then
 
 
 async def _bodies(runtime: Runtime, run_id: str) -> list[tuple[str, dict[str, Any]]]:
@@ -240,6 +308,9 @@ async def test_a_failed_started_create_commits_nothing_and_executes_nothing(
     await worker.run_until_idle()
     assert "executing" not in order
     assert not worker._gates and not worker._handing and not worker._tasks
+    # SQLite's create that failed uncancelled is known rolled back: nothing
+    # noted to release (PostgreSQL's statement may have committed all the same).
+    assert bool(worker._folded_unreleased) == runtime.run_log.postgres
     async with runtime.transaction() as session:
         assert (await session.scalars(select(orm.Run.id).where(orm.Run.status != "completed"))).all() == []
 
@@ -257,7 +328,7 @@ async def test_a_started_create_cancelled_with_its_statement_out_is_executed_by_
     worker = _worker(runtime)
     committed: list[str] = []
 
-    order = _noting(runtime, monkeypatch, then=committing_then_cancelled(committed))
+    order = _noting(runtime, monkeypatch, then=_committing_then_cancelled(runtime, monkeypatch, committed))
     with pytest.raises(asyncio.CancelledError):
         await _queue(runtime, assistant)
     await asyncio.wait_for(worker._handed(), DEADLINE)
@@ -285,21 +356,13 @@ async def test_a_started_create_of_unknown_outcome_cancelled_before_any_claim_is
     lapsed."""
     assistant = await _assistant(runtime)
     worker = _worker(runtime)
-    committed: list[orm.Run] = []
-
-    async def committed_then_cancelled(
-        session: Any, run_id: str, events: list[Event], append: Any, **kwargs: Any
-    ) -> Any:
-        await append(session, run_id, events, **kwargs)
-        await session.commit()
-        committed.append(await _row(runtime, run_id))
-        raise asyncio.CancelledError
-
-    _noting(runtime, monkeypatch, then=committed_then_cancelled)
+    committed: list[str] = []
+    _noting(runtime, monkeypatch, then=_committing_then_cancelled(runtime, monkeypatch, committed))
     with pytest.raises(asyncio.CancelledError):
         await _queue(runtime, assistant)
     await asyncio.wait_for(worker._handed(), DEADLINE)
-    (run,) = committed
+    (run_id,) = committed
+    run = await _row(runtime, run_id)
     async with runtime.transaction() as other:
         answer, cancelling = await runs.cancel(other, _PROJECT, run.thread_id, run.id)
         await runtime.run_log.append(other, run.id, cancelling, run_locked=True)
@@ -439,7 +502,7 @@ async def _committed_then_cancelled_create(runtime: Runtime, monkeypatch: pytest
     assistant = await _assistant(runtime)
     committed: list[str] = []
 
-    _noting(runtime, monkeypatch, then=committing_then_cancelled(committed))
+    _noting(runtime, monkeypatch, then=_committing_then_cancelled(runtime, monkeypatch, committed))
     with pytest.raises(asyncio.CancelledError):
         await _queue(runtime, assistant)
     await asyncio.wait_for(_worker(runtime)._handed(), DEADLINE)
