@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 from fastapi import Response
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import db, held_back, orm
+from app import db, held_back, orm, sqlite_groups
 from app import worker as worker_module
 from app.api import runs as api_runs
 from app.runner import execute, prompt
@@ -81,27 +81,37 @@ def _worker(runtime: Runtime) -> Worker:
     return runtime.worker
 
 
-async def _queue(runtime: Runtime, assistant_id: str) -> tuple[orm.Run, Response]:
+async def _queue(runtime: Runtime, assistant_id: str, *, remembering: bool = False) -> tuple[orm.Run, Response]:
     """POST /threads/runs's create as the API makes it (api/runs.py's
-    _queue_run, answered as JSON): the run object and the response."""
+    _queue_run, answered as JSON): the run object and the response. Not
+    ``remembering``, the assistant is read (the create's session connects);
+    ``remembering``, from its remembered defaults as the API makes it
+    (_queue_remembering: on SQLite a unit that never connects, one hop;
+    defaults found stale make the run again from a read) the last run made."""
     thread = {"messages": [{"role": "user", "content": "hi"}]}
     body = ThreadAndRunCreate.model_validate({"assistant_id": assistant_id, "thread": thread})
     made: list[orm.Run] = []
 
-    async def change(session: AsyncSession, unwritten: new_rows.Unwritten) -> tuple[orm.Run, list[Event]]:
-        _thread, run, events = await runs.create_thread_and_run(
-            session,
-            _PROJECT,
-            body,
-            expires_in=600,
-            reservation=runtime.run_reservation(),
-            remembered=False,
-            unwritten=unwritten,
-        )
-        made.append(run)
-        return run, events
+    def change(remembered: bool) -> api_runs.QueueRun:
+        async def create(session: AsyncSession, unwritten: new_rows.Unwritten) -> tuple[orm.Run, list[Event]]:
+            _thread, run, events = await runs.create_thread_and_run(
+                session,
+                _PROJECT,
+                body,
+                expires_in=600,
+                reservation=runtime.run_reservation(),
+                remembered=remembered,
+                unwritten=unwritten,
+            )
+            made.append(run)
+            return run, events
 
-    response = await api_runs._queue_run(runtime, False, change)
+        return create
+
+    if remembering:
+        response = await api_runs._queue_remembering(runtime, _PROJECT, False, assistant_id, change)
+        return made[-1], response
+    response = await api_runs._queue_run(runtime, False, change(False))
     return made[0], response
 
 
@@ -656,3 +666,57 @@ async def test_a_run_whose_execution_crashed_is_claimed_again_once_a_lease_not_e
         assert attempts == [run.id, run.id]  # once per lease
     finally:
         await worker.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_sqlite_a_folded_create_from_remembered_defaults_is_one_hop_and_a_stale_one_is_made_again(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: the create from remembered defaults never connects (its
+    writes, the start's UPDATE behind the run's checked INSERT among them,
+    one hop); defaults found stale at that hop fail it whole (nothing noted
+    to release, nothing executed) and the run made again from a read is
+    folded and executed, once."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    first, _response = await _queue(runtime, assistant)  # reads the assistant: its defaults remembered
+    await _executed(runtime)
+    hops: list[str] = []
+    real_hop = sqlite_groups.commit_collected_seen_through
+
+    async def hop(session: AsyncSession, engine: Any) -> None:
+        hops.append("hop")
+        await real_hop(session, engine)
+
+    monkeypatch.setattr(sqlite_groups, "commit_collected_seen_through", hop)
+    order = _noting(runtime, monkeypatch)
+    run, response = await _queue(runtime, assistant, remembering=True)
+    await _executed(runtime)
+    assert hops == ["hop"]  # the whole create: one collected unit
+    assert order[order.index("create sent") :][:3] == ["create sent", "created", "executing"], order
+    assert json.loads(bytes(response.body))["status"] == "queued"
+    assert (await _row(runtime, run.id)).status == "completed"
+    names = [name for name in await _event_names(runtime, run.id) if name != "thread.message.delta"]
+    assert names[:4] == _OPENING and names[-1] == "thread.run.completed"
+    await _assert_numbered_once(runtime, run.id)
+    # The assistant changed behind the remembered defaults (not through the
+    # API, which would forget them): the first attempt's hop fails whole.
+    async with runtime.transaction() as session:
+        await session.execute(update(orm.Assistant).where(orm.Assistant.id == assistant).values(instructions="new"))
+    order.clear()
+    hops.clear()
+    again, _response = await _queue(runtime, assistant, remembering=True)
+    await _executed(runtime)
+    # (The failed attempt's reservation is counted until the next claim: the
+    # run made again is not alone, claimed by the tick its create woke.)
+    assert worker._wakeup.is_set()
+    await worker.run_until_idle()
+    assert hops == ["hop"]  # the stale attempt's (the one made from a read connects: its commit)
+    assert not worker._folded_unreleased and not worker._gates and not worker._handing
+    assert (await _row(runtime, again.id)).status == "completed"
+    async with runtime.transaction() as session:
+        live = (await session.scalars(select(orm.Run.id).where(orm.Run.status != "completed"))).all()
+    assert list(live) == []  # the stale attempt left no run behind
+    names = [name for name in await _event_names(runtime, again.id) if name != "thread.message.delta"]
+    assert names[:4] == _OPENING and names.count("thread.run.in_progress") == 1
+    await _assert_numbered_once(runtime, again.id)
