@@ -679,7 +679,7 @@ async def test_sqlite_a_folded_create_from_remembered_defaults_is_one_hop_and_a_
     folded and executed, once."""
     assistant = await _assistant(runtime)
     worker = _worker(runtime)
-    first, _response = await _queue(runtime, assistant)  # reads the assistant: its defaults remembered
+    _first, _response = await _queue(runtime, assistant)  # reads the assistant: its defaults remembered
     await _executed(runtime)
     hops: list[str] = []
     real_hop = sqlite_groups.commit_collected_seen_through
