@@ -315,7 +315,13 @@ async def _bench(args: argparse.Namespace, url: str, data: Path) -> None:
             callgrind.start()
         for index in range(args.rounds):
             cpu = await _round(
-                runtime, body, args.runs, profiler, callgrind, provider=args.provider, through_create=args.through_create
+                runtime,
+                body,
+                args.runs,
+                profiler,
+                callgrind,
+                provider=args.provider,
+                through_create=args.through_create,
             )
             if cpu:
                 cpu.sort()
