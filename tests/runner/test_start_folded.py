@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,12 +28,12 @@ from sqlalchemy import event, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import db, held_back, orm, sqlite_groups
+from app import db, held_back, orm, sqlite_driver, sqlite_groups
 from app import worker as worker_module
 from app.api import runs as api_runs
 from app.runner import execute, prompt
 from app.runtime import Runtime
-from app.services import new_rows, run_execution, runs
+from app.services import new_rows, run_execution, run_state, runs
 from app.services.projects import Project
 from app.settings import Settings
 from app.wire.events import Event
@@ -299,6 +300,34 @@ async def test_the_started_create_leases_the_run_to_its_worker_until_the_claims_
     assert row.lease_expires_at is not None
     assert before + worker.lease_seconds <= row.lease_expires_at <= time.time() + worker.lease_seconds
     assert [execution.run_id for execution in started] == [run.id]
+
+
+async def test_the_started_create_writes_every_column_the_start_sets(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A column the start sets (run_state._values) is written by the create
+    as the run object and its in_progress event show it (SQLite: the
+    start's UPDATE held back behind the INSERT writes what start_in_create
+    set, no list kept by hand). A start made to set one more column here."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    real_values = run_state._values
+
+    def values(run: orm.Run, to: str, fields: dict[str, Any]) -> dict[str, Any]:
+        moved = real_values(run, to, fields)
+        if to == "in_progress":
+            moved["incomplete_details"] = {"reason": "set by the start"}
+        return moved
+
+    monkeypatch.setattr(run_state, "_values", values)
+    monkeypatch.setattr(worker, "_start", lambda _execution, _at: None)  # the row as the create left it
+    run, _response = await _queue(runtime, assistant)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    bodies = await _bodies(runtime, run.id)
+    assert bodies[3][0] == "thread.run.in_progress"
+    assert bodies[3][1]["incomplete_details"] == {"reason": "set by the start"}
+    row = await _row(runtime, run.id)
+    assert row.status == "in_progress" and row.incomplete_details == {"reason": "set by the start"}
 
 
 async def test_a_failed_started_create_commits_nothing_and_executes_nothing(
@@ -720,3 +749,59 @@ async def test_sqlite_a_folded_create_from_remembered_defaults_is_one_hop_and_a_
     names = [name for name in await _event_names(runtime, again.id) if name != "thread.message.delta"]
     assert names[:4] == _OPENING and names.count("thread.run.in_progress") == 1
     await _assert_numbered_once(runtime, again.id)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_sqlite_a_folded_create_cancelled_while_its_commit_is_in_the_thread_is_answered_once(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite, the real path (not the emulated one of
+    _committing_then_cancelled): the create's one hop (a create from
+    remembered defaults, a collected unit) is held in aiosqlite's thread,
+    at its COMMIT (sqlite_driver._commit), while its request is
+    cancelled; let go, it commits. The create raises the cancellation (its
+    outcome unknown to the API, taken for a rollback: dropped()), the run
+    committed in_progress under the worker's lease is noted for release,
+    and the next tick releases it and claims it: executed and completed
+    once, its start logged once, each event numbered once."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    await _queue(runtime, assistant)  # reads the assistant: its defaults remembered
+    await _executed(runtime)
+    loop = asyncio.get_running_loop()
+    at_commit = asyncio.Event()
+    let_go = threading.Event()
+    real_commit = sqlite_driver._commit
+    held: list[bool] = []
+
+    def commit(*args: Any, **kwargs: Any) -> Any:
+        if not held:  # the create's COMMIT alone (the first after this point)
+            held.append(True)
+            loop.call_soon_threadsafe(at_commit.set)
+            let_go.wait(DEADLINE)
+        return real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(sqlite_driver, "_commit", commit)
+    creating = asyncio.create_task(_queue(runtime, assistant, remembering=True))
+    try:
+        await asyncio.wait_for(at_commit.wait(), DEADLINE)
+        creating.cancel()  # while the COMMIT is in the thread
+    finally:
+        let_go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(creating, DEADLINE)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    async with runtime.transaction() as session:
+        live = (await session.scalars(select(orm.Run.id).where(orm.Run.status != "completed"))).all()
+    (run_id,) = live  # committed despite the cancellation
+    assert list(worker._folded_unreleased) == [run_id]  # noted for release
+    row = await _row(runtime, run_id)
+    assert row.status == "in_progress" and row.lease_owner == worker.owner and not worker._tasks
+    await worker.tick()  # releases it; its claim takes it
+    assert list(worker._tasks) == [run_id] and not worker._folded_unreleased
+    await _executed(runtime)
+    assert (await _row(runtime, run_id)).status == "completed"
+    names = [name for name in await _event_names(runtime, run_id) if name != "thread.message.delta"]
+    assert names[:4] == _OPENING and names[-1] == "thread.run.completed"
+    assert names.count("thread.run.in_progress") == 1 and names.count("thread.message.completed") == 1
+    await _assert_numbered_once(runtime, run_id)
