@@ -142,8 +142,13 @@ async def _queue_run(
         if handing is not None and runtime.worker is not None:
             # SQLite's create is one hop seen through a cancellation
             # (sqlite_groups.commit_collected): only a cancelled one may have
-            # committed (and then it has); PostgreSQL's statement may have
-            # committed with any failure (a connection lost after it went).
+            # committed (if its hop was under way, it has); PostgreSQL's
+            # statement may have committed with any failure (a connection
+            # lost after it went). A SQLite create cancelled before its
+            # COMMIT was sent was in fact rolled back, yet is noted all the
+            # same: each tick then sends a release that finds nothing, until
+            # the noted lease lapses (rare; PostgreSQL's unknown outcomes do
+            # the same).
             unknown = runtime.run_log.postgres or isinstance(error, asyncio.CancelledError)
             runtime.worker.dropped(run, handing, outcome_unknown=unknown)
         if follower is not None:
