@@ -33,6 +33,10 @@ def fake_settings(settings: Settings, fake: FakeOpenAI, tmp_path: Path) -> Setti
     path = tmp_path / "models.json"
     path.write_text(json.dumps({"model_list": [{"model_name": "*", "litellm_params": entry, "direct": True}]}))
     settings.llm_config = path
+    # Only the ticks a wake asks for: a periodic one (its reap, its claim)
+    # that a create met under way would leave that run unfolded (the rule of
+    # a lone run), a fold these tests assert (1 run in 10 on a busy machine).
+    settings.worker_poll_seconds = 3600
     return settings
 
 
