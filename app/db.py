@@ -69,6 +69,7 @@ write_behind = held_back.write_behind
 # connects (held_back.COLLECTED, Runtime.unit_of_work).
 COLLECTED = held_back.COLLECTED
 GROUPED = held_back.GROUPED
+READS_ELSEWHERE = held_back.READS_ELSEWHERE
 # Session.info key: the session's transaction is a RawTransaction's (held_back.RAW).
 RAW = held_back.RAW
 PG_AUTOCOMMIT = held_back.PG_AUTOCOMMIT
@@ -945,7 +946,7 @@ class SyncSession(orm.Session):
 
     def get_bind(self, *args: Any, **kwargs: Any) -> Any:
         # Every connection a session makes asks for its bind here first.
-        if RAW in self.info or GROUPED in self.info:
+        if RAW in self.info or GROUPED in self.info or READS_ELSEWHERE in self.info:
             raise RawSessionConnected("a raw transaction's session may not connect (a read, or a write not held back)")
         return super().get_bind(*args, **kwargs)
 

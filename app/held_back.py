@@ -356,6 +356,12 @@ def hand_over(session: Any, _transaction: Any, connection: Connection) -> None:
 # transaction's, its session never connects (db.SyncSession refuses it).
 GROUPED = "sqlite_grouped_end"
 
+# session.info's key of a SQLite session that never connects and writes
+# nothing (execute.take_started: a folded run's first prompt, built after
+# its create has committed): a read through it raises RawSessionConnected,
+# and its caller reads on a WAL reader instead (RunExecution._first_prompt).
+READS_ELSEWHERE = "sqlite_reads_elsewhere"
+
 
 # Session.info key of a SQLite transaction run on a connection checked out
 # of the pool raw, outside the session (db.RawTransaction: the worker's

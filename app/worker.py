@@ -142,8 +142,9 @@ class Worker:
         return run_execution.Reservation(run_execution.reserved_for(self.owner), time.time() + self.affinity_seconds)
 
     def prepare(self, created: orm.Run) -> asyncio.Future[None] | None:
-        """PostgreSQL: begin handing ``created`` before its create's
-        statement is sent, when hand() would take it now (issue 17: its
+        """Begin handing ``created`` before its create's statement is sent
+        (PostgreSQL; on SQLite only a fold, below: _folds_on_sqlite), when
+        hand() would take it now (issue 17: its
         statement, the offline model's whole answer or a provider run's
         start, built while the create's round trip leaves the loop idle);
         the future returned gates it (db.gate): hand() opens it once the
@@ -167,8 +168,8 @@ class Worker:
         (until released, or its lease lapsed: the commit may land after a
         tick), for that claim to take it as any resumable run (or the
         reaper to end it, cancelled meanwhile)."""
-        if not self.runtime.run_log.postgres or not self._handable_now(created):
-            return None  # (SQLite's create is one thread hop, its hand-off another: not measured)
+        if not self._handable_now(created) or not (self.runtime.run_log.postgres or self._folds_on_sqlite(created)):
+            return None
         if self._tasks:
             # Only for a worker that executes nothing (one client's runs, one
             # after another): under load the rule, checked before the create's
@@ -194,13 +195,28 @@ class Worker:
             self._start_hand_off(created, committed)
         return committed
 
-    def dropped(self, created: orm.Run, committed: asyncio.Future[None]) -> None:
+    def _folds_on_sqlite(self, created: orm.Run) -> bool:
+        """SQLite: prepare() begins only the fold (a run whose answer is not
+        instant: LLM.streams), where the worker's claim is a raw transaction
+        (Runtime.claims_raw: this process the file's only writer, its run
+        logs numbered without a read; a WAL reader of its own, on which the
+        hand-off's prompt, if it needs a read, is read once the create has
+        committed: execute.take_started). Its create is one thread hop, its
+        hand-off another: the fold saves the second (its write lock and its
+        commit); an instant answer's hand-off is already the run's whole
+        worker side in one hop, decided after the commit (hand())."""
+        return self.runtime.llm.streams(created.model) and self.runtime.claims_raw()
+
+    def dropped(self, created: orm.Run, committed: asyncio.Future[None], *, outcome_unknown: bool = True) -> None:
         """The create prepare() began a hand-off for failed (or its outcome
         is unknown, taken for a rollback as the API takes it): the hand-off,
-        gated, has sent nothing; it is cancelled, its slot freed."""
+        gated, has sent nothing; it is cancelled, its slot freed. Not
+        ``outcome_unknown`` (SQLite, a create that failed and was not
+        cancelled: its hop rolled back whole, or never went), a folded run
+        is not noted for release (nothing to release)."""
         committed.cancel()
         self._gates.pop(created.id, None)
-        if created.status == "in_progress" and created.lease_owner == self.owner:
+        if outcome_unknown and created.status == "in_progress" and created.lease_owner == self.owner:
             # Folded (prepare()): a create whose outcome is unknown may have
             # committed the run leased to this worker, which would keep it
             # from every claim until the lease lapsed: the ticks release it.
@@ -296,7 +312,15 @@ class Worker:
         # Begun before the create (prepare()), it is built while the
         # create's statement is out instead, its statement held until the
         # create has committed.
-        if committed is None:
+        if committed is not None and folded_at is not None and not self.runtime.run_log.postgres:
+            # SQLite: the create's hop is sent at its COMMIT, after its append,
+            # and this task would run first: a prompt built now would hold
+            # the hop back (run_timeline: the create committed 1.1 ms later
+            # at one client), where PostgreSQL's statement is out already.
+            # Built once the create has committed (its cancellation, a
+            # create that failed, ends this task), after the create's answer.
+            await committed
+        if committed is None or not self.runtime.run_log.postgres:
             for _ in range(_TURNS_BEFORE_HAND_OFF):
                 await asyncio.sleep(0)
         claimed_at = time.monotonic() if folded_at is None else folded_at

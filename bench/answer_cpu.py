@@ -16,6 +16,11 @@ in-process stream (no socket, no HTTP client), so the hand-off commits the
 run's start and ``execute.run`` then takes the streamed answer and commits
 the end on its own; both are measured.
 
+``--through-create`` counts from the API's create (api/runs.py's
+``_queue_run``, a worker attached as the server's, handing as run_forever's
+does) to the run's end: a branch that moves work between the create and
+the hand-off (SQLite's fold of the start into the create) is compared whole.
+
 ``--profile`` runs cProfile around the hand-offs only (sort the file with
 ``python -m pstats``). ``--callgrind`` is for a run under valgrind: it
 collects the loop thread's instructions inside the hand-offs only
@@ -198,6 +203,40 @@ def _as_a_provider(runtime: Runtime) -> None:
     runtime.llm.stream = stream  # type: ignore[method-assign]
 
 
+async def _through_create(runtime: Runtime, body: ThreadAndRunCreate) -> str:
+    """One run through the API's create (api/runs.py's _queue_run, as
+    POST /threads/runs answered as JSON), with this process's worker as the
+    server's (run_forever's hand-offs, no tick), to its end: the create, the
+    hand-off (or, where the branch folds it, the create's start) and the
+    run. A run the worker does not hand is claimed by a tick here."""
+    from app.api import runs as api_runs
+
+    made: list[str] = []
+
+    async def change(session: Any, unwritten: Any) -> Any:
+        _thread, run, events = await runs.create_thread_and_run(
+            session,
+            _PROJECT,
+            body,
+            expires_in=600,
+            reservation=runtime.run_reservation(),
+            remembered=True,
+            unwritten=unwritten,
+        )
+        made.append(run.id)
+        return run, events
+
+    await api_runs._queue_run(runtime, False, change)
+    worker = runtime.worker
+    assert worker is not None
+    await worker._handed()
+    if worker._tasks:
+        await asyncio.gather(*worker._tasks.values())
+    else:
+        await worker.run_until_idle()
+    return made[-1]
+
+
 async def _round(
     runtime: Runtime,
     body: ThreadAndRunCreate,
@@ -205,10 +244,27 @@ async def _round(
     profiler: cProfile.Profile | None,
     callgrind: Any = None,
     provider: bool = False,
+    through_create: bool = False,
 ) -> list[float]:
     """``count`` runs created and handed one at a time: each hand-off's loop CPU, in ms."""
     cpu: list[float] = []
     for _ in range(count):
+        if through_create:  # the create counted too: where a branch moves work between it and the hand-off
+            if profiler is not None:
+                profiler.enable()
+            if callgrind is not None:
+                callgrind.toggle()
+            before = time.thread_time()
+            run_id = await _through_create(runtime, body)
+            cpu.append((time.thread_time() - before) * 1000)
+            if callgrind is not None:
+                callgrind.toggle()
+            if profiler is not None:
+                profiler.disable()
+            async with runtime.transaction() as session:
+                run = await session.get(orm.Run, run_id)
+                assert run is not None and run.status == "completed", "the run completed"
+            continue
         created = await _create(runtime, body)
         if profiler is not None:
             profiler.enable()
@@ -236,12 +292,20 @@ async def _bench(args: argparse.Namespace, url: str, data: Path) -> None:
     runtime = await Runtime.start(Settings(data_dir=data, database_url=url))
     if args.provider:
         _as_a_provider(runtime)
+    if args.through_create:
+        from app.worker import Worker
+
+        if args.provider:
+            runtime.llm.streams = lambda _model: True  # type: ignore[method-assign]  # as a provider's route
+        worker = Worker(runtime)
+        runtime.attach_worker(worker)
+        worker._looping = True  # as while run_forever() goes round: it hands runs only then
     try:
         assistant_id = await _assistant(runtime)
         body = ThreadAndRunCreate.model_validate(
             {"assistant_id": assistant_id, "thread": {"messages": [{"role": "user", "content": "hello there"}]}}
         )
-        await _round(runtime, body, args.warmup, None, provider=args.provider)
+        await _round(runtime, body, args.warmup, None, provider=args.provider, through_create=args.through_create)
         steps: dict[str, float] = {}
         if args.breakdown:
             _timing(steps)
@@ -250,7 +314,15 @@ async def _bench(args: argparse.Namespace, url: str, data: Path) -> None:
         if callgrind is not None:
             callgrind.start()
         for index in range(args.rounds):
-            cpu = await _round(runtime, body, args.runs, profiler, callgrind, provider=args.provider)
+            cpu = await _round(
+                runtime,
+                body,
+                args.runs,
+                profiler,
+                callgrind,
+                provider=args.provider,
+                through_create=args.through_create,
+            )
             if cpu:
                 cpu.sort()
                 print(
@@ -264,6 +336,8 @@ async def _bench(args: argparse.Namespace, url: str, data: Path) -> None:
         for label, seconds in steps.items():
             print(f"{label:45} {seconds * 1e6 / total_runs:8.1f} us/run")
     finally:
+        if runtime.worker is not None:
+            await runtime.worker.stop()
         await runtime.close()
 
 
@@ -287,6 +361,11 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="loop CPU of each of _STEPS per run")
     parser.add_argument("--callgrind", action="store_true", help="under valgrind: count the hand-offs only")
     parser.add_argument("--provider", action="store_true", help="answered as a provider answers: streamed")
+    parser.add_argument(
+        "--through-create",
+        action="store_true",
+        help="count the API's create too, with a worker attached as the server's (its hand-off or its fold)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="answer-cpu-") as scratch:
         root = Path(scratch)

@@ -121,6 +121,8 @@ def serve_traced(out: str, argv: list[str], profile: str | None = None) -> int:
     _wrap(execute, "claim_and_start", "claim transaction", note)
     if hasattr(execute, "hand_off"):  # branch handoff: a run created here handed to this worker with its row
         _wrap(execute, "hand_off", "hand-off transaction", note)
+    if hasattr(execute, "take_started"):  # branch startfold: a run its create started, taken with no statement
+        _wrap(execute, "take_started", "hand-off, started by its create (take_started)", note)
     _wrap(bus.EventBus, "deliver", "entries handed to followers", note)
     _note_writes(write_coalescing.CoalescingTransport, note)
     from app.llm import direct  # its steps, where a run takes a direct route (--path direct)
@@ -129,7 +131,9 @@ def serve_traced(out: str, argv: list[str], profile: str | None = None) -> int:
     _wrap(direct._LoopClients, "send", "direct: request sent > answer's head <", note)
     from app.runner import turn
 
-    _wrap(turn.Turn, "_open_message", "turn: first text, its message opened", note)
+    # (Turn._open_message until 2026-12-02, _new_message since.)
+    opening = "_new_message" if hasattr(turn.Turn, "_new_message") else "_open_message"
+    _wrap(turn.Turn, opening, "turn: first text, its message opened", note)
     _wrap(turn.Turn, "_finish", "turn: Finish read", note)
     _wrap(execute.RunExecution, "_write_and_move", "turn's commit built and sent", note)
     _wrap(execute, "_read_into", "the answer's reader task (> started, < stream closed)", note)

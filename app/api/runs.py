@@ -20,7 +20,7 @@ from app.api import poll_hold, sse
 from app.api.deps import PageDep, ProjectDep, RuntimeDep, respond
 from app.run_follow import Follower
 from app.runtime import Runtime
-from app.services import new_rows, run_defaults, run_steps, runs
+from app.services import new_rows, run_defaults, run_state, run_steps, runs
 from app.services.projects import Project
 from app.wire.common import ListPage
 from app.wire.events import Event
@@ -104,9 +104,10 @@ async def _queue_run(
                     announced=runtime.log_news_announced,
                 )
                 await follower.open()
-            # PostgreSQL: the run's hand-off, if it is handed, is built while
-            # the statement below is out, and sent once it has committed
-            # (Worker.prepare; issue 17).
+            # The run's hand-off, if it is handed, is built while the
+            # statement below (SQLite: the commit's hop) is out, and sent once
+            # it has committed (Worker.prepare; issue 17: on SQLite only a
+            # lone provider run's, folded into this create).
             handing = None if notify or runtime.worker is None else runtime.worker.prepare(run)
             # The run as the create answers it (the JSON answer, a stream's
             # head): the event that queued it, though a lone provider run is
@@ -114,10 +115,15 @@ async def _queue_run(
             # its start logged by the same statement, after it.
             answered = events[-1] if events else None
             if handing is not None and run.status == "in_progress":
-                # Folded: only a run the append below inserts can be started
-                # so (its row written in_progress); one ``change`` had already
-                # inserted queued would stay queued, leased to nobody's task.
-                assert any(row is run for row in unwritten.rows), "a folded run is inserted by its create"
+                # Folded: only a run this transaction inserts can be started
+                # so; on PostgreSQL the append below inserts it (its row
+                # written in_progress: one ``change`` had already inserted
+                # would stay queued, leased to nobody's task); on SQLite
+                # ``change`` held its INSERT back (as queued), and an UPDATE
+                # held back behind it writes the start in the same hop.
+                if not any(row is run for row in unwritten.rows):
+                    assert not runtime.run_log.postgres, "a folded run is inserted by its create"
+                    await run_state.write_started_in_create(session, run)
                 events = [*events, Event.of("thread.run.in_progress", runs.to_wire(run))]
             # ``change`` inserted the run (or left it to this insert) or moved
             # it with a compare-and-set UPDATE: this transaction holds its row
@@ -132,9 +138,19 @@ async def _queue_run(
                 wake_workers=notify,
                 last_statement=True,
             )
-    except BaseException:
+    except BaseException as error:
         if handing is not None and runtime.worker is not None:
-            runtime.worker.dropped(run, handing)
+            # SQLite's create is one hop seen through a cancellation
+            # (sqlite_groups.commit_collected): only a cancelled one may have
+            # committed (if its hop was under way, it has); PostgreSQL's
+            # statement may have committed with any failure (a connection
+            # lost after it went). A SQLite create cancelled before its
+            # COMMIT was sent was in fact rolled back, yet is noted all the
+            # same: each tick then sends a release that finds nothing, until
+            # the noted lease lapses (rare; PostgreSQL's unknown outcomes do
+            # the same).
+            unknown = runtime.run_log.postgres or isinstance(error, asyncio.CancelledError)
+            runtime.worker.dropped(run, handing, outcome_unknown=unknown)
         if follower is not None:
             await follower.close()
         raise

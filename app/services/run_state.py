@@ -214,15 +214,36 @@ def hold(run: orm.Run, to: str) -> tuple[str, HeldMove]:
     return f"thread.run.{to}", HeldMove(source, values)
 
 
-def start_in_create(run: orm.Run, lease_owner: str, lease_until: float) -> None:
+def start_in_create(run: orm.Run, lease_owner: str, lease_until: float) -> tuple[str, ...]:
     """Move ``run``, a new run not yet inserted (queued, as its create
     made it), to in_progress in memory, leased to ``lease_owner`` until
     ``lease_until`` as a claim leases it: its create's insert then writes
-    it started (PostgreSQL, a lone provider run: Worker.prepare; issue 17,
+    it started (a lone provider run: Worker.prepare; issue 17,
     the start's statement and its WAL flush folded into the create's),
-    and its create logs ``thread.run.in_progress`` (api/runs.py)."""
+    and its create logs ``thread.run.in_progress`` (api/runs.py). Returns
+    the attributes it set, also kept on the run's instance state for
+    write_started_in_create() (whatever _values() sets is written, no list
+    kept by hand)."""
     values = _values(run, "in_progress", {"lease_owner": lease_owner, "lease_expires_at": lease_until})
     _set(run, values)
+    keys = tuple(values)
+    inspect(run).info[_STARTED_KEYS] = keys
+    return keys
+
+
+# Where start_in_create() keeps the attributes it set (InstanceState.info).
+_STARTED_KEYS = "run_state.started_in_create"
+
+
+async def write_started_in_create(session: AsyncSession, run: orm.Run) -> None:
+    """SQLite: ``run``, moved by start_in_create() after its create's
+    change had already held back its INSERT (as queued: its parameters
+    taken then), written started in the same transaction: an UPDATE by id
+    of exactly the attributes start_in_create() set, held back to the
+    COMMIT after that INSERT (the same hop; no other transaction can see
+    the run before it commits, so nothing to compare and set)."""
+    keys: tuple[str, ...] = inspect(run).info[_STARTED_KEYS]
+    await core_rows.update_row(session, run, keys, write_behind=True)
 
 
 async def write_held(session: AsyncSession, run: orm.Run, held: HeldMove, *, lease_owner: str) -> None:

@@ -1,6 +1,6 @@
 """A lone provider run through the API and the official SDK, on both
-databases: on PostgreSQL its create inserts it started (Worker.prepare's
-fold, issue 17); what a client sees is the same on both: the create's
+databases: its create inserts it started (Worker.prepare's fold, issue
+17); what a client sees is as before: the create's
 answer the run as queued, a stream's events in order from
 ``thread.run.created``, ``thread.run.queued`` and ``thread.run.in_progress``,
 the retrieve's ``openai-poll-after-ms``."""
@@ -8,6 +8,7 @@ the retrieve's ``openai-poll-after-ms``."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ import openai
 import pytest
 from fastapi import FastAPI
 
-from app.runner import execute
+from app import db
+from app.runner import execute, prompt
 from app.settings import Settings
 from tests.runner.fake_openai import FakeOpenAI
 
@@ -31,6 +33,10 @@ def fake_settings(settings: Settings, fake: FakeOpenAI, tmp_path: Path) -> Setti
     path = tmp_path / "models.json"
     path.write_text(json.dumps({"model_list": [{"model_name": "*", "litellm_params": entry, "direct": True}]}))
     settings.llm_config = path
+    # Only the ticks a wake asks for: a periodic one (its reap, its claim)
+    # that a create met under way would leave that run unfolded (the rule of
+    # a lone run), a fold these tests assert (1 run in 10 on a busy machine).
+    settings.worker_poll_seconds = 3600
     return settings
 
 
@@ -79,7 +85,121 @@ async def test_a_lone_provider_runs_create_answers_it_queued_and_its_stream_goes
     assert names[:3] == ["thread.run.created", "thread.run.queued", "thread.run.in_progress"], names
     assert statuses[:3] == ["queued", "queued", "in_progress"] and names[-1] == "thread.run.completed"
     assert names.count("thread.run.in_progress") == 1
-    # PostgreSQL folds a lone run's start into its create (when its worker is
-    # idle and not ticking: the first run may meet the worker's first ticks);
-    # SQLite hands it as before.
-    assert bool(folded) == database_url.startswith("postgres"), folded
+    # Both databases fold a lone run's start into its create (when its
+    # worker is idle and not ticking: the first run may meet the worker's
+    # first ticks).
+    assert folded, database_url
+
+
+_HEADERS = {"OpenAI-Beta": "assistants=v2"}
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_sqlite_a_folded_run_on_an_existing_thread_is_prompted_with_the_threads_messages(
+    fake_settings: Settings,
+    fake: FakeOpenAI,
+    app: FastAPI,
+    client: openai.AsyncOpenAI,
+    http: httpx2.AsyncClient,
+    folded: list[str],
+) -> None:
+    """SQLite: POST /threads/{id}/runs folded, as JSON and then streamed with
+    ``additional_messages``: the prompt is the thread's messages as the
+    fold's read gives them (the first answer among them), the stream's
+    head as before."""
+    fake.texts["fake-words"] = ["hello", " world"]
+    assistant = await client.beta.assistants.create(model="fake-words", instructions="be brief")
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "hi"}])
+    worker = app.state.runtime.worker
+    created = await http.post(f"/v1/threads/{thread.id}/runs", json={"assistant_id": assistant.id}, headers=_HEADERS)
+    assert created.status_code == 200 and created.json()["status"] == "queued", created.text
+    first_id = created.json()["id"]
+    first = await client.beta.threads.runs.poll(first_id, thread_id=thread.id, poll_interval_ms=10)
+    assert first.status == "completed", first.last_error
+    await asyncio.wait_for(worker.wait_until_released(first_id), 10)  # idle again: the next run is lone
+    names: list[str] = []
+    statuses: list[str] = []
+    second_id = None
+    stream = await client.beta.threads.runs.create(
+        thread.id, assistant_id=assistant.id, stream=True, additional_messages=[{"role": "user", "content": "again"}]
+    )
+    async for event in stream:
+        if event.event.startswith("thread.run.") and not event.event.startswith("thread.run.step"):
+            names.append(event.event)
+            statuses.append(event.data.status)  # type: ignore[union-attr]
+            second_id = event.data.id  # type: ignore[union-attr]
+    assert names[:3] == ["thread.run.created", "thread.run.queued", "thread.run.in_progress"], names
+    assert statuses[:3] == ["queued", "queued", "in_progress"] and names[-1] == "thread.run.completed"
+    assert names.count("thread.run.in_progress") == 1
+    assert second_id in folded  # (the first may meet the worker's first ticks)
+    messages = fake.requests[-1]["body"]["messages"]
+    assert [(each["role"], each["content"]) for each in messages] == [
+        ("system", "be brief"),
+        ("user", "hi"),
+        ("assistant", "hello world"),
+        ("user", "again"),
+    ], messages
+
+
+# A 1x1 PNG.
+_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_sqlite_a_folded_runs_prompt_that_needs_a_read_is_read_on_the_wal_reader(
+    fake_settings: Settings,
+    fake: FakeOpenAI,
+    app: FastAPI,
+    client: openai.AsyncOpenAI,
+    folded: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SQLite: a folded run whose prompt needs a read (an image file's
+    bytes): the fold's session, which never connects (db.READS_ELSEWHERE),
+    refuses the read (db.RawSessionConnected) and the prompt is read on a
+    WAL reader instead, once: the provider is sent the image, the run's
+    start() builds nothing again."""
+    built: dict[str, list[tuple[bool, str]]] = {}
+    real_build = prompt.build
+
+    async def build(session: Any, *args: Any, **kwargs: Any) -> Any:
+        run = args[2]
+        elsewhere = db.READS_ELSEWHERE in session.info
+        try:
+            chat = await real_build(session, *args, **kwargs)
+        except db.RawSessionConnected:
+            built.setdefault(run.id, []).append((elsewhere, "refused"))
+            raise
+        built.setdefault(run.id, []).append((elsewhere, "built"))
+        return chat
+
+    monkeypatch.setattr(prompt, "build", build)
+    fake.texts["fake-words"] = ["a dot"]
+    image = await client.files.create(file=("dot.png", _PNG, "image/png"), purpose="vision")
+    assistant = await client.beta.assistants.create(model="fake-words")
+    worker = app.state.runtime.worker
+    thread = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is this"},
+                    {"type": "image_file", "image_file": {"file_id": image.id}},
+                ],
+            }
+        ]
+    }
+    run_ids: list[str] = []
+    for _ in range(2):  # (the first may meet the worker's first ticks)
+        run = await client.beta.threads.create_and_run_poll(
+            assistant_id=assistant.id, thread=thread, poll_interval_ms=10
+        )
+        assert run.status == "completed", run.last_error
+        await asyncio.wait_for(worker.wait_until_released(run.id), 10)
+        run_ids.append(run.id)
+        assert "data:image/png;base64," in json.dumps(fake.requests[-1]["body"]["messages"])
+    last = run_ids[-1]
+    assert last in folded
+    assert built[last] == [(True, "refused"), (False, "built")], built

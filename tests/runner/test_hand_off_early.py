@@ -317,9 +317,9 @@ async def test_a_create_refused_for_stale_defaults_drops_its_hand_off_and_its_re
     dropped: list[str] = []
     real_dropped = worker.dropped
 
-    def drop(created: orm.Run, committed: asyncio.Future[None]) -> None:
+    def drop(created: orm.Run, committed: asyncio.Future[None], **kwargs: bool) -> None:
         dropped.append(created.id)
-        real_dropped(created, committed)
+        real_dropped(created, committed, **kwargs)
 
     monkeypatch.setattr(worker, "dropped", drop)
     pool = runtime.engine.sync_engine.pool

@@ -1,6 +1,7 @@
-"""PostgreSQL: a lone run whose answer is not instant (a provider's) is
-inserted started by its create's one statement (issue 17: Worker.prepare,
-run_state.start_in_create), leased to its worker, its start logged after the
+"""A lone run whose answer is not instant (a provider's) is inserted
+started by its create (issue 17: Worker.prepare, run_state.start_in_create;
+PostgreSQL: its one statement; SQLite: its one hop, the start an UPDATE held
+back behind the run's INSERT), leased to its worker, its start logged after the
 create's events; the hand-off sends nothing and the run's execution goes on
 as a claimed run's once the create has committed. Every way a create or its
 run can go is answered as before: a failed create leaves nothing, a create
@@ -16,22 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from fastapi import Response
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import held_back, orm
+from app import db, held_back, orm, sqlite_driver, sqlite_groups
 from app import worker as worker_module
 from app.api import runs as api_runs
 from app.runner import execute, prompt
 from app.runtime import Runtime
-from app.services import new_rows, run_execution, runs
+from app.services import new_rows, run_execution, run_state, runs
 from app.services.projects import Project
 from app.settings import Settings
 from app.wire.events import Event
@@ -49,7 +51,7 @@ from tests.runner.test_hand_off import (
 from tests.runner.test_hand_off_early import committing_then_cancelled
 from tests.runner.test_instant_answer import _event_names
 
-pytestmark = [pytest.mark.timeout(30), pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
+pytestmark = pytest.mark.timeout(30)
 
 _PROJECT = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
 
@@ -80,40 +82,85 @@ def _worker(runtime: Runtime) -> Worker:
     return runtime.worker
 
 
-async def _queue(runtime: Runtime, assistant_id: str) -> tuple[orm.Run, Response]:
+async def _queue(runtime: Runtime, assistant_id: str, *, remembering: bool = False) -> tuple[orm.Run, Response]:
     """POST /threads/runs's create as the API makes it (api/runs.py's
-    _queue_run, answered as JSON): the run object and the response."""
+    _queue_run, answered as JSON): the run object and the response. Not
+    ``remembering``, the assistant is read (the create's session connects);
+    ``remembering``, from its remembered defaults as the API makes it
+    (_queue_remembering: on SQLite a unit that never connects, one hop;
+    defaults found stale make the run again from a read) the last run made."""
     thread = {"messages": [{"role": "user", "content": "hi"}]}
     body = ThreadAndRunCreate.model_validate({"assistant_id": assistant_id, "thread": thread})
     made: list[orm.Run] = []
 
-    async def change(session: AsyncSession, unwritten: new_rows.Unwritten) -> tuple[orm.Run, list[Event]]:
-        _thread, run, events = await runs.create_thread_and_run(
-            session,
-            _PROJECT,
-            body,
-            expires_in=600,
-            reservation=runtime.run_reservation(),
-            remembered=False,
-            unwritten=unwritten,
-        )
-        made.append(run)
-        return run, events
+    def change(remembered: bool) -> api_runs.QueueRun:
+        async def create(session: AsyncSession, unwritten: new_rows.Unwritten) -> tuple[orm.Run, list[Event]]:
+            _thread, run, events = await runs.create_thread_and_run(
+                session,
+                _PROJECT,
+                body,
+                expires_in=600,
+                reservation=runtime.run_reservation(),
+                remembered=remembered,
+                unwritten=unwritten,
+            )
+            made.append(run)
+            return run, events
 
-    response = await api_runs._queue_run(runtime, False, change)
+        return create
+
+    if remembering:
+        response = await api_runs._queue_remembering(runtime, _PROJECT, False, assistant_id, change)
+        return made[-1], response
+    response = await api_runs._queue_run(runtime, False, change(False))
     return made[0], response
 
 
 def _noting(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, then: Any = None) -> list[str]:
     """The order of what happens from the create on: "create sent" (its
-    append called), "created" (it has returned: committed), "sent" (any
-    other statement of the runtime's engine, through SQLAlchemy's cursor or
-    straight on asyncpg), "executing" (the worker's task for the run
-    started, Worker._start), "claimed" (a claim's statement). ``then`` (an
-    async function of the session, run id, events, the real append and its
-    keywords) stands in for the create's append."""
+    append called), "created" (committed: PostgreSQL, its append has
+    returned; SQLite, its unit's hop), "sent" (any other statement of the
+    runtime's engine, through SQLAlchemy's cursor or straight on asyncpg;
+    on SQLite any other writer taking the write lock), "executing" (the
+    worker's task for the run started, Worker._start), "claimed" (a claim's
+    statement). ``then`` (an async function of the session, run id, events,
+    the real append and its keywords) stands in for the create's append."""
     order: list[str] = []
     creating = [False]
+    sqlite = not runtime.run_log.postgres
+    if sqlite:
+        # Every writer takes the process's write lock (a session's BEGIN, a
+        # raw transaction's, a collected unit's hop): one "sent" a writer.
+        lock = db.writers_of(runtime.engine)._lock
+        real_try = lock.try_acquire
+
+        def try_acquire() -> bool:
+            if not creating[0]:
+                order.append("sent")
+            return real_try()
+
+        monkeypatch.setattr(lock, "try_acquire", try_acquire)
+        # Every COMMIT whose outcome matters (a collected unit's hop, a
+        # connected transaction's commit) is seen through here.
+        real_noted = db.commit_noted_through
+
+        async def noted(session: AsyncSession, commit: Any, *args: Any, **kwargs: Any) -> None:
+            if not creating[0]:
+                return await real_noted(session, commit, *args, **kwargs)
+            try:
+                await real_noted(session, commit, *args, **kwargs)
+            finally:
+                creating[0] = False
+            order.append("created")
+
+        monkeypatch.setattr(db, "commit_noted_through", noted)
+        real_claim_runs = run_execution.claim_runs
+
+        async def claim_runs(*args: Any, **kwargs: Any) -> Any:
+            order.append("claimed")
+            return await real_claim_runs(*args, **kwargs)
+
+        monkeypatch.setattr(run_execution, "claim_runs", claim_runs)
 
     def before(_connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         if not creating[0]:
@@ -140,9 +187,14 @@ def _noting(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, then: Any = None)
             if then is not None:
                 return await then(session, run_id, events, real_append, **kwargs)
             entries = await real_append(session, run_id, events, **kwargs)
-        finally:
+        except BaseException:
             creating[0] = False
-        order.append("created")
+            raise
+        finally:
+            if not sqlite:
+                creating[0] = False
+        if not sqlite:  # (SQLite: once its unit's hop has committed, above)
+            order.append("created")
         return entries
 
     monkeypatch.setattr(log, "append", append)
@@ -160,6 +212,33 @@ def _noting(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, then: Any = None)
 def _nothing_sent_after_the_create(order: list[str]) -> bool:
     """Whether no statement went after the create's (none of a hand-off's own)."""
     return order[order.index("created") + 1 :] in ([], ["executing"])
+
+
+def _committing_then_cancelled(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, committed: list[str]) -> Any:
+    """A ``then`` for _noting(): the create committed, its request cancelled
+    before the API saw the outcome (taken for a rollback: dropped()). On
+    PostgreSQL its statement commits, then the cancellation; on SQLite its
+    unit's hop commits and the cancellation comes while it was out, seen
+    through as sqlite_groups.commit_collected sees it (db.commit_noted_through:
+    noted committed, then the cancellation raised)."""
+    if runtime.run_log.postgres:
+        return committing_then_cancelled(committed)
+
+    async def then(session: Any, run_id: str, events: list[Event], append: Any, **kwargs: Any) -> Any:
+        entries = await append(session, run_id, events, **kwargs)
+        real_noted = db.commit_noted_through  # (_noting's, seeing the create's COMMIT)
+
+        async def noted_then_cancelled(session: AsyncSession, commit: Any, *args: Any, **kwargs: Any) -> None:
+            monkeypatch.setattr(db, "commit_noted_through", real_noted)  # the create's alone
+            await real_noted(session, commit, *args, **kwargs)
+            session.info[db._COMMITTED] = True  # as a cancellation seen through its COMMIT leaves it
+            raise asyncio.CancelledError
+
+        monkeypatch.setattr(db, "commit_noted_through", noted_then_cancelled)
+        committed.append(run_id)
+        return entries
+
+    return then
 
 
 async def _bodies(runtime: Runtime, run_id: str) -> list[tuple[str, dict[str, Any]]]:
@@ -223,6 +302,34 @@ async def test_the_started_create_leases_the_run_to_its_worker_until_the_claims_
     assert [execution.run_id for execution in started] == [run.id]
 
 
+async def test_the_started_create_writes_every_column_the_start_sets(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A column the start sets (run_state._values) is written by the create
+    as the run object and its in_progress event show it (SQLite: the
+    start's UPDATE held back behind the INSERT writes what start_in_create
+    set, no list kept by hand). A start made to set one more column here."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    real_values = run_state._values
+
+    def values(run: orm.Run, to: str, fields: dict[str, Any]) -> dict[str, Any]:
+        moved = real_values(run, to, fields)
+        if to == "in_progress":
+            moved["incomplete_details"] = {"reason": "set by the start"}
+        return moved
+
+    monkeypatch.setattr(run_state, "_values", values)
+    monkeypatch.setattr(worker, "_start", lambda _execution, _at: None)  # the row as the create left it
+    run, _response = await _queue(runtime, assistant)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    bodies = await _bodies(runtime, run.id)
+    assert bodies[3][0] == "thread.run.in_progress"
+    assert bodies[3][1]["incomplete_details"] == {"reason": "set by the start"}
+    row = await _row(runtime, run.id)
+    assert row.status == "in_progress" and row.incomplete_details == {"reason": "set by the start"}
+
+
 async def test_a_failed_started_create_commits_nothing_and_executes_nothing(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,6 +347,9 @@ async def test_a_failed_started_create_commits_nothing_and_executes_nothing(
     await worker.run_until_idle()
     assert "executing" not in order
     assert not worker._gates and not worker._handing and not worker._tasks
+    # SQLite's create that failed uncancelled is known rolled back: nothing
+    # noted to release (PostgreSQL's statement may have committed all the same).
+    assert bool(worker._folded_unreleased) == runtime.run_log.postgres
     async with runtime.transaction() as session:
         assert (await session.scalars(select(orm.Run.id).where(orm.Run.status != "completed"))).all() == []
 
@@ -257,7 +367,7 @@ async def test_a_started_create_cancelled_with_its_statement_out_is_executed_by_
     worker = _worker(runtime)
     committed: list[str] = []
 
-    order = _noting(runtime, monkeypatch, then=committing_then_cancelled(committed))
+    order = _noting(runtime, monkeypatch, then=_committing_then_cancelled(runtime, monkeypatch, committed))
     with pytest.raises(asyncio.CancelledError):
         await _queue(runtime, assistant)
     await asyncio.wait_for(worker._handed(), DEADLINE)
@@ -285,21 +395,13 @@ async def test_a_started_create_of_unknown_outcome_cancelled_before_any_claim_is
     lapsed."""
     assistant = await _assistant(runtime)
     worker = _worker(runtime)
-    committed: list[orm.Run] = []
-
-    async def committed_then_cancelled(
-        session: Any, run_id: str, events: list[Event], append: Any, **kwargs: Any
-    ) -> Any:
-        await append(session, run_id, events, **kwargs)
-        await session.commit()
-        committed.append(await _row(runtime, run_id))
-        raise asyncio.CancelledError
-
-    _noting(runtime, monkeypatch, then=committed_then_cancelled)
+    committed: list[str] = []
+    _noting(runtime, monkeypatch, then=_committing_then_cancelled(runtime, monkeypatch, committed))
     with pytest.raises(asyncio.CancelledError):
         await _queue(runtime, assistant)
     await asyncio.wait_for(worker._handed(), DEADLINE)
-    (run,) = committed
+    (run_id,) = committed
+    run = await _row(runtime, run_id)
     async with runtime.transaction() as other:
         answer, cancelling = await runs.cancel(other, _PROJECT, run.thread_id, run.id)
         await runtime.run_log.append(other, run.id, cancelling, run_locked=True)
@@ -439,7 +541,7 @@ async def _committed_then_cancelled_create(runtime: Runtime, monkeypatch: pytest
     assistant = await _assistant(runtime)
     committed: list[str] = []
 
-    _noting(runtime, monkeypatch, then=committing_then_cancelled(committed))
+    _noting(runtime, monkeypatch, then=_committing_then_cancelled(runtime, monkeypatch, committed))
     with pytest.raises(asyncio.CancelledError):
         await _queue(runtime, assistant)
     await asyncio.wait_for(_worker(runtime)._handed(), DEADLINE)
@@ -593,3 +695,113 @@ async def test_a_run_whose_execution_crashed_is_claimed_again_once_a_lease_not_e
         assert attempts == [run.id, run.id]  # once per lease
     finally:
         await worker.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_sqlite_a_folded_create_from_remembered_defaults_is_one_hop_and_a_stale_one_is_made_again(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: the create from remembered defaults never connects (its
+    writes, the start's UPDATE behind the run's checked INSERT among them,
+    one hop); defaults found stale at that hop fail it whole (nothing noted
+    to release, nothing executed) and the run made again from a read is
+    folded and executed, once."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    _first, _response = await _queue(runtime, assistant)  # reads the assistant: its defaults remembered
+    await _executed(runtime)
+    hops: list[str] = []
+    real_hop = sqlite_groups.commit_collected_seen_through
+
+    async def hop(session: AsyncSession, engine: Any) -> None:
+        hops.append("hop")
+        await real_hop(session, engine)
+
+    monkeypatch.setattr(sqlite_groups, "commit_collected_seen_through", hop)
+    order = _noting(runtime, monkeypatch)
+    run, response = await _queue(runtime, assistant, remembering=True)
+    await _executed(runtime)
+    assert hops == ["hop"]  # the whole create: one collected unit
+    assert order[order.index("create sent") :][:3] == ["create sent", "created", "executing"], order
+    assert json.loads(bytes(response.body))["status"] == "queued"
+    assert (await _row(runtime, run.id)).status == "completed"
+    names = [name for name in await _event_names(runtime, run.id) if name != "thread.message.delta"]
+    assert names[:4] == _OPENING and names[-1] == "thread.run.completed"
+    await _assert_numbered_once(runtime, run.id)
+    # The assistant changed behind the remembered defaults (not through the
+    # API, which would forget them): the first attempt's hop fails whole.
+    async with runtime.transaction() as session:
+        await session.execute(update(orm.Assistant).where(orm.Assistant.id == assistant).values(instructions="new"))
+    order.clear()
+    hops.clear()
+    again, _response = await _queue(runtime, assistant, remembering=True)
+    await _executed(runtime)
+    # (The failed attempt's reservation is counted until the next claim: the
+    # run made again is not alone, claimed by the tick its create woke.)
+    assert worker._wakeup.is_set()
+    await worker.run_until_idle()
+    assert hops == ["hop"]  # the stale attempt's (the one made from a read connects: its commit)
+    assert not worker._folded_unreleased and not worker._gates and not worker._handing
+    assert (await _row(runtime, again.id)).status == "completed"
+    async with runtime.transaction() as session:
+        live = (await session.scalars(select(orm.Run.id).where(orm.Run.status != "completed"))).all()
+    assert list(live) == []  # the stale attempt left no run behind
+    names = [name for name in await _event_names(runtime, again.id) if name != "thread.message.delta"]
+    assert names[:4] == _OPENING and names.count("thread.run.in_progress") == 1
+    await _assert_numbered_once(runtime, again.id)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_sqlite_a_folded_create_cancelled_while_its_commit_is_in_the_thread_is_answered_once(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite, the real path (not the emulated one of
+    _committing_then_cancelled): the create's one hop (a create from
+    remembered defaults, a collected unit) is held in aiosqlite's thread,
+    at its COMMIT (sqlite_driver._commit), while its request is
+    cancelled; let go, it commits. The create raises the cancellation (its
+    outcome unknown to the API, taken for a rollback: dropped()), the run
+    committed in_progress under the worker's lease is noted for release,
+    and the next tick releases it and claims it: executed and completed
+    once, its start logged once, each event numbered once."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    await _queue(runtime, assistant)  # reads the assistant: its defaults remembered
+    await _executed(runtime)
+    loop = asyncio.get_running_loop()
+    at_commit = asyncio.Event()
+    let_go = threading.Event()
+    real_commit = sqlite_driver._commit
+    held: list[bool] = []
+
+    def commit(*args: Any, **kwargs: Any) -> Any:
+        if not held:  # the create's COMMIT alone (the first after this point)
+            held.append(True)
+            loop.call_soon_threadsafe(at_commit.set)
+            let_go.wait(DEADLINE)
+        return real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(sqlite_driver, "_commit", commit)
+    creating = asyncio.create_task(_queue(runtime, assistant, remembering=True))
+    try:
+        await asyncio.wait_for(at_commit.wait(), DEADLINE)
+        creating.cancel()  # while the COMMIT is in the thread
+    finally:
+        let_go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(creating, DEADLINE)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    async with runtime.transaction() as session:
+        live = (await session.scalars(select(orm.Run.id).where(orm.Run.status != "completed"))).all()
+    (run_id,) = live  # committed despite the cancellation
+    assert list(worker._folded_unreleased) == [run_id]  # noted for release
+    row = await _row(runtime, run_id)
+    assert row.status == "in_progress" and row.lease_owner == worker.owner and not worker._tasks
+    await worker.tick()  # releases it; its claim takes it
+    assert list(worker._tasks) == [run_id] and not worker._folded_unreleased
+    await _executed(runtime)
+    assert (await _row(runtime, run_id)).status == "completed"
+    names = [name for name in await _event_names(runtime, run_id) if name != "thread.message.delta"]
+    assert names[:4] == _OPENING and names[-1] == "thread.run.completed"
+    assert names.count("thread.run.in_progress") == 1 and names.count("thread.message.completed") == 1
+    await _assert_numbered_once(runtime, run_id)
