@@ -33,7 +33,7 @@ from app import worker as worker_module
 from app.api import runs as api_runs
 from app.runner import execute, prompt
 from app.runtime import Runtime
-from app.services import new_rows, run_execution, run_state, runs
+from app.services import run_execution, run_state, runs
 from app.services.projects import Project
 from app.settings import Settings
 from app.wire.events import Event
@@ -48,7 +48,7 @@ from tests.runner.test_hand_off import (
     _never_at_once,
     _row,
 )
-from tests.runner.test_hand_off_early import committing_then_cancelled
+from tests.runner.test_hand_off_early import _making, committing_then_cancelled
 from tests.runner.test_instant_answer import _event_names
 
 pytestmark = pytest.mark.timeout(30)
@@ -94,20 +94,7 @@ async def _queue(runtime: Runtime, assistant_id: str, *, remembering: bool = Fal
     made: list[orm.Run] = []
 
     def change(remembered: bool) -> api_runs.QueueRun:
-        async def create(session: AsyncSession, unwritten: new_rows.Unwritten) -> tuple[orm.Run, list[Event]]:
-            _thread, run, events = await runs.create_thread_and_run(
-                session,
-                _PROJECT,
-                body,
-                expires_in=600,
-                reservation=runtime.run_reservation(),
-                remembered=remembered,
-                unwritten=unwritten,
-            )
-            made.append(run)
-            return run, events
-
-        return create
+        return _making(runtime, body, made, remembered)
 
     if remembering:
         response = await api_runs._queue_remembering(runtime, _PROJECT, False, assistant_id, change)
