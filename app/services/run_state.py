@@ -214,21 +214,19 @@ def hold(run: orm.Run, to: str) -> tuple[str, HeldMove]:
     return f"thread.run.{to}", HeldMove(source, values)
 
 
-def start_in_create(run: orm.Run, lease_owner: str, lease_until: float) -> tuple[str, ...]:
+def start_in_create(run: orm.Run, lease_owner: str, lease_until: float) -> None:
     """Move ``run``, a new run not yet inserted (queued, as its create
     made it), to in_progress in memory, leased to ``lease_owner`` until
     ``lease_until`` as a claim leases it: its create's insert then writes
     it started (a lone provider run: Worker.prepare; issue 17,
     the start's statement and its WAL flush folded into the create's),
-    and its create logs ``thread.run.in_progress`` (api/runs.py). Returns
-    the attributes it set, also kept on the run's instance state for
+    and its create logs ``thread.run.in_progress`` (api/runs.py). The
+    attributes it set are kept on the run's instance state for
     write_started_in_create() (whatever _values() sets is written, no list
     kept by hand)."""
     values = _values(run, "in_progress", {"lease_owner": lease_owner, "lease_expires_at": lease_until})
     _set(run, values)
-    keys = tuple(values)
-    inspect(run).info[_STARTED_KEYS] = keys
-    return keys
+    inspect(run).info[_STARTED_KEYS] = tuple(values)
 
 
 # Where start_in_create() keeps the attributes it set (InstanceState.info).
