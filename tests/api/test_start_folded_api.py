@@ -74,21 +74,34 @@ async def test_a_lone_provider_runs_create_answers_it_queued_and_its_stream_goes
     retrieved = await http.get(f"/v1/threads/{thread_id}/runs/{run_id}", headers={"OpenAI-Beta": "assistants=v2"})
     assert retrieved.headers["openai-poll-after-ms"] == str(fake_settings.poll_after_ms)
     worker = app.state.runtime.worker
-    await asyncio.wait_for(worker.wait_until_released(run_id), 10)  # idle again: the next run is lone
-    names: list[str] = []
-    statuses: list[str] = []
-    stream = await client.beta.threads.create_and_run(assistant_id=assistant.id, stream=True, thread=body["thread"])
+    # Both databases fold a lone run's start into its create, when its
+    # worker is idle and not ticking. A tick can still come between two runs
+    # (PostgreSQL's work listener wakes the worker when its connection
+    # opens; 1 run in 10 met one under load), and that run is handed or
+    # claimed instead, as the lone-run rule says: up to three runs, each
+    # streamed in order, until one is folded.
+    for _attempt in range(3):
+        await asyncio.wait_for(worker.wait_until_released(run_id), 10)  # idle again: the next run is lone
+        run_id, names, statuses = await _streamed_run(client, assistant.id, body["thread"])
+        assert names[:3] == ["thread.run.created", "thread.run.queued", "thread.run.in_progress"], names
+        assert statuses[:3] == ["queued", "queued", "in_progress"] and names[-1] == "thread.run.completed"
+        assert names.count("thread.run.in_progress") == 1
+        if run_id in folded:
+            break
+    assert run_id in folded, database_url
+
+
+async def _streamed_run(client: openai.AsyncOpenAI, assistant_id: str, thread: Any) -> tuple[str, list[str], list[str]]:
+    """A thread and run created and streamed to its end: the run's id, and
+    its run events' names and statuses in order."""
+    run_id, names, statuses = "", [], []
+    stream = await client.beta.threads.create_and_run(assistant_id=assistant_id, stream=True, thread=thread)
     async for event in stream:
         if event.event.startswith("thread.run.") and not event.event.startswith("thread.run.step"):
+            run_id = event.data.id  # type: ignore[union-attr]
             names.append(event.event)
             statuses.append(event.data.status)  # type: ignore[union-attr]
-    assert names[:3] == ["thread.run.created", "thread.run.queued", "thread.run.in_progress"], names
-    assert statuses[:3] == ["queued", "queued", "in_progress"] and names[-1] == "thread.run.completed"
-    assert names.count("thread.run.in_progress") == 1
-    # Both databases fold a lone run's start into its create (when its
-    # worker is idle and not ticking: the first run may meet the worker's
-    # first ticks).
-    assert folded, database_url
+    return run_id, names, statuses
 
 
 _HEADERS = {"OpenAI-Beta": "assistants=v2"}
