@@ -76,10 +76,11 @@ async def test_a_lone_provider_runs_create_answers_it_queued_and_its_stream_goes
     worker = app.state.runtime.worker
     # Both databases fold a lone run's start into its create, when its
     # worker is idle and not ticking. A tick can still come between two runs
-    # (PostgreSQL's work listener wakes the worker when its connection
-    # opens; 1 run in 10 met one under load), and that run is handed or
-    # claimed instead, as the lone-run rule says: up to three runs, each
-    # streamed in order, until one is folded.
+    # (a wake: on PostgreSQL also a NOTIFY on the workers' channel, heard
+    # late; CI's run met one once in a PostgreSQL case with the periodic
+    # ticks off, cause not pinned down), and that run is handed or claimed
+    # instead, as the lone-run rule says: up to three runs, each streamed in
+    # order, until one is folded.
     for _attempt in range(3):
         await asyncio.wait_for(worker.wait_until_released(run_id), 10)  # idle again: the next run is lone
         run_id, names, statuses = await _streamed_run(client, assistant.id, body["thread"])
