@@ -146,7 +146,17 @@ async def test_a_silent_model_stream_fails_the_run(settings: Settings) -> None:
         await rt.close()
 
 
-async def test_executing_runs_expire_and_free_their_slots(runtime: Runtime) -> None:
+async def test_executing_runs_expire_and_free_their_slots(settings: Settings) -> None:
+    # A lease of 30 s, not the file's 1 s: the runs must still be executing,
+    # their leases live, when the reaper finds them past their deadline. With
+    # 1 s, a loop held 0.6 s on a loaded machine (CI's) gave the leases up, the
+    # tick released them and the same tick's reaper failed the runs as
+    # unresumable, rightly for a worker that stalled, not what this tests.
+    async with runtime_with_lease(settings, 30.0) as runtime:
+        await _expire_executing_runs(runtime)
+
+
+async def _expire_executing_runs(runtime: Runtime) -> None:
     worker, task = await running_worker(runtime, concurrency=2)
     try:
         hung = await _make_runs(runtime, 2, text="[[hang]]")
