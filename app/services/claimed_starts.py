@@ -18,7 +18,6 @@ miss does.
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -121,18 +120,8 @@ async def insert_starting(
         "start_started": [start.run.started_at for start in starts],
         "start_owner": lease_owner,
         "start_required_action": None,
-        "log_now": time.time(),
-        "log_run_ids": [],
-        "log_ns": [],
-        "log_names": [],
-        "log_datas": [],
+        **run_events.logged_arrays(((start.run.id, start.events) for start in starts), "log_"),
     }
-    for start in starts:
-        for n, event in enumerate(start.events, start=1):
-            params["log_run_ids"].append(start.run.id)
-            params["log_ns"].append(n)
-            params["log_names"].append(event.name)
-            params["log_datas"].append(run_events.logged_text(event))
     if signal is not None:
         params["log_channel"], params["log_origin"] = signal.channel, signal.origin
     statement = _statement(signal is not None)

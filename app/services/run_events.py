@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,17 +201,11 @@ def _insert_postgres_statement(notify: bool, wake: bool) -> TextClause:
 async def _insert_postgres(
     session: AsyncSession, batches: dict[str, list[Event]], signal: Signal | None, wake: bool
 ) -> dict[str, int]:
-    params: dict[str, Any] = {"run_ids": [], "ns": [], "names": [], "datas": [], "now": time.time()}
+    params = logged_arrays(batches.items(), "")
     if signal is not None:
         params["channel"], params["origin"] = signal.channel, signal.origin
     if wake:
         params["work_channel"] = db.WORK_CHANNEL
-    for run_id, events in batches.items():
-        for n, event in enumerate(events, start=1):
-            params["run_ids"].append(run_id)
-            params["ns"].append(n)
-            params["names"].append(event.name)
-            params["datas"].append(logged_text(event))
     rows = (await session.execute(_insert_postgres_statement(signal is not None, wake), params)).all()
     return {str(row[0]): int(row[1]) for row in rows}
 
@@ -249,6 +243,22 @@ def _carrying(carrier: Update | Select[Any], notify: bool) -> Update | Select[An
     if isinstance(carrier, Select):
         return carrier.add_cte(logged).add_columns(*returned)
     return carrier.add_cte(logged).returning(*returned)
+
+
+def logged_arrays(batches: Iterable[tuple[str, Sequence[Event]]], prefix: str) -> dict[str, Any]:
+    """The parameters of numbered_rows(prefix, prefix + "now") for each
+    run's events in ``batches`` (run id, events): the arrays of their rows,
+    each run's numbered from 1, and the time they are logged at."""
+    params: dict[str, Any] = {f"{prefix}{name}": [] for name in ("run_ids", "ns", "names", "datas")}
+    params[f"{prefix}now"] = time.time()
+    run_ids, ns, names, datas = (params[f"{prefix}{name}"] for name in ("run_ids", "ns", "names", "datas"))
+    for run_id, events in batches:
+        for n, event in enumerate(events, start=1):
+            run_ids.append(run_id)
+            ns.append(n)
+            names.append(event.name)
+            datas.append(logged_text(event))
+    return params
 
 
 def _logged_params(run_id: str, events: Sequence[Event]) -> dict[str, Any]:

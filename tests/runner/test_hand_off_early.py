@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -38,6 +39,12 @@ _PROJECT = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
 
 @pytest.fixture
 async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    async with handing_runtime(settings) as rt:
+        yield rt
+
+
+@asynccontextmanager
+async def handing_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     """A runtime with a worker attached as the server's (runs created
     through the API are handed to it), its loop not started: each test
     drives its ticks."""

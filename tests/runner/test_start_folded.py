@@ -48,7 +48,7 @@ from tests.runner.test_hand_off import (
     _never_at_once,
     _row,
 )
-from tests.runner.test_hand_off_early import _making, committing_then_cancelled
+from tests.runner.test_hand_off_early import _making, _worker, committing_then_cancelled, handing_runtime
 from tests.runner.test_instant_answer import _event_names
 
 pytestmark = pytest.mark.timeout(30)
@@ -64,22 +64,10 @@ async def runtime(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncI
     started (each test drives its ticks), whose model is taken for a
     provider's: answered streamed, never at once (the offline model made to
     stream: the same path as a provider's route)."""
-    rt = await Runtime.start(settings)
-    monkeypatch.setattr(rt.llm, "streams", lambda _model: True)
-    monkeypatch.setattr(rt.llm, "answer_at_once", _never_at_once)
-    worker = Worker(rt)
-    rt.attach_worker(worker)
-    worker._looping = True  # as while run_forever() goes round: it hands runs only then
-    try:
+    async with handing_runtime(settings) as rt:
+        monkeypatch.setattr(rt.llm, "streams", lambda _model: True)
+        monkeypatch.setattr(rt.llm, "answer_at_once", _never_at_once)
         yield rt
-    finally:
-        await worker.stop()
-        await rt.close()
-
-
-def _worker(runtime: Runtime) -> Worker:
-    assert runtime.worker is not None
-    return runtime.worker
 
 
 async def _queue(runtime: Runtime, assistant_id: str, *, remembering: bool = False) -> tuple[orm.Run, Response]:
