@@ -124,7 +124,8 @@ async def _queue_run(
                 if not any(row is run for row in unwritten.rows):
                     assert not runtime.run_log.postgres, "a folded run is inserted by its create"
                     await run_state.write_started_in_create(session, run)
-                events = [*events, Event.of("thread.run.in_progress", runs.to_wire(run))]
+                assert answered is not None and answered.name == "thread.run.queued", "a create queues its run"
+                events = [*events, runs.started_in_create_event(answered, run)]
             # ``change`` inserted the run (or left it to this insert) or moved
             # it with a compare-and-set UPDATE: this transaction holds its row
             # lock (PostgreSQL), or no other sees the run yet.

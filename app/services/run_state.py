@@ -233,6 +233,12 @@ def start_in_create(run: orm.Run, lease_owner: str, lease_until: float) -> None:
 _STARTED_KEYS = "run_state.started_in_create"
 
 
+def started_in_create_keys(run: orm.Run) -> tuple[str, ...]:
+    """The attributes start_in_create() set on ``run``."""
+    keys: tuple[str, ...] = inspect(run).info[_STARTED_KEYS]
+    return keys
+
+
 async def write_started_in_create(session: AsyncSession, run: orm.Run) -> None:
     """SQLite: ``run``, moved by start_in_create() after its create's
     change had already held back its INSERT (as queued: its parameters

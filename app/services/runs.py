@@ -133,6 +133,22 @@ def _pick(override: Any, default: Any) -> Any:
     return override if override is not None else default
 
 
+def started_in_create_event(queued: Event, run: orm.Run) -> Event:
+    """``thread.run.in_progress`` for ``run``, started in its create after
+    ``queued`` (its ``thread.run.queued``) was made: the queued object with
+    the fields start_in_create() set as the run now holds them (nothing else
+    has changed since), rather than the run validated and dumped a second
+    time in the same create (issue 17). The same JSON as
+    ``Event.of("thread.run.in_progress", to_wire(run))``: each field the
+    start sets is a string, an integer, None or a JSON object, which Run's
+    JSON dump sends as it is."""
+    assert isinstance(queued.data, dict) and queued.data["id"] == run.id, "the run's own queued event"
+    started = run_state.started_in_create_keys(run)
+    moved = tuple((name, attribute) for name, attribute in _RUN_FIELDS if attribute in started)
+    # A copy: an event's data is never changed once made.
+    return Event("thread.run.in_progress", {**queued.data, **row_reads.values(run, moved)})
+
+
 def _queued_events(run: orm.Run) -> list[Event]:
     """A new run's opening events, logged only by the transaction that
     inserts it: run_log.append reads ``thread.run.created`` as "created
