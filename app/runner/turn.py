@@ -105,6 +105,11 @@ class Turn:
     run: orm.Run
     message: orm.Message | None = None
     message_step: orm.RunStep | None = None
+    # The open message's and its step's objects as their opening events carry
+    # them: their close sends these with the fields it sets (issue 17: the
+    # same JSON as the rows validated and dumped again, for less).
+    message_opened: dict[str, Any] = field(default_factory=dict)
+    step_opened: dict[str, Any] = field(default_factory=dict)
     text: list[str] = field(default_factory=list)
     tool_step: orm.RunStep | None = None
     builtins: dict[str, BuiltinTool] = field(default_factory=dict)
@@ -248,6 +253,7 @@ class Turn:
             *Event.each(("thread.message.created", "thread.message.in_progress"), message_wire),
         ]
         self.message, self.message_step = message, step
+        self.step_opened, self.message_opened = _object_of(created[0]), _object_of(created[2])
         self.marker_stream = markers.MarkerStream(self.targets)
         # Parts a built-in tool already made for this message (code_interpreter
         # images) come first, as OpenAI orders them; the text follows them.
@@ -297,13 +303,17 @@ class Turn:
         else:
             closed["incomplete_at"] = now
             closed["incomplete_details"] = {"reason": "max_tokens"}
+        step_closed = {"status": "completed", "completed_at": now, "usage": _usage_dict(usage) if usage else None}
         _set_on_record(message, closed)
-        _set_on_record(
-            step, {"status": "completed", "completed_at": now, "usage": _usage_dict(usage) if usage else None}
-        )
+        _set_on_record(step, step_closed)
+        # As messages.to_wire and run_steps.to_wire would send the rows now:
+        # nothing but what the close set has changed since they were opened
+        # (the open message's text goes out as deltas, not into its row), and
+        # each value set is plain JSON (the content's parts, integers, None).
+        # New dicts: an event's data is never changed once made.
         events = [
-            Event.of(f"thread.message.{status}", messages.to_wire(message)),
-            Event.of("thread.run.step.completed", run_steps.to_wire(step)),
+            Event(f"thread.message.{status}", {**self.message_opened, **closed}),
+            Event("thread.run.step.completed", {**self.step_opened, **step_closed}),
         ]
         changes = [RowUpdate(message, _MESSAGE_CLOSED[status]), RowUpdate(step, _STEP_CLOSED)]
         if defer or self.at_once:
@@ -431,6 +441,12 @@ def _set_on_record(row: ExecutorRow, values: dict[str, Any]) -> None:
 
 def _message_delta(message_id: str, content: list[dict[str, Any]]) -> dict[str, Any]:
     return {"id": message_id, "object": "thread.message.delta", "delta": {"content": content}}
+
+
+def _object_of(event: Event) -> dict[str, Any]:
+    """The wire object an object's event carries (never ``[DONE]``'s text)."""
+    assert isinstance(event.data, dict), event.name
+    return event.data
 
 
 def _usage_dict(usage: llm.Usage) -> dict[str, int]:
