@@ -642,7 +642,11 @@ class RunExecution:
         return (run, chat) if run.status == "in_progress" else None
 
     async def start_claimed(
-        self, session: AsyncSession, run: orm.Run, starts: list[claimed_starts.Start] | None = None
+        self,
+        session: AsyncSession,
+        run: orm.Run,
+        starts: list[claimed_starts.Start] | None = None,
+        queued: dict[str, Any] | None = None,
     ) -> None:
         """Start a run just claimed, in the claim's own transaction (issue 17:
         one transaction fewer per run): queued -> in_progress and its first
@@ -655,8 +659,9 @@ class RunExecution:
         left to start() leaves nothing behind in the shared transaction.
         ``starts`` (PostgreSQL): a start that is not an instant answer is
         added there, for claim_and_start to write every run's in one
-        statement (RunLog.append_starts), rather than written here."""
-        events = await self._start_held(session, run)
+        statement (RunLog.append_starts), rather than written here.
+        ``queued``: see _start_held."""
+        events = await self._start_held(session, run, queued)
         if events is None:
             return
         assert self._started is not None
@@ -675,7 +680,9 @@ class RunExecution:
             await self._write_held_start(session)  # SQLite: sent with the events' insert
         await self.runtime.run_log.append(session, run.id, events, run_locked=True, carried_by=carried)
 
-    async def start_handed(self, session: AsyncSession, run: orm.Run, handed: run_state.HandedFrom) -> bool:
+    async def start_handed(
+        self, session: AsyncSession, run: orm.Run, handed: run_state.HandedFrom, queued: dict[str, Any] | None = None
+    ) -> bool:
         """PostgreSQL: start ``run``, handed to this worker without a claim
         (hand_off), in one statement in ``session`` (Runtime.unit_of_work:
         autocommitted, no BEGIN, no COMMIT; issue 17), whose compare-and-set
@@ -688,8 +695,9 @@ class RunExecution:
         colliding with an append committed first raises
         run_execution.HandOffLost, nothing written. False, nothing written,
         when the run is not started so (not a queued run on time, its
-        prompt not built here): the worker's claim takes it as any run."""
-        events = await self._start_held(session, run)
+        prompt not built here): the worker's claim takes it as any run.
+        ``queued``: see _start_held."""
+        events = await self._start_held(session, run, queued)
         if events is None or self._started is None:
             return False
         self._handed = handed
@@ -733,11 +741,18 @@ class RunExecution:
         # for value (run_execution.handed_run), and nothing has moved it since.
         self._wire = started
 
-    async def _start_held(self, session: AsyncSession, run: orm.Run) -> list[Event] | None:
+    async def _start_held(
+        self, session: AsyncSession, run: orm.Run, queued: dict[str, Any] | None = None
+    ) -> list[Event] | None:
         """start_claimed()'s start, held (run_state.hold) for the run's next
         move to write, with its first prompt: the start's events; None, the
         run left to start(), if it is not a queued run on time or its prompt
-        is not built here."""
+        is not built here. ``queued`` (a hand-off's): the object the run's
+        create sent it queued as; ``run`` is that row, value for value
+        (run_execution.handed_run), and the hand-off's compare-and-set
+        requires it unchanged since (still queued, never started, its
+        metadata as created; a miss writes nothing of this), so the start's
+        event is that object with the fields the start set (issue 17)."""
         if run.status != "queued" or run_execution.is_past_deadline(run):
             return None
         if db.RAW in session.info and not self.runtime.run_log.appends_unread(run.id):
@@ -755,7 +770,9 @@ class RunExecution:
         self.context = context
         self._started = (run, chat)
         self._run = run
-        return [self._opened(Event.of(moved, runs.to_wire(run)))]
+        if queued is None:
+            return [self._opened(Event.of(moved, runs.to_wire(run)))]
+        return [self._opened(runs.moved_event(moved, queued, run, tuple(self._held_start.values)))]
 
     def _opened(self, start: Event) -> Event:
         """``start``, the run's start's event, whose object is the run's as
@@ -1489,7 +1506,7 @@ async def hand_off(
         async with runtime.claiming() as session:
             run = await run_execution.claim_handed(session, created, owner, lease_seconds)
             execution = RunExecution(runtime, run.id, builtins, owner=owner)
-            await execution.start_claimed(session, run)
+            await execution.start_claimed(session, run, queued=runs.queued_wire(created))
     except DBAPIError as error:
         # As claim_and_start: an instant answer the database refused goes
         # the streamed way once claimed again, in transactions of its own.
@@ -1584,7 +1601,8 @@ async def _hand_off_postgres(
         async with runtime.unit_of_work() as session:
             if committed is not None:
                 db.gate(session, committed)
-            return await execution.start_handed(session, run, run_execution.hand_off_check(created, owner))
+            check = run_execution.hand_off_check(created, owner)
+            return await execution.start_handed(session, run, check, runs.queued_wire(created))
 
     work, sending = db.watched(answer())
     what = f"run {run.id}'s hand-off"

@@ -178,8 +178,22 @@ def moved_event(name: str, before: dict[str, Any], run: orm.Run, keys: tuple[str
 def _queued_events(run: orm.Run) -> list[Event]:
     """A new run's opening events, logged only by the transaction that
     inserts it: run_log.append reads ``thread.run.created`` as "created
-    here" (no NOTIFY on PostgreSQL, numbered from 1 on SQLite)."""
-    return Event.each(("thread.run.created", "thread.run.queued"), to_wire(run))
+    here" (no NOTIFY on PostgreSQL, numbered from 1 on SQLite). Their
+    object is kept on the run's instance (queued_wire())."""
+    events = Event.each(("thread.run.created", "thread.run.queued"), to_wire(run))
+    inspect(run).info[_QUEUED_WIRE] = events[-1].data
+    return events
+
+
+# Where _queued_events() keeps the new run's object (InstanceState.info).
+_QUEUED_WIRE = "runs.queued_wire"
+
+
+def queued_wire(run: orm.Run) -> dict[str, Any] | None:
+    """The object ``run``'s create sent it queued as, if this instance is
+    the one its create made (a hand-off starts from it: execute.hand_off)."""
+    wire: dict[str, Any] | None = inspect(run).info.get(_QUEUED_WIRE)
+    return wire
 
 
 async def create(

@@ -20,15 +20,29 @@ from app.runner import execute
 from app.runtime import Runtime
 from app.services import run_execution, runs
 from app.services.projects import Project
+from app.settings import Settings
 from app.wire.events import Event
 from app.wire.runs import RunUpdate
+from app.worker import Worker
 from tests.runner.test_carried_end import _TOOL_CALLED, _answering, _logged
+from tests.runner.test_hand_off import _CALLING_F, _create, _looping, _row
 from tests.runner.test_quick_answer import _provider
 from tests.runner.test_worker import _make_runs
 
 pytestmark = pytest.mark.timeout(60)
 
 _OWNER = "test:0:endfromstart"
+
+
+@pytest.fixture
+async def bare_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    """A runtime without a worker (the test makes its own)."""
+    runtime = await Runtime.start(settings)
+    try:
+        yield runtime
+    finally:
+        await runtime.close()
+
 
 _ENDS = pytest.mark.parametrize(
     ("script", "status"),
@@ -180,3 +194,28 @@ async def test_metadata_updated_through_the_api_while_the_run_executes_is_in_its
     # (Its first attempt, made from the start's object, missed on the
     # metadata and was made again reading the run.)
     assert list(data.items()) == list((await _as_read(runtime, run_id, name)).items())
+
+
+@pytest.mark.parametrize(
+    ("text", "fields", "ends"),
+    [("hi", {}, "completed"), ("[[call f {}]]", _CALLING_F, "requires_action")],
+    ids=["answered", "requires_action"],
+)
+async def test_a_handed_runs_start_and_end_are_its_queued_object_moved_key_for_key(
+    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, text: str, fields: dict[str, Any], ends: str
+) -> None:
+    """A run handed to its worker (the offline model's instant answer): its
+    in_progress event is its create's queued object with the start's fields
+    (key for key, in order), its end the run as read after it."""
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    patched = _patched_ends(monkeypatch)
+    run = await _create(runtime, worker, (text,), None, **fields)
+    assert worker.hand(run)
+    await worker._handed()
+    logged = {name: data for _seq, name, data in await _logged(runtime, run.id)}
+    queued, started, ended = (logged[f"thread.run.{status}"] for status in ("queued", "in_progress", ends))
+    row = await _row(runtime, run.id)
+    assert list(started.items()) == list({**queued, "status": "in_progress", "started_at": row.started_at}.items())
+    assert list(ended.items()) == list((await _as_read(runtime, run.id, f"thread.run.{ends}")).items())
+    assert patched == ["thread.run.in_progress", f"thread.run.{ends}"]
