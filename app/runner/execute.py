@@ -185,6 +185,10 @@ class RunExecution:
         self._started: tuple[orm.Run, list[dict[str, Any]]] | None = None
         # The run as this execution last wrote it (see _move_unread).
         self._run: orm.Run | None = None
+        # self._run's wire object as its last event sent it (its start's), when
+        # this execution has one: the run's end is sent as this object with
+        # the fields the end sets (_moved_event; issue 17). None: made anew.
+        self._wire: dict[str, Any] | None = None
         # The first model call's outcome when start_claimed() asked for an
         # instant answer and could not use it here: _answer() takes it
         # rather than asking (and logging a model request) twice; None when
@@ -394,7 +398,7 @@ class RunExecution:
             **self._move_fields(move),
         )
         self._held_start = None
-        events.append(Event.of(name, runs.to_wire(self._run)))
+        events.append(self._moved_event(name, self._run))
         await self.runtime.run_log.append(
             session, self.run_id, events, run_locked=True, carried_by=carried, last_statement=alone
         )
@@ -534,7 +538,24 @@ class RunExecution:
             assert self._held_start is None
             return None
         self._held_start = None
-        return [Event.of(name, runs.to_wire(run))]
+        return [self._moved_event(name, run)]
+
+    def _moved_event(self, name: str, run: orm.Run) -> Event:
+        """The event of an unread move of ``run`` (self._run), just made:
+        the run as a read would give it now (the move is made only if
+        nothing else of the run changed: see _move_unread, _carried_move),
+        so, when this execution holds the run's object as its last event
+        sent it (self._wire) and the move set only its own fields, that
+        object with those fields (issue 17: the run not validated and
+        dumped a third time); else the run validated and dumped."""
+        keys = run_state.moved_keys(run)
+        if self._wire is None or keys is None:  # (resumed by start(); a move that read the row back)
+            event = Event.of(name, runs.to_wire(run))
+        else:
+            event = runs.moved_event(name, self._wire, run, keys)
+        assert isinstance(event.data, dict)
+        self._wire = event.data  # as self._run now stands
+        return event
 
     def _move_fields(self, move: Move) -> dict[str, Any]:
         """What an unread move writes besides its status and stamps."""
@@ -611,7 +632,7 @@ class RunExecution:
                 # A run that never ran (no usage recorded yet) has no steps to read.
                 has_steps = run.usage is not None
                 moved = await run_state.transition(session, run, "in_progress", lease_owner=self.owner)
-                events = [Event.of(moved, runs.to_wire(run))]
+                events = [self._opened(Event.of(moved, runs.to_wire(run)))]
                 self.context = await self._context(session, run)
                 chat = await prompt.build(
                     session, self.runtime.storage, self.runtime.llm, run, self._budget(run), has_steps=has_steps
@@ -621,7 +642,11 @@ class RunExecution:
         return (run, chat) if run.status == "in_progress" else None
 
     async def start_claimed(
-        self, session: AsyncSession, run: orm.Run, starts: list[claimed_starts.Start] | None = None
+        self,
+        session: AsyncSession,
+        run: orm.Run,
+        starts: list[claimed_starts.Start] | None = None,
+        queued: dict[str, Any] | None = None,
     ) -> None:
         """Start a run just claimed, in the claim's own transaction (issue 17:
         one transaction fewer per run): queued -> in_progress and its first
@@ -634,8 +659,9 @@ class RunExecution:
         left to start() leaves nothing behind in the shared transaction.
         ``starts`` (PostgreSQL): a start that is not an instant answer is
         added there, for claim_and_start to write every run's in one
-        statement (RunLog.append_starts), rather than written here."""
-        events = await self._start_held(session, run)
+        statement (RunLog.append_starts), rather than written here.
+        ``queued``: see _start_held."""
+        events = await self._start_held(session, run, queued)
         if events is None:
             return
         assert self._started is not None
@@ -654,7 +680,9 @@ class RunExecution:
             await self._write_held_start(session)  # SQLite: sent with the events' insert
         await self.runtime.run_log.append(session, run.id, events, run_locked=True, carried_by=carried)
 
-    async def start_handed(self, session: AsyncSession, run: orm.Run, handed: run_state.HandedFrom) -> bool:
+    async def start_handed(
+        self, session: AsyncSession, run: orm.Run, handed: run_state.HandedFrom, queued: dict[str, Any] | None = None
+    ) -> bool:
         """PostgreSQL: start ``run``, handed to this worker without a claim
         (hand_off), in one statement in ``session`` (Runtime.unit_of_work:
         autocommitted, no BEGIN, no COMMIT; issue 17), whose compare-and-set
@@ -667,8 +695,9 @@ class RunExecution:
         colliding with an append committed first raises
         run_execution.HandOffLost, nothing written. False, nothing written,
         when the run is not started so (not a queued run on time, its
-        prompt not built here): the worker's claim takes it as any run."""
-        events = await self._start_held(session, run)
+        prompt not built here): the worker's claim takes it as any run.
+        ``queued``: see _start_held."""
+        events = await self._start_held(session, run, queued)
         if events is None or self._started is None:
             return False
         self._handed = handed
@@ -690,7 +719,7 @@ class RunExecution:
             raise
         return True
 
-    async def take_started(self, session: AsyncSession, run: orm.Run) -> None:
+    async def take_started(self, session: AsyncSession, run: orm.Run, started: dict[str, Any] | None = None) -> None:
         """Go on with ``run``, which its create inserted started
         and leased to this execution's worker (Worker.prepare's fold; issue
         17): its first prompt, built as start_claimed() builds it, its
@@ -708,12 +737,22 @@ class RunExecution:
         self.context = context
         self._started = (run, chat)
         self._run = run
+        # The object its create sent its start as: ``run`` is that row, value
+        # for value (run_execution.handed_run), and nothing has moved it since.
+        self._wire = started
 
-    async def _start_held(self, session: AsyncSession, run: orm.Run) -> list[Event] | None:
+    async def _start_held(
+        self, session: AsyncSession, run: orm.Run, queued: dict[str, Any] | None = None
+    ) -> list[Event] | None:
         """start_claimed()'s start, held (run_state.hold) for the run's next
         move to write, with its first prompt: the start's events; None, the
         run left to start(), if it is not a queued run on time or its prompt
-        is not built here."""
+        is not built here. ``queued`` (a hand-off's): the object the run's
+        create sent it queued as; ``run`` is that row, value for value
+        (run_execution.handed_run), and the hand-off's compare-and-set
+        requires it unchanged since (still queued, never started, its
+        metadata as created; a miss writes nothing of this), so the start's
+        event is that object with the fields the start set (issue 17)."""
         if run.status != "queued" or run_execution.is_past_deadline(run):
             return None
         if db.RAW in session.info and not self.runtime.run_log.appends_unread(run.id):
@@ -731,7 +770,16 @@ class RunExecution:
         self.context = context
         self._started = (run, chat)
         self._run = run
-        return [Event.of(moved, runs.to_wire(run))]
+        if queued is None:
+            return [self._opened(Event.of(moved, runs.to_wire(run)))]
+        return [self._opened(runs.moved_event(moved, queued, run, tuple(self._held_start.values)))]
+
+    def _opened(self, start: Event) -> Event:
+        """``start``, the run's start's event, whose object is the run's as
+        this execution goes on with it (self._wire)."""
+        assert isinstance(start.data, dict)
+        self._wire = start.data
+        return start
 
     async def _first_context_and_prompt(
         self, session: AsyncSession, run: orm.Run
@@ -1458,7 +1506,7 @@ async def hand_off(
         async with runtime.claiming() as session:
             run = await run_execution.claim_handed(session, created, owner, lease_seconds)
             execution = RunExecution(runtime, run.id, builtins, owner=owner)
-            await execution.start_claimed(session, run)
+            await execution.start_claimed(session, run, queued=runs.queued_wire(created))
     except DBAPIError as error:
         # As claim_and_start: an instant answer the database refused goes
         # the streamed way once claimed again, in transactions of its own.
@@ -1494,6 +1542,7 @@ async def take_started(
     nothing; no session begun, no gate: 0.3-0.5 ms of loop CPU less than
     Runtime.reading's, run_timeline)."""
     run = run_execution.handed_run(created, owner, created.lease_expires_at or 0.0)
+    started = runs.started_in_create_wire(created)
     execution = RunExecution(runtime, run.id, builtins, owner=owner)
     if not runtime.run_log.postgres:
         assert committed.done(), "SQLite's fold is taken once its create has committed"
@@ -1502,12 +1551,12 @@ async def take_started(
         if runtime.run_log.postgres:
             async with runtime.unit_of_work() as session:
                 db.gate(session, committed)
-                await execution.take_started(session, run)
+                await execution.take_started(session, run, started)
         else:
             session = runtime.sessionmaker()
             session.info[db.READS_ELSEWHERE] = True
             try:
-                await execution.take_started(session, run)
+                await execution.take_started(session, run, started)
             finally:
                 session.sync_session.close()  # never connected: no I/O
     except Exception:  # (its session's end) as take_started's failures: left to start()
@@ -1552,7 +1601,8 @@ async def _hand_off_postgres(
         async with runtime.unit_of_work() as session:
             if committed is not None:
                 db.gate(session, committed)
-            return await execution.start_handed(session, run, run_execution.hand_off_check(created, owner))
+            check = run_execution.hand_off_check(created, owner)
+            return await execution.start_handed(session, run, check, runs.queued_wire(created))
 
     work, sending = db.watched(answer())
     what = f"run {run.id}'s hand-off"

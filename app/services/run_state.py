@@ -203,6 +203,26 @@ def _set(run: orm.Run, values: dict[str, Any]) -> None:
         set_committed_value(run, key, value)
 
 
+# Where transition() and carried_move() keep the attributes their move set
+# (InstanceState.info): moved_keys().
+_MOVED_KEYS = "run_state.moved"
+
+
+def _set_moved(run: orm.Run, values: dict[str, Any], *, whole_row: bool = False) -> None:
+    """_set() of a move's ``values``, noting what it set for moved_keys()."""
+    _set(run, values)
+    inspect(run).info[_MOVED_KEYS] = None if whole_row else tuple(values)
+
+
+def moved_keys(run: orm.Run) -> tuple[str, ...] | None:
+    """The attributes of ``run`` the last move made on it by transition()
+    or carried_move() set, and nothing else of it changed by that move;
+    None when no such move was made on it, or when the move read the whole
+    row back (``refresh``: any attribute may have changed)."""
+    keys: tuple[str, ...] | None = inspect(run).info.get(_MOVED_KEYS)
+    return keys
+
+
 def hold(run: orm.Run, to: str) -> tuple[str, HeldMove]:
     """Move ``run`` to ``to`` in memory only (see HeldMove); the caller
     holds the run's row (the claim's UPDATE locked it and returned its
@@ -398,7 +418,7 @@ def carried_move(
         _bind_handed(carried, handed)
     if unchanged:
         carried.params["held_metadata"] = run.metadata_
-    _set(run, values)
+    _set_moved(run, values)
     return f"thread.run.{to}", carried
 
 
@@ -511,7 +531,7 @@ async def transition(
         # row lock), so this read sees the status it left.
         current = await session.get(orm.Run, run.id, populate_existing=True)
         raise TransitionConflict(f"{run.id} is no longer {source}", current)
-    _set(run, values)
+    _set_moved(run, values, whole_row=refresh)
     return f"thread.run.{to}"
 
 

@@ -143,17 +143,57 @@ def started_in_create_event(queued: Event, run: orm.Run) -> Event:
     start sets is a string, an integer, None or a JSON object, which Run's
     JSON dump sends as it is."""
     assert isinstance(queued.data, dict) and queued.data["id"] == run.id, "the run's own queued event"
-    started = run_state.started_in_create_keys(run)
-    moved = tuple((name, attribute) for name, attribute in _RUN_FIELDS if attribute in started)
+    event = moved_event("thread.run.in_progress", queued.data, run, run_state.started_in_create_keys(run))
+    # For the run's execution (Worker.prepare's fold holds this instance):
+    # its end starts from the object its start was sent as.
+    inspect(run).info[_STARTED_WIRE] = event.data
+    return event
+
+
+# Where started_in_create_event() keeps the started run's object (InstanceState.info).
+_STARTED_WIRE = "runs.started_in_create_wire"
+
+
+def started_in_create_wire(run: orm.Run) -> dict[str, Any] | None:
+    """The object ``run``'s create sent its start as (started_in_create_event), if it did."""
+    wire: dict[str, Any] | None = inspect(run).info.get(_STARTED_WIRE)
+    return wire
+
+
+def moved_event(name: str, before: dict[str, Any], run: orm.Run, keys: tuple[str, ...]) -> Event:
+    """The event ``name`` carrying ``run`` after a move that set exactly the
+    attributes ``keys``, from ``before``, the run's wire object as it stood
+    just before that move (issue 17: not validated and dumped again). The
+    same JSON as ``Event.of(name, to_wire(run))``, key order included, as
+    long as ``before`` is: each value a move sets (run_state._values: the
+    status, the stamps, None, usage's integers, required_action's,
+    last_error's and incomplete_details' plain JSON objects) is one Run's
+    JSON dump sends as it is."""
+    assert before["id"] == run.id, "the run's own object"
+    moved = tuple((field, attribute) for field, attribute in _RUN_FIELDS if attribute in keys)
     # A copy: an event's data is never changed once made.
-    return Event("thread.run.in_progress", {**queued.data, **row_reads.values(run, moved)})
+    return Event(name, {**before, **row_reads.values(run, moved)})
 
 
 def _queued_events(run: orm.Run) -> list[Event]:
     """A new run's opening events, logged only by the transaction that
     inserts it: run_log.append reads ``thread.run.created`` as "created
-    here" (no NOTIFY on PostgreSQL, numbered from 1 on SQLite)."""
-    return Event.each(("thread.run.created", "thread.run.queued"), to_wire(run))
+    here" (no NOTIFY on PostgreSQL, numbered from 1 on SQLite). Their
+    object is kept on the run's instance (queued_wire())."""
+    events = Event.each(("thread.run.created", "thread.run.queued"), to_wire(run))
+    inspect(run).info[_QUEUED_WIRE] = events[-1].data
+    return events
+
+
+# Where _queued_events() keeps the new run's object (InstanceState.info).
+_QUEUED_WIRE = "runs.queued_wire"
+
+
+def queued_wire(run: orm.Run) -> dict[str, Any] | None:
+    """The object ``run``'s create sent it queued as, if this instance is
+    the one its create made (a hand-off starts from it: execute.hand_off)."""
+    wire: dict[str, Any] | None = inspect(run).info.get(_QUEUED_WIRE)
+    return wire
 
 
 async def create(

@@ -17,8 +17,9 @@ import httpx2
 import openai
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import select
 
-from app import db
+from app import db, llm, orm
 from app.runner import execute, prompt
 from app.settings import Settings
 from tests.runner.fake_openai import FakeOpenAI
@@ -217,3 +218,60 @@ async def test_sqlite_a_folded_runs_prompt_that_needs_a_read_is_read_on_the_wal_
     last = run_ids[-1]
     assert last in folded
     assert built[last] == [(True, "refused"), (False, "built")], built
+
+
+@pytest.mark.parametrize("update_metadata", [False, True], ids=["as_started", "metadata_updated"])
+async def test_a_folded_runs_end_event_is_the_run_as_retrieved(
+    fake_settings: Settings,
+    app: FastAPI,
+    http: httpx2.AsyncClient,
+    folded: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    update_metadata: bool,
+) -> None:
+    """A folded run's completed event (made from the object its create sent
+    its start as, with the end's fields: issue 17, loopcut2) is the run as
+    a retrieve gives it after the end, key for key; with its metadata
+    updated through the API while the model answers, the new metadata (the
+    end then made again reading the run)."""
+    runtime = app.state.runtime
+    asked, go_on = asyncio.Event(), asyncio.Event()
+
+    async def gated(_request: Any) -> Any:
+        asked.set()
+        await go_on.wait()
+        yield llm.TextDelta("Hello")
+        yield llm.Finish("stop", llm.Usage(3, 2))
+
+    monkeypatch.setattr(runtime.llm, "stream", gated)
+    assistant = (await http.post("/v1/assistants", json={"model": "fake-words"}, headers=_HEADERS)).json()
+    body = {
+        "assistant_id": assistant["id"],
+        "metadata": {"b": "2", "a": "1"},
+        "thread": {"messages": [{"role": "user", "content": "hi"}]},
+    }
+    for _attempt in range(3):  # a tick between runs leaves one unfolded (see the first test)
+        created = (await http.post("/v1/threads/runs", json=body, headers=_HEADERS)).json()
+        run_id, thread_id = created["id"], created["thread_id"]
+        await asyncio.wait_for(asked.wait(), 20)
+        asked.clear()
+        if update_metadata:
+            updated = await http.post(
+                f"/v1/threads/{thread_id}/runs/{run_id}", json={"metadata": {"stage": "late"}}, headers=_HEADERS
+            )
+            assert updated.status_code == 200, updated.text
+        go_on.set()
+        await asyncio.wait_for(runtime.worker.wait_until_released(run_id), 20)
+        go_on.clear()
+        if run_id in folded:
+            break
+    assert run_id in folded
+    retrieved = (await http.get(f"/v1/threads/{thread_id}/runs/{run_id}", headers=_HEADERS)).json()
+    assert retrieved["status"] == "completed"
+    async with runtime.transaction() as session:
+        query = select(orm.RunEvent.data).where(
+            orm.RunEvent.run_id == run_id, orm.RunEvent.event == "thread.run.completed"
+        )
+        (completed,) = (await session.scalars(query)).all()
+    assert completed["metadata"] == ({"stage": "late"} if update_metadata else {"b": "2", "a": "1"})
+    assert list(completed.items()) == list(retrieved.items())
