@@ -9,6 +9,7 @@ started; and the run as it is when something else changed it meanwhile
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ from app.services import run_execution, runs
 from app.services.projects import Project
 from app.settings import Settings
 from app.wire.events import Event
-from app.wire.runs import RunUpdate
+from app.wire.runs import RunUpdate, SubmitToolOutputs
 from app.worker import Worker
 from tests.runner.test_carried_end import _TOOL_CALLED, _answering, _logged
 from tests.runner.test_hand_off import _CALLING_F, _create, _looping, _row
@@ -130,7 +131,7 @@ async def test_each_end_is_the_run_as_read_after_it_byte_for_byte(
     name, data = logged[-1][1], logged[-1][2]
     assert name == f"thread.run.{status}"
     expected = await _as_read(runtime, run_id, name)
-    assert list(data.items()) == list(expected.items())
+    assert _same_json(data, expected)
     assert patched == [name]  # from the start's object, not validated again
 
 
@@ -152,7 +153,7 @@ async def test_an_end_after_a_resume_is_the_run_as_read(
     logged = await _logged(runtime, run_id)
     name, data = logged[-1][1], logged[-1][2]
     assert name == f"thread.run.{status}" and patched == []
-    assert list(data.items()) == list((await _as_read(runtime, run_id, name)).items())
+    assert _same_json(data, await _as_read(runtime, run_id, name))
 
 
 @pytest.mark.parametrize("started", list(_STARTS))
@@ -193,7 +194,7 @@ async def test_metadata_updated_through_the_api_while_the_run_executes_is_in_its
     assert name == "thread.run.completed" and data["metadata"] == {"stage": "late"}
     # (Its first attempt, made from the start's object, missed on the
     # metadata and was made again reading the run.)
-    assert list(data.items()) == list((await _as_read(runtime, run_id, name)).items())
+    assert _same_json(data, await _as_read(runtime, run_id, name))
 
 
 @pytest.mark.parametrize(
@@ -216,6 +217,51 @@ async def test_a_handed_runs_start_and_end_are_its_queued_object_moved_key_for_k
     logged = {name: data for _seq, name, data in await _logged(runtime, run.id)}
     queued, started, ended = (logged[f"thread.run.{status}"] for status in ("queued", "in_progress", ends))
     row = await _row(runtime, run.id)
-    assert list(started.items()) == list({**queued, "status": "in_progress", "started_at": row.started_at}.items())
-    assert list(ended.items()) == list((await _as_read(runtime, run.id, f"thread.run.{ends}")).items())
+    assert _same_json(started, {**queued, "status": "in_progress", "started_at": row.started_at})
+    assert _same_json(ended, await _as_read(runtime, run.id, f"thread.run.{ends}"))
     assert patched == ["thread.run.in_progress", f"thread.run.{ends}"]
+
+
+@pytest.mark.parametrize("started", list(_STARTS))
+async def test_the_end_after_tool_outputs_is_the_run_as_read(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, started: str
+) -> None:
+    """A run that required action, its outputs submitted, is executed again
+    by a new execution: its end is patched from that execution's own start
+    (never the first execution's object) and is the run as read, usage
+    summed over both calls."""
+    calls = 0
+
+    async def stream(_request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        nonlocal calls
+        calls += 1
+        script = _TOOL_CALLED if calls == 1 else [llm.TextDelta("Sunny."), llm.Finish("stop", llm.Usage(5, 1))]
+        for step in script:
+            yield step
+
+    _provider(runtime, monkeypatch, stream)
+    monkeypatch.setattr(execute, "QUICK_ANSWER_SECONDS", 30)
+    run_id = await _run_with_tools(runtime, "requires_action")
+    async with asyncio.timeout(30):
+        await execute.run(await _STARTS[started](runtime, run_id))
+    async with runtime.transaction() as session:
+        run = await session.get(orm.Run, run_id)
+        assert run is not None and run.status == "requires_action" and run.required_action is not None
+        call_id = run.required_action["submit_tool_outputs"]["tool_calls"][0]["id"]
+        outputs = SubmitToolOutputs.model_validate({"tool_outputs": [{"tool_call_id": call_id, "output": "sunny"}]})
+        project = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
+        await runs.submit_tool_outputs(session, project, run.thread_id, run_id, outputs)
+    patched = _patched_ends(monkeypatch)
+    async with asyncio.timeout(30):
+        await execute.run(await _STARTS[started](runtime, run_id))
+    logged = await _logged(runtime, run_id)
+    name, data = logged[-1][1], logged[-1][2]
+    assert name == "thread.run.completed" and patched == [name]
+    assert _same_json(data, await _as_read(runtime, run_id, name))
+    assert data["usage"] == {"prompt_tokens": 8, "completion_tokens": 5, "total_tokens": 13}
+
+
+def _same_json(sent: dict[str, Any], expected: dict[str, Any]) -> bool:
+    """Equal as JSON text: the same values with the same key order at every
+    depth (a dict's == ignores the order of nested objects' keys)."""
+    return json.dumps(sent) == json.dumps(expected)
