@@ -21,7 +21,6 @@ from app.runner import execute
 from app.runtime import Runtime
 from app.services import run_execution, runs
 from app.services.projects import Project
-from app.settings import Settings
 from app.wire.events import Event
 from app.wire.runs import RunUpdate, SubmitToolOutputs
 from app.worker import Worker
@@ -33,16 +32,6 @@ from tests.runner.test_worker import _make_runs
 pytestmark = pytest.mark.timeout(60)
 
 _OWNER = "test:0:endfromstart"
-
-
-@pytest.fixture
-async def bare_runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    """A runtime without a worker (the test makes its own)."""
-    runtime = await Runtime.start(settings)
-    try:
-        yield runtime
-    finally:
-        await runtime.close()
 
 
 _ENDS = pytest.mark.parametrize(
@@ -203,12 +192,11 @@ async def test_metadata_updated_through_the_api_while_the_run_executes_is_in_its
     ids=["answered", "requires_action"],
 )
 async def test_a_handed_runs_start_and_end_are_its_queued_object_moved_key_for_key(
-    bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, text: str, fields: dict[str, Any], ends: str
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, text: str, fields: dict[str, Any], ends: str
 ) -> None:
     """A run handed to its worker (the offline model's instant answer): its
     in_progress event is its create's queued object with the start's fields
     (key for key, in order), its end the run as read after it."""
-    runtime = bare_runtime
     worker = _looping(Worker(runtime))
     patched = _patched_ends(monkeypatch)
     run = await _create(runtime, worker, (text,), None, **fields)
