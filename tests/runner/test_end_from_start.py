@@ -25,7 +25,7 @@ from app.wire.events import Event
 from app.wire.runs import RunUpdate, SubmitToolOutputs
 from app.worker import Worker
 from tests.runner.test_carried_end import _TOOL_CALLED, _answering, _logged
-from tests.runner.test_hand_off import _CALLING_F, _create, _looping, _row
+from tests.runner.test_hand_off import HANDED_ENDS, _create, _looping, _row
 from tests.runner.test_quick_answer import _provider
 from tests.runner.test_worker import _make_runs
 
@@ -186,11 +186,7 @@ async def test_metadata_updated_through_the_api_while_the_run_executes_is_in_its
     assert _same_json(data, await _as_read(runtime, run_id, name))
 
 
-@pytest.mark.parametrize(
-    ("text", "fields", "ends"),
-    [("hi", {}, "completed"), ("[[call f {}]]", _CALLING_F, "requires_action")],
-    ids=["answered", "requires_action"],
-)
+@HANDED_ENDS
 async def test_a_handed_runs_start_and_end_are_its_queued_object_moved_key_for_key(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch, text: str, fields: dict[str, Any], ends: str
 ) -> None:

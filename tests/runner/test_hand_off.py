@@ -703,11 +703,16 @@ _CALLING_F = {
 }
 
 
-@pytest.mark.parametrize(
+# A handed run's two ways to end with the offline model: an answer, and a
+# function call (requires_action); the text sent, the run's fields, its end.
+HANDED_ENDS = pytest.mark.parametrize(
     ("text", "fields", "ends"),
     [("hi", {}, "completed"), ("[[call f {}]]", _CALLING_F, "requires_action")],
     ids=["answered", "requires action"],
 )
+
+
+@HANDED_ENDS
 async def test_a_handed_run_stores_what_a_claimed_run_stores(
     bare_runtime: Runtime, monkeypatch: pytest.MonkeyPatch, text: str, fields: dict[str, Any], ends: str
 ) -> None:
