@@ -232,6 +232,24 @@ def _announcing_server(config: uvicorn.Config, announcement: str, on_started: Ca
     return Server(config)
 
 
+def _bounded_http(settings: Settings) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol with the server's connection bounds (app/api/limits.py):
+    idle and slow clients cannot hold its connections. The API's and the
+    worker's /metrics server take the same."""
+    from app import db
+    from app.api import limits
+
+    return limits.guarded_protocol(
+        settings.http_max_connections,
+        settings.http_header_timeout_seconds,
+        max_header_bytes=settings.http_max_header_bytes,
+        parser=settings.http_parser,
+        reserved_fds=limits.SQLITE_RESERVED_FDS
+        if db.is_sqlite(settings.resolved_database_url())
+        else limits.RESERVED_FDS,
+    )
+
+
 def serve_ephemeral(settings: Settings, args: argparse.Namespace) -> int:
     """``serve --ephemeral``: see app/testing/ephemeral.py."""
     from app.testing import ephemeral
@@ -278,8 +296,6 @@ def serve(
     assert listener is not None
     import uvicorn
 
-    from app import db
-    from app.api import limits
     from app.main import create_app
 
     config = uvicorn.Config(
@@ -291,16 +307,7 @@ def serve(
         access_log=False,  # app/observability/http.py logs requests (redacted)
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-        # Idle and slow clients cannot hold the server's connections (app/api/limits.py).
-        http=limits.guarded_protocol(
-            settings.http_max_connections,
-            settings.http_header_timeout_seconds,
-            max_header_bytes=settings.http_max_header_bytes,
-            parser=settings.http_parser,
-            reserved_fds=limits.SQLITE_RESERVED_FDS
-            if db.is_sqlite(settings.resolved_database_url())
-            else limits.RESERVED_FDS,
-        ),
+        http=_bounded_http(settings),
         loop=settings.resolved_event_loop(),
         timeout_keep_alive=settings.http_keep_alive_seconds,
         h11_max_incomplete_event_size=settings.http_max_header_bytes,
@@ -366,8 +373,6 @@ def run_worker(settings: Settings) -> int:
     With a metrics port, uvicorn serves /metrics and the probes beside it."""
     import uvicorn
 
-    from app import db
-    from app.api import limits
     from app.main import create_worker_app
 
     preflight.check_models(settings)
@@ -387,16 +392,7 @@ def run_worker(settings: Settings) -> int:
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         loop=settings.resolved_event_loop(),
-        # The same connection bounds as the API's (httptools bounds no head itself).
-        http=limits.guarded_protocol(
-            settings.http_max_connections,
-            settings.http_header_timeout_seconds,
-            max_header_bytes=settings.http_max_header_bytes,
-            parser=settings.http_parser,
-            reserved_fds=limits.SQLITE_RESERVED_FDS
-            if db.is_sqlite(settings.resolved_database_url())
-            else limits.RESERVED_FDS,
-        ),
+        http=_bounded_http(settings),  # httptools bounds no head itself: the API's bounds here too
         h11_max_incomplete_event_size=settings.http_max_header_bytes,
     )
     announcement = (
