@@ -275,13 +275,18 @@ async def test_a_cancel_mid_answer_cancels_the_run_and_the_worker_goes_on(
     closed: list[bool] = []
 
     async def answering(request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
-        yield llm.TextDelta("Hello")
-        if "hang" in str(request.messages):
-            try:
+        hangs = "hang" in str(request.messages)
+        # Closed wherever the cancel finds it: in its wait, or still at its
+        # first yield (the executor cancelled while it writes the message,
+        # before it asks for more: a close there never enters the wait).
+        try:
+            yield llm.TextDelta("Hello")
+            if hangs:
                 await asyncio.Event().wait()
-            finally:
+            yield llm.Finish("stop", _USAGE)
+        finally:
+            if hangs:
                 closed.append(True)
-        yield llm.Finish("stop", _USAGE)
 
     _provider(runtime, monkeypatch, answering)
     if not quick:
