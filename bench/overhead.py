@@ -384,9 +384,15 @@ def routing(stub_port: int, paths: list[str], anthropic_port: int = 0) -> list[d
 
 @contextmanager
 def server(
-    database_url: str, scratch: Path, entries: list[dict[str, Any]] | None, extra_env: dict[str, str]
+    database_url: str,
+    scratch: Path,
+    entries: list[dict[str, Any]] | None,
+    extra_env: dict[str, str],
+    tree: Path | None = None,
 ) -> Iterator[tuple[int, int]]:
-    """The server with a routing file of these entries (None: no file, every model offline)."""
+    """The server with a routing file of these entries (None: no file, every model offline), running the app of
+    ``tree`` (default: SERVED_TREE)."""
+    tree = tree or SERVED_TREE
     port = base.free_port()
     config = []
     if entries is not None:
@@ -397,14 +403,14 @@ def server(
     data_dir.mkdir()
     env = {**os.environ, "ASSISTANTS_API_KEYS": "", "LITELLM_LOCAL_MODEL_COST_MAP": "True", **extra_env}
     env.setdefault("ASSISTANTS_WORKER_CONCURRENCY", "80")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SERVED_TREE), os.environ.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))
     command = [
         sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port), *config,
         "--data-dir", str(data_dir), "--database-url", database_url, "--log-level", "warning",
     ]  # fmt: skip
     log = scratch / f"server-{port}.log"
     with log.open("wb") as sink:
-        process = subprocess.Popen(command, cwd=SERVED_TREE, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=tree, env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
         asyncio.run(base.wait_ready(base.Server(process, port, log)))
         yield port, process.pid
