@@ -24,6 +24,15 @@ SQLite's own short retries while it takes a read mark (walTryBeginRead) sleep
 on the calling thread whatever the busy timeout, and a reader can rebuild the
 WAL index after a crash; both are rare, and the writer, which opens the file
 first at start-up, normally does the rebuilding.
+
+A second exception (``COMMITS_ON_LOOP``): a writer's whole transaction,
+held back to its COMMIT, commits on the event loop's thread while the
+process is lone (app/activity.py: one request and one run at most), when
+the loop has nothing else to do while it waits for the hop. Its BEGIN
+IMMEDIATE meets a busy timeout of 0 there (another process's lock: the
+transaction goes to the thread to wait, as before), and SQLite's automatic
+WAL checkpoint, whose fsyncs could take long on a slow disk, is left to the
+commits that still go to the thread.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_ss_cursor,
 )
 from sqlalchemy.util import await_only as await_
+
+from app.activity import ACTIVITY
 
 # What a statement leaves for the cursor: description, rowcount, lastrowid, rows.
 _Outcome = tuple[Any, int, int | None, list[Any]]
@@ -163,6 +174,39 @@ def _commit(
         told()
 
 
+def _commit_on_loop(
+    connection: sqlite3.Connection, begin: str, earlier: list[Statement], settings: tuple[int, int]
+) -> bool:
+    """On the event loop's thread (OneHopConnection._commits_here): a whole
+    transaction, ``begin`` (BEGIN IMMEDIATE), ``earlier``, COMMIT, rolled
+    back here on failure (its error raised), as _commit does on aiosqlite's
+    thread. False if another process holds SQLite's write lock: the BEGIN
+    is answered "busy" at once (busy timeout 0 for it: the loop never waits
+    for a lock), nothing has run, and the caller sends the same job to the
+    thread, which waits under the timeout. SQLite's automatic WAL checkpoint
+    (a copy to the database file and two fsyncs) is off meanwhile: it runs
+    in a commit on the thread (_LOOP_COMMITS_BETWEEN_THREAD_COMMITS).
+    ``settings`` are the connection's own busy timeout and checkpoint
+    threshold, set back at the end."""
+    busy_timeout_ms, autocheckpoint_pages = settings
+    connection.execute("PRAGMA busy_timeout=0")
+    connection.execute("PRAGMA wal_autocheckpoint=0")
+    try:
+        try:
+            connection.execute(begin)
+        except sqlite3.OperationalError as error:
+            if _is_busy(error) and not connection.in_transaction:
+                return False
+            raise
+        _commit(connection, None, earlier)
+        return True
+    finally:
+        # A failed reset (a broken connection) must not hide the commit's own error.
+        with contextlib.suppress(sqlite3.Error):
+            connection.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            connection.execute(f"PRAGMA wal_autocheckpoint={int(autocheckpoint_pages)}")
+
+
 def _told_on(callback: Callable[[], None]) -> Callable[[], object]:
     """``callback`` for a commit on aiosqlite's thread to call once it has
     committed: called on the running event loop ahead of the hop's answer,
@@ -255,6 +299,29 @@ def hold_back_marked_writes(
             cursor.rows_to = options.get(RETURNED_ROWS_TO)
             cursor.expect_rowcount = options.get(EXPECT_ROWCOUNT)
             cursor.mismatch = options.get(ROWCOUNT_MISMATCH)
+
+
+# A lone process's commit (app/activity.py: one request and one run at
+# most) runs on the event loop's thread, which would otherwise sit idle
+# for the hop to aiosqlite's thread and back (issue 17: about 0.1 ms of
+# wake-ups a commit, two commits a run, and their CPU): only a transaction
+# sent whole (its BEGIN IMMEDIATE not sent yet) and small (this many rows
+# at most: a run's create or end, not a file's postings), on a connection
+# with nothing in flight on its thread. When the process serves more, its
+# commits stay on the thread, which then runs SQLite beside the loop.
+LOOP_COMMIT_MOST_ROWS = 64
+# False: every commit goes to aiosqlite's thread (the tests of that path set it).
+COMMITS_ON_LOOP = True
+# Commits on the loop's thread run no WAL checkpoint (_commit_on_loop);
+# after this many, the next eligible one goes to the thread all the same,
+# where SQLite checkpoints once the WAL has passed its threshold (a run
+# writes ~40 pages; the threshold is 1,000).
+_LOOP_COMMITS_BETWEEN_THREAD_COMMITS = 8
+_IMMEDIATE_BEGINS = frozenset({"BEGIN IMMEDIATE", "BEGIN EXCLUSIVE"})
+
+
+def _rows(statements: list[Statement]) -> int:
+    return sum(len(statement.parameters) if statement.many else 1 for statement in statements)
 
 
 # Statements that open a transaction, deferred to the transaction's first statement.
@@ -420,7 +487,15 @@ class ServerSideCursor(AsyncAdapt_aiosqlite_ss_cursor):
 
 
 class OneHopConnection(AsyncAdapt_aiosqlite_connection):
-    __slots__ = ("begin_deferred", "held_back", "inline_wait_ms", "on_transaction_end", "transaction_open")
+    __slots__ = (
+        "begin_deferred",
+        "held_back",
+        "inline_wait_ms",
+        "loop_commits",
+        "on_transaction_end",
+        "own_settings",
+        "transaction_open",
+    )
 
     _cursor_cls = OneHopCursor
     _ss_cursor_cls = ServerSideCursor
@@ -444,6 +519,42 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         # Set for an inline connection (its statements run on the caller's
         # thread; busy: sent to its own thread to wait this long).
         self.inline_wait_ms: int | None = None
+        # Commits made on the loop's thread since the last one sent to
+        # aiosqlite's (_commits_here), and the busy timeout and WAL
+        # checkpoint threshold _commit_on_loop sets back (read once).
+        self.loop_commits = 0
+        self.own_settings: tuple[int, int] | None = None
+
+    def _commits_here(self, begin: str | None, earlier: list[Statement]) -> bool:
+        """Whether this transaction's COMMIT runs on the event loop's thread
+        (LOOP_COMMIT_MOST_ROWS): whole, small, nothing in flight on the
+        connection's thread, the process lone; not every time
+        (_LOOP_COMMITS_BETWEEN_THREAD_COMMITS)."""
+        if (
+            not COMMITS_ON_LOOP
+            or begin not in _IMMEDIATE_BEGINS
+            or self.inline_wait_ms is not None
+            # Something sent to the thread still runs there (a hop cancelled
+            # midway invalidates its connection instead: held_back.sent).
+            or self._execute_mutex.locked()
+            or not ACTIVITY.lone()
+            or _rows(earlier) > LOOP_COMMIT_MOST_ROWS
+        ):
+            return False
+        if self.loop_commits >= _LOOP_COMMITS_BETWEEN_THREAD_COMMITS:
+            self.loop_commits = 0
+            return False
+        self.loop_commits += 1
+        return True
+
+    def _committed_on_loop(self, begin: str, earlier: list[Statement]) -> bool:
+        """_commit_on_loop() of this connection: False if it is to go to the thread after all."""
+        adapted: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+        connection = adapted._conn
+        if self.own_settings is None:
+            busy_timeout = connection.execute("PRAGMA busy_timeout").fetchone()[0]
+            self.own_settings = (busy_timeout, connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+        return _commit_on_loop(connection, begin, earlier, self.own_settings)
 
     def begin_later(self, operation: str) -> None:
         """Open a transaction whose BEGIN (``operation``) goes with its first
@@ -494,6 +605,9 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         transaction outside SQLAlchemy's (commit_now, commit_each), its
         outcome; ``committed`` told on the loop (_told_on)."""
         assert not self.transaction_open and not self.held_back, "a transaction of SQLAlchemy's is open"
+        if run is _commit and self._commits_here(begin, payload) and self._committed_on_loop(begin, payload):  # type: ignore[arg-type]
+            committed()
+            return None  # type: ignore[return-value]
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
         told = _told_on(committed)
         async with self._execute_mutex:
@@ -522,6 +636,10 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         and calls on_transaction_end then."""
         job = self._commit_job()
         if job is not None:
+            _, begin, earlier = job
+            if self._commits_here(begin, earlier) and self._committed_on_loop(begin, earlier):  # type: ignore[arg-type]
+                self._ended()
+                return
             connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
             # No callback to post (a wake-up of the loop per commit) when no one is to be told.
             told = None if self.on_transaction_end is None else _told_on(self._told())
@@ -638,8 +756,10 @@ class OneHopDBAPI(AsyncAdapt_aiosqlite_dbapi):
         self.inline_wait_ms = inline_wait_ms
 
     def connect(self, *arg: Any, **kw: Any) -> OneHopConnection:
-        if self.inline_wait_ms is not None:
-            kw["check_same_thread"] = False  # opened on aiosqlite's thread, used on the event loop's
+        # Opened on aiosqlite's thread, used on the event loop's too: an
+        # inline connection's statements, another's lone commits
+        # (_commits_here), each only while nothing runs on its thread.
+        kw["check_same_thread"] = False
         connection = aiosqlite.connect(*arg, **kw)
         connection._thread.daemon = True  # as SQLAlchemy's adapter: never blocks the interpreter's exit
         adapted = OneHopConnection(self, await_(connection))

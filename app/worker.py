@@ -30,6 +30,7 @@ from contextlib import suppress
 from sqlalchemy.exc import DBAPIError
 
 from app import db, orm
+from app.activity import ACTIVITY
 from app.lease_renewer import LeaseRenewer
 from app.retrieval import ingest
 from app.runner import execute
@@ -360,6 +361,7 @@ class Worker:
         run_id = execution.run_id
         task = asyncio.create_task(self._execute(execution), name=f"run {run_id}")
         self._tasks[run_id] = task
+        ACTIVITY.runs += 1
         self.leases.hold(run_id, task, claimed_at)
 
     async def _handed(self) -> None:
@@ -620,6 +622,7 @@ class Worker:
                 self.leases.drop(run_id, task)
             if self._tasks.get(run_id) is task:
                 del self._tasks[run_id]
+                ACTIVITY.runs -= 1
             # A slot is free for a run that may be waiting; or the run released
             # above may be resumed here: a claim made while this task was still
             # listed left it out (claim_and_start's ``executing``).

@@ -11,14 +11,19 @@ instant stub (the floor), then one run on A and one on B, in the order A B,
 then B A, alternately. Whatever slows the machine in a round slows both of
 its runs, and the paired difference B - A cancels it.
 
-Printed: p50/p95 of each side and of the floor; the median of the paired
+Printed per session (a fresh start of the stub, the databases and both
+servers): p50/p95 of each side over the floor; the median of the paired
 differences with a distribution-free 95 % interval (the order statistics of
 the sign test: no assumption of a shape); the share of rounds B was faster;
-each server's CPU per run over the rounds (each serves only its own runs),
-and PostgreSQL's CPU over the rounds, both databases together. An A/A run
-(the same tree on both sides) shows what the method separates on the day.
+each server's CPU per run over the rounds (each serves only its own runs)
+and PostgreSQL's, both databases together. Then the median of the sessions'
+medians and their range. Several sessions, because a session's own luck
+(where the scheduler put four busy processes on two cores) moves its median
+by more than its interval says: the same A/B gave -0.19 ms (-0.31, -0.08)
+and +0.05 ms (-0.07, +0.16) in two sessions a minute apart. An A/A run (the
+same tree on both sides) shows what the method separates on the day.
 
-    .venv/bin/python bench/paired.py --b /tmp/other-tree --pairs 400
+    .venv/bin/python bench/paired.py --a /tmp/main-tree --sessions 6 --pairs 1000   # main against this tree
     .venv/bin/python bench/paired.py --b-env ASSISTANTS_SOME_SWITCH=1 --db postgres --mode poll
 """
 
@@ -30,14 +35,13 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import overhead
@@ -141,19 +145,21 @@ def environment(items: list[str]) -> dict[str, str]:
     return dict(item.split("=", 1) for item in items)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--a", type=Path, default=overhead.REPO, help="the working tree side A runs (default: this)")
-    parser.add_argument("--b", type=Path, default=overhead.REPO, help="the working tree side B runs (default: this)")
-    parser.add_argument("--a-env", action="append", default=[], metavar="NAME=VALUE", help="for A's server only")
-    parser.add_argument("--b-env", action="append", default=[], metavar="NAME=VALUE", help="for B's server only")
-    parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
-    parser.add_argument("--mode", choices=sorted(ONCE), default="stream")
-    parser.add_argument("--path", choices=["direct", "litellm", "offline"], default="direct")
-    parser.add_argument("--pairs", type=int, default=300)
-    parser.add_argument("--warmup", type=int, default=30)
-    args = parser.parse_args()
-    load_before = os.getloadavg()[0]
+@dataclass
+class Session:
+    """One start of both servers: its rounds' figures."""
+
+    a: Side
+    b: Side
+    floor: list[float]
+    database_ms: float | None  # PostgreSQL's CPU a run over the rounds, both databases
+
+    def differences(self) -> list[float]:
+        return [later - earlier for earlier, later in zip(self.a.ms, self.b.ms, strict=True)]
+
+
+def session(args: argparse.Namespace) -> Session:
+    """Stub, databases and both servers started afresh, then the rounds."""
     with contextlib.ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-paired-")))
         stub_port = stack.enter_context(overhead.stub(scratch))
@@ -167,32 +173,64 @@ def main() -> None:
         database_before = base.tree_cpu(postmaster) if postmaster else 0.0
         floor = asyncio.run(measure(a, b, stub_port, args))
         database_ms = (base.tree_cpu(postmaster) - database_before) * 1000 / (2 * args.pairs) if postmaster else None
-    report(a, b, floor, args, load_before, database_ms)
+    return Session(a, b, floor, database_ms)
 
 
-def report(a: Side, b: Side, floor: list[float], args: argparse.Namespace, load: float, database_ms: float | None) -> None:
-    floor_p50 = percentile(floor, 0.5)
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--a", type=Path, default=overhead.REPO, help="the working tree side A runs (default: this)")
+    parser.add_argument("--b", type=Path, default=overhead.REPO, help="the working tree side B runs (default: this)")
+    parser.add_argument("--a-env", action="append", default=[], metavar="NAME=VALUE", help="for A's server only")
+    parser.add_argument("--b-env", action="append", default=[], metavar="NAME=VALUE", help="for B's server only")
+    parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--mode", choices=sorted(ONCE), default="stream")
+    parser.add_argument("--path", choices=["direct", "litellm", "offline"], default="direct")
+    parser.add_argument("--pairs", type=int, default=1000, help="rounds a session")
+    parser.add_argument("--warmup", type=int, default=50, help="untimed rounds a session first")
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        default=5,
+        help="fresh starts of both servers: a start's own luck (where the scheduler puts the processes on the "
+        "cores) moves a session's median difference more than its interval says",
+    )
+    args = parser.parse_args()
     print(
-        f"{args.db}, {args.mode}, {args.path}: {args.pairs} pairs after {args.warmup} warm-up; "
-        f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after\n"
+        f"{args.db}, {args.mode}, {args.path}: {args.sessions} sessions of {args.pairs} rounds after {args.warmup} "
+        f"warm-up; load average {os.getloadavg()[0]:.2f} before\n"
         f"A: {args.a.resolve()} {' '.join(args.a_env)}\nB: {args.b.resolve()} {' '.join(args.b_env)}\n"
     )
-    print("| side | p50 ms | p95 ms | p50 over floor ms | server CPU ms/run |\n|---|---:|---:|---:|---:|")
-    print(f"| floor | {floor_p50:.2f} | {percentile(floor, 0.95):.2f} | - | - |")
-    for side in (a, b):
-        print(
-            f"| {side.label} | {percentile(side.ms, 0.5):.2f} | {percentile(side.ms, 0.95):.2f} | "
-            f"+{percentile(side.ms, 0.5) - floor_p50:.2f} | {side.cpu_seconds * 1000 / args.pairs:.2f} |"
-        )
-    differences = [later - earlier for earlier, later in zip(a.ms, b.ms, strict=True)]
-    middle, low, high = median_interval(differences)
-    faster = sum(1 for d in differences if d < 0) / len(differences)
     print(
-        f"\nB - A, paired: median {middle:+.3f} ms, 95 % interval [{low:+.3f}, {high:+.3f}] ms; "
-        f"B faster in {faster:.0%} of pairs"
+        "| session | floor p50 | A p50 over floor | B p50 over floor | A p95 | B p95 "
+        "| B - A paired median (95 % interval) | B faster | server CPU ms/run A / B | PostgreSQL CPU ms/run |\n"
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"
     )
-    if database_ms is not None:
-        print(f"PostgreSQL CPU over the rounds: {database_ms:.2f} ms per run (both databases)")
+    sessions = []
+    for number in range(1, args.sessions + 1):
+        done = session(args)
+        sessions.append(done)
+        print(row(str(number), done, args.pairs), flush=True)
+    medians = sorted(median_interval(done.differences())[0] for done in sessions)
+    cpu = sorted((done.b.cpu_seconds - done.a.cpu_seconds) * 1000 / args.pairs for done in sessions)
+    print(
+        f"\nB - A over the sessions: median of the session medians {statistics.median(medians):+.3f} ms "
+        f"(from {medians[0]:+.3f} to {medians[-1]:+.3f}; {sum(m < 0 for m in medians)} of {len(medians)} below 0); "
+        f"server CPU a run {statistics.median(cpu):+.3f} ms (from {cpu[0]:+.3f} to {cpu[-1]:+.3f}); "
+        f"load average {os.getloadavg()[0]:.2f} after"
+    )
+
+
+def row(label: str, done: Session, pairs: int) -> str:
+    floor = percentile(done.floor, 0.5)
+    a, b = done.a, done.b
+    middle, low, high = median_interval(done.differences())
+    faster = sum(1 for d in done.differences() if d < 0) / pairs
+    database = "-" if done.database_ms is None else f"{done.database_ms:.2f}"
+    return (
+        f"| {label} | {floor:.2f} | +{percentile(a.ms, 0.5) - floor:.2f} | +{percentile(b.ms, 0.5) - floor:.2f} | "
+        f"{percentile(a.ms, 0.95):.2f} | {percentile(b.ms, 0.95):.2f} | {middle:+.3f} ({low:+.3f}, {high:+.3f}) | "
+        f"{faster:.0%} | {a.cpu_seconds * 1000 / pairs:.2f} / {b.cpu_seconds * 1000 / pairs:.2f} | {database} |"
+    )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.activity import ACTIVITY
 from app.observability import logs
 
 if TYPE_CHECKING:
@@ -84,9 +85,11 @@ class RequestObserver:
                 status = message["status"]
             await send(message)
 
+        ACTIVITY.requests += 1
         try:
             await self.app(scope, receive, observe_status)
         finally:
+            ACTIVITY.requests -= 1
             elapsed = time.perf_counter() - started
             try:
                 _record(scope, status, elapsed)

@@ -18,7 +18,8 @@ import pytest
 from sqlalchemy import event, insert, make_url, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from app import db, ids, llm, orm
+from app import db, ids, llm, orm, sqlite_driver
+from app.activity import ACTIVITY
 from app.runner import execute
 from app.runtime import Runtime
 from app.services import core_rows, run_events, run_state
@@ -454,10 +455,14 @@ async def test_an_append_held_after_a_flush_took_the_runs_deltas_waits_for_that_
     ]
 
 
-def _hops_during_commits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def _hops_during_commits(monkeypatch: pytest.MonkeyPatch, *, lone_on_loop: bool = False) -> list[int]:
     """For each RunExecution._commit from now on: the statements it sent to
     aiosqlite's thread (hops: the deferred BEGIN and held-back writes go
-    with a statement or the COMMIT, not alone)."""
+    with a statement or the COMMIT, not alone). Unless ``lone_on_loop``,
+    every COMMIT goes to the thread, as in a process serving several
+    clients: a lone process's goes on the event loop's (no hop at all)."""
+    if not lone_on_loop:
+        monkeypatch.setattr(sqlite_driver, "COMMITS_ON_LOOP", False)
     counts: list[int] = []
     hop = aiosqlite.Connection._execute
     commit = execute.RunExecution._commit
@@ -500,6 +505,27 @@ async def test_an_end_after_the_claim_is_one_hop_on_sqlite(runtime: Runtime, mon
     logged = await _logged(runtime, run_id)
     assert [seq for seq, _name, _data in logged] == list(range(1, len(logged) + 1))
     assert logged[-1][1] == "thread.run.completed"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_lone_processs_end_commits_on_the_event_loops_thread_with_no_hop(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One client's run in the process (app/activity.py): the end's one
+    transaction, BEGIN IMMEDIATE to COMMIT, runs on the event loop's thread
+    (sqlite_driver.COMMITS_ON_LOOP; issue 17), not on aiosqlite's, and is
+    committed all the same."""
+    assert ACTIVITY.lone()
+    _answers_quickly(runtime, monkeypatch)
+    (run_id,) = await _make_runs(runtime, 1)
+    execution = await _started(runtime, run_id)
+    hops = _hops_during_commits(monkeypatch, lone_on_loop=True)
+    await execute.run(execution)
+    assert hops == [0]
+    logged = await _logged(runtime, run_id)
+    assert logged[-1][1] == "thread.run.completed"
+    async with runtime.transaction() as session:
+        assert (await session.scalar(select(orm.Run.status).where(orm.Run.id == run_id))) == "completed"
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL: one statement (above)

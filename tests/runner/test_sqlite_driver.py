@@ -8,6 +8,7 @@ import asyncio
 import sqlite3
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import aiosqlite
@@ -15,9 +16,11 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import await_only as await_
 
-from app import db, sqlite_driver
+from app import db, sqlite_driver, sqlite_groups
+from app.activity import ACTIVITY
 from app.runtime import Runtime
 
 
@@ -276,4 +279,146 @@ async def test_a_poll_reads_on_the_event_loop_thread_and_waits_for_a_busy_file_o
             assert await reading == 8
     finally:
         await poller.dispose()
+        await engine.dispose()
+
+
+async def _engine_noting_threads(path: Path, checkpoint_pages: int | None = None) -> AsyncEngine:
+    """A SQLite engine whose connections know ``thread_ident()`` (the thread
+    a statement runs on), with a table ``t`` of (label, thread); its WAL
+    checkpoint threshold ``checkpoint_pages`` if given."""
+    engine = db.create_engine(f"sqlite+aiosqlite:///{path}")
+
+    def connected(dbapi_connection: Any, _record: Any) -> None:
+        await_(dbapi_connection.driver_connection.create_function("thread_ident", 0, threading.get_ident))
+        if checkpoint_pages is not None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f"PRAGMA wal_autocheckpoint={checkpoint_pages}")
+            cursor.close()
+
+    event.listen(engine.sync_engine, "connect", connected)
+    async with engine.begin() as connection:
+        await connection.exec_driver_sql("CREATE TABLE t (label TEXT PRIMARY KEY, thread INTEGER, body BLOB)")
+    return engine
+
+
+def _noted(label: str, body: bytes = b"") -> sqlite_driver.Statement:
+    return sqlite_driver.Statement("INSERT INTO t VALUES (?, thread_ident(), ?)", (label, body), False)
+
+
+async def _threads(engine: AsyncEngine) -> dict[str, int]:
+    async with engine.connect() as connection:
+        return {label: thread for label, thread in await connection.exec_driver_sql("SELECT label, thread FROM t")}
+
+
+async def test_a_lone_processs_commit_runs_on_the_event_loops_thread_a_busier_ones_on_aiosqlites(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole, small transaction of held-back writes commits on the event
+    loop's thread when the process serves one request and one run at most
+    (app/activity.py; issue 17: no hop to wait for), whether it goes
+    straight to the driver (sqlite_groups.commit_collected) or through a
+    session's commit; with more going on, on aiosqlite's thread, beside
+    the loop. Either way it is committed."""
+    engine = await _engine_noting_threads(tmp_path / "lone.db")
+    loop_thread = threading.get_ident()
+    maker = db.create_sessionmaker(engine)
+    try:
+        assert ACTIVITY.lone()
+        await sqlite_groups.commit_collected(engine, [_noted("collected, lone")])
+        async with maker() as session, session.begin():
+            await session.execute(
+                text("INSERT INTO t VALUES ('session, lone', thread_ident(), NULL)"),
+                execution_options={sqlite_driver.WRITE_BEHIND: True},
+            )
+        monkeypatch.setattr(ACTIVITY, "requests", 2)
+        await sqlite_groups.commit_collected(engine, [_noted("collected, busier")])
+        stored = await _threads(engine)
+        assert stored.pop("collected, busier") != loop_thread
+        assert stored == {"collected, lone": loop_thread, "session, lone": loop_thread}
+    finally:
+        await engine.dispose()
+
+
+async def test_a_lone_commit_that_finds_another_processs_lock_waits_for_it_on_aiosqlites_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holds SQLite's write lock: the lone commit's BEGIN
+    IMMEDIATE is answered "busy" at once on the loop's thread (the loop
+    never waits out the busy timeout, 30 s), and the transaction goes to
+    aiosqlite's thread, which waits there while the loop turns; it commits
+    once the lock is freed. The connection's busy timeout is its own again
+    afterwards."""
+    path = tmp_path / "busy.db"
+    engine = await _engine_noting_threads(path)
+    loop = asyncio.get_running_loop()
+    on_thread = asyncio.Event()
+    real_commit = sqlite_driver._commit
+
+    def commit(connection: sqlite3.Connection, *args: Any) -> None:
+        if threading.get_ident() != loop_thread:
+            loop.call_soon_threadsafe(on_thread.set)
+        real_commit(connection, *args)
+
+    loop_thread = threading.get_ident()
+    monkeypatch.setattr(sqlite_driver, "_commit", commit)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        committing = asyncio.create_task(sqlite_groups.commit_collected(engine, [_noted("waited")]))
+        async with asyncio.timeout(10):
+            await on_thread.wait()  # sent to aiosqlite's thread while the lock is held
+        assert time.monotonic() - started < 5, "the loop waited for the lock"
+        assert not committing.done()
+        holder.execute("ROLLBACK")
+        async with asyncio.timeout(10):
+            await committing
+        assert (await _threads(engine))["waited"] != loop_thread
+        async with engine.connect() as connection:
+            timeout = (await connection.exec_driver_sql("PRAGMA busy_timeout")).scalar()
+        assert timeout == db.SQLITE_BUSY_TIMEOUT_MS
+    finally:
+        holder.close()
+        await engine.dispose()
+
+
+async def test_a_lone_commit_that_fails_is_rolled_back_on_the_loops_thread(tmp_path: Path) -> None:
+    """A held-back write that breaks a constraint fails the lone commit
+    with SQLAlchemy's error for it, nothing of its transaction stored, the
+    connection out of any transaction: the next commit goes through."""
+    engine = await _engine_noting_threads(tmp_path / "failing.db")
+    try:
+        await sqlite_groups.commit_collected(engine, [_noted("a")])
+        with pytest.raises(IntegrityError):
+            await sqlite_groups.commit_collected(engine, [_noted("b"), _noted("a")])
+        await sqlite_groups.commit_collected(engine, [_noted("c")])
+        assert sorted(await _threads(engine)) == ["a", "c"]
+    finally:
+        await engine.dispose()
+
+
+async def test_lone_commits_leave_the_wal_checkpoints_to_aiosqlites_thread_and_bounded(tmp_path: Path) -> None:
+    """Commits on the loop's thread turn SQLite's automatic checkpoint off
+    for themselves (its fsyncs never stall the loop); every few, one goes to
+    aiosqlite's thread, where the checkpoint runs: the WAL stays near its
+    threshold rather than growing with every lone commit. The connection's
+    threshold is its own again afterwards."""
+    path = tmp_path / "wal.db"
+    engine = await _engine_noting_threads(path, checkpoint_pages=20)
+    loop_thread = threading.get_ident()
+    try:
+        database_bytes = path.stat().st_size  # the database file grows only when a checkpoint copies the WAL in
+        for number in range(60):  # about 6 pages each: 360 pages of WAL unless checkpointed
+            await sqlite_groups.commit_collected(engine, [_noted(str(number), bytes(20_000))])
+            if number == 6:  # 7 commits on the loop's thread, 40-odd pages: past the threshold, not checkpointed
+                assert path.stat().st_size == database_bytes
+        threads = await _threads(engine)
+        on_loop = sum(thread == loop_thread for thread in threads.values())
+        assert 0 < len(threads) - on_loop < on_loop, "most on the loop's thread, some on aiosqlite's"
+        async with engine.connect() as connection:
+            page_size = (await connection.exec_driver_sql("PRAGMA page_size")).scalar_one()
+            assert (await connection.exec_driver_sql("PRAGMA wal_autocheckpoint")).scalar() == 20
+        frames = (tmp_path / "wal.db-wal").stat().st_size / (page_size + 24)
+        assert frames < 150, f"{frames:.0f} frames in the WAL"
+    finally:
         await engine.dispose()

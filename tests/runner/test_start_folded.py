@@ -757,6 +757,7 @@ async def test_sqlite_a_folded_create_cancelled_while_its_commit_is_in_the_threa
         return real_commit(*args, **kwargs)
 
     monkeypatch.setattr(sqlite_driver, "_commit", commit)
+    monkeypatch.setattr(sqlite_driver, "COMMITS_ON_LOOP", False)  # the thread's path: a lone COMMIT goes on the loop's
     creating = asyncio.create_task(_queue(runtime, assistant, remembering=True))
     try:
         await asyncio.wait_for(at_commit.wait(), DEADLINE)
