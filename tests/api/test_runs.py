@@ -16,10 +16,12 @@ from fastapi import FastAPI
 from sqlalchemy import delete, func, select, update
 
 from app import db, orm, sqlite_driver
+from app.activity import ACTIVITY
 from app.main import create_app
 from app.services import projects, run_defaults
 from app.settings import Settings
 from tests.conftest import error_of
+from tests.runner.helpers import until
 
 
 async def _assistant(client: openai.AsyncOpenAI, **kwargs: object) -> str:
@@ -63,6 +65,22 @@ async def test_create_thread_and_run(client: openai.AsyncOpenAI) -> None:
     assert run.status == "completed"
     messages = await client.beta.threads.messages.list(run.thread_id)
     assert messages.data[0].role == "assistant"
+
+
+async def test_the_process_counts_itself_lone_again_once_its_requests_and_runs_have_ended(
+    client: openai.AsyncOpenAI,
+) -> None:
+    """app/activity.py's counts, by which a lone process commits SQLite's
+    transactions on the event loop's thread (issue 17), come back to zero
+    after streamed and polled runs: a count left behind would keep every
+    later commit off that path."""
+    assistant_id = await _assistant(client)
+    thread = {"messages": [{"role": "user", "content": "Hello there"}]}
+    async with client.beta.threads.create_and_run_stream(assistant_id=assistant_id, thread=thread) as stream:
+        await stream.until_done()
+    run = await client.beta.threads.create_and_run_poll(assistant_id=assistant_id, thread=thread)  # type: ignore[arg-type]
+    assert run.status == "completed"
+    await until(lambda: (ACTIVITY.requests, ACTIVITY.runs) == (0, 0), "the counts back at zero", deadline=10)
 
 
 async def test_thread_and_run_takes_an_assistant_as_it_is_now(client: openai.AsyncOpenAI, app: FastAPI) -> None:

@@ -24,6 +24,7 @@ from app.runner import execute
 from app.runtime import Runtime
 from app.services import core_rows, run_events, run_state
 from app.wire.events import Event
+from app.worker import Worker
 from tests.runner.helpers import until
 from tests.runner.test_quick_answer import _message, _provider, _written_message
 from tests.runner.test_raw_autocommit import raw_checkouts, refused_checkouts
@@ -526,6 +527,28 @@ async def test_a_lone_processs_end_commits_on_the_event_loops_thread_with_no_hop
     assert logged[-1][1] == "thread.run.completed"
     async with runtime.transaction() as session:
         assert (await session.scalar(select(orm.Run.status).where(orm.Run.id == run_id))) == "completed"
+
+
+async def test_the_worker_counts_the_runs_it_executes_and_none_once_they_end(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """app/activity.py's count of runs executing in a task (a lone
+    process's SQLite commits go on the loop's thread): up while they run,
+    back to zero once they have ended; a count left behind would keep every
+    later commit off that path."""
+    _answers_quickly(runtime, monkeypatch)
+    run_ids = await _make_runs(runtime, 3)
+    counted: list[int] = []
+    start = Worker._start
+
+    def counting_start(self: Worker, *args: Any) -> None:
+        start(self, *args)
+        counted.append(ACTIVITY.runs)
+
+    monkeypatch.setattr(Worker, "_start", counting_start)
+    await asyncio.wait_for(Worker(runtime, concurrency=4).run_until_idle(), 30)
+    assert len(counted) == len(run_ids) and min(counted) >= 1
+    assert ACTIVITY.runs == 0
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL: one statement (above)
