@@ -102,6 +102,11 @@ class Worker:
         # The gates of hand-offs begun before their create committed
         # (prepare()), by run, until hand() opens or dropped() closes them.
         self._gates: dict[str, asyncio.Future[None]] = {}
+        # Folded runs' hand-offs (prepare()), by run: done once the run's
+        # first model call has gone out (execute.open_first_call) or the
+        # hand-off has ended without one; the create waits for it before
+        # answering (first_call_out()).
+        self._calls_out: dict[str, asyncio.Future[None]] = {}
         # run_forever() is going round: only then is a run handed (a worker
         # made but not started, or driven tick by tick, claims as before).
         self._looping = False
@@ -195,6 +200,7 @@ class Worker:
             # (lease_renewer.py's margin), the run executed from the commit.
             claimed_at = time.monotonic()
             run_state.start_in_create(created, self.owner, time.time() + self.lease_seconds)
+            self._calls_out[created.id] = asyncio.get_running_loop().create_future()
             self._start_hand_off(created, committed, folded_at=claimed_at)
         else:
             self._start_hand_off(created, committed)
@@ -268,6 +274,16 @@ class Worker:
         self._start_hand_off(created, None)
         return True
 
+    def first_call_out(self, created: orm.Run) -> asyncio.Future[None] | None:
+        """For a folded run hand() has just taken (prepare()): a future done
+        once its first model call has gone out, or its hand-off has ended
+        without one (its prompt not built here, the run left to its task's
+        start()). The create waits for it before answering (issue 17): the
+        provider then answers while the create's response is written and the
+        run's task starts, where the call went out only after both (0.4-0.8
+        ms at one client, run_timeline). None for any other run."""
+        return self._calls_out.get(created.id)
+
     def _handable_now(self, created: orm.Run) -> bool:
         return not (
             self._stopping
@@ -288,7 +304,7 @@ class Worker:
     ) -> None:
         """``folded_at``: the run is started by its create (prepare()), its
         lease counted from then (time.monotonic())."""
-        taking = self._take_handed(created, self._claims, committed, folded_at)
+        taking = self._take_handed(created, self._claims, committed, folded_at, self._calls_out.get(created.id))
         task = asyncio.create_task(taking, name=f"hand-off {created.id}")
         self._handing[created.id] = task
         task.add_done_callback(functools.partial(self._hand_off_ended, created.id))
@@ -296,6 +312,9 @@ class Worker:
     def _hand_off_ended(self, run_id: str, task: asyncio.Task[None]) -> None:
         if self._handing.get(run_id) is task:
             del self._handing[run_id]
+        call_out = self._calls_out.pop(run_id, None)
+        if call_out is not None and not call_out.done():  # ended with no call sent: the create waits no longer
+            call_out.set_result(None)
         if task.cancelled():
             # Never begun, or rolled back (its COMMIT, once under way, is
             # seen through: then the run is this worker's, its lease lapsing
@@ -308,6 +327,7 @@ class Worker:
         claims_before: int,
         committed: asyncio.Future[None] | None,
         folded_at: float | None = None,
+        call_out: asyncio.Future[None] | None = None,
     ) -> None:
         # The create's answer first (a stream's head and opening events, or
         # the run as JSON: written in the next turns of the loop), then the
@@ -316,7 +336,10 @@ class Worker:
         # answer's first bytes went out meanwhile (bench/run_timeline.py).
         # Begun before the create (prepare()), it is built while the
         # create's statement is out instead, its statement held until the
-        # create has committed.
+        # create has committed. A folded run's (a provider's) goes before
+        # the create's answer instead: the create waits until its first
+        # model call is out (first_call_out), the answer written while the
+        # provider answers.
         if committed is not None and folded_at is not None and not self.runtime.run_log.postgres:
             # SQLite: the create's hop is sent at its COMMIT, after its append,
             # and this task would run first: a prompt built now would hold
@@ -325,7 +348,9 @@ class Worker:
             # Built once the create has committed (its cancellation, a
             # create that failed, ends this task), after the create's answer.
             await committed
-        if committed is None or not self.runtime.run_log.postgres:
+        if committed is None or (folded_at is None and not self.runtime.run_log.postgres):
+            # (A folded run's create waits for its first call instead:
+            # first_call_out.)
             for _ in range(_TURNS_BEFORE_HAND_OFF):
                 await asyncio.sleep(0)
         claimed_at = time.monotonic() if folded_at is None else folded_at
@@ -356,6 +381,10 @@ class Worker:
             self.wake(files=False)
             return
         if not execution.finished:
+            if folded_at is not None:
+                # Its first call goes out now, its create waiting for it
+                # (first_call_out), before the run's task starts.
+                execution.open_first_call(call_out)
             self._start(execution, claimed_at)
         elif self._claimed_to_capacity:  # a tick meanwhile counted its slot and claimed no more: runs may wait
             self.wake(files=False)
@@ -367,6 +396,9 @@ class Worker:
         self._tasks[run_id] = task
         ACTIVITY.runs += 1
         task.add_done_callback(_run_ended)  # however the task ends, even cancelled before its first step
+        # (a task cancelled before its first step never ran execute(), which
+        # closes a first call opened early and not taken)
+        task.add_done_callback(lambda _task: execution.discard_first_call())
         self.leases.hold(run_id, task, claimed_at)
 
     async def _handed(self) -> None:

@@ -155,8 +155,14 @@ async def _queue_run(
         if follower is not None:
             await follower.close()
         raise
-    if not notify and (runtime.worker is None or not runtime.worker.hand(run)):
+    worker = runtime.worker
+    if not notify and (worker is None or not worker.hand(run)):
         runtime.wake(files=False)
+    elif handing is not None and worker is not None and (call_out := worker.first_call_out(run)) is not None:
+        # A folded run's first model call goes out before this answer (issue
+        # 17): the provider answers meanwhile. Shielded: this request's
+        # cancellation leaves the hand-off's future alone.
+        await asyncio.shield(call_out)
     if follower is None:
         if answered is not None and answered.name == "thread.run.queued":
             # The run as committed, as the event that queued it carries it,

@@ -194,6 +194,9 @@ class RunExecution:
         # rather than asking (and logging a model request) twice; None when
         # the model said it must be streamed (not asked again either).
         self._first_answer: list[llm.Event] | llm.LLMError | _Unasked | None = _UNASKED
+        # The first model call, opened before the run's task took it
+        # (open_first_call); _answer() takes its reading.
+        self._open_call: _OpenCall | None = None
         # The claim's transaction, while an instant answer is committed in it.
         self._claim_session: AsyncSession | None = None
         # The run's move to in_progress, made in memory by start_claimed()
@@ -741,6 +744,52 @@ class RunExecution:
         # for value (run_execution.handed_run), and nothing has moved it since.
         self._wire = started
 
+    def open_first_call(self, call_out: asyncio.Future[None] | None = None) -> None:
+        """Send the run's first model call now, before the run's task takes
+        it (issue 17): a folded run, taken by take_started() once its create
+        has committed (never before: a create refused at its COMMIT, its
+        remembered defaults gone stale, must not have sent a prompt), so the
+        run is this worker's, leased and in_progress, and the call is the one
+        the run's task would make first. The
+        worker's hand-off and the run's task then start while the model
+        answers, where the call went out only once the task reached
+        _answer(). Its request and reading are taken by _loop() and
+        _answer(); the reader is the one _take() starts for any call (the
+        idle limit, LLM.stream's metrics and model-request exchange). Not
+        opened (left to the run's task as before): no prompt built here, an
+        observer other than the Runtime's own (_may_answer_at_once: the
+        reading path is taken only then), a budget the first call cannot be
+        made within (_loop() ends the run). An execution that ends, or a
+        task that is cancelled, before taking it closes it
+        (discard_first_call). ``call_out`` is done once the call's request
+        has gone out (its reader's first step ended), for the create
+        waiting on it (Worker.first_call_out); left as it is if no call is
+        opened."""
+        if (
+            self._started is None
+            or self._open_call is not None
+            or self._first_answer is not _UNASKED
+            or not self._may_answer_at_once()
+        ):
+            return
+        run, chat = self._started
+        budget = self._budget(run)
+        if _no_completion_left(budget) or self._over_prompt_budget(run, budget, chat):
+            return
+        request = self._chat_request(run, budget, chat)
+        stream = _idle_limited(self.runtime.llm.stream(request), self.runtime.settings.model_idle_timeout_seconds)
+        arrived: asyncio.Queue[llm.Event | _StreamEnd] = asyncio.Queue()
+        reader = asyncio.ensure_future(_read_for(self.run_id, stream, arrived, call_out))
+        self._open_call = _OpenCall(request, arrived, reader)
+
+    def discard_first_call(self) -> None:
+        """Close the first call open_first_call() opened, if nothing took it:
+        its reader cancelled, which closes the provider's response (no retry,
+        nothing written: its exchange goes with this execution)."""
+        opened, self._open_call = self._open_call, None
+        if opened is not None:
+            opened.reader.cancel()
+
     async def _start_held(
         self, session: AsyncSession, run: orm.Run, queued: dict[str, Any] | None = None
     ) -> list[Event] | None:
@@ -888,6 +937,11 @@ class RunExecution:
         except LeaseLost as lost:
             # Quietly, as a lost compare-and-set: the run is someone else's.
             log.warning("%s; this execution stops without its last writes", lost)
+        finally:
+            opened = self._open_call
+            if opened is not None:  # ended before its first answer was taken
+                self.discard_first_call()
+                await _until_ended(opened.reader)
 
     async def _execute(self) -> None:
         try:
@@ -966,7 +1020,8 @@ class RunExecution:
             if _no_completion_left(budget):
                 await self._end("incomplete", incomplete_details={"reason": "max_completion_tokens"})
                 return
-            request = await self._request(run, budget, chat)
+            opened = self._open_call
+            request = opened.request if opened is not None else await self._request(run, budget, chat)
             chat = None  # later model calls see what this one added
             if request is None:
                 return
@@ -984,6 +1039,9 @@ class RunExecution:
         model, uncued) is taken in one go, its rows and events left for the
         turn's commit, when it calls no built-in tool (those stream their
         progress while they run, so their step must be written first)."""
+        opened, self._open_call = self._open_call, None
+        if opened is not None:
+            return await self._consume(turn, opened)
         first, self._first_answer = self._first_answer, _UNASKED
         if isinstance(first, llm.LLMError):
             raise first
@@ -1010,7 +1068,7 @@ class RunExecution:
     def _calls_builtin(self, answer: Sequence[object]) -> bool:
         return any(isinstance(event, llm.ToolCallDelta) and event.name in self.builtins for event in answer)
 
-    async def _consume(self, turn: Turn, source: AsyncIterator[llm.Event]) -> TurnResult:
+    async def _consume(self, turn: Turn, source: AsyncIterator[llm.Event] | _OpenCall) -> TurnResult:
         """The model's answer, unless a cancel arrives first (even while the
         model is silent). The answer is taken in this task, not one of its own
         (issue 17: a task, its start, the wait for its end and the gather of
@@ -1018,7 +1076,11 @@ class RunExecution:
         cancelling this task, and that cancel is taken back here as
         ``asyncio.timeout`` takes its own back (TurnStopped, or the
         CancelledError of a cancel from outside as well)."""
-        stream = _idle_limited(source, self.runtime.settings.model_idle_timeout_seconds)
+        stream = (
+            source
+            if isinstance(source, _OpenCall)
+            else _idle_limited(source, self.runtime.settings.model_idle_timeout_seconds)
+        )
         task = asyncio.current_task()
         assert task is not None
         cancelling = task.cancelling()  # cancels of this task's before the answer (the watch's come on top)
@@ -1043,7 +1105,7 @@ class RunExecution:
             failure = None  # (no cycle through its traceback, which holds this frame)
             await watch.until_checked()  # cancelled again meanwhile: the row's read still ends with it
 
-    async def _take(self, turn: Turn, stream: AsyncGenerator[llm.Event, None]) -> TurnResult:
+    async def _take(self, turn: Turn, stream: AsyncGenerator[llm.Event, None] | _OpenCall) -> TurnResult:
         """A streamed answer, taken whole when the model sends all of it
         (QUICK_ANSWER_MOST_EVENTS deltas at most, and its Finish) within QUICK_ANSWER_SECONDS of its
         first event (a stub, a cache, a one-chunk reply): its rows and events
@@ -1052,11 +1114,15 @@ class RunExecution:
         what came is replayed and the rest streamed: the first events reach
         clients at most that much later. The stream is read by a task of its
         own (an async generator whose read is cut short by a timeout cannot
-        go on); nothing is published before the choice is made."""
-        if not self._may_answer_at_once():
+        go on); nothing is published before the choice is made. A call
+        opened early (open_first_call) is that reader already under way."""
+        if isinstance(stream, _OpenCall):
+            arrived, reader = stream.arrived, stream.reader
+        elif not self._may_answer_at_once():
             return await turn.consume(stream)
-        arrived: asyncio.Queue[llm.Event | _StreamEnd] = asyncio.Queue()
-        reader = asyncio.ensure_future(_read_into(stream, arrived))
+        else:
+            arrived = asyncio.Queue()
+            reader = asyncio.ensure_future(_read_into(stream, arrived))
         try:
             gathered = [await arrived.get()]
             whole = await _gather_quickly(gathered, arrived)
@@ -1196,6 +1262,37 @@ async def _read_into(stream: AsyncGenerator[llm.Event, None], arrived: asyncio.Q
         arrived.put_nowait(_StreamEnd(error))
     else:
         arrived.put_nowait(_StreamEnd())
+
+
+async def _read_for(
+    run_id: str,
+    stream: AsyncGenerator[llm.Event, None],
+    arrived: asyncio.Queue[llm.Event | _StreamEnd],
+    call_out: asyncio.Future[None] | None,
+) -> None:
+    """_read_into for a call opened before the run's task (open_first_call):
+    its lines name the run, as the run's task's do (run()). ``call_out`` is
+    done in the loop's next turn after this task's first step, which sends
+    the request and stops at the wait for the answer's head."""
+    logs.bind_run(run_id)
+    if call_out is not None:
+        asyncio.get_running_loop().call_soon(_set_done, call_out)
+    await _read_into(stream, arrived)
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+@dataclass(frozen=True, eq=False)
+class _OpenCall:
+    """A model call opened before the run's task took it (open_first_call):
+    its request, and the reader queueing its events."""
+
+    request: llm.ChatRequest
+    arrived: asyncio.Queue[llm.Event | _StreamEnd]
+    reader: asyncio.Task[None]
 
 
 async def _gather_quickly(

@@ -1,0 +1,163 @@
+"""A folded run's first model call goes out before its create answers
+(issue 17: Worker.first_call_out, RunExecution.open_first_call): opened by
+the hand-off once the create has committed, its reading taken by the run's
+task as any call's, made once; closed when nothing takes it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from app import llm
+from app.runner import execute
+from app.runtime import Runtime
+from app.settings import Settings
+from tests.runner.helpers import DEADLINE
+from tests.runner.test_hand_off import _assistant, _never_at_once, _row
+from tests.runner.test_hand_off_early import _worker, handing_runtime
+from tests.runner.test_start_folded import _executed, _queue
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+async def runtime(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Runtime]:
+    """As test_start_folded's: a worker attached, its ticks driven by each
+    test, the offline model taken for a provider's (streamed, never at once)."""
+    async with handing_runtime(settings) as rt:
+        monkeypatch.setattr(rt.llm, "streams", lambda _model: True)
+        monkeypatch.setattr(rt.llm, "answer_at_once", _never_at_once)
+        yield rt
+
+
+def _calls(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, order: list[str], *, then: str = "answer"
+) -> asyncio.Event:
+    """Each model call noted in ``order``: "call sent" when its stream is
+    first read (the request goes out there), "closed" when it is closed;
+    ``then``: "answer" (the model's answer), "fail" (a rate limit), "hang"
+    (nothing more, until closed). The event returned is set at a close."""
+    closed = asyncio.Event()
+    real_stream = runtime.llm.stream
+
+    async def stream(request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        order.append("call sent")
+        try:
+            if then == "fail":
+                raise llm.LLMError("rate_limit_exceeded", "Slow down.")
+            if then == "hang":
+                await asyncio.Event().wait()
+            async for event in real_stream(request):
+                yield event
+        finally:
+            order.append("closed")
+            closed.set()
+
+    monkeypatch.setattr(runtime.llm, "stream", stream)
+    return closed
+
+
+async def test_the_first_call_goes_out_before_the_create_answers_and_is_made_once(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    order: list[str] = []
+    _calls(runtime, monkeypatch, order)
+    run, response = await _queue(runtime, assistant)
+    order.append("answered")
+    assert json.loads(bytes(response.body))["status"] == "queued"
+    await _executed(runtime)
+    assert order == ["call sent", "answered", "closed"], order
+    row = await _row(runtime, run.id)
+    assert row.status == "completed" and row.lease_owner is None
+    assert not worker._calls_out and not worker._handing and not worker._tasks
+
+
+async def test_a_failed_early_call_fails_the_run_as_any_first_call_would(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assistant = await _assistant(runtime)
+    order: list[str] = []
+    _calls(runtime, monkeypatch, order, then="fail")
+    run, _response = await _queue(runtime, assistant)
+    await _executed(runtime)
+    assert order.count("call sent") == 1, order
+    row = await _row(runtime, run.id)
+    assert row.status == "failed" and row.last_error == {"code": "rate_limit_exceeded", "message": "Slow down."}
+
+
+async def test_a_run_task_cancelled_before_its_first_step_closes_the_early_call(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker stopping between the hand-off and the run's first step:
+    the task never runs execute(), its done callback closes the call."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    order: list[str] = []
+    closed = _calls(runtime, monkeypatch, order, then="hang")
+    real_start = worker._start
+
+    def start_then_cancel(execution: execute.RunExecution, claimed_at: float) -> None:
+        real_start(execution, claimed_at)
+        worker._tasks[execution.run_id].cancel()
+
+    monkeypatch.setattr(worker, "_start", start_then_cancel)
+    await _queue(runtime, assistant)
+    await asyncio.wait_for(closed.wait(), DEADLINE)
+    assert order == ["call sent", "closed"], order
+
+
+async def test_an_execution_that_ends_before_taking_the_early_call_closes_it_first(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run failed before its answer was asked for (here its call step
+    raising): the call is closed before the execution ends."""
+    assistant = await _assistant(runtime)
+    order: list[str] = []
+    _calls(runtime, monkeypatch, order, then="hang")
+
+    async def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("the turn cannot be made")
+
+    monkeypatch.setattr(execute.RunExecution, "_call", broken)
+    real_execute = execute.RunExecution.execute
+
+    async def execute_noted(self: execute.RunExecution) -> None:
+        await real_execute(self)
+        order.append("execution ended")
+
+    monkeypatch.setattr(execute.RunExecution, "execute", execute_noted)
+    run, _response = await _queue(runtime, assistant)
+    await _executed(runtime)
+    # Closed, and its reader ended, before the execution: nothing of the
+    # run left running once its task has (the worker's stop waits for it).
+    assert order == ["call sent", "closed", "execution ended"], order
+    row = await _row(runtime, run.id)
+    assert row.status == "failed" and row.last_error == dict(execute.SERVER_ERROR)
+
+
+async def test_a_create_whose_hand_off_opens_no_call_is_answered_all_the_same(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No prompt built by the hand-off (its run left to start()): the create
+    waits no longer once the hand-off has ended; the run's task calls."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    order: list[str] = []
+    _calls(runtime, monkeypatch, order)
+
+    async def unbuilt(*_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    monkeypatch.setattr(execute.RunExecution, "take_started", unbuilt)
+    run, _response = await _queue(runtime, assistant)
+    order.append("answered")
+    await _executed(runtime)
+    assert order == ["answered", "call sent", "closed"], order
+    assert (await _row(runtime, run.id)).status == "completed"
+    assert not worker._calls_out
