@@ -50,6 +50,10 @@ WORK_CHANNEL = "assistants_work"
 # next statement or COMMIT rather than alone (see sqlite_driver.WRITE_BEHIND):
 # ``statement.execution_options(**db.WRITE_BEHIND)``.
 WRITE_BEHIND = {sqlite_driver.WRITE_BEHIND: True}
+# A statement known to be brief (a few rows found by an index), which a lone
+# process's SQLite transaction may run on the event loop's thread, with its
+# BEGIN if it is the first (see sqlite_driver.BRIEF): ``.execution_options(**db.BRIEF)``.
+BRIEF = {sqlite_driver.BRIEF: True}
 # With WRITE_BEHIND: a list that receives the rows the write returns once it
 # has run (by its transaction's COMMIT at the latest).
 RETURNED_ROWS_TO = sqlite_driver.RETURNED_ROWS_TO

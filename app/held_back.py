@@ -533,8 +533,9 @@ async def run_now(
             straight.connection.invalidate,
         )
     columns = _results(bind.dialect, shape.compiled)
+    brief = isinstance(statement, Executable) and bool(statement.get_execution_options().get(sqlite_driver.BRIEF))
     _description, _rowcount, _lastrowid, rows = await sent(
-        driver.send(sqlite_driver.Statement(shape.sql, parameters, False)),
+        driver.send(sqlite_driver.Statement(shape.sql, parameters, False, brief=brief)),
         shape.sql,
         parameters,
         bind.dialect,

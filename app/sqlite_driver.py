@@ -25,13 +25,16 @@ on the calling thread whatever the busy timeout, and a reader can rebuild the
 WAL index after a crash; both are rare, and the writer, which opens the file
 first at start-up, normally does the rebuilding.
 
-A second exception (``COMMITS_ON_LOOP``): a writer's whole transaction,
-held back to its COMMIT, commits on the event loop's thread while the
-process is lone (app/activity.py: one request and one run at most), when
-the loop has nothing else to do while it waits for the hop. Its BEGIN
-IMMEDIATE meets a busy timeout of 0 there (another process's lock: the
-transaction goes to the thread to wait, as before), and SQLite's automatic
-WAL checkpoint, whose fsyncs could take long on a slow disk, is left to the
+A second exception (``COMMITS_ON_LOOP``): a writer's transaction runs on
+the event loop's thread while the process is lone (app/activity.py: one
+request and one run at most), when the loop has nothing else to do while it
+waits for the hop: a transaction held back to its COMMIT, whole, or one whose
+first statement is sent before (a brief one, ``BRIEF``: a run's create on a
+thread reads the thread), from that statement on. Its BEGIN IMMEDIATE meets a busy timeout of
+0 there (another process's lock: the transaction goes to the thread to wait,
+as before); once it holds the write lock no statement of it waits for
+another connection. SQLite's automatic WAL checkpoint, whose fsyncs could
+take long on a slow disk, is off for the COMMITs made there, left to the
 commits that still go to the thread.
 """
 
@@ -64,7 +67,8 @@ _T = TypeVar("_T")
 
 class Statement(NamedTuple):
     """A statement for the sqlite3 thread; a held-back one (WRITE_BEHIND)
-    may say where its returned rows go and how many rows it must change."""
+    may say where its returned rows go and how many rows it must change;
+    ``brief`` (BRIEF): a lone process may run it on the event loop's thread."""
 
     operation: str
     parameters: Any
@@ -72,6 +76,7 @@ class Statement(NamedTuple):
     rows_to: list[Any] | None = None
     rowcount: int | None = None
     mismatch: type[HeldBackWriteMismatch] | None = None
+    brief: bool = False
 
 
 class HeldBackWriteMismatch(sqlite3.IntegrityError):
@@ -102,7 +107,7 @@ def raised_within(error: BaseException, kinds: type[BaseException] | tuple[type[
 
 
 def _execute(cursor: sqlite3.Cursor, statement: Statement) -> None:
-    operation, parameters, many, rows_to, rowcount, mismatch = statement
+    operation, parameters, many, rows_to, rowcount, mismatch, _brief = statement
     if many:
         cursor.executemany(operation, parameters)
     elif parameters is None:
@@ -180,26 +185,51 @@ def _commit_on_loop(
     """On the event loop's thread (OneHopConnection._commits_here): a whole
     transaction, ``begin`` (BEGIN IMMEDIATE), ``earlier``, COMMIT, rolled
     back here on failure (its error raised), as _commit does on aiosqlite's
-    thread. False if another process holds SQLite's write lock: the BEGIN
-    is answered "busy" at once (busy timeout 0 for it: the loop never waits
-    for a lock), nothing has run, and the caller sends the same job to the
-    thread, which waits under the timeout. SQLite's automatic WAL checkpoint
-    (a copy to the database file and two fsyncs) is off meanwhile: it runs
-    in a commit on the thread (_LOOP_COMMITS_BETWEEN_THREAD_COMMITS).
-    ``settings`` are the connection's own busy timeout and checkpoint
-    threshold, set back at the end."""
+    thread. False if another process holds SQLite's write lock: nothing has
+    run (_begun_on_loop), and the caller sends the same job to the thread,
+    which waits under the timeout. ``settings``: the connection's own busy
+    timeout and checkpoint threshold (_committed_on_loop)."""
+    if not _begun_on_loop(connection, begin, settings):
+        return False
+    _committed_on_loop(connection, earlier, settings)
+    return True
+
+
+def _begun_on_loop(connection: sqlite3.Connection, begin: str, settings: tuple[int, int]) -> bool:
+    """On the event loop's thread: ``begin`` (BEGIN IMMEDIATE), under a busy
+    timeout of 0 (the loop never waits for a lock; ``settings[0]``, the
+    connection's own, set back after it). False if another process holds
+    SQLite's write lock: the BEGIN is answered "busy" at once, nothing has
+    run, and the caller sends it to the thread to wait there."""
+    connection.execute("PRAGMA busy_timeout=0")
+    try:
+        connection.execute(begin)
+    except sqlite3.OperationalError as error:
+        if _is_busy(error) and not connection.in_transaction:
+            return False
+        raise
+    finally:
+        # A failed reset (a broken connection) must not hide the BEGIN's own error.
+        with contextlib.suppress(sqlite3.Error):
+            connection.execute(f"PRAGMA busy_timeout={int(settings[0])}")
+    return True
+
+
+def _committed_on_loop(connection: sqlite3.Connection, earlier: list[Statement], settings: tuple[int, int]) -> None:
+    """On the event loop's thread, in a transaction begun there
+    (_begun_on_loop, which holds the write lock: nothing here waits for
+    another connection): ``earlier``, COMMIT, rolled back here on failure
+    (its error raised), as _commit does on aiosqlite's thread. SQLite's
+    automatic WAL checkpoint (a copy to the database file and two fsyncs,
+    and a wait for readers under the busy timeout) is off for this COMMIT,
+    its busy timeout 0 (``settings``, the connection's own, set back after
+    it): the checkpoint runs in a commit on the thread
+    (_LOOP_COMMITS_BETWEEN_THREAD_COMMITS)."""
     busy_timeout_ms, autocheckpoint_pages = settings
     connection.execute("PRAGMA busy_timeout=0")
     connection.execute("PRAGMA wal_autocheckpoint=0")
     try:
-        try:
-            connection.execute(begin)
-        except sqlite3.OperationalError as error:
-            if _is_busy(error) and not connection.in_transaction:
-                return False
-            raise
         _commit(connection, None, earlier)
-        return True
     finally:
         # A failed reset (a broken connection) must not hide the commit's own error.
         with contextlib.suppress(sqlite3.Error):
@@ -285,15 +315,23 @@ EXPECT_ROWCOUNT = "sqlite_expect_rowcount"
 # With EXPECT_ROWCOUNT: the HeldBackWriteMismatch subclass raised instead,
 # by which the caller knows its own write's failure at the COMMIT.
 ROWCOUNT_MISMATCH = "sqlite_rowcount_mismatch"
+# The execution option of a statement known to be brief (a few rows found
+# by an index, such as a run's create reading its thread): in a lone
+# process's writer transaction it runs on the event loop's thread, and a
+# transaction it begins is begun there (COMMITS_ON_LOOP). A statement
+# without it always goes to aiosqlite's thread: its cost is not known (a
+# delete's cascade, a scan), and the loop must not wait for it.
+BRIEF = "sqlite_brief"
 
 
 def hold_back_marked_writes(
     _connection: Any, cursor: Any, _statement: str, _parameters: Any, context: Any, _executemany: bool
 ) -> None:
     """A ``before_cursor_execute`` listener: marks the cursor of a statement
-    executed with WRITE_BEHIND (app/db.py registers it)."""
+    executed with WRITE_BEHIND or BRIEF (app/db.py registers it)."""
     if isinstance(cursor, OneHopCursor) and context is not None:
         options = context.execution_options
+        cursor.brief = bool(options.get(BRIEF))
         if options.get(WRITE_BEHIND):
             cursor.write_behind = True
             cursor.rows_to = options.get(RETURNED_ROWS_TO)
@@ -340,6 +378,7 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
         "_outcome_description",
         "_outcome_lastrowid",
         "_outcome_rowcount",
+        "brief",
         "expect_rowcount",
         "mismatch",
         "rows_to",
@@ -357,6 +396,7 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
         self._outcome_lastrowid: int | None = None
         self._arraysize = 1
         self.write_behind = False  # the next statement may wait for the next hop
+        self.brief = False  # the next statement is BRIEF
         self.rows_to: list[Any] | None = None  # with write_behind: RETURNED_ROWS_TO
         self.expect_rowcount: int | None = None  # with write_behind: EXPECT_ROWCOUNT
         self.mismatch: type[HeldBackWriteMismatch] | None = None  # with write_behind: ROWCOUNT_MISMATCH
@@ -403,7 +443,8 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
             adapted.transaction_open = True
             self._set_outcome(None, -1, None, [])
             return
-        statement = Statement(operation, parameters, many)
+        statement = Statement(operation, parameters, many, brief=self.brief)
+        self.brief = False
         if self.write_behind:
             self.write_behind = False
             statement = statement._replace(rows_to=self.rows_to, rowcount=self.expect_rowcount, mismatch=self.mismatch)
@@ -492,6 +533,7 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         "held_back",
         "inline_wait_ms",
         "loop_commits",
+        "on_loop",
         "on_transaction_end",
         "own_settings",
         "transaction_open",
@@ -524,10 +566,18 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         # checkpoint threshold _commit_on_loop sets back (read once).
         self.loop_commits = 0
         self.own_settings: tuple[int, int] | None = None
+        # This transaction's BEGIN IMMEDIATE ran on the event loop's thread
+        # with its first statement (send(): a lone process's transaction
+        # that reads, briefly, before it writes): while the process stays
+        # lone, its brief statements (BRIEF), its COMMIT and its ROLLBACK
+        # run there too (_stays_here()).
+        self.on_loop = False
 
     def _commits_here(self, begin: str | None, earlier: list[Statement]) -> bool:
-        """Whether this transaction's COMMIT runs on the event loop's thread
-        (LOOP_COMMIT_MOST_ROWS): whole, small, nothing in flight on the
+        """Whether this transaction, its BEGIN IMMEDIATE (``begin``) not sent
+        yet, begins on the event loop's thread with ``earlier`` (its COMMIT's
+        whole job, or a brief first statement: send()), and commits there
+        (LOOP_COMMIT_MOST_ROWS): small, nothing in flight on the
         connection's thread, the process lone; not every time
         (_LOOP_COMMITS_BETWEEN_THREAD_COMMITS)."""
         if (
@@ -549,12 +599,28 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
 
     def _committed_on_loop(self, begin: str, earlier: list[Statement]) -> bool:
         """_commit_on_loop() of this connection: False if it is to go to the thread after all."""
+        return _commit_on_loop(self._sqlite(), begin, earlier, self._settings())
+
+    def _stays_here(self, statements: list[Statement]) -> bool:
+        """Whether ``statements`` of a transaction begun on the loop's
+        thread (``on_loop``) run there too: small, nothing in flight on the
+        connection's thread, the process still lone. Else they go to the
+        thread, as any transaction's (its lock held: they wait for nothing
+        there either)."""
+        return not self._execute_mutex.locked() and ACTIVITY.lone() and _rows(statements) <= LOOP_COMMIT_MOST_ROWS
+
+    def _sqlite(self) -> sqlite3.Connection:
         adapted: aiosqlite.Connection = self._connection  # type: ignore[assignment]
-        connection = adapted._conn
+        return adapted._conn
+
+    def _settings(self) -> tuple[int, int]:
+        """The connection's own busy timeout and WAL checkpoint threshold,
+        which the loop's thread sets aside for a BEGIN or a COMMIT (read once)."""
         if self.own_settings is None:
+            connection = self._sqlite()
             busy_timeout = connection.execute("PRAGMA busy_timeout").fetchone()[0]
             self.own_settings = (busy_timeout, connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
-        return _commit_on_loop(connection, begin, earlier, self.own_settings)
+        return self.own_settings
 
     def begin_later(self, operation: str) -> None:
         """Open a transaction whose BEGIN (``operation``) goes with its first
@@ -573,7 +639,27 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         that fails (SQLite busy past its timeout, a constraint) fails this
         statement, and with it the transaction, as it would have alone.
         The cursor's execute, and app/held_back.py's run_now() without a
-        cursor (issue 17); not for an inline connection."""
+        cursor (issue 17); not for an inline connection. A brief statement
+        (BRIEF) of a lone process's transaction runs on the event loop's
+        thread instead, no hop (``on_loop``)."""
+        begin = self.begin_deferred
+        # A lone process's transaction whose first statement, brief, is sent
+        # before its COMMIT (issue 17: a run's create on a thread reads the
+        # thread first): begun here, the hop to the thread and back saved for
+        # it and, while the process stays lone, for its COMMIT and its other
+        # brief statements. (If another process holds the lock, the BEGIN,
+        # still to run, goes to the thread with the statement, and waits there.)
+        if (
+            statement.brief
+            and begin is not None
+            and self._commits_here(begin, [*self.held_back, statement])
+            and _begun_on_loop(self._sqlite(), begin, self._settings())
+        ):
+            self.begin_deferred = None
+            self.on_loop = True
+        if self.on_loop and statement.brief and self._stays_here([*self.held_back, statement]):
+            earlier, self.held_back = self.held_back, []
+            return _run(self._sqlite(), None, earlier, statement)
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
         async with self._execute_mutex:
             begin, self.begin_deferred = self.begin_deferred, None
@@ -634,9 +720,15 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         SQLite's lock with it, so the hand-on is left to what waits for the
         thread: held_back.sent's invalidation, whose close() runs after it
         and calls on_transaction_end then."""
+        began_on_loop = self.on_loop
         job = self._commit_job()
         if job is not None:
-            _, begin, earlier = job
+            sqlite, begin, earlier = job
+            if began_on_loop and self._stays_here(earlier):
+                # (A failure is left to the caller's rollback, as below.)
+                _committed_on_loop(sqlite, earlier, self._settings())
+                self._ended()
+                return
             if self._commits_here(begin, earlier) and self._committed_on_loop(begin, earlier):  # type: ignore[arg-type]
                 self._ended()
                 return
@@ -689,6 +781,7 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         begin, self.begin_deferred = self.begin_deferred, None
         earlier, self.held_back = self.held_back, []
         self.transaction_open = False
+        self.on_loop = False
         return begin, earlier
 
     def commit(self) -> None:
@@ -731,13 +824,15 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
     def rollback(self) -> None:
         # The pool rolls back every connection it gets back, even after a
         # commit; sqlite3 does nothing then, so neither does the hop.
+        here = self.on_loop and self._stays_here([])
         self.begin_deferred = None
         self.held_back = []
         self.transaction_open = False
+        self.on_loop = False
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
         try:
             if connection._connection is not None and connection.in_transaction:
-                if self.inline_wait_ms is not None:
+                if self.inline_wait_ms is not None or here:
                     connection._conn.rollback()
                 else:
                     super().rollback()

@@ -62,8 +62,13 @@ _LIVE_RUN = (
 )
 # SQLite: the thread's owner and its live run in one statement (one thread
 # hop): the transaction holds the write lock, nothing changes in between.
-_OWNER_AND_LIVE_RUN = select(_THREADS.project_id, _LIVE_RUN.scalar_subquery()).where(
-    _THREADS.id == bindparam("thread_id")
+# Brief (two index lookups): a lone process runs it, and the transaction it
+# begins, on the event loop's thread (issue 17: no hop for a run's or a
+# message's create on a thread).
+_OWNER_AND_LIVE_RUN = (
+    select(_THREADS.project_id, _LIVE_RUN.scalar_subquery())
+    .where(_THREADS.id == bindparam("thread_id"))
+    .execution_options(**db.BRIEF)
 )
 # PostgreSQL: the thread's owner, its row locked (see active_run); the live
 # run is read by the next statement, whose snapshot is taken after the lock

@@ -9,6 +9,7 @@ import dataclasses
 import json
 from typing import Any
 
+import aiosqlite
 import httpx2
 import openai
 import pytest
@@ -81,6 +82,36 @@ async def test_the_process_counts_itself_lone_again_once_its_requests_and_runs_h
     run = await client.beta.threads.create_and_run_poll(assistant_id=assistant_id, thread=thread)  # type: ignore[arg-type]
     assert run.status == "completed"
     await until(lambda: (ACTIVITY.requests, ACTIVITY.runs) == (0, 0), "the counts back at zero", deadline=10)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_lone_processs_creates_on_a_thread_send_nothing_to_sqlites_thread(
+    client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK's usual flow with one client: a message, then a run, created
+    on a thread made first. Each create's transaction reads the thread (its
+    owner and live run: a brief statement, db.BRIEF) before it writes; in a
+    lone process that read, its writes and its COMMIT all run on the event
+    loop's thread (issue 17: sqlite_driver's BRIEF), none of it sent to
+    aiosqlite's thread, and the run completes as usual."""
+    assistant_id = await _assistant(client)
+    thread = await client.beta.threads.create()
+    await until(lambda: (ACTIVITY.requests, ACTIVITY.runs) == (0, 0), "the process lone", deadline=10)
+    sent: list[str] = []
+    hop = aiosqlite.Connection._execute
+
+    async def noting(self: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(repr(args))
+        return await hop(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", noting)
+    await client.beta.threads.messages.create(thread.id, role="user", content="Hello there")
+    run = await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id)
+    assert run.status == "completed"
+    assert not [job for job in sent if "SELECT threads.project_id" in job or "INSERT INTO messages" in job]
+    assert not [job for job in sent if "INSERT INTO runs" in job]
+    listed = await client.beta.threads.messages.list(thread.id, order="asc")
+    assert [message.role for message in listed.data] == ["user", "assistant"]
 
 
 async def test_thread_and_run_takes_an_assistant_as_it_is_now(client: openai.AsyncOpenAI, app: FastAPI) -> None:

@@ -422,3 +422,167 @@ async def test_lone_commits_leave_the_wal_checkpoints_to_aiosqlites_thread_and_b
         assert frames < 150, f"{frames:.0f} frames in the WAL"
     finally:
         await engine.dispose()
+
+
+def _counting_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The jobs sent to aiosqlite's thread from now on, by function name."""
+    hops: list[str] = []
+    original = aiosqlite.Connection._execute
+
+    async def counted(self: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(fn.__name__)
+        return await original(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+    return hops
+
+
+_NOTE = text("INSERT INTO t VALUES (:label, thread_ident(), NULL)")
+_BRIEF_NOTE = _NOTE.execution_options(**db.BRIEF)
+_BRIEF_READ = text("SELECT thread_ident()").execution_options(**db.BRIEF)
+
+
+async def test_a_lone_transaction_that_reads_briefly_first_runs_on_the_event_loops_thread_from_that_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone process's transaction whose first statement, marked brief
+    (db.BRIEF: a run's create on a thread reads the thread first), is sent
+    before its COMMIT: its BEGIN IMMEDIATE and that statement, its other
+    brief statements, its held-back writes and its COMMIT run on the event
+    loop's thread (issue 17), no hop at all; it holds SQLite's write lock
+    from that first statement, and is committed. A first statement not
+    marked brief (its cost unknown), or a busier process's transaction,
+    goes to aiosqlite's thread, as before."""
+    path = tmp_path / "reads.db"
+    engine = await _engine_noting_threads(path)
+    maker = db.create_sessionmaker(engine)
+    loop_thread = threading.get_ident()
+    try:
+        assert ACTIVITY.lone()
+        await _threads(engine)  # (the pool's connection opened: its set-up is not counted)
+        hops = _counting_hops(monkeypatch)
+        async with maker() as session, session.begin():
+            assert (await session.execute(_BRIEF_READ)).scalar() == loop_thread
+            assert not _write_lock_is_free(str(path))
+            await session.execute(_BRIEF_NOTE, {"label": "lone, sent"})
+            await session.execute(_NOTE, {"label": "lone, held back"}, execution_options=db.WRITE_BEHIND)
+        assert hops == []
+        async with maker() as session, session.begin():
+            assert (await session.execute(text("SELECT thread_ident()"))).scalar() != loop_thread
+            await session.execute(_BRIEF_NOTE, {"label": "lone, not brief first"})
+        assert hops == ["_run", "_run", "_commit"]
+        monkeypatch.setattr(ACTIVITY, "requests", 2)
+        async with maker() as session, session.begin():
+            assert (await session.execute(_BRIEF_READ)).scalar() != loop_thread
+            await session.execute(_BRIEF_NOTE, {"label": "busier"})
+        assert hops == ["_run", "_run", "_commit"] * 2
+        stored = await _threads(engine)
+        assert stored.pop("busier") != loop_thread
+        assert stored.pop("lone, not brief first") != loop_thread
+        assert stored == {"lone, sent": loop_thread, "lone, held back": loop_thread}
+        assert _write_lock_is_free(str(path))
+    finally:
+        await engine.dispose()
+
+
+async def test_a_transaction_begun_on_the_loop_sends_to_the_thread_what_it_may_not_run_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Begun on the loop's thread, a transaction's statement not marked
+    brief, a brief one of more than a few rows, or any once the process is
+    no longer lone, goes to aiosqlite's thread (the transaction's lock
+    held, it waits for nothing there either); the transaction is one all
+    the same, and commits."""
+    engine = await _engine_noting_threads(tmp_path / "mixed.db")
+    maker = db.create_sessionmaker(engine)
+    loop_thread = threading.get_ident()
+    many = [{"label": f"many {n}"} for n in range(sqlite_driver.LOOP_COMMIT_MOST_ROWS + 1)]
+    try:
+        await _threads(engine)
+        hops = _counting_hops(monkeypatch)
+        async with maker() as session, session.begin():
+            await session.execute(_BRIEF_READ)  # begun here
+            await session.execute(_NOTE, {"label": "not brief"})
+            await session.execute(_BRIEF_NOTE, many)
+            await session.execute(_BRIEF_NOTE, {"label": "brief"})
+            monkeypatch.setattr(ACTIVITY, "requests", 2)
+            await session.execute(_BRIEF_NOTE, {"label": "busier"})
+        assert hops == ["_run", "_run", "_run", "_commit"]
+        stored = await _threads(engine)
+        assert stored.pop("brief") == loop_thread
+        assert len(stored) == len(many) + 2 and loop_thread not in stored.values()
+    finally:
+        await engine.dispose()
+
+
+async def test_a_failing_statement_of_a_transaction_begun_on_the_loop_is_rolled_back_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A brief statement that breaks a constraint in a transaction begun on
+    the loop's thread raises SQLAlchemy's error for it; the rollback runs
+    there too (no hop), nothing of the transaction is stored, the write
+    lock is free, and the next transaction goes through."""
+    path = tmp_path / "failing.db"
+    engine = await _engine_noting_threads(path)
+    maker = db.create_sessionmaker(engine)
+    try:
+        await sqlite_groups.commit_collected(engine, [_noted("a")])
+        hops = _counting_hops(monkeypatch)
+        with pytest.raises(IntegrityError):
+            async with maker() as session, session.begin():
+                await session.execute(_BRIEF_READ)
+                await session.execute(_BRIEF_NOTE, {"label": "b"})
+                await session.execute(_BRIEF_NOTE, {"label": "a"})
+        assert hops == []
+        assert _write_lock_is_free(str(path))
+        async with maker() as session, session.begin():
+            await session.execute(_BRIEF_READ)
+            await session.execute(_BRIEF_NOTE, {"label": "c"})
+        assert sorted(await _threads(engine)) == ["a", "c"]
+    finally:
+        await engine.dispose()
+
+
+async def test_a_transaction_that_reads_briefly_first_and_finds_another_processs_lock_waits_on_aiosqlites_thread(
+    tmp_path: Path,
+) -> None:
+    """Another process holds SQLite's write lock: the BEGIN IMMEDIATE of a
+    lone transaction's brief first statement is answered "busy" at once on
+    the loop's thread, and the statement goes to aiosqlite's thread with
+    it, waiting there while the loop turns; once the lock is freed it
+    runs, and the transaction commits. The busy timeout is the
+    connection's own afterwards."""
+    path = tmp_path / "busy_read.db"
+    engine = await _engine_noting_threads(path)
+    maker = db.create_sessionmaker(engine)
+    loop_thread = threading.get_ident()
+    read_on: list[int] = []
+
+    async def reading_then_writing() -> None:
+        async with maker() as session, session.begin():
+            read_on.append((await session.execute(_BRIEF_READ)).scalar_one())
+            await session.execute(_BRIEF_NOTE, {"label": "waited"})
+
+    try:
+        await _threads(engine)
+        holder = sqlite3.connect(path, isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            started = time.monotonic()
+            writing = asyncio.create_task(reading_then_writing())
+            for _ in range(50):  # the loop turns while the transaction waits
+                await asyncio.sleep(0.001)
+            assert time.monotonic() - started < 5, "the loop waited for the lock"
+            assert not writing.done() and read_on == []
+            holder.execute("ROLLBACK")
+            async with asyncio.timeout(10):
+                await writing
+        finally:
+            holder.close()
+        assert read_on[0] != loop_thread
+        assert (await _threads(engine))["waited"] != loop_thread
+        async with engine.connect() as connection:
+            timeout = (await connection.exec_driver_sql("PRAGMA busy_timeout")).scalar()
+        assert timeout == db.SQLITE_BUSY_TIMEOUT_MS
+    finally:
+        await engine.dispose()
