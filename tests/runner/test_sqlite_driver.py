@@ -179,13 +179,8 @@ async def test_a_held_back_write_hands_back_its_rows_and_can_insist_on_its_rowco
         await session.execute(text("DROP TABLE t"))
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-async def test_a_savepoint_goes_with_the_statement_it_guards(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SAVEPOINT and RELEASE wait for the next statement: a nested
-    transaction around one INSERT costs no hop of its own, and one whose
-    INSERT fails still rolls back to its savepoint alone."""
-    async with runtime.transaction() as session:
-        await session.execute(text("CREATE TABLE t (n INTEGER PRIMARY KEY)"))
+def _counting_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The jobs sent to aiosqlite's thread from now on, by function name."""
     hops: list[str] = []
     original = aiosqlite.Connection._execute
 
@@ -194,6 +189,17 @@ async def test_a_savepoint_goes_with_the_statement_it_guards(runtime: Runtime, m
         return await original(self, fn, *args, **kwargs)
 
     monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+    return hops
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_savepoint_goes_with_the_statement_it_guards(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SAVEPOINT and RELEASE wait for the next statement: a nested
+    transaction around one INSERT costs no hop of its own, and one whose
+    INSERT fails still rolls back to its savepoint alone."""
+    async with runtime.transaction() as session:
+        await session.execute(text("CREATE TABLE t (n INTEGER PRIMARY KEY)"))
+    hops = _counting_hops(monkeypatch)
     insert = text("INSERT INTO t (n) VALUES (:n)")
     async with runtime.transaction() as session, session.begin_nested():
         await session.execute(insert, {"n": 1})
@@ -422,19 +428,6 @@ async def test_lone_commits_leave_the_wal_checkpoints_to_aiosqlites_thread_and_b
         assert frames < 150, f"{frames:.0f} frames in the WAL"
     finally:
         await engine.dispose()
-
-
-def _counting_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The jobs sent to aiosqlite's thread from now on, by function name."""
-    hops: list[str] = []
-    original = aiosqlite.Connection._execute
-
-    async def counted(self: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        hops.append(fn.__name__)
-        return await original(self, fn, *args, **kwargs)
-
-    monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
-    return hops
 
 
 _NOTE = text("INSERT INTO t VALUES (:label, thread_ident(), NULL)")
