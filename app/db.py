@@ -1019,6 +1019,24 @@ class Sending:
 _SENDING: contextvars.ContextVar[Sending | None] = contextvars.ContextVar("sending", default=None)
 
 
+async def brief_on_sqlite(session: AsyncSession) -> None:
+    """Mark every statement of ``session``'s SQLite transaction brief
+    (BRIEF, on its connection): for a unit of work whose statements are all
+    index lookups and writes of a few rows (submit_tool_outputs), so that a
+    lone process runs it on the event loop's thread (issue 17). Called
+    before its first statement, it connects the session as that statement
+    would; a session connected already (a caller read first) is left as it
+    is, unmarked. Nothing on PostgreSQL."""
+    bind = session.sync_session.bind
+    if not isinstance(bind, Engine) or bind.dialect.name != "sqlite":
+        return
+    transaction = session.sync_session.get_transaction()
+    # (Its connections: SQLAlchemy's own attribute, the version pinned in
+    # pyproject.toml. Marked once connected, SQLAlchemy would warn and ignore it.)
+    if transaction is None or not transaction._connections:
+        await session.connection(execution_options=BRIEF)
+
+
 def sending_now() -> None:
     """Called by a watched() unit of work once it holds its connection, with
     nothing to await before its statement goes (run_log.append's

@@ -173,6 +173,37 @@ async def poll_on(client: Client, assistant_id: str, model: str, thread_id: str)
     return Sample(time.perf_counter() - started, polls, time.monotonic())
 
 
+# The function tool_poll_once's runs offer (the offline model calls it when told to).
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+async def tool_poll_once(client: Client, assistant_id: str, model: str, text: str) -> Sample:
+    """A function call answered as the SDK's ``submit_tool_outputs_and_poll``
+    does it. Untimed first: a new thread and run, told to call a function
+    (the offline model only: ``[[call get_weather]]``), polled until it waits
+    in ``requires_action``. Timed: the outputs' POST, then the polls until
+    the run has completed (its answer read from the tool's output)."""
+    body = {**_run_body(model, f"{text} [[call get_weather]]", False), "assistant_id": assistant_id}
+    body["tools"] = [WEATHER_TOOL]
+    _, data = await client.call("POST", "/v1/threads/runs", body)
+    run = json.loads(data)
+    path = f"/v1/threads/{run['thread_id']}/runs/{run['id']}"
+    while run["status"] != "requires_action":
+        if run["status"] in TERMINAL:
+            raise base.HTTPError(f"run ended {run['status']} before its call: {run.get('last_error')}")
+        await asyncio.sleep(0.001)
+        _, data = await client.call("GET", path)
+        run = json.loads(data)
+    outputs = [
+        {"tool_call_id": call["id"], "output": "sunny"}
+        for call in run["required_action"]["submit_tool_outputs"]["tool_calls"]
+    ]
+    started = time.perf_counter()
+    _, data = await client.call("POST", f"{path}/submit_tool_outputs", {"tool_outputs": outputs})
+    polls, _run = await _polled(client, json.loads(data))
+    return Sample(time.perf_counter() - started, polls, time.monotonic())
+
+
 def _completed(data: bytes) -> None:
     if b"event: thread.run.completed" not in data:
         raise base.HTTPError(f"stream did not complete: {data[-300:]!r}")

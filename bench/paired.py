@@ -52,6 +52,7 @@ ONCE = {
     "poll": overhead.poll_once,
     "thread-stream": overhead.stream_on_thread_once,
     "thread-poll": overhead.poll_on_thread_once,
+    "tool-poll": overhead.tool_poll_once,  # --path offline: submit_tool_outputs and its polls
 }
 
 

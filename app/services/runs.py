@@ -18,7 +18,7 @@ from sqlalchemy import Insert, Row, Table, bindparam, inspect, select, true
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from app import errors, ids, orm
+from app import db, errors, ids, orm
 from app.services import (
     core_rows,
     messages,
@@ -499,6 +499,9 @@ def _lease_is_live(run: orm.Run) -> bool:
 
 async def cancel(session: AsyncSession, project: Project, thread_id: str, run_id: str) -> tuple[Run, list[Event]]:
     """Returns the run as the client sees it (``cancelling``) and the events."""
+    # The run, and (closed out here) its steps and messages, by index: brief
+    # (a lone process's SQLite transaction then runs on the event loop's thread).
+    await db.brief_on_sqlite(session)
 
     async def rule(run: orm.Run) -> tuple[Run, list[Event]]:
         if run.status not in run_state.CANCELLABLE:
@@ -523,6 +526,10 @@ async def submit_tool_outputs(
     session: AsyncSession, project: Project, thread_id: str, run_id: str, body: SubmitToolOutputs
 ) -> tuple[orm.Run, list[Event]]:
     outputs = {item.tool_call_id: _output_text(item.output) for item in body.tool_outputs}
+    # Its statements read and write the run, its waiting steps and its
+    # events by index, a few rows each: brief (a lone process's SQLite
+    # transaction then runs on the event loop's thread, no hop).
+    await db.brief_on_sqlite(session)
 
     async def rule(run: orm.Run) -> tuple[orm.Run, list[Event]]:
         status = run.status

@@ -84,6 +84,27 @@ async def test_the_process_counts_itself_lone_again_once_its_requests_and_runs_h
     await until(lambda: (ACTIVITY.requests, ACTIVITY.runs) == (0, 0), "the counts back at zero", deadline=10)
 
 
+def _hops_of_this_task(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the jobs the calling task sends to aiosqlite's thread
+    (the in-process transport runs the SDK's request in the caller's task;
+    the worker's, in tasks of its own, are left out). Every lone
+    transaction on the loop's thread: not every ninth one on aiosqlite's,
+    for its WAL checkpoint (sqlite_driver), which would make these counts
+    depend on what the connection did before."""
+    monkeypatch.setattr(sqlite_driver, "_LOOP_COMMITS_BETWEEN_THREAD_COMMITS", 10**9)
+    caller = asyncio.current_task()
+    sent: list[str] = []
+    hop = aiosqlite.Connection._execute
+
+    async def noting(self: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if asyncio.current_task() is caller:
+            sent.append(repr(args))
+        return await hop(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", noting)
+    return sent
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_lone_processs_creates_on_a_thread_send_nothing_to_sqlites_thread(
     client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
@@ -93,25 +114,79 @@ async def test_a_lone_processs_creates_on_a_thread_send_nothing_to_sqlites_threa
     owner and live run: a brief statement, db.BRIEF) before it writes; in a
     lone process that read, its writes and its COMMIT all run on the event
     loop's thread (issue 17: sqlite_driver's BRIEF), none of it sent to
-    aiosqlite's thread, and the run completes as usual."""
+    aiosqlite's thread, and the run completes as usual. (After a first
+    run, whose create reads the assistant's defaults, on a reader of its
+    own, and remembers them.)"""
     assistant_id = await _assistant(client)
+    first = await client.beta.threads.create_and_run_poll(assistant_id=assistant_id, thread={})  # type: ignore[arg-type]
+    assert first.status == "completed"
     thread = await client.beta.threads.create()
     await until(lambda: (ACTIVITY.requests, ACTIVITY.runs) == (0, 0), "the process lone", deadline=10)
-    sent: list[str] = []
-    hop = aiosqlite.Connection._execute
-
-    async def noting(self: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        sent.append(repr(args))
-        return await hop(self, fn, *args, **kwargs)
-
-    monkeypatch.setattr(aiosqlite.Connection, "_execute", noting)
+    sent = _hops_of_this_task(monkeypatch)
     await client.beta.threads.messages.create(thread.id, role="user", content="Hello there")
-    run = await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id)
+    assert sent == []
+    run = await client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id)
+    assert sent == []
+    run = await client.beta.threads.runs.poll(run.id, thread_id=thread.id)
     assert run.status == "completed"
-    assert not [job for job in sent if "SELECT threads.project_id" in job or "INSERT INTO messages" in job]
-    assert not [job for job in sent if "INSERT INTO runs" in job]
     listed = await client.beta.threads.messages.list(thread.id, order="asc")
     assert [message.role for message in listed.data] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_lone_processs_submit_tool_outputs_sends_nothing_to_sqlites_thread(
+    client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A function call's answer, one client: submit_tool_outputs's
+    transaction (the run, its waiting steps and its events, each by index:
+    db.brief_on_sqlite) runs on the event loop's thread in a lone process
+    (issue 17), nothing of it sent to aiosqlite's thread, and the run then
+    completes with the output."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    assistant_id = await _assistant(client, tools=tools)
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "Weather? [[call get_weather]]"}])
+    run = await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id)
+    assert run.status == "requires_action" and run.required_action is not None
+    call = run.required_action.submit_tool_outputs.tool_calls[0]
+    await until(lambda: (ACTIVITY.requests, ACTIVITY.runs) == (0, 0), "the process lone", deadline=10)
+    sent = _hops_of_this_task(monkeypatch)
+    run = await client.beta.threads.runs.submit_tool_outputs(
+        run.id, thread_id=thread.id, tool_outputs=[{"tool_call_id": call.id, "output": "sunny"}]
+    )
+    assert run.status == "queued"
+    assert sent == []
+    run = await client.beta.threads.runs.poll(run.id, thread_id=thread.id)
+    assert run.status == "completed"
+    steps = await client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc")
+    details = steps.data[0].step_details
+    assert details.type == "tool_calls" and details.tool_calls[0].function.output == "sunny"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("queued", [True, False], ids=["queued", "in progress"])
+async def test_a_lone_processs_cancel_sends_nothing_to_sqlites_thread(
+    client: openai.AsyncOpenAI, app: FastAPI, monkeypatch: pytest.MonkeyPatch, queued: bool
+) -> None:
+    """A cancel, one client: its transaction (the run and, for a run nobody
+    executes, its steps and messages closed out, each by index:
+    db.brief_on_sqlite) runs on the event loop's thread in a lone process
+    (issue 17), nothing of it sent to aiosqlite's thread; the run ends
+    cancelled, whether it was still queued or being answered."""
+    assistant_id = await _assistant(client)
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "[[delay 200]] slow answer"}])
+    runtime = app.state.runtime
+    if queued:
+        monkeypatch.setattr(runtime, "worker", None)  # nobody to execute it: the cancel closes it out itself
+        monkeypatch.setattr(runtime, "wake", lambda **_: None)
+    run = await client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id)
+    await until(lambda: ACTIVITY.requests == 0 and ACTIVITY.runs <= 1, "the process lone", deadline=10)
+    sent = _hops_of_this_task(monkeypatch)
+    cancelled = await client.beta.threads.runs.cancel(run.id, thread_id=thread.id)
+    assert cancelled.status in ("cancelling", "cancelled")
+    assert sent == []
+    monkeypatch.undo()
+    run = await client.beta.threads.runs.poll(run.id, thread_id=thread.id)
+    assert run.status == "cancelled"
 
 
 async def test_thread_and_run_takes_an_assistant_as_it_is_now(client: openai.AsyncOpenAI, app: FastAPI) -> None:
