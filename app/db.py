@@ -1022,7 +1022,7 @@ _SENDING: contextvars.ContextVar[Sending | None] = contextvars.ContextVar("sendi
 async def brief_on_sqlite(session: AsyncSession) -> None:
     """Mark every statement of ``session``'s SQLite transaction brief
     (BRIEF, on its connection): for a unit of work whose statements are all
-    index lookups and writes of a few rows (submit_tool_outputs), so that a
+    index lookups and writes of a few rows (submit_tool_outputs, a cancel), so that a
     lone process runs it on the event loop's thread (issue 17). Called
     before its first statement, it connects the session as that statement
     would; a session connected already (a caller read first) is left as it
