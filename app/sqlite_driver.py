@@ -188,10 +188,10 @@ def _commit_on_loop(
     thread. False if another process holds SQLite's write lock: nothing has
     run (_begun_on_loop), and the caller sends the same job to the thread,
     which waits under the timeout. ``settings``: the connection's own busy
-    timeout and checkpoint threshold (_committed_on_loop)."""
+    timeout and checkpoint threshold (_commit_begun_on_loop)."""
     if not _begun_on_loop(connection, begin, settings):
         return False
-    _committed_on_loop(connection, earlier, settings)
+    _commit_begun_on_loop(connection, earlier, settings)
     return True
 
 
@@ -215,7 +215,7 @@ def _begun_on_loop(connection: sqlite3.Connection, begin: str, settings: tuple[i
     return True
 
 
-def _committed_on_loop(connection: sqlite3.Connection, earlier: list[Statement], settings: tuple[int, int]) -> None:
+def _commit_begun_on_loop(connection: sqlite3.Connection, earlier: list[Statement], settings: tuple[int, int]) -> None:
     """On the event loop's thread, in a transaction begun there
     (_begun_on_loop, which holds the write lock: nothing here waits for
     another connection): ``earlier``, COMMIT, rolled back here on failure
@@ -584,11 +584,7 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
             not COMMITS_ON_LOOP
             or begin not in _IMMEDIATE_BEGINS
             or self.inline_wait_ms is not None
-            # Something sent to the thread still runs there (a hop cancelled
-            # midway invalidates its connection instead: held_back.sent).
-            or self._execute_mutex.locked()
-            or not ACTIVITY.lone()
-            or _rows(earlier) > LOOP_COMMIT_MOST_ROWS
+            or not self._stays_here(earlier)
         ):
             return False
         if self.loop_commits >= _LOOP_COMMITS_BETWEEN_THREAD_COMMITS:
@@ -602,11 +598,12 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         return _commit_on_loop(self._sqlite(), begin, earlier, self._settings())
 
     def _stays_here(self, statements: list[Statement]) -> bool:
-        """Whether ``statements`` of a transaction begun on the loop's
-        thread (``on_loop``) run there too: small, nothing in flight on the
-        connection's thread, the process still lone. Else they go to the
-        thread, as any transaction's (its lock held: they wait for nothing
-        there either)."""
+        """Whether ``statements`` may run on the loop's thread: small,
+        nothing in flight on the connection's thread (a hop cancelled midway
+        invalidates its connection instead: held_back.sent), the process
+        lone. For a transaction begun there (``on_loop``), else they go to
+        the thread, as any transaction's (its lock held: they wait for
+        nothing there either); _commits_here() asks it of a BEGIN's."""
         return not self._execute_mutex.locked() and ACTIVITY.lone() and _rows(statements) <= LOOP_COMMIT_MOST_ROWS
 
     def _sqlite(self) -> sqlite3.Connection:
@@ -726,7 +723,7 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
             sqlite, begin, earlier = job
             if began_on_loop and self._stays_here(earlier):
                 # (A failure is left to the caller's rollback, as below.)
-                _committed_on_loop(sqlite, earlier, self._settings())
+                _commit_begun_on_loop(sqlite, earlier, self._settings())
                 self._ended()
                 return
             if self._commits_here(begin, earlier) and self._committed_on_loop(begin, earlier):  # type: ignore[arg-type]
