@@ -183,6 +183,14 @@ async def tool_poll_once(client: Client, assistant_id: str, model: str, text: st
     (the offline model only: ``[[call get_weather]]``), polled until it waits
     in ``requires_action``. Timed: the outputs' POST, then the polls until
     the run has completed (its answer read from the tool's output)."""
+    run = await waiting_for_call(client, assistant_id, model, text)
+    started = time.perf_counter()
+    polls = await answer_call(client, run)
+    return Sample(time.perf_counter() - started, polls, time.monotonic())
+
+
+async def waiting_for_call(client: Client, assistant_id: str, model: str, text: str) -> dict[str, Any]:
+    """A new thread and run told to call a function, once it waits in ``requires_action``."""
     body = {**_run_body(model, f"{text} [[call get_weather]]", False), "assistant_id": assistant_id}
     body["tools"] = [WEATHER_TOOL]
     _, data = await client.call("POST", "/v1/threads/runs", body)
@@ -194,14 +202,20 @@ async def tool_poll_once(client: Client, assistant_id: str, model: str, text: st
         await asyncio.sleep(0.001)
         _, data = await client.call("GET", path)
         run = json.loads(data)
+    return run
+
+
+async def answer_call(client: Client, run: dict[str, Any]) -> int:
+    """``run``'s function calls answered (``submit_tool_outputs``), then its
+    polls until it has completed: how many polls."""
+    path = f"/v1/threads/{run['thread_id']}/runs/{run['id']}"
     outputs = [
         {"tool_call_id": call["id"], "output": "sunny"}
         for call in run["required_action"]["submit_tool_outputs"]["tool_calls"]
     ]
-    started = time.perf_counter()
     _, data = await client.call("POST", f"{path}/submit_tool_outputs", {"tool_outputs": outputs})
     polls, _run = await _polled(client, json.loads(data))
-    return Sample(time.perf_counter() - started, polls, time.monotonic())
+    return polls
 
 
 def _completed(data: bytes) -> None:

@@ -12,6 +12,7 @@ the step before (both per run), and how many times the step happened per run.
     .venv/bin/python bench/run_timeline.py --db sqlite --mode stream --runs 300
     .venv/bin/python bench/run_timeline.py --db postgres --mode poll --runs 300
     .venv/bin/python bench/run_timeline.py --db sqlite --mode thread-poll --runs 300  # a run on a thread
+    .venv/bin/python bench/run_timeline.py --db sqlite --mode tool --runs 300  # a function call's answer
     .venv/bin/python bench/run_timeline.py --db sqlite --path direct --runs 300  # a direct route to the stub
     .venv/bin/python bench/run_timeline.py --path direct --profile /tmp/direct.prof  # the server under cProfile
 
@@ -115,6 +116,13 @@ def serve_traced(out: str, argv: list[str], profile: str | None = None) -> int:
     notes: list[Note] = []
     note = _noting(notes)
     _wrap(api_runs, "_queue_run", "create (parsed > committed <)", note)
+    from app.services import run_state, run_steps
+    from app.services import runs as service_runs
+
+    # (--mode tool: the submit's own steps)
+    _wrap(service_runs, "submit_tool_outputs", "submit: its service call", note)
+    _wrap(run_steps, "in_progress", "run_steps.in_progress read", note)
+    _wrap(run_state, "transition", "run_state.transition", note)
     _wrap(worker.Worker, "tick", "worker tick", note)
     _wrap(run_execution, "claim_runs", "claim statement", note)
     _wrap(execute.RunExecution, "_finish_at_once", "answer at once", note)
@@ -175,7 +183,11 @@ async def _drive(
     spans = []
     try:
         for index in range(count + 20):
-            if mode.startswith("thread-"):  # the thread and its message first, outside the span
+            if mode == "tool":  # a run waiting for its function's output first, outside the span
+                waiting = await overhead.waiting_for_call(client, assistant, model, "hello there")
+                started = time.perf_counter()
+                await overhead.answer_call(client, waiting)
+            elif mode.startswith("thread-"):  # the thread and its message first, outside the span
                 thread_id = await overhead.thread_with(client, "hello there")
                 started = time.perf_counter()
                 await on_thread(client, assistant, model, thread_id)
@@ -236,9 +248,10 @@ def main() -> None:
     parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument(
         "--mode",
-        choices=["stream", "poll", "thread-stream", "thread-poll"],
+        choices=["stream", "poll", "thread-stream", "thread-poll", "tool"],
         default="stream",
-        help="thread-*: a run on a thread made first (POST /threads/{id}/runs), the thread outside the timeline",
+        help="thread-*: a run on a thread made first (POST /threads/{id}/runs), the thread outside the timeline;"
+        " tool: a function call's answer (submit_tool_outputs and its polls; the run to it outside the timeline)",
     )
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--path", choices=["offline", "direct"], default="offline")

@@ -1,8 +1,10 @@
 """The run routes every SDK client calls on every run, served without
 FastAPI's per-request machinery (issue 17).
 
-``POST /threads/runs``, ``POST /threads/{thread_id}/runs`` and ``GET
-/threads/{thread_id}/runs/{run_id}`` (the SDK's poll) are declared in
+``POST /threads/runs``, ``POST /threads/{thread_id}/runs``, ``GET
+/threads/{thread_id}/runs/{run_id}`` (the SDK's poll) and ``POST
+/threads/{thread_id}/runs/{run_id}/submit_tool_outputs`` (a function call's
+answer, the Assistants API's other common round) are declared in
 api/runs.py as ordinary FastAPI routes: that is what the OpenAPI document
 lists, and what answers every request this module does not. In front of
 them, as the application router's first route, ``HotRoute`` matches the
@@ -89,6 +91,10 @@ def _retrieve(scope: Scope, path: dict[str, str], _body: Any) -> dict[str, Any]:
     }
 
 
+def _submit(_scope: Scope, path: dict[str, str], body: Any) -> dict[str, Any]:
+    return {"thread_id": path["thread_id"], "run_id": path["run_id"], "body": body}
+
+
 _DEPENDS = ("Depends get_runtime", "Depends get_project")
 _HOT: tuple[_Hot, ...] = (
     _Hot(
@@ -117,6 +123,17 @@ _HOT: tuple[_Hot, ...] = (
             "Path thread_id: <class 'str'> = PydanticUndefined",
             "Path run_id: <class 'str'> = PydanticUndefined",
             "Header x-stainless-poll-helper: str | None = None",
+        ),
+    ),
+    _Hot(
+        "POST",
+        runs.submit_tool_outputs,
+        _submit,
+        (
+            *_DEPENDS,
+            "Path thread_id: <class 'str'> = PydanticUndefined",
+            "Path run_id: <class 'str'> = PydanticUndefined",
+            "Body body: <class 'app.wire.runs.SubmitToolOutputs'>",
         ),
     ),
 )

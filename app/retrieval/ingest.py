@@ -22,7 +22,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Float, Integer, bindparam, or_, select, update
 
 from app import orm
 from app.retrieval import chunking, embed, index, parse
@@ -32,6 +32,29 @@ log = logging.getLogger("app.ingest")
 
 # OpenAI's per-file limit.
 MAX_FILE_TOKENS = 5_000_000
+
+_FILES = orm.VectorStoreFile
+# A file waiting for ingestion whose lease is free; bound: ``now``.
+_CLAIMABLE = (_FILES.status == "in_progress") & or_(
+    _FILES.lease_expires_at.is_(None), _FILES.lease_expires_at < bindparam("now", type_=Float)
+)
+# The worker's ingestion claim, built once (issue 17: built on each claim,
+# once per poll interval, its statements cost more loop time than their
+# execution): the oldest claimable files (bound: ``limit``), then each one's
+# lease taken under the same condition.
+_CANDIDATES = (
+    select(_FILES.vector_store_id, _FILES.file_id)
+    .where(_CLAIMABLE)
+    .order_by(_FILES.created_at)
+    .limit(bindparam("limit", type_=Integer))
+    .with_for_update(skip_locked=True)
+)
+_CLAIM = (
+    update(_FILES)
+    .where(_FILES.vector_store_id == bindparam("store_id"), _FILES.file_id == bindparam("claimed_file_id"), _CLAIMABLE)
+    .values(lease_owner=bindparam("owner"), lease_expires_at=bindparam("lease_until", type_=Float))
+    .execution_options(synchronize_session=False)
+)
 Key = tuple[str, str]  # (vector_store_id, file_id)
 
 
@@ -91,29 +114,20 @@ class Ingestion:
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         self.tasks.clear()
 
-    def _claimable(self, now: float) -> Any:
-        table = orm.VectorStoreFile
-        return (table.status == "in_progress") & or_(table.lease_expires_at.is_(None), table.lease_expires_at < now)
-
     async def claim(self, limit: int) -> list[Key]:
-        table = orm.VectorStoreFile
         now = time.time()
-        candidates = (
-            select(table.vector_store_id, table.file_id)
-            .where(self._claimable(now))
-            .order_by(table.created_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
         claimed: list[Key] = []
         async with self.runtime.transaction() as session:
-            for store_id, file_id in (await session.execute(candidates)).all():
-                result = await session.execute(
-                    update(table)
-                    .where(table.vector_store_id == store_id, table.file_id == file_id, self._claimable(now))
-                    .values(lease_owner=self.owner, lease_expires_at=now + self.lease_seconds)
-                    .execution_options(synchronize_session=False)
-                )
+            candidates = await session.execute(_CANDIDATES, {"now": now, "limit": limit})
+            for store_id, file_id in candidates.all():
+                parameters = {
+                    "store_id": store_id,
+                    "claimed_file_id": file_id,
+                    "now": now,
+                    "owner": self.owner,
+                    "lease_until": now + self.lease_seconds,
+                }
+                result = await session.execute(_CLAIM, parameters)
                 if getattr(result, "rowcount", 0):
                     claimed.append((store_id, file_id))
         return claimed

@@ -558,27 +558,41 @@ class ReapCandidates:
     overdue: list[orm.Run]
 
 
+def _reap_query(*conditions: ColumnElement[bool]) -> Select[orm.Run]:
+    return select(orm.Run).where(*conditions).order_by(orm.Run.seq).with_for_update(skip_locked=True)
+
+
+# The reaper's three reads, built once (issue 17: built on each of the
+# worker's reaps, several a second, their comparisons cost more loop time
+# than their execution); bound: ``now`` and ``now_seconds`` (its whole
+# seconds, expires_at's unit).
+_NOW = bindparam("now", type_=Float)
+_DEADLINE_PASSED = and_(orm.Run.expires_at.is_not(None), orm.Run.expires_at <= bindparam("now_seconds", type_=Integer))
+_ABANDONED_CANCELS = _reap_query(orm.Run.status == "cancelling", _lease_free(_NOW))
+_UNRESUMABLE = _reap_query(orm.Run.status == "in_progress", _lease_free(_NOW), _DEADLINE_PASSED)
+_OVERDUE = _reap_query(
+    _DEADLINE_PASSED,
+    or_(
+        orm.Run.status == "requires_action",
+        # a queued run just claimed is left to its executor, which starts
+        # it or finds it expired; an executing one is stopped here
+        and_(orm.Run.status == "queued", _lease_free(_NOW)),
+        and_(orm.Run.status == "in_progress", orm.Run.lease_expires_at >= _NOW),
+    ),
+)
+
+
 async def reap_candidates(session: AsyncSession) -> ReapCandidates:
     now = time.time()
-    deadline_passed = and_(orm.Run.expires_at.is_not(None), orm.Run.expires_at <= int(now))
+    params = {"now": now, "now_seconds": int(now)}
 
-    async def rows(*conditions: ColumnElement[bool]) -> list[orm.Run]:
-        query = select(orm.Run).where(*conditions).order_by(orm.Run.seq).with_for_update(skip_locked=True)
-        return list((await session.scalars(query)).all())
+    async def rows(query: Select[orm.Run]) -> list[orm.Run]:
+        return list((await session.scalars(query, params)).all())
 
     return ReapCandidates(
-        abandoned_cancels=await rows(orm.Run.status == "cancelling", _lease_free(now)),
-        unresumable=await rows(orm.Run.status == "in_progress", _lease_free(now), deadline_passed),
-        overdue=await rows(
-            deadline_passed,
-            or_(
-                orm.Run.status == "requires_action",
-                # a queued run just claimed is left to its executor, which starts
-                # it or finds it expired; an executing one is stopped here
-                and_(orm.Run.status == "queued", _lease_free(now)),
-                and_(orm.Run.status == "in_progress", orm.Run.lease_expires_at >= now),
-            ),
-        ),
+        abandoned_cancels=await rows(_ABANDONED_CANCELS),
+        unresumable=await rows(_UNRESUMABLE),
+        overdue=await rows(_OVERDUE),
     )
 
 

@@ -428,17 +428,27 @@ async def get(session: AsyncSession, project: Project, thread_id: str, run_id: s
     """The run, if its thread is the project's (a run belongs to its thread's project)."""
     require_id("thread_id", thread_id, ids.THREAD)
     require_id("run_id", run_id, ids.RUN)
-    # One query on the polling path; the thread is looked up only to word a miss.
-    query = (
-        select(orm.Run)
-        .join(orm.Thread, orm.Thread.id == orm.Run.thread_id)
-        .where(orm.Run.id == run_id, orm.Run.thread_id == thread_id, orm.Thread.project_id == project.id)
-    )
-    run = (await session.scalars(query)).first()
+    # One query; the thread is looked up only to word a miss.
+    found = await session.scalars(_RUN_IN_PROJECT, {"run_id": run_id, "thread_id": thread_id, "project_id": project.id})
+    run = found.first()
     if run is None:
         await threads.get(session, project, thread_id)
         raise errors.not_found("run", run_id)
     return run
+
+
+# get()'s read, built once with bound parameters as _RUN_ROW below (issue
+# 17: building it per call, its comparisons and their coercions, was half
+# of a submit_tool_outputs' read of its run).
+_RUN_IN_PROJECT = (
+    select(orm.Run)
+    .join(orm.Thread, orm.Thread.id == orm.Run.thread_id)
+    .where(
+        orm.Run.id == bindparam("run_id"),
+        orm.Run.thread_id == bindparam("thread_id"),
+        orm.Thread.project_id == bindparam("project_id"),
+    )
+)
 
 
 # Every column of a run, labelled with its attribute name (``metadata_``),

@@ -1,4 +1,4 @@
-"""The three hot run routes (app/api/hot_routes.py) answer exactly as
+"""The four hot run routes (app/api/hot_routes.py) answer exactly as
 FastAPI's own routes do: every request below is sent twice to the same app,
 once with the hot routes in front and once with them taken out, and the two
 answers must match (status, headers that matter, body; ids aside)."""
@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from app import errors
 from app.api import hot_routes
 from app.api.deps import ProjectDep, RuntimeDep, get_project
-from app.api.runs import create_run, create_thread_and_run, retrieve_run
+from app.api.runs import create_run, create_thread_and_run, retrieve_run, submit_tool_outputs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,7 +33,7 @@ _CREATED = re.compile(rb'"(created_at|expires_at)":\d+')
 def fastapi_only(app: FastAPI) -> Iterator[None]:
     """The app with its hot routes taken out: FastAPI answers everything."""
     hot = [route for route in app.router.routes if isinstance(route, hot_routes.HotRoute)]
-    assert len(hot) == 3
+    assert len(hot) == 4
     app.router.routes[:] = [route for route in app.router.routes if route not in hot]
     try:
         yield
@@ -154,10 +154,84 @@ async def test_retrieve_run_answers_as_fastapi(app: FastAPI, http: httpx2.AsyncC
                 assert hot.headers.get("openai-poll-after-ms") == plain.headers.get("openai-poll-after-ms")
 
 
+async def _waiting_for_its_call(http: httpx2.AsyncClient, assistant_id: str) -> tuple[str, str]:
+    """A new run that called a function: its thread's and its own id, once it waits in requires_action."""
+    body = {
+        "assistant_id": assistant_id,
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+        "thread": {"messages": [{"role": "user", "content": "Weather? [[call get_weather]]"}]},
+    }
+    run = (await http.post("/v1/threads/runs", headers=BETA, json=body)).json()
+    deadline = asyncio.get_running_loop().time() + 10
+    while run["status"] != "requires_action":
+        assert run["status"] in _GOING, run
+        assert asyncio.get_running_loop().time() < deadline, "the run did not call its function"
+        await asyncio.sleep(0.01)
+        run = (await http.get(f"/v1/threads/{run['thread_id']}/runs/{run['id']}", headers=BETA)).json()
+    return run["thread_id"], run["id"]
+
+
+async def test_submit_tool_outputs_answers_as_fastapi(
+    app: FastAPI, http: httpx2.AsyncClient, assistant_id: str
+) -> None:
+    thread_id, run_id = await _waiting_for_its_call(http, assistant_id)
+    call_id = (await http.get(f"/v1/threads/{thread_id}/runs/{run_id}", headers=BETA)).json()["required_action"][
+        "submit_tool_outputs"
+    ]["tool_calls"][0]["id"]
+    good = b'{"tool_outputs": [{"tool_call_id": "' + call_id.encode() + b'", "output": "sunny"}]}'
+    refused = [
+        (JSON, b"not json"),
+        (JSON, b""),
+        (JSON, b"{}"),
+        (JSON, b'{"tool_outputs": 5}'),
+        (JSON, b'{"tool_outputs": [{"tool_call_id": 5}]}'),
+        (JSON, b'{"tool_outputs": []}'),  # the service's own error: not the calls it waits for
+        (JSON, b'{"tool_outputs": [{"tool_call_id": "call_nope", "output": "x"}]}'),
+        (JSON, b'{"tool_outputs": [{"tool_call_id": "\xff\xfe"}]}'),
+        (JSON, good[:-1] + b', "stream": "sure"}'),
+        (BETA, good),  # no content type
+        ({**BETA, "content-type": "text/plain"}, good),
+    ]
+    # None of these moves the run: it still waits for its call's output.
+    for prefix in ("/v1", "/openai", "/openai/v1"):
+        for headers, content in refused:
+            url = f"{prefix}/threads/{thread_id}/runs/{run_id}/submit_tool_outputs"
+            hot, plain = await _both(app, http, "POST", url, headers=headers, content=content)
+            assert _comparable(hot) == _comparable(plain), (prefix, content[:60])
+    for url in (
+        f"/v1/threads/{thread_id}/runs/run_nope/submit_tool_outputs",
+        f"/v1/threads/thread_nope/runs/{run_id}/submit_tool_outputs",
+    ):
+        hot, plain = await _both(app, http, "POST", url, headers=JSON, content=good)
+        assert _comparable(hot) == _comparable(plain), url
+        assert hot.status_code == 404
+    # Accepted: each side answers its own run's call, the run queued again.
+    hot = await http.post(f"/v1/threads/{thread_id}/runs/{run_id}/submit_tool_outputs", headers=JSON, content=good)
+    other_thread, other_run = await _waiting_for_its_call(http, assistant_id)
+    other_call = (await http.get(f"/v1/threads/{other_thread}/runs/{other_run}", headers=BETA)).json()[
+        "required_action"
+    ]["submit_tool_outputs"]["tool_calls"][0]["id"]
+    with fastapi_only(app):
+        plain = await http.post(
+            f"/v1/threads/{other_thread}/runs/{other_run}/submit_tool_outputs",
+            headers=JSON,
+            content=good.replace(call_id.encode(), other_call.encode()),
+        )
+    assert hot.status_code == plain.status_code == 200
+    assert hot.json().keys() == plain.json().keys()
+    assert hot.json()["status"] == plain.json()["status"] == "queued"
+    assert hot.headers["content-type"] == plain.headers["content-type"]
+
+
 async def test_the_hot_routes_are_the_fastapi_routes_endpoints(app: FastAPI, http: httpx2.AsyncClient) -> None:
     """Same endpoint functions, labelled by the same templates in /metrics."""
     hot = [route for route in app.router.routes if isinstance(route, hot_routes.HotRoute)]
-    assert [route.route.endpoint for route in hot] == [create_thread_and_run, create_run, retrieve_run]
+    assert [route.route.endpoint for route in hot] == [
+        create_thread_and_run,
+        create_run,
+        retrieve_run,
+        submit_tool_outputs,
+    ]
     assert app.router.routes[: len(hot)] == hot
     await http.get("/v1/threads/thread_nope/runs/run_nope", headers=BETA)
     metrics = (await http.get("/metrics")).text
