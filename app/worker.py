@@ -269,7 +269,7 @@ class Worker:
                 return False
             committed.set_result(None)  # its statement may go
             return True
-        if not self._handable_now(created):
+        if not self._handable_now(created) and not self._handed_back_now(created):
             return False
         self._start_hand_off(created, None)
         return True
@@ -285,6 +285,12 @@ class Worker:
         return self._calls_out.get(created.id)
 
     def _handable_now(self, created: orm.Run) -> bool:
+        return self._alone_for_this_worker(created) and run_execution.handable(created)
+
+    def _alone_for_this_worker(self, created: orm.Run) -> bool:
+        """hand()'s conditions on the worker: looping, not stopping, no other
+        hand-off or tick under way, no other run reserved since the last
+        claim, and ``created`` reserved for this worker."""
         return not (
             self._stopping
             or not self._looping
@@ -292,7 +298,20 @@ class Worker:
             or self._ticking
             or self._reserved > 1
             or created.lease_owner != run_execution.reserved_for(self.owner)
-            or not run_execution.handable(created)
+        )
+
+    def _handed_back_now(self, created: orm.Run) -> bool:
+        """A run this process's API has just queued again with its tool
+        outputs, reserved for this worker, is handed back to it as a new run
+        is handed (issue 17: no wake, tick or claim statement for a function
+        call's answer), on SQLite (execute.hand_off reads its thread's
+        earlier messages first; PostgreSQL's one-statement hand-off takes
+        only a run never started: there the tick claims it)."""
+        return (
+            not self.runtime.run_log.postgres
+            and created.started_at is not None
+            and created.status == "queued"
+            and self._alone_for_this_worker(created)
         )
 
     def _note_folded_unreleased(self, created: orm.Run) -> None:

@@ -70,8 +70,9 @@ async def _queue_run(
     append the whole transaction: one statement in autocommit, no BEGIN or
     COMMIT (Runtime.unit_of_work; issue 17).
 
-    A run made for ``creator``'s request and answered as JSON is noted for
-    the SDK's poll that follows (poll_hold.note_created). Answered as JSON,
+    A run made (or queued again: submit_tool_outputs) for ``creator``'s
+    request and answered as JSON is noted for the SDK's poll that follows
+    (poll_hold.note_created). Answered as JSON,
     a change whose last event queues the run (a create, submit_tool_outputs)
     answers that event's JSON text, as committed.
     """
@@ -281,10 +282,12 @@ async def cancel_run(thread_id: str, run_id: str, runtime: RuntimeDep, project: 
 async def submit_tool_outputs(
     thread_id: str, run_id: str, body: SubmitToolOutputs, runtime: RuntimeDep, project: ProjectDep
 ) -> Response:
+    reservation = runtime.run_reservation()
     return await _queue_run(
         runtime,
         body.stream,
-        lambda session, _unwritten: runs.submit_tool_outputs(session, project, thread_id, run_id, body),
+        lambda session, _unwritten: runs.submit_tool_outputs(session, project, thread_id, run_id, body, reservation),
+        project,
     )
 
 

@@ -208,6 +208,10 @@ class RunExecution:
         # hand-off's condition, which the instant answer's one statement
         # checks in place of the lease.
         self._handed: run_state.HandedFrom | None = None
+        # SQLite, a run handed back (hand_off): the WAL reader its earlier
+        # messages were read on, whose snapshot its first prompt's reads
+        # share (_first_prompt), rather than begin another.
+        self.prompt_reader: AsyncSession | None = None
 
     async def _load(self) -> orm.Run | None:
         async with self.runtime.transaction() as session:
@@ -855,11 +859,14 @@ class RunExecution:
         budget = self._budget(run)
         has_steps = run.usage is not None
         storage, llm = self.runtime.storage, self.runtime.llm
+        if self.prompt_reader is None:
+            try:
+                return await prompt.build(session, storage, llm, run, budget, has_steps=has_steps)
+            except db.RawSessionConnected:
+                pass
         try:
-            return await prompt.build(session, storage, llm, run, budget, has_steps=has_steps)
-        except db.RawSessionConnected:
-            pass
-        try:
+            if self.prompt_reader is not None:  # (a run handed back has steps: read, not tried on ``session``)
+                return await prompt.build(self.prompt_reader, storage, llm, run, budget, has_steps=has_steps)
             async with self.runtime.reading() as reader:
                 return await prompt.build(reader, storage, llm, run, budget, has_steps=has_steps)
         except DBAPIError as error:
@@ -1587,7 +1594,12 @@ async def hand_off(
     back to the COMMIT with the rest on a raw transaction (otherwise sent
     with the transaction's first statement that connects); an instant answer
     ends the run in it, the whole worker side of the run then one thread
-    hop. A miss (HandOffLost, run_execution: at the COMMIT, or at the
+    hop. A run queued again by its tool outputs (Worker.hand's hand-back,
+    SQLite only) has its earlier messages read first, by a WAL reader on
+    whose snapshot its prompt is read too (a thread longer than the claim's
+    prefetch: HandOffLost, before anything is sent), the compare-and-set
+    requiring them unchanged and the run started (run_execution._HAND_BACK).
+    A miss (HandOffLost, run_execution: at the COMMIT, or at the
     statement that carried it) fails the transaction, rolled back whole,
     and the run is the workers' to claim as any other, as after any other
     failure here. The execution, unless ``finished``, goes on with run().
@@ -1598,12 +1610,37 @@ async def hand_off(
     if runtime.run_log.postgres:
         return await _hand_off_postgres(runtime, owner, created, lease_seconds, builtins, committed)
     assert committed is None, "a hand-off built ahead on PostgreSQL only"
+    if created.started_at is None:
+        return await _hand_off_sqlite(runtime, owner, created, lease_seconds, builtins)
+    # Queued again by its tool outputs (Worker.hand's hand-back): its earlier
+    # messages read first, by a WAL reader, for its prompt and for the
+    # compare-and-set, which requires them unchanged at the COMMIT; its
+    # prompt's other reads (its steps, its messages) on the same snapshot.
+    async with runtime.reading() as reader:
+        if not await run_execution.note_resumed(reader, created):
+            raise run_execution.HandOffLost(f"run {created.id}: its thread is longer than a hand-off takes")
+        return await _hand_off_sqlite(runtime, owner, created, lease_seconds, builtins, reader)
+
+
+async def _hand_off_sqlite(
+    runtime: Runtime,
+    owner: str,
+    created: orm.Run,
+    lease_seconds: float,
+    builtins: dict[str, BuiltinTool],
+    prompt_reader: AsyncSession | None = None,
+) -> RunExecution:
+    """hand_off() on SQLite, its earlier messages noted (run_execution.handable)."""
     execution: RunExecution | None = None
     try:
         async with runtime.claiming() as session:
             run = await run_execution.claim_handed(session, created, owner, lease_seconds)
             execution = RunExecution(runtime, run.id, builtins, owner=owner)
-            await execution.start_claimed(session, run, queued=runs.queued_wire(created))
+            execution.prompt_reader = prompt_reader
+            try:
+                await execution.start_claimed(session, run, queued=runs.queued_wire(created))
+            finally:
+                execution.prompt_reader = None  # (it closes with the caller's block)
     except DBAPIError as error:
         # As claim_and_start: an instant answer the database refused goes
         # the streamed way once claimed again, in transactions of its own.

@@ -377,6 +377,28 @@ def _note(run: orm.Run, messages: list[tuple[int, EarlierMessage]]) -> None:
         _CREATED_EARLIER[run] = _Earlier([message for _seq, message in ordered], seqs)
 
 
+# A resumed run's earlier messages, the thread's last before it, newest
+# first: one more than the prefetch takes, to tell a longer thread.
+_LAST_EARLIER_MESSAGES = (
+    select(orm.Message.seq, orm.Message.role, orm.Message.content)
+    .where(orm.Message.thread_id == bindparam("thread_id"), orm.Message.seq < bindparam("run_seq"))
+    .order_by(orm.Message.seq.desc())
+    .limit(PREFETCH_MOST_MESSAGES + 1)
+)
+
+
+async def note_resumed(reader: AsyncSession, run: orm.Run) -> bool:
+    """note_earlier() for ``run`` queued again by its tool outputs (a
+    hand-back, execute.hand_off: the submit read none of its thread's
+    messages), from ``reader`` (a WAL reader: the hand-off's compare-and-set
+    requires at its COMMIT that they are still these); False, nothing
+    noted, for a thread longer than the claim's prefetch."""
+    params = {"thread_id": run.thread_id, "run_seq": run.seq}
+    rows = (await reader.execute(_LAST_EARLIER_MESSAGES, params)).all()
+    _note(run, [(row.seq, EarlierMessage(row.role, row.content)) for row in rows])  # (not noted: a longer thread)
+    return handable(run)
+
+
 def handable(run: orm.Run) -> bool:
     """Whether ``run`` (as its create made it) may be handed to this
     process's worker with its row: its earlier messages are known."""
@@ -396,10 +418,11 @@ def hand_off_lost(error: BaseException) -> bool:
     return sqlite_driver.raised_within(error, HandOffLost)
 
 
-def _build_hand_off() -> Update:
+def _build_hand_off(*, resumed: bool = False) -> Update:
     """The claim's lease stamp for one run still queued as created: its
     status queued, never started (a run back to queued after its tool
-    outputs has a start time: run_state sets it at the first in_progress),
+    outputs has a start time: run_state sets it at the first in_progress;
+    ``resumed``, such a run, queued again by this process's API: started),
     its lease free or still the reservation (the claim's condition for a
     queued run; not its resumable branch, a run another worker has started
     since), its metadata unchanged since the create
@@ -424,7 +447,7 @@ def _build_hand_off() -> Update:
     return (
         update(runs)
         .where(runs.c.id == bindparam("run_id"), runs.c.status == "queued")
-        .where(run_state.unstarted_and_free("now", "reserved_owner"))
+        .where(run_state.unstarted_and_free("now", "reserved_owner", resumed=resumed))
         .where(func.json(runs.c.metadata) == func.json(held))
         .where(counts.scalar_subquery() == tuple_(held_count, held_count))
         .values(lease_owner=bindparam("owner"), lease_expires_at=bindparam("lease_until", type_=Float))
@@ -435,6 +458,7 @@ _MESSAGES = orm.Message.__table__.c
 
 
 _HAND_OFF = _build_hand_off()
+_HAND_BACK = _build_hand_off(resumed=True)
 # Held back to the COMMIT, which fails whole (HandOffLost) if it changes no row.
 _HAND_OFF_OPTIONS = {**db.WRITE_BEHIND, db.EXPECT_ROWCOUNT: 1, db.ROWCOUNT_MISMATCH: HandOffLost}
 
@@ -461,7 +485,8 @@ async def claim_handed(session: AsyncSession, created: orm.Run, owner: str, leas
         "owner": owner,
         "lease_until": lease_until,
     }
-    await db.write_behind(session, _HAND_OFF, parameters, _HAND_OFF_OPTIONS)
+    statement = _HAND_OFF if created.started_at is None else _HAND_BACK
+    await db.write_behind(session, statement, parameters, _HAND_OFF_OPTIONS)
     return handed_run(created, owner, lease_until)
 
 

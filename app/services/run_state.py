@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -37,6 +37,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
+
+if TYPE_CHECKING:
+    from app.services.run_execution import Reservation
 
 from app import db, errors, ids, orm, sqlite_driver
 from app.services import core_rows, new_rows
@@ -82,16 +85,18 @@ RUNS = cast(Table, orm.Run.__table__)
 _MESSAGES = orm.Message.__table__.c
 
 
-def unstarted_and_free(now_parameter: str, reserved_parameter: str) -> ColumnElement[bool]:
+def unstarted_and_free(now_parameter: str, reserved_parameter: str, *, resumed: bool = False) -> ColumnElement[bool]:
     """A hand-off's condition on the run's own row (an UPDATE of RUNS),
     SQLite's (run_execution._build_hand_off) and PostgreSQL's (_carried's
     ``handed``) alike: never started (a run back to queued after its tool
     outputs has a start time), its lease free at ``now_parameter`` or still
     the reservation ``reserved_parameter`` (the claim's condition for a
-    queued run, not its resumable branch)."""
+    queued run, not its resumable branch). ``resumed``: started instead, a
+    run queued again by its tool outputs (SQLite's hand-back)."""
     lapsed = RUNS.c.lease_expires_at < bindparam(now_parameter, type_=Float)
     reserved = RUNS.c.lease_owner == bindparam(reserved_parameter)
-    return and_(RUNS.c.started_at.is_(None), or_(RUNS.c.lease_expires_at.is_(None), lapsed, reserved))
+    started = RUNS.c.started_at.is_not(None) if resumed else RUNS.c.started_at.is_(None)
+    return and_(started, or_(RUNS.c.lease_expires_at.is_(None), lapsed, reserved))
 
 
 def earlier_unchanged(count_parameter: str, seqs_parameter: str) -> ColumnElement[bool]:
@@ -478,6 +483,7 @@ async def transition(
     lease_owner: str | None = None,
     held: HeldMove | None = None,
     unchanged: bool = False,
+    reservation: Reservation | None = None,
     **fields: Any,
 ) -> str:
     """Move ``run`` to status ``to``; returns the event name to publish.
@@ -500,9 +506,13 @@ async def transition(
     the row the move leaves, as a read would give it; the UPDATE is sent
     with the COMMIT (issue 17: the end of an execution in one thread hop),
     and a miss fails the COMMIT with RunMoved (moved_elsewhere()), the
-    whole transaction rolled back, rather than raise TransitionConflict."""
+    whole transaction rolled back, rather than raise TransitionConflict.
+    ``reservation``: a run moved back to queued is kept for that worker,
+    as a create keeps a new run (run_execution.Reservation)."""
     source = run.status
     values = _values(run, to, fields)
+    if reservation is not None:
+        values.update(lease_owner=reservation.owner, lease_expires_at=reservation.until)
     if held is not None:
         source, values = held.source, {**held.values, **values}
     keys = tuple(values)

@@ -533,8 +533,17 @@ def _pending_call_ids(run: orm.Run) -> list[str]:
 
 
 async def submit_tool_outputs(
-    session: AsyncSession, project: Project, thread_id: str, run_id: str, body: SubmitToolOutputs
+    session: AsyncSession,
+    project: Project,
+    thread_id: str,
+    run_id: str,
+    body: SubmitToolOutputs,
+    reservation: run_execution.Reservation | None = None,
 ) -> tuple[orm.Run, list[Event]]:
+    """The outputs of the calls ``run_id`` waits for: its tool_calls steps
+    completed, the run queued again, kept for ``reservation``'s worker (this
+    process's, as a create keeps a new run: its stream and its polls are
+    answered from this process's bus, a poll with no read of its row)."""
     outputs = {item.tool_call_id: _output_text(item.output) for item in body.tool_outputs}
     # Its statements read and write the run, its waiting steps and its
     # events by index, a few rows each: brief (a lone process's SQLite
@@ -551,7 +560,7 @@ async def submit_tool_outputs(
         given = [output.tool_call_id for output in body.tool_outputs]
         if sorted(given) != sorted(expected) or len(set(given)) != len(given):
             raise errors.invalid(f"Expected tool outputs for call_ids {expected!r}, got {given!r}")
-        queued = Event.of(await run_state.transition(session, run, "queued"), to_wire(run))
+        queued = Event.of(await run_state.transition(session, run, "queued", reservation=reservation), to_wire(run))
         return run, [*await _complete_tool_steps(session, run, outputs), queued]
 
     return await run_state.apply(await get(session, project, thread_id, run_id), rule)

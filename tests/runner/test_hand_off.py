@@ -132,16 +132,21 @@ async def _row(runtime: Runtime, run_id: str) -> orm.Run:
 
 
 def _count_hand_offs(monkeypatch: pytest.MonkeyPatch) -> list[execute.RunExecution]:
-    handed: list[execute.RunExecution] = []
-    original = execute.hand_off
+    return _counted(monkeypatch, "hand_off")
 
-    async def counted(*args: Any, **kwargs: Any) -> execute.RunExecution:
-        execution = await original(*args, **kwargs)
-        handed.append(execution)
-        return execution
 
-    monkeypatch.setattr(execute, "hand_off", counted)
-    return handed
+def _counted(monkeypatch: pytest.MonkeyPatch, name: str) -> list[Any]:
+    """What each call of execute's coroutine function ``name`` returned, from now on."""
+    returned: list[Any] = []
+    original = getattr(execute, name)
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        result = await original(*args, **kwargs)
+        returned.append(result)
+        return result
+
+    monkeypatch.setattr(execute, name, counted)
+    return returned
 
 
 @_ON_SQLITE
