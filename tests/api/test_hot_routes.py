@@ -279,7 +279,7 @@ def test_an_endpoint_whose_header_alias_changes_stops_the_start() -> None:
 async def test_dependency_overrides_apply_to_the_hot_routes(
     app: FastAPI, http: httpx2.AsyncClient, assistant_id: str
 ) -> None:
-    """An override (a test's or an embedding app's) is honoured on the three
+    """An override (a test's or an embedding app's) is honoured on the four
     routes as on every other: the hot routes stand aside while any is set."""
     thread = await _thread(http)
 
@@ -292,10 +292,13 @@ async def test_dependency_overrides_apply_to_the_hot_routes(
             await http.post("/v1/threads/runs", headers=JSON, json={"assistant_id": assistant_id}),
             await http.post(f"/v1/threads/{thread}/runs", headers=JSON, json={"assistant_id": assistant_id}),
             await http.get(f"/v1/threads/{thread}/runs/run_nope", headers=BETA),
+            await http.post(
+                f"/v1/threads/{thread}/runs/run_nope/submit_tool_outputs", headers=JSON, json={"tool_outputs": []}
+            ),
         ]
     finally:
         app.dependency_overrides.clear()
-    assert [answer.status_code for answer in answers] == [403, 403, 403]
+    assert [answer.status_code for answer in answers] == [403, 403, 403, 403]
 
 
 def test_urls_are_built_past_the_hot_routes(app: FastAPI) -> None:
