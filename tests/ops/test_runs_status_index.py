@@ -50,9 +50,10 @@ class _Capture:
     def __init__(self) -> None:
         self.statements: list[tuple[str, list[object]]] = []
 
-    async def scalars(self, query: object) -> _Capture:
+    async def scalars(self, query: object, params: dict[str, object] | None = None) -> _Capture:
         compiled = query.compile(dialect=postgresql.asyncpg.dialect())  # type: ignore[attr-defined]
-        self.statements.append((str(compiled), [compiled.params[name] for name in compiled.positiontup]))
+        values = compiled.construct_params(params or {})
+        self.statements.append((str(compiled), [values[name] for name in compiled.positiontup]))
         return self
 
     def all(self) -> list[object]:
