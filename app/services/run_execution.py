@@ -464,7 +464,8 @@ _HAND_OFF_OPTIONS = {**db.WRITE_BEHIND, db.EXPECT_ROWCOUNT: 1, db.ROWCOUNT_MISMA
 
 
 async def claim_handed(session: AsyncSession, created: orm.Run, owner: str, lease_seconds: float) -> orm.Run:
-    """The claim of one run this process's API has just created, reserved
+    """The claim of one run this process's API has just created (or queued
+    again with its tool outputs: a hand-back, _HAND_BACK), reserved
     for ``owner`` (SQLite): its compare-and-set, held back to the
     transaction's COMMIT (sent first there, before the writes that follow
     it: a miss fails the COMMIT with HandOffLost, the whole transaction
@@ -588,9 +589,9 @@ def _reap_query(*conditions: ColumnElement[bool]) -> Select[orm.Run]:
 
 
 # The reaper's three reads, built once (issue 17: built on each of the
-# worker's reaps, several a second, their comparisons cost more loop time
-# than their execution); bound: ``now`` and ``now_seconds`` (its whole
-# seconds, expires_at's unit).
+# worker's reaps, once a poll interval, they took about 0.8 ms of loop time
+# a reap); bound: ``now`` and ``now_seconds`` (its whole seconds,
+# expires_at's unit).
 _NOW = bindparam("now", type_=Float)
 _DEADLINE_PASSED = and_(orm.Run.expires_at.is_not(None), orm.Run.expires_at <= bindparam("now_seconds", type_=Integer))
 _ABANDONED_CANCELS = _reap_query(orm.Run.status == "cancelling", _lease_free(_NOW))

@@ -38,11 +38,11 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
-if TYPE_CHECKING:
-    from app.services.run_execution import Reservation
-
 from app import db, errors, ids, orm, sqlite_driver
 from app.services import core_rows, new_rows
+
+if TYPE_CHECKING:
+    from app.services.run_execution import Reservation
 
 TERMINAL = frozenset({"cancelled", "failed", "completed", "incomplete", "expired"})
 LIVE = frozenset(orm.LIVE_RUN_STATUSES)

@@ -37,8 +37,8 @@ def new(run: orm.Run, step_type: str, step_details: dict[str, Any]) -> orm.RunSt
 
 
 # A run's steps, in order; built once with a bound run id (issue 17: built
-# per call, the statement cost more loop time than its execution, on every
-# submit_tool_outputs and every prompt of a run with tool calls).
+# per call, building the statement was most of its read's loop time, py-spy,
+# on every submit_tool_outputs and every prompt of a run with tool calls).
 _OF_RUN = select(orm.RunStep).where(orm.RunStep.run_id == bindparam("run_id")).order_by(orm.RunStep.seq)
 _IN_PROGRESS = (
     select(orm.RunStep)
