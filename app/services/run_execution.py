@@ -139,24 +139,26 @@ def _last_messages(dialect: str, where: str) -> str:
     )
 
 
-# SQLite: the last messages of the thread a statement reads from ``threads``
-# (thread_lock.with_column), for a run about to be created on it: its
-# create notes them (note_read) for a hand-off to this process's worker.
-# That transaction holds the write lock, so they are the thread's messages
-# as the run is committed; the hand-off checks that they still are
-# (claim_handed). NULL for a thread longer than the prefetch, whose run is
-# never handed: its messages are counted (an index scan of at most
-# PREFETCH_MOST_MESSAGES + 1 entries), not encoded into one value that
-# note_read would throw away (issue 17: 0.4 ms a create at 40 messages of
-# 2 KB, 2.9 ms at 20 KB).
-_THREAD_IS_SHORT = (
-    "(SELECT count(*) FROM (SELECT 1 FROM messages AS c WHERE c.thread_id = threads.id "  # noqa: S608 (constants)
-    f"LIMIT {PREFETCH_MOST_MESSAGES + 1})) <= {PREFETCH_MOST_MESSAGES}"
-)
-THREAD_LAST_MESSAGES = type_coerce(
-    literal_column(f"CASE WHEN {_THREAD_IS_SHORT} THEN {_last_messages('sqlite', 'm.thread_id = threads.id')} END"),
-    JSON,
-).label("last_messages")
+def thread_last_messages(dialect: str) -> ColumnElement[Any]:
+    """The last messages of the thread a statement reads from ``threads``
+    (thread_lock.with_column, thread_lock.locked_with_column), for a run
+    about to be created on it: its create notes them (note_read) for a
+    hand-off to this process's worker. On SQLite that transaction holds the
+    write lock, so they are the thread's messages as the run is committed;
+    on PostgreSQL the statement that reads them takes the thread's lock and
+    may have waited for it with an older snapshot, so the run's insert
+    requires them unchanged (runs._live_only_if). Either way the hand-off
+    checks that they still are (claim_handed, hand_off_check). NULL for a
+    thread longer than the prefetch, whose run is never handed: its messages
+    are counted (an index scan of at most PREFETCH_MOST_MESSAGES + 1
+    entries), not encoded into one value that note_read would throw away
+    (issue 17: 0.4 ms a create at 40 messages of 2 KB, 2.9 ms at 20 KB)."""
+    short = (
+        "(SELECT count(*) FROM (SELECT 1 FROM messages AS c WHERE c.thread_id = threads.id "  # noqa: S608 (constants)
+        f"LIMIT {PREFETCH_MOST_MESSAGES + 1}) AS counted) <= {PREFETCH_MOST_MESSAGES}"
+    )
+    sql = f"CASE WHEN {short} THEN {_last_messages(dialect, 'm.thread_id = threads.id')} END"
+    return type_coerce(literal_column(sql), JSON).label("last_messages")
 
 
 def _not_executing(dialect: str) -> ColumnElement[bool]:
@@ -357,17 +359,21 @@ def note_earlier(run: orm.Run, messages: Sequence[orm.Message]) -> None:
     _note(run, [(message.seq, EarlierMessage(message.role, message.content)) for message in messages])
 
 
-def note_read(run: orm.Run, read: list[list[Any]] | None, added: Sequence[orm.Message]) -> None:
+def note_read(run: orm.Run, read: list[list[Any]] | None, added: Sequence[orm.Message]) -> list[int] | None:
     """note_earlier() for a run created on an existing thread: the thread's
-    last messages as its create read them (THREAD_LAST_MESSAGES, in the
+    last messages as its create read them (thread_last_messages, in the
     create's transaction), then ``added``, the create's own (its
     additional_messages). Only those before the run count, as its claim's
     prefetch takes them (a message of another process may have a later seq).
-    None read: the thread is longer than the prefetch (not noted)."""
+    Returns the seqs of the read ones noted (what PostgreSQL's insert of
+    the run requires unchanged); None read, the thread longer than the
+    prefetch, nothing is noted and None returned."""
     if read is None or len(read) + len(added) > PREFETCH_MOST_MESSAGES:
-        return  # (before the contents are decoded: a run not handed)
-    known = [*_decoded(read), *((message.seq, EarlierMessage(message.role, message.content)) for message in added)]
+        return None  # (before the contents are decoded: a run not handed)
+    decoded = [(seq, message) for seq, message in _decoded(read) if seq < run.seq]
+    known = [*decoded, *((message.seq, EarlierMessage(message.role, message.content)) for message in added)]
     _note(run, [(seq, message) for seq, message in known if seq < run.seq])
+    return [seq for seq, _message in decoded]
 
 
 def _note(run: orm.Run, messages: list[tuple[int, EarlierMessage]]) -> None:

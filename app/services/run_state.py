@@ -99,16 +99,23 @@ def unstarted_and_free(now_parameter: str, reserved_parameter: str, *, resumed: 
     return and_(started, or_(RUNS.c.lease_expires_at.is_(None), lapsed, reserved))
 
 
-def earlier_unchanged(count_parameter: str, seqs_parameter: str) -> ColumnElement[bool]:
+def earlier_unchanged(
+    count_parameter: str,
+    seqs_parameter: str,
+    thread: ColumnElement[Any] = RUNS.c.thread_id,
+    before: ColumnElement[Any] = RUNS.c.seq,
+) -> ColumnElement[bool]:
     """PostgreSQL's hand-off's condition on the run's thread (an UPDATE of
-    RUNS): its messages before the run still number ``count_parameter``,
+    RUNS; or, given ``thread`` and ``before``, the run's thread and seq, on
+    the thread a new run's insert is about to be made on: runs.create's),
+    its messages before the run still number ``count_parameter``,
     each of them one of the seqs ``seqs_parameter`` (an array), as the
     create noted them (run_execution.note_earlier: one may be deleted
     meanwhile, and another written in its place by a writer outside the
     API, which refuses a message while the run is live), so that its prompt
     is the one a claim's prefetch would give (SQLite's hand-off,
     run_execution._build_hand_off, requires the same)."""
-    earlier = and_(_MESSAGES.thread_id == RUNS.c.thread_id, _MESSAGES.seq < RUNS.c.seq)
+    earlier = and_(_MESSAGES.thread_id == thread, _MESSAGES.seq < before)
     noted = _MESSAGES.seq == any_(bindparam(seqs_parameter, type_=ARRAY(_MESSAGES.seq.type)))
     held_count = bindparam(count_parameter, type_=Integer)
     # Two scalar subqueries (PostgreSQL takes a row subquery only on the

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Insert, Row, Table, bindparam, inspect, select, true
+from sqlalchemy import Insert, Row, Table, and_, bindparam, inspect, select, true
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -229,22 +229,29 @@ async def create(
     # Messages are checked (their files) and may write (a thread's store):
     # not on a thread that has a live run, as before.
     unread = together and not body.additional_messages
-    # SQLite, for this process's worker: the thread's last messages are read
-    # with its live run (no statement more), so that the run may be handed
-    # to the worker with its row (issue 17; run_execution.note_read).
-    handing = reservation is not None and not postgres
-    last_messages = None
-    if unread:
-        await thread_lock.lock_owned_thread(session, project, thread_id)
-    else:
+    # For this process's worker: the thread's last messages are read with
+    # its owner (SQLite: and its live run; PostgreSQL: under the thread's
+    # lock, which the insert's condition then checks them against), no
+    # statement more, so that the run may be handed to the worker with its
+    # row (issue 17; run_execution.note_read). PostgreSQL only where the
+    # insert goes with the events (``together``: its condition).
+    handing = reservation is not None and (together or not postgres)
+    last_messages = live_run = None
+    if postgres:
         if handing:
-            live_run, last_messages = await thread_lock.live_run_and_value_of_owned_thread(
-                session, project, thread_id, _LIVE_RUN_AND_LAST_MESSAGES
-            )
+            last_messages = await thread_lock.lock_owned_thread(session, project, thread_id, _LOCKED_LAST_MESSAGES)
         else:
-            live_run = await thread_lock.live_run_of_owned_thread(session, project, thread_id)
-        if live_run is not None:
-            raise errors.thread_has_active_run(thread_id, live_run)
+            await thread_lock.lock_owned_thread(session, project, thread_id)
+        if not unread:
+            live_run = await thread_lock.live_run(session, thread_id)
+    elif handing:
+        live_run, last_messages = await thread_lock.live_run_and_value_of_owned_thread(
+            session, project, thread_id, _LIVE_RUN_AND_LAST_MESSAGES
+        )
+    else:
+        live_run = await thread_lock.live_run_of_owned_thread(session, project, thread_id)
+    if live_run is not None:
+        raise errors.thread_has_active_run(thread_id, live_run)
     added: list[orm.Message] = []
     # additional_messages come before the run (the executor reads messages older than the run).
     for message in body.additional_messages or []:
@@ -273,7 +280,8 @@ async def create(
         raise
     if together and unwritten is not None:
         unwritten.rows += [*rows, run]
-        unwritten.only_if = _live_only_if(run, body.assistant_id, assistant)
+        read = run_execution.note_read(run, last_messages, added) if handing else None
+        unwritten.only_if = _live_only_if(run, body.assistant_id, assistant, read)
     elif postgres:
         await _insert_live_postgres(session, run, assistant)
     elif assistant is not None:
@@ -288,31 +296,61 @@ async def create(
         await run_defaults.insert_checked(session, run, assistant)
     else:
         await core_rows.insert_row(session, run, write_behind=True)
-    if handing:
+    if handing and not postgres:
         run_execution.note_read(run, last_messages, added)
     return run, _queued_events(run)
 
 
 # SQLite: the thread's owner, its live run and its last messages, one statement.
-_LIVE_RUN_AND_LAST_MESSAGES = thread_lock.with_column(run_execution.THREAD_LAST_MESSAGES)
+_LIVE_RUN_AND_LAST_MESSAGES = thread_lock.with_column(run_execution.thread_last_messages("sqlite"))
+# PostgreSQL: the thread's owner and its last messages, the thread locked.
+_LOCKED_LAST_MESSAGES = thread_lock.locked_with_column(run_execution.thread_last_messages("postgresql"))
 
 
 # PostgreSQL: a new run's rows go in only where the live-run index holds no
 # run of its thread (as _live_insert's ON CONFLICT), and, made from
-# remembered defaults, only while its assistant has them (run_defaults).
+# remembered defaults, only while its assistant has them (run_defaults); a
+# run noted for a hand-off (runs.create's ``read``), only while its
+# thread's messages before it are still those its create read.
 _LIVE_RUN_INDEX = new_rows.Unique(("thread_id",), orm.LIVE_RUN)
+_AS_READ = run_state.earlier_unchanged(
+    "read_count",
+    "read_seqs",
+    thread=bindparam("read_thread_id", type_=orm.Message.__table__.c.thread_id.type),
+    before=bindparam("read_run_seq", type_=orm.Message.__table__.c.seq.type),
+)
 _NO_LIVE_RUN = new_rows.Condition(true(), unless_in=_LIVE_RUN_INDEX)
 _NO_LIVE_RUN_AND_UNCHANGED = new_rows.Condition(run_defaults.UNCHANGED.clause, unless_in=_LIVE_RUN_INDEX)
+_NO_LIVE_RUN_AS_READ = new_rows.Condition(_AS_READ, unless_in=_LIVE_RUN_INDEX)
+_NO_LIVE_RUN_AND_UNCHANGED_AS_READ = new_rows.Condition(
+    and_(run_defaults.UNCHANGED.clause, _AS_READ), unless_in=_LIVE_RUN_INDEX
+)
 
 
-def _live_only_if(run: orm.Run, assistant_id: str, assistant: run_defaults.AssistantDefaults | None) -> new_rows.OnlyIf:
+def _live_only_if(
+    run: orm.Run,
+    assistant_id: str,
+    assistant: run_defaults.AssistantDefaults | None,
+    read: list[int] | None = None,
+) -> new_rows.OnlyIf:
     """The condition of create()'s rows left to the events' statement. Its
     refusal is answered as _insert_live_postgres answers a miss: the live
     run in the way (this transaction holds the thread's lock, which keeps
     other creators out, not the worker: the run named may end meanwhile,
     but it was live when read),
     or else StaleDefaults, the run made again by the caller from a fresh
-    read (the defaults changed, or the run in the way has ended since)."""
+    read (the defaults changed, the run in the way has ended since, or the
+    thread's messages were not as ``read``).
+
+    ``read``: the seqs of the thread's messages before the run as the
+    create's lock statement read them (run_execution.note_read, for a
+    hand-off). That statement's snapshot was taken before its lock was
+    granted: a message written by the lock's holder while it waited is not
+    among them, and the run, handed with that history (or, folded, sent it
+    as its first prompt), would answer without it. This statement's
+    snapshot is taken under the lock, so it sees the thread as the run is
+    inserted on it (its own additional messages, inserted beside it, are
+    not counted: they were not read)."""
 
     async def refused(session: AsyncSession) -> Exception:
         # Its id alone (not the run), under the lock create() already holds: a round trip.
@@ -321,9 +359,19 @@ def _live_only_if(run: orm.Run, assistant_id: str, assistant: run_defaults.Assis
             return errors.thread_has_active_run(run.thread_id, winner)
         return run_defaults.StaleDefaults(assistant_id)
 
-    if assistant is None:
-        return new_rows.OnlyIf(_NO_LIVE_RUN, {}, refused)
-    return new_rows.OnlyIf(_NO_LIVE_RUN_AND_UNCHANGED, run_defaults.guard_parameters(assistant), refused)
+    parameters = {} if assistant is None else run_defaults.guard_parameters(assistant)
+    if read is None:
+        condition = _NO_LIVE_RUN if assistant is None else _NO_LIVE_RUN_AND_UNCHANGED
+    else:
+        condition = _NO_LIVE_RUN_AS_READ if assistant is None else _NO_LIVE_RUN_AND_UNCHANGED_AS_READ
+        parameters = {
+            **parameters,
+            "read_thread_id": run.thread_id,
+            "read_run_seq": run.seq,
+            "read_count": len(read),
+            "read_seqs": read,
+        }
+    return new_rows.OnlyIf(condition, parameters, refused)
 
 
 @functools.cache

@@ -98,6 +98,15 @@ def with_column(column: ColumnElement[Any]) -> Select[Any]:
     return _OWNER_AND_LIVE_RUN.add_columns(column)
 
 
+def locked_with_column(column: ColumnElement[Any]) -> Select[Any]:
+    """PostgreSQL: lock_owned_thread()'s statement with one more value read
+    in it (of the thread, as with_column()), for lock_owned_thread()'s
+    ``statement``. Its snapshot is taken before the lock is granted: a
+    value read so may miss what the lock's holder committed while it
+    waited (see _LOCKED_OWNER). Built once by its caller."""
+    return _LOCKED_OWNER.add_columns(column)
+
+
 async def live_run_and_value_of_owned_thread(
     session: AsyncSession, project: Project, thread_id: str, statement: Select[Any]
 ) -> tuple[str | None, Any]:
@@ -123,24 +132,33 @@ async def _owner_and_live_run(session: AsyncSession, project: Project, thread_id
     return found
 
 
-async def lock_owned_thread(session: AsyncSession, project: Project, thread_id: str) -> None:
+async def lock_owned_thread(
+    session: AsyncSession, project: Project, thread_id: str, statement: Select[Any] = _LOCKED_OWNER
+) -> Any:
     """PostgreSQL: live_run_of_owned_thread() without the read of the live
     run, for a writer whose own statement finds it (runs.create: the
-    live-run index refuses its run; issue 17, a round trip)."""
+    live-run index refuses its run; issue 17, a round trip). With
+    ``statement`` (locked_with_column()'s), returns the value its column
+    adds, read in the same statement; else None."""
     require_id("thread_id", thread_id, ids.THREAD)
-    await _lock_owned(session, project, {"thread_id": thread_id})
+    found = await _lock_owned(session, project, {"thread_id": thread_id}, statement)
+    return found[1] if len(found) > 1 else None
 
 
-async def _lock_owned(session: AsyncSession, project: Project, parameters: dict[str, str]) -> None:
+async def _lock_owned(
+    session: AsyncSession, project: Project, parameters: dict[str, str], statement: Select[Any] = _LOCKED_OWNER
+) -> tuple[Any, ...]:
     # Straight on asyncpg: as the transaction's first statement (a run's or
     # a message's create), its BEGIN goes with it (issue 17: a round trip).
-    rows = await db.run_now(session, _LOCKED_OWNER, parameters)
+    rows = await db.run_now(session, statement, parameters)
     if rows is None:
-        owner = (await session.execute(_LOCKED_OWNER, parameters)).scalar()
+        row = (await session.execute(statement, parameters)).first()
+        found = None if row is None else tuple(row)
     else:
-        owner = rows[0]["project_id"] if rows else None
-    if owner != project.id:
+        found = tuple(rows[0].values()) if rows else None
+    if found is None or found[0] != project.id:
         raise errors.not_found("thread", parameters["thread_id"])
+    return found
 
 
 async def live_run(session: AsyncSession, thread_id: str) -> str | None:
