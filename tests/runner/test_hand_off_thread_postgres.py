@@ -31,6 +31,7 @@ from tests.runner.helpers import DEADLINE, until
 from tests.runner.test_hand_off import (
     _assistant,
     _count_hand_offs,
+    _counted,
     _histories,
     _never_at_once,
     _read_history,
@@ -90,19 +91,6 @@ async def _queue_on(runtime: Runtime, thread_id: str, assistant_id: str, **field
     return made
 
 
-def _count_claims(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    claims: list[int] = []
-    real = run_execution.claim_runs
-
-    async def claim_runs(*args: Any, **kwargs: Any) -> Any:
-        claimed = await real(*args, **kwargs)
-        claims.append(len(claimed))
-        return claimed
-
-    monkeypatch.setattr(run_execution, "claim_runs", claim_runs)
-    return claims
-
-
 async def _executed(runtime: Runtime) -> None:
     """Until the worker's hand-off, and the runs it took, have ended."""
     worker = _worker(runtime)
@@ -122,7 +110,7 @@ async def test_a_provider_run_on_a_thread_is_started_by_its_create_with_the_thre
     additional message, as its first prompt's history, with no claim: the
     run inserted started, leased to the worker, and executed."""
     runtime = provider_runtime
-    claims, histories = _count_claims(monkeypatch), _histories(monkeypatch)
+    claims, histories = _counted(monkeypatch, "claim_and_start"), _histories(monkeypatch)
     assistant_id = await _assistant(runtime)
     thread_id = await _thread(runtime, ["first", "second"])
     (earlier,) = await _queue_on(runtime, thread_id, assistant_id)
@@ -131,7 +119,7 @@ async def test_a_provider_run_on_a_thread_is_started_by_its_create_with_the_thre
     (run,) = await _queue_on(runtime, thread_id, assistant_id, additional_messages=[extra])
     assert run_execution.handable(run) and run.status == "in_progress"  # (folded: Worker.prepare)
     await _executed(runtime)
-    assert claims == []
+    assert not claims
     assert (await _row(runtime, earlier.id)).status == (await _row(runtime, run.id)).status == "completed"
     history = histories[run.id]
     assert history == await _read_history(runtime, await _row(runtime, run.id))
@@ -142,12 +130,16 @@ async def test_a_provider_run_on_a_thread_is_started_by_its_create_with_the_thre
 async def test_an_instant_answer_on_a_thread_is_handed_off_with_no_claim(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    claims, handed, histories = _count_claims(monkeypatch), _count_hand_offs(monkeypatch), _histories(monkeypatch)
+    claims, handed, histories = (
+        _counted(monkeypatch, "claim_and_start"),
+        _count_hand_offs(monkeypatch),
+        _histories(monkeypatch),
+    )
     assistant_id = await _assistant(runtime)
     thread_id = await _thread(runtime, ["first", "second"])
     (run,) = await _queue_on(runtime, thread_id, assistant_id)
     await _executed(runtime)
-    assert [execution.finished for execution in handed] == [True] and claims == []
+    assert [execution.finished for execution in handed] == [True] and not claims
     assert (await _row(runtime, run.id)).status == "completed"
     assert _texts(histories[run.id]) == ["first", "second"]
 
@@ -155,7 +147,7 @@ async def test_an_instant_answer_on_a_thread_is_handed_off_with_no_claim(
 async def test_a_run_on_a_thread_longer_than_the_prefetch_is_not_noted_and_is_claimed(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    claims, histories = _count_claims(monkeypatch), _histories(monkeypatch)
+    claims, histories = _counted(monkeypatch, "claim_and_start"), _histories(monkeypatch)
     most = run_execution.PREFETCH_MOST_MESSAGES
     assistant_id = await _assistant(runtime)
     (run,) = await _queue_on(runtime, await _thread(runtime, [f"m{i}" for i in range(most + 1)]), assistant_id)
@@ -175,7 +167,7 @@ async def test_a_message_committed_while_the_create_waited_for_the_threads_lock_
     refuses, nothing written; the run is made again from fresh reads (not
     noted, so not handed) and claimed, its prompt with the late message."""
     runtime = provider_runtime
-    claims, histories = _count_claims(monkeypatch), _histories(monkeypatch)
+    claims, histories = _counted(monkeypatch, "claim_and_start"), _histories(monkeypatch)
     assistant_id = await _assistant(runtime)
     thread_id = await _thread(runtime, ["first"])
     async with runtime.transaction() as holder:
