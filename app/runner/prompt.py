@@ -98,7 +98,7 @@ async def history(session: AsyncSession, storage: Storage, run: orm.Run) -> list
 async def run_section(session: AsyncSession, storage: Storage, run: orm.Run) -> list[dict[str, Any]]:
     """What the run itself has produced so far: its messages and tool rounds."""
     section: list[dict[str, Any]] = []
-    for step in await run_steps.of_run(session, run.id):
+    for step in await run_steps.records_of_run(session, run.id):
         details = step.step_details
         if step.type == "message_creation":
             message = await session.get(orm.Message, details["message_creation"]["message_id"])

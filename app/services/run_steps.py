@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import errors, ids, orm
@@ -53,6 +53,32 @@ async def in_progress(session: AsyncSession, run_id: str) -> list[orm.RunStep]:
 
 async def of_run(session: AsyncSession, run_id: str) -> list[orm.RunStep]:
     return list((await session.scalars(_OF_RUN, {"run_id": run_id})).all())
+
+
+# Every column of a step, labelled with its attribute name (``metadata_``):
+# its rows read as records (core_rows.record), with no ORM instance loaded
+# into the session, its identity map or its flush (issue 17: the ORM's
+# loading was most of these reads' loop time on a function call's answer:
+# the submit's read of the waiting steps, the resumed run's prompt).
+_COLUMNS = [attr.columns[0].label(attr.key) for attr in inspect(orm.RunStep).column_attrs]
+_RECORDS_OF_RUN = select(*_COLUMNS).where(orm.RunStep.run_id == bindparam("run_id")).order_by(orm.RunStep.seq)
+_RECORDS_IN_PROGRESS = _RECORDS_OF_RUN.where(orm.RunStep.status == "in_progress")
+
+
+async def records_of_run(session: AsyncSession, run_id: str) -> list[orm.RunStep]:
+    """of_run() as records: nothing is loaded into the session, and a change
+    to one is not flushed (the reader's to write: core_rows.update_row)."""
+    return await _records(session, _RECORDS_OF_RUN, run_id)
+
+
+async def records_in_progress(session: AsyncSession, run_id: str) -> list[orm.RunStep]:
+    """in_progress() as records, as records_of_run()."""
+    return await _records(session, _RECORDS_IN_PROGRESS, run_id)
+
+
+async def _records(session: AsyncSession, statement: Any, run_id: str) -> list[orm.RunStep]:
+    rows = await session.execute(statement, {"run_id": run_id})
+    return [core_rows.record(orm.RunStep, **row._mapping) for row in rows]
 
 
 async def get(session: AsyncSession, run: orm.Run, step_id: str, include: list[str]) -> RunStep:

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Insert, Row, Table, and_, bindparam, inspect, select, true
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import make_transient_to_detached
 
 from app import db, errors, ids, orm
 from app.services import (
@@ -611,20 +612,43 @@ async def submit_tool_outputs(
         queued = Event.of(await run_state.transition(session, run, "queued", reservation=reservation), to_wire(run))
         return run, [*await _complete_tool_steps(session, run, outputs), queued]
 
-    return await run_state.apply(await get(session, project, thread_id, run_id), rule)
+    return await run_state.apply(await _record(session, project, thread_id, run_id), rule)
+
+
+async def _record(session: AsyncSession, project: Project, thread_id: str, run_id: str) -> orm.Run:
+    """get()'s run as a detached record (core_rows.record, as a claim's run:
+    its columns read by one Core SELECT, _RUN_ROW), not an ORM instance
+    loaded into the session: its moves are run_state.transition's UPDATEs,
+    never a flush (issue 17: the ORM's loading and its flush were most of
+    submit_tool_outputs' loop time)."""
+    require_id("thread_id", thread_id, ids.THREAD)
+    require_id("run_id", run_id, ids.RUN)
+    found = await session.execute(_RUN_ROW, {"run_id": run_id, "thread_id": thread_id, "project_id": project.id})
+    row = found.first()
+    if row is None:
+        await threads.get(session, project, thread_id)
+        raise errors.not_found("run", run_id)
+    run = core_rows.record(orm.Run, **row._mapping)
+    make_transient_to_detached(run)
+    return run
+
+
+# The columns submit_tool_outputs completes a waiting step's.
+_STEP_COMPLETED = ("step_details", "status", "completed_at")
 
 
 async def _complete_tool_steps(session: AsyncSession, run: orm.Run, outputs: dict[str, str]) -> list[Event]:
-    """The waiting tool_calls steps, completed with the submitted outputs."""
+    """The waiting tool_calls steps, completed with the submitted outputs
+    (read as records, each written by its own UPDATE: on SQLite held back
+    to the COMMIT)."""
     events: list[Event] = []
-    for step in await run_steps.in_progress(session, run.id):
+    for step in await run_steps.records_in_progress(session, run.id):
         if step.type != "tool_calls":
             continue
         details = dict(step.step_details)
         details["tool_calls"] = [_with_output(call, outputs) for call in details.get("tool_calls", [])]
-        step.step_details = details
-        step.status = "completed"
-        step.completed_at = ids.now()
+        step.__dict__.update(step_details=details, status="completed", completed_at=ids.now())
+        await core_rows.update_row(session, step, _STEP_COMPLETED, write_behind=True)
         events.append(Event.of("thread.run.step.completed", run_steps.to_wire(step)))
     return events
 
