@@ -190,6 +190,30 @@ async def test_postgresql_claims_a_run_back_from_its_call(bare_runtime: Runtime)
         await worker.stop()
 
 
+async def test_a_submit_loads_nothing_into_its_session_and_writes_its_steps(bare_runtime: Runtime) -> None:
+    """submit_tool_outputs reads its run and its waiting steps as records
+    (no ORM instance in the session: nothing for a flush) and writes the
+    steps' completion itself: the step is stored completed with the output."""
+    runtime = bare_runtime
+    worker = _looping(Worker(runtime))
+    waiting = await _waiting_for_its_call(runtime, worker)
+    (call,) = waiting.required_action["submit_tool_outputs"]["tool_calls"]  # type: ignore[index]
+    body = SubmitToolOutputs.model_validate({"tool_outputs": [{"tool_call_id": call["id"], "output": "sunny"}]})
+    async with runtime.transaction() as session:
+        run, events = await runs.submit_tool_outputs(session, _PROJECT, waiting.thread_id, waiting.id, body)
+        assert not session.identity_map and not (session.new or session.dirty)
+        await runtime.run_log.append(session, run.id, events, run_locked=True)
+    try:
+        assert [event.name for event in events] == ["thread.run.step.completed", "thread.run.queued"]
+        async with runtime.transaction() as session:
+            (step,) = (await session.scalars(select(orm.RunStep).where(orm.RunStep.run_id == run.id))).all()
+        assert step.status == "completed" and step.completed_at is not None
+        assert step.step_details["tool_calls"][0]["function"]["output"] == "sunny"
+        assert (await _row(runtime, run.id)).status == "queued"
+    finally:
+        await worker.stop()
+
+
 async def test_a_function_calls_answer_through_the_api_is_answered_from_this_process(
     app: FastAPI, http: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
