@@ -475,15 +475,22 @@ async def create_thread_and_run(
 
 async def get(session: AsyncSession, project: Project, thread_id: str, run_id: str) -> orm.Run:
     """The run, if its thread is the project's (a run belongs to its thread's project)."""
+    run: orm.Run = (await _found(session, project, thread_id, run_id, _RUN_IN_PROJECT))[0]
+    return run
+
+
+async def _found(session: AsyncSession, project: Project, thread_id: str, run_id: str, statement: Any) -> Row[Any]:
+    """The row ``statement`` (_RUN_IN_PROJECT, _RUN_ROW) reads of the
+    project's run; 404 for a run or a thread it does not have."""
     require_id("thread_id", thread_id, ids.THREAD)
     require_id("run_id", run_id, ids.RUN)
     # One query; the thread is looked up only to word a miss.
-    found = await session.scalars(_RUN_IN_PROJECT, {"run_id": run_id, "thread_id": thread_id, "project_id": project.id})
-    run = found.first()
-    if run is None:
+    found = await session.execute(statement, {"run_id": run_id, "thread_id": thread_id, "project_id": project.id})
+    row = found.first()
+    if row is None:
         await threads.get(session, project, thread_id)
         raise errors.not_found("run", run_id)
-    return run
+    return row
 
 
 # get()'s read, built once with bound parameters as _RUN_ROW below (issue
@@ -621,13 +628,7 @@ async def _record(session: AsyncSession, project: Project, thread_id: str, run_i
     loaded into the session: its moves are run_state.transition's UPDATEs,
     never a flush (issue 17: the ORM's loading and its flush were most of
     submit_tool_outputs' loop time)."""
-    require_id("thread_id", thread_id, ids.THREAD)
-    require_id("run_id", run_id, ids.RUN)
-    found = await session.execute(_RUN_ROW, {"run_id": run_id, "thread_id": thread_id, "project_id": project.id})
-    row = found.first()
-    if row is None:
-        await threads.get(session, project, thread_id)
-        raise errors.not_found("run", run_id)
+    row = await _found(session, project, thread_id, run_id, _RUN_ROW)
     run = core_rows.record(orm.Run, **row._mapping)
     make_transient_to_detached(run)
     return run
