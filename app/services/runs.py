@@ -626,8 +626,7 @@ async def _record(session: AsyncSession, project: Project, thread_id: str, run_i
     """get()'s run as a detached record (core_rows.record, as a claim's run:
     its columns read by one Core SELECT, _RUN_ROW), not an ORM instance
     loaded into the session: its moves are run_state.transition's UPDATEs,
-    never a flush (issue 17: the ORM's loading and its flush were most of
-    submit_tool_outputs' loop time)."""
+    never a flush (issue 17: see run_steps._COLUMNS for what this saves)."""
     row = await _found(session, project, thread_id, run_id, _RUN_ROW)
     run = core_rows.record(orm.Run, **row._mapping)
     make_transient_to_detached(run)
