@@ -38,10 +38,10 @@ _FILES = orm.VectorStoreFile
 _CLAIMABLE = (_FILES.status == "in_progress") & or_(
     _FILES.lease_expires_at.is_(None), _FILES.lease_expires_at < bindparam("now", type_=Float)
 )
-# The worker's ingestion claim, built once (issue 17: not built again on
-# each claim, once a poll interval, as the reaper's reads are not): the
-# oldest claimable files (bound: ``limit``), then each one's lease taken
-# under the same condition.
+# The worker's ingestion claim, built once, as the reaper's reads are
+# (issue 17: built on each claim, once a poll interval, it was loop time
+# spent building statements, not claiming): the oldest claimable files
+# (bound: ``limit``), then each one's lease taken under the same condition.
 _CANDIDATES = (
     select(_FILES.vector_store_id, _FILES.file_id)
     .where(_CLAIMABLE)

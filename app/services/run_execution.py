@@ -371,8 +371,8 @@ def note_read(run: orm.Run, read: list[list[Any]] | None, added: Sequence[orm.Me
     if read is None or len(read) + len(added) > PREFETCH_MOST_MESSAGES:
         return None  # (before the contents are decoded: a run not handed)
     decoded = [(seq, message) for seq, message in _decoded(read) if seq < run.seq]
-    known = [*decoded, *((message.seq, EarlierMessage(message.role, message.content)) for message in added)]
-    _note(run, [(seq, message) for seq, message in known if seq < run.seq])
+    own = [(message.seq, EarlierMessage(message.role, message.content)) for message in added if message.seq < run.seq]
+    _note(run, [*decoded, *own])
     return [seq for seq, _message in decoded]
 
 
