@@ -376,7 +376,9 @@ class Worker:
         try:
             if folded_at is not None:  # started by its create (prepare()): no statement here
                 assert committed is not None
-                execution = await execute.take_started(self.runtime, self.owner, created, self.builtins, committed)
+                execution = await execute.take_started(
+                    self.runtime, self.owner, created, self.builtins, committed, call_out
+                )
             else:
                 execution = await execute.hand_off(
                     self.runtime, self.owner, created, self.lease_seconds, self.builtins, committed
@@ -396,12 +398,14 @@ class Worker:
             # has lapsed and another worker may take it. Not executed under
             # it: released by the next tick, whose claim takes it afresh.
             log.warning("run %s: its create committed too late for its lease; it is claimed instead", created.id)
+            execution.discard_first_call()  # (PostgreSQL's, sent while the create was out)
             self._note_folded_unreleased(created)
             self.wake(files=False)
             return
         if not execution.finished:
             if folded_at is not None:
-                # Its first call goes out now, its create waiting for it
+                # Its first call goes out now (PostgreSQL's has, unless its
+                # model answers at once), its create waiting for it
                 # (first_call_out), before the run's task starts.
                 execution.open_first_call(call_out)
             self._start(execution, claimed_at)

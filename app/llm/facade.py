@@ -107,6 +107,17 @@ class LLM:
         route = self._router.route(model)
         return route is not None and not route.offline
 
+    def calls_ahead(self, model: str) -> bool:
+        """Whether ``model``'s answer may be asked for before the run it is
+        for has committed (execute.take_started on PostgreSQL): a provider's
+        over the network, whose wait is worth overlapping with the create's
+        commit. Not a cassette's replay: it answers at once, and a request it
+        has no recording of (a prompt that would have been rebuilt) fails
+        the test that sent it."""
+        if self.cassettes is not None and self.cassettes.mode == "replay":
+            return False
+        return self.streams(model)
+
     def model_names(self) -> list[str]:
         """Names to list on ``GET /models``: the routing file's exact model
         names, and ``offline`` (the built-in model) when a name routes to it."""

@@ -748,16 +748,24 @@ class RunExecution:
         # for value (run_execution.handed_run), and nothing has moved it since.
         self._wire = started
 
-    def open_first_call(self, call_out: asyncio.Future[None] | None = None) -> None:
+    def open_first_call(
+        self, call_out: asyncio.Future[None] | None = None, ahead_of: asyncio.Future[None] | None = None
+    ) -> None:
         """Send the run's first model call now, before the run's task takes
-        it (issue 17): a folded run, taken by take_started() once its create
-        has committed (never before: a create refused at its COMMIT, its
-        remembered defaults gone stale, must not have sent a prompt), so the
-        run is this worker's, leased and in_progress, and the call is the one
-        the run's task would make first. The
+        it (issue 17): a folded run, taken by take_started(), so the run is
+        this worker's, leased and in_progress once its create has committed,
+        and the call is the one the run's task would make first. The
         worker's hand-off and the run's task then start while the model
         answers, where the call went out only once the task reached
-        _answer(). Its request and reading are taken by _loop() and
+        _answer(). ``ahead_of`` (PostgreSQL): the create's commit, not done
+        yet; the call is sent while the create's statement is out, for a
+        provider over the network only (LLM.calls_ahead), and no more than
+        the answer's first event is read until that commit (_read_into's
+        gate). A create that fails or is refused (its remembered defaults
+        gone stale, its thread's messages changed) cancels the call
+        (discard_first_call): one provider call asked for and dropped, rare,
+        for the commit's wait (a WAL flush, 0.5-1 ms) taken off every
+        folded run's answer. Its request and reading are taken by _loop() and
         _answer(); the reader is the one _take() starts for any call (the
         idle limit, LLM.stream's metrics and model-request exchange). Not
         opened (left to the run's task as before): no prompt built here, an
@@ -777,13 +785,15 @@ class RunExecution:
         ):
             return
         run, chat = self._started
+        if ahead_of is not None and not self.runtime.llm.calls_ahead(run.model):
+            return  # (opened once the create has committed, by the worker)
         budget = self._budget(run)
         if _no_completion_left(budget) or self._over_prompt_budget(run, budget, chat):
             return
         request = self._chat_request(run, budget, chat)
         stream = _idle_limited(self.runtime.llm.stream(request), self.runtime.settings.model_idle_timeout_seconds)
         arrived: asyncio.Queue[llm.Event | _StreamEnd] = asyncio.Queue()
-        reader = asyncio.ensure_future(_read_for(self.run_id, stream, arrived, call_out))
+        reader = asyncio.ensure_future(_read_for(self.run_id, stream, arrived, call_out, ahead_of))
         self._open_call = _OpenCall(request, arrived, reader)
 
     def discard_first_call(self) -> None:
@@ -1251,17 +1261,30 @@ class _StreamEnd:
     error: BaseException | None = None
 
 
-async def _read_into(stream: AsyncGenerator[llm.Event, None], arrived: asyncio.Queue[llm.Event | _StreamEnd]) -> None:
+async def _read_into(
+    stream: AsyncGenerator[llm.Event, None],
+    arrived: asyncio.Queue[llm.Event | _StreamEnd],
+    gate: asyncio.Future[None] | None = None,
+) -> None:
     """The stream's events into ``arrived``, up to its Finish (nothing is
     read after it, as a turn stops there), then an end: a failure too, so
     that nobody waits on ``arrived`` for ever (a CancelledError from inside
-    the stream, not this task's own cancel, becomes a server error)."""
+    the stream, not this task's own cancel, becomes a server error). With
+    ``gate``, nothing after the first event is read until it is done (a
+    call asked for before its run's create committed: the request log and
+    a cassette's recording take the answer at its Finish); a gate cancelled
+    (the create failed) ends the read as this task's cancel would."""
     try:
         async with aclosing(stream):
             async for event in stream:
                 arrived.put_nowait(event)
                 if isinstance(event, llm.Finish):
                     break
+                if gate is not None:
+                    if not gate.done():
+                        await asyncio.shield(gate)
+                    gate.result()  # (cancelled: the create failed)
+                    gate = None
     except asyncio.CancelledError:
         arrived.put_nowait(_StreamEnd(llm.LLMError("server_error", "The model stream was interrupted.")))
         raise
@@ -1276,6 +1299,7 @@ async def _read_for(
     stream: AsyncGenerator[llm.Event, None],
     arrived: asyncio.Queue[llm.Event | _StreamEnd],
     call_out: asyncio.Future[None] | None,
+    gate: asyncio.Future[None] | None,
 ) -> None:
     """_read_into for a call opened before the run's task (open_first_call):
     its lines name the run, as the run's task's do (run()). ``call_out`` is
@@ -1284,7 +1308,7 @@ async def _read_for(
     logs.bind_run(run_id)
     if call_out is not None:
         asyncio.get_running_loop().call_soon(_set_done, call_out)
-    await _read_into(stream, arrived)
+    await _read_into(stream, arrived, gate)
 
 
 def _set_done(future: asyncio.Future[None]) -> None:
@@ -1660,15 +1684,18 @@ async def take_started(
     created: orm.Run,
     builtins: dict[str, BuiltinTool],
     committed: asyncio.Future[None],
+    call_out: asyncio.Future[None] | None = None,
 ) -> RunExecution:
     """The execution of ``created``, a run its create inserts already
     started, leased to ``owner`` (Worker.prepare's fold: a lone run whose
     answer is not instant, a provider's; issue 17, no statement of the
     hand-off's own). On PostgreSQL its first prompt is built while the
     create's statement is out, any read it needs gated until the create has
-    committed (db.gate); returns once ``committed`` is done, the execution
-    to go on with run() under ``owner``'s lease; a create that failed
-    (``committed`` cancelled) cancels this, nothing sent. On SQLite it is
+    committed (db.gate), and its first model call sent then too
+    (open_first_call's ``ahead_of``; ``call_out`` done once it is out);
+    returns once ``committed`` is done, the execution to go on with run()
+    under ``owner``'s lease; a create that failed (``committed`` cancelled)
+    cancels this and that call, nothing written. On SQLite it is
     called once the create has committed (Worker._take_handed), and its
     prompt built on a session that never connects (db.READS_ELSEWHERE: a
     read it needs goes to a WAL reader, RunExecution._first_prompt, which
@@ -1696,9 +1723,15 @@ async def take_started(
     except Exception:  # (its session's end) as take_started's failures: left to start()
         log.debug("run %s: its first prompt's session failed; left to start()", run.id, exc_info=True)
         execution = RunExecution(runtime, run.id, builtins, owner=owner)
-    if not committed.done():
+    if committed.done():
+        committed.result()  # (a create that failed: its cancellation)
+        return execution
+    execution.open_first_call(call_out, ahead_of=committed)
+    try:
         await asyncio.shield(committed)  # (a cancelled wait leaves the gate as it is)
-    committed.result()  # (a create that failed: its cancellation)
+    except BaseException:  # the create failed, or this hand-off is cancelled: no run to answer
+        execution.discard_first_call()
+        raise
     return execution
 
 

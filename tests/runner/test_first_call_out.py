@@ -1,7 +1,9 @@
 """A folded run's first model call goes out before its create answers
 (issue 17: Worker.first_call_out, RunExecution.open_first_call): opened by
-the hand-off once the create has committed, its reading taken by the run's
-task as any call's, made once; closed when nothing takes it."""
+the hand-off once the create has committed (on PostgreSQL while the create's
+statement is out, no more than its first event read until the commit), its
+reading taken by the run's task as any call's, made once; closed when
+nothing takes it."""
 
 from __future__ import annotations
 
@@ -11,15 +13,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
-from app import llm
+from app import llm, orm
 from app.runner import execute
 from app.runtime import Runtime
 from app.settings import Settings
-from tests.runner.helpers import DEADLINE
+from tests.runner.helpers import DEADLINE, until
 from tests.runner.test_hand_off import _assistant, _never_at_once, _row
 from tests.runner.test_hand_off_early import _worker, handing_runtime
-from tests.runner.test_start_folded import _executed, _queue
+from tests.runner.test_start_folded import _executed, _noting, _queue
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -35,10 +39,11 @@ async def runtime(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncI
 
 
 def _calls(
-    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, order: list[str], *, then: str = "answer"
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, order: list[str], *, then: str = "answer", reads: bool = False
 ) -> asyncio.Event:
     """Each model call noted in ``order``: "call sent" when its stream is
-    first read (the request goes out there), "closed" when it is closed;
+    first read (the request goes out there), "closed" when it is closed,
+    and with ``reads`` "event read" as each of its events is taken;
     ``then``: "answer" (the model's answer), "fail" (a rate limit), "hang"
     (nothing more, until closed). The event returned is set at a close."""
     closed = asyncio.Event()
@@ -52,6 +57,8 @@ def _calls(
             if then == "hang":
                 await asyncio.Event().wait()
             async for event in real_stream(request):
+                if reads:
+                    order.append("event read")
                 yield event
         finally:
             order.append("closed")
@@ -161,3 +168,92 @@ async def test_a_create_whose_hand_off_opens_no_call_is_answered_all_the_same(
     assert order == ["answered", "call sent", "closed"], order
     assert (await _row(runtime, run.id)).status == "completed"
     assert not worker._calls_out
+
+
+_ON_POSTGRES = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+
+
+def _held_until_the_call_is_out(order: list[str], *, then_fail: bool = False) -> Any:
+    """A ``then`` for _noting(): the create's statement waits until the
+    run's first call has gone out (a call sent only once the create has
+    committed never goes: the wait's deadline fails the test), then goes
+    ("statement sent", "created" once it has committed: autocommitted), or
+    fails as a lost connection fails it."""
+
+    async def then(session: Any, run_id: str, events: list[Any], append: Any, **kwargs: Any) -> Any:
+        # (Within the test's own timeout, so that a call that never goes is
+        # named: it goes within milliseconds.)
+        await until(lambda: "call sent" in order, "the first call to go out before the create's statement", 10)
+        order.append("statement sent")
+        if then_fail:
+            raise OperationalError("the create's statement", {}, ConnectionResetError("connection lost"))
+        entries = await append(session, run_id, events, **kwargs)
+        order.append("created")
+        return entries
+
+    return then
+
+
+@_ON_POSTGRES
+async def test_postgres_the_first_call_goes_out_while_the_create_is_out_and_is_read_on_once_it_has_committed(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    order: list[str] = []
+    noted = _noting(runtime, monkeypatch, then=_held_until_the_call_is_out(order))
+    _calls(runtime, monkeypatch, order, reads=True)
+    run, _response = await _queue(runtime, assistant)
+    await _executed(runtime)
+    assert order.index("call sent") < order.index("statement sent") < order.index("created"), order
+    # The answer's first event may be read before the commit; nothing after it.
+    assert order[: order.index("created")].count("event read") <= 1, order
+    assert order.count("event read") > 1 and order.count("call sent") == 1 and order[-1] == "closed", order
+    assert "claimed" not in noted and (await _row(runtime, run.id)).status == "completed"
+    assert not worker._calls_out and not worker._handing and not worker._tasks
+
+
+@_ON_POSTGRES
+async def test_postgres_a_create_that_fails_with_its_first_call_out_closes_the_call_unread(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    order: list[str] = []
+    noted = _noting(runtime, monkeypatch, then=_held_until_the_call_is_out(order, then_fail=True))
+    closed = _calls(runtime, monkeypatch, order, reads=True)
+    with pytest.raises(OperationalError):
+        await _queue(runtime, assistant)
+    await asyncio.wait_for(closed.wait(), DEADLINE)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    await worker.run_until_idle()
+    assert order.count("call sent") == 1 and order.count("event read") <= 1 and order[-1] == "closed", order
+    assert "executing" not in noted and not worker._tasks and not worker._calls_out
+    async with runtime.transaction() as session:
+        assert (await session.scalars(select(orm.Run.id).where(orm.Run.status != "completed"))).all() == []
+
+
+@_ON_POSTGRES
+async def test_postgres_a_create_slower_than_the_lease_closes_its_early_call(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """test_start_folded's create that commits past its lease's give-up
+    moment, its run left to the claim: the call sent while it was out is
+    closed with the hand-off, the claim's execution making its own."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    order: list[str] = []
+    closed = _calls(runtime, monkeypatch, order, then="hang")
+    held = _held_until_the_call_is_out(order)
+
+    async def slow(session: Any, run_id: str, events: list[Any], append: Any, **kwargs: Any) -> Any:
+        entries = await held(session, run_id, events, append, **kwargs)
+        monkeypatch.setattr(worker.leases, "give_up_at", lambda _claimed_at: 0.0)  # a whole lease went by
+        return entries
+
+    noted = _noting(runtime, monkeypatch, then=slow)
+    await _queue(runtime, assistant)
+    await asyncio.wait_for(worker._handed(), DEADLINE)
+    await asyncio.wait_for(closed.wait(), 10)  # (named, within the test's timeout: it closes at once)
+    assert order == ["call sent", "statement sent", "created", "closed"], order
+    assert "executing" not in noted and not worker._tasks
