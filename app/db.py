@@ -1353,13 +1353,16 @@ async def listen(
     *,
     on_listening: Callable[[bool], None] | None = None,
     retry_seconds: float = 1.0,
+    more: Mapping[str, Callable[[str], None]] | None = None,
 ) -> None:
     """Call ``on_notify(payload)`` for every PostgreSQL NOTIFY on ``channel``
-    until cancelled. The listening connection is checked now and then, and
+    until cancelled, and each of ``more``'s for its own channel, on the same
+    connection. The listening connection is checked now and then, and
     re-opened after a failure. ``on_listening(True)`` runs each time it
     listens (the first time too), ``on_listening(False)`` each time it
     stops: notifications sent while nobody listened are lost, so whoever
     relies on them must look again."""
+    handlers = {channel: on_notify, **(more or {})}
     while True:
         try:
             async with engine.connect() as connection:
@@ -1368,9 +1371,10 @@ async def listen(
                 assert listener is not None
                 closed = asyncio.Event()
                 listener.add_termination_listener(lambda *_args, done=closed: done.set())
-                await listener.add_listener(
-                    channel, lambda _connection, _pid, _channel, payload: on_notify(str(payload))
-                )
+                for name, handler in handlers.items():
+                    await listener.add_listener(
+                        name, lambda _connection, _pid, _channel, payload, heard=handler: heard(str(payload))
+                    )
                 try:
                     if on_listening is not None:
                         on_listening(True)

@@ -45,7 +45,7 @@ import logging
 import secrets
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -863,7 +863,14 @@ class RunLog:
                 await self._send_news(sorted(self._news))
 
 
-async def listen(engine: AsyncEngine, run_log: RunLog, retry_seconds: float = 1.0) -> None:
+async def listen(
+    engine: AsyncEngine,
+    run_log: RunLog,
+    retry_seconds: float = 1.0,
+    *,
+    more: Mapping[str, Callable[[str], None]] | None = None,
+    on_listening: Callable[[bool], None] | None = None,
+) -> None:
     """Nudge this process's followers of a run whenever another process logs
     events for it (PostgreSQL), until cancelled. Each time the listening
     connection is opened (the first time too) every follower is nudged once
@@ -871,7 +878,8 @@ async def listen(engine: AsyncEngine, run_log: RunLog, retry_seconds: float = 1.
     ``run_log.listening`` says whether one is open (followers rely on
     NOTIFYs only then: Runtime.log_news_announced). This process's own
     NOTIFYs (its ``origin`` in their payload) are skipped: their events
-    reached its followers at commit."""
+    reached its followers at commit. ``more``: other channels heard on the
+    same connection (db.listen), ``on_listening`` told as they are."""
     bus = run_log.bus
 
     def heard(payload: str) -> None:
@@ -883,8 +891,10 @@ async def listen(engine: AsyncEngine, run_log: RunLog, retry_seconds: float = 1.
         run_log.listening = now
         if now:
             bus.nudge_all()
+        if on_listening is not None:
+            on_listening(now)
 
-    await db.listen(engine, RUN_EVENTS_CHANNEL, heard, on_listening=listening, retry_seconds=retry_seconds)
+    await db.listen(engine, RUN_EVENTS_CHANNEL, heard, on_listening=listening, retry_seconds=retry_seconds, more=more)
 
 
 def _engine_of(session: AsyncSession) -> Engine:

@@ -23,7 +23,7 @@ from app.created_runs import CreatedRuns
 from app.llm import LLM, Exchange
 from app.observability.metrics import Metrics
 from app.retrieval import cache_budget, passing_files
-from app.services import api_keys, model_requests, run_execution
+from app.services import api_keys, model_requests, run_defaults, run_execution
 from app.settings import Settings
 from app.storage import Storage
 
@@ -124,7 +124,14 @@ class Runtime:
             peers.watch(runtime.run_log.stop_early_delivery, runtime.run_log.start_early_delivery)
         if postgres:
             # Streams here follow runs that other processes execute.
-            runtime._listener = asyncio.create_task(run_log.listen(engine, runtime.run_log), name="run-events-listener")
+            # Its connection hears assistants' changes too (run_defaults.vouched).
+            listening = run_log.listen(
+                engine,
+                runtime.run_log,
+                more={run_defaults.CHANGES_CHANNEL: run_defaults.heard_change},
+                on_listening=run_defaults.listening,
+            )
+            runtime._listener = asyncio.create_task(listening, name="run-events-listener")
         if settings.llm_replay is not None:
             runtime.llm.cassettes = cassettes.Cassettes(settings.llm_replay, "replay")
         elif settings.llm_record is not None:

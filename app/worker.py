@@ -36,7 +36,7 @@ from app.retrieval import ingest
 from app.runner import execute
 from app.runner.tools import registry
 from app.runtime import Runtime
-from app.services import run_events, run_execution, run_state, runs
+from app.services import run_defaults, run_events, run_execution, run_state, runs
 from app.wire.events import Event
 
 log = logging.getLogger("app.worker")
@@ -201,7 +201,10 @@ class Worker:
             claimed_at = time.monotonic()
             run_state.start_in_create(created, self.owner, time.time() + self.lease_seconds)
             self._calls_out[created.id] = asyncio.get_running_loop().create_future()
-            self._start_hand_off(created, committed, folded_at=claimed_at)
+            # Asked now, as the statement is about to go: its first call may
+            # be sent before that statement has committed if vouched for.
+            vouched = run_defaults.vouch(created.assistant_id)
+            self._start_hand_off(created, committed, folded_at=claimed_at, vouched=vouched)
         else:
             self._start_hand_off(created, committed)
         return committed
@@ -319,11 +322,20 @@ class Worker:
         self._folded_unreleased[created.id] = lease_until
 
     def _start_hand_off(
-        self, created: orm.Run, committed: asyncio.Future[None] | None, *, folded_at: float | None = None
+        self,
+        created: orm.Run,
+        committed: asyncio.Future[None] | None,
+        *,
+        folded_at: float | None = None,
+        vouched: run_defaults.Vouch | None = None,
     ) -> None:
         """``folded_at``: the run is started by its create (prepare()), its
-        lease counted from then (time.monotonic())."""
-        taking = self._take_handed(created, self._claims, committed, folded_at, self._calls_out.get(created.id))
+        lease counted from then (time.monotonic()); ``vouched``: the
+        assistant's defaults it was made from, as vouched for then
+        (execute.take_started)."""
+        taking = self._take_handed(
+            created, self._claims, committed, folded_at, self._calls_out.get(created.id), vouched
+        )
         task = asyncio.create_task(taking, name=f"hand-off {created.id}")
         self._handing[created.id] = task
         task.add_done_callback(functools.partial(self._hand_off_ended, created.id))
@@ -347,6 +359,7 @@ class Worker:
         committed: asyncio.Future[None] | None,
         folded_at: float | None = None,
         call_out: asyncio.Future[None] | None = None,
+        vouched: run_defaults.Vouch | None = None,
     ) -> None:
         # The create's answer first (a stream's head and opening events, or
         # the run as JSON: written in the next turns of the loop), then the
@@ -377,7 +390,7 @@ class Worker:
             if folded_at is not None:  # started by its create (prepare()): no statement here
                 assert committed is not None
                 execution = await execute.take_started(
-                    self.runtime, self.owner, created, self.builtins, committed, call_out
+                    self.runtime, self.owner, created, self.builtins, committed, call_out, vouched
                 )
             else:
                 execution = await execute.hand_off(

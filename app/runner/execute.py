@@ -50,6 +50,7 @@ from app.services import (
     claimed_starts,
     core_rows,
     model_requests,
+    run_defaults,
     run_events,
     run_execution,
     run_state,
@@ -758,14 +759,16 @@ class RunExecution:
         worker's hand-off and the run's task then start while the model
         answers, where the call went out only once the task reached
         _answer(). ``ahead_of`` (PostgreSQL): the create's commit, not done
-        yet; the call is sent while the create's statement is out, for a
-        provider over the network only (LLM.calls_ahead), and no more than
-        the answer's first event is read until that commit (_read_into's
-        gate). A create that fails or is refused (its remembered defaults
-        gone stale, its thread's messages changed) cancels the call
+        yet; the call is sent while the create's statement is out (the
+        assistant's defaults vouched for: take_started), for a provider over
+        the network only (LLM.calls_ahead), and no more than the answer's
+        first event is read until that commit (_read_into's gate: a
+        cassette's recording, made at the Finish, waits for it). A create
+        that fails or is refused (its defaults changed by a change that
+        raced it, its thread's messages changed meanwhile) cancels the call
         (discard_first_call): one provider call asked for and dropped, rare,
-        for the commit's wait (a WAL flush, 0.5-1 ms) taken off every
-        folded run's answer. Its request and reading are taken by _loop() and
+        for the commit's wait (a WAL flush) taken off every folded run's
+        answer. Its request and reading are taken by _loop() and
         _answer(); the reader is the one _take() starts for any call (the
         idle limit, LLM.stream's metrics and model-request exchange). Not
         opened (left to the run's task as before): no prompt built here, an
@@ -1271,9 +1274,9 @@ async def _read_into(
     that nobody waits on ``arrived`` for ever (a CancelledError from inside
     the stream, not this task's own cancel, becomes a server error). With
     ``gate``, nothing after the first event is read until it is done (a
-    call asked for before its run's create committed: the request log and
-    a cassette's recording take the answer at its Finish); a gate cancelled
-    (the create failed) ends the read as this task's cancel would."""
+    call asked for before its run's create committed: a cassette's
+    recording takes the answer at its Finish); a gate cancelled (the create
+    failed) ends the read as this task's cancel would."""
     try:
         async with aclosing(stream):
             async for event in stream:
@@ -1685,6 +1688,7 @@ async def take_started(
     builtins: dict[str, BuiltinTool],
     committed: asyncio.Future[None],
     call_out: asyncio.Future[None] | None = None,
+    vouched: run_defaults.Vouch | None = None,
 ) -> RunExecution:
     """The execution of ``created``, a run its create inserts already
     started, leased to ``owner`` (Worker.prepare's fold: a lone run whose
@@ -1692,10 +1696,13 @@ async def take_started(
     hand-off's own). On PostgreSQL its first prompt is built while the
     create's statement is out, any read it needs gated until the create has
     committed (db.gate), and its first model call sent then too
-    (open_first_call's ``ahead_of``; ``call_out`` done once it is out);
-    returns once ``committed`` is done, the execution to go on with run()
-    under ``owner``'s lease; a create that failed (``committed`` cancelled)
-    cancels this and that call, nothing written. On SQLite it is
+    (open_first_call's ``ahead_of``; ``call_out`` done once it is out) if
+    the assistant's defaults the run was made from are ``vouched`` for
+    still (run_defaults.still_vouched: the create's check can find them
+    stale only through a change that raced it); returns once ``committed``
+    is done, the execution to go on with run() under ``owner``'s lease; a
+    create that failed (``committed`` cancelled) cancels this and that
+    call, nothing written. On SQLite it is
     called once the create has committed (Worker._take_handed), and its
     prompt built on a session that never connects (db.READS_ELSEWHERE: a
     read it needs goes to a WAL reader, RunExecution._first_prompt, which
@@ -1726,7 +1733,8 @@ async def take_started(
     if committed.done():
         committed.result()  # (a create that failed: its cancellation)
         return execution
-    execution.open_first_call(call_out, ahead_of=committed)
+    if run_defaults.still_vouched(vouched):
+        execution.open_first_call(call_out, ahead_of=committed)
     try:
         await asyncio.shield(committed)  # (a cancelled wait leaves the gate as it is)
     except BaseException:  # the create failed, or this hand-off is cancelled: no run to answer

@@ -48,6 +48,7 @@ async def get(session: AsyncSession, project: Project, assistant_id: str) -> orm
 async def update(session: AsyncSession, project: Project, assistant_id: str, body: AssistantUpdate) -> orm.Assistant:
     row = await get(session, project, assistant_id)
     run_defaults.forget(assistant_id)
+    await run_defaults.announce_change(session, assistant_id)
     given = body.model_fields_set
     # A field sent as null means "unchanged" (go-openai sends nulls and "model": "").
     if body.model:
@@ -70,6 +71,7 @@ async def update(session: AsyncSession, project: Project, assistant_id: str, bod
 async def delete(session: AsyncSession, project: Project, assistant_id: str) -> Deleted:
     await get(session, project, assistant_id)
     run_defaults.forget(assistant_id)
+    await run_defaults.announce_change(session, assistant_id)
     await session.execute(sql_delete(orm.Assistant).where(orm.Assistant.id == assistant_id))
     return Deleted(id=assistant_id, object="assistant.deleted")
 

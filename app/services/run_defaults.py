@@ -24,10 +24,10 @@ from __future__ import annotations
 import functools
 import json
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import JSON, Insert, Table, Text, bindparam, cast, exists, insert, select
+from sqlalchemy import JSON, Insert, Table, Text, bindparam, cast, exists, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import db, errors, ids, orm, sqlite_driver
@@ -58,6 +58,10 @@ class AssistantDefaults:
     response_format: Any
     reasoning_effort: str | None
     stored: tuple[Any, ...]
+    # The hearing's epoch (_Hearing) during which these were read, if no
+    # change of any assistant was heard while they were: vouch() for as
+    # long as that epoch lasts and they are remembered. None: not vouched.
+    vouched_epoch: int | None = field(default=None, compare=False)
 
 
 _ASSISTANTS = orm.Assistant.__table__.c
@@ -95,14 +99,110 @@ async def read(session: AsyncSession, project: Project, assistant_id: str) -> As
     as for none at all, as assistants.get answers. Remembered for the next
     run."""
     require_id("assistant_id", assistant_id, ids.ASSISTANT)
+    heard_before = _HEARING.heard()
     row = (await session.execute(_READ_STORED, {"assistant_id": assistant_id})).first()
     if row is None or row[0] != project.id:
         raise errors.not_found("assistant", assistant_id)
     taken = dict(zip(RUN_TAKES, row[1:], strict=True))
     taken.update({name: _decoded(taken[name]) for name in _JSON_TAKEN})
-    defaults = AssistantDefaults(id=assistant_id, stored=tuple(row), **taken)
+    vouched_epoch = _HEARING.epoch if _HEARING.listening and _HEARING.heard() == heard_before else None
+    defaults = AssistantDefaults(id=assistant_id, stored=tuple(row), vouched_epoch=vouched_epoch, **taken)
     _remember(defaults)
     return defaults
+
+
+# PostgreSQL: an assistant's update or delete announces its id on this
+# channel, in the transaction that changes it (announce_change(), heard at
+# its COMMIT by every process, this one too), and each process forgets the
+# defaults it remembers (heard_change()). A run made from remembered
+# defaults is checked by its INSERT all the same (only_if()); what hearing
+# adds is vouch(): whether a check about to be made can still find them
+# stale only through a change that has committed and not yet been heard
+# (well under a millisecond here), a create that raced the change.
+CHANGES_CHANNEL = "assistants_changed"
+
+
+@dataclass
+class _Hearing:
+    """This process's hearing of CHANGES_CHANNEL: ``listening``, the
+    listening connections open (the Runtime's run-events listener carries
+    the channel: run_log.listen); ``epoch``, bumped each time one opens
+    (changes sent while none was open were not heard); ``changes``, the
+    changes heard."""
+
+    listening: int = 0
+    epoch: int = 0
+    changes: int = 0
+
+    def heard(self) -> tuple[int, int]:
+        return self.epoch, self.changes
+
+
+_HEARING = _Hearing()
+
+
+def listening(now: bool) -> None:
+    """The listening connection opened (``now``) or closed (run_log.listen's
+    on_listening): what was remembered before it opened is no longer vouched for."""
+    if now:
+        _HEARING.listening += 1
+        _HEARING.epoch += 1
+    else:
+        _HEARING.listening = max(0, _HEARING.listening - 1)
+
+
+def heard_change(assistant_id: str) -> None:
+    """A NOTIFY on CHANGES_CHANNEL: the assistant was changed or deleted."""
+    _HEARING.changes += 1
+    forget(assistant_id)
+
+
+async def announce_change(session: AsyncSession, assistant_id: str) -> None:
+    """PostgreSQL: CHANGES_CHANNEL told of ``assistant_id``'s change at this
+    session's COMMIT (SQLite: nothing; no process there vouches)."""
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(_ANNOUNCE, {"channel": CHANGES_CHANNEL, "assistant_id": assistant_id})
+
+
+_ANNOUNCE = text("SELECT pg_notify(:channel, :assistant_id)")
+
+
+@dataclass(frozen=True)
+class Vouch:
+    """vouch()'s answer: the assistant, and the hearing as it was then."""
+
+    assistant_id: str
+    heard: tuple[int, int]
+
+
+def vouch(assistant_id: str) -> Vouch | None:
+    """Whether a run just made from this process's remembered (or just
+    read) defaults of ``assistant_id`` can be refused by its check only
+    through a change not heard yet: they were read while this process
+    heard CHANGES_CHANNEL, and no change of any assistant has been heard
+    since. None: not so. Worker.prepare asks, as the create's statement
+    is about to go (its fold sends a provider's first call before that
+    statement has committed only then: execute.take_started)."""
+    defaults = _REMEMBERED.get(assistant_id)
+    if (
+        defaults is None
+        or _HEARING.listening == 0
+        or defaults.vouched_epoch is None
+        or defaults.vouched_epoch != _HEARING.epoch
+    ):
+        return None
+    return Vouch(assistant_id, _HEARING.heard())
+
+
+def still_vouched(vouched: Vouch | None) -> bool:
+    """Whether vouch()'s answer holds still: nothing heard since, and the
+    assistant's defaults still remembered."""
+    return (
+        vouched is not None
+        and _HEARING.listening > 0
+        and _HEARING.heard() == vouched.heard
+        and vouched.assistant_id in _REMEMBERED
+    )
 
 
 # The assistants whose defaults this process remembers (most recently read

@@ -31,10 +31,14 @@ pytestmark = pytest.mark.timeout(30)
 @pytest.fixture
 async def runtime(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Runtime]:
     """As test_start_folded's: a worker attached, its ticks driven by each
-    test, the offline model taken for a provider's (streamed, never at once)."""
+    test, the offline model taken for a provider's (streamed, never at once);
+    on PostgreSQL once its listener hears the assistants' changes (the
+    defaults read after it are vouched for: test_first_call_vouched)."""
     async with handing_runtime(settings) as rt:
         monkeypatch.setattr(rt.llm, "streams", lambda _model: True)
         monkeypatch.setattr(rt.llm, "answer_at_once", _never_at_once)
+        if rt.run_log.postgres:
+            await until(lambda: rt.run_log.listening, "the runtime's listener to listen")
         yield rt
 
 

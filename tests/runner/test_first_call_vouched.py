@@ -1,0 +1,138 @@
+"""PostgreSQL: a folded run's first model call is sent while its create's
+statement is out only if the assistant's defaults it was made from are
+vouched for (run_defaults.vouch): read while this process heard the
+assistants' changes (an update or delete NOTIFYs the assistant's id at its
+COMMIT, run_defaults.announce_change; the run-events listener hears it), and
+no change heard since. A change heard makes the next create read the
+assistant again; with nobody listening, the call waits for the commit, so a
+create refused for stale defaults has sent no prompt."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+
+from app import llm, orm
+from app.runtime import Runtime
+from app.services import assistants, run_defaults
+from app.services.projects import Project
+from app.settings import Settings
+from app.wire.assistants import AssistantUpdate
+from tests.runner.helpers import until
+from tests.runner.test_first_call_out import _held_until_the_call_is_out
+from tests.runner.test_hand_off import _assistant, _never_at_once
+from tests.runner.test_hand_off_early import _worker, handing_runtime
+from tests.runner.test_start_folded import _executed, _noting, _queue
+
+pytestmark = [pytest.mark.timeout(30), pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
+
+
+@pytest.fixture
+async def runtime(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Runtime]:
+    """As test_first_call_out's (the offline model taken for a provider's),
+    once its listener hears the assistants' changes."""
+    async with handing_runtime(settings) as rt:
+        monkeypatch.setattr(rt.llm, "streams", lambda _model: True)
+        monkeypatch.setattr(rt.llm, "answer_at_once", _never_at_once)
+        await until(lambda: rt.run_log.listening, "the runtime's listener to listen")
+        yield rt
+
+
+def _instructions_sent(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, order: list[str]) -> list[str]:
+    """Each model call's system text, in the order sent; "call sent" noted
+    in ``order`` too."""
+    sent: list[str] = []
+    real_stream = runtime.llm.stream
+
+    async def stream(request: llm.ChatRequest) -> AsyncIterator[llm.Event]:
+        order.append("call sent")
+        sent.append(next((m["content"] for m in request.messages if m["role"] == "system"), ""))
+        async for event in real_stream(request):
+            yield event
+
+    monkeypatch.setattr(runtime.llm, "stream", stream)
+    return sent
+
+
+async def _set_instructions(runtime: Runtime, assistant_id: str, instructions: str) -> None:
+    """The assistant changed as another process's update changes it: its
+    NOTIFY in the same transaction (run_defaults.announce_change)."""
+    async with runtime.engine.begin() as connection:
+        await connection.execute(
+            text("UPDATE assistants SET instructions = :text WHERE id = :id"),
+            {"text": instructions, "id": assistant_id},
+        )
+        await connection.execute(
+            text("SELECT pg_notify(:channel, :id)"), {"channel": run_defaults.CHANGES_CHANNEL, "id": assistant_id}
+        )
+
+
+async def test_postgres_a_change_heard_from_another_process_sends_only_the_new_prompt(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assistant_id = await _assistant(runtime)
+    await _set_instructions(runtime, assistant_id, "OLD instructions")
+    await _queue(runtime, assistant_id)  # reads and remembers the defaults
+    await _executed(runtime)
+    changes = run_defaults._HEARING.changes
+    await _set_instructions(runtime, assistant_id, "NEW instructions")
+    await until(lambda: run_defaults._HEARING.changes > changes, "the change to be heard", 10)
+    order: list[str] = []
+    sent = _instructions_sent(runtime, monkeypatch, order)
+    _noting(runtime, monkeypatch, then=_held_until_the_call_is_out(order))
+    await _queue(runtime, assistant_id, remembering=True)
+    await _executed(runtime)
+    # Read again (the change heard), vouched for: sent ahead of the commit.
+    assert sent == ["NEW instructions"] and order.index("call sent") < order.index("created"), (sent, order)
+
+
+async def test_postgres_unheard_stale_defaults_send_no_prompt_before_the_create_has_committed(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listener down: nothing vouched for. A create from remembered
+    defaults another process changed meanwhile is refused by its check and
+    made again from a read; the provider sees the new prompt alone."""
+    assistant_id = await _assistant(runtime)
+    await _set_instructions(runtime, assistant_id, "OLD instructions")
+    await _queue(runtime, assistant_id)
+    await _executed(runtime)
+    listener = runtime._listener
+    assert listener is not None
+    listener.cancel()
+    await asyncio.gather(listener, return_exceptions=True)
+    assert not runtime.run_log.listening and run_defaults.vouch(assistant_id) is None
+    await _set_instructions(runtime, assistant_id, "NEW instructions")  # heard by nobody
+    order: list[str] = []
+    sent = _instructions_sent(runtime, monkeypatch, order)
+    noted = _noting(runtime, monkeypatch)
+    await _queue(runtime, assistant_id, remembering=True)
+    await _worker(runtime).run_until_idle()  # (the run made again is claimed)
+    await _executed(runtime)
+    assert sent == ["NEW instructions"], sent
+    assert noted.count("create sent") == 2, noted  # refused, then made again from a read
+
+
+@pytest.mark.parametrize("change", ["update", "delete"])
+async def test_postgres_an_assistants_update_or_delete_announces_it_at_its_commit(
+    runtime: Runtime, database_url: str, change: str
+) -> None:
+    assistant_id = await _assistant(runtime)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    listener = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await listener.add_listener(
+            run_defaults.CHANGES_CHANNEL, lambda _c, _pid, _channel, payload: heard.put_nowait(payload)
+        )
+        project = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
+        async with runtime.transaction() as session:
+            if change == "update":
+                await assistants.update(session, project, assistant_id, AssistantUpdate(instructions="changed"))
+            else:
+                await assistants.delete(session, project, assistant_id)
+        assert await asyncio.wait_for(heard.get(), 10) == assistant_id  # (named within the test's timeout)
+    finally:
+        await listener.close()
