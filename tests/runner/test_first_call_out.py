@@ -198,15 +198,26 @@ def _held_until_the_call_is_out(order: list[str], *, then_fail: bool = False) ->
     return then
 
 
+async def _held_create(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, *, then_fail: bool = False
+) -> tuple[str, list[str], list[str], asyncio.Event]:
+    """An assistant, and the next create's statement held until its first
+    call is out (_held_until_the_call_is_out), its calls' events noted:
+    (the assistant, the order of the call and the statement, _noting()'s
+    order, the event set when the call closes)."""
+    assistant = await _assistant(runtime)
+    order: list[str] = []
+    noted = _noting(runtime, monkeypatch, then=_held_until_the_call_is_out(order, then_fail=then_fail))
+    closed = _calls(runtime, monkeypatch, order, reads=True)
+    return assistant, order, noted, closed
+
+
 @_ON_POSTGRES
 async def test_postgres_the_first_call_goes_out_while_the_create_is_out_and_is_read_on_once_it_has_committed(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assistant = await _assistant(runtime)
+    assistant, order, noted, _closed = await _held_create(runtime, monkeypatch)
     worker = _worker(runtime)
-    order: list[str] = []
-    noted = _noting(runtime, monkeypatch, then=_held_until_the_call_is_out(order))
-    _calls(runtime, monkeypatch, order, reads=True)
     run, _response = await _queue(runtime, assistant)
     await _executed(runtime)
     assert order.index("call sent") < order.index("statement sent") < order.index("created"), order
@@ -221,11 +232,8 @@ async def test_postgres_the_first_call_goes_out_while_the_create_is_out_and_is_r
 async def test_postgres_a_create_that_fails_with_its_first_call_out_closes_the_call_unread(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assistant = await _assistant(runtime)
+    assistant, order, noted, closed = await _held_create(runtime, monkeypatch, then_fail=True)
     worker = _worker(runtime)
-    order: list[str] = []
-    noted = _noting(runtime, monkeypatch, then=_held_until_the_call_is_out(order, then_fail=True))
-    closed = _calls(runtime, monkeypatch, order, reads=True)
     with pytest.raises(OperationalError):
         await _queue(runtime, assistant)
     await asyncio.wait_for(closed.wait(), DEADLINE)
