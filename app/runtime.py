@@ -124,7 +124,7 @@ class Runtime:
             peers.watch(runtime.run_log.stop_early_delivery, runtime.run_log.start_early_delivery)
         if postgres:
             # Streams here follow runs that other processes execute.
-            # Its connection hears assistants' changes too (run_defaults.vouched).
+            # Its connection hears assistants' changes too (run_defaults.vouch).
             listening = run_log.listen(
                 engine,
                 runtime.run_log,

@@ -12,6 +12,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.services import run_defaults
+
 # Bookkeeping and configuration that survive a reset: the schema version,
 # and the projects and their keys (a reset forgets objects, not who may call).
 _KEEP = frozenset({"alembic_version", "projects", "api_keys"})
@@ -38,6 +40,9 @@ def _sqlite_tables(connection: Connection) -> tuple[list[str], list[str]]:
 
 async def reset(session: AsyncSession) -> None:
     connection = await session.connection()
+    # Every assistant goes: no process keeps the run defaults it remembered.
+    run_defaults.forget_all()
+    await run_defaults.announce_change(session, run_defaults.EVERY_ASSISTANT)
     if connection.dialect.name == "sqlite":
         ordinary, virtual = await connection.run_sync(_sqlite_tables)
         await session.execute(text("PRAGMA defer_foreign_keys = ON"))

@@ -151,10 +151,18 @@ def listening(now: bool) -> None:
         _HEARING.listening = max(0, _HEARING.listening - 1)
 
 
+# The payload of a change of every assistant (admin.reset).
+EVERY_ASSISTANT = "*"
+
+
 def heard_change(assistant_id: str) -> None:
-    """A NOTIFY on CHANGES_CHANNEL: the assistant was changed or deleted."""
+    """A NOTIFY on CHANGES_CHANNEL: the assistant was changed or deleted
+    (EVERY_ASSISTANT: all were)."""
     _HEARING.changes += 1
-    forget(assistant_id)
+    if assistant_id == EVERY_ASSISTANT:
+        forget_all()
+    else:
+        forget(assistant_id)
 
 
 async def announce_change(session: AsyncSession, assistant_id: str) -> None:
@@ -249,6 +257,10 @@ def remembered(project: Project, assistant_id: str) -> AssistantDefaults | None:
     if defaults is None or defaults.stored[0] != project.id:
         return None
     return defaults
+
+
+def forget_all() -> None:
+    _REMEMBERED.clear()
 
 
 def forget(assistant_id: str) -> None:

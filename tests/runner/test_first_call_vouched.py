@@ -18,7 +18,7 @@ from sqlalchemy import text
 
 from app import llm, orm
 from app.runtime import Runtime
-from app.services import assistants, run_defaults
+from app.services import admin, assistants, run_defaults
 from app.services.projects import Project
 from app.settings import Settings
 from app.wire.assistants import AssistantUpdate
@@ -116,23 +116,31 @@ async def test_postgres_unheard_stale_defaults_send_no_prompt_before_the_create_
     assert noted.count("create sent") == 2, noted  # refused, then made again from a read
 
 
-@pytest.mark.parametrize("change", ["update", "delete"])
+@pytest.mark.parametrize("change", ["update", "delete", "reset"])
 async def test_postgres_an_assistants_update_or_delete_announces_it_at_its_commit(
     runtime: Runtime, database_url: str, change: str
 ) -> None:
+    """reset (the admin API's wipe): every assistant, and this process
+    forgets every remembered default at once."""
     assistant_id = await _assistant(runtime)
+    project = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
+    async with runtime.transaction() as session:
+        await run_defaults.read(session, project, assistant_id)  # remembered
     heard: asyncio.Queue[str] = asyncio.Queue()
     listener = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
     try:
         await listener.add_listener(
             run_defaults.CHANGES_CHANNEL, lambda _c, _pid, _channel, payload: heard.put_nowait(payload)
         )
-        project = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
         async with runtime.transaction() as session:
             if change == "update":
                 await assistants.update(session, project, assistant_id, AssistantUpdate(instructions="changed"))
-            else:
+            elif change == "delete":
                 await assistants.delete(session, project, assistant_id)
-        assert await asyncio.wait_for(heard.get(), 10) == assistant_id  # (named within the test's timeout)
+            else:
+                await admin.reset(session)
+        expected = run_defaults.EVERY_ASSISTANT if change == "reset" else assistant_id
+        assert await asyncio.wait_for(heard.get(), 10) == expected  # (named within the test's timeout)
+        assert run_defaults.remembered(project, assistant_id) is None
     finally:
         await listener.close()
