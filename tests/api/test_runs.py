@@ -397,7 +397,8 @@ def test_every_default_a_run_takes_is_checked() -> None:
     RUN_TAKES, and the checked INSERT compares each (a field added to one
     without the other would let a run take a stale value)."""
     names = [field.name for field in dataclasses.fields(run_defaults.AssistantDefaults)]
-    assert names == ["id", *run_defaults.RUN_TAKES, "stored"]
+    # (vouched_epoch: when they were read, not a value a run takes.)
+    assert names == ["id", *run_defaults.RUN_TAKES, "stored", "vouched_epoch"]
     assert [column.name for column in run_defaults._CHECKED] == [
         "project_id",
         *run_defaults.RUN_TAKES,
