@@ -417,9 +417,10 @@ class Worker:
             return
         if not execution.finished:
             if folded_at is not None:
-                # Its first call goes out now (PostgreSQL's has, unless its
-                # model answers at once), its create waiting for it
-                # (first_call_out), before the run's task starts.
+                # Its first call goes out now (on PostgreSQL it may have
+                # gone while the create was out: execute.take_started), its
+                # create waiting for it (first_call_out), before the run's
+                # task starts.
                 execution.open_first_call(call_out)
             self._start(execution, claimed_at)
         elif self._claimed_to_capacity:  # a tick meanwhile counted its slot and claimed no more: runs may wait
