@@ -71,16 +71,22 @@ async def _set_instructions(runtime: Runtime, assistant_id: str, instructions: s
         )
 
 
+async def _changed_and_heard(runtime: Runtime, assistant_id: str, instructions: str) -> None:
+    """_set_instructions(), once this process has heard it (a change heard
+    late would otherwise land in a later read, which it would leave unvouched)."""
+    changes = run_defaults._HEARING.changes
+    await _set_instructions(runtime, assistant_id, instructions)
+    await until(lambda: run_defaults._HEARING.changes > changes, "the change to be heard", 10)
+
+
 async def test_postgres_a_change_heard_from_another_process_sends_only_the_new_prompt(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assistant_id = await _assistant(runtime)
-    await _set_instructions(runtime, assistant_id, "OLD instructions")
+    await _changed_and_heard(runtime, assistant_id, "OLD instructions")
     await _queue(runtime, assistant_id)  # reads and remembers the defaults
     await _executed(runtime)
-    changes = run_defaults._HEARING.changes
-    await _set_instructions(runtime, assistant_id, "NEW instructions")
-    await until(lambda: run_defaults._HEARING.changes > changes, "the change to be heard", 10)
+    await _changed_and_heard(runtime, assistant_id, "NEW instructions")
     order: list[str] = []
     sent = _instructions_sent(runtime, monkeypatch, order)
     _noting(runtime, monkeypatch, then=_held_until_the_call_is_out(order))
@@ -97,7 +103,7 @@ async def test_postgres_unheard_stale_defaults_send_no_prompt_before_the_create_
     defaults another process changed meanwhile is refused by its check and
     made again from a read; the provider sees the new prompt alone."""
     assistant_id = await _assistant(runtime)
-    await _set_instructions(runtime, assistant_id, "OLD instructions")
+    await _changed_and_heard(runtime, assistant_id, "OLD instructions")
     await _queue(runtime, assistant_id)
     await _executed(runtime)
     listener = runtime._listener
