@@ -398,12 +398,22 @@ async def test_a_move_after_a_takeover_writes_nothing(
 
 
 async def test_a_run_ended_during_a_builtin_tool_gets_nothing_after_its_last_event(
-    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The reaper expires a run while a built-in tool (file_search here) is
     still working for it: the round's end writes nothing (no step completed
     after the run's expired event, no new message opened by another model
-    call), and every step and message stays as the reaper closed it."""
+    call), and every step and message stays as the reaper closed it. (A
+    lease far longer than this file's 1 s: the expiry is the reaper's, not
+    a lapse. With 1 s, a fresh-clone CI once saw the lease given up while
+    the reaper's transaction was under way in the tool, and its rollback
+    left the run in_progress; a stall of 0.9 s held in that transaction
+    does the same. With 60 s it passes.)"""
+    async with runtime_with_lease(settings, 60.0) as runtime:
+        await _ended_during_a_builtin_tool(runtime, monkeypatch)
+
+
+async def _ended_during_a_builtin_tool(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
 
     async def expire_meanwhile(self: FileSearch, rt: Runtime, run: orm.Run, call_id: str, *_args: Any) -> ToolResult:
         async with rt.transaction() as session:  # as the reaper does to a run past its expires_at
