@@ -153,6 +153,11 @@ class Runtime:
         worker executes it (worker.reservation()); None without a worker."""
         return self.worker.reservation() if self.worker is not None else None
 
+    def release_reservation(self, reservation: run_execution.Reservation | None) -> None:
+        """run_reservation()'s reservation, its run never written (Worker.release)."""
+        if reservation is not None and self.worker is not None:
+            self.worker.release(reservation)
+
     def attach_worker(self, worker: Worker) -> None:
         """The worker of this process: new runs wake it at once."""
         self.worker = worker

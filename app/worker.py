@@ -149,7 +149,17 @@ class Worker:
         if self._stopping or self.affinity_seconds <= 0 or len(self._tasks) + self._reserved >= self.concurrency:
             return None
         self._reserved += 1
-        return run_execution.Reservation(run_execution.reserved_for(self.owner), time.time() + self.affinity_seconds)
+        until = time.time() + self.affinity_seconds
+        return run_execution.Reservation(run_execution.reserved_for(self.owner), until, self._claims)
+
+    def release(self, reservation: run_execution.Reservation) -> None:
+        """A reservation() whose run was never written (its create refused
+        with an API error, nothing sent): its slot is free again, for the
+        lone-run rule (hand()) and the worker's capacity, where it stayed
+        taken until the next claim counted the reservations anew (the next
+        run created then was claimed by a tick, not handed)."""
+        if reservation.owner == run_execution.reserved_for(self.owner) and reservation.claims_before == self._claims:
+            self._reserved = max(0, self._reserved - 1)
 
     def prepare(self, created: orm.Run) -> asyncio.Future[None] | None:
         """Begin handing ``created`` before its create's statement is sent

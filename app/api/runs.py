@@ -8,19 +8,20 @@ on any replica, with or without a worker in its process.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import orm
+from app import errors, orm
 from app.api import poll_hold, sse
 from app.api.deps import PageDep, ProjectDep, RuntimeDep, respond
 from app.run_follow import Follower
 from app.runtime import Runtime
-from app.services import new_rows, run_defaults, run_state, run_steps, runs
+from app.services import new_rows, run_defaults, run_execution, run_state, run_steps, runs
 from app.services.projects import Project
 from app.wire.common import ListPage
 from app.wire.events import Event
@@ -186,6 +187,7 @@ async def create_run(
 ) -> Response:
     run_steps.check_include(include)
     expires_in = runtime.settings.run_expires_seconds
+    reservation = runtime.run_reservation()
 
     def change(remembered: bool) -> QueueRun:
         return lambda session, unwritten: runs.create(
@@ -194,16 +196,19 @@ async def create_run(
             thread_id,
             body,
             expires_in=expires_in,
-            reservation=runtime.run_reservation(),
+            reservation=reservation,
             remembered=remembered,
             unwritten=unwritten,
         )
 
-    return await _queue_remembering(runtime, project, body.stream, body.assistant_id, change)
+    with _released_if_refused(runtime, reservation):
+        return await _queue_remembering(runtime, project, body.stream, body.assistant_id, change)
 
 
 @router.post("/threads/runs", response_model=Run)
 async def create_thread_and_run(body: ThreadAndRunCreate, runtime: RuntimeDep, project: ProjectDep) -> Response:
+    reservation = runtime.run_reservation()
+
     def change(remembered: bool) -> QueueRun:
         async def create(session: AsyncSession, unwritten: new_rows.Unwritten) -> tuple[orm.Run, list[Event]]:
             _thread, run, events = await runs.create_thread_and_run(
@@ -211,7 +216,7 @@ async def create_thread_and_run(body: ThreadAndRunCreate, runtime: RuntimeDep, p
                 project,
                 body,
                 expires_in=runtime.settings.run_expires_seconds,
-                reservation=runtime.run_reservation(),
+                reservation=reservation,
                 remembered=remembered,
                 unwritten=unwritten,
             )
@@ -219,7 +224,22 @@ async def create_thread_and_run(body: ThreadAndRunCreate, runtime: RuntimeDep, p
 
         return create
 
-    return await _queue_remembering(runtime, project, body.stream, body.assistant_id, change)
+    with _released_if_refused(runtime, reservation):
+        return await _queue_remembering(runtime, project, body.stream, body.assistant_id, change)
+
+
+@contextmanager
+def _released_if_refused(runtime: Runtime, reservation: run_execution.Reservation | None) -> Iterator[None]:
+    """A run's create (or its tool outputs' submission) refused with an API
+    error (its thread busy, its assistant missing, a bad value), which is
+    raised before anything is sent: the reservation taken for its run is
+    given back (Worker.release). Any other failure may have written the
+    run (an outcome unknown), reserved: the worker's next claim counts it."""
+    try:
+        yield
+    except errors.APIError:
+        runtime.release_reservation(reservation)
+        raise
 
 
 async def _queue_remembering(
@@ -283,12 +303,15 @@ async def submit_tool_outputs(
     thread_id: str, run_id: str, body: SubmitToolOutputs, runtime: RuntimeDep, project: ProjectDep
 ) -> Response:
     reservation = runtime.run_reservation()
-    return await _queue_run(
-        runtime,
-        body.stream,
-        lambda session, _unwritten: runs.submit_tool_outputs(session, project, thread_id, run_id, body, reservation),
-        project,
-    )
+    with _released_if_refused(runtime, reservation):
+        return await _queue_run(
+            runtime,
+            body.stream,
+            lambda session, _unwritten: runs.submit_tool_outputs(
+                session, project, thread_id, run_id, body, reservation
+            ),
+            project,
+        )
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}/steps", response_model=ListPage[RunStep])

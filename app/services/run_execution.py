@@ -59,6 +59,10 @@ RESERVED = "reserved:"
 class Reservation:
     owner: str  # RESERVED + the worker's owner
     until: float  # time.time() when other workers may claim the run
+    # The worker's claims when it was taken (a claim counts the reservations
+    # anew): a create refused before writing anything gives its slot back
+    # only if no claim has come since (Worker.release).
+    claims_before: int = 0
 
 
 def reserved_for(owner: str) -> str:
