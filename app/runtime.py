@@ -129,7 +129,7 @@ class Runtime:
                 engine,
                 runtime.run_log,
                 more={run_defaults.CHANGES_CHANNEL: run_defaults.heard_change},
-                on_listening=run_defaults.listening,
+                on_listening=run_defaults.listener_hearing(),
             )
             runtime._listener = asyncio.create_task(listening, name="run-events-listener")
         if settings.llm_replay is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,6 +150,28 @@ def listening(now: bool) -> None:
         _HEARING.epoch += 1
     else:
         _HEARING.listening = max(0, _HEARING.listening - 1)
+
+
+def listener_hearing() -> Callable[[bool], None]:
+    """One listening connection's ``on_listening`` (the Runtime's run-events
+    listener, run_log.listen): listening(), and each time it opens again
+    after its first opening, forget_all(): changes sent while it was closed
+    were not heard, and what was remembered before would otherwise stay
+    remembered unvouched (vouch()), each run made from it waiting for its
+    create's commit before its first call, until the assistant changes
+    again. Its next run reads it afresh, vouched for then (one read an
+    assistant, once)."""
+    opened = 0
+
+    def hearing(now: bool) -> None:
+        nonlocal opened
+        if now:
+            opened += 1
+            if opened > 1:
+                forget_all()
+        listening(now)
+
+    return hearing
 
 
 # The payload of a change of every assistant (admin.reset).

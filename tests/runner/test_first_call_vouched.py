@@ -150,3 +150,32 @@ async def test_postgres_an_assistants_update_or_delete_announces_it_at_its_commi
         assert run_defaults.remembered(project, assistant_id) is None
     finally:
         await listener.close()
+
+
+async def test_postgres_a_listener_opened_again_forgets_what_was_remembered(runtime: Runtime) -> None:
+    """Its connection lost (here ended by PostgreSQL), the listener opens
+    another: changes sent meanwhile were not heard, so every remembered
+    default is forgotten, and read afresh by its next run, vouched for then
+    (remembered unvouched, its runs' first calls would wait for their
+    commits until the assistant changed again)."""
+    assistant_id = await _assistant(runtime)
+    project = Project(id=orm.DEFAULT_PROJECT_ID, name="default")
+    async with runtime.transaction() as session:
+        await run_defaults.read(session, project, assistant_id)
+    assert run_defaults.vouch(assistant_id) is not None
+    epoch = run_defaults._HEARING.epoch
+    async with runtime.engine.connect() as connection:
+        ended = await connection.scalar(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid() AND query ILIKE 'LISTEN%'"
+            )
+        )
+    assert ended == 1, ended
+    await until(
+        lambda: run_defaults._HEARING.epoch > epoch and runtime.run_log.listening, "the listener to open again", 10
+    )
+    assert run_defaults.remembered(project, assistant_id) is None
+    async with runtime.transaction() as session:
+        await run_defaults.read(session, project, assistant_id)
+    assert run_defaults.vouch(assistant_id) is not None
