@@ -457,7 +457,7 @@ def _build_hand_off(*, resumed: bool = False) -> Update:
     return (
         update(runs)
         .where(runs.c.id == bindparam("run_id"), runs.c.status == "queued")
-        .where(run_state.unstarted_and_free("now", "reserved_owner", resumed=resumed))
+        .where(run_state.free_to_hand("now", "reserved_owner", resumed=resumed))
         .where(func.json(runs.c.metadata) == func.json(held))
         .where(counts.scalar_subquery() == tuple_(held_count, held_count))
         .values(lease_owner=bindparam("owner"), lease_expires_at=bindparam("lease_until", type_=Float))

@@ -85,14 +85,14 @@ RUNS = cast(Table, orm.Run.__table__)
 _MESSAGES = orm.Message.__table__.c
 
 
-def unstarted_and_free(now_parameter: str, reserved_parameter: str, *, resumed: bool = False) -> ColumnElement[bool]:
+def free_to_hand(now_parameter: str, reserved_parameter: str, *, resumed: bool = False) -> ColumnElement[bool]:
     """A hand-off's condition on the run's own row (an UPDATE of RUNS),
     SQLite's (run_execution._build_hand_off) and PostgreSQL's (_carried's
     ``handed``) alike: never started (a run back to queued after its tool
     outputs has a start time), its lease free at ``now_parameter`` or still
     the reservation ``reserved_parameter`` (the claim's condition for a
-    queued run, not its resumable branch). ``resumed``: started instead, a
-    run queued again by its tool outputs (SQLite's hand-back)."""
+    queued run, not its resumable branch). ``resumed``: started already
+    instead, a run queued again by its tool outputs (SQLite's hand-back)."""
     lapsed = RUNS.c.lease_expires_at < bindparam(now_parameter, type_=Float)
     reserved = RUNS.c.lease_owner == bindparam(reserved_parameter)
     started = RUNS.c.started_at.is_not(None) if resumed else RUNS.c.started_at.is_(None)
@@ -356,7 +356,7 @@ def _carried(
     lease = RUNS.c.lease_owner == bindparam("carried_lease_holder")
     if handed:
         lease = and_(
-            unstarted_and_free("carried_now", "carried_lease_holder"),
+            free_to_hand("carried_now", "carried_lease_holder"),
             earlier_unchanged("carried_held_count", "carried_held_seqs"),
         )
     statement = (
