@@ -1,5 +1,5 @@
-"""A run's create refused with an API error (its assistant missing, its
-thread busy, tool outputs not expected) gives back the reservation taken
+"""A run's create refused with an API error (its assistant or its thread
+missing, tool outputs for no such run) gives back the reservation taken
 for its run (Worker.release): the next run created is handed to the worker
 as a lone run is, not left to a tick's claim as one created beside another
 reserved run. A create made again from a fresh read (its remembered
