@@ -154,7 +154,7 @@ class Worker:
 
     def release(self, reservation: run_execution.Reservation) -> None:
         """A reservation() whose run was never written (its create refused
-        with an API error, nothing sent): its slot is free again, for the
+        with an API error): its slot is free again, for the
         lone-run rule (hand()) and the worker's capacity, where it stayed
         taken until the next claim counted the reservations anew (the next
         run created then was claimed by a tick, not handed)."""

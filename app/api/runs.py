@@ -231,10 +231,12 @@ async def create_thread_and_run(body: ThreadAndRunCreate, runtime: RuntimeDep, p
 @contextmanager
 def _released_if_refused(runtime: Runtime, reservation: run_execution.Reservation | None) -> Iterator[None]:
     """A run's create (or its tool outputs' submission) refused with an API
-    error (its thread busy, its assistant missing, a bad value), which is
-    raised before anything is sent: the reservation taken for its run is
-    given back (Worker.release). Any other failure may have written the
-    run (an outcome unknown), reserved: the worker's next claim counts it."""
+    error (its thread busy, its assistant missing, a bad value), which
+    leaves nothing written (raised before any write, or after a statement
+    that added no row, its transaction rolled back: PostgreSQL's live-run
+    insert): the reservation taken for its run is given back
+    (Worker.release). Any other failure may have written the run (an
+    outcome unknown), reserved: the worker's next claim counts it."""
     try:
         yield
     except errors.APIError:
