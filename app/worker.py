@@ -93,12 +93,18 @@ class Worker:
         # Claims so far (each takes the runs reserved before it): a hand-off
         # gives its reservation back only if no claim has taken it meanwhile.
         self._claims = 0
-        # The hand-off in flight (hand()), by run: at most one, so that runs
-        # created together are still claimed together by one tick (one claim
-        # and one commit for many, where a hand-off is a transaction per
-        # run). A tick meanwhile leaves its run out of its claim, as one this
-        # worker executes (the hand-off's failure wakes the worker again).
+        # The hand-offs in flight (hand(), prepare()), by run: at most one
+        # that sends a statement of its own, so that such runs created
+        # together are still claimed together by one tick (one claim and one
+        # commit for many, where such a hand-off is a transaction per run);
+        # any number of folded runs' (started by their creates: no statement).
+        # A tick meanwhile leaves their runs out of its claim, as ones this
+        # worker executes (a hand-off's failure wakes the worker again).
         self._handing: dict[str, asyncio.Task[None]] = {}
+        # Each hand-off's claim count when it began (``_claims``): one begun
+        # before the last claim is no longer among ``_reserved``, which that
+        # claim counted anew, though its run takes a slot (reservation()).
+        self._handing_since: dict[str, int] = {}
         # The gates of hand-offs begun before their create committed
         # (prepare()), by run, until hand() opens or dropped() closes them.
         self._gates: dict[str, asyncio.Future[None]] = {}
@@ -146,7 +152,11 @@ class Worker:
         (which claims it at its next wake, in-process, so the run's stream
         and polls are answered from this process's bus), unless this worker
         has no slot for it; then any process may claim it at once."""
-        if self._stopping or self.affinity_seconds <= 0 or len(self._tasks) + self._reserved >= self.concurrency:
+        # Folded runs' hand-offs are many at a time under load (prepare()),
+        # and a claim meanwhile stops counting them among ``_reserved``.
+        handing_uncounted = sum(1 for claims in self._handing_since.values() if claims != self._claims)
+        taken = len(self._tasks) + self._reserved + handing_uncounted
+        if self._stopping or self.affinity_seconds <= 0 or taken >= self.concurrency:
             return None
         self._reserved += 1
         until = time.time() + self.affinity_seconds
@@ -176,7 +186,9 @@ class Worker:
         thrown away only if the create fails or the run is cancelled or
         changed before the statement's compare-and-set.
         A run whose answer is not instant (a provider's model: LLM.streams)
-        is started by its create instead: ``created`` is left in_progress,
+        is started by its create instead, whatever else this worker has
+        under way (the lone-run rule is for hand-offs that send a statement
+        of their own): ``created`` is left in_progress,
         leased to this worker (run_state.start_in_create), for the create's
         statement to insert so and log its start after its opening events;
         the hand-off sends nothing (execute.take_started: its prompt built
@@ -188,20 +200,29 @@ class Worker:
         (until released, or its lease lapsed: the commit may land after a
         tick), for that claim to take it as any resumable run (or the
         reaper to end it, cancelled meanwhile)."""
-        if not self._handable_now(created) or not (self.runtime.run_log.postgres or self._folds_on_sqlite(created)):
-            return None
-        if self._tasks:
-            # Only for a worker that executes nothing (one client's runs, one
-            # after another): under load the rule, checked before the create's
-            # round trip, found 3-7 % of runs alone, not < 1 % as after it, each
-            # then handed by a statement of its own instead of a claim's share
-            # (PostgreSQL's 16 clients: 2.7-3.2 against 3.6-4.1 ms of server
-            # CPU a provider run, bench/README "pgearly"). hand() decides those
-            # after the commit, as before.
+        folds = self.runtime.llm.streams(created.model) and (
+            self.runtime.run_log.postgres or self._folds_on_sqlite(created)
+        )
+        if folds:
+            # A fold sends no statement of its own: whatever else this worker
+            # has under way (other runs, hand-offs, a tick), the run is started
+            # by its create, not left to a tick's claim (its statement, its
+            # starts' and their commit, shared by the runs of one claim).
+            if not self._foldable_now(created):
+                return None
+        elif not self.runtime.run_log.postgres or not self._handable_now(created) or self._tasks:
+            # An instant answer's early hand-off only for a worker that
+            # executes nothing (one client's runs, one after another): under
+            # load the rule, checked before the create's round trip, found
+            # 3-7 % of runs alone, not < 1 % as after it, each then handed by
+            # a statement of its own instead of a claim's share (PostgreSQL's
+            # 16 clients: 2.7-3.2 against 3.6-4.1 ms of server CPU a provider
+            # run, bench/README "pgearly"). hand() decides those after the
+            # commit, as before.
             return None
         committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._gates[created.id] = committed
-        if self.runtime.llm.streams(created.model):
+        if folds:
             # Its answer is not instant (a provider's): its start is folded
             # into the create, whose one statement inserts it started,
             # leased to this worker as a claim leases it (issue 17: the
@@ -245,7 +266,7 @@ class Worker:
             # committed the run leased to this worker, which would keep it
             # from every claim until the lease lapsed: the ticks release it.
             self._note_folded_unreleased(created)
-        task = self._handing.pop(created.id, None)
+        task = self._forget_hand_off(created.id)
         if task is not None:
             # Its end wakes the worker (_hand_off_ended): a create whose
             # outcome was unknown may have committed the run after all.
@@ -300,6 +321,17 @@ class Worker:
     def _handable_now(self, created: orm.Run) -> bool:
         return self._alone_for_this_worker(created) and run_execution.handable(created)
 
+    def _foldable_now(self, created: orm.Run) -> bool:
+        """prepare()'s conditions for a fold: looping, not stopping,
+        ``created`` reserved for this worker (reservation(): a slot free for
+        it) and its earlier messages known; not the lone-run rule's."""
+        return (
+            self._looping
+            and not self._stopping
+            and created.lease_owner == run_execution.reserved_for(self.owner)
+            and run_execution.handable(created)
+        )
+
     def _alone_for_this_worker(self, created: orm.Run) -> bool:
         """hand()'s conditions on the worker: looping, not stopping, no other
         hand-off or tick under way, no other run reserved since the last
@@ -348,11 +380,18 @@ class Worker:
         )
         task = asyncio.create_task(taking, name=f"hand-off {created.id}")
         self._handing[created.id] = task
+        self._handing_since[created.id] = self._claims
         task.add_done_callback(functools.partial(self._hand_off_ended, created.id))
+
+    def _forget_hand_off(self, run_id: str) -> asyncio.Task[None] | None:
+        """The hand-off of ``run_id`` is over (its run a task, left to a
+        claim, or its create failed): its task, if it was still listed."""
+        self._handing_since.pop(run_id, None)
+        return self._handing.pop(run_id, None)
 
     def _hand_off_ended(self, run_id: str, task: asyncio.Task[None]) -> None:
         if self._handing.get(run_id) is task:
-            del self._handing[run_id]
+            self._forget_hand_off(run_id)
         call_out = self._calls_out.pop(run_id, None)
         if call_out is not None and not call_out.done():  # ended with no call sent: the create waits no longer
             call_out.set_result(None)
@@ -407,14 +446,14 @@ class Worker:
                     self.runtime, self.owner, created, self.lease_seconds, self.builtins, committed
                 )
         except Exception as error:  # the run is claimed the usual way, reserved for this worker still
-            del self._handing[created.id]  # before the wake: the claim of the tick it starts takes the run
+            self._forget_hand_off(created.id)  # before the wake: the claim of the tick it starts takes the run
             if not run_execution.hand_off_lost(error):
                 log.warning("handing run %s to this worker failed (%s); it is claimed instead", created.id, error)
             self.wake(files=False)
             return
         if self._claims == claims_before:  # (a claim since has counted the reservations anew)
             self._reserved = max(0, self._reserved - 1)  # its slot: the run has ended, or its task below takes it
-        del self._handing[created.id]
+        self._forget_hand_off(created.id)
         if folded_at is not None and time.monotonic() >= self.leases.give_up_at(folded_at):
             # A create slower than the lease (stamped before its statement
             # went): the renewer would give the run up at once, or its lease

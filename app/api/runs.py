@@ -109,11 +109,11 @@ async def _queue_run(
             # The run's hand-off, if it is handed, is built while the
             # statement below (SQLite: the commit's hop) is out, and sent once
             # it has committed (Worker.prepare; issue 17: on SQLite only a
-            # lone provider run's, folded into this create).
+            # provider run's, folded into this create).
             handing = None if notify or runtime.worker is None else runtime.worker.prepare(run)
             # The run as the create answers it (the JSON answer, a stream's
-            # head): the event that queued it, though a lone provider run is
-            # inserted started (Worker.prepare, run_state.start_in_create),
+            # head): the event that queued it, though a provider run reserved
+            # for this process's worker is inserted started (Worker.prepare, run_state.start_in_create),
             # its start logged by the same statement, after it.
             answered = events[-1] if events else None
             if handing is not None and run.status == "in_progress":

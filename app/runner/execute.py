@@ -1691,7 +1691,7 @@ async def take_started(
     vouched: run_defaults.Vouch | None = None,
 ) -> RunExecution:
     """The execution of ``created``, a run its create inserts already
-    started, leased to ``owner`` (Worker.prepare's fold: a lone run whose
+    started, leased to ``owner`` (Worker.prepare's fold: a run whose
     answer is not instant, a provider's; issue 17, no statement of the
     hand-off's own). On PostgreSQL its first prompt is built while the
     create's statement is out, any read it needs gated until the create has
