@@ -113,8 +113,9 @@ async def _queue_run(
             handing = None if notify or runtime.worker is None else runtime.worker.prepare(run)
             # The run as the create answers it (the JSON answer, a stream's
             # head): the event that queued it, though a provider run reserved
-            # for this process's worker is inserted started (Worker.prepare, run_state.start_in_create),
-            # its start logged by the same statement, after it.
+            # for this process's worker is inserted started (Worker.prepare,
+            # run_state.start_in_create), its start logged by the same
+            # statement, after it.
             answered = events[-1] if events else None
             if handing is not None and run.status == "in_progress":
                 # Folded: only a run this transaction inserts can be started
