@@ -648,6 +648,7 @@ def idle_rss(scratch: Path, stub_port: int, extra_env: dict[str, str]) -> list[s
 
 
 def main() -> None:
+    global SERVED_TREE, TOKENS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--runs", type=int, default=200, help="sequential requests per latency figure")
@@ -661,6 +662,9 @@ def main() -> None:
         "made first, untimed: its latency is the run's alone, its runs/s counts the thread's create too)",
     )
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per load point")
+    parser.add_argument(
+        "--tokens", type=int, default=TOKENS, help="words in each of the stubs' answers (a real answer has hundreds)"
+    )
     parser.add_argument("--load-warmup", type=float, default=1.0)
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
     parser.add_argument("--call-path", type=int, default=0, metavar="N", help="only: CPU of N completions in-process")
@@ -670,8 +674,8 @@ def main() -> None:
         "--tree", type=Path, default=REPO, help="the working tree whose app the server runs (default: this script's)"
     )
     args = parser.parse_args()
-    global SERVED_TREE
     SERVED_TREE = args.tree.resolve()
+    TOKENS = args.tokens
     print(f"the server runs the app of {SERVED_TREE}")
     if args.idle_only:
         with tempfile.TemporaryDirectory(prefix="bench-overhead-") as name:
