@@ -56,6 +56,7 @@ from app.llm.interface import (
 )
 from app.llm.provider import ChunkReader, ProviderFailure, provider_error
 from app.llm.routing import Route, resolve_env
+from app.wire import jsontext
 
 _STOP_REASONS = {
     "end_turn": "stop",
@@ -85,7 +86,7 @@ async def stream(
     async with opened(call, client.here(), route, explicit_params(request), _failure) as response:
         with reading(route):  # an error event, a broken stream, an event that is not JSON: as litellm reports them
             async for data in sse_data(response):
-                for event in reader.read(json.loads(data)):
+                for event in reader.read(jsontext.loads(data)):  # (as direct._chunk's)
                     yield event
     yield reader.finish(request, counter)
 

@@ -476,8 +476,10 @@ async def sse_data(response: StreamedResponse) -> AsyncIterator[str]:
 
 
 def _chunk(data: str) -> Any:
-    """One chunk's JSON; an error object streamed in place of a chunk raises it."""
-    chunk = json.loads(data)
+    """One chunk's JSON; an error object streamed in place of a chunk raises it.
+    Read as the stdlib reads it, by orjson where that is the same (issue 17:
+    one parse per streamed token, in well under half the stdlib's time)."""
+    chunk = jsontext.loads(data)
     if not isinstance(chunk, dict):
         raise ProviderFailure(500, f"malformed chunk: {data[:_ERROR_BODY_CHARS]}")
     error = chunk.get("error")

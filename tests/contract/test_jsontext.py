@@ -53,10 +53,18 @@ def test_non_ascii_is_written_as_utf8_compactly() -> None:
         (b"[18446744073709551616]", [18446744073709551616]),
         ('"12345678901234567890 in a string"', "12345678901234567890 in a string"),
         ('"\\u00e9t\\u00e9"', "été"),  # as the stdlib wrote rows before
+        ('["été", -1234567890123456789012]', ["été", -1234567890123456789012]),  # after non-ASCII text
+        ("[-9223372036854775809]", [-9223372036854775809]),  # negative, 19 digits, beyond 64 bits
+        ("[-9223372036854775808, 18446744073709551615]", [-(2**63), 2**64 - 1]),  # orjson's own
+        ('["\ud800", 123456789012345678901]', ["\ud800", 123456789012345678901]),  # a lone surrogate in the text
+        ('["\\ud800", 12345678901234567890]', ["\ud800", 12345678901234567890]),  # one escaped
+        ('{"choices": [{"index": 0, "delta": {"content": " w"}}], "created": 1733300000}', None),  # a chunk
     ],
 )
 def test_text_is_read_as_the_stdlib_reads_it(text: str | bytes, expected: Any) -> None:
-    assert jsontext.loads(text) == expected
+    read = jsontext.loads(text)
+    assert read == (json.loads(text) if expected is None else expected)
+    assert repr(read) == repr(json.loads(text))  # integers stay integers
 
 
 def test_what_orjson_refuses_is_read_by_the_stdlib() -> None:
