@@ -35,7 +35,7 @@ from app import created_runs
 from app.runtime import Runtime
 from app.services import run_execution, runs
 from app.services.projects import Project
-from app.wire.events import TERMINAL_RUN_EVENTS
+from app.wire.events import TERMINAL_RUN_EVENTS, Event
 from app.wire.runs import Run
 
 # Statuses an SDK poller keeps polling through (wire notes 6.2).
@@ -96,12 +96,20 @@ async def retrieve_when_stopped(runtime: Runtime, project: Project, thread_id: s
     """The run once it stops, or after ``poll_hold_ms``, or once it is no
     longer this process's to execute: the run, or the JSON text of the
     stopping event that carries it (the committed run as a GET renders it,
-    already encoded for the run's log: answered as it is). Subscribed
-    before reading, so an event published in between is not missed; no
-    connection is held while waiting."""
+    already encoded for the run's log: answered as it is). Watching before
+    reading, so an event published in between is not missed; no connection
+    is held while waiting. A bus watch, not a subscription: the run's
+    deltas go by in the publisher's call, one name compared each, where a
+    subscriber's queue woke this task for every streamed token (issue 17)."""
     hold_until = time.monotonic() + runtime.settings.poll_hold_ms / 1000
-    async with runtime.bus.subscribe(run_id) as events:
-        # Subscribed: a stopping event published from here on is heard, one
+    stopped: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+
+    def on_event(event: Event) -> None:
+        if event.name in TERMINAL_RUN_EVENTS and isinstance(event.data, dict) and not stopped.done():
+            stopped.set_result(event)
+
+    with runtime.bus.watch(run_id, on_event):
+        # Watching: a stopping event published from here on is heard, one
         # published before has made ``created_runs`` forget the run.
         worker = runtime.worker
         trusted = (
@@ -121,16 +129,13 @@ async def retrieve_when_stopped(runtime: Runtime, project: Project, thread_id: s
                 if trusted is None or hold_until <= time.monotonic():
                     return runs.to_wire(run)
             left = hold_until - time.monotonic()
-            try:
-                async with asyncio.timeout(min(trusted, left)):
-                    while True:
-                        event = await events.get()
-                        if event.name in TERMINAL_RUN_EVENTS and isinstance(event.data, dict):
-                            if runtime.worker is not None:
-                                # The executor publishes just before its task
-                                # ends: answer once the worker counts the run
-                                # as done too.
-                                await runtime.worker.wait_until_released(run_id)
-                            return event.json
-            except TimeoutError:
+            # (asyncio.wait: a timeout leaves ``stopped`` as it is, to be waited on again.)
+            await asyncio.wait((stopped,), timeout=min(trusted, left))
+            if not stopped.done():
                 trusted = None  # read the row again: stopped, another's, or still ours
+                continue
+            if runtime.worker is not None:
+                # The executor publishes just before its task ends: answer
+                # once the worker counts the run as done too.
+                await runtime.worker.wait_until_released(run_id)
+            return stopped.result().json

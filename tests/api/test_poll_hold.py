@@ -111,7 +111,7 @@ async def test_a_held_poll_ends_once_another_process_claims_the_run(idle_worker_
         thread_id, run_id = await _queued_run(http)
         async with asyncio.timeout(_DEADLINE_SECONDS):
             poll = _held_poll(http, thread_id, run_id)
-            await until(lambda: runtime.bus.subscribed(run_id) or poll.done(), "the poll held")
+            await until(lambda: runtime.bus.watched(run_id) or poll.done(), "the poll held")
             now = time.time()
             await _move(
                 runtime,
@@ -170,7 +170,7 @@ async def test_a_held_poll_of_a_run_created_here_on_another_path_is_not_answered
         poll_thread, poll_key = (other_thread, key) if path_of == "another thread" else (thread_id, other_key)
         async with asyncio.timeout(_DEADLINE_SECONDS):
             poll = _held_poll(http, poll_thread, run_id, poll_key)
-            await until(lambda: runtime.bus.subscribed(run_id) or poll.done(), "the poll held")
+            await until(lambda: runtime.bus.watched(run_id) or poll.done(), "the poll held")
             # The run's stopping event, as a cancel here would publish it.
             runtime.bus.publish(run_id, [Event("thread.run.cancelled", {**run, "status": "cancelled"})])
             response = await poll
@@ -236,7 +236,7 @@ async def test_a_held_poll_answers_the_stopping_event_as_a_get_would(reserving_a
         assert len(runtime.created_runs) == 1
         async with asyncio.timeout(_DEADLINE_SECONDS):
             poll = _held_poll(http, thread.id, run.id)
-            await until(lambda: runtime.bus.subscribed(run.id), "the poll held")
+            await until(lambda: runtime.bus.watched(run.id), "the poll held")
             await worker.run_until_idle()
             held = await poll
         got = await _get(http, path)
@@ -301,3 +301,29 @@ def test_the_notes_of_created_runs_are_forgotten_once_of_no_use() -> None:
     assert len(notes) == 1
     assert notes.trusted_for(executing.__contains__, "proj", "thread", "run_new", time.time() + 120.0) is None
     assert len(notes) == 0
+
+
+async def test_a_held_poll_lets_the_runs_deltas_go_by_and_answers_its_stopping_event(reserving_app: FastAPI) -> None:
+    """A poll held over a run being streamed is told of its stopping event
+    alone: the deltas published meanwhile wait in no queue of the poll's
+    (each woke its task, issue 17), the poll stays held through them, and
+    the stopping event after them answers it, as a GET renders the run."""
+    runtime: Runtime = reserving_app.state.runtime
+    transport = httpx2.ASGITransport(app=reserving_app)
+    async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        thread_id, run_id = await _queued_run(http)
+        run = (await _get(http, f"/v1/threads/{thread_id}/runs/{run_id}")).json()
+        async with asyncio.timeout(_DEADLINE_SECONDS):
+            poll = _held_poll(http, thread_id, run_id)
+            await until(lambda: runtime.bus.watched(run_id) or poll.done(), "the poll held")
+            delta = {"id": "msg_x", "object": "thread.message.delta", "delta": {"content": []}}
+            for _ in range(3):
+                runtime.bus.publish(run_id, [Event("thread.message.delta", delta)] * 100)
+                assert not runtime.bus.subscribed(run_id)  # nothing queued for the poll
+                await asyncio.sleep(0)  # (the poll's task may run: nothing for it to do)
+            assert not poll.done()
+            runtime.bus.publish(run_id, [Event("thread.run.cancelled", {**run, "status": "cancelled"})])
+            response = await poll
+    assert response.status_code == 200
+    assert response.json() == {**run, "status": "cancelled"}
+    assert not runtime.bus.watched(run_id)
