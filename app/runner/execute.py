@@ -30,7 +30,7 @@ import enum
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Sequence
-from contextlib import aclosing, asynccontextmanager, suppress
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn, TypedDict
 
@@ -796,8 +796,9 @@ class RunExecution:
         request = self._chat_request(run, budget, chat)
         stream = _idle_limited(self.runtime.llm.stream(request), self.runtime.settings.model_idle_timeout_seconds)
         arrived: asyncio.Queue[llm.Event | _StreamEnd] = asyncio.Queue()
-        reader = asyncio.ensure_future(_read_for(self.run_id, stream, arrived, call_out, ahead_of))
-        self._open_call = _OpenCall(request, arrived, reader)
+        hand_over = _HandOver()
+        reader = asyncio.ensure_future(_read_for(self.run_id, stream, arrived, call_out, ahead_of, hand_over))
+        self._open_call = _OpenCall(request, arrived, reader, stream, hand_over)
 
     def discard_first_call(self) -> None:
         """Close the first call open_first_call() opened, if nothing took it:
@@ -1135,24 +1136,35 @@ class RunExecution:
         clients at most that much later. The stream is read by a task of its
         own (an async generator whose read is cut short by a timeout cannot
         go on); nothing is published before the choice is made. A call
-        opened early (open_first_call) is that reader already under way."""
+        opened early (open_first_call) is that reader already under way.
+        Streamed, the answer is read on in this task once the reader has
+        handed the stream over after its next event (_HandOver)."""
         if isinstance(stream, _OpenCall):
-            arrived, reader = stream.arrived, stream.reader
+            arrived, reader, hand_over, stream = stream.arrived, stream.reader, stream.hand_over, stream.stream
         elif not self._may_answer_at_once():
             return await turn.consume(stream)
         else:
-            arrived = asyncio.Queue()
-            reader = asyncio.ensure_future(_read_into(stream, arrived))
+            arrived, hand_over = asyncio.Queue(), _HandOver()
+            reader = asyncio.ensure_future(_read_into(stream, arrived, hand_over=hand_over))
         try:
             gathered = [await arrived.get()]
             whole = await _gather_quickly(gathered, arrived)
             turn.at_once = whole and not self._calls_builtin(gathered)
-            return await turn.consume(_arrivals(gathered, arrived))
+            if isinstance(gathered[-1], (llm.Finish, _StreamEnd)):
+                return await turn.consume(_arrivals(gathered, arrived))
+            # Streamed: read in this task from the reader's next event on.
+            hand_over.asked = True
+            return await turn.consume(_arrivals(gathered, arrived, stream))
         except BaseException:
             reader.cancel()  # (a normal end leaves it past the Finish, closing the stream)
             raise
         finally:
             await _until_ended(reader)
+            if hand_over.handed:
+                # Read in this task since: closed here, however the turn
+                # ended (a cancel may come before the reader's last word is
+                # taken from the queue).
+                await stream.aclose()
 
     def _turn(self, run: orm.Run) -> Turn:
         return Turn(
@@ -1259,15 +1271,38 @@ async def _replay(events: list[llm.Event]) -> AsyncIterator[llm.Event]:
 
 @dataclass(frozen=True)
 class _StreamEnd:
-    """The end of a stream read by _read_into: ``error`` if it failed."""
+    """The end of a stream read by _read_into: ``error`` if it failed;
+    ``handed_over`` if the reader stopped reading, its stream left to the
+    turn's task (_HandOver)."""
 
     error: BaseException | None = None
+    handed_over: bool = False
+
+
+class _HandOver:
+    """Asked (by the turn's task, once the answer turns out to be streamed)
+    of a stream's reader: after the event it reads next, stop reading and
+    leave the stream open, for the turn's task to read on (_arrivals).
+
+    The reader task is there for the first events (the quick answer's
+    gathering is cut short by a timeout, which an async generator's read
+    cannot survive; a call opened before its run's task). Past them, each
+    token went through it: its wake-up, the queue, then the turn's task's
+    wake-up, two steps of the loop a token where one does (issue 17: a
+    streamed answer's server CPU grows by each token's)."""
+
+    __slots__ = ("asked", "handed")
+
+    def __init__(self) -> None:
+        self.asked = False
+        self.handed = False  # the reader stopped: the stream is the turn task's to read and close
 
 
 async def _read_into(
     stream: AsyncGenerator[llm.Event, None],
     arrived: asyncio.Queue[llm.Event | _StreamEnd],
     gate: asyncio.Future[None] | None = None,
+    hand_over: _HandOver | None = None,
 ) -> None:
     """The stream's events into ``arrived``, up to its Finish (nothing is
     read after it, as a turn stops there), then an end: a failure too, so
@@ -1276,9 +1311,12 @@ async def _read_into(
     ``gate``, nothing after the first event is read until it is done (a
     call asked for before its run's create committed: a cassette's
     recording takes the answer at its Finish); a gate cancelled (the create
-    failed) ends the read as this task's cancel would."""
+    failed) ends the read as this task's cancel would. Once ``hand_over`` is
+    asked, the next event is followed by the end that says so
+    (``handed_over``), the stream left open: the turn's task reads on, and
+    closes it."""
     try:
-        async with aclosing(stream):
+        try:
             async for event in stream:
                 arrived.put_nowait(event)
                 if isinstance(event, llm.Finish):
@@ -1288,13 +1326,21 @@ async def _read_into(
                         await asyncio.shield(gate)
                     gate.result()  # (cancelled: the create failed)
                     gate = None
+                if hand_over is not None and hand_over.asked:
+                    hand_over.handed = True
+                    arrived.put_nowait(_StreamEnd(handed_over=True))
+                    return
+        finally:
+            if hand_over is None or not hand_over.handed:
+                await stream.aclose()
     except asyncio.CancelledError:
         arrived.put_nowait(_StreamEnd(llm.LLMError("server_error", "The model stream was interrupted.")))
         raise
     except Exception as error:  # raised by _arrivals where the stream failed
         arrived.put_nowait(_StreamEnd(error))
     else:
-        arrived.put_nowait(_StreamEnd())
+        if hand_over is None or not hand_over.handed:
+            arrived.put_nowait(_StreamEnd())
 
 
 async def _read_for(
@@ -1303,6 +1349,7 @@ async def _read_for(
     arrived: asyncio.Queue[llm.Event | _StreamEnd],
     call_out: asyncio.Future[None] | None,
     gate: asyncio.Future[None] | None,
+    hand_over: _HandOver,
 ) -> None:
     """_read_into for a call opened before the run's task (open_first_call):
     its lines name the run, as the run's task's do (run()). ``call_out`` is
@@ -1311,7 +1358,7 @@ async def _read_for(
     logs.bind_run(run_id)
     if call_out is not None:
         asyncio.get_running_loop().call_soon(_set_done, call_out)
-    await _read_into(stream, arrived, gate)
+    await _read_into(stream, arrived, gate, hand_over)
 
 
 def _set_done(future: asyncio.Future[None]) -> None:
@@ -1327,6 +1374,8 @@ class _OpenCall:
     request: llm.ChatRequest
     arrived: asyncio.Queue[llm.Event | _StreamEnd]
     reader: asyncio.Task[None]
+    stream: AsyncGenerator[llm.Event, None]  # the reader's, until it hands it over
+    hand_over: _HandOver
 
 
 async def _gather_quickly(
@@ -1386,9 +1435,15 @@ async def _until_ended(task: asyncio.Task[Any]) -> None:
 
 
 async def _arrivals(
-    gathered: list[llm.Event | _StreamEnd], arrived: asyncio.Queue[llm.Event | _StreamEnd]
+    gathered: list[llm.Event | _StreamEnd],
+    arrived: asyncio.Queue[llm.Event | _StreamEnd],
+    stream: AsyncGenerator[llm.Event, None] | None = None,
 ) -> AsyncIterator[llm.Event]:
-    """The stream again: what _take gathered, then what arrives."""
+    """The stream again: what _take gathered, then what arrives; with
+    ``stream`` (its reader asked to hand it over), once the reader has
+    handed it over, read here, in the turn's task (_take closes it). A
+    CancelledError out of the stream that is not this task's own cancel is
+    the server error the reader made it."""
     for item in gathered:
         if isinstance(item, _StreamEnd):
             if item.error is not None:
@@ -1399,6 +1454,18 @@ async def _arrivals(
         yield item
     if item.error is not None:
         raise item.error
+    if not item.handed_over:
+        return
+    assert stream is not None
+    task = asyncio.current_task()
+    cancelling = task.cancelling() if task is not None else 0
+    try:
+        async for event in stream:
+            yield event
+    except asyncio.CancelledError:
+        if task is None or task.cancelling() > cancelling:
+            raise  # this task's own cancel (the cancel watch's, or from outside)
+        raise llm.LLMError("server_error", "The model stream was interrupted.") from None
 
 
 class _CancelWatch:
