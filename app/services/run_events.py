@@ -40,18 +40,28 @@ from app.bus import Entry
 from app.services import core_rows, new_rows, run_state
 from app.wire.events import Event
 
+# lock()'s statements, built once on the runs' table: the run log's flusher
+# sends one every flush (each 20 ms while a model streams), and the ORM's
+# select, built and compiled anew each time, was most of a flush's CPU
+# (issue 17). NO KEY UPDATE: appends exclude each other, but the executor's
+# inserts of steps and messages (whose foreign keys share-lock the run) go on.
+_RUNS = orm.Run.__table__
+_LOCK_RUNS = (
+    select(_RUNS.c.id)
+    .where(_RUNS.c.id.in_(bindparam("run_ids", expanding=True)))
+    .order_by(_RUNS.c.id)
+    .with_for_update(key_share=True)
+)
+_LOCK_LIVE_RUNS = _LOCK_RUNS.where(_RUNS.c.status.in_(("in_progress", "cancelling")))
+
 
 async def lock(session: AsyncSession, run_ids: Sequence[str], *, live_only: bool = False) -> list[str]:
     """Lock the runs' rows for this transaction (PostgreSQL; a no-op lock on
     SQLite, whose transactions hold the write lock); returns the runs found.
     ``live_only`` leaves out runs that have ended (their executor's late
     deltas are dropped)."""
-    # NO KEY UPDATE: appends exclude each other, but the executor's inserts
-    # of steps and messages (whose foreign keys share-lock the run) go on.
-    query = select(orm.Run.id).where(orm.Run.id.in_(run_ids)).order_by(orm.Run.id).with_for_update(key_share=True)
-    if live_only:
-        query = query.where(orm.Run.status.in_(("in_progress", "cancelling")))
-    return list((await session.scalars(query)).all())
+    query = _LOCK_LIVE_RUNS if live_only else _LOCK_RUNS
+    return list((await session.scalars(query, {"run_ids": list(run_ids)})).all())
 
 
 async def lock_inserting(session: AsyncSession, run_id: str, rows: Sequence[orm.Base]) -> None:
