@@ -73,6 +73,7 @@ REPO = base.REPO
 SERVED_TREE = REPO
 TERMINAL = {"completed", "failed", "cancelled", "expired", "incomplete", "requires_action"}
 TOKENS = 5  # words in every answer
+TOKEN_GAP_MS = 0.0  # the stub's wait before each word (0: the whole answer at once, read in one go)
 
 
 class Client(base.Connection):
@@ -345,7 +346,7 @@ def _children(pid: int) -> list[int]:
 def stub(scratch: Path) -> Iterator[int]:
     port = base.free_port()
     command = [sys.executable, str(REPO / "bench" / "streaming.py"), "backend", "--port", str(port)]
-    process = subprocess.Popen([*command, "--delay-ms", "0", "--tokens", str(TOKENS)], cwd=REPO)
+    process = subprocess.Popen([*command, "--delay-ms", str(TOKEN_GAP_MS), "--tokens", str(TOKENS)], cwd=REPO)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -648,7 +649,7 @@ def idle_rss(scratch: Path, stub_port: int, extra_env: dict[str, str]) -> list[s
 
 
 def main() -> None:
-    global SERVED_TREE, TOKENS
+    global SERVED_TREE, TOKENS, TOKEN_GAP_MS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--runs", type=int, default=200, help="sequential requests per latency figure")
@@ -665,6 +666,9 @@ def main() -> None:
     parser.add_argument(
         "--tokens", type=int, default=TOKENS, help="words in each of the stubs' answers (a real answer has hundreds)"
     )
+    parser.add_argument(
+        "--token-gap-ms", type=float, default=TOKEN_GAP_MS, help="the stub's wait before each word (0: at once)"
+    )
     parser.add_argument("--load-warmup", type=float, default=1.0)
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
     parser.add_argument("--call-path", type=int, default=0, metavar="N", help="only: CPU of N completions in-process")
@@ -675,7 +679,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     SERVED_TREE = args.tree.resolve()
-    TOKENS = args.tokens
+    TOKENS, TOKEN_GAP_MS = args.tokens, args.token_gap_ms
     print(f"the server runs the app of {SERVED_TREE}")
     if args.idle_only:
         with tempfile.TemporaryDirectory(prefix="bench-overhead-") as name:

@@ -176,6 +176,9 @@ def main() -> None:
     parser.add_argument("--path", choices=["direct", "litellm", "offline"], default="direct")
     parser.add_argument("--pairs", type=int, default=1000, help="rounds a session")
     parser.add_argument("--tokens", type=int, default=overhead.TOKENS, help="words in each of the stub's answers")
+    parser.add_argument(
+        "--token-gap-ms", type=float, default=0.0, help="the stub's wait before each word (a model's pace; 0: at once)"
+    )
     parser.add_argument("--warmup", type=int, default=50, help="untimed rounds a session first")
     parser.add_argument(
         "--sessions",
@@ -185,9 +188,10 @@ def main() -> None:
         "cores) moves a session's median difference more than its interval says",
     )
     args = parser.parse_args()
-    overhead.TOKENS = args.tokens  # read when the stub starts
+    overhead.TOKENS, overhead.TOKEN_GAP_MS = args.tokens, args.token_gap_ms  # read when the stub starts
     print(
-        f"{args.db}, {args.mode}, {args.path}, {args.tokens}-word answers: {args.sessions} sessions of {args.pairs} "
+        f"{args.db}, {args.mode}, {args.path}, {args.tokens}-word answers {args.token_gap_ms:g} ms apart: "
+        f"{args.sessions} sessions of {args.pairs} "
         f"rounds after {args.warmup} "
         f"warm-up; load average {os.getloadavg()[0]:.2f} before\n"
         f"A: {args.a.resolve()} {' '.join(args.a_env)}\nB: {args.b.resolve()} {' '.join(args.b_env)}\n"
