@@ -1162,8 +1162,9 @@ class RunExecution:
             await _until_ended(reader)
             if hand_over.handed:
                 # Read in this task since: closed here, however the turn
-                # ended (a cancel may come before the reader's last word is
-                # taken from the queue).
+                # ended (past its Finish the stream waits at its last yield,
+                # as the reader's read never left it; a cancel may come
+                # before the reader's last word is taken from the queue).
                 await stream.aclose()
 
     def _turn(self, run: orm.Run) -> Turn:
