@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,24 @@ from tests.runner.test_worker import _make_runs
 pytestmark = pytest.mark.timeout(60)
 
 _DEADLINE_SECONDS = 30.0
+
+
+async def _streamed_run(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, script: Any, go_on: asyncio.Event
+) -> tuple[str, asyncio.Task[None], asyncio.Future[None]]:
+    """One run answered by ``script``, which waits for ``go_on`` after its
+    first event: once its message is written (the answer streamed, the
+    reader asked to hand over), ``go_on`` is set. The run, its task, and
+    the worker's run_until_idle()."""
+    _provider(runtime, monkeypatch, script)
+    (run_id,) = await _make_runs(runtime, 1)
+    worker = Worker(runtime, concurrency=1)
+    working = asyncio.ensure_future(worker.run_until_idle())
+    try:
+        await _written_message(runtime, run_id)
+        return run_id, worker._tasks[run_id], working
+    finally:
+        go_on.set()
 
 
 async def test_past_its_first_events_the_answer_is_read_in_the_runs_task(
@@ -53,15 +72,7 @@ async def test_past_its_first_events_the_answer_is_read_in_the_runs_task(
         finally:
             closed.append(asyncio.current_task())
 
-    _provider(runtime, monkeypatch, streamed)
-    (run_id,) = await _make_runs(runtime, 1)
-    worker = Worker(runtime, concurrency=1)
-    working = asyncio.ensure_future(worker.run_until_idle())
-    try:
-        await _written_message(runtime, run_id)  # streamed: the reader was asked to hand over
-        run_task = worker._tasks[run_id]
-    finally:
-        go_on.set()
+    run_id, run_task, working = await _streamed_run(runtime, monkeypatch, streamed, go_on)
     async with asyncio.timeout(_DEADLINE_SECONDS):
         await working
     reader = readers[0]
@@ -90,15 +101,7 @@ async def test_a_cancelled_error_from_inside_the_handed_stream_fails_the_run(
         raised_in.append(asyncio.current_task())
         raise asyncio.CancelledError
 
-    _provider(runtime, monkeypatch, interrupted)
-    (run_id,) = await _make_runs(runtime, 1)
-    worker = Worker(runtime, concurrency=1)
-    working = asyncio.ensure_future(worker.run_until_idle())
-    try:
-        await _written_message(runtime, run_id)
-        run_task = worker._tasks[run_id]
-    finally:
-        go_on.set()
+    run_id, run_task, working = await _streamed_run(runtime, monkeypatch, interrupted, go_on)
     async with asyncio.timeout(_DEADLINE_SECONDS):
         await working
     assert raised_in == [run_task]
@@ -130,14 +133,7 @@ async def test_a_cancel_of_the_run_after_the_hand_over_closes_the_stream(
         finally:
             closed.append(True)
 
-    _provider(runtime, monkeypatch, hanging)
-    (run_id,) = await _make_runs(runtime, 1)
-    worker = Worker(runtime, concurrency=1)
-    working = asyncio.ensure_future(worker.run_until_idle())
-    try:
-        await _written_message(runtime, run_id)
-    finally:
-        go_on.set()
+    run_id, _task, working = await _streamed_run(runtime, monkeypatch, hanging, go_on)
     async with asyncio.timeout(_DEADLINE_SECONDS):
         await handed.wait()
         runtime.bus.publish(run_id, [Event("thread.run.cancelling", {"id": run_id})])
