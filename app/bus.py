@@ -3,8 +3,9 @@
 Two kinds of subscribers:
 
 - ``subscribe()``: the events as they happen in this process, ``watch()``:
-  the same handed to a callback (the executor's cancel watch, no task of its
-  own), and ``taps`` that see every batch (metrics and the failed-run log,
+  the same handed to a callback, no task of its own to wake for each (the
+  executor's cancel watch, a held poll waiting for its run's stopping
+  event), and ``taps`` that see every batch (metrics and the failed-run log,
   app/observability). Each event reaches them once, in the process that
   made it.
 - ``follow()``: the run's *logged* events with their sequence numbers
