@@ -138,20 +138,27 @@ def test_runs_are_executed_by_the_process_whose_api_created_them(tmp_path: Path,
         with first.sdk() as sdk:
             assistant = sdk.beta.assistants.create(model="gpt-4o")
 
-        def create(server: Server) -> str:
+        def create(server: Server) -> tuple[str, str]:
             with server.sdk() as client:
                 run = client.beta.threads.create_and_run(
                     assistant_id=assistant.id,
-                    thread={"messages": [{"role": "user", "content": "[[delay 100]] [[tokens 10]]"}]},
+                    # Minutes of answer, cancelled below: a run still executes when
+                    # the test looks for its executor, however late (a run of 1 s
+                    # could end unseen on a loaded machine).
+                    thread={"messages": [{"role": "user", "content": "[[delay 100]] [[tokens 3000]]"}]},
                 )
-                return run.id
+                return run.id, run.thread_id
 
         servers = [first, second] * 6
         with ThreadPoolExecutor(len(servers)) as pool:
-            run_ids = list(pool.map(create, servers))
+            created = list(pool.map(create, servers))
+        run_ids = [run_id for run_id, _thread_id in created]
         executors = _executors(database_args, data_dir, run_ids)
         created_by = {run_id: server.process.pid for run_id, server in zip(run_ids, servers, strict=True)}
         assert executors == created_by
+        for (run_id, thread_id), server in zip(created, servers, strict=True):
+            with server.sdk() as client:  # so that the processes stop at once, with nothing to drain
+                client.beta.threads.runs.cancel(run_id, thread_id=thread_id)
         assert first.terminate() == 0 and second.terminate() == 0
 
 

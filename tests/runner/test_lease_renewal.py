@@ -589,13 +589,15 @@ async def test_a_lease_near_its_give_up_gets_an_attempt_first(runtime: Runtime) 
     worked."""
     owner = "this-worker"
     run_id = await _held_run(runtime, owner)
-    # A 12 s lease: give-up at 10.8 s, attempts of 2 s, rounds every 4 s.
-    renewer = LeaseRenewer(runtime, owner, lease_seconds=12.0)
+    # A 30 s lease: give-up at 27 s, attempts of 5 s, rounds every 10 s. (With
+    # 12 s, attempts of 2 s: a loaded CI's renewal could miss its limit.)
+    renewer = LeaseRenewer(runtime, owner, lease_seconds=30.0)
     execution = asyncio.create_task(asyncio.sleep(DEADLINE))
     try:
-        # The claim was sent 8 s ago: its give-up is 2.8 s away, before the
-        # next period's round; the first round comes 2 s (an attempt) before it.
-        stamped_at = time.monotonic() - 8.0
+        # The claim was sent 20 s ago: its give-up is 7 s away, before the
+        # next period's round; the first round comes 5 s (an attempt) before
+        # it, 2 s from now (2 s for a late hold() on a loaded machine).
+        stamped_at = time.monotonic() - 20.0
         renewer.hold(run_id, execution, stamped_at)
         await until(lambda: renewer.renewed_at(run_id) != stamped_at or execution.done(), "a round")
         assert not execution.done() and renewer.held == {run_id}
