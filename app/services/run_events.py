@@ -406,18 +406,24 @@ async def insert_with_rows(
 _SQLITE_ONE_STATEMENT_ROWS = 256
 
 
+# lock(live_only=True)'s condition as _insert_sqlite_statement's filter: the
+# rows of runs still running (a late delta of an ended run is dropped).
+_LIVE_RUN = " WHERE EXISTS (SELECT 1 FROM runs r WHERE r.id = v.run_id AND r.status IN ('in_progress', 'cancelling'))"
+
+
 @functools.cache
-def _insert_sqlite_statement(rows: int) -> TextClause:
+def _insert_sqlite_statement(rows: int, live_only: bool = False) -> TextClause:
     """As _INSERT_POSTGRES_ROWS, for ``rows`` events: SQLite runs the SELECT to
     its end before inserting (it reads the table written), so every row's
     ``max(seq)`` is the log's end before this statement (issue 17: one
-    statement and one thread hop per append instead of two)."""
+    statement and one thread hop per append instead of two). ``live_only``:
+    only the rows of runs still running."""
     values = ", ".join(f"(:r{i}, :n{i}, :e{i}, :d{i})" for i in range(rows))
     return text(
         f"WITH v(run_id, n, event, data) AS (VALUES {values}) "  # noqa: S608 (placeholders only)
         "INSERT INTO run_events (run_id, seq, event, data, created_at) "
         "SELECT v.run_id, (SELECT coalesce(max(e.seq), 0) FROM run_events e WHERE e.run_id = v.run_id) + v.n, "
-        "v.event, v.data, :now FROM v RETURNING run_id, seq"
+        f"v.event, v.data, :now FROM v{_LIVE_RUN if live_only else ''} RETURNING run_id, seq"
     )
 
 
@@ -475,6 +481,29 @@ async def insert_behind(session: AsyncSession, run_id: str, events: list[Event],
     for start in range(0, len(events), _SQLITE_ONE_STATEMENT_ROWS):
         rows, params = _sqlite_params({run_id: events[start : start + _SQLITE_ONE_STATEMENT_ROWS]})
         await db.write_behind(session, _insert_sqlite_statement(rows), params, options)
+
+
+async def insert_live_behind(session: AsyncSession, batches: dict[str, list[Event]], returned: list[Any]) -> None:
+    """The run log flusher's insert() on SQLite, in a raw transaction
+    (db.RawTransaction, which holds the write lock: the lock() of SQLite):
+    each run's events after its log's end, held back to go with the COMMIT
+    (issue 17: a flush in one thread hop, not three), and only for runs
+    still running, as lock(live_only=True) would have found them. The
+    ``(run_id, seq)`` rows written arrive in ``returned`` once they have
+    run; a run with none had ended."""
+    options = {**db.WRITE_BEHIND, db.RETURNED_ROWS_TO: returned}
+    if sum(len(events) for events in batches.values()) <= _SQLITE_ONE_STATEMENT_ROWS:
+        parts = [batches]  # the usual flush: one statement for every run
+    else:  # each run's in order, a statement's rows at a time
+        parts = [
+            {run_id: events[start : start + _SQLITE_ONE_STATEMENT_ROWS]}
+            for run_id, events in batches.items()
+            for start in range(0, len(events), _SQLITE_ONE_STATEMENT_ROWS)
+        ]
+    for part in parts:
+        rows, params = _sqlite_params(part)
+        if rows:
+            await db.write_behind(session, _insert_sqlite_statement(rows, live_only=True), params, options)
 
 
 def logged_text(event: Event) -> str:

@@ -419,14 +419,18 @@ async def test_an_append_held_after_a_flush_took_the_runs_deltas_waits_for_that_
     run_log = runtime.run_log
     await run_log.flush()  # (nothing buffered yet: the run's log as it is)
     inserting, go_on = asyncio.Event(), asyncio.Event()
-    original = run_events.insert
 
-    async def held_up(*args: Any, **kwargs: Any) -> Any:
-        inserting.set()
-        await go_on.wait()
-        return await original(*args, **kwargs)
+    def held_up(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def inserted(*args: Any, **kwargs: Any) -> Any:
+            inserting.set()
+            await go_on.wait()
+            return await original(*args, **kwargs)
 
-    monkeypatch.setattr(run_events, "insert", held_up)
+        return inserted
+
+    # (A SQLite file's flush inserts in a raw transaction: insert_live_behind.)
+    for name in ("insert", "insert_live_behind"):
+        monkeypatch.setattr(run_events, name, held_up(getattr(run_events, name)))
     run_log.publish(run_id, [Event("thread.message.delta", {"id": "msg_x", "delta": {}})])
     flushing = asyncio.ensure_future(run_log.flush())
     entered = asyncio.Event()

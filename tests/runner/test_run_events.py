@@ -7,11 +7,12 @@ import asyncio
 import contextlib
 from typing import Any
 
+import aiosqlite
 import pytest
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import db, orm, run_log
+from app import db, orm, run_log, sqlite_driver
 from app.bus import FollowerQueue
 from app.run_log import RUN_EVENTS_CHANNEL
 from app.runtime import Runtime
@@ -550,8 +551,6 @@ def _commits_then_wait(
     from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
     from sqlalchemy.util import await_only
 
-    from app import sqlite_driver
-
     driver: Any = AsyncAdapt_asyncpg_connection if runtime.run_log.postgres else sqlite_driver.OneHopConnection
     committed, release = asyncio.Event(), asyncio.Event()
     real_commit = driver.commit
@@ -652,6 +651,85 @@ async def test_the_flusher_cancelled_in_its_commit_writes_its_deltas_once(
         release.set()
         await closing
     assert await _log(runtime, run_id) == ["thread.run.in_progress", "thread.message.delta"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL: lock, insert, COMMIT
+async def test_a_flush_on_a_sqlite_file_is_one_hop_and_drops_the_deltas_of_ended_runs(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush of a lone process's SQLite file: BEGIN, the insert of every
+    run's deltas and COMMIT go to aiosqlite's thread together (issue 17: a
+    lock's SELECT, the insert and the COMMIT were three hops). A run that
+    ended meanwhile (expired, say) has its late deltas dropped, the live
+    run's beside it are logged after its log's end, under the numbers its
+    followers were handed."""
+    live, ended = await _make_runs(runtime, 2, status="in_progress")
+    for run_id in (live, ended):
+        async with runtime.transaction() as session:
+            await runtime.run_log.append(session, run_id, [Event("thread.run.in_progress", {"id": run_id})])
+    async with runtime.transaction() as session:
+        await session.execute(update(orm.Run).where(orm.Run.id == ended).values(status="expired"))
+    runtime.run_log.flush_seconds = 60.0  # the flusher sleeps: this test's flush() is the one
+    monkeypatch.setattr(sqlite_driver, "COMMITS_ON_LOOP", False)  # a COMMIT hops, as under load
+    hops = 0
+    hop = aiosqlite.Connection._execute
+
+    async def counted(self: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal hops
+        hops += 1
+        return await hop(self, fn, *args, **kwargs)
+
+    async with runtime.bus.follow(live) as delivered:
+        runtime.run_log.publish(live, [Event("thread.message.delta", {"n": n}) for n in (1, 2)])
+        runtime.run_log.publish(ended, [Event("thread.message.delta", {"n": 3})])
+        with monkeypatch.context() as patch:
+            patch.setattr(aiosqlite.Connection, "_execute", counted)
+            await runtime.run_log.flush()
+        seen = [(e.seq, e.event.data.get("n")) for e in delivered.get_nowait() or []]
+    assert hops == 1
+    assert await _logged(runtime, live) == [
+        (1, "thread.run.in_progress", None),
+        (2, "thread.message.delta", 1),
+        (3, "thread.message.delta", 2),
+    ]
+    assert seen == [(2, 1), (3, 2)]  # handed out early, as then logged
+    assert await _logged(runtime, ended) == [(1, "thread.run.in_progress", None)]
+    assert runtime.run_log.flushed_rows == 2 and not runtime.run_log._buffer
+
+
+async def test_a_flush_whose_commit_fails_keeps_its_deltas_for_the_next(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flush's COMMIT fails (a disk error, a lost connection): its
+    deltas go back to the buffer, and the next flush logs them once, under
+    the numbers their followers were handed."""
+    (run_id,) = await _make_runs(runtime, 1, status="in_progress")
+    async with runtime.transaction() as session:
+        await runtime.run_log.append(session, run_id, [Event("thread.run.in_progress", {"id": run_id})])
+    # The flusher sleeps (PostgreSQL's too, whose first flush is otherwise
+    # at once): this test's flush() is the one.
+    runtime.run_log.flush_seconds = 60.0
+    monkeypatch.setattr(run_log, "FIRST_FLUSH_GRACE_SECONDS", 60.0)
+    committed, release = _commits_then_wait(runtime, monkeypatch, then_fails=True)
+    async with runtime.bus.follow(run_id) as delivered:
+        runtime.run_log.publish(run_id, [Event("thread.message.delta", {"n": n}) for n in (1, 2)])
+        flushing = asyncio.ensure_future(runtime.run_log.flush())
+        async with asyncio.timeout(10):
+            await committed.wait()
+            release.set()
+            with pytest.raises(Exception, match="disk I/O error"):
+                await flushing
+        assert await _logged(runtime, run_id) == [(1, "thread.run.in_progress", None)]
+        await runtime.run_log.flush()
+        seen: list[tuple[int, object]] = []
+        while not delivered.empty():
+            seen += [(e.seq, e.event.data.get("n")) for e in delivered.get_nowait() or []]
+    assert await _logged(runtime, run_id) == [
+        (1, "thread.run.in_progress", None),
+        (2, "thread.message.delta", 1),
+        (3, "thread.message.delta", 2),
+    ]
+    assert seen == [(2, 1), (3, 2)]  # each once: handed out early (SQLite) or once written
 
 
 async def test_a_cancelled_transaction_whose_commit_fails_is_rolled_back(
