@@ -845,9 +845,16 @@ class RunLog:
         drained = {
             run_id: self._buffer.pop(run_id) for run_id in wanted if run_id in self._buffer and run_id not in self._held
         }
-        for run_id in drained:
+        for run_id, items in drained.items():
             self._flushing[run_id] = ended
             taken.append(run_id)
+            if items and items[-1][0] is None:
+                # Deltas the log numbers as it writes them (published while
+                # an append was uncommitted): the run's counter is behind
+                # them until this flush ends, so a delta published meanwhile
+                # must not be numbered from it (it would take their numbers).
+                # It waits for the log too; the flush's end learns the counter.
+                self._next.pop(run_id, None)
         return drained
 
     async def _write(self, wanted: list[str], taken: list[str], ended: asyncio.Future[None]) -> _Flushed:

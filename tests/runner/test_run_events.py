@@ -195,6 +195,65 @@ async def test_a_rolled_back_append_gives_back_only_the_numbers_it_did_not_hand_
     ]
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_delta_published_while_a_flush_writes_unnumbered_ones_waits_for_their_numbers(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deltas published while an append was uncommitted wait, unnumbered,
+    for the log to number them. One published while the flush that writes
+    them is in flight is not numbered ahead over them (it took the numbers
+    they were being given): it waits for the log too, and each follower
+    sees every number once, as logged."""
+    runtime.run_log.flush_seconds = 60.0  # the flusher sleeps: this test's flush() is the one
+    (run_id,) = await _make_runs(runtime, 1, status="in_progress")
+    async with runtime.transaction() as session:
+        await runtime.run_log.append(session, run_id, [Event("thread.run.in_progress", {"id": run_id})])
+
+    def delta(n: int) -> Event:
+        return Event("thread.message.delta", {"n": n})
+
+    inserting, go_on = asyncio.Event(), asyncio.Event()
+
+    def held_up(original: Any) -> Any:
+        async def inserted(*args: Any, **kwargs: Any) -> Any:
+            inserting.set()
+            await go_on.wait()
+            return await original(*args, **kwargs)
+
+        return inserted
+
+    seen: list[tuple[int, object]] = []
+    async with runtime.bus.follow(run_id) as delivered:
+        async with runtime.transaction() as session:
+            await runtime.run_log.append(session, run_id, [Event("thread.run.step.created", {})])
+            runtime.run_log.publish(run_id, [delta(1), delta(2)])  # the append uncommitted: not numbered
+        with monkeypatch.context() as patch:
+            for name in ("insert", "insert_live_behind"):
+                patch.setattr(run_events, name, held_up(getattr(run_events, name)))
+            flushing = asyncio.ensure_future(runtime.run_log.flush())
+            try:
+                async with asyncio.timeout(10):
+                    await inserting.wait()  # deltas 1 and 2 taken, their numbers not known yet
+                    runtime.run_log.publish(run_id, [delta(3)])
+                    go_on.set()
+                    await flushing
+            finally:
+                go_on.set()
+                await asyncio.gather(flushing, return_exceptions=True)
+        await runtime.run_log.flush()
+        while not delivered.empty():
+            seen += [(entry.seq, entry.event.data.get("n")) for entry in delivered.get_nowait() or []]
+    logged = await _logged(runtime, run_id)
+    assert logged == [
+        (1, "thread.run.in_progress", None),
+        (2, "thread.run.step.created", None),
+        (3, "thread.message.delta", 1),
+        (4, "thread.message.delta", 2),
+        (5, "thread.message.delta", 3),
+    ]
+    assert sorted(seen) == [(2, None), (3, 1), (4, 2), (5, 3)]
+
+
 async def _logged(runtime: Runtime, run_id: str, after: int = 0) -> list[tuple[int, str, object]]:
     """The run's log after ``after``: (seq, event name, the test delta's "n")."""
     async with runtime.transaction() as session:
