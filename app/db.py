@@ -587,7 +587,12 @@ class RawTransaction:
             raise
 
     async def commit(
-        self, session: AsyncSession, *, seen_through: bool, undo: Callable[[AsyncSession], None] | None = None
+        self,
+        session: AsyncSession,
+        *,
+        seen_through: bool,
+        undo: Callable[[AsyncSession], None] | None = None,
+        on_thread: bool = False,
     ) -> None:
         """The held-back writes and COMMIT in one hop (rolled back there if
         one fails: SQLAlchemy's error for it, held_back.sent); with
@@ -596,8 +601,9 @@ class RawTransaction:
         write lock to end(), which the caller calls once it has undone the
         transaction's run log appends; one that loses its connection calls
         ``undo`` with the session first, as its invalidation hands the lock
-        on (lost_after_undo)."""
-        committing = self.driver.commit_straight()
+        on (lost_after_undo). ``on_thread``: on aiosqlite's thread even in a
+        lone process (sqlite_driver.OneHopConnection.commit_straight)."""
+        committing = self.driver.commit_straight(on_thread=on_thread)
         invalidate = self.pooled.invalidate if undo is None else lost_after_undo(session, undo, self.pooled.invalidate)
         hop = held_back.sent(committing, "COMMIT", None, self.engine.dialect, invalidate)
         if seen_through:

@@ -697,7 +697,7 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
             outcome: _T = await connection._execute(run, connection._conn, begin, payload, told)  # type: ignore[no-untyped-call]
         return outcome
 
-    async def commit_straight(self) -> None:
+    async def commit_straight(self, *, on_thread: bool = False) -> None:
         """The transaction's COMMIT, awaited on the event loop: the held-back
         writes and COMMIT in one hop, rolled back there if one fails, the
         raw error raised (held_back.sent words it as SQLAlchemy would). The
@@ -716,7 +716,10 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
         nothing on here: the COMMIT may still be running on the thread, and
         SQLite's lock with it, so the hand-on is left to what waits for the
         thread: held_back.sent's invalidation, whose close() runs after it
-        and calls on_transaction_end then."""
+        and calls on_transaction_end then. ``on_thread``: a transaction held
+        back to its COMMIT goes to the thread even where a lone process's
+        would run on the loop's (COMMITS_ON_LOOP): the run log's flush,
+        made while a model streams, when the loop has its tokens to read."""
         began_on_loop = self.on_loop
         job = self._commit_job()
         if job is not None:
@@ -726,7 +729,7 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
                 _commit_begun_on_loop(sqlite, earlier, self._settings())
                 self._ended()
                 return
-            if self._commits_here(begin, earlier) and self._committed_on_loop(begin, earlier):  # type: ignore[arg-type]
+            if not on_thread and self._commits_here(begin, earlier) and self._committed_on_loop(begin, earlier):  # type: ignore[arg-type]
                 self._ended()
                 return
             connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]

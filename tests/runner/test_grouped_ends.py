@@ -443,11 +443,11 @@ async def test_a_cancel_queued_behind_an_end_whose_commit_fails_numbers_after_it
     real_straight = sqlite_driver.OneHopConnection.commit_straight
     lost_once: list[bool] = []
 
-    async def connection_lost(self: sqlite_driver.OneHopConnection) -> None:
+    async def connection_lost(self: sqlite_driver.OneHopConnection, **options: bool) -> None:
         if queued.is_set() and not lost_once:  # the end's COMMIT, the first let in after the cancel queued
             lost_once.append(True)
             await self._connection.close()  # the connection lost under the COMMIT: "no active connection"
-        await real_straight(self)
+        await real_straight(self, **options)
 
     if lost:
         monkeypatch.setattr(sqlite_driver.OneHopConnection, "commit_straight", connection_lost)

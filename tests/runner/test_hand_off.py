@@ -254,11 +254,11 @@ async def test_a_failed_commit_of_the_hand_off_leaves_the_run_to_the_woken_worke
     failed: list[bool] = []
     real = sqlite_driver.OneHopConnection.commit_straight
 
-    async def lost_once(self: sqlite_driver.OneHopConnection) -> None:
+    async def lost_once(self: sqlite_driver.OneHopConnection, **options: bool) -> None:
         if not failed:
             failed.append(True)
             await self._connection.close()  # the connection lost under the COMMIT: "no active connection"
-        await real(self)
+        await real(self, **options)
 
     monkeypatch.setattr(sqlite_driver.OneHopConnection, "commit_straight", lost_once)
     assert worker.hand(run)
@@ -303,9 +303,9 @@ async def test_a_hand_off_cancelled_while_its_commit_is_out_is_committed_once(
     sending = asyncio.Event()
     real = sqlite_driver.OneHopConnection.commit_straight
 
-    async def noted(self: sqlite_driver.OneHopConnection) -> None:
+    async def noted(self: sqlite_driver.OneHopConnection, **options: bool) -> None:
         sending.set()
-        await real(self)
+        await real(self, **options)
 
     monkeypatch.setattr(sqlite_driver.OneHopConnection, "commit_straight", noted)
     assert worker.hand(run)

@@ -632,12 +632,12 @@ def _commits_then_wait(
     # SQLite: Runtime.transaction commits on the driver, outside SQLAlchemy's commit (db.commit_straight).
     real_straight = sqlite_driver.OneHopConnection.commit_straight
 
-    async def commit_straight(self: sqlite_driver.OneHopConnection) -> None:
+    async def commit_straight(self: sqlite_driver.OneHopConnection, **options: bool) -> None:
         if committed.is_set():  # the next one only
-            await real_straight(self)
+            await real_straight(self, **options)
             return
         if not then_fails:
-            await real_straight(self)
+            await real_straight(self, **options)
             committed.set()
             await release.wait()
             return
@@ -718,7 +718,9 @@ async def test_a_flush_on_a_sqlite_file_is_one_hop_and_drops_the_deltas_of_ended
 ) -> None:
     """A flush of a lone process's SQLite file: BEGIN, the insert of every
     run's deltas and COMMIT go to aiosqlite's thread together (issue 17: a
-    lock's SELECT, the insert and the COMMIT were three hops). A run that
+    lock's SELECT, the insert and the COMMIT were three hops), not to the
+    event loop's thread, where a lone process's transactions may run (a
+    streaming model's tokens would wait for it). A run that
     ended meanwhile (expired, say) has its late deltas dropped, the live
     run's beside it are logged after its log's end, under the numbers its
     followers were handed."""
@@ -729,7 +731,6 @@ async def test_a_flush_on_a_sqlite_file_is_one_hop_and_drops_the_deltas_of_ended
     async with runtime.transaction() as session:
         await session.execute(update(orm.Run).where(orm.Run.id == ended).values(status="expired"))
     runtime.run_log.flush_seconds = 60.0  # the flusher sleeps: this test's flush() is the one
-    monkeypatch.setattr(sqlite_driver, "COMMITS_ON_LOOP", False)  # a COMMIT hops, as under load
     hops = 0
     hop = aiosqlite.Connection._execute
 

@@ -88,9 +88,9 @@ def _before_straight_commit(hook: Callable[[sqlite_driver.OneHopConnection], Awa
     """Every straight commit first awaits ``hook`` with its driver connection."""
     real = sqlite_driver.OneHopConnection.commit_straight
 
-    async def commit_straight(self: sqlite_driver.OneHopConnection) -> None:
+    async def commit_straight(self: sqlite_driver.OneHopConnection, **options: bool) -> None:
         await hook(self)
-        await real(self)
+        await real(self, **options)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sqlite_driver.OneHopConnection, "commit_straight", commit_straight)
@@ -437,9 +437,9 @@ def _hooked_commit_straight(
 ) -> Callable[..., Awaitable[None]]:
     real = sqlite_driver.OneHopConnection.commit_straight
 
-    async def commit_straight(self: sqlite_driver.OneHopConnection) -> None:
+    async def commit_straight(self: sqlite_driver.OneHopConnection, **options: bool) -> None:
         await hook(self)
-        await real(self)
+        await real(self, **options)
 
     return commit_straight
 
