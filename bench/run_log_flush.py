@@ -1,0 +1,107 @@
+"""What one flush of the run log costs (issue 17): the process's CPU and the
+wall time of ``RunLog.flush()`` writing a few deltas of one live run, over
+and over, with no HTTP, no model and no worker around it.
+
+    .venv/bin/python bench/run_log_flush.py                       # SQLite file, 5 rounds of 1,000 flushes
+    .venv/bin/python bench/run_log_flush.py --deltas 1 --flushes 500
+    .venv/bin/python bench/run_log_flush.py --database-url postgresql+asyncpg://...
+
+While a model streams, the flusher writes every ``run_events_flush_seconds``
+(20 ms), so at a model's pace its cost follows the run's duration: this
+sizes that cost alone. To compare two trees, run this file of each in turn
+(CPU is the whole process's, aiosqlite's thread included: time.process_time).
+Not a test: it prints numbers, asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from sqlalchemy import update  # noqa: E402
+
+from app import orm  # noqa: E402
+from app.runtime import Runtime  # noqa: E402
+from app.services import assistants, projects, runs  # noqa: E402
+from app.settings import Settings  # noqa: E402
+from app.wire.assistants import AssistantCreate  # noqa: E402
+from app.wire.events import Event  # noqa: E402
+from app.wire.runs import ThreadAndRunCreate  # noqa: E402
+
+
+async def _live_run(runtime: Runtime) -> str:
+    """A run created as a client creates one, then marked in progress (its
+    deltas are logged; no worker executes it)."""
+    async with runtime.transaction() as session:
+        assistant = await assistants.create(session, projects.DEFAULT, AssistantCreate(model="gpt-4o"))
+    async with runtime.transaction() as session:
+        body = ThreadAndRunCreate.model_validate(
+            {"assistant_id": assistant.id, "thread": {"messages": [{"role": "user", "content": "hi"}]}}
+        )
+        _thread, run, _events = await runs.create_thread_and_run(session, projects.DEFAULT, body, expires_in=3600)
+    async with runtime.transaction() as session:
+        await session.execute(update(orm.Run).where(orm.Run.id == run.id).values(status="in_progress"))
+    return run.id
+
+
+def _delta(message_id: str) -> Event:
+    text = {"index": 0, "type": "text", "text": {"value": " word"}}
+    return Event(
+        "thread.message.delta", {"id": message_id, "object": "thread.message.delta", "delta": {"content": [text]}}
+    )
+
+
+async def measure(args: argparse.Namespace) -> None:
+    scratch = Path(tempfile.mkdtemp(prefix="flush-bench-"))
+    url = args.database_url or f"sqlite+aiosqlite:///{scratch / 'db.sqlite'}"
+    settings = Settings(
+        data_dir=scratch,
+        database_url=url,
+        embedded_worker=False,
+        record_model_requests=False,
+        run_events_flush_seconds=3600,  # the flusher sleeps: every flush is this loop's
+    )
+    runtime = await Runtime.start(settings)
+    try:
+        run_id = await _live_run(runtime)
+        deltas = [_delta("msg_bench") for _ in range(args.deltas)]
+        log = runtime.run_log
+        cpu_us: list[float] = []
+        wall_us: list[float] = []
+        for _round in range(args.rounds):
+            cpu, wall = time.process_time(), time.perf_counter()
+            for _flush in range(args.flushes):
+                log.publish(run_id, deltas)
+                await log.flush()
+            cpu_us.append((time.process_time() - cpu) / args.flushes * 1e6)
+            wall_us.append((time.perf_counter() - wall) / args.flushes * 1e6)
+        load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+        what = f"{args.rounds} rounds of {args.flushes} flushes of {args.deltas} deltas"
+        print(f"{ROOT}: {what} ({url.split(':')[0]}; load {load})")
+        print(f"  CPU µs a flush:  {' '.join(f'{v:.0f}' for v in cpu_us)}  median {statistics.median(cpu_us):.0f}")
+        print(f"  wall µs a flush: {' '.join(f'{v:.0f}' for v in wall_us)}  median {statistics.median(wall_us):.0f}")
+    finally:
+        await runtime.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--database-url", default="", help="default: a SQLite file in a scratch directory")
+    parser.add_argument("--deltas", type=int, default=5, help="deltas buffered before each flush")
+    parser.add_argument("--flushes", type=int, default=1000, help="flushes a round")
+    parser.add_argument("--rounds", type=int, default=5)
+    asyncio.run(measure(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
