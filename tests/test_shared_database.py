@@ -66,7 +66,10 @@ def test_a_stream_stays_true_to_the_log_when_another_process_cancels_its_run(
         ) as replica:
             if sqlite:
                 _wait_for_log(executor, "another server process opened the SQLite database")
-            thread = sdk.beta.threads.create(messages=[{"role": "user", "content": "[[delay 5]] [[tokens 400]]"}])
+            # 8 s of answer, cancelled at its 30th delta (0.6 s): the cancel,
+            # sent through the other process, lands long before the end on a
+            # loaded machine too.
+            thread = sdk.beta.threads.create(messages=[{"role": "user", "content": "[[delay 20]] [[tokens 400]]"}])
             streamed: list[Frame] = []
             with httpx2.stream(
                 "POST",

@@ -133,7 +133,11 @@ async def test_sqlite_writers_queue_and_always_release(tmp_path: Any) -> None:
     wait their turn, give it up however they end (commit, error, a cancelled
     task), and one that waits too long gets the retryable 503."""
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'queue.db'}")
-    db.SQLiteWriters(timeout=0.5).listen(engine)
+    # A wait far longer than a turn needs until the last step, which is the
+    # one about a wait too long: a loaded machine's COMMIT (an fsync here)
+    # could outlast a short limit on an earlier turn.
+    writers = db.SQLiteWriters(timeout=30)
+    writers.listen(engine)
     try:
         async with engine.begin() as connection:
             await connection.exec_driver_sql("CREATE TABLE t (x)")
@@ -168,6 +172,7 @@ async def test_sqlite_writers_queue_and_always_release(tmp_path: Any) -> None:
             await task
         await _insert(engine, order, "after a cancel")
 
+        writers.timeout = 0.5
         async with engine.begin() as blocking:
             await blocking.exec_driver_sql("INSERT INTO t VALUES (4)")
             with pytest.raises(sqlalchemy.exc.OperationalError) as caught:
