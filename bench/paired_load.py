@@ -117,9 +117,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds a burst")
     parser.add_argument("--rounds", type=int, default=10, help="bursts a side a session")
     parser.add_argument("--sessions", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=overhead.TOKENS, help="words in each of the stub's answers")
+    parser.add_argument(
+        "--token-gap-ms", type=float, default=0.0, help="the stub's wait before each word (a model's pace; 0: at once)"
+    )
     args = parser.parse_args()
+    overhead.TOKENS, overhead.TOKEN_GAP_MS = args.tokens, args.token_gap_ms  # read when the stub starts
     print(
-        f"{args.db}, {args.mode}, {args.path}, {args.clients} clients: {args.sessions} sessions of {args.rounds} "
+        f"{args.db}, {args.mode}, {args.path}, {args.clients} clients, {args.tokens}-word answers "
+        f"{args.token_gap_ms:g} ms apart: {args.sessions} sessions of {args.rounds} "
         f"rounds of {args.seconds:g} s bursts; load average {os.getloadavg()[0]:.2f} before\n"
         f"A: {args.a.resolve()}\nB: {args.b.resolve()}\n"
     )
