@@ -879,15 +879,7 @@ class RunLog:
                     await db.commit_seen_through(session)
                     committed = True
         except BaseException as error:
-            written = committed or (
-                isinstance(error, asyncio.CancelledError)
-                and session is not None
-                and db.committed_despite_cancellation(session)
-            )
-            if not written:
-                self._put_back_drained(flushed.drained)
-                raise
-            flushed.raise_after = error  # written: handed on by _flush, then raised
+            self._settle(flushed, error, committed=committed, session=session)
         return flushed
 
     async def _write_raw(
@@ -923,13 +915,7 @@ class RunLog:
                 finally:
                     await raw.end()  # the write lock freed, the connection given back
         except BaseException as error:
-            written = committed or (
-                isinstance(error, asyncio.CancelledError) and db.committed_despite_cancellation(session)
-            )
-            if not written:
-                self._put_back_drained(flushed.drained)
-                raise
-            flushed.raise_after = error  # written: handed on by _flush, then raised
+            self._settle(flushed, error, committed=committed, session=session)
         for run_id, seq in returned:
             flushed.firsts[run_id] = min(seq, flushed.firsts.get(run_id, seq))
         return flushed
@@ -942,7 +928,24 @@ class RunLog:
         engine = self._sessionmaker.kw.get("bind")
         return engine if isinstance(engine, AsyncEngine) and db.collects(engine) else None
 
-    def _put_back_drained(self, drained: dict[str, list[tuple[int | None, Event]]]) -> None:
+    def _settle(
+        self, flushed: _Flushed, error: BaseException, *, committed: bool, session: AsyncSession | None
+    ) -> None:
+        """A flush's transaction ended by ``error``: unless its COMMIT had
+        committed (before the error, or despite a cancellation), its deltas
+        go back to the buffer and ``error`` is raised; if it had, they are
+        written, and _flush hands them on before raising it."""
+        written = committed or (
+            isinstance(error, asyncio.CancelledError)
+            and session is not None
+            and db.committed_despite_cancellation(session)
+        )
+        if not written:
+            self._put_back_drained(flushed.drained)
+            raise error
+        flushed.raise_after = error
+
+    def _put_back_drained(self, drained: dict[str, _Buffered]) -> None:
         for run_id, items in drained.items():
             self._put_back(run_id, items, wake=False)  # (this is the flusher)
 
