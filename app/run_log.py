@@ -812,11 +812,12 @@ class RunLog:
         wanted = sorted(run_id for run_id in self._buffer if run_id not in self._held)
         if not wanted:
             return
-        engine = self._raw_flush_engine()
-        if engine is None:
-            flushed = await self._write(wanted, taken, ended)
-        else:
+        if self.postgres:
+            flushed = await self._write_postgres(wanted, taken, ended)
+        elif (engine := self._raw_flush_engine()) is not None:
             flushed = await self._write_raw(engine, wanted, taken, ended)
+        else:
+            flushed = await self._write(wanted, taken, ended)
         rows: list[tuple[str, int, Event]] = []
         delivered: list[tuple[str, list[Entry]]] = []
         for run_id, first in flushed.firsts.items():
@@ -858,9 +859,10 @@ class RunLog:
         return drained
 
     async def _write(self, wanted: list[str], taken: list[str], ended: asyncio.Future[None]) -> _Flushed:
-        """A flush's transaction through the session: the runs locked, their
-        deltas taken and inserted (PostgreSQL: NOTIFYing other processes
-        in the same statement), committed."""
+        """A flush's transaction through the session, on a SQLite file that
+        other processes write too (a lone process's: _write_raw(); on
+        PostgreSQL: _write_postgres()): the write lock taken, the runs that
+        ended left out, their deltas taken and inserted, committed."""
         flushed = _Flushed()
         session: AsyncSession | None = None
         committed = False
@@ -872,14 +874,52 @@ class RunLog:
                     run_id: [event for _seq, event in flushed.drained[run_id]]
                     for run_id in sorted(live & set(flushed.drained))
                 }
-                signal = self._notify_signal(session) if batches else None
-                flushed.signalled = signal is not None
-                flushed.firsts = await run_events.insert(session, batches, signal=signal)
+                flushed.firsts = await run_events.insert(session, batches)
                 if flushed.drained:  # (close() cancels the flusher: its deltas are not to be written twice)
                     await db.commit_seen_through(session)
                     committed = True
         except BaseException as error:
             self._settle(flushed, error, committed=committed, session=session)
+        return flushed
+
+    async def _write_postgres(self, wanted: list[str], taken: list[str], ended: asyncio.Future[None]) -> _Flushed:
+        """A flush on PostgreSQL, in one autocommitted statement
+        (run_events.flush_postgres: migration 0017's function takes the
+        live runs' locks, then numbers and inserts their deltas; issue 17: a
+        flush was three round trips, BEGIN with the lock, the insert and
+        the COMMIT). The deltas are taken before it is sent: an append of
+        one of the runs waits for this flush's end (holding()). Its outcome
+        is seen through a cancellation (close() cancels the flusher, then
+        flushes again: its deltas must not be written twice)."""
+        flushed = _Flushed()
+        flushed.drained = self._drain(wanted, taken, ended)
+        if not flushed.drained:
+            return flushed
+        batches = {run_id: [event for _seq, event in items] for run_id, items in flushed.drained.items()}
+
+        async def write() -> dict[str, int]:
+            async with self._sessionmaker() as session:
+                engine = _engine_of(session)
+                # A connection checked out raw, in autocommit (pgraw): no
+                # SQLAlchemy Connection, transaction or execution.
+                session.info[db.PG_AUTOCOMMIT] = await db.autocommit_connection(engine)
+                try:
+                    signal = self._notify_signal(session)
+                    flushed.signalled = signal is not None
+                    return await run_events.flush_postgres(session, batches, signal)
+                finally:
+                    raw = session.info.pop(db.PG_AUTOCOMMIT, None)
+                    if raw is not None:
+                        await db.give_back_autocommit(engine, raw)
+
+        work, sending = db.watched(write())
+        try:
+            flushed.firsts = await db.seen_through(work, "a flush of the run log", sending=sending)
+        except BaseException as error:
+            written = work.done() and not work.cancelled() and work.exception() is None
+            if written:
+                flushed.firsts = work.result()
+            self._settle(flushed, error, committed=written, session=None)
         return flushed
 
     async def _write_raw(
@@ -923,7 +963,7 @@ class RunLog:
     def _raw_flush_engine(self) -> AsyncEngine | None:
         """The engine of _write_raw(): a SQLite file's, while this process is
         its only writer (deliver_early); else None (_write())."""
-        if self.postgres or not self.deliver_early:
+        if not self.deliver_early:
             return None
         engine = self._sessionmaker.kw.get("bind")
         return engine if isinstance(engine, AsyncEngine) and db.collects(engine) else None

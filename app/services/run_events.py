@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Integer,
     Select,
     Text,
     TextClause,
@@ -218,6 +219,44 @@ async def _insert_postgres(
         params["work_channel"] = db.WORK_CHANNEL
     rows = (await session.execute(_insert_postgres_statement(signal is not None, wake), params)).all()
     return {str(row[0]): int(row[1]) for row in rows}
+
+
+# The run log's flush on PostgreSQL (RunLog._write_postgres): migration
+# 0017's function locks the live runs, then numbers and inserts their deltas
+# (a statement, and a snapshot, each), NOTIFYing with a channel; sent alone,
+# autocommitted, it is the flush's whole transaction in one round trip. A
+# select of it (not a text() statement), so that db.run_now can send it
+# straight on asyncpg, knowing its result columns.
+_FLUSH_POSTGRES = select(column("flushed_run", Text), column("first_seq", Integer)).select_from(
+    text(
+        "run_events_flush("
+        "CAST(:run_ids AS text[]), CAST(:ns AS integer[]), CAST(:names AS text[]), CAST(:datas AS text[]), "
+        "CAST(:now AS double precision), CAST(:channel AS text), CAST(:origin AS text))"
+    )
+)
+
+
+async def flush_postgres(
+    session: AsyncSession, batches: dict[str, list[Event]], signal: Signal | None
+) -> dict[str, int]:
+    """PostgreSQL: each run's ``batches`` logged after its last logged
+    event, if the run is live (in_progress or cancelling: an ended run's
+    late deltas are dropped), in one statement of its own transaction, which
+    takes the live runs' locks (as lock()) before the statement that
+    numbers (as insert()), and NOTIFYs ``signal`` once per run written.
+    ``session`` has not begun: it holds a raw connection in autocommit
+    (db.PG_AUTOCOMMIT: the statement goes straight on asyncpg), or None
+    there (it connects in autocommit). Returns the first ``seq`` given to
+    each live run's events; committed when it returns."""
+    params = logged_arrays(batches.items(), "")
+    params["channel"], params["origin"] = (signal.channel, signal.origin) if signal is not None else (None, None)
+    if session.info.get(db.PG_AUTOCOMMIT) is None:
+        await session.connection(execution_options=db.AUTOCOMMIT)
+    db.sending_now()  # the connection held: the statement goes next
+    found = await db.run_now(session, _FLUSH_POSTGRES, params)
+    if found is not None:
+        return {str(row["flushed_run"]): int(row["first_seq"]) for row in found}
+    return {str(run_id): int(first) for run_id, first in (await session.execute(_FLUSH_POSTGRES, params)).all()}
 
 
 # The log's insert of _INSERT_POSTGRES_ROWS as a data-modifying CTE of another

@@ -428,8 +428,9 @@ async def test_an_append_held_after_a_flush_took_the_runs_deltas_waits_for_that_
 
         return inserted
 
-    # (A SQLite file's flush inserts in a raw transaction: insert_live_behind.)
-    for name in ("insert", "insert_live_behind"):
+    # (A SQLite file's flush inserts in a raw transaction: insert_live_behind;
+    # PostgreSQL's is one statement: flush_postgres.)
+    for name in ("insert", "insert_live_behind", "flush_postgres"):
         monkeypatch.setattr(run_events, name, held_up(getattr(run_events, name)))
     run_log.publish(run_id, [Event("thread.message.delta", {"id": "msg_x", "delta": {}})])
     flushing = asyncio.ensure_future(run_log.flush())

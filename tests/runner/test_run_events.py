@@ -9,7 +9,8 @@ from typing import Any
 
 import aiosqlite
 import pytest
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import event as sa_event
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import db, orm, run_log, sqlite_driver
@@ -653,6 +654,33 @@ def _commits_then_wait(
     return committed, release
 
 
+def _flush_commits_then_wait(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, *, then_fails: bool = False
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """_commits_then_wait() for the run log's next flush. On PostgreSQL the
+    flush has no COMMIT of its own (one autocommitted statement,
+    run_events.flush_postgres): its statement commits, then waits for
+    ``release``; ``then_fails``: it waits first, then fails, nothing
+    written (a lost connection)."""
+    if not runtime.run_log.postgres:
+        return _commits_then_wait(runtime, monkeypatch, then_fails=then_fails)
+    committed, release = asyncio.Event(), asyncio.Event()
+    real_flush = run_events.flush_postgres
+
+    async def flush_postgres(*args: Any, **kwargs: Any) -> dict[str, int]:
+        if committed.is_set():  # the next one only
+            return await real_flush(*args, **kwargs)
+        firsts = {} if then_fails else await real_flush(*args, **kwargs)
+        committed.set()
+        await release.wait()
+        if then_fails:
+            raise OSError("disk I/O error")
+        return firsts
+
+    monkeypatch.setattr(run_events, "flush_postgres", flush_postgres)
+    return committed, release
+
+
 async def test_a_transaction_cancelled_in_its_commit_hands_on_what_it_committed(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -693,13 +721,14 @@ async def test_the_flusher_cancelled_in_its_commit_writes_its_deltas_once(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """close() (shutdown) cancels the flusher, then flushes what is
-    buffered: deltas whose COMMIT was in flight at the cancellation are not
-    put back and written a second time."""
+    buffered: deltas whose COMMIT (on PostgreSQL the flush's one
+    statement) was in flight at the cancellation are not put back and
+    written a second time."""
     (run_id,) = await _make_runs(runtime, 1)
     async with runtime.transaction() as session:  # a live run: its deltas are logged
         await session.execute(update(orm.Run).where(orm.Run.id == run_id).values(status="in_progress"))
         await runtime.run_log.append(session, run_id, [Event("thread.run.in_progress", {"id": run_id})])
-    committed, release = _commits_then_wait(runtime, monkeypatch)
+    committed, release = _flush_commits_then_wait(runtime, monkeypatch)
     runtime.run_log.publish(run_id, [Event("thread.message.delta", {"n": 1})])  # wakes the flusher
     async with asyncio.timeout(10):
         await committed.wait()
@@ -712,7 +741,7 @@ async def test_the_flusher_cancelled_in_its_commit_writes_its_deltas_once(
     assert await _log(runtime, run_id) == ["thread.run.in_progress", "thread.message.delta"]
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL: lock, insert, COMMIT
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_flush_on_a_sqlite_file_is_one_hop_and_drops_the_deltas_of_ended_runs(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -757,11 +786,102 @@ async def test_a_flush_on_a_sqlite_file_is_one_hop_and_drops_the_deltas_of_ended
     assert runtime.run_log.flushed_rows == 2 and not runtime.run_log._buffer
 
 
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_flush_on_postgres_is_one_autocommitted_statement_and_drops_the_deltas_of_ended_runs(
+    runtime: Runtime,
+) -> None:
+    """A PostgreSQL flush is one statement outside a transaction block
+    (migration 0017's function: the live runs' locks, then the numbering
+    insert; issue 17: it was BEGIN with the lock, the insert, COMMIT). A run
+    that ended meanwhile has its late deltas dropped; the live run's are
+    logged after its log's end."""
+    live, ended = await _make_runs(runtime, 2, status="in_progress")
+    for run_id in (live, ended):
+        async with runtime.transaction() as session:
+            await runtime.run_log.append(session, run_id, [Event("thread.run.in_progress", {"id": run_id})])
+    async with runtime.transaction() as session:
+        await session.execute(update(orm.Run).where(orm.Run.id == ended).values(status="expired"))
+    runtime.run_log.flush_seconds = 60.0  # the flusher sleeps: this test's flush() is the one
+    sent: list[tuple[str, object]] = []
+
+    def noted(connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sent.append((statement, connection))
+
+    engine = runtime.engine.sync_engine
+    async with runtime.bus.follow(live) as delivered:
+        runtime.run_log.publish(live, [Event("thread.message.delta", {"n": n}) for n in (1, 2)])
+        runtime.run_log.publish(ended, [Event("thread.message.delta", {"n": 3})])
+        sa_event.listen(engine, "before_cursor_execute", noted)
+        try:
+            await runtime.run_log.flush()
+        finally:
+            sa_event.remove(engine, "before_cursor_execute", noted)
+        seen = [(e.seq, e.event.data.get("n")) for e in delivered.get_nowait() or []]
+    # Alone, and straight on a connection checked out raw in autocommit
+    # (db.run_now tells the listeners so: no SQLAlchemy Connection).
+    assert [(statement.split("FROM ")[-1][:17], connection) for statement, connection in sent] == [
+        ("run_events_flush(", None)
+    ], sent
+    assert await _logged(runtime, live) == [
+        (1, "thread.run.in_progress", None),
+        (2, "thread.message.delta", 1),
+        (3, "thread.message.delta", 2),
+    ]
+    assert seen == [(2, 1), (3, 2)]
+    assert await _logged(runtime, ended) == [(1, "thread.run.in_progress", None)]
+    assert runtime.run_log.flushed_rows == 2 and not runtime.run_log._buffer
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_postgres_flush_waits_for_an_append_holding_the_run_and_numbers_after_it(runtime: Runtime) -> None:
+    """Another process's append holds the run's row (FOR NO KEY UPDATE, as
+    every append takes it) and has logged an event, uncommitted. The flush
+    waits for that lock, and its insert, a statement of its own inside the
+    function, sees the append's event once it commits: the deltas are
+    numbered after it. (Numbered on a snapshot from before the wait, they
+    would take the append's number and fail on the log's key.)"""
+    (run_id,) = await _make_runs(runtime, 1, status="in_progress")
+    async with runtime.transaction() as session:
+        await runtime.run_log.append(session, run_id, [Event("thread.run.in_progress", {"id": run_id})])
+    runtime.run_log.flush_seconds = 60.0  # the flusher sleeps: this test's flush() is the one
+
+    async def flush_waiting() -> bool:
+        async with runtime.engine.connect() as connection:
+            query = text("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype IN ('tuple', 'transactionid')")
+            return bool((await connection.execute(query)).scalar())
+
+    async with runtime.engine.connect() as other:  # the other process's append, uncommitted
+        await other.execute(text("SELECT id FROM runs WHERE id = :id FOR NO KEY UPDATE"), {"id": run_id})
+        await other.execute(
+            text(
+                "INSERT INTO run_events (run_id, seq, event, data, created_at) "
+                "VALUES (:id, 2, 'thread.run.cancelling', CAST('{}' AS json), 0)"
+            ),
+            {"id": run_id},
+        )
+        runtime.run_log.publish(run_id, [Event("thread.message.delta", {"n": n}) for n in (1, 2)])
+        flushing = asyncio.ensure_future(runtime.run_log.flush())
+        try:
+            async with asyncio.timeout(20):
+                await until(flush_waiting, "the flush to wait for the run's lock")
+                assert not flushing.done()
+                await other.commit()
+                await flushing
+        finally:
+            await asyncio.gather(flushing, return_exceptions=True)
+    assert await _logged(runtime, run_id) == [
+        (1, "thread.run.in_progress", None),
+        (2, "thread.run.cancelling", None),
+        (3, "thread.message.delta", 1),
+        (4, "thread.message.delta", 2),
+    ]
+
+
 async def test_a_flush_whose_commit_fails_keeps_its_deltas_for_the_next(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The flush's COMMIT fails (a disk error, a lost connection): its
-    deltas go back to the buffer, and the next flush logs them once, under
+    """The flush's COMMIT fails (a disk error, a lost connection; on
+    PostgreSQL its one statement): its deltas go back to the buffer, and the next flush logs them once, under
     the numbers their followers were handed."""
     (run_id,) = await _make_runs(runtime, 1, status="in_progress")
     async with runtime.transaction() as session:
@@ -770,7 +890,7 @@ async def test_a_flush_whose_commit_fails_keeps_its_deltas_for_the_next(
     # at once): this test's flush() is the one.
     runtime.run_log.flush_seconds = 60.0
     monkeypatch.setattr(run_log, "FIRST_FLUSH_GRACE_SECONDS", 60.0)
-    committed, release = _commits_then_wait(runtime, monkeypatch, then_fails=True)
+    committed, release = _flush_commits_then_wait(runtime, monkeypatch, then_fails=True)
     async with runtime.bus.follow(run_id) as delivered:
         runtime.run_log.publish(run_id, [Event("thread.message.delta", {"n": n}) for n in (1, 2)])
         flushing = asyncio.ensure_future(runtime.run_log.flush())
