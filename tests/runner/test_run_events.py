@@ -741,6 +741,19 @@ async def test_the_flusher_cancelled_in_its_commit_writes_its_deltas_once(
     assert await _log(runtime, run_id) == ["thread.run.in_progress", "thread.message.delta"]
 
 
+async def _live_and_ended_runs(runtime: Runtime) -> tuple[str, str]:
+    """Two runs whose logs hold their start, one of them ended since
+    (expired, say), with the flusher asleep: the test's flush() is the one."""
+    live, ended = await _make_runs(runtime, 2, status="in_progress")
+    for run_id in (live, ended):
+        async with runtime.transaction() as session:
+            await runtime.run_log.append(session, run_id, [Event("thread.run.in_progress", {"id": run_id})])
+    async with runtime.transaction() as session:
+        await session.execute(update(orm.Run).where(orm.Run.id == ended).values(status="expired"))
+    runtime.run_log.flush_seconds = 60.0
+    return live, ended
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_flush_on_a_sqlite_file_is_one_hop_and_drops_the_deltas_of_ended_runs(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
@@ -753,13 +766,7 @@ async def test_a_flush_on_a_sqlite_file_is_one_hop_and_drops_the_deltas_of_ended
     ended meanwhile (expired, say) has its late deltas dropped, the live
     run's beside it are logged after its log's end, under the numbers its
     followers were handed."""
-    live, ended = await _make_runs(runtime, 2, status="in_progress")
-    for run_id in (live, ended):
-        async with runtime.transaction() as session:
-            await runtime.run_log.append(session, run_id, [Event("thread.run.in_progress", {"id": run_id})])
-    async with runtime.transaction() as session:
-        await session.execute(update(orm.Run).where(orm.Run.id == ended).values(status="expired"))
-    runtime.run_log.flush_seconds = 60.0  # the flusher sleeps: this test's flush() is the one
+    live, ended = await _live_and_ended_runs(runtime)
     hops = 0
     hop = aiosqlite.Connection._execute
 
@@ -795,13 +802,7 @@ async def test_a_flush_on_postgres_is_one_autocommitted_statement_and_drops_the_
     insert; issue 17: it was BEGIN with the lock, the insert, COMMIT). A run
     that ended meanwhile has its late deltas dropped; the live run's are
     logged after its log's end."""
-    live, ended = await _make_runs(runtime, 2, status="in_progress")
-    for run_id in (live, ended):
-        async with runtime.transaction() as session:
-            await runtime.run_log.append(session, run_id, [Event("thread.run.in_progress", {"id": run_id})])
-    async with runtime.transaction() as session:
-        await session.execute(update(orm.Run).where(orm.Run.id == ended).values(status="expired"))
-    runtime.run_log.flush_seconds = 60.0  # the flusher sleeps: this test's flush() is the one
+    live, ended = await _live_and_ended_runs(runtime)
     sent: list[tuple[str, object]] = []
 
     def noted(connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
