@@ -42,10 +42,12 @@ from app.services import core_rows, new_rows, run_state
 from app.wire.events import Event
 
 # lock()'s statements, built once on the runs' table: the run log's flusher
-# sends one every flush (each 20 ms while a model streams), and the ORM's
+# sent one every flush (each 20 ms while a model streams), and the ORM's
 # select, built and compiled anew each time, was most of a flush's CPU
-# (issue 17). NO KEY UPDATE: appends exclude each other, but the executor's
-# inserts of steps and messages (whose foreign keys share-lock the run) go on.
+# (issue 17); it still does on a SQLite file several processes write
+# (PostgreSQL's flush takes the same lock in migration 0017's function).
+# NO KEY UPDATE: appends exclude each other, but the executor's inserts of
+# steps and messages (whose foreign keys share-lock the run) go on.
 _RUNS = orm.Run.__table__
 _LOCK_RUNS = (
     select(_RUNS.c.id)
