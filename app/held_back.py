@@ -356,10 +356,11 @@ def hand_over(session: Any, _transaction: Any, connection: Connection) -> None:
 # transaction's, its session never connects (db.SyncSession refuses it).
 GROUPED = "sqlite_grouped_end"
 
-# session.info's key of a SQLite session that never connects and writes
-# nothing (execute.take_started: a folded run's first prompt, built after
-# its create has committed): a read through it raises RawSessionConnected,
-# and its caller reads on a WAL reader instead (RunExecution._first_prompt).
+# session.info's key of a session that never connects and writes nothing
+# (execute.take_started: a folded run's first prompt): a read through it
+# raises RawSessionConnected, and its caller reads elsewhere instead (SQLite,
+# the create committed: a WAL reader, RunExecution._first_prompt; PostgreSQL,
+# the create's statement out: a session gated until it has committed).
 READS_ELSEWHERE = "sqlite_reads_elsewhere"
 
 

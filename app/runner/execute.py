@@ -727,7 +727,9 @@ class RunExecution:
             raise
         return True
 
-    async def take_started(self, session: AsyncSession, run: orm.Run, started: dict[str, Any] | None = None) -> None:
+    async def take_started(
+        self, session: AsyncSession, run: orm.Run, started: dict[str, Any] | None = None, *, may_read: bool = True
+    ) -> bool:
         """Go on with ``run``, which its create inserted started
         and leased to this execution's worker (Worker.prepare's fold; issue
         17): its first prompt, built as start_claimed() builds it, its
@@ -736,18 +738,28 @@ class RunExecution:
         leaves the run to start(), which finds it in_progress under this
         lease, builds the prompt again and, meeting the same failure, fails
         the run as it fails a claimed one's (SERVER_ERROR); start()'s resume
-        branch logs its "resuming run" line then, as expected there."""
+        branch logs its "resuming run" line then, as expected there.
+        ``may_read`` False (``session`` never connects: db.READS_ELSEWHERE):
+        a prompt that needs a read is not read elsewhere either; False is
+        returned, nothing taken, for the caller to try again on a session
+        that may read. True otherwise."""
         try:
-            context, chat = await self._first_context_and_prompt(session, run)
+            context, chat = await self._first_context_and_prompt(session, run, may_read=may_read)
+        except db.RawSessionConnected:
+            if not may_read:
+                return False
+            log.debug("run %s: its first prompt is left to start()", run.id, exc_info=True)
+            return True
         except Exception:  # (a DBAPIError too: start() reads again, in its own transaction)
             log.debug("run %s: its first prompt is left to start()", run.id, exc_info=True)
-            return
+            return True
         self.context = context
         self._started = (run, chat)
         self._run = run
         # The object its create sent its start as: ``run`` is that row, value
         # for value (run_execution.handed_run), and nothing has moved it since.
         self._wire = started
+        return True
 
     def open_first_call(
         self, call_out: asyncio.Future[None] | None = None, ahead_of: asyncio.Future[None] | None = None
@@ -849,7 +861,7 @@ class RunExecution:
         return start
 
     async def _first_context_and_prompt(
-        self, session: AsyncSession, run: orm.Run
+        self, session: AsyncSession, run: orm.Run, *, may_read: bool = True
     ) -> tuple[RequestContext, list[dict[str, Any]]]:
         """A run taken to execute without start() (start_claimed()'s held
         start, take_started()'s folded one): its usage so far counted on, its
@@ -859,9 +871,11 @@ class RunExecution:
         self.prompt_tokens = usage_so_far.get("prompt_tokens", 0)
         self.completion_tokens = usage_so_far.get("completion_tokens", 0)
         context = await self._context(session, run)
-        return context, await self._first_prompt(session, run)
+        return context, await self._first_prompt(session, run, may_read=may_read)
 
-    async def _first_prompt(self, session: AsyncSession, run: orm.Run) -> list[dict[str, Any]]:
+    async def _first_prompt(
+        self, session: AsyncSession, run: orm.Run, *, may_read: bool = True
+    ) -> list[dict[str, Any]]:
         """The run's first prompt, read in the claim's transaction; in its
         raw transaction (Runtime.claiming), which reads nothing, a prompt
         that needs a read (a thread longer than the claim's prefetch, a run
@@ -869,7 +883,8 @@ class RunExecution:
         instead. That reader sees what the claim's transaction sees of it:
         the transaction holds the write lock, so nothing has committed since
         the reader's snapshot, and it has written nothing the prompt reads
-        (the claim's lease stamps; its other runs' rows, in other threads)."""
+        (the claim's lease stamps; its other runs' rows, in other threads).
+        Not ``may_read``: such a prompt raises db.RawSessionConnected."""
         budget = self._budget(run)
         has_steps = run.usage is not None
         storage, llm = self.runtime.storage, self.runtime.llm
@@ -877,7 +892,8 @@ class RunExecution:
             try:
                 return await prompt.build(session, storage, llm, run, budget, has_steps=has_steps)
             except db.RawSessionConnected:
-                pass
+                if not may_read:
+                    raise
         try:
             if self.prompt_reader is not None:  # (a run handed back has steps: read, not tried on ``session``)
                 return await prompt.build(self.prompt_reader, storage, llm, run, budget, has_steps=has_steps)
@@ -1762,8 +1778,9 @@ async def take_started(
     started, leased to ``owner`` (Worker.prepare's fold: a run whose
     answer is not instant, a provider's; issue 17, no statement of the
     hand-off's own). On PostgreSQL its first prompt is built while the
-    create's statement is out, any read it needs gated until the create has
-    committed (db.gate), and its first model call sent then too
+    create's statement is out, on a session that never connects (one that
+    needs a read is built again on a session gated until the create has
+    committed: db.gate), and its first model call sent then too
     (open_first_call's ``ahead_of``; ``call_out`` done once it is out) if
     the assistant's defaults the run was made from are ``vouched`` for
     still (run_defaults.still_vouched: the create's check can find them
@@ -1784,17 +1801,24 @@ async def take_started(
         assert committed.done(), "SQLite's fold is taken once its create has committed"
         committed.result()  # (a create that failed: its cancellation)
     try:
-        if runtime.run_log.postgres:
+        # First on a session that never connects: the prompt of a run whose
+        # create noted its thread's messages reads nothing (issue 17: on
+        # PostgreSQL no session begun, gated or committed, 0.1-0.2 ms of loop
+        # CPU a run, bench/README). SQLite's, built once the create has
+        # committed, reads what it needs on a WAL reader; PostgreSQL's, built
+        # while the create's statement is out, may read only through a gated
+        # session, which sees the create's rows once committed.
+        postgres = runtime.run_log.postgres
+        session = runtime.sessionmaker()
+        session.info[db.READS_ELSEWHERE] = True
+        try:
+            taken = await execution.take_started(session, run, started, may_read=not postgres)
+        finally:
+            session.sync_session.close()  # never connected: no I/O
+        if not taken:
             async with runtime.unit_of_work() as session:
                 db.gate(session, committed)
                 await execution.take_started(session, run, started)
-        else:
-            session = runtime.sessionmaker()
-            session.info[db.READS_ELSEWHERE] = True
-            try:
-                await execution.take_started(session, run, started)
-            finally:
-                session.sync_session.close()  # never connected: no I/O
     except Exception:  # (its session's end) as take_started's failures: left to start()
         log.debug("run %s: its first prompt's session failed; left to start()", run.id, exc_info=True)
         execution = RunExecution(runtime, run.id, builtins, owner=owner)

@@ -257,6 +257,68 @@ async def test_a_lone_provider_run_is_inserted_started_by_its_create_and_execute
     assert not worker._gates and not worker._handing and worker._reserved == 0
 
 
+def _prompt_sessions(monkeypatch: pytest.MonkeyPatch, *, read_first: bool = False) -> list[str]:
+    """How each session prompt.build is given reads: "elsewhere" (it never
+    connects: db.READS_ELSEWHERE), "gated" (db.gate's, until the create has
+    committed) or "connects". ``read_first``: the build first reads the
+    run's thread on its session, as a prompt that needs a read does (a
+    session that never connects raises db.RawSessionConnected)."""
+    seen: list[str] = []
+    real_build = prompt.build
+
+    async def build(session: AsyncSession, *args: Any, **kwargs: Any) -> Any:
+        reads = (
+            "elsewhere" if db.READS_ELSEWHERE in session.info else "gated" if db.GATE in session.info else "connects"
+        )
+        seen.append(reads)
+        if read_first:
+            run = args[2]
+            thread = await session.get(orm.Thread, run.thread_id)
+            assert thread is not None, "a gated read sees the create's rows"
+        return await real_build(session, *args, **kwargs)
+
+    monkeypatch.setattr(prompt, "build", build)
+    return seen
+
+
+async def test_a_started_creates_prompt_that_reads_nothing_is_built_on_a_session_that_never_connects(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its thread's messages noted by the create, the first prompt reads
+    nothing: built once, on a session that never connects (PostgreSQL too:
+    no session begun, gated or committed while the create's statement is
+    out; issue 17)."""
+    assistant = await _assistant(runtime)
+    seen = _prompt_sessions(monkeypatch)
+    order = _noting(runtime, monkeypatch)
+    run, _response = await _queue(runtime, assistant)
+    await _executed(runtime)
+    assert seen == ["elsewhere"]
+    assert order[order.index("create sent") :][:3] == ["create sent", "created", "executing"], order
+    assert (await _row(runtime, run.id)).status == "completed"
+    await _assert_numbered_once(runtime, run.id)
+
+
+async def test_a_started_creates_prompt_that_needs_a_read_reads_what_its_create_committed(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first prompt that needs a read (input files, a longer thread) is
+    read once the create has committed: on PostgreSQL through a gated
+    session, tried after the session that never connects refused it; on
+    SQLite on a WAL reader (RunExecution._first_prompt). Either way the
+    run is answered by its fold, with no claim."""
+    assistant = await _assistant(runtime)
+    seen = _prompt_sessions(monkeypatch, read_first=True)
+    order = _noting(runtime, monkeypatch)
+    run, _response = await _queue(runtime, assistant)
+    await _executed(runtime)
+    assert seen == (["elsewhere", "gated"] if runtime.run_log.postgres else ["elsewhere", "connects"])
+    assert "claimed" not in order
+    row = await _row(runtime, run.id)
+    assert row.status == "completed" and row.last_error is None
+    await _assert_numbered_once(runtime, run.id)
+
+
 async def test_the_started_create_leases_the_run_to_its_worker_until_the_claims_expiry(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
