@@ -361,7 +361,7 @@ GROUPED = "sqlite_grouped_end"
 # raises RawSessionConnected, and its caller reads elsewhere instead (SQLite,
 # the create committed: a WAL reader, RunExecution._first_prompt; PostgreSQL,
 # the create's statement out: a session gated until it has committed).
-READS_ELSEWHERE = "sqlite_reads_elsewhere"
+READS_ELSEWHERE = "reads_elsewhere"
 
 
 # Session.info key of a SQLite transaction run on a connection checked out
