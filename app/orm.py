@@ -326,6 +326,9 @@ class RunEvent(Base):
     __tablename__ = "run_events"
     __table_args__ = (Index("ix_run_events_created_at", "created_at"),)
 
+    # On SQLite only: PostgreSQL's table has no foreign key (migration 0018,
+    # its check a trigger query per event row; threads.delete deletes a
+    # thread's run logs itself).
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     event: Mapped[str] = mapped_column(String(48))

@@ -72,12 +72,17 @@ async def lock_inserting(session: AsyncSession, run_id: str, rows: Sequence[orm.
     statement (issue 17: one round trip for both). The lock is taken by a
     statement before the one that numbers the events, whose snapshot then
     sees every append that committed before it: the lock cannot go in the
-    numbering statement itself (its snapshot is taken before it waits)."""
+    numbering statement itself (its snapshot is taken before it waits).
+    A run that is gone (its thread deleted) raises
+    run_state.TransitionConflict: its log has no foreign key to refuse the
+    events (migration 0018), and they would outlive the delete."""
     locked = select(orm.Run.id).where(orm.Run.id == run_id).with_for_update(key_share=True).subquery("locked_run")
     statement = select(func.count()).select_from(locked)
     for index, row in enumerate(rows):
         statement = statement.add_cte(core_rows.insert_statement(row).cte(f"inserted_{index}"))
-    await session.execute(statement)
+    found = (await session.execute(statement)).scalar_one()
+    if not found and not any(isinstance(row, orm.Run) for row in rows):
+        raise run_state.TransitionConflict(f"run {run_id} is gone")
 
 
 async def last_seqs(session: AsyncSession, run_ids: Sequence[str]) -> dict[str, int]:
@@ -618,8 +623,10 @@ async def prune(session: AsyncSession, older_than: float, batch: int = 500) -> i
         .group_by(orm.RunEvent.run_id)
         .having(func.max(orm.RunEvent.created_at) >= older_than)
     )
-    # A run deleted with its thread takes its log with it (ON DELETE CASCADE);
-    # a log whose run row is gone anyway (SQLite without the cascade) goes too.
+    # A run deleted with its thread takes its log with it (threads.delete);
+    # a log whose run row is gone anyway goes too (SQLite without the
+    # cascade; PostgreSQL, whose run_events has no foreign key (migration
+    # 0018), a thread deleted by an older server version).
     gone = select(orm.RunEvent.run_id).where(
         orm.RunEvent.run_id.in_(candidates), ~orm.RunEvent.run_id.in_(select(orm.Run.id))
     )

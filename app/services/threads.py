@@ -70,10 +70,17 @@ async def update(session: AsyncSession, project: Project, thread_id: str, body: 
 async def delete(session: AsyncSession, project: Project, thread_id: str) -> Deleted:
     await get(session, project, thread_id)
     # Explicit rather than trusting ON DELETE CASCADE alone (SQLite only
-    # honours it with the foreign_keys pragma on).
+    # honours it with the foreign_keys pragma on; PostgreSQL's run_events
+    # has no foreign key: migration 0018).
     run_ids = select(orm.Run.id).where(orm.Run.thread_id == thread_id)
     await session.execute(sql_delete(orm.RunStep).where(orm.RunStep.run_id.in_(run_ids)))
-    await session.execute(sql_delete(orm.Run).where(orm.Run.thread_id == thread_id))
+    deleted = await session.scalars(sql_delete(orm.Run).where(orm.Run.thread_id == thread_id).returning(orm.Run.id))
+    # The logs after the runs: their rows' delete waits for any append that
+    # holds one (each append locks its run, or inserts it), so an append
+    # committed before is deleted here, and one after finds its run gone.
+    gone = list(deleted.all())
+    if gone:
+        await session.execute(sql_delete(orm.RunEvent).where(orm.RunEvent.run_id.in_(gone)))
     await session.execute(sql_delete(orm.Message).where(orm.Message.thread_id == thread_id))
     await session.execute(sql_delete(orm.Thread).where(orm.Thread.id == thread_id))
     return Deleted(id=thread_id, object="thread.deleted")

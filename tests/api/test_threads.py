@@ -3,6 +3,7 @@ the shape under test), on both databases."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,10 +12,11 @@ import httpx2
 import openai
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from app import orm
 from tests.conftest import error_of
+from tests.runner.helpers import until
 
 BETA = {"OpenAI-Beta": "assistants=v2"}
 
@@ -194,6 +196,72 @@ async def test_delete_takes_the_messages_with_it(client: openai.AsyncOpenAI, app
     with pytest.raises(openai.NotFoundError):
         await client.beta.threads.delete(thread.id)
     assert [m.content[0].text.value for m in (await client.beta.threads.messages.list(keep.id)).data] == ["stay"]  # type: ignore[union-attr]
+
+
+async def test_delete_takes_its_runs_logs_with_it(client: openai.AsyncOpenAI, app: FastAPI) -> None:
+    """A deleted thread's runs' event logs go with it, by the delete itself
+    (PostgreSQL's run_events has no foreign key to cascade: migration 0018);
+    another thread's stay."""
+    assistant = await client.beta.assistants.create(model="gpt-4o")
+    runs = []
+    for content in ("keep", "delete"):
+        thread = await client.beta.threads.create(messages=[{"role": "user", "content": content}])
+        run = await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id)
+        assert run.status == "completed"
+        runs.append(run)
+    kept, deleted = runs
+
+    async def logged(run_id: str) -> int:
+        async with app.state.runtime.transaction() as session:
+            query = select(func.count()).select_from(orm.RunEvent).where(orm.RunEvent.run_id == run_id)
+            return int(await session.scalar(query) or 0)
+
+    assert await logged(deleted.id) > 0
+    await client.beta.threads.delete(deleted.thread_id)
+    assert await logged(deleted.id) == 0
+    assert await logged(kept.id) > 0
+    with pytest.raises(openai.NotFoundError):
+        await client.beta.threads.runs.retrieve(deleted.id, thread_id=deleted.thread_id)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_delete_that_waits_for_an_append_takes_what_it_logged(client: openai.AsyncOpenAI, app: FastAPI) -> None:
+    """Another process's append holds a run's row (FOR NO KEY UPDATE, as
+    every append takes it) and has logged an event, uncommitted, when the
+    thread is deleted: the delete of the runs waits for it, and the delete
+    of their logs, after, sees the event once committed. (Logs deleted
+    before the runs would miss it: no foreign key deletes it since 0018.)"""
+    assistant = await client.beta.assistants.create(model="gpt-4o")
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "hi"}])
+    run = await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id)
+    engine = app.state.runtime.engine
+
+    async def delete_waiting() -> bool:
+        async with engine.connect() as connection:
+            query = text("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype IN ('tuple', 'transactionid')")
+            return bool((await connection.execute(query)).scalar())
+
+    async with engine.connect() as other:  # the other process's append, uncommitted
+        await other.execute(text("SELECT id FROM runs WHERE id = :id FOR NO KEY UPDATE"), {"id": run.id})
+        await other.execute(
+            text(
+                "INSERT INTO run_events (run_id, seq, event, data, created_at) "
+                "VALUES (:id, 1000, 'thread.run.step.delta', CAST('{}' AS json), 0)"
+            ),
+            {"id": run.id},
+        )
+        deleting = asyncio.ensure_future(client.beta.threads.delete(thread.id))
+        try:
+            async with asyncio.timeout(20):
+                await until(delete_waiting, "the delete to wait for the run's lock")
+                assert not deleting.done()
+                await other.commit()
+                assert (await deleting).deleted
+        finally:
+            deleting.cancel()
+    async with app.state.runtime.transaction() as session:
+        query = select(func.count()).select_from(orm.RunEvent).where(orm.RunEvent.run_id == run.id)
+        assert await session.scalar(query) == 0
 
 
 @pytest.mark.parametrize("operation", ["retrieve", "update", "delete"])

@@ -9,15 +9,16 @@ from typing import Any
 
 import aiosqlite
 import pytest
+from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy import event as sa_event
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import db, orm, run_log, sqlite_driver
 from app.bus import FollowerQueue
 from app.run_log import RUN_EVENTS_CHANNEL
 from app.runtime import Runtime
-from app.services import run_events
+from app.services import run_events, run_state
 from app.settings import Settings
 from app.wire.events import Event
 from app.worker import Worker
@@ -831,6 +832,28 @@ async def test_a_flush_on_postgres_is_one_autocommitted_statement_and_drops_the_
     assert seen == [(2, 1), (3, 2)]
     assert await _logged(runtime, ended) == [(1, "thread.run.in_progress", None)]
     assert runtime.run_log.flushed_rows == 2 and not runtime.run_log._buffer
+
+
+async def test_an_append_for_a_run_whose_thread_was_deleted_logs_nothing(runtime: Runtime) -> None:
+    """Its run gone, an append that takes the run's lock itself fails and
+    leaves no event behind: on PostgreSQL its lock finds no row
+    (run_events.lock_inserting; the log has no foreign key since 0018), on
+    SQLite the foreign key refuses it."""
+    (run_id,) = await _make_runs(runtime, 1, status="in_progress")
+    async with runtime.transaction() as session:
+        await runtime.run_log.append(session, run_id, [Event("thread.run.in_progress", {"id": run_id})])
+        thread_id = (await session.get(orm.Run, run_id)).thread_id  # type: ignore[union-attr]
+    async with runtime.transaction() as session:
+        await session.execute(delete(orm.RunEvent).where(orm.RunEvent.run_id == run_id))
+        await session.execute(delete(orm.Run).where(orm.Run.thread_id == thread_id))
+    with pytest.raises((run_state.TransitionConflict, IntegrityError)):
+        async with runtime.transaction() as session:
+            await runtime.run_log.append(session, run_id, [Event("thread.message.completed", {"id": "msg_x"})])
+    async with runtime.transaction() as session:
+        logged = await session.scalar(
+            select(func.count()).select_from(orm.RunEvent).where(orm.RunEvent.run_id == run_id)
+        )
+    assert logged == 0
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
