@@ -69,6 +69,12 @@ async def update(session: AsyncSession, project: Project, thread_id: str, body: 
 
 async def delete(session: AsyncSession, project: Project, thread_id: str) -> Deleted:
     await get(session, project, thread_id)
+    # The thread's row locked first (PostgreSQL; SQLite's transaction holds
+    # the write lock already): a run created in it meanwhile (its insert
+    # share-locks the thread) has committed before the deletes below read
+    # the thread's runs, or fails on the thread gone. Else the thread's
+    # delete would take such a run by its cascade, and leave its log.
+    await session.execute(select(orm.Thread.id).where(orm.Thread.id == thread_id).with_for_update())
     # Explicit rather than trusting ON DELETE CASCADE alone (SQLite only
     # honours it with the foreign_keys pragma on; PostgreSQL's run_events
     # has no foreign key: migration 0018).

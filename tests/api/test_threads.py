@@ -264,6 +264,51 @@ async def test_a_delete_that_waits_for_an_append_takes_what_it_logged(client: op
         assert await session.scalar(query) == 0
 
 
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_delete_that_meets_a_run_being_created_takes_its_log(client: openai.AsyncOpenAI, app: FastAPI) -> None:
+    """Another process's create has inserted a run in the thread and logged
+    its opening event, uncommitted, when the thread is deleted: the delete
+    waits for it (the thread's row lock) and then deletes that run's log
+    too. (Without the lock the thread's delete took the run by its cascade
+    and left the log: run_events has no foreign key since 0018.)"""
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "hi"}])
+    engine = app.state.runtime.engine
+
+    async def delete_waiting() -> bool:
+        async with engine.connect() as connection:
+            query = text("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype IN ('tuple', 'transactionid')")
+            return bool((await connection.execute(query)).scalar())
+
+    async with engine.connect() as other:  # the other process's create, uncommitted
+        await other.execute(
+            text(
+                "INSERT INTO runs (id, seq, created_at, thread_id, assistant_id, status, model, instructions, "
+                "tools, metadata, parallel_tool_calls) VALUES ('run_racing', 1, 1, :thread, 'asst_x', 'queued', "
+                "'m', '', '[]', '{}', true)"
+            ),
+            {"thread": thread.id},
+        )
+        await other.execute(
+            text(
+                "INSERT INTO run_events (run_id, seq, event, data, created_at) "
+                "VALUES ('run_racing', 1, 'thread.run.created', CAST('{}' AS json), 0)"
+            )
+        )
+        deleting = asyncio.ensure_future(client.beta.threads.delete(thread.id))
+        try:
+            async with asyncio.timeout(20):
+                await until(delete_waiting, "the delete to wait for the create")
+                assert not deleting.done()
+                await other.commit()
+                assert (await deleting).deleted
+        finally:
+            deleting.cancel()
+    async with app.state.runtime.transaction() as session:
+        runs = await session.scalar(select(func.count()).select_from(orm.Run).where(orm.Run.id == "run_racing"))
+        query = select(func.count()).select_from(orm.RunEvent).where(orm.RunEvent.run_id == "run_racing")
+        assert (runs, await session.scalar(query)) == (0, 0)
+
+
 @pytest.mark.parametrize("operation", ["retrieve", "update", "delete"])
 async def test_ids_are_checked(client: openai.AsyncOpenAI, operation: str) -> None:
     call = getattr(client.beta.threads, operation)

@@ -4,16 +4,21 @@ Every event a run logs was checked against ``runs`` by the foreign key's
 trigger, one ``SELECT ... FOR KEY SHARE`` of the run's row per event row:
 9-10 µs of PostgreSQL's CPU a row, and a run logs 15-20 events (a create's
 four, its turn's and end's), in the two statements every run waits on
-(issue 17; bench/README.md, "A folded run's first prompt on a session that
-never connects"). The check can never fail where the server writes: every
-append holds the run's row (its lock, or the statement that inserts the
-run), and the flush locks the runs it numbers for (0017's function). What
-the key also did, delete a thread's run logs with its runs (ON DELETE
-CASCADE), the thread's delete now does itself (app/services/threads.py);
-the prune takes a log whose run is gone (app/services/run_events.py), as
-it did on SQLite without the foreign keys pragma, so the logs an older
-server version leaves when it deletes a thread on the migrated database go
-at the next prune.
+(issue 17; bench/README.md, "run_events without its foreign key on
+PostgreSQL"). What the key did, the server now does where it writes:
+
+- every append holds the run's row: the statement that inserts the run,
+  a compare-and-set UPDATE, or its own lock, which fails the append when
+  the run is gone (run_events.lock_inserting), as the key failed it; the
+  flush locks the live runs it numbers for (0017's function);
+- a thread's delete locks the thread (a run being created in it commits
+  first, or fails), deletes its runs, then their logs (an append that held
+  a run committed first, or finds it gone), where the key's cascade
+  deleted the logs (app/services/threads.py);
+- the prune takes a log whose run is gone (app/services/run_events.py), as
+  it did on SQLite without the foreign keys pragma: the logs an older
+  server version leaves when it deletes a thread on the migrated database
+  go at the next prune.
 
 SQLite keeps its key: its check is an index probe in C, and dropping it
 would copy the table.
