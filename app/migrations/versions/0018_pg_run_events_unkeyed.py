@@ -18,7 +18,7 @@ PostgreSQL"). What the key did, the server now does where it writes:
 - the prune takes a log whose run is gone (app/services/run_events.py), as
   it did on SQLite without the foreign keys pragma: the logs an older
   server version leaves when it deletes a thread on the migrated database
-  go at the next prune.
+  go once older than the retention (a day by default).
 
 SQLite keeps its key: its check is an index probe in C, and dropping it
 would copy the table.
