@@ -5,13 +5,15 @@ key back."""
 
 from __future__ import annotations
 
+import pytest
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from app import db
+from app.services import run_events
 
 
 def _downgrade(connection: Connection, revision: str) -> None:
@@ -57,5 +59,32 @@ async def test_postgresql_alone_drops_the_run_logs_key_and_the_downgrade_restore
         assert await _log_count(engine) == 0
         await db.migrate(engine)
         assert await _keys(engine) == ([("runs", "CASCADE")] if sqlite else [])
+    finally:
+        await engine.dispose()
+
+
+async def test_a_log_whose_run_is_gone_is_pruned_once_older_than_the_retention(database_url: str) -> None:
+    """PostgreSQL's log has no key to refuse a log whose run is gone (an
+    older server version's thread delete leaves one): the prune takes it once
+    its rows are older than the retention, and not before."""
+    if db.is_sqlite(database_url):
+        pytest.skip("SQLite's run_events keeps its foreign key: no log outlives its run")
+    engine = db.create_engine(database_url)
+    try:
+        await db.migrate(engine)
+        async with engine.begin() as connection:
+            for run_id, created_at in (("run_gone_long_ago", 100), ("run_gone_just_now", 5_000)):
+                await connection.execute(
+                    text(
+                        "INSERT INTO run_events (run_id, seq, event, data, created_at) "
+                        "VALUES (:run_id, 1, 'thread.run.created', '{}', :created_at)"
+                    ),
+                    {"run_id": run_id, "created_at": created_at},
+                )
+        async with AsyncSession(engine) as session, session.begin():
+            assert await run_events.prune(session, older_than=1_000) == 1
+        async with engine.connect() as connection:
+            left = (await connection.execute(text("SELECT run_id FROM run_events"))).scalars().all()
+        assert left == ["run_gone_just_now"]
     finally:
         await engine.dispose()
