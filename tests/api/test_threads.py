@@ -13,6 +13,7 @@ import openai
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import orm
 from tests.conftest import error_of
@@ -224,6 +225,28 @@ async def test_delete_takes_its_runs_logs_with_it(client: openai.AsyncOpenAI, ap
         await client.beta.threads.runs.retrieve(deleted.id, thread_id=deleted.thread_id)
 
 
+async def _delete_once_committed(client: openai.AsyncOpenAI, thread_id: str, other: AsyncConnection, what: str) -> None:
+    """Delete the thread while ``other`` holds what it wrote uncommitted:
+    the delete must wait for it (a lock not granted, ``what``), then finish
+    once ``other`` commits."""
+    engine = other.engine
+
+    async def delete_waiting() -> bool:
+        async with engine.connect() as connection:
+            query = text("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype IN ('tuple', 'transactionid')")
+            return bool((await connection.execute(query)).scalar())
+
+    deleting = asyncio.ensure_future(client.beta.threads.delete(thread_id))
+    try:
+        async with asyncio.timeout(20):
+            await until(delete_waiting, what)
+            assert not deleting.done()
+            await other.commit()
+            assert (await deleting).deleted
+    finally:
+        deleting.cancel()
+
+
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 async def test_a_delete_that_waits_for_an_append_takes_what_it_logged(client: openai.AsyncOpenAI, app: FastAPI) -> None:
     """Another process's append holds a run's row (FOR NO KEY UPDATE, as
@@ -235,12 +258,6 @@ async def test_a_delete_that_waits_for_an_append_takes_what_it_logged(client: op
     thread = await client.beta.threads.create(messages=[{"role": "user", "content": "hi"}])
     run = await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id)
     engine = app.state.runtime.engine
-
-    async def delete_waiting() -> bool:
-        async with engine.connect() as connection:
-            query = text("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype IN ('tuple', 'transactionid')")
-            return bool((await connection.execute(query)).scalar())
-
     async with engine.connect() as other:  # the other process's append, uncommitted
         await other.execute(text("SELECT id FROM runs WHERE id = :id FOR NO KEY UPDATE"), {"id": run.id})
         await other.execute(
@@ -250,15 +267,7 @@ async def test_a_delete_that_waits_for_an_append_takes_what_it_logged(client: op
             ),
             {"id": run.id},
         )
-        deleting = asyncio.ensure_future(client.beta.threads.delete(thread.id))
-        try:
-            async with asyncio.timeout(20):
-                await until(delete_waiting, "the delete to wait for the run's lock")
-                assert not deleting.done()
-                await other.commit()
-                assert (await deleting).deleted
-        finally:
-            deleting.cancel()
+        await _delete_once_committed(client, thread.id, other, "the delete to wait for the run's lock")
     async with app.state.runtime.transaction() as session:
         query = select(func.count()).select_from(orm.RunEvent).where(orm.RunEvent.run_id == run.id)
         assert await session.scalar(query) == 0
@@ -273,12 +282,6 @@ async def test_a_delete_that_meets_a_run_being_created_takes_its_log(client: ope
     and left the log: run_events has no foreign key since 0018.)"""
     thread = await client.beta.threads.create(messages=[{"role": "user", "content": "hi"}])
     engine = app.state.runtime.engine
-
-    async def delete_waiting() -> bool:
-        async with engine.connect() as connection:
-            query = text("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype IN ('tuple', 'transactionid')")
-            return bool((await connection.execute(query)).scalar())
-
     async with engine.connect() as other:  # the other process's create, uncommitted
         await other.execute(
             text(
@@ -294,15 +297,7 @@ async def test_a_delete_that_meets_a_run_being_created_takes_its_log(client: ope
                 "VALUES ('run_racing', 1, 'thread.run.created', CAST('{}' AS json), 0)"
             )
         )
-        deleting = asyncio.ensure_future(client.beta.threads.delete(thread.id))
-        try:
-            async with asyncio.timeout(20):
-                await until(delete_waiting, "the delete to wait for the create")
-                assert not deleting.done()
-                await other.commit()
-                assert (await deleting).deleted
-        finally:
-            deleting.cancel()
+        await _delete_once_committed(client, thread.id, other, "the delete to wait for the create")
     async with app.state.runtime.transaction() as session:
         runs = await session.scalar(select(func.count()).select_from(orm.Run).where(orm.Run.id == "run_racing"))
         query = select(func.count()).select_from(orm.RunEvent).where(orm.RunEvent.run_id == "run_racing")
