@@ -69,8 +69,14 @@ async def update(session: AsyncSession, project: Project, thread_id: str, body: 
 
 async def delete(session: AsyncSession, project: Project, thread_id: str) -> Deleted:
     await get(session, project, thread_id)
-    # The thread's row locked first (PostgreSQL; SQLite's transaction holds
-    # the write lock already): a run created in it meanwhile (its insert
+    # Rows locked in the order a run's own writes take them (PostgreSQL;
+    # SQLite's transaction holds the write lock already): its runs first,
+    # then the thread. A run's end holds its run's row and then share-locks
+    # the thread (its message's foreign key); taking the thread first would
+    # deadlock with it, and PostgreSQL would abort the delete.
+    run_ids = select(orm.Run.id).where(orm.Run.thread_id == thread_id)
+    await session.execute(run_ids.with_for_update())
+    # The thread's row: a run created in it meanwhile (its insert
     # share-locks the thread) has committed before the deletes below read
     # the thread's runs, or fails on the thread gone. Else the thread's
     # delete would take such a run by its cascade, and leave its log.
@@ -78,7 +84,6 @@ async def delete(session: AsyncSession, project: Project, thread_id: str) -> Del
     # Explicit rather than trusting ON DELETE CASCADE alone (SQLite only
     # honours it with the foreign_keys pragma on; PostgreSQL's run_events
     # has no foreign key: migration 0018).
-    run_ids = select(orm.Run.id).where(orm.Run.thread_id == thread_id)
     await session.execute(sql_delete(orm.RunStep).where(orm.RunStep.run_id.in_(run_ids)))
     deleted = await session.scalars(sql_delete(orm.Run).where(orm.Run.thread_id == thread_id).returning(orm.Run.id))
     # The logs after the runs: their rows' delete waits for any append that

@@ -13,7 +13,7 @@ import openai
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import func, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app import orm
 from tests.conftest import error_of
@@ -225,21 +225,21 @@ async def test_delete_takes_its_runs_logs_with_it(client: openai.AsyncOpenAI, ap
         await client.beta.threads.runs.retrieve(deleted.id, thread_id=deleted.thread_id)
 
 
+async def _a_delete_waits(engine: AsyncEngine) -> bool:
+    """Whether a statement waits for a row lock (PostgreSQL)."""
+    async with engine.connect() as connection:
+        query = text("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype IN ('tuple', 'transactionid')")
+        return bool((await connection.execute(query)).scalar())
+
+
 async def _delete_once_committed(client: openai.AsyncOpenAI, thread_id: str, other: AsyncConnection, what: str) -> None:
     """Delete the thread while ``other`` holds what it wrote uncommitted:
     the delete must wait for it (a lock not granted, ``what``), then finish
     once ``other`` commits."""
-    engine = other.engine
-
-    async def delete_waiting() -> bool:
-        async with engine.connect() as connection:
-            query = text("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype IN ('tuple', 'transactionid')")
-            return bool((await connection.execute(query)).scalar())
-
     deleting = asyncio.ensure_future(client.beta.threads.delete(thread_id))
     try:
         async with asyncio.timeout(20):
-            await until(delete_waiting, what)
+            await until(lambda: _a_delete_waits(other.engine), what)
             assert not deleting.done()
             await other.commit()
             assert (await deleting).deleted
@@ -271,6 +271,36 @@ async def test_a_delete_that_waits_for_an_append_takes_what_it_logged(client: op
     async with app.state.runtime.transaction() as session:
         query = select(func.count()).select_from(orm.RunEvent).where(orm.RunEvent.run_id == run.id)
         assert await session.scalar(query) == 0
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_delete_waits_for_a_run_ending_without_a_deadlock(client: openai.AsyncOpenAI, app: FastAPI) -> None:
+    """A run's end holds its run's row, then checks its thread's (a
+    message's foreign key share-locks it) while the thread is deleted: the
+    delete takes the runs' rows before the thread's, as the run does, so it
+    waits for the end instead of deadlocking with it (PostgreSQL would abort
+    one of them after deadlock_timeout: the delete, a 500)."""
+    assistant = await client.beta.assistants.create(model="gpt-4o")
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "hi"}])
+    run = await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id)
+    engine = app.state.runtime.engine
+    async with engine.connect() as other:  # the run's end, uncommitted
+        await other.execute(text("SELECT id FROM runs WHERE id = :id FOR NO KEY UPDATE"), {"id": run.id})
+        deleting = asyncio.ensure_future(client.beta.threads.delete(thread.id))
+        try:
+            async with asyncio.timeout(20):
+                await until(lambda: _a_delete_waits(engine), "the delete to wait for the run's end")
+                # Its message's foreign key check; a deadlock would hold it
+                # for deadlock_timeout (a second) and then fail the delete.
+                async with asyncio.timeout(0.5):
+                    await other.execute(text("SELECT id FROM threads WHERE id = :id FOR KEY SHARE"), {"id": thread.id})
+                assert not deleting.done()
+                await other.commit()
+                assert (await deleting).deleted
+        finally:
+            deleting.cancel()
+    async with app.state.runtime.transaction() as session:
+        assert await session.scalar(select(func.count()).select_from(orm.Run).where(orm.Run.id == run.id)) == 0
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)

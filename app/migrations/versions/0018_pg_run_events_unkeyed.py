@@ -11,10 +11,10 @@ PostgreSQL"). What the key did, the server now does where it writes:
   a compare-and-set UPDATE, or its own lock, which fails the append when
   the run is gone (run_events.lock_inserting), as the key failed it; the
   flush locks the live runs it numbers for (0017's function);
-- a thread's delete locks the thread (a run being created in it commits
-  first, or fails), deletes its runs, then their logs (an append that held
-  a run committed first, or finds it gone), where the key's cascade
-  deleted the logs (app/services/threads.py);
+- a thread's delete locks its runs, then the thread (a run being created
+  in it commits first, or fails), deletes its runs, then their logs (an
+  append that held a run committed first, or finds it gone), where the
+  key's cascade deleted the logs (app/services/threads.py);
 - the prune takes a log whose run is gone (app/services/run_events.py), as
   it did on SQLite without the foreign keys pragma: the logs an older
   server version leaves when it deletes a thread on the migrated database
