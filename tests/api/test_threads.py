@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx2
@@ -232,14 +232,23 @@ async def _a_delete_waits(engine: AsyncEngine) -> bool:
         return bool((await connection.execute(query)).scalar())
 
 
-async def _delete_once_committed(client: openai.AsyncOpenAI, thread_id: str, other: AsyncConnection, what: str) -> None:
+async def _delete_once_committed(
+    client: openai.AsyncOpenAI,
+    thread_id: str,
+    other: AsyncConnection,
+    what: str,
+    while_waiting: Callable[[AsyncConnection], Awaitable[object]] | None = None,
+) -> None:
     """Delete the thread while ``other`` holds what it wrote uncommitted:
-    the delete must wait for it (a lock not granted, ``what``), then finish
-    once ``other`` commits."""
+    the delete must wait for it (a lock not granted, ``what``), through
+    ``while_waiting`` (more of ``other``'s work) too, then finish once
+    ``other`` commits."""
     deleting = asyncio.ensure_future(client.beta.threads.delete(thread_id))
     try:
         async with asyncio.timeout(20):
             await until(lambda: _a_delete_waits(other.engine), what)
+            if while_waiting is not None:
+                await while_waiting(other)
             assert not deleting.done()
             await other.commit()
             assert (await deleting).deleted
@@ -284,21 +293,16 @@ async def test_a_delete_waits_for_a_run_ending_without_a_deadlock(client: openai
     thread = await client.beta.threads.create(messages=[{"role": "user", "content": "hi"}])
     run = await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id)
     engine = app.state.runtime.engine
+
+    async def check_its_thread(other: AsyncConnection) -> None:
+        # Its message's foreign key check; a deadlock would hold it for
+        # deadlock_timeout (a second) and then fail the delete.
+        async with asyncio.timeout(0.5):
+            await other.execute(text("SELECT id FROM threads WHERE id = :id FOR KEY SHARE"), {"id": thread.id})
+
     async with engine.connect() as other:  # the run's end, uncommitted
         await other.execute(text("SELECT id FROM runs WHERE id = :id FOR NO KEY UPDATE"), {"id": run.id})
-        deleting = asyncio.ensure_future(client.beta.threads.delete(thread.id))
-        try:
-            async with asyncio.timeout(20):
-                await until(lambda: _a_delete_waits(engine), "the delete to wait for the run's end")
-                # Its message's foreign key check; a deadlock would hold it
-                # for deadlock_timeout (a second) and then fail the delete.
-                async with asyncio.timeout(0.5):
-                    await other.execute(text("SELECT id FROM threads WHERE id = :id FOR KEY SHARE"), {"id": thread.id})
-                assert not deleting.done()
-                await other.commit()
-                assert (await deleting).deleted
-        finally:
-            deleting.cancel()
+        await _delete_once_committed(client, thread.id, other, "the delete to wait for the run's end", check_its_thread)
     async with app.state.runtime.transaction() as session:
         assert await session.scalar(select(func.count()).select_from(orm.Run).where(orm.Run.id == run.id)) == 0
 
