@@ -60,6 +60,11 @@ _TURNS_BEFORE_HAND_OFF = 2
 FIRST_BACKOFF_SECONDS = 0.05
 
 
+def _set_done(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
 def _run_ended(_task: asyncio.Task[None]) -> None:
     ACTIVITY.runs -= 1
 
@@ -108,11 +113,11 @@ class Worker:
         # The gates of hand-offs begun before their create committed
         # (prepare()), by run, until hand() opens or dropped() closes them.
         self._gates: dict[str, asyncio.Future[None]] = {}
-        # Folded runs' hand-offs (prepare()), by run: done once the run's
-        # first model call has gone out (execute.open_first_call) or the
-        # hand-off has ended without one; the create waits for it before
-        # answering (first_call_out()).
-        self._calls_out: dict[str, asyncio.Future[None]] = {}
+        # Folded runs' hand-offs (prepare()), by run: done at the first step
+        # of the run's task (its first model call opened before it:
+        # execute.open_first_call) or once the hand-off has ended without
+        # one; the create waits for it before answering (under_way()).
+        self._under_way: dict[str, asyncio.Future[None]] = {}
         # run_forever() is going round: only then is a run handed (a worker
         # made but not started, or driven tick by tick, claims as before).
         self._looping = False
@@ -231,7 +236,7 @@ class Worker:
             # (lease_renewer.py's margin), the run executed from the commit.
             claimed_at = time.monotonic()
             run_state.start_in_create(created, self.owner, time.time() + self.lease_seconds)
-            self._calls_out[created.id] = asyncio.get_running_loop().create_future()
+            self._under_way[created.id] = asyncio.get_running_loop().create_future()
             # Asked now, as the statement is about to go: its first call may
             # be sent before that statement has committed if vouched for.
             vouched = run_defaults.vouch(created.assistant_id)
@@ -308,15 +313,20 @@ class Worker:
         self._start_hand_off(created, None)
         return True
 
-    def first_call_out(self, created: orm.Run) -> asyncio.Future[None] | None:
+    def under_way(self, created: orm.Run) -> asyncio.Future[None] | None:
         """For a folded run hand() has just taken (prepare()): a future done
-        once its first model call has gone out, or its hand-off has ended
-        without one (its prompt not built here, the run left to its task's
-        start()). The create waits for it before answering (issue 17): the
-        provider then answers while the create's response is written and the
-        run's task starts, where the call went out only after both (0.4-0.8
-        ms at one client, run_timeline). None for any other run."""
-        return self._calls_out.get(created.id)
+        at the first step of the run's task, or once its hand-off has ended
+        without one. The create waits for it before answering (issue 17),
+        and so answers once that task first waits, for the model or for a
+        statement: its first model call has gone out by then (opened before
+        the task, its reader's first step sends it: execute.open_first_call),
+        the provider answering while the create's response is written. An
+        answer read before the create committed (PostgreSQL's call ahead)
+        is taken first instead, and the run's end statement sent: the
+        response is then written while that statement is out, not before
+        it (the end sent about 0.1-0.2 ms sooner at one client, run_timeline
+        and paired.py in bench/README). None for any other run."""
+        return self._under_way.get(created.id)
 
     def _handable_now(self, created: orm.Run) -> bool:
         return self._alone_for_this_worker(created) and run_execution.handable(created)
@@ -375,9 +385,7 @@ class Worker:
         lease counted from then (time.monotonic()); ``vouched``: the
         assistant's defaults it was made from, as vouched for then
         (execute.take_started)."""
-        taking = self._take_handed(
-            created, self._claims, committed, folded_at, self._calls_out.get(created.id), vouched
-        )
+        taking = self._take_handed(created, self._claims, committed, folded_at, vouched)
         task = asyncio.create_task(taking, name=f"hand-off {created.id}")
         self._handing[created.id] = task
         self._handing_since[created.id] = self._claims
@@ -392,9 +400,7 @@ class Worker:
     def _hand_off_ended(self, run_id: str, task: asyncio.Task[None]) -> None:
         if self._handing.get(run_id) is task:
             self._forget_hand_off(run_id)
-        call_out = self._calls_out.pop(run_id, None)
-        if call_out is not None and not call_out.done():  # ended with no call sent: the create waits no longer
-            call_out.set_result(None)
+        _set_done(self._under_way.pop(run_id, None))  # ended with no task begun: the create waits no longer
         if task.cancelled():
             # Never begun, or rolled back (its COMMIT, once under way, is
             # seen through: then the run is this worker's, its lease lapsing
@@ -407,7 +413,6 @@ class Worker:
         claims_before: int,
         committed: asyncio.Future[None] | None,
         folded_at: float | None = None,
-        call_out: asyncio.Future[None] | None = None,
         vouched: run_defaults.Vouch | None = None,
     ) -> None:
         # The create's answer first (a stream's head and opening events, or
@@ -418,9 +423,9 @@ class Worker:
         # Begun before the create (prepare()), it is built while the
         # create's statement is out instead, its statement held until the
         # create has committed. A folded run's (a provider's) goes before
-        # the create's answer instead: the create waits until its first
-        # model call is out (first_call_out), the answer written while the
-        # provider answers.
+        # the create's answer instead: the create waits until the run's task
+        # has begun (under_way: its first model call out), the answer
+        # written while the provider answers.
         if committed is not None and folded_at is not None and not self.runtime.run_log.postgres:
             # SQLite: the create's hop is sent at its COMMIT, after its append,
             # and this task would run first: a prompt built now would hold
@@ -431,7 +436,7 @@ class Worker:
             await committed
         if committed is None or (folded_at is None and not self.runtime.run_log.postgres):
             # (A folded run's create waits for its first call instead:
-            # first_call_out.)
+            # under_way.)
             for _ in range(_TURNS_BEFORE_HAND_OFF):
                 await asyncio.sleep(0)
         claimed_at = time.monotonic() if folded_at is None else folded_at
@@ -439,7 +444,7 @@ class Worker:
             if folded_at is not None:  # started by its create (prepare()): no statement here
                 assert committed is not None
                 execution = await execute.take_started(
-                    self.runtime, self.owner, created, self.builtins, committed, call_out, vouched
+                    self.runtime, self.owner, created, self.builtins, committed, vouched
                 )
             else:
                 execution = await execute.hand_off(
@@ -467,10 +472,10 @@ class Worker:
         if not execution.finished:
             if folded_at is not None:
                 # Its first call goes out now (on PostgreSQL it may have
-                # gone while the create was out: execute.take_started), its
-                # create waiting for it (first_call_out), before the run's
-                # task starts.
-                execution.open_first_call(call_out)
+                # gone while the create was out: execute.take_started),
+                # before the run's task starts (its reader's first step sends
+                # it), its create waiting for that task (under_way).
+                execution.open_first_call()
             self._start(execution, claimed_at)
         elif self._claimed_to_capacity:  # a tick meanwhile counted its slot and claimed no more: runs may wait
             self.wake(files=False)
@@ -726,6 +731,8 @@ class Worker:
 
     async def _execute(self, execution: execute.RunExecution) -> None:
         run_id = execution.run_id
+        # Its create answers once this step first waits (under_way()).
+        _set_done(self._under_way.pop(run_id, None))
         released = False
         try:
             await execute.run(execution)

@@ -1,5 +1,5 @@
 """A folded run's first model call goes out before its create answers
-(issue 17: Worker.first_call_out, RunExecution.open_first_call): opened by
+(issue 17: Worker.under_way, RunExecution.open_first_call): opened by
 the hand-off once the create has committed (on PostgreSQL while the create's
 statement is out, no more than its first event read until the commit), its
 reading taken by the run's task as any call's, made once; closed when
@@ -48,7 +48,9 @@ def _calls(
     """Each model call noted in ``order``: "call sent" when its stream is
     first read (the request goes out there), "closed" when it is closed,
     and with ``reads`` "event read" as each of its events is taken;
-    ``then``: "answer" (the model's answer), "fail" (a rate limit), "hang"
+    ``then``: "answer" (the model's answer), "ready" (that answer made
+    first, then read with no wait between its events, as an answer already
+    in the socket's buffer is), "fail" (a rate limit), "hang"
     (nothing more, until closed). The event returned is set at a close."""
     closed = asyncio.Event()
     real_stream = runtime.llm.stream
@@ -60,7 +62,10 @@ def _calls(
                 raise llm.LLMError("rate_limit_exceeded", "Slow down.")
             if then == "hang":
                 await asyncio.Event().wait()
-            async for event in real_stream(request):
+            answer = real_stream(request)
+            if then == "ready":
+                answer = _at_once([event async for event in answer])
+            async for event in answer:
                 if reads:
                     order.append("event read")
                 yield event
@@ -70,6 +75,11 @@ def _calls(
 
     monkeypatch.setattr(runtime.llm, "stream", stream)
     return closed
+
+
+async def _at_once(events: list[llm.Event]) -> AsyncIterator[llm.Event]:
+    for event in events:
+        yield event
 
 
 async def test_the_first_call_goes_out_before_the_create_answers_and_is_made_once(
@@ -86,7 +96,7 @@ async def test_the_first_call_goes_out_before_the_create_answers_and_is_made_onc
     assert order == ["call sent", "answered", "closed"], order
     row = await _row(runtime, run.id)
     assert row.status == "completed" and row.lease_owner is None
-    assert not worker._calls_out and not worker._handing and not worker._tasks
+    assert not worker._under_way and not worker._handing and not worker._tasks
 
 
 async def test_a_failed_early_call_fails_the_run_as_any_first_call_would(
@@ -100,6 +110,24 @@ async def test_a_failed_early_call_fails_the_run_as_any_first_call_would(
     assert order.count("call sent") == 1, order
     row = await _row(runtime, run.id)
     assert row.status == "failed" and row.last_error == {"code": "rate_limit_exceeded", "message": "Slow down."}
+
+
+async def test_a_create_answers_once_its_runs_task_waits_for_a_silent_model(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The create waits for the run's task's first step (Worker.under_way),
+    not for the answer: a model that says nothing holds no create back."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    order: list[str] = []
+    closed = _calls(runtime, monkeypatch, order, then="hang")
+    run, response = await _queue(runtime, assistant)
+    order.append("answered")
+    assert json.loads(bytes(response.body))["status"] == "queued"
+    assert order == ["call sent", "answered"] and worker.executes(run.id), order
+    assert not worker._under_way
+    worker._tasks[run.id].cancel()  # (the model never answers)
+    await asyncio.wait_for(closed.wait(), DEADLINE)
 
 
 async def test_a_run_task_cancelled_before_its_first_step_closes_the_early_call(
@@ -171,7 +199,7 @@ async def test_a_create_whose_hand_off_opens_no_call_is_answered_all_the_same(
     await _executed(runtime)
     assert order == ["answered", "call sent", "closed"], order
     assert (await _row(runtime, run.id)).status == "completed"
-    assert not worker._calls_out
+    assert not worker._under_way
 
 
 _ON_POSTGRES = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
@@ -199,7 +227,7 @@ def _held_until_the_call_is_out(order: list[str], *, then_fail: bool = False) ->
 
 
 async def _held_create(
-    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, *, then_fail: bool = False
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, *, then_fail: bool = False, then: str = "answer"
 ) -> tuple[str, list[str], list[str], asyncio.Event]:
     """An assistant, and the next create's statement held until its first
     call is out (_held_until_the_call_is_out), its calls' events noted:
@@ -208,7 +236,7 @@ async def _held_create(
     assistant = await _assistant(runtime)
     order: list[str] = []
     noted = _noting(runtime, monkeypatch, then=_held_until_the_call_is_out(order, then_fail=then_fail))
-    closed = _calls(runtime, monkeypatch, order, reads=True)
+    closed = _calls(runtime, monkeypatch, order, then=then, reads=True)
     return assistant, order, noted, closed
 
 
@@ -225,7 +253,24 @@ async def test_postgres_the_first_call_goes_out_while_the_create_is_out_and_is_r
     assert order[: order.index("created")].count("event read") <= 1, order
     assert order.count("event read") > 1 and order.count("call sent") == 1 and order[-1] == "closed", order
     assert "claimed" not in noted and (await _row(runtime, run.id)).status == "completed"
-    assert not worker._calls_out and not worker._handing and not worker._tasks
+    assert not worker._under_way and not worker._handing and not worker._tasks
+
+
+@_ON_POSTGRES
+async def test_postgres_an_answer_read_while_the_create_was_out_has_its_end_sent_before_the_create_answers(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its answer already here when the create commits, the run's task takes
+    it and sends the run's end before the create's response is written
+    (issue 17: written while that statement is out, not ahead of it)."""
+    assistant, order, noted, _closed = await _held_create(runtime, monkeypatch, then="ready")
+    run, _response = await _queue(runtime, assistant)
+    noted.append("answered")
+    await _executed(runtime)
+    assert order.index("statement sent") < order.index("created"), order
+    began = noted.index("executing")
+    assert noted.index("create sent") < began < noted.index("sent", began) < noted.index("answered"), noted
+    assert (await _row(runtime, run.id)).status == "completed"
 
 
 @_ON_POSTGRES
@@ -240,7 +285,7 @@ async def test_postgres_a_create_that_fails_with_its_first_call_out_closes_the_c
     await asyncio.wait_for(worker._handed(), DEADLINE)
     await worker.run_until_idle()
     assert order.count("call sent") == 1 and order.count("event read") <= 1 and order[-1] == "closed", order
-    assert "executing" not in noted and not worker._tasks and not worker._calls_out
+    assert "executing" not in noted and not worker._tasks and not worker._under_way
     async with runtime.transaction() as session:
         assert (await session.scalars(select(orm.Run.id).where(orm.Run.status != "completed"))).all() == []
 
