@@ -1057,9 +1057,11 @@ def sending_now() -> None:
 # session.info's key of a gated session (gate()): the future that lets its
 # statements go.
 GATE = "gate"
+# ... and of the future gate() is told to complete once they are let go.
+GATE_PASSED = "gate passed"
 
 
-def gate(session: AsyncSession, opened: asyncio.Future[None]) -> None:
+def gate(session: AsyncSession, opened: asyncio.Future[None], passed_to: asyncio.Future[None] | None = None) -> None:
     """Hold every statement of ``session`` until ``opened`` is done (issue
     17, a hand-off built during its create's round trip: its reads and its
     statement must see the committed run, and nothing goes before the create
@@ -1067,14 +1069,20 @@ def gate(session: AsyncSession, opened: asyncio.Future[None]) -> None:
     alone (SQLAlchemy's do_orm_execute, run on the session's greenlet, where
     await_only() awaits); run_log.append waits before it takes a connection
     (passed()). A gate cancelled (the create failed) fails what waited on it
-    with the cancellation, nothing sent."""
+    with the cancellation, nothing sent. ``passed_to`` is done when a
+    statement is first let through (the create that opened the gate waits
+    for it, then answers while that statement is out: Worker.under_way)."""
     session.info[GATE] = opened
+    if passed_to is not None:
+        session.info[GATE_PASSED] = passed_to
 
     def wait(_state: orm.ORMExecuteState) -> None:
         if not opened.done() or opened.cancelled():
             # One way through the gate for the listener and run_log.append
             # (passed(): a closed gate raises its cancellation).
             await_(passed(session))
+        else:
+            _let_through(session)
 
     event.listen(session.sync_session, "do_orm_execute", wait)
 
@@ -1089,6 +1097,15 @@ async def passed(session: AsyncSession) -> None:
         opened.result()  # (a gate closed for good raises its cancellation)
     else:
         await asyncio.shield(opened)  # (a cancelled waiter leaves the gate as it is)
+    _let_through(session)
+
+
+def _let_through(session: AsyncSession) -> None:
+    """A statement of ``session`` goes through its open gate: gate()'s
+    ``passed_to`` done, the first time."""
+    passed_to: asyncio.Future[None] | None = session.info.pop(GATE_PASSED, None)
+    if passed_to is not None and not passed_to.done():
+        passed_to.set_result(None)
 
 
 def watched(work: Coroutine[Any, Any, T]) -> tuple[asyncio.Task[T], Sending]:

@@ -113,10 +113,16 @@ class Worker:
         # The gates of hand-offs begun before their create committed
         # (prepare()), by run, until hand() opens or dropped() closes them.
         self._gates: dict[str, asyncio.Future[None]] = {}
-        # Folded runs' hand-offs (prepare()), by run: done at the first step
-        # of the run's task (its first model call opened before it:
-        # execute.open_first_call) or once the hand-off has ended without
-        # one; the create waits for it before answering (under_way()).
+        # Folded runs' hand-offs (prepare()), by run: done once the run's
+        # first model call has gone out (execute.open_first_call) or the
+        # hand-off has ended without one; the create waits for it before
+        # answering (answer_after()).
+        self._calls_out: dict[str, asyncio.Future[None]] = {}
+        # Every hand-off begun before its create (prepare()), by run: done
+        # once the hand-off's statement goes (PostgreSQL's instant answer)
+        # or at the first step of the run's task (a fold), or once the
+        # hand-off has ended without either; a streamed create waits for it
+        # before answering (answer_after()).
         self._under_way: dict[str, asyncio.Future[None]] = {}
         # run_forever() is going round: only then is a run handed (a worker
         # made but not started, or driven tick by tick, claims as before).
@@ -227,6 +233,7 @@ class Worker:
             return None
         committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._gates[created.id] = committed
+        self._under_way[created.id] = asyncio.get_running_loop().create_future()
         if folds:
             # Its answer is not instant (a provider's): its start is folded
             # into the create, whose one statement inserts it started,
@@ -236,7 +243,7 @@ class Worker:
             # (lease_renewer.py's margin), the run executed from the commit.
             claimed_at = time.monotonic()
             run_state.start_in_create(created, self.owner, time.time() + self.lease_seconds)
-            self._under_way[created.id] = asyncio.get_running_loop().create_future()
+            self._calls_out[created.id] = asyncio.get_running_loop().create_future()
             # Asked now, as the statement is about to go: its first call may
             # be sent before that statement has committed if vouched for.
             vouched = run_defaults.vouch(created.assistant_id)
@@ -313,20 +320,30 @@ class Worker:
         self._start_hand_off(created, None)
         return True
 
-    def under_way(self, created: orm.Run) -> asyncio.Future[None] | None:
-        """For a folded run hand() has just taken (prepare()): a future done
-        at the first step of the run's task, or once its hand-off has ended
-        without one. The create waits for it before answering (issue 17),
-        and so answers once that task first waits, for the model or for a
-        statement: its first model call has gone out by then (opened before
-        the task, its reader's first step sends it: execute.open_first_call),
-        the provider answering while the create's response is written. An
-        answer read before the create committed (PostgreSQL's call ahead)
-        is taken first instead, and the run's end statement sent: the
-        response is then written while that statement is out, not before
-        it (the end sent about 0.1-0.2 ms sooner at one client, run_timeline
-        and paired.py in bench/README). None for any other run."""
-        return self._under_way.get(created.id)
+    def answer_after(self, created: orm.Run, *, streamed: bool) -> asyncio.Future[None] | None:
+        """For a run hand() has just taken (prepare()): what its create
+        waits for before answering (issue 17); None: nothing.
+
+        Answered as JSON, a folded run's create waits until its first model
+        call has gone out, or its hand-off has ended without one (its prompt
+        not built here, the run left to its task's start()): the provider
+        then answers while the create's response is written and the run's
+        task starts, where the call went out only after both (0.4-0.8 ms at
+        one client, run_timeline). Nothing else waits: the SDK's poll that
+        follows is best held while the run's end is out (answered from the
+        end's hand-off, no read), and a response written after that
+        statement brought the poll after the run's end, to a read of its row
+        (PostgreSQL, paired: +0.1-0.2 ms, 0.13-0.26 ms more server CPU a run).
+
+        Streamed, any such create waits until its hand-off's statement has
+        gone (PostgreSQL's instant answer, the run's whole worker side:
+        db.gate's ``passed_to``) or the run's task has begun (a fold: by
+        then its first call is out, and an answer read while the create was
+        out, PostgreSQL's call ahead, has had its end statement sent), or
+        the hand-off has ended without either: the stream's head is written
+        while that statement or the model's answer is out, not ahead of it
+        (bench/README)."""
+        return (self._under_way if streamed else self._calls_out).get(created.id)
 
     def _handable_now(self, created: orm.Run) -> bool:
         return self._alone_for_this_worker(created) and run_execution.handable(created)
@@ -385,7 +402,9 @@ class Worker:
         lease counted from then (time.monotonic()); ``vouched``: the
         assistant's defaults it was made from, as vouched for then
         (execute.take_started)."""
-        taking = self._take_handed(created, self._claims, committed, folded_at, vouched)
+        taking = self._take_handed(
+            created, self._claims, committed, folded_at, self._calls_out.get(created.id), vouched
+        )
         task = asyncio.create_task(taking, name=f"hand-off {created.id}")
         self._handing[created.id] = task
         self._handing_since[created.id] = self._claims
@@ -400,7 +419,10 @@ class Worker:
     def _hand_off_ended(self, run_id: str, task: asyncio.Task[None]) -> None:
         if self._handing.get(run_id) is task:
             self._forget_hand_off(run_id)
-        _set_done(self._under_way.pop(run_id, None))  # ended with no task begun: the create waits no longer
+        call_out = self._calls_out.pop(run_id, None)
+        if call_out is not None and not call_out.done():  # ended with no call sent: the create waits no longer
+            call_out.set_result(None)
+        _set_done(self._under_way.pop(run_id, None))  # (nor for its statement or its run's task)
         if task.cancelled():
             # Never begun, or rolled back (its COMMIT, once under way, is
             # seen through: then the run is this worker's, its lease lapsing
@@ -413,6 +435,7 @@ class Worker:
         claims_before: int,
         committed: asyncio.Future[None] | None,
         folded_at: float | None = None,
+        call_out: asyncio.Future[None] | None = None,
         vouched: run_defaults.Vouch | None = None,
     ) -> None:
         # The create's answer first (a stream's head and opening events, or
@@ -423,9 +446,9 @@ class Worker:
         # Begun before the create (prepare()), it is built while the
         # create's statement is out instead, its statement held until the
         # create has committed. A folded run's (a provider's) goes before
-        # the create's answer instead: the create waits until the run's task
-        # has begun (under_way: its first model call out), the answer
-        # written while the provider answers.
+        # the create's answer instead: the create waits until its first
+        # model call is out (answer_after), the answer written while the
+        # provider answers.
         if committed is not None and folded_at is not None and not self.runtime.run_log.postgres:
             # SQLite: the create's hop is sent at its COMMIT, after its append,
             # and this task would run first: a prompt built now would hold
@@ -436,7 +459,7 @@ class Worker:
             await committed
         if committed is None or (folded_at is None and not self.runtime.run_log.postgres):
             # (A folded run's create waits for its first call instead:
-            # under_way.)
+            # answer_after.)
             for _ in range(_TURNS_BEFORE_HAND_OFF):
                 await asyncio.sleep(0)
         claimed_at = time.monotonic() if folded_at is None else folded_at
@@ -444,11 +467,17 @@ class Worker:
             if folded_at is not None:  # started by its create (prepare()): no statement here
                 assert committed is not None
                 execution = await execute.take_started(
-                    self.runtime, self.owner, created, self.builtins, committed, vouched
+                    self.runtime, self.owner, created, self.builtins, committed, call_out, vouched
                 )
             else:
                 execution = await execute.hand_off(
-                    self.runtime, self.owner, created, self.lease_seconds, self.builtins, committed
+                    self.runtime,
+                    self.owner,
+                    created,
+                    self.lease_seconds,
+                    self.builtins,
+                    committed,
+                    self._under_way.get(created.id),
                 )
         except Exception as error:  # the run is claimed the usual way, reserved for this worker still
             self._forget_hand_off(created.id)  # before the wake: the claim of the tick it starts takes the run
@@ -472,10 +501,10 @@ class Worker:
         if not execution.finished:
             if folded_at is not None:
                 # Its first call goes out now (on PostgreSQL it may have
-                # gone while the create was out: execute.take_started),
-                # before the run's task starts (its reader's first step sends
-                # it), its create waiting for that task (under_way).
-                execution.open_first_call()
+                # gone while the create was out: execute.take_started), its
+                # create waiting for it (answer_after), before the run's
+                # task starts.
+                execution.open_first_call(call_out)
             self._start(execution, claimed_at)
         elif self._claimed_to_capacity:  # a tick meanwhile counted its slot and claimed no more: runs may wait
             self.wake(files=False)
@@ -731,7 +760,7 @@ class Worker:
 
     async def _execute(self, execution: execute.RunExecution) -> None:
         run_id = execution.run_id
-        # Its create answers once this step first waits (under_way()).
+        # A streamed create answers once this step first waits (answer_after()).
         _set_done(self._under_way.pop(run_id, None))
         released = False
         try:

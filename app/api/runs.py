@@ -161,13 +161,18 @@ async def _queue_run(
     worker = runtime.worker
     if not notify and (worker is None or not worker.hand(run)):
         runtime.wake(files=False)
-    elif handing is not None and worker is not None and (under_way := worker.under_way(run)) is not None:
-        # A folded run's task begins before this answer (issue 17): its first
-        # model call has gone out, and the provider answers meanwhile; an
-        # answer already read (PostgreSQL's call ahead) has its end statement
-        # sent first, this answer written while that is out. Shielded: this
-        # request's cancellation leaves the hand-off's future alone.
-        await asyncio.shield(under_way)
+    elif (
+        handing is not None
+        and worker is not None
+        and (after := worker.answer_after(run, streamed=follower is not None)) is not None
+    ):
+        # A hand-off begun before the create goes on first (issue 17): a
+        # folded run's first model call goes out, the provider answering
+        # meanwhile; streamed, until the hand-off's statement is out (or the
+        # run's task first waits), the stream's head written meanwhile.
+        # Shielded: this request's cancellation leaves the hand-off's
+        # future alone.
+        await asyncio.shield(after)
     if follower is None:
         if answered is not None and answered.name == "thread.run.queued":
             # The run as committed, as the event that queued it carries it,

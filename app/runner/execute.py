@@ -761,7 +761,9 @@ class RunExecution:
         self._wire = started
         return True
 
-    def open_first_call(self, ahead_of: asyncio.Future[None] | None = None) -> None:
+    def open_first_call(
+        self, call_out: asyncio.Future[None] | None = None, ahead_of: asyncio.Future[None] | None = None
+    ) -> None:
         """Send the run's first model call now, before the run's task takes
         it (issue 17): a folded run, taken by take_started(), so the run is
         this worker's, leased and in_progress once its create has committed,
@@ -786,9 +788,10 @@ class RunExecution:
         reading path is taken only then), a budget the first call cannot be
         made within (_loop() ends the run). An execution that ends, or a
         task that is cancelled, before taking it closes it
-        (discard_first_call). The reader's first step, which comes before
-        the run's task's first step, sends the request (the create waits for
-        that task: Worker.under_way)."""
+        (discard_first_call). ``call_out`` is done once the call's request
+        has gone out (its reader's first step ended), for the create
+        waiting on it (Worker.answer_after); left as it is if no call is
+        opened."""
         if (
             self._started is None
             or self._open_call is not None
@@ -806,7 +809,7 @@ class RunExecution:
         stream = _idle_limited(self.runtime.llm.stream(request), self.runtime.settings.model_idle_timeout_seconds)
         arrived: asyncio.Queue[llm.Event | _StreamEnd] = asyncio.Queue()
         hand_over = _HandOver()
-        reader = asyncio.ensure_future(_read_for(self.run_id, stream, arrived, ahead_of, hand_over))
+        reader = asyncio.ensure_future(_read_for(self.run_id, stream, arrived, call_out, ahead_of, hand_over))
         self._open_call = _OpenCall(request, arrived, reader, stream, hand_over)
 
     def discard_first_call(self) -> None:
@@ -1361,13 +1364,23 @@ async def _read_for(
     run_id: str,
     stream: AsyncGenerator[llm.Event, None],
     arrived: asyncio.Queue[llm.Event | _StreamEnd],
+    call_out: asyncio.Future[None] | None,
     gate: asyncio.Future[None] | None,
     hand_over: _HandOver,
 ) -> None:
     """_read_into for a call opened before the run's task (open_first_call):
-    its lines name the run, as the run's task's do (run())."""
+    its lines name the run, as the run's task's do (run()). ``call_out`` is
+    done in the loop's next turn after this task's first step, which sends
+    the request and stops at the wait for the answer's head."""
     logs.bind_run(run_id)
+    if call_out is not None:
+        asyncio.get_running_loop().call_soon(_set_done, call_out)
     await _read_into(stream, arrived, gate, hand_over)
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -1683,6 +1696,7 @@ async def hand_off(
     lease_seconds: float,
     builtins: dict[str, BuiltinTool],
     committed: asyncio.Future[None] | None = None,
+    sent: asyncio.Future[None] | None = None,
 ) -> RunExecution:
     """Claim and start ``created``, a run this process's API has just
     created reserved for ``owner`` with its earlier messages noted
@@ -1704,9 +1718,10 @@ async def hand_off(
     PostgreSQL: _hand_off_postgres (no transaction: one statement, the
     run's start or, with an instant answer, its whole worker side), built
     while the create's statement is out when ``committed`` is given (done
-    once the create has committed; cancelled if it failed)."""
+    once the create has committed; cancelled if it failed), ``sent`` done
+    once its statement goes (db.gate's ``passed_to``)."""
     if runtime.run_log.postgres:
-        return await _hand_off_postgres(runtime, owner, created, lease_seconds, builtins, committed)
+        return await _hand_off_postgres(runtime, owner, created, lease_seconds, builtins, committed, sent)
     assert committed is None, "a hand-off built ahead on PostgreSQL only"
     if created.started_at is None:
         return await _hand_off_sqlite(runtime, owner, created, lease_seconds, builtins)
@@ -1758,6 +1773,7 @@ async def take_started(
     created: orm.Run,
     builtins: dict[str, BuiltinTool],
     committed: asyncio.Future[None],
+    call_out: asyncio.Future[None] | None = None,
     vouched: run_defaults.Vouch | None = None,
 ) -> RunExecution:
     """The execution of ``created``, a run its create inserts already
@@ -1767,7 +1783,7 @@ async def take_started(
     create's statement is out, on a session that never connects (one that
     needs a read is built again on a session gated until the create has
     committed: db.gate), and its first model call sent then too
-    (open_first_call's ``ahead_of``) if
+    (open_first_call's ``ahead_of``; ``call_out`` done once it is out) if
     the assistant's defaults the run was made from are ``vouched`` for
     still (run_defaults.still_vouched: the create's check can find them
     stale only through a change that raced it); returns once ``committed``
@@ -1812,7 +1828,7 @@ async def take_started(
         committed.result()  # (a create that failed: its cancellation)
         return execution
     if run_defaults.still_vouched(vouched):
-        execution.open_first_call(ahead_of=committed)
+        execution.open_first_call(call_out, ahead_of=committed)
     try:
         await asyncio.shield(committed)  # (a cancelled wait leaves the gate as it is)
     except BaseException:  # the create failed, or this hand-off is cancelled: no run to answer
@@ -1828,6 +1844,7 @@ async def _hand_off_postgres(
     lease_seconds: float,
     builtins: dict[str, BuiltinTool],
     committed: asyncio.Future[None] | None,
+    sent: asyncio.Future[None] | None = None,
 ) -> RunExecution:
     """hand_off() on PostgreSQL: no claim, no transaction. The run as the
     claim would leave it (run_execution.handed_run), started in one
@@ -1853,7 +1870,7 @@ async def _hand_off_postgres(
     async def answer() -> bool:
         async with runtime.unit_of_work() as session:
             if committed is not None:
-                db.gate(session, committed)
+                db.gate(session, committed, passed_to=sent)
             check = run_execution.hand_off_check(created, owner)
             return await execution.start_handed(session, run, check, runs.queued_wire(created))
 

@@ -76,3 +76,22 @@ def statements_sent(runtime: Runtime, keep: Callable[[str, Any], T | None]) -> I
         yield seen
     finally:
         event.remove(engine, "before_cursor_execute", before)
+
+
+async def streamed_to_end(response: Any) -> list[str]:
+    """A streamed run's response (api/sse.RunStream) sent as the server
+    sends it, to a client that stays: the names of its events, in order, to
+    the stream's end (within the deadline)."""
+    body: list[bytes] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            body.append(message.get("body", b""))
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # the client never leaves
+        raise AssertionError("unreachable")
+
+    await asyncio.wait_for(response({"type": "http", "method": "POST"}, receive, send), DEADLINE)
+    text = b"".join(body).decode()
+    return [line.removeprefix("event: ") for line in text.splitlines() if line.startswith("event: ")]

@@ -1,5 +1,5 @@
 """A folded run's first model call goes out before its create answers
-(issue 17: Worker.under_way, RunExecution.open_first_call): opened by
+(issue 17: Worker.answer_after, RunExecution.open_first_call): opened by
 the hand-off once the create has committed (on PostgreSQL while the create's
 statement is out, no more than its first event read until the commit), its
 reading taken by the run's task as any call's, made once; closed when
@@ -20,7 +20,7 @@ from app import llm, orm
 from app.runner import execute
 from app.runtime import Runtime
 from app.settings import Settings
-from tests.runner.helpers import DEADLINE, until
+from tests.runner.helpers import DEADLINE, streamed_to_end, until
 from tests.runner.test_hand_off import _assistant, _never_at_once, _row
 from tests.runner.test_hand_off_early import _worker, handing_runtime
 from tests.runner.test_start_folded import _executed, _noting, _queue
@@ -96,7 +96,7 @@ async def test_the_first_call_goes_out_before_the_create_answers_and_is_made_onc
     assert order == ["call sent", "answered", "closed"], order
     row = await _row(runtime, run.id)
     assert row.status == "completed" and row.lease_owner is None
-    assert not worker._under_way and not worker._handing and not worker._tasks
+    assert not worker._calls_out and not worker._handing and not worker._tasks
 
 
 async def test_a_failed_early_call_fails_the_run_as_any_first_call_would(
@@ -112,22 +112,23 @@ async def test_a_failed_early_call_fails_the_run_as_any_first_call_would(
     assert row.status == "failed" and row.last_error == {"code": "rate_limit_exceeded", "message": "Slow down."}
 
 
-async def test_a_create_answers_once_its_runs_task_waits_for_a_silent_model(
+async def test_a_streamed_create_answers_once_its_runs_task_waits_for_a_silent_model(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The create waits for the run's task's first step (Worker.under_way),
-    not for the answer: a model that says nothing holds no create back."""
+    """Streamed, the create waits for the run's task's first step
+    (Worker.answer_after), not for the answer: a model that says nothing
+    holds no stream's head back."""
     assistant = await _assistant(runtime)
     worker = _worker(runtime)
     order: list[str] = []
     closed = _calls(runtime, monkeypatch, order, then="hang")
-    run, response = await _queue(runtime, assistant)
+    run, response = await _queue(runtime, assistant, stream=True)
     order.append("answered")
-    assert json.loads(bytes(response.body))["status"] == "queued"
     assert order == ["call sent", "answered"] and worker.executes(run.id), order
     assert not worker._under_way
     worker._tasks[run.id].cancel()  # (the model never answers)
     await asyncio.wait_for(closed.wait(), DEADLINE)
+    await response._follower.close()  # type: ignore[attr-defined]  # (never sent: the stream's end never comes)
 
 
 async def test_a_run_task_cancelled_before_its_first_step_closes_the_early_call(
@@ -199,7 +200,7 @@ async def test_a_create_whose_hand_off_opens_no_call_is_answered_all_the_same(
     await _executed(runtime)
     assert order == ["answered", "call sent", "closed"], order
     assert (await _row(runtime, run.id)).status == "completed"
-    assert not worker._under_way
+    assert not worker._calls_out
 
 
 _ON_POSTGRES = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
@@ -253,23 +254,27 @@ async def test_postgres_the_first_call_goes_out_while_the_create_is_out_and_is_r
     assert order[: order.index("created")].count("event read") <= 1, order
     assert order.count("event read") > 1 and order.count("call sent") == 1 and order[-1] == "closed", order
     assert "claimed" not in noted and (await _row(runtime, run.id)).status == "completed"
-    assert not worker._under_way and not worker._handing and not worker._tasks
+    assert not worker._calls_out and not worker._handing and not worker._tasks
 
 
 @_ON_POSTGRES
-async def test_postgres_an_answer_read_while_the_create_was_out_has_its_end_sent_before_the_create_answers(
+async def test_postgres_a_streamed_create_whose_answer_came_while_it_was_out_has_the_runs_end_sent_first(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Its answer already here when the create commits, the run's task takes
-    it and sends the run's end before the create's response is written
-    (issue 17: written while that statement is out, not ahead of it)."""
+    """Its answer already read when the create commits, the run's task takes
+    it and sends the run's end before the stream's head is written (issue
+    17: written while that statement is out, not ahead of it); answered as
+    JSON, the create answers first (test above: the poll that follows is
+    held while the end is out)."""
     assistant, order, noted, _closed = await _held_create(runtime, monkeypatch, then="ready")
-    run, _response = await _queue(runtime, assistant)
+    run, response = await _queue(runtime, assistant, stream=True)
     noted.append("answered")
+    names = await streamed_to_end(response)
     await _executed(runtime)
     assert order.index("statement sent") < order.index("created"), order
     began = noted.index("executing")
     assert noted.index("create sent") < began < noted.index("sent", began) < noted.index("answered"), noted
+    assert names[0] == "thread.created" and names[-2:] == ["thread.run.completed", "done"], names
     assert (await _row(runtime, run.id)).status == "completed"
 
 
@@ -285,7 +290,7 @@ async def test_postgres_a_create_that_fails_with_its_first_call_out_closes_the_c
     await asyncio.wait_for(worker._handed(), DEADLINE)
     await worker.run_until_idle()
     assert order.count("call sent") == 1 and order.count("event read") <= 1 and order[-1] == "closed", order
-    assert "executing" not in noted and not worker._tasks and not worker._under_way
+    assert "executing" not in noted and not worker._tasks and not worker._calls_out
     async with runtime.transaction() as session:
         assert (await session.scalars(select(orm.Run.id).where(orm.Run.status != "completed"))).all() == []
 

@@ -27,7 +27,7 @@ from app.settings import Settings
 from app.wire.events import Event
 from app.wire.runs import ThreadAndRunCreate
 from app.worker import Worker
-from tests.runner.helpers import DEADLINE, statements_sent, until
+from tests.runner.helpers import DEADLINE, statements_sent, streamed_to_end, until
 from tests.runner.test_hand_off import _ANSWERED, _assert_numbered_once, _assistant, _count_hand_offs, _row
 from tests.runner.test_instant_answer import _event_names
 from tests.runner.test_raw_autocommit import raw_checkouts
@@ -126,9 +126,9 @@ def _holding_the_create(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, then:
     gated: list[AsyncSession] = []
     real_gate, real_passed = db.gate, db.passed
 
-    def gate(session: AsyncSession, opened: asyncio.Future[None]) -> None:
+    def gate(session: AsyncSession, opened: asyncio.Future[None], **kwargs: Any) -> None:
         gated.append(session)
-        real_gate(session, opened)
+        real_gate(session, opened, **kwargs)
 
     async def passed(session: AsyncSession) -> None:
         opened = session.info.get(db.GATE)
@@ -246,6 +246,35 @@ async def test_a_lone_runs_answer_is_built_while_its_create_is_out_and_sent_afte
     assert await _event_names(runtime, run.id) == _ANSWERED  # the create's events first
     await _assert_numbered_once(runtime, run.id)
     assert not worker._gates and not worker._handing and worker._reserved == 0
+
+
+async def test_a_streamed_create_answers_once_its_built_hand_off_is_sent_and_a_polled_one_before(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker.answer_after: a streamed create's head is written while the
+    hand-off's statement (the run's whole worker side) is out, not ahead of
+    it; one answered as JSON answers first, for the SDK's poll that follows
+    to be held while that statement is out."""
+    assistant = await _assistant(runtime)
+    worker = _worker(runtime)
+    thread = {"messages": [{"role": "user", "content": "hi"}]}
+    body = ThreadAndRunCreate.model_validate({"assistant_id": assistant, "thread": thread})
+    for streamed in (True, False):
+        order = _holding_the_create(runtime, monkeypatch)
+        made: list[orm.Run] = []
+        response = await api_runs._queue_run(runtime, streamed, _making(runtime, body, made, False))
+        order.append("create answered")
+        names = await streamed_to_end(response) if streamed else []
+        await asyncio.wait_for(worker._handed(), DEADLINE)
+        _assert_sent_after_the_create([step for step in order if step != "create answered"])
+        if streamed:
+            assert order.index("sent") < order.index("create answered"), order
+            assert names[0] == "thread.created" and names[-2:] == ["thread.run.completed", "done"], names
+        else:
+            assert order.index("create answered") < order.index("sent"), order
+        assert (await _row(runtime, made[0].id)).status == "completed"
+        assert not worker._under_way and not worker._gates and not worker._handing
+        monkeypatch.undo()
 
 
 async def test_a_create_from_remembered_defaults_goes_raw_and_its_hand_off_after_its_commit(

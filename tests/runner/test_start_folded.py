@@ -70,7 +70,9 @@ async def runtime(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncI
         yield rt
 
 
-async def _queue(runtime: Runtime, assistant_id: str, *, remembering: bool = False) -> tuple[orm.Run, Response]:
+async def _queue(
+    runtime: Runtime, assistant_id: str, *, remembering: bool = False, stream: bool = False
+) -> tuple[orm.Run, Response]:
     """POST /threads/runs's create as the API makes it (api/runs.py's
     _queue_run, answered as JSON): the run object and the response. Not
     ``remembering``, the assistant is read (the create's session connects);
@@ -87,7 +89,7 @@ async def _queue(runtime: Runtime, assistant_id: str, *, remembering: bool = Fal
     if remembering:
         response = await api_runs._queue_remembering(runtime, _PROJECT, False, assistant_id, change)
         return made[-1], response
-    response = await api_runs._queue_run(runtime, False, change(False))
+    response = await api_runs._queue_run(runtime, stream, change(False))
     return made[0], response
 
 
