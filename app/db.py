@@ -31,7 +31,7 @@ from sqlalchemy.pool import NullPool, Pool, PoolProxiedConnection, QueuePool
 from sqlalchemy.util import await_only as await_
 from sqlalchemy.util import greenlet_spawn
 
-from app import held_back, sqlite_driver
+from app import eager, held_back, sqlite_driver
 from app.wire import jsontext
 
 if TYPE_CHECKING:
@@ -1108,15 +1108,16 @@ def _let_through(session: AsyncSession) -> None:
         passed_to.set_result(None)
 
 
-def watched(work: Coroutine[Any, Any, T]) -> tuple[asyncio.Task[T], Sending]:
+def watched(work: Coroutine[Any, Any, T]) -> tuple[asyncio.Future[T], Sending]:
     """``work`` in a task of its own, for seen_through(), with what tells
     whether it has come to send its statement (sending_now(); before, a
     cancellation need not wait for it: it may be waiting for a pool's
-    connection)."""
+    connection). Started eagerly (app/eager.py): its statement goes in the
+    caller's turn of the loop, not after whatever the loop queued meanwhile."""
     sending = Sending()
     context = contextvars.copy_context()
     context.run(_SENDING.set, sending)
-    return asyncio.get_running_loop().create_task(work, context=context), sending
+    return eager.start(work, context), sending
 
 
 # A logged session's undo of its run log appends (Runtime: RunLog.rolled_back),
