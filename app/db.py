@@ -1071,7 +1071,7 @@ def gate(session: AsyncSession, opened: asyncio.Future[None], passed_to: asyncio
     (passed()). A gate cancelled (the create failed) fails what waited on it
     with the cancellation, nothing sent. ``passed_to`` is done when a
     statement is first let through (the create that opened the gate waits
-    for it, then answers while that statement is out: Worker.under_way)."""
+    for it, then answers while that statement is out: Worker.answer_after)."""
     session.info[GATE] = opened
     if passed_to is not None:
         session.info[GATE_PASSED] = passed_to

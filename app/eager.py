@@ -9,7 +9,7 @@ waits for the loop's next turn, behind whatever the loop queued meanwhile:
 an SDK poll that arrived while a run's turn was being built had its request
 handled (0.1-0.2 ms) before the run's end statement went. Started here, the
 work sends its statement in its caller's turn (PostgreSQL, polled direct
-route: -0.13 ms a run, paired; bench/README).
+route: -0.11 ms a run, paired; bench/README).
 
 While its first step runs, ``asyncio.current_task()`` is the caller's task
 (as in 3.12's eager tasks): work started so must not hand its current task

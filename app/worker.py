@@ -419,10 +419,9 @@ class Worker:
     def _hand_off_ended(self, run_id: str, task: asyncio.Task[None]) -> None:
         if self._handing.get(run_id) is task:
             self._forget_hand_off(run_id)
-        call_out = self._calls_out.pop(run_id, None)
-        if call_out is not None and not call_out.done():  # ended with no call sent: the create waits no longer
-            call_out.set_result(None)
-        _set_done(self._under_way.pop(run_id, None))  # (nor for its statement or its run's task)
+        # Ended with no call sent, no statement or run's task: the create waits no longer.
+        _set_done(self._calls_out.pop(run_id, None))
+        _set_done(self._under_way.pop(run_id, None))
         if task.cancelled():
             # Never begun, or rolled back (its COMMIT, once under way, is
             # seen through: then the run is this worker's, its lease lapsing
