@@ -16,6 +16,7 @@ from sqlalchemy import event
 from app.runtime import Runtime
 from app.settings import Settings
 from app.worker import Worker
+from tests.streaming import rules
 
 DEADLINE = 30.0
 T = TypeVar("T")
@@ -81,7 +82,8 @@ def statements_sent(runtime: Runtime, keep: Callable[[str, Any], T | None]) -> I
 async def streamed_to_end(response: Any) -> list[str]:
     """A streamed run's response (api/sse.RunStream) sent as the server
     sends it, to a client that stays: the names of its events, in order, to
-    the stream's end (within the deadline)."""
+    the stream's end (within the deadline), its frames checked as the
+    streaming tests check them (tests/streaming/rules.read)."""
     body: list[bytes] = []
 
     async def send(message: dict[str, Any]) -> None:
@@ -93,5 +95,5 @@ async def streamed_to_end(response: Any) -> list[str]:
         raise AssertionError("unreachable")
 
     await asyncio.wait_for(response({"type": "http", "method": "POST"}, receive, send), DEADLINE)
-    text = b"".join(body).decode()
-    return [line.removeprefix("event: ") for line in text.splitlines() if line.startswith("event: ")]
+    events, _keepalives = rules.read(body)
+    return [event.event for event in events]

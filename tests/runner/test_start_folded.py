@@ -74,7 +74,8 @@ async def _queue(
     runtime: Runtime, assistant_id: str, *, remembering: bool = False, stream: bool = False
 ) -> tuple[orm.Run, Response]:
     """POST /threads/runs's create as the API makes it (api/runs.py's
-    _queue_run, answered as JSON): the run object and the response. Not
+    _queue_run, answered as JSON, or with ``stream`` as a stream): the run
+    object and the response. Not
     ``remembering``, the assistant is read (the create's session connects);
     ``remembering``, from its remembered defaults as the API makes it
     (_queue_remembering: on SQLite a unit that never connects, one hop;
