@@ -1197,6 +1197,16 @@ async def commit_seen_through(session: AsyncSession, undo: Callable[[AsyncSessio
     await commit_noted_through(session, commit)
 
 
+# PostgreSQL's deadlock_detected: it failed this transaction to break a
+# cycle of lock waits; made again, it waits for the others instead.
+_DEADLOCK_DETECTED = "40P01"
+
+
+def deadlock_detected(error: sa_exc.DBAPIError) -> bool:
+    """Whether PostgreSQL failed ``error``'s transaction as a deadlock's victim."""
+    return getattr(error.orig, "sqlstate", None) == _DEADLOCK_DETECTED
+
+
 def routine_miss(error: BaseException) -> bool:
     """seen_through()'s ``expected`` for a COMMIT: a held-back
     compare-and-set that missed routinely (stale run defaults, a run moved:

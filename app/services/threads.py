@@ -73,7 +73,12 @@ async def delete(session: AsyncSession, project: Project, thread_id: str) -> Del
     # SQLite's transaction holds the write lock already): its runs first,
     # then the thread. A run's end holds its run's row and then share-locks
     # the thread (its message's foreign key); taking the thread first would
-    # deadlock with it, and PostgreSQL would abort the delete.
+    # deadlock with it, and PostgreSQL would abort the delete. One order is
+    # left that no locking here avoids: a run created after the runs were
+    # locked (its create commits while the delete waits for the thread's
+    # row), whose end then comes between them. PostgreSQL fails one of the
+    # two; the API makes a failed delete again (api/threads.py), which then
+    # locks that run too and waits for its end.
     run_ids = select(orm.Run.id).where(orm.Run.thread_id == thread_id)
     await session.execute(run_ids.with_for_update())
     # The thread's row: a run created in it meanwhile (its insert

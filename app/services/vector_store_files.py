@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import errors, ids, orm
+from app import db, errors, ids, orm
 from app.retrieval import chunking, parse
 from app.services import pagination, projects
 from app.services.common import one_of, require_id
@@ -109,9 +109,6 @@ async def attach(
 # Attempts at inserting a store's new file rows, each after another
 # process took one of their seqs (all but unheard of: see below).
 SEQ_ATTEMPTS = 5
-# PostgreSQL's deadlock_detected: see _retried_clash.
-_DEADLOCK_DETECTED = "40P01"
-
 # Rows per upsert statement (its bound values stay far under either
 # engine's limit); a page follows the one before in file id order.
 UPSERT_PAGE_ROWS = 500
@@ -208,7 +205,7 @@ def _retried_clash(exc: DBAPIError) -> bool:
     statement fails to serialize."""
     if isinstance(exc, IntegrityError):
         return True
-    return getattr(exc.orig, "sqlstate", None) == _DEADLOCK_DETECTED
+    return db.deadlock_detected(exc)
 
 
 async def _upsert(session: AsyncSession, values: Sequence[dict[str, Any]]) -> Sequence[orm.VectorStoreFile]:

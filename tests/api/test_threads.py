@@ -12,7 +12,7 @@ import httpx2
 import openai
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import func, select, text
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app import orm
@@ -305,6 +305,85 @@ async def test_a_delete_waits_for_a_run_ending_without_a_deadlock(client: openai
         await _delete_once_committed(client, thread.id, other, "the delete to wait for the run's end", check_its_thread)
     async with app.state.runtime.transaction() as session:
         assert await session.scalar(select(func.count()).select_from(orm.Run).where(orm.Run.id == run.id)) == 0
+
+
+async def _blocked_by(engine: AsyncEngine, blocker: AsyncConnection) -> bool:
+    """Whether a backend waits for a lock ``blocker``'s backend holds (PostgreSQL)."""
+    held_by = (await blocker.execute(text("SELECT pg_backend_pid()"))).scalar()
+    async with engine.connect() as connection:
+        query = text("SELECT count(*) FROM pg_stat_activity WHERE CAST(:pid AS int) = ANY(pg_blocking_pids(pid))")
+        return bool((await connection.execute(query, {"pid": held_by})).scalar())
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_delete_that_deadlocks_with_a_new_runs_end_is_made_again(
+    client: openai.AsyncOpenAI, app: FastAPI
+) -> None:
+    """The one order the delete cannot avoid: a run created in the thread
+    after the delete locked the thread's runs (its create committed while
+    the delete waited for the thread's row) ends while the delete goes on.
+    Its end holds the new run's row and wants the thread's (its message's
+    foreign key); the delete holds the thread's and wants the run's.
+    PostgreSQL fails the one whose deadlock_timeout passes first: here the
+    delete, which waited first (the run's end here waits 30 s before it
+    checks). The delete is made again, after the end, and succeeds: not a
+    500."""
+    assistant = await client.beta.assistants.create(model="gpt-4o")
+    thread = await client.beta.threads.create(messages=[{"role": "user", "content": "hi"}])
+    earlier = await client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id)
+    engine = app.state.runtime.engine
+    new_run = {"thread": thread.id, "assistant": assistant.id}
+    async with (
+        engine.connect() as create,  # another process's create, then its run's end
+        engine.connect() as end,
+        engine.connect() as steps,  # holds the delete after it has the thread's row
+    ):
+        await end.execute(text("SET deadlock_timeout = '30s'"))
+        await create.execute(
+            text(
+                "INSERT INTO runs (id, seq, created_at, thread_id, assistant_id, status, model, instructions, "
+                "tools, metadata, parallel_tool_calls) VALUES ('run_late', 1, 1, :thread, :assistant, "
+                "'in_progress', 'm', '', '[]', '{}', true)"
+            ),
+            new_run,
+        )
+        await steps.execute(text("SELECT id FROM run_steps WHERE run_id = :id FOR UPDATE"), {"id": earlier.id})
+        deleting = asyncio.ensure_future(client.beta.threads.delete(thread.id))
+        ending: asyncio.Future[object] | None = None
+        try:
+            async with asyncio.timeout(30):
+                await until(lambda: _blocked_by(engine, create), "the delete to wait for the create")
+                await create.commit()  # the delete now holds the thread's row
+                await until(lambda: _blocked_by(engine, steps), "the delete to wait for the earlier run's steps")
+                # The new run's end: its row first, as its UPDATE takes it.
+                await end.execute(text("SELECT id FROM runs WHERE id = 'run_late' FOR NO KEY UPDATE"))
+                await steps.commit()
+                await until(lambda: _blocked_by(engine, end), "the delete to wait for the new run's end")
+                # Then its message, whose foreign key share-locks the thread.
+                message = {
+                    "id": "msg_late",
+                    "seq": 1,
+                    "created_at": 1,
+                    "thread_id": thread.id,
+                    "role": "assistant",
+                    "content": [],
+                    "status": "completed",
+                    "run_id": "run_late",
+                    "metadata_": {},
+                }
+                ending = asyncio.ensure_future(end.execute(insert(orm.Message).values(**message)))
+                await ending  # once PostgreSQL has failed the delete's transaction
+                await end.commit()
+                assert (await deleting).deleted
+        finally:
+            deleting.cancel()
+            if ending is not None:
+                ending.cancel()
+    async with app.state.runtime.transaction() as session:
+        left = select(func.count()).select_from(orm.Run).where(orm.Run.thread_id == thread.id)
+        assert await session.scalar(left) == 0
+        messages = select(func.count()).select_from(orm.Message).where(orm.Message.thread_id == thread.id)
+        assert await session.scalar(messages) == 0
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
