@@ -34,7 +34,7 @@ from app import db, errors
 from app.api import API_PREFIXES
 from app.api.asgi_body import replaying
 from app.api.handlers import error_response
-from app.api.write_coalescing import CoalescingTransport
+from app.api.write_coalescing import CoalescingTransport, ResponseEndFlush
 
 log = logging.getLogger("app.api")
 
@@ -255,7 +255,11 @@ def guarded_protocol(
         def on_headers_complete(self) -> None:
             self.in_head, self.head_bytes = False, 0
             self.heads_completed += 1
+            before = self.cycle
             super().on_headers_complete()
+            if self.cycle is not before:  # a new request's cycle (not an upgrade's hand-over)
+                # Before the request's task (started above) first runs.
+                self.cycle.message_event = ResponseEndFlush(self.transport)
 
         def on_message_complete(self) -> None:
             super().on_message_complete()

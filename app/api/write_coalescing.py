@@ -12,7 +12,9 @@ transport: the first write of a turn is held and a flush is scheduled with
 ``call_soon``; writes made before it runs (the body right after the head,
 frames that were ready together) join it. Nothing waits longer than the
 current turn of the loop, so a stream whose first event is slow still gets
-its headers at once, and the bytes and their order are unchanged. Once a
+its headers at once, and the bytes and their order are unchanged. A
+response's end sends what is held at once (``ResponseEndFlush``, httptools'
+protocol): nothing more of it can join. Once a
 turn's writes pass HOLD_AT_MOST_BYTES they go at once, so the socket's
 transport sees them and pauses the response for a slow reader (flow control)
 as it would have.
@@ -86,3 +88,24 @@ class CoalescingTransport:
     def __getattr__(self, name: str) -> Any:
         # pause_reading, resume_reading, get_extra_info, set_protocol, ...
         return getattr(self._transport, name)
+
+
+class ResponseEndFlush(asyncio.Event):
+    """uvicorn's request-response cycle sets its ``message_event`` right after
+    writing a response's last bytes (and when the request's body or the
+    client's disconnect arrives): the cycle's event made this one sends what
+    ``transport`` holds then, at the response's end, rather than after the
+    callbacks the loop had queued before its flush (a run task's steps after
+    its end, the stream's client watcher). A flush with nothing held, or
+    early, changes neither the bytes nor their order."""
+
+    def __init__(self, transport: object) -> None:
+        super().__init__()
+        # (The protocol's transport: a CoalescingTransport under its
+        # asyncio.Transport type, or the socket's for a refused connection.)
+        self._coalescing = transport if isinstance(transport, CoalescingTransport) else None
+
+    def set(self) -> None:
+        if self._coalescing is not None:
+            self._coalescing.flush()
+        super().set()

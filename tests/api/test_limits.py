@@ -476,6 +476,52 @@ async def test_a_turns_writes_past_the_hold_limit_go_at_once_and_eof_sends_what_
     assert len(recording.calls) == 3
 
 
+async def test_a_responses_end_sends_what_is_held_at_once() -> None:
+    """The cycle's event set at a response's end (ResponseEndFlush) sends
+    the held writes then, not at the flush the first write scheduled."""
+    recording = _RecordingTransport()
+    transport = _coalescing(recording)
+    transport.write(b"head")
+    transport.write(b"body")
+    write_coalescing.ResponseEndFlush(transport).set()
+    assert recording.calls == [("write", b"headbody")]
+    await asyncio.sleep(0)  # the scheduled flush finds nothing held
+    assert len(recording.calls) == 1
+
+
+async def test_a_responses_last_bytes_go_before_what_the_loop_queued_earlier(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """httptools' protocol: a response's last write reaches the socket in
+    the turn it is made, ahead of callbacks the loop queued before it (on
+    the run path: a run task's steps after its end, a stream's client
+    watcher), which the turn's scheduled flush would have waited behind."""
+    order: list[str] = []
+    flush = write_coalescing.CoalescingTransport.flush
+
+    def noted_flush(self: write_coalescing.CoalescingTransport) -> None:
+        if self._held:
+            order.append("the response sent")
+        flush(self)
+
+    monkeypatch.setattr(write_coalescing.CoalescingTransport, "flush", noted_flush)
+
+    async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+        asyncio.get_running_loop().call_soon(order.append, "a callback queued before")
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+        await send({"type": "http.response.body", "body": b"hello"})
+
+    async with _server(max_connections=8, header_timeout=30, parser="httptools", inner=answer) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:  # kept alive: a connection's close would send what is held too
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(10):
+                await reader.readuntil(b"hello")
+        finally:
+            writer.close()
+    assert order[:2] == ["the response sent", "a callback queued before"]
+
+
 async def test_a_streams_headers_are_not_held_until_its_first_event(parser: limits.HttpParser) -> None:
     """The head goes out in the turn it is written, even when the body's first
     bytes come much later (a stream waiting for a slow model)."""
