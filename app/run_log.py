@@ -57,7 +57,7 @@ from app import db, orm, sqlite_groups
 from app.bus import Entry, EventBus
 from app.cancelling import cancel_and_wait
 from app.services import claimed_starts, core_rows, new_rows, run_events, run_state
-from app.wire.events import TERMINAL_RUN_EVENTS, Event
+from app.wire.events import FINAL_RUN_EVENTS, Event
 
 log = logging.getLogger("app.run_log")
 
@@ -78,7 +78,6 @@ FIRST_FLUSH_GRACE_SECONDS = 0.001
 # In a grouped end's session.info (db.GROUPED): withdrawn before it joined its group (RunLog.joined).
 _WITHDRAWN = "run_log_withdrawn"
 # A run's final event: nothing is appended after it but by a new writer, which reads the log.
-_FINAL = TERMINAL_RUN_EVENTS - {"thread.run.requires_action"}
 
 
 # A run's buffered deltas, each with the seq it was handed out early with (None: not handed out yet).
@@ -650,7 +649,7 @@ class RunLog:
             self.bus.deliver(pending.run_id, pending.entries)
             if (pending.events or pending.drained) and not pending.notified:
                 self._tell_others(pending.run_id)
-            if pending.entries and pending.entries[-1].event.name in _FINAL:
+            if pending.entries and pending.entries[-1].event.name in FINAL_RUN_EVENTS:
                 self._next.pop(pending.run_id, None)
                 shifts.pop(pending.run_id, None)
         for run_id, shift in shifts.items():

@@ -37,7 +37,7 @@ from app.runner import execute
 from app.runner.tools import registry
 from app.runtime import Runtime
 from app.services import run_defaults, run_events, run_execution, run_state, runs
-from app.wire.events import Event
+from app.wire.events import FINAL_RUN_EVENTS, Event
 
 log = logging.getLogger("app.worker")
 
@@ -91,6 +91,9 @@ class Worker:
         self._claimed_to_capacity = False
         self._next_prune = 0.0
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Runs whose final event has been published while their task winds
+        # down (not executing: Worker.executing).
+        self._ended: set[str] = set()
         self.leases = LeaseRenewer(runtime, self.owner, self.lease_seconds, on_given_up=self._given_up)
         self.affinity_seconds = settings.run_claim_affinity_seconds
         # Runs reserved for this worker since its last claim (reservation()).
@@ -156,7 +159,16 @@ class Worker:
 
     @property
     def busy(self) -> int:
+        """Runs with a task of this worker's, ended or not."""
         return len(self._tasks)
+
+    @property
+    def executing(self) -> int:
+        """Runs this worker executes (the metric, /readyz): its tasks, less
+        those whose run has ended (its final event published) and whose task
+        only winds down. A held poll answers at that event (poll_hold), and
+        its client reading the metric then sees the run counted no more."""
+        return sum(1 for run_id in self._tasks if run_id not in self._ended)
 
     def reservation(self) -> run_execution.Reservation | None:
         """For a run this process's API is creating: keep it for this worker
@@ -762,8 +774,14 @@ class Worker:
         # A streamed create answers once this step first waits (answer_after()).
         _set_done(self._under_way.pop(run_id, None))
         released = False
+
+        def note_ended(event: Event) -> None:  # in the publisher's call, before any poll it answers goes on
+            if event.name in FINAL_RUN_EVENTS:
+                self._ended.add(run_id)
+
         try:
-            await execute.run(execution)
+            with self.runtime.bus.watch(run_id, note_ended):
+                await execute.run(execution)
         except DBAPIError as error:
             # The run stays in_progress; released, it is resumed from its last
             # committed step (by this worker's next claim if the database is back).
@@ -780,6 +798,7 @@ class Worker:
                 self.leases.drop(run_id, task)
             if self._tasks.get(run_id) is task:
                 del self._tasks[run_id]
+            self._ended.discard(run_id)
             # A slot is free for a run that may be waiting; or the run released
             # above may be resumed here: a claim made while this task was still
             # listed left it out (claim_and_start's ``executing``).

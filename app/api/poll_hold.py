@@ -35,7 +35,7 @@ from app import created_runs
 from app.runtime import Runtime
 from app.services import run_execution, runs
 from app.services.projects import Project
-from app.wire.events import TERMINAL_RUN_EVENTS, Event
+from app.wire.events import FINAL_RUN_EVENTS, TERMINAL_RUN_EVENTS, Event
 from app.wire.runs import Run
 
 # Statuses an SDK poller keeps polling through (wire notes 6.2).
@@ -134,8 +134,13 @@ async def retrieve_when_stopped(runtime: Runtime, project: Project, thread_id: s
             if not stopped.done():
                 trusted = None  # read the row again: stopped, another's, or still ours
                 continue
-            if runtime.worker is not None:
-                # The executor publishes just before its task ends: answer
-                # once the worker counts the run as done too.
+            event = stopped.result()
+            if runtime.worker is not None and event.name not in FINAL_RUN_EVENTS:
+                # Stopped for tool outputs: the executor publishes just
+                # before its task ends, and a submit's hand-back to this
+                # worker (Worker.hand) must find the task gone. An ended
+                # run is answered at once: the worker counts it no more
+                # (Worker.executing; issue 17: no wait for the task's last
+                # step before the answer).
                 await runtime.worker.wait_until_released(run_id)
-            return stopped.result().json
+            return event.json

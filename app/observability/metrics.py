@@ -156,7 +156,7 @@ class Metrics:
     async def refresh(self, runtime: Runtime) -> None:
         self.sandbox_sessions.set(_sandbox_sessions(runtime))
         worker = runtime.worker
-        self.runs_executing.set(worker.busy if worker is not None else 0)
+        self.runs_executing.set(worker.executing if worker is not None else 0)
         self.worker_loop_age.set(time.monotonic() - worker.last_loop_at if worker is not None else math.nan)
         try:
             async with asyncio.timeout(REFRESH_TIMEOUT_SECONDS):

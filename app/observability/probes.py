@@ -115,7 +115,7 @@ def check_worker(worker: Worker | None, settings: Settings) -> WorkerCheck:
         in_process=True,
         detail=detail,
         seconds_since_last_loop=round(since, 3),
-        runs_executing=worker.busy,
+        runs_executing=worker.executing,
         last_error=worker.last_error,
     )
 

@@ -79,3 +79,5 @@ TERMINAL_RUN_EVENTS = frozenset(
         "thread.run.expired",
     }
 )
+# A run ends here: no executor takes it again.
+FINAL_RUN_EVENTS = TERMINAL_RUN_EVENTS - {"thread.run.requires_action"}

@@ -4,6 +4,7 @@ tokens, the queue, vector store files, HTTP requests by route template."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import httpx2
@@ -15,8 +16,10 @@ import app as package
 from app.llm import Usage
 from app.main import create_app
 from app.observability import metrics
+from app.runner import execute
 from app.settings import Settings
 from tests.ops.conftest import scrape, value
+from tests.runner.helpers import until
 
 MODEL = "gpt-4o"
 RUN_ROUTE = "/v1/threads/{thread_id}/runs/{run_id}"
@@ -54,6 +57,37 @@ async def test_runs_and_model_calls_are_counted(sdk: openai.AsyncOpenAI, plain: 
     assert value(samples, "assistants_build_info", version=package.__version__) == 1
     assert value(samples, "assistants_runs_executing") == 0
     assert 0 <= value(samples, "assistants_worker_seconds_since_last_loop") < 30
+
+
+async def test_a_held_poll_answers_an_ended_run_before_its_task_has_wound_down(
+    sdk: openai.AsyncOpenAI, plain: httpx2.AsyncClient, app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK's held poll is answered at the run's final event, not after
+    its task's last step (issue 17), and the run is already counted as
+    executing no more: here the task is kept from ending after the run's
+    end, and the poll holds for a minute, so an answer that waited for the
+    task would miss the test's deadline. (An answer that takes time: the
+    offline model's instant one is given without a task of its own.)"""
+    runtime = app.state.runtime
+    monkeypatch.setattr(runtime, "settings", runtime.settings.model_copy(update={"poll_hold_ms": 60_000}))
+    wound_down = asyncio.Event()
+    execute_run = execute.run
+
+    async def kept_after_its_end(execution: execute.RunExecution) -> None:
+        await execute_run(execution)
+        await wound_down.wait()
+
+    monkeypatch.setattr(execute, "run", kept_after_its_end)
+    assistant = await sdk.beta.assistants.create(model=MODEL)
+    worker = runtime.worker
+    try:
+        async with asyncio.timeout(20):
+            assert await run_once(sdk, assistant.id, "[[delay 1]] hello") == "completed"
+        assert (worker.busy, worker.executing) == (1, 0)
+        assert value(await scrape(plain), "assistants_runs_executing") == 0
+    finally:
+        wound_down.set()
+    await until(lambda: worker.busy == 0, "the run's task to end")
 
 
 async def test_http_requests_are_labelled_by_route_template(sdk: openai.AsyncOpenAI, plain: httpx2.AsyncClient) -> None:
