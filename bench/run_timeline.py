@@ -15,12 +15,16 @@ the step before (both per run), and how many times the step happened per run.
     .venv/bin/python bench/run_timeline.py --db sqlite --mode tool --runs 300  # a function call's answer
     .venv/bin/python bench/run_timeline.py --db sqlite --path direct --runs 300  # a direct route to the stub
     .venv/bin/python bench/run_timeline.py --path direct --profile /tmp/direct.prof  # the server under cProfile
+    .venv/bin/python bench/run_timeline.py --db postgres --path direct --task-steps  # every task's step noted
 
 ``--path direct`` starts overhead.py's model stub and a routing file of its
 direct and offline entries (overhead.routing) and runs ``gpt-4o`` on the
 direct route; ``--profile FILE`` writes the server's cProfile stats of the
 measured runs (warm-up left out) to FILE (then the table's CPU includes the
-profiler's).
+profiler's). ``--task-steps`` notes each step of every task the server's loop
+runs (``task <coroutine>:<line it resumes at>``), its tasks made of asyncio's
+Python Task class (slower than the C one: compare within a table): what runs
+between two steps of a run, and in which order.
 
 The wrapping costs CPU of its own (a few µs a note): compare steps, not totals.
 """
@@ -102,6 +106,34 @@ def _note_writes(transport: Any, note: Callable[[str], None]) -> None:
     transport.flush = noted
 
 
+def _note_task_steps(note: Callable[[str], None]) -> None:
+    """A note at each step of every task: asyncio's Python Task, its step
+    wrapped, made by every loop uvloop creates (a task factory)."""
+    import asyncio.tasks
+
+    import uvloop
+
+    python_task: Any = asyncio.tasks._PyTask  # type: ignore[attr-defined]
+    step = python_task._Task__step
+
+    def noted_step(task: Any, exc: BaseException | None = None) -> Any:
+        coro = task._coro
+        frame = getattr(coro, "cr_frame", None)
+        name = getattr(coro, "__qualname__", type(coro).__name__)
+        note(f"task {name}:{frame.f_lineno}" if frame is not None else f"task {name}")
+        return step(task, exc)
+
+    python_task._Task__step = noted_step
+    new_loop = uvloop.new_event_loop
+
+    def noting_loop() -> asyncio.AbstractEventLoop:
+        loop = new_loop()
+        loop.set_task_factory(lambda loop, coro, **options: python_task(coro, loop=loop, **options))
+        return loop
+
+    uvloop.new_event_loop = noting_loop
+
+
 def serve_traced(out: str, argv: list[str], profile: str | None = None) -> int:
     """The server, its steps noted; the notes written to ``out`` at exit
     (with ``profile``: cProfile stats of the event loop thread, from the
@@ -154,6 +186,9 @@ def serve_traced(out: str, argv: list[str], profile: str | None = None) -> int:
         _wrap(sqlite_driver.OneHopConnection, "commit_straight", "hop: commit_straight", note)
     except (ImportError, AttributeError):
         pass
+
+    if os.environ.get("TIMELINE_TASK_STEPS"):
+        _note_task_steps(note)
 
     profiler = None
     if profile is not None:
@@ -256,6 +291,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--path", choices=["offline", "direct"], default="offline")
     parser.add_argument("--profile", metavar="FILE", help="the server's cProfile stats of the measured runs")
+    parser.add_argument("--task-steps", action="store_true", help="a note at each step of every task")
     parser.add_argument("--serve-traced", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_traced is not None:
@@ -281,6 +317,8 @@ def main() -> None:
                 "--database-url", url, "--log-level", "warning",
             ]  # fmt: skip
             env = {**os.environ, "ASSISTANTS_API_KEYS": "", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+            if args.task_steps:
+                env["TIMELINE_TASK_STEPS"] = "1"
             # This tree's app: the script's own directory comes first on the
             # server's sys.path, not the tree, and a venv's editable install of
             # another tree (a worktree sharing it) would supply its app.
