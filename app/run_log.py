@@ -77,7 +77,6 @@ _AUTOCOMMITTED = "run_log_autocommitted"
 FIRST_FLUSH_GRACE_SECONDS = 0.001
 # In a grouped end's session.info (db.GROUPED): withdrawn before it joined its group (RunLog.joined).
 _WITHDRAWN = "run_log_withdrawn"
-# A run's final event: nothing is appended after it but by a new writer, which reads the log.
 
 
 # A run's buffered deltas, each with the seq it was handed out early with (None: not handed out yet).
@@ -649,6 +648,8 @@ class RunLog:
             self.bus.deliver(pending.run_id, pending.entries)
             if (pending.events or pending.drained) and not pending.notified:
                 self._tell_others(pending.run_id)
+            # After a run's final event nothing is appended but by a new
+            # writer, which reads the log: its number is forgotten.
             if pending.entries and pending.entries[-1].event.name in FINAL_RUN_EVENTS:
                 self._next.pop(pending.run_id, None)
                 shifts.pop(pending.run_id, None)

@@ -14,10 +14,9 @@ frames that were ready together) join it. Nothing waits longer than the
 current turn of the loop, so a stream whose first event is slow still gets
 its headers at once, and the bytes and their order are unchanged. A
 response's end sends what is held at once (``ResponseEndFlush``, httptools'
-protocol): nothing more of it can join. Once a
-turn's writes pass HOLD_AT_MOST_BYTES they go at once, so the socket's
-transport sees them and pauses the response for a slow reader (flow control)
-as it would have.
+protocol): nothing more of it can join. Once a turn's writes pass
+HOLD_AT_MOST_BYTES they go at once, so the socket's transport sees them and
+pauses the response for a slow reader (flow control) as it would have.
 """
 
 from __future__ import annotations
@@ -91,13 +90,13 @@ class CoalescingTransport:
 
 
 class ResponseEndFlush(asyncio.Event):
-    """uvicorn's request-response cycle sets its ``message_event`` right after
-    writing a response's last bytes (and when the request's body or the
-    client's disconnect arrives): the cycle's event made this one sends what
-    ``transport`` holds then, at the response's end, rather than after the
-    callbacks the loop had queued before its flush (a run task's steps after
-    its end, the stream's client watcher). A flush with nothing held, or
-    early, changes neither the bytes nor their order."""
+    """A request-response cycle's ``message_event`` that, when set, first
+    sends what ``transport`` holds. uvicorn sets it right after writing a
+    response's last bytes (and when the request's body or the client's
+    disconnect arrives), so those bytes go at the response's end, not after
+    the callbacks the loop had queued before the turn's flush (a run task's
+    steps after its end, the stream's client watcher). A flush with nothing
+    held, or early, changes neither the bytes nor their order."""
 
     def __init__(self, transport: object) -> None:
         super().__init__()
