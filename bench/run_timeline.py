@@ -16,6 +16,8 @@ the step before (both per run), and how many times the step happened per run.
     .venv/bin/python bench/run_timeline.py --db sqlite --path direct --runs 300  # a direct route to the stub
     .venv/bin/python bench/run_timeline.py --path direct --profile /tmp/direct.prof  # the server under cProfile
     .venv/bin/python bench/run_timeline.py --db postgres --path direct --task-steps  # every task's step noted
+    .venv/bin/python bench/run_timeline.py --db postgres --path direct \
+        --note app.worker:Worker.prepare:prepare --note app.db:autocommit_connection:checkout  # more steps
 
 ``--path direct`` starts overhead.py's model stub and a routing file of its
 direct and offline entries (overhead.routing) and runs ``gpt-4o`` on the
@@ -24,7 +26,12 @@ measured runs (warm-up left out) to FILE (then the table's CPU includes the
 profiler's). ``--task-steps`` notes each step of every task the server's loop
 runs (``task <coroutine>:<line it resumes at>``), its tasks made of asyncio's
 Python Task class (slower than the C one: compare within a table): what runs
-between two steps of a run, and in which order.
+between two steps of a run, and in which order. ``--note
+MODULE:NAME:LABEL`` wraps one more function (``NAME`` a module attribute,
+or ``Class.method``) as the fixed steps are wrapped: a coroutine function
+noted where it is entered and left, any other where it is called; it is
+caught only where it is called through that attribute (not where another
+module imported the function by name).
 
 The wrapping costs CPU of its own (a few µs a note): compare steps, not totals.
 """
@@ -36,6 +43,7 @@ import asyncio
 import atexit
 import contextlib
 import functools
+import importlib
 import json
 import os
 import signal
@@ -90,6 +98,17 @@ def _wrap(owner: Any, name: str, label: str, note: Callable[[str], None], *, lea
         return original(*args, **kwargs)
 
     setattr(owner, name, wrapped)
+
+
+def _wrap_named(wanted: str, note: Callable[[str], None]) -> None:
+    """``--note MODULE:NAME:LABEL``: the function ``NAME`` of ``MODULE``
+    (``Class.method`` for a method) wrapped as _wrap wraps the fixed steps."""
+    module_name, name, label = wanted.split(":", 2)
+    owner: Any = importlib.import_module(module_name)
+    *classes, attribute = name.split(".")
+    for class_name in classes:
+        owner = getattr(owner, class_name)
+    _wrap(owner, attribute, label, note)
 
 
 def _note_writes(transport: Any, note: Callable[[str], None]) -> None:
@@ -187,6 +206,8 @@ def serve_traced(out: str, argv: list[str], profile: str | None = None) -> int:
     except (ImportError, AttributeError):
         pass
 
+    for wanted in filter(None, os.environ.get("TIMELINE_NOTES", "").split("\n")):
+        _wrap_named(wanted, note)
     if os.environ.get("TIMELINE_TASK_STEPS"):
         _note_task_steps(note)
 
@@ -292,8 +313,18 @@ def main() -> None:
     parser.add_argument("--path", choices=["offline", "direct"], default="offline")
     parser.add_argument("--profile", metavar="FILE", help="the server's cProfile stats of the measured runs")
     parser.add_argument("--task-steps", action="store_true", help="a note at each step of every task")
+    parser.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        metavar="MODULE:NAME:LABEL",
+        help="one more function noted (NAME: a function of MODULE, or Class.method), as LABEL; repeatable",
+    )
     parser.add_argument("--serve-traced", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for wanted in args.note:  # told here, not as a server that fails to start
+        if len(wanted.split(":", 2)) != 3 or not all(wanted.split(":", 2)):
+            parser.error(f"--note {wanted!r} is not MODULE:NAME:LABEL")
     if args.serve_traced is not None:
         out, profile, *argv = args.serve_traced
         raise SystemExit(serve_traced(out, argv, profile or None))
@@ -319,6 +350,8 @@ def main() -> None:
             env = {**os.environ, "ASSISTANTS_API_KEYS": "", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
             if args.task_steps:
                 env["TIMELINE_TASK_STEPS"] = "1"
+            if args.note:
+                env["TIMELINE_NOTES"] = "\n".join(args.note)  # (a label may hold commas)
             # This tree's app: the script's own directory comes first on the
             # server's sys.path, not the tree, and a venv's editable install of
             # another tree (a worktree sharing it) would supply its app.
