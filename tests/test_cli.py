@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,10 @@ class Server:
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    # The SDK clients sdk() made: closed with the server (running_server), so
+    # that no pooled connection's socket is left for a later test's garbage
+    # collection to report as unclosed (a ResourceWarning, an error here).
+    clients: list[openai.OpenAI] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -78,7 +82,9 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def sdk(self, api_key: str = "x") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=10)
+        client = openai.OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=10)
+        self.clients.append(client)
+        return client
 
     def wait_ready(self) -> None:
         """Poll until any HTTP answer comes back (401 counts: the server is up)."""
@@ -113,6 +119,8 @@ def running_server(tmp_path: Path, *args: str, port: int, env: dict[str, str] | 
         server.wait_ready()
         yield server
     finally:
+        for client in server.clients:
+            client.close()
         if process.poll() is None:
             process.kill()
             process.wait(timeout=STOP_TIMEOUT)
