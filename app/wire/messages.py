@@ -7,10 +7,11 @@ a response text part is ``{"type": "text", "text": {"value", "annotations"}}``.
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from app.wire.common import MAX_TEXT, CodeInterpreterTool, Metadata, RequestModel, WireModel
+from app.wire.common import MAX_TEXT, PARAM, CodeInterpreterTool, Metadata, RequestModel, WireModel, custom_error
 
 ImageDetail = Literal["auto", "low", "high"]
 
@@ -33,6 +34,31 @@ class ImageFilePart(RequestModel):
 class ImageUrlRef(RequestModel):
     url: str
     detail: ImageDetail | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _external(cls, url: str) -> str:
+        # The spec's "external URL of the image" (format: uri): OpenAI
+        # refused anything but a web address here, a base64 data URL too
+        # (that is Chat Completions' form, not the Assistants API's), so a
+        # test suite run against this server fails where OpenAI would.
+        if not is_external_url(url):
+            raise custom_error(
+                "invalid_value", f"Invalid '{PARAM}'. Expected a valid URL, but got a value with an invalid format."
+            )
+        return url
+
+
+def is_external_url(url: str) -> bool:
+    """An absolute http(s) URL naming a host, with no whitespace in it."""
+    if any(character.isspace() for character in url):
+        return False
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # a malformed [IPv6] host
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(host)
 
 
 class ImageUrlPart(RequestModel):

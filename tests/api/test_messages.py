@@ -159,6 +159,18 @@ async def test_create_with_parts(client: openai.AsyncOpenAI, thread_id: str) -> 
     assert fetched.model_dump() == message.model_dump()
 
 
+async def test_image_urls_on_the_web_are_kept_as_given(client: openai.AsyncOpenAI, thread_id: str) -> None:
+    urls = [
+        "http://127.0.0.1:8080/cat.png",
+        "HTTPS://Example.com/a%20cat.png?size=large#top",
+        "https://user@[2001:db8::1]/cat.gif",
+    ]
+    message = await client.beta.threads.messages.create(
+        thread_id, role="user", content=[{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    )
+    assert [part.image_url.url for part in message.content if part.type == "image_url"] == urls
+
+
 async def test_list_pagination_is_exact_and_stable(client: openai.AsyncOpenAI, thread_id: str) -> None:
     # All created well within one second: order must come from the sequence, not created_at.
     made = await add(client, thread_id, 25)
@@ -455,6 +467,36 @@ async def test_finished_run_does_not_lock(
             "invalid_value",
             "Invalid 'content[1].text': string contains a null character (\\u0000), which is not supported.",
             id="nul",
+        ),
+        pytest.param(
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}],
+            },
+            "content[0].image_url.url",
+            "invalid_value",
+            "Invalid 'content[0].image_url.url'. Expected a valid URL, but got a value with an invalid format.",
+            id="image-url-base64-data-url",
+        ),
+        *(
+            pytest.param(
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": url}}],
+                },
+                "content[1].image_url.url",
+                "invalid_value",
+                "Invalid 'content[1].image_url.url'. Expected a valid URL, but got a value with an invalid format.",
+                id=f"image-url-{name}",
+            )
+            for name, url in [
+                ("relative", "cat.png"),
+                ("no-host", "https:///cat.png"),
+                ("ftp", "ftp://example.com/cat.png"),
+                ("space", "https://example.com/a cat.png"),
+                ("bad-ipv6", "http://[::1/cat.png"),
+                ("empty", ""),
+            ]
         ),
     ],
 )

@@ -525,6 +525,17 @@ BAD_CREATES = [
     pytest.param(
         {
             "messages": [
+                _message(content=[{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4A=="}}])
+            ]
+        },
+        "messages[0].content[0].image_url.url",
+        "invalid_value",
+        "Invalid 'messages[0].content[0].image_url.url'. Expected a valid URL, but got a value with an invalid format.",
+        id="image-url-base64-data-url",
+    ),
+    pytest.param(
+        {
+            "messages": [
                 _message(content=[{"type": "image_file", "image_file": {"file_id": "file-x", "detail": "max"}}])
             ]
         },
